@@ -1,0 +1,28 @@
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: setup setup-system test demo bench bench-proto lint
+
+# Python packages for running and testing (idempotent).
+setup:
+	$(PIP) install -q -e '.[test]'
+
+# Debian packages some tests and benchmarks use as real peers (sshd, socat, haproxy).
+setup-system:
+	bash .ci/system-packages
+
+test: setup setup-system
+	$(PYTHON) -m pytest -q
+
+demo: setup
+	$(PYTHON) -m kins_tunnel demo
+
+bench: setup setup-system
+	$(PYTHON) -m benchmarks.run
+
+bench-proto: setup
+	$(PYTHON) -m benchmarks.proto_bench
+
+lint:
+	$(PYTHON) -m ruff check kins_tunnel tests benchmarks
+	$(PYTHON) -m mypy

@@ -1,0 +1,3 @@
+from kins_tunnel.cli import main
+
+raise SystemExit(main())
