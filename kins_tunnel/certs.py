@@ -1,0 +1,396 @@
+"""Certificates and TLS contexts: the private CA, the cloud and edge certificates, edge identity.
+
+This module owns everything that touches X.509. It uses ``cryptography`` for keys and certificates
+and the standard ``ssl`` module for the two TLS contexts; nothing here does network I/O.
+
+Layout of a certificate directory (``kins-tunnel certs init/edge --dir DIR``)::
+
+    ca.crt    ca.key      the private CA (ECDSA P-256, self-signed, path length 0)
+    cloud.crt cloud.key   the cloud's server certificate (serverAuth + clientAuth)
+    edge-NODE.crt/.key    one client certificate per edge node (clientAuth only)
+
+Keys are unencrypted PKCS#8 PEM created with mode 0600 (never widened afterwards); certificates are
+PEM with mode 0644. Files are written to a temporary name and renamed into place, so a reader never
+sees half a file. All keys are ECDSA P-256 with SHA-256 signatures: one cloud accepts thousands of
+edges, and P-256 handshakes are an order of magnitude cheaper than RSA-2048 ones.
+
+Edge identity
+-------------
+An edge certificate carries exactly one URI subject alternative name::
+
+    spiffe://kins-tunnel/unit/<unit>/node/<node>
+
+That URI is *the* identity: the cloud derives the edge's NodeUnit and node name from it and from
+nothing else (`identity_from_der`). The subject (CN=<node>, OU=<unit>) repeats it for humans reading
+``openssl x509 -text``; it is never used for decisions. ``unit`` and ``node`` are RFC 1123 DNS labels
+(lower-case ``a-z``, ``0-9`` and ``-``, 1 to 63 characters, no leading or trailing ``-``), which is
+also what Kubernetes requires of NodeUnit and node names.
+
+Errors an operator can fix (missing or unreadable files, bad names) raise `UserError` with one line
+naming the file or value; malformed peer certificates raise `ValueError`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kins_tunnel.errors import UserError
+
+__all__ = [
+    "ALPN_PROTOCOL",
+    "CLOUD_COMMON_NAME",
+    "EdgeIdentity",
+    "cert_not_after",
+    "client_ssl_context",
+    "edge_identity_uri",
+    "identity_from_der",
+    "init_ca",
+    "issue_edge",
+    "server_ssl_context",
+]
+
+ALPN_PROTOCOL = "kins-tunnel/1"
+CLOUD_COMMON_NAME = "kins-tunnel-cloud"
+CA_COMMON_NAME = "kins-tunnel CA"
+_URI_PREFIX = "spiffe://kins-tunnel/"
+_URI_RE = re.compile(r"spiffe://kins-tunnel/unit/([^/]+)/node/([^/]+)")
+_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+# TLS 1.2 suites, forward secret and AEAD only; ECDSA first because every key we issue is ECDSA.
+# TLS 1.3 suites are configured separately by OpenSSL and its defaults are already AEAD-only.
+_CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+])
+_SKEW = dt.timedelta(minutes=5)  # backdate not_valid_before a little for clocks that lag
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeIdentity:
+    """Who an edge is, as proven by its client certificate."""
+
+    unit: str
+    node: str
+
+    @property
+    def uri(self) -> str:
+        return edge_identity_uri(self.unit, self.node)
+
+
+def edge_identity_uri(unit: str, node: str) -> str:
+    """The URI SAN that names (unit, node) in an edge certificate."""
+    return f"{_URI_PREFIX}unit/{unit}/node/{node}"
+
+
+def identity_from_der(der: bytes) -> EdgeIdentity:
+    """Extract the edge identity from a DER certificate (e.g. ``getpeercert(binary_form=True)``).
+
+    The certificate must carry exactly one ``spiffe://kins-tunnel/...`` URI SAN of the form
+    documented above, with valid labels; other URI SANs are ignored. Raises `ValueError` otherwise.
+    The caller is responsible for having verified the chain (the TLS handshake does that).
+    """
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise ValueError(f"not a DER certificate: {exc}") from None
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise ValueError("certificate has no subjectAltName, so no edge identity") from None
+    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+            if u.lower().startswith(_URI_PREFIX)]
+    if not uris:
+        raise ValueError(f"certificate has no {_URI_PREFIX} URI SAN, so no edge identity")
+    if len(uris) > 1:
+        raise ValueError(f"certificate has {len(uris)} {_URI_PREFIX} URI SANs, expected exactly one")
+    match = _URI_RE.fullmatch(uris[0])
+    if match is None:
+        raise ValueError(f"identity URI {uris[0]!r} is not {_URI_PREFIX}unit/<unit>/node/<node>")
+    unit, node = match.groups()
+    for what, value in (("unit", unit), ("node", node)):
+        if not _LABEL_RE.fullmatch(value):
+            raise ValueError(f"identity URI {uris[0]!r}: {what} {value!r} is not a DNS label")
+    return EdgeIdentity(unit, node)
+
+
+# --- issuing -------------------------------------------------------------------------------------
+
+
+def init_ca(dir: Path, cloud_sans: Sequence[str] = (), *, days: int = 3650,
+            cloud_days: int = 825) -> None:
+    """Create the CA in DIR (unless ca.crt and ca.key exist) and (re)issue DIR/cloud.{crt,key}.
+
+    The cloud certificate always names DNS ``localhost`` and IP ``127.0.0.1``, plus each of
+    `cloud_sans` (IP literals become IP SANs, anything else a DNS SAN). An existing CA is reused as
+    is, so edge certificates issued before stay valid. Raises `UserError` for a bad SAN, a CA
+    that is half present or unreadable, or a directory that cannot be written.
+    """
+    dir = Path(dir)
+    sans = _cloud_sans(cloud_sans)
+    crt_path, key_path = dir / "ca.crt", dir / "ca.key"
+    _make_dir(dir)
+    now = _utcnow()
+    if crt_path.exists() or key_path.exists():
+        ca_cert, ca_key = _load_ca(dir)
+    else:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_COMMON_NAME)])
+        ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+        ca_cert = (
+            _builder(name, name, ca_key.public_key(), now, days)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(cert_sign=True), critical=True)
+            .add_extension(ski, critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        _write_key(key_path, ca_key)
+        _write_cert(crt_path, ca_cert)
+    _issue_leaf(ca_cert, ca_key, dir / "cloud.crt", dir / "cloud.key", now=now, days=cloud_days,
+                subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CLOUD_COMMON_NAME)]),
+                sans=sans,
+                usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+
+
+def issue_edge(dir: Path, unit: str, node: str, *, days: int = 825,
+               _now: dt.datetime | None = None) -> tuple[Path, Path]:
+    """Issue DIR/edge-NODE.{crt,key} for `node` of NodeUnit `unit`, signed by the CA in DIR.
+
+    Returns (certificate path, key path). Raises `UserError` if unit or node is not a DNS label or
+    the CA files are missing or unreadable. `_now` moves the issue time (tests use it to make
+    expired certificates).
+    """
+    dir = Path(dir)
+    for what, value in (("unit", unit), ("node", node)):
+        if not isinstance(value, str) or not _LABEL_RE.fullmatch(value):
+            raise UserError(f"{what} {value!r}: must be a DNS label (lower-case a-z, 0-9 and '-', "
+                            "1 to 63 characters, not starting or ending with '-')")
+    ca_cert, ca_key = _load_ca(dir)
+    crt_path, key_path = dir / f"edge-{node}.crt", dir / f"edge-{node}.key"
+    subject = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
+        x509.NameAttribute(NameOID.COMMON_NAME, node),
+    ])
+    _issue_leaf(ca_cert, ca_key, crt_path, key_path, now=_now or _utcnow(), days=days,
+                subject=subject, sans=[x509.UniformResourceIdentifier(edge_identity_uri(unit, node))],
+                usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    return crt_path, key_path
+
+
+def _issue_leaf(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, crt_path: Path,
+                key_path: Path, *, now: dt.datetime, days: int, subject: x509.Name,
+                sans: Sequence[x509.GeneralName], usages: Sequence[x509.ObjectIdentifier]) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    # Never outlive the CA: a chain with a leaf expiring after its issuer confuses some verifiers.
+    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        _builder(subject, ca_cert.subject, key.public_key(), now, days, not_after=not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+        .add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_key(key_path, key)
+    _write_cert(crt_path, cert)
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey,
+             now: dt.datetime, days: int, *,
+             not_after: dt.datetime | None = None) -> x509.CertificateBuilder:
+    if days < 1:
+        raise UserError(f"validity of {days} days: must be at least 1")
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _SKEW)
+        .not_valid_after(not_after or now + dt.timedelta(days=days))
+    )
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not cert_sign, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign, crl_sign=cert_sign,
+        encipher_only=False, decipher_only=False,
+    )
+
+
+def _cloud_sans(extra: Sequence[str]) -> list[x509.GeneralName]:
+    if isinstance(extra, str):  # a lone string would otherwise become one SAN per character
+        extra = [extra]
+    sans: list[x509.GeneralName] = []
+    for raw in ["localhost", "127.0.0.1", *extra]:
+        value = raw.strip().lower().rstrip(".") if isinstance(raw, str) else ""
+        name: x509.GeneralName
+        try:
+            name = x509.IPAddress(ipaddress.ip_address(value.strip("[]")))
+        except ValueError:
+            if not value or len(value) > 253 or not all(
+                    _LABEL_RE.fullmatch(label) or (i == 0 and label == "*")
+                    for i, label in enumerate(value.split("."))):
+                raise UserError(f"--cloud-san {raw!r}: not a DNS name or IP address") from None
+            name = x509.DNSName(value)
+        if name not in sans:
+            sans.append(name)
+    return sans
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _make_dir(dir: Path) -> None:
+    try:
+        dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create directory {dir}: {exc.strerror or exc}") from None
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    _write_atomic(path, pem, 0o600)
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    _write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write `data` to a fresh file created with `mode`, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+        try:
+            if mode & 0o044:  # public files: do not let a strict umask hide a certificate
+                os.fchmod(fd, mode)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _read(path: Path, label: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _load_certs(path: Path, label: str) -> list[x509.Certificate]:
+    data = _read(path, label)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise UserError(f"{label}: {path} is not a PEM certificate") from None
+    return certs
+
+
+def _load_key(path: Path, label: str) -> ec.EllipticCurvePrivateKey:
+    data = _read(path, label)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise UserError(f"{label}: {path} is encrypted; an unencrypted key is needed") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise UserError(f"{label}: {path} is not a PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise UserError(f"{label}: {path} is not an ECDSA key")
+    return key
+
+
+def _load_ca(dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    crt_path, key_path = dir / "ca.crt", dir / "ca.key"
+    cert = _load_certs(crt_path, "CA certificate")[0]
+    key = _load_key(key_path, "CA key")
+    if cert.public_key() != key.public_key():
+        raise UserError(f"CA key: {key_path} does not belong to {crt_path}")
+    return cert, key
+
+
+def cert_not_after(path: Path) -> dt.datetime:
+    """When the (first) certificate in PEM file `path` expires, as an aware UTC datetime."""
+    return _load_certs(Path(path), "certificate")[0].not_valid_after_utc
+
+
+# --- TLS contexts --------------------------------------------------------------------------------
+
+
+def server_ssl_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """The cloud's context for the edge listener: mutual TLS 1.2+, trusting only `ca`.
+
+    Raises `UserError` naming the file (``tls.ca``, ``tls.cert`` or ``tls.key``) that is missing,
+    unreadable, not PEM, or does not match.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
+    _configure(ctx, ca, cert, key)
+    return ctx
+
+
+def client_ssl_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    """The edge's context for dialling the cloud: present `cert`, verify the cloud against `ca`.
+
+    Hostname checking is on: pass ``server_hostname`` (the host from ``cloud:``) when wrapping.
+    Raises `UserError` like `server_ssl_context`.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname by default
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    _configure(ctx, ca, cert, key)
+    return ctx
+
+
+def _configure(ctx: ssl.SSLContext, ca: Path, cert: Path, key: Path) -> None:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    ctx.set_ciphers(_CIPHERS)
+    ctx.set_alpn_protocols([ALPN_PROTOCOL])
+    ca_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode()
+                     for c in _load_certs(Path(ca), "tls.ca"))
+    try:
+        ctx.load_verify_locations(cadata=ca_pem)
+    except ssl.SSLError as exc:
+        raise UserError(f"tls.ca: {ca}: rejected by OpenSSL: {exc.reason or exc}") from None
+    leaf = _load_certs(Path(cert), "tls.cert")[0]
+    private = _load_key(Path(key), "tls.key")
+    if leaf.public_key() != private.public_key():
+        raise UserError(f"tls.key: {key} does not belong to tls.cert {cert}")
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UserError(f"tls.cert: {cert}: rejected by OpenSSL: {exc}") from None
