@@ -1,0 +1,415 @@
+"""The Kubernetes manifests, the Dockerfile and the edge-secret script agree with each other and
+with the configs they embed: ports, probe paths, certificate paths, names.
+
+No cluster is needed: the manifests are checked structurally (and rendered with `kubectl kustomize`
+when kubectl is installed, which works offline).
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+DRAIN_MARGIN = 10  # seconds between the drain deadline and SIGKILL
+
+
+def load(name: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all((DEPLOY / name).read_text()) if doc is not None]
+
+
+def one(name: str, kind: str, object_name: str | None = None) -> dict:
+    found = [d for d in load(name) if d["kind"] == kind
+             and (object_name is None or d["metadata"]["name"] == object_name)]
+    assert len(found) == 1, f"{name}: expected one {kind} {object_name or ''}, found {len(found)}"
+    return found[0]
+
+
+def port_of(listen: str) -> int:
+    return int(listen.rsplit(":", 1)[1])
+
+
+def embedded(name: str, kind_file: str) -> dict:
+    return yaml.safe_load(one(kind_file, "ConfigMap")["data"][name])
+
+
+def container(workload: dict) -> dict:
+    (c,) = workload["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def resolve_port(c: dict, port: int | str) -> int:
+    """A probe or targetPort given by number or by container port name -> the number."""
+    if isinstance(port, int):
+        return port
+    (match,) = [p["containerPort"] for p in c["ports"] if p["name"] == port]
+    return match
+
+
+def mounted_file(workload: dict, path: str) -> tuple[dict, str]:
+    """The volume and the key inside it that appear at `path` in the container."""
+    pod = workload["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    target = PurePosixPath(path)
+    for m in container(workload)["volumeMounts"]:
+        mount = PurePosixPath(m["mountPath"])
+        if mount == target and ("subPath" in m or "subPathExpr" in m):
+            return volumes[m["name"]], m.get("subPath") or m["subPathExpr"]
+        if mount == target.parent and "subPath" not in m and "subPathExpr" not in m:
+            return volumes[m["name"]], target.name
+    raise AssertionError(f"nothing is mounted at {path}")
+
+
+CLOUD = embedded("cloud.yaml", "tunnel-cloud.yaml")
+EDGE = embedded("edge.yaml", "tunnel-edge.yaml")
+DEPLOYMENT = one("tunnel-cloud.yaml", "Deployment")
+DAEMONSET = one("tunnel-edge.yaml", "DaemonSet")
+WORKLOADS = [pytest.param(DEPLOYMENT, id="tunnel-cloud"), pytest.param(DAEMONSET, id="tunnel-edge")]
+
+
+# --- every manifest --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(DEPLOY.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_document_parses_and_is_named(path: Path) -> None:
+    docs = load(path.name)
+    assert docs
+    for doc in docs:
+        assert doc.get("apiVersion") and doc.get("kind"), doc
+        assert doc.get("metadata", {}).get("name"), doc
+
+
+def test_kustomization_lists_the_manifests_in_one_namespace() -> None:
+    kustomization = load("kustomization.yaml")[0]
+    namespace = kustomization["namespace"]
+    assert namespace == "kube-system"  # where the Kins docs look for tunnel-cloud
+    assert namespace == one("namespace.yaml", "Namespace")["metadata"]["name"]
+    resources = kustomization["resources"]
+    assert sorted(resources) == ["tunnel-cloud.yaml", "tunnel-edge.yaml"]
+    for name in resources:
+        for doc in load(name):
+            assert doc["metadata"]["namespace"] == namespace, doc["metadata"]["name"]
+    images = {image["name"] for image in kustomization["images"]}
+    for workload in (DEPLOYMENT, DAEMONSET):
+        assert container(workload)["image"].split(":")[0] in images
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_kustomize_renders_offline() -> None:
+    out = subprocess.run(["kubectl", "kustomize", str(DEPLOY)], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    kinds = sorted(d["kind"] for d in yaml.safe_load_all(out) if d)
+    assert kinds == sorted(["ConfigMap", "ConfigMap", "DaemonSet", "Deployment",
+                            "PodDisruptionBudget", "Service", "Service"])
+
+
+# --- tunnel-cloud ----------------------------------------------------------------------------------
+
+
+def test_cloud_deployment_runs_several_replicas_spread_over_nodes() -> None:
+    spec = DEPLOYMENT["spec"]
+    assert spec["replicas"] >= 2
+    anti = spec["template"]["spec"]["affinity"]["podAntiAffinity"]
+    term = anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    assert one("tunnel-cloud.yaml", "PodDisruptionBudget")["spec"]["minAvailable"] >= 1
+
+
+def test_cloud_container_ports_match_cloud_yaml() -> None:
+    c = container(DEPLOYMENT)
+    assert c["args"] == ["cloud", "--config", "/etc/kins-tunnel/cloud.yaml"]
+    assert resolve_port(c, "proxy") == port_of(CLOUD["proxy"]["listen"]) == 8080
+    assert resolve_port(c, "tunnel") == port_of(CLOUD["tunnel"]["listen"]) == 9000
+    assert resolve_port(c, "admin") == port_of(CLOUD["admin"]["listen"]) == 9090
+    # The kubelet and Prometheus come from outside the pod.
+    for section in ("proxy", "tunnel", "admin"):
+        assert CLOUD[section]["listen"].startswith("0.0.0.0:")
+
+
+@pytest.mark.parametrize("workload, config", [
+    pytest.param(DEPLOYMENT, CLOUD, id="tunnel-cloud"),
+    pytest.param(DAEMONSET, EDGE, id="tunnel-edge"),
+])
+def test_probes_and_scrape_annotations_use_the_admin_port(workload: dict, config: dict) -> None:
+    c = container(workload)
+    admin = port_of(config["admin"]["listen"])
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert resolve_port(c, c[probe]["httpGet"]["port"]) == admin
+    annotations = workload["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(admin)
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_tunnel_cloud_service_is_the_documented_node_port() -> None:
+    svc = one("tunnel-cloud.yaml", "Service", "tunnel-cloud")
+    c = container(DEPLOYMENT)
+    assert svc["spec"]["type"] == "NodePort"
+    ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert ports["proxy"]["port"] == 8080
+    assert ports["proxy"]["nodePort"] == 31469
+    assert resolve_port(c, ports["proxy"]["targetPort"]) == port_of(CLOUD["proxy"]["listen"])
+    assert ports["tunnel"]["port"] == 9000
+    assert resolve_port(c, ports["tunnel"]["targetPort"]) == port_of(CLOUD["tunnel"]["listen"])
+    assert svc["spec"]["selector"] == DEPLOYMENT["spec"]["template"]["metadata"]["labels"]
+
+
+def test_headless_service_is_what_edges_dial() -> None:
+    svc = one("tunnel-cloud.yaml", "Service", "tunnel-cloud-headless")
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is False
+    assert svc["spec"]["selector"] == DEPLOYMENT["spec"]["template"]["metadata"]["labels"]
+    (port,) = svc["spec"]["ports"]
+    assert resolve_port(container(DEPLOYMENT), port["targetPort"]) == 9000
+    name = svc["metadata"]["name"]
+    namespace = svc["metadata"]["namespace"]
+    assert EDGE["cloud"] == [f"{name}.{namespace}.svc.cluster.local:{port['port']}"]
+
+
+def test_replica_name_comes_from_the_pod() -> None:
+    env = {e["name"]: e for e in container(DEPLOYMENT)["env"]}
+    assert env["KINS_REPLICA"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert "replica" not in CLOUD  # shared by every replica: must not pin one name
+
+
+def test_cloud_stays_off_edge_nodes() -> None:
+    node_affinity = DEPLOYMENT["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+    terms = node_affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    (edge_label,) = DAEMONSET["spec"]["template"]["spec"]["nodeSelector"]
+    assert {"key": edge_label, "operator": "DoesNotExist"} in terms[0]["matchExpressions"]
+
+
+# --- tunnel-edge -----------------------------------------------------------------------------------
+
+
+def test_edge_daemonset_runs_on_edge_nodes_in_the_host_network() -> None:
+    pod = DAEMONSET["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"superedge.io/node-edge": "enable"}
+    assert {"operator": "Exists"} in pod["tolerations"]
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"  # to resolve the headless Service
+    c = container(DAEMONSET)
+    assert c["args"] == ["edge", "--config", "/etc/kins-tunnel/edge.yaml"]
+    assert port_of(EDGE["admin"]["listen"]) == 9091
+    assert EDGE["admin"]["listen"].startswith("0.0.0.0:")
+
+
+def test_shared_edge_config_only_serves_unit_names() -> None:
+    # Node names ("edge1:22") in a file shared by every node would be refused for all but one.
+    assert EDGE["services"]
+    for name in EDGE["services"]:
+        assert re.fullmatch(r"[a-z0-9-]+-svc-kins\.kins-system:\d+", name), name
+
+
+# --- both workloads --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_hardened_security_context(workload: dict) -> None:
+    pod = workload["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["automountServiceAccountToken"] is False
+    sc = container(workload)["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    resources = container(workload)["resources"]
+    assert set(resources["requests"]) == set(resources["limits"]) == {"cpu", "memory"}
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_grace_period_covers_the_drain(workload: dict) -> None:
+    grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= 30 + DRAIN_MARGIN
+
+
+@pytest.mark.parametrize("workload, config, config_file", [
+    pytest.param(DEPLOYMENT, CLOUD, "cloud.yaml", id="tunnel-cloud"),
+    pytest.param(DAEMONSET, EDGE, "edge.yaml", id="tunnel-edge"),
+])
+def test_config_and_certificates_are_mounted_where_the_config_says(
+        workload: dict, config: dict, config_file: str) -> None:
+    volume, key = mounted_file(workload, f"/etc/kins-tunnel/{config_file}")
+    assert volume["configMap"]["name"] == workload["metadata"]["name"]
+    assert key == config_file
+    for role in ("ca", "cert", "key"):
+        volume, key = mounted_file(workload, config["tls"][role])
+        assert "secret" in volume, f"tls.{role} is not mounted from a Secret"
+        items = volume["secret"].get("items")
+        if items is not None:
+            assert key in {item["path"] for item in items}
+
+
+def test_edge_picks_its_own_pair_out_of_the_shared_secret() -> None:
+    for role, suffix in (("cert", "crt"), ("key", "key")):
+        volume, key = mounted_file(DAEMONSET, EDGE["tls"][role])
+        assert volume["secret"]["secretName"] == "tunnel-edge-certs"
+        assert key == f"edge-$(NODE_NAME).{suffix}"  # the names `certs edge --node` writes
+    env = {e["name"]: e for e in container(DAEMONSET)["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+
+
+def test_embedded_configs_pass_the_config_loader() -> None:
+    from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
+
+    cloud = cloud_config_from_dict(CLOUD, base_dir=Path("/etc/kins-tunnel"),
+                                   source="deploy/tunnel-cloud.yaml: cloud.yaml")
+    assert cloud.proxy.listen.port == 8080
+    assert cloud.tunnel.listen.port == 9000
+    assert cloud.admin.listen.port == 9090
+    assert str(cloud.tls.cert) == "/etc/kins-tunnel/certs/cloud.crt"
+    grace = DEPLOYMENT["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= cloud.tunnel.drain_timeout + DRAIN_MARGIN
+
+    edge = edge_config_from_dict(EDGE, base_dir=Path("/etc/kins-tunnel"),
+                                 source="deploy/tunnel-edge.yaml: edge.yaml")
+    assert edge.admin is not None and edge.admin.listen.port == 9091
+    assert edge.cloud == ("tunnel-cloud-headless.kube-system.svc.cluster.local:9000",)
+    assert "test-svc-kins.kins-system:443" in edge.services
+    grace = DAEMONSET["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= edge.drain_timeout + DRAIN_MARGIN
+
+
+# --- make-edge-secrets.sh --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def script_env(tmp_path: Path) -> dict[str, str]:
+    """A certs dir from `certs init`, and a stand-in `kins-tunnel` that writes edge pairs."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "ca.crt").write_text("ca\n")
+    (certs / "ca.key").write_text("ca key\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "kins-tunnel"
+    stub.write_text(
+        "#!/bin/sh\n"
+        '[ "$1 $2 $3 $5 $7" = "certs edge --dir --unit --node" ] || exit 3\n'
+        'touch "$4/edge-$8.crt" "$4/edge-$8.key"\n'
+    )
+    stub.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "CERTS_DIR": str(certs), "PYTHON": sys.executable}
+
+
+def run_script(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(DEPLOY / "make-edge-secrets.sh"), *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_script_makes_one_secret_and_one_daemonset_per_node(script_env: dict[str, str]) -> None:
+    certs = Path(script_env["CERTS_DIR"])
+    result = run_script(script_env, "prod", "edge1", "edge2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines == [
+        f"kubectl -n kube-system create secret generic kins-tunnel-edge-edge1"
+        f" --from-file=ca.crt={certs}/ca.crt --from-file=edge.crt={certs}/edge-edge1.crt"
+        f" --from-file=edge.key={certs}/edge-edge1.key",
+        f"kubectl apply -f {certs}/tunnel-edge-edge1.yaml",
+        f"kubectl -n kube-system create secret generic kins-tunnel-edge-edge2"
+        f" --from-file=ca.crt={certs}/ca.crt --from-file=edge.crt={certs}/edge-edge2.crt"
+        f" --from-file=edge.key={certs}/edge-edge2.key",
+        f"kubectl apply -f {certs}/tunnel-edge-edge2.yaml",
+    ]
+    selectors = []
+    for node in ("edge1", "edge2"):
+        docs = {d["kind"]: d for d in yaml.safe_load_all((certs / f"tunnel-edge-{node}.yaml").read_text())}
+        ds, cm = docs["DaemonSet"], docs["ConfigMap"]
+        assert ds["metadata"]["name"] == cm["metadata"]["name"] == f"tunnel-edge-{node}"
+        pod = ds["spec"]["template"]
+        assert pod["spec"]["nodeSelector"]["kubernetes.io/hostname"] == node
+        assert ds["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        selectors.append(ds["spec"]["selector"]["matchLabels"])
+        edge = yaml.safe_load(cm["data"]["edge.yaml"])
+        assert edge["services"] == {"prod-svc-kins.kins-system:443": "127.0.0.1:6443",
+                                    f"{node}:22": "127.0.0.1:22"}
+        volume, _ = mounted_file(ds, "/etc/kins-tunnel/edge.yaml")
+        assert volume["configMap"]["name"] == cm["metadata"]["name"]
+        for role, key in (("ca", "ca.crt"), ("cert", "edge.crt"), ("key", "edge.key")):
+            volume, mounted_key = mounted_file(ds, edge["tls"][role])
+            assert volume["secret"]["secretName"] == f"kins-tunnel-edge-{node}"
+            assert mounted_key == key  # the keys the printed `create secret` gives it
+    # Each DaemonSet owns only its own pods, and none the shared DaemonSet's.
+    assert selectors[0] != selectors[1]
+    assert DAEMONSET["spec"]["selector"]["matchLabels"] not in selectors
+
+
+def test_script_shared_secret_for_the_shipped_daemonset(script_env: dict[str, str]) -> None:
+    certs = Path(script_env["CERTS_DIR"])
+    result = run_script(script_env, "--shared", "test", "edge1", "edge2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"kubectl -n kube-system create secret generic tunnel-edge-certs"
+        f" --from-file=ca.crt={certs}/ca.crt"
+        f" --from-file={certs}/edge-edge1.crt --from-file={certs}/edge-edge1.key"
+        f" --from-file={certs}/edge-edge2.crt --from-file={certs}/edge-edge2.key"
+    ]
+    assert (certs / "edge-edge2.key").exists()
+
+
+@pytest.mark.parametrize("args", [("test",), ("test", "Edge_1")])
+def test_script_refuses_bad_arguments(script_env: dict[str, str], args: tuple[str, ...]) -> None:
+    result = run_script(script_env, *args)
+    assert result.returncode != 0
+    assert result.stdout == ""
+
+
+def test_script_needs_the_ca(script_env: dict[str, str], tmp_path: Path) -> None:
+    result = run_script({**script_env, "CERTS_DIR": str(tmp_path / "nowhere")}, "test", "edge1")
+    assert result.returncode == 1
+    assert "certs init" in result.stderr
+
+
+# --- image -----------------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [tuple(line.split(None, 1)) for line in lines if line and not line.startswith("#")]
+
+
+def test_dockerfile_runs_the_console_script_as_non_root() -> None:
+    instructions = dockerfile_instructions()
+    final_stage = instructions[max(i for i, (op, _) in enumerate(instructions) if op == "FROM"):]
+    assert final_stage[0] == ("FROM", "python:3.11-slim")
+    users = [arg for op, arg in final_stage if op == "USER"]
+    assert users and users[-1].split(":")[0] == "65532"
+    entrypoint = [arg for op, arg in instructions if op == "ENTRYPOINT"]
+    assert entrypoint == ['["kins-tunnel"]']
+    exposed = {int(p) for op, arg in instructions if op == "EXPOSE" for p in arg.split()}
+    assert exposed == {8080, 9000, 9090}
+    assert any(op == "RUN" and "pip install --no-cache-dir" in arg for op, arg in instructions)
+
+
+def test_dockerfile_copies_only_what_dockerignore_lets_through() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {"certs", "*.key", ".git"} <= ignored  # no key material or history in the image
+    copied = [arg.split()[:-1] for op, arg in dockerfile_instructions()
+              if op == "COPY" and not arg.startswith("--from")]
+    for sources in copied:
+        for source in sources:
+            assert source.split("/")[0] not in ignored, source
+    # What setuptools needs to build the package, including the readme pyproject names.
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    sources = {s for group in copied for s in group}
+    assert {"pyproject.toml", pyproject["project"]["readme"], "kins_tunnel"} <= sources
+
+
+def test_pyproject_defines_the_console_script() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["kins-tunnel"] == "kins_tunnel.cli:main"
