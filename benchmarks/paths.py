@@ -1,0 +1,358 @@
+"""The three paths to the same targets: direct TCP, OpenSSH ``ssh -R``, and kins_tunnel.
+
+Each path exposes, per target kind (sink/source/echo), an *endpoint* the measuring client uses:
+``{"addr": [host, port], "connect": "name:port" | None}`` (``connect`` set means "speak HTTP
+CONNECT to addr first"). ``cost_roots`` are the pids whose process trees do the path's work.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+from benchmarks.load import ProxyError, open_stream
+from benchmarks.procs import Cleanup, free_port, tail, wait_port
+
+KINDS = ("sink", "source", "echo")
+SSHD = "/usr/sbin/sshd"
+
+
+class PathUnavailable(Exception):
+    """The path cannot be set up here; the harness reports why and goes on without it."""
+
+
+def endpoint(port: int, connect: str | None = None) -> dict[str, Any]:
+    return {"addr": ["127.0.0.1", port], "connect": connect}
+
+
+class Targets:
+    """sink, source and echo servers, one process each."""
+
+    def __init__(self, cleanup: Cleanup) -> None:
+        self.ports: dict[str, int] = {}
+        d = cleanup.tempdir("targets")
+        for kind in KINDS:
+            _, port = cleanup.spawn_ready(
+                f"target-{kind}", [sys.executable, "-m", "benchmarks.targets", kind], d / f"{kind}.log"
+            )
+            self.ports[kind] = port
+
+
+def start_relay(cleanup: Cleanup, name: str, upstream_port: int, delay_ms: float, rate_mbit: float) -> int:
+    d = cleanup.tempdir(name)
+    _, port = cleanup.spawn_ready(
+        name,
+        [
+            sys.executable, "-m", "benchmarks.wanrelay",
+            "--upstream", f"127.0.0.1:{upstream_port}",
+            "--delay-ms", str(delay_ms), "--rate-mbit", str(rate_mbit),
+        ],
+        d / "relay.log",
+    )
+    return port
+
+
+class Path_:
+    name = "?"
+    endpoints: dict[str, dict[str, Any]]
+    cost_roots: list[int]
+    info: dict[str, Any]
+
+    def wan_endpoint(self, relay: tuple[float, float]) -> dict[str, Any]:
+        raise PathUnavailable("no WAN variant")
+
+
+class Direct(Path_):
+    name = "direct"
+
+    def __init__(self, cleanup: Cleanup, targets: Targets) -> None:
+        self.cleanup = cleanup
+        self.targets = targets
+        self.endpoints = {k: endpoint(p) for k, p in targets.ports.items()}
+        self.cost_roots = []
+        self.info = {"description": "client connects to the target"}
+
+    def wan_endpoint(self, relay: tuple[float, float]) -> dict[str, Any]:
+        port = start_relay(self.cleanup, "relay-direct", self.targets.ports["source"], *relay)
+        return endpoint(port)
+
+
+class SshR(Path_):
+    """A throw-away sshd on loopback plus one ``ssh -N -R ...`` client forwarding all three targets."""
+
+    name = "ssh -R"
+
+    def __init__(self, cleanup: Cleanup, targets: Targets, cipher: str | None) -> None:
+        if not os.access(SSHD, os.X_OK):
+            raise PathUnavailable(f"{SSHD} not found (apt-get install openssh-server)")
+        self.cleanup = cleanup
+        self.targets = targets
+        self.cipher = cipher
+        d = self.dir = cleanup.tempdir("sshd")
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+        for key in ("host_key", "user_key"):
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"bench-{key}", "-f", str(d / key)],
+                check=True, stdin=subprocess.DEVNULL,
+            )
+        (d / "authorized_keys").write_bytes((d / "user_key.pub").read_bytes())
+        self.port = free_port()
+        cfg = d / "sshd_config"
+        cfg.write_text(
+            "\n".join([
+                f"ListenAddress 127.0.0.1:{self.port}",
+                f"HostKey {d / 'host_key'}",
+                f"PidFile {d / 'sshd.pid'}",
+                f"AuthorizedKeysFile {d / 'authorized_keys'}",
+                "PermitRootLogin yes",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "UsePAM no",
+                "StrictModes no",
+                "AllowTcpForwarding yes",
+                "GatewayPorts no",
+                "X11Forwarding no",
+                "PrintMotd no",
+                "UseDNS no",
+                "LogLevel INFO",
+                "",
+            ])
+        )
+        self.sshd = cleanup.spawn("sshd", [SSHD, "-D", "-e", "-f", str(cfg)], d / "sshd.log")
+        if not wait_port(self.port, 10.0, self.sshd):
+            raise PathUnavailable(f"sshd did not listen: {tail(d / 'sshd.log')}")
+        self.info = {
+            "description": "one ssh -N client (the 'edge') with -R for sink, source and echo; "
+            "the client connects to the forwarded ports on the sshd side",
+            "ssh_version": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
+            "cipher_requested": cipher or "default",
+        }
+        self.info.update(self._probe_cipher())
+        self.rports = {k: free_port() for k in KINDS}
+        forwards = [f"127.0.0.1:{self.rports[k]}:127.0.0.1:{targets.ports[k]}" for k in KINDS]
+        self.ssh = self._ssh_forward("ssh-R", self.port, forwards)
+        self.endpoints = {k: endpoint(p) for k, p in self.rports.items()}
+        self.cost_roots = [self.sshd.pid, self.ssh.pid]
+
+    def _ssh_base(self, port: int) -> list[str]:
+        argv = [
+            "ssh", "-F", "/dev/null",
+            "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "IdentitiesOnly=yes",
+            "-o", "ControlMaster=no",
+            "-i", str(self.dir / "user_key"),
+            "-p", str(port),
+        ]
+        if self.cipher:
+            argv += ["-c", self.cipher]
+        return argv
+
+    def _probe_cipher(self) -> dict[str, Any]:
+        """One short login with -v to learn the negotiated cipher (the forwarding client runs quiet)."""
+        r = subprocess.run(
+            self._ssh_base(self.port) + ["-v", "root@127.0.0.1", "true"],
+            capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
+        )
+        out: dict[str, Any] = {}
+        m = re.search(r"kex: server->client cipher: (\S+) MAC: (\S+)", r.stderr)
+        if m:
+            out["cipher_negotiated"] = m.group(1)
+            out["mac"] = m.group(2)
+        m = re.search(r"kex: algorithm: (\S+)", r.stderr)
+        if m:
+            out["kex"] = m.group(1)
+        if r.returncode != 0:
+            raise PathUnavailable(
+                f"ssh login to the bench sshd failed (rc {r.returncode}): "
+                + " | ".join(r.stderr.strip().splitlines()[-3:])
+            )
+        return out
+
+    def _ssh_forward(self, name: str, port: int, forwards: list[str]) -> subprocess.Popen[bytes]:
+        argv = self._ssh_base(port) + ["-N", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR"]
+        for fw in forwards:
+            argv += ["-R", fw]
+        log = self.dir / f"{name}.log"
+        proc = self.cleanup.spawn(name, argv + ["root@127.0.0.1"], log)
+        for fw in forwards:
+            rport = int(fw.split(":")[1])
+            if not wait_port(rport, 20.0, proc):
+                raise PathUnavailable(f"ssh -R {fw} did not come up: {tail(log)}")
+        return proc
+
+    def wan_endpoint(self, relay: tuple[float, float]) -> dict[str, Any]:
+        rport = start_relay(self.cleanup, "relay-ssh", self.port, *relay)
+        fport = free_port()
+        self._ssh_forward("ssh-R-wan", rport, [f"127.0.0.1:{fport}:127.0.0.1:{self.targets.ports['source']}"])
+        return endpoint(fport)
+
+
+UNIT = "bench"
+NODE = "edge1"
+SVC = f"{UNIT}-svc-kins.kins-system"
+SVC_PORTS = {"sink": 9001, "source": 9002, "echo": 9003}
+
+
+def kins(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kins_tunnel", *args]
+
+
+class Ours(Path_):
+    """``kins-tunnel cloud`` + ``kins-tunnel edge`` on loopback; the client speaks CONNECT to the cloud."""
+
+    name = "ours"
+
+    def __init__(self, cleanup: Cleanup, targets: Targets) -> None:
+        self.cleanup = cleanup
+        self.targets = targets
+        r = subprocess.run(kins("--help"), capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            raise PathUnavailable(f"`python -m kins_tunnel --help` failed ({last})")
+        d = self.dir = cleanup.tempdir("ours")
+        self.certs = d / "certs"
+        for argv in (
+            ["certs", "init", "--dir", str(self.certs)],
+            ["certs", "edge", "--dir", str(self.certs), "--unit", UNIT, "--node", NODE],
+        ):
+            r = subprocess.run(kins(*argv), capture_output=True, text=True, timeout=60)
+            if r.returncode != 0:
+                msg = (r.stderr.strip().splitlines() or ["no output"])[-1]
+                raise PathUnavailable(f"`kins-tunnel {' '.join(argv[:2])}` failed: {msg}")
+        self.cloud, self.proxy_port, self.admin_port, tunnel_port = self._start_cloud("cloud")
+        self.edge = self._start_edge("edge", tunnel_port, KINDS)
+        self.endpoints = {k: endpoint(self.proxy_port, f"{SVC}:{SVC_PORTS[k]}") for k in KINDS}
+        self._wait_ready(self.cloud, self.edge, self.admin_port, self.endpoints["echo"])
+        self.cost_roots = [self.cloud.pid, self.edge.pid]
+        self.info = {
+            "description": "kins-tunnel cloud + edge (one mutual-TLS connection); "
+            "client sends CONNECT to the cloud's proxy port",
+        }
+
+    def _start_cloud(self, name: str) -> tuple[subprocess.Popen[bytes], int, int, int]:
+        tunnel_port, proxy_port, admin_port = free_port(), free_port(), free_port()
+        c = self.certs
+        cfg = self.dir / f"{name}.yaml"
+        cfg.write_text(
+            json.dumps(
+                {
+                    "tunnel": {"listen": f"127.0.0.1:{tunnel_port}"},
+                    "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
+                    "admin": {"listen": f"127.0.0.1:{admin_port}"},
+                    "tls": {"ca": str(c / "ca.crt"), "cert": str(c / "cloud.crt"), "key": str(c / "cloud.key")},
+                },
+                indent=2,
+            )
+            + "\n"  # JSON is YAML
+        )
+        proc = self.cleanup.spawn(name, kins("cloud", "--config", str(cfg)), self.dir / f"{name}.log")
+        return proc, proxy_port, admin_port, tunnel_port
+
+    def _start_edge(self, name: str, cloud_port: int, kinds: tuple[str, ...]) -> subprocess.Popen[bytes]:
+        c = self.certs
+        cfg = self.dir / f"{name}.yaml"
+        cfg.write_text(
+            json.dumps(
+                {
+                    "cloud": [f"127.0.0.1:{cloud_port}"],
+                    "tls": {
+                        "ca": str(c / "ca.crt"),
+                        "cert": str(c / f"edge-{NODE}.crt"),
+                        "key": str(c / f"edge-{NODE}.key"),
+                    },
+                    "services": {
+                        f"{SVC}:{SVC_PORTS[k]}": f"127.0.0.1:{self.targets.ports[k]}" for k in kinds
+                    },
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        return self.cleanup.spawn(name, kins("edge", "--config", str(cfg)), self.dir / f"{name}.log")
+
+    def _wait_ready(
+        self,
+        cloud: subprocess.Popen[bytes],
+        edge: subprocess.Popen[bytes],
+        admin_port: int,
+        probe: dict[str, Any],
+        timeout: float = 20.0,
+    ) -> None:
+        """Ready = cloud /readyz answers 200 AND a CONNECT through the tunnel reaches ``probe``."""
+        deadline = time.monotonic() + timeout
+        last = "nothing tried yet"
+        while time.monotonic() < deadline:
+            for proc, what in ((cloud, "cloud"), (edge, "edge")):
+                if proc.poll() is not None:
+                    raise PathUnavailable(
+                        f"{what} exited with {proc.returncode}: {tail(self.dir / f'{what}.log')}"
+                    )
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=2)
+                conn.request("GET", "/readyz")
+                status = conn.getresponse().status
+                conn.close()
+                if status != 200:
+                    last = f"/readyz answered {status}"
+                    raise OSError(last)
+                sock = open_stream(probe, timeout=5)
+                with sock:
+                    sock.sendall(b"x" * 64)
+                    got = b""
+                    while len(got) < 64:
+                        b = sock.recv(64 - len(got))
+                        if not b:
+                            raise OSError("echo closed")
+                        got += b
+                return
+            except (OSError, ProxyError, http.client.HTTPException) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                time.sleep(0.2)
+        raise PathUnavailable(f"tunnel not ready after {timeout:.0f} s ({last})")
+
+    def wan_endpoint(self, relay: tuple[float, float]) -> dict[str, Any]:
+        """A second cloud+edge pair whose edge reaches its cloud through the WAN relay."""
+        cloud, proxy_port, admin_port, tunnel_port = self._start_cloud("cloud-wan")
+        rport = start_relay(self.cleanup, "relay-ours", tunnel_port, *relay)
+        edge = self._start_edge("edge-wan", rport, ("source",))
+        ep = endpoint(proxy_port, f"{SVC}:{SVC_PORTS['source']}")
+        # Readiness probe needs echo; the WAN edge only serves the source, so probe /readyz + a
+        # zero-byte download instead.
+        self._wait_ready_wan(cloud, edge, admin_port, ep)
+        self.wan_roots = [cloud.pid, edge.pid]
+        return ep
+
+    def _wait_ready_wan(
+        self, cloud: subprocess.Popen[bytes], edge: subprocess.Popen[bytes], admin_port: int, ep: dict[str, Any]
+    ) -> None:
+        deadline = time.monotonic() + 30.0
+        last = "nothing tried yet"
+        while time.monotonic() < deadline:
+            for proc, what in ((cloud, "cloud-wan"), (edge, "edge-wan")):
+                if proc.poll() is not None:
+                    raise PathUnavailable(f"{what} exited with {proc.returncode}: {tail(self.dir / f'{what}.log')}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=2)
+                conn.request("GET", "/readyz")
+                status = conn.getresponse().status
+                conn.close()
+                if status != 200:
+                    raise OSError(f"/readyz answered {status}")
+                sock = open_stream(ep, timeout=5)
+                with sock:
+                    sock.sendall((0).to_bytes(8, "big"))
+                    sock.recv(1)  # EOF: the source sent its zero bytes and half-closed
+                return
+            except (OSError, ProxyError, http.client.HTTPException) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                time.sleep(0.3)
+        raise PathUnavailable(f"WAN tunnel not ready after 30 s ({last})")

@@ -1,0 +1,465 @@
+"""Benchmark kins_tunnel against OpenSSH ``ssh -R`` and direct TCP, side by side, in one run.
+
+    python -m benchmarks.run [--quick] [--rounds N] [--only AXIS,...] [--json PATH] [--markdown PATH]
+
+Everything (targets, sshd, ssh, cloud, edge, WAN relays) is started on 127.0.0.1 by the harness and
+torn down at the end, on error and on Ctrl-C. See benchmarks/README.md for what each axis measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import signal
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.paths import Direct, Ours, Path_, PathUnavailable, SshR, Targets
+from benchmarks.procs import REPO, Cleanup, cpu_seconds, rss_mib
+
+AXES = ["throughput", "rtt", "setup", "parallel", "fairness", "cost", "scale", "wan"]
+PATH_NAMES = ["direct", "ssh -R", "ours"]
+MiB = 1 << 20
+
+
+def params(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {
+            "tput_bytes": 64 * MiB, "rtt_count": 1000, "rtt_warmup": 100, "setup_count": 50,
+            "parallel_streams": 64, "parallel_bytes": 2 * MiB, "fair_count": 500,
+            "wan_bytes": 8 * MiB, "wan_delay_ms": 25.0, "wan_rate_mbit": 100.0,
+        }
+    return {
+        "tput_bytes": 512 * MiB, "rtt_count": 5000, "rtt_warmup": 500, "setup_count": 300,
+        "parallel_streams": 64, "parallel_bytes": 16 * MiB, "fair_count": 2000,
+        "wan_bytes": 32 * MiB, "wan_delay_ms": 25.0, "wan_rate_mbit": 100.0,
+    }
+
+
+# ---------------------------------------------------------------- clients
+
+
+def client_argv(mode: str, ep: dict[str, Any], *extra: str) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.load", mode, "--endpoint", json.dumps(ep), *extra]
+
+
+def parse_result(out: str, err: str, rc: int) -> dict[str, Any]:
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            return dict(json.loads(line[7:]))
+    last = (err.strip().splitlines() or [f"exit {rc}, no output"])[-1]
+    return {"error": f"client failed: {last}"}
+
+
+def run_client(mode: str, ep: dict[str, Any], *extra: str, timeout: float = 300.0) -> dict[str, Any]:
+    try:
+        r = subprocess.run(
+            client_argv(mode, ep, *extra), capture_output=True, text=True, timeout=timeout, cwd=REPO,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"{mode} client timed out after {timeout:.0f} s"}
+    return parse_result(r.stdout, r.stderr, r.returncode)
+
+
+def fairness_once(ep_echo: dict[str, Any], ep_source: dict[str, Any], count: int) -> dict[str, Any]:
+    idle = run_client("rtt", ep_echo, "--count", str(count), "--warmup", "100", timeout=120)
+    if "error" in idle:
+        return {"error": "idle: " + idle["error"]}
+    bulk = subprocess.Popen(
+        client_argv("bulk", ep_source, "--max-seconds", "90"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    try:
+        assert bulk.stdout is not None and bulk.stdin is not None
+        first = bulk.stdout.readline().strip()  # STARTED once data flows, or RESULT with an error
+        if first != "STARTED":
+            out, err = bulk.communicate(timeout=30)  # closes stdin: the bulk client stops
+            return {"error": "bulk: " + parse_result(first + "\n" + out, err, bulk.returncode).get("error", "?")}
+        loaded = run_client("rtt", ep_echo, "--count", str(count), "--warmup", "100", timeout=120)
+        out, err = bulk.communicate(timeout=30)  # closes stdin: the bulk client stops
+        bulk_res = parse_result(out, err, bulk.returncode)
+    finally:
+        if bulk.poll() is None:
+            bulk.kill()
+            bulk.wait()
+    if "error" in loaded:
+        return {"error": "loaded: " + loaded["error"]}
+    return {
+        "idle_p99_us": idle["p99_us"],
+        "loaded_p99_us": loaded["p99_us"],
+        "idle_p50_us": idle["p50_us"],
+        "loaded_p50_us": loaded["p50_us"],
+        "ratio_p99": loaded["p99_us"] / idle["p99_us"],
+        "bulk_MBps": bulk_res.get("MBps"),
+    }
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.p = params(args.quick)
+        self.axes = args.axes
+        self.cleanup = Cleanup()
+        self.paths: list[Path_] = []
+        self.skipped: dict[str, str] = {}
+        self.samples: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self.cost_acc: dict[str, list[dict[str, float]]] = {}
+        self.wan_eps: dict[str, dict[str, Any]] = {}
+        self.rss: dict[str, float] = {}
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def record(self, axis: str, path: str, res: dict[str, Any]) -> None:
+        self.samples.setdefault(axis, {}).setdefault(path, []).append(res)
+        if "error" in res:
+            self.log(f"  {axis:<10} {path:<7} ERROR {res['error']}")
+
+    def setup_paths(self) -> None:
+        self.log("starting targets (sink, source, echo)")
+        targets = Targets(self.cleanup)
+        self.paths.append(Direct(self.cleanup, targets))
+        for name, make in (
+            ("ssh -R", lambda: SshR(self.cleanup, targets, self.args.ssh_cipher)),
+            ("ours", lambda: Ours(self.cleanup, targets)),
+        ):
+            self.log(f"starting path {name}")
+            try:
+                self.paths.append(make())
+            except PathUnavailable as exc:
+                self.skipped[name] = str(exc)
+                self.log(f"SKIPPING {name}: {exc}")
+        for pth in self.paths:
+            extra = ""
+            if isinstance(pth, SshR):
+                extra = f" (cipher {pth.info.get('cipher_negotiated', '?')}, kex {pth.info.get('kex', '?')})"
+            self.log(f"path ready: {pth.name}{extra}")
+
+    def setup_wan(self) -> None:
+        relay = (self.p["wan_delay_ms"], self.p["wan_rate_mbit"])
+        for pth in self.paths:
+            try:
+                self.wan_eps[pth.name] = pth.wan_endpoint(relay)
+            except PathUnavailable as exc:
+                self.skipped[f"wan/{pth.name}"] = str(exc)
+                self.log(f"WAN: skipping {pth.name}: {exc}")
+            except RuntimeError as exc:
+                self.skipped[f"wan/{pth.name}"] = str(exc)
+                self.log(f"WAN: skipping {pth.name}: {exc}")
+
+    def measure_round(self, rnd: int) -> None:
+        p = self.p
+        n = len(self.paths)
+        order = [self.paths[(i + rnd) % n] for i in range(n)]  # rotate who goes first each round
+        want = set(self.axes)
+        if "throughput" in want or "cost" in want:
+            for direction in ("upload", "download"):
+                for pth in order:
+                    kind = "sink" if direction == "upload" else "source"
+                    cpu0 = cpu_seconds(pth.cost_roots) if pth.cost_roots else 0.0
+                    res = run_client(direction, pth.endpoints[kind], "--bytes", str(p["tput_bytes"]))
+                    if pth.cost_roots and "error" not in res:
+                        cpu = cpu_seconds(pth.cost_roots) - cpu0
+                        res["tunnel_cpu_s"] = cpu
+                        self.cost_acc.setdefault(pth.name, []).append({"cpu": cpu, "bytes": res["bytes"]})
+                    self.record(direction, pth.name, res)
+        if "rtt" in want:
+            for pth in order:
+                self.record("rtt", pth.name, run_client(
+                    "rtt", pth.endpoints["echo"], "--count", str(p["rtt_count"]),
+                    "--warmup", str(p["rtt_warmup"]), "--raw"))
+        if "setup" in want:
+            for pth in order:
+                self.record("setup", pth.name, run_client(
+                    "setup", pth.endpoints["echo"], "--count", str(p["setup_count"])))
+        if "parallel" in want:
+            for pth in order:
+                self.record("parallel", pth.name, run_client(
+                    "parallel", pth.endpoints["sink"], "--streams", str(p["parallel_streams"]),
+                    "--bytes", str(p["parallel_bytes"])))
+        if "fairness" in want:
+            for pth in order:
+                self.record("fairness", pth.name, fairness_once(
+                    pth.endpoints["echo"], pth.endpoints["source"], p["fair_count"]))
+        if "wan" in want:
+            for pth in order:
+                ep = self.wan_eps.get(pth.name)
+                if ep is not None:
+                    self.record("wan", pth.name, run_client("download", ep, "--bytes", str(p["wan_bytes"])))
+
+    def round_summary(self, rnd: int) -> None:
+        bits = []
+        for axis, key, fmt in (
+            ("upload", "MBps", "{:.0f} MB/s"), ("download", "MBps", "{:.0f} MB/s"),
+            ("rtt", "p50_us", "p50 {:.0f} us"), ("setup", "conn_per_s", "{:.0f} conn/s"),
+            ("parallel", "MBps", "{:.0f} MB/s"), ("fairness", "ratio_p99", "x{:.2f}"),
+            ("wan", "MBps", "{:.1f} MB/s"),
+        ):
+            per = self.samples.get(axis, {})
+            vals = []
+            for name in PATH_NAMES:
+                runs = per.get(name) or []
+                if len(runs) > rnd - 1 >= 0 or runs:
+                    last = runs[-1]
+                    vals.append(f"{name}={fmt.format(last[key])}" if key in last else f"{name}=ERR")
+            if vals:
+                bits.append(f"{axis}: " + ", ".join(vals))
+        for b in bits:
+            self.log(f"  round {rnd}: {b}")
+
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        self.setup_paths()
+        if "wan" in self.axes:
+            self.log("starting WAN relays ({} ms one way, {} Mbit/s)".format(
+                self.p["wan_delay_ms"], self.p["wan_rate_mbit"]))
+            self.setup_wan()
+        if "scale" in self.axes:
+            self.log("scale (10,000 simulated idle edges): not implemented in this harness yet")
+            self.skipped["scale"] = "not implemented in this harness yet"
+        for rnd in range(1, self.args.rounds + 1):
+            self.log(f"round {rnd}/{self.args.rounds}")
+            self.measure_round(rnd - 1)
+            self.round_summary(rnd)
+        for pth in self.paths:
+            if pth.cost_roots:
+                self.rss[pth.name] = rss_mib(pth.cost_roots)
+        return self.results(time.time() - started)
+
+    # ------------------------------------------------------------ summarising
+
+    def med(self, axis: str, path: str, key: str) -> float | None:
+        vals = [r[key] for r in self.samples.get(axis, {}).get(path, []) if r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    def summary(self) -> dict[str, dict[str, float | None]]:
+        s: dict[str, dict[str, float | None]] = {}
+
+        def put(metric: str, axis: str, key: str) -> None:
+            s[metric] = {name: self.med(axis, name, key) for name in PATH_NAMES}
+
+        put("upload_MBps", "upload", "MBps")
+        put("download_MBps", "download", "MBps")
+        put("rtt_p50_us", "rtt", "p50_us")
+        put("rtt_p99_us", "rtt", "p99_us")
+        put("setup_conn_per_s", "setup", "conn_per_s")
+        put("setup_p50_ms", "setup", "p50_ms")
+        put("parallel_MBps", "parallel", "MBps")
+        put("fair_idle_p99_us", "fairness", "idle_p99_us")
+        put("fair_loaded_p99_us", "fairness", "loaded_p99_us")
+        put("fair_ratio", "fairness", "ratio_p99")
+        put("wan_MBps", "wan", "MBps")
+        cost: dict[str, float | None] = {name: None for name in PATH_NAMES}
+        for name, acc in self.cost_acc.items():
+            per_gb = [a["cpu"] / (a["bytes"] / 1e9) for a in acc]
+            cost[name] = statistics.median(per_gb) if per_gb else None
+        s["cost_cpu_s_per_GB"] = cost
+        s["rss_MiB"] = {name: self.rss.get(name) for name in PATH_NAMES}
+        return s
+
+    def results(self, elapsed: float) -> dict[str, Any]:
+        summ = self.summary()
+        return {
+            "machine": machine_info(),
+            "args": {k: v for k, v in vars(self.args).items() if k not in ("json", "markdown")},
+            "params": self.p,
+            "elapsed_s": elapsed,
+            "paths": {p.name: p.info for p in self.paths},
+            "skipped": self.skipped,
+            "summary": summ,
+            "table": table_rows(summ, self.axes, self.skipped),
+            "samples": self.samples,
+        }
+
+
+# ---------------------------------------------------------------- report
+
+# metric, label, format, rule, factor
+#   rule "ge_ssh": ours >= factor * ssh;  "le_ssh": ours <= factor * ssh;
+#   "le_abs": ours <= factor;  "ge_direct": ours >= factor * direct;  None: informational
+ROWS: list[tuple[str, str, str, str, str | None, float]] = [
+    ("throughput", "upload_MBps", "1-stream upload (MB/s)", "{:.0f}", "ge_ssh", 1.0),
+    ("throughput", "download_MBps", "1-stream download (MB/s)", "{:.0f}", "ge_ssh", 1.0),
+    ("rtt", "rtt_p50_us", "RTT 64 B p50 (µs)", "{:.0f}", "le_ssh", 1.0),
+    ("rtt", "rtt_p99_us", "RTT 64 B p99 (µs)", "{:.0f}", None, 0),
+    ("setup", "setup_conn_per_s", "setup + 1st RTT (conn/s)", "{:.0f}", "ge_ssh", 10.0),
+    ("setup", "setup_p50_ms", "setup + 1st RTT p50 (ms)", "{:.2f}", None, 0),
+    ("parallel", "parallel_MBps", "64 streams aggregate (MB/s)", "{:.0f}", "ge_ssh", 1.0),
+    ("fairness", "fair_idle_p99_us", "interactive p99 idle (µs)", "{:.0f}", None, 0),
+    ("fairness", "fair_loaded_p99_us", "interactive p99 under bulk (µs)", "{:.0f}", None, 0),
+    ("fairness", "fair_ratio", "p99 under bulk / idle p99", "{:.2f}", "le_abs", 3.0),
+    ("cost", "cost_cpu_s_per_GB", "tunnel CPU s per GB (axis 1)", "{:.2f}", None, 0),
+    ("cost", "rss_MiB", "tunnel RSS after run (MiB)", "{:.0f}", None, 0),
+    ("wan", "wan_MBps", "WAN 50 ms/100 Mbit download (MB/s)", "{:.2f}", "ge_direct", 0.8),
+]
+
+TARGET_TEXT = {
+    "ge_ssh": "≥ {f:g}× ssh -R",
+    "le_ssh": "≤ ssh -R",
+    "le_abs": "≤ {f:g}",
+    "ge_direct": "≥ {f:.0%} of direct",
+}
+
+
+def fmt(v: float | None, spec: str) -> str:
+    return "—" if v is None else spec.format(v)
+
+
+def table_rows(summ: dict[str, dict[str, float | None]], axes: list[str], skipped: dict[str, str]) -> list[dict[str, str]]:
+    rows = []
+    for axis, metric, label, spec, rule, factor in ROWS:
+        if axis not in axes and not (axis == "cost" and "throughput" in axes):
+            continue
+        vals = summ.get(metric, {})
+        d, s, o = vals.get("direct"), vals.get("ssh -R"), vals.get("ours")
+        ratio = f"{o / s:.2f}×" if o is not None and s else "—"
+        target = TARGET_TEXT[rule].format(f=factor) if rule else ""
+        met = ""
+        if rule:
+            if o is None:
+                met = "n/a (ours not run)" if "ours" in skipped else "n/a"
+            elif rule == "ge_ssh":
+                met = "n/a" if not s else ("yes" if o >= factor * s else "no")
+            elif rule == "le_ssh":
+                met = "n/a" if not s else ("yes" if o <= factor * s else "no")
+            elif rule == "le_abs":
+                met = "yes" if o <= factor else "no"
+            elif rule == "ge_direct":
+                met = "n/a" if not d else (f"{'yes' if o >= factor * d else 'no'} ({o / d:.0%})")
+        rows.append({
+            "axis": label, "direct": fmt(d, spec), "ssh -R": fmt(s, spec), "ours": fmt(o, spec),
+            "ours/ssh": ratio, "target": target, "met?": met,
+        })
+    if "scale" in axes:
+        rows.append({"axis": "scale: 10,000 idle edges", "direct": "—", "ssh -R": "—", "ours": "—",
+                     "ours/ssh": "—", "target": "(hook)", "met?": "not implemented in this harness yet"})
+    return rows
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    cols = ["axis", "direct", "ssh -R", "ours", "ours/ssh", "target", "met?"]
+    lines = [
+        f"# kins_tunnel benchmark — {m['date']}",
+        "",
+        f"Machine: {m['nproc']} cores, {m['cpu_model']}, Linux {m['kernel']}, Python {m['python']}, "
+        f"{m['openssl']}. Mode: {'quick' if res['args']['quick'] else 'full'}, "
+        f"{res['args']['rounds']} round(s), medians over rounds.",
+        "",
+    ]
+    ssh = res["paths"].get("ssh -R")
+    if ssh:
+        lines.append(f"ssh -R: {ssh.get('ssh_version', '?')}; cipher {ssh.get('cipher_negotiated', '?')} "
+                     f"(requested: {ssh.get('cipher_requested')}), kex {ssh.get('kex', '?')}.")
+        lines.append("")
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in res["table"]:
+        lines.append("| " + " | ".join(row[c] for c in cols) + " |")
+    lines.append("")
+    if res["skipped"]:
+        lines.append("Skipped:")
+        for k, v in res["skipped"].items():
+            lines.append(f"- {k}: {v}")
+        lines.append("")
+    errors = [
+        f"- {axis}/{path}: {r['error']}"
+        for axis, per in res["samples"].items() for path, runs in per.items() for r in runs if "error" in r
+    ]
+    if errors:
+        lines.append("Errors:")
+        lines += errors[:30]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=REPO, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = "?"
+    return {
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "git_commit": commit,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short smoke run (small transfers, 1 round)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds (default 5; 1 with --quick)")
+    ap.add_argument("--only", default="", help="comma-separated axes: " + ",".join(AXES))
+    ap.add_argument("--json", default="benchmarks/results/latest.json", help="raw results (JSON)")
+    ap.add_argument("--markdown", default="benchmarks/results/latest.md", help="table (markdown)")
+    ap.add_argument("--ssh-cipher", default=None, help="e.g. aes128-gcm@openssh.com (default: negotiated)")
+    args = ap.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 5
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    axes = [a.strip() for a in args.only.split(",") if a.strip()] or list(AXES)
+    bad = [a for a in axes if a not in AXES]
+    if bad:
+        ap.error(f"unknown axis {', '.join(bad)}; choose from {', '.join(AXES)}")
+    args.axes = axes
+    return args
+
+
+def _sigterm(_signo: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm)
+    bench = Bench(args)
+    try:
+        res = bench.run()
+    except KeyboardInterrupt:
+        print("\ninterrupted; tearing down", file=sys.stderr)
+        return 130
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bench.cleanup.close()
+    md = markdown(res)
+    print()
+    print(md)
+    for target, text in ((args.json, json.dumps(res, indent=1) + "\n"), (args.markdown, md)):
+        path = Path(target)
+        if not path.is_absolute():
+            path = REPO / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
