@@ -1,0 +1,50 @@
+"""The wire protocol, sans-IO: bytes in, events out; commands in, bytes out.
+
+Nothing here imports trio, ssl, sockets or yaml. `Connection` (in `mux`) is the state machine;
+`frames` is the codec; `events` are what `receive_data` returns; `errors` holds the two exception
+types and the wire error codes.
+"""
+
+from kins_tunnel.proto.errors import (
+    ErrorCode,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from kins_tunnel.proto.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HandshakeComplete,
+    OpenResult,
+    PongReceived,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from kins_tunnel.proto.mux import PROTOCOL_VERSION, Connection, Hello, MuxConfig, Role
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Connection",
+    "ConnectionTerminated",
+    "DataReceived",
+    "ErrorCode",
+    "Event",
+    "GoAwayReceived",
+    "HandshakeComplete",
+    "Hello",
+    "LocalProtocolError",
+    "MuxConfig",
+    "OpenResult",
+    "PongReceived",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "Role",
+    "StreamEnded",
+    "StreamOpened",
+    "StreamReset",
+    "WindowUpdated",
+]

@@ -1,0 +1,101 @@
+"""Events that `Connection.receive_data` returns, one per meaningful thing the peer did."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kins_tunnel.proto.errors import ErrorCode
+
+
+@dataclass(slots=True)
+class Event:
+    pass
+
+
+@dataclass(slots=True)
+class HandshakeComplete(Event):
+    """Both HELLOs are in: the version and capabilities both sides share, and what the peer said."""
+
+    version: int
+    capabilities: frozenset[str]
+    names: tuple[str, ...]
+    agent: str
+
+
+@dataclass(slots=True)
+class StreamOpened(Event):
+    """The peer asks us to open `stream_id` to `target`; answer with accept_stream/reject_stream."""
+
+    stream_id: int
+    target: str
+
+
+@dataclass(slots=True)
+class OpenResult(Event):
+    """The answer to a stream we opened: `code` NO_ERROR means it is open."""
+
+    stream_id: int
+    code: ErrorCode | int
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.code == ErrorCode.NO_ERROR
+
+
+@dataclass(slots=True)
+class DataReceived(Event):
+    """Bytes for a stream. Call `consumed(stream_id, n)` once the application has taken them."""
+
+    stream_id: int
+    data: bytes
+    end_stream: bool
+
+
+@dataclass(slots=True)
+class StreamEnded(Event):
+    """The peer will send no more on this stream (FIN without data in the same frame)."""
+
+    stream_id: int
+
+
+@dataclass(slots=True)
+class StreamReset(Event):
+    """The peer aborted the stream; its buffered data is void."""
+
+    stream_id: int
+    code: ErrorCode | int
+    message: str
+
+
+@dataclass(slots=True)
+class WindowUpdated(Event):
+    """We may send more on `stream_id`: `send_window(stream_id)` bytes in all."""
+
+    stream_id: int
+    increment: int
+
+
+@dataclass(slots=True)
+class PongReceived(Event):
+    """The answer to one of our pings; `rtt` is in the clock's units (seconds)."""
+
+    payload: bytes
+    rtt: float | None
+
+
+@dataclass(slots=True)
+class GoAwayReceived(Event):
+    """The peer is draining: streams we opened above `last_stream_id` were not processed."""
+
+    last_stream_id: int
+    code: ErrorCode | int
+    reason: str
+
+
+@dataclass(slots=True)
+class ConnectionTerminated(Event):
+    """The byte stream ended (EOF) or the connection was closed by a protocol error."""
+
+    code: ErrorCode | int
+    reason: str

@@ -1,0 +1,726 @@
+"""The multiplexer: one `Connection` per tunnel, a pure state machine (no I/O, no clock of its own).
+
+Theory of operation
+-------------------
+Feed bytes from the peer to `receive_data()`; it returns the events they carried. Call commands
+(`open_stream`, `accept_stream`, `send_data`, `consumed`, `ping`, ...) and collect the bytes they
+produced with `data_to_send()`. EOF is `receive_data(b"")`. The connection never blocks and never
+buffers more than the limits allow:
+
+- inbound, a frame's length is checked right after its 9-byte header, before its body is
+  buffered; a partial frame costs at most `max_frame` + header bytes;
+- received DATA is bounded per stream by the credit we granted (see `flow`), and the sum of grants
+  by the session budget;
+- outbound DATA is bounded by the credit the peer granted; control answers (PONG) are bounded by a
+  small counter, so a peer cannot make us queue without reading.
+
+Handshake: both sides send HELLO at once (magic, version range, a JSON object with capabilities,
+the names the side serves, its agent string and limits). The version is the highest both support;
+capabilities are the intersection. No other frame may come before HELLO.
+
+Stream ids: the side that dialled the TCP connection (the edge, `Role.CLIENT`) uses odd ids, the
+other side even ones; ids only grow. A stream is opened by OPEN (which grants the acceptor its
+first window) and answered by OPEN_RESULT (which grants the opener its first window, or refuses
+with an error code). Each direction ends independently with FIN; RESET aborts both.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kins_tunnel.proto import events as ev
+from kins_tunnel.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from kins_tunnel.proto.flow import MIN_WINDOW, Budget, ReceiveWindow, credit_to_return
+from kins_tunnel.proto.frames import (
+    FLAG_ACK,
+    FLAG_FIN,
+    HEADER,
+    HEADER_SIZE,
+    HELLO_PREFIX,
+    MAGIC,
+    MAX_CONTROL_PAYLOAD,
+    MAX_PAYLOAD_LIMIT,
+    MAX_WINDOW_VALUE,
+    PING_SIZE,
+    U32,
+    U32x2,
+    FrameType,
+    decode_text,
+    encode_text,
+    frame,
+)
+
+PROTOCOL_VERSION = 1
+MIN_SUPPORTED_VERSION = 1
+CAPABILITIES = frozenset({"names", "goaway-reason", "window-growth"})
+MAX_PENDING_PONGS = 16
+
+
+class Role(enum.Enum):
+    CLIENT = "client"  # dialled the connection (edge): odd stream ids
+    SERVER = "server"  # accepted it (cloud): even stream ids
+
+
+@dataclass(frozen=True, slots=True)
+class MuxConfig:
+    """Limits and windows of one side; see `kins_tunnel.config.MuxSettings` for the YAML keys."""
+
+    initial_window: int = 256 * 1024
+    max_window: int = 16 * 1024 * 1024
+    session_budget: int = 64 * 1024 * 1024
+    max_streams: int = 1024
+    max_frame: int = 256 * 1024
+    max_target_len: int = 512
+    max_names: int = 256
+
+    def __post_init__(self) -> None:
+        if not (16 * 1024 <= self.max_frame <= MAX_PAYLOAD_LIMIT):
+            raise ValueError("max_frame must be between 16 KiB and 16 MiB")
+        if not (0 < self.initial_window <= self.max_window <= MAX_WINDOW_VALUE):
+            raise ValueError("need 0 < initial_window <= max_window < 2 GiB")
+        if self.session_budget < self.initial_window:
+            raise ValueError("session_budget must be at least initial_window")
+        if self.max_streams < 1:
+            raise ValueError("max_streams must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """What this side says about itself in its HELLO (identity comes from TLS, not from here)."""
+
+    names: tuple[str, ...] = ()
+    agent: str = "kins-tunnel"
+    capabilities: frozenset[str] = CAPABILITIES
+    min_version: int = MIN_SUPPORTED_VERSION
+    max_version: int = PROTOCOL_VERSION
+
+
+class _State(enum.Enum):
+    HANDSHAKE = 1
+    OPEN = 2
+    CLOSED = 3
+
+
+@dataclass(slots=True)
+class _Stream:
+    stream_id: int
+    local: bool  # we opened it
+    recv: ReceiveWindow
+    send_credit: int = 0
+    established: bool = False  # OPEN_RESULT ok sent or received
+    local_fin: bool = False  # we sent FIN
+    remote_fin: bool = False  # the peer sent FIN
+    target: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.local_fin and self.remote_fin
+
+
+@dataclass(slots=True)
+class _Peer:
+    max_frame: int = 16 * 1024
+    max_streams: int = 1
+    max_target_len: int = 255
+    names: tuple[str, ...] = ()
+    goaway_last: int | None = None  # the peer sent GOAWAY: we may not open above this
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    """A snapshot of the connection's counters for metrics."""
+
+    streams: int
+    buffered: int
+    granted: int
+    bytes_sent: int
+    bytes_received: int
+    srtt: float | None
+    peer_names: tuple[str, ...] = ()
+
+
+class Connection:
+    """One end of a tunnel. Not thread-safe; owns no socket."""
+
+    def __init__(
+        self,
+        role: Role,
+        hello: Hello = Hello(),
+        config: MuxConfig = MuxConfig(),
+        *,
+        clock: Callable[[], float] | None = time.monotonic,
+    ) -> None:
+        self.role = role
+        self.config = config
+        self._clock = clock
+        self._state = _State.HANDSHAKE
+        self._hello = hello
+        self._peer = _Peer()
+        self._streams: dict[int, _Stream] = {}
+        self._next_local_id = 1 if role is Role.CLIENT else 2
+        self._highest_remote_id = 0
+        self._remote_open = 0  # concurrent streams the peer opened
+        self._local_open = 0
+        self._budget = Budget(config.session_budget)
+        self._inbuf = bytearray()
+        self._out = bytearray()
+        self._pending_pongs = 0
+        self._ping_seq = 0
+        self._pings_sent: dict[bytes, float | None] = {}
+        self._goaway_sent: int | None = None
+        self.version: int | None = None
+        self.capabilities: frozenset[str] = frozenset()
+        self.srtt: float | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._send_hello()
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def is_open(self) -> bool:
+        return self._state is _State.OPEN
+
+    @property
+    def closed(self) -> bool:
+        return self._state is _State.CLOSED
+
+    @property
+    def peer_names(self) -> tuple[str, ...]:
+        return self._peer.names
+
+    @property
+    def peer_going_away(self) -> bool:
+        return self._peer.goaway_last is not None
+
+    @property
+    def going_away(self) -> bool:
+        return self._goaway_sent is not None
+
+    def send_window(self, stream_id: int) -> int:
+        """Bytes we may send on the stream now (0 if unknown or closed for sending)."""
+        s = self._streams.get(stream_id)
+        if s is None or s.local_fin or not s.established:
+            return 0
+        return s.send_credit
+
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def statistics(self) -> Statistics:
+        return Statistics(
+            streams=len(self._streams),
+            buffered=sum(s.recv.buffered for s in self._streams.values()),
+            granted=self._budget.granted,
+            bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received,
+            srtt=self.srtt,
+            peer_names=self._peer.names,
+        )
+
+    def check_invariants(self) -> None:
+        """Assert the flow-control invariants (for tests)."""
+        total = 0
+        for s in self._streams.values():
+            s.recv.check_invariant()
+            total += s.recv.size
+            assert s.send_credit >= 0
+        assert total == self._budget.granted
+        floor_streams = self.config.max_streams + self._peer.max_streams
+        assert self._budget.granted <= self.config.session_budget + floor_streams * MIN_WINDOW
+        assert self._remote_open <= self.config.max_streams
+        assert self._local_open <= max(self._peer.max_streams, 0) or not self._streams
+
+    # ------------------------------------------------------------------ output
+    def data_to_send(self) -> bytearray:
+        """Everything queued for the peer, in order; the caller owns the returned buffer."""
+        out = self._out
+        if not out:
+            return out
+        self._out = bytearray()
+        self._pending_pongs = 0
+        return out
+
+    def pending_output(self) -> int:
+        return len(self._out)
+
+    def _send_hello(self) -> None:
+        h = self._hello
+        body = {
+            "capabilities": sorted(h.capabilities),
+            "names": list(h.names),
+            "agent": h.agent,
+            "max_frame": self.config.max_frame,
+            "max_streams": self.config.max_streams,
+            "max_target_len": self.config.max_target_len,
+        }
+        payload = HELLO_PREFIX.pack(MAGIC, h.min_version, h.max_version) + json.dumps(
+            body, separators=(",", ":")
+        ).encode()
+        if len(payload) > MAX_CONTROL_PAYLOAD:
+            raise LocalProtocolError("HELLO too large: too many or too long names")
+        self._out += frame(FrameType.HELLO, 0, payload)
+
+    # ------------------------------------------------------------------ commands
+    def _require_open(self) -> None:
+        if self._state is not _State.OPEN:
+            raise LocalProtocolError(f"connection is not open (state {self._state.name})")
+
+    def open_stream(self, target: str) -> int:
+        """Ask the peer to open a stream to `target`; returns its id. Answer: an OpenResult event."""
+        self._require_open()
+        if self._peer.goaway_last is not None:
+            raise LocalProtocolError("peer is going away", ErrorCode.GOING_AWAY)
+        if self._goaway_sent is not None:
+            raise LocalProtocolError("we are going away", ErrorCode.GOING_AWAY)
+        if self._local_open >= self._peer.max_streams:
+            raise LocalProtocolError("peer's stream limit reached", ErrorCode.STREAM_LIMIT)
+        raw = target.encode("utf-8")
+        if not raw or len(raw) > self._peer.max_target_len:
+            raise LocalProtocolError("target name empty or too long")
+        sid = self._next_local_id
+        self._next_local_id += 2
+        grant = self._budget.initial_grant(self.config.initial_window)
+        now = self._now()
+        self._streams[sid] = _Stream(sid, True, ReceiveWindow(grant, grant, last_return=now), target=target)
+        self._local_open += 1
+        self._out += frame(FrameType.OPEN, sid, U32.pack(grant) + raw)
+        return sid
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Answer a StreamOpened: the target is connected, data may flow both ways."""
+        s = self._pending_remote(stream_id)
+        grant = self._budget.initial_grant(self.config.initial_window)
+        s.recv = ReceiveWindow(grant, grant, last_return=self._now())
+        s.established = True
+        self._out += frame(FrameType.OPEN_RESULT, stream_id, U32x2.pack(0, grant))
+
+    def reject_stream(self, stream_id: int, code: ErrorCode, message: str = "") -> None:
+        """Answer a StreamOpened with an error code; the stream is gone."""
+        if code == ErrorCode.NO_ERROR:
+            raise LocalProtocolError("reject_stream needs an error code")
+        self._pending_remote(stream_id)
+        self._out += frame(
+            FrameType.OPEN_RESULT, stream_id, U32x2.pack(int(code), 0) + encode_text(message)
+        )
+        self._forget(stream_id)
+
+    def _pending_remote(self, stream_id: int) -> _Stream:
+        s = self._streams.get(stream_id)
+        if s is None or s.local or s.established:
+            raise LocalProtocolError(f"stream {stream_id} is not waiting for an answer")
+        return s
+
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False) -> int:
+        """Queue as much of `data` as the stream's credit allows; returns how many bytes were taken.
+
+        With `end_stream`, FIN goes out with the last byte, but only if all of `data` was taken.
+        """
+        s = self._streams.get(stream_id)
+        if s is None or not s.established:
+            raise LocalProtocolError(f"stream {stream_id} is not open")
+        if s.local_fin:
+            raise LocalProtocolError(f"stream {stream_id} is closed for sending")
+        total = len(data)
+        n = min(total, s.send_credit)
+        max_frame = self._peer.max_frame
+        out = self._out
+        view = memoryview(data)
+        pos = 0
+        while pos < n:
+            chunk = min(n - pos, max_frame)
+            fin = end_stream and pos + chunk == total
+            out += HEADER.pack((chunk << 8) | FrameType.DATA, FLAG_FIN if fin else 0, stream_id)
+            out += view[pos : pos + chunk]
+            pos += chunk
+        s.send_credit -= n
+        self.bytes_sent += n
+        if end_stream and n == total:
+            if total == 0:
+                out += HEADER.pack(FrameType.DATA, FLAG_FIN, stream_id)
+            self._local_fin(s)
+        return n
+
+    def end_stream(self, stream_id: int) -> None:
+        """Send FIN: we will send nothing more on this stream (half-close)."""
+        self.send_data(stream_id, b"", end_stream=True)
+
+    def reset_stream(self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL, message: str = "") -> None:
+        """Abort the stream both ways. Unknown or finished streams are ignored (a race, not a bug)."""
+        if stream_id not in self._streams or self._state is _State.CLOSED:
+            return
+        self._out += frame(FrameType.RESET, stream_id, U32.pack(int(code)) + encode_text(message))
+        self._forget(stream_id)
+
+    def consumed(self, stream_id: int, n: int) -> None:
+        """The application took `n` bytes of the stream's received data: return credit (batched)."""
+        s = self._streams.get(stream_id)
+        if s is None:
+            return  # stream already gone; its budget share was released then
+        w = s.recv
+        if n > w.buffered:
+            raise LocalProtocolError(f"consumed {n} bytes but only {w.buffered} are buffered")
+        w.buffered -= n
+        w.unreturned += n
+        if s.remote_fin:
+            # nothing more will come: no credit needed; a finished stream goes once drained
+            if s.done and w.buffered == 0:
+                self._forget(stream_id)
+            return
+        inc = credit_to_return(
+            w, budget=self._budget, max_window=self.config.max_window, now=self._now(), srtt=self.srtt
+        )
+        if inc:
+            self._out += frame(FrameType.WINDOW, stream_id, U32.pack(inc))
+
+    def ping(self, payload: bytes | None = None) -> bytes:
+        """Queue a PING; the PongReceived event reports the round trip. Returns the payload used."""
+        self._require_open()
+        if payload is None:
+            self._ping_seq += 1
+            payload = self._ping_seq.to_bytes(PING_SIZE, "big")
+        if len(payload) != PING_SIZE:
+            raise LocalProtocolError("ping payload must be 8 bytes")
+        if len(self._pings_sent) >= 64:
+            self._pings_sent.pop(next(iter(self._pings_sent)))
+        self._pings_sent[payload] = self._now()
+        self._out += frame(FrameType.PING, 0, payload)
+        return payload
+
+    def goaway(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Tell the peer we are draining: we open nothing new and refuse its new streams."""
+        if self._state is _State.CLOSED or self._goaway_sent is not None:
+            return
+        self._goaway_sent = self._highest_remote_id
+        self._out += frame(
+            FrameType.GOAWAY, 0, U32x2.pack(self._highest_remote_id, int(code)) + encode_text(reason)
+        )
+
+    def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Send GOAWAY (if not yet sent) and forget every stream."""
+        self.goaway(code, reason)
+        self._close_all()
+
+    # ------------------------------------------------------------------ input
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
+        """Parse bytes from the peer into events. `b""` means EOF.
+
+        Raises RemoteProtocolError (with a GOAWAY queued) when the peer broke the protocol.
+        """
+        if self._state is _State.CLOSED:
+            return []
+        events: list[ev.Event] = []
+        if not data:
+            self._close_all()
+            events.append(ev.ConnectionTerminated(ErrorCode.NO_ERROR, "peer closed the connection"))
+            return events
+        if self._inbuf:
+            self._inbuf += data
+            buf: bytes | bytearray | memoryview = self._inbuf
+        else:
+            buf = data
+        view = memoryview(buf)
+        try:
+            used = self._parse(view, events)
+        except RemoteProtocolError as exc:
+            view.release()
+            self._inbuf = bytearray()
+            self._fail(exc)
+            raise
+        rest = len(view) - used
+        if buf is self._inbuf:
+            view.release()
+            del self._inbuf[:used]
+        else:
+            if rest:
+                self._inbuf = bytearray(view[used:])
+            view.release()
+        return events
+
+    def _parse(self, view: memoryview, events: list[ev.Event]) -> int:
+        pos = 0
+        end = len(view)
+        unpack = HEADER.unpack_from
+        max_data = self.config.max_frame
+        while end - pos >= HEADER_SIZE:
+            word, flags, sid = unpack(view, pos)
+            length = word >> 8
+            ftype = word & 0xFF
+            if ftype == FrameType.DATA:
+                if length > max_data:
+                    raise RemoteProtocolError(
+                        f"DATA frame of {length} bytes exceeds max_frame {max_data}",
+                        ErrorCode.FRAME_SIZE_ERROR,
+                    )
+            elif length > MAX_CONTROL_PAYLOAD:
+                raise RemoteProtocolError(
+                    f"frame type {ftype} of {length} bytes is too large", ErrorCode.FRAME_SIZE_ERROR
+                )
+            if end - pos - HEADER_SIZE < length:
+                break
+            body = view[pos + HEADER_SIZE : pos + HEADER_SIZE + length]
+            pos += HEADER_SIZE + length
+            if self._state is _State.HANDSHAKE and ftype != FrameType.HELLO:
+                raise RemoteProtocolError(f"frame type {ftype} before HELLO")
+            if ftype == FrameType.DATA:
+                self._on_data(sid, flags, body, events)
+            elif ftype == FrameType.WINDOW:
+                self._on_window(sid, body, events)
+            elif ftype == FrameType.OPEN:
+                self._on_open(sid, body, events)
+            elif ftype == FrameType.OPEN_RESULT:
+                self._on_open_result(sid, body, events)
+            elif ftype == FrameType.RESET:
+                self._on_reset(sid, body, events)
+            elif ftype == FrameType.PING:
+                self._on_ping(sid, flags, body, events)
+            elif ftype == FrameType.GOAWAY:
+                self._on_goaway(sid, body, events)
+            elif ftype == FrameType.HELLO:
+                self._on_hello(sid, body, events)
+            # unknown frame types are skipped
+            if self._state is _State.CLOSED:
+                break
+        return pos
+
+    def _on_hello(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
+        if self._state is not _State.HANDSHAKE or sid != 0:
+            raise RemoteProtocolError("unexpected HELLO")
+        if len(body) < HELLO_PREFIX.size:
+            raise RemoteProtocolError("HELLO too short")
+        magic, vmin, vmax = HELLO_PREFIX.unpack_from(body)
+        if magic != MAGIC:
+            raise RemoteProtocolError("not a kins-tunnel peer (bad magic)")
+        version = min(vmax, self._hello.max_version)
+        if version < max(vmin, self._hello.min_version):
+            raise RemoteProtocolError(
+                f"no common protocol version: peer speaks {vmin}..{vmax}, "
+                f"we speak {self._hello.min_version}..{self._hello.max_version}",
+                ErrorCode.VERSION_MISMATCH,
+            )
+        try:
+            info = json.loads(bytes(body[HELLO_PREFIX.size :]))
+            caps = info.get("capabilities", [])
+            names = info.get("names", [])
+            agent = info.get("agent", "")
+            max_frame = info["max_frame"]
+            max_streams = info["max_streams"]
+            max_target = info.get("max_target_len", 255)
+            ok = (
+                isinstance(caps, list)
+                and all(isinstance(c, str) for c in caps)
+                and isinstance(names, list)
+                and all(isinstance(n, str) and 0 < len(n) <= 512 for n in names)
+                and isinstance(agent, str)
+                and all(type(v) is int for v in (max_frame, max_streams, max_target))
+            )
+        except (ValueError, AttributeError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise RemoteProtocolError("malformed HELLO body")
+        if len(names) > self.config.max_names:
+            raise RemoteProtocolError(f"peer advertises {len(names)} names, limit {self.config.max_names}")
+        if not (16 * 1024 <= max_frame <= MAX_PAYLOAD_LIMIT) or max_streams < 1 or max_target < 1:
+            raise RemoteProtocolError("HELLO limits out of range")
+        self._peer = _Peer(
+            max_frame=max_frame,
+            max_streams=max_streams,
+            max_target_len=max_target,
+            names=tuple(dict.fromkeys(names)),
+        )
+        self.version = version
+        self.capabilities = frozenset(caps) & self._hello.capabilities
+        self._state = _State.OPEN
+        events.append(ev.HandshakeComplete(version, self.capabilities, self._peer.names, agent[:200]))
+
+    def _on_open(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
+        if sid == 0 or (sid % 2 == 1) != (self.role is Role.SERVER):
+            raise RemoteProtocolError(f"OPEN with stream id {sid} of the wrong parity")
+        if sid <= self._highest_remote_id:
+            raise RemoteProtocolError(f"OPEN reuses stream id {sid}")
+        if len(body) < 5 or len(body) - 4 > self.config.max_target_len:
+            raise RemoteProtocolError("OPEN target missing or too long")
+        self._highest_remote_id = sid
+        (window,) = U32.unpack_from(body)
+        if window == 0 or window > MAX_WINDOW_VALUE:
+            raise RemoteProtocolError("OPEN grants an invalid window", ErrorCode.FLOW_CONTROL_ERROR)
+        try:
+            target = bytes(body[4:]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RemoteProtocolError("OPEN target is not UTF-8") from None
+        if self._goaway_sent is not None:
+            self._out += frame(
+                FrameType.OPEN_RESULT, sid, U32x2.pack(ErrorCode.GOING_AWAY, 0) + b"going away"
+            )
+            return
+        if self._remote_open >= self.config.max_streams:
+            self._out += frame(
+                FrameType.OPEN_RESULT, sid, U32x2.pack(ErrorCode.STREAM_LIMIT, 0) + b"too many streams"
+            )
+            return
+        self._streams[sid] = _Stream(sid, False, ReceiveWindow(0, 0), send_credit=window, target=target)
+        self._remote_open += 1
+        events.append(ev.StreamOpened(sid, target))
+
+    def _on_open_result(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
+        s = self._streams.get(sid)
+        if len(body) < 8:
+            raise RemoteProtocolError("OPEN_RESULT too short")
+        if s is None:
+            if self._is_local_id(sid) and sid < self._next_local_id:
+                return  # we reset it meanwhile
+            raise RemoteProtocolError(f"OPEN_RESULT for unknown stream {sid}")
+        if not s.local or s.established:
+            raise RemoteProtocolError(f"unexpected OPEN_RESULT for stream {sid}")
+        code, window = U32x2.unpack_from(body)
+        message = decode_text(body[8:])
+        if code == ErrorCode.NO_ERROR:
+            if window == 0 or window > MAX_WINDOW_VALUE:
+                raise RemoteProtocolError("OPEN_RESULT grants an invalid window", ErrorCode.FLOW_CONTROL_ERROR)
+            s.established = True
+            s.send_credit = window
+        else:
+            self._forget(sid)
+        events.append(ev.OpenResult(sid, ErrorCode.from_wire(code), message))
+
+    def _known_closed(self, sid: int) -> bool:
+        """A stream id that existed and is gone (late frames for it are dropped)."""
+        if self._is_local_id(sid):
+            return sid < self._next_local_id
+        return sid <= self._highest_remote_id
+
+    def _is_local_id(self, sid: int) -> bool:
+        return (sid % 2 == 1) == (self.role is Role.CLIENT)
+
+    def _on_data(self, sid: int, flags: int, body: memoryview, events: list[ev.Event]) -> None:
+        s = self._streams.get(sid)
+        n = len(body)
+        if s is None:
+            if sid != 0 and self._known_closed(sid):
+                return  # in flight when we reset it
+            raise RemoteProtocolError(f"DATA for unknown stream {sid}")
+        if not s.established:
+            raise RemoteProtocolError(f"DATA before the stream {sid} was opened")
+        if s.remote_fin:
+            raise RemoteProtocolError(f"DATA after FIN on stream {sid}")
+        w = s.recv
+        if n > w.credit:
+            raise RemoteProtocolError(
+                f"stream {sid}: {n} bytes exceed the {w.credit} bytes of credit",
+                ErrorCode.FLOW_CONTROL_ERROR,
+            )
+        w.credit -= n
+        w.buffered += n
+        self.bytes_received += n
+        fin = bool(flags & FLAG_FIN)
+        if n:
+            events.append(ev.DataReceived(sid, body.tobytes(), fin))
+        elif fin:
+            events.append(ev.StreamEnded(sid))
+        if fin:
+            s.remote_fin = True
+            if s.done:
+                self._forget_when_drained(s)
+
+    def _on_window(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
+        if len(body) != 4:
+            raise RemoteProtocolError("WINDOW payload must be 4 bytes")
+        (inc,) = U32.unpack_from(body)
+        s = self._streams.get(sid)
+        if s is None:
+            if sid != 0 and self._known_closed(sid):
+                return
+            raise RemoteProtocolError(f"WINDOW for unknown stream {sid}")
+        if inc == 0 or s.send_credit + inc > MAX_WINDOW_VALUE:
+            raise RemoteProtocolError("invalid WINDOW increment", ErrorCode.FLOW_CONTROL_ERROR)
+        s.send_credit += inc
+        if not s.local_fin:
+            events.append(ev.WindowUpdated(sid, inc))
+
+    def _on_reset(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
+        if len(body) < 4:
+            raise RemoteProtocolError("RESET too short")
+        if sid not in self._streams:
+            if sid != 0 and self._known_closed(sid):
+                return
+            raise RemoteProtocolError(f"RESET for unknown stream {sid}")
+        (code,) = U32.unpack_from(body)
+        self._forget(sid)
+        events.append(ev.StreamReset(sid, ErrorCode.from_wire(code), decode_text(body[4:])))
+
+    def _on_ping(self, sid: int, flags: int, body: memoryview, events: list[ev.Event]) -> None:
+        if sid != 0 or len(body) != PING_SIZE:
+            raise RemoteProtocolError("malformed PING")
+        payload = body.tobytes()
+        if flags & FLAG_ACK:
+            sent = self._pings_sent.pop(payload, None)
+            rtt = None
+            now = self._now()
+            if sent is not None and now is not None:
+                rtt = max(now - sent, 0.0)
+                self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
+            events.append(ev.PongReceived(payload, rtt))
+            return
+        self._pending_pongs += 1
+        if self._pending_pongs > MAX_PENDING_PONGS:
+            raise RemoteProtocolError("PING flood", ErrorCode.ENHANCE_YOUR_CALM)
+        self._out += frame(FrameType.PING, 0, payload, FLAG_ACK)
+
+    def _on_goaway(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
+        if sid != 0 or len(body) < 8:
+            raise RemoteProtocolError("malformed GOAWAY")
+        last, code = U32x2.unpack_from(body)
+        prev = self._peer.goaway_last
+        self._peer.goaway_last = last if prev is None else min(prev, last)
+        # our streams above `last` were never seen by the peer
+        for sid2 in [i for i, s in self._streams.items() if s.local and i > last]:
+            self._forget(sid2)
+            events.append(ev.StreamReset(sid2, ErrorCode.GOING_AWAY, "peer is going away"))
+        events.append(ev.GoAwayReceived(last, ErrorCode.from_wire(code), decode_text(body[8:])))
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _now(self) -> float | None:
+        return self._clock() if self._clock is not None else None
+
+    def _local_fin(self, s: _Stream) -> None:
+        s.local_fin = True
+        if s.done:
+            self._forget_when_drained(s)
+
+    def _forget_when_drained(self, s: _Stream) -> None:
+        # Both directions ended. Keep the entry while the consumer still holds unconsumed bytes,
+        # so `consumed()` stays legal; the budget share is released either way.
+        if s.recv.buffered == 0:
+            self._forget(s.stream_id)
+
+    def release(self, stream_id: int) -> None:
+        """The application is done with a finished stream (both FINs seen): drop its state."""
+        s = self._streams.get(stream_id)
+        if s is not None and s.done:
+            self._forget(stream_id)
+
+    def _forget(self, stream_id: int) -> None:
+        s = self._streams.pop(stream_id, None)
+        if s is None:
+            return
+        self._budget.release(s.recv.size)
+        if s.local:
+            self._local_open -= 1
+        else:
+            self._remote_open -= 1
+
+    def _close_all(self) -> None:
+        for sid in list(self._streams):
+            self._forget(sid)
+        self._state = _State.CLOSED
+
+    def _fail(self, exc: RemoteProtocolError) -> None:
+        self._out += frame(
+            FrameType.GOAWAY, 0, U32x2.pack(self._highest_remote_id, int(exc.code)) + encode_text(str(exc))
+        )
+        self._goaway_sent = self._highest_remote_id
+        self._close_all()
+

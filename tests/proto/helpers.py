@@ -1,0 +1,60 @@
+"""Two `Connection`s joined in memory (after h11's ConnectionPair), with a fake clock."""
+
+from __future__ import annotations
+
+from kins_tunnel.proto import Connection, Event, Hello, MuxConfig, Role
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Pair:
+    """client (edge) and server (cloud) ends; `pump()` moves bytes until both are quiet."""
+
+    def __init__(
+        self,
+        client_config: MuxConfig = MuxConfig(),
+        server_config: MuxConfig = MuxConfig(),
+        names: tuple[str, ...] = ("test-svc-kins.kins-system:443",),
+    ) -> None:
+        self.clock = FakeClock()
+        self.client = Connection(Role.CLIENT, Hello(names=names), client_config, clock=self.clock)
+        self.server = Connection(Role.SERVER, Hello(), server_config, clock=self.clock)
+        self.events: dict[str, list[Event]] = {"client": [], "server": []}
+
+    def peer(self, side: str) -> Connection:
+        return self.server if side == "client" else self.client
+
+    def conn(self, side: str) -> Connection:
+        return self.client if side == "client" else self.server
+
+    def deliver(self, side: str) -> list[Event]:
+        """Move what `side` queued to the other side; returns the other side's events."""
+        data = self.conn(side).data_to_send()
+        other = "server" if side == "client" else "client"
+        got = self.peer(side).receive_data(bytes(data)) if data else []
+        self.events[other].extend(got)
+        return got
+
+    def pump(self) -> None:
+        for _ in range(1000):
+            a = self.client.pending_output()
+            b = self.server.pending_output()
+            if not a and not b:
+                return
+            self.deliver("client")
+            self.deliver("server")
+        raise AssertionError("pump did not settle")
+
+    def handshake(self) -> None:
+        self.pump()
+        assert self.client.is_open and self.server.is_open
+
+    def take(self, side: str) -> list[Event]:
+        got, self.events[side] = self.events[side], []
+        return got

@@ -1,0 +1,367 @@
+"""Scenario tests of the multiplexer, two peers joined in memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from kins_tunnel.proto import (
+    Connection,
+    ConnectionTerminated,
+    DataReceived,
+    ErrorCode,
+    GoAwayReceived,
+    HandshakeComplete,
+    Hello,
+    LocalProtocolError,
+    MuxConfig,
+    OpenResult,
+    PongReceived,
+    RemoteProtocolError,
+    Role,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from kins_tunnel.proto.flow import MIN_WINDOW
+from kins_tunnel.proto.frames import FrameType, frame, pack_header
+from tests.proto.helpers import Pair
+
+TARGET = "test-svc-kins.kins-system:443"
+
+
+def open_pair(pair: Pair, target: str = TARGET) -> int:
+    sid = pair.server.open_stream(target)
+    pair.pump()
+    (opened,) = [e for e in pair.take("client") if isinstance(e, StreamOpened)]
+    assert opened.stream_id == sid and opened.target == target
+    pair.client.accept_stream(sid)
+    pair.pump()
+    (res,) = [e for e in pair.take("server") if isinstance(e, OpenResult)]
+    assert res.ok
+    return sid
+
+
+def test_handshake_reports_names_versions_and_shared_capabilities() -> None:
+    pair = Pair()
+    pair.pump()
+    (hs,) = pair.take("server")
+    assert isinstance(hs, HandshakeComplete)
+    assert hs.version == 1
+    assert hs.names == (TARGET,)
+    assert "names" in hs.capabilities
+    (hs2,) = pair.take("client")
+    assert isinstance(hs2, HandshakeComplete) and hs2.names == ()
+
+
+def test_capabilities_are_the_intersection() -> None:
+    c = Connection(Role.CLIENT, Hello(capabilities=frozenset({"a", "b"})))
+    s = Connection(Role.SERVER, Hello(capabilities=frozenset({"b", "c"})))
+    s.receive_data(c.data_to_send())
+    c.receive_data(s.data_to_send())
+    assert c.capabilities == s.capabilities == frozenset({"b"})
+
+
+def test_version_mismatch_is_a_clear_error_with_goaway() -> None:
+    c = Connection(Role.CLIENT, Hello(min_version=2, max_version=3))
+    s = Connection(Role.SERVER)
+    with pytest.raises(RemoteProtocolError) as info:
+        s.receive_data(c.data_to_send())
+    assert info.value.code == ErrorCode.VERSION_MISMATCH
+    assert "1..1" in str(info.value) and "2..3" in str(info.value)
+    assert s.closed
+    out = bytes(s.data_to_send())
+    assert FrameType.GOAWAY in out[9 + out[2] : 9 + out[2] + 4]  # HELLO, then GOAWAY
+
+
+def test_frames_before_hello_are_rejected() -> None:
+    s = Connection(Role.SERVER)
+    with pytest.raises(RemoteProtocolError):
+        s.receive_data(frame(FrameType.PING, 0, b"x" * 8))
+
+
+def test_bad_magic_is_rejected() -> None:
+    s = Connection(Role.SERVER)
+    with pytest.raises(RemoteProtocolError, match="magic"):
+        s.receive_data(frame(FrameType.HELLO, 0, b"HTTP/1.1 200 OK\r\n"))
+
+
+def test_commands_before_handshake_are_local_errors() -> None:
+    c = Connection(Role.CLIENT)
+    with pytest.raises(LocalProtocolError):
+        c.open_stream(TARGET)
+
+
+def test_open_accept_data_both_ways_and_half_close() -> None:
+    pair = Pair()
+    pair.handshake()
+    pair.take("client"), pair.take("server")
+    sid = open_pair(pair)
+    assert sid % 2 == 0  # the cloud opens even ids
+    assert pair.server.send_data(sid, b"hello edge", end_stream=True) == 10
+    pair.pump()
+    got = pair.take("client")
+    assert got == [DataReceived(sid, b"hello edge", True)]
+    # the client's direction is still open after the server's FIN
+    assert pair.client.send_data(sid, b"reply", end_stream=False) == 5
+    pair.client.end_stream(sid)
+    pair.pump()
+    assert pair.take("server") == [DataReceived(sid, b"reply", False), StreamEnded(sid)]
+    pair.server.consumed(sid, 5)
+    pair.client.consumed(sid, 10)
+    assert pair.server.open_streams() == pair.client.open_streams() == 0
+
+
+def test_reject_carries_code_and_message() -> None:
+    pair = Pair()
+    pair.handshake()
+    sid = pair.server.open_stream("edge1:22")
+    pair.pump()
+    pair.client.reject_stream(sid, ErrorCode.NOT_ALLOWED, "edge1:22 is not in services")
+    pair.pump()
+    res = [e for e in pair.take("server") if isinstance(e, OpenResult)]
+    assert res == [OpenResult(sid, ErrorCode.NOT_ALLOWED, "edge1:22 is not in services")]
+    assert pair.server.open_streams() == 0 and pair.client.open_streams() == 0
+
+
+def test_reset_discards_stream_and_late_frames_are_ignored() -> None:
+    pair = Pair()
+    pair.handshake()
+    sid = open_pair(pair)
+    pair.client.send_data(sid, b"in flight")
+    pair.server.reset_stream(sid, ErrorCode.CANCEL, "client went away")
+    pair.pump()  # the client's DATA crosses the server's RESET
+    assert StreamReset(sid, ErrorCode.CANCEL, "client went away") in pair.take("client")
+    assert pair.take("server") == []
+    with pytest.raises(LocalProtocolError):
+        pair.server.send_data(sid, b"x")
+
+
+def test_send_is_limited_by_credit_and_credit_returns_only_when_consumed() -> None:
+    cfg = MuxConfig(initial_window=64 * 1024, max_window=64 * 1024, session_budget=1 << 20)
+    pair = Pair(cfg, cfg)
+    pair.handshake()
+    sid = open_pair(pair)
+    big = b"x" * (200 * 1024)
+    n = pair.server.send_data(sid, big)
+    assert n == 64 * 1024
+    assert pair.server.send_window(sid) == 0
+    pair.pump()
+    assert pair.server.send_window(sid) == 0  # arrived, not consumed: no credit back
+    pair.client.consumed(sid, 16 * 1024)
+    pair.pump()
+    assert pair.server.send_window(sid) == 0  # batched: less than half a window consumed
+    pair.client.consumed(sid, 16 * 1024)
+    pair.pump()
+    assert pair.server.send_window(sid) == 32 * 1024
+    assert any(isinstance(e, WindowUpdated) for e in pair.take("server"))
+
+
+def test_unread_stream_never_blocks_another() -> None:
+    cfg = MuxConfig(initial_window=64 * 1024, max_window=1 << 20, session_budget=4 << 20)
+    pair = Pair(cfg, cfg)
+    pair.handshake()
+    stuck = open_pair(pair)
+    live = open_pair(pair)
+    pair.server.send_data(stuck, b"s" * (1 << 20))  # nobody consumes this one
+    received = 0
+    for _ in range(50):
+        received_now = 0
+        pair.server.send_data(live, b"l" * (1 << 20))
+        pair.pump()
+        for e in pair.take("client"):
+            if isinstance(e, DataReceived) and e.stream_id == live:
+                received_now += len(e.data)
+                pair.client.consumed(live, len(e.data))
+        pair.pump()
+        received += received_now
+        pair.client.check_invariants()
+    assert received > 10 << 20
+    assert pair.client.statistics().buffered == 64 * 1024  # only the stuck stream's one window
+
+
+def test_window_grows_when_consumer_keeps_up_and_stays_within_max() -> None:
+    cfg = MuxConfig(initial_window=64 * 1024, max_window=1 << 20, session_budget=8 << 20)
+    pair = Pair(cfg, cfg)
+    pair.handshake()
+    sid = open_pair(pair)
+    pair.client.ping()
+    pair.clock.now += 0.05  # 50 ms RTT
+    pair.pump()
+    windows = []
+    for _ in range(40):
+        pair.server.send_data(sid, b"z" * (4 << 20))
+        pair.clock.now += 0.01
+        pair.pump()
+        for e in pair.take("client"):
+            if isinstance(e, DataReceived):
+                pair.client.consumed(sid, len(e.data))
+        pair.pump()
+        windows.append(pair.server.send_window(sid))
+    assert max(windows) > 64 * 1024
+    assert max(windows) <= 1 << 20
+
+
+def test_window_does_not_grow_for_a_slow_consumer() -> None:
+    cfg = MuxConfig(initial_window=64 * 1024, max_window=1 << 20, session_budget=8 << 20)
+    pair = Pair(cfg, cfg)
+    pair.handshake()
+    sid = open_pair(pair)
+    pair.client.ping()  # the receiver's own RTT estimate drives its window
+    pair.clock.now += 0.001
+    pair.pump()
+    for _ in range(20):
+        pair.server.send_data(sid, b"z" * (4 << 20))
+        pair.pump()
+        pair.clock.now += 1.0  # the consumer takes a second per window
+        for e in pair.take("client"):
+            if isinstance(e, DataReceived):
+                pair.client.consumed(sid, len(e.data))
+        pair.pump()
+        assert pair.server.send_window(sid) <= 64 * 1024
+
+
+def test_session_budget_caps_the_sum_of_windows() -> None:
+    budget = 512 * 1024
+    cfg = MuxConfig(initial_window=256 * 1024, max_window=1 << 20, session_budget=budget, max_streams=64)
+    pair = Pair(cfg, cfg)
+    pair.handshake()
+    sids = [open_pair(pair) for _ in range(8)]
+    for sid in sids:
+        pair.server.send_data(sid, b"q" * (1 << 20))
+    pair.pump()
+    stats = pair.client.statistics()
+    assert stats.granted <= budget + 8 * MIN_WINDOW
+    assert stats.buffered <= stats.granted
+    pair.client.check_invariants()
+
+
+def test_ping_measures_rtt_with_the_injected_clock() -> None:
+    pair = Pair()
+    pair.handshake()
+    pair.take("server")
+    payload = pair.server.ping()
+    pair.deliver("server")
+    pair.clock.now += 0.25
+    pair.deliver("client")
+    (pong,) = pair.take("server")
+    assert pong == PongReceived(payload, 0.25)
+    assert pair.server.srtt == 0.25
+
+
+def test_ping_flood_is_refused() -> None:
+    pair = Pair()
+    pair.handshake()
+    flood = b"".join(frame(FrameType.PING, 0, i.to_bytes(8, "big")) for i in range(100))
+    with pytest.raises(RemoteProtocolError) as info:
+        pair.server.receive_data(flood)
+    assert info.value.code == ErrorCode.ENHANCE_YOUR_CALM
+
+
+def test_goaway_drains_existing_streams_and_refuses_new() -> None:
+    pair = Pair()
+    pair.handshake()
+    sid = open_pair(pair)
+    pair.client.goaway(ErrorCode.NO_ERROR, "edge shutting down")
+    pair.pump()
+    gone = [e for e in pair.take("server") if isinstance(e, GoAwayReceived)]
+    assert gone == [GoAwayReceived(sid, ErrorCode.NO_ERROR, "edge shutting down")]
+    assert pair.server.peer_going_away
+    with pytest.raises(LocalProtocolError):
+        pair.server.open_stream(TARGET)
+    # the open stream still works
+    pair.server.send_data(sid, b"still here", end_stream=True)
+    pair.pump()
+    assert DataReceived(sid, b"still here", True) in pair.take("client")
+
+
+def test_goaway_resets_our_unprocessed_streams() -> None:
+    pair = Pair()
+    pair.handshake()
+    pair.take("client")
+    sid = pair.server.open_stream(TARGET)
+    pair.client.goaway()  # crosses the OPEN: the client had seen no stream
+    pair.deliver("client")
+    assert StreamReset(sid, ErrorCode.GOING_AWAY, "peer is going away") in pair.take("server")
+    pair.deliver("server")  # the OPEN arrives after the client's GOAWAY: refused
+    pair.deliver("client")
+    assert pair.take("client") == []
+
+
+def test_peer_stream_limit_refuses_extra_opens() -> None:
+    pair = Pair(MuxConfig(max_streams=2), MuxConfig())
+    pair.handshake()
+    open_pair(pair)
+    open_pair(pair)
+    with pytest.raises(LocalProtocolError) as info:
+        pair.server.open_stream(TARGET)
+    assert info.value.code == ErrorCode.STREAM_LIMIT
+
+
+def test_stream_limit_enforced_on_a_peer_that_ignores_it() -> None:
+    pair = Pair(MuxConfig(max_streams=1), MuxConfig())
+    pair.handshake()
+    open_pair(pair)
+    pair.client.receive_data(frame(FrameType.OPEN, 4, (65536).to_bytes(4, "big") + b"x:1"))
+    out = bytes(pair.client.data_to_send())
+    assert out[3] == FrameType.OPEN_RESULT and out[9:13] == ErrorCode.STREAM_LIMIT.to_bytes(4, "big")
+
+
+def test_frame_length_checked_from_the_header_alone() -> None:
+    pair = Pair()
+    pair.handshake()
+    header = pack_header((1 << 24) - 1, FrameType.DATA, 0, 2)
+    with pytest.raises(RemoteProtocolError) as info:
+        pair.client.receive_data(header)  # no body needed to refuse it
+    assert info.value.code == ErrorCode.FRAME_SIZE_ERROR
+    assert pair.client.closed
+
+
+def test_data_beyond_credit_is_a_flow_control_error() -> None:
+    cfg = MuxConfig(initial_window=16 * 1024, max_window=16 * 1024, session_budget=1 << 20)
+    pair = Pair(cfg, cfg)
+    pair.handshake()
+    sid = open_pair(pair)
+    raw = frame(FrameType.DATA, sid, b"a" * (16 * 1024)) + frame(FrameType.DATA, sid, b"b")
+    with pytest.raises(RemoteProtocolError) as info:
+        pair.client.receive_data(raw)
+    assert info.value.code == ErrorCode.FLOW_CONTROL_ERROR
+
+
+def test_unknown_frame_types_are_skipped() -> None:
+    pair = Pair()
+    pair.handshake()
+    payload = pair.server.ping()
+    raw = frame(0x42, 0, b"from the future") + bytes(pair.server.data_to_send())
+    pair.client.receive_data(raw)
+    pair.server.receive_data(bytes(pair.client.data_to_send()))
+
+
+def test_eof_terminates_and_forgets_streams() -> None:
+    pair = Pair()
+    pair.handshake()
+    open_pair(pair)
+    got = pair.server.receive_data(b"")
+    assert isinstance(got[0], ConnectionTerminated)
+    assert pair.server.open_streams() == 0 and pair.server.closed
+
+
+def test_target_too_long_is_refused_locally() -> None:
+    pair = Pair()
+    pair.handshake()
+    with pytest.raises(LocalProtocolError):
+        pair.server.open_stream("a" * 10_000)
+
+
+def test_frames_split_at_every_byte_boundary() -> None:
+    pair = Pair()
+    pair.handshake()
+    sid = open_pair(pair)
+    pair.server.send_data(sid, b"0123456789" * 10, end_stream=True)
+    pair.server.ping()
+    raw = bytes(pair.server.data_to_send())
+    got = []
+    for i in range(len(raw)):
+        got += pair.client.receive_data(raw[i : i + 1])
+    data = b"".join(e.data for e in got if isinstance(e, DataReceived))
+    assert data == b"0123456789" * 10
