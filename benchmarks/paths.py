@@ -88,12 +88,15 @@ class SshR(Path_):
 
     name = "ssh -R"
 
-    def __init__(self, cleanup: Cleanup, targets: Targets, cipher: str | None) -> None:
+    def __init__(
+        self, cleanup: Cleanup, targets: Targets, cipher: str | None, interactive: bool = False
+    ) -> None:
         if not os.access(SSHD, os.X_OK):
             raise PathUnavailable(f"{SSHD} not found (apt-get install openssh-server)")
         self.cleanup = cleanup
         self.targets = targets
         self.cipher = cipher
+        self.interactive = interactive
         d = self.dir = cleanup.tempdir("sshd")
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         for key in ("host_key", "user_key"):
@@ -133,6 +136,7 @@ class SshR(Path_):
             "the client connects to the forwarded ports on the sshd side",
             "ssh_version": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
             "cipher_requested": cipher or "default",
+            "client_mode": "ssh -tt ... sleep (interactive: TCP_NODELAY)" if interactive else "ssh -N",
         }
         self.info.update(self._probe_cipher())
         self.rports = {k: free_port() for k in KINDS}
@@ -178,11 +182,17 @@ class SshR(Path_):
         return out
 
     def _ssh_forward(self, name: str, port: int, forwards: list[str]) -> subprocess.Popen[bytes]:
-        argv = self._ssh_base(port) + ["-N", "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR"]
+        argv = self._ssh_base(port) + ["-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR"]
         for fw in forwards:
             argv += ["-R", fw]
+        if self.interactive:
+            # A TTY session makes ssh and sshd set TCP_NODELAY on the transport; the remote
+            # sleep bounds its life even if the harness were killed with SIGKILL.
+            argv += ["-tt", "root@127.0.0.1", "sleep", "86400"]
+        else:
+            argv += ["-N", "root@127.0.0.1"]
         log = self.dir / f"{name}.log"
-        proc = self.cleanup.spawn(name, argv + ["root@127.0.0.1"], log)
+        proc = self.cleanup.spawn(name, argv, log)
         for fw in forwards:
             rport = int(fw.split(":")[1])
             if not wait_port(rport, 20.0, proc):

@@ -132,7 +132,7 @@ class Bench:
         targets = Targets(self.cleanup)
         self.paths.append(Direct(self.cleanup, targets))
         for name, make in (
-            ("ssh -R", lambda: SshR(self.cleanup, targets, self.args.ssh_cipher)),
+            ("ssh -R", lambda: SshR(self.cleanup, targets, self.args.ssh_cipher, self.args.ssh_interactive)),
             ("ours", lambda: Ours(self.cleanup, targets)),
         ):
             self.log(f"starting path {name}")
@@ -361,7 +361,8 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     ssh = res["paths"].get("ssh -R")
     if ssh:
-        lines.append(f"ssh -R: {ssh.get('ssh_version', '?')}; cipher {ssh.get('cipher_negotiated', '?')} "
+        lines.append(f"ssh -R: {ssh.get('ssh_version', '?')}; client `{ssh.get('client_mode')}`; "
+                     f"cipher {ssh.get('cipher_negotiated', '?')} "
                      f"(requested: {ssh.get('cipher_requested')}), kex {ssh.get('kex', '?')}.")
         lines.append("")
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -417,6 +418,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", default="benchmarks/results/latest.json", help="raw results (JSON)")
     ap.add_argument("--markdown", default="benchmarks/results/latest.md", help="table (markdown)")
     ap.add_argument("--ssh-cipher", default=None, help="e.g. aes128-gcm@openssh.com (default: negotiated)")
+    ap.add_argument(
+        "--ssh-interactive", action="store_true",
+        help="run the ssh -R client with a TTY session (ssh -tt ... sleep) instead of -N; "
+        "OpenSSH then sets TCP_NODELAY on its connection",
+    )
     args = ap.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 5
