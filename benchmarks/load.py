@@ -32,7 +32,7 @@ from typing import Any
 BUF = 256 * 1024
 COUNT = struct.Struct("!Q")
 PING = b"p" * 64
-TIMEOUT = 120.0
+TIMEOUT = 60.0  # per blocking socket operation: a stalled path fails, it does not hang
 
 
 class ProxyError(Exception):

@@ -282,6 +282,9 @@ class Ours(Path_):
                     "services": {
                         f"{SVC}:{SVC_PORTS[k]}": f"127.0.0.1:{self.targets.ports[k]}" for k in kinds
                     },
+                    # The edge has its own admin listener (default 127.0.0.1:9091); two edges run
+                    # at once here (main and WAN), so give each a free port.
+                    "admin": {"listen": f"127.0.0.1:{free_port()}"},
                 },
                 indent=2,
             )

@@ -59,7 +59,7 @@ def parse_result(out: str, err: str, rc: int) -> dict[str, Any]:
     return {"error": f"client failed: {last}"}
 
 
-def run_client(mode: str, ep: dict[str, Any], *extra: str, timeout: float = 300.0) -> dict[str, Any]:
+def run_client(mode: str, ep: dict[str, Any], *extra: str, timeout: float = 180.0) -> dict[str, Any]:
     try:
         r = subprocess.run(
             client_argv(mode, ep, *extra), capture_output=True, text=True, timeout=timeout, cwd=REPO,
@@ -118,6 +118,7 @@ class Bench:
         self.cost_acc: dict[str, list[dict[str, float]]] = {}
         self.wan_eps: dict[str, dict[str, Any]] = {}
         self.rss: dict[str, float] = {}
+        self.broken: set[tuple[str, str]] = set()
 
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -126,6 +127,16 @@ class Bench:
         self.samples.setdefault(axis, {}).setdefault(path, []).append(res)
         if "error" in res:
             self.log(f"  {axis:<10} {path:<7} ERROR {res['error']}")
+            if "timed out" in res["error"]:
+                # A stalled path would stall every later round too: stop measuring it on this axis.
+                self.broken.add((axis, path))
+
+    def skip(self, axis: str, path: str) -> bool:
+        if (axis, path) in self.broken:
+            self.samples.setdefault(axis, {}).setdefault(path, []).append(
+                {"error": "not measured: timed out in an earlier round"})
+            return True
+        return False
 
     def setup_paths(self) -> None:
         self.log("starting targets (sink, source, echo)")
@@ -167,6 +178,8 @@ class Bench:
         if "throughput" in want or "cost" in want:
             for direction in ("upload", "download"):
                 for pth in order:
+                    if self.skip(direction, pth.name):
+                        continue
                     kind = "sink" if direction == "upload" else "source"
                     cpu0 = cpu_seconds(pth.cost_roots) if pth.cost_roots else 0.0
                     res = run_client(direction, pth.endpoints[kind], "--bytes", str(p["tput_bytes"]))
@@ -177,26 +190,34 @@ class Bench:
                     self.record(direction, pth.name, res)
         if "rtt" in want:
             for pth in order:
+                if self.skip("rtt", pth.name):
+                    continue
                 self.record("rtt", pth.name, run_client(
                     "rtt", pth.endpoints["echo"], "--count", str(p["rtt_count"]),
                     "--warmup", str(p["rtt_warmup"]), "--raw"))
         if "setup" in want:
             for pth in order:
+                if self.skip("setup", pth.name):
+                    continue
                 self.record("setup", pth.name, run_client(
                     "setup", pth.endpoints["echo"], "--count", str(p["setup_count"])))
         if "parallel" in want:
             for pth in order:
+                if self.skip("parallel", pth.name):
+                    continue
                 self.record("parallel", pth.name, run_client(
                     "parallel", pth.endpoints["sink"], "--streams", str(p["parallel_streams"]),
                     "--bytes", str(p["parallel_bytes"])))
         if "fairness" in want:
             for pth in order:
+                if self.skip("fairness", pth.name):
+                    continue
                 self.record("fairness", pth.name, fairness_once(
                     pth.endpoints["echo"], pth.endpoints["source"], p["fair_count"]))
         if "wan" in want:
             for pth in order:
                 ep = self.wan_eps.get(pth.name)
-                if ep is not None:
+                if ep is not None and not self.skip("wan", pth.name):
                     self.record("wan", pth.name, run_client("download", ep, "--bytes", str(p["wan_bytes"])))
 
     def round_summary(self, rnd: int) -> None:
@@ -211,7 +232,7 @@ class Bench:
             vals = []
             for name in PATH_NAMES:
                 runs = per.get(name) or []
-                if len(runs) > rnd - 1 >= 0 or runs:
+                if runs:
                     last = runs[-1]
                     vals.append(f"{name}={fmt.format(last[key])}" if key in last else f"{name}=ERR")
             if vals:
