@@ -212,8 +212,7 @@ SVC = f"{UNIT}-svc-kins.kins-system"
 SVC_PORTS = {"sink": 9001, "source": 9002, "echo": 9003}
 
 
-def kins(*args: str) -> list[str]:
-    return [sys.executable, "-m", "kins_tunnel", *args]
+DEFAULT_KINS_CMD = [sys.executable, "-m", "kins_tunnel"]
 
 
 class Ours(Path_):
@@ -221,13 +220,18 @@ class Ours(Path_):
 
     name = "ours"
 
-    def __init__(self, cleanup: Cleanup, targets: Targets) -> None:
+    def __init__(self, cleanup: Cleanup, targets: Targets, cmd: list[str] | None = None) -> None:
         self.cleanup = cleanup
         self.targets = targets
-        r = subprocess.run(kins("--help"), capture_output=True, text=True, timeout=30)
+        self.cmd = cmd or DEFAULT_KINS_CMD
+        kins = self.kins
+        try:
+            r = subprocess.run(kins("--help"), capture_output=True, text=True, timeout=30)
+        except OSError as exc:
+            raise PathUnavailable(f"cannot run {' '.join(self.cmd)}: {exc}") from exc
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            raise PathUnavailable(f"`python -m kins_tunnel --help` failed ({last})")
+            raise PathUnavailable(f"`{' '.join(kins('--help'))}` failed ({last})")
         d = self.dir = cleanup.tempdir("ours")
         self.certs = d / "certs"
         for argv in (
@@ -246,7 +250,11 @@ class Ours(Path_):
         self.info = {
             "description": "kins-tunnel cloud + edge (one mutual-TLS connection); "
             "client sends CONNECT to the cloud's proxy port",
+            "command": " ".join(self.cmd),
         }
+
+    def kins(self, *args: str) -> list[str]:
+        return [*self.cmd, *args]
 
     def _start_cloud(self, name: str) -> tuple[subprocess.Popen[bytes], int, int, int]:
         tunnel_port, proxy_port, admin_port = free_port(), free_port(), free_port()
@@ -264,7 +272,7 @@ class Ours(Path_):
             )
             + "\n"  # JSON is YAML
         )
-        proc = self.cleanup.spawn(name, kins("cloud", "--config", str(cfg)), self.dir / f"{name}.log")
+        proc = self.cleanup.spawn(name, self.kins("cloud", "--config", str(cfg)), self.dir / f"{name}.log")
         return proc, proxy_port, admin_port, tunnel_port
 
     def _start_edge(self, name: str, cloud_port: int, kinds: tuple[str, ...]) -> subprocess.Popen[bytes]:
@@ -290,7 +298,7 @@ class Ours(Path_):
             )
             + "\n"
         )
-        return self.cleanup.spawn(name, kins("edge", "--config", str(cfg)), self.dir / f"{name}.log")
+        return self.cleanup.spawn(name, self.kins("edge", "--config", str(cfg)), self.dir / f"{name}.log")
 
     def _wait_ready(
         self,

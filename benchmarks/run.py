@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import signal
 import ssl
 import statistics
@@ -144,7 +145,7 @@ class Bench:
         self.paths.append(Direct(self.cleanup, targets))
         for name, make in (
             ("ssh -R", lambda: SshR(self.cleanup, targets, self.args.ssh_cipher, self.args.ssh_interactive)),
-            ("ours", lambda: Ours(self.cleanup, targets)),
+            ("ours", lambda: Ours(self.cleanup, targets, shlex.split(self.args.kins_cmd) or None)),
         ):
             self.log(f"starting path {name}")
             try:
@@ -439,6 +440,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", default="benchmarks/results/latest.json", help="raw results (JSON)")
     ap.add_argument("--markdown", default="benchmarks/results/latest.md", help="table (markdown)")
     ap.add_argument("--ssh-cipher", default=None, help="e.g. aes128-gcm@openssh.com (default: negotiated)")
+    ap.add_argument(
+        "--kins-cmd", default="",
+        help="command that runs the tunnel CLI (default: this Python's -m kins_tunnel), "
+        "e.g. 'kins-tunnel' for the installed console script",
+    )
     ap.add_argument(
         "--ssh-interactive", action="store_true",
         help="run the ssh -R client with a TTY session (ssh -tt ... sleep) instead of -N; "
