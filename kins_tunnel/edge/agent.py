@@ -1,0 +1,175 @@
+"""tunnel-edge: keep a tunnel to every cloud replica, forever, and serve the cloud's opens.
+
+Theory of operation
+-------------------
+Each entry of `cloud:` is a `host:port`; the host may be a DNS name that resolves to several
+addresses (a headless Service: one address per replica). Every `resolve_interval` the names are
+resolved again; a *keeper* task runs per resolved address (new addresses get a keeper, vanished ones
+have theirs cancelled). TLS always verifies the configured name, whatever address it reached.
+
+A keeper connects, runs the session until it ends, and reconnects with full-jitter exponential
+backoff (`sleep = uniform(0, min(max, initial * multiplier**attempt))`): the first retries are
+fast, a fleet restarted at once spreads out instead of stampeding, and the cap keeps an absent
+cloud cheap. A tunnel that stayed up `stable_after` seconds resets the backoff. Nothing here ever
+exits because the cloud is away.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import random
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from kins_tunnel import __version__
+from kins_tunnel.admin import serve_admin, text
+from kins_tunnel.certs import EdgeIdentity, client_ssl_context, identity_from_der
+from kins_tunnel.config import Address, EdgeConfig
+from kins_tunnel.edge.forwarder import Forwarder
+from kins_tunnel.errors import UserError
+from kins_tunnel.metrics import Metrics
+from kins_tunnel.mux_config import mux_config
+from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
+from kins_tunnel.transport.session import Session
+from kins_tunnel.transport.tls import TransportError, connect_tls
+
+log = logging.getLogger("kins_tunnel.edge")
+
+
+@dataclass(frozen=True)
+class EdgePorts:
+    admin: int | None
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float, multiplier: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff for the `attempt`-th consecutive failure (0-based)."""
+    ceiling = min(maximum, initial * (multiplier ** min(attempt, 64)))
+    return rng.uniform(0, ceiling)
+
+
+def own_identity(cert_path: str) -> EdgeIdentity:
+    try:
+        cert = x509.load_pem_x509_certificate(open(cert_path, "rb").read())
+        return identity_from_der(cert.public_bytes(Encoding.DER))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"tls.cert: {cert_path}: not an edge certificate ({exc})") from exc
+
+
+class Edge:
+    def __init__(self, cfg: EdgeConfig, *, rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.identity = own_identity(str(cfg.tls.cert))
+        self.context = client_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+        self.sessions: dict[str, Session] = {}  # "address" -> live session
+        self.metrics = Metrics("edge", self._snapshot)
+        self.forwarder = Forwarder(cfg.services, cfg.dial_timeout, self.metrics)
+        self._rng = rng or random.Random()
+        self._keepers: dict[tuple[str, str, int], trio.CancelScope] = {}
+        self.draining = False
+        self.connects = 0  # successful tunnel set-ups, for tests and status
+
+    def _snapshot(self) -> Iterator[tuple[dict[str, str], Session]]:
+        for addr, s in list(self.sessions.items()):
+            yield {"unit": self.identity.unit, "node": self.identity.node, "peer": addr}, s
+
+    @property
+    def ready(self) -> bool:
+        return any(s.usable for s in self.sessions.values())
+
+    def status(self) -> tuple[int, str, bytes]:
+        now = trio.current_time()
+        tunnels = [{"cloud": a, "uptime": round(now - s.started_at, 1),
+                    "rtt_ms": None if s.rtt is None else round(s.rtt * 1000, 3),
+                    "streams": s.statistics().streams} for a, s in self.sessions.items()]
+        doc = {"unit": self.identity.unit, "node": self.identity.node, "tunnels": tunnels}
+        return 200, "application/json", json.dumps(doc, indent=1).encode()
+
+    async def run(self, *, task_status: trio.TaskStatus[EdgePorts] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            admin_port = None
+            if self.cfg.admin is not None:
+                routes = {"/healthz": lambda: text(200, "ok\n"),
+                          "/readyz": lambda: text(200, "ready\n") if self.ready else text(503, "no tunnel\n"),
+                          "/metrics": self.metrics.render, "/status": self.status}
+                admin_port = await nursery.start(serve_admin, self.cfg.admin.listen, routes)
+            log.info("tunnel-edge up", extra={"unit": self.identity.unit, "node": self.identity.node,
+                                              "services": ",".join(self.cfg.services)})
+            task_status.started(EdgePorts(admin_port))
+            for entry in self.cfg.cloud:
+                nursery.start_soon(self._resolver, entry, nursery)
+
+    async def _resolver(self, entry: str, nursery: trio.Nursery) -> None:
+        addr = Address.parse(entry, min_port=1)
+        while True:
+            try:
+                infos = await trio.socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
+                ips = sorted({info[4][0] for info in infos})
+            except OSError as exc:
+                log.warning("cannot resolve cloud address", extra={"cloud": entry, "reason": str(exc)})
+                ips = []
+            wanted = {(entry, ip, addr.port) for ip in ips}
+            for key in [k for k in self._keepers if k[0] == entry and k not in wanted]:
+                log.info("cloud replica address vanished", extra={"cloud": entry, "address": key[1]})
+                self._keepers.pop(key).cancel()
+            for key in sorted(wanted - set(self._keepers)):
+                scope = trio.CancelScope()
+                self._keepers[key] = scope
+                nursery.start_soon(self._keeper, key, addr.host, scope)
+            await trio.sleep(self.cfg.resolve_interval if ips else min(self.cfg.resolve_interval, 5.0))
+
+    async def _keeper(self, key: tuple[str, str, int], server_name: str, scope: trio.CancelScope) -> None:
+        _entry, ip, port = key
+        label = f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}"
+        b = self.cfg.reconnect
+        attempt = 0
+        with scope:
+            while not self.draining:
+                started = trio.current_time()
+                try:
+                    await self._one_tunnel(label, ip, port, server_name)
+                except (TransportError, RemoteProtocolError, trio.TooSlowError, OSError) as exc:
+                    log.warning("tunnel to cloud failed", extra={"cloud": label, "reason": str(exc) or "timeout"})
+                if self.draining:
+                    return
+                attempt = 0 if trio.current_time() - started >= b.stable_after else attempt + 1
+                delay = backoff_delay(attempt, b.initial, b.max, b.multiplier, self._rng)
+                log.info("reconnecting", extra={"cloud": label, "in_seconds": round(delay, 2)})
+                await trio.sleep(delay)
+
+    async def _one_tunnel(self, label: str, ip: str, port: int, server_name: str) -> None:
+        cfg = self.cfg
+        with trio.fail_after(cfg.handshake_timeout):
+            tls = await connect_tls(ip, port, self.context, server_hostname=server_name)
+        hello = Hello(names=tuple(cfg.services), agent=f"kins-tunnel-edge/{__version__}")
+        conn = Connection(Role.CLIENT, hello, mux_config(cfg.mux))
+        session = Session(tls, conn, on_open=self.forwarder.on_open, ping_interval=cfg.ping_interval,
+                          ping_timeout=cfg.ping_timeout, label=f"cloud {label}")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(session.serve, handshake_timeout=cfg.handshake_timeout))
+            self.sessions[label] = session
+            self.connects += 1
+            log.info("tunnel up", extra={"cloud": label, "unit": self.identity.unit, "node": self.identity.node})
+            try:
+                await session.closed.wait()
+            finally:
+                if self.sessions.get(label) is session:
+                    del self.sessions[label]
+                log.info("tunnel down", extra={"cloud": label, "reason": session.close_reason})
+
+    async def drain(self) -> None:
+        """GOAWAY on every tunnel, let streams finish (up to drain_timeout), then close."""
+        self.draining = True
+        for s in self.sessions.values():
+            s.goaway("tunnel-edge shutting down")
+        with trio.move_on_after(self.cfg.drain_timeout):
+            while any(s.statistics().streams for s in self.sessions.values()):
+                await trio.sleep(0.1)
+        for s in list(self.sessions.values()):
+            s.close("tunnel-edge shut down")

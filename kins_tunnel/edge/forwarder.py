@@ -1,0 +1,107 @@
+"""The edge's forwarder: answer the cloud's opens by dialling only what `services` allows.
+
+A name not in `services` is refused with NOT_ALLOWED before any socket is touched. A service may
+list several addresses (e.g. the three K3s servers of an L5 unit): they are tried in turn, the
+last one that worked first, within one overall `dial_timeout`. Failures map to wire codes the
+cloud turns into HTTP answers: refused → REFUSED (502), no route/DNS → UNREACHABLE (502), no answer
+in time → TIMEOUT (504).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Mapping
+
+import trio
+
+from kins_tunnel.config import Address, normalise_target
+from kins_tunnel.metrics import Metrics
+from kins_tunnel.proto import ErrorCode, LocalProtocolError
+from kins_tunnel.transport.relay import relay
+from kins_tunnel.transport.session import Session
+
+log = logging.getLogger("kins_tunnel.edge.forwarder")
+
+
+class DialFailed(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _code_for(exc: OSError) -> ErrorCode:
+    if isinstance(exc, ConnectionRefusedError):
+        return ErrorCode.REFUSED
+    if isinstance(exc, socket.gaierror) or exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return ErrorCode.UNREACHABLE
+    return ErrorCode.UNREACHABLE
+
+
+class Forwarder:
+    def __init__(self, services: Mapping[str, tuple[Address, ...]], dial_timeout: float, metrics: Metrics) -> None:
+        self.services = services
+        self.dial_timeout = dial_timeout
+        self.metrics = metrics
+        self._preferred: dict[str, int] = {}  # service -> index of the address that last worked
+
+    def on_open(self, session: Session, stream_id: int, target: str) -> None:
+        """Session callback for a StreamOpened: refuse at once or start dialling."""
+        try:
+            name = normalise_target(target)
+        except ValueError:
+            name = ""
+        addrs = self.services.get(name) if name else None
+        if not addrs:
+            self.metrics.dial_failures.labels("not_allowed").inc()
+            log.warning("open refused: not in services", extra={"target": target, "stream": stream_id})
+            session.reject(stream_id, ErrorCode.NOT_ALLOWED, f"{target} is not in this edge's services")
+            return
+        session.start_soon(self._dial_and_relay, session, stream_id, name, addrs)
+
+    async def dial(self, name: str, addrs: tuple[Address, ...]) -> trio.SocketStream:
+        """Connect to the first address of `name` that answers, within `dial_timeout` in all."""
+        start = self._preferred.get(name, 0)
+        order = [addrs[(start + i) % len(addrs)] for i in range(len(addrs))]
+        deadline = trio.current_time() + self.dial_timeout
+        last: DialFailed | None = None
+        for i, addr in enumerate(order):
+            left = deadline - trio.current_time()
+            if left <= 0:
+                break
+            share = left / (len(order) - i)  # leave time for the others
+            with trio.move_on_after(share):
+                try:
+                    tcp = await trio.open_tcp_stream(addr.host, addr.port)
+                except OSError as exc:
+                    last = DialFailed(_code_for(exc), f"{addr}: {exc.strerror or exc}")
+                    continue
+                try:
+                    tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                except OSError:
+                    pass
+                self._preferred[name] = addrs.index(addr)
+                return tcp
+            last = DialFailed(ErrorCode.TIMEOUT, f"{addr}: no answer within {share:.3g}s")
+        raise last or DialFailed(ErrorCode.TIMEOUT, f"no answer within {self.dial_timeout:g}s")
+
+    async def _dial_and_relay(self, session: Session, stream_id: int, name: str, addrs: tuple[Address, ...]) -> None:
+        try:
+            tcp = await self.dial(name, addrs)
+        except DialFailed as exc:
+            self.metrics.dial_failures.labels(exc.code.name.lower()).inc()
+            log.warning("dial failed", extra={"target": name, "stream": stream_id, "outcome": str(exc)})
+            session.reject(stream_id, exc.code, str(exc))
+            return
+        try:
+            stream = session.accept(stream_id)
+        except LocalProtocolError:  # the cloud gave up on this stream meanwhile
+            await trio.aclose_forcefully(tcp)
+            return
+        self.metrics.streams.inc()
+        result = await relay(stream, tcp)
+        self.metrics.relay_bytes.labels("to_target").inc(result.a_to_b)
+        self.metrics.relay_bytes.labels("from_target").inc(result.b_to_a)
+        log.debug("stream done", extra={"target": name, "stream": stream_id, "outcome": result.error or "closed"})

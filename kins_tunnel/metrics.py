@@ -1,0 +1,77 @@
+"""Prometheus metrics (prometheus-client), one registry per process role.
+
+Counters and histograms are updated where things happen; gauges that describe live state (edges
+per unit, open streams, bytes per tunnel, RTT) are computed at scrape time from the objects that
+own that state, through a custom collector, so they can never drift from the truth.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as _Tally
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kins_tunnel.transport.session import Session
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _LiveCollector(Collector):
+    def __init__(self, snapshot: Callable[[], Iterable[tuple[dict[str, str], Session]]], role: str) -> None:
+        self._snapshot = snapshot
+        self._role = role
+
+    def collect(self) -> Iterator[Metric]:
+        tunnels = list(self._snapshot())
+        units: _Tally[str] = _Tally()
+        streams = GaugeMetricFamily("kins_tunnel_streams_open", "Streams open now, per tunnel",
+                                    labels=["unit", "node", "peer"])
+        sent = CounterMetricFamily("kins_tunnel_tunnel_bytes_sent", "Payload bytes sent into the tunnel",
+                                   labels=["unit", "node", "peer"])
+        received = CounterMetricFamily("kins_tunnel_tunnel_bytes_received", "Payload bytes received from the tunnel",
+                                       labels=["unit", "node", "peer"])
+        rtt = GaugeMetricFamily("kins_tunnel_tunnel_rtt_seconds", "Last measured tunnel round trip",
+                                labels=["unit", "node", "peer"])
+        for labels, session in tunnels:
+            units[labels["unit"]] += 1
+            key = [labels["unit"], labels["node"], labels["peer"]]
+            st = session.statistics()
+            streams.add_metric(key, st.streams)
+            sent.add_metric(key, st.bytes_sent)
+            received.add_metric(key, st.bytes_received)
+            if st.rtt is not None:
+                rtt.add_metric(key, st.rtt)
+        total = GaugeMetricFamily("kins_tunnel_tunnels", "Tunnels up now", labels=["role"])
+        total.add_metric([self._role], len(tunnels))
+        per_unit = GaugeMetricFamily("kins_tunnel_edges_connected", "Tunnels up now, per NodeUnit", labels=["unit"])
+        for unit, n in sorted(units.items()):
+            per_unit.add_metric([unit], n)
+        yield from (total, per_unit, streams, sent, received, rtt)
+
+
+class Metrics:
+    """The metrics of one process (cloud or edge)."""
+
+    def __init__(self, role: str, snapshot: Callable[[], Iterable[tuple[dict[str, str], Session]]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connect_answers = Counter("kins_tunnel_connect_answers", "CONNECT answers by HTTP status",
+                                       ["status"], registry=r)
+        self.streams = Counter("kins_tunnel_streams", "Streams opened through the tunnel", registry=r)
+        self.dial_failures = Counter("kins_tunnel_dial_failures", "Failed opens/dials by reason",
+                                     ["reason"], registry=r)
+        self.dial_seconds = Histogram("kins_tunnel_dial_seconds", "Time to open a stream end to end",
+                                      registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.handshake_failures = Counter("kins_tunnel_handshake_failures", "Tunnel handshakes that failed, by reason",
+                                          ["reason"], registry=r)
+        self.relay_bytes = Counter("kins_tunnel_relay_bytes", "Bytes relayed by direction",
+                                   ["direction"], registry=r)
+        self.flow_stalls = Counter("kins_tunnel_flow_control_stalls",
+                                   "Times a sender waited for credit or socket space", registry=r)
+        r.register(_LiveCollector(snapshot, role))
+
+    def render(self) -> tuple[int, str, bytes]:
+        return 200, CONTENT_TYPE, generate_latest(self.registry)

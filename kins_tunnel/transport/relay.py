@@ -1,0 +1,89 @@
+"""Pump bytes between two half-closeable streams until both directions are done.
+
+Each direction runs in its own task: read from one side, write to the other; at EOF, half-close
+the other side (`send_eof`) and stop. The relay ends when both directions ended cleanly, or as soon
+as either fails (reset, broken socket), in which case the other direction is cancelled. Both
+streams are closed on the way out, whatever happened. Returns the bytes moved each way.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+import trio
+
+from kins_tunnel.proto import ErrorCode
+
+RELAY_CHUNK = 256 * 1024
+
+
+@dataclass(slots=True)
+class RelayResult:
+    a_to_b: int = 0
+    b_to_a: int = 0
+    error: str | None = None
+
+
+async def _pump(src: trio.abc.Stream, dst: trio.abc.HalfCloseableStream | trio.abc.Stream,
+                result: RelayResult, forward: bool) -> None:
+    total = 0
+    try:
+        while True:
+            data = await src.receive_some(RELAY_CHUNK)
+            if not data:
+                break
+            await dst.send_all(data)
+            total += len(data)
+    finally:
+        if forward:
+            result.a_to_b += total
+        else:
+            result.b_to_a += total
+    if isinstance(dst, trio.abc.HalfCloseableStream):
+        await dst.send_eof()
+
+
+async def relay(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream) -> RelayResult:
+    """Copy a→b and b→a with half-close; close both at the end. Never raises for I/O errors."""
+    result = RelayResult()
+
+    async def run(src: trio.abc.Stream, dst: trio.abc.HalfCloseableStream, forward: bool,
+                  cancel: trio.CancelScope) -> None:
+        try:
+            await _pump(src, dst, result, forward)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if result.error is None:
+                result.error = str(exc) or type(exc).__name__
+            cancel.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, a, b, True, nursery.cancel_scope)
+            nursery.start_soon(run, b, a, False, nursery.cancel_scope)
+    finally:
+        with trio.CancelScope(shield=True):
+            for stream in (a, b):
+                if result.error is not None:
+                    abort(stream)
+                await _aclose_quietly(stream)
+    return result
+
+
+def abort(stream: trio.abc.AsyncResource) -> None:
+    """Make the coming close an abort: RST for a TCP socket, RESET for a tunnel stream."""
+    if isinstance(stream, trio.SocketStream):
+        try:
+            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    elif hasattr(stream, "abort"):
+        stream.abort(ErrorCode.CONNECT_ERROR, "the other side of the relay failed")
+
+
+async def _aclose_quietly(stream: trio.abc.AsyncResource) -> None:
+    try:
+        await stream.aclose()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass

@@ -1,0 +1,504 @@
+"""One tunnel session: a `proto.Connection` driven over a `TLSSocket`, streams as trio streams.
+
+Theory of operation
+-------------------
+- **One reader task** decrypts up to a megabyte per wake-up, feeds it to the protocol core and
+  dispatches the events. It never waits on any stream: received data goes into the stream's
+  queue, which flow control bounds to the window we granted; waiting tasks are woken.
+- **Writes are serialised** without a lock: whoever produces protocol output calls `_kick()`,
+  which writes at once if the socket takes it (no task switch on the latency path) and otherwise
+  leaves the rest to the writer task. OpenSSL wants an unfinished chunk offered again as it was,
+  so the writer keeps it in `_chunk` until it goes out. Senders wait while more than
+  `OUTPUT_HIGH_WATER` bytes are queued: TCP's back-pressure reaches them, memory stays bounded.
+- **Liveness**: a ping every `ping_interval`; when nothing at all has arrived for `ping_timeout`
+  the session is dead and every stream on it breaks at once.
+- **Streams** (`TunnelStream`) are `trio.abc.HalfCloseableStream`s: `send_eof` sends FIN,
+  `receive_some` returns b"" after the peer's FIN, and a RESET surfaces as `BrokenResourceError`.
+  Credit goes back to the peer when `receive_some` hands bytes to the application.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from kins_tunnel.proto import (
+    Connection,
+    ConnectionTerminated,
+    DataReceived,
+    ErrorCode,
+    GoAwayReceived,
+    HandshakeComplete,
+    LocalProtocolError,
+    OpenResult,
+    PongReceived,
+    RemoteProtocolError,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from kins_tunnel.transport.tls import READ_BATCH, TLSSocket, TransportError
+
+log = logging.getLogger("kins_tunnel.session")
+
+WRITE_CHUNK = 256 * 1024
+OUTPUT_HIGH_WATER = 4 * 1024 * 1024
+
+
+class OpenError(Exception):
+    """The peer refused to open a stream (or did not answer in time). `code` is the wire code."""
+
+    def __init__(self, code: ErrorCode | int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStatistics:
+    streams: int
+    bytes_sent: int
+    bytes_received: int
+    rtt: float | None
+    buffered: int
+    output_queued: int
+
+
+class Session:
+    """A live tunnel. Run `serve()` in a nursery; it returns when the tunnel is over."""
+
+    def __init__(
+        self,
+        tls: TLSSocket,
+        conn: Connection,
+        *,
+        on_open: Callable[[Session, int, str], None] | None = None,
+        ping_interval: float = 10.0,
+        ping_timeout: float = 20.0,
+        label: str = "",
+    ) -> None:
+        self.tls = tls
+        self.conn = conn
+        self.label = label
+        self._on_open = on_open
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._streams: dict[int, TunnelStream] = {}
+        self._opening: dict[int, trio.MemorySendChannel[OpenResult]] = {}
+        self._chunk: memoryview | None = None  # chunk OpenSSL must see again
+        self._queued: collections.deque[memoryview] = collections.deque()
+        self._queued_bytes = 0
+        self._writer_wakeup = trio.Event()
+        self._writable_lot = trio.lowlevel.ParkingLot()
+        self._last_rx = trio.current_time()
+        self.handshake_done = trio.Event()
+        self.closed = trio.Event()
+        self.close_reason = ""
+        self.peer_names: tuple[str, ...] = ()
+        self.peer_agent = ""
+        self.draining = False  # the peer sent GOAWAY
+        self.rtt: float | None = None
+        self.started_at = trio.current_time()
+        self._nursery: trio.Nursery | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def serve(self, *, handshake_timeout: float = 10.0,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Exchange HELLOs (within `handshake_timeout`), then run until the tunnel ends.
+
+        `task_status.started()` is called once the handshake is complete. Raises TransportError or
+        RemoteProtocolError if the handshake fails; afterwards failures just end the session.
+        """
+        started = False
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+                self._kick()
+                with trio.move_on_after(handshake_timeout):
+                    await self.handshake_done.wait()
+                if self.handshake_done.is_set() and not self.closed.is_set():
+                    started = True
+                    task_status.started()
+                    nursery.start_soon(self._pinger)
+                    await self.closed.wait()
+                else:
+                    self._shutdown(self.close_reason or "tunnel handshake timed out")
+                nursery.cancel_scope.cancel()
+        finally:
+            self._shutdown(self.close_reason or "session ended")
+        if not started:
+            raise TransportError(self.close_reason)
+
+    def _shutdown(self, reason: str) -> None:
+        if not self.close_reason:
+            self.close_reason = reason
+        self.closed.set()
+        for stream in list(self._streams.values()):
+            stream._broken(f"tunnel closed: {self.close_reason}")
+        self._streams.clear()
+        for ch in self._opening.values():
+            ch.close()
+        self._opening.clear()
+        self._writable_lot.unpark_all()
+        self.tls.close()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def close(self, reason: str, code: ErrorCode = ErrorCode.NO_ERROR) -> None:
+        """End the session now: try to tell the peer (GOAWAY), then drop the connection."""
+        if self.closed.is_set():
+            return
+        self.conn.close(code, reason)
+        self._kick()
+        self._shutdown(reason)
+
+    def goaway(self, reason: str = "draining") -> None:
+        """Start draining: the peer may not open new streams; existing streams go on."""
+        self.conn.goaway(ErrorCode.NO_ERROR, reason)
+        self._kick()
+
+    def statistics(self) -> SessionStatistics:
+        st = self.conn.statistics()
+        return SessionStatistics(
+            streams=len(self._streams), bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
+            rtt=self.rtt, buffered=st.buffered, output_queued=self._queued_bytes,
+        )
+
+    @property
+    def usable(self) -> bool:
+        """Can carry new streams: handshake done, not closed, neither side draining."""
+        return (
+            self.handshake_done.is_set() and not self.closed.is_set() and not self.draining
+            and not self.conn.going_away
+        )
+
+    # ------------------------------------------------------------------ streams
+    async def open_stream(self, target: str, timeout: float) -> TunnelStream:
+        """Ask the peer to open a stream to `target`; OpenError on refusal or after `timeout`."""
+        if not self.usable:
+            raise OpenError(ErrorCode.GOING_AWAY, "tunnel is not available")
+        try:
+            sid = self.conn.open_stream(target)
+        except LocalProtocolError as exc:
+            raise OpenError(exc.code, str(exc)) from None
+        send, recv = trio.open_memory_channel[OpenResult](1)
+        self._opening[sid] = send
+        self._kick()
+        try:
+            with trio.move_on_after(timeout):
+                try:
+                    result = await recv.receive()
+                except trio.EndOfChannel:
+                    raise OpenError(ErrorCode.CONNECT_ERROR, f"tunnel closed: {self.close_reason}") from None
+                if not result.ok:
+                    raise OpenError(result.code, result.message or ErrorCode(result.code).name.lower())
+                stream = TunnelStream(self, sid)
+                self._streams[sid] = stream
+                return stream
+            raise OpenError(ErrorCode.TIMEOUT, f"edge did not answer within {timeout:g}s")
+        finally:
+            if self._opening.pop(sid, None) is not None and sid not in self._streams:
+                self.conn.reset_stream(sid, ErrorCode.CANCEL, "open abandoned")
+                self._kick()
+
+    def accept(self, stream_id: int) -> TunnelStream:
+        """Accept a stream the peer opened (after `on_open`), returning it."""
+        self.conn.accept_stream(stream_id)
+        stream = TunnelStream(self, stream_id)
+        self._streams[stream_id] = stream
+        self._kick()
+        return stream
+
+    def reject(self, stream_id: int, code: ErrorCode, message: str) -> None:
+        if self.closed.is_set():
+            return
+        try:
+            self.conn.reject_stream(stream_id, code, message)
+        except LocalProtocolError:
+            return  # reset or gone meanwhile
+        self._kick()
+
+    def start_soon(self, fn: Callable[..., object], *args: object) -> None:
+        """Run a task tied to this session's lifetime (e.g. an edge dial)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ reader
+    async def _reader(self) -> None:
+        buf = bytearray(READ_BATCH)
+        view = memoryview(buf)
+        tls = self.tls
+        try:
+            while True:
+                n = tls.receive_into(view)
+                if n is None:
+                    await tls.wait_readable()
+                    continue
+                self._last_rx = trio.current_time()
+                try:
+                    events = self.conn.receive_data(view[:n] if n else b"")
+                except RemoteProtocolError as exc:
+                    self._kick()
+                    self._shutdown(f"protocol error from peer: {exc}")
+                    return
+                self._dispatch(events)
+                self._kick()
+                if self.conn.closed:
+                    self._shutdown(self.close_reason or "peer closed the tunnel")
+                    return
+                await trio.lowlevel.checkpoint()
+        except TransportError as exc:
+            self._shutdown(str(exc))
+
+    def _dispatch(self, events: list[object]) -> None:
+        streams = self._streams
+        for e in events:
+            if type(e) is DataReceived:
+                s = streams.get(e.stream_id)
+                if s is not None:
+                    s._deliver(e.data, e.end_stream)
+                else:
+                    self.conn.consumed(e.stream_id, len(e.data))
+            elif type(e) is WindowUpdated:
+                s = streams.get(e.stream_id)
+                if s is not None:
+                    s._send_lot.unpark_all()
+            elif type(e) is StreamEnded:
+                s = streams.get(e.stream_id)
+                if s is not None:
+                    s._deliver(b"", True)
+            elif type(e) is StreamOpened:
+                if self._on_open is None:
+                    self.conn.reject_stream(e.stream_id, ErrorCode.NOT_ALLOWED, "this side accepts no streams")
+                else:
+                    self._on_open(self, e.stream_id, e.target)
+            elif type(e) is OpenResult:
+                ch = self._opening.get(e.stream_id)
+                if ch is not None:
+                    ch.send_nowait(e)
+                elif e.ok:
+                    self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "open abandoned")
+            elif type(e) is StreamReset:
+                s = streams.pop(e.stream_id, None)
+                if s is not None:
+                    s._broken(f"reset by peer: {e.message or ErrorCode(e.code).name.lower()}", e.code)
+                ch = self._opening.pop(e.stream_id, None)
+                if ch is not None:
+                    ch.send_nowait(OpenResult(e.stream_id, e.code, e.message))
+            elif type(e) is PongReceived:
+                if e.rtt is not None:
+                    self.rtt = e.rtt
+            elif type(e) is HandshakeComplete:
+                self.peer_names = e.names
+                self.peer_agent = e.agent
+                self.handshake_done.set()
+            elif type(e) is GoAwayReceived:
+                self.draining = True
+                log.info("%s: peer is draining (%s)", self.label, e.reason or "no reason")
+            elif type(e) is ConnectionTerminated:
+                self.close_reason = e.reason
+
+    # ------------------------------------------------------------------ writer
+    def _kick(self) -> None:
+        """Move protocol output to the socket now if it takes it; otherwise wake the writer."""
+        out = self.conn.data_to_send()
+        if out:
+            mv = memoryview(out)
+            for i in range(0, len(mv), WRITE_CHUNK):
+                self._queued.append(mv[i : i + WRITE_CHUNK])
+            self._queued_bytes += len(mv)
+        if self._chunk is not None or not self._queued or self.closed.is_set():
+            return
+        try:
+            while self._queued:
+                chunk = self._queued[0]
+                if not self.tls.send_chunk(chunk):
+                    self._chunk = chunk
+                    self._writer_wakeup.set()
+                    return
+                self._queued.popleft()
+                self._queued_bytes -= len(chunk)
+        except TransportError as exc:
+            self._shutdown(str(exc))
+            return
+        self._writable_lot.unpark_all()
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                await self._writer_wakeup.wait()
+                self._writer_wakeup = trio.Event()
+                while self._chunk is not None:
+                    await self.tls.wait_writable()
+                    if self.tls.send_chunk(self._chunk):
+                        self._queued.popleft()
+                        self._queued_bytes -= len(self._chunk)
+                        self._chunk = None
+                        self._kick()
+        except TransportError as exc:
+            self._shutdown(str(exc))
+
+    async def wait_output_space(self) -> None:
+        """Block while too much output is queued (TCP back-pressure)."""
+        while self._queued_bytes > OUTPUT_HIGH_WATER and not self.closed.is_set():
+            await self._writable_lot.park()
+
+    # ------------------------------------------------------------------ liveness
+    async def _pinger(self) -> None:
+        interval = max(min(self._ping_interval, self._ping_timeout / 2), 0.01)
+        self.conn.ping()  # first RTT sample right away: it sizes the windows
+        self._kick()
+        while True:
+            await trio.sleep(interval)
+            idle = trio.current_time() - self._last_rx
+            if idle > self._ping_timeout:
+                self.close(f"no traffic from peer for {idle:.1f}s (ping timeout)", ErrorCode.NO_ERROR)
+                return
+            if self.conn.is_open:
+                self.conn.ping()
+                self._kick()
+
+
+class TunnelStream(trio.abc.HalfCloseableStream):
+    """One multiplexed stream. Not safe for two concurrent senders or two concurrent receivers."""
+
+    def __init__(self, session: Session, stream_id: int) -> None:
+        self._session = session
+        self.stream_id = stream_id
+        self._recv: collections.deque[bytes] = collections.deque()
+        self._eof = False
+        self._error: str | None = None
+        self.error_code: ErrorCode | int | None = None
+        self._closed = False
+        self._sent_eof = False
+        self._recv_lot = trio.lowlevel.ParkingLot()
+        self._send_lot = trio.lowlevel.ParkingLot()
+        self._send_conflict = trio.lowlevel.ParkingLot()
+
+    # called by the session
+    def _deliver(self, data: bytes, end: bool) -> None:
+        if data:
+            self._recv.append(data)
+        if end:
+            self._eof = True
+        self._recv_lot.unpark_all()
+
+    def _broken(self, reason: str, code: ErrorCode | int | None = None) -> None:
+        if self._error is None:
+            self._error = reason
+            self.error_code = code
+        self._recv_lot.unpark_all()
+        self._send_lot.unpark_all()
+
+    # trio stream API
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        while not self._recv:
+            if self._error is not None:
+                raise trio.BrokenResourceError(self._error)
+            if self._eof:
+                await trio.lowlevel.checkpoint()
+                return b""
+            await self._recv_lot.park()
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        data = self._recv.popleft()
+        if max_bytes is not None and len(data) > max_bytes:
+            self._recv.appendleft(data[max_bytes:])
+            data = data[:max_bytes]
+        s = self._session
+        if self._error is None and not s.closed.is_set():
+            s.conn.consumed(self.stream_id, len(data))
+            s._kick()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._sent_eof:
+            raise trio.ClosedResourceError("send_eof was called")
+        s = self._session
+        view = memoryview(data)
+        pos = 0
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            if self._error is not None:
+                raise trio.BrokenResourceError(self._error)
+            if pos >= len(view):
+                break
+            try:
+                pos += s.conn.send_data(self.stream_id, view[pos:])
+            except LocalProtocolError as exc:
+                raise trio.BrokenResourceError(self._error or str(exc)) from None
+            s._kick()
+            if pos < len(view):
+                await self._send_lot.park()  # WindowUpdated, reset or tunnel loss wakes us
+            elif s._queued_bytes > OUTPUT_HIGH_WATER:
+                await s.wait_output_space()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        s = self._session
+        while self._error is None and not self._closed and s.conn.send_window(self.stream_id) == 0:
+            await self._send_lot.park()
+
+    async def send_eof(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        await trio.lowlevel.checkpoint()
+        if self._sent_eof:
+            return
+        self._sent_eof = True
+        if self._error is not None:
+            raise trio.BrokenResourceError(self._error)
+        s = self._session
+        try:
+            s.conn.end_stream(self.stream_id)
+        except LocalProtocolError as exc:
+            raise trio.BrokenResourceError(str(exc)) from None
+        s._kick()
+
+    def abort(self, code: ErrorCode = ErrorCode.CANCEL, message: str = "") -> None:
+        """Reset the stream (both directions) with `code`, then close it."""
+        if self._closed:
+            return
+        s = self._session
+        if self._error is None and not s.closed.is_set():
+            s.conn.reset_stream(self.stream_id, code, message)
+            s._kick()
+        self._close_local()
+
+    def _close_local(self) -> None:
+        self._closed = True
+        s = self._session
+        s._streams.pop(self.stream_id, None)
+        s.conn.release(self.stream_id)
+        self._recv.clear()
+        self._recv_lot.unpark_all()
+        self._send_lot.unpark_all()
+
+    async def aclose(self) -> None:
+        """Close: a stream that did not finish cleanly both ways is reset (CANCEL)."""
+        if not self._closed:
+            s = self._session
+            finished = self._eof and self._sent_eof and not self._recv
+            if not finished and self._error is None and not s.closed.is_set():
+                s.conn.reset_stream(self.stream_id, ErrorCode.CANCEL, "closed by application")
+                s._kick()
+            self._close_local()
+        await trio.lowlevel.checkpoint()
+
+
+def fmt_rtt(rtt: float | None) -> str:
+    return "-" if rtt is None or math.isnan(rtt) else f"{rtt * 1000:.2f}ms"

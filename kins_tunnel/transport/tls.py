@@ -1,0 +1,168 @@
+"""TLS over a non-blocking `ssl.SSLSocket`, driven by trio's readiness waits.
+
+Theory of operation
+-------------------
+`trio.SSLStream` pushes every byte through a MemoryBIO and a task switch per 16 KiB record; on this
+path that costs more than the cipher. Here the kernel socket is wrapped by `ssl` directly and put
+in non-blocking mode: OpenSSL reads and writes the socket itself (no BIO copies, the GIL released
+while it encrypts), and trio only tells us when the socket is ready.
+
+- Reading: `SSL_read` yields at most one TLS record (16 KiB) per call, so `receive_into` loops over
+  records until OpenSSL wants more bytes from the kernel or the buffer is full: one wake-up, up to a
+  megabyte of plaintext.
+- Writing: OpenSSL (as Python configures it) does not do partial writes; after "want write" the same
+  buffer must be offered again. `send_chunk` therefore writes bounded chunks and the caller retries
+  the very chunk that did not go out (see `Session`'s writer).
+
+Errors from the socket or OpenSSL become `TransportError` once, here.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import trio
+
+from kins_tunnel.errors import UserError
+
+READ_BATCH = 1 << 20  # plaintext bytes gathered per wake-up
+
+
+class TransportError(Exception):
+    """The tunnel's TLS connection failed (reset, EOF mid-record, TLS alert, ...)."""
+
+
+class TLSSocket:
+    """A connected, non-blocking TLS socket. Owns the socket; `close()` releases it."""
+
+    def __init__(self, sslsock: ssl.SSLSocket) -> None:
+        self._s = sslsock
+        self._closed = False
+
+    @classmethod
+    def wrap(cls, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
+             server_hostname: str | None = None) -> TLSSocket:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sslsock = context.wrap_socket(
+            sock, server_side=server_side, server_hostname=server_hostname,
+            do_handshake_on_connect=False, suppress_ragged_eofs=True,
+        )
+        return cls(sslsock)
+
+    @property
+    def raw(self) -> ssl.SSLSocket:
+        return self._s
+
+    def fileno(self) -> int:
+        return self._s.fileno()
+
+    def peer_certificate_der(self) -> bytes | None:
+        return self._s.getpeercert(binary_form=True)
+
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake; the caller sets the deadline."""
+        while True:
+            try:
+                self._s.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(self._s)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self._s)
+            except (ssl.SSLError, OSError) as exc:
+                raise TransportError(f"TLS handshake failed: {_describe(exc)}") from exc
+
+    def receive_into(self, view: memoryview) -> int | None:
+        """Decrypt as many records as are ready into `view`, without blocking.
+
+        Returns the byte count (0 means EOF), or None when nothing was ready (wait readable).
+        """
+        n = 0
+        size = len(view)
+        recv_into = self._s.recv_into
+        try:
+            while n < size:
+                got = recv_into(view[n:], size - n)
+                if got == 0:
+                    return n if n else 0
+                n += got
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        except (ssl.SSLError, OSError) as exc:
+            if n:
+                return n  # hand over what we have; the error shows again on the next call
+            raise TransportError(f"tunnel read failed: {_describe(exc)}") from exc
+        return n if n else None
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.wait_readable(self._s)
+
+    async def wait_writable(self) -> None:
+        await trio.lowlevel.wait_writable(self._s)
+
+    def send_chunk(self, chunk: memoryview | bytes | bytearray) -> bool:
+        """Try to write the whole chunk. False: want-write, offer the *same* chunk again later."""
+        try:
+            self._s.send(chunk)
+            return True
+        except ssl.SSLWantWriteError:
+            return False
+        except ssl.SSLWantReadError:
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            raise TransportError(f"tunnel write failed: {_describe(exc)}") from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            trio.lowlevel.notify_closing(self._s)
+        except RuntimeError:  # pragma: no cover - outside trio (tests)
+            pass
+        try:
+            self._s.close()
+        except OSError:
+            pass
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or exc.strerror or str(exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc)
+
+
+async def connect_tls(host: str, port: int, context: ssl.SSLContext, *, server_hostname: str) -> TLSSocket:
+    """TCP connect (trio, happy-eyeballs over every address) then wrap; the caller sets deadlines."""
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise TransportError(f"cannot connect to {host}:{port}: {_describe(exc)}") from exc
+    fd = stream.socket.detach()
+    sock = socket.socket(fileno=fd)
+    tls = TLSSocket.wrap(sock, context, server_side=False, server_hostname=server_hostname)
+    try:
+        await tls.do_handshake()
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
+def open_listener_socket(host: str, port: int, what: str) -> trio.socket.SocketType:
+    """A bound, listening trio socket, or UserError naming `what` ("tunnel.listen") and the reason."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"{what}: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return trio.socket.from_stdlib_socket(sock)
