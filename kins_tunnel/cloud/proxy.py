@@ -98,6 +98,16 @@ async def _send_error(stream: trio.SocketStream, conn: h11.Connection, rej: _Rej
                     + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode() + body
         with trio.move_on_after(5):
             await stream.send_all(data)
+            # Lingering close: closing with unread input would send RST and could destroy the
+            # answer before the client reads it. Half-close, then discard input for a moment.
+            await stream.send_eof()
+        with trio.move_on_after(1):
+            discarded = 0
+            while discarded < (1 << 20):
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                discarded += len(chunk)
     except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
 
@@ -152,7 +162,8 @@ async def handle_client(ctx: ProxyContext, stream: trio.SocketStream) -> None:
                 raise _Reject(400, target, f"bad target: {exc}") from None
             tunnel_stream = await _open(ctx, name, target)
         except h11.RemoteProtocolError as exc:
-            await _send_error(stream, conn, _Reject(exc.error_status_hint, target, f"malformed request: {exc}"),
+            await _send_error(stream, conn, _Reject(exc.error_status_hint, target,
+                                                     f"malformed request: {str(exc).split(':')[0][:100]}"),
                               ctx.metrics)
             return
         except _Reject as rej:

@@ -101,7 +101,7 @@ class TunnelServer:
                 ok = allowed_name(identity, name)
                 if ok is None:
                     log.warning("edge advertised a name outside its unit/node: not routed",
-                                extra={**labels, "peer": peer, "name": name})
+                                extra={**labels, "peer": peer, "advertised": name})
                 else:
                     names.append(ok)
             tunnel = EdgeTunnel(identity, session, frozenset(names), peer)

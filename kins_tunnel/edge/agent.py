@@ -23,6 +23,7 @@ import random
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 from cryptography import x509
@@ -56,7 +57,7 @@ def backoff_delay(attempt: int, initial: float, maximum: float, multiplier: floa
 
 def own_identity(cert_path: str) -> EdgeIdentity:
     try:
-        cert = x509.load_pem_x509_certificate(open(cert_path, "rb").read())
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
         return identity_from_der(cert.public_bytes(Encoding.DER))
     except (OSError, ValueError) as exc:
         raise UserError(f"tls.cert: {cert_path}: not an edge certificate ({exc})") from exc

@@ -39,6 +39,25 @@ def _code_for(exc: OSError) -> ErrorCode:
     return ErrorCode.UNREACHABLE
 
 
+async def _connect(addr: Address) -> trio.SocketStream:
+    """TCP connect to every address `addr` resolves to, in turn; raises the last OSError."""
+    infos = await trio.socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
+    last: OSError = OSError(f"{addr} resolves to nothing")
+    for family, type_, proto, _canon, sockaddr in infos:
+        sock = trio.socket.socket(family, type_, proto)
+        try:
+            await sock.connect(sockaddr)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(sock)
+    raise last
+
+
 class Forwarder:
     def __init__(self, services: Mapping[str, tuple[Address, ...]], dial_timeout: float, metrics: Metrics) -> None:
         self.services = services
@@ -73,7 +92,7 @@ class Forwarder:
             share = left / (len(order) - i)  # leave time for the others
             with trio.move_on_after(share):
                 try:
-                    tcp = await trio.open_tcp_stream(addr.host, addr.port)
+                    tcp = await _connect(addr)
                 except OSError as exc:
                     last = DialFailed(_code_for(exc), f"{addr}: {exc.strerror or exc}")
                     continue

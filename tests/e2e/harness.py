@@ -1,0 +1,211 @@
+"""Start real tunnel-cloud and tunnel-edge (as trio tasks in the test, or as processes) on 127.0.0.1.
+
+`TunnelEnv` brings up certificates, a cloud and one or more edges with port 0 everywhere and
+waits until the cloud routes the edge's names. `connect()` is a minimal CONNECT client that returns
+the status line and the raw stream (a trio SocketStream) for the bytes that follow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+import yaml
+
+from kins_tunnel.certs import init_ca, issue_edge
+from kins_tunnel.cloud.server import Cloud, CloudPorts
+from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
+from kins_tunnel.edge.agent import Edge
+
+SVC = "test-svc-kins.kins-system:443"
+
+
+def make_certs(base: Path, nodes: tuple[tuple[str, str], ...] = (("test", "edge1"),)) -> Path:
+    certs = base / "certs"
+    if not (certs / "ca.crt").exists():
+        init_ca(certs)
+    for unit, node in nodes:
+        if not (certs / f"edge-{node}.crt").exists():
+            issue_edge(certs, unit, node)
+    return certs
+
+
+def cloud_dict(certs: Path, **over: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "tunnel": {"listen": "127.0.0.1:0"},
+        "proxy": {"listen": "127.0.0.1:0"},
+        "admin": {"listen": "127.0.0.1:0"},
+        "tls": {"ca": str(certs / "ca.crt"), "cert": str(certs / "cloud.crt"), "key": str(certs / "cloud.key")},
+    }
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            d[k] = {**d[k], **v}
+        else:
+            d[k] = v
+    return d
+
+
+def edge_dict(certs: Path, cloud_ports: list[int] | list[str], services: Mapping[str, Any], node: str = "edge1",
+              **over: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "cloud": [p if isinstance(p, str) else f"127.0.0.1:{p}" for p in cloud_ports],
+        "tls": {"ca": str(certs / "ca.crt"), "cert": str(certs / f"edge-{node}.crt"),
+                "key": str(certs / f"edge-{node}.key")},
+        "services": dict(services),
+        "admin": None,
+        "reconnect": {"initial": 0.05, "max": 1.0},
+    }
+    d.update(over)
+    return d
+
+
+@dataclass
+class TunnelEnv:
+    base: Path
+    certs: Path
+    cloud: Cloud
+    ports: CloudPorts
+    edges: list[Edge] = field(default_factory=list)
+    nursery: trio.Nursery | None = None
+
+    async def add_edge(self, services: Mapping[str, Any], node: str = "edge1", unit: str = "test",
+                       wait_for: str | None = None, **over: Any) -> Edge:
+        make_certs(self.base, ((unit, node),))
+        cfg = edge_config_from_dict(edge_dict(self.certs, [self.ports.tunnel], services, node, **over),
+                                    base_dir=self.base)
+        edge = Edge(cfg)
+        assert self.nursery is not None
+        await self.nursery.start(edge.run)
+        self.edges.append(edge)
+        if wait_for:
+            await wait_routed(self.cloud, wait_for)
+        return edge
+
+
+async def wait_routed(cloud: Cloud, name: str, timeout: float = 10) -> None:
+    with trio.fail_after(timeout):
+        while not cloud.registry.candidates(name):
+            await trio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def tunnel_env(base: Path, services: Mapping[str, Any] | None = None, **cloud_over: Any) -> AsyncIterator[TunnelEnv]:
+    certs = make_certs(base)
+    cloud = Cloud(cloud_config_from_dict(cloud_dict(certs, **cloud_over), base_dir=base))
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(cloud.run)
+        env = TunnelEnv(base, certs, cloud, ports, nursery=nursery)
+        if services is not None:
+            await env.add_edge(services, wait_for=next(iter(services)))
+        yield env
+        nursery.cancel_scope.cancel()
+
+
+async def connect(proxy_port: int, target: str, headers: str = "") -> tuple[int, bytes, trio.SocketStream]:
+    """Send a CONNECT; returns (status, head bytes, stream). The caller closes the stream."""
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy_port)
+    try:
+        await stream.send_all(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n".encode())
+        head = b""
+        with trio.fail_after(15):
+            while b"\r\n\r\n" not in head:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                head += chunk
+        status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+        head, _, rest = head.partition(b"\r\n\r\n")
+        assert not rest or status != 200, "bytes after 200 before we sent anything"
+        if status != 200:
+            head = head + b"\r\n\r\n" + rest
+        return status, head, stream
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+async def read_all(stream: trio.abc.ReceiveStream, limit: int = 1 << 31) -> bytes:
+    out = bytearray()
+    while len(out) < limit:
+        chunk = await stream.receive_some(1 << 18)
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+# ---------------------------------------------------------------- target servers (test doubles)
+async def serve_echo(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Echo every byte back; half-close when the client half-closes."""
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            while True:
+                data = await stream.receive_some(1 << 18)
+                if not data:
+                    await stream.send_eof()
+                    return
+                await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handler, listeners)
+
+
+async def serve_digest(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Read until EOF, then answer sha256 hex + the byte count, then close (a half-close test)."""
+    async def handler(stream: trio.SocketStream) -> None:
+        h = hashlib.sha256()
+        n = 0
+        try:
+            while True:
+                data = await stream.receive_some(1 << 18)
+                if not data:
+                    break
+                h.update(data)
+                n += len(data)
+            await stream.send_all(f"{h.hexdigest()} {n}\n".encode())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handler, listeners)
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# ---------------------------------------------------------------- processes
+def write_yaml(path: Path, doc: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def spawn(kind: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """Run `python -m kins_tunnel KIND --config CONFIG` with its output in `log`."""
+    out = open(log, "ab")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "kins_tunnel", kind, "--config", str(config)],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        out.close()
