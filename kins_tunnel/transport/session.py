@@ -68,6 +68,7 @@ class SessionStatistics:
     rtt: float | None
     buffered: int
     output_queued: int
+    stalls: int  # times a sender waited for peer credit or socket space
 
 
 class Session:
@@ -105,6 +106,7 @@ class Session:
         self.draining = False  # the peer sent GOAWAY
         self.rtt: float | None = None
         self.started_at = trio.current_time()
+        self.stalls = 0
         self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -169,7 +171,7 @@ class Session:
         st = self.conn.statistics()
         return SessionStatistics(
             streams=len(self._streams), bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
-            rtt=self.rtt, buffered=st.buffered, output_queued=self._queued_bytes,
+            rtt=self.rtt, buffered=st.buffered, output_queued=self._queued_bytes, stalls=self.stalls,
         )
 
     @property
@@ -443,8 +445,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(self._error or str(exc)) from None
             s._kick()
             if pos < len(view):
+                s.stalls += 1
                 await self._send_lot.park()  # WindowUpdated, reset or tunnel loss wakes us
             elif s._queued_bytes > OUTPUT_HIGH_WATER:
+                s.stalls += 1
                 await s.wait_output_space()
         await trio.lowlevel.cancel_shielded_checkpoint()
 
