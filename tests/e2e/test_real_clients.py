@@ -1,0 +1,139 @@
+"""Real clients through the tunnel: kubectl via `proxy-url`, curl `--proxy`, ssh via a CONNECT
+ProxyCommand. The K3s API is the stand-in test double (kins_tunnel.k3s_standin)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from kins_tunnel.demo import write_kubeconfig
+from kins_tunnel.k3s_standin import blob_bytes, make_self_signed_server_context, serve_k3s_standin
+from tests.e2e.harness import SVC, tunnel_env
+
+KUBECTL = shutil.which("kubectl")
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
+
+
+async def kubectl(kubeconfig: Path, *args: str, timeout: float = 60, home: Path) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("HTTPS_PROXY", None), env.pop("https_proxy", None), env.pop("NO_PROXY", None)
+    with trio.fail_after(timeout):
+        return await trio.run_process([KUBECTL or "kubectl", "--kubeconfig", str(kubeconfig), *args],
+                                      capture_stdout=True, capture_stderr=True, check=False, env=env)
+
+
+async def test_kubectl_through_proxy_url(tmp_path: Path) -> None:
+    ctx, ca = make_self_signed_server_context(tmp_path)
+    async with trio.open_nursery() as n:
+        k3s = await n.start(serve_k3s_standin, ctx)
+        async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{k3s}"}) as env:
+            kc = tmp_path / "kubeconfig"
+            write_kubeconfig(kc, env.ports.proxy, ca)
+            home = tmp_path / "home"
+            home.mkdir()
+            r = await kubectl(kc, "version", "-o", "json", home=home)
+            assert r.returncode == 0, r.stderr
+            assert b"v1.28.5+k3s1" in r.stdout
+            r = await kubectl(kc, "get", "pods", home=home)
+            assert r.returncode == 0, r.stderr
+            assert b"test-server-kins" in r.stdout and b"Running" in r.stdout
+            # a watch stream: rows keep arriving through the tunnel until the client gives up
+            r = await kubectl(kc, "get", "pods", "--watch", "--request-timeout=4s", home=home, timeout=30)
+            rows = [ln for ln in r.stdout.splitlines() if b"kins" in ln]
+            assert len(rows) >= 5, r.stdout  # 3 listed + updates streamed during the watch
+            # >= 50 MiB response compared byte for byte
+            size = 50 * 1024 * 1024 + 12345
+            r = await kubectl(kc, "get", "--raw", f"/kins-standin/blob?bytes={size}&seed=7", home=home, timeout=120)
+            assert r.returncode == 0, r.stderr[-500:]
+            assert len(r.stdout) == size
+            assert hashlib.sha256(r.stdout).digest() == hashlib.sha256(blob_bytes(size, 7)).digest()
+            # the cloud counted it
+            assert sum(t.session.statistics().bytes_received for t in env.cloud.registry) >= size
+        n.cancel_scope.cancel()
+
+
+async def test_curl_https_through_the_tunnel(tmp_path: Path) -> None:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl not installed")
+    ctx, ca = make_self_signed_server_context(tmp_path)
+    upload = tmp_path / "upload.bin"
+    data = os.urandom(5 * 1024 * 1024)
+    upload.write_bytes(data)
+    async with trio.open_nursery() as n:
+        k3s = await n.start(serve_k3s_standin, ctx)
+        async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{k3s}"}) as env:
+            proxy = f"http://127.0.0.1:{env.ports.proxy}"
+            with trio.fail_after(30):
+                r = await trio.run_process([curl, "-sS", "--fail", "--proxy", proxy, "--cacert", str(ca),
+                                            "https://test-svc-kins.kins-system:443/version"],
+                                           capture_stdout=True, capture_stderr=True, check=False)
+            assert r.returncode == 0, r.stderr
+            assert b"k3s" in r.stdout
+            with trio.fail_after(60):
+                r = await trio.run_process([curl, "-sS", "--fail", "--proxy", proxy, "--cacert", str(ca),
+                                            "--data-binary", f"@{upload}",
+                                            "https://test-svc-kins.kins-system:443/kins-standin/upload"],
+                                           capture_stdout=True, capture_stderr=True, check=False)
+            assert r.returncode == 0, r.stderr
+            assert hashlib.sha256(data).hexdigest().encode() in r.stdout
+            # curl sees the proxy's own answers too
+            with trio.fail_after(30):
+                r = await trio.run_process([curl, "-sS", "--proxy", proxy, "-o", "/dev/null", "-w", "%{http_code}",
+                                            "https://nowhere-svc-kins.kins-system:443/"],
+                                           capture_stdout=True, capture_stderr=True, check=False)
+            assert b"503" in r.stderr + r.stdout
+        n.cancel_scope.cancel()
+
+
+SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
+
+
+@pytest.mark.skipif(SSHD is None or shutil.which("socat") is None or shutil.which("ssh") is None,
+                    reason="needs openssh-server, openssh-client and socat (.ci/system-packages installs them)")
+async def test_ssh_through_connect_proxycommand(tmp_path: Path) -> None:
+    from tests.e2e.harness import free_port
+
+    d = tmp_path / "ssh"
+    d.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host")], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "user")], check=True)
+    (d / "authorized_keys").write_text((d / "user.pub").read_text())
+    os.chmod(d / "authorized_keys", 0o600)
+    Path("/run/sshd").mkdir(exist_ok=True)
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nPidFile {d / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nUsePAM no\nStrictModes no\nPermitRootLogin yes\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\n")
+    sshd = subprocess.Popen([SSHD or "sshd", "-D", "-e", "-f", str(d / "sshd_config")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(20):  # until sshd listens
+            while True:
+                try:
+                    probe = await trio.open_tcp_stream("127.0.0.1", port)
+                    await probe.aclose()
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+        async with tunnel_env(tmp_path, {"edge1:22": f"127.0.0.1:{port}"}) as env:
+            proxy_cmd = f"socat - PROXY:127.0.0.1:%h:%p,proxyport={env.ports.proxy}"
+            user = os.environ.get("USER") or "root"
+            with trio.fail_after(30):
+                r = await trio.run_process(
+                        ["ssh", "-i", str(d / "user"), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                         "-o", f"UserKnownHostsFile={d / 'known_hosts'}", "-o", f"ProxyCommand={proxy_cmd}",
+                         "-p", "22", f"{user}@edge1", "echo through-the-tunnel; head -c 2000000 /dev/zero | wc -c"],
+                        capture_stdout=True, capture_stderr=True, check=False)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.split() == [b"through-the-tunnel", b"2000000"]
+    finally:
+        sshd.terminate()
+        sshd.wait(10)
