@@ -3,6 +3,11 @@
 Counters and histograms are updated where things happen; gauges that describe live state (edges
 per unit, open streams, bytes per tunnel, RTT) are computed at scrape time from the objects that
 own that state, through a custom collector, so they can never drift from the truth.
+
+The cloud labels its process-level series with `replica` (and exports
+`kins_tunnel_replica_info{replica,version}`), so the sum over replicas of
+`kins_tunnel_edges_connected` is the number of edge tunnels of a unit cluster-wide, and a replica
+that lost its edges stands out. On the edge `replica` is empty (a label Prometheus drops).
 """
 
 from __future__ import annotations
@@ -14,15 +19,18 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kins_tunnel import __version__
 from kins_tunnel.transport.session import Session
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _LiveCollector(Collector):
-    def __init__(self, snapshot: Callable[[], Iterable[tuple[dict[str, str], Session]]], role: str) -> None:
+    def __init__(self, snapshot: Callable[[], Iterable[tuple[dict[str, str], Session]]], role: str,
+                 replica: str) -> None:
         self._snapshot = snapshot
         self._role = role
+        self._replica = replica
 
     def collect(self) -> Iterator[Metric]:
         tunnels = list(self._snapshot())
@@ -35,6 +43,9 @@ class _LiveCollector(Collector):
                                        labels=["unit", "node", "peer"])
         rtt = GaugeMetricFamily("kins_tunnel_tunnel_rtt_seconds", "Last measured tunnel round trip",
                                 labels=["unit", "node", "peer"])
+        stalls = CounterMetricFamily("kins_tunnel_flow_control_stalls",
+                                     "Times a sender on this tunnel waited for peer credit or socket space",
+                                     labels=["unit", "node", "peer"])
         for labels, session in tunnels:
             units[labels["unit"]] += 1
             key = [labels["unit"], labels["node"], labels["peer"]]
@@ -42,20 +53,29 @@ class _LiveCollector(Collector):
             streams.add_metric(key, st.streams)
             sent.add_metric(key, st.bytes_sent)
             received.add_metric(key, st.bytes_received)
+            stalls.add_metric(key, st.stalls)
             if st.rtt is not None:
                 rtt.add_metric(key, st.rtt)
-        total = GaugeMetricFamily("kins_tunnel_tunnels", "Tunnels up now", labels=["role"])
-        total.add_metric([self._role], len(tunnels))
-        per_unit = GaugeMetricFamily("kins_tunnel_edges_connected", "Tunnels up now, per NodeUnit", labels=["unit"])
+        total = GaugeMetricFamily("kins_tunnel_tunnels", "Tunnels up now (on the cloud: on this replica)",
+                                  labels=["role", "replica"])
+        total.add_metric([self._role, self._replica], len(tunnels))
+        per_unit = GaugeMetricFamily("kins_tunnel_edges_connected", "Tunnels up now, per NodeUnit",
+                                     labels=["unit", "replica"])
         for unit, n in sorted(units.items()):
-            per_unit.add_metric([unit], n)
-        yield from (total, per_unit, streams, sent, received, rtt)
+            per_unit.add_metric([unit, self._replica], n)
+        yield from (total, per_unit, streams, sent, received, rtt, stalls)
+        if self._replica:
+            info = GaugeMetricFamily("kins_tunnel_replica_info", "This tunnel-cloud replica",
+                                     labels=["replica", "version"])
+            info.add_metric([self._replica, __version__], 1)
+            yield info
 
 
 class Metrics:
     """The metrics of one process (cloud or edge)."""
 
-    def __init__(self, role: str, snapshot: Callable[[], Iterable[tuple[dict[str, str], Session]]]) -> None:
+    def __init__(self, role: str, snapshot: Callable[[], Iterable[tuple[dict[str, str], Session]]],
+                 replica: str = "") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.connect_answers = Counter("kins_tunnel_connect_answers", "CONNECT answers by HTTP status",
@@ -69,9 +89,9 @@ class Metrics:
                                           ["reason"], registry=r)
         self.relay_bytes = Counter("kins_tunnel_relay_bytes", "Bytes relayed by direction",
                                    ["direction"], registry=r)
-        self.flow_stalls = Counter("kins_tunnel_flow_control_stalls",
-                                   "Times a sender waited for credit or socket space", registry=r)
-        r.register(_LiveCollector(snapshot, role))
+        # Flow-control stalls are counted per tunnel by the session (SessionStatistics.stalls) and
+        # exported by the live collector as kins_tunnel_flow_control_stalls_total.
+        r.register(_LiveCollector(snapshot, role, replica))
 
     def render(self) -> tuple[int, str, bytes]:
         return 200, CONTENT_TYPE, generate_latest(self.registry)

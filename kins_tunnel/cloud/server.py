@@ -17,6 +17,7 @@ import trio
 
 from kins_tunnel.admin import serve_admin, text
 from kins_tunnel.certs import server_ssl_context
+from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.auth import Authenticator
 from kins_tunnel.cloud.proxy import ProxyContext, serve_proxy
 from kins_tunnel.cloud.registry import Registry
@@ -39,9 +40,9 @@ class Cloud:
         self.cfg = cfg
         self.replica = cfg.replica or socket.gethostname()
         self.registry = Registry()
-        self.metrics = Metrics("cloud", self._snapshot)
-        context = server_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
-        self.tunnels = TunnelServer(cfg, context, self.registry, self.metrics)
+        self.metrics = Metrics("cloud", self._snapshot, replica=self.replica)
+        self.tls = ReloadingContext(server_ssl_context, cfg.tls.ca, cfg.tls.cert, cfg.tls.key, what="tls")
+        self.tunnels = TunnelServer(cfg, self.tls, self.registry, self.metrics)
         auth = Authenticator(cfg.proxy.auth) if cfg.proxy.auth else None
         self.proxy = ProxyContext(cfg.proxy, self.registry, self.metrics, auth)
         self.ready = False
@@ -61,7 +62,8 @@ class Cloud:
                           "streams": st.streams, "bytes_sent": st.bytes_sent,
                           "bytes_received": st.bytes_received, "names": sorted(t.names),
                           "draining": t.session.draining})
-        body = json.dumps({"replica": self.replica, "edges": edges}, indent=1).encode()
+        doc = {"replica": self.replica, "ready": self.ready, "tls_reloads": self.tls.reloads, "edges": edges}
+        body = json.dumps(doc, indent=1).encode()
         return 200, "application/json", body
 
     async def run(self, *, task_status: trio.TaskStatus[CloudPorts] = trio.TASK_STATUS_IGNORED) -> None:

@@ -4,6 +4,9 @@ Handshakes run under `handshake_timeout` and a concurrency cap (a reconnect stor
 edges is served a few hundred at a time instead of starving everything else of CPU). The edge's
 unit and node come only from its certificate; the names it advertises are filtered by the routing
 rule, and refused names are logged with the reason.
+
+Certificate rotation: the server context comes from a `ReloadingContext`, checked on accept at
+most once a second; renewed files apply to new handshakes, live tunnels keep theirs.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import trio
 
 from kins_tunnel import __version__
 from kins_tunnel.certs import identity_from_der
+from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.registry import EdgeTunnel, Registry, allowed_name
 from kins_tunnel.config import CloudConfig
 from kins_tunnel.metrics import Metrics
@@ -30,9 +34,11 @@ MAX_CONCURRENT_HANDSHAKES = 256
 
 
 class TunnelServer:
-    def __init__(self, cfg: CloudConfig, context: ssl.SSLContext, registry: Registry, metrics: Metrics) -> None:
+    def __init__(self, cfg: CloudConfig, context: ReloadingContext | ssl.SSLContext, registry: Registry,
+                 metrics: Metrics) -> None:
         self.cfg = cfg
-        self.context = context
+        self.tls = context if isinstance(context, ReloadingContext) else None
+        self._static = context if isinstance(context, ssl.SSLContext) else None
         self.registry = registry
         self.metrics = metrics
         self._handshakes = trio.CapacityLimiter(MAX_CONCURRENT_HANDSHAKES)
@@ -56,6 +62,13 @@ class TunnelServer:
                             await trio.sleep(0.05)
                             continue
                         nursery.start_soon(self._handle, tcp)
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        if self.tls is not None:
+            return self.tls.context  # re-reads renewed files, at most once a second
+        assert self._static is not None
+        return self._static
 
     def stop_listening(self) -> None:
         """Close the listening socket (drain); live tunnels go on."""
