@@ -12,6 +12,13 @@ backoff (`sleep = uniform(0, min(max, initial * multiplier**attempt))`): the fir
 fast, a fleet restarted at once spreads out instead of stampeding, and the cap keeps an absent
 cloud cheap. A tunnel that stayed up `stable_after` seconds resets the backoff. Nothing here ever
 exits because the cloud is away.
+
+An address that leaves DNS (a replica scaled away, or not ready) is retired gently: its keeper
+stops reconnecting, the tunnel gets GOAWAY (the cloud opens nothing new on it) and is closed once
+its streams are done, or after `drain_timeout`.
+
+Certificates: the client context is rebuilt before a (re)connect when the CA, certificate or key
+file changed, so renewed files are used by the next tunnel; live tunnels are left alone.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ import json
 import logging
 import random
 import socket
+import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -32,6 +40,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from kins_tunnel import __version__
 from kins_tunnel.admin import serve_admin, text
 from kins_tunnel.certs import EdgeIdentity, client_ssl_context, identity_from_der
+from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.config import Address, EdgeConfig
 from kins_tunnel.edge.forwarder import Forwarder
 from kins_tunnel.errors import UserError
@@ -49,10 +58,39 @@ class EdgePorts:
     admin: int | None
 
 
+@dataclass(eq=False)
+class _Keeper:
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    retired: bool = False
+    session: Session | None = None
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """A short label for a failed tunnel set-up (the edge's handshake_failures metric)."""
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    text = str(exc).lower()
+    for key, label in (("cannot connect", "connect"), ("certificate verify failed", "verify_failed"),
+                       ("hostname mismatch", "verify_failed"), ("unknown ca", "unknown_ca"),
+                       ("certificate", "tls_error"), ("tls handshake", "tls_error")):
+        if key in text:
+            return label
+    return "protocol"
+
+
 def backoff_delay(attempt: int, initial: float, maximum: float, multiplier: float, rng: random.Random) -> float:
     """Full-jitter exponential backoff for the `attempt`-th consecutive failure (0-based)."""
     ceiling = min(maximum, initial * (multiplier ** min(attempt, 64)))
     return rng.uniform(0, ceiling)
+
+
+def _cert_summary(der: bytes | None) -> dict[str, object]:
+    """What the edge shows in /status about the cloud certificate it validated."""
+    if der is None:
+        return {}
+    cert = x509.load_der_x509_certificate(der)
+    return {"cloud_cert_serial": format(cert.serial_number, "x"),
+            "cloud_cert_not_after": cert.not_valid_after_utc.isoformat()}
 
 
 def own_identity(cert_path: str) -> EdgeIdentity:
@@ -67,12 +105,14 @@ class Edge:
     def __init__(self, cfg: EdgeConfig, *, rng: random.Random | None = None) -> None:
         self.cfg = cfg
         self.identity = own_identity(str(cfg.tls.cert))
-        self.context = client_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
+        self.tls = ReloadingContext(client_ssl_context, cfg.tls.ca, cfg.tls.cert, cfg.tls.key,
+                                    what="tls", min_interval=0.0)
         self.sessions: dict[str, Session] = {}  # "address" -> live session
         self.metrics = Metrics("edge", self._snapshot)
         self.forwarder = Forwarder(cfg.services, cfg.dial_timeout, self.metrics)
         self._rng = rng or random.Random()
-        self._keepers: dict[tuple[str, str, int], trio.CancelScope] = {}
+        self._keepers: dict[tuple[str, str, int], _Keeper] = {}
+        self.cloud_certs: dict[str, dict[str, object]] = {}  # "address" -> serial/not_after seen
         self.draining = False
         self.connects = 0  # successful tunnel set-ups, for tests and status
 
@@ -88,7 +128,8 @@ class Edge:
         now = trio.current_time()
         tunnels = [{"cloud": a, "uptime": round(now - s.started_at, 1),
                     "rtt_ms": None if s.rtt is None else round(s.rtt * 1000, 3),
-                    "streams": s.statistics().streams} for a, s in self.sessions.items()]
+                    "streams": s.statistics().streams, "draining": not s.usable,
+                    **self.cloud_certs.get(a, {})} for a, s in self.sessions.items()]
         doc = {"unit": self.identity.unit, "node": self.identity.node, "tunnels": tunnels}
         return 200, "application/json", json.dumps(doc, indent=1).encode()
 
@@ -111,43 +152,70 @@ class Edge:
         while True:
             try:
                 infos = await trio.socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
-                ips = sorted({info[4][0] for info in infos})
+                ips = sorted({str(info[4][0]) for info in infos})
             except OSError as exc:
                 log.warning("cannot resolve cloud address", extra={"cloud": entry, "reason": str(exc)})
                 ips = []
             wanted = {(entry, ip, addr.port) for ip in ips}
-            for key in [k for k in self._keepers if k[0] == entry and k not in wanted]:
+            # A failed lookup (ips == []) keeps the tunnels we have: DNS trouble is not a reason
+            # to cut working tunnels. An answer without an address retires its keeper.
+            for key in [k for k in self._keepers if k[0] == entry and k not in wanted] if ips else []:
                 log.info("cloud replica address vanished", extra={"cloud": entry, "address": key[1]})
-                self._keepers.pop(key).cancel()
+                self._retire(self._keepers.pop(key), nursery)
             for key in sorted(wanted - set(self._keepers)):
-                scope = trio.CancelScope()
-                self._keepers[key] = scope
-                nursery.start_soon(self._keeper, key, addr.host, scope)
+                keeper = _Keeper()
+                self._keepers[key] = keeper
+                nursery.start_soon(self._keeper, key, addr.host, keeper)
             await trio.sleep(self.cfg.resolve_interval if ips else min(self.cfg.resolve_interval, 5.0))
 
-    async def _keeper(self, key: tuple[str, str, int], server_name: str, scope: trio.CancelScope) -> None:
+    def _retire(self, keeper: _Keeper, nursery: trio.Nursery) -> None:
+        """Stop reconnecting to an address; let its tunnel's streams finish, then close it."""
+        keeper.retired = True
+        session = keeper.session
+        if session is None or session.closed.is_set():
+            keeper.scope.cancel()
+            return
+        session.goaway("cloud address left DNS")
+        nursery.start_soon(self._close_when_idle, keeper, session)
+
+    async def _close_when_idle(self, keeper: _Keeper, session: Session) -> None:
+        with trio.move_on_after(self.cfg.drain_timeout):
+            while session.statistics().streams and not session.closed.is_set():
+                await trio.sleep(0.1)
+        session.close("cloud address left DNS")
+        keeper.scope.cancel()
+
+    async def _keeper(self, key: tuple[str, str, int], server_name: str, keeper: _Keeper) -> None:
         _entry, ip, port = key
         label = f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}"
         b = self.cfg.reconnect
         attempt = 0
-        with scope:
-            while not self.draining:
+        with keeper.scope:
+            while not self.draining and not keeper.retired:
                 started = trio.current_time()
                 try:
-                    await self._one_tunnel(label, ip, port, server_name)
+                    await self._one_tunnel(label, ip, port, server_name, keeper)
                 except (TransportError, RemoteProtocolError, trio.TooSlowError, OSError) as exc:
+                    self.metrics.handshake_failures.labels(_failure_reason(exc)).inc()
                     log.warning("tunnel to cloud failed", extra={"cloud": label, "reason": str(exc) or "timeout"})
-                if self.draining:
+                if self.draining or keeper.retired:
                     return
                 attempt = 0 if trio.current_time() - started >= b.stable_after else attempt + 1
                 delay = backoff_delay(attempt, b.initial, b.max, b.multiplier, self._rng)
                 log.info("reconnecting", extra={"cloud": label, "in_seconds": round(delay, 2)})
                 await trio.sleep(delay)
 
-    async def _one_tunnel(self, label: str, ip: str, port: int, server_name: str) -> None:
+    @property
+    def context(self) -> ssl.SSLContext:
+        """The client context; rebuilt first if the certificate files changed."""
+        return self.tls.context
+
+    async def _one_tunnel(self, label: str, ip: str, port: int, server_name: str,
+                          keeper: _Keeper | None = None) -> None:
         cfg = self.cfg
         with trio.fail_after(cfg.handshake_timeout):
             tls = await connect_tls(ip, port, self.context, server_hostname=server_name)
+        cloud_cert = _cert_summary(tls.peer_certificate_der())
         hello = Hello(names=tuple(cfg.services), agent=f"kins-tunnel-edge/{__version__}")
         conn = Connection(Role.CLIENT, hello, mux_config(cfg.mux))
         session = Session(tls, conn, on_open=self.forwarder.on_open, ping_interval=cfg.ping_interval,
@@ -155,6 +223,9 @@ class Edge:
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(session.serve, handshake_timeout=cfg.handshake_timeout))
             self.sessions[label] = session
+            self.cloud_certs[label] = cloud_cert
+            if keeper is not None:
+                keeper.session = session
             self.connects += 1
             log.info("tunnel up", extra={"cloud": label, "unit": self.identity.unit, "node": self.identity.node})
             try:
@@ -162,6 +233,7 @@ class Edge:
             finally:
                 if self.sessions.get(label) is session:
                     del self.sessions[label]
+                    self.cloud_certs.pop(label, None)
                 log.info("tunnel down", extra={"cloud": label, "reason": session.close_reason})
 
     async def drain(self) -> None:
