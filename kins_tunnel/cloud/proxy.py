@@ -187,7 +187,9 @@ async def handle_client(ctx: ProxyContext, stream: trio.SocketStream) -> None:
         result = await relay(stream, stream_ref)
         ctx.metrics.relay_bytes.labels("to_edge").inc(result.a_to_b + len(leftover))
         ctx.metrics.relay_bytes.labels("from_edge").inc(result.b_to_a)
-        log.info("CONNECT done", extra={"target": target, "stream": stream_ref.stream_id,
+        unit, node = getattr(stream_ref, "route", ("", ""))
+        log.info("CONNECT done", extra={"target": target, "unit": unit, "node": node,
+                                        "stream": stream_ref.stream_id,
                                         "sent": result.a_to_b + len(leftover), "received": result.b_to_a,
                                         "outcome": result.error or "closed"})
     finally:
@@ -215,8 +217,7 @@ async def _open(ctx: ProxyContext, name: str, target: str) -> TunnelStream:
             break
         ctx.metrics.streams.inc()
         ctx.metrics.dial_seconds.observe(trio.current_time() - t0)
-        log.info("CONNECT open", extra={"target": target, "unit": tunnel.identity.unit,
-                                        "node": tunnel.identity.node, "stream": stream.stream_id})
+        stream.route = (tunnel.identity.unit, tunnel.identity.node)  # type: ignore[attr-defined]
         return stream
     if last is None or last.code in _RETRYABLE:
         ctx.metrics.dial_failures.labels("no_edge").inc()

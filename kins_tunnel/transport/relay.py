@@ -29,6 +29,9 @@ class RelayResult:
 async def _pump(src: trio.abc.Stream, dst: trio.abc.HalfCloseableStream | trio.abc.Stream,
                 result: RelayResult, forward: bool) -> None:
     total = 0
+    direct = isinstance(dst, trio.SocketStream) and hasattr(src, "set_direct_sink")
+    if direct:
+        src.set_direct_sink(dst.socket.fileno())  # type: ignore[attr-defined]
     try:
         while True:
             data = await src.receive_some(RELAY_CHUNK)
@@ -36,7 +39,12 @@ async def _pump(src: trio.abc.Stream, dst: trio.abc.HalfCloseableStream | trio.a
                 break
             await dst.send_all(data)
             total += len(data)
+            if direct:
+                src.sink_idle()  # type: ignore[attr-defined]
     finally:
+        if direct:
+            src.set_direct_sink(None)  # type: ignore[attr-defined]  # before dst's fd can be closed
+            total += src.direct_bytes  # type: ignore[attr-defined]
         if forward:
             result.a_to_b += total
         else:
