@@ -1,0 +1,172 @@
+"""Scale axis: one tunnel-cloud process holding N idle edge tunnels (default 10,000).
+
+    python -m benchmarks.scale [--edges 10000] [--workers 4]
+
+Edges are simulated by a lightweight client (this file, `worker` mode): real TCP, real mutual TLS
+with an edge certificate, the real protocol handshake (HELLO both ways, `kins_tunnel.proto`), and
+then idle, answering the cloud's pings. They are spread over several worker processes (the
+open-file limit here is 20,000 per process). Reported: time until the cloud reports all N tunnels
+(from its /metrics), the cloud's RSS then (VmRSS from /proc), and RSS per tunnel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import trio
+
+from kins_tunnel.certs import client_ssl_context, init_ca, issue_edge
+from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
+
+
+async def _one_edge(port: int, ctx: object, connected: list[int], stop: trio.Event) -> None:
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")  # type: ignore[arg-type]
+    conn = Connection(Role.CLIENT, Hello(names=("scale-svc-kins.kins-system:443",)))
+    try:
+        await stream.send_all(bytes(conn.data_to_send()))
+        first = True
+        while not stop.is_set():
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            try:
+                conn.receive_data(data)
+            except RemoteProtocolError:
+                return
+            if first and conn.is_open:
+                connected[0] += 1
+                first = False
+            out = conn.data_to_send()
+            if out:
+                await stream.send_all(bytes(out))
+    except (trio.BrokenResourceError, OSError):
+        return
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _worker(port: int, n: int, certs: Path, node: str, hold: float) -> None:
+    ctx = client_ssl_context(certs / "ca.crt", certs / f"edge-{node}.crt", certs / f"edge-{node}.key")
+    connected = [0]
+    stop = trio.Event()
+    limiter = trio.CapacityLimiter(64)
+
+    async def start(i: int) -> None:
+        async with limiter:
+            pass
+        await _one_edge(port, ctx, connected, stop)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(n):
+            nursery.start_soon(start, i)
+            if i % 64 == 63:
+                await trio.sleep(0)
+        with trio.move_on_after(hold):
+            while True:
+                print(json.dumps({"connected": connected[0]}), flush=True)
+                await trio.sleep(1)
+        stop.set()
+        nursery.cancel_scope.cancel()
+
+
+def _metric(admin: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _free_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="kins-scale-") as tmp:
+        base = Path(tmp)
+        certs = base / "certs"
+        init_ca(certs)
+        issue_edge(certs, "scale", "edge1")
+        tport, pport, aport = _free_port(), _free_port(), _free_port()
+        (base / "cloud.yaml").write_text(json.dumps({
+            "tunnel": {"listen": f"127.0.0.1:{tport}"}, "proxy": {"listen": f"127.0.0.1:{pport}"},
+            "admin": {"listen": f"127.0.0.1:{aport}"}, "log": {"level": "error"},
+            "tls": {"ca": str(certs / "ca.crt"), "cert": str(certs / "cloud.crt"), "key": str(certs / "cloud.key")}}))
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            cloud = subprocess.Popen([sys.executable, "-m", "kins_tunnel", "cloud", "--config", str(base / "cloud.yaml")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(cloud)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{aport}/readyz", timeout=1).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("cloud did not start") from None
+                    time.sleep(0.1)
+            rss_before = _rss_mib(cloud.pid)
+            per = [edges // workers + (1 if i < edges % workers else 0) for i in range(workers)]
+            t0 = time.monotonic()
+            for n in per:
+                procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.scale", "worker", str(tport), str(n),
+                                               str(certs), str(timeout)],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            seen = 0.0
+            while time.monotonic() - t0 < timeout:
+                seen = _metric(aport, "kins_tunnel_tunnels")
+                if seen >= edges:
+                    break
+                time.sleep(0.5)
+            accept_s = time.monotonic() - t0
+            time.sleep(2)
+            rss = _rss_mib(cloud.pid)
+            return {"edges": seen, "accept_seconds": round(accept_s, 1), "cloud_rss_mib": round(rss, 1),
+                    "cloud_rss_before_mib": round(rss_before, 1),
+                    "kib_per_tunnel": round((rss - rss_before) * 1024 / max(seen, 1), 1)}
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGKILL)
+            for p in procs:
+                p.wait()
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        port, n, certs, hold = int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5])
+        trio.run(_worker, port, n, certs, "edge1", hold)
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--edges", type=int, default=10_000)
+    ap.add_argument("--workers", type=int, default=4)
+    args = ap.parse_args()
+    print(json.dumps(run(args.edges, args.workers)))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
