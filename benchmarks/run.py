@@ -243,6 +243,7 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         started = time.time()
+        self.loadavg_start = os.getloadavg()
         self.setup_paths()
         if "wan" in self.axes:
             self.log("starting WAN relays ({} ms one way, {} Mbit/s)".format(
@@ -269,6 +270,16 @@ class Bench:
     def med(self, axis: str, path: str, key: str) -> float | None:
         vals = [r[key] for r in self.samples.get(axis, {}).get(path, []) if r.get(key) is not None]
         return statistics.median(vals) if vals else None
+
+    def spread(self) -> dict[str, dict[str, list[float]]]:
+        """min and max over rounds per metric and path (the table shows medians)."""
+        out: dict[str, dict[str, list[float]]] = {}
+        for metric, (axis, key) in SPREAD_KEYS.items():
+            for name in PATH_NAMES:
+                vals = [r[key] for r in self.samples.get(axis, {}).get(name, []) if r.get(key) is not None]
+                if vals:
+                    out.setdefault(metric, {})[name] = [min(vals), max(vals)]
+        return out
 
     def summary(self) -> dict[str, dict[str, float | None]]:
         s: dict[str, dict[str, float | None]] = {}
@@ -297,14 +308,18 @@ class Bench:
 
     def results(self, elapsed: float) -> dict[str, Any]:
         summ = self.summary()
+        machine = machine_info()
+        machine["loadavg_start"] = [round(x, 2) for x in self.loadavg_start]
+        machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
         return {
-            "machine": machine_info(),
+            "machine": machine,
             "args": {k: v for k, v in vars(self.args).items() if k not in ("json", "markdown")},
             "params": self.p,
             "elapsed_s": elapsed,
             "paths": {p.name: p.info for p in self.paths},
             "skipped": self.skipped,
             "summary": summ,
+            "spread": self.spread(),
             "table": table_rows(summ, self.axes, self.skipped),
             "samples": self.samples,
         }
@@ -330,6 +345,16 @@ ROWS: list[tuple[str, str, str, str, str | None, float]] = [
     ("cost", "rss_MiB", "tunnel RSS after run (MiB)", "{:.0f}", None, 0),
     ("wan", "wan_MBps", "WAN 50 ms/100 Mbit download (MB/s)", "{:.2f}", "ge_direct", 0.8),
 ]
+
+SPREAD_KEYS = {
+    "upload_MBps": ("upload", "MBps"),
+    "download_MBps": ("download", "MBps"),
+    "rtt_p50_us": ("rtt", "p50_us"),
+    "setup_conn_per_s": ("setup", "conn_per_s"),
+    "parallel_MBps": ("parallel", "MBps"),
+    "fair_ratio": ("fairness", "ratio_p99"),
+    "wan_MBps": ("wan", "MBps"),
+}
 
 TARGET_TEXT = {
     "ge_ssh": "≥ {f:g}× ssh -R",
@@ -382,7 +407,9 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Machine: {m['nproc']} cores, {m['cpu_model']}, Linux {m['kernel']}, Python {m['python']}, "
         f"{m['openssl']}. Mode: {'quick' if res['args']['quick'] else 'full'}, "
-        f"{res['args']['rounds']} round(s), medians over rounds.",
+        f"{res['args']['rounds']} round(s), medians over rounds. "
+        f"Load average (1 min) at start {m['loadavg_start'][0]}, at end {m['loadavg_end'][0]} "
+        f"(more than ~{m['nproc'] * 0.5:g} means something else was competing for the cores).",
         "",
     ]
     ssh = res["paths"].get("ssh -R")
@@ -395,6 +422,19 @@ def markdown(res: dict[str, Any]) -> str:
     for row in res["table"]:
         lines.append("| " + " | ".join(row[c] for c in cols) + " |")
     lines.append("")
+    spread = res.get("spread") or {}
+    if spread and res["args"]["rounds"] > 1:
+        labels = {metric: label for _a, metric, label, _s, _r, _f in ROWS}
+        specs = {metric: spec for _a, metric, _l, spec, _r, _f in ROWS}
+        lines += ["Spread over rounds (min – max):", "",
+                  "| axis | direct | ssh -R | ours |", "|---|---|---|---|"]
+        for metric, per in spread.items():
+            cells = [
+                f"{specs[metric].format(per[n][0])} – {specs[metric].format(per[n][1])}" if n in per else "—"
+                for n in PATH_NAMES
+            ]
+            lines.append(f"| {labels[metric]} | " + " | ".join(cells) + " |")
+        lines.append("")
     if res["skipped"]:
         lines.append("Skipped:")
         for k, v in res["skipped"].items():
