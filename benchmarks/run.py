@@ -408,8 +408,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"Machine: {m['nproc']} cores, {m['cpu_model']}, Linux {m['kernel']}, Python {m['python']}, "
         f"{m['openssl']}. Mode: {'quick' if res['args']['quick'] else 'full'}, "
         f"{res['args']['rounds']} round(s), medians over rounds. "
-        f"Load average (1 min) at start {m['loadavg_start'][0]}, at end {m['loadavg_end'][0]} "
-        f"(more than ~{m['nproc'] * 0.5:g} means something else was competing for the cores).",
+        f"Load average (1 min) before the run {m['loadavg_start'][0]} (above ~{m['nproc'] * 0.5:g}: "
+        f"other work was competing for the cores), at the end {m['loadavg_end'][0]} (includes this run).",
         "",
     ]
     ssh = res["paths"].get("ssh -R")
