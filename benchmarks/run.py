@@ -244,6 +244,7 @@ class Bench:
     def run(self) -> dict[str, Any]:
         started = time.time()
         self.loadavg_start = os.getloadavg()
+        self.machine = machine_info()  # at the start: the commit under test, not a later one
         self.setup_paths()
         if "wan" in self.axes:
             self.log("starting WAN relays ({} ms one way, {} Mbit/s)".format(
@@ -308,7 +309,7 @@ class Bench:
 
     def results(self, elapsed: float) -> dict[str, Any]:
         summ = self.summary()
-        machine = machine_info()
+        machine = dict(self.machine)
         machine["loadavg_start"] = [round(x, 2) for x in self.loadavg_start]
         machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
         return {
