@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from benchmarks.load import ProxyError, open_stream
-from benchmarks.procs import Cleanup, free_port, tail, wait_port
+from benchmarks.procs import Cleanup, free_port, tail, tree, wait_port
 
 KINDS = ("sink", "source", "echo")
 SSHD = "/usr/sbin/sshd"
@@ -62,6 +62,8 @@ class Path_:
     name = "?"
     endpoints: dict[str, dict[str, Any]]
     cost_roots: list[int]
+    # Subtrees under cost_roots that belong to the WAN variant, not to the path being costed.
+    cost_exclude: set[int] = set()
     info: dict[str, Any]
 
     def wan_endpoint(self, relay: tuple[float, float]) -> dict[str, Any]:
@@ -202,7 +204,10 @@ class SshR(Path_):
     def wan_endpoint(self, relay: tuple[float, float]) -> dict[str, Any]:
         rport = start_relay(self.cleanup, "relay-ssh", self.port, *relay)
         fport = free_port()
-        self._ssh_forward("ssh-R-wan", rport, [f"127.0.0.1:{fport}:127.0.0.1:{self.targets.ports['source']}"])
+        before = set(tree(self.cost_roots))
+        wan = self._ssh_forward("ssh-R-wan", rport, [f"127.0.0.1:{fport}:127.0.0.1:{self.targets.ports['source']}"])
+        # sshd's session process(es) for the WAN login: not part of the main path's CPU/RSS.
+        self.cost_exclude = (set(tree(self.cost_roots)) - before) | {wan.pid}
         return endpoint(fport)
 
 

@@ -54,24 +54,26 @@ def _children_map() -> dict[int, list[int]]:
     return kids
 
 
-def tree(roots: Iterable[int]) -> list[int]:
-    """The roots and all their live descendants (sshd forks a session process per login)."""
+def tree(roots: Iterable[int], exclude: Iterable[int] = ()) -> list[int]:
+    """The roots and all their live descendants (sshd forks a session process per login),
+    leaving out the subtrees of ``exclude``."""
     kids = _children_map()
     out: list[int] = []
+    skip = set(exclude)
     todo = list(roots)
     while todo:
         pid = todo.pop()
-        if pid in out:
+        if pid in out or pid in skip:
             continue
         out.append(pid)
         todo.extend(kids.get(pid, []))
     return out
 
 
-def cpu_seconds(roots: Iterable[int]) -> float:
+def cpu_seconds(roots: Iterable[int], exclude: Iterable[int] = ()) -> float:
     """user+sys CPU seconds of the live process trees under ``roots``."""
     total = 0
-    for pid in tree(roots):
+    for pid in tree(roots, exclude):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
@@ -82,9 +84,9 @@ def cpu_seconds(roots: Iterable[int]) -> float:
     return total / CLK_TCK
 
 
-def rss_mib(roots: Iterable[int]) -> float:
+def rss_mib(roots: Iterable[int], exclude: Iterable[int] = ()) -> float:
     total = 0
-    for pid in tree(roots):
+    for pid in tree(roots, exclude):
         try:
             with open(f"/proc/{pid}/statm") as f:
                 total += int(f.read().split()[1]) * PAGE

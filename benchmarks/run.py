@@ -182,10 +182,10 @@ class Bench:
                     if self.skip(direction, pth.name):
                         continue
                     kind = "sink" if direction == "upload" else "source"
-                    cpu0 = cpu_seconds(pth.cost_roots) if pth.cost_roots else 0.0
+                    cpu0 = cpu_seconds(pth.cost_roots, pth.cost_exclude) if pth.cost_roots else 0.0
                     res = run_client(direction, pth.endpoints[kind], "--bytes", str(p["tput_bytes"]))
                     if pth.cost_roots and "error" not in res:
-                        cpu = cpu_seconds(pth.cost_roots) - cpu0
+                        cpu = cpu_seconds(pth.cost_roots, pth.cost_exclude) - cpu0
                         res["tunnel_cpu_s"] = cpu
                         self.cost_acc.setdefault(pth.name, []).append({"cpu": cpu, "bytes": res["bytes"]})
                     self.record(direction, pth.name, res)
@@ -263,7 +263,7 @@ class Bench:
             self.round_summary(rnd)
         for pth in self.paths:
             if pth.cost_roots:
-                self.rss[pth.name] = rss_mib(pth.cost_roots)
+                self.rss[pth.name] = rss_mib(pth.cost_roots, pth.cost_exclude)
         return self.results(time.time() - started)
 
     # ------------------------------------------------------------ summarising
