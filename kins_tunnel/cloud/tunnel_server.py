@@ -19,7 +19,7 @@ import ssl
 import trio
 
 from kins_tunnel import __version__
-from kins_tunnel.certs import identity_from_der
+from kins_tunnel.certs import EdgeIdentity, identity_from_der
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.registry import EdgeTunnel, Registry, allowed_name
 from kins_tunnel.config import CloudConfig
@@ -93,7 +93,7 @@ class TunnelServer:
                 raise TransportError("no client certificate")
             identity = identity_from_der(der)
         except (TransportError, trio.TooSlowError, ValueError) as exc:
-            reason = "timeout" if isinstance(exc, trio.TooSlowError) else _reason_label(str(exc))
+            reason = "timeout" if isinstance(exc, trio.TooSlowError) else _reason_label(exc)
             self.metrics.handshake_failures.labels(reason).inc()
             log.warning("edge handshake refused", extra={"peer": peer, "reason": str(exc) or "timeout"})
             tls.close()
@@ -102,6 +102,17 @@ class TunnelServer:
         conn = Connection(Role.SERVER, Hello(agent=f"kins-tunnel-cloud/{__version__}"), mux_config(self.cfg.mux))
         session = Session(tls, conn, ping_interval=t.ping_interval, ping_timeout=t.ping_timeout,
                           label=f"{identity.unit}/{identity.node}@{peer}")
+        try:
+            await self._serve_session(session, identity, labels, peer)
+        except* trio.ClosedResourceError:
+            # Session.close() (drain, ping timeout, a failed write) closes the socket under the
+            # session's own reader/writer, which then raise ClosedResourceError out of serve().
+            # The tunnel is over either way; it must not take the listener down with it.
+            log.debug("edge tunnel closed under its reader", extra={**labels, "peer": peer})
+
+    async def _serve_session(self, session: Session, identity: EdgeIdentity, labels: dict[str, str],
+                             peer: str) -> None:
+        t = self.cfg.tunnel
         async with trio.open_nursery() as nursery:
             try:
                 await nursery.start(functools.partial(session.serve, handshake_timeout=t.handshake_timeout))
@@ -128,9 +139,19 @@ class TunnelServer:
                 log.info("edge disconnected", extra={**labels, "peer": peer, "reason": session.close_reason})
 
 
-def _reason_label(text: str) -> str:
-    t = text.lower()
+# OpenSSL X509_V_ERR_* codes worth their own label
+_VERIFY_CODES = {9: "not_yet_valid", 10: "expired", 2: "unknown_ca", 18: "unknown_ca", 19: "unknown_ca",
+                 20: "unknown_ca", 21: "unknown_ca"}
+
+
+def _reason_label(exc: BaseException) -> str:
+    """A short, bounded label for a refused handshake (the handshake_failures metric)."""
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return _VERIFY_CODES.get(cause.verify_code, "verify_failed")
+    t = str(exc).lower().replace("_", " ")  # OpenSSL reasons come as CERTIFICATE_VERIFY_FAILED
     for key, label in (("certificate required", "no_certificate"), ("no client certificate", "no_certificate"),
+                       ("peer did not return a certificate", "no_certificate"),
                        ("unknown ca", "unknown_ca"), ("certificate verify failed", "verify_failed"),
                        ("expired", "expired"), ("wrong version", "not_tls"), ("http request", "not_tls"),
                        ("kins uri", "no_identity"), ("identity", "no_identity")):

@@ -69,7 +69,10 @@ def _failure_reason(exc: BaseException) -> str:
     """A short label for a failed tunnel set-up (the edge's handshake_failures metric)."""
     if isinstance(exc, trio.TooSlowError):
         return "timeout"
-    text = str(exc).lower()
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return "expired" if cause.verify_code == 10 else "verify_failed"
+    text = str(exc).lower().replace("_", " ")  # OpenSSL reasons come as CERTIFICATE_VERIFY_FAILED
     for key, label in (("cannot connect", "connect"), ("certificate verify failed", "verify_failed"),
                        ("hostname mismatch", "verify_failed"), ("unknown ca", "unknown_ca"),
                        ("certificate", "tls_error"), ("tls handshake", "tls_error")):
@@ -220,6 +223,17 @@ class Edge:
         conn = Connection(Role.CLIENT, hello, mux_config(cfg.mux))
         session = Session(tls, conn, on_open=self.forwarder.on_open, ping_interval=cfg.ping_interval,
                           ping_timeout=cfg.ping_timeout, label=f"cloud {label}")
+        try:
+            await self._serve_session(session, label, cloud_cert, keeper)
+        except* trio.ClosedResourceError:
+            # Session.close() (ping timeout, a failed write, drain) closes the socket under the
+            # session's own reader/writer, which then raise ClosedResourceError out of serve().
+            # The tunnel is over either way: reconnect as usual instead of crashing the edge.
+            log.debug("tunnel closed under its reader", extra={"cloud": label})
+
+    async def _serve_session(self, session: Session, label: str, cloud_cert: dict[str, object],
+                             keeper: _Keeper | None) -> None:
+        cfg = self.cfg
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(session.serve, handshake_timeout=cfg.handshake_timeout))
             self.sessions[label] = session
