@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("-i", "--input", default=None)
     k.add_argument("-o", "--output", default=None)
     st = sub.add_parser("status", help="table of connected edges (reads the cloud's admin endpoint)")
-    st.add_argument("--admin", default="http://127.0.0.1:9090", help="admin URL of tunnel-cloud")
+    st.add_argument("--admin", action="append", metavar="URL",
+                    help="admin URL of a tunnel-cloud replica (default http://127.0.0.1:9090); "
+                         "repeat it to list the edges of several replicas in one table")
     st.add_argument("--json", action="store_true")
     return p
 
@@ -110,26 +112,30 @@ def _run_demo(proxy_port: int) -> None:
     trio.run(main)
 
 
-def _status(admin: str, as_json: bool) -> None:
-    url = admin.rstrip("/") + "/status"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            doc = json.load(resp)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise UserError(f"cannot read {url}: {getattr(exc, 'reason', exc)}") from exc
+def _status(admins: list[str], as_json: bool) -> None:
+    docs = []
+    for admin in admins:
+        url = admin.rstrip("/") + "/status"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                docs.append(json.load(resp))
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise UserError(f"cannot read {url}: {getattr(exc, 'reason', exc)}") from exc
     if as_json:
-        print(json.dumps(doc, indent=1))
+        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=1))
         return
     rows = [("UNIT", "NODE", "REPLICA", "UPTIME", "RTT", "STREAMS", "SENT", "RECEIVED", "PEER")]
-    for e in doc.get("edges", []):
-        rows.append((e["unit"], e["node"], e["replica"], _dur(e["uptime"]),
-                     "-" if e["rtt_ms"] is None else f"{e['rtt_ms']:.2f}ms", str(e["streams"]),
-                     _size(e["bytes_sent"]), _size(e["bytes_received"]), e["peer"]))
+    for doc in docs:
+        for e in sorted(doc.get("edges", []), key=lambda e: (e["unit"], e["node"], e["replica"])):
+            rows.append((e["unit"], e["node"], e["replica"], _dur(e["uptime"]),
+                         "-" if e["rtt_ms"] is None else f"{e['rtt_ms']:.2f}ms", str(e["streams"]),
+                         _size(e["bytes_sent"]), _size(e["bytes_received"]), e["peer"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     if len(rows) == 1:
-        print(f"(no edges connected to replica {doc.get('replica', '?')})")
+        names = ", ".join(str(d.get("replica", "?")) for d in docs)
+        print(f"(no edges connected to replica {names})")
 
 
 def _dur(seconds: float) -> str:
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return main_kubeconfig(args.unit, args.proxy_url, args.input, args.output)
         elif args.cmd == "status":
-            _status(args.admin, args.json)
+            _status(args.admin or ["http://127.0.0.1:9090"], args.json)
     except UserError as exc:
         print(f"kins-tunnel: error: {exc}", file=sys.stderr)
         return 2
