@@ -55,9 +55,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve_until_signal(run: Callable[..., Awaitable[object]], drain: Callable[[], Awaitable[None]]) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # The receiver outlives the nursery: `_second_signal` iterates it until the nursery is done
+    # (iterating a receiver whose block has exited raises RuntimeError).
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run)
             async for sig in signals:
                 log.info("signal %s: draining", signal.Signals(sig).name)
                 nursery.start_soon(_second_signal, signals, nursery.cancel_scope)
