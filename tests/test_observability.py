@@ -20,7 +20,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
