@@ -8,6 +8,7 @@ streams are closed on the way out, whatever happened. Returns the bytes moved ea
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -24,6 +25,35 @@ class RelayResult:
     a_to_b: int = 0
     b_to_a: int = 0
     error: str | None = None
+
+
+async def _pump_socket_to_tunnel(src: trio.SocketStream, dst: trio.abc.HalfCloseableStream,
+                                 result: RelayResult, forward: bool) -> None:
+    """The hot direction of a relay, without trio's per-call checkpoints: read the socket until it
+    would block, then wait for readiness. One scheduler pass per wake-up instead of three."""
+    fd = src.socket.fileno()
+    total = 0
+    try:
+        while True:
+            try:
+                data = os.read(fd, RELAY_CHUNK)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            if not data:
+                break
+            await dst.send_all(data)
+            total += len(data)
+            if len(data) == RELAY_CHUNK:  # bulk: more is probably waiting; let others run first
+                await trio.lowlevel.checkpoint()
+    finally:
+        if forward:
+            result.a_to_b += total
+        else:
+            result.b_to_a += total
+    await dst.send_eof()
 
 
 async def _pump(src: trio.abc.Stream, dst: trio.abc.HalfCloseableStream | trio.abc.Stream,
@@ -60,7 +90,10 @@ async def relay(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream
     async def run(src: trio.abc.Stream, dst: trio.abc.HalfCloseableStream, forward: bool,
                   cancel: trio.CancelScope) -> None:
         try:
-            await _pump(src, dst, result, forward)
+            if isinstance(src, trio.SocketStream) and hasattr(dst, "set_direct_sink"):
+                await _pump_socket_to_tunnel(src, dst, result, forward)
+            else:
+                await _pump(src, dst, result, forward)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             if result.error is None:
                 result.error = str(exc) or type(exc).__name__

@@ -50,7 +50,7 @@ from kins_tunnel.transport.tls import READ_BATCH, TLSSocket, TransportError
 log = logging.getLogger("kins_tunnel.session")
 
 WRITE_CHUNK = 256 * 1024
-OUTPUT_HIGH_WATER = 4 * 1024 * 1024
+OUTPUT_HIGH_WATER = 512 * 1024
 
 
 _READ_BUFFERS = threading.local()
@@ -270,7 +270,8 @@ class Session:
                 if self.conn.closed:
                     self._shutdown(self.close_reason or "peer closed the tunnel")
                     return
-                await trio.lowlevel.checkpoint()
+                if n == len(view):  # a full batch: more is waiting; let the other tasks run first
+                    await trio.lowlevel.checkpoint()
         except TransportError as exc:
             self._shutdown(str(exc))
 
@@ -498,7 +499,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             elif s._queued_bytes > OUTPUT_HIGH_WATER:
                 s.stalls += 1
                 await s.wait_output_space()
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        # No trailing yield: callers on the hot path (the relay) yield on their own reads.
 
     async def wait_send_all_might_not_block(self) -> None:
         s = self._session
