@@ -206,6 +206,8 @@ async def test_target_reset_mid_stream_resets_the_client(tmp_path: Path) -> None
                         ended = "eof"
                     except trio.BrokenResourceError:
                         ended = "reset"
-            assert got == b"partial"
+            # An abortive close (RST) lets the receiving kernel drop bytes not yet read, exactly as
+            # on a direct TCP connection; what did arrive is a prefix of what the target sent.
+            assert b"partial".startswith(got)
             assert ended == "reset"  # a truncated stream is never passed off as a clean EOF
         n.cancel_scope.cancel()
