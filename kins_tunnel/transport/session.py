@@ -274,6 +274,8 @@ class Session:
                     await trio.lowlevel.checkpoint()
         except TransportError as exc:
             self._shutdown(str(exc))
+        except trio.ClosedResourceError:  # another task closed the session under our wait
+            self._shutdown(self.close_reason or "session closed")
 
     def _dispatch(self, events: list[object]) -> None:
         streams = self._streams
@@ -362,6 +364,8 @@ class Session:
                         self._kick()
         except TransportError as exc:
             self._shutdown(str(exc))
+        except trio.ClosedResourceError:  # another task closed the session under our wait
+            self._shutdown(self.close_reason or "session closed")
 
     async def wait_output_space(self) -> None:
         """Block while too much output is queued (TCP back-pressure)."""

@@ -138,6 +138,8 @@ class TLSSocket:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"{exc.reason}: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return exc.reason or exc.strerror or str(exc)
     if isinstance(exc, OSError):
