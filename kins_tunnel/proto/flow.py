@@ -18,7 +18,10 @@ given back. Credit is returned in batches, once `unreturned` reaches half of W, 
 frames rare.
 
 Growth: when the consumer got through half a window in less than two round trips, the window was
-what limited the stream, so W doubles (up to `max_window`), in the same WINDOW frame. Growth draws
+what limited the stream, so W doubles (up to `max_window`), in the same WINDOW frame. The round
+trip used is the *minimum* recently measured (the path's propagation delay), not the smoothed one:
+under load, queueing inflates the smoothed RTT, and growing windows on it would only fill the
+queues further (bufferbloat) and delay every other stream's frames behind bulk data. Growth draws
 on the session budget: the sum of all windows never exceeds `session_budget`, except that every
 stream is granted at least `MIN_WINDOW` so it can always make progress. Memory held for received,
 unconsumed data is therefore at most `session_budget + max_streams * MIN_WINDOW`, whatever the
@@ -78,7 +81,7 @@ def credit_to_return(
     budget: Budget,
     max_window: int,
     now: float | None,
-    srtt: float | None,
+    rtt: float | None,
 ) -> int:
     """Bytes of credit to send back now (0: not yet), growing the window when it was the limit.
 
@@ -91,8 +94,8 @@ def credit_to_return(
         fast = (
             now is None
             or win.last_return is None
-            or srtt is None
-            or (now - win.last_return) < 2 * srtt
+            or rtt is None
+            or (now - win.last_return) < 2 * rtt
         )
         if fast:
             step = min(win.size, max_window - win.size)

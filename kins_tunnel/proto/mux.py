@@ -26,6 +26,7 @@ with an error code). Each direction ends independently with FIN; RESET aborts bo
 
 from __future__ import annotations
 
+import collections
 import enum
 import json
 import time
@@ -58,6 +59,7 @@ PROTOCOL_VERSION = 1
 MIN_SUPPORTED_VERSION = 1
 CAPABILITIES = frozenset({"names", "goaway-reason", "window-growth"})
 MAX_PENDING_PONGS = 16
+RTT_SAMPLES = 16
 
 
 class Role(enum.Enum):
@@ -175,6 +177,8 @@ class Connection:
         self.version: int | None = None
         self.capabilities: frozenset[str] = frozenset()
         self.srtt: float | None = None
+        self.min_rtt: float | None = None  # over the last RTT_SAMPLES pings: sizes the windows
+        self._rtt_samples: collections.deque[float] = collections.deque(maxlen=RTT_SAMPLES)
         self.bytes_sent = 0
         self.bytes_received = 0
         self._send_hello()
@@ -371,7 +375,7 @@ class Connection:
                 self._forget(stream_id)
             return
         inc = credit_to_return(
-            w, budget=self._budget, max_window=self.config.max_window, now=self._now(), srtt=self.srtt
+            w, budget=self._budget, max_window=self.config.max_window, now=self._now(), rtt=self.min_rtt
         )
         if inc:
             self._out += frame(FrameType.WINDOW, stream_id, U32.pack(inc))
@@ -662,6 +666,8 @@ class Connection:
             if sent is not None and now is not None:
                 rtt = max(now - sent, 0.0)
                 self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
+                self._rtt_samples.append(rtt)
+                self.min_rtt = min(self._rtt_samples)
             events.append(ev.PongReceived(payload, rtt))
             return
         self._pending_pongs += 1
