@@ -33,15 +33,19 @@ async def _pump_socket_to_tunnel(src: trio.SocketStream, dst: trio.abc.HalfClose
     would block, then wait for readiness. One scheduler pass per wake-up instead of three."""
     fd = src.socket.fileno()
     total = 0
+    drained = False  # the last read was short: the socket is (almost surely) empty now
     try:
         while True:
+            if drained:
+                await trio.lowlevel.wait_readable(fd)
             try:
                 data = os.read(fd, RELAY_CHUNK)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
+                drained = True
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            drained = len(data) < RELAY_CHUNK
             if not data:
                 break
             await dst.send_all(data)

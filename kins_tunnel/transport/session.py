@@ -254,6 +254,9 @@ class Session:
         tls = self.tls
         try:
             while True:
+                if tls.drained:
+                    tls.drained = False
+                    await tls.wait_readable()
                 n = tls.receive_into(view)
                 if n is None:
                     await tls.wait_readable()

@@ -41,6 +41,7 @@ class TLSSocket:
     def __init__(self, sslsock: ssl.SSLSocket) -> None:
         self._s = sslsock
         self._closed = False
+        self.drained = False  # the last receive_into emptied the socket as far as we can tell
 
     @classmethod
     def wrap(cls, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
@@ -91,12 +92,16 @@ class TLSSocket:
         n = 0
         size = len(view)
         recv_into = self._s.recv_into
+        pending = self._s.pending
         try:
             while n < size:
                 got = recv_into(view[n:], size - n)
                 if got == 0:
                     return n if n else 0
                 n += got
+                if got < 16384 and not pending():
+                    self.drained = True  # a short record, nothing buffered: wait before reading
+                    return n
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             pass
         except (ssl.SSLError, OSError) as exc:
