@@ -1,0 +1,91 @@
+"""The command line as users script it: one clear line and exit 2 for user errors; the demo."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+import yaml
+
+from kins_tunnel.demo import run_demo
+
+
+def kt(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kins_tunnel", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_certs_commands_write_keys_0600(tmp_path: Path) -> None:
+    r = kt("certs", "init", "--dir", str(tmp_path), "--cloud-san", "tunnel-cloud.kube-system")
+    assert r.returncode == 0, r.stderr
+    r = kt("certs", "edge", "--dir", str(tmp_path), "--unit", "test", "--node", "edge1")
+    assert r.returncode == 0, r.stderr
+    for key in ("ca.key", "cloud.key", "edge-edge1.key"):
+        assert stat.S_IMODE(os.stat(tmp_path / key).st_mode) == 0o600
+    r = kt("certs", "edge", "--dir", str(tmp_path), "--unit", "Bad_Unit", "--node", "edge1")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_missing_config_is_one_line(tmp_path: Path) -> None:
+    r = kt("cloud", "--config", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2
+    assert r.stderr.startswith("kins-tunnel: error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "nope.yaml" in r.stderr
+
+
+def test_unknown_key_names_the_key(tmp_path: Path) -> None:
+    kt("certs", "init", "--dir", str(tmp_path / "certs"))
+    cfg = tmp_path / "cloud.yaml"
+    cfg.write_text(yaml.safe_dump({"proxy": {"lsiten": "127.0.0.1:0"},
+                                   "tls": {"ca": "certs/ca.crt", "cert": "certs/cloud.crt", "key": "certs/cloud.key"}}))
+    r = kt("cloud", "--config", str(cfg))
+    assert r.returncode == 2 and "proxy.lsiten" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_port_in_use_is_one_line(tmp_path: Path) -> None:
+    kt("certs", "init", "--dir", str(tmp_path / "certs"))
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        cfg = tmp_path / "cloud.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "tunnel": {"listen": "127.0.0.1:0"}, "admin": {"listen": "127.0.0.1:0"},
+            "proxy": {"listen": f"127.0.0.1:{busy.getsockname()[1]}"},
+            "tls": {"ca": "certs/ca.crt", "cert": "certs/cloud.crt", "key": "certs/cloud.key"}}))
+        r = kt("cloud", "--config", str(cfg))
+    finally:
+        busy.close()
+    assert r.returncode == 2
+    assert "proxy.listen" in r.stderr and "Traceback" not in r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("kins-tunnel: error:")], r.stderr
+
+
+def test_unreadable_certificate_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(yaml.safe_dump({"cloud": ["127.0.0.1:9"], "services": {"edge1:22": "127.0.0.1:22"},
+                                   "tls": {"ca": "ca.crt", "cert": "edge.crt", "key": "edge.key"}}))
+    r = kt("edge", "--config", str(cfg))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+async def test_demo_serves_kubectl(tmp_path: Path) -> None:
+    async with trio.open_nursery() as n:
+        kubeconfig = await n.start(functools.partial(run_demo, tmp_path, 0, quiet=True))
+        env = {**os.environ, "HOME": str(tmp_path)}
+        with trio.fail_after(30):
+            r = await trio.run_process(["kubectl", "--kubeconfig", str(kubeconfig), "get", "pods"],
+                                       capture_stdout=True, capture_stderr=True, check=False, env=env)
+        assert r.returncode == 0, r.stderr
+        assert b"test-server-kins" in r.stdout
+        n.cancel_scope.cancel()
