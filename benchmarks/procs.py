@@ -103,6 +103,21 @@ def tail(log: Path, lines: int = 8) -> str:
     return " | ".join(text[-lines:]) or "(empty log)"
 
 
+def rss_breakdown(roots: Iterable[int], exclude: Iterable[int] = ()) -> list[dict[str, object]]:
+    """Per-process RSS (MiB) and command line of the trees under ``roots``."""
+    out: list[dict[str, object]] = []
+    for pid in tree(roots, exclude):
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                rss = int(f.read().split()[1]) * PAGE / (1 << 20)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+        except OSError:
+            continue
+        out.append({"pid": pid, "rss_MiB": round(rss, 1), "cmd": cmd})
+    return out
+
+
 class Cleanup:
     """Owns every server process and temp dir the harness creates; ``close`` tears all down."""
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.paths import Direct, Ours, Path_, PathUnavailable, SshR, Targets
-from benchmarks.procs import REPO, Cleanup, cpu_seconds, rss_mib
+from benchmarks.procs import REPO, Cleanup, cpu_seconds, rss_breakdown, rss_mib
 
 AXES = ["throughput", "rtt", "setup", "parallel", "fairness", "cost", "scale", "wan"]
 PATH_NAMES = ["direct", "ssh -R", "ours"]
@@ -120,6 +120,7 @@ class Bench:
         self.wan_eps: dict[str, dict[str, Any]] = {}
         self.rss: dict[str, float] = {}
         self.broken: set[tuple[str, str]] = set()
+        self.rss_detail: dict[str, list[dict[str, object]]] = {}
 
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -264,6 +265,7 @@ class Bench:
         for pth in self.paths:
             if pth.cost_roots:
                 self.rss[pth.name] = rss_mib(pth.cost_roots, pth.cost_exclude)
+                self.rss_detail[pth.name] = rss_breakdown(pth.cost_roots, pth.cost_exclude)
         return self.results(time.time() - started)
 
     # ------------------------------------------------------------ summarising
@@ -321,6 +323,7 @@ class Bench:
             "skipped": self.skipped,
             "summary": summ,
             "spread": self.spread(),
+            "rss_per_process": self.rss_detail,
             "table": table_rows(summ, self.axes, self.skipped),
             "samples": self.samples,
         }
