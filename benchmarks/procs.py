@@ -121,7 +121,8 @@ def rss_breakdown(roots: Iterable[int], exclude: Iterable[int] = ()) -> list[dic
 class Cleanup:
     """Owns every server process and temp dir the harness creates; ``close`` tears all down."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_dirs: bool = False) -> None:
+        self.keep_dirs = keep_dirs
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.dirs: list[Path] = []
         self.logs: list[object] = []
@@ -213,6 +214,9 @@ class Cleanup:
             with contextlib.suppress(Exception):
                 f.close()  # type: ignore[attr-defined]
         self.logs.clear()
-        for d in self.dirs:
-            shutil.rmtree(d, ignore_errors=True)
+        if self.keep_dirs and self.dirs:
+            print("kept (logs, configs, keys): " + " ".join(str(d) for d in self.dirs), file=sys.stderr)
+        else:
+            for d in self.dirs:
+                shutil.rmtree(d, ignore_errors=True)
         self.dirs.clear()

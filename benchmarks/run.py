@@ -112,7 +112,7 @@ class Bench:
         self.args = args
         self.p = params(args.quick)
         self.axes = args.axes
-        self.cleanup = Cleanup()
+        self.cleanup = Cleanup(keep_dirs=args.keep_logs)
         self.paths: list[Path_] = []
         self.skipped: dict[str, str] = {}
         self.samples: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -488,6 +488,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", default="benchmarks/results/latest.json", help="raw results (JSON)")
     ap.add_argument("--markdown", default="benchmarks/results/latest.md", help="table (markdown)")
     ap.add_argument("--ssh-cipher", default=None, help="e.g. aes128-gcm@openssh.com (default: negotiated)")
+    ap.add_argument(
+        "--keep-logs", action="store_true",
+        help="keep the temp dirs (cloud/edge/sshd/ssh logs, configs, keys) instead of deleting them",
+    )
     ap.add_argument(
         "--kins-cmd", default="",
         help="command that runs the tunnel CLI (default: this Python's -m kins_tunnel), "
