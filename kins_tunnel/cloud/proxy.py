@@ -151,6 +151,8 @@ async def handle_client(ctx: ProxyContext, stream: trio.SocketStream) -> None:
             if scope.cancelled_caught:
                 raise _Reject(408, "", f"request not received within {settings.header_timeout:g}s")
             target = request.target.decode("ascii", "replace")
+            if request.http_version not in (b"1.0", b"1.1"):  # h11 parses any digit.digit
+                raise _Reject(400, target, f"unsupported HTTP version {request.http_version.decode()}")
             if request.method != b"CONNECT":
                 raise _Reject(405, target, f"method {request.method.decode('ascii', 'replace')} not allowed: "
                               "this is a CONNECT proxy", [("Allow", "CONNECT")])
