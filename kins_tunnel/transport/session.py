@@ -103,7 +103,7 @@ class Session:
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._streams: dict[int, TunnelStream] = {}
-        self._opening: dict[int, trio.MemorySendChannel[OpenResult]] = {}
+        self._opening: dict[int, trio.MemorySendChannel[tuple[OpenResult, TunnelStream | None]]] = {}
         self._chunk: memoryview | None = None  # chunk OpenSSL must see again
         self._queued: collections.deque[memoryview] = collections.deque()
         self._queued_bytes = 0
@@ -203,23 +203,27 @@ class Session:
             sid = self.conn.open_stream(target)
         except LocalProtocolError as exc:
             raise OpenError(exc.code, str(exc)) from None
-        send, recv = trio.open_memory_channel[OpenResult](1)
+        send, recv = trio.open_memory_channel[tuple[OpenResult, "TunnelStream | None"]](1)
         self._opening[sid] = send
         self._kick()
+        stream: TunnelStream | None = None
+        returned = False
         try:
             with trio.move_on_after(timeout):
                 try:
-                    result = await recv.receive()
+                    result, stream = await recv.receive()
                 except trio.EndOfChannel:
                     raise OpenError(ErrorCode.CONNECT_ERROR, f"tunnel closed: {self.close_reason}") from None
-                if not result.ok:
+                if not result.ok or stream is None:
                     raise OpenError(result.code, result.message or ErrorCode(result.code).name.lower())
-                stream = TunnelStream(self, sid)
-                self._streams[sid] = stream
+                returned = True
                 return stream
             raise OpenError(ErrorCode.TIMEOUT, f"edge did not answer within {timeout:g}s")
         finally:
-            if self._opening.pop(sid, None) is not None and sid not in self._streams:
+            pending = self._opening.pop(sid, None) is not None
+            if stream is not None and not returned:
+                stream.abort(ErrorCode.CANCEL, "open abandoned")  # opened, but nobody wants it now
+            elif pending and stream is None and not self.closed.is_set():
                 self.conn.reset_stream(sid, ErrorCode.CANCEL, "open abandoned")
                 self._kick()
 
@@ -303,18 +307,25 @@ class Session:
                 else:
                     self._on_open(self, e.stream_id, e.target)
             elif type(e) is OpenResult:
-                ch = self._opening.get(e.stream_id)
-                if ch is not None:
-                    ch.send_nowait(e)
+                ch = self._opening.pop(e.stream_id, None)
+                if ch is None:
+                    if e.ok:
+                        self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "open abandoned")
                 elif e.ok:
-                    self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "open abandoned")
+                    # Register the stream now, before the opener runs: data (or FIN) the target
+                    # sends first may follow in this very batch and must land in the stream.
+                    stream = TunnelStream(self, e.stream_id)
+                    streams[e.stream_id] = stream
+                    ch.send_nowait((e, stream))
+                else:
+                    ch.send_nowait((e, None))
             elif type(e) is StreamReset:
                 s = streams.pop(e.stream_id, None)
                 if s is not None:
                     s._broken(f"reset by peer: {e.message or ErrorCode(e.code).name.lower()}", e.code)
                 ch = self._opening.pop(e.stream_id, None)
                 if ch is not None:
-                    ch.send_nowait(OpenResult(e.stream_id, e.code, e.message))
+                    ch.send_nowait((OpenResult(e.stream_id, e.code, e.message), None))
             elif type(e) is PongReceived:
                 if e.rtt is not None:
                     self.rtt = e.rtt

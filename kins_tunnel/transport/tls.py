@@ -27,8 +27,6 @@ import trio
 from kins_tunnel.errors import UserError
 
 READ_BATCH = 256 * 1024  # plaintext bytes gathered per wake-up
-TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
-NOTSENT_LOWAT_BYTES = 128 * 1024
 
 
 class TransportError(Exception):
@@ -49,12 +47,6 @@ class TLSSocket:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        # Keep little *unsent* data in the kernel (in-flight data still grows with the congestion
-        # window): queued bulk bytes are what an interactive frame would wait behind.
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
-        except OSError:
-            pass
         sslsock = context.wrap_socket(
             sock, server_side=server_side, server_hostname=server_hostname,
             do_handshake_on_connect=False, suppress_ragged_eofs=True,
