@@ -341,28 +341,32 @@ class Session:
 
     # ------------------------------------------------------------------ writer
     def _kick(self) -> None:
-        """Move protocol output to the socket now if it takes it; otherwise wake the writer."""
+        """Move protocol output to the socket now if it takes it; otherwise wake the writer.
+
+        Whatever path it takes, senders waiting for output space are woken once the queue is
+        below the high-water mark (a wake-up lost here would stall every stream of the tunnel).
+        """
         out = self.conn.data_to_send()
         if out:
             mv = memoryview(out)
             for i in range(0, len(mv), WRITE_CHUNK):
                 self._queued.append(mv[i : i + WRITE_CHUNK])
             self._queued_bytes += len(mv)
-        if self._chunk is not None or not self._queued or self.closed.is_set():
-            return
-        try:
-            while self._queued:
-                chunk = self._queued[0]
-                if not self.tls.send_chunk(chunk):
-                    self._chunk = chunk
-                    self._writer_wakeup.set()
-                    return
-                self._queued.popleft()
-                self._queued_bytes -= len(chunk)
-        except TransportError as exc:
-            self._shutdown(str(exc))
-            return
-        self._writable_lot.unpark_all()
+        if self._chunk is None and self._queued and not self.closed.is_set():
+            try:
+                while self._queued:
+                    chunk = self._queued[0]
+                    if not self.tls.send_chunk(chunk):
+                        self._chunk = chunk
+                        self._writer_wakeup.set()
+                        break
+                    self._queued.popleft()
+                    self._queued_bytes -= len(chunk)
+            except TransportError as exc:
+                self._shutdown(str(exc))
+                return
+        if self._queued_bytes <= OUTPUT_HIGH_WATER:
+            self._writable_lot.unpark_all()
 
     async def _writer(self) -> None:
         try:
