@@ -24,51 +24,58 @@ import urllib.request
 from pathlib import Path
 
 import trio
+import trio.lowlevel
 
 from kins_tunnel.certs import client_ssl_context, init_ca, issue_edge
 from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
 
 
 async def _one_edge(port: int, ctx: object, connected: list[int], stop: trio.Event) -> None:
-    tcp = await trio.open_tcp_stream("127.0.0.1", port)
-    stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")  # type: ignore[arg-type]
-    conn = Connection(Role.CLIENT, Hello(names=("scale-svc-kins.kins-system:443",)))
-    try:
-        await stream.send_all(bytes(conn.data_to_send()))
-        first = True
-        while not stop.is_set():
-            data = await stream.receive_some(65536)
-            if not data:
-                return
+    """One simulated edge: connect, handshake, idle answering pings; reconnect if dropped."""
+    import random
+
+    while not stop.is_set():
+        counted = False
+        try:
+            tcp = await trio.open_tcp_stream("127.0.0.1", port)
+            stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")  # type: ignore[arg-type]
+            conn = Connection(Role.CLIENT, Hello(names=("scale-svc-kins.kins-system:443",)))
             try:
-                conn.receive_data(data)
-            except RemoteProtocolError:
-                return
-            if first and conn.is_open:
-                connected[0] += 1
-                first = False
-            out = conn.data_to_send()
-            if out:
-                await stream.send_all(bytes(out))
-    except (trio.BrokenResourceError, OSError):
-        return
-    finally:
-        await trio.aclose_forcefully(stream)
+                await stream.send_all(bytes(conn.data_to_send()))
+                while not stop.is_set():
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        break
+                    conn.receive_data(data)
+                    if not counted and conn.is_open:
+                        connected[0] += 1
+                        counted = True
+                    out = conn.data_to_send()
+                    if out:
+                        await stream.send_all(bytes(out))
+            finally:
+                await trio.aclose_forcefully(stream)
+        except (trio.BrokenResourceError, OSError, RemoteProtocolError):
+            pass
+        if counted:
+            connected[0] -= 1
+        connected[1] += 1  # attempts that ended (refused, timed out, dropped)
+        await trio.sleep(random.uniform(0.1, 1.0))
 
 
 async def _worker(port: int, n: int, certs: Path, node: str, hold: float, report: Path) -> None:
     ctx = client_ssl_context(certs / "ca.crt", certs / f"edge-{node}.crt", certs / f"edge-{node}.key")
-    connected = [0]
+    connected = [0, 0]  # tunnels up now, attempts that ended
     stop = trio.Event()
 
     async with trio.open_nursery() as nursery:
         for i in range(n):
             nursery.start_soon(_one_edge, port, ctx, connected, stop)
             if i % 64 == 63:
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
         with trio.move_on_after(hold):
             while True:
-                report.write_text(str(connected[0]))
+                report.write_text(f"{connected[0]} {connected[1]}")
                 await trio.sleep(0.2)
         stop.set()
         nursery.cancel_scope.cancel()
@@ -127,15 +134,19 @@ def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
             per = [edges // workers + (1 if i < edges % workers else 0) for i in range(workers)]
             t0 = time.monotonic()
             reports = [base / f"worker-{i}.count" for i in range(len(per))]
-            for n, report in zip(per, reports):
+            for n, report in zip(per, reports, strict=True):
                 procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.scale", "worker", str(tport), str(n),
                                                str(certs), str(timeout), str(report)],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             # The workers count completed protocol handshakes (the cloud answered HELLO, so it
             # holds the session); scraping the cloud's per-tunnel metrics while it accepts would
             # cost it more than the handshakes, so it is asked once, at the end.
+            done = retries = 0
             while time.monotonic() - t0 < timeout:
-                done = sum(int(r.read_text() or 0) for r in reports if r.exists())
+                counts = [r.read_text().split() for r in reports if r.exists()]
+                counts = [c for c in counts if len(c) == 2]
+                done = sum(int(c[0]) for c in counts)
+                retries = sum(int(c[1]) for c in counts)
                 if done >= edges:
                     break
                 time.sleep(0.1)
@@ -143,7 +154,7 @@ def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
             time.sleep(2)
             seen = _metric(aport, "kins_tunnel_tunnels")
             rss = _rss_mib(cloud.pid)
-            return {"edges": seen, "accept_seconds": round(accept_s, 1), "cloud_rss_mib": round(rss, 1),
+            return {"edges": seen, "handshakes_retried": retries, "accept_seconds": round(accept_s, 1), "cloud_rss_mib": round(rss, 1),
                     "cloud_rss_before_mib": round(rss_before, 1),
                     "kib_per_tunnel": round((rss - rss_before) * 1024 / max(seen, 1), 1)}
         finally:
@@ -158,6 +169,8 @@ def main() -> None:
         port, n, certs, hold = int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5])
         trio.run(_worker, port, n, certs, "edge1", hold, Path(sys.argv[6]))
         return
+    # SIGTERM (e.g. from `timeout`) unwinds through run()'s clean-up like Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--edges", type=int, default=10_000)
     ap.add_argument("--workers", type=int, default=4)

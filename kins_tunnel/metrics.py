@@ -83,7 +83,7 @@ class Metrics:
         self.streams = Counter("kins_tunnel_streams", "Streams opened through the tunnel", registry=r)
         self.dial_failures = Counter("kins_tunnel_dial_failures", "Failed opens/dials by reason",
                                      ["reason"], registry=r)
-        self.dial_seconds = Histogram("kins_tunnel_dial_seconds", "Time to open a stream end to end",
+        self.dial_seconds = Histogram("kins_tunnel_dial_seconds", "Cloud: CONNECT until the stream is open; edge: dial of the target",
                                       registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.handshake_failures = Counter("kins_tunnel_handshake_failures", "Tunnel handshakes that failed, by reason",
                                           ["reason"], registry=r)

@@ -53,8 +53,10 @@ class ProxyContext:
 
 
 class _Reject(Exception):
-    def __init__(self, status: int, target: str, reason: str, headers: list[tuple[str, str]] | None = None) -> None:
+    def __init__(self, status: int, target: str, reason: str, headers: list[tuple[str, str]] | None = None,
+                 route: tuple[str, str] | None = None) -> None:
         super().__init__(reason)
+        self.route = route  # (unit, node) of the edge that answered, if one did
         self.status = status
         self.target = target
         self.reason = reason
@@ -169,7 +171,10 @@ async def handle_client(ctx: ProxyContext, stream: trio.SocketStream) -> None:
                               ctx.metrics)
             return
         except _Reject as rej:
-            log.info("CONNECT refused", extra={"target": rej.target, "status": rej.status, "outcome": rej.reason})
+            extra = {"target": rej.target, "status": rej.status, "outcome": rej.reason}
+            if rej.route is not None:
+                extra["unit"], extra["node"] = rej.route
+            log.info("CONNECT refused", extra=extra)
             await _send_error(stream, conn, rej, ctx.metrics)
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -205,11 +210,13 @@ async def _open(ctx: ProxyContext, name: str, target: str) -> TunnelStream:
     """Open a stream to `name` on the best tunnel, trying another on retryable refusals."""
     t0 = trio.current_time()
     last: OpenError | None = None
+    route: tuple[str, str] | None = None
     tried = 0
     for tunnel in ctx.registry.candidates(name):
         if tried == MAX_ATTEMPTS:
             break
         tried += 1
+        route = (tunnel.identity.unit, tunnel.identity.node)
         try:
             stream = await tunnel.session.open_stream(name, ctx.settings.dial_timeout)
         except OpenError as exc:
@@ -229,4 +236,4 @@ async def _open(ctx: ProxyContext, name: str, target: str) -> TunnelStream:
     label = code.name.lower() if isinstance(code, ErrorCode) else str(code)
     ctx.metrics.dial_failures.labels(label).inc()
     status = _STATUS_FOR_CODE.get(code, 502) if isinstance(code, ErrorCode) else 502
-    raise _Reject(status, target, f"edge could not open the stream: {last.message} ({label})")
+    raise _Reject(status, target, f"edge could not open the stream: {last.message} ({label})", route=route)

@@ -107,8 +107,10 @@ class Forwarder:
         raise last or DialFailed(ErrorCode.TIMEOUT, f"no answer within {self.dial_timeout:g}s")
 
     async def _dial_and_relay(self, session: Session, stream_id: int, name: str, addrs: tuple[Address, ...]) -> None:
+        t0 = trio.current_time()
         try:
             tcp = await self.dial(name, addrs)
+            self.metrics.dial_seconds.observe(trio.current_time() - t0)
         except DialFailed as exc:
             self.metrics.dial_failures.labels(exc.code.name.lower()).inc()
             log.warning("dial failed", extra={"target": name, "stream": stream_id, "outcome": str(exc)})

@@ -63,9 +63,10 @@ async def _pump_socket_to_tunnel(src: trio.SocketStream, dst: trio.abc.HalfClose
 async def _pump(src: trio.abc.Stream, dst: trio.abc.HalfCloseableStream | trio.abc.Stream,
                 result: RelayResult, forward: bool) -> None:
     total = 0
-    direct = isinstance(dst, trio.SocketStream) and hasattr(src, "set_direct_sink")
+    sink = dst.socket.fileno() if isinstance(dst, trio.SocketStream) else None
+    direct = sink is not None and hasattr(src, "set_direct_sink")
     if direct:
-        src.set_direct_sink(dst.socket.fileno())  # type: ignore[attr-defined]
+        src.set_direct_sink(sink)  # type: ignore[attr-defined]
     try:
         while True:
             data = await src.receive_some(RELAY_CHUNK)

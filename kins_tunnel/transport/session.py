@@ -34,6 +34,7 @@ from kins_tunnel.proto import (
     ConnectionTerminated,
     DataReceived,
     ErrorCode,
+    Event,
     GoAwayReceived,
     HandshakeComplete,
     LocalProtocolError,
@@ -284,7 +285,7 @@ class Session:
         except trio.ClosedResourceError:  # another task closed the session under our wait
             self._shutdown(self.close_reason or "session closed")
 
-    def _dispatch(self, events: list[object]) -> None:
+    def _dispatch(self, events: list[Event]) -> None:
         streams = self._streams
         for e in events:
             if type(e) is DataReceived:

@@ -22,7 +22,15 @@ from typing import Any
 
 import trio
 
-from tests.e2e.harness import cloud_dict, edge_dict, free_port, make_certs, read_all, spawn, write_yaml
+from tests.e2e.harness import (
+    cloud_dict,
+    edge_dict,
+    free_port,
+    make_certs,
+    read_all,
+    spawn,
+    write_yaml,
+)
 
 
 def figure(name: str, value: float | str, unit: str = "") -> None:

@@ -252,7 +252,7 @@ async def test_tunnel_port_rejects_bad_clients(tmp_path: Path) -> None:
         foreign = client_ssl_context(certs / "ca.crt", other / "edge-edge1.crt", other / "edge-edge1.key")
         outcome_foreign = await _tls_attempt(port, foreign)
         # an expired certificate from the right CA
-        issue_edge(certs, "test", "old", days=1, _now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30))
+        issue_edge(certs, "test", "old", days=1, _now=dt.datetime.now(dt.UTC) - dt.timedelta(days=30))
         expired = client_ssl_context(certs / "ca.crt", certs / "edge-old.crt", certs / "edge-old.key")
         outcome_expired = await _tls_attempt(port, expired)
         for name, outcome in (("no cert", outcome_bare), ("foreign CA", outcome_foreign), ("expired", outcome_expired)):

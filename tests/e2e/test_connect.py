@@ -10,7 +10,15 @@ from pathlib import Path
 
 import trio
 
-from tests.e2e.harness import SVC, connect, free_port, read_all, serve_digest, serve_echo, tunnel_env
+from tests.e2e.harness import (
+    SVC,
+    connect,
+    free_port,
+    read_all,
+    serve_digest,
+    serve_echo,
+    tunnel_env,
+)
 
 
 async def test_echo_through_the_tunnel(tmp_path: Path) -> None:

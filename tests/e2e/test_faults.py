@@ -43,7 +43,15 @@ from tests.e2e.faultkit import (
     wait_edges,
     wait_until,
 )
-from tests.e2e.harness import SVC, cloud_dict, edge_dict, free_port, make_certs, read_all, serve_echo
+from tests.e2e.harness import (
+    SVC,
+    cloud_dict,
+    edge_dict,
+    free_port,
+    make_certs,
+    read_all,
+    serve_echo,
+)
 
 PING = {"ping_interval": 0.5, "ping_timeout": 2.0}
 CLOUD_FAST: dict[str, Any] = {"tunnel": {**PING, "drain_timeout": 3.0, "handshake_timeout": 3.0},
@@ -199,7 +207,6 @@ async def test_cloud_restart_on_same_ports_edge_reconnects(tmp_path: Path) -> No
             assert seen <= 2.0
             await trio.sleep(1.5)  # the edge keeps retrying while the cloud is away
             assert edge.running()
-            restarted = time.monotonic()
             cloud.start()
             ready = await wait_cloud_up(cloud)
             back = await wait_connect(cloud.proxy, SVC, 200, timeout=10)

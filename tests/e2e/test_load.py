@@ -4,7 +4,6 @@ soak of mixed traffic while the edge flaps, after which nothing may be left behi
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import signal
 import time

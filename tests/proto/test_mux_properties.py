@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -24,6 +25,8 @@ from kins_tunnel.proto import (
 from kins_tunnel.proto.flow import MIN_WINDOW
 from kins_tunnel.proto.frames import HEADER_SIZE
 
+# CI runs bounded example counts; KINS_FUZZ_SCALE=40 (for example) makes a long fuzzing run.
+SCALE = int(os.environ.get("KINS_FUZZ_SCALE", "1"))
 SIDES = ("client", "server")
 OPS = ["open", "answer", "answer", "send", "send", "send", "consume", "consume", "reset", "ping"]
 OPS += ["deliver"] * 4 + ["tick"]
@@ -109,7 +112,7 @@ class World:
             assert len(c._inbuf) < HEADER_SIZE + 64 * 1024
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_random_interleavings_deliver_exact_bytes_in_order(data: st.DataObject) -> None:
     w = World()
@@ -230,14 +233,14 @@ def feed(conn: Connection, raw: bytes, cuts: list[int]) -> None:
         conn.check_invariants()
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500 * SCALE, deadline=None)
 @given(st.binary(max_size=4096), st.lists(st.integers(0, 4096), max_size=5))
 def test_random_bytes_only_raise_protocol_errors(raw: bytes, cuts: list[int]) -> None:
     conn = Connection(Role.CLIENT, Hello(), CFG)
     feed(conn, raw, [c for c in cuts if c <= len(raw)])
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500 * SCALE, deadline=None)
 @given(st.data())
 def test_mutated_valid_traffic_only_raises_protocol_errors(data: st.DataObject) -> None:
     raw = bytearray(VALID)
