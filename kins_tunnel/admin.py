@@ -7,6 +7,7 @@ their own readiness and status.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -14,7 +15,7 @@ import h11
 import trio
 
 from kins_tunnel.config import Address
-from kins_tunnel.transport.tls import open_listener_socket
+from kins_tunnel.transport.listen import accept_forever, open_listener_socket
 
 log = logging.getLogger("kins_tunnel.admin")
 
@@ -34,17 +35,10 @@ async def serve_admin(listen: Address, routes: dict[str, Route], *,
     port = sock.getsockname()[1]
     async with listener, trio.open_nursery() as nursery:
         task_status.started(port)
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:  # e.g. out of file descriptors: back off, keep serving
-                log.warning("admin accept failed: %s", exc)
-                await trio.sleep(0.1)
-                continue
-            nursery.start_soon(_handle, stream, routes)
+        await accept_forever(listener, nursery, functools.partial(_handle, routes=routes), "admin.listen")
 
 
-async def _handle(stream: trio.SocketStream, routes: dict[str, Route]) -> None:
+async def _handle(stream: trio.SocketStream, *, routes: dict[str, Route]) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=8192)
     try:
         with trio.fail_after(TIMEOUT):

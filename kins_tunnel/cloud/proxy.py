@@ -10,6 +10,7 @@ capped by `max_connections` (beyond it: 503 and close).
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -22,9 +23,9 @@ from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.config import ProxySettings, normalise_target
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.proto import ErrorCode
+from kins_tunnel.transport.listen import accept_forever, open_listener_socket
 from kins_tunnel.transport.relay import relay
 from kins_tunnel.transport.session import OpenError, TunnelStream
-from kins_tunnel.transport.tls import open_listener_socket
 
 log = logging.getLogger("kins_tunnel.cloud.proxy")
 MAX_ATTEMPTS = 3  # tunnels tried for one CONNECT when one is draining or full
@@ -75,14 +76,7 @@ async def serve_proxy(ctx: ProxyContext, *, task_status: trio.TaskStatus[int] = 
         with ctx.listener_scope:  # cancelled to stop accepting (drain); open relays go on
             async with trio.SocketListener(sock) as listener:
                 task_status.started(port)
-                while True:
-                    try:
-                        stream = await listener.accept()
-                    except OSError as exc:
-                        log.warning("proxy accept failed: %s", exc)
-                        await trio.sleep(0.05)
-                        continue
-                    nursery.start_soon(handle_client, ctx, stream)
+                await accept_forever(listener, nursery, functools.partial(handle_client, ctx), "proxy.listen")
 
 
 async def _send_error(stream: trio.SocketStream, conn: h11.Connection, rej: _Reject, metrics: Metrics) -> None:

@@ -26,8 +26,9 @@ from kins_tunnel.config import CloudConfig
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.mux_config import mux_config
 from kins_tunnel.proto import Connection, Hello, Role
+from kins_tunnel.transport.listen import accept_forever, open_listener_socket
 from kins_tunnel.transport.session import Session
-from kins_tunnel.transport.tls import TLSSocket, TransportError, open_listener_socket
+from kins_tunnel.transport.tls import TLSSocket, TransportError
 
 log = logging.getLogger("kins_tunnel.cloud.tunnel")
 MAX_CONCURRENT_HANDSHAKES = 256
@@ -54,14 +55,7 @@ class TunnelServer:
                 async with trio.SocketListener(sock) as listener:
                     self.listening.set()
                     task_status.started(port)
-                    while True:
-                        try:
-                            tcp = await listener.accept()
-                        except OSError as exc:
-                            log.warning("tunnel accept failed: %s", exc)
-                            await trio.sleep(0.05)
-                            continue
-                        nursery.start_soon(self._handle, tcp)
+                    await accept_forever(listener, nursery, self._handle, "tunnel.listen")
 
     @property
     def context(self) -> ssl.SSLContext:

@@ -24,8 +24,6 @@ import ssl
 
 import trio
 
-from kins_tunnel.errors import UserError
-
 READ_BATCH = 256 * 1024  # plaintext bytes gathered per wake-up
 
 
@@ -159,17 +157,3 @@ async def connect_tls(host: str, port: int, context: ssl.SSLContext, *, server_h
         tls.close()
         raise
     return tls
-
-
-def open_listener_socket(host: str, port: int, what: str) -> trio.socket.SocketType:
-    """A bound, listening trio socket, or UserError naming `what` ("tunnel.listen") and the reason."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(4096)
-    except OSError as exc:
-        sock.close()
-        raise UserError(f"{what}: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    return trio.socket.from_stdlib_socket(sock)
