@@ -101,9 +101,13 @@ class TLSSocket:
         return n if n else None
 
     async def wait_readable(self) -> None:
+        if self._closed:  # closed by another task of the session: never hand trio fd -1
+            raise TransportError("tunnel socket closed")
         await trio.lowlevel.wait_readable(self._s)
 
     async def wait_writable(self) -> None:
+        if self._closed:
+            raise TransportError("tunnel socket closed")
         await trio.lowlevel.wait_writable(self._s)
 
     def send_chunk(self, chunk: memoryview | bytes | bytearray) -> bool:

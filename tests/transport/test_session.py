@@ -184,3 +184,22 @@ async def test_senders_parked_on_a_full_queue_wake_when_the_writer_drains_it() -
         n.cancel_scope.cancel()
     assert tls.held_last  # the path that used to lose the wake-up was taken
     assert tls.sent >= 4 * 256 * 1024
+
+
+async def test_waiting_on_a_closed_tunnel_socket_is_a_transport_error(tmp_path: Path) -> None:
+    """A session task closed the socket; another must get TransportError, not trio's fd -1 crash."""
+    from kins_tunnel.transport.tls import TransportError
+
+    certs = tmp_path / "certs"
+    init_ca(certs)
+    issue_edge(certs, "test", "edge1")
+    server, client = await tls_pair(certs)
+    server.close()
+    for wait in (server.wait_readable, server.wait_writable):
+        try:
+            await wait()
+        except TransportError:
+            pass
+        else:
+            raise AssertionError("waiting on a closed socket returned")
+    client.close()
