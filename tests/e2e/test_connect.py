@@ -219,3 +219,25 @@ async def test_target_reset_mid_stream_resets_the_client(tmp_path: Path) -> None
             assert b"partial".startswith(got)
             assert ended == "reset"  # a truncated stream is never passed off as a clean EOF
         n.cancel_scope.cancel()
+
+
+async def test_service_with_several_addresses_fails_over(tmp_path: Path) -> None:
+    """An L5 unit: three K3s servers behind one name; dead ones are skipped, the live one is used."""
+    dead1, dead2 = free_port(), free_port()
+    async with trio.open_nursery() as n:
+        echo = await n.start(serve_echo)
+        addrs = [f"127.0.0.1:{dead1}", f"127.0.0.1:{echo}", f"127.0.0.1:{dead2}"]
+        async with tunnel_env(tmp_path, {SVC: addrs}) as env:
+            for _ in range(3):
+                status, head, s = await connect(env.ports.proxy, SVC)
+                assert status == 200, head
+                async with s:
+                    await s.send_all(b"hello")
+                    assert await s.receive_some(10) == b"hello"
+            # the forwarder now starts with the address that worked
+            assert env.edges[0].forwarder._preferred[SVC] == 1
+        async with tunnel_env(tmp_path / "all-dead", {SVC: [f"127.0.0.1:{dead1}", f"127.0.0.1:{dead2}"]}) as env:
+            status, head, s = await connect(env.ports.proxy, SVC)
+            await s.aclose()
+            assert status == 502 and b"refused" in head
+        n.cancel_scope.cancel()
