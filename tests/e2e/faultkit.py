@@ -24,10 +24,12 @@ import trio
 
 from tests.e2e.harness import (
     cloud_dict,
+    echo_bytes,
     edge_dict,
     free_port,
     make_certs,
     read_all,
+    serve_loopback,
     spawn,
     write_yaml,
 )
@@ -313,24 +315,12 @@ async def serve_banner(name: str, *, task_status: trio.TaskStatus[int] = trio.TA
     """Answer the client's first bytes with `name` + newline, then echo (so a client learns which
     edge's target it reached). The client speaks first, like TLS or HTTP."""
     async def handler(stream: trio.SocketStream) -> None:
-        try:
-            if not await stream.receive_some(1):
-                return
-            await stream.send_all(name.encode() + b"\n")
-            while True:
-                data = await stream.receive_some(1 << 16)
-                if not data:
-                    await stream.send_eof()
-                    return
-                await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
+        if not await stream.receive_some(1):
+            return
+        await stream.send_all(name.encode() + b"\n")
+        await echo_bytes(stream)
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handler, listeners)
+    await serve_loopback(handler, task_status=task_status)
 
 
 def set_rst_on_close(stream: trio.SocketStream) -> None:

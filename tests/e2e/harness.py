@@ -8,12 +8,13 @@ the status line and the raw stream (a trio SocketStream) for the bytes that foll
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,47 +145,48 @@ async def read_all(stream: trio.abc.ReceiveStream, limit: int = 1 << 31) -> byte
 
 
 # ---------------------------------------------------------------- target servers (test doubles)
-async def serve_echo(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_loopback(handler: Callable[[trio.SocketStream], Awaitable[None]], *,
+                         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """A target server on 127.0.0.1:0: `handler` per connection, which is always closed after it;
+    a client that goes away mid-way is not an error. Reports the port through `task_status`."""
+    async def guarded(stream: trio.SocketStream) -> None:
+        try:
+            await handler(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(guarded, listeners)
+
+
+async def echo_bytes(stream: trio.SocketStream) -> None:
     """Echo every byte back; half-close when the client half-closes."""
-    async def handler(stream: trio.SocketStream) -> None:
-        try:
-            while True:
-                data = await stream.receive_some(1 << 18)
-                if not data:
-                    await stream.send_eof()
-                    return
-                await stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
-
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handler, listeners)
+    while True:
+        data = await stream.receive_some(1 << 18)
+        if not data:
+            await stream.send_eof()
+            return
+        await stream.send_all(data)
 
 
-async def serve_digest(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Read until EOF, then answer sha256 hex + the byte count, then close (a half-close test)."""
-    async def handler(stream: trio.SocketStream) -> None:
-        h = hashlib.sha256()
-        n = 0
-        try:
-            while True:
-                data = await stream.receive_some(1 << 18)
-                if not data:
-                    break
-                h.update(data)
-                n += len(data)
-            await stream.send_all(f"{h.hexdigest()} {n}\n".encode())
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
+async def digest_bytes(stream: trio.SocketStream) -> None:
+    """Read until EOF, then answer sha256 hex + the byte count (a half-close test)."""
+    h = hashlib.sha256()
+    n = 0
+    while True:
+        data = await stream.receive_some(1 << 18)
+        if not data:
+            break
+        h.update(data)
+        n += len(data)
+    await stream.send_all(f"{h.hexdigest()} {n}\n".encode())
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handler, listeners)
+
+serve_echo = functools.partial(serve_loopback, echo_bytes)
+serve_digest = functools.partial(serve_loopback, digest_bytes)
 
 
 def free_port() -> int:

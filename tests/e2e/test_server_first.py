@@ -8,25 +8,18 @@ from pathlib import Path
 import trio
 
 from tests.e2e.faultkit import connect
-from tests.e2e.harness import SVC, read_all, tunnel_env
+from tests.e2e.harness import SVC, read_all, serve_loopback, tunnel_env
 
 BANNER = b"SSH-2.0-OpenSSH_9.6 test\r\n"
 
 
 async def serve_speaks_first(close: bool, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     async def handler(stream: trio.SocketStream) -> None:
-        try:
-            await stream.send_all(BANNER)
-            if not close:
-                await stream.receive_some(1)  # hold the connection until the client goes
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
+        await stream.send_all(BANNER)
+        if not close:
+            await stream.receive_some(1)  # hold the connection until the client goes
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handler, listeners)
+    await serve_loopback(handler, task_status=task_status)
 
 
 async def test_banner_sent_right_after_the_open_is_never_lost(tmp_path: Path) -> None:
