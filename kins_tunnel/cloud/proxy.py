@@ -25,7 +25,8 @@ from kins_tunnel.metrics import Metrics
 from kins_tunnel.proto import ErrorCode
 from kins_tunnel.transport.listen import accept_forever, open_listener_socket
 from kins_tunnel.transport.relay import relay
-from kins_tunnel.transport.session import OpenError, TunnelStream
+from kins_tunnel.transport.session import OpenError
+from kins_tunnel.transport.stream import TunnelStream
 
 log = logging.getLogger("kins_tunnel.cloud.proxy")
 MAX_ATTEMPTS = 3  # tunnels tried for one CONNECT when one is draining or full

@@ -24,7 +24,8 @@ from kins_tunnel.proto.events import (
     StreamReset,
     WindowUpdated,
 )
-from kins_tunnel.proto.mux import PROTOCOL_VERSION, Connection, Hello, MuxConfig, Role
+from kins_tunnel.proto.handshake import PROTOCOL_VERSION, Hello, MuxConfig, Role
+from kins_tunnel.proto.mux import Connection
 
 __all__ = [
     "PROTOCOL_VERSION",

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import enum
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,10 +40,7 @@ from kins_tunnel.proto.frames import (
     FLAG_FIN,
     HEADER,
     HEADER_SIZE,
-    HELLO_PREFIX,
-    MAGIC,
     MAX_CONTROL_PAYLOAD,
-    MAX_PAYLOAD_LIMIT,
     MAX_WINDOW_VALUE,
     PING_SIZE,
     U32,
@@ -54,51 +50,17 @@ from kins_tunnel.proto.frames import (
     encode_text,
     frame,
 )
+from kins_tunnel.proto.handshake import (
+    Hello,
+    MuxConfig,
+    PeerLimits,
+    Role,
+    encode_hello,
+    parse_hello,
+)
 
-PROTOCOL_VERSION = 1
-MIN_SUPPORTED_VERSION = 1
-CAPABILITIES = frozenset({"names", "goaway-reason", "window-growth"})
 MAX_PENDING_PONGS = 16
 RTT_SAMPLES = 16
-
-
-class Role(enum.Enum):
-    CLIENT = "client"  # dialled the connection (edge): odd stream ids
-    SERVER = "server"  # accepted it (cloud): even stream ids
-
-
-@dataclass(frozen=True, slots=True)
-class MuxConfig:
-    """Limits and windows of one side; see `kins_tunnel.config.MuxSettings` for the YAML keys."""
-
-    initial_window: int = 256 * 1024
-    max_window: int = 16 * 1024 * 1024
-    session_budget: int = 64 * 1024 * 1024
-    max_streams: int = 1024
-    max_frame: int = 256 * 1024
-    max_target_len: int = 512
-    max_names: int = 256
-
-    def __post_init__(self) -> None:
-        if not (16 * 1024 <= self.max_frame <= MAX_PAYLOAD_LIMIT):
-            raise ValueError("max_frame must be between 16 KiB and 16 MiB")
-        if not (0 < self.initial_window <= self.max_window <= MAX_WINDOW_VALUE):
-            raise ValueError("need 0 < initial_window <= max_window < 2 GiB")
-        if self.session_budget < self.initial_window:
-            raise ValueError("session_budget must be at least initial_window")
-        if self.max_streams < 1:
-            raise ValueError("max_streams must be at least 1")
-
-
-@dataclass(frozen=True, slots=True)
-class Hello:
-    """What this side says about itself in its HELLO (identity comes from TLS, not from here)."""
-
-    names: tuple[str, ...] = ()
-    agent: str = "kins-tunnel"
-    capabilities: frozenset[str] = CAPABILITIES
-    min_version: int = MIN_SUPPORTED_VERSION
-    max_version: int = PROTOCOL_VERSION
 
 
 class _State(enum.Enum):
@@ -121,15 +83,6 @@ class _Stream:
     @property
     def done(self) -> bool:
         return self.local_fin and self.remote_fin
-
-
-@dataclass(slots=True)
-class _Peer:
-    max_frame: int = 16 * 1024
-    max_streams: int = 1
-    max_target_len: int = 255
-    names: tuple[str, ...] = ()
-    goaway_last: int | None = None  # the peer sent GOAWAY: we may not open above this
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +114,7 @@ class Connection:
         self._clock = clock
         self._state = _State.HANDSHAKE
         self._hello = hello
-        self._peer = _Peer()
+        self._peer = PeerLimits()
         self._streams: dict[int, _Stream] = {}
         self._next_local_id = 1 if role is Role.CLIENT else 2
         self._highest_remote_id = 0
@@ -252,21 +205,7 @@ class Connection:
         return len(self._out)
 
     def _send_hello(self) -> None:
-        h = self._hello
-        body = {
-            "capabilities": sorted(h.capabilities),
-            "names": list(h.names),
-            "agent": h.agent,
-            "max_frame": self.config.max_frame,
-            "max_streams": self.config.max_streams,
-            "max_target_len": self.config.max_target_len,
-        }
-        payload = HELLO_PREFIX.pack(MAGIC, h.min_version, h.max_version) + json.dumps(
-            body, separators=(",", ":")
-        ).encode()
-        if len(payload) > MAX_CONTROL_PAYLOAD:
-            raise LocalProtocolError("HELLO too large: too many or too long names")
-        self._out += frame(FrameType.HELLO, 0, payload)
+        self._out += frame(FrameType.HELLO, 0, encode_hello(self._hello, self.config))
 
     # ------------------------------------------------------------------ commands
     def _require_open(self) -> None:
@@ -493,52 +432,11 @@ class Connection:
     def _on_hello(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
         if self._state is not _State.HANDSHAKE or sid != 0:
             raise RemoteProtocolError("unexpected HELLO")
-        if len(body) < HELLO_PREFIX.size:
-            raise RemoteProtocolError("HELLO too short")
-        magic, vmin, vmax = HELLO_PREFIX.unpack_from(body)
-        if magic != MAGIC:
-            raise RemoteProtocolError("not a kins-tunnel peer (bad magic)")
-        version = min(vmax, self._hello.max_version)
-        if version < max(vmin, self._hello.min_version):
-            raise RemoteProtocolError(
-                f"no common protocol version: peer speaks {vmin}..{vmax}, "
-                f"we speak {self._hello.min_version}..{self._hello.max_version}",
-                ErrorCode.VERSION_MISMATCH,
-            )
-        try:
-            info = json.loads(bytes(body[HELLO_PREFIX.size :]))
-            caps = info.get("capabilities", [])
-            names = info.get("names", [])
-            agent = info.get("agent", "")
-            max_frame = info["max_frame"]
-            max_streams = info["max_streams"]
-            max_target = info.get("max_target_len", 255)
-            ok = (
-                isinstance(caps, list)
-                and all(isinstance(c, str) for c in caps)
-                and isinstance(names, list)
-                and all(isinstance(n, str) and 0 < len(n) <= 512 for n in names)
-                and isinstance(agent, str)
-                and all(type(v) is int for v in (max_frame, max_streams, max_target))
-            )
-        except (ValueError, AttributeError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise RemoteProtocolError("malformed HELLO body")
-        if len(names) > self.config.max_names:
-            raise RemoteProtocolError(f"peer advertises {len(names)} names, limit {self.config.max_names}")
-        if not (16 * 1024 <= max_frame <= MAX_PAYLOAD_LIMIT) or max_streams < 1 or max_target < 1:
-            raise RemoteProtocolError("HELLO limits out of range")
-        self._peer = _Peer(
-            max_frame=max_frame,
-            max_streams=max_streams,
-            max_target_len=max_target,
-            names=tuple(dict.fromkeys(names)),
-        )
+        version, caps, self._peer, agent = parse_hello(body, self._hello, self.config)
         self.version = version
-        self.capabilities = frozenset(caps) & self._hello.capabilities
+        self.capabilities = caps & self._hello.capabilities
         self._state = _State.OPEN
-        events.append(ev.HandshakeComplete(version, self.capabilities, self._peer.names, agent[:200]))
+        events.append(ev.HandshakeComplete(version, self.capabilities, self._peer.names, agent))
 
     def _on_open(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
         if sid == 0 or (sid % 2 == 1) != (self.role is Role.SERVER):

@@ -8,8 +8,8 @@ in non-blocking mode: OpenSSL reads and writes the socket itself (no BIO copies,
 while it encrypts), and trio only tells us when the socket is ready.
 
 - Reading: `SSL_read` yields at most one TLS record (16 KiB) per call, so `receive_into` loops over
-  records until OpenSSL wants more bytes from the kernel or the buffer is full: one wake-up, up to a
-  megabyte of plaintext.
+  records until OpenSSL wants more bytes from the kernel or the buffer is full: one wake-up, up to
+  `READ_BATCH` (256 KiB) of plaintext.
 - Writing: OpenSSL (as Python configures it) does not do partial writes; after "want write" the same
   buffer must be offered again. `send_chunk` therefore writes bounded chunks and the caller retries
   the very chunk that did not go out (see `Session`'s writer).
