@@ -11,6 +11,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -189,12 +190,34 @@ serve_echo = functools.partial(serve_loopback, echo_bytes)
 serve_digest = functools.partial(serve_loopback, digest_bytes)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A free port for a process that must be restarted on the same port.
+
+    Taken *below* the kernel's ephemeral range: a port the kernel hands out as the local end of
+    some outgoing connection could otherwise be taken between our check and the process's bind,
+    or while it restarts ("address already in use").
+    """
+    low, _high = _ephemeral_range()
+    lo, hi = max(1024, low - 12000), max(1025, low - 1)
+    for _ in range(200):
+        port = random.randrange(lo, hi)
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 # ---------------------------------------------------------------- processes
