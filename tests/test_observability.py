@@ -38,6 +38,7 @@ from tests.e2e.harness import (
     make_certs,
     read_all,
     serve_echo,
+    serve_loopback,
     tunnel_env,
     wait_routed,
 )
@@ -131,13 +132,16 @@ async def test_metrics_after_real_traffic(tmp_path: Path) -> None:
     small = {"initial_window": 16384, "max_window": 16384, "session_budget": 16384}
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
-        services = {SVC: f"127.0.0.1:{echo}", "test-svc-kins.kins-system:6443": f"127.0.0.1:{refused}"}
+        # a target that sends 1 MiB at once: the edge's sender holds more than its 16 KiB of credit
+        source = await n.start(serve_loopback, send_mebibyte)
+        services = {SVC: f"127.0.0.1:{echo}", "test-svc-kins.kins-system:6443": f"127.0.0.1:{refused}",
+                    "test-svc-kins.kins-system:8443": f"127.0.0.1:{source}"}
         async with tunnel_env(tmp_path, replica="cloud-a", tunnel=FAST, mux=small) as env:
             assert env.nursery is not None
             edge, edge_admin = await start_edge(env.nursery, tmp_path, env.certs, [env.ports.tunnel], services,
                                                 ping_interval=0.2, mux=small)
             await wait_routed(env.cloud, SVC)
-            payload = bytes(range(256)) * 8192  # 2 MiB through a 16 KiB window: senders must wait
+            payload = bytes(range(256)) * 8192  # 2 MiB through a 16 KiB window: the cloud's sender waits
             # 200
             status, head, s = await connect(env.ports.proxy, SVC)
             assert status == 200, head
@@ -145,6 +149,10 @@ async def test_metrics_after_real_traffic(tmp_path: Path) -> None:
                 async with trio.open_nursery() as pump:
                     pump.start_soon(s.send_all, payload)
                     await echo_roundtrip_read(s, payload)
+            status, head, s = await connect(env.ports.proxy, "test-svc-kins.kins-system:8443")
+            assert status == 200, head
+            async with s:
+                assert await read_all(s) == MEBIBYTE
             # 503, 502
             for target, want in (("nowhere-svc-kins.kins-system:443", 503),
                                  ("test-svc-kins.kins-system:6443", 502)):
@@ -172,16 +180,16 @@ async def test_metrics_after_real_traffic(tmp_path: Path) -> None:
             assert value(m, "kins_tunnel_replica_info", replica="cloud-a") == 1
             assert value(m, "kins_tunnel_tunnels", role="cloud", replica="cloud-a") == 1
             assert value(m, "kins_tunnel_edges_connected", unit="test", replica="cloud-a") == 1
-            for status_code in ("200", "502", "503"):
-                assert value(m, "kins_tunnel_connect_answers_total", status=status_code) == 1, status_code
-            assert value(m, "kins_tunnel_streams_total") == 1
+            for status_code, count in (("200", 2), ("502", 1), ("503", 1)):  # 200: echo and source
+                assert value(m, "kins_tunnel_connect_answers_total", status=status_code) == count, status_code
+            assert value(m, "kins_tunnel_streams_total") == 2
             assert value(m, "kins_tunnel_dial_failures_total", reason="no_edge") == 1
             assert value(m, "kins_tunnel_dial_failures_total", reason="refused") == 1
-            assert value(m, "kins_tunnel_dial_seconds_count") == 1
+            assert value(m, "kins_tunnel_dial_seconds_count") == 2
             assert value(m, "kins_tunnel_relay_bytes_total", direction="to_edge") == len(payload)
-            assert value(m, "kins_tunnel_relay_bytes_total", direction="from_edge") == len(payload)
+            assert value(m, "kins_tunnel_relay_bytes_total", direction="from_edge") == len(payload) + len(MEBIBYTE)
             assert value(m, "kins_tunnel_tunnel_bytes_sent_total", unit="test", node="edge1") >= len(payload)
-            assert value(m, "kins_tunnel_tunnel_bytes_received_total", unit="test", node="edge1") >= len(payload)
+            assert value(m, "kins_tunnel_tunnel_bytes_received_total", unit="test", node="edge1") >= len(payload) + len(MEBIBYTE)
             assert value(m, "kins_tunnel_streams_open", unit="test", node="edge1") == 0
             assert 0 < value(m, "kins_tunnel_tunnel_rtt_seconds", unit="test", node="edge1") < 1
             assert value(m, "kins_tunnel_flow_control_stalls_total", unit="test", node="edge1") > 0
@@ -192,11 +200,18 @@ async def test_metrics_after_real_traffic(tmp_path: Path) -> None:
             assert value(e, "kins_tunnel_tunnels", role="edge") == 1
             assert value(e, "kins_tunnel_dial_failures_total", reason="refused") == 1
             assert value(e, "kins_tunnel_relay_bytes_total", direction="to_target") == len(payload)
-            assert value(e, "kins_tunnel_relay_bytes_total", direction="from_target") == len(payload)
+            assert value(e, "kins_tunnel_relay_bytes_total", direction="from_target") == len(payload) + len(MEBIBYTE)
             assert value(e, "kins_tunnel_flow_control_stalls_total", unit="test", node="edge1") > 0
             assert 0 < value(e, "kins_tunnel_tunnel_rtt_seconds", unit="test", node="edge1") < 1
             assert "kins_tunnel_replica_info" not in e
         n.cancel_scope.cancel()
+
+
+MEBIBYTE = bytes(range(256)) * 4096
+
+
+async def send_mebibyte(stream: trio.SocketStream) -> None:
+    await stream.send_all(MEBIBYTE)
 
 
 async def echo_roundtrip_read(stream: trio.SocketStream, payload: bytes) -> None:
