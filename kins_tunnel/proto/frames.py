@@ -82,3 +82,28 @@ def encode_text(text: str, limit: int = MAX_MESSAGE) -> bytes:
 
 def decode_text(raw: bytes | memoryview) -> str:
     return bytes(raw[:MAX_MESSAGE]).decode("utf-8", "replace")
+
+
+# Control frames, one builder each: the payload layouts above live here and nowhere else.
+def open_frame(stream_id: int, grant: int, target: bytes) -> bytes:
+    return frame(FrameType.OPEN, stream_id, U32.pack(grant) + target)
+
+
+def open_result_frame(stream_id: int, code: int, grant: int = 0, message: str = "") -> bytes:
+    return frame(FrameType.OPEN_RESULT, stream_id, U32x2.pack(int(code), grant) + encode_text(message))
+
+
+def window_frame(stream_id: int, increment: int) -> bytes:
+    return frame(FrameType.WINDOW, stream_id, U32.pack(increment))
+
+
+def reset_frame(stream_id: int, code: int, message: str = "") -> bytes:
+    return frame(FrameType.RESET, stream_id, U32.pack(int(code)) + encode_text(message))
+
+
+def ping_frame(payload: bytes, ack: bool = False) -> bytes:
+    return frame(FrameType.PING, 0, payload, FLAG_ACK if ack else 0)
+
+
+def goaway_frame(last_stream_id: int, code: int, reason: str = "") -> bytes:
+    return frame(FrameType.GOAWAY, 0, U32x2.pack(last_stream_id, int(code)) + encode_text(reason))

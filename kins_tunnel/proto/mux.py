@@ -18,15 +18,14 @@ Handshake: both sides send HELLO at once (magic, version range, a JSON object wi
 the names the side serves, its agent string and limits). The version is the highest both support;
 capabilities are the intersection. No other frame may come before HELLO.
 
-Stream ids: the side that dialled the TCP connection (the edge, `Role.CLIENT`) uses odd ids, the
-other side even ones; ids only grow. A stream is opened by OPEN (which grants the acceptor its
+Stream ids and the table of live streams are `streams`; the handshake is `handshake`; window
+policy is `flow`; RTT estimation is `rtt`; byte layouts are `frames`. A stream is opened by OPEN (which grants the acceptor its
 first window) and answered by OPEN_RESULT (which grants the opener its first window, or refuses
 with an error code). Each direction ends independently with FIN; RESET aborts both.
 """
 
 from __future__ import annotations
 
-import collections
 import enum
 import time
 from collections.abc import Callable
@@ -47,8 +46,13 @@ from kins_tunnel.proto.frames import (
     FrameType,
     U32x2,
     decode_text,
-    encode_text,
     frame,
+    goaway_frame,
+    open_frame,
+    open_result_frame,
+    ping_frame,
+    reset_frame,
+    window_frame,
 )
 from kins_tunnel.proto.handshake import (
     Hello,
@@ -58,31 +62,16 @@ from kins_tunnel.proto.handshake import (
     encode_hello,
     parse_hello,
 )
+from kins_tunnel.proto.rtt import RttEstimator
+from kins_tunnel.proto.streams import StreamState, StreamTable
 
 MAX_PENDING_PONGS = 16
-RTT_SAMPLES = 16
 
 
 class _State(enum.Enum):
     HANDSHAKE = 1
     OPEN = 2
     CLOSED = 3
-
-
-@dataclass(slots=True)
-class _Stream:
-    stream_id: int
-    local: bool  # we opened it
-    recv: ReceiveWindow
-    send_credit: int = 0
-    established: bool = False  # OPEN_RESULT ok sent or received
-    local_fin: bool = False  # we sent FIN
-    remote_fin: bool = False  # the peer sent FIN
-    target: str = ""
-
-    @property
-    def done(self) -> bool:
-        return self.local_fin and self.remote_fin
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,28 +104,28 @@ class Connection:
         self._state = _State.HANDSHAKE
         self._hello = hello
         self._peer = PeerLimits()
-        self._streams: dict[int, _Stream] = {}
-        self._next_local_id = 1 if role is Role.CLIENT else 2
-        self._highest_remote_id = 0
-        self._remote_open = 0  # concurrent streams the peer opened
-        self._local_open = 0
         self._budget = Budget(config.session_budget)
+        self._streams = StreamTable(role, self._budget)
         self._inbuf = bytearray()
         self._out = bytearray()
         self._pending_pongs = 0
-        self._ping_seq = 0
-        self._pings_sent: dict[bytes, float | None] = {}
+        self._rtt = RttEstimator()
         self._goaway_sent: int | None = None
         self.version: int | None = None
         self.capabilities: frozenset[str] = frozenset()
-        self.srtt: float | None = None
-        self.min_rtt: float | None = None  # over the last RTT_SAMPLES pings: sizes the windows
-        self._rtt_samples: collections.deque[float] = collections.deque(maxlen=RTT_SAMPLES)
         self.bytes_sent = 0
         self.bytes_received = 0
         self._send_hello()
 
     # ------------------------------------------------------------------ queries
+    @property
+    def srtt(self) -> float | None:
+        return self._rtt.srtt
+
+    @property
+    def min_rtt(self) -> float | None:
+        return self._rtt.min_rtt
+
     @property
     def is_open(self) -> bool:
         return self._state is _State.OPEN
@@ -170,7 +159,7 @@ class Connection:
     def statistics(self) -> Statistics:
         return Statistics(
             streams=len(self._streams),
-            buffered=sum(s.recv.buffered for s in self._streams.values()),
+            buffered=sum(s.recv.buffered for s in self._streams),
             granted=self._budget.granted,
             bytes_sent=self.bytes_sent,
             bytes_received=self.bytes_received,
@@ -181,15 +170,15 @@ class Connection:
     def check_invariants(self) -> None:
         """Assert the flow-control invariants (for tests)."""
         total = 0
-        for s in self._streams.values():
+        for s in self._streams:
             s.recv.check_invariant()
             total += s.recv.size
             assert s.send_credit >= 0
         assert total == self._budget.granted
         floor_streams = self.config.max_streams + self._peer.max_streams
         assert self._budget.granted <= self.config.session_budget + floor_streams * MIN_WINDOW
-        assert self._remote_open <= self.config.max_streams
-        assert self._local_open <= max(self._peer.max_streams, 0) or not self._streams
+        assert self._streams.remote_open <= self.config.max_streams
+        assert self._streams.local_open <= max(self._peer.max_streams, 0) or not self._streams
 
     # ------------------------------------------------------------------ output
     def data_to_send(self) -> bytearray:
@@ -219,18 +208,14 @@ class Connection:
             raise LocalProtocolError("peer is going away", ErrorCode.GOING_AWAY)
         if self._goaway_sent is not None:
             raise LocalProtocolError("we are going away", ErrorCode.GOING_AWAY)
-        if self._local_open >= self._peer.max_streams:
+        if self._streams.local_open >= self._peer.max_streams:
             raise LocalProtocolError("peer's stream limit reached", ErrorCode.STREAM_LIMIT)
         raw = target.encode("utf-8")
         if not raw or len(raw) > self._peer.max_target_len:
             raise LocalProtocolError("target name empty or too long")
-        sid = self._next_local_id
-        self._next_local_id += 2
         grant = self._budget.initial_grant(self.config.initial_window)
-        now = self._now()
-        self._streams[sid] = _Stream(sid, True, ReceiveWindow(grant, grant, last_return=now), target=target)
-        self._local_open += 1
-        self._out += frame(FrameType.OPEN, sid, U32.pack(grant) + raw)
+        sid = self._streams.open_local(ReceiveWindow(grant, grant, last_return=self._now()), target).stream_id
+        self._out += open_frame(sid, grant, raw)
         return sid
 
     def accept_stream(self, stream_id: int) -> None:
@@ -239,19 +224,17 @@ class Connection:
         grant = self._budget.initial_grant(self.config.initial_window)
         s.recv = ReceiveWindow(grant, grant, last_return=self._now())
         s.established = True
-        self._out += frame(FrameType.OPEN_RESULT, stream_id, U32x2.pack(0, grant))
+        self._out += open_result_frame(stream_id, ErrorCode.NO_ERROR, grant)
 
     def reject_stream(self, stream_id: int, code: ErrorCode, message: str = "") -> None:
         """Answer a StreamOpened with an error code; the stream is gone."""
         if code == ErrorCode.NO_ERROR:
             raise LocalProtocolError("reject_stream needs an error code")
         self._pending_remote(stream_id)
-        self._out += frame(
-            FrameType.OPEN_RESULT, stream_id, U32x2.pack(int(code), 0) + encode_text(message)
-        )
+        self._out += open_result_frame(stream_id, code, 0, message)
         self._forget(stream_id)
 
-    def _pending_remote(self, stream_id: int) -> _Stream:
+    def _pending_remote(self, stream_id: int) -> StreamState:
         s = self._streams.get(stream_id)
         if s is None or s.local or s.established:
             raise LocalProtocolError(f"stream {stream_id} is not waiting for an answer")
@@ -295,7 +278,7 @@ class Connection:
         """Abort the stream both ways. Unknown or finished streams are ignored (a race, not a bug)."""
         if stream_id not in self._streams or self._state is _State.CLOSED:
             return
-        self._out += frame(FrameType.RESET, stream_id, U32.pack(int(code)) + encode_text(message))
+        self._out += reset_frame(stream_id, code, message)
         self._forget(stream_id)
 
     def consumed(self, stream_id: int, n: int) -> None:
@@ -317,30 +300,25 @@ class Connection:
             w, budget=self._budget, max_window=self.config.max_window, now=self._now(), rtt=self.min_rtt
         )
         if inc:
-            self._out += frame(FrameType.WINDOW, stream_id, U32.pack(inc))
+            self._out += window_frame(stream_id, inc)
 
     def ping(self, payload: bytes | None = None) -> bytes:
         """Queue a PING; the PongReceived event reports the round trip. Returns the payload used."""
         self._require_open()
         if payload is None:
-            self._ping_seq += 1
-            payload = self._ping_seq.to_bytes(PING_SIZE, "big")
+            payload = self._rtt.next_payload()
         if len(payload) != PING_SIZE:
             raise LocalProtocolError("ping payload must be 8 bytes")
-        if len(self._pings_sent) >= 64:
-            self._pings_sent.pop(next(iter(self._pings_sent)))
-        self._pings_sent[payload] = self._now()
-        self._out += frame(FrameType.PING, 0, payload)
+        self._rtt.sent(payload, self._now())
+        self._out += ping_frame(payload)
         return payload
 
     def goaway(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Tell the peer we are draining: we open nothing new and refuse its new streams."""
         if self._state is _State.CLOSED or self._goaway_sent is not None:
             return
-        self._goaway_sent = self._highest_remote_id
-        self._out += frame(
-            FrameType.GOAWAY, 0, U32x2.pack(self._highest_remote_id, int(code)) + encode_text(reason)
-        )
+        self._goaway_sent = self._streams.highest_remote_id
+        self._out += goaway_frame(self._goaway_sent, code, reason)
 
     def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Send GOAWAY (if not yet sent) and forget every stream."""
@@ -439,13 +417,9 @@ class Connection:
         events.append(ev.HandshakeComplete(version, self.capabilities, self._peer.names, agent))
 
     def _on_open(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
-        if sid == 0 or (sid % 2 == 1) != (self.role is Role.SERVER):
-            raise RemoteProtocolError(f"OPEN with stream id {sid} of the wrong parity")
-        if sid <= self._highest_remote_id:
-            raise RemoteProtocolError(f"OPEN reuses stream id {sid}")
+        self._streams.claim_remote_id(sid)
         if len(body) < 5 or len(body) - 4 > self.config.max_target_len:
             raise RemoteProtocolError("OPEN target missing or too long")
-        self._highest_remote_id = sid
         (window,) = U32.unpack_from(body)
         if window == 0 or window > MAX_WINDOW_VALUE:
             raise RemoteProtocolError("OPEN grants an invalid window", ErrorCode.FLOW_CONTROL_ERROR)
@@ -454,17 +428,12 @@ class Connection:
         except UnicodeDecodeError:
             raise RemoteProtocolError("OPEN target is not UTF-8") from None
         if self._goaway_sent is not None:
-            self._out += frame(
-                FrameType.OPEN_RESULT, sid, U32x2.pack(ErrorCode.GOING_AWAY, 0) + b"going away"
-            )
+            self._out += open_result_frame(sid, ErrorCode.GOING_AWAY, 0, "going away")
             return
-        if self._remote_open >= self.config.max_streams:
-            self._out += frame(
-                FrameType.OPEN_RESULT, sid, U32x2.pack(ErrorCode.STREAM_LIMIT, 0) + b"too many streams"
-            )
+        if self._streams.remote_open >= self.config.max_streams:
+            self._out += open_result_frame(sid, ErrorCode.STREAM_LIMIT, 0, "too many streams")
             return
-        self._streams[sid] = _Stream(sid, False, ReceiveWindow(0, 0), send_credit=window, target=target)
-        self._remote_open += 1
+        self._streams.add_remote(sid, window, target)
         events.append(ev.StreamOpened(sid, target))
 
     def _on_open_result(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
@@ -472,7 +441,7 @@ class Connection:
         if len(body) < 8:
             raise RemoteProtocolError("OPEN_RESULT too short")
         if s is None:
-            if self._is_local_id(sid) and sid < self._next_local_id:
+            if self._streams.is_local_id(sid) and self._streams.known_closed(sid):
                 return  # we reset it meanwhile
             raise RemoteProtocolError(f"OPEN_RESULT for unknown stream {sid}")
         if not s.local or s.established:
@@ -488,20 +457,11 @@ class Connection:
             self._forget(sid)
         events.append(ev.OpenResult(sid, ErrorCode.from_wire(code), message))
 
-    def _known_closed(self, sid: int) -> bool:
-        """A stream id that existed and is gone (late frames for it are dropped)."""
-        if self._is_local_id(sid):
-            return sid < self._next_local_id
-        return sid <= self._highest_remote_id
-
-    def _is_local_id(self, sid: int) -> bool:
-        return (sid % 2 == 1) == (self.role is Role.CLIENT)
-
     def _on_data(self, sid: int, flags: int, body: memoryview, events: list[ev.Event]) -> None:
         s = self._streams.get(sid)
         n = len(body)
         if s is None:
-            if sid != 0 and self._known_closed(sid):
+            if self._streams.known_closed(sid):
                 return  # in flight when we reset it
             raise RemoteProtocolError(f"DATA for unknown stream {sid}")
         if not s.established:
@@ -533,7 +493,7 @@ class Connection:
         (inc,) = U32.unpack_from(body)
         s = self._streams.get(sid)
         if s is None:
-            if sid != 0 and self._known_closed(sid):
+            if self._streams.known_closed(sid):
                 return
             raise RemoteProtocolError(f"WINDOW for unknown stream {sid}")
         if inc == 0 or s.send_credit + inc > MAX_WINDOW_VALUE:
@@ -546,7 +506,7 @@ class Connection:
         if len(body) < 4:
             raise RemoteProtocolError("RESET too short")
         if sid not in self._streams:
-            if sid != 0 and self._known_closed(sid):
+            if self._streams.known_closed(sid):
                 return
             raise RemoteProtocolError(f"RESET for unknown stream {sid}")
         (code,) = U32.unpack_from(body)
@@ -558,20 +518,12 @@ class Connection:
             raise RemoteProtocolError("malformed PING")
         payload = body.tobytes()
         if flags & FLAG_ACK:
-            sent = self._pings_sent.pop(payload, None)
-            rtt = None
-            now = self._now()
-            if sent is not None and now is not None:
-                rtt = max(now - sent, 0.0)
-                self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
-                self._rtt_samples.append(rtt)
-                self.min_rtt = min(self._rtt_samples)
-            events.append(ev.PongReceived(payload, rtt))
+            events.append(ev.PongReceived(payload, self._rtt.answered(payload, self._now())))
             return
         self._pending_pongs += 1
         if self._pending_pongs > MAX_PENDING_PONGS:
             raise RemoteProtocolError("PING flood", ErrorCode.ENHANCE_YOUR_CALM)
-        self._out += frame(FrameType.PING, 0, payload, FLAG_ACK)
+        self._out += ping_frame(payload, ack=True)
 
     def _on_goaway(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
         if sid != 0 or len(body) < 8:
@@ -580,7 +532,7 @@ class Connection:
         prev = self._peer.goaway_last
         self._peer.goaway_last = last if prev is None else min(prev, last)
         # our streams above `last` were never seen by the peer
-        for sid2 in [i for i, s in self._streams.items() if s.local and i > last]:
+        for sid2 in [s.stream_id for s in self._streams if s.local and s.stream_id > last]:
             self._forget(sid2)
             events.append(ev.StreamReset(sid2, ErrorCode.GOING_AWAY, "peer is going away"))
         events.append(ev.GoAwayReceived(last, ErrorCode.from_wire(code), decode_text(body[8:])))
@@ -589,12 +541,12 @@ class Connection:
     def _now(self) -> float | None:
         return self._clock() if self._clock is not None else None
 
-    def _local_fin(self, s: _Stream) -> None:
+    def _local_fin(self, s: StreamState) -> None:
         s.local_fin = True
         if s.done:
             self._forget_when_drained(s)
 
-    def _forget_when_drained(self, s: _Stream) -> None:
+    def _forget_when_drained(self, s: StreamState) -> None:
         # Both directions ended. Keep the entry while the consumer still holds unconsumed bytes,
         # so `consumed()` stays legal; the budget share is released either way.
         if s.recv.buffered == 0:
@@ -607,24 +559,14 @@ class Connection:
             self._forget(stream_id)
 
     def _forget(self, stream_id: int) -> None:
-        s = self._streams.pop(stream_id, None)
-        if s is None:
-            return
-        self._budget.release(s.recv.size)
-        if s.local:
-            self._local_open -= 1
-        else:
-            self._remote_open -= 1
+        self._streams.forget(stream_id)
 
     def _close_all(self) -> None:
-        for sid in list(self._streams):
-            self._forget(sid)
+        self._streams.forget_all()
         self._state = _State.CLOSED
 
     def _fail(self, exc: RemoteProtocolError) -> None:
-        self._out += frame(
-            FrameType.GOAWAY, 0, U32x2.pack(self._highest_remote_id, int(exc.code)) + encode_text(str(exc))
-        )
-        self._goaway_sent = self._highest_remote_id
+        self._goaway_sent = self._streams.highest_remote_id
+        self._out += goaway_frame(self._goaway_sent, exc.code, str(exc))
         self._close_all()
 
