@@ -15,7 +15,7 @@ import random
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,29 @@ async def digest_bytes(stream: trio.SocketStream) -> None:
 
 serve_echo = functools.partial(serve_loopback, echo_bytes)
 serve_digest = functools.partial(serve_loopback, digest_bytes)
+
+
+@contextlib.contextmanager
+def hanging_listener() -> Iterator[int]:
+    """A loopback port whose accept queue is full: SYNs are dropped, a dial never completes (504)."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    try:
+        for _ in range(8):
+            c = socket.socket()
+            fillers.append(c)
+            c.setblocking(False)
+            try:
+                c.connect(full.getsockname())
+            except BlockingIOError:
+                pass
+        yield full.getsockname()[1]
+    finally:
+        for c in fillers:
+            c.close()
+        full.close()
 
 
 def _ephemeral_range() -> tuple[int, int]:

@@ -14,6 +14,7 @@ from tests.e2e.harness import (
     SVC,
     connect,
     free_port,
+    hanging_listener,
     read_all,
     serve_digest,
     serve_echo,
@@ -36,68 +37,55 @@ async def test_echo_through_the_tunnel(tmp_path: Path) -> None:
 
 async def test_status_answers_of_the_design_table(tmp_path: Path) -> None:
     refused_port = free_port()  # nothing listens there
-    # A loopback listener with a full accept queue: SYNs are dropped, the dial never completes.
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    fillers = []
-    for _ in range(8):
-        c = socket.socket()
-        c.setblocking(False)
-        try:
-            c.connect(full.getsockname())
-        except BlockingIOError:
-            pass
-        fillers.append(c)
+    with hanging_listener() as hanging:
+        await _status_answers(tmp_path, refused_port, hanging)
+
+
+async def _status_answers(tmp_path: Path, refused_port: int, hanging: int) -> None:
     services = {
         SVC: f"127.0.0.1:{refused_port}",
-        "test-svc-kins.kins-system:6443": f"127.0.0.1:{full.getsockname()[1]}",
+        "test-svc-kins.kins-system:6443": f"127.0.0.1:{hanging}",
         "other-svc-kins.kins-system:443": "127.0.0.1:1",  # not the edge's unit: never routed
     }
-    try:
-        async with tunnel_env(tmp_path, proxy={"dial_timeout": 5.0}) as env:
-            await env.add_edge(services, wait_for=SVC, dial_timeout=0.5)
-            cases = [
-                (SVC, 502, b"refused"),
-                ("test-svc-kins.kins-system:6443", 504, b"test-svc-kins.kins-system:6443"),
-                ("other-svc-kins.kins-system:443", 503, b"no connected edge"),
-                ("nowhere-svc-kins.kins-system:443", 503, b"no connected edge"),
-                ("not-a-target", 400, b"bad target"),
-                ("test-svc-kins.kins-system", 400, b"bad target"),
-                ("test-svc-kins.kins-system:99999", 400, b"bad target"),
-            ]
-            for target, want, text in cases:
-                status, head, s = await connect(env.ports.proxy, target)
-                await s.aclose()
-                assert status == want, (target, head)
-                assert text in head, (target, head)
-                assert head.count(b"\n") < 12  # one line of body
-            # other methods
-            s = await trio.open_tcp_stream("127.0.0.1", env.ports.proxy)
-            async with s:
-                await s.send_all(b"GET http://example/ HTTP/1.1\r\nHost: example\r\n\r\n")
-                head = await read_all(s)
-            assert head.startswith(b"HTTP/1.1 405 ") and b"Allow: CONNECT" in head.replace(b"allow", b"Allow")
-            # garbage
-            s = await trio.open_tcp_stream("127.0.0.1", env.ports.proxy)
-            async with s:
-                await s.send_all(b"\x16\x03\x01 not http at all\r\n\r\n")
-                head = await read_all(s)
-            assert head.startswith(b"HTTP/1.1 400 ")
-            # oversized headers
-            s = await trio.open_tcp_stream("127.0.0.1", env.ports.proxy)
-            async with s:
-                with trio.move_on_after(5):
-                    try:
-                        await s.send_all(b"CONNECT " + SVC.encode() + b" HTTP/1.1\r\nX: " + b"a" * 40000 + b"\r\n\r\n")
-                    except trio.BrokenResourceError:
-                        pass
-                head = await read_all(s)
-            assert head.startswith(b"HTTP/1.1 431 ") or head.startswith(b"HTTP/1.1 400 "), head[:80]
-    finally:
-        for c in fillers:
-            c.close()
-        full.close()
+    async with tunnel_env(tmp_path, proxy={"dial_timeout": 5.0}) as env:
+        await env.add_edge(services, wait_for=SVC, dial_timeout=0.5)
+        cases = [
+            (SVC, 502, b"refused"),
+            ("test-svc-kins.kins-system:6443", 504, b"test-svc-kins.kins-system:6443"),
+            ("other-svc-kins.kins-system:443", 503, b"no connected edge"),
+            ("nowhere-svc-kins.kins-system:443", 503, b"no connected edge"),
+            ("not-a-target", 400, b"bad target"),
+            ("test-svc-kins.kins-system", 400, b"bad target"),
+            ("test-svc-kins.kins-system:99999", 400, b"bad target"),
+        ]
+        for target, want, text in cases:
+            status, head, s = await connect(env.ports.proxy, target)
+            await s.aclose()
+            assert status == want, (target, head)
+            assert text in head, (target, head)
+            assert head.count(b"\n") < 12  # one line of body
+        # other methods
+        s = await trio.open_tcp_stream("127.0.0.1", env.ports.proxy)
+        async with s:
+            await s.send_all(b"GET http://example/ HTTP/1.1\r\nHost: example\r\n\r\n")
+            head = await read_all(s)
+        assert head.startswith(b"HTTP/1.1 405 ") and b"Allow: CONNECT" in head.replace(b"allow", b"Allow")
+        # garbage
+        s = await trio.open_tcp_stream("127.0.0.1", env.ports.proxy)
+        async with s:
+            await s.send_all(b"\x16\x03\x01 not http at all\r\n\r\n")
+            head = await read_all(s)
+        assert head.startswith(b"HTTP/1.1 400 ")
+        # oversized headers
+        s = await trio.open_tcp_stream("127.0.0.1", env.ports.proxy)
+        async with s:
+            with trio.move_on_after(5):
+                try:
+                    await s.send_all(b"CONNECT " + SVC.encode() + b" HTTP/1.1\r\nX: " + b"a" * 40000 + b"\r\n\r\n")
+                except trio.BrokenResourceError:
+                    pass
+            head = await read_all(s)
+        assert head.startswith(b"HTTP/1.1 431 ") or head.startswith(b"HTTP/1.1 400 "), head[:80]
 
 
 async def test_header_deadline_closes_slow_clients(tmp_path: Path) -> None:

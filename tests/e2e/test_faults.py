@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ from tests.e2e.harness import (
     cloud_dict,
     edge_dict,
     free_port,
+    hanging_listener,
     make_certs,
     read_all,
     serve_echo,
@@ -404,18 +404,6 @@ async def test_slow_reader_does_not_stall_others_and_memory_is_bounded(tmp_path:
 # ---------------------------------------------------------------- 6. failing targets
 async def test_targets_that_refuse_hang_or_reset(tmp_path: Path) -> None:
     refused = free_port()
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
-    full.listen(0)
-    fillers = []
-    for _ in range(8):  # fill the accept queue: further SYNs are dropped
-        c = socket.socket()
-        c.setblocking(False)
-        try:
-            c.connect(full.getsockname())
-        except BlockingIOError:
-            pass
-        fillers.append(c)
     ended: list[str] = []
 
     async def rude(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -441,12 +429,12 @@ async def test_targets_that_refuse_hang_or_reset(tmp_path: Path) -> None:
         task_status.started(listeners[0].socket.getsockname()[1])
         await trio.serve_listeners(handler, listeners)
 
-    try:
+    with hanging_listener() as hanging:
         async with trio.open_nursery() as n:
             rude_port = await n.start(rude)
             rec_port = await n.start(recorder)
             services = {SVC: f"127.0.0.1:{refused}",
-                        "test-svc-kins.kins-system:6443": f"127.0.0.1:{full.getsockname()[1]}",
+                        "test-svc-kins.kins-system:6443": f"127.0.0.1:{hanging}",
                         "test-svc-kins.kins-system:8443": f"127.0.0.1:{rude_port}",
                         "test-svc-kins.kins-system:9443": f"127.0.0.1:{rec_port}"}
             with procs(tmp_path) as ps:
@@ -485,10 +473,6 @@ async def test_targets_that_refuse_hang_or_reset(tmp_path: Path) -> None:
                 assert ended == ["reset"]
                 assert await stream_counts(cloud) == [0]
             n.cancel_scope.cancel()
-    finally:
-        for c in fillers:
-            c.close()
-        full.close()
 
 
 # ---------------------------------------------------------------- 7. one identity twice
