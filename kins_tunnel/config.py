@@ -11,7 +11,7 @@ types (booleans are never numbers), non-positive timeouts and out-of-range limit
 optional section given as ``null`` (``proxy:`` with nothing under it) takes its defaults, except the
 edge's ``admin: null`` which disables the admin endpoint.
 
-Relative paths (``tls.*``, ``proxy.auth.*``) are resolved against the config file's directory. This
+Relative paths (``tls.*``, ``proxy.auth.*``, the edge's ``proxy.credentials_file``) are resolved against the config file's directory. This
 module only resolves paths; reading those files, and reporting them unreadable, is the job of their
 users (`kins_tunnel.certs` for TLS).
 """
@@ -28,6 +28,7 @@ from typing import Any, NoReturn, TypeVar
 import yaml
 
 from kins_tunnel.errors import UserError
+from kins_tunnel.transport.http_proxy import parse_proxy_url
 
 KiB, MiB = 1024, 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -184,6 +185,14 @@ class Backoff:
 
 
 @dataclass(frozen=True, slots=True)
+class SiteProxy:
+    """The edge's way out through an HTTP CONNECT proxy of the site."""
+
+    url: str  # "http://host:port", checked
+    credentials_file: Path | None = None  # one line "user:password"
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     cloud: tuple[str, ...]  # "host:port" each; a host may resolve to several addresses
     tls: TLSFiles
@@ -198,6 +207,7 @@ class EdgeConfig:
     admin: AdminSettings | None = _EDGE_ADMIN  # None: disabled
     mux: MuxSettings = MuxSettings()
     log: LogSettings = LogSettings()
+    proxy: SiteProxy | None = None  # None: connect to the cloud directly
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -238,6 +248,7 @@ def edge_config_from_dict(data: Mapping[str, object], *, base_dir: Path,
     return EdgeConfig(  # arguments run in order: a typo in a section beats a missing key
         reconnect=_backoff(top.section("reconnect", Backoff)), admin=admin,
         mux=_mux(top.section("mux", MuxSettings)), log=_log(top.section("log", LogSettings)),
+        proxy=_site_proxy(top.section("proxy", SiteProxy)) if top.data.get("proxy") is not None else None,
         **top.scalars(), cloud=_cloud_addresses(top), tls=_tls(top), services=_services(top),
     )
 
@@ -256,6 +267,17 @@ def _proxy(sec: "_Section") -> ProxySettings:
             a.fail("", "set basic_file, bearer_file or both")
         auth = ProxyAuth(*(a.path(k) if a.has(k) else None for k in ("basic_file", "bearer_file")))
     return sec.build(ProxySettings, auth=auth)
+
+
+def _site_proxy(sec: "_Section") -> SiteProxy:
+    url = sec.required("url")
+    if not isinstance(url, str):
+        sec.fail("url", f'expected a "http://host:port" string, got {_kind(url)}')
+    try:
+        parse_proxy_url(url, schemes=("http",), userinfo=False)
+    except ValueError as exc:
+        sec.fail("url", str(exc))
+    return SiteProxy(url, sec.path("credentials_file") if sec.has("credentials_file") else None)
 
 
 def _mux(sec: "_Section") -> MuxSettings:

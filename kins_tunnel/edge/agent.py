@@ -17,6 +17,11 @@ An address that leaves DNS (a replica scaled away, or not ready) is retired gent
 stops reconnecting, the tunnel gets GOAWAY (the cloud opens nothing new on it) and is closed once
 its streams are done, or after `drain_timeout`.
 
+Through a site proxy (`proxy:`), each keeper's TCP connection is a CONNECT to the address through
+that proxy, inside the same `handshake_timeout` as the TLS handshake; a refusal by the proxy is a
+failed set-up like any other (reason `proxy`). A name that does not resolve on the edge is handed to
+the proxy as it is (one keeper for the name), until it resolves locally.
+
 Certificates: the client context is rebuilt before a (re)connect when the CA, certificate or key
 file changed, so renewed files are used by the next tunnel; live tunnels are left alone.
 """
@@ -47,6 +52,7 @@ from kins_tunnel.errors import UserError
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.mux_config import mux_config
 from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
+from kins_tunnel.transport.http_proxy import ProxyDialer, ProxyError
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.tls import TransportError, connect_tls
 
@@ -69,6 +75,8 @@ def _failure_reason(exc: BaseException) -> str:
     """A short label for a failed tunnel set-up (the edge's handshake_failures metric)."""
     if isinstance(exc, trio.TooSlowError):
         return "timeout"
+    if isinstance(exc, ProxyError):  # the site proxy refused or garbled its answer
+        return "proxy"
     cause = exc.__cause__
     if isinstance(cause, ssl.SSLCertVerificationError):
         return "expired" if cause.verify_code == 10 else "verify_failed"
@@ -113,6 +121,7 @@ class Edge:
         self.sessions: dict[str, Session] = {}  # "address" -> live session
         self.metrics = Metrics("edge", self._snapshot)
         self.forwarder = Forwarder(cfg.services, cfg.dial_timeout, self.metrics)
+        self.proxy = None if cfg.proxy is None else ProxyDialer(cfg.proxy.url, cfg.proxy.credentials_file)
         self._rng = rng or random.Random()
         self._keepers: dict[tuple[str, str, int], _Keeper] = {}
         self.cloud_certs: dict[str, dict[str, object]] = {}  # "address" -> serial/not_after seen
@@ -157,9 +166,14 @@ class Edge:
                 infos = await trio.socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
                 ips = sorted({str(info[4][0]) for info in infos})
             except OSError as exc:
-                log.warning("cannot resolve cloud address", extra={"cloud": entry, "reason": str(exc)})
+                log.log(logging.DEBUG if self.proxy else logging.WARNING, "cannot resolve cloud address",
+                        extra={"cloud": entry, "reason": str(exc)})
                 ips = []
             wanted = {(entry, ip, addr.port) for ip in ips}
+            if not ips and self.proxy is not None and not any(k[0] == entry for k in self._keepers):
+                # Behind a site proxy the name may resolve only there: CONNECT to the name itself
+                # (one tunnel) until a lookup here gives the replicas' addresses.
+                wanted = {(entry, addr.host, addr.port)}
             # A failed lookup (ips == []) keeps the tunnels we have: DNS trouble is not a reason
             # to cut working tunnels. An answer without an address retires its keeper.
             for key in [k for k in self._keepers if k[0] == entry and k not in wanted] if ips else []:
@@ -217,7 +231,8 @@ class Edge:
                           keeper: _Keeper | None = None) -> None:
         cfg = self.cfg
         with trio.fail_after(cfg.handshake_timeout):
-            tls = await connect_tls(ip, port, self.context, server_hostname=server_name)
+            tls = await connect_tls(ip, port, self.context, server_hostname=server_name,
+                                    open_stream=None if self.proxy is None else self.proxy.open)
         cloud_cert = _cert_summary(tls.peer_certificate_der())
         hello = Hello(names=tuple(cfg.services), agent=f"kins-tunnel-edge/{__version__}")
         conn = Connection(Role.CLIENT, hello, mux_config(cfg.mux))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -146,10 +147,13 @@ def _describe(exc: BaseException) -> str:
     return str(exc)
 
 
-async def connect_tls(host: str, port: int, context: ssl.SSLContext, *, server_hostname: str) -> TLSSocket:
-    """TCP connect (trio, happy-eyeballs over every address) then wrap; the caller sets deadlines."""
+async def connect_tls(host: str, port: int, context: ssl.SSLContext, *, server_hostname: str,
+                      open_stream: Callable[[str, int], Awaitable[trio.SocketStream]] | None = None) -> TLSSocket:
+    """TCP connect (trio, happy-eyeballs over every address) then wrap; the caller sets deadlines.
+
+    `open_stream(host, port)` replaces the direct TCP connect (the edge's site proxy)."""
     try:
-        stream = await trio.open_tcp_stream(host, port)
+        stream = await (open_stream or trio.open_tcp_stream)(host, port)
     except OSError as exc:
         raise TransportError(f"cannot connect to {host}:{port}: {_describe(exc)}") from exc
     fd = stream.socket.detach()

@@ -1,0 +1,244 @@
+"""The client side of HTTP CONNECT: proxy URLs, proxy credentials and the CONNECT exchange (h11).
+
+Two users: the edge reaches the cloud's tunnel port through a site proxy (`proxy:` in edge.yaml,
+`ProxyDialer`), and `kins-tunnel connect` reaches an edge service through the cloud's CONNECT proxy
+(ssh's ProxyCommand, `kins_tunnel.connect`).
+
+`http_connect` sends ``CONNECT host:port`` on an open stream and reads the answer with h11; the
+caller sets the deadline. On 2xx the stream is a byte pipe to the target, and the bytes the proxy
+sent behind its answer head (a target that speaks first, such as sshd) are returned: they belong to
+the caller. Any other answer raises `ProxyRefused` with the status, the reason phrase and the first
+line of a text/plain body; an answer h11 cannot parse, or none at all, raises `ProxyProtocolError`.
+What a proxy sends is untrusted: the head is capped at `MAX_HEAD` bytes, at most `MAX_BODY` bytes of
+an error body are read, and text shown to the user is stripped of control characters and shortened.
+
+Credentials: Basic (`user:password`, sent as UTF-8 bytes exactly as given) or Bearer (a token).
+A credentials file holds ``user:password``; only its final newline is dropped, so a password may
+end in spaces.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import h11
+import trio
+
+from kins_tunnel import __version__
+from kins_tunnel.errors import UserError
+from kins_tunnel.transport.tls import TransportError
+
+MAX_HEAD = 16 * 1024  # answer status line + headers
+MAX_BODY = 4 * 1024  # bytes of an error body read for the message
+_SHOWN = 200  # characters of proxy text in a message
+
+
+class ProxyError(TransportError):
+    """The proxy did not give us a tunnel."""
+
+
+class ProxyRefused(ProxyError):
+    """The proxy answered something other than 2xx."""
+
+    def __init__(self, proxy: str, status: int, reason: str, body_line: str) -> None:
+        self.status, self.reason, self.body_line = status, reason, body_line
+        text = f"proxy {proxy} answered {status}" + (f" {reason}" if reason else "")
+        super().__init__(text + (f": {body_line}" if body_line else ""))
+
+
+class ProxyProtocolError(ProxyError):
+    """The proxy's answer was not valid HTTP, or it closed without one."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyURL:
+    """A parsed proxy URL; `host` holds IPv6 literals without brackets."""
+
+    scheme: str  # "http" or "https"
+    host: str
+    port: int
+    username: str | None = None  # percent-decoded; None when the URL has no user part
+    password: str | None = None  # None when the URL has no ":password"
+
+    @property
+    def authority(self) -> str:
+        return authority(self.host, self.port)
+
+
+def authority(host: str, port: int) -> str:
+    """``host:port``, with brackets around an IPv6 literal (a CONNECT target, a Host header)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_proxy_url(text: str, *, schemes: tuple[str, ...] = ("http", "https"),
+                    userinfo: bool = True) -> ProxyURL:
+    """Parse ``scheme://[user[:password]@]host:port[/]``; `ValueError` says what is wrong."""
+    if not isinstance(text, str) or not text.isascii() or any(c.isspace() for c in text):
+        raise ValueError(f"{text!r} is not a URL like http://proxy:3128")
+    parts = urllib.parse.urlsplit(text)
+    wanted = " or ".join(f"{s}://" for s in schemes)
+    if parts.scheme not in schemes:
+        raise ValueError(f"{text!r}: the proxy URL must start with {wanted}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{text!r}: a proxy URL has no path, query or fragment")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535") from None
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError(f"{text!r}: no host")
+    if port is None or port == 0:
+        raise ValueError(f"{text!r}: give the proxy's port, as in {parts.scheme}://{host}:3128")
+    if "[" in parts.netloc:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    elif any(c in "[]/\\%" for c in host):
+        raise ValueError(f"{text!r}: bad host {host!r}")
+    if (parts.username is not None or "@" in parts.netloc) and not userinfo:
+        raise ValueError(f"{text!r}: no credentials in the URL here (put them in proxy.credentials_file)")
+    user = None if parts.username is None else urllib.parse.unquote(parts.username)
+    password = None if parts.password is None else urllib.parse.unquote(parts.password)
+    return ProxyURL(parts.scheme, host, port, user, password)
+
+
+def basic_authorization(user: bytes, password: bytes) -> bytes:
+    """A Proxy-Authorization value for Basic credentials (RFC 7617: user must not hold ':')."""
+    return b"Basic " + base64.b64encode(user + b":" + password)
+
+
+def bearer_authorization(token: bytes) -> bytes:
+    return b"Bearer " + token
+
+
+def read_credentials_file(path: Path) -> tuple[bytes, bytes]:
+    """``user:password`` from `path`, exactly: only the final newline (LF or CRLF) is dropped.
+
+    `OSError` if unreadable, `ValueError` (without the secret) if it is not ``user:password``.
+    """
+    data = path.read_bytes()
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    user, sep, password = data.partition(b":")
+    if not sep or not user:
+        raise ValueError("expected one line user:password")
+    if any(b in b"\r\n" for b in data) or any(b < 0x20 or b == 0x7F for b in user):
+        raise ValueError("expected one line user:password (found another line or a control character)")
+    return user, password
+
+
+def _printable(data: bytes | bytearray) -> str:
+    text = bytes(data).decode("utf-8", "replace")
+    text = "".join(c if c.isprintable() else " " for c in text).strip()
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
+def _first_line(body: bytes | bytearray) -> str:
+    for line in bytes(body).splitlines():
+        if line.strip():
+            return _printable(line)
+    return ""
+
+
+async def http_connect(stream: trio.abc.Stream, target: str, *, proxy: str,
+                       authorization: bytes | None = None) -> bytes:
+    """Ask the proxy on `stream` for a tunnel to `target` (``host:port``); return trailing bytes.
+
+    `proxy` names the proxy in messages. The caller sets the deadline and closes `stream` on error.
+    """
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+    headers = [(b"Host", target.encode("ascii")), (b"User-Agent", f"kins-tunnel/{__version__}".encode())]
+    if authorization is not None:
+        headers.append((b"Proxy-Authorization", authorization))
+    data = conn.send(h11.Request(method="CONNECT", target=target, headers=headers))
+    data += conn.send(h11.EndOfMessage())
+    try:
+        await stream.send_all(data)
+        response = await _next_response(stream, conn, proxy)
+        if 200 <= response.status_code < 300:
+            trailing, _closed = conn.trailing_data
+            return bytes(trailing)
+        body = bytearray()
+        while len(body) < MAX_BODY:
+            event = await _next_event(stream, conn)
+            if not isinstance(event, h11.Data):
+                break
+            body += event.data
+        ctype = dict(response.headers).get(b"content-type", b"")
+        line = _first_line(body[:MAX_BODY]) if ctype.lower().startswith(b"text/plain") else ""
+        raise ProxyRefused(proxy, response.status_code, _printable(response.reason), line)
+    except h11.ProtocolError as exc:
+        raise ProxyProtocolError(f"proxy {proxy} answered with invalid HTTP: {_printable(str(exc).encode())}") \
+            from exc
+    except (trio.BrokenResourceError, OSError) as exc:
+        raise ProxyProtocolError(f"proxy {proxy} broke the connection: {exc.__cause__ or exc}") from exc
+
+
+async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> object:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(bytes(await stream.receive_some(65536)))  # b"": EOF, h11 reports or raises
+
+
+async def _next_response(stream: trio.abc.Stream, conn: h11.Connection, proxy: str) -> h11.Response:
+    while True:
+        event = await _next_event(stream, conn)
+        if isinstance(event, h11.Response):
+            return event
+        if not isinstance(event, h11.InformationalResponse):  # 1xx: skip
+            raise ProxyProtocolError(f"proxy {proxy} closed the connection without answering")
+
+
+class ProxyDialer:
+    """Opens TCP streams through a plain-http CONNECT proxy (the edge's `proxy:` setting).
+
+    The credentials file is read once here (an unreadable or malformed file is a `UserError` at
+    start-up) and again before every CONNECT, so a changed password is used by the next attempt.
+    """
+
+    def __init__(self, url: str, credentials_file: Path | None = None) -> None:
+        self.url = parse_proxy_url(url, schemes=("http",), userinfo=False)
+        self.credentials_file = credentials_file
+        if credentials_file is not None:
+            try:
+                read_credentials_file(credentials_file)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"proxy.credentials_file: {credentials_file}: "
+                                f"{getattr(exc, 'strerror', None) or exc}") from None
+
+    def _authorization(self) -> bytes | None:
+        if self.credentials_file is None:
+            return None
+        try:
+            return basic_authorization(*read_credentials_file(self.credentials_file))
+        except (OSError, ValueError) as exc:
+            raise ProxyError(f"proxy.credentials_file: {self.credentials_file}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+
+    async def open(self, host: str, port: int) -> trio.SocketStream:
+        """A TCP stream to `host:port` through the proxy; the caller sets the deadline."""
+        authorization = self._authorization()
+        proxy = self.url.authority
+        try:
+            stream = await trio.open_tcp_stream(self.url.host, self.url.port)
+        except OSError as exc:
+            raise TransportError(f"cannot connect to proxy {proxy}: {exc.strerror or exc}") from exc
+        try:
+            trailing = await http_connect(stream, authority(host, port), proxy=proxy,
+                                          authorization=authorization)
+            if trailing:  # the cloud never speaks first: these bytes are not from it
+                raise ProxyProtocolError(f"proxy {proxy} sent {len(trailing)} bytes before the TLS handshake")
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
