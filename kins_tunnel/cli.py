@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="admin URL of a tunnel-cloud replica (default http://127.0.0.1:9090); "
                          "repeat it to list the edges of several replicas in one table")
     st.add_argument("--json", action="store_true")
+    from kins_tunnel.connect import add_arguments as add_connect_arguments
+
+    add_connect_arguments(sub.add_parser(
+        "connect", help="CONNECT through a proxy, then relay stdin/stdout (for ssh's ProxyCommand)"))
     return p
 
 
@@ -187,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             from kins_tunnel.kubeconfig import main_kubeconfig
 
             return main_kubeconfig(args.unit, args.proxy_url, args.input, args.output)
+        elif args.cmd == "connect":
+            from kins_tunnel.connect import main_connect
+
+            return main_connect(args)
         elif args.cmd == "status":
             _status(args.admin or ["http://127.0.0.1:9090"], args.json)
     except UserError as exc:

@@ -135,6 +135,16 @@ def read_credentials_file(path: Path) -> tuple[bytes, bytes]:
     return user, password
 
 
+def connect_error_text(exc: OSError) -> str:
+    """Why a TCP connect failed (trio wraps one error per address tried into a generic OSError)."""
+    cause = exc.__cause__
+    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return exc.strerror or str(exc)
+
+
 def _printable(data: bytes | bytearray) -> str:
     text = bytes(data).decode("utf-8", "replace")
     text = "".join(c if c.isprintable() else " " for c in text).strip()
@@ -154,6 +164,8 @@ async def http_connect(stream: trio.abc.Stream, target: str, *, proxy: str,
 
     `proxy` names the proxy in messages. The caller sets the deadline and closes `stream` on error.
     """
+    if not target.isascii():
+        raise ProxyError(f"CONNECT target {target!r} is not ASCII")
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
     headers = [(b"Host", target.encode("ascii")), (b"User-Agent", f"kins-tunnel/{__version__}".encode())]
     if authorization is not None:
@@ -232,7 +244,7 @@ class ProxyDialer:
         try:
             stream = await trio.open_tcp_stream(self.url.host, self.url.port)
         except OSError as exc:
-            raise TransportError(f"cannot connect to proxy {proxy}: {exc.strerror or exc}") from exc
+            raise TransportError(f"cannot connect to proxy {proxy}: {connect_error_text(exc)}") from exc
         try:
             trailing = await http_connect(stream, authority(host, port), proxy=proxy,
                                           authorization=authorization)

@@ -15,6 +15,7 @@ import trio
 from kins_tunnel.demo import write_kubeconfig
 from kins_tunnel.k3s_standin import blob_bytes, make_self_signed_server_context, serve_k3s_standin
 from tests.e2e.harness import SVC, tunnel_env
+from tests.e2e.sshd import HAVE_SSH, USER, throwaway_sshd
 
 KUBECTL = shutil.which("kubectl")
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
@@ -92,48 +93,15 @@ async def test_curl_https_through_the_tunnel(tmp_path: Path) -> None:
         n.cancel_scope.cancel()
 
 
-SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
-
-
-@pytest.mark.skipif(SSHD is None or shutil.which("socat") is None or shutil.which("ssh") is None,
+@pytest.mark.skipif(not HAVE_SSH or shutil.which("socat") is None,
                     reason="needs openssh-server, openssh-client and socat (.ci/system-packages installs them)")
 async def test_ssh_through_connect_proxycommand(tmp_path: Path) -> None:
-    from tests.e2e.harness import free_port
-
-    d = tmp_path / "ssh"
-    d.mkdir()
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host")], check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "user")], check=True)
-    (d / "authorized_keys").write_text((d / "user.pub").read_text())
-    os.chmod(d / "authorized_keys", 0o600)
-    Path("/run/sshd").mkdir(exist_ok=True)
-    port = free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nPidFile {d / 'sshd.pid'}\n"
-        f"AuthorizedKeysFile {d / 'authorized_keys'}\nUsePAM no\nStrictModes no\nPermitRootLogin yes\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\n")
-    sshd = subprocess.Popen([SSHD or "sshd", "-D", "-e", "-f", str(d / "sshd_config")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        with trio.fail_after(20):  # until sshd listens
-            while True:
-                try:
-                    probe = await trio.open_tcp_stream("127.0.0.1", port)
-                    await probe.aclose()
-                    break
-                except OSError:
-                    await trio.sleep(0.05)
-        async with tunnel_env(tmp_path, {"edge1:22": f"127.0.0.1:{port}"}) as env:
-            proxy_cmd = f"socat - PROXY:127.0.0.1:%h:%p,proxyport={env.ports.proxy}"
-            user = os.environ.get("USER") or "root"
-            with trio.fail_after(30):
-                r = await trio.run_process(
-                        ["ssh", "-i", str(d / "user"), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-                         "-o", f"UserKnownHostsFile={d / 'known_hosts'}", "-o", f"ProxyCommand={proxy_cmd}",
-                         "-p", "22", f"{user}@edge1", "echo through-the-tunnel; head -c 2000000 /dev/zero | wc -c"],
-                        capture_stdout=True, capture_stderr=True, check=False)
-            assert r.returncode == 0, r.stderr
-            assert r.stdout.split() == [b"through-the-tunnel", b"2000000"]
-    finally:
-        sshd.terminate()
-        sshd.wait(10)
+    async with throwaway_sshd(tmp_path) as sshd, tunnel_env(tmp_path, {"edge1:22": f"127.0.0.1:{sshd.port}"}) as env:
+        proxy_cmd = f"socat - PROXY:127.0.0.1:%h:%p,proxyport={env.ports.proxy}"
+        with trio.fail_after(30):
+            r = await trio.run_process(
+                    ["ssh", *sshd.ssh_options(), "-o", f"ProxyCommand={proxy_cmd}",
+                     "-p", "22", f"{USER}@edge1", "echo through-the-tunnel; head -c 2000000 /dev/zero | wc -c"],
+                    capture_stdout=True, capture_stderr=True, check=False)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == [b"through-the-tunnel", b"2000000"]
