@@ -56,7 +56,7 @@ async def throwaway_sshd(base: Path) -> AsyncIterator[Sshd]:
     (d / "sshd_config").write_text(
         f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nPidFile {d / 'sshd.pid'}\n"
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nUsePAM no\nStrictModes no\nPermitRootLogin yes\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUseDNS no\n")
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUseDNS no\nSubsystem sftp internal-sftp\n")
     with open(d / "sshd.log", "wb") as log:
         popen = subprocess.Popen([SSHD or "sshd", "-D", "-e", "-f", str(d / "sshd_config")],
                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log)
