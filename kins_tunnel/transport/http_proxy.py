@@ -20,7 +20,6 @@ end in spaces.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,8 +77,11 @@ def parse_proxy_url(text: str, *, schemes: tuple[str, ...] = ("http", "https"),
                     userinfo: bool = True) -> ProxyURL:
     """Parse ``scheme://[user[:password]@]host:port[/]``; `ValueError` says what is wrong."""
     if not isinstance(text, str) or not text.isascii() or any(c.isspace() for c in text):
-        raise ValueError(f"{text!r} is not a URL like http://proxy:3128")
-    parts = urllib.parse.urlsplit(text)
+        raise ValueError(f"{text!r}: not a URL like http://proxy:3128")
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError as exc:  # e.g. a bracketed host that is not an IPv6 address
+        raise ValueError(f"{text!r}: {exc}") from None
     wanted = " or ".join(f"{s}://" for s in schemes)
     if parts.scheme not in schemes:
         raise ValueError(f"{text!r}: the proxy URL must start with {wanted}")
@@ -94,12 +96,7 @@ def parse_proxy_url(text: str, *, schemes: tuple[str, ...] = ("http", "https"),
         raise ValueError(f"{text!r}: no host")
     if port is None or port == 0:
         raise ValueError(f"{text!r}: give the proxy's port, as in {parts.scheme}://{host}:3128")
-    if "[" in parts.netloc:
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
-    elif any(c in "[]/\\%" for c in host):
+    if "[" not in parts.netloc and any(c in "[]/\\%" for c in host):  # urlsplit checks [v6] itself
         raise ValueError(f"{text!r}: bad host {host!r}")
     if (parts.username is not None or "@" in parts.netloc) and not userinfo:
         raise ValueError(f"{text!r}: no credentials in the URL here (put them in proxy.credentials_file)")

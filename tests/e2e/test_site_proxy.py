@@ -11,6 +11,7 @@ ping timeout, both through the proxy.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import shutil
 import signal
@@ -47,7 +48,7 @@ from tests.e2e.harness import (
 )
 
 TINYPROXY = shutil.which("tinyproxy") or shutil.which("tinyproxy", path="/usr/sbin:/usr/bin")
-pytestmark = pytest.mark.skipif(TINYPROXY is None, reason="needs tinyproxy (.ci/system-packages installs it)")
+needs_tinyproxy = pytest.mark.skipif(TINYPROXY is None, reason="needs tinyproxy (.ci/system-packages installs it)")
 
 PING = {"ping_interval": 0.5, "ping_timeout": 2.0}
 CLOUD_FAST: dict[str, Any] = {"tunnel": {**PING, "handshake_timeout": 3.0}, "proxy": {"dial_timeout": 3.0}}
@@ -137,6 +138,7 @@ def failures(edge: Edge, reason: str) -> float:
     return float(edge.metrics.handshake_failures.labels(reason)._value.get())
 
 
+@needs_tinyproxy
 async def test_edge_through_tinyproxy_without_credentials(tmp_path: Path) -> None:
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
@@ -163,6 +165,7 @@ async def test_edge_through_tinyproxy_without_credentials(tmp_path: Path) -> Non
         n.cancel_scope.cancel()
 
 
+@needs_tinyproxy
 async def test_edge_through_tinyproxy_with_credentials(tmp_path: Path) -> None:
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
@@ -209,6 +212,38 @@ async def test_silent_proxy_is_a_timeout_within_handshake_timeout(tmp_path: Path
         n.cancel_scope.cancel()
 
 
+async def test_credentials_are_sent_exactly_as_in_the_file(tmp_path: Path) -> None:
+    """A proxy test double that records the edge's CONNECT and refuses it."""
+    heads: list[bytes] = []
+
+    async def recording_proxy_double(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            head += chunk
+        heads.append(head)
+        await stream.send_all(b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\n"
+                              b"not allowed\n")
+
+    async with trio.open_nursery() as n:
+        port = await n.start(serve_loopback, recording_proxy_double)
+        async with tunnel_env(tmp_path, **CLOUD_FAST) as env:
+            (tmp_path / "creds").write_bytes("site-user:p\u00e4:ss  \n".encode())
+            edge = await env.add_edge({SVC: "127.0.0.1:9"}, proxy={"url": f"http://127.0.0.1:{port}",
+                                                                    "credentials_file": "creds"}, **EDGE_FAST)
+            with trio.fail_after(10):
+                while failures(edge, "proxy") < 2:
+                    await trio.sleep(0.02)
+            lines = heads[0].split(b"\r\n")
+            assert lines[0] == f"CONNECT 127.0.0.1:{env.ports.tunnel} HTTP/1.1".encode()
+            auth = [ln for ln in lines if ln.lower().startswith(b"proxy-authorization: basic ")]
+            assert len(auth) == 1
+            assert base64.b64decode(auth[0].split()[-1]) == "site-user:p\u00e4:ss  ".encode()
+        n.cancel_scope.cancel()
+
+
 class NoDNSResolver(trio.abc.HostnameResolver):
     """A resolver test double for this trio run: every name lookup fails, as on a site whose DNS
     does not answer for outside names (numeric addresses never reach a resolver)."""
@@ -221,6 +256,7 @@ class NoDNSResolver(trio.abc.HostnameResolver):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
 
+@needs_tinyproxy
 async def test_unresolvable_cloud_name_is_resolved_by_the_proxy(tmp_path: Path) -> None:
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
@@ -236,6 +272,7 @@ async def test_unresolvable_cloud_name_is_resolved_by_the_proxy(tmp_path: Path) 
         n.cancel_scope.cancel()
 
 
+@needs_tinyproxy
 async def test_reconnect_and_liveness_through_tinyproxy_with_processes(tmp_path: Path) -> None:
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
