@@ -33,6 +33,7 @@ from kins_tunnel.transport.tls import TransportError
 
 MAX_HEAD = 16 * 1024  # answer status line + headers
 MAX_BODY = 4 * 1024  # bytes of an error body read for the message
+BODY_TIMEOUT = 2.0  # seconds to wait for that body
 _SHOWN = 200  # characters of proxy text in a message
 
 
@@ -171,16 +172,21 @@ async def http_connect(stream: trio.abc.Stream, target: str, *, proxy: str,
     data += conn.send(h11.EndOfMessage())
     try:
         await stream.send_all(data)
-        response = await _next_response(stream, conn, proxy)
+        answer = _Answer(stream, conn, proxy)
+        response = await answer.response()
         if 200 <= response.status_code < 300:
             trailing, _closed = conn.trailing_data
             return bytes(trailing)
         body = bytearray()
-        while len(body) < MAX_BODY:
-            event = await _next_event(stream, conn)
-            if not isinstance(event, h11.Data):
-                break
-            body += event.data
+        with trio.move_on_after(BODY_TIMEOUT):  # a refusal is known: its text is a bonus
+            try:
+                while len(body) < MAX_BODY:
+                    event = await answer.next_event()
+                    if not isinstance(event, h11.Data):
+                        break
+                    body += event.data
+            except (h11.ProtocolError, ProxyError, trio.BrokenResourceError, OSError):
+                pass
         ctype = dict(response.headers).get(b"content-type", b"")
         line = _first_line(body[:MAX_BODY]) if ctype.lower().startswith(b"text/plain") else ""
         raise ProxyRefused(proxy, response.status_code, _printable(response.reason), line)
@@ -191,21 +197,35 @@ async def http_connect(stream: trio.abc.Stream, target: str, *, proxy: str,
         raise ProxyProtocolError(f"proxy {proxy} broke the connection: {exc.__cause__ or exc}") from exc
 
 
-async def _next_event(stream: trio.abc.Stream, conn: h11.Connection) -> object:
-    while True:
-        event = conn.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        conn.receive_data(bytes(await stream.receive_some(65536)))  # b"": EOF, h11 reports or raises
+class _Answer:
+    """Reads the proxy's answer with h11, keeping its first bytes for messages."""
 
+    def __init__(self, stream: trio.abc.Stream, conn: h11.Connection, proxy: str) -> None:
+        self.stream, self.conn, self.proxy = stream, conn, proxy
+        self.first = bytearray()
 
-async def _next_response(stream: trio.abc.Stream, conn: h11.Connection, proxy: str) -> h11.Response:
-    while True:
-        event = await _next_event(stream, conn)
-        if isinstance(event, h11.Response):
-            return event
-        if not isinstance(event, h11.InformationalResponse):  # 1xx: skip
-            raise ProxyProtocolError(f"proxy {proxy} closed the connection without answering")
+    async def next_event(self) -> object:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self.stream.receive_some(65536)
+            if len(self.first) < _SHOWN:
+                self.first += data[: _SHOWN - len(self.first)]
+            if not data and self.conn.their_state is h11.SEND_RESPONSE:  # no complete answer head
+                if not self.first:
+                    raise ProxyProtocolError(f"proxy {self.proxy} closed the connection without answering")
+                raise ProxyProtocolError(f"proxy {self.proxy} answered with invalid HTTP "
+                                         f"(it sent: {_first_line(self.first)})")
+            self.conn.receive_data(bytes(data))  # b"": EOF, h11 reports or raises
+
+    async def response(self) -> h11.Response:
+        while True:
+            event = await self.next_event()
+            if isinstance(event, h11.Response):
+                return event
+            if not isinstance(event, h11.InformationalResponse):  # 1xx: skip
+                raise ProxyProtocolError(f"proxy {self.proxy} closed the connection without answering")
 
 
 class ProxyDialer:

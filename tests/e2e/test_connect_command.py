@@ -290,9 +290,25 @@ async def test_deadlines_and_bad_answers(tmp_path: Path) -> None:
         await stream.send_all(b"SSH-2.0-OpenSSH_9.2\r\n")
         await stream.receive_some(4096)
 
+    async def hang_up_proxy_double(stream: trio.SocketStream) -> None:
+        await stream.receive_some(4096)
+
+    async def short_body_proxy_double(stream: trio.SocketStream) -> None:
+        await stream.receive_some(4096)
+        await stream.send_all(b"HTTP/1.1 407 Who are you\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\n"
+                              b"go \x1b[31maway\nsecond line")
+
     async with trio.open_nursery() as n:
         silent = await n.start(serve_loopback, silent_proxy_double)
         garbage = await n.start(serve_loopback, not_a_proxy_double)
+        hang_up = await n.start(serve_loopback, hang_up_proxy_double)
+        short_body = await n.start(serve_loopback, short_body_proxy_double)
+        r = await run(connect_argv("edge1:22", f"http://127.0.0.1:{hang_up}"))
+        assert r.returncode == 7 and b"closed the connection without answering" in r.stderr, r.stderr
+        # a refusal whose body is cut short is still a refusal; control characters are not printed
+        r = await run(connect_argv("edge1:22", f"http://127.0.0.1:{short_body}"))
+        assert r.returncode == 5, r.stderr
+        assert r.stderr.endswith(b"answered 407 Who are you: go  [31maway\n"), r.stderr
         r = await run(connect_argv("edge1:22", f"http://127.0.0.1:{silent}", "--answer-timeout", "0.5"))
         assert r.returncode == 4 and b"did not answer CONNECT edge1:22 within 0.5s" in r.stderr, r.stderr
         with hanging_listener() as hanging:
