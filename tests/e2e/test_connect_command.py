@@ -315,7 +315,7 @@ async def test_deadlines_and_bad_answers(tmp_path: Path) -> None:
             r = await run(connect_argv("edge1:22", f"http://127.0.0.1:{hanging}", "--connect-timeout", "0.5"))
         assert r.returncode == 4 and b"no connection to proxy" in r.stderr, r.stderr
         r = await run(connect_argv("edge1:22", f"http://127.0.0.1:{garbage}"))
-        assert r.returncode == 7 and b"invalid HTTP" in r.stderr, r.stderr
+        assert r.returncode == 7 and b"answered with invalid HTTP (it sent: SSH-2.0-OpenSSH_9.2)" in r.stderr, r.stderr
         refused = free_port()
         r = await run(connect_argv("edge1:22", f"http://127.0.0.1:{refused}"))
         assert r.returncode == 3 and b"cannot connect to proxy" in r.stderr, r.stderr
