@@ -1,13 +1,13 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: setup setup-system test demo bench bench-proto lint
+.PHONY: setup setup-system test demo bench bench-proto bench-scp lint
 
 # Python packages for running and testing (idempotent).
 setup:
 	$(PIP) install -q -e '.[test]'
 
-# Debian packages some tests and benchmarks use as real peers (sshd, socat, haproxy).
+# Debian packages some tests and benchmarks use as real peers (sshd, socat, haproxy, tinyproxy, rsync).
 setup-system:
 	bash .ci/system-packages
 
@@ -22,6 +22,9 @@ bench: setup setup-system
 
 bench-proto: setup
 	$(PYTHON) -m benchmarks.proto_bench
+
+bench-scp: setup setup-system
+	$(PYTHON) -m benchmarks.scp
 
 lint:
 	$(PYTHON) -m ruff check kins_tunnel tests benchmarks
