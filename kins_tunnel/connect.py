@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import ipaddress
 import math
 import os
 import ssl
@@ -95,8 +96,12 @@ class Plan:
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
     """Check the arguments and read the credential files; `UserError` naming the option."""
+    text = args.target
+    host, _, port = text.rpartition(":")
+    with contextlib.suppress(ValueError):  # ssh's %h is a bare IPv6 address: ::1:22
+        text = f"[{ipaddress.IPv6Address(host)}]:{port}"
     try:
-        target = Address.parse(args.target, min_port=1)
+        target = Address.parse(text, min_port=1)
     except ValueError as exc:
         raise UserError(f"HOST:PORT: {exc}") from None
     if not target.host.isascii():
@@ -246,7 +251,11 @@ _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 async def _relay(stream: trio.abc.Stream, trailing: bytes) -> int:
-    stdin, stdout = _fd_stream(0), _fd_stream(1)
+    try:
+        stdin, stdout = _fd_stream(0), _fd_stream(1)
+    except OSError as exc:
+        _say(f"stdin or stdout is not usable: {exc.strerror or exc}")
+        return Exit.USAGE
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_upload, stdin, stream)

@@ -279,6 +279,11 @@ async def test_bytes_behind_the_200_head_are_forwarded(tmp_path: Path) -> None:
         assert lines[0] == b"CONNECT edge1:22 HTTP/1.1"
         assert b"Host: edge1:22" in lines
         assert b"Proxy-Authorization: Basic " + base64.b64encode(b"u:p w") in lines
+        # ssh's %h is a bare IPv6 address
+        r = await run(connect_argv("::1:22", f"http://127.0.0.1:{port}"), stdin=b"")
+        assert (r.returncode, r.stdout) == (0, b"SSH-2.0-banner\r\n"), r.stderr
+        assert seen[1].startswith(b"CONNECT [::1]:22 HTTP/1.1\r\nHost: [::1]:22\r\n")
+        assert b"Proxy-Authorization" not in seen[1]
         n.cancel_scope.cancel()
 
 
