@@ -33,14 +33,66 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import REPO, Cleanup, free_port, tail, wait_port
+from benchmarks.procs import CLK_TCK, REPO, Cleanup, cpu_seconds, free_port, tail, tree, wait_port
 
 SSHD = "/usr/sbin/sshd"
 PASSWORD = "bench-password"
 MiB = 1 << 20
 
 
-def start_sshd(cleanup: Cleanup) -> tuple[Path, int]:
+def _cpu(pid: int) -> tuple[str, float] | None:
+    """(command name, user+sys CPU seconds) of one process, None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    comm = text[text.index("(") + 1: text.rindex(")")]
+    fields = text.rsplit(")", 1)[1].split()
+    return comm, (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _role(comm: str) -> str:
+    if comm.startswith("python"):
+        return "kins-tunnel connect"
+    return {"scp": "scp", "ssh": "ssh client"}.get(comm, "other")
+
+
+def timed_scp(argv: list[str], env: dict[str, str], sshd_pid: int, daemons: dict[str, int]) -> tuple[float, dict[str, float]]:
+    """Run scp; wall seconds and CPU seconds by role. Short-lived processes (scp, ssh, the connect
+    command, sshd's session processes) are sampled every 0.1 s, so each misses at most its last
+    0.1 s; the cloud and edge are measured before and after."""
+    before = {name: cpu_seconds([pid]) for name, pid in daemons.items()}
+    listener = _cpu(sshd_pid)
+    seen: dict[int, tuple[str, float]] = {}
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, cwd=REPO)
+    while p.poll() is None:
+        sshd_side = set(tree([sshd_pid])) - {sshd_pid}
+        for pid in tree([p.pid]) + sorted(sshd_side):
+            got = _cpu(pid)
+            if got is not None:
+                seen[pid] = ("sshd session" if pid in sshd_side else _role(got[0]), got[1])
+        time.sleep(0.1)
+    seconds = time.monotonic() - t0
+    err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+    if p.stderr:
+        p.stderr.close()
+    if p.returncode != 0:
+        raise SystemExit(f"scp failed: {err.strip()}")
+    cpu: dict[str, float] = {}
+    for role, value in seen.values():
+        cpu[role] = cpu.get(role, 0.0) + value
+    after_listener = _cpu(sshd_pid)
+    if listener and after_listener:
+        cpu["sshd session"] = cpu.get("sshd session", 0.0) + after_listener[1] - listener[1]
+    for name, pid in daemons.items():
+        cpu[name] = cpu_seconds([pid]) - before[name]
+    return seconds, cpu
+
+
+def start_sshd(cleanup: Cleanup) -> tuple[Path, int, int]:
     d = cleanup.tempdir("scp-sshd")
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     for key in ("host_key", "user_key"):
@@ -57,7 +109,7 @@ def start_sshd(cleanup: Cleanup) -> tuple[Path, int]:
     sshd = cleanup.spawn("sshd", [SSHD, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log")
     if not wait_port(port, 10.0, sshd):
         raise SystemExit(f"sshd did not listen: {tail(d / 'sshd.log')}")
-    return d, port
+    return d, port, sshd.pid
 
 
 def start_tunnel(cleanup: Cleanup, sshd_port: int) -> int:
@@ -131,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size_mib * MiB
     cleanup = Cleanup(keep_dirs=args.keep_logs)
     try:
-        sshd_dir, sshd_port = start_sshd(cleanup)
+        sshd_dir, sshd_port, sshd_pid = start_sshd(cleanup)
         proxy = start_tunnel(cleanup, sshd_port)
+        daemons = {name: proc.pid for name, proc in cleanup.procs if name in ("cloud", "edge")}
         work = cleanup.tempdir("scp-data")
         src, dst = work / "src.bin", work / "dst.bin"
         print(f"writing {args.size_mib} MiB test file ...", flush=True)
@@ -149,17 +202,15 @@ def main(argv: list[str] | None = None) -> int:
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         names = list(paths)
         results: dict[str, list[float]] = {n: [] for n in names}
+        cpus: dict[str, list[dict[str, float]]] = {n: [] for n in names}
         for r in range(args.rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             for name in order:
                 scp_opts, ssh_argv, host = paths[name]
                 dst.unlink(missing_ok=True)
-                t0 = time.monotonic()
-                p = subprocess.run(["scp", *scp_opts, str(src), f"{host}:{dst}"], env=env, capture_output=True,
-                                   text=True, timeout=1800, cwd=REPO, stdin=subprocess.DEVNULL)
-                seconds = time.monotonic() - t0
-                if p.returncode != 0:
-                    raise SystemExit(f"scp ({name}) failed: {p.stderr.strip()}")
+                seconds, cpu = timed_scp(["scp", *scp_opts, str(src), f"{host}:{dst}"], env, sshd_pid,
+                                         daemons if name == "tunnel" else {})
+                cpus[name].append({k: v / (size / 1024 ** 3) for k, v in cpu.items()})
                 check = subprocess.run(["ssh", *ssh_argv, f"sha256sum {dst}"], env=env, capture_output=True,
                                        text=True, timeout=600, cwd=REPO, stdin=subprocess.DEVNULL)
                 remote = (check.stdout.split() or ["?"])[0]
@@ -174,9 +225,19 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             print(f"| {n} | " + " | ".join(f"{v:.1f}" for v in results[n]) + f" | {medians[n]:.1f} |")
         print(f"tunnel/direct: {medians['tunnel'] / medians['direct']:.2f}")
+        roles = ["scp", "ssh client", "kins-tunnel connect", "cloud", "edge", "sshd session"]
+        cpu_medians = {n: {r: statistics.median(c.get(r, 0.0) for c in cpus[n]) for r in roles} for n in names}
+        print("\nCPU seconds per GiB (median over rounds):")
+        print("| path | " + " | ".join(roles) + " | total |")
+        print("|---|" + "---|" * (len(roles) + 1))
+        for n in names:
+            row = cpu_medians[n]
+            print(f"| {n} | " + " | ".join(f"{row[r]:.2f}" if row[r] else "—" for r in roles)
+                  + f" | {sum(row.values()):.2f} |")
         doc: dict[str, Any] = {
             "when": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "size_bytes": size,
             "rounds": args.rounds, "mb_per_s": results, "median_mb_per_s": medians,
+            "cpu_seconds_per_gib": cpus, "median_cpu_seconds_per_gib": cpu_medians,
             "ssh": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
             "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
             "loadavg": os.getloadavg(),
