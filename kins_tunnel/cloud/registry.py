@@ -76,7 +76,7 @@ class Registry:
         if len(tunnels) > 1:
             k = next(self._rr) % len(tunnels)
             tunnels = tunnels[k:] + tunnels[:k]
-            tunnels.sort(key=lambda t: len(t.session._streams))
+            tunnels.sort(key=lambda t: t.session.stream_count)
         return tunnels
 
     def serves(self, name: str) -> bool:
