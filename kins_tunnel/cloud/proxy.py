@@ -222,11 +222,13 @@ async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.
                 data = await stream.receive_some(READ_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise _ClientGone(f"client went away before a complete request: {exc}") from None
-            conn.receive_data(data)  # b"" = EOF; h11 then raises or reports ConnectionClosed
+            if not data:
+                raise _ClientGone("client closed the connection before a complete request")
+            conn.receive_data(data)
             continue
         if isinstance(event, h11.Request):
             return event
-        raise _ClientGone("client closed the connection before sending a request")
+        raise _Reject(400, "unexpected request data")  # pragma: no cover - h11 gives a Request first
 
 
 def _phrase(status: int) -> str:

@@ -120,6 +120,7 @@ class Edge:
         self.cloud_certs: dict[str, dict[str, object]] = {}  # "address" -> serial/not_after seen
         self.draining = False
         self.connects = 0  # successful tunnel set-ups, for tests and status
+        self.admin_port: int | None = None  # the bound admin port, once running
 
     def _snapshot(self) -> Iterator[tuple[dict[str, str], Session]]:
         for addr, s in list(self.sessions.items()):
@@ -149,6 +150,7 @@ class Edge:
                     serve_admin, self.cfg.admin.listen, routes, report=self.metrics.report_internal_error))
             log.info("tunnel-edge up", extra={"unit": self.identity.unit, "node": self.identity.node,
                                               "services": ",".join(self.cfg.services)})
+            self.admin_port = admin_port
             task_status.started(EdgePorts(admin_port))
             for entry in self.cfg.cloud:
                 nursery.start_soon(self._resolver, entry, nursery)

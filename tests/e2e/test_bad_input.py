@@ -56,6 +56,10 @@ async def watched_env(tmp_path: Path, **cloud_over: object) -> AsyncIterator[tup
 
             n.start_soon(keep_checking)
             yield env, counts
+            with trio.fail_after(10):  # at least one check after whatever the test did
+                ok = counts["ok"]
+                while counts["ok"] <= ok and not counts["failed"]:
+                    await trio.sleep(0.02)
             assert counts["failed"] == 0, counts
             assert counts["ok"] >= 1, counts
         n.cancel_scope.cancel()
