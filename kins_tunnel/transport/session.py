@@ -503,8 +503,9 @@ class Session:
         """Ping every `ping_interval`; close the session `ping_timeout` after the last byte
         received (to the scheduler's precision), whatever the interval."""
         interval = max(self._ping_interval, 0.01)
-        self.conn.ping()  # first RTT sample right away: it sizes the windows
-        self._kick()
+        if self.conn.is_open:
+            self.conn.ping()  # first RTT sample right away: it sizes the windows
+            self._kick()
         next_ping = trio.current_time() + interval
         while True:
             await trio.sleep_until(min(next_ping, self._last_rx + self._ping_timeout))
