@@ -417,3 +417,64 @@ async def test_a_basic_password_is_compared_byte_for_byte(tmp_path: Path) -> Non
                 status, _body = await connect_status(env.ports.proxy, SVC, basic(cred))
                 assert status == want, (cred, status)
         n.cancel_scope.cancel()
+
+
+async def test_a_bug_in_one_edge_stream_resets_that_stream_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the edge's dial for one service (injected): that CONNECT fails (502), the bug is
+    counted on the edge, and the same tunnel keeps carrying the other service's streams."""
+    from kins_tunnel.edge.forwarder import Forwarder
+
+    real = Forwarder.dial
+
+    async def dial(self: Forwarder, name: str, addrs: tuple[object, ...]) -> trio.SocketStream:
+        if name.startswith("edge1:"):
+            raise RuntimeError("injected dial bug")
+        return await real(self, name, addrs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Forwarder, "dial", dial)
+    async with trio.open_nursery() as n:
+        echo = await n.start(serve_echo)
+        async with tunnel_env(tmp_path) as env:
+            edge = await env.add_edge({SVC: f"127.0.0.1:{echo}", "edge1:22": f"127.0.0.1:{echo}"}, wait_for=SVC)
+            for _ in range(3):
+                status, body = await connect_status(env.ports.proxy, "edge1:22")
+                assert status == 502, body
+                status, _h, s = await connect(env.ports.proxy, SVC)
+                async with s:
+                    assert status == 200
+                    await s.send_all(b"fine")
+                    assert await s.receive_some(4) == b"fine"
+            assert b'kins_tunnel_internal_errors_total{where="stream"} 3.0' in edge.metrics.render()[2]
+            assert edge.connects == 1  # one tunnel all along
+        n.cancel_scope.cancel()
+
+
+async def test_random_bytes_on_the_admin_port(tmp_path: Path) -> None:
+    """Random and mutated requests on the admin port: each gets an answer or a close within the
+    deadline, and the endpoint keeps answering GET /healthz."""
+    import random
+
+    rng = random.Random(7)
+    base = b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+    async with tunnel_env(tmp_path) as env:
+        port = env.ports.admin
+        for _ in range(200):
+            if rng.random() < 0.5:
+                data = rng.randbytes(rng.randrange(0, 300))
+            else:
+                data = bytearray(base)
+                for _ in range(rng.randrange(1, 6)):
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+                data = bytes(data)
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+            async with s:
+                try:
+                    await s.send_all(data)
+                    await s.send_eof()
+                    with trio.fail_after(11):
+                        answer = await read_all(s)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    answer = b""
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 "), answer[:80]
+        status, body = await http_get(port, "/healthz")
+        assert (status, body) == (200, b"ok\n")
