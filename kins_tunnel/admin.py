@@ -1,8 +1,11 @@
 """The admin HTTP endpoint (h11): GET /healthz, /readyz, /metrics and /status.
 
-Small and strict: one request per connection, a deadline on every read and write, GET only.
-Routes are plain callables returning (status, content type, body), so cloud and edge each plug in
-their own readiness and status.
+Small and strict: one request per connection, one deadline for the whole exchange (from accept:
+read, route and write), GET and HEAD only. Every other method on every path gets 405 with `Allow`,
+an unknown path 404, a malformed request 400; whatever the request, the answer is complete and
+the process goes on (the handler runs behind the listener's failure-isolation boundary). Routes
+are plain callables returning (status, content type, body), so cloud and edge each plug in their
+own readiness and status.
 """
 
 from __future__ import annotations
@@ -10,38 +13,53 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from http import HTTPStatus
 
 import h11
 import trio
 
 from kins_tunnel.config import Address
-from kins_tunnel.transport.listen import accept_forever, open_listener_socket
+from kins_tunnel.transport.listen import open_listener_socket, serve_listener
+from kins_tunnel.transport.session import ErrorReporter, log_internal_error
 
 log = logging.getLogger("kins_tunnel.admin")
 
 Route = Callable[[], tuple[int, str, bytes]]
-TIMEOUT = 10.0
+TIMEOUT = 10.0  # seconds for a whole exchange, from accept
+MAX_REQUEST = 8192  # request line and headers
+ALLOWED = (b"GET", b"HEAD")
 
 
 def text(status: int, body: str) -> tuple[int, str, bytes]:
     return status, "text/plain; charset=utf-8", body.encode()
 
 
-async def serve_admin(listen: Address, routes: dict[str, Route], *,
+async def serve_admin(listen: Address, routes: dict[str, Route], *, report: ErrorReporter = log_internal_error,
                       task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled; `task_status.started(port)` once listening."""
     sock = open_listener_socket(listen.host, listen.port, "admin.listen")
-    listener = trio.SocketListener(sock)
     port = sock.getsockname()[1]
-    async with listener, trio.open_nursery() as nursery:
-        task_status.started(port)
-        await accept_forever(listener, nursery, functools.partial(_handle, routes=routes), "admin.listen")
+    task_status.started(port)
+    await serve_listener(trio.SocketListener(sock), functools.partial(_handle, routes=routes),
+                         where="admin", report=report)
+
+
+def answer(routes: dict[str, Route], method: bytes, target: bytes) -> tuple[int, str, bytes, list[tuple[str, str]]]:
+    """(status, content type, body, extra headers) for one request."""
+    path = target.decode("ascii", "replace").split("?", 1)[0]
+    if method not in ALLOWED:
+        return (*text(405, f"method {method.decode('ascii', 'replace')[:32]} not allowed: use GET\n"),
+                [("Allow", "GET, HEAD")])
+    route = routes.get(path)
+    if route is None:
+        return (*text(404, f"no such endpoint: {path[:200]}\n"), [])
+    return (*route(), [])
 
 
 async def _handle(stream: trio.SocketStream, *, routes: dict[str, Route]) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=8192)
-    try:
-        with trio.fail_after(TIMEOUT):
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
+    with trio.move_on_after(TIMEOUT):
+        try:
             request = None
             while request is None:
                 event = conn.next_event()
@@ -50,21 +68,23 @@ async def _handle(stream: trio.SocketStream, *, routes: dict[str, Route]) -> Non
                 elif isinstance(event, h11.Request):
                     request = event
                 else:
-                    return
-            path = request.target.decode("ascii", "replace").split("?", 1)[0]
-            route = routes.get(path)
-            if request.method not in (b"GET", b"HEAD"):
-                status, ctype, body = text(405, "only GET\n")
-            elif route is None:
-                status, ctype, body = text(404, f"no such endpoint: {path}\n")
+                    return  # the client closed before a whole request
+            status, ctype, body, extra = answer(routes, request.method, request.target)
+        except h11.RemoteProtocolError as exc:
+            request = None
+            status, ctype, body, extra = *text(exc.error_status_hint, "malformed request\n"), []
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+        headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Connection", "close"), *extra]
+        try:
+            if request is None:  # h11 cannot answer a request it could not parse: write the head raw
+                data = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+                        + "\r\n").encode() + body
             else:
-                status, ctype, body = route()
-            headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Connection", "close")]
-            await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
-            if request.method == b"GET":
-                await stream.send_all(conn.send(h11.Data(data=body)))
-            await stream.send_all(conn.send(h11.EndOfMessage()))
-    except (trio.TooSlowError, h11.RemoteProtocolError, trio.BrokenResourceError, OSError):
-        pass
-    finally:
-        await trio.aclose_forcefully(stream)
+                data = conn.send(h11.Response(status_code=status, headers=headers))
+                if request.method != b"HEAD":  # h11 frames a HEAD answer without a body
+                    data += conn.send(h11.Data(data=body))
+                data += conn.send(h11.EndOfMessage())
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass

@@ -22,9 +22,10 @@ An edge certificate carries exactly one URI subject alternative name::
 
 That URI is *the* identity: the cloud derives the edge's NodeUnit and node name from it and from
 nothing else (`identity_from_der`). The subject (CN=<node>, OU=<unit>) repeats it for humans reading
-``openssl x509 -text``; it is never used for decisions. ``unit`` and ``node`` are RFC 1123 DNS labels
-(lower-case ``a-z``, ``0-9`` and ``-``, 1 to 63 characters, no leading or trailing ``-``), which is
-also what Kubernetes requires of NodeUnit and node names.
+``openssl x509 -text``; it is never used for decisions. ``unit`` is an RFC 1123 DNS label (lower-case
+``a-z``, ``0-9`` and ``-``, 1 to 63 characters, no leading or trailing ``-``: it becomes part of the
+Service name ``<unit>-svc-kins``); ``node`` is a DNS subdomain (such labels joined by dots, at most
+253 characters), as Kubernetes requires of node names.
 
 Errors an operator can fix (missing or unreadable files, bad names) raise `UserError` with one line
 naming the file or value; malformed peer certificates raise `ValueError`.
@@ -68,6 +69,19 @@ CA_COMMON_NAME = "kins-tunnel CA"
 _URI_PREFIX = "spiffe://kins-tunnel/"
 _URI_RE = re.compile(r"spiffe://kins-tunnel/unit/([^/]+)/node/([^/]+)")
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+# A Kubernetes node name is a DNS subdomain: labels joined by dots, 253 characters at most.
+_SUBDOMAIN_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
+_NAME_RULES = {  # pattern, what it is, the rule in words
+    "unit": (_LABEL_RE, "a DNS label", "lower-case a-z, 0-9 and '-', 1 to 63 characters, not starting or "
+                                       "ending with '-'"),
+    "node": (_SUBDOMAIN_RE, "a DNS subdomain", "DNS labels (lower-case a-z, 0-9 and '-') joined by dots, 253 "
+                                               "characters at most, as Kubernetes node names are"),
+}
+
+
+def _valid_name(what: str, value: object) -> bool:
+    pattern, _kind, _rule = _NAME_RULES[what]
+    return isinstance(value, str) and len(value) <= 253 and pattern.fullmatch(value) is not None
 # TLS 1.2 suites, forward secret and AEAD only; ECDSA first because every key we issue is ECDSA.
 # TLS 1.3 suites are configured separately by OpenSSL and its defaults are already AEAD-only.
 _CIPHERS = ":".join([
@@ -124,8 +138,8 @@ def identity_from_der(der: bytes) -> EdgeIdentity:
         raise ValueError(f"identity URI {uris[0]!r} is not {_URI_PREFIX}unit/<unit>/node/<node>")
     unit, node = match.groups()
     for what, value in (("unit", unit), ("node", node)):
-        if not _LABEL_RE.fullmatch(value):
-            raise ValueError(f"identity URI {uris[0]!r}: {what} {value!r} is not a DNS label")
+        if not _valid_name(what, value):
+            raise ValueError(f"identity URI {uris[0]!r}: {what} {value!r} is not {_NAME_RULES[what][1]}")
     return EdgeIdentity(unit, node)
 
 
@@ -179,9 +193,9 @@ def issue_edge(dir: Path, unit: str, node: str, *, days: int = 825,
     """
     dir = Path(dir)
     for what, value in (("unit", unit), ("node", node)):
-        if not isinstance(value, str) or not _LABEL_RE.fullmatch(value):
-            raise UserError(f"{what} {value!r}: must be a DNS label (lower-case a-z, 0-9 and '-', "
-                            "1 to 63 characters, not starting or ending with '-')")
+        if not _valid_name(what, value):
+            _pattern, kind, rule = _NAME_RULES[what]
+            raise UserError(f"{what} {value!r}: must be {kind} ({rule})")
     ca_cert, ca_key = _load_ca(dir)
     crt_path, key_path = dir / f"edge-{node}.crt", dir / f"edge-{node}.key"
     subject = x509.Name([

@@ -20,6 +20,7 @@ import ipaddress
 import math
 import re
 import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any, NoReturn, TypeVar
 import yaml
 
 from kins_tunnel.errors import UserError
+from kins_tunnel.proto import LimitError, MuxConfig
 from kins_tunnel.transport.http_proxy import parse_proxy_url
 
 KiB, MiB = 1024, 1024 * 1024
@@ -116,13 +118,8 @@ class TLSFiles:
     key: Path
 
 
-@dataclass(frozen=True, slots=True)
-class MuxSettings:
-    initial_window: int = 256 * KiB
-    max_window: int = 16 * MiB
-    session_budget: int = 64 * MiB
-    max_streams: int = 1024
-    max_frame: int = 256 * KiB  # largest DATA payload we send or accept
+# The `mux:` section is the protocol core's own settings object: it validates its bounds itself.
+MuxSettings = MuxConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,10 +147,14 @@ class ProxySettings:
 @dataclass(frozen=True, slots=True)
 class TunnelListen:
     listen: Address = Address("0.0.0.0", 9000)
-    handshake_timeout: float = 10.0
+    handshake_timeout: float = 10.0  # from accept to an established tunnel, queueing included
     ping_interval: float = 10.0
     ping_timeout: float = 20.0  # no pong within this: the tunnel is dead
     drain_timeout: float = 30.0
+    first_byte_timeout: float = 3.0  # a new connection that sends nothing for this long is closed
+    max_pending_handshakes: int = 1024  # beyond this, a new connection sheds the oldest pending one
+    max_concurrent_handshakes: int = 256  # TLS handshakes running at once
+    slow_handshake: float = 2.0  # a handshake slot held this long may go to a waiting newcomer
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +172,7 @@ class CloudConfig:
     tunnel: TunnelListen = TunnelListen()
     proxy: ProxySettings = ProxySettings()
     admin: AdminSettings = _CLOUD_ADMIN
-    mux: MuxSettings = MuxSettings()
+    mux: MuxConfig = MuxConfig()
     log: LogSettings = LogSettings()
     replica: str = ""  # name of this replica; empty means the host name
 
@@ -205,7 +206,7 @@ class EdgeConfig:
     resolve_interval: float = 30.0  # re-resolve cloud DNS names this often
     reconnect: Backoff = Backoff()
     admin: AdminSettings | None = _EDGE_ADMIN  # None: disabled
-    mux: MuxSettings = MuxSettings()
+    mux: MuxConfig = MuxConfig()
     log: LogSettings = LogSettings()
     proxy: SiteProxy | None = None  # None: connect to the cloud directly
 
@@ -233,7 +234,7 @@ def cloud_config_from_dict(data: Mapping[str, object], *, base_dir: Path,
         tunnel=top.section("tunnel", TunnelListen).build(TunnelListen),
         proxy=_proxy(top.section("proxy", ProxySettings)),
         admin=top.section("admin", AdminSettings).build(AdminSettings, defaults=_CLOUD_ADMIN),
-        mux=_mux(top.section("mux", MuxSettings)), log=_log(top.section("log", LogSettings)),
+        mux=_mux(top.section("mux", MuxConfig)), log=_log(top.section("log", LogSettings)),
         **top.scalars(), tls=_tls(top),
     )
 
@@ -247,7 +248,7 @@ def edge_config_from_dict(data: Mapping[str, object], *, base_dir: Path,
         admin = top.section("admin", AdminSettings).build(AdminSettings, defaults=_EDGE_ADMIN)
     return EdgeConfig(  # arguments run in order: a typo in a section beats a missing key
         reconnect=_backoff(top.section("reconnect", Backoff)), admin=admin,
-        mux=_mux(top.section("mux", MuxSettings)), log=_log(top.section("log", LogSettings)),
+        mux=_mux(top.section("mux", MuxConfig)), log=_log(top.section("log", LogSettings)),
         proxy=_site_proxy(top.section("proxy", SiteProxy)) if top.data.get("proxy") is not None else None,
         **top.scalars(), cloud=_cloud_addresses(top), tls=_tls(top), services=_services(top),
     )
@@ -280,18 +281,11 @@ def _site_proxy(sec: "_Section") -> SiteProxy:
     return SiteProxy(url, sec.path("credentials_file") if sec.has("credentials_file") else None)
 
 
-def _mux(sec: "_Section") -> MuxSettings:
-    m = sec.build(MuxSettings)
-    for key, ok, rule in (
-        ("initial_window", m.initial_window >= 16 * KiB, f"at least {16 * KiB} (16 KiB)"),
-        ("max_window", m.max_window >= m.initial_window, f"at least initial_window ({m.initial_window})"),
-        ("session_budget", m.session_budget >= m.max_window, f"at least max_window ({m.max_window})"),
-        ("max_frame", 16 * KiB <= m.max_frame <= 16 * MiB, f"from {16 * KiB} to {16 * MiB} (16 KiB to 16 MiB)"),
-        ("max_streams", m.max_streams <= 65536, "from 1 to 65536"),
-    ):
-        if not ok:
-            sec.fail(key, f"must be {rule}, got {getattr(m, key)}")
-    return m
+def _mux(sec: "_Section") -> MuxConfig:
+    try:
+        return sec.build(MuxConfig)
+    except LimitError as exc:
+        sec.fail(exc.key, str(exc))
 
 
 def _log(sec: "_Section") -> LogSettings:
@@ -357,6 +351,8 @@ class _Section:
             data = {}
         if not isinstance(data, Mapping):
             self.fail("", f"expected a mapping, got {_kind(data)}")
+        # resolved annotations: classes of other modules may use `from __future__ import annotations`
+        self.types: dict[str, Any] = typing.get_type_hints(cls)
         known = [f.name for f in fields(cls)]
         for key in data:
             if not isinstance(key, str):
@@ -386,7 +382,7 @@ class _Section:
         """Construct `cls` from this section's scalars and addresses, `defaults` and `extra`."""
         values: dict[str, Any] = self.scalars()
         for f in fields(self.cls):
-            if f.type in (Address, Address | None) and self.has(f.name):
+            if self.types[f.name] in (Address, Address | None) and self.has(f.name):
                 values[f.name] = self.address(self.where(f.name), self.data[f.name])
             elif defaults is not None and f.name not in values:
                 values[f.name] = getattr(defaults, f.name)
@@ -396,16 +392,17 @@ class _Section:
         """Type-checked values of the int, float, str and bool fields present in this section."""
         out: dict[str, Any] = {}
         for f in fields(self.cls):
-            if f.name not in self.data or f.type not in _TYPE_NAMES:
+            ftype = self.types[f.name]
+            if f.name not in self.data or ftype not in _TYPE_NAMES:
                 continue
             value: Any = self.data[f.name]
-            if f.type is float and type(value) is int:
+            if ftype is float and type(value) is int:
                 value = float(value)
-            if type(value) is not f.type:  # so true/false is never a number
-                self.fail(f.name, f"expected {_TYPE_NAMES[f.type]}, got {_kind(value)}")
-            if f.type is float and not (math.isfinite(value) and value > 0):
+            if type(value) is not ftype:  # so true/false is never a number
+                self.fail(f.name, f"expected {_TYPE_NAMES[ftype]}, got {_kind(value)}")
+            if ftype is float and not (math.isfinite(value) and value > 0):
                 self.fail(f.name, f"must be a finite number greater than 0, got {value}")
-            if f.type is int and value < 1:
+            if ftype is int and value < 1:
                 self.fail(f.name, f"must be at least 1, got {value}")
             out[f.name] = value
         return out

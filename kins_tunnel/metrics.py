@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from kins_tunnel import __version__
-from kins_tunnel.transport.session import Session
+from kins_tunnel.transport.session import Session, log_internal_error
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -89,9 +89,19 @@ class Metrics:
                                           ["reason"], registry=r)
         self.relay_bytes = Counter("kins_tunnel_relay_bytes", "Bytes relayed by direction",
                                    ["direction"], registry=r)
+        self.internal_errors = Counter(
+            "kins_tunnel_internal_errors",
+            "Unexpected exceptions (bugs) caught at a failure-isolation boundary; each ended one "
+            "connection or stream only", ["where"], registry=r)
         # Flow-control stalls are counted per tunnel by the session (SessionStatistics.stalls) and
         # exported by the live collector as kins_tunnel_flow_control_stalls_total.
         r.register(_LiveCollector(snapshot, role, replica))
+
+    def report_internal_error(self, where: str, exc: BaseException) -> None:
+        """An `ErrorReporter`: log the bug once with its traceback and count it. `where` is one
+        of our fixed boundary names, never a value from a peer."""
+        log_internal_error(where, exc)
+        self.internal_errors.labels(where).inc()
 
     def render(self) -> tuple[int, str, bytes]:
         return 200, CONTENT_TYPE, generate_latest(self.registry)

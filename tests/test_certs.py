@@ -157,12 +157,22 @@ def test_issue_edge_with_garbage_ca(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("unit", "node"), [
     ("Test", "edge1"), ("test", "-edge"), ("test", "edge-"), ("", "edge1"), ("test", "a" * 64),
-    ("te_st", "edge1"), ("test", "edge.1"), ("test", "edge/1"), ("test\n", "edge1"),
+    ("te_st", "edge1"), ("test", "edge..1"), ("test", ".edge1"), ("test", "edge/1"), ("test\n", "edge1"),
+    ("test.a", "edge1"), ("test", "a." * 127), ("test", "Edge.1"),
 ])
 def test_invalid_names(tmp_path: Path, unit: str, node: str) -> None:
     init_ca(tmp_path)
-    with pytest.raises(UserError, match="must be a DNS label"):
+    with pytest.raises(UserError, match="must be a DNS (label|subdomain)"):
         issue_edge(tmp_path, unit, node)
+
+
+def test_node_names_may_be_dns_subdomains(tmp_path: Path) -> None:
+    """Kubernetes node names are DNS subdomains (e.g. node1.example.com); units stay labels."""
+    init_ca(tmp_path)
+    crt, _key = issue_edge(tmp_path, "test", "node1.example.com")
+    assert crt.name == "edge-node1.example.com.crt"
+    der = load(crt).public_bytes(certs.serialization.Encoding.DER)
+    assert identity_from_der(der) == EdgeIdentity("test", "node1.example.com")
 
 
 def test_identity_round_trip(pki: Path) -> None:
@@ -193,7 +203,8 @@ def _der_with_uris(*uris: str) -> bytes:
     (("spiffe://kins-tunnel/unit/a/node/b/extra",), "is not spiffe"),
     (("spiffe://kins-tunnel/node/b",), "is not spiffe"),
     (("spiffe://kins-tunnel/unit/A/node/b",), "unit 'A' is not a DNS label"),
-    (("spiffe://kins-tunnel/unit/a/node/-b",), "node '-b' is not a DNS label"),
+    (("spiffe://kins-tunnel/unit/a/node/-b",), "node '-b' is not a DNS subdomain"),
+    (("spiffe://kins-tunnel/unit/a.b/node/b",), "unit 'a.b' is not a DNS label"),
 ])
 def test_identity_rejects(uris: tuple[str, ...], reason: str) -> None:
     with pytest.raises(ValueError, match=reason):

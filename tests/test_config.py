@@ -230,10 +230,13 @@ def test_unknown_keys_edge() -> None:
     ({"tls": {**TLS, "key": ""}}, "tls.key: expected a file path, got string ''"),
     ({"mux": {"initial_window": 1024}}, "mux.initial_window: must be at least 16384 (16 KiB), got 1024"),
     ({"mux": {"max_window": 128 * 1024}}, "mux.max_window: must be at least initial_window (262144)"),
-    ({"mux": {"session_budget": 1 << 20}}, "mux.session_budget: must be at least max_window"),
-    ({"mux": {"max_frame": 1 << 25}}, "mux.max_frame: must be from 16384 to 16777216"),
-    ({"mux": {"max_streams": 65537}}, "mux.max_streams: must be from 1 to 65536, got 65537"),
+    ({"mux": {"session_budget": 128 * 1024}}, "mux.session_budget: must be at least initial_window (262144)"),
+    ({"mux": {"max_frame": 1 << 25}}, "mux.max_frame: must be at most 16777215, got 33554432"),
+    ({"mux": {"max_streams": 65537}}, "mux.max_streams: must be at most 65536, got 65537"),
     ({"mux": {"max_streams": 0}}, "mux.max_streams: must be at least 1"),
+    # the protocol core's own bound (16 MiB - 1: a 24-bit length), not a rounder number next to it
+    ({"mux": {"max_frame": 16 * 1024 * 1024}}, "mux.max_frame: must be at most 16777215, got 16777216"),
+    ({"mux": {"max_target_len": 5000}}, "mux.max_target_len: must be at most 4096, got 5000"),
 ])
 def test_cloud_errors(data: dict[str, Any], message: str) -> None:
     assert cloud_error(**data).startswith(f"cloud.yaml: {message}")

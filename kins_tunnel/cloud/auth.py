@@ -22,9 +22,10 @@ REALM = 'Basic realm="kins-tunnel", Bearer realm="kins-tunnel"'
 
 
 class _CredentialFile:
-    def __init__(self, path: Path, what: str) -> None:
+    def __init__(self, path: Path, what: str, *, strip: bool) -> None:
         self.path = path
         self.what = what
+        self.strip = strip
         self._stamp: tuple[int, int] | None = None
         self.entries: list[bytes] = []
         self.reload(strict=True)
@@ -41,7 +42,10 @@ class _CredentialFile:
                 raise UserError(f"{self.what}: cannot read {self.path}: {exc.strerror}") from exc
             log.warning("%s: cannot re-read %s: %s (keeping the previous credentials)", self.what, self.path, exc)
             return
-        self.entries = [ln.strip() for ln in lines if ln.strip() and not ln.startswith(b"#")]
+        # Basic lines are taken byte for byte (`splitlines` drops only the line break): a password
+        # may begin or end with a space. Bearer tokens cannot hold spaces (RFC 6750), so theirs
+        # are trimmed. Blank lines and lines starting with '#' are skipped.
+        self.entries = [ln.strip() if self.strip else ln for ln in lines if ln.strip() and not ln.startswith(b"#")]
         self._stamp = stamp
         if not self.entries:
             log.warning("%s: %s holds no credentials: every CONNECT will get 407", self.what, self.path)
@@ -49,8 +53,8 @@ class _CredentialFile:
 
 class Authenticator:
     def __init__(self, cfg: ProxyAuth) -> None:
-        self._basic = _CredentialFile(cfg.basic_file, "proxy.auth.basic_file") if cfg.basic_file else None
-        self._bearer = _CredentialFile(cfg.bearer_file, "proxy.auth.bearer_file") if cfg.bearer_file else None
+        self._basic = _CredentialFile(cfg.basic_file, "proxy.auth.basic_file", strip=False) if cfg.basic_file else None
+        self._bearer = _CredentialFile(cfg.bearer_file, "proxy.auth.bearer_file", strip=True) if cfg.bearer_file else None
 
     def check(self, header: bytes | None) -> bool:
         """True if the Proxy-Authorization header value carries valid credentials."""

@@ -1,11 +1,16 @@
 """The HTTP CONNECT front end (h11): parse one CONNECT, route it to an edge, then relay bytes.
 
-Answers follow DESIGN.md: 200 then raw bytes; 400 for malformed requests or bad targets (405 for
-other methods); 431 for oversized headers; 407 without valid credentials when auth is on; 503 when
-no connected edge serves the name; 502 when the edge refused or could not reach the target; 504
-when the edge did not answer the open in time. Error bodies are one line naming the target and
-the reason. The request must arrive within `header_timeout`; the number of client connections is
-capped by `max_connections` (beyond it: 503 and close).
+Answers: 200 then raw bytes; 400 for malformed requests or bad targets (405 for other methods);
+431 for oversized headers; 407 without valid credentials when auth is on; 503 when no connected
+edge serves the name; 502 when the edge refused or could not reach the target; 504 when the target
+or the edge did not answer in time; 500 when the handler itself fails before the 200. Error bodies
+are one line naming the target and a generic reason: what the edge said (its internal addresses)
+goes to the log, never to the client. The request must arrive within `header_timeout` of accept;
+the number of client connections is capped by `max_connections` (beyond it: 503 and close).
+
+Every CONNECT, whatever its end (relayed, refused, malformed, client gone before the answer, a
+bug), yields exactly one log line, "CONNECT done" after a 200 and "CONNECT refused" otherwise,
+with the fields of `ConnectRecord`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import functools
 import logging
 import socket
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 import h11
 import trio
@@ -22,26 +28,29 @@ from kins_tunnel.cloud.auth import REALM, Authenticator
 from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.config import ProxySettings, normalise_target
 from kins_tunnel.metrics import Metrics
-from kins_tunnel.proto import ErrorCode
-from kins_tunnel.transport.listen import accept_forever, open_listener_socket
+from kins_tunnel.proto import ErrorCode, code_label
+from kins_tunnel.transport.listen import open_listener_socket, serve_listener
 from kins_tunnel.transport.relay import relay
 from kins_tunnel.transport.session import OpenError
 from kins_tunnel.transport.stream import TunnelStream
 
 log = logging.getLogger("kins_tunnel.cloud.proxy")
 MAX_ATTEMPTS = 3  # tunnels tried for one CONNECT when one is draining or full
+READ_SIZE = 16384
+ERROR_WRITE_TIMEOUT = 5.0  # seconds to deliver an error answer
+LINGER_TIME = 1.0  # seconds to drain a client's input after an error answer (see _send_error)
+LINGER_BYTES = 1 << 20
+CLIENT_GONE = 499  # status recorded (never sent) when the client left before the answer
 
-_STATUS_FOR_CODE = {
-    ErrorCode.TIMEOUT: 504,
-    ErrorCode.REFUSED: 502,
-    ErrorCode.UNREACHABLE: 502,
-    ErrorCode.NOT_ALLOWED: 502,
-    ErrorCode.CONNECT_ERROR: 502,
+# What the client is told for each wire code of a failed open (the edge's own message is logged).
+_ANSWER_FOR_CODE: dict[int, tuple[int, str]] = {
+    ErrorCode.TIMEOUT: (504, "the target did not answer in time"),
+    ErrorCode.REFUSED: (502, "the target refused the connection"),
+    ErrorCode.UNREACHABLE: (502, "the edge could not reach the target"),
+    ErrorCode.NOT_ALLOWED: (502, "the edge does not serve this target"),
+    ErrorCode.CONNECT_ERROR: (502, "the connection to the target failed"),
 }
 _RETRYABLE = {ErrorCode.GOING_AWAY, ErrorCode.STREAM_LIMIT}
-_REASONS = {400: "Bad Request", 405: "Method Not Allowed", 407: "Proxy Authentication Required",
-            431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable",
-            504: "Gateway Timeout", 408: "Request Timeout"}
 
 
 @dataclass
@@ -50,19 +59,52 @@ class ProxyContext:
     registry: Registry
     metrics: Metrics
     auth: Authenticator | None
+    replica: str = ""
     active: int = 0
     listener_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
+@dataclass
+class ConnectRecord:
+    """What the one log line of a CONNECT says (no secrets: never a credential or a header)."""
+
+    client: str
+    replica: str
+    started: float
+    target: str = ""  # as the client wrote it
+    name: str = ""  # normalised routing name
+    unit: str = ""
+    node: str = ""
+    stream: int | None = None
+    status: int = 0
+    outcome: str = ""
+    sent: int = 0  # bytes client -> edge
+    received: int = 0  # bytes edge -> client
+
+    def emit(self) -> None:
+        fields = {"client": self.client, "replica": self.replica, "target": self.target, "normalised": self.name,
+                  "unit": self.unit, "node": self.node, "status": self.status, "outcome": self.outcome,
+                  "sent": self.sent, "received": self.received,
+                  "duration": round(trio.current_time() - self.started, 6)}
+        if self.stream is not None:
+            fields["stream"] = self.stream
+        log.info("CONNECT done" if self.status == 200 else "CONNECT refused", extra=fields)
+
+
 class _Reject(Exception):
-    def __init__(self, status: int, target: str, reason: str, headers: list[tuple[str, str]] | None = None,
-                 route: tuple[str, str] | None = None) -> None:
+    """End the CONNECT with an error answer: `reason` goes to the client, `detail` to the log."""
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None,
+                 detail: str = "") -> None:
         super().__init__(reason)
-        self.route = route  # (unit, node) of the edge that answered, if one did
         self.status = status
-        self.target = target
         self.reason = reason
+        self.detail = detail
         self.headers = headers or []
+
+
+class _ClientGone(Exception):
+    """The client closed or broke its connection before it had an answer."""
 
 
 async def serve_proxy(ctx: ProxyContext, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -75,50 +117,125 @@ async def serve_proxy(ctx: ProxyContext, *, task_status: trio.TaskStatus[int] = 
                     listen.host, port)
     async with trio.open_nursery() as nursery:
         with ctx.listener_scope:  # cancelled to stop accepting (drain); open relays go on
-            async with trio.SocketListener(sock) as listener:
-                task_status.started(port)
-                await accept_forever(listener, nursery, functools.partial(handle_client, ctx), "proxy.listen")
+            task_status.started(port)
+            await serve_listener(trio.SocketListener(sock), functools.partial(handle_client, ctx), where="proxy",
+                                 report=ctx.metrics.report_internal_error, handler_nursery=nursery)
 
 
-async def _send_error(stream: trio.SocketStream, conn: h11.Connection, rej: _Reject, metrics: Metrics) -> None:
-    metrics.connect_answers.labels(str(rej.status)).inc()
-    body = f"kins-tunnel: {rej.target or '-'}: {rej.reason}\n".encode()
-    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
-               ("Connection", "close"), *rej.headers]
+def _peer(stream: trio.SocketStream) -> str:
     try:
-        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            data = conn.send(h11.Response(status_code=rej.status, headers=headers,
-                                          reason=_REASONS.get(rej.status, "").encode()))
-            data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
-        else:  # h11 refuses to answer (e.g. it could not parse a request line): answer raw
-            data = (f"HTTP/1.1 {rej.status} {_REASONS.get(rej.status, '')}\r\n"
-                    + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode() + body
-        with trio.move_on_after(5):
-            await stream.send_all(data)
-            # Lingering close: closing with unread input would send RST and could destroy the
-            # answer before the client reads it. Half-close, then discard input for a moment.
-            await stream.send_eof()
-        with trio.move_on_after(1):
-            discarded = 0
-            while discarded < (1 << 20):
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    break
-                discarded += len(chunk)
-    except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def handle_client(ctx: ProxyContext, stream: trio.SocketStream) -> None:
+    """One client connection: one CONNECT. A failure-isolation boundary: a bug in here answers 500
+    (if no answer went out yet), ends this connection only, and still logs the CONNECT line."""
+    rec = ConnectRecord(client=_peer(stream), replica=ctx.replica, started=trio.current_time())
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=ctx.settings.max_request_bytes)
+    ctx.active += 1
+    try:
+        await _serve(ctx, stream, conn, rec)
+    except _Reject as rej:
+        _refused(ctx, rec, rej.status, rej.detail or rej.reason)
+        await _send_error(stream, conn, rec.target, rej)
+    except _ClientGone as exc:
+        _refused(ctx, rec, CLIENT_GONE, str(exc))
+    except Exception as exc:
+        ctx.metrics.report_internal_error("proxy", exc)
+        if rec.status == 0:  # nothing answered yet: the client still gets a clear answer
+            _refused(ctx, rec, 500, f"internal error: {type(exc).__name__}")
+            await _send_error(stream, conn, rec.target, _Reject(500, "internal error in the proxy"))
+        else:
+            rec.outcome = f"internal error: {type(exc).__name__}"
+    finally:
+        ctx.active -= 1
+        rec.emit()
+
+
+def _refused(ctx: ProxyContext, rec: ConnectRecord, status: int, outcome: str) -> None:
+    rec.status, rec.outcome = status, outcome
+    if status != CLIENT_GONE:
+        ctx.metrics.connect_answers.labels(str(status)).inc()
+
+
+async def _serve(ctx: ProxyContext, stream: trio.SocketStream, conn: h11.Connection, rec: ConnectRecord) -> None:
+    settings = ctx.settings
+    try:
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError:
         pass
+    if ctx.active > settings.max_connections:
+        raise _Reject(503, f"too many client connections (limit {settings.max_connections})")
+    with trio.move_on_after(settings.header_timeout) as scope:  # from accept
+        request = await _read_request(stream, conn)
+    if scope.cancelled_caught:
+        raise _Reject(408, f"request not received within {settings.header_timeout:g}s")
+    rec.target = request.target.decode("ascii", "replace")[:512]
+    if request.http_version not in (b"1.0", b"1.1"):  # h11 parses any digit.digit
+        raise _Reject(400, f"unsupported HTTP version {request.http_version.decode('ascii', 'replace')}")
+    if request.method != b"CONNECT":
+        raise _Reject(405, f"method {request.method.decode('ascii', 'replace')[:32]} not allowed: "
+                      "this is a CONNECT proxy", [("Allow", "CONNECT")])
+    if ctx.auth is not None and not ctx.auth.check(_header(request, b"proxy-authorization")):
+        raise _Reject(407, "proxy authentication required", [("Proxy-Authenticate", REALM)])
+    try:
+        rec.name = normalise_target(rec.target)
+    except ValueError as exc:
+        raise _Reject(400, f"bad target: {exc}") from None
+    tunnel_stream = await _open(ctx, rec)
+    # Tunnel open: answer 200 and become a byte pipe.
+    try:
+        rec.status, rec.stream = 200, tunnel_stream.stream_id
+        ctx.metrics.connect_answers.labels("200").inc()
+        try:
+            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[],
+                                                         reason=b"Connection established")))
+            leftover, _closed = conn.trailing_data
+            if leftover:
+                await tunnel_stream.send_all(leftover)
+                rec.sent += len(leftover)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            rec.outcome = f"client went away: {exc}"
+            return
+        result = await relay(stream, tunnel_stream)
+    finally:
+        tunnel_stream.abort(ErrorCode.CANCEL, "client went away")  # a no-op once the relay closed it
+    rec.sent += result.a_to_b
+    rec.received = result.b_to_a
+    rec.outcome = result.error or "closed"
+    ctx.metrics.relay_bytes.labels("to_edge").inc(rec.sent)
+    ctx.metrics.relay_bytes.labels("from_edge").inc(rec.received)
 
 
 async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.Request:
     while True:
-        event = conn.next_event()
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _Reject(exc.error_status_hint, f"malformed request: {str(exc).split(':')[0][:100]}") from None
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(16384)
-            conn.receive_data(data)  # b"" = EOF; h11 then raises or reports ConnectionClosed
+            try:
+                data = await stream.receive_some(READ_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise _ClientGone(f"client went away before a complete request: {exc}") from None
+            if not data:
+                raise _ClientGone("client closed the connection before a complete request")
+            conn.receive_data(data)
             continue
         if isinstance(event, h11.Request):
             return event
-        raise _Reject(400, "", "connection closed before a complete request")
+        raise _Reject(400, "unexpected request data")  # pragma: no cover - h11 gives a Request first
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
@@ -128,92 +245,50 @@ def _header(request: h11.Request, name: bytes) -> bytes | None:
     return None
 
 
-async def handle_client(ctx: ProxyContext, stream: trio.SocketStream) -> None:
-    settings = ctx.settings
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=settings.max_request_bytes)
-    ctx.active += 1
-    tunnel_stream: TunnelStream | None = None
-    target = ""
+async def _send_error(stream: trio.SocketStream, conn: h11.Connection, target: str, rej: _Reject) -> None:
+    body = f"kins-tunnel: {target or '-'}: {rej.reason}\n".encode()
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
+               ("Connection", "close"), *rej.headers]
+    phrase = _phrase(rej.status)
     try:
-        try:
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        except OSError:
-            pass
-        try:
-            if ctx.active > settings.max_connections:
-                raise _Reject(503, "", f"too many client connections (limit {settings.max_connections})")
-            with trio.move_on_after(settings.header_timeout) as scope:
-                request = await _read_request(stream, conn)
-            if scope.cancelled_caught:
-                raise _Reject(408, "", f"request not received within {settings.header_timeout:g}s")
-            target = request.target.decode("ascii", "replace")
-            if request.http_version not in (b"1.0", b"1.1"):  # h11 parses any digit.digit
-                raise _Reject(400, target, f"unsupported HTTP version {request.http_version.decode()}")
-            if request.method != b"CONNECT":
-                raise _Reject(405, target, f"method {request.method.decode('ascii', 'replace')} not allowed: "
-                              "this is a CONNECT proxy", [("Allow", "CONNECT")])
-            if ctx.auth is not None and not ctx.auth.check(_header(request, b"proxy-authorization")):
-                raise _Reject(407, target, "proxy authentication required", [("Proxy-Authenticate", REALM)])
-            try:
-                name = normalise_target(target)
-            except ValueError as exc:
-                raise _Reject(400, target, f"bad target: {exc}") from None
-            tunnel_stream = await _open(ctx, name, target)
-        except h11.RemoteProtocolError as exc:
-            await _send_error(stream, conn, _Reject(exc.error_status_hint, target,
-                                                     f"malformed request: {str(exc).split(':')[0][:100]}"),
-                              ctx.metrics)
-            return
-        except _Reject as rej:
-            extra = {"target": rej.target, "status": rej.status, "outcome": rej.reason}
-            if rej.route is not None:
-                extra["unit"], extra["node"] = rej.route
-            log.info("CONNECT refused", extra=extra)
-            await _send_error(stream, conn, rej, ctx.metrics)
-            return
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return
-        # Tunnel open: answer 200 and become a byte pipe.
-        ctx.metrics.connect_answers.labels("200").inc()
-        try:
-            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[],
-                                                         reason=b"Connection established")))
-            leftover, _closed = conn.trailing_data
-            if leftover:
-                await tunnel_stream.send_all(leftover)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            tunnel_stream.abort(ErrorCode.CANCEL, "client went away")
-            return
-        stream_ref, tunnel_stream = tunnel_stream, None
-        result = await relay(stream, stream_ref)
-        ctx.metrics.relay_bytes.labels("to_edge").inc(result.a_to_b + len(leftover))
-        ctx.metrics.relay_bytes.labels("from_edge").inc(result.b_to_a)
-        unit, node = getattr(stream_ref, "route", ("", ""))
-        log.info("CONNECT done", extra={"target": target, "unit": unit, "node": node,
-                                        "stream": stream_ref.stream_id,
-                                        "sent": result.a_to_b + len(leftover), "received": result.b_to_a,
-                                        "outcome": result.error or "closed"})
-    finally:
-        ctx.active -= 1
-        if tunnel_stream is not None:
-            tunnel_stream.abort(ErrorCode.CANCEL, "client went away")
-        await trio.aclose_forcefully(stream)
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            data = conn.send(h11.Response(status_code=rej.status, headers=headers, reason=phrase.encode()))
+            data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+        else:  # h11 refuses to answer (e.g. it could not parse a request line): answer raw
+            data = (f"HTTP/1.1 {rej.status} {phrase}\r\n"
+                    + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode() + body
+    except h11.LocalProtocolError:
+        data = (f"HTTP/1.1 {rej.status} {phrase}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode() + body
+    try:
+        with trio.move_on_after(ERROR_WRITE_TIMEOUT):
+            await stream.send_all(data)
+            # Lingering close: closing with unread input would send RST and could destroy the
+            # answer before the client reads it. Half-close, then discard input for a moment.
+            await stream.send_eof()
+        with trio.move_on_after(LINGER_TIME):
+            discarded = 0
+            while discarded < LINGER_BYTES:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                discarded += len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
 
 
-async def _open(ctx: ProxyContext, name: str, target: str) -> TunnelStream:
-    """Open a stream to `name` on the best tunnel, trying another on retryable refusals."""
+async def _open(ctx: ProxyContext, rec: ConnectRecord) -> TunnelStream:
+    """Open a stream to `rec.name` on the best tunnel, trying another on retryable refusals."""
     t0 = trio.current_time()
     last: OpenError | None = None
-    route: tuple[str, str] | None = None
     tried = 0
-    for tunnel in ctx.registry.candidates(name):
+    for tunnel in ctx.registry.candidates(rec.name):
         if tried == MAX_ATTEMPTS:
             break
         tried += 1
-        route = (tunnel.identity.unit, tunnel.identity.node)
+        rec.unit, rec.node = tunnel.identity.unit, tunnel.identity.node
         try:
-            stream = await tunnel.session.open_stream(name, ctx.settings.dial_timeout)
+            stream = await tunnel.session.open_stream(rec.name, ctx.settings.dial_timeout)
         except OpenError as exc:
             last = exc
             if exc.code in _RETRYABLE:
@@ -221,14 +296,13 @@ async def _open(ctx: ProxyContext, name: str, target: str) -> TunnelStream:
             break
         ctx.metrics.streams.inc()
         ctx.metrics.dial_seconds.observe(trio.current_time() - t0)
-        stream.route = (tunnel.identity.unit, tunnel.identity.node)  # type: ignore[attr-defined]
+        stream.route = (tunnel.identity.unit, tunnel.identity.node)
         return stream
     if last is None or last.code in _RETRYABLE:
         ctx.metrics.dial_failures.labels("no_edge").inc()
-        reason = "no connected edge serves this name" if last is None else f"no edge available ({last.message})"
-        raise _Reject(503, target, reason)
-    code = ErrorCode.from_wire(int(last.code))
-    label = code.name.lower() if isinstance(code, ErrorCode) else str(code)
+        reason = "no connected edge serves this name" if last is None else "no edge available"
+        raise _Reject(503, reason, detail=reason if last is None else f"{reason}: {last.message}")
+    label = code_label(last.code)
     ctx.metrics.dial_failures.labels(label).inc()
-    status = _STATUS_FOR_CODE.get(code, 502) if isinstance(code, ErrorCode) else 502
-    raise _Reject(status, target, f"edge could not open the stream: {last.message} ({label})", route=route)
+    status, reason = _ANSWER_FOR_CODE.get(int(last.code), (502, "the edge could not open the stream"))
+    raise _Reject(status, f"{reason} ({label})", detail=f"{reason}: {last.message} ({label})")

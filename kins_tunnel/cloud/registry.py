@@ -29,10 +29,14 @@ def allowed_name(identity: EdgeIdentity, name: str) -> str | None:
         norm = normalise_target(name)
     except ValueError:
         return None
-    host, _, _port = norm.rpartition(":")
-    if host in (f"{identity.unit}-svc-kins.kins-system", identity.node):
+    host, _, port = norm.rpartition(":")
+    if host == f"{identity.unit}-svc-kins.kins-system":
         return norm
-    return None
+    try:  # the node's name normalised as a target would be (a dotted name may collapse like one)
+        node_host = normalise_target(f"{identity.node}:{port}").rpartition(":")[0]
+    except ValueError:
+        return None
+    return norm if host == node_host else None
 
 
 @dataclass(eq=False)
@@ -76,7 +80,7 @@ class Registry:
         if len(tunnels) > 1:
             k = next(self._rr) % len(tunnels)
             tunnels = tunnels[k:] + tunnels[:k]
-            tunnels.sort(key=lambda t: len(t.session._streams))
+            tunnels.sort(key=lambda t: t.session.stream_count)
         return tunnels
 
     def serves(self, name: str) -> bool:

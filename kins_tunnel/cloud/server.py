@@ -8,6 +8,7 @@ it after `drain()`: listeners close first, every edge gets GOAWAY, streams finis
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import socket
@@ -44,7 +45,7 @@ class Cloud:
         self.tls = ReloadingContext(server_ssl_context, cfg.tls.ca, cfg.tls.cert, cfg.tls.key, what="tls")
         self.tunnels = TunnelServer(cfg, self.tls, self.registry, self.metrics)
         auth = Authenticator(cfg.proxy.auth) if cfg.proxy.auth else None
-        self.proxy = ProxyContext(cfg.proxy, self.registry, self.metrics, auth)
+        self.proxy = ProxyContext(cfg.proxy, self.registry, self.metrics, auth, replica=self.replica)
         self.ready = False
 
     def _snapshot(self):  # type: ignore[no-untyped-def]
@@ -76,7 +77,8 @@ class Cloud:
         async with trio.open_nursery() as nursery:
             tunnel_port = await nursery.start(self.tunnels.serve)
             proxy_port = await nursery.start(serve_proxy, self.proxy)
-            admin_port = await nursery.start(serve_admin, self.cfg.admin.listen, routes)
+            admin_port = await nursery.start(functools.partial(
+                serve_admin, self.cfg.admin.listen, routes, report=self.metrics.report_internal_error))
             self.ready = True
             log.info("tunnel-cloud up", extra={"replica": self.replica, "tunnel_port": tunnel_port,
                                                "proxy_port": proxy_port, "admin_port": admin_port})

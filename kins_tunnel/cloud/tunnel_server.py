@@ -1,9 +1,11 @@
 """The edge listener: accept TCP, mutual TLS, identity from the client certificate, then a session.
 
-Handshakes run under `handshake_timeout` and a concurrency cap (a reconnect storm of thousands of
-edges is served a few hundred at a time instead of starving everything else of CPU). The edge's
-unit and node come only from its certificate; the names it advertises are filtered by the routing
-rule, and refused names are logged with the reason.
+Admission (see `admission`): one deadline from accept (`handshake_timeout`) covers everything up
+to an established tunnel; the first byte must come within `first_byte_timeout`; pending and
+concurrent handshakes are bounded, the oldest pending shed first and slow handshakes displaced,
+so neither an idle flood nor a reconnect storm locks real edges out. The edge's unit and node come
+only from its certificate; the names it advertises are filtered by the routing rule, and refused
+names are logged with the reason.
 
 Certificate rotation: the server context comes from a `ReloadingContext`, checked on accept at
 most once a second; renewed files apply to new handshakes, live tunnels keep theirs.
@@ -21,17 +23,16 @@ import trio
 from kins_tunnel import __version__
 from kins_tunnel.certs import EdgeIdentity, identity_from_der
 from kins_tunnel.certwatch import ReloadingContext
+from kins_tunnel.cloud.admission import Admission
 from kins_tunnel.cloud.registry import EdgeTunnel, Registry, allowed_name
 from kins_tunnel.config import CloudConfig
 from kins_tunnel.metrics import Metrics
-from kins_tunnel.mux_config import mux_config
-from kins_tunnel.proto import Connection, Hello, Role
-from kins_tunnel.transport.listen import accept_forever, open_listener_socket
+from kins_tunnel.proto import Connection, ErrorCode, Hello, Role
+from kins_tunnel.transport.listen import open_listener_socket, serve_listener
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.tls import TLSSocket, TransportError
 
 log = logging.getLogger("kins_tunnel.cloud.tunnel")
-MAX_CONCURRENT_HANDSHAKES = 256
 
 
 class TunnelServer:
@@ -42,7 +43,9 @@ class TunnelServer:
         self._static = context if isinstance(context, ssl.SSLContext) else None
         self.registry = registry
         self.metrics = metrics
-        self._handshakes = trio.CapacityLimiter(MAX_CONCURRENT_HANDSHAKES)
+        t = cfg.tunnel
+        self.admission = Admission(max_pending=t.max_pending_handshakes, max_concurrent=t.max_concurrent_handshakes,
+                                   slow_handshake=t.slow_handshake)
         self.listening = trio.Event()
         self._listener_scope: trio.CancelScope | None = None
 
@@ -52,10 +55,10 @@ class TunnelServer:
         port = sock.getsockname()[1]
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as self._listener_scope:
-                async with trio.SocketListener(sock) as listener:
-                    self.listening.set()
-                    task_status.started(port)
-                    await accept_forever(listener, nursery, self._handle, "tunnel.listen")
+                self.listening.set()
+                task_status.started(port)
+                await serve_listener(trio.SocketListener(sock), self._handle, where="tunnel",
+                                     report=self.metrics.report_internal_error, handler_nursery=nursery)
 
     @property
     def context(self) -> ssl.SSLContext:
@@ -69,49 +72,77 @@ class TunnelServer:
         if self._listener_scope is not None:
             self._listener_scope.cancel()
 
+    def _refuse(self, peer: str, reason: str, detail: str) -> None:
+        self.metrics.handshake_failures.labels(reason).inc()
+        log.warning("edge handshake refused", extra={"peer": peer, "reason": detail, "label": reason})
+
     async def _handle(self, tcp: trio.SocketStream) -> None:
+        t = self.cfg.tunnel
+        deadline = trio.current_time() + t.handshake_timeout  # from accept, queueing included
         try:
             host, port = tcp.socket.getpeername()[:2]
             peer = f"{host}:{port}"
         except OSError:
             peer = "?"
-        sock = socket.socket(fileno=tcp.socket.detach())
-        tls = TLSSocket.wrap(sock, self.context, server_side=True)
-        t = self.cfg.tunnel
+        ticket = self.admission.arrive(deadline)
+        tls: TLSSocket | None = None
+        identity: EdgeIdentity | None = None
         try:
-            async with self._handshakes:
-                with trio.fail_after(t.handshake_timeout):
-                    await tls.do_handshake()
+            with ticket.scope:
+                with trio.move_on_after(t.first_byte_timeout) as first:
+                    await trio.lowlevel.wait_readable(tcp.socket)
+                if first.cancelled_caught:
+                    self._refuse(peer, "idle", f"no data within first_byte_timeout ({t.first_byte_timeout:g}s)")
+                    return
+                await self.admission.acquire(ticket)
+                tls = TLSSocket.wrap(socket.socket(fileno=tcp.socket.detach()), self.context, server_side=True)
+                identity = await self._tls_handshake(tls)
+        except (TransportError, ValueError) as exc:
+            self._refuse(peer, _reason_label(exc), str(exc))
+            return
+        finally:
+            self.admission.leave(ticket)
+        if identity is None or tls is None:  # the ticket's scope ended it: deadline or shed
+            reason = ticket.reason or "timeout"
+            self._refuse(peer, reason, _SHED_DETAIL.get(reason, f"not established within handshake_timeout "
+                                                                f"({t.handshake_timeout:g}s)"))
+            return
+        await self._run_tunnel(tls, identity, peer, deadline)
+
+    async def _tls_handshake(self, tls: TLSSocket) -> EdgeIdentity:
+        try:
+            await tls.do_handshake()
             der = tls.peer_certificate_der()
             if der is None:
                 raise TransportError("no client certificate")
-            identity = identity_from_der(der)
-        except (TransportError, trio.TooSlowError, ValueError) as exc:
-            reason = "timeout" if isinstance(exc, trio.TooSlowError) else _reason_label(exc)
-            self.metrics.handshake_failures.labels(reason).inc()
-            log.warning("edge handshake refused", extra={"peer": peer, "reason": str(exc) or "timeout"})
+            return identity_from_der(der)
+        except BaseException:
             tls.close()
-            return
+            raise
+
+    async def _run_tunnel(self, tls: TLSSocket, identity: EdgeIdentity, peer: str, deadline: float) -> None:
+        t = self.cfg.tunnel
         labels = {"unit": identity.unit, "node": identity.node}
-        conn = Connection(Role.SERVER, Hello(agent=f"kins-tunnel-cloud/{__version__}"), mux_config(self.cfg.mux))
+        conn = Connection(Role.SERVER, Hello(agent=f"kins-tunnel-cloud/{__version__}"), self.cfg.mux)
         session = Session(tls, conn, ping_interval=t.ping_interval, ping_timeout=t.ping_timeout,
-                          label=f"{identity.unit}/{identity.node}@{peer}")
+                          label=f"{identity.unit}/{identity.node}@{peer}", report=self.metrics.report_internal_error)
         try:
-            await self._serve_session(session, identity, labels, peer)
+            await self._serve_session(session, identity, labels, peer, max(deadline - trio.current_time(), 0.0))
         except* trio.ClosedResourceError:
             # Session.close() (drain, ping timeout, a failed write) closes the socket under the
             # session's own reader/writer, which then raise ClosedResourceError out of serve().
             # The tunnel is over either way; it must not take the listener down with it.
             log.debug("edge tunnel closed under its reader", extra={**labels, "peer": peer})
+        finally:
+            session.close("tunnel handler ended", ErrorCode.NO_ERROR)
 
     async def _serve_session(self, session: Session, identity: EdgeIdentity, labels: dict[str, str],
-                             peer: str) -> None:
-        t = self.cfg.tunnel
+                             peer: str, time_left: float) -> None:
         async with trio.open_nursery() as nursery:
             try:
-                await nursery.start(functools.partial(session.serve, handshake_timeout=t.handshake_timeout))
+                await nursery.start(functools.partial(session.serve, handshake_timeout=time_left))
             except TransportError as exc:
-                self.metrics.handshake_failures.labels("protocol").inc()
+                self.metrics.handshake_failures.labels(session.handshake_failure or "protocol").inc()
                 log.warning("edge tunnel handshake failed", extra={**labels, "peer": peer, "reason": str(exc)})
                 return
             names = []
@@ -132,6 +163,9 @@ class TunnelServer:
                 self.registry.remove(tunnel)
                 log.info("edge disconnected", extra={**labels, "peer": peer, "reason": session.close_reason})
 
+
+_SHED_DETAIL = {"shed": "shed: too many pending handshakes (tunnel.max_pending_handshakes)",
+                "slow": "shed: handshake slower than tunnel.slow_handshake while others waited"}
 
 # OpenSSL X509_V_ERR_* codes worth their own label
 _VERIFY_CODES = {9: "not_yet_valid", 10: "expired", 2: "unknown_ca", 18: "unknown_ca", 19: "unknown_ca",

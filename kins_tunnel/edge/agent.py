@@ -50,7 +50,6 @@ from kins_tunnel.config import Address, EdgeConfig
 from kins_tunnel.edge.forwarder import Forwarder
 from kins_tunnel.errors import UserError
 from kins_tunnel.metrics import Metrics
-from kins_tunnel.mux_config import mux_config
 from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
 from kins_tunnel.transport.http_proxy import ProxyDialer, ProxyError
 from kins_tunnel.transport.session import Session
@@ -99,7 +98,10 @@ def _cert_summary(der: bytes | None) -> dict[str, object]:
     """What the edge shows in /status about the cloud certificate it validated."""
     if der is None:
         return {}
-    cert = x509.load_der_x509_certificate(der)
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return {}
     return {"cloud_cert_serial": format(cert.serial_number, "x"),
             "cloud_cert_not_after": cert.not_valid_after_utc.isoformat()}
 
@@ -127,6 +129,7 @@ class Edge:
         self.cloud_certs: dict[str, dict[str, object]] = {}  # "address" -> serial/not_after seen
         self.draining = False
         self.connects = 0  # successful tunnel set-ups, for tests and status
+        self.admin_port: int | None = None  # the bound admin port, once running
 
     def _snapshot(self) -> Iterator[tuple[dict[str, str], Session]]:
         for addr, s in list(self.sessions.items()):
@@ -152,9 +155,11 @@ class Edge:
                 routes = {"/healthz": lambda: text(200, "ok\n"),
                           "/readyz": lambda: text(200, "ready\n") if self.ready else text(503, "no tunnel\n"),
                           "/metrics": self.metrics.render, "/status": self.status}
-                admin_port = await nursery.start(serve_admin, self.cfg.admin.listen, routes)
+                admin_port = await nursery.start(functools.partial(
+                    serve_admin, self.cfg.admin.listen, routes, report=self.metrics.report_internal_error))
             log.info("tunnel-edge up", extra={"unit": self.identity.unit, "node": self.identity.node,
                                               "services": ",".join(self.cfg.services)})
+            self.admin_port = admin_port
             task_status.started(EdgePorts(admin_port))
             for entry in self.cfg.cloud:
                 nursery.start_soon(self._resolver, entry, nursery)
@@ -215,6 +220,8 @@ class Edge:
                 except (TransportError, RemoteProtocolError, trio.TooSlowError, OSError) as exc:
                     self.metrics.handshake_failures.labels(_failure_reason(exc)).inc()
                     log.warning("tunnel to cloud failed", extra={"cloud": label, "reason": str(exc) or "timeout"})
+                except Exception as exc:  # a bug: this tunnel ends, the edge reconnects as usual
+                    self.metrics.report_internal_error("edge_tunnel", exc)
                 if self.draining or keeper.retired:
                     return
                 attempt = 0 if trio.current_time() - started >= b.stable_after else attempt + 1
@@ -235,9 +242,10 @@ class Edge:
                                     open_stream=None if self.proxy is None else self.proxy.open)
         cloud_cert = _cert_summary(tls.peer_certificate_der())
         hello = Hello(names=tuple(cfg.services), agent=f"kins-tunnel-edge/{__version__}")
-        conn = Connection(Role.CLIENT, hello, mux_config(cfg.mux))
+        conn = Connection(Role.CLIENT, hello, cfg.mux)
         session = Session(tls, conn, on_open=self.forwarder.on_open, ping_interval=cfg.ping_interval,
-                          ping_timeout=cfg.ping_timeout, label=f"cloud {label}")
+                          ping_timeout=cfg.ping_timeout, label=f"cloud {label}",
+                          report=self.metrics.report_internal_error)
         try:
             await self._serve_session(session, label, cloud_cert, keeper)
         except* trio.ClosedResourceError:

@@ -31,11 +31,13 @@ class DialFailed(Exception):
         self.code = code
 
 
-def _code_for(exc: OSError) -> ErrorCode:
+def code_for(exc: OSError) -> ErrorCode:
+    """The wire code for a failed dial: refused → REFUSED (502), timed out → TIMEOUT (504),
+    anything else (no route, DNS failure, ...) → UNREACHABLE (502)."""
     if isinstance(exc, ConnectionRefusedError):
         return ErrorCode.REFUSED
-    if isinstance(exc, socket.gaierror) or exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
-        return ErrorCode.UNREACHABLE
+    if isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT:
+        return ErrorCode.TIMEOUT
     return ErrorCode.UNREACHABLE
 
 
@@ -77,7 +79,7 @@ class Forwarder:
             log.warning("open refused: not in services", extra={"target": target, "stream": stream_id})
             session.reject(stream_id, ErrorCode.NOT_ALLOWED, f"{target} is not in this edge's services")
             return
-        session.start_soon(self._dial_and_relay, session, stream_id, name, addrs)
+        session.start_stream_task(stream_id, self._dial_and_relay, session, stream_id, name, addrs)
 
     async def dial(self, name: str, addrs: tuple[Address, ...]) -> trio.SocketStream:
         """Connect to the first address of `name` that answers, within `dial_timeout` in all."""
@@ -94,7 +96,7 @@ class Forwarder:
                 try:
                     tcp = await _connect(addr)
                 except OSError as exc:
-                    last = DialFailed(_code_for(exc), f"{addr}: {exc.strerror or exc}")
+                    last = DialFailed(code_for(exc), f"{addr}: {exc.strerror or exc}")
                     continue
                 try:
                     tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -10,6 +10,8 @@ from kins_tunnel.proto.errors import (
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
+    code_label,
+    code_text,
 )
 from kins_tunnel.proto.events import (
     ConnectionTerminated,
@@ -24,7 +26,7 @@ from kins_tunnel.proto.events import (
     StreamReset,
     WindowUpdated,
 )
-from kins_tunnel.proto.handshake import PROTOCOL_VERSION, Hello, MuxConfig, Role
+from kins_tunnel.proto.handshake import PROTOCOL_VERSION, Hello, LimitError, MuxConfig, Role
 from kins_tunnel.proto.mux import Connection
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "GoAwayReceived",
     "HandshakeComplete",
     "Hello",
+    "LimitError",
     "LocalProtocolError",
     "MuxConfig",
     "OpenResult",
@@ -48,4 +51,6 @@ __all__ = [
     "StreamOpened",
     "StreamReset",
     "WindowUpdated",
+    "code_label",
+    "code_text",
 ]

@@ -43,6 +43,24 @@ class ErrorCode(enum.IntEnum):
             return value
 
 
+def code_text(code: int) -> str:
+    """A wire code as text for messages and logs: ``timeout`` for known codes, ``unknown(99)``
+    for codes this version does not know. Never raises, whatever number a peer sent."""
+    try:
+        return ErrorCode(code).name.lower()
+    except ValueError:
+        return f"unknown({int(code)})"
+
+
+def code_label(code: int) -> str:
+    """A wire code as a metric label: the known code's name, or ``unknown`` (bounded cardinality:
+    a peer choosing codes must not be able to create label values)."""
+    try:
+        return ErrorCode(code).name.lower()
+    except ValueError:
+        return "unknown"
+
+
 class ProtocolError(Exception):
     """Base class: something broke the protocol's rules. `code` is the wire error code."""
 

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 
 from kins_tunnel.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from kins_tunnel.proto.flow import MIN_WINDOW
 from kins_tunnel.proto.frames import (
     HELLO_PREFIX,
     MAGIC,
@@ -31,27 +32,54 @@ class Role(enum.Enum):
     SERVER = "server"  # accepted it (cloud): even stream ids
 
 
+class LimitError(ValueError):
+    """A `MuxConfig` value out of range; `key` names the field (the config file's `mux.<key>`)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+# The bounds of every limit, defined here once: the config loader and the handshake both use them.
+MIN_FRAME = 16 * 1024
+MAX_STREAMS_LIMIT = 65536
+MAX_TARGET_LEN_LIMIT = 4096
+MAX_NAMES_LIMIT = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class MuxConfig:
-    """Limits and windows of one side; see `kins_tunnel.config.MuxSettings` for the YAML keys."""
+    """Limits and windows of one side (the `mux:` section of cloud.yaml and edge.yaml).
+
+    Constructing one validates every bound and raises `LimitError` naming the field, so a value
+    the core cannot run with is refused where it is read, never at the first handshake.
+    """
 
     initial_window: int = 256 * 1024
     max_window: int = 16 * 1024 * 1024
     session_budget: int = 64 * 1024 * 1024
     max_streams: int = 1024
-    max_frame: int = 256 * 1024
+    max_frame: int = 256 * 1024  # largest DATA payload we accept (and send, if the peer allows)
     max_target_len: int = 512
     max_names: int = 256
 
     def __post_init__(self) -> None:
-        if not (16 * 1024 <= self.max_frame <= MAX_PAYLOAD_LIMIT):
-            raise ValueError("max_frame must be between 16 KiB and 16 MiB")
-        if not (0 < self.initial_window <= self.max_window <= MAX_WINDOW_VALUE):
-            raise ValueError("need 0 < initial_window <= max_window < 2 GiB")
-        if self.session_budget < self.initial_window:
-            raise ValueError("session_budget must be at least initial_window")
-        if self.max_streams < 1:
-            raise ValueError("max_streams must be at least 1")
+        for key, low, high in (
+            ("initial_window", (MIN_WINDOW, "16384 (16 KiB)"), MAX_WINDOW_VALUE),
+            ("max_window", (self.initial_window, f"initial_window ({self.initial_window})"), MAX_WINDOW_VALUE),
+            ("session_budget", (self.initial_window, f"initial_window ({self.initial_window})"), 1 << 40),
+            ("max_streams", (1, "1"), MAX_STREAMS_LIMIT),
+            ("max_frame", (MIN_FRAME, "16384 (16 KiB)"), MAX_PAYLOAD_LIMIT),
+            ("max_target_len", (1, "1"), MAX_TARGET_LEN_LIMIT),
+            ("max_names", (0, "0"), MAX_NAMES_LIMIT),
+        ):
+            value = getattr(self, key)
+            if type(value) is not int:
+                raise LimitError(key, f"must be an integer, got {value!r}")
+            if value < low[0]:
+                raise LimitError(key, f"must be at least {low[1]}, got {value}")
+            if value > high:
+                raise LimitError(key, f"must be at most {high}, got {value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +157,11 @@ def parse_hello(body: memoryview, ours: Hello, config: MuxConfig) -> tuple[int, 
         raise RemoteProtocolError("malformed HELLO body")
     if len(names) > config.max_names:
         raise RemoteProtocolError(f"peer advertises {len(names)} names, limit {config.max_names}")
-    if not (16 * 1024 <= max_frame <= MAX_PAYLOAD_LIMIT) or max_streams < 1 or max_target < 1:
-        raise RemoteProtocolError("HELLO limits out of range")
+    if not (MIN_FRAME <= max_frame <= MAX_PAYLOAD_LIMIT) or not 1 <= max_streams <= (1 << 31) \
+            or not 1 <= max_target <= MAX_TARGET_LEN_LIMIT:
+        raise RemoteProtocolError(
+            f"HELLO limits out of range (max_frame {max_frame}, max_streams {max_streams}, "
+            f"max_target_len {max_target})", ErrorCode.PROTOCOL_ERROR)
     peer = PeerLimits(max_frame=max_frame, max_streams=max_streams, max_target_len=max_target,
                       names=tuple(dict.fromkeys(names)))
     return version, frozenset(caps), peer, agent[:200]

@@ -234,6 +234,11 @@ class Connection:
         self._out += open_result_frame(stream_id, code, 0, message)
         self._forget(stream_id)
 
+    def is_pending_remote(self, stream_id: int) -> bool:
+        """The peer opened the stream and it waits for accept_stream/reject_stream."""
+        s = self._streams.get(stream_id)
+        return s is not None and not s.local and not s.established
+
     def _pending_remote(self, stream_id: int) -> StreamState:
         s = self._streams.get(stream_id)
         if s is None or s.local or s.established:

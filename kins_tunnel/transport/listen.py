@@ -1,7 +1,14 @@
-"""Listening sockets: open one (or a one-line UserError), and accept from it until cancelled."""
+"""Listening sockets: open one (or a one-line UserError), and serve it with one task per connection.
+
+Every connection's handler runs behind a failure-isolation boundary: an exception it lets out is a
+bug, reported once (log with traceback, `kins_tunnel_internal_errors_total{where}`), and ends that
+connection only; the listener and every other connection go on. Accepting is `trio.serve_listeners`,
+which pauses on EMFILE/ENFILE/ENOMEM/ENOBUFS (out of descriptors or memory) and retries.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -9,8 +16,11 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from kins_tunnel.errors import UserError
+from kins_tunnel.transport.session import ErrorReporter
 
 log = logging.getLogger("kins_tunnel.listen")
+
+LISTEN_BACKLOG = 4096
 
 
 def open_listener_socket(host: str, port: int, what: str) -> trio.socket.SocketType:
@@ -20,22 +30,26 @@ def open_listener_socket(host: str, port: int, what: str) -> trio.socket.SocketT
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(4096)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         raise UserError(f"{what}: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     return trio.socket.from_stdlib_socket(sock)
 
 
-async def accept_forever(listener: trio.SocketListener, nursery: trio.Nursery,
-                         handler: Callable[[trio.SocketStream], Awaitable[object]], what: str) -> None:
-    """Start `handler(stream)` in `nursery` for every connection. Accept errors (e.g. out of file
-    descriptors) are logged and retried after a short pause: the listener keeps serving."""
-    while True:
-        try:
-            stream = await listener.accept()
-        except OSError as exc:
-            log.warning("%s: accept failed: %s", what, exc)
-            await trio.sleep(0.05)
-            continue
-        nursery.start_soon(handler, stream)
+async def _isolated(handler: Callable[[trio.SocketStream], Awaitable[object]], where: str,
+                    report: ErrorReporter, stream: trio.SocketStream) -> None:
+    try:
+        await handler(stream)
+    except Exception as exc:  # a bug in the handler: this connection ends, nothing else does
+        report(where, exc)
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def serve_listener(listener: trio.SocketListener, handler: Callable[[trio.SocketStream], Awaitable[object]],
+                         *, where: str, report: ErrorReporter, handler_nursery: trio.Nursery | None = None) -> None:
+    """Run `handler(stream)` for every connection until cancelled, each behind an isolation
+    boundary named `where` (a fixed label: "proxy", "tunnel", "admin")."""
+    await trio.serve_listeners(functools.partial(_isolated, handler, where, report), [listener],
+                               handler_nursery=handler_nursery)

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -43,6 +42,7 @@ from kins_tunnel.proto import (
     StreamOpened,
     StreamReset,
     WindowUpdated,
+    code_text,
 )
 from kins_tunnel.transport.stream import TunnelStream
 from kins_tunnel.transport.tls import READ_BATCH, TLSSocket, TransportError
@@ -53,14 +53,30 @@ WRITE_CHUNK = 256 * 1024
 OUTPUT_HIGH_WATER = 512 * 1024
 
 
-_READ_BUFFERS = threading.local()
+_READ_BUFFER: trio.lowlevel.RunVar[memoryview] = trio.lowlevel.RunVar("kins_tunnel_read_buffer")
+
+# Reports an unexpected exception (a bug) at a failure-isolation boundary: (where, exception).
+ErrorReporter = Callable[[str, BaseException], None]
+
+
+def log_internal_error(where: str, exc: BaseException) -> None:
+    log.error("internal error in %s: %s: %s", where, type(exc).__name__, exc, exc_info=exc,
+              extra={"where": where})
 
 
 def _shared_read_buffer() -> memoryview:
-    buf = getattr(_READ_BUFFERS, "view", None)
-    if buf is None:
-        buf = _READ_BUFFERS.view = memoryview(bytearray(READ_BATCH))
-    return buf
+    """One read buffer per trio run, shared by every session of the run.
+
+    Copy contract: a caller fills it and hands a slice to `Connection.receive_data`, which copies
+    out everything it keeps (payloads and partial frames) before returning; nothing awaits between
+    the fill and that call. So the next session to read may overwrite it at once.
+    """
+    try:
+        return _READ_BUFFER.get()
+    except LookupError:
+        view = memoryview(bytearray(READ_BATCH))
+        _READ_BUFFER.set(view)
+        return view
 
 
 class OpenError(Exception):
@@ -95,11 +111,13 @@ class Session:
         ping_interval: float = 10.0,
         ping_timeout: float = 20.0,
         label: str = "",
+        report: ErrorReporter = log_internal_error,
     ) -> None:
         self.tls = tls
         self.conn = conn
         self.label = label
         self._on_open = on_open
+        self._report = report
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._streams: dict[int, TunnelStream] = {}
@@ -119,6 +137,7 @@ class Session:
         self.rtt: float | None = None
         self.started_at = trio.current_time()
         self.stalls = 0
+        self.handshake_failure: str | None = None  # a short label when the HELLO exchange failed
         self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -144,6 +163,8 @@ class Session:
                     nursery.start_soon(self._pinger)
                     await self.closed.wait()
                 else:
+                    if self.handshake_failure is None:
+                        self.handshake_failure = "timeout" if not self.closed.is_set() else "protocol"
                     self._shutdown(self.close_reason or "tunnel handshake timed out")
                 nursery.cancel_scope.cancel()
         finally:
@@ -156,7 +177,7 @@ class Session:
             self.close_reason = reason
         self.closed.set()
         for stream in list(self._streams.values()):
-            stream._broken(f"tunnel closed: {self.close_reason}")
+            stream.broken(f"tunnel closed: {self.close_reason}")
         self._streams.clear()
         for ch in self._opening.values():
             ch.close()
@@ -187,6 +208,11 @@ class Session:
         )
 
     @property
+    def stream_count(self) -> int:
+        """Streams the application holds on this tunnel now."""
+        return len(self._streams)
+
+    @property
     def usable(self) -> bool:
         """Can carry new streams: handshake done, not closed, neither side draining."""
         return (
@@ -215,7 +241,7 @@ class Session:
                 except trio.EndOfChannel:
                     raise OpenError(ErrorCode.CONNECT_ERROR, f"tunnel closed: {self.close_reason}") from None
                 if not result.ok or stream is None:
-                    raise OpenError(result.code, result.message or ErrorCode(result.code).name.lower())
+                    raise OpenError(result.code, result.message or code_text(result.code))
                 returned = True
                 return stream
             raise OpenError(ErrorCode.TIMEOUT, f"edge did not answer within {timeout:g}s")
@@ -244,10 +270,68 @@ class Session:
             return  # reset or gone meanwhile
         self._kick()
 
-    def start_soon(self, fn: Callable[..., object], *args: object) -> None:
-        """Run a task tied to this session's lifetime (e.g. an edge dial)."""
+    def start_stream_task(self, stream_id: int, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run a task for one stream, tied to this session's lifetime (e.g. an edge dial).
+
+        A failure-isolation boundary: if the task raises, that is a bug; it is reported, the
+        stream is reset (INTERNAL_ERROR) and the session and its other streams go on.
+        """
         assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)  # type: ignore[arg-type]
+        self._nursery.start_soon(self._stream_task, stream_id, fn, args)
+
+    async def _stream_task(self, stream_id: int, fn: Callable[..., Awaitable[object]],
+                           args: tuple[object, ...]) -> None:
+        try:
+            await fn(*args)
+        except Exception as exc:
+            self._report("stream", exc)
+            self._fail_stream(stream_id, exc)
+
+    def _fail_stream(self, stream_id: int, exc: BaseException) -> None:
+        """End one stream after a bug while handling it; the session goes on."""
+        if self.closed.is_set():
+            return
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            stream.broken(f"internal error: {type(exc).__name__}", ErrorCode.INTERNAL_ERROR)
+        ch = self._opening.pop(stream_id, None)
+        if ch is not None:
+            ch.close()
+        try:
+            if self.conn.is_pending_remote(stream_id):
+                self.conn.reject_stream(stream_id, ErrorCode.INTERNAL_ERROR, "internal error")
+            else:
+                self.conn.reset_stream(stream_id, ErrorCode.INTERNAL_ERROR, "internal error")
+        except LocalProtocolError:
+            pass
+        self._kick()
+
+    # ------------------------------------------------------------------ StreamIO (for TunnelStream)
+    @property
+    def is_closed(self) -> bool:
+        return self.closed.is_set()
+
+    def send(self, stream_id: int, data: bytes | bytearray | memoryview, end: bool = False) -> int:
+        n = self.conn.send_data(stream_id, data, end)
+        self._kick()
+        if n < len(data):
+            self.stalls += 1  # the sender waits for the peer's credit
+        return n
+
+    def consumed(self, stream_id: int, n: int) -> None:
+        self.conn.consumed(stream_id, n)
+        self._kick()
+
+    def send_window(self, stream_id: int) -> int:
+        return self.conn.send_window(stream_id)
+
+    def reset(self, stream_id: int, code: ErrorCode, message: str) -> None:
+        self.conn.reset_stream(stream_id, code, message)
+        self._kick()
+
+    def detach(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+        self.conn.release(stream_id)
 
     # ------------------------------------------------------------------ reader
     async def _reader(self) -> None:
@@ -269,6 +353,8 @@ class Session:
                 try:
                     events = self.conn.receive_data(view[:n] if n else b"")
                 except RemoteProtocolError as exc:
+                    if not self.handshake_done.is_set():
+                        self.handshake_failure = "version" if exc.code == ErrorCode.VERSION_MISMATCH else "protocol"
                     self._kick()
                     self._shutdown(f"protocol error from peer: {exc}")
                     return
@@ -283,61 +369,76 @@ class Session:
             self._shutdown(str(exc))
         except trio.ClosedResourceError:  # another task closed the session under our wait
             self._shutdown(self.close_reason or "session closed")
+        except Exception as exc:  # a bug: it ends this tunnel only, never the process
+            self._report("session", exc)
+            self.close(f"internal error: {type(exc).__name__}", ErrorCode.INTERNAL_ERROR)
 
     def _dispatch(self, events: list[Event]) -> None:
-        streams = self._streams
         for e in events:
-            if type(e) is DataReceived:
-                s = streams.get(e.stream_id)
-                if s is not None:
-                    s._deliver(e.data, e.end_stream)
-                else:
-                    self.conn.consumed(e.stream_id, len(e.data))
-            elif type(e) is WindowUpdated:
-                s = streams.get(e.stream_id)
-                if s is not None:
-                    s._send_lot.unpark_all()
-            elif type(e) is StreamEnded:
-                s = streams.get(e.stream_id)
-                if s is not None:
-                    s._deliver(b"", True)
-            elif type(e) is StreamOpened:
-                if self._on_open is None:
-                    self.conn.reject_stream(e.stream_id, ErrorCode.NOT_ALLOWED, "this side accepts no streams")
-                else:
-                    self._on_open(self, e.stream_id, e.target)
-            elif type(e) is OpenResult:
-                ch = self._opening.pop(e.stream_id, None)
-                if ch is None:
-                    if e.ok:
-                        self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "open abandoned")
-                elif e.ok:
-                    # Register the stream now, before the opener runs: data (or FIN) the target
-                    # sends first may follow in this very batch and must land in the stream.
-                    stream = TunnelStream(self, e.stream_id)
-                    streams[e.stream_id] = stream
-                    ch.send_nowait((e, stream))
-                else:
-                    ch.send_nowait((e, None))
-            elif type(e) is StreamReset:
-                s = streams.pop(e.stream_id, None)
-                if s is not None:
-                    s._broken(f"reset by peer: {e.message or ErrorCode(e.code).name.lower()}", e.code)
-                ch = self._opening.pop(e.stream_id, None)
-                if ch is not None:
-                    ch.send_nowait((OpenResult(e.stream_id, e.code, e.message), None))
-            elif type(e) is PongReceived:
-                if e.rtt is not None:
-                    self.rtt = e.rtt
-            elif type(e) is HandshakeComplete:
-                self.peer_names = e.names
-                self.peer_agent = e.agent
-                self.handshake_done.set()
-            elif type(e) is GoAwayReceived:
-                self.draining = True
-                log.info("%s: peer is draining (%s)", self.label, e.reason or "no reason")
-            elif type(e) is ConnectionTerminated:
-                self.close_reason = e.reason
+            try:
+                self._dispatch_one(e)
+            except Exception as exc:
+                # A bug while handling one stream's event ends that stream, not the tunnel;
+                # connection-level events have no stream to blame and end the tunnel.
+                sid = getattr(e, "stream_id", 0)
+                if not sid:
+                    raise
+                self._report("stream", exc)
+                self._fail_stream(sid, exc)
+
+    def _dispatch_one(self, e: Event) -> None:
+        streams = self._streams
+        if type(e) is DataReceived:
+            s = streams.get(e.stream_id)
+            if s is not None:
+                s.deliver(e.data, e.end_stream)
+            else:  # closed by the application: like TCP, data after close aborts the stream
+                self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "stream closed")
+        elif type(e) is WindowUpdated:
+            s = streams.get(e.stream_id)
+            if s is not None:
+                s.credit_arrived()
+        elif type(e) is StreamEnded:
+            s = streams.get(e.stream_id)
+            if s is not None:
+                s.deliver(b"", True)
+        elif type(e) is StreamOpened:
+            if self._on_open is None:
+                self.conn.reject_stream(e.stream_id, ErrorCode.NOT_ALLOWED, "this side accepts no streams")
+            else:
+                self._on_open(self, e.stream_id, e.target)
+        elif type(e) is OpenResult:
+            ch = self._opening.pop(e.stream_id, None)
+            if ch is None:
+                if e.ok:
+                    self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "open abandoned")
+            elif e.ok:
+                # Register the stream now, before the opener runs: data (or FIN) the target
+                # sends first may follow in this very batch and must land in the stream.
+                stream = TunnelStream(self, e.stream_id)
+                streams[e.stream_id] = stream
+                ch.send_nowait((e, stream))
+            else:
+                ch.send_nowait((e, None))
+        elif type(e) is StreamReset:
+            s = streams.pop(e.stream_id, None)
+            if s is not None:
+                s.broken(f"reset by peer: {e.message or code_text(e.code)}", e.code)
+            ch = self._opening.pop(e.stream_id, None)
+            if ch is not None:
+                ch.send_nowait((OpenResult(e.stream_id, e.code, e.message), None))
+        elif type(e) is PongReceived:
+            if e.rtt is not None:
+                self.rtt = e.rtt
+        elif type(e) is HandshakeComplete:
+            self.peer_names = e.names
+            self.peer_agent = e.agent
+            self.handshake_done.set()
+        elif type(e) is GoAwayReceived:
+            self.draining = True
+            log.info("%s: peer is draining (%s)", self.label, e.reason or "no reason")
+        elif type(e) is ConnectionTerminated:
+            self.close_reason = e.reason
 
     # ------------------------------------------------------------------ writer
     def _kick(self) -> None:
@@ -392,20 +493,29 @@ class Session:
 
     async def wait_output_space(self) -> None:
         """Block while too much output is queued (TCP back-pressure)."""
+        if self._queued_bytes > OUTPUT_HIGH_WATER:
+            self.stalls += 1
         while self._queued_bytes > OUTPUT_HIGH_WATER and not self.closed.is_set():
             await self._writable_lot.park()
 
     # ------------------------------------------------------------------ liveness
     async def _pinger(self) -> None:
-        interval = max(min(self._ping_interval, self._ping_timeout / 2), 0.01)
-        self.conn.ping()  # first RTT sample right away: it sizes the windows
-        self._kick()
+        """Ping every `ping_interval`; close the session `ping_timeout` after the last byte
+        received (to the scheduler's precision), whatever the interval."""
+        interval = max(self._ping_interval, 0.01)
+        if self.conn.is_open:
+            self.conn.ping()  # first RTT sample right away: it sizes the windows
+            self._kick()
+        next_ping = trio.current_time() + interval
         while True:
-            await trio.sleep(interval)
-            idle = trio.current_time() - self._last_rx
-            if idle > self._ping_timeout:
+            await trio.sleep_until(min(next_ping, self._last_rx + self._ping_timeout))
+            now = trio.current_time()
+            idle = now - self._last_rx
+            if idle >= self._ping_timeout:
                 self.close(f"no traffic from peer for {idle:.1f}s (ping timeout)", ErrorCode.NO_ERROR)
                 return
-            if self.conn.is_open:
-                self.conn.ping()
-                self._kick()
+            if now >= next_ping:
+                next_ping = now + interval
+                if self.conn.is_open:
+                    self.conn.ping()
+                    self._kick()

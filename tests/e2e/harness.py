@@ -135,6 +135,31 @@ async def connect(proxy_port: int, target: str, headers: str = "") -> tuple[int,
         raise
 
 
+async def keep_echoing(proxy_port: int, counts: dict[str, int], target: str = SVC) -> None:
+    """Forever: an echo round trip through the proxy every 50 ms, counted as "ok" or "failed"
+    (skipped while counts["paused"] is set). The normal traffic that hostile-input tests watch."""
+    while True:
+        if counts["paused"]:
+            await trio.sleep(0.05)
+            continue
+        try:
+            with trio.fail_after(5):
+                status, head, s = await connect(proxy_port, target)
+                async with s:
+                    assert status == 200, head
+                    await s.send_all(b"still here")
+                    got = b""
+                    while len(got) < 10:
+                        chunk = await s.receive_some(10)
+                        assert chunk
+                        got += chunk
+                    assert got == b"still here"
+            counts["ok"] += 1
+        except (AssertionError, OSError, trio.TooSlowError, trio.BrokenResourceError):
+            counts["failed"] += 1
+        await trio.sleep(0.05)
+
+
 async def read_all(stream: trio.abc.ReceiveStream, limit: int = 1 << 31) -> bytes:
     out = bytearray()
     while len(out) < limit:

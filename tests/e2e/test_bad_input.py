@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from kins_tunnel.certs import client_ssl_context, init_ca, issue_edge
 from tests.e2e.faultkit import connect, figure
-from tests.e2e.harness import SVC, TunnelEnv, read_all, serve_echo, tunnel_env
+from tests.e2e.harness import SVC, TunnelEnv, keep_echoing, read_all, serve_echo, tunnel_env
 
 ANSWERS = {200, 400, 405, 407, 408, 431, 502, 503, 504}
 
@@ -31,31 +31,12 @@ async def watched_env(tmp_path: Path, **cloud_over: object) -> AsyncIterator[tup
         echo = await n.start(serve_echo)
         async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{echo}"}, **cloud_over) as env:
             counts = {"ok": 0, "failed": 0, "paused": 0}
-
-            async def keep_checking() -> None:
-                while True:
-                    if counts["paused"]:
-                        await trio.sleep(0.05)
-                        continue
-                    try:
-                        with trio.fail_after(5):
-                            status, head, s = await connect(env.ports.proxy, SVC)
-                            async with s:
-                                assert status == 200, head
-                                await s.send_all(b"still here")
-                                got = b""
-                                while len(got) < 10:
-                                    chunk = await s.receive_some(10)
-                                    assert chunk
-                                    got += chunk
-                                assert got == b"still here"
-                        counts["ok"] += 1
-                    except (AssertionError, OSError, trio.TooSlowError, trio.BrokenResourceError):
-                        counts["failed"] += 1
-                    await trio.sleep(0.05)
-
-            n.start_soon(keep_checking)
+            n.start_soon(keep_echoing, env.ports.proxy, counts)
             yield env, counts
+            with trio.fail_after(10):  # at least one check after whatever the test did
+                ok = counts["ok"]
+                while counts["ok"] <= ok and not counts["failed"]:
+                    await trio.sleep(0.02)
             assert counts["failed"] == 0, counts
             assert counts["ok"] >= 1, counts
         n.cancel_scope.cancel()

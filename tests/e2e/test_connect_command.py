@@ -176,7 +176,7 @@ async def test_refusals_print_the_reason_and_exit_non_zero(tmp_path: Path) -> No
                 (["--proxy-user", f"u:{PASSWORD}"], "edge2:22", 6,
                  "answered 503 Service Unavailable: kins-tunnel: edge2:22: no connected edge serves this name"),
                 (["--proxy-user", f"u:{PASSWORD}"], "edge1:7001", 6,
-                 "answered 502 Bad Gateway: kins-tunnel: edge1:7001: edge could not open the stream"),
+                 "answered 502 Bad Gateway: kins-tunnel: edge1:7001: the target refused the connection"),
                 (["--proxy-user", "u"], "edge1:7000", 2, "--proxy-user: no password"),
                 (["--proxy-user", f"u:{PASSWORD}"], "edge1", 2, "HOST:PORT: "),
             ]

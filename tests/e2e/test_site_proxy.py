@@ -278,11 +278,11 @@ async def test_reconnect_and_liveness_through_tinyproxy_with_processes(tmp_path:
         echo = await n.start(serve_echo)
         with procs(tmp_path) as ps:
             cloud = ps.cloud(**CLOUD_FAST)
+            await wait_cloud_up(cloud)
             with tinyproxy(tmp_path, cloud.tunnel, auth=("site-user", "pass")) as tp:
                 (tmp_path / "proxy-credentials").write_text("site-user:pass\n")
                 edge = ps.edge(cloud.tunnel, {SVC: f"127.0.0.1:{echo}"}, **EDGE_FAST,
                                proxy={"url": tp.url, "credentials_file": "proxy-credentials"})
-                await wait_cloud_up(cloud)
                 await wait_edges(cloud, 1)
                 await echo_through(cloud.proxy)
                 target = f"127.0.0.1:{cloud.tunnel}"

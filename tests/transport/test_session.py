@@ -77,7 +77,7 @@ async def test_back_pressure_never_loses_a_wakeup(tmp_path: Path) -> None:
         await stream.aclose()
 
     def on_open(session: Session, sid: int, target: str) -> None:
-        session.start_soon(slow_sink, session.accept(sid))
+        session.start_stream_task(sid, slow_sink, session.accept(sid))
 
     payload = bytes(range(256)) * (size // 256)
     async with session_pair(tmp_path, on_open) as (cloud, _edge):
@@ -107,7 +107,7 @@ async def test_data_right_behind_the_open_result_is_kept(tmp_path: Path) -> None
         await stream.aclose()
 
     def on_open(session: Session, sid: int, target: str) -> None:
-        session.start_soon(greeter, session, sid)
+        session.start_stream_task(sid, greeter, session, sid)
 
     async with session_pair(tmp_path, on_open) as (cloud, _edge):
         for _ in range(20):

@@ -1,0 +1,99 @@
+"""Admission to the tunnel port: who gets to run a TLS handshake, and for how long.
+
+Theory of operation
+-------------------
+The tunnel port faces the internet. Before a connection has proven anything (a client certificate),
+it may only cost a bounded amount, and silent or slow connections must never starve real edges,
+whether an attacker opens thousands or a fleet of edges reconnects at once. The rules, as a TLS
+front end keeps working under an idle flood:
+
+- **One deadline from accept.** Everything up to an established tunnel (waiting for the first
+  byte, waiting for a handshake slot, TLS, HELLO) happens within `handshake_timeout` of accept.
+- **First byte first.** A connection holds nothing but its socket until its first byte (the TLS
+  ClientHello) arrives, and must send it within `first_byte_timeout`; a silent one is closed.
+- **Bounded pending set, oldest shed.** At most `max_pending_handshakes` connections may be
+  between accept and the end of their TLS handshake; a new arrival beyond that sheds the oldest
+  (the one most likely silent or stalled, and the closest to its deadline anyway).
+- **Bounded CPU work, slow holders displaced.** Handshakes run at most `max_concurrent_handshakes`
+  at a time (so in a reconnect storm some finish instead of all crawling into their deadlines). A
+  slot held longer than `slow_handshake` (a real handshake needs one round trip after the
+  ClientHello) is given to a newcomer whose first byte has arrived, when all slots are busy.
+
+Every refusal has a short, fixed reason label for `kins_tunnel_handshake_failures_total`.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import trio
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One connection on its way in. `scope` bounds all of its set-up; `shed` cancels it."""
+
+    accepted: float
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    reason: str | None = None  # why it was shed ("shed", "slow"), None if not
+
+    def shed(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.scope.cancel()
+
+
+class Admission:
+    def __init__(self, *, max_pending: int, max_concurrent: int, slow_handshake: float) -> None:
+        self.max_pending = max_pending
+        self.max_concurrent = max_concurrent
+        self.slow_handshake = slow_handshake
+        self._pending: collections.OrderedDict[Ticket, None] = collections.OrderedDict()
+        self._holders: collections.OrderedDict[Ticket, float] = collections.OrderedDict()
+        self._lot = trio.lowlevel.ParkingLot()
+        self.shed_count = 0
+
+    def arrive(self, deadline: float) -> Ticket:
+        """Register a new connection (shedding the oldest pending one if there are too many)."""
+        ticket = Ticket(trio.current_time())
+        ticket.scope.deadline = deadline
+        while len(self._pending) >= self.max_pending:
+            oldest, _ = self._pending.popitem(last=False)
+            oldest.shed("shed")
+            self.shed_count += 1
+        self._pending[ticket] = None
+        return ticket
+
+    def leave(self, ticket: Ticket) -> None:
+        """The connection's set-up is over (success or not): forget it, free its slot."""
+        self._pending.pop(ticket, None)
+        self.release(ticket)
+
+    async def acquire(self, ticket: Ticket) -> None:
+        """Wait for a handshake slot (displacing a holder slower than `slow_handshake`)."""
+        while len(self._holders) >= self.max_concurrent:
+            oldest, since = next(iter(self._holders.items()))
+            overdue = since + self.slow_handshake - trio.current_time()
+            if overdue <= 0:
+                del self._holders[oldest]
+                oldest.shed("slow")
+                self.shed_count += 1
+                break
+            with trio.move_on_after(overdue):
+                await self._lot.park()
+        else:
+            await trio.lowlevel.checkpoint()
+        self._holders[ticket] = trio.current_time()
+
+    def release(self, ticket: Ticket) -> None:
+        if self._holders.pop(ticket, None) is not None:
+            self._lot.unpark()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def busy_slots(self) -> int:
+        return len(self._holders)

@@ -1,0 +1,245 @@
+"""Session-level fuzzing over real TLS, both ways.
+
+- A hostile edge with a valid certificate completes TLS and HELLO, then sends random and mutated
+  frame sequences (known and unknown types, odd stream ids, short and oversized payloads, codes
+  this version does not know, random flags), interleaved with legitimate answers to the streams
+  the cloud opens towards it (a CONNECT to its name runs alongside), to a real in-process cloud.
+- The mirror: a hostile cloud with a valid certificate does the same to a real edge, opening
+  streams to the edge's real services among the garbage.
+
+Invariants: the process under attack never raises (in-process, a crash fails the test); a normal
+edge keeps serving checksummed echo traffic through the real cloud the whole time; no internal
+error is counted; afterwards no hostile tunnel, pending handshake or stream is left and file
+descriptors are back to baseline (the autouse leak check); resident memory grows by less than the
+configured session budget.
+
+`KINS_FUZZ_SESSIONS` sets the number of hostile sessions per test (default 300 for the cloud and
+150 for the edge in `make test`); `KINS_FUZZ_SEED` picks the seed (default: fixed).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import ssl
+from pathlib import Path
+
+import trio
+
+from kins_tunnel.certs import server_ssl_context
+from kins_tunnel.proto.frames import (
+    HEADER,
+    FrameType,
+    frame,
+    open_frame,
+    open_result_frame,
+    window_frame,
+)
+from tests.e2e.harness import SVC, connect, keep_echoing, serve_echo, tunnel_env
+from tests.e2e.rawpeer import RawPeer, hello_frame, mutate, random_frame
+from tests.e2e.test_bad_input import watched_env
+from tests.e2e.test_isolation import FUZZ_SVC, metrics_of, raw_edge_context
+
+SEED = int(os.environ.get("KINS_FUZZ_SEED", "20261126"))
+CONCURRENT = 8
+BUDGET = 8 << 20  # session_budget of the process under attack
+
+
+def sessions(default: int) -> int:
+    return int(os.environ.get("KINS_FUZZ_SESSIONS", default))
+
+
+def rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def legit_frames(rng: random.Random, sids: list[int], opener: bool) -> bytes:
+    """A few frames a correct peer could send for the streams in `sids`."""
+    out = b""
+    for sid in sids[-3:]:
+        roll = rng.random()
+        if roll < 0.3 and not opener:
+            out += open_result_frame(sid, 0, rng.choice([16384, 262144]))
+        elif roll < 0.6:
+            out += frame(FrameType.DATA, sid, rng.randbytes(rng.randrange(1, 2000)), rng.choice([0, 0, 1]))
+        elif roll < 0.8:
+            out += window_frame(sid, rng.randrange(1, 65536))
+        else:
+            out += frame(FrameType.PING, 0, rng.randbytes(8))
+    return out
+
+
+def r_sid(rng: random.Random, sids: list[int]) -> int:
+    return rng.choice(sids) if sids else 1
+
+
+async def hostile_session(peer: RawPeer, rng: random.Random, opener: bool) -> dict[str, int]:
+    """Read what the other side sends (collecting the streams it opens) while sending garbage."""
+    sids: list[int] = []
+    seen = {"frames_in": 0, "frames_out": 0}
+
+    async def reader() -> None:
+        while True:
+            f = await peer.read_frame()
+            if f is None:
+                return
+            seen["frames_in"] += 1
+            if f[0] == FrameType.OPEN:
+                sids.append(f[2])
+
+    try:
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            for _ in range(rng.randrange(1, 60)):
+                roll = rng.random()  # mostly plausible traffic, so sessions reach deeper states
+                if roll < 0.2:
+                    data = random_frame(rng, sids)
+                elif roll < 0.85:
+                    data = legit_frames(rng, sids, opener)
+                else:
+                    data = mutate(rng, legit_frames(rng, sids, opener) or random_frame(rng, sids))
+                await peer.send(data)
+                seen["frames_out"] += 1
+                if rng.random() < 0.3:
+                    await trio.sleep(rng.choice([0, 0.001, 0.01]))
+            if rng.random() < 0.2:  # a frame header that promises more than ever comes
+                await peer.send(HEADER.pack((1000 << 8) | FrameType.DATA, 0, r_sid(rng, sids)))
+            n.cancel_scope.cancel()
+    except* (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+        pass  # the other side ended the session: that is its right
+    finally:
+        await peer.aclose()
+    return seen
+
+
+async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
+    total = sessions(300)
+    rng = random.Random(SEED)
+    async with watched_env(tmp_path, mux={"session_budget": BUDGET, "max_streams": 16},
+                           proxy={"dial_timeout": 1.0}, tunnel={"handshake_timeout": 5.0}) as (env, counts):
+        ctx = raw_edge_context(env.certs)
+        rss0 = rss()
+        done = {"sessions": 0, "frames": 0, "connects": 0}
+        limit = trio.CapacityLimiter(CONCURRENT)
+
+        async def connect_to_fuzz_edge() -> None:
+            with trio.move_on_after(3):
+                try:
+                    status, _h, s = await connect(env.ports.proxy, FUZZ_SVC)
+                    async with s:
+                        if status == 200:
+                            await s.send_all(b"x" * rng.randrange(1, 5000))
+                            await s.receive_some(1000)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, AssertionError):
+                    pass
+            done["connects"] += 1
+
+        async def one(seed: int) -> None:
+            async with limit:
+                r = random.Random(seed)
+                try:
+                    peer = await RawPeer.connect(env.ports.tunnel, ctx)
+                except (trio.BrokenResourceError, OSError, ssl.SSLError):
+                    return
+                try:
+                    await peer.send(hello_frame((FUZZ_SVC,)))
+                except (trio.BrokenResourceError, OSError):
+                    await peer.aclose()
+                    return
+                async with trio.open_nursery() as n:
+                    if r.random() < 0.5:
+                        n.start_soon(connect_to_fuzz_edge)
+                    seen = await hostile_session(peer, r, opener=False)
+                done["sessions"] += 1
+                done["frames"] += seen["frames_out"]
+                if done["sessions"] % 10000 == 0:
+                    print(f"progress: {done['sessions']} hostile edge sessions, cloud RSS "
+                          f"+{(rss() - rss0) / 2**20:.1f} MiB, {counts['ok']} healthy echoes", flush=True)
+
+        with trio.fail_after(max(120, total * 0.5)):
+            async with trio.open_nursery() as n:
+                for _ in range(total):
+                    n.start_soon(one, rng.randrange(1 << 32))
+        with trio.fail_after(10):
+            while len(env.cloud.registry) != 1 or env.cloud.tunnels.admission.pending:
+                await trio.sleep(0.05)
+        m = await metrics_of(env.ports.admin)
+        grown = rss() - rss0
+        print(f"\nFIGURE cloud under hostile edges: {done['sessions']} sessions, {done['frames']} frame writes, "
+              f"{done['connects']} CONNECTs to the hostile edge, {counts['ok']} healthy echoes, "
+              f"RSS +{grown / 2**20:.1f} MiB")
+        assert done["sessions"] == total
+        assert not m.get("kins_tunnel_internal_errors_total"), m.get("kins_tunnel_internal_errors_total")
+        assert grown < BUDGET * 4, grown
+        healthy = next(iter(env.cloud.registry))
+        assert healthy.identity.unit == "test"
+        with trio.fail_after(5):
+            while healthy.session.stream_count > 1:  # at most the checker's own stream
+                await trio.sleep(0.05)
+
+
+async def test_hostile_clouds_never_take_the_edge_down(tmp_path: Path) -> None:
+    total = sessions(150)
+    rng = random.Random(SEED + 1)
+    accepted = {"n": 0, "frames": 0}
+    async with trio.open_nursery() as outer:
+        echo = await outer.start(serve_echo)
+        async with tunnel_env(tmp_path) as env:
+            sctx = server_ssl_context(env.certs / "ca.crt", env.certs / "cloud.crt", env.certs / "cloud.key")
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            fake_port = listeners[0].socket.getsockname()[1]
+            finished = trio.Event()
+
+            async def hostile_cloud(tcp: trio.SocketStream) -> None:
+                if accepted["n"] >= total:
+                    await trio.aclose_forcefully(tcp)
+                    return
+                accepted["n"] += 1
+                if accepted["n"] % 10000 == 0:
+                    print(f"progress: {accepted['n']} hostile cloud sessions", flush=True)
+                r = random.Random(rng.randrange(1 << 32))
+                tls = trio.SSLStream(tcp, sctx, server_side=True)
+                try:
+                    with trio.fail_after(5):
+                        await tls.do_handshake()
+                    peer = RawPeer(tls)
+                    await peer.send(hello_frame())
+                    opens = b"".join(open_frame(sid, 1 << 18, r.choice([SVC, "edge1:22", "nope:1", "x" * 300]).encode())
+                                     for sid in range(2, 2 + 2 * r.randrange(0, 4), 2))
+                    await peer.send(opens)
+                    seen = await hostile_session(peer, r, opener=True)
+                    accepted["frames"] += seen["frames_out"]
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ssl.SSLError, OSError):
+                    await trio.aclose_forcefully(tls)
+                if accepted["n"] >= total:
+                    finished.set()
+
+            async with trio.open_nursery() as n:
+                n.start_soon(trio.serve_listeners, hostile_cloud, listeners)
+                edge = await env.add_edge(
+                    {SVC: f"127.0.0.1:{echo}", "edge1:22": f"127.0.0.1:{echo}"}, wait_for=SVC,
+                    cloud=[f"127.0.0.1:{env.ports.tunnel}", f"127.0.0.1:{fake_port}"],
+                    reconnect={"initial": 0.01, "max": 0.05}, handshake_timeout=3.0,
+                    mux={"session_budget": BUDGET, "max_streams": 16})
+                counts = {"ok": 0, "failed": 0, "paused": 0}
+                n.start_soon(keep_echoing, env.ports.proxy, counts)
+                rss0 = rss()
+                with trio.fail_after(max(120, total * 0.8)):
+                    await finished.wait()
+                with trio.fail_after(10):
+                    ok = counts["ok"]
+                    while counts["ok"] <= ok + 1 and not counts["failed"]:
+                        await trio.sleep(0.05)
+                grown = rss() - rss0
+                m = edge.metrics.render()[2]
+                n.cancel_scope.cancel()
+            print(f"\nFIGURE edge under hostile clouds: {accepted['n']} sessions, {accepted['frames']} frame writes, "
+                  f"{counts['ok']} healthy echoes, RSS +{grown / 2**20:.1f} MiB, {edge.connects} tunnel set-ups")
+            assert counts["failed"] == 0, counts
+            assert b"kins_tunnel_internal_errors_total{" not in m, m
+            assert grown < BUDGET * 4, grown
+            assert accepted["n"] == total
+        outer.cancel_scope.cancel()
