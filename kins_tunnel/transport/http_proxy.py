@@ -20,6 +20,7 @@ end in spaces.
 from __future__ import annotations
 
 import base64
+import os
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +139,9 @@ def connect_error_text(exc: OSError) -> str:
     cause = exc.__cause__
     while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
         cause = cause.exceptions[0]
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
+    for err in (cause, exc):
+        if isinstance(err, OSError) and err.errno:
+            return os.strerror(err.errno)
     return exc.strerror or str(exc)
 
 
