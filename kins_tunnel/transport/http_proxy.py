@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +141,9 @@ def connect_error_text(exc: OSError) -> str:
     while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
         cause = cause.exceptions[0]
     for err in (cause, exc):
-        if isinstance(err, OSError) and err.errno:
+        if isinstance(err, socket.gaierror):  # name lookup: its own error numbers
+            return err.strerror or str(err)
+        if isinstance(err, OSError) and err.errno and err.errno > 0:
             return os.strerror(err.errno)
     return exc.strerror or str(exc)
 
