@@ -123,7 +123,8 @@ class TunnelServer:
     async def _run_tunnel(self, tls: TLSSocket, identity: EdgeIdentity, peer: str, deadline: float) -> None:
         t = self.cfg.tunnel
         labels = {"unit": identity.unit, "node": identity.node}
-        conn = Connection(Role.SERVER, Hello(agent=f"kins-tunnel-cloud/{__version__}"), self.cfg.mux)
+        conn = Connection(Role.SERVER, Hello(agent=f"kins-tunnel-cloud/{__version__}"), self.cfg.mux,
+                          clock=trio.current_time)
         session = Session(tls, conn, ping_interval=t.ping_interval, ping_timeout=t.ping_timeout,
                           label=f"{identity.unit}/{identity.node}@{peer}", report=self.metrics.report_internal_error)
         try:

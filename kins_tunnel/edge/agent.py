@@ -227,7 +227,7 @@ class Edge:
             tls = await connect_tls(ip, port, self.context, server_hostname=server_name)
         cloud_cert = _cert_summary(tls.peer_certificate_der())
         hello = Hello(names=tuple(cfg.services), agent=f"kins-tunnel-edge/{__version__}")
-        conn = Connection(Role.CLIENT, hello, cfg.mux)
+        conn = Connection(Role.CLIENT, hello, cfg.mux, clock=trio.current_time)
         session = Session(tls, conn, on_open=self.forwarder.on_open, ping_interval=cfg.ping_interval,
                           ping_timeout=cfg.ping_timeout, label=f"cloud {label}",
                           report=self.metrics.report_internal_error)

@@ -391,7 +391,7 @@ class Session:
         if type(e) is DataReceived:
             s = streams.get(e.stream_id)
             if s is not None:
-                s.deliver(e.data, e.end_stream)
+                s.deliver(e.data, False)
             else:  # closed by the application: like TCP, data after close aborts the stream
                 self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "stream closed")
         elif type(e) is WindowUpdated:
