@@ -53,7 +53,9 @@ from kins_tunnel.errors import UserError
 __all__ = [
     "ALPN_PROTOCOL",
     "CLOUD_COMMON_NAME",
+    "CertFacts",
     "EdgeIdentity",
+    "cert_facts",
     "cert_not_after",
     "client_ssl_context",
     "edge_identity_uri",
@@ -141,6 +143,36 @@ def identity_from_der(der: bytes) -> EdgeIdentity:
         if not _valid_name(what, value):
             raise ValueError(f"identity URI {uris[0]!r}: {what} {value!r} is not {_NAME_RULES[what][1]}")
     return EdgeIdentity(unit, node)
+
+
+@dataclass(frozen=True, slots=True)
+class CertFacts:
+    """What the cloud records of a peer certificate: for revocation, expiry and principals."""
+
+    serial: int
+    not_after: dt.datetime  # aware, UTC
+    common_name: str  # subject CN ("" if none)
+    organizations: tuple[str, ...]  # subject O values
+
+    @property
+    def serial_hex(self) -> str:
+        return format(self.serial, "x")
+
+
+def cert_facts(der: bytes) -> CertFacts:
+    """Serial, expiry and subject names of a DER certificate; `ValueError` if it is not one."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise ValueError(f"not a DER certificate: {exc}") from None
+    subject = cert.subject
+
+    def values(oid: x509.ObjectIdentifier) -> list[str]:
+        return [str(a.value) for a in subject.get_attributes_for_oid(oid)]
+
+    cn = values(NameOID.COMMON_NAME)
+    return CertFacts(cert.serial_number, cert.not_valid_after_utc, cn[0] if cn else "",
+                     tuple(values(NameOID.ORGANIZATION_NAME)))
 
 
 # --- issuing -------------------------------------------------------------------------------------
