@@ -11,9 +11,10 @@ blocks.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -87,13 +88,13 @@ class WatchedFile(Generic[T]):
         return False
 
     async def watch(self, interval: float = 1.0,
-                    on_change: Callable[[T], Awaitable[None] | None] | None = None) -> None:
+                    on_change: Callable[[T], object] | None = None) -> None:
         """Check every `interval` seconds until cancelled; call `on_change(value)` after a reload."""
         while True:
             await trio.sleep(interval)
             if await self.check() and on_change is not None:
                 result = on_change(self.value)
-                if result is not None:
+                if inspect.isawaitable(result):
                     await result
 
 

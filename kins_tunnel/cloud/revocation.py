@@ -83,6 +83,6 @@ class Revocation:
     def reason(self, identity: EdgeIdentity, serial: int) -> str | None:
         return self.file.value.reason(identity, serial)
 
-    async def watch(self, on_change: Callable[[RevokedList], None], interval: float = 1.0) -> None:
+    async def watch(self, on_change: Callable[[RevokedList], object], interval: float = 1.0) -> None:
         """Re-read the file every `interval` s; `on_change(list)` after each successful change."""
         await self.file.watch(interval, on_change)
