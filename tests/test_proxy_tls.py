@@ -40,7 +40,10 @@ async def run_listener(certs: Path, client_ca: Path | None, timeout: float = 5.0
     settings = ProxyTLS(Address("127.0.0.1", 0), certs / "proxy.crt", certs / "proxy.key", client_ca)
     ctx = ReloadingContext(proxy_server_ssl_context, client_ca, certs / "proxy.crt", certs / "proxy.key",
                            what="proxy.tls")
-    return ProxyTLSListener(settings, ctx, timeout, echo_principal, failures.append), seen, failures
+    def report(where: str, exc: BaseException) -> None:
+        raise AssertionError(f"a bug in the TLS listener ({where}): {exc!r}")
+
+    return ProxyTLSListener(settings, ctx, timeout, echo_principal, report, failures.append), seen, failures
 
 
 async def talk(port: int, ctx: ssl.SSLContext, name: str = "localhost") -> bytes:

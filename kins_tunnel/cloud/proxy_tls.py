@@ -32,7 +32,8 @@ from kins_tunnel.certs import cert_facts
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.config import ProxyTLS
-from kins_tunnel.transport.listen import accept_forever, open_listener_socket
+from kins_tunnel.transport.listen import open_listener_socket, serve_listener
+from kins_tunnel.transport.session import ErrorReporter
 
 log = logging.getLogger("kins_tunnel.cloud.proxy")
 CLOSE_TIMEOUT = 2.0  # seconds to send close_notify before the socket is simply closed
@@ -126,9 +127,11 @@ class ProxyTLSListener:
     """Accepts TLS clients and passes each, as a `TLSClientStream`, to `handler`."""
 
     def __init__(self, settings: ProxyTLS, context: ReloadingContext, handshake_timeout: float,
-                 handler: Callable[[TLSClientStream], Awaitable[Any]],
-                 on_failure: Callable[[str], object] | None = None) -> None:
+                 handler: Callable[[TLSClientStream], Awaitable[Any]], report: ErrorReporter,
+                 on_failure: Callable[[str], object] | None = None, *, authenticated: bool = True) -> None:
         self.settings = settings
+        self.report = report
+        self.authenticated = authenticated
         self.tls = context
         self.handshake_timeout = handshake_timeout
         self.handler = handler
@@ -139,11 +142,14 @@ class ProxyTLSListener:
         listen = self.settings.listen
         sock = open_listener_socket(listen.host, listen.port, "proxy.tls.listen")
         port = sock.getsockname()[1]
+        if not self.authenticated and listen.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("CONNECT proxy (TLS) on %s:%d has NO authentication: anyone who can reach this port "
+                        "can reach every edge service (set proxy.auth or proxy.tls.client_ca)", listen.host, port)
         async with trio.open_nursery() as nursery:
-            with self.listener_scope:
-                async with trio.SocketListener(sock) as listener:
-                    task_status.started(port)
-                    await accept_forever(listener, nursery, self._handle, "proxy.tls.listen")
+            with self.listener_scope:  # cancelled to stop accepting (drain); open relays go on
+                task_status.started(port)
+                await serve_listener(trio.SocketListener(sock), self._handle, where="proxy_tls",
+                                     report=self.report, handler_nursery=nursery)
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
         try:
@@ -169,4 +175,8 @@ class ProxyTLSListener:
                                                           "detail": str(exc.__cause__ or exc)[:200]})
             await trio.aclose_forcefully(tcp)
             return
-        await self.handler(TLSClientStream(ssl_stream, principal))
+        client_stream = TLSClientStream(ssl_stream, principal)
+        try:
+            await self.handler(client_stream)
+        finally:  # close_notify (bounded) rather than a bare TCP close after an error answer
+            await client_stream.aclose()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from kins_tunnel.admin import serve_admin, text
-from kins_tunnel.certs import cert_facts, proxy_server_ssl_context, server_ssl_context
+from kins_tunnel.certs import EdgeIdentity, cert_facts, proxy_server_ssl_context, server_ssl_context
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.aliases import AliasTable, Resolver, dns_resolver
 from kins_tunnel.cloud.auth import Authenticator
@@ -55,11 +55,13 @@ class Cloud:
         self.tls = ReloadingContext(server_ssl_context, cfg.tls.ca, cfg.tls.cert, cfg.tls.key, what="tls")
         self.revocation = Revocation(cfg.tunnel.revoked_file) if cfg.tunnel.revoked_file else None
         self.tunnels = TunnelServer(cfg, self.tls, self.registry, self.metrics)
+        self.tunnels.revoked = self._revoked
         auth = Authenticator(cfg.proxy.auth) if cfg.proxy.auth else None
         self.authz = Authorizer(cfg.proxy.authz_file) if cfg.proxy.authz_file else None
         self.aliases = AliasTable(cfg.aliases, cfg.alias_discovery, resolver,
                                   on_lookup=lambda result: self.metrics.alias_lookups.labels(result).inc())
-        self.proxy = ProxyContext(cfg.proxy, self.registry, self.metrics, auth, replica=self.replica)
+        self.proxy = ProxyContext(cfg.proxy, self.registry, self.metrics, auth, replica=self.replica,
+                                  authz=self.authz, aliases=self.aliases)
         self.proxy_tls: ProxyTLSListener | None = None
         cert_files = {"cloud": cfg.tls.cert}
         if cfg.proxy.tls is not None:
@@ -68,13 +70,25 @@ class Cloud:
                                        pt.key or cfg.tls.key, what="proxy.tls")
             self.proxy_tls = ProxyTLSListener(pt, context, cfg.proxy.header_timeout,
                                               functools.partial(handle_client, self.proxy),
-                                              on_failure=lambda r: self.metrics.proxy_tls_failures.labels(r).inc())
+                                              self.metrics.report_internal_error,
+                                              lambda r: self.metrics.proxy_tls_failures.labels(r).inc(),
+                                              authenticated=auth is not None or pt.client_ca is not None)
             if pt.cert is not None:
                 cert_files["proxy"] = pt.cert
         self.expiry = CertificateExpiry(cert_files, self._edge_certs)
         self.metrics.registry.register(self.expiry.collector())
         self.registry.on_add.append(self._edge_added)
         self.ready = False
+
+    def _revoked(self, identity: EdgeIdentity, der: bytes | None) -> str | None:
+        """Why the edge with this verified certificate is revoked, or None (`tunnel.revoked_file`)."""
+        if self.revocation is None:
+            return None
+        try:
+            serial = cert_facts(der).serial if der is not None else -1
+        except ValueError:
+            serial = -1
+        return self.revocation.reason(identity, serial)
 
     def _edge_added(self, tunnel: EdgeTunnel) -> None:
         der = tunnel.session.tls.peer_certificate_der()
@@ -83,6 +97,12 @@ class Cloud:
                 tunnel.cert = cert_facts(der)
             except ValueError:
                 tunnel.cert = None
+        reason = self._revoked(tunnel.identity, der)  # the list may have changed during the handshake
+        if reason is not None:
+            self.metrics.revoked_closed.inc()
+            log.warning("edge tunnel closed: revoked", extra={"unit": tunnel.identity.unit, "node": tunnel.identity.node,
+                                                               "peer": tunnel.peer, "reason": reason})
+            tunnel.session.close(f"revoked: {reason}")
         if tunnel.cert is not None:
             self.expiry.warn_if_expiring("edge", tunnel.identity.unit, tunnel.identity.node,
                                          tunnel.cert.serial, tunnel.cert.not_after)
