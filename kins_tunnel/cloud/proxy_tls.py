@@ -113,6 +113,8 @@ def failure_label(exc: BaseException) -> str:
     if isinstance(cause, ssl.SSLCertVerificationError):
         return {10: "expired", 9: "not_yet_valid"}.get(cause.verify_code, "unknown_ca")
     text = str(cause).lower().replace("_", " ")
+    if "alert" in text and any(k in text for k in ("bad certificate", "unknown ca", "certificate unknown")):
+        return "client_rejected_certificate"  # the client does not trust the proxy's certificate
     for key, label in (("certificate required", "no_certificate"), ("peer did not return", "no_certificate"),
                        ("unknown ca", "unknown_ca"), ("expired", "expired"), ("http request", "not_tls"),
                        ("proxy request", "not_tls"),
