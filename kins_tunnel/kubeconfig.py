@@ -220,7 +220,7 @@ def rewrite_kubeconfig(text: str, *, unit: str, proxy_url: str, proxy_ca: bytes 
         if https and cluster.get("tls-server-name") and notes is not None:
             notes.append(f"cluster {name!r} sets tls-server-name {cluster['tls-server-name']!r}: client-go "
                          "checks the https proxy's certificate against that name too, so the proxy "
-                         "certificate must carry it (certs init --proxy-san)")
+                         "certificate must carry it (certs init --proxy-san, e.g. '*.kins-system')")
         entry["cluster"] = _point_at_tunnel(cluster, server, proxy_url, ca_data)
     dumped: str = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 30)
     return dumped

@@ -122,3 +122,33 @@ def test_proxy_context_errors_name_the_key(tmp_path: Path) -> None:
         init_ca(tmp_path, proxy_sans=["bad name"])
     with pytest.raises(UserError, match="user 'a b'"):
         issue_user(tmp_path, "a b")
+
+
+def test_cli_issues_proxy_and_user_certificates(tmp_path: Path) -> None:
+    import stat
+    import subprocess
+    import sys
+
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def kt(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kins_tunnel", *args], capture_output=True, text=True, timeout=60)
+
+    r = kt("certs", "init", "--dir", str(tmp_path), "--proxy-san", "*.kins-system", "--proxy-san", "203.0.113.9")
+    assert r.returncode == 0, r.stderr
+    assert "proxy.crt, proxy.key" in r.stdout
+    cert = x509.load_pem_x509_certificate((tmp_path / "proxy.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "*.kins-system"}
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "203.0.113.9"}
+    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert stat.S_IMODE((tmp_path / "proxy.key").stat().st_mode) == 0o600
+    r = kt("certs", "user", "--dir", str(tmp_path), "--name", "carol", "--group", "oncall", "--group", "sre")
+    assert r.returncode == 0, r.stderr
+    assert "principal carol, groups oncall,sre" in r.stdout
+    user = x509.load_pem_x509_certificate((tmp_path / "user-carol.crt").read_bytes())
+    assert [a.value for a in user.subject.get_attributes_for_oid(NameOID.COMMON_NAME)] == ["carol"]
+    assert [a.value for a in user.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)] == ["oncall", "sre"]
+    r = kt("certs", "user", "--dir", str(tmp_path), "--name", "bad name")
+    assert r.returncode == 2 and r.stderr.startswith("kins-tunnel: error: user 'bad name'")

@@ -31,7 +31,7 @@ import pytest
 import trio
 import yaml
 
-from kins_tunnel.certs import issue_edge, issue_user
+from kins_tunnel.certs import init_ca, issue_edge, issue_user
 from kins_tunnel.k3s_standin import make_self_signed_server_context, serve_k3s_standin
 from kins_tunnel.kubeconfig import rewrite_kubeconfig
 from tests.e2e.harness import (
@@ -142,6 +142,40 @@ async def test_kubectl_whose_server_is_a_cluster_ip(tmp_path: Path) -> None:
     unknown = by_target["10.96.0.77:443"]
     assert {d["status"] for d in unknown} == {503}
     assert all("10.96.0.77 is not a known ClusterIP" in d["outcome"] and d["unit"] == "" for d in unknown)
+
+
+@needs_kubectl
+async def test_kubectl_cluster_ip_through_an_https_proxy_needs_the_name_in_the_proxy_certificate(
+        tmp_path: Path) -> None:
+    """client-go checks the https proxy's certificate against the cluster's tls-server-name too."""
+    ctx, k3s_ca = make_self_signed_server_context(tmp_path)
+    certs = make_certs(tmp_path)
+    init_ca(certs, proxy_sans=["*.kins-system"])  # certs/proxy.crt: localhost, 127.0.0.1, *.kins-system
+    dns = TableResolver({f"{SVC_HOST}.svc.cluster.local.": ["10.96.12.34"]})
+    home = tmp_path / "home"
+    home.mkdir()
+    seed = seed_kubeconfig(k3s_ca, **{"tls-server-name": SVC_HOST})
+    async with trio.open_nursery() as n:
+        k3s = await n.start(serve_k3s_standin, ctx)
+        for cert, works in (("cloud", False), ("proxy", True)):
+            tls = {"listen": "127.0.0.1:0", "cert": str(certs / f"{cert}.crt"), "key": str(certs / f"{cert}.key")}
+            async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{k3s}"}, resolver=dns,
+                                  alias_discovery={"enabled": True}, proxy={"tls": tls}) as env:
+                await wait_for(lambda: "10.96.12.34:*" in env.cloud.aliases.entries())
+                notes: list[str] = []
+                kc = tmp_path / f"kc-{cert}"
+                kc.write_text(rewrite_kubeconfig(seed, unit="test", proxy_url=f"https://127.0.0.1:{env.ports.proxy_tls}",
+                                                 proxy_ca=(certs / "ca.crt").read_bytes(), service_ip="10.96.12.34",
+                                                 notes=notes))
+                assert len(notes) == 1 and "tls-server-name" in notes[0]
+                r = await kubectl(kc, "get", "pods", "--request-timeout=5s", home=home)
+                if works:
+                    assert r.returncode == 0, r.stderr
+                    assert b"test-server-kins" in r.stdout
+                else:
+                    assert r.returncode != 0
+                    assert f"x509: certificate is valid for localhost, not {SVC_HOST}".encode() in r.stderr, r.stderr
+        n.cancel_scope.cancel()
 
 
 # ---------------------------------------------------------------- 2. TLS on the proxy listener
