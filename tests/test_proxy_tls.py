@@ -152,3 +152,26 @@ def test_cli_issues_proxy_and_user_certificates(tmp_path: Path) -> None:
     assert [a.value for a in user.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)] == ["oncall", "sre"]
     r = kt("certs", "user", "--dir", str(tmp_path), "--name", "bad name")
     assert r.returncode == 2 and r.stderr.startswith("kins-tunnel: error: user 'bad name'")
+
+
+async def test_handshakes_in_progress_are_bounded(tmp_path: Path) -> None:
+    init_ca(tmp_path, proxy_sans=[])
+    listener, seen, failures = await run_listener(tmp_path, None, timeout=5.0)
+    listener.max_handshakes = 1
+    async with trio.open_nursery() as n:
+        port = await n.start(listener.serve)
+        idle = await trio.open_tcp_stream("127.0.0.1", port)  # holds the one handshake slot
+        with trio.fail_after(5):
+            while listener.handshaking == 0:
+                await trio.sleep(0.01)
+        second = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(5):
+            assert await second.receive_some(10) == b""  # closed at once
+        await second.aclose()
+        assert failures == ["too_many"]
+        await idle.aclose()
+        with trio.fail_after(5):  # the slot is free again
+            while listener.handshaking:
+                await trio.sleep(0.01)
+        assert await talk(port, client_context(tmp_path)) == b"hello x from -"
+        n.cancel_scope.cancel()

@@ -149,7 +149,9 @@ def _peer(stream: ClientStream) -> str:
 async def handle_client(ctx: ProxyContext, stream: ClientStream) -> None:
     """One client connection: one CONNECT. A failure-isolation boundary: a bug in here answers 500
     (if no answer went out yet), ends this connection only, and still logs the CONNECT line."""
-    rec = ConnectRecord(client=_peer(stream), replica=ctx.replica, started=trio.current_time())
+    accepted = getattr(stream, "accepted_at", None)  # a TLS client: accepted before its handshake
+    rec = ConnectRecord(client=_peer(stream), replica=ctx.replica,
+                        started=trio.current_time() if accepted is None else accepted)
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=ctx.settings.max_request_bytes)
     ctx.active += 1
     try:
@@ -186,7 +188,7 @@ async def _serve(ctx: ProxyContext, stream: ClientStream, conn: h11.Connection, 
         pass
     if ctx.active > settings.max_connections:
         raise _Reject(503, f"too many client connections (limit {settings.max_connections})")
-    with trio.move_on_after(settings.header_timeout) as scope:  # from accept
+    with trio.move_on_at(rec.started + settings.header_timeout) as scope:  # from accept
         request = await _read_request(stream, conn)
     if scope.cancelled_caught:
         raise _Reject(408, f"request not received within {settings.header_timeout:g}s")

@@ -44,12 +44,15 @@ class TLSClientStream(trio.abc.HalfCloseableStream):
     """A client connection of the TLS listener, as the CONNECT handler sees it.
 
     `principal` is the client certificate's principal (None without ``client_ca``); `socket` is
-    the TCP socket under TLS (for the client address and socket options).
+    the TCP socket under TLS (for the client address and socket options); `accepted_at` is when
+    the TCP connection was accepted (the proxy's `header_timeout` counts from there, TLS included).
     """
 
-    def __init__(self, ssl_stream: trio.SSLStream[trio.SocketStream], principal: Principal | None) -> None:
+    def __init__(self, ssl_stream: trio.SSLStream[trio.SocketStream], principal: Principal | None,
+                 accepted_at: float) -> None:
         self._ssl = ssl_stream
         self.principal = principal
+        self.accepted_at = accepted_at
         self.eof_sent = False
 
     @property
@@ -130,8 +133,11 @@ class ProxyTLSListener:
 
     def __init__(self, settings: ProxyTLS, context: ReloadingContext, handshake_timeout: float,
                  handler: Callable[[TLSClientStream], Awaitable[Any]], report: ErrorReporter,
-                 on_failure: Callable[[str], object] | None = None, *, authenticated: bool = True) -> None:
+                 on_failure: Callable[[str], object] | None = None, *, authenticated: bool = True,
+                 max_handshakes: int = 10000) -> None:
         self.settings = settings
+        self.max_handshakes = max_handshakes  # TLS handshakes in progress at once; beyond: closed
+        self.handshaking = 0
         self.report = report
         self.authenticated = authenticated
         self.tls = context
@@ -154,13 +160,22 @@ class ProxyTLSListener:
                                      report=self.report, handler_nursery=nursery)
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
+        accepted = trio.current_time()
         try:
             host, port = tcp.socket.getpeername()[:2]
             client = f"{host}:{port}"
         except OSError:
             client = "?"
+        if self.handshaking >= self.max_handshakes:
+            if self._on_failure is not None:
+                self._on_failure("too_many")
+            log.info("proxy TLS handshake refused", extra={"client": client, "reason": "too_many",
+                                                           "detail": f"{self.max_handshakes} handshakes in progress"})
+            await trio.aclose_forcefully(tcp)
+            return
         ssl_stream = trio.SSLStream(tcp, self.tls.context, server_side=True)
         principal = None
+        self.handshaking += 1
         try:
             with trio.fail_after(self.handshake_timeout):
                 await ssl_stream.do_handshake()
@@ -177,7 +192,9 @@ class ProxyTLSListener:
                                                           "detail": str(exc.__cause__ or exc)[:200]})
             await trio.aclose_forcefully(tcp)
             return
-        client_stream = TLSClientStream(ssl_stream, principal)
+        finally:
+            self.handshaking -= 1
+        client_stream = TLSClientStream(ssl_stream, principal, accepted)
         try:
             await self.handler(client_stream)
         finally:  # close_notify (bounded) rather than a bare TCP close after an error answer

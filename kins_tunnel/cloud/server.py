@@ -72,7 +72,8 @@ class Cloud:
                                               functools.partial(handle_client, self.proxy),
                                               self.metrics.report_internal_error,
                                               lambda r: self.metrics.proxy_tls_failures.labels(r).inc(),
-                                              authenticated=auth is not None or pt.client_ca is not None)
+                                              authenticated=auth is not None or pt.client_ca is not None,
+                                              max_handshakes=cfg.proxy.max_connections)
             if pt.cert is not None:
                 cert_files["proxy"] = pt.cert
         self.expiry = CertificateExpiry(cert_files, self._edge_certs)
