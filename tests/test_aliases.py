@@ -89,8 +89,12 @@ async def test_a_unit_that_connects_is_looked_up_at_once() -> None:
         assert table.rewrite("10.1.2.3:443") == Rewrite("edge9:443", "static")  # static wins
         assert table.rewrite("10.1.2.3:80") == Rewrite("b-svc-kins.kins-system:80", "discovered")
         table.unit_connected("b")  # known already: no second lookup
+        units.add("c")
+        for _ in range(50):  # a unit whose Service does not resolve, reconnecting again and again
+            table.unit_connected("c")
+            await trio.sleep(0.002)
         await trio.sleep(0.05)
-        assert len(dns.asked) == 1
+        assert dns.asked == ["b-svc-kins.kins-system.svc.corp.example.", "c-svc-kins.kins-system.svc.corp.example."]
         nursery.cancel_scope.cancel()
 
 

@@ -73,6 +73,7 @@ class AliasTable:
         self._by_ip: dict[str, str] = {}  # IP -> unit
         self._units: Callable[[], Iterable[str]] = lambda: ()
         self._pending: set[str] = set()
+        self._asked: set[str] = set()  # units looked up at least once (found or not)
         self._wake = trio.Event()
 
     # --- the hot path: memory only ---
@@ -101,14 +102,16 @@ class AliasTable:
     # --- discovery ---
 
     def unit_connected(self, unit: str) -> None:
-        """A unit got an edge: look its Service up soon (if it is not known yet)."""
-        if self.discovery.enabled and unit not in self._by_unit:
+        """A unit got an edge: look its Service up now, unless it was looked up before (then the
+        interval takes care of it: a reconnect storm of one unit's edges is one lookup)."""
+        if self.discovery.enabled and unit not in self._asked and unit not in self._pending:
             self._pending.add(unit)
             self._wake.set()
 
     async def lookup(self, unit: str) -> bool:
         """Resolve one unit's Service now; True if the lookup succeeded (entries replaced)."""
         host = service_host(unit, self.discovery.cluster_domain)
+        self._asked.add(unit)
         try:
             with trio.fail_after(LOOKUP_TIMEOUT):
                 found = await self._resolver(host)
