@@ -4,10 +4,10 @@ Answers: 200 then raw bytes; 400 for malformed requests or bad targets (405 for 
 431 for oversized headers; 407 without valid credentials when auth is on; 403 when the
 authorization rules (`authz`) do not let this principal reach the target; 503 when no connected
 edge serves the name or an IP target is not a known ClusterIP (`aliases`: the cloud never dials an
-IP, it rewrites a ClusterIP to the unit's service name first); 502 when the edge refused or could not reach the target; 504 when the target
-or the edge did not answer in time; 500 when the handler itself fails before the 200. Error bodies
-are one line naming the target and a generic reason: what the edge said (its internal addresses)
-goes to the log, never to the client. The request must arrive within `header_timeout` of accept;
+IP, it rewrites a ClusterIP to the unit's service name first); 502 when the edge refused or could
+not reach the target; 504 when the target or the edge did not answer in time; 500 when the handler
+itself fails before the 200. Error bodies are one line naming the target and a generic reason: what
+the edge said (its internal addresses) goes to the log, never to the client. The request must arrive within `header_timeout` of accept;
 the number of client connections is capped by `max_connections` (beyond it: 503 and close).
 
 Every CONNECT, whatever its end (relayed, refused, malformed, client gone before the answer, a
@@ -96,7 +96,8 @@ class ConnectRecord:
 
     def emit(self) -> None:
         fields = {"client": self.client, "replica": self.replica, "principal": self.principal,
-                  "target": self.target, "normalised": self.name, "unit": self.unit, "node": self.node, "status": self.status, "outcome": self.outcome,
+                  "target": self.target, "normalised": self.name, "unit": self.unit, "node": self.node,
+                  "status": self.status, "outcome": self.outcome,
                   "sent": self.sent, "received": self.received,
                   "duration": round(trio.current_time() - self.started, 6)}
         if self.stream is not None:
