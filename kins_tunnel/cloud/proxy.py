@@ -7,8 +7,9 @@ edge serves the name or an IP target is not a known ClusterIP (`aliases`: the cl
 IP, it rewrites a ClusterIP to the unit's service name first); 502 when the edge refused or could
 not reach the target; 504 when the target or the edge did not answer in time; 500 when the handler
 itself fails before the 200. Error bodies are one line naming the target and a generic reason: what
-the edge said (its internal addresses) goes to the log, never to the client. The request must arrive within `header_timeout` of accept;
-the number of client connections is capped by `max_connections` (beyond it: 503 and close).
+the edge said (its internal addresses) goes to the log, never to the client. The request must
+arrive within `header_timeout` of accept; the number of client connections is capped by
+`max_connections` (beyond it: 503 and close).
 
 Every CONNECT, whatever its end (relayed, refused, malformed, client gone before the answer, a
 bug), yields exactly one log line, "CONNECT done" after a 200 and "CONNECT refused" otherwise,
