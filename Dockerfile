@@ -20,7 +20,8 @@ RUN groupadd --gid 65532 nonroot \
       --shell /usr/sbin/nologin nonroot
 USER 65532:65532
 WORKDIR /etc/kins-tunnel
-# 8080 HTTP CONNECT proxy, 9000 edge listener, 9090 cloud admin (the edge's admin is 9091).
-EXPOSE 8080 9000 9090
+# 8080 HTTP CONNECT proxy, 8443 the proxy over TLS, 9000 edge listener, 9090 cloud admin (the
+# edge's admin is 9091).
+EXPOSE 8080 8443 9000 9090
 ENTRYPOINT ["kins-tunnel"]
 CMD ["--help"]

@@ -26,9 +26,12 @@ log = logging.getLogger("kins_tunnel.certs")
 Stamp = tuple[tuple[int, int, int] | None, ...]
 
 
-def _stamp(paths: tuple[Path, ...]) -> Stamp:
+def _stamp(paths: tuple[Path | None, ...]) -> Stamp:
     out: list[tuple[int, int, int] | None] = []
     for p in paths:
+        if p is None:  # an optional file that is not configured
+            out.append(None)
+            continue
         try:
             st = os.stat(p)  # follows symlinks: a Secret update changes the target
             out.append((st.st_ino, st.st_size, st.st_mtime_ns))
@@ -38,10 +41,11 @@ def _stamp(paths: tuple[Path, ...]) -> Stamp:
 
 
 class ReloadingContext:
-    def __init__(self, build: Callable[[Path, Path, Path], ssl.SSLContext], ca: Path, cert: Path, key: Path,
+    def __init__(self, build: Callable[..., ssl.SSLContext], ca: Path | None, cert: Path, key: Path,
                  *, what: str, min_interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        """`build(ca, cert, key)`; `ca` may be None (e.g. no client CA), and is passed on as such."""
         self._build = build
-        self._paths = (Path(ca), Path(cert), Path(key))
+        self._paths: tuple[Path | None, Path, Path] = (None if ca is None else Path(ca), Path(cert), Path(key))
         self._what = what
         self._min_interval = min_interval
         self._clock = clock

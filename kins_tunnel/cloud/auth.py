@@ -1,17 +1,28 @@
-"""Optional CONNECT authentication: Basic (user:password lines) or Bearer (one token per line).
+"""Optional CONNECT authentication: Basic (user:password lines) or Bearer (named tokens).
 
 Credentials come from files (e.g. a mounted Kubernetes Secret) and are re-read when the file
 changes, so rotating a secret needs no restart. Comparison is constant-time (`hmac.compare_digest`)
 against every entry, so timing does not reveal which entry nearly matched.
+
+Who connected (the *principal*, used by authorization and the audit log; never a secret):
+
+- Basic: the user name (the part of the line before the first ``:``).
+- Bearer: a line ``name:token`` names its token; a line with only a token (the older form, no
+  ``:``) gets the name ``token-`` + the first 8 hex digits of the token's SHA-256, stable across
+  edits of other lines. Token characters (RFC 6750) never include ``:``.
+- A client certificate on the TLS listener (`kins_tunnel.cloud.proxy_tls`): its subject CN, with
+  the subject's O values as groups.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from kins_tunnel.config import ProxyAuth
@@ -21,13 +32,27 @@ log = logging.getLogger("kins_tunnel.cloud.auth")
 REALM = 'Basic realm="kins-tunnel", Bearer realm="kins-tunnel"'
 
 
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated client: a name and the groups it carries itself (certificate O values)."""
+
+    name: str
+    source: str  # "basic", "bearer" or "cert"
+    groups: frozenset[str] = frozenset()
+
+
+def token_name(token: bytes) -> str:
+    """The name of a token given without one: ``token-<8 hex digits of its SHA-256>``."""
+    return "token-" + hashlib.sha256(token).hexdigest()[:8]
+
+
 class _CredentialFile:
     def __init__(self, path: Path, what: str, *, strip: bool) -> None:
         self.path = path
         self.what = what
         self.strip = strip
         self._stamp: tuple[int, int] | None = None
-        self.entries: list[bytes] = []
+        self.entries: list[tuple[str, bytes]] = []  # (principal name, secret compared)
         self.reload(strict=True)
 
     def reload(self, strict: bool = False) -> None:
@@ -45,10 +70,19 @@ class _CredentialFile:
         # Basic lines are taken byte for byte (`splitlines` drops only the line break): a password
         # may begin or end with a space. Bearer tokens cannot hold spaces (RFC 6750), so theirs
         # are trimmed. Blank lines and lines starting with '#' are skipped.
-        self.entries = [ln.strip() if self.strip else ln for ln in lines if ln.strip() and not ln.startswith(b"#")]
+        lines = [ln.strip() if self.strip else ln for ln in lines if ln.strip() and not ln.startswith(b"#")]
+        self.entries = [self._entry(ln) for ln in lines]
         self._stamp = stamp
         if not self.entries:
             log.warning("%s: %s holds no credentials: every CONNECT will get 407", self.what, self.path)
+
+    def _entry(self, line: bytes) -> tuple[str, bytes]:
+        if not self.strip:  # Basic: user:password, compared as a whole
+            return line.partition(b":")[0].decode("utf-8", "replace"), line
+        name, sep, token = line.partition(b":")
+        if not sep:
+            return token_name(line), line
+        return name.strip().decode("utf-8", "replace"), token.strip()
 
 
 class Authenticator:
@@ -56,10 +90,10 @@ class Authenticator:
         self._basic = _CredentialFile(cfg.basic_file, "proxy.auth.basic_file", strip=False) if cfg.basic_file else None
         self._bearer = _CredentialFile(cfg.bearer_file, "proxy.auth.bearer_file", strip=True) if cfg.bearer_file else None
 
-    def check(self, header: bytes | None) -> bool:
-        """True if the Proxy-Authorization header value carries valid credentials."""
+    def authenticate(self, header: bytes | None) -> Principal | None:
+        """The principal whose credentials the Proxy-Authorization value carries, or None."""
         if not header:
-            return False
+            return None
         scheme, _, value = header.strip().partition(b" ")
         scheme = scheme.lower()
         value = value.strip()
@@ -67,17 +101,25 @@ class Authenticator:
             try:
                 decoded = base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
-                return False
+                return None
             self._basic.reload()
-            return _match(decoded, self._basic.entries)
+            name = _match(decoded, self._basic.entries)
+            return None if name is None else Principal(name, "basic")
         if scheme == b"bearer" and self._bearer is not None:
             self._bearer.reload()
-            return _match(value, self._bearer.entries)
-        return False
+            name = _match(value, self._bearer.entries)
+            return None if name is None else Principal(name, "bearer")
+        return None
+
+    def check(self, header: bytes | None) -> bool:
+        """True if the Proxy-Authorization header value carries valid credentials."""
+        return self.authenticate(header) is not None
 
 
-def _match(given: bytes, entries: list[bytes]) -> bool:
-    ok = False
-    for entry in entries:
-        ok |= hmac.compare_digest(given, entry)
-    return ok
+def _match(given: bytes, entries: list[tuple[str, bytes]]) -> str | None:
+    """The name of the entry whose secret equals `given`, comparing against every entry."""
+    found: str | None = None
+    for name, secret in entries:
+        if hmac.compare_digest(given, secret) and found is None:
+            found = name
+    return found

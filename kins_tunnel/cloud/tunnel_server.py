@@ -17,6 +17,7 @@ import functools
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 
 import trio
 
@@ -48,6 +49,8 @@ class TunnelServer:
                                    slow_handshake=t.slow_handshake)
         self.listening = trio.Event()
         self._listener_scope: trio.CancelScope | None = None
+        # why an edge (identity, DER certificate) is revoked, or None (set by the cloud)
+        self.revoked: Callable[[EdgeIdentity, bytes | None], str | None] = lambda identity, der: None
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listen = self.cfg.tunnel.listen
@@ -106,6 +109,11 @@ class TunnelServer:
             reason = ticket.reason or "timeout"
             self._refuse(peer, reason, _SHED_DETAIL.get(reason, f"not established within handshake_timeout "
                                                                 f"({t.handshake_timeout:g}s)"))
+            return
+        revoked = self.revoked(identity, tls.peer_certificate_der())
+        if revoked is not None:
+            tls.close()
+            self._refuse(peer, "revoked", f"{identity.unit}/{identity.node}: {revoked}")
             return
         await self._run_tunnel(tls, identity, peer, deadline)
 
