@@ -1,4 +1,4 @@
-"""The `kins-tunnel` command line (see DESIGN.md for the contract).
+"""The `kins-tunnel` command line (the contract is in the README; the design in docs/DESIGN.md).
 
 User errors (bad config, unreadable certificate, port in use) print one line to stderr and exit 2;
 no tracebacks. SIGTERM/SIGINT make cloud and edge drain before exiting.

@@ -1,6 +1,6 @@
 """Configuration: YAML files read once into validated, frozen dataclasses.
 
-This module owns the config contract of DESIGN.md: the shape of ``cloud.yaml`` and ``edge.yaml``,
+This module owns the config contract (README "Config keys"): the shape of ``cloud.yaml`` and ``edge.yaml``,
 every default, every range check, and the routing-name rule (`normalise_target`). The rest of the
 program receives `CloudConfig` / `EdgeConfig` and never looks at YAML or dictionaries.
 

@@ -34,33 +34,34 @@ def p(name: str, *groups: str) -> Principal:
 # --- principals ----------------------------------------------------------------------------------
 
 
-def test_basic_user_and_named_tokens(tmp_path: Path) -> None:
+async def test_basic_user_and_named_tokens(tmp_path: Path) -> None:
     (tmp_path / "basic").write_text("alice:s3cret:with:colons\n# comment\nbob:pw\n")
     (tmp_path / "bearer").write_text("ci-bot:tok-123\nlegacytoken456\n  \n")
     auth = Authenticator(ProxyAuth(tmp_path / "basic", tmp_path / "bearer"))
-    assert auth.authenticate(basic("alice", "s3cret:with:colons")) == Principal("alice", "basic")
-    assert auth.authenticate(basic("bob", "pw")) == Principal("bob", "basic")
-    assert auth.authenticate(basic("bob", "wrong")) is None
-    assert auth.authenticate(b"Bearer tok-123") == Principal("ci-bot", "bearer")
+    assert await auth.authenticate(basic("alice", "s3cret:with:colons")) == Principal("alice", "basic")
+    assert await auth.authenticate(basic("bob", "pw")) == Principal("bob", "basic")
+    assert await auth.authenticate(basic("bob", "wrong")) is None
+    assert await auth.authenticate(b"Bearer tok-123") == Principal("ci-bot", "bearer")
     # the old one-token-per-line form still works and gets a stable generated name
-    assert auth.authenticate(b"Bearer legacytoken456") == Principal(token_name(b"legacytoken456"), "bearer")
+    assert await auth.authenticate(b"Bearer legacytoken456") == Principal(token_name(b"legacytoken456"), "bearer")
     assert token_name(b"legacytoken456").startswith("token-") and len(token_name(b"x")) == 14
     assert "legacytoken456" not in token_name(b"legacytoken456")
     # the name of a token is not a credential
-    assert auth.authenticate(b"Bearer ci-bot") is None
-    assert auth.authenticate(b"Bearer ci-bot:tok-123") is None
-    assert auth.check(b"Bearer tok-123") and not auth.check(None) and not auth.check(b"Digest x")
+    assert await auth.authenticate(b"Bearer ci-bot") is None
+    assert await auth.authenticate(b"Bearer ci-bot:tok-123") is None
+    assert await auth.authenticate(b"Bearer tok-123")
+    assert not await auth.authenticate(None) and not await auth.authenticate(b"Digest x")
 
 
-def test_token_names_follow_file_changes(tmp_path: Path) -> None:
+async def test_token_names_follow_file_changes(tmp_path: Path) -> None:
     bearer = tmp_path / "bearer"
     bearer.write_text("first:tok-a\n")
     auth = Authenticator(ProxyAuth(None, bearer))
-    assert auth.authenticate(b"Bearer tok-a") == Principal("first", "bearer")
+    assert await auth.authenticate(b"Bearer tok-a") == Principal("first", "bearer")
     bearer.write_text("renamed:tok-a\nother:tok-b\n")
     os.utime(bearer, ns=(1, 2))  # a different stamp even within the same mtime tick
-    assert auth.authenticate(b"Bearer tok-a") == Principal("renamed", "bearer")
-    assert auth.authenticate(b"Bearer tok-b") == Principal("other", "bearer")
+    assert await auth.authenticate(b"Bearer tok-a") == Principal("renamed", "bearer")
+    assert await auth.authenticate(b"Bearer tok-b") == Principal("other", "bearer")
 
 
 # --- rules ---------------------------------------------------------------------------------------

@@ -21,12 +21,12 @@ import binascii
 import hashlib
 import hmac
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from kins_tunnel.config import ProxyAuth
-from kins_tunnel.errors import UserError
+from kins_tunnel.filewatch import WatchedFile
 
 log = logging.getLogger("kins_tunnel.cloud.auth")
 REALM = 'Basic realm="kins-tunnel", Bearer realm="kins-tunnel"'
@@ -46,51 +46,44 @@ def token_name(token: bytes) -> str:
     return "token-" + hashlib.sha256(token).hexdigest()[:8]
 
 
-class _CredentialFile:
-    def __init__(self, path: Path, what: str, *, strip: bool) -> None:
-        self.path = path
-        self.what = what
-        self.strip = strip
-        self._stamp: tuple[int, int] | None = None
-        self.entries: list[tuple[str, bytes]] = []  # (principal name, secret compared)
-        self.reload(strict=True)
+def _credential_parser(strip: bool, what: str) -> Callable[[bytes], list[tuple[str, bytes]]]:
+    """Parse a credentials file into (principal name, secret compared) entries."""
 
-    def reload(self, strict: bool = False) -> None:
-        try:
-            st = os.stat(self.path)
-            stamp = (st.st_mtime_ns, st.st_size)
-            if stamp == self._stamp:
-                return
-            lines = self.path.read_bytes().splitlines()
-        except OSError as exc:
-            if strict:
-                raise UserError(f"{self.what}: cannot read {self.path}: {exc.strerror}") from exc
-            log.warning("%s: cannot re-read %s: %s (keeping the previous credentials)", self.what, self.path, exc)
-            return
+    def parse(data: bytes) -> list[tuple[str, bytes]]:
         # Basic lines are taken byte for byte (`splitlines` drops only the line break): a password
         # may begin or end with a space. Bearer tokens cannot hold spaces (RFC 6750), so theirs
         # are trimmed. Blank lines and lines starting with '#' are skipped.
-        lines = [ln.strip() if self.strip else ln for ln in lines if ln.strip() and not ln.startswith(b"#")]
-        self.entries = [self._entry(ln) for ln in lines]
-        self._stamp = stamp
-        if not self.entries:
-            log.warning("%s: %s holds no credentials: every CONNECT will get 407", self.what, self.path)
+        lines = [ln.strip() if strip else ln for ln in data.splitlines() if ln.strip() and not ln.startswith(b"#")]
+        if not lines:
+            log.warning("%s holds no credentials: every CONNECT will get 407", what)
+        return [_entry(ln, strip) for ln in lines]
 
-    def _entry(self, line: bytes) -> tuple[str, bytes]:
-        if not self.strip:  # Basic: user:password, compared as a whole
-            return line.partition(b":")[0].decode("utf-8", "replace"), line
-        name, sep, token = line.partition(b":")
-        if not sep:
-            return token_name(line), line
-        return name.strip().decode("utf-8", "replace"), token.strip()
+    return parse
+
+
+def _entry(line: bytes, bearer: bool) -> tuple[str, bytes]:
+    if not bearer:  # Basic: user:password, compared as a whole
+        return line.partition(b":")[0].decode("utf-8", "replace"), line
+    name, sep, token = line.partition(b":")
+    if not sep:
+        return token_name(line), line
+    return name.strip().decode("utf-8", "replace"), token.strip()
+
+
+def _credential_file(path: Path | None, what: str, *, strip: bool) -> WatchedFile[list[tuple[str, bytes]]] | None:
+    return None if path is None else WatchedFile(path, _credential_parser(strip, what), what)
 
 
 class Authenticator:
-    def __init__(self, cfg: ProxyAuth) -> None:
-        self._basic = _CredentialFile(cfg.basic_file, "proxy.auth.basic_file", strip=False) if cfg.basic_file else None
-        self._bearer = _CredentialFile(cfg.bearer_file, "proxy.auth.bearer_file", strip=True) if cfg.bearer_file else None
+    """Checks Proxy-Authorization against the credential files. Each check first looks whether a
+    file changed (a `stat` in a worker thread, a re-read only on change): a rotated secret applies
+    to the very next CONNECT, and the event loop never blocks on the file system."""
 
-    def authenticate(self, header: bytes | None) -> Principal | None:
+    def __init__(self, cfg: ProxyAuth) -> None:
+        self._basic = _credential_file(cfg.basic_file, "proxy.auth.basic_file", strip=False)
+        self._bearer = _credential_file(cfg.bearer_file, "proxy.auth.bearer_file", strip=True)
+
+    async def authenticate(self, header: bytes | None) -> Principal | None:
         """The principal whose credentials the Proxy-Authorization value carries, or None."""
         if not header:
             return None
@@ -102,18 +95,14 @@ class Authenticator:
                 decoded = base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
                 return None
-            self._basic.reload()
-            name = _match(decoded, self._basic.entries)
+            await self._basic.check()
+            name = _match(decoded, self._basic.value)
             return None if name is None else Principal(name, "basic")
         if scheme == b"bearer" and self._bearer is not None:
-            self._bearer.reload()
-            name = _match(value, self._bearer.entries)
+            await self._bearer.check()
+            name = _match(value, self._bearer.value)
             return None if name is None else Principal(name, "bearer")
         return None
-
-    def check(self, header: bytes | None) -> bool:
-        """True if the Proxy-Authorization header value carries valid credentials."""
-        return self.authenticate(header) is not None
 
 
 def _match(given: bytes, entries: list[tuple[str, bytes]]) -> str | None:

@@ -36,11 +36,11 @@ from kins_tunnel.cloud.authz import Authorizer
 from kins_tunnel.cloud.proxy_tls import TLSClientStream
 from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.config import ProxySettings, normalise_target
+from kins_tunnel.errors import OpenFailed
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.proto import ErrorCode, code_label
 from kins_tunnel.transport.listen import open_listener_socket, serve_listener
 from kins_tunnel.transport.relay import relay
-from kins_tunnel.transport.session import OpenError
 from kins_tunnel.transport.stream import TunnelStream
 
 log = logging.getLogger("kins_tunnel.cloud.proxy")
@@ -50,6 +50,8 @@ ERROR_WRITE_TIMEOUT = 5.0  # seconds to deliver an error answer
 LINGER_TIME = 1.0  # seconds to drain a client's input after an error answer (see _send_error)
 LINGER_BYTES = 1 << 20
 CLIENT_GONE = 499  # status recorded (never sent) when the client left before the answer
+MAX_LOGGED_TARGET = 512  # characters of a client's target kept for the log line
+MAX_SHOWN_TOKEN = 32  # characters of a method name or reason echoed back in an error body
 
 # What the client is told for each wire code of a failed open (the edge's own message is logged).
 _ANSWER_FOR_CODE: dict[int, tuple[int, str]] = {
@@ -194,15 +196,15 @@ async def _serve(ctx: ProxyContext, stream: ClientStream, conn: h11.Connection, 
         request = await _read_request(stream, conn)
     if scope.cancelled_caught:
         raise _Reject(408, f"request not received within {settings.header_timeout:g}s")
-    rec.target = request.target.decode("ascii", "replace")[:512]
+    rec.target = request.target.decode("ascii", "replace")[:MAX_LOGGED_TARGET]
     if request.http_version not in (b"1.0", b"1.1"):  # h11 parses any digit.digit
         raise _Reject(400, f"unsupported HTTP version {request.http_version.decode('ascii', 'replace')}")
     if request.method != b"CONNECT":
-        raise _Reject(405, f"method {request.method.decode('ascii', 'replace')[:32]} not allowed: "
+        raise _Reject(405, f"method {request.method.decode('ascii', 'replace')[:MAX_SHOWN_TOKEN]} not allowed: "
                       "this is a CONNECT proxy", [("Allow", "CONNECT")])
     principal: Principal | None = getattr(stream, "principal", None)  # a client certificate's
     if principal is None and ctx.auth is not None:
-        principal = ctx.auth.authenticate(_header(request, b"proxy-authorization"))
+        principal = await ctx.auth.authenticate(_header(request, b"proxy-authorization"))
         if principal is None:
             raise _Reject(407, "proxy authentication required", [("Proxy-Authenticate", REALM)])
     rec.principal = principal.name if principal is not None else ""
@@ -315,9 +317,10 @@ async def _send_error(stream: ClientStream, conn: h11.Connection, target: str, r
 
 
 async def _open(ctx: ProxyContext, rec: ConnectRecord) -> TunnelStream:
-    """Open a stream to `rec.name` on the best tunnel, trying another on retryable refusals."""
+    """Open a stream to `rec.name` on the best tunnel, trying another on retryable refusals; the
+    edge tried (or that served it) is recorded in `rec` (unit, node)."""
     t0 = trio.current_time()
-    last: OpenError | None = None
+    last: OpenFailed | None = None
     tried = 0
     for tunnel in ctx.registry.candidates(rec.name):
         if tried == MAX_ATTEMPTS:
@@ -326,14 +329,13 @@ async def _open(ctx: ProxyContext, rec: ConnectRecord) -> TunnelStream:
         rec.unit, rec.node = tunnel.identity.unit, tunnel.identity.node
         try:
             stream = await tunnel.session.open_stream(rec.name, ctx.settings.dial_timeout)
-        except OpenError as exc:
+        except OpenFailed as exc:
             last = exc
             if exc.code in _RETRYABLE:
                 continue
             break
         ctx.metrics.streams.inc()
         ctx.metrics.dial_seconds.observe(trio.current_time() - t0)
-        stream.route = (tunnel.identity.unit, tunnel.identity.node)
         return stream
     if last is None or last.code in _RETRYABLE:
         ctx.metrics.dial_failures.labels("no_edge").inc()

@@ -173,6 +173,7 @@ class ProxyTLSListener:
                                                            "detail": f"{self.max_handshakes} handshakes in progress"})
             await trio.aclose_forcefully(tcp)
             return
+        await self.tls.refresh()  # renewed files apply to new handshakes (checked at most once a second)
         ssl_stream = trio.SSLStream(tcp, self.tls.context, server_side=True)
         principal = None
         self.handshaking += 1

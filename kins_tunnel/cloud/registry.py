@@ -1,6 +1,6 @@
 """The registry of connected edges and the names they serve.
 
-Routing rule (DESIGN.md): an edge may serve `<unit>-svc-kins.kins-system:<port>` for its own unit
+Routing rule (docs/DESIGN.md): an edge may serve `<unit>-svc-kins.kins-system:<port>` for its own unit
 and `<node>:<port>` for its own node; anything else it advertises is refused (logged, not routed).
 Several tunnels may serve one name (several edges of a unit, several tunnels of one edge, e.g. a
 restarted edge whose old tunnel has not timed out yet): `pick` prefers usable tunnels with the

@@ -66,7 +66,7 @@ class TunnelServer:
     @property
     def context(self) -> ssl.SSLContext:
         if self.tls is not None:
-            return self.tls.context  # re-reads renewed files, at most once a second
+            return self.tls.context
         assert self._static is not None
         return self._static
 
@@ -98,6 +98,8 @@ class TunnelServer:
                     self._refuse(peer, "idle", f"no data within first_byte_timeout ({t.first_byte_timeout:g}s)")
                     return
                 await self.admission.acquire(ticket)
+                if self.tls is not None:
+                    await self.tls.refresh()  # renewed files apply to new handshakes (checked ≤ 1/s)
                 tls = TLSSocket.wrap(socket.socket(fileno=tcp.socket.detach()), self.context, server_side=True)
                 identity = await self._tls_handshake(tls)
         except (TransportError, ValueError) as exc:

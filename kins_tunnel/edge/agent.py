@@ -217,12 +217,13 @@ class Edge:
 
     @property
     def context(self) -> ssl.SSLContext:
-        """The client context; rebuilt first if the certificate files changed."""
+        """The client context (kept current by `refresh()` before every connect)."""
         return self.tls.context
 
     async def _one_tunnel(self, label: str, ip: str, port: int, server_name: str,
                           keeper: _Keeper | None = None) -> None:
         cfg = self.cfg
+        await self.tls.refresh()  # renewed certificate files apply from this tunnel on
         with trio.fail_after(cfg.handshake_timeout):
             tls = await connect_tls(ip, port, self.context, server_hostname=server_name)
         cloud_cert = _cert_summary(tls.peer_certificate_der())

@@ -238,7 +238,7 @@ class Connection:
         s.recv = ReceiveWindow(grant, grant, last_return=self._now())
         self._out += open_result_frame(stream_id, ErrorCode.NO_ERROR, grant)
 
-    def reject_stream(self, stream_id: int, code: ErrorCode, message: str = "") -> None:
+    def reject_stream(self, stream_id: int, code: ErrorCode | int, message: str = "") -> None:
         """Answer a StreamOpened with an error code; the stream is gone."""
         if code == ErrorCode.NO_ERROR:
             raise LocalProtocolError("reject_stream needs an error code")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import trio
 
+from kins_tunnel.errors import OpenFailed
 from kins_tunnel.proto import (
     Connection,
     ConnectionTerminated,
@@ -77,15 +78,6 @@ def _shared_read_buffer() -> memoryview:
         view = memoryview(bytearray(READ_BATCH))
         _READ_BUFFER.set(view)
         return view
-
-
-class OpenError(Exception):
-    """The peer refused to open a stream (or did not answer in time). `code` is the wire code."""
-
-    def __init__(self, code: ErrorCode | int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,13 +214,13 @@ class Session:
 
     # ------------------------------------------------------------------ streams
     async def open_stream(self, target: str, timeout: float) -> TunnelStream:
-        """Ask the peer to open a stream to `target`; OpenError on refusal or after `timeout`."""
+        """Ask the peer to open a stream to `target`; OpenFailed on refusal or after `timeout`."""
         if not self.usable:
-            raise OpenError(ErrorCode.GOING_AWAY, "tunnel is not available")
+            raise OpenFailed(ErrorCode.GOING_AWAY, "tunnel is not available")
         try:
             sid = self.conn.open_stream(target)
         except LocalProtocolError as exc:
-            raise OpenError(exc.code, str(exc)) from None
+            raise OpenFailed(exc.code, str(exc)) from None
         send, recv = trio.open_memory_channel[tuple[OpenResult, "TunnelStream | None"]](1)
         self._opening[sid] = send
         self._kick()
@@ -239,12 +231,12 @@ class Session:
                 try:
                     result, stream = await recv.receive()
                 except trio.EndOfChannel:
-                    raise OpenError(ErrorCode.CONNECT_ERROR, f"tunnel closed: {self.close_reason}") from None
+                    raise OpenFailed(ErrorCode.CONNECT_ERROR, f"tunnel closed: {self.close_reason}") from None
                 if not result.ok or stream is None:
-                    raise OpenError(result.code, result.message or code_text(result.code))
+                    raise OpenFailed(result.code, result.message or code_text(result.code))
                 returned = True
                 return stream
-            raise OpenError(ErrorCode.TIMEOUT, f"edge did not answer within {timeout:g}s")
+            raise OpenFailed(ErrorCode.TIMEOUT, f"edge did not answer within {timeout:g}s")
         finally:
             pending = self._opening.pop(sid, None) is not None
             if stream is not None and not returned:
@@ -261,7 +253,7 @@ class Session:
         self._kick()
         return stream
 
-    def reject(self, stream_id: int, code: ErrorCode, message: str) -> None:
+    def reject(self, stream_id: int, code: ErrorCode | int, message: str) -> None:
         if self.closed.is_set():
             return
         try:

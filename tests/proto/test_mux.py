@@ -367,3 +367,28 @@ def test_frames_split_at_every_byte_boundary() -> None:
         got += pair.client.receive_data(raw[i : i + 1])
     data = b"".join(e.data for e in got if isinstance(e, DataReceived))
     assert data == b"0123456789" * 10
+
+
+def test_receive_data_copies_what_it_keeps_so_the_caller_may_reuse_its_buffer() -> None:
+    """The copy contract the transport's shared read buffer relies on: after `receive_data`
+    returns, nothing (event payloads, a partial frame) refers to the caller's buffer."""
+    pair = Pair()
+    pair.handshake()
+    sid = pair.server.open_stream("test-svc-kins.kins-system:443")
+    pair.pump()
+    pair.client.accept_stream(sid)
+    pair.pump()
+    pair.take("client")
+    pair.client.send_data(sid, b"A" * 1000)
+    pair.client.send_data(sid, b"B" * 1000)
+    wire = bytes(pair.client.data_to_send())
+    shared = bytearray(len(wire))
+    cut = len(wire) - 300  # the second frame arrives in two reads
+    shared[:cut] = wire[:cut]
+    first = pair.server.receive_data(memoryview(shared)[:cut])
+    shared[:] = b"\xee" * len(shared)  # the next read reuses the buffer
+    shared[:300] = wire[cut:]
+    second = pair.server.receive_data(memoryview(shared)[:300])
+    shared[:] = b"\xff" * len(shared)
+    data = b"".join(e.data for e in first + second if isinstance(e, DataReceived))
+    assert data == b"A" * 1000 + b"B" * 1000
