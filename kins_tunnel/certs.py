@@ -459,20 +459,8 @@ def proxy_server_ssl_context(client_ca: Path | None, cert: Path, key: Path) -> s
     if client_ca is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-        pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode()
-                      for c in _load_certs(Path(client_ca), "proxy.tls.client_ca"))
-        try:
-            ctx.load_verify_locations(cadata=pem)
-        except ssl.SSLError as exc:
-            raise UserError(f"proxy.tls.client_ca: {client_ca}: rejected by OpenSSL: {exc.reason or exc}") from None
-    leaf = _load_certs(Path(cert), "proxy.tls.cert")[0]
-    private = _load_key(Path(key), "proxy.tls.key")
-    if leaf.public_key() != private.public_key():
-        raise UserError(f"proxy.tls.key: {key} does not belong to proxy.tls.cert {cert}")
-    try:
-        ctx.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise UserError(f"proxy.tls.cert: {cert}: rejected by OpenSSL: {exc}") from None
+        _load_trust(ctx, Path(client_ca), "proxy.tls.client_ca")
+    _load_identity(ctx, Path(cert), Path(key), "proxy.tls")
     return ctx
 
 
@@ -495,17 +483,26 @@ def _configure(ctx: ssl.SSLContext, ca: Path, cert: Path, key: Path) -> None:
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     ctx.set_ciphers(_CIPHERS)
     ctx.set_alpn_protocols([ALPN_PROTOCOL])
-    ca_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode()
-                     for c in _load_certs(Path(ca), "tls.ca"))
+    _load_trust(ctx, Path(ca), "tls.ca")
+    _load_identity(ctx, Path(cert), Path(key), "tls")
+
+
+def _load_trust(ctx: ssl.SSLContext, ca: Path, what: str) -> None:
+    """Trust the certificates of PEM file `ca` (UserError naming `what` otherwise)."""
+    pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in _load_certs(ca, what))
     try:
-        ctx.load_verify_locations(cadata=ca_pem)
+        ctx.load_verify_locations(cadata=pem)
     except ssl.SSLError as exc:
-        raise UserError(f"tls.ca: {ca}: rejected by OpenSSL: {exc.reason or exc}") from None
-    leaf = _load_certs(Path(cert), "tls.cert")[0]
-    private = _load_key(Path(key), "tls.key")
+        raise UserError(f"{what}: {ca}: rejected by OpenSSL: {exc.reason or exc}") from None
+
+
+def _load_identity(ctx: ssl.SSLContext, cert: Path, key: Path, section: str) -> None:
+    """Present `cert` with `key`; UserError naming `<section>.cert` / `<section>.key` otherwise."""
+    leaf = _load_certs(cert, f"{section}.cert")[0]
+    private = _load_key(key, f"{section}.key")
     if leaf.public_key() != private.public_key():
-        raise UserError(f"tls.key: {key} does not belong to tls.cert {cert}")
+        raise UserError(f"{section}.key: {key} does not belong to {section}.cert {cert}")
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise UserError(f"tls.cert: {cert}: rejected by OpenSSL: {exc}") from None
+        raise UserError(f"{section}.cert: {cert}: rejected by OpenSSL: {exc}") from None

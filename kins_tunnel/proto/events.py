@@ -32,12 +32,17 @@ class StreamOpened(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class OpenResult(Event):
-    """The answer to a stream we opened: `code` NO_ERROR means it is open."""
+class _StreamVerdict(Event):
+    """A stream event with a wire code (maybe one this version does not know) and a message."""
 
     stream_id: int
     code: ErrorCode | int
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class OpenResult(_StreamVerdict):
+    """The answer to a stream we opened: `code` NO_ERROR means it is open."""
 
     @property
     def ok(self) -> bool:
@@ -61,12 +66,8 @@ class StreamEnded(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class StreamReset(Event):
+class StreamReset(_StreamVerdict):
     """The peer aborted the stream; its buffered data is void."""
-
-    stream_id: int
-    code: ErrorCode | int
-    message: str
 
 
 @dataclass(frozen=True, slots=True)

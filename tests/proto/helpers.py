@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kins_tunnel.proto import Connection, Event, Hello, MuxConfig, Role
+from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
+from kins_tunnel.proto.events import Event
 
 
 class FakeClock:

@@ -6,18 +6,20 @@ import pytest
 
 from kins_tunnel.proto import (
     Connection,
-    ConnectionTerminated,
-    DataReceived,
     ErrorCode,
-    GoAwayReceived,
-    HandshakeComplete,
     Hello,
     LocalProtocolError,
     MuxConfig,
-    OpenResult,
-    PongReceived,
     RemoteProtocolError,
     Role,
+)
+from kins_tunnel.proto.events import (
+    ConnectionTerminated,
+    DataReceived,
+    GoAwayReceived,
+    HandshakeComplete,
+    OpenResult,
+    PongReceived,
     StreamEnded,
     StreamOpened,
     StreamReset,

@@ -10,14 +10,16 @@ from hypothesis import strategies as st
 
 from kins_tunnel.proto import (
     Connection,
-    DataReceived,
     ErrorCode,
     Hello,
     LocalProtocolError,
     MuxConfig,
-    OpenResult,
     RemoteProtocolError,
     Role,
+)
+from kins_tunnel.proto.events import (
+    DataReceived,
+    OpenResult,
     StreamEnded,
     StreamOpened,
     StreamReset,
