@@ -19,7 +19,7 @@ from kins_tunnel.certs import init_ca, issue_edge
 from kins_tunnel.cloud.server import Cloud
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
-from kins_tunnel.k3s_standin import make_self_signed_server_context, serve_k3s_standin
+from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
 
 log = logging.getLogger("kins_tunnel.demo")
 

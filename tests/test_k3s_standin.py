@@ -18,7 +18,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kins_tunnel.k3s_standin import (
+from kins_tunnel.testing.k3s_standin import (
     blob_bytes,
     blob_chunk,
     iter_blob,

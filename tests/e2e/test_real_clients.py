@@ -1,5 +1,5 @@
 """Real clients through the tunnel: kubectl via `proxy-url`, curl `--proxy`, ssh via a CONNECT
-ProxyCommand. The K3s API is the stand-in test double (kins_tunnel.k3s_standin)."""
+ProxyCommand. The K3s API is the stand-in test double (kins_tunnel.testing.k3s_standin)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ import pytest
 import trio
 
 from kins_tunnel.demo import write_kubeconfig
-from kins_tunnel.k3s_standin import blob_bytes, make_self_signed_server_context, serve_k3s_standin
+from kins_tunnel.testing.k3s_standin import (
+    blob_bytes,
+    make_self_signed_server_context,
+    serve_k3s_standin,
+)
 from tests.e2e.harness import SVC, tunnel_env
 
 KUBECTL = shutil.which("kubectl")
