@@ -43,7 +43,7 @@ async def test_kubectl_through_proxy_url(tmp_path: Path) -> None:
             home.mkdir()
             r = await kubectl(kc, "version", "-o", "json", home=home)
             assert r.returncode == 0, r.stderr
-            assert b"v1.28.5+k3s1" in r.stdout
+            assert b"v1.30.6+k3s1" in r.stdout
             r = await kubectl(kc, "get", "pods", home=home)
             assert r.returncode == 0, r.stderr
             assert b"test-server-kins" in r.stdout and b"Running" in r.stdout
