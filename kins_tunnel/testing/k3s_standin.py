@@ -37,6 +37,7 @@ import ssl
 import tempfile
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -146,13 +147,24 @@ def _age(since: dt.datetime) -> str:
     return f"{secs}s" if secs < 120 else f"{secs // 60}m" if secs < 7200 else f"{secs // 3600}h"
 
 
+@dataclass
+class StandinStats:
+    """What one stand-in is serving right now (for tests that stop and restart stand-ins)."""
+
+    connections: int = 0  # TLS connections open
+    watches: int = 0  # watch requests being streamed
+    execs: int = 0  # exec/attach sessions running
+    requests: int = 0  # requests received in all
+
+
 class _Cluster:
     """The stand-in's state: its pods and a resourceVersion counter."""
 
-    def __init__(self, unit: str, interval: float, sandbox: Sandbox) -> None:
+    def __init__(self, unit: str, interval: float, sandbox: Sandbox, stats: StandinStats) -> None:
         self.unit = unit
         self.interval = interval
         self.sandbox = sandbox
+        self.stats = stats
         self.born = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(minutes=5)
         self.rv = 1000
         self.pods = [(f"{unit}-server-kins-7d9f8b6c5-x2x4k", "edge1", "10.42.0.5"),
@@ -344,6 +356,7 @@ class _Handler:
         return self.ex.conn.our_state is h11.DONE and self.ex.conn.their_state is h11.DONE
 
     async def dispatch(self, req: h11.Request) -> None:
+        self.cluster.stats.requests += 1
         method = req.method.decode()
         url = urlsplit(req.target.decode("ascii", "replace"))
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
@@ -398,7 +411,11 @@ class _Handler:
                 return await self.ex.respond_json(400, _status(
                     400, "BadRequest", "timeoutSeconds must be a non-negative integer"))
             limit = int(seconds) if seconds else float("inf")
-            return await self.ex.stream_until(JSON, self.watch_events(ns, table, include), limit)
+            c.stats.watches += 1
+            try:
+                return await self.ex.stream_until(JSON, self.watch_events(ns, table, include), limit)
+            finally:
+                c.stats.watches -= 1
         body = c.pod_table(c.pod_list(ns)["items"], include) if table else c.pod_list(ns)
         await self.ex.respond_json(200, body)
 
@@ -437,11 +454,14 @@ class _Handler:
 
         try:
             self.upgraded = True
+            self.cluster.stats.execs += 1
             await serve_remote_command(self.ex.stream, req.target, list(req.headers),
                                        bytes(trailing), options, run)
         except UpgradeRefused as exc:
             self.upgraded = False
             await self.ex.respond_json(400, _status(400, "BadRequest", str(exc)))
+        finally:
+            self.cluster.stats.execs -= 1
 
     async def watch_events(self, ns: str, table: bool, include: str) -> AsyncGenerator[bytes, None]:
         c = self.cluster
@@ -508,6 +528,7 @@ _CONNECTION_ENDED = (trio.BrokenResourceError, trio.ClosedResourceError, trio.To
 
 async def _serve_connection(cluster: _Cluster, stream: trio.abc.Stream) -> None:
     handler = _Handler(cluster, _Exchange(stream))
+    cluster.stats.connections += 1
     try:
         await handler.serve()
     except _CONNECTION_ENDED as exc:
@@ -518,6 +539,7 @@ async def _serve_connection(cluster: _Cluster, stream: trio.abc.Stream) -> None:
             raise
         log.debug("k3s stand-in: connection ended: %r", group)
     finally:
+        cluster.stats.connections -= 1
         await trio.aclose_forcefully(stream)
 
 
@@ -529,6 +551,7 @@ async def serve_k3s_standin(
     interval: float = 1.0,
     unit: str = "test",
     sandbox: Path | None = None,
+    stats: StandinStats | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the K3s API stand-in over HTTPS on host:port until cancelled.
@@ -537,12 +560,13 @@ async def serve_k3s_standin(
     period of watch MODIFIED events and of `logs -f` lines; `unit` names the pods
     (``<unit>-server-kins-...``). `sandbox` is the directory exec commands and `kubectl cp` may
     use (one subdirectory per pod); by default a fresh temporary directory, removed on exit.
+    `stats`, if given, is kept up to date with what this stand-in serves.
     Raises OSError if the address cannot be bound.
     """
     own = sandbox is None
     root = Path(tempfile.mkdtemp(prefix="k3s-standin-sandbox-")) if sandbox is None else sandbox
     try:
-        cluster = _Cluster(unit, interval, Sandbox(root))
+        cluster = _Cluster(unit, interval, Sandbox(root), stats or StandinStats())
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         ssl_listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True)
