@@ -2,8 +2,9 @@
 
 This is a test double, not a Kubernetes implementation: it answers just enough of the API, over
 HTTPS, for real `kubectl` to work against it (`version`, discovery, `get pods` as a server-side
-Table, `get pods --watch`, `logs [-f]`, and `exec`/`attach`/`cp` over the WebSocket remote-command
-protocol with a fixed set of sandboxed commands, see `remotecommand` and `sandbox`), plus two
+Table, `get pods --watch`, `logs [-f]`, `exec`/`attach`/`cp` over the WebSocket remote-command
+protocol with a fixed set of sandboxed commands, see `remotecommand` and `sandbox`, and
+`port-forward` to built-in echo and digest ports, see `portforward`), plus two
 endpoints of its own for moving bulk data through a tunnel and checking it byte for byte:
 
 - ``GET /kins-standin/blob?bytes=N&seed=S`` streams exactly N bytes of `blob_bytes(N, S)`;
@@ -16,8 +17,9 @@ by closing the stream forcefully. Streaming answers (watch, `logs -f`) are chunk
 run, a second task watches the socket so that a client that goes away ends the stream at once.
 Cancelling `serve_k3s_standin` (stopping the stand-in) closes every connection, watches included,
 so clients see the server go away instead of waiting on a silent socket. An exec upgrade hands the
-connection to `remotecommand.serve_remote_command`; SPDY (kubectl's fallback, ``POST`` with
-``Upgrade: SPDY/3.1``) is answered with an error.
+connection to `remotecommand.serve_remote_command`; SPDY for exec (kubectl's fallback, ``POST``
+with ``Upgrade: SPDY/3.1``) is answered with an error; port-forward speaks SPDY/3.1, plain or
+inside a WebSocket (`portforward.serve_port_forward`).
 
 The blob is AES-128-CTR over zeros, keyed by the seed: deterministic, pseudo-random, seekable
 (any offset can be produced without the bytes before it) and ~1 GB/s, so it is never the
@@ -52,9 +54,17 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.x509.oid import NameOID
 from wsproto.utilities import ProtocolError as WebSocketProtocolError
 
+from kins_tunnel.testing.portforward import WEBSOCKET_PROTOCOL as PORT_FORWARD_WEBSOCKET
+from kins_tunnel.testing.portforward import (
+    RawTransport,
+    SpdyProtocolError,
+    WebSocketTransport,
+    serve_port_forward,
+)
 from kins_tunnel.testing.remotecommand import (
     ExecOptions,
     UpgradeRefused,
+    accept_websocket,
     is_websocket_upgrade,
     serve_remote_command,
 )
@@ -153,7 +163,7 @@ class StandinStats:
 
     connections: int = 0  # TLS connections open
     watches: int = 0  # watch requests being streamed
-    execs: int = 0  # exec/attach sessions running
+    execs: int = 0  # exec, attach and port-forward sessions running
     requests: int = 0  # requests received in all
 
 
@@ -186,7 +196,9 @@ class _Cluster:
                          "labels": {"app": f"{self.unit}-{role}-kins"}},
             "spec": {"nodeName": node, "containers": [{
                 "name": role, "image": f"rancher/k3s:{K3S_VERSION.replace('+', '-')}",
-                "stdin": True, "tty": True}]},  # `attach -it` finds the line echo on a TTY
+                "stdin": True, "tty": True,  # `attach -it` finds the line echo on a TTY
+                "ports": [{"name": "echo", "containerPort": 7, "protocol": "TCP"},
+                          {"name": "digest", "containerPort": 9, "protocol": "TCP"}]}]},
             "status": {"phase": "Running", "podIP": ip, "hostIP": ip, "startTime": started,
                        "conditions": [{"type": "Ready", "status": "True"}],
                        "containerStatuses": [{"name": role, "ready": True, "restartCount": 0,
@@ -239,6 +251,7 @@ _RESOURCES = [("pods", "Pod", True, ["get", "list", "watch"], ["po"]),
               ("pods/log", "Pod", True, ["get"], []),
               ("pods/exec", "PodExecOptions", True, ["create", "get"], []),
               ("pods/attach", "PodAttachOptions", True, ["create", "get"], []),
+              ("pods/portforward", "PodPortForwardOptions", True, ["create", "get"], []),
               ("namespaces", "Namespace", False, ["get", "list"], ["ns"]),
               ("configmaps", "ConfigMap", True, ["get", "list"], ["cm"]),
               ("nodes", "Node", False, ["get", "list"], ["no"])]
@@ -368,6 +381,9 @@ class _Handler:
         if (len(parts) == 7 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods"
                 and parts[6] in ("exec", "attach")):
             return await self.exec(req, parts[5], parts[6], parse_qs(url.query))
+        if (len(parts) == 7 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods"
+                and parts[6] == "portforward"):
+            return await self.port_forward(req, parts[5])
         if method != "GET":
             return await self.ex.respond_json(405, _status(405, "MethodNotAllowed",
                                                            f"method {method} is not allowed"))
@@ -463,6 +479,43 @@ class _Handler:
         finally:
             self.cluster.stats.execs -= 1
 
+    async def port_forward(self, req: h11.Request, pod: str) -> None:
+        """`kubectl port-forward`: SPDY/3.1, plain or inside a WebSocket (see `portforward`)."""
+        if pod not in [name for name, _, _ in self.cluster.pods]:
+            return await self.ex.respond_json(404, _status(404, "NotFound", f'pods "{pod}" not found'))
+        websocket = is_websocket_upgrade(req.headers)
+        spdy = any(k == b"upgrade" and v.lower() == b"spdy/3.1" for k, v in req.headers)
+        if not (websocket and req.method == b"GET") and not (spdy and req.method == b"POST"):
+            return await self.ex.respond_json(400, _status(400, "BadRequest", "Upgrade request required"))
+        if spdy and not any(k == b"x-stream-protocol-version" and v == b"portforward.k8s.io"
+                            for k, v in req.headers):
+            return await self.ex.respond_json(403, _status(
+                403, "Forbidden", "port-forward speaks only portforward.k8s.io"))
+        while not isinstance(event := await self.ex.next_event(), h11.EndOfMessage):
+            if not isinstance(event, h11.Data):
+                raise trio.BrokenResourceError("port-forward request cut short")
+        trailing = bytes(self.ex.conn.trailing_data[0])
+        self.upgraded = True
+        self.cluster.stats.execs += 1
+        try:
+            if websocket:
+                try:
+                    ws, _ = await accept_websocket(self.ex.stream, req.target, list(req.headers),
+                                                   trailing, [PORT_FORWARD_WEBSOCKET])
+                except UpgradeRefused as exc:
+                    self.upgraded = False
+                    return await self.ex.respond_json(400, _status(400, "BadRequest", str(exc)))
+                transport: Any = WebSocketTransport(self.ex.stream, ws)
+            else:
+                with trio.fail_after(WRITE_TIMEOUT):
+                    await self.ex.stream.send_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                        b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n")
+                transport = RawTransport(self.ex.stream, trailing)
+            await serve_port_forward(transport, pod)
+        finally:
+            self.cluster.stats.execs -= 1
+
     async def watch_events(self, ns: str, table: bool, include: str) -> AsyncGenerator[bytes, None]:
         c = self.cluster
 
@@ -523,7 +576,8 @@ class _Handler:
 
 
 _CONNECTION_ENDED = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-                     h11.ProtocolError, WebSocketProtocolError, ssl.SSLError, OSError)
+                     h11.ProtocolError, WebSocketProtocolError, SpdyProtocolError, ssl.SSLError,
+                     OSError)
 
 
 async def _serve_connection(cluster: _Cluster, stream: trio.abc.Stream) -> None:

@@ -90,13 +90,14 @@ def status_for_exit(code: int) -> dict[str, Any]:
             "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]}}
 
 
-def select_protocol(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
-    """The subprotocol to answer with, or None when the request offers none we speak."""
+def select_protocol(headers: Sequence[tuple[bytes, bytes]],
+                    spoken: Sequence[str] = PROTOCOLS) -> str | None:
+    """The subprotocol to answer with (the first of `spoken` offered), or None."""
     offered: list[str] = []
     for name, value in headers:
         if name.lower() == b"sec-websocket-protocol":
             offered += [p.strip() for p in value.decode("latin-1").split(",")]
-    for proto in PROTOCOLS:
+    for proto in spoken:
         if proto in offered:
             return proto
     return None
@@ -265,23 +266,18 @@ class UpgradeRefused(Exception):
     """The request cannot be upgraded; nothing was written yet."""
 
 
-Runner = Callable[[list[str], CommandIO], Awaitable[int]]
+async def accept_websocket(stream: trio.abc.Stream, target: bytes,
+                           headers: Sequence[tuple[bytes, bytes]], trailing: bytes,
+                           spoken: Sequence[str]) -> tuple[Connection, str]:
+    """Answer a WebSocket upgrade (already parsed by h11) with 101 and the first subprotocol of
+    `spoken` the client offers; returns the wsproto connection and that subprotocol.
 
-
-async def serve_remote_command(stream: trio.abc.Stream, target: bytes,
-                               headers: Sequence[tuple[bytes, bytes]], trailing: bytes,
-                               options: ExecOptions, run: Runner) -> None:
-    """Answer a WebSocket exec upgrade on `stream` (after h11 parsed the request) and run the
-    command with `run(argv, io)`. Returns when the exec is over; the caller closes `stream`.
-
-    Raises `UpgradeRefused` before writing anything if the upgrade cannot be accepted (the caller
-    answers it with an HTTP error), and trio's stream errors (possibly in an exception group) if
-    the client goes away or stalls.
+    Raises `UpgradeRefused` before writing anything if the upgrade cannot be accepted.
     """
-    protocol = select_protocol(headers)
+    protocol = select_protocol(headers, spoken)
     if protocol is None:
         raise UpgradeRefused(f"none of the offered subprotocols is spoken here (use one of: "
-                             f"{', '.join(PROTOCOLS)})")
+                             f"{', '.join(spoken)})")
     handshake = H11Handshake(ConnectionType.SERVER)
     try:
         handshake.initiate_upgrade_connection(list(headers), target)
@@ -296,6 +292,23 @@ async def serve_remote_command(stream: trio.abc.Stream, target: bytes,
     assert ws is not None
     if trailing:
         ws.receive_data(trailing)
+    return ws, protocol
+
+
+Runner = Callable[[list[str], CommandIO], Awaitable[int]]
+
+
+async def serve_remote_command(stream: trio.abc.Stream, target: bytes,
+                               headers: Sequence[tuple[bytes, bytes]], trailing: bytes,
+                               options: ExecOptions, run: Runner) -> None:
+    """Answer a WebSocket exec upgrade on `stream` (after h11 parsed the request) and run the
+    command with `run(argv, io)`. Returns when the exec is over; the caller closes `stream`.
+
+    Raises `UpgradeRefused` before writing anything if the upgrade cannot be accepted (the caller
+    answers it with an HTTP error), and trio's stream errors (possibly in an exception group) if
+    the client goes away or stalls.
+    """
+    ws, protocol = await accept_websocket(stream, target, headers, trailing, PROTOCOLS)
     session = _Session(stream, ws, protocol, options)
     code = 0
     async with trio.open_nursery() as nursery:
