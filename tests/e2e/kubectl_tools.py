@@ -14,8 +14,10 @@ import fcntl
 import functools
 import os
 import pty
+import re
 import shutil
 import struct
+import subprocess
 import termios
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -157,3 +159,35 @@ async def pty_kubectl(env: KubectlEnv, *args: str, rows: int = 24,
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+@contextlib.asynccontextmanager
+async def port_forward(env: KubectlEnv, *ports: str, websockets: bool = False,
+                       timeout: float = 30) -> AsyncIterator[dict[int, int]]:
+    """Run ``kubectl port-forward pod/POD :PORT...``; yields {pod port: local port}.
+
+    `websockets` selects kubectl's WebSocket transport (KUBECTL_PORT_FORWARD_WEBSOCKETS=true),
+    otherwise SPDY/3.1 (the default of kubectl 1.30)."""
+    extra = {"KUBECTL_PORT_FORWARD_WEBSOCKETS": "true" if websockets else "false"}
+    proc = await trio.lowlevel.open_process(
+        env.argv("port-forward", f"pod/{POD}", *(f":{p}" for p in ports)),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env.env(extra))
+    assert proc.stdout is not None
+    try:
+        mapping: dict[int, int] = {}
+        seen = b""
+        with trio.fail_after(timeout):
+            while len(mapping) < len(ports):
+                data = await proc.stdout.receive_some(4096)
+                if not data:
+                    raise AssertionError(f"kubectl port-forward exited: {seen!r}")
+                seen += data
+                for m in re.finditer(rb"Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)", seen):
+                    mapping[int(m.group(2))] = int(m.group(1))
+        yield mapping
+    finally:
+        proc.kill()
+        with trio.move_on_after(10) as scope:
+            scope.shield = True
+            await proc.wait()
+        await proc.stdout.aclose()

@@ -1,4 +1,5 @@
-"""Remote operation through the tunnel with real kubectl: exec, exec -i, exec -it, attach, cp.
+"""Remote operation through the tunnel with real kubectl: exec, exec -i, exec -it, attach, cp,
+port-forward (SPDY and WebSocket), and a raw ``Upgrade: SPDY/3.1`` exchange checked byte for byte.
 
 kubectl ≥ 1.30 speaks the WebSocket remote-command protocol (v5.channel.k8s.io) to the K3s API
 stand-in (a test double with a fixed set of sandboxed commands, kins_tunnel.testing), through the
@@ -17,7 +18,15 @@ import trio
 
 from kins_tunnel.testing.k3s_standin import iter_blob
 from tests.e2e.faultkit import figure
-from tests.e2e.kubectl_tools import POD, have_kubectl, kubectl_env, percentile, pty_kubectl
+from tests.e2e.harness import SVC, connect, serve_loopback, tunnel_env
+from tests.e2e.kubectl_tools import (
+    POD,
+    have_kubectl,
+    kubectl_env,
+    percentile,
+    port_forward,
+    pty_kubectl,
+)
 
 pytestmark = pytest.mark.skipif(not have_kubectl(), reason="kubectl not installed")
 
@@ -156,3 +165,116 @@ async def test_cp_200_mib_into_the_sandbox_and_back(tmp_path: Path) -> None:
         assert sha256_file(back) == want
     figure("kubectl cp 200 MiB into the pod", size / up / 1e6, "MB/s")
     figure("kubectl cp 200 MiB out of the pod", size / down / 1e6, "MB/s")
+
+
+async def echo_through(port: int, data: bytes) -> bytes:
+    """Send `data` to a local port while reading the answer; half-close; read to the end."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    received = bytearray()
+    try:
+        async def sender() -> None:
+            for i in range(0, len(data), 1 << 16):
+                await stream.send_all(data[i:i + (1 << 16)])
+            await stream.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            while chunk := await stream.receive_some(1 << 18):
+                received += chunk
+    finally:
+        await stream.aclose()
+    return bytes(received)
+
+
+@pytest.mark.parametrize("websockets", [False, True], ids=["spdy", "websocket"])
+async def test_port_forward_checksummed(tmp_path: Path, websockets: bool) -> None:
+    data = os.urandom(20 * 1024 * 1024 + 3)
+    async with kubectl_env(tmp_path) as env, port_forward(env, "7", "9", websockets=websockets) as ports:
+        with trio.fail_after(120):
+            start = time.perf_counter()
+            back = await echo_through(ports[7], data)
+            took = time.perf_counter() - start
+            assert hashlib.sha256(back).digest() == hashlib.sha256(data).digest()
+            # several connections at once, each its own pair of SPDY streams
+            answers: list[bytes] = []
+
+            async def digest(i: int) -> None:
+                answers.append(await echo_through(ports[9], data[i * 100_000:(i + 1) * 3_000_000]))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(4):
+                    nursery.start_soon(digest, i)
+        want = {f"{hashlib.sha256(data[i * 100_000:(i + 1) * 3_000_000]).hexdigest()} "
+                f"{len(data[i * 100_000:(i + 1) * 3_000_000])}\n".encode() for i in range(4)}
+        assert set(answers) == want
+    kind = "WebSocket" if websockets else "SPDY"
+    figure(f"port-forward ({kind}) 20 MiB echo, each way", len(data) / took / 1e6, "MB/s")
+
+
+async def test_port_forward_to_a_port_nothing_serves(tmp_path: Path) -> None:
+    async with kubectl_env(tmp_path) as env, port_forward(env, "80") as ports:
+        with trio.fail_after(30):  # the stand-in writes an error on the error stream and ends it
+            assert await echo_through(ports[80], b"GET / HTTP/1.0\r\n\r\n") == b""
+        r = await env.run("get", "pods", "-o", "name")  # and goes on serving
+        assert r.returncode == 0
+
+
+async def test_spdy_upgrade_exchange_passes_through_unchanged(tmp_path: Path) -> None:
+    """101, then bytes both ways and a half-close from each side, through cloud and edge: what
+    each end receives is exactly what the other sent."""
+    client_body = os.urandom(2 * 1024 * 1024)
+    server_body = os.urandom(3 * 1024 * 1024) + b"bye"
+    seen_by_target = bytearray()
+    sent_by_target = bytearray()
+
+    async def upgrade_target(stream: trio.SocketStream) -> None:
+        while b"\r\n\r\n" not in seen_by_target:
+            chunk = await stream.receive_some(65536)
+            assert chunk, "request cut short"
+            seen_by_target.extend(chunk)
+        head = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+                b"X-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n")
+
+        async def send() -> None:
+            for piece in (head, server_body[:len(server_body) // 2], server_body[len(server_body) // 2:]):
+                await stream.send_all(piece)
+                sent_by_target.extend(piece)
+            await stream.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while chunk := await stream.receive_some(65536):
+                seen_by_target.extend(chunk)
+
+    request = (b"POST /api/v1/namespaces/default/pods/p/portforward HTTP/1.1\r\n"
+               b"Host: test-svc-kins.kins-system:443\r\nConnection: Upgrade\r\n"
+               b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\n"
+               b"Content-Length: 0\r\n\r\n")
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_loopback, upgrade_target)
+        async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{port}"}) as env:
+            status, _, stream = await connect(env.ports.proxy, SVC)
+            assert status == 200
+            received = bytearray()
+            try:
+                with trio.fail_after(60):
+                    await stream.send_all(request)
+                    while b"\r\n\r\n" not in received:
+                        received += await stream.receive_some(65536)
+                    assert received.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+
+                    async def send() -> None:
+                        for i in range(0, len(client_body), 100_000):
+                            await stream.send_all(client_body[i:i + 100_000])
+                        await stream.send_eof()  # the client's half-close
+
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(send)
+                        while chunk := await stream.receive_some(65536):
+                            received += chunk
+            finally:
+                await stream.aclose()
+        nursery.cancel_scope.cancel()
+    assert bytes(seen_by_target) == request + client_body  # the target saw the client's half-close
+    assert bytes(received) == bytes(sent_by_target)  # and the client saw the target's
+    assert received.endswith(b"bye")
