@@ -631,3 +631,34 @@ async def serve_k3s_standin(
     finally:
         if own:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m kins_tunnel.testing.k3s_standin``: run the stand-in on its own (benchmarks)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m kins_tunnel.testing.k3s_standin",
+                                     description="K3s API stand-in (a test double) over HTTPS")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--dir", required=True, help="where its certificate and key are written")
+    parser.add_argument("--sandbox", help="directory for exec and cp (default: a temporary one)")
+    parser.add_argument("--interval", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    ctx, cert = make_self_signed_server_context(args.dir)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(functools.partial(
+                serve_k3s_standin, ctx, host=args.host, port=args.port, interval=args.interval,
+                sandbox=Path(args.sandbox) if args.sandbox else None))
+            print(f"k3s stand-in listening on {args.host}:{port}, certificate {cert}", flush=True)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

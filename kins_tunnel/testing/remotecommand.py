@@ -55,6 +55,7 @@ WRITE_TIMEOUT = 60.0
 CLOSE_TIMEOUT = 5.0  # for the client's answer to our close
 MAX_MESSAGE = 1 << 20  # largest message kubectl sends is 32 KiB; anything far beyond is refused
 OUT_CHUNK = 64 * 1024  # largest stdout/stderr message we send
+IN_CHUNK = 256 * 1024  # read size from the client
 INTERRUPTED = 130
 
 
@@ -150,7 +151,7 @@ class _Session(CommandIO):
         self.v5 = protocol == PROTOCOLS[0]
         self.options = options
         self.tty = _Tty() if options.tty else None
-        self.stdin_send, self.stdin_recv = trio.open_memory_channel[bytes](8)
+        self.stdin_send, self.stdin_recv = trio.open_memory_channel[bytes](4)  # ≤ 4 reads queued
         self.send_lock = trio.Lock()
         self.interrupted = False
         self.client_closed = trio.Event()
@@ -194,14 +195,12 @@ class _Session(CommandIO):
         """Feed stdin from the client's messages until it closes; then cancel `done`."""
         channel: int | None = None
         control = bytearray()  # a resize or close message, kept whole
+        pending = bytearray()  # stdin of one read, handed on as one piece
         try:
             while True:
                 with trio.fail_after(READ_TIMEOUT):
-                    data = await self.stream.receive_some(OUT_CHUNK)
-                if not data:
-                    self.ws.receive_data(None)
-                else:
-                    self.ws.receive_data(bytes(data))
+                    data = await self.stream.receive_some(IN_CHUNK)
+                self.ws.receive_data(bytes(data) if data else None)
                 for event in self.ws.events():
                     if isinstance(event, BytesMessage):
                         payload = bytes(event.data)
@@ -210,13 +209,15 @@ class _Session(CommandIO):
                                 continue
                             channel, payload = payload[0], payload[1:]
                         if channel == STDIN:
-                            await self._stdin(payload)
+                            pending += payload
                         elif channel in (CLOSE, RESIZE):
                             control += payload
                             if len(control) > MAX_MESSAGE:
                                 raise ProtocolError("control message too large")
                         if event.message_finished:
                             if channel == CLOSE and self.v5 and control[:1] == bytes([STDIN]):
+                                await self._stdin(bytes(pending))
+                                pending.clear()
                                 self.stdin_send.close()
                             channel = None
                             control.clear()
@@ -224,11 +225,16 @@ class _Session(CommandIO):
                         if self.ws.state is ConnectionState.OPEN:
                             await self.send(event.response())
                     elif isinstance(event, CloseConnection):
+                        await self._stdin(bytes(pending))
+                        pending.clear()
                         if self.ws.state is ConnectionState.REMOTE_CLOSING:
                             await self.send(event.response())
                         return
                     elif isinstance(event, TextMessage):
                         raise ProtocolError("text messages are not part of the protocol")
+                if pending:
+                    await self._stdin(bytes(pending))
+                    pending.clear()
                 if not data:
                     return
         finally:

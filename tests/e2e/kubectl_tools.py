@@ -43,7 +43,7 @@ class KubectlEnv:
     base: Path
     kubeconfig: Path
     sandbox: Path
-    tunnel: TunnelEnv
+    tunnel: TunnelEnv | None  # None when cloud and edge run as processes (benchmarks)
     k3s_port: int
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -46,6 +46,7 @@ async def test_exec_echo_and_exit_codes(tmp_path: Path) -> None:
         r = await env.run("exec", "no-such-pod", "--", "echo")
         assert r.returncode == 1 and b"not found" in r.stderr
         # the API's name resolves nowhere but through the tunnel: the cloud carried the bytes
+        assert env.tunnel is not None
         assert sum(t.session.statistics().bytes_received for t in env.tunnel.cloud.registry) > 0
 
 
