@@ -170,8 +170,10 @@ def render(doc: dict[str, Any]) -> str:
     for key in doc["results"]["direct"]:
         d = statistics.median(doc["results"]["direct"][key])
         t = statistics.median(doc["results"]["tunnel"][key])
-        ratio = f"{t / d:.2f}×" if d else ""
-        rows.append(f"| {key} | {d:.2f} | {t:.2f} | {ratio} |")
+        if d:
+            rows.append(f"| {key} | {d:.2f} | {t:.2f} | {t / d:.2f}× |")
+        else:  # nothing to measure on that path (no cloud or edge on the direct path)
+            rows.append(f"| {key} | — | {t:.2f} |  |")
     spread = ["| measure | direct | tunnel |", "|---|---|---|"]
     for key in doc["results"]["direct"]:
         cells = [f"{min(doc['results'][p][key]):.2f} – {max(doc['results'][p][key]):.2f}"

@@ -102,6 +102,7 @@ async def test_rolling_restart_of_three_api_servers(tmp_path: Path) -> None:
     gets: list[Get] = []
     watches: list[Watch] = []
     stops: list[tuple[int, float, int]] = []  # (server, when, watches it had open)
+    cut = 0  # connections other than watches open on a server when it stopped
     t0 = time.monotonic()
 
     def now() -> float:
@@ -148,6 +149,7 @@ async def test_rolling_restart_of_three_api_servers(tmp_path: Path) -> None:
                         await trio.sleep(SETTLE)
                         for i, server in enumerate(servers):
                             stops.append((i, now(), server.stats.watches))
+                            cut += server.stats.connections - server.stats.watches
                             await server.stop()
                             await trio.sleep(SETTLE)
                             await server.start()
@@ -162,6 +164,7 @@ async def test_rolling_restart_of_three_api_servers(tmp_path: Path) -> None:
     in_flight = [g for g in failed if g in overlapping]
     figure("rolling restart: gets", len(gets))
     figure("rolling restart: gets in flight at a stop", len(overlapping))
+    figure("rolling restart: other connections open on a server when it stopped", cut)
     figure("rolling restart: failed gets", len(failed))
     figure("rolling restart: failed gets in flight at a stop", len(in_flight))
     assert len(gets) >= 20, "the get loops hardly ran"
