@@ -177,7 +177,7 @@ def render(doc: dict[str, Any]) -> str:
     spread = ["| measure | direct | tunnel |", "|---|---|---|"]
     for key in doc["results"]["direct"]:
         cells = [f"{min(doc['results'][p][key]):.2f} – {max(doc['results'][p][key]):.2f}"
-                 for p in ("direct", "tunnel")]
+                 if any(doc["results"][p][key]) else "—" for p in ("direct", "tunnel")]
         spread.append(f"| {key} | {cells[0]} | {cells[1]} |")
     return "\n".join(rows) + "\n\nSpread over rounds (min – max):\n\n" + "\n".join(spread)
 
