@@ -155,6 +155,7 @@ class _Session(CommandIO):
         self.send_lock = trio.Lock()
         self.interrupted = False
         self.client_closed = trio.Event()
+        self.command_scope = trio.CancelScope()  # the command runs in it; ^C cancels it
         if not options.stdin:
             self.stdin_send.close()
 
@@ -265,8 +266,6 @@ class _Session(CommandIO):
             self.stdin_send.close()
             self.command_scope.cancel()
 
-    command_scope: trio.CancelScope
-
 
 class UpgradeRefused(Exception):
     """The request cannot be upgraded; nothing was written yet."""
@@ -319,8 +318,7 @@ async def serve_remote_command(stream: trio.abc.Stream, target: bytes,
     code = 0
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.reader, nursery.cancel_scope)
-        with trio.CancelScope() as scope:
-            session.command_scope = scope
+        with session.command_scope:
             code = await run(list(options.command), session)
         if session.interrupted:
             code = INTERRUPTED

@@ -17,6 +17,7 @@ What must hold, and why:
 from __future__ import annotations
 
 import os
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +61,7 @@ class Watch:
 class Server:
     """One stand-in that can be stopped and started again on the same port."""
 
-    def __init__(self, nursery: trio.Nursery, ctx: object, port: int, sandbox: Path) -> None:
+    def __init__(self, nursery: trio.Nursery, ctx: ssl.SSLContext, port: int, sandbox: Path) -> None:
         self.nursery = nursery
         self.ctx = ctx
         self.port = port
@@ -79,7 +80,7 @@ class Server:
                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             with scope:
-                await serve_k3s_standin(self.ctx, port=self.port, interval=0.2,  # type: ignore[arg-type]
+                await serve_k3s_standin(self.ctx, port=self.port, interval=0.2,
                                         sandbox=self.sandbox, stats=stats,
                                         task_status=task_status)
         finally:
