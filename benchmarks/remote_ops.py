@@ -91,7 +91,8 @@ async def port_forward_rate(env: KubectlEnv, size: int) -> float:
     data = os.urandom(size)
     async with port_forward(env, "7") as ports:
         start = time.perf_counter()
-        back = await echo_through(ports[7], data)
+        with trio.fail_after(600):
+            back = await echo_through(ports[7], data)
         took = time.perf_counter() - start
     assert back == data, "port-forward echo corrupted the data"
     return size / took / 1e6
