@@ -438,3 +438,40 @@ def test_optional_files_named_in_comments_are_mounted() -> None:
         ref = volume.get("secret", {}).get("secretName") or volume.get("configMap", {}).get("name")
         assert ref == source, path
         assert (volume.get("secret") or volume.get("configMap"))["optional"] is True  # pods start without it
+def test_image_build_recipe_leaves_the_test_doubles_out(tmp_path: Path) -> None:
+    """Run the build stage's RUN line on a copy of the build context (real pip, into a temp
+    prefix): the installed package has no kins_tunnel/testing, and its `demo` says why it cannot run."""
+    instructions = dockerfile_instructions()
+    build_stage = instructions[:max(i for i, (op, _) in enumerate(instructions) if op == "FROM")]
+    runs = [arg for op, arg in build_stage if op == "RUN" and "pip install" in arg]
+    assert len(runs) == 1
+    context = tmp_path / "src"
+    context.mkdir()
+    for op, arg in build_stage:
+        if op == "COPY":
+            *sources, _dest = arg.split()
+            for source in sources:
+                src = ROOT / source
+                if src.is_dir():
+                    shutil.copytree(src, context / source,
+                                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                else:
+                    shutil.copy(src, context / source)
+    assert (context / "kins_tunnel" / "testing").is_dir()  # it is in the context, so the RUN must drop it
+    prefix = tmp_path / "install"
+    command = (runs[0].replace("/install", str(prefix))
+               .replace("pip install", f"{sys.executable} -m pip install --no-deps -q"))
+    proc = subprocess.run(["bash", "-c", command], cwd=context, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    installed = [p for p in prefix.rglob("kins_tunnel") if p.is_dir() and (p / "cli.py").exists()]
+    assert len(installed) == 1
+    assert not (installed[0] / "testing").exists()
+    assert (installed[0] / "demo.py").exists()
+    env = {**os.environ, "PYTHONPATH": str(installed[0].parent)}
+    proc = subprocess.run([sys.executable, "-c", "import kins_tunnel.cli, sys; "
+                           "print(kins_tunnel.cli.__file__); sys.exit(kins_tunnel.cli.main(['demo']))"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.stdout.startswith(str(installed[0])), proc.stdout
+    assert proc.returncode == 2, proc.stderr
+    assert "kins_tunnel.testing" in proc.stderr and "make demo" in proc.stderr

@@ -10,7 +10,7 @@
 - The README's multi-team example, exactly the file in examples/, with real ssh for the on-call
   group.
 
-The K3s API is the stand-in test double (kins_tunnel.k3s_standin); DNS is `TableResolver`, a test
+The K3s API is the stand-in test double (kins_tunnel.testing.k3s_standin); DNS is `TableResolver`, a test
 double whose answers the test sets.
 """
 
@@ -32,8 +32,8 @@ import trio
 import yaml
 
 from kins_tunnel.certs import init_ca, issue_edge, issue_user
-from kins_tunnel.k3s_standin import make_self_signed_server_context, serve_k3s_standin
 from kins_tunnel.kubeconfig import rewrite_kubeconfig
+from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
 from tests.e2e.harness import (
     SVC,
     connect,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from kins_tunnel.k3s_standin import make_self_signed_server_context, serve_k3s_standin
+from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
 from tests.e2e.faultkit import (
     cloud_status,
     free_port,
