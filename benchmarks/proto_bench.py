@@ -11,7 +11,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from kins_tunnel.proto import Connection, DataReceived, Hello, MuxConfig, Role
+from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
+from kins_tunnel.proto.events import DataReceived
 
 
 def _pair(cfg: MuxConfig) -> tuple[Connection, Connection, int]:

@@ -53,19 +53,25 @@ from kins_tunnel.errors import UserError
 __all__ = [
     "ALPN_PROTOCOL",
     "CLOUD_COMMON_NAME",
+    "CertFacts",
     "EdgeIdentity",
+    "cert_facts",
     "cert_not_after",
     "client_ssl_context",
     "edge_identity_uri",
     "identity_from_der",
     "init_ca",
     "issue_edge",
+    "issue_user",
+    "proxy_server_ssl_context",
     "server_ssl_context",
 ]
 
 ALPN_PROTOCOL = "kins-tunnel/1"
 CLOUD_COMMON_NAME = "kins-tunnel-cloud"
 CA_COMMON_NAME = "kins-tunnel CA"
+PROXY_COMMON_NAME = "kins-tunnel-proxy"
+_USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _URI_PREFIX = "spiffe://kins-tunnel/"
 _URI_RE = re.compile(r"spiffe://kins-tunnel/unit/([^/]+)/node/([^/]+)")
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -143,20 +149,55 @@ def identity_from_der(der: bytes) -> EdgeIdentity:
     return EdgeIdentity(unit, node)
 
 
+@dataclass(frozen=True, slots=True)
+class CertFacts:
+    """What the cloud records of a peer certificate: for revocation, expiry and principals."""
+
+    serial: int
+    not_after: dt.datetime  # aware, UTC
+    common_name: str  # subject CN ("" if none)
+    organizations: tuple[str, ...]  # subject O values
+
+    @property
+    def serial_hex(self) -> str:
+        return format(self.serial, "x")
+
+
+def cert_facts(der: bytes) -> CertFacts:
+    """Serial, expiry and subject names of a DER certificate; `ValueError` if it is not one."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise ValueError(f"not a DER certificate: {exc}") from None
+    subject = cert.subject
+
+    def values(oid: x509.ObjectIdentifier) -> list[str]:
+        return [str(a.value) for a in subject.get_attributes_for_oid(oid)]
+
+    cn = values(NameOID.COMMON_NAME)
+    return CertFacts(cert.serial_number, cert.not_valid_after_utc, cn[0] if cn else "",
+                     tuple(values(NameOID.ORGANIZATION_NAME)))
+
+
 # --- issuing -------------------------------------------------------------------------------------
 
 
 def init_ca(dir: Path, cloud_sans: Sequence[str] = (), *, days: int = 3650,
-            cloud_days: int = 825) -> None:
+            cloud_days: int = 825, proxy_sans: Sequence[str] | None = None) -> None:
     """Create the CA in DIR (unless ca.crt and ca.key exist) and (re)issue DIR/cloud.{crt,key}.
 
     The cloud certificate always names DNS ``localhost`` and IP ``127.0.0.1``, plus each of
     `cloud_sans` (IP literals become IP SANs, anything else a DNS SAN). An existing CA is reused as
     is, so edge certificates issued before stay valid. Raises `UserError` for a bad SAN, a CA
     that is half present or unreadable, or a directory that cannot be written.
+
+    With `proxy_sans` (possibly empty), DIR/proxy.{crt,key} is (re)issued too: the certificate of
+    the CONNECT proxy's TLS listener (`proxy.tls`), serverAuth only, naming ``localhost``,
+    ``127.0.0.1`` and each of `proxy_sans` (the names and addresses clients put in ``proxy-url``).
     """
     dir = Path(dir)
     sans = _cloud_sans(cloud_sans)
+    psans = None if proxy_sans is None else _cloud_sans(proxy_sans, flag="--proxy-san")
     crt_path, key_path = dir / "ca.crt", dir / "ca.key"
     _make_dir(dir)
     now = _utcnow()
@@ -181,6 +222,31 @@ def init_ca(dir: Path, cloud_sans: Sequence[str] = (), *, days: int = 3650,
                 subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CLOUD_COMMON_NAME)]),
                 sans=sans,
                 usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    if psans is not None:
+        _issue_leaf(ca_cert, ca_key, dir / "proxy.crt", dir / "proxy.key", now=now, days=cloud_days,
+                    subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, PROXY_COMMON_NAME)]),
+                    sans=psans, usages=[ExtendedKeyUsageOID.SERVER_AUTH])
+
+
+def issue_user(dir: Path, name: str, groups: Sequence[str] = (), *, days: int = 365) -> tuple[Path, Path]:
+    """Issue DIR/user-NAME.{crt,key}: a client certificate for the proxy's TLS listener.
+
+    Subject CN=`name` (the principal) and one O per group; clientAuth only, no edge identity URI
+    (the proxy refuses certificates that carry one). Signed by the CA in DIR. Returns the paths.
+    """
+    dir = Path(dir)
+    if not _USER_RE.fullmatch(name or ""):
+        raise UserError(f"user {name!r}: 1 to 64 of letters, digits, '.', '_', '@' and '-'")
+    for group in groups:
+        if not _USER_RE.fullmatch(group or ""):
+            raise UserError(f"group {group!r}: 1 to 64 of letters, digits, '.', '_', '@' and '-'")
+    ca_cert, ca_key = _load_ca(dir)
+    crt_path, key_path = dir / f"user-{name}.crt", dir / f"user-{name}.key"
+    subject = x509.Name([*(x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups),
+                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    _issue_leaf(ca_cert, ca_key, crt_path, key_path, now=_utcnow(), days=days, subject=subject,
+                sans=[], usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    return crt_path, key_path
 
 
 def issue_edge(dir: Path, unit: str, node: str, *, days: int = 825,
@@ -215,12 +281,16 @@ def _issue_leaf(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, c
     # Never outlive the CA: a chain with a leaf expiring after its issuer confuses some verifiers.
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
+    builder = (
         _builder(subject, ca_cert.subject, key.public_key(), now, days, not_after=not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
-        .add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    )
+    if sans:  # a user certificate names its holder in the subject only
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    cert = (
+        builder
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
                        critical=False)
@@ -254,7 +324,7 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     )
 
 
-def _cloud_sans(extra: Sequence[str]) -> list[x509.GeneralName]:
+def _cloud_sans(extra: Sequence[str], flag: str = "--cloud-san") -> list[x509.GeneralName]:
     if isinstance(extra, str):  # a lone string would otherwise become one SAN per character
         extra = [extra]
     sans: list[x509.GeneralName] = []
@@ -267,7 +337,7 @@ def _cloud_sans(extra: Sequence[str]) -> list[x509.GeneralName]:
             if not value or len(value) > 253 or not all(
                     _LABEL_RE.fullmatch(label) or (i == 0 and label == "*")
                     for i, label in enumerate(value.split("."))):
-                raise UserError(f"--cloud-san {raw!r}: not a DNS name or IP address") from None
+                raise UserError(f"{flag} {raw!r}: not a DNS name or IP address") from None
             name = x509.DNSName(value)
         if name not in sans:
             sans.append(name)
@@ -375,6 +445,25 @@ def server_ssl_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     return ctx
 
 
+def proxy_server_ssl_context(client_ca: Path | None, cert: Path, key: Path) -> ssl.SSLContext:
+    """The context of the CONNECT proxy's TLS listener (`proxy.tls`).
+
+    TLS 1.2+ with the same suites as the tunnel, no ALPN (clients speak HTTP/1.1 CONNECT). With
+    `client_ca`, a client certificate signed by it is required. Raises `UserError` naming
+    ``proxy.tls.cert``, ``proxy.tls.key`` or ``proxy.tls.client_ca``.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
+    ctx.set_ciphers(_CIPHERS)
+    if client_ca is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+        _load_trust(ctx, Path(client_ca), "proxy.tls.client_ca")
+    _load_identity(ctx, Path(cert), Path(key), "proxy.tls")
+    return ctx
+
+
 def client_ssl_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
     """The edge's context for dialling the cloud: present `cert`, verify the cloud against `ca`.
 
@@ -394,17 +483,26 @@ def _configure(ctx: ssl.SSLContext, ca: Path, cert: Path, key: Path) -> None:
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     ctx.set_ciphers(_CIPHERS)
     ctx.set_alpn_protocols([ALPN_PROTOCOL])
-    ca_pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode()
-                     for c in _load_certs(Path(ca), "tls.ca"))
+    _load_trust(ctx, Path(ca), "tls.ca")
+    _load_identity(ctx, Path(cert), Path(key), "tls")
+
+
+def _load_trust(ctx: ssl.SSLContext, ca: Path, what: str) -> None:
+    """Trust the certificates of PEM file `ca` (UserError naming `what` otherwise)."""
+    pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in _load_certs(ca, what))
     try:
-        ctx.load_verify_locations(cadata=ca_pem)
+        ctx.load_verify_locations(cadata=pem)
     except ssl.SSLError as exc:
-        raise UserError(f"tls.ca: {ca}: rejected by OpenSSL: {exc.reason or exc}") from None
-    leaf = _load_certs(Path(cert), "tls.cert")[0]
-    private = _load_key(Path(key), "tls.key")
+        raise UserError(f"{what}: {ca}: rejected by OpenSSL: {exc.reason or exc}") from None
+
+
+def _load_identity(ctx: ssl.SSLContext, cert: Path, key: Path, section: str) -> None:
+    """Present `cert` with `key`; UserError naming `<section>.cert` / `<section>.key` otherwise."""
+    leaf = _load_certs(cert, f"{section}.cert")[0]
+    private = _load_key(key, f"{section}.key")
     if leaf.public_key() != private.public_key():
-        raise UserError(f"tls.key: {key} does not belong to tls.cert {cert}")
+        raise UserError(f"{section}.key: {key} does not belong to {section}.cert {cert}")
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise UserError(f"tls.cert: {cert}: rejected by OpenSSL: {exc}") from None
+        raise UserError(f"{section}.cert: {cert}: rejected by OpenSSL: {exc}") from None

@@ -2,9 +2,11 @@
 
 A `ReloadingContext` builds an `ssl.SSLContext` from the CA, certificate and key files and builds
 it again when any of them changed (inode, size or mtime: a Kubernetes Secret update swaps a
-symlink, `certs init` renames a new file over the old one). Checks are cheap (three `stat`s) and
-rate-limited to one per `min_interval` seconds. A new context only affects connections made
-after it: live TLS connections keep the context they were made with, so no stream is dropped.
+symlink, `certs init` renames a new file over the old one). `refresh()` checks (three `stat`s,
+rate-limited to one per `min_interval` seconds) and rebuilds in a worker thread, so the event
+loop never blocks on the file system; `context` only returns the current context. A new context
+only affects connections made after it: live TLS connections keep the context they were made
+with, so no stream is dropped.
 
 If the new files do not load (e.g. the certificate was replaced but the key not yet), the previous
 context stays in use, a warning is logged, and the next check tries again.
@@ -19,6 +21,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import trio
+
 from kins_tunnel.errors import UserError
 
 log = logging.getLogger("kins_tunnel.certs")
@@ -26,9 +30,12 @@ log = logging.getLogger("kins_tunnel.certs")
 Stamp = tuple[tuple[int, int, int] | None, ...]
 
 
-def _stamp(paths: tuple[Path, ...]) -> Stamp:
+def _stamp(paths: tuple[Path | None, ...]) -> Stamp:
     out: list[tuple[int, int, int] | None] = []
     for p in paths:
+        if p is None:  # an optional file that is not configured
+            out.append(None)
+            continue
         try:
             st = os.stat(p)  # follows symlinks: a Secret update changes the target
             out.append((st.st_ino, st.st_size, st.st_mtime_ns))
@@ -38,10 +45,11 @@ def _stamp(paths: tuple[Path, ...]) -> Stamp:
 
 
 class ReloadingContext:
-    def __init__(self, build: Callable[[Path, Path, Path], ssl.SSLContext], ca: Path, cert: Path, key: Path,
+    def __init__(self, build: Callable[..., ssl.SSLContext], ca: Path | None, cert: Path, key: Path,
                  *, what: str, min_interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        """`build(ca, cert, key)`; `ca` may be None (e.g. no client CA), and is passed on as such."""
         self._build = build
-        self._paths = (Path(ca), Path(cert), Path(key))
+        self._paths: tuple[Path | None, Path, Path] = (None if ca is None else Path(ca), Path(cert), Path(key))
         self._what = what
         self._min_interval = min_interval
         self._clock = clock
@@ -52,18 +60,27 @@ class ReloadingContext:
 
     @property
     def context(self) -> ssl.SSLContext:
-        """The current context, rebuilt first if the files changed (checked at most every min_interval)."""
-        now = self._clock()
-        if now - self._checked >= self._min_interval:
-            self._checked = now
-            self.check()
+        """The current context (no I/O: `refresh()` keeps it current)."""
         return self._context
 
-    def check(self) -> bool:
-        """Rebuild now if the files changed; True if a new context is in use."""
-        stamp = _stamp(self._paths)
+    async def refresh(self) -> bool:
+        """Rebuild if the files changed (checked at most every `min_interval`), off the event loop;
+        True if a new context is in use."""
+        now = self._clock()
+        if now - self._checked < self._min_interval:
+            return False
+        self._checked = now
+        stamp = await trio.to_thread.run_sync(_stamp, self._paths)
         if stamp == self._stamp:
             return False
+        return await trio.to_thread.run_sync(self._rebuild, stamp)
+
+    def check(self) -> bool:
+        """Rebuild now if the files changed (blocking: for start-up and tests, not the event loop)."""
+        stamp = _stamp(self._paths)
+        return stamp != self._stamp and self._rebuild(stamp)
+
+    def _rebuild(self, stamp: Stamp) -> bool:
         try:
             context = self._build(*self._paths)
         except (UserError, ssl.SSLError, OSError) as exc:

@@ -1,4 +1,4 @@
-"""The `kins-tunnel` command line (see DESIGN.md for the contract).
+"""The `kins-tunnel` command line (the contract is in the README; the design in docs/DESIGN.md).
 
 User errors (bad config, unreadable certificate, port in use) print one line to stderr and exit 2;
 no tracebacks. SIGTERM/SIGINT make cloud and edge drain before exiting.
@@ -32,10 +32,18 @@ def _parser() -> argparse.ArgumentParser:
     ci = certs.add_parser("init", help="CA and cloud certificate: DIR/ca.{crt,key}, DIR/cloud.{crt,key}")
     ci.add_argument("--dir", required=True)
     ci.add_argument("--cloud-san", action="append", default=[], metavar="NAME_OR_IP")
+    ci.add_argument("--proxy-san", action="append", default=None, metavar="NAME_OR_IP",
+                    help="also issue DIR/proxy.{crt,key} for the proxy's TLS listener (proxy.tls), "
+                         "naming what clients put in proxy-url; repeat it")
     ce = certs.add_parser("edge", help="edge client certificate: DIR/edge-NODE.{crt,key}")
     ce.add_argument("--dir", required=True)
     ce.add_argument("--unit", required=True)
     ce.add_argument("--node", required=True)
+    cu = certs.add_parser("user", help="client certificate for the proxy's TLS listener: DIR/user-NAME.{crt,key}")
+    cu.add_argument("--dir", required=True)
+    cu.add_argument("--name", required=True, help="the principal (subject CN)")
+    cu.add_argument("--group", action="append", default=[], help="a group (subject O); repeat it")
+    cu.add_argument("--days", type=int, default=365)
     for name in ("cloud", "edge"):
         sp = sub.add_parser(name, help=f"run tunnel-{name}")
         sp.add_argument("--config", required=True)
@@ -46,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--proxy-url", required=True)
     k.add_argument("-i", "--input", default=None)
     k.add_argument("-o", "--output", default=None)
+    k.add_argument("--proxy-ca", default=None, metavar="PEM",
+                   help="CA of the proxy certificate (certs/ca.crt); needed with an https proxy URL")
+    k.add_argument("--server-ca", default=None, metavar="PEM",
+                   help="K3s server CA; replaces the kubeconfig's CA or insecure-skip-tls-verify")
+    k.add_argument("--service-ip", default=None, metavar="IP",
+                   help="write server: https://IP:443 (the Service IP form) instead of the service name")
     st = sub.add_parser("status", help="table of connected edges (reads the cloud's admin endpoint)")
     st.add_argument("--admin", action="append", metavar="URL",
                     help="admin URL of a tunnel-cloud replica (default http://127.0.0.1:9090); "
@@ -102,7 +116,15 @@ def _run_edge(path: str) -> None:
 
 def _run_demo(proxy_port: int) -> None:
     from kins_tunnel.config import LogSettings
-    from kins_tunnel.demo import run_demo
+
+    try:
+        from kins_tunnel.demo import run_demo
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("kins_tunnel.testing"):
+            raise
+        raise UserError("the demo needs kins_tunnel.testing (its K3s API stand-in), which this "
+                        "installation leaves out (the container image does); run it from a "
+                        "source checkout: make demo") from None
     from kins_tunnel.logs import setup_logging
 
     setup_logging(LogSettings(level="warning"))
@@ -130,18 +152,33 @@ def _status(admins: list[str], as_json: bool) -> None:
     if as_json:
         print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=1))
         return
-    rows = [("UNIT", "NODE", "REPLICA", "UPTIME", "RTT", "STREAMS", "SENT", "RECEIVED", "PEER")]
+    rows = [("UNIT", "NODE", "REPLICA", "UPTIME", "RTT", "STREAMS", "SENT", "RECEIVED", "EXPIRES", "PEER")]
     for doc in docs:
         for e in sorted(doc.get("edges", []), key=lambda e: (e["unit"], e["node"], e["replica"])):
             rows.append((e["unit"], e["node"], e["replica"], _dur(e["uptime"]),
                          "-" if e["rtt_ms"] is None else f"{e['rtt_ms']:.2f}ms", str(e["streams"]),
-                         _size(e["bytes_sent"]), _size(e["bytes_received"]), e["peer"]))
+                         _size(e["bytes_sent"]), _size(e["bytes_received"]),
+                         _expires(e.get("cert_expiry_seconds")), e["peer"]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     if len(rows) == 1:
         names = ", ".join(str(d.get("replica", "?")) for d in docs)
         print(f"(no edges connected to replica {names})")
+    for doc in docs:
+        for c in doc.get("certificates", []):
+            print(f"{doc.get('replica', '?')}: {c['cert']} certificate expires {_expires(c['expiry_seconds'])}"
+                  f" ({c['not_after']}, serial {c['serial']})")
+
+
+def _expires(seconds: object) -> str:
+    """Time left of a certificate, flagged when within 30 days: `812d`, `12d!`, `EXPIRED`."""
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    if seconds <= 0:
+        return "EXPIRED"
+    text = f"{int(seconds // 86400)}d" if seconds >= 86400 else _dur(seconds)
+    return text + "!" if seconds < 30 * 86400 else text
 
 
 def _dur(seconds: float) -> str:
@@ -176,8 +213,13 @@ def main(argv: list[str] | None = None) -> int:
             from kins_tunnel import certs
 
             if args.certs_cmd == "init":
-                certs.init_ca(Path(args.dir), args.cloud_san)
-                print(f"wrote {args.dir}/ca.crt, ca.key, cloud.crt, cloud.key")
+                certs.init_ca(Path(args.dir), args.cloud_san, proxy_sans=args.proxy_san)
+                proxy = ", proxy.crt, proxy.key" if args.proxy_san is not None else ""
+                print(f"wrote {args.dir}/ca.crt, ca.key, cloud.crt, cloud.key{proxy}")
+            elif args.certs_cmd == "user":
+                crt, key = certs.issue_user(Path(args.dir), args.name, args.group, days=args.days)
+                print(f"wrote {crt} and {key} (principal {args.name}"
+                      + (f", groups {','.join(args.group)})" if args.group else ")"))
             else:
                 crt, key = certs.issue_edge(Path(args.dir), args.unit, args.node)
                 print(f"wrote {crt} and {key} (unit {args.unit}, node {args.node})")
@@ -190,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "kubeconfig":
             from kins_tunnel.kubeconfig import main_kubeconfig
 
-            return main_kubeconfig(args.unit, args.proxy_url, args.input, args.output)
+            return main_kubeconfig(args.unit, args.proxy_url, args.input, args.output,
+                                   proxy_ca=args.proxy_ca, server_ca=args.server_ca, service_ip=args.service_ip)
         elif args.cmd == "connect":
             from kins_tunnel.connect import main_connect
 

@@ -1,6 +1,6 @@
 """Configuration: YAML files read once into validated, frozen dataclasses.
 
-This module owns the config contract of DESIGN.md: the shape of ``cloud.yaml`` and ``edge.yaml``,
+This module owns the config contract (README "Config keys"): the shape of ``cloud.yaml`` and ``edge.yaml``,
 every default, every range check, and the routing-name rule (`normalise_target`). The rest of the
 program receives `CloudConfig` / `EdgeConfig` and never looks at YAML or dictionaries.
 
@@ -11,7 +11,9 @@ types (booleans are never numbers), non-positive timeouts and out-of-range limit
 optional section given as ``null`` (``proxy:`` with nothing under it) takes its defaults, except the
 edge's ``admin: null`` which disables the admin endpoint.
 
-Relative paths (``tls.*``, ``proxy.auth.*``, the edge's ``proxy.credentials_file``) are resolved against the config file's directory. This
+Relative paths (``tls.*``, ``proxy.auth.*``, ``proxy.authz_file``, ``proxy.tls.*``,
+``tunnel.revoked_file``, the edge's ``proxy.credentials_file``) are resolved against the config
+file's directory. This
 module only resolves paths; reading those files, and reporting them unreadable, is the job of their
 users (`kins_tunnel.certs` for TLS).
 """
@@ -22,7 +24,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -108,6 +110,16 @@ def normalise_target(target: str) -> str:
     return f"{host}:{int(port)}"
 
 
+def is_ip_target(target: str) -> bool:
+    """True if the normalised target `target` (host:port) names an IP address, not a name."""
+    host = target.rpartition(":")[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 # --- the dataclasses -----------------------------------------------------------------------------
 
 
@@ -135,13 +147,25 @@ class ProxyAuth:
 
 
 @dataclass(frozen=True, slots=True)
+class ProxyTLS:
+    """The TLS listener of the CONNECT proxy (`proxy.tls`)."""
+
+    listen: Address = Address("0.0.0.0", 8443)
+    cert: Path | None = None  # None: the cloud's own tls.cert / tls.key
+    key: Path | None = None
+    client_ca: Path | None = None  # set: client certificates required, subject = principal
+
+
+@dataclass(frozen=True, slots=True)
 class ProxySettings:
-    listen: Address = Address("0.0.0.0", 8080)
+    listen: Address | None = Address("0.0.0.0", 8080)  # None (`listen: null`): no plain listener
     auth: ProxyAuth | None = None
     max_connections: int = 10000
     header_timeout: float = 10.0  # seconds to receive the whole CONNECT request
     max_request_bytes: int = 16384  # request line + headers
     dial_timeout: float = 10.0  # seconds for the edge to answer an open (then 504)
+    authz_file: Path | None = None  # per-principal rules; None: every authenticated client may pass
+    tls: ProxyTLS | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +179,16 @@ class TunnelListen:
     max_pending_handshakes: int = 1024  # beyond this, a new connection sheds the oldest pending one
     max_concurrent_handshakes: int = 256  # TLS handshakes running at once
     slow_handshake: float = 2.0  # a handshake slot held this long may go to a waiting newcomer
+    revoked_file: Path | None = None  # revoked edge serials / unit/node identities
+
+
+@dataclass(frozen=True, slots=True)
+class AliasDiscovery:
+    """Automatic ClusterIP aliases: resolve `<unit>-svc-kins.kins-system.svc.<cluster_domain>`."""
+
+    enabled: bool = True
+    cluster_domain: str = "cluster.local"
+    interval: float = 60.0  # seconds between lookups of every connected unit
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +209,9 @@ class CloudConfig:
     mux: MuxConfig = MuxConfig()
     log: LogSettings = LogSettings()
     replica: str = ""  # name of this replica; empty means the host name
+    # normalised "ip:port" -> normalised routing name (static ClusterIP aliases)
+    aliases: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
+    alias_discovery: AliasDiscovery = AliasDiscovery()
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,8 +268,9 @@ def cloud_config_from_dict(data: Mapping[str, object], *, base_dir: Path,
     """Validate parsed YAML as a cloud config; `UserError` naming `source` and the key path."""
     top = _Section(source, Path(base_dir), "", data, CloudConfig)
     return CloudConfig(  # arguments run in order: a typo in a section beats a missing `tls`
-        tunnel=top.section("tunnel", TunnelListen).build(TunnelListen),
+        tunnel=_tunnel(top.section("tunnel", TunnelListen)),
         proxy=_proxy(top.section("proxy", ProxySettings)),
+        aliases=_aliases(top), alias_discovery=_alias_discovery(top.section("alias_discovery", AliasDiscovery)),
         admin=top.section("admin", AdminSettings).build(AdminSettings, defaults=_CLOUD_ADMIN),
         mux=_mux(top.section("mux", MuxConfig)), log=_log(top.section("log", LogSettings)),
         **top.scalars(), tls=_tls(top),
@@ -260,6 +298,11 @@ def _tls(top: "_Section") -> TLSFiles:
     return TLSFiles(ca=sec.path("ca"), cert=sec.path("cert"), key=sec.path("key"))
 
 
+def _tunnel(sec: "_Section") -> TunnelListen:
+    revoked = sec.path("revoked_file") if sec.has("revoked_file") else None
+    return sec.build(TunnelListen, revoked_file=revoked)
+
+
 def _proxy(sec: "_Section") -> ProxySettings:
     auth = None
     if sec.has("auth"):
@@ -267,7 +310,58 @@ def _proxy(sec: "_Section") -> ProxySettings:
         if not (a.has("basic_file") or a.has("bearer_file")):
             a.fail("", "set basic_file, bearer_file or both")
         auth = ProxyAuth(*(a.path(k) if a.has(k) else None for k in ("basic_file", "bearer_file")))
-    return sec.build(ProxySettings, auth=auth)
+    tls = None
+    if sec.has("tls"):
+        t = sec.section("tls", ProxyTLS)
+        paths = {k: t.path(k) if t.has(k) else None for k in ("cert", "key", "client_ca")}
+        if (paths["cert"] is None) != (paths["key"] is None):
+            t.fail("cert" if paths["cert"] is None else "key",
+                   "required when the other of cert/key is set (neither: the cloud's tls.cert/tls.key)")
+        tls = t.build(ProxyTLS, **paths)
+    extra: dict[str, Any] = {"auth": auth, "tls": tls}
+    if sec.has("listen") and sec.data["listen"] is None:
+        if tls is None:
+            sec.fail("listen", "null turns the plain listener off, but there is no proxy.tls listener either")
+        extra["listen"] = None
+    if sec.has("authz_file"):
+        if auth is None and (tls is None or tls.client_ca is None):
+            sec.fail("authz_file", "rules need principals: set proxy.auth or proxy.tls.client_ca too")
+        extra["authz_file"] = sec.path("authz_file")
+    return sec.build(ProxySettings, **extra)
+
+
+def _aliases(top: "_Section") -> Mapping[str, str]:
+    raw = top.data.get("aliases")
+    if raw is None:
+        return types.MappingProxyType({})
+    if not isinstance(raw, Mapping):
+        top.fail("aliases", f'expected a mapping of "ip:port": "name:port", got {_kind(raw)}')
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        where = f'aliases."{key}"'
+        if not isinstance(key, str) or not isinstance(value, str):
+            top.fail(where, 'expected "ip:port": "name:port" strings (quote them)')
+        try:
+            ip = normalise_target(key)
+            name = normalise_target(value)
+        except ValueError as exc:
+            top.fail(where, str(exc))
+        if not is_ip_target(ip):
+            top.fail(where, f"{key!r} is not an IP address and port")
+        if is_ip_target(name):
+            top.fail(where, f"{value!r}: an alias must name a routing name, not an IP address")
+        if ip in out:
+            top.fail(where, f"same address as another key ({ip})")
+        out[ip] = name
+    return types.MappingProxyType(out)
+
+
+def _alias_discovery(sec: "_Section") -> AliasDiscovery:
+    d = sec.build(AliasDiscovery)
+    domain = d.cluster_domain.lower().strip(".")
+    if not domain or not all(_LABEL_RE.fullmatch(label) for label in domain.split(".")):
+        sec.fail("cluster_domain", f"{d.cluster_domain!r} is not a DNS domain")
+    return AliasDiscovery(d.enabled, domain, d.interval)
 
 
 def _site_proxy(sec: "_Section") -> SiteProxy:
@@ -382,6 +476,8 @@ class _Section:
         """Construct `cls` from this section's scalars and addresses, `defaults` and `extra`."""
         values: dict[str, Any] = self.scalars()
         for f in fields(self.cls):
+            if f.name in extra:
+                continue
             if self.types[f.name] in (Address, Address | None) and self.has(f.name):
                 values[f.name] = self.address(self.where(f.name), self.data[f.name])
             elif defaults is not None and f.name not in values:

@@ -2,14 +2,17 @@
 
 Everything lives in a fresh temporary directory (its own CA and certificates). The edge (unit
 `test`, node `edge1`) serves `test-svc-kins.kins-system:443` → the stand-in; kubectl reaches it
-through the cloud's CONNECT proxy, exactly as in a real Kins set-up.
+through the cloud's CONNECT proxy, exactly as in a real Kins set-up. `demo_examples` is the list
+of commands the demo prints (tests run the non-interactive ones as printed).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -19,9 +22,51 @@ from kins_tunnel.certs import init_ca, issue_edge
 from kins_tunnel.cloud.server import Cloud
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
-from kins_tunnel.k3s_standin import make_self_signed_server_context, serve_k3s_standin
+from kins_tunnel.testing.k3s_standin import (
+    iter_blob,
+    make_self_signed_server_context,
+    serve_k3s_standin,
+)
 
 log = logging.getLogger("kins_tunnel.demo")
+
+POD = "test-server-kins-7d9f8b6c5-x2x4k"  # the stand-in's K3s server pod of unit "test"
+SAMPLE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Example:
+    command: str  # a shell command line
+    note: str = ""
+    interactive: bool = False  # needs a terminal, or runs until Ctrl-C
+
+
+def _write_sample(path: Path) -> None:
+    with open(path, "wb") as f:
+        for chunk in iter_blob(SAMPLE_BYTES, 1):
+            f.write(chunk)
+
+
+def demo_examples(kubeconfig: Path, sample: Path, admin_port: int, proxy_port: int,
+                  k3s_ca: Path) -> list[Example]:
+    """The commands the demo prints, in order."""
+    k = f"kubectl --kubeconfig {kubeconfig}"
+    back = sample.with_name("back.bin")
+    return [
+        Example(f"{k} get pods"),
+        Example(f"{k} get pods --watch", "Ctrl-C ends it", interactive=True),
+        Example(f"{k} exec {POD} -- echo hello from the edge"),
+        Example(f"{k} exec -it {POD} -- cat", "a line echo on a terminal; Ctrl-D ends it",
+                interactive=True),
+        Example(f"{k} cp {sample} {POD}:/tmp/upgrade.bin", "push a file to the edge"),
+        Example(f"{k} exec {POD} -- sha256sum /tmp/upgrade.bin", f"compare: sha256sum {sample}"),
+        Example(f"{k} cp {POD}:/tmp/upgrade.bin {back}", "and fetch it back"),
+        Example(f"{k} port-forward pod/{POD} 7007:7", "pod port 7 echoes; then: socat - TCP:127.0.0.1:7007",
+                interactive=True),
+        Example(f"curl -s http://127.0.0.1:{admin_port}/status"),
+        Example(f"curl -s --proxy http://127.0.0.1:{proxy_port} --cacert {k3s_ca} "
+                "https://test-svc-kins.kins-system:443/version"),
+    ]
 
 
 def write_kubeconfig(path: Path, proxy_port: int, ca: Path, unit: str = "test") -> None:
@@ -52,7 +97,9 @@ async def run_demo(workdir: Path | None = None, proxy_port: int = 8080, *, quiet
         k3s_ctx, k3s_ca = make_self_signed_server_context(base)
         tls = {"ca": str(certs / "ca.crt"), "cert": str(certs / "cloud.crt"), "key": str(certs / "cloud.key")}
         async with trio.open_nursery() as nursery:
-            k3s_port = await nursery.start(serve_k3s_standin, k3s_ctx)
+            (base / "sandbox").mkdir(exist_ok=True)
+            k3s_port = await nursery.start(functools.partial(
+                serve_k3s_standin, k3s_ctx, sandbox=base / "sandbox"))
             try:
                 cloud_cfg = cloud_config_from_dict(
                     {"tunnel": {"listen": "127.0.0.1:0"}, "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
@@ -74,18 +121,21 @@ async def run_demo(workdir: Path | None = None, proxy_port: int = 8080, *, quiet
                     await trio.sleep(0.02)
             kubeconfig = base / "kubeconfig"
             write_kubeconfig(kubeconfig, ports.proxy, k3s_ca)
+            sample = base / "upgrade.bin"
+            await trio.to_thread.run_sync(_write_sample, sample)
             if not quiet:
+                examples = demo_examples(kubeconfig, sample, ports.admin, ports.proxy, k3s_ca)
+                tries = "\n".join(f"  {e.command}" + (f"\n      # {e.note}" if e.note else "")
+                                  for e in examples)
                 print(f"""
 kins-tunnel demo is running (all on 127.0.0.1; files in {base}):
   tunnel-cloud   edges on :{ports.tunnel}, CONNECT proxy on :{ports.proxy}, admin on :{ports.admin}
   tunnel-edge    unit "test", node "edge1", serving test-svc-kins.kins-system:443
-  K3s stand-in   :{k3s_port} (a test double of the K3s API, reached only through the tunnel)
+  K3s stand-in   :{k3s_port} (a test double of the K3s API, reached only through the tunnel;
+                 exec runs only echo, cat, sha256sum, test and tar, inside {base / "sandbox"})
 
 Try:
-  kubectl --kubeconfig {kubeconfig} get pods
-  kubectl --kubeconfig {kubeconfig} get pods --watch
-  curl -s http://127.0.0.1:{ports.admin}/status
-  curl -s --proxy http://127.0.0.1:{ports.proxy} --cacert {k3s_ca} https://test-svc-kins.kins-system:443/version
+{tries}
 
 Ctrl-C stops everything.""", flush=True)
             task_status.started(kubeconfig)

@@ -1,9 +1,27 @@
-"""The error vocabulary at the program's boundary.
+"""The runtime error vocabulary, in one place.
 
-`UserError` is anything an operator can fix (bad config, unreadable certificate, port in use): the CLI
-prints its message as one line and exits non-zero, without a traceback.
+- `UserError`: anything an operator can fix (bad config, unreadable certificate, port in use): the
+  CLI prints its message as one line and exits non-zero, without a traceback.
+- `OpenFailed`: a stream could not be opened (the peer refused it, the target refused or could not
+  be reached, or no answer in time); `code` is the wire code that says which.
+- `TransportError` (`kins_tunnel.transport.tls`): the tunnel's TLS connection failed.
+- Protocol violations are the core's own `LocalProtocolError` / `RemoteProtocolError`.
 """
+
+from __future__ import annotations
+
+from kins_tunnel.proto.errors import ErrorCode
 
 
 class UserError(Exception):
     """An operator-fixable problem, reported as one line naming what is wrong."""
+
+
+class OpenFailed(Exception):
+    """A stream could not be opened; `code` (a wire code, maybe one this version does not know)
+    says why, `message` is the detail for logs."""
+
+    def __init__(self, code: ErrorCode | int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

@@ -13,11 +13,25 @@ no ``tls-server-name``, the K3s serving certificate must include ``<unit>-svc-ki
 (start K3s with ``--tls-san <unit>-svc-kins.kins-system``); this module never weakens
 verification by adding insecure flags.
 
+The Service IP form (``--service-ip``) writes ``server: https://<ClusterIP>:443`` instead; the cloud
+rewrites that address to the unit's service name (ClusterIP aliases, see README). TLS then checks
+the K3s certificate against the IP.
+
+HTTPS proxy (``proxy-url: https://...``): client-go verifies the proxy's certificate with the
+cluster's own CA (``certificate-authority``), so the written CA is a bundle of the K3s CA and the
+tunnel CA that signed the proxy certificate (``--proxy-ca``). An insecure cluster
+(``insecure-skip-tls-verify``) would verify neither, so it needs the K3s CA (``--server-ca``),
+which replaces the insecure flag. client-go also checks the proxy against a cluster's
+``tls-server-name``; such a name must then be in the proxy certificate too (a note says so).
+
 This module owns the rewrite and its validation; errors are `UserError` with a one-line message.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import os
 import re
 import sys
@@ -36,6 +50,23 @@ _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 def service_server(unit: str) -> str:
     """The API server URL of `unit`'s K3s cluster as seen through the tunnel."""
     return f"https://{unit}-svc-kins.kins-system:443"
+
+
+def ip_server(ip: str) -> str:
+    """The API server URL for the Service IP form; `UserError` if `ip` is not an IP address."""
+    try:
+        addr = ipaddress.ip_address(ip.strip("[]"))
+    except ValueError:
+        raise UserError(f"service IP {ip!r} is not an IP address") from None
+    return f"https://[{addr.compressed}]:443" if addr.version == 6 else f"https://{addr}:443"
+
+
+def _pem_certificates(data: bytes, what: str) -> bytes:
+    """The PEM certificate blocks of `data` (normalised), or `UserError` if there are none."""
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----", data)
+    if not blocks:
+        raise UserError(f"{what} holds no PEM certificate")
+    return b"".join(b.replace(b"\r\n", b"\n") + b"\n" for b in blocks)
 
 
 def _check_unit(unit: str) -> None:
@@ -102,22 +133,57 @@ def _chosen_clusters(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return chosen
 
 
-def _point_at_tunnel(cluster: dict[str, Any], server: str, proxy_url: str) -> dict[str, Any]:
-    """Return `cluster` with server and proxy-url replaced, keeping the order of the other keys."""
+def _point_at_tunnel(cluster: dict[str, Any], server: str, proxy_url: str,
+                     ca_data: str | None = None) -> dict[str, Any]:
+    """Return `cluster` with server and proxy-url (and the CA) replaced, keeping the key order."""
     out: dict[str, Any] = {}
     for key, value in cluster.items():
         if key == "proxy-url":
             continue
+        if ca_data is not None and key in ("certificate-authority", "insecure-skip-tls-verify"):
+            continue
+        if ca_data is not None and key == "certificate-authority-data":
+            value = ca_data
         out[key] = server if key == "server" else value
         if key == "server":
             out["proxy-url"] = proxy_url
     if "server" not in out:
         out["server"] = server
         out["proxy-url"] = proxy_url
+    if ca_data is not None:
+        out["certificate-authority-data"] = ca_data
     return out
 
 
-def rewrite_kubeconfig(text: str, *, unit: str, proxy_url: str) -> str:
+def _cluster_ca(cluster: dict[str, Any], base_dir: Path, server_ca: bytes | None, name: str) -> bytes:
+    """The PEM CA that verifies K3s: `server_ca`, else the cluster's own; `UserError` if none."""
+    if server_ca is not None:
+        return _pem_certificates(server_ca, "--server-ca")
+    data = cluster.get("certificate-authority-data")
+    if data:
+        try:
+            return _pem_certificates(base64.b64decode(str(data), validate=True),
+                                     f"cluster {name!r} certificate-authority-data")
+        except (binascii.Error, ValueError):
+            raise UserError(f"cluster {name!r}: certificate-authority-data is not base64") from None
+    path = cluster.get("certificate-authority")
+    if path:
+        file = Path(str(path)).expanduser()
+        file = file if file.is_absolute() else base_dir / file
+        try:
+            return _pem_certificates(file.read_bytes(), f"cluster {name!r} certificate-authority {file}")
+        except OSError as exc:
+            raise UserError(f"cluster {name!r}: cannot read certificate-authority {file}: {exc.strerror}") from None
+    if cluster.get("insecure-skip-tls-verify"):
+        raise UserError(f"cluster {name!r} has insecure-skip-tls-verify: kubectl would verify neither K3s nor "
+                        "the https proxy; give --server-ca (the K3s server CA, "
+                        "/var/lib/rancher/k3s/server/tls/server-ca.crt) so that both are verified")
+    raise UserError(f"cluster {name!r} has no certificate-authority: give --server-ca (the K3s server CA)")
+
+
+def rewrite_kubeconfig(text: str, *, unit: str, proxy_url: str, proxy_ca: bytes | None = None,
+                       server_ca: bytes | None = None, service_ip: str | None = None,
+                       base_dir: Path = Path("."), notes: list[str] | None = None) -> str:
     """Return the kubeconfig `text` rewritten to reach `unit`'s K3s cluster through the tunnel.
 
     The cluster (all of them when there is only one; otherwise the one the current-context uses)
@@ -125,14 +191,37 @@ def rewrite_kubeconfig(text: str, *, unit: str, proxy_url: str) -> str:
     everything else is preserved. `proxy_url` is ``http(s)://[user:password@]host[:port]``
     (client-go sends Basic proxy credentials from the user part). When the cluster verifies
     the server with a CA, the K3s serving certificate must name the service: see the module
-    docstring. Raises `UserError` for a bad unit, proxy URL or kubeconfig.
+    docstring. With `service_ip`, ``server`` is that address instead (the Service IP form).
+
+    With an https `proxy_url`, `proxy_ca` (PEM of the CA that signed the proxy certificate) makes the
+    cluster's CA the bundle of the K3s CA (`server_ca`, else the cluster's own
+    ``certificate-authority(-data)``, read relative to `base_dir`) and `proxy_ca`;
+    ``insecure-skip-tls-verify`` is dropped. `server_ca` alone replaces the CA (and the insecure
+    flag) with an http proxy too. Advice that is not an error is appended to `notes`. Raises
+    `UserError` for a bad unit, proxy URL, CA or kubeconfig.
     """
     _check_unit(unit)
     _check_proxy_url(proxy_url)
+    https = urlsplit(proxy_url).scheme == "https"
+    if https and proxy_ca is None and notes is not None:
+        notes.append("kubectl verifies an https proxy with the cluster's certificate-authority: give "
+                     "--proxy-ca (the tunnel CA, certs/ca.crt) unless that CA signed the proxy certificate")
+    if not https and proxy_ca is not None:
+        raise UserError("--proxy-ca is only for an https proxy URL")
+    proxy_pem = None if proxy_ca is None else _pem_certificates(proxy_ca, "--proxy-ca")
     doc = _load(text)
-    server = service_server(unit)
+    server = service_server(unit) if service_ip is None else ip_server(service_ip)
     for entry in _chosen_clusters(doc):
-        entry["cluster"] = _point_at_tunnel(entry["cluster"], server, proxy_url)
+        cluster, name = entry["cluster"], str(entry.get("name", ""))
+        ca_data = None
+        if proxy_pem is not None or server_ca is not None:
+            bundle = _cluster_ca(cluster, base_dir, server_ca, name) + (proxy_pem or b"")
+            ca_data = base64.b64encode(bundle).decode()
+        if https and cluster.get("tls-server-name") and notes is not None:
+            notes.append(f"cluster {name!r} sets tls-server-name {cluster['tls-server-name']!r}: client-go "
+                         "checks the https proxy's certificate against that name too, so the proxy "
+                         "certificate must carry it (certs init --proxy-san, e.g. '*.kins-system')")
+        entry["cluster"] = _point_at_tunnel(cluster, server, proxy_url, ca_data)
     dumped: str = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 30)
     return dumped
 
@@ -163,15 +252,33 @@ def _write_private(path: Path, text: str) -> None:
         raise UserError(f"cannot write kubeconfig {path}: {exc}") from exc
 
 
+def _read_pem(path: str | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
+
+
 def main_kubeconfig(
-    unit: str, proxy_url: str, input_path: str | None, output_path: str | None
+    unit: str, proxy_url: str, input_path: str | None, output_path: str | None,
+    *, proxy_ca: str | None = None, server_ca: str | None = None, service_ip: str | None = None,
 ) -> int:
     """`kins-tunnel kubeconfig`: rewrite the kubeconfig at `input_path` into `output_path`.
 
-    None or "-" means stdin / stdout. An output file is created with mode 0600. Returns 0;
-    raises `UserError` (printed as one line by the CLI) for anything the operator must fix.
+    None or "-" means stdin / stdout. An output file is created with mode 0600. `proxy_ca` and
+    `server_ca` are PEM files (see `rewrite_kubeconfig`). Returns 0; raises `UserError` (printed
+    as one line by the CLI) for anything the operator must fix; notes go to stderr.
     """
-    result = rewrite_kubeconfig(_read(input_path), unit=unit, proxy_url=proxy_url)
+    notes: list[str] = []
+    base_dir = Path(".") if input_path in (None, "-") else Path(str(input_path)).parent
+    result = rewrite_kubeconfig(_read(input_path), unit=unit, proxy_url=proxy_url,
+                                proxy_ca=_read_pem(proxy_ca, "--proxy-ca"),
+                                server_ca=_read_pem(server_ca, "--server-ca"), service_ip=service_ip,
+                                base_dir=base_dir, notes=notes)
+    for note in notes:
+        print(f"kins-tunnel: note: {note}", file=sys.stderr)
     if output_path in (None, "-"):
         sys.stdout.write(result)
         sys.stdout.flush()

@@ -93,6 +93,14 @@ class Metrics:
             "kins_tunnel_internal_errors",
             "Unexpected exceptions (bugs) caught at a failure-isolation boundary; each ended one "
             "connection or stream only", ["where"], registry=r)
+        self.authz_denials = Counter("kins_tunnel_authz_denials", "CONNECTs refused by the authorization rules (403), by reason",
+                                     ["reason"], registry=r)
+        self.proxy_tls_failures = Counter("kins_tunnel_proxy_tls_failures", "Failed TLS handshakes on the proxy's TLS listener, by reason",
+                                          ["reason"], registry=r)
+        self.alias_lookups = Counter("kins_tunnel_alias_lookups", "DNS lookups of units' Service addresses (ClusterIP aliases), by result",
+                                     ["result"], registry=r)
+        self.revoked_closed = Counter("kins_tunnel_revoked_tunnels_closed", "Live edge tunnels closed because the edge was revoked",
+                                      registry=r)
         # Flow-control stalls are counted per tunnel by the session (SessionStatistics.stalls) and
         # exported by the live collector as kins_tunnel_flow_control_stalls_total.
         r.register(_LiveCollector(snapshot, role, replica))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import shlex
 import shutil
 import socket
 import stat
@@ -15,7 +17,7 @@ import pytest
 import trio
 import yaml
 
-from kins_tunnel.demo import run_demo
+from kins_tunnel.demo import SAMPLE_BYTES, run_demo
 
 
 def kt(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -89,3 +91,32 @@ async def test_demo_serves_kubectl(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         assert b"test-server-kins" in r.stdout
         n.cancel_scope.cancel()
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None or shutil.which("curl") is None,
+                    reason="kubectl and curl needed")
+async def test_demo_examples_work_as_printed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every non-interactive command the demo prints (get, exec, cp in and out, curl) succeeds."""
+    async with trio.open_nursery() as n:
+        await n.start(functools.partial(run_demo, tmp_path, 0))
+        printed = capsys.readouterr().out
+        commands = [line.strip() for line in printed.splitlines()
+                    if line.startswith(("  kubectl ", "  curl "))]
+        interactive = [c for c in commands if any(w in c.split() for w in ("--watch", "-it", "port-forward"))]
+        assert len(interactive) == 3 and len(commands) >= 8, printed
+        env = {**os.environ, "HOME": str(tmp_path)}
+        outputs = []
+        for command in commands:
+            if command in interactive:
+                continue
+            with trio.fail_after(60):
+                r = await trio.run_process(shlex.split(command), capture_stdout=True,
+                                           capture_stderr=True, check=False, env=env)
+            assert r.returncode == 0, (command, r.stderr)
+            outputs.append(r.stdout)
+        n.cancel_scope.cancel()
+    sample = (tmp_path / "upgrade.bin").read_bytes()
+    assert len(sample) == SAMPLE_BYTES
+    assert b"hello from the edge\n" in outputs
+    assert f"{hashlib.sha256(sample).hexdigest()}  /tmp/upgrade.bin\n".encode() in outputs
+    assert (tmp_path / "back.bin").read_bytes() == sample

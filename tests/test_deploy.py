@@ -127,11 +127,13 @@ def test_cloud_container_ports_match_cloud_yaml() -> None:
     c = container(DEPLOYMENT)
     assert c["args"] == ["cloud", "--config", "/etc/kins-tunnel/cloud.yaml"]
     assert resolve_port(c, "proxy") == port_of(CLOUD["proxy"]["listen"]) == 8080
+    assert resolve_port(c, "proxy-tls") == port_of(CLOUD["proxy"]["tls"]["listen"]) == 8443
     assert resolve_port(c, "tunnel") == port_of(CLOUD["tunnel"]["listen"]) == 9000
     assert resolve_port(c, "admin") == port_of(CLOUD["admin"]["listen"]) == 9090
     # The kubelet and Prometheus come from outside the pod.
     for section in ("proxy", "tunnel", "admin"):
         assert CLOUD[section]["listen"].startswith("0.0.0.0:")
+    assert CLOUD["proxy"]["tls"]["listen"].startswith("0.0.0.0:")
 
 
 @pytest.mark.parametrize("workload, config", [
@@ -159,6 +161,9 @@ def test_tunnel_cloud_service_is_the_documented_node_port() -> None:
     assert ports["proxy"]["port"] == 8080
     assert ports["proxy"]["nodePort"] == 31469
     assert resolve_port(c, ports["proxy"]["targetPort"]) == port_of(CLOUD["proxy"]["listen"])
+    assert ports["proxy-tls"]["port"] == 8443
+    assert ports["proxy-tls"]["nodePort"] == 31470
+    assert resolve_port(c, ports["proxy-tls"]["targetPort"]) == port_of(CLOUD["proxy"]["tls"]["listen"])
     assert ports["tunnel"]["port"] == 9000
     assert resolve_port(c, ports["tunnel"]["targetPort"]) == port_of(CLOUD["tunnel"]["listen"])
     assert svc["spec"]["selector"] == DEPLOYMENT["spec"]["template"]["metadata"]["labels"]
@@ -265,7 +270,10 @@ def test_embedded_configs_pass_the_config_loader() -> None:
 
     cloud = cloud_config_from_dict(CLOUD, base_dir=Path("/etc/kins-tunnel"),
                                    source="deploy/tunnel-cloud.yaml: cloud.yaml")
-    assert cloud.proxy.listen.port == 8080
+    assert cloud.proxy.listen is not None and cloud.proxy.listen.port == 8080
+    assert cloud.proxy.tls is not None and cloud.proxy.tls.listen.port == 8443
+    assert cloud.proxy.tls.cert is None  # the cloud's own certificate, mounted from the Secret
+    assert cloud.alias_discovery.enabled and cloud.alias_discovery.cluster_domain == "cluster.local"
     assert cloud.tunnel.listen.port == 9000
     assert cloud.admin.listen.port == 9090
     assert str(cloud.tls.cert) == "/etc/kins-tunnel/certs/cloud.crt"
@@ -391,7 +399,7 @@ def test_dockerfile_runs_the_console_script_as_non_root() -> None:
     entrypoint = [arg for op, arg in instructions if op == "ENTRYPOINT"]
     assert entrypoint == ['["kins-tunnel"]']
     exposed = {int(p) for op, arg in instructions if op == "EXPOSE" for p in arg.split()}
-    assert exposed == {8080, 9000, 9090}
+    assert exposed == {8080, 8443, 9000, 9090}
     assert any(op == "RUN" and "pip install --no-cache-dir" in arg for op, arg in instructions)
 
 
@@ -413,3 +421,57 @@ def test_dockerfile_copies_only_what_dockerignore_lets_through() -> None:
 def test_pyproject_defines_the_console_script() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["kins-tunnel"] == "kins_tunnel.cli:main"
+
+
+# --- files the commented keys of cloud.yaml point at ----------------------------------------------
+
+
+def test_optional_files_named_in_comments_are_mounted() -> None:
+    text = one("tunnel-cloud.yaml", "ConfigMap")["data"]["cloud.yaml"]
+    found = dict(re.findall(r"#\s*(authz_file|revoked_file|auth): (.+)", text))
+    assert set(found) == {"authz_file", "revoked_file", "auth"}
+    basic = re.search(r"basic_file: ([^}\s]+)", found["auth"])
+    assert basic is not None
+    for path, source in ((found["authz_file"], "tunnel-cloud-proxy-auth"), (basic.group(1), "tunnel-cloud-proxy-auth"),
+                         (found["revoked_file"], "tunnel-cloud-revoked")):
+        volume, _ = mounted_file(DEPLOYMENT, path.strip())
+        ref = volume.get("secret", {}).get("secretName") or volume.get("configMap", {}).get("name")
+        assert ref == source, path
+        assert (volume.get("secret") or volume.get("configMap"))["optional"] is True  # pods start without it
+def test_image_build_recipe_leaves_the_test_doubles_out(tmp_path: Path) -> None:
+    """Run the build stage's RUN line on a copy of the build context (real pip, into a temp
+    prefix): the installed package has no kins_tunnel/testing, and its `demo` says why it cannot run."""
+    instructions = dockerfile_instructions()
+    build_stage = instructions[:max(i for i, (op, _) in enumerate(instructions) if op == "FROM")]
+    runs = [arg for op, arg in build_stage if op == "RUN" and "pip install" in arg]
+    assert len(runs) == 1
+    context = tmp_path / "src"
+    context.mkdir()
+    for op, arg in build_stage:
+        if op == "COPY":
+            *sources, _dest = arg.split()
+            for source in sources:
+                src = ROOT / source
+                if src.is_dir():
+                    shutil.copytree(src, context / source,
+                                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                else:
+                    shutil.copy(src, context / source)
+    assert (context / "kins_tunnel" / "testing").is_dir()  # it is in the context, so the RUN must drop it
+    prefix = tmp_path / "install"
+    command = (runs[0].replace("/install", str(prefix))
+               .replace("pip install", f"{sys.executable} -m pip install --no-deps -q"))
+    proc = subprocess.run(["bash", "-c", command], cwd=context, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    installed = [p for p in prefix.rglob("kins_tunnel") if p.is_dir() and (p / "cli.py").exists()]
+    assert len(installed) == 1
+    assert not (installed[0] / "testing").exists()
+    assert (installed[0] / "demo.py").exists()
+    env = {**os.environ, "PYTHONPATH": str(installed[0].parent)}
+    proc = subprocess.run([sys.executable, "-c", "import kins_tunnel.cli, sys; "
+                           "print(kins_tunnel.cli.__file__); sys.exit(kins_tunnel.cli.main(['demo']))"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.stdout.startswith(str(installed[0])), proc.stdout
+    assert proc.returncode == 2, proc.stderr
+    assert "kins_tunnel.testing" in proc.stderr and "make demo" in proc.stderr

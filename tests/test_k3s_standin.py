@@ -18,7 +18,8 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kins_tunnel.k3s_standin import (
+from kins_tunnel.testing.k3s_standin import (
+    K3S_VERSION,
     blob_bytes,
     blob_chunk,
     iter_blob,
@@ -111,7 +112,7 @@ def test_blob_generation_is_fast() -> None:
 async def test_kubectl_version_shows_k3s(kubeconfig: Path) -> None:
     rc, out, err = await kubectl(kubeconfig, "version", "-o", "json")
     assert rc == 0, err
-    assert json.loads(out)["serverVersion"]["gitVersion"] == "v1.28.5+k3s1"
+    assert json.loads(out)["serverVersion"]["gitVersion"] == K3S_VERSION == "v1.30.6+k3s1"
 
 
 @needs_kubectl

@@ -15,8 +15,8 @@ import trio
 import yaml
 
 from kins_tunnel.errors import UserError
-from kins_tunnel.k3s_standin import make_self_signed_server_context, serve_k3s_standin
 from kins_tunnel.kubeconfig import main_kubeconfig, rewrite_kubeconfig
+from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
 
 KUBECTL = "/usr/bin/kubectl"
 needs_kubectl = pytest.mark.skipif(not os.path.exists(KUBECTL), reason="kubectl not installed")

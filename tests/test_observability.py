@@ -350,8 +350,11 @@ async def test_status_command_lists_connected_edges(tmp_path: Path) -> None:
                 admin = f"http://127.0.0.1:{env.ports.admin}"
                 r = await run_cli("status", "--admin", admin)
                 assert r.returncode == 0, r.stderr
-                rows = [line.split() for line in r.stdout.decode().splitlines()]
-                assert rows[0] == ["UNIT", "NODE", "REPLICA", "UPTIME", "RTT", "STREAMS", "SENT", "RECEIVED", "PEER"]
+                lines = r.stdout.decode().splitlines()
+                assert lines[-1].startswith("cloud-a: cloud certificate expires 8")  # 825 days from certs init
+                rows = [line.split() for line in lines[:-1]]
+                assert rows[0] == ["UNIT", "NODE", "REPLICA", "UPTIME", "RTT", "STREAMS", "SENT", "RECEIVED",
+                                   "EXPIRES", "PEER"]
                 by_node = {row[1]: row for row in rows[1:]}
                 assert set(by_node) == {"edge1", "edge2"}
                 e1 = by_node["edge1"]
@@ -359,7 +362,8 @@ async def test_status_command_lists_connected_edges(tmp_path: Path) -> None:
                 assert e1[4].endswith("ms") and float(e1[4][:-2]) > 0
                 assert e1[5] == "1"  # the stream above is open
                 assert e1[6].endswith("KiB") and e1[7].endswith("KiB")  # 5000 bytes each way and more
-                assert e1[8].startswith("127.0.0.1:")
+                assert e1[8].endswith("d") and int(e1[8][:-1]) > 800  # the edge certificate: 825 days
+                assert e1[9].startswith("127.0.0.1:")
 
                 r = await run_cli("status", "--admin", admin, "--json")
                 doc = json.loads(r.stdout)
@@ -367,7 +371,7 @@ async def test_status_command_lists_connected_edges(tmp_path: Path) -> None:
                 assert {e["node"]: e["streams"] for e in doc["edges"]} == {"edge1": 1, "edge2": 0}
 
                 r = await run_cli("status", "--admin", admin, "--admin", admin)  # several replicas
-                assert len(r.stdout.decode().splitlines()) == 5
+                assert len(r.stdout.decode().splitlines()) == 5 + 2  # and each one's own certificate
         n.cancel_scope.cancel()
     r = await run_cli("status", "--admin", f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 2 and b"Traceback" not in r.stderr

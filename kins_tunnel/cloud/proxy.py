@@ -1,16 +1,22 @@
 """The HTTP CONNECT front end (h11): parse one CONNECT, route it to an edge, then relay bytes.
 
 Answers: 200 then raw bytes; 400 for malformed requests or bad targets (405 for other methods);
-431 for oversized headers; 407 without valid credentials when auth is on; 503 when no connected
-edge serves the name; 502 when the edge refused or could not reach the target; 504 when the target
-or the edge did not answer in time; 500 when the handler itself fails before the 200. Error bodies
-are one line naming the target and a generic reason: what the edge said (its internal addresses)
-goes to the log, never to the client. The request must arrive within `header_timeout` of accept;
-the number of client connections is capped by `max_connections` (beyond it: 503 and close).
+431 for oversized headers; 407 without valid credentials when auth is on; 403 when the
+authorization rules (`authz`) do not let this principal reach the target; 503 when no connected
+edge serves the name or an IP target is not a known ClusterIP (`aliases`: the cloud never dials an
+IP, it rewrites a ClusterIP to the unit's service name first); 502 when the edge refused or could
+not reach the target; 504 when the target or the edge did not answer in time; 500 when the handler
+itself fails before the 200. Error bodies are one line naming the target and a generic reason: what
+the edge said (its internal addresses) goes to the log, never to the client. The request must
+arrive within `header_timeout` of accept; the number of client connections is capped by
+`max_connections` (beyond it: 503 and close).
 
 Every CONNECT, whatever its end (relayed, refused, malformed, client gone before the answer, a
 bug), yields exactly one log line, "CONNECT done" after a 200 and "CONNECT refused" otherwise,
-with the fields of `ConnectRecord`.
+with the fields of `ConnectRecord`, including who asked (the principal, never a credential).
+
+The same handler serves the TLS listener (`proxy_tls`): its streams may carry a principal from a
+client certificate, which then stands in for Proxy-Authorization.
 """
 
 from __future__ import annotations
@@ -24,14 +30,17 @@ from http import HTTPStatus
 import h11
 import trio
 
-from kins_tunnel.cloud.auth import REALM, Authenticator
+from kins_tunnel.cloud.aliases import AliasTable, NoAlias
+from kins_tunnel.cloud.auth import REALM, Authenticator, Principal
+from kins_tunnel.cloud.authz import Authorizer
+from kins_tunnel.cloud.proxy_tls import TLSClientStream
 from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.config import ProxySettings, normalise_target
+from kins_tunnel.errors import OpenFailed
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.proto import ErrorCode, code_label
 from kins_tunnel.transport.listen import open_listener_socket, serve_listener
 from kins_tunnel.transport.relay import relay
-from kins_tunnel.transport.session import OpenError
 from kins_tunnel.transport.stream import TunnelStream
 
 log = logging.getLogger("kins_tunnel.cloud.proxy")
@@ -41,6 +50,8 @@ ERROR_WRITE_TIMEOUT = 5.0  # seconds to deliver an error answer
 LINGER_TIME = 1.0  # seconds to drain a client's input after an error answer (see _send_error)
 LINGER_BYTES = 1 << 20
 CLIENT_GONE = 499  # status recorded (never sent) when the client left before the answer
+MAX_LOGGED_TARGET = 512  # characters of a client's target kept for the log line
+MAX_SHOWN_TOKEN = 32  # characters of a method name or reason echoed back in an error body
 
 # What the client is told for each wire code of a failed open (the edge's own message is logged).
 _ANSWER_FOR_CODE: dict[int, tuple[int, str]] = {
@@ -51,6 +62,7 @@ _ANSWER_FOR_CODE: dict[int, tuple[int, str]] = {
     ErrorCode.CONNECT_ERROR: (502, "the connection to the target failed"),
 }
 _RETRYABLE = {ErrorCode.GOING_AWAY, ErrorCode.STREAM_LIMIT}
+ClientStream = trio.SocketStream | TLSClientStream  # a client of the plain or the TLS listener
 
 
 @dataclass
@@ -62,6 +74,8 @@ class ProxyContext:
     replica: str = ""
     active: int = 0
     listener_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    authz: Authorizer | None = None  # None: every authenticated client may reach every target
+    aliases: AliasTable | None = None  # None: IP targets are routed as names (and find no edge)
 
 
 @dataclass
@@ -72,7 +86,9 @@ class ConnectRecord:
     replica: str
     started: float
     target: str = ""  # as the client wrote it
-    name: str = ""  # normalised routing name
+    name: str = ""  # normalised routing name (after a ClusterIP alias rewrite)
+    principal: str = ""  # who (Basic user, token name, certificate CN); "" if unauthenticated
+    via: str = ""  # how `name` came from an IP target: "static" or "discovered" alias
     unit: str = ""
     node: str = ""
     stream: int | None = None
@@ -82,12 +98,15 @@ class ConnectRecord:
     received: int = 0  # bytes edge -> client
 
     def emit(self) -> None:
-        fields = {"client": self.client, "replica": self.replica, "target": self.target, "normalised": self.name,
-                  "unit": self.unit, "node": self.node, "status": self.status, "outcome": self.outcome,
+        fields = {"client": self.client, "replica": self.replica, "principal": self.principal,
+                  "target": self.target, "normalised": self.name, "unit": self.unit, "node": self.node,
+                  "status": self.status, "outcome": self.outcome,
                   "sent": self.sent, "received": self.received,
                   "duration": round(trio.current_time() - self.started, 6)}
         if self.stream is not None:
             fields["stream"] = self.stream
+        if self.via:
+            fields["alias"] = self.via
         log.info("CONNECT done" if self.status == 200 else "CONNECT refused", extra=fields)
 
 
@@ -109,6 +128,7 @@ class _ClientGone(Exception):
 
 async def serve_proxy(ctx: ProxyContext, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     listen = ctx.settings.listen
+    assert listen is not None, "the plain listener is off (proxy.listen: null)"
     sock = open_listener_socket(listen.host, listen.port, "proxy.listen")
     port = sock.getsockname()[1]
     if ctx.auth is None and listen.host not in ("127.0.0.1", "::1", "localhost"):
@@ -122,7 +142,7 @@ async def serve_proxy(ctx: ProxyContext, *, task_status: trio.TaskStatus[int] = 
                                  report=ctx.metrics.report_internal_error, handler_nursery=nursery)
 
 
-def _peer(stream: trio.SocketStream) -> str:
+def _peer(stream: ClientStream) -> str:
     try:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
@@ -130,10 +150,12 @@ def _peer(stream: trio.SocketStream) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def handle_client(ctx: ProxyContext, stream: trio.SocketStream) -> None:
+async def handle_client(ctx: ProxyContext, stream: ClientStream) -> None:
     """One client connection: one CONNECT. A failure-isolation boundary: a bug in here answers 500
     (if no answer went out yet), ends this connection only, and still logs the CONNECT line."""
-    rec = ConnectRecord(client=_peer(stream), replica=ctx.replica, started=trio.current_time())
+    accepted = getattr(stream, "accepted_at", None)  # a TLS client: accepted before its handshake
+    rec = ConnectRecord(client=_peer(stream), replica=ctx.replica,
+                        started=trio.current_time() if accepted is None else accepted)
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=ctx.settings.max_request_bytes)
     ctx.active += 1
     try:
@@ -161,7 +183,7 @@ def _refused(ctx: ProxyContext, rec: ConnectRecord, status: int, outcome: str) -
         ctx.metrics.connect_answers.labels(str(status)).inc()
 
 
-async def _serve(ctx: ProxyContext, stream: trio.SocketStream, conn: h11.Connection, rec: ConnectRecord) -> None:
+async def _serve(ctx: ProxyContext, stream: ClientStream, conn: h11.Connection, rec: ConnectRecord) -> None:
     settings = ctx.settings
     try:
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -170,22 +192,39 @@ async def _serve(ctx: ProxyContext, stream: trio.SocketStream, conn: h11.Connect
         pass
     if ctx.active > settings.max_connections:
         raise _Reject(503, f"too many client connections (limit {settings.max_connections})")
-    with trio.move_on_after(settings.header_timeout) as scope:  # from accept
+    with trio.move_on_at(rec.started + settings.header_timeout) as scope:  # from accept
         request = await _read_request(stream, conn)
     if scope.cancelled_caught:
         raise _Reject(408, f"request not received within {settings.header_timeout:g}s")
-    rec.target = request.target.decode("ascii", "replace")[:512]
+    rec.target = request.target.decode("ascii", "replace")[:MAX_LOGGED_TARGET]
     if request.http_version not in (b"1.0", b"1.1"):  # h11 parses any digit.digit
         raise _Reject(400, f"unsupported HTTP version {request.http_version.decode('ascii', 'replace')}")
     if request.method != b"CONNECT":
-        raise _Reject(405, f"method {request.method.decode('ascii', 'replace')[:32]} not allowed: "
+        raise _Reject(405, f"method {request.method.decode('ascii', 'replace')[:MAX_SHOWN_TOKEN]} not allowed: "
                       "this is a CONNECT proxy", [("Allow", "CONNECT")])
-    if ctx.auth is not None and not ctx.auth.check(_header(request, b"proxy-authorization")):
-        raise _Reject(407, "proxy authentication required", [("Proxy-Authenticate", REALM)])
+    principal: Principal | None = getattr(stream, "principal", None)  # a client certificate's
+    if principal is None and ctx.auth is not None:
+        principal = await ctx.auth.authenticate(_header(request, b"proxy-authorization"))
+        if principal is None:
+            raise _Reject(407, "proxy authentication required", [("Proxy-Authenticate", REALM)])
+    rec.principal = principal.name if principal is not None else ""
     try:
         rec.name = normalise_target(rec.target)
     except ValueError as exc:
         raise _Reject(400, f"bad target: {exc}") from None
+    if ctx.aliases is not None:
+        try:
+            rewrite = ctx.aliases.rewrite(rec.name)
+        except NoAlias as exc:
+            ctx.metrics.dial_failures.labels("no_alias").inc()
+            raise _Reject(503, str(exc)) from None
+        rec.name, rec.via = rewrite.name, rewrite.via
+    if ctx.authz is not None:
+        denied = ctx.authz.check(principal, rec.name)
+        if denied is not None:
+            ctx.metrics.authz_denials.labels(denied).inc()
+            who = f"{principal.name!r}" if principal is not None else "an anonymous client"
+            raise _Reject(403, f"forbidden: {who} may not reach this target", detail=f"forbidden ({denied})")
     tunnel_stream = await _open(ctx, rec)
     # Tunnel open: answer 200 and become a byte pipe.
     try:
@@ -211,7 +250,7 @@ async def _serve(ctx: ProxyContext, stream: trio.SocketStream, conn: h11.Connect
     ctx.metrics.relay_bytes.labels("from_edge").inc(rec.received)
 
 
-async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.Request:
+async def _read_request(stream: ClientStream, conn: h11.Connection) -> h11.Request:
     while True:
         try:
             event = conn.next_event()
@@ -245,7 +284,7 @@ def _header(request: h11.Request, name: bytes) -> bytes | None:
     return None
 
 
-async def _send_error(stream: trio.SocketStream, conn: h11.Connection, target: str, rej: _Reject) -> None:
+async def _send_error(stream: ClientStream, conn: h11.Connection, target: str, rej: _Reject) -> None:
     body = f"kins-tunnel: {target or '-'}: {rej.reason}\n".encode()
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
                ("Connection", "close"), *rej.headers]
@@ -278,9 +317,10 @@ async def _send_error(stream: trio.SocketStream, conn: h11.Connection, target: s
 
 
 async def _open(ctx: ProxyContext, rec: ConnectRecord) -> TunnelStream:
-    """Open a stream to `rec.name` on the best tunnel, trying another on retryable refusals."""
+    """Open a stream to `rec.name` on the best tunnel, trying another on retryable refusals; the
+    edge tried (or that served it) is recorded in `rec` (unit, node)."""
     t0 = trio.current_time()
-    last: OpenError | None = None
+    last: OpenFailed | None = None
     tried = 0
     for tunnel in ctx.registry.candidates(rec.name):
         if tried == MAX_ATTEMPTS:
@@ -289,14 +329,13 @@ async def _open(ctx: ProxyContext, rec: ConnectRecord) -> TunnelStream:
         rec.unit, rec.node = tunnel.identity.unit, tunnel.identity.node
         try:
             stream = await tunnel.session.open_stream(rec.name, ctx.settings.dial_timeout)
-        except OpenError as exc:
+        except OpenFailed as exc:
             last = exc
             if exc.code in _RETRYABLE:
                 continue
             break
         ctx.metrics.streams.inc()
         ctx.metrics.dial_seconds.observe(trio.current_time() - t0)
-        stream.route = (tunnel.identity.unit, tunnel.identity.node)
         return stream
     if last is None or last.code in _RETRYABLE:
         ctx.metrics.dial_failures.labels("no_edge").inc()

@@ -1,6 +1,6 @@
 """The registry of connected edges and the names they serve.
 
-Routing rule (DESIGN.md): an edge may serve `<unit>-svc-kins.kins-system:<port>` for its own unit
+Routing rule (docs/DESIGN.md): an edge may serve `<unit>-svc-kins.kins-system:<port>` for its own unit
 and `<node>:<port>` for its own node; anything else it advertises is refused (logged, not routed).
 Several tunnels may serve one name (several edges of a unit, several tunnels of one edge, e.g. a
 restarted edge whose old tunnel has not timed out yet): `pick` prefers usable tunnels with the
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import trio
 
-from kins_tunnel.certs import EdgeIdentity
+from kins_tunnel.certs import CertFacts, EdgeIdentity
 from kins_tunnel.config import normalise_target
 from kins_tunnel.transport.session import Session
 
@@ -49,6 +49,7 @@ class EdgeTunnel:
     peer: str
     connected_at: float = field(default_factory=trio.current_time)
     id: int = 0
+    cert: CertFacts | None = None  # serial and expiry of the edge's certificate
 
 
 class Registry:
@@ -57,8 +58,11 @@ class Registry:
         self._tunnels: dict[int, EdgeTunnel] = {}
         self._ids = itertools.count(1)
         self._rr = itertools.count()
+        self.on_add: list[Callable[[EdgeTunnel], None]] = []  # called before the tunnel is routed
 
     def add(self, tunnel: EdgeTunnel) -> None:
+        for hook in self.on_add:
+            hook(tunnel)
         tunnel.id = next(self._ids)
         self._tunnels[tunnel.id] = tunnel
         for name in tunnel.names:

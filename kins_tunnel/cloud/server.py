@@ -17,11 +17,16 @@ from dataclasses import dataclass
 import trio
 
 from kins_tunnel.admin import serve_admin, text
-from kins_tunnel.certs import server_ssl_context
+from kins_tunnel.certs import EdgeIdentity, cert_facts, proxy_server_ssl_context, server_ssl_context
 from kins_tunnel.certwatch import ReloadingContext
+from kins_tunnel.cloud.aliases import AliasTable, Resolver, dns_resolver
 from kins_tunnel.cloud.auth import Authenticator
-from kins_tunnel.cloud.proxy import ProxyContext, serve_proxy
-from kins_tunnel.cloud.registry import Registry
+from kins_tunnel.cloud.authz import Authorizer
+from kins_tunnel.cloud.expiry import CertificateExpiry
+from kins_tunnel.cloud.proxy import ProxyContext, handle_client, serve_proxy
+from kins_tunnel.cloud.proxy_tls import ProxyTLSListener
+from kins_tunnel.cloud.registry import EdgeTunnel, Registry
+from kins_tunnel.cloud.revocation import Revocation, RevokedList
 from kins_tunnel.cloud.tunnel_server import TunnelServer
 from kins_tunnel.config import CloudConfig
 from kins_tunnel.metrics import Metrics
@@ -32,21 +37,96 @@ log = logging.getLogger("kins_tunnel.cloud")
 @dataclass(frozen=True)
 class CloudPorts:
     tunnel: int
-    proxy: int
+    proxy: int  # 0: the plain listener is off (proxy.listen: null)
     admin: int
+    proxy_tls: int = 0  # 0: no TLS listener (no proxy.tls)
+
+
+# How often the watched files are checked (a Secret or ConfigMap update shows up within this).
+FILE_CHECK_INTERVAL = 1.0
 
 
 class Cloud:
-    def __init__(self, cfg: CloudConfig) -> None:
+    def __init__(self, cfg: CloudConfig, *, resolver: Resolver = dns_resolver) -> None:
         self.cfg = cfg
         self.replica = cfg.replica or socket.gethostname()
         self.registry = Registry()
         self.metrics = Metrics("cloud", self._snapshot, replica=self.replica)
         self.tls = ReloadingContext(server_ssl_context, cfg.tls.ca, cfg.tls.cert, cfg.tls.key, what="tls")
+        self.revocation = Revocation(cfg.tunnel.revoked_file) if cfg.tunnel.revoked_file else None
         self.tunnels = TunnelServer(cfg, self.tls, self.registry, self.metrics)
+        self.tunnels.revoked = self._revoked
         auth = Authenticator(cfg.proxy.auth) if cfg.proxy.auth else None
-        self.proxy = ProxyContext(cfg.proxy, self.registry, self.metrics, auth, replica=self.replica)
+        self.authz = Authorizer(cfg.proxy.authz_file) if cfg.proxy.authz_file else None
+        self.aliases = AliasTable(cfg.aliases, cfg.alias_discovery, resolver,
+                                  on_lookup=lambda result: self.metrics.alias_lookups.labels(result).inc())
+        self.proxy = ProxyContext(cfg.proxy, self.registry, self.metrics, auth, replica=self.replica,
+                                  authz=self.authz, aliases=self.aliases)
+        self.proxy_tls: ProxyTLSListener | None = None
+        cert_files = {"cloud": cfg.tls.cert}
+        if cfg.proxy.tls is not None:
+            pt = cfg.proxy.tls
+            context = ReloadingContext(proxy_server_ssl_context, pt.client_ca, pt.cert or cfg.tls.cert,
+                                       pt.key or cfg.tls.key, what="proxy.tls")
+            self.proxy_tls = ProxyTLSListener(pt, context, cfg.proxy.header_timeout,
+                                              functools.partial(handle_client, self.proxy),
+                                              self.metrics.report_internal_error,
+                                              lambda r: self.metrics.proxy_tls_failures.labels(r).inc(),
+                                              authenticated=auth is not None or pt.client_ca is not None,
+                                              max_handshakes=cfg.proxy.max_connections)
+            if pt.cert is not None:
+                cert_files["proxy"] = pt.cert
+        self.expiry = CertificateExpiry(cert_files, self._edge_certs)
+        self.metrics.registry.register(self.expiry.collector())
+        self.registry.on_add.append(self._edge_added)
         self.ready = False
+
+    def _revoked(self, identity: EdgeIdentity, der: bytes | None) -> str | None:
+        """Why the edge with this verified certificate is revoked, or None (`tunnel.revoked_file`)."""
+        if self.revocation is None:
+            return None
+        try:
+            serial = cert_facts(der).serial if der is not None else -1
+        except ValueError:
+            serial = -1
+        return self.revocation.reason(identity, serial)
+
+    def _edge_added(self, tunnel: EdgeTunnel) -> None:
+        der = tunnel.session.tls.peer_certificate_der()
+        if der is not None:
+            try:
+                tunnel.cert = cert_facts(der)
+            except ValueError:
+                tunnel.cert = None
+        reason = self._revoked(tunnel.identity, der)  # the list may have changed during the handshake
+        if reason is not None:
+            self.metrics.revoked_closed.inc()
+            log.warning("edge tunnel closed: revoked", extra={"unit": tunnel.identity.unit, "node": tunnel.identity.node,
+                                                               "peer": tunnel.peer, "reason": reason})
+            tunnel.session.close(f"revoked: {reason}")
+        if tunnel.cert is not None:
+            self.expiry.warn_if_expiring("edge", tunnel.identity.unit, tunnel.identity.node,
+                                         tunnel.cert.serial, tunnel.cert.not_after)
+        self.aliases.unit_connected(tunnel.identity.unit)
+
+    def _edge_certs(self):  # type: ignore[no-untyped-def]
+        for t in self.registry:
+            if t.cert is not None:
+                yield t.identity.unit, t.identity.node, t.cert
+
+    def close_revoked(self, revoked: RevokedList) -> int:
+        """Close the live tunnels of edges on the revocation list; returns how many."""
+        closed = 0
+        for t in self.registry:
+            reason = revoked.reason(t.identity, t.cert.serial if t.cert is not None else -1)
+            if reason is None:
+                continue
+            log.warning("edge tunnel closed: revoked", extra={"unit": t.identity.unit, "node": t.identity.node,
+                                                               "peer": t.peer, "reason": reason})
+            self.metrics.revoked_closed.inc()
+            t.session.close(f"revoked: {reason}")
+            closed += 1
+        return closed
 
     def _snapshot(self):  # type: ignore[no-untyped-def]
         for t in self.registry:
@@ -62,8 +142,14 @@ class Cloud:
                           "rtt_ms": None if st.rtt is None else round(st.rtt * 1000, 3),
                           "streams": st.streams, "bytes_sent": st.bytes_sent,
                           "bytes_received": st.bytes_received, "names": sorted(t.names),
-                          "draining": t.session.draining})
-        doc = {"replica": self.replica, "ready": self.ready, "tls_reloads": self.tls.reloads, "edges": edges}
+                          "draining": t.session.draining,
+                          **(self.expiry.edge_status(t.cert) if t.cert is not None else {})})
+        doc = {"replica": self.replica, "ready": self.ready, "tls_reloads": self.tls.reloads, "edges": edges,
+               "certificates": self.expiry.status_entries(), "aliases": self.aliases.entries()}
+        for key, watched in (("authz_file", self.authz and self.authz.file),
+                             ("revoked_file", self.revocation and self.revocation.file)):
+            if watched:
+                doc[key] = {"path": str(watched.path), "reloads": watched.reloads, "failures": watched.failures}
         body = json.dumps(doc, indent=1).encode()
         return 200, "application/json", body
 
@@ -75,20 +161,32 @@ class Cloud:
             "/status": self.status,
         }
         async with trio.open_nursery() as nursery:
+            if self.revocation is not None:
+                nursery.start_soon(self.revocation.watch, self.close_revoked, FILE_CHECK_INTERVAL)
+            if self.authz is not None:
+                nursery.start_soon(self.authz.watch, FILE_CHECK_INTERVAL)
+            nursery.start_soon(self.expiry.run)
+            nursery.start_soon(self.aliases.run, lambda: {t.identity.unit for t in self.registry})
             tunnel_port = await nursery.start(self.tunnels.serve)
-            proxy_port = await nursery.start(serve_proxy, self.proxy)
+            proxy_port = 0
+            if self.cfg.proxy.listen is not None:
+                proxy_port = await nursery.start(serve_proxy, self.proxy)
+            tls_port = 0 if self.proxy_tls is None else await nursery.start(self.proxy_tls.serve)
             admin_port = await nursery.start(functools.partial(
                 serve_admin, self.cfg.admin.listen, routes, report=self.metrics.report_internal_error))
             self.ready = True
             log.info("tunnel-cloud up", extra={"replica": self.replica, "tunnel_port": tunnel_port,
-                                               "proxy_port": proxy_port, "admin_port": admin_port})
-            task_status.started(CloudPorts(tunnel_port, proxy_port, admin_port))
+                                               "proxy_port": proxy_port, "proxy_tls_port": tls_port,
+                                               "admin_port": admin_port})
+            task_status.started(CloudPorts(tunnel_port, proxy_port, admin_port, tls_port))
 
     async def drain(self) -> None:
         """Stop taking new edges and CONNECTs, ask every edge to drain, wait for streams to end."""
         self.ready = False
         self.tunnels.stop_listening()
         self.proxy.listener_scope.cancel()
+        if self.proxy_tls is not None:
+            self.proxy_tls.listener_scope.cancel()
         for t in self.registry:
             t.session.goaway("tunnel-cloud shutting down")
         with trio.move_on_after(self.cfg.tunnel.drain_timeout):

@@ -17,6 +17,7 @@ import functools
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 
 import trio
 
@@ -48,6 +49,8 @@ class TunnelServer:
                                    slow_handshake=t.slow_handshake)
         self.listening = trio.Event()
         self._listener_scope: trio.CancelScope | None = None
+        # why an edge (identity, DER certificate) is revoked, or None (set by the cloud)
+        self.revoked: Callable[[EdgeIdentity, bytes | None], str | None] = lambda identity, der: None
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listen = self.cfg.tunnel.listen
@@ -63,7 +66,7 @@ class TunnelServer:
     @property
     def context(self) -> ssl.SSLContext:
         if self.tls is not None:
-            return self.tls.context  # re-reads renewed files, at most once a second
+            return self.tls.context
         assert self._static is not None
         return self._static
 
@@ -95,6 +98,8 @@ class TunnelServer:
                     self._refuse(peer, "idle", f"no data within first_byte_timeout ({t.first_byte_timeout:g}s)")
                     return
                 await self.admission.acquire(ticket)
+                if self.tls is not None:
+                    await self.tls.refresh()  # renewed files apply to new handshakes (checked ≤ 1/s)
                 tls = TLSSocket.wrap(socket.socket(fileno=tcp.socket.detach()), self.context, server_side=True)
                 identity = await self._tls_handshake(tls)
         except (TransportError, ValueError) as exc:
@@ -106,6 +111,11 @@ class TunnelServer:
             reason = ticket.reason or "timeout"
             self._refuse(peer, reason, _SHED_DETAIL.get(reason, f"not established within handshake_timeout "
                                                                 f"({t.handshake_timeout:g}s)"))
+            return
+        revoked = self.revoked(identity, tls.peer_certificate_der())
+        if revoked is not None:
+            tls.close()
+            self._refuse(peer, "revoked", f"{identity.unit}/{identity.node}: {revoked}")
             return
         await self._run_tunnel(tls, identity, peer, deadline)
 
@@ -123,7 +133,8 @@ class TunnelServer:
     async def _run_tunnel(self, tls: TLSSocket, identity: EdgeIdentity, peer: str, deadline: float) -> None:
         t = self.cfg.tunnel
         labels = {"unit": identity.unit, "node": identity.node}
-        conn = Connection(Role.SERVER, Hello(agent=f"kins-tunnel-cloud/{__version__}"), self.cfg.mux)
+        conn = Connection(Role.SERVER, Hello(agent=f"kins-tunnel-cloud/{__version__}"), self.cfg.mux,
+                          clock=trio.current_time)
         session = Session(tls, conn, ping_interval=t.ping_interval, ping_timeout=t.ping_timeout,
                           label=f"{identity.unit}/{identity.node}@{peer}", report=self.metrics.report_internal_error)
         try:

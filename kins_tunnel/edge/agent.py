@@ -231,18 +231,19 @@ class Edge:
 
     @property
     def context(self) -> ssl.SSLContext:
-        """The client context; rebuilt first if the certificate files changed."""
+        """The client context (kept current by `refresh()` before every connect)."""
         return self.tls.context
 
     async def _one_tunnel(self, label: str, ip: str, port: int, server_name: str,
                           keeper: _Keeper | None = None) -> None:
         cfg = self.cfg
+        await self.tls.refresh()  # renewed certificate files apply from this tunnel on
         with trio.fail_after(cfg.handshake_timeout):
             tls = await connect_tls(ip, port, self.context, server_hostname=server_name,
                                     open_stream=None if self.proxy is None else self.proxy.open)
         cloud_cert = _cert_summary(tls.peer_certificate_der())
         hello = Hello(names=tuple(cfg.services), agent=f"kins-tunnel-edge/{__version__}")
-        conn = Connection(Role.CLIENT, hello, cfg.mux)
+        conn = Connection(Role.CLIENT, hello, cfg.mux, clock=trio.current_time)
         session = Session(tls, conn, on_open=self.forwarder.on_open, ping_interval=cfg.ping_interval,
                           ping_timeout=cfg.ping_timeout, label=f"cloud {label}",
                           report=self.metrics.report_internal_error)

@@ -17,18 +17,13 @@ from collections.abc import Mapping
 import trio
 
 from kins_tunnel.config import Address, normalise_target
+from kins_tunnel.errors import OpenFailed
 from kins_tunnel.metrics import Metrics
-from kins_tunnel.proto import ErrorCode, LocalProtocolError
+from kins_tunnel.proto import ErrorCode, LocalProtocolError, code_label
 from kins_tunnel.transport.relay import relay
 from kins_tunnel.transport.session import Session
 
 log = logging.getLogger("kins_tunnel.edge.forwarder")
-
-
-class DialFailed(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def code_for(exc: OSError) -> ErrorCode:
@@ -86,7 +81,7 @@ class Forwarder:
         start = self._preferred.get(name, 0)
         order = [addrs[(start + i) % len(addrs)] for i in range(len(addrs))]
         deadline = trio.current_time() + self.dial_timeout
-        last: DialFailed | None = None
+        last: OpenFailed | None = None
         for i, addr in enumerate(order):
             left = deadline - trio.current_time()
             if left <= 0:
@@ -96,7 +91,7 @@ class Forwarder:
                 try:
                     tcp = await _connect(addr)
                 except OSError as exc:
-                    last = DialFailed(code_for(exc), f"{addr}: {exc.strerror or exc}")
+                    last = OpenFailed(code_for(exc), f"{addr}: {exc.strerror or exc}")
                     continue
                 try:
                     tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -105,16 +100,16 @@ class Forwarder:
                     pass
                 self._preferred[name] = addrs.index(addr)
                 return tcp
-            last = DialFailed(ErrorCode.TIMEOUT, f"{addr}: no answer within {share:.3g}s")
-        raise last or DialFailed(ErrorCode.TIMEOUT, f"no answer within {self.dial_timeout:g}s")
+            last = OpenFailed(ErrorCode.TIMEOUT, f"{addr}: no answer within {share:.3g}s")
+        raise last or OpenFailed(ErrorCode.TIMEOUT, f"no answer within {self.dial_timeout:g}s")
 
     async def _dial_and_relay(self, session: Session, stream_id: int, name: str, addrs: tuple[Address, ...]) -> None:
         t0 = trio.current_time()
         try:
             tcp = await self.dial(name, addrs)
             self.metrics.dial_seconds.observe(trio.current_time() - t0)
-        except DialFailed as exc:
-            self.metrics.dial_failures.labels(exc.code.name.lower()).inc()
+        except OpenFailed as exc:
+            self.metrics.dial_failures.labels(code_label(exc.code)).inc()
             log.warning("dial failed", extra={"target": name, "stream": stream_id, "outcome": str(exc)})
             session.reject(stream_id, exc.code, str(exc))
             return

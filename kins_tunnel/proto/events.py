@@ -1,4 +1,5 @@
-"""Events that `Connection.receive_data` returns, one per meaningful thing the peer did."""
+"""Events that `Connection.receive_data` returns, one per meaningful thing the peer did (immutable,
+as h11's events)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ from dataclasses import dataclass
 from kins_tunnel.proto.errors import ErrorCode
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     pass
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class HandshakeComplete(Event):
     """Both HELLOs are in: the version and capabilities both sides share, and what the peer said."""
 
@@ -22,7 +23,7 @@ class HandshakeComplete(Event):
     agent: str
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class StreamOpened(Event):
     """The peer asks us to open `stream_id` to `target`; answer with accept_stream/reject_stream."""
 
@@ -30,45 +31,46 @@ class StreamOpened(Event):
     target: str
 
 
-@dataclass(slots=True)
-class OpenResult(Event):
-    """The answer to a stream we opened: `code` NO_ERROR means it is open."""
+@dataclass(frozen=True, slots=True)
+class _StreamVerdict(Event):
+    """A stream event with a wire code (maybe one this version does not know) and a message."""
 
     stream_id: int
     code: ErrorCode | int
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class OpenResult(_StreamVerdict):
+    """The answer to a stream we opened: `code` NO_ERROR means it is open."""
 
     @property
     def ok(self) -> bool:
         return self.code == ErrorCode.NO_ERROR
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class DataReceived(Event):
-    """Bytes for a stream. Call `consumed(stream_id, n)` once the application has taken them."""
+    """Bytes for a stream. Call `consumed(stream_id, n)` once the application has taken them.
+    The peer's FIN is always a separate `StreamEnded`, even when it came in the same frame."""
 
     stream_id: int
     data: bytes
-    end_stream: bool
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class StreamEnded(Event):
-    """The peer will send no more on this stream (FIN without data in the same frame)."""
+    """The peer will send no more on this stream (FIN)."""
 
     stream_id: int
 
 
-@dataclass(slots=True)
-class StreamReset(Event):
+@dataclass(frozen=True, slots=True)
+class StreamReset(_StreamVerdict):
     """The peer aborted the stream; its buffered data is void."""
 
-    stream_id: int
-    code: ErrorCode | int
-    message: str
 
-
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class WindowUpdated(Event):
     """We may send more on `stream_id`: `send_window(stream_id)` bytes in all."""
 
@@ -76,7 +78,7 @@ class WindowUpdated(Event):
     increment: int
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class PongReceived(Event):
     """The answer to one of our pings; `rtt` is in the clock's units (seconds)."""
 
@@ -84,7 +86,7 @@ class PongReceived(Event):
     rtt: float | None
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class GoAwayReceived(Event):
     """The peer is draining: streams we opened above `last_stream_id` were not processed."""
 
@@ -93,7 +95,7 @@ class GoAwayReceived(Event):
     reason: str
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ConnectionTerminated(Event):
     """The byte stream ended (EOF) or the connection was closed by a protocol error."""
 

@@ -45,6 +45,8 @@ MIN_FRAME = 16 * 1024
 MAX_STREAMS_LIMIT = 65536
 MAX_TARGET_LEN_LIMIT = 4096
 MAX_NAMES_LIMIT = 4096
+MAX_NAME_LEN = 512  # bytes of one advertised name
+MAX_AGENT_LEN = 200  # characters of the peer's agent string kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +149,7 @@ def parse_hello(body: memoryview, ours: Hello, config: MuxConfig) -> tuple[int, 
             isinstance(caps, list)
             and all(isinstance(c, str) for c in caps)
             and isinstance(names, list)
-            and all(isinstance(n, str) and 0 < len(n) <= 512 for n in names)
+            and all(isinstance(n, str) and 0 < len(n) <= MAX_NAME_LEN for n in names)
             and isinstance(agent, str)
             and all(type(v) is int for v in (max_frame, max_streams, max_target))
         )
@@ -164,4 +166,4 @@ def parse_hello(body: memoryview, ours: Hello, config: MuxConfig) -> tuple[int, 
             f"max_target_len {max_target})", ErrorCode.PROTOCOL_ERROR)
     peer = PeerLimits(max_frame=max_frame, max_streams=max_streams, max_target_len=max_target,
                       names=tuple(dict.fromkeys(names)))
-    return version, frozenset(caps), peer, agent[:200]
+    return version, frozenset(caps), peer, agent[:MAX_AGENT_LEN]

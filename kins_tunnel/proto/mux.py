@@ -18,22 +18,40 @@ Handshake: both sides send HELLO at once (magic, version range, a JSON object wi
 the names the side serves, its agent string and limits). The version is the highest both support;
 capabilities are the intersection. No other frame may come before HELLO.
 
-Stream ids and the table of live streams are `streams`; the handshake is `handshake`; window
-policy is `flow`; RTT estimation is `rtt`; byte layouts are `frames`. A stream is opened by OPEN (which grants the acceptor its
-first window) and answered by OPEN_RESULT (which grants the opener its first window, or refuses
-with an error code). Each direction ends independently with FIN; RESET aborts both.
+Frames are dispatched by type through a table (`_handlers`); types this version does not know are
+skipped after their length check, so later versions can add frame types. Each stream follows the
+state machine of `streams` (an explicit state and a transition table); the handshake is
+`handshake`; window policy is `flow`; RTT estimation is `rtt`; byte layouts are `frames`. A stream
+is opened by OPEN (which grants the acceptor its first window) and answered by OPEN_RESULT (which
+grants the opener its first window, or refuses with an error code). Each direction ends
+independently with FIN (always reported as `StreamEnded`); RESET aborts both.
+
+Time: the core has no clock. The transport passes one (`trio.current_time`), so tests can drive
+pings, RTT and window growth with a fake clock; without one, RTTs are unknown and windows grow on
+every batch.
 """
 
 from __future__ import annotations
 
 import enum
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kins_tunnel.proto import events as ev
 from kins_tunnel.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from kins_tunnel.proto.flow import MIN_WINDOW, Budget, ReceiveWindow, credit_to_return
+from kins_tunnel.proto.events import (
+    ConnectionTerminated,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HandshakeComplete,
+    OpenResult,
+    PongReceived,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from kins_tunnel.proto.flow import Budget, ReceiveWindow, credit_to_return
 from kins_tunnel.proto.frames import (
     FLAG_ACK,
     FLAG_FIN,
@@ -63,7 +81,7 @@ from kins_tunnel.proto.handshake import (
     parse_hello,
 )
 from kins_tunnel.proto.rtt import RttEstimator
-from kins_tunnel.proto.streams import StreamState, StreamTable
+from kins_tunnel.proto.streams import Stream, StreamInput, StreamState, StreamTable
 
 MAX_PENDING_PONGS = 16
 
@@ -96,7 +114,7 @@ class Connection:
         hello: Hello = Hello(),
         config: MuxConfig = MuxConfig(),
         *,
-        clock: Callable[[], float] | None = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.role = role
         self.config = config
@@ -115,6 +133,16 @@ class Connection:
         self.capabilities: frozenset[str] = frozenset()
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._handlers: dict[int, Callable[[int, int, memoryview, list[Event]], None]] = {
+            FrameType.HELLO: self._on_hello,
+            FrameType.OPEN: self._on_open,
+            FrameType.OPEN_RESULT: self._on_open_result,
+            FrameType.DATA: self._on_data,
+            FrameType.WINDOW: self._on_window,
+            FrameType.RESET: self._on_reset,
+            FrameType.PING: self._on_ping,
+            FrameType.GOAWAY: self._on_goaway,
+        }
         self._send_hello()
 
     # ------------------------------------------------------------------ queries
@@ -153,9 +181,6 @@ class Connection:
             return 0
         return s.send_credit
 
-    def open_streams(self) -> int:
-        return len(self._streams)
-
     def statistics(self) -> Statistics:
         return Statistics(
             streams=len(self._streams),
@@ -166,19 +191,6 @@ class Connection:
             srtt=self.srtt,
             peer_names=self._peer.names,
         )
-
-    def check_invariants(self) -> None:
-        """Assert the flow-control invariants (for tests)."""
-        total = 0
-        for s in self._streams:
-            s.recv.check_invariant()
-            total += s.recv.size
-            assert s.send_credit >= 0
-        assert total == self._budget.granted
-        floor_streams = self.config.max_streams + self._peer.max_streams
-        assert self._budget.granted <= self.config.session_budget + floor_streams * MIN_WINDOW
-        assert self._streams.remote_open <= self.config.max_streams
-        assert self._streams.local_open <= max(self._peer.max_streams, 0) or not self._streams
 
     # ------------------------------------------------------------------ output
     def data_to_send(self) -> bytearray:
@@ -221,27 +233,27 @@ class Connection:
     def accept_stream(self, stream_id: int) -> None:
         """Answer a StreamOpened: the target is connected, data may flow both ways."""
         s = self._pending_remote(stream_id)
+        s.transition(StreamInput.SEND_ACCEPT)
         grant = self._budget.initial_grant(self.config.initial_window)
         s.recv = ReceiveWindow(grant, grant, last_return=self._now())
-        s.established = True
         self._out += open_result_frame(stream_id, ErrorCode.NO_ERROR, grant)
 
-    def reject_stream(self, stream_id: int, code: ErrorCode, message: str = "") -> None:
+    def reject_stream(self, stream_id: int, code: ErrorCode | int, message: str = "") -> None:
         """Answer a StreamOpened with an error code; the stream is gone."""
         if code == ErrorCode.NO_ERROR:
             raise LocalProtocolError("reject_stream needs an error code")
-        self._pending_remote(stream_id)
+        self._pending_remote(stream_id).transition(StreamInput.SEND_REJECT)
         self._out += open_result_frame(stream_id, code, 0, message)
         self._forget(stream_id)
 
     def is_pending_remote(self, stream_id: int) -> bool:
         """The peer opened the stream and it waits for accept_stream/reject_stream."""
         s = self._streams.get(stream_id)
-        return s is not None and not s.local and not s.established
+        return s is not None and s.state is StreamState.PENDING
 
-    def _pending_remote(self, stream_id: int) -> StreamState:
+    def _pending_remote(self, stream_id: int) -> Stream:
         s = self._streams.get(stream_id)
-        if s is None or s.local or s.established:
+        if s is None or s.state is not StreamState.PENDING:
             raise LocalProtocolError(f"stream {stream_id} is not waiting for an answer")
         return s
 
@@ -251,10 +263,9 @@ class Connection:
         With `end_stream`, FIN goes out with the last byte, but only if all of `data` was taken.
         """
         s = self._streams.get(stream_id)
-        if s is None or not s.established:
+        if s is None:
             raise LocalProtocolError(f"stream {stream_id} is not open")
-        if s.local_fin:
-            raise LocalProtocolError(f"stream {stream_id} is closed for sending")
+        s.transition(StreamInput.SEND_DATA)
         total = len(data)
         n = min(total, s.send_credit)
         max_frame = self._peer.max_frame
@@ -272,7 +283,8 @@ class Connection:
         if end_stream and n == total:
             if total == 0:
                 out += HEADER.pack(FrameType.DATA, FLAG_FIN, stream_id)
-            self._local_fin(s)
+            s.transition(StreamInput.SEND_FIN)
+            self._streams.forget_if_done(s)
         return n
 
     def end_stream(self, stream_id: int) -> None:
@@ -298,8 +310,7 @@ class Connection:
         w.unreturned += n
         if s.remote_fin:
             # nothing more will come: no credit needed; a finished stream goes once drained
-            if s.done and w.buffered == 0:
-                self._forget(stream_id)
+            self._streams.forget_if_done(s)
             return
         inc = credit_to_return(
             w, budget=self._budget, max_window=self.config.max_window, now=self._now(), rtt=self.min_rtt
@@ -331,17 +342,17 @@ class Connection:
         self._close_all()
 
     # ------------------------------------------------------------------ input
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[ev.Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Parse bytes from the peer into events. `b""` means EOF.
 
         Raises RemoteProtocolError (with a GOAWAY queued) when the peer broke the protocol.
         """
         if self._state is _State.CLOSED:
             return []
-        events: list[ev.Event] = []
+        events: list[Event] = []
         if not data:
             self._close_all()
-            events.append(ev.ConnectionTerminated(ErrorCode.NO_ERROR, "peer closed the connection"))
+            events.append(ConnectionTerminated(ErrorCode.NO_ERROR, "peer closed the connection"))
             return events
         if self._inbuf:
             self._inbuf += data
@@ -366,10 +377,11 @@ class Connection:
             view.release()
         return events
 
-    def _parse(self, view: memoryview, events: list[ev.Event]) -> int:
+    def _parse(self, view: memoryview, events: list[Event]) -> int:
         pos = 0
         end = len(view)
         unpack = HEADER.unpack_from
+        handlers = self._handlers
         max_data = self.config.max_frame
         while end - pos >= HEADER_SIZE:
             word, flags, sid = unpack(view, pos)
@@ -391,37 +403,23 @@ class Connection:
             pos += HEADER_SIZE + length
             if self._state is _State.HANDSHAKE and ftype != FrameType.HELLO:
                 raise RemoteProtocolError(f"frame type {ftype} before HELLO")
-            if ftype == FrameType.DATA:
-                self._on_data(sid, flags, body, events)
-            elif ftype == FrameType.WINDOW:
-                self._on_window(sid, body, events)
-            elif ftype == FrameType.OPEN:
-                self._on_open(sid, body, events)
-            elif ftype == FrameType.OPEN_RESULT:
-                self._on_open_result(sid, body, events)
-            elif ftype == FrameType.RESET:
-                self._on_reset(sid, body, events)
-            elif ftype == FrameType.PING:
-                self._on_ping(sid, flags, body, events)
-            elif ftype == FrameType.GOAWAY:
-                self._on_goaway(sid, body, events)
-            elif ftype == FrameType.HELLO:
-                self._on_hello(sid, body, events)
-            # unknown frame types are skipped
+            handler = handlers.get(ftype)
+            if handler is not None:  # unknown frame types are skipped
+                handler(sid, flags, body, events)
             if self._state is _State.CLOSED:
                 break
         return pos
 
-    def _on_hello(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
+    def _on_hello(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
         if self._state is not _State.HANDSHAKE or sid != 0:
             raise RemoteProtocolError("unexpected HELLO")
         version, caps, self._peer, agent = parse_hello(body, self._hello, self.config)
         self.version = version
         self.capabilities = caps & self._hello.capabilities
         self._state = _State.OPEN
-        events.append(ev.HandshakeComplete(version, self.capabilities, self._peer.names, agent))
+        events.append(HandshakeComplete(version, self.capabilities, self._peer.names, agent))
 
-    def _on_open(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
+    def _on_open(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
         self._streams.claim_remote_id(sid)
         if len(body) < 5 or len(body) - 4 > self.config.max_target_len:
             raise RemoteProtocolError("OPEN target missing or too long")
@@ -439,9 +437,9 @@ class Connection:
             self._out += open_result_frame(sid, ErrorCode.STREAM_LIMIT, 0, "too many streams")
             return
         self._streams.add_remote(sid, window, target)
-        events.append(ev.StreamOpened(sid, target))
+        events.append(StreamOpened(sid, target))
 
-    def _on_open_result(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
+    def _on_open_result(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
         s = self._streams.get(sid)
         if len(body) < 8:
             raise RemoteProtocolError("OPEN_RESULT too short")
@@ -449,30 +447,31 @@ class Connection:
             if self._streams.is_local_id(sid) and self._streams.known_closed(sid):
                 return  # we reset it meanwhile
             raise RemoteProtocolError(f"OPEN_RESULT for unknown stream {sid}")
-        if not s.local or s.established:
+        if s.state is not StreamState.OPENING:
             raise RemoteProtocolError(f"unexpected OPEN_RESULT for stream {sid}")
         code, window = U32x2.unpack_from(body)
         message = decode_text(body[8:])
         if code == ErrorCode.NO_ERROR:
             if window == 0 or window > MAX_WINDOW_VALUE:
                 raise RemoteProtocolError("OPEN_RESULT grants an invalid window", ErrorCode.FLOW_CONTROL_ERROR)
-            s.established = True
+            s.transition(StreamInput.RECV_OPEN_OK)
             s.send_credit = window
         else:
+            s.transition(StreamInput.RECV_OPEN_REFUSED)
             self._forget(sid)
-        events.append(ev.OpenResult(sid, ErrorCode.from_wire(code), message))
+        events.append(OpenResult(sid, ErrorCode.from_wire(code), message))
 
-    def _on_data(self, sid: int, flags: int, body: memoryview, events: list[ev.Event]) -> None:
+    def _on_data(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
         s = self._streams.get(sid)
         n = len(body)
         if s is None:
             if self._streams.known_closed(sid):
                 return  # in flight when we reset it
             raise RemoteProtocolError(f"DATA for unknown stream {sid}")
+        fin = bool(flags & FLAG_FIN)
         if not s.established:
             raise RemoteProtocolError(f"DATA before the stream {sid} was opened")
-        if s.remote_fin:
-            raise RemoteProtocolError(f"DATA after FIN on stream {sid}")
+        s.transition(StreamInput.RECV_DATA)
         w = s.recv
         if n > w.credit:
             raise RemoteProtocolError(
@@ -482,17 +481,14 @@ class Connection:
         w.credit -= n
         w.buffered += n
         self.bytes_received += n
-        fin = bool(flags & FLAG_FIN)
         if n:
-            events.append(ev.DataReceived(sid, body.tobytes(), fin))
-        elif fin:
-            events.append(ev.StreamEnded(sid))
+            events.append(DataReceived(sid, body.tobytes()))
         if fin:
-            s.remote_fin = True
-            if s.done:
-                self._forget_when_drained(s)
+            s.transition(StreamInput.RECV_FIN)
+            events.append(StreamEnded(sid))
+            self._streams.forget_if_done(s)
 
-    def _on_window(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
+    def _on_window(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
         if len(body) != 4:
             raise RemoteProtocolError("WINDOW payload must be 4 bytes")
         (inc,) = U32.unpack_from(body)
@@ -503,11 +499,12 @@ class Connection:
             raise RemoteProtocolError(f"WINDOW for unknown stream {sid}")
         if inc == 0 or s.send_credit + inc > MAX_WINDOW_VALUE:
             raise RemoteProtocolError("invalid WINDOW increment", ErrorCode.FLOW_CONTROL_ERROR)
+        s.transition(StreamInput.RECV_WINDOW)
         s.send_credit += inc
         if not s.local_fin:
-            events.append(ev.WindowUpdated(sid, inc))
+            events.append(WindowUpdated(sid, inc))
 
-    def _on_reset(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
+    def _on_reset(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
         if len(body) < 4:
             raise RemoteProtocolError("RESET too short")
         if sid not in self._streams:
@@ -516,21 +513,21 @@ class Connection:
             raise RemoteProtocolError(f"RESET for unknown stream {sid}")
         (code,) = U32.unpack_from(body)
         self._forget(sid)
-        events.append(ev.StreamReset(sid, ErrorCode.from_wire(code), decode_text(body[4:])))
+        events.append(StreamReset(sid, ErrorCode.from_wire(code), decode_text(body[4:])))
 
-    def _on_ping(self, sid: int, flags: int, body: memoryview, events: list[ev.Event]) -> None:
+    def _on_ping(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
         if sid != 0 or len(body) != PING_SIZE:
             raise RemoteProtocolError("malformed PING")
         payload = body.tobytes()
         if flags & FLAG_ACK:
-            events.append(ev.PongReceived(payload, self._rtt.answered(payload, self._now())))
+            events.append(PongReceived(payload, self._rtt.answered(payload, self._now())))
             return
         self._pending_pongs += 1
         if self._pending_pongs > MAX_PENDING_PONGS:
             raise RemoteProtocolError("PING flood", ErrorCode.ENHANCE_YOUR_CALM)
         self._out += ping_frame(payload, ack=True)
 
-    def _on_goaway(self, sid: int, body: memoryview, events: list[ev.Event]) -> None:
+    def _on_goaway(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
         if sid != 0 or len(body) < 8:
             raise RemoteProtocolError("malformed GOAWAY")
         last, code = U32x2.unpack_from(body)
@@ -539,28 +536,17 @@ class Connection:
         # our streams above `last` were never seen by the peer
         for sid2 in [s.stream_id for s in self._streams if s.local and s.stream_id > last]:
             self._forget(sid2)
-            events.append(ev.StreamReset(sid2, ErrorCode.GOING_AWAY, "peer is going away"))
-        events.append(ev.GoAwayReceived(last, ErrorCode.from_wire(code), decode_text(body[8:])))
+            events.append(StreamReset(sid2, ErrorCode.GOING_AWAY, "peer is going away"))
+        events.append(GoAwayReceived(last, ErrorCode.from_wire(code), decode_text(body[8:])))
 
     # ------------------------------------------------------------------ bookkeeping
     def _now(self) -> float | None:
         return self._clock() if self._clock is not None else None
 
-    def _local_fin(self, s: StreamState) -> None:
-        s.local_fin = True
-        if s.done:
-            self._forget_when_drained(s)
-
-    def _forget_when_drained(self, s: StreamState) -> None:
-        # Both directions ended. Keep the entry while the consumer still holds unconsumed bytes,
-        # so `consumed()` stays legal; the budget share is released either way.
-        if s.recv.buffered == 0:
-            self._forget(s.stream_id)
-
     def release(self, stream_id: int) -> None:
         """The application is done with a finished stream (both FINs seen): drop its state."""
         s = self._streams.get(stream_id)
-        if s is not None and s.done:
+        if s is not None and s.state is StreamState.CLOSED:
             self._forget(stream_id)
 
     def _forget(self, stream_id: int) -> None:

@@ -1,5 +1,24 @@
-"""The stream table: which streams exist, who opened them, which ids are spent.
+"""Streams: the state machine of one stream, and the table of live streams.
 
+State machine
+-------------
+Each stream is in one `StreamState`; every event that touches it is a `StreamInput`, and the only
+legal moves are the entries of `_TRANSITIONS` (as h2's stream state machine and h11's `_state`).
+Anything else is a protocol error: `LocalProtocolError` when *we* asked for it (a SEND_* input),
+`RemoteProtocolError` when the *peer* did (a RECV_* input)::
+
+    OPENING --RECV_OPEN_OK--> OPEN        PENDING --SEND_ACCEPT--> OPEN
+    OPENING --RECV_OPEN_REFUSED--> CLOSED  PENDING --SEND_REJECT--> CLOSED
+    OPEN --SEND_FIN--> HALF_CLOSED_LOCAL --RECV_FIN--> CLOSED
+    OPEN --RECV_FIN--> HALF_CLOSED_REMOTE --SEND_FIN--> CLOSED
+    DATA may be sent in OPEN and HALF_CLOSED_REMOTE, received in OPEN and HALF_CLOSED_LOCAL.
+
+A RESET (either way) removes the stream whatever its state. A CLOSED stream stays in the table
+only while the consumer still holds received bytes (so `consumed()` stays legal); it is forgotten
+the moment the last one is consumed, or when the application releases it.
+
+Table
+-----
 Ids only grow; the side that dialled (client) uses odd ids, the other even ones. An id below the
 next local id, or at or below the highest remote id, existed once: late frames for it (in flight
 when it was reset) are dropped, while frames for ids never seen are protocol errors. Forgetting a
@@ -8,41 +27,106 @@ stream releases its share of the session budget.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from kins_tunnel.proto.errors import RemoteProtocolError
+from kins_tunnel.proto.errors import LocalProtocolError, RemoteProtocolError
 from kins_tunnel.proto.flow import Budget, ReceiveWindow
 from kins_tunnel.proto.handshake import Role
 
 
+class StreamState(enum.Enum):
+    OPENING = "opening"  # we sent OPEN; no answer yet
+    PENDING = "pending"  # the peer sent OPEN; we have not answered
+    OPEN = "open"
+    HALF_CLOSED_LOCAL = "half-closed (local)"  # we sent FIN
+    HALF_CLOSED_REMOTE = "half-closed (remote)"  # the peer sent FIN
+    CLOSED = "closed"  # both FINs, or refused
+
+
+class StreamInput(enum.Enum):
+    SEND_ACCEPT = "accept"
+    SEND_REJECT = "reject"
+    SEND_DATA = "send DATA"
+    SEND_FIN = "send FIN"
+    RECV_OPEN_OK = "OPEN_RESULT (opened)"
+    RECV_OPEN_REFUSED = "OPEN_RESULT (refused)"
+    RECV_DATA = "DATA"
+    RECV_FIN = "FIN"
+    RECV_WINDOW = "WINDOW"
+
+
+S, In = StreamState, StreamInput
+_TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
+    (S.PENDING, In.SEND_ACCEPT): S.OPEN,
+    (S.PENDING, In.SEND_REJECT): S.CLOSED,
+    (S.OPENING, In.RECV_OPEN_OK): S.OPEN,
+    (S.OPENING, In.RECV_OPEN_REFUSED): S.CLOSED,
+    (S.OPEN, In.SEND_DATA): S.OPEN,
+    (S.HALF_CLOSED_REMOTE, In.SEND_DATA): S.HALF_CLOSED_REMOTE,
+    (S.OPEN, In.SEND_FIN): S.HALF_CLOSED_LOCAL,
+    (S.HALF_CLOSED_REMOTE, In.SEND_FIN): S.CLOSED,
+    (S.OPEN, In.RECV_DATA): S.OPEN,
+    (S.HALF_CLOSED_LOCAL, In.RECV_DATA): S.HALF_CLOSED_LOCAL,
+    (S.OPEN, In.RECV_FIN): S.HALF_CLOSED_REMOTE,
+    (S.HALF_CLOSED_LOCAL, In.RECV_FIN): S.CLOSED,
+    # Credit may come at any time; on a stream we finished it is simply not used.
+    **{(state, In.RECV_WINDOW): state for state in S},
+}
+del S, In
+
+_ESTABLISHED = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE,
+                          StreamState.CLOSED})
+_LOCAL_FIN = frozenset({StreamState.HALF_CLOSED_LOCAL, StreamState.CLOSED})
+_REMOTE_FIN = frozenset({StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED})
+
+
 @dataclass(slots=True)
-class StreamState:
+class Stream:
+    """The record of one live stream."""
+
     stream_id: int
     local: bool  # we opened it
     recv: ReceiveWindow
+    state: StreamState
     send_credit: int = 0
-    established: bool = False  # OPEN_RESULT ok sent or received
-    local_fin: bool = False  # we sent FIN
-    remote_fin: bool = False  # the peer sent FIN
     target: str = ""
 
+    def transition(self, event: StreamInput) -> None:
+        """Move to the next state, or raise the protocol error of whoever broke the rules."""
+        new = _TRANSITIONS.get((self.state, event))
+        if new is None:
+            message = f"stream {self.stream_id}: {event.value} is not allowed when {self.state.value}"
+            if event.name.startswith("SEND_"):
+                raise LocalProtocolError(message)
+            raise RemoteProtocolError(message)
+        self.state = new
+
     @property
-    def done(self) -> bool:
-        return self.local_fin and self.remote_fin
+    def established(self) -> bool:
+        return self.state in _ESTABLISHED
+
+    @property
+    def local_fin(self) -> bool:
+        return self.state in _LOCAL_FIN
+
+    @property
+    def remote_fin(self) -> bool:
+        return self.state in _REMOTE_FIN
 
 
 class StreamTable:
     def __init__(self, role: Role, budget: Budget) -> None:
         self._client = role is Role.CLIENT
         self._budget = budget
-        self._streams: dict[int, StreamState] = {}
+        self._streams: dict[int, Stream] = {}
         self.next_local_id = 1 if self._client else 2
         self.highest_remote_id = 0
         self.local_open = 0  # concurrent streams we opened
         self.remote_open = 0  # concurrent streams the peer opened
 
-    def get(self, sid: int) -> StreamState | None:
+    def get(self, sid: int) -> Stream | None:
         return self._streams.get(sid)
 
     def __contains__(self, sid: int) -> bool:
@@ -51,13 +135,13 @@ class StreamTable:
     def __len__(self) -> int:
         return len(self._streams)
 
-    def __iter__(self) -> Iterator[StreamState]:
+    def __iter__(self) -> Iterator[Stream]:
         return iter(list(self._streams.values()))
 
-    def open_local(self, recv: ReceiveWindow, target: str) -> StreamState:
+    def open_local(self, recv: ReceiveWindow, target: str) -> Stream:
         sid = self.next_local_id
         self.next_local_id += 2
-        s = self._streams[sid] = StreamState(sid, True, recv, target=target)
+        s = self._streams[sid] = Stream(sid, True, recv, StreamState.OPENING, target=target)
         self.local_open += 1
         return s
 
@@ -69,9 +153,9 @@ class StreamTable:
             raise RemoteProtocolError(f"OPEN reuses stream id {sid}")
         self.highest_remote_id = sid
 
-    def add_remote(self, sid: int, send_credit: int, target: str) -> StreamState:
-        s = self._streams[sid] = StreamState(sid, False, ReceiveWindow(0, 0), send_credit=send_credit,
-                                             target=target)
+    def add_remote(self, sid: int, send_credit: int, target: str) -> Stream:
+        s = self._streams[sid] = Stream(sid, False, ReceiveWindow(0, 0), StreamState.PENDING,
+                                        send_credit=send_credit, target=target)
         self.remote_open += 1
         return s
 
@@ -95,6 +179,11 @@ class StreamTable:
             self.local_open -= 1
         else:
             self.remote_open -= 1
+
+    def forget_if_done(self, s: Stream) -> None:
+        """Forget a CLOSED stream once the consumer holds none of its bytes."""
+        if s.state is StreamState.CLOSED and s.recv.buffered == 0:
+            self.forget(s.stream_id)
 
     def forget_all(self) -> None:
         for sid in list(self._streams):

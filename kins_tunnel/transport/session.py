@@ -23,27 +23,19 @@ import collections
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
+from kins_tunnel.errors import OpenFailed
 from kins_tunnel.proto import (
     Connection,
-    ConnectionTerminated,
-    DataReceived,
     ErrorCode,
-    Event,
-    GoAwayReceived,
-    HandshakeComplete,
     LocalProtocolError,
-    OpenResult,
-    PongReceived,
     RemoteProtocolError,
-    StreamEnded,
-    StreamOpened,
-    StreamReset,
-    WindowUpdated,
     code_text,
 )
+from kins_tunnel.proto import events as ev
 from kins_tunnel.transport.stream import TunnelStream
 from kins_tunnel.transport.tls import READ_BATCH, TLSSocket, TransportError
 
@@ -79,15 +71,6 @@ def _shared_read_buffer() -> memoryview:
         return view
 
 
-class OpenError(Exception):
-    """The peer refused to open a stream (or did not answer in time). `code` is the wire code."""
-
-    def __init__(self, code: ErrorCode | int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass(frozen=True, slots=True)
 class SessionStatistics:
     streams: int
@@ -121,7 +104,7 @@ class Session:
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._streams: dict[int, TunnelStream] = {}
-        self._opening: dict[int, trio.MemorySendChannel[tuple[OpenResult, TunnelStream | None]]] = {}
+        self._opening: dict[int, trio.MemorySendChannel[tuple[ev.OpenResult, TunnelStream | None]]] = {}
         self._chunk: memoryview | None = None  # chunk OpenSSL must see again
         self._queued: collections.deque[memoryview] = collections.deque()
         self._queued_bytes = 0
@@ -139,6 +122,19 @@ class Session:
         self.stalls = 0
         self.handshake_failure: str | None = None  # a short label when the HELLO exchange failed
         self._nursery: trio.Nursery | None = None
+        # event type -> handler: one lookup per event on the reader's path
+        self._handlers: dict[type[ev.Event], Callable[[Any], None]] = {
+            ev.DataReceived: self._on_data,
+            ev.WindowUpdated: self._on_window,
+            ev.StreamEnded: self._on_end,
+            ev.StreamOpened: self._on_stream_opened,
+            ev.OpenResult: self._on_open_result,
+            ev.StreamReset: self._on_reset,
+            ev.PongReceived: self._on_pong,
+            ev.HandshakeComplete: self._on_handshake,
+            ev.GoAwayReceived: self._on_goaway,
+            ev.ConnectionTerminated: self._on_terminated,
+        }
 
     # ------------------------------------------------------------------ lifecycle
     async def serve(self, *, handshake_timeout: float = 10.0,
@@ -222,14 +218,14 @@ class Session:
 
     # ------------------------------------------------------------------ streams
     async def open_stream(self, target: str, timeout: float) -> TunnelStream:
-        """Ask the peer to open a stream to `target`; OpenError on refusal or after `timeout`."""
+        """Ask the peer to open a stream to `target`; OpenFailed on refusal or after `timeout`."""
         if not self.usable:
-            raise OpenError(ErrorCode.GOING_AWAY, "tunnel is not available")
+            raise OpenFailed(ErrorCode.GOING_AWAY, "tunnel is not available")
         try:
             sid = self.conn.open_stream(target)
         except LocalProtocolError as exc:
-            raise OpenError(exc.code, str(exc)) from None
-        send, recv = trio.open_memory_channel[tuple[OpenResult, "TunnelStream | None"]](1)
+            raise OpenFailed(exc.code, str(exc)) from None
+        send, recv = trio.open_memory_channel[tuple[ev.OpenResult, "TunnelStream | None"]](1)
         self._opening[sid] = send
         self._kick()
         stream: TunnelStream | None = None
@@ -239,12 +235,12 @@ class Session:
                 try:
                     result, stream = await recv.receive()
                 except trio.EndOfChannel:
-                    raise OpenError(ErrorCode.CONNECT_ERROR, f"tunnel closed: {self.close_reason}") from None
+                    raise OpenFailed(ErrorCode.CONNECT_ERROR, f"tunnel closed: {self.close_reason}") from None
                 if not result.ok or stream is None:
-                    raise OpenError(result.code, result.message or code_text(result.code))
+                    raise OpenFailed(result.code, result.message or code_text(result.code))
                 returned = True
                 return stream
-            raise OpenError(ErrorCode.TIMEOUT, f"edge did not answer within {timeout:g}s")
+            raise OpenFailed(ErrorCode.TIMEOUT, f"edge did not answer within {timeout:g}s")
         finally:
             pending = self._opening.pop(sid, None) is not None
             if stream is not None and not returned:
@@ -261,7 +257,7 @@ class Session:
         self._kick()
         return stream
 
-    def reject(self, stream_id: int, code: ErrorCode, message: str) -> None:
+    def reject(self, stream_id: int, code: ErrorCode | int, message: str) -> None:
         if self.closed.is_set():
             return
         try:
@@ -373,10 +369,11 @@ class Session:
             self._report("session", exc)
             self.close(f"internal error: {type(exc).__name__}", ErrorCode.INTERNAL_ERROR)
 
-    def _dispatch(self, events: list[Event]) -> None:
+    def _dispatch(self, events: list[ev.Event]) -> None:
+        handlers = self._handlers
         for e in events:
             try:
-                self._dispatch_one(e)
+                handlers[type(e)](e)
             except Exception as exc:
                 # A bug while handling one stream's event ends that stream, not the tunnel;
                 # connection-level events have no stream to blame and end the tunnel.
@@ -386,59 +383,66 @@ class Session:
                 self._report("stream", exc)
                 self._fail_stream(sid, exc)
 
-    def _dispatch_one(self, e: Event) -> None:
-        streams = self._streams
-        if type(e) is DataReceived:
-            s = streams.get(e.stream_id)
-            if s is not None:
-                s.deliver(e.data, e.end_stream)
-            else:  # closed by the application: like TCP, data after close aborts the stream
-                self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "stream closed")
-        elif type(e) is WindowUpdated:
-            s = streams.get(e.stream_id)
-            if s is not None:
-                s.credit_arrived()
-        elif type(e) is StreamEnded:
-            s = streams.get(e.stream_id)
-            if s is not None:
-                s.deliver(b"", True)
-        elif type(e) is StreamOpened:
-            if self._on_open is None:
-                self.conn.reject_stream(e.stream_id, ErrorCode.NOT_ALLOWED, "this side accepts no streams")
-            else:
-                self._on_open(self, e.stream_id, e.target)
-        elif type(e) is OpenResult:
-            ch = self._opening.pop(e.stream_id, None)
-            if ch is None:
-                if e.ok:
-                    self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "open abandoned")
-            elif e.ok:
-                # Register the stream now, before the opener runs: data (or FIN) the target
-                # sends first may follow in this very batch and must land in the stream.
-                stream = TunnelStream(self, e.stream_id)
-                streams[e.stream_id] = stream
-                ch.send_nowait((e, stream))
-            else:
-                ch.send_nowait((e, None))
-        elif type(e) is StreamReset:
-            s = streams.pop(e.stream_id, None)
-            if s is not None:
-                s.broken(f"reset by peer: {e.message or code_text(e.code)}", e.code)
-            ch = self._opening.pop(e.stream_id, None)
-            if ch is not None:
-                ch.send_nowait((OpenResult(e.stream_id, e.code, e.message), None))
-        elif type(e) is PongReceived:
-            if e.rtt is not None:
-                self.rtt = e.rtt
-        elif type(e) is HandshakeComplete:
-            self.peer_names = e.names
-            self.peer_agent = e.agent
-            self.handshake_done.set()
-        elif type(e) is GoAwayReceived:
-            self.draining = True
-            log.info("%s: peer is draining (%s)", self.label, e.reason or "no reason")
-        elif type(e) is ConnectionTerminated:
-            self.close_reason = e.reason
+    def _on_data(self, e: ev.DataReceived) -> None:
+        s = self._streams.get(e.stream_id)
+        if s is not None:
+            s.deliver(e.data, False)
+        else:  # closed by the application: like TCP, data after close aborts the stream
+            self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "stream closed")
+
+    def _on_window(self, e: ev.WindowUpdated) -> None:
+        s = self._streams.get(e.stream_id)
+        if s is not None:
+            s.credit_arrived()
+
+    def _on_end(self, e: ev.StreamEnded) -> None:
+        s = self._streams.get(e.stream_id)
+        if s is not None:
+            s.deliver(b"", True)
+
+    def _on_stream_opened(self, e: ev.StreamOpened) -> None:
+        if self._on_open is None:
+            self.conn.reject_stream(e.stream_id, ErrorCode.NOT_ALLOWED, "this side accepts no streams")
+        else:
+            self._on_open(self, e.stream_id, e.target)
+
+    def _on_open_result(self, e: ev.OpenResult) -> None:
+        ch = self._opening.pop(e.stream_id, None)
+        if ch is None:
+            if e.ok:
+                self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "open abandoned")
+        elif e.ok:
+            # Register the stream now, before the opener runs: data (or FIN) the target
+            # sends first may follow in this very batch and must land in the stream.
+            stream = TunnelStream(self, e.stream_id)
+            self._streams[e.stream_id] = stream
+            ch.send_nowait((e, stream))
+        else:
+            ch.send_nowait((e, None))
+
+    def _on_reset(self, e: ev.StreamReset) -> None:
+        s = self._streams.pop(e.stream_id, None)
+        if s is not None:
+            s.broken(f"reset by peer: {e.message or code_text(e.code)}", e.code)
+        ch = self._opening.pop(e.stream_id, None)
+        if ch is not None:
+            ch.send_nowait((ev.OpenResult(e.stream_id, e.code, e.message), None))
+
+    def _on_pong(self, e: ev.PongReceived) -> None:
+        if e.rtt is not None:
+            self.rtt = e.rtt
+
+    def _on_handshake(self, e: ev.HandshakeComplete) -> None:
+        self.peer_names = e.names
+        self.peer_agent = e.agent
+        self.handshake_done.set()
+
+    def _on_goaway(self, e: ev.GoAwayReceived) -> None:
+        self.draining = True
+        log.info("%s: peer is draining (%s)", self.label, e.reason or "no reason")
+
+    def _on_terminated(self, e: ev.ConnectionTerminated) -> None:
+        self.close_reason = e.reason
 
     # ------------------------------------------------------------------ writer
     def _kick(self) -> None:

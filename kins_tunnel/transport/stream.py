@@ -87,7 +87,6 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._sink: int | None = None
         self._sink_busy = False
         self.direct_bytes = 0
-        self.route: tuple[str, str] = ("", "")  # (unit, node) that serves it, set by the opener
 
     # Direct delivery: when a relay copies this stream into a TCP socket, the reader task writes
     # arriving bytes straight into that socket (non-blocking) instead of waking the relay task:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 READ_BATCH = 256 * 1024  # plaintext bytes gathered per wake-up
+TLS_MAX_RECORD = 16384  # plaintext bytes of a full TLS record: a shorter one ends a burst
 
 
 class TransportError(Exception):
@@ -38,6 +39,7 @@ class TLSSocket:
     def __init__(self, sslsock: ssl.SSLSocket) -> None:
         self._s = sslsock
         self._closed = False
+        self._peer_der: bytes | None = None
         self.drained = False  # the last receive_into emptied the socket as far as we can tell
 
     @classmethod
@@ -60,13 +62,15 @@ class TLSSocket:
         return self._s.fileno()
 
     def peer_certificate_der(self) -> bytes | None:
-        return self._s.getpeercert(binary_form=True)
+        """The peer's certificate (DER) as of the handshake; still there after `close()`."""
+        return self._peer_der
 
     async def do_handshake(self) -> None:
         """Run the TLS handshake; the caller sets the deadline."""
         while True:
             try:
                 self._s.do_handshake()
+                self._peer_der = self._s.getpeercert(binary_form=True)
                 return
             except ssl.SSLWantReadError:
                 await trio.lowlevel.wait_readable(self._s)
@@ -90,7 +94,7 @@ class TLSSocket:
                 if got == 0:
                     return n if n else 0
                 n += got
-                if got < 16384 and not pending():
+                if got < TLS_MAX_RECORD and not pending():
                     self.drained = True  # a short record, nothing buffered: wait before reading
                     return n
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):

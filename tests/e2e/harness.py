@@ -24,6 +24,7 @@ import trio
 import yaml
 
 from kins_tunnel.certs import init_ca, issue_edge
+from kins_tunnel.cloud.aliases import Resolver
 from kins_tunnel.cloud.server import Cloud, CloudPorts
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
@@ -47,6 +48,8 @@ def cloud_dict(certs: Path, **over: Any) -> dict[str, Any]:
         "proxy": {"listen": "127.0.0.1:0"},
         "admin": {"listen": "127.0.0.1:0"},
         "tls": {"ca": str(certs / "ca.crt"), "cert": str(certs / "cloud.crt"), "key": str(certs / "cloud.key")},
+        # no lookups in the test machine's DNS; tests of discovery inject a resolver
+        "alias_discovery": {"enabled": False},
     }
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(d.get(k), dict):
@@ -100,9 +103,13 @@ async def wait_routed(cloud: Cloud, name: str, timeout: float = 10) -> None:
 
 
 @contextlib.asynccontextmanager
-async def tunnel_env(base: Path, services: Mapping[str, Any] | None = None, **cloud_over: Any) -> AsyncIterator[TunnelEnv]:
+async def tunnel_env(base: Path, services: Mapping[str, Any] | None = None, *, resolver: Resolver | None = None,
+                     **cloud_over: Any) -> AsyncIterator[TunnelEnv]:
+    """A cloud (config: `cloud_dict` with `cloud_over`) and, with `services`, one edge serving them.
+    `resolver` replaces DNS for ClusterIP alias discovery."""
     certs = make_certs(base)
-    cloud = Cloud(cloud_config_from_dict(cloud_dict(certs, **cloud_over), base_dir=base))
+    cfg = cloud_config_from_dict(cloud_dict(certs, **cloud_over), base_dir=base)
+    cloud = Cloud(cfg) if resolver is None else Cloud(cfg, resolver=resolver)
     async with trio.open_nursery() as nursery:
         ports = await nursery.start(cloud.run)
         env = TunnelEnv(base, certs, cloud, ports, nursery=nursery)

@@ -1,5 +1,5 @@
 """Real clients through the tunnel: kubectl via `proxy-url`, curl `--proxy`, ssh via a CONNECT
-ProxyCommand. The K3s API is the stand-in test double (kins_tunnel.k3s_standin)."""
+ProxyCommand. The K3s API is the stand-in test double (kins_tunnel.testing.k3s_standin)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ import pytest
 import trio
 
 from kins_tunnel.demo import write_kubeconfig
-from kins_tunnel.k3s_standin import blob_bytes, make_self_signed_server_context, serve_k3s_standin
+from kins_tunnel.testing.k3s_standin import (
+    blob_bytes,
+    make_self_signed_server_context,
+    serve_k3s_standin,
+)
 from tests.e2e.harness import SVC, tunnel_env
 from tests.e2e.sshd import HAVE_SSH, USER, throwaway_sshd
 
@@ -40,7 +44,7 @@ async def test_kubectl_through_proxy_url(tmp_path: Path) -> None:
             home.mkdir()
             r = await kubectl(kc, "version", "-o", "json", home=home)
             assert r.returncode == 0, r.stderr
-            assert b"v1.28.5+k3s1" in r.stdout
+            assert b"v1.30.6+k3s1" in r.stdout
             r = await kubectl(kc, "get", "pods", home=home)
             assert r.returncode == 0, r.stderr
             assert b"test-server-kins" in r.stdout and b"Running" in r.stdout

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kins_tunnel.proto import Connection, Event, Hello, MuxConfig, Role
+from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
+from kins_tunnel.proto.events import Event
 
 
 class FakeClock:
@@ -58,3 +59,25 @@ class Pair:
     def take(self, side: str) -> list[Event]:
         got, self.events[side] = self.events[side], []
         return got
+
+
+def check_invariants(conn: Connection) -> None:
+    """Assert the flow-control and stream-count invariants of one connection (test-only: it reads
+    the connection's private tables, which no product code may)."""
+    from kins_tunnel.proto.flow import MIN_WINDOW
+
+    streams = list(conn._streams)  # noqa: SLF001
+    total = 0
+    for s in streams:
+        s.recv.check_invariant()
+        total += s.recv.size
+        assert s.send_credit >= 0
+    assert total == conn._budget.granted  # noqa: SLF001
+    floor_streams = conn.config.max_streams + conn._peer.max_streams  # noqa: SLF001
+    assert conn._budget.granted <= conn.config.session_budget + floor_streams * MIN_WINDOW  # noqa: SLF001
+    assert conn._streams.remote_open <= conn.config.max_streams  # noqa: SLF001
+    assert conn._streams.local_open <= max(conn._peer.max_streams, 0) or not streams  # noqa: SLF001
+
+
+def open_streams(conn: Connection) -> int:
+    return conn.statistics().streams

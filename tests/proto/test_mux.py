@@ -6,18 +6,20 @@ import pytest
 
 from kins_tunnel.proto import (
     Connection,
-    ConnectionTerminated,
-    DataReceived,
     ErrorCode,
-    GoAwayReceived,
-    HandshakeComplete,
     Hello,
     LocalProtocolError,
     MuxConfig,
-    OpenResult,
-    PongReceived,
     RemoteProtocolError,
     Role,
+)
+from kins_tunnel.proto.events import (
+    ConnectionTerminated,
+    DataReceived,
+    GoAwayReceived,
+    HandshakeComplete,
+    OpenResult,
+    PongReceived,
     StreamEnded,
     StreamOpened,
     StreamReset,
@@ -25,7 +27,7 @@ from kins_tunnel.proto import (
 )
 from kins_tunnel.proto.flow import MIN_WINDOW
 from kins_tunnel.proto.frames import FrameType, frame, pack_header
-from tests.proto.helpers import Pair
+from tests.proto.helpers import Pair, check_invariants, open_streams
 
 TARGET = "test-svc-kins.kins-system:443"
 
@@ -101,15 +103,15 @@ def test_open_accept_data_both_ways_and_half_close() -> None:
     assert pair.server.send_data(sid, b"hello edge", end_stream=True) == 10
     pair.pump()
     got = pair.take("client")
-    assert got == [DataReceived(sid, b"hello edge", True)]
+    assert got == [DataReceived(sid, b"hello edge"), StreamEnded(sid)]  # one FIN signal, always
     # the client's direction is still open after the server's FIN
     assert pair.client.send_data(sid, b"reply", end_stream=False) == 5
     pair.client.end_stream(sid)
     pair.pump()
-    assert pair.take("server") == [DataReceived(sid, b"reply", False), StreamEnded(sid)]
+    assert pair.take("server") == [DataReceived(sid, b"reply"), StreamEnded(sid)]
     pair.server.consumed(sid, 5)
     pair.client.consumed(sid, 10)
-    assert pair.server.open_streams() == pair.client.open_streams() == 0
+    assert open_streams(pair.server) == open_streams(pair.client) == 0
 
 
 def test_reject_carries_code_and_message() -> None:
@@ -121,7 +123,7 @@ def test_reject_carries_code_and_message() -> None:
     pair.pump()
     res = [e for e in pair.take("server") if isinstance(e, OpenResult)]
     assert res == [OpenResult(sid, ErrorCode.NOT_ALLOWED, "edge1:22 is not in services")]
-    assert pair.server.open_streams() == 0 and pair.client.open_streams() == 0
+    assert open_streams(pair.server) == 0 and open_streams(pair.client) == 0
 
 
 def test_reset_discards_stream_and_late_frames_are_ignored() -> None:
@@ -175,7 +177,7 @@ def test_unread_stream_never_blocks_another() -> None:
                 pair.client.consumed(live, len(e.data))
         pair.pump()
         received += received_now
-        pair.client.check_invariants()
+        check_invariants(pair.client)
     assert received > 10 << 20
     assert pair.client.statistics().buffered == 64 * 1024  # only the stuck stream's one window
 
@@ -233,7 +235,7 @@ def test_session_budget_caps_the_sum_of_windows() -> None:
     stats = pair.client.statistics()
     assert stats.granted <= budget + 8 * MIN_WINDOW
     assert stats.buffered <= stats.granted
-    pair.client.check_invariants()
+    check_invariants(pair.client)
 
 
 def test_ping_measures_rtt_with_the_injected_clock() -> None:
@@ -272,7 +274,7 @@ def test_goaway_drains_existing_streams_and_refuses_new() -> None:
     # the open stream still works
     pair.server.send_data(sid, b"still here", end_stream=True)
     pair.pump()
-    assert DataReceived(sid, b"still here", True) in pair.take("client")
+    assert DataReceived(sid, b"still here") in pair.take("client")
 
 
 def test_goaway_resets_our_unprocessed_streams() -> None:
@@ -345,7 +347,7 @@ def test_eof_terminates_and_forgets_streams() -> None:
     open_pair(pair)
     got = pair.server.receive_data(b"")
     assert isinstance(got[0], ConnectionTerminated)
-    assert pair.server.open_streams() == 0 and pair.server.closed
+    assert open_streams(pair.server) == 0 and pair.server.closed
 
 
 def test_target_too_long_is_refused_locally() -> None:
@@ -367,3 +369,28 @@ def test_frames_split_at_every_byte_boundary() -> None:
         got += pair.client.receive_data(raw[i : i + 1])
     data = b"".join(e.data for e in got if isinstance(e, DataReceived))
     assert data == b"0123456789" * 10
+
+
+def test_receive_data_copies_what_it_keeps_so_the_caller_may_reuse_its_buffer() -> None:
+    """The copy contract the transport's shared read buffer relies on: after `receive_data`
+    returns, nothing (event payloads, a partial frame) refers to the caller's buffer."""
+    pair = Pair()
+    pair.handshake()
+    sid = pair.server.open_stream("test-svc-kins.kins-system:443")
+    pair.pump()
+    pair.client.accept_stream(sid)
+    pair.pump()
+    pair.take("client")
+    pair.client.send_data(sid, b"A" * 1000)
+    pair.client.send_data(sid, b"B" * 1000)
+    wire = bytes(pair.client.data_to_send())
+    shared = bytearray(len(wire))
+    cut = len(wire) - 300  # the second frame arrives in two reads
+    shared[:cut] = wire[:cut]
+    first = pair.server.receive_data(memoryview(shared)[:cut])
+    shared[:] = b"\xee" * len(shared)  # the next read reuses the buffer
+    shared[:300] = wire[cut:]
+    second = pair.server.receive_data(memoryview(shared)[:300])
+    shared[:] = b"\xff" * len(shared)
+    data = b"".join(e.data for e in first + second if isinstance(e, DataReceived))
+    assert data == b"A" * 1000 + b"B" * 1000

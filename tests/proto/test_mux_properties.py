@@ -10,20 +10,23 @@ from hypothesis import strategies as st
 
 from kins_tunnel.proto import (
     Connection,
-    DataReceived,
     ErrorCode,
     Hello,
     LocalProtocolError,
     MuxConfig,
-    OpenResult,
     RemoteProtocolError,
     Role,
+)
+from kins_tunnel.proto.events import (
+    DataReceived,
+    OpenResult,
     StreamEnded,
     StreamOpened,
     StreamReset,
 )
 from kins_tunnel.proto.flow import MIN_WINDOW
 from kins_tunnel.proto.frames import HEADER_SIZE
+from tests.proto.helpers import check_invariants
 
 # CI runs bounded example counts; KINS_FUZZ_SCALE=40 (for example) makes a long fuzzing run.
 SCALE = int(os.environ.get("KINS_FUZZ_SCALE", "1"))
@@ -93,8 +96,6 @@ class World:
                 key = (e.stream_id, dst)
                 self.received.setdefault(key, bytearray()).extend(e.data)
                 self.unconsumed[key] = self.unconsumed.get(key, 0) + len(e.data)
-                if e.end_stream:
-                    self.fin_seen.add(key)
             elif isinstance(e, StreamEnded):
                 self.fin_seen.add((e.stream_id, dst))
             elif isinstance(e, StreamReset):
@@ -104,7 +105,7 @@ class World:
     def check(self) -> None:
         for side in SIDES:
             c = self.conn[side]
-            c.check_invariants()
+            check_invariants(c)
             stats = c.statistics()
             assert stats.buffered <= stats.granted
             assert stats.granted <= CFG.session_budget + 2 * CFG.max_streams * MIN_WINDOW
@@ -230,7 +231,7 @@ def feed(conn: Connection, raw: bytes, cuts: list[int]) -> None:
             return
         pos = cut
         assert len(conn._inbuf) < HEADER_SIZE + 64 * 1024
-        conn.check_invariants()
+        check_invariants(conn)
 
 
 @settings(max_examples=500 * SCALE, deadline=None)

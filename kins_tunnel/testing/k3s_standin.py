@@ -2,8 +2,10 @@
 
 This is a test double, not a Kubernetes implementation: it answers just enough of the API, over
 HTTPS, for real `kubectl` to work against it (`version`, discovery, `get pods` as a server-side
-Table, `get pods --watch`, `logs [-f]`), plus two endpoints of its own for moving bulk data
-through a tunnel and checking it byte for byte:
+Table, `get pods --watch`, `logs [-f]`, `exec`/`attach`/`cp` over the WebSocket remote-command
+protocol with a fixed set of sandboxed commands, see `remotecommand` and `sandbox`, and
+`port-forward` to built-in echo and digest ports, see `portforward`), plus two
+endpoints of its own for moving bulk data through a tunnel and checking it byte for byte:
 
 - ``GET /kins-standin/blob?bytes=N&seed=S`` streams exactly N bytes of `blob_bytes(N, S)`;
 - ``POST|PUT /kins-standin/upload`` reads the body and answers ``{"bytes": n, "sha256": hex}``.
@@ -13,6 +15,11 @@ Theory of operation: `serve_k3s_standin` accepts TCP connections, wraps each in 
 connection (keep-alive supported): every read and every write has a deadline, and the handler ends
 by closing the stream forcefully. Streaming answers (watch, `logs -f`) are chunked; while they
 run, a second task watches the socket so that a client that goes away ends the stream at once.
+Cancelling `serve_k3s_standin` (stopping the stand-in) closes every connection, watches included,
+so clients see the server go away instead of waiting on a silent socket. An exec upgrade hands the
+connection to `remotecommand.serve_remote_command`; SPDY for exec (kubectl's fallback, ``POST``
+with ``Upgrade: SPDY/3.1``) is answered with an error; port-forward speaks SPDY/3.1, plain or
+inside a WebSocket (`portforward.serve_port_forward`).
 
 The blob is AES-128-CTR over zeros, keyed by the seed: deterministic, pseudo-random, seekable
 (any offset can be produced without the bytes before it) and ~1 GB/s, so it is never the
@@ -27,9 +34,12 @@ import hashlib
 import ipaddress
 import json
 import logging
+import shutil
 import ssl
+import tempfile
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -42,6 +52,23 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.x509.oid import NameOID
+from wsproto.utilities import ProtocolError as WebSocketProtocolError
+
+from kins_tunnel.testing.portforward import WEBSOCKET_PROTOCOL as PORT_FORWARD_WEBSOCKET
+from kins_tunnel.testing.portforward import (
+    RawTransport,
+    SpdyProtocolError,
+    WebSocketTransport,
+    serve_port_forward,
+)
+from kins_tunnel.testing.remotecommand import (
+    ExecOptions,
+    UpgradeRefused,
+    accept_websocket,
+    is_websocket_upgrade,
+    serve_remote_command,
+)
+from kins_tunnel.testing.sandbox import Sandbox, run_command
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +76,7 @@ READ_TIMEOUT = 30.0  # seconds allowed for any single read (idle keep-alive incl
 WRITE_TIMEOUT = 60.0  # seconds allowed for any single write
 CHUNK = 256 * 1024  # size of the writes of large bodies
 MAX_BLOB = 2 * 1024**3  # largest blob served
-K3S_VERSION = "v1.28.5+k3s1"
+K3S_VERSION = "v1.30.6+k3s1"  # 1.30: the first with the WebSocket remote-command protocol
 JSON = "application/json"
 
 
@@ -130,12 +157,24 @@ def _age(since: dt.datetime) -> str:
     return f"{secs}s" if secs < 120 else f"{secs // 60}m" if secs < 7200 else f"{secs // 3600}h"
 
 
+@dataclass
+class StandinStats:
+    """What one stand-in is serving right now (for tests that stop and restart stand-ins)."""
+
+    connections: int = 0  # TLS connections open
+    watches: int = 0  # watch requests being streamed
+    execs: int = 0  # exec, attach and port-forward sessions running
+    requests: int = 0  # requests received in all
+
+
 class _Cluster:
     """The stand-in's state: its pods and a resourceVersion counter."""
 
-    def __init__(self, unit: str, interval: float) -> None:
+    def __init__(self, unit: str, interval: float, sandbox: Sandbox, stats: StandinStats) -> None:
         self.unit = unit
         self.interval = interval
+        self.sandbox = sandbox
+        self.stats = stats
         self.born = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(minutes=5)
         self.rv = 1000
         self.pods = [(f"{unit}-server-kins-7d9f8b6c5-x2x4k", "edge1", "10.42.0.5"),
@@ -155,7 +194,11 @@ class _Cluster:
             "metadata": {"name": name, "namespace": ns, "uid": f"00000000-0000-4000-8000-{index:012d}",
                          "resourceVersion": rv or str(self.rv), "creationTimestamp": started,
                          "labels": {"app": f"{self.unit}-{role}-kins"}},
-            "spec": {"nodeName": node, "containers": [{"name": role, "image": f"rancher/k3s:{K3S_VERSION.replace('+', '-')}"}]},
+            "spec": {"nodeName": node, "containers": [{
+                "name": role, "image": f"rancher/k3s:{K3S_VERSION.replace('+', '-')}",
+                "stdin": True, "tty": True,  # `attach -it` finds the line echo on a TTY
+                "ports": [{"name": "echo", "containerPort": 7, "protocol": "TCP"},
+                          {"name": "digest", "containerPort": 9, "protocol": "TCP"}]}]},
             "status": {"phase": "Running", "podIP": ip, "hostIP": ip, "startTime": started,
                        "conditions": [{"type": "Ready", "status": "True"}],
                        "containerStatuses": [{"name": role, "ready": True, "restartCount": 0,
@@ -206,6 +249,9 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
 
 _RESOURCES = [("pods", "Pod", True, ["get", "list", "watch"], ["po"]),
               ("pods/log", "Pod", True, ["get"], []),
+              ("pods/exec", "PodExecOptions", True, ["create", "get"], []),
+              ("pods/attach", "PodAttachOptions", True, ["create", "get"], []),
+              ("pods/portforward", "PodPortForwardOptions", True, ["create", "get"], []),
               ("namespaces", "Namespace", False, ["get", "list"], ["ns"]),
               ("configmaps", "ConfigMap", True, ["get", "list"], ["cm"]),
               ("nodes", "Node", False, ["get", "list"], ["no"])]
@@ -215,9 +261,9 @@ _API_RESOURCES = {
                    "kind": k, "verbs": v, **({"shortNames": s} if s else {})}
                   for n, k, ns, v, s in _RESOURCES],
 }
-_VERSION = {"major": "1", "minor": "28", "gitVersion": K3S_VERSION,
+_VERSION = {"major": "1", "minor": "30", "gitVersion": K3S_VERSION,
             "gitCommit": "0000000000000000000000000000000000000000", "gitTreeState": "clean",
-            "buildDate": "2023-12-27T00:00:00Z", "goVersion": "go1.20.12", "compiler": "gc",
+            "buildDate": "2024-10-24T00:00:00Z", "goVersion": "go1.22.8", "compiler": "gc",
             "platform": "linux/amd64"}
 
 
@@ -301,6 +347,7 @@ class _Handler:
     def __init__(self, cluster: _Cluster, ex: _Exchange) -> None:
         self.cluster = cluster
         self.ex = ex
+        self.upgraded = False  # the connection was handed to another protocol: no next request
 
     async def serve(self) -> None:
         while True:
@@ -309,7 +356,7 @@ class _Handler:
                 return
             assert isinstance(event, h11.Request)
             await self.dispatch(event)
-            if not await self.drain_request():
+            if self.upgraded or not await self.drain_request():
                 return
             self.ex.conn.start_next_cycle()
 
@@ -322,6 +369,7 @@ class _Handler:
         return self.ex.conn.our_state is h11.DONE and self.ex.conn.their_state is h11.DONE
 
     async def dispatch(self, req: h11.Request) -> None:
+        self.cluster.stats.requests += 1
         method = req.method.decode()
         url = urlsplit(req.target.decode("ascii", "replace"))
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
@@ -330,6 +378,12 @@ class _Handler:
         log.debug("k3s stand-in: %s %s (Accept: %s)", method, req.target.decode(), accept)
         if parts == ["kins-standin", "upload"] and method in ("POST", "PUT"):
             return await self.upload()
+        if (len(parts) == 7 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods"
+                and parts[6] in ("exec", "attach")):
+            return await self.exec(req, parts[5], parts[6], parse_qs(url.query))
+        if (len(parts) == 7 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods"
+                and parts[6] == "portforward"):
+            return await self.port_forward(req, parts[5])
         if method != "GET":
             return await self.ex.respond_json(405, _status(405, "MethodNotAllowed",
                                                            f"method {method} is not allowed"))
@@ -373,9 +427,94 @@ class _Handler:
                 return await self.ex.respond_json(400, _status(
                     400, "BadRequest", "timeoutSeconds must be a non-negative integer"))
             limit = int(seconds) if seconds else float("inf")
-            return await self.ex.stream_until(JSON, self.watch_events(ns, table, include), limit)
+            c.stats.watches += 1
+            try:
+                return await self.ex.stream_until(JSON, self.watch_events(ns, table, include), limit)
+            finally:
+                c.stats.watches -= 1
         body = c.pod_table(c.pod_list(ns)["items"], include) if table else c.pod_list(ns)
         await self.ex.respond_json(200, body)
+
+    async def exec(self, req: h11.Request, pod: str, verb: str, query: dict[str, list[str]]) -> None:
+        """`kubectl exec` / `attach` (and `cp`, which runs tar through exec)."""
+        names = [name for name, _, _ in self.cluster.pods]
+        if pod not in names:
+            return await self.ex.respond_json(404, _status(404, "NotFound", f'pods "{pod}" not found'))
+        if not is_websocket_upgrade(req.headers):
+            spdy = any(k == b"upgrade" and v.lower().startswith(b"spdy/") for k, v in req.headers)
+            message = ("the K3s API stand-in speaks the WebSocket remote-command protocol "
+                       "(v5.channel.k8s.io, v4.channel.k8s.io), not SPDY" if spdy else
+                       "Upgrade request required")
+            return await self.ex.respond_json(400, _status(400, "BadRequest", message))
+        if req.method != b"GET":
+            return await self.ex.respond_json(405, _status(
+                405, "MethodNotAllowed", "a WebSocket upgrade must be a GET"))
+        options = ExecOptions.from_query(query)
+        if verb == "attach":  # the pod's main process: the interactive line echo
+            options = ExecOptions(("cat",), options.stdin, options.stdout, options.stderr,
+                                  options.tty, options.container)
+        elif not options.command:
+            return await self.ex.respond_json(400, _status(
+                400, "BadRequest", "you must specify at least 1 command"))
+        if not (options.stdin or options.stdout or options.stderr):
+            return await self.ex.respond_json(400, _status(
+                400, "BadRequest", "you must specify at least 1 of stdin, stdout, stderr"))
+        event = await self.ex.next_event()  # the (empty) end of the GET
+        if not isinstance(event, h11.EndOfMessage):
+            raise trio.BrokenResourceError("exec request with a body")
+        trailing, _closed = self.ex.conn.trailing_data
+        sandbox = self.cluster.sandbox
+
+        async def run(argv: list[str], cio: Any) -> int:
+            return await run_command(sandbox, pod, argv, cio)
+
+        try:
+            self.upgraded = True
+            self.cluster.stats.execs += 1
+            await serve_remote_command(self.ex.stream, req.target, list(req.headers),
+                                       bytes(trailing), options, run)
+        except UpgradeRefused as exc:
+            self.upgraded = False
+            await self.ex.respond_json(400, _status(400, "BadRequest", str(exc)))
+        finally:
+            self.cluster.stats.execs -= 1
+
+    async def port_forward(self, req: h11.Request, pod: str) -> None:
+        """`kubectl port-forward`: SPDY/3.1, plain or inside a WebSocket (see `portforward`)."""
+        if pod not in [name for name, _, _ in self.cluster.pods]:
+            return await self.ex.respond_json(404, _status(404, "NotFound", f'pods "{pod}" not found'))
+        websocket = is_websocket_upgrade(req.headers)
+        spdy = any(k == b"upgrade" and v.lower() == b"spdy/3.1" for k, v in req.headers)
+        if not (websocket and req.method == b"GET") and not (spdy and req.method == b"POST"):
+            return await self.ex.respond_json(400, _status(400, "BadRequest", "Upgrade request required"))
+        if spdy and not any(k == b"x-stream-protocol-version" and v == b"portforward.k8s.io"
+                            for k, v in req.headers):
+            return await self.ex.respond_json(403, _status(
+                403, "Forbidden", "port-forward speaks only portforward.k8s.io"))
+        while not isinstance(event := await self.ex.next_event(), h11.EndOfMessage):
+            if not isinstance(event, h11.Data):
+                raise trio.BrokenResourceError("port-forward request cut short")
+        trailing = bytes(self.ex.conn.trailing_data[0])
+        self.upgraded = True
+        self.cluster.stats.execs += 1
+        try:
+            if websocket:
+                try:
+                    ws, _ = await accept_websocket(self.ex.stream, req.target, list(req.headers),
+                                                   trailing, [PORT_FORWARD_WEBSOCKET])
+                except UpgradeRefused as exc:
+                    self.upgraded = False
+                    return await self.ex.respond_json(400, _status(400, "BadRequest", str(exc)))
+                transport: Any = WebSocketTransport(self.ex.stream, ws)
+            else:
+                with trio.fail_after(WRITE_TIMEOUT):
+                    await self.ex.stream.send_all(
+                        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                        b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n")
+                transport = RawTransport(self.ex.stream, trailing)
+            await serve_port_forward(transport, pod)
+        finally:
+            self.cluster.stats.execs -= 1
 
     async def watch_events(self, ns: str, table: bool, include: str) -> AsyncGenerator[bytes, None]:
         c = self.cluster
@@ -436,14 +575,25 @@ class _Handler:
 
 
 
+_CONNECTION_ENDED = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                     h11.ProtocolError, WebSocketProtocolError, SpdyProtocolError, ssl.SSLError,
+                     OSError)
+
+
 async def _serve_connection(cluster: _Cluster, stream: trio.abc.Stream) -> None:
     handler = _Handler(cluster, _Exchange(stream))
+    cluster.stats.connections += 1
     try:
         await handler.serve()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-            h11.ProtocolError, ssl.SSLError, OSError) as exc:
+    except _CONNECTION_ENDED as exc:
         log.debug("k3s stand-in: connection ended: %r", exc)
+    except BaseExceptionGroup as group:  # from the nursery of an exec
+        _ended, rest = group.split(_CONNECTION_ENDED)
+        if rest is not None:
+            raise
+        log.debug("k3s stand-in: connection ended: %r", group)
     finally:
+        cluster.stats.connections -= 1
         await trio.aclose_forcefully(stream)
 
 
@@ -454,18 +604,61 @@ async def serve_k3s_standin(
     port: int = 0,
     interval: float = 1.0,
     unit: str = "test",
+    sandbox: Path | None = None,
+    stats: StandinStats | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the K3s API stand-in over HTTPS on host:port until cancelled.
 
     Calls ``task_status.started(port)`` with the bound port once listening. `interval` is the
     period of watch MODIFIED events and of `logs -f` lines; `unit` names the pods
-    (``<unit>-server-kins-...``). Raises OSError if the address cannot be bound.
+    (``<unit>-server-kins-...``). `sandbox` is the directory exec commands and `kubectl cp` may
+    use (one subdirectory per pod); by default a fresh temporary directory, removed on exit.
+    `stats`, if given, is kept up to date with what this stand-in serves.
+    Raises OSError if the address cannot be bound.
     """
-    cluster = _Cluster(unit, interval)
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()[1]
-    ssl_listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners]
-    handler = functools.partial(_serve_connection, cluster)
-    task_status.started(bound)
-    await trio.serve_listeners(handler, ssl_listeners)
+    own = sandbox is None
+    root = Path(tempfile.mkdtemp(prefix="k3s-standin-sandbox-")) if sandbox is None else sandbox
+    try:
+        cluster = _Cluster(unit, interval, Sandbox(root), stats or StandinStats())
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+        ssl_listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True)
+                         for lst in listeners]
+        handler = functools.partial(_serve_connection, cluster)
+        task_status.started(bound)
+        await trio.serve_listeners(handler, ssl_listeners)
+    finally:
+        if own:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m kins_tunnel.testing.k3s_standin``: run the stand-in on its own (benchmarks)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m kins_tunnel.testing.k3s_standin",
+                                     description="K3s API stand-in (a test double) over HTTPS")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--dir", required=True, help="where its certificate and key are written")
+    parser.add_argument("--sandbox", help="directory for exec and cp (default: a temporary one)")
+    parser.add_argument("--interval", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    ctx, cert = make_self_signed_server_context(args.dir)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(functools.partial(
+                serve_k3s_standin, ctx, host=args.host, port=args.port, interval=args.interval,
+                sandbox=Path(args.sandbox) if args.sandbox else None))
+            print(f"k3s stand-in listening on {args.host}:{port}, certificate {cert}", flush=True)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

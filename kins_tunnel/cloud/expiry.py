@@ -1,0 +1,136 @@
+"""Certificate expiry: the cloud's own certificates and those of the edges connected to it.
+
+- Metric ``kins_tunnel_certificate_expiry_seconds{cert, unit, node, serial}``: seconds until the
+  certificate's notAfter (negative once expired). ``cert`` is ``cloud`` (``tls.cert``),
+  ``proxy`` (``proxy.tls.cert``, when it is a file of its own) or ``edge`` (one series per
+  connected edge certificate, with its unit and node). Computed at scrape time.
+- A warning is logged when a certificate is within `WARN_WITHIN` (30 days) of expiry: for an edge
+  when it connects, and for every certificate by the periodic check (`run`), at most once a day
+  per certificate.
+- `status_entries()` feeds `/status` and ``kins-tunnel status``.
+
+The cloud's certificate files are re-read when they change (rotation), off the event loop.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+from cryptography import x509
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kins_tunnel.certs import CertFacts
+from kins_tunnel.filewatch import WatchedFile
+
+log = logging.getLogger("kins_tunnel.certs")
+WARN_WITHIN = dt.timedelta(days=30)
+WARN_EVERY = 86400.0  # seconds between two warnings about the same certificate
+
+
+@dataclass(frozen=True, slots=True)
+class FileCert:
+    serial: int
+    not_after: dt.datetime
+
+
+def parse_cert_file(data: bytes) -> FileCert:
+    """Serial and expiry of the first certificate of a PEM file; `ValueError` if there is none."""
+    try:
+        cert = x509.load_pem_x509_certificates(data)[0]
+    except (ValueError, IndexError):
+        raise ValueError("not a PEM certificate") from None
+    return FileCert(cert.serial_number, cert.not_valid_after_utc)
+
+
+EdgeCerts = Callable[[], Iterable[tuple[str, str, CertFacts]]]  # (unit, node, facts) per tunnel
+
+
+class CertificateExpiry:
+    def __init__(self, files: dict[str, Path], edges: EdgeCerts,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._files = {role: WatchedFile(path, parse_cert_file, f"{role} certificate")
+                       for role, path in files.items()}
+        self._edges = edges
+        self._clock = clock
+        self._warned: dict[tuple[str, str, str, int], float] = {}
+
+    def _seconds_left(self, not_after: dt.datetime) -> float:
+        return not_after.timestamp() - self._clock()
+
+    def series(self) -> list[tuple[str, str, str, int, dt.datetime]]:
+        """(cert, unit, node, serial, not_after) of every certificate, without duplicates."""
+        out = {(role, "", "", w.value.serial): w.value.not_after for role, w in self._files.items()}
+        for unit, node, facts in self._edges():
+            out[("edge", unit, node, facts.serial)] = facts.not_after
+        return [(*key, not_after) for key, not_after in sorted(out.items())]
+
+    def status_entries(self) -> list[dict[str, object]]:
+        return [{"cert": role, "serial": f"{serial:x}", "not_after": _iso(na),
+                 "expiry_seconds": round(self._seconds_left(na))}
+                for role, unit, node, serial, na in self.series() if role != "edge"]
+
+    def edge_status(self, facts: CertFacts) -> dict[str, object]:
+        return {"cert_serial": facts.serial_hex, "cert_not_after": _iso(facts.not_after),
+                "cert_expiry_seconds": round(self._seconds_left(facts.not_after))}
+
+    def warn_if_expiring(self, role: str, unit: str, node: str, serial: int, not_after: dt.datetime) -> bool:
+        """Log a warning if this certificate is within 30 days of expiry (once a day); True if so."""
+        left = self._seconds_left(not_after)
+        if left > WARN_WITHIN.total_seconds():
+            return False
+        key = (role, unit, node, serial)
+        now = self._clock()
+        if now - self._warned.get(key, -WARN_EVERY) < WARN_EVERY:
+            return True
+        self._warned[key] = now
+        what = "has expired" if left <= 0 else f"expires in {left / 86400:.1f} days"
+        extra = {"cert": role, "serial": f"{serial:x}", "not_after": _iso(not_after)}
+        if unit:
+            extra.update(unit=unit, node=node)
+        log.warning("%s certificate %s", role, what, extra=extra)
+        return True
+
+    def check_all(self) -> None:
+        for role, unit, node, serial, not_after in self.series():
+            self.warn_if_expiring(role, unit, node, serial, not_after)
+        live = {(r, u, n, s) for r, u, n, s, _ in self.series()}
+        self._warned = {k: v for k, v in self._warned.items() if k in live}
+
+    async def run(self, interval: float = 3600.0, file_interval: float = 60.0) -> None:
+        """Re-read changed certificate files every `file_interval` s; warn every `interval` s."""
+        self.check_all()
+        next_warn = trio.current_time() + interval
+        while True:
+            await trio.sleep(min(file_interval, interval))
+            for watched in self._files.values():
+                await watched.check()
+            if trio.current_time() >= next_warn:
+                self.check_all()
+                next_warn = trio.current_time() + interval
+
+    def collector(self) -> Collector:
+        return _ExpiryCollector(self)
+
+
+class _ExpiryCollector(Collector):
+    def __init__(self, expiry: CertificateExpiry) -> None:
+        self._expiry = expiry
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily("kins_tunnel_certificate_expiry_seconds",
+                              "Seconds until the certificate expires (negative: expired)",
+                              labels=["cert", "unit", "node", "serial"])
+        for role, unit, node, serial, not_after in self._expiry.series():
+            g.add_metric([role, unit, node, f"{serial:x}"], self._expiry._seconds_left(not_after))
+        yield g
+
+
+def _iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

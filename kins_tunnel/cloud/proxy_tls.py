@@ -1,0 +1,202 @@
+"""The CONNECT proxy over TLS (`proxy.tls`): the same proxy, with the client's bytes encrypted.
+
+Plain HTTP on a NodePort sends Proxy-Authorization credentials and target names in clear text;
+kubectl (client-go), curl and others speak HTTPS to a proxy (``proxy-url: https://...``) and verify
+its certificate. This listener accepts TCP, runs the TLS handshake under the proxy's
+`header_timeout`, and hands a `TLSClientStream` to the very same CONNECT handler as the plain
+listener. A failed handshake is counted by reason
+(``kins_tunnel_proxy_tls_failures_total``) and logged; it never reaches the handler.
+
+With ``proxy.tls.client_ca``, a client certificate signed by that CA is required and is the
+client's credential: its subject CN is the principal and its O values are groups (as Kubernetes
+does). A certificate that carries an edge identity (``spiffe://kins-tunnel/...``) is refused:
+an edge's credential never authenticates a user. Without ``client_ca``, clients authenticate with
+Proxy-Authorization exactly as on the plain listener.
+
+Half-close: a TLS stream is closed as a whole, so a target's end of stream (FIN) is not passed to
+the client separately; the client's own protocol (TLS or HTTP inside) sees the end, and the
+connection closes when the relay ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from cryptography import x509
+
+from kins_tunnel.certs import cert_facts
+from kins_tunnel.certwatch import ReloadingContext
+from kins_tunnel.cloud.auth import Principal
+from kins_tunnel.config import ProxyTLS
+from kins_tunnel.transport.listen import open_listener_socket, serve_listener
+from kins_tunnel.transport.session import ErrorReporter
+
+log = logging.getLogger("kins_tunnel.cloud.proxy")
+CLOSE_TIMEOUT = 2.0  # seconds to send close_notify before the socket is simply closed
+_EDGE_URI = "spiffe://kins-tunnel/"
+
+
+class TLSClientStream(trio.abc.HalfCloseableStream):
+    """A client connection of the TLS listener, as the CONNECT handler sees it.
+
+    `principal` is the client certificate's principal (None without ``client_ca``); `socket` is
+    the TCP socket under TLS (for the client address and socket options); `accepted_at` is when
+    the TCP connection was accepted (the proxy's `header_timeout` counts from there, TLS included).
+    """
+
+    def __init__(self, ssl_stream: trio.SSLStream[trio.SocketStream], principal: Principal | None,
+                 accepted_at: float) -> None:
+        self._ssl = ssl_stream
+        self.principal = principal
+        self.accepted_at = accepted_at
+        self.eof_sent = False
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self._ssl.transport_stream.socket
+
+    def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
+        self._ssl.transport_stream.setsockopt(level, option, value)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._ssl.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._ssl.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        try:
+            return bytes(await self._ssl.receive_some(max_bytes))
+        except trio.BrokenResourceError as exc:
+            if isinstance(exc.__cause__, ssl.SSLEOFError):
+                return b""  # the client closed TCP without close_notify: an ordinary end here
+            raise
+
+    async def send_eof(self) -> None:
+        """A TLS stream has no half-close here: noted, and the stream stays open for reading."""
+        self.eof_sent = True
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            try:
+                await self._ssl.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        await trio.aclose_forcefully(self._ssl.transport_stream)
+
+
+def principal_from_certificate(der: bytes) -> Principal:
+    """The principal of a verified client certificate; `ValueError` if it cannot be one."""
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    if any(u.lower().startswith(_EDGE_URI) for u in uris):
+        raise ValueError("an edge certificate is not a proxy client credential")
+    facts = cert_facts(der)
+    if not facts.common_name.strip() or any(c.isspace() or c == ":" for c in facts.common_name):
+        raise ValueError("client certificate subject has no usable CN (the principal name)")
+    return Principal(facts.common_name, "cert", frozenset(facts.organizations))
+
+
+def failure_label(exc: BaseException) -> str:
+    """A short, bounded label for a failed proxy TLS handshake."""
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    if isinstance(exc, ValueError):
+        return "edge_certificate" if "edge certificate" in str(exc) else "no_principal"
+    cause = exc.__cause__ or exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return {10: "expired", 9: "not_yet_valid"}.get(cause.verify_code, "unknown_ca")
+    text = str(cause).lower().replace("_", " ")
+    if "alert" in text and any(k in text for k in ("bad certificate", "unknown ca", "certificate unknown")):
+        return "client_rejected_certificate"  # the client does not trust the proxy's certificate
+    for key, label in (("certificate required", "no_certificate"), ("peer did not return", "no_certificate"),
+                       ("unknown ca", "unknown_ca"), ("expired", "expired"), ("http request", "not_tls"),
+                       ("proxy request", "not_tls"),
+                       ("wrong version", "not_tls"), ("unsupported protocol", "old_tls"),
+                       ("no shared cipher", "no_shared_cipher")):
+        if key in text:
+            return label
+    return "eof" if isinstance(cause, (ssl.SSLEOFError, trio.BrokenResourceError)) else "tls_error"
+
+
+class ProxyTLSListener:
+    """Accepts TLS clients and passes each, as a `TLSClientStream`, to `handler`."""
+
+    def __init__(self, settings: ProxyTLS, context: ReloadingContext, handshake_timeout: float,
+                 handler: Callable[[TLSClientStream], Awaitable[Any]], report: ErrorReporter,
+                 on_failure: Callable[[str], object] | None = None, *, authenticated: bool = True,
+                 max_handshakes: int = 10000) -> None:
+        self.settings = settings
+        self.max_handshakes = max_handshakes  # TLS handshakes in progress at once; beyond: closed
+        self.handshaking = 0
+        self.report = report
+        self.authenticated = authenticated
+        self.tls = context
+        self.handshake_timeout = handshake_timeout
+        self.handler = handler
+        self._on_failure = on_failure
+        self.listener_scope = trio.CancelScope()  # cancelled to stop accepting (drain)
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listen = self.settings.listen
+        sock = open_listener_socket(listen.host, listen.port, "proxy.tls.listen")
+        port = sock.getsockname()[1]
+        if not self.authenticated and listen.host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("CONNECT proxy (TLS) on %s:%d has NO authentication: anyone who can reach this port "
+                        "can reach every edge service (set proxy.auth or proxy.tls.client_ca)", listen.host, port)
+        async with trio.open_nursery() as nursery:
+            with self.listener_scope:  # cancelled to stop accepting (drain); open relays go on
+                task_status.started(port)
+                await serve_listener(trio.SocketListener(sock), self._handle, where="proxy_tls",
+                                     report=self.report, handler_nursery=nursery)
+
+    async def _handle(self, tcp: trio.SocketStream) -> None:
+        accepted = trio.current_time()
+        try:
+            host, port = tcp.socket.getpeername()[:2]
+            client = f"{host}:{port}"
+        except OSError:
+            client = "?"
+        if self.handshaking >= self.max_handshakes:
+            if self._on_failure is not None:
+                self._on_failure("too_many")
+            log.info("proxy TLS handshake refused", extra={"client": client, "reason": "too_many",
+                                                           "detail": f"{self.max_handshakes} handshakes in progress"})
+            await trio.aclose_forcefully(tcp)
+            return
+        await self.tls.refresh()  # renewed files apply to new handshakes (checked at most once a second)
+        ssl_stream = trio.SSLStream(tcp, self.tls.context, server_side=True)
+        principal = None
+        self.handshaking += 1
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                await ssl_stream.do_handshake()
+            if self.settings.client_ca is not None:
+                der = ssl_stream.getpeercert(binary_form=True)
+                if not der:
+                    raise ValueError("no client certificate")
+                principal = principal_from_certificate(der)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ValueError, OSError) as exc:
+            label = failure_label(exc)
+            if self._on_failure is not None:
+                self._on_failure(label)
+            log.info("proxy TLS handshake failed", extra={"client": client, "reason": label,
+                                                          "detail": str(exc.__cause__ or exc)[:200]})
+            await trio.aclose_forcefully(tcp)
+            return
+        finally:
+            self.handshaking -= 1
+        client_stream = TLSClientStream(ssl_stream, principal, accepted)
+        try:
+            await self.handler(client_stream)
+        finally:  # close_notify (bounded) rather than a bare TCP close after an error answer
+            await client_stream.aclose()
