@@ -15,7 +15,8 @@ Credentials, sent as Basic: ``--proxy-user user:password``, or ``--proxy-user us
 password in ``$KINS_TUNNEL_PROXY_PASSWORD`` (not visible in ``ps``), or in the URL
 (``http://user:password@host:port``, percent-encoded; a URL user without password also takes the
 variable); ``--proxy-user`` wins over the URL. ``--proxy-token-file FILE`` sends the first line of
-FILE as a Bearer token.
+FILE as a Bearer token. An ``https://`` proxy that asks for a client certificate (the cloud's
+``proxy.tls.client_ca``) gets ``--proxy-cert``/``--proxy-key``.
 
 Errors are one line on stderr (``kins-tunnel connect: ...``; a refusal shows the proxy's status,
 reason and the first line of a text/plain body). Exit codes: `Exit`.
@@ -78,6 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     auth.add_argument("--proxy-token-file", metavar="FILE", help="send the first line of FILE as a Bearer token")
     p.add_argument("--proxy-cacert", metavar="FILE",
                    help="CA certificate(s) to verify an https:// proxy (default: the system's CAs)")
+    p.add_argument("--proxy-cert", metavar="FILE",
+                   help="client certificate for an https:// proxy that asks for one (with --proxy-key)")
+    p.add_argument("--proxy-key", metavar="FILE", help="the private key of --proxy-cert")
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="TCP connect and TLS handshake with the proxy (default 10)")
     p.add_argument("--answer-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -119,12 +123,36 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         try:
             context = ssl.create_default_context(cafile=args.proxy_cacert)
         except (OSError, ssl.SSLError) as exc:
-            raise UserError(f"--proxy-cacert: {args.proxy_cacert}: "
-                            f"{getattr(exc, 'strerror', None) or getattr(exc, 'reason', None) or exc}") from None
-    elif args.proxy_cacert:
-        raise UserError("--proxy-cacert: only for an https:// proxy")
+            raise UserError(f"--proxy-cacert: {args.proxy_cacert}: {_file_error(exc)}") from None
+        if bool(args.proxy_cert) != bool(args.proxy_key):
+            raise UserError("--proxy-cert and --proxy-key: give both or neither")
+        if args.proxy_cert:
+            try:
+                context.load_cert_chain(args.proxy_cert, args.proxy_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise UserError(f"--proxy-cert/--proxy-key: {args.proxy_cert}, {args.proxy_key}: "
+                                f"{_file_error(exc)}") from None
+    else:
+        for option in ("proxy_cacert", "proxy_cert", "proxy_key"):
+            if getattr(args, option):
+                raise UserError(f"--{option.replace('_', '-')}: only for an https:// proxy")
     return Plan(authority(target.host, target.port), proxy, _authorization(args, proxy), context,
                 args.connect_timeout, args.answer_timeout)
+
+
+def _file_error(exc: OSError | ssl.SSLError) -> str:
+    return str(getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc)
+
+
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind `exc`, if any (TLS 1.3 reports a refused client certificate only
+    after the handshake, at the first read)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__
+    return None
 
 
 def _authorization(args: argparse.Namespace, proxy: ProxyURL) -> bytes | None:
@@ -167,11 +195,107 @@ def _say(message: str) -> None:
     print(f"kins-tunnel connect: {message}", file=sys.stderr, flush=True)
 
 
-async def _open_proxy(plan: Plan) -> trio.abc.Stream:
+class TLSClient(trio.abc.HalfCloseableStream):
+    """TLS over a TCP stream (ssl.MemoryBIO), with TLS 1.3's half-close: `send_eof` sends
+    close_notify and the stream stays open for reading (trio.SSLStream can only close both ways).
+
+    One task may send while another receives; socket writes are serialised by a lock. TLS errors
+    become `trio.BrokenResourceError` with the `ssl.SSLError` as cause. An EOF without
+    close_notify reads as an ordinary end (like trio's ``https_compatible``).
+    """
+
+    def __init__(self, tcp: trio.SocketStream, context: ssl.SSLContext, server_hostname: str) -> None:
+        self.tcp = tcp
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._in, self._out, server_hostname=server_hostname)
+        self._send_lock = trio.Lock()
+        self._eof_sent = False
+        self._received = False  # any application data yet
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            while pending := self._out.read():
+                await self.tcp.send_all(pending)
+
+    async def _feed(self) -> None:
+        data = await self.tcp.receive_some(CHUNK)
+        if data:
+            self._in.write(data)
+        else:
+            self._in.write_eof()
+
+    async def do_handshake(self) -> None:
+        while True:
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                await self._feed()
+            except ssl.SSLError as exc:
+                await self._flush_quietly()  # the alert, if any
+                raise trio.BrokenResourceError(f"TLS handshake: {exc}") from exc
+        await self._flush()
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self._flush()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        while True:
+            try:
+                data = self._tls.read(max_bytes or CHUNK)
+            except ssl.SSLWantReadError:
+                await self._flush()  # post-handshake messages (key updates, session tickets)
+                await self._feed()
+                continue
+            except ssl.SSLZeroReturnError:
+                return b""
+            except ssl.SSLEOFError as exc:
+                if not self._received:  # cut before a word: a refused client certificate looks so
+                    raise trio.BrokenResourceError("TLS: connection ended before any data") from exc
+                return b""
+            except ssl.SSLError as exc:
+                raise trio.BrokenResourceError(f"TLS: {exc}") from exc
+            self._received = True
+            if self._out.pending:
+                await self._flush()
+            return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof_sent:
+            raise trio.ClosedResourceError("send_eof was called")
+        try:
+            self._tls.write(data)
+        except ssl.SSLError as exc:
+            raise trio.BrokenResourceError(f"TLS: {exc}") from exc
+        await self._flush()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.tcp.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        """close_notify: the far end sees the end of our data and may go on sending (TLS 1.3)."""
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        try:
+            self._tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # the peer's close_notify comes later, through receive_some
+        except ssl.SSLError as exc:
+            raise trio.BrokenResourceError(f"TLS: {exc}") from exc
+        await self._flush()
+
+    async def aclose(self) -> None:
+        await self.tcp.aclose()
+
+
+async def _open_proxy(plan: Plan) -> trio.abc.HalfCloseableStream:
     tcp = await trio.open_tcp_stream(plan.proxy.host, plan.proxy.port)
     if plan.ssl_context is None:
         return tcp
-    tls = trio.SSLStream(tcp, plan.ssl_context, server_hostname=plan.proxy.host, https_compatible=True)
+    tls = TLSClient(tcp, plan.ssl_context, plan.proxy.host)
     try:
         await tls.do_handshake()
     except BaseException:
@@ -183,7 +307,7 @@ async def _open_proxy(plan: Plan) -> trio.abc.Stream:
 async def run(plan: Plan) -> int:
     """Connect, ask for the tunnel, relay stdin/stdout; returns the exit code."""
     proxy = plan.proxy.authority
-    stream: trio.abc.Stream | None = None
+    stream: trio.abc.HalfCloseableStream | None = None
     try:
         try:
             with trio.fail_after(plan.connect_timeout):
@@ -195,7 +319,7 @@ async def run(plan: Plan) -> int:
             _say(f"cannot connect to proxy {proxy}: {connect_error_text(exc)}")
             return Exit.UNREACHABLE
         except trio.BrokenResourceError as exc:
-            cause = exc.__cause__
+            cause = _ssl_error(exc)
             reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None) or cause or exc
             _say(f"TLS with proxy {proxy} failed: {reason}")
             return Exit.UNREACHABLE
@@ -209,6 +333,14 @@ async def run(plan: Plan) -> int:
             _say(str(exc))
             return Exit.AUTH if exc.status == 407 else Exit.REFUSED
         except ProxyError as exc:
+            tls_error = _ssl_error(exc)
+            if isinstance(tls_error, ssl.SSLEOFError):
+                _say(f"TLS with proxy {proxy} failed: it ended the TLS session before answering "
+                     "(does it require a client certificate? --proxy-cert)")
+                return Exit.UNREACHABLE
+            if tls_error is not None:
+                _say(f"TLS with proxy {proxy} failed: {tls_error.reason or tls_error}")
+                return Exit.UNREACHABLE
             _say(str(exc))
             return Exit.PROTOCOL
         return await _relay(stream, trailing)
@@ -250,7 +382,7 @@ def _fd_stream(fd: int) -> trio.lowlevel.FdStream | _BlockingFd:
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-async def _relay(stream: trio.abc.Stream, trailing: bytes) -> int:
+async def _relay(stream: trio.abc.HalfCloseableStream, trailing: bytes) -> int:
     try:
         stdin, stdout = _fd_stream(0), _fd_stream(1)
     except OSError as exc:
@@ -270,12 +402,11 @@ async def _relay(stream: trio.abc.Stream, trailing: bytes) -> int:
                 pass
 
 
-async def _upload(stdin: trio.lowlevel.FdStream | _BlockingFd, stream: trio.abc.Stream) -> None:
+async def _upload(stdin: trio.lowlevel.FdStream | _BlockingFd, stream: trio.abc.HalfCloseableStream) -> None:
     try:
         while data := await stdin.receive_some(CHUNK):
             await stream.send_all(data)
-        if isinstance(stream, trio.SocketStream):
-            await stream.send_eof()
+        await stream.send_eof()
     except _BROKEN:
         pass  # the download side sees how the connection ends
 

@@ -25,11 +25,13 @@ from typing import Any
 import pytest
 import trio
 
+from kins_tunnel.certs import issue_user
 from tests.e2e.faultkit import procs, wait_cloud_up, wait_edges
 from tests.e2e.harness import (
     echo_bytes,
     free_port,
     hanging_listener,
+    make_certs,
     serve_digest,
     serve_echo,
     serve_loopback,
@@ -222,14 +224,26 @@ async def socat_tls_terminator(base: Path, upstream: int) -> AsyncIterator[int]:
 
 
 @needs_ssh
-@pytest.mark.skipif(shutil.which("socat") is None, reason="needs socat (.ci/system-packages installs it)")
-async def test_https_proxy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tls_end", ["cloud proxy.tls", "socat in front"])
+async def test_https_proxy(tmp_path: Path, tls_end: str) -> None:
+    """TLS to the proxy: the cloud's own TLS listener, or a socat TLS terminator in front of the
+    plain proxy (a TLS-terminating load balancer)."""
+    if tls_end == "socat in front" and shutil.which("socat") is None:
+        pytest.skip("needs socat (.ci/system-packages installs it)")
+    proxy = write_credentials(tmp_path)
+    if tls_end == "cloud proxy.tls":
+        proxy["tls"] = {"listen": "127.0.0.1:0"}
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
+        digest = await n.start(serve_digest)
         async with throwaway_sshd(tmp_path) as sshd, \
-                tunnel_env(tmp_path, {"edge1:22": f"127.0.0.1:{sshd.port}", "edge1:7000": f"127.0.0.1:{echo}"},
-                           proxy=write_credentials(tmp_path)) as env, \
-                socat_tls_terminator(tmp_path, env.ports.proxy) as tls_port:
+                tunnel_env(tmp_path, {"edge1:22": f"127.0.0.1:{sshd.port}", "edge1:7000": f"127.0.0.1:{echo}",
+                                      "edge1:7001": f"127.0.0.1:{digest}"},
+                           proxy=proxy) as env, contextlib.AsyncExitStack() as stack:
+            if tls_end == "cloud proxy.tls":
+                tls_port = env.ports.proxy_tls
+            else:
+                tls_port = await stack.enter_async_context(socat_tls_terminator(tmp_path, env.ports.proxy))
             url = f"https://127.0.0.1:{tls_port}"
             cacert = str(tmp_path / "certs" / "ca.crt")
             cmd = proxy_command(url, "--proxy-cacert", cacert, "--proxy-user", "u")
@@ -237,6 +251,12 @@ async def test_https_proxy(tmp_path: Path) -> None:
                           KINS_TUNNEL_PROXY_PASSWORD=PASSWORD)
             assert r.returncode == 0, r.stderr
             assert r.stdout.split() == [b"over-tls", b"2000000"]
+            if tls_end == "cloud proxy.tls":  # stdin EOF is close_notify: the far end still answers
+                data = os.urandom(1024 * 1024)
+                r = await run(connect_argv("edge1:7001", url, "--proxy-cacert", cacert, "--proxy-user",
+                                           f"u:{PASSWORD}"), stdin=data)
+                assert (r.returncode, r.stderr) == (0, b"")
+                assert r.stdout == f"{hashlib.sha256(data).hexdigest()} {len(data)}\n".encode()
             # the proxy's refusal, read over TLS
             r = await run(connect_argv("edge1:7000", url, "--proxy-cacert", cacert))
             assert r.returncode == 5 and b"answered 407" in r.stderr, r.stderr
@@ -248,6 +268,41 @@ async def test_https_proxy(tmp_path: Path) -> None:
             r = await run(connect_argv("edge1:7000", f"http://127.0.0.1:{tls_port}", "--proxy-user", f"u:{PASSWORD}",
                                        "--answer-timeout", "5"))
             assert r.returncode == 7, r.stderr
+        n.cancel_scope.cancel()
+
+
+async def test_https_proxy_with_client_certificate(tmp_path: Path) -> None:
+    """The cloud's proxy.tls with client_ca: the certificate is the credential."""
+    async def greet(stream: trio.SocketStream) -> None:  # reads one line, answers, closes
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = await stream.receive_some(1024)
+            if not chunk:
+                return
+            line += chunk
+        await stream.send_all(b"got " + line)
+
+    certs = make_certs(tmp_path)
+    crt, key = issue_user(certs, "ops")
+    ca = str(certs / "ca.crt")
+    async with trio.open_nursery() as n:
+        port = await n.start(serve_loopback, greet)
+        async with tunnel_env(tmp_path, {"edge1:7000": f"127.0.0.1:{port}"},
+                              proxy={"tls": {"listen": "127.0.0.1:0", "client_ca": ca}}) as env:
+            url = f"https://127.0.0.1:{env.ports.proxy_tls}"
+            r = await run(connect_argv("edge1:7000", url, "--proxy-cacert", ca, "--proxy-cert", str(crt),
+                                       "--proxy-key", str(key)), stdin=b"hello\n")
+            assert (r.returncode, r.stdout, r.stderr) == (0, b"got hello\n", b"")
+            # without the certificate the proxy ends the TLS session: exit 3, not a protocol error
+            r = await run(connect_argv("edge1:7000", url, "--proxy-cacert", ca), stdin=b"hello\n")
+            assert r.returncode == 3, r.stderr
+            assert r.stderr.startswith(b"kins-tunnel connect: TLS with proxy 127.0.0.1:"), r.stderr
+            assert b"client certificate" in r.stderr or b"CERTIFICATE_REQUIRED" in r.stderr, r.stderr
+            r = await run(connect_argv("edge1:7000", url, "--proxy-cacert", ca, "--proxy-cert", str(crt)))
+            assert r.returncode == 2 and b"--proxy-cert and --proxy-key: give both or neither" in r.stderr
+            r = await run(connect_argv("edge1:7000", "http://127.0.0.1:1", "--proxy-cert", str(crt),
+                                       "--proxy-key", str(key)))
+            assert r.returncode == 2 and b"--proxy-cert: only for an https:// proxy" in r.stderr
         n.cancel_scope.cancel()
 
 
