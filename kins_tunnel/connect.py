@@ -6,10 +6,11 @@ Steps, each under a deadline: TCP connect to the proxy, TLS for an ``https://`` 
 or ``--proxy-cacert``) — both within ``--connect-timeout`` — then the CONNECT exchange
 (`kins_tunnel.transport.http_proxy`, h11) within ``--answer-timeout``. After a 2xx answer two relays
 run: stdin → proxy and proxy → stdout. Bytes the proxy sent behind its answer head (sshd's banner
-may arrive in the same packet) go to stdout first. EOF on stdin half-closes the connection (shutdown
-of its write side; TLS has no half-close, so through an ``https://`` proxy nothing is sent and the
-relay waits for the far end); EOF from the proxy closes stdout and ends the command with 0. A write
-that fails towards the proxy stops the upload only: the download decides how the command ends.
+may arrive in the same packet) go to stdout first. EOF on stdin half-closes the connection: a
+shutdown of the TCP write side, or through an ``https://`` proxy a TLS close_notify after which
+reading goes on (`TLSClient`; the cloud's TLS listener passes it on as the end of the client's
+data). EOF from the proxy closes stdout and ends the command with 0. A write that fails towards the
+proxy stops the upload only: the download decides how the command ends.
 
 Credentials, sent as Basic: ``--proxy-user user:password``, or ``--proxy-user user`` with the
 password in ``$KINS_TUNNEL_PROXY_PASSWORD`` (not visible in ``ps``), or in the URL
