@@ -259,9 +259,25 @@ class TLSClient(trio.abc.HalfCloseableStream):
             except ssl.SSLError as exc:
                 raise trio.BrokenResourceError(f"TLS: {exc}") from exc
             self._received = True
+            data = self._more(data, max_bytes or CHUNK)
             if self._out.pending:
                 await self._flush()
             return data
+
+    def _more(self, data: bytes, limit: int) -> bytes:
+        """Records already received, up to `limit` (SSL_read yields one 16 KiB record per call)."""
+        parts = [data]
+        size = len(data)
+        while size < limit and (self._in.pending or self._tls.pending()):
+            try:
+                chunk = self._tls.read(limit - size)
+            except ssl.SSLError:
+                break  # incomplete record, or the end: the next receive_some sees it
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._eof_sent:

@@ -251,6 +251,10 @@ async def test_https_proxy(tmp_path: Path, tls_end: str) -> None:
                           KINS_TUNNEL_PROXY_PASSWORD=PASSWORD)
             assert r.returncode == 0, r.stderr
             assert r.stdout.split() == [b"over-tls", b"2000000"]
+            data = os.urandom(20 * 1024 * 1024)  # 20 MiB up and back through TLS to the proxy
+            r = await ssh(sshd, cmd, "cat", stdin=data, KINS_TUNNEL_PROXY_PASSWORD=PASSWORD)
+            assert r.returncode == 0, r.stderr
+            assert hashlib.sha256(r.stdout).digest() == hashlib.sha256(data).digest()
             if tls_end == "cloud proxy.tls":  # stdin EOF is close_notify: the far end still answers
                 data = os.urandom(1024 * 1024)
                 r = await run(connect_argv("edge1:7001", url, "--proxy-cacert", cacert, "--proxy-user",
