@@ -202,7 +202,7 @@ class Client:
         while True:
             event: Any = self.conn.next_event()
             if event is h11.NEED_DATA:
-                self.conn.receive_data(await self.stream.receive_some(1 << 16))
+                self.conn.receive_data(bytes(await self.stream.receive_some(1 << 16)))
             elif isinstance(event, h11.Response):
                 status = event.status_code
                 headers = {k.decode(): v.decode() for k, v in event.headers}
@@ -276,7 +276,9 @@ async def test_watch_as_table(client: Client) -> None:
 
 def handler_tasks() -> int:
     """How many per-connection handler tasks are running in this trio run."""
-    count, todo = 0, [trio.lowlevel.current_root_task()]
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    count, todo = 0, [root]
     while todo:
         task = todo.pop()
         count += task.name.endswith("_run_handler")

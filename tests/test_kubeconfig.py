@@ -7,6 +7,7 @@ import functools
 import io
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import h11
@@ -182,7 +183,7 @@ def test_main_unreadable_input_and_unwritable_output(tmp_path: Path) -> None:
         main_kubeconfig("test", PROXY, str(tmp_path / "in"), str(tmp_path / "no" / "out"))
 
 
-async def run_kubectl(kubeconfig: Path, *args: str) -> trio.CompletedProcess[bytes]:
+async def run_kubectl(kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(kubeconfig.parent)}
     with trio.fail_after(30):
         return await trio.run_process([KUBECTL, "--kubeconfig", str(kubeconfig), *args],

@@ -395,7 +395,7 @@ async def test_renewed_certificates_apply_to_new_tunnels_and_keep_streams(tmp_pa
             certs = env.certs
             (edge1,) = env.edges
             old_cloud = file_serial(certs / "cloud.crt")
-            assert int(next(iter(edge1.cloud_certs.values()))["cloud_cert_serial"], 16) == old_cloud
+            assert int(str(next(iter(edge1.cloud_certs.values()))["cloud_cert_serial"]), 16) == old_cloud
             status, head, s = await connect(env.ports.proxy, SVC)
             assert status == 200, head
             async with s:
@@ -408,7 +408,7 @@ async def test_renewed_certificates_apply_to_new_tunnels_and_keep_streams(tmp_pa
                 await trio.sleep(1.1)  # the cloud looks at the files at most once a second
                 edge2 = await env.add_edge({"edge2:22": f"127.0.0.1:{echo}"}, node="edge2", wait_for="edge2:22")
                 # the new tunnel was served with the new cloud certificate
-                assert int(next(iter(edge2.cloud_certs.values()))["cloud_cert_serial"], 16) == new_cloud
+                assert int(str(next(iter(edge2.cloud_certs.values()))["cloud_cert_serial"]), 16) == new_cloud
                 assert env.cloud.tls.reloads == 1
                 # the old tunnel and its stream were not touched
                 assert edge1.connects == 1 and len(env.cloud.registry) == 2
@@ -420,7 +420,7 @@ async def test_renewed_certificates_apply_to_new_tunnels_and_keep_streams(tmp_pa
             (t1,) = [t for t in env.cloud.registry if t.identity.node == "edge1"]
             assert serial(t1.session.tls.peer_certificate_der()) == new_edge1
             assert edge1.tls.reloads == 1
-            assert int(next(iter(edge1.cloud_certs.values()))["cloud_cert_serial"], 16) == new_cloud
+            assert int(str(next(iter(edge1.cloud_certs.values()))["cloud_cert_serial"]), 16) == new_cloud
         n.cancel_scope.cancel()
 
 

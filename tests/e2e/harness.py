@@ -15,7 +15,7 @@ import random
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,7 @@ def cloud_dict(certs: Path, **over: Any) -> dict[str, Any]:
     return d
 
 
-def edge_dict(certs: Path, cloud_ports: list[int] | list[str], services: Mapping[str, Any], node: str = "edge1",
+def edge_dict(certs: Path, cloud_ports: Sequence[int | str], services: Mapping[str, Any], node: str = "edge1",
               **over: Any) -> dict[str, Any]:
     d: dict[str, Any] = {
         "cloud": [p if isinstance(p, str) else f"127.0.0.1:{p}" for p in cloud_ports],

@@ -71,11 +71,11 @@ def seed_kubeconfig(ca: Path | None = None, **cluster: Any) -> str:
         c["insecure-skip-tls-verify"] = True
     else:
         c["certificate-authority-data"] = base64.b64encode(ca.read_bytes()).decode()
-    return yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "clusters": [{"name": "default", "cluster": c}],
+    return str(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "clusters": [{"name": "default", "cluster": c}],
                            "contexts": [{"name": "default", "context": {"cluster": "default", "namespace": "default",
                                                                         "user": "default"}}],
                            "current-context": "default",
-                           "users": [{"name": "default", "user": {"token": "rfj9s2bhpcs6fm9x"}}]})
+                           "users": [{"name": "default", "user": {"token": "rfj9s2bhpcs6fm9x"}}]}))
 
 
 async def kubectl(kubeconfig: Path, *args: str, home: Path, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:

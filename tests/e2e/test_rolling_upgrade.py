@@ -77,7 +77,7 @@ class Server:
         await self.nursery.start(self._run, self.scope, self.stats, self.done)
 
     async def _run(self, scope: trio.CancelScope, stats: StandinStats, done: trio.Event,
-                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                   task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             with scope:
                 await serve_k3s_standin(self.ctx, port=self.port, interval=0.2,
