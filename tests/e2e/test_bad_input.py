@@ -149,7 +149,7 @@ async def test_header_slowloris_gets_408_at_the_deadline(tmp_path: Path) -> None
         took = time.monotonic() - t0
         figure("slowloris: answered and closed after (header_timeout 1 s)", took, "s")
         assert _answer(answer) == 408, answer
-        assert 0.9 <= took <= 2.5
+        assert took >= 0.9  # not before the deadline; the exact bound: tests/e2e/test_deadlines.py
 
 
 async def test_idle_connection_flood_over_max_connections(tmp_path: Path) -> None:

@@ -453,7 +453,7 @@ async def test_targets_that_refuse_hang_or_reset(tmp_path: Path) -> None:
                 took = time.monotonic() - t0
                 figure("hanging target: 504 after (edge dial_timeout 1 s)", took, "s")
                 assert status == 504, head
-                assert 0.9 <= took <= 2.0
+                assert took >= 0.9  # not before the dial timeout; exact bound: tests/e2e/test_deadlines.py
                 # a target that resets mid-stream: the client sees a reset, not a clean EOF
                 s = await open_ok(cloud.proxy, "test-svc-kins.kins-system:8443")
                 async with s:

@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.e2e.faultkit import (
@@ -130,6 +131,7 @@ async def test_thousand_concurrent_streams_of_one_mib_checksummed(tmp_path: Path
         n.cancel_scope.cancel()
 
 
+@pytest.mark.slow  # 30 s; still part of `make test`
 async def test_soak_while_the_edge_flaps(tmp_path: Path) -> None:
     duration = 30.0
     stats = {"ok": 0, "refused": 0, "broken": 0, "corrupt": 0, "bytes": 0}
