@@ -11,7 +11,6 @@ import contextlib
 import functools
 import hashlib
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from kins_tunnel.cloud.aliases import Resolver
 from kins_tunnel.cloud.server import Cloud, CloudPorts
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
+from kins_tunnel.testing.support import free_port as free_port  # re-exported for older importers
+from kins_tunnel.testing.support import read_all as read_all
 
 SVC = "test-svc-kins.kins-system:443"
 
@@ -167,14 +168,6 @@ async def keep_echoing(proxy_port: int, counts: dict[str, int], target: str = SV
         await trio.sleep(0.05)
 
 
-async def read_all(stream: trio.abc.ReceiveStream, limit: int = 1 << 31) -> bytes:
-    out = bytearray()
-    while len(out) < limit:
-        chunk = await stream.receive_some(1 << 18)
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
 
 
 # ---------------------------------------------------------------- target servers (test doubles)
@@ -245,34 +238,8 @@ def hanging_listener() -> Iterator[int]:
         full.close()
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
 
 
-def free_port() -> int:
-    """A free port for a process that must be restarted on the same port.
-
-    Taken *below* the kernel's ephemeral range: a port the kernel hands out as the local end of
-    some outgoing connection could otherwise be taken between our check and the process's bind,
-    or while it restarts ("address already in use").
-    """
-    low, _high = _ephemeral_range()
-    lo, hi = max(1024, low - 12000), max(1025, low - 1)
-    for _ in range(200):
-        port = random.randrange(lo, hi)
-        s = socket.socket()
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            s.close()
-        return port
-    raise RuntimeError("no free port below the ephemeral range")
 
 
 # ---------------------------------------------------------------- processes

@@ -34,17 +34,11 @@ import yaml
 from kins_tunnel.certs import init_ca, issue_edge, issue_user
 from kins_tunnel.kubeconfig import rewrite_kubeconfig
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
-from tests.e2e.harness import (
-    SVC,
-    connect,
-    free_port,
-    make_certs,
-    serve_echo,
-    tunnel_env,
-    wait_routed,
-)
+from kins_tunnel.testing.support import echo_roundtrip, free_port, http_get
+from kins_tunnel.testing.support import wait_until as wait_for
+from tests.e2e.harness import SVC, connect, make_certs, serve_echo, tunnel_env, wait_routed
 from tests.test_aliases import TableResolver
-from tests.test_observability import echo_roundtrip, http_get, json_log, samples, wait_for
+from tests.test_observability import json_log, samples
 
 KUBECTL = shutil.which("kubectl")
 CURL = shutil.which("curl")

@@ -14,15 +14,8 @@ import pytest
 import trio
 
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
-from tests.e2e.faultkit import (
-    cloud_status,
-    http_get,
-    procs,
-    wait_cloud_up,
-    wait_edges,
-    wait_until,
-)
-from tests.e2e.harness import free_port
+from kins_tunnel.testing.support import free_port, http_get
+from tests.e2e.faultkit import cloud_status, procs, wait_cloud_up, wait_edges, wait_until
 
 CURL = shutil.which("curl")
 EXAMPLE = Path(__file__).resolve().parent.parent.parent / "examples" / "authz-multi-team.yaml"

@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kins_tunnel.certs import client_ssl_context, init_ca, issue_edge
+from kins_tunnel.testing.support import read_all
 from tests.e2e.faultkit import connect, figure
-from tests.e2e.harness import SVC, TunnelEnv, keep_echoing, read_all, serve_echo, tunnel_env
+from tests.e2e.harness import SVC, TunnelEnv, keep_echoing, serve_echo, tunnel_env
 
 ANSWERS = {200, 400, 405, 407, 408, 431, 502, 503, 504}
 

@@ -15,7 +15,8 @@ import pytest
 import trio
 import trio.testing
 
-from tests.e2e.harness import SVC, connect, hanging_listener, read_all, serve_echo, tunnel_env
+from kins_tunnel.testing.support import read_all
+from tests.e2e.harness import SVC, connect, hanging_listener, serve_echo, tunnel_env
 
 
 @pytest.fixture

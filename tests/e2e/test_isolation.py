@@ -25,10 +25,11 @@ from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.edge.forwarder import code_for
 from kins_tunnel.proto import ErrorCode, MuxConfig
 from kins_tunnel.proto.frames import FrameType, open_result_frame, reset_frame
-from tests.e2e.harness import SVC, connect, make_certs, read_all, serve_echo, tunnel_env
+from kins_tunnel.testing.support import http_get, read_all
+from tests.e2e.harness import SVC, connect, make_certs, serve_echo, tunnel_env
 from tests.e2e.rawpeer import RawPeer, hello_frame
 from tests.e2e.test_bad_input import watched_env
-from tests.test_observability import connect_lines, http_get, json_log, samples, value
+from tests.test_observability import connect_lines, json_log, samples, value
 
 FUZZ_SVC = "fuzz-svc-kins.kins-system:443"
 

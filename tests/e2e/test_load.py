@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 import trio
 
+from kins_tunnel.testing.support import read_all, rss_kib
 from tests.e2e.faultkit import (
     connect,
     edges_of,
     fd_count,
     figure,
     procs,
-    rss_kib,
     wait_cloud_up,
     wait_connect,
     wait_edges,
     wait_until,
 )
-from tests.e2e.harness import SVC, read_all, serve_digest, serve_echo
+from tests.e2e.harness import SVC, serve_digest, serve_echo
 
 MiB = 1 << 20
 BLOCK = random.Random(7).randbytes(MiB + 4096)

@@ -102,7 +102,7 @@ SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/ss
 @pytest.mark.skipif(SSHD is None or shutil.which("socat") is None or shutil.which("ssh") is None,
                     reason="needs openssh-server, openssh-client and socat (.ci/system-packages installs them)")
 async def test_ssh_through_connect_proxycommand(tmp_path: Path) -> None:
-    from tests.e2e.harness import free_port
+    from kins_tunnel.testing.support import free_port
 
     d = tmp_path / "ssh"
     d.mkdir()
