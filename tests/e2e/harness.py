@@ -143,6 +143,25 @@ async def connect(proxy_port: int, target: str, headers: str = "") -> tuple[int,
         raise
 
 
+async def slowloris(port: int, request: bytes, every: float = 0.02) -> bytes:
+    """Send `request` to a loopback port one byte every `every` seconds (trio's clock), then read
+    the answer until the server closes; the answer (b"" if the connection broke)."""
+    s = await trio.open_tcp_stream("127.0.0.1", port)
+    answer = b""
+    async with s:
+        try:
+            for i in range(len(request)):
+                await s.send_all(request[i:i + 1])
+                await trio.sleep(every)
+        except trio.BrokenResourceError:
+            pass
+        try:
+            answer = await read_all(s)
+        except trio.BrokenResourceError:
+            pass
+    return answer
+
+
 async def keep_echoing(proxy_port: int, counts: dict[str, int], target: str = SVC) -> None:
     """Forever: an echo round trip through the proxy every 50 ms, counted as "ok" or "failed"
     (skipped while counts["paused"] is set). The normal traffic that hostile-input tests watch."""

@@ -15,8 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from kins_tunnel.testing.support import read_all
-from tests.e2e.harness import SVC, connect, hanging_listener, serve_echo, tunnel_env
+from tests.e2e.harness import SVC, connect, hanging_listener, serve_echo, slowloris, tunnel_env
 
 
 @pytest.fixture
@@ -29,21 +28,9 @@ async def test_header_slowloris_gets_408_exactly_at_the_deadline(tmp_path: Path,
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
         async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{echo}"}, proxy={"header_timeout": 1.0}) as env:
-            s = await trio.open_tcp_stream("127.0.0.1", env.ports.proxy)
             request = b"CONNECT " + SVC.encode() + b" HTTP/1.1\r\nX-Slow: " + b"z" * 1000
             t0 = trio.current_time()
-            answer = b""
-            async with s:
-                try:
-                    for i in range(len(request)):  # one byte every 20 ms: never done in time
-                        await s.send_all(request[i:i + 1])
-                        await trio.sleep(0.02)
-                except trio.BrokenResourceError:
-                    pass
-                try:
-                    answer = await read_all(s)
-                except trio.BrokenResourceError:
-                    pass
+            answer = await slowloris(env.ports.proxy, request)  # one byte every 20 ms: never done in time
             took = trio.current_time() - t0
         n.cancel_scope.cancel()
     assert answer.startswith(b"HTTP/1.1 408 "), answer
