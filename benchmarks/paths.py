@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 from benchmarks.load import ProxyError, open_stream
-from benchmarks.procs import Cleanup, free_port, tail, tree, wait_port
+from benchmarks.procs import Cleanup, tail, tree, wait_port
+from kins_tunnel.testing.support import free_port
 
 KINDS = ("sink", "source", "echo")
 SSHD = "/usr/sbin/sshd"

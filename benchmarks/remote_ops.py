@@ -40,8 +40,9 @@ import yaml
 from benchmarks.procs import cpu_seconds
 from kins_tunnel.demo import write_kubeconfig
 from kins_tunnel.testing.k3s_standin import iter_blob
+from kins_tunnel.testing.support import free_port
 from tests.e2e.faultkit import procs, wait_edges
-from tests.e2e.harness import SVC, free_port
+from tests.e2e.harness import SVC
 from tests.e2e.kubectl_tools import POD, KubectlEnv, percentile, port_forward, pty_kubectl
 from tests.e2e.test_remote_ops import echo_through
 

@@ -100,7 +100,7 @@ def _free_port() -> int:
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
+    p: int = s.getsockname()[1]
     s.close()
     return p
 

@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import CLK_TCK, REPO, Cleanup, cpu_seconds, free_port, tail, tree, wait_port
+from benchmarks.procs import CLK_TCK, REPO, Cleanup, cpu_seconds, tail, tree, wait_port
+from kins_tunnel.testing.support import free_port
 
 SSHD = "/usr/sbin/sshd"
 PASSWORD = "bench-password"

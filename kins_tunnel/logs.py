@@ -12,6 +12,8 @@ import logging
 import sys
 import time
 
+import trio
+
 from kins_tunnel.config import LogSettings
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -55,3 +57,27 @@ def setup_logging(settings: LogSettings) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.level.upper())
     root.propagate = False
+
+
+class LogBudget:
+    """At most `rate` lines per second; the number of lines held back is reported with the next."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._window = -1.0
+        self._used = 0
+        self._suppressed = 0
+
+    def allow(self) -> bool:
+        now = trio.current_time()
+        if now - self._window >= 1.0:
+            self._window, self._used = now, 0
+        if self._used < self.rate:
+            self._used += 1
+            return True
+        self._suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        n, self._suppressed = self._suppressed, 0
+        return n

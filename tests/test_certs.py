@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -68,8 +69,9 @@ def test_ca_certificate(pki: Path) -> None:
     ku = ca.extensions.get_extension_for_class(x509.KeyUsage).value
     assert ku.key_cert_sign and ku.crl_sign
     ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
-    assert ca.public_key().curve.name == "secp256r1"
+    key = ca.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    assert key.curve.name == "secp256r1"
     assert ca.signature_hash_algorithm is not None
     assert ca.signature_hash_algorithm.name == "sha256"
     assert ca.not_valid_after_utc - ca.not_valid_before_utc > dt.timedelta(days=3649)
@@ -119,7 +121,7 @@ def test_reuses_existing_ca(tmp_path: Path) -> None:
     init_ca(tmp_path, ["new.example"])
     assert ((tmp_path / "ca.crt").read_bytes(), (tmp_path / "ca.key").read_bytes()) == ca_before
     cloud = load(tmp_path / "cloud.crt")
-    assert cloud.public_bytes(certs.serialization.Encoding.PEM) != cloud_before
+    assert cloud.public_bytes(serialization.Encoding.PEM) != cloud_before
     assert "new.example" in sans(cloud).get_values_for_type(x509.DNSName)
     assert cloud.issuer == load(tmp_path / "ca.crt").subject
 
@@ -171,12 +173,12 @@ def test_node_names_may_be_dns_subdomains(tmp_path: Path) -> None:
     init_ca(tmp_path)
     crt, _key = issue_edge(tmp_path, "test", "node1.example.com")
     assert crt.name == "edge-node1.example.com.crt"
-    der = load(crt).public_bytes(certs.serialization.Encoding.DER)
+    der = load(crt).public_bytes(serialization.Encoding.DER)
     assert identity_from_der(der) == EdgeIdentity("test", "node1.example.com")
 
 
 def test_identity_round_trip(pki: Path) -> None:
-    der = load(pki / "edge-edge1.crt").public_bytes(certs.serialization.Encoding.DER)
+    der = load(pki / "edge-edge1.crt").public_bytes(serialization.Encoding.DER)
     ident = identity_from_der(der)
     assert ident == EdgeIdentity(unit="test", node="edge1")
     assert ident.uri == "spiffe://kins-tunnel/unit/test/node/edge1"
@@ -192,8 +194,8 @@ def _der_with_uris(*uris: str) -> bytes:
     if uris:
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), False)
-    cert = builder.sign(key, certs.hashes.SHA256())
-    return cert.public_bytes(certs.serialization.Encoding.DER)
+    cert = builder.sign(key, hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.DER)
 
 
 @pytest.mark.parametrize(("uris", "reason"), [

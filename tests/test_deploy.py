@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 import yaml
@@ -21,11 +22,11 @@ DEPLOY = ROOT / "deploy"
 DRAIN_MARGIN = 10  # seconds between the drain deadline and SIGKILL
 
 
-def load(name: str) -> list[dict]:
+def load(name: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all((DEPLOY / name).read_text()) if doc is not None]
 
 
-def one(name: str, kind: str, object_name: str | None = None) -> dict:
+def one(name: str, kind: str, object_name: str | None = None) -> dict[str, Any]:
     found = [d for d in load(name) if d["kind"] == kind
              and (object_name is None or d["metadata"]["name"] == object_name)]
     assert len(found) == 1, f"{name}: expected one {kind} {object_name or ''}, found {len(found)}"
@@ -36,24 +37,25 @@ def port_of(listen: str) -> int:
     return int(listen.rsplit(":", 1)[1])
 
 
-def embedded(name: str, kind_file: str) -> dict:
-    return yaml.safe_load(one(kind_file, "ConfigMap")["data"][name])
+def embedded(name: str, kind_file: str) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(one(kind_file, "ConfigMap")["data"][name])
+    return doc
 
 
-def container(workload: dict) -> dict:
+def container(workload: dict[str, Any]) -> dict[str, Any]:
     (c,) = workload["spec"]["template"]["spec"]["containers"]
-    return c
+    return dict(c)
 
 
-def resolve_port(c: dict, port: int | str) -> int:
+def resolve_port(c: dict[str, Any], port: int | str) -> int:
     """A probe or targetPort given by number or by container port name -> the number."""
     if isinstance(port, int):
         return port
-    (match,) = [p["containerPort"] for p in c["ports"] if p["name"] == port]
+    (match,) = [int(p["containerPort"]) for p in c["ports"] if p["name"] == port]
     return match
 
 
-def mounted_file(workload: dict, path: str) -> tuple[dict, str]:
+def mounted_file(workload: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
     """The volume and the key inside it that appear at `path` in the container."""
     pod = workload["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -140,7 +142,7 @@ def test_cloud_container_ports_match_cloud_yaml() -> None:
     pytest.param(DEPLOYMENT, CLOUD, id="tunnel-cloud"),
     pytest.param(DAEMONSET, EDGE, id="tunnel-edge"),
 ])
-def test_probes_and_scrape_annotations_use_the_admin_port(workload: dict, config: dict) -> None:
+def test_probes_and_scrape_annotations_use_the_admin_port(workload: dict[str, Any], config: dict[str, Any]) -> None:
     c = container(workload)
     admin = port_of(config["admin"]["listen"])
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -220,7 +222,7 @@ def test_shared_edge_config_only_serves_unit_names() -> None:
 
 
 @pytest.mark.parametrize("workload", WORKLOADS)
-def test_hardened_security_context(workload: dict) -> None:
+def test_hardened_security_context(workload: dict[str, Any]) -> None:
     pod = workload["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 65532
@@ -234,7 +236,7 @@ def test_hardened_security_context(workload: dict) -> None:
 
 
 @pytest.mark.parametrize("workload", WORKLOADS)
-def test_grace_period_covers_the_drain(workload: dict) -> None:
+def test_grace_period_covers_the_drain(workload: dict[str, Any]) -> None:
     grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace >= 30 + DRAIN_MARGIN
 
@@ -244,7 +246,7 @@ def test_grace_period_covers_the_drain(workload: dict) -> None:
     pytest.param(DAEMONSET, EDGE, "edge.yaml", id="tunnel-edge"),
 ])
 def test_config_and_certificates_are_mounted_where_the_config_says(
-        workload: dict, config: dict, config_file: str) -> None:
+        workload: dict[str, Any], config: dict[str, Any], config_file: str) -> None:
     volume, key = mounted_file(workload, f"/etc/kins-tunnel/{config_file}")
     assert volume["configMap"]["name"] == workload["metadata"]["name"]
     assert key == config_file
@@ -387,7 +389,7 @@ def test_script_needs_the_ca(script_env: dict[str, str], tmp_path: Path) -> None
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     lines = [line.strip() for line in text.splitlines()]
-    return [tuple(line.split(None, 1)) for line in lines if line and not line.startswith("#")]
+    return [(op, arg) for op, _, arg in (line.partition(" ") for line in lines if line and not line.startswith("#"))]
 
 
 def test_dockerfile_runs_the_console_script_as_non_root() -> None:
@@ -414,8 +416,8 @@ def test_dockerfile_copies_only_what_dockerignore_lets_through() -> None:
             assert source.split("/")[0] not in ignored, source
     # What setuptools needs to build the package, including the readme pyproject names.
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    sources = {s for group in copied for s in group}
-    assert {"pyproject.toml", pyproject["project"]["readme"], "kins_tunnel"} <= sources
+    copied_sources = {s for group in copied for s in group}
+    assert {"pyproject.toml", pyproject["project"]["readme"], "kins_tunnel"} <= copied_sources
 
 
 def test_pyproject_defines_the_console_script() -> None:
@@ -437,7 +439,8 @@ def test_optional_files_named_in_comments_are_mounted() -> None:
         volume, _ = mounted_file(DEPLOYMENT, path.strip())
         ref = volume.get("secret", {}).get("secretName") or volume.get("configMap", {}).get("name")
         assert ref == source, path
-        assert (volume.get("secret") or volume.get("configMap"))["optional"] is True  # pods start without it
+        source_of = volume.get("secret") or volume.get("configMap")
+        assert source_of is not None and source_of["optional"] is True  # pods start without it
 def test_image_build_recipe_leaves_the_test_doubles_out(tmp_path: Path) -> None:
     """Run the build stage's RUN line on a copy of the build context (real pip, into a temp
     prefix): the installed package has no kins_tunnel/testing, and its `demo` says why it cannot run."""

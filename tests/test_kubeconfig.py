@@ -7,9 +7,9 @@ import functools
 import io
 import os
 import stat
+import subprocess
 from pathlib import Path
 
-import h11
 import pytest
 import trio
 import yaml
@@ -182,7 +182,7 @@ def test_main_unreadable_input_and_unwritable_output(tmp_path: Path) -> None:
         main_kubeconfig("test", PROXY, str(tmp_path / "in"), str(tmp_path / "no" / "out"))
 
 
-async def run_kubectl(kubeconfig: Path, *args: str) -> trio.CompletedProcess[bytes]:
+async def run_kubectl(kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(kubeconfig.parent)}
     with trio.fail_after(30):
         return await trio.run_process([KUBECTL, "--kubeconfig", str(kubeconfig), *args],
@@ -203,48 +203,26 @@ async def test_kubectl_reads_the_proxy_url_back(tmp_path: Path) -> None:
     assert proc.stdout.decode() == "https://test-svc-kins.kins-system:443"
 
 
-async def _connect_proxy(upstream_port: int, seen: list[tuple[bytes, bytes]],
-                         client: trio.SocketStream) -> None:
-    """A minimal CONNECT proxy sending every target to the stand-in (the tunnel's job)."""
-    conn = h11.Connection(h11.SERVER)
-    async with client:
-        event = conn.next_event()
-        while event is h11.NEED_DATA:
-            conn.receive_data(await client.receive_some(65536))
-            event = conn.next_event()
-        assert isinstance(event, h11.Request) and event.method == b"CONNECT"
-        seen.append((event.target, dict(event.headers).get(b"proxy-authorization", b"")))
-        await client.send_all(conn.send(h11.Response(status_code=200, headers=[])))
-        upstream = await trio.open_tcp_stream("127.0.0.1", upstream_port)
-        async with upstream:
-            await upstream.send_all(conn.trailing_data[0])
-
-            async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-                while data := await src.receive_some(65536):
-                    await dst.send_all(data)
-                await dst.send_eof()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump, client, upstream)
-                nursery.start_soon(pump, upstream, client)
-
-
 @needs_kubectl
 async def test_kubectl_goes_through_the_proxy_and_verifies_the_service_name(
         nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The rewritten kubeconfig through the real cloud and edge (Basic auth from the proxy URL):
+    kubectl verifies the K3s stand-in's certificate for the Service name it asked for."""
+    from tests.e2e.harness import SVC, tunnel_env
+    from tests.test_observability import connect_lines, json_log
+
     ctx, cert = make_self_signed_server_context(tmp_path)
     k3s_port = await nursery.start(functools.partial(serve_k3s_standin, ctx))
-    seen: list[tuple[bytes, bytes]] = []
-    listeners = await nursery.start(trio.serve_tcp,
-                                    functools.partial(_connect_proxy, k3s_port, seen), 0)
-    proxy_port = listeners[0].socket.getsockname()[1]
+    (tmp_path / "basic").write_text("ops:pw\n")
+    auth = {"auth": {"basic_file": str(tmp_path / "basic")}}
     edge = SEED.replace("    insecure-skip-tls-verify: true\n",
                         f"    certificate-authority: {cert}\n")
-    out = tmp_path / "kubeconfig"
-    out.write_text(rewrite_kubeconfig(edge, unit="test",
-                                      proxy_url=f"http://ops:pw@127.0.0.1:{proxy_port}"))
-    proc = await run_kubectl(out, "get", "pods", "-o", "name")
+    async with json_log() as buf, tunnel_env(tmp_path, {SVC: f"127.0.0.1:{k3s_port}"}, proxy=auth) as env:
+        out = tmp_path / "kubeconfig"
+        out.write_text(rewrite_kubeconfig(edge, unit="test",
+                                          proxy_url=f"http://ops:pw@127.0.0.1:{env.ports.proxy}"))
+        proc = await run_kubectl(out, "get", "pods", "-o", "name")
     assert b"pod/test-server-kins-" in proc.stdout
-    target, auth = seen[0]
-    assert target == b"test-svc-kins.kins-system:443"
-    assert auth == b"Basic " + base64.b64encode(b"ops:pw")
+    line = next(d for d in connect_lines(buf) if d["status"] == 200)
+    assert line["target"] == "test-svc-kins.kins-system:443"
+    assert line["principal"] == "ops"  # client-go sent the proxy URL's user:password as Basic

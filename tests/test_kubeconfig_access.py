@@ -24,10 +24,11 @@ def pems(tmp_path: Path) -> tuple[bytes, bytes]:
 
 
 def kubeconfig(cluster: dict[str, object]) -> str:
-    return yaml.safe_dump({"apiVersion": "v1", "kind": "Config",
+    text: str = yaml.safe_dump({"apiVersion": "v1", "kind": "Config",
                            "clusters": [{"name": "default", "cluster": cluster}],
                            "contexts": [{"name": "default", "context": {"cluster": "default", "user": "default"}}],
                            "current-context": "default", "users": [{"name": "default", "user": {"token": "t"}}]})
+    return text
 
 
 def cluster_of(text: str) -> dict[str, object]:

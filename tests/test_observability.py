@@ -15,7 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -29,14 +29,14 @@ from kins_tunnel.cloud.server import Cloud, CloudPorts
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
 from kins_tunnel.logs import JSONFormatter
+from kins_tunnel.testing.support import echo_roundtrip, free_port, http_get, read_all
+from kins_tunnel.testing.support import wait_until as wait_for
 from tests.e2e.harness import (
     SVC,
     cloud_dict,
     connect,
     edge_dict,
-    free_port,
     make_certs,
-    read_all,
     serve_echo,
     serve_loopback,
     tunnel_env,
@@ -47,14 +47,6 @@ FAST = {"ping_interval": 0.2}
 
 
 # ---------------------------------------------------------------- helpers
-async def http_get(port: int, path: str, host: str = "127.0.0.1") -> tuple[int, bytes]:
-    stream = await trio.open_tcp_stream(host, port)
-    async with stream:
-        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        with trio.fail_after(5):
-            raw = await read_all(stream)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
 
 
 def samples(text: bytes) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -73,10 +65,6 @@ def value(m: Mapping[str, list[tuple[dict[str, str], float]]], name: str, **labe
     return found[0] if found else 0.0
 
 
-async def wait_for(pred: Callable[[], bool], timeout: float = 10, what: str = "") -> None:
-    with trio.fail_after(timeout):
-        while not pred():
-            await trio.sleep(0.02)
 
 
 async def start_edge(nursery: trio.Nursery, base: Path, certs: Path, cloud: list[int] | list[str],
@@ -90,15 +78,6 @@ async def start_edge(nursery: trio.Nursery, base: Path, certs: Path, cloud: list
     return edge, ports.admin
 
 
-async def echo_roundtrip(stream: trio.SocketStream, data: bytes) -> None:
-    await stream.send_all(data)
-    got = b""
-    with trio.fail_after(10):
-        while len(got) < len(data):
-            chunk = await stream.receive_some(65536)
-            assert chunk, "echo stream ended"
-            got += chunk
-    assert got == data
 
 
 def rogue_client_context(base: Path, trusted_ca: Path) -> ssl.SSLContext:
@@ -395,7 +374,7 @@ async def test_renewed_certificates_apply_to_new_tunnels_and_keep_streams(tmp_pa
             certs = env.certs
             (edge1,) = env.edges
             old_cloud = file_serial(certs / "cloud.crt")
-            assert int(next(iter(edge1.cloud_certs.values()))["cloud_cert_serial"], 16) == old_cloud
+            assert int(str(next(iter(edge1.cloud_certs.values()))["cloud_cert_serial"]), 16) == old_cloud
             status, head, s = await connect(env.ports.proxy, SVC)
             assert status == 200, head
             async with s:
@@ -408,7 +387,7 @@ async def test_renewed_certificates_apply_to_new_tunnels_and_keep_streams(tmp_pa
                 await trio.sleep(1.1)  # the cloud looks at the files at most once a second
                 edge2 = await env.add_edge({"edge2:22": f"127.0.0.1:{echo}"}, node="edge2", wait_for="edge2:22")
                 # the new tunnel was served with the new cloud certificate
-                assert int(next(iter(edge2.cloud_certs.values()))["cloud_cert_serial"], 16) == new_cloud
+                assert int(str(next(iter(edge2.cloud_certs.values()))["cloud_cert_serial"]), 16) == new_cloud
                 assert env.cloud.tls.reloads == 1
                 # the old tunnel and its stream were not touched
                 assert edge1.connects == 1 and len(env.cloud.registry) == 2
@@ -420,7 +399,7 @@ async def test_renewed_certificates_apply_to_new_tunnels_and_keep_streams(tmp_pa
             (t1,) = [t for t in env.cloud.registry if t.identity.node == "edge1"]
             assert serial(t1.session.tls.peer_certificate_der()) == new_edge1
             assert edge1.tls.reloads == 1
-            assert int(next(iter(edge1.cloud_certs.values()))["cloud_cert_serial"], 16) == new_cloud
+            assert int(str(next(iter(edge1.cloud_certs.values()))["cloud_cert_serial"]), 16) == new_cloud
         n.cancel_scope.cancel()
 
 

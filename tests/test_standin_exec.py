@@ -172,7 +172,7 @@ class WsClient:
 
     async def events(self) -> list[Any]:
         data = await self.stream.receive_some(65536)
-        self.ws.receive_data(data or None)
+        self.ws.receive_data(bytes(data) or None)
         return list(self.ws.events())
 
     async def send(self, channel: int, data: bytes) -> None:

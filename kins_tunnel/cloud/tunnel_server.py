@@ -27,6 +27,7 @@ from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.admission import Admission
 from kins_tunnel.cloud.registry import EdgeTunnel, Registry, allowed_name
 from kins_tunnel.config import CloudConfig
+from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.proto import Connection, ErrorCode, Hello, Role
 from kins_tunnel.transport.listen import open_listener_socket, serve_listener
@@ -49,6 +50,7 @@ class TunnelServer:
                                    slow_handshake=t.slow_handshake)
         self.listening = trio.Event()
         self._listener_scope: trio.CancelScope | None = None
+        self._refusal_log = LogBudget(REFUSALS_LOGGED_PER_SECOND)
         # why an edge (identity, DER certificate) is revoked, or None (set by the cloud)
         self.revoked: Callable[[EdgeIdentity, bytes | None], str | None] = lambda identity, der: None
 
@@ -77,7 +79,9 @@ class TunnelServer:
 
     def _refuse(self, peer: str, reason: str, detail: str) -> None:
         self.metrics.handshake_failures.labels(reason).inc()
-        log.warning("edge handshake refused", extra={"peer": peer, "reason": detail, "label": reason})
+        if self._refusal_log.allow():  # a flood of bad connections must not flood the log too
+            log.warning("edge handshake refused", extra={"peer": peer, "reason": detail, "label": reason,
+                                                         "not_logged_before": self._refusal_log.take_suppressed()})
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
         t = self.cfg.tunnel
@@ -156,14 +160,17 @@ class TunnelServer:
                 self.metrics.handshake_failures.labels(session.handshake_failure or "protocol").inc()
                 log.warning("edge tunnel handshake failed", extra={**labels, "peer": peer, "reason": str(exc)})
                 return
-            names = []
+            names, refused = [], []
             for name in session.peer_names:
                 ok = allowed_name(identity, name)
                 if ok is None:
-                    log.warning("edge advertised a name outside its unit/node: not routed",
-                                extra={**labels, "peer": peer, "advertised": name})
+                    refused.append(name)
                 else:
                     names.append(ok)
+            if refused:  # one line per tunnel, however many names a peer sends
+                log.warning("edge advertised names outside its unit/node: not routed",
+                            extra={**labels, "peer": peer, "count": len(refused),
+                                   "advertised": ",".join(refused[:MAX_NAMES_LOGGED])[:MAX_LOGGED_CHARS]})
             tunnel = EdgeTunnel(identity, session, frozenset(names), peer)
             self.registry.add(tunnel)
             log.info("edge connected", extra={**labels, "peer": peer, "names": ",".join(sorted(names)),
@@ -173,6 +180,11 @@ class TunnelServer:
             finally:
                 self.registry.remove(tunnel)
                 log.info("edge disconnected", extra={**labels, "peer": peer, "reason": session.close_reason})
+
+
+MAX_NAMES_LOGGED = 5  # refused names shown in the one log line of a tunnel
+MAX_LOGGED_CHARS = 1024
+REFUSALS_LOGGED_PER_SECOND = 20  # beyond: counted in the metric, summarised in the next line
 
 
 _SHED_DETAIL = {"shed": "shed: too many pending handshakes (tunnel.max_pending_handshakes)",

@@ -18,12 +18,15 @@ import trio
 
 from kins_tunnel.config import Address, normalise_target
 from kins_tunnel.errors import OpenFailed
+from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.proto import ErrorCode, LocalProtocolError, code_label
 from kins_tunnel.transport.relay import relay
 from kins_tunnel.transport.session import Session
 
 log = logging.getLogger("kins_tunnel.edge.forwarder")
+REFUSALS_LOGGED_PER_SECOND = 20
+MAX_LOGGED_TARGET = 512
 
 
 def code_for(exc: OSError) -> ErrorCode:
@@ -61,6 +64,7 @@ class Forwarder:
         self.dial_timeout = dial_timeout
         self.metrics = metrics
         self._preferred: dict[str, int] = {}  # service -> index of the address that last worked
+        self._refusal_log = LogBudget(REFUSALS_LOGGED_PER_SECOND)
 
     def on_open(self, session: Session, stream_id: int, target: str) -> None:
         """Session callback for a StreamOpened: refuse at once or start dialling."""
@@ -71,7 +75,10 @@ class Forwarder:
         addrs = self.services.get(name) if name else None
         if not addrs:
             self.metrics.dial_failures.labels("not_allowed").inc()
-            log.warning("open refused: not in services", extra={"target": target, "stream": stream_id})
+            if self._refusal_log.allow():  # a peer sending many such opens must not flood the log
+                log.warning("open refused: not in services",
+                            extra={"target": target[:MAX_LOGGED_TARGET], "stream": stream_id,
+                                   "not_logged_before": self._refusal_log.take_suppressed()})
             session.reject(stream_id, ErrorCode.NOT_ALLOWED, f"{target} is not in this edge's services")
             return
         session.start_stream_task(stream_id, self._dial_and_relay, session, stream_id, name, addrs)

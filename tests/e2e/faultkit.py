@@ -22,13 +22,12 @@ from typing import Any
 
 import trio
 
+from kins_tunnel.testing.support import free_port, http_get, read_all
 from tests.e2e.harness import (
     cloud_dict,
     echo_bytes,
     edge_dict,
-    free_port,
     make_certs,
-    read_all,
     serve_loopback,
     spawn,
     write_yaml,
@@ -178,11 +177,6 @@ def procs(base: Path) -> Iterator[Procs]:
         _WATCHED.difference_update(ps.procs)
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def fd_count(pid: int) -> int:
@@ -190,20 +184,6 @@ def fd_count(pid: int) -> int:
 
 
 # ---------------------------------------------------------------- HTTP to admin and proxy
-async def http_get(port: int, path: str, timeout: float = 5) -> tuple[int, bytes]:
-    """GET 127.0.0.1:port/path; (status, body). OSError if nothing listens."""
-    with trio.fail_after(timeout):
-        s = await trio.open_tcp_stream("127.0.0.1", port)
-        async with s:
-            await s.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-            data = b""
-            while True:
-                chunk = await s.receive_some(65536)
-                if not chunk:
-                    break
-                data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
 
 
 async def cloud_status(cloud: CloudProc) -> dict[str, Any]:

@@ -11,11 +11,10 @@ import contextlib
 import functools
 import hashlib
 import os
-import random
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ from kins_tunnel.cloud.aliases import Resolver
 from kins_tunnel.cloud.server import Cloud, CloudPorts
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
+from kins_tunnel.testing.support import free_port as free_port  # re-exported for older importers
+from kins_tunnel.testing.support import read_all as read_all
 
 SVC = "test-svc-kins.kins-system:443"
 
@@ -59,7 +60,7 @@ def cloud_dict(certs: Path, **over: Any) -> dict[str, Any]:
     return d
 
 
-def edge_dict(certs: Path, cloud_ports: list[int] | list[str], services: Mapping[str, Any], node: str = "edge1",
+def edge_dict(certs: Path, cloud_ports: Sequence[int | str], services: Mapping[str, Any], node: str = "edge1",
               **over: Any) -> dict[str, Any]:
     d: dict[str, Any] = {
         "cloud": [p if isinstance(p, str) else f"127.0.0.1:{p}" for p in cloud_ports],
@@ -142,6 +143,25 @@ async def connect(proxy_port: int, target: str, headers: str = "") -> tuple[int,
         raise
 
 
+async def slowloris(port: int, request: bytes, every: float = 0.02) -> bytes:
+    """Send `request` to a loopback port one byte every `every` seconds (trio's clock), then read
+    the answer until the server closes; the answer (b"" if the connection broke)."""
+    s = await trio.open_tcp_stream("127.0.0.1", port)
+    answer = b""
+    async with s:
+        try:
+            for i in range(len(request)):
+                await s.send_all(request[i:i + 1])
+                await trio.sleep(every)
+        except trio.BrokenResourceError:
+            pass
+        try:
+            answer = await read_all(s)
+        except trio.BrokenResourceError:
+            pass
+    return answer
+
+
 async def keep_echoing(proxy_port: int, counts: dict[str, int], target: str = SVC) -> None:
     """Forever: an echo round trip through the proxy every 50 ms, counted as "ok" or "failed"
     (skipped while counts["paused"] is set). The normal traffic that hostile-input tests watch."""
@@ -167,14 +187,6 @@ async def keep_echoing(proxy_port: int, counts: dict[str, int], target: str = SV
         await trio.sleep(0.05)
 
 
-async def read_all(stream: trio.abc.ReceiveStream, limit: int = 1 << 31) -> bytes:
-    out = bytearray()
-    while len(out) < limit:
-        chunk = await stream.receive_some(1 << 18)
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
 
 
 # ---------------------------------------------------------------- target servers (test doubles)
@@ -245,34 +257,8 @@ def hanging_listener() -> Iterator[int]:
         full.close()
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
 
 
-def free_port() -> int:
-    """A free port for a process that must be restarted on the same port.
-
-    Taken *below* the kernel's ephemeral range: a port the kernel hands out as the local end of
-    some outgoing connection could otherwise be taken between our check and the process's bind,
-    or while it restarts ("address already in use").
-    """
-    low, _high = _ephemeral_range()
-    lo, hi = max(1024, low - 12000), max(1025, low - 1)
-    for _ in range(200):
-        port = random.randrange(lo, hi)
-        s = socket.socket()
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            s.close()
-        return port
-    raise RuntimeError("no free port below the ephemeral range")
 
 
 # ---------------------------------------------------------------- processes

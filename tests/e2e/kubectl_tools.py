@@ -61,7 +61,7 @@ class KubectlEnv:
         return self.sandbox / pod / path.lstrip("/")
 
     async def run(self, *args: str, stdin: bytes | None = None, timeout: float = 60,
-                  extra_env: Mapping[str, str] | None = None) -> trio.CompletedProcess[bytes]:
+                  extra_env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
         with trio.fail_after(timeout):
             return await trio.run_process(self.argv(*args), stdin=stdin, capture_stdout=True,
                                           capture_stderr=True, check=False, env=self.env(extra_env))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from tests.e2e.harness import free_port
+from kins_tunnel.testing.support import free_port
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
 HAVE_SSH = SSHD is not None and shutil.which("ssh") is not None and shutil.which("ssh-keygen") is not None

@@ -34,17 +34,11 @@ import yaml
 from kins_tunnel.certs import init_ca, issue_edge, issue_user
 from kins_tunnel.kubeconfig import rewrite_kubeconfig
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
-from tests.e2e.harness import (
-    SVC,
-    connect,
-    free_port,
-    make_certs,
-    serve_echo,
-    tunnel_env,
-    wait_routed,
-)
+from kins_tunnel.testing.support import echo_roundtrip, free_port, http_get
+from kins_tunnel.testing.support import wait_until as wait_for
+from tests.e2e.harness import SVC, connect, make_certs, serve_echo, tunnel_env, wait_routed
 from tests.test_aliases import TableResolver
-from tests.test_observability import echo_roundtrip, http_get, json_log, samples, wait_for
+from tests.test_observability import json_log, samples
 
 KUBECTL = shutil.which("kubectl")
 CURL = shutil.which("curl")
@@ -71,11 +65,11 @@ def seed_kubeconfig(ca: Path | None = None, **cluster: Any) -> str:
         c["insecure-skip-tls-verify"] = True
     else:
         c["certificate-authority-data"] = base64.b64encode(ca.read_bytes()).decode()
-    return yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "clusters": [{"name": "default", "cluster": c}],
+    return str(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "clusters": [{"name": "default", "cluster": c}],
                            "contexts": [{"name": "default", "context": {"cluster": "default", "namespace": "default",
                                                                         "user": "default"}}],
                            "current-context": "default",
-                           "users": [{"name": "default", "user": {"token": "rfj9s2bhpcs6fm9x"}}]})
+                           "users": [{"name": "default", "user": {"token": "rfj9s2bhpcs6fm9x"}}]}))
 
 
 async def kubectl(kubeconfig: Path, *args: str, home: Path, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:

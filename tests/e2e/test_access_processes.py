@@ -14,15 +14,8 @@ import pytest
 import trio
 
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
-from tests.e2e.faultkit import (
-    cloud_status,
-    free_port,
-    http_get,
-    procs,
-    wait_cloud_up,
-    wait_edges,
-    wait_until,
-)
+from kins_tunnel.testing.support import free_port, http_get
+from tests.e2e.faultkit import cloud_status, procs, wait_cloud_up, wait_edges, wait_until
 
 CURL = shutil.which("curl")
 EXAMPLE = Path(__file__).resolve().parent.parent.parent / "examples" / "authz-multi-team.yaml"
@@ -91,8 +84,8 @@ async def test_tls_proxy_rules_and_revocation_with_processes(tmp_path: Path) -> 
             doc = await cloud_status(cloud)
             assert doc["revoked_file"]["reloads"] == 1 and doc["authz_file"]["failures"] == 0
             n.cancel_scope.cancel()
-    lines = [json.loads(ln) for ln in cloud.log.read_text().splitlines() if ln.startswith("{")]
-    audit = [d for d in lines if d.get("msg") in ("CONNECT done", "CONNECT refused")]
+    docs = [json.loads(ln) for ln in cloud.log.read_text().splitlines() if ln.startswith("{")]
+    audit = [d for d in docs if d.get("msg") in ("CONNECT done", "CONNECT refused")]
     assert sorted((d["principal"], d["status"]) for d in audit) == [("alice", 200), ("alice", 403), ("alice", 503),
                                                                     ("carol", 403)]
     assert "pw-alice" not in cloud.log.read_text()

@@ -10,16 +10,8 @@ from pathlib import Path
 
 import trio
 
-from tests.e2e.harness import (
-    SVC,
-    connect,
-    free_port,
-    hanging_listener,
-    read_all,
-    serve_digest,
-    serve_echo,
-    tunnel_env,
-)
+from kins_tunnel.testing.support import free_port, read_all
+from tests.e2e.harness import SVC, connect, hanging_listener, serve_digest, serve_echo, tunnel_env
 
 
 async def test_echo_through_the_tunnel(tmp_path: Path) -> None:

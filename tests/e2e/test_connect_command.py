@@ -149,16 +149,19 @@ async def test_credential_forms_and_half_close(tmp_path: Path) -> None:
             (tmp_path / "token").write_text(f"\n{TOKEN}\n")
             authority = url.removeprefix("http://")
             quoted = "s3cr%3Aet%20x"
-            forms: list[tuple[list[str], dict[str, str]]] = [
-                (connect_argv("edge1:7000", url, "--proxy-user", f"u:{PASSWORD}"), {}),
-                (connect_argv("edge1:7000", url, "--proxy-user", "u"), {"KINS_TUNNEL_PROXY_PASSWORD": PASSWORD}),
-                (connect_argv("edge1:7000", f"http://u:{quoted}@{authority}"), {}),
-                (connect_argv("edge1:7000", f"http://u@{authority}"), {"KINS_TUNNEL_PROXY_PASSWORD": PASSWORD}),
-                (connect_argv("EDGE1:7000", url, "--proxy-token-file", str(tmp_path / "token")), {}),
+            forms: list[tuple[list[str], bool]] = [  # (argv, password in the environment)
+                (connect_argv("edge1:7000", url, "--proxy-user", f"u:{PASSWORD}"), False),
+                (connect_argv("edge1:7000", url, "--proxy-user", "u"), True),
+                (connect_argv("edge1:7000", f"http://u:{quoted}@{authority}"), False),
+                (connect_argv("edge1:7000", f"http://u@{authority}"), True),
+                (connect_argv("EDGE1:7000", url, "--proxy-token-file", str(tmp_path / "token")), False),
             ]
-            for argv, env in forms:
+            for argv, password_in_env in forms:
                 data = os.urandom(1024 * 1024 + len(argv))
-                r = await run(argv, stdin=data, **env)
+                if password_in_env:
+                    r = await run(argv, stdin=data, KINS_TUNNEL_PROXY_PASSWORD=PASSWORD)
+                else:
+                    r = await run(argv, stdin=data)
                 assert (r.returncode, r.stderr) == (0, b""), argv
                 assert r.stdout == f"{hashlib.sha256(data).hexdigest()} {len(data)}\n".encode(), argv
         n.cancel_scope.cancel()

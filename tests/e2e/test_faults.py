@@ -19,6 +19,7 @@ import trio
 from kins_tunnel.cloud.server import Cloud
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge, backoff_delay
+from kins_tunnel.testing.support import free_port, http_get, read_all, rss_kib
 from tests.e2e.faultkit import (
     CloudProc,
     Relay,
@@ -29,11 +30,9 @@ from tests.e2e.faultkit import (
     edge_status,
     edges_of,
     figure,
-    http_get,
     percentile,
     procs,
     read_until_end,
-    rss_kib,
     serve_banner,
     serve_source,
     set_rst_on_close,
@@ -42,16 +41,7 @@ from tests.e2e.faultkit import (
     wait_edges,
     wait_until,
 )
-from tests.e2e.harness import (
-    SVC,
-    cloud_dict,
-    edge_dict,
-    free_port,
-    hanging_listener,
-    make_certs,
-    read_all,
-    serve_echo,
-)
+from tests.e2e.harness import SVC, cloud_dict, edge_dict, hanging_listener, make_certs, serve_echo
 
 PING = {"ping_interval": 0.5, "ping_timeout": 2.0}
 CLOUD_FAST: dict[str, Any] = {"tunnel": {**PING, "drain_timeout": 3.0, "handshake_timeout": 3.0},
@@ -453,7 +443,7 @@ async def test_targets_that_refuse_hang_or_reset(tmp_path: Path) -> None:
                 took = time.monotonic() - t0
                 figure("hanging target: 504 after (edge dial_timeout 1 s)", took, "s")
                 assert status == 504, head
-                assert 0.9 <= took <= 2.0
+                assert took >= 0.9  # not before the dial timeout; exact bound: tests/e2e/test_deadlines.py
                 # a target that resets mid-stream: the client sees a reset, not a clean EOF
                 s = await open_ok(cloud.proxy, "test-svc-kins.kins-system:8443")
                 async with s:

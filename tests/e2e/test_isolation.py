@@ -25,10 +25,11 @@ from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.edge.forwarder import code_for
 from kins_tunnel.proto import ErrorCode, MuxConfig
 from kins_tunnel.proto.frames import FrameType, open_result_frame, reset_frame
-from tests.e2e.harness import SVC, connect, make_certs, read_all, serve_echo, tunnel_env
+from kins_tunnel.testing.support import http_get, read_all
+from tests.e2e.harness import SVC, connect, make_certs, serve_echo, tunnel_env
 from tests.e2e.rawpeer import RawPeer, hello_frame
 from tests.e2e.test_bad_input import watched_env
-from tests.test_observability import connect_lines, http_get, json_log, samples, value
+from tests.test_observability import connect_lines, json_log, samples, value
 
 FUZZ_SVC = "fuzz-svc-kins.kins-system:443"
 
@@ -159,8 +160,7 @@ async def test_largest_max_frame_the_config_accepts_works_with_an_edge(tmp_path:
 async def test_hello_beyond_our_bounds_is_refused_and_counted(tmp_path: Path) -> None:
     """An edge whose HELLO states limits out of range (or too many names) is refused at the
     handshake with a counted reason; nothing else notices."""
-    from kins_tunnel.proto.frames import frame
-    from kins_tunnel.proto.handshake import HELLO_PREFIX, MAGIC
+    from kins_tunnel.proto.frames import HELLO_PREFIX, MAGIC, frame
 
     async with watched_env(tmp_path) as (env, _counts):
         bad_bodies = [
@@ -459,13 +459,10 @@ async def test_random_bytes_on_the_admin_port(tmp_path: Path) -> None:
     async with tunnel_env(tmp_path) as env:
         port = env.ports.admin
         for _ in range(200):
-            if rng.random() < 0.5:
-                data = rng.randbytes(rng.randrange(0, 300))
-            else:
-                data = bytearray(base)
-                for _ in range(rng.randrange(1, 6)):
-                    data[rng.randrange(len(data))] = rng.randrange(256)
-                data = bytes(data)
+            mutated = bytearray(base)
+            for _ in range(rng.randrange(1, 6)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            data = rng.randbytes(rng.randrange(0, 300)) if rng.random() < 0.5 else bytes(mutated)
             s = await trio.open_tcp_stream("127.0.0.1", port)
             async with s:
                 try:

@@ -9,21 +9,22 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import trio
 
+from kins_tunnel.testing.support import read_all, rss_kib
 from tests.e2e.faultkit import (
     connect,
     edges_of,
     fd_count,
     figure,
     procs,
-    rss_kib,
     wait_cloud_up,
     wait_connect,
     wait_edges,
     wait_until,
 )
-from tests.e2e.harness import SVC, read_all, serve_digest, serve_echo
+from tests.e2e.harness import SVC, serve_digest, serve_echo
 
 MiB = 1 << 20
 BLOCK = random.Random(7).randbytes(MiB + 4096)
@@ -130,6 +131,7 @@ async def test_thousand_concurrent_streams_of_one_mib_checksummed(tmp_path: Path
         n.cancel_scope.cancel()
 
 
+@pytest.mark.slow  # 30 s; still part of `make test`
 async def test_soak_while_the_edge_flaps(tmp_path: Path) -> None:
     duration = 30.0
     stats = {"ok": 0, "refused": 0, "broken": 0, "corrupt": 0, "bytes": 0}

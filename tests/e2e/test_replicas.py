@@ -29,14 +29,13 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from kins_tunnel.testing.support import echo_roundtrip, free_port, http_get
 from tests.e2e.harness import (
     SVC,
     cloud_dict,
     connect,
     edge_dict,
-    free_port,
     make_certs,
-    read_all,
     serve_echo,
     spawn,
     write_yaml,
@@ -50,14 +49,6 @@ pytestmark = [
 NAMES = ("r1", "r2", "r3")
 
 
-async def http_get(port: int, path: str) -> tuple[int, bytes]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        with trio.fail_after(5):
-            raw = await read_all(stream)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
 
 
 async def try_get(port: int, path: str) -> tuple[int, bytes]:
@@ -167,15 +158,6 @@ async def connect_echo(port: int, data: bytes) -> bool:
             return False
 
 
-async def roundtrip(stream: trio.SocketStream, data: bytes) -> None:
-    await stream.send_all(data)
-    got = b""
-    with trio.fail_after(5):
-        while len(got) < len(data):
-            chunk = await stream.receive_some(65536)
-            assert chunk, "long-lived stream ended"
-            got += chunk
-    assert got == data
 
 
 async def test_replicas_behind_haproxy_survive_a_killed_replica(tmp_path: Path) -> None:
@@ -230,7 +212,7 @@ async def test_replicas_behind_haproxy_survive_a_killed_replica(tmp_path: Path) 
             status, head, keep = await connect(clouds["r1"]["proxy"], SVC)
             assert status == 200, head
             async with keep:
-                await roundtrip(keep, b"before the kill")
+                await echo_roundtrip(keep, b"before the kill")
 
                 procs["r2"].kill()
                 procs["r2"].wait()
@@ -241,7 +223,7 @@ async def test_replicas_behind_haproxy_survive_a_killed_replica(tmp_path: Path) 
                     outcomes.append(await connect_echo(front, b"during and after the kill"))
                     if down_after is None and haproxy_states(stats).get("r2") != "UP":
                         down_after = time.monotonic() - killed_at
-                    await roundtrip(keep, b"long-lived")
+                    await echo_roundtrip(keep, b"long-lived")
                     await trio.sleep(0.02)
                 failures = outcomes.count(False)
                 print(f"replica kill: {len(outcomes)} CONNECTs through haproxy in 3 s, {failures} failed; "
@@ -270,7 +252,7 @@ async def test_replicas_behind_haproxy_survive_a_killed_replica(tmp_path: Path) 
                 before = await answers_200(clouds["r2"]["admin"])
                 assert all([await connect_echo(front, f"again {i}".encode()) for i in range(9)])
                 assert await answers_200(clouds["r2"]["admin"]) >= before + 1
-                await roundtrip(keep, b"after the restart")
+                await echo_roundtrip(keep, b"after the restart")
 
             # SIGTERM drains and exits cleanly: edges first, then the replicas.
             for key in ("edge1", "edge2", "r1", "r2", "r3"):

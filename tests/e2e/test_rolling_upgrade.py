@@ -31,8 +31,9 @@ from kins_tunnel.testing.k3s_standin import (
     make_self_signed_server_context,
     serve_k3s_standin,
 )
+from kins_tunnel.testing.support import free_port
 from tests.e2e.faultkit import figure
-from tests.e2e.harness import SVC, free_port, tunnel_env
+from tests.e2e.harness import SVC, tunnel_env
 from tests.e2e.kubectl_tools import KUBECTL, have_kubectl
 
 pytestmark = pytest.mark.skipif(not have_kubectl(), reason="kubectl not installed")
@@ -77,7 +78,7 @@ class Server:
         await self.nursery.start(self._run, self.scope, self.stats, self.done)
 
     async def _run(self, scope: trio.CancelScope, stats: StandinStats, done: trio.Event,
-                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+                   task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             with scope:
                 await serve_k3s_standin(self.ctx, port=self.port, interval=0.2,

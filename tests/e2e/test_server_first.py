@@ -7,8 +7,9 @@ from pathlib import Path
 
 import trio
 
+from kins_tunnel.testing.support import read_all
 from tests.e2e.faultkit import connect
-from tests.e2e.harness import SVC, read_all, serve_loopback, tunnel_env
+from tests.e2e.harness import SVC, serve_loopback, tunnel_env
 
 BANNER = b"SSH-2.0-OpenSSH_9.6 test\r\n"
 

@@ -35,6 +35,7 @@ from kins_tunnel.proto.frames import (
     open_result_frame,
     window_frame,
 )
+from kins_tunnel.testing.support import self_rss
 from tests.e2e.harness import SVC, connect, keep_echoing, serve_echo, tunnel_env
 from tests.e2e.rawpeer import RawPeer, hello_frame, mutate, random_frame
 from tests.e2e.test_bad_input import watched_env
@@ -49,11 +50,6 @@ def sessions(default: int) -> int:
     return int(os.environ.get("KINS_FUZZ_SESSIONS", default))
 
 
-def rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def legit_frames(rng: random.Random, sids: list[int], opener: bool) -> bytes:
@@ -121,7 +117,7 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
     async with watched_env(tmp_path, mux={"session_budget": BUDGET, "max_streams": 16},
                            proxy={"dial_timeout": 1.0}, tunnel={"handshake_timeout": 5.0}) as (env, counts):
         ctx = raw_edge_context(env.certs)
-        rss0 = rss()
+        rss0 = self_rss()
         done = {"sessions": 0, "frames": 0, "connects": 0, "refused": 0}
 
         async def connect_to_fuzz_edge() -> None:
@@ -141,7 +137,7 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
             done["sessions"] += 1
             if done["sessions"] % 10000 == 0:
                 print(f"progress: {done['sessions']} hostile edge sessions, cloud RSS "
-                      f"+{(rss() - rss0) / 2**20:.1f} MiB, {counts['ok']} healthy echoes", flush=True)
+                      f"+{(self_rss() - rss0) / 2**20:.1f} MiB, {counts['ok']} healthy echoes", flush=True)
             try:
                 peer = await RawPeer.connect(env.ports.tunnel, ctx)
             except (trio.BrokenResourceError, OSError, ssl.SSLError):
@@ -173,7 +169,7 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
             while len(env.cloud.registry) != 1 or env.cloud.tunnels.admission.pending:
                 await trio.sleep(0.05)
         m = await metrics_of(env.ports.admin)
-        grown = rss() - rss0
+        grown = self_rss() - rss0
         print(f"\nFIGURE cloud under hostile edges: {done['sessions']} sessions, {done['frames']} frame writes, "
               f"{done['connects']} CONNECTs to the hostile edge, {done['refused']} TLS set-ups refused, "
               f"{counts['ok']} healthy echoes, "
@@ -234,14 +230,14 @@ async def test_hostile_clouds_never_take_the_edge_down(tmp_path: Path) -> None:
                     mux={"session_budget": BUDGET, "max_streams": 16})
                 counts = {"ok": 0, "failed": 0, "paused": 0}
                 n.start_soon(keep_echoing, env.ports.proxy, counts)
-                rss0 = rss()
+                rss0 = self_rss()
                 with trio.fail_after(max(120, total * 0.8)):
                     await finished.wait()
                 with trio.fail_after(10):
                     ok = counts["ok"]
                     while counts["ok"] <= ok + 1 and not counts["failed"]:
                         await trio.sleep(0.05)
-                grown = rss() - rss0
+                grown = self_rss() - rss0
                 m = edge.metrics.render()[2]
                 n.cancel_scope.cancel()
             print(f"\nFIGURE edge under hostile clouds: {accepted['n']} sessions, {accepted['frames']} frame writes, "

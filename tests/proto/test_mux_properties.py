@@ -176,7 +176,8 @@ def test_random_interleavings_deliver_exact_bytes_in_order(data: st.DataObject) 
             w.deliver(side, data.draw(st.integers(0, 70_000)))
         elif op == "tick":
             w.now += data.draw(st.floats(0, 0.1))
-        w.flush("client"), w.flush("server")
+        w.flush("client")
+        w.flush("server")
         w.check()
     # drain: deliver everything and consume everything until quiet
     for _ in range(200):

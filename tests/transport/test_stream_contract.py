@@ -5,7 +5,6 @@ of tunnel streams of two real sessions over loopback TLS (checkpoints, ValueErro
 from __future__ import annotations
 
 import functools
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,11 +13,11 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from kins_tunnel.certs import client_ssl_context, init_ca, issue_edge, server_ssl_context
+from kins_tunnel.certs import init_ca, issue_edge
 from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.stream import TunnelStream
-from kins_tunnel.transport.tls import TLSSocket
+from tests.transport.test_session import tls_pair
 
 SMALL = MuxConfig(initial_window=16 * 1024, max_window=16 * 1024, session_budget=1 << 20)
 
@@ -29,24 +28,12 @@ async def stream_factory(tmp: Path) -> AsyncIterator[tuple[object, object]]:
     certs = tmp / "certs"
     init_ca(certs)
     issue_edge(certs, "test", "edge1")
-    sctx = server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key")
-    cctx = client_ssl_context(certs / "ca.crt", certs / "edge-edge1.crt", certs / "edge-edge1.key")
     sessions: list[Session] = []
 
     async with trio.open_nursery() as nursery:
 
         async def pair(cfg: MuxConfig) -> tuple[TunnelStream, TunnelStream]:
-            lsock = socket.socket()
-            lsock.bind(("127.0.0.1", 0))
-            lsock.listen(1)
-            b = socket.create_connection(lsock.getsockname())
-            a, _ = lsock.accept()
-            lsock.close()
-            server = TLSSocket.wrap(a, sctx, server_side=True)
-            client = TLSSocket.wrap(b, cctx, server_side=False, server_hostname="localhost")
-            async with trio.open_nursery() as n:
-                n.start_soon(server.do_handshake)
-                n.start_soon(client.do_handshake)
+            server, client = await tls_pair(certs)
             accepted: trio.MemorySendChannel[TunnelStream]
             accepted, got = trio.open_memory_channel[TunnelStream](1)
 
