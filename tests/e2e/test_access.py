@@ -22,8 +22,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +32,15 @@ import yaml
 from kins_tunnel.certs import init_ca, issue_edge, issue_user
 from kins_tunnel.kubeconfig import rewrite_kubeconfig
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
-from kins_tunnel.testing.support import echo_roundtrip, free_port, http_get
+from kins_tunnel.testing.support import echo_roundtrip, http_get
 from kins_tunnel.testing.support import wait_until as wait_for
 from tests.e2e.harness import SVC, connect, make_certs, serve_echo, tunnel_env, wait_routed
+from tests.e2e.sshd import HAVE_SSH, USER, Sshd, throwaway_sshd
 from tests.test_aliases import TableResolver
 from tests.test_observability import json_log, samples
 
 KUBECTL = shutil.which("kubectl")
 CURL = shutil.which("curl")
-SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
 ROOT = Path(__file__).resolve().parent.parent.parent
 EXAMPLE = ROOT / "examples" / "authz-multi-team.yaml"
 SVC_HOST = SVC.rsplit(":", 1)[0]
@@ -402,40 +400,16 @@ async def test_certificate_expiry_metric_status_and_warning(tmp_path: Path) -> N
 
 
 # ---------------------------------------------------------------- 6. the README's multi-team example
-@contextmanager
-def sshd_on(d: Path) -> Iterator[int]:
-    """A real sshd on 127.0.0.1 (key auth only) for the ssh legs of the example."""
-    d.mkdir()
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host")], check=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "user")], check=True)
-    (d / "authorized_keys").write_text((d / "user.pub").read_text())
-    os.chmod(d / "authorized_keys", 0o600)
-    Path("/run/sshd").mkdir(exist_ok=True)
-    port = free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nPidFile {d / 'sshd.pid'}\n"
-        f"AuthorizedKeysFile {d / 'authorized_keys'}\nUsePAM no\nStrictModes no\nPermitRootLogin yes\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\n")
-    sshd = subprocess.Popen([SSHD or "sshd", "-D", "-e", "-f", str(d / "sshd_config")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield port
-    finally:
-        sshd.terminate()
-        sshd.wait(10)
-
-
-async def ssh_via_proxy(d: Path, proxy_port: int, user_pw: str, node: str) -> subprocess.CompletedProcess[bytes]:
+async def ssh_via_proxy(sshd: Sshd, proxy_port: int, user_pw: str, node: str) -> subprocess.CompletedProcess[bytes]:
     proxy_cmd = f"socat - PROXY:127.0.0.1:%h:%p,proxyport={proxy_port},proxyauth={user_pw}"
     with trio.fail_after(30):
         return await trio.run_process(
-            ["ssh", "-i", str(d / "user"), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-             "-o", f"UserKnownHostsFile={d / 'known_hosts'}", "-o", f"ProxyCommand={proxy_cmd}", "-o",
-             "ConnectTimeout=10", "-p", "22", f"{os.environ.get('USER') or 'root'}@{node}", "echo on-call-was-here"],
+            ["ssh", *sshd.ssh_options(), "-o", f"ProxyCommand={proxy_cmd}", "-o", "ConnectTimeout=10",
+             "-p", "22", f"{USER}@{node}", "echo on-call-was-here"],
             capture_stdout=True, capture_stderr=True, check=False)
 
 
-@pytest.mark.skipif(SSHD is None or shutil.which("socat") is None or shutil.which("ssh") is None,
+@pytest.mark.skipif(not HAVE_SSH or shutil.which("socat") is None,
                     reason="needs openssh-server, openssh-client and socat (.ci/system-packages installs them)")
 async def test_readme_multi_team_example(tmp_path: Path) -> None:
     readme = (ROOT / "README.md").read_text()
@@ -448,7 +422,8 @@ async def test_readme_multi_team_example(tmp_path: Path) -> None:
     def basic(user: str) -> str:
         return "Proxy-Authorization: Basic " + base64.b64encode(f"{user}:pw-{user}".encode()).decode() + "\r\n"
 
-    with sshd_on(tmp_path / "ssh") as sshd_port:
+    async with throwaway_sshd(tmp_path) as sshd:
+        sshd_port = sshd.port
         async with trio.open_nursery() as n:
             echo = await n.start(serve_echo)
             proxy_cfg = {"auth": {"basic_file": str(tmp_path / "basic"), "bearer_file": str(tmp_path / "bearer")},
@@ -481,10 +456,10 @@ async def test_readme_multi_team_example(tmp_path: Path) -> None:
                 assert got == expected
                 # real ssh: the on-call user gets a shell on a node of either unit; team A does not
                 for node in ("a-edge1", "b-edge1"):
-                    r = await ssh_via_proxy(tmp_path / "ssh", p, "carol:pw-carol", node)
+                    r = await ssh_via_proxy(sshd, p, "carol:pw-carol", node)
                     assert r.returncode == 0, r.stderr
                     assert r.stdout.strip() == b"on-call-was-here"
-                r = await ssh_via_proxy(tmp_path / "ssh", p, "alice:pw-alice", "a-edge1")
+                r = await ssh_via_proxy(sshd, p, "alice:pw-alice", "a-edge1")
                 assert r.returncode != 0 and b"on-call-was-here" not in r.stdout
                 assert b"CONNECT a-edge1:22: Forbidden" in r.stderr, r.stderr  # socat shows the 403
             n.cancel_scope.cancel()
