@@ -26,8 +26,9 @@ from pathlib import Path
 import trio
 import trio.lowlevel
 
-from kins_tunnel.certs import client_ssl_context, init_ca, issue_edge
+from kins_tunnel.certs import init_ca, issue_edge
 from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
+from kins_tunnel.tls_contexts import client_ssl_context
 
 
 async def _one_edge(port: int, ctx: object, connected: list[int], stop: trio.Event) -> None:

@@ -1,7 +1,7 @@
-"""Certificates and TLS contexts: the private CA, the cloud and edge certificates, edge identity.
+"""Certificates: the private CA, the cloud, edge, proxy and user certificates, edge identity.
 
-This module owns everything that touches X.509. It uses ``cryptography`` for keys and certificates
-and the standard ``ssl`` module for the two TLS contexts; nothing here does network I/O.
+This module owns everything that touches X.509, with ``cryptography``; the TLS contexts built from
+these files are in `tls_contexts`. Nothing here does network I/O.
 
 Layout of a certificate directory (``kins-tunnel certs init/edge --dir DIR``)::
 
@@ -37,7 +37,6 @@ import datetime as dt
 import ipaddress
 import os
 import re
-import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,14 +56,13 @@ __all__ = [
     "EdgeIdentity",
     "cert_facts",
     "cert_not_after",
-    "client_ssl_context",
     "edge_identity_uri",
     "identity_from_der",
     "init_ca",
     "issue_edge",
     "issue_user",
-    "proxy_server_ssl_context",
-    "server_ssl_context",
+    "load_certs",
+    "load_key",
 ]
 
 ALPN_PROTOCOL = "kins-tunnel/1"
@@ -88,16 +86,6 @@ _NAME_RULES = {  # pattern, what it is, the rule in words
 def _valid_name(what: str, value: object) -> bool:
     pattern, _kind, _rule = _NAME_RULES[what]
     return isinstance(value, str) and len(value) <= 253 and pattern.fullmatch(value) is not None
-# TLS 1.2 suites, forward secret and AEAD only; ECDSA first because every key we issue is ECDSA.
-# TLS 1.3 suites are configured separately by OpenSSL and its defaults are already AEAD-only.
-_CIPHERS = ":".join([
-    "ECDHE-ECDSA-AES128-GCM-SHA256",
-    "ECDHE-ECDSA-AES256-GCM-SHA384",
-    "ECDHE-ECDSA-CHACHA20-POLY1305",
-    "ECDHE-RSA-AES128-GCM-SHA256",
-    "ECDHE-RSA-AES256-GCM-SHA384",
-    "ECDHE-RSA-CHACHA20-POLY1305",
-])
 _SKEW = dt.timedelta(minutes=5)  # backdate not_valid_before a little for clocks that lag
 
 
@@ -393,7 +381,7 @@ def _read(path: Path, label: str) -> bytes:
         raise UserError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _load_certs(path: Path, label: str) -> list[x509.Certificate]:
+def load_certs(path: Path, label: str) -> list[x509.Certificate]:
     data = _read(path, label)
     try:
         certs = x509.load_pem_x509_certificates(data)
@@ -402,7 +390,7 @@ def _load_certs(path: Path, label: str) -> list[x509.Certificate]:
     return certs
 
 
-def _load_key(path: Path, label: str) -> ec.EllipticCurvePrivateKey:
+def load_key(path: Path, label: str) -> ec.EllipticCurvePrivateKey:
     data = _read(path, label)
     try:
         key = serialization.load_pem_private_key(data, password=None)
@@ -417,8 +405,8 @@ def _load_key(path: Path, label: str) -> ec.EllipticCurvePrivateKey:
 
 def _load_ca(dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     crt_path, key_path = dir / "ca.crt", dir / "ca.key"
-    cert = _load_certs(crt_path, "CA certificate")[0]
-    key = _load_key(key_path, "CA key")
+    cert = load_certs(crt_path, "CA certificate")[0]
+    key = load_key(key_path, "CA key")
     if cert.public_key() != key.public_key():
         raise UserError(f"CA key: {key_path} does not belong to {crt_path}")
     return cert, key
@@ -426,83 +414,4 @@ def _load_ca(dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
 
 def cert_not_after(path: Path) -> dt.datetime:
     """When the (first) certificate in PEM file `path` expires, as an aware UTC datetime."""
-    return _load_certs(Path(path), "certificate")[0].not_valid_after_utc
-
-
-# --- TLS contexts --------------------------------------------------------------------------------
-
-
-def server_ssl_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    """The cloud's context for the edge listener: mutual TLS 1.2+, trusting only `ca`.
-
-    Raises `UserError` naming the file (``tls.ca``, ``tls.cert`` or ``tls.key``) that is missing,
-    unreadable, not PEM, or does not match.
-    """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
-    _configure(ctx, ca, cert, key)
-    return ctx
-
-
-def proxy_server_ssl_context(client_ca: Path | None, cert: Path, key: Path) -> ssl.SSLContext:
-    """The context of the CONNECT proxy's TLS listener (`proxy.tls`).
-
-    TLS 1.2+ with the same suites as the tunnel, no ALPN (clients speak HTTP/1.1 CONNECT). With
-    `client_ca`, a client certificate signed by it is required. Raises `UserError` naming
-    ``proxy.tls.cert``, ``proxy.tls.key`` or ``proxy.tls.client_ca``.
-    """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
-    ctx.set_ciphers(_CIPHERS)
-    if client_ca is not None:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-        _load_trust(ctx, Path(client_ca), "proxy.tls.client_ca")
-    _load_identity(ctx, Path(cert), Path(key), "proxy.tls")
-    return ctx
-
-
-def client_ssl_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
-    """The edge's context for dialling the cloud: present `cert`, verify the cloud against `ca`.
-
-    Hostname checking is on: pass ``server_hostname`` (the host from ``cloud:``) when wrapping.
-    Raises `UserError` like `server_ssl_context`.
-    """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname by default
-    ctx.check_hostname = True
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    _configure(ctx, ca, cert, key)
-    return ctx
-
-
-def _configure(ctx: ssl.SSLContext, ca: Path, cert: Path, key: Path) -> None:
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_COMPRESSION
-    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
-    ctx.set_ciphers(_CIPHERS)
-    ctx.set_alpn_protocols([ALPN_PROTOCOL])
-    _load_trust(ctx, Path(ca), "tls.ca")
-    _load_identity(ctx, Path(cert), Path(key), "tls")
-
-
-def _load_trust(ctx: ssl.SSLContext, ca: Path, what: str) -> None:
-    """Trust the certificates of PEM file `ca` (UserError naming `what` otherwise)."""
-    pem = "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in _load_certs(ca, what))
-    try:
-        ctx.load_verify_locations(cadata=pem)
-    except ssl.SSLError as exc:
-        raise UserError(f"{what}: {ca}: rejected by OpenSSL: {exc.reason or exc}") from None
-
-
-def _load_identity(ctx: ssl.SSLContext, cert: Path, key: Path, section: str) -> None:
-    """Present `cert` with `key`; UserError naming `<section>.cert` / `<section>.key` otherwise."""
-    leaf = _load_certs(cert, f"{section}.cert")[0]
-    private = _load_key(key, f"{section}.key")
-    if leaf.public_key() != private.public_key():
-        raise UserError(f"{section}.key: {key} does not belong to {section}.cert {cert}")
-    try:
-        ctx.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise UserError(f"{section}.cert: {cert}: rejected by OpenSSL: {exc}") from None
+    return load_certs(Path(path), "certificate")[0].not_valid_after_utc

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kins_tunnel import certs
+from kins_tunnel import certs, tls_contexts
 from kins_tunnel.certs import EdgeIdentity, identity_from_der, init_ca, issue_edge
 from kins_tunnel.errors import UserError
 
@@ -233,11 +233,11 @@ def test_cert_not_after(pki: Path) -> None:
 
 
 def server_ctx(d: Path) -> ssl.SSLContext:
-    return certs.server_ssl_context(d / "ca.crt", d / "cloud.crt", d / "cloud.key")
+    return tls_contexts.server_ssl_context(d / "ca.crt", d / "cloud.crt", d / "cloud.key")
 
 
 def client_ctx(d: Path, node: str = "edge1") -> ssl.SSLContext:
-    return certs.client_ssl_context(d / "ca.crt", d / f"edge-{node}.crt", d / f"edge-{node}.key")
+    return tls_contexts.client_ssl_context(d / "ca.crt", d / f"edge-{node}.crt", d / f"edge-{node}.key")
 
 
 def test_context_settings(pki: Path) -> None:
@@ -259,7 +259,7 @@ def test_context_missing_file(pki: Path, tmp_path: Path, which: str) -> None:
     paths = {"ca": pki / "ca.crt", "cert": pki / "cloud.crt", "key": pki / "cloud.key"}
     paths[which] = tmp_path / "nope.pem"
     with pytest.raises(UserError, match=rf"^tls\.{which}: cannot read .*nope\.pem: No such file or directory$"):
-        certs.server_ssl_context(paths["ca"], paths["cert"], paths["key"])
+        tls_contexts.server_ssl_context(paths["ca"], paths["cert"], paths["key"])
 
 
 @pytest.mark.parametrize("which", ["ca", "cert", "key"])
@@ -268,12 +268,12 @@ def test_context_not_pem(pki: Path, tmp_path: Path, which: str) -> None:
     paths[which] = tmp_path / "junk.pem"
     paths[which].write_text("not pem at all\n")
     with pytest.raises(UserError, match=rf"^tls\.{which}: .*junk\.pem is not a PEM"):
-        certs.client_ssl_context(paths["ca"], paths["cert"], paths["key"])
+        tls_contexts.client_ssl_context(paths["ca"], paths["cert"], paths["key"])
 
 
 def test_context_key_mismatch(pki: Path) -> None:
     with pytest.raises(UserError, match=r"^tls\.key: .*edge-edge1\.key does not belong"):
-        certs.server_ssl_context(pki / "ca.crt", pki / "cloud.crt", pki / "edge-edge1.key")
+        tls_contexts.server_ssl_context(pki / "ca.crt", pki / "cloud.crt", pki / "edge-edge1.key")
 
 
 async def handshake(server: ssl.SSLContext, client: ssl.SSLContext,
@@ -342,7 +342,7 @@ async def test_mutual_tls_rejects_other_ca(pki: Path, tmp_path: Path) -> None:
     init_ca(tmp_path)
     issue_edge(tmp_path, "test", "edge1")
     # The edge trusts the real CA but presents a certificate from another CA.
-    ctx = certs.client_ssl_context(pki / "ca.crt", tmp_path / "edge-edge1.crt",
+    ctx = tls_contexts.client_ssl_context(pki / "ca.crt", tmp_path / "edge-edge1.crt",
                                    tmp_path / "edge-edge1.key")
     server, client = await handshake(server_ctx(pki), ctx)
     assert _rejected(server, "CERTIFICATE_VERIFY_FAILED")

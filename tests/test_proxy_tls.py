@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from kins_tunnel.certs import init_ca, issue_edge, issue_user, proxy_server_ssl_context
+from kins_tunnel.certs import init_ca, issue_edge, issue_user
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.cloud.proxy_tls import ProxyTLSListener, TLSClientStream
 from kins_tunnel.config import Address, ProxyTLS
 from kins_tunnel.errors import UserError
+from kins_tunnel.tls_contexts import proxy_server_ssl_context
 
 
 def client_context(certs: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:

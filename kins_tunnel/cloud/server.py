@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import trio
 
 from kins_tunnel.admin import serve_admin, text
-from kins_tunnel.certs import EdgeIdentity, cert_facts, proxy_server_ssl_context, server_ssl_context
+from kins_tunnel.certs import EdgeIdentity, cert_facts
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.aliases import AliasTable, Resolver, dns_resolver
 from kins_tunnel.cloud.auth import Authenticator
@@ -30,6 +30,7 @@ from kins_tunnel.cloud.revocation import Revocation, RevokedList
 from kins_tunnel.cloud.tunnel_server import TunnelServer
 from kins_tunnel.config import CloudConfig
 from kins_tunnel.metrics import Metrics
+from kins_tunnel.tls_contexts import proxy_server_ssl_context, server_ssl_context
 
 log = logging.getLogger("kins_tunnel.cloud")
 

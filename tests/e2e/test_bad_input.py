@@ -18,8 +18,9 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kins_tunnel.certs import client_ssl_context, init_ca, issue_edge
+from kins_tunnel.certs import init_ca, issue_edge
 from kins_tunnel.testing.support import read_all
+from kins_tunnel.tls_contexts import client_ssl_context
 from tests.e2e.faultkit import connect, figure
 from tests.e2e.harness import SVC, TunnelEnv, keep_echoing, serve_echo, slowloris, tunnel_env
 

@@ -20,12 +20,13 @@ import pytest
 import trio
 import trio.testing
 
-from kins_tunnel.certs import client_ssl_context, issue_edge
+from kins_tunnel.certs import issue_edge
 from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.edge.forwarder import code_for
 from kins_tunnel.proto import ErrorCode, MuxConfig
 from kins_tunnel.proto.frames import FrameType, open_result_frame, reset_frame
 from kins_tunnel.testing.support import http_get, read_all
+from kins_tunnel.tls_contexts import client_ssl_context
 from tests.e2e.harness import SVC, connect, make_certs, serve_echo, tunnel_env
 from tests.e2e.rawpeer import RawPeer, hello_frame
 from tests.e2e.test_bad_input import watched_env

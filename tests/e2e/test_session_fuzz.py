@@ -26,7 +26,6 @@ from pathlib import Path
 
 import trio
 
-from kins_tunnel.certs import server_ssl_context
 from kins_tunnel.proto.frames import (
     HEADER,
     FrameType,
@@ -36,6 +35,7 @@ from kins_tunnel.proto.frames import (
     window_frame,
 )
 from kins_tunnel.testing.support import self_rss
+from kins_tunnel.tls_contexts import server_ssl_context
 from tests.e2e.harness import SVC, connect, keep_echoing, serve_echo, tunnel_env
 from tests.e2e.rawpeer import RawPeer, hello_frame, mutate, random_frame
 from tests.e2e.test_bad_input import watched_env

@@ -12,8 +12,9 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from kins_tunnel.certs import client_ssl_context, init_ca, issue_edge, server_ssl_context
+from kins_tunnel.certs import init_ca, issue_edge
 from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
+from kins_tunnel.tls_contexts import client_ssl_context, server_ssl_context
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.stream import TunnelStream
 from kins_tunnel.transport.tls import TLSSocket
