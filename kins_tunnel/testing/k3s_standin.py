@@ -31,7 +31,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
-import ipaddress
 import json
 import logging
 import shutil
@@ -39,7 +38,6 @@ import ssl
 import tempfile
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
-from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -47,13 +45,23 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.x509.oid import NameOID
 from wsproto.utilities import ProtocolError as WebSocketProtocolError
 
+from kins_tunnel.testing.blob import (  # CHUNK: size of large writes
+    CHUNK,
+    blob_bytes,
+    blob_chunk,
+    iter_blob,
+)
+from kins_tunnel.testing.cluster import (
+    _API_RESOURCES,
+    _VERSION,
+    K3S_VERSION,
+    StandinStats,
+    _Cluster,
+    _status,
+    _ts,
+)
 from kins_tunnel.testing.portforward import WEBSOCKET_PROTOCOL as PORT_FORWARD_WEBSOCKET
 from kins_tunnel.testing.portforward import (
     RawTransport,
@@ -69,203 +77,17 @@ from kins_tunnel.testing.remotecommand import (
     serve_remote_command,
 )
 from kins_tunnel.testing.sandbox import Sandbox, run_command
+from kins_tunnel.testing.selfsigned import make_self_signed_server_context
+
+__all__ = ["K3S_VERSION", "StandinStats", "blob_bytes", "blob_chunk", "iter_blob",
+           "make_self_signed_server_context", "serve_k3s_standin"]
 
 log = logging.getLogger(__name__)
 
 READ_TIMEOUT = 30.0  # seconds allowed for any single read (idle keep-alive included)
 WRITE_TIMEOUT = 60.0  # seconds allowed for any single write
-CHUNK = 256 * 1024  # size of the writes of large bodies
 MAX_BLOB = 2 * 1024**3  # largest blob served
-K3S_VERSION = "v1.30.6+k3s1"  # 1.30: the first with the WebSocket remote-command protocol
 JSON = "application/json"
-
-
-def _blob_cipher(seed: int, offset: int) -> Any:
-    key = hashlib.sha256(b"kins-standin-blob:%d" % seed).digest()[:16]
-    counter = (offset // 16).to_bytes(16, "big")
-    return Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
-
-
-def iter_blob(n: int, seed: int, *, offset: int = 0, chunk_size: int = CHUNK) -> Iterator[bytes]:
-    """Yield bytes ``offset .. n`` of the blob for `seed`, in chunks of at most `chunk_size`."""
-    if n < 0 or offset < 0 or chunk_size <= 0:
-        raise ValueError("blob size, offset and chunk size must be non-negative")
-    enc = _blob_cipher(seed, offset)
-    skip = offset % 16
-    if skip:
-        enc.update(bytes(skip))
-    zeros = bytes(chunk_size)
-    pos = offset
-    while pos < n:
-        size = min(chunk_size, n - pos)
-        yield enc.update(zeros if size == chunk_size else bytes(size))
-        pos += size
-
-
-def blob_chunk(seed: int, offset: int, length: int) -> bytes:
-    """Return `length` bytes of the blob for `seed` starting at `offset` (cheap random access)."""
-    return b"".join(iter_blob(offset + length, seed, offset=offset, chunk_size=1 << 20))
-
-
-def blob_bytes(n: int, seed: int) -> bytes:
-    """Return the first `n` bytes of the blob for `seed`, exactly what the blob endpoint sends."""
-    return blob_chunk(seed, 0, n)
-
-
-
-def make_self_signed_server_context(
-    tmpdir: str | Path, *, unit: str = "test"
-) -> tuple[ssl.SSLContext, Path]:
-    """Write a self-signed server certificate and key into `tmpdir`; return (context, cert path).
-
-    The certificate names 127.0.0.1, localhost and ``<unit>-svc-kins.kins-system`` (the name
-    kubectl uses through the tunnel), so clients may verify it with the cert path as their CA.
-    """
-    tmp = Path(tmpdir)
-    key = ec.generate_private_key(ec.SECP256R1())
-    svc = f"{unit}-svc-kins.kins-system"
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "k3s-standin")])
-    now = dt.datetime.now(dt.UTC)
-    sans = [x509.DNSName("localhost"), x509.DNSName(svc), x509.DNSName(f"{svc}.svc"),
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "k3s-standin.crt", tmp / "k3s-standin.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert_path, key_path)
-    return ctx, cert_path
-
-
-
-def _ts(t: dt.datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _age(since: dt.datetime) -> str:
-    secs = int((dt.datetime.now(dt.UTC) - since).total_seconds())
-    return f"{secs}s" if secs < 120 else f"{secs // 60}m" if secs < 7200 else f"{secs // 3600}h"
-
-
-@dataclass
-class StandinStats:
-    """What one stand-in is serving right now (for tests that stop and restart stand-ins)."""
-
-    connections: int = 0  # TLS connections open
-    watches: int = 0  # watch requests being streamed
-    execs: int = 0  # exec, attach and port-forward sessions running
-    requests: int = 0  # requests received in all
-
-
-class _Cluster:
-    """The stand-in's state: its pods and a resourceVersion counter."""
-
-    def __init__(self, unit: str, interval: float, sandbox: Sandbox, stats: StandinStats) -> None:
-        self.unit = unit
-        self.interval = interval
-        self.sandbox = sandbox
-        self.stats = stats
-        self.born = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(minutes=5)
-        self.rv = 1000
-        self.pods = [(f"{unit}-server-kins-7d9f8b6c5-x2x4k", "edge1", "10.42.0.5"),
-                     (f"{unit}-agent-kins-5c6d7f8b9-h7lqz", "edge2", "10.42.1.3"),
-                     (f"{unit}-agent-kins-5c6d7f8b9-r4m8n", "edge3", "10.42.2.4")]
-
-    def next_rv(self) -> str:
-        self.rv += 1
-        return str(self.rv)
-
-    def pod(self, ns: str, index: int, rv: str | None = None) -> dict[str, Any]:
-        name, node, ip = self.pods[index]
-        role = "server" if "-server-" in name else "agent"
-        started = _ts(self.born)
-        return {
-            "kind": "Pod", "apiVersion": "v1",
-            "metadata": {"name": name, "namespace": ns, "uid": f"00000000-0000-4000-8000-{index:012d}",
-                         "resourceVersion": rv or str(self.rv), "creationTimestamp": started,
-                         "labels": {"app": f"{self.unit}-{role}-kins"}},
-            "spec": {"nodeName": node, "containers": [{
-                "name": role, "image": f"rancher/k3s:{K3S_VERSION.replace('+', '-')}",
-                "stdin": True, "tty": True,  # `attach -it` finds the line echo on a TTY
-                "ports": [{"name": "echo", "containerPort": 7, "protocol": "TCP"},
-                          {"name": "digest", "containerPort": 9, "protocol": "TCP"}]}]},
-            "status": {"phase": "Running", "podIP": ip, "hostIP": ip, "startTime": started,
-                       "conditions": [{"type": "Ready", "status": "True"}],
-                       "containerStatuses": [{"name": role, "ready": True, "restartCount": 0,
-                                              "image": f"rancher/k3s:{K3S_VERSION}", "started": True,
-                                              "state": {"running": {"startedAt": started}}}]},
-        }
-
-    def pod_list(self, ns: str) -> dict[str, Any]:
-        return {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": str(self.rv)},
-                "items": [self.pod(ns, i) for i in range(len(self.pods))]}
-
-    def simple_list(self, resource: str) -> dict[str, Any]:
-        """A list of namespaces or nodes (names only), or an empty ConfigMapList."""
-        kind = {"namespaces": "Namespace", "nodes": "Node", "configmaps": "ConfigMap"}[resource]
-        names = {"namespaces": ["default", "kube-system", "kins-system"],
-                 "nodes": sorted({node for _, node, _ in self.pods}), "configmaps": []}[resource]
-        items = [{"kind": kind, "apiVersion": "v1",
-                  "metadata": {"name": n, "creationTimestamp": _ts(self.born)}} for n in names]
-        return {"kind": f"{kind}List", "apiVersion": "v1",
-                "metadata": {"resourceVersion": str(self.rv)}, "items": items}
-
-    def pod_table(self, pods: list[dict[str, Any]], include: str) -> dict[str, Any]:
-        cols = [("Name", "string", 0), ("Ready", "string", 0), ("Status", "string", 0),
-                ("Restarts", "string", 0), ("Age", "string", 0), ("IP", "string", 1),
-                ("Node", "string", 1), ("Nominated Node", "string", 1), ("Readiness Gates", "string", 1)]
-        rows = []
-        for p in pods:
-            row: dict[str, Any] = {"cells": [
-                p["metadata"]["name"], "1/1", "Running", 0, _age(self.born), p["status"]["podIP"],
-                p["spec"]["nodeName"], "<none>", "<none>"]}
-            if include == "Object":
-                row["object"] = p
-            elif include != "None":
-                row["object"] = {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                                 "metadata": p["metadata"]}
-            rows.append(row)
-        return {"kind": "Table", "apiVersion": "meta.k8s.io/v1",
-                "metadata": {"resourceVersion": str(self.rv)},
-                "columnDefinitions": [{"name": n, "type": t, "format": "name" if n == "Name" else "",
-                                       "description": n, "priority": pr} for n, t, pr in cols],
-                "rows": rows}
-
-
-def _status(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "details": {}, "code": code}
-
-
-_RESOURCES = [("pods", "Pod", True, ["get", "list", "watch"], ["po"]),
-              ("pods/log", "Pod", True, ["get"], []),
-              ("pods/exec", "PodExecOptions", True, ["create", "get"], []),
-              ("pods/attach", "PodAttachOptions", True, ["create", "get"], []),
-              ("pods/portforward", "PodPortForwardOptions", True, ["create", "get"], []),
-              ("namespaces", "Namespace", False, ["get", "list"], ["ns"]),
-              ("configmaps", "ConfigMap", True, ["get", "list"], ["cm"]),
-              ("nodes", "Node", False, ["get", "list"], ["no"])]
-_API_RESOURCES = {
-    "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1",
-    "resources": [{"name": n, "singularName": "" if "/" in n else k.lower(), "namespaced": ns,
-                   "kind": k, "verbs": v, **({"shortNames": s} if s else {})}
-                  for n, k, ns, v, s in _RESOURCES],
-}
-_VERSION = {"major": "1", "minor": "30", "gitVersion": K3S_VERSION,
-            "gitCommit": "0000000000000000000000000000000000000000", "gitTreeState": "clean",
-            "buildDate": "2024-10-24T00:00:00Z", "goVersion": "go1.22.8", "compiler": "gc",
-            "platform": "linux/amd64"}
-
 
 
 class _Exchange:
