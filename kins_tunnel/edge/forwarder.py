@@ -2,21 +2,20 @@
 
 A name not in `services` is refused with NOT_ALLOWED before any socket is touched. A service may
 list several addresses (e.g. the three K3s servers of an L5 unit): they are tried in turn, the
-last one that worked first, within one overall `dial_timeout`. Failures map to wire codes the
-cloud turns into HTTP answers: refused → REFUSED (502), no route/DNS → UNREACHABLE (502), no answer
-in time → TIMEOUT (504).
+last one that worked first, within one overall `dial_timeout` (`kins_tunnel.dial`, which the
+cloud's uplink server shares). Failures map to wire codes the cloud turns into HTTP answers:
+refused → REFUSED (502), no route/DNS → UNREACHABLE (502), no answer in time → TIMEOUT (504).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import socket
 from collections.abc import Mapping
 
 import trio
 
 from kins_tunnel.config import Address, normalise_target
+from kins_tunnel.dial import dial_first
 from kins_tunnel.errors import OpenFailed
 from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
@@ -27,35 +26,6 @@ from kins_tunnel.transport.session import Session
 log = logging.getLogger("kins_tunnel.edge.forwarder")
 REFUSALS_LOGGED_PER_SECOND = 20
 MAX_LOGGED_TARGET = 512
-
-
-def code_for(exc: OSError) -> ErrorCode:
-    """The wire code for a failed dial: refused → REFUSED (502), timed out → TIMEOUT (504),
-    anything else (no route, DNS failure, ...) → UNREACHABLE (502)."""
-    if isinstance(exc, ConnectionRefusedError):
-        return ErrorCode.REFUSED
-    if isinstance(exc, TimeoutError) or exc.errno == errno.ETIMEDOUT:
-        return ErrorCode.TIMEOUT
-    return ErrorCode.UNREACHABLE
-
-
-async def _connect(addr: Address) -> trio.SocketStream:
-    """TCP connect to every address `addr` resolves to, in turn; raises the last OSError."""
-    infos = await trio.socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
-    last: OSError = OSError(f"{addr} resolves to nothing")
-    for family, type_, proto, _canon, sockaddr in infos:
-        sock = trio.socket.socket(family, type_, proto)
-        try:
-            await sock.connect(sockaddr)
-        except OSError as exc:
-            sock.close()
-            last = exc
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        return trio.SocketStream(sock)
-    raise last
 
 
 class Forwarder:
@@ -87,28 +57,9 @@ class Forwarder:
         """Connect to the first address of `name` that answers, within `dial_timeout` in all."""
         start = self._preferred.get(name, 0)
         order = [addrs[(start + i) % len(addrs)] for i in range(len(addrs))]
-        deadline = trio.current_time() + self.dial_timeout
-        last: OpenFailed | None = None
-        for i, addr in enumerate(order):
-            left = deadline - trio.current_time()
-            if left <= 0:
-                break
-            share = left / (len(order) - i)  # leave time for the others
-            with trio.move_on_after(share):
-                try:
-                    tcp = await _connect(addr)
-                except OSError as exc:
-                    last = OpenFailed(code_for(exc), f"{addr}: {exc.strerror or exc}")
-                    continue
-                try:
-                    tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                except OSError:
-                    pass
-                self._preferred[name] = addrs.index(addr)
-                return tcp
-            last = OpenFailed(ErrorCode.TIMEOUT, f"{addr}: no answer within {share:.3g}s")
-        raise last or OpenFailed(ErrorCode.TIMEOUT, f"no answer within {self.dial_timeout:g}s")
+        tcp, reached = await dial_first(order, self.dial_timeout)
+        self._preferred[name] = addrs.index(reached)
+        return tcp
 
     async def _dial_and_relay(self, session: Session, stream_id: int, name: str, addrs: tuple[Address, ...]) -> None:
         t0 = trio.current_time()

@@ -22,7 +22,7 @@ import trio.testing
 
 from kins_tunnel.certs import issue_edge
 from kins_tunnel.cloud.registry import Registry
-from kins_tunnel.edge.forwarder import code_for
+from kins_tunnel.dial import code_for
 from kins_tunnel.proto import ErrorCode, MuxConfig
 from kins_tunnel.proto.frames import FrameType, open_result_frame, reset_frame
 from kins_tunnel.testing.support import http_get, read_all
