@@ -11,6 +11,9 @@ types (booleans are never numbers), non-positive timeouts and out-of-range limit
 optional section given as ``null`` (``proxy:`` with nothing under it) takes its defaults, except the
 edge's ``admin: null`` which disables the admin endpoint.
 
+The uplink keys (``uplinks`` on both sides, ``uplink_dial_timeout``, the edge's ``uplink_proxy``)
+are described in the README section "Uplinks"; their targets are normalised like CONNECT targets.
+
 Relative paths (``tls.*``, ``proxy.auth.*``, ``proxy.authz_file``, ``proxy.tls.*``,
 ``tunnel.revoked_file``, the edge's ``proxy.credentials_file``) are resolved against the config
 file's directory. This
@@ -38,6 +41,7 @@ KiB, MiB = 1024, 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 _LABEL_RE = re.compile(r"[a-z0-9-]{1,63}")
+_UNIT_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # a NodeUnit name, as in certificates
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +216,9 @@ class CloudConfig:
     # normalised "ip:port" -> normalised routing name (static ClusterIP aliases)
     aliases: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
     alias_discovery: AliasDiscovery = AliasDiscovery()
+    # unit name or "*" -> normalised "host:port" targets an edge of that unit may open (uplinks)
+    uplinks: Mapping[str, frozenset[str]] = field(default_factory=lambda: types.MappingProxyType({}))
+    uplink_dial_timeout: float = 5.0  # seconds to connect an uplink target (all its addresses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +238,13 @@ class SiteProxy:
 
 
 @dataclass(frozen=True, slots=True)
+class UplinkProxy:
+    """The edge's local HTTP CONNECT proxy into uplinks (`uplink_proxy`)."""
+
+    listen: Address = Address("127.0.0.1", 3128)
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     cloud: tuple[str, ...]  # "host:port" each; a host may resolve to several addresses
     tls: TLSFiles
@@ -246,6 +260,10 @@ class EdgeConfig:
     mux: MuxConfig = MuxConfig()
     log: LogSettings = LogSettings()
     proxy: SiteProxy | None = None  # None: connect to the cloud directly
+    # local listen address -> normalised cloud-side "host:port" (uplinks)
+    uplinks: Mapping[Address, str] = field(default_factory=lambda: types.MappingProxyType({}))
+    uplink_dial_timeout: float = 10.0  # seconds for the cloud to answer an uplink open (its dial included)
+    uplink_proxy: UplinkProxy | None = None  # None: no local CONNECT proxy
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -271,6 +289,7 @@ def cloud_config_from_dict(data: Mapping[str, object], *, base_dir: Path,
         tunnel=_tunnel(top.section("tunnel", TunnelListen)),
         proxy=_proxy(top.section("proxy", ProxySettings)),
         aliases=_aliases(top), alias_discovery=_alias_discovery(top.section("alias_discovery", AliasDiscovery)),
+        uplinks=_cloud_uplinks(top),
         admin=top.section("admin", AdminSettings).build(AdminSettings, defaults=_CLOUD_ADMIN),
         mux=_mux(top.section("mux", MuxConfig)), log=_log(top.section("log", LogSettings)),
         **top.scalars(), tls=_tls(top),
@@ -288,6 +307,7 @@ def edge_config_from_dict(data: Mapping[str, object], *, base_dir: Path,
         reconnect=_backoff(top.section("reconnect", Backoff)), admin=admin,
         mux=_mux(top.section("mux", MuxConfig)), log=_log(top.section("log", LogSettings)),
         proxy=_site_proxy(top.section("proxy", SiteProxy)) if top.data.get("proxy") is not None else None,
+        uplinks=_edge_uplinks(top), uplink_proxy=_uplink_proxy(top),
         **top.scalars(), cloud=_cloud_addresses(top), tls=_tls(top), services=_services(top),
     )
 
@@ -354,6 +374,64 @@ def _aliases(top: "_Section") -> Mapping[str, str]:
             top.fail(where, f"same address as another key ({ip})")
         out[ip] = name
     return types.MappingProxyType(out)
+
+
+def _cloud_uplinks(top: "_Section") -> Mapping[str, frozenset[str]]:
+    raw = top.data.get("uplinks")
+    if raw is None:
+        return types.MappingProxyType({})
+    if not isinstance(raw, Mapping):
+        top.fail("uplinks", f'expected a mapping of unit (or "*") to a list of "host:port" targets, got {_kind(raw)}')
+    out: dict[str, frozenset[str]] = {}
+    for key, value in raw.items():
+        where = f'uplinks."{key}"'
+        if not isinstance(key, str) or not (key == "*" or _UNIT_RE.fullmatch(key)):
+            top.fail(where, "a key must be a NodeUnit name (a DNS label: lower-case a-z, 0-9 and '-') or \"*\"")
+        if not isinstance(value, list) or not value:
+            top.fail(where, f'expected a non-empty list of "host:port" targets, got {_kind(value)}')
+        targets: set[str] = set()
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                top.fail(f"{where}[{i}]", f'expected a "host:port" string, got {_kind(item)}')
+            try:
+                target = normalise_target(item)
+            except ValueError as exc:
+                top.fail(f"{where}[{i}]", str(exc))
+            if target in targets:
+                top.fail(f"{where}[{i}]", f"same target as another entry ({target})")
+            targets.add(target)
+        out[key] = frozenset(targets)
+    return types.MappingProxyType(out)
+
+
+def _edge_uplinks(top: "_Section") -> Mapping[Address, str]:
+    raw = top.data.get("uplinks")
+    if raw is None:
+        return types.MappingProxyType({})
+    if not isinstance(raw, Mapping):
+        top.fail("uplinks", f'expected a mapping of "listen host:port": "cloud-side host:port", got {_kind(raw)}')
+    out: dict[Address, str] = {}
+    for key, value in raw.items():
+        where = f'uplinks."{key}"'
+        if not isinstance(key, str):
+            top.fail(where, 'a listen address must be a "host:port" string (quote it)')
+        listen = top.address(where, key)
+        if not isinstance(value, str):
+            top.fail(where, f'expected a cloud-side "host:port" string, got {_kind(value)}')
+        try:
+            target = normalise_target(value)
+        except ValueError as exc:
+            top.fail(where, f"bad target: {exc}")
+        if listen in out:
+            top.fail(where, f"same listen address as another key ({listen})")
+        out[listen] = target
+    return types.MappingProxyType(out)
+
+
+def _uplink_proxy(top: "_Section") -> UplinkProxy | None:
+    if top.data.get("uplink_proxy") is None:  # absent or null: off
+        return None
+    return top.section("uplink_proxy", UplinkProxy).build(UplinkProxy)
 
 
 def _alias_discovery(sec: "_Section") -> AliasDiscovery:

@@ -101,6 +101,13 @@ class Metrics:
                                      ["result"], registry=r)
         self.revoked_closed = Counter("kins_tunnel_revoked_tunnels_closed", "Live edge tunnels closed because the edge was revoked",
                                       registry=r)
+        self.uplinks = Counter("kins_tunnel_uplinks", "Uplink streams (edge to cloud-side target) opened", registry=r)
+        self.uplink_refusals = Counter(
+            "kins_tunnel_uplink_refusals",
+            "Uplinks refused or failed before any byte moved, by reason (a bounded label)", ["reason"], registry=r)
+        self.uplink_bytes = Counter("kins_tunnel_uplink_bytes",
+                                    "Bytes relayed on uplinks: up (edge to target) or down (target to edge)",
+                                    ["direction"], registry=r)
         # Flow-control stalls are counted per tunnel by the session (SessionStatistics.stalls) and
         # exported by the live collector as kins_tunnel_flow_control_stalls_total.
         r.register(_LiveCollector(snapshot, role, replica))

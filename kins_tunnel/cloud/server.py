@@ -28,6 +28,7 @@ from kins_tunnel.cloud.proxy_tls import ProxyTLSListener
 from kins_tunnel.cloud.registry import EdgeTunnel, Registry
 from kins_tunnel.cloud.revocation import Revocation, RevokedList
 from kins_tunnel.cloud.tunnel_server import TunnelServer
+from kins_tunnel.cloud.uplinks import UplinkServer
 from kins_tunnel.config import CloudConfig
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.tls_contexts import proxy_server_ssl_context, server_ssl_context
@@ -57,6 +58,8 @@ class Cloud:
         self.revocation = Revocation(cfg.tunnel.revoked_file) if cfg.tunnel.revoked_file else None
         self.tunnels = TunnelServer(cfg, self.tls, self.registry, self.metrics)
         self.tunnels.revoked = self._revoked
+        self.uplinks = UplinkServer(cfg.uplinks, cfg.uplink_dial_timeout, self.metrics, replica=self.replica)
+        self.tunnels.on_edge_open = self.uplinks.on_open
         auth = Authenticator(cfg.proxy.auth) if cfg.proxy.auth else None
         self.authz = Authorizer(cfg.proxy.authz_file) if cfg.proxy.authz_file else None
         self.aliases = AliasTable(cfg.aliases, cfg.alias_discovery, resolver,

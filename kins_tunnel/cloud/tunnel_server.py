@@ -53,6 +53,8 @@ class TunnelServer:
         self._refusal_log = LogBudget(REFUSALS_LOGGED_PER_SECOND)
         # why an edge (identity, DER certificate) is revoked, or None (set by the cloud)
         self.revoked: Callable[[EdgeIdentity, bytes | None], str | None] = lambda identity, der: None
+        # answers streams an edge opens (uplinks): (identity, peer, session, stream id, target); None: refused
+        self.on_edge_open: Callable[[EdgeIdentity, str, Session, int, str], None] | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listen = self.cfg.tunnel.listen
@@ -139,7 +141,8 @@ class TunnelServer:
         labels = {"unit": identity.unit, "node": identity.node}
         conn = Connection(Role.SERVER, Hello(agent=f"kins-tunnel-cloud/{__version__}"), self.cfg.mux,
                           clock=trio.current_time)
-        session = Session(tls, conn, ping_interval=t.ping_interval, ping_timeout=t.ping_timeout,
+        on_open = None if self.on_edge_open is None else functools.partial(self.on_edge_open, identity, peer)
+        session = Session(tls, conn, on_open=on_open, ping_interval=t.ping_interval, ping_timeout=t.ping_timeout,
                           label=f"{identity.unit}/{identity.node}@{peer}", report=self.metrics.report_internal_error)
         try:
             await self._serve_session(session, identity, labels, peer, max(deadline - trio.current_time(), 0.0))

@@ -48,6 +48,7 @@ from kins_tunnel.certs import EdgeIdentity, identity_from_der
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.config import Address, EdgeConfig
 from kins_tunnel.edge.forwarder import Forwarder
+from kins_tunnel.edge.uplinks import Uplinks
 from kins_tunnel.errors import UserError
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
@@ -125,6 +126,7 @@ class Edge:
         self.metrics = Metrics("edge", self._snapshot)
         self.forwarder = Forwarder(cfg.services, cfg.dial_timeout, self.metrics)
         self.proxy = None if cfg.proxy is None else ProxyDialer(cfg.proxy.url, cfg.proxy.credentials_file)
+        self.uplinks = Uplinks(cfg, self.metrics, lambda: list(self.sessions.items()))
         self._rng = rng or random.Random()
         self._keepers: dict[tuple[str, str, int], _Keeper] = {}
         self.cloud_certs: dict[str, dict[str, object]] = {}  # "address" -> serial/not_after seen
@@ -146,7 +148,8 @@ class Edge:
                     "rtt_ms": None if s.rtt is None else round(s.rtt * 1000, 3),
                     "streams": s.statistics().streams, "draining": not s.usable,
                     **self.cloud_certs.get(a, {})} for a, s in self.sessions.items()]
-        doc = {"unit": self.identity.unit, "node": self.identity.node, "tunnels": tunnels}
+        doc = {"unit": self.identity.unit, "node": self.identity.node, "tunnels": tunnels,
+               "uplinks": self.uplinks.status()}
         return 200, "application/json", json.dumps(doc, indent=1).encode()
 
     async def run(self, *, task_status: trio.TaskStatus[EdgePorts] = trio.TASK_STATUS_IGNORED) -> None:
@@ -158,6 +161,8 @@ class Edge:
                           "/metrics": self.metrics.render, "/status": self.status}
                 admin_port = await nursery.start(functools.partial(
                     serve_admin, self.cfg.admin.listen, routes, report=self.metrics.report_internal_error))
+            if self.uplinks.enabled:
+                await nursery.start(self.uplinks.serve)
             log.info("tunnel-edge up", extra={"unit": self.identity.unit, "node": self.identity.node,
                                               "services": ",".join(self.cfg.services)})
             self.admin_port = admin_port
@@ -278,6 +283,7 @@ class Edge:
     async def drain(self) -> None:
         """GOAWAY on every tunnel, let streams finish (up to drain_timeout), then close."""
         self.draining = True
+        self.uplinks.listener_scope.cancel()  # no new uplink connections; open ones go on
         for s in self.sessions.values():
             s.goaway("tunnel-edge shutting down")
         with trio.move_on_after(self.cfg.drain_timeout):

@@ -240,7 +240,7 @@ class Session:
                     raise OpenFailed(result.code, result.message or code_text(result.code))
                 returned = True
                 return stream
-            raise OpenFailed(ErrorCode.TIMEOUT, f"edge did not answer within {timeout:g}s")
+            raise OpenFailed(ErrorCode.TIMEOUT, f"the peer did not answer the open within {timeout:g}s")
         finally:
             pending = self._opening.pop(sid, None) is not None
             if stream is not None and not returned:

@@ -1,0 +1,152 @@
+"""Uplinks, the cloud's side: serve the streams an edge opens towards cloud-side targets.
+
+An edge may open streams too (`Session.open_stream` on its side): `uplinks` in edge.yaml maps a
+local listener to a cloud-side `host:port`. The cloud dials only what `uplinks` in cloud.yaml
+allows for the edge's NodeUnit (the entries of the unit plus those of `"*"`); the unit comes from
+the edge's certificate, never from anything the edge says. By default nothing is allowed.
+
+Every open is untrusted input: the target is normalised (`normalise_target`) and compared with the
+allowed set before any socket is touched; a target that does not parse or is not allowed is
+refused with NOT_ALLOWED. An allowed target is dialled within `uplink_dial_timeout` (all addresses
+the name resolves to together, `kins_tunnel.dial`); a failed dial is answered REFUSED, UNREACHABLE
+or TIMEOUT, as the edge's forwarder answers the cloud. Each accepted stream runs as a stream task
+of its session (`Session.start_stream_task`): a bug in it resets that stream only.
+
+Every uplink stream yields exactly one log line, "uplink done" after the stream was accepted and
+"uplink refused" otherwise, with unit, node, peer, replica, target, status (`ok` or the refusal's
+code), outcome, bytes each way and duration. Refusals are counted in
+`kins_tunnel_uplink_refusals_total{reason}` (a wire code's name: bounded).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import trio
+
+from kins_tunnel.certs import EdgeIdentity
+from kins_tunnel.config import Address, normalise_target
+from kins_tunnel.dial import dial_first
+from kins_tunnel.errors import OpenFailed
+from kins_tunnel.metrics import Metrics
+from kins_tunnel.proto import ErrorCode, LocalProtocolError, code_label
+from kins_tunnel.transport.relay import relay
+from kins_tunnel.transport.session import Session
+
+log = logging.getLogger("kins_tunnel.cloud.uplinks")
+MAX_LOGGED_TARGET = 256  # characters of an edge's target kept for the log line
+
+
+def shown_target(target: str) -> str:
+    """A target as an edge sent it, safe for a log line: printable ASCII as is, anything else
+    escaped (no forged lines in plain logs), cut to `MAX_LOGGED_TARGET` characters."""
+    shown = target if target.isascii() and target.isprintable() else ascii(target)[1:-1]
+    return shown[:MAX_LOGGED_TARGET]
+
+
+@dataclass
+class UplinkRecord:
+    """What the one log line of an uplink stream says."""
+
+    unit: str
+    node: str
+    peer: str
+    replica: str
+    stream: int
+    target: str  # as the edge sent it (escaped, cut)
+    started: float
+    normalised: str = ""
+    status: str = ""  # "ok" once accepted, else the refusal's code label
+    outcome: str = ""
+    sent: int = 0  # bytes edge -> target
+    received: int = 0  # bytes target -> edge
+
+    def emit(self) -> None:
+        fields = {"unit": self.unit, "node": self.node, "peer": self.peer, "replica": self.replica,
+                  "stream": self.stream, "target": self.target, "normalised": self.normalised,
+                  "status": self.status, "outcome": self.outcome, "sent": self.sent, "received": self.received,
+                  "duration": round(trio.current_time() - self.started, 6)}
+        log.info("uplink done" if self.status == "ok" else "uplink refused", extra=fields)
+
+
+class UplinkServer:
+    """Answers the opens of every edge session (the `on_open` of the cloud's sessions)."""
+
+    def __init__(self, allowed: Mapping[str, frozenset[str]], dial_timeout: float, metrics: Metrics,
+                 replica: str = "") -> None:
+        self.allowed = allowed
+        self.dial_timeout = dial_timeout
+        self.metrics = metrics
+        self.replica = replica
+
+    def allows(self, unit: str, target: str) -> bool:
+        """May an edge of `unit` reach the normalised `target`?"""
+        return target in self.allowed.get(unit, ()) or target in self.allowed.get("*", ())
+
+    def on_open(self, identity: EdgeIdentity, peer: str, session: Session, stream_id: int, target: str) -> None:
+        """Session callback for a stream the edge opened: refuse at once or start dialling."""
+        rec = UplinkRecord(identity.unit, identity.node, peer, self.replica, stream_id, shown_target(target),
+                           trio.current_time())
+        try:
+            rec.normalised = normalise_target(target)
+        except ValueError:
+            self._refuse(session, rec, ErrorCode.NOT_ALLOWED, "not a host:port target", "bad_target")
+            return
+        if not self.allows(identity.unit, rec.normalised):
+            self._refuse(session, rec, ErrorCode.NOT_ALLOWED, "not in this unit's uplinks")
+            return
+        session.start_stream_task(stream_id, self._dial_and_relay, session, rec)
+
+    def _refuse(self, session: Session, rec: UplinkRecord, code: ErrorCode | int, detail: str,
+                label: str | None = None) -> None:
+        """Answer the open with `code` (the edge is told the code's meaning, never our detail),
+        count it and write the stream's log line."""
+        label = label or code_label(code)
+        self.metrics.uplink_refusals.labels(label).inc()
+        rec.status, rec.outcome = label, detail
+        session.reject(rec.stream, code, _MESSAGE_FOR_CODE.get(int(code), "the uplink could not be opened"))
+        rec.emit()
+
+    async def _dial_and_relay(self, session: Session, rec: UplinkRecord) -> None:
+        emitted = False
+        try:
+            try:
+                tcp, _ = await dial_first((Address.parse(rec.normalised, min_port=1),), self.dial_timeout)
+            except OpenFailed as exc:
+                emitted = True
+                self._refuse(session, rec, exc.code, exc.message)
+                return
+            try:
+                stream = session.accept(rec.stream)
+            except LocalProtocolError:  # the edge gave up on this stream meanwhile
+                await trio.aclose_forcefully(tcp)
+                rec.status, rec.outcome = "cancel", "the edge gave up before the dial completed"
+                return
+            rec.status = "ok"
+            self.metrics.uplinks.inc()
+            result = await relay(stream, tcp)
+            rec.sent, rec.received = result.a_to_b, result.b_to_a
+            rec.outcome = result.error or "closed"
+            self.metrics.uplink_bytes.labels("up").inc(rec.sent)
+            self.metrics.uplink_bytes.labels("down").inc(rec.received)
+        except Exception as exc:  # a bug: the session's stream task reports it and resets the stream
+            rec.outcome = f"internal error: {type(exc).__name__}"
+            raise
+        finally:
+            if not rec.status:  # cancelled while dialling (the tunnel ended)
+                rec.status = "cancel"
+            if not rec.outcome:
+                rec.outcome = "tunnel closed" if session.is_closed else "ended"
+            if not emitted:
+                rec.emit()
+
+
+# What the edge is told for each code (its dial details stay in the cloud's log).
+_MESSAGE_FOR_CODE: dict[int, str] = {
+    ErrorCode.NOT_ALLOWED: "this target is not among the uplinks the cloud allows this unit",
+    ErrorCode.REFUSED: "the cloud-side target refused the connection",
+    ErrorCode.UNREACHABLE: "the cloud could not reach the target",
+    ErrorCode.TIMEOUT: "the cloud-side target did not answer in time",
+}

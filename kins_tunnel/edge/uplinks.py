@@ -1,0 +1,357 @@
+"""Uplinks, the edge's side: local listeners whose connections become streams to the cloud.
+
+`uplinks` in edge.yaml maps a local listen address to a cloud-side target, e.g.
+``{"127.0.0.1:5000": "registry.kube-system:5000"}``: an offline edge cluster reaches a registry
+mirror in the cloud through the tunnel it already has. For each connection accepted there the edge
+opens a stream to the target on a usable tunnel (any cloud replica: fewest open streams first,
+rotating among equals); a tunnel that refuses with a retryable code (GOING_AWAY: that replica is
+draining; STREAM_LIMIT: it is full) is followed by another, up to `MAX_ATTEMPTS`. Then the bytes
+are relayed both ways with half-close. No usable tunnel, or a refusal (the cloud allows this unit
+no such target, or could not reach it): the local connection is reset, so the client sees an error
+rather than an empty answer; the refusal is logged and counted with a bounded reason.
+
+`uplink_proxy` adds a local HTTP CONNECT proxy (h11) for workloads that speak proxy: the target
+comes from the request and the cloud alone decides what it allows. Answers: 200 then raw bytes;
+403 when the cloud does not allow the target; 502 when it could not reach it; 504 when it did not
+answer in time; 503 without a usable tunnel; 400/405/408/431 for bad requests.
+
+Every accepted connection is a failure-isolation boundary (`serve_listener`, `where` "uplink" or
+"uplink_proxy") and yields exactly one log line ("uplink done" / "uplink refused") with the
+listener, client, target, tunnel, status, outcome, bytes each way and duration.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from http import HTTPStatus
+
+import h11
+import trio
+
+from kins_tunnel.config import Address, EdgeConfig, normalise_target
+from kins_tunnel.errors import OpenFailed, UserError
+from kins_tunnel.metrics import Metrics
+from kins_tunnel.proto import ErrorCode, code_label
+from kins_tunnel.transport.listen import open_listener_socket, serve_listener
+from kins_tunnel.transport.relay import abort, relay
+from kins_tunnel.transport.session import Session
+from kins_tunnel.transport.stream import TunnelStream
+
+log = logging.getLogger("kins_tunnel.edge.uplinks")
+
+MAX_ATTEMPTS = 3  # tunnels tried for one connection when one is draining or full
+RETRYABLE = {ErrorCode.GOING_AWAY, ErrorCode.STREAM_LIMIT}
+PROXY_HEADER_TIMEOUT = 10.0  # seconds from accept to a complete CONNECT request
+PROXY_MAX_REQUEST = 16384  # request line + headers
+MAX_LOGGED_TARGET = 256
+LINGER_TIME = 1.0  # seconds to drain a proxy client's input after an error answer
+
+# The proxy's answer for each wire code of a refused open.
+_ANSWER_FOR_CODE: dict[int, tuple[int, str]] = {
+    ErrorCode.NOT_ALLOWED: (403, "the cloud does not allow this target for this edge's unit"),
+    ErrorCode.TIMEOUT: (504, "the target did not answer in time"),
+    ErrorCode.REFUSED: (502, "the target refused the connection"),
+    ErrorCode.UNREACHABLE: (502, "the cloud could not reach the target"),
+}
+
+
+class UplinkRefused(Exception):
+    """No stream to the target: `reason` is the bounded metric label, `code` the wire code (None:
+    no usable tunnel), the message the detail for the log."""
+
+    def __init__(self, reason: str, detail: str, code: ErrorCode | int | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.code = code
+
+
+@dataclass
+class UplinkRecord:
+    """What the one log line of an uplink connection says."""
+
+    listen: str
+    client: str
+    started: float
+    target: str = ""
+    cloud: str = ""  # the tunnel (cloud address) tried last or used
+    stream: int | None = None
+    status: str = ""  # "ok" once the stream is open, else the refusal's reason
+    outcome: str = ""
+    answer: int | None = None  # the HTTP answer (uplink_proxy only)
+    sent: int = 0  # bytes client -> cloud
+    received: int = 0  # bytes cloud -> client
+
+    def emit(self) -> None:
+        fields: dict[str, object] = {
+            "listen": self.listen, "client": self.client, "target": self.target, "cloud": self.cloud,
+            "status": self.status or "cancel", "outcome": self.outcome or "ended", "sent": self.sent,
+            "received": self.received, "duration": round(trio.current_time() - self.started, 6)}
+        if self.stream is not None:
+            fields["stream"] = self.stream
+        if self.answer is not None:
+            fields["answer"] = self.answer
+        log.info("uplink done" if self.status == "ok" else "uplink refused", extra=fields)
+
+
+class _Answer(Exception):
+    """End a proxy client with an error answer."""
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or []
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _tune(stream: trio.SocketStream) -> None:
+    try:
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError:
+        pass
+
+
+class Uplinks:
+    """The uplink listeners and the CONNECT proxy of one edge."""
+
+    def __init__(self, cfg: EdgeConfig, metrics: Metrics, sessions: Callable[[], Iterable[tuple[str, Session]]]) -> None:
+        self.targets = cfg.uplinks
+        self.proxy = cfg.uplink_proxy
+        self.open_timeout = cfg.uplink_dial_timeout
+        self.metrics = metrics
+        self._sessions = sessions
+        self._rr = itertools.count()
+        self.ports: dict[str, int] = {}  # listen address as configured -> bound port
+        self.proxy_port: int | None = None
+        self.listener_scope = trio.CancelScope()  # cancelled to stop accepting (drain)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.targets) or self.proxy is not None
+
+    def status(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = [{"listen": str(listen), "port": self.ports[str(listen)], "target": target}
+                                        for listen, target in self.targets.items() if str(listen) in self.ports]
+        if self.proxy is not None and self.proxy_port is not None:
+            out.append({"listen": str(self.proxy.listen), "port": self.proxy_port, "target": "CONNECT"})
+        return out
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on every uplink address (a one-line UserError naming the key if one cannot be
+        bound), `task_status.started()`, then serve until cancelled."""
+        socks: list[tuple[trio.socket.SocketType, Address, str]] = []
+        proxy_sock: trio.socket.SocketType | None = None
+        try:
+            for listen, target in self.targets.items():
+                socks.append((open_listener_socket(listen.host, listen.port, f'uplinks."{listen}"'), listen, target))
+            if self.proxy is not None:
+                proxy_sock = open_listener_socket(self.proxy.listen.host, self.proxy.listen.port, "uplink_proxy.listen")
+        except UserError:
+            for sock, _listen, _target in socks:
+                sock.close()
+            raise
+        async with trio.open_nursery() as handlers:  # connections outlive the listeners (drain)
+            with self.listener_scope:
+                async with trio.open_nursery() as listeners:
+                    report = self.metrics.report_internal_error
+                    for sock, listen, target in socks:
+                        self.ports[str(listen)] = sock.getsockname()[1]
+                        listeners.start_soon(functools.partial(
+                            serve_listener, trio.SocketListener(sock),
+                            functools.partial(self._forward, str(listen), target),
+                            where="uplink", report=report, handler_nursery=handlers))
+                    if proxy_sock is not None:
+                        self.proxy_port = proxy_sock.getsockname()[1]
+                        listeners.start_soon(functools.partial(
+                            serve_listener, trio.SocketListener(proxy_sock), self._proxy_client,
+                            where="uplink_proxy", report=report, handler_nursery=handlers))
+                    log.info("uplinks listening", extra={
+                        "uplinks": ",".join(f"{listen}->{target}" for listen, target in self.targets.items()),
+                        "uplink_proxy": self.proxy_port or ""})
+                    task_status.started()
+
+    # ------------------------------------------------------------------ opening
+    def _candidates(self) -> list[tuple[str, Session]]:
+        """Usable tunnels, best first: fewest open streams, rotating among equals."""
+        usable = [(label, s) for label, s in self._sessions() if s.usable]
+        if len(usable) > 1:
+            k = next(self._rr) % len(usable)
+            usable = usable[k:] + usable[:k]
+            usable.sort(key=lambda item: item[1].stream_count)
+        return usable
+
+    async def open(self, target: str, rec: UplinkRecord) -> TunnelStream:
+        """A stream to the normalised `target` on a usable tunnel; `UplinkRefused` if none opens."""
+        last: OpenFailed | None = None
+        for label, session in self._candidates()[:MAX_ATTEMPTS]:
+            rec.cloud = label
+            try:
+                stream = await session.open_stream(target, self.open_timeout)
+            except OpenFailed as exc:
+                last = exc
+                if exc.code in RETRYABLE:
+                    continue
+                break
+            self.metrics.uplinks.inc()
+            rec.stream = stream.stream_id
+            return stream
+        if last is None:
+            raise UplinkRefused("no_tunnel", "no usable tunnel to the cloud")
+        if last.code in RETRYABLE:
+            raise UplinkRefused("no_tunnel", f"no tunnel available: {last.message}", last.code)
+        raise UplinkRefused(code_label(last.code), last.message, last.code)
+
+    def _refused(self, rec: UplinkRecord, exc: UplinkRefused) -> None:
+        self.metrics.uplink_refusals.labels(exc.reason).inc()
+        rec.status, rec.outcome = exc.reason, str(exc)
+
+    async def _relay(self, rec: UplinkRecord, client: trio.SocketStream, stream: TunnelStream) -> None:
+        rec.status = "ok"
+        result = await relay(client, stream)
+        rec.sent += result.a_to_b
+        rec.received += result.b_to_a
+        rec.outcome = result.error or "closed"
+        self.metrics.uplink_bytes.labels("up").inc(result.a_to_b)
+        self.metrics.uplink_bytes.labels("down").inc(result.b_to_a)
+
+    # ------------------------------------------------------------------ uplinks: listener -> target
+    async def _forward(self, listen: str, target: str, client: trio.SocketStream) -> None:
+        rec = UplinkRecord(listen, _peer(client), trio.current_time(), target=target)
+        try:
+            _tune(client)
+            try:
+                stream = await self.open(target, rec)
+            except UplinkRefused as exc:
+                self._refused(rec, exc)
+                abort(client)  # a reset: the client sees an error, not an empty answer
+                return
+            await self._relay(rec, client, stream)
+        except Exception as exc:  # a bug: the listener's boundary reports it; this line says so
+            rec.outcome = f"internal error: {type(exc).__name__}"
+            raise
+        finally:
+            rec.emit()
+
+    # ------------------------------------------------------------------ uplink_proxy: CONNECT
+    async def _proxy_client(self, client: trio.SocketStream) -> None:
+        assert self.proxy is not None
+        rec = UplinkRecord(str(self.proxy.listen), _peer(client), trio.current_time())
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=PROXY_MAX_REQUEST)
+        try:
+            _tune(client)
+            try:
+                await self._proxy_exchange(client, conn, rec)
+            except _Answer as ans:
+                rec.answer = ans.status
+                if not rec.status:
+                    self.metrics.uplink_refusals.labels("bad_request").inc()
+                    rec.status, rec.outcome = "bad_request", ans.reason
+                await _send_error(client, conn, rec.target, ans)
+        except Exception as exc:
+            rec.outcome = f"internal error: {type(exc).__name__}"
+            raise
+        finally:
+            rec.emit()
+
+    async def _proxy_exchange(self, client: trio.SocketStream, conn: h11.Connection, rec: UplinkRecord) -> None:
+        with trio.move_on_at(rec.started + PROXY_HEADER_TIMEOUT) as scope:
+            request = await _read_request(client, conn)
+        if scope.cancelled_caught:
+            raise _Answer(408, f"request not received within {PROXY_HEADER_TIMEOUT:g}s")
+        if request is None:
+            rec.status, rec.outcome = "client_gone", "client closed before a complete request"
+            return
+        raw = request.target.decode("ascii", "replace")
+        rec.target = raw[:MAX_LOGGED_TARGET]
+        if request.http_version not in (b"1.0", b"1.1"):
+            raise _Answer(400, "unsupported HTTP version")
+        if request.method != b"CONNECT":
+            raise _Answer(405, "only CONNECT is supported", [("Allow", "CONNECT")])
+        try:
+            target = normalise_target(raw)
+        except ValueError as exc:
+            raise _Answer(400, f"bad target: {exc}") from None
+        rec.target = target
+        try:
+            stream = await self.open(target, rec)
+        except UplinkRefused as exc:
+            self._refused(rec, exc)
+            if exc.code is None or exc.code in RETRYABLE:
+                raise _Answer(503, "no tunnel to the cloud is available") from None
+            status, reason = _ANSWER_FOR_CODE.get(int(exc.code), (502, "the uplink could not be opened"))
+            raise _Answer(status, f"{reason} ({exc.reason})") from None
+        rec.answer = 200
+        try:
+            try:
+                await client.send_all(conn.send(h11.Response(status_code=200, headers=[],
+                                                             reason=b"Connection established")))
+                leftover, _closed = conn.trailing_data
+                if leftover:
+                    await stream.send_all(leftover)
+                    rec.sent += len(leftover)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                rec.status, rec.outcome = "ok", f"client went away: {exc}"
+                return
+            await self._relay(rec, client, stream)
+        finally:
+            stream.abort(ErrorCode.CANCEL, "client went away")  # a no-op once the relay closed it
+
+
+async def _read_request(client: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:
+    """The request, or None if the client left before sending all of it."""
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _Answer(exc.error_status_hint, "malformed request") from None
+        if event is h11.NEED_DATA:
+            try:
+                data = await client.receive_some(16384)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return None
+            if not data:
+                return None
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            return event
+        raise _Answer(400, "unexpected request data")  # pragma: no cover - h11 gives a Request first
+
+
+async def _send_error(client: trio.SocketStream, conn: h11.Connection, target: str, ans: _Answer) -> None:
+    body = f"kins-tunnel uplink: {target or '-'}: {ans.reason}\n".encode()
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
+               ("Connection", "close"), *ans.headers]
+    try:
+        phrase = HTTPStatus(ans.status).phrase
+    except ValueError:
+        phrase = ""
+    try:
+        data = conn.send(h11.Response(status_code=ans.status, headers=headers, reason=phrase.encode()))
+        data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+    except h11.LocalProtocolError:  # h11 will not answer this request (it could not parse it)
+        data = (f"HTTP/1.1 {ans.status} {phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+                + "\r\n").encode() + body
+    try:
+        with trio.move_on_after(5):
+            await client.send_all(data)
+            await client.send_eof()
+        with trio.move_on_after(LINGER_TIME):  # drain input so the close sends no RST over the answer
+            for _ in range(64):
+                if not await client.receive_some(16384):
+                    break
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass

@@ -1,0 +1,248 @@
+"""Uplinks: the edge opens streams towards cloud-side targets, through a real cloud and edge.
+
+- A client on the edge side (curl) downloads a 200 MiB blob from an HTTP server on the cloud side
+  (Python's http.server, a real HTTP server process) through the edge's uplink listener: sha256.
+- The cloud dials only what `uplinks` in cloud.yaml allows the edge's unit (from its certificate):
+  a target not on the list, a unit not in the map, a target that does not parse are refused
+  (NOT_ALLOWED) and counted; `"*"` applies to every unit; failed dials (refused, no answer in time)
+  are told to the edge and counted. The edge resets the local connection on a refusal.
+- The edge's local CONNECT proxy (`uplink_proxy`) answers 200 / 403 / 502 / 503 / 400 / 405.
+- With real processes: every cloud replica serves uplinks; uplinks survive a cloud restart.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from kins_tunnel.edge.agent import Edge
+from tests.e2e.faultkit import (
+    connect,
+    figure,
+    http_get,
+    procs,
+    read_until_end,
+    wait_cloud_up,
+    wait_edges,
+    wait_until,
+)
+from tests.e2e.harness import (
+    SVC,
+    echo_bytes,
+    free_port,
+    hanging_listener,
+    read_all,
+    serve_echo,
+    serve_loopback,
+    tunnel_env,
+)
+from tests.e2e.test_isolation import metrics_of
+
+CURL = "/usr/bin/curl"
+BLOB_MIB = 200
+
+
+def metric(m: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
+    return sum(v for lab, v in m.get(name, []) if all(lab.get(k) == want for k, want in labels.items()))
+
+
+def edge_metric(edge: Edge, name: str, **labels: str) -> float:
+    value = edge.metrics.registry.get_sample_value(name, labels or None)
+    return value or 0.0
+
+
+def listener(edge: Edge, key: str) -> tuple[str, int]:
+    """Where the edge's uplink `key` ("127.0.0.2:0") listens: (host, bound port)."""
+    return key.rpartition(":")[0], edge.uplinks.ports[key]
+
+
+async def echo_once(addr: tuple[str, int], payload: bytes, timeout: float = 10) -> bytes:
+    """Send `payload` to `addr`, half-close, read everything back."""
+    with trio.fail_after(timeout):
+        s = await trio.open_tcp_stream(*addr)
+        async with s:
+            await s.send_all(payload)
+            await s.send_eof()
+            return await read_all(s)
+
+
+async def refused_locally(addr: tuple[str, int], timeout: float = 10) -> str:
+    """Connect to an uplink listener and send a little: how the connection ended ("reset" or
+    "eof") and the bytes read (none expected)."""
+    with trio.fail_after(timeout):
+        s = await trio.open_tcp_stream(*addr)
+        async with s:
+            try:
+                await s.send_all(b"hello?")
+            except trio.BrokenResourceError:
+                return "reset"
+            how, n = await read_until_end(s, timeout)
+            assert n == 0, f"{n} bytes from a refused uplink"
+            return how
+
+
+# ---------------------------------------------------------------- 200 MiB through an uplink
+@asynccontextmanager
+async def http_server(directory: Path) -> AsyncIterator[int]:
+    """Python's http.server (a real HTTP/1.x server) on 127.0.0.1, serving `directory`."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                             "--directory", str(directory), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(15):
+            while True:
+                try:
+                    s = await trio.open_tcp_stream("127.0.0.1", port)
+                except OSError:
+                    assert proc.poll() is None, "http.server exited"
+                    await trio.sleep(0.05)
+                    continue
+                await s.aclose()
+                break
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+async def test_a_client_on_the_edge_downloads_200_mib_from_the_cloud_through_an_uplink(tmp_path: Path) -> None:
+    served = tmp_path / "www"
+    served.mkdir()
+    blob = served / "k3s-airgap-images.tar"
+    h = hashlib.sha256()
+    with open(blob, "wb") as f:
+        for _ in range(BLOB_MIB):
+            chunk = os.urandom(1 << 20)
+            h.update(chunk)
+            f.write(chunk)
+    want = h.hexdigest()
+    async with http_server(served) as http_port, trio.open_nursery() as n:
+        echo = await n.start(serve_echo)
+        async with tunnel_env(tmp_path, uplinks={"test": [f"127.0.0.1:{http_port}"]}) as env:
+            edge = await env.add_edge({SVC: f"127.0.0.1:{echo}"}, wait_for=SVC,
+                                      uplinks={"127.0.0.1:0": f"127.0.0.1:{http_port}"})
+            port = edge.uplinks.ports["127.0.0.1:0"]
+            out = tmp_path / "downloaded.tar"
+            t0 = time.monotonic()
+            result = await trio.run_process(
+                [CURL, "-sS", "--fail", "--max-time", "300", "-o", str(out),
+                 f"http://127.0.0.1:{port}/k3s-airgap-images.tar"], capture_stderr=True, check=False)
+            took = time.monotonic() - t0
+            assert result.returncode == 0, result.stderr
+            assert out.stat().st_size == BLOB_MIB << 20
+            assert await trio.to_thread.run_sync(sha256_file, out) == want
+            figure(f"uplink download of {BLOB_MIB} MiB with curl (cloud and edge in one process)",
+                   (BLOB_MIB << 20) / took / 1e6, "MB/s")
+            m = await metrics_of(env.ports.admin)
+            assert metric(m, "kins_tunnel_uplinks_total") == 1
+            assert metric(m, "kins_tunnel_uplink_bytes_total", direction="down") >= BLOB_MIB << 20
+            assert edge_metric(edge, "kins_tunnel_uplinks_total") == 1
+            assert not m.get("kins_tunnel_uplink_refusals_total")
+        n.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- what the cloud allows
+async def counting_echo(stream: trio.SocketStream, seen: list[int], i: int) -> None:
+    seen[i] += 1
+    await echo_bytes(stream)
+
+
+async def test_the_cloud_dials_only_what_it_allows_the_edges_unit(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kins_tunnel")
+    seen = [0, 0, 0, 0]  # connections each cloud-side target received
+    async with trio.open_nursery() as n:
+        ports = [await n.start(serve_loopback, functools.partial(counting_echo, seen=seen, i=i)) for i in range(4)]
+        own, everyone, others, secret = (f"127.0.0.1:{p}" for p in ports)
+        async with tunnel_env(tmp_path, uplinks={"test": [own], "other": [others], "*": [everyone]}) as env:
+            echo = await n.start(serve_echo)
+            uplinks = {"127.0.0.1:0": own, "127.0.0.2:0": everyone, "127.0.0.3:0": others, "127.0.0.4:0": secret}
+            a = await env.add_edge({SVC: f"127.0.0.1:{echo}"}, wait_for=SVC, uplinks=uplinks)
+            b = await env.add_edge({"b-svc-kins.kins-system:443": f"127.0.0.1:{echo}"}, node="b1", unit="b",
+                                   wait_for="b-svc-kins.kins-system:443", uplinks=uplinks)
+            # unit test: its own target and the "*" target; not unit other's, not an unlisted one
+            assert await echo_once(listener(a, "127.0.0.1:0"), b"own" * 1000) == b"own" * 1000
+            assert await echo_once(listener(a, "127.0.0.2:0"), b"star") == b"star"
+            assert await refused_locally(listener(a, "127.0.0.3:0")) == "reset"
+            assert await refused_locally(listener(a, "127.0.0.4:0")) == "reset"
+            # unit b is not in the map: only "*"
+            assert await refused_locally(listener(b, "127.0.0.1:0")) == "reset"
+            assert await echo_once(listener(b, "127.0.0.2:0"), b"star for b") == b"star for b"
+            assert await refused_locally(listener(b, "127.0.0.4:0")) == "reset"
+            assert seen == [1, 2, 0, 0], seen  # refused targets were never dialled
+            m = await metrics_of(env.ports.admin)
+            assert metric(m, "kins_tunnel_uplink_refusals_total", reason="not_allowed") == 4
+            assert metric(m, "kins_tunnel_uplinks_total") == 3
+            assert metric(m, "kins_tunnel_uplink_bytes_total", direction="up") == 3000 + 4 + 10
+            assert edge_metric(a, "kins_tunnel_uplink_refusals_total", reason="not_allowed") == 2
+            assert edge_metric(b, "kins_tunnel_uplink_refusals_total", reason="not_allowed") == 2
+            assert edge_metric(a, "kins_tunnel_uplinks_total") == 2
+        n.cancel_scope.cancel()
+    cloud_lines = [r for r in caplog.records if r.name == "kins_tunnel.cloud.uplinks"]
+    refused = [r for r in cloud_lines if r.getMessage() == "uplink refused"]
+    done = [r for r in cloud_lines if r.getMessage() == "uplink done"]
+    assert len(refused) == 4 and len(done) == 3, [(r.getMessage(), vars(r)) for r in cloud_lines]
+    line = next(r for r in refused if r.unit == "b")
+    assert (line.node, line.normalised, line.status) == ("b1", own, "not_allowed")
+    assert "not in this unit's uplinks" in line.outcome
+    first = next(r for r in done if r.normalised == own)
+    assert (first.unit, first.status, first.outcome, first.sent, first.received) == ("test", "ok", "closed", 3000, 3000)
+    assert first.duration >= 0 and first.replica
+    edge_lines = [r for r in caplog.records if r.name == "kins_tunnel.edge.uplinks" and r.getMessage().startswith("uplink ")]
+    assert len(edge_lines) == 7
+    assert sorted(r.status for r in edge_lines) == ["not_allowed"] * 4 + ["ok"] * 3
+
+
+async def test_failed_dials_in_the_cloud_reach_the_edge_as_their_codes(tmp_path: Path) -> None:
+    closed = free_port()  # nothing listens: refused
+    with hanging_listener() as hanging:  # SYNs dropped: no answer in time
+        async with trio.open_nursery() as n:
+            echo = await n.start(serve_echo)
+            allowed = [f"127.0.0.1:{closed}", f"127.0.0.1:{hanging}"]
+            async with tunnel_env(tmp_path, uplinks={"test": allowed}, uplink_dial_timeout=0.5) as env:
+                edge = await env.add_edge({SVC: f"127.0.0.1:{echo}"}, wait_for=SVC,
+                                          uplinks={"127.0.0.1:0": allowed[0], "127.0.0.2:0": allowed[1]})
+                assert await refused_locally(listener(edge, "127.0.0.1:0")) == "reset"
+                t0 = trio.current_time()
+                assert await refused_locally(listener(edge, "127.0.0.2:0")) == "reset"
+                assert trio.current_time() - t0 >= 0.5  # the cloud's dial deadline, then TIMEOUT
+                m = await metrics_of(env.ports.admin)
+                assert metric(m, "kins_tunnel_uplink_refusals_total", reason="refused") == 1
+                assert metric(m, "kins_tunnel_uplink_refusals_total", reason="timeout") == 1
+                assert edge_metric(edge, "kins_tunnel_uplink_refusals_total", reason="refused") == 1
+                assert edge_metric(edge, "kins_tunnel_uplink_refusals_total", reason="timeout") == 1
+                # the tunnel is unharmed
+                status, _head, s = await connect(env.ports.proxy, SVC)
+                async with s:
+                    assert status == 200
+            n.cancel_scope.cancel()
+
+
+async def test_without_a_tunnel_an_uplink_connection_is_reset_and_counted(tmp_path: Path) -> None:
+    async with tunnel_env(tmp_path, uplinks={"*": ["127.0.0.1:9"]}) as env:
+        edge = await env.add_edge({SVC: "127.0.0.1:9"}, cloud=[f"127.0.0.1:{free_port()}"],
+                                  uplinks={"127.0.0.1:0": "127.0.0.1:9"})
+        assert not edge.sessions
+        assert await refused_locally(listener(edge, "127.0.0.1:0")) == "reset"
+        assert edge_metric(edge, "kins_tunnel_uplink_refusals_total", reason="no_tunnel") == 1
