@@ -5,7 +5,8 @@
 mirror in the cloud through the tunnel it already has. For each connection accepted there the edge
 opens a stream to the target on a usable tunnel (any cloud replica: fewest open streams first,
 rotating among equals); a tunnel that refuses with a retryable code (GOING_AWAY: that replica is
-draining; STREAM_LIMIT: it is full) is followed by another, up to `MAX_ATTEMPTS`. Then the bytes
+draining; STREAM_LIMIT: it is full) or that dies while the open is under way is followed by
+another, up to `MAX_ATTEMPTS`. Then the bytes
 are relayed both ways with half-close. No usable tunnel, or a refusal (the cloud allows this unit
 no such target, or could not reach it): the local connection is reset, so the client sees an error
 rather than an empty answer; the refusal is logged and counted with a bounded reason.
@@ -196,13 +197,15 @@ class Uplinks:
     async def open(self, target: str, rec: UplinkRecord) -> TunnelStream:
         """A stream to the normalised `target` on a usable tunnel; `UplinkRefused` if none opens."""
         last: OpenFailed | None = None
+        gone = False  # the last tunnel tried was draining, full or died under the open
         for label, session in self._candidates()[:MAX_ATTEMPTS]:
             rec.cloud = label
             try:
                 stream = await session.open_stream(target, self.open_timeout)
             except OpenFailed as exc:
                 last = exc
-                if exc.code in RETRYABLE:
+                gone = exc.code in RETRYABLE or session.is_closed
+                if gone:  # nothing was sent to the target yet: try another tunnel
                     continue
                 break
             self.metrics.uplinks.inc()
@@ -210,7 +213,7 @@ class Uplinks:
             return stream
         if last is None:
             raise UplinkRefused("no_tunnel", "no usable tunnel to the cloud")
-        if last.code in RETRYABLE:
+        if gone:
             raise UplinkRefused("no_tunnel", f"no tunnel available: {last.message}", last.code)
         raise UplinkRefused(code_label(last.code), last.message, last.code)
 
@@ -289,7 +292,7 @@ class Uplinks:
             stream = await self.open(target, rec)
         except UplinkRefused as exc:
             self._refused(rec, exc)
-            if exc.code is None or exc.code in RETRYABLE:
+            if exc.reason == "no_tunnel" or exc.code is None:
                 raise _Answer(503, "no tunnel to the cloud is available") from None
             status, reason = _ANSWER_FOR_CODE.get(int(exc.code), (502, "the uplink could not be opened"))
             raise _Answer(status, f"{reason} ({exc.reason})") from None

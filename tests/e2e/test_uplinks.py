@@ -16,11 +16,10 @@ import functools
 import hashlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -28,8 +27,12 @@ import pytest
 import trio
 
 from kins_tunnel.edge.agent import Edge
+from kins_tunnel.proto import ErrorCode
+from kins_tunnel.proto.frames import FrameType, frame, open_frame
 from tests.e2e.faultkit import (
+    CloudProc,
     connect,
+    edge_status,
     figure,
     http_get,
     procs,
@@ -48,7 +51,8 @@ from tests.e2e.harness import (
     serve_loopback,
     tunnel_env,
 )
-from tests.e2e.test_isolation import metrics_of
+from tests.e2e.test_isolation import metrics_of, raw_edge
+from tests.test_observability import samples
 
 CURL = "/usr/bin/curl"
 BLOB_MIB = 200
@@ -246,3 +250,177 @@ async def test_without_a_tunnel_an_uplink_connection_is_reset_and_counted(tmp_pa
         assert not edge.sessions
         assert await refused_locally(listener(edge, "127.0.0.1:0")) == "reset"
         assert edge_metric(edge, "kins_tunnel_uplink_refusals_total", reason="no_tunnel") == 1
+
+
+# ---------------------------------------------------------------- the edge's CONNECT proxy
+async def raw_answer(addr: tuple[str, int], request: bytes) -> bytes:
+    with trio.fail_after(10):
+        s = await trio.open_tcp_stream(*addr)
+        async with s:
+            await s.send_all(request)
+            return await read_all(s)
+
+
+async def test_the_uplink_proxy_speaks_connect_and_the_cloud_decides(tmp_path: Path) -> None:
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "registries.yaml").write_bytes(b"mirrors: {}\n" * 1000)
+    closed = free_port()
+    async with http_server(served) as http_port, trio.open_nursery() as n:
+        echo = await n.start(serve_echo)
+        allowed = [f"127.0.0.1:{echo}", f"127.0.0.1:{http_port}", f"127.0.0.1:{closed}"]
+        async with tunnel_env(tmp_path, uplinks={"test": allowed}) as env:
+            edge = await env.add_edge({SVC: f"127.0.0.1:{echo}"}, wait_for=SVC,
+                                      uplink_proxy={"listen": "127.0.0.1:0"})
+            proxy = edge.uplinks.proxy_port
+            assert proxy
+            # an allowed target: 200, then a byte pipe (bytes sent with the request included)
+            status, _head, s = await connect(proxy, allowed[0])
+            async with s:
+                assert status == 200
+                await s.send_all(b"through the edge's proxy")
+                await s.send_eof()
+                assert await read_all(s) == b"through the edge's proxy"
+            # curl tunnelling plain HTTP through CONNECT (-p) to the cloud-side web server
+            result = await trio.run_process(
+                [CURL, "-sS", "--fail", "--max-time", "30", "-p", "-x", f"http://127.0.0.1:{proxy}",
+                 f"http://127.0.0.1:{http_port}/registries.yaml"], capture_stdout=True, capture_stderr=True,
+                check=False)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout == b"mirrors: {}\n" * 1000
+            # refusals: the cloud does not allow it, cannot reach it; bad requests
+            for target, want in ((f"127.0.0.1:{free_port()}", 403), ("10.1.2.3:5000", 403),
+                                 (allowed[2], 502), ("no-port", 400), ("[::1:5000", 400)):
+                status, head, s = await connect(proxy, target)
+                await s.aclose()
+                assert status == want, (target, head)
+                assert b"kins-tunnel uplink: " in head
+            answer = await raw_answer(("127.0.0.1", proxy), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 405 ") and b"Allow: CONNECT" in answer
+            answer = await raw_answer(("127.0.0.1", proxy), b"\x16\x03\x01 not http\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 400 ")
+            answer = await raw_answer(("127.0.0.1", proxy), b"CONNECT a:1 HTTP/1.1\r\n" + b"X: y\r\n" * 5000)
+            assert answer.startswith(b"HTTP/1.1 431 ")
+            assert edge_metric(edge, "kins_tunnel_uplink_refusals_total", reason="not_allowed") == 2
+            assert edge_metric(edge, "kins_tunnel_uplink_refusals_total", reason="refused") == 1
+            assert edge_metric(edge, "kins_tunnel_uplink_refusals_total", reason="bad_request") == 5
+            assert edge_metric(edge, "kins_tunnel_uplinks_total") == 2
+            assert not edge_metric(edge, "kins_tunnel_internal_errors_total", where="uplink_proxy")
+            # no tunnel: 503
+            for s_ in list(edge.sessions.values()):
+                s_.goaway("test: draining")
+            status, head, s = await connect(proxy, allowed[0])
+            await s.aclose()
+            assert status == 503, head
+            assert edge_metric(edge, "kins_tunnel_uplink_refusals_total", reason="no_tunnel") == 1
+        n.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- a hand-driven edge
+async def test_open_results_for_a_raw_edge_follow_the_rules(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An edge speaking frames by hand (unit `fuzz`): allowed, not allowed, unparseable and
+    hostile targets get the right answers, and the log line shows the target escaped."""
+    caplog.set_level(logging.INFO, logger="kins_tunnel")
+    async with trio.open_nursery() as n:
+        echo = await n.start(serve_echo)
+        async with tunnel_env(tmp_path, uplinks={"fuzz": [f"127.0.0.1:{echo}"]}) as env:
+            peer = await raw_edge(env.ports.tunnel, env.certs)
+            try:
+                opens = {1: f"127.0.0.1:{echo}".encode(), 3: b"evil\n2026-01-01 INFO forged:1", 5: b"10.0.0.1:22",
+                         7: "ünïcode:80".encode(), 9: b"x" * 400, 11: f"LOCALHOST.:{echo}".encode()}
+                for sid, target in opens.items():
+                    await peer.send(open_frame(sid, 1 << 18, target))
+                codes: dict[int, int] = {}
+                with trio.fail_after(10):
+                    while len(codes) < len(opens):
+                        ftype, _flags, sid, payload = await peer.wait_for(FrameType.OPEN_RESULT)
+                        codes[sid] = int.from_bytes(payload[:4], "big")
+                assert codes == {1: 0, 3: ErrorCode.NOT_ALLOWED, 5: ErrorCode.NOT_ALLOWED,
+                                 7: ErrorCode.NOT_ALLOWED, 9: ErrorCode.NOT_ALLOWED, 11: ErrorCode.NOT_ALLOWED}
+                await peer.send(frame(FrameType.DATA, 1, b"raw bytes", 1))  # with FIN
+                got = b""
+                with trio.fail_after(10):
+                    while True:
+                        ftype, flags, sid, payload = await peer.wait_for(FrameType.DATA)
+                        got += payload
+                        if flags & 1 or got == b"raw bytes":
+                            break
+                assert got == b"raw bytes"
+            finally:
+                await peer.aclose()
+            m = await metrics_of(env.ports.admin)
+            assert metric(m, "kins_tunnel_uplink_refusals_total", reason="not_allowed") == 2  # 5, 11
+            assert metric(m, "kins_tunnel_uplink_refusals_total", reason="bad_target") == 3  # 3, 7, 9
+            assert not m.get("kins_tunnel_internal_errors_total")
+        n.cancel_scope.cancel()
+    lines = {r.stream: r for r in caplog.records
+             if r.name == "kins_tunnel.cloud.uplinks" and r.getMessage().startswith("uplink ")}
+    assert lines[3].target == "evil\\n2026-01-01 INFO forged:1" and lines[3].status == "bad_target"
+    assert lines[7].target == "\\xfcn\\xefcode:80" and lines[7].status == "bad_target"
+    assert len(lines[9].target) == 256 and lines[9].status == "bad_target"
+    assert (lines[1].unit, lines[1].node, lines[1].status) == ("fuzz", "fuzz1", "ok")
+    assert (lines[11].normalised, lines[11].status) == (f"localhost:{echo}", "not_allowed")
+
+
+# ---------------------------------------------------------------- real processes: replicas, restarts
+async def uplink_echoes(port: int, count: int) -> None:
+    """`count` uplink connections in turn, each echoing 64 KiB of random bytes, compared."""
+    for _ in range(count):
+        payload = os.urandom(64 << 10)
+        assert await echo_once(("127.0.0.1", port), payload) == payload
+
+
+async def uplinks_served(cloud: CloudProc) -> float:
+    status, body = await http_get(cloud.admin, "/metrics")
+    assert status == 200
+    return metric(samples(body), "kins_tunnel_uplinks_total")
+
+
+async def test_every_replica_serves_uplinks_and_they_survive_a_replica_restart(tmp_path: Path) -> None:
+    async with trio.open_nursery() as n:
+        echo = await n.start(serve_echo)
+        target = f"127.0.0.1:{echo}"
+        with procs(tmp_path) as ps:
+            clouds = [ps.cloud(name, uplinks={"test": [target]}) for name in ("cloud-a", "cloud-b")]
+            a, b = clouds
+            up = free_port()
+            edge = ps.edge(a.tunnel, {SVC: target}, cloud=[f"127.0.0.1:{c.tunnel}" for c in clouds],
+                           uplinks={f"127.0.0.1:{up}": target}, reconnect={"initial": 0.05, "max": 0.5})
+            for c in clouds:
+                await wait_cloud_up(c)
+                await wait_edges(c, 1)
+
+            async def tunnels() -> int:
+                return len((await edge_status(edge))["tunnels"])
+
+            # both replicas serve uplinks (the edge spreads them over its tunnels)
+            await uplink_echoes(up, 10)
+            served = [await uplinks_served(c) for c in clouds]
+            assert sum(served) == 10 and min(served) >= 1, served
+            # one replica dies: uplinks go on through the other at once
+            a.kill()
+            noticed = await wait_until(lambda: _eq(tunnels(), 1), 10, "the edge drops the dead tunnel")
+            await uplink_echoes(up, 5)
+            assert await uplinks_served(b) == served[1] + 5
+            # it comes back: the edge reconnects and the new process serves uplinks too
+            a.start()
+            await wait_cloud_up(a)
+            back = await wait_edges(a, 1)
+            await uplink_echoes(up, 6)
+            assert await uplinks_served(a) >= 1
+            # and alone: the other replica dies, every uplink goes through the restarted one
+            before = await uplinks_served(a)
+            b.kill()
+            await wait_until(lambda: _eq(tunnels(), 1), 10, "the edge drops the second dead tunnel")
+            await uplink_echoes(up, 5)
+            assert await uplinks_served(a) == before + 5
+            m = samples((await http_get(edge.admin or 0, "/metrics"))[1])
+            assert metric(m, "kins_tunnel_uplink_refusals_total") == 0, m.get("kins_tunnel_uplink_refusals_total")
+            assert metric(m, "kins_tunnel_uplinks_total") == 26
+            figure("uplinks: edge dropped the killed replica's tunnel after", noticed, "s")
+            figure("uplinks: restarted replica had the edge back after", back, "s")
+        n.cancel_scope.cancel()
+
+
+async def _eq(value: Awaitable[int], want: int) -> bool:
+    return await value == want
