@@ -73,9 +73,10 @@ class RawPeer:
 CODES = [0, 1, 2, 7, 9, 10, 14, 15, 99, 255, 1 << 16, (1 << 32) - 1]
 
 
-def random_frame(rng: random.Random, sids: list[int]) -> bytes:
+def random_frame(rng: random.Random, sids: list[int], targets: tuple[bytes, ...] = ()) -> bytes:
     """One frame as a hostile peer might send it: known and unknown types, odd stream ids,
-    short or oversized payloads, codes this version does not know, random flags."""
+    short or oversized payloads, codes this version does not know, random flags. OPEN frames name
+    one of a few fixed targets, `targets`, or random bytes."""
     roll = rng.random()
     ftype = rng.randrange(8) if roll < 0.85 else rng.randrange(8, 256)
     sid = rng.choice([0, 1, 2, 3, 4, rng.randrange(1 << 32), *sids]) if rng.random() < 0.5 or not sids \
@@ -89,7 +90,7 @@ def random_frame(rng: random.Random, sids: list[int]) -> bytes:
         payload = bytes(rng.choice([65537, 300 * 1024]))
     elif ftype == FrameType.OPEN:
         payload = U32.pack(rng.choice([0, 1, 16384, 1 << 20, (1 << 32) - 1])) + rng.choice(
-            [b"test-svc-kins.kins-system:443", b"fuzz1:22", b"\xff\xfe", b"", rng.randbytes(20)])
+            [b"test-svc-kins.kins-system:443", b"fuzz1:22", b"\xff\xfe", b"", rng.randbytes(20), *targets])
     elif ftype == FrameType.OPEN_RESULT:
         payload = U32.pack(code) + U32.pack(rng.choice([0, 16384, 1 << 20, (1 << 32) - 1])) + rng.randbytes(
             rng.randrange(0, 8))

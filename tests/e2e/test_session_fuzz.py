@@ -4,6 +4,9 @@
   frame sequences (known and unknown types, odd stream ids, short and oversized payloads, codes
   this version does not know, random flags), interleaved with legitimate answers to the streams
   the cloud opens towards it (a CONNECT to its name runs alongside), to a real in-process cloud.
+  It also opens streams itself (uplinks), well-formed or not: to targets its unit may reach (an
+  echo server, a port where nothing listens), to other units' targets, random names and bytes; the
+  cloud is configured with uplinks, so allowed opens are dialled and relayed among the garbage.
 - The mirror: a hostile cloud with a valid certificate does the same to a real edge, opening
   streams to the edge's real services among the garbage.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import ssl
 from pathlib import Path
 
@@ -36,7 +40,15 @@ from kins_tunnel.proto.frames import (
 )
 from kins_tunnel.testing.support import self_rss
 from kins_tunnel.tls_contexts import server_ssl_context
-from tests.e2e.harness import SVC, connect, keep_echoing, serve_echo, tunnel_env
+from tests.e2e.harness import (
+    SVC,
+    connect,
+    echo_bytes,
+    free_port,
+    keep_echoing,
+    serve_echo,
+    tunnel_env,
+)
 from tests.e2e.rawpeer import RawPeer, hello_frame, mutate, random_frame
 from tests.e2e.test_bad_input import watched_env
 from tests.e2e.test_isolation import FUZZ_SVC, metrics_of, raw_edge_context
@@ -44,6 +56,15 @@ from tests.e2e.test_isolation import FUZZ_SVC, metrics_of, raw_edge_context
 SEED = int(os.environ.get("KINS_FUZZ_SEED", "20261126"))
 CONCURRENT = 8
 BUDGET = 8 << 20  # session_budget of the process under attack
+
+
+async def echo_bytes_quietly(stream: trio.SocketStream) -> None:
+    """An uplink target: echo until EOF; a peer that resets is not an error."""
+    async with stream:
+        try:
+            await echo_bytes(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 def sessions(default: int) -> int:
@@ -72,10 +93,25 @@ def r_sid(rng: random.Random, sids: list[int]) -> int:
     return rng.choice(sids) if sids else 1
 
 
-async def hostile_session(peer: RawPeer, rng: random.Random, opener: bool) -> dict[str, int]:
-    """Read what the other side sends (collecting the streams it opens) while sending garbage."""
+def uplink_open(rng: random.Random, sid: int, targets: tuple[bytes, ...]) -> bytes:
+    """A well-formed OPEN from an edge (an uplink): to an allowed or a disallowed target, another
+    unit's, a random name or address, text that is no target, or random bytes."""
+    name = rng.choice([*targets, b"%d.%d.%d.%d:%d" % (*rng.randbytes(4), rng.randrange(1, 65536)),
+                       rng.choice([b"registry", b"a" * 63, b"x.y.svc.cluster.local"]) + b":%d" % rng.randrange(1, 9999),
+                       rng.choice([b"no-port", b"a b:80", "\u00fcn\u00efcode:80".encode(), b"[::1:80", b"x:0",
+                                   b"evil\nline:1"]),
+                       rng.randbytes(rng.randrange(1, 40))])
+    return open_frame(sid, rng.choice([16384, 262144]), name)
+
+
+async def hostile_session(peer: RawPeer, rng: random.Random, opener: bool,
+                          open_targets: tuple[bytes, ...] = ()) -> dict[str, int]:
+    """Read what the other side sends (collecting the streams it opens) while sending garbage.
+    With `open_targets`, the hostile side also opens streams itself (odd ids, as an edge does),
+    to those targets and others, and then uses them like the streams opened to it."""
     sids: list[int] = []
     seen = {"frames_in": 0, "frames_out": 0}
+    next_sid = 1
 
     async def reader() -> None:
         while True:
@@ -91,12 +127,16 @@ async def hostile_session(peer: RawPeer, rng: random.Random, opener: bool) -> di
             n.start_soon(reader)
             for _ in range(rng.randrange(1, 60)):
                 roll = rng.random()  # mostly plausible traffic, so sessions reach deeper states
-                if roll < 0.2:
-                    data = random_frame(rng, sids)
+                if open_targets and rng.random() < 0.15:
+                    data = uplink_open(rng, next_sid, open_targets)
+                    sids.append(next_sid)
+                    next_sid += 2
+                elif roll < 0.2:
+                    data = random_frame(rng, sids, open_targets)
                 elif roll < 0.85:
                     data = legit_frames(rng, sids, opener)
                 else:
-                    data = mutate(rng, legit_frames(rng, sids, opener) or random_frame(rng, sids))
+                    data = mutate(rng, legit_frames(rng, sids, opener) or random_frame(rng, sids, open_targets))
                 await peer.send(data)
                 seen["frames_out"] += 1
                 if rng.random() < 0.3:
@@ -114,8 +154,20 @@ async def hostile_session(peer: RawPeer, rng: random.Random, opener: bool) -> di
 async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
     total = sessions(300)
     rng = random.Random(SEED)
+    # Uplink targets in the cloud: an echo server the hostile edge's unit may reach, a port where
+    # nothing listens (allowed too: refused dials), and targets of other units only.
+    up_sock = socket.socket()
+    up_sock.bind(("127.0.0.1", 0))
+    up_sock.listen(64)
+    up_echo, closed = f"127.0.0.1:{up_sock.getsockname()[1]}", f"127.0.0.1:{free_port()}"
+    uplinks = {"fuzz": [up_echo, closed], "test": ["127.0.0.1:9"], "*": ["localhost:1"]}
+    targets = tuple(t.encode() for t in (up_echo, closed, "127.0.0.1:9", "localhost:1", f"LOCALHOST.:{closed[10:]}"))
     async with watched_env(tmp_path, mux={"session_budget": BUDGET, "max_streams": 16},
-                           proxy={"dial_timeout": 1.0}, tunnel={"handshake_timeout": 5.0}) as (env, counts):
+                           proxy={"dial_timeout": 1.0}, tunnel={"handshake_timeout": 5.0},
+                           uplinks=uplinks, uplink_dial_timeout=0.5) as (env, counts):
+        assert env.nursery is not None
+        env.nursery.start_soon(trio.serve_listeners, echo_bytes_quietly,
+                               [trio.SocketListener(trio.socket.from_stdlib_socket(up_sock))])
         ctx = raw_edge_context(env.certs)
         rss0 = self_rss()
         done = {"sessions": 0, "frames": 0, "connects": 0, "refused": 0}
@@ -151,7 +203,7 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
             async with trio.open_nursery() as n:
                 if r.random() < 0.5:
                     n.start_soon(connect_to_fuzz_edge)
-                seen = await hostile_session(peer, r, opener=False)
+                seen = await hostile_session(peer, r, opener=False, open_targets=targets)
             done["frames"] += seen["frames_out"]
 
         with trio.fail_after(max(120, total * 0.5)):
@@ -170,10 +222,16 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
                 await trio.sleep(0.05)
         m = await metrics_of(env.ports.admin)
         grown = self_rss() - rss0
+        up = {label["reason"]: v for label, v in m.get("kins_tunnel_uplink_refusals_total", [])}
+        uplinks_opened = sum(v for _l, v in m.get("kins_tunnel_uplinks_total", []))
         print(f"\nFIGURE cloud under hostile edges: {done['sessions']} sessions, {done['frames']} frame writes, "
               f"{done['connects']} CONNECTs to the hostile edge, {done['refused']} TLS set-ups refused, "
+              f"{uplinks_opened:.0f} uplinks opened, uplink refusals {up}, "
               f"{counts['ok']} healthy echoes, "
               f"RSS +{grown / 2**20:.1f} MiB")
+        # the uplink paths were exercised: opened, refused by the rules, refused by the target
+        assert uplinks_opened > 0 and up.get("not_allowed", 0) > 0 and up.get("bad_target", 0) > 0, (uplinks_opened, up)
+        assert up.get("refused", 0) > 0, up
         assert done["sessions"] == total
         assert done["refused"] == 0  # a valid certificate is always let in
         assert not m.get("kins_tunnel_internal_errors_total"), m.get("kins_tunnel_internal_errors_total")
