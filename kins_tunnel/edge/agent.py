@@ -24,6 +24,9 @@ the proxy as it is (one keeper for the name), until it resolves locally.
 
 Certificates: the client context is rebuilt before a (re)connect when the CA, certificate or key
 file changed, so renewed files are used by the next tunnel; live tunnels are left alone.
+
+Uplinks (`uplinks`, `uplink_proxy`; see `edge.uplinks`) open streams the other way, on whichever
+of these tunnels is usable; on drain their listeners stop accepting and open ones finish.
 """
 
 from __future__ import annotations
