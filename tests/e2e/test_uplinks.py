@@ -424,3 +424,45 @@ async def test_every_replica_serves_uplinks_and_they_survive_a_replica_restart(t
 
 async def _eq(value: Awaitable[int], want: int) -> bool:
     return await value == want
+
+
+async def test_a_draining_edge_stops_accepting_uplinks_and_lets_open_ones_finish(tmp_path: Path) -> None:
+    async with trio.open_nursery() as n:
+        echo = await n.start(serve_echo)
+        async with tunnel_env(tmp_path, uplinks={"test": [f"127.0.0.1:{echo}"]}) as env:
+            edge = await env.add_edge({SVC: f"127.0.0.1:{echo}"}, wait_for=SVC, drain_timeout=5,
+                                      uplinks={"127.0.0.1:0": f"127.0.0.1:{echo}"})
+            addr = listener(edge, "127.0.0.1:0")
+            with trio.fail_after(10):
+                held = await trio.open_tcp_stream(*addr)
+                async with held:
+                    await held.send_all(b"before")
+                    assert await held.receive_some(6) == b"before"
+                    drained = trio.Event()
+
+                    async def drain() -> None:
+                        await edge.drain()
+                        drained.set()
+
+                    n.start_soon(drain)
+                    while True:  # the listener closes
+                        try:
+                            probe = await trio.open_tcp_stream(*addr)
+                        except OSError:
+                            break
+                        await probe.aclose()
+                        await trio.sleep(0.01)
+                    await held.send_all(b"during the drain")  # the open uplink goes on
+                    got = b""
+                    while len(got) < 16:
+                        got += await held.receive_some(16)
+                    assert got == b"during the drain"
+                    assert not drained.is_set()
+                    await held.send_eof()
+                    assert await read_all(held) == b""
+                with trio.fail_after(4):  # its stream ended: the drain is over before drain_timeout (5 s)
+                    await drained.wait()
+            m = await metrics_of(env.ports.admin)
+            assert metric(m, "kins_tunnel_uplinks_total") == 1
+            assert metric(m, "kins_tunnel_uplink_bytes_total", direction="up") == 6 + 16
+        n.cancel_scope.cancel()
