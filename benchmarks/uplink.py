@@ -67,7 +67,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                            uplinks={f"127.0.0.1:{listen[k]}": addr[k] for k in addr})
             await wait_cloud_up(cloud)
             await wait_edges(cloud, 1, timeout=30)
-            endpoints = {
+            endpoints: dict[str, dict[str, dict[str, Any]]] = {
                 "direct": {k: {"addr": ["127.0.0.1", p], "connect": None} for k, (_x, p) in targets.items()},
                 "uplink": {k: {"addr": ["127.0.0.1", listen[k]], "connect": None} for k in addr},
                 "CONNECT": {k: {"addr": ["127.0.0.1", cloud.proxy], "connect": NAMES[k]} for k in addr},

@@ -12,10 +12,12 @@ the name resolves to together, `kins_tunnel.dial`); a failed dial is answered RE
 or TIMEOUT, as the edge's forwarder answers the cloud. Each accepted stream runs as a stream task
 of its session (`Session.start_stream_task`): a bug in it resets that stream only.
 
-Every uplink stream yields exactly one log line, "uplink done" after the stream was accepted and
-"uplink refused" otherwise, with unit, node, peer, replica, target, status (`ok` or the refusal's
-code), outcome, bytes each way and duration. Refusals are counted in
-`kins_tunnel_uplink_refusals_total{reason}` (a wire code's name: bounded).
+Every uplink stream yields one log line, "uplink done" after the stream was accepted and "uplink
+refused" otherwise, with unit, node, peer, replica, target, status (`ok` or the refusal's code),
+outcome, bytes each way and duration. Refusals are counted in
+`kins_tunnel_uplink_refusals_total{reason}` (a wire code's name: bounded) and logged at most
+`REFUSALS_LOGGED_PER_SECOND` a second: an edge sending a flood of opens must not flood the log
+(the next line logged says how many were held back, `not_logged_before`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from kins_tunnel.certs import EdgeIdentity
 from kins_tunnel.config import Address, normalise_target
 from kins_tunnel.dial import dial_first
 from kins_tunnel.errors import OpenFailed
+from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.proto import ErrorCode, LocalProtocolError, code_label
 from kins_tunnel.transport.relay import relay
@@ -37,6 +40,7 @@ from kins_tunnel.transport.session import Session
 
 log = logging.getLogger("kins_tunnel.cloud.uplinks")
 MAX_LOGGED_TARGET = 256  # characters of an edge's target kept for the log line
+REFUSALS_LOGGED_PER_SECOND = 20
 
 
 def shown_target(target: str) -> str:
@@ -63,11 +67,13 @@ class UplinkRecord:
     sent: int = 0  # bytes edge -> target
     received: int = 0  # bytes target -> edge
 
-    def emit(self) -> None:
-        fields = {"unit": self.unit, "node": self.node, "peer": self.peer, "replica": self.replica,
+    def emit(self, not_logged_before: int = 0) -> None:
+        fields: dict[str, object] = {"unit": self.unit, "node": self.node, "peer": self.peer, "replica": self.replica,
                   "stream": self.stream, "target": self.target, "normalised": self.normalised,
                   "status": self.status, "outcome": self.outcome, "sent": self.sent, "received": self.received,
                   "duration": round(trio.current_time() - self.started, 6)}
+        if not_logged_before:
+            fields["not_logged_before"] = not_logged_before
         log.info("uplink done" if self.status == "ok" else "uplink refused", extra=fields)
 
 
@@ -80,6 +86,7 @@ class UplinkServer:
         self.dial_timeout = dial_timeout
         self.metrics = metrics
         self.replica = replica
+        self._refusal_log = LogBudget(REFUSALS_LOGGED_PER_SECOND)
 
     def allows(self, unit: str, target: str) -> bool:
         """May an edge of `unit` reach the normalised `target`?"""
@@ -107,7 +114,14 @@ class UplinkServer:
         self.metrics.uplink_refusals.labels(label).inc()
         rec.status, rec.outcome = label, detail
         session.reject(rec.stream, code, _MESSAGE_FOR_CODE.get(int(code), "the uplink could not be opened"))
-        rec.emit()
+        self._emit(rec)
+
+    def _emit(self, rec: UplinkRecord) -> None:
+        """The stream's log line; refusals within the log budget only (they are all counted)."""
+        if rec.status == "ok":
+            rec.emit()
+        elif self._refusal_log.allow():
+            rec.emit(self._refusal_log.take_suppressed())
 
     async def _dial_and_relay(self, session: Session, rec: UplinkRecord) -> None:
         emitted = False
@@ -140,7 +154,7 @@ class UplinkServer:
             if not rec.outcome:
                 rec.outcome = "tunnel closed" if session.is_closed else "ended"
             if not emitted:
-                rec.emit()
+                self._emit(rec)
 
 
 # What the edge is told for each code (its dial details stay in the cloud's log).

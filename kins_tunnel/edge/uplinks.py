@@ -17,8 +17,10 @@ comes from the request and the cloud alone decides what it allows. Answers: 200 
 answer in time; 503 without a usable tunnel; 400/405/408/431 for bad requests.
 
 Every accepted connection is a failure-isolation boundary (`serve_listener`, `where` "uplink" or
-"uplink_proxy") and yields exactly one log line ("uplink done" / "uplink refused") with the
-listener, client, target, tunnel, status, outcome, bytes each way and duration.
+"uplink_proxy") and yields one log line ("uplink done" / "uplink refused") with the listener,
+client, target, tunnel, status, outcome, bytes each way and duration; refusals are logged at most
+`REFUSALS_LOGGED_PER_SECOND` a second (all counted; the next line logged says how many were held
+back).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import trio
 
 from kins_tunnel.config import Address, EdgeConfig, normalise_target
 from kins_tunnel.errors import OpenFailed, UserError
+from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.proto import ErrorCode, code_label
 from kins_tunnel.transport.listen import open_listener_socket, serve_listener
@@ -51,6 +54,7 @@ PROXY_HEADER_TIMEOUT = 10.0  # seconds from accept to a complete CONNECT request
 PROXY_MAX_REQUEST = 16384  # request line + headers
 MAX_LOGGED_TARGET = 256
 LINGER_TIME = 1.0  # seconds to drain a proxy client's input after an error answer
+REFUSALS_LOGGED_PER_SECOND = 20
 
 # The proxy's answer for each wire code of a refused open.
 _ANSWER_FOR_CODE: dict[int, tuple[int, str]] = {
@@ -87,7 +91,7 @@ class UplinkRecord:
     sent: int = 0  # bytes client -> cloud
     received: int = 0  # bytes cloud -> client
 
-    def emit(self) -> None:
+    def emit(self, not_logged_before: int = 0) -> None:
         fields: dict[str, object] = {
             "listen": self.listen, "client": self.client, "target": self.target, "cloud": self.cloud,
             "status": self.status or "cancel", "outcome": self.outcome or "ended", "sent": self.sent,
@@ -96,6 +100,8 @@ class UplinkRecord:
             fields["stream"] = self.stream
         if self.answer is not None:
             fields["answer"] = self.answer
+        if not_logged_before:
+            fields["not_logged_before"] = not_logged_before
         log.info("uplink done" if self.status == "ok" else "uplink refused", extra=fields)
 
 
@@ -138,6 +144,7 @@ class Uplinks:
         self.ports: dict[str, int] = {}  # listen address as configured -> bound port
         self.proxy_port: int | None = None
         self.listener_scope = trio.CancelScope()  # cancelled to stop accepting (drain)
+        self._refusal_log = LogBudget(REFUSALS_LOGGED_PER_SECOND)
 
     @property
     def enabled(self) -> bool:
@@ -217,6 +224,13 @@ class Uplinks:
             raise UplinkRefused("no_tunnel", f"no tunnel available: {last.message}", last.code)
         raise UplinkRefused(code_label(last.code), last.message, last.code)
 
+    def _emit(self, rec: UplinkRecord) -> None:
+        """The connection's log line; refusals within the log budget only (they are all counted)."""
+        if rec.status == "ok":
+            rec.emit()
+        elif self._refusal_log.allow():
+            rec.emit(self._refusal_log.take_suppressed())
+
     def _refused(self, rec: UplinkRecord, exc: UplinkRefused) -> None:
         self.metrics.uplink_refusals.labels(exc.reason).inc()
         rec.status, rec.outcome = exc.reason, str(exc)
@@ -246,7 +260,7 @@ class Uplinks:
             rec.outcome = f"internal error: {type(exc).__name__}"
             raise
         finally:
-            rec.emit()
+            self._emit(rec)
 
     # ------------------------------------------------------------------ uplink_proxy: CONNECT
     async def _proxy_client(self, client: trio.SocketStream) -> None:
@@ -267,7 +281,7 @@ class Uplinks:
             rec.outcome = f"internal error: {type(exc).__name__}"
             raise
         finally:
-            rec.emit()
+            self._emit(rec)
 
     async def _proxy_exchange(self, client: trio.SocketStream, conn: h11.Connection, rec: UplinkRecord) -> None:
         with trio.move_on_at(rec.started + PROXY_HEADER_TIMEOUT) as scope:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -29,12 +31,12 @@ import trio
 from kins_tunnel.edge.agent import Edge
 from kins_tunnel.proto import ErrorCode
 from kins_tunnel.proto.frames import FrameType, frame, open_frame
+from kins_tunnel.testing.support import http_get
 from tests.e2e.faultkit import (
     CloudProc,
     connect,
     edge_status,
     figure,
-    http_get,
     procs,
     read_until_end,
     wait_cloud_up,
@@ -56,6 +58,11 @@ from tests.test_observability import samples
 
 CURL = "/usr/bin/curl"
 BLOB_MIB = 200
+
+
+def fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured fields of a log line (`extra=`)."""
+    return vars(record)
 
 
 def metric(m: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
@@ -207,15 +214,16 @@ async def test_the_cloud_dials_only_what_it_allows_the_edges_unit(tmp_path: Path
     refused = [r for r in cloud_lines if r.getMessage() == "uplink refused"]
     done = [r for r in cloud_lines if r.getMessage() == "uplink done"]
     assert len(refused) == 4 and len(done) == 3, [(r.getMessage(), vars(r)) for r in cloud_lines]
-    line = next(r for r in refused if r.unit == "b")
-    assert (line.node, line.normalised, line.status) == ("b1", own, "not_allowed")
-    assert "not in this unit's uplinks" in line.outcome
-    first = next(r for r in done if r.normalised == own)
-    assert (first.unit, first.status, first.outcome, first.sent, first.received) == ("test", "ok", "closed", 3000, 3000)
-    assert first.duration >= 0 and first.replica
+    line = next(fields(r) for r in refused if fields(r)["unit"] == "b")
+    assert (line["node"], line["normalised"], line["status"]) == ("b1", own, "not_allowed")
+    assert "not in this unit's uplinks" in line["outcome"]
+    first = next(fields(r) for r in done if fields(r)["normalised"] == own)
+    assert ((first["unit"], first["status"], first["outcome"], first["sent"], first["received"])
+            == ("test", "ok", "closed", 3000, 3000))
+    assert first["duration"] >= 0 and first["replica"]
     edge_lines = [r for r in caplog.records if r.name == "kins_tunnel.edge.uplinks" and r.getMessage().startswith("uplink ")]
     assert len(edge_lines) == 7
-    assert sorted(r.status for r in edge_lines) == ["not_allowed"] * 4 + ["ok"] * 3
+    assert sorted(fields(r)["status"] for r in edge_lines) == ["not_allowed"] * 4 + ["ok"] * 3
 
 
 async def test_failed_dials_in_the_cloud_reach_the_edge_as_their_codes(tmp_path: Path) -> None:
@@ -353,13 +361,41 @@ async def test_open_results_for_a_raw_edge_follow_the_rules(tmp_path: Path, capl
             assert metric(m, "kins_tunnel_uplink_refusals_total", reason="bad_target") == 3  # 3, 7, 9
             assert not m.get("kins_tunnel_internal_errors_total")
         n.cancel_scope.cancel()
-    lines = {r.stream: r for r in caplog.records
+    lines = {fields(r)["stream"]: fields(r) for r in caplog.records
              if r.name == "kins_tunnel.cloud.uplinks" and r.getMessage().startswith("uplink ")}
-    assert lines[3].target == "evil\\n2026-01-01 INFO forged:1" and lines[3].status == "bad_target"
-    assert lines[7].target == "\\xfcn\\xefcode:80" and lines[7].status == "bad_target"
-    assert len(lines[9].target) == 256 and lines[9].status == "bad_target"
-    assert (lines[1].unit, lines[1].node, lines[1].status) == ("fuzz", "fuzz1", "ok")
-    assert (lines[11].normalised, lines[11].status) == (f"localhost:{echo}", "not_allowed")
+    assert lines[3]["target"] == "evil\\n2026-01-01 INFO forged:1" and lines[3]["status"] == "bad_target"
+    assert lines[7]["target"] == "\\xfcn\\xefcode:80" and lines[7]["status"] == "bad_target"
+    assert len(lines[9]["target"]) == 256 and lines[9]["status"] == "bad_target"
+    assert (lines[1]["unit"], lines[1]["node"], lines[1]["status"]) == ("fuzz", "fuzz1", "ok")
+    assert (lines[11]["normalised"], lines[11]["status"]) == (f"localhost:{echo}", "not_allowed")
+
+
+async def test_a_flood_of_refused_uplinks_is_counted_in_full_and_logged_within_a_budget(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kins_tunnel")
+    async with tunnel_env(tmp_path, uplinks={"fuzz": ["127.0.0.1:9"]}) as env:
+        peer = await raw_edge(env.ports.tunnel, env.certs)
+        try:
+            sids = range(1, 2 * 300, 2)
+            t0 = trio.current_time()
+            await peer.send(b"".join(open_frame(sid, 1 << 18, b"10.0.0.1:%d" % sid) for sid in sids))
+            with trio.fail_after(10):
+                for _ in sids:
+                    await peer.wait_for(FrameType.OPEN_RESULT)
+            await trio.sleep(1.0)  # a new second of log budget
+            await peer.send(open_frame(1001, 1 << 18, b"10.0.0.2:1"))
+            with trio.fail_after(10):
+                await peer.wait_for(FrameType.OPEN_RESULT)
+            seconds = trio.current_time() - t0
+        finally:
+            await peer.aclose()
+        m = await metrics_of(env.ports.admin)
+        assert metric(m, "kins_tunnel_uplink_refusals_total", reason="not_allowed") == 301
+    lines = [fields(r) for r in caplog.records
+             if r.name == "kins_tunnel.cloud.uplinks" and r.getMessage() == "uplink refused"]
+    assert len(lines) <= 20 * (math.ceil(seconds) + 1), (len(lines), seconds)  # 20 lines a second at most
+    assert lines[-1]["target"] == "10.0.0.2:1" and lines[-1].get("not_logged_before", 0) > 0
+    assert len(lines) + sum(line.get("not_logged_before", 0) for line in lines) == 301  # none unaccounted
 
 
 # ---------------------------------------------------------------- real processes: replicas, restarts
