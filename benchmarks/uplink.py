@@ -13,8 +13,11 @@ transfer (`benchmarks.load download|upload`), connecting to the edge's listener 
 client on the edge side, server in the cloud), straight to the target (**direct**), or through the
 cloud's CONNECT proxy to the same servers listed in the edge's `services` (**CONNECT**: the
 tunnel's usual direction, client in the cloud, server on the edge side). "Client reads" is the
-direction of an image pull. Paths alternate within each round (the order rotates). MB/s are 10^6 bytes per second of the whole transfer, connection set-up included;
-CPU is user+sys seconds of cloud and edge per GB moved.
+direction of an image pull. Paths alternate within each round (the order rotates). The second
+table compares uplink and CONNECT by the direction the data crosses the tunnel (an uplink read and
+a CONNECT send both move data from the cloud to the edge), with the CPU of each process. MB/s are
+10^6 bytes per second of the whole transfer, connection set-up included; CPU is user+sys seconds
+per GB moved.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from tests.e2e.harness import free_port
 
 MiB = 1 << 20
 PATHS = ("direct", "uplink", "CONNECT")
+MODES = (("download", "source"), ("upload", "sink"))  # benchmarks.load mode, target kind
 NAMES = {"source": "test-svc-kins.kins-system:9001", "sink": "test-svc-kins.kins-system:9002"}
 
 
@@ -56,7 +60,8 @@ def start_target(kind: str, base: Path) -> tuple[subprocess.Popen[str], int]:
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="kins-bench-uplink-"))
     targets = {kind: start_target(kind, base) for kind in ("source", "sink")}
-    results: dict[str, dict[str, list[float]]] = {path: {} for path in PATHS}
+    # path -> mode ("download": the client reads, "upload": it sends) -> one sample per round
+    results: dict[str, dict[str, list[dict[str, float]]]] = {path: {"download": [], "upload": []} for path in PATHS}
     nbytes = args.mib * MiB
     try:
         with procs(base) as ps:
@@ -73,26 +78,24 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 "CONNECT": {k: {"addr": ["127.0.0.1", cloud.proxy], "connect": NAMES[k]} for k in addr},
             }
             for path in PATHS:  # warm-up, not counted
-                for mode, kind in (("download", "source"), ("upload", "sink")):
+                for mode, kind in MODES:
                     r = await trio.to_thread.run_sync(run_client, mode, endpoints[path][kind], "--bytes", str(8 * MiB))
                     if "error" in r:
                         raise RuntimeError(f"{path} {mode}: {r['error']}")
+            gb = nbytes / 1e9
             for rnd in range(args.rounds):
                 k = rnd % len(PATHS)
-                order = list(PATHS[k:] + PATHS[:k])
-                for path in order:
-                    out = results[path]
-                    for mode, kind in (("download", "source"), ("upload", "sink")):
-                        before = cpu_seconds([cloud.pid, edge.pid])
+                for path in PATHS[k:] + PATHS[:k]:
+                    for mode, kind in MODES:
+                        c0, e0 = cpu_seconds([cloud.pid]), cpu_seconds([edge.pid])
                         r = await trio.to_thread.run_sync(run_client, mode, endpoints[path][kind], "--bytes", str(nbytes))
-                        cpu = cpu_seconds([cloud.pid, edge.pid]) - before
+                        c1, e1 = cpu_seconds([cloud.pid]), cpu_seconds([edge.pid])
                         if "error" in r:
                             raise RuntimeError(f"{path} {mode}: {r['error']}")
-                        what = "client reads" if mode == "download" else "client sends"
-                        out.setdefault(f"{what} {args.mib} MiB, MB/s", []).append(r["MBps"])
-                        out.setdefault(f"{what}: cloud + edge CPU s per GB", []).append(cpu / (nbytes / 1e9))
-                    print(f"round {rnd + 1} {path}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in out.items()),
-                          flush=True)
+                        sample = {"MBps": r["MBps"], "cloud_cpu": (c1 - c0) / gb, "edge_cpu": (e1 - e0) / gb}
+                        results[path][mode].append(sample)
+                        print(f"round {rnd + 1} {path} {mode}: {sample['MBps']:.1f} MB/s, CPU s/GB cloud "
+                              f"{sample['cloud_cpu']:.2f} edge {sample['edge_cpu']:.2f}", flush=True)
     finally:
         for proc, _port in targets.values():
             proc.kill()
@@ -103,23 +106,37 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {"rounds": args.rounds, "mib": args.mib, "results": results}
 
 
+def _stat(samples: list[dict[str, float]], key: str) -> str:
+    """median (min – max) over rounds; "—" where nothing ran (no cloud or edge on the direct path)."""
+    values = [sum(s[k] for k in key.split("+")) for s in samples]
+    if not any(values):
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.1f}" if key == "MBps" else f"{values[0]:.2f}"
+    spec = ".1f" if key == "MBps" else ".2f"
+    return f"{statistics.median(values):{spec}} ({min(values):{spec}} – {max(values):{spec}})"
+
+
 def render(doc: dict[str, Any]) -> str:
-    res = doc["results"]
-
-    def cell(path: str, key: str, spread: bool = False) -> str:
-        values = res[path][key]
-        if not any(values):  # nothing to measure (no cloud or edge on the direct path)
-            return "—"
-        return f"{min(values):.1f} – {max(values):.1f}" if spread else f"{statistics.median(values):.1f}"
-
-    rows = ["| measure | direct TCP | uplink | CONNECT | uplink/direct |", "|---|---|---|---|---|"]
-    spread = ["| measure | direct TCP | uplink | CONNECT |", "|---|---|---|---|"]
-    for key in res["uplink"]:
-        d, u = statistics.median(res["direct"][key]), statistics.median(res["uplink"][key])
-        ratio = f"{u / d:.2f}×" if d else ""
-        rows.append(f"| {key} | {cell('direct', key)} | {cell('uplink', key)} | {cell('CONNECT', key)} | {ratio} |")
-        spread.append(f"| {key} | " + " | ".join(cell(p, key, True) for p in PATHS) + " |")
-    return "\n".join(rows) + "\n\nSpread over rounds (min – max):\n\n" + "\n".join(spread)
+    res, mib = doc["results"], doc["mib"]
+    first = ["| what the client does | direct TCP, MB/s | uplink, MB/s | uplink/direct |", "|---|---|---|---|"]
+    for mode, what in (("download", f"reads {mib} MiB (an image pull)"), ("upload", f"sends {mib} MiB")):
+        d = statistics.median(s["MBps"] for s in res["direct"][mode])
+        u = statistics.median(s["MBps"] for s in res["uplink"][mode])
+        first.append(f"| {what} | {_stat(res['direct'][mode], 'MBps')} | {_stat(res['uplink'][mode], 'MBps')} "
+                     f"| {u / d:.2f}× |")
+    second = ["| data across the tunnel | path (client) | MB/s | cloud CPU s/GB | edge CPU s/GB | cloud + edge |",
+              "|---|---|---|---|---|---|"]
+    # an uplink's client is on the edge side, a CONNECT client on the cloud side
+    for direction, rows in (("cloud → edge", (("uplink", "download", "reads"), ("CONNECT", "upload", "sends"))),
+                            ("edge → cloud", (("uplink", "upload", "sends"), ("CONNECT", "download", "reads")))):
+        for path, mode, verb in rows:
+            samples = res[path][mode]
+            second.append(f"| {direction} | {path} (client {verb}) | {_stat(samples, 'MBps')} | "
+                          f"{_stat(samples, 'cloud_cpu')} | {_stat(samples, 'edge_cpu')} | "
+                          f"{_stat(samples, 'cloud_cpu+edge_cpu')} |")
+    return ("Medians over rounds (min – max):\n\n" + "\n".join(first) + "\n\nBy the direction data crosses the "
+            "tunnel:\n\n" + "\n".join(second))
 
 
 def main() -> None:
