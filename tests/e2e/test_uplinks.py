@@ -429,6 +429,8 @@ async def test_every_replica_serves_uplinks_and_they_survive_a_replica_restart(t
             async def tunnels() -> int:
                 return len((await edge_status(edge))["tunnels"])
 
+            assert (await edge_status(edge))["uplinks"] == [
+                {"listen": f"127.0.0.1:{up}", "port": up, "target": target}]
             # both replicas serve uplinks (the edge spreads them over its tunnels)
             await uplink_echoes(up, 10)
             served = [await uplinks_served(c) for c in clouds]
