@@ -18,7 +18,7 @@ from http import HTTPStatus
 import h11
 import trio
 
-from kins_tunnel.config import Address
+from kins_tunnel.names import Address
 from kins_tunnel.transport.listen import open_listener_socket, serve_listener
 from kins_tunnel.transport.session import ErrorReporter, log_internal_error
 

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import trio
 
-from kins_tunnel.config import Address
 from kins_tunnel.errors import UserError
+from kins_tunnel.names import Address
 from kins_tunnel.transport.http_proxy import (
     ProxyError,
     ProxyRefused,

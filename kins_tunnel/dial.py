@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import trio
 
-from kins_tunnel.config import Address
 from kins_tunnel.errors import OpenFailed
+from kins_tunnel.names import Address
 from kins_tunnel.proto import ErrorCode
 
 

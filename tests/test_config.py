@@ -10,7 +10,6 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from kins_tunnel.config import (
-    Address,
     AdminSettings,
     Backoff,
     CloudConfig,
@@ -25,9 +24,9 @@ from kins_tunnel.config import (
     edge_config_from_dict,
     load_cloud_config,
     load_edge_config,
-    normalise_target,
 )
 from kins_tunnel.errors import UserError
+from kins_tunnel.names import Address, normalise_target
 
 CLOUD_YAML = """\
 tunnel: {listen: "0.0.0.0:9000"}       # edges connect here

@@ -8,15 +8,9 @@ from typing import Any
 
 import pytest
 
-from kins_tunnel.config import (
-    Address,
-    AliasDiscovery,
-    CloudConfig,
-    ProxyTLS,
-    cloud_config_from_dict,
-    is_ip_target,
-)
+from kins_tunnel.config import AliasDiscovery, CloudConfig, ProxyTLS, cloud_config_from_dict
 from kins_tunnel.errors import UserError
+from kins_tunnel.names import Address, is_ip_target
 
 TLS = {"ca": "ca.crt", "cert": "c.crt", "key": "c.key"}
 BASE = Path("/etc/kins")

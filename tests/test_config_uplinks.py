@@ -15,7 +15,6 @@ import yaml
 
 from kins_tunnel.certs import init_ca, issue_edge
 from kins_tunnel.config import (
-    Address,
     CloudConfig,
     EdgeConfig,
     UplinkProxy,
@@ -24,6 +23,7 @@ from kins_tunnel.config import (
     load_edge_config,
 )
 from kins_tunnel.errors import UserError
+from kins_tunnel.names import Address
 
 TLS = {"ca": "ca.crt", "cert": "c.crt", "key": "c.key"}
 BASE = Path("/etc/kins")

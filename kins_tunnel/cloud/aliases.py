@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import trio
 
-from kins_tunnel.config import AliasDiscovery, is_ip_target
+from kins_tunnel.config import AliasDiscovery
+from kins_tunnel.names import is_ip_target
 
 log = logging.getLogger("kins_tunnel.cloud.aliases")
 

@@ -40,8 +40,8 @@ from pathlib import Path
 import yaml
 
 from kins_tunnel.cloud.auth import Principal
-from kins_tunnel.config import _StrictLoader
 from kins_tunnel.filewatch import WatchedFile
+from kins_tunnel.yamlcheck import StrictLoader
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _UNIT_HOST = re.compile(rf"({_LABEL})-svc-kins\.kins-system")
@@ -110,7 +110,7 @@ def classify(target: str) -> tuple[str, str, int] | None:
 def parse_rules(data: bytes) -> Rules:
     """Parse and validate a rules file; `ValueError` with a one-line reason naming the key path."""
     try:
-        doc = yaml.load(data.decode("utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+        doc = yaml.load(data.decode("utf-8"), Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 text ({exc.reason})") from None
     except yaml.YAMLError as exc:
@@ -119,12 +119,12 @@ def parse_rules(data: bytes) -> Rules:
         line = f"line {mark.line + 1}: " if mark is not None else ""
         raise ValueError(f"{line}invalid YAML: {problem}") from None
     if not isinstance(doc, dict):
-        raise ValueError(f"top level: expected a mapping with 'rules', got {_kind(doc)}")
+        raise ValueError(f"top level: expected a mapping with 'rules', got {kind(doc)}")
     _known(doc, ("groups", "rules"), "")
     groups: dict[str, frozenset[str]] = {}
     raw_groups = doc.get("groups") or {}
     if not isinstance(raw_groups, dict):
-        raise ValueError(f"groups: expected a mapping of group: [principal, ...], got {_kind(raw_groups)}")
+        raise ValueError(f"groups: expected a mapping of group: [principal, ...], got {kind(raw_groups)}")
     for name, members in raw_groups.items():
         where = f"groups.{name}"
         if not isinstance(name, str) or not _GROUP.fullmatch(name):
@@ -141,12 +141,12 @@ def parse_rules(data: bytes) -> Rules:
         raise ValueError("rules: required key is missing (an empty list denies everyone)")
     raw_rules = doc["rules"]
     if not isinstance(raw_rules, list):
-        raise ValueError(f"rules: expected a list of {{principals, allow}}, got {_kind(raw_rules)}")
+        raise ValueError(f"rules: expected a list of {{principals, allow}}, got {kind(raw_rules)}")
     rules = []
     for i, raw in enumerate(raw_rules):
         where = f"rules[{i}]"
         if not isinstance(raw, dict):
-            raise ValueError(f"{where}: expected a mapping with principals and allow, got {_kind(raw)}")
+            raise ValueError(f"{where}: expected a mapping with principals and allow, got {kind(raw)}")
         _known(raw, ("principals", "allow"), where)
         for key in ("principals", "allow"):
             if key not in raw:
@@ -174,10 +174,10 @@ def _allow(text: str, where: str) -> Allow:
 
 def _strings(value: object, where: str) -> list[str]:
     if not isinstance(value, list) or not value:
-        raise ValueError(f"{where}: expected a non-empty list of strings, got {_kind(value)}")
+        raise ValueError(f"{where}: expected a non-empty list of strings, got {kind(value)}")
     for j, item in enumerate(value):
         if not isinstance(item, str) or not item.strip():
-            raise ValueError(f"{where}[{j}]: expected a non-empty string, got {_kind(item)}")
+            raise ValueError(f"{where}[{j}]: expected a non-empty string, got {kind(item)}")
     return [item.strip() for item in value]
 
 
@@ -196,7 +196,7 @@ def _known(doc: dict[object, object], keys: tuple[str, ...], where: str) -> None
             raise ValueError(f"{prefix}: unknown key (expected one of: {', '.join(keys)})")
 
 
-def _kind(value: object) -> str:
+def kind(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -35,9 +35,10 @@ from kins_tunnel.cloud.auth import REALM, Authenticator, Principal
 from kins_tunnel.cloud.authz import Authorizer
 from kins_tunnel.cloud.proxy_tls import TLSClientStream
 from kins_tunnel.cloud.registry import Registry
-from kins_tunnel.config import ProxySettings, normalise_target
+from kins_tunnel.config import ProxySettings
 from kins_tunnel.errors import OpenFailed
 from kins_tunnel.metrics import Metrics
+from kins_tunnel.names import normalise_target
 from kins_tunnel.proto import ErrorCode, code_label
 from kins_tunnel.transport.listen import open_listener_socket, serve_listener
 from kins_tunnel.transport.relay import relay

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import trio
 
 from kins_tunnel.certs import EdgeIdentity
-from kins_tunnel.config import Address, normalise_target
 from kins_tunnel.dial import dial_first
 from kins_tunnel.errors import OpenFailed
 from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
+from kins_tunnel.names import Address, normalise_target
 from kins_tunnel.proto import ErrorCode, LocalProtocolError, code_label
 from kins_tunnel.transport.relay import relay
 from kins_tunnel.transport.session import Session

@@ -49,11 +49,12 @@ from kins_tunnel import __version__
 from kins_tunnel.admin import serve_admin, text
 from kins_tunnel.certs import EdgeIdentity, identity_from_der
 from kins_tunnel.certwatch import ReloadingContext
-from kins_tunnel.config import Address, EdgeConfig
+from kins_tunnel.config import EdgeConfig
 from kins_tunnel.edge.forwarder import Forwarder
 from kins_tunnel.edge.uplinks import Uplinks
 from kins_tunnel.errors import UserError
 from kins_tunnel.metrics import Metrics
+from kins_tunnel.names import Address
 from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
 from kins_tunnel.tls_contexts import client_ssl_context
 from kins_tunnel.transport.http_proxy import ProxyDialer, ProxyError

@@ -14,11 +14,11 @@ from collections.abc import Mapping
 
 import trio
 
-from kins_tunnel.config import Address, normalise_target
 from kins_tunnel.dial import dial_first
 from kins_tunnel.errors import OpenFailed
 from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
+from kins_tunnel.names import Address, normalise_target
 from kins_tunnel.proto import ErrorCode, LocalProtocolError, code_label
 from kins_tunnel.transport.relay import relay
 from kins_tunnel.transport.session import Session

@@ -36,10 +36,11 @@ from http import HTTPStatus
 import h11
 import trio
 
-from kins_tunnel.config import Address, EdgeConfig, normalise_target
+from kins_tunnel.config import EdgeConfig
 from kins_tunnel.errors import OpenFailed, UserError
 from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
+from kins_tunnel.names import Address, normalise_target
 from kins_tunnel.proto import ErrorCode, code_label
 from kins_tunnel.transport.listen import open_listener_socket, serve_listener
 from kins_tunnel.transport.relay import abort, relay

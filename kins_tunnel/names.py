@@ -1,0 +1,100 @@
+"""Addresses and routing names: `Address` (``host:port`` of a listener or a dial target) and
+`normalise_target`, the one rule that turns a CONNECT target, a `services` key or an uplink target
+into the routing name the cloud and the edge compare (see docs/DESIGN.md, "Routing rule")."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_LABEL_RE = re.compile(r"[a-z0-9-]{1,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port; `host` holds IPv6 literals without brackets."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: object, *, min_port: int = 0) -> Address:
+        """Parse ``host:port`` or ``[v6]:port``; raise `ValueError` with the reason."""
+        if not isinstance(text, str):
+            raise ValueError(f'expected a "host:port" string, got {kind(text)}')
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f'{text!r} is not "host:port"')
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+        elif ":" in host:
+            raise ValueError(f"{text!r}: IPv6 addresses need brackets, as in [::1]:9000")
+        if not host or any(c.isspace() or c in "[]/@" for c in host):
+            raise ValueError(f"{text!r}: bad host {host!r}")
+        if not _PORT_RE.fullmatch(port) or not min_port <= int(port) <= 65535:
+            raise ValueError(f"{text!r}: port must be a number from {min_port} to 65535")
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def normalise_target(target: str) -> str:
+    """The routing name of a CONNECT target or a ``services`` key; `ValueError` if malformed.
+
+    Lower-cases; ``<svc>.<ns>.svc`` and ``<svc>.<ns>.svc.<cluster domain>`` become
+    ``<svc>.<ns>``; drops a trailing dot and leading zeros of the port; IPv6 literals stay in
+    brackets (in their compressed form). The port is required and must be 1..65535.
+    """
+    if not isinstance(target, str) or not target.isascii():
+        raise ValueError("target must be ASCII text")
+    host, sep, port = target.lower().rpartition(":")
+    if not sep:
+        raise ValueError(f"target {target!r} has no port")
+    if not _PORT_RE.fullmatch(port) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"target {target!r}: port must be a number from 1 to 65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]:{int(port)}"
+        except ValueError:
+            raise ValueError(f"target {target!r}: bad IPv6 address") from None
+    if ":" in host:
+        raise ValueError(f"target {target!r}: IPv6 addresses need brackets")
+    host = host.removesuffix(".")
+    if not host or len(host) > 253:
+        raise ValueError(f"target {target!r}: host must be 1 to 253 characters")
+    labels = host.split(".")
+    if not all(_LABEL_RE.fullmatch(label) for label in labels):
+        raise ValueError(f"target {target!r}: host may only hold a-z, 0-9, '-' and '.'")
+    if all(label.isdigit() for label in labels):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"target {target!r}: bad IPv4 address") from None
+    if len(labels) >= 3 and labels[2] == "svc":
+        host = f"{labels[0]}.{labels[1]}"
+    return f"{host}:{int(port)}"
+
+
+def is_ip_target(target: str) -> bool:
+    """True if the normalised target `target` (host:port) names an IP address, not a name."""
+    host = target.rpartition(":")[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+def kind(value: object) -> str:
+    """How a YAML value looks, for error messages: `string 'x'`, `integer 3`, `list`, `null`."""
+    names: dict[type, str] = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string"}
+    if type(value) not in names:
+        return "list" if isinstance(value, list) else "mapping" if isinstance(value, dict) else type(value).__name__
+    shown = "" if value is None else " " + repr(value)
+    return names[type(value)] + (shown if len(shown) <= 41 else shown[:38] + "...")
