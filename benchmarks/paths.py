@@ -50,7 +50,7 @@ def start_relay(cleanup: Cleanup, name: str, upstream_port: int, delay_ms: float
     _, port = cleanup.spawn_ready(
         name,
         [
-            sys.executable, "-m", "benchmarks.wanrelay",
+            sys.executable, "-m", "kins_tunnel.testing.linkrelay",
             "--upstream", f"127.0.0.1:{upstream_port}",
             "--delay-ms", str(delay_ms), "--rate-mbit", str(rate_mbit),
         ],

@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from kins_tunnel.testing.linkrelay import LinkRelay
 from kins_tunnel.testing.support import free_port, http_get, read_all
 from tests.e2e.harness import (
     cloud_dict,
@@ -344,92 +345,6 @@ def percentile(values: list[float], p: float) -> float:
 
 
 # ---------------------------------------------------------------- partition relay
-class Relay:
-    """A TCP relay (listen here, forward to `upstream`) that can stop forwarding.
+Relay = LinkRelay  # a link that can stop forwarding either way (see kins_tunnel.testing.linkrelay)
 
-    `up` / `down` control the two directions (client→upstream, upstream→client). While a direction
-    is stopped nothing is read from its source: the bytes, FINs included, stay where they are, as on
-    a path that drops everything. While `partitioned` (either direction stopped), new connections
-    are held without dialling upstream, like SYNs into a black hole. `heal()` resets every
-    connection opened before (the stale endpoints would get RSTs) and forwards again.
-    """
 
-    def __init__(self, upstream: int) -> None:
-        self.upstream = upstream
-        self.port = 0
-        self.up = trio.Event()
-        self.down = trio.Event()
-        self.up.set()
-        self.down.set()
-        self._scopes: set[trio.CancelScope] = set()
-        self._socks: set[trio.socket.SocketType] = set()
-        self.connections = 0
-
-    @property
-    def partitioned(self) -> bool:
-        return not (self.up.is_set() and self.down.is_set())
-
-    def stop(self, up: bool = True, down: bool = True) -> None:
-        if up:
-            self.up = trio.Event()
-        if down:
-            self.down = trio.Event()
-
-    def heal(self) -> None:
-        for scope in list(self._scopes):
-            scope.cancel()
-        self.up.set()
-        self.down.set()
-
-    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started(self.port)
-        try:
-            await trio.serve_listeners(self._handle, listeners)
-        finally:
-            for sock in self._socks:
-                sock.close()
-
-    async def _wait(self, direction: str) -> None:
-        while True:
-            ev = self.up if direction == "up" else self.down
-            if ev.is_set():
-                return
-            await ev.wait()
-
-    async def _pump(self, src: trio.SocketStream, dst: trio.SocketStream, direction: str) -> None:
-        while True:
-            await self._wait(direction)
-            data = await src.receive_some(1 << 16)
-            await self._wait(direction)
-            if not data:
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    await dst.send_eof()
-                return
-            await dst.send_all(data)
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        self.connections += 1
-        upstream: trio.SocketStream | None = None
-        try:
-            with trio.CancelScope() as scope:
-                self._scopes.add(scope)
-                while self.partitioned:
-                    await trio.sleep(0.01)
-                sock = trio.socket.socket()
-                self._socks.add(sock)
-                await sock.connect(("127.0.0.1", self.upstream))
-                upstream = trio.SocketStream(sock)
-                async with trio.open_nursery() as n:
-                    n.start_soon(self._pump, client, upstream, "up")
-                    n.start_soon(self._pump, upstream, client, "down")
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        finally:
-            self._scopes.discard(scope)
-            for s in (client, upstream):
-                if s is not None:
-                    with contextlib.suppress(OSError):
-                        set_rst_on_close(s)
-                    await trio.aclose_forcefully(s)
