@@ -11,8 +11,10 @@ setup:
 setup-system:
 	bash .ci/system-packages
 
+# Two workers (2 cores), each running whole test files; `-p no:benchmark` keeps a pytest-benchmark
+# that may be installed on the machine from refusing to run under xdist.
 test: setup setup-system
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile -p no:benchmark
 
 demo: setup
 	$(PYTHON) -m kins_tunnel demo
