@@ -8,6 +8,7 @@ when kubectl is installed, which works offline).
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 import tomllib
@@ -463,7 +464,9 @@ def test_image_build_recipe_leaves_the_test_doubles_out(tmp_path: Path) -> None:
     assert (context / "kins_tunnel" / "testing").is_dir()  # it is in the context, so the RUN must drop it
     prefix = tmp_path / "install"
     command = (runs[0].replace("/install", str(prefix))
-               .replace("pip install", f"{sys.executable} -m pip install --no-deps -q"))
+               # --ignore-installed: never touch the package installed in this environment (pip
+               # would otherwise uninstall it to "upgrade" it into the temp prefix)
+               .replace("pip install", f"{sys.executable} -m pip install --no-deps --ignore-installed -q"))
     proc = subprocess.run(["bash", "-c", command], cwd=context, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -471,8 +474,10 @@ def test_image_build_recipe_leaves_the_test_doubles_out(tmp_path: Path) -> None:
     assert len(installed) == 1
     assert not (installed[0] / "testing").exists()
     assert (installed[0] / "demo.py").exists()
-    env = {**os.environ, "PYTHONPATH": str(installed[0].parent)}
-    proc = subprocess.run([sys.executable, "-c", "import kins_tunnel.cli, sys; "
+    # -S: no .pth files, so the editable install of this checkout cannot shadow the one under test;
+    # site-packages stays on the path (after it) for the dependencies.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed[0].parent), *site.getsitepackages()])}
+    proc = subprocess.run([sys.executable, "-S", "-c", "import kins_tunnel.cli, sys; "
                            "print(kins_tunnel.cli.__file__); sys.exit(kins_tunnel.cli.main(['demo']))"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
     assert proc.stdout.startswith(str(installed[0])), proc.stdout
