@@ -13,6 +13,7 @@ Modes:
 - ``rtt``       ``--count`` 64-byte ping-pongs on one echo stream after ``--warmup`` ones.
 - ``setup``     ``--count`` times: new connection (+ CONNECT) + one 64-byte round trip, sequentially.
 - ``parallel``  ``--streams`` connections, all established first, then each uploads ``--bytes``.
+- ``parallel-download``  the same, each downloading ``--bytes`` from the source.
 - ``bulk``      download from the source until stdin closes (or ``--max-seconds``), printing
                 ``STARTED`` once data flows; used as background load for the fairness axis.
 """
@@ -176,27 +177,41 @@ def do_setup(ep: dict[str, Any], count: int) -> dict[str, Any]:
     }
 
 
-def do_parallel(ep: dict[str, Any], streams: int, nbytes: int) -> dict[str, Any]:
+def do_parallel(ep: dict[str, Any], streams: int, nbytes: int, download: bool = False) -> dict[str, Any]:
     socks = [open_stream(ep) for _ in range(streams)]
     chunk = memoryview(b"\xa5" * BUF)
     barrier = threading.Barrier(streams + 1)
     ends: list[float] = [0.0] * streams
     errors: list[str] = []
 
+    def upload(i: int, sock: socket.socket) -> None:
+        left = nbytes
+        while left > 0:
+            n = min(left, BUF)
+            sock.sendall(chunk[:n])
+            left -= n
+        sock.shutdown(socket.SHUT_WR)
+        ack = bytearray(COUNT.size)
+        recv_exact_into(sock, memoryview(ack))
+        if COUNT.unpack(ack)[0] != nbytes:
+            errors.append(f"stream {i}: sink count mismatch")
+
+    def download_(i: int, sock: socket.socket) -> None:
+        buf = bytearray(BUF)
+        sock.sendall(COUNT.pack(nbytes))
+        got = 0
+        while got < nbytes:
+            r = sock.recv_into(buf)
+            if r == 0:
+                errors.append(f"stream {i}: source EOF after {got} of {nbytes} bytes")
+                return
+            got += r
+
     def worker(i: int, sock: socket.socket) -> None:
         try:
             barrier.wait()
-            left = nbytes
-            while left > 0:
-                n = min(left, BUF)
-                sock.sendall(chunk[:n])
-                left -= n
-            sock.shutdown(socket.SHUT_WR)
-            ack = bytearray(COUNT.size)
-            recv_exact_into(sock, memoryview(ack))
+            (download_ if download else upload)(i, sock)
             ends[i] = time.perf_counter()
-            if COUNT.unpack(ack)[0] != nbytes:
-                errors.append(f"stream {i}: sink count mismatch")
         except Exception as exc:  # reported below, the run goes on
             errors.append(f"stream {i}: {exc!r}")
         finally:
@@ -253,7 +268,7 @@ def do_bulk(ep: dict[str, Any], max_seconds: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["upload", "download", "rtt", "setup", "parallel", "bulk"])
+    ap.add_argument("mode", choices=["upload", "download", "rtt", "setup", "parallel", "parallel-download", "bulk"])
     ap.add_argument("--endpoint", required=True, help="JSON endpoint description")
     ap.add_argument("--bytes", type=int, default=64 << 20)
     ap.add_argument("--count", type=int, default=1000)
@@ -272,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             res = do_rtt(ep, args.count, args.warmup, args.raw)
         elif args.mode == "setup":
             res = do_setup(ep, args.count)
-        elif args.mode == "parallel":
-            res = do_parallel(ep, args.streams, args.bytes)
+        elif args.mode in ("parallel", "parallel-download"):
+            res = do_parallel(ep, args.streams, args.bytes, download=args.mode == "parallel-download")
         else:
             res = do_bulk(ep, args.max_seconds)
     except (OSError, EOFError, ProxyError, RuntimeError) as exc:

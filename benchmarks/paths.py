@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from benchmarks.load import ProxyError, open_stream
-from benchmarks.procs import Cleanup, tail, tree, wait_port
+from benchmarks.procs import REPO, Cleanup, tail, tree, wait_port
 from kins_tunnel.testing.support import free_port
 
 KINDS = ("sink", "source", "echo")
@@ -65,6 +65,8 @@ class Path_:
     cost_roots: list[int]
     # Subtrees under cost_roots that belong to the WAN variant, not to the path being costed.
     cost_exclude: set[int] = set()
+    # The same roots, per side: {"server side": [pid], "client side": [pid]} (CPU and RSS per process).
+    cost_parts: dict[str, list[int]] = {}
     info: dict[str, Any]
 
     def wan_endpoint(self, relay: tuple[float, float]) -> dict[str, Any]:
@@ -92,8 +94,10 @@ class SshR(Path_):
     name = "ssh -R"
 
     def __init__(
-        self, cleanup: Cleanup, targets: Targets, cipher: str | None, interactive: bool = False
+        self, cleanup: Cleanup, targets: Targets, cipher: str | None, interactive: bool = False,
+        name: str = "ssh -R",
     ) -> None:
+        self.name = name
         if not os.access(SSHD, os.X_OK):
             raise PathUnavailable(f"{SSHD} not found (apt-get install openssh-server)")
         self.cleanup = cleanup
@@ -147,6 +151,7 @@ class SshR(Path_):
         self.ssh = self._ssh_forward("ssh-R", self.port, forwards)
         self.endpoints = {k: endpoint(p) for k, p in self.rports.items()}
         self.cost_roots = [self.sshd.pid, self.ssh.pid]
+        self.cost_parts = {"server side": [self.sshd.pid], "client side": [self.ssh.pid]}
 
     def _ssh_base(self, port: int) -> list[str]:
         argv = [
@@ -221,12 +226,29 @@ SVC_PORTS = {"sink": 9001, "source": 9002, "echo": 9003}
 DEFAULT_KINS_CMD = [sys.executable, "-m", "kins_tunnel"]
 
 
+def baseline_cmd(cleanup: Cleanup, ref: str) -> list[str]:
+    """A command that runs the tunnel CLI of git revision `ref` of this repository (for an A/B
+    of two revisions in one run): the package is exported from git into a temp dir."""
+    d = cleanup.tempdir("baseline")
+    try:
+        archive = subprocess.run(["git", "archive", ref, "kins_tunnel"], cwd=REPO, capture_output=True,
+                                 check=True, timeout=60).stdout
+        subprocess.run(["tar", "-x", "-C", str(d)], input=archive, check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise PathUnavailable(f"cannot export {ref}: {exc}") from exc
+    boot = (f"import runpy, sys; sys.path.insert(0, {str(d)!r}); "
+            "runpy.run_module('kins_tunnel', run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", boot]
+
+
 class Ours(Path_):
     """``kins-tunnel cloud`` + ``kins-tunnel edge`` on loopback; the client speaks CONNECT to the cloud."""
 
     name = "ours"
 
-    def __init__(self, cleanup: Cleanup, targets: Targets, cmd: list[str] | None = None) -> None:
+    def __init__(self, cleanup: Cleanup, targets: Targets, cmd: list[str] | None = None,
+                 name: str = "ours") -> None:
+        self.name = name
         self.cleanup = cleanup
         self.targets = targets
         self.cmd = cmd or DEFAULT_KINS_CMD
@@ -253,6 +275,7 @@ class Ours(Path_):
         self.endpoints = {k: endpoint(self.proxy_port, f"{SVC}:{SVC_PORTS[k]}") for k in KINDS}
         self._wait_ready(self.cloud, self.edge, self.admin_port, self.endpoints["echo"])
         self.cost_roots = [self.cloud.pid, self.edge.pid]
+        self.cost_parts = {"server side": [self.cloud.pid], "client side": [self.edge.pid]}
         self.info = {
             "description": "kins-tunnel cloud + edge (one mutual-TLS connection); "
             "client sends CONNECT to the cloud's proxy port",

@@ -1,6 +1,7 @@
 """Benchmark kins_tunnel against OpenSSH ``ssh -R`` and direct TCP, side by side, in one run.
 
     python -m benchmarks.run [--quick] [--rounds N] [--only AXIS,...] [--json PATH] [--markdown PATH]
+                             [--ssh-ciphers LIST] [--baseline GIT-REF]
 
 Everything (targets, sshd, ssh, cloud, edge, WAN relays) is started on 127.0.0.1 by the harness and
 torn down at the end, on error and on Ctrl-C. See benchmarks/README.md for what each axis measures.
@@ -24,12 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import scale as scale_bench
-from benchmarks.paths import Direct, Ours, Path_, PathUnavailable, SshR, Targets
+from benchmarks.paths import Direct, Ours, Path_, PathUnavailable, SshR, Targets, baseline_cmd
 from benchmarks.procs import REPO, Cleanup, cpu_seconds, rss_breakdown, rss_mib
 
 AXES = ["throughput", "rtt", "setup", "parallel", "fairness", "cost", "scale", "wan"]
-PATH_NAMES = ["direct", "ssh -R", "ours"]
 MiB = 1 << 20
+DEFAULT_SSH_CIPHERS = "default,aes128-gcm@openssh.com"
+
+
+def ssh_path_name(cipher: str | None) -> str:
+    return "ssh -R" if not cipher or cipher == "default" else f"ssh -R {cipher.split('@')[0]}"
 
 
 def params(quick: bool) -> dict[str, Any]:
@@ -115,12 +120,14 @@ class Bench:
         self.axes = args.axes
         self.cleanup = Cleanup(keep_dirs=args.keep_logs)
         self.paths: list[Path_] = []
+        self.names: list[str] = []  # column order: direct, the ssh -R configurations, ours, baseline
         self.skipped: dict[str, str] = {}
         self.scale: dict[str, float] | None = None
         self.samples: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self.cost_acc: dict[str, list[dict[str, float]]] = {}
         self.wan_eps: dict[str, dict[str, Any]] = {}
         self.rss: dict[str, float] = {}
+        self.rss_parts: dict[str, dict[str, float]] = {}
         self.broken: set[tuple[str, str]] = set()
         self.rss_detail: dict[str, list[dict[str, object]]] = {}
 
@@ -146,10 +153,18 @@ class Bench:
         self.log("starting targets (sink, source, echo)")
         targets = Targets(self.cleanup)
         self.paths.append(Direct(self.cleanup, targets))
-        for name, make in (
-            ("ssh -R", lambda: SshR(self.cleanup, targets, self.args.ssh_cipher, self.args.ssh_interactive)),
-            ("ours", lambda: Ours(self.cleanup, targets, shlex.split(self.args.kins_cmd) or None)),
-        ):
+        makers: list[tuple[str, Any]] = []
+        for cipher in self.args.ssh_ciphers:
+            name = ssh_path_name(cipher)
+            makers.append((name, lambda c=cipher, n=name: SshR(
+                self.cleanup, targets, None if c == "default" else c, self.args.ssh_interactive, name=n)))
+        makers.append(("ours", lambda: Ours(self.cleanup, targets, shlex.split(self.args.kins_cmd) or None)))
+        if self.args.baseline:
+            ref = self.args.baseline
+            makers.append((f"ours@{ref}", lambda: Ours(
+                self.cleanup, targets, baseline_cmd(self.cleanup, ref), name=f"ours@{ref}")))
+        self.names = ["direct"] + [name for name, _ in makers]
+        for name, make in makers:
             self.log(f"starting path {name}")
             try:
                 self.paths.append(make())
@@ -185,12 +200,15 @@ class Bench:
                     if self.skip(direction, pth.name):
                         continue
                     kind = "sink" if direction == "upload" else "source"
-                    cpu0 = cpu_seconds(pth.cost_roots, pth.cost_exclude) if pth.cost_roots else 0.0
+                    parts = pth.cost_parts
+                    cpu0 = {k: cpu_seconds(r, pth.cost_exclude) for k, r in parts.items()}
                     res = run_client(direction, pth.endpoints[kind], "--bytes", str(p["tput_bytes"]))
-                    if pth.cost_roots and "error" not in res:
-                        cpu = cpu_seconds(pth.cost_roots, pth.cost_exclude) - cpu0
-                        res["tunnel_cpu_s"] = cpu
-                        self.cost_acc.setdefault(pth.name, []).append({"cpu": cpu, "bytes": res["bytes"]})
+                    if parts and "error" not in res:
+                        cpu = {k: cpu_seconds(r, pth.cost_exclude) - cpu0[k] for k, r in parts.items()}
+                        res["tunnel_cpu_s"] = sum(cpu.values())
+                        res["cpu_parts_s"] = cpu
+                        self.cost_acc.setdefault(pth.name, []).append(
+                            {"cpu": sum(cpu.values()), "bytes": res["bytes"], **cpu})
                     self.record(direction, pth.name, res)
         if "rtt" in want:
             for pth in order:
@@ -206,12 +224,14 @@ class Bench:
                 self.record("setup", pth.name, run_client(
                     "setup", pth.endpoints["echo"], "--count", str(p["setup_count"])))
         if "parallel" in want:
-            for pth in order:
-                if self.skip("parallel", pth.name):
-                    continue
-                self.record("parallel", pth.name, run_client(
-                    "parallel", pth.endpoints["sink"], "--streams", str(p["parallel_streams"]),
-                    "--bytes", str(p["parallel_bytes"])))
+            for axis, mode, kind in (("parallel", "parallel", "sink"),
+                                     ("parallel_down", "parallel-download", "source")):
+                for pth in order:
+                    if self.skip(axis, pth.name):
+                        continue
+                    self.record(axis, pth.name, run_client(
+                        mode, pth.endpoints[kind], "--streams", str(p["parallel_streams"]),
+                        "--bytes", str(p["parallel_bytes"])))
         if "fairness" in want:
             for pth in order:
                 if self.skip("fairness", pth.name):
@@ -229,12 +249,13 @@ class Bench:
         for axis, key, fmt in (
             ("upload", "MBps", "{:.0f} MB/s"), ("download", "MBps", "{:.0f} MB/s"),
             ("rtt", "p50_us", "p50 {:.0f} us"), ("setup", "conn_per_s", "{:.0f} conn/s"),
-            ("parallel", "MBps", "{:.0f} MB/s"), ("fairness", "ratio_p99", "x{:.2f}"),
+            ("parallel", "MBps", "{:.0f} MB/s"), ("parallel_down", "MBps", "{:.0f} MB/s"),
+            ("fairness", "ratio_p99", "x{:.2f}"),
             ("wan", "MBps", "{:.1f} MB/s"),
         ):
             per = self.samples.get(axis, {})
             vals = []
-            for name in PATH_NAMES:
+            for name in self.names:
                 runs = per.get(name) or []
                 if runs:
                     last = runs[-1]
@@ -261,6 +282,7 @@ class Bench:
             if pth.cost_roots:
                 self.rss[pth.name] = rss_mib(pth.cost_roots, pth.cost_exclude)
                 self.rss_detail[pth.name] = rss_breakdown(pth.cost_roots, pth.cost_exclude)
+                self.rss_parts[pth.name] = {k: rss_mib(r, pth.cost_exclude) for k, r in pth.cost_parts.items()}
         if "scale" in self.axes:
             # Last, on its own: one more cloud process and the simulated edges would disturb
             # every other axis. ssh -R and direct have no counterpart (no edge tunnels).
@@ -283,7 +305,7 @@ class Bench:
         """min and max over rounds per metric and path (the table shows medians)."""
         out: dict[str, dict[str, list[float]]] = {}
         for metric, (axis, key) in SPREAD_KEYS.items():
-            for name in PATH_NAMES:
+            for name in self.names:
                 vals = [r[key] for r in self.samples.get(axis, {}).get(name, []) if r.get(key) is not None]
                 if vals:
                     out.setdefault(metric, {})[name] = [min(vals), max(vals)]
@@ -293,7 +315,7 @@ class Bench:
         s: dict[str, dict[str, float | None]] = {}
 
         def put(metric: str, axis: str, key: str) -> None:
-            s[metric] = {name: self.med(axis, name, key) for name in PATH_NAMES}
+            s[metric] = {name: self.med(axis, name, key) for name in self.names}
 
         put("upload_MBps", "upload", "MBps")
         put("download_MBps", "download", "MBps")
@@ -302,16 +324,21 @@ class Bench:
         put("setup_conn_per_s", "setup", "conn_per_s")
         put("setup_p50_ms", "setup", "p50_ms")
         put("parallel_MBps", "parallel", "MBps")
+        put("parallel_down_MBps", "parallel_down", "MBps")
         put("fair_idle_p99_us", "fairness", "idle_p99_us")
         put("fair_loaded_p99_us", "fairness", "loaded_p99_us")
         put("fair_ratio", "fairness", "ratio_p99")
         put("wan_MBps", "wan", "MBps")
-        cost: dict[str, float | None] = {name: None for name in PATH_NAMES}
-        for name, acc in self.cost_acc.items():
-            per_gb = [a["cpu"] / (a["bytes"] / 1e9) for a in acc]
-            cost[name] = statistics.median(per_gb) if per_gb else None
-        s["cost_cpu_s_per_GB"] = cost
-        s["rss_MiB"] = {name: self.rss.get(name) for name in PATH_NAMES}
+        for metric, part in (("cost_cpu_s_per_GB", "cpu"), ("cost_server_cpu_s_per_GB", "server side"),
+                             ("cost_client_cpu_s_per_GB", "client side")):
+            cost: dict[str, float | None] = {name: None for name in self.names}
+            for name, acc in self.cost_acc.items():
+                per_gb = [a[part] / (a["bytes"] / 1e9) for a in acc if part in a]
+                cost[name] = statistics.median(per_gb) if per_gb else None
+            s[metric] = cost
+        s["rss_MiB"] = {name: self.rss.get(name) for name in self.names}
+        s["rss_server_MiB"] = {name: self.rss_parts.get(name, {}).get("server side") for name in self.names}
+        s["rss_client_MiB"] = {name: self.rss_parts.get(name, {}).get("client side") for name in self.names}
         return s
 
     def results(self, elapsed: float) -> dict[str, Any]:
@@ -327,9 +354,10 @@ class Bench:
             "paths": {p.name: p.info for p in self.paths},
             "skipped": self.skipped,
             "summary": summ,
+            "names": self.names,
             "spread": self.spread(),
             "rss_per_process": self.rss_detail,
-            "table": table_rows(summ, self.axes, self.skipped, self.scale),
+            "table": table_rows(summ, self.axes, self.skipped, self.names, self.scale),
             "scale": self.scale,
             "samples": self.samples,
         }
@@ -337,23 +365,29 @@ class Bench:
 
 # ---------------------------------------------------------------- report
 
-# metric, label, format, rule, factor
-#   rule "ge_ssh": ours >= factor * ssh;  "le_ssh": ours <= factor * ssh;
-#   "le_abs": ours <= factor;  "ge_direct": ours >= factor * direct;  None: informational
-ROWS: list[tuple[str, str, str, str, str | None, float]] = [
-    ("throughput", "upload_MBps", "1-stream upload (MB/s)", "{:.0f}", "ge_ssh", 1.0),
-    ("throughput", "download_MBps", "1-stream download (MB/s)", "{:.0f}", "ge_ssh", 1.0),
-    ("rtt", "rtt_p50_us", "RTT 64 B p50 (µs)", "{:.0f}", "le_ssh", 1.0),
-    ("rtt", "rtt_p99_us", "RTT 64 B p99 (µs)", "{:.0f}", None, 0),
-    ("setup", "setup_conn_per_s", "setup + 1st RTT (conn/s)", "{:.0f}", "ge_ssh", 10.0),
-    ("setup", "setup_p50_ms", "setup + 1st RTT p50 (ms)", "{:.2f}", None, 0),
-    ("parallel", "parallel_MBps", "64 streams aggregate (MB/s)", "{:.0f}", "ge_ssh", 1.0),
-    ("fairness", "fair_idle_p99_us", "interactive p99 idle (µs)", "{:.0f}", None, 0),
-    ("fairness", "fair_loaded_p99_us", "interactive p99 under bulk (µs)", "{:.0f}", None, 0),
-    ("fairness", "fair_ratio", "p99 under bulk / idle p99", "{:.2f}", "le_abs", 3.0),
-    ("cost", "cost_cpu_s_per_GB", "tunnel CPU s per GB (axis 1)", "{:.2f}", None, 0),
-    ("cost", "rss_MiB", "tunnel RSS after run (MiB)", "{:.0f}", None, 0),
-    ("wan", "wan_MBps", "WAN 50 ms/100 Mbit download (MB/s)", "{:.2f}", "ge_direct", 0.8),
+# axis, metric, label, format, rule, factor, better
+#   rule "ge_ssh": ours >= factor * best ssh;  "le_ssh": ours <= factor * best ssh;
+#   "le_abs": ours <= factor;  "ge_direct": ours >= factor * direct;  None: informational.
+#   better: "hi" or "lo" (which ssh -R configuration is the best one to compare with), or None.
+ROWS: list[tuple[str, str, str, str, str | None, float, str | None]] = [
+    ("throughput", "upload_MBps", "1-stream upload (MB/s)", "{:.0f}", "ge_ssh", 1.0, "hi"),
+    ("throughput", "download_MBps", "1-stream download (MB/s)", "{:.0f}", "ge_ssh", 1.0, "hi"),
+    ("rtt", "rtt_p50_us", "RTT 64 B p50 (µs)", "{:.0f}", "le_ssh", 1.0, "lo"),
+    ("rtt", "rtt_p99_us", "RTT 64 B p99 (µs)", "{:.0f}", None, 0, "lo"),
+    ("setup", "setup_conn_per_s", "setup + 1st RTT (conn/s)", "{:.0f}", "ge_ssh", 10.0, "hi"),
+    ("setup", "setup_p50_ms", "setup + 1st RTT p50 (ms)", "{:.2f}", None, 0, "lo"),
+    ("parallel", "parallel_MBps", "64 streams upload, aggregate (MB/s)", "{:.0f}", "ge_ssh", 1.0, "hi"),
+    ("parallel", "parallel_down_MBps", "64 streams download, aggregate (MB/s)", "{:.0f}", "ge_ssh", 1.0, "hi"),
+    ("fairness", "fair_idle_p99_us", "interactive p99 idle (µs)", "{:.0f}", None, 0, "lo"),
+    ("fairness", "fair_loaded_p99_us", "interactive p99 under bulk (µs)", "{:.0f}", None, 0, "lo"),
+    ("fairness", "fair_ratio", "p99 under bulk / idle p99", "{:.2f}", "le_abs", 3.0, "lo"),
+    ("cost", "cost_cpu_s_per_GB", "tunnel CPU s per GB, both processes (axis 1)", "{:.2f}", "le_ssh", 1.0, "lo"),
+    ("cost", "cost_server_cpu_s_per_GB", "CPU s per GB: cloud / sshd", "{:.2f}", None, 0, "lo"),
+    ("cost", "cost_client_cpu_s_per_GB", "CPU s per GB: edge / ssh client", "{:.2f}", None, 0, "lo"),
+    ("cost", "rss_MiB", "tunnel RSS after run, both (MiB)", "{:.0f}", None, 0, "lo"),
+    ("cost", "rss_server_MiB", "RSS: cloud / sshd (MiB)", "{:.0f}", None, 0, "lo"),
+    ("cost", "rss_client_MiB", "RSS: edge / ssh client (MiB)", "{:.0f}", None, 0, "lo"),
+    ("wan", "wan_MBps", "WAN 50 ms/100 Mbit download (MB/s)", "{:.2f}", "ge_direct", 0.8, "hi"),
 ]
 
 SPREAD_KEYS = {
@@ -362,13 +396,14 @@ SPREAD_KEYS = {
     "rtt_p50_us": ("rtt", "p50_us"),
     "setup_conn_per_s": ("setup", "conn_per_s"),
     "parallel_MBps": ("parallel", "MBps"),
+    "parallel_down_MBps": ("parallel_down", "MBps"),
     "fair_ratio": ("fairness", "ratio_p99"),
     "wan_MBps": ("wan", "MBps"),
 }
 
 TARGET_TEXT = {
-    "ge_ssh": "≥ {f:g}× ssh -R",
-    "le_ssh": "≤ ssh -R",
+    "ge_ssh": "≥ {f:g}× best ssh -R",
+    "le_ssh": "≤ best ssh -R",
     "le_abs": "≤ {f:g}",
     "ge_direct": "≥ {f:.0%} of direct",
 }
@@ -378,14 +413,23 @@ def fmt(v: float | None, spec: str) -> str:
     return "—" if v is None else spec.format(v)
 
 
+def best_ssh(vals: dict[str, float | None], better: str | None) -> float | None:
+    """The best value over the ssh -R configurations (the fastest, or the cheapest)."""
+    got = [v for name, v in vals.items() if name.startswith("ssh -R") and v is not None]
+    if not got or better is None:
+        return None
+    return max(got) if better == "hi" else min(got)
+
+
 def table_rows(summ: dict[str, dict[str, float | None]], axes: list[str], skipped: dict[str, str],
-               scale: dict[str, float] | None = None) -> list[dict[str, str]]:
+               names: list[str], scale: dict[str, float] | None = None) -> list[dict[str, str]]:
     rows = []
-    for axis, metric, label, spec, rule, factor in ROWS:
+    for axis, metric, label, spec, rule, factor, better in ROWS:
         if axis not in axes and not (axis == "cost" and "throughput" in axes):
             continue
         vals = summ.get(metric, {})
-        d, s, o = vals.get("direct"), vals.get("ssh -R"), vals.get("ours")
+        d, o = vals.get("direct"), vals.get("ours")
+        s = best_ssh(vals, better)
         ratio = f"{o / s:.2f}×" if o is not None and s else "—"
         target = TARGET_TEXT[rule].format(f=factor) if rule else ""
         met = ""
@@ -400,26 +444,30 @@ def table_rows(summ: dict[str, dict[str, float | None]], axes: list[str], skippe
                 met = "yes" if o <= factor else "no"
             elif rule == "ge_direct":
                 met = "n/a" if not d else (f"{'yes' if o >= factor * d else 'no'} ({o / d:.0%})")
-        rows.append({
-            "axis": label, "direct": fmt(d, spec), "ssh -R": fmt(s, spec), "ours": fmt(o, spec),
-            "ours/ssh": ratio, "target": target, "met?": met,
-        })
+        row = {"axis": label, **{n: fmt(vals.get(n), spec) for n in names}}
+        row.update({"ours/best ssh": ratio, "target": target, "met?": met})
+        rows.append(row)
     if "scale" in axes and scale:
         n = int(scale["edges"])
         rss = scale["cloud_rss_mib"]
-        rows.append({"axis": f"scale: cloud RSS with {n:,} idle edges (MiB)", "direct": "—", "ssh -R": "—",
-                     "ours": f"{rss:.0f}", "ours/ssh": "—", "target": "≤ 1024 MiB at 10,000",
+        dash = {name: "—" for name in names}
+        rows.append({**dash, "axis": f"scale: cloud RSS with {n:,} idle edges (MiB)", "ours": f"{rss:.0f}",
+                     "ours/best ssh": "—", "target": "≤ 1024 MiB at 10,000",
                      "met?": ("yes" if rss <= 1024 else "no") if n >= 10_000 else "n/a (fewer edges)"})
-        rows.append({"axis": f"scale: time to accept {n:,} edges (s)", "direct": "—", "ssh -R": "—",
-                     "ours": f"{scale['accept_seconds']:.1f}", "ours/ssh": "—", "target": "", "met?": ""})
+        if "kib_per_tunnel" in scale:
+            rows.append({**dash, "axis": "scale: memory per idle edge (KiB)", "ours": f"{scale['kib_per_tunnel']:.1f}",
+                         "ours/best ssh": "—", "target": "", "met?": ""})
+        rows.append({**dash, "axis": f"scale: time to accept {n:,} edges (s)",
+                     "ours": f"{scale['accept_seconds']:.1f}", "ours/best ssh": "—", "target": "", "met?": ""})
     return rows
 
 
 def markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
-    cols = ["axis", "direct", "ssh -R", "ours", "ours/ssh", "target", "met?"]
+    names = res["names"]
+    cols = ["axis", *names, "ours/best ssh", "target", "met?"]
     lines = [
-        f"# kins_tunnel benchmark — {m['date']}",
+        f"# kins_tunnel benchmark — {m['date']}, commit {m.get('git_commit', '?')}",
         "",
         f"Machine: {m['nproc']} cores, {m['cpu_model']}, Linux {m['kernel']}, Python {m['python']}, "
         f"{m['openssl']}. Mode: {'quick' if res['args']['quick'] else 'full'}, "
@@ -428,26 +476,30 @@ def markdown(res: dict[str, Any]) -> str:
         f"other work was competing for the cores), at the end {m['loadavg_end'][0]} (includes this run).",
         "",
     ]
-    ssh = res["paths"].get("ssh -R")
-    if ssh:
-        lines.append(f"ssh -R: {ssh.get('ssh_version', '?')}; client `{ssh.get('client_mode')}`; "
-                     f"cipher {ssh.get('cipher_negotiated', '?')} "
-                     f"(requested: {ssh.get('cipher_requested')}), kex {ssh.get('kex', '?')}.")
-        lines.append("")
+    for name in names:
+        info = res["paths"].get(name)
+        if info and name.startswith("ssh -R"):
+            lines.append(f"{name}: {info.get('ssh_version', '?')}; client `{info.get('client_mode')}`; "
+                         f"cipher {info.get('cipher_negotiated', '?')} "
+                         f"(requested: {info.get('cipher_requested')}), kex {info.get('kex', '?')}.")
+            lines.append("")
+        elif info and name.startswith("ours@"):
+            lines.append(f"{name}: the tunnel as of git revision {name[5:]} (A/B in the same run).")
+            lines.append("")
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in res["table"]:
-        lines.append("| " + " | ".join(row[c] for c in cols) + " |")
+        lines.append("| " + " | ".join(row.get(c, "—") for c in cols) + " |")
     lines.append("")
     spread = res.get("spread") or {}
     if spread and res["args"]["rounds"] > 1:
-        labels = {metric: label for _a, metric, label, _s, _r, _f in ROWS}
-        specs = {metric: spec for _a, metric, _l, spec, _r, _f in ROWS}
+        labels = {metric: label for _a, metric, label, _s, _r, _f, _b in ROWS}
+        specs = {metric: spec for _a, metric, _l, spec, _r, _f, _b in ROWS}
         lines += ["Spread over rounds (min – max):", "",
-                  "| axis | direct | ssh -R | ours |", "|---|---|---|---|"]
+                  "| axis | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for metric, per in spread.items():
             cells = [
                 f"{specs[metric].format(per[n][0])} – {specs[metric].format(per[n][1])}" if n in per else "—"
-                for n in PATH_NAMES
+                for n in names
             ]
             lines.append(f"| {labels[metric]} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -499,7 +551,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", default="", help="comma-separated axes: " + ",".join(AXES))
     ap.add_argument("--json", default="benchmarks/results/latest.json", help="raw results (JSON)")
     ap.add_argument("--markdown", default="benchmarks/results/latest.md", help="table (markdown)")
-    ap.add_argument("--ssh-cipher", default=None, help="e.g. aes128-gcm@openssh.com (default: negotiated)")
+    ap.add_argument("--ssh-cipher", default=None,
+                    help="measure only this one ssh -R configuration, e.g. aes128-gcm@openssh.com")
+    ap.add_argument("--ssh-ciphers", default=DEFAULT_SSH_CIPHERS,
+                    help="ssh -R configurations side by side, one per cipher ('default' = negotiated); "
+                    f"default {DEFAULT_SSH_CIPHERS}")
+    ap.add_argument("--baseline", default="", metavar="GIT-REF",
+                    help="also measure the tunnel as of this git revision (column ours@REF): A/B in one run")
     ap.add_argument(
         "--keep-logs", action="store_true",
         help="keep the temp dirs (cloud/edge/sshd/ssh logs, configs, keys) instead of deleting them",
@@ -515,6 +573,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "OpenSSH then sets TCP_NODELAY on its connection",
     )
     args = ap.parse_args(argv)
+    ciphers = [args.ssh_cipher] if args.ssh_cipher else args.ssh_ciphers.split(",")
+    args.ssh_ciphers = [c.strip() for c in ciphers if c.strip()]
+    if len({ssh_path_name(c) for c in args.ssh_ciphers}) != len(args.ssh_ciphers):
+        ap.error("--ssh-ciphers lists a configuration twice")
     if args.rounds is None:
         args.rounds = 1 if args.quick else 5
     if args.rounds < 1:
