@@ -4,11 +4,15 @@ Theory of operation
 -------------------
 Feed bytes from the peer to `receive_data()`; it returns the events they carried. Call commands
 (`open_stream`, `accept_stream`, `send_data`, `consumed`, `ping`, ...) and collect the bytes they
-produced with `data_to_send()`. EOF is `receive_data(b"")`. The connection never blocks and never
+produced with `data_to_send()`, or hand them over in bounded batches without a copy with
+`write_output()` (the transport's path). EOF is `receive_data(b"")`. The connection never blocks and never
 buffers more than the limits allow:
 
 - inbound, a frame's length is checked right after its 9-byte header, before its body is
-  buffered; a partial frame costs at most `max_frame` + header bytes;
+  buffered. DATA bodies are not buffered at all: the bytes of a DATA frame are reported
+  (`DataReceived`) as they arrive, so a 256 KiB frame never needs a 256 KiB contiguous read and is
+  never copied into a reassembly buffer; only a partial header or a control frame (at most
+  `MAX_CONTROL_PAYLOAD` bytes) waits for the rest of its bytes;
 - received DATA is bounded per stream by the credit we granted (see `flow`), and the sum of grants
   by the session budget;
 - outbound DATA is bounded by the credit the peer granted; control answers (PONG) are bounded by a
@@ -124,7 +128,10 @@ class Connection:
         self._peer = PeerLimits()
         self._budget = Budget(config.session_budget)
         self._streams = StreamTable(role, self._budget)
-        self._inbuf = bytearray()
+        self._inbuf = bytearray()  # a partial header, or a control frame still missing bytes
+        self._rx_sid = 0  # the DATA frame whose body is arriving
+        self._rx_left = 0  # bytes of its body still to come
+        self._rx_fin = False  # it carries FIN
         self._out = bytearray()
         self._pending_pongs = 0
         self._rtt = RttEstimator()
@@ -137,7 +144,6 @@ class Connection:
             FrameType.HELLO: self._on_hello,
             FrameType.OPEN: self._on_open,
             FrameType.OPEN_RESULT: self._on_open_result,
-            FrameType.DATA: self._on_data,
             FrameType.WINDOW: self._on_window,
             FrameType.RESET: self._on_reset,
             FrameType.PING: self._on_ping,
@@ -201,6 +207,22 @@ class Connection:
         self._out = bytearray()
         self._pending_pongs = 0
         return out
+
+    def write_output(self, write: Callable[[memoryview], object], limit: int) -> int:
+        """Hand up to `limit` queued bytes to `write` (which must copy or send them before it
+        returns: the view is of a buffer this connection reuses); returns the count handed over.
+
+        The transport's path: no buffer is allocated per batch, the queue keeps its memory.
+        """
+        out = self._out
+        n = min(len(out), limit)
+        if not n:
+            return 0
+        with memoryview(out) as view, view[:n] as head:
+            write(head)
+        del out[:n]
+        self._pending_pongs = 0
+        return n
 
     def pending_output(self) -> int:
         return len(self._out)
@@ -354,32 +376,63 @@ class Connection:
             self._close_all()
             events.append(ConnectionTerminated(ErrorCode.NO_ERROR, "peer closed the connection"))
             return events
-        if self._inbuf:
-            self._inbuf += data
-            buf: bytes | bytearray | memoryview = self._inbuf
-        else:
-            buf = data
-        view = memoryview(buf)
-        try:
-            used = self._parse(view, events)
-        except RemoteProtocolError as exc:
-            view.release()
-            self._inbuf = bytearray()
-            self._fail(exc)
-            raise
-        rest = len(view) - used
-        if buf is self._inbuf:
-            view.release()
-            del self._inbuf[:used]
-        else:
-            if rest:
-                self._inbuf = bytearray(view[used:])
-            view.release()
+        with memoryview(data) as view:
+            try:
+                pos = self._complete_inbuf(view, events) if self._inbuf else 0
+                if pos < len(view) and not self.closed:
+                    pos = self._parse(view, pos, events)
+                    if pos < len(view) and not self.closed:
+                        self._inbuf += view[pos:]  # a partial header or control frame: small
+            except RemoteProtocolError as exc:
+                self._inbuf = bytearray()
+                self._rx_left = 0
+                self._fail(exc)
+                raise
         return events
 
-    def _parse(self, view: memoryview, events: list[Event]) -> int:
-        pos = 0
+    def _complete_inbuf(self, view: memoryview, events: list[Event]) -> int:
+        """Add to the buffered partial unit only the bytes it lacks; process it once complete.
+        Returns the bytes of `view` used."""
+        ib = self._inbuf
+        used = 0
+        if len(ib) < HEADER_SIZE:
+            used = min(HEADER_SIZE - len(ib), len(view))
+            ib += view[:used]
+            if len(ib) < HEADER_SIZE:
+                return used
+        word: int = HEADER.unpack_from(ib)[0]
+        length, ftype = word >> 8, word & 0xFF
+        self._check_length(length, ftype)
+        if ftype != FrameType.DATA:  # a control frame is processed whole
+            take = min(HEADER_SIZE + length - len(ib), len(view) - used)
+            ib += view[used : used + take]
+            used += take
+            if len(ib) < HEADER_SIZE + length:
+                return used
+        with memoryview(ib) as unit:
+            done = self._parse(unit, 0, events)  # a DATA header alone starts its body's streaming
+        assert done == len(ib)
+        self._inbuf = bytearray()
+        return used
+
+    def _check_length(self, length: int, ftype: int) -> None:
+        if ftype == FrameType.DATA:
+            if length > self.config.max_frame:
+                raise RemoteProtocolError(
+                    f"DATA frame of {length} bytes exceeds max_frame {self.config.max_frame}",
+                    ErrorCode.FRAME_SIZE_ERROR,
+                )
+        elif length > MAX_CONTROL_PAYLOAD:
+            raise RemoteProtocolError(
+                f"frame type {ftype} of {length} bytes is too large", ErrorCode.FRAME_SIZE_ERROR
+            )
+
+    def _parse(self, view: memoryview, pos: int, events: list[Event]) -> int:
         end = len(view)
+        if self._rx_left:  # the rest of a DATA body that began in an earlier call
+            take = min(self._rx_left, end - pos)
+            self._data_piece(view[pos : pos + take], events)
+            pos += take
         unpack = HEADER.unpack_from
         handlers = self._handlers
         max_data = self.config.max_frame
@@ -389,14 +442,17 @@ class Connection:
             ftype = word & 0xFF
             if ftype == FrameType.DATA:
                 if length > max_data:
-                    raise RemoteProtocolError(
-                        f"DATA frame of {length} bytes exceeds max_frame {max_data}",
-                        ErrorCode.FRAME_SIZE_ERROR,
-                    )
-            elif length > MAX_CONTROL_PAYLOAD:
-                raise RemoteProtocolError(
-                    f"frame type {ftype} of {length} bytes is too large", ErrorCode.FRAME_SIZE_ERROR
-                )
+                    self._check_length(length, ftype)
+                if self._state is not _State.OPEN:
+                    raise RemoteProtocolError(f"frame type {ftype} before HELLO")
+                pos += HEADER_SIZE
+                take = min(length, end - pos)
+                self._data_header(sid, flags, length)
+                self._data_piece(view[pos : pos + take], events)
+                pos += take
+                continue
+            if length > MAX_CONTROL_PAYLOAD:
+                self._check_length(length, ftype)
             if end - pos - HEADER_SIZE < length:
                 break
             body = view[pos + HEADER_SIZE : pos + HEADER_SIZE + length]
@@ -461,29 +517,42 @@ class Connection:
             self._forget(sid)
         events.append(OpenResult(sid, ErrorCode.from_wire(code), message))
 
-    def _on_data(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
+    def _data_header(self, sid: int, flags: int, length: int) -> None:
+        """A DATA frame begins: check it whole (stream, state, credit) before any of its body; the
+        caller then hands over its body in pieces (`_data_piece`, an empty one if it is empty)."""
         s = self._streams.get(sid)
-        n = len(body)
         if s is None:
-            if self._streams.known_closed(sid):
-                return  # in flight when we reset it
-            raise RemoteProtocolError(f"DATA for unknown stream {sid}")
-        fin = bool(flags & FLAG_FIN)
-        if not s.established:
-            raise RemoteProtocolError(f"DATA before the stream {sid} was opened")
-        s.transition(StreamInput.RECV_DATA)
-        w = s.recv
-        if n > w.credit:
-            raise RemoteProtocolError(
-                f"stream {sid}: {n} bytes exceed the {w.credit} bytes of credit",
-                ErrorCode.FLOW_CONTROL_ERROR,
-            )
-        w.credit -= n
-        w.buffered += n
-        self.bytes_received += n
+            if not self._streams.known_closed(sid):
+                raise RemoteProtocolError(f"DATA for unknown stream {sid}")
+            # in flight when we reset it: its body is skipped
+        else:
+            if not s.established:
+                raise RemoteProtocolError(f"DATA before the stream {sid} was opened")
+            s.transition(StreamInput.RECV_DATA)
+            if length > s.recv.credit:
+                raise RemoteProtocolError(
+                    f"stream {sid}: {length} bytes exceed the {s.recv.credit} bytes of credit",
+                    ErrorCode.FLOW_CONTROL_ERROR,
+                )
+        self._rx_sid = sid
+        self._rx_left = length
+        self._rx_fin = bool(flags & FLAG_FIN)
+
+    def _data_piece(self, piece: memoryview, events: list[Event]) -> None:
+        """The next bytes of the DATA body under way (credit was checked for all of it)."""
+        sid = self._rx_sid
+        n = len(piece)
+        self._rx_left -= n
+        s = self._streams.get(sid)
+        if s is None:
+            return  # reset (by either side) meanwhile: the rest of the body is void
         if n:
-            events.append(DataReceived(sid, body.tobytes()))
-        if fin:
+            w = s.recv
+            w.credit -= n
+            w.buffered += n
+            self.bytes_received += n
+            events.append(DataReceived(sid, piece.tobytes()))
+        if not self._rx_left and self._rx_fin:
             s.transition(StreamInput.RECV_FIN)
             events.append(StreamEnded(sid))
             self._streams.forget_if_done(s)

@@ -1,7 +1,10 @@
 """Pump bytes between two half-closeable streams until both directions are done.
 
 Each direction runs in its own task: read from one side, write to the other; at EOF, half-close
-the other side (`send_eof`) and stop. The relay ends when both directions ended cleanly, or as soon
+the other side (`send_eof`) and stop. The socket-to-tunnel direction reads into a buffer shared by
+every relay of the trio run (`readv`, no allocation per read): `TunnelStream.send_all_unchecked`
+takes what it is given into the protocol core before it first waits (copying any rest it must
+keep), so the buffer is free again when the next relay reads. The relay ends when both directions ended cleanly, or as soon
 as either fails (reset, broken socket), in which case the other direction is cancelled. Both
 streams are closed on the way out, whatever happened. Returns the bytes moved each way.
 """
@@ -20,6 +23,17 @@ from kins_tunnel.transport.stream import TunnelStream
 
 RELAY_CHUNK = 256 * 1024
 
+_RELAY_BUFFER: trio.lowlevel.RunVar[memoryview] = trio.lowlevel.RunVar("kins_tunnel_relay_buffer")
+
+
+def _relay_buffer() -> memoryview:
+    try:
+        return _RELAY_BUFFER.get()
+    except LookupError:
+        view = memoryview(bytearray(RELAY_CHUNK))
+        _RELAY_BUFFER.set(view)
+        return view
+
 
 @dataclass(slots=True)
 class RelayResult:
@@ -35,24 +49,26 @@ async def _pump_socket_to_tunnel(src: trio.SocketStream, dst: TunnelStream,
     fd = src.socket.fileno()
     total = 0
     drained = False  # the last read was short: the socket is (almost surely) empty now
+    buf = _relay_buffer()
     try:
         while True:
             if drained:
                 await trio.lowlevel.wait_readable(fd)
             try:
-                data = os.read(fd, RELAY_CHUNK)
+                n = os.readv(fd, (buf,))
             except BlockingIOError:
                 drained = True
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-            drained = len(data) < RELAY_CHUNK
-            if not data:
+            drained = n < RELAY_CHUNK
+            if not n:
                 break
             # This task is the stream's only sender and yields at its own reads: no extra pass.
-            await dst.send_all_unchecked(data)
-            total += len(data)
-            if len(data) == RELAY_CHUNK:  # bulk: more is probably waiting; let others run first
+            # The shared buffer is taken (or copied) before the call first waits.
+            await dst.send_all_unchecked(buf[:n])
+            total += n
+            if n == RELAY_CHUNK:  # bulk: more is probably waiting; let others run first
                 await trio.lowlevel.checkpoint()
     finally:
         if forward:

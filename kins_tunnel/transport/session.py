@@ -2,14 +2,17 @@
 
 Theory of operation
 -------------------
-- **One reader task** decrypts up to `READ_BATCH` (256 KiB) per wake-up, feeds it to the protocol core and
-  dispatches the events. It never waits on any stream: received data goes into the stream's
-  queue, which flow control bounds to the window we granted; waiting tasks are woken.
+- **One reader task** decrypts up to `READ_BATCH` (1 MiB) per wake-up into a buffer shared by
+  every session of the trio run, feeds it to the protocol core and dispatches the events. It never
+  waits on any stream: received data goes into the stream's queue (or straight into the relay's
+  socket), which flow control bounds to the window we granted; waiting tasks are woken.
 - **Writes are serialised** without a lock: whoever produces protocol output calls `_kick()`,
   which writes at once if the socket takes it (no task switch on the latency path) and otherwise
-  leaves the rest to the writer task. OpenSSL wants an unfinished chunk offered again as it was,
-  so the writer keeps it in `_chunk` until it goes out. Senders wait while more than
-  `OUTPUT_HIGH_WATER` bytes are queued: TCP's back-pressure reaches them, memory stays bounded.
+  leaves the rest to the writer task. The output stays queued in the protocol core until the TLS
+  socket has sent the previous batch; then up to `WRITE_BATCH` bytes are encrypted in one call
+  (several TLS records, one system call; `Connection.write_output` hands them over without a
+  copy or an allocation). Senders wait while more than `OUTPUT_HIGH_WATER` bytes are queued:
+  TCP's back-pressure reaches them, memory stays bounded.
 - **Liveness**: a ping every `ping_interval`; when nothing at all has arrived for `ping_timeout`
   the session is dead and every stream on it breaks at once.
 - **Streams** (`TunnelStream`) are `trio.abc.HalfCloseableStream`s: `send_eof` sends FIN,
@@ -19,7 +22,6 @@ Theory of operation
 
 from __future__ import annotations
 
-import collections
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ from kins_tunnel.transport.tls import READ_BATCH, TLSSocket, TransportError
 
 log = logging.getLogger("kins_tunnel.session")
 
-WRITE_CHUNK = 256 * 1024
+WRITE_BATCH = 256 * 1024  # plaintext bytes encrypted and written per system call (at most)
 OUTPUT_HIGH_WATER = 512 * 1024
 
 
@@ -105,9 +107,6 @@ class Session:
         self._ping_timeout = ping_timeout
         self._streams: dict[int, TunnelStream] = {}
         self._opening: dict[int, trio.MemorySendChannel[tuple[ev.OpenResult, TunnelStream | None]]] = {}
-        self._chunk: memoryview | None = None  # chunk OpenSSL must see again
-        self._queued: collections.deque[memoryview] = collections.deque()
-        self._queued_bytes = 0
         self._writer_wakeup = trio.Event()
         self._writable_lot = trio.lowlevel.ParkingLot()
         self._last_rx = trio.current_time()
@@ -200,7 +199,8 @@ class Session:
         st = self.conn.statistics()
         return SessionStatistics(
             streams=len(self._streams), bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
-            rtt=self.rtt, buffered=st.buffered, output_queued=self._queued_bytes, stalls=self.stalls,
+            rtt=self.rtt, buffered=st.buffered, output_queued=self.conn.pending_output() + self.tls.pending,
+            stalls=self.stalls,
         )
 
     @property
@@ -451,26 +451,19 @@ class Session:
         Whatever path it takes, senders waiting for output space are woken once the queue is
         below the high-water mark (a wake-up lost here would stall every stream of the tunnel).
         """
-        out = self.conn.data_to_send()
-        if out:
-            mv = memoryview(out)
-            for i in range(0, len(mv), WRITE_CHUNK):
-                self._queued.append(mv[i : i + WRITE_CHUNK])
-            self._queued_bytes += len(mv)
-        if self._chunk is None and self._queued and not self.closed.is_set():
+        conn = self.conn
+        if not self.closed.is_set():
+            tls = self.tls
             try:
-                while self._queued:
-                    chunk = self._queued[0]
-                    if not self.tls.send_chunk(chunk):
-                        self._chunk = chunk
-                        self._writer_wakeup.set()
+                while tls.flush():  # the previous batch is out: encrypt and send the next one
+                    if not conn.write_output(tls.send_chunk, WRITE_BATCH):
                         break
-                    self._queued.popleft()
-                    self._queued_bytes -= len(chunk)
+                else:
+                    self._writer_wakeup.set()  # the socket is full: the writer waits for it
             except TransportError as exc:
                 self._shutdown(str(exc))
                 return
-        if self._queued_bytes <= OUTPUT_HIGH_WATER:
+        if conn.pending_output() <= OUTPUT_HIGH_WATER:
             self._writable_lot.unpark_all()
 
     async def _writer(self) -> None:
@@ -478,13 +471,9 @@ class Session:
             while True:
                 await self._writer_wakeup.wait()
                 self._writer_wakeup = trio.Event()
-                while self._chunk is not None:
+                while not self.tls.flush():
                     await self.tls.wait_writable()
-                    if self.tls.send_chunk(self._chunk):
-                        self._queued.popleft()
-                        self._queued_bytes -= len(self._chunk)
-                        self._chunk = None
-                        self._kick()
+                self._kick()
         except TransportError as exc:
             self._shutdown(str(exc))
         except trio.ClosedResourceError:  # another task closed the session under our wait
@@ -493,13 +482,13 @@ class Session:
     @property
     def output_full(self) -> bool:
         """More than the high-water mark is queued for the socket: senders should wait."""
-        return self._queued_bytes > OUTPUT_HIGH_WATER
+        return self.conn.pending_output() > OUTPUT_HIGH_WATER
 
     async def wait_output_space(self) -> None:
         """Block while too much output is queued (TCP back-pressure)."""
-        if self._queued_bytes > OUTPUT_HIGH_WATER:
+        if self.output_full:
             self.stalls += 1
-        while self._queued_bytes > OUTPUT_HIGH_WATER and not self.closed.is_set():
+        while self.output_full and not self.closed.is_set():
             await self._writable_lot.park()
 
     # ------------------------------------------------------------------ liveness

@@ -181,6 +181,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
         Measured on the relay: the extra scheduler pass of a full `send_all` per chunk raised the
         64-byte echo round trip by ~10 % (see benchmarks/README.md, "where the round trip goes").
+
+        `data` is only read before the first wait: what the peer's credit does not take at once is
+        copied first, so the caller may reuse its buffer (the relay's is shared) as soon as this
+        yields.
         """
         if self._closed:
             raise trio.ClosedResourceError("stream was closed")
@@ -200,6 +204,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             except LocalProtocolError as exc:
                 raise trio.BrokenResourceError(self._error or str(exc)) from None
             if pos < len(view):
+                if not waited:
+                    view, pos = memoryview(bytes(view[pos:])), 0  # the caller's buffer is free again
                 waited = True
                 await self._send_lot.park()  # credit, a reset or the tunnel's end wakes us
                 if self._closed:

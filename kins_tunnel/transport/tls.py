@@ -1,43 +1,74 @@
-"""TLS over a non-blocking `ssl.SSLSocket`, driven by trio's readiness waits.
+"""TLS over a non-blocking socket: OpenSSL on memory BIOs, the kernel socket driven directly.
 
 Theory of operation
 -------------------
-`trio.SSLStream` pushes every byte through a MemoryBIO and a task switch per 16 KiB record; on this
-path that costs more than the cipher. Here the kernel socket is wrapped by `ssl` directly and put
-in non-blocking mode: OpenSSL reads and writes the socket itself (no BIO copies, the GIL released
-while it encrypts), and trio only tells us when the socket is ready.
+`trio.SSLStream` pushes every byte through a MemoryBIO and a task switch per 16 KiB record; an
+`ssl.SSLSocket` avoids the task switches but makes OpenSSL do one `write` system call per TLS record
+and two `read`s per record (header, then body). Here OpenSSL runs on two memory BIOs and this class
+moves ciphertext between them and the kernel socket itself, with trio only telling it when the
+socket is ready:
 
-- Reading: `SSL_read` yields at most one TLS record (16 KiB) per call, so `receive_into` loops over
-  records until OpenSSL wants more bytes from the kernel or the buffer is full: one wake-up, up to
-  `READ_BATCH` (256 KiB) of plaintext.
-- Writing: OpenSSL (as Python configures it) does not do partial writes; after "want write" the same
-  buffer must be offered again. `send_chunk` therefore writes bounded chunks and the caller retries
-  the very chunk that did not go out (see `Session`'s writer).
+- **Reading** (`receive_into`): one `readv` of up to `RAW_READ` (256 KiB, about 16 records) into a
+  scratch buffer shared by every connection of the trio run, straight into the incoming BIO; then
+  `SSL_read` record by record (the SSL object is called directly, not through `ssl.SSLObject`'s
+  wrapper) into the caller's buffer, until it is full or the socket has nothing more: one wake-up,
+  up to the caller's batch of plaintext, one system call per 256 KiB of ciphertext.
+- **Writing** (`send_chunk`): `SSL_write` encrypts a whole batch into the outgoing BIO (several TLS
+  records), then one `write` puts as much of it into the socket as the kernel takes. What the
+  kernel did not take stays here as ciphertext (`flush()` goes on with it once the socket is
+  writable); the caller never has to offer the same plaintext again, and at most one batch of
+  ciphertext is held per connection.
 
-Errors from the socket or OpenSSL become `TransportError` once, here.
+The scratch buffer can be shared because nothing awaits between filling it and handing its bytes to
+the incoming BIO (which copies them). Errors from the socket or OpenSSL become `TransportError` once,
+here. An abrupt EOF (no close_notify) is an EOF, as with `suppress_ragged_eofs`.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
 import trio
 
-READ_BATCH = 256 * 1024  # plaintext bytes gathered per wake-up
-TLS_MAX_RECORD = 16384  # plaintext bytes of a full TLS record: a shorter one ends a burst
+READ_BATCH = 1024 * 1024  # plaintext bytes the session gathers per wake-up
+RAW_READ = 256 * 1024  # ciphertext bytes per read system call
+
+_RAW_BUFFER: trio.lowlevel.RunVar[memoryview] = trio.lowlevel.RunVar("kins_tunnel_tls_raw_buffer")
 
 
 class TransportError(Exception):
     """The tunnel's TLS connection failed (reset, EOF mid-record, TLS alert, ...)."""
 
 
+def _raw_buffer() -> memoryview:
+    """The ciphertext scratch buffer of this trio run (see the module docstring)."""
+    try:
+        return _RAW_BUFFER.get()
+    except LookupError:
+        view = memoryview(bytearray(RAW_READ))
+        _RAW_BUFFER.set(view)
+        return view
+    except RuntimeError:  # pragma: no cover - outside trio (tests driving the class by hand)
+        return memoryview(bytearray(RAW_READ))
+
+
 class TLSSocket:
     """A connected, non-blocking TLS socket. Owns the socket; `close()` releases it."""
 
-    def __init__(self, sslsock: ssl.SSLSocket) -> None:
-        self._s = sslsock
+    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO) -> None:
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._obj = obj
+        self._ssl = obj._sslobj  # type: ignore[attr-defined]  # the C object: no wrapper per record
+        self._in = incoming
+        self._out = outgoing
+        self._pending: memoryview | None = None  # ciphertext the kernel has not taken yet
+        self._eof = False  # the socket said EOF; the incoming BIO knows
+        self._short = False  # the last read from the socket was short
         self._closed = False
         self._peer_der: bytes | None = None
         self.drained = False  # the last receive_into emptied the socket as far as we can tell
@@ -48,36 +79,65 @@ class TLSSocket:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sslsock = context.wrap_socket(
-            sock, server_side=server_side, server_hostname=server_hostname,
-            do_handshake_on_connect=False, suppress_ragged_eofs=True,
-        )
-        return cls(sslsock)
-
-    @property
-    def raw(self) -> ssl.SSLSocket:
-        return self._s
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = context.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname)
+        return cls(sock, obj, incoming, outgoing)
 
     def fileno(self) -> int:
-        return self._s.fileno()
+        return self._fd
 
     def peer_certificate_der(self) -> bytes | None:
         """The peer's certificate (DER) as of the handshake; still there after `close()`."""
         return self._peer_der
 
+    # ------------------------------------------------------------------ handshake
     async def do_handshake(self) -> None:
         """Run the TLS handshake; the caller sets the deadline."""
         while True:
             try:
-                self._s.do_handshake()
-                self._peer_der = self._s.getpeercert(binary_form=True)
-                return
+                self._obj.do_handshake()
             except ssl.SSLWantReadError:
-                await trio.lowlevel.wait_readable(self._s)
-            except ssl.SSLWantWriteError:
-                await trio.lowlevel.wait_writable(self._s)
+                await self._flush_all()
+                await self.wait_readable()
+                if not self._fill():
+                    await trio.lowlevel.checkpoint()  # a spurious wake-up: wait again
+                continue
             except (ssl.SSLError, OSError) as exc:
+                self._flush_quietly()  # the alert tells the peer why
                 raise TransportError(f"TLS handshake failed: {_describe(exc)}") from exc
+            self._peer_der = self._obj.getpeercert(binary_form=True)
+            await self._flush_all()
+            return
+
+    async def _flush_all(self) -> None:
+        while not self.flush():
+            await self.wait_writable()
+
+    def _flush_quietly(self) -> None:
+        try:
+            self.flush()
+        except TransportError:
+            pass
+
+    # ------------------------------------------------------------------ reading
+    def _fill(self) -> bool:
+        """One read from the socket into the incoming BIO. False: nothing there (would block)."""
+        if self._eof:
+            return False
+        raw = _raw_buffer()
+        try:
+            n = os.readv(self._fd, (raw,))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            raise TransportError(f"tunnel read failed: {_describe(exc)}") from exc
+        if n == 0:
+            self._eof = True
+            self._in.write_eof()
+            return True
+        self._in.write(raw[:n])
+        self._short = n < RAW_READ  # a short read: the socket is (almost surely) empty now
+        return True
 
     def receive_into(self, view: memoryview) -> int | None:
         """Decrypt as many records as are ready into `view`, without blocking.
@@ -86,57 +146,91 @@ class TLSSocket:
         """
         n = 0
         size = len(view)
-        recv_into = self._s.recv_into
-        pending = self._s.pending
+        read = self._ssl.read
+        self._short = False
+        self.drained = False  # only once OpenSSL wants bytes the socket does not have
         try:
             while n < size:
-                got = recv_into(view[n:], size - n)
+                try:
+                    got = read(size - n, view[n:])
+                except ssl.SSLWantReadError:
+                    if self._short or not self._fill():
+                        self.drained = True
+                        break
+                    continue
                 if got == 0:
                     return n if n else 0
                 n += got
-                if got < TLS_MAX_RECORD and not pending():
-                    self.drained = True  # a short record, nothing buffered: wait before reading
-                    return n
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            pass
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return n if n else 0  # close_notify, or an abrupt EOF: the end either way
         except (ssl.SSLError, OSError) as exc:
             if n:
                 return n  # hand over what we have; the error shows again on the next call
             raise TransportError(f"tunnel read failed: {_describe(exc)}") from exc
+        if self._out.pending:  # reading can produce output (TLS 1.3 key update): send it along
+            self._flush_quietly()
         return n if n else None
 
     async def wait_readable(self) -> None:
         if self._closed:  # closed by another task of the session: never hand trio fd -1
             raise TransportError("tunnel socket closed")
-        await trio.lowlevel.wait_readable(self._s)
+        await trio.lowlevel.wait_readable(self._sock)
 
+    # ------------------------------------------------------------------ writing
     async def wait_writable(self) -> None:
         if self._closed:
             raise TransportError("tunnel socket closed")
-        await trio.lowlevel.wait_writable(self._s)
+        await trio.lowlevel.wait_writable(self._sock)
+
+    @property
+    def pending(self) -> int:
+        """Ciphertext bytes waiting for the socket."""
+        return (len(self._pending) if self._pending is not None else 0) + self._out.pending
 
     def send_chunk(self, chunk: memoryview | bytes | bytearray) -> bool:
-        """Try to write the whole chunk. False: want-write, offer the *same* chunk again later."""
+        """Encrypt the whole chunk and write as much as the socket takes.
+
+        True: everything went out. False: ciphertext is left; `flush()` once the socket is writable.
+        Either way the chunk itself is done with (it may be reused at once).
+        """
         try:
-            self._s.send(chunk)
-            return True
-        except ssl.SSLWantWriteError:
-            return False
-        except ssl.SSLWantReadError:
-            return False
-        except (ssl.SSLError, OSError) as exc:
+            self._ssl.write(chunk)
+        except (ssl.SSLError, OSError, ValueError) as exc:
             raise TransportError(f"tunnel write failed: {_describe(exc)}") from exc
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Write pending ciphertext without blocking. True: nothing is left."""
+        while True:
+            pending = self._pending
+            if pending is None:
+                if not self._out.pending:
+                    return True
+                pending = memoryview(self._out.read())
+            try:
+                n = os.write(self._fd, pending)
+            except (BlockingIOError, InterruptedError):
+                self._pending = pending
+                return False
+            except OSError as exc:
+                self._pending = None
+                raise TransportError(f"tunnel write failed: {_describe(exc)}") from exc
+            if n < len(pending):
+                self._pending = pending[n:]
+                return False  # the socket buffer is full: wait until it is writable
+            self._pending = None
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._pending = None
         try:
-            trio.lowlevel.notify_closing(self._s)
+            trio.lowlevel.notify_closing(self._sock)
         except RuntimeError:  # pragma: no cover - outside trio (tests)
             pass
         try:
-            self._s.close()
+            self._sock.close()
         except OSError:
             pass
 

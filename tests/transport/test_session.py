@@ -122,23 +122,39 @@ async def test_data_right_behind_the_open_result_is_kept(tmp_path: Path) -> None
 
 
 class BlockedTLS:
-    """A TLS socket double whose writes would block until `unblock()` (white-box writer test)."""
+    """A TLS socket double whose writes would block until `unblock()` (white-box writer test).
+
+    Like the real one it takes a whole batch at once (`send_chunk`) and keeps what the socket
+    did not take as pending ciphertext until `flush()` gets it out."""
 
     def __init__(self) -> None:
         self.open = False
         self.writable = trio.Event()
         self.sent = 0
+        self.pending = 0
+        self.handing = 0
         self.session: Session | None = None
         self.held_last = False
 
     def send_chunk(self, chunk: memoryview) -> bool:
+        self.pending += len(chunk)
+        self.handing = len(chunk)  # still counted in the connection's output while it is handed over
+        try:
+            return self.flush()
+        finally:
+            self.handing = 0
+
+    def flush(self) -> bool:
+        if not self.pending:
+            return True
         if not self.open:
             return False
-        queued = self.session._queued if self.session else None
-        if queued and queued[-1] is chunk and self.sent and not self.held_last:
-            self.held_last = True  # the socket fills just before the last chunk: the writer sends it
+        last = self.session is not None and self.session.conn.pending_output() == self.handing
+        if last and self.sent and not self.held_last:
+            self.held_last = True  # the socket fills just before the last batch: the writer sends it
             return False
-        self.sent += len(chunk)
+        self.sent += self.pending
+        self.pending = 0
         return True
 
     async def wait_writable(self) -> None:
