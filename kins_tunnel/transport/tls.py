@@ -52,7 +52,7 @@ _allocator_tuned = False
 
 def tune_allocator() -> None:
     """Stop heap churn: keep batch-sized buffers (up to 4 MiB) in the heap instead of fresh mmaps,
-    and do not give the heap back to the kernel unless 64 MiB at its top are free.
+    and do not give the heap back to the kernel unless 16 MiB at its top are free.
 
     With glibc's defaults, every batch-sized `bytes` (a TLS write batch, a received DATA piece)
     costs page faults: it is mapped and unmapped, or the heap shrinks and grows again around it
@@ -68,7 +68,7 @@ def tune_allocator() -> None:
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         return
     mallopt(_M_MMAP_THRESHOLD, 4 * 1024 * 1024)
-    mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024)
+    mallopt(_M_TRIM_THRESHOLD, 16 * 1024 * 1024)
 
 
 def _raw_buffer() -> memoryview:
@@ -98,6 +98,7 @@ class TLSSocket:
         self._pending: memoryview | None = None  # ciphertext the kernel has not taken yet
         self._eof = False  # the socket said EOF; the incoming BIO knows
         self._short = False  # the last read from the socket was short
+        self._held = False  # OpenSSL may hold decrypted bytes of a record (the last view filled up)
         self._closed = False
         self._peer_der: bytes | None = None
         self.drained = False  # the last receive_into emptied the socket as far as we can tell
@@ -172,24 +173,37 @@ class TLSSocket:
         """Decrypt as many records as are ready into `view`, without blocking.
 
         Returns the byte count (0 means EOF), or None when nothing was ready (wait readable).
+        A small message costs one read system call and one `SSL_read`, no exception: the socket
+        is read first when nothing is buffered, and the loop stops as soon as a short read has
+        been decrypted completely.
         """
         n = 0
         size = len(view)
         read = self._ssl.read
-        self._short = False
-        self.drained = False  # only once OpenSSL wants bytes the socket does not have
+        incoming = self._in
+        self.drained = False
+        short = False  # this call already emptied the socket
         try:
             while n < size:
-                try:
-                    got = read(size - n, view[n:])
-                except ssl.SSLWantReadError:
-                    if self._short or not self._fill():
+                if not incoming.pending and not self._held and not self._eof:
+                    if short or not self._fill():
                         self.drained = True
                         break
+                    short = self._short
+                self._held = False
+                try:
+                    got = read(size - n, view[n:])
+                except ssl.SSLWantReadError:  # a record is still incomplete
+                    if short or not self._fill():
+                        self.drained = True
+                        break
+                    short = self._short
                     continue
                 if got == 0:
                     return n if n else 0
                 n += got
+            else:
+                self._held = True  # the view is full: OpenSSL may hold the rest of a record
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             return n if n else 0  # close_notify, or an abrupt EOF: the end either way
         except (ssl.SSLError, OSError) as exc:
