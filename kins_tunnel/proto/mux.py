@@ -5,7 +5,8 @@ Theory of operation
 Feed bytes from the peer to `receive_data()`; it returns the events they carried. Call commands
 (`open_stream`, `accept_stream`, `send_data`, `consumed`, `ping`, ...) and collect the bytes they
 produced with `data_to_send()`, or hand them over in bounded batches without a copy with
-`write_output()` (the transport's path). EOF is `receive_data(b"")`. The connection never blocks and never
+`write_output()` (the transport's path). EOF is `receive_data(b"")`. Output is scheduled (see
+`output`): control frames first, then the streams' DATA in turns, each stream's frames in order. The connection never blocks and never
 buffers more than the limits allow:
 
 - inbound, a frame's length is checked right after its 9-byte header, before its body is
@@ -84,6 +85,7 @@ from kins_tunnel.proto.handshake import (
     encode_hello,
     parse_hello,
 )
+from kins_tunnel.proto.output import DataQueues
 from kins_tunnel.proto.rtt import RttEstimator
 from kins_tunnel.proto.streams import Stream, StreamInput, StreamState, StreamTable
 
@@ -132,7 +134,8 @@ class Connection:
         self._rx_sid = 0  # the DATA frame whose body is arriving
         self._rx_left = 0  # bytes of its body still to come
         self._rx_fin = False  # it carries FIN
-        self._out = bytearray()
+        self._out = bytearray()  # control frames: they go before any DATA
+        self._data = DataQueues()  # DATA frames, per stream, written in turns
         self._pending_pongs = 0
         self._rtt = RttEstimator()
         self._goaway_sent: int | None = None
@@ -202,6 +205,8 @@ class Connection:
     def data_to_send(self) -> bytearray:
         """Everything queued for the peer, in order; the caller owns the returned buffer."""
         out = self._out
+        if self._data:
+            self._data.take_all(out)
         if not out:
             return out
         self._out = bytearray()
@@ -209,23 +214,26 @@ class Connection:
         return out
 
     def write_output(self, write: Callable[[memoryview], object], limit: int) -> int:
-        """Hand up to `limit` queued bytes to `write` (which must copy or send them before it
-        returns: the view is of a buffer this connection reuses); returns the count handed over.
+        """Hand about `limit` queued bytes to `write` (which must copy or send them before it
+        returns: the views are of buffers this connection reuses); returns the count handed over.
 
-        The transport's path: no buffer is allocated per batch, the queue keeps its memory.
+        Control frames go first, whole; then DATA in turns across streams (see `output`). The
+        transport's path: nothing is copied or allocated per batch.
         """
+        handed = 0
         out = self._out
-        n = min(len(out), limit)
-        if not n:
-            return 0
-        with memoryview(out) as view, view[:n] as head:
-            write(head)
-        del out[:n]
-        self._pending_pongs = 0
-        return n
+        if out:
+            with memoryview(out) as view:
+                write(view)
+            handed = len(out)
+            del out[:]
+            self._pending_pongs = 0
+        if self._data and handed < limit:
+            handed += self._data.write(write, limit - handed)
+        return handed
 
     def pending_output(self) -> int:
-        return len(self._out)
+        return len(self._out) + self._data.pending
 
     def _send_hello(self) -> None:
         self._out += frame(FrameType.HELLO, 0, encode_hello(self._hello, self.config))
@@ -290,21 +298,12 @@ class Connection:
         s.transition(StreamInput.SEND_DATA)
         total = len(data)
         n = min(total, s.send_credit)
-        max_frame = self._peer.max_frame
-        out = self._out
-        view = memoryview(data)
-        pos = 0
-        while pos < n:
-            chunk = min(n - pos, max_frame)
-            fin = end_stream and pos + chunk == total
-            out += HEADER.pack((chunk << 8) | FrameType.DATA, FLAG_FIN if fin else 0, stream_id)
-            out += view[pos : pos + chunk]
-            pos += chunk
+        fin = end_stream and n == total
+        if n or fin:
+            self._data.add(stream_id, data, n, self._peer.max_frame, fin)
         s.send_credit -= n
         self.bytes_sent += n
-        if end_stream and n == total:
-            if total == 0:
-                out += HEADER.pack(FrameType.DATA, FLAG_FIN, stream_id)
+        if fin:
             s.transition(StreamInput.SEND_FIN)
             self._streams.forget_if_done(s)
         return n
@@ -317,6 +316,7 @@ class Connection:
         """Abort the stream both ways. Unknown or finished streams are ignored (a race, not a bug)."""
         if stream_id not in self._streams or self._state is _State.CLOSED:
             return
+        self._data.purge(stream_id)  # its queued DATA is void now
         self._out += reset_frame(stream_id, code, message)
         self._forget(stream_id)
 
@@ -582,6 +582,7 @@ class Connection:
             raise RemoteProtocolError(f"RESET for unknown stream {sid}")
         (code,) = U32.unpack_from(body)
         self._forget(sid)
+        self._data.purge(sid)  # the peer drops DATA for a stream it reset
         events.append(StreamReset(sid, ErrorCode.from_wire(code), decode_text(body[4:])))
 
     def _on_ping(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
@@ -623,6 +624,7 @@ class Connection:
 
     def _close_all(self) -> None:
         self._streams.forget_all()
+        self._data.purge_all()
         self._state = _State.CLOSED
 
     def _fail(self, exc: RemoteProtocolError) -> None:

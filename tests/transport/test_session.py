@@ -132,24 +132,19 @@ class BlockedTLS:
         self.writable = trio.Event()
         self.sent = 0
         self.pending = 0
-        self.handing = 0
         self.session: Session | None = None
         self.held_last = False
 
     def send_chunk(self, chunk: memoryview) -> bool:
-        self.pending += len(chunk)
-        self.handing = len(chunk)  # still counted in the connection's output while it is handed over
-        try:
-            return self.flush()
-        finally:
-            self.handing = 0
+        self.pending += len(chunk)  # encrypted; the socket gets it at the next flush
+        return False
 
     def flush(self) -> bool:
         if not self.pending:
             return True
         if not self.open:
             return False
-        last = self.session is not None and self.session.conn.pending_output() == self.handing
+        last = self.session is not None and self.session.conn.pending_output() == 0
         if last and self.sent and not self.held_last:
             self.held_last = True  # the socket fills just before the last batch: the writer sends it
             return False
