@@ -19,6 +19,11 @@ socket is ready:
   writable); the caller never has to offer the same plaintext again, and at most one batch of
   ciphertext is held per connection.
 
+- **Latency under load**: `TCP_NOTSENT_LOWAT` keeps at most `NOTSENT_LOWAT` unsent bytes in the
+  kernel's send buffer (not a limit on bytes in flight, so long fat links are not slowed): the rest
+  stays in the session's per-stream queues, where an interactive stream's frame can still go
+  before queued bulk (see `proto.output`), instead of behind megabytes the kernel already holds.
+
 The scratch buffer can be shared because nothing awaits between filling it and handing its bytes to
 the incoming BIO (which copies them). Errors from the socket or OpenSSL become `TransportError` once,
 here. An abrupt EOF (no close_notify) is an EOF, as with `suppress_ragged_eofs`.
@@ -37,6 +42,7 @@ import trio
 
 READ_BATCH = 1024 * 1024  # plaintext bytes the session gathers per wake-up
 RAW_READ = 256 * 1024  # ciphertext bytes per read system call
+NOTSENT_LOWAT = 128 * 1024  # unsent bytes the kernel may hold for us (see "Latency" above)
 
 _RAW_BUFFER: trio.lowlevel.RunVar[memoryview] = trio.lowlevel.RunVar("kins_tunnel_tls_raw_buffer")
 
@@ -109,6 +115,8 @@ class TLSSocket:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if NOTSENT_LOWAT and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         obj = context.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname)
         return cls(sock, obj, incoming, outgoing)
