@@ -295,7 +295,8 @@ class Connection:
         s = self._streams.get(stream_id)
         if s is None:
             raise LocalProtocolError(f"stream {stream_id} is not open")
-        s.transition(StreamInput.SEND_DATA)
+        if s.state is not StreamState.OPEN:  # OPEN stays OPEN: no table lookup on the hot path
+            s.transition(StreamInput.SEND_DATA)
         total = len(data)
         n = min(total, s.send_credit)
         fin = end_stream and n == total
@@ -526,9 +527,10 @@ class Connection:
                 raise RemoteProtocolError(f"DATA for unknown stream {sid}")
             # in flight when we reset it: its body is skipped
         else:
-            if not s.established:
-                raise RemoteProtocolError(f"DATA before the stream {sid} was opened")
-            s.transition(StreamInput.RECV_DATA)
+            if s.state is not StreamState.OPEN:  # OPEN stays OPEN: no table lookup on the hot path
+                if not s.established:
+                    raise RemoteProtocolError(f"DATA before the stream {sid} was opened")
+                s.transition(StreamInput.RECV_DATA)
             if length > s.recv.credit:
                 raise RemoteProtocolError(
                     f"stream {sid}: {length} bytes exceed the {s.recv.credit} bytes of credit",

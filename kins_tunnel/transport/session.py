@@ -452,8 +452,12 @@ class Session:
         below the high-water mark (a wake-up lost here would stall every stream of the tunnel).
         """
         conn = self.conn
+        tls = self.tls
+        if not conn.pending_output() and not tls.pending:  # nothing to write (the common case)
+            if self._writable_lot:
+                self._writable_lot.unpark_all()
+            return
         if not self.closed.is_set():
-            tls = self.tls
             try:
                 while tls.flush():  # the previous batch is out: encrypt and send the next one
                     if not conn.write_output(tls.send_chunk, WRITE_BATCH):
@@ -463,7 +467,7 @@ class Session:
             except TransportError as exc:
                 self._shutdown(str(exc))
                 return
-        if conn.pending_output() <= OUTPUT_HIGH_WATER:
+        if self._writable_lot and conn.pending_output() <= OUTPUT_HIGH_WATER:
             self._writable_lot.unpark_all()
 
     async def _writer(self) -> None:
