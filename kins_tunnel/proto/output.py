@@ -44,9 +44,12 @@ class _StreamQueue:
 class DataQueues:
     """Per-stream DATA queues of one connection, written out in turns."""
 
+    __slots__ = ("_queues", "_ready", "pending")
+
     def __init__(self) -> None:
         self._queues: dict[int, _StreamQueue] = {}
-        self._ready: collections.deque[int] = collections.deque()  # streams with data, in turn order
+        # streams with data, in turn order; made at the first DATA (an idle tunnel holds none)
+        self._ready: collections.deque[int] | None = None
         self.pending = 0  # bytes queued, headers included
 
     def __bool__(self) -> bool:
@@ -59,6 +62,8 @@ class DataQueues:
         q = self._queues.get(stream_id)
         if q is None:
             q = self._queues[stream_id] = _StreamQueue()
+            if self._ready is None:
+                self._ready = collections.deque()
             self._ready.append(stream_id)
         buf = q.buf
         before = len(buf)
@@ -77,18 +82,18 @@ class DataQueues:
     def purge(self, stream_id: int) -> None:
         """Drop what is queued for a stream (it was reset: the peer would ignore it)."""
         q = self._queues.pop(stream_id, None)
-        if q is not None:
+        if q is not None and self._ready is not None:
             self.pending -= len(q.buf) - q.off
             self._ready.remove(stream_id)
 
     def purge_all(self) -> None:
         self._queues.clear()
-        self._ready.clear()
+        self._ready = None
         self.pending = 0
 
     def take_all(self, out: bytearray) -> None:
         """Append everything queued to `out` (streams in turn order, each whole)."""
-        for sid in self._ready:
+        for sid in self._ready or ():
             q = self._queues[sid]
             out += memoryview(q.buf)[q.off :]
         self.purge_all()
@@ -98,6 +103,8 @@ class DataQueues:
         stream alone may overshoot it). Returns the bytes handed over."""
         handed = 0
         ready = self._ready
+        if ready is None:
+            return 0
         queues = self._queues
         unpack = HEADER.unpack_from
         while ready and handed < limit:

@@ -93,6 +93,9 @@ def _raw_buffer() -> memoryview:
 class TLSSocket:
     """A connected, non-blocking TLS socket. Owns the socket; `close()` releases it."""
 
+    __slots__ = ("_sock", "_fd", "_obj", "_ssl", "_in", "_out", "_pending", "_eof", "_short", "_held",
+                 "_closed", "_peer_der", "drained")
+
     def __init__(self, sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO,
                  outgoing: ssl.MemoryBIO) -> None:
         self._sock = sock
