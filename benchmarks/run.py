@@ -26,7 +26,7 @@ from typing import Any
 
 from benchmarks import scale as scale_bench
 from benchmarks.paths import Direct, Ours, Path_, PathUnavailable, SshR, Targets, baseline_cmd
-from benchmarks.procs import REPO, Cleanup, cpu_seconds, rss_breakdown, rss_mib
+from benchmarks.procs import REPO, Cleanup, cpu_seconds, minor_faults, rss_breakdown, rss_mib
 
 AXES = ["throughput", "rtt", "setup", "parallel", "fairness", "cost", "scale", "wan"]
 MiB = 1 << 20
@@ -202,13 +202,17 @@ class Bench:
                     kind = "sink" if direction == "upload" else "source"
                     parts = pth.cost_parts
                     cpu0 = {k: cpu_seconds(r, pth.cost_exclude) for k, r in parts.items()}
+                    flt0 = {k: minor_faults(r, pth.cost_exclude) for k, r in parts.items()}
                     res = run_client(direction, pth.endpoints[kind], "--bytes", str(p["tput_bytes"]))
                     if parts and "error" not in res:
                         cpu = {k: cpu_seconds(r, pth.cost_exclude) - cpu0[k] for k, r in parts.items()}
+                        flt = {f"faults {k}": float(minor_faults(r, pth.cost_exclude) - flt0[k])
+                               for k, r in parts.items()}
                         res["tunnel_cpu_s"] = sum(cpu.values())
                         res["cpu_parts_s"] = cpu
+                        res["minor_faults"] = flt
                         self.cost_acc.setdefault(pth.name, []).append(
-                            {"cpu": sum(cpu.values()), "bytes": res["bytes"], **cpu})
+                            {"cpu": sum(cpu.values()), "bytes": res["bytes"], **cpu, **flt})
                     self.record(direction, pth.name, res)
         if "rtt" in want:
             for pth in order:
@@ -330,7 +334,9 @@ class Bench:
         put("fair_ratio", "fairness", "ratio_p99")
         put("wan_MBps", "wan", "MBps")
         for metric, part in (("cost_cpu_s_per_GB", "cpu"), ("cost_server_cpu_s_per_GB", "server side"),
-                             ("cost_client_cpu_s_per_GB", "client side")):
+                             ("cost_client_cpu_s_per_GB", "client side"),
+                             ("faults_server_per_GB", "faults server side"),
+                             ("faults_client_per_GB", "faults client side")):
             cost: dict[str, float | None] = {name: None for name in self.names}
             for name, acc in self.cost_acc.items():
                 per_gb = [a[part] / (a["bytes"] / 1e9) for a in acc if part in a]
@@ -384,6 +390,8 @@ ROWS: list[tuple[str, str, str, str, str | None, float, str | None]] = [
     ("cost", "cost_cpu_s_per_GB", "tunnel CPU s per GB, both processes (axis 1)", "{:.2f}", "le_ssh", 1.0, "lo"),
     ("cost", "cost_server_cpu_s_per_GB", "CPU s per GB: cloud / sshd", "{:.2f}", None, 0, "lo"),
     ("cost", "cost_client_cpu_s_per_GB", "CPU s per GB: edge / ssh client", "{:.2f}", None, 0, "lo"),
+    ("cost", "faults_server_per_GB", "minor page faults per GB: cloud / sshd", "{:.0f}", None, 0, "lo"),
+    ("cost", "faults_client_per_GB", "minor page faults per GB: edge / ssh client", "{:.0f}", None, 0, "lo"),
     ("cost", "rss_MiB", "tunnel RSS after run, both (MiB)", "{:.0f}", None, 0, "lo"),
     ("cost", "rss_server_MiB", "RSS: cloud / sshd (MiB)", "{:.0f}", None, 0, "lo"),
     ("cost", "rss_client_MiB", "RSS: edge / ssh client (MiB)", "{:.0f}", None, 0, "lo"),
