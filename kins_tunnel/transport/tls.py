@@ -37,6 +37,7 @@ import socket
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -101,7 +102,9 @@ class TLSSocket:
         self._sock = sock
         self._fd = sock.fileno()
         self._obj = obj
-        self._ssl = obj._sslobj  # type: ignore[attr-defined]  # the C object: no wrapper per record
+        # The C object behind `ssl.SSLObject` skips a Python wrapper per record; the public object
+        # has the same read/write signature, so it stands in where the C one is not exposed.
+        self._ssl: Any = getattr(obj, "_sslobj", obj)
         self._in = incoming
         self._out = outgoing
         self._pending: memoryview | None = None  # ciphertext the kernel has not taken yet
@@ -119,7 +122,10 @@ class TLSSocket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if NOTSENT_LOWAT and hasattr(socket, "TCP_NOTSENT_LOWAT"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+            except OSError:  # pragma: no cover - a kernel without it: latency only, not correctness
+                pass
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         obj = context.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname)
         return cls(sock, obj, incoming, outgoing)
