@@ -191,7 +191,7 @@ class ProxyTLSListener:
                 self._on_failure(label)
             log.info("proxy TLS handshake failed", extra={"client": client, "reason": label,
                                                           "detail": str(exc.__cause__ or exc)[:200]})
-            await trio.aclose_forcefully(tcp)
+            await _lingering_close(tcp)
             return
         finally:
             self.handshaking -= 1
@@ -200,3 +200,26 @@ class ProxyTLSListener:
             await self.handler(client_stream)
         finally:  # close_notify (bounded) rather than a bare TCP close after an error answer
             await client_stream.aclose()
+
+
+LINGER_TIME = 1.0  # seconds a refused client's input is drained before the close
+LINGER_BYTES = 64 * 1024
+
+
+async def _lingering_close(tcp: trio.SocketStream) -> None:
+    """Close after a refused handshake without an RST: a client that already sent its request
+    (TLS 1.3 finishes on the client's side before the server checks its certificate) must read
+    the server's alert, which an RST would destroy. Half-close, drain its input for a moment, close."""
+    try:
+        with trio.move_on_after(LINGER_TIME):
+            await tcp.send_eof()
+            drained = 0
+            while drained < LINGER_BYTES:
+                chunk = await tcp.receive_some(16384)
+                if not chunk:
+                    break
+                drained += len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        await trio.aclose_forcefully(tcp)
