@@ -30,4 +30,5 @@ bench-scp: setup setup-system
 
 lint:
 	$(PYTHON) -m ruff check kins_tunnel tests benchmarks
+	$(PYTHON) -m ruff format --check kins_tunnel tests benchmarks
 	$(PYTHON) -m mypy

@@ -177,7 +177,9 @@ def do_setup(ep: dict[str, Any], count: int) -> dict[str, Any]:
     }
 
 
-def do_parallel(ep: dict[str, Any], streams: int, nbytes: int, download: bool = False) -> dict[str, Any]:
+def do_parallel(
+    ep: dict[str, Any], streams: int, nbytes: int, download: bool = False
+) -> dict[str, Any]:
     socks = [open_stream(ep) for _ in range(streams)]
     chunk = memoryview(b"\xa5" * BUF)
     barrier = threading.Barrier(streams + 1)
@@ -225,7 +227,9 @@ def do_parallel(ep: dict[str, Any], streams: int, nbytes: int, download: bool = 
     for t in threads:
         t.join()
     if errors:
-        raise RuntimeError("; ".join(errors[:3]) + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""))
+        raise RuntimeError(
+            "; ".join(errors[:3]) + (f" (+{len(errors) - 3} more)" if len(errors) > 3 else "")
+        )
     total = nbytes * streams
     dt = max(ends) - t0
     per = sorted(e - t0 for e in ends)
@@ -268,7 +272,10 @@ def do_bulk(ep: dict[str, Any], max_seconds: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["upload", "download", "rtt", "setup", "parallel", "parallel-download", "bulk"])
+    ap.add_argument(
+        "mode",
+        choices=["upload", "download", "rtt", "setup", "parallel", "parallel-download", "bulk"],
+    )
     ap.add_argument("--endpoint", required=True, help="JSON endpoint description")
     ap.add_argument("--bytes", type=int, default=64 << 20)
     ap.add_argument("--count", type=int, default=1000)
@@ -288,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.mode == "setup":
             res = do_setup(ep, args.count)
         elif args.mode in ("parallel", "parallel-download"):
-            res = do_parallel(ep, args.streams, args.bytes, download=args.mode == "parallel-download")
+            res = do_parallel(
+                ep, args.streams, args.bytes, download=args.mode == "parallel-download"
+            )
         else:
             res = do_bulk(ep, args.max_seconds)
     except (OSError, EOFError, ProxyError, RuntimeError) as exc:

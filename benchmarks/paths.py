@@ -40,19 +40,29 @@ class Targets:
         d = cleanup.tempdir("targets")
         for kind in KINDS:
             _, port = cleanup.spawn_ready(
-                f"target-{kind}", [sys.executable, "-m", "benchmarks.targets", kind], d / f"{kind}.log"
+                f"target-{kind}",
+                [sys.executable, "-m", "benchmarks.targets", kind],
+                d / f"{kind}.log",
             )
             self.ports[kind] = port
 
 
-def start_relay(cleanup: Cleanup, name: str, upstream_port: int, delay_ms: float, rate_mbit: float) -> int:
+def start_relay(
+    cleanup: Cleanup, name: str, upstream_port: int, delay_ms: float, rate_mbit: float
+) -> int:
     d = cleanup.tempdir(name)
     _, port = cleanup.spawn_ready(
         name,
         [
-            sys.executable, "-m", "kins_tunnel.testing.linkrelay",
-            "--upstream", f"127.0.0.1:{upstream_port}",
-            "--delay-ms", str(delay_ms), "--rate-mbit", str(rate_mbit),
+            sys.executable,
+            "-m",
+            "kins_tunnel.testing.linkrelay",
+            "--upstream",
+            f"127.0.0.1:{upstream_port}",
+            "--delay-ms",
+            str(delay_ms),
+            "--rate-mbit",
+            str(rate_mbit),
         ],
         d / "relay.log",
     )
@@ -94,7 +104,11 @@ class SshR(Path_):
     name = "ssh -R"
 
     def __init__(
-        self, cleanup: Cleanup, targets: Targets, cipher: str | None, interactive: bool = False,
+        self,
+        cleanup: Cleanup,
+        targets: Targets,
+        cipher: str | None,
+        interactive: bool = False,
         name: str = "ssh -R",
     ) -> None:
         self.name = name
@@ -108,32 +122,46 @@ class SshR(Path_):
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
         for key in ("host_key", "user_key"):
             subprocess.run(
-                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"bench-{key}", "-f", str(d / key)],
-                check=True, stdin=subprocess.DEVNULL,
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    f"bench-{key}",
+                    "-f",
+                    str(d / key),
+                ],
+                check=True,
+                stdin=subprocess.DEVNULL,
             )
         (d / "authorized_keys").write_bytes((d / "user_key.pub").read_bytes())
         self.port = free_port()
         cfg = d / "sshd_config"
         cfg.write_text(
-            "\n".join([
-                f"ListenAddress 127.0.0.1:{self.port}",
-                f"HostKey {d / 'host_key'}",
-                f"PidFile {d / 'sshd.pid'}",
-                f"AuthorizedKeysFile {d / 'authorized_keys'}",
-                "PermitRootLogin yes",
-                "PubkeyAuthentication yes",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "UsePAM no",
-                "StrictModes no",
-                "AllowTcpForwarding yes",
-                "GatewayPorts no",
-                "X11Forwarding no",
-                "PrintMotd no",
-                "UseDNS no",
-                "LogLevel INFO",
-                "",
-            ])
+            "\n".join(
+                [
+                    f"ListenAddress 127.0.0.1:{self.port}",
+                    f"HostKey {d / 'host_key'}",
+                    f"PidFile {d / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {d / 'authorized_keys'}",
+                    "PermitRootLogin yes",
+                    "PubkeyAuthentication yes",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",
+                    "AllowTcpForwarding yes",
+                    "GatewayPorts no",
+                    "X11Forwarding no",
+                    "PrintMotd no",
+                    "UseDNS no",
+                    "LogLevel INFO",
+                    "",
+                ]
+            )
         )
         self.sshd = cleanup.spawn("sshd", [SSHD, "-D", "-e", "-f", str(cfg)], d / "sshd.log")
         if not wait_port(self.port, 10.0, self.sshd):
@@ -141,9 +169,13 @@ class SshR(Path_):
         self.info = {
             "description": "one ssh -N client (the 'edge') with -R for sink, source and echo; "
             "the client connects to the forwarded ports on the sshd side",
-            "ssh_version": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
+            "ssh_version": subprocess.run(
+                ["ssh", "-V"], capture_output=True, text=True
+            ).stderr.strip(),
             "cipher_requested": cipher or "default",
-            "client_mode": "ssh -tt ... sleep (interactive: TCP_NODELAY)" if interactive else "ssh -N",
+            "client_mode": "ssh -tt ... sleep (interactive: TCP_NODELAY)"
+            if interactive
+            else "ssh -N",
         }
         self.info.update(self._probe_cipher())
         self.rports = {k: free_port() for k in KINDS}
@@ -155,14 +187,23 @@ class SshR(Path_):
 
     def _ssh_base(self, port: int) -> list[str]:
         argv = [
-            "ssh", "-F", "/dev/null",
-            "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "IdentitiesOnly=yes",
-            "-o", "ControlMaster=no",
-            "-i", str(self.dir / "user_key"),
-            "-p", str(port),
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "ControlMaster=no",
+            "-i",
+            str(self.dir / "user_key"),
+            "-p",
+            str(port),
         ]
         if self.cipher:
             argv += ["-c", self.cipher]
@@ -172,7 +213,10 @@ class SshR(Path_):
         """One short login with -v to learn the negotiated cipher (the forwarding client runs quiet)."""
         r = subprocess.run(
             self._ssh_base(self.port) + ["-v", "root@127.0.0.1", "true"],
-            capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            stdin=subprocess.DEVNULL,
         )
         out: dict[str, Any] = {}
         m = re.search(r"kex: server->client cipher: (\S+) MAC: (\S+)", r.stderr)
@@ -211,7 +255,9 @@ class SshR(Path_):
         rport = start_relay(self.cleanup, "relay-ssh", self.port, *relay)
         fport = free_port()
         before = set(tree(self.cost_roots))
-        wan = self._ssh_forward("ssh-R-wan", rport, [f"127.0.0.1:{fport}:127.0.0.1:{self.targets.ports['source']}"])
+        wan = self._ssh_forward(
+            "ssh-R-wan", rport, [f"127.0.0.1:{fport}:127.0.0.1:{self.targets.ports['source']}"]
+        )
         # sshd's session process(es) for the WAN login: not part of the main path's CPU/RSS.
         self.cost_exclude = (set(tree(self.cost_roots)) - before) | {wan.pid}
         return endpoint(fport)
@@ -231,13 +277,20 @@ def baseline_cmd(cleanup: Cleanup, ref: str) -> list[str]:
     of two revisions in one run): the package is exported from git into a temp dir."""
     d = cleanup.tempdir("baseline")
     try:
-        archive = subprocess.run(["git", "archive", ref, "kins_tunnel"], cwd=REPO, capture_output=True,
-                                 check=True, timeout=60).stdout
+        archive = subprocess.run(
+            ["git", "archive", ref, "kins_tunnel"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(d)], input=archive, check=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
         raise PathUnavailable(f"cannot export {ref}: {exc}") from exc
-    boot = (f"import runpy, sys; sys.path.insert(0, {str(d)!r}); "
-            "runpy.run_module('kins_tunnel', run_name='__main__', alter_sys=True)")
+    boot = (
+        f"import runpy, sys; sys.path.insert(0, {str(d)!r}); "
+        "runpy.run_module('kins_tunnel', run_name='__main__', alter_sys=True)"
+    )
     return [sys.executable, "-c", boot]
 
 
@@ -246,8 +299,9 @@ class Ours(Path_):
 
     name = "ours"
 
-    def __init__(self, cleanup: Cleanup, targets: Targets, cmd: list[str] | None = None,
-                 name: str = "ours") -> None:
+    def __init__(
+        self, cleanup: Cleanup, targets: Targets, cmd: list[str] | None = None, name: str = "ours"
+    ) -> None:
         self.name = name
         self.cleanup = cleanup
         self.targets = targets
@@ -295,16 +349,24 @@ class Ours(Path_):
                     "tunnel": {"listen": f"127.0.0.1:{tunnel_port}"},
                     "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
                     "admin": {"listen": f"127.0.0.1:{admin_port}"},
-                    "tls": {"ca": str(c / "ca.crt"), "cert": str(c / "cloud.crt"), "key": str(c / "cloud.key")},
+                    "tls": {
+                        "ca": str(c / "ca.crt"),
+                        "cert": str(c / "cloud.crt"),
+                        "key": str(c / "cloud.key"),
+                    },
                 },
                 indent=2,
             )
             + "\n"  # JSON is YAML
         )
-        proc = self.cleanup.spawn(name, self.kins("cloud", "--config", str(cfg)), self.dir / f"{name}.log")
+        proc = self.cleanup.spawn(
+            name, self.kins("cloud", "--config", str(cfg)), self.dir / f"{name}.log"
+        )
         return proc, proxy_port, admin_port, tunnel_port
 
-    def _start_edge(self, name: str, cloud_port: int, kinds: tuple[str, ...]) -> subprocess.Popen[bytes]:
+    def _start_edge(
+        self, name: str, cloud_port: int, kinds: tuple[str, ...]
+    ) -> subprocess.Popen[bytes]:
         c = self.certs
         cfg = self.dir / f"{name}.yaml"
         cfg.write_text(
@@ -327,7 +389,9 @@ class Ours(Path_):
             )
             + "\n"
         )
-        return self.cleanup.spawn(name, self.kins("edge", "--config", str(cfg)), self.dir / f"{name}.log")
+        return self.cleanup.spawn(
+            name, self.kins("edge", "--config", str(cfg)), self.dir / f"{name}.log"
+        )
 
     def _wait_ready(
         self,
@@ -382,14 +446,20 @@ class Ours(Path_):
         return ep
 
     def _wait_ready_wan(
-        self, cloud: subprocess.Popen[bytes], edge: subprocess.Popen[bytes], admin_port: int, ep: dict[str, Any]
+        self,
+        cloud: subprocess.Popen[bytes],
+        edge: subprocess.Popen[bytes],
+        admin_port: int,
+        ep: dict[str, Any],
     ) -> None:
         deadline = time.monotonic() + 30.0
         last = "nothing tried yet"
         while time.monotonic() < deadline:
             for proc, what in ((cloud, "cloud-wan"), (edge, "edge-wan")):
                 if proc.poll() is not None:
-                    raise PathUnavailable(f"{what} exited with {proc.returncode}: {tail(self.dir / f'{what}.log')}")
+                    raise PathUnavailable(
+                        f"{what} exited with {proc.returncode}: {tail(self.dir / f'{what}.log')}"
+                    )
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=2)
                 conn.request("GET", "/readyz")

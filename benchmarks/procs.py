@@ -21,8 +21,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-
-
 def wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -168,7 +166,9 @@ class Cleanup:
         self.procs.append((name, proc))
         return proc
 
-    def spawn_ready(self, name: str, argv: list[str], log: Path, timeout: float = 15.0) -> tuple[subprocess.Popen[bytes], int]:
+    def spawn_ready(
+        self, name: str, argv: list[str], log: Path, timeout: float = 15.0
+    ) -> tuple[subprocess.Popen[bytes], int]:
         """Start one of our own servers that prints ``READY <port>`` and return it with the port."""
         proc = self.spawn(name, argv, log, stdout_pipe=True)
         assert proc.stdout is not None
@@ -226,7 +226,10 @@ class Cleanup:
                 f.close()  # type: ignore[attr-defined]
         self.logs.clear()
         if self.keep_dirs and self.dirs:
-            print("kept (logs, configs, keys): " + " ".join(str(d) for d in self.dirs), file=sys.stderr)
+            print(
+                "kept (logs, configs, keys): " + " ".join(str(d) for d in self.dirs),
+                file=sys.stderr,
+            )
         else:
             for d in self.dirs:
                 shutil.rmtree(d, ignore_errors=True)

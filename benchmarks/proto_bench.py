@@ -31,8 +31,12 @@ def _pair(cfg: MuxConfig) -> tuple[Connection, Connection, int]:
 
 def bulk(frame_size: int, total: int) -> float:
     """MB/s of `frame_size` DATA frames, `total` bytes, sender -> receiver -> consumed."""
-    cfg = MuxConfig(max_frame=max(frame_size, 16 * 1024), initial_window=16 << 20, max_window=16 << 20,
-                    session_budget=64 << 20)
+    cfg = MuxConfig(
+        max_frame=max(frame_size, 16 * 1024),
+        initial_window=16 << 20,
+        max_window=16 << 20,
+        session_budget=64 << 20,
+    )
     s, c, sid = _pair(cfg)
     payload = b"x" * frame_size
     batch = max(1, (1 << 20) // frame_size)  # ~1 MiB of frames per receive_data, like a big recv
@@ -92,9 +96,15 @@ def main() -> None:
     small = [small_frames(200_000) for _ in range(rounds)]
     print("| case | median | min | max |")
     print("| --- | --- | --- | --- |")
-    print(f"| 64 KiB DATA frames, MB/s | {statistics.median(big):,.0f} | {min(big):,.0f} | {max(big):,.0f} |")
-    print(f"| 16 KiB DATA frames, MB/s | {statistics.median(mid):,.0f} | {min(mid):,.0f} | {max(mid):,.0f} |")
-    print(f"| 64 B DATA frames, frames/s | {statistics.median(small):,.0f} | {min(small):,.0f} | {max(small):,.0f} |")
+    print(
+        f"| 64 KiB DATA frames, MB/s | {statistics.median(big):,.0f} | {min(big):,.0f} | {max(big):,.0f} |"
+    )
+    print(
+        f"| 16 KiB DATA frames, MB/s | {statistics.median(mid):,.0f} | {min(mid):,.0f} | {max(mid):,.0f} |"
+    )
+    print(
+        f"| 64 B DATA frames, frames/s | {statistics.median(small):,.0f} | {min(small):,.0f} | {max(small):,.0f} |"
+    )
 
 
 if __name__ == "__main__":

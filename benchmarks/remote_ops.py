@@ -63,8 +63,9 @@ async def exec_it_rtts(env: KubectlEnv, lines: int) -> list[float]:
     return rtts
 
 
-async def cp_rates(env: KubectlEnv, src: Path, digest: str, pids: dict[str, int],
-                   cpu: dict[str, float]) -> tuple[float, float]:
+async def cp_rates(
+    env: KubectlEnv, src: Path, digest: str, pids: dict[str, int], cpu: dict[str, float]
+) -> tuple[float, float]:
     """MB/s into and out of the pod; adds each process's CPU seconds (both copies) to `cpu`."""
     size = src.stat().st_size
     before = {name: cpu_seconds([pid]) for name, pid in pids.items()}
@@ -107,9 +108,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     sandbox.mkdir()
     (base / "home").mkdir()
     standin = subprocess.Popen(
-        [sys.executable, "-m", "kins_tunnel.testing.k3s_standin", "--port", str(k3s_port),
-         "--dir", str(base), "--sandbox", str(sandbox)],
-        stdout=open(base / "standin.log", "wb"), stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "kins_tunnel.testing.k3s_standin",
+            "--port",
+            str(k3s_port),
+            "--dir",
+            str(base),
+            "--sandbox",
+            str(sandbox),
+        ],
+        stdout=open(base / "standin.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         with procs(base) as ps:
             cloud = ps.cloud()
@@ -122,11 +134,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             tunnel_kc, direct_kc = base / "tunnel.kubeconfig", base / "direct.kubeconfig"
             write_kubeconfig(tunnel_kc, cloud.proxy, ca)
             doc = yaml.safe_load(tunnel_kc.read_text())
-            doc["clusters"][0]["cluster"] = {"server": f"https://127.0.0.1:{k3s_port}",
-                                             "certificate-authority": str(ca)}
+            doc["clusters"][0]["cluster"] = {
+                "server": f"https://127.0.0.1:{k3s_port}",
+                "certificate-authority": str(ca),
+            }
             direct_kc.write_text(yaml.safe_dump(doc))
-            envs = {name: KubectlEnv(base, kc, sandbox, None, k3s_port)
-                    for name, kc in (("direct", direct_kc), ("tunnel", tunnel_kc))}
+            envs = {
+                name: KubectlEnv(base, kc, sandbox, None, k3s_port)
+                for name, kc in (("direct", direct_kc), ("tunnel", tunnel_kc))
+            }
             src = base / "bench.bin"
             digest = hashlib.sha256()
             with open(src, "wb") as f:
@@ -145,26 +161,39 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     out.setdefault("exec -it p99 (ms)", []).append(percentile(rtts, 99) * 1e3)
                     cpu: dict[str, float] = {}
                     watched = {"stand-in": standin.pid} | (
-                        {"cloud": cloud.pid, "edge": edge.pid} if name == "tunnel" else {})
+                        {"cloud": cloud.pid, "edge": edge.pid} if name == "tunnel" else {}
+                    )
                     up, down = await cp_rates(env, src, digest.hexdigest(), watched, cpu)
                     out.setdefault(f"cp {args.cp_mib} MiB into the pod (MB/s)", []).append(up)
                     out.setdefault(f"cp {args.cp_mib} MiB out of the pod (MB/s)", []).append(down)
                     gb = 2 * (args.cp_mib << 20) / 1e9
                     out.setdefault("cp: stand-in CPU s per GB", []).append(cpu["stand-in"] / gb)
                     out.setdefault("cp: cloud + edge CPU s per GB", []).append(
-                        (cpu.get("cloud", 0.0) + cpu.get("edge", 0.0)) / gb)
+                        (cpu.get("cloud", 0.0) + cpu.get("edge", 0.0)) / gb
+                    )
                     rate = await port_forward_rate(env, args.pf_mib << 20)
-                    out.setdefault(f"port-forward echo {args.pf_mib} MiB (MB/s each way)", []).append(rate)
-                    print(f"round {rnd + 1} {name}: " + ", ".join(
-                        f"{k} {v[-1]:.2f}" for k, v in out.items()), flush=True)
+                    out.setdefault(
+                        f"port-forward echo {args.pf_mib} MiB (MB/s each way)", []
+                    ).append(rate)
+                    print(
+                        f"round {rnd + 1} {name}: "
+                        + ", ".join(f"{k} {v[-1]:.2f}" for k, v in out.items()),
+                        flush=True,
+                    )
     finally:
         standin.kill()
         standin.wait()
         if not args.keep:
             import shutil
+
             shutil.rmtree(base, ignore_errors=True)
-    return {"rounds": args.rounds, "lines": args.lines, "cp_mib": args.cp_mib,
-            "pf_mib": args.pf_mib, "results": results}
+    return {
+        "rounds": args.rounds,
+        "lines": args.lines,
+        "cp_mib": args.cp_mib,
+        "pf_mib": args.pf_mib,
+        "results": results,
+    }
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -178,8 +207,12 @@ def render(doc: dict[str, Any]) -> str:
             rows.append(f"| {key} | — | {t:.2f} |  |")
     spread = ["| measure | direct | tunnel |", "|---|---|---|"]
     for key in doc["results"]["direct"]:
-        cells = [f"{min(doc['results'][p][key]):.2f} – {max(doc['results'][p][key]):.2f}"
-                 if any(doc["results"][p][key]) else "—" for p in ("direct", "tunnel")]
+        cells = [
+            f"{min(doc['results'][p][key]):.2f} – {max(doc['results'][p][key]):.2f}"
+            if any(doc["results"][p][key])
+            else "—"
+            for p in ("direct", "tunnel")
+        ]
         spread.append(f"| {key} | {cells[0]} | {cells[1]} |")
     return "\n".join(rows) + "\n\nSpread over rounds (min – max):\n\n" + "\n".join(spread)
 
@@ -190,15 +223,21 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=500, help="exec -it round trips per round")
     parser.add_argument("--cp-mib", type=int, default=200)
     parser.add_argument("--pf-mib", type=int, default=64)
-    parser.add_argument("--quick", action="store_true", help="1 round, 32 MiB cp, 100 lines, 16 MiB port-forward")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 round, 32 MiB cp, 100 lines, 16 MiB port-forward"
+    )
     parser.add_argument("--json", default="benchmarks/results/remote_ops.json")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.lines, args.cp_mib, args.pf_mib = 1, 100, 32, 16
     doc = trio.run(run, args)
-    doc["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0],
-                      "load": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    doc["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "load": os.getloadavg(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(doc, indent=1))
     print()

@@ -40,14 +40,28 @@ def ssh_path_name(cipher: str | None) -> str:
 def params(quick: bool) -> dict[str, Any]:
     if quick:
         return {
-            "tput_bytes": 64 * MiB, "rtt_count": 1000, "rtt_warmup": 100, "setup_count": 50,
-            "parallel_streams": 64, "parallel_bytes": 2 * MiB, "fair_count": 500,
-            "wan_bytes": 8 * MiB, "wan_delay_ms": 25.0, "wan_rate_mbit": 100.0,
+            "tput_bytes": 64 * MiB,
+            "rtt_count": 1000,
+            "rtt_warmup": 100,
+            "setup_count": 50,
+            "parallel_streams": 64,
+            "parallel_bytes": 2 * MiB,
+            "fair_count": 500,
+            "wan_bytes": 8 * MiB,
+            "wan_delay_ms": 25.0,
+            "wan_rate_mbit": 100.0,
         }
     return {
-        "tput_bytes": 512 * MiB, "rtt_count": 5000, "rtt_warmup": 500, "setup_count": 300,
-        "parallel_streams": 64, "parallel_bytes": 16 * MiB, "fair_count": 2000,
-        "wan_bytes": 32 * MiB, "wan_delay_ms": 25.0, "wan_rate_mbit": 100.0,
+        "tput_bytes": 512 * MiB,
+        "rtt_count": 5000,
+        "rtt_warmup": 500,
+        "setup_count": 300,
+        "parallel_streams": 64,
+        "parallel_bytes": 16 * MiB,
+        "fair_count": 2000,
+        "wan_bytes": 32 * MiB,
+        "wan_delay_ms": 25.0,
+        "wan_rate_mbit": 100.0,
     }
 
 
@@ -66,10 +80,16 @@ def parse_result(out: str, err: str, rc: int) -> dict[str, Any]:
     return {"error": f"client failed: {last}"}
 
 
-def run_client(mode: str, ep: dict[str, Any], *extra: str, timeout: float = 180.0) -> dict[str, Any]:
+def run_client(
+    mode: str, ep: dict[str, Any], *extra: str, timeout: float = 180.0
+) -> dict[str, Any]:
     try:
         r = subprocess.run(
-            client_argv(mode, ep, *extra), capture_output=True, text=True, timeout=timeout, cwd=REPO,
+            client_argv(mode, ep, *extra),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
             stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired:
@@ -83,14 +103,21 @@ def fairness_once(ep_echo: dict[str, Any], ep_source: dict[str, Any], count: int
         return {"error": "idle: " + idle["error"]}
     bulk = subprocess.Popen(
         client_argv("bulk", ep_source, "--max-seconds", "90"),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     try:
         assert bulk.stdout is not None and bulk.stdin is not None
         first = bulk.stdout.readline().strip()  # STARTED once data flows, or RESULT with an error
         if first != "STARTED":
             out, err = bulk.communicate(timeout=30)  # closes stdin: the bulk client stops
-            return {"error": "bulk: " + parse_result(first + "\n" + out, err, bulk.returncode).get("error", "?")}
+            return {
+                "error": "bulk: "
+                + parse_result(first + "\n" + out, err, bulk.returncode).get("error", "?")
+            }
         loaded = run_client("rtt", ep_echo, "--count", str(count), "--warmup", "100", timeout=120)
         out, err = bulk.communicate(timeout=30)  # closes stdin: the bulk client stops
         bulk_res = parse_result(out, err, bulk.returncode)
@@ -120,7 +147,9 @@ class Bench:
         self.axes = args.axes
         self.cleanup = Cleanup(keep_dirs=args.keep_logs)
         self.paths: list[Path_] = []
-        self.names: list[str] = []  # column order: direct, the ssh -R configurations, ours, baseline
+        self.names: list[
+            str
+        ] = []  # column order: direct, the ssh -R configurations, ours, baseline
         self.skipped: dict[str, str] = {}
         self.scale: dict[str, float] | None = None
         self.samples: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -145,7 +174,8 @@ class Bench:
     def skip(self, axis: str, path: str) -> bool:
         if (axis, path) in self.broken:
             self.samples.setdefault(axis, {}).setdefault(path, []).append(
-                {"error": "not measured: timed out in an earlier round"})
+                {"error": "not measured: timed out in an earlier round"}
+            )
             return True
         return False
 
@@ -156,13 +186,31 @@ class Bench:
         makers: list[tuple[str, Any]] = []
         for cipher in self.args.ssh_ciphers:
             name = ssh_path_name(cipher)
-            makers.append((name, lambda c=cipher, n=name: SshR(
-                self.cleanup, targets, None if c == "default" else c, self.args.ssh_interactive, name=n)))
-        makers.append(("ours", lambda: Ours(self.cleanup, targets, shlex.split(self.args.kins_cmd) or None)))
+            makers.append(
+                (
+                    name,
+                    lambda c=cipher, n=name: SshR(
+                        self.cleanup,
+                        targets,
+                        None if c == "default" else c,
+                        self.args.ssh_interactive,
+                        name=n,
+                    ),
+                )
+            )
+        makers.append(
+            ("ours", lambda: Ours(self.cleanup, targets, shlex.split(self.args.kins_cmd) or None))
+        )
         if self.args.baseline:
             ref = self.args.baseline
-            makers.append((f"ours@{ref}", lambda: Ours(
-                self.cleanup, targets, baseline_cmd(self.cleanup, ref), name=f"ours@{ref}")))
+            makers.append(
+                (
+                    f"ours@{ref}",
+                    lambda: Ours(
+                        self.cleanup, targets, baseline_cmd(self.cleanup, ref), name=f"ours@{ref}"
+                    ),
+                )
+            )
         self.names = ["direct"] + [name for name, _ in makers]
         for name, make in makers:
             self.log(f"starting path {name}")
@@ -203,57 +251,96 @@ class Bench:
                     parts = pth.cost_parts
                     cpu0 = {k: cpu_seconds(r, pth.cost_exclude) for k, r in parts.items()}
                     flt0 = {k: minor_faults(r, pth.cost_exclude) for k, r in parts.items()}
-                    res = run_client(direction, pth.endpoints[kind], "--bytes", str(p["tput_bytes"]))
+                    res = run_client(
+                        direction, pth.endpoints[kind], "--bytes", str(p["tput_bytes"])
+                    )
                     if parts and "error" not in res:
-                        cpu = {k: cpu_seconds(r, pth.cost_exclude) - cpu0[k] for k, r in parts.items()}
-                        flt = {f"faults {k}": float(minor_faults(r, pth.cost_exclude) - flt0[k])
-                               for k, r in parts.items()}
+                        cpu = {
+                            k: cpu_seconds(r, pth.cost_exclude) - cpu0[k] for k, r in parts.items()
+                        }
+                        flt = {
+                            f"faults {k}": float(minor_faults(r, pth.cost_exclude) - flt0[k])
+                            for k, r in parts.items()
+                        }
                         res["tunnel_cpu_s"] = sum(cpu.values())
                         res["cpu_parts_s"] = cpu
                         res["minor_faults"] = flt
                         self.cost_acc.setdefault(pth.name, []).append(
-                            {"cpu": sum(cpu.values()), "bytes": res["bytes"], **cpu, **flt})
+                            {"cpu": sum(cpu.values()), "bytes": res["bytes"], **cpu, **flt}
+                        )
                     self.record(direction, pth.name, res)
         if "rtt" in want:
             for pth in order:
                 if self.skip("rtt", pth.name):
                     continue
-                self.record("rtt", pth.name, run_client(
-                    "rtt", pth.endpoints["echo"], "--count", str(p["rtt_count"]),
-                    "--warmup", str(p["rtt_warmup"]), "--raw"))
+                self.record(
+                    "rtt",
+                    pth.name,
+                    run_client(
+                        "rtt",
+                        pth.endpoints["echo"],
+                        "--count",
+                        str(p["rtt_count"]),
+                        "--warmup",
+                        str(p["rtt_warmup"]),
+                        "--raw",
+                    ),
+                )
         if "setup" in want:
             for pth in order:
                 if self.skip("setup", pth.name):
                     continue
-                self.record("setup", pth.name, run_client(
-                    "setup", pth.endpoints["echo"], "--count", str(p["setup_count"])))
+                self.record(
+                    "setup",
+                    pth.name,
+                    run_client("setup", pth.endpoints["echo"], "--count", str(p["setup_count"])),
+                )
         if "parallel" in want:
-            for axis, mode, kind in (("parallel", "parallel", "sink"),
-                                     ("parallel_down", "parallel-download", "source")):
+            for axis, mode, kind in (
+                ("parallel", "parallel", "sink"),
+                ("parallel_down", "parallel-download", "source"),
+            ):
                 for pth in order:
                     if self.skip(axis, pth.name):
                         continue
-                    self.record(axis, pth.name, run_client(
-                        mode, pth.endpoints[kind], "--streams", str(p["parallel_streams"]),
-                        "--bytes", str(p["parallel_bytes"])))
+                    self.record(
+                        axis,
+                        pth.name,
+                        run_client(
+                            mode,
+                            pth.endpoints[kind],
+                            "--streams",
+                            str(p["parallel_streams"]),
+                            "--bytes",
+                            str(p["parallel_bytes"]),
+                        ),
+                    )
         if "fairness" in want:
             for pth in order:
                 if self.skip("fairness", pth.name):
                     continue
-                self.record("fairness", pth.name, fairness_once(
-                    pth.endpoints["echo"], pth.endpoints["source"], p["fair_count"]))
+                self.record(
+                    "fairness",
+                    pth.name,
+                    fairness_once(pth.endpoints["echo"], pth.endpoints["source"], p["fair_count"]),
+                )
         if "wan" in want:
             for pth in order:
                 ep = self.wan_eps.get(pth.name)
                 if ep is not None and not self.skip("wan", pth.name):
-                    self.record("wan", pth.name, run_client("download", ep, "--bytes", str(p["wan_bytes"])))
+                    self.record(
+                        "wan", pth.name, run_client("download", ep, "--bytes", str(p["wan_bytes"]))
+                    )
 
     def round_summary(self, rnd: int) -> None:
         bits = []
         for axis, key, fmt in (
-            ("upload", "MBps", "{:.0f} MB/s"), ("download", "MBps", "{:.0f} MB/s"),
-            ("rtt", "p50_us", "p50 {:.0f} us"), ("setup", "conn_per_s", "{:.0f} conn/s"),
-            ("parallel", "MBps", "{:.0f} MB/s"), ("parallel_down", "MBps", "{:.0f} MB/s"),
+            ("upload", "MBps", "{:.0f} MB/s"),
+            ("download", "MBps", "{:.0f} MB/s"),
+            ("rtt", "p50_us", "p50 {:.0f} us"),
+            ("setup", "conn_per_s", "{:.0f} conn/s"),
+            ("parallel", "MBps", "{:.0f} MB/s"),
+            ("parallel_down", "MBps", "{:.0f} MB/s"),
             ("fairness", "ratio_p99", "x{:.2f}"),
             ("wan", "MBps", "{:.1f} MB/s"),
         ):
@@ -275,8 +362,11 @@ class Bench:
         self.machine = machine_info()  # at the start: the commit under test, not a later one
         self.setup_paths()
         if "wan" in self.axes:
-            self.log("starting WAN relays ({} ms one way, {} Mbit/s)".format(
-                self.p["wan_delay_ms"], self.p["wan_rate_mbit"]))
+            self.log(
+                "starting WAN relays ({} ms one way, {} Mbit/s)".format(
+                    self.p["wan_delay_ms"], self.p["wan_rate_mbit"]
+                )
+            )
             self.setup_wan()
         for rnd in range(1, self.args.rounds + 1):
             self.log(f"round {rnd}/{self.args.rounds}")
@@ -286,7 +376,9 @@ class Bench:
             if pth.cost_roots:
                 self.rss[pth.name] = rss_mib(pth.cost_roots, pth.cost_exclude)
                 self.rss_detail[pth.name] = rss_breakdown(pth.cost_roots, pth.cost_exclude)
-                self.rss_parts[pth.name] = {k: rss_mib(r, pth.cost_exclude) for k, r in pth.cost_parts.items()}
+                self.rss_parts[pth.name] = {
+                    k: rss_mib(r, pth.cost_exclude) for k, r in pth.cost_parts.items()
+                }
         if "scale" in self.axes:
             # Last, on its own: one more cloud process and the simulated edges would disturb
             # every other axis. ssh -R and direct have no counterpart (no edge tunnels).
@@ -310,7 +402,11 @@ class Bench:
         out: dict[str, dict[str, list[float]]] = {}
         for metric, (axis, key) in SPREAD_KEYS.items():
             for name in self.names:
-                vals = [r[key] for r in self.samples.get(axis, {}).get(name, []) if r.get(key) is not None]
+                vals = [
+                    r[key]
+                    for r in self.samples.get(axis, {}).get(name, [])
+                    if r.get(key) is not None
+                ]
                 if vals:
                     out.setdefault(metric, {})[name] = [min(vals), max(vals)]
         return out
@@ -347,8 +443,12 @@ class Bench:
                 cost[name] = pick(per_gb) if per_gb else None
             s[metric] = cost
         s["rss_MiB"] = {name: self.rss.get(name) for name in self.names}
-        s["rss_server_MiB"] = {name: self.rss_parts.get(name, {}).get("server side") for name in self.names}
-        s["rss_client_MiB"] = {name: self.rss_parts.get(name, {}).get("client side") for name in self.names}
+        s["rss_server_MiB"] = {
+            name: self.rss_parts.get(name, {}).get("server side") for name in self.names
+        }
+        s["rss_client_MiB"] = {
+            name: self.rss_parts.get(name, {}).get("client side") for name in self.names
+        }
         return s
 
     def results(self, elapsed: float) -> dict[str, Any]:
@@ -386,16 +486,64 @@ ROWS: list[tuple[str, str, str, str, str | None, float, str | None]] = [
     ("rtt", "rtt_p99_us", "RTT 64 B p99 (µs)", "{:.0f}", None, 0, "lo"),
     ("setup", "setup_conn_per_s", "setup + 1st RTT (conn/s)", "{:.0f}", "ge_ssh", 10.0, "hi"),
     ("setup", "setup_p50_ms", "setup + 1st RTT p50 (ms)", "{:.2f}", None, 0, "lo"),
-    ("parallel", "parallel_MBps", "64 streams upload, aggregate (MB/s)", "{:.0f}", "ge_ssh", 1.0, "hi"),
-    ("parallel", "parallel_down_MBps", "64 streams download, aggregate (MB/s)", "{:.0f}", "ge_ssh", 1.0, "hi"),
+    (
+        "parallel",
+        "parallel_MBps",
+        "64 streams upload, aggregate (MB/s)",
+        "{:.0f}",
+        "ge_ssh",
+        1.0,
+        "hi",
+    ),
+    (
+        "parallel",
+        "parallel_down_MBps",
+        "64 streams download, aggregate (MB/s)",
+        "{:.0f}",
+        "ge_ssh",
+        1.0,
+        "hi",
+    ),
     ("fairness", "fair_idle_p99_us", "interactive p99 idle (µs)", "{:.0f}", None, 0, "lo"),
     ("fairness", "fair_loaded_p99_us", "interactive p99 under bulk (µs)", "{:.0f}", None, 0, "lo"),
     ("fairness", "fair_ratio", "p99 under bulk / idle p99", "{:.2f}", "le_abs", 3.0, "lo"),
-    ("cost", "cost_cpu_s_per_GB", "tunnel CPU s per GB, both processes (axis 1)", "{:.2f}", "le_ssh", 1.0, "lo"),
+    (
+        "cost",
+        "cost_cpu_s_per_GB",
+        "tunnel CPU s per GB, both processes (axis 1)",
+        "{:.2f}",
+        "le_ssh",
+        1.0,
+        "lo",
+    ),
     ("cost", "cost_server_cpu_s_per_GB", "CPU s per GB: cloud / sshd", "{:.2f}", None, 0, "lo"),
-    ("cost", "cost_client_cpu_s_per_GB", "CPU s per GB: edge / ssh client", "{:.2f}", None, 0, "lo"),
-    ("cost", "faults_server_per_GB", "minor page faults per GB, worst transfer: cloud / sshd", "{:.0f}", None, 0, "lo"),
-    ("cost", "faults_client_per_GB", "minor page faults per GB, worst transfer: edge / ssh client", "{:.0f}", None, 0, "lo"),
+    (
+        "cost",
+        "cost_client_cpu_s_per_GB",
+        "CPU s per GB: edge / ssh client",
+        "{:.2f}",
+        None,
+        0,
+        "lo",
+    ),
+    (
+        "cost",
+        "faults_server_per_GB",
+        "minor page faults per GB, worst transfer: cloud / sshd",
+        "{:.0f}",
+        None,
+        0,
+        "lo",
+    ),
+    (
+        "cost",
+        "faults_client_per_GB",
+        "minor page faults per GB, worst transfer: edge / ssh client",
+        "{:.0f}",
+        None,
+        0,
+        "lo",
+    ),
     ("cost", "rss_MiB", "tunnel RSS after run, both (MiB)", "{:.0f}", None, 0, "lo"),
     ("cost", "rss_server_MiB", "RSS: cloud / sshd (MiB)", "{:.0f}", None, 0, "lo"),
     ("cost", "rss_client_MiB", "RSS: edge / ssh client (MiB)", "{:.0f}", None, 0, "lo"),
@@ -433,8 +581,13 @@ def best_ssh(vals: dict[str, float | None], better: str | None) -> float | None:
     return max(got) if better == "hi" else min(got)
 
 
-def table_rows(summ: dict[str, dict[str, float | None]], axes: list[str], skipped: dict[str, str],
-               names: list[str], scale: dict[str, float] | None = None) -> list[dict[str, str]]:
+def table_rows(
+    summ: dict[str, dict[str, float | None]],
+    axes: list[str],
+    skipped: dict[str, str],
+    names: list[str],
+    scale: dict[str, float] | None = None,
+) -> list[dict[str, str]]:
     rows = []
     for axis, metric, label, spec, rule, factor, better in ROWS:
         if axis not in axes and not (axis == "cost" and "throughput" in axes):
@@ -463,14 +616,37 @@ def table_rows(summ: dict[str, dict[str, float | None]], axes: list[str], skippe
         n = int(scale["edges"])
         rss = scale["cloud_rss_mib"]
         dash = {name: "—" for name in names}
-        rows.append({**dash, "axis": f"scale: cloud RSS with {n:,} idle edges (MiB)", "ours": f"{rss:.0f}",
-                     "ours/best ssh": "—", "target": "≤ 1024 MiB at 10,000",
-                     "met?": ("yes" if rss <= 1024 else "no") if n >= 10_000 else "n/a (fewer edges)"})
+        rows.append(
+            {
+                **dash,
+                "axis": f"scale: cloud RSS with {n:,} idle edges (MiB)",
+                "ours": f"{rss:.0f}",
+                "ours/best ssh": "—",
+                "target": "≤ 1024 MiB at 10,000",
+                "met?": ("yes" if rss <= 1024 else "no") if n >= 10_000 else "n/a (fewer edges)",
+            }
+        )
         if "kib_per_tunnel" in scale:
-            rows.append({**dash, "axis": "scale: memory per idle edge (KiB)", "ours": f"{scale['kib_per_tunnel']:.1f}",
-                         "ours/best ssh": "—", "target": "", "met?": ""})
-        rows.append({**dash, "axis": f"scale: time to accept {n:,} edges (s)",
-                     "ours": f"{scale['accept_seconds']:.1f}", "ours/best ssh": "—", "target": "", "met?": ""})
+            rows.append(
+                {
+                    **dash,
+                    "axis": "scale: memory per idle edge (KiB)",
+                    "ours": f"{scale['kib_per_tunnel']:.1f}",
+                    "ours/best ssh": "—",
+                    "target": "",
+                    "met?": "",
+                }
+            )
+        rows.append(
+            {
+                **dash,
+                "axis": f"scale: time to accept {n:,} edges (s)",
+                "ours": f"{scale['accept_seconds']:.1f}",
+                "ours/best ssh": "—",
+                "target": "",
+                "met?": "",
+            }
+        )
     return rows
 
 
@@ -491,9 +667,11 @@ def markdown(res: dict[str, Any]) -> str:
     for name in names:
         info = res["paths"].get(name)
         if info and name.startswith("ssh -R"):
-            lines.append(f"{name}: {info.get('ssh_version', '?')}; client `{info.get('client_mode')}`; "
-                         f"cipher {info.get('cipher_negotiated', '?')} "
-                         f"(requested: {info.get('cipher_requested')}), kex {info.get('kex', '?')}.")
+            lines.append(
+                f"{name}: {info.get('ssh_version', '?')}; client `{info.get('client_mode')}`; "
+                f"cipher {info.get('cipher_negotiated', '?')} "
+                f"(requested: {info.get('cipher_requested')}), kex {info.get('kex', '?')}."
+            )
             lines.append("")
         elif info and name.startswith("ours@"):
             lines.append(f"{name}: the tunnel as of git revision {name[5:]} (A/B in the same run).")
@@ -506,11 +684,17 @@ def markdown(res: dict[str, Any]) -> str:
     if spread and res["args"]["rounds"] > 1:
         labels = {metric: label for _a, metric, label, _s, _r, _f, _b in ROWS}
         specs = {metric: spec for _a, metric, _l, spec, _r, _f, _b in ROWS}
-        lines += ["Spread over rounds (min – max):", "",
-                  "| axis | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [
+            "Spread over rounds (min – max):",
+            "",
+            "| axis | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
         for metric, per in spread.items():
             cells = [
-                f"{specs[metric].format(per[n][0])} – {specs[metric].format(per[n][1])}" if n in per else "—"
+                f"{specs[metric].format(per[n][0])} – {specs[metric].format(per[n][1])}"
+                if n in per
+                else "—"
                 for n in names
             ]
             lines.append(f"| {labels[metric]} | " + " | ".join(cells) + " |")
@@ -522,7 +706,10 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append("")
     errors = [
         f"- {axis}/{path}: {r['error']}"
-        for axis, per in res["samples"].items() for path, runs in per.items() for r in runs if "error" in r
+        for axis, per in res["samples"].items()
+        for path, runs in per.items()
+        for r in runs
+        if "error" in r
     ]
     if errors:
         lines.append("Errors:")
@@ -541,8 +728,13 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=REPO, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         commit = "?"
     return {
@@ -557,30 +749,47 @@ def machine_info() -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="short smoke run (small transfers, 1 round)")
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.splitlines()[0]
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="short smoke run (small transfers, 1 round)"
+    )
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default 5; 1 with --quick)")
     ap.add_argument("--only", default="", help="comma-separated axes: " + ",".join(AXES))
     ap.add_argument("--json", default="benchmarks/results/latest.json", help="raw results (JSON)")
     ap.add_argument("--markdown", default="benchmarks/results/latest.md", help="table (markdown)")
-    ap.add_argument("--ssh-cipher", default=None,
-                    help="measure only this one ssh -R configuration, e.g. aes128-gcm@openssh.com")
-    ap.add_argument("--ssh-ciphers", default=DEFAULT_SSH_CIPHERS,
-                    help="ssh -R configurations side by side, one per cipher ('default' = negotiated); "
-                    f"default {DEFAULT_SSH_CIPHERS}")
-    ap.add_argument("--baseline", default="", metavar="GIT-REF",
-                    help="also measure the tunnel as of this git revision (column ours@REF): A/B in one run")
     ap.add_argument(
-        "--keep-logs", action="store_true",
+        "--ssh-cipher",
+        default=None,
+        help="measure only this one ssh -R configuration, e.g. aes128-gcm@openssh.com",
+    )
+    ap.add_argument(
+        "--ssh-ciphers",
+        default=DEFAULT_SSH_CIPHERS,
+        help="ssh -R configurations side by side, one per cipher ('default' = negotiated); "
+        f"default {DEFAULT_SSH_CIPHERS}",
+    )
+    ap.add_argument(
+        "--baseline",
+        default="",
+        metavar="GIT-REF",
+        help="also measure the tunnel as of this git revision (column ours@REF): A/B in one run",
+    )
+    ap.add_argument(
+        "--keep-logs",
+        action="store_true",
         help="keep the temp dirs (cloud/edge/sshd/ssh logs, configs, keys) instead of deleting them",
     )
     ap.add_argument(
-        "--kins-cmd", default="",
+        "--kins-cmd",
+        default="",
         help="command that runs the tunnel CLI (default: this Python's -m kins_tunnel), "
         "e.g. 'kins-tunnel' for the installed console script",
     )
     ap.add_argument(
-        "--ssh-interactive", action="store_true",
+        "--ssh-interactive",
+        action="store_true",
         help="run the ssh -R client with a TTY session (ssh -tt ... sleep) instead of -N; "
         "OpenSSH then sets TCP_NODELAY on its connection",
     )

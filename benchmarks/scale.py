@@ -65,7 +65,9 @@ async def _one_edge(port: int, ctx: object, connected: list[int], stop: trio.Eve
 
 
 async def _worker(port: int, n: int, certs: Path, node: str, hold: float, report: Path) -> None:
-    ctx = client_ssl_context(certs / "ca.crt", certs / f"edge-{node}.crt", certs / f"edge-{node}.key")
+    ctx = client_ssl_context(
+        certs / "ca.crt", certs / f"edge-{node}.crt", certs / f"edge-{node}.key"
+    )
     connected = [0, 0]  # tunnels up now, attempts that ended
     stop = trio.Event()
 
@@ -113,14 +115,35 @@ def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
         init_ca(certs)
         issue_edge(certs, "scale", "edge1")
         tport, pport, aport = _free_port(), _free_port(), _free_port()
-        (base / "cloud.yaml").write_text(json.dumps({
-            "tunnel": {"listen": f"127.0.0.1:{tport}"}, "proxy": {"listen": f"127.0.0.1:{pport}"},
-            "admin": {"listen": f"127.0.0.1:{aport}"}, "log": {"level": "error"},
-            "tls": {"ca": str(certs / "ca.crt"), "cert": str(certs / "cloud.crt"), "key": str(certs / "cloud.key")}}))
+        (base / "cloud.yaml").write_text(
+            json.dumps(
+                {
+                    "tunnel": {"listen": f"127.0.0.1:{tport}"},
+                    "proxy": {"listen": f"127.0.0.1:{pport}"},
+                    "admin": {"listen": f"127.0.0.1:{aport}"},
+                    "log": {"level": "error"},
+                    "tls": {
+                        "ca": str(certs / "ca.crt"),
+                        "cert": str(certs / "cloud.crt"),
+                        "key": str(certs / "cloud.key"),
+                    },
+                }
+            )
+        )
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            cloud = subprocess.Popen([sys.executable, "-m", "kins_tunnel", "cloud", "--config", str(base / "cloud.yaml")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cloud = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "kins_tunnel",
+                    "cloud",
+                    "--config",
+                    str(base / "cloud.yaml"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             procs.append(cloud)
             deadline = time.monotonic() + 20
             while True:
@@ -136,9 +159,23 @@ def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
             t0 = time.monotonic()
             reports = [base / f"worker-{i}.count" for i in range(len(per))]
             for n, report in zip(per, reports, strict=True):
-                procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.scale", "worker", str(tport), str(n),
-                                               str(certs), str(timeout), str(report)],
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "benchmarks.scale",
+                            "worker",
+                            str(tport),
+                            str(n),
+                            str(certs),
+                            str(timeout),
+                            str(report),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
             # The workers count completed protocol handshakes (the cloud answered HELLO, so it
             # holds the session); scraping the cloud's per-tunnel metrics while it accepts would
             # cost it more than the handshakes, so it is asked once, at the end.
@@ -155,9 +192,14 @@ def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
             time.sleep(2)
             seen = _metric(aport, "kins_tunnel_tunnels")
             rss = _rss_mib(cloud.pid)
-            return {"edges": seen, "handshakes_retried": retries, "accept_seconds": round(accept_s, 1), "cloud_rss_mib": round(rss, 1),
-                    "cloud_rss_before_mib": round(rss_before, 1),
-                    "kib_per_tunnel": round((rss - rss_before) * 1024 / max(seen, 1), 1)}
+            return {
+                "edges": seen,
+                "handshakes_retried": retries,
+                "accept_seconds": round(accept_s, 1),
+                "cloud_rss_mib": round(rss, 1),
+                "cloud_rss_before_mib": round(rss_before, 1),
+                "kib_per_tunnel": round((rss - rss_before) * 1024 / max(seen, 1), 1),
+            }
         finally:
             for p in procs:
                 p.send_signal(signal.SIGKILL)
@@ -167,7 +209,12 @@ def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        port, n, certs, hold = int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5])
+        port, n, certs, hold = (
+            int(sys.argv[2]),
+            int(sys.argv[3]),
+            Path(sys.argv[4]),
+            float(sys.argv[5]),
+        )
         trio.run(_worker, port, n, certs, "edge1", hold, Path(sys.argv[6]))
         return
     # SIGTERM (e.g. from `timeout`) unwinds through run()'s clean-up like Ctrl-C does

@@ -48,7 +48,7 @@ def _cpu(pid: int) -> tuple[str, float] | None:
             text = f.read()
     except OSError:
         return None
-    comm = text[text.index("(") + 1: text.rindex(")")]
+    comm = text[text.index("(") + 1 : text.rindex(")")]
     fields = text.rsplit(")", 1)[1].split()
     return comm, (int(fields[11]) + int(fields[12])) / CLK_TCK
 
@@ -59,7 +59,9 @@ def _role(comm: str) -> str:
     return {"scp": "scp", "ssh": "ssh client"}.get(comm, "other")
 
 
-def timed_scp(argv: list[str], env: dict[str, str], sshd_pid: int, daemons: dict[str, int]) -> tuple[float, dict[str, float]]:
+def timed_scp(
+    argv: list[str], env: dict[str, str], sshd_pid: int, daemons: dict[str, int]
+) -> tuple[float, dict[str, float]]:
     """Run scp; wall seconds and CPU seconds by role. Short-lived processes (scp, ssh, the connect
     command, sshd's session processes) are sampled every 0.1 s, so each misses at most its last
     0.1 s; the cloud and edge are measured before and after."""
@@ -67,8 +69,14 @@ def timed_scp(argv: list[str], env: dict[str, str], sshd_pid: int, daemons: dict
     listener = _cpu(sshd_pid)
     seen: dict[int, tuple[str, float]] = {}
     t0 = time.monotonic()
-    p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, cwd=REPO)
+    p = subprocess.Popen(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
     while p.poll() is None:
         sshd_side = set(tree([sshd_pid])) - {sshd_pid}
         for pid in tree([p.pid]) + sorted(sshd_side):
@@ -97,16 +105,32 @@ def start_sshd(cleanup: Cleanup) -> tuple[Path, int, int]:
     d = cleanup.tempdir("scp-sshd")
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     for key in ("host_key", "user_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
-                       check=True, stdin=subprocess.DEVNULL)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
+            check=True,
+            stdin=subprocess.DEVNULL,
+        )
     (d / "authorized_keys").write_bytes((d / "user_key.pub").read_bytes())
     port = free_port()
-    (d / "sshd_config").write_text("\n".join([
-        f"ListenAddress 127.0.0.1:{port}", f"HostKey {d / 'host_key'}", f"PidFile {d / 'sshd.pid'}",
-        f"AuthorizedKeysFile {d / 'authorized_keys'}", "PermitRootLogin yes", "PasswordAuthentication no",
-        "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "UseDNS no", "PrintMotd no",
-        "Subsystem sftp internal-sftp", "",
-    ]))
+    (d / "sshd_config").write_text(
+        "\n".join(
+            [
+                f"ListenAddress 127.0.0.1:{port}",
+                f"HostKey {d / 'host_key'}",
+                f"PidFile {d / 'sshd.pid'}",
+                f"AuthorizedKeysFile {d / 'authorized_keys'}",
+                "PermitRootLogin yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "UsePAM no",
+                "StrictModes no",
+                "UseDNS no",
+                "PrintMotd no",
+                "Subsystem sftp internal-sftp",
+                "",
+            ]
+        )
+    )
     sshd = cleanup.spawn("sshd", [SSHD, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log")
     if not wait_port(port, 10.0, sshd):
         raise SystemExit(f"sshd did not listen: {tail(d / 'sshd.log')}")
@@ -119,23 +143,38 @@ def start_tunnel(cleanup: Cleanup, sshd_port: int) -> int:
     kins = [sys.executable, "-m", "kins_tunnel"]
     certs = d / "certs"
     subprocess.run([*kins, "certs", "init", "--dir", str(certs)], check=True, capture_output=True)
-    subprocess.run([*kins, "certs", "edge", "--dir", str(certs), "--unit", "bench", "--node", "edge1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*kins, "certs", "edge", "--dir", str(certs), "--unit", "bench", "--node", "edge1"],
+        check=True,
+        capture_output=True,
+    )
     (d / "users").write_text(f"bench:{PASSWORD}\n")
     tunnel, proxy, admin = free_port(), free_port(), free_port()
     tls = {"ca": str(certs / "ca.crt")}
-    (d / "cloud.yaml").write_text(json.dumps({
-        "tunnel": {"listen": f"127.0.0.1:{tunnel}"},
-        "proxy": {"listen": f"127.0.0.1:{proxy}", "auth": {"basic_file": str(d / "users")}},
-        "admin": {"listen": f"127.0.0.1:{admin}"},
-        "tls": {**tls, "cert": str(certs / "cloud.crt"), "key": str(certs / "cloud.key")},
-    }))
-    (d / "edge.yaml").write_text(json.dumps({
-        "cloud": [f"127.0.0.1:{tunnel}"],
-        "tls": {**tls, "cert": str(certs / "edge-edge1.crt"), "key": str(certs / "edge-edge1.key")},
-        "services": {"edge1:22": f"127.0.0.1:{sshd_port}"},
-        "admin": None,
-    }))
+    (d / "cloud.yaml").write_text(
+        json.dumps(
+            {
+                "tunnel": {"listen": f"127.0.0.1:{tunnel}"},
+                "proxy": {"listen": f"127.0.0.1:{proxy}", "auth": {"basic_file": str(d / "users")}},
+                "admin": {"listen": f"127.0.0.1:{admin}"},
+                "tls": {**tls, "cert": str(certs / "cloud.crt"), "key": str(certs / "cloud.key")},
+            }
+        )
+    )
+    (d / "edge.yaml").write_text(
+        json.dumps(
+            {
+                "cloud": [f"127.0.0.1:{tunnel}"],
+                "tls": {
+                    **tls,
+                    "cert": str(certs / "edge-edge1.crt"),
+                    "key": str(certs / "edge-edge1.key"),
+                },
+                "services": {"edge1:22": f"127.0.0.1:{sshd_port}"},
+                "admin": None,
+            }
+        )
+    )
     cleanup.spawn("cloud", [*kins, "cloud", "--config", str(d / "cloud.yaml")], d / "cloud.log")
     cleanup.spawn("edge", [*kins, "edge", "--config", str(d / "edge.yaml")], d / "edge.log")
     auth = "Basic " + base64.b64encode(f"bench:{PASSWORD}".encode()).decode()
@@ -143,7 +182,9 @@ def start_tunnel(cleanup: Cleanup, sshd_port: int) -> int:
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", proxy), timeout=2) as s:
-                s.sendall(f"CONNECT edge1:22 HTTP/1.1\r\nHost: edge1:22\r\nProxy-Authorization: {auth}\r\n\r\n".encode())
+                s.sendall(
+                    f"CONNECT edge1:22 HTTP/1.1\r\nHost: edge1:22\r\nProxy-Authorization: {auth}\r\n\r\n".encode()
+                )
                 got = b""
                 while b"SSH-" not in got and len(got) < 4096:
                     chunk = s.recv(4096)
@@ -159,8 +200,22 @@ def start_tunnel(cleanup: Cleanup, sshd_port: int) -> int:
 
 
 def ssh_options(key: Path) -> list[str]:
-    return ["-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+    return [
+        "-F",
+        "/dev/null",
+        "-i",
+        str(key),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+    ]
 
 
 def make_file(path: Path, size: int) -> str:
@@ -175,7 +230,9 @@ def make_file(path: Path, size: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.scp", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.scp", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "scp.json"))
@@ -192,55 +249,107 @@ def main(argv: list[str] | None = None) -> int:
         print(f"writing {args.size_mib} MiB test file ...", flush=True)
         digest = make_file(src, size)
         opts = ssh_options(sshd_dir / "user_key")
-        connect = shlex.join([sys.executable, "-m", "kins_tunnel", "connect", "%h:%p", "--proxy",
-                              f"http://127.0.0.1:{proxy}", "--proxy-user", "bench"])
+        connect = shlex.join(
+            [
+                sys.executable,
+                "-m",
+                "kins_tunnel",
+                "connect",
+                "%h:%p",
+                "--proxy",
+                f"http://127.0.0.1:{proxy}",
+                "--proxy-user",
+                "bench",
+            ]
+        )
         paths = {
-            "direct": (opts + ["-P", str(sshd_port)], opts + ["-p", str(sshd_port), "root@127.0.0.1"], "root@127.0.0.1"),
-            "tunnel": (opts + ["-o", f"ProxyCommand={connect}", "-P", "22"],
-                       opts + ["-o", f"ProxyCommand={connect}", "-p", "22", "root@edge1"], "root@edge1"),
+            "direct": (
+                opts + ["-P", str(sshd_port)],
+                opts + ["-p", str(sshd_port), "root@127.0.0.1"],
+                "root@127.0.0.1",
+            ),
+            "tunnel": (
+                opts + ["-o", f"ProxyCommand={connect}", "-P", "22"],
+                opts + ["-o", f"ProxyCommand={connect}", "-p", "22", "root@edge1"],
+                "root@edge1",
+            ),
         }
-        env = {**os.environ, "KINS_TUNNEL_PROXY_PASSWORD": PASSWORD,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "KINS_TUNNEL_PROXY_PASSWORD": PASSWORD,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
         names = list(paths)
         results: dict[str, list[float]] = {n: [] for n in names}
         cpus: dict[str, list[dict[str, float]]] = {n: [] for n in names}
         for r in range(args.rounds):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 scp_opts, ssh_argv, host = paths[name]
                 dst.unlink(missing_ok=True)
-                seconds, cpu = timed_scp(["scp", *scp_opts, str(src), f"{host}:{dst}"], env, sshd_pid,
-                                         daemons if name == "tunnel" else {})
-                cpus[name].append({k: v / (size / 1024 ** 3) for k, v in cpu.items()})
-                check = subprocess.run(["ssh", *ssh_argv, f"sha256sum {dst}"], env=env, capture_output=True,
-                                       text=True, timeout=600, cwd=REPO, stdin=subprocess.DEVNULL)
+                seconds, cpu = timed_scp(
+                    ["scp", *scp_opts, str(src), f"{host}:{dst}"],
+                    env,
+                    sshd_pid,
+                    daemons if name == "tunnel" else {},
+                )
+                cpus[name].append({k: v / (size / 1024**3) for k, v in cpu.items()})
+                check = subprocess.run(
+                    ["ssh", *ssh_argv, f"sha256sum {dst}"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                    cwd=REPO,
+                    stdin=subprocess.DEVNULL,
+                )
                 remote = (check.stdout.split() or ["?"])[0]
                 if remote != digest:
-                    raise SystemExit(f"checksum mismatch ({name}): sent {digest}, sshd side has {remote} {check.stderr}")
+                    raise SystemExit(
+                        f"checksum mismatch ({name}): sent {digest}, sshd side has {remote} {check.stderr}"
+                    )
                 results[name].append(size / 1e6 / seconds)
-                print(f"round {r + 1} {name:6s}: {size / 1e6 / seconds:7.1f} MB/s ({seconds:.2f} s, sha256 ok)", flush=True)
+                print(
+                    f"round {r + 1} {name:6s}: {size / 1e6 / seconds:7.1f} MB/s ({seconds:.2f} s, sha256 ok)",
+                    flush=True,
+                )
         medians = {n: statistics.median(v) for n, v in results.items()}
         print(f"\nscp of {args.size_mib} MiB, median of {args.rounds} (MB/s = 10^6 B/s):")
-        print("| path | " + " | ".join(f"round {i + 1}" for i in range(args.rounds)) + " | median |")
+        print(
+            "| path | " + " | ".join(f"round {i + 1}" for i in range(args.rounds)) + " | median |"
+        )
         print("|---|" + "---|" * (args.rounds + 1))
         for n in names:
-            print(f"| {n} | " + " | ".join(f"{v:.1f}" for v in results[n]) + f" | {medians[n]:.1f} |")
+            print(
+                f"| {n} | " + " | ".join(f"{v:.1f}" for v in results[n]) + f" | {medians[n]:.1f} |"
+            )
         print(f"tunnel/direct: {medians['tunnel'] / medians['direct']:.2f}")
         roles = ["scp", "ssh client", "kins-tunnel connect", "cloud", "edge", "sshd session"]
-        cpu_medians = {n: {r: statistics.median(c.get(r, 0.0) for c in cpus[n]) for r in roles} for n in names}
+        cpu_medians = {
+            n: {r: statistics.median(c.get(r, 0.0) for c in cpus[n]) for r in roles} for n in names
+        }
         print("\nCPU seconds per GiB (median over rounds):")
         print("| path | " + " | ".join(roles) + " | total |")
         print("|---|" + "---|" * (len(roles) + 1))
         for n in names:
             row = cpu_medians[n]
-            print(f"| {n} | " + " | ".join(f"{row[r]:.2f}" if row[r] else "—" for r in roles)
-                  + f" | {sum(row.values()):.2f} |")
+            print(
+                f"| {n} | "
+                + " | ".join(f"{row[r]:.2f}" if row[r] else "—" for r in roles)
+                + f" | {sum(row.values()):.2f} |"
+            )
         doc: dict[str, Any] = {
-            "when": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "size_bytes": size,
-            "rounds": args.rounds, "mb_per_s": results, "median_mb_per_s": medians,
-            "cpu_seconds_per_gib": cpus, "median_cpu_seconds_per_gib": cpu_medians,
+            "when": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "size_bytes": size,
+            "rounds": args.rounds,
+            "mb_per_s": results,
+            "median_mb_per_s": medians,
+            "cpu_seconds_per_gib": cpus,
+            "median_cpu_seconds_per_gib": cpu_medians,
             "ssh": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
-            "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
             "loadavg": os.getloadavg(),
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -47,8 +47,12 @@ NAMES = {"source": "test-svc-kins.kins-system:9001", "sink": "test-svc-kins.kins
 
 
 def start_target(kind: str, base: Path) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.targets", kind], stdout=subprocess.PIPE,
-                            stderr=open(base / f"{kind}.log", "w"), text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.targets", kind],
+        stdout=subprocess.PIPE,
+        stderr=open(base / f"{kind}.log", "w"),
+        text=True,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("READY "):
@@ -61,25 +65,38 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="kins-bench-uplink-"))
     targets = {kind: start_target(kind, base) for kind in ("source", "sink")}
     # path -> mode ("download": the client reads, "upload": it sends) -> one sample per round
-    results: dict[str, dict[str, list[dict[str, float]]]] = {path: {"download": [], "upload": []} for path in PATHS}
+    results: dict[str, dict[str, list[dict[str, float]]]] = {
+        path: {"download": [], "upload": []} for path in PATHS
+    }
     nbytes = args.mib * MiB
     try:
         with procs(base) as ps:
             addr = {kind: f"127.0.0.1:{port}" for kind, (_p, port) in targets.items()}
             cloud = ps.cloud(uplinks={"test": sorted(addr.values())}, log={"level": "warning"})
             listen = {kind: free_port() for kind in addr}
-            edge = ps.edge(cloud.tunnel, {NAMES[k]: addr[k] for k in addr}, admin=False, log={"level": "warning"},
-                           uplinks={f"127.0.0.1:{listen[k]}": addr[k] for k in addr})
+            edge = ps.edge(
+                cloud.tunnel,
+                {NAMES[k]: addr[k] for k in addr},
+                admin=False,
+                log={"level": "warning"},
+                uplinks={f"127.0.0.1:{listen[k]}": addr[k] for k in addr},
+            )
             await wait_cloud_up(cloud)
             await wait_edges(cloud, 1, timeout=30)
             endpoints: dict[str, dict[str, dict[str, Any]]] = {
-                "direct": {k: {"addr": ["127.0.0.1", p], "connect": None} for k, (_x, p) in targets.items()},
+                "direct": {
+                    k: {"addr": ["127.0.0.1", p], "connect": None} for k, (_x, p) in targets.items()
+                },
                 "uplink": {k: {"addr": ["127.0.0.1", listen[k]], "connect": None} for k in addr},
-                "CONNECT": {k: {"addr": ["127.0.0.1", cloud.proxy], "connect": NAMES[k]} for k in addr},
+                "CONNECT": {
+                    k: {"addr": ["127.0.0.1", cloud.proxy], "connect": NAMES[k]} for k in addr
+                },
             }
             for path in PATHS:  # warm-up, not counted
                 for mode, kind in MODES:
-                    r = await trio.to_thread.run_sync(run_client, mode, endpoints[path][kind], "--bytes", str(8 * MiB))
+                    r = await trio.to_thread.run_sync(
+                        run_client, mode, endpoints[path][kind], "--bytes", str(8 * MiB)
+                    )
                     if "error" in r:
                         raise RuntimeError(f"{path} {mode}: {r['error']}")
             gb = nbytes / 1e9
@@ -88,20 +105,30 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 for path in PATHS[k:] + PATHS[:k]:
                     for mode, kind in MODES:
                         c0, e0 = cpu_seconds([cloud.pid]), cpu_seconds([edge.pid])
-                        r = await trio.to_thread.run_sync(run_client, mode, endpoints[path][kind], "--bytes", str(nbytes))
+                        r = await trio.to_thread.run_sync(
+                            run_client, mode, endpoints[path][kind], "--bytes", str(nbytes)
+                        )
                         c1, e1 = cpu_seconds([cloud.pid]), cpu_seconds([edge.pid])
                         if "error" in r:
                             raise RuntimeError(f"{path} {mode}: {r['error']}")
-                        sample = {"MBps": r["MBps"], "cloud_cpu": (c1 - c0) / gb, "edge_cpu": (e1 - e0) / gb}
+                        sample = {
+                            "MBps": r["MBps"],
+                            "cloud_cpu": (c1 - c0) / gb,
+                            "edge_cpu": (e1 - e0) / gb,
+                        }
                         results[path][mode].append(sample)
-                        print(f"round {rnd + 1} {path} {mode}: {sample['MBps']:.1f} MB/s, CPU s/GB cloud "
-                              f"{sample['cloud_cpu']:.2f} edge {sample['edge_cpu']:.2f}", flush=True)
+                        print(
+                            f"round {rnd + 1} {path} {mode}: {sample['MBps']:.1f} MB/s, CPU s/GB cloud "
+                            f"{sample['cloud_cpu']:.2f} edge {sample['edge_cpu']:.2f}",
+                            flush=True,
+                        )
     finally:
         for proc, _port in targets.values():
             proc.kill()
             proc.wait()
         if not args.keep:
             import shutil
+
             shutil.rmtree(base, ignore_errors=True)
     return {"rounds": args.rounds, "mib": args.mib, "results": results}
 
@@ -119,24 +146,42 @@ def _stat(samples: list[dict[str, float]], key: str) -> str:
 
 def render(doc: dict[str, Any]) -> str:
     res, mib = doc["results"], doc["mib"]
-    first = ["| what the client does | direct TCP, MB/s | uplink, MB/s | uplink/direct |", "|---|---|---|---|"]
-    for mode, what in (("download", f"reads {mib} MiB (an image pull)"), ("upload", f"sends {mib} MiB")):
+    first = [
+        "| what the client does | direct TCP, MB/s | uplink, MB/s | uplink/direct |",
+        "|---|---|---|---|",
+    ]
+    for mode, what in (
+        ("download", f"reads {mib} MiB (an image pull)"),
+        ("upload", f"sends {mib} MiB"),
+    ):
         d = statistics.median(s["MBps"] for s in res["direct"][mode])
         u = statistics.median(s["MBps"] for s in res["uplink"][mode])
-        first.append(f"| {what} | {_stat(res['direct'][mode], 'MBps')} | {_stat(res['uplink'][mode], 'MBps')} "
-                     f"| {u / d:.2f}× |")
-    second = ["| data across the tunnel | path (client) | MB/s | cloud CPU s/GB | edge CPU s/GB | cloud + edge |",
-              "|---|---|---|---|---|---|"]
+        first.append(
+            f"| {what} | {_stat(res['direct'][mode], 'MBps')} | {_stat(res['uplink'][mode], 'MBps')} "
+            f"| {u / d:.2f}× |"
+        )
+    second = [
+        "| data across the tunnel | path (client) | MB/s | cloud CPU s/GB | edge CPU s/GB | cloud + edge |",
+        "|---|---|---|---|---|---|",
+    ]
     # an uplink's client is on the edge side, a CONNECT client on the cloud side
-    for direction, rows in (("cloud → edge", (("uplink", "download", "reads"), ("CONNECT", "upload", "sends"))),
-                            ("edge → cloud", (("uplink", "upload", "sends"), ("CONNECT", "download", "reads")))):
+    for direction, rows in (
+        ("cloud → edge", (("uplink", "download", "reads"), ("CONNECT", "upload", "sends"))),
+        ("edge → cloud", (("uplink", "upload", "sends"), ("CONNECT", "download", "reads"))),
+    ):
         for path, mode, verb in rows:
             samples = res[path][mode]
-            second.append(f"| {direction} | {path} (client {verb}) | {_stat(samples, 'MBps')} | "
-                          f"{_stat(samples, 'cloud_cpu')} | {_stat(samples, 'edge_cpu')} | "
-                          f"{_stat(samples, 'cloud_cpu+edge_cpu')} |")
-    return ("Medians over rounds (min – max):\n\n" + "\n".join(first) + "\n\nBy the direction data crosses the "
-            "tunnel:\n\n" + "\n".join(second))
+            second.append(
+                f"| {direction} | {path} (client {verb}) | {_stat(samples, 'MBps')} | "
+                f"{_stat(samples, 'cloud_cpu')} | {_stat(samples, 'edge_cpu')} | "
+                f"{_stat(samples, 'cloud_cpu+edge_cpu')} |"
+            )
+    return (
+        "Medians over rounds (min – max):\n\n"
+        + "\n".join(first)
+        + "\n\nBy the direction data crosses the "
+        "tunnel:\n\n" + "\n".join(second)
+    )
 
 
 def main() -> None:
@@ -151,13 +196,20 @@ def main() -> None:
         args.rounds, args.mib = 1, 32
     load_before = os.getloadavg()
     doc = trio.run(measure, args)
-    doc["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "load_before": load_before,
-                      "load_after": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    doc["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(doc, indent=1))
     print()
     print(render(doc))
-    print(f"\nload average before {load_before[0]:.2f}, after {doc['machine']['load_after'][0]:.2f}")
+    print(
+        f"\nload average before {load_before[0]:.2f}, after {doc['machine']['load_after'][0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,22 +34,35 @@ def text(status: int, body: str) -> tuple[int, str, bytes]:
     return status, "text/plain; charset=utf-8", body.encode()
 
 
-async def serve_admin(listen: Address, routes: dict[str, Route], *, report: ErrorReporter = log_internal_error,
-                      task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_admin(
+    listen: Address,
+    routes: dict[str, Route],
+    *,
+    report: ErrorReporter = log_internal_error,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve until cancelled; `task_status.started(port)` once listening."""
     sock = open_listener_socket(listen.host, listen.port, "admin.listen")
     port = sock.getsockname()[1]
     task_status.started(port)
-    await serve_listener(trio.SocketListener(sock), functools.partial(_handle, routes=routes),
-                         where="admin", report=report)
+    await serve_listener(
+        trio.SocketListener(sock),
+        functools.partial(_handle, routes=routes),
+        where="admin",
+        report=report,
+    )
 
 
-def answer(routes: dict[str, Route], method: bytes, target: bytes) -> tuple[int, str, bytes, list[tuple[str, str]]]:
+def answer(
+    routes: dict[str, Route], method: bytes, target: bytes
+) -> tuple[int, str, bytes, list[tuple[str, str]]]:
     """(status, content type, body, extra headers) for one request."""
     path = target.decode("ascii", "replace").split("?", 1)[0]
     if method not in ALLOWED:
-        return (*text(405, f"method {method.decode('ascii', 'replace')[:32]} not allowed: use GET\n"),
-                [("Allow", "GET, HEAD")])
+        return (
+            *text(405, f"method {method.decode('ascii', 'replace')[:32]} not allowed: use GET\n"),
+            [("Allow", "GET, HEAD")],
+        )
     route = routes.get(path)
     if route is None:
         return (*text(404, f"no such endpoint: {path[:200]}\n"), [])
@@ -75,11 +88,21 @@ async def _handle(stream: trio.SocketStream, *, routes: dict[str, Route]) -> Non
             status, ctype, body, extra = *text(exc.error_status_hint, "malformed request\n"), []
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
-        headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Connection", "close"), *extra]
+        headers = [
+            ("Content-Type", ctype),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+            *extra,
+        ]
         try:
-            if request is None:  # h11 cannot answer a request it could not parse: write the head raw
-                data = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
-                        + "\r\n").encode() + body
+            if (
+                request is None
+            ):  # h11 cannot answer a request it could not parse: write the head raw
+                data = (
+                    f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+                    + "".join(f"{k}: {v}\r\n" for k, v in headers)
+                    + "\r\n"
+                ).encode() + body
             else:
                 data = conn.send(h11.Response(status_code=status, headers=headers))
                 if request.method != b"HEAD":  # h11 frames a HEAD answer without a body

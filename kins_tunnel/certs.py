@@ -74,18 +74,29 @@ _URI_PREFIX = "spiffe://kins-tunnel/"
 _URI_RE = re.compile(r"spiffe://kins-tunnel/unit/([^/]+)/node/([^/]+)")
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # A Kubernetes node name is a DNS subdomain: labels joined by dots, 253 characters at most.
-_SUBDOMAIN_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*")
+_SUBDOMAIN_RE = re.compile(
+    r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+)
 _NAME_RULES = {  # pattern, what it is, the rule in words
-    "unit": (_LABEL_RE, "a DNS label", "lower-case a-z, 0-9 and '-', 1 to 63 characters, not starting or "
-                                       "ending with '-'"),
-    "node": (_SUBDOMAIN_RE, "a DNS subdomain", "DNS labels (lower-case a-z, 0-9 and '-') joined by dots, 253 "
-                                               "characters at most, as Kubernetes node names are"),
+    "unit": (
+        _LABEL_RE,
+        "a DNS label",
+        "lower-case a-z, 0-9 and '-', 1 to 63 characters, not starting or ending with '-'",
+    ),
+    "node": (
+        _SUBDOMAIN_RE,
+        "a DNS subdomain",
+        "DNS labels (lower-case a-z, 0-9 and '-') joined by dots, 253 "
+        "characters at most, as Kubernetes node names are",
+    ),
 }
 
 
 def _valid_name(what: str, value: object) -> bool:
     pattern, _kind, _rule = _NAME_RULES[what]
     return isinstance(value, str) and len(value) <= 253 and pattern.fullmatch(value) is not None
+
+
 _SKEW = dt.timedelta(minutes=5)  # backdate not_valid_before a little for clocks that lag
 
 
@@ -121,19 +132,26 @@ def identity_from_der(der: bytes) -> EdgeIdentity:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise ValueError("certificate has no subjectAltName, so no edge identity") from None
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
-            if u.lower().startswith(_URI_PREFIX)]
+    uris = [
+        u
+        for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.lower().startswith(_URI_PREFIX)
+    ]
     if not uris:
         raise ValueError(f"certificate has no {_URI_PREFIX} URI SAN, so no edge identity")
     if len(uris) > 1:
-        raise ValueError(f"certificate has {len(uris)} {_URI_PREFIX} URI SANs, expected exactly one")
+        raise ValueError(
+            f"certificate has {len(uris)} {_URI_PREFIX} URI SANs, expected exactly one"
+        )
     match = _URI_RE.fullmatch(uris[0])
     if match is None:
         raise ValueError(f"identity URI {uris[0]!r} is not {_URI_PREFIX}unit/<unit>/node/<node>")
     unit, node = match.groups()
     for what, value in (("unit", unit), ("node", node)):
         if not _valid_name(what, value):
-            raise ValueError(f"identity URI {uris[0]!r}: {what} {value!r} is not {_NAME_RULES[what][1]}")
+            raise ValueError(
+                f"identity URI {uris[0]!r}: {what} {value!r} is not {_NAME_RULES[what][1]}"
+            )
     return EdgeIdentity(unit, node)
 
 
@@ -163,15 +181,25 @@ def cert_facts(der: bytes) -> CertFacts:
         return [str(a.value) for a in subject.get_attributes_for_oid(oid)]
 
     cn = values(NameOID.COMMON_NAME)
-    return CertFacts(cert.serial_number, cert.not_valid_after_utc, cn[0] if cn else "",
-                     tuple(values(NameOID.ORGANIZATION_NAME)))
+    return CertFacts(
+        cert.serial_number,
+        cert.not_valid_after_utc,
+        cn[0] if cn else "",
+        tuple(values(NameOID.ORGANIZATION_NAME)),
+    )
 
 
 # --- issuing -------------------------------------------------------------------------------------
 
 
-def init_ca(dir: Path, cloud_sans: Sequence[str] = (), *, days: int = 3650,
-            cloud_days: int = 825, proxy_sans: Sequence[str] | None = None) -> None:
+def init_ca(
+    dir: Path,
+    cloud_sans: Sequence[str] = (),
+    *,
+    days: int = 3650,
+    cloud_days: int = 825,
+    proxy_sans: Sequence[str] | None = None,
+) -> None:
     """Create the CA in DIR (unless ca.crt and ca.key exist) and (re)issue DIR/cloud.{crt,key}.
 
     The cloud certificate always names DNS ``localhost`` and IP ``127.0.0.1``, plus each of
@@ -200,23 +228,41 @@ def init_ca(dir: Path, cloud_sans: Sequence[str] = (), *, days: int = 3650,
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(_key_usage(cert_sign=True), critical=True)
             .add_extension(ski, critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-                           critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+            )
             .sign(ca_key, hashes.SHA256())
         )
         _write_key(key_path, ca_key)
         _write_cert(crt_path, ca_cert)
-    _issue_leaf(ca_cert, ca_key, dir / "cloud.crt", dir / "cloud.key", now=now, days=cloud_days,
-                subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CLOUD_COMMON_NAME)]),
-                sans=sans,
-                usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    _issue_leaf(
+        ca_cert,
+        ca_key,
+        dir / "cloud.crt",
+        dir / "cloud.key",
+        now=now,
+        days=cloud_days,
+        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CLOUD_COMMON_NAME)]),
+        sans=sans,
+        usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+    )
     if psans is not None:
-        _issue_leaf(ca_cert, ca_key, dir / "proxy.crt", dir / "proxy.key", now=now, days=cloud_days,
-                    subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, PROXY_COMMON_NAME)]),
-                    sans=psans, usages=[ExtendedKeyUsageOID.SERVER_AUTH])
+        _issue_leaf(
+            ca_cert,
+            ca_key,
+            dir / "proxy.crt",
+            dir / "proxy.key",
+            now=now,
+            days=cloud_days,
+            subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, PROXY_COMMON_NAME)]),
+            sans=psans,
+            usages=[ExtendedKeyUsageOID.SERVER_AUTH],
+        )
 
 
-def issue_user(dir: Path, name: str, groups: Sequence[str] = (), *, days: int = 365) -> tuple[Path, Path]:
+def issue_user(
+    dir: Path, name: str, groups: Sequence[str] = (), *, days: int = 365
+) -> tuple[Path, Path]:
     """Issue DIR/user-NAME.{crt,key}: a client certificate for the proxy's TLS listener.
 
     Subject CN=`name` (the principal) and one O per group; clientAuth only, no edge identity URI
@@ -230,15 +276,29 @@ def issue_user(dir: Path, name: str, groups: Sequence[str] = (), *, days: int = 
             raise UserError(f"group {group!r}: 1 to 64 of letters, digits, '.', '_', '@' and '-'")
     ca_cert, ca_key = _load_ca(dir)
     crt_path, key_path = dir / f"user-{name}.crt", dir / f"user-{name}.key"
-    subject = x509.Name([*(x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups),
-                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    _issue_leaf(ca_cert, ca_key, crt_path, key_path, now=_utcnow(), days=days, subject=subject,
-                sans=[], usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    subject = x509.Name(
+        [
+            *(x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups),
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+        ]
+    )
+    _issue_leaf(
+        ca_cert,
+        ca_key,
+        crt_path,
+        key_path,
+        now=_utcnow(),
+        days=days,
+        subject=subject,
+        sans=[],
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+    )
     return crt_path, key_path
 
 
-def issue_edge(dir: Path, unit: str, node: str, *, days: int = 825,
-               _now: dt.datetime | None = None) -> tuple[Path, Path]:
+def issue_edge(
+    dir: Path, unit: str, node: str, *, days: int = 825, _now: dt.datetime | None = None
+) -> tuple[Path, Path]:
     """Issue DIR/edge-NODE.{crt,key} for `node` of NodeUnit `unit`, signed by the CA in DIR.
 
     Returns (certificate path, key path). Raises `UserError` if unit or node is not a DNS label or
@@ -252,19 +312,38 @@ def issue_edge(dir: Path, unit: str, node: str, *, days: int = 825,
             raise UserError(f"{what} {value!r}: must be {kind} ({rule})")
     ca_cert, ca_key = _load_ca(dir)
     crt_path, key_path = dir / f"edge-{node}.crt", dir / f"edge-{node}.key"
-    subject = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
-        x509.NameAttribute(NameOID.COMMON_NAME, node),
-    ])
-    _issue_leaf(ca_cert, ca_key, crt_path, key_path, now=_now or _utcnow(), days=days,
-                subject=subject, sans=[x509.UniformResourceIdentifier(edge_identity_uri(unit, node))],
-                usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
+            x509.NameAttribute(NameOID.COMMON_NAME, node),
+        ]
+    )
+    _issue_leaf(
+        ca_cert,
+        ca_key,
+        crt_path,
+        key_path,
+        now=_now or _utcnow(),
+        days=days,
+        subject=subject,
+        sans=[x509.UniformResourceIdentifier(edge_identity_uri(unit, node))],
+        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+    )
     return crt_path, key_path
 
 
-def _issue_leaf(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, crt_path: Path,
-                key_path: Path, *, now: dt.datetime, days: int, subject: x509.Name,
-                sans: Sequence[x509.GeneralName], usages: Sequence[x509.ObjectIdentifier]) -> None:
+def _issue_leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    crt_path: Path,
+    key_path: Path,
+    *,
+    now: dt.datetime,
+    days: int,
+    subject: x509.Name,
+    sans: Sequence[x509.GeneralName],
+    usages: Sequence[x509.ObjectIdentifier],
+) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     # Never outlive the CA: a chain with a leaf expiring after its issuer confuses some verifiers.
     not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
@@ -278,19 +357,27 @@ def _issue_leaf(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, c
     if sans:  # a user certificate names its holder in the subject only
         builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
     cert = (
-        builder
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                       critical=False)
+        builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     _write_key(key_path, key)
     _write_cert(crt_path, cert)
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey,
-             now: dt.datetime, days: int, *,
-             not_after: dt.datetime | None = None) -> x509.CertificateBuilder:
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    now: dt.datetime,
+    days: int,
+    *,
+    not_after: dt.datetime | None = None,
+) -> x509.CertificateBuilder:
     if days < 1:
         raise UserError(f"validity of {days} days: must be at least 1")
     return (
@@ -306,9 +393,15 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurve
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=not cert_sign, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign, crl_sign=cert_sign,
-        encipher_only=False, decipher_only=False,
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 
@@ -322,9 +415,14 @@ def _cloud_sans(extra: Sequence[str], flag: str = "--cloud-san") -> list[x509.Ge
         try:
             name = x509.IPAddress(ipaddress.ip_address(value.strip("[]")))
         except ValueError:
-            if not value or len(value) > 253 or not all(
+            if (
+                not value
+                or len(value) > 253
+                or not all(
                     _LABEL_RE.fullmatch(label) or (i == 0 and label == "*")
-                    for i, label in enumerate(value.split("."))):
+                    for i, label in enumerate(value.split("."))
+                )
+            ):
                 raise UserError(f"{flag} {raw!r}: not a DNS name or IP address") from None
             name = x509.DNSName(value)
         if name not in sans:
@@ -347,8 +445,9 @@ def _make_dir(dir: Path) -> None:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     _write_atomic(path, pem, 0o600)
 
 

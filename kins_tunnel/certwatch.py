@@ -45,11 +45,24 @@ def _stamp(paths: tuple[Path | None, ...]) -> Stamp:
 
 
 class ReloadingContext:
-    def __init__(self, build: Callable[..., ssl.SSLContext], ca: Path | None, cert: Path, key: Path,
-                 *, what: str, min_interval: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        build: Callable[..., ssl.SSLContext],
+        ca: Path | None,
+        cert: Path,
+        key: Path,
+        *,
+        what: str,
+        min_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """`build(ca, cert, key)`; `ca` may be None (e.g. no client CA), and is passed on as such."""
         self._build = build
-        self._paths: tuple[Path | None, Path, Path] = (None if ca is None else Path(ca), Path(cert), Path(key))
+        self._paths: tuple[Path | None, Path, Path] = (
+            None if ca is None else Path(ca),
+            Path(cert),
+            Path(key),
+        )
         self._what = what
         self._min_interval = min_interval
         self._clock = clock
@@ -84,12 +97,18 @@ class ReloadingContext:
         try:
             context = self._build(*self._paths)
         except (UserError, ssl.SSLError, OSError) as exc:
-            log.warning("%s: renewed certificate files do not load yet, keeping the previous ones: %s",
-                        self._what, exc)
+            log.warning(
+                "%s: renewed certificate files do not load yet, keeping the previous ones: %s",
+                self._what,
+                exc,
+            )
             return False
         self._stamp = stamp
         self._context = context
         self.reloads += 1
-        log.info("%s: certificate files changed, new connections use them", self._what,
-                 extra={"cert": str(self._paths[1])})
+        log.info(
+            "%s: certificate files changed, new connections use them",
+            self._what,
+            extra={"cert": str(self._paths[1])},
+        )
         return True

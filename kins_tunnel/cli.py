@@ -25,21 +25,34 @@ log = logging.getLogger("kins_tunnel")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kins-tunnel", description="Reverse tunnel into edge K3s clusters (SuperEdge Kins).")
+    p = argparse.ArgumentParser(
+        prog="kins-tunnel", description="Reverse tunnel into edge K3s clusters (SuperEdge Kins)."
+    )
     p.add_argument("--version", action="version", version=f"kins-tunnel {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
-    certs = sub.add_parser("certs", help="create the CA and certificates").add_subparsers(dest="certs_cmd", required=True)
-    ci = certs.add_parser("init", help="CA and cloud certificate: DIR/ca.{crt,key}, DIR/cloud.{crt,key}")
+    certs = sub.add_parser("certs", help="create the CA and certificates").add_subparsers(
+        dest="certs_cmd", required=True
+    )
+    ci = certs.add_parser(
+        "init", help="CA and cloud certificate: DIR/ca.{crt,key}, DIR/cloud.{crt,key}"
+    )
     ci.add_argument("--dir", required=True)
     ci.add_argument("--cloud-san", action="append", default=[], metavar="NAME_OR_IP")
-    ci.add_argument("--proxy-san", action="append", default=None, metavar="NAME_OR_IP",
-                    help="also issue DIR/proxy.{crt,key} for the proxy's TLS listener (proxy.tls), "
-                         "naming what clients put in proxy-url; repeat it")
+    ci.add_argument(
+        "--proxy-san",
+        action="append",
+        default=None,
+        metavar="NAME_OR_IP",
+        help="also issue DIR/proxy.{crt,key} for the proxy's TLS listener (proxy.tls), "
+        "naming what clients put in proxy-url; repeat it",
+    )
     ce = certs.add_parser("edge", help="edge client certificate: DIR/edge-NODE.{crt,key}")
     ce.add_argument("--dir", required=True)
     ce.add_argument("--unit", required=True)
     ce.add_argument("--node", required=True)
-    cu = certs.add_parser("user", help="client certificate for the proxy's TLS listener: DIR/user-NAME.{crt,key}")
+    cu = certs.add_parser(
+        "user", help="client certificate for the proxy's TLS listener: DIR/user-NAME.{crt,key}"
+    )
     cu.add_argument("--dir", required=True)
     cu.add_argument("--name", required=True, help="the principal (subject CN)")
     cu.add_argument("--group", action="append", default=[], help="a group (subject O); repeat it")
@@ -54,25 +67,49 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--proxy-url", required=True)
     k.add_argument("-i", "--input", default=None)
     k.add_argument("-o", "--output", default=None)
-    k.add_argument("--proxy-ca", default=None, metavar="PEM",
-                   help="CA of the proxy certificate (certs/ca.crt); needed with an https proxy URL")
-    k.add_argument("--server-ca", default=None, metavar="PEM",
-                   help="K3s server CA; replaces the kubeconfig's CA or insecure-skip-tls-verify")
-    k.add_argument("--service-ip", default=None, metavar="IP",
-                   help="write server: https://IP:443 (the Service IP form) instead of the service name")
-    st = sub.add_parser("status", help="table of connected edges (reads the cloud's admin endpoint)")
-    st.add_argument("--admin", action="append", metavar="URL",
-                    help="admin URL of a tunnel-cloud replica (default http://127.0.0.1:9090); "
-                         "repeat it to list the edges of several replicas in one table")
+    k.add_argument(
+        "--proxy-ca",
+        default=None,
+        metavar="PEM",
+        help="CA of the proxy certificate (certs/ca.crt); needed with an https proxy URL",
+    )
+    k.add_argument(
+        "--server-ca",
+        default=None,
+        metavar="PEM",
+        help="K3s server CA; replaces the kubeconfig's CA or insecure-skip-tls-verify",
+    )
+    k.add_argument(
+        "--service-ip",
+        default=None,
+        metavar="IP",
+        help="write server: https://IP:443 (the Service IP form) instead of the service name",
+    )
+    st = sub.add_parser(
+        "status", help="table of connected edges (reads the cloud's admin endpoint)"
+    )
+    st.add_argument(
+        "--admin",
+        action="append",
+        metavar="URL",
+        help="admin URL of a tunnel-cloud replica (default http://127.0.0.1:9090); "
+        "repeat it to list the edges of several replicas in one table",
+    )
     st.add_argument("--json", action="store_true")
     from kins_tunnel.connect import add_arguments as add_connect_arguments
 
-    add_connect_arguments(sub.add_parser(
-        "connect", help="CONNECT through a proxy, then relay stdin/stdout (for ssh's ProxyCommand)"))
+    add_connect_arguments(
+        sub.add_parser(
+            "connect",
+            help="CONNECT through a proxy, then relay stdin/stdout (for ssh's ProxyCommand)",
+        )
+    )
     return p
 
 
-async def _serve_until_signal(run: Callable[..., Awaitable[object]], drain: Callable[[], Awaitable[None]]) -> None:
+async def _serve_until_signal(
+    run: Callable[..., Awaitable[object]], drain: Callable[[], Awaitable[None]]
+) -> None:
     # The receiver outlives the nursery: `_second_signal` iterates it until the nursery is done
     # (iterating a receiver whose block has exited raises RuntimeError).
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -122,9 +159,11 @@ def _run_demo(proxy_port: int) -> None:
     except ModuleNotFoundError as exc:
         if exc.name is None or not exc.name.startswith("kins_tunnel.testing"):
             raise
-        raise UserError("the demo needs kins_tunnel.testing (its K3s API stand-in), which this "
-                        "installation leaves out (the container image does); run it from a "
-                        "source checkout: make demo") from None
+        raise UserError(
+            "the demo needs kins_tunnel.testing (its K3s API stand-in), which this "
+            "installation leaves out (the container image does); run it from a "
+            "source checkout: make demo"
+        ) from None
     from kins_tunnel.logs import setup_logging
 
     setup_logging(LogSettings(level="warning"))
@@ -152,13 +191,36 @@ def _status(admins: list[str], as_json: bool) -> None:
     if as_json:
         print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=1))
         return
-    rows = [("UNIT", "NODE", "REPLICA", "UPTIME", "RTT", "STREAMS", "SENT", "RECEIVED", "EXPIRES", "PEER")]
+    rows = [
+        (
+            "UNIT",
+            "NODE",
+            "REPLICA",
+            "UPTIME",
+            "RTT",
+            "STREAMS",
+            "SENT",
+            "RECEIVED",
+            "EXPIRES",
+            "PEER",
+        )
+    ]
     for doc in docs:
         for e in sorted(doc.get("edges", []), key=lambda e: (e["unit"], e["node"], e["replica"])):
-            rows.append((e["unit"], e["node"], e["replica"], _dur(e["uptime"]),
-                         "-" if e["rtt_ms"] is None else f"{e['rtt_ms']:.2f}ms", str(e["streams"]),
-                         _size(e["bytes_sent"]), _size(e["bytes_received"]),
-                         _expires(e.get("cert_expiry_seconds")), e["peer"]))
+            rows.append(
+                (
+                    e["unit"],
+                    e["node"],
+                    e["replica"],
+                    _dur(e["uptime"]),
+                    "-" if e["rtt_ms"] is None else f"{e['rtt_ms']:.2f}ms",
+                    str(e["streams"]),
+                    _size(e["bytes_sent"]),
+                    _size(e["bytes_received"]),
+                    _expires(e.get("cert_expiry_seconds")),
+                    e["peer"],
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -167,8 +229,10 @@ def _status(admins: list[str], as_json: bool) -> None:
         print(f"(no edges connected to replica {names})")
     for doc in docs:
         for c in doc.get("certificates", []):
-            print(f"{doc.get('replica', '?')}: {c['cert']} certificate expires {_expires(c['expiry_seconds'])}"
-                  f" ({c['not_after']}, serial {c['serial']})")
+            print(
+                f"{doc.get('replica', '?')}: {c['cert']} certificate expires {_expires(c['expiry_seconds'])}"
+                f" ({c['not_after']}, serial {c['serial']})"
+            )
 
 
 def _expires(seconds: object) -> str:
@@ -183,8 +247,13 @@ def _expires(seconds: object) -> str:
 
 def _dur(seconds: float) -> str:
     s = int(seconds)
-    return f"{s // 86400}d{s % 86400 // 3600}h" if s >= 86400 else f"{s // 3600}h{s % 3600 // 60}m" if s >= 3600 \
+    return (
+        f"{s // 86400}d{s % 86400 // 3600}h"
+        if s >= 86400
+        else f"{s // 3600}h{s % 3600 // 60}m"
+        if s >= 3600
         else f"{s // 60}m{s % 60}s"
+    )
 
 
 def _size(n: int) -> str:
@@ -218,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {args.dir}/ca.crt, ca.key, cloud.crt, cloud.key{proxy}")
             elif args.certs_cmd == "user":
                 crt, key = certs.issue_user(Path(args.dir), args.name, args.group, days=args.days)
-                print(f"wrote {crt} and {key} (principal {args.name}"
-                      + (f", groups {','.join(args.group)})" if args.group else ")"))
+                print(
+                    f"wrote {crt} and {key} (principal {args.name}"
+                    + (f", groups {','.join(args.group)})" if args.group else ")")
+                )
             else:
                 crt, key = certs.issue_edge(Path(args.dir), args.unit, args.node)
                 print(f"wrote {crt} and {key} (unit {args.unit}, node {args.node})")
@@ -232,8 +303,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "kubeconfig":
             from kins_tunnel.kubeconfig import main_kubeconfig
 
-            return main_kubeconfig(args.unit, args.proxy_url, args.input, args.output,
-                                   proxy_ca=args.proxy_ca, server_ca=args.server_ca, service_ip=args.service_ip)
+            return main_kubeconfig(
+                args.unit,
+                args.proxy_url,
+                args.input,
+                args.output,
+                proxy_ca=args.proxy_ca,
+                server_ca=args.server_ca,
+                service_ip=args.service_ip,
+            )
         elif args.cmd == "connect":
             from kins_tunnel.connect import main_connect
 

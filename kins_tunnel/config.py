@@ -38,7 +38,9 @@ KiB, MiB = 1024, 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 _LABEL_RE = re.compile(r"[a-z0-9-]{1,63}")
-_UNIT_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # a NodeUnit name, as in certificates
+_UNIT_RE = re.compile(
+    r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+)  # a NodeUnit name, as in certificates
 
 
 # --- the dataclasses -----------------------------------------------------------------------------
@@ -134,7 +136,9 @@ class CloudConfig:
     aliases: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
     alias_discovery: AliasDiscovery = AliasDiscovery()
     # unit name or "*" -> normalised "host:port" targets an edge of that unit may open (uplinks)
-    uplinks: Mapping[str, frozenset[str]] = field(default_factory=lambda: types.MappingProxyType({}))
+    uplinks: Mapping[str, frozenset[str]] = field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
     uplink_dial_timeout: float = 5.0  # seconds to connect an uplink target (all its addresses)
 
 
@@ -179,7 +183,9 @@ class EdgeConfig:
     proxy: SiteProxy | None = None  # None: connect to the cloud directly
     # local listen address -> normalised cloud-side "host:port" (uplinks)
     uplinks: Mapping[Address, str] = field(default_factory=lambda: types.MappingProxyType({}))
-    uplink_dial_timeout: float = 10.0  # seconds for the cloud to answer an uplink open (its dial included)
+    uplink_dial_timeout: float = (
+        10.0  # seconds for the cloud to answer an uplink open (its dial included)
+    )
     uplink_proxy: UplinkProxy | None = None  # None: no local CONNECT proxy
 
 
@@ -198,34 +204,47 @@ def load_edge_config(path: str | Path) -> EdgeConfig:
     return edge_config_from_dict(data, base_dir=base_dir, source=str(path))
 
 
-def cloud_config_from_dict(data: Mapping[str, object], *, base_dir: Path,
-                           source: str = "cloud.yaml") -> CloudConfig:
+def cloud_config_from_dict(
+    data: Mapping[str, object], *, base_dir: Path, source: str = "cloud.yaml"
+) -> CloudConfig:
     """Validate parsed YAML as a cloud config; `UserError` naming `source` and the key path."""
     top = Section(source, Path(base_dir), "", data, CloudConfig)
     return CloudConfig(  # arguments run in order: a typo in a section beats a missing `tls`
         tunnel=_tunnel(top.section("tunnel", TunnelListen)),
         proxy=_proxy(top.section("proxy", ProxySettings)),
-        aliases=_aliases(top), alias_discovery=_alias_discovery(top.section("alias_discovery", AliasDiscovery)),
+        aliases=_aliases(top),
+        alias_discovery=_alias_discovery(top.section("alias_discovery", AliasDiscovery)),
         uplinks=_cloud_uplinks(top),
         admin=top.section("admin", AdminSettings).build(AdminSettings, defaults=_CLOUD_ADMIN),
-        mux=_mux(top.section("mux", MuxConfig)), log=_log(top.section("log", LogSettings)),
-        **top.scalars(), tls=_tls(top),
+        mux=_mux(top.section("mux", MuxConfig)),
+        log=_log(top.section("log", LogSettings)),
+        **top.scalars(),
+        tls=_tls(top),
     )
 
 
-def edge_config_from_dict(data: Mapping[str, object], *, base_dir: Path,
-                          source: str = "edge.yaml") -> EdgeConfig:
+def edge_config_from_dict(
+    data: Mapping[str, object], *, base_dir: Path, source: str = "edge.yaml"
+) -> EdgeConfig:
     """Validate parsed YAML as an edge config; `UserError` naming `source` and the key path."""
     top = Section(source, Path(base_dir), "", data, EdgeConfig)
     admin = None
     if not (top.has("admin") and top.data["admin"] is None):  # `admin: null` disables it
         admin = top.section("admin", AdminSettings).build(AdminSettings, defaults=_EDGE_ADMIN)
     return EdgeConfig(  # arguments run in order: a typo in a section beats a missing key
-        reconnect=_backoff(top.section("reconnect", Backoff)), admin=admin,
-        mux=_mux(top.section("mux", MuxConfig)), log=_log(top.section("log", LogSettings)),
-        proxy=_site_proxy(top.section("proxy", SiteProxy)) if top.data.get("proxy") is not None else None,
-        uplinks=_edge_uplinks(top), uplink_proxy=_uplink_proxy(top),
-        **top.scalars(), cloud=_cloud_addresses(top), tls=_tls(top), services=_services(top),
+        reconnect=_backoff(top.section("reconnect", Backoff)),
+        admin=admin,
+        mux=_mux(top.section("mux", MuxConfig)),
+        log=_log(top.section("log", LogSettings)),
+        proxy=_site_proxy(top.section("proxy", SiteProxy))
+        if top.data.get("proxy") is not None
+        else None,
+        uplinks=_edge_uplinks(top),
+        uplink_proxy=_uplink_proxy(top),
+        **top.scalars(),
+        cloud=_cloud_addresses(top),
+        tls=_tls(top),
+        services=_services(top),
     )
 
 
@@ -252,17 +271,24 @@ def _proxy(sec: Section) -> ProxySettings:
         t = sec.section("tls", ProxyTLS)
         paths = {k: t.path(k) if t.has(k) else None for k in ("cert", "key", "client_ca")}
         if (paths["cert"] is None) != (paths["key"] is None):
-            t.fail("cert" if paths["cert"] is None else "key",
-                   "required when the other of cert/key is set (neither: the cloud's tls.cert/tls.key)")
+            t.fail(
+                "cert" if paths["cert"] is None else "key",
+                "required when the other of cert/key is set (neither: the cloud's tls.cert/tls.key)",
+            )
         tls = t.build(ProxyTLS, **paths)
     extra: dict[str, Any] = {"auth": auth, "tls": tls}
     if sec.has("listen") and sec.data["listen"] is None:
         if tls is None:
-            sec.fail("listen", "null turns the plain listener off, but there is no proxy.tls listener either")
+            sec.fail(
+                "listen",
+                "null turns the plain listener off, but there is no proxy.tls listener either",
+            )
         extra["listen"] = None
     if sec.has("authz_file"):
         if auth is None and (tls is None or tls.client_ca is None):
-            sec.fail("authz_file", "rules need principals: set proxy.auth or proxy.tls.client_ca too")
+            sec.fail(
+                "authz_file", "rules need principals: set proxy.auth or proxy.tls.client_ca too"
+            )
         extra["authz_file"] = sec.path("authz_file")
     return sec.build(ProxySettings, **extra)
 
@@ -298,12 +324,18 @@ def _cloud_uplinks(top: Section) -> Mapping[str, frozenset[str]]:
     if raw is None:
         return types.MappingProxyType({})
     if not isinstance(raw, Mapping):
-        top.fail("uplinks", f'expected a mapping of unit (or "*") to a list of "host:port" targets, got {kind(raw)}')
+        top.fail(
+            "uplinks",
+            f'expected a mapping of unit (or "*") to a list of "host:port" targets, got {kind(raw)}',
+        )
     out: dict[str, frozenset[str]] = {}
     for key, value in raw.items():
         where = f'uplinks."{key}"'
         if not isinstance(key, str) or not (key == "*" or _UNIT_RE.fullmatch(key)):
-            top.fail(where, "a key must be a NodeUnit name (a DNS label: lower-case a-z, 0-9 and '-') or \"*\"")
+            top.fail(
+                where,
+                "a key must be a NodeUnit name (a DNS label: lower-case a-z, 0-9 and '-') or \"*\"",
+            )
         if not isinstance(value, list) or not value:
             top.fail(where, f'expected a non-empty list of "host:port" targets, got {kind(value)}')
         targets: set[str] = set()
@@ -326,7 +358,10 @@ def _edge_uplinks(top: Section) -> Mapping[Address, str]:
     if raw is None:
         return types.MappingProxyType({})
     if not isinstance(raw, Mapping):
-        top.fail("uplinks", f'expected a mapping of "listen host:port": "cloud-side host:port", got {kind(raw)}')
+        top.fail(
+            "uplinks",
+            f'expected a mapping of "listen host:port": "cloud-side host:port", got {kind(raw)}',
+        )
     out: dict[Address, str] = {}
     for key, value in raw.items():
         where = f'uplinks."{key}"'
@@ -419,7 +454,9 @@ def _services(top: Section) -> Mapping[str, tuple[Address, ...]]:
         if value == []:
             top.fail(where, 'expected "host:port" or a non-empty list of them, got an empty list')
         if isinstance(value, list):
-            out[name] = tuple(top.address(f"{where}[{i}]", v, min_port=1) for i, v in enumerate(value))
+            out[name] = tuple(
+                top.address(f"{where}[{i}]", v, min_port=1) for i, v in enumerate(value)
+            )
         else:
             out[name] = (top.address(where, value, min_port=1),)
     return types.MappingProxyType(out)

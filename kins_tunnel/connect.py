@@ -71,22 +71,51 @@ class Exit(IntEnum):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", metavar="HOST:PORT", help="where the tunnel goes, e.g. %%h:%%p in ssh's ProxyCommand")
-    p.add_argument("--proxy", required=True, metavar="URL",
-                   help="http://[user[:password]@]host:port or https://... (the tunnel-cloud's CONNECT proxy)")
+    p.add_argument(
+        "target",
+        metavar="HOST:PORT",
+        help="where the tunnel goes, e.g. %%h:%%p in ssh's ProxyCommand",
+    )
+    p.add_argument(
+        "--proxy",
+        required=True,
+        metavar="URL",
+        help="http://[user[:password]@]host:port or https://... (the tunnel-cloud's CONNECT proxy)",
+    )
     auth = p.add_mutually_exclusive_group()
-    auth.add_argument("--proxy-user", metavar="USER[:PASSWORD]",
-                      help=f"Basic credentials; without :PASSWORD the password comes from ${PASSWORD_ENV}")
-    auth.add_argument("--proxy-token-file", metavar="FILE", help="send the first line of FILE as a Bearer token")
-    p.add_argument("--proxy-cacert", metavar="FILE",
-                   help="CA certificate(s) to verify an https:// proxy (default: the system's CAs)")
-    p.add_argument("--proxy-cert", metavar="FILE",
-                   help="client certificate for an https:// proxy that asks for one (with --proxy-key)")
+    auth.add_argument(
+        "--proxy-user",
+        metavar="USER[:PASSWORD]",
+        help=f"Basic credentials; without :PASSWORD the password comes from ${PASSWORD_ENV}",
+    )
+    auth.add_argument(
+        "--proxy-token-file", metavar="FILE", help="send the first line of FILE as a Bearer token"
+    )
+    p.add_argument(
+        "--proxy-cacert",
+        metavar="FILE",
+        help="CA certificate(s) to verify an https:// proxy (default: the system's CAs)",
+    )
+    p.add_argument(
+        "--proxy-cert",
+        metavar="FILE",
+        help="client certificate for an https:// proxy that asks for one (with --proxy-key)",
+    )
     p.add_argument("--proxy-key", metavar="FILE", help="the private key of --proxy-cert")
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="TCP connect and TLS handshake with the proxy (default 10)")
-    p.add_argument("--answer-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="the proxy's answer to CONNECT (default 30)")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="TCP connect and TLS handshake with the proxy (default 10)",
+    )
+    p.add_argument(
+        "--answer-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="the proxy's answer to CONNECT (default 30)",
+    )
 
 
 @dataclass(frozen=True)
@@ -118,7 +147,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     for name in ("connect_timeout", "answer_timeout"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
-            raise UserError(f"--{name.replace('_', '-')}: must be a number greater than 0, got {value}")
+            raise UserError(
+                f"--{name.replace('_', '-')}: must be a number greater than 0, got {value}"
+            )
     context = None
     if proxy.scheme == "https":
         try:
@@ -131,14 +162,22 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             try:
                 context.load_cert_chain(args.proxy_cert, args.proxy_key)
             except (OSError, ssl.SSLError) as exc:
-                raise UserError(f"--proxy-cert/--proxy-key: {args.proxy_cert}, {args.proxy_key}: "
-                                f"{_file_error(exc)}") from None
+                raise UserError(
+                    f"--proxy-cert/--proxy-key: {args.proxy_cert}, {args.proxy_key}: "
+                    f"{_file_error(exc)}"
+                ) from None
     else:
         for option in ("proxy_cacert", "proxy_cert", "proxy_key"):
             if getattr(args, option):
                 raise UserError(f"--{option.replace('_', '-')}: only for an https:// proxy")
-    return Plan(authority(target.host, target.port), proxy, _authorization(args, proxy), context,
-                args.connect_timeout, args.answer_timeout)
+    return Plan(
+        authority(target.host, target.port),
+        proxy,
+        _authorization(args, proxy),
+        context,
+        args.connect_timeout,
+        args.answer_timeout,
+    )
 
 
 def _file_error(exc: OSError | ssl.SSLError) -> str:
@@ -161,10 +200,14 @@ def _authorization(args: argparse.Namespace, proxy: ProxyURL) -> bytes | None:
         try:
             lines = Path(args.proxy_token_file).read_bytes().splitlines()
         except OSError as exc:
-            raise UserError(f"--proxy-token-file: {args.proxy_token_file}: {exc.strerror or exc}") from None
+            raise UserError(
+                f"--proxy-token-file: {args.proxy_token_file}: {exc.strerror or exc}"
+            ) from None
         token = next((ln.strip() for ln in lines if ln.strip()), b"")
         if not token or any(b <= 0x20 or b >= 0x7F for b in token):
-            raise UserError(f"--proxy-token-file: {args.proxy_token_file}: expected a token on the first line")
+            raise UserError(
+                f"--proxy-token-file: {args.proxy_token_file}: expected a token on the first line"
+            )
         return bearer_authorization(token)
     if args.proxy_user is not None:
         user, sep, password = args.proxy_user.partition(":")
@@ -205,7 +248,9 @@ class TLSClient(trio.abc.HalfCloseableStream):
     close_notify reads as an ordinary end (like trio's ``https_compatible``).
     """
 
-    def __init__(self, tcp: trio.SocketStream, context: ssl.SSLContext, server_hostname: str) -> None:
+    def __init__(
+        self, tcp: trio.SocketStream, context: ssl.SSLContext, server_hostname: str
+    ) -> None:
         self.tcp = tcp
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._in, self._out, server_hostname=server_hostname)
@@ -337,14 +382,23 @@ async def run(plan: Plan) -> int:
             return Exit.UNREACHABLE
         except trio.BrokenResourceError as exc:
             cause = _ssl_error(exc)
-            reason = getattr(cause, "verify_message", None) or getattr(cause, "reason", None) or cause or exc
+            reason = (
+                getattr(cause, "verify_message", None)
+                or getattr(cause, "reason", None)
+                or cause
+                or exc
+            )
             _say(f"TLS with proxy {proxy} failed: {reason}")
             return Exit.UNREACHABLE
         try:
             with trio.fail_after(plan.answer_timeout):
-                trailing = await http_connect(stream, plan.target, proxy=proxy, authorization=plan.authorization)
+                trailing = await http_connect(
+                    stream, plan.target, proxy=proxy, authorization=plan.authorization
+                )
         except trio.TooSlowError:
-            _say(f"proxy {proxy} did not answer CONNECT {plan.target} within {plan.answer_timeout:g}s")
+            _say(
+                f"proxy {proxy} did not answer CONNECT {plan.target} within {plan.answer_timeout:g}s"
+            )
             return Exit.TIMEOUT
         except ProxyRefused as exc:
             _say(str(exc))
@@ -352,8 +406,10 @@ async def run(plan: Plan) -> int:
         except ProxyError as exc:
             tls_error = _ssl_error(exc)
             if isinstance(tls_error, ssl.SSLEOFError):
-                _say(f"TLS with proxy {proxy} failed: it ended the TLS session before answering "
-                     "(does it require a client certificate? --proxy-cert)")
+                _say(
+                    f"TLS with proxy {proxy} failed: it ended the TLS session before answering "
+                    "(does it require a client certificate? --proxy-cert)"
+                )
                 return Exit.UNREACHABLE
             if tls_error is not None:
                 _say(f"TLS with proxy {proxy} failed: {tls_error.reason or tls_error}")
@@ -378,7 +434,7 @@ class _BlockingFd:
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:
-            view = view[await trio.to_thread.run_sync(os.write, self.fd, view):]
+            view = view[await trio.to_thread.run_sync(os.write, self.fd, view) :]
 
     async def aclose(self) -> None:
         os.close(self.fd)
@@ -419,7 +475,9 @@ async def _relay(stream: trio.abc.HalfCloseableStream, trailing: bytes) -> int:
                 pass
 
 
-async def _upload(stdin: trio.lowlevel.FdStream | _BlockingFd, stream: trio.abc.HalfCloseableStream) -> None:
+async def _upload(
+    stdin: trio.lowlevel.FdStream | _BlockingFd, stream: trio.abc.HalfCloseableStream
+) -> None:
     try:
         while data := await stdin.receive_some(CHUNK):
             await stream.send_all(data)
@@ -428,7 +486,9 @@ async def _upload(stdin: trio.lowlevel.FdStream | _BlockingFd, stream: trio.abc.
         pass  # the download side sees how the connection ends
 
 
-async def _download(stream: trio.abc.Stream, stdout: trio.lowlevel.FdStream | _BlockingFd, trailing: bytes) -> int:
+async def _download(
+    stream: trio.abc.Stream, stdout: trio.lowlevel.FdStream | _BlockingFd, trailing: bytes
+) -> int:
     data: bytes | bytearray = trailing
     while True:
         if data:

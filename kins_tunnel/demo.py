@@ -47,8 +47,9 @@ def _write_sample(path: Path) -> None:
             f.write(chunk)
 
 
-def demo_examples(kubeconfig: Path, sample: Path, admin_port: int, proxy_port: int,
-                  k3s_ca: Path) -> list[Example]:
+def demo_examples(
+    kubeconfig: Path, sample: Path, admin_port: int, proxy_port: int, k3s_ca: Path
+) -> list[Example]:
     """The commands the demo prints, in order."""
     k = f"kubectl --kubeconfig {kubeconfig}"
     back = sample.with_name("back.bin")
@@ -56,16 +57,24 @@ def demo_examples(kubeconfig: Path, sample: Path, admin_port: int, proxy_port: i
         Example(f"{k} get pods"),
         Example(f"{k} get pods --watch", "Ctrl-C ends it", interactive=True),
         Example(f"{k} exec {POD} -- echo hello from the edge"),
-        Example(f"{k} exec -it {POD} -- cat", "a line echo on a terminal; Ctrl-D ends it",
-                interactive=True),
+        Example(
+            f"{k} exec -it {POD} -- cat",
+            "a line echo on a terminal; Ctrl-D ends it",
+            interactive=True,
+        ),
         Example(f"{k} cp {sample} {POD}:/tmp/upgrade.bin", "push a file to the edge"),
         Example(f"{k} exec {POD} -- sha256sum /tmp/upgrade.bin", f"compare: sha256sum {sample}"),
         Example(f"{k} cp {POD}:/tmp/upgrade.bin {back}", "and fetch it back"),
-        Example(f"{k} port-forward pod/{POD} 7007:7", "pod port 7 echoes; then: socat - TCP:127.0.0.1:7007",
-                interactive=True),
+        Example(
+            f"{k} port-forward pod/{POD} 7007:7",
+            "pod port 7 echoes; then: socat - TCP:127.0.0.1:7007",
+            interactive=True,
+        ),
         Example(f"curl -s http://127.0.0.1:{admin_port}/status"),
-        Example(f"curl -s --proxy http://127.0.0.1:{proxy_port} --cacert {k3s_ca} "
-                "https://test-svc-kins.kins-system:443/version"),
+        Example(
+            f"curl -s --proxy http://127.0.0.1:{proxy_port} --cacert {k3s_ca} "
+            "https://test-svc-kins.kins-system:443/version"
+        ),
     ]
 
 
@@ -73,12 +82,22 @@ def write_kubeconfig(path: Path, proxy_port: int, ca: Path, unit: str = "test") 
     doc = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "default", "cluster": {
-            "server": f"https://{unit}-svc-kins.kins-system:443",
-            "proxy-url": f"http://127.0.0.1:{proxy_port}",
-            "certificate-authority": str(ca)}}],
-        "contexts": [{"name": "default", "context": {"cluster": "default", "namespace": "default",
-                                                     "user": "default"}}],
+        "clusters": [
+            {
+                "name": "default",
+                "cluster": {
+                    "server": f"https://{unit}-svc-kins.kins-system:443",
+                    "proxy-url": f"http://127.0.0.1:{proxy_port}",
+                    "certificate-authority": str(ca),
+                },
+            }
+        ],
+        "contexts": [
+            {
+                "name": "default",
+                "context": {"cluster": "default", "namespace": "default", "user": "default"},
+            }
+        ],
         "current-context": "default",
         "users": [{"name": "default", "user": {"token": "demo-token"}}],
     }
@@ -86,8 +105,13 @@ def write_kubeconfig(path: Path, proxy_port: int, ca: Path, unit: str = "test") 
     path.chmod(0o600)
 
 
-async def run_demo(workdir: Path | None = None, proxy_port: int = 8080, *, quiet: bool = False,
-                   task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_demo(
+    workdir: Path | None = None,
+    proxy_port: int = 8080,
+    *,
+    quiet: bool = False,
+    task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
+) -> None:
     own = workdir is None
     base = Path(tempfile.mkdtemp(prefix="kins-tunnel-demo-")) if workdir is None else workdir
     try:
@@ -95,25 +119,45 @@ async def run_demo(workdir: Path | None = None, proxy_port: int = 8080, *, quiet
         init_ca(certs)
         issue_edge(certs, "test", "edge1")
         k3s_ctx, k3s_ca = make_self_signed_server_context(base)
-        tls = {"ca": str(certs / "ca.crt"), "cert": str(certs / "cloud.crt"), "key": str(certs / "cloud.key")}
+        tls = {
+            "ca": str(certs / "ca.crt"),
+            "cert": str(certs / "cloud.crt"),
+            "key": str(certs / "cloud.key"),
+        }
         async with trio.open_nursery() as nursery:
             (base / "sandbox").mkdir(exist_ok=True)
-            k3s_port = await nursery.start(functools.partial(
-                serve_k3s_standin, k3s_ctx, sandbox=base / "sandbox"))
+            k3s_port = await nursery.start(
+                functools.partial(serve_k3s_standin, k3s_ctx, sandbox=base / "sandbox")
+            )
             try:
                 cloud_cfg = cloud_config_from_dict(
-                    {"tunnel": {"listen": "127.0.0.1:0"}, "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
-                     "admin": {"listen": "127.0.0.1:0"}, "tls": tls}, base_dir=base, source="demo cloud")
+                    {
+                        "tunnel": {"listen": "127.0.0.1:0"},
+                        "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
+                        "admin": {"listen": "127.0.0.1:0"},
+                        "tls": tls,
+                    },
+                    base_dir=base,
+                    source="demo cloud",
+                )
                 cloud = Cloud(cloud_cfg)
                 ports = await nursery.start(cloud.run)
             except OSError:
                 raise
             edge_cfg = edge_config_from_dict(
-                {"cloud": [f"127.0.0.1:{ports.tunnel}"],
-                 "tls": {"ca": str(certs / "ca.crt"), "cert": str(certs / "edge-edge1.crt"),
-                         "key": str(certs / "edge-edge1.key")},
-                 "services": {"test-svc-kins.kins-system:443": f"127.0.0.1:{k3s_port}"},
-                 "admin": None}, base_dir=base, source="demo edge")
+                {
+                    "cloud": [f"127.0.0.1:{ports.tunnel}"],
+                    "tls": {
+                        "ca": str(certs / "ca.crt"),
+                        "cert": str(certs / "edge-edge1.crt"),
+                        "key": str(certs / "edge-edge1.key"),
+                    },
+                    "services": {"test-svc-kins.kins-system:443": f"127.0.0.1:{k3s_port}"},
+                    "admin": None,
+                },
+                base_dir=base,
+                source="demo edge",
+            )
             edge = Edge(edge_cfg)
             await nursery.start(edge.run)
             with trio.fail_after(10):
@@ -125,9 +169,11 @@ async def run_demo(workdir: Path | None = None, proxy_port: int = 8080, *, quiet
             await trio.to_thread.run_sync(_write_sample, sample)
             if not quiet:
                 examples = demo_examples(kubeconfig, sample, ports.admin, ports.proxy, k3s_ca)
-                tries = "\n".join(f"  {e.command}" + (f"\n      # {e.note}" if e.note else "")
-                                  for e in examples)
-                print(f"""
+                tries = "\n".join(
+                    f"  {e.command}" + (f"\n      # {e.note}" if e.note else "") for e in examples
+                )
+                print(
+                    f"""
 kins-tunnel demo is running (all on 127.0.0.1; files in {base}):
   tunnel-cloud   edges on :{ports.tunnel}, CONNECT proxy on :{ports.proxy}, admin on :{ports.admin}
   tunnel-edge    unit "test", node "edge1", serving test-svc-kins.kins-system:443
@@ -137,7 +183,9 @@ kins-tunnel demo is running (all on 127.0.0.1; files in {base}):
 Try:
 {tries}
 
-Ctrl-C stops everything.""", flush=True)
+Ctrl-C stops everything.""",
+                    flush=True,
+                )
             task_status.started(kubeconfig)
     finally:
         if own:

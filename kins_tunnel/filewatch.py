@@ -83,12 +83,18 @@ class WatchedFile(Generic[T]):
             reason = "the file is gone"
         self._failed_stamp = stamp
         self.failures += 1
-        log.warning("%s: %s: %s (keeping the previous contents)", self.what, self.path, reason,
-                    extra={"setting": self.what, "reason": reason})
+        log.warning(
+            "%s: %s: %s (keeping the previous contents)",
+            self.what,
+            self.path,
+            reason,
+            extra={"setting": self.what, "reason": reason},
+        )
         return False
 
-    async def watch(self, interval: float = 1.0,
-                    on_change: Callable[[T], object] | None = None) -> None:
+    async def watch(
+        self, interval: float = 1.0, on_change: Callable[[T], object] | None = None
+    ) -> None:
         """Check every `interval` seconds until cancelled; call `on_change(value)` after a reload."""
         while True:
             await trio.sleep(interval)
@@ -103,4 +109,3 @@ class _Never:
 
 
 _NEVER = _Never()
-

@@ -63,7 +63,9 @@ def ip_server(ip: str) -> str:
 
 def _pem_certificates(data: bytes, what: str) -> bytes:
     """The PEM certificate blocks of `data` (normalised), or `UserError` if there are none."""
-    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----", data)
+    blocks = re.findall(
+        rb"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----", data
+    )
     if not blocks:
         raise UserError(f"{what} holds no PEM certificate")
     return b"".join(b.replace(b"\r\n", b"\n") + b"\n" for b in blocks)
@@ -72,8 +74,10 @@ def _pem_certificates(data: bytes, what: str) -> bytes:
 def _check_unit(unit: str) -> None:
     svc = f"{unit}-svc-kins"
     if not _LABEL.fullmatch(unit) or len(svc) > 63:
-        raise UserError(f"unit {unit!r} is not a valid NodeUnit name (RFC 1123 label: lower-case "
-                        f"letters, digits and '-', and {svc!r} must fit in 63 characters)")
+        raise UserError(
+            f"unit {unit!r} is not a valid NodeUnit name (RFC 1123 label: lower-case "
+            f"letters, digits and '-', and {svc!r} must fit in 63 characters)"
+        )
 
 
 def _check_proxy_url(proxy_url: str) -> None:
@@ -133,8 +137,9 @@ def _chosen_clusters(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return chosen
 
 
-def _point_at_tunnel(cluster: dict[str, Any], server: str, proxy_url: str,
-                     ca_data: str | None = None) -> dict[str, Any]:
+def _point_at_tunnel(
+    cluster: dict[str, Any], server: str, proxy_url: str, ca_data: str | None = None
+) -> dict[str, Any]:
     """Return `cluster` with server and proxy-url (and the CA) replaced, keeping the key order."""
     out: dict[str, Any] = {}
     for key, value in cluster.items():
@@ -155,15 +160,19 @@ def _point_at_tunnel(cluster: dict[str, Any], server: str, proxy_url: str,
     return out
 
 
-def _cluster_ca(cluster: dict[str, Any], base_dir: Path, server_ca: bytes | None, name: str) -> bytes:
+def _cluster_ca(
+    cluster: dict[str, Any], base_dir: Path, server_ca: bytes | None, name: str
+) -> bytes:
     """The PEM CA that verifies K3s: `server_ca`, else the cluster's own; `UserError` if none."""
     if server_ca is not None:
         return _pem_certificates(server_ca, "--server-ca")
     data = cluster.get("certificate-authority-data")
     if data:
         try:
-            return _pem_certificates(base64.b64decode(str(data), validate=True),
-                                     f"cluster {name!r} certificate-authority-data")
+            return _pem_certificates(
+                base64.b64decode(str(data), validate=True),
+                f"cluster {name!r} certificate-authority-data",
+            )
         except (binascii.Error, ValueError):
             raise UserError(f"cluster {name!r}: certificate-authority-data is not base64") from None
     path = cluster.get("certificate-authority")
@@ -171,19 +180,35 @@ def _cluster_ca(cluster: dict[str, Any], base_dir: Path, server_ca: bytes | None
         file = Path(str(path)).expanduser()
         file = file if file.is_absolute() else base_dir / file
         try:
-            return _pem_certificates(file.read_bytes(), f"cluster {name!r} certificate-authority {file}")
+            return _pem_certificates(
+                file.read_bytes(), f"cluster {name!r} certificate-authority {file}"
+            )
         except OSError as exc:
-            raise UserError(f"cluster {name!r}: cannot read certificate-authority {file}: {exc.strerror}") from None
+            raise UserError(
+                f"cluster {name!r}: cannot read certificate-authority {file}: {exc.strerror}"
+            ) from None
     if cluster.get("insecure-skip-tls-verify"):
-        raise UserError(f"cluster {name!r} has insecure-skip-tls-verify: kubectl would verify neither K3s nor "
-                        "the https proxy; give --server-ca (the K3s server CA, "
-                        "/var/lib/rancher/k3s/server/tls/server-ca.crt) so that both are verified")
-    raise UserError(f"cluster {name!r} has no certificate-authority: give --server-ca (the K3s server CA)")
+        raise UserError(
+            f"cluster {name!r} has insecure-skip-tls-verify: kubectl would verify neither K3s nor "
+            "the https proxy; give --server-ca (the K3s server CA, "
+            "/var/lib/rancher/k3s/server/tls/server-ca.crt) so that both are verified"
+        )
+    raise UserError(
+        f"cluster {name!r} has no certificate-authority: give --server-ca (the K3s server CA)"
+    )
 
 
-def rewrite_kubeconfig(text: str, *, unit: str, proxy_url: str, proxy_ca: bytes | None = None,
-                       server_ca: bytes | None = None, service_ip: str | None = None,
-                       base_dir: Path = Path("."), notes: list[str] | None = None) -> str:
+def rewrite_kubeconfig(
+    text: str,
+    *,
+    unit: str,
+    proxy_url: str,
+    proxy_ca: bytes | None = None,
+    server_ca: bytes | None = None,
+    service_ip: str | None = None,
+    base_dir: Path = Path("."),
+    notes: list[str] | None = None,
+) -> str:
     """Return the kubeconfig `text` rewritten to reach `unit`'s K3s cluster through the tunnel.
 
     The cluster (all of them when there is only one; otherwise the one the current-context uses)
@@ -204,8 +229,10 @@ def rewrite_kubeconfig(text: str, *, unit: str, proxy_url: str, proxy_ca: bytes 
     _check_proxy_url(proxy_url)
     https = urlsplit(proxy_url).scheme == "https"
     if https and proxy_ca is None and notes is not None:
-        notes.append("kubectl verifies an https proxy with the cluster's certificate-authority: give "
-                     "--proxy-ca (the tunnel CA, certs/ca.crt) unless that CA signed the proxy certificate")
+        notes.append(
+            "kubectl verifies an https proxy with the cluster's certificate-authority: give "
+            "--proxy-ca (the tunnel CA, certs/ca.crt) unless that CA signed the proxy certificate"
+        )
     if not https and proxy_ca is not None:
         raise UserError("--proxy-ca is only for an https proxy URL")
     proxy_pem = None if proxy_ca is None else _pem_certificates(proxy_ca, "--proxy-ca")
@@ -218,9 +245,11 @@ def rewrite_kubeconfig(text: str, *, unit: str, proxy_url: str, proxy_ca: bytes 
             bundle = _cluster_ca(cluster, base_dir, server_ca, name) + (proxy_pem or b"")
             ca_data = base64.b64encode(bundle).decode()
         if https and cluster.get("tls-server-name") and notes is not None:
-            notes.append(f"cluster {name!r} sets tls-server-name {cluster['tls-server-name']!r}: client-go "
-                         "checks the https proxy's certificate against that name too, so the proxy "
-                         "certificate must carry it (certs init --proxy-san, e.g. '*.kins-system')")
+            notes.append(
+                f"cluster {name!r} sets tls-server-name {cluster['tls-server-name']!r}: client-go "
+                "checks the https proxy's certificate against that name too, so the proxy "
+                "certificate must carry it (certs init --proxy-san, e.g. '*.kins-system')"
+            )
         entry["cluster"] = _point_at_tunnel(cluster, server, proxy_url, ca_data)
     dumped: str = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 30)
     return dumped
@@ -262,8 +291,14 @@ def _read_pem(path: str | None, flag: str) -> bytes | None:
 
 
 def main_kubeconfig(
-    unit: str, proxy_url: str, input_path: str | None, output_path: str | None,
-    *, proxy_ca: str | None = None, server_ca: str | None = None, service_ip: str | None = None,
+    unit: str,
+    proxy_url: str,
+    input_path: str | None,
+    output_path: str | None,
+    *,
+    proxy_ca: str | None = None,
+    server_ca: str | None = None,
+    service_ip: str | None = None,
 ) -> int:
     """`kins-tunnel kubeconfig`: rewrite the kubeconfig at `input_path` into `output_path`.
 
@@ -273,10 +308,16 @@ def main_kubeconfig(
     """
     notes: list[str] = []
     base_dir = Path(".") if input_path in (None, "-") else Path(str(input_path)).parent
-    result = rewrite_kubeconfig(_read(input_path), unit=unit, proxy_url=proxy_url,
-                                proxy_ca=_read_pem(proxy_ca, "--proxy-ca"),
-                                server_ca=_read_pem(server_ca, "--server-ca"), service_ip=service_ip,
-                                base_dir=base_dir, notes=notes)
+    result = rewrite_kubeconfig(
+        _read(input_path),
+        unit=unit,
+        proxy_url=proxy_url,
+        proxy_ca=_read_pem(proxy_ca, "--proxy-ca"),
+        server_ca=_read_pem(server_ca, "--server-ca"),
+        service_ip=service_ip,
+        base_dir=base_dir,
+        notes=notes,
+    )
     for note in notes:
         print(f"kins-tunnel: note: {note}", file=sys.stderr)
     if output_path in (None, "-"):

@@ -91,10 +91,23 @@ def is_ip_target(target: str) -> bool:
         return False
     return True
 
+
 def kind(value: object) -> str:
     """How a YAML value looks, for error messages: `string 'x'`, `integer 3`, `list`, `null`."""
-    names: dict[type, str] = {type(None): "null", bool: "boolean", int: "integer", float: "number", str: "string"}
+    names: dict[type, str] = {
+        type(None): "null",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+    }
     if type(value) not in names:
-        return "list" if isinstance(value, list) else "mapping" if isinstance(value, dict) else type(value).__name__
+        return (
+            "list"
+            if isinstance(value, list)
+            else "mapping"
+            if isinstance(value, dict)
+            else type(value).__name__
+        )
     shown = "" if value is None else " " + repr(value)
     return names[type(value)] + (shown if len(shown) <= 41 else shown[:38] + "...")

@@ -18,14 +18,16 @@ from kins_tunnel.errors import UserError
 
 # TLS 1.2 suites, forward secret and AEAD only; ECDSA first because every key we issue is ECDSA.
 # TLS 1.3 suites are configured separately by OpenSSL and its defaults are already AEAD-only.
-CIPHERS = ":".join([
-    "ECDHE-ECDSA-AES128-GCM-SHA256",
-    "ECDHE-ECDSA-AES256-GCM-SHA384",
-    "ECDHE-ECDSA-CHACHA20-POLY1305",
-    "ECDHE-RSA-AES128-GCM-SHA256",
-    "ECDHE-RSA-AES256-GCM-SHA384",
-    "ECDHE-RSA-CHACHA20-POLY1305",
-])
+CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
 
 
 def server_ssl_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:

@@ -101,8 +101,6 @@ class Section:
         return path if path.is_absolute() else self.base_dir / path
 
 
-
-
 class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # (no stubs for yaml)
     """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
 
@@ -112,7 +110,8 @@ class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # (no stubs for yaml
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag == "tag:yaml.org,2002:str":
                 if key_node.value in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark)
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                    )
                 seen.add(key_node.value)
         result: dict[Any, Any] = super().construct_mapping(node, deep=deep)
         return result

@@ -29,8 +29,10 @@ A_HOST = "a-svc-kins.kins-system.svc.cluster.local."
 
 
 def test_static_entries_and_names_pass_through() -> None:
-    table = AliasTable({"10.96.12.34:443": "test-svc-kins.kins-system:443", "[fd00::7]:22": "edge1:22"},
-                       AliasDiscovery(enabled=False))
+    table = AliasTable(
+        {"10.96.12.34:443": "test-svc-kins.kins-system:443", "[fd00::7]:22": "edge1:22"},
+        AliasDiscovery(enabled=False),
+    )
     assert table.rewrite("10.96.12.34:443") == Rewrite("test-svc-kins.kins-system:443", "static")
     assert table.rewrite("[fd00::7]:22") == Rewrite("edge1:22", "static")
     assert table.rewrite("edge1:22") == Rewrite("edge1:22", "")
@@ -50,7 +52,9 @@ async def test_discovery_on_connect_and_interval_keeps_entries_on_failure() -> N
         with trio.fail_after(10):
             while not seen:
                 await trio.sleep(0.005)
-        assert table.rewrite("10.96.0.10:443") == Rewrite("a-svc-kins.kins-system:443", "discovered")
+        assert table.rewrite("10.96.0.10:443") == Rewrite(
+            "a-svc-kins.kins-system:443", "discovered"
+        )
         assert table.rewrite("10.96.0.10:10250").name == "a-svc-kins.kins-system:10250"  # any port
         # the resolver fails: the previous entries stay
         dns.fail = True
@@ -73,7 +77,9 @@ async def test_discovery_on_connect_and_interval_keeps_entries_on_failure() -> N
 
 async def test_a_unit_that_connects_is_looked_up_at_once() -> None:
     dns = TableResolver({"b-svc-kins.kins-system.svc.corp.example.": ["fd00::5", "10.1.2.3"]})
-    table = AliasTable({"10.1.2.3:443": "edge9:443"}, AliasDiscovery(True, "corp.example", 3600), dns)
+    table = AliasTable(
+        {"10.1.2.3:443": "edge9:443"}, AliasDiscovery(True, "corp.example", 3600), dns
+    )
     units: set[str] = set()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(table.run, lambda: units)
@@ -94,7 +100,10 @@ async def test_a_unit_that_connects_is_looked_up_at_once() -> None:
             table.unit_connected("c")
             await trio.sleep(0.002)
         await trio.sleep(0.05)
-        assert dns.asked == ["b-svc-kins.kins-system.svc.corp.example.", "c-svc-kins.kins-system.svc.corp.example."]
+        assert dns.asked == [
+            "b-svc-kins.kins-system.svc.corp.example.",
+            "c-svc-kins.kins-system.svc.corp.example.",
+        ]
         nursery.cancel_scope.cancel()
 
 

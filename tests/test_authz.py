@@ -38,12 +38,16 @@ async def test_basic_user_and_named_tokens(tmp_path: Path) -> None:
     (tmp_path / "basic").write_text("alice:s3cret:with:colons\n# comment\nbob:pw\n")
     (tmp_path / "bearer").write_text("ci-bot:tok-123\nlegacytoken456\n  \n")
     auth = Authenticator(ProxyAuth(tmp_path / "basic", tmp_path / "bearer"))
-    assert await auth.authenticate(basic("alice", "s3cret:with:colons")) == Principal("alice", "basic")
+    assert await auth.authenticate(basic("alice", "s3cret:with:colons")) == Principal(
+        "alice", "basic"
+    )
     assert await auth.authenticate(basic("bob", "pw")) == Principal("bob", "basic")
     assert await auth.authenticate(basic("bob", "wrong")) is None
     assert await auth.authenticate(b"Bearer tok-123") == Principal("ci-bot", "bearer")
     # the old one-token-per-line form still works and gets a stable generated name
-    assert await auth.authenticate(b"Bearer legacytoken456") == Principal(token_name(b"legacytoken456"), "bearer")
+    assert await auth.authenticate(b"Bearer legacytoken456") == Principal(
+        token_name(b"legacytoken456"), "bearer"
+    )
     assert token_name(b"legacytoken456").startswith("token-") and len(token_name(b"x")) == 14
     assert "legacytoken456" not in token_name(b"legacytoken456")
     # the name of a token is not a credential
@@ -103,7 +107,12 @@ def test_rules_decide_by_unit_node_port_and_group() -> None:
 
 
 def test_no_rule_for_principal_and_empty_rules_deny() -> None:
-    assert parse_rules(b"rules:\n  - {principals: [alice], allow: ['unit:a']}\n").check(p("eve"), A_SVC) == NO_RULE
+    assert (
+        parse_rules(b"rules:\n  - {principals: [alice], allow: ['unit:a']}\n").check(
+            p("eve"), A_SVC
+        )
+        == NO_RULE
+    )
     assert parse_rules(b"rules: []\n").check(p("alice"), A_SVC) == NO_RULE
 
 
@@ -115,30 +124,60 @@ def test_classify() -> None:
     assert classify("10.0.0.1:443") is None
 
 
-@pytest.mark.parametrize("text, message", [
-    (b"rules: {}", "rules: expected a list of {principals, allow}, got mapping"),
-    (b"rule: []", "rule: unknown key (expected one of: groups, rules)"),
-    (b"groups: {}", "rules: required key is missing (an empty list denies everyone)"),
-    (b"rules:\n  - principals: [alice]\n", "rules[0].allow: required key is missing"),
-    (b"rules:\n  - {principals: [alice], allow: [unit:a], deny: []}\n",
-     "rules[0].deny: unknown key (expected one of: principals, allow)"),
-    (b"rules:\n  - {principals: [a], allow: ['unit:a']}\n  - {principals: [b], allow: ['nod:edge1:22']}\n",
-     "rules[1].allow[0]: 'nod:edge1:22' is not unit:<unit>[:<port>] or node:<node>:<port> "
-     "(names are DNS labels; a name or port may be *)"),
-    (b"rules:\n  - {principals: [b], allow: ['node:edge1']}\n", "rules[0].allow[0]: 'node:edge1' is not"),
-    (b"rules:\n  - {principals: [b], allow: ['node:edge1:70000']}\n", "port must be from 1 to 65535 or *"),
-    (b"rules:\n  - {principals: [b], allow: ['unit:A']}\n", "rules[0].allow[0]: 'unit:A' is not"),
-    (b"rules:\n  - {principals: ['group:ops'], allow: ['unit:a']}\n", "rules[0].principals[0]: no group 'ops'"),
-    (b"rules:\n  - {principals: [], allow: ['unit:a']}\n",
-     "rules[0].principals: expected a non-empty list of strings, got list"),
-    (b"rules:\n  - {principals: [3], allow: ['unit:a']}\n", "rules[0].principals[0]: expected a non-empty string, got number 3"),
-    (b"rules:\n  - {principals: ['a b'], allow: ['unit:a']}\n", "rules[0].principals[0]: 'a b': a principal name has no spaces"),
-    (b"groups: {ops: [group:x]}\nrules: []\n", "groups.ops[0]: 'group:x': members are principal names"),
-    (b"rules: []\nrules: []\n", "line 2: invalid YAML: duplicate key 'rules'"),
-    (b"rules: [\n", "invalid YAML"),
-    (b"- a\n", "top level: expected a mapping with 'rules', got list"),
-    (b"\xff\xfe", "not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b"rules: {}", "rules: expected a list of {principals, allow}, got mapping"),
+        (b"rule: []", "rule: unknown key (expected one of: groups, rules)"),
+        (b"groups: {}", "rules: required key is missing (an empty list denies everyone)"),
+        (b"rules:\n  - principals: [alice]\n", "rules[0].allow: required key is missing"),
+        (
+            b"rules:\n  - {principals: [alice], allow: [unit:a], deny: []}\n",
+            "rules[0].deny: unknown key (expected one of: principals, allow)",
+        ),
+        (
+            b"rules:\n  - {principals: [a], allow: ['unit:a']}\n  - {principals: [b], allow: ['nod:edge1:22']}\n",
+            "rules[1].allow[0]: 'nod:edge1:22' is not unit:<unit>[:<port>] or node:<node>:<port> "
+            "(names are DNS labels; a name or port may be *)",
+        ),
+        (
+            b"rules:\n  - {principals: [b], allow: ['node:edge1']}\n",
+            "rules[0].allow[0]: 'node:edge1' is not",
+        ),
+        (
+            b"rules:\n  - {principals: [b], allow: ['node:edge1:70000']}\n",
+            "port must be from 1 to 65535 or *",
+        ),
+        (
+            b"rules:\n  - {principals: [b], allow: ['unit:A']}\n",
+            "rules[0].allow[0]: 'unit:A' is not",
+        ),
+        (
+            b"rules:\n  - {principals: ['group:ops'], allow: ['unit:a']}\n",
+            "rules[0].principals[0]: no group 'ops'",
+        ),
+        (
+            b"rules:\n  - {principals: [], allow: ['unit:a']}\n",
+            "rules[0].principals: expected a non-empty list of strings, got list",
+        ),
+        (
+            b"rules:\n  - {principals: [3], allow: ['unit:a']}\n",
+            "rules[0].principals[0]: expected a non-empty string, got number 3",
+        ),
+        (
+            b"rules:\n  - {principals: ['a b'], allow: ['unit:a']}\n",
+            "rules[0].principals[0]: 'a b': a principal name has no spaces",
+        ),
+        (
+            b"groups: {ops: [group:x]}\nrules: []\n",
+            "groups.ops[0]: 'group:x': members are principal names",
+        ),
+        (b"rules: []\nrules: []\n", "line 2: invalid YAML: duplicate key 'rules'"),
+        (b"rules: [\n", "invalid YAML"),
+        (b"- a\n", "top level: expected a mapping with 'rules', got list"),
+        (b"\xff\xfe", "not UTF-8 text"),
+    ],
+)
 def test_rule_file_errors_name_the_key_path(text: bytes, message: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_rules(text)
@@ -173,14 +212,17 @@ def test_broken_file_at_start_is_a_one_line_user_error(tmp_path: Path) -> None:
     f.write_text("rules:\n  - {principals: [a], allow: ['unit']}\n")
     with pytest.raises(UserError) as info:
         Authorizer(f)
-    assert str(info.value) == (f"proxy.authz_file: {f}: rules[0].allow[0]: 'unit' is not unit:<unit>[:<port>] "
-                               "or node:<node>:<port> (names are DNS labels; a name or port may be *)")
+    assert str(info.value) == (
+        f"proxy.authz_file: {f}: rules[0].allow[0]: 'unit' is not unit:<unit>[:<port>] "
+        "or node:<node>:<port> (names are DNS labels; a name or port may be *)"
+    )
     with pytest.raises(UserError, match="proxy.authz_file: cannot read"):
         Authorizer(tmp_path / "missing.yaml")
 
 
 async def test_rules_are_reread_and_a_broken_version_keeps_the_previous(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     f = tmp_path / "authz.yaml"
     f.write_text("rules:\n  - {principals: [alice], allow: ['unit:a']}\n")
     authz = Authorizer(f)
@@ -204,7 +246,10 @@ async def test_rules_are_reread_and_a_broken_version_keeps_the_previous(
             await until(lambda: authz.file.failures == 2)
             assert authz.check(p("alice"), B_SVC) is None
         messages = [r.getMessage() for r in caplog.records]
-        assert any("rules[0].allow[1]: 'bogus' is not" in m and "keeping the previous" in m for m in messages)
+        assert any(
+            "rules[0].allow[1]: 'bogus' is not" in m and "keeping the previous" in m
+            for m in messages
+        )
         assert any("the file is gone" in m for m in messages)
         _replace(f, "rules: []\n")
         await until(lambda: authz.check(p("alice"), B_SVC) == NO_RULE)

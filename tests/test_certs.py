@@ -82,8 +82,10 @@ def test_cloud_certificate_sans(pki: Path) -> None:
     san = sans(cloud)
     assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "tunnel-cloud.kube-system"}
     assert set(san.get_values_for_type(x509.IPAddress)) == {
-        ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("10.0.0.5"),
-        ipaddress.ip_address("::1")}
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("10.0.0.5"),
+        ipaddress.ip_address("::1"),
+    }
     eku = cloud.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert ExtendedKeyUsageOID.SERVER_AUTH in eku
     cn = cloud.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
@@ -101,7 +103,8 @@ def test_cloud_defaults_only(tmp_path: Path) -> None:
 def test_edge_certificate(pki: Path) -> None:
     edge = load(pki / "edge-edge1.crt")
     assert sans(edge).get_values_for_type(x509.UniformResourceIdentifier) == [
-        "spiffe://kins-tunnel/unit/test/node/edge1"]
+        "spiffe://kins-tunnel/unit/test/node/edge1"
+    ]
     assert edge.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "edge1"
     assert edge.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == "test"
     eku = edge.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -157,11 +160,24 @@ def test_issue_edge_with_garbage_ca(tmp_path: Path) -> None:
         issue_edge(tmp_path, "test", "edge1")
 
 
-@pytest.mark.parametrize(("unit", "node"), [
-    ("Test", "edge1"), ("test", "-edge"), ("test", "edge-"), ("", "edge1"), ("test", "a" * 64),
-    ("te_st", "edge1"), ("test", "edge..1"), ("test", ".edge1"), ("test", "edge/1"), ("test\n", "edge1"),
-    ("test.a", "edge1"), ("test", "a." * 127), ("test", "Edge.1"),
-])
+@pytest.mark.parametrize(
+    ("unit", "node"),
+    [
+        ("Test", "edge1"),
+        ("test", "-edge"),
+        ("test", "edge-"),
+        ("", "edge1"),
+        ("test", "a" * 64),
+        ("te_st", "edge1"),
+        ("test", "edge..1"),
+        ("test", ".edge1"),
+        ("test", "edge/1"),
+        ("test\n", "edge1"),
+        ("test.a", "edge1"),
+        ("test", "a." * 127),
+        ("test", "Edge.1"),
+    ],
+)
 def test_invalid_names(tmp_path: Path, unit: str, node: str) -> None:
     init_ca(tmp_path)
     with pytest.raises(UserError, match="must be a DNS (label|subdomain)"):
@@ -188,26 +204,39 @@ def _der_with_uris(*uris: str) -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])
     now = dt.datetime.now(dt.UTC)
-    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-               .public_key(key.public_key()).serial_number(1)
-               .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1)))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+    )
     if uris:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), False)
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), False
+        )
     cert = builder.sign(key, hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-@pytest.mark.parametrize(("uris", "reason"), [
-    ((), "no subjectAltName"),
-    (("https://example.com/",), "no spiffe://kins-tunnel/ URI SAN"),
-    (("spiffe://kins-tunnel/unit/a/node/b", "spiffe://kins-tunnel/unit/a/node/c"), "expected exactly one"),
-    (("spiffe://kins-tunnel/unit/a/node/b/extra",), "is not spiffe"),
-    (("spiffe://kins-tunnel/node/b",), "is not spiffe"),
-    (("spiffe://kins-tunnel/unit/A/node/b",), "unit 'A' is not a DNS label"),
-    (("spiffe://kins-tunnel/unit/a/node/-b",), "node '-b' is not a DNS subdomain"),
-    (("spiffe://kins-tunnel/unit/a.b/node/b",), "unit 'a.b' is not a DNS label"),
-])
+@pytest.mark.parametrize(
+    ("uris", "reason"),
+    [
+        ((), "no subjectAltName"),
+        (("https://example.com/",), "no spiffe://kins-tunnel/ URI SAN"),
+        (
+            ("spiffe://kins-tunnel/unit/a/node/b", "spiffe://kins-tunnel/unit/a/node/c"),
+            "expected exactly one",
+        ),
+        (("spiffe://kins-tunnel/unit/a/node/b/extra",), "is not spiffe"),
+        (("spiffe://kins-tunnel/node/b",), "is not spiffe"),
+        (("spiffe://kins-tunnel/unit/A/node/b",), "unit 'A' is not a DNS label"),
+        (("spiffe://kins-tunnel/unit/a/node/-b",), "node '-b' is not a DNS subdomain"),
+        (("spiffe://kins-tunnel/unit/a.b/node/b",), "unit 'a.b' is not a DNS label"),
+    ],
+)
 def test_identity_rejects(uris: tuple[str, ...], reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         identity_from_der(_der_with_uris(*uris))
@@ -224,7 +253,10 @@ def test_identity_rejects_garbage() -> None:
 
 
 def test_cert_not_after(pki: Path) -> None:
-    assert certs.cert_not_after(pki / "edge-edge1.crt") == load(pki / "edge-edge1.crt").not_valid_after_utc
+    assert (
+        certs.cert_not_after(pki / "edge-edge1.crt")
+        == load(pki / "edge-edge1.crt").not_valid_after_utc
+    )
     with pytest.raises(UserError, match="cannot read"):
         certs.cert_not_after(pki / "missing.crt")
 
@@ -237,7 +269,9 @@ def server_ctx(d: Path) -> ssl.SSLContext:
 
 
 def client_ctx(d: Path, node: str = "edge1") -> ssl.SSLContext:
-    return tls_contexts.client_ssl_context(d / "ca.crt", d / f"edge-{node}.crt", d / f"edge-{node}.key")
+    return tls_contexts.client_ssl_context(
+        d / "ca.crt", d / f"edge-{node}.crt", d / f"edge-{node}.key"
+    )
 
 
 def test_context_settings(pki: Path) -> None:
@@ -250,7 +284,9 @@ def test_context_settings(pki: Path) -> None:
         assert tls12[0] == "ECDHE-ECDSA-AES128-GCM-SHA256"
         assert all("GCM" in name or "POLY1305" in name for name in tls12)
         # The CA file is the only trust root.
-        assert [x["subject"] for x in ctx.get_ca_certs()] == [((("commonName", "kins-tunnel CA"),),)]
+        assert [x["subject"] for x in ctx.get_ca_certs()] == [
+            ((("commonName", "kins-tunnel CA"),),)
+        ]
     assert c.check_hostname
 
 
@@ -258,7 +294,9 @@ def test_context_settings(pki: Path) -> None:
 def test_context_missing_file(pki: Path, tmp_path: Path, which: str) -> None:
     paths = {"ca": pki / "ca.crt", "cert": pki / "cloud.crt", "key": pki / "cloud.key"}
     paths[which] = tmp_path / "nope.pem"
-    with pytest.raises(UserError, match=rf"^tls\.{which}: cannot read .*nope\.pem: No such file or directory$"):
+    with pytest.raises(
+        UserError, match=rf"^tls\.{which}: cannot read .*nope\.pem: No such file or directory$"
+    ):
         tls_contexts.server_ssl_context(paths["ca"], paths["cert"], paths["key"])
 
 
@@ -276,8 +314,9 @@ def test_context_key_mismatch(pki: Path) -> None:
         tls_contexts.server_ssl_context(pki / "ca.crt", pki / "cloud.crt", pki / "edge-edge1.key")
 
 
-async def handshake(server: ssl.SSLContext, client: ssl.SSLContext,
-                    hostname: str = "localhost") -> tuple[object, object]:
+async def handshake(
+    server: ssl.SSLContext, client: ssl.SSLContext, hostname: str = "localhost"
+) -> tuple[object, object]:
     """Run a TLS handshake over a real socket pair; return (server result, client result).
 
     The server's result is the peer identity (or the exception); the client's is the first bytes
@@ -342,8 +381,9 @@ async def test_mutual_tls_rejects_other_ca(pki: Path, tmp_path: Path) -> None:
     init_ca(tmp_path)
     issue_edge(tmp_path, "test", "edge1")
     # The edge trusts the real CA but presents a certificate from another CA.
-    ctx = tls_contexts.client_ssl_context(pki / "ca.crt", tmp_path / "edge-edge1.crt",
-                                   tmp_path / "edge-edge1.key")
+    ctx = tls_contexts.client_ssl_context(
+        pki / "ca.crt", tmp_path / "edge-edge1.crt", tmp_path / "edge-edge1.key"
+    )
     server, client = await handshake(server_ctx(pki), ctx)
     assert _rejected(server, "CERTIFICATE_VERIFY_FAILED")
     assert isinstance(client, trio.BrokenResourceError)

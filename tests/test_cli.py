@@ -21,8 +21,12 @@ from kins_tunnel.demo import SAMPLE_BYTES, run_demo
 
 
 def kt(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kins_tunnel", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "kins_tunnel", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_certs_commands_write_keys_0600(tmp_path: Path) -> None:
@@ -47,8 +51,14 @@ def test_missing_config_is_one_line(tmp_path: Path) -> None:
 def test_unknown_key_names_the_key(tmp_path: Path) -> None:
     kt("certs", "init", "--dir", str(tmp_path / "certs"))
     cfg = tmp_path / "cloud.yaml"
-    cfg.write_text(yaml.safe_dump({"proxy": {"lsiten": "127.0.0.1:0"},
-                                   "tls": {"ca": "certs/ca.crt", "cert": "certs/cloud.crt", "key": "certs/cloud.key"}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "proxy": {"lsiten": "127.0.0.1:0"},
+                "tls": {"ca": "certs/ca.crt", "cert": "certs/cloud.crt", "key": "certs/cloud.key"},
+            }
+        )
+    )
     r = kt("cloud", "--config", str(cfg))
     assert r.returncode == 2 and "proxy.lsiten" in r.stderr and "Traceback" not in r.stderr
 
@@ -60,10 +70,20 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
     busy.listen(1)
     try:
         cfg = tmp_path / "cloud.yaml"
-        cfg.write_text(yaml.safe_dump({
-            "tunnel": {"listen": "127.0.0.1:0"}, "admin": {"listen": "127.0.0.1:0"},
-            "proxy": {"listen": f"127.0.0.1:{busy.getsockname()[1]}"},
-            "tls": {"ca": "certs/ca.crt", "cert": "certs/cloud.crt", "key": "certs/cloud.key"}}))
+        cfg.write_text(
+            yaml.safe_dump(
+                {
+                    "tunnel": {"listen": "127.0.0.1:0"},
+                    "admin": {"listen": "127.0.0.1:0"},
+                    "proxy": {"listen": f"127.0.0.1:{busy.getsockname()[1]}"},
+                    "tls": {
+                        "ca": "certs/ca.crt",
+                        "cert": "certs/cloud.crt",
+                        "key": "certs/cloud.key",
+                    },
+                }
+            )
+        )
         r = kt("cloud", "--config", str(cfg))
     finally:
         busy.close()
@@ -74,8 +94,15 @@ def test_port_in_use_is_one_line(tmp_path: Path) -> None:
 
 def test_unreadable_certificate_is_one_line(tmp_path: Path) -> None:
     cfg = tmp_path / "edge.yaml"
-    cfg.write_text(yaml.safe_dump({"cloud": ["127.0.0.1:9"], "services": {"edge1:22": "127.0.0.1:22"},
-                                   "tls": {"ca": "ca.crt", "cert": "edge.crt", "key": "edge.key"}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "cloud": ["127.0.0.1:9"],
+                "services": {"edge1:22": "127.0.0.1:22"},
+                "tls": {"ca": "ca.crt", "cert": "edge.crt", "key": "edge.key"},
+            }
+        )
+    )
     r = kt("edge", "--config", str(cfg))
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
@@ -86,23 +113,37 @@ async def test_demo_serves_kubectl(tmp_path: Path) -> None:
         kubeconfig = await n.start(functools.partial(run_demo, tmp_path, 0, quiet=True))
         env = {**os.environ, "HOME": str(tmp_path)}
         with trio.fail_after(30):
-            r = await trio.run_process(["kubectl", "--kubeconfig", str(kubeconfig), "get", "pods"],
-                                       capture_stdout=True, capture_stderr=True, check=False, env=env)
+            r = await trio.run_process(
+                ["kubectl", "--kubeconfig", str(kubeconfig), "get", "pods"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=env,
+            )
         assert r.returncode == 0, r.stderr
         assert b"test-server-kins" in r.stdout
         n.cancel_scope.cancel()
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None or shutil.which("curl") is None,
-                    reason="kubectl and curl needed")
-async def test_demo_examples_work_as_printed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None or shutil.which("curl") is None,
+    reason="kubectl and curl needed",
+)
+async def test_demo_examples_work_as_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Every non-interactive command the demo prints (get, exec, cp in and out, curl) succeeds."""
     async with trio.open_nursery() as n:
         await n.start(functools.partial(run_demo, tmp_path, 0))
         printed = capsys.readouterr().out
-        commands = [line.strip() for line in printed.splitlines()
-                    if line.startswith(("  kubectl ", "  curl "))]
-        interactive = [c for c in commands if any(w in c.split() for w in ("--watch", "-it", "port-forward"))]
+        commands = [
+            line.strip()
+            for line in printed.splitlines()
+            if line.startswith(("  kubectl ", "  curl "))
+        ]
+        interactive = [
+            c for c in commands if any(w in c.split() for w in ("--watch", "-it", "port-forward"))
+        ]
         assert len(interactive) == 3 and len(commands) >= 8, printed
         env = {**os.environ, "HOME": str(tmp_path)}
         outputs = []
@@ -110,8 +151,13 @@ async def test_demo_examples_work_as_printed(tmp_path: Path, capsys: pytest.Capt
             if command in interactive:
                 continue
             with trio.fail_after(60):
-                r = await trio.run_process(shlex.split(command), capture_stdout=True,
-                                           capture_stderr=True, check=False, env=env)
+                r = await trio.run_process(
+                    shlex.split(command),
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                    env=env,
+                )
             assert r.returncode == 0, (command, r.stderr)
             outputs.append(r.stdout)
         n.cancel_scope.cancel()

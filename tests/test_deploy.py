@@ -28,8 +28,11 @@ def load(name: str) -> list[dict[str, Any]]:
 
 
 def one(name: str, kind: str, object_name: str | None = None) -> dict[str, Any]:
-    found = [d for d in load(name) if d["kind"] == kind
-             and (object_name is None or d["metadata"]["name"] == object_name)]
+    found = [
+        d
+        for d in load(name)
+        if d["kind"] == kind and (object_name is None or d["metadata"]["name"] == object_name)
+    ]
     assert len(found) == 1, f"{name}: expected one {kind} {object_name or ''}, found {len(found)}"
     return found[0]
 
@@ -106,11 +109,25 @@ def test_kustomization_lists_the_manifests_in_one_namespace() -> None:
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 def test_kustomize_renders_offline() -> None:
-    out = subprocess.run(["kubectl", "kustomize", str(DEPLOY)], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(out) if d)
-    assert kinds == sorted(["ConfigMap", "ConfigMap", "DaemonSet", "Deployment",
-                            "PodDisruptionBudget", "Service", "Service"])
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "ConfigMap",
+            "DaemonSet",
+            "Deployment",
+            "PodDisruptionBudget",
+            "Service",
+            "Service",
+        ]
+    )
 
 
 # --- tunnel-cloud ----------------------------------------------------------------------------------
@@ -139,11 +156,16 @@ def test_cloud_container_ports_match_cloud_yaml() -> None:
     assert CLOUD["proxy"]["tls"]["listen"].startswith("0.0.0.0:")
 
 
-@pytest.mark.parametrize("workload, config", [
-    pytest.param(DEPLOYMENT, CLOUD, id="tunnel-cloud"),
-    pytest.param(DAEMONSET, EDGE, id="tunnel-edge"),
-])
-def test_probes_and_scrape_annotations_use_the_admin_port(workload: dict[str, Any], config: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "workload, config",
+    [
+        pytest.param(DEPLOYMENT, CLOUD, id="tunnel-cloud"),
+        pytest.param(DAEMONSET, EDGE, id="tunnel-edge"),
+    ],
+)
+def test_probes_and_scrape_annotations_use_the_admin_port(
+    workload: dict[str, Any], config: dict[str, Any]
+) -> None:
     c = container(workload)
     admin = port_of(config["admin"]["listen"])
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -166,7 +188,9 @@ def test_tunnel_cloud_service_is_the_documented_node_port() -> None:
     assert resolve_port(c, ports["proxy"]["targetPort"]) == port_of(CLOUD["proxy"]["listen"])
     assert ports["proxy-tls"]["port"] == 8443
     assert ports["proxy-tls"]["nodePort"] == 31470
-    assert resolve_port(c, ports["proxy-tls"]["targetPort"]) == port_of(CLOUD["proxy"]["tls"]["listen"])
+    assert resolve_port(c, ports["proxy-tls"]["targetPort"]) == port_of(
+        CLOUD["proxy"]["tls"]["listen"]
+    )
     assert ports["tunnel"]["port"] == 9000
     assert resolve_port(c, ports["tunnel"]["targetPort"]) == port_of(CLOUD["tunnel"]["listen"])
     assert svc["spec"]["selector"] == DEPLOYMENT["spec"]["template"]["metadata"]["labels"]
@@ -242,12 +266,16 @@ def test_grace_period_covers_the_drain(workload: dict[str, Any]) -> None:
     assert grace >= 30 + DRAIN_MARGIN
 
 
-@pytest.mark.parametrize("workload, config, config_file", [
-    pytest.param(DEPLOYMENT, CLOUD, "cloud.yaml", id="tunnel-cloud"),
-    pytest.param(DAEMONSET, EDGE, "edge.yaml", id="tunnel-edge"),
-])
+@pytest.mark.parametrize(
+    "workload, config, config_file",
+    [
+        pytest.param(DEPLOYMENT, CLOUD, "cloud.yaml", id="tunnel-cloud"),
+        pytest.param(DAEMONSET, EDGE, "edge.yaml", id="tunnel-edge"),
+    ],
+)
 def test_config_and_certificates_are_mounted_where_the_config_says(
-        workload: dict[str, Any], config: dict[str, Any], config_file: str) -> None:
+    workload: dict[str, Any], config: dict[str, Any], config_file: str
+) -> None:
     volume, key = mounted_file(workload, f"/etc/kins-tunnel/{config_file}")
     assert volume["configMap"]["name"] == workload["metadata"]["name"]
     assert key == config_file
@@ -271,8 +299,9 @@ def test_edge_picks_its_own_pair_out_of_the_shared_secret() -> None:
 def test_embedded_configs_pass_the_config_loader() -> None:
     from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 
-    cloud = cloud_config_from_dict(CLOUD, base_dir=Path("/etc/kins-tunnel"),
-                                   source="deploy/tunnel-cloud.yaml: cloud.yaml")
+    cloud = cloud_config_from_dict(
+        CLOUD, base_dir=Path("/etc/kins-tunnel"), source="deploy/tunnel-cloud.yaml: cloud.yaml"
+    )
     assert cloud.proxy.listen is not None and cloud.proxy.listen.port == 8080
     assert cloud.proxy.tls is not None and cloud.proxy.tls.listen.port == 8443
     assert cloud.proxy.tls.cert is None  # the cloud's own certificate, mounted from the Secret
@@ -283,8 +312,9 @@ def test_embedded_configs_pass_the_config_loader() -> None:
     grace = DEPLOYMENT["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace >= cloud.tunnel.drain_timeout + DRAIN_MARGIN
 
-    edge = edge_config_from_dict(EDGE, base_dir=Path("/etc/kins-tunnel"),
-                                 source="deploy/tunnel-edge.yaml: edge.yaml")
+    edge = edge_config_from_dict(
+        EDGE, base_dir=Path("/etc/kins-tunnel"), source="deploy/tunnel-edge.yaml: edge.yaml"
+    )
     assert edge.admin is not None and edge.admin.listen.port == 9091
     assert edge.cloud == ("tunnel-cloud-headless.kube-system.svc.cluster.local:9000",)
     assert "test-svc-kins.kins-system:443" in edge.services
@@ -311,13 +341,22 @@ def script_env(tmp_path: Path) -> dict[str, str]:
         'touch "$4/edge-$8.crt" "$4/edge-$8.key"\n'
     )
     stub.chmod(0o755)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-            "CERTS_DIR": str(certs), "PYTHON": sys.executable}
+    return {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "CERTS_DIR": str(certs),
+        "PYTHON": sys.executable,
+    }
 
 
 def run_script(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(DEPLOY / "make-edge-secrets.sh"), *args], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", str(DEPLOY / "make-edge-secrets.sh"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_script_makes_one_secret_and_one_daemonset_per_node(script_env: dict[str, str]) -> None:
@@ -337,7 +376,10 @@ def test_script_makes_one_secret_and_one_daemonset_per_node(script_env: dict[str
     ]
     selectors = []
     for node in ("edge1", "edge2"):
-        docs = {d["kind"]: d for d in yaml.safe_load_all((certs / f"tunnel-edge-{node}.yaml").read_text())}
+        docs = {
+            d["kind"]: d
+            for d in yaml.safe_load_all((certs / f"tunnel-edge-{node}.yaml").read_text())
+        }
         ds, cm = docs["DaemonSet"], docs["ConfigMap"]
         assert ds["metadata"]["name"] == cm["metadata"]["name"] == f"tunnel-edge-{node}"
         pod = ds["spec"]["template"]
@@ -345,8 +387,10 @@ def test_script_makes_one_secret_and_one_daemonset_per_node(script_env: dict[str
         assert ds["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
         selectors.append(ds["spec"]["selector"]["matchLabels"])
         edge = yaml.safe_load(cm["data"]["edge.yaml"])
-        assert edge["services"] == {"prod-svc-kins.kins-system:443": "127.0.0.1:6443",
-                                    f"{node}:22": "127.0.0.1:22"}
+        assert edge["services"] == {
+            "prod-svc-kins.kins-system:443": "127.0.0.1:6443",
+            f"{node}:22": "127.0.0.1:22",
+        }
         volume, _ = mounted_file(ds, "/etc/kins-tunnel/edge.yaml")
         assert volume["configMap"]["name"] == cm["metadata"]["name"]
         for role, key in (("ca", "ca.crt"), ("cert", "edge.crt"), ("key", "edge.key")):
@@ -390,12 +434,17 @@ def test_script_needs_the_ca(script_env: dict[str, str], tmp_path: Path) -> None
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     lines = [line.strip() for line in text.splitlines()]
-    return [(op, arg) for op, _, arg in (line.partition(" ") for line in lines if line and not line.startswith("#"))]
+    return [
+        (op, arg)
+        for op, _, arg in (
+            line.partition(" ") for line in lines if line and not line.startswith("#")
+        )
+    ]
 
 
 def test_dockerfile_runs_the_console_script_as_non_root() -> None:
     instructions = dockerfile_instructions()
-    final_stage = instructions[max(i for i, (op, _) in enumerate(instructions) if op == "FROM"):]
+    final_stage = instructions[max(i for i, (op, _) in enumerate(instructions) if op == "FROM") :]
     assert final_stage[0] == ("FROM", "python:3.11-slim")
     users = [arg for op, arg in final_stage if op == "USER"]
     assert users and users[-1].split(":")[0] == "65532"
@@ -407,11 +456,17 @@ def test_dockerfile_runs_the_console_script_as_non_root() -> None:
 
 
 def test_dockerfile_copies_only_what_dockerignore_lets_through() -> None:
-    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {"certs", "*.key", ".git"} <= ignored  # no key material or history in the image
-    copied = [arg.split()[:-1] for op, arg in dockerfile_instructions()
-              if op == "COPY" and not arg.startswith("--from")]
+    copied = [
+        arg.split()[:-1]
+        for op, arg in dockerfile_instructions()
+        if op == "COPY" and not arg.startswith("--from")
+    ]
     for sources in copied:
         for source in sources:
             assert source.split("/")[0] not in ignored, source
@@ -435,18 +490,23 @@ def test_optional_files_named_in_comments_are_mounted() -> None:
     assert set(found) == {"authz_file", "revoked_file", "auth"}
     basic = re.search(r"basic_file: ([^}\s]+)", found["auth"])
     assert basic is not None
-    for path, source in ((found["authz_file"], "tunnel-cloud-proxy-auth"), (basic.group(1), "tunnel-cloud-proxy-auth"),
-                         (found["revoked_file"], "tunnel-cloud-revoked")):
+    for path, source in (
+        (found["authz_file"], "tunnel-cloud-proxy-auth"),
+        (basic.group(1), "tunnel-cloud-proxy-auth"),
+        (found["revoked_file"], "tunnel-cloud-revoked"),
+    ):
         volume, _ = mounted_file(DEPLOYMENT, path.strip())
         ref = volume.get("secret", {}).get("secretName") or volume.get("configMap", {}).get("name")
         assert ref == source, path
         source_of = volume.get("secret") or volume.get("configMap")
         assert source_of is not None and source_of["optional"] is True  # pods start without it
+
+
 def test_image_build_recipe_leaves_the_test_doubles_out(tmp_path: Path) -> None:
     """Run the build stage's RUN line on a copy of the build context (real pip, into a temp
     prefix): the installed package has no kins_tunnel/testing, and its `demo` says why it cannot run."""
     instructions = dockerfile_instructions()
-    build_stage = instructions[:max(i for i, (op, _) in enumerate(instructions) if op == "FROM")]
+    build_stage = instructions[: max(i for i, (op, _) in enumerate(instructions) if op == "FROM")]
     runs = [arg for op, arg in build_stage if op == "RUN" and "pip install" in arg]
     assert len(runs) == 1
     context = tmp_path / "src"
@@ -457,18 +517,25 @@ def test_image_build_recipe_leaves_the_test_doubles_out(tmp_path: Path) -> None:
             for source in sources:
                 src = ROOT / source
                 if src.is_dir():
-                    shutil.copytree(src, context / source,
-                                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                    shutil.copytree(
+                        src, context / source, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+                    )
                 else:
                     shutil.copy(src, context / source)
-    assert (context / "kins_tunnel" / "testing").is_dir()  # it is in the context, so the RUN must drop it
+    assert (
+        context / "kins_tunnel" / "testing"
+    ).is_dir()  # it is in the context, so the RUN must drop it
     prefix = tmp_path / "install"
-    command = (runs[0].replace("/install", str(prefix))
-               # --ignore-installed: never touch the package installed in this environment (pip
-               # would otherwise uninstall it to "upgrade" it into the temp prefix)
-               .replace("pip install", f"{sys.executable} -m pip install --no-deps --ignore-installed -q"))
-    proc = subprocess.run(["bash", "-c", command], cwd=context, capture_output=True, text=True,
-                          timeout=300)
+    command = (
+        runs[0]
+        .replace("/install", str(prefix))
+        # --ignore-installed: never touch the package installed in this environment (pip
+        # would otherwise uninstall it to "upgrade" it into the temp prefix)
+        .replace("pip install", f"{sys.executable} -m pip install --no-deps --ignore-installed -q")
+    )
+    proc = subprocess.run(
+        ["bash", "-c", command], cwd=context, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     installed = [p for p in prefix.rglob("kins_tunnel") if p.is_dir() and (p / "cli.py").exists()]
     assert len(installed) == 1
@@ -476,10 +543,24 @@ def test_image_build_recipe_leaves_the_test_doubles_out(tmp_path: Path) -> None:
     assert (installed[0] / "demo.py").exists()
     # -S: no .pth files, so the editable install of this checkout cannot shadow the one under test;
     # site-packages stays on the path (after it) for the dependencies.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed[0].parent), *site.getsitepackages()])}
-    proc = subprocess.run([sys.executable, "-S", "-c", "import kins_tunnel.cli, sys; "
-                           "print(kins_tunnel.cli.__file__); sys.exit(kins_tunnel.cli.main(['demo']))"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(installed[0].parent), *site.getsitepackages()]),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            "import kins_tunnel.cli, sys; "
+            "print(kins_tunnel.cli.__file__); sys.exit(kins_tunnel.cli.main(['demo']))",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert proc.stdout.startswith(str(installed[0])), proc.stdout
     assert proc.returncode == 2, proc.stderr
     assert "kins_tunnel.testing" in proc.stderr and "make demo" in proc.stderr

@@ -27,15 +27,24 @@ def test_series_metric_and_status(tmp_path: Path) -> None:
     cloud = parse_cert_file((tmp_path / "cloud.crt").read_bytes())
     now = dt.datetime.now(dt.UTC).timestamp()
     # the same edge certificate on two tunnels is one series
-    expiry = CertificateExpiry({"cloud": tmp_path / "cloud.crt"},
-                               lambda: [("test", "edge1", edge), ("test", "edge1", edge)], clock=lambda: now)
+    expiry = CertificateExpiry(
+        {"cloud": tmp_path / "cloud.crt"},
+        lambda: [("test", "edge1", edge), ("test", "edge1", edge)],
+        clock=lambda: now,
+    )
     registry = CollectorRegistry()
     registry.register(expiry.collector())
     text = generate_latest(registry).decode()
-    lines = [ln for ln in text.splitlines() if ln.startswith("kins_tunnel_certificate_expiry_seconds{")]
+    lines = [
+        ln for ln in text.splitlines() if ln.startswith("kins_tunnel_certificate_expiry_seconds{")
+    ]
     assert len(lines) == 2, text
     edge_line = next(ln for ln in lines if 'cert="edge"' in ln)
-    assert 'unit="test"' in edge_line and 'node="edge1"' in edge_line and f'serial="{edge.serial:x}"' in edge_line
+    assert (
+        'unit="test"' in edge_line
+        and 'node="edge1"' in edge_line
+        and f'serial="{edge.serial:x}"' in edge_line
+    )
     left = float(edge_line.rsplit(" ", 1)[1])
     assert 10 * 86400 - 400 < left <= 10 * 86400 + 400  # issued 5 min back-dated, valid 10 days
     cloud_line = next(ln for ln in lines if 'cert="cloud"' in ln)
@@ -43,16 +52,21 @@ def test_series_metric_and_status(tmp_path: Path) -> None:
     (entry,) = expiry.status_entries()
     assert entry["cert"] == "cloud" and entry["serial"] == f"{cloud.serial:x}"
     assert 399 * 86400 < int(entry["expiry_seconds"]) <= 400 * 86400  # type: ignore[call-overload]
-    assert expiry.edge_status(edge)["cert_not_after"] == edge.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert expiry.edge_status(edge)["cert_not_after"] == edge.not_after.strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
 
 
-def test_warning_within_30_days_once_a_day(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_warning_within_30_days_once_a_day(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     init_ca(tmp_path)
     soon = facts_of(issue_edge(tmp_path, "test", "edge1", days=20)[0])
     later = facts_of(issue_edge(tmp_path, "test", "edge2", days=60)[0])
     clock = [dt.datetime.now(dt.UTC).timestamp()]
-    expiry = CertificateExpiry({}, lambda: [("test", "edge1", soon), ("test", "edge2", later)],
-                               clock=lambda: clock[0])
+    expiry = CertificateExpiry(
+        {}, lambda: [("test", "edge1", soon), ("test", "edge2", later)], clock=lambda: clock[0]
+    )
     with caplog.at_level(logging.WARNING, logger="kins_tunnel.certs"):
         expiry.check_all()
         expiry.check_all()  # the same day: no second warning
@@ -62,7 +76,9 @@ def test_warning_within_30_days_once_a_day(tmp_path: Path, caplog: pytest.LogCap
         expiry.check_all()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert [(r.node, r.getMessage()[:40]) for r in warnings[:2]] == [  # type: ignore[attr-defined]
-        ("edge1", "edge certificate expires in 20.0 days"), ("edge1", "edge certificate expires in 19.0 days")]
+        ("edge1", "edge certificate expires in 20.0 days"),
+        ("edge1", "edge certificate expires in 19.0 days"),
+    ]
     assert {r.node for r in warnings[2:]} == {"edge1", "edge2"}  # type: ignore[attr-defined]
     assert all("has expired" in r.getMessage() for r in warnings[2:])
 

@@ -67,7 +67,11 @@ async def kubectl(kubeconfig: Path, *args: str, limit: float = 30) -> tuple[int,
     with trio.fail_after(limit):
         proc = await trio.run_process(
             [KUBECTL, "--kubeconfig", str(kubeconfig), *args],
-            capture_stdout=True, capture_stderr=True, check=False, env=env)
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
+        )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -82,14 +86,16 @@ def test_blob_is_deterministic_and_seeded() -> None:
     assert blob_bytes(0, 1) == b""
     # content looks random: no 1 KiB window repeats inside 4 MiB
     data = blob_bytes(4 << 20, 3)
-    assert len({data[i:i + 1024] for i in range(0, len(data), 1024)}) == 4096
+    assert len({data[i : i + 1024] for i in range(0, len(data), 1024)}) == 4096
 
 
-@given(st.integers(0, 3 << 20), st.integers(0, 70_000), st.integers(-5, 2**40),
-       st.integers(1, 100_000))
+@given(
+    st.integers(0, 3 << 20), st.integers(0, 70_000), st.integers(-5, 2**40), st.integers(1, 100_000)
+)
 @settings(max_examples=60, deadline=None)
-def test_blob_random_access_and_chunking_agree(offset: int, length: int, seed: int,
-                                               chunk: int) -> None:
+def test_blob_random_access_and_chunking_agree(
+    offset: int, length: int, seed: int, chunk: int
+) -> None:
     whole = blob_bytes(offset + length, seed)
     assert blob_chunk(seed, offset, length) == whole[offset:]
     assert b"".join(iter_blob(offset + length, seed, chunk_size=chunk)) == whole
@@ -132,8 +138,7 @@ async def test_kubectl_get_pods_prints_a_table(kubeconfig: Path) -> None:
 
 @needs_kubectl
 async def test_kubectl_watch_streams_rows(kubeconfig: Path) -> None:
-    rc, out, err = await kubectl(kubeconfig, "get", "pods", "--watch-only",
-                                 "--request-timeout=2s")
+    rc, out, err = await kubectl(kubeconfig, "get", "pods", "--watch-only", "--request-timeout=2s")
     rows = [line for line in out.decode().splitlines() if line.startswith("test-")]
     # three ADDED rows, then MODIFIED ones every 0.2 s
     assert len(rows) >= 6, (rc, out, err)
@@ -168,18 +173,31 @@ async def test_kubectl_unknown_resource_is_an_error(kubeconfig: Path) -> None:
 
 @needs_curl
 @pytest.mark.parametrize("extra", [[], ["-H", "Transfer-Encoding: chunked"], ["-X", "PUT"]])
-async def test_curl_upload_gets_sha256(standin: tuple[int, Path], tmp_path: Path,
-                                       extra: list[str]) -> None:
+async def test_curl_upload_gets_sha256(
+    standin: tuple[int, Path], tmp_path: Path, extra: list[str]
+) -> None:
     port, cert = standin
     payload = blob_bytes(3 << 20, 11) + b"tail"
     (tmp_path / "up.bin").write_bytes(payload)
     with trio.fail_after(30):
         proc = await trio.run_process(
-            ["curl", "-sS", "--cacert", str(cert), *extra, "--data-binary",
-             f"@{tmp_path / 'up.bin'}", f"https://localhost:{port}/kins-standin/upload"],
-            capture_stdout=True, capture_stderr=True)
-    assert json.loads(proc.stdout) == {"bytes": len(payload),
-                                       "sha256": hashlib.sha256(payload).hexdigest()}
+            [
+                "curl",
+                "-sS",
+                "--cacert",
+                str(cert),
+                *extra,
+                "--data-binary",
+                f"@{tmp_path / 'up.bin'}",
+                f"https://localhost:{port}/kins-standin/upload",
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+    assert json.loads(proc.stdout) == {
+        "bytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,13 +209,20 @@ class Client:
         self.stream = stream
         self.conn = h11.Connection(h11.CLIENT)
 
-    async def request(self, target: str, accept: str = "application/json"
-                      ) -> tuple[int, dict[str, str], bytes]:
+    async def request(
+        self, target: str, accept: str = "application/json"
+    ) -> tuple[int, dict[str, str], bytes]:
         if self.conn.our_state is h11.DONE:
             self.conn.start_next_cycle()
-        await self.stream.send_all(self.conn.send(h11.Request(
-            method="GET", target=target, headers=[("Host", "k3s"), ("Accept", accept),
-                                                  ("Authorization", "Bearer x")])))
+        await self.stream.send_all(
+            self.conn.send(
+                h11.Request(
+                    method="GET",
+                    target=target,
+                    headers=[("Host", "k3s"), ("Accept", accept), ("Authorization", "Bearer x")],
+                )
+            )
+        )
         await self.stream.send_all(self.conn.send(h11.EndOfMessage()))
         status, headers, body = 0, {}, bytearray()
         while True:
@@ -254,7 +279,8 @@ async def test_watch_honours_timeout_seconds_and_keeps_the_connection(client: Cl
     with trio.fail_after(10):
         start = trio.current_time()
         status, headers, body = await client.request(
-            "/api/v1/namespaces/default/pods?watch=true&timeoutSeconds=1")
+            "/api/v1/namespaces/default/pods?watch=true&timeoutSeconds=1"
+        )
         assert 0.9 < trio.current_time() - start < 5
         assert headers.get("transfer-encoding") == "chunked"
         events = [json.loads(line) for line in body.splitlines()]
@@ -269,7 +295,8 @@ async def test_watch_as_table(client: Client) -> None:
     with trio.fail_after(10):
         _, _, body = await client.request(
             "/api/v1/namespaces/default/pods?watch=1&timeoutSeconds=1",
-            accept="application/json;as=Table;v=v1;g=meta.k8s.io,application/json")
+            accept="application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+        )
     first = json.loads(body.splitlines()[0])
     assert first["object"]["kind"] == "Table"
     assert first["object"]["rows"][0]["cells"][2] == "Running"
@@ -293,8 +320,9 @@ async def test_client_leaving_a_watch_ends_it(standin: tuple[int, Path]) -> None
     with trio.fail_after(10):
         for _ in range(3):
             stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=ctx)
-            await stream.send_all(b"GET /api/v1/namespaces/default/pods?watch=1 HTTP/1.1\r\n"
-                                  b"Host: k3s\r\n\r\n")
+            await stream.send_all(
+                b"GET /api/v1/namespaces/default/pods?watch=1 HTTP/1.1\r\nHost: k3s\r\n\r\n"
+            )
             received = b""
             while b"ADDED" not in received:
                 received += await stream.receive_some(1 << 16)

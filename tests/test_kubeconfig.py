@@ -79,9 +79,11 @@ extensions:
 def test_seed_example_from_the_kins_walkthrough() -> None:
     out = yaml.safe_load(rewrite_kubeconfig(SEED, unit="test", proxy_url=PROXY))
     want = yaml.safe_load(SEED)
-    want["clusters"][0]["cluster"] = {"insecure-skip-tls-verify": True,
-                                      "server": "https://test-svc-kins.kins-system:443",
-                                      "proxy-url": PROXY}
+    want["clusters"][0]["cluster"] = {
+        "insecure-skip-tls-verify": True,
+        "server": "https://test-svc-kins.kins-system:443",
+        "proxy-url": PROXY,
+    }
     assert out == want
 
 
@@ -111,18 +113,31 @@ def test_existing_proxy_url_is_replaced_and_single_cluster_needs_no_context() ->
 - name: a
   cluster: {server: "https://1.2.3.4:6443", proxy-url: "http://old:1"}
 """
-    out = yaml.safe_load(rewrite_kubeconfig(text, unit="edge-a1",
-                                            proxy_url="https://u:p%40ss@10.0.0.5:31469"))
+    out = yaml.safe_load(
+        rewrite_kubeconfig(text, unit="edge-a1", proxy_url="https://u:p%40ss@10.0.0.5:31469")
+    )
     assert out["clusters"][0]["cluster"] == {
         "server": "https://edge-a1-svc-kins.kins-system:443",
-        "proxy-url": "https://u:p%40ss@10.0.0.5:31469"}
+        "proxy-url": "https://u:p%40ss@10.0.0.5:31469",
+    }
 
 
-@pytest.mark.parametrize("proxy_url", [
-    "", "tunnel-cloud:8080", "socks5://tunnel-cloud:1080", "ftp://x", "http://", "http://:8080",
-    "http://host:99999", "http://host:0", "http://host:8080/path", "http://host:8080?x=1",
-    "http://ho st:8080",
-])
+@pytest.mark.parametrize(
+    "proxy_url",
+    [
+        "",
+        "tunnel-cloud:8080",
+        "socks5://tunnel-cloud:1080",
+        "ftp://x",
+        "http://",
+        "http://:8080",
+        "http://host:99999",
+        "http://host:0",
+        "http://host:8080/path",
+        "http://host:8080?x=1",
+        "http://ho st:8080",
+    ],
+)
 def test_bad_proxy_url(proxy_url: str) -> None:
     with pytest.raises(UserError, match="proxy URL") as err:
         rewrite_kubeconfig(SEED, unit="test", proxy_url=proxy_url)
@@ -135,21 +150,29 @@ def test_bad_unit(unit: str) -> None:
         rewrite_kubeconfig(SEED, unit=unit, proxy_url=PROXY)
 
 
-@pytest.mark.parametrize(("text", "match"), [
-    ("", "not a kubeconfig"),
-    ("just a string", "not a kubeconfig"),
-    ("- a\n- b\n", "not a kubeconfig"),
-    ("clusters: [\n", "not valid YAML at line"),
-    ("kind: Pod\nclusters: [{name: a, cluster: {server: x}}]\n", "kind is 'Pod'"),
-    ("kind: Config\nclusters: []\n", "no clusters"),
-    ("kind: Config\nusers: []\n", "no clusters"),
-    ("clusters: [{name: a}]\n", r"clusters\[0\]"),
-    ("clusters: [{name: a, cluster: {}}, {name: b, cluster: {}}]\n", "no current-context"),
-    ("clusters: [{name: a, cluster: {}}, {name: b, cluster: {}}]\ncurrent-context: x\n",
-     "'x' is not among"),
-    ("clusters: [{name: a, cluster: {}}, {name: b, cluster: {}}]\ncurrent-context: x\n"
-     "contexts: [{name: x, context: {cluster: c}}]\n", "'c', which is missing"),
-])
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("", "not a kubeconfig"),
+        ("just a string", "not a kubeconfig"),
+        ("- a\n- b\n", "not a kubeconfig"),
+        ("clusters: [\n", "not valid YAML at line"),
+        ("kind: Pod\nclusters: [{name: a, cluster: {server: x}}]\n", "kind is 'Pod'"),
+        ("kind: Config\nclusters: []\n", "no clusters"),
+        ("kind: Config\nusers: []\n", "no clusters"),
+        ("clusters: [{name: a}]\n", r"clusters\[0\]"),
+        ("clusters: [{name: a, cluster: {}}, {name: b, cluster: {}}]\n", "no current-context"),
+        (
+            "clusters: [{name: a, cluster: {}}, {name: b, cluster: {}}]\ncurrent-context: x\n",
+            "'x' is not among",
+        ),
+        (
+            "clusters: [{name: a, cluster: {}}, {name: b, cluster: {}}]\ncurrent-context: x\n"
+            "contexts: [{name: x, context: {cluster: c}}]\n",
+            "'c', which is missing",
+        ),
+    ],
+)
 def test_bad_kubeconfig(text: str, match: str) -> None:
     with pytest.raises(UserError, match=match) as err:
         rewrite_kubeconfig(text, unit="test", proxy_url=PROXY)
@@ -167,8 +190,9 @@ def test_main_writes_a_private_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.conf", "out.conf"]
 
 
-def test_main_stdin_to_stdout(monkeypatch: pytest.MonkeyPatch,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_stdin_to_stdout(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO(SEED))
     assert main_kubeconfig("test", PROXY, "-", None) == 0
     assert "proxy-url: " + PROXY in capsys.readouterr().out
@@ -185,27 +209,34 @@ def test_main_unreadable_input_and_unwritable_output(tmp_path: Path) -> None:
 async def run_kubectl(kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(kubeconfig.parent)}
     with trio.fail_after(30):
-        return await trio.run_process([KUBECTL, "--kubeconfig", str(kubeconfig), *args],
-                                      capture_stdout=True, capture_stderr=True, env=env)
+        return await trio.run_process(
+            [KUBECTL, "--kubeconfig", str(kubeconfig), *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            env=env,
+        )
 
 
 @needs_kubectl
 async def test_kubectl_reads_the_proxy_url_back(tmp_path: Path) -> None:
     out = tmp_path / "out.conf"
     (tmp_path / "in.conf").write_text(MULTI)
-    main_kubeconfig("test", "http://admin:s3cret@10.0.0.5:31469", str(tmp_path / "in.conf"),
-                    str(out))
+    main_kubeconfig(
+        "test", "http://admin:s3cret@10.0.0.5:31469", str(tmp_path / "in.conf"), str(out)
+    )
     jsonpath = "{.clusters[?(@.name=='edge-test')].cluster.proxy-url} {.current-context}"
     proc = await run_kubectl(out, "config", "view", "--raw", "-o", f"jsonpath={jsonpath}")
     assert proc.stdout.decode() == "http://admin:s3cret@10.0.0.5:31469 test"
-    proc = await run_kubectl(out, "config", "view", "--minify", "--raw", "-o",
-                             "jsonpath={.clusters[0].cluster.server}")
+    proc = await run_kubectl(
+        out, "config", "view", "--minify", "--raw", "-o", "jsonpath={.clusters[0].cluster.server}"
+    )
     assert proc.stdout.decode() == "https://test-svc-kins.kins-system:443"
 
 
 @needs_kubectl
 async def test_kubectl_goes_through_the_proxy_and_verifies_the_service_name(
-        nursery: trio.Nursery, tmp_path: Path) -> None:
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
     """The rewritten kubeconfig through the real cloud and edge (Basic auth from the proxy URL):
     kubectl verifies the K3s stand-in's certificate for the Service name it asked for."""
     from tests.e2e.harness import SVC, tunnel_env
@@ -215,12 +246,19 @@ async def test_kubectl_goes_through_the_proxy_and_verifies_the_service_name(
     k3s_port = await nursery.start(functools.partial(serve_k3s_standin, ctx))
     (tmp_path / "basic").write_text("ops:pw\n")
     auth = {"auth": {"basic_file": str(tmp_path / "basic")}}
-    edge = SEED.replace("    insecure-skip-tls-verify: true\n",
-                        f"    certificate-authority: {cert}\n")
-    async with json_log() as buf, tunnel_env(tmp_path, {SVC: f"127.0.0.1:{k3s_port}"}, proxy=auth) as env:
+    edge = SEED.replace(
+        "    insecure-skip-tls-verify: true\n", f"    certificate-authority: {cert}\n"
+    )
+    async with (
+        json_log() as buf,
+        tunnel_env(tmp_path, {SVC: f"127.0.0.1:{k3s_port}"}, proxy=auth) as env,
+    ):
         out = tmp_path / "kubeconfig"
-        out.write_text(rewrite_kubeconfig(edge, unit="test",
-                                          proxy_url=f"http://ops:pw@127.0.0.1:{env.ports.proxy}"))
+        out.write_text(
+            rewrite_kubeconfig(
+                edge, unit="test", proxy_url=f"http://ops:pw@127.0.0.1:{env.ports.proxy}"
+            )
+        )
         proc = await run_kubectl(out, "get", "pods", "-o", "name")
     assert b"pod/test-server-kins-" in proc.stdout
     line = next(d for d in connect_lines(buf) if d["status"] == 200)

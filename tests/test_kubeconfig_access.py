@@ -24,10 +24,16 @@ def pems(tmp_path: Path) -> tuple[bytes, bytes]:
 
 
 def kubeconfig(cluster: dict[str, object]) -> str:
-    text: str = yaml.safe_dump({"apiVersion": "v1", "kind": "Config",
-                           "clusters": [{"name": "default", "cluster": cluster}],
-                           "contexts": [{"name": "default", "context": {"cluster": "default", "user": "default"}}],
-                           "current-context": "default", "users": [{"name": "default", "user": {"token": "t"}}]})
+    text: str = yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "default", "cluster": cluster}],
+            "contexts": [{"name": "default", "context": {"cluster": "default", "user": "default"}}],
+            "current-context": "default",
+            "users": [{"name": "default", "user": {"token": "t"}}],
+        }
+    )
     return text
 
 
@@ -37,8 +43,12 @@ def cluster_of(text: str) -> dict[str, object]:
 
 def test_https_proxy_gets_a_bundle_of_the_k3s_ca_and_the_tunnel_ca(tmp_path: Path) -> None:
     k3s, tunnel = pems(tmp_path)
-    src = kubeconfig({"server": "https://127.0.0.1:6443",
-                      "certificate-authority-data": base64.b64encode(k3s).decode()})
+    src = kubeconfig(
+        {
+            "server": "https://127.0.0.1:6443",
+            "certificate-authority-data": base64.b64encode(k3s).decode(),
+        }
+    )
     out = cluster_of(rewrite_kubeconfig(src, unit="test", proxy_url=HTTPS, proxy_ca=tunnel))
     assert sorted(out) == ["certificate-authority-data", "proxy-url", "server"]
     assert out["server"] == "https://test-svc-kins.kins-system:443" and out["proxy-url"] == HTTPS
@@ -48,7 +58,9 @@ def test_https_proxy_gets_a_bundle_of_the_k3s_ca_and_the_tunnel_ca(tmp_path: Pat
 def test_ca_file_is_read_relative_to_the_kubeconfig(tmp_path: Path) -> None:
     k3s, tunnel = pems(tmp_path)
     src = kubeconfig({"server": "https://127.0.0.1:6443", "certificate-authority": "k3s/ca.crt"})
-    out = cluster_of(rewrite_kubeconfig(src, unit="test", proxy_url=HTTPS, proxy_ca=tunnel, base_dir=tmp_path))
+    out = cluster_of(
+        rewrite_kubeconfig(src, unit="test", proxy_url=HTTPS, proxy_ca=tunnel, base_dir=tmp_path)
+    )
     assert "certificate-authority" not in out
     assert base64.b64decode(str(out["certificate-authority-data"])) == k3s + tunnel
 
@@ -56,27 +68,43 @@ def test_ca_file_is_read_relative_to_the_kubeconfig(tmp_path: Path) -> None:
 def test_insecure_cluster_needs_the_k3s_ca_which_replaces_the_flag(tmp_path: Path) -> None:
     k3s, tunnel = pems(tmp_path)
     src = kubeconfig({"insecure-skip-tls-verify": True, "server": "https://127.0.0.1:6443"})
-    with pytest.raises(UserError, match="insecure-skip-tls-verify: kubectl would verify neither K3s nor the "
-                                        "https proxy; give --server-ca"):
+    with pytest.raises(
+        UserError,
+        match="insecure-skip-tls-verify: kubectl would verify neither K3s nor the "
+        "https proxy; give --server-ca",
+    ):
         rewrite_kubeconfig(src, unit="test", proxy_url=HTTPS, proxy_ca=tunnel)
-    out = cluster_of(rewrite_kubeconfig(src, unit="test", proxy_url=HTTPS, proxy_ca=tunnel, server_ca=k3s))
+    out = cluster_of(
+        rewrite_kubeconfig(src, unit="test", proxy_url=HTTPS, proxy_ca=tunnel, server_ca=k3s)
+    )
     assert "insecure-skip-tls-verify" not in out
     assert base64.b64decode(str(out["certificate-authority-data"])) == k3s + tunnel
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"proxy_url": "http://p:8080", "proxy_ca": b"x"}, "--proxy-ca is only for an https proxy URL"),
-    ({"proxy_url": HTTPS, "proxy_ca": b"not pem"}, "--proxy-ca holds no PEM certificate"),
-    ({"proxy_url": "http://p:8080", "service_ip": "10.96.0.300"}, "service IP '10.96.0.300' is not an IP address"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"proxy_url": "http://p:8080", "proxy_ca": b"x"},
+            "--proxy-ca is only for an https proxy URL",
+        ),
+        ({"proxy_url": HTTPS, "proxy_ca": b"not pem"}, "--proxy-ca holds no PEM certificate"),
+        (
+            {"proxy_url": "http://p:8080", "service_ip": "10.96.0.300"},
+            "service IP '10.96.0.300' is not an IP address",
+        ),
+    ],
+)
 def test_errors(kwargs: dict[str, object], message: str) -> None:
     src = kubeconfig({"server": "https://127.0.0.1:6443", "insecure-skip-tls-verify": True})
     with pytest.raises(UserError, match=message):
         rewrite_kubeconfig(src, unit="test", **kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("ip, server", [("10.96.12.34", "https://10.96.12.34:443"),
-                                        ("fd00::0:12", "https://[fd00::12]:443")])
+@pytest.mark.parametrize(
+    "ip, server",
+    [("10.96.12.34", "https://10.96.12.34:443"), ("fd00::0:12", "https://[fd00::12]:443")],
+)
 def test_service_ip_form(ip: str, server: str) -> None:
     src = kubeconfig({"server": "https://127.0.0.1:6443", "insecure-skip-tls-verify": True})
     out = cluster_of(rewrite_kubeconfig(src, unit="test", proxy_url="http://p:8080", service_ip=ip))
@@ -94,25 +122,68 @@ def test_https_without_proxy_ca_keeps_the_ca_and_says_why(tmp_path: Path) -> Non
 def test_tls_server_name_note(tmp_path: Path) -> None:
     k3s, tunnel = pems(tmp_path)
     notes: list[str] = []
-    src = kubeconfig({"server": "https://1.2.3.4:6443", "tls-server-name": "k3s.local",
-                      "certificate-authority-data": base64.b64encode(k3s).decode()})
+    src = kubeconfig(
+        {
+            "server": "https://1.2.3.4:6443",
+            "tls-server-name": "k3s.local",
+            "certificate-authority-data": base64.b64encode(k3s).decode(),
+        }
+    )
     rewrite_kubeconfig(src, unit="test", proxy_url=HTTPS, proxy_ca=tunnel, notes=notes)
     assert len(notes) == 1 and "'k3s.local'" in notes[0] and "--proxy-san" in notes[0]
 
 
 def test_cli_writes_the_https_form(tmp_path: Path) -> None:
     k3s, tunnel = pems(tmp_path)
-    (tmp_path / "in.conf").write_text(kubeconfig({"server": "https://127.0.0.1:6443",
-                                                  "insecure-skip-tls-verify": True}))
-    r = subprocess.run([sys.executable, "-m", "kins_tunnel", "kubeconfig", "--unit", "test", "--proxy-url", HTTPS,
-                        "--proxy-ca", str(tmp_path / "tunnel" / "ca.crt"), "--server-ca", str(tmp_path / "k3s" / "ca.crt"),
-                        "--service-ip", "10.96.12.34", "-i", str(tmp_path / "in.conf"), "-o", str(tmp_path / "out")],
-                       capture_output=True, text=True, timeout=60)
+    (tmp_path / "in.conf").write_text(
+        kubeconfig({"server": "https://127.0.0.1:6443", "insecure-skip-tls-verify": True})
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kins_tunnel",
+            "kubeconfig",
+            "--unit",
+            "test",
+            "--proxy-url",
+            HTTPS,
+            "--proxy-ca",
+            str(tmp_path / "tunnel" / "ca.crt"),
+            "--server-ca",
+            str(tmp_path / "k3s" / "ca.crt"),
+            "--service-ip",
+            "10.96.12.34",
+            "-i",
+            str(tmp_path / "in.conf"),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     out = cluster_of((tmp_path / "out").read_text())
     assert out["server"] == "https://10.96.12.34:443" and out["proxy-url"] == HTTPS
     assert base64.b64decode(str(out["certificate-authority-data"])) == k3s + tunnel
-    r = subprocess.run([sys.executable, "-m", "kins_tunnel", "kubeconfig", "--unit", "test", "--proxy-url", HTTPS,
-                        "--proxy-ca", str(tmp_path / "nope.crt"), "-i", str(tmp_path / "in.conf")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kins_tunnel",
+            "kubeconfig",
+            "--unit",
+            "test",
+            "--proxy-url",
+            HTTPS,
+            "--proxy-ca",
+            str(tmp_path / "nope.crt"),
+            "-i",
+            str(tmp_path / "in.conf"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and r.stderr.startswith("kins-tunnel: error: --proxy-ca: cannot read")

@@ -9,7 +9,8 @@ from kins_tunnel.logs import LogBudget
 
 
 async def test_at_most_rate_lines_a_second_and_the_rest_reported_with_the_next(
-        autojump_clock: trio.testing.MockClock) -> None:
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     budget = LogBudget(20)
     allowed = [budget.allow() for _ in range(25)]
     assert allowed == [True] * 20 + [False] * 5

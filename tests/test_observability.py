@@ -60,15 +60,22 @@ def samples(text: bytes) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 def value(m: Mapping[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
     """The one sample of `name` whose labels include `labels` (0 when absent)."""
-    found = [v for lab, v in m.get(name, []) if all(lab.get(k) == want for k, want in labels.items())]
+    found = [
+        v for lab, v in m.get(name, []) if all(lab.get(k) == want for k, want in labels.items())
+    ]
     assert len(found) <= 1, (name, labels, m.get(name))
     return found[0] if found else 0.0
 
 
-
-
-async def start_edge(nursery: trio.Nursery, base: Path, certs: Path, cloud: list[int] | list[str],
-                     services: Mapping[str, Any], node: str = "edge1", **over: Any) -> tuple[Edge, int]:
+async def start_edge(
+    nursery: trio.Nursery,
+    base: Path,
+    certs: Path,
+    cloud: list[int] | list[str],
+    services: Mapping[str, Any],
+    node: str = "edge1",
+    **over: Any,
+) -> tuple[Edge, int]:
     """An edge with its admin endpoint on a free port; returns (edge, admin port)."""
     over.setdefault("admin", {"listen": "127.0.0.1:0"})
     cfg = edge_config_from_dict(edge_dict(certs, cloud, services, node, **over), base_dir=base)
@@ -76,8 +83,6 @@ async def start_edge(nursery: trio.Nursery, base: Path, certs: Path, cloud: list
     ports = await nursery.start(edge.run)
     assert ports.admin is not None
     return edge, ports.admin
-
-
 
 
 def rogue_client_context(base: Path, trusted_ca: Path) -> ssl.SSLContext:
@@ -113,14 +118,26 @@ async def test_metrics_after_real_traffic(tmp_path: Path) -> None:
         echo = await n.start(serve_echo)
         # a target that sends 1 MiB at once: the edge's sender holds more than its 16 KiB of credit
         source = await n.start(serve_loopback, send_mebibyte)
-        services = {SVC: f"127.0.0.1:{echo}", "test-svc-kins.kins-system:6443": f"127.0.0.1:{refused}",
-                    "test-svc-kins.kins-system:8443": f"127.0.0.1:{source}"}
+        services = {
+            SVC: f"127.0.0.1:{echo}",
+            "test-svc-kins.kins-system:6443": f"127.0.0.1:{refused}",
+            "test-svc-kins.kins-system:8443": f"127.0.0.1:{source}",
+        }
         async with tunnel_env(tmp_path, replica="cloud-a", tunnel=FAST, mux=small) as env:
             assert env.nursery is not None
-            edge, edge_admin = await start_edge(env.nursery, tmp_path, env.certs, [env.ports.tunnel], services,
-                                                ping_interval=0.2, mux=small)
+            edge, edge_admin = await start_edge(
+                env.nursery,
+                tmp_path,
+                env.certs,
+                [env.ports.tunnel],
+                services,
+                ping_interval=0.2,
+                mux=small,
+            )
             await wait_routed(env.cloud, SVC)
-            payload = bytes(range(256)) * 8192  # 2 MiB through a 16 KiB window: the cloud's sender waits
+            payload = (
+                bytes(range(256)) * 8192
+            )  # 2 MiB through a 16 KiB window: the cloud's sender waits
             # 200
             status, head, s = await connect(env.ports.proxy, SVC)
             assert status == 200, head
@@ -133,16 +150,24 @@ async def test_metrics_after_real_traffic(tmp_path: Path) -> None:
             async with s:
                 assert await read_all(s) == MEBIBYTE
             # 503, 502
-            for target, want in (("nowhere-svc-kins.kins-system:443", 503),
-                                 ("test-svc-kins.kins-system:6443", 502)):
+            for target, want in (
+                ("nowhere-svc-kins.kins-system:443", 503),
+                ("test-svc-kins.kins-system:6443", 502),
+            ):
                 status, head, s = await connect(env.ports.proxy, target)
                 await s.aclose()
                 assert status == want, head
             # a client certificate from another CA
-            await rogue_handshake(env.ports.tunnel, rogue_client_context(tmp_path, env.certs / "ca.crt"))
+            await rogue_handshake(
+                env.ports.tunnel, rogue_client_context(tmp_path, env.certs / "ca.crt")
+            )
             # RTT needs a ping round trip on both sides
-            await wait_for(lambda: all(t.session.rtt is not None for t in env.cloud.registry)
-                           and all(s.rtt is not None for s in edge.sessions.values()))
+            await wait_for(
+                lambda: (
+                    all(t.session.rtt is not None for t in env.cloud.registry)
+                    and all(s.rtt is not None for s in edge.sessions.values())
+                )
+            )
 
             async def cloud_metrics() -> dict[str, list[tuple[dict[str, str], float]]]:
                 code, body = await http_get(env.ports.admin, "/metrics")
@@ -155,20 +180,30 @@ async def test_metrics_after_real_traffic(tmp_path: Path) -> None:
                     break
                 await trio.sleep(0.05)
                 m = await cloud_metrics()
-            assert value(m, "kins_tunnel_handshake_failures_total", reason="unknown_ca") == 1, m.get("kins_tunnel_handshake_failures_total")
+            assert value(m, "kins_tunnel_handshake_failures_total", reason="unknown_ca") == 1, (
+                m.get("kins_tunnel_handshake_failures_total")
+            )
             assert value(m, "kins_tunnel_replica_info", replica="cloud-a") == 1
             assert value(m, "kins_tunnel_tunnels", role="cloud", replica="cloud-a") == 1
             assert value(m, "kins_tunnel_edges_connected", unit="test", replica="cloud-a") == 1
             for status_code, count in (("200", 2), ("502", 1), ("503", 1)):  # 200: echo and source
-                assert value(m, "kins_tunnel_connect_answers_total", status=status_code) == count, status_code
+                assert value(m, "kins_tunnel_connect_answers_total", status=status_code) == count, (
+                    status_code
+                )
             assert value(m, "kins_tunnel_streams_total") == 2
             assert value(m, "kins_tunnel_dial_failures_total", reason="no_edge") == 1
             assert value(m, "kins_tunnel_dial_failures_total", reason="refused") == 1
             assert value(m, "kins_tunnel_dial_seconds_count") == 2
             assert value(m, "kins_tunnel_relay_bytes_total", direction="to_edge") == len(payload)
-            assert value(m, "kins_tunnel_relay_bytes_total", direction="from_edge") == len(payload) + len(MEBIBYTE)
-            assert value(m, "kins_tunnel_tunnel_bytes_sent_total", unit="test", node="edge1") >= len(payload)
-            assert value(m, "kins_tunnel_tunnel_bytes_received_total", unit="test", node="edge1") >= len(payload) + len(MEBIBYTE)
+            assert value(m, "kins_tunnel_relay_bytes_total", direction="from_edge") == len(
+                payload
+            ) + len(MEBIBYTE)
+            assert value(
+                m, "kins_tunnel_tunnel_bytes_sent_total", unit="test", node="edge1"
+            ) >= len(payload)
+            assert value(
+                m, "kins_tunnel_tunnel_bytes_received_total", unit="test", node="edge1"
+            ) >= len(payload) + len(MEBIBYTE)
             assert value(m, "kins_tunnel_streams_open", unit="test", node="edge1") == 0
             assert 0 < value(m, "kins_tunnel_tunnel_rtt_seconds", unit="test", node="edge1") < 1
             assert value(m, "kins_tunnel_flow_control_stalls_total", unit="test", node="edge1") > 0
@@ -179,7 +214,9 @@ async def test_metrics_after_real_traffic(tmp_path: Path) -> None:
             assert value(e, "kins_tunnel_tunnels", role="edge") == 1
             assert value(e, "kins_tunnel_dial_failures_total", reason="refused") == 1
             assert value(e, "kins_tunnel_relay_bytes_total", direction="to_target") == len(payload)
-            assert value(e, "kins_tunnel_relay_bytes_total", direction="from_target") == len(payload) + len(MEBIBYTE)
+            assert value(e, "kins_tunnel_relay_bytes_total", direction="from_target") == len(
+                payload
+            ) + len(MEBIBYTE)
             assert value(e, "kins_tunnel_flow_control_stalls_total", unit="test", node="edge1") > 0
             assert 0 < value(e, "kins_tunnel_tunnel_rtt_seconds", unit="test", node="edge1") < 1
             assert "kins_tunnel_replica_info" not in e
@@ -218,14 +255,23 @@ async def test_readyz_cloud_when_listening_edge_when_it_holds_a_tunnel(tmp_path:
     certs = make_certs(tmp_path)
     port = free_port()
     async with trio.open_nursery() as n:
-        edge, edge_admin = await start_edge(n, tmp_path, certs, [port], {SVC: "127.0.0.1:1"},
-                                            reconnect={"initial": 0.05, "max": 0.2})
+        edge, edge_admin = await start_edge(
+            n,
+            tmp_path,
+            certs,
+            [port],
+            {SVC: "127.0.0.1:1"},
+            reconnect={"initial": 0.05, "max": 0.2},
+        )
         assert (await http_get(edge_admin, "/healthz"))[0] == 200
         await trio.sleep(0.3)  # a few failed attempts: still not ready
         assert (await http_get(edge_admin, "/readyz"))[0] == 503
 
-        cloud = Cloud(cloud_config_from_dict(cloud_dict(certs, tunnel={"listen": f"127.0.0.1:{port}"}),
-                                             base_dir=tmp_path))
+        cloud = Cloud(
+            cloud_config_from_dict(
+                cloud_dict(certs, tunnel={"listen": f"127.0.0.1:{port}"}), base_dir=tmp_path
+            )
+        )
         async with trio.open_nursery() as cn:
             ports: CloudPorts = await cn.start(cloud.run)
             assert (await http_get(ports.admin, "/readyz"))[0] == 200
@@ -272,24 +318,36 @@ async def test_connect_logs_are_json_and_never_carry_credentials(tmp_path: Path)
     (tmp_path / "basic").write_text(f"ops:{password}\n")
     basic = base64.b64encode(f"ops:{password}".encode()).decode()
     wrong_basic = base64.b64encode(f"ops:{password}-nope".encode()).decode()
-    auth = {"auth": {"bearer_file": str(tmp_path / "bearer"), "basic_file": str(tmp_path / "basic")}}
+    auth = {
+        "auth": {"bearer_file": str(tmp_path / "bearer"), "basic_file": str(tmp_path / "basic")}
+    }
     async with json_log() as buf, trio.open_nursery() as n:
         echo = await n.start(serve_echo)
         async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{echo}"}, proxy=auth) as env:
-            status, head, s = await connect(env.ports.proxy, SVC, f"Proxy-Authorization: Bearer {token}\r\n")
+            status, head, s = await connect(
+                env.ports.proxy, SVC, f"Proxy-Authorization: Bearer {token}\r\n"
+            )
             assert status == 200, head
             async with s:
                 await echo_roundtrip(s, b"hello")
-            status, head, s = await connect(env.ports.proxy, SVC, f"Proxy-Authorization: Basic {basic}\r\n")
+            status, head, s = await connect(
+                env.ports.proxy, SVC, f"Proxy-Authorization: Basic {basic}\r\n"
+            )
             assert status == 200, head
             async with s:
                 await echo_roundtrip(s, b"hello again")
-            for hdr in (f"Proxy-Authorization: Bearer {token}x\r\n", f"Proxy-Authorization: Basic {wrong_basic}\r\n"):
+            for hdr in (
+                f"Proxy-Authorization: Bearer {token}x\r\n",
+                f"Proxy-Authorization: Basic {wrong_basic}\r\n",
+            ):
                 status, head, s = await connect(env.ports.proxy, SVC, hdr)
                 await s.aclose()
                 assert status == 407, head
-            status, head, s = await connect(env.ports.proxy, "nowhere-svc-kins.kins-system:443",
-                                            f"Proxy-Authorization: Bearer {token}\r\n")
+            status, head, s = await connect(
+                env.ports.proxy,
+                "nowhere-svc-kins.kins-system:443",
+                f"Proxy-Authorization: Bearer {token}\r\n",
+            )
             await s.aclose()
             assert status == 503
             await wait_for(lambda: sum(d["msg"] == "CONNECT done" for d in connect_lines(buf)) == 2)
@@ -311,8 +369,12 @@ async def test_connect_logs_are_json_and_never_carry_credentials(tmp_path: Path)
 
 # ---------------------------------------------------------------- kins-tunnel status
 async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return await trio.run_process([sys.executable, "-m", "kins_tunnel", *args], capture_stdout=True,
-                                  capture_stderr=True, check=False)
+    return await trio.run_process(
+        [sys.executable, "-m", "kins_tunnel", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
 
 
 async def test_status_command_lists_connected_edges(tmp_path: Path) -> None:
@@ -330,18 +392,34 @@ async def test_status_command_lists_connected_edges(tmp_path: Path) -> None:
                 r = await run_cli("status", "--admin", admin)
                 assert r.returncode == 0, r.stderr
                 lines = r.stdout.decode().splitlines()
-                assert lines[-1].startswith("cloud-a: cloud certificate expires 8")  # 825 days from certs init
+                assert lines[-1].startswith(
+                    "cloud-a: cloud certificate expires 8"
+                )  # 825 days from certs init
                 rows = [line.split() for line in lines[:-1]]
-                assert rows[0] == ["UNIT", "NODE", "REPLICA", "UPTIME", "RTT", "STREAMS", "SENT", "RECEIVED",
-                                   "EXPIRES", "PEER"]
+                assert rows[0] == [
+                    "UNIT",
+                    "NODE",
+                    "REPLICA",
+                    "UPTIME",
+                    "RTT",
+                    "STREAMS",
+                    "SENT",
+                    "RECEIVED",
+                    "EXPIRES",
+                    "PEER",
+                ]
                 by_node = {row[1]: row for row in rows[1:]}
                 assert set(by_node) == {"edge1", "edge2"}
                 e1 = by_node["edge1"]
                 assert e1[0] == "test" and e1[2] == "cloud-a"
                 assert e1[4].endswith("ms") and float(e1[4][:-2]) > 0
                 assert e1[5] == "1"  # the stream above is open
-                assert e1[6].endswith("KiB") and e1[7].endswith("KiB")  # 5000 bytes each way and more
-                assert e1[8].endswith("d") and int(e1[8][:-1]) > 800  # the edge certificate: 825 days
+                assert e1[6].endswith("KiB") and e1[7].endswith(
+                    "KiB"
+                )  # 5000 bytes each way and more
+                assert (
+                    e1[8].endswith("d") and int(e1[8][:-1]) > 800
+                )  # the edge certificate: 825 days
                 assert e1[9].startswith("127.0.0.1:")
 
                 r = await run_cli("status", "--admin", admin, "--json")
@@ -350,7 +428,9 @@ async def test_status_command_lists_connected_edges(tmp_path: Path) -> None:
                 assert {e["node"]: e["streams"] for e in doc["edges"]} == {"edge1": 1, "edge2": 0}
 
                 r = await run_cli("status", "--admin", admin, "--admin", admin)  # several replicas
-                assert len(r.stdout.decode().splitlines()) == 5 + 2  # and each one's own certificate
+                assert (
+                    len(r.stdout.decode().splitlines()) == 5 + 2
+                )  # and each one's own certificate
         n.cancel_scope.cancel()
     r = await run_cli("status", "--admin", f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 2 and b"Traceback" not in r.stderr
@@ -374,7 +454,10 @@ async def test_renewed_certificates_apply_to_new_tunnels_and_keep_streams(tmp_pa
             certs = env.certs
             (edge1,) = env.edges
             old_cloud = file_serial(certs / "cloud.crt")
-            assert int(str(next(iter(edge1.cloud_certs.values()))["cloud_cert_serial"]), 16) == old_cloud
+            assert (
+                int(str(next(iter(edge1.cloud_certs.values()))["cloud_cert_serial"]), 16)
+                == old_cloud
+            )
             status, head, s = await connect(env.ports.proxy, SVC)
             assert status == 200, head
             async with s:
@@ -382,12 +465,20 @@ async def test_renewed_certificates_apply_to_new_tunnels_and_keep_streams(tmp_pa
                 # Renew the cloud certificate (same CA) and edge1's certificate.
                 init_ca(certs)
                 issue_edge(certs, "test", "edge1")
-                new_cloud, new_edge1 = file_serial(certs / "cloud.crt"), file_serial(certs / "edge-edge1.crt")
+                new_cloud, new_edge1 = (
+                    file_serial(certs / "cloud.crt"),
+                    file_serial(certs / "edge-edge1.crt"),
+                )
                 assert new_cloud != old_cloud
                 await trio.sleep(1.1)  # the cloud looks at the files at most once a second
-                edge2 = await env.add_edge({"edge2:22": f"127.0.0.1:{echo}"}, node="edge2", wait_for="edge2:22")
+                edge2 = await env.add_edge(
+                    {"edge2:22": f"127.0.0.1:{echo}"}, node="edge2", wait_for="edge2:22"
+                )
                 # the new tunnel was served with the new cloud certificate
-                assert int(str(next(iter(edge2.cloud_certs.values()))["cloud_cert_serial"]), 16) == new_cloud
+                assert (
+                    int(str(next(iter(edge2.cloud_certs.values()))["cloud_cert_serial"]), 16)
+                    == new_cloud
+                )
                 assert env.cloud.tls.reloads == 1
                 # the old tunnel and its stream were not touched
                 assert edge1.connects == 1 and len(env.cloud.registry) == 2
@@ -399,7 +490,10 @@ async def test_renewed_certificates_apply_to_new_tunnels_and_keep_streams(tmp_pa
             (t1,) = [t for t in env.cloud.registry if t.identity.node == "edge1"]
             assert serial(t1.session.tls.peer_certificate_der()) == new_edge1
             assert edge1.tls.reloads == 1
-            assert int(str(next(iter(edge1.cloud_certs.values()))["cloud_cert_serial"]), 16) == new_cloud
+            assert (
+                int(str(next(iter(edge1.cloud_certs.values()))["cloud_cert_serial"]), 16)
+                == new_cloud
+            )
         n.cancel_scope.cancel()
 
 
@@ -411,7 +505,9 @@ async def test_half_written_renewal_keeps_the_previous_context(tmp_path: Path) -
         assert env.cloud.tls.check() is False
         assert env.cloud.tls.reloads == 0
         async with trio.open_nursery() as n:  # still serving with the previous context
-            edge, _ = await start_edge(n, tmp_path, env.certs, [env.ports.tunnel], {SVC: "127.0.0.1:1"})
+            edge, _ = await start_edge(
+                n, tmp_path, env.certs, [env.ports.tunnel], {SVC: "127.0.0.1:1"}
+            )
             await wait_routed(env.cloud, SVC)
             n.cancel_scope.cancel()
 
@@ -427,17 +523,28 @@ class FakeDNS(trio.abc.HostnameResolver):
         self.answer: list[str] | None = answer
         self.lookups = 0
 
-    async def getaddrinfo(self, host: bytes | str | None, port: bytes | str | int | None, family: int = 0,
-                          type: int = 0, proto: int = 0, flags: int = 0) -> list[Any]:
+    async def getaddrinfo(
+        self,
+        host: bytes | str | None,
+        port: bytes | str | int | None,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[Any]:
         name = host.decode() if isinstance(host, bytes) else host
         if name == HEADLESS:
             await trio.lowlevel.checkpoint()
             self.lookups += 1
             if self.answer is None:
                 raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, int(port or 0)))
-                    for ip in self.answer]
-        return await trio.to_thread.run_sync(socket.getaddrinfo, host, port, family, type, proto, flags)
+            return [
+                (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, int(port or 0)))
+                for ip in self.answer
+            ]
+        return await trio.to_thread.run_sync(
+            socket.getaddrinfo, host, port, family, type, proto, flags
+        )
 
     async def getnameinfo(self, sockaddr: tuple[Any, ...], flags: int) -> tuple[str, str]:
         raise NotImplementedError
@@ -456,11 +563,19 @@ async def test_edge_follows_a_name_with_several_addresses(tmp_path: Path) -> Non
             echo = await n.start(serve_echo)
             clouds: dict[str, tuple[Cloud, CloudPorts]] = {}
             for ip in ips:
-                cfg = cloud_dict(certs, tunnel={"listen": f"{ip}:{port}"}, replica=f"cloud-{ip[-1]}")
+                cfg = cloud_dict(
+                    certs, tunnel={"listen": f"{ip}:{port}"}, replica=f"cloud-{ip[-1]}"
+                )
                 cloud = Cloud(cloud_config_from_dict(cfg, base_dir=tmp_path))
                 clouds[ip] = (cloud, await n.start(cloud.run))
-            edge, _ = await start_edge(n, tmp_path, certs, [f"{HEADLESS}:{port}"], {SVC: f"127.0.0.1:{echo}"},
-                                       resolve_interval=0.1)
+            edge, _ = await start_edge(
+                n,
+                tmp_path,
+                certs,
+                [f"{HEADLESS}:{port}"],
+                {SVC: f"127.0.0.1:{echo}"},
+                resolve_interval=0.1,
+            )
             for ip in ips[:2]:
                 await wait_routed(clouds[ip][0], SVC)
             assert set(edge.sessions) == {f"127.0.0.1:{port}", f"127.0.0.2:{port}"}

@@ -19,7 +19,9 @@ from kins_tunnel.names import Address
 from kins_tunnel.tls_contexts import proxy_server_ssl_context
 
 
-def client_context(certs: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+def client_context(
+    certs: Path, cert: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
     if cert is not None:
         ctx.load_cert_chain(cert, key)
@@ -34,18 +36,34 @@ async def run_listener(certs: Path, client_ca: Path | None, timeout: float = 5.0
         seen.append(stream.principal)
         try:
             data = await stream.receive_some(100)
-            await stream.send_all(b"hello " + data + b" from " + (stream.principal.name.encode()
-                                                                 if stream.principal else b"-"))
+            await stream.send_all(
+                b"hello "
+                + data
+                + b" from "
+                + (stream.principal.name.encode() if stream.principal else b"-")
+            )
         finally:
             await stream.aclose()
 
-    settings = ProxyTLS(Address("127.0.0.1", 0), certs / "proxy.crt", certs / "proxy.key", client_ca)
-    ctx = ReloadingContext(proxy_server_ssl_context, client_ca, certs / "proxy.crt", certs / "proxy.key",
-                           what="proxy.tls")
+    settings = ProxyTLS(
+        Address("127.0.0.1", 0), certs / "proxy.crt", certs / "proxy.key", client_ca
+    )
+    ctx = ReloadingContext(
+        proxy_server_ssl_context,
+        client_ca,
+        certs / "proxy.crt",
+        certs / "proxy.key",
+        what="proxy.tls",
+    )
+
     def report(where: str, exc: BaseException) -> None:
         raise AssertionError(f"a bug in the TLS listener ({where}): {exc!r}")
 
-    return ProxyTLSListener(settings, ctx, timeout, echo_principal, report, failures.append), seen, failures
+    return (
+        ProxyTLSListener(settings, ctx, timeout, echo_principal, report, failures.append),
+        seen,
+        failures,
+    )
 
 
 async def talk(port: int, ctx: ssl.SSLContext, name: str = "localhost") -> bytes:
@@ -69,7 +87,10 @@ async def test_server_certificate_and_stream(tmp_path: Path) -> None:
     listener, seen, failures = await run_listener(tmp_path, None)
     async with trio.open_nursery() as n:
         port = await n.start(listener.serve)
-        assert await talk(port, client_context(tmp_path), "tunnel-cloud.kube-system") == b"hello x from -"
+        assert (
+            await talk(port, client_context(tmp_path), "tunnel-cloud.kube-system")
+            == b"hello x from -"
+        )
         assert await talk(port, client_context(tmp_path), "203.0.113.7") == b"hello x from -"
         with pytest.raises(trio.BrokenResourceError):  # a name the proxy certificate does not carry
             await talk(port, client_context(tmp_path), "elsewhere.example")
@@ -119,7 +140,9 @@ def test_proxy_context_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="proxy.tls.key: .* does not belong to proxy.tls.cert"):
         proxy_server_ssl_context(None, tmp_path / "proxy.crt", tmp_path / "cloud.key")
     with pytest.raises(UserError, match="proxy.tls.client_ca: cannot read"):
-        proxy_server_ssl_context(tmp_path / "nope.crt", tmp_path / "proxy.crt", tmp_path / "proxy.key")
+        proxy_server_ssl_context(
+            tmp_path / "nope.crt", tmp_path / "proxy.crt", tmp_path / "proxy.key"
+        )
     with pytest.raises(UserError, match="--proxy-san 'bad name'"):
         init_ca(tmp_path, proxy_sans=["bad name"])
     with pytest.raises(UserError, match="user 'a b'"):
@@ -135,23 +158,53 @@ def test_cli_issues_proxy_and_user_certificates(tmp_path: Path) -> None:
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     def kt(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "kins_tunnel", *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "kins_tunnel", *args], capture_output=True, text=True, timeout=60
+        )
 
-    r = kt("certs", "init", "--dir", str(tmp_path), "--proxy-san", "*.kins-system", "--proxy-san", "203.0.113.9")
+    r = kt(
+        "certs",
+        "init",
+        "--dir",
+        str(tmp_path),
+        "--proxy-san",
+        "*.kins-system",
+        "--proxy-san",
+        "203.0.113.9",
+    )
     assert r.returncode == 0, r.stderr
     assert "proxy.crt, proxy.key" in r.stdout
     cert = x509.load_pem_x509_certificate((tmp_path / "proxy.crt").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "*.kins-system"}
-    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "203.0.113.9"}
-    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {
+        "127.0.0.1",
+        "203.0.113.9",
+    }
+    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.SERVER_AUTH
+    ]
     assert stat.S_IMODE((tmp_path / "proxy.key").stat().st_mode) == 0o600
-    r = kt("certs", "user", "--dir", str(tmp_path), "--name", "carol", "--group", "oncall", "--group", "sre")
+    r = kt(
+        "certs",
+        "user",
+        "--dir",
+        str(tmp_path),
+        "--name",
+        "carol",
+        "--group",
+        "oncall",
+        "--group",
+        "sre",
+    )
     assert r.returncode == 0, r.stderr
     assert "principal carol, groups oncall,sre" in r.stdout
     user = x509.load_pem_x509_certificate((tmp_path / "user-carol.crt").read_bytes())
     assert [a.value for a in user.subject.get_attributes_for_oid(NameOID.COMMON_NAME)] == ["carol"]
-    assert [a.value for a in user.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)] == ["oncall", "sre"]
+    assert [a.value for a in user.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)] == [
+        "oncall",
+        "sre",
+    ]
     r = kt("certs", "user", "--dir", str(tmp_path), "--name", "bad name")
     assert r.returncode == 2 and r.stderr.startswith("kins-tunnel: error: user 'bad name'")
 

@@ -16,10 +16,13 @@ E1 = EdgeIdentity("test", "edge1")
 
 
 def test_parse_serials_and_identities() -> None:
-    revoked = parse_revoked(b"# revoked on 2024-05-01\n5F3A09C2\n0x0a\n  5f:3a:09:c3  # with colons\n\n"
-                            b"test/edge2\nold/*\n")
-    assert revoked == RevokedList(frozenset({0x5F3A09C2, 0x0A, 0x5F3A09C3}),
-                                  frozenset({("test", "edge2"), ("old", "*")}))
+    revoked = parse_revoked(
+        b"# revoked on 2024-05-01\n5F3A09C2\n0x0a\n  5f:3a:09:c3  # with colons\n\n"
+        b"test/edge2\nold/*\n"
+    )
+    assert revoked == RevokedList(
+        frozenset({0x5F3A09C2, 0x0A, 0x5F3A09C3}), frozenset({("test", "edge2"), ("old", "*")})
+    )
     assert revoked.reason(E1, 0x5F3A09C2) == "certificate serial 5f3a09c2 is revoked"
     assert revoked.reason(E1, 0x5F3A09C4) is None
     assert revoked.reason(EdgeIdentity("test", "edge2"), 1) == "edge identity test/edge2 is revoked"
@@ -27,13 +30,16 @@ def test_parse_serials_and_identities() -> None:
     assert len(parse_revoked(b"")) == 0
 
 
-@pytest.mark.parametrize("text, message", [
-    (b"5f3a\nedge1\n", "line 2: 'edge1' is neither a hex certificate serial nor <unit>/<node>"),
-    (b"Test/Edge1\n", "line 1: 'Test/Edge1' is neither"),
-    (b"test/edge1/x\n", "line 1:"),
-    (b"5f:3a:\n", "line 1:"),
-    (b"\xff", "not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b"5f3a\nedge1\n", "line 2: 'edge1' is neither a hex certificate serial nor <unit>/<node>"),
+        (b"Test/Edge1\n", "line 1: 'Test/Edge1' is neither"),
+        (b"test/edge1/x\n", "line 1:"),
+        (b"5f:3a:\n", "line 1:"),
+        (b"\xff", "not UTF-8 text"),
+    ],
+)
 def test_parse_errors_name_the_line(text: bytes, message: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_revoked(text)

@@ -36,7 +36,7 @@ POD = "test-server-kins-7d9f8b6c5-x2x4k"
 
 class FakeIO:
     def __init__(self, stdin: bytes = b"") -> None:
-        self.stdin = [stdin[i:i + 1000] for i in range(0, len(stdin), 1000)]
+        self.stdin = [stdin[i : i + 1000] for i in range(0, len(stdin), 1000)]
         self.out = bytearray()
         self.err = bytearray()
 
@@ -107,8 +107,11 @@ async def test_paths_stay_in_the_pods_directory(tmp_path: Path) -> None:
 
 async def test_tar_round_trip_and_refusals(tmp_path: Path) -> None:
     sb = Sandbox(tmp_path / "sb")
-    archive = tar_of((member("d", tarfile.DIRTYPE), b""), (member("d/f.bin"), b"x" * 70000),
-                     (member("g.txt"), b"gee\n"))
+    archive = tar_of(
+        (member("d", tarfile.DIRTYPE), b""),
+        (member("d/f.bin"), b"x" * 70000),
+        (member("g.txt"), b"gee\n"),
+    )
     code, _, err = await run(sb, "tar", "-xmf", "-", "-C", "/tmp", stdin=archive)
     assert (code, err) == (0, b"")
     assert (sb.pod_root(POD) / "tmp" / "d" / "f.bin").read_bytes() == b"x" * 70000
@@ -119,28 +122,37 @@ async def test_tar_round_trip_and_refusals(tmp_path: Path) -> None:
         f = t.extractfile("tmp/d/f.bin")
         assert f is not None and f.read() == b"x" * 70000
     # links, devices and names that climb out are refused; nothing lands outside
-    evil = tar_of((member("ln", tarfile.SYMTYPE, "/etc/passwd"), b""),
-                  (member("hard", tarfile.LNKTYPE, "/etc/passwd"), b""),
-                  (member("dev", tarfile.CHRTYPE), b""))
+    evil = tar_of(
+        (member("ln", tarfile.SYMTYPE, "/etc/passwd"), b""),
+        (member("hard", tarfile.LNKTYPE, "/etc/passwd"), b""),
+        (member("dev", tarfile.CHRTYPE), b""),
+    )
     code, _, err = await run(sb, "tar", "xmf", "-", "-C", "/tmp", stdin=evil)
     assert code == 2 and err.count(b"skipped") == 3
     assert not any((sb.pod_root(POD) / "tmp" / n).exists() for n in ("ln", "hard", "dev"))
-    code, _, err = await run(sb, "tar", "xmf", "-", "-C", "/tmp",
-                             stdin=tar_of((member("../../../escape"), b"no")))
+    code, _, err = await run(
+        sb, "tar", "xmf", "-", "-C", "/tmp", stdin=tar_of((member("../../../escape"), b"no"))
+    )
     assert code == 1 and b"outside" in err
     assert not list(tmp_path.rglob("escape"))
     code, _, err = await run(sb, "tar", "xmf", "-", stdin=b"not a tar archive" * 100)
     assert code == 2 and err.startswith(b"tar: ")
-    for argv in (["tar", "xzf", "-"], ["tar", "xf", "/etc/passwd"], ["tar", "--to-command=sh", "xf", "-"],
-                 ["tar", "cf", "-"], ["tar"]):
+    for argv in (
+        ["tar", "xzf", "-"],
+        ["tar", "xf", "/etc/passwd"],
+        ["tar", "--to-command=sh", "xf", "-"],
+        ["tar", "cf", "-"],
+        ["tar"],
+    ):
         code, _, err = await run(sb, *argv)
         assert code != 0 and err, argv
 
 
 async def test_sandbox_quota(tmp_path: Path) -> None:
     sb = Sandbox(tmp_path / "sb", max_bytes=100_000)
-    code, _, err = await run(sb, "tar", "xmf", "-", "-C", "/tmp",
-                             stdin=tar_of((member("big"), b"b" * 200_000)))
+    code, _, err = await run(
+        sb, "tar", "xmf", "-", "-C", "/tmp", stdin=tar_of((member("big"), b"b" * 200_000))
+    )
     assert code == 1 and b"No space left" in err
 
 
@@ -163,8 +175,9 @@ class WsClient:
         self.closed: int | None = None
 
     async def open(self, target: str, protocols: list[str]) -> Any:
-        await self.stream.send_all(self.ws.send(Request(host="k3s", target=target,
-                                                        subprotocols=protocols)))
+        await self.stream.send_all(
+            self.ws.send(Request(host="k3s", target=target, subprotocols=protocols))
+        )
         while True:
             for event in await self.events():
                 if isinstance(event, AcceptConnection | RejectConnection):
@@ -198,8 +211,9 @@ class WsClient:
 
 async def ws_client(standin: tuple[int, ssl.SSLContext]) -> WsClient:
     port, ctx = standin
-    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=ctx,
-                                                 https_compatible=True)
+    stream = await trio.open_ssl_over_tcp_stream(
+        "127.0.0.1", port, ssl_context=ctx, https_compatible=True
+    )
     return WsClient(stream)
 
 
@@ -207,14 +221,18 @@ EXEC = f"/api/v1/namespaces/default/pods/{POD}/exec"
 
 
 @pytest.mark.parametrize("protocol", ["v5.channel.k8s.io", "v4.channel.k8s.io"])
-async def test_exec_protocol_and_exit_status(standin: tuple[int, ssl.SSLContext], protocol: str) -> None:
+async def test_exec_protocol_and_exit_status(
+    standin: tuple[int, ssl.SSLContext], protocol: str
+) -> None:
     v5 = protocol.startswith("v5")
     # v4 has no "stdin closed" signal, so there the command reads no stdin
     client = await ws_client(standin)
     try:
         with trio.fail_after(10):
-            accepted = await client.open(f"{EXEC}?command=cat&command=/nope&command=-&stdin={v5}"
-                                         f"&stdout=true&stderr=true", ["other", protocol])
+            accepted = await client.open(
+                f"{EXEC}?command=cat&command=/nope&command=-&stdin={v5}&stdout=true&stderr=true",
+                ["other", protocol],
+            )
             assert isinstance(accepted, AcceptConnection) and accepted.subprotocol == protocol
             if v5:
                 await client.send(0, b"hello ")
@@ -236,8 +254,9 @@ async def test_exec_success_status_and_resize_ignored(standin: tuple[int, ssl.SS
     client = await ws_client(standin)
     try:
         with trio.fail_after(10):
-            await client.open(f"{EXEC}?command=echo&command=ok&stdout=true&tty=true",
-                              ["v5.channel.k8s.io"])
+            await client.open(
+                f"{EXEC}?command=echo&command=ok&stdout=true&tty=true", ["v5.channel.k8s.io"]
+            )
             await client.send(4, b'{"Width":80,"Height":24}')
             channels = await client.run_to_close()
     finally:
@@ -246,14 +265,22 @@ async def test_exec_success_status_and_resize_ignored(standin: tuple[int, ssl.SS
     assert json.loads(channels[3])["status"] == "Success"
 
 
-@pytest.mark.parametrize(("query", "protocols", "status"), [
-    (f"{EXEC}?command=echo&stdout=true", ["v3.channel.k8s.io"], 400),  # no shared subprotocol
-    (f"{EXEC}?stdout=true", ["v5.channel.k8s.io"], 400),  # no command
-    (f"{EXEC}?command=echo", ["v5.channel.k8s.io"], 400),  # no stream
-    ("/api/v1/namespaces/default/pods/nope/exec?command=echo&stdout=true", ["v5.channel.k8s.io"], 404),
-])
-async def test_exec_refusals(standin: tuple[int, ssl.SSLContext], query: str, protocols: list[str],
-                             status: int) -> None:
+@pytest.mark.parametrize(
+    ("query", "protocols", "status"),
+    [
+        (f"{EXEC}?command=echo&stdout=true", ["v3.channel.k8s.io"], 400),  # no shared subprotocol
+        (f"{EXEC}?stdout=true", ["v5.channel.k8s.io"], 400),  # no command
+        (f"{EXEC}?command=echo", ["v5.channel.k8s.io"], 400),  # no stream
+        (
+            "/api/v1/namespaces/default/pods/nope/exec?command=echo&stdout=true",
+            ["v5.channel.k8s.io"],
+            404,
+        ),
+    ],
+)
+async def test_exec_refusals(
+    standin: tuple[int, ssl.SSLContext], query: str, protocols: list[str], status: int
+) -> None:
     client = await ws_client(standin)
     try:
         with trio.fail_after(10):
@@ -262,7 +289,9 @@ async def test_exec_refusals(standin: tuple[int, ssl.SSLContext], query: str, pr
             assert answer.status_code == status
             body = b""
             while not body.endswith(b"}"):
-                body += b"".join(bytes(e.data) for e in await client.events() if isinstance(e, RejectData))
+                body += b"".join(
+                    bytes(e.data) for e in await client.events() if isinstance(e, RejectData)
+                )
             assert json.loads(body)["kind"] == "Status"
     finally:
         await trio.aclose_forcefully(client.stream)
@@ -270,8 +299,9 @@ async def test_exec_refusals(standin: tuple[int, ssl.SSLContext], query: str, pr
 
 async def raw_exchange(standin: tuple[int, ssl.SSLContext], request: bytes) -> bytes:
     port, ctx = standin
-    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=ctx,
-                                                 https_compatible=True)
+    stream = await trio.open_ssl_over_tcp_stream(
+        "127.0.0.1", port, ssl_context=ctx, https_compatible=True
+    )
     try:
         with trio.fail_after(10):
             await stream.send_all(request)
@@ -287,26 +317,36 @@ async def raw_exchange(standin: tuple[int, ssl.SSLContext], request: bytes) -> b
 
 
 async def test_spdy_fallback_gets_a_clear_error(standin: tuple[int, ssl.SSLContext]) -> None:
-    out = await raw_exchange(standin, (
-        f"POST {EXEC}?command=echo&stdout=true HTTP/1.1\r\nHost: k3s\r\nConnection: Upgrade\r\n"
-        "Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n"
-        "Content-Length: 0\r\n\r\n").encode())
+    out = await raw_exchange(
+        standin,
+        (
+            f"POST {EXEC}?command=echo&stdout=true HTTP/1.1\r\nHost: k3s\r\nConnection: Upgrade\r\n"
+            "Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: v4.channel.k8s.io\r\n"
+            "Content-Length: 0\r\n\r\n"
+        ).encode(),
+    )
     assert out.startswith(b"HTTP/1.1 400 ")
     assert b"not SPDY" in out
 
 
 async def test_bad_websocket_input_ends_only_that_exec(standin: tuple[int, ssl.SSLContext]) -> None:
     # a handshake without a key is refused; a text message or a garbage frame ends the exec
-    out = await raw_exchange(standin, (
-        f"GET {EXEC}?command=cat&stdin=true&stdout=true HTTP/1.1\r\nHost: k3s\r\n"
-        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-        "Sec-WebSocket-Protocol: v5.channel.k8s.io\r\n\r\n").encode())
+    out = await raw_exchange(
+        standin,
+        (
+            f"GET {EXEC}?command=cat&stdin=true&stdout=true HTTP/1.1\r\nHost: k3s\r\n"
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: v5.channel.k8s.io\r\n\r\n"
+        ).encode(),
+    )
     assert out.startswith(b"HTTP/1.1 400 ")
     for bad in ("text", "garbage"):
         client = await ws_client(standin)
         try:
             with trio.fail_after(10):
-                await client.open(f"{EXEC}?command=cat&stdin=true&stdout=true", ["v5.channel.k8s.io"])
+                await client.open(
+                    f"{EXEC}?command=cat&stdin=true&stdout=true", ["v5.channel.k8s.io"]
+                )
                 if bad == "text":
                     await client.stream.send_all(client.ws.send(TextMessage("hi")))
                 else:
@@ -323,7 +363,9 @@ async def test_bad_websocket_input_ends_only_that_exec(standin: tuple[int, ssl.S
     client = await ws_client(standin)
     try:
         with trio.fail_after(10):
-            await client.open(f"{EXEC}?command=echo&command=alive&stdout=true", ["v5.channel.k8s.io"])
+            await client.open(
+                f"{EXEC}?command=echo&command=alive&stdout=true", ["v5.channel.k8s.io"]
+            )
             assert (await client.run_to_close())[1] == b"alive\n"
     finally:
         await trio.aclose_forcefully(client.stream)

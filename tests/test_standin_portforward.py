@@ -40,8 +40,13 @@ class Client:
     def syn_stream(self, sid: int, headers: dict[str, str], version: int = 3) -> bytes:
         block = struct.pack("!I", len(headers)) + b"".join(
             struct.pack("!I", len(k)) + k.encode() + struct.pack("!I", len(v)) + v.encode()
-            for k, v in headers.items())
-        body = struct.pack("!IIH", sid, 0, 0) + self.deflate.compress(block) + self.deflate.flush(zlib.Z_SYNC_FLUSH)
+            for k, v in headers.items()
+        )
+        body = (
+            struct.pack("!IIH", sid, 0, 0)
+            + self.deflate.compress(block)
+            + self.deflate.flush(zlib.Z_SYNC_FLUSH)
+        )
         return struct.pack("!HHI", 0x8000 | version, 1, len(body)) + body
 
     @staticmethod
@@ -57,8 +62,8 @@ class Client:
             length = fl & 0xFFFFFF
             if len(buf) < 8 + length:
                 break
-            body = bytes(buf[8:8 + length])
-            del buf[:8 + length]
+            body = bytes(buf[8 : 8 + length])
+            del buf[: 8 + length]
             control = bool(first & 0x80000000)
             out.append((control, first & 0xFFFF if control else first, fl >> 24, body))
         return out
@@ -75,16 +80,21 @@ def test_dictionary_is_the_one_spdy3_peers_announce() -> None:
 
 def test_framer_reads_what_a_client_sends() -> None:
     client, framer = Client(), SpdyFramer()
-    wire = (client.syn_stream(1, {"streamType": "error", "port": "7", "requestID": "0"})
-            + client.syn_stream(3, {"streamType": "data", "port": "7", "requestID": "0"})
-            + client.data(3, b"hello", fin=True)
-            + struct.pack("!HHII", 0x8003, 6, 4, 1))  # PING 1
+    wire = (
+        client.syn_stream(1, {"streamType": "error", "port": "7", "requestID": "0"})
+        + client.syn_stream(3, {"streamType": "data", "port": "7", "requestID": "0"})
+        + client.data(3, b"hello", fin=True)
+        + struct.pack("!HHII", 0x8003, 6, 4, 1)
+    )  # PING 1
     events = []
     for i in range(len(wire)):  # one byte at a time: frames may be cut anywhere
-        events += framer.receive_data(wire[i:i + 1])
-    assert events == [SynStream(1, {"streamtype": "error", "port": "7", "requestid": "0"}, False),
-                      SynStream(3, {"streamtype": "data", "port": "7", "requestid": "0"}, False),
-                      Data(3, b"hello", True), PingFrame(1)]
+        events += framer.receive_data(wire[i : i + 1])
+    assert events == [
+        SynStream(1, {"streamtype": "error", "port": "7", "requestid": "0"}, False),
+        SynStream(3, {"streamtype": "data", "port": "7", "requestid": "0"}, False),
+        Data(3, b"hello", True),
+        PingFrame(1),
+    ]
     # our replies decode with the client's own zlib context
     reply = bytearray(framer.syn_reply(1) + framer.syn_reply(3))
     for control, kind, _, body in Client.frames(reply):
@@ -92,14 +102,17 @@ def test_framer_reads_what_a_client_sends() -> None:
         assert client.inflate.decompress(body[4:]) == b"\0\0\0\0"
 
 
-@pytest.mark.parametrize("wire", [
-    struct.pack("!HHI", 0x8002, 1, 0),  # SPDY/2
-    struct.pack("!HHI", 0x8003, 1, 4) + b"\0\0\0\1",  # short SYN_STREAM
-    struct.pack("!HHI", 0x8003, 1, 20) + b"\0\0\0\1\0\0\0\0\0\0" + b"not zlib..",
-    struct.pack("!HHI", 0x8003, 99, 0),  # unknown control frame
-    struct.pack("!HHI", 0x8003, 3, 3) + b"abc",  # bad RST_STREAM
-    struct.pack("!II", 1, 2 << 20),  # too large
-])
+@pytest.mark.parametrize(
+    "wire",
+    [
+        struct.pack("!HHI", 0x8002, 1, 0),  # SPDY/2
+        struct.pack("!HHI", 0x8003, 1, 4) + b"\0\0\0\1",  # short SYN_STREAM
+        struct.pack("!HHI", 0x8003, 1, 20) + b"\0\0\0\1\0\0\0\0\0\0" + b"not zlib..",
+        struct.pack("!HHI", 0x8003, 99, 0),  # unknown control frame
+        struct.pack("!HHI", 0x8003, 3, 3) + b"abc",  # bad RST_STREAM
+        struct.pack("!II", 1, 2 << 20),  # too large
+    ],
+)
 def test_framer_rejects_bad_frames(wire: bytes) -> None:
     with pytest.raises(SpdyProtocolError):
         SpdyFramer().receive_data(wire)
@@ -121,7 +134,9 @@ def test_random_bytes_give_events_or_the_protocol_error(data: bytes) -> None:
         pass
 
 
-async def read_frames(stream: trio.abc.ReceiveStream, buf: bytearray, count: int) -> list[tuple[bool, int, int, bytes]]:
+async def read_frames(
+    stream: trio.abc.ReceiveStream, buf: bytearray, count: int
+) -> list[tuple[bool, int, int, bytes]]:
     out: list[tuple[bool, int, int, bytes]] = []
     while len(out) < count:
         out += Client.frames(buf)
@@ -140,10 +155,13 @@ async def test_session_echo_digest_and_refusals() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_port_forward, RawTransport(server_end), "pod")
         with trio.fail_after(10):
-            await client_end.send_all(client.syn_stream(1, {"streamType": "error", "port": "9", "requestID": "0"})
-                                      + client.syn_stream(3, {"streamType": "data", "port": "9", "requestID": "0"})
-                                      + client.data(1, b"", fin=True)
-                                      + client.data(3, b"abc") + client.data(3, b"def", fin=True))
+            await client_end.send_all(
+                client.syn_stream(1, {"streamType": "error", "port": "9", "requestID": "0"})
+                + client.syn_stream(3, {"streamType": "data", "port": "9", "requestID": "0"})
+                + client.data(1, b"", fin=True)
+                + client.data(3, b"abc")
+                + client.data(3, b"def", fin=True)
+            )
             frames = await read_frames(client_end, buf, 5)
             assert [(c, k) for c, k, _, _ in frames[:2]] == [(True, SYN_REPLY), (True, SYN_REPLY)]
             digest = f"{hashlib.sha256(b'abcdef').hexdigest()} 6\n".encode()
@@ -151,8 +169,10 @@ async def test_session_echo_digest_and_refusals() -> None:
             assert frames[3] == (False, 3, 1, b"")  # data stream ends
             assert frames[4] == (False, 1, 1, b"")  # error stream ends, empty: no error
             # a port nothing serves: the reason on the error stream
-            await client_end.send_all(client.syn_stream(5, {"streamType": "error", "port": "22", "requestID": "1"})
-                                      + client.syn_stream(7, {"streamType": "data", "port": "22", "requestID": "1"}))
+            await client_end.send_all(
+                client.syn_stream(5, {"streamType": "error", "port": "22", "requestID": "1"})
+                + client.syn_stream(7, {"streamType": "data", "port": "22", "requestID": "1"})
+            )
             frames = await read_frames(client_end, buf, 4)
             assert frames[2] == (False, 7, 1, b"")
             assert frames[3][:3] == (False, 5, 1) and b"serve only ports 7, 9" in frames[3][3]

@@ -63,9 +63,13 @@ class Rewrite:
 
 
 class AliasTable:
-    def __init__(self, static: Mapping[str, str], discovery: AliasDiscovery,
-                 resolver: Resolver = dns_resolver,
-                 on_lookup: Callable[[str], object] | None = None) -> None:
+    def __init__(
+        self,
+        static: Mapping[str, str],
+        discovery: AliasDiscovery,
+        resolver: Resolver = dns_resolver,
+        on_lookup: Callable[[str], object] | None = None,
+    ) -> None:
         self.static = dict(static)
         self.discovery = discovery
         self._resolver = resolver
@@ -90,13 +94,17 @@ class AliasTable:
         unit = self._by_ip.get(host.strip("[]"))
         if unit is not None:
             return Rewrite(f"{unit}-svc-kins.kins-system:{port}", "discovered")
-        raise NoAlias(f"{host} is not a known ClusterIP of a unit's service (no alias; "
-                      "the cloud does not dial IP addresses)")
+        raise NoAlias(
+            f"{host} is not a known ClusterIP of a unit's service (no alias; "
+            "the cloud does not dial IP addresses)"
+        )
 
     def entries(self) -> dict[str, str]:
         """The whole table for status: static "ip:port" and discovered "ip:*" keys -> names."""
-        out = {(f"[{ip}]:*" if ":" in ip else f"{ip}:*"): f"{unit}-svc-kins.kins-system:*"
-               for ip, unit in sorted(self._by_ip.items())}
+        out = {
+            (f"[{ip}]:*" if ":" in ip else f"{ip}:*"): f"{unit}-svc-kins.kins-system:*"
+            for ip, unit in sorted(self._by_ip.items())
+        }
         out.update(self.static)
         return out
 
@@ -119,8 +127,10 @@ class AliasTable:
             ips = frozenset(ipaddress.ip_address(a.split("%", 1)[0]).compressed for a in found)
         except (OSError, ValueError, trio.TooSlowError) as exc:
             self._count("failed")
-            log.debug("ClusterIP lookup failed, keeping the previous entries",
-                      extra={"unit": unit, "host": host, "reason": str(exc) or type(exc).__name__})
+            log.debug(
+                "ClusterIP lookup failed, keeping the previous entries",
+                extra={"unit": unit, "host": host, "reason": str(exc) or type(exc).__name__},
+            )
             return False
         self._count("ok")
         old = self._by_unit.get(unit, frozenset())
@@ -131,12 +141,16 @@ class AliasTable:
             for ip in ips:
                 other = self._by_ip.get(ip)
                 if other is not None and other != unit:
-                    log.warning("two units' Services resolve to one address; the later lookup wins",
-                                extra={"address": ip, "unit": unit, "previous_unit": other})
+                    log.warning(
+                        "two units' Services resolve to one address; the later lookup wins",
+                        extra={"address": ip, "unit": unit, "previous_unit": other},
+                    )
                     self._by_unit[other] = self._by_unit[other] - {ip}
                 self._by_ip[ip] = unit
-            log.info("ClusterIP aliases of a unit's service", extra={
-                "unit": unit, "host": host, "addresses": ",".join(sorted(ips)) or "-"})
+            log.info(
+                "ClusterIP aliases of a unit's service",
+                extra={"unit": unit, "host": host, "addresses": ",".join(sorted(ips)) or "-"},
+            )
         self._by_unit[unit] = ips
         return True
 

@@ -53,7 +53,11 @@ def _credential_parser(strip: bool, what: str) -> Callable[[bytes], list[tuple[s
         # Basic lines are taken byte for byte (`splitlines` drops only the line break): a password
         # may begin or end with a space. Bearer tokens cannot hold spaces (RFC 6750), so theirs
         # are trimmed. Blank lines and lines starting with '#' are skipped.
-        lines = [ln.strip() if strip else ln for ln in data.splitlines() if ln.strip() and not ln.startswith(b"#")]
+        lines = [
+            ln.strip() if strip else ln
+            for ln in data.splitlines()
+            if ln.strip() and not ln.startswith(b"#")
+        ]
         if not lines:
             log.warning("%s holds no credentials: every CONNECT will get 407", what)
         return [_entry(ln, strip) for ln in lines]
@@ -70,7 +74,9 @@ def _entry(line: bytes, bearer: bool) -> tuple[str, bytes]:
     return name.strip().decode("utf-8", "replace"), token.strip()
 
 
-def _credential_file(path: Path | None, what: str, *, strip: bool) -> WatchedFile[list[tuple[str, bytes]]] | None:
+def _credential_file(
+    path: Path | None, what: str, *, strip: bool
+) -> WatchedFile[list[tuple[str, bytes]]] | None:
     return None if path is None else WatchedFile(path, _credential_parser(strip, what), what)
 
 

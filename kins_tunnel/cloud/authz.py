@@ -62,8 +62,11 @@ class Allow:
     port: int | None  # None: any port
 
     def matches(self, kind: str, name: str, port: int) -> bool:
-        return (self.kind == kind and self.name in ("*", name)
-                and (self.port is None or self.port == port))
+        return (
+            self.kind == kind
+            and self.name in ("*", name)
+            and (self.port is None or self.port == port)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +84,9 @@ class Rules:
         """None if `principal` may reach the normalised `target`, else the reason label."""
         if principal is None:
             return ANONYMOUS
-        groups = principal.groups | {g for g, members in self.groups.items() if principal.name in members}
+        groups = principal.groups | {
+            g for g, members in self.groups.items() if principal.name in members
+        }
         keys = {principal.name, "*"} | {f"group:{g}" for g in groups}
         mine = [r for r in self.rules if r.principals & keys]
         if not mine:
@@ -124,7 +129,9 @@ def parse_rules(data: bytes) -> Rules:
     groups: dict[str, frozenset[str]] = {}
     raw_groups = doc.get("groups") or {}
     if not isinstance(raw_groups, dict):
-        raise ValueError(f"groups: expected a mapping of group: [principal, ...], got {kind(raw_groups)}")
+        raise ValueError(
+            f"groups: expected a mapping of group: [principal, ...], got {kind(raw_groups)}"
+        )
     for name, members in raw_groups.items():
         where = f"groups.{name}"
         if not isinstance(name, str) or not _GROUP.fullmatch(name):
@@ -135,7 +142,9 @@ def parse_rules(data: bytes) -> Rules:
             members = _names(members, where)
         for j, member in enumerate(members):
             if member.startswith("group:") or member == "*":
-                raise ValueError(f"{where}[{j}]: {member!r}: members are principal names (no nesting)")
+                raise ValueError(
+                    f"{where}[{j}]: {member!r}: members are principal names (no nesting)"
+                )
         groups[name] = frozenset(members)
     if "rules" not in doc:
         raise ValueError("rules: required key is missing (an empty list denies everyone)")
@@ -146,7 +155,9 @@ def parse_rules(data: bytes) -> Rules:
     for i, raw in enumerate(raw_rules):
         where = f"rules[{i}]"
         if not isinstance(raw, dict):
-            raise ValueError(f"{where}: expected a mapping with principals and allow, got {kind(raw)}")
+            raise ValueError(
+                f"{where}: expected a mapping with principals and allow, got {kind(raw)}"
+            )
         _known(raw, ("principals", "allow"), where)
         for key in ("principals", "allow"):
             if key not in raw:
@@ -156,16 +167,22 @@ def parse_rules(data: bytes) -> Rules:
             if p.startswith("group:") and p[6:] not in groups:
                 raise ValueError(f"{where}.principals[{j}]: no group {p[6:]!r} under groups")
         allow = _strings(raw["allow"], f"{where}.allow")
-        rules.append(Rule(frozenset(principals), tuple(_allow(a, f"{where}.allow[{j}]")
-                                                        for j, a in enumerate(allow))))
+        rules.append(
+            Rule(
+                frozenset(principals),
+                tuple(_allow(a, f"{where}.allow[{j}]") for j, a in enumerate(allow)),
+            )
+        )
     return Rules(tuple(rules), groups)
 
 
 def _allow(text: str, where: str) -> Allow:
     m = _ENTRY.fullmatch(text)
     if m is None or (m.group(1) == "node" and m.group(3) is None):
-        raise ValueError(f"{where}: {text!r} is not unit:<unit>[:<port>] or node:<node>:<port> "
-                         "(names are DNS labels; a name or port may be *)")
+        raise ValueError(
+            f"{where}: {text!r} is not unit:<unit>[:<port>] or node:<node>:<port> "
+            "(names are DNS labels; a name or port may be *)"
+        )
     kind, name, port = m.groups()
     if port not in (None, "*") and not 1 <= int(port) <= 65535:
         raise ValueError(f"{where}: {text!r}: port must be from 1 to 65535 or *")
@@ -205,7 +222,13 @@ def kind(value: object) -> str:
         return f"number {value}"
     if isinstance(value, str):
         return f"string {value[:40]!r}"
-    return "list" if isinstance(value, list) else "mapping" if isinstance(value, dict) else type(value).__name__
+    return (
+        "list"
+        if isinstance(value, list)
+        else "mapping"
+        if isinstance(value, dict)
+        else type(value).__name__
+    )
 
 
 class Authorizer:

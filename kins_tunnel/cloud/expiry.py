@@ -53,10 +53,13 @@ EdgeCerts = Callable[[], Iterable[tuple[str, str, CertFacts]]]  # (unit, node, f
 
 
 class CertificateExpiry:
-    def __init__(self, files: dict[str, Path], edges: EdgeCerts,
-                 clock: Callable[[], float] = time.time) -> None:
-        self._files = {role: WatchedFile(path, parse_cert_file, f"{role} certificate")
-                       for role, path in files.items()}
+    def __init__(
+        self, files: dict[str, Path], edges: EdgeCerts, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._files = {
+            role: WatchedFile(path, parse_cert_file, f"{role} certificate")
+            for role, path in files.items()
+        }
         self._edges = edges
         self._clock = clock
         self._warned: dict[tuple[str, str, str, int], float] = {}
@@ -72,15 +75,27 @@ class CertificateExpiry:
         return [(*key, not_after) for key, not_after in sorted(out.items())]
 
     def status_entries(self) -> list[dict[str, object]]:
-        return [{"cert": role, "serial": f"{serial:x}", "not_after": _iso(na),
-                 "expiry_seconds": round(self._seconds_left(na))}
-                for role, unit, node, serial, na in self.series() if role != "edge"]
+        return [
+            {
+                "cert": role,
+                "serial": f"{serial:x}",
+                "not_after": _iso(na),
+                "expiry_seconds": round(self._seconds_left(na)),
+            }
+            for role, unit, node, serial, na in self.series()
+            if role != "edge"
+        ]
 
     def edge_status(self, facts: CertFacts) -> dict[str, object]:
-        return {"cert_serial": facts.serial_hex, "cert_not_after": _iso(facts.not_after),
-                "cert_expiry_seconds": round(self._seconds_left(facts.not_after))}
+        return {
+            "cert_serial": facts.serial_hex,
+            "cert_not_after": _iso(facts.not_after),
+            "cert_expiry_seconds": round(self._seconds_left(facts.not_after)),
+        }
 
-    def warn_if_expiring(self, role: str, unit: str, node: str, serial: int, not_after: dt.datetime) -> bool:
+    def warn_if_expiring(
+        self, role: str, unit: str, node: str, serial: int, not_after: dt.datetime
+    ) -> bool:
         """Log a warning if this certificate is within 30 days of expiry (once a day); True if so."""
         left = self._seconds_left(not_after)
         if left > WARN_WITHIN.total_seconds():
@@ -124,9 +139,11 @@ class _ExpiryCollector(Collector):
         self._expiry = expiry
 
     def collect(self) -> Iterator[Metric]:
-        g = GaugeMetricFamily("kins_tunnel_certificate_expiry_seconds",
-                              "Seconds until the certificate expires (negative: expired)",
-                              labels=["cert", "unit", "node", "serial"])
+        g = GaugeMetricFamily(
+            "kins_tunnel_certificate_expiry_seconds",
+            "Seconds until the certificate expires (negative: expired)",
+            labels=["cert", "unit", "node", "serial"],
+        )
         for role, unit, node, serial, not_after in self._expiry.series():
             g.add_metric([role, unit, node, f"{serial:x}"], self._expiry._seconds_left(not_after))
         yield g

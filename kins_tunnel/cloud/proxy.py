@@ -99,11 +99,20 @@ class ConnectRecord:
     received: int = 0  # bytes edge -> client
 
     def emit(self) -> None:
-        fields = {"client": self.client, "replica": self.replica, "principal": self.principal,
-                  "target": self.target, "normalised": self.name, "unit": self.unit, "node": self.node,
-                  "status": self.status, "outcome": self.outcome,
-                  "sent": self.sent, "received": self.received,
-                  "duration": round(trio.current_time() - self.started, 6)}
+        fields = {
+            "client": self.client,
+            "replica": self.replica,
+            "principal": self.principal,
+            "target": self.target,
+            "normalised": self.name,
+            "unit": self.unit,
+            "node": self.node,
+            "status": self.status,
+            "outcome": self.outcome,
+            "sent": self.sent,
+            "received": self.received,
+            "duration": round(trio.current_time() - self.started, 6),
+        }
         if self.stream is not None:
             fields["stream"] = self.stream
         if self.via:
@@ -114,8 +123,13 @@ class ConnectRecord:
 class _Reject(Exception):
     """End the CONNECT with an error answer: `reason` goes to the client, `detail` to the log."""
 
-    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None,
-                 detail: str = "") -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        headers: list[tuple[str, str]] | None = None,
+        detail: str = "",
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -127,20 +141,30 @@ class _ClientGone(Exception):
     """The client closed or broke its connection before it had an answer."""
 
 
-async def serve_proxy(ctx: ProxyContext, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_proxy(
+    ctx: ProxyContext, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
     listen = ctx.settings.listen
     assert listen is not None, "the plain listener is off (proxy.listen: null)"
     sock = open_listener_socket(listen.host, listen.port, "proxy.listen")
     port = sock.getsockname()[1]
     if ctx.auth is None and listen.host not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("CONNECT proxy on %s:%d has NO authentication: anyone who can reach this port can reach "
-                    "every edge service (set proxy.auth, or listen on loopback / a private network only)",
-                    listen.host, port)
+        log.warning(
+            "CONNECT proxy on %s:%d has NO authentication: anyone who can reach this port can reach "
+            "every edge service (set proxy.auth, or listen on loopback / a private network only)",
+            listen.host,
+            port,
+        )
     async with trio.open_nursery() as nursery:
         with ctx.listener_scope:  # cancelled to stop accepting (drain); open relays go on
             task_status.started(port)
-            await serve_listener(trio.SocketListener(sock), functools.partial(handle_client, ctx), where="proxy",
-                                 report=ctx.metrics.report_internal_error, handler_nursery=nursery)
+            await serve_listener(
+                trio.SocketListener(sock),
+                functools.partial(handle_client, ctx),
+                where="proxy",
+                report=ctx.metrics.report_internal_error,
+                handler_nursery=nursery,
+            )
 
 
 def _peer(stream: ClientStream) -> str:
@@ -155,8 +179,11 @@ async def handle_client(ctx: ProxyContext, stream: ClientStream) -> None:
     """One client connection: one CONNECT. A failure-isolation boundary: a bug in here answers 500
     (if no answer went out yet), ends this connection only, and still logs the CONNECT line."""
     accepted = getattr(stream, "accepted_at", None)  # a TLS client: accepted before its handshake
-    rec = ConnectRecord(client=_peer(stream), replica=ctx.replica,
-                        started=trio.current_time() if accepted is None else accepted)
+    rec = ConnectRecord(
+        client=_peer(stream),
+        replica=ctx.replica,
+        started=trio.current_time() if accepted is None else accepted,
+    )
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=ctx.settings.max_request_bytes)
     ctx.active += 1
     try:
@@ -184,7 +211,9 @@ def _refused(ctx: ProxyContext, rec: ConnectRecord, status: int, outcome: str) -
         ctx.metrics.connect_answers.labels(str(status)).inc()
 
 
-async def _serve(ctx: ProxyContext, stream: ClientStream, conn: h11.Connection, rec: ConnectRecord) -> None:
+async def _serve(
+    ctx: ProxyContext, stream: ClientStream, conn: h11.Connection, rec: ConnectRecord
+) -> None:
     settings = ctx.settings
     try:
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -199,10 +228,16 @@ async def _serve(ctx: ProxyContext, stream: ClientStream, conn: h11.Connection, 
         raise _Reject(408, f"request not received within {settings.header_timeout:g}s")
     rec.target = request.target.decode("ascii", "replace")[:MAX_LOGGED_TARGET]
     if request.http_version not in (b"1.0", b"1.1"):  # h11 parses any digit.digit
-        raise _Reject(400, f"unsupported HTTP version {request.http_version.decode('ascii', 'replace')}")
+        raise _Reject(
+            400, f"unsupported HTTP version {request.http_version.decode('ascii', 'replace')}"
+        )
     if request.method != b"CONNECT":
-        raise _Reject(405, f"method {request.method.decode('ascii', 'replace')[:MAX_SHOWN_TOKEN]} not allowed: "
-                      "this is a CONNECT proxy", [("Allow", "CONNECT")])
+        raise _Reject(
+            405,
+            f"method {request.method.decode('ascii', 'replace')[:MAX_SHOWN_TOKEN]} not allowed: "
+            "this is a CONNECT proxy",
+            [("Allow", "CONNECT")],
+        )
     principal: Principal | None = getattr(stream, "principal", None)  # a client certificate's
     if principal is None and ctx.auth is not None:
         principal = await ctx.auth.authenticate(_header(request, b"proxy-authorization"))
@@ -225,15 +260,20 @@ async def _serve(ctx: ProxyContext, stream: ClientStream, conn: h11.Connection, 
         if denied is not None:
             ctx.metrics.authz_denials.labels(denied).inc()
             who = f"{principal.name!r}" if principal is not None else "an anonymous client"
-            raise _Reject(403, f"forbidden: {who} may not reach this target", detail=f"forbidden ({denied})")
+            raise _Reject(
+                403, f"forbidden: {who} may not reach this target", detail=f"forbidden ({denied})"
+            )
     tunnel_stream = await _open(ctx, rec)
     # Tunnel open: answer 200 and become a byte pipe.
     try:
         rec.status, rec.stream = 200, tunnel_stream.stream_id
         ctx.metrics.connect_answers.labels("200").inc()
         try:
-            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[],
-                                                         reason=b"Connection established")))
+            await stream.send_all(
+                conn.send(
+                    h11.Response(status_code=200, headers=[], reason=b"Connection established")
+                )
+            )
             leftover, _closed = conn.trailing_data
             if leftover:
                 await tunnel_stream.send_all(leftover)
@@ -243,7 +283,9 @@ async def _serve(ctx: ProxyContext, stream: ClientStream, conn: h11.Connection, 
             return
         result = await relay(stream, tunnel_stream)
     finally:
-        tunnel_stream.abort(ErrorCode.CANCEL, "client went away")  # a no-op once the relay closed it
+        tunnel_stream.abort(
+            ErrorCode.CANCEL, "client went away"
+        )  # a no-op once the relay closed it
     rec.sent += result.a_to_b
     rec.received = result.b_to_a
     rec.outcome = result.error or "closed"
@@ -256,7 +298,9 @@ async def _read_request(stream: ClientStream, conn: h11.Connection) -> h11.Reque
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
-            raise _Reject(exc.error_status_hint, f"malformed request: {str(exc).split(':')[0][:100]}") from None
+            raise _Reject(
+                exc.error_status_hint, f"malformed request: {str(exc).split(':')[0][:100]}"
+            ) from None
         if event is h11.NEED_DATA:
             try:
                 data = await stream.receive_some(READ_SIZE)
@@ -268,7 +312,9 @@ async def _read_request(stream: ClientStream, conn: h11.Connection) -> h11.Reque
             continue
         if isinstance(event, h11.Request):
             return event
-        raise _Reject(400, "unexpected request data")  # pragma: no cover - h11 gives a Request first
+        raise _Reject(
+            400, "unexpected request data"
+        )  # pragma: no cover - h11 gives a Request first
 
 
 def _phrase(status: int) -> str:
@@ -285,21 +331,35 @@ def _header(request: h11.Request, name: bytes) -> bytes | None:
     return None
 
 
-async def _send_error(stream: ClientStream, conn: h11.Connection, target: str, rej: _Reject) -> None:
+async def _send_error(
+    stream: ClientStream, conn: h11.Connection, target: str, rej: _Reject
+) -> None:
     body = f"kins-tunnel: {target or '-'}: {rej.reason}\n".encode()
-    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
-               ("Connection", "close"), *rej.headers]
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+        *rej.headers,
+    ]
     phrase = _phrase(rej.status)
     try:
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            data = conn.send(h11.Response(status_code=rej.status, headers=headers, reason=phrase.encode()))
+            data = conn.send(
+                h11.Response(status_code=rej.status, headers=headers, reason=phrase.encode())
+            )
             data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
         else:  # h11 refuses to answer (e.g. it could not parse a request line): answer raw
-            data = (f"HTTP/1.1 {rej.status} {phrase}\r\n"
-                    + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode() + body
+            data = (
+                f"HTTP/1.1 {rej.status} {phrase}\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in headers)
+                + "\r\n"
+            ).encode() + body
     except h11.LocalProtocolError:
-        data = (f"HTTP/1.1 {rej.status} {phrase}\r\n"
-                + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n").encode() + body
+        data = (
+            f"HTTP/1.1 {rej.status} {phrase}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers)
+            + "\r\n"
+        ).encode() + body
     try:
         with trio.move_on_after(ERROR_WRITE_TIMEOUT):
             await stream.send_all(data)
@@ -344,5 +404,7 @@ async def _open(ctx: ProxyContext, rec: ConnectRecord) -> TunnelStream:
         raise _Reject(503, reason, detail=reason if last is None else f"{reason}: {last.message}")
     label = code_label(last.code)
     ctx.metrics.dial_failures.labels(label).inc()
-    status, reason = _ANSWER_FOR_CODE.get(int(last.code), (502, "the edge could not open the stream"))
+    status, reason = _ANSWER_FOR_CODE.get(
+        int(last.code), (502, "the edge could not open the stream")
+    )
     raise _Reject(status, f"{reason} ({label})", detail=f"{reason}: {last.message} ({label})")

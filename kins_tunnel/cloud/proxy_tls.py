@@ -48,8 +48,12 @@ class TLSClientStream(trio.abc.HalfCloseableStream):
     the TCP connection was accepted (the proxy's `header_timeout` counts from there, TLS included).
     """
 
-    def __init__(self, ssl_stream: trio.SSLStream[trio.SocketStream], principal: Principal | None,
-                 accepted_at: float) -> None:
+    def __init__(
+        self,
+        ssl_stream: trio.SSLStream[trio.SocketStream],
+        principal: Principal | None,
+        accepted_at: float,
+    ) -> None:
         self._ssl = ssl_stream
         self.principal = principal
         self.accepted_at = accepted_at
@@ -116,13 +120,21 @@ def failure_label(exc: BaseException) -> str:
     if isinstance(cause, ssl.SSLCertVerificationError):
         return {10: "expired", 9: "not_yet_valid"}.get(cause.verify_code, "unknown_ca")
     text = str(cause).lower().replace("_", " ")
-    if "alert" in text and any(k in text for k in ("bad certificate", "unknown ca", "certificate unknown")):
+    if "alert" in text and any(
+        k in text for k in ("bad certificate", "unknown ca", "certificate unknown")
+    ):
         return "client_rejected_certificate"  # the client does not trust the proxy's certificate
-    for key, label in (("certificate required", "no_certificate"), ("peer did not return", "no_certificate"),
-                       ("unknown ca", "unknown_ca"), ("expired", "expired"), ("http request", "not_tls"),
-                       ("proxy request", "not_tls"),
-                       ("wrong version", "not_tls"), ("unsupported protocol", "old_tls"),
-                       ("no shared cipher", "no_shared_cipher")):
+    for key, label in (
+        ("certificate required", "no_certificate"),
+        ("peer did not return", "no_certificate"),
+        ("unknown ca", "unknown_ca"),
+        ("expired", "expired"),
+        ("http request", "not_tls"),
+        ("proxy request", "not_tls"),
+        ("wrong version", "not_tls"),
+        ("unsupported protocol", "old_tls"),
+        ("no shared cipher", "no_shared_cipher"),
+    ):
         if key in text:
             return label
     return "eof" if isinstance(cause, (ssl.SSLEOFError, trio.BrokenResourceError)) else "tls_error"
@@ -131,10 +143,18 @@ def failure_label(exc: BaseException) -> str:
 class ProxyTLSListener:
     """Accepts TLS clients and passes each, as a `TLSClientStream`, to `handler`."""
 
-    def __init__(self, settings: ProxyTLS, context: ReloadingContext, handshake_timeout: float,
-                 handler: Callable[[TLSClientStream], Awaitable[Any]], report: ErrorReporter,
-                 on_failure: Callable[[str], object] | None = None, *, authenticated: bool = True,
-                 max_handshakes: int = 10000) -> None:
+    def __init__(
+        self,
+        settings: ProxyTLS,
+        context: ReloadingContext,
+        handshake_timeout: float,
+        handler: Callable[[TLSClientStream], Awaitable[Any]],
+        report: ErrorReporter,
+        on_failure: Callable[[str], object] | None = None,
+        *,
+        authenticated: bool = True,
+        max_handshakes: int = 10000,
+    ) -> None:
         self.settings = settings
         self.max_handshakes = max_handshakes  # TLS handshakes in progress at once; beyond: closed
         self.handshaking = 0
@@ -151,13 +171,22 @@ class ProxyTLSListener:
         sock = open_listener_socket(listen.host, listen.port, "proxy.tls.listen")
         port = sock.getsockname()[1]
         if not self.authenticated and listen.host not in ("127.0.0.1", "::1", "localhost"):
-            log.warning("CONNECT proxy (TLS) on %s:%d has NO authentication: anyone who can reach this port "
-                        "can reach every edge service (set proxy.auth or proxy.tls.client_ca)", listen.host, port)
+            log.warning(
+                "CONNECT proxy (TLS) on %s:%d has NO authentication: anyone who can reach this port "
+                "can reach every edge service (set proxy.auth or proxy.tls.client_ca)",
+                listen.host,
+                port,
+            )
         async with trio.open_nursery() as nursery:
             with self.listener_scope:  # cancelled to stop accepting (drain); open relays go on
                 task_status.started(port)
-                await serve_listener(trio.SocketListener(sock), self._handle, where="proxy_tls",
-                                     report=self.report, handler_nursery=nursery)
+                await serve_listener(
+                    trio.SocketListener(sock),
+                    self._handle,
+                    where="proxy_tls",
+                    report=self.report,
+                    handler_nursery=nursery,
+                )
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
         accepted = trio.current_time()
@@ -169,11 +198,19 @@ class ProxyTLSListener:
         if self.handshaking >= self.max_handshakes:
             if self._on_failure is not None:
                 self._on_failure("too_many")
-            log.info("proxy TLS handshake refused", extra={"client": client, "reason": "too_many",
-                                                           "detail": f"{self.max_handshakes} handshakes in progress"})
+            log.info(
+                "proxy TLS handshake refused",
+                extra={
+                    "client": client,
+                    "reason": "too_many",
+                    "detail": f"{self.max_handshakes} handshakes in progress",
+                },
+            )
             await trio.aclose_forcefully(tcp)
             return
-        await self.tls.refresh()  # renewed files apply to new handshakes (checked at most once a second)
+        await (
+            self.tls.refresh()
+        )  # renewed files apply to new handshakes (checked at most once a second)
         ssl_stream = trio.SSLStream(tcp, self.tls.context, server_side=True)
         principal = None
         self.handshaking += 1
@@ -185,12 +222,24 @@ class ProxyTLSListener:
                 if not der:
                     raise ValueError("no client certificate")
                 principal = principal_from_certificate(der)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ValueError, OSError) as exc:
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.TooSlowError,
+            ValueError,
+            OSError,
+        ) as exc:
             label = failure_label(exc)
             if self._on_failure is not None:
                 self._on_failure(label)
-            log.info("proxy TLS handshake failed", extra={"client": client, "reason": label,
-                                                          "detail": str(exc.__cause__ or exc)[:200]})
+            log.info(
+                "proxy TLS handshake failed",
+                extra={
+                    "client": client,
+                    "reason": label,
+                    "detail": str(exc.__cause__ or exc)[:200],
+                },
+            )
             await _lingering_close(tcp)
             return
         finally:

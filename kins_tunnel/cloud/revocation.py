@@ -69,7 +69,9 @@ def parse_revoked(data: bytes) -> RevokedList:
         serial = _SERIAL.fullmatch(line.lower())
         if serial is None:
             shown = line if len(line) <= 40 else line[:37] + "..."
-            raise ValueError(f"line {number}: {shown!r} is neither a hex certificate serial nor <unit>/<node>")
+            raise ValueError(
+                f"line {number}: {shown!r} is neither a hex certificate serial nor <unit>/<node>"
+            )
         serials.add(int(serial.group(1).replace(":", ""), 16))
     return RevokedList(frozenset(serials), frozenset(identities))
 
@@ -83,6 +85,8 @@ class Revocation:
     def reason(self, identity: EdgeIdentity, serial: int) -> str | None:
         return self.file.value.reason(identity, serial)
 
-    async def watch(self, on_change: Callable[[RevokedList], object], interval: float = 1.0) -> None:
+    async def watch(
+        self, on_change: Callable[[RevokedList], object], interval: float = 1.0
+    ) -> None:
         """Re-read the file every `interval` s; `on_change(list)` after each successful change."""
         await self.file.watch(interval, on_change)

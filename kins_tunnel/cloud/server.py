@@ -54,30 +54,54 @@ class Cloud:
         self.replica = cfg.replica or socket.gethostname()
         self.registry = Registry()
         self.metrics = Metrics("cloud", self._snapshot, replica=self.replica)
-        self.tls = ReloadingContext(server_ssl_context, cfg.tls.ca, cfg.tls.cert, cfg.tls.key, what="tls")
+        self.tls = ReloadingContext(
+            server_ssl_context, cfg.tls.ca, cfg.tls.cert, cfg.tls.key, what="tls"
+        )
         self.revocation = Revocation(cfg.tunnel.revoked_file) if cfg.tunnel.revoked_file else None
         self.tunnels = TunnelServer(cfg, self.tls, self.registry, self.metrics)
         self.tunnels.revoked = self._revoked
-        self.uplinks = UplinkServer(cfg.uplinks, cfg.uplink_dial_timeout, self.metrics, replica=self.replica)
+        self.uplinks = UplinkServer(
+            cfg.uplinks, cfg.uplink_dial_timeout, self.metrics, replica=self.replica
+        )
         self.tunnels.on_edge_open = self.uplinks.on_open
         auth = Authenticator(cfg.proxy.auth) if cfg.proxy.auth else None
         self.authz = Authorizer(cfg.proxy.authz_file) if cfg.proxy.authz_file else None
-        self.aliases = AliasTable(cfg.aliases, cfg.alias_discovery, resolver,
-                                  on_lookup=lambda result: self.metrics.alias_lookups.labels(result).inc())
-        self.proxy = ProxyContext(cfg.proxy, self.registry, self.metrics, auth, replica=self.replica,
-                                  authz=self.authz, aliases=self.aliases)
+        self.aliases = AliasTable(
+            cfg.aliases,
+            cfg.alias_discovery,
+            resolver,
+            on_lookup=lambda result: self.metrics.alias_lookups.labels(result).inc(),
+        )
+        self.proxy = ProxyContext(
+            cfg.proxy,
+            self.registry,
+            self.metrics,
+            auth,
+            replica=self.replica,
+            authz=self.authz,
+            aliases=self.aliases,
+        )
         self.proxy_tls: ProxyTLSListener | None = None
         cert_files = {"cloud": cfg.tls.cert}
         if cfg.proxy.tls is not None:
             pt = cfg.proxy.tls
-            context = ReloadingContext(proxy_server_ssl_context, pt.client_ca, pt.cert or cfg.tls.cert,
-                                       pt.key or cfg.tls.key, what="proxy.tls")
-            self.proxy_tls = ProxyTLSListener(pt, context, cfg.proxy.header_timeout,
-                                              functools.partial(handle_client, self.proxy),
-                                              self.metrics.report_internal_error,
-                                              lambda r: self.metrics.proxy_tls_failures.labels(r).inc(),
-                                              authenticated=auth is not None or pt.client_ca is not None,
-                                              max_handshakes=cfg.proxy.max_connections)
+            context = ReloadingContext(
+                proxy_server_ssl_context,
+                pt.client_ca,
+                pt.cert or cfg.tls.cert,
+                pt.key or cfg.tls.key,
+                what="proxy.tls",
+            )
+            self.proxy_tls = ProxyTLSListener(
+                pt,
+                context,
+                cfg.proxy.header_timeout,
+                functools.partial(handle_client, self.proxy),
+                self.metrics.report_internal_error,
+                lambda r: self.metrics.proxy_tls_failures.labels(r).inc(),
+                authenticated=auth is not None or pt.client_ca is not None,
+                max_handshakes=cfg.proxy.max_connections,
+            )
             if pt.cert is not None:
                 cert_files["proxy"] = pt.cert
         self.expiry = CertificateExpiry(cert_files, self._edge_certs)
@@ -102,15 +126,29 @@ class Cloud:
                 tunnel.cert = cert_facts(der)
             except ValueError:
                 tunnel.cert = None
-        reason = self._revoked(tunnel.identity, der)  # the list may have changed during the handshake
+        reason = self._revoked(
+            tunnel.identity, der
+        )  # the list may have changed during the handshake
         if reason is not None:
             self.metrics.revoked_closed.inc()
-            log.warning("edge tunnel closed: revoked", extra={"unit": tunnel.identity.unit, "node": tunnel.identity.node,
-                                                               "peer": tunnel.peer, "reason": reason})
+            log.warning(
+                "edge tunnel closed: revoked",
+                extra={
+                    "unit": tunnel.identity.unit,
+                    "node": tunnel.identity.node,
+                    "peer": tunnel.peer,
+                    "reason": reason,
+                },
+            )
             tunnel.session.close(f"revoked: {reason}")
         if tunnel.cert is not None:
-            self.expiry.warn_if_expiring("edge", tunnel.identity.unit, tunnel.identity.node,
-                                         tunnel.cert.serial, tunnel.cert.not_after)
+            self.expiry.warn_if_expiring(
+                "edge",
+                tunnel.identity.unit,
+                tunnel.identity.node,
+                tunnel.cert.serial,
+                tunnel.cert.not_after,
+            )
         self.aliases.unit_connected(tunnel.identity.unit)
 
     def _edge_certs(self):  # type: ignore[no-untyped-def]
@@ -125,8 +163,15 @@ class Cloud:
             reason = revoked.reason(t.identity, t.cert.serial if t.cert is not None else -1)
             if reason is None:
                 continue
-            log.warning("edge tunnel closed: revoked", extra={"unit": t.identity.unit, "node": t.identity.node,
-                                                               "peer": t.peer, "reason": reason})
+            log.warning(
+                "edge tunnel closed: revoked",
+                extra={
+                    "unit": t.identity.unit,
+                    "node": t.identity.node,
+                    "peer": t.peer,
+                    "reason": reason,
+                },
+            )
             self.metrics.revoked_closed.inc()
             t.session.close(f"revoked: {reason}")
             closed += 1
@@ -141,23 +186,46 @@ class Cloud:
         edges = []
         for t in self.registry:
             st = t.session.statistics()
-            edges.append({"unit": t.identity.unit, "node": t.identity.node, "peer": t.peer,
-                          "replica": self.replica, "uptime": round(now - t.connected_at, 1),
-                          "rtt_ms": None if st.rtt is None else round(st.rtt * 1000, 3),
-                          "streams": st.streams, "bytes_sent": st.bytes_sent,
-                          "bytes_received": st.bytes_received, "names": sorted(t.names),
-                          "draining": t.session.draining,
-                          **(self.expiry.edge_status(t.cert) if t.cert is not None else {})})
-        doc = {"replica": self.replica, "ready": self.ready, "tls_reloads": self.tls.reloads, "edges": edges,
-               "certificates": self.expiry.status_entries(), "aliases": self.aliases.entries()}
-        for key, watched in (("authz_file", self.authz and self.authz.file),
-                             ("revoked_file", self.revocation and self.revocation.file)):
+            edges.append(
+                {
+                    "unit": t.identity.unit,
+                    "node": t.identity.node,
+                    "peer": t.peer,
+                    "replica": self.replica,
+                    "uptime": round(now - t.connected_at, 1),
+                    "rtt_ms": None if st.rtt is None else round(st.rtt * 1000, 3),
+                    "streams": st.streams,
+                    "bytes_sent": st.bytes_sent,
+                    "bytes_received": st.bytes_received,
+                    "names": sorted(t.names),
+                    "draining": t.session.draining,
+                    **(self.expiry.edge_status(t.cert) if t.cert is not None else {}),
+                }
+            )
+        doc = {
+            "replica": self.replica,
+            "ready": self.ready,
+            "tls_reloads": self.tls.reloads,
+            "edges": edges,
+            "certificates": self.expiry.status_entries(),
+            "aliases": self.aliases.entries(),
+        }
+        for key, watched in (
+            ("authz_file", self.authz and self.authz.file),
+            ("revoked_file", self.revocation and self.revocation.file),
+        ):
             if watched:
-                doc[key] = {"path": str(watched.path), "reloads": watched.reloads, "failures": watched.failures}
+                doc[key] = {
+                    "path": str(watched.path),
+                    "reloads": watched.reloads,
+                    "failures": watched.failures,
+                }
         body = json.dumps(doc, indent=1).encode()
         return 200, "application/json", body
 
-    async def run(self, *, task_status: trio.TaskStatus[CloudPorts] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[CloudPorts] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         routes = {
             "/healthz": lambda: text(200, "ok\n"),
             "/readyz": lambda: text(200, "ready\n") if self.ready else text(503, "not ready\n"),
@@ -176,12 +244,25 @@ class Cloud:
             if self.cfg.proxy.listen is not None:
                 proxy_port = await nursery.start(serve_proxy, self.proxy)
             tls_port = 0 if self.proxy_tls is None else await nursery.start(self.proxy_tls.serve)
-            admin_port = await nursery.start(functools.partial(
-                serve_admin, self.cfg.admin.listen, routes, report=self.metrics.report_internal_error))
+            admin_port = await nursery.start(
+                functools.partial(
+                    serve_admin,
+                    self.cfg.admin.listen,
+                    routes,
+                    report=self.metrics.report_internal_error,
+                )
+            )
             self.ready = True
-            log.info("tunnel-cloud up", extra={"replica": self.replica, "tunnel_port": tunnel_port,
-                                               "proxy_port": proxy_port, "proxy_tls_port": tls_port,
-                                               "admin_port": admin_port})
+            log.info(
+                "tunnel-cloud up",
+                extra={
+                    "replica": self.replica,
+                    "tunnel_port": tunnel_port,
+                    "proxy_port": proxy_port,
+                    "proxy_tls_port": tls_port,
+                    "admin_port": admin_port,
+                },
+            )
             task_status.started(CloudPorts(tunnel_port, proxy_port, admin_port, tls_port))
 
     async def drain(self) -> None:

@@ -38,21 +38,31 @@ log = logging.getLogger("kins_tunnel.cloud.tunnel")
 
 
 class TunnelServer:
-    def __init__(self, cfg: CloudConfig, context: ReloadingContext | ssl.SSLContext, registry: Registry,
-                 metrics: Metrics) -> None:
+    def __init__(
+        self,
+        cfg: CloudConfig,
+        context: ReloadingContext | ssl.SSLContext,
+        registry: Registry,
+        metrics: Metrics,
+    ) -> None:
         self.cfg = cfg
         self.tls = context if isinstance(context, ReloadingContext) else None
         self._static = context if isinstance(context, ssl.SSLContext) else None
         self.registry = registry
         self.metrics = metrics
         t = cfg.tunnel
-        self.admission = Admission(max_pending=t.max_pending_handshakes, max_concurrent=t.max_concurrent_handshakes,
-                                   slow_handshake=t.slow_handshake)
+        self.admission = Admission(
+            max_pending=t.max_pending_handshakes,
+            max_concurrent=t.max_concurrent_handshakes,
+            slow_handshake=t.slow_handshake,
+        )
         self.listening = trio.Event()
         self._listener_scope: trio.CancelScope | None = None
         self._refusal_log = LogBudget(REFUSALS_LOGGED_PER_SECOND)
         # why an edge (identity, DER certificate) is revoked, or None (set by the cloud)
-        self.revoked: Callable[[EdgeIdentity, bytes | None], str | None] = lambda identity, der: None
+        self.revoked: Callable[[EdgeIdentity, bytes | None], str | None] = lambda identity, der: (
+            None
+        )
         # answers streams an edge opens (uplinks): (identity, peer, session, stream id, target); None: refused
         self.on_edge_open: Callable[[EdgeIdentity, str, Session, int, str], None] | None = None
 
@@ -64,8 +74,13 @@ class TunnelServer:
             with trio.CancelScope() as self._listener_scope:
                 self.listening.set()
                 task_status.started(port)
-                await serve_listener(trio.SocketListener(sock), self._handle, where="tunnel",
-                                     report=self.metrics.report_internal_error, handler_nursery=nursery)
+                await serve_listener(
+                    trio.SocketListener(sock),
+                    self._handle,
+                    where="tunnel",
+                    report=self.metrics.report_internal_error,
+                    handler_nursery=nursery,
+                )
 
     @property
     def context(self) -> ssl.SSLContext:
@@ -82,8 +97,15 @@ class TunnelServer:
     def _refuse(self, peer: str, reason: str, detail: str) -> None:
         self.metrics.handshake_failures.labels(reason).inc()
         if self._refusal_log.allow():  # a flood of bad connections must not flood the log too
-            log.warning("edge handshake refused", extra={"peer": peer, "reason": detail, "label": reason,
-                                                         "not_logged_before": self._refusal_log.take_suppressed()})
+            log.warning(
+                "edge handshake refused",
+                extra={
+                    "peer": peer,
+                    "reason": detail,
+                    "label": reason,
+                    "not_logged_before": self._refusal_log.take_suppressed(),
+                },
+            )
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
         t = self.cfg.tunnel
@@ -101,12 +123,20 @@ class TunnelServer:
                 with trio.move_on_after(t.first_byte_timeout) as first:
                     await trio.lowlevel.wait_readable(tcp.socket)
                 if first.cancelled_caught:
-                    self._refuse(peer, "idle", f"no data within first_byte_timeout ({t.first_byte_timeout:g}s)")
+                    self._refuse(
+                        peer,
+                        "idle",
+                        f"no data within first_byte_timeout ({t.first_byte_timeout:g}s)",
+                    )
                     return
                 await self.admission.acquire(ticket)
                 if self.tls is not None:
-                    await self.tls.refresh()  # renewed files apply to new handshakes (checked ≤ 1/s)
-                tls = TLSSocket.wrap(socket.socket(fileno=tcp.socket.detach()), self.context, server_side=True)
+                    await (
+                        self.tls.refresh()
+                    )  # renewed files apply to new handshakes (checked ≤ 1/s)
+                tls = TLSSocket.wrap(
+                    socket.socket(fileno=tcp.socket.detach()), self.context, server_side=True
+                )
                 identity = await self._tls_handshake(tls)
         except (TransportError, ValueError) as exc:
             self._refuse(peer, _reason_label(exc), str(exc))
@@ -115,8 +145,13 @@ class TunnelServer:
             self.admission.leave(ticket)
         if identity is None or tls is None:  # the ticket's scope ended it: deadline or shed
             reason = ticket.reason or "timeout"
-            self._refuse(peer, reason, _SHED_DETAIL.get(reason, f"not established within handshake_timeout "
-                                                                f"({t.handshake_timeout:g}s)"))
+            self._refuse(
+                peer,
+                reason,
+                _SHED_DETAIL.get(
+                    reason, f"not established within handshake_timeout ({t.handshake_timeout:g}s)"
+                ),
+            )
             return
         revoked = self.revoked(identity, tls.peer_certificate_der())
         if revoked is not None:
@@ -136,16 +171,35 @@ class TunnelServer:
             tls.close()
             raise
 
-    async def _run_tunnel(self, tls: TLSSocket, identity: EdgeIdentity, peer: str, deadline: float) -> None:
+    async def _run_tunnel(
+        self, tls: TLSSocket, identity: EdgeIdentity, peer: str, deadline: float
+    ) -> None:
         t = self.cfg.tunnel
         labels = {"unit": identity.unit, "node": identity.node}
-        conn = Connection(Role.SERVER, Hello(agent=f"kins-tunnel-cloud/{__version__}"), self.cfg.mux,
-                          clock=trio.current_time)
-        on_open = None if self.on_edge_open is None else functools.partial(self.on_edge_open, identity, peer)
-        session = Session(tls, conn, on_open=on_open, ping_interval=t.ping_interval, ping_timeout=t.ping_timeout,
-                          label=f"{identity.unit}/{identity.node}@{peer}", report=self.metrics.report_internal_error)
+        conn = Connection(
+            Role.SERVER,
+            Hello(agent=f"kins-tunnel-cloud/{__version__}"),
+            self.cfg.mux,
+            clock=trio.current_time,
+        )
+        on_open = (
+            None
+            if self.on_edge_open is None
+            else functools.partial(self.on_edge_open, identity, peer)
+        )
+        session = Session(
+            tls,
+            conn,
+            on_open=on_open,
+            ping_interval=t.ping_interval,
+            ping_timeout=t.ping_timeout,
+            label=f"{identity.unit}/{identity.node}@{peer}",
+            report=self.metrics.report_internal_error,
+        )
         try:
-            await self._serve_session(session, identity, labels, peer, max(deadline - trio.current_time(), 0.0))
+            await self._serve_session(
+                session, identity, labels, peer, max(deadline - trio.current_time(), 0.0)
+            )
         except* trio.ClosedResourceError:
             # Session.close() (drain, ping timeout, a failed write) closes the socket under the
             # session's own reader/writer, which then raise ClosedResourceError out of serve().
@@ -154,14 +208,25 @@ class TunnelServer:
         finally:
             session.close("tunnel handler ended", ErrorCode.NO_ERROR)
 
-    async def _serve_session(self, session: Session, identity: EdgeIdentity, labels: dict[str, str],
-                             peer: str, time_left: float) -> None:
+    async def _serve_session(
+        self,
+        session: Session,
+        identity: EdgeIdentity,
+        labels: dict[str, str],
+        peer: str,
+        time_left: float,
+    ) -> None:
         async with trio.open_nursery() as nursery:
             try:
                 await nursery.start(functools.partial(session.serve, handshake_timeout=time_left))
             except TransportError as exc:
-                self.metrics.handshake_failures.labels(session.handshake_failure or "protocol").inc()
-                log.warning("edge tunnel handshake failed", extra={**labels, "peer": peer, "reason": str(exc)})
+                self.metrics.handshake_failures.labels(
+                    session.handshake_failure or "protocol"
+                ).inc()
+                log.warning(
+                    "edge tunnel handshake failed",
+                    extra={**labels, "peer": peer, "reason": str(exc)},
+                )
                 return
             names, refused = [], []
             for name in session.peer_names:
@@ -171,18 +236,34 @@ class TunnelServer:
                 else:
                     names.append(ok)
             if refused:  # one line per tunnel, however many names a peer sends
-                log.warning("edge advertised names outside its unit/node: not routed",
-                            extra={**labels, "peer": peer, "count": len(refused),
-                                   "advertised": ",".join(refused[:MAX_NAMES_LOGGED])[:MAX_LOGGED_CHARS]})
+                log.warning(
+                    "edge advertised names outside its unit/node: not routed",
+                    extra={
+                        **labels,
+                        "peer": peer,
+                        "count": len(refused),
+                        "advertised": ",".join(refused[:MAX_NAMES_LOGGED])[:MAX_LOGGED_CHARS],
+                    },
+                )
             tunnel = EdgeTunnel(identity, session, frozenset(names), peer)
             self.registry.add(tunnel)
-            log.info("edge connected", extra={**labels, "peer": peer, "names": ",".join(sorted(names)),
-                                              "agent": session.peer_agent})
+            log.info(
+                "edge connected",
+                extra={
+                    **labels,
+                    "peer": peer,
+                    "names": ",".join(sorted(names)),
+                    "agent": session.peer_agent,
+                },
+            )
             try:
                 await session.closed.wait()
             finally:
                 self.registry.remove(tunnel)
-                log.info("edge disconnected", extra={**labels, "peer": peer, "reason": session.close_reason})
+                log.info(
+                    "edge disconnected",
+                    extra={**labels, "peer": peer, "reason": session.close_reason},
+                )
 
 
 MAX_NAMES_LOGGED = 5  # refused names shown in the one log line of a tunnel
@@ -190,12 +271,21 @@ MAX_LOGGED_CHARS = 1024
 REFUSALS_LOGGED_PER_SECOND = 20  # beyond: counted in the metric, summarised in the next line
 
 
-_SHED_DETAIL = {"shed": "shed: too many pending handshakes (tunnel.max_pending_handshakes)",
-                "slow": "shed: handshake slower than tunnel.slow_handshake while others waited"}
+_SHED_DETAIL = {
+    "shed": "shed: too many pending handshakes (tunnel.max_pending_handshakes)",
+    "slow": "shed: handshake slower than tunnel.slow_handshake while others waited",
+}
 
 # OpenSSL X509_V_ERR_* codes worth their own label
-_VERIFY_CODES = {9: "not_yet_valid", 10: "expired", 2: "unknown_ca", 18: "unknown_ca", 19: "unknown_ca",
-                 20: "unknown_ca", 21: "unknown_ca"}
+_VERIFY_CODES = {
+    9: "not_yet_valid",
+    10: "expired",
+    2: "unknown_ca",
+    18: "unknown_ca",
+    19: "unknown_ca",
+    20: "unknown_ca",
+    21: "unknown_ca",
+}
 
 
 def _reason_label(exc: BaseException) -> str:
@@ -204,11 +294,18 @@ def _reason_label(exc: BaseException) -> str:
     if isinstance(cause, ssl.SSLCertVerificationError):
         return _VERIFY_CODES.get(cause.verify_code, "verify_failed")
     t = str(exc).lower().replace("_", " ")  # OpenSSL reasons come as CERTIFICATE_VERIFY_FAILED
-    for key, label in (("certificate required", "no_certificate"), ("no client certificate", "no_certificate"),
-                       ("peer did not return a certificate", "no_certificate"),
-                       ("unknown ca", "unknown_ca"), ("certificate verify failed", "verify_failed"),
-                       ("expired", "expired"), ("wrong version", "not_tls"), ("http request", "not_tls"),
-                       ("kins uri", "no_identity"), ("identity", "no_identity")):
+    for key, label in (
+        ("certificate required", "no_certificate"),
+        ("no client certificate", "no_certificate"),
+        ("peer did not return a certificate", "no_certificate"),
+        ("unknown ca", "unknown_ca"),
+        ("certificate verify failed", "verify_failed"),
+        ("expired", "expired"),
+        ("wrong version", "not_tls"),
+        ("http request", "not_tls"),
+        ("kins uri", "no_identity"),
+        ("identity", "no_identity"),
+    ):
         if key in t:
             return label
     return "tls_error"

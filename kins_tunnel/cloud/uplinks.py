@@ -68,10 +68,20 @@ class UplinkRecord:
     received: int = 0  # bytes target -> edge
 
     def emit(self, not_logged_before: int = 0) -> None:
-        fields: dict[str, object] = {"unit": self.unit, "node": self.node, "peer": self.peer, "replica": self.replica,
-                  "stream": self.stream, "target": self.target, "normalised": self.normalised,
-                  "status": self.status, "outcome": self.outcome, "sent": self.sent, "received": self.received,
-                  "duration": round(trio.current_time() - self.started, 6)}
+        fields: dict[str, object] = {
+            "unit": self.unit,
+            "node": self.node,
+            "peer": self.peer,
+            "replica": self.replica,
+            "stream": self.stream,
+            "target": self.target,
+            "normalised": self.normalised,
+            "status": self.status,
+            "outcome": self.outcome,
+            "sent": self.sent,
+            "received": self.received,
+            "duration": round(trio.current_time() - self.started, 6),
+        }
         if not_logged_before:
             fields["not_logged_before"] = not_logged_before
         log.info("uplink done" if self.status == "ok" else "uplink refused", extra=fields)
@@ -80,8 +90,13 @@ class UplinkRecord:
 class UplinkServer:
     """Answers the opens of every edge session (the `on_open` of the cloud's sessions)."""
 
-    def __init__(self, allowed: Mapping[str, frozenset[str]], dial_timeout: float, metrics: Metrics,
-                 replica: str = "") -> None:
+    def __init__(
+        self,
+        allowed: Mapping[str, frozenset[str]],
+        dial_timeout: float,
+        metrics: Metrics,
+        replica: str = "",
+    ) -> None:
         self.allowed = allowed
         self.dial_timeout = dial_timeout
         self.metrics = metrics
@@ -92,28 +107,47 @@ class UplinkServer:
         """May an edge of `unit` reach the normalised `target`?"""
         return target in self.allowed.get(unit, ()) or target in self.allowed.get("*", ())
 
-    def on_open(self, identity: EdgeIdentity, peer: str, session: Session, stream_id: int, target: str) -> None:
+    def on_open(
+        self, identity: EdgeIdentity, peer: str, session: Session, stream_id: int, target: str
+    ) -> None:
         """Session callback for a stream the edge opened: refuse at once or start dialling."""
-        rec = UplinkRecord(identity.unit, identity.node, peer, self.replica, stream_id, shown_target(target),
-                           trio.current_time())
+        rec = UplinkRecord(
+            identity.unit,
+            identity.node,
+            peer,
+            self.replica,
+            stream_id,
+            shown_target(target),
+            trio.current_time(),
+        )
         try:
             rec.normalised = normalise_target(target)
         except ValueError:
-            self._refuse(session, rec, ErrorCode.NOT_ALLOWED, "not a host:port target", "bad_target")
+            self._refuse(
+                session, rec, ErrorCode.NOT_ALLOWED, "not a host:port target", "bad_target"
+            )
             return
         if not self.allows(identity.unit, rec.normalised):
             self._refuse(session, rec, ErrorCode.NOT_ALLOWED, "not in this unit's uplinks")
             return
         session.start_stream_task(stream_id, self._dial_and_relay, session, rec)
 
-    def _refuse(self, session: Session, rec: UplinkRecord, code: ErrorCode | int, detail: str,
-                label: str | None = None) -> None:
+    def _refuse(
+        self,
+        session: Session,
+        rec: UplinkRecord,
+        code: ErrorCode | int,
+        detail: str,
+        label: str | None = None,
+    ) -> None:
         """Answer the open with `code` (the edge is told the code's meaning, never our detail),
         count it and write the stream's log line."""
         label = label or code_label(code)
         self.metrics.uplink_refusals.labels(label).inc()
         rec.status, rec.outcome = label, detail
-        session.reject(rec.stream, code, _MESSAGE_FOR_CODE.get(int(code), "the uplink could not be opened"))
+        session.reject(
+            rec.stream, code, _MESSAGE_FOR_CODE.get(int(code), "the uplink could not be opened")
+        )
         self._emit(rec)
 
     def _emit(self, rec: UplinkRecord) -> None:
@@ -127,7 +161,9 @@ class UplinkServer:
         emitted = False
         try:
             try:
-                tcp, _ = await dial_first((Address.parse(rec.normalised, min_port=1),), self.dial_timeout)
+                tcp, _ = await dial_first(
+                    (Address.parse(rec.normalised, min_port=1),), self.dial_timeout
+                )
             except OpenFailed as exc:
                 emitted = True
                 self._refuse(session, rec, exc.code, exc.message)
@@ -145,7 +181,9 @@ class UplinkServer:
             rec.outcome = result.error or "closed"
             self.metrics.uplink_bytes.labels("up").inc(rec.sent)
             self.metrics.uplink_bytes.labels("down").inc(rec.received)
-        except Exception as exc:  # a bug: the session's stream task reports it and resets the stream
+        except (
+            Exception
+        ) as exc:  # a bug: the session's stream task reports it and resets the stream
             rec.outcome = f"internal error: {type(exc).__name__}"
             raise
         finally:

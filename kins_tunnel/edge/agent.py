@@ -86,15 +86,22 @@ def _failure_reason(exc: BaseException) -> str:
     if isinstance(cause, ssl.SSLCertVerificationError):
         return "expired" if cause.verify_code == 10 else "verify_failed"
     text = str(exc).lower().replace("_", " ")  # OpenSSL reasons come as CERTIFICATE_VERIFY_FAILED
-    for key, label in (("cannot connect", "connect"), ("certificate verify failed", "verify_failed"),
-                       ("hostname mismatch", "verify_failed"), ("unknown ca", "unknown_ca"),
-                       ("certificate", "tls_error"), ("tls handshake", "tls_error")):
+    for key, label in (
+        ("cannot connect", "connect"),
+        ("certificate verify failed", "verify_failed"),
+        ("hostname mismatch", "verify_failed"),
+        ("unknown ca", "unknown_ca"),
+        ("certificate", "tls_error"),
+        ("tls handshake", "tls_error"),
+    ):
         if key in text:
             return label
     return "protocol"
 
 
-def backoff_delay(attempt: int, initial: float, maximum: float, multiplier: float, rng: random.Random) -> float:
+def backoff_delay(
+    attempt: int, initial: float, maximum: float, multiplier: float, rng: random.Random
+) -> float:
     """Full-jitter exponential backoff for the `attempt`-th consecutive failure (0-based)."""
     ceiling = min(maximum, initial * (multiplier ** min(attempt, 64)))
     return rng.uniform(0, ceiling)
@@ -108,8 +115,10 @@ def _cert_summary(der: bytes | None) -> dict[str, object]:
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
         return {}
-    return {"cloud_cert_serial": format(cert.serial_number, "x"),
-            "cloud_cert_not_after": cert.not_valid_after_utc.isoformat()}
+    return {
+        "cloud_cert_serial": format(cert.serial_number, "x"),
+        "cloud_cert_not_after": cert.not_valid_after_utc.isoformat(),
+    }
 
 
 def own_identity(cert_path: str) -> EdgeIdentity:
@@ -124,12 +133,15 @@ class Edge:
     def __init__(self, cfg: EdgeConfig, *, rng: random.Random | None = None) -> None:
         self.cfg = cfg
         self.identity = own_identity(str(cfg.tls.cert))
-        self.tls = ReloadingContext(client_ssl_context, cfg.tls.ca, cfg.tls.cert, cfg.tls.key,
-                                    what="tls", min_interval=0.0)
+        self.tls = ReloadingContext(
+            client_ssl_context, cfg.tls.ca, cfg.tls.cert, cfg.tls.key, what="tls", min_interval=0.0
+        )
         self.sessions: dict[str, Session] = {}  # "address" -> live session
         self.metrics = Metrics("edge", self._snapshot)
         self.forwarder = Forwarder(cfg.services, cfg.dial_timeout, self.metrics)
-        self.proxy = None if cfg.proxy is None else ProxyDialer(cfg.proxy.url, cfg.proxy.credentials_file)
+        self.proxy = (
+            None if cfg.proxy is None else ProxyDialer(cfg.proxy.url, cfg.proxy.credentials_file)
+        )
         self.uplinks = Uplinks(cfg, self.metrics, lambda: list(self.sessions.items()))
         self._rng = rng or random.Random()
         self._keepers: dict[tuple[str, str, int], _Keeper] = {}
@@ -148,27 +160,57 @@ class Edge:
 
     def status(self) -> tuple[int, str, bytes]:
         now = trio.current_time()
-        tunnels = [{"cloud": a, "uptime": round(now - s.started_at, 1),
-                    "rtt_ms": None if s.rtt is None else round(s.rtt * 1000, 3),
-                    "streams": s.statistics().streams, "draining": not s.usable,
-                    **self.cloud_certs.get(a, {})} for a, s in self.sessions.items()]
-        doc = {"unit": self.identity.unit, "node": self.identity.node, "tunnels": tunnels,
-               "uplinks": self.uplinks.status()}
+        tunnels = [
+            {
+                "cloud": a,
+                "uptime": round(now - s.started_at, 1),
+                "rtt_ms": None if s.rtt is None else round(s.rtt * 1000, 3),
+                "streams": s.statistics().streams,
+                "draining": not s.usable,
+                **self.cloud_certs.get(a, {}),
+            }
+            for a, s in self.sessions.items()
+        ]
+        doc = {
+            "unit": self.identity.unit,
+            "node": self.identity.node,
+            "tunnels": tunnels,
+            "uplinks": self.uplinks.status(),
+        }
         return 200, "application/json", json.dumps(doc, indent=1).encode()
 
-    async def run(self, *, task_status: trio.TaskStatus[EdgePorts] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[EdgePorts] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         async with trio.open_nursery() as nursery:
             admin_port = None
             if self.cfg.admin is not None:
-                routes = {"/healthz": lambda: text(200, "ok\n"),
-                          "/readyz": lambda: text(200, "ready\n") if self.ready else text(503, "no tunnel\n"),
-                          "/metrics": self.metrics.render, "/status": self.status}
-                admin_port = await nursery.start(functools.partial(
-                    serve_admin, self.cfg.admin.listen, routes, report=self.metrics.report_internal_error))
+                routes = {
+                    "/healthz": lambda: text(200, "ok\n"),
+                    "/readyz": lambda: (
+                        text(200, "ready\n") if self.ready else text(503, "no tunnel\n")
+                    ),
+                    "/metrics": self.metrics.render,
+                    "/status": self.status,
+                }
+                admin_port = await nursery.start(
+                    functools.partial(
+                        serve_admin,
+                        self.cfg.admin.listen,
+                        routes,
+                        report=self.metrics.report_internal_error,
+                    )
+                )
             if self.uplinks.enabled:
                 await nursery.start(self.uplinks.serve)
-            log.info("tunnel-edge up", extra={"unit": self.identity.unit, "node": self.identity.node,
-                                              "services": ",".join(self.cfg.services)})
+            log.info(
+                "tunnel-edge up",
+                extra={
+                    "unit": self.identity.unit,
+                    "node": self.identity.node,
+                    "services": ",".join(self.cfg.services),
+                },
+            )
             self.admin_port = admin_port
             task_status.started(EdgePorts(admin_port))
             for entry in self.cfg.cloud:
@@ -181,8 +223,11 @@ class Edge:
                 infos = await trio.socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
                 ips = sorted({str(info[4][0]) for info in infos})
             except OSError as exc:
-                log.log(logging.DEBUG if self.proxy else logging.WARNING, "cannot resolve cloud address",
-                        extra={"cloud": entry, "reason": str(exc)})
+                log.log(
+                    logging.DEBUG if self.proxy else logging.WARNING,
+                    "cannot resolve cloud address",
+                    extra={"cloud": entry, "reason": str(exc)},
+                )
                 ips = []
             wanted = {(entry, ip, addr.port) for ip in ips}
             if not ips and self.proxy is not None and not any(k[0] == entry for k in self._keepers):
@@ -191,14 +236,20 @@ class Edge:
                 wanted = {(entry, addr.host, addr.port)}
             # A failed lookup (ips == []) keeps the tunnels we have: DNS trouble is not a reason
             # to cut working tunnels. An answer without an address retires its keeper.
-            for key in [k for k in self._keepers if k[0] == entry and k not in wanted] if ips else []:
-                log.info("cloud replica address vanished", extra={"cloud": entry, "address": key[1]})
+            for key in (
+                [k for k in self._keepers if k[0] == entry and k not in wanted] if ips else []
+            ):
+                log.info(
+                    "cloud replica address vanished", extra={"cloud": entry, "address": key[1]}
+                )
                 self._retire(self._keepers.pop(key), nursery)
             for key in sorted(wanted - set(self._keepers)):
                 keeper = _Keeper()
                 self._keepers[key] = keeper
                 nursery.start_soon(self._keeper, key, addr.host, keeper)
-            await trio.sleep(self.cfg.resolve_interval if ips else min(self.cfg.resolve_interval, 5.0))
+            await trio.sleep(
+                self.cfg.resolve_interval if ips else min(self.cfg.resolve_interval, 5.0)
+            )
 
     def _retire(self, keeper: _Keeper, nursery: trio.Nursery) -> None:
         """Stop reconnecting to an address; let its tunnel's streams finish, then close it."""
@@ -229,7 +280,10 @@ class Edge:
                     await self._one_tunnel(label, ip, port, server_name, keeper)
                 except (TransportError, RemoteProtocolError, trio.TooSlowError, OSError) as exc:
                     self.metrics.handshake_failures.labels(_failure_reason(exc)).inc()
-                    log.warning("tunnel to cloud failed", extra={"cloud": label, "reason": str(exc) or "timeout"})
+                    log.warning(
+                        "tunnel to cloud failed",
+                        extra={"cloud": label, "reason": str(exc) or "timeout"},
+                    )
                 except Exception as exc:  # a bug: this tunnel ends, the edge reconnects as usual
                     self.metrics.report_internal_error("edge_tunnel", exc)
                 if self.draining or keeper.retired:
@@ -244,19 +298,31 @@ class Edge:
         """The client context (kept current by `refresh()` before every connect)."""
         return self.tls.context
 
-    async def _one_tunnel(self, label: str, ip: str, port: int, server_name: str,
-                          keeper: _Keeper | None = None) -> None:
+    async def _one_tunnel(
+        self, label: str, ip: str, port: int, server_name: str, keeper: _Keeper | None = None
+    ) -> None:
         cfg = self.cfg
         await self.tls.refresh()  # renewed certificate files apply from this tunnel on
         with trio.fail_after(cfg.handshake_timeout):
-            tls = await connect_tls(ip, port, self.context, server_hostname=server_name,
-                                    open_stream=None if self.proxy is None else self.proxy.open)
+            tls = await connect_tls(
+                ip,
+                port,
+                self.context,
+                server_hostname=server_name,
+                open_stream=None if self.proxy is None else self.proxy.open,
+            )
         cloud_cert = _cert_summary(tls.peer_certificate_der())
         hello = Hello(names=tuple(cfg.services), agent=f"kins-tunnel-edge/{__version__}")
         conn = Connection(Role.CLIENT, hello, cfg.mux, clock=trio.current_time)
-        session = Session(tls, conn, on_open=self.forwarder.on_open, ping_interval=cfg.ping_interval,
-                          ping_timeout=cfg.ping_timeout, label=f"cloud {label}",
-                          report=self.metrics.report_internal_error)
+        session = Session(
+            tls,
+            conn,
+            on_open=self.forwarder.on_open,
+            ping_interval=cfg.ping_interval,
+            ping_timeout=cfg.ping_timeout,
+            label=f"cloud {label}",
+            report=self.metrics.report_internal_error,
+        )
         try:
             await self._serve_session(session, label, cloud_cert, keeper)
         except* trio.ClosedResourceError:
@@ -265,17 +331,23 @@ class Edge:
             # The tunnel is over either way: reconnect as usual instead of crashing the edge.
             log.debug("tunnel closed under its reader", extra={"cloud": label})
 
-    async def _serve_session(self, session: Session, label: str, cloud_cert: dict[str, object],
-                             keeper: _Keeper | None) -> None:
+    async def _serve_session(
+        self, session: Session, label: str, cloud_cert: dict[str, object], keeper: _Keeper | None
+    ) -> None:
         cfg = self.cfg
         async with trio.open_nursery() as nursery:
-            await nursery.start(functools.partial(session.serve, handshake_timeout=cfg.handshake_timeout))
+            await nursery.start(
+                functools.partial(session.serve, handshake_timeout=cfg.handshake_timeout)
+            )
             self.sessions[label] = session
             self.cloud_certs[label] = cloud_cert
             if keeper is not None:
                 keeper.session = session
             self.connects += 1
-            log.info("tunnel up", extra={"cloud": label, "unit": self.identity.unit, "node": self.identity.node})
+            log.info(
+                "tunnel up",
+                extra={"cloud": label, "unit": self.identity.unit, "node": self.identity.node},
+            )
             try:
                 await session.closed.wait()
             finally:

@@ -29,7 +29,9 @@ MAX_LOGGED_TARGET = 512
 
 
 class Forwarder:
-    def __init__(self, services: Mapping[str, tuple[Address, ...]], dial_timeout: float, metrics: Metrics) -> None:
+    def __init__(
+        self, services: Mapping[str, tuple[Address, ...]], dial_timeout: float, metrics: Metrics
+    ) -> None:
         self.services = services
         self.dial_timeout = dial_timeout
         self.metrics = metrics
@@ -46,10 +48,17 @@ class Forwarder:
         if not addrs:
             self.metrics.dial_failures.labels("not_allowed").inc()
             if self._refusal_log.allow():  # a peer sending many such opens must not flood the log
-                log.warning("open refused: not in services",
-                            extra={"target": target[:MAX_LOGGED_TARGET], "stream": stream_id,
-                                   "not_logged_before": self._refusal_log.take_suppressed()})
-            session.reject(stream_id, ErrorCode.NOT_ALLOWED, f"{target} is not in this edge's services")
+                log.warning(
+                    "open refused: not in services",
+                    extra={
+                        "target": target[:MAX_LOGGED_TARGET],
+                        "stream": stream_id,
+                        "not_logged_before": self._refusal_log.take_suppressed(),
+                    },
+                )
+            session.reject(
+                stream_id, ErrorCode.NOT_ALLOWED, f"{target} is not in this edge's services"
+            )
             return
         session.start_stream_task(stream_id, self._dial_and_relay, session, stream_id, name, addrs)
 
@@ -61,14 +70,18 @@ class Forwarder:
         self._preferred[name] = addrs.index(reached)
         return tcp
 
-    async def _dial_and_relay(self, session: Session, stream_id: int, name: str, addrs: tuple[Address, ...]) -> None:
+    async def _dial_and_relay(
+        self, session: Session, stream_id: int, name: str, addrs: tuple[Address, ...]
+    ) -> None:
         t0 = trio.current_time()
         try:
             tcp = await self.dial(name, addrs)
             self.metrics.dial_seconds.observe(trio.current_time() - t0)
         except OpenFailed as exc:
             self.metrics.dial_failures.labels(code_label(exc.code)).inc()
-            log.warning("dial failed", extra={"target": name, "stream": stream_id, "outcome": str(exc)})
+            log.warning(
+                "dial failed", extra={"target": name, "stream": stream_id, "outcome": str(exc)}
+            )
             session.reject(stream_id, exc.code, str(exc))
             return
         try:
@@ -80,4 +93,7 @@ class Forwarder:
         result = await relay(stream, tcp)
         self.metrics.relay_bytes.labels("to_target").inc(result.a_to_b)
         self.metrics.relay_bytes.labels("from_target").inc(result.b_to_a)
-        log.debug("stream done", extra={"target": name, "stream": stream_id, "outcome": result.error or "closed"})
+        log.debug(
+            "stream done",
+            extra={"target": name, "stream": stream_id, "outcome": result.error or "closed"},
+        )

@@ -94,9 +94,16 @@ class UplinkRecord:
 
     def emit(self, not_logged_before: int = 0) -> None:
         fields: dict[str, object] = {
-            "listen": self.listen, "client": self.client, "target": self.target, "cloud": self.cloud,
-            "status": self.status or "cancel", "outcome": self.outcome or "ended", "sent": self.sent,
-            "received": self.received, "duration": round(trio.current_time() - self.started, 6)}
+            "listen": self.listen,
+            "client": self.client,
+            "target": self.target,
+            "cloud": self.cloud,
+            "status": self.status or "cancel",
+            "outcome": self.outcome or "ended",
+            "sent": self.sent,
+            "received": self.received,
+            "duration": round(trio.current_time() - self.started, 6),
+        }
         if self.stream is not None:
             fields["stream"] = self.stream
         if self.answer is not None:
@@ -109,7 +116,9 @@ class UplinkRecord:
 class _Answer(Exception):
     """End a proxy client with an error answer."""
 
-    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None = None) -> None:
+    def __init__(
+        self, status: int, reason: str, headers: list[tuple[str, str]] | None = None
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -135,7 +144,12 @@ def _tune(stream: trio.SocketStream) -> None:
 class Uplinks:
     """The uplink listeners and the CONNECT proxy of one edge."""
 
-    def __init__(self, cfg: EdgeConfig, metrics: Metrics, sessions: Callable[[], Iterable[tuple[str, Session]]]) -> None:
+    def __init__(
+        self,
+        cfg: EdgeConfig,
+        metrics: Metrics,
+        sessions: Callable[[], Iterable[tuple[str, Session]]],
+    ) -> None:
         self.targets = cfg.uplinks
         self.proxy = cfg.uplink_proxy
         self.open_timeout = cfg.uplink_dial_timeout
@@ -152,10 +166,15 @@ class Uplinks:
         return bool(self.targets) or self.proxy is not None
 
     def status(self) -> list[dict[str, object]]:
-        out: list[dict[str, object]] = [{"listen": str(listen), "port": self.ports[str(listen)], "target": target}
-                                        for listen, target in self.targets.items() if str(listen) in self.ports]
+        out: list[dict[str, object]] = [
+            {"listen": str(listen), "port": self.ports[str(listen)], "target": target}
+            for listen, target in self.targets.items()
+            if str(listen) in self.ports
+        ]
         if self.proxy is not None and self.proxy_port is not None:
-            out.append({"listen": str(self.proxy.listen), "port": self.proxy_port, "target": "CONNECT"})
+            out.append(
+                {"listen": str(self.proxy.listen), "port": self.proxy_port, "target": "CONNECT"}
+            )
         return out
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -165,9 +184,17 @@ class Uplinks:
         proxy_sock: trio.socket.SocketType | None = None
         try:
             for listen, target in self.targets.items():
-                socks.append((open_listener_socket(listen.host, listen.port, f'uplinks."{listen}"'), listen, target))
+                socks.append(
+                    (
+                        open_listener_socket(listen.host, listen.port, f'uplinks."{listen}"'),
+                        listen,
+                        target,
+                    )
+                )
             if self.proxy is not None:
-                proxy_sock = open_listener_socket(self.proxy.listen.host, self.proxy.listen.port, "uplink_proxy.listen")
+                proxy_sock = open_listener_socket(
+                    self.proxy.listen.host, self.proxy.listen.port, "uplink_proxy.listen"
+                )
         except UserError:
             for sock, _listen, _target in socks:
                 sock.close()
@@ -178,18 +205,37 @@ class Uplinks:
                     report = self.metrics.report_internal_error
                     for sock, listen, target in socks:
                         self.ports[str(listen)] = sock.getsockname()[1]
-                        listeners.start_soon(functools.partial(
-                            serve_listener, trio.SocketListener(sock),
-                            functools.partial(self._forward, str(listen), target),
-                            where="uplink", report=report, handler_nursery=handlers))
+                        listeners.start_soon(
+                            functools.partial(
+                                serve_listener,
+                                trio.SocketListener(sock),
+                                functools.partial(self._forward, str(listen), target),
+                                where="uplink",
+                                report=report,
+                                handler_nursery=handlers,
+                            )
+                        )
                     if proxy_sock is not None:
                         self.proxy_port = proxy_sock.getsockname()[1]
-                        listeners.start_soon(functools.partial(
-                            serve_listener, trio.SocketListener(proxy_sock), self._proxy_client,
-                            where="uplink_proxy", report=report, handler_nursery=handlers))
-                    log.info("uplinks listening", extra={
-                        "uplinks": ",".join(f"{listen}->{target}" for listen, target in self.targets.items()),
-                        "uplink_proxy": self.proxy_port or ""})
+                        listeners.start_soon(
+                            functools.partial(
+                                serve_listener,
+                                trio.SocketListener(proxy_sock),
+                                self._proxy_client,
+                                where="uplink_proxy",
+                                report=report,
+                                handler_nursery=handlers,
+                            )
+                        )
+                    log.info(
+                        "uplinks listening",
+                        extra={
+                            "uplinks": ",".join(
+                                f"{listen}->{target}" for listen, target in self.targets.items()
+                            ),
+                            "uplink_proxy": self.proxy_port or "",
+                        },
+                    )
                     task_status.started()
 
     # ------------------------------------------------------------------ opening
@@ -236,7 +282,9 @@ class Uplinks:
         self.metrics.uplink_refusals.labels(exc.reason).inc()
         rec.status, rec.outcome = exc.reason, str(exc)
 
-    async def _relay(self, rec: UplinkRecord, client: trio.SocketStream, stream: TunnelStream) -> None:
+    async def _relay(
+        self, rec: UplinkRecord, client: trio.SocketStream, stream: TunnelStream
+    ) -> None:
         rec.status = "ok"
         result = await relay(client, stream)
         rec.sent += result.a_to_b
@@ -284,7 +332,9 @@ class Uplinks:
         finally:
             self._emit(rec)
 
-    async def _proxy_exchange(self, client: trio.SocketStream, conn: h11.Connection, rec: UplinkRecord) -> None:
+    async def _proxy_exchange(
+        self, client: trio.SocketStream, conn: h11.Connection, rec: UplinkRecord
+    ) -> None:
         with trio.move_on_at(rec.started + PROXY_HEADER_TIMEOUT) as scope:
             request = await _read_request(client, conn)
         if scope.cancelled_caught:
@@ -309,13 +359,18 @@ class Uplinks:
             self._refused(rec, exc)
             if exc.reason == "no_tunnel" or exc.code is None:
                 raise _Answer(503, "no tunnel to the cloud is available") from None
-            status, reason = _ANSWER_FOR_CODE.get(int(exc.code), (502, "the uplink could not be opened"))
+            status, reason = _ANSWER_FOR_CODE.get(
+                int(exc.code), (502, "the uplink could not be opened")
+            )
             raise _Answer(status, f"{reason} ({exc.reason})") from None
         rec.answer = 200
         try:
             try:
-                await client.send_all(conn.send(h11.Response(status_code=200, headers=[],
-                                                             reason=b"Connection established")))
+                await client.send_all(
+                    conn.send(
+                        h11.Response(status_code=200, headers=[], reason=b"Connection established")
+                    )
+                )
                 leftover, _closed = conn.trailing_data
                 if leftover:
                     await stream.send_all(leftover)
@@ -346,28 +401,43 @@ async def _read_request(client: trio.SocketStream, conn: h11.Connection) -> h11.
             continue
         if isinstance(event, h11.Request):
             return event
-        raise _Answer(400, "unexpected request data")  # pragma: no cover - h11 gives a Request first
+        raise _Answer(
+            400, "unexpected request data"
+        )  # pragma: no cover - h11 gives a Request first
 
 
-async def _send_error(client: trio.SocketStream, conn: h11.Connection, target: str, ans: _Answer) -> None:
+async def _send_error(
+    client: trio.SocketStream, conn: h11.Connection, target: str, ans: _Answer
+) -> None:
     body = f"kins-tunnel uplink: {target or '-'}: {ans.reason}\n".encode()
-    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
-               ("Connection", "close"), *ans.headers]
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+        *ans.headers,
+    ]
     try:
         phrase = HTTPStatus(ans.status).phrase
     except ValueError:
         phrase = ""
     try:
-        data = conn.send(h11.Response(status_code=ans.status, headers=headers, reason=phrase.encode()))
+        data = conn.send(
+            h11.Response(status_code=ans.status, headers=headers, reason=phrase.encode())
+        )
         data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
     except h11.LocalProtocolError:  # h11 will not answer this request (it could not parse it)
-        data = (f"HTTP/1.1 {ans.status} {phrase}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
-                + "\r\n").encode() + body
+        data = (
+            f"HTTP/1.1 {ans.status} {phrase}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers)
+            + "\r\n"
+        ).encode() + body
     try:
         with trio.move_on_after(5):
             await client.send_all(data)
             await client.send_eof()
-        with trio.move_on_after(LINGER_TIME):  # drain input so the close sends no RST over the answer
+        with trio.move_on_after(
+            LINGER_TIME
+        ):  # drain input so the close sends no RST over the answer
             for _ in range(64):
                 if not await client.receive_some(16384):
                     break

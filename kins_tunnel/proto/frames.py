@@ -61,7 +61,9 @@ def pack_header(length: int, ftype: int, flags: int, stream_id: int) -> bytes:
     return HEADER.pack((length << 8) | ftype, flags, stream_id)
 
 
-def unpack_header(buf: memoryview | bytes | bytearray, offset: int = 0) -> tuple[int, int, int, int]:
+def unpack_header(
+    buf: memoryview | bytes | bytearray, offset: int = 0
+) -> tuple[int, int, int, int]:
     """(length, type, flags, stream id) of the header at `offset`."""
     word, flags, stream_id = HEADER.unpack_from(buf, offset)
     return word >> 8, word & 0xFF, flags, stream_id
@@ -90,7 +92,9 @@ def open_frame(stream_id: int, grant: int, target: bytes) -> bytes:
 
 
 def open_result_frame(stream_id: int, code: int, grant: int = 0, message: str = "") -> bytes:
-    return frame(FrameType.OPEN_RESULT, stream_id, U32x2.pack(int(code), grant) + encode_text(message))
+    return frame(
+        FrameType.OPEN_RESULT, stream_id, U32x2.pack(int(code), grant) + encode_text(message)
+    )
 
 
 def window_frame(stream_id: int, increment: int) -> bytes:

@@ -68,8 +68,16 @@ class MuxConfig:
     def __post_init__(self) -> None:
         for key, low, high in (
             ("initial_window", (MIN_WINDOW, "16384 (16 KiB)"), MAX_WINDOW_VALUE),
-            ("max_window", (self.initial_window, f"initial_window ({self.initial_window})"), MAX_WINDOW_VALUE),
-            ("session_budget", (self.initial_window, f"initial_window ({self.initial_window})"), 1 << 40),
+            (
+                "max_window",
+                (self.initial_window, f"initial_window ({self.initial_window})"),
+                MAX_WINDOW_VALUE,
+            ),
+            (
+                "session_budget",
+                (self.initial_window, f"initial_window ({self.initial_window})"),
+                1 << 40,
+            ),
             ("max_streams", (1, "1"), MAX_STREAMS_LIMIT),
             ("max_frame", (MIN_FRAME, "16384 (16 KiB)"), MAX_PAYLOAD_LIMIT),
             ("max_target_len", (1, "1"), MAX_TARGET_LEN_LIMIT),
@@ -115,15 +123,18 @@ def encode_hello(hello: Hello, config: MuxConfig) -> bytes:
         "max_streams": config.max_streams,
         "max_target_len": config.max_target_len,
     }
-    payload = HELLO_PREFIX.pack(MAGIC, hello.min_version, hello.max_version) + json.dumps(
-        body, separators=(",", ":")
-    ).encode()
+    payload = (
+        HELLO_PREFIX.pack(MAGIC, hello.min_version, hello.max_version)
+        + json.dumps(body, separators=(",", ":")).encode()
+    )
     if len(payload) > MAX_CONTROL_PAYLOAD:
         raise LocalProtocolError("HELLO too large: too many or too long names")
     return payload
 
 
-def parse_hello(body: memoryview, ours: Hello, config: MuxConfig) -> tuple[int, frozenset[str], PeerLimits, str]:
+def parse_hello(
+    body: memoryview, ours: Hello, config: MuxConfig
+) -> tuple[int, frozenset[str], PeerLimits, str]:
     """(version, peer capabilities, peer limits, agent) of a HELLO body; RemoteProtocolError if bad."""
     if len(body) < HELLO_PREFIX.size:
         raise RemoteProtocolError("HELLO too short")
@@ -159,11 +170,20 @@ def parse_hello(body: memoryview, ours: Hello, config: MuxConfig) -> tuple[int, 
         raise RemoteProtocolError("malformed HELLO body")
     if len(names) > config.max_names:
         raise RemoteProtocolError(f"peer advertises {len(names)} names, limit {config.max_names}")
-    if not (MIN_FRAME <= max_frame <= MAX_PAYLOAD_LIMIT) or not 1 <= max_streams <= (1 << 31) \
-            or not 1 <= max_target <= MAX_TARGET_LEN_LIMIT:
+    if (
+        not (MIN_FRAME <= max_frame <= MAX_PAYLOAD_LIMIT)
+        or not 1 <= max_streams <= (1 << 31)
+        or not 1 <= max_target <= MAX_TARGET_LEN_LIMIT
+    ):
         raise RemoteProtocolError(
             f"HELLO limits out of range (max_frame {max_frame}, max_streams {max_streams}, "
-            f"max_target_len {max_target})", ErrorCode.PROTOCOL_ERROR)
-    peer = PeerLimits(max_frame=max_frame, max_streams=max_streams, max_target_len=max_target,
-                      names=tuple(dict.fromkeys(names)))
+            f"max_target_len {max_target})",
+            ErrorCode.PROTOCOL_ERROR,
+        )
+    peer = PeerLimits(
+        max_frame=max_frame,
+        max_streams=max_streams,
+        max_target_len=max_target,
+        names=tuple(dict.fromkeys(names)),
+    )
     return version, frozenset(caps), peer, agent[:MAX_AGENT_LEN]

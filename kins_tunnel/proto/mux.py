@@ -256,7 +256,9 @@ class Connection:
         if not raw or len(raw) > self._peer.max_target_len:
             raise LocalProtocolError("target name empty or too long")
         grant = self._budget.initial_grant(self.config.initial_window)
-        sid = self._streams.open_local(ReceiveWindow(grant, grant, last_return=self._now()), target).stream_id
+        sid = self._streams.open_local(
+            ReceiveWindow(grant, grant, last_return=self._now()), target
+        ).stream_id
         self._out += open_frame(sid, grant, raw)
         return sid
 
@@ -287,7 +289,9 @@ class Connection:
             raise LocalProtocolError(f"stream {stream_id} is not waiting for an answer")
         return s
 
-    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False) -> int:
+    def send_data(
+        self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False
+    ) -> int:
         """Queue as much of `data` as the stream's credit allows; returns how many bytes were taken.
 
         With `end_stream`, FIN goes out with the last byte, but only if all of `data` was taken.
@@ -313,7 +317,9 @@ class Connection:
         """Send FIN: we will send nothing more on this stream (half-close)."""
         self.send_data(stream_id, b"", end_stream=True)
 
-    def reset_stream(self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL, message: str = "") -> None:
+    def reset_stream(
+        self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL, message: str = ""
+    ) -> None:
         """Abort the stream both ways. Unknown or finished streams are ignored (a race, not a bug)."""
         if stream_id not in self._streams or self._state is _State.CLOSED:
             return
@@ -336,7 +342,11 @@ class Connection:
             self._streams.forget_if_done(s)
             return
         inc = credit_to_return(
-            w, budget=self._budget, max_window=self.config.max_window, now=self._now(), rtt=self.min_rtt
+            w,
+            budget=self._budget,
+            max_window=self.config.max_window,
+            now=self._now(),
+            rtt=self.min_rtt,
         )
         if inc:
             self._out += window_frame(stream_id, inc)
@@ -510,7 +520,9 @@ class Connection:
         message = decode_text(body[8:])
         if code == ErrorCode.NO_ERROR:
             if window == 0 or window > MAX_WINDOW_VALUE:
-                raise RemoteProtocolError("OPEN_RESULT grants an invalid window", ErrorCode.FLOW_CONTROL_ERROR)
+                raise RemoteProtocolError(
+                    "OPEN_RESULT grants an invalid window", ErrorCode.FLOW_CONTROL_ERROR
+                )
             s.transition(StreamInput.RECV_OPEN_OK)
             s.send_credit = window
         else:
@@ -633,4 +645,3 @@ class Connection:
         self._goaway_sent = self._streams.highest_remote_id
         self._out += goaway_frame(self._goaway_sent, exc.code, str(exc))
         self._close_all()
-

@@ -55,8 +55,14 @@ class DataQueues:
     def __bool__(self) -> bool:
         return self.pending > 0
 
-    def add(self, stream_id: int, data: bytes | bytearray | memoryview, n: int, max_frame: int,
-            fin: bool) -> None:
+    def add(
+        self,
+        stream_id: int,
+        data: bytes | bytearray | memoryview,
+        n: int,
+        max_frame: int,
+        fin: bool,
+    ) -> None:
         """Queue the first `n` bytes of `data` as DATA frames of at most `max_frame` bytes; with
         `fin`, the last frame (an empty one if `n` is 0) carries FIN. `data` is copied."""
         q = self._queues.get(stream_id)
@@ -72,7 +78,9 @@ class DataQueues:
         while True:
             chunk = min(n - pos, max_frame)
             last = pos + chunk >= n
-            buf += HEADER.pack((chunk << 8) | FrameType.DATA, FLAG_FIN if fin and last else 0, stream_id)
+            buf += HEADER.pack(
+                (chunk << 8) | FrameType.DATA, FLAG_FIN if fin and last else 0, stream_id
+            )
             buf += view[pos : pos + chunk]
             pos += chunk
             if last:
@@ -130,7 +138,9 @@ class DataQueues:
                     word, flags, fsid = unpack(buf, off)
                     length = word >> 8
                     part = quantum - HEADER_SIZE
-                    HEADER.pack_into(buf, off, (part << 8) | FrameType.DATA, flags & ~FLAG_FIN, fsid)
+                    HEADER.pack_into(
+                        buf, off, (part << 8) | FrameType.DATA, flags & ~FLAG_FIN, fsid
+                    )
                     with view[off : off + HEADER_SIZE + part] as piece:
                         write(piece)
                     handed += HEADER_SIZE + part

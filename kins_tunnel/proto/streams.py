@@ -76,8 +76,14 @@ _TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
 }
 del S, In
 
-_ESTABLISHED = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE,
-                          StreamState.CLOSED})
+_ESTABLISHED = frozenset(
+    {
+        StreamState.OPEN,
+        StreamState.HALF_CLOSED_LOCAL,
+        StreamState.HALF_CLOSED_REMOTE,
+        StreamState.CLOSED,
+    }
+)
 _LOCAL_FIN = frozenset({StreamState.HALF_CLOSED_LOCAL, StreamState.CLOSED})
 _REMOTE_FIN = frozenset({StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED})
 
@@ -97,7 +103,9 @@ class Stream:
         """Move to the next state, or raise the protocol error of whoever broke the rules."""
         new = _TRANSITIONS.get((self.state, event))
         if new is None:
-            message = f"stream {self.stream_id}: {event.value} is not allowed when {self.state.value}"
+            message = (
+                f"stream {self.stream_id}: {event.value} is not allowed when {self.state.value}"
+            )
             if event.name.startswith("SEND_"):
                 raise LocalProtocolError(message)
             raise RemoteProtocolError(message)
@@ -154,8 +162,14 @@ class StreamTable:
         self.highest_remote_id = sid
 
     def add_remote(self, sid: int, send_credit: int, target: str) -> Stream:
-        s = self._streams[sid] = Stream(sid, False, ReceiveWindow(0, 0), StreamState.PENDING,
-                                        send_credit=send_credit, target=target)
+        s = self._streams[sid] = Stream(
+            sid,
+            False,
+            ReceiveWindow(0, 0),
+            StreamState.PENDING,
+            send_credit=send_credit,
+            target=target,
+        )
         self.remote_open += 1
         return s
 

@@ -79,8 +79,15 @@ from kins_tunnel.testing.remotecommand import (
 from kins_tunnel.testing.sandbox import Sandbox, run_command
 from kins_tunnel.testing.selfsigned import make_self_signed_server_context
 
-__all__ = ["K3S_VERSION", "StandinStats", "blob_bytes", "blob_chunk", "iter_blob",
-           "make_self_signed_server_context", "serve_k3s_standin"]
+__all__ = [
+    "K3S_VERSION",
+    "StandinStats",
+    "blob_bytes",
+    "blob_chunk",
+    "iter_blob",
+    "make_self_signed_server_context",
+    "serve_k3s_standin",
+]
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +140,9 @@ class _Exchange:
             await self._write(h11.Data(data=chunk))
         await self._write(h11.EndOfMessage())
 
-    async def stream_until(self, ctype: str, source: AsyncGenerator[bytes, None], seconds: float) -> None:
+    async def stream_until(
+        self, ctype: str, source: AsyncGenerator[bytes, None], seconds: float
+    ) -> None:
         """Send a chunked answer from `source` until it ends, `seconds` pass or the client leaves."""
         await self.start(200, ctype)
         gone = False
@@ -200,22 +209,38 @@ class _Handler:
         log.debug("k3s stand-in: %s %s (Accept: %s)", method, req.target.decode(), accept)
         if parts == ["kins-standin", "upload"] and method in ("POST", "PUT"):
             return await self.upload()
-        if (len(parts) == 7 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods"
-                and parts[6] in ("exec", "attach")):
+        if (
+            len(parts) == 7
+            and parts[:3] == ["api", "v1", "namespaces"]
+            and parts[4] == "pods"
+            and parts[6] in ("exec", "attach")
+        ):
             return await self.exec(req, parts[5], parts[6], parse_qs(url.query))
-        if (len(parts) == 7 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods"
-                and parts[6] == "portforward"):
+        if (
+            len(parts) == 7
+            and parts[:3] == ["api", "v1", "namespaces"]
+            and parts[4] == "pods"
+            and parts[6] == "portforward"
+        ):
             return await self.port_forward(req, parts[5])
         if method != "GET":
-            return await self.ex.respond_json(405, _status(405, "MethodNotAllowed",
-                                                           f"method {method} is not allowed"))
+            return await self.ex.respond_json(
+                405, _status(405, "MethodNotAllowed", f"method {method} is not allowed")
+            )
         if parts == ["kins-standin", "blob"]:
             return await self.blob(query)
-        static = {"version": _VERSION, "api": {
-            "kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
-                {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1:6443"}]},
+        static = {
+            "version": _VERSION,
+            "api": {
+                "kind": "APIVersions",
+                "versions": ["v1"],
+                "serverAddressByClientCIDRs": [
+                    {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1:6443"}
+                ],
+            },
             "api/v1": _API_RESOURCES,
-            "apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": []}}
+            "apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": []},
+        }
         if "/".join(parts) in static:
             return await self.ex.respond_json(200, static["/".join(parts)])
         if parts in (["api", "v1", "pods"], ["api", "v1", "configmaps"]):
@@ -223,18 +248,22 @@ class _Handler:
         if len(parts) >= 5 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods":
             return await self.pods(parts[3], parts[5:], query, "as=Table" in accept)
         if parts in (["api", "v1", "namespaces"], ["api", "v1", "nodes"]) or (
-                len(parts) == 5 and parts[:3] == ["api", "v1", "namespaces"]
-                and parts[4] == "configmaps"):
+            len(parts) == 5
+            and parts[:3] == ["api", "v1", "namespaces"]
+            and parts[4] == "configmaps"
+        ):
             return await self.ex.respond_json(200, self.cluster.simple_list(parts[-1]))
-        await self.ex.respond_json(404, _status(404, "NotFound",
-                                                "the server could not find the requested resource"))
+        await self.ex.respond_json(
+            404, _status(404, "NotFound", "the server could not find the requested resource")
+        )
 
     async def pods(self, ns: str, rest: list[str], query: dict[str, str], table: bool) -> None:
         c = self.cluster
         names = [name for name, _, _ in c.pods]
         if rest and rest[0] not in names:
-            return await self.ex.respond_json(404, _status(404, "NotFound",
-                                                           f'pods "{rest[0]}" not found'))
+            return await self.ex.respond_json(
+                404, _status(404, "NotFound", f'pods "{rest[0]}" not found')
+            )
         if len(rest) == 2 and rest[1] == "log":
             return await self.logs(names.index(rest[0]), query)
         if len(rest) > 1:
@@ -246,41 +275,61 @@ class _Handler:
         if query.get("watch") in ("1", "true"):
             seconds = query.get("timeoutSeconds", "")
             if not seconds.isdigit() and seconds:
-                return await self.ex.respond_json(400, _status(
-                    400, "BadRequest", "timeoutSeconds must be a non-negative integer"))
+                return await self.ex.respond_json(
+                    400, _status(400, "BadRequest", "timeoutSeconds must be a non-negative integer")
+                )
             limit = int(seconds) if seconds else float("inf")
             c.stats.watches += 1
             try:
-                return await self.ex.stream_until(JSON, self.watch_events(ns, table, include), limit)
+                return await self.ex.stream_until(
+                    JSON, self.watch_events(ns, table, include), limit
+                )
             finally:
                 c.stats.watches -= 1
         body = c.pod_table(c.pod_list(ns)["items"], include) if table else c.pod_list(ns)
         await self.ex.respond_json(200, body)
 
-    async def exec(self, req: h11.Request, pod: str, verb: str, query: dict[str, list[str]]) -> None:
+    async def exec(
+        self, req: h11.Request, pod: str, verb: str, query: dict[str, list[str]]
+    ) -> None:
         """`kubectl exec` / `attach` (and `cp`, which runs tar through exec)."""
         names = [name for name, _, _ in self.cluster.pods]
         if pod not in names:
-            return await self.ex.respond_json(404, _status(404, "NotFound", f'pods "{pod}" not found'))
+            return await self.ex.respond_json(
+                404, _status(404, "NotFound", f'pods "{pod}" not found')
+            )
         if not is_websocket_upgrade(req.headers):
             spdy = any(k == b"upgrade" and v.lower().startswith(b"spdy/") for k, v in req.headers)
-            message = ("the K3s API stand-in speaks the WebSocket remote-command protocol "
-                       "(v5.channel.k8s.io, v4.channel.k8s.io), not SPDY" if spdy else
-                       "Upgrade request required")
+            message = (
+                "the K3s API stand-in speaks the WebSocket remote-command protocol "
+                "(v5.channel.k8s.io, v4.channel.k8s.io), not SPDY"
+                if spdy
+                else "Upgrade request required"
+            )
             return await self.ex.respond_json(400, _status(400, "BadRequest", message))
         if req.method != b"GET":
-            return await self.ex.respond_json(405, _status(
-                405, "MethodNotAllowed", "a WebSocket upgrade must be a GET"))
+            return await self.ex.respond_json(
+                405, _status(405, "MethodNotAllowed", "a WebSocket upgrade must be a GET")
+            )
         options = ExecOptions.from_query(query)
         if verb == "attach":  # the pod's main process: the interactive line echo
-            options = ExecOptions(("cat",), options.stdin, options.stdout, options.stderr,
-                                  options.tty, options.container)
+            options = ExecOptions(
+                ("cat",),
+                options.stdin,
+                options.stdout,
+                options.stderr,
+                options.tty,
+                options.container,
+            )
         elif not options.command:
-            return await self.ex.respond_json(400, _status(
-                400, "BadRequest", "you must specify at least 1 command"))
+            return await self.ex.respond_json(
+                400, _status(400, "BadRequest", "you must specify at least 1 command")
+            )
         if not (options.stdin or options.stdout or options.stderr):
-            return await self.ex.respond_json(400, _status(
-                400, "BadRequest", "you must specify at least 1 of stdin, stdout, stderr"))
+            return await self.ex.respond_json(
+                400,
+                _status(400, "BadRequest", "you must specify at least 1 of stdin, stdout, stderr"),
+            )
         event = await self.ex.next_event()  # the (empty) end of the GET
         if not isinstance(event, h11.EndOfMessage):
             raise trio.BrokenResourceError("exec request with a body")
@@ -293,8 +342,9 @@ class _Handler:
         try:
             self.upgraded = True
             self.cluster.stats.execs += 1
-            await serve_remote_command(self.ex.stream, req.target, list(req.headers),
-                                       bytes(trailing), options, run)
+            await serve_remote_command(
+                self.ex.stream, req.target, list(req.headers), bytes(trailing), options, run
+            )
         except UpgradeRefused as exc:
             self.upgraded = False
             await self.ex.respond_json(400, _status(400, "BadRequest", str(exc)))
@@ -304,15 +354,21 @@ class _Handler:
     async def port_forward(self, req: h11.Request, pod: str) -> None:
         """`kubectl port-forward`: SPDY/3.1, plain or inside a WebSocket (see `portforward`)."""
         if pod not in [name for name, _, _ in self.cluster.pods]:
-            return await self.ex.respond_json(404, _status(404, "NotFound", f'pods "{pod}" not found'))
+            return await self.ex.respond_json(
+                404, _status(404, "NotFound", f'pods "{pod}" not found')
+            )
         websocket = is_websocket_upgrade(req.headers)
         spdy = any(k == b"upgrade" and v.lower() == b"spdy/3.1" for k, v in req.headers)
         if not (websocket and req.method == b"GET") and not (spdy and req.method == b"POST"):
-            return await self.ex.respond_json(400, _status(400, "BadRequest", "Upgrade request required"))
-        if spdy and not any(k == b"x-stream-protocol-version" and v == b"portforward.k8s.io"
-                            for k, v in req.headers):
-            return await self.ex.respond_json(403, _status(
-                403, "Forbidden", "port-forward speaks only portforward.k8s.io"))
+            return await self.ex.respond_json(
+                400, _status(400, "BadRequest", "Upgrade request required")
+            )
+        if spdy and not any(
+            k == b"x-stream-protocol-version" and v == b"portforward.k8s.io" for k, v in req.headers
+        ):
+            return await self.ex.respond_json(
+                403, _status(403, "Forbidden", "port-forward speaks only portforward.k8s.io")
+            )
         while not isinstance(event := await self.ex.next_event(), h11.EndOfMessage):
             if not isinstance(event, h11.Data):
                 raise trio.BrokenResourceError("port-forward request cut short")
@@ -322,8 +378,13 @@ class _Handler:
         try:
             if websocket:
                 try:
-                    ws, _ = await accept_websocket(self.ex.stream, req.target, list(req.headers),
-                                                   trailing, [PORT_FORWARD_WEBSOCKET])
+                    ws, _ = await accept_websocket(
+                        self.ex.stream,
+                        req.target,
+                        list(req.headers),
+                        trailing,
+                        [PORT_FORWARD_WEBSOCKET],
+                    )
                 except UpgradeRefused as exc:
                     self.upgraded = False
                     return await self.ex.respond_json(400, _status(400, "BadRequest", str(exc)))
@@ -332,7 +393,8 @@ class _Handler:
                 with trio.fail_after(WRITE_TIMEOUT):
                     await self.ex.stream.send_all(
                         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
-                        b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n")
+                        b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n"
+                    )
                 transport = RawTransport(self.ex.stream, trailing)
             await serve_port_forward(transport, pod)
         finally:
@@ -377,8 +439,14 @@ class _Handler:
             if not 0 <= n <= MAX_BLOB:
                 raise ValueError
         except ValueError:
-            return await self.ex.respond_json(400, _status(
-                400, "BadRequest", f"bytes must be an integer from 0 to {MAX_BLOB}, seed an integer"))
+            return await self.ex.respond_json(
+                400,
+                _status(
+                    400,
+                    "BadRequest",
+                    f"bytes must be an integer from 0 to {MAX_BLOB}, seed an integer",
+                ),
+            )
         await self.ex.start(200, "application/octet-stream", n)
         await self.ex.send_chunks(iter_blob(n, seed))
 
@@ -396,10 +464,16 @@ class _Handler:
         await self.ex.respond_json(200, {"bytes": total, "sha256": digest.hexdigest()})
 
 
-
-_CONNECTION_ENDED = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-                     h11.ProtocolError, WebSocketProtocolError, SpdyProtocolError, ssl.SSLError,
-                     OSError)
+_CONNECTION_ENDED = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+    h11.ProtocolError,
+    WebSocketProtocolError,
+    SpdyProtocolError,
+    ssl.SSLError,
+    OSError,
+)
 
 
 async def _serve_connection(cluster: _Cluster, stream: trio.abc.Stream) -> None:
@@ -445,8 +519,9 @@ async def serve_k3s_standin(
         cluster = _Cluster(unit, interval, Sandbox(root), stats or StandinStats())
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
-        ssl_listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True)
-                         for lst in listeners]
+        ssl_listeners = [
+            trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners
+        ]
         handler = functools.partial(_serve_connection, cluster)
         task_status.started(bound)
         await trio.serve_listeners(handler, ssl_listeners)
@@ -459,8 +534,10 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m kins_tunnel.testing.k3s_standin``: run the stand-in on its own (benchmarks)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m kins_tunnel.testing.k3s_standin",
-                                     description="K3s API stand-in (a test double) over HTTPS")
+    parser = argparse.ArgumentParser(
+        prog="python -m kins_tunnel.testing.k3s_standin",
+        description="K3s API stand-in (a test double) over HTTPS",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--dir", required=True, help="where its certificate and key are written")
@@ -471,9 +548,16 @@ def main(argv: list[str] | None = None) -> None:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(functools.partial(
-                serve_k3s_standin, ctx, host=args.host, port=args.port, interval=args.interval,
-                sandbox=Path(args.sandbox) if args.sandbox else None))
+            port = await nursery.start(
+                functools.partial(
+                    serve_k3s_standin,
+                    ctx,
+                    host=args.host,
+                    port=args.port,
+                    interval=args.interval,
+                    sandbox=Path(args.sandbox) if args.sandbox else None,
+                )
+            )
             print(f"k3s stand-in listening on {args.host}:{port}, certificate {cert}", flush=True)
 
     try:

@@ -52,8 +52,15 @@ class _Pacer:
 
 
 class LinkRelay:
-    def __init__(self, upstream: int, *, host: str = "127.0.0.1", delay: float = 0.0,
-                 rate: float | None = None, buffer: int = 4 << 20) -> None:
+    def __init__(
+        self,
+        upstream: int,
+        *,
+        host: str = "127.0.0.1",
+        delay: float = 0.0,
+        rate: float | None = None,
+        buffer: int = 4 << 20,
+    ) -> None:
         self.upstream = upstream
         self.host = host
         self.delay = delay
@@ -84,7 +91,9 @@ class LinkRelay:
         self.up.set()
         self.down.set()
 
-    async def serve(self, *, port: int = 0, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, port: int = 0, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started(self.port)
@@ -120,7 +129,9 @@ class LinkRelay:
                     await trio.sleep_until(due)
                     await self._open_direction(direction)
                     if not data:
-                        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        with contextlib.suppress(
+                            trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                        ):
                             await dst.send_eof()
                         return
                     await pacer.wait(len(data))
@@ -170,12 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--buffer-kib", type=int, default=4096, help="delay-line bound per direction")
     args = ap.parse_args(argv)
     host, _, port = args.upstream.rpartition(":")
-    relay = LinkRelay(int(port), host=host, delay=args.delay_ms / 1000, rate=args.rate_mbit * 1e6 / 8,
-                      buffer=args.buffer_kib * 1024)
+    relay = LinkRelay(
+        int(port),
+        host=host,
+        delay=args.delay_ms / 1000,
+        rate=args.rate_mbit * 1e6 / 8,
+        buffer=args.buffer_kib * 1024,
+    )
 
     async def run() -> None:
         async with trio.open_nursery() as n:
-            bound = await n.start(lambda task_status: relay.serve(port=args.port, task_status=task_status))
+            bound = await n.start(
+                lambda task_status: relay.serve(port=args.port, task_status=task_status)
+            )
             print(f"READY {bound}", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):

@@ -41,7 +41,16 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 log = logging.getLogger(__name__)
 
 SPDY_VERSION = 3
-SYN_STREAM, SYN_REPLY, RST_STREAM, SETTINGS, PING, GOAWAY, HEADERS, WINDOW_UPDATE = 1, 2, 3, 4, 6, 7, 8, 9
+SYN_STREAM, SYN_REPLY, RST_STREAM, SETTINGS, PING, GOAWAY, HEADERS, WINDOW_UPDATE = (
+    1,
+    2,
+    3,
+    4,
+    6,
+    7,
+    8,
+    9,
+)
 FLAG_FIN = 0x01
 RST_PROTOCOL_ERROR, RST_REFUSED_STREAM = 1, 3
 MAX_FRAME = 1 << 20  # largest frame accepted (spdystream sends at most 32 KiB of data)
@@ -62,7 +71,8 @@ _DICTIONARY_WORDS = (
     "if-none-match if-range if-unmodified-since last-modified location max-forwards pragma "
     "proxy-authenticate proxy-authorization range referer retry-after server te trailer "
     "transfer-encoding upgrade user-agent vary via warning www-authenticate method get status "
-    "200\0OK version HTTP/1.1 url public set-cookie keep-alive origin").split()  # \0: a space
+    "200\0OK version HTTP/1.1 url public set-cookie keep-alive origin"
+).split()  # \0: a space
 _DICTIONARY_TAIL = (
     "100101201202205206300302303304305306307402405406407408409410411412413414415416417502504505"
     "203 Non-Authoritative Information204 No Content301 Moved Permanently400 Bad Request"
@@ -70,9 +80,12 @@ _DICTIONARY_TAIL = (
     "503 Service UnavailableJan Feb Mar Apr May Jun Jul Aug Sept Oct Nov Dec 00:00:00 Mon, Tue, "
     "Wed, Thu, Fri, Sat, Sun, GMTchunked,text/html,image/png,image/jpg,image/gif,application/xml,"
     "application/xhtml+xml,text/plain,text/javascript,publicprivatemax-age=gzip,deflate,sdch"
-    "charset=utf-8charset=iso-8859-1,utf-,*,enq=0.")
-SPDY_DICTIONARY = b"".join(struct.pack("!I", len(w)) + w.replace("\0", " ").encode()
-                           for w in _DICTIONARY_WORDS) + _DICTIONARY_TAIL.encode()
+    "charset=utf-8charset=iso-8859-1,utf-,*,enq=0."
+)
+SPDY_DICTIONARY = (
+    b"".join(struct.pack("!I", len(w)) + w.replace("\0", " ").encode() for w in _DICTIONARY_WORDS)
+    + _DICTIONARY_TAIL.encode()
+)
 SPDY_DICTIONARY_ID = 0xE3C6A7C2  # its Adler-32, as every SPDY/3 peer announces it in zlib headers
 
 
@@ -131,8 +144,8 @@ class SpdyFramer:
                 raise SpdyProtocolError(f"frame of {length} bytes")
             if len(self._buf) < 8 + length:
                 break
-            body = bytes(self._buf[8:8 + length])
-            del self._buf[:8 + length]
+            body = bytes(self._buf[8 : 8 + length])
+            del self._buf[: 8 + length]
             if not first & 0x80000000:
                 events.append(Data(first & 0x7FFFFFFF, body, bool(flags & FLAG_FIN)))
                 continue
@@ -182,10 +195,10 @@ class SpdyFramer:
             pos, headers = 4, {}
             for _ in range(count):
                 size = struct.unpack_from("!I", raw, pos)[0]
-                name = raw[pos + 4:pos + 4 + size].decode("latin-1")
+                name = raw[pos + 4 : pos + 4 + size].decode("latin-1")
                 pos += 4 + size
                 size = struct.unpack_from("!I", raw, pos)[0]
-                value = raw[pos + 4:pos + 4 + size].decode("latin-1")
+                value = raw[pos + 4 : pos + 4 + size].decode("latin-1")
                 pos += 4 + size
                 if pos > len(raw):
                     raise struct.error("header block cut short")
@@ -198,12 +211,15 @@ class SpdyFramer:
         pairs = list((headers or {}).items())
         block = struct.pack("!I", len(pairs)) + b"".join(
             struct.pack("!I", len(k)) + k.encode() + struct.pack("!I", len(v)) + v.encode()
-            for k, v in pairs)
+            for k, v in pairs
+        )
         compressed = self._deflate.compress(block) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
         return self._control_frame(SYN_REPLY, 0, struct.pack("!I", stream_id) + compressed)
 
     def data(self, stream_id: int, payload: bytes, fin: bool = False) -> bytes:
-        return struct.pack("!II", stream_id, (FLAG_FIN if fin else 0) << 24 | len(payload)) + payload
+        return (
+            struct.pack("!II", stream_id, (FLAG_FIN if fin else 0) << 24 | len(payload)) + payload
+        )
 
     def rst_stream(self, stream_id: int, status: int) -> bytes:
         return self._control_frame(RST_STREAM, 0, struct.pack("!II", stream_id, status))
@@ -316,7 +332,8 @@ class _Pair:
     error_id: int | None = None
     data_id: int | None = None
     inbound: tuple[trio.MemorySendChannel[bytes], trio.MemoryReceiveChannel[bytes]] = field(
-        default_factory=lambda: trio.open_memory_channel[bytes](16))
+        default_factory=lambda: trio.open_memory_channel[bytes](16)
+    )
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
@@ -384,8 +401,11 @@ class _Session:
         kind, port = event.headers.get("streamtype", ""), event.headers.get("port", "")
         request_id = event.headers.get("requestid", port)
         pair = self.pairs.get(request_id)
-        if kind not in ("error", "data") or len(self.by_stream) >= 2 * MAX_STREAMS or (
-                pair is not None and (getattr(pair, f"{kind}_id") is not None or pair.port != port)):
+        if (
+            kind not in ("error", "data")
+            or len(self.by_stream) >= 2 * MAX_STREAMS
+            or (pair is not None and (getattr(pair, f"{kind}_id") is not None or pair.port != port))
+        ):
             await self.send(self.framer.rst_stream(sid, RST_REFUSED_STREAM))
             return
         await self.send(self.framer.syn_reply(sid))
@@ -409,16 +429,18 @@ class _Session:
 
         async def write(data: bytes) -> None:
             for i in range(0, len(data), CHUNK):
-                await self.send(self.framer.data(data_id, data[i:i + CHUNK]))
+                await self.send(self.framer.data(data_id, data[i : i + CHUNK]))
 
         message = b""
         service = SERVICES.get(int(pair.port)) if pair.port.isdigit() else None
         try:
             with pair.scope:
                 if service is None:
-                    message = (f"error forwarding port {pair.port} to pod {self.pod}: the K3s API "
-                               f"stand-in's pods serve only ports "
-                               f"{', '.join(map(str, sorted(SERVICES)))}").encode()
+                    message = (
+                        f"error forwarding port {pair.port} to pod {self.pod}: the K3s API "
+                        f"stand-in's pods serve only ports "
+                        f"{', '.join(map(str, sorted(SERVICES)))}"
+                    ).encode()
                 else:
                     await service(read, write)
             if not pair.scope.cancelled_caught:

@@ -76,23 +76,34 @@ class ExecOptions:
             return (query.get(name) or ["false"])[-1].lower() in ("1", "true")
 
         tty = flag("tty")
-        return cls(command=tuple(query.get("command", [])), stdin=flag("stdin"),
-                   stdout=flag("stdout"), stderr=flag("stderr") and not tty, tty=tty,
-                   container=(query.get("container") or [""])[-1])
+        return cls(
+            command=tuple(query.get("command", [])),
+            stdin=flag("stdin"),
+            stdout=flag("stdout"),
+            stderr=flag("stderr") and not tty,
+            tty=tty,
+            container=(query.get("container") or [""])[-1],
+        )
 
 
 def status_for_exit(code: int) -> dict[str, Any]:
     """The metav1.Status kubectl expects on channel 3 for exit code `code`."""
     if code == 0:
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": f"command terminated with non-zero exit code: exit status {code}",
-            "reason": "NonZeroExitCode",
-            "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]}}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": f"command terminated with non-zero exit code: exit status {code}",
+        "reason": "NonZeroExitCode",
+        "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]},
+    }
 
 
-def select_protocol(headers: Sequence[tuple[bytes, bytes]],
-                    spoken: Sequence[str] = PROTOCOLS) -> str | None:
+def select_protocol(
+    headers: Sequence[tuple[bytes, bytes]], spoken: Sequence[str] = PROTOCOLS
+) -> str | None:
     """The subprotocol to answer with (the first of `spoken` offered), or None."""
     offered: list[str] = []
     for name, value in headers:
@@ -105,8 +116,9 @@ def select_protocol(headers: Sequence[tuple[bytes, bytes]],
 
 
 def is_websocket_upgrade(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    return any(name.lower() == b"upgrade" and b"websocket" in value.lower()
-               for name, value in headers)
+    return any(
+        name.lower() == b"upgrade" and b"websocket" in value.lower() for name, value in headers
+    )
 
 
 class _Tty:
@@ -144,8 +156,9 @@ class _Tty:
 class _Session(CommandIO):
     """One upgraded exec: wsproto over `stream`, the channels, and the command's streams."""
 
-    def __init__(self, stream: trio.abc.Stream, ws: Connection, protocol: str,
-                 options: ExecOptions) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, ws: Connection, protocol: str, options: ExecOptions
+    ) -> None:
         self.stream = stream
         self.ws = ws
         self.v5 = protocol == PROTOCOLS[0]
@@ -181,7 +194,7 @@ class _Session(CommandIO):
         if self.tty is not None and channel == STDOUT:
             data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         for i in range(0, len(data), OUT_CHUNK):
-            await self.send(BytesMessage(data=bytes([channel]) + data[i:i + OUT_CHUNK]))
+            await self.send(BytesMessage(data=bytes([channel]) + data[i : i + OUT_CHUNK]))
 
     async def send(self, event: Event) -> None:
         async with self.send_lock:
@@ -271,9 +284,13 @@ class UpgradeRefused(Exception):
     """The request cannot be upgraded; nothing was written yet."""
 
 
-async def accept_websocket(stream: trio.abc.Stream, target: bytes,
-                           headers: Sequence[tuple[bytes, bytes]], trailing: bytes,
-                           spoken: Sequence[str]) -> tuple[Connection, str]:
+async def accept_websocket(
+    stream: trio.abc.Stream,
+    target: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    trailing: bytes,
+    spoken: Sequence[str],
+) -> tuple[Connection, str]:
     """Answer a WebSocket upgrade (already parsed by h11) with 101 and the first subprotocol of
     `spoken` the client offers; returns the wsproto connection and that subprotocol.
 
@@ -281,8 +298,9 @@ async def accept_websocket(stream: trio.abc.Stream, target: bytes,
     """
     protocol = select_protocol(headers, spoken)
     if protocol is None:
-        raise UpgradeRefused(f"none of the offered subprotocols is spoken here (use one of: "
-                             f"{', '.join(spoken)})")
+        raise UpgradeRefused(
+            f"none of the offered subprotocols is spoken here (use one of: {', '.join(spoken)})"
+        )
     handshake = H11Handshake(ConnectionType.SERVER)
     try:
         handshake.initiate_upgrade_connection(list(headers), target)
@@ -303,9 +321,14 @@ async def accept_websocket(stream: trio.abc.Stream, target: bytes,
 Runner = Callable[[list[str], CommandIO], Awaitable[int]]
 
 
-async def serve_remote_command(stream: trio.abc.Stream, target: bytes,
-                               headers: Sequence[tuple[bytes, bytes]], trailing: bytes,
-                               options: ExecOptions, run: Runner) -> None:
+async def serve_remote_command(
+    stream: trio.abc.Stream,
+    target: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    trailing: bytes,
+    options: ExecOptions,
+    run: Runner,
+) -> None:
     """Answer a WebSocket exec upgrade on `stream` (after h11 parsed the request) and run the
     command with `run(argv, io)`. Returns when the exec is over; the caller closes `stream`.
 
@@ -324,7 +347,9 @@ async def serve_remote_command(stream: trio.abc.Stream, target: bytes,
             code = INTERRUPTED
         if session.client_closed.is_set():
             return  # nobody left to tell
-        await session.send(BytesMessage(data=bytes([ERROR]) + json.dumps(status_for_exit(code)).encode()))
+        await session.send(
+            BytesMessage(data=bytes([ERROR]) + json.dumps(status_for_exit(code)).encode())
+        )
         await session.send(CloseConnection(code=1000))
         with trio.move_on_after(CLOSE_TIMEOUT):
             await session.client_closed.wait()

@@ -104,8 +104,10 @@ async def run_command(sandbox: Sandbox, pod: str, argv: list[str], cio: CommandI
     command = COMMANDS.get(argv[0])
     if command is None:
         names = ", ".join(sorted(COMMANDS))
-        await cio.write_err(f"stand-in: {argv[0]}: not available in the K3s API stand-in "
-                            f"(it runs only: {names})\n".encode())
+        await cio.write_err(
+            f"stand-in: {argv[0]}: not available in the K3s API stand-in "
+            f"(it runs only: {names})\n".encode()
+        )
         return NOT_FOUND
     try:
         return await command(sandbox, pod, argv[1:], cio)
@@ -122,9 +124,15 @@ async def _echo(sandbox: Sandbox, pod: str, args: list[str], cio: CommandIO) -> 
     return 0
 
 
-async def _inputs(sandbox: Sandbox, pod: str, names: list[str], cio: CommandIO, tool: str,
-                  each: Callable[[str, bytes], Awaitable[None]],
-                  done: Callable[[str], Awaitable[None]]) -> int:
+async def _inputs(
+    sandbox: Sandbox,
+    pod: str,
+    names: list[str],
+    cio: CommandIO,
+    tool: str,
+    each: Callable[[str, bytes], Awaitable[None]],
+    done: Callable[[str], Awaitable[None]],
+) -> int:
     """Feed stdin ("-" or no names) or each named file to `each`, calling `done` after each input."""
     code = 0
     for name in names or ["-"]:
@@ -240,7 +248,9 @@ def _parse_tar(args: list[str]) -> tuple[str, str | None, list[str]]:
             continue
         if want_file:
             if arg != "-":
-                raise SandboxError("the stand-in reads and writes tar archives on stdin/stdout only (f -)")
+                raise SandboxError(
+                    "the stand-in reads and writes tar archives on stdin/stdout only (f -)"
+                )
             want_file = False
             continue
         if not mode and (set(arg.lstrip("-")) <= set("xcmfv")) and arg.lstrip("-"):
@@ -272,8 +282,10 @@ def _extract(sandbox: Sandbox, pod: str, directory: str, cio: CommandIO) -> list
     target = sandbox.path(pod, directory)
     if not target.is_dir():
         raise SandboxError(f"{directory}: Cannot open: No such file or directory")
-    with io.BufferedReader(_StdinReader(cio), CHUNK) as raw, \
-            tarfile.open(fileobj=raw, mode="r|", bufsize=CHUNK) as archive:
+    with (
+        io.BufferedReader(_StdinReader(cio), CHUNK) as raw,
+        tarfile.open(fileobj=raw, mode="r|", bufsize=CHUNK) as archive,
+    ):
         for member in archive:
             name = _member_name(member.name)
             dest = sandbox.path(pod, name, cwd=str(target.relative_to(sandbox.pod_root(pod))))
@@ -288,8 +300,10 @@ def _extract(sandbox: Sandbox, pod: str, directory: str, cio: CommandIO) -> list
                     while data := source.read(CHUNK):
                         out.write(data)
             else:
-                warnings.append(f"tar: {member.name}: only regular files and directories may "
-                                "enter the stand-in's sandbox; skipped")
+                warnings.append(
+                    f"tar: {member.name}: only regular files and directories may "
+                    "enter the stand-in's sandbox; skipped"
+                )
         # read to the end of the stream, as GNU tar does, so the client's last writes are taken
         while raw.read(CHUNK):
             pass
@@ -300,8 +314,10 @@ def _create(sandbox: Sandbox, pod: str, paths: list[str], cio: CommandIO) -> lis
     """Write a tar stream of `paths` to stdout (a worker thread); returns warnings."""
     warnings = []
     top = sandbox.pod_root(pod)
-    with _StdoutWriter(cio) as raw, tarfile.open(fileobj=raw, mode="w|", bufsize=CHUNK,
-                                                 format=tarfile.GNU_FORMAT) as archive:
+    with (
+        _StdoutWriter(cio) as raw,
+        tarfile.open(fileobj=raw, mode="w|", bufsize=CHUNK, format=tarfile.GNU_FORMAT) as archive,
+    ):
         for path in paths:
             real = sandbox.path(pod, path)
             if not real.exists():
@@ -310,10 +326,15 @@ def _create(sandbox: Sandbox, pod: str, paths: list[str], cio: CommandIO) -> lis
             todo = [real]
             while todo:
                 item = todo.pop(0)
-                arcname = _member_name(posixpath.normpath(path) if item == real else
-                                       posixpath.join(path, item.relative_to(real).as_posix()))
+                arcname = _member_name(
+                    posixpath.normpath(path)
+                    if item == real
+                    else posixpath.join(path, item.relative_to(real).as_posix())
+                )
                 if item.is_symlink() or not item.resolve().is_relative_to(top):
-                    warnings.append(f"tar: {arcname}: a link; skipped")  # never made by the stand-in
+                    warnings.append(
+                        f"tar: {arcname}: a link; skipped"
+                    )  # never made by the stand-in
                     continue
                 info = archive.gettarinfo(str(item), arcname)
                 info.uid = info.gid = 0
@@ -354,5 +375,3 @@ COMMANDS: dict[str, Command] = {
     "test": _test,
     "tar": _tar,
 }
-
-

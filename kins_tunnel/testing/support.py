@@ -70,13 +70,16 @@ async def read_all(stream: trio.abc.ReceiveStream, limit: int = 1 << 31) -> byte
     return bytes(out)
 
 
-async def http_get(port: int, path: str, host: str = "127.0.0.1",
-                   timeout: float = DEFAULT_TIMEOUT) -> tuple[int, bytes]:
+async def http_get(
+    port: int, path: str, host: str = "127.0.0.1", timeout: float = DEFAULT_TIMEOUT
+) -> tuple[int, bytes]:
     """GET host:port/path; (status, body). OSError if nothing listens, TooSlowError past `timeout`."""
     with trio.fail_after(timeout):
         stream = await trio.open_tcp_stream(host, port)
         async with stream:
-            await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            await stream.send_all(
+                f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+            )
             raw = await read_all(stream)
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body
@@ -94,8 +97,12 @@ async def echo_roundtrip(stream: trio.abc.Stream, data: bytes, timeout: float = 
     assert got == data
 
 
-async def wait_until(pred: Callable[[], bool | Awaitable[bool]], timeout: float = 10, what: str = "",
-                     interval: float = 0.02) -> float:
+async def wait_until(
+    pred: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 10,
+    what: str = "",
+    interval: float = 0.02,
+) -> float:
     """Poll `pred` (sync or async) until true; returns the seconds it took (trio's clock).
     AssertionError naming `what` after `timeout`."""
     t0 = trio.current_time()
@@ -110,4 +117,12 @@ async def wait_until(pred: Callable[[], bool | Awaitable[bool]], timeout: float 
         await trio.sleep(interval)
 
 
-__all__ = ["echo_roundtrip", "free_port", "http_get", "read_all", "rss_kib", "self_rss", "wait_until"]
+__all__ = [
+    "echo_roundtrip",
+    "free_port",
+    "http_get",
+    "read_all",
+    "rss_kib",
+    "self_rss",
+    "wait_until",
+]

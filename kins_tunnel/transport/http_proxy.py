@@ -76,8 +76,9 @@ def authority(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def parse_proxy_url(text: str, *, schemes: tuple[str, ...] = ("http", "https"),
-                    userinfo: bool = True) -> ProxyURL:
+def parse_proxy_url(
+    text: str, *, schemes: tuple[str, ...] = ("http", "https"), userinfo: bool = True
+) -> ProxyURL:
     """Parse ``scheme://[user[:password]@]host:port[/]``; `ValueError` says what is wrong."""
     if not isinstance(text, str) or not text.isascii() or any(c.isspace() for c in text):
         raise ValueError(f"{text!r}: not a URL like http://proxy:3128")
@@ -102,7 +103,9 @@ def parse_proxy_url(text: str, *, schemes: tuple[str, ...] = ("http", "https"),
     if "[" not in parts.netloc and any(c in "[]/\\%" for c in host):  # urlsplit checks [v6] itself
         raise ValueError(f"{text!r}: bad host {host!r}")
     if (parts.username is not None or "@" in parts.netloc) and not userinfo:
-        raise ValueError(f"{text!r}: no credentials in the URL here (put them in proxy.credentials_file)")
+        raise ValueError(
+            f"{text!r}: no credentials in the URL here (put them in proxy.credentials_file)"
+        )
     user = None if parts.username is None else urllib.parse.unquote(parts.username)
     password = None if parts.password is None else urllib.parse.unquote(parts.password)
     return ProxyURL(parts.scheme, host, port, user, password)
@@ -131,7 +134,9 @@ def read_credentials_file(path: Path) -> tuple[bytes, bytes]:
     if not sep or not user:
         raise ValueError("expected one line user:password")
     if any(b in b"\r\n" for b in data) or any(b < 0x20 or b == 0x7F for b in user):
-        raise ValueError("expected one line user:password (found another line or a control character)")
+        raise ValueError(
+            "expected one line user:password (found another line or a control character)"
+        )
     return user, password
 
 
@@ -161,8 +166,9 @@ def _first_line(body: bytes | bytearray) -> str:
     return ""
 
 
-async def http_connect(stream: trio.abc.Stream, target: str, *, proxy: str,
-                       authorization: bytes | None = None) -> bytes:
+async def http_connect(
+    stream: trio.abc.Stream, target: str, *, proxy: str, authorization: bytes | None = None
+) -> bytes:
     """Ask the proxy on `stream` for a tunnel to `target` (``host:port``); return trailing bytes.
 
     `proxy` names the proxy in messages. The caller sets the deadline and closes `stream` on error.
@@ -170,7 +176,10 @@ async def http_connect(stream: trio.abc.Stream, target: str, *, proxy: str,
     if not target.isascii():
         raise ProxyError(f"CONNECT target {target!r} is not ASCII")
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-    headers = [(b"Host", target.encode("ascii")), (b"User-Agent", f"kins-tunnel/{__version__}".encode())]
+    headers = [
+        (b"Host", target.encode("ascii")),
+        (b"User-Agent", f"kins-tunnel/{__version__}".encode()),
+    ]
     if authorization is not None:
         headers.append((b"Proxy-Authorization", authorization))
     data = conn.send(h11.Request(method="CONNECT", target=target, headers=headers))
@@ -196,10 +205,13 @@ async def http_connect(stream: trio.abc.Stream, target: str, *, proxy: str,
         line = _first_line(body[:MAX_BODY]) if ctype.lower().startswith(b"text/plain") else ""
         raise ProxyRefused(proxy, response.status_code, _printable(response.reason), line)
     except h11.ProtocolError as exc:
-        raise ProxyProtocolError(f"proxy {proxy} answered with invalid HTTP: {_printable(str(exc).encode())}") \
-            from exc
+        raise ProxyProtocolError(
+            f"proxy {proxy} answered with invalid HTTP: {_printable(str(exc).encode())}"
+        ) from exc
     except (trio.BrokenResourceError, OSError) as exc:
-        raise ProxyProtocolError(f"proxy {proxy} broke the connection: {exc.__cause__ or exc}") from exc
+        raise ProxyProtocolError(
+            f"proxy {proxy} broke the connection: {exc.__cause__ or exc}"
+        ) from exc
 
 
 class _Answer:
@@ -219,9 +231,13 @@ class _Answer:
                 self.first += data[: _SHOWN - len(self.first)]
             if not data and self.conn.their_state is h11.SEND_RESPONSE:  # no complete answer head
                 if not self.first:
-                    raise ProxyProtocolError(f"proxy {self.proxy} closed the connection without answering")
-                raise ProxyProtocolError(f"proxy {self.proxy} answered with invalid HTTP "
-                                         f"(it sent: {_first_line(self.first)})")
+                    raise ProxyProtocolError(
+                        f"proxy {self.proxy} closed the connection without answering"
+                    )
+                raise ProxyProtocolError(
+                    f"proxy {self.proxy} answered with invalid HTTP "
+                    f"(it sent: {_first_line(self.first)})"
+                )
             self.conn.receive_data(bytes(data))  # b"": EOF, h11 reports or raises
 
     async def response(self) -> h11.Response:
@@ -230,7 +246,9 @@ class _Answer:
             if isinstance(event, h11.Response):
                 return event
             if not isinstance(event, h11.InformationalResponse):  # 1xx: skip
-                raise ProxyProtocolError(f"proxy {self.proxy} closed the connection without answering")
+                raise ProxyProtocolError(
+                    f"proxy {self.proxy} closed the connection without answering"
+                )
 
 
 class ProxyDialer:
@@ -247,8 +265,10 @@ class ProxyDialer:
             try:
                 read_credentials_file(credentials_file)
             except (OSError, ValueError) as exc:
-                raise UserError(f"proxy.credentials_file: {credentials_file}: "
-                                f"{getattr(exc, 'strerror', None) or exc}") from None
+                raise UserError(
+                    f"proxy.credentials_file: {credentials_file}: "
+                    f"{getattr(exc, 'strerror', None) or exc}"
+                ) from None
 
     def _authorization(self) -> bytes | None:
         if self.credentials_file is None:
@@ -256,8 +276,10 @@ class ProxyDialer:
         try:
             return basic_authorization(*read_credentials_file(self.credentials_file))
         except (OSError, ValueError) as exc:
-            raise ProxyError(f"proxy.credentials_file: {self.credentials_file}: "
-                             f"{getattr(exc, 'strerror', None) or exc}") from None
+            raise ProxyError(
+                f"proxy.credentials_file: {self.credentials_file}: "
+                f"{getattr(exc, 'strerror', None) or exc}"
+            ) from None
 
     async def open(self, host: str, port: int) -> trio.SocketStream:
         """A TCP stream to `host:port` through the proxy; the caller sets the deadline."""
@@ -266,12 +288,17 @@ class ProxyDialer:
         try:
             stream = await trio.open_tcp_stream(self.url.host, self.url.port)
         except OSError as exc:
-            raise TransportError(f"cannot connect to proxy {proxy}: {connect_error_text(exc)}") from exc
+            raise TransportError(
+                f"cannot connect to proxy {proxy}: {connect_error_text(exc)}"
+            ) from exc
         try:
-            trailing = await http_connect(stream, authority(host, port), proxy=proxy,
-                                          authorization=authorization)
+            trailing = await http_connect(
+                stream, authority(host, port), proxy=proxy, authorization=authorization
+            )
             if trailing:  # the cloud never speaks first: these bytes are not from it
-                raise ProxyProtocolError(f"proxy {proxy} sent {len(trailing)} bytes before the TLS handshake")
+                raise ProxyProtocolError(
+                    f"proxy {proxy} sent {len(trailing)} bytes before the TLS handshake"
+                )
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise

@@ -37,8 +37,12 @@ def open_listener_socket(host: str, port: int, what: str) -> trio.socket.SocketT
     return trio.socket.from_stdlib_socket(sock)
 
 
-async def _isolated(handler: Callable[[trio.SocketStream], Awaitable[object]], where: str,
-                    report: ErrorReporter, stream: trio.SocketStream) -> None:
+async def _isolated(
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    where: str,
+    report: ErrorReporter,
+    stream: trio.SocketStream,
+) -> None:
     try:
         await handler(stream)
     except Exception as exc:  # a bug in the handler: this connection ends, nothing else does
@@ -47,9 +51,18 @@ async def _isolated(handler: Callable[[trio.SocketStream], Awaitable[object]], w
         await trio.aclose_forcefully(stream)
 
 
-async def serve_listener(listener: trio.SocketListener, handler: Callable[[trio.SocketStream], Awaitable[object]],
-                         *, where: str, report: ErrorReporter, handler_nursery: trio.Nursery | None = None) -> None:
+async def serve_listener(
+    listener: trio.SocketListener,
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    *,
+    where: str,
+    report: ErrorReporter,
+    handler_nursery: trio.Nursery | None = None,
+) -> None:
     """Run `handler(stream)` for every connection until cancelled, each behind an isolation
     boundary named `where` (a fixed label: "proxy", "tunnel", "admin")."""
-    await trio.serve_listeners(functools.partial(_isolated, handler, where, report), [listener],
-                               handler_nursery=handler_nursery)
+    await trio.serve_listeners(
+        functools.partial(_isolated, handler, where, report),
+        [listener],
+        handler_nursery=handler_nursery,
+    )

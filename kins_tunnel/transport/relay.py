@@ -42,8 +42,9 @@ class RelayResult:
     error: str | None = None
 
 
-async def _pump_socket_to_tunnel(src: trio.SocketStream, dst: TunnelStream,
-                                 result: RelayResult, forward: bool) -> None:
+async def _pump_socket_to_tunnel(
+    src: trio.SocketStream, dst: TunnelStream, result: RelayResult, forward: bool
+) -> None:
     """The hot direction of a relay, without trio's per-call checkpoints: read the socket until it
     would block, then wait for readiness. One scheduler pass per wake-up instead of three."""
     fd = src.socket.fileno()
@@ -78,8 +79,12 @@ async def _pump_socket_to_tunnel(src: trio.SocketStream, dst: TunnelStream,
     await dst.send_eof()
 
 
-async def _pump(src: trio.abc.Stream, dst: trio.abc.HalfCloseableStream | trio.abc.Stream,
-                result: RelayResult, forward: bool) -> None:
+async def _pump(
+    src: trio.abc.Stream,
+    dst: trio.abc.HalfCloseableStream | trio.abc.Stream,
+    result: RelayResult,
+    forward: bool,
+) -> None:
     total = 0
     direct: TunnelStream | None = None
     if isinstance(src, TunnelStream) and isinstance(dst, trio.SocketStream):
@@ -110,8 +115,12 @@ async def relay(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream
     """Copy a→b and b→a with half-close; close both at the end. Never raises for I/O errors."""
     result = RelayResult()
 
-    async def run(src: trio.abc.Stream, dst: trio.abc.HalfCloseableStream, forward: bool,
-                  cancel: trio.CancelScope) -> None:
+    async def run(
+        src: trio.abc.Stream,
+        dst: trio.abc.HalfCloseableStream,
+        forward: bool,
+        cancel: trio.CancelScope,
+    ) -> None:
         try:
             if isinstance(src, trio.SocketStream) and isinstance(dst, TunnelStream):
                 await _pump_socket_to_tunnel(src, dst, result, forward)

@@ -54,8 +54,14 @@ ErrorReporter = Callable[[str, BaseException], None]
 
 
 def log_internal_error(where: str, exc: BaseException) -> None:
-    log.error("internal error in %s: %s: %s", where, type(exc).__name__, exc, exc_info=exc,
-              extra={"where": where})
+    log.error(
+        "internal error in %s: %s: %s",
+        where,
+        type(exc).__name__,
+        exc,
+        exc_info=exc,
+        extra={"where": where},
+    )
 
 
 def _shared_read_buffer() -> memoryview:
@@ -106,7 +112,9 @@ class Session:
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._streams: dict[int, TunnelStream] = {}
-        self._opening: dict[int, trio.MemorySendChannel[tuple[ev.OpenResult, TunnelStream | None]]] = {}
+        self._opening: dict[
+            int, trio.MemorySendChannel[tuple[ev.OpenResult, TunnelStream | None]]
+        ] = {}
         self._writer_wakeup = trio.Event()
         self._writable_lot = trio.lowlevel.ParkingLot()
         self._last_rx = trio.current_time()
@@ -136,8 +144,12 @@ class Session:
         }
 
     # ------------------------------------------------------------------ lifecycle
-    async def serve(self, *, handshake_timeout: float = 10.0,
-                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        *,
+        handshake_timeout: float = 10.0,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Exchange HELLOs (within `handshake_timeout`), then run until the tunnel ends.
 
         `task_status.started()` is called once the handshake is complete. Raises TransportError or
@@ -159,7 +171,9 @@ class Session:
                     await self.closed.wait()
                 else:
                     if self.handshake_failure is None:
-                        self.handshake_failure = "timeout" if not self.closed.is_set() else "protocol"
+                        self.handshake_failure = (
+                            "timeout" if not self.closed.is_set() else "protocol"
+                        )
                     self._shutdown(self.close_reason or "tunnel handshake timed out")
                 nursery.cancel_scope.cancel()
         finally:
@@ -198,8 +212,12 @@ class Session:
     def statistics(self) -> SessionStatistics:
         st = self.conn.statistics()
         return SessionStatistics(
-            streams=len(self._streams), bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
-            rtt=self.rtt, buffered=st.buffered, output_queued=self.conn.pending_output() + self.tls.pending,
+            streams=len(self._streams),
+            bytes_sent=st.bytes_sent,
+            bytes_received=st.bytes_received,
+            rtt=self.rtt,
+            buffered=st.buffered,
+            output_queued=self.conn.pending_output() + self.tls.pending,
             stalls=self.stalls,
         )
 
@@ -212,7 +230,9 @@ class Session:
     def usable(self) -> bool:
         """Can carry new streams: handshake done, not closed, neither side draining."""
         return (
-            self.handshake_done.is_set() and not self.closed.is_set() and not self.draining
+            self.handshake_done.is_set()
+            and not self.closed.is_set()
+            and not self.draining
             and not self.conn.going_away
         )
 
@@ -235,12 +255,16 @@ class Session:
                 try:
                     result, stream = await recv.receive()
                 except trio.EndOfChannel:
-                    raise OpenFailed(ErrorCode.CONNECT_ERROR, f"tunnel closed: {self.close_reason}") from None
+                    raise OpenFailed(
+                        ErrorCode.CONNECT_ERROR, f"tunnel closed: {self.close_reason}"
+                    ) from None
                 if not result.ok or stream is None:
                     raise OpenFailed(result.code, result.message or code_text(result.code))
                 returned = True
                 return stream
-            raise OpenFailed(ErrorCode.TIMEOUT, f"the peer did not answer the open within {timeout:g}s")
+            raise OpenFailed(
+                ErrorCode.TIMEOUT, f"the peer did not answer the open within {timeout:g}s"
+            )
         finally:
             pending = self._opening.pop(sid, None) is not None
             if stream is not None and not returned:
@@ -266,7 +290,9 @@ class Session:
             return  # reset or gone meanwhile
         self._kick()
 
-    def start_stream_task(self, stream_id: int, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+    def start_stream_task(
+        self, stream_id: int, fn: Callable[..., Awaitable[object]], *args: object
+    ) -> None:
         """Run a task for one stream, tied to this session's lifetime (e.g. an edge dial).
 
         A failure-isolation boundary: if the task raises, that is a bug; it is reported, the
@@ -275,8 +301,9 @@ class Session:
         assert self._nursery is not None
         self._nursery.start_soon(self._stream_task, stream_id, fn, args)
 
-    async def _stream_task(self, stream_id: int, fn: Callable[..., Awaitable[object]],
-                           args: tuple[object, ...]) -> None:
+    async def _stream_task(
+        self, stream_id: int, fn: Callable[..., Awaitable[object]], args: tuple[object, ...]
+    ) -> None:
         try:
             await fn(*args)
         except Exception as exc:
@@ -350,7 +377,9 @@ class Session:
                     events = self.conn.receive_data(view[:n] if n else b"")
                 except RemoteProtocolError as exc:
                     if not self.handshake_done.is_set():
-                        self.handshake_failure = "version" if exc.code == ErrorCode.VERSION_MISMATCH else "protocol"
+                        self.handshake_failure = (
+                            "version" if exc.code == ErrorCode.VERSION_MISMATCH else "protocol"
+                        )
                     self._kick()
                     self._shutdown(f"protocol error from peer: {exc}")
                     return
@@ -402,7 +431,9 @@ class Session:
 
     def _on_stream_opened(self, e: ev.StreamOpened) -> None:
         if self._on_open is None:
-            self.conn.reject_stream(e.stream_id, ErrorCode.NOT_ALLOWED, "this side accepts no streams")
+            self.conn.reject_stream(
+                e.stream_id, ErrorCode.NOT_ALLOWED, "this side accepts no streams"
+            )
         else:
             self._on_open(self, e.stream_id, e.target)
 
@@ -509,7 +540,9 @@ class Session:
             now = trio.current_time()
             idle = now - self._last_rx
             if idle >= self._ping_timeout:
-                self.close(f"no traffic from peer for {idle:.1f}s (ping timeout)", ErrorCode.NO_ERROR)
+                self.close(
+                    f"no traffic from peer for {idle:.1f}s (ping timeout)", ErrorCode.NO_ERROR
+                )
                 return
             if now >= next_ping:
                 next_ping = now + interval

@@ -160,7 +160,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             data = self._recv.popleft()
             if self._sink is not None:
-                self._sink_busy = True  # the relay holds bytes now: no direct writes until sink_idle()
+                self._sink_busy = (
+                    True  # the relay holds bytes now: no direct writes until sink_idle()
+                )
             if max_bytes is not None and len(data) > max_bytes:
                 self._recv.appendleft(data[max_bytes:])
                 data = data[:max_bytes]
@@ -205,7 +207,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(self._error or str(exc)) from None
             if pos < len(view):
                 if not waited:
-                    view, pos = memoryview(bytes(view[pos:])), 0  # the caller's buffer is free again
+                    view, pos = (
+                        memoryview(bytes(view[pos:])),
+                        0,
+                    )  # the caller's buffer is free again
                 waited = True
                 await self._send_lot.park()  # credit, a reset or the tunnel's end wakes us
                 if self._closed:
@@ -220,7 +225,11 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.checkpoint()
                 raise trio.ClosedResourceError("stream was closed")
             await trio.lowlevel.checkpoint()
-            while self._error is None and not self._closed and self._io.send_window(self.stream_id) == 0:
+            while (
+                self._error is None
+                and not self._closed
+                and self._io.send_window(self.stream_id) == 0
+            ):
                 await self._send_lot.park()
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed")

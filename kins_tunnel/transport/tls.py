@@ -94,11 +94,29 @@ def _raw_buffer() -> memoryview:
 class TLSSocket:
     """A connected, non-blocking TLS socket. Owns the socket; `close()` releases it."""
 
-    __slots__ = ("_sock", "_fd", "_obj", "_ssl", "_in", "_out", "_pending", "_eof", "_short", "_held",
-                 "_closed", "_peer_der", "drained")
+    __slots__ = (
+        "_sock",
+        "_fd",
+        "_obj",
+        "_ssl",
+        "_in",
+        "_out",
+        "_pending",
+        "_eof",
+        "_short",
+        "_held",
+        "_closed",
+        "_peer_der",
+        "drained",
+    )
 
-    def __init__(self, sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO,
-                 outgoing: ssl.MemoryBIO) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        obj: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+    ) -> None:
         self._sock = sock
         self._fd = sock.fileno()
         self._obj = obj
@@ -116,8 +134,14 @@ class TLSSocket:
         self.drained = False  # the last receive_into emptied the socket as far as we can tell
 
     @classmethod
-    def wrap(cls, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
-             server_hostname: str | None = None) -> TLSSocket:
+    def wrap(
+        cls,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+    ) -> TLSSocket:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -127,7 +151,9 @@ class TLSSocket:
             except OSError:  # pragma: no cover - a kernel without it: latency only, not correctness
                 pass
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        obj = context.wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname)
+        obj = context.wrap_bio(
+            incoming, outgoing, server_side=server_side, server_hostname=server_hostname
+        )
         return cls(sock, obj, incoming, outgoing)
 
     def fileno(self) -> int:
@@ -305,8 +331,14 @@ def _describe(exc: BaseException) -> str:
     return str(exc)
 
 
-async def connect_tls(host: str, port: int, context: ssl.SSLContext, *, server_hostname: str,
-                      open_stream: Callable[[str, int], Awaitable[trio.SocketStream]] | None = None) -> TLSSocket:
+async def connect_tls(
+    host: str,
+    port: int,
+    context: ssl.SSLContext,
+    *,
+    server_hostname: str,
+    open_stream: Callable[[str, int], Awaitable[trio.SocketStream]] | None = None,
+) -> TLSSocket:
     """TCP connect (trio, happy-eyeballs over every address) then wrap; the caller sets deadlines.
 
     `open_stream(host, port)` replaces the direct TCP connect (the edge's site proxy)."""

@@ -65,7 +65,9 @@ class Proc:
     def check_alive(self) -> None:
         if self.expect_alive and self.popen is not None and self.popen.poll() is not None:
             self.expect_alive = False
-            raise AssertionError(f"{self.name} process died (exit code {self.popen.returncode}):\n{self.tail(60)}")
+            raise AssertionError(
+                f"{self.name} process died (exit code {self.popen.returncode}):\n{self.tail(60)}"
+            )
 
     @property
     def pid(self) -> int:
@@ -129,28 +131,56 @@ class Procs:
     def cloud(self, name: str = "cloud", *, start: bool = True, **over: Any) -> CloudProc:
         certs = make_certs(self.base)
         tunnel, proxy, admin = free_port(), free_port(), free_port()
-        doc = cloud_dict(certs, **{"tunnel": {"listen": f"127.0.0.1:{tunnel}"},
-                                   "proxy": {"listen": f"127.0.0.1:{proxy}"},
-                                   "admin": {"listen": f"127.0.0.1:{admin}"}})
+        doc = cloud_dict(
+            certs,
+            **{
+                "tunnel": {"listen": f"127.0.0.1:{tunnel}"},
+                "proxy": {"listen": f"127.0.0.1:{proxy}"},
+                "admin": {"listen": f"127.0.0.1:{admin}"},
+            },
+        )
         for k, v in over.items():
             doc[k] = {**doc[k], **v} if isinstance(v, dict) and isinstance(doc.get(k), dict) else v
-        p = CloudProc("cloud", name, write_yaml(self.base / f"{name}.yaml", doc), self.base / f"{name}.log",
-                      tunnel=tunnel, proxy=proxy, admin=admin)
+        p = CloudProc(
+            "cloud",
+            name,
+            write_yaml(self.base / f"{name}.yaml", doc),
+            self.base / f"{name}.log",
+            tunnel=tunnel,
+            proxy=proxy,
+            admin=admin,
+        )
         self.procs.append(p)
         if start:
             p.start()
         return p
 
-    def edge(self, cloud_tunnel: int | str, services: Mapping[str, Any], *, node: str = "edge1", unit: str = "test",
-             name: str | None = None, admin: bool = True, start: bool = True, **over: Any) -> EdgeProc:
+    def edge(
+        self,
+        cloud_tunnel: int | str,
+        services: Mapping[str, Any],
+        *,
+        node: str = "edge1",
+        unit: str = "test",
+        name: str | None = None,
+        admin: bool = True,
+        start: bool = True,
+        **over: Any,
+    ) -> EdgeProc:
         make_certs(self.base, ((unit, node),))
         name = name or node
         admin_port = free_port() if admin else None
         doc = edge_dict(self.certs, [cloud_tunnel], services, node, **over)
         if admin_port is not None:
             doc["admin"] = {"listen": f"127.0.0.1:{admin_port}"}
-        p = EdgeProc("edge", name, write_yaml(self.base / f"{name}.yaml", doc), self.base / f"{name}.log",
-                     node=node, admin=admin_port)
+        p = EdgeProc(
+            "edge",
+            name,
+            write_yaml(self.base / f"{name}.yaml", doc),
+            self.base / f"{name}.log",
+            node=node,
+            admin=admin_port,
+        )
         self.procs.append(p)
         if start:
             p.start()
@@ -178,8 +208,6 @@ def procs(base: Path) -> Iterator[Procs]:
         _WATCHED.difference_update(ps.procs)
 
 
-
-
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -202,7 +230,9 @@ async def edge_status(edge: EdgeProc) -> dict[str, Any]:
     return doc
 
 
-async def wait_until(pred: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.02) -> float:
+async def wait_until(
+    pred: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.02
+) -> float:
     """Poll `pred` until true; returns the seconds it took. Fails the test after `timeout`."""
     t0 = time.monotonic()
     while True:
@@ -221,6 +251,7 @@ async def wait_until(pred: Callable[[], Awaitable[bool]], timeout: float, what: 
 async def wait_cloud_up(cloud: CloudProc, timeout: float = 15) -> float:
     async def up() -> bool:
         return (await http_get(cloud.admin, "/readyz"))[0] == 200
+
     return await wait_until(up, timeout, f"{cloud.name} ready")
 
 
@@ -228,18 +259,27 @@ async def edges_of(cloud: CloudProc, node: str | None = None) -> list[dict[str, 
     return [e for e in (await cloud_status(cloud))["edges"] if node is None or e["node"] == node]
 
 
-async def wait_edges(cloud: CloudProc, count: int, node: str | None = None, timeout: float = 15) -> float:
+async def wait_edges(
+    cloud: CloudProc, count: int, node: str | None = None, timeout: float = 15
+) -> float:
     async def ok() -> bool:
         return len(await edges_of(cloud, node)) == count
-    return await wait_until(ok, timeout, f"{count} tunnel(s) of {node or 'any node'} at {cloud.name}")
+
+    return await wait_until(
+        ok, timeout, f"{count} tunnel(s) of {node or 'any node'} at {cloud.name}"
+    )
 
 
-async def connect(proxy: int, target: str, headers: str = "") -> tuple[int, bytes, trio.SocketStream]:
+async def connect(
+    proxy: int, target: str, headers: str = ""
+) -> tuple[int, bytes, trio.SocketStream]:
     """CONNECT like `harness.connect`, but reads the answer head byte by byte, so a target that
     speaks first (a banner, a download) leaves its bytes in the stream. The caller closes it."""
     stream = await trio.open_tcp_stream("127.0.0.1", proxy)
     try:
-        await stream.send_all(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n".encode())
+        await stream.send_all(
+            f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n".encode()
+        )
         head = b""
         with trio.fail_after(15):
             while not head.endswith(b"\r\n\r\n"):
@@ -266,11 +306,14 @@ async def connect_status(proxy: int, target: str) -> int:
 async def wait_connect(proxy: int, target: str, want: int, timeout: float) -> float:
     async def ok() -> bool:
         return await connect_status(proxy, target) == want
+
     return await wait_until(ok, timeout, f"CONNECT {target} answered {want}", interval=0.05)
 
 
 # ---------------------------------------------------------------- targets
-async def serve_source(*, task_status: trio.TaskStatus[tuple[int, list[int]]] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_source(
+    *, task_status: trio.TaskStatus[tuple[int, list[int]]] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Send an endless deterministic byte stream to every client; sent[i] counts bytes per client."""
     sent: list[int] = []
     block = bytes(range(256)) * 256  # 64 KiB
@@ -292,9 +335,12 @@ async def serve_source(*, task_status: trio.TaskStatus[tuple[int, list[int]]] = 
     await trio.serve_listeners(handler, listeners)
 
 
-async def serve_banner(name: str, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_banner(
+    name: str, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Answer the client's first bytes with `name` + newline, then echo (so a client learns which
     edge's target it reached). The client speaks first, like TLS or HTTP."""
+
     async def handler(stream: trio.SocketStream) -> None:
         if not await stream.receive_some(1):
             return
@@ -346,5 +392,3 @@ def percentile(values: list[float], p: float) -> float:
 
 # ---------------------------------------------------------------- partition relay
 Relay = LinkRelay  # a link that can stop forwarding either way (see kins_tunnel.testing.linkrelay)
-
-

@@ -48,7 +48,11 @@ def cloud_dict(certs: Path, **over: Any) -> dict[str, Any]:
         "tunnel": {"listen": "127.0.0.1:0"},
         "proxy": {"listen": "127.0.0.1:0"},
         "admin": {"listen": "127.0.0.1:0"},
-        "tls": {"ca": str(certs / "ca.crt"), "cert": str(certs / "cloud.crt"), "key": str(certs / "cloud.key")},
+        "tls": {
+            "ca": str(certs / "ca.crt"),
+            "cert": str(certs / "cloud.crt"),
+            "key": str(certs / "cloud.key"),
+        },
         # no lookups in the test machine's DNS; tests of discovery inject a resolver
         "alias_discovery": {"enabled": False},
     }
@@ -60,12 +64,20 @@ def cloud_dict(certs: Path, **over: Any) -> dict[str, Any]:
     return d
 
 
-def edge_dict(certs: Path, cloud_ports: Sequence[int | str], services: Mapping[str, Any], node: str = "edge1",
-              **over: Any) -> dict[str, Any]:
+def edge_dict(
+    certs: Path,
+    cloud_ports: Sequence[int | str],
+    services: Mapping[str, Any],
+    node: str = "edge1",
+    **over: Any,
+) -> dict[str, Any]:
     d: dict[str, Any] = {
         "cloud": [p if isinstance(p, str) else f"127.0.0.1:{p}" for p in cloud_ports],
-        "tls": {"ca": str(certs / "ca.crt"), "cert": str(certs / f"edge-{node}.crt"),
-                "key": str(certs / f"edge-{node}.key")},
+        "tls": {
+            "ca": str(certs / "ca.crt"),
+            "cert": str(certs / f"edge-{node}.crt"),
+            "key": str(certs / f"edge-{node}.key"),
+        },
         "services": dict(services),
         "admin": None,
         "reconnect": {"initial": 0.05, "max": 1.0},
@@ -83,11 +95,18 @@ class TunnelEnv:
     edges: list[Edge] = field(default_factory=list)
     nursery: trio.Nursery | None = None
 
-    async def add_edge(self, services: Mapping[str, Any], node: str = "edge1", unit: str = "test",
-                       wait_for: str | None = None, **over: Any) -> Edge:
+    async def add_edge(
+        self,
+        services: Mapping[str, Any],
+        node: str = "edge1",
+        unit: str = "test",
+        wait_for: str | None = None,
+        **over: Any,
+    ) -> Edge:
         make_certs(self.base, ((unit, node),))
-        cfg = edge_config_from_dict(edge_dict(self.certs, [self.ports.tunnel], services, node, **over),
-                                    base_dir=self.base)
+        cfg = edge_config_from_dict(
+            edge_dict(self.certs, [self.ports.tunnel], services, node, **over), base_dir=self.base
+        )
         edge = Edge(cfg)
         assert self.nursery is not None
         await self.nursery.start(edge.run)
@@ -104,8 +123,13 @@ async def wait_routed(cloud: Cloud, name: str, timeout: float = 10) -> None:
 
 
 @contextlib.asynccontextmanager
-async def tunnel_env(base: Path, services: Mapping[str, Any] | None = None, *, resolver: Resolver | None = None,
-                     **cloud_over: Any) -> AsyncIterator[TunnelEnv]:
+async def tunnel_env(
+    base: Path,
+    services: Mapping[str, Any] | None = None,
+    *,
+    resolver: Resolver | None = None,
+    **cloud_over: Any,
+) -> AsyncIterator[TunnelEnv]:
     """A cloud (config: `cloud_dict` with `cloud_over`) and, with `services`, one edge serving them.
     `resolver` replaces DNS for ClusterIP alias discovery."""
     certs = make_certs(base)
@@ -120,11 +144,15 @@ async def tunnel_env(base: Path, services: Mapping[str, Any] | None = None, *, r
         nursery.cancel_scope.cancel()
 
 
-async def connect(proxy_port: int, target: str, headers: str = "") -> tuple[int, bytes, trio.SocketStream]:
+async def connect(
+    proxy_port: int, target: str, headers: str = ""
+) -> tuple[int, bytes, trio.SocketStream]:
     """Send a CONNECT; returns (status, head bytes, stream). The caller closes the stream."""
     stream = await trio.open_tcp_stream("127.0.0.1", proxy_port)
     try:
-        await stream.send_all(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n".encode())
+        await stream.send_all(
+            f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n".encode()
+        )
         head = b""
         with trio.fail_after(15):
             while b"\r\n\r\n" not in head:
@@ -151,7 +179,7 @@ async def slowloris(port: int, request: bytes, every: float = 0.02) -> bytes:
     async with s:
         try:
             for i in range(len(request)):
-                await s.send_all(request[i:i + 1])
+                await s.send_all(request[i : i + 1])
                 await trio.sleep(every)
         except trio.BrokenResourceError:
             pass
@@ -187,13 +215,15 @@ async def keep_echoing(proxy_port: int, counts: dict[str, int], target: str = SV
         await trio.sleep(0.05)
 
 
-
-
 # ---------------------------------------------------------------- target servers (test doubles)
-async def serve_loopback(handler: Callable[[trio.SocketStream], Awaitable[None]], *,
-                         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_loopback(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """A target server on 127.0.0.1:0: `handler` per connection, which is always closed after it;
     a client that goes away mid-way is not an error. Reports the port through `task_status`."""
+
     async def guarded(stream: trio.SocketStream) -> None:
         try:
             await handler(stream)
@@ -257,10 +287,6 @@ def hanging_listener() -> Iterator[int]:
         full.close()
 
 
-
-
-
-
 # ---------------------------------------------------------------- processes
 def write_yaml(path: Path, doc: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(doc))
@@ -271,7 +297,11 @@ def spawn(kind: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
     """Run `python -m kins_tunnel KIND --config CONFIG` with its output in `log`."""
     out = open(log, "ab")
     try:
-        return subprocess.Popen([sys.executable, "-m", "kins_tunnel", kind, "--config", str(config)],
-                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return subprocess.Popen(
+            [sys.executable, "-m", "kins_tunnel", kind, "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     finally:
         out.close()

@@ -47,8 +47,11 @@ class KubectlEnv:
     k3s_port: int
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if k.lower() not in ("https_proxy", "http_proxy", "no_proxy", "all_proxy", "kubeconfig")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k.lower() not in ("https_proxy", "http_proxy", "no_proxy", "all_proxy", "kubeconfig")
+        }
         env["HOME"] = str(self.base / "home")
         env.update(extra or {})
         return env
@@ -60,11 +63,22 @@ class KubectlEnv:
         """Where pod path `path` lives in the stand-in's sandbox."""
         return self.sandbox / pod / path.lstrip("/")
 
-    async def run(self, *args: str, stdin: bytes | None = None, timeout: float = 60,
-                  extra_env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    async def run(
+        self,
+        *args: str,
+        stdin: bytes | None = None,
+        timeout: float = 60,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
         with trio.fail_after(timeout):
-            return await trio.run_process(self.argv(*args), stdin=stdin, capture_stdout=True,
-                                          capture_stderr=True, check=False, env=self.env(extra_env))
+            return await trio.run_process(
+                self.argv(*args),
+                stdin=stdin,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=self.env(extra_env),
+            )
 
 
 @contextlib.asynccontextmanager
@@ -75,8 +89,9 @@ async def kubectl_env(base: Path, **standin: Any) -> AsyncIterator[KubectlEnv]:
     sandbox.mkdir(exist_ok=True)
     ctx, ca = make_self_signed_server_context(base)
     async with trio.open_nursery() as nursery:
-        k3s = await nursery.start(functools.partial(serve_k3s_standin, ctx, sandbox=sandbox,
-                                                    **standin))
+        k3s = await nursery.start(
+            functools.partial(serve_k3s_standin, ctx, sandbox=sandbox, **standin)
+        )
         async with tunnel_env(base, {SVC: f"127.0.0.1:{k3s}"}) as tunnel:
             kubeconfig = base / "kubeconfig"
             write_kubeconfig(kubeconfig, tunnel.ports.proxy, ca)
@@ -108,8 +123,10 @@ class PtyKubectl:
                 except (OSError, trio.BrokenResourceError):
                     data = b""
                 if not data:
-                    raise EOFError(f"kubectl's terminal closed before {wanted!r}; got "
-                                   f"{bytes(self.received[-500:])!r}")
+                    raise EOFError(
+                        f"kubectl's terminal closed before {wanted!r}; got "
+                        f"{bytes(self.received[-500:])!r}"
+                    )
                 self.received += data
         end = at + len(wanted)
         head = bytes(self.received[:end])
@@ -131,14 +148,21 @@ class PtyKubectl:
 
 
 @contextlib.asynccontextmanager
-async def pty_kubectl(env: KubectlEnv, *args: str, rows: int = 24,
-                      cols: int = 80) -> AsyncIterator[PtyKubectl]:
+async def pty_kubectl(
+    env: KubectlEnv, *args: str, rows: int = 24, cols: int = 80
+) -> AsyncIterator[PtyKubectl]:
     """Start ``kubectl ARGS`` on a new pseudo-terminal; kill it on exit if it still runs."""
     master, slave = pty.openpty()
     try:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        proc = await trio.lowlevel.open_process(env.argv(*args), stdin=slave, stdout=slave,
-                                                stderr=slave, env=env.env(), start_new_session=True)
+        proc = await trio.lowlevel.open_process(
+            env.argv(*args),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env.env(),
+            start_new_session=True,
+        )
     except BaseException:
         os.close(master)
         raise
@@ -162,8 +186,9 @@ def percentile(values: list[float], p: float) -> float:
 
 
 @contextlib.asynccontextmanager
-async def port_forward(env: KubectlEnv, *ports: str, websockets: bool = False,
-                       timeout: float = 30) -> AsyncIterator[dict[int, int]]:
+async def port_forward(
+    env: KubectlEnv, *ports: str, websockets: bool = False, timeout: float = 30
+) -> AsyncIterator[dict[int, int]]:
     """Run ``kubectl port-forward pod/POD :PORT...``; yields {pod port: local port}.
 
     `websockets` selects kubectl's WebSocket transport (KUBECTL_PORT_FORWARD_WEBSOCKETS=true),
@@ -171,7 +196,10 @@ async def port_forward(env: KubectlEnv, *ports: str, websockets: bool = False,
     extra = {"KUBECTL_PORT_FORWARD_WEBSOCKETS": "true" if websockets else "false"}
     proc = await trio.lowlevel.open_process(
         env.argv("port-forward", f"pod/{POD}", *(f":{p}" for p in ports)),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env.env(extra))
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env.env(extra),
+    )
     assert proc.stdout is not None
     try:
         mapping: dict[int, int] = {}

@@ -19,7 +19,9 @@ U32 = struct.Struct(">I")
 
 
 def hello_frame(names: tuple[str, ...] = (), config: MuxConfig = MuxConfig()) -> bytes:
-    return frame(FrameType.HELLO, 0, encode_hello(Hello(names=names, agent="raw-test-peer"), config))
+    return frame(
+        FrameType.HELLO, 0, encode_hello(Hello(names=names, agent="raw-test-peer"), config)
+    )
 
 
 @dataclass
@@ -30,7 +32,9 @@ class RawPeer:
     _buf: bytearray = field(default_factory=bytearray)
 
     @classmethod
-    async def connect(cls, port: int, context: ssl.SSLContext, server_hostname: str = "localhost") -> RawPeer:
+    async def connect(
+        cls, port: int, context: ssl.SSLContext, server_hostname: str = "localhost"
+    ) -> RawPeer:
         tcp = await trio.open_tcp_stream("127.0.0.1", port)
         tls = trio.SSLStream(tcp, context, server_hostname=server_hostname, https_compatible=True)
         try:
@@ -50,8 +54,8 @@ class RawPeer:
                 word, flags, sid = HEADER.unpack_from(self._buf)
                 length = word >> 8
                 if len(self._buf) >= HEADER_SIZE + length:
-                    payload = bytes(self._buf[HEADER_SIZE:HEADER_SIZE + length])
-                    del self._buf[:HEADER_SIZE + length]
+                    payload = bytes(self._buf[HEADER_SIZE : HEADER_SIZE + length])
+                    del self._buf[: HEADER_SIZE + length]
                     return word & 0xFF, flags, sid, payload
             data = await self.stream.receive_some(65536)
             if not data:
@@ -79,8 +83,11 @@ def random_frame(rng: random.Random, sids: list[int], targets: tuple[bytes, ...]
     one of a few fixed targets, `targets`, or random bytes."""
     roll = rng.random()
     ftype = rng.randrange(8) if roll < 0.85 else rng.randrange(8, 256)
-    sid = rng.choice([0, 1, 2, 3, 4, rng.randrange(1 << 32), *sids]) if rng.random() < 0.5 or not sids \
+    sid = (
+        rng.choice([0, 1, 2, 3, 4, rng.randrange(1 << 32), *sids])
+        if rng.random() < 0.5 or not sids
         else rng.choice(sids)
+    )
     flags = rng.choice([0, 0, 1, rng.randrange(256)])
     code = rng.choice(CODES) if rng.random() < 0.8 else rng.randrange(1 << 32)
     shape = rng.random()
@@ -90,10 +97,21 @@ def random_frame(rng: random.Random, sids: list[int], targets: tuple[bytes, ...]
         payload = bytes(rng.choice([65537, 300 * 1024]))
     elif ftype == FrameType.OPEN:
         payload = U32.pack(rng.choice([0, 1, 16384, 1 << 20, (1 << 32) - 1])) + rng.choice(
-            [b"test-svc-kins.kins-system:443", b"fuzz1:22", b"\xff\xfe", b"", rng.randbytes(20), *targets])
+            [
+                b"test-svc-kins.kins-system:443",
+                b"fuzz1:22",
+                b"\xff\xfe",
+                b"",
+                rng.randbytes(20),
+                *targets,
+            ]
+        )
     elif ftype == FrameType.OPEN_RESULT:
-        payload = U32.pack(code) + U32.pack(rng.choice([0, 16384, 1 << 20, (1 << 32) - 1])) + rng.randbytes(
-            rng.randrange(0, 8))
+        payload = (
+            U32.pack(code)
+            + U32.pack(rng.choice([0, 16384, 1 << 20, (1 << 32) - 1]))
+            + rng.randbytes(rng.randrange(0, 8))
+        )
     elif ftype == FrameType.DATA:
         payload = rng.randbytes(rng.choice([0, 1, 100, 20000]))
     elif ftype == FrameType.WINDOW:
@@ -103,7 +121,9 @@ def random_frame(rng: random.Random, sids: list[int], targets: tuple[bytes, ...]
     elif ftype == FrameType.PING:
         payload = rng.randbytes(8)
     elif ftype == FrameType.GOAWAY:
-        payload = U32.pack(rng.randrange(1 << 32)) + U32.pack(code) + rng.randbytes(rng.randrange(0, 6))
+        payload = (
+            U32.pack(rng.randrange(1 << 32)) + U32.pack(code) + rng.randbytes(rng.randrange(0, 6))
+        )
     elif ftype == FrameType.HELLO:
         payload = hello_frame()[HEADER_SIZE:]
     else:
@@ -122,7 +142,7 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
         if op < 0.6:
             buf[i] = rng.randrange(256)
         elif op < 0.8:
-            del buf[i:i + rng.randrange(1, 10)]
+            del buf[i : i + rng.randrange(1, 10)]
         else:
-            buf[i:i] = buf[i:i + rng.randrange(1, 10)]
+            buf[i:i] = buf[i : i + rng.randrange(1, 10)]
     return bytes(buf)

@@ -44,8 +44,21 @@ CURL = shutil.which("curl")
 ROOT = Path(__file__).resolve().parent.parent.parent
 EXAMPLE = ROOT / "examples" / "authz-multi-team.yaml"
 SVC_HOST = SVC.rsplit(":", 1)[0]
-AUDIT_FIELDS = {"ts", "client", "replica", "principal", "target", "normalised", "unit", "node", "status",
-                "outcome", "sent", "received", "duration"}
+AUDIT_FIELDS = {
+    "ts",
+    "client",
+    "replica",
+    "principal",
+    "target",
+    "normalised",
+    "unit",
+    "node",
+    "status",
+    "outcome",
+    "sent",
+    "received",
+    "duration",
+}
 
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl not installed")
@@ -63,25 +76,53 @@ def seed_kubeconfig(ca: Path | None = None, **cluster: Any) -> str:
         c["insecure-skip-tls-verify"] = True
     else:
         c["certificate-authority-data"] = base64.b64encode(ca.read_bytes()).decode()
-    return str(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "clusters": [{"name": "default", "cluster": c}],
-                           "contexts": [{"name": "default", "context": {"cluster": "default", "namespace": "default",
-                                                                        "user": "default"}}],
-                           "current-context": "default",
-                           "users": [{"name": "default", "user": {"token": "rfj9s2bhpcs6fm9x"}}]}))
+    return str(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "default", "cluster": c}],
+                "contexts": [
+                    {
+                        "name": "default",
+                        "context": {
+                            "cluster": "default",
+                            "namespace": "default",
+                            "user": "default",
+                        },
+                    }
+                ],
+                "current-context": "default",
+                "users": [{"name": "default", "user": {"token": "rfj9s2bhpcs6fm9x"}}],
+            }
+        )
+    )
 
 
-async def kubectl(kubeconfig: Path, *args: str, home: Path, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-    env = {k: v for k, v in os.environ.items() if k.lower() not in ("https_proxy", "http_proxy", "no_proxy")}
+async def kubectl(
+    kubeconfig: Path, *args: str, home: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[bytes]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in ("https_proxy", "http_proxy", "no_proxy")
+    }
     env["HOME"] = str(home)
     with trio.fail_after(timeout):
-        return await trio.run_process([KUBECTL or "kubectl", "--kubeconfig", str(kubeconfig), *args],
-                                      capture_stdout=True, capture_stderr=True, check=False, env=env)
+        return await trio.run_process(
+            [KUBECTL or "kubectl", "--kubeconfig", str(kubeconfig), *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
+        )
 
 
 async def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
     with trio.fail_after(timeout):
-        return await trio.run_process([CURL or "curl", "-sS", *args], capture_stdout=True, capture_stderr=True,
-                                      check=False)
+        return await trio.run_process(
+            [CURL or "curl", "-sS", *args], capture_stdout=True, capture_stderr=True, check=False
+        )
 
 
 def metric(text: bytes, name: str, **labels: str) -> float:
@@ -97,8 +138,13 @@ async def test_kubectl_whose_server_is_a_cluster_ip(tmp_path: Path) -> None:
     home.mkdir()
     async with json_log() as buf, trio.open_nursery() as n:
         k3s = await n.start(serve_k3s_standin, ctx)
-        async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{k3s}"}, resolver=dns, alias_discovery={"enabled": True},
-                              aliases={"10.96.99.1:443": SVC}) as env:
+        async with tunnel_env(
+            tmp_path,
+            {SVC: f"127.0.0.1:{k3s}"},
+            resolver=dns,
+            alias_discovery={"enabled": True},
+            aliases={"10.96.99.1:443": SVC},
+        ) as env:
             # discovered when the unit's edge connected, without waiting for the interval
             await wait_for(lambda: "10.96.12.34:*" in env.cloud.aliases.entries())
             assert dns.asked == [f"{SVC_HOST}.svc.cluster.local."]
@@ -108,13 +154,18 @@ async def test_kubectl_whose_server_is_a_cluster_ip(tmp_path: Path) -> None:
             for ip in ("10.96.12.34", "10.96.99.1"):
                 kc = tmp_path / f"kc-{ip}"
                 kc.write_text(rewrite_kubeconfig(seed, unit="test", proxy_url=proxy, service_ip=ip))
-                assert yaml.safe_load(kc.read_text())["clusters"][0]["cluster"]["server"] == f"https://{ip}:443"
+                assert (
+                    yaml.safe_load(kc.read_text())["clusters"][0]["cluster"]["server"]
+                    == f"https://{ip}:443"
+                )
                 r = await kubectl(kc, "get", "pods", home=home)
                 assert r.returncode == 0, r.stderr
                 assert b"test-server-kins" in r.stdout
             streams = env.cloud.metrics.streams._value.get()
             kc = tmp_path / "kc-unknown"
-            kc.write_text(rewrite_kubeconfig(seed, unit="test", proxy_url=proxy, service_ip="10.96.0.77"))
+            kc.write_text(
+                rewrite_kubeconfig(seed, unit="test", proxy_url=proxy, service_ip="10.96.0.77")
+            )
             r = await kubectl(kc, "get", "pods", "--request-timeout=5s", home=home)
             assert r.returncode != 0
             assert b"Service Unavailable" in r.stderr, r.stderr
@@ -129,20 +180,26 @@ async def test_kubectl_whose_server_is_a_cluster_ip(tmp_path: Path) -> None:
         by_target.setdefault(d["target"], []).append(d)
     discovered = by_target["10.96.12.34:443"]
     assert {(d["status"], d["normalised"], d["alias"], d["unit"]) for d in discovered} == {
-        (200, SVC, "discovered", "test")}
+        (200, SVC, "discovered", "test")
+    }
     assert {(d["status"], d["alias"]) for d in by_target["10.96.99.1:443"]} == {(200, "static")}
     unknown = by_target["10.96.0.77:443"]
     assert {d["status"] for d in unknown} == {503}
-    assert all("10.96.0.77 is not a known ClusterIP" in d["outcome"] and d["unit"] == "" for d in unknown)
+    assert all(
+        "10.96.0.77 is not a known ClusterIP" in d["outcome"] and d["unit"] == "" for d in unknown
+    )
 
 
 @needs_kubectl
 async def test_kubectl_cluster_ip_through_an_https_proxy_needs_the_name_in_the_proxy_certificate(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """client-go checks the https proxy's certificate against the cluster's tls-server-name too."""
     ctx, k3s_ca = make_self_signed_server_context(tmp_path)
     certs = make_certs(tmp_path)
-    init_ca(certs, proxy_sans=["*.kins-system"])  # certs/proxy.crt: localhost, 127.0.0.1, *.kins-system
+    init_ca(
+        certs, proxy_sans=["*.kins-system"]
+    )  # certs/proxy.crt: localhost, 127.0.0.1, *.kins-system
     dns = TableResolver({f"{SVC_HOST}.svc.cluster.local.": ["10.96.12.34"]})
     home = tmp_path / "home"
     home.mkdir()
@@ -150,15 +207,31 @@ async def test_kubectl_cluster_ip_through_an_https_proxy_needs_the_name_in_the_p
     async with trio.open_nursery() as n:
         k3s = await n.start(serve_k3s_standin, ctx)
         for cert, works in (("cloud", False), ("proxy", True)):
-            tls = {"listen": "127.0.0.1:0", "cert": str(certs / f"{cert}.crt"), "key": str(certs / f"{cert}.key")}
-            async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{k3s}"}, resolver=dns,
-                                  alias_discovery={"enabled": True}, proxy={"tls": tls}) as env:
+            tls = {
+                "listen": "127.0.0.1:0",
+                "cert": str(certs / f"{cert}.crt"),
+                "key": str(certs / f"{cert}.key"),
+            }
+            async with tunnel_env(
+                tmp_path,
+                {SVC: f"127.0.0.1:{k3s}"},
+                resolver=dns,
+                alias_discovery={"enabled": True},
+                proxy={"tls": tls},
+            ) as env:
                 await wait_for(lambda: "10.96.12.34:*" in env.cloud.aliases.entries())
                 notes: list[str] = []
                 kc = tmp_path / f"kc-{cert}"
-                kc.write_text(rewrite_kubeconfig(seed, unit="test", proxy_url=f"https://127.0.0.1:{env.ports.proxy_tls}",
-                                                 proxy_ca=(certs / "ca.crt").read_bytes(), service_ip="10.96.12.34",
-                                                 notes=notes))
+                kc.write_text(
+                    rewrite_kubeconfig(
+                        seed,
+                        unit="test",
+                        proxy_url=f"https://127.0.0.1:{env.ports.proxy_tls}",
+                        proxy_ca=(certs / "ca.crt").read_bytes(),
+                        service_ip="10.96.12.34",
+                        notes=notes,
+                    )
+                )
                 assert len(notes) == 1 and "tls-server-name" in notes[0]
                 r = await kubectl(kc, "get", "pods", "--request-timeout=5s", home=home)
                 if works:
@@ -166,7 +239,10 @@ async def test_kubectl_cluster_ip_through_an_https_proxy_needs_the_name_in_the_p
                     assert b"test-server-kins" in r.stdout
                 else:
                     assert r.returncode != 0
-                    assert f"x509: certificate is valid for localhost, not {SVC_HOST}".encode() in r.stderr, r.stderr
+                    assert (
+                        f"x509: certificate is valid for localhost, not {SVC_HOST}".encode()
+                        in r.stderr
+                    ), r.stderr
         n.cancel_scope.cancel()
 
 
@@ -179,31 +255,54 @@ async def test_kubectl_through_an_https_proxy_get_and_watch(tmp_path: Path) -> N
     home.mkdir()
     async with json_log() as buf, trio.open_nursery() as n:
         k3s = await n.start(serve_k3s_standin, ctx)
-        proxy_cfg = {"listen": None, "auth": {"basic_file": str(tmp_path / "basic")},
-                     "tls": {"listen": "127.0.0.1:0"}}
+        proxy_cfg = {
+            "listen": None,
+            "auth": {"basic_file": str(tmp_path / "basic")},
+            "tls": {"listen": "127.0.0.1:0"},
+        }
         async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{k3s}"}, proxy=proxy_cfg) as env:
             assert env.ports.proxy == 0 and env.ports.proxy_tls > 0  # only the TLS listener
             url = f"https://ops:pa55%20word@127.0.0.1:{env.ports.proxy_tls}"
             # the Kins kubeconfig (insecure) made verifying: K3s CA + tunnel CA
             kc = tmp_path / "kubeconfig"
-            kc.write_text(rewrite_kubeconfig(seed_kubeconfig(), unit="test", proxy_url=url,
-                                             proxy_ca=(env.certs / "ca.crt").read_bytes(),
-                                             server_ca=k3s_ca.read_bytes()))
+            kc.write_text(
+                rewrite_kubeconfig(
+                    seed_kubeconfig(),
+                    unit="test",
+                    proxy_url=url,
+                    proxy_ca=(env.certs / "ca.crt").read_bytes(),
+                    server_ca=k3s_ca.read_bytes(),
+                )
+            )
             cluster = yaml.safe_load(kc.read_text())["clusters"][0]["cluster"]
             assert "insecure-skip-tls-verify" not in cluster and cluster["proxy-url"] == url
             r = await kubectl(kc, "get", "pods", home=home)
             assert r.returncode == 0, r.stderr
             assert b"test-server-kins" in r.stdout and b"Running" in r.stdout
-            r = await kubectl(kc, "get", "pods", "--watch", "--request-timeout=4s", home=home, timeout=30)
+            r = await kubectl(
+                kc, "get", "pods", "--watch", "--request-timeout=4s", home=home, timeout=30
+            )
             rows = [ln for ln in r.stdout.splitlines() if b"kins" in ln]
             assert len(rows) >= 5, r.stdout  # 3 listed + updates streamed during the watch
             # the K3s CA alone does not verify the proxy's certificate
             only_k3s = tmp_path / "kc-k3s-ca-only"
-            only_k3s.write_text(rewrite_kubeconfig(seed_kubeconfig(k3s_ca), unit="test", proxy_url=url))
+            only_k3s.write_text(
+                rewrite_kubeconfig(seed_kubeconfig(k3s_ca), unit="test", proxy_url=url)
+            )
             r = await kubectl(only_k3s, "get", "pods", "--request-timeout=5s", home=home)
-            assert r.returncode != 0 and b"proxyconnect tcp: tls: failed to verify certificate" in r.stderr, r.stderr
+            assert (
+                r.returncode != 0
+                and b"proxyconnect tcp: tls: failed to verify certificate" in r.stderr
+            ), r.stderr
             _, metrics = await http_get(env.ports.admin, "/metrics")
-            assert metric(metrics, "kins_tunnel_proxy_tls_failures_total", reason="client_rejected_certificate") >= 1
+            assert (
+                metric(
+                    metrics,
+                    "kins_tunnel_proxy_tls_failures_total",
+                    reason="client_rejected_certificate",
+                )
+                >= 1
+            )
         n.cancel_scope.cancel()
     done = [d for d in connect_lines(buf) if d["status"] == 200]
     assert done and all(d["principal"] == "ops" for d in done)
@@ -216,41 +315,92 @@ async def test_curl_https_proxy_with_password_or_client_certificate(tmp_path: Pa
     certs = make_certs(tmp_path)
     crt, key = issue_user(certs, "carol", ["oncall"])
     (tmp_path / "basic").write_text("ops:s3cret\n")
-    (tmp_path / "authz.yaml").write_text("groups: {oncall: []}\nrules:\n"
-                                         "  - {principals: ['group:oncall', ops], allow: ['unit:test']}\n")
+    (tmp_path / "authz.yaml").write_text(
+        "groups: {oncall: []}\nrules:\n"
+        "  - {principals: ['group:oncall', ops], allow: ['unit:test']}\n"
+    )
     target = f"https://{SVC_HOST}:443/version"
     async with json_log() as buf, trio.open_nursery() as n:
         k3s = await n.start(serve_k3s_standin, ctx)
         # Basic credentials over TLS (no client certificates asked)
-        async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{k3s}"},
-                              proxy={"auth": {"basic_file": str(tmp_path / "basic")}, "tls": {"listen": "127.0.0.1:0"}}
-                              ) as env:
+        async with tunnel_env(
+            tmp_path,
+            {SVC: f"127.0.0.1:{k3s}"},
+            proxy={
+                "auth": {"basic_file": str(tmp_path / "basic")},
+                "tls": {"listen": "127.0.0.1:0"},
+            },
+        ) as env:
             proxy = f"https://127.0.0.1:{env.ports.proxy_tls}"
-            r = await curl("--fail", "--proxy", proxy, "--proxy-cacert", str(certs / "ca.crt"),
-                           "--proxy-user", "ops:s3cret", "--cacert", str(k3s_ca), target)
+            r = await curl(
+                "--fail",
+                "--proxy",
+                proxy,
+                "--proxy-cacert",
+                str(certs / "ca.crt"),
+                "--proxy-user",
+                "ops:s3cret",
+                "--cacert",
+                str(k3s_ca),
+                target,
+            )
             assert r.returncode == 0, r.stderr
             assert b"k3s" in r.stdout
-            r = await curl("--proxy", proxy, "--proxy-cacert", str(certs / "ca.crt"), "--proxy-user", "ops:nope",
-                           "--cacert", str(k3s_ca), target)
+            r = await curl(
+                "--proxy",
+                proxy,
+                "--proxy-cacert",
+                str(certs / "ca.crt"),
+                "--proxy-user",
+                "ops:nope",
+                "--cacert",
+                str(k3s_ca),
+                target,
+            )
             assert r.returncode != 0 and b"407" in r.stderr, r.stderr
         # client certificates: the subject is the principal, its O a group of the rules
-        async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{k3s}"},
-                              proxy={"authz_file": str(tmp_path / "authz.yaml"),
-                                     "tls": {"listen": "127.0.0.1:0", "client_ca": str(certs / "ca.crt")}}
-                              ) as env:
+        async with tunnel_env(
+            tmp_path,
+            {SVC: f"127.0.0.1:{k3s}"},
+            proxy={
+                "authz_file": str(tmp_path / "authz.yaml"),
+                "tls": {"listen": "127.0.0.1:0", "client_ca": str(certs / "ca.crt")},
+            },
+        ) as env:
             proxy = f"https://127.0.0.1:{env.ports.proxy_tls}"
-            base = ["--proxy", proxy, "--proxy-cacert", str(certs / "ca.crt"), "--cacert", str(k3s_ca)]
-            r = await curl("--fail", *base, "--proxy-cert", str(crt), "--proxy-key", str(key), target)
+            base = [
+                "--proxy",
+                proxy,
+                "--proxy-cacert",
+                str(certs / "ca.crt"),
+                "--cacert",
+                str(k3s_ca),
+            ]
+            r = await curl(
+                "--fail", *base, "--proxy-cert", str(crt), "--proxy-key", str(key), target
+            )
             assert r.returncode == 0, r.stderr
             assert b"k3s" in r.stdout
             r = await curl(*base, target)  # no certificate: the TLS handshake fails
             assert r.returncode != 0
-            r = await curl(*base, "--proxy-cert", str(certs / "edge-edge1.crt"), "--proxy-key",
-                           str(certs / "edge-edge1.key"), target)  # an edge's credential is no user's
+            r = await curl(
+                *base,
+                "--proxy-cert",
+                str(certs / "edge-edge1.crt"),
+                "--proxy-key",
+                str(certs / "edge-edge1.key"),
+                target,
+            )  # an edge's credential is no user's
             assert r.returncode != 0
             _, metrics = await http_get(env.ports.admin, "/metrics")
-            assert metric(metrics, "kins_tunnel_proxy_tls_failures_total", reason="no_certificate") >= 1
-            assert metric(metrics, "kins_tunnel_proxy_tls_failures_total", reason="edge_certificate") >= 1
+            assert (
+                metric(metrics, "kins_tunnel_proxy_tls_failures_total", reason="no_certificate")
+                >= 1
+            )
+            assert (
+                metric(metrics, "kins_tunnel_proxy_tls_failures_total", reason="edge_certificate")
+                >= 1
+            )
         n.cancel_scope.cancel()
     ok = [d for d in connect_lines(buf) if d["status"] == 200]
     assert [d["principal"] for d in ok] == ["ops", "carol"]
@@ -262,14 +412,19 @@ async def test_audit_line_fields_for_200_403_407_503(tmp_path: Path) -> None:
     (tmp_path / "basic").write_text("alice:pw-a\nbob:pw-b\n")
     (tmp_path / "bearer").write_text("ci-bot:tok-123\n")
     (tmp_path / "authz.yaml").write_text(
-        "rules:\n  - {principals: [alice, ci-bot], allow: ['unit:test']}\n  - {principals: [bob], allow: ['node:edge1:22']}\n")
+        "rules:\n  - {principals: [alice, ci-bot], allow: ['unit:test']}\n  - {principals: [bob], allow: ['node:edge1:22']}\n"
+    )
     alice = "Proxy-Authorization: Basic " + base64.b64encode(b"alice:pw-a").decode() + "\r\n"
     bob = "Proxy-Authorization: Basic " + base64.b64encode(b"bob:pw-b").decode() + "\r\n"
-    proxy_cfg = {"auth": {"basic_file": str(tmp_path / "basic"), "bearer_file": str(tmp_path / "bearer")},
-                 "authz_file": str(tmp_path / "authz.yaml")}
+    proxy_cfg = {
+        "auth": {"basic_file": str(tmp_path / "basic"), "bearer_file": str(tmp_path / "bearer")},
+        "authz_file": str(tmp_path / "authz.yaml"),
+    }
     async with json_log() as buf, trio.open_nursery() as n:
         echo = await n.start(serve_echo)
-        async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{echo}"}, proxy=proxy_cfg, replica="cloud-a") as env:
+        async with tunnel_env(
+            tmp_path, {SVC: f"127.0.0.1:{echo}"}, proxy=proxy_cfg, replica="cloud-a"
+        ) as env:
             p = env.ports.proxy
             status, _, s = await connect(p, SVC, alice)
             assert status == 200
@@ -278,47 +433,84 @@ async def test_audit_line_fields_for_200_403_407_503(tmp_path: Path) -> None:
             status, _, s = await connect(p, SVC, "Proxy-Authorization: Bearer tok-123\r\n")
             assert status == 200
             await s.aclose()
-            status, head, s = await connect(p, f"{SVC_HOST}.svc.cluster.local:443", bob)  # not bob's unit
+            status, head, s = await connect(
+                p, f"{SVC_HOST}.svc.cluster.local:443", bob
+            )  # not bob's unit
             await s.aclose()
             assert status == 403
             body = head.partition(b"\r\n\r\n")[2]
-            assert body == f"kins-tunnel: {SVC_HOST}.svc.cluster.local:443: forbidden: 'bob' may not reach this target\n".encode()
+            assert (
+                body
+                == f"kins-tunnel: {SVC_HOST}.svc.cluster.local:443: forbidden: 'bob' may not reach this target\n".encode()
+            )
             assert b"unit:" not in head and b"node:" not in head  # never the rule set
-            status, head, s = await connect(p, SVC, "Proxy-Authorization: Basic " +
-                                            base64.b64encode(b"alice:wrong").decode() + "\r\n")
+            status, head, s = await connect(
+                p,
+                SVC,
+                "Proxy-Authorization: Basic " + base64.b64encode(b"alice:wrong").decode() + "\r\n",
+            )
             await s.aclose()
             assert status == 407 and b"Proxy-Authenticate: Basic" in head
-            status, _, s = await connect(p, "other-svc-kins.kins-system:443", "Proxy-Authorization: Bearer tok-123\r\n")
+            status, _, s = await connect(
+                p, "other-svc-kins.kins-system:443", "Proxy-Authorization: Bearer tok-123\r\n"
+            )
             await s.aclose()
             assert status == 403  # ci-bot may not reach another unit (authorization before routing)
             status, _, s = await connect(p, "edge1:22", bob)
             await s.aclose()
             assert status == 503  # allowed, but no edge serves edge1:22
             _, metrics = await http_get(env.ports.admin, "/metrics")
-            assert metric(metrics, "kins_tunnel_authz_denials_total", reason="target_not_allowed") == 2
+            assert (
+                metric(metrics, "kins_tunnel_authz_denials_total", reason="target_not_allowed") == 2
+            )
             assert metric(metrics, "kins_tunnel_connect_answers_total", status="403") == 2
             await wait_for(lambda: len(connect_lines(buf)) == 6)
         n.cancel_scope.cancel()
     lines = connect_lines(buf)
     for d in lines:
         assert AUDIT_FIELDS <= set(d), d
-        assert d["replica"] == "cloud-a" and d["client"].startswith("127.0.0.1:") and d["duration"] >= 0
-    def one(status: int, principal: str) -> dict[str, Any]:  # lines come as CONNECTs end, not in order
+        assert (
+            d["replica"] == "cloud-a"
+            and d["client"].startswith("127.0.0.1:")
+            and d["duration"] >= 0
+        )
+
+    def one(
+        status: int, principal: str
+    ) -> dict[str, Any]:  # lines come as CONNECTs end, not in order
         (line,) = [d for d in lines if d["status"] == status and d["principal"] == principal]
         return line
 
     ok, ok_bearer, forbidden = one(200, "alice"), one(200, "ci-bot"), one(403, "bob")
     unauth, forbidden2, unavailable = one(407, ""), one(403, "ci-bot"), one(503, "bob")
-    assert (ok["status"], ok["principal"], ok["target"], ok["normalised"], ok["unit"], ok["node"]) == (
-        200, "alice", SVC, SVC, "test", "edge1")
+    assert (
+        ok["status"],
+        ok["principal"],
+        ok["target"],
+        ok["normalised"],
+        ok["unit"],
+        ok["node"],
+    ) == (200, "alice", SVC, SVC, "test", "edge1")
     assert ok["sent"] == ok["received"] == 1000 and ok["outcome"] == "closed"
     assert (ok_bearer["status"], ok_bearer["principal"]) == (200, "ci-bot")
-    assert (forbidden["status"], forbidden["principal"], forbidden["target"], forbidden["normalised"]) == (
-        403, "bob", f"{SVC_HOST}.svc.cluster.local:443", SVC)
+    assert (
+        forbidden["status"],
+        forbidden["principal"],
+        forbidden["target"],
+        forbidden["normalised"],
+    ) == (403, "bob", f"{SVC_HOST}.svc.cluster.local:443", SVC)
     assert forbidden["outcome"] == "forbidden (target_not_allowed)" and forbidden["unit"] == ""
-    assert (unauth["status"], unauth["principal"], unauth["outcome"]) == (407, "", "proxy authentication required")
+    assert (unauth["status"], unauth["principal"], unauth["outcome"]) == (
+        407,
+        "",
+        "proxy authentication required",
+    )
     assert (forbidden2["status"], forbidden2["principal"]) == (403, "ci-bot")
-    assert (unavailable["status"], unavailable["principal"], unavailable["normalised"]) == (503, "bob", "edge1:22")
+    assert (unavailable["status"], unavailable["principal"], unavailable["normalised"]) == (
+        503,
+        "bob",
+        "edge1:22",
+    )
     for secret in ("pw-a", "pw-b", "tok-123", "wrong"):
         assert secret not in buf.getvalue()
 
@@ -333,12 +525,16 @@ async def test_revocation_closes_a_live_tunnel_and_refuses_the_edge(tmp_path: Pa
     serial = x509.load_pem_x509_certificate((certs / "edge-edge1.crt").read_bytes()).serial_number
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
-        async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{echo}"}, tunnel={"revoked_file": str(revoked)}) as env:
+        async with tunnel_env(
+            tmp_path, {SVC: f"127.0.0.1:{echo}"}, tunnel={"revoked_file": str(revoked)}
+        ) as env:
             status, _, s = await connect(env.ports.proxy, SVC)
             assert status == 200
             async with s:
                 await echo_roundtrip(s, b"before")
-                serial_hex = ":".join(f"{b:02X}" for b in serial.to_bytes((serial.bit_length() + 7) // 8, "big"))
+                serial_hex = ":".join(
+                    f"{b:02X}" for b in serial.to_bytes((serial.bit_length() + 7) // 8, "big")
+                )
                 replace(revoked, f"# revoked edge1's certificate\n{serial_hex}\n")
                 t0 = trio.current_time()
                 with trio.fail_after(10):  # the live stream ends (reset) within seconds
@@ -351,7 +547,9 @@ async def test_revocation_closes_a_live_tunnel_and_refuses_the_edge(tmp_path: Pa
             print(f"\nFIGURE revoked tunnel closed after: {closed_after:.3f} s", flush=True)
             assert closed_after < 5
             # the edge keeps trying; every handshake is refused and counted
-            await wait_for(lambda: env.cloud.metrics.handshake_failures.labels("revoked")._value.get() >= 2)
+            await wait_for(
+                lambda: env.cloud.metrics.handshake_failures.labels("revoked")._value.get() >= 2
+            )
             assert len(env.cloud.registry) == 0
             status, _, s = await connect(env.ports.proxy, SVC)
             await s.aclose()
@@ -384,33 +582,70 @@ async def test_certificate_expiry_metric_status_and_warning(tmp_path: Path) -> N
         echo = await n.start(serve_echo)
         async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{echo}"}, replica="cloud-a") as env:
             _, metrics = await http_get(env.ports.admin, "/metrics")
-            series = {lbl["cert"]: (lbl, v) for lbl, v in samples(metrics)["kins_tunnel_certificate_expiry_seconds"]}
+            series = {
+                lbl["cert"]: (lbl, v)
+                for lbl, v in samples(metrics)["kins_tunnel_certificate_expiry_seconds"]
+            }
             lbl, left = series["edge"]
-            assert (lbl["unit"], lbl["node"]) == ("test", "edge1") and 9.9 * 86400 < left <= 10 * 86400 + 300
+            assert (lbl["unit"], lbl["node"]) == (
+                "test",
+                "edge1",
+            ) and 9.9 * 86400 < left <= 10 * 86400 + 300
             assert 800 * 86400 < series["cloud"][1] <= 825 * 86400 + 300  # certs init: 825 days
-            r = await trio.run_process([sys.executable, "-m", "kins_tunnel", "status", "--admin",
-                                        f"http://127.0.0.1:{env.ports.admin}"], capture_stdout=True, check=True)
+            r = await trio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "kins_tunnel",
+                    "status",
+                    "--admin",
+                    f"http://127.0.0.1:{env.ports.admin}",
+                ],
+                capture_stdout=True,
+                check=True,
+            )
             lines = r.stdout.decode().splitlines()
             header, row = lines[0].split(), lines[1].split()
             assert row[header.index("EXPIRES")] in ("9d!", "10d!")  # "!": within 30 days
             assert lines[-1].startswith("cloud-a: cloud certificate expires 82")
         n.cancel_scope.cancel()
-    warnings = [json.loads(ln) for ln in buf.getvalue().splitlines() if "certificate expires in" in ln]
-    assert [(w["level"], w["cert"], w["unit"], w["node"]) for w in warnings] == [("warning", "edge", "test", "edge1")]
+    warnings = [
+        json.loads(ln) for ln in buf.getvalue().splitlines() if "certificate expires in" in ln
+    ]
+    assert [(w["level"], w["cert"], w["unit"], w["node"]) for w in warnings] == [
+        ("warning", "edge", "test", "edge1")
+    ]
 
 
 # ---------------------------------------------------------------- 6. the README's multi-team example
-async def ssh_via_proxy(sshd: Sshd, proxy_port: int, user_pw: str, node: str) -> subprocess.CompletedProcess[bytes]:
+async def ssh_via_proxy(
+    sshd: Sshd, proxy_port: int, user_pw: str, node: str
+) -> subprocess.CompletedProcess[bytes]:
     proxy_cmd = f"socat - PROXY:127.0.0.1:%h:%p,proxyport={proxy_port},proxyauth={user_pw}"
     with trio.fail_after(30):
         return await trio.run_process(
-            ["ssh", *sshd.ssh_options(), "-o", f"ProxyCommand={proxy_cmd}", "-o", "ConnectTimeout=10",
-             "-p", "22", f"{USER}@{node}", "echo on-call-was-here"],
-            capture_stdout=True, capture_stderr=True, check=False)
+            [
+                "ssh",
+                *sshd.ssh_options(),
+                "-o",
+                f"ProxyCommand={proxy_cmd}",
+                "-o",
+                "ConnectTimeout=10",
+                "-p",
+                "22",
+                f"{USER}@{node}",
+                "echo on-call-was-here",
+            ],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
 
 
-@pytest.mark.skipif(not HAVE_SSH or shutil.which("socat") is None,
-                    reason="needs openssh-server, openssh-client and socat (.ci/system-packages installs them)")
+@pytest.mark.skipif(
+    not HAVE_SSH or shutil.which("socat") is None,
+    reason="needs openssh-server, openssh-client and socat (.ci/system-packages installs them)",
+)
 async def test_readme_multi_team_example(tmp_path: Path) -> None:
     readme = (ROOT / "README.md").read_text()
     assert EXAMPLE.read_text() in readme  # the README shows exactly this file
@@ -420,30 +655,52 @@ async def test_readme_multi_team_example(tmp_path: Path) -> None:
     a_svc, b_svc = "a-svc-kins.kins-system:443", "b-svc-kins.kins-system:443"
 
     def basic(user: str) -> str:
-        return "Proxy-Authorization: Basic " + base64.b64encode(f"{user}:pw-{user}".encode()).decode() + "\r\n"
+        return (
+            "Proxy-Authorization: Basic "
+            + base64.b64encode(f"{user}:pw-{user}".encode()).decode()
+            + "\r\n"
+        )
 
     async with throwaway_sshd(tmp_path) as sshd:
         sshd_port = sshd.port
         async with trio.open_nursery() as n:
             echo = await n.start(serve_echo)
-            proxy_cfg = {"auth": {"basic_file": str(tmp_path / "basic"), "bearer_file": str(tmp_path / "bearer")},
-                         "authz_file": str(EXAMPLE)}
+            proxy_cfg = {
+                "auth": {
+                    "basic_file": str(tmp_path / "basic"),
+                    "bearer_file": str(tmp_path / "bearer"),
+                },
+                "authz_file": str(EXAMPLE),
+            }
             async with tunnel_env(tmp_path, proxy=proxy_cfg) as env:
-                await env.add_edge({a_svc: f"127.0.0.1:{echo}", "a-edge1:22": f"127.0.0.1:{sshd_port}"},
-                                   node="a-edge1", unit="a", wait_for="a-edge1:22")
-                await env.add_edge({b_svc: f"127.0.0.1:{echo}", "b-edge1:22": f"127.0.0.1:{sshd_port}"},
-                                   node="b-edge1", unit="b", wait_for="b-edge1:22")
+                await env.add_edge(
+                    {a_svc: f"127.0.0.1:{echo}", "a-edge1:22": f"127.0.0.1:{sshd_port}"},
+                    node="a-edge1",
+                    unit="a",
+                    wait_for="a-edge1:22",
+                )
+                await env.add_edge(
+                    {b_svc: f"127.0.0.1:{echo}", "b-edge1:22": f"127.0.0.1:{sshd_port}"},
+                    node="b-edge1",
+                    unit="b",
+                    wait_for="b-edge1:22",
+                )
                 p = env.ports.proxy
                 expected = {
                     # team A: unit a only
-                    (basic("alice"), a_svc): 200, (basic("alice"), b_svc): 403, (basic("alice"), "a-edge1:22"): 403,
-                    (basic("bob"), a_svc): 200, (basic("bob"), "b-edge1:22"): 403,
+                    (basic("alice"), a_svc): 200,
+                    (basic("alice"), b_svc): 403,
+                    (basic("alice"), "a-edge1:22"): 403,
+                    (basic("bob"), a_svc): 200,
+                    (basic("bob"), "b-edge1:22"): 403,
                     # team B's CI token: unit b only
                     ("Proxy-Authorization: Bearer tok-b\r\n", b_svc): 200,
                     ("Proxy-Authorization: Bearer tok-b\r\n", a_svc): 403,
                     # on call: every unit and ssh to every node, nothing else on a node
-                    (basic("carol"), a_svc): 200, (basic("carol"), b_svc): 200,
-                    (basic("carol"), "a-edge1:22"): 200, (basic("carol"), "b-edge1:22"): 200,
+                    (basic("carol"), a_svc): 200,
+                    (basic("carol"), b_svc): 200,
+                    (basic("carol"), "a-edge1:22"): 200,
+                    (basic("carol"), "b-edge1:22"): 200,
                     (basic("carol"), "a-edge1:10250"): 403,
                     # not in the file: nothing
                     ("", a_svc): 407,

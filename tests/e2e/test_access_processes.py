@@ -33,9 +33,15 @@ async def test_tls_proxy_rules_and_revocation_with_processes(tmp_path: Path) -> 
         async with trio.open_nursery() as n:
             k3s = await n.start(serve_k3s_standin, ctx)
             cloud = ps.cloud(
-                proxy={"listen": None, "auth": {"basic_file": str(tmp_path / "basic")}, "authz_file": str(EXAMPLE),
-                       "tls": {"listen": f"127.0.0.1:{tls_port}"}},
-                tunnel={"revoked_file": str(revoked)}, log={"json": True})
+                proxy={
+                    "listen": None,
+                    "auth": {"basic_file": str(tmp_path / "basic")},
+                    "authz_file": str(EXAMPLE),
+                    "tls": {"listen": f"127.0.0.1:{tls_port}"},
+                },
+                tunnel={"revoked_file": str(revoked)},
+                log={"json": True},
+            )
             await wait_cloud_up(cloud)
             ps.edge(cloud.tunnel, {A_SVC: f"127.0.0.1:{k3s}"}, node="a-edge1", unit="a")
             await wait_edges(cloud, 1)
@@ -43,10 +49,24 @@ async def test_tls_proxy_rules_and_revocation_with_processes(tmp_path: Path) -> 
             async def curl(user: str, target: str) -> tuple[int, bytes]:
                 with trio.fail_after(30):
                     r = await trio.run_process(
-                        [CURL or "curl", "-sS", "--fail", "--proxy", f"https://127.0.0.1:{tls_port}",
-                         "--proxy-cacert", str(ps.certs / "ca.crt"), "--proxy-user", user,
-                         "--cacert", str(k3s_ca), f"https://{target}/version"],
-                        capture_stdout=True, capture_stderr=True, check=False)
+                        [
+                            CURL or "curl",
+                            "-sS",
+                            "--fail",
+                            "--proxy",
+                            f"https://127.0.0.1:{tls_port}",
+                            "--proxy-cacert",
+                            str(ps.certs / "ca.crt"),
+                            "--proxy-user",
+                            user,
+                            "--cacert",
+                            str(k3s_ca),
+                            f"https://{target}/version",
+                        ],
+                        capture_stdout=True,
+                        capture_stderr=True,
+                        check=False,
+                    )
                 return r.returncode, r.stdout + r.stderr
 
             code, out = await curl("alice:pw-alice", A_SVC)
@@ -57,8 +77,18 @@ async def test_tls_proxy_rules_and_revocation_with_processes(tmp_path: Path) -> 
             assert code != 0 and b"403" in out, out
             # status: the edge and its certificate's expiry, the cloud's own certificate
             with trio.fail_after(30):
-                r = await trio.run_process([sys.executable, "-m", "kins_tunnel", "status", "--admin",
-                                            f"http://127.0.0.1:{cloud.admin}"], capture_stdout=True, check=True)
+                r = await trio.run_process(
+                    [
+                        sys.executable,
+                        "-m",
+                        "kins_tunnel",
+                        "status",
+                        "--admin",
+                        f"http://127.0.0.1:{cloud.admin}",
+                    ],
+                    capture_stdout=True,
+                    check=True,
+                )
             lines = r.stdout.decode().splitlines()
             header, row = lines[0].split(), lines[1].split()
             assert row[:2] == ["a", "a-edge1"] and row[header.index("EXPIRES")].endswith("d")
@@ -86,6 +116,10 @@ async def test_tls_proxy_rules_and_revocation_with_processes(tmp_path: Path) -> 
             n.cancel_scope.cancel()
     docs = [json.loads(ln) for ln in cloud.log.read_text().splitlines() if ln.startswith("{")]
     audit = [d for d in docs if d.get("msg") in ("CONNECT done", "CONNECT refused")]
-    assert sorted((d["principal"], d["status"]) for d in audit) == [("alice", 200), ("alice", 403), ("alice", 503),
-                                                                    ("carol", 403)]
+    assert sorted((d["principal"], d["status"]) for d in audit) == [
+        ("alice", 200),
+        ("alice", 403),
+        ("alice", 503),
+        ("carol", 403),
+    ]
     assert "pw-alice" not in cloud.log.read_text()

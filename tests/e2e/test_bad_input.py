@@ -28,7 +28,9 @@ ANSWERS = {200, 400, 405, 407, 408, 431, 502, 503, 504}
 
 
 @asynccontextmanager
-async def watched_env(tmp_path: Path, **cloud_over: Any) -> AsyncIterator[tuple[TunnelEnv, dict[str, int]]]:
+async def watched_env(
+    tmp_path: Path, **cloud_over: Any
+) -> AsyncIterator[tuple[TunnelEnv, dict[str, int]]]:
     """A cloud and a normal edge, plus a task doing an echo through it every 50 ms."""
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
@@ -60,14 +62,25 @@ async def test_random_bytes_on_the_proxy_port(tmp_path: Path) -> None:
         port = env.ports.proxy
         seen: list[int] = []
 
-        @settings(max_examples=50, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
-        @given(st.one_of(
-            st.binary(max_size=4096),
-            st.binary(max_size=512).map(lambda b: b"CONNECT " + b),
-            st.binary(max_size=512).map(lambda b: b"CONNECT " + SVC.encode() + b" HTTP/1.1\r\n" + b),
-            st.text(max_size=300).map(lambda t: ("CONNECT " + t + " HTTP/1.1\r\n\r\n").encode("utf-8", "replace")),
-        ))
+        @settings(
+            max_examples=50,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(
+            st.one_of(
+                st.binary(max_size=4096),
+                st.binary(max_size=512).map(lambda b: b"CONNECT " + b),
+                st.binary(max_size=512).map(
+                    lambda b: b"CONNECT " + SVC.encode() + b" HTTP/1.1\r\n" + b
+                ),
+                st.text(max_size=300).map(
+                    lambda t: ("CONNECT " + t + " HTTP/1.1\r\n\r\n").encode("utf-8", "replace")
+                ),
+            )
+        )
         def fuzz(data: bytes) -> None:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
                 try:
@@ -113,7 +126,9 @@ async def test_malformed_and_oversized_requests(tmp_path: Path) -> None:
                     return b""
 
     async with watched_env(tmp_path) as (env, _counts):
-        answer = await exchange(b"GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n")  # absolute-form proxying
+        answer = await exchange(
+            b"GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n"
+        )  # absolute-form proxying
         assert _answer(answer) == 405, answer
         answer = await exchange(b"CONNECT http://x/ HTTP/1.1\r\nHost: x\r\n\r\n")
         assert _answer(answer) == 400 and b"bad target" in answer, answer
@@ -135,7 +150,9 @@ async def test_header_slowloris_gets_408_at_the_deadline(tmp_path: Path) -> None
         request = b"CONNECT " + SVC.encode() + b" HTTP/1.1\r\nX-Slow: " + b"z" * 1000
         t0 = time.monotonic()
         with trio.fail_after(5):
-            answer = await slowloris(env.ports.proxy, request)  # one byte every 20 ms: never done in time
+            answer = await slowloris(
+                env.ports.proxy, request
+            )  # one byte every 20 ms: never done in time
         took = time.monotonic() - t0
         figure("slowloris: answered and closed after (header_timeout 1 s)", took, "s")
         assert _answer(answer) == 408, answer
@@ -143,7 +160,10 @@ async def test_header_slowloris_gets_408_at_the_deadline(tmp_path: Path) -> None
 
 
 async def test_idle_connection_flood_over_max_connections(tmp_path: Path) -> None:
-    async with watched_env(tmp_path, proxy={"max_connections": 20, "header_timeout": 30.0}) as (env, counts):
+    async with watched_env(tmp_path, proxy={"max_connections": 20, "header_timeout": 30.0}) as (
+        env,
+        counts,
+    ):
         idle: list[trio.SocketStream] = []
         counts["paused"] = 1  # the watcher's CONNECTs would take slots too
         try:
@@ -221,16 +241,28 @@ async def test_tunnel_port_rejects_bad_clients(tmp_path: Path) -> None:
         other = tmp_path / "other-ca"
         init_ca(other)
         issue_edge(other, "test", "edge1")
-        foreign = client_ssl_context(certs / "ca.crt", other / "edge-edge1.crt", other / "edge-edge1.key")
+        foreign = client_ssl_context(
+            certs / "ca.crt", other / "edge-edge1.crt", other / "edge-edge1.key"
+        )
         outcome_foreign = await _tls_attempt(port, foreign)
         # an expired certificate from the right CA
-        issue_edge(certs, "test", "old", days=1, _now=dt.datetime.now(dt.UTC) - dt.timedelta(days=30))
-        expired = client_ssl_context(certs / "ca.crt", certs / "edge-old.crt", certs / "edge-old.key")
+        issue_edge(
+            certs, "test", "old", days=1, _now=dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+        )
+        expired = client_ssl_context(
+            certs / "ca.crt", certs / "edge-old.crt", certs / "edge-old.key"
+        )
         outcome_expired = await _tls_attempt(port, expired)
-        for name, outcome in (("no cert", outcome_bare), ("foreign CA", outcome_foreign), ("expired", outcome_expired)):
+        for name, outcome in (
+            ("no cert", outcome_bare),
+            ("foreign CA", outcome_foreign),
+            ("expired", outcome_expired),
+        ):
             figure(f"tunnel port, {name}", outcome)
             assert not outcome.startswith("data"), (name, outcome)
-        assert [(t.identity.unit, t.identity.node) for t in env.cloud.registry] == [("test", "edge1")]
+        assert [(t.identity.unit, t.identity.node) for t in env.cloud.registry] == [
+            ("test", "edge1")
+        ]
         with trio.fail_after(3):
             while sum(_failures(env).values()) < 4:
                 await trio.sleep(0.02)
@@ -247,9 +279,15 @@ async def test_edge_advertising_other_names_serves_only_its_own(tmp_path: Path) 
     async with watched_env(tmp_path) as (env, _counts):
         async with trio.open_nursery() as n:
             echo = await n.start(serve_echo)
-            mine = {"edge3:22": f"127.0.0.1:{echo}", "test-svc-kins.kins-system:6443": f"127.0.0.1:{echo}"}
-            theirs = {"prod-svc-kins.kins-system:443": f"127.0.0.1:{echo}", "edge1:22": f"127.0.0.1:{echo}",
-                      "kubernetes.default:443": f"127.0.0.1:{echo}"}
+            mine = {
+                "edge3:22": f"127.0.0.1:{echo}",
+                "test-svc-kins.kins-system:6443": f"127.0.0.1:{echo}",
+            }
+            theirs = {
+                "prod-svc-kins.kins-system:443": f"127.0.0.1:{echo}",
+                "edge1:22": f"127.0.0.1:{echo}",
+                "kubernetes.default:443": f"127.0.0.1:{echo}",
+            }
             await env.add_edge({**mine, **theirs}, node="edge3", wait_for="edge3:22")
             edge3 = [t for t in env.cloud.registry if t.identity.node == "edge3"]
             assert len(edge3) == 1 and edge3[0].names == frozenset(mine)

@@ -61,7 +61,9 @@ async def _status_answers(tmp_path: Path, refused_port: int, hanging: int) -> No
         async with s:
             await s.send_all(b"GET http://example/ HTTP/1.1\r\nHost: example\r\n\r\n")
             head = await read_all(s)
-        assert head.startswith(b"HTTP/1.1 405 ") and b"Allow: CONNECT" in head.replace(b"allow", b"Allow")
+        assert head.startswith(b"HTTP/1.1 405 ") and b"Allow: CONNECT" in head.replace(
+            b"allow", b"Allow"
+        )
         # garbage
         s = await trio.open_tcp_stream("127.0.0.1", env.ports.proxy)
         async with s:
@@ -73,7 +75,13 @@ async def _status_answers(tmp_path: Path, refused_port: int, hanging: int) -> No
         async with s:
             with trio.move_on_after(5):
                 try:
-                    await s.send_all(b"CONNECT " + SVC.encode() + b" HTTP/1.1\r\nX: " + b"a" * 40000 + b"\r\n\r\n")
+                    await s.send_all(
+                        b"CONNECT "
+                        + SVC.encode()
+                        + b" HTTP/1.1\r\nX: "
+                        + b"a" * 40000
+                        + b"\r\n\r\n"
+                    )
                 except trio.BrokenResourceError:
                     pass
             head = await read_all(s)
@@ -84,7 +92,9 @@ async def test_header_deadline_closes_slow_clients(tmp_path: Path) -> None:
     async with tunnel_env(tmp_path, proxy={"header_timeout": 0.3}) as env:
         s = await trio.open_tcp_stream("127.0.0.1", env.ports.proxy)
         async with s:
-            await s.send_all(b"CONNECT test-svc-kins.kins-system:443 HTTP/1.1\r\n")  # never finishes
+            await s.send_all(
+                b"CONNECT test-svc-kins.kins-system:443 HTTP/1.1\r\n"
+            )  # never finishes
             with trio.fail_after(5):
                 head = await read_all(s)
         assert head.startswith(b"HTTP/1.1 408 ")
@@ -97,22 +107,34 @@ async def test_auth_required_when_configured(tmp_path: Path) -> None:
     bearer.write_text("tok-123\n")
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
-        async with tunnel_env(tmp_path, proxy={"auth": {"basic_file": str(basic), "bearer_file": str(bearer)}}) as env:
+        async with tunnel_env(
+            tmp_path, proxy={"auth": {"basic_file": str(basic), "bearer_file": str(bearer)}}
+        ) as env:
             await env.add_edge({SVC: f"127.0.0.1:{echo}"}, wait_for=SVC)
             status, head, s = await connect(env.ports.proxy, SVC)
             await s.aclose()
-            assert status == 407 and b"Proxy-Authenticate" in head.replace(b"proxy-authenticate", b"Proxy-Authenticate")
-            status, _, s = await connect(env.ports.proxy, SVC, "Proxy-Authorization: Basic YWxpY2U6d3Jvbmc=\r\n")
+            assert status == 407 and b"Proxy-Authenticate" in head.replace(
+                b"proxy-authenticate", b"Proxy-Authenticate"
+            )
+            status, _, s = await connect(
+                env.ports.proxy, SVC, "Proxy-Authorization: Basic YWxpY2U6d3Jvbmc=\r\n"
+            )
             await s.aclose()
             assert status == 407
-            status, _, s = await connect(env.ports.proxy, SVC, "Proxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n")
+            status, _, s = await connect(
+                env.ports.proxy, SVC, "Proxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n"
+            )
             await s.aclose()
             assert status == 200
-            status, _, s = await connect(env.ports.proxy, SVC, "Proxy-Authorization: Bearer tok-123\r\n")
+            status, _, s = await connect(
+                env.ports.proxy, SVC, "Proxy-Authorization: Bearer tok-123\r\n"
+            )
             await s.aclose()
             assert status == 200
             bearer.write_text("tok-456\n")  # rotated secret: picked up without restart
-            status, _, s = await connect(env.ports.proxy, SVC, "Proxy-Authorization: Bearer tok-123\r\n")
+            status, _, s = await connect(
+                env.ports.proxy, SVC, "Proxy-Authorization: Bearer tok-123\r\n"
+            )
             await s.aclose()
             assert status == 407
         n.cancel_scope.cancel()
@@ -147,9 +169,11 @@ async def test_hundreds_of_concurrent_streams_checksummed(tmp_path: Path) -> Non
                 assert status == 200
                 async with s:
                     async with trio.open_nursery() as nn:
+
                         async def send() -> None:
                             await s.send_all(payload)
                             await s.send_eof()
+
                         nn.start_soon(send)
                         got = await read_all(s)
                 results[i] = got == payload
@@ -161,8 +185,9 @@ async def test_hundreds_of_concurrent_streams_checksummed(tmp_path: Path) -> Non
             assert len(results) == count and all(results.values())
             # every stream ended and was forgotten on both sides
             with trio.fail_after(5):
-                while sum(t.session.statistics().streams for t in env.cloud.registry) or \
-                        sum(s.statistics().streams for s in env.edges[0].sessions.values()):
+                while sum(t.session.statistics().streams for t in env.cloud.registry) or sum(
+                    s.statistics().streams for s in env.edges[0].sessions.values()
+                ):
                     await trio.sleep(0.05)
         n.cancel_scope.cancel()
 
@@ -171,8 +196,11 @@ async def test_target_reset_mid_stream_resets_the_client(tmp_path: Path) -> None
     async def rude(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async def handler(stream: trio.SocketStream) -> None:
             await stream.send_all(b"partial")
-            stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            stream.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
             await stream.aclose()  # RST
+
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         task_status.started(listeners[0].socket.getsockname()[1])
         await trio.serve_listeners(handler, listeners)
@@ -216,7 +244,9 @@ async def test_service_with_several_addresses_fails_over(tmp_path: Path) -> None
                     assert await s.receive_some(10) == b"hello"
             # the forwarder now starts with the address that worked
             assert env.edges[0].forwarder._preferred[SVC] == 1
-        async with tunnel_env(tmp_path / "all-dead", {SVC: [f"127.0.0.1:{dead1}", f"127.0.0.1:{dead2}"]}) as env:
+        async with tunnel_env(
+            tmp_path / "all-dead", {SVC: [f"127.0.0.1:{dead1}", f"127.0.0.1:{dead2}"]}
+        ) as env:
             status, head, s = await connect(env.ports.proxy, SVC)
             await s.aclose()
             assert status == 502 and b"refused" in head

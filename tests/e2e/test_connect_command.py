@@ -42,8 +42,10 @@ from tests.e2e.sshd import HAVE_SSH, USER, Sshd, throwaway_sshd
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "s3cr:et x"  # a colon and a space: only the first colon separates user and password
 TOKEN = "tok-3f9a1c"
-needs_ssh = pytest.mark.skipif(not HAVE_SSH, reason="needs openssh-server and openssh-client "
-                                                    "(.ci/system-packages installs them)")
+needs_ssh = pytest.mark.skipif(
+    not HAVE_SSH,
+    reason="needs openssh-server and openssh-client (.ci/system-packages installs them)",
+)
 
 
 def connect_argv(target: str, proxy_url: str, *extra: str) -> list[str]:
@@ -57,10 +59,19 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-async def run(argv: list[str], stdin: bytes = b"", timeout: float = 30, **env: str) -> subprocess.CompletedProcess[bytes]:
+async def run(
+    argv: list[str], stdin: bytes = b"", timeout: float = 30, **env: str
+) -> subprocess.CompletedProcess[bytes]:
     with trio.fail_after(timeout):
-        return await trio.run_process(argv, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False,
-                                      env=child_env(**env), cwd=REPO)
+        return await trio.run_process(
+            argv,
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=child_env(**env),
+            cwd=REPO,
+        )
 
 
 def write_credentials(base: Path) -> dict[str, Any]:
@@ -78,13 +89,29 @@ async def auth_tunnel(base: Path, services: Mapping[str, str]) -> AsyncIterator[
 
 
 def proxy_command(proxy_url: str, *extra: str) -> str:
-    return " ".join([sys.executable, "-m", "kins_tunnel", "connect", "%h:%p", "--proxy", proxy_url, *extra])
+    return " ".join(
+        [sys.executable, "-m", "kins_tunnel", "connect", "%h:%p", "--proxy", proxy_url, *extra]
+    )
 
 
-async def ssh(sshd: Sshd, proxy_cmd: str, command: str, stdin: bytes = b"", timeout: float = 60,
-              **env: str) -> subprocess.CompletedProcess[bytes]:
-    return await run(["ssh", *sshd.ssh_options(), "-o", f"ProxyCommand={proxy_cmd}", "-p", "22",
-                      f"{USER}@edge1", command], stdin=stdin, timeout=timeout, **env)
+async def ssh(
+    sshd: Sshd, proxy_cmd: str, command: str, stdin: bytes = b"", timeout: float = 60, **env: str
+) -> subprocess.CompletedProcess[bytes]:
+    return await run(
+        [
+            "ssh",
+            *sshd.ssh_options(),
+            "-o",
+            f"ProxyCommand={proxy_cmd}",
+            "-p",
+            "22",
+            f"{USER}@edge1",
+            command,
+        ],
+        stdin=stdin,
+        timeout=timeout,
+        **env,
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -100,15 +127,22 @@ def sha256_file(path: Path) -> str:
 
 @needs_ssh
 async def test_ssh_with_connect_command_and_basic_auth(tmp_path: Path) -> None:
-    async with throwaway_sshd(tmp_path) as sshd, auth_tunnel(tmp_path, {"edge1:22": f"127.0.0.1:{sshd.port}"}) as url:
+    async with (
+        throwaway_sshd(tmp_path) as sshd,
+        auth_tunnel(tmp_path, {"edge1:22": f"127.0.0.1:{sshd.port}"}) as url,
+    ):
         upload = os.urandom(8 * 1024 * 1024 + 17)
         cmd = proxy_command(url, "--proxy-user", f"'u:{PASSWORD}'")
         r = await ssh(sshd, cmd, "sha256sum; head -c 3000000 /dev/zero | wc -c", stdin=upload)
         assert r.returncode == 0, r.stderr + sshd.log_tail().encode()
         assert r.stdout.split() == [hashlib.sha256(upload).hexdigest().encode(), b"-", b"3000000"]
         # the password from the environment, not on the command line
-        r = await ssh(sshd, proxy_command(url, "--proxy-user", "u"), "echo env-password",
-                      KINS_TUNNEL_PROXY_PASSWORD=PASSWORD)
+        r = await ssh(
+            sshd,
+            proxy_command(url, "--proxy-user", "u"),
+            "echo env-password",
+            KINS_TUNNEL_PROXY_PASSWORD=PASSWORD,
+        )
         assert (r.returncode, r.stdout) == (0, b"env-password\n"), r.stderr
         # wrong credentials: ssh fails and shows the proxy's reason
         r = await ssh(sshd, proxy_command(url, "--proxy-user", "u:wrong"), "true")
@@ -118,24 +152,33 @@ async def test_ssh_with_connect_command_and_basic_auth(tmp_path: Path) -> None:
 
 
 @needs_ssh
-@pytest.mark.skipif(shutil.which("rsync") is None or shutil.which("scp") is None,
-                    reason="needs rsync and scp (.ci/system-packages installs them)")
+@pytest.mark.skipif(
+    shutil.which("rsync") is None or shutil.which("scp") is None,
+    reason="needs rsync and scp (.ci/system-packages installs them)",
+)
 async def test_scp_and_rsync_with_connect_command(tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     files = {"a.bin": os.urandom(3 * 1024 * 1024), "sub/b.txt": b"hello\n" * 1000, "empty": b""}
     for name, data in files.items():
         (src / name).write_bytes(data)
-    async with throwaway_sshd(tmp_path) as sshd, auth_tunnel(tmp_path, {"edge1:22": f"127.0.0.1:{sshd.port}"}) as url:
+    async with (
+        throwaway_sshd(tmp_path) as sshd,
+        auth_tunnel(tmp_path, {"edge1:22": f"127.0.0.1:{sshd.port}"}) as url,
+    ):
         cmd = proxy_command(url, "--proxy-user", "u")
         opts = [*sshd.ssh_options(), "-o", f"ProxyCommand={cmd}"]
-        r = await run(["scp", *opts, "-P", "22", str(src / "a.bin"), f"{USER}@edge1:{tmp_path / 'scp.bin'}"],
-                      KINS_TUNNEL_PROXY_PASSWORD=PASSWORD)
+        r = await run(
+            ["scp", *opts, "-P", "22", str(src / "a.bin"), f"{USER}@edge1:{tmp_path / 'scp.bin'}"],
+            KINS_TUNNEL_PROXY_PASSWORD=PASSWORD,
+        )
         assert r.returncode == 0, r.stderr
         assert (tmp_path / "scp.bin").read_bytes() == files["a.bin"]
         rsh = " ".join(["ssh", *(f"'{o}'" if " " in o else o for o in opts)])
-        r = await run(["rsync", "-a", "-e", rsh, f"{src}/", f"{USER}@edge1:{tmp_path / 'rsync'}/"],
-                      KINS_TUNNEL_PROXY_PASSWORD=PASSWORD)
+        r = await run(
+            ["rsync", "-a", "-e", rsh, f"{src}/", f"{USER}@edge1:{tmp_path / 'rsync'}/"],
+            KINS_TUNNEL_PROXY_PASSWORD=PASSWORD,
+        )
         assert r.returncode == 0, r.stderr
         for name, data in files.items():
             assert (tmp_path / "rsync" / name).read_bytes() == data
@@ -154,7 +197,10 @@ async def test_credential_forms_and_half_close(tmp_path: Path) -> None:
                 (connect_argv("edge1:7000", url, "--proxy-user", "u"), True),
                 (connect_argv("edge1:7000", f"http://u:{quoted}@{authority}"), False),
                 (connect_argv("edge1:7000", f"http://u@{authority}"), True),
-                (connect_argv("EDGE1:7000", url, "--proxy-token-file", str(tmp_path / "token")), False),
+                (
+                    connect_argv("EDGE1:7000", url, "--proxy-token-file", str(tmp_path / "token")),
+                    False,
+                ),
             ]
             for argv, password_in_env in forms:
                 data = os.urandom(1024 * 1024 + len(argv))
@@ -163,25 +209,48 @@ async def test_credential_forms_and_half_close(tmp_path: Path) -> None:
                 else:
                     r = await run(argv, stdin=data)
                 assert (r.returncode, r.stderr) == (0, b""), argv
-                assert r.stdout == f"{hashlib.sha256(data).hexdigest()} {len(data)}\n".encode(), argv
+                assert r.stdout == f"{hashlib.sha256(data).hexdigest()} {len(data)}\n".encode(), (
+                    argv
+                )
         n.cancel_scope.cancel()
 
 
 async def test_refusals_print_the_reason_and_exit_non_zero(tmp_path: Path) -> None:
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
-        services = {"edge1:7000": f"127.0.0.1:{echo}", "edge1:7001": f"127.0.0.1:{free_port()}"}  # nothing there
+        services = {
+            "edge1:7000": f"127.0.0.1:{echo}",
+            "edge1:7001": f"127.0.0.1:{free_port()}",
+        }  # nothing there
         async with auth_tunnel(tmp_path, services) as url:
             (tmp_path / "bad-token").write_text("not-the-token\n")
             cases = [  # argv extra, target, exit code, text on stderr
-                ([], "edge1:7000", 5, "answered 407 Proxy Authentication Required: "
-                                      "kins-tunnel: edge1:7000: proxy authentication required"),
+                (
+                    [],
+                    "edge1:7000",
+                    5,
+                    "answered 407 Proxy Authentication Required: "
+                    "kins-tunnel: edge1:7000: proxy authentication required",
+                ),
                 (["--proxy-user", "u:wrong"], "edge1:7000", 5, "answered 407"),
-                (["--proxy-token-file", str(tmp_path / "bad-token")], "edge1:7000", 5, "answered 407"),
-                (["--proxy-user", f"u:{PASSWORD}"], "edge2:22", 6,
-                 "answered 503 Service Unavailable: kins-tunnel: edge2:22: no connected edge serves this name"),
-                (["--proxy-user", f"u:{PASSWORD}"], "edge1:7001", 6,
-                 "answered 502 Bad Gateway: kins-tunnel: edge1:7001: the target refused the connection"),
+                (
+                    ["--proxy-token-file", str(tmp_path / "bad-token")],
+                    "edge1:7000",
+                    5,
+                    "answered 407",
+                ),
+                (
+                    ["--proxy-user", f"u:{PASSWORD}"],
+                    "edge2:22",
+                    6,
+                    "answered 503 Service Unavailable: kins-tunnel: edge2:22: no connected edge serves this name",
+                ),
+                (
+                    ["--proxy-user", f"u:{PASSWORD}"],
+                    "edge1:7001",
+                    6,
+                    "answered 502 Bad Gateway: kins-tunnel: edge1:7001: the target refused the connection",
+                ),
                 (["--proxy-user", "u"], "edge1:7000", 2, "--proxy-user: no password"),
                 (["--proxy-user", f"u:{PASSWORD}"], "edge1", 2, "HOST:PORT: "),
             ]
@@ -189,7 +258,9 @@ async def test_refusals_print_the_reason_and_exit_non_zero(tmp_path: Path) -> No
                 r = await run(connect_argv(target, url, *extra), stdin=b"never sent")
                 assert r.returncode == code, (extra, target, r.stderr)
                 assert r.stdout == b""
-                assert r.stderr.count(b"\n") == 1 and r.stderr.startswith(b"kins-tunnel connect: "), r.stderr
+                assert r.stderr.count(b"\n") == 1 and r.stderr.startswith(
+                    b"kins-tunnel connect: "
+                ), r.stderr
                 assert text.encode() in r.stderr, (text, r.stderr)
             r = await run(connect_argv("edge1:7000", "ftp://127.0.0.1:21"))
             assert r.returncode == 2 and b"--proxy: " in r.stderr
@@ -205,10 +276,18 @@ async def socat_tls_terminator(base: Path, upstream: int) -> AsyncIterator[int]:
     port = free_port()
     certs = base / "certs"
     with open(base / "socat.log", "wb") as log:
-        p = subprocess.Popen(["socat", f"openssl-listen:{port},bind=127.0.0.1,reuseaddr,fork,"
-                                       f"cert={certs / 'cloud.crt'},key={certs / 'cloud.key'},verify=0",
-                              f"tcp:127.0.0.1:{upstream}"],
-                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        p = subprocess.Popen(
+            [
+                "socat",
+                f"openssl-listen:{port},bind=127.0.0.1,reuseaddr,fork,"
+                f"cert={certs / 'cloud.crt'},key={certs / 'cloud.key'},verify=0",
+                f"tcp:127.0.0.1:{upstream}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     try:
         with trio.fail_after(10):
             while True:
@@ -239,19 +318,34 @@ async def test_https_proxy(tmp_path: Path, tls_end: str) -> None:
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
         digest = await n.start(serve_digest)
-        async with throwaway_sshd(tmp_path) as sshd, \
-                tunnel_env(tmp_path, {"edge1:22": f"127.0.0.1:{sshd.port}", "edge1:7000": f"127.0.0.1:{echo}",
-                                      "edge1:7001": f"127.0.0.1:{digest}"},
-                           proxy=proxy) as env, contextlib.AsyncExitStack() as stack:
+        async with (
+            throwaway_sshd(tmp_path) as sshd,
+            tunnel_env(
+                tmp_path,
+                {
+                    "edge1:22": f"127.0.0.1:{sshd.port}",
+                    "edge1:7000": f"127.0.0.1:{echo}",
+                    "edge1:7001": f"127.0.0.1:{digest}",
+                },
+                proxy=proxy,
+            ) as env,
+            contextlib.AsyncExitStack() as stack,
+        ):
             if tls_end == "cloud proxy.tls":
                 tls_port = env.ports.proxy_tls
             else:
-                tls_port = await stack.enter_async_context(socat_tls_terminator(tmp_path, env.ports.proxy))
+                tls_port = await stack.enter_async_context(
+                    socat_tls_terminator(tmp_path, env.ports.proxy)
+                )
             url = f"https://127.0.0.1:{tls_port}"
             cacert = str(tmp_path / "certs" / "ca.crt")
             cmd = proxy_command(url, "--proxy-cacert", cacert, "--proxy-user", "u")
-            r = await ssh(sshd, cmd, "echo over-tls; head -c 2000000 /dev/zero | wc -c",
-                          KINS_TUNNEL_PROXY_PASSWORD=PASSWORD)
+            r = await ssh(
+                sshd,
+                cmd,
+                "echo over-tls; head -c 2000000 /dev/zero | wc -c",
+                KINS_TUNNEL_PROXY_PASSWORD=PASSWORD,
+            )
             assert r.returncode == 0, r.stderr
             assert r.stdout.split() == [b"over-tls", b"2000000"]
             data = os.urandom(20 * 1024 * 1024)  # 20 MiB up and back through TLS to the proxy
@@ -260,8 +354,12 @@ async def test_https_proxy(tmp_path: Path, tls_end: str) -> None:
             assert hashlib.sha256(r.stdout).digest() == hashlib.sha256(data).digest()
             if tls_end == "cloud proxy.tls":  # stdin EOF is close_notify: the far end still answers
                 data = os.urandom(1024 * 1024)
-                r = await run(connect_argv("edge1:7001", url, "--proxy-cacert", cacert, "--proxy-user",
-                                           f"u:{PASSWORD}"), stdin=data)
+                r = await run(
+                    connect_argv(
+                        "edge1:7001", url, "--proxy-cacert", cacert, "--proxy-user", f"u:{PASSWORD}"
+                    ),
+                    stdin=data,
+                )
                 assert (r.returncode, r.stderr) == (0, b"")
                 assert r.stdout == f"{hashlib.sha256(data).hexdigest()} {len(data)}\n".encode()
             # the proxy's refusal, read over TLS
@@ -272,14 +370,23 @@ async def test_https_proxy(tmp_path: Path, tls_end: str) -> None:
             assert r.returncode == 3, r.stderr
             assert b"TLS with proxy 127.0.0.1:" in r.stderr and b"certificate" in r.stderr, r.stderr
             # plain HTTP to the TLS port is not an HTTP answer
-            r = await run(connect_argv("edge1:7000", f"http://127.0.0.1:{tls_port}", "--proxy-user", f"u:{PASSWORD}",
-                                       "--answer-timeout", "5"))
+            r = await run(
+                connect_argv(
+                    "edge1:7000",
+                    f"http://127.0.0.1:{tls_port}",
+                    "--proxy-user",
+                    f"u:{PASSWORD}",
+                    "--answer-timeout",
+                    "5",
+                )
+            )
             assert r.returncode == 7, r.stderr
         n.cancel_scope.cancel()
 
 
 async def test_https_proxy_with_client_certificate(tmp_path: Path) -> None:
     """The cloud's proxy.tls with client_ca: the certificate is the credential."""
+
     async def greet(stream: trio.SocketStream) -> None:  # reads one line, answers, closes
         line = b""
         while not line.endswith(b"\n"):
@@ -294,21 +401,50 @@ async def test_https_proxy_with_client_certificate(tmp_path: Path) -> None:
     ca = str(certs / "ca.crt")
     async with trio.open_nursery() as n:
         port = await n.start(serve_loopback, greet)
-        async with tunnel_env(tmp_path, {"edge1:7000": f"127.0.0.1:{port}"},
-                              proxy={"tls": {"listen": "127.0.0.1:0", "client_ca": ca}}) as env:
+        async with tunnel_env(
+            tmp_path,
+            {"edge1:7000": f"127.0.0.1:{port}"},
+            proxy={"tls": {"listen": "127.0.0.1:0", "client_ca": ca}},
+        ) as env:
             url = f"https://127.0.0.1:{env.ports.proxy_tls}"
-            r = await run(connect_argv("edge1:7000", url, "--proxy-cacert", ca, "--proxy-cert", str(crt),
-                                       "--proxy-key", str(key)), stdin=b"hello\n")
+            r = await run(
+                connect_argv(
+                    "edge1:7000",
+                    url,
+                    "--proxy-cacert",
+                    ca,
+                    "--proxy-cert",
+                    str(crt),
+                    "--proxy-key",
+                    str(key),
+                ),
+                stdin=b"hello\n",
+            )
             assert (r.returncode, r.stdout, r.stderr) == (0, b"got hello\n", b"")
             # without the certificate the proxy ends the TLS session: exit 3, not a protocol error
             r = await run(connect_argv("edge1:7000", url, "--proxy-cacert", ca), stdin=b"hello\n")
             assert r.returncode == 3, r.stderr
             assert r.stderr.startswith(b"kins-tunnel connect: TLS with proxy 127.0.0.1:"), r.stderr
-            assert b"client certificate" in r.stderr or b"CERTIFICATE_REQUIRED" in r.stderr, r.stderr
-            r = await run(connect_argv("edge1:7000", url, "--proxy-cacert", ca, "--proxy-cert", str(crt)))
-            assert r.returncode == 2 and b"--proxy-cert and --proxy-key: give both or neither" in r.stderr
-            r = await run(connect_argv("edge1:7000", "http://127.0.0.1:1", "--proxy-cert", str(crt),
-                                       "--proxy-key", str(key)))
+            assert b"client certificate" in r.stderr or b"CERTIFICATE_REQUIRED" in r.stderr, (
+                r.stderr
+            )
+            r = await run(
+                connect_argv("edge1:7000", url, "--proxy-cacert", ca, "--proxy-cert", str(crt))
+            )
+            assert (
+                r.returncode == 2
+                and b"--proxy-cert and --proxy-key: give both or neither" in r.stderr
+            )
+            r = await run(
+                connect_argv(
+                    "edge1:7000",
+                    "http://127.0.0.1:1",
+                    "--proxy-cert",
+                    str(crt),
+                    "--proxy-key",
+                    str(key),
+                )
+            )
             assert r.returncode == 2 and b"--proxy-cert: only for an https:// proxy" in r.stderr
         n.cancel_scope.cancel()
 
@@ -333,8 +469,10 @@ async def test_bytes_behind_the_200_head_are_forwarded(tmp_path: Path) -> None:
 
     async with trio.open_nursery() as n:
         port = await n.start(serve_loopback, one_packet_proxy_double)
-        r = await run(connect_argv("edge1:22", f"http://127.0.0.1:{port}", "--proxy-user", "u:p w"),
-                      stdin=b"hello")
+        r = await run(
+            connect_argv("edge1:22", f"http://127.0.0.1:{port}", "--proxy-user", "u:p w"),
+            stdin=b"hello",
+        )
         assert (r.returncode, r.stderr) == (0, b"")
         assert r.stdout == b"SSH-2.0-banner\r\nhello"
         lines = seen[0].split(b"\r\n")
@@ -362,8 +500,10 @@ async def test_deadlines_and_bad_answers(tmp_path: Path) -> None:
 
     async def short_body_proxy_double(stream: trio.SocketStream) -> None:
         await stream.receive_some(4096)
-        await stream.send_all(b"HTTP/1.1 407 Who are you\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\n"
-                              b"go \x1b[31maway\nsecond line")
+        await stream.send_all(
+            b"HTTP/1.1 407 Who are you\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\n"
+            b"go \x1b[31maway\nsecond line"
+        )
 
     async with trio.open_nursery() as n:
         silent = await n.start(serve_loopback, silent_proxy_double)
@@ -371,18 +511,29 @@ async def test_deadlines_and_bad_answers(tmp_path: Path) -> None:
         hang_up = await n.start(serve_loopback, hang_up_proxy_double)
         short_body = await n.start(serve_loopback, short_body_proxy_double)
         r = await run(connect_argv("edge1:22", f"http://127.0.0.1:{hang_up}"))
-        assert r.returncode == 7 and b"closed the connection without answering" in r.stderr, r.stderr
+        assert r.returncode == 7 and b"closed the connection without answering" in r.stderr, (
+            r.stderr
+        )
         # a refusal whose body is cut short is still a refusal; control characters are not printed
         r = await run(connect_argv("edge1:22", f"http://127.0.0.1:{short_body}"))
         assert r.returncode == 5, r.stderr
         assert r.stderr.endswith(b"answered 407 Who are you: go  [31maway\n"), r.stderr
-        r = await run(connect_argv("edge1:22", f"http://127.0.0.1:{silent}", "--answer-timeout", "0.5"))
-        assert r.returncode == 4 and b"did not answer CONNECT edge1:22 within 0.5s" in r.stderr, r.stderr
+        r = await run(
+            connect_argv("edge1:22", f"http://127.0.0.1:{silent}", "--answer-timeout", "0.5")
+        )
+        assert r.returncode == 4 and b"did not answer CONNECT edge1:22 within 0.5s" in r.stderr, (
+            r.stderr
+        )
         with hanging_listener() as hanging:
-            r = await run(connect_argv("edge1:22", f"http://127.0.0.1:{hanging}", "--connect-timeout", "0.5"))
+            r = await run(
+                connect_argv("edge1:22", f"http://127.0.0.1:{hanging}", "--connect-timeout", "0.5")
+            )
         assert r.returncode == 4 and b"no connection to proxy" in r.stderr, r.stderr
         r = await run(connect_argv("edge1:22", f"http://127.0.0.1:{garbage}"))
-        assert r.returncode == 7 and b"answered with invalid HTTP (it sent: SSH-2.0-OpenSSH_9.2)" in r.stderr, r.stderr
+        assert (
+            r.returncode == 7
+            and b"answered with invalid HTTP (it sent: SSH-2.0-OpenSSH_9.2)" in r.stderr
+        ), r.stderr
         refused = free_port()
         r = await run(connect_argv("edge1:22", f"http://127.0.0.1:{refused}"))
         assert r.returncode == 3 and b"cannot connect to proxy" in r.stderr, r.stderr
@@ -397,7 +548,7 @@ async def test_deadlines_and_bad_answers(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("scp") is None, reason="needs scp")
 async def test_scp_1gib_through_the_tunnel(tmp_path: Path) -> None:
     """scp of 1 GiB to the throw-away sshd behind a real edge process, sha256 checked on both ends."""
-    size = 1024 ** 3
+    size = 1024**3
     src, dst = tmp_path / "big.bin", tmp_path / "big.copy"
     local = hashlib.sha256()
     with open(src, "wb") as f:
@@ -415,10 +566,15 @@ async def test_scp_1gib_through_the_tunnel(tmp_path: Path) -> None:
                 await wait_edges(cloud, 1)
                 cmd = proxy_command(f"http://127.0.0.1:{cloud.proxy}", "--proxy-user", "u")
                 opts = [*sshd.ssh_options(), "-o", f"ProxyCommand={cmd}"]
-                r = await run(["scp", *opts, "-P", "22", str(src), f"{USER}@edge1:{dst}"], timeout=600,
-                              KINS_TUNNEL_PROXY_PASSWORD=PASSWORD)
+                r = await run(
+                    ["scp", *opts, "-P", "22", str(src), f"{USER}@edge1:{dst}"],
+                    timeout=600,
+                    KINS_TUNNEL_PROXY_PASSWORD=PASSWORD,
+                )
                 assert r.returncode == 0, r.stderr
-                r = await ssh(sshd, cmd, f"sha256sum {dst}", timeout=120, KINS_TUNNEL_PROXY_PASSWORD=PASSWORD)
+                r = await ssh(
+                    sshd, cmd, f"sha256sum {dst}", timeout=120, KINS_TUNNEL_PROXY_PASSWORD=PASSWORD
+                )
                 assert r.returncode == 0, r.stderr
                 assert r.stdout.split()[0].decode() == local.hexdigest()
                 assert dst.stat().st_size == size

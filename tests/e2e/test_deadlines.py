@@ -23,14 +23,19 @@ def virtual_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.01)
 
 
-async def test_header_slowloris_gets_408_exactly_at_the_deadline(tmp_path: Path,
-                                                                 virtual_clock: trio.testing.MockClock) -> None:
+async def test_header_slowloris_gets_408_exactly_at_the_deadline(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
-        async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{echo}"}, proxy={"header_timeout": 1.0}) as env:
+        async with tunnel_env(
+            tmp_path, {SVC: f"127.0.0.1:{echo}"}, proxy={"header_timeout": 1.0}
+        ) as env:
             request = b"CONNECT " + SVC.encode() + b" HTTP/1.1\r\nX-Slow: " + b"z" * 1000
             t0 = trio.current_time()
-            answer = await slowloris(env.ports.proxy, request)  # one byte every 20 ms: never done in time
+            answer = await slowloris(
+                env.ports.proxy, request
+            )  # one byte every 20 ms: never done in time
             took = trio.current_time() - t0
         n.cancel_scope.cancel()
     assert answer.startswith(b"HTTP/1.1 408 "), answer
@@ -38,8 +43,9 @@ async def test_header_slowloris_gets_408_exactly_at_the_deadline(tmp_path: Path,
     assert 1.0 <= took <= 1.0 + 1.0 + 0.05, took
 
 
-async def test_hanging_target_gets_504_exactly_at_the_edge_dial_timeout(tmp_path: Path,
-                                                                       virtual_clock: trio.testing.MockClock) -> None:
+async def test_hanging_target_gets_504_exactly_at_the_edge_dial_timeout(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
     with hanging_listener() as hanging:
         async with tunnel_env(tmp_path) as env:
             await env.add_edge({SVC: f"127.0.0.1:{hanging}"}, wait_for=SVC, dial_timeout=1.0)

@@ -44,10 +44,17 @@ from tests.e2e.faultkit import (
 from tests.e2e.harness import SVC, cloud_dict, edge_dict, hanging_listener, make_certs, serve_echo
 
 PING = {"ping_interval": 0.5, "ping_timeout": 2.0}
-CLOUD_FAST: dict[str, Any] = {"tunnel": {**PING, "drain_timeout": 3.0, "handshake_timeout": 3.0},
-                              "proxy": {"dial_timeout": 3.0}}
-EDGE_FAST: dict[str, Any] = {**PING, "reconnect": {"initial": 0.1, "max": 1.0}, "dial_timeout": 1.0,
-                             "drain_timeout": 3.0, "handshake_timeout": 2.0}
+CLOUD_FAST: dict[str, Any] = {
+    "tunnel": {**PING, "drain_timeout": 3.0, "handshake_timeout": 3.0},
+    "proxy": {"dial_timeout": 3.0},
+}
+EDGE_FAST: dict[str, Any] = {
+    **PING,
+    "reconnect": {"initial": 0.1, "max": 1.0},
+    "dial_timeout": 1.0,
+    "drain_timeout": 3.0,
+    "handshake_timeout": 2.0,
+}
 
 
 async def open_ok(proxy: int, target: str = SVC) -> trio.SocketStream:
@@ -116,7 +123,9 @@ async def test_edge_sigkill_mid_transfer(tmp_path: Path) -> None:
                     await trio.aclose_forcefully(s)
             worst = max(e[2] for e in ends)
             figure("sigkill: client streams ended after", worst, "s")
-            figure("sigkill: bytes received before the kill (per stream)", str([e[1] for e in ends]))
+            figure(
+                "sigkill: bytes received before the kill (per stream)", str([e[1] for e in ends])
+            )
             assert len(ends) == 3
             assert all(count > 1 << 20 for _, count, _ in ends), ends  # they were transferring
             assert all(how == "reset" for how, _, _ in ends), ends  # truncated, never a clean EOF
@@ -127,7 +136,11 @@ async def test_edge_sigkill_mid_transfer(tmp_path: Path) -> None:
             restarted = time.monotonic()
             edge.start()
             back = await wait_connect(cloud.proxy, SVC, 200, timeout=15)
-            figure("sigkill: restarted edge serving after (incl. process start)", time.monotonic() - restarted, "s")
+            figure(
+                "sigkill: restarted edge serving after (incl. process start)",
+                time.monotonic() - restarted,
+                "s",
+            )
             assert back < 15
             s = await open_ok(cloud.proxy)
             async with s:
@@ -151,7 +164,11 @@ async def test_edge_sigstop_detected_by_ping_timeout_and_recovers(tmp_path: Path
                 edge.signal(signal.SIGSTOP)
                 try:
                     detect = await wait_edges(cloud, 0, timeout=10, node="edge1")
-                    figure("sigstop: cloud detected the dead tunnel after", detect, "s (ping_timeout 2 s)")
+                    figure(
+                        "sigstop: cloud detected the dead tunnel after",
+                        detect,
+                        "s (ping_timeout 2 s)",
+                    )
                     assert 1.5 <= detect <= 4.0  # by the ping timeout: not before, not much after
                     how, _ = await read_until_end(s, 3)
                     assert how == "reset"  # the stream on the dead tunnel broke
@@ -167,7 +184,11 @@ async def test_edge_sigstop_detected_by_ping_timeout_and_recovers(tmp_path: Path
                 await trio.aclose_forcefully(s)
 
             async def one_idle_tunnel() -> bool:
-                return await stream_counts(cloud) == [0] and len((await edge_status(edge))["tunnels"]) == 1
+                return (
+                    await stream_counts(cloud) == [0]
+                    and len((await edge_status(edge))["tunnels"]) == 1
+                )
+
             await wait_until(one_idle_tunnel, 3, "one tunnel, no streams")
         n.cancel_scope.cancel()
 
@@ -192,6 +213,7 @@ async def test_cloud_restart_on_same_ports_edge_reconnects(tmp_path: Path) -> No
 
             async def edge_saw_it() -> bool:
                 return not (await edge_status(edge))["tunnels"]
+
             seen = await wait_until(edge_saw_it, 5, "edge noticed the cloud is gone")
             figure("cloud kill: edge noticed after", seen, "s")
             assert seen <= 2.0
@@ -214,7 +236,15 @@ def test_backoff_is_full_jitter_over_the_ceiling() -> None:
     rng = random.Random(20240601)
     initial, maximum, mult = 0.5, 30.0, 2.0
     # the ceiling grows exponentially from `initial`, then stays at `maximum`
-    for attempt, ceiling in ((0, 0.5), (1, 1.0), (3, 4.0), (5, 16.0), (6, 30.0), (40, 30.0), (10_000, 30.0)):
+    for attempt, ceiling in (
+        (0, 0.5),
+        (1, 1.0),
+        (3, 4.0),
+        (5, 16.0),
+        (6, 30.0),
+        (40, 30.0),
+        (10_000, 30.0),
+    ):
         samples = [backoff_delay(attempt, initial, maximum, mult, rng) for _ in range(200)]
         assert all(0 <= x <= ceiling for x in samples), (attempt, max(samples))
         assert max(samples) > 0.9 * ceiling, (attempt, max(samples))  # reaches the ceiling...
@@ -232,7 +262,10 @@ def test_backoff_is_full_jitter_over_the_ceiling() -> None:
     assert len({round(x, 6) for x in samples}) == 100  # every edge its own delay
     # two edges with independent generators do not march in step
     a, b = random.Random(1), random.Random(2)
-    pairs = [(backoff_delay(k, initial, maximum, mult, a), backoff_delay(k, initial, maximum, mult, b)) for k in range(10)]
+    pairs = [
+        (backoff_delay(k, initial, maximum, mult, a), backoff_delay(k, initial, maximum, mult, b))
+        for k in range(10)
+    ]
     assert sum(abs(x - y) for x, y in pairs) > 1.0
 
 
@@ -240,10 +273,15 @@ async def test_twenty_edges_reconnect_spread_out_after_cloud_restart(tmp_path: P
     count = 20
     certs = make_certs(tmp_path)
     tunnel_port = free_port()
-    cfg = cloud_config_from_dict(cloud_dict(certs, tunnel={"listen": f"127.0.0.1:{tunnel_port}"}), base_dir=tmp_path)
+    cfg = cloud_config_from_dict(
+        cloud_dict(certs, tunnel={"listen": f"127.0.0.1:{tunnel_port}"}), base_dir=tmp_path
+    )
     edge_cfg = edge_config_from_dict(
-        edge_dict(certs, [tunnel_port], {SVC: "127.0.0.1:1"}, reconnect={"initial": 0.2, "max": 2.0}),
-        base_dir=tmp_path)
+        edge_dict(
+            certs, [tunnel_port], {SVC: "127.0.0.1:1"}, reconnect={"initial": 0.2, "max": 2.0}
+        ),
+        base_dir=tmp_path,
+    )
     async with trio.open_nursery() as n:
         with trio.fail_after(40):
             async with trio.open_nursery() as cn:
@@ -293,7 +331,9 @@ async def test_partition_detected_on_both_sides_and_heals(tmp_path: Path, cut: s
                 await echo_once(s)
                 await s.send_all(b"in flight while the network is cut")  # never answered
                 t0 = time.monotonic()
-                relay.stop(up=cut in ("both", "edge_to_cloud"), down=cut in ("both", "cloud_to_edge"))
+                relay.stop(
+                    up=cut in ("both", "edge_to_cloud"), down=cut in ("both", "cloud_to_edge")
+                )
 
                 async def cloud_lost() -> bool:
                     return not await edges_of(cloud)
@@ -306,6 +346,7 @@ async def test_partition_detected_on_both_sides_and_heals(tmp_path: Path, cut: s
 
                     async def watch(name: str, pred: Any) -> None:
                         seen[name] = await wait_until(pred, 10, f"{name} detects the partition")
+
                     nn.start_soon(watch, "cloud", cloud_lost)
                     nn.start_soon(watch, "edge", edge_lost)
                 figure(f"partition {cut}: cloud detected after", seen["cloud"], "s")
@@ -332,7 +373,10 @@ async def test_partition_detected_on_both_sides_and_heals(tmp_path: Path, cut: s
             async def no_stuck_streams() -> bool:
                 edges = await edges_of(cloud)
                 tunnels = (await edge_status(edge))["tunnels"]
-                return [e["streams"] for e in edges] == [0] and [t["streams"] for t in tunnels] == [0]
+                return [e["streams"] for e in edges] == [0] and [t["streams"] for t in tunnels] == [
+                    0
+                ]
+
             await wait_until(no_stuck_streams, 5, "one tunnel each side, no streams left")
         n.cancel_scope.cancel()
 
@@ -345,8 +389,12 @@ async def test_slow_reader_does_not_stall_others_and_memory_is_bounded(tmp_path:
         src, sent = await n.start(serve_source)
         with procs(tmp_path) as ps:
             cloud = ps.cloud(**CLOUD_FAST, mux=mux)
-            edge = ps.edge(cloud.tunnel, {SVC: f"127.0.0.1:{echo}", "test-svc-kins.kins-system:8080": f"127.0.0.1:{src}"},
-                           **EDGE_FAST, mux=mux)
+            edge = ps.edge(
+                cloud.tunnel,
+                {SVC: f"127.0.0.1:{echo}", "test-svc-kins.kins-system:8080": f"127.0.0.1:{src}"},
+                **EDGE_FAST,
+                mux=mux,
+            )
             await wait_cloud_up(cloud)
             await wait_edges(cloud, 1)
             e = await open_ok(cloud.proxy)
@@ -371,8 +419,14 @@ async def test_slow_reader_does_not_stall_others_and_memory_is_bounded(tmp_path:
                 await trio.aclose_forcefully(slow)
                 await trio.aclose_forcefully(e)
             p99b, p99d = percentile(before, 99) * 1000, percentile(during, 99) * 1000
-            figure("slow reader: echo RTT p50/p99 before (ms)", f"{percentile(before, 50) * 1000:.2f}/{p99b:.2f}")
-            figure("slow reader: echo RTT p50/p99 during (ms)", f"{percentile(during, 50) * 1000:.2f}/{p99d:.2f}")
+            figure(
+                "slow reader: echo RTT p50/p99 before (ms)",
+                f"{percentile(before, 50) * 1000:.2f}/{p99b:.2f}",
+            )
+            figure(
+                "slow reader: echo RTT p50/p99 during (ms)",
+                f"{percentile(during, 50) * 1000:.2f}/{p99d:.2f}",
+            )
             figure("slow reader: bytes sent by the target but not read by the client", in_flight)
             figure("slow reader: target bytes sent after the stall settled", grew_after_stall)
             for name in rss0:
@@ -387,6 +441,7 @@ async def test_slow_reader_does_not_stall_others_and_memory_is_bounded(tmp_path:
 
             async def settled() -> bool:
                 return await stream_counts(cloud) == [0]
+
             await wait_until(settled, 5, "streams forgotten")
         n.cancel_scope.cancel()
 
@@ -401,6 +456,7 @@ async def test_targets_that_refuse_hang_or_reset(tmp_path: Path) -> None:
             await stream.send_all(os.urandom(1 << 20))
             set_rst_on_close(stream)
             await stream.aclose()
+
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         task_status.started(listeners[0].socket.getsockname()[1])
         await trio.serve_listeners(handler, listeners)
@@ -415,6 +471,7 @@ async def test_targets_that_refuse_hang_or_reset(tmp_path: Path) -> None:
                 ended.append("reset")
             finally:
                 await trio.aclose_forcefully(stream)
+
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         task_status.started(listeners[0].socket.getsockname()[1])
         await trio.serve_listeners(handler, listeners)
@@ -423,10 +480,12 @@ async def test_targets_that_refuse_hang_or_reset(tmp_path: Path) -> None:
         async with trio.open_nursery() as n:
             rude_port = await n.start(rude)
             rec_port = await n.start(recorder)
-            services = {SVC: f"127.0.0.1:{refused}",
-                        "test-svc-kins.kins-system:6443": f"127.0.0.1:{hanging}",
-                        "test-svc-kins.kins-system:8443": f"127.0.0.1:{rude_port}",
-                        "test-svc-kins.kins-system:9443": f"127.0.0.1:{rec_port}"}
+            services = {
+                SVC: f"127.0.0.1:{refused}",
+                "test-svc-kins.kins-system:6443": f"127.0.0.1:{hanging}",
+                "test-svc-kins.kins-system:8443": f"127.0.0.1:{rude_port}",
+                "test-svc-kins.kins-system:9443": f"127.0.0.1:{rec_port}",
+            }
             with procs(tmp_path) as ps:
                 cloud = ps.cloud(**CLOUD_FAST)
                 ps.edge(cloud.tunnel, services, **EDGE_FAST)  # dial_timeout 1 s
@@ -443,7 +502,9 @@ async def test_targets_that_refuse_hang_or_reset(tmp_path: Path) -> None:
                 took = time.monotonic() - t0
                 figure("hanging target: 504 after (edge dial_timeout 1 s)", took, "s")
                 assert status == 504, head
-                assert took >= 0.9  # not before the dial timeout; exact bound: tests/e2e/test_deadlines.py
+                assert (
+                    took >= 0.9
+                )  # not before the dial timeout; exact bound: tests/e2e/test_deadlines.py
                 # a target that resets mid-stream: the client sees a reset, not a clean EOF
                 s = await open_ok(cloud.proxy, "test-svc-kins.kins-system:8443")
                 async with s:
@@ -504,8 +565,12 @@ async def test_edge_sigterm_drains_to_the_other_edge_of_the_unit(tmp_path: Path)
         with procs(tmp_path) as ps:
             make_certs(tmp_path, (("test", "edge2"),))
             cloud = ps.cloud(**CLOUD_FAST)
-            edges = {node: ps.edge(cloud.tunnel, {SVC: f"127.0.0.1:{ports[node]}"}, node=node, **EDGE_FAST)
-                     for node in ("edge1", "edge2")}
+            edges = {
+                node: ps.edge(
+                    cloud.tunnel, {SVC: f"127.0.0.1:{ports[node]}"}, node=node, **EDGE_FAST
+                )
+                for node in ("edge1", "edge2")
+            }
             await wait_cloud_up(cloud)
             await wait_edges(cloud, 1, node="edge1")
             await wait_edges(cloud, 1, node="edge2")
@@ -519,18 +584,25 @@ async def test_edge_sigterm_drains_to_the_other_edge_of_the_unit(tmp_path: Path)
 
                 async def draining() -> bool:
                     return all(e["draining"] for e in await edges_of(cloud, which))
-                figure("edge drain: cloud saw GOAWAY after", await wait_until(draining, 3, "GOAWAY seen"), "s")
+
+                figure(
+                    "edge drain: cloud saw GOAWAY after",
+                    await wait_until(draining, 3, "GOAWAY seen"),
+                    "s",
+                )
                 for _ in range(10):  # new CONNECTs go to the other edge of the unit
                     t = await open_ok(cloud.proxy)
                     async with t:
                         assert (await read_line(t)).decode() == other
                 # the in-flight stream goes on, with its full payload, and ends cleanly
                 async with trio.open_nursery() as nn:
+
                     async def send() -> None:
                         for i in range(0, len(payload), 1 << 16):
-                            await s.send_all(payload[i:i + (1 << 16)])
+                            await s.send_all(payload[i : i + (1 << 16)])
                             await trio.sleep(0.01)
                         await s.send_eof()
+
                     nn.start_soon(send)
                     with trio.fail_after(10):
                         got = await read_all(s)
@@ -594,6 +666,7 @@ async def test_cloud_sigterm_closes_listeners_first_then_drains(tmp_path: Path) 
 
                 async def listeners_closed() -> bool:
                     return await refused(cloud.proxy) and await refused(cloud.tunnel)
+
                 closed = await wait_until(listeners_closed, 2, "proxy and tunnel listeners closed")
                 figure("cloud drain: listeners closed after SIGTERM", closed, "s")
                 status, _ = await http_get(cloud.admin, "/readyz")

@@ -38,7 +38,9 @@ FUZZ_SVC = "fuzz-svc-kins.kins-system:443"
 def raw_edge_context(certs: Path, unit: str = "fuzz", node: str = "fuzz1") -> ssl.SSLContext:
     if not (certs / f"edge-{node}.crt").exists():
         issue_edge(certs, unit, node)
-    return client_ssl_context(certs / "ca.crt", certs / f"edge-{node}.crt", certs / f"edge-{node}.key")
+    return client_ssl_context(
+        certs / "ca.crt", certs / f"edge-{node}.crt", certs / f"edge-{node}.key"
+    )
 
 
 async def raw_edge(port: int, certs: Path, names: tuple[str, ...] = (FUZZ_SVC,)) -> RawPeer:
@@ -71,7 +73,9 @@ async def wait_routed_name(env: object, name: str) -> None:
 
 # ---------------------------------------------------------------- peer codes are data
 @pytest.mark.parametrize("answer", ["open_result", "reset"])
-async def test_unknown_error_code_from_an_edge_ends_one_connect_only(tmp_path: Path, answer: str) -> None:
+async def test_unknown_error_code_from_an_edge_ends_one_connect_only(
+    tmp_path: Path, answer: str
+) -> None:
     """An edge answers OPEN with OPEN_RESULT code 99 (or RESET 99 on the open stream), no message:
     that CONNECT gets 502, the cloud and every other tunnel go on; the metric label is bounded."""
     async with watched_env(tmp_path) as (env, _counts):
@@ -98,19 +102,25 @@ async def test_unknown_error_code_from_an_edge_ends_one_connect_only(tmp_path: P
         m = await metrics_of(env.ports.admin)
         if answer == "open_result":
             assert value(m, "kins_tunnel_dial_failures_total", reason="unknown") == 1
-        assert not any(lbl.get("reason") == "99" for lbl, _v in m.get("kins_tunnel_dial_failures_total", []))
+        assert not any(
+            lbl.get("reason") == "99" for lbl, _v in m.get("kins_tunnel_dial_failures_total", [])
+        )
         # the raw edge's tunnel is still up and usable: it answers a second open normally
         async with trio.open_nursery() as n:
             n.start_soon(client)
             _t, _f, sid, _p = await peer.wait_for(FrameType.OPEN)
-            await peer.send(open_result_frame(sid, int(ErrorCode.REFUSED), 0, "refused at 10.1.2.3:6443"))
+            await peer.send(
+                open_result_frame(sid, int(ErrorCode.REFUSED), 0, "refused at 10.1.2.3:6443")
+            )
         status, body = result[-1]
         assert status == 502
         assert b"10.1.2.3" not in body  # generic body: the edge's internal address stays in the log
         await peer.aclose()
 
 
-async def test_a_bug_while_routing_answers_500_and_the_cloud_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_bug_while_routing_answers_500_and_the_cloud_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A handler bug injected for one target name: that CONNECT gets 500 with a one-line body,
     is counted as an internal error, logs its CONNECT line; every other CONNECT is served."""
     real = Registry.candidates
@@ -125,7 +135,9 @@ async def test_a_bug_while_routing_answers_500_and_the_cloud_goes_on(tmp_path: P
         for _ in range(3):
             status, body = await connect_status(env.ports.proxy, "boom-svc-kins.kins-system:443")
             assert status == 500, body
-            assert body.rstrip().endswith(b"kins-tunnel: boom-svc-kins.kins-system:443: internal error in the proxy")
+            assert body.rstrip().endswith(
+                b"kins-tunnel: boom-svc-kins.kins-system:443: internal error in the proxy"
+            )
         m = await metrics_of(env.ports.admin)
         assert value(m, "kins_tunnel_internal_errors_total", where="proxy") == 3
         assert value(m, "kins_tunnel_connect_answers_total", status="500") == 3
@@ -141,7 +153,12 @@ async def test_a_bug_while_routing_answers_500_and_the_cloud_goes_on(tmp_path: P
 async def test_largest_max_frame_the_config_accepts_works_with_an_edge(tmp_path: Path) -> None:
     """The bound is the core's own (16 MiB - 1): a cloud and an edge configured at it connect and
     carry data; 16 MiB itself is refused when the config is read (tests/test_config.py)."""
-    big = {"max_frame": (1 << 24) - 1, "initial_window": 1 << 24, "max_window": 1 << 25, "session_budget": 1 << 26}
+    big = {
+        "max_frame": (1 << 24) - 1,
+        "initial_window": 1 << 24,
+        "max_window": 1 << 25,
+        "session_budget": 1 << 26,
+    }
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
         async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{echo}"}, mux=big) as env:
@@ -168,7 +185,9 @@ async def test_hello_beyond_our_bounds_is_refused_and_counted(tmp_path: Path) ->
             b'{"max_frame": 16777216, "max_streams": 4}',
             b'{"max_frame": 16384, "max_streams": 4, "max_target_len": 99999}',
             b'{"max_frame": 16384, "max_streams": 0}',
-            b'{"max_frame": 16384, "max_streams": 4, "names": [' + b",".join([b'"a:1"'] * 300) + b"]}",
+            b'{"max_frame": 16384, "max_streams": 4, "names": ['
+            + b",".join([b'"a:1"'] * 300)
+            + b"]}",
             b'{"max_frame": "x", "max_streams": 4}',
         ]
         for body in bad_bodies:
@@ -179,7 +198,13 @@ async def test_hello_beyond_our_bounds_is_refused_and_counted(tmp_path: Path) ->
                     pass  # the cloud answers GOAWAY and closes
             await peer.aclose()
         peer = await RawPeer.connect(env.ports.tunnel, raw_edge_context(env.certs))
-        await peer.send(frame(FrameType.HELLO, 0, HELLO_PREFIX.pack(MAGIC, 7, 9) + b'{"max_frame": 16384, "max_streams": 4}'))
+        await peer.send(
+            frame(
+                FrameType.HELLO,
+                0,
+                HELLO_PREFIX.pack(MAGIC, 7, 9) + b'{"max_frame": 16384, "max_streams": 4}',
+            )
+        )
         with trio.fail_after(5):
             while await peer.read_frame() is not None:
                 pass
@@ -187,7 +212,9 @@ async def test_hello_beyond_our_bounds_is_refused_and_counted(tmp_path: Path) ->
         with trio.fail_after(5):
             while True:
                 m = await metrics_of(env.ports.admin)
-                if value(m, "kins_tunnel_handshake_failures_total", reason="protocol") == len(bad_bodies):
+                if value(m, "kins_tunnel_handshake_failures_total", reason="protocol") == len(
+                    bad_bodies
+                ):
                     break
                 await trio.sleep(0.05)
         assert value(m, "kins_tunnel_handshake_failures_total", reason="version") == 1
@@ -212,26 +239,51 @@ async def test_admin_answers_every_method_on_every_path_and_keeps_serving(tmp_pa
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
         async with tunnel_env(tmp_path) as env:
-            edge = await env.add_edge({SVC: f"127.0.0.1:{echo}"}, wait_for=SVC, admin={"listen": "127.0.0.1:0"})
+            edge = await env.add_edge(
+                {SVC: f"127.0.0.1:{echo}"}, wait_for=SVC, admin={"listen": "127.0.0.1:0"}
+            )
             edge_port = edge.admin_port
             assert edge_port is not None
             for port in (env.ports.admin, edge_port):
                 for path in ("/healthz", "/readyz", "/metrics", "/status", "/nope"):
                     for method in METHODS:
                         for body in (b"", b"x" * 10):
-                            req = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
-                                   .encode() + body)
+                            req = (
+                                f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                                + body
+                            )
                             answer = await raw_exchange(port, req)
                             assert answer.startswith(b"HTTP/1.1 405 "), (method, path, answer[:100])
-                            assert b"\r\nallow: GET, HEAD\r\n" in answer.lower().replace(b"allow: get, head", b"allow: GET, HEAD")
-                    head = await raw_exchange(port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                            assert b"\r\nallow: GET, HEAD\r\n" in answer.lower().replace(
+                                b"allow: get, head", b"allow: GET, HEAD"
+                            )
+                    head = await raw_exchange(
+                        port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                    )
                     assert head.split(b"\r\n\r\n", 1)[1] == b""
-                for garbage in (b"\x00\x01\x02\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"G" * 10000 + b"\r\n\r\n"):
+                for garbage in (
+                    b"\x00\x01\x02\r\n\r\n",
+                    b"GET / HTTP/9.9\r\n\r\n",
+                    b"G" * 10000 + b"\r\n\r\n",
+                ):
                     answer = await raw_exchange(port, garbage)
                     assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:100]
                 # and with real curl, as in the report
-                proc = await trio.run_process(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
-                                               f"http://127.0.0.1:{port}/healthz"], capture_stdout=True, check=False)
+                proc = await trio.run_process(
+                    [
+                        "curl",
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "-X",
+                        "POST",
+                        f"http://127.0.0.1:{port}/healthz",
+                    ],
+                    capture_stdout=True,
+                    check=False,
+                )
                 assert proc.stdout == b"405"
                 status, body = await http_get(port, "/healthz")
                 assert (status, body) == (200, b"ok\n")
@@ -244,14 +296,18 @@ async def test_admin_answers_every_method_on_every_path_and_keeps_serving(tmp_pa
 # ---------------------------------------------------------------- tunnel port floods
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["silent", "slow"])
-async def test_a_flood_on_the_tunnel_port_does_not_lock_a_restarting_edge_out(tmp_path: Path, kind: str) -> None:
+async def test_a_flood_on_the_tunnel_port_does_not_lock_a_restarting_edge_out(
+    tmp_path: Path, kind: str
+) -> None:
     """2,000 connections that never send a byte (or that send 5 bytes of a ClientHello and stall)
     hold the tunnel port while an edge (re)starts: it is serving within a few seconds, and the
     flood is closed by its deadlines (first byte, shedding, slow-handshake displacement)."""
     flood = 2000
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
-        async with tunnel_env(tmp_path, tunnel={"first_byte_timeout": 3.0, "handshake_timeout": 10.0}) as env:
+        async with tunnel_env(
+            tmp_path, tunnel={"first_byte_timeout": 3.0, "handshake_timeout": 10.0}
+        ) as env:
             socks: list[socket.socket] = []
             try:
                 for _ in range(flood):
@@ -279,7 +335,9 @@ async def test_a_flood_on_the_tunnel_port_does_not_lock_a_restarting_edge_out(tm
                 await s.aclose()
                 assert status == 200
                 m = await metrics_of(env.ports.admin)
-                refused = {lbl["reason"]: v for lbl, v in m.get("kins_tunnel_handshake_failures_total", [])}
+                refused = {
+                    lbl["reason"]: v for lbl, v in m.get("kins_tunnel_handshake_failures_total", [])
+                }
                 print(f"FIGURE {kind} flood refusals so far: {refused}")
             finally:
                 for c in socks:
@@ -306,7 +364,9 @@ def test_a_frozen_peer_is_dropped_after_ping_timeout_not_later(tmp_path: Path) -
 
     async def main() -> float:
         stls, ctls = await tls_pair(certs)
-        cloud = Session(stls, Connection(Role.SERVER, Hello(), MuxConfig()), ping_interval=10, ping_timeout=20)
+        cloud = Session(
+            stls, Connection(Role.SERVER, Hello(), MuxConfig()), ping_interval=10, ping_timeout=20
+        )
         peer = Connection(Role.CLIENT, Hello(), MuxConfig())
         ctls.send_chunk(peer.data_to_send())  # HELLO, then silence: nothing more is ever sent
         async with trio.open_nursery() as n:
@@ -343,15 +403,21 @@ async def test_502_bodies_name_no_edge_internal_address(tmp_path: Path) -> None:
         status, body = await connect_status(env.ports.proxy, SVC)
     assert status == 502
     assert f"127.0.0.1:{dead_port}".encode() not in body and b"127.0.0.1" not in body
-    assert body.rstrip().endswith(f"kins-tunnel: {SVC}: the target refused the connection (refused)".encode())
+    assert body.rstrip().endswith(
+        f"kins-tunnel: {SVC}: the target refused the connection (refused)".encode()
+    )
     line = next(d for d in connect_lines(buf) if d["status"] == 502)
     assert f"127.0.0.1:{dead_port}" in line["outcome"]
 
 
-async def test_every_connect_yields_one_log_line_malformed_and_vanished_included(tmp_path: Path) -> None:
+async def test_every_connect_yields_one_log_line_malformed_and_vanished_included(
+    tmp_path: Path,
+) -> None:
     async with json_log() as buf, trio.open_nursery() as n:
         echo = await n.start(serve_echo)
-        async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{echo}"}, proxy={"header_timeout": 1.0}) as env:
+        async with tunnel_env(
+            tmp_path, {SVC: f"127.0.0.1:{echo}"}, proxy={"header_timeout": 1.0}
+        ) as env:
             port = env.ports.proxy
             await raw_exchange(port, b"CONNECT \x00\x01 HTTP/1.1\r\n\r\n")  # malformed: 400
             await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # 405
@@ -375,8 +441,19 @@ async def test_every_connect_yields_one_log_line_malformed_and_vanished_included
     lines = connect_lines(buf)
     assert sorted(d["status"] for d in lines) == [200, 400, 405, 408, 499, 499], lines
     for d in lines:
-        assert {"client", "replica", "target", "normalised", "unit", "node", "status", "outcome", "sent",
-                "received", "duration"} <= set(d), d
+        assert {
+            "client",
+            "replica",
+            "target",
+            "normalised",
+            "unit",
+            "node",
+            "status",
+            "outcome",
+            "sent",
+            "received",
+            "duration",
+        } <= set(d), d
         assert d["client"].startswith("127.0.0.1:")
 
 
@@ -384,17 +461,34 @@ async def test_dotted_node_names_get_certificates_and_routes(tmp_path: Path) -> 
     """Kubernetes node names are DNS subdomains: `certs edge --node node1.example.com` works and a
     CONNECT to `node1.example.com:22` reaches that node's edge."""
     certs = make_certs(tmp_path)
-    proc = await trio.run_process(["python", "-m", "kins_tunnel", "certs", "edge", "--dir", str(certs), "--unit",
-                                   "test", "--node", "node1.example.com"], capture_stdout=True, capture_stderr=True,
-                                  check=False)
+    proc = await trio.run_process(
+        [
+            "python",
+            "-m",
+            "kins_tunnel",
+            "certs",
+            "edge",
+            "--dir",
+            str(certs),
+            "--unit",
+            "test",
+            "--node",
+            "node1.example.com",
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
         async with tunnel_env(tmp_path) as env:
-            await env.add_edge({"node1.example.com:22": f"127.0.0.1:{echo}"}, node="node1.example.com",
-                               wait_for="node1.example.com:22")
-            status, _h, s = await connect(
-                env.ports.proxy, "Node1.Example.Com:22")
+            await env.add_edge(
+                {"node1.example.com:22": f"127.0.0.1:{echo}"},
+                node="node1.example.com",
+                wait_for="node1.example.com:22",
+            )
+            status, _h, s = await connect(env.ports.proxy, "Node1.Example.Com:22")
             async with s:
                 assert status == 200
                 await s.send_all(b"ping")
@@ -413,14 +507,21 @@ async def test_a_basic_password_is_compared_byte_for_byte(tmp_path: Path) -> Non
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
         async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{echo}"}, proxy=auth) as env:
-            for cred, want in (("ops: lead and trail ", 200), ("ops: lead and trail", 407),
-                               ("ops:lead and trail ", 407), ("ops2:plain", 200), ("ops2:plain\r", 407)):
+            for cred, want in (
+                ("ops: lead and trail ", 200),
+                ("ops: lead and trail", 407),
+                ("ops:lead and trail ", 407),
+                ("ops2:plain", 200),
+                ("ops2:plain\r", 407),
+            ):
                 status, _body = await connect_status(env.ports.proxy, SVC, basic(cred))
                 assert status == want, (cred, status)
         n.cancel_scope.cancel()
 
 
-async def test_a_bug_in_one_edge_stream_resets_that_stream_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_bug_in_one_edge_stream_resets_that_stream_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A bug in the edge's dial for one service (injected): that CONNECT fails (502), the bug is
     counted on the edge, and the same tunnel keeps carrying the other service's streams."""
     from kins_tunnel.edge.forwarder import Forwarder
@@ -436,7 +537,9 @@ async def test_a_bug_in_one_edge_stream_resets_that_stream_only(tmp_path: Path, 
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
         async with tunnel_env(tmp_path) as env:
-            edge = await env.add_edge({SVC: f"127.0.0.1:{echo}", "edge1:22": f"127.0.0.1:{echo}"}, wait_for=SVC)
+            edge = await env.add_edge(
+                {SVC: f"127.0.0.1:{echo}", "edge1:22": f"127.0.0.1:{echo}"}, wait_for=SVC
+            )
             for _ in range(3):
                 status, body = await connect_status(env.ports.proxy, "edge1:22")
                 assert status == 502, body
@@ -445,7 +548,9 @@ async def test_a_bug_in_one_edge_stream_resets_that_stream_only(tmp_path: Path, 
                     assert status == 200
                     await s.send_all(b"fine")
                     assert await s.receive_some(4) == b"fine"
-            assert b'kins_tunnel_internal_errors_total{where="stream"} 3.0' in edge.metrics.render()[2]
+            assert (
+                b'kins_tunnel_internal_errors_total{where="stream"} 3.0' in edge.metrics.render()[2]
+            )
             assert edge.connects == 1  # one tunnel all along
         n.cancel_scope.cancel()
 

@@ -29,16 +29,19 @@ from tests.e2e.harness import SVC, serve_digest, serve_echo
 MiB = 1 << 20
 BLOCK = random.Random(7).randbytes(MiB + 4096)
 UP = "test-svc-kins.kins-system:443"  # digest: the client uploads, the target answers sha256 and count
-DOWN = "test-svc-kins.kins-system:8443"  # blob: the client names a stream, the target sends its bytes
+DOWN = (
+    "test-svc-kins.kins-system:8443"  # blob: the client names a stream, the target sends its bytes
+)
 
 
 def payload(i: int) -> bytes:
     k = (i * 4099) % 4096
-    return BLOCK[k:k + MiB]
+    return BLOCK[k : k + MiB]
 
 
 async def serve_blob(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Read "<i>\\n", send payload(i), close."""
+
     async def handler(stream: trio.SocketStream) -> None:
         try:
             line = b""
@@ -49,7 +52,7 @@ async def serve_blob(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGN
                 line += chunk
             data = payload(int(line))
             for off in range(0, len(data), 1 << 16):
-                await stream.send_all(data[off:off + (1 << 16)])
+                await stream.send_all(data[off : off + (1 << 16)])
             await stream.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -69,7 +72,11 @@ async def test_thousand_concurrent_streams_of_one_mib_checksummed(tmp_path: Path
         blob = await n.start(serve_blob)
         with procs(tmp_path) as ps:
             cloud = ps.cloud(proxy={"dial_timeout": 60.0})
-            edge = ps.edge(cloud.tunnel, {UP: f"127.0.0.1:{digest}", DOWN: f"127.0.0.1:{blob}"}, dial_timeout=60.0)
+            edge = ps.edge(
+                cloud.tunnel,
+                {UP: f"127.0.0.1:{digest}", DOWN: f"127.0.0.1:{blob}"},
+                dial_timeout=60.0,
+            )
             await wait_cloud_up(cloud)
             await wait_edges(cloud, 1)
             start = trio.Event()
@@ -85,7 +92,7 @@ async def test_thousand_concurrent_streams_of_one_mib_checksummed(tmp_path: Path
                     if target == UP:
                         data = payload(i)
                         for off in range(0, len(data), 1 << 16):
-                            await s.send_all(data[off:off + (1 << 16)])
+                            await s.send_all(data[off : off + (1 << 16)])
                         await s.send_eof()
                         answer = await read_all(s)
                         want = f"{hashlib.sha256(data).hexdigest()} {len(data)}\n".encode()
@@ -93,7 +100,10 @@ async def test_thousand_concurrent_streams_of_one_mib_checksummed(tmp_path: Path
                     else:
                         await s.send_all(f"{i}\n".encode())
                         got = await read_all(s)
-                        ok = len(got) == MiB and hashlib.sha256(got).digest() == hashlib.sha256(payload(i)).digest()
+                        ok = (
+                            len(got) == MiB
+                            and hashlib.sha256(got).digest() == hashlib.sha256(payload(i)).digest()
+                        )
                         results[i] = "ok" if ok else f"download {len(got)} bytes, sha mismatch"
 
             peak = {"cloud": 0, "edge": 0}
@@ -127,6 +137,7 @@ async def test_thousand_concurrent_streams_of_one_mib_checksummed(tmp_path: Path
 
             async def settled() -> bool:
                 return [e["streams"] for e in await edges_of(cloud)] == [0]
+
             await wait_until(settled, 10, "every stream forgotten")
         n.cancel_scope.cancel()
 
@@ -138,9 +149,17 @@ async def test_soak_while_the_edge_flaps(tmp_path: Path) -> None:
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
         with procs(tmp_path) as ps:
-            cloud = ps.cloud(tunnel={"ping_interval": 0.5, "ping_timeout": 2.0}, proxy={"dial_timeout": 2.0})
-            edge = ps.edge(cloud.tunnel, {SVC: f"127.0.0.1:{echo}"}, ping_interval=0.5, ping_timeout=2.0,
-                           reconnect={"initial": 0.05, "max": 0.5}, drain_timeout=1.0)
+            cloud = ps.cloud(
+                tunnel={"ping_interval": 0.5, "ping_timeout": 2.0}, proxy={"dial_timeout": 2.0}
+            )
+            edge = ps.edge(
+                cloud.tunnel,
+                {SVC: f"127.0.0.1:{echo}"},
+                ping_interval=0.5,
+                ping_timeout=2.0,
+                reconnect={"initial": 0.05, "max": 0.5},
+                drain_timeout=1.0,
+            )
             await wait_cloud_up(cloud)
             await wait_edges(cloud, 1)
             await trio.sleep(0.5)
@@ -180,9 +199,12 @@ async def test_soak_while_the_edge_flaps(tmp_path: Path) -> None:
                                 async def receive() -> None:
                                     nonlocal got
                                     try:
-                                        got = await read_all(s)  # a clean EOF: the whole echo or a bug
+                                        got = await read_all(
+                                            s
+                                        )  # a clean EOF: the whole echo or a bug
                                     except trio.BrokenResourceError:
                                         pass
+
                                 async with trio.open_nursery() as nn:
                                     nn.start_soon(send)
                                     nn.start_soon(receive)
@@ -194,8 +216,15 @@ async def test_soak_while_the_edge_flaps(tmp_path: Path) -> None:
                             stats["bytes"] += size
                         else:
                             stats["corrupt"] += 1
-                            corrupt.append((round(time.monotonic() - t_start, 2), size, len(got), data.startswith(got),
-                                            last_flap[0]))
+                            corrupt.append(
+                                (
+                                    round(time.monotonic() - t_start, 2),
+                                    size,
+                                    len(got),
+                                    data.startswith(got),
+                                    last_flap[0],
+                                )
+                            )
                     except (trio.BrokenResourceError, OSError):
                         stats["broken"] += 1  # reset by a flap: allowed, never silent
 
@@ -222,8 +251,10 @@ async def test_soak_while_the_edge_flaps(tmp_path: Path) -> None:
                     await trio.sleep(1.0)
                     stop.set()
             figure("soak: edge flaps", flaps)
-            figure("soak: round trips ok/refused/broken/corrupt",
-                   f"{stats['ok']}/{stats['refused']}/{stats['broken']}/{stats['corrupt']}")
+            figure(
+                "soak: round trips ok/refused/broken/corrupt",
+                f"{stats['ok']}/{stats['refused']}/{stats['broken']}/{stats['corrupt']}",
+            )
             figure("soak: bytes echoed intact", stats["bytes"])
             assert stats["corrupt"] == 0, (stats, corrupt[:10])
             assert stats["ok"] >= 100, stats
@@ -232,8 +263,11 @@ async def test_soak_while_the_edge_flaps(tmp_path: Path) -> None:
             async def clean() -> bool:
                 edges = await edges_of(cloud)
                 return [e["streams"] for e in edges] == [0] and fd_count(cloud.pid) == baseline
+
             try:
-                settle = await wait_until(clean, 15, "one edge, no streams, cloud fds back to baseline")
+                settle = await wait_until(
+                    clean, 15, "one edge, no streams, cloud fds back to baseline"
+                )
             finally:
                 figure("soak: cloud fds baseline/after", f"{baseline}/{fd_count(cloud.pid)}")
                 figure("soak: cloud RSS before/after (KiB)", f"{rss0}/{rss_kib(cloud.pid)}")

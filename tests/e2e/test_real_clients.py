@@ -25,12 +25,19 @@ KUBECTL = shutil.which("kubectl")
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
 
 
-async def kubectl(kubeconfig: Path, *args: str, timeout: float = 60, home: Path) -> subprocess.CompletedProcess[bytes]:
+async def kubectl(
+    kubeconfig: Path, *args: str, timeout: float = 60, home: Path
+) -> subprocess.CompletedProcess[bytes]:
     env = {**os.environ, "HOME": str(home)}
     env.pop("HTTPS_PROXY", None), env.pop("https_proxy", None), env.pop("NO_PROXY", None)
     with trio.fail_after(timeout):
-        return await trio.run_process([KUBECTL or "kubectl", "--kubeconfig", str(kubeconfig), *args],
-                                      capture_stdout=True, capture_stderr=True, check=False, env=env)
+        return await trio.run_process(
+            [KUBECTL or "kubectl", "--kubeconfig", str(kubeconfig), *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
+        )
 
 
 async def test_kubectl_through_proxy_url(tmp_path: Path) -> None:
@@ -49,12 +56,21 @@ async def test_kubectl_through_proxy_url(tmp_path: Path) -> None:
             assert r.returncode == 0, r.stderr
             assert b"test-server-kins" in r.stdout and b"Running" in r.stdout
             # a watch stream: rows keep arriving through the tunnel until the client gives up
-            r = await kubectl(kc, "get", "pods", "--watch", "--request-timeout=4s", home=home, timeout=30)
+            r = await kubectl(
+                kc, "get", "pods", "--watch", "--request-timeout=4s", home=home, timeout=30
+            )
             rows = [ln for ln in r.stdout.splitlines() if b"kins" in ln]
             assert len(rows) >= 5, r.stdout  # 3 listed + updates streamed during the watch
             # >= 50 MiB response compared byte for byte
             size = 50 * 1024 * 1024 + 12345
-            r = await kubectl(kc, "get", "--raw", f"/kins-standin/blob?bytes={size}&seed=7", home=home, timeout=120)
+            r = await kubectl(
+                kc,
+                "get",
+                "--raw",
+                f"/kins-standin/blob?bytes={size}&seed=7",
+                home=home,
+                timeout=120,
+            )
             assert r.returncode == 0, r.stderr[-500:]
             assert len(r.stdout) == size
             assert hashlib.sha256(r.stdout).digest() == hashlib.sha256(blob_bytes(size, 7)).digest()
@@ -76,36 +92,90 @@ async def test_curl_https_through_the_tunnel(tmp_path: Path) -> None:
         async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{k3s}"}) as env:
             proxy = f"http://127.0.0.1:{env.ports.proxy}"
             with trio.fail_after(30):
-                r = await trio.run_process([curl, "-sS", "--fail", "--proxy", proxy, "--cacert", str(ca),
-                                            "https://test-svc-kins.kins-system:443/version"],
-                                           capture_stdout=True, capture_stderr=True, check=False)
+                r = await trio.run_process(
+                    [
+                        curl,
+                        "-sS",
+                        "--fail",
+                        "--proxy",
+                        proxy,
+                        "--cacert",
+                        str(ca),
+                        "https://test-svc-kins.kins-system:443/version",
+                    ],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
             assert r.returncode == 0, r.stderr
             assert b"k3s" in r.stdout
             with trio.fail_after(60):
-                r = await trio.run_process([curl, "-sS", "--fail", "--proxy", proxy, "--cacert", str(ca),
-                                            "--data-binary", f"@{upload}",
-                                            "https://test-svc-kins.kins-system:443/kins-standin/upload"],
-                                           capture_stdout=True, capture_stderr=True, check=False)
+                r = await trio.run_process(
+                    [
+                        curl,
+                        "-sS",
+                        "--fail",
+                        "--proxy",
+                        proxy,
+                        "--cacert",
+                        str(ca),
+                        "--data-binary",
+                        f"@{upload}",
+                        "https://test-svc-kins.kins-system:443/kins-standin/upload",
+                    ],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
             assert r.returncode == 0, r.stderr
             assert hashlib.sha256(data).hexdigest().encode() in r.stdout
             # curl sees the proxy's own answers too
             with trio.fail_after(30):
-                r = await trio.run_process([curl, "-sS", "--proxy", proxy, "-o", "/dev/null", "-w", "%{http_code}",
-                                            "https://nowhere-svc-kins.kins-system:443/"],
-                                           capture_stdout=True, capture_stderr=True, check=False)
+                r = await trio.run_process(
+                    [
+                        curl,
+                        "-sS",
+                        "--proxy",
+                        proxy,
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "https://nowhere-svc-kins.kins-system:443/",
+                    ],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
             assert b"503" in r.stderr + r.stdout
         n.cancel_scope.cancel()
 
 
-@pytest.mark.skipif(not HAVE_SSH or shutil.which("socat") is None,
-                    reason="needs openssh-server, openssh-client and socat (.ci/system-packages installs them)")
+@pytest.mark.skipif(
+    not HAVE_SSH or shutil.which("socat") is None,
+    reason="needs openssh-server, openssh-client and socat (.ci/system-packages installs them)",
+)
 async def test_ssh_through_connect_proxycommand(tmp_path: Path) -> None:
-    async with throwaway_sshd(tmp_path) as sshd, tunnel_env(tmp_path, {"edge1:22": f"127.0.0.1:{sshd.port}"}) as env:
+    async with (
+        throwaway_sshd(tmp_path) as sshd,
+        tunnel_env(tmp_path, {"edge1:22": f"127.0.0.1:{sshd.port}"}) as env,
+    ):
         proxy_cmd = f"socat - PROXY:127.0.0.1:%h:%p,proxyport={env.ports.proxy}"
         with trio.fail_after(30):
             r = await trio.run_process(
-                    ["ssh", *sshd.ssh_options(), "-o", f"ProxyCommand={proxy_cmd}",
-                     "-p", "22", f"{USER}@edge1", "echo through-the-tunnel; head -c 2000000 /dev/zero | wc -c"],
-                    capture_stdout=True, capture_stderr=True, check=False)
+                [
+                    "ssh",
+                    *sshd.ssh_options(),
+                    "-o",
+                    f"ProxyCommand={proxy_cmd}",
+                    "-p",
+                    "22",
+                    f"{USER}@edge1",
+                    "echo through-the-tunnel; head -c 2000000 /dev/zero | wc -c",
+                ],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == [b"through-the-tunnel", b"2000000"]

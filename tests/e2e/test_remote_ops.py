@@ -67,7 +67,10 @@ async def test_exec_stdin_checksummed(tmp_path: Path) -> None:
 
 async def test_exec_it_interactive_round_trips(tmp_path: Path) -> None:
     lines = 200
-    async with kubectl_env(tmp_path) as env, pty_kubectl(env, "exec", "-it", POD, "--", "cat") as term:
+    async with (
+        kubectl_env(tmp_path) as env,
+        pty_kubectl(env, "exec", "-it", POD, "--", "cat") as term,
+    ):
         rtts = []
         for i in range(lines):
             line = b"line %05d" % i
@@ -85,7 +88,10 @@ async def test_exec_it_interactive_round_trips(tmp_path: Path) -> None:
 
 
 async def test_exec_it_interrupt_ends_with_130(tmp_path: Path) -> None:
-    async with kubectl_env(tmp_path) as env, pty_kubectl(env, "exec", "-it", POD, "--", "cat") as term:
+    async with (
+        kubectl_env(tmp_path) as env,
+        pty_kubectl(env, "exec", "-it", POD, "--", "cat") as term,
+    ):
         await term.send(b"abc\r")
         await term.expect(b"abc\r\nabc\r\n")
         await term.send(b"\x03")
@@ -133,7 +139,10 @@ async def test_cp_small_tree_and_refusals(tmp_path: Path) -> None:
         r = await env.run("cp", str(tree), f"{POD}:/tmp/tree")
         assert r.returncode == 0, r.stderr
         assert env.pod_file("/tmp/tree/a.txt").read_bytes() == b"alpha\n"
-        assert env.pod_file("/tmp/tree/sub/b.bin").read_bytes() == (tree / "sub" / "b.bin").read_bytes()
+        assert (
+            env.pod_file("/tmp/tree/sub/b.bin").read_bytes()
+            == (tree / "sub" / "b.bin").read_bytes()
+        )
         back = tmp_path / "back"
         r = await env.run("cp", f"{POD}:/tmp/tree", str(back))
         assert r.returncode == 0, r.stderr
@@ -173,9 +182,10 @@ async def echo_through(port: int, data: bytes) -> bytes:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     received = bytearray()
     try:
+
         async def sender() -> None:
             for i in range(0, len(data), 1 << 16):
-                await stream.send_all(data[i:i + (1 << 16)])
+                await stream.send_all(data[i : i + (1 << 16)])
             await stream.send_eof()
 
         async with trio.open_nursery() as nursery:
@@ -190,7 +200,10 @@ async def echo_through(port: int, data: bytes) -> bytes:
 @pytest.mark.parametrize("websockets", [False, True], ids=["spdy", "websocket"])
 async def test_port_forward_checksummed(tmp_path: Path, websockets: bool) -> None:
     data = os.urandom(20 * 1024 * 1024 + 3)
-    async with kubectl_env(tmp_path) as env, port_forward(env, "7", "9", websockets=websockets) as ports:
+    async with (
+        kubectl_env(tmp_path) as env,
+        port_forward(env, "7", "9", websockets=websockets) as ports,
+    ):
         with trio.fail_after(120):
             start = time.perf_counter()
             back = await echo_through(ports[7], data)
@@ -200,13 +213,18 @@ async def test_port_forward_checksummed(tmp_path: Path, websockets: bool) -> Non
             answers: list[bytes] = []
 
             async def digest(i: int) -> None:
-                answers.append(await echo_through(ports[9], data[i * 100_000:(i + 1) * 3_000_000]))
+                answers.append(
+                    await echo_through(ports[9], data[i * 100_000 : (i + 1) * 3_000_000])
+                )
 
             async with trio.open_nursery() as nursery:
                 for i in range(4):
                     nursery.start_soon(digest, i)
-        want = {f"{hashlib.sha256(data[i * 100_000:(i + 1) * 3_000_000]).hexdigest()} "
-                f"{len(data[i * 100_000:(i + 1) * 3_000_000])}\n".encode() for i in range(4)}
+        want = {
+            f"{hashlib.sha256(data[i * 100_000 : (i + 1) * 3_000_000]).hexdigest()} "
+            f"{len(data[i * 100_000 : (i + 1) * 3_000_000])}\n".encode()
+            for i in range(4)
+        }
         assert set(answers) == want
     kind = "WebSocket" if websockets else "SPDY"
     figure(f"port-forward ({kind}) 20 MiB echo, each way", len(data) / took / 1e6, "MB/s")
@@ -238,11 +256,17 @@ async def test_spdy_upgrade_exchange_passes_through_unchanged(tmp_path: Path) ->
             chunk = await stream.receive_some(65536)
             assert chunk, "request cut short"
             seen_by_target.extend(chunk)
-        head = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
-                b"X-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n")
+        head = (
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+            b"X-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n"
+        )
 
         async def send() -> None:
-            for piece in (head, server_body[:len(server_body) // 2], server_body[len(server_body) // 2:]):
+            for piece in (
+                head,
+                server_body[: len(server_body) // 2],
+                server_body[len(server_body) // 2 :],
+            ):
                 await stream.send_all(piece)
                 sent_by_target.extend(piece)
             await stream.send_eof()
@@ -252,10 +276,12 @@ async def test_spdy_upgrade_exchange_passes_through_unchanged(tmp_path: Path) ->
             while chunk := await stream.receive_some(65536):
                 seen_by_target.extend(chunk)
 
-    request = (b"POST /api/v1/namespaces/default/pods/p/portforward HTTP/1.1\r\n"
-               b"Host: test-svc-kins.kins-system:443\r\nConnection: Upgrade\r\n"
-               b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\n"
-               b"Content-Length: 0\r\n\r\n")
+    request = (
+        b"POST /api/v1/namespaces/default/pods/p/portforward HTTP/1.1\r\n"
+        b"Host: test-svc-kins.kins-system:443\r\nConnection: Upgrade\r\n"
+        b"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_loopback, upgrade_target)
         async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{port}"}) as env:
@@ -271,7 +297,7 @@ async def test_spdy_upgrade_exchange_passes_through_unchanged(tmp_path: Path) ->
 
                     async def send() -> None:
                         for i in range(0, len(client_body), 100_000):
-                            await stream.send_all(client_body[i:i + 100_000])
+                            await stream.send_all(client_body[i : i + 100_000])
                         await stream.send_eof()  # the client's half-close
 
                     async with trio.open_nursery() as inner:

@@ -41,14 +41,16 @@ from tests.e2e.harness import (
     write_yaml,
 )
 
-HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
+HAPROXY = shutil.which("haproxy") or (
+    "/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None
+)
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (.ci/system-packages installs it)"),
+    pytest.mark.skipif(
+        HAPROXY is None, reason="haproxy is not installed (.ci/system-packages installs it)"
+    ),
 ]
 NAMES = ("r1", "r2", "r3")
-
-
 
 
 async def try_get(port: int, path: str) -> tuple[int, bytes]:
@@ -60,7 +62,11 @@ async def try_get(port: int, path: str) -> tuple[int, bytes]:
 
 async def status_nodes(admin: int) -> list[str]:
     code, body = await try_get(admin, "/status")
-    return sorted(e["node"] for e in json.loads(body)["edges"] if not e["draining"]) if code == 200 else []
+    return (
+        sorted(e["node"] for e in json.loads(body)["edges"] if not e["draining"])
+        if code == 200
+        else []
+    )
 
 
 async def answers_200(admin: int) -> float:
@@ -76,7 +82,8 @@ async def answers_200(admin: int) -> float:
 def haproxy_cfg(path: Path, front: int, clouds: dict[str, dict[str, int]], stats: Path) -> Path:
     servers = "\n".join(
         f"    server {name} 127.0.0.1:{p['proxy']} check port {p['admin']} inter 200ms fall 2 rise 1"
-        for name, p in clouds.items())
+        for name, p in clouds.items()
+    )
     path.write_text(f"""\
 global
     maxconn 2000
@@ -112,7 +119,9 @@ def haproxy_states(stats: Path) -> dict[str, str]:
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-    rows = [line.split(",") for line in data.decode().splitlines() if line and not line.startswith("#")]
+    rows = [
+        line.split(",") for line in data.decode().splitlines() if line and not line.startswith("#")
+    ]
     return {r[1]: r[17].split(" ")[0] for r in rows if r[0] == "tunnel_cloud" and r[1] in NAMES}
 
 
@@ -158,18 +167,29 @@ async def connect_echo(port: int, data: bytes) -> bool:
             return False
 
 
-
-
 async def test_replicas_behind_haproxy_survive_a_killed_replica(tmp_path: Path) -> None:
     assert HAPROXY is not None
     certs = make_certs(tmp_path, (("test", "edge1"), ("test", "edge2")))
-    clouds = {name: {"tunnel": free_port(), "proxy": free_port(), "admin": free_port()} for name in NAMES}
+    clouds = {
+        name: {"tunnel": free_port(), "proxy": free_port(), "admin": free_port()} for name in NAMES
+    }
     cloud_cfg: dict[str, Path] = {}
     for name, p in clouds.items():
-        cloud_cfg[name] = write_yaml(tmp_path / f"cloud-{name}.yaml", cloud_dict(
-            certs, replica=name, log={"json": True},
-            tunnel={"listen": f"127.0.0.1:{p['tunnel']}", "ping_interval": 0.5, "ping_timeout": 2.0},
-            proxy={"listen": f"127.0.0.1:{p['proxy']}"}, admin={"listen": f"127.0.0.1:{p['admin']}"}))
+        cloud_cfg[name] = write_yaml(
+            tmp_path / f"cloud-{name}.yaml",
+            cloud_dict(
+                certs,
+                replica=name,
+                log={"json": True},
+                tunnel={
+                    "listen": f"127.0.0.1:{p['tunnel']}",
+                    "ping_interval": 0.5,
+                    "ping_timeout": 2.0,
+                },
+                proxy={"listen": f"127.0.0.1:{p['proxy']}"},
+                admin={"listen": f"127.0.0.1:{p['admin']}"},
+            ),
+        )
     front = free_port()
     stats = tmp_path / "haproxy.sock"
     cfg = haproxy_cfg(tmp_path / "haproxy.cfg", front, clouds, stats)
@@ -180,15 +200,26 @@ async def test_replicas_behind_haproxy_survive_a_killed_replica(tmp_path: Path) 
             for name in NAMES:
                 procs[name] = spawn("cloud", cloud_cfg[name], tmp_path / f"cloud-{name}.log")
             for node in ("edge1", "edge2"):
-                edge_cfg = write_yaml(tmp_path / f"{node}.yaml", edge_dict(
-                    certs, [clouds[name]["tunnel"] for name in NAMES], {SVC: f"127.0.0.1:{echo}"}, node,
-                    admin={"listen": "127.0.0.1:0"}, ping_interval=0.5, ping_timeout=2.0,
-                    reconnect={"initial": 0.05, "max": 0.5}, log={"json": True}))
+                edge_cfg = write_yaml(
+                    tmp_path / f"{node}.yaml",
+                    edge_dict(
+                        certs,
+                        [clouds[name]["tunnel"] for name in NAMES],
+                        {SVC: f"127.0.0.1:{echo}"},
+                        node,
+                        admin={"listen": "127.0.0.1:0"},
+                        ping_interval=0.5,
+                        ping_timeout=2.0,
+                        reconnect={"initial": 0.05, "max": 0.5},
+                        log={"json": True},
+                    ),
+                )
                 procs[node] = spawn("edge", edge_cfg, tmp_path / f"{node}.log")
             hap_log = open(tmp_path / "haproxy.log", "ab")
             try:
-                procs["haproxy"] = subprocess.Popen([HAPROXY, "-f", str(cfg), "-db"], stdout=hap_log,
-                                                    stderr=subprocess.STDOUT)
+                procs["haproxy"] = subprocess.Popen(
+                    [HAPROXY, "-f", str(cfg), "-db"], stdout=hap_log, stderr=subprocess.STDOUT
+                )
             finally:
                 hap_log.close()
 
@@ -196,7 +227,9 @@ async def test_replicas_behind_haproxy_survive_a_killed_replica(tmp_path: Path) 
             with trio.fail_after(20):
                 for name in NAMES:
                     while await status_nodes(clouds[name]["admin"]) != ["edge1", "edge2"]:
-                        assert procs[name].poll() is None, (tmp_path / f"cloud-{name}.log").read_text()
+                        assert procs[name].poll() is None, (
+                            tmp_path / f"cloud-{name}.log"
+                        ).read_text()
                         await trio.sleep(0.05)
                 while not stats.exists() or set(haproxy_states(stats).values()) != {"UP"}:
                     assert procs["haproxy"].poll() is None, (tmp_path / "haproxy.log").read_text()
@@ -226,8 +259,10 @@ async def test_replicas_behind_haproxy_survive_a_killed_replica(tmp_path: Path) 
                     await echo_roundtrip(keep, b"long-lived")
                     await trio.sleep(0.02)
                 failures = outcomes.count(False)
-                print(f"replica kill: {len(outcomes)} CONNECTs through haproxy in 3 s, {failures} failed; "
-                      f"haproxy marked r2 down after {down_after}s")
+                print(
+                    f"replica kill: {len(outcomes)} CONNECTs through haproxy in 3 s, {failures} failed; "
+                    f"haproxy marked r2 down after {down_after}s"
+                )
                 assert len(outcomes) >= 20
                 assert failures == 0
                 assert down_after is not None and down_after < 1.5

@@ -62,7 +62,9 @@ class Watch:
 class Server:
     """One stand-in that can be stopped and started again on the same port."""
 
-    def __init__(self, nursery: trio.Nursery, ctx: ssl.SSLContext, port: int, sandbox: Path) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, ctx: ssl.SSLContext, port: int, sandbox: Path
+    ) -> None:
         self.nursery = nursery
         self.ctx = ctx
         self.port = port
@@ -77,13 +79,23 @@ class Server:
         self.scope = trio.CancelScope()
         await self.nursery.start(self._run, self.scope, self.stats, self.done)
 
-    async def _run(self, scope: trio.CancelScope, stats: StandinStats, done: trio.Event,
-                   task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run(
+        self,
+        scope: trio.CancelScope,
+        stats: StandinStats,
+        done: trio.Event,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         try:
             with scope:
-                await serve_k3s_standin(self.ctx, port=self.port, interval=0.2,
-                                        sandbox=self.sandbox, stats=stats,
-                                        task_status=task_status)
+                await serve_k3s_standin(
+                    self.ctx,
+                    port=self.port,
+                    interval=0.2,
+                    sandbox=self.sandbox,
+                    stats=stats,
+                    task_status=task_status,
+                )
         finally:
             done.set()
 
@@ -129,7 +141,11 @@ async def test_rolling_restart_of_three_api_servers(tmp_path: Path) -> None:
                     with trio.fail_after(30):
                         r = await trio.run_process(
                             [*kubectl, "get", "pods", "-o", "name", "--request-timeout=10s"],
-                            capture_stdout=True, capture_stderr=True, check=False, env=env)
+                            capture_stdout=True,
+                            capture_stderr=True,
+                            check=False,
+                            env=env,
+                        )
                     ok = r.returncode == 0 and r.stdout.count(b"pod/test-") == 3
                     gets.append(Get(start, now(), ok, r.stderr[-300:]))
 
@@ -139,7 +155,11 @@ async def test_rolling_restart_of_three_api_servers(tmp_path: Path) -> None:
                     with trio.fail_after(60):  # a watch that hangs past a stop fails the test
                         r = await trio.run_process(
                             [*kubectl, "get", "pods", "--watch", "-v=1"],
-                            capture_stdout=True, capture_stderr=True, check=False, env=env)
+                            capture_stdout=True,
+                            capture_stderr=True,
+                            check=False,
+                            env=env,
+                        )
                     watches.append(Watch(start, now(), r.returncode, r.stderr[-500:]))
 
             async with trio.open_nursery() as clients:

@@ -14,7 +14,9 @@ from tests.e2e.harness import SVC, serve_loopback, tunnel_env
 BANNER = b"SSH-2.0-OpenSSH_9.6 test\r\n"
 
 
-async def serve_speaks_first(close: bool, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_speaks_first(
+    close: bool, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
     async def handler(stream: trio.SocketStream) -> None:
         await stream.send_all(BANNER)
         if not close:

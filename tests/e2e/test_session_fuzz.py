@@ -71,8 +71,6 @@ def sessions(default: int) -> int:
     return int(os.environ.get("KINS_FUZZ_SESSIONS", default))
 
 
-
-
 def legit_frames(rng: random.Random, sids: list[int], opener: bool) -> bytes:
     """A few frames a correct peer could send for the streams in `sids`."""
     out = b""
@@ -81,7 +79,9 @@ def legit_frames(rng: random.Random, sids: list[int], opener: bool) -> bytes:
         if roll < 0.3 and not opener:
             out += open_result_frame(sid, 0, rng.choice([16384, 262144]))
         elif roll < 0.6:
-            out += frame(FrameType.DATA, sid, rng.randbytes(rng.randrange(1, 2000)), rng.choice([0, 0, 1]))
+            out += frame(
+                FrameType.DATA, sid, rng.randbytes(rng.randrange(1, 2000)), rng.choice([0, 0, 1])
+            )
         elif roll < 0.8:
             out += window_frame(sid, rng.randrange(1, 65536))
         else:
@@ -96,16 +96,31 @@ def r_sid(rng: random.Random, sids: list[int]) -> int:
 def uplink_open(rng: random.Random, sid: int, targets: tuple[bytes, ...]) -> bytes:
     """A well-formed OPEN from an edge (an uplink): to an allowed or a disallowed target, another
     unit's, a random name or address, text that is no target, or random bytes."""
-    name = rng.choice([*targets, b"%d.%d.%d.%d:%d" % (*rng.randbytes(4), rng.randrange(1, 65536)),
-                       rng.choice([b"registry", b"a" * 63, b"x.y.svc.cluster.local"]) + b":%d" % rng.randrange(1, 9999),
-                       rng.choice([b"no-port", b"a b:80", "\u00fcn\u00efcode:80".encode(), b"[::1:80", b"x:0",
-                                   b"evil\nline:1"]),
-                       rng.randbytes(rng.randrange(1, 40))])
+    name = rng.choice(
+        [
+            *targets,
+            b"%d.%d.%d.%d:%d" % (*rng.randbytes(4), rng.randrange(1, 65536)),
+            rng.choice([b"registry", b"a" * 63, b"x.y.svc.cluster.local"])
+            + b":%d" % rng.randrange(1, 9999),
+            rng.choice(
+                [
+                    b"no-port",
+                    b"a b:80",
+                    "\u00fcn\u00efcode:80".encode(),
+                    b"[::1:80",
+                    b"x:0",
+                    b"evil\nline:1",
+                ]
+            ),
+            rng.randbytes(rng.randrange(1, 40)),
+        ]
+    )
     return open_frame(sid, rng.choice([16384, 262144]), name)
 
 
-async def hostile_session(peer: RawPeer, rng: random.Random, opener: bool,
-                          open_targets: tuple[bytes, ...] = ()) -> dict[str, int]:
+async def hostile_session(
+    peer: RawPeer, rng: random.Random, opener: bool, open_targets: tuple[bytes, ...] = ()
+) -> dict[str, int]:
     """Read what the other side sends (collecting the streams it opens) while sending garbage.
     With `open_targets`, the hostile side also opens streams itself (odd ids, as an edge does),
     to those targets and others, and then uses them like the streams opened to it."""
@@ -136,7 +151,10 @@ async def hostile_session(peer: RawPeer, rng: random.Random, opener: bool,
                 elif roll < 0.85:
                     data = legit_frames(rng, sids, opener)
                 else:
-                    data = mutate(rng, legit_frames(rng, sids, opener) or random_frame(rng, sids, open_targets))
+                    data = mutate(
+                        rng,
+                        legit_frames(rng, sids, opener) or random_frame(rng, sids, open_targets),
+                    )
                 await peer.send(data)
                 seen["frames_out"] += 1
                 if rng.random() < 0.3:
@@ -161,13 +179,24 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
     up_sock.listen(64)
     up_echo, closed = f"127.0.0.1:{up_sock.getsockname()[1]}", f"127.0.0.1:{free_port()}"
     uplinks = {"fuzz": [up_echo, closed], "test": ["127.0.0.1:9"], "*": ["localhost:1"]}
-    targets = tuple(t.encode() for t in (up_echo, closed, "127.0.0.1:9", "localhost:1", f"LOCALHOST.:{closed[10:]}"))
-    async with watched_env(tmp_path, mux={"session_budget": BUDGET, "max_streams": 16},
-                           proxy={"dial_timeout": 1.0}, tunnel={"handshake_timeout": 5.0},
-                           uplinks=uplinks, uplink_dial_timeout=0.5) as (env, counts):
+    targets = tuple(
+        t.encode()
+        for t in (up_echo, closed, "127.0.0.1:9", "localhost:1", f"LOCALHOST.:{closed[10:]}")
+    )
+    async with watched_env(
+        tmp_path,
+        mux={"session_budget": BUDGET, "max_streams": 16},
+        proxy={"dial_timeout": 1.0},
+        tunnel={"handshake_timeout": 5.0},
+        uplinks=uplinks,
+        uplink_dial_timeout=0.5,
+    ) as (env, counts):
         assert env.nursery is not None
-        env.nursery.start_soon(trio.serve_listeners, echo_bytes_quietly,
-                               [trio.SocketListener(trio.socket.from_stdlib_socket(up_sock))])
+        env.nursery.start_soon(
+            trio.serve_listeners,
+            echo_bytes_quietly,
+            [trio.SocketListener(trio.socket.from_stdlib_socket(up_sock))],
+        )
         ctx = raw_edge_context(env.certs)
         rss0 = self_rss()
         done = {"sessions": 0, "frames": 0, "connects": 0, "refused": 0}
@@ -180,7 +209,12 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
                         if status == 200:
                             await s.send_all(b"x" * rng.randrange(1, 5000))
                             await s.receive_some(1000)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, AssertionError):
+                except (
+                    trio.BrokenResourceError,
+                    trio.ClosedResourceError,
+                    OSError,
+                    AssertionError,
+                ):
                     pass
             done["connects"] += 1
 
@@ -188,8 +222,11 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
             r = random.Random(seed)
             done["sessions"] += 1
             if done["sessions"] % 10000 == 0:
-                print(f"progress: {done['sessions']} hostile edge sessions, cloud RSS "
-                      f"+{(self_rss() - rss0) / 2**20:.1f} MiB, {counts['ok']} healthy echoes", flush=True)
+                print(
+                    f"progress: {done['sessions']} hostile edge sessions, cloud RSS "
+                    f"+{(self_rss() - rss0) / 2**20:.1f} MiB, {counts['ok']} healthy echoes",
+                    flush=True,
+                )
             try:
                 peer = await RawPeer.connect(env.ports.tunnel, ctx)
             except (trio.BrokenResourceError, OSError, ssl.SSLError):
@@ -224,17 +261,23 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
         grown = self_rss() - rss0
         up = {label["reason"]: v for label, v in m.get("kins_tunnel_uplink_refusals_total", [])}
         uplinks_opened = sum(v for _l, v in m.get("kins_tunnel_uplinks_total", []))
-        print(f"\nFIGURE cloud under hostile edges: {done['sessions']} sessions, {done['frames']} frame writes, "
-              f"{done['connects']} CONNECTs to the hostile edge, {done['refused']} TLS set-ups refused, "
-              f"{uplinks_opened:.0f} uplinks opened, uplink refusals {up}, "
-              f"{counts['ok']} healthy echoes, "
-              f"RSS +{grown / 2**20:.1f} MiB")
+        print(
+            f"\nFIGURE cloud under hostile edges: {done['sessions']} sessions, {done['frames']} frame writes, "
+            f"{done['connects']} CONNECTs to the hostile edge, {done['refused']} TLS set-ups refused, "
+            f"{uplinks_opened:.0f} uplinks opened, uplink refusals {up}, "
+            f"{counts['ok']} healthy echoes, "
+            f"RSS +{grown / 2**20:.1f} MiB"
+        )
         # the uplink paths were exercised: opened, refused by the rules, refused by the target
-        assert uplinks_opened > 0 and up.get("not_allowed", 0) > 0 and up.get("bad_target", 0) > 0, (uplinks_opened, up)
+        assert (
+            uplinks_opened > 0 and up.get("not_allowed", 0) > 0 and up.get("bad_target", 0) > 0
+        ), (uplinks_opened, up)
         assert up.get("refused", 0) > 0, up
         assert done["sessions"] == total
         assert done["refused"] == 0  # a valid certificate is always let in
-        assert not m.get("kins_tunnel_internal_errors_total"), m.get("kins_tunnel_internal_errors_total")
+        assert not m.get("kins_tunnel_internal_errors_total"), m.get(
+            "kins_tunnel_internal_errors_total"
+        )
         assert grown < BUDGET * 4, grown
         healthy = next(iter(env.cloud.registry))
         assert healthy.identity.unit == "test"
@@ -250,7 +293,9 @@ async def test_hostile_clouds_never_take_the_edge_down(tmp_path: Path) -> None:
     async with trio.open_nursery() as outer:
         echo = await outer.start(serve_echo)
         async with tunnel_env(tmp_path) as env:
-            sctx = server_ssl_context(env.certs / "ca.crt", env.certs / "cloud.crt", env.certs / "cloud.key")
+            sctx = server_ssl_context(
+                env.certs / "ca.crt", env.certs / "cloud.crt", env.certs / "cloud.key"
+            )
             listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
             fake_port = listeners[0].socket.getsockname()[1]
             finished = trio.Event()
@@ -269,12 +314,22 @@ async def test_hostile_clouds_never_take_the_edge_down(tmp_path: Path) -> None:
                         await tls.do_handshake()
                     peer = RawPeer(tls)
                     await peer.send(hello_frame())
-                    opens = b"".join(open_frame(sid, 1 << 18, r.choice([SVC, "edge1:22", "nope:1", "x" * 300]).encode())
-                                     for sid in range(2, 2 + 2 * r.randrange(0, 4), 2))
+                    opens = b"".join(
+                        open_frame(
+                            sid, 1 << 18, r.choice([SVC, "edge1:22", "nope:1", "x" * 300]).encode()
+                        )
+                        for sid in range(2, 2 + 2 * r.randrange(0, 4), 2)
+                    )
                     await peer.send(opens)
                     seen = await hostile_session(peer, r, opener=True)
                     accepted["frames"] += seen["frames_out"]
-                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ssl.SSLError, OSError):
+                except (
+                    trio.BrokenResourceError,
+                    trio.ClosedResourceError,
+                    trio.TooSlowError,
+                    ssl.SSLError,
+                    OSError,
+                ):
                     await trio.aclose_forcefully(tls)
                 if accepted["n"] >= total:
                     finished.set()
@@ -282,10 +337,13 @@ async def test_hostile_clouds_never_take_the_edge_down(tmp_path: Path) -> None:
             async with trio.open_nursery() as n:
                 n.start_soon(trio.serve_listeners, hostile_cloud, listeners)
                 edge = await env.add_edge(
-                    {SVC: f"127.0.0.1:{echo}", "edge1:22": f"127.0.0.1:{echo}"}, wait_for=SVC,
+                    {SVC: f"127.0.0.1:{echo}", "edge1:22": f"127.0.0.1:{echo}"},
+                    wait_for=SVC,
                     cloud=[f"127.0.0.1:{env.ports.tunnel}", f"127.0.0.1:{fake_port}"],
-                    reconnect={"initial": 0.01, "max": 0.05}, handshake_timeout=3.0,
-                    mux={"session_budget": BUDGET, "max_streams": 16})
+                    reconnect={"initial": 0.01, "max": 0.05},
+                    handshake_timeout=3.0,
+                    mux={"session_budget": BUDGET, "max_streams": 16},
+                )
                 counts = {"ok": 0, "failed": 0, "paused": 0}
                 n.start_soon(keep_echoing, env.ports.proxy, counts)
                 rss0 = self_rss()
@@ -298,8 +356,10 @@ async def test_hostile_clouds_never_take_the_edge_down(tmp_path: Path) -> None:
                 grown = self_rss() - rss0
                 m = edge.metrics.render()[2]
                 n.cancel_scope.cancel()
-            print(f"\nFIGURE edge under hostile clouds: {accepted['n']} sessions, {accepted['frames']} frame writes, "
-                  f"{counts['ok']} healthy echoes, RSS +{grown / 2**20:.1f} MiB, {edge.connects} tunnel set-ups")
+            print(
+                f"\nFIGURE edge under hostile clouds: {accepted['n']} sessions, {accepted['frames']} frame writes, "
+                f"{counts['ok']} healthy echoes, RSS +{grown / 2**20:.1f} MiB, {edge.connects} tunnel set-ups"
+            )
             assert counts["failed"] == 0, counts
             assert b"kins_tunnel_internal_errors_total{" not in m, m
             assert grown < BUDGET * 4, grown

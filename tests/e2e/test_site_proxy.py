@@ -49,12 +49,21 @@ from tests.e2e.harness import (
 )
 
 TINYPROXY = shutil.which("tinyproxy") or shutil.which("tinyproxy", path="/usr/sbin:/usr/bin")
-needs_tinyproxy = pytest.mark.skipif(TINYPROXY is None, reason="needs tinyproxy (.ci/system-packages installs it)")
+needs_tinyproxy = pytest.mark.skipif(
+    TINYPROXY is None, reason="needs tinyproxy (.ci/system-packages installs it)"
+)
 
 PING = {"ping_interval": 0.5, "ping_timeout": 2.0}
-CLOUD_FAST: dict[str, Any] = {"tunnel": {**PING, "handshake_timeout": 3.0}, "proxy": {"dial_timeout": 3.0}}
-EDGE_FAST: dict[str, Any] = {**PING, "reconnect": {"initial": 0.1, "max": 0.5}, "dial_timeout": 1.0,
-                             "handshake_timeout": 2.0}
+CLOUD_FAST: dict[str, Any] = {
+    "tunnel": {**PING, "handshake_timeout": 3.0},
+    "proxy": {"dial_timeout": 3.0},
+}
+EDGE_FAST: dict[str, Any] = {
+    **PING,
+    "reconnect": {"initial": 0.1, "max": 0.5},
+    "dial_timeout": 1.0,
+    "handshake_timeout": 2.0,
+}
 
 
 @dataclass
@@ -71,8 +80,15 @@ class Tinyproxy:
         self.port = self.port or free_port()  # below the ephemeral range: restartable on this port
         self.conf = self.base / f"tinyproxy-{self.port}.conf"
         self.log = self.base / f"tinyproxy-{self.port}.log"
-        lines = [f"Port {self.port}", "Listen 127.0.0.1", "Timeout 600", "Allow 127.0.0.1", "MaxClients 100",
-                 "LogLevel Connect", f"ConnectPort {self.connect_port}"]
+        lines = [
+            f"Port {self.port}",
+            "Listen 127.0.0.1",
+            "Timeout 600",
+            "Allow 127.0.0.1",
+            "MaxClients 100",
+            "LogLevel Connect",
+            f"ConnectPort {self.connect_port}",
+        ]
         if self.auth is not None:
             lines.append(f"BasicAuth {self.auth[0]} {self.auth[1]}")
         self.conf.write_text("\n".join(lines) + "\n")
@@ -83,8 +99,12 @@ class Tinyproxy:
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
-            self.popen = subprocess.Popen([TINYPROXY or "tinyproxy", "-d", "-c", str(self.conf)],
-                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            self.popen = subprocess.Popen(
+                [TINYPROXY or "tinyproxy", "-d", "-c", str(self.conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
         deadline = time.monotonic() + 10
         while True:  # until it listens
             assert self.popen.poll() is None, f"tinyproxy exited:\n{self.log.read_text()}"
@@ -92,7 +112,9 @@ class Tinyproxy:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return
             except OSError:
-                assert time.monotonic() < deadline, f"tinyproxy did not listen:\n{self.log.read_text()}"
+                assert time.monotonic() < deadline, (
+                    f"tinyproxy did not listen:\n{self.log.read_text()}"
+                )
                 time.sleep(0.05)
 
     def stop(self) -> None:
@@ -112,7 +134,9 @@ class Tinyproxy:
 
 
 @contextlib.contextmanager
-def tinyproxy(base: Path, connect_port: int, auth: tuple[str, str] | None = None) -> Iterator[Tinyproxy]:
+def tinyproxy(
+    base: Path, connect_port: int, auth: tuple[str, str] | None = None
+) -> Iterator[Tinyproxy]:
     tp = Tinyproxy(base, connect_port, auth)
     tp.start()
     try:
@@ -145,8 +169,9 @@ async def test_edge_through_tinyproxy_without_credentials(tmp_path: Path) -> Non
         echo = await n.start(serve_echo)
         async with tunnel_env(tmp_path, **CLOUD_FAST) as env:
             with tinyproxy(tmp_path, env.ports.tunnel) as tp:
-                edge = await env.add_edge({SVC: f"127.0.0.1:{echo}"}, wait_for=SVC, proxy={"url": tp.url},
-                                          **EDGE_FAST)
+                edge = await env.add_edge(
+                    {SVC: f"127.0.0.1:{echo}"}, wait_for=SVC, proxy={"url": tp.url}, **EDGE_FAST
+                )
                 await echo_through(env.ports.proxy)
                 assert tp.connects(f"127.0.0.1:{env.ports.tunnel}") == 1
                 # the tunnel lives inside tinyproxy's connection: it dies with the proxy ...
@@ -174,8 +199,11 @@ async def test_edge_through_tinyproxy_with_credentials(tmp_path: Path) -> None:
             with tinyproxy(tmp_path, env.ports.tunnel, auth=("site-user", "pa.ss-1")) as tp:
                 creds = tmp_path / "proxy-credentials"  # relative in the config: next to it
                 creds.write_text("site-user:wrong\n")
-                edge = await env.add_edge({SVC: f"127.0.0.1:{echo}"}, proxy={"url": tp.url,
-                                          "credentials_file": "proxy-credentials"}, **EDGE_FAST)
+                edge = await env.add_edge(
+                    {SVC: f"127.0.0.1:{echo}"},
+                    proxy={"url": tp.url, "credentials_file": "proxy-credentials"},
+                    **EDGE_FAST,
+                )
                 with trio.fail_after(10):  # refused (407), counted, retried with backoff
                     while failures(edge, "proxy") < 3:
                         await trio.sleep(0.02)
@@ -195,8 +223,9 @@ def virtual_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.01)
 
 
-async def test_silent_proxy_is_a_timeout_at_handshake_timeout(tmp_path: Path,
-                                                              virtual_clock: trio.testing.MockClock) -> None:
+async def test_silent_proxy_is_a_timeout_at_handshake_timeout(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
     """A proxy test double that accepts and never answers: each set-up fails at handshake_timeout
     (virtual time, so the bounds are exact), counted as `timeout`, and is retried after backoff."""
     attempts: list[float] = []
@@ -208,8 +237,11 @@ async def test_silent_proxy_is_a_timeout_at_handshake_timeout(tmp_path: Path,
     async with trio.open_nursery() as n:
         silent = await n.start(serve_loopback, silent_proxy_double)
         async with tunnel_env(tmp_path, **CLOUD_FAST) as env:
-            edge = await env.add_edge({SVC: "127.0.0.1:9"}, proxy={"url": f"http://127.0.0.1:{silent}"},
-                                      **{**EDGE_FAST, "handshake_timeout": 0.5})
+            edge = await env.add_edge(
+                {SVC: "127.0.0.1:9"},
+                proxy={"url": f"http://127.0.0.1:{silent}"},
+                **{**EDGE_FAST, "handshake_timeout": 0.5},
+            )
             with trio.fail_after(30):
                 while failures(edge, "timeout") < 3 or len(attempts) < 4:
                     await trio.sleep(0.01)
@@ -232,15 +264,20 @@ async def test_credentials_are_sent_exactly_as_in_the_file(tmp_path: Path) -> No
                 return
             head += chunk
         heads.append(head)
-        await stream.send_all(b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\n"
-                              b"not allowed\n")
+        await stream.send_all(
+            b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\n"
+            b"not allowed\n"
+        )
 
     async with trio.open_nursery() as n:
         port = await n.start(serve_loopback, recording_proxy_double)
         async with tunnel_env(tmp_path, **CLOUD_FAST) as env:
             (tmp_path / "creds").write_bytes("site-user:p\u00e4:ss  \n".encode())
-            edge = await env.add_edge({SVC: "127.0.0.1:9"}, proxy={"url": f"http://127.0.0.1:{port}",
-                                                                    "credentials_file": "creds"}, **EDGE_FAST)
+            edge = await env.add_edge(
+                {SVC: "127.0.0.1:9"},
+                proxy={"url": f"http://127.0.0.1:{port}", "credentials_file": "creds"},
+                **EDGE_FAST,
+            )
             with trio.fail_after(10):
                 while failures(edge, "proxy") < 2:
                     await trio.sleep(0.02)
@@ -256,11 +293,20 @@ class NoDNSResolver(trio.abc.HostnameResolver):
     """A resolver test double for this trio run: every name lookup fails, as on a site whose DNS
     does not answer for outside names (numeric addresses never reach a resolver)."""
 
-    async def getaddrinfo(self, host: bytes | None, port: bytes | str | int | None, family: int = 0,
-                          type: int = 0, proto: int = 0, flags: int = 0) -> Any:
+    async def getaddrinfo(
+        self,
+        host: bytes | None,
+        port: bytes | str | int | None,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> Any:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    async def getnameinfo(self, sockaddr: tuple[str, int] | tuple[str, int, int, int], flags: int) -> tuple[str, str]:
+    async def getnameinfo(
+        self, sockaddr: tuple[str, int] | tuple[str, int, int, int], flags: int
+    ) -> tuple[str, str]:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
 
@@ -272,8 +318,13 @@ async def test_unresolvable_cloud_name_is_resolved_by_the_proxy(tmp_path: Path) 
             with tinyproxy(tmp_path, env.ports.tunnel) as tp:
                 trio.socket.set_custom_hostname_resolver(NoDNSResolver())
                 # `localhost` is a SAN of the cloud certificate; tinyproxy resolves it
-                edge = await env.add_edge({SVC: f"127.0.0.1:{echo}"}, wait_for=SVC, proxy={"url": tp.url},
-                                          cloud=[f"localhost:{env.ports.tunnel}"], **EDGE_FAST)
+                edge = await env.add_edge(
+                    {SVC: f"127.0.0.1:{echo}"},
+                    wait_for=SVC,
+                    proxy={"url": tp.url},
+                    cloud=[f"localhost:{env.ports.tunnel}"],
+                    **EDGE_FAST,
+                )
                 await echo_through(env.ports.proxy)
                 assert list(edge.sessions) == [f"localhost:{env.ports.tunnel}"]
                 assert tp.connects(f"localhost:{env.ports.tunnel}") == 1
@@ -289,8 +340,12 @@ async def test_reconnect_and_liveness_through_tinyproxy_with_processes(tmp_path:
             await wait_cloud_up(cloud)
             with tinyproxy(tmp_path, cloud.tunnel, auth=("site-user", "pass")) as tp:
                 (tmp_path / "proxy-credentials").write_text("site-user:pass\n")
-                edge = ps.edge(cloud.tunnel, {SVC: f"127.0.0.1:{echo}"}, **EDGE_FAST,
-                               proxy={"url": tp.url, "credentials_file": "proxy-credentials"})
+                edge = ps.edge(
+                    cloud.tunnel,
+                    {SVC: f"127.0.0.1:{echo}"},
+                    **EDGE_FAST,
+                    proxy={"url": tp.url, "credentials_file": "proxy-credentials"},
+                )
                 await wait_edges(cloud, 1)
                 await echo_through(cloud.proxy)
                 target = f"127.0.0.1:{cloud.tunnel}"
@@ -301,12 +356,17 @@ async def test_reconnect_and_liveness_through_tinyproxy_with_processes(tmp_path:
 
                 async def no_tunnel() -> bool:
                     return not (await edge_status(edge))["tunnels"]
+
                 seen = await wait_until(no_tunnel, 5, "edge noticed the cloud is gone")
                 figure("site proxy, cloud kill: edge noticed after", seen, "s")
                 cloud.start()
                 await wait_cloud_up(cloud)
                 back = await wait_connect(cloud.proxy, SVC, 200, timeout=10)
-                figure("site proxy, cloud restart: edge serving again after the cloud was ready", back, "s")
+                figure(
+                    "site proxy, cloud restart: edge serving again after the cloud was ready",
+                    back,
+                    "s",
+                )
                 await echo_through(cloud.proxy)
                 assert tp.connects(target) >= 2
 
@@ -316,7 +376,11 @@ async def test_reconnect_and_liveness_through_tinyproxy_with_processes(tmp_path:
                 tp.signal(signal.SIGSTOP)
                 try:
                     detect = await wait_edges(cloud, 0, timeout=10)
-                    figure("site proxy frozen: cloud dropped the edge after", detect, "s (ping_timeout 2 s)")
+                    figure(
+                        "site proxy frozen: cloud dropped the edge after",
+                        detect,
+                        "s (ping_timeout 2 s)",
+                    )
                     assert 1.5 <= detect <= 4.0
                     edge_detect = await wait_until(no_tunnel, 5, "edge dropped its tunnel") + detect
                     figure("site proxy frozen: edge dropped its tunnel after", edge_detect, "s")

@@ -66,7 +66,9 @@ def fields(record: logging.LogRecord) -> dict[str, Any]:
 
 
 def metric(m: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
-    return sum(v for lab, v in m.get(name, []) if all(lab.get(k) == want for k, want in labels.items()))
+    return sum(
+        v for lab, v in m.get(name, []) if all(lab.get(k) == want for k, want in labels.items())
+    )
 
 
 def edge_metric(edge: Edge, name: str, **labels: str) -> float:
@@ -109,9 +111,20 @@ async def refused_locally(addr: tuple[str, int], timeout: float = 10) -> str:
 async def http_server(directory: Path) -> AsyncIterator[int]:
     """Python's http.server (a real HTTP/1.x server) on 127.0.0.1, serving `directory`."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
-                             "--directory", str(directory), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(directory),
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         with trio.fail_after(15):
             while True:
@@ -137,7 +150,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-async def test_a_client_on_the_edge_downloads_200_mib_from_the_cloud_through_an_uplink(tmp_path: Path) -> None:
+async def test_a_client_on_the_edge_downloads_200_mib_from_the_cloud_through_an_uplink(
+    tmp_path: Path,
+) -> None:
     served = tmp_path / "www"
     served.mkdir()
     blob = served / "k3s-airgap-images.tar"
@@ -151,20 +166,37 @@ async def test_a_client_on_the_edge_downloads_200_mib_from_the_cloud_through_an_
     async with http_server(served) as http_port, trio.open_nursery() as n:
         echo = await n.start(serve_echo)
         async with tunnel_env(tmp_path, uplinks={"test": [f"127.0.0.1:{http_port}"]}) as env:
-            edge = await env.add_edge({SVC: f"127.0.0.1:{echo}"}, wait_for=SVC,
-                                      uplinks={"127.0.0.1:0": f"127.0.0.1:{http_port}"})
+            edge = await env.add_edge(
+                {SVC: f"127.0.0.1:{echo}"},
+                wait_for=SVC,
+                uplinks={"127.0.0.1:0": f"127.0.0.1:{http_port}"},
+            )
             port = edge.uplinks.ports["127.0.0.1:0"]
             out = tmp_path / "downloaded.tar"
             t0 = time.monotonic()
             result = await trio.run_process(
-                [CURL, "-sS", "--fail", "--max-time", "300", "-o", str(out),
-                 f"http://127.0.0.1:{port}/k3s-airgap-images.tar"], capture_stderr=True, check=False)
+                [
+                    CURL,
+                    "-sS",
+                    "--fail",
+                    "--max-time",
+                    "300",
+                    "-o",
+                    str(out),
+                    f"http://127.0.0.1:{port}/k3s-airgap-images.tar",
+                ],
+                capture_stderr=True,
+                check=False,
+            )
             took = time.monotonic() - t0
             assert result.returncode == 0, result.stderr
             assert out.stat().st_size == BLOB_MIB << 20
             assert await trio.to_thread.run_sync(sha256_file, out) == want
-            figure(f"uplink download of {BLOB_MIB} MiB with curl (cloud and edge in one process)",
-                   (BLOB_MIB << 20) / took / 1e6, "MB/s")
+            figure(
+                f"uplink download of {BLOB_MIB} MiB with curl (cloud and edge in one process)",
+                (BLOB_MIB << 20) / took / 1e6,
+                "MB/s",
+            )
             m = await metrics_of(env.ports.admin)
             assert metric(m, "kins_tunnel_uplinks_total") == 1
             assert metric(m, "kins_tunnel_uplink_bytes_total", direction="down") >= BLOB_MIB << 20
@@ -179,19 +211,35 @@ async def counting_echo(stream: trio.SocketStream, seen: list[int], i: int) -> N
     await echo_bytes(stream)
 
 
-async def test_the_cloud_dials_only_what_it_allows_the_edges_unit(tmp_path: Path,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
+async def test_the_cloud_dials_only_what_it_allows_the_edges_unit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="kins_tunnel")
     seen = [0, 0, 0, 0]  # connections each cloud-side target received
     async with trio.open_nursery() as n:
-        ports = [await n.start(serve_loopback, functools.partial(counting_echo, seen=seen, i=i)) for i in range(4)]
+        ports = [
+            await n.start(serve_loopback, functools.partial(counting_echo, seen=seen, i=i))
+            for i in range(4)
+        ]
         own, everyone, others, secret = (f"127.0.0.1:{p}" for p in ports)
-        async with tunnel_env(tmp_path, uplinks={"test": [own], "other": [others], "*": [everyone]}) as env:
+        async with tunnel_env(
+            tmp_path, uplinks={"test": [own], "other": [others], "*": [everyone]}
+        ) as env:
             echo = await n.start(serve_echo)
-            uplinks = {"127.0.0.1:0": own, "127.0.0.2:0": everyone, "127.0.0.3:0": others, "127.0.0.4:0": secret}
+            uplinks = {
+                "127.0.0.1:0": own,
+                "127.0.0.2:0": everyone,
+                "127.0.0.3:0": others,
+                "127.0.0.4:0": secret,
+            }
             a = await env.add_edge({SVC: f"127.0.0.1:{echo}"}, wait_for=SVC, uplinks=uplinks)
-            b = await env.add_edge({"b-svc-kins.kins-system:443": f"127.0.0.1:{echo}"}, node="b1", unit="b",
-                                   wait_for="b-svc-kins.kins-system:443", uplinks=uplinks)
+            b = await env.add_edge(
+                {"b-svc-kins.kins-system:443": f"127.0.0.1:{echo}"},
+                node="b1",
+                unit="b",
+                wait_for="b-svc-kins.kins-system:443",
+                uplinks=uplinks,
+            )
             # unit test: its own target and the "*" target; not unit other's, not an unlisted one
             assert await echo_once(listener(a, "127.0.0.1:0"), b"own" * 1000) == b"own" * 1000
             assert await echo_once(listener(a, "127.0.0.2:0"), b"star") == b"star"
@@ -218,10 +266,19 @@ async def test_the_cloud_dials_only_what_it_allows_the_edges_unit(tmp_path: Path
     assert (line["node"], line["normalised"], line["status"]) == ("b1", own, "not_allowed")
     assert "not in this unit's uplinks" in line["outcome"]
     first = next(fields(r) for r in done if fields(r)["normalised"] == own)
-    assert ((first["unit"], first["status"], first["outcome"], first["sent"], first["received"])
-            == ("test", "ok", "closed", 3000, 3000))
+    assert (first["unit"], first["status"], first["outcome"], first["sent"], first["received"]) == (
+        "test",
+        "ok",
+        "closed",
+        3000,
+        3000,
+    )
     assert first["duration"] >= 0 and first["replica"]
-    edge_lines = [r for r in caplog.records if r.name == "kins_tunnel.edge.uplinks" and r.getMessage().startswith("uplink ")]
+    edge_lines = [
+        r
+        for r in caplog.records
+        if r.name == "kins_tunnel.edge.uplinks" and r.getMessage().startswith("uplink ")
+    ]
     assert len(edge_lines) == 7
     assert sorted(fields(r)["status"] for r in edge_lines) == ["not_allowed"] * 4 + ["ok"] * 3
 
@@ -232,9 +289,14 @@ async def test_failed_dials_in_the_cloud_reach_the_edge_as_their_codes(tmp_path:
         async with trio.open_nursery() as n:
             echo = await n.start(serve_echo)
             allowed = [f"127.0.0.1:{closed}", f"127.0.0.1:{hanging}"]
-            async with tunnel_env(tmp_path, uplinks={"test": allowed}, uplink_dial_timeout=0.5) as env:
-                edge = await env.add_edge({SVC: f"127.0.0.1:{echo}"}, wait_for=SVC,
-                                          uplinks={"127.0.0.1:0": allowed[0], "127.0.0.2:0": allowed[1]})
+            async with tunnel_env(
+                tmp_path, uplinks={"test": allowed}, uplink_dial_timeout=0.5
+            ) as env:
+                edge = await env.add_edge(
+                    {SVC: f"127.0.0.1:{echo}"},
+                    wait_for=SVC,
+                    uplinks={"127.0.0.1:0": allowed[0], "127.0.0.2:0": allowed[1]},
+                )
                 assert await refused_locally(listener(edge, "127.0.0.1:0")) == "reset"
                 t0 = trio.current_time()
                 assert await refused_locally(listener(edge, "127.0.0.2:0")) == "reset"
@@ -253,8 +315,11 @@ async def test_failed_dials_in_the_cloud_reach_the_edge_as_their_codes(tmp_path:
 
 async def test_without_a_tunnel_an_uplink_connection_is_reset_and_counted(tmp_path: Path) -> None:
     async with tunnel_env(tmp_path, uplinks={"*": ["127.0.0.1:9"]}) as env:
-        edge = await env.add_edge({SVC: "127.0.0.1:9"}, cloud=[f"127.0.0.1:{free_port()}"],
-                                  uplinks={"127.0.0.1:0": "127.0.0.1:9"})
+        edge = await env.add_edge(
+            {SVC: "127.0.0.1:9"},
+            cloud=[f"127.0.0.1:{free_port()}"],
+            uplinks={"127.0.0.1:0": "127.0.0.1:9"},
+        )
         assert not edge.sessions
         assert await refused_locally(listener(edge, "127.0.0.1:0")) == "reset"
         assert edge_metric(edge, "kins_tunnel_uplink_refusals_total", reason="no_tunnel") == 1
@@ -278,8 +343,9 @@ async def test_the_uplink_proxy_speaks_connect_and_the_cloud_decides(tmp_path: P
         echo = await n.start(serve_echo)
         allowed = [f"127.0.0.1:{echo}", f"127.0.0.1:{http_port}", f"127.0.0.1:{closed}"]
         async with tunnel_env(tmp_path, uplinks={"test": allowed}) as env:
-            edge = await env.add_edge({SVC: f"127.0.0.1:{echo}"}, wait_for=SVC,
-                                      uplink_proxy={"listen": "127.0.0.1:0"})
+            edge = await env.add_edge(
+                {SVC: f"127.0.0.1:{echo}"}, wait_for=SVC, uplink_proxy={"listen": "127.0.0.1:0"}
+            )
             proxy = edge.uplinks.proxy_port
             assert proxy
             # an allowed target: 200, then a byte pipe (bytes sent with the request included)
@@ -291,14 +357,31 @@ async def test_the_uplink_proxy_speaks_connect_and_the_cloud_decides(tmp_path: P
                 assert await read_all(s) == b"through the edge's proxy"
             # curl tunnelling plain HTTP through CONNECT (-p) to the cloud-side web server
             result = await trio.run_process(
-                [CURL, "-sS", "--fail", "--max-time", "30", "-p", "-x", f"http://127.0.0.1:{proxy}",
-                 f"http://127.0.0.1:{http_port}/registries.yaml"], capture_stdout=True, capture_stderr=True,
-                check=False)
+                [
+                    CURL,
+                    "-sS",
+                    "--fail",
+                    "--max-time",
+                    "30",
+                    "-p",
+                    "-x",
+                    f"http://127.0.0.1:{proxy}",
+                    f"http://127.0.0.1:{http_port}/registries.yaml",
+                ],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
             assert result.returncode == 0, result.stderr
             assert result.stdout == b"mirrors: {}\n" * 1000
             # refusals: the cloud does not allow it, cannot reach it; bad requests
-            for target, want in ((f"127.0.0.1:{free_port()}", 403), ("10.1.2.3:5000", 403),
-                                 (allowed[2], 502), ("no-port", 400), ("[::1:5000", 400)):
+            for target, want in (
+                (f"127.0.0.1:{free_port()}", 403),
+                ("10.1.2.3:5000", 403),
+                (allowed[2], 502),
+                ("no-port", 400),
+                ("[::1:5000", 400),
+            ):
                 status, head, s = await connect(proxy, target)
                 await s.aclose()
                 assert status == want, (target, head)
@@ -307,7 +390,9 @@ async def test_the_uplink_proxy_speaks_connect_and_the_cloud_decides(tmp_path: P
             assert answer.startswith(b"HTTP/1.1 405 ") and b"Allow: CONNECT" in answer
             answer = await raw_answer(("127.0.0.1", proxy), b"\x16\x03\x01 not http\r\n\r\n")
             assert answer.startswith(b"HTTP/1.1 400 ")
-            answer = await raw_answer(("127.0.0.1", proxy), b"CONNECT a:1 HTTP/1.1\r\n" + b"X: y\r\n" * 5000)
+            answer = await raw_answer(
+                ("127.0.0.1", proxy), b"CONNECT a:1 HTTP/1.1\r\n" + b"X: y\r\n" * 5000
+            )
             assert answer.startswith(b"HTTP/1.1 431 ")
             assert edge_metric(edge, "kins_tunnel_uplink_refusals_total", reason="not_allowed") == 2
             assert edge_metric(edge, "kins_tunnel_uplink_refusals_total", reason="refused") == 1
@@ -325,7 +410,9 @@ async def test_the_uplink_proxy_speaks_connect_and_the_cloud_decides(tmp_path: P
 
 
 # ---------------------------------------------------------------- a hand-driven edge
-async def test_open_results_for_a_raw_edge_follow_the_rules(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_open_results_for_a_raw_edge_follow_the_rules(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """An edge speaking frames by hand (unit `fuzz`): allowed, not allowed, unparseable and
     hostile targets get the right answers, and the log line shows the target escaped."""
     caplog.set_level(logging.INFO, logger="kins_tunnel")
@@ -334,8 +421,14 @@ async def test_open_results_for_a_raw_edge_follow_the_rules(tmp_path: Path, capl
         async with tunnel_env(tmp_path, uplinks={"fuzz": [f"127.0.0.1:{echo}"]}) as env:
             peer = await raw_edge(env.ports.tunnel, env.certs)
             try:
-                opens = {1: f"127.0.0.1:{echo}".encode(), 3: b"evil\n2026-01-01 INFO forged:1", 5: b"10.0.0.1:22",
-                         7: "ünïcode:80".encode(), 9: b"x" * 400, 11: f"LOCALHOST.:{echo}".encode()}
+                opens = {
+                    1: f"127.0.0.1:{echo}".encode(),
+                    3: b"evil\n2026-01-01 INFO forged:1",
+                    5: b"10.0.0.1:22",
+                    7: "ünïcode:80".encode(),
+                    9: b"x" * 400,
+                    11: f"LOCALHOST.:{echo}".encode(),
+                }
                 for sid, target in opens.items():
                     await peer.send(open_frame(sid, 1 << 18, target))
                 codes: dict[int, int] = {}
@@ -343,8 +436,14 @@ async def test_open_results_for_a_raw_edge_follow_the_rules(tmp_path: Path, capl
                     while len(codes) < len(opens):
                         ftype, _flags, sid, payload = await peer.wait_for(FrameType.OPEN_RESULT)
                         codes[sid] = int.from_bytes(payload[:4], "big")
-                assert codes == {1: 0, 3: ErrorCode.NOT_ALLOWED, 5: ErrorCode.NOT_ALLOWED,
-                                 7: ErrorCode.NOT_ALLOWED, 9: ErrorCode.NOT_ALLOWED, 11: ErrorCode.NOT_ALLOWED}
+                assert codes == {
+                    1: 0,
+                    3: ErrorCode.NOT_ALLOWED,
+                    5: ErrorCode.NOT_ALLOWED,
+                    7: ErrorCode.NOT_ALLOWED,
+                    9: ErrorCode.NOT_ALLOWED,
+                    11: ErrorCode.NOT_ALLOWED,
+                }
                 await peer.send(frame(FrameType.DATA, 1, b"raw bytes", 1))  # with FIN
                 got = b""
                 with trio.fail_after(10):
@@ -357,13 +456,23 @@ async def test_open_results_for_a_raw_edge_follow_the_rules(tmp_path: Path, capl
             finally:
                 await peer.aclose()
             m = await metrics_of(env.ports.admin)
-            assert metric(m, "kins_tunnel_uplink_refusals_total", reason="not_allowed") == 2  # 5, 11
-            assert metric(m, "kins_tunnel_uplink_refusals_total", reason="bad_target") == 3  # 3, 7, 9
+            assert (
+                metric(m, "kins_tunnel_uplink_refusals_total", reason="not_allowed") == 2
+            )  # 5, 11
+            assert (
+                metric(m, "kins_tunnel_uplink_refusals_total", reason="bad_target") == 3
+            )  # 3, 7, 9
             assert not m.get("kins_tunnel_internal_errors_total")
         n.cancel_scope.cancel()
-    lines = {fields(r)["stream"]: fields(r) for r in caplog.records
-             if r.name == "kins_tunnel.cloud.uplinks" and r.getMessage().startswith("uplink ")}
-    assert lines[3]["target"] == "evil\\n2026-01-01 INFO forged:1" and lines[3]["status"] == "bad_target"
+    lines = {
+        fields(r)["stream"]: fields(r)
+        for r in caplog.records
+        if r.name == "kins_tunnel.cloud.uplinks" and r.getMessage().startswith("uplink ")
+    }
+    assert (
+        lines[3]["target"] == "evil\\n2026-01-01 INFO forged:1"
+        and lines[3]["status"] == "bad_target"
+    )
     assert lines[7]["target"] == "\\xfcn\\xefcode:80" and lines[7]["status"] == "bad_target"
     assert len(lines[9]["target"]) == 256 and lines[9]["status"] == "bad_target"
     assert (lines[1]["unit"], lines[1]["node"], lines[1]["status"]) == ("fuzz", "fuzz1", "ok")
@@ -371,14 +480,17 @@ async def test_open_results_for_a_raw_edge_follow_the_rules(tmp_path: Path, capl
 
 
 async def test_a_flood_of_refused_uplinks_is_counted_in_full_and_logged_within_a_budget(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="kins_tunnel")
     async with tunnel_env(tmp_path, uplinks={"fuzz": ["127.0.0.1:9"]}) as env:
         peer = await raw_edge(env.ports.tunnel, env.certs)
         try:
             sids = range(1, 2 * 300, 2)
             t0 = trio.current_time()
-            await peer.send(b"".join(open_frame(sid, 1 << 18, b"10.0.0.1:%d" % sid) for sid in sids))
+            await peer.send(
+                b"".join(open_frame(sid, 1 << 18, b"10.0.0.1:%d" % sid) for sid in sids)
+            )
             with trio.fail_after(10):
                 for _ in sids:
                     await peer.wait_for(FrameType.OPEN_RESULT)
@@ -391,11 +503,19 @@ async def test_a_flood_of_refused_uplinks_is_counted_in_full_and_logged_within_a
             await peer.aclose()
         m = await metrics_of(env.ports.admin)
         assert metric(m, "kins_tunnel_uplink_refusals_total", reason="not_allowed") == 301
-    lines = [fields(r) for r in caplog.records
-             if r.name == "kins_tunnel.cloud.uplinks" and r.getMessage() == "uplink refused"]
-    assert len(lines) <= 20 * (math.ceil(seconds) + 1), (len(lines), seconds)  # 20 lines a second at most
+    lines = [
+        fields(r)
+        for r in caplog.records
+        if r.name == "kins_tunnel.cloud.uplinks" and r.getMessage() == "uplink refused"
+    ]
+    assert len(lines) <= 20 * (math.ceil(seconds) + 1), (
+        len(lines),
+        seconds,
+    )  # 20 lines a second at most
     assert lines[-1]["target"] == "10.0.0.2:1" and lines[-1].get("not_logged_before", 0) > 0
-    assert len(lines) + sum(line.get("not_logged_before", 0) for line in lines) == 301  # none unaccounted
+    assert (
+        len(lines) + sum(line.get("not_logged_before", 0) for line in lines) == 301
+    )  # none unaccounted
 
 
 # ---------------------------------------------------------------- real processes: replicas, restarts
@@ -412,7 +532,9 @@ async def uplinks_served(cloud: CloudProc) -> float:
     return metric(samples(body), "kins_tunnel_uplinks_total")
 
 
-async def test_every_replica_serves_uplinks_and_they_survive_a_replica_restart(tmp_path: Path) -> None:
+async def test_every_replica_serves_uplinks_and_they_survive_a_replica_restart(
+    tmp_path: Path,
+) -> None:
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
         target = f"127.0.0.1:{echo}"
@@ -420,8 +542,13 @@ async def test_every_replica_serves_uplinks_and_they_survive_a_replica_restart(t
             clouds = [ps.cloud(name, uplinks={"test": [target]}) for name in ("cloud-a", "cloud-b")]
             a, b = clouds
             up = free_port()
-            edge = ps.edge(a.tunnel, {SVC: target}, cloud=[f"127.0.0.1:{c.tunnel}" for c in clouds],
-                           uplinks={f"127.0.0.1:{up}": target}, reconnect={"initial": 0.05, "max": 0.5})
+            edge = ps.edge(
+                a.tunnel,
+                {SVC: target},
+                cloud=[f"127.0.0.1:{c.tunnel}" for c in clouds],
+                uplinks={f"127.0.0.1:{up}": target},
+                reconnect={"initial": 0.05, "max": 0.5},
+            )
             for c in clouds:
                 await wait_cloud_up(c)
                 await wait_edges(c, 1)
@@ -430,14 +557,17 @@ async def test_every_replica_serves_uplinks_and_they_survive_a_replica_restart(t
                 return len((await edge_status(edge))["tunnels"])
 
             assert (await edge_status(edge))["uplinks"] == [
-                {"listen": f"127.0.0.1:{up}", "port": up, "target": target}]
+                {"listen": f"127.0.0.1:{up}", "port": up, "target": target}
+            ]
             # both replicas serve uplinks (the edge spreads them over its tunnels)
             await uplink_echoes(up, 10)
             served = [await uplinks_served(c) for c in clouds]
             assert sum(served) == 10 and min(served) >= 1, served
             # one replica dies: uplinks go on through the other at once
             a.kill()
-            noticed = await wait_until(lambda: _eq(tunnels(), 1), 10, "the edge drops the dead tunnel")
+            noticed = await wait_until(
+                lambda: _eq(tunnels(), 1), 10, "the edge drops the dead tunnel"
+            )
             await uplink_echoes(up, 5)
             assert await uplinks_served(b) == served[1] + 5
             # it comes back: the edge reconnects and the new process serves uplinks too
@@ -453,7 +583,9 @@ async def test_every_replica_serves_uplinks_and_they_survive_a_replica_restart(t
             await uplink_echoes(up, 5)
             assert await uplinks_served(a) == before + 5
             m = samples((await http_get(edge.admin or 0, "/metrics"))[1])
-            assert metric(m, "kins_tunnel_uplink_refusals_total") == 0, m.get("kins_tunnel_uplink_refusals_total")
+            assert metric(m, "kins_tunnel_uplink_refusals_total") == 0, m.get(
+                "kins_tunnel_uplink_refusals_total"
+            )
             assert metric(m, "kins_tunnel_uplinks_total") == 26
             figure("uplinks: edge dropped the killed replica's tunnel after", noticed, "s")
             figure("uplinks: restarted replica had the edge back after", back, "s")
@@ -464,12 +596,18 @@ async def _eq(value: Awaitable[int], want: int) -> bool:
     return await value == want
 
 
-async def test_a_draining_edge_stops_accepting_uplinks_and_lets_open_ones_finish(tmp_path: Path) -> None:
+async def test_a_draining_edge_stops_accepting_uplinks_and_lets_open_ones_finish(
+    tmp_path: Path,
+) -> None:
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
         async with tunnel_env(tmp_path, uplinks={"test": [f"127.0.0.1:{echo}"]}) as env:
-            edge = await env.add_edge({SVC: f"127.0.0.1:{echo}"}, wait_for=SVC, drain_timeout=5,
-                                      uplinks={"127.0.0.1:0": f"127.0.0.1:{echo}"})
+            edge = await env.add_edge(
+                {SVC: f"127.0.0.1:{echo}"},
+                wait_for=SVC,
+                drain_timeout=5,
+                uplinks={"127.0.0.1:0": f"127.0.0.1:{echo}"},
+            )
             addr = listener(edge, "127.0.0.1:0")
             with trio.fail_after(10):
                 held = await trio.open_tcp_stream(*addr)
@@ -498,7 +636,9 @@ async def test_a_draining_edge_stops_accepting_uplinks_and_lets_open_ones_finish
                     assert not drained.is_set()
                     await held.send_eof()
                     assert await read_all(held) == b""
-                with trio.fail_after(4):  # its stream ended: the drain is over before drain_timeout (5 s)
+                with trio.fail_after(
+                    4
+                ):  # its stream ended: the drain is over before drain_timeout (5 s)
                     await drained.wait()
             m = await metrics_of(env.ports.admin)
             assert metric(m, "kins_tunnel_uplinks_total") == 1

@@ -225,7 +225,9 @@ def test_window_does_not_grow_for_a_slow_consumer() -> None:
 
 def test_session_budget_caps_the_sum_of_windows() -> None:
     budget = 512 * 1024
-    cfg = MuxConfig(initial_window=256 * 1024, max_window=1 << 20, session_budget=budget, max_streams=64)
+    cfg = MuxConfig(
+        initial_window=256 * 1024, max_window=1 << 20, session_budget=budget, max_streams=64
+    )
     pair = Pair(cfg, cfg)
     pair.handshake()
     sids = [open_pair(pair) for _ in range(8)]
@@ -306,7 +308,9 @@ def test_stream_limit_enforced_on_a_peer_that_ignores_it() -> None:
     open_pair(pair)
     pair.client.receive_data(frame(FrameType.OPEN, 4, (65536).to_bytes(4, "big") + b"x:1"))
     out = bytes(pair.client.data_to_send())
-    assert out[3] == FrameType.OPEN_RESULT and out[9:13] == ErrorCode.STREAM_LIMIT.to_bytes(4, "big")
+    assert out[3] == FrameType.OPEN_RESULT and out[9:13] == ErrorCode.STREAM_LIMIT.to_bytes(
+        4, "big"
+    )
 
 
 def test_frame_length_checked_from_the_header_alone() -> None:

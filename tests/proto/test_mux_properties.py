@@ -34,7 +34,11 @@ SIDES = ("client", "server")
 OPS = ["open", "answer", "answer", "send", "send", "send", "consume", "consume", "reset", "ping"]
 OPS += ["deliver"] * 4 + ["tick"]
 CFG = MuxConfig(
-    initial_window=16 * 1024, max_window=128 * 1024, session_budget=256 * 1024, max_streams=8, max_frame=16 * 1024
+    initial_window=16 * 1024,
+    max_window=128 * 1024,
+    session_budget=256 * 1024,
+    max_streams=8,
+    max_frame=16 * 1024,
 )
 
 
@@ -61,7 +65,10 @@ class World:
             "server": Connection(Role.SERVER, Hello(), CFG, clock=clock),
         }
         self.wire = {"client": bytearray(), "server": bytearray()}  # bytes on the way FROM side
-        self.pending: dict[str, list[int]] = {"client": [], "server": []}  # opens awaiting our answer
+        self.pending: dict[str, list[int]] = {
+            "client": [],
+            "server": [],
+        }  # opens awaiting our answer
         self.open: set[int] = set()  # established on both... as seen by someone
         self.sent: dict[tuple[int, str], int] = {}
         self.fin_sent: set[tuple[int, str]] = set()

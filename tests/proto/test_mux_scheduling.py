@@ -17,8 +17,9 @@ from tests.proto.helpers import Pair, check_invariants
 
 SCALE = int(os.environ.get("KINS_FUZZ_SCALE", "1"))
 # Large windows: the scheduler, not the credit, decides what goes when.
-CFG = MuxConfig(initial_window=4 * 1024 * 1024, max_window=16 * 1024 * 1024,
-                session_budget=256 * 1024 * 1024)
+CFG = MuxConfig(
+    initial_window=4 * 1024 * 1024, max_window=16 * 1024 * 1024, session_budget=256 * 1024 * 1024
+)
 
 
 def pattern(sid: int, start: int, n: int) -> bytes:
@@ -60,7 +61,9 @@ def frames_of(wire: bytes) -> list[tuple[int, int, int, int]]:
 
 @settings(max_examples=120 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
-def test_each_streams_bytes_arrive_whole_and_in_order_under_any_scheduling(data: st.DataObject) -> None:
+def test_each_streams_bytes_arrive_whole_and_in_order_under_any_scheduling(
+    data: st.DataObject,
+) -> None:
     pair = Pair(CFG, CFG)
     pair.handshake()
     sids = open_streams(pair, data.draw(st.integers(1, 5), label="streams"))
@@ -88,14 +91,30 @@ def test_each_streams_bytes_arrive_whole_and_in_order_under_any_scheduling(data:
             c.receive_data(bytes(srv.data_to_send()))
 
     for _ in range(data.draw(st.integers(5, 60), label="steps")):
-        op = data.draw(st.sampled_from(["send", "send", "send", "write", "write", "deliver", "ping", "reset"]))
+        op = data.draw(
+            st.sampled_from(["send", "send", "send", "write", "write", "deliver", "ping", "reset"])
+        )
         if op == "send":
             live = [s for s in sids if s not in fin_sent and s not in reset]
             if not live:
                 continue
             sid = data.draw(st.sampled_from(live))
-            n = data.draw(st.sampled_from([0, 1, 64, 1000, 16 * 1024, QUANTUM - 9, QUANTUM + 1,
-                                           200 * 1024, 256 * 1024, 700 * 1024]))
+            n = data.draw(
+                st.sampled_from(
+                    [
+                        0,
+                        1,
+                        64,
+                        1000,
+                        16 * 1024,
+                        QUANTUM - 9,
+                        QUANTUM + 1,
+                        200 * 1024,
+                        256 * 1024,
+                        700 * 1024,
+                    ]
+                )
+            )
             fin = data.draw(st.booleans())
             n = min(n, c.send_window(sid))
             taken = c.send_data(sid, pattern(sid, sent[sid], n), end_stream=fin)
@@ -138,7 +157,9 @@ def test_each_streams_bytes_arrive_whole_and_in_order_under_any_scheduling(data:
 
 @settings(max_examples=60 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
-def test_an_interactive_frame_waits_for_at_most_one_turn_of_each_bulk_stream(data: st.DataObject) -> None:
+def test_an_interactive_frame_waits_for_at_most_one_turn_of_each_bulk_stream(
+    data: st.DataObject,
+) -> None:
     pair = Pair(CFG, CFG)
     pair.handshake()
     nbulk = data.draw(st.integers(1, 4), label="bulk streams")
@@ -157,7 +178,9 @@ def test_an_interactive_frame_waits_for_at_most_one_turn_of_each_bulk_stream(dat
         c.write_output(wire.extend, data.draw(st.integers(1, 512 * 1024), label="limit"))
     frames = frames_of(bytes(wire))
     chat_at = next(off for off, ftype, sid, _n in frames if ftype == FrameType.DATA and sid == chat)
-    ping_at = next(off for off, ftype, _sid, _n in frames if off >= already and ftype == FrameType.PING)
+    ping_at = next(
+        off for off, ftype, _sid, _n in frames if off >= already and ftype == FrameType.PING
+    )
     # Control goes out at the next batch; a turn is at most one quantum (one frame) per bulk stream.
     assert ping_at - already <= len(bulk) * (QUANTUM + HEADER_SIZE)
     assert chat_at - already <= HEADER_SIZE + 8 + len(bulk) * (QUANTUM + HEADER_SIZE)
@@ -208,7 +231,9 @@ def test_a_reset_drops_the_streams_queued_data_only() -> None:
     data_sids = {sid for _o, ftype, sid, _n in frames_of(bytes(wire)) if ftype == FrameType.DATA}
     assert data_sids == {b}
     events = pair.server.receive_data(bytes(wire))
-    assert b"".join(e.data for e in events if isinstance(e, DataReceived)) == pattern(b, 0, 300 * 1024)
+    assert b"".join(e.data for e in events if isinstance(e, DataReceived)) == pattern(
+        b, 0, 300 * 1024
+    )
     assert any(isinstance(e, StreamReset) and e.stream_id == a for e in events)
     check_invariants(c)
     check_invariants(pair.server)

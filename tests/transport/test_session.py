@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -27,11 +27,17 @@ async def tls_pair(certs: Path) -> tuple[TLSSocket, TLSSocket]:
     csock = socket.create_connection(lsock.getsockname())
     ssock, _ = lsock.accept()
     lsock.close()
-    server = TLSSocket.wrap(ssock, server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key"),
-                            server_side=True)
-    client = TLSSocket.wrap(csock, client_ssl_context(certs / "ca.crt", certs / "edge-edge1.crt",
-                                                      certs / "edge-edge1.key"),
-                            server_side=False, server_hostname="localhost")
+    server = TLSSocket.wrap(
+        ssock,
+        server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key"),
+        server_side=True,
+    )
+    client = TLSSocket.wrap(
+        csock,
+        client_ssl_context(certs / "ca.crt", certs / "edge-edge1.crt", certs / "edge-edge1.key"),
+        server_side=False,
+        server_hostname="localhost",
+    )
     async with trio.open_nursery() as n:
         n.start_soon(server.do_handshake)
         n.start_soon(client.do_handshake)
@@ -39,15 +45,24 @@ async def tls_pair(certs: Path) -> tuple[TLSSocket, TLSSocket]:
 
 
 @asynccontextmanager
-async def session_pair(tmp: Path, on_open, cfg: MuxConfig = MuxConfig()) -> AsyncIterator[tuple[Session, Session]]:  # type: ignore[no-untyped-def]
+async def session_pair(
+    tmp: Path, on_open: Callable[[Session, int, str], None], cfg: MuxConfig = MuxConfig()
+) -> AsyncIterator[tuple[Session, Session]]:
     certs = tmp / "certs"
     init_ca(certs)
     issue_edge(certs, "test", "edge1")
     stls, ctls = await tls_pair(certs)
     # ping_interval far beyond the test: nothing but the data path may wake anyone up
-    cloud = Session(stls, Connection(Role.SERVER, Hello(), cfg), ping_interval=1000, ping_timeout=2000)
-    edge = Session(ctls, Connection(Role.CLIENT, Hello(names=("x:1",)), cfg), on_open=on_open,
-                   ping_interval=1000, ping_timeout=2000)
+    cloud = Session(
+        stls, Connection(Role.SERVER, Hello(), cfg), ping_interval=1000, ping_timeout=2000
+    )
+    edge = Session(
+        ctls,
+        Connection(Role.CLIENT, Hello(names=("x:1",)), cfg),
+        on_open=on_open,
+        ping_interval=1000,
+        ping_timeout=2000,
+    )
     async with trio.open_nursery() as n:
         n.start_soon(functools.partial(cloud.serve, handshake_timeout=5))
         n.start_soon(functools.partial(edge.serve, handshake_timeout=5))
@@ -82,6 +97,7 @@ async def test_back_pressure_never_loses_a_wakeup(tmp_path: Path) -> None:
 
     payload = bytes(range(256)) * (size // 256)
     async with session_pair(tmp_path, on_open) as (cloud, _edge):
+
         async def send_one() -> None:
             stream = await cloud.open_stream("x:1", timeout=5)
             await stream.send_all(payload)
@@ -100,6 +116,7 @@ async def test_back_pressure_never_loses_a_wakeup(tmp_path: Path) -> None:
 
 async def test_data_right_behind_the_open_result_is_kept(tmp_path: Path) -> None:
     """A target that speaks first: its bytes and FIN follow the open result in the same batch."""
+
     async def greeter(session: Session, sid: int) -> None:
         stream = session.accept(sid)
         await stream.send_all(b"SSH-2.0-banner\r\n")
@@ -146,7 +163,9 @@ class BlockedTLS:
             return False
         last = self.session is not None and self.session.conn.pending_output() == 0
         if last and self.sent and not self.held_last:
-            self.held_last = True  # the socket fills just before the last batch: the writer sends it
+            self.held_last = (
+                True  # the socket fills just before the last batch: the writer sends it
+            )
             return False
         self.sent += self.pending
         self.pending = 0

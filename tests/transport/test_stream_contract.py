@@ -40,9 +40,16 @@ async def stream_factory(tmp: Path) -> AsyncIterator[tuple[object, object]]:
             def on_open(session: Session, sid: int, target: str) -> None:
                 accepted.send_nowait(session.accept(sid))
 
-            cloud = Session(server, Connection(Role.SERVER, Hello(), cfg), ping_interval=1000, ping_timeout=2000)
-            edge = Session(client, Connection(Role.CLIENT, Hello(), cfg), on_open=on_open,
-                           ping_interval=1000, ping_timeout=2000)
+            cloud = Session(
+                server, Connection(Role.SERVER, Hello(), cfg), ping_interval=1000, ping_timeout=2000
+            )
+            edge = Session(
+                client,
+                Connection(Role.CLIENT, Hello(), cfg),
+                on_open=on_open,
+                ping_interval=1000,
+                ping_timeout=2000,
+            )
             sessions.extend((cloud, edge))
             nursery.start_soon(functools.partial(cloud.serve, handshake_timeout=5))
             nursery.start_soon(functools.partial(edge.serve, handshake_timeout=5))
