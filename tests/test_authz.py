@@ -162,7 +162,7 @@ def test_classify() -> None:
         ),
         (
             b"rules:\n  - {principals: [3], allow: ['unit:a']}\n",
-            "rules[0].principals[0]: expected a non-empty string, got number 3",
+            "rules[0].principals[0]: expected a non-empty string, got integer 3",
         ),
         (
             b"rules:\n  - {principals: ['a b'], allow: ['unit:a']}\n",

@@ -41,6 +41,7 @@ import yaml
 
 from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.filewatch import WatchedFile
+from kins_tunnel.names import kind
 from kins_tunnel.yamlcheck import StrictLoader
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -211,24 +212,6 @@ def _known(doc: dict[object, object], keys: tuple[str, ...], where: str) -> None
         if key not in keys:
             prefix = f"{where}.{key}" if where else str(key)
             raise ValueError(f"{prefix}: unknown key (expected one of: {', '.join(keys)})")
-
-
-def kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {value}"
-    if isinstance(value, (int, float)):
-        return f"number {value}"
-    if isinstance(value, str):
-        return f"string {value[:40]!r}"
-    return (
-        "list"
-        if isinstance(value, list)
-        else "mapping"
-        if isinstance(value, dict)
-        else type(value).__name__
-    )
 
 
 class Authorizer:
