@@ -2,9 +2,9 @@
 
 Each direction runs in its own task: read from one side, write to the other; at EOF, half-close
 the other side (`send_eof`) and stop. The socket-to-tunnel direction reads into a buffer shared by
-every relay of the trio run (`readv`, no allocation per read): `TunnelStream.send_all_unchecked`
-takes what it is given into the protocol core before it first waits (copying any rest it must
-keep), so the buffer is free again when the next relay reads. The relay ends when both directions ended cleanly, or as soon
+every relay of the trio run (`readv`, no allocation per read): `TunnelStream.send_all` takes what
+it is given into the protocol core before it first waits (copying any rest it must keep), so the
+buffer is free again when the next relay reads. The relay ends when both directions ended cleanly, or as soon
 as either fails (reset, broken socket), in which case the other direction is cancelled. Both
 streams are closed on the way out, whatever happened. Returns the bytes moved each way.
 """
@@ -65,9 +65,8 @@ async def _pump_socket_to_tunnel(
             drained = n < RELAY_CHUNK
             if not n:
                 break
-            # This task is the stream's only sender and yields at its own reads: no extra pass.
             # The shared buffer is taken (or copied) before the call first waits.
-            await dst.send_all_unchecked(buf[:n])
+            await dst.send_all(buf[:n])
             total += n
             if n == RELAY_CHUNK:  # bulk: more is probably waiting; let others run first
                 await trio.lowlevel.checkpoint()

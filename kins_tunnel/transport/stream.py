@@ -174,15 +174,16 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         with self._send_conflict:
             await trio.lowlevel.checkpoint_if_cancelled()
-            if not await self.send_all_unchecked(data):
+            if not await self._send(data):
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
-    async def send_all_unchecked(self, data: bytes | bytearray | memoryview) -> bool:
-        """`send_all` for a caller that already is the only sender and yields on its own (the
-        relay's hot loop): no scheduler pass unless it must wait. Returns whether it waited.
+    async def _send(self, data: bytes | bytearray | memoryview) -> bool:
+        """The body of `send_all`, without its final schedule point; returns whether it waited.
 
-        Measured on the relay: the extra scheduler pass of a full `send_all` per chunk raised the
-        64-byte echo round trip by ~10 % (see benchmarks/README.md, "where the round trip goes").
+        The relay once called this directly to skip that schedule point per chunk. Measured in
+        one run each (`python -m benchmarks.run --only rtt --baseline REF`, 64-byte echo p50,
+        medians): 248 vs 263 µs over 3 rounds and 276 vs 271 µs over 5, spreads overlapping: no
+        win, so the relay uses `send_all` and the stream contract holds everywhere.
 
         `data` is only read before the first wait: what the peer's credit does not take at once is
         copied first, so the caller may reuse its buffer (the relay's is shared) as soon as this
