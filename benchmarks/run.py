@@ -760,6 +760,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--json", default="benchmarks/results/latest.json", help="raw results (JSON)")
     ap.add_argument("--markdown", default="benchmarks/results/latest.md", help="table (markdown)")
     ap.add_argument(
+        "--render",
+        metavar="JSON",
+        default=None,
+        help="print the table of a saved run's JSON (no measuring)",
+    )
+    ap.add_argument(
         "--ssh-cipher",
         default=None,
         help="measure only this one ssh -R configuration, e.g. aes128-gcm@openssh.com",
@@ -816,6 +822,9 @@ def _sigterm(_signo: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:  # rendering is a pure function of the results: re-render a saved run
+        print(markdown(json.loads(Path(args.render).read_text())))
+        return 0
     signal.signal(signal.SIGTERM, _sigterm)
     bench = Bench(args)
     try:
