@@ -13,11 +13,11 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from http import HTTPStatus
 
 import h11
 import trio
 
+from kins_tunnel.httpanswer import error_answer
 from kins_tunnel.names import Address
 from kins_tunnel.transport.listen import open_listener_socket, serve_listener
 from kins_tunnel.transport.session import ErrorReporter, log_internal_error
@@ -95,19 +95,9 @@ async def _handle(stream: trio.SocketStream, *, routes: dict[str, Route]) -> Non
             *extra,
         ]
         try:
-            if (
-                request is None
-            ):  # h11 cannot answer a request it could not parse: write the head raw
-                data = (
-                    f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-                    + "".join(f"{k}: {v}\r\n" for k, v in headers)
-                    + "\r\n"
-                ).encode() + body
-            else:
-                data = conn.send(h11.Response(status_code=status, headers=headers))
-                if request.method != b"HEAD":  # h11 frames a HEAD answer without a body
-                    data += conn.send(h11.Data(data=body))
-                data += conn.send(h11.EndOfMessage())
+            data = error_answer(
+                conn, status, headers, body, with_body=request is None or request.method != b"HEAD"
+            )
             await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass

@@ -25,7 +25,6 @@ import functools
 import logging
 import socket
 from dataclasses import dataclass, field
-from http import HTTPStatus
 
 import h11
 import trio
@@ -37,6 +36,7 @@ from kins_tunnel.cloud.proxy_tls import TLSClientStream
 from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.config import ProxySettings
 from kins_tunnel.errors import OpenFailed
+from kins_tunnel.httpanswer import error_answer, send_and_linger
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import normalise_target
 from kins_tunnel.proto import ErrorCode, code_label
@@ -47,9 +47,6 @@ from kins_tunnel.transport.stream import TunnelStream
 log = logging.getLogger("kins_tunnel.cloud.proxy")
 MAX_ATTEMPTS = 3  # tunnels tried for one CONNECT when one is draining or full
 READ_SIZE = 16384
-ERROR_WRITE_TIMEOUT = 5.0  # seconds to deliver an error answer
-LINGER_TIME = 1.0  # seconds to drain a client's input after an error answer (see _send_error)
-LINGER_BYTES = 1 << 20
 CLIENT_GONE = 499  # status recorded (never sent) when the client left before the answer
 MAX_LOGGED_TARGET = 512  # characters of a client's target kept for the log line
 MAX_SHOWN_TOKEN = 32  # characters of a method name or reason echoed back in an error body
@@ -317,13 +314,6 @@ async def _read_request(stream: ClientStream, conn: h11.Connection) -> h11.Reque
         )  # pragma: no cover - h11 gives a Request first
 
 
-def _phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
-
-
 def _header(request: h11.Request, name: bytes) -> bytes | None:
     for k, v in request.headers:
         if k == name:
@@ -341,40 +331,7 @@ async def _send_error(
         ("Connection", "close"),
         *rej.headers,
     ]
-    phrase = _phrase(rej.status)
-    try:
-        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            data = conn.send(
-                h11.Response(status_code=rej.status, headers=headers, reason=phrase.encode())
-            )
-            data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
-        else:  # h11 refuses to answer (e.g. it could not parse a request line): answer raw
-            data = (
-                f"HTTP/1.1 {rej.status} {phrase}\r\n"
-                + "".join(f"{k}: {v}\r\n" for k, v in headers)
-                + "\r\n"
-            ).encode() + body
-    except h11.LocalProtocolError:
-        data = (
-            f"HTTP/1.1 {rej.status} {phrase}\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in headers)
-            + "\r\n"
-        ).encode() + body
-    try:
-        with trio.move_on_after(ERROR_WRITE_TIMEOUT):
-            await stream.send_all(data)
-            # Lingering close: closing with unread input would send RST and could destroy the
-            # answer before the client reads it. Half-close, then discard input for a moment.
-            await stream.send_eof()
-        with trio.move_on_after(LINGER_TIME):
-            discarded = 0
-            while discarded < LINGER_BYTES:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    break
-                discarded += len(chunk)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
+    await send_and_linger(stream, error_answer(conn, rej.status, headers, body))
 
 
 async def _open(ctx: ProxyContext, rec: ConnectRecord) -> TunnelStream:

@@ -32,6 +32,7 @@ from kins_tunnel.certs import cert_facts
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.config import ProxyTLS
+from kins_tunnel.httpanswer import send_and_linger
 from kins_tunnel.transport.listen import open_listener_socket, serve_listener
 from kins_tunnel.transport.session import ErrorReporter
 
@@ -251,24 +252,11 @@ class ProxyTLSListener:
             await client_stream.aclose()
 
 
-LINGER_TIME = 1.0  # seconds a refused client's input is drained before the close
-LINGER_BYTES = 64 * 1024
-
-
 async def _lingering_close(tcp: trio.SocketStream) -> None:
     """Close after a refused handshake without an RST: a client that already sent its request
     (TLS 1.3 finishes on the client's side before the server checks its certificate) must read
-    the server's alert, which an RST would destroy. Half-close, drain its input for a moment, close."""
+    the server's alert, which an RST would destroy."""
     try:
-        with trio.move_on_after(LINGER_TIME):
-            await tcp.send_eof()
-            drained = 0
-            while drained < LINGER_BYTES:
-                chunk = await tcp.receive_some(16384)
-                if not chunk:
-                    break
-                drained += len(chunk)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
+        await send_and_linger(tcp, b"")
     finally:
         await trio.aclose_forcefully(tcp)

@@ -31,13 +31,13 @@ import logging
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from http import HTTPStatus
 
 import h11
 import trio
 
 from kins_tunnel.config import EdgeConfig
 from kins_tunnel.errors import OpenFailed, UserError
+from kins_tunnel.httpanswer import error_answer, send_and_linger
 from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import Address, normalise_target
@@ -54,7 +54,6 @@ RETRYABLE = {ErrorCode.GOING_AWAY, ErrorCode.STREAM_LIMIT}
 PROXY_HEADER_TIMEOUT = 10.0  # seconds from accept to a complete CONNECT request
 PROXY_MAX_REQUEST = 16384  # request line + headers
 MAX_LOGGED_TARGET = 256
-LINGER_TIME = 1.0  # seconds to drain a proxy client's input after an error answer
 REFUSALS_LOGGED_PER_SECOND = 20
 
 # The proxy's answer for each wire code of a refused open.
@@ -416,30 +415,4 @@ async def _send_error(
         ("Connection", "close"),
         *ans.headers,
     ]
-    try:
-        phrase = HTTPStatus(ans.status).phrase
-    except ValueError:
-        phrase = ""
-    try:
-        data = conn.send(
-            h11.Response(status_code=ans.status, headers=headers, reason=phrase.encode())
-        )
-        data += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
-    except h11.LocalProtocolError:  # h11 will not answer this request (it could not parse it)
-        data = (
-            f"HTTP/1.1 {ans.status} {phrase}\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in headers)
-            + "\r\n"
-        ).encode() + body
-    try:
-        with trio.move_on_after(5):
-            await client.send_all(data)
-            await client.send_eof()
-        with trio.move_on_after(
-            LINGER_TIME
-        ):  # drain input so the close sends no RST over the answer
-            for _ in range(64):
-                if not await client.receive_some(16384):
-                    break
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
+    await send_and_linger(client, error_answer(conn, ans.status, headers, body))

@@ -1,0 +1,67 @@
+"""Error answers of the small HTTP servers (the CONNECT proxy, the edge's uplink proxy, admin).
+
+`error_answer` frames a whole answer with h11 when h11 can answer the request, and writes the head
+by hand when it cannot (a request it failed to parse has no state to answer from).
+`send_and_linger` delivers it and closes without an RST: closing a socket with unread input sends
+RST, which can destroy the answer before the client reads it, so the server half-closes and
+discards the client's input for a moment first.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import h11
+import trio
+
+WRITE_TIMEOUT = 5.0  # seconds to deliver an answer
+LINGER_TIME = 1.0  # seconds the client's input is drained before the close
+LINGER_BYTES = 1 << 20
+
+
+def phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def error_answer(
+    conn: h11.Connection,
+    status: int,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    *,
+    with_body: bool = True,
+) -> bytes:
+    """The bytes of a whole answer (`with_body=False`: the answer to a HEAD request)."""
+    reason = phrase(status)
+    if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+        try:
+            data = conn.send(
+                h11.Response(status_code=status, headers=headers, reason=reason.encode())
+            )
+            if with_body:  # h11 frames a HEAD answer without a body
+                data += conn.send(h11.Data(data=body))
+            return data + conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            pass
+    head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+    return head.encode() + (body if with_body else b"")
+
+
+async def send_and_linger(stream: trio.abc.HalfCloseableStream, data: bytes) -> None:
+    """Send `data`, half-close, drain the client's input for a moment (never raises for I/O)."""
+    try:
+        with trio.move_on_after(WRITE_TIMEOUT):
+            await stream.send_all(data)
+            await stream.send_eof()
+        with trio.move_on_after(LINGER_TIME):
+            discarded = 0
+            while discarded < LINGER_BYTES:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                discarded += len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
