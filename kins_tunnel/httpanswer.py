@@ -1,4 +1,7 @@
-"""Error answers of the small HTTP servers (the CONNECT proxy, the edge's uplink proxy, admin).
+"""Answers of the small HTTP servers (the CONNECT proxy, the edge's uplink proxy, admin).
+
+`accept_connect` answers a CONNECT with 200 and hands the bytes the client sent behind its
+request to the opened stream: from then on the connection is a byte pipe.
 
 `error_answer` frames a whole answer with h11 when h11 can answer the request, and writes the head
 by hand when it cannot (a request it failed to parse has no state to answer from).
@@ -65,3 +68,17 @@ async def send_and_linger(stream: trio.abc.HalfCloseableStream, data: bytes) -> 
                 discarded += len(chunk)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass
+
+
+async def accept_connect(
+    client: trio.abc.Stream, conn: h11.Connection, stream: trio.abc.SendStream
+) -> int:
+    """Send `200 Connection established`, then forward what the client sent after its request;
+    returns how many such bytes went to `stream`. Raises the streams' errors."""
+    await client.send_all(
+        conn.send(h11.Response(status_code=200, headers=[], reason=b"Connection established"))
+    )
+    leftover, _closed = conn.trailing_data
+    if leftover:
+        await stream.send_all(leftover)
+    return len(leftover)

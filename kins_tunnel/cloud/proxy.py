@@ -36,7 +36,7 @@ from kins_tunnel.cloud.proxy_tls import TLSClientStream
 from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.config import ProxySettings
 from kins_tunnel.errors import OpenFailed
-from kins_tunnel.httpanswer import error_answer, send_and_linger
+from kins_tunnel.httpanswer import accept_connect, error_answer, send_and_linger
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import normalise_target
 from kins_tunnel.proto import ErrorCode, code_label
@@ -266,15 +266,7 @@ async def _serve(
         rec.status, rec.stream = 200, tunnel_stream.stream_id
         ctx.metrics.connect_answers.labels("200").inc()
         try:
-            await stream.send_all(
-                conn.send(
-                    h11.Response(status_code=200, headers=[], reason=b"Connection established")
-                )
-            )
-            leftover, _closed = conn.trailing_data
-            if leftover:
-                await tunnel_stream.send_all(leftover)
-                rec.sent += len(leftover)
+            rec.sent += await accept_connect(stream, conn, tunnel_stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             rec.outcome = f"client went away: {exc}"
             return

@@ -37,7 +37,7 @@ import trio
 
 from kins_tunnel.config import EdgeConfig
 from kins_tunnel.errors import OpenFailed, UserError
-from kins_tunnel.httpanswer import error_answer, send_and_linger
+from kins_tunnel.httpanswer import accept_connect, error_answer, send_and_linger
 from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import Address, normalise_target
@@ -365,15 +365,7 @@ class Uplinks:
         rec.answer = 200
         try:
             try:
-                await client.send_all(
-                    conn.send(
-                        h11.Response(status_code=200, headers=[], reason=b"Connection established")
-                    )
-                )
-                leftover, _closed = conn.trailing_data
-                if leftover:
-                    await stream.send_all(leftover)
-                    rec.sent += len(leftover)
+                rec.sent += await accept_connect(client, conn, stream)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 rec.status, rec.outcome = "ok", f"client went away: {exc}"
                 return
