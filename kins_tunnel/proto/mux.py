@@ -23,7 +23,8 @@ Handshake: both sides send HELLO at once (magic, version range, a JSON object wi
 the names the side serves, its agent string and limits). The version is the highest both support;
 capabilities are the intersection. No other frame may come before HELLO.
 
-Frames are dispatched by type through a table (`_handlers`); types this version does not know are
+Frames are dispatched by type through a table (`_handlers`; control frames are handled in `control`,
+DATA here); types this version does not know are
 skipped after their length check, so later versions can add frame types. Each stream follows the
 state machine of `streams` (an explicit state and a transition table); the handshake is
 `handshake`; window policy is `flow`; RTT estimation is `rtt`; byte layouts are `frames`. A stream
@@ -38,37 +39,25 @@ every batch.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kins_tunnel.proto.control import ConnState, ControlFrames
 from kins_tunnel.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from kins_tunnel.proto.events import (
     ConnectionTerminated,
     DataReceived,
     Event,
-    GoAwayReceived,
-    HandshakeComplete,
-    OpenResult,
-    PongReceived,
     StreamEnded,
-    StreamOpened,
-    StreamReset,
-    WindowUpdated,
 )
 from kins_tunnel.proto.flow import Budget, ReceiveWindow, credit_to_return
 from kins_tunnel.proto.frames import (
-    FLAG_ACK,
     FLAG_FIN,
     HEADER,
     HEADER_SIZE,
     MAX_CONTROL_PAYLOAD,
-    MAX_WINDOW_VALUE,
     PING_SIZE,
-    U32,
     FrameType,
-    U32x2,
-    decode_text,
     frame,
     goaway_frame,
     open_frame,
@@ -83,19 +72,10 @@ from kins_tunnel.proto.handshake import (
     PeerLimits,
     Role,
     encode_hello,
-    parse_hello,
 )
 from kins_tunnel.proto.output import DataQueues
 from kins_tunnel.proto.rtt import RttEstimator
 from kins_tunnel.proto.streams import Stream, StreamInput, StreamState, StreamTable
-
-MAX_PENDING_PONGS = 16
-
-
-class _State(enum.Enum):
-    HANDSHAKE = 1
-    OPEN = 2
-    CLOSED = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +91,7 @@ class Statistics:
     peer_names: tuple[str, ...] = ()
 
 
-class Connection:
+class Connection(ControlFrames):
     """One end of a tunnel. Not thread-safe; owns no socket."""
 
     def __init__(
@@ -125,7 +105,7 @@ class Connection:
         self.role = role
         self.config = config
         self._clock = clock
-        self._state = _State.HANDSHAKE
+        self._state = ConnState.HANDSHAKE
         self._hello = hello
         self._peer = PeerLimits()
         self._budget = Budget(config.session_budget)
@@ -165,11 +145,11 @@ class Connection:
 
     @property
     def is_open(self) -> bool:
-        return self._state is _State.OPEN
+        return self._state is ConnState.OPEN
 
     @property
     def closed(self) -> bool:
-        return self._state is _State.CLOSED
+        return self._state is ConnState.CLOSED
 
     @property
     def peer_names(self) -> tuple[str, ...]:
@@ -240,7 +220,7 @@ class Connection:
 
     # ------------------------------------------------------------------ commands
     def _require_open(self) -> None:
-        if self._state is not _State.OPEN:
+        if self._state is not ConnState.OPEN:
             raise LocalProtocolError(f"connection is not open (state {self._state.name})")
 
     def open_stream(self, target: str) -> int:
@@ -321,7 +301,7 @@ class Connection:
         self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL, message: str = ""
     ) -> None:
         """Abort the stream both ways. Unknown or finished streams are ignored (a race, not a bug)."""
-        if stream_id not in self._streams or self._state is _State.CLOSED:
+        if stream_id not in self._streams or self._state is ConnState.CLOSED:
             return
         self._data.purge(stream_id)  # its queued DATA is void now
         self._out += reset_frame(stream_id, code, message)
@@ -364,7 +344,7 @@ class Connection:
 
     def goaway(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Tell the peer we are draining: we open nothing new and refuse its new streams."""
-        if self._state is _State.CLOSED or self._goaway_sent is not None:
+        if self._state is ConnState.CLOSED or self._goaway_sent is not None:
             return
         self._goaway_sent = self._streams.highest_remote_id
         self._out += goaway_frame(self._goaway_sent, code, reason)
@@ -380,7 +360,7 @@ class Connection:
 
         Raises RemoteProtocolError (with a GOAWAY queued) when the peer broke the protocol.
         """
-        if self._state is _State.CLOSED:
+        if self._state is ConnState.CLOSED:
             return []
         events: list[Event] = []
         if not data:
@@ -454,7 +434,7 @@ class Connection:
             if ftype == FrameType.DATA:
                 if length > max_data:
                     self._check_length(length, ftype)
-                if self._state is not _State.OPEN:
+                if self._state is not ConnState.OPEN:
                     raise RemoteProtocolError(f"frame type {ftype} before HELLO")
                 pos += HEADER_SIZE
                 take = min(length, end - pos)
@@ -468,67 +448,14 @@ class Connection:
                 break
             body = view[pos + HEADER_SIZE : pos + HEADER_SIZE + length]
             pos += HEADER_SIZE + length
-            if self._state is _State.HANDSHAKE and ftype != FrameType.HELLO:
+            if self._state is ConnState.HANDSHAKE and ftype != FrameType.HELLO:
                 raise RemoteProtocolError(f"frame type {ftype} before HELLO")
             handler = handlers.get(ftype)
             if handler is not None:  # unknown frame types are skipped
                 handler(sid, flags, body, events)
-            if self._state is _State.CLOSED:
+            if self._state is ConnState.CLOSED:
                 break
         return pos
-
-    def _on_hello(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
-        if self._state is not _State.HANDSHAKE or sid != 0:
-            raise RemoteProtocolError("unexpected HELLO")
-        version, caps, self._peer, agent = parse_hello(body, self._hello, self.config)
-        self.version = version
-        self.capabilities = caps & self._hello.capabilities
-        self._state = _State.OPEN
-        events.append(HandshakeComplete(version, self.capabilities, self._peer.names, agent))
-
-    def _on_open(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
-        self._streams.claim_remote_id(sid)
-        if len(body) < 5 or len(body) - 4 > self.config.max_target_len:
-            raise RemoteProtocolError("OPEN target missing or too long")
-        (window,) = U32.unpack_from(body)
-        if window == 0 or window > MAX_WINDOW_VALUE:
-            raise RemoteProtocolError("OPEN grants an invalid window", ErrorCode.FLOW_CONTROL_ERROR)
-        try:
-            target = bytes(body[4:]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise RemoteProtocolError("OPEN target is not UTF-8") from None
-        if self._goaway_sent is not None:
-            self._out += open_result_frame(sid, ErrorCode.GOING_AWAY, 0, "going away")
-            return
-        if self._streams.remote_open >= self.config.max_streams:
-            self._out += open_result_frame(sid, ErrorCode.STREAM_LIMIT, 0, "too many streams")
-            return
-        self._streams.add_remote(sid, window, target)
-        events.append(StreamOpened(sid, target))
-
-    def _on_open_result(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
-        s = self._streams.get(sid)
-        if len(body) < 8:
-            raise RemoteProtocolError("OPEN_RESULT too short")
-        if s is None:
-            if self._streams.is_local_id(sid) and self._streams.known_closed(sid):
-                return  # we reset it meanwhile
-            raise RemoteProtocolError(f"OPEN_RESULT for unknown stream {sid}")
-        if s.state is not StreamState.OPENING:
-            raise RemoteProtocolError(f"unexpected OPEN_RESULT for stream {sid}")
-        code, window = U32x2.unpack_from(body)
-        message = decode_text(body[8:])
-        if code == ErrorCode.NO_ERROR:
-            if window == 0 or window > MAX_WINDOW_VALUE:
-                raise RemoteProtocolError(
-                    "OPEN_RESULT grants an invalid window", ErrorCode.FLOW_CONTROL_ERROR
-                )
-            s.transition(StreamInput.RECV_OPEN_OK)
-            s.send_credit = window
-        else:
-            s.transition(StreamInput.RECV_OPEN_REFUSED)
-            self._forget(sid)
-        events.append(OpenResult(sid, ErrorCode.from_wire(code), message))
 
     def _data_header(self, sid: int, flags: int, length: int) -> None:
         """A DATA frame begins: check it whole (stream, state, credit) before any of its body; the
@@ -570,78 +497,3 @@ class Connection:
             s.transition(StreamInput.RECV_FIN)
             events.append(StreamEnded(sid))
             self._streams.forget_if_done(s)
-
-    def _on_window(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
-        if len(body) != 4:
-            raise RemoteProtocolError("WINDOW payload must be 4 bytes")
-        (inc,) = U32.unpack_from(body)
-        s = self._streams.get(sid)
-        if s is None:
-            if self._streams.known_closed(sid):
-                return
-            raise RemoteProtocolError(f"WINDOW for unknown stream {sid}")
-        if inc == 0 or s.send_credit + inc > MAX_WINDOW_VALUE:
-            raise RemoteProtocolError("invalid WINDOW increment", ErrorCode.FLOW_CONTROL_ERROR)
-        s.transition(StreamInput.RECV_WINDOW)
-        s.send_credit += inc
-        if not s.local_fin:
-            events.append(WindowUpdated(sid, inc))
-
-    def _on_reset(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
-        if len(body) < 4:
-            raise RemoteProtocolError("RESET too short")
-        if sid not in self._streams:
-            if self._streams.known_closed(sid):
-                return
-            raise RemoteProtocolError(f"RESET for unknown stream {sid}")
-        (code,) = U32.unpack_from(body)
-        self._forget(sid)
-        self._data.purge(sid)  # the peer drops DATA for a stream it reset
-        events.append(StreamReset(sid, ErrorCode.from_wire(code), decode_text(body[4:])))
-
-    def _on_ping(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
-        if sid != 0 or len(body) != PING_SIZE:
-            raise RemoteProtocolError("malformed PING")
-        payload = body.tobytes()
-        if flags & FLAG_ACK:
-            events.append(PongReceived(payload, self._rtt.answered(payload, self._now())))
-            return
-        self._pending_pongs += 1
-        if self._pending_pongs > MAX_PENDING_PONGS:
-            raise RemoteProtocolError("PING flood", ErrorCode.ENHANCE_YOUR_CALM)
-        self._out += ping_frame(payload, ack=True)
-
-    def _on_goaway(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
-        if sid != 0 or len(body) < 8:
-            raise RemoteProtocolError("malformed GOAWAY")
-        last, code = U32x2.unpack_from(body)
-        prev = self._peer.goaway_last
-        self._peer.goaway_last = last if prev is None else min(prev, last)
-        # our streams above `last` were never seen by the peer
-        for sid2 in [s.stream_id for s in self._streams if s.local and s.stream_id > last]:
-            self._forget(sid2)
-            events.append(StreamReset(sid2, ErrorCode.GOING_AWAY, "peer is going away"))
-        events.append(GoAwayReceived(last, ErrorCode.from_wire(code), decode_text(body[8:])))
-
-    # ------------------------------------------------------------------ bookkeeping
-    def _now(self) -> float | None:
-        return self._clock() if self._clock is not None else None
-
-    def release(self, stream_id: int) -> None:
-        """The application is done with a finished stream (both FINs seen): drop its state."""
-        s = self._streams.get(stream_id)
-        if s is not None and s.state is StreamState.CLOSED:
-            self._forget(stream_id)
-
-    def _forget(self, stream_id: int) -> None:
-        self._streams.forget(stream_id)
-
-    def _close_all(self) -> None:
-        self._streams.forget_all()
-        self._data.purge_all()
-        self._state = _State.CLOSED
-
-    def _fail(self, exc: RemoteProtocolError) -> None:
-        self._goaway_sent = self._streams.highest_remote_id
-        self._out += goaway_frame(self._goaway_sent, exc.code, str(exc))
-        self._close_all()
