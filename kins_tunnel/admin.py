@@ -19,8 +19,8 @@ import trio
 
 from kins_tunnel.httpanswer import error_answer
 from kins_tunnel.names import Address
+from kins_tunnel.transport.isolation import ErrorReporter, log_internal_error
 from kins_tunnel.transport.listen import open_listener_socket, serve_listener
-from kins_tunnel.transport.session import ErrorReporter, log_internal_error
 
 log = logging.getLogger("kins_tunnel.admin")
 

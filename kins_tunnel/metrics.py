@@ -20,7 +20,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from kins_tunnel import __version__
-from kins_tunnel.transport.session import Session, log_internal_error
+from kins_tunnel.transport.isolation import log_internal_error
+from kins_tunnel.transport.session import Session
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

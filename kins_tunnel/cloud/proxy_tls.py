@@ -33,8 +33,8 @@ from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.config import ProxyTLS
 from kins_tunnel.httpanswer import send_and_linger
+from kins_tunnel.transport.isolation import ErrorReporter
 from kins_tunnel.transport.listen import open_listener_socket, serve_listener
-from kins_tunnel.transport.session import ErrorReporter
 
 log = logging.getLogger("kins_tunnel.cloud.proxy")
 CLOSE_TIMEOUT = 2.0  # seconds to send close_notify before the socket is simply closed

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from kins_tunnel.errors import UserError
-from kins_tunnel.transport.session import ErrorReporter
+from kins_tunnel.transport.isolation import ErrorReporter
 
 log = logging.getLogger("kins_tunnel.listen")
 

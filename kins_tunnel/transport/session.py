@@ -38,6 +38,7 @@ from kins_tunnel.proto import (
     code_text,
 )
 from kins_tunnel.proto import events as ev
+from kins_tunnel.transport.isolation import ErrorReporter, log_internal_error
 from kins_tunnel.transport.stream import TunnelStream
 from kins_tunnel.transport.tls import READ_BATCH, TLSSocket, TransportError
 
@@ -48,20 +49,6 @@ OUTPUT_HIGH_WATER = 512 * 1024
 
 
 _READ_BUFFER: trio.lowlevel.RunVar[memoryview] = trio.lowlevel.RunVar("kins_tunnel_read_buffer")
-
-# Reports an unexpected exception (a bug) at a failure-isolation boundary: (where, exception).
-ErrorReporter = Callable[[str, BaseException], None]
-
-
-def log_internal_error(where: str, exc: BaseException) -> None:
-    log.error(
-        "internal error in %s: %s: %s",
-        where,
-        type(exc).__name__,
-        exc,
-        exc_info=exc,
-        extra={"where": where},
-    )
 
 
 def _shared_read_buffer() -> memoryview:
