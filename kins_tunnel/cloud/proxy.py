@@ -36,7 +36,13 @@ from kins_tunnel.cloud.proxy_tls import TLSClientStream
 from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.config import ProxySettings
 from kins_tunnel.errors import OpenFailed
-from kins_tunnel.httpanswer import accept_connect, error_answer, send_and_linger
+from kins_tunnel.httpanswer import (
+    ClientGone,
+    ErrorAnswer,
+    accept_connect,
+    read_request,
+    send_error,
+)
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import normalise_target
 from kins_tunnel.proto import ErrorCode, code_label
@@ -46,7 +52,6 @@ from kins_tunnel.transport.stream import TunnelStream
 
 log = logging.getLogger("kins_tunnel.cloud.proxy")
 MAX_ATTEMPTS = 3  # tunnels tried for one CONNECT when one is draining or full
-READ_SIZE = 16384
 CLIENT_GONE = 499  # status recorded (never sent) when the client left before the answer
 MAX_LOGGED_TARGET = 512  # characters of a client's target kept for the log line
 MAX_SHOWN_TOKEN = 32  # characters of a method name or reason echoed back in an error body
@@ -117,27 +122,6 @@ class ConnectRecord:
         log.info("CONNECT done" if self.status == 200 else "CONNECT refused", extra=fields)
 
 
-class _Reject(Exception):
-    """End the CONNECT with an error answer: `reason` goes to the client, `detail` to the log."""
-
-    def __init__(
-        self,
-        status: int,
-        reason: str,
-        headers: list[tuple[str, str]] | None = None,
-        detail: str = "",
-    ) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.detail = detail
-        self.headers = headers or []
-
-
-class _ClientGone(Exception):
-    """The client closed or broke its connection before it had an answer."""
-
-
 async def serve_proxy(
     ctx: ProxyContext, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -185,21 +169,27 @@ async def handle_client(ctx: ProxyContext, stream: ClientStream) -> None:
     ctx.active += 1
     try:
         await _serve(ctx, stream, conn, rec)
-    except _Reject as rej:
-        _refused(ctx, rec, rej.status, rej.detail or rej.reason)
-        await _send_error(stream, conn, rec.target, rej)
-    except _ClientGone as exc:
+    except ErrorAnswer as rej:
+        _refused(ctx, rec, rej.status, rej.detail)
+        await send_error(stream, conn, rej, _subject(rec))
+    except ClientGone as exc:
         _refused(ctx, rec, CLIENT_GONE, str(exc))
     except Exception as exc:
         ctx.metrics.report_internal_error("proxy", exc)
         if rec.status == 0:  # nothing answered yet: the client still gets a clear answer
             _refused(ctx, rec, 500, f"internal error: {type(exc).__name__}")
-            await _send_error(stream, conn, rec.target, _Reject(500, "internal error in the proxy"))
+            await send_error(
+                stream, conn, ErrorAnswer(500, "internal error in the proxy"), _subject(rec)
+            )
         else:
             rec.outcome = f"internal error: {type(exc).__name__}"
     finally:
         ctx.active -= 1
         rec.emit()
+
+
+def _subject(rec: ConnectRecord) -> str:
+    return f"kins-tunnel: {rec.target or '-'}"
 
 
 def _refused(ctx: ProxyContext, rec: ConnectRecord, status: int, outcome: str) -> None:
@@ -218,18 +208,18 @@ async def _serve(
     except OSError:
         pass
     if ctx.active > settings.max_connections:
-        raise _Reject(503, f"too many client connections (limit {settings.max_connections})")
+        raise ErrorAnswer(503, f"too many client connections (limit {settings.max_connections})")
     with trio.move_on_at(rec.started + settings.header_timeout) as scope:  # from accept
-        request = await _read_request(stream, conn)
+        request = await read_request(stream, conn)
     if scope.cancelled_caught:
-        raise _Reject(408, f"request not received within {settings.header_timeout:g}s")
+        raise ErrorAnswer(408, f"request not received within {settings.header_timeout:g}s")
     rec.target = request.target.decode("ascii", "replace")[:MAX_LOGGED_TARGET]
     if request.http_version not in (b"1.0", b"1.1"):  # h11 parses any digit.digit
-        raise _Reject(
+        raise ErrorAnswer(
             400, f"unsupported HTTP version {request.http_version.decode('ascii', 'replace')}"
         )
     if request.method != b"CONNECT":
-        raise _Reject(
+        raise ErrorAnswer(
             405,
             f"method {request.method.decode('ascii', 'replace')[:MAX_SHOWN_TOKEN]} not allowed: "
             "this is a CONNECT proxy",
@@ -239,25 +229,25 @@ async def _serve(
     if principal is None and ctx.auth is not None:
         principal = await ctx.auth.authenticate(_header(request, b"proxy-authorization"))
         if principal is None:
-            raise _Reject(407, "proxy authentication required", [("Proxy-Authenticate", REALM)])
+            raise ErrorAnswer(407, "proxy authentication required", [("Proxy-Authenticate", REALM)])
     rec.principal = principal.name if principal is not None else ""
     try:
         rec.name = normalise_target(rec.target)
     except ValueError as exc:
-        raise _Reject(400, f"bad target: {exc}") from None
+        raise ErrorAnswer(400, f"bad target: {exc}") from None
     if ctx.aliases is not None:
         try:
             rewrite = ctx.aliases.rewrite(rec.name)
         except NoAlias as exc:
             ctx.metrics.dial_failures.labels("no_alias").inc()
-            raise _Reject(503, str(exc)) from None
+            raise ErrorAnswer(503, str(exc)) from None
         rec.name, rec.via = rewrite.name, rewrite.via
     if ctx.authz is not None:
         denied = ctx.authz.check(principal, rec.name)
         if denied is not None:
             ctx.metrics.authz_denials.labels(denied).inc()
             who = f"{principal.name!r}" if principal is not None else "an anonymous client"
-            raise _Reject(
+            raise ErrorAnswer(
                 403, f"forbidden: {who} may not reach this target", detail=f"forbidden ({denied})"
             )
     tunnel_stream = await _open(ctx, rec)
@@ -282,48 +272,11 @@ async def _serve(
     ctx.metrics.relay_bytes.labels("from_edge").inc(rec.received)
 
 
-async def _read_request(stream: ClientStream, conn: h11.Connection) -> h11.Request:
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise _Reject(
-                exc.error_status_hint, f"malformed request: {str(exc).split(':')[0][:100]}"
-            ) from None
-        if event is h11.NEED_DATA:
-            try:
-                data = await stream.receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise _ClientGone(f"client went away before a complete request: {exc}") from None
-            if not data:
-                raise _ClientGone("client closed the connection before a complete request")
-            conn.receive_data(data)
-            continue
-        if isinstance(event, h11.Request):
-            return event
-        raise _Reject(
-            400, "unexpected request data"
-        )  # pragma: no cover - h11 gives a Request first
-
-
 def _header(request: h11.Request, name: bytes) -> bytes | None:
     for k, v in request.headers:
         if k == name:
             return v
     return None
-
-
-async def _send_error(
-    stream: ClientStream, conn: h11.Connection, target: str, rej: _Reject
-) -> None:
-    body = f"kins-tunnel: {target or '-'}: {rej.reason}\n".encode()
-    headers = [
-        ("Content-Type", "text/plain; charset=utf-8"),
-        ("Content-Length", str(len(body))),
-        ("Connection", "close"),
-        *rej.headers,
-    ]
-    await send_and_linger(stream, error_answer(conn, rej.status, headers, body))
 
 
 async def _open(ctx: ProxyContext, rec: ConnectRecord) -> TunnelStream:
@@ -350,10 +303,12 @@ async def _open(ctx: ProxyContext, rec: ConnectRecord) -> TunnelStream:
     if last is None or last.code in _RETRYABLE:
         ctx.metrics.dial_failures.labels("no_edge").inc()
         reason = "no connected edge serves this name" if last is None else "no edge available"
-        raise _Reject(503, reason, detail=reason if last is None else f"{reason}: {last.message}")
+        raise ErrorAnswer(
+            503, reason, detail=reason if last is None else f"{reason}: {last.message}"
+        )
     label = code_label(last.code)
     ctx.metrics.dial_failures.labels(label).inc()
     status, reason = _ANSWER_FOR_CODE.get(
         int(last.code), (502, "the edge could not open the stream")
     )
-    raise _Reject(status, f"{reason} ({label})", detail=f"{reason}: {last.message} ({label})")
+    raise ErrorAnswer(status, f"{reason} ({label})", detail=f"{reason}: {last.message} ({label})")

@@ -37,7 +37,13 @@ import trio
 
 from kins_tunnel.config import EdgeConfig
 from kins_tunnel.errors import OpenFailed, UserError
-from kins_tunnel.httpanswer import accept_connect, error_answer, send_and_linger
+from kins_tunnel.httpanswer import (
+    ClientGone,
+    ErrorAnswer,
+    accept_connect,
+    read_request,
+    send_error,
+)
 from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import Address, normalise_target
@@ -110,18 +116,6 @@ class UplinkRecord:
         if not_logged_before:
             fields["not_logged_before"] = not_logged_before
         log.info("uplink done" if self.status == "ok" else "uplink refused", extra=fields)
-
-
-class _Answer(Exception):
-    """End a proxy client with an error answer."""
-
-    def __init__(
-        self, status: int, reason: str, headers: list[tuple[str, str]] | None = None
-    ) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.headers = headers or []
 
 
 def _peer(stream: trio.SocketStream) -> str:
@@ -319,12 +313,12 @@ class Uplinks:
             _tune(client)
             try:
                 await self._proxy_exchange(client, conn, rec)
-            except _Answer as ans:
+            except ErrorAnswer as ans:
                 rec.answer = ans.status
                 if not rec.status:
                     self.metrics.uplink_refusals.labels("bad_request").inc()
                     rec.status, rec.outcome = "bad_request", ans.reason
-                await _send_error(client, conn, rec.target, ans)
+                await send_error(client, conn, ans, f"kins-tunnel uplink: {rec.target or '-'}")
         except Exception as exc:
             rec.outcome = f"internal error: {type(exc).__name__}"
             raise
@@ -334,34 +328,35 @@ class Uplinks:
     async def _proxy_exchange(
         self, client: trio.SocketStream, conn: h11.Connection, rec: UplinkRecord
     ) -> None:
-        with trio.move_on_at(rec.started + PROXY_HEADER_TIMEOUT) as scope:
-            request = await _read_request(client, conn)
-        if scope.cancelled_caught:
-            raise _Answer(408, f"request not received within {PROXY_HEADER_TIMEOUT:g}s")
-        if request is None:
-            rec.status, rec.outcome = "client_gone", "client closed before a complete request"
+        try:
+            with trio.move_on_at(rec.started + PROXY_HEADER_TIMEOUT) as scope:
+                request = await read_request(client, conn)
+        except ClientGone as exc:
+            rec.status, rec.outcome = "client_gone", str(exc)
             return
+        if scope.cancelled_caught:
+            raise ErrorAnswer(408, f"request not received within {PROXY_HEADER_TIMEOUT:g}s")
         raw = request.target.decode("ascii", "replace")
         rec.target = raw[:MAX_LOGGED_TARGET]
         if request.http_version not in (b"1.0", b"1.1"):
-            raise _Answer(400, "unsupported HTTP version")
+            raise ErrorAnswer(400, "unsupported HTTP version")
         if request.method != b"CONNECT":
-            raise _Answer(405, "only CONNECT is supported", [("Allow", "CONNECT")])
+            raise ErrorAnswer(405, "only CONNECT is supported", [("Allow", "CONNECT")])
         try:
             target = normalise_target(raw)
         except ValueError as exc:
-            raise _Answer(400, f"bad target: {exc}") from None
+            raise ErrorAnswer(400, f"bad target: {exc}") from None
         rec.target = target
         try:
             stream = await self.open(target, rec)
         except UplinkRefused as exc:
             self._refused(rec, exc)
             if exc.reason == "no_tunnel" or exc.code is None:
-                raise _Answer(503, "no tunnel to the cloud is available") from None
+                raise ErrorAnswer(503, "no tunnel to the cloud is available") from None
             status, reason = _ANSWER_FOR_CODE.get(
                 int(exc.code), (502, "the uplink could not be opened")
             )
-            raise _Answer(status, f"{reason} ({exc.reason})") from None
+            raise ErrorAnswer(status, f"{reason} ({exc.reason})") from None
         rec.answer = 200
         try:
             try:
@@ -372,39 +367,3 @@ class Uplinks:
             await self._relay(rec, client, stream)
         finally:
             stream.abort(ErrorCode.CANCEL, "client went away")  # a no-op once the relay closed it
-
-
-async def _read_request(client: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:
-    """The request, or None if the client left before sending all of it."""
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise _Answer(exc.error_status_hint, "malformed request") from None
-        if event is h11.NEED_DATA:
-            try:
-                data = await client.receive_some(16384)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                return None
-            if not data:
-                return None
-            conn.receive_data(data)
-            continue
-        if isinstance(event, h11.Request):
-            return event
-        raise _Answer(
-            400, "unexpected request data"
-        )  # pragma: no cover - h11 gives a Request first
-
-
-async def _send_error(
-    client: trio.SocketStream, conn: h11.Connection, target: str, ans: _Answer
-) -> None:
-    body = f"kins-tunnel uplink: {target or '-'}: {ans.reason}\n".encode()
-    headers = [
-        ("Content-Type", "text/plain; charset=utf-8"),
-        ("Content-Length", str(len(body))),
-        ("Connection", "close"),
-        *ans.headers,
-    ]
-    await send_and_linger(client, error_answer(conn, ans.status, headers, body))
