@@ -20,7 +20,7 @@ import trio
 from kins_tunnel.httpanswer import error_answer
 from kins_tunnel.names import Address
 from kins_tunnel.transport.isolation import ErrorReporter, log_internal_error
-from kins_tunnel.transport.listen import open_listener_socket, serve_listener
+from kins_tunnel.transport.listen import serve_port
 
 log = logging.getLogger("kins_tunnel.admin")
 
@@ -42,14 +42,13 @@ async def serve_admin(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; `task_status.started(port)` once listening."""
-    sock = open_listener_socket(listen.host, listen.port, "admin.listen")
-    port = sock.getsockname()[1]
-    task_status.started(port)
-    await serve_listener(
-        trio.SocketListener(sock),
+    await serve_port(
+        listen,
+        "admin.listen",
         functools.partial(_handle, routes=routes),
         where="admin",
         report=report,
+        task_status=task_status,
     )
 
 

@@ -46,7 +46,7 @@ from kins_tunnel.httpanswer import (
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import normalise_target
 from kins_tunnel.proto import ErrorCode, code_label
-from kins_tunnel.transport.listen import open_listener_socket, serve_listener
+from kins_tunnel.transport.listen import serve_port, warn_unauthenticated
 from kins_tunnel.transport.relay import relay
 from kins_tunnel.transport.stream import TunnelStream
 
@@ -127,25 +127,26 @@ async def serve_proxy(
 ) -> None:
     listen = ctx.settings.listen
     assert listen is not None, "the plain listener is off (proxy.listen: null)"
-    sock = open_listener_socket(listen.host, listen.port, "proxy.listen")
-    port = sock.getsockname()[1]
-    if ctx.auth is None and listen.host not in ("127.0.0.1", "::1", "localhost"):
-        log.warning(
-            "CONNECT proxy on %s:%d has NO authentication: anyone who can reach this port can reach "
-            "every edge service (set proxy.auth, or listen on loopback / a private network only)",
-            listen.host,
-            port,
-        )
-    async with trio.open_nursery() as nursery:
-        with ctx.listener_scope:  # cancelled to stop accepting (drain); open relays go on
-            task_status.started(port)
-            await serve_listener(
-                trio.SocketListener(sock),
-                functools.partial(handle_client, ctx),
-                where="proxy",
-                report=ctx.metrics.report_internal_error,
-                handler_nursery=nursery,
+
+    def listening(port: int) -> None:
+        if ctx.auth is None:
+            warn_unauthenticated(
+                "CONNECT proxy",
+                listen.host,
+                port,
+                "set proxy.auth, or listen on loopback / a private network only",
             )
+
+    await serve_port(
+        listen,
+        "proxy.listen",
+        functools.partial(handle_client, ctx),
+        where="proxy",
+        report=ctx.metrics.report_internal_error,
+        stop=ctx.listener_scope,  # cancelled to stop accepting (drain); open relays go on
+        on_listening=listening,
+        task_status=task_status,
+    )
 
 
 def _peer(stream: ClientStream) -> str:

@@ -34,7 +34,7 @@ from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.config import ProxyTLS
 from kins_tunnel.httpanswer import send_and_linger
 from kins_tunnel.transport.isolation import ErrorReporter
-from kins_tunnel.transport.listen import open_listener_socket, serve_listener
+from kins_tunnel.transport.listen import serve_port, warn_unauthenticated
 
 log = logging.getLogger("kins_tunnel.cloud.proxy")
 CLOSE_TIMEOUT = 2.0  # seconds to send close_notify before the socket is simply closed
@@ -169,25 +169,26 @@ class ProxyTLSListener:
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listen = self.settings.listen
-        sock = open_listener_socket(listen.host, listen.port, "proxy.tls.listen")
-        port = sock.getsockname()[1]
-        if not self.authenticated and listen.host not in ("127.0.0.1", "::1", "localhost"):
-            log.warning(
-                "CONNECT proxy (TLS) on %s:%d has NO authentication: anyone who can reach this port "
-                "can reach every edge service (set proxy.auth or proxy.tls.client_ca)",
-                listen.host,
-                port,
-            )
-        async with trio.open_nursery() as nursery:
-            with self.listener_scope:  # cancelled to stop accepting (drain); open relays go on
-                task_status.started(port)
-                await serve_listener(
-                    trio.SocketListener(sock),
-                    self._handle,
-                    where="proxy_tls",
-                    report=self.report,
-                    handler_nursery=nursery,
+
+        def listening(port: int) -> None:
+            if not self.authenticated:
+                warn_unauthenticated(
+                    "CONNECT proxy (TLS)",
+                    listen.host,
+                    port,
+                    "set proxy.auth or proxy.tls.client_ca",
                 )
+
+        await serve_port(
+            listen,
+            "proxy.tls.listen",
+            self._handle,
+            where="proxy_tls",
+            report=self.report,
+            stop=self.listener_scope,  # cancelled to stop accepting (drain); open relays go on
+            on_listening=listening,
+            task_status=task_status,
+        )
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
         accepted = trio.current_time()

@@ -30,7 +30,7 @@ from kins_tunnel.config import CloudConfig
 from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.proto import Connection, ErrorCode, Hello, Role
-from kins_tunnel.transport.listen import open_listener_socket, serve_listener
+from kins_tunnel.transport.listen import serve_port
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.tls import TLSSocket, TransportError
 
@@ -67,20 +67,17 @@ class TunnelServer:
         self.on_edge_open: Callable[[EdgeIdentity, str, Session, int, str], None] | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listen = self.cfg.tunnel.listen
-        sock = open_listener_socket(listen.host, listen.port, "tunnel.listen")
-        port = sock.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            with trio.CancelScope() as self._listener_scope:
-                self.listening.set()
-                task_status.started(port)
-                await serve_listener(
-                    trio.SocketListener(sock),
-                    self._handle,
-                    where="tunnel",
-                    report=self.metrics.report_internal_error,
-                    handler_nursery=nursery,
-                )
+        self._listener_scope = trio.CancelScope()
+        await serve_port(
+            self.cfg.tunnel.listen,
+            "tunnel.listen",
+            self._handle,
+            where="tunnel",
+            report=self.metrics.report_internal_error,
+            stop=self._listener_scope,
+            on_listening=lambda port: self.listening.set(),
+            task_status=task_status,
+        )
 
     @property
     def context(self) -> ssl.SSLContext:

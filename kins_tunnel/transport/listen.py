@@ -1,5 +1,9 @@
 """Listening sockets: open one (or a one-line UserError), and serve it with one task per connection.
 
+`serve_port` is the whole life of a listening port: bind (`open_listener_socket`), report the port,
+serve every connection (`serve_listener`) until cancelled or until its `stop` scope is cancelled;
+stopping closes the port but waits for the connections being served (a drain).
+
 Every connection's handler runs behind a failure-isolation boundary: an exception it lets out is a
 bug, reported once (log with traceback, `kins_tunnel_internal_errors_total{where}`), and ends that
 connection only; the listener and every other connection go on. Accepting is `trio.serve_listeners`,
@@ -16,11 +20,13 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from kins_tunnel.errors import UserError
+from kins_tunnel.names import Address
 from kins_tunnel.transport.isolation import ErrorReporter
 
 log = logging.getLogger("kins_tunnel.listen")
 
 LISTEN_BACKLOG = 4096
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 def open_listener_socket(host: str, port: int, what: str) -> trio.socket.SocketType:
@@ -66,3 +72,47 @@ async def serve_listener(
         [listener],
         handler_nursery=handler_nursery,
     )
+
+
+async def serve_port(
+    listen: Address,
+    what: str,
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    *,
+    where: str,
+    report: ErrorReporter,
+    stop: trio.CancelScope | None = None,
+    on_listening: Callable[[int], object] | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on `listen` (errors name the setting `what`) and serve it with `serve_listener`.
+
+    `on_listening(port)` runs once the port is bound, then `task_status.started(port)`. Cancelling
+    `stop` closes the port; the connections being served go on, and this returns after them."""
+    sock = open_listener_socket(listen.host, listen.port, what)
+    port = sock.getsockname()[1]
+    if on_listening is not None:
+        on_listening(port)
+    async with trio.open_nursery() as nursery:
+        with stop if stop is not None else trio.CancelScope():
+            task_status.started(port)
+            await serve_listener(
+                trio.SocketListener(sock),
+                handler,
+                where=where,
+                report=report,
+                handler_nursery=nursery,
+            )
+
+
+def warn_unauthenticated(what: str, host: str, port: int, remedy: str) -> None:
+    """Warn that the listener `what` on a non-loopback address lets anyone reach every edge."""
+    if host not in LOOPBACK_HOSTS:
+        log.warning(
+            "%s on %s:%d has NO authentication: anyone who can reach this port can reach every "
+            "edge service (%s)",
+            what,
+            host,
+            port,
+            remedy,
+        )
