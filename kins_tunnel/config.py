@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kins_tunnel.names import Address, is_ip_target, kind, normalise_target
+from kins_tunnel.names import Address, is_ip_target, kind
 from kins_tunnel.proto import LimitError, MuxConfig
 from kins_tunnel.transport.http_proxy import parse_proxy_url
 from kins_tunnel.yamlcheck import Section, read_yaml
@@ -294,43 +294,23 @@ def _proxy(sec: Section) -> ProxySettings:
 
 
 def _aliases(top: Section) -> Mapping[str, str]:
-    raw = top.data.get("aliases")
-    if raw is None:
-        return types.MappingProxyType({})
-    if not isinstance(raw, Mapping):
-        top.fail("aliases", f'expected a mapping of "ip:port": "name:port", got {kind(raw)}')
     out: dict[str, str] = {}
-    for key, value in raw.items():
-        where = f'aliases."{key}"'
+    for key, value, where in top.entries("aliases", '"ip:port": "name:port"'):
         if not isinstance(key, str) or not isinstance(value, str):
             top.fail(where, 'expected "ip:port": "name:port" strings (quote them)')
-        try:
-            ip = normalise_target(key)
-            name = normalise_target(value)
-        except ValueError as exc:
-            top.fail(where, str(exc))
+        ip, name = top.target(where, key), top.target(where, value)
         if not is_ip_target(ip):
             top.fail(where, f"{key!r} is not an IP address and port")
         if is_ip_target(name):
             top.fail(where, f"{value!r}: an alias must name a routing name, not an IP address")
-        if ip in out:
-            top.fail(where, f"same address as another key ({ip})")
-        out[ip] = name
+        top.unique(out, ip, name, where, "address")
     return types.MappingProxyType(out)
 
 
 def _cloud_uplinks(top: Section) -> Mapping[str, frozenset[str]]:
-    raw = top.data.get("uplinks")
-    if raw is None:
-        return types.MappingProxyType({})
-    if not isinstance(raw, Mapping):
-        top.fail(
-            "uplinks",
-            f'expected a mapping of unit (or "*") to a list of "host:port" targets, got {kind(raw)}',
-        )
     out: dict[str, frozenset[str]] = {}
-    for key, value in raw.items():
-        where = f'uplinks."{key}"'
+    expected = 'unit (or "*") to a list of "host:port" targets'
+    for key, value, where in top.entries("uplinks", expected):
         if not isinstance(key, str) or not (key == "*" or _UNIT_RE.fullmatch(key)):
             top.fail(
                 where,
@@ -340,12 +320,7 @@ def _cloud_uplinks(top: Section) -> Mapping[str, frozenset[str]]:
             top.fail(where, f'expected a non-empty list of "host:port" targets, got {kind(value)}')
         targets: set[str] = set()
         for i, item in enumerate(value):
-            if not isinstance(item, str):
-                top.fail(f"{where}[{i}]", f'expected a "host:port" string, got {kind(item)}')
-            try:
-                target = normalise_target(item)
-            except ValueError as exc:
-                top.fail(f"{where}[{i}]", str(exc))
+            target = top.target(f"{where}[{i}]", item)
             if target in targets:
                 top.fail(f"{where}[{i}]", f"same target as another entry ({target})")
             targets.add(target)
@@ -354,29 +329,15 @@ def _cloud_uplinks(top: Section) -> Mapping[str, frozenset[str]]:
 
 
 def _edge_uplinks(top: Section) -> Mapping[Address, str]:
-    raw = top.data.get("uplinks")
-    if raw is None:
-        return types.MappingProxyType({})
-    if not isinstance(raw, Mapping):
-        top.fail(
-            "uplinks",
-            f'expected a mapping of "listen host:port": "cloud-side host:port", got {kind(raw)}',
-        )
     out: dict[Address, str] = {}
-    for key, value in raw.items():
-        where = f'uplinks."{key}"'
+    for key, value, where in top.entries("uplinks", '"listen host:port": "cloud-side host:port"'):
         if not isinstance(key, str):
             top.fail(where, 'a listen address must be a "host:port" string (quote it)')
         listen = top.address(where, key)
-        if not isinstance(value, str):
-            top.fail(where, f'expected a cloud-side "host:port" string, got {kind(value)}')
-        try:
-            target = normalise_target(value)
-        except ValueError as exc:
-            top.fail(where, f"bad target: {exc}")
-        if listen in out:
-            top.fail(where, f"same listen address as another key ({listen})")
-        out[listen] = target
+        target = top.target(
+            where, value, expected='a cloud-side "host:port" string', error_prefix="bad target: "
+        )
+        top.unique(out, listen, target, where, "listen address")
     return types.MappingProxyType(out)
 
 
@@ -445,10 +406,7 @@ def _services(top: Section) -> Mapping[str, tuple[Address, ...]]:
         where = f'services."{key}"'
         if not isinstance(key, str):
             top.fail(where, "a name must be a string (quote it)")
-        try:
-            name = normalise_target(key)
-        except ValueError as exc:
-            top.fail(where, f"bad name: {exc}")
+        name = top.target(where, key, error_prefix="bad name: ")
         if name in out:
             top.fail(where, f"same routing name as another key ({name})")
         if value == []:

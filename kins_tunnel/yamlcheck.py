@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TypeVar
 import yaml
 
 from kins_tunnel.errors import UserError
-from kins_tunnel.names import Address, kind
+from kins_tunnel.names import Address, kind, normalise_target
 
 _T = TypeVar("_T")
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -92,6 +92,42 @@ class Section:
             return Address.parse(value, min_port=min_port)
         except ValueError as exc:
             raise UserError(f"{self.source}: {where}: {exc}") from None
+
+    def entries(self, key: str, expected: str) -> Iterator[tuple[object, object, str]]:
+        """(key, value, where) for each entry of the optional mapping `key` (none when absent or
+        null); `where` names the entry as `key."<entry key>"`; not a mapping: fails with
+        "expected a mapping of <expected>"."""
+        raw = self.data.get(key)
+        if raw is None:
+            return
+        if not isinstance(raw, Mapping):
+            self.fail(key, f"expected a mapping of {expected}, got {kind(raw)}")
+        for k, v in raw.items():
+            yield k, v, f'{key}."{k}"'
+
+    def target(
+        self,
+        where: str,
+        value: object,
+        *,
+        expected: str = 'a "host:port" string',
+        error_prefix: str = "",
+    ) -> str:
+        """`value` as a routing target (`names.normalise_target`), or a failure at `where`."""
+        if not isinstance(value, str):
+            self.fail(where, f"expected {expected}, got {kind(value)}")
+        try:
+            return normalise_target(value)
+        except ValueError as exc:
+            self.fail(where, f"{error_prefix}{exc}")
+
+    def unique(
+        self, out: dict[Any, Any], key: object, value: object, where: str, what: str
+    ) -> None:
+        """`out[key] = value`, failing at `where` if an earlier entry has the same `key`."""
+        if key in out:
+            self.fail(where, f"same {what} as another key ({key})")
+        out[key] = value
 
     def path(self, key: str) -> Path:
         value = self.required(key)

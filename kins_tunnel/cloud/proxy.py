@@ -36,13 +36,7 @@ from kins_tunnel.cloud.proxy_tls import TLSClientStream
 from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.config import ProxySettings
 from kins_tunnel.errors import OpenFailed
-from kins_tunnel.httpanswer import (
-    ClientGone,
-    ErrorAnswer,
-    accept_connect,
-    read_request,
-    send_error,
-)
+from kins_tunnel.httpanswer import ClientGone, ErrorAnswer, accept_connect, read_request, send_error
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import normalise_target
 from kins_tunnel.proto import ErrorCode, code_label

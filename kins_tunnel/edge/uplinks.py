@@ -37,13 +37,7 @@ import trio
 
 from kins_tunnel.config import EdgeConfig
 from kins_tunnel.errors import OpenFailed, UserError
-from kins_tunnel.httpanswer import (
-    ClientGone,
-    ErrorAnswer,
-    accept_connect,
-    read_request,
-    send_error,
-)
+from kins_tunnel.httpanswer import ClientGone, ErrorAnswer, accept_connect, read_request, send_error
 from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import Address, normalise_target
