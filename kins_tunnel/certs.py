@@ -9,9 +9,7 @@ Layout of a certificate directory (``kins-tunnel certs init/edge --dir DIR``)::
     cloud.crt cloud.key   the cloud's server certificate (serverAuth + clientAuth)
     edge-NODE.crt/.key    one client certificate per edge node (clientAuth only)
 
-Keys are unencrypted PKCS#8 PEM created with mode 0600 (never widened afterwards); certificates are
-PEM with mode 0644. Files are written to a temporary name and renamed into place, so a reader never
-sees half a file. All keys are ECDSA P-256 with SHA-256 signatures: one cloud accepts thousands of
+The files are written and read by `pemfiles` (atomic writes, key files 0600). All keys are ECDSA P-256 with SHA-256 signatures: one cloud accepts thousands of
 edges, and P-256 handshakes are an order of magnitude cheaper than RSA-2048 ones.
 
 Edge identity
@@ -35,19 +33,18 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kins_tunnel.errors import UserError
+from kins_tunnel.pemfiles import load_certs, load_key, make_dir, write_cert, write_key
 
 __all__ = [
     "ALPN_PROTOCOL",
@@ -55,20 +52,19 @@ __all__ = [
     "CertFacts",
     "EdgeIdentity",
     "cert_facts",
-    "cert_not_after",
     "edge_identity_uri",
     "identity_from_der",
     "init_ca",
     "issue_edge",
     "issue_user",
-    "load_certs",
-    "load_key",
 ]
 
 ALPN_PROTOCOL = "kins-tunnel/1"
 CLOUD_COMMON_NAME = "kins-tunnel-cloud"
 CA_COMMON_NAME = "kins-tunnel CA"
 PROXY_COMMON_NAME = "kins-tunnel-proxy"
+SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
+CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
 _USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 _URI_PREFIX = "spiffe://kins-tunnel/"
 _URI_RE = re.compile(r"spiffe://kins-tunnel/unit/([^/]+)/node/([^/]+)")
@@ -215,7 +211,7 @@ def init_ca(
     sans = _cloud_sans(cloud_sans)
     psans = None if proxy_sans is None else _cloud_sans(proxy_sans, flag="--proxy-san")
     crt_path, key_path = dir / "ca.crt", dir / "ca.key"
-    _make_dir(dir)
+    make_dir(dir)
     now = _utcnow()
     if crt_path.exists() or key_path.exists():
         ca_cert, ca_key = _load_ca(dir)
@@ -233,30 +229,22 @@ def init_ca(
             )
             .sign(ca_key, hashes.SHA256())
         )
-        _write_key(key_path, ca_key)
-        _write_cert(crt_path, ca_cert)
-    _issue_leaf(
-        ca_cert,
-        ca_key,
-        dir / "cloud.crt",
-        dir / "cloud.key",
-        now=now,
-        days=cloud_days,
-        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CLOUD_COMMON_NAME)]),
-        sans=sans,
-        usages=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-    )
+        write_key(key_path, ca_key)
+        write_cert(crt_path, ca_cert)
+    servers = [("cloud", CLOUD_COMMON_NAME, sans, [SERVER_AUTH, CLIENT_AUTH])]
     if psans is not None:
+        servers.append(("proxy", PROXY_COMMON_NAME, psans, [SERVER_AUTH]))
+    for stem, common_name, names, usages in servers:
         _issue_leaf(
             ca_cert,
             ca_key,
-            dir / "proxy.crt",
-            dir / "proxy.key",
+            dir / f"{stem}.crt",
+            dir / f"{stem}.key",
             now=now,
             days=cloud_days,
-            subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, PROXY_COMMON_NAME)]),
-            sans=psans,
-            usages=[ExtendedKeyUsageOID.SERVER_AUTH],
+            subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
+            sans=names,
+            usages=usages,
         )
 
 
@@ -365,8 +353,8 @@ def _issue_leaf(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    _write_key(key_path, key)
-    _write_cert(crt_path, cert)
+    write_key(key_path, key)
+    write_cert(crt_path, cert)
 
 
 def _builder(
@@ -437,71 +425,6 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _make_dir(dir: Path) -> None:
-    try:
-        dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create directory {dir}: {exc.strerror or exc}") from None
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    _write_atomic(path, pem, 0o600)
-
-
-def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    _write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to a fresh file created with `mode`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
-        try:
-            if mode & 0o044:  # public files: do not let a strict umask hide a certificate
-                os.fchmod(fd, mode)
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _read(path: Path, label: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise UserError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
-
-
-def load_certs(path: Path, label: str) -> list[x509.Certificate]:
-    data = _read(path, label)
-    try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise UserError(f"{label}: {path} is not a PEM certificate") from None
-    return certs
-
-
-def load_key(path: Path, label: str) -> ec.EllipticCurvePrivateKey:
-    data = _read(path, label)
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        raise UserError(f"{label}: {path} is encrypted; an unencrypted key is needed") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise UserError(f"{label}: {path} is not a PEM private key") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise UserError(f"{label}: {path} is not an ECDSA key")
-    return key
-
-
 def _load_ca(dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     crt_path, key_path = dir / "ca.crt", dir / "ca.key"
     cert = load_certs(crt_path, "CA certificate")[0]
@@ -509,8 +432,3 @@ def _load_ca(dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     if cert.public_key() != key.public_key():
         raise UserError(f"CA key: {key_path} does not belong to {crt_path}")
     return cert, key
-
-
-def cert_not_after(path: Path) -> dt.datetime:
-    """When the (first) certificate in PEM file `path` expires, as an aware UTC datetime."""
-    return load_certs(Path(path), "certificate")[0].not_valid_after_utc

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from kins_tunnel.certs import ALPN_PROTOCOL, load_certs, load_key
+from kins_tunnel.certs import ALPN_PROTOCOL
 from kins_tunnel.errors import UserError
+from kins_tunnel.pemfiles import load_certs, load_key
 
 # TLS 1.2 suites, forward secret and AEAD only; ECDSA first because every key we issue is ECDSA.
 # TLS 1.3 suites are configured separately by OpenSSL and its defaults are already AEAD-only.

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kins_tunnel import certs, tls_contexts
+from kins_tunnel import certs, pemfiles, tls_contexts
 from kins_tunnel.certs import EdgeIdentity, identity_from_der, init_ca, issue_edge
 from kins_tunnel.errors import UserError
 
@@ -254,11 +254,11 @@ def test_identity_rejects_garbage() -> None:
 
 def test_cert_not_after(pki: Path) -> None:
     assert (
-        certs.cert_not_after(pki / "edge-edge1.crt")
+        pemfiles.cert_not_after(pki / "edge-edge1.crt")
         == load(pki / "edge-edge1.crt").not_valid_after_utc
     )
     with pytest.raises(UserError, match="cannot read"):
-        certs.cert_not_after(pki / "missing.crt")
+        pemfiles.cert_not_after(pki / "missing.crt")
 
 
 # --- TLS contexts ------------------------------------------------------------------------------
