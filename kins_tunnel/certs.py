@@ -9,8 +9,9 @@ Layout of a certificate directory (``kins-tunnel certs init/edge --dir DIR``)::
     cloud.crt cloud.key   the cloud's server certificate (serverAuth + clientAuth)
     edge-NODE.crt/.key    one client certificate per edge node (clientAuth only)
 
-The files are written and read by `pemfiles` (atomic writes, key files 0600). All keys are ECDSA P-256 with SHA-256 signatures: one cloud accepts thousands of
-edges, and P-256 handshakes are an order of magnitude cheaper than RSA-2048 ones.
+The files are written and read by `pemfiles` (atomic writes, key files 0600). All keys are ECDSA
+P-256 with SHA-256 signatures: one cloud accepts thousands of edges, and P-256 handshakes are an
+order of magnitude cheaper than RSA-2048 ones.
 
 Edge identity
 -------------

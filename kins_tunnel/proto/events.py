@@ -1,19 +1,28 @@
 """Events that `Connection.receive_data` returns, one per meaningful thing the peer did (immutable,
-as h11's events)."""
+as h11's events). The events of one stream share `_StreamEvent`'s `stream_id`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar, dataclass_transform
 
 from kins_tunnel.proto.errors import ErrorCode
 
+_E = TypeVar("_E")
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass_transform(frozen_default=True)
+def event(cls: type[_E]) -> type[_E]:
+    """Every event is a frozen dataclass with slots: immutable, no per-instance dict."""
+    return dataclass(frozen=True, slots=True)(cls)
+
+
+@event
 class Event:
     pass
 
 
-@dataclass(frozen=True, slots=True)
+@event
 class HandshakeComplete(Event):
     """Both HELLOs are in: the version and capabilities both sides share, and what the peer said."""
 
@@ -23,24 +32,27 @@ class HandshakeComplete(Event):
     agent: str
 
 
-@dataclass(frozen=True, slots=True)
-class StreamOpened(Event):
+@event
+class _StreamEvent(Event):
+    stream_id: int
+
+
+@event
+class StreamOpened(_StreamEvent):
     """The peer asks us to open `stream_id` to `target`; answer with accept_stream/reject_stream."""
 
-    stream_id: int
     target: str
 
 
-@dataclass(frozen=True, slots=True)
-class _StreamVerdict(Event):
+@event
+class _StreamVerdict(_StreamEvent):
     """A stream event with a wire code (maybe one this version does not know) and a message."""
 
-    stream_id: int
     code: ErrorCode | int
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@event
 class OpenResult(_StreamVerdict):
     """The answer to a stream we opened: `code` NO_ERROR means it is open."""
 
@@ -49,36 +61,32 @@ class OpenResult(_StreamVerdict):
         return self.code == ErrorCode.NO_ERROR
 
 
-@dataclass(frozen=True, slots=True)
-class DataReceived(Event):
+@event
+class DataReceived(_StreamEvent):
     """Bytes for a stream. Call `consumed(stream_id, n)` once the application has taken them.
     The peer's FIN is always a separate `StreamEnded`, even when it came in the same frame."""
 
-    stream_id: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class StreamEnded(Event):
+@event
+class StreamEnded(_StreamEvent):
     """The peer will send no more on this stream (FIN)."""
 
-    stream_id: int
 
-
-@dataclass(frozen=True, slots=True)
+@event
 class StreamReset(_StreamVerdict):
     """The peer aborted the stream; its buffered data is void."""
 
 
-@dataclass(frozen=True, slots=True)
-class WindowUpdated(Event):
+@event
+class WindowUpdated(_StreamEvent):
     """We may send more on `stream_id`: `send_window(stream_id)` bytes in all."""
 
-    stream_id: int
     increment: int
 
 
-@dataclass(frozen=True, slots=True)
+@event
 class PongReceived(Event):
     """The answer to one of our pings; `rtt` is in the clock's units (seconds)."""
 
@@ -86,7 +94,7 @@ class PongReceived(Event):
     rtt: float | None
 
 
-@dataclass(frozen=True, slots=True)
+@event
 class GoAwayReceived(Event):
     """The peer is draining: streams we opened above `last_stream_id` were not processed."""
 
@@ -95,7 +103,7 @@ class GoAwayReceived(Event):
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@event
 class ConnectionTerminated(Event):
     """The byte stream ended (EOF) or the connection was closed by a protocol error."""
 
