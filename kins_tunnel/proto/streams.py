@@ -58,23 +58,26 @@ class StreamInput(enum.Enum):
 
 
 S, In = StreamState, StreamInput
-_TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
-    (S.PENDING, In.SEND_ACCEPT): S.OPEN,
-    (S.PENDING, In.SEND_REJECT): S.CLOSED,
-    (S.OPENING, In.RECV_OPEN_OK): S.OPEN,
-    (S.OPENING, In.RECV_OPEN_REFUSED): S.CLOSED,
-    (S.OPEN, In.SEND_DATA): S.OPEN,
-    (S.HALF_CLOSED_REMOTE, In.SEND_DATA): S.HALF_CLOSED_REMOTE,
-    (S.OPEN, In.SEND_FIN): S.HALF_CLOSED_LOCAL,
-    (S.HALF_CLOSED_REMOTE, In.SEND_FIN): S.CLOSED,
-    (S.OPEN, In.RECV_DATA): S.OPEN,
-    (S.HALF_CLOSED_LOCAL, In.RECV_DATA): S.HALF_CLOSED_LOCAL,
-    (S.OPEN, In.RECV_FIN): S.HALF_CLOSED_REMOTE,
-    (S.HALF_CLOSED_LOCAL, In.RECV_FIN): S.CLOSED,
-    # Credit may come at any time; on a stream we finished it is simply not used.
-    **{(state, In.RECV_WINDOW): state for state in S},
+# state -> {input: next state}, as h11's _state.py; an input missing from a state's row is an error
+_MOVES: dict[StreamState, dict[StreamInput, StreamState]] = {
+    S.PENDING: {In.SEND_ACCEPT: S.OPEN, In.SEND_REJECT: S.CLOSED},
+    S.OPENING: {In.RECV_OPEN_OK: S.OPEN, In.RECV_OPEN_REFUSED: S.CLOSED},
+    S.OPEN: {
+        In.SEND_DATA: S.OPEN,
+        In.SEND_FIN: S.HALF_CLOSED_LOCAL,
+        In.RECV_DATA: S.OPEN,
+        In.RECV_FIN: S.HALF_CLOSED_REMOTE,
+    },
+    S.HALF_CLOSED_LOCAL: {In.RECV_DATA: S.HALF_CLOSED_LOCAL, In.RECV_FIN: S.CLOSED},
+    S.HALF_CLOSED_REMOTE: {In.SEND_DATA: S.HALF_CLOSED_REMOTE, In.SEND_FIN: S.CLOSED},
+    S.CLOSED: {},
 }
-del S, In
+for _state, _row in _MOVES.items():
+    _row[In.RECV_WINDOW] = _state  # credit may come at any time; a finished stream does not use it
+_TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
+    (state, event): new for state, row in _MOVES.items() for event, new in row.items()
+}
+del S, In, _state, _row
 
 _ESTABLISHED = frozenset(
     {
