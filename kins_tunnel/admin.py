@@ -3,9 +3,9 @@
 Small and strict: one request per connection, one deadline for the whole exchange (from accept:
 read, route and write), GET and HEAD only. Every other method on every path gets 405 with `Allow`,
 an unknown path 404, a malformed request 400; whatever the request, the answer is complete and
-the process goes on (the handler runs behind the listener's failure-isolation boundary). Routes
-are plain callables returning (status, content type, body), so cloud and edge each plug in their
-own readiness and status.
+the process goes on (the handler runs behind the listener's failure-isolation boundary). Cloud and
+edge each plug in their own readiness and status (a callable returning status, content type and
+body).
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 import h11
 import trio
 
 from kins_tunnel.httpanswer import error_answer
+from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import Address
-from kins_tunnel.transport.isolation import ErrorReporter, log_internal_error
 from kins_tunnel.transport.listen import serve_port
 
 log = logging.getLogger("kins_tunnel.admin")
@@ -34,20 +35,36 @@ def text(status: int, body: str) -> tuple[int, str, bytes]:
     return status, "text/plain; charset=utf-8", body.encode()
 
 
+class Served(Protocol):
+    """What the admin endpoint reports on: a cloud or an edge."""
+
+    ready: bool
+    not_ready: str  # the /readyz body while not ready
+    metrics: Metrics
+
+    def status(self) -> tuple[int, str, bytes]: ...
+
+
 async def serve_admin(
     listen: Address,
-    routes: dict[str, Route],
+    served: Served,
     *,
-    report: ErrorReporter = log_internal_error,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; `task_status.started(port)` once listening."""
+    """Serve /healthz, /readyz (200, or 503 while `served.ready` is false), /metrics and /status
+    until cancelled; `task_status.started(port)` once listening."""
+    routes: dict[str, Route] = {
+        "/healthz": lambda: text(200, "ok\n"),
+        "/readyz": lambda: text(200, "ready\n") if served.ready else text(503, served.not_ready),
+        "/metrics": served.metrics.render,
+        "/status": served.status,
+    }
     await serve_port(
         listen,
         "admin.listen",
         functools.partial(_handle, routes=routes),
         where="admin",
-        report=report,
+        report=served.metrics.report_internal_error,
         task_status=task_status,
     )
 

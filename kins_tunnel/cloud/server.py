@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
-from kins_tunnel.admin import serve_admin, text
+from kins_tunnel.admin import serve_admin
 from kins_tunnel.certs import EdgeIdentity, cert_facts
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.aliases import AliasTable, Resolver, dns_resolver
@@ -49,6 +49,8 @@ FILE_CHECK_INTERVAL = 1.0
 
 
 class Cloud:
+    not_ready = "not ready\n"  # the admin /readyz body while not ready
+
     def __init__(self, cfg: CloudConfig, *, resolver: Resolver = dns_resolver) -> None:
         self.cfg = cfg
         self.replica = cfg.replica or socket.gethostname()
@@ -226,12 +228,6 @@ class Cloud:
     async def run(
         self, *, task_status: trio.TaskStatus[CloudPorts] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        routes = {
-            "/healthz": lambda: text(200, "ok\n"),
-            "/readyz": lambda: text(200, "ready\n") if self.ready else text(503, "not ready\n"),
-            "/metrics": self.metrics.render,
-            "/status": self.status,
-        }
         async with trio.open_nursery() as nursery:
             if self.revocation is not None:
                 nursery.start_soon(self.revocation.watch, self.close_revoked, FILE_CHECK_INTERVAL)
@@ -244,14 +240,7 @@ class Cloud:
             if self.cfg.proxy.listen is not None:
                 proxy_port = await nursery.start(serve_proxy, self.proxy)
             tls_port = 0 if self.proxy_tls is None else await nursery.start(self.proxy_tls.serve)
-            admin_port = await nursery.start(
-                functools.partial(
-                    serve_admin,
-                    self.cfg.admin.listen,
-                    routes,
-                    report=self.metrics.report_internal_error,
-                )
-            )
+            admin_port = await nursery.start(serve_admin, self.cfg.admin.listen, self)
             self.ready = True
             log.info(
                 "tunnel-cloud up",

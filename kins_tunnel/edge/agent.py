@@ -46,7 +46,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from kins_tunnel import __version__
-from kins_tunnel.admin import serve_admin, text
+from kins_tunnel.admin import serve_admin
 from kins_tunnel.certs import EdgeIdentity, identity_from_der
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.config import EdgeConfig
@@ -130,6 +130,8 @@ def own_identity(cert_path: str) -> EdgeIdentity:
 
 
 class Edge:
+    not_ready = "no tunnel\n"  # the admin /readyz body while not ready
+
     def __init__(self, cfg: EdgeConfig, *, rng: random.Random | None = None) -> None:
         self.cfg = cfg
         self.identity = own_identity(str(cfg.tls.cert))
@@ -185,22 +187,7 @@ class Edge:
         async with trio.open_nursery() as nursery:
             admin_port = None
             if self.cfg.admin is not None:
-                routes = {
-                    "/healthz": lambda: text(200, "ok\n"),
-                    "/readyz": lambda: (
-                        text(200, "ready\n") if self.ready else text(503, "no tunnel\n")
-                    ),
-                    "/metrics": self.metrics.render,
-                    "/status": self.status,
-                }
-                admin_port = await nursery.start(
-                    functools.partial(
-                        serve_admin,
-                        self.cfg.admin.listen,
-                        routes,
-                        report=self.metrics.report_internal_error,
-                    )
-                )
+                admin_port = await nursery.start(serve_admin, self.cfg.admin.listen, self)
             if self.uplinks.enabled:
                 await nursery.start(self.uplinks.serve)
             log.info(
