@@ -26,6 +26,32 @@ from kins_tunnel.transport.session import Session
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+# Gauges and counters per tunnel, read from `SessionStatistics` at scrape time: family, name, help,
+# the statistic's attribute.
+_PER_TUNNEL: tuple[tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, str], ...] = (
+    (GaugeMetricFamily, "kins_tunnel_streams_open", "Streams open now, per tunnel", "streams"),
+    (
+        CounterMetricFamily,
+        "kins_tunnel_tunnel_bytes_sent",
+        "Payload bytes sent into the tunnel",
+        "bytes_sent",
+    ),
+    (
+        CounterMetricFamily,
+        "kins_tunnel_tunnel_bytes_received",
+        "Payload bytes received from the tunnel",
+        "bytes_received",
+    ),
+    (GaugeMetricFamily, "kins_tunnel_tunnel_rtt_seconds", "Last measured tunnel round trip", "rtt"),
+    (
+        CounterMetricFamily,
+        "kins_tunnel_flow_control_stalls",
+        "Times a sender on this tunnel waited for peer credit or socket space",
+        "stalls",
+    ),
+)
+
+
 class _LiveCollector(Collector):
     def __init__(
         self,
@@ -40,41 +66,18 @@ class _LiveCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         tunnels = list(self._snapshot())
         units: _Tally[str] = _Tally()
-        streams = GaugeMetricFamily(
-            "kins_tunnel_streams_open",
-            "Streams open now, per tunnel",
-            labels=["unit", "node", "peer"],
-        )
-        sent = CounterMetricFamily(
-            "kins_tunnel_tunnel_bytes_sent",
-            "Payload bytes sent into the tunnel",
-            labels=["unit", "node", "peer"],
-        )
-        received = CounterMetricFamily(
-            "kins_tunnel_tunnel_bytes_received",
-            "Payload bytes received from the tunnel",
-            labels=["unit", "node", "peer"],
-        )
-        rtt = GaugeMetricFamily(
-            "kins_tunnel_tunnel_rtt_seconds",
-            "Last measured tunnel round trip",
-            labels=["unit", "node", "peer"],
-        )
-        stalls = CounterMetricFamily(
-            "kins_tunnel_flow_control_stalls",
-            "Times a sender on this tunnel waited for peer credit or socket space",
-            labels=["unit", "node", "peer"],
-        )
+        per_tunnel = [
+            (kind(name, help_text, labels=["unit", "node", "peer"]), statistic)
+            for kind, name, help_text, statistic in _PER_TUNNEL
+        ]
         for labels, session in tunnels:
             units[labels["unit"]] += 1
             key = [labels["unit"], labels["node"], labels["peer"]]
             st = session.statistics()
-            streams.add_metric(key, st.streams)
-            sent.add_metric(key, st.bytes_sent)
-            received.add_metric(key, st.bytes_received)
-            stalls.add_metric(key, st.stalls)
-            if st.rtt is not None:
-                rtt.add_metric(key, st.rtt)
+            for family, statistic in per_tunnel:
+                value = getattr(st, statistic)
+                if value is not None:  # no RTT measured yet
+                    family.add_metric(key, value)
         total = GaugeMetricFamily(
             "kins_tunnel_tunnels",
             "Tunnels up now (on the cloud: on this replica)",
@@ -88,7 +91,8 @@ class _LiveCollector(Collector):
         )
         for unit, n in sorted(units.items()):
             per_unit.add_metric([unit, self._replica], n)
-        yield from (total, per_unit, streams, sent, received, rtt, stalls)
+        yield from (total, per_unit)
+        yield from (family for family, _ in per_tunnel)
         if self._replica:
             info = GaugeMetricFamily(
                 "kins_tunnel_replica_info",
@@ -99,8 +103,84 @@ class _LiveCollector(Collector):
             yield info
 
 
+# The counters every process has: attribute, metric name (after "kins_tunnel_"), help, labels.
+# Label values are ours (fixed words, HTTP statuses, `code_label`s), never text from a peer.
+_COUNTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("connect_answers", "connect_answers", "CONNECT answers by HTTP status", ("status",)),
+    ("streams", "streams", "Streams opened through the tunnel", ()),
+    ("dial_failures", "dial_failures", "Failed opens/dials by reason", ("reason",)),
+    (
+        "handshake_failures",
+        "handshake_failures",
+        "Tunnel handshakes that failed, by reason",
+        ("reason",),
+    ),
+    ("relay_bytes", "relay_bytes", "Bytes relayed by direction", ("direction",)),
+    (
+        "internal_errors",
+        "internal_errors",
+        "Unexpected exceptions (bugs) caught at a failure-isolation boundary; each ended one "
+        "connection or stream only",
+        ("where",),
+    ),
+    (
+        "authz_denials",
+        "authz_denials",
+        "CONNECTs refused by the authorization rules (403), by reason",
+        ("reason",),
+    ),
+    (
+        "proxy_tls_failures",
+        "proxy_tls_failures",
+        "Failed TLS handshakes on the proxy's TLS listener, by reason",
+        ("reason",),
+    ),
+    (
+        "alias_lookups",
+        "alias_lookups",
+        "DNS lookups of units' Service addresses (ClusterIP aliases), by result",
+        ("result",),
+    ),
+    (
+        "revoked_closed",
+        "revoked_tunnels_closed",
+        "Live edge tunnels closed because the edge was revoked",
+        (),
+    ),
+    ("uplinks", "uplinks", "Uplink streams (edge to cloud-side target) opened", ()),
+    (
+        "uplink_refusals",
+        "uplink_refusals",
+        "Uplinks refused or failed before any byte moved, by reason (a bounded label)",
+        ("reason",),
+    ),
+    (
+        "uplink_bytes",
+        "uplink_bytes",
+        "Bytes relayed on uplinks: up (edge to target) or down (target to edge)",
+        ("direction",),
+    ),
+)
+_DIAL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
 class Metrics:
-    """The metrics of one process (cloud or edge)."""
+    """The metrics of one process (cloud or edge): the counters of `_COUNTERS`, `dial_seconds`,
+    and the live gauges of `_LiveCollector`."""
+
+    connect_answers: Counter
+    streams: Counter
+    dial_failures: Counter
+    handshake_failures: Counter
+    relay_bytes: Counter
+    internal_errors: Counter
+    authz_denials: Counter
+    proxy_tls_failures: Counter
+    alias_lookups: Counter
+    revoked_closed: Counter
+    uplinks: Counter
+    uplink_refusals: Counter
+    uplink_bytes: Counter
 
     def __init__(
         self,
@@ -108,76 +188,14 @@ class Metrics:
         snapshot: Callable[[], Iterable[tuple[dict[str, str], Session]]],
         replica: str = "",
     ) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.connect_answers = Counter(
-            "kins_tunnel_connect_answers", "CONNECT answers by HTTP status", ["status"], registry=r
-        )
-        self.streams = Counter(
-            "kins_tunnel_streams", "Streams opened through the tunnel", registry=r
-        )
-        self.dial_failures = Counter(
-            "kins_tunnel_dial_failures", "Failed opens/dials by reason", ["reason"], registry=r
-        )
+        self.registry = r = CollectorRegistry()
+        for attr, name, help_text, labels in _COUNTERS:
+            setattr(self, attr, Counter(f"kins_tunnel_{name}", help_text, labels, registry=r))
         self.dial_seconds = Histogram(
             "kins_tunnel_dial_seconds",
             "Cloud: CONNECT until the stream is open; edge: dial of the target",
             registry=r,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-        )
-        self.handshake_failures = Counter(
-            "kins_tunnel_handshake_failures",
-            "Tunnel handshakes that failed, by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.relay_bytes = Counter(
-            "kins_tunnel_relay_bytes", "Bytes relayed by direction", ["direction"], registry=r
-        )
-        self.internal_errors = Counter(
-            "kins_tunnel_internal_errors",
-            "Unexpected exceptions (bugs) caught at a failure-isolation boundary; each ended one "
-            "connection or stream only",
-            ["where"],
-            registry=r,
-        )
-        self.authz_denials = Counter(
-            "kins_tunnel_authz_denials",
-            "CONNECTs refused by the authorization rules (403), by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.proxy_tls_failures = Counter(
-            "kins_tunnel_proxy_tls_failures",
-            "Failed TLS handshakes on the proxy's TLS listener, by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.alias_lookups = Counter(
-            "kins_tunnel_alias_lookups",
-            "DNS lookups of units' Service addresses (ClusterIP aliases), by result",
-            ["result"],
-            registry=r,
-        )
-        self.revoked_closed = Counter(
-            "kins_tunnel_revoked_tunnels_closed",
-            "Live edge tunnels closed because the edge was revoked",
-            registry=r,
-        )
-        self.uplinks = Counter(
-            "kins_tunnel_uplinks", "Uplink streams (edge to cloud-side target) opened", registry=r
-        )
-        self.uplink_refusals = Counter(
-            "kins_tunnel_uplink_refusals",
-            "Uplinks refused or failed before any byte moved, by reason (a bounded label)",
-            ["reason"],
-            registry=r,
-        )
-        self.uplink_bytes = Counter(
-            "kins_tunnel_uplink_bytes",
-            "Bytes relayed on uplinks: up (edge to target) or down (target to edge)",
-            ["direction"],
-            registry=r,
+            buckets=_DIAL_BUCKETS,
         )
         # Flow-control stalls are counted per tunnel by the session (SessionStatistics.stalls) and
         # exported by the live collector as kins_tunnel_flow_control_stalls_total.
