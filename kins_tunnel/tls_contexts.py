@@ -9,6 +9,7 @@ setting (``tls.ca``, ``tls.cert``, ``tls.key``, ``proxy.tls.*``).
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -105,3 +106,27 @@ def _load_identity(ctx: ssl.SSLContext, cert: Path, key: Path, section: str) -> 
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise UserError(f"{section}.cert: {cert}: rejected by OpenSSL: {exc}") from None
+
+
+# OpenSSL X509_V_ERR_* codes worth their own label in the failure metrics
+VERIFY_LABELS = {
+    9: "not_yet_valid",
+    10: "expired",
+    2: "unknown_ca",
+    18: "unknown_ca",
+    19: "unknown_ca",
+    20: "unknown_ca",
+    21: "unknown_ca",
+}
+
+
+def verify_label(cause: ssl.SSLCertVerificationError, default: str) -> str:
+    """The failure label of a certificate verification error (`VERIFY_LABELS`, else `default`)."""
+    return VERIFY_LABELS.get(cause.verify_code, default)
+
+
+def label_from_text(exc: BaseException, table: Sequence[tuple[str, str]], default: str) -> str:
+    """The label of the first key of `table` found in the text of `exc` (lower case, OpenSSL's
+    underscores read as spaces), else `default`: failure metrics get bounded labels, never text."""
+    text = str(exc).lower().replace("_", " ")  # OpenSSL reasons come as CERTIFICATE_VERIFY_FAILED
+    return next((label for key, label in table if key in text), default)

@@ -33,6 +33,7 @@ from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.config import ProxyTLS
 from kins_tunnel.httpanswer import send_and_linger
+from kins_tunnel.tls_contexts import label_from_text, verify_label
 from kins_tunnel.transport.isolation import ErrorReporter
 from kins_tunnel.transport.listen import serve_port, warn_unauthenticated
 
@@ -111,6 +112,19 @@ def principal_from_certificate(der: bytes) -> Principal:
     return Principal(facts.common_name, "cert", frozenset(facts.organizations))
 
 
+_HANDSHAKE_FAILURES = (  # text in the error -> label
+    ("certificate required", "no_certificate"),
+    ("peer did not return", "no_certificate"),
+    ("unknown ca", "unknown_ca"),
+    ("expired", "expired"),
+    ("http request", "not_tls"),
+    ("proxy request", "not_tls"),
+    ("wrong version", "not_tls"),
+    ("unsupported protocol", "old_tls"),
+    ("no shared cipher", "no_shared_cipher"),
+)
+
+
 def failure_label(exc: BaseException) -> str:
     """A short, bounded label for a failed proxy TLS handshake."""
     if isinstance(exc, trio.TooSlowError):
@@ -119,26 +133,14 @@ def failure_label(exc: BaseException) -> str:
         return "edge_certificate" if "edge certificate" in str(exc) else "no_principal"
     cause = exc.__cause__ or exc
     if isinstance(cause, ssl.SSLCertVerificationError):
-        return {10: "expired", 9: "not_yet_valid"}.get(cause.verify_code, "unknown_ca")
+        return verify_label(cause, "unknown_ca")
     text = str(cause).lower().replace("_", " ")
     if "alert" in text and any(
         k in text for k in ("bad certificate", "unknown ca", "certificate unknown")
     ):
         return "client_rejected_certificate"  # the client does not trust the proxy's certificate
-    for key, label in (
-        ("certificate required", "no_certificate"),
-        ("peer did not return", "no_certificate"),
-        ("unknown ca", "unknown_ca"),
-        ("expired", "expired"),
-        ("http request", "not_tls"),
-        ("proxy request", "not_tls"),
-        ("wrong version", "not_tls"),
-        ("unsupported protocol", "old_tls"),
-        ("no shared cipher", "no_shared_cipher"),
-    ):
-        if key in text:
-            return label
-    return "eof" if isinstance(cause, (ssl.SSLEOFError, trio.BrokenResourceError)) else "tls_error"
+    eof = isinstance(cause, (ssl.SSLEOFError, trio.BrokenResourceError))
+    return label_from_text(cause, _HANDSHAKE_FAILURES, "eof" if eof else "tls_error")
 
 
 class ProxyTLSListener:

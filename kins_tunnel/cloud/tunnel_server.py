@@ -30,6 +30,7 @@ from kins_tunnel.config import CloudConfig
 from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.proto import Connection, ErrorCode, Hello, Role
+from kins_tunnel.tls_contexts import label_from_text, verify_label
 from kins_tunnel.transport.listen import serve_port
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.tls import TLSSocket, TransportError
@@ -273,36 +274,23 @@ _SHED_DETAIL = {
     "slow": "shed: handshake slower than tunnel.slow_handshake while others waited",
 }
 
-# OpenSSL X509_V_ERR_* codes worth their own label
-_VERIFY_CODES = {
-    9: "not_yet_valid",
-    10: "expired",
-    2: "unknown_ca",
-    18: "unknown_ca",
-    19: "unknown_ca",
-    20: "unknown_ca",
-    21: "unknown_ca",
-}
+_HANDSHAKE_FAILURES = (  # text in the error -> label
+    ("certificate required", "no_certificate"),
+    ("no client certificate", "no_certificate"),
+    ("peer did not return a certificate", "no_certificate"),
+    ("unknown ca", "unknown_ca"),
+    ("certificate verify failed", "verify_failed"),
+    ("expired", "expired"),
+    ("wrong version", "not_tls"),
+    ("http request", "not_tls"),
+    ("kins uri", "no_identity"),
+    ("identity", "no_identity"),
+)
 
 
 def _reason_label(exc: BaseException) -> str:
     """A short, bounded label for a refused handshake (the handshake_failures metric)."""
     cause = exc.__cause__
     if isinstance(cause, ssl.SSLCertVerificationError):
-        return _VERIFY_CODES.get(cause.verify_code, "verify_failed")
-    t = str(exc).lower().replace("_", " ")  # OpenSSL reasons come as CERTIFICATE_VERIFY_FAILED
-    for key, label in (
-        ("certificate required", "no_certificate"),
-        ("no client certificate", "no_certificate"),
-        ("peer did not return a certificate", "no_certificate"),
-        ("unknown ca", "unknown_ca"),
-        ("certificate verify failed", "verify_failed"),
-        ("expired", "expired"),
-        ("wrong version", "not_tls"),
-        ("http request", "not_tls"),
-        ("kins uri", "no_identity"),
-        ("identity", "no_identity"),
-    ):
-        if key in t:
-            return label
-    return "tls_error"
+        return verify_label(cause, "verify_failed")
+    return label_from_text(exc, _HANDSHAKE_FAILURES, "tls_error")

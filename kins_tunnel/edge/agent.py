@@ -56,7 +56,7 @@ from kins_tunnel.errors import UserError
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import Address
 from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
-from kins_tunnel.tls_contexts import client_ssl_context
+from kins_tunnel.tls_contexts import client_ssl_context, label_from_text, verify_label
 from kins_tunnel.transport.http_proxy import ProxyDialer, ProxyError
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.tls import TransportError, connect_tls
@@ -76,6 +76,16 @@ class _Keeper:
     session: Session | None = None
 
 
+_SETUP_FAILURES = (  # text in the error -> label
+    ("cannot connect", "connect"),
+    ("certificate verify failed", "verify_failed"),
+    ("hostname mismatch", "verify_failed"),
+    ("unknown ca", "unknown_ca"),
+    ("certificate", "tls_error"),
+    ("tls handshake", "tls_error"),
+)
+
+
 def _failure_reason(exc: BaseException) -> str:
     """A short label for a failed tunnel set-up (the edge's handshake_failures metric)."""
     if isinstance(exc, trio.TooSlowError):
@@ -84,19 +94,8 @@ def _failure_reason(exc: BaseException) -> str:
         return "proxy"
     cause = exc.__cause__
     if isinstance(cause, ssl.SSLCertVerificationError):
-        return "expired" if cause.verify_code == 10 else "verify_failed"
-    text = str(exc).lower().replace("_", " ")  # OpenSSL reasons come as CERTIFICATE_VERIFY_FAILED
-    for key, label in (
-        ("cannot connect", "connect"),
-        ("certificate verify failed", "verify_failed"),
-        ("hostname mismatch", "verify_failed"),
-        ("unknown ca", "unknown_ca"),
-        ("certificate", "tls_error"),
-        ("tls handshake", "tls_error"),
-    ):
-        if key in text:
-            return label
-    return "protocol"
+        return "expired" if verify_label(cause, "") == "expired" else "verify_failed"
+    return label_from_text(exc, _SETUP_FAILURES, "protocol")
 
 
 def backoff_delay(
