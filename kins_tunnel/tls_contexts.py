@@ -3,7 +3,8 @@
 TLS 1.2 or later, forward-secret AEAD suites only (ECDSA first: every key we issue is ECDSA),
 no compression, strict X.509 checks; the tunnel's contexts require mutual authentication and
 announce the `ALPN_PROTOCOL`. Every problem with the files is a one-line `UserError` naming the
-setting (``tls.ca``, ``tls.cert``, ``tls.key``, ``proxy.tls.*``).
+setting (``tls.ca``, ``tls.cert``, ``tls.key``, ``proxy.tls.*``). `failure_label` turns a failed
+handshake into a bounded metric label.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
+import trio
 from cryptography.hazmat.primitives import serialization
 
 from kins_tunnel.certs import ALPN_PROTOCOL
@@ -120,13 +122,22 @@ VERIFY_LABELS = {
 }
 
 
-def verify_label(cause: ssl.SSLCertVerificationError, default: str) -> str:
-    """The failure label of a certificate verification error (`VERIFY_LABELS`, else `default`)."""
-    return VERIFY_LABELS.get(cause.verify_code, default)
-
-
-def label_from_text(exc: BaseException, table: Sequence[tuple[str, str]], default: str) -> str:
-    """The label of the first key of `table` found in the text of `exc` (lower case, OpenSSL's
-    underscores read as spaces), else `default`: failure metrics get bounded labels, never text."""
-    text = str(exc).lower().replace("_", " ")  # OpenSSL reasons come as CERTIFICATE_VERIFY_FAILED
+def failure_label(
+    exc: BaseException,
+    table: Sequence[tuple[str, str]],
+    *,
+    verify_default: str,
+    default: str,
+    text_of: BaseException | None = None,
+) -> str:
+    """A short, bounded label for a failed TLS set-up (a metric label, never the error's text):
+    "timeout" for a missed deadline; for a certificate the peer's chain failed verification, the
+    label of its OpenSSL code (`VERIFY_LABELS`, else `verify_default`); otherwise the label of the
+    first key of `table` found in the text of `text_of` (default: `exc`), else `default`."""
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    cause = exc.__cause__ or exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return VERIFY_LABELS.get(cause.verify_code, verify_default)
+    text = str(exc if text_of is None else text_of).lower().replace("_", " ")  # OpenSSL: A_B_C
     return next((label for key, label in table if key in text), default)

@@ -33,7 +33,7 @@ from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.config import ProxyTLS
 from kins_tunnel.httpanswer import send_and_linger
-from kins_tunnel.tls_contexts import label_from_text, verify_label
+from kins_tunnel.tls_contexts import failure_label
 from kins_tunnel.transport.isolation import ErrorReporter
 from kins_tunnel.transport.listen import serve_port, warn_unauthenticated
 
@@ -125,22 +125,24 @@ _HANDSHAKE_FAILURES = (  # text in the error -> label
 )
 
 
-def failure_label(exc: BaseException) -> str:
+def handshake_failure_label(exc: BaseException) -> str:
     """A short, bounded label for a failed proxy TLS handshake."""
-    if isinstance(exc, trio.TooSlowError):
-        return "timeout"
     if isinstance(exc, ValueError):
         return "edge_certificate" if "edge certificate" in str(exc) else "no_principal"
     cause = exc.__cause__ or exc
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return verify_label(cause, "unknown_ca")
     text = str(cause).lower().replace("_", " ")
     if "alert" in text and any(
         k in text for k in ("bad certificate", "unknown ca", "certificate unknown")
     ):
         return "client_rejected_certificate"  # the client does not trust the proxy's certificate
     eof = isinstance(cause, (ssl.SSLEOFError, trio.BrokenResourceError))
-    return label_from_text(cause, _HANDSHAKE_FAILURES, "eof" if eof else "tls_error")
+    return failure_label(
+        exc,
+        _HANDSHAKE_FAILURES,
+        verify_default="unknown_ca",
+        default="eof" if eof else "tls_error",
+        text_of=cause,
+    )
 
 
 class ProxyTLSListener:
@@ -233,7 +235,7 @@ class ProxyTLSListener:
             ValueError,
             OSError,
         ) as exc:
-            label = failure_label(exc)
+            label = handshake_failure_label(exc)
             if self._on_failure is not None:
                 self._on_failure(label)
             log.info(

@@ -30,7 +30,7 @@ from kins_tunnel.config import CloudConfig
 from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.proto import Connection, ErrorCode, Hello, Role
-from kins_tunnel.tls_contexts import label_from_text, verify_label
+from kins_tunnel.tls_contexts import failure_label
 from kins_tunnel.transport.listen import serve_port
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.tls import TLSSocket, TransportError
@@ -290,7 +290,6 @@ _HANDSHAKE_FAILURES = (  # text in the error -> label
 
 def _reason_label(exc: BaseException) -> str:
     """A short, bounded label for a refused handshake (the handshake_failures metric)."""
-    cause = exc.__cause__
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return verify_label(cause, "verify_failed")
-    return label_from_text(exc, _HANDSHAKE_FAILURES, "tls_error")
+    return failure_label(
+        exc, _HANDSHAKE_FAILURES, verify_default="verify_failed", default="tls_error"
+    )

@@ -56,7 +56,7 @@ from kins_tunnel.errors import UserError
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import Address
 from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
-from kins_tunnel.tls_contexts import client_ssl_context, label_from_text, verify_label
+from kins_tunnel.tls_contexts import client_ssl_context, failure_label
 from kins_tunnel.transport.http_proxy import ProxyDialer, ProxyError
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.tls import TransportError, connect_tls
@@ -88,14 +88,9 @@ _SETUP_FAILURES = (  # text in the error -> label
 
 def _failure_reason(exc: BaseException) -> str:
     """A short label for a failed tunnel set-up (the edge's handshake_failures metric)."""
-    if isinstance(exc, trio.TooSlowError):
-        return "timeout"
     if isinstance(exc, ProxyError):  # the site proxy refused or garbled its answer
         return "proxy"
-    cause = exc.__cause__
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return "expired" if verify_label(cause, "") == "expired" else "verify_failed"
-    return label_from_text(exc, _SETUP_FAILURES, "protocol")
+    return failure_label(exc, _SETUP_FAILURES, verify_default="verify_failed", default="protocol")
 
 
 def backoff_delay(
