@@ -7,10 +7,13 @@ secret is ever passed in (no tokens, no Proxy-Authorization).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import trio
 
@@ -48,6 +51,24 @@ class PlainFormatter(logging.Formatter):
         if extra:
             line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
         return line
+
+
+def record_fields(
+    record: Any, *, rename: Mapping[str, str] | None = None, not_logged_before: int = 0
+) -> dict[str, object]:
+    """The `extra` of the one log line of a dataclass `record` (a CONNECT, an uplink): its fields
+    in order, renamed by `rename`, those that are None left out; its `started` (trio time) becomes
+    `duration`; `not_logged_before` (lines a `LogBudget` dropped) is added when not 0."""
+    rename = rename or {}
+    fields: dict[str, object] = {}
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        if f.name != "started" and value is not None:
+            fields[rename.get(f.name, f.name)] = value
+    fields["duration"] = round(trio.current_time() - record.started, 6)
+    if not_logged_before:
+        fields["not_logged_before"] = not_logged_before
+    return fields
 
 
 def setup_logging(settings: LogSettings) -> None:

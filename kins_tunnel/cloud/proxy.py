@@ -37,6 +37,7 @@ from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.config import ProxySettings
 from kins_tunnel.errors import OpenFailed
 from kins_tunnel.httpanswer import ClientGone, ErrorAnswer, accept_connect, read_request, send_error
+from kins_tunnel.logs import record_fields
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import normalise_target
 from kins_tunnel.proto import ErrorCode, code_label
@@ -85,7 +86,7 @@ class ConnectRecord:
     target: str = ""  # as the client wrote it
     name: str = ""  # normalised routing name (after a ClusterIP alias rewrite)
     principal: str = ""  # who (Basic user, token name, certificate CN); "" if unauthenticated
-    via: str = ""  # how `name` came from an IP target: "static" or "discovered" alias
+    via: str | None = None  # how `name` came from an IP target: "static" or "discovered" alias
     unit: str = ""
     node: str = ""
     stream: int | None = None
@@ -95,24 +96,7 @@ class ConnectRecord:
     received: int = 0  # bytes edge -> client
 
     def emit(self) -> None:
-        fields = {
-            "client": self.client,
-            "replica": self.replica,
-            "principal": self.principal,
-            "target": self.target,
-            "normalised": self.name,
-            "unit": self.unit,
-            "node": self.node,
-            "status": self.status,
-            "outcome": self.outcome,
-            "sent": self.sent,
-            "received": self.received,
-            "duration": round(trio.current_time() - self.started, 6),
-        }
-        if self.stream is not None:
-            fields["stream"] = self.stream
-        if self.via:
-            fields["alias"] = self.via
+        fields = record_fields(self, rename={"name": "normalised", "via": "alias"})
         log.info("CONNECT done" if self.status == 200 else "CONNECT refused", extra=fields)
 
 

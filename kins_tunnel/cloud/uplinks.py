@@ -31,7 +31,7 @@ import trio
 from kins_tunnel.certs import EdgeIdentity
 from kins_tunnel.dial import dial_first
 from kins_tunnel.errors import OpenFailed
-from kins_tunnel.logs import LogBudget
+from kins_tunnel.logs import LogBudget, record_fields
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import Address, normalise_target
 from kins_tunnel.proto import ErrorCode, LocalProtocolError, code_label
@@ -68,22 +68,7 @@ class UplinkRecord:
     received: int = 0  # bytes target -> edge
 
     def emit(self, not_logged_before: int = 0) -> None:
-        fields: dict[str, object] = {
-            "unit": self.unit,
-            "node": self.node,
-            "peer": self.peer,
-            "replica": self.replica,
-            "stream": self.stream,
-            "target": self.target,
-            "normalised": self.normalised,
-            "status": self.status,
-            "outcome": self.outcome,
-            "sent": self.sent,
-            "received": self.received,
-            "duration": round(trio.current_time() - self.started, 6),
-        }
-        if not_logged_before:
-            fields["not_logged_before"] = not_logged_before
+        fields = record_fields(self, not_logged_before=not_logged_before)
         log.info("uplink done" if self.status == "ok" else "uplink refused", extra=fields)
 
 

@@ -38,7 +38,7 @@ import trio
 from kins_tunnel.config import EdgeConfig
 from kins_tunnel.errors import OpenFailed, UserError
 from kins_tunnel.httpanswer import ClientGone, ErrorAnswer, accept_connect, read_request, send_error
-from kins_tunnel.logs import LogBudget
+from kins_tunnel.logs import LogBudget, record_fields
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import Address, normalise_target
 from kins_tunnel.proto import ErrorCode, code_label
@@ -92,23 +92,9 @@ class UplinkRecord:
     received: int = 0  # bytes cloud -> client
 
     def emit(self, not_logged_before: int = 0) -> None:
-        fields: dict[str, object] = {
-            "listen": self.listen,
-            "client": self.client,
-            "target": self.target,
-            "cloud": self.cloud,
-            "status": self.status or "cancel",
-            "outcome": self.outcome or "ended",
-            "sent": self.sent,
-            "received": self.received,
-            "duration": round(trio.current_time() - self.started, 6),
-        }
-        if self.stream is not None:
-            fields["stream"] = self.stream
-        if self.answer is not None:
-            fields["answer"] = self.answer
-        if not_logged_before:
-            fields["not_logged_before"] = not_logged_before
+        fields = record_fields(self, not_logged_before=not_logged_before)
+        fields["status"] = self.status or "cancel"
+        fields["outcome"] = self.outcome or "ended"
         log.info("uplink done" if self.status == "ok" else "uplink refused", extra=fields)
 
 
