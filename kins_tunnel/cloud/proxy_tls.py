@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import trio
@@ -145,31 +146,22 @@ def handshake_failure_label(exc: BaseException) -> str:
     )
 
 
+@dataclass(eq=False)
 class ProxyTLSListener:
     """Accepts TLS clients and passes each, as a `TLSClientStream`, to `handler`."""
 
-    def __init__(
-        self,
-        settings: ProxyTLS,
-        context: ReloadingContext,
-        handshake_timeout: float,
-        handler: Callable[[TLSClientStream], Awaitable[Any]],
-        report: ErrorReporter,
-        on_failure: Callable[[str], object] | None = None,
-        *,
-        authenticated: bool = True,
-        max_handshakes: int = 10000,
-    ) -> None:
-        self.settings = settings
-        self.max_handshakes = max_handshakes  # TLS handshakes in progress at once; beyond: closed
-        self.handshaking = 0
-        self.report = report
-        self.authenticated = authenticated
-        self.tls = context
-        self.handshake_timeout = handshake_timeout
-        self.handler = handler
-        self._on_failure = on_failure
-        self.listener_scope = trio.CancelScope()  # cancelled to stop accepting (drain)
+    settings: ProxyTLS
+    tls: ReloadingContext
+    handshake_timeout: float
+    handler: Callable[[TLSClientStream], Awaitable[Any]]
+    report: ErrorReporter
+    on_failure: Callable[[str], object] | None = None  # with a failure label
+    _: KW_ONLY
+    authenticated: bool = True
+    max_handshakes: int = 10000  # TLS handshakes in progress at once; beyond: closed
+    handshaking: int = field(default=0, init=False)
+    # cancelled to stop accepting (drain)
+    listener_scope: trio.CancelScope = field(default_factory=trio.CancelScope, init=False)
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listen = self.settings.listen
@@ -202,8 +194,8 @@ class ProxyTLSListener:
         except OSError:
             client = "?"
         if self.handshaking >= self.max_handshakes:
-            if self._on_failure is not None:
-                self._on_failure("too_many")
+            if self.on_failure is not None:
+                self.on_failure("too_many")
             log.info(
                 "proxy TLS handshake refused",
                 extra={
@@ -236,8 +228,8 @@ class ProxyTLSListener:
             OSError,
         ) as exc:
             label = handshake_failure_label(exc)
-            if self._on_failure is not None:
-                self._on_failure(label)
+            if self.on_failure is not None:
+                self.on_failure(label)
             log.info(
                 "proxy TLS handshake failed",
                 extra={
