@@ -45,6 +45,7 @@ MIN_FRAME = 16 * 1024
 MAX_STREAMS_LIMIT = 65536
 MAX_TARGET_LEN_LIMIT = 4096
 MAX_NAMES_LIMIT = 4096
+MAX_SESSION_BUDGET = 1 << 40  # bytes of receive buffering a session may grant in all
 MAX_NAME_LEN = 512  # bytes of one advertised name
 MAX_AGENT_LEN = 200  # characters of the peer's agent string kept
 
@@ -76,7 +77,7 @@ class MuxConfig:
             (
                 "session_budget",
                 (self.initial_window, f"initial_window ({self.initial_window})"),
-                1 << 40,
+                MAX_SESSION_BUDGET,
             ),
             ("max_streams", (1, "1"), MAX_STREAMS_LIMIT),
             ("max_frame", (MIN_FRAME, "16384 (16 KiB)"), MAX_PAYLOAD_LIMIT),
