@@ -28,6 +28,7 @@ import trio.lowlevel
 
 from kins_tunnel.certs import init_ca, issue_edge
 from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
+from kins_tunnel.testing.support import free_port, rss_kib
 from kins_tunnel.tls_contexts import client_ssl_context
 
 
@@ -91,30 +92,13 @@ def _metric(admin: int, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def _free_port() -> int:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p: int = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="kins-scale-") as tmp:
         base = Path(tmp)
         certs = base / "certs"
         init_ca(certs)
         issue_edge(certs, "scale", "edge1")
-        tport, pport, aport = _free_port(), _free_port(), _free_port()
+        tport, pport, aport = free_port(), free_port(), free_port()
         (base / "cloud.yaml").write_text(
             json.dumps(
                 {
@@ -154,7 +138,7 @@ def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
                     if time.monotonic() > deadline:
                         raise RuntimeError("cloud did not start") from None
                     time.sleep(0.1)
-            rss_before = _rss_mib(cloud.pid)
+            rss_before = rss_kib(cloud.pid) / 1024
             per = [edges // workers + (1 if i < edges % workers else 0) for i in range(workers)]
             t0 = time.monotonic()
             reports = [base / f"worker-{i}.count" for i in range(len(per))]
@@ -191,7 +175,7 @@ def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
             accept_s = time.monotonic() - t0
             time.sleep(2)
             seen = _metric(aport, "kins_tunnel_tunnels")
-            rss = _rss_mib(cloud.pid)
+            rss = rss_kib(cloud.pid) / 1024
             return {
                 "edges": seen,
                 "handshakes_retried": retries,
