@@ -11,10 +11,12 @@ setup:
 setup-system:
 	bash .ci/system-packages
 
-# Two workers (2 cores), each running whole test files; `-p no:benchmark` keeps a pytest-benchmark
+# Two workers (2 cores), each running whole test files, in collection order (tests/conftest.py puts
+# the files with long tests first, so that none is left running alone at the end; xdist's default
+# order, by number of tests per file, started them last); `-p no:benchmark` keeps a pytest-benchmark
 # that may be installed on the machine from refusing to run under xdist.
 test: setup setup-system
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile -p no:benchmark
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -p no:benchmark
 
 demo: setup
 	$(PYTHON) -m kins_tunnel demo

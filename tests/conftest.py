@@ -1,4 +1,5 @@
-"""Shared fixtures: a leak check around every test (open file descriptors back to baseline)."""
+"""Shared fixtures: a leak check around every test (open file descriptors back to baseline);
+and the order in which the test files are handed to the workers (long files first)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,14 @@ def no_leaked_fds() -> Iterator[None]:
             return
         time.sleep(0.02)
     pytest.fail(f"leaked file descriptors: {sorted(leaked)}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files that hold a `slow` test run first, the rest in collection order.
+
+    `make test` hands whole files to two workers (`--dist loadfile --no-loadscope-reorder`): a
+    long file started last would leave one worker running it alone at the end."""
+    slow_files = {
+        item.nodeid.split("::", 1)[0] for item in items if item.get_closest_marker("slow")
+    }
+    items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in slow_files)
