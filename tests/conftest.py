@@ -1,5 +1,5 @@
-"""Shared fixtures: a leak check around every test (open file descriptors back to baseline);
-and the order in which the test files are handed to the workers (long files first)."""
+"""Shared fixtures: a leak check around every test (open file descriptors back to baseline), trio's
+virtual clock for in-process tests of our timers; and the order in which the test files are handed to the workers (long files first)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import trio.testing
 
 
 def _fds() -> set[str]:
@@ -19,6 +20,17 @@ def _fds() -> set[str]:
         except OSError:
             pass
     return out
+
+
+@pytest.fixture
+def virtual_clock() -> trio.testing.MockClock:
+    """trio's virtual clock for a test that asks for it (pytest-trio runs the test on it).
+
+    It jumps to the next deadline once every task has waited 10 ms of real time, so real loopback
+    I/O and worker threads complete first, and a timer of ours fires exactly when configured: the
+    bounds are exact and do not depend on how loaded the machine is (trio's `autojump_clock`, with
+    no threshold, would jump while a worker thread is still busy)."""
+    return trio.testing.MockClock(autojump_threshold=0.01)
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from typing import Any
 import h11
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -275,18 +276,23 @@ async def test_plain_pod_list_without_table_accept(client: Client) -> None:
     assert all(p["status"]["phase"] == "Running" for p in pods["items"])
 
 
-async def test_watch_honours_timeout_seconds_and_keeps_the_connection(client: Client) -> None:
+async def test_watch_honours_timeout_seconds_and_keeps_the_connection(
+    client: Client, virtual_clock: trio.testing.MockClock
+) -> None:
+    """On the virtual clock: the watch ends exactly at timeoutSeconds, with one MODIFIED event per
+    `interval` (0.2 s) before it."""
     with trio.fail_after(10):
         start = trio.current_time()
         status, headers, body = await client.request(
             "/api/v1/namespaces/default/pods?watch=true&timeoutSeconds=1"
         )
-        assert 0.9 < trio.current_time() - start < 5
+        took = trio.current_time() - start
+        assert 1.0 <= took <= 1.05, took
         assert headers.get("transfer-encoding") == "chunked"
         events = [json.loads(line) for line in body.splitlines()]
         assert [e["type"] for e in events[:3]] == ["ADDED"] * 3
         assert {e["type"] for e in events[3:]} == {"MODIFIED"}
-        assert len(events) >= 5
+        assert 5 <= len(events) <= 3 + 5, len(events)  # 3 ADDED, then 4 or 5 ticks of 0.2 s
         status, _, _ = await client.request("/version")  # same connection, still usable
         assert status == 200
 

@@ -18,11 +18,6 @@ import trio.testing
 from tests.e2e.harness import SVC, connect, hanging_listener, serve_echo, slowloris, tunnel_env
 
 
-@pytest.fixture
-def virtual_clock() -> trio.testing.MockClock:
-    return trio.testing.MockClock(autojump_threshold=0.01)
-
-
 async def test_header_slowloris_gets_408_exactly_at_the_deadline(
     tmp_path: Path, virtual_clock: trio.testing.MockClock
 ) -> None:

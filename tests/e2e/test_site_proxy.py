@@ -217,12 +217,6 @@ async def test_edge_through_tinyproxy_with_credentials(tmp_path: Path) -> None:
         n.cancel_scope.cancel()
 
 
-@pytest.fixture
-def virtual_clock() -> trio.testing.MockClock:
-    """trio's virtual clock, jumping ahead after 10 ms of real idleness (as in test_deadlines.py)."""
-    return trio.testing.MockClock(autojump_threshold=0.01)
-
-
 async def test_silent_proxy_is_a_timeout_at_handshake_timeout(
     tmp_path: Path, virtual_clock: trio.testing.MockClock
 ) -> None:
