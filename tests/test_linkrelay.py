@@ -3,7 +3,6 @@ order and half-close kept (on trio's virtual clock: the delays are exact)."""
 
 from __future__ import annotations
 
-import pytest
 import trio
 import trio.testing
 
