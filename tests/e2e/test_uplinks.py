@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from kins_tunnel.edge.agent import Edge
 from kins_tunnel.proto import ErrorCode
@@ -283,7 +284,11 @@ async def test_the_cloud_dials_only_what_it_allows_the_edges_unit(
     assert sorted(fields(r)["status"] for r in edge_lines) == ["not_allowed"] * 4 + ["ok"] * 3
 
 
-async def test_failed_dials_in_the_cloud_reach_the_edge_as_their_codes(tmp_path: Path) -> None:
+async def test_failed_dials_in_the_cloud_reach_the_edge_as_their_codes(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """On the virtual clock: the dial to a target that drops SYNs ends exactly at
+    uplink_dial_timeout."""
     closed = free_port()  # nothing listens: refused
     with hanging_listener() as hanging:  # SYNs dropped: no answer in time
         async with trio.open_nursery() as n:
@@ -300,7 +305,8 @@ async def test_failed_dials_in_the_cloud_reach_the_edge_as_their_codes(tmp_path:
                 assert await refused_locally(listener(edge, "127.0.0.1:0")) == "reset"
                 t0 = trio.current_time()
                 assert await refused_locally(listener(edge, "127.0.0.2:0")) == "reset"
-                assert trio.current_time() - t0 >= 0.5  # the cloud's dial deadline, then TIMEOUT
+                took = trio.current_time() - t0
+                assert 0.5 <= took <= 0.5 + 0.05, took  # the cloud's dial deadline, then TIMEOUT
                 m = await metrics_of(env.ports.admin)
                 assert metric(m, "kins_tunnel_uplink_refusals_total", reason="refused") == 1
                 assert metric(m, "kins_tunnel_uplink_refusals_total", reason="timeout") == 1
@@ -480,8 +486,9 @@ async def test_open_results_for_a_raw_edge_follow_the_rules(
 
 
 async def test_a_flood_of_refused_uplinks_is_counted_in_full_and_logged_within_a_budget(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, virtual_clock: trio.testing.MockClock
 ) -> None:
+    """On the virtual clock: the log budget's second is exact (and the wait for a new one free)."""
     caplog.set_level(logging.INFO, logger="kins_tunnel")
     async with tunnel_env(tmp_path, uplinks={"fuzz": ["127.0.0.1:9"]}) as env:
         peer = await raw_edge(env.ports.tunnel, env.certs)
