@@ -29,7 +29,7 @@ from kins_tunnel.cloud.server import Cloud, CloudPorts
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
 from kins_tunnel.logs import JSONFormatter
-from kins_tunnel.testing.support import echo_roundtrip, free_port, http_get, read_all
+from kins_tunnel.testing.support import echo_roundtrip, free_port, http_get, metric_value, read_all
 from kins_tunnel.testing.support import wait_until as wait_for
 from tests.e2e.harness import (
     SVC,
@@ -244,7 +244,12 @@ async def test_edge_counts_failed_tunnel_setups_by_reason(tmp_path: Path) -> Non
     certs = make_certs(tmp_path)
     async with trio.open_nursery() as n:
         edge, admin = await start_edge(n, tmp_path, certs, [free_port()], {SVC: "127.0.0.1:1"})
-        await wait_for(lambda: edge.metrics.handshake_failures.labels("connect")._value.get() >= 2)
+        await wait_for(
+            lambda: (
+                metric_value(edge.metrics, "kins_tunnel_handshake_failures_total", reason="connect")
+                >= 2
+            )
+        )
         code, body = await http_get(admin, "/metrics")
         assert value(samples(body), "kins_tunnel_handshake_failures_total", reason="connect") >= 2
         n.cancel_scope.cancel()

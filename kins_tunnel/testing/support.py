@@ -7,6 +7,7 @@
 - `http_get`: one GET to a loopback port (admin endpoints).
 - `read_all`, `echo_roundtrip`: read a stream to its end; send bytes and expect them back.
 - `wait_until`: poll a condition under a deadline.
+- `metric_value`: one sample of a process's Prometheus registry (what its /metrics would show).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
+
+from kins_tunnel.metrics import Metrics
 
 DEFAULT_TIMEOUT = 5.0
 
@@ -117,10 +120,18 @@ async def wait_until(
         await trio.sleep(interval)
 
 
+def metric_value(metrics: Metrics, name: str, **labels: str) -> float:
+    """The sample `name{labels}` of a cloud's or edge's metrics (0 if it has none yet), read
+    through the registry as /metrics renders it (`name` with its `_total` suffix for counters)."""
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
 __all__ = [
     "echo_roundtrip",
     "free_port",
     "http_get",
+    "metric_value",
     "read_all",
     "rss_kib",
     "self_rss",

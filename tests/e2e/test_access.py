@@ -32,7 +32,7 @@ import yaml
 from kins_tunnel.certs import init_ca, issue_edge, issue_user
 from kins_tunnel.kubeconfig import rewrite_kubeconfig
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
-from kins_tunnel.testing.support import echo_roundtrip, http_get
+from kins_tunnel.testing.support import echo_roundtrip, http_get, metric_value
 from kins_tunnel.testing.support import wait_until as wait_for
 from tests.e2e.harness import SVC, connect, make_certs, serve_echo, tunnel_env, wait_routed
 from tests.e2e.sshd import HAVE_SSH, USER, Sshd, throwaway_sshd
@@ -161,7 +161,8 @@ async def test_kubectl_whose_server_is_a_cluster_ip(tmp_path: Path) -> None:
                 r = await kubectl(kc, "get", "pods", home=home)
                 assert r.returncode == 0, r.stderr
                 assert b"test-server-kins" in r.stdout
-            streams = env.cloud.metrics.streams._value.get()
+            streams = metric_value(env.cloud.metrics, "kins_tunnel_streams_total")
+            assert streams > 0  # the gets above went through the tunnel
             kc = tmp_path / "kc-unknown"
             kc.write_text(
                 rewrite_kubeconfig(seed, unit="test", proxy_url=proxy, service_ip="10.96.0.77")
@@ -169,7 +170,9 @@ async def test_kubectl_whose_server_is_a_cluster_ip(tmp_path: Path) -> None:
             r = await kubectl(kc, "get", "pods", "--request-timeout=5s", home=home)
             assert r.returncode != 0
             assert b"Service Unavailable" in r.stderr, r.stderr
-            assert env.cloud.metrics.streams._value.get() == streams  # nothing was dialled
+            assert (
+                metric_value(env.cloud.metrics, "kins_tunnel_streams_total") == streams
+            )  # nothing was dialled
             _, metrics = await http_get(env.ports.admin, "/metrics")
             assert metric(metrics, "kins_tunnel_dial_failures_total", reason="no_alias") >= 1
             assert metric(metrics, "kins_tunnel_alias_lookups_total", result="ok") == 1
@@ -548,7 +551,12 @@ async def test_revocation_closes_a_live_tunnel_and_refuses_the_edge(tmp_path: Pa
             assert closed_after < 5
             # the edge keeps trying; every handshake is refused and counted
             await wait_for(
-                lambda: env.cloud.metrics.handshake_failures.labels("revoked")._value.get() >= 2
+                lambda: (
+                    metric_value(
+                        env.cloud.metrics, "kins_tunnel_handshake_failures_total", reason="revoked"
+                    )
+                    >= 2
+                )
             )
             assert len(env.cloud.registry) == 0
             status, _, s = await connect(env.ports.proxy, SVC)

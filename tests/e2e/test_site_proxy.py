@@ -28,6 +28,7 @@ import trio
 import trio.testing
 
 from kins_tunnel.edge.agent import Edge
+from kins_tunnel.testing.support import metric_value
 from tests.e2e.faultkit import (
     connect_status,
     edge_status,
@@ -160,7 +161,7 @@ async def echo_through(proxy_port: int, target: str = SVC) -> None:
 
 
 def failures(edge: Edge, reason: str) -> float:
-    return float(edge.metrics.handshake_failures.labels(reason)._value.get())
+    return metric_value(edge.metrics, "kins_tunnel_handshake_failures_total", reason=reason)
 
 
 @needs_tinyproxy
