@@ -6,10 +6,15 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import trio
 
+from kins_tunnel.dial import dial_first
+from kins_tunnel.edge import forwarder
+from kins_tunnel.names import Address
 from kins_tunnel.testing.support import free_port, read_all
 from tests.e2e.harness import SVC, connect, hanging_listener, serve_digest, serve_echo, tunnel_env
 
@@ -229,9 +234,20 @@ async def test_target_reset_mid_stream_resets_the_client(tmp_path: Path) -> None
         n.cancel_scope.cancel()
 
 
-async def test_service_with_several_addresses_fails_over(tmp_path: Path) -> None:
+async def test_service_with_several_addresses_fails_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An L5 unit: three K3s servers behind one name; dead ones are skipped, the live one is used."""
     dead1, dead2 = free_port(), free_port()
+    orders: list[list[str]] = []  # the order in which the edge tries the addresses, dial by dial
+
+    async def recording_dial_first(
+        addrs: Sequence[Address], timeout: float
+    ) -> tuple[trio.SocketStream, Address]:
+        orders.append([f"{a.host}:{a.port}" for a in addrs])
+        return await dial_first(addrs, timeout)
+
+    monkeypatch.setattr(forwarder, "dial_first", recording_dial_first)
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
         addrs = [f"127.0.0.1:{dead1}", f"127.0.0.1:{echo}", f"127.0.0.1:{dead2}"]
@@ -243,7 +259,7 @@ async def test_service_with_several_addresses_fails_over(tmp_path: Path) -> None
                     await s.send_all(b"hello")
                     assert await s.receive_some(10) == b"hello"
             # the forwarder now starts with the address that worked
-            assert env.edges[0].forwarder._preferred[SVC] == 1
+            assert [order[0] for order in orders] == [addrs[0], addrs[1], addrs[1]], orders
         async with tunnel_env(
             tmp_path / "all-dead", {SVC: [f"127.0.0.1:{dead1}", f"127.0.0.1:{dead2}"]}
         ) as env:

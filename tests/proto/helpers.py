@@ -72,9 +72,10 @@ def check_invariants(conn: Connection) -> None:
         s.recv.check_invariant()
         total += s.recv.size
         assert s.send_credit >= 0
-    assert total == conn._budget.granted  # noqa: SLF001
+    granted = conn.statistics().granted
+    assert total == granted
     floor_streams = conn.config.max_streams + conn._peer.max_streams  # noqa: SLF001
-    assert conn._budget.granted <= conn.config.session_budget + floor_streams * MIN_WINDOW  # noqa: SLF001
+    assert granted <= conn.config.session_budget + floor_streams * MIN_WINDOW
     assert conn._streams.remote_open <= conn.config.max_streams  # noqa: SLF001
     assert conn._streams.local_open <= max(conn._peer.max_streams, 0) or not streams  # noqa: SLF001
 

@@ -64,10 +64,11 @@ async def stream_factory(tmp: Path) -> AsyncIterator[tuple[object, object]]:
             # Each side's whole window is spent on bytes nobody reads (both ways: the checks also
             # run with the pair flipped), so send_all blocks until the other side receives.
             s, r = await pair(SMALL)
+            cloud, edge = sessions[-2:]  # s is the cloud's end, r the edge's
             filler = b"f" * (16 * 1024)
-            for a in (s, r):
+            for a, session in ((s, cloud), (r, edge)):
                 await a.send_all(filler)
-                while a._io.send_window(a.stream_id):  # noqa: SLF001 - test-only look at the credit
+                while session.conn.send_window(a.stream_id):
                     await trio.lowlevel.checkpoint()
             return s, r
 
