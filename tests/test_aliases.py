@@ -7,6 +7,7 @@ import trio
 
 from kins_tunnel.cloud.aliases import AliasTable, NoAlias, Rewrite, dns_resolver, service_host
 from kins_tunnel.config import AliasDiscovery
+from kins_tunnel.testing.support import wait_until
 
 
 class TableResolver:
@@ -49,9 +50,7 @@ async def test_discovery_on_connect_and_interval_keeps_entries_on_failure() -> N
     units = {"a"}
     async with trio.open_nursery() as nursery:
         nursery.start_soon(table.run, lambda: units)
-        with trio.fail_after(10):
-            while not seen:
-                await trio.sleep(0.005)
+        await wait_until(lambda: bool(seen), 10, "a first change")
         assert table.rewrite("10.96.0.10:443") == Rewrite(
             "a-svc-kins.kins-system:443", "discovered"
         )
@@ -59,17 +58,13 @@ async def test_discovery_on_connect_and_interval_keeps_entries_on_failure() -> N
         # the resolver fails: the previous entries stay
         dns.fail = True
         n = len(seen)
-        with trio.fail_after(10):
-            while seen.count("failed") < 2:
-                await trio.sleep(0.005)
+        await wait_until(lambda: seen.count("failed") >= 2, 10, "two failed lookups")
         assert len(seen) > n
         assert table.rewrite("10.96.0.10:443").name == "a-svc-kins.kins-system:443"
         # a new ClusterIP replaces the old one
         dns.fail = False
         dns.answers[A_HOST] = ["10.96.0.11"]
-        with trio.fail_after(10):
-            while "10.96.0.11:*" not in table.entries():
-                await trio.sleep(0.005)
+        await wait_until(lambda: "10.96.0.11:*" in table.entries(), 10, "10.96.0.11 in the table")
         with pytest.raises(NoAlias):
             table.rewrite("10.96.0.10:443")
         nursery.cancel_scope.cancel()
@@ -87,9 +82,11 @@ async def test_a_unit_that_connects_is_looked_up_at_once() -> None:
         assert dns.asked == []  # nobody connected, hour-long interval: no lookups
         units.add("b")
         table.unit_connected("b")
-        with trio.fail_after(5):  # well before the interval
-            while "[fd00::5]:*" not in table.entries():
-                await trio.sleep(0.005)
+        await wait_until(
+            lambda: "[fd00::5]:*" in table.entries(),
+            5,
+            "[fd00::5] in the table, well before the interval",
+        )
         assert dns.asked == ["b-svc-kins.kins-system.svc.corp.example."]
         assert table.rewrite("[fd00::5]:443").name == "b-svc-kins.kins-system:443"
         assert table.rewrite("10.1.2.3:443") == Rewrite("edge9:443", "static")  # static wins

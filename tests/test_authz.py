@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from kins_tunnel.cloud.authz import NO_RULE, NOT_ALLOWED, Authorizer, classify, 
 from kins_tunnel.config import ProxyAuth
 from kins_tunnel.errors import UserError
 from kins_tunnel.filewatch import WatchedFile
+from kins_tunnel.testing.support import wait_until
 
 A_SVC = "a-svc-kins.kins-system:443"
 B_SVC = "b-svc-kins.kins-system:443"
@@ -228,10 +230,8 @@ async def test_rules_are_reread_and_a_broken_version_keeps_the_previous(
     authz = Authorizer(f)
     assert authz.check(p("alice"), A_SVC) is None and authz.check(p("alice"), B_SVC) == NOT_ALLOWED
 
-    async def until(cond: object) -> None:
-        with trio.fail_after(10):
-            while not cond():  # type: ignore[operator]
-                await trio.sleep(0.01)
+    async def until(cond: Callable[[], bool]) -> None:
+        await wait_until(cond, 10, "the condition")
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(authz.watch, 0.02)
@@ -274,8 +274,6 @@ async def test_watched_file_reads_off_the_event_loop(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(w.watch, 0.01, seen.append)
         _replace(f, "2")
-        with trio.fail_after(10):
-            while not seen:
-                await trio.sleep(0.01)
+        await wait_until(lambda: bool(seen), 10, "a first change")
         nursery.cancel_scope.cancel()
     assert seen == [2] and w.value == 2

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from kins_tunnel.certs import CertFacts, cert_facts, init_ca, issue_edge
 from kins_tunnel.cloud.expiry import CertificateExpiry, parse_cert_file
+from kins_tunnel.testing.support import wait_until
 
 
 def facts_of(crt: Path) -> CertFacts:
@@ -90,9 +91,7 @@ async def test_rotated_cloud_certificate_is_picked_up(tmp_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(expiry.run, 3600.0, 0.01)
         init_ca(tmp_path, cloud_days=800)  # re-issues cloud.crt (renamed over the old file)
-        with trio.fail_after(10):
-            while expiry.series()[0][3] == first:
-                await trio.sleep(0.01)
+        await wait_until(lambda: expiry.series()[0][3] != first, 10, "the expiry series changes")
         nursery.cancel_scope.cancel()
     left = int(expiry.status_entries()[0]["expiry_seconds"])  # type: ignore[call-overload]
     assert left > 700 * 86400

@@ -16,6 +16,7 @@ from kins_tunnel.cloud.proxy_tls import ProxyTLSListener, TLSClientStream
 from kins_tunnel.config import ProxyTLS
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address
+from kins_tunnel.testing.support import wait_until
 from kins_tunnel.tls_contexts import proxy_server_ssl_context
 
 
@@ -126,9 +127,7 @@ async def test_client_certificate_is_the_principal(tmp_path: Path) -> None:
         assert b"HTTP" not in answer and len(answer) < 10
         await tcp.aclose()
         idle = await trio.open_tcp_stream("127.0.0.1", port)
-        with trio.fail_after(5):
-            while len(failures) < 5:
-                await trio.sleep(0.01)
+        await wait_until(lambda: len(failures) >= 5, 5, "five failed handshakes")
         await idle.aclose()
         n.cancel_scope.cancel()
     assert len(seen) == 1
@@ -216,17 +215,13 @@ async def test_handshakes_in_progress_are_bounded(tmp_path: Path) -> None:
     async with trio.open_nursery() as n:
         port = await n.start(listener.serve)
         idle = await trio.open_tcp_stream("127.0.0.1", port)  # holds the one handshake slot
-        with trio.fail_after(5):
-            while listener.handshaking == 0:
-                await trio.sleep(0.01)
+        await wait_until(lambda: listener.handshaking > 0, 5, "a handshake in progress")
         second = await trio.open_tcp_stream("127.0.0.1", port)
         with trio.fail_after(5):
             assert await second.receive_some(10) == b""  # closed at once
         await second.aclose()
         assert failures == ["too_many"]
         await idle.aclose()
-        with trio.fail_after(5):  # the slot is free again
-            while listener.handshaking:
-                await trio.sleep(0.01)
+        await wait_until(lambda: not listener.handshaking, 5, "the slot is free again")
         assert await talk(port, client_context(tmp_path)) == b"hello x from -"
         n.cancel_scope.cancel()

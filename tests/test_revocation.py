@@ -11,6 +11,7 @@ import trio
 from kins_tunnel.certs import EdgeIdentity, cert_facts, init_ca, issue_edge
 from kins_tunnel.cloud.revocation import Revocation, RevokedList, parse_revoked
 from kins_tunnel.errors import UserError
+from kins_tunnel.testing.support import wait_until
 
 E1 = EdgeIdentity("test", "edge1")
 
@@ -74,14 +75,10 @@ async def test_reread_on_change_and_broken_file_keeps_the_list(tmp_path: Path) -
         assert rev.reason(E1, 7) is None
         (tmp_path / "new").write_text("test/edge1\n")
         os.replace(tmp_path / "new", f)
-        with trio.fail_after(10):
-            while not changes:
-                await trio.sleep(0.005)
+        await wait_until(lambda: bool(changes), 10, "a change reported")
         assert rev.reason(E1, 7) == "edge identity test/edge1 is revoked"
         (tmp_path / "new").write_text("test/edge1\nnot an entry\n")
         os.replace(tmp_path / "new", f)
-        with trio.fail_after(10):
-            while rev.file.failures == 0:
-                await trio.sleep(0.005)
+        await wait_until(lambda: rev.file.failures > 0, 10, "a failed re-read counted")
         assert rev.reason(E1, 7) is not None and len(changes) == 1
         nursery.cancel_scope.cancel()

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 import socket
 from collections.abc import Awaitable, Callable
@@ -111,7 +112,7 @@ async def wait_until(
     t0 = trio.current_time()
     while True:
         result = pred()
-        if not isinstance(result, bool):
+        if inspect.isawaitable(result):
             result = await result
         if result:
             return trio.current_time() - t0

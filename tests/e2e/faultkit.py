@@ -8,6 +8,7 @@ failed), so a failing assertion never leaves a tunnel running.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ import trio
 
 from kins_tunnel.testing.linkrelay import LinkRelay
 from kins_tunnel.testing.support import free_port, http_get, read_all
+from kins_tunnel.testing.support import wait_until as support_wait_until
 from tests.e2e.harness import (
     cloud_dict,
     echo_bytes,
@@ -93,11 +95,10 @@ class Proc:
             self.popen.wait(10)
 
     async def wait_exit(self, timeout: float) -> int:
-        assert self.popen is not None
-        with trio.fail_after(timeout):
-            while self.popen.poll() is None:
-                await trio.sleep(0.02)
-        return self.popen.returncode
+        popen = self.popen
+        assert popen is not None
+        await support_wait_until(lambda: popen.poll() is not None, timeout, f"{self.name} exits")
+        return popen.returncode
 
     def tail(self, lines: int = 40) -> str:
         try:
@@ -231,21 +232,21 @@ async def edge_status(edge: EdgeProc) -> dict[str, Any]:
 
 
 async def wait_until(
-    pred: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.02
+    pred: Callable[[], bool | Awaitable[bool]], timeout: float, what: str, interval: float = 0.02
 ) -> float:
-    """Poll `pred` until true; returns the seconds it took. Fails the test after `timeout`."""
-    t0 = time.monotonic()
-    while True:
+    """`support.wait_until` for process tests: every watched process must stay alive meanwhile, and
+    a network error while asking (the process is not listening yet) counts as not yet."""
+
+    async def check() -> bool:
         for p in list(_WATCHED):
             p.check_alive()
         try:
-            if await pred():
-                return time.monotonic() - t0
+            result = pred()
+            return await result if inspect.isawaitable(result) else result
         except (OSError, trio.TooSlowError, trio.BrokenResourceError):
-            pass
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
-        await trio.sleep(interval)
+            return False
+
+    return await support_wait_until(check, timeout, what, interval)
 
 
 async def wait_cloud_up(cloud: CloudProc, timeout: float = 15) -> float:

@@ -27,8 +27,11 @@ from kins_tunnel.cloud.aliases import Resolver
 from kins_tunnel.cloud.server import Cloud, CloudPorts
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
-from kins_tunnel.testing.support import free_port as free_port  # re-exported for older importers
+from kins_tunnel.testing.support import (
+    free_port as free_port,  # re-exported for older importers
+)
 from kins_tunnel.testing.support import read_all as read_all
+from kins_tunnel.testing.support import wait_until
 
 SVC = "test-svc-kins.kins-system:443"
 
@@ -117,9 +120,7 @@ class TunnelEnv:
 
 
 async def wait_routed(cloud: Cloud, name: str, timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        while not cloud.registry.candidates(name):
-            await trio.sleep(0.01)
+    await wait_until(lambda: bool(cloud.registry.candidates(name)), timeout, f"{name} routed")
 
 
 @contextlib.asynccontextmanager

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kins_tunnel.certs import init_ca, issue_edge
-from kins_tunnel.testing.support import read_all
+from kins_tunnel.testing.support import read_all, wait_until
 from kins_tunnel.tls_contexts import client_ssl_context
 from tests.e2e.faultkit import connect, figure
 from tests.e2e.harness import SVC, TunnelEnv, keep_echoing, serve_echo, slowloris, tunnel_env
@@ -38,10 +38,10 @@ async def watched_env(
             counts = {"ok": 0, "failed": 0, "paused": 0}
             n.start_soon(keep_echoing, env.ports.proxy, counts)
             yield env, counts
-            with trio.fail_after(10):  # at least one check after whatever the test did
-                ok = counts["ok"]
-                while counts["ok"] <= ok and not counts["failed"]:
-                    await trio.sleep(0.02)
+            ok = counts["ok"]  # at least one check after whatever the test did
+            await wait_until(
+                lambda: counts["ok"] > ok or counts["failed"] > 0, 10, "one more echo round trip"
+            )
             assert counts["failed"] == 0, counts
             assert counts["ok"] >= 1, counts
         n.cancel_scope.cancel()
@@ -167,13 +167,15 @@ async def test_idle_connection_flood_over_max_connections(tmp_path: Path) -> Non
         idle: list[trio.SocketStream] = []
         counts["paused"] = 1  # the watcher's CONNECTs would take slots too
         try:
+            await wait_until(
+                lambda: not env.cloud.proxy.active, 10, "no CONNECT client left in the proxy"
+            )
+            for _ in range(20):
+                idle.append(await trio.open_tcp_stream("127.0.0.1", env.ports.proxy))
+            await wait_until(
+                lambda: env.cloud.proxy.active >= 20, 10, "the 20 idle clients held by the proxy"
+            )
             with trio.fail_after(10):
-                while env.cloud.proxy.active:
-                    await trio.sleep(0.01)
-                for _ in range(20):
-                    idle.append(await trio.open_tcp_stream("127.0.0.1", env.ports.proxy))
-                while env.cloud.proxy.active < 20:
-                    await trio.sleep(0.01)
                 answers = []
                 for _ in range(5):  # over the limit: 503 at once, then close
                     async with await trio.open_tcp_stream("127.0.0.1", env.ports.proxy) as x:
@@ -185,14 +187,13 @@ async def test_idle_connection_flood_over_max_connections(tmp_path: Path) -> Non
         finally:
             for s in idle:
                 await s.aclose()
-        with trio.fail_after(5):
-            while env.cloud.proxy.active:
-                await trio.sleep(0.01)
+        await wait_until(
+            lambda: not env.cloud.proxy.active, 5, "no CONNECT client left in the proxy"
+        )
         status, head, s = await connect(env.ports.proxy, SVC)
         await s.aclose()
         assert status == 200, head
-        counts["paused"] = 0
-        await trio.sleep(0.2)
+        counts["paused"] = 0  # watched_env waits for one more echo round trip at its end
 
 
 # ---------------------------------------------------------------- tunnel port
@@ -263,9 +264,9 @@ async def test_tunnel_port_rejects_bad_clients(tmp_path: Path) -> None:
         assert [(t.identity.unit, t.identity.node) for t in env.cloud.registry] == [
             ("test", "edge1")
         ]
-        with trio.fail_after(3):
-            while sum(_failures(env).values()) < 4:
-                await trio.sleep(0.02)
+        await wait_until(
+            lambda: sum(_failures(env).values()) >= 4, 3, "four handshake failures counted"
+        )
         failures = _failures(env)
         figure("tunnel port: handshake failures by reason", str(failures))
         assert failures.get("not_tls", 0) >= 1

@@ -293,9 +293,9 @@ async def test_twenty_edges_reconnect_spread_out_after_cloud_restart(tmp_path: P
                 while len(cloud.registry) < count:
                     await trio.sleep(0.02)
                 cn.cancel_scope.cancel()  # the cloud goes away: every tunnel drops at once
-            with trio.fail_after(5):
-                while any(e.sessions for e in edges):
-                    await trio.sleep(0.02)
+            await wait_until(
+                lambda: not any(e.sessions for e in edges), 5, "every edge lost its tunnel"
+            )
             await trio.sleep(3.0)  # edges retry (and fail) for a while: their backoff grows
             async with trio.open_nursery() as cn:
                 cloud = Cloud(cfg)
@@ -518,9 +518,7 @@ async def test_targets_that_refuse_hang_or_reset(tmp_path: Path) -> None:
                 await trio.sleep(0.2)
                 set_rst_on_close(s)
                 await s.aclose()
-                with trio.fail_after(3):
-                    while not ended:
-                        await trio.sleep(0.01)
+                await wait_until(lambda: bool(ended), 3, "the target saw its connection end")
                 assert ended == ["reset"]
                 assert await stream_counts(cloud) == [0]
             n.cancel_scope.cancel()

@@ -25,9 +25,9 @@ from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.dial import code_for
 from kins_tunnel.proto import ErrorCode, MuxConfig
 from kins_tunnel.proto.frames import FrameType, open_result_frame, reset_frame
-from kins_tunnel.testing.support import http_get, read_all
+from kins_tunnel.testing.support import http_get, read_all, wait_until
 from kins_tunnel.tls_contexts import client_ssl_context
-from tests.e2e.harness import SVC, connect, make_certs, serve_echo, tunnel_env
+from tests.e2e.harness import SVC, connect, make_certs, serve_echo, tunnel_env, wait_routed
 from tests.e2e.rawpeer import RawPeer, hello_frame
 from tests.e2e.test_bad_input import watched_env
 from tests.test_observability import connect_lines, json_log, samples, value
@@ -65,12 +65,6 @@ async def connect_status(proxy_port: int, target: str, headers: str = "") -> tup
     return status, head
 
 
-async def wait_routed_name(env: object, name: str) -> None:
-    with trio.fail_after(10):
-        while not env.cloud.registry.candidates(name):  # type: ignore[attr-defined]
-            await trio.sleep(0.01)
-
-
 # ---------------------------------------------------------------- peer codes are data
 @pytest.mark.parametrize("answer", ["open_result", "reset"])
 async def test_unknown_error_code_from_an_edge_ends_one_connect_only(
@@ -81,7 +75,7 @@ async def test_unknown_error_code_from_an_edge_ends_one_connect_only(
     async with watched_env(tmp_path) as (env, _counts):
         peer = await raw_edge(env.ports.tunnel, env.certs)
         async with trio.open_nursery() as n:
-            await wait_routed_name(env, FUZZ_SVC)
+            await wait_routed(env.cloud, FUZZ_SVC)
             result: list[tuple[int, bytes]] = []
 
             async def client() -> None:
@@ -142,9 +136,7 @@ async def test_a_bug_while_routing_answers_500_and_the_cloud_goes_on(
         assert value(m, "kins_tunnel_internal_errors_total", where="proxy") == 3
         assert value(m, "kins_tunnel_connect_answers_total", status="500") == 3
         before = counts["ok"]
-        with trio.fail_after(10):
-            while counts["ok"] < before + 2:
-                await trio.sleep(0.05)
+        await wait_until(lambda: counts["ok"] >= before + 2, 10, "two more echo round trips")
     lines = [d for d in connect_lines(buf) if d["status"] == 500]
     assert len(lines) == 3 and all(d["outcome"].startswith("internal error") for d in lines)
 
@@ -346,9 +338,11 @@ async def test_a_flood_on_the_tunnel_port_does_not_lock_a_restarting_edge_out(
             finally:
                 for c in socks:
                     c.close()
-            with trio.fail_after(15):  # every flood connection is let go
-                while env.cloud.tunnels.admission.pending:
-                    await trio.sleep(0.1)
+            await wait_until(
+                lambda: not env.cloud.tunnels.admission.pending,
+                15,
+                "every flood connection is let go",
+            )
         n.cancel_scope.cancel()
 
 
@@ -437,9 +431,7 @@ async def test_every_connect_yields_one_log_line_malformed_and_vanished_included
             status, _h, s = await connect(port, SVC)  # 200
             await s.aclose()
             assert status == 200
-            with trio.fail_after(5):
-                while len(connect_lines(buf)) < 6:
-                    await trio.sleep(0.02)
+            await wait_until(lambda: len(connect_lines(buf)) >= 6, 5, "six CONNECT log lines")
             await trio.sleep(0.2)
         n.cancel_scope.cancel()
     lines = connect_lines(buf)

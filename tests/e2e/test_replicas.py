@@ -29,7 +29,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from kins_tunnel.testing.support import echo_roundtrip, free_port, http_get
+from kins_tunnel.testing.support import echo_roundtrip, free_port, http_get, wait_until
 from tests.e2e.harness import (
     SVC,
     cloud_dict,
@@ -278,9 +278,9 @@ async def test_replicas_behind_haproxy_survive_a_killed_replica(tmp_path: Path) 
                         assert procs["r2"].poll() is None, (tmp_path / "cloud-r2.log").read_text()
                         await trio.sleep(0.05)
                 reconnect = time.monotonic() - restarted_at
-                with trio.fail_after(5):
-                    while haproxy_states(stats).get("r2") != "UP":
-                        await trio.sleep(0.05)
+                await wait_until(
+                    lambda: haproxy_states(stats).get("r2") == "UP", 5, "haproxy sees r2 UP"
+                )
                 print(f"replica restart: both edges back on r2 {reconnect:.2f}s after the restart")
                 assert reconnect < 10
 
@@ -292,9 +292,7 @@ async def test_replicas_behind_haproxy_survive_a_killed_replica(tmp_path: Path) 
             # SIGTERM drains and exits cleanly: edges first, then the replicas.
             for key in ("edge1", "edge2", "r1", "r2", "r3"):
                 procs[key].send_signal(signal.SIGTERM)
-                with trio.fail_after(15):
-                    while procs[key].poll() is None:
-                        await trio.sleep(0.05)
+                await wait_until(lambda: procs[key].poll() is not None, 15, f"{key} exits")
                 log = tmp_path / (f"{key}.log" if key.startswith("edge") else f"cloud-{key}.log")
                 assert procs[key].returncode == 0, log.read_text()[-3000:]
         n.cancel_scope.cancel()

@@ -38,7 +38,7 @@ from kins_tunnel.proto.frames import (
     open_result_frame,
     window_frame,
 )
-from kins_tunnel.testing.support import self_rss
+from kins_tunnel.testing.support import self_rss, wait_until
 from kins_tunnel.tls_contexts import server_ssl_context
 from tests.e2e.harness import (
     SVC,
@@ -254,9 +254,11 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
             async with trio.open_nursery() as n:
                 for _ in range(CONCURRENT):
                     n.start_soon(worker)
-        with trio.fail_after(10):
-            while len(env.cloud.registry) != 1 or env.cloud.tunnels.admission.pending:
-                await trio.sleep(0.05)
+        await wait_until(
+            lambda: len(env.cloud.registry) == 1 and not env.cloud.tunnels.admission.pending,
+            10,
+            "one tunnel left and no handshake pending",
+        )
         m = await metrics_of(env.ports.admin)
         grown = self_rss() - rss0
         up = {label["reason"]: v for label, v in m.get("kins_tunnel_uplink_refusals_total", [])}
@@ -281,9 +283,9 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
         assert grown < BUDGET * 4, grown
         healthy = next(iter(env.cloud.registry))
         assert healthy.identity.unit == "test"
-        with trio.fail_after(5):
-            while healthy.session.stream_count > 1:  # at most the checker's own stream
-                await trio.sleep(0.05)
+        await wait_until(
+            lambda: healthy.session.stream_count <= 1, 5, "at most the checker's own stream"
+        )
 
 
 async def test_hostile_clouds_never_take_the_edge_down(tmp_path: Path) -> None:

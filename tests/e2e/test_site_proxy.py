@@ -177,12 +177,16 @@ async def test_edge_through_tinyproxy_without_credentials(tmp_path: Path) -> Non
                 assert tp.connects(f"127.0.0.1:{env.ports.tunnel}") == 1
                 # the tunnel lives inside tinyproxy's connection: it dies with the proxy ...
                 tp.stop()
-                with trio.fail_after(5):
-                    while env.cloud.registry.candidates(SVC) or edge.sessions:
-                        await trio.sleep(0.02)
-                with trio.fail_after(5):  # ... the edge keeps trying (the proxy refuses TCP) ...
-                    while failures(edge, "connect") < 2:
-                        await trio.sleep(0.02)
+                await wait_until(
+                    lambda: not (env.cloud.registry.candidates(SVC) or edge.sessions),
+                    5,
+                    "the tunnel is gone",
+                )
+                await wait_until(
+                    lambda: failures(edge, "connect") >= 2,
+                    5,
+                    "the edge keeps trying (the proxy refuses TCP)",
+                )
                 assert not edge.sessions
                 # ... and comes back with it
                 tp.start()
@@ -205,9 +209,11 @@ async def test_edge_through_tinyproxy_with_credentials(tmp_path: Path) -> None:
                     proxy={"url": tp.url, "credentials_file": "proxy-credentials"},
                     **EDGE_FAST,
                 )
-                with trio.fail_after(10):  # refused (407), counted, retried with backoff
-                    while failures(edge, "proxy") < 3:
-                        await trio.sleep(0.02)
+                await wait_until(
+                    lambda: failures(edge, "proxy") >= 3,
+                    10,
+                    "refused (407), counted, retried with backoff",
+                )
                 assert not env.cloud.registry.candidates(SVC) and not edge.sessions
                 assert failures(edge, "protocol") == failures(edge, "timeout") == 0
                 # the next attempt reads the file again
@@ -237,9 +243,11 @@ async def test_silent_proxy_is_a_timeout_at_handshake_timeout(
                 proxy={"url": f"http://127.0.0.1:{silent}"},
                 **{**EDGE_FAST, "handshake_timeout": 0.5},
             )
-            with trio.fail_after(30):
-                while failures(edge, "timeout") < 3 or len(attempts) < 4:
-                    await trio.sleep(0.01)
+            await wait_until(
+                lambda: failures(edge, "timeout") >= 3 and len(attempts) >= 4,
+                30,
+                "three timeouts, four attempts",
+            )
             assert failures(edge, "proxy") == failures(edge, "connect") == 0
             gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
             # each attempt: 0.5 s until the deadline, then a backoff of at most reconnect.max (0.5 s)
@@ -273,9 +281,7 @@ async def test_credentials_are_sent_exactly_as_in_the_file(tmp_path: Path) -> No
                 proxy={"url": f"http://127.0.0.1:{port}", "credentials_file": "creds"},
                 **EDGE_FAST,
             )
-            with trio.fail_after(10):
-                while failures(edge, "proxy") < 2:
-                    await trio.sleep(0.02)
+            await wait_until(lambda: failures(edge, "proxy") >= 2, 10, "two refusals by the proxy")
             lines = heads[0].split(b"\r\n")
             assert lines[0] == f"CONNECT 127.0.0.1:{env.ports.tunnel} HTTP/1.1".encode()
             auth = [ln for ln in lines if ln.lower().startswith(b"proxy-authorization: basic ")]

@@ -14,6 +14,7 @@ import trio.testing
 
 from kins_tunnel.certs import init_ca, issue_edge
 from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
+from kins_tunnel.testing.support import wait_until
 from kins_tunnel.tls_contexts import client_ssl_context, server_ssl_context
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.stream import TunnelStream
@@ -210,9 +211,7 @@ async def test_senders_parked_on_a_full_queue_wake_when_the_writer_drains_it() -
         await trio.testing.wait_all_tasks_blocked()
         assert len(done) < len(streams)  # some are parked on the full queue
         tls.unblock()
-        with trio.fail_after(5):
-            while len(done) < len(streams):
-                await trio.sleep(0.01)
+        await wait_until(lambda: len(done) == len(streams), 5, "every sender done")
         n.cancel_scope.cancel()
     assert tls.held_last  # the path that used to lose the wake-up was taken
     assert tls.sent >= 4 * 256 * 1024
