@@ -27,6 +27,7 @@ from kins_tunnel.testing.k3s_standin import (
     make_self_signed_server_context,
     serve_k3s_standin,
 )
+from kins_tunnel.testing.support import wait_until
 
 KUBECTL = "/usr/bin/kubectl"
 needs_kubectl = pytest.mark.skipif(not os.path.exists(KUBECTL), reason="kubectl not installed")
@@ -335,5 +336,4 @@ async def test_client_leaving_a_watch_ends_it(standin: tuple[int, Path]) -> None
             assert received.startswith(b"HTTP/1.1 200 OK\r\n")
             assert handler_tasks() == 1
             await trio.aclose_forcefully(stream)
-            while handler_tasks():  # noqa: ASYNC110 - polling is the observation here
-                await trio.sleep(0.01)
+            await wait_until(lambda: handler_tasks() == 0, 10, "the connection's handler ends")

@@ -174,12 +174,13 @@ async def test_metrics_after_real_traffic(tmp_path: Path) -> None:
                 assert code == 200
                 return samples(body)
 
-            m = await cloud_metrics()
-            for _ in range(100):  # the refused handshake is counted when the cloud sees the alert
-                if value(m, "kins_tunnel_handshake_failures_total", reason="unknown_ca"):
-                    break
-                await trio.sleep(0.05)
+            async def unknown_ca_counted() -> bool:
                 m = await cloud_metrics()
+                return bool(value(m, "kins_tunnel_handshake_failures_total", reason="unknown_ca"))
+
+            # the refused handshake is counted when the cloud sees the alert
+            await wait_for(unknown_ca_counted, 5, "the unknown_ca handshake failure counted")
+            m = await cloud_metrics()
             assert value(m, "kins_tunnel_handshake_failures_total", reason="unknown_ca") == 1, (
                 m.get("kins_tunnel_handshake_failures_total")
             )
@@ -269,7 +270,18 @@ async def test_readyz_cloud_when_listening_edge_when_it_holds_a_tunnel(tmp_path:
             reconnect={"initial": 0.05, "max": 0.2},
         )
         assert (await http_get(edge_admin, "/healthz"))[0] == 200
-        await trio.sleep(0.3)  # a few failed attempts: still not ready
+
+        async def readyz_is(code: int) -> bool:
+            return (await http_get(edge_admin, "/readyz"))[0] == code
+
+        await wait_for(  # a few failed attempts: still not ready
+            lambda: (
+                metric_value(edge.metrics, "kins_tunnel_handshake_failures_total", reason="connect")
+                >= 3
+            ),
+            5,
+            "three failed tunnel attempts",
+        )
         assert (await http_get(edge_admin, "/readyz"))[0] == 503
 
         cloud = Cloud(
@@ -281,15 +293,11 @@ async def test_readyz_cloud_when_listening_edge_when_it_holds_a_tunnel(tmp_path:
             ports: CloudPorts = await cn.start(cloud.run)
             assert (await http_get(ports.admin, "/readyz"))[0] == 200
             await wait_routed(cloud, SVC)
-            with trio.fail_after(5):
-                while (await http_get(edge_admin, "/readyz"))[0] != 200:
-                    await trio.sleep(0.05)
+            await wait_for(lambda: readyz_is(200), 5, "the edge ready")
             await cloud.drain()  # listeners close, the edge's tunnel goes
             assert (await http_get(ports.admin, "/readyz"))[0] == 503
             assert (await http_get(ports.admin, "/healthz"))[0] == 200
-            with trio.fail_after(5):
-                while (await http_get(edge_admin, "/readyz"))[0] != 503:
-                    await trio.sleep(0.05)
+            await wait_for(lambda: readyz_is(503), 5, "the edge not ready")
             cn.cancel_scope.cancel()
         n.cancel_scope.cancel()
 
@@ -475,7 +483,9 @@ async def test_renewed_certificates_apply_to_new_tunnels_and_keep_streams(tmp_pa
                     file_serial(certs / "edge-edge1.crt"),
                 )
                 assert new_cloud != old_cloud
-                await trio.sleep(1.1)  # the cloud looks at the files at most once a second
+                # the cloud looks at the files at most once a second, when a handshake comes (the
+                # stimulus: a second of the wall clock, the one the certificate watcher reads)
+                await trio.sleep(1.1)
                 edge2 = await env.add_edge(
                     {"edge2:22": f"127.0.0.1:{echo}"}, node="edge2", wait_for="edge2:22"
                 )
