@@ -201,14 +201,15 @@ async def test_hello_beyond_our_bounds_is_refused_and_counted(tmp_path: Path) ->
             while await peer.read_frame() is not None:
                 pass
         await peer.aclose()
-        with trio.fail_after(5):
-            while True:
-                m = await metrics_of(env.ports.admin)
-                if value(m, "kins_tunnel_handshake_failures_total", reason="protocol") == len(
-                    bad_bodies
-                ):
-                    break
-                await trio.sleep(0.05)
+
+        async def all_counted() -> bool:
+            m = await metrics_of(env.ports.admin)
+            return value(m, "kins_tunnel_handshake_failures_total", reason="protocol") == len(
+                bad_bodies
+            )
+
+        await wait_until(all_counted, 5, "every bad HELLO counted as a protocol failure")
+        m = await metrics_of(env.ports.admin)
         assert value(m, "kins_tunnel_handshake_failures_total", reason="version") == 1
         assert len(env.cloud.registry) == 1  # only the normal edge
 
@@ -409,8 +410,10 @@ async def test_502_bodies_name_no_edge_internal_address(tmp_path: Path) -> None:
 
 
 async def test_every_connect_yields_one_log_line_malformed_and_vanished_included(
-    tmp_path: Path,
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
 ) -> None:
+    """On the virtual clock: the silent client's header deadline, and the 0.2 s in which no extra
+    line may appear, cost no real time."""
     async with json_log() as buf, trio.open_nursery() as n:
         echo = await n.start(serve_echo)
         async with tunnel_env(
@@ -432,7 +435,7 @@ async def test_every_connect_yields_one_log_line_malformed_and_vanished_included
             await s.aclose()
             assert status == 200
             await wait_until(lambda: len(connect_lines(buf)) >= 6, 5, "six CONNECT log lines")
-            await trio.sleep(0.2)
+            await trio.sleep(0.2)  # and no seventh
         n.cancel_scope.cancel()
     lines = connect_lines(buf)
     assert sorted(d["status"] for d in lines) == [200, 400, 405, 408, 499, 499], lines
