@@ -15,7 +15,7 @@ import trio
 from kins_tunnel.dial import dial_first
 from kins_tunnel.edge import forwarder
 from kins_tunnel.names import Address
-from kins_tunnel.testing.support import free_port, read_all
+from kins_tunnel.testing.support import free_port, read_all, wait_until
 from tests.e2e.harness import SVC, connect, hanging_listener, serve_digest, serve_echo, tunnel_env
 
 
@@ -189,11 +189,14 @@ async def test_hundreds_of_concurrent_streams_checksummed(tmp_path: Path) -> Non
                         nn.start_soon(one, i)
             assert len(results) == count and all(results.values())
             # every stream ended and was forgotten on both sides
-            with trio.fail_after(5):
-                while sum(t.session.statistics().streams for t in env.cloud.registry) or sum(
-                    s.statistics().streams for s in env.edges[0].sessions.values()
-                ):
-                    await trio.sleep(0.05)
+            await wait_until(
+                lambda: (
+                    not sum(t.session.statistics().streams for t in env.cloud.registry)
+                    and not sum(s.statistics().streams for s in env.edges[0].sessions.values())
+                ),
+                5,
+                "every stream forgotten on both sides",
+            )
         n.cancel_scope.cancel()
 
 

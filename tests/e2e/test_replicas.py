@@ -224,16 +224,18 @@ async def test_replicas_behind_haproxy_survive_a_killed_replica(tmp_path: Path) 
                 hap_log.close()
 
             # Every replica holds a tunnel from both edges; haproxy sees every replica up.
+            async def both_edges_on(name: str) -> bool:
+                assert procs[name].poll() is None, (tmp_path / f"cloud-{name}.log").read_text()
+                return await status_nodes(clouds[name]["admin"]) == ["edge1", "edge2"]
+
+            def haproxy_all_up() -> bool:
+                assert procs["haproxy"].poll() is None, (tmp_path / "haproxy.log").read_text()
+                return stats.exists() and set(haproxy_states(stats).values()) == {"UP"}
+
             with trio.fail_after(20):
                 for name in NAMES:
-                    while await status_nodes(clouds[name]["admin"]) != ["edge1", "edge2"]:
-                        assert procs[name].poll() is None, (
-                            tmp_path / f"cloud-{name}.log"
-                        ).read_text()
-                        await trio.sleep(0.05)
-                while not stats.exists() or set(haproxy_states(stats).values()) != {"UP"}:
-                    assert procs["haproxy"].poll() is None, (tmp_path / "haproxy.log").read_text()
-                    await trio.sleep(0.05)
+                    await wait_until(lambda: both_edges_on(name), 20, f"both edges on {name}")
+                await wait_until(haproxy_all_up, 20, "haproxy sees every replica up")
 
             # Round robin: CONNECTs through haproxy land on, and succeed at, every replica.
             results = [await connect_echo(front, f"warm-up {i}".encode()) for i in range(9)]
@@ -273,10 +275,7 @@ async def test_replicas_behind_haproxy_survive_a_killed_replica(tmp_path: Path) 
                 # Bring r2 back on the same ports: the edges (backing off, max 0.5 s) reconnect.
                 procs["r2"] = spawn("cloud", cloud_cfg["r2"], tmp_path / "cloud-r2.log")
                 restarted_at = time.monotonic()
-                with trio.fail_after(15):
-                    while await status_nodes(clouds["r2"]["admin"]) != ["edge1", "edge2"]:
-                        assert procs["r2"].poll() is None, (tmp_path / "cloud-r2.log").read_text()
-                        await trio.sleep(0.05)
+                await wait_until(lambda: both_edges_on("r2"), 15, "both edges back on r2")
                 reconnect = time.monotonic() - restarted_at
                 await wait_until(
                     lambda: haproxy_states(stats).get("r2") == "UP", 5, "haproxy sees r2 UP"
