@@ -6,7 +6,7 @@
 - `rss_kib`, `self_rss`: resident memory of a process.
 - `http_get`: one GET to a loopback port (admin endpoints).
 - `read_all`, `echo_roundtrip`: read a stream to its end; send bytes and expect them back.
-- `wait_until`: poll a condition under a deadline.
+- `wait_until`: poll a condition under a deadline; `wait_listening`: until a port accepts.
 - `metric_value`: one sample of a process's Prometheus registry (what its /metrics would show).
 """
 
@@ -121,6 +121,29 @@ async def wait_until(
         await trio.sleep(interval)
 
 
+async def wait_listening(
+    port: int,
+    timeout: float = 10,
+    what: str = "",
+    check: Callable[[], object] | None = None,
+    host: str = "127.0.0.1",
+) -> None:
+    """Until something accepts TCP connections on host:port (a process we started is up).
+    `check()` runs before each attempt: it should raise at once if that process died."""
+
+    async def accepts() -> bool:
+        if check is not None:
+            check()
+        try:
+            probe = await trio.open_tcp_stream(host, port)
+        except OSError:
+            return False
+        await probe.aclose()
+        return True
+
+    await wait_until(accepts, timeout, what or f"{host}:{port} accepting", interval=0.05)
+
+
 def metric_value(metrics: Metrics, name: str, **labels: str) -> float:
     """The sample `name{labels}` of a cloud's or edge's metrics (0 if it has none yet), read
     through the registry as /metrics renders it (`name` with its `_total` suffix for counters)."""
@@ -136,5 +159,6 @@ __all__ = [
     "read_all",
     "rss_kib",
     "self_rss",
+    "wait_listening",
     "wait_until",
 ]

@@ -15,9 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import trio
-
-from kins_tunnel.testing.support import free_port
+from kins_tunnel.testing.support import free_port, wait_listening
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
 HAVE_SSH = (
@@ -84,18 +82,14 @@ async def throwaway_sshd(base: Path) -> AsyncIterator[Sshd]:
             stderr=log,
         )
     try:
-        with trio.fail_after(20):  # until sshd listens
-            while True:
-                if popen.poll() is not None:
-                    raise AssertionError(
-                        f"sshd exited ({popen.returncode}):\n{Sshd(d, port, popen).log_tail()}"
-                    )
-                try:
-                    probe = await trio.open_tcp_stream("127.0.0.1", port)
-                    await probe.aclose()
-                    break
-                except OSError:
-                    await trio.sleep(0.05)
+
+        def alive() -> None:
+            if popen.poll() is not None:
+                raise AssertionError(
+                    f"sshd exited ({popen.returncode}):\n{Sshd(d, port, popen).log_tail()}"
+                )
+
+        await wait_listening(port, 20, "sshd listening", alive)
         yield Sshd(d, port, popen)
     finally:
         popen.terminate()

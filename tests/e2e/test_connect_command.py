@@ -26,6 +26,7 @@ import pytest
 import trio
 
 from kins_tunnel.certs import issue_user
+from kins_tunnel.testing.support import wait_listening
 from tests.e2e.faultkit import procs, wait_cloud_up, wait_edges
 from tests.e2e.harness import (
     echo_bytes,
@@ -289,15 +290,11 @@ async def socat_tls_terminator(base: Path, upstream: int) -> AsyncIterator[int]:
             start_new_session=True,
         )
     try:
-        with trio.fail_after(10):
-            while True:
-                assert p.poll() is None, (base / "socat.log").read_text()
-                try:
-                    probe = await trio.open_tcp_stream("127.0.0.1", port)
-                    await probe.aclose()
-                    break
-                except OSError:
-                    await trio.sleep(0.05)
+
+        def alive() -> None:
+            assert p.poll() is None, (base / "socat.log").read_text()
+
+        await wait_listening(port, 10, "socat listening", alive)
         yield port
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -454,6 +454,7 @@ async def test_slow_reader_does_not_stall_others_and_memory_is_bounded(tmp_path:
 async def test_targets_that_refuse_hang_or_reset(tmp_path: Path) -> None:
     refused = free_port()
     ended: list[str] = []
+    received = [0]  # bytes the recording target has read
 
     async def rude(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async def handler(stream: trio.SocketStream) -> None:
@@ -468,8 +469,8 @@ async def test_targets_that_refuse_hang_or_reset(tmp_path: Path) -> None:
     async def recorder(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async def handler(stream: trio.SocketStream) -> None:
             try:
-                while await stream.receive_some(1 << 16):
-                    pass
+                while chunk := await stream.receive_some(1 << 16):
+                    received[0] += len(chunk)
                 ended.append("eof")
             except trio.BrokenResourceError:
                 ended.append("reset")
@@ -519,7 +520,7 @@ async def test_targets_that_refuse_hang_or_reset(tmp_path: Path) -> None:
                 # and the other way: a client that resets makes the target see a reset
                 s = await open_ok(cloud.proxy, "test-svc-kins.kins-system:9443")
                 await s.send_all(b"x" * 100_000)
-                await trio.sleep(0.2)
+                await wait_until(lambda: received[0] == 100_000, 5, "the target read the bytes")
                 set_rst_on_close(s)
                 await s.aclose()
                 await wait_until(lambda: bool(ended), 3, "the target saw its connection end")

@@ -32,7 +32,7 @@ import trio.testing
 from kins_tunnel.edge.agent import Edge
 from kins_tunnel.proto import ErrorCode
 from kins_tunnel.proto.frames import FrameType, frame, open_frame
-from kins_tunnel.testing.support import http_get
+from kins_tunnel.testing.support import http_get, wait_listening
 from tests.e2e.faultkit import (
     CloudProc,
     connect,
@@ -127,16 +127,11 @@ async def http_server(directory: Path) -> AsyncIterator[int]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        with trio.fail_after(15):
-            while True:
-                try:
-                    s = await trio.open_tcp_stream("127.0.0.1", port)
-                except OSError:
-                    assert proc.poll() is None, "http.server exited"
-                    await trio.sleep(0.05)
-                    continue
-                await s.aclose()
-                break
+
+        def alive() -> None:
+            assert proc.poll() is None, "http.server exited"
+
+        await wait_listening(port, 15, "http.server listening", alive)
         yield port
     finally:
         proc.kill()
@@ -628,13 +623,16 @@ async def test_a_draining_edge_stops_accepting_uplinks_and_lets_open_ones_finish
                         drained.set()
 
                     n.start_soon(drain)
-                    while True:  # the listener closes
+
+                    async def closed() -> bool:
                         try:
                             probe = await trio.open_tcp_stream(*addr)
                         except OSError:
-                            break
+                            return True
                         await probe.aclose()
-                        await trio.sleep(0.01)
+                        return False
+
+                    await wait_until(closed, 5, "the uplink listener closes")
                     await held.send_all(b"during the drain")  # the open uplink goes on
                     got = b""
                     while len(got) < 16:
