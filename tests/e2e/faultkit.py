@@ -355,8 +355,11 @@ def set_rst_on_close(stream: trio.SocketStream) -> None:
     stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-async def read_until_end(stream: trio.abc.ReceiveStream, timeout: float) -> tuple[str, int]:
-    """Read until EOF ("eof") or an error ("reset"); returns how it ended and the bytes read."""
+async def read_until_end(
+    stream: trio.abc.ReceiveStream, timeout: float, progress: Callable[[int], None] | None = None
+) -> tuple[str, int]:
+    """Read until EOF ("eof") or an error ("reset"); returns how it ended and the bytes read
+    (`progress(total)` after each chunk)."""
     n = 0
     with trio.fail_after(timeout):
         try:
@@ -365,6 +368,8 @@ async def read_until_end(stream: trio.abc.ReceiveStream, timeout: float) -> tupl
                 if not chunk:
                     return "eof", n
                 n += len(chunk)
+                if progress is not None:
+                    progress(n)
         except trio.BrokenResourceError:
             return "reset", n
 

@@ -43,6 +43,8 @@ from tests.e2e.faultkit import (
     wait_until,
 )
 from tests.e2e.harness import SVC, cloud_dict, edge_dict, hanging_listener, make_certs, serve_echo
+from tests.test_observability import samples as metric_samples
+from tests.test_observability import value
 
 PING = {"ping_interval": 0.5, "ping_timeout": 2.0}
 CLOUD_FAST: dict[str, Any] = {
@@ -105,16 +107,18 @@ async def test_edge_sigkill_mid_transfer(tmp_path: Path) -> None:
             streams = [await open_ok(cloud.proxy) for _ in range(3)]
             ends: list[tuple[str, int, float]] = []
             killed_at = [0.0]
+            received = [0] * len(streams)
 
-            async def download(s: trio.SocketStream) -> None:
-                how, count = await read_until_end(s, 10)
+            async def download(i: int, s: trio.SocketStream) -> None:
+                how, count = await read_until_end(s, 10, lambda n: received.__setitem__(i, n))
                 ends.append((how, count, time.monotonic() - killed_at[0]))
 
             try:
                 async with trio.open_nursery() as nn:
-                    for s in streams:
-                        nn.start_soon(download, s)
-                    await trio.sleep(0.5)  # mid-transfer
+                    for i, s in enumerate(streams):
+                        nn.start_soon(download, i, s)
+                    # mid-transfer: every stream past 1 MiB
+                    await wait_until(lambda: min(received) > 1 << 20, 10, "every stream past 1 MiB")
                     killed_at[0] = time.monotonic()
                     edge.kill()
                 await wait_edges(cloud, 0, timeout=5)
@@ -218,7 +222,21 @@ async def test_cloud_restart_on_same_ports_edge_reconnects(tmp_path: Path) -> No
             seen = await wait_until(edge_saw_it, 5, "edge noticed the cloud is gone")
             figure("cloud kill: edge noticed after", seen, "s")
             assert seen <= 2.0
-            await trio.sleep(1.5)  # the edge keeps retrying while the cloud is away
+
+            async def failed_attempts() -> float:
+                assert edge.admin is not None
+                status, body = await http_get(edge.admin, "/metrics")
+                assert status == 200
+                return value(
+                    metric_samples(body), "kins_tunnel_handshake_failures_total", reason="connect"
+                )
+
+            before = await failed_attempts()  # the edge keeps retrying while the cloud is away
+
+            async def retried() -> bool:
+                return await failed_attempts() >= before + 3
+
+            await wait_until(retried, 10, "three more failed tunnel attempts")
             assert edge.running()
             cloud.start()
             ready = await wait_cloud_up(cloud)

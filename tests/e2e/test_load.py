@@ -80,8 +80,10 @@ async def test_thousand_concurrent_streams_of_one_mib_checksummed(tmp_path: Path
             await wait_cloud_up(cloud)
             await wait_edges(cloud, 1)
             start = trio.Event()
+            waiting = [0]  # tasks parked on `start`
 
             async def one(i: int) -> None:
+                waiting[0] += 1
                 await start.wait()
                 target = UP if i % 2 == 0 else DOWN
                 status, head, s = await connect(cloud.proxy, target)
@@ -119,13 +121,12 @@ async def test_thousand_concurrent_streams_of_one_mib_checksummed(tmp_path: Path
                 async with trio.open_nursery() as nn:
                     for i in range(count):
                         nn.start_soon(one, i)
-                    await trio.sleep(0.1)
+                    await wait_until(lambda: waiting[0] == count, 10, "every client task ready")
                     t0 = time.monotonic()
                     start.set()
                     async with trio.open_nursery() as sampler:
                         sampler.start_soon(sample_rss)
-                        while len(results) < count:
-                            await trio.sleep(0.05)
+                        await wait_until(lambda: len(results) == count, 240, "every stream done")
                         sampler.cancel_scope.cancel()
             took = time.monotonic() - t0
             bad = {i: r for i, r in results.items() if r != "ok"}
