@@ -75,8 +75,12 @@ async def session_pair(
         edge.close("test over")
 
 
-async def test_back_pressure_never_loses_a_wakeup(tmp_path: Path) -> None:
-    """Many senders parked on a full output queue all resume once it drains (no timer rescue)."""
+async def test_back_pressure_never_loses_a_wakeup(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """Many senders parked on a full output queue all resume once it drains (no timer rescue).
+    On the virtual clock, the sinks' 0.5 s pause ends only once every task is blocked: the queues
+    and socket buffers are full by then, whatever the machine's speed."""
     streams_total = 32
     size = 2 * 1024 * 1024
     digests: dict[int, str] = {}
@@ -115,8 +119,11 @@ async def test_back_pressure_never_loses_a_wakeup(tmp_path: Path) -> None:
     assert set(digests.values()) == {hashlib.sha256(payload).hexdigest()}
 
 
-async def test_data_right_behind_the_open_result_is_kept(tmp_path: Path) -> None:
-    """A target that speaks first: its bytes and FIN follow the open result in the same batch."""
+async def test_data_right_behind_the_open_result_is_kept(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """A target that speaks first: its bytes and FIN follow the open result in the same batch
+    (the target keeps its end open 0.5 s of virtual time after its FIN)."""
 
     async def greeter(session: Session, sid: int) -> None:
         stream = session.accept(sid)
