@@ -525,9 +525,9 @@ async def test_targets_that_refuse_hang_or_reset(tmp_path: Path) -> None:
                 took = time.monotonic() - t0
                 figure("hanging target: 504 after (edge dial_timeout 1 s)", took, "s")
                 assert status == 504, head
-                assert (
-                    took >= 0.9
-                )  # not before the dial timeout; exact bound: tests/e2e/test_deadlines.py
+                # not before the dial timeout (a lower bound only: the wall clock of a loaded
+                # machine can only add to it); the exact bound: tests/e2e/test_deadlines.py
+                assert took >= 1.0, took
                 # a target that resets mid-stream: the client sees a reset, not a clean EOF
                 s = await open_ok(cloud.proxy, "test-svc-kins.kins-system:8443")
                 async with s:
