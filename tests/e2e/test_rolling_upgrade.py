@@ -31,7 +31,7 @@ from kins_tunnel.testing.k3s_standin import (
     make_self_signed_server_context,
     serve_k3s_standin,
 )
-from kins_tunnel.testing.support import free_port
+from kins_tunnel.testing.support import free_port, wait_until
 from tests.e2e.faultkit import figure
 from tests.e2e.harness import SVC, tunnel_env
 from tests.e2e.kubectl_tools import KUBECTL, have_kubectl
@@ -40,7 +40,9 @@ pytestmark = pytest.mark.skipif(not have_kubectl(), reason="kubectl not installe
 
 SERVERS = 3
 GET_LOOPS = 2
-SETTLE = 1.5  # seconds of traffic before the first stop, between a stop and its restart, and after
+# Traffic before the first stop, between a stop and its restart, and after: this many successful
+# gets (and an open watch), however long they take on the machine (7 phases: 21 gets at least).
+SETTLE_GETS = 3
 
 
 @dataclass
@@ -162,20 +164,31 @@ async def test_rolling_restart_of_three_api_servers(tmp_path: Path) -> None:
                         )
                     watches.append(Watch(start, now(), r.returncode, r.stderr[-500:]))
 
+            async def settle(what: str) -> None:
+                since = now()
+                await wait_until(
+                    lambda: (
+                        sum(1 for g in gets if g.ok and g.start >= since) >= SETTLE_GETS
+                        and sum(s.stats.watches for s in servers) > 0
+                    ),
+                    60,
+                    f"{SETTLE_GETS} gets and an open watch {what}",
+                )
+
             async with trio.open_nursery() as clients:
                 for _ in range(GET_LOOPS):
                     clients.start_soon(get_loop)
                 with trio.CancelScope() as watching:
                     async with trio.open_nursery() as watcher:
                         watcher.start_soon(watch_loop)
-                        await trio.sleep(SETTLE)
+                        await settle("before the first stop")
                         for i, server in enumerate(servers):
                             stops.append((i, now(), server.stats.watches))
                             cut += server.stats.connections - server.stats.watches
                             await server.stop()
-                            await trio.sleep(SETTLE)
+                            await settle(f"with server {i} stopped")
                             await server.start()
-                            await trio.sleep(SETTLE)
+                            await settle(f"after server {i} is back")
                         running = False  # the get loops end after their current get
                         watching.cancel()  # the last watch (kubectl is killed)
         servers_nursery.cancel_scope.cancel()
