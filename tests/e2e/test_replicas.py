@@ -254,7 +254,8 @@ async def test_replicas_behind_haproxy_survive_a_killed_replica(tmp_path: Path) 
                 killed_at = time.monotonic()
                 outcomes: list[bool] = []
                 down_after: float | None = None
-                while time.monotonic() - killed_at < 3.0:
+                # 3 s during and after the kill, and at least 20 CONNECTs however slow the machine
+                while time.monotonic() - killed_at < 3.0 or len(outcomes) < 20:
                     outcomes.append(await connect_echo(front, b"during and after the kill"))
                     if down_after is None and haproxy_states(stats).get("r2") != "UP":
                         down_after = time.monotonic() - killed_at
@@ -262,10 +263,9 @@ async def test_replicas_behind_haproxy_survive_a_killed_replica(tmp_path: Path) 
                     await trio.sleep(0.02)
                 failures = outcomes.count(False)
                 print(
-                    f"replica kill: {len(outcomes)} CONNECTs through haproxy in 3 s, {failures} failed; "
+                    f"replica kill: {len(outcomes)} CONNECTs through haproxy in {time.monotonic() - killed_at:.1f} s, {failures} failed; "
                     f"haproxy marked r2 down after {down_after}s"
                 )
-                assert len(outcomes) >= 20
                 assert failures == 0
                 assert down_after is not None and down_after < 1.5
                 # The edges noticed: the survivors still route, r2's tunnels are gone from them.
