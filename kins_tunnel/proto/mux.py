@@ -23,9 +23,9 @@ Handshake: both sides send HELLO at once (magic, version range, a JSON object wi
 the names the side serves, its agent string and limits). The version is the highest both support;
 capabilities are the intersection. No other frame may come before HELLO.
 
-Frames are dispatched by type through a table (`_handlers`; control frames are handled in `control`,
-DATA here); types this version does not know are
-skipped after their length check, so later versions can add frame types. Each stream follows the
+Frames are dispatched by type through a class-level table (`_HANDLERS`; control frames are
+handled in `control`, DATA here); types this version does not know are skipped after their length
+check, so later versions can add frame types. Each stream follows the
 state machine of `streams` (an explicit state and a transition table); the handshake is
 `handshake`; window policy is `flow`; RTT estimation is `rtt`; byte layouts are `frames`. A stream
 is opened by OPEN (which grants the acceptor its first window) and answered by OPEN_RESULT (which
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from kins_tunnel.proto.control import ConnState, ControlFrames
 from kins_tunnel.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
@@ -94,6 +95,17 @@ class Statistics:
 class Connection(ControlFrames):
     """One end of a tunnel. Not thread-safe; owns no socket."""
 
+    # control frame type -> handler (in `control`); DATA is parsed inline
+    _HANDLERS: ClassVar[dict[int, Callable[[Any, int, int, memoryview, list[Event]], None]]] = {
+        FrameType.HELLO: ControlFrames._on_hello,
+        FrameType.OPEN: ControlFrames._on_open,
+        FrameType.OPEN_RESULT: ControlFrames._on_open_result,
+        FrameType.WINDOW: ControlFrames._on_window,
+        FrameType.RESET: ControlFrames._on_reset,
+        FrameType.PING: ControlFrames._on_ping,
+        FrameType.GOAWAY: ControlFrames._on_goaway,
+    }
+
     def __init__(
         self,
         role: Role,
@@ -123,15 +135,6 @@ class Connection(ControlFrames):
         self.capabilities: frozenset[str] = frozenset()
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._handlers: dict[int, Callable[[int, int, memoryview, list[Event]], None]] = {
-            FrameType.HELLO: self._on_hello,
-            FrameType.OPEN: self._on_open,
-            FrameType.OPEN_RESULT: self._on_open_result,
-            FrameType.WINDOW: self._on_window,
-            FrameType.RESET: self._on_reset,
-            FrameType.PING: self._on_ping,
-            FrameType.GOAWAY: self._on_goaway,
-        }
         self._send_hello()
 
     # ------------------------------------------------------------------ queries
@@ -425,7 +428,7 @@ class Connection(ControlFrames):
             self._data_piece(view[pos : pos + take], events)
             pos += take
         unpack = HEADER.unpack_from
-        handlers = self._handlers
+        handlers = self._HANDLERS
         max_data = self.config.max_frame
         while end - pos >= HEADER_SIZE:
             word, flags, sid = unpack(view, pos)
@@ -452,7 +455,7 @@ class Connection(ControlFrames):
                 raise RemoteProtocolError(f"frame type {ftype} before HELLO")
             handler = handlers.get(ftype)
             if handler is not None:  # unknown frame types are skipped
-                handler(sid, flags, body, events)
+                handler(self, sid, flags, body, events)
             if self._state is ConnState.CLOSED:
                 break
         return pos

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import collections
-
 RTT_SAMPLES = 16
 MAX_OUTSTANDING = 64
 
@@ -13,7 +11,7 @@ class RttEstimator:
     def __init__(self) -> None:
         self.srtt: float | None = None
         self.min_rtt: float | None = None
-        self._samples: collections.deque[float] = collections.deque(maxlen=RTT_SAMPLES)
+        self._samples: list[float] = []  # the last RTT_SAMPLES (a deque would cost ~600 B)
         self._sent: dict[bytes, float | None] = {}
         self._seq = 0
 
@@ -33,6 +31,9 @@ class RttEstimator:
             return None
         rtt = max(now - sent, 0.0)
         self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
-        self._samples.append(rtt)
-        self.min_rtt = min(self._samples)
+        samples = self._samples
+        if len(samples) >= RTT_SAMPLES:
+            del samples[0]
+        samples.append(rtt)
+        self.min_rtt = min(samples)
         return rtt

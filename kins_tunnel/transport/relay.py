@@ -19,20 +19,12 @@ from dataclasses import dataclass
 import trio
 
 from kins_tunnel.proto import ErrorCode
+from kins_tunnel.transport.buffers import RunBuffer
 from kins_tunnel.transport.stream import TunnelStream
 
 RELAY_CHUNK = 256 * 1024
 
-_RELAY_BUFFER: trio.lowlevel.RunVar[memoryview] = trio.lowlevel.RunVar("kins_tunnel_relay_buffer")
-
-
-def _relay_buffer() -> memoryview:
-    try:
-        return _RELAY_BUFFER.get()
-    except LookupError:
-        view = memoryview(bytearray(RELAY_CHUNK))
-        _RELAY_BUFFER.set(view)
-        return view
+_RELAY_BUFFER = RunBuffer("kins_tunnel_relay_buffer", RELAY_CHUNK)
 
 
 @dataclass(slots=True)
@@ -50,7 +42,7 @@ async def _pump_socket_to_tunnel(
     fd = src.socket.fileno()
     total = 0
     drained = False  # the last read was short: the socket is (almost surely) empty now
-    buf = _relay_buffer()
+    buf = _RELAY_BUFFER.get()
     try:
         while True:
             if drained:

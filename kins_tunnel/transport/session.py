@@ -2,19 +2,25 @@
 
 Theory of operation
 -------------------
-- **One reader task** decrypts up to `READ_BATCH` (1 MiB) per wake-up into a buffer shared by
-  every session of the trio run, feeds it to the protocol core and dispatches the events. It never
-  waits on any stream: received data goes into the stream's queue (or straight into the relay's
-  socket), which flow control bounds to the window we granted; waiting tasks are woken.
+- **The reader** (the task that runs `serve()`) decrypts up to `READ_BATCH` (1 MiB) per wake-up
+  into a buffer shared by every session of the trio run, feeds it to the protocol core and
+  dispatches the events. It never waits on any stream: received data goes into the stream's queue
+  (or straight into the relay's socket), which flow control bounds to the window we granted;
+  waiting tasks are woken.
 - **Writes are serialised** without a lock: whoever produces protocol output calls `_kick()`,
   which writes at once if the socket takes it (no task switch on the latency path) and otherwise
   leaves the rest to the writer task. The output stays queued in the protocol core until the TLS
   socket has sent the previous batch; then up to `WRITE_BATCH` bytes are encrypted in one call
   (several TLS records, one system call; `Connection.write_output` hands them over without a
-  copy or an allocation). Senders wait while more than `OUTPUT_HIGH_WATER` bytes are queued:
+  copy or an allocation). The writer task is started the first time the socket is full (an idle
+  tunnel never has one). Senders wait while more than `OUTPUT_HIGH_WATER` bytes are queued:
   TCP's back-pressure reaches them, memory stays bounded.
-- **Liveness**: a ping every `ping_interval`; when nothing at all has arrived for `ping_timeout`
-  the session is dead and every stream on it breaks at once.
+- **Liveness** (`liveness`, one timer for every session of the trio run): a ping every
+  `ping_interval`; when nothing at all has arrived for `ping_timeout` the session is dead and every
+  stream on it breaks at once.
+- **Memory of an idle tunnel**: one task (the reader, waiting for the socket), a few small
+  objects, the TLS state; handlers are looked up in class-level tables, the writer's event and the
+  senders' parking lot are made when first needed.
 - **Streams** (`TunnelStream`) are `trio.abc.HalfCloseableStream`s: `send_eof` sends FIN,
   `receive_some` returns b"" after the peer's FIN, and a RESET surfaces as `BrokenResourceError`.
   Credit goes back to the peer when `receive_some` hands bytes to the application.
@@ -23,9 +29,10 @@ Theory of operation
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import trio
 
@@ -38,6 +45,8 @@ from kins_tunnel.proto import (
     code_text,
 )
 from kins_tunnel.proto import events as ev
+from kins_tunnel.transport import liveness
+from kins_tunnel.transport.buffers import RunBuffer
 from kins_tunnel.transport.isolation import ErrorReporter, log_internal_error
 from kins_tunnel.transport.stream import TunnelStream
 from kins_tunnel.transport.tls import READ_BATCH, TLSSocket, TransportError
@@ -48,22 +57,10 @@ WRITE_BATCH = 256 * 1024  # plaintext bytes encrypted and written per system cal
 OUTPUT_HIGH_WATER = 512 * 1024
 
 
-_READ_BUFFER: trio.lowlevel.RunVar[memoryview] = trio.lowlevel.RunVar("kins_tunnel_read_buffer")
-
-
-def _shared_read_buffer() -> memoryview:
-    """One read buffer per trio run, shared by every session of the run.
-
-    Copy contract: a caller fills it and hands a slice to `Connection.receive_data`, which copies
-    out everything it keeps (payloads and partial frames) before returning; nothing awaits between
-    the fill and that call. So the next session to read may overwrite it at once.
-    """
-    try:
-        return _READ_BUFFER.get()
-    except LookupError:
-        view = memoryview(bytearray(READ_BATCH))
-        _READ_BUFFER.set(view)
-        return view
+# One read buffer for every session of the trio run. Copy contract: the reader fills it and hands a
+# slice to `Connection.receive_data`, which copies out everything it keeps (payloads and partial
+# frames) before returning; nothing awaits between the fill and that call.
+_READ_BUFFER = RunBuffer("kins_tunnel_read_buffer", READ_BATCH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +76,36 @@ class SessionStatistics:
 
 class Session:
     """A live tunnel. Run `serve()` in a nursery; it returns when the tunnel is over."""
+
+    __slots__ = (
+        "tls",
+        "conn",
+        "label",
+        "_on_open",
+        "_report",
+        "_ping_interval",
+        "_ping_timeout",
+        "_next_ping",
+        "_liveness",
+        "_streams",
+        "_opening",
+        "_writer_wakeup",
+        "_writer_started",
+        "_writable_lot",
+        "_last_rx",
+        "handshake_done",
+        "closed",
+        "close_reason",
+        "peer_names",
+        "peer_agent",
+        "draining",
+        "rtt",
+        "started_at",
+        "stalls",
+        "handshake_failure",
+        "_nursery",
+        "_task_status",
+    )
 
     def __init__(
         self,
@@ -96,14 +123,17 @@ class Session:
         self.label = label
         self._on_open = on_open
         self._report = report
-        self._ping_interval = ping_interval
+        self._ping_interval = max(ping_interval, 0.01)
         self._ping_timeout = ping_timeout
+        self._next_ping = math.inf
+        self._liveness: liveness.Entry | None = None
         self._streams: dict[int, TunnelStream] = {}
         self._opening: dict[
             int, trio.MemorySendChannel[tuple[ev.OpenResult, TunnelStream | None]]
         ] = {}
-        self._writer_wakeup = trio.Event()
-        self._writable_lot = trio.lowlevel.ParkingLot()
+        self._writer_wakeup: trio.Event | None = None  # made by the writer task, once it runs
+        self._writer_started = False
+        self._writable_lot: trio.lowlevel.ParkingLot | None = None  # made for the first sender
         self._last_rx = trio.current_time()
         self.handshake_done = trio.Event()
         self.closed = trio.Event()
@@ -112,23 +142,11 @@ class Session:
         self.peer_agent = ""
         self.draining = False  # the peer sent GOAWAY
         self.rtt: float | None = None
-        self.started_at = trio.current_time()
+        self.started_at = self._last_rx
         self.stalls = 0
         self.handshake_failure: str | None = None  # a short label when the HELLO exchange failed
         self._nursery: trio.Nursery | None = None
-        # event type -> handler: one lookup per event on the reader's path
-        self._handlers: dict[type[ev.Event], Callable[[Any], None]] = {
-            ev.DataReceived: self._on_data,
-            ev.WindowUpdated: self._on_window,
-            ev.StreamEnded: self._on_end,
-            ev.StreamOpened: self._on_stream_opened,
-            ev.OpenResult: self._on_open_result,
-            ev.StreamReset: self._on_reset,
-            ev.PongReceived: self._on_pong,
-            ev.HandshakeComplete: self._on_handshake,
-            ev.GoAwayReceived: self._on_goaway,
-            ev.ConnectionTerminated: self._on_terminated,
-        }
+        self._task_status: trio.TaskStatus[None] | None = None  # until the handshake is done
 
     # ------------------------------------------------------------------ lifecycle
     async def serve(
@@ -141,22 +159,18 @@ class Session:
 
         `task_status.started()` is called once the handshake is complete. Raises TransportError or
         RemoteProtocolError if the handshake fails; afterwards failures just end the session.
+        The calling task is the session's reader.
         """
-        started = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._reader)
-                nursery.start_soon(self._writer)
-                self._kick()
+                self._task_status = task_status
+                self._kick()  # our HELLO
                 with trio.move_on_after(handshake_timeout):
-                    await self.handshake_done.wait()
-                if self.handshake_done.is_set() and not self.closed.is_set():
-                    started = True
-                    task_status.started()
-                    nursery.start_soon(self._pinger)
-                    await self.closed.wait()
-                else:
+                    await self._reader()  # returns once the handshake is complete
+                if self._task_status is None and not self.closed.is_set():
+                    await self._reader()  # outside the handshake's scope: it costs memory
+                if self._task_status is not None:  # the handshake did not complete
                     if self.handshake_failure is None:
                         self.handshake_failure = (
                             "timeout" if not self.closed.is_set() else "protocol"
@@ -165,8 +179,19 @@ class Session:
                 nursery.cancel_scope.cancel()
         finally:
             self._shutdown(self.close_reason or "session ended")
-        if not started:
+        if self._task_status is not None:
+            self._task_status = None
             raise TransportError(self.close_reason)
+
+    def _handshake_complete(self) -> None:
+        """The HELLOs are exchanged and the batch that completed them is dispatched."""
+        task_status, self._task_status = self._task_status, None
+        assert task_status is not None
+        now = trio.current_time()
+        self.conn.ping()  # first RTT sample right away: it sizes the windows
+        self._next_ping = now + self._ping_interval
+        self._liveness = liveness.watch(self, min(self._next_ping, now + self._ping_timeout))
+        task_status.started()
 
     def _shutdown(self, reason: str) -> None:
         if not self.close_reason:
@@ -178,7 +203,11 @@ class Session:
         for ch in self._opening.values():
             ch.close()
         self._opening.clear()
-        self._writable_lot.unpark_all()
+        if self._writable_lot is not None:
+            self._writable_lot.unpark_all()
+        if self._liveness is not None:
+            liveness.forget(self._liveness)
+            self._liveness = None
         self.tls.close()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
@@ -345,11 +374,12 @@ class Session:
 
     # ------------------------------------------------------------------ reader
     async def _reader(self) -> None:
-        # One read buffer for every session of the thread: nothing awaits between filling it and
-        # the protocol core taking what it needs (payloads and partial frames are copied out), so
-        # 10,000 idle tunnels do not cost 10,000 buffers.
-        view = _shared_read_buffer()
+        """Read, decode and dispatch until the session ends (or, during the handshake, until it
+        is complete)."""
+        view = _READ_BUFFER.get()
         tls = self.tls
+        conn = self.conn
+        handlers = self._HANDLERS
         try:
             while True:
                 if tls.drained:
@@ -361,7 +391,7 @@ class Session:
                     continue
                 self._last_rx = trio.current_time()
                 try:
-                    events = self.conn.receive_data(view[:n] if n else b"")
+                    events = conn.receive_data(view[:n] if n else b"")
                 except RemoteProtocolError as exc:
                     if not self.handshake_done.is_set():
                         self.handshake_failure = (
@@ -370,11 +400,20 @@ class Session:
                     self._kick()
                     self._shutdown(f"protocol error from peer: {exc}")
                     return
-                self._dispatch(events)
-                self._kick()
-                if self.conn.closed:
+                for e in events:
+                    try:
+                        handlers[type(e)](self, e)
+                    except Exception as exc:
+                        self._stream_event_failed(e, exc)
+                if conn.closed:
+                    self._kick()
                     self._shutdown(self.close_reason or "peer closed the tunnel")
                     return
+                if self._task_status is not None and self.handshake_done.is_set():
+                    self._handshake_complete()
+                    self._kick()
+                    return  # serve() goes on reading outside the handshake's deadline
+                self._kick()
                 if n == len(view):  # a full batch: more is waiting; let the other tasks run first
                     await trio.lowlevel.checkpoint()
         except TransportError as exc:
@@ -385,19 +424,14 @@ class Session:
             self._report("session", exc)
             self.close(f"internal error: {type(exc).__name__}", ErrorCode.INTERNAL_ERROR)
 
-    def _dispatch(self, events: list[ev.Event]) -> None:
-        handlers = self._handlers
-        for e in events:
-            try:
-                handlers[type(e)](e)
-            except Exception as exc:
-                # A bug while handling one stream's event ends that stream, not the tunnel;
-                # connection-level events have no stream to blame and end the tunnel.
-                sid = getattr(e, "stream_id", 0)
-                if not sid:
-                    raise
-                self._report("stream", exc)
-                self._fail_stream(sid, exc)
+    def _stream_event_failed(self, e: ev.Event, exc: Exception) -> None:
+        """A bug while handling one stream's event ends that stream, not the tunnel;
+        connection-level events have no stream to blame and end the tunnel."""
+        sid = getattr(e, "stream_id", 0)
+        if not sid:
+            raise exc
+        self._report("stream", exc)
+        self._fail_stream(sid, exc)
 
     def _on_data(self, e: ev.DataReceived) -> None:
         s = self._streams.get(e.stream_id)
@@ -462,6 +496,20 @@ class Session:
     def _on_terminated(self, e: ev.ConnectionTerminated) -> None:
         self.close_reason = e.reason
 
+    # event type -> handler: one lookup per event on the reader's path
+    _HANDLERS: ClassVar[dict[type[ev.Event], Callable[[Session, Any], None]]] = {
+        ev.DataReceived: _on_data,
+        ev.WindowUpdated: _on_window,
+        ev.StreamEnded: _on_end,
+        ev.StreamOpened: _on_stream_opened,
+        ev.OpenResult: _on_open_result,
+        ev.StreamReset: _on_reset,
+        ev.PongReceived: _on_pong,
+        ev.HandshakeComplete: _on_handshake,
+        ev.GoAwayReceived: _on_goaway,
+        ev.ConnectionTerminated: _on_terminated,
+    }
+
     # ------------------------------------------------------------------ writer
     def _kick(self) -> None:
         """Move protocol output to the socket now if it takes it; otherwise wake the writer.
@@ -471,9 +519,10 @@ class Session:
         """
         conn = self.conn
         tls = self.tls
+        lot = self._writable_lot
         if not conn.pending_output() and not tls.pending:  # nothing to write (the common case)
-            if self._writable_lot:
-                self._writable_lot.unpark_all()
+            if lot:
+                lot.unpark_all()
             return
         if not self.closed.is_set():
             try:
@@ -481,21 +530,30 @@ class Session:
                     if not conn.write_output(tls.send_chunk, WRITE_BATCH):
                         break
                 else:
-                    self._writer_wakeup.set()  # the socket is full: the writer waits for it
+                    self._wake_writer()  # the socket is full: the writer waits for it
             except TransportError as exc:
                 self._shutdown(str(exc))
                 return
-        if self._writable_lot and conn.pending_output() <= OUTPUT_HIGH_WATER:
-            self._writable_lot.unpark_all()
+        if lot and conn.pending_output() <= OUTPUT_HIGH_WATER:
+            lot.unpark_all()
+
+    def _wake_writer(self) -> None:
+        if self._writer_wakeup is not None:
+            self._writer_wakeup.set()
+        elif not self._writer_started and self._nursery is not None:
+            self._writer_started = True
+            self._nursery.start_soon(self._writer)
 
     async def _writer(self) -> None:
+        """Waits for the socket while it is full; started the first time it is."""
+        self._writer_started = True
         try:
             while True:
-                await self._writer_wakeup.wait()
-                self._writer_wakeup = trio.Event()
                 while not self.tls.flush():
                     await self.tls.wait_writable()
-                self._kick()
+                wakeup = self._writer_wakeup = trio.Event()
+                self._kick()  # sets `wakeup` if the socket filled up again
+                await wakeup.wait()
         except TransportError as exc:
             self._shutdown(str(exc))
         except trio.ClosedResourceError:  # another task closed the session under our wait
@@ -511,28 +569,32 @@ class Session:
         if self.output_full:
             self.stalls += 1
         while self.output_full and not self.closed.is_set():
+            if self._writable_lot is None:
+                self._writable_lot = trio.lowlevel.ParkingLot()
             await self._writable_lot.park()
 
     # ------------------------------------------------------------------ liveness
-    async def _pinger(self) -> None:
-        """Ping every `ping_interval`; close the session `ping_timeout` after the last byte
-        received (to the scheduler's precision), whatever the interval."""
-        interval = max(self._ping_interval, 0.01)
-        if self.conn.is_open:
-            self.conn.ping()  # first RTT sample right away: it sizes the windows
-            self._kick()
-        next_ping = trio.current_time() + interval
-        while True:
-            await trio.sleep_until(min(next_ping, self._last_rx + self._ping_timeout))
-            now = trio.current_time()
-            idle = now - self._last_rx
-            if idle >= self._ping_timeout:
+    def liveness_due(self, now: float) -> float | None:
+        """Called by the liveness timer when due: ping every `ping_interval`; close the session
+        `ping_timeout` after the last byte received (to the scheduler's precision), whatever the
+        interval. Returns when to be called next (None: the session is over)."""
+        if self.closed.is_set():
+            return None
+        try:
+            deadline = self._last_rx + self._ping_timeout
+            if now >= deadline:
                 self.close(
-                    f"no traffic from peer for {idle:.1f}s (ping timeout)", ErrorCode.NO_ERROR
+                    f"no traffic from peer for {now - self._last_rx:.1f}s (ping timeout)",
+                    ErrorCode.NO_ERROR,
                 )
-                return
-            if now >= next_ping:
-                next_ping = now + interval
+                return None
+            if now >= self._next_ping:
+                self._next_ping = now + self._ping_interval
                 if self.conn.is_open:
                     self.conn.ping()
                     self._kick()
+            return min(self._next_ping, deadline)
+        except Exception as exc:  # a bug: it ends this tunnel only
+            self._report("session", exc)
+            self.close(f"internal error: {type(exc).__name__}", ErrorCode.INTERNAL_ERROR)
+            return None

@@ -41,11 +41,15 @@ from typing import Any
 
 import trio
 
+from kins_tunnel.transport.buffers import RunBuffer
+
 READ_BATCH = 1024 * 1024  # plaintext bytes the session gathers per wake-up
 RAW_READ = 256 * 1024  # ciphertext bytes per read system call
 NOTSENT_LOWAT = 128 * 1024  # unsent bytes the kernel may hold for us (see "Latency" above)
 
-_RAW_BUFFER: trio.lowlevel.RunVar[memoryview] = trio.lowlevel.RunVar("kins_tunnel_tls_raw_buffer")
+HANDSHAKE_PIECE = 256  # ciphertext bytes handed to OpenSSL at a time during the handshake
+
+_RAW_BUFFER = RunBuffer("kins_tunnel_tls_raw_buffer", RAW_READ)
 
 
 class TransportError(Exception):
@@ -80,15 +84,8 @@ def tune_allocator() -> None:
 
 def _raw_buffer() -> memoryview:
     """The ciphertext scratch buffer of this trio run (see the module docstring)."""
-    try:
-        return _RAW_BUFFER.get()
-    except LookupError:
-        tune_allocator()
-        view = memoryview(bytearray(RAW_READ))
-        _RAW_BUFFER.set(view)
-        return view
-    except RuntimeError:  # pragma: no cover - outside trio (tests driving the class by hand)
-        return memoryview(bytearray(RAW_READ))
+    tune_allocator()
+    return _RAW_BUFFER.get()
 
 
 class TLSSocket:
@@ -165,22 +162,56 @@ class TLSSocket:
 
     # ------------------------------------------------------------------ handshake
     async def do_handshake(self) -> None:
-        """Run the TLS handshake; the caller sets the deadline."""
+        """Run the TLS handshake; the caller sets the deadline.
+
+        The peer's flight goes to OpenSSL `HANDSHAKE_PIECE` bytes at a time: a memory BIO never
+        shrinks, so fed whole it would keep the size of the largest flight for the connection's
+        life (about 1 KiB per idle tunnel); fed in pieces it stays at a piece.
+        """
+        rest: memoryview | None = None  # read from the socket, not yet handed to OpenSSL
         while True:
             try:
                 self._obj.do_handshake()
             except ssl.SSLWantReadError:
-                await self._flush_all()
-                await self.wait_readable()
-                if not self._fill():
-                    await trio.lowlevel.checkpoint()  # a spurious wake-up: wait again
+                if rest is None:
+                    await self._flush_all()
+                    await self.wait_readable()
+                    rest = self._read_raw()
+                    if not rest:  # a spurious wake-up (wait again), or EOF (OpenSSL says so)
+                        rest = None
+                        await trio.lowlevel.checkpoint()
+                        continue
+                # nothing awaits while `rest` (a view of the shared raw buffer) is in use
+                self._in.write(rest[:HANDSHAKE_PIECE])
+                rest = rest[HANDSHAKE_PIECE:] if len(rest) > HANDSHAKE_PIECE else None
+                if self._out.pending:
+                    self.flush()
                 continue
             except (ssl.SSLError, OSError) as exc:
                 self._flush_quietly()  # the alert tells the peer why
                 raise TransportError(f"TLS handshake failed: {_describe(exc)}") from exc
+            if rest is not None:  # what followed the handshake (the peer's first data)
+                self._in.write(rest)
             self._peer_der = self._obj.getpeercert(binary_form=True)
             await self._flush_all()
             return
+
+    def _read_raw(self) -> memoryview | None:
+        """One read from the socket (a view of the shared raw buffer); None: nothing there.
+        At EOF the incoming BIO is told and an empty view is returned."""
+        if self._eof:
+            return None
+        raw = _raw_buffer()
+        try:
+            n = os.readv(self._fd, (raw,))
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            raise TransportError(f"tunnel read failed: {_describe(exc)}") from exc
+        if n == 0:
+            self._eof = True
+            self._in.write_eof()
+        return raw[:n]
 
     async def _flush_all(self) -> None:
         while not self.flush():
@@ -195,21 +226,12 @@ class TLSSocket:
     # ------------------------------------------------------------------ reading
     def _fill(self) -> bool:
         """One read from the socket into the incoming BIO. False: nothing there (would block)."""
-        if self._eof:
+        raw = self._read_raw()
+        if raw is None:
             return False
-        raw = _raw_buffer()
-        try:
-            n = os.readv(self._fd, (raw,))
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError as exc:
-            raise TransportError(f"tunnel read failed: {_describe(exc)}") from exc
-        if n == 0:
-            self._eof = True
-            self._in.write_eof()
-            return True
-        self._in.write(raw[:n])
-        self._short = n < RAW_READ  # a short read: the socket is (almost surely) empty now
+        if raw:
+            self._in.write(raw)
+            self._short = len(raw) < RAW_READ  # a short read: the socket is (almost surely) empty
         return True
 
     def receive_into(self, view: memoryview) -> int | None:
