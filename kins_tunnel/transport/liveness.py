@@ -1,19 +1,19 @@
 """Liveness of tunnels: one timer per trio run pings every session and ends the silent ones.
 
-A session pings its peer every `ping_interval` and ends `ping_timeout` after the last byte it
-received. A sleeping task per session would cost every idle tunnel a task, a coroutine chain and
-a cancel scope (about 3 KiB each, measured with tracemalloc); instead one system task per trio run
-keeps a heap of (due time, session) entries and, when an entry is due, calls the session's
-`liveness_due(now)`, which does what is due (a ping, or closing the session) and returns its next
-due time, or None to be forgotten.
+A session is pinged every `interval` and ends `timeout` after the last byte it received
+(`last_rx`), to the scheduler's precision, whatever the interval. A sleeping task per session
+would cost every idle tunnel a task, a coroutine chain and a cancel scope (about 3 KiB, measured
+with tracemalloc); instead one system task per trio run keeps a heap of entries (due time, the
+session and its ping schedule) and, when one is due, pings the session (`ping()`) or ends it
+(`timed_out(idle)`).
 
 A session's due time only moves later as bytes arrive, so receiving costs no heap operation: an
-entry that comes up early is simply pushed again with the new time. A closed session's entry is
-voided at once (`forget`), so the heap never keeps a dead session alive.
+entry that comes up early is pushed again with its new time. A closed session's entry is voided at
+once (`forget`), so the heap never keeps a dead session alive.
 
-`liveness_due` must not raise: it is the session's failure-isolation boundary (a bug there ends
-that session). The timer still catches and reports anything that escapes, because an exception in
-a system task would end the whole trio run.
+`ping` and `timed_out` must not raise: they are the session's failure-isolation boundary (a bug
+there ends that session). The timer still catches and reports anything that escapes, because an
+exception in a system task would end the whole trio run.
 """
 
 from __future__ import annotations
@@ -28,22 +28,43 @@ from kins_tunnel.transport.isolation import log_internal_error
 
 
 class Watched(Protocol):
-    def liveness_due(self, now: float) -> float | None:
-        """Do what is due at `now`; return the next due time, or None when done."""
+    @property
+    def last_rx(self) -> float:
+        """Clock time of the last byte received."""
+
+    def ping(self) -> None: ...
+
+    def timed_out(self, idle: float) -> None:
+        """Nothing arrived for `idle` seconds (at least the timeout): end the session."""
 
 
 class Entry:
     """A session's place in the timer's heap; `watched` is None once it is forgotten."""
 
-    __slots__ = ("due", "seq", "watched")
+    __slots__ = ("due", "seq", "watched", "interval", "timeout", "next_ping")
 
-    def __init__(self, due: float, seq: int, watched: Watched) -> None:
-        self.due = due
-        self.seq = seq
+    def __init__(self, watched: Watched, interval: float, timeout: float, now: float) -> None:
         self.watched: Watched | None = watched
+        self.interval = max(interval, 0.01)
+        self.timeout = timeout
+        self.next_ping = now + self.interval
+        self.due = min(self.next_ping, watched.last_rx + timeout)
+        self.seq = 0
 
     def __lt__(self, other: Entry) -> bool:
         return self.due < other.due or (self.due == other.due and self.seq < other.seq)
+
+    def run(self, watched: Watched, now: float) -> bool:
+        """Do what is due at `now`; False: the session timed out (forget the entry)."""
+        deadline = watched.last_rx + self.timeout
+        if now >= deadline:
+            watched.timed_out(now - watched.last_rx)
+            return False
+        if now >= self.next_ping:
+            self.next_ping = now + self.interval
+            watched.ping()
+        self.due = min(self.next_ping, deadline)
+        return True
 
 
 class _Timer:
@@ -54,12 +75,11 @@ class _Timer:
         self._seq = itertools.count()
         self._wakeup = trio.Event()
 
-    def add(self, watched: Watched, due: float) -> Entry:
-        entry = Entry(due, next(self._seq), watched)
+    def add(self, entry: Entry) -> None:
+        entry.seq = next(self._seq)
         heapq.heappush(self._heap, entry)
         if self._heap[0] is entry:
             self._wakeup.set()  # earlier than what the timer sleeps for
-        return entry
 
     async def run(self) -> None:
         heap = self._heap
@@ -77,27 +97,28 @@ class _Timer:
                 if watched is None:
                     continue  # forgotten
                 try:
-                    due = watched.liveness_due(now)
-                except Exception as exc:  # pragma: no cover - liveness_due reports its own bugs
+                    again = entry.run(watched, now)
+                except Exception as exc:  # pragma: no cover - the session reports its own bugs
                     log_internal_error("liveness", exc)
-                    due = None
-                if due is not None:
-                    entry.due = due
+                    again = False
+                if again:
                     heapq.heappush(heap, entry)
 
 
 _TIMER: trio.lowlevel.RunVar[_Timer] = trio.lowlevel.RunVar("kins_tunnel_liveness")
 
 
-def watch(watched: Watched, due: float) -> Entry:
-    """Call `watched.liveness_due(now)` at `due` (then at the times it returns)."""
+def watch(watched: Watched, interval: float, timeout: float) -> Entry:
+    """Ping `watched` every `interval` from now on; end it `timeout` after its last byte."""
     try:
         timer = _TIMER.get()
     except LookupError:
         timer = _Timer()
         _TIMER.set(timer)
         trio.lowlevel.spawn_system_task(timer.run, name="kins_tunnel liveness timer")
-    return timer.add(watched, due)
+    entry = Entry(watched, interval, timeout, trio.current_time())
+    timer.add(entry)
+    return entry
 
 
 def forget(entry: Entry) -> None:

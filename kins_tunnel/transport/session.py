@@ -7,14 +7,10 @@ Theory of operation
   dispatches the events. It never waits on any stream: received data goes into the stream's queue
   (or straight into the relay's socket), which flow control bounds to the window we granted;
   waiting tasks are woken.
-- **Writes are serialised** without a lock: whoever produces protocol output calls `_kick()`,
-  which writes at once if the socket takes it (no task switch on the latency path) and otherwise
-  leaves the rest to the writer task. The output stays queued in the protocol core until the TLS
-  socket has sent the previous batch; then up to `WRITE_BATCH` bytes are encrypted in one call
-  (several TLS records, one system call; `Connection.write_output` hands them over without a
-  copy or an allocation). The writer task is started the first time the socket is full (an idle
-  tunnel never has one). Senders wait while more than `OUTPUT_HIGH_WATER` bytes are queued:
-  TCP's back-pressure reaches them, memory stays bounded.
+- **Writes** (`writer.SessionWriter`, the session's `output`): whoever produces protocol output
+  calls `output.kick()`, which writes at once if the socket takes it (no task switch on the
+  latency path) and otherwise leaves the rest to a writer task, started the first time the socket
+  is full. Senders wait while too much is queued: TCP's back-pressure reaches them.
 - **Liveness** (`liveness`, one timer for every session of the trio run): a ping every
   `ping_interval`; when nothing at all has arrived for `ping_timeout` the session is dead and every
   stream on it breaks at once.
@@ -29,7 +25,6 @@ Theory of operation
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -48,13 +43,12 @@ from kins_tunnel.proto import events as ev
 from kins_tunnel.transport import liveness
 from kins_tunnel.transport.buffers import RunBuffer
 from kins_tunnel.transport.isolation import ErrorReporter, log_internal_error
+from kins_tunnel.transport.opening import PendingOpens
 from kins_tunnel.transport.stream import TunnelStream
 from kins_tunnel.transport.tls import READ_BATCH, TLSSocket, TransportError
+from kins_tunnel.transport.writer import SessionWriter
 
 log = logging.getLogger("kins_tunnel.session")
-
-WRITE_BATCH = 256 * 1024  # plaintext bytes encrypted and written per system call (at most)
-OUTPUT_HIGH_WATER = 512 * 1024
 
 
 # One read buffer for every session of the trio run. Copy contract: the reader fills it and hands a
@@ -85,13 +79,10 @@ class Session:
         "_report",
         "_ping_interval",
         "_ping_timeout",
-        "_next_ping",
         "_liveness",
         "_streams",
-        "_opening",
-        "_writer_wakeup",
-        "_writer_started",
-        "_writable_lot",
+        "_opens",
+        "output",
         "_last_rx",
         "handshake_done",
         "closed",
@@ -123,20 +114,15 @@ class Session:
         self.label = label
         self._on_open = on_open
         self._report = report
-        self._ping_interval = max(ping_interval, 0.01)
+        self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
-        self._next_ping = math.inf
         self._liveness: liveness.Entry | None = None
         self._streams: dict[int, TunnelStream] = {}
-        self._opening: dict[
-            int, trio.MemorySendChannel[tuple[ev.OpenResult, TunnelStream | None]]
-        ] = {}
-        self._writer_wakeup: trio.Event | None = None  # made by the writer task, once it runs
-        self._writer_started = False
-        self._writable_lot: trio.lowlevel.ParkingLot | None = None  # made for the first sender
+        self._opens = PendingOpens()
         self._last_rx = trio.current_time()
         self.handshake_done = trio.Event()
         self.closed = trio.Event()
+        self.output = SessionWriter(conn, tls, self.closed, self._shutdown)
         self.close_reason = ""
         self.peer_names: tuple[str, ...] = ()
         self.peer_agent = ""
@@ -164,8 +150,9 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self.output.start(nursery)
                 self._task_status = task_status
-                self._kick()  # our HELLO
+                self.output.kick()  # our HELLO
                 with trio.move_on_after(handshake_timeout):
                     await self._reader()  # returns once the handshake is complete
                 if self._task_status is None and not self.closed.is_set():
@@ -187,10 +174,8 @@ class Session:
         """The HELLOs are exchanged and the batch that completed them is dispatched."""
         task_status, self._task_status = self._task_status, None
         assert task_status is not None
-        now = trio.current_time()
         self.conn.ping()  # first RTT sample right away: it sizes the windows
-        self._next_ping = now + self._ping_interval
-        self._liveness = liveness.watch(self, min(self._next_ping, now + self._ping_timeout))
+        self._liveness = liveness.watch(self, self._ping_interval, self._ping_timeout)
         task_status.started()
 
     def _shutdown(self, reason: str) -> None:
@@ -200,11 +185,8 @@ class Session:
         for stream in list(self._streams.values()):
             stream.broken(f"tunnel closed: {self.close_reason}")
         self._streams.clear()
-        for ch in self._opening.values():
-            ch.close()
-        self._opening.clear()
-        if self._writable_lot is not None:
-            self._writable_lot.unpark_all()
+        self._opens.close_all()
+        self.output.wake_senders()
         if self._liveness is not None:
             liveness.forget(self._liveness)
             self._liveness = None
@@ -217,13 +199,13 @@ class Session:
         if self.closed.is_set():
             return
         self.conn.close(code, reason)
-        self._kick()
+        self.output.kick()
         self._shutdown(reason)
 
     def goaway(self, reason: str = "draining") -> None:
         """Start draining: the peer may not open new streams; existing streams go on."""
         self.conn.goaway(ErrorCode.NO_ERROR, reason)
-        self._kick()
+        self.output.kick()
 
     def statistics(self) -> SessionStatistics:
         st = self.conn.statistics()
@@ -261,40 +243,21 @@ class Session:
             sid = self.conn.open_stream(target)
         except LocalProtocolError as exc:
             raise OpenFailed(exc.code, str(exc)) from None
-        send, recv = trio.open_memory_channel[tuple[ev.OpenResult, "TunnelStream | None"]](1)
-        self._opening[sid] = send
-        self._kick()
-        stream: TunnelStream | None = None
-        returned = False
-        try:
-            with trio.move_on_after(timeout):
-                try:
-                    result, stream = await recv.receive()
-                except trio.EndOfChannel:
-                    raise OpenFailed(
-                        ErrorCode.CONNECT_ERROR, f"tunnel closed: {self.close_reason}"
-                    ) from None
-                if not result.ok or stream is None:
-                    raise OpenFailed(result.code, result.message or code_text(result.code))
-                returned = True
-                return stream
-            raise OpenFailed(
-                ErrorCode.TIMEOUT, f"the peer did not answer the open within {timeout:g}s"
-            )
-        finally:
-            pending = self._opening.pop(sid, None) is not None
-            if stream is not None and not returned:
-                stream.abort(ErrorCode.CANCEL, "open abandoned")  # opened, but nobody wants it now
-            elif pending and stream is None and not self.closed.is_set():
-                self.conn.reset_stream(sid, ErrorCode.CANCEL, "open abandoned")
-                self._kick()
+        self.output.kick()
+        return await self._opens.wait(sid, timeout, self)
+
+    def abandon_open(self, stream_id: int) -> None:
+        """An open we sent is not waited for any more (timeout, cancel): reset the stream."""
+        if not self.closed.is_set():
+            self.conn.reset_stream(stream_id, ErrorCode.CANCEL, "open abandoned")
+            self.output.kick()
 
     def accept(self, stream_id: int) -> TunnelStream:
         """Accept a stream the peer opened (after `on_open`), returning it."""
         self.conn.accept_stream(stream_id)
         stream = TunnelStream(self, stream_id)
         self._streams[stream_id] = stream
-        self._kick()
+        self.output.kick()
         return stream
 
     def reject(self, stream_id: int, code: ErrorCode | int, message: str) -> None:
@@ -304,7 +267,7 @@ class Session:
             self.conn.reject_stream(stream_id, code, message)
         except LocalProtocolError:
             return  # reset or gone meanwhile
-        self._kick()
+        self.output.kick()
 
     def start_stream_task(
         self, stream_id: int, fn: Callable[..., Awaitable[object]], *args: object
@@ -333,9 +296,7 @@ class Session:
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
             stream.broken(f"internal error: {type(exc).__name__}", ErrorCode.INTERNAL_ERROR)
-        ch = self._opening.pop(stream_id, None)
-        if ch is not None:
-            ch.close()
+        self._opens.fail(stream_id)
         try:
             if self.conn.is_pending_remote(stream_id):
                 self.conn.reject_stream(stream_id, ErrorCode.INTERNAL_ERROR, "internal error")
@@ -343,7 +304,7 @@ class Session:
                 self.conn.reset_stream(stream_id, ErrorCode.INTERNAL_ERROR, "internal error")
         except LocalProtocolError:
             pass
-        self._kick()
+        self.output.kick()
 
     # ------------------------------------------------------------------ StreamIO (for TunnelStream)
     @property
@@ -352,21 +313,21 @@ class Session:
 
     def send(self, stream_id: int, data: bytes | bytearray | memoryview, end: bool = False) -> int:
         n = self.conn.send_data(stream_id, data, end)
-        self._kick()
+        self.output.kick()
         if n < len(data):
             self.stalls += 1  # the sender waits for the peer's credit
         return n
 
     def consumed(self, stream_id: int, n: int) -> None:
         self.conn.consumed(stream_id, n)
-        self._kick()
+        self.output.kick()
 
     def send_window(self, stream_id: int) -> int:
         return self.conn.send_window(stream_id)
 
     def reset(self, stream_id: int, code: ErrorCode, message: str) -> None:
         self.conn.reset_stream(stream_id, code, message)
-        self._kick()
+        self.output.kick()
 
     def detach(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
@@ -397,7 +358,7 @@ class Session:
                         self.handshake_failure = (
                             "version" if exc.code == ErrorCode.VERSION_MISMATCH else "protocol"
                         )
-                    self._kick()
+                    self.output.kick()
                     self._shutdown(f"protocol error from peer: {exc}")
                     return
                 for e in events:
@@ -406,14 +367,14 @@ class Session:
                     except Exception as exc:
                         self._stream_event_failed(e, exc)
                 if conn.closed:
-                    self._kick()
+                    self.output.kick()
                     self._shutdown(self.close_reason or "peer closed the tunnel")
                     return
                 if self._task_status is not None and self.handshake_done.is_set():
                     self._handshake_complete()
-                    self._kick()
+                    self.output.kick()
                     return  # serve() goes on reading outside the handshake's deadline
-                self._kick()
+                self.output.kick()
                 if n == len(view):  # a full batch: more is waiting; let the other tasks run first
                     await trio.lowlevel.checkpoint()
         except TransportError as exc:
@@ -459,26 +420,23 @@ class Session:
             self._on_open(self, e.stream_id, e.target)
 
     def _on_open_result(self, e: ev.OpenResult) -> None:
-        ch = self._opening.pop(e.stream_id, None)
-        if ch is None:
+        if e.stream_id not in self._opens:
             if e.ok:
                 self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "open abandoned")
-        elif e.ok:
+            return
+        stream = None
+        if e.ok:
             # Register the stream now, before the opener runs: data (or FIN) the target
             # sends first may follow in this very batch and must land in the stream.
-            stream = TunnelStream(self, e.stream_id)
-            self._streams[e.stream_id] = stream
-            ch.send_nowait((e, stream))
-        else:
-            ch.send_nowait((e, None))
+            stream = self._streams[e.stream_id] = TunnelStream(self, e.stream_id)
+        self._opens.answer(e, stream)
 
     def _on_reset(self, e: ev.StreamReset) -> None:
         s = self._streams.pop(e.stream_id, None)
         if s is not None:
             s.broken(f"reset by peer: {e.message or code_text(e.code)}", e.code)
-        ch = self._opening.pop(e.stream_id, None)
-        if ch is not None:
-            ch.send_nowait((ev.OpenResult(e.stream_id, e.code, e.message), None))
+        if e.stream_id in self._opens:
+            self._opens.answer(ev.OpenResult(e.stream_id, e.code, e.message), None)
 
     def _on_pong(self, e: ev.PongReceived) -> None:
         if e.rtt is not None:
@@ -510,91 +468,32 @@ class Session:
         ev.ConnectionTerminated: _on_terminated,
     }
 
-    # ------------------------------------------------------------------ writer
-    def _kick(self) -> None:
-        """Move protocol output to the socket now if it takes it; otherwise wake the writer.
-
-        Whatever path it takes, senders waiting for output space are woken once the queue is
-        below the high-water mark (a wake-up lost here would stall every stream of the tunnel).
-        """
-        conn = self.conn
-        tls = self.tls
-        lot = self._writable_lot
-        if not conn.pending_output() and not tls.pending:  # nothing to write (the common case)
-            if lot:
-                lot.unpark_all()
-            return
-        if not self.closed.is_set():
-            try:
-                while tls.flush():  # the previous batch is out: encrypt and send the next one
-                    if not conn.write_output(tls.send_chunk, WRITE_BATCH):
-                        break
-                else:
-                    self._wake_writer()  # the socket is full: the writer waits for it
-            except TransportError as exc:
-                self._shutdown(str(exc))
-                return
-        if lot and conn.pending_output() <= OUTPUT_HIGH_WATER:
-            lot.unpark_all()
-
-    def _wake_writer(self) -> None:
-        if self._writer_wakeup is not None:
-            self._writer_wakeup.set()
-        elif not self._writer_started and self._nursery is not None:
-            self._writer_started = True
-            self._nursery.start_soon(self._writer)
-
-    async def _writer(self) -> None:
-        """Waits for the socket while it is full; started the first time it is."""
-        self._writer_started = True
-        try:
-            while True:
-                while not self.tls.flush():
-                    await self.tls.wait_writable()
-                wakeup = self._writer_wakeup = trio.Event()
-                self._kick()  # sets `wakeup` if the socket filled up again
-                await wakeup.wait()
-        except TransportError as exc:
-            self._shutdown(str(exc))
-        except trio.ClosedResourceError:  # another task closed the session under our wait
-            self._shutdown(self.close_reason or "session closed")
-
+    # ------------------------------------------------------------------ output (see `writer`)
     @property
     def output_full(self) -> bool:
         """More than the high-water mark is queued for the socket: senders should wait."""
-        return self.conn.pending_output() > OUTPUT_HIGH_WATER
+        return self.output.full
 
     async def wait_output_space(self) -> None:
         """Block while too much output is queued (TCP back-pressure)."""
-        if self.output_full:
+        if self.output.full:
             self.stalls += 1
-        while self.output_full and not self.closed.is_set():
-            if self._writable_lot is None:
-                self._writable_lot = trio.lowlevel.ParkingLot()
-            await self._writable_lot.park()
+            await self.output.wait_space()
 
-    # ------------------------------------------------------------------ liveness
-    def liveness_due(self, now: float) -> float | None:
-        """Called by the liveness timer when due: ping every `ping_interval`; close the session
-        `ping_timeout` after the last byte received (to the scheduler's precision), whatever the
-        interval. Returns when to be called next (None: the session is over)."""
-        if self.closed.is_set():
-            return None
+    # ------------------------------------------------------------------ liveness (see `liveness`)
+    @property
+    def last_rx(self) -> float:
+        return self._last_rx
+
+    def ping(self) -> None:
+        """Send a PING (the answer updates `rtt`); a bug here ends this tunnel only."""
         try:
-            deadline = self._last_rx + self._ping_timeout
-            if now >= deadline:
-                self.close(
-                    f"no traffic from peer for {now - self._last_rx:.1f}s (ping timeout)",
-                    ErrorCode.NO_ERROR,
-                )
-                return None
-            if now >= self._next_ping:
-                self._next_ping = now + self._ping_interval
-                if self.conn.is_open:
-                    self.conn.ping()
-                    self._kick()
-            return min(self._next_ping, deadline)
-        except Exception as exc:  # a bug: it ends this tunnel only
+            if self.conn.is_open:
+                self.conn.ping()
+                self.output.kick()
+        except Exception as exc:
             self._report("session", exc)
             self.close(f"internal error: {type(exc).__name__}", ErrorCode.INTERNAL_ERROR)
-            return None
+
+    def timed_out(self, idle: float) -> None:
+        self.close(f"no traffic from peer for {idle:.1f}s (ping timeout)", ErrorCode.NO_ERROR)

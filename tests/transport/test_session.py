@@ -212,7 +212,7 @@ async def test_senders_parked_on_a_full_queue_wake_when_the_writer_drains_it() -
         done.append(stream.stream_id)
 
     async with trio.open_nursery() as n:
-        n.start_soon(session._writer)
+        n.start_soon(session.output.writer)
         for stream in streams:
             n.start_soon(sender, stream)
         await trio.testing.wait_all_tasks_blocked()

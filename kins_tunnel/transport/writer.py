@@ -1,0 +1,110 @@
+"""The output side of a session: protocol output to the TLS socket, and back-pressure.
+
+Writes are serialised without a lock: whoever produces protocol output calls `kick()`, which
+writes at once if the socket takes it (no task switch on the latency path) and otherwise leaves
+the rest to the writer task. The output stays queued in the protocol core until the TLS socket has
+sent the previous batch; then up to `WRITE_BATCH` bytes are encrypted in one call (several TLS
+records, one system call; `Connection.write_output` hands them over without a copy or an
+allocation). The writer task is started the first time the socket is full: an idle tunnel never
+has one. Senders wait (`wait_space`) while more than `OUTPUT_HIGH_WATER` bytes are queued: TCP's
+back-pressure reaches them, memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+from kins_tunnel.proto import Connection
+from kins_tunnel.transport.tls import TLSSocket, TransportError
+
+WRITE_BATCH = 256 * 1024  # plaintext bytes encrypted and written per system call (at most)
+OUTPUT_HIGH_WATER = 512 * 1024
+
+
+class SessionWriter:
+    """Moves one session's protocol output to its socket. `fail(reason)` ends the session."""
+
+    __slots__ = ("_conn", "_tls", "_closed", "_fail", "_nursery", "_wakeup", "_started", "_lot")
+
+    def __init__(
+        self, conn: Connection, tls: TLSSocket, closed: trio.Event, fail: Callable[[str], None]
+    ) -> None:
+        self._conn = conn
+        self._tls = tls
+        self._closed = closed
+        self._fail = fail
+        self._nursery: trio.Nursery | None = None  # where the writer task starts, when needed
+        self._wakeup: trio.Event | None = None  # made by the writer task, once it runs
+        self._started = False
+        self._lot: trio.lowlevel.ParkingLot | None = None  # made for the first waiting sender
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """From now on a writer task may be started in `nursery` (the session's)."""
+        self._nursery = nursery
+
+    def kick(self) -> None:
+        """Move protocol output to the socket now if it takes it; otherwise wake the writer.
+
+        Whatever path it takes, senders waiting for output space are woken once the queue is
+        below the high-water mark (a wake-up lost here would stall every stream of the tunnel).
+        """
+        conn = self._conn
+        tls = self._tls
+        lot = self._lot
+        if not conn.pending_output() and not tls.pending:  # nothing to write (the common case)
+            if lot:
+                lot.unpark_all()
+            return
+        if not self._closed.is_set():
+            try:
+                while tls.flush():  # the previous batch is out: encrypt and send the next one
+                    if not conn.write_output(tls.send_chunk, WRITE_BATCH):
+                        break
+                else:
+                    self._wake_writer()  # the socket is full: the writer waits for it
+            except TransportError as exc:
+                self._fail(str(exc))
+                return
+        if lot and conn.pending_output() <= OUTPUT_HIGH_WATER:
+            lot.unpark_all()
+
+    def _wake_writer(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+        elif not self._started and self._nursery is not None:
+            self._started = True
+            self._nursery.start_soon(self.writer)
+
+    async def writer(self) -> None:
+        """The writer task: waits for the socket while it is full."""
+        self._started = True
+        tls = self._tls
+        try:
+            while True:
+                while not tls.flush():
+                    await tls.wait_writable()
+                wakeup = self._wakeup = trio.Event()
+                self.kick()  # sets `wakeup` if the socket filled up again
+                await wakeup.wait()
+        except (TransportError, trio.ClosedResourceError) as exc:
+            # ClosedResourceError: another task closed the session under our wait
+            self._fail(str(exc) or "session closed")
+
+    @property
+    def full(self) -> bool:
+        """More than the high-water mark is queued for the socket: senders should wait."""
+        return self._conn.pending_output() > OUTPUT_HIGH_WATER
+
+    async def wait_space(self) -> None:
+        """Block while too much output is queued (TCP back-pressure) and the session lives."""
+        while self.full and not self._closed.is_set():
+            if self._lot is None:
+                self._lot = trio.lowlevel.ParkingLot()
+            await self._lot.park()
+
+    def wake_senders(self) -> None:
+        """The session is over: every waiting sender goes on (and finds it closed)."""
+        if self._lot is not None:
+            self._lot.unpark_all()
