@@ -57,8 +57,9 @@ async def _pump_socket_to_tunnel(
             drained = n < RELAY_CHUNK
             if not n:
                 break
-            # The shared buffer is taken (or copied) before the call first waits.
-            await dst.send_all(buf[:n])
+            # The shared buffer is taken (or copied) before the call first waits. The loop's own
+            # schedule point (the wait for the socket, or the checkpoint) follows at once.
+            await dst.send_then_wait_elsewhere(buf[:n])
             total += n
             if n == RELAY_CHUNK:  # bulk: more is probably waiting; let others run first
                 await trio.lowlevel.checkpoint()

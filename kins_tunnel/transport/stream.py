@@ -177,13 +177,16 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             if not await self._send(data):
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
-    async def _send(self, data: bytes | bytearray | memoryview) -> bool:
-        """The body of `send_all`, without its final schedule point; returns whether it waited.
+    async def send_then_wait_elsewhere(self, data: bytes | bytearray | memoryview) -> None:
+        """`send_all` for a caller whose next step is a schedule point of its own (the relay: it
+        waits for its socket, or checkpoints after a full chunk): a schedule point only if it
+        has to wait for credit or output space. Saves a pass through trio's scheduler (and an
+        `epoll_wait`) per message on the latency path."""
+        with self._send_conflict:
+            await self._send(data)
 
-        The relay once called this directly to skip that schedule point per chunk. Measured in
-        one run each (`python -m benchmarks.run --only rtt --baseline REF`, 64-byte echo p50,
-        medians): 248 vs 263 µs over 3 rounds and 276 vs 271 µs over 5, spreads overlapping: no
-        win, so the relay uses `send_all` and the stream contract holds everywhere.
+    async def _send(self, data: bytes | bytearray | memoryview) -> bool:
+        """The body of `send_all`, without its schedule points; returns whether it waited.
 
         `data` is only read before the first wait: what the peer's credit does not take at once is
         copied first, so the caller may reuse its buffer (the relay's is shared) as soon as this

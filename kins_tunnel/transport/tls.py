@@ -104,6 +104,7 @@ class TLSSocket:
         "_held",
         "_closed",
         "_peer_der",
+        "_raw",
         "drained",
     )
 
@@ -128,6 +129,7 @@ class TLSSocket:
         self._held = False  # OpenSSL may hold decrypted bytes of a record (the last view filled up)
         self._closed = False
         self._peer_der: bytes | None = None
+        self._raw: memoryview | None = None  # the run's raw buffer, looked up once
         self.drained = False  # the last receive_into emptied the socket as far as we can tell
 
     @classmethod
@@ -201,7 +203,9 @@ class TLSSocket:
         At EOF the incoming BIO is told and an empty view is returned."""
         if self._eof:
             return None
-        raw = _raw_buffer()
+        raw = self._raw
+        if raw is None:
+            raw = self._raw = _raw_buffer()
         try:
             n = os.readv(self._fd, (raw,))
         except (BlockingIOError, InterruptedError):
@@ -282,13 +286,13 @@ class TLSSocket:
     async def wait_readable(self) -> None:
         if self._closed:  # closed by another task of the session: never hand trio fd -1
             raise TransportError("tunnel socket closed")
-        await trio.lowlevel.wait_readable(self._sock)
+        await trio.lowlevel.wait_readable(self._fd)
 
     # ------------------------------------------------------------------ writing
     async def wait_writable(self) -> None:
         if self._closed:
             raise TransportError("tunnel socket closed")
-        await trio.lowlevel.wait_writable(self._sock)
+        await trio.lowlevel.wait_writable(self._fd)
 
     @property
     def pending(self) -> int:
