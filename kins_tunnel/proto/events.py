@@ -64,9 +64,10 @@ class OpenResult(_StreamVerdict):
 @event
 class DataReceived(_StreamEvent):
     """Bytes for a stream. Call `consumed(stream_id, n)` once the application has taken them.
-    The peer's FIN is always a separate `StreamEnded`, even when it came in the same frame."""
+    The peer's FIN is always a separate `StreamEnded`, even when it came in the same frame.
+    `data` is a memoryview of the caller's input when `receive_data` was called with copy=False."""
 
-    data: bytes
+    data: bytes | memoryview
 
 
 @event

@@ -126,6 +126,7 @@ class Connection(ControlFrames):
         self._rx_sid = 0  # the DATA frame whose body is arriving
         self._rx_left = 0  # bytes of its body still to come
         self._rx_fin = False  # it carries FIN
+        self._rx_copy = True  # DataReceived carries a copy (else a view of the input)
         self._out = bytearray()  # control frames: they go before any DATA
         self._data = DataQueues()  # DATA frames, per stream, written in turns
         self._pending_pongs = 0
@@ -358,13 +359,20 @@ class Connection(ControlFrames):
         self._close_all()
 
     # ------------------------------------------------------------------ input
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+    def receive_data(
+        self, data: bytes | bytearray | memoryview, *, copy: bool = True
+    ) -> list[Event]:
         """Parse bytes from the peer into events. `b""` means EOF.
+
+        With `copy=False`, each `DataReceived.data` is a memoryview of `data` instead of a copy:
+        the caller must copy what it keeps before it reuses `data` (the transport writes most
+        received bytes straight into a socket, so it copies only what it queues).
 
         Raises RemoteProtocolError (with a GOAWAY queued) when the peer broke the protocol.
         """
         if self._state is ConnState.CLOSED:
             return []
+        self._rx_copy = copy
         events: list[Event] = []
         if not data:
             self._close_all()
@@ -495,7 +503,7 @@ class Connection(ControlFrames):
             w.credit -= n
             w.buffered += n
             self.bytes_received += n
-            events.append(DataReceived(sid, piece.tobytes()))
+            events.append(DataReceived(sid, piece.tobytes() if self._rx_copy else piece))
         if not self._rx_left and self._rx_fin:
             s.transition(StreamInput.RECV_FIN)
             events.append(StreamEnded(sid))

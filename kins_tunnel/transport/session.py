@@ -51,9 +51,9 @@ from kins_tunnel.transport.writer import SessionWriter
 log = logging.getLogger("kins_tunnel.session")
 
 
-# One read buffer for every session of the trio run. Copy contract: the reader fills it and hands a
-# slice to `Connection.receive_data`, which copies out everything it keeps (payloads and partial
-# frames) before returning; nothing awaits between the fill and that call.
+# One read buffer for every session of the trio run. Copy contract: `receive_data(copy=False)` copies
+# what it keeps (partial frames), DATA events are views of the buffer and a stream copies what it
+# queues (`deliver`); nothing awaits between the fill and the end of the dispatch.
 _READ_BUFFER = RunBuffer("kins_tunnel_read_buffer", READ_BATCH)
 
 
@@ -352,7 +352,7 @@ class Session:
                     continue
                 self._last_rx = trio.current_time()
                 try:
-                    events = conn.receive_data(view[:n] if n else b"")
+                    events = conn.receive_data(view[:n] if n else b"", copy=False)
                 except RemoteProtocolError as exc:
                     if not self.handshake_done.is_set():
                         self.handshake_failure = (

@@ -100,7 +100,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     def sink_idle(self) -> None:
         self._sink_busy = False
 
-    def _try_direct(self, sink: int, data: bytes) -> bytes:
+    def _try_direct(self, sink: int, data: bytes | memoryview) -> bytes | memoryview:
         try:
             n = os.write(sink, data)
         except BlockingIOError:
@@ -113,8 +113,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         return data[n:]
 
     # ------------------------------------------------------------------ called by the session
-    def deliver(self, data: bytes, end: bool) -> None:
-        """Bytes (and/or the peer's FIN) arrived for this stream."""
+    def deliver(self, data: bytes | memoryview, end: bool) -> None:
+        """Bytes (and/or the peer's FIN) arrived for this stream. `data` may be a view of the
+        session's read buffer: what is queued is copied, what goes straight out is not."""
         if data:
             sink = self._sink
             if sink is not None and not self._recv and not self._sink_busy:
@@ -122,7 +123,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 if not data and not end:
                     return
             if data:
-                self._recv.append(data)
+                self._recv.append(bytes(data))
         if end:
             self._eof = True
         self._recv_lot.unpark_all()
