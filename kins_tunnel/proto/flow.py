@@ -75,6 +75,11 @@ class Budget:
         self.granted -= amount
 
 
+def credit_due(win: ReceiveWindow) -> bool:
+    """Credit goes back in batches: once half the window was consumed."""
+    return win.unreturned >= win.size // 2
+
+
 def credit_to_return(
     win: ReceiveWindow,
     *,
@@ -87,7 +92,7 @@ def credit_to_return(
 
     Updates `win` as if the WINDOW frame had been sent.
     """
-    if win.unreturned < win.size // 2:
+    if not credit_due(win):
         return 0
     grow = 0
     if win.size < max_window:

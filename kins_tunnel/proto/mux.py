@@ -51,7 +51,7 @@ from kins_tunnel.proto.events import (
     Event,
     StreamEnded,
 )
-from kins_tunnel.proto.flow import Budget, ReceiveWindow, credit_to_return
+from kins_tunnel.proto.flow import Budget, ReceiveWindow, credit_due, credit_to_return
 from kins_tunnel.proto.frames import (
     FLAG_FIN,
     HEADER,
@@ -321,9 +321,11 @@ class Connection(ControlFrames):
             raise LocalProtocolError(f"consumed {n} bytes but only {w.buffered} are buffered")
         w.buffered -= n
         w.unreturned += n
-        if s.remote_fin:
+        if s.state is not StreamState.OPEN and s.remote_fin:
             # nothing more will come: no credit needed; a finished stream goes once drained
             self._streams.forget_if_done(s)
+            return
+        if not credit_due(w):  # the common case for small reads: no clock, no RTT needed
             return
         inc = credit_to_return(
             w,

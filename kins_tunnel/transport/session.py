@@ -14,9 +14,8 @@ Theory of operation
 - **Liveness** (`liveness`, one timer for every session of the trio run): a ping every
   `ping_interval`; when nothing at all has arrived for `ping_timeout` the session is dead and every
   stream on it breaks at once.
-- **Memory of an idle tunnel**: one task (the reader, waiting for the socket), a few small
-  objects, the TLS state; handlers are looked up in class-level tables, the writer's event and the
-  senders' parking lot are made when first needed.
+- **Memory of an idle tunnel**: one task (the reader, waiting for the socket), a few small objects
+  (handlers in class-level tables, the writer's parts made when first needed), the TLS state.
 - **Streams** (`TunnelStream`) are `trio.abc.HalfCloseableStream`s: `send_eof` sends FIN,
   `receive_some` returns b"" after the peer's FIN, and a RESET surfaces as `BrokenResourceError`.
   Credit goes back to the peer when `receive_some` hands bytes to the application.
@@ -341,6 +340,7 @@ class Session:
         tls = self.tls
         conn = self.conn
         handlers = self._HANDLERS
+        now = trio.lowlevel.current_clock().current_time
         try:
             while True:
                 if tls.drained:
@@ -350,7 +350,7 @@ class Session:
                 if n is None:
                     await tls.wait_readable()
                     continue
-                self._last_rx = trio.current_time()
+                self._last_rx = now()
                 try:
                     events = conn.receive_data(view[:n] if n else b"", copy=False)
                 except RemoteProtocolError as exc:

@@ -207,7 +207,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             if pos >= len(view):
                 return waited
             try:
-                pos += io.send(self.stream_id, view[pos:])
+                pos += io.send(self.stream_id, view[pos:] if pos else view)
             except LocalProtocolError as exc:
                 raise trio.BrokenResourceError(self._error or str(exc)) from None
             if pos < len(view):
