@@ -2,7 +2,7 @@
 
 `ControlFrames` is the part of `mux.Connection` that answers them, plus the bookkeeping of ends
 (forgetting a stream, closing everything, failing with a GOAWAY). DATA, which streams through the
-core as it arrives, stays in `mux`. Each handler checks its frame whole and raises
+core as it arrives, is framed in `receive`. Each handler checks its frame whole and raises
 `RemoteProtocolError` for anything the protocol does not allow; `Connection` dispatches to them by
 frame type and owns the state they share, declared below.
 """
@@ -64,6 +64,10 @@ class ControlFrames:
     _pending_pongs: int
     _rtt: RttEstimator
     _goaway_sent: int | None
+
+    @property
+    def closed(self) -> bool:
+        return self._state is ConnState.CLOSED
 
     def _on_hello(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
         if self._state is not ConnState.HANDSHAKE or sid != 0:

@@ -6,8 +6,8 @@ Feed bytes from the peer to `receive_data()`; it returns the events they carried
 (`open_stream`, `accept_stream`, `send_data`, `consumed`, `ping`, ...) and collect the bytes they
 produced with `data_to_send()`, or hand them over in bounded batches without a copy with
 `write_output()` (the transport's path). EOF is `receive_data(b"")`. Output is scheduled (see
-`output`): control frames first, then the streams' DATA in turns, each stream's frames in order. The connection never blocks and never
-buffers more than the limits allow:
+`output`): control frames first, then the streams' DATA in turns, each stream's frames in
+order. The connection never blocks and never buffers more than the limits allow:
 
 - inbound, a frame's length is checked right after its 9-byte header, before its body is
   buffered. DATA bodies are not buffered at all: the bytes of a DATA frame are reported
@@ -23,11 +23,11 @@ Handshake: both sides send HELLO at once (magic, version range, a JSON object wi
 the names the side serves, its agent string and limits). The version is the highest both support;
 capabilities are the intersection. No other frame may come before HELLO.
 
-Frames are dispatched by type through a class-level table (`_HANDLERS`; control frames are
-handled in `control`, DATA here); types this version does not know are skipped after their length
-check, so later versions can add frame types. Each stream follows the
-state machine of `streams` (an explicit state and a transition table); the handshake is
-`handshake`; window policy is `flow`; RTT estimation is `rtt`; byte layouts are `frames`. A stream
+The input is framed in `receive` (`FrameReceiver`), which dispatches frames by type through a
+class-level table (`_HANDLERS`; control frames are handled in `control`); types this version does
+not know are skipped after their length check, so later versions can add frame types. Each stream
+follows the state machine of `streams` (an explicit state and a transition table); the handshake
+is `handshake`; window policy is `flow`; RTT estimation is `rtt`; byte layouts are `frames`. A stream
 is opened by OPEN (which grants the acceptor its first window) and answered by OPEN_RESULT (which
 grants the opener its first window, or refuses with an error code). Each direction ends
 independently with FIN (always reported as `StreamEnded`); RESET aborts both.
@@ -41,22 +41,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
 
-from kins_tunnel.proto.control import ConnState, ControlFrames
-from kins_tunnel.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from kins_tunnel.proto.events import (
-    ConnectionTerminated,
-    DataReceived,
-    Event,
-    StreamEnded,
-)
+from kins_tunnel.proto.control import ConnState
+from kins_tunnel.proto.errors import ErrorCode, LocalProtocolError
 from kins_tunnel.proto.flow import Budget, ReceiveWindow, credit_due, credit_to_return
 from kins_tunnel.proto.frames import (
-    FLAG_FIN,
-    HEADER,
-    HEADER_SIZE,
-    MAX_CONTROL_PAYLOAD,
     PING_SIZE,
     FrameType,
     frame,
@@ -75,6 +64,7 @@ from kins_tunnel.proto.handshake import (
     encode_hello,
 )
 from kins_tunnel.proto.output import DataQueues
+from kins_tunnel.proto.receive import FrameReceiver
 from kins_tunnel.proto.rtt import RttEstimator
 from kins_tunnel.proto.streams import Stream, StreamInput, StreamState, StreamTable
 
@@ -92,19 +82,8 @@ class Statistics:
     peer_names: tuple[str, ...] = ()
 
 
-class Connection(ControlFrames):
+class Connection(FrameReceiver):
     """One end of a tunnel. Not thread-safe; owns no socket."""
-
-    # control frame type -> handler (in `control`); DATA is parsed inline
-    _HANDLERS: ClassVar[dict[int, Callable[[Any, int, int, memoryview, list[Event]], None]]] = {
-        FrameType.HELLO: ControlFrames._on_hello,
-        FrameType.OPEN: ControlFrames._on_open,
-        FrameType.OPEN_RESULT: ControlFrames._on_open_result,
-        FrameType.WINDOW: ControlFrames._on_window,
-        FrameType.RESET: ControlFrames._on_reset,
-        FrameType.PING: ControlFrames._on_ping,
-        FrameType.GOAWAY: ControlFrames._on_goaway,
-    }
 
     def __init__(
         self,
@@ -150,10 +129,6 @@ class Connection(ControlFrames):
     @property
     def is_open(self) -> bool:
         return self._state is ConnState.OPEN
-
-    @property
-    def closed(self) -> bool:
-        return self._state is ConnState.CLOSED
 
     @property
     def peer_names(self) -> tuple[str, ...]:
@@ -359,154 +334,3 @@ class Connection(ControlFrames):
         """Send GOAWAY (if not yet sent) and forget every stream."""
         self.goaway(code, reason)
         self._close_all()
-
-    # ------------------------------------------------------------------ input
-    def receive_data(
-        self, data: bytes | bytearray | memoryview, *, copy: bool = True
-    ) -> list[Event]:
-        """Parse bytes from the peer into events. `b""` means EOF.
-
-        With `copy=False`, each `DataReceived.data` is a memoryview of `data` instead of a copy:
-        the caller must copy what it keeps before it reuses `data` (the transport writes most
-        received bytes straight into a socket, so it copies only what it queues).
-
-        Raises RemoteProtocolError (with a GOAWAY queued) when the peer broke the protocol.
-        """
-        if self._state is ConnState.CLOSED:
-            return []
-        self._rx_copy = copy
-        events: list[Event] = []
-        if not data:
-            self._close_all()
-            events.append(ConnectionTerminated(ErrorCode.NO_ERROR, "peer closed the connection"))
-            return events
-        with memoryview(data) as view:
-            try:
-                pos = self._complete_inbuf(view, events) if self._inbuf else 0
-                if pos < len(view) and not self.closed:
-                    pos = self._parse(view, pos, events)
-                    if pos < len(view) and not self.closed:
-                        self._inbuf += view[pos:]  # a partial header or control frame: small
-            except RemoteProtocolError as exc:
-                self._inbuf = bytearray()
-                self._rx_left = 0
-                self._fail(exc)
-                raise
-        return events
-
-    def _complete_inbuf(self, view: memoryview, events: list[Event]) -> int:
-        """Add to the buffered partial unit only the bytes it lacks; process it once complete.
-        Returns the bytes of `view` used."""
-        ib = self._inbuf
-        used = 0
-        if len(ib) < HEADER_SIZE:
-            used = min(HEADER_SIZE - len(ib), len(view))
-            ib += view[:used]
-            if len(ib) < HEADER_SIZE:
-                return used
-        word: int = HEADER.unpack_from(ib)[0]
-        length, ftype = word >> 8, word & 0xFF
-        self._check_length(length, ftype)
-        if ftype != FrameType.DATA:  # a control frame is processed whole
-            take = min(HEADER_SIZE + length - len(ib), len(view) - used)
-            ib += view[used : used + take]
-            used += take
-            if len(ib) < HEADER_SIZE + length:
-                return used
-        with memoryview(ib) as unit:
-            done = self._parse(unit, 0, events)  # a DATA header alone starts its body's streaming
-        assert done == len(ib)
-        self._inbuf = bytearray()
-        return used
-
-    def _check_length(self, length: int, ftype: int) -> None:
-        if ftype == FrameType.DATA:
-            if length > self.config.max_frame:
-                raise RemoteProtocolError(
-                    f"DATA frame of {length} bytes exceeds max_frame {self.config.max_frame}",
-                    ErrorCode.FRAME_SIZE_ERROR,
-                )
-        elif length > MAX_CONTROL_PAYLOAD:
-            raise RemoteProtocolError(
-                f"frame type {ftype} of {length} bytes is too large", ErrorCode.FRAME_SIZE_ERROR
-            )
-
-    def _parse(self, view: memoryview, pos: int, events: list[Event]) -> int:
-        end = len(view)
-        if self._rx_left:  # the rest of a DATA body that began in an earlier call
-            take = min(self._rx_left, end - pos)
-            self._data_piece(view[pos : pos + take], events)
-            pos += take
-        unpack = HEADER.unpack_from
-        handlers = self._HANDLERS
-        max_data = self.config.max_frame
-        while end - pos >= HEADER_SIZE:
-            word, flags, sid = unpack(view, pos)
-            length = word >> 8
-            ftype = word & 0xFF
-            if ftype == FrameType.DATA:
-                if length > max_data:
-                    self._check_length(length, ftype)
-                if self._state is not ConnState.OPEN:
-                    raise RemoteProtocolError(f"frame type {ftype} before HELLO")
-                pos += HEADER_SIZE
-                take = min(length, end - pos)
-                self._data_header(sid, flags, length)
-                self._data_piece(view[pos : pos + take], events)
-                pos += take
-                continue
-            if length > MAX_CONTROL_PAYLOAD:
-                self._check_length(length, ftype)
-            if end - pos - HEADER_SIZE < length:
-                break
-            body = view[pos + HEADER_SIZE : pos + HEADER_SIZE + length]
-            pos += HEADER_SIZE + length
-            if self._state is ConnState.HANDSHAKE and ftype != FrameType.HELLO:
-                raise RemoteProtocolError(f"frame type {ftype} before HELLO")
-            handler = handlers.get(ftype)
-            if handler is not None:  # unknown frame types are skipped
-                handler(self, sid, flags, body, events)
-            if self._state is ConnState.CLOSED:
-                break
-        return pos
-
-    def _data_header(self, sid: int, flags: int, length: int) -> None:
-        """A DATA frame begins: check it whole (stream, state, credit) before any of its body; the
-        caller then hands over its body in pieces (`_data_piece`, an empty one if it is empty)."""
-        s = self._streams.get(sid)
-        if s is None:
-            if not self._streams.known_closed(sid):
-                raise RemoteProtocolError(f"DATA for unknown stream {sid}")
-            # in flight when we reset it: its body is skipped
-        else:
-            if s.state is not StreamState.OPEN:  # OPEN stays OPEN: no table lookup on the hot path
-                if not s.established:
-                    raise RemoteProtocolError(f"DATA before the stream {sid} was opened")
-                s.transition(StreamInput.RECV_DATA)
-            if length > s.recv.credit:
-                raise RemoteProtocolError(
-                    f"stream {sid}: {length} bytes exceed the {s.recv.credit} bytes of credit",
-                    ErrorCode.FLOW_CONTROL_ERROR,
-                )
-        self._rx_sid = sid
-        self._rx_left = length
-        self._rx_fin = bool(flags & FLAG_FIN)
-
-    def _data_piece(self, piece: memoryview, events: list[Event]) -> None:
-        """The next bytes of the DATA body under way (credit was checked for all of it)."""
-        sid = self._rx_sid
-        n = len(piece)
-        self._rx_left -= n
-        s = self._streams.get(sid)
-        if s is None:
-            return  # reset (by either side) meanwhile: the rest of the body is void
-        if n:
-            w = s.recv
-            w.credit -= n
-            w.buffered += n
-            self.bytes_received += n
-            events.append(DataReceived(sid, piece.tobytes() if self._rx_copy else piece))
-        if not self._rx_left and self._rx_fin:
-            s.transition(StreamInput.RECV_FIN)
-            events.append(StreamEnded(sid))
-            self._streams.forget_if_done(s)
