@@ -71,7 +71,7 @@ from kins_tunnel.proto.streams import Stream, StreamInput, StreamState, StreamTa
 
 @dataclass(frozen=True, slots=True)
 class Statistics:
-    """A snapshot of the connection's counters for metrics."""
+    """A snapshot of the connection's counters (metrics, tests)."""
 
     streams: int
     buffered: int
@@ -80,6 +80,11 @@ class Statistics:
     bytes_received: int
     srtt: float | None
     peer_names: tuple[str, ...] = ()
+    local_open: int = 0  # streams we opened that are still open (at most peer_max_streams)
+    remote_open: int = 0  # streams the peer opened that are still open (at most our max_streams)
+    peer_max_streams: int = 0  # the peer's limit on streams we open
+    input_buffered: int = 0  # bytes of a partial header or control frame waiting for the rest
+    queued_streams: int = 0  # streams with DATA queued for the peer
 
 
 class Connection(FrameReceiver):
@@ -158,7 +163,16 @@ class Connection(FrameReceiver):
             bytes_received=self.bytes_received,
             srtt=self.srtt,
             peer_names=self._peer.names,
+            local_open=self._streams.local_open,
+            remote_open=self._streams.remote_open,
+            peer_max_streams=self._peer.max_streams,
+            input_buffered=len(self._inbuf),
+            queued_streams=self._data.queued_streams,
         )
+
+    def is_live(self, stream_id: int) -> bool:
+        """The stream is known and not yet forgotten (open, opening or half-closed)."""
+        return stream_id in self._streams
 
     # ------------------------------------------------------------------ output
     def data_to_send(self) -> bytearray:

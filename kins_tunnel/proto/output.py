@@ -52,6 +52,11 @@ class DataQueues:
         self._ready: collections.deque[int] | None = None
         self.pending = 0  # bytes queued, headers included
 
+    @property
+    def queued_streams(self) -> int:
+        """Streams with DATA queued now (each has a queue until it is written out)."""
+        return len(self._queues)
+
     def __bool__(self) -> bool:
         return self.pending > 0
 

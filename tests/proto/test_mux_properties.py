@@ -117,7 +117,7 @@ class World:
             assert stats.buffered <= stats.granted
             assert stats.granted <= CFG.session_budget + 2 * CFG.max_streams * MIN_WINDOW
             # a partial frame never costs more than one maximal frame
-            assert len(c._inbuf) < HEADER_SIZE + 64 * 1024
+            assert stats.input_buffered < HEADER_SIZE + 64 * 1024
 
 
 @settings(max_examples=150 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -150,7 +150,7 @@ def test_random_interleavings_deliver_exact_bytes_in_order(data: st.DataObject) 
             if not live:
                 continue
             sid = data.draw(st.sampled_from(live))
-            if c.send_window(sid) == 0 and sid not in c._streams:
+            if c.send_window(sid) == 0 and not c.is_live(sid):
                 continue
             n = data.draw(st.integers(0, 40_000))
             fin = data.draw(st.booleans())
@@ -238,7 +238,7 @@ def feed(conn: Connection, raw: bytes, cuts: list[int]) -> None:
         except RemoteProtocolError:
             return
         pos = cut
-        assert len(conn._inbuf) < HEADER_SIZE + 64 * 1024
+        assert conn.statistics().input_buffered < HEADER_SIZE + 64 * 1024
         check_invariants(conn)
 
 

@@ -249,4 +249,4 @@ def test_a_finished_streams_queue_is_dropped_once_sent() -> None:
     wire = bytearray()
     c.write_output(wire.extend, 1 << 20)
     assert c.pending_output() == 0
-    assert c._data._queues == {}  # noqa: SLF001
+    assert c.statistics().queued_streams == 0
