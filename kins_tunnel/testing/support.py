@@ -74,6 +74,18 @@ async def read_all(stream: trio.abc.ReceiveStream, limit: int = 1 << 31) -> byte
     return bytes(out)
 
 
+async def read_head(stream: trio.abc.ReceiveStream, limit: int = 1 << 16) -> bytes:
+    """Read until an HTTP head is complete (a blank line), EOF or `limit` bytes; returns all that
+    was read: the head and whatever came behind it in the same reads."""
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < limit:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 async def http_get(
     port: int, path: str, host: str = "127.0.0.1", timeout: float = DEFAULT_TIMEOUT
 ) -> tuple[int, bytes]:

@@ -31,7 +31,7 @@ from kins_tunnel.testing.support import (
     free_port as free_port,  # re-exported for older importers
 )
 from kins_tunnel.testing.support import read_all as read_all
-from kins_tunnel.testing.support import wait_until
+from kins_tunnel.testing.support import read_head, wait_until
 
 SVC = "test-svc-kins.kins-system:443"
 
@@ -154,13 +154,8 @@ async def connect(
         await stream.send_all(
             f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n".encode()
         )
-        head = b""
         with trio.fail_after(15):
-            while b"\r\n\r\n" not in head:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    break
-                head += chunk
+            head = await read_head(stream)
         status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
         head, _, rest = head.partition(b"\r\n\r\n")
         assert not rest or status != 200, "bytes after 200 before we sent anything"

@@ -26,7 +26,7 @@ import pytest
 import trio
 
 from kins_tunnel.certs import issue_user
-from kins_tunnel.testing.support import wait_listening
+from kins_tunnel.testing.support import read_head, wait_listening
 from tests.e2e.faultkit import procs, wait_cloud_up, wait_edges
 from tests.e2e.harness import (
     echo_bytes,
@@ -454,12 +454,9 @@ async def test_bytes_behind_the_200_head_are_forwarded(tmp_path: Path) -> None:
     seen: list[bytes] = []
 
     async def one_packet_proxy_double(stream: trio.SocketStream) -> None:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                return
-            head += chunk
+        head = await read_head(stream)
+        if b"\r\n\r\n" not in head:
+            return
         seen.append(head)
         await stream.send_all(b"HTTP/1.1 200 Connection established\r\n\r\nSSH-2.0-banner\r\n")
         await echo_bytes(stream)

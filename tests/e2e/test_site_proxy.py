@@ -28,7 +28,7 @@ import trio
 import trio.testing
 
 from kins_tunnel.edge.agent import Edge
-from kins_tunnel.testing.support import metric_value
+from kins_tunnel.testing.support import metric_value, read_head
 from tests.e2e.faultkit import (
     connect_status,
     edge_status,
@@ -260,12 +260,9 @@ async def test_credentials_are_sent_exactly_as_in_the_file(tmp_path: Path) -> No
     heads: list[bytes] = []
 
     async def recording_proxy_double(stream: trio.SocketStream) -> None:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                return
-            head += chunk
+        head = await read_head(stream)
+        if b"\r\n\r\n" not in head:
+            return
         heads.append(head)
         await stream.send_all(
             b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n\r\n"
