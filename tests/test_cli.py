@@ -10,7 +10,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,11 @@ import trio
 import yaml
 
 from kins_tunnel.demo import SAMPLE_BYTES, run_demo
+from kins_tunnel.testing.support import kins_tunnel_cli
 
 
 def kt(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "kins_tunnel", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return kins_tunnel_cli(*args, timeout=timeout)
 
 
 def test_certs_commands_write_keys_0600(tmp_path: Path) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ import yaml
 from kins_tunnel.certs import init_ca
 from kins_tunnel.errors import UserError
 from kins_tunnel.kubeconfig import rewrite_kubeconfig
+from kins_tunnel.testing.support import kins_tunnel_cli
 
 HTTPS = "https://tunnel-cloud.example:31470"
 
@@ -138,52 +137,36 @@ def test_cli_writes_the_https_form(tmp_path: Path) -> None:
     (tmp_path / "in.conf").write_text(
         kubeconfig({"server": "https://127.0.0.1:6443", "insecure-skip-tls-verify": True})
     )
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kins_tunnel",
-            "kubeconfig",
-            "--unit",
-            "test",
-            "--proxy-url",
-            HTTPS,
-            "--proxy-ca",
-            str(tmp_path / "tunnel" / "ca.crt"),
-            "--server-ca",
-            str(tmp_path / "k3s" / "ca.crt"),
-            "--service-ip",
-            "10.96.12.34",
-            "-i",
-            str(tmp_path / "in.conf"),
-            "-o",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    r = kins_tunnel_cli(
+        "kubeconfig",
+        "--unit",
+        "test",
+        "--proxy-url",
+        HTTPS,
+        "--proxy-ca",
+        str(tmp_path / "tunnel" / "ca.crt"),
+        "--server-ca",
+        str(tmp_path / "k3s" / "ca.crt"),
+        "--service-ip",
+        "10.96.12.34",
+        "-i",
+        str(tmp_path / "in.conf"),
+        "-o",
+        str(tmp_path / "out"),
     )
     assert r.returncode == 0, r.stderr
     out = cluster_of((tmp_path / "out").read_text())
     assert out["server"] == "https://10.96.12.34:443" and out["proxy-url"] == HTTPS
     assert base64.b64decode(str(out["certificate-authority-data"])) == k3s + tunnel
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kins_tunnel",
-            "kubeconfig",
-            "--unit",
-            "test",
-            "--proxy-url",
-            HTTPS,
-            "--proxy-ca",
-            str(tmp_path / "nope.crt"),
-            "-i",
-            str(tmp_path / "in.conf"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    r = kins_tunnel_cli(
+        "kubeconfig",
+        "--unit",
+        "test",
+        "--proxy-url",
+        HTTPS,
+        "--proxy-ca",
+        str(tmp_path / "nope.crt"),
+        "-i",
+        str(tmp_path / "in.conf"),
     )
     assert r.returncode == 2 and r.stderr.startswith("kins-tunnel: error: --proxy-ca: cannot read")

@@ -16,7 +16,7 @@ from kins_tunnel.cloud.proxy_tls import ProxyTLSListener, TLSClientStream
 from kins_tunnel.config import ProxyTLS
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address
-from kins_tunnel.testing.support import wait_until
+from kins_tunnel.testing.support import kins_tunnel_cli, wait_until
 from kins_tunnel.tls_contexts import proxy_server_ssl_context
 
 
@@ -150,17 +150,11 @@ def test_proxy_context_errors_name_the_key(tmp_path: Path) -> None:
 
 def test_cli_issues_proxy_and_user_certificates(tmp_path: Path) -> None:
     import stat
-    import subprocess
-    import sys
 
     from cryptography import x509
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    def kt(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "kins_tunnel", *args], capture_output=True, text=True, timeout=60
-        )
-
+    kt = kins_tunnel_cli
     r = kt(
         "certs",
         "init",

@@ -15,6 +15,8 @@ from __future__ import annotations
 import inspect
 import random
 import socket
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -61,6 +63,16 @@ def rss_kib(pid: int | str = "self") -> int:
 def self_rss() -> int:
     """This process's resident set size in bytes."""
     return rss_kib() * 1024
+
+
+def kins_tunnel_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `python -m kins_tunnel ARGS` (this interpreter), capturing its text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "kins_tunnel", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 async def read_all(stream: trio.abc.ReceiveStream, limit: int = 1 << 31) -> bytes:
