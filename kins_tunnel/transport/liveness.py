@@ -98,7 +98,7 @@ class _Timer:
                     continue  # forgotten
                 try:
                     again = entry.run(watched, now)
-                except Exception as exc:  # pragma: no cover - the session reports its own bugs
+                except Exception as exc:  # the session reports its own bugs; this is the backstop
                     log_internal_error("liveness", exc)
                     again = False
                 if again:

@@ -1,0 +1,75 @@
+"""The liveness timer (`transport.liveness`): one system task per trio run pings every watched
+session on its schedule and ends the silent ones; a bug in one session's ping reaches neither the
+others nor the run. On the virtual clock, so every bound is exact."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+import trio.testing
+
+from kins_tunnel.transport import liveness
+
+
+class Watched:
+    """A session as the timer sees it: when its last byte came, what a ping and a timeout do."""
+
+    def __init__(self, name: str, *, broken: bool = False) -> None:
+        self.name = name
+        self.broken = broken
+        self.last_rx = trio.current_time()
+        self.pings: list[float] = []
+        self.ended: list[float] = []
+
+    def ping(self) -> None:
+        self.pings.append(trio.current_time())
+        if self.broken:
+            raise RuntimeError(f"bug in {self.name}'s ping")
+
+    def timed_out(self, idle: float) -> None:
+        self.ended.append(idle)
+
+
+async def test_pings_on_schedule_and_ends_exactly_at_the_timeout(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    t0 = trio.current_time()
+    quiet = Watched("quiet")
+    talking = Watched("talking")
+    liveness.watch(quiet, 1.0, 3.5)
+    liveness.watch(talking, 1.0, 3.5)
+    for _ in range(6):  # bytes arrive from `talking` every 0.5 s
+        await trio.sleep(0.5)
+        talking.last_rx = trio.current_time()
+    await trio.sleep(1.0)
+    assert [round(t - t0, 6) for t in quiet.pings] == [1.0, 2.0, 3.0]
+    assert quiet.ended == [3.5]  # 3.5 s after its last byte, not at the next ping
+    assert [round(t - t0, 6) for t in talking.pings] == [1.0, 2.0, 3.0, 4.0]
+    assert talking.ended == []
+
+
+async def test_a_bug_in_one_ping_ends_that_entry_only(
+    virtual_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    t0 = trio.current_time()
+    broken = Watched("broken", broken=True)
+    healthy = Watched("healthy")
+    liveness.watch(broken, 1.0, 100.0)
+    liveness.watch(healthy, 1.0, 100.0)
+    with caplog.at_level(logging.ERROR):
+        await trio.sleep(3.5)
+    assert len(broken.pings) == 1  # its entry is dropped after the bug
+    assert [round(t - t0, 6) for t in healthy.pings] == [1.0, 2.0, 3.0]
+    reported = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert reported == ["internal error in liveness: RuntimeError: bug in broken's ping"]
+
+
+async def test_a_forgotten_entry_is_never_run_again(virtual_clock: trio.testing.MockClock) -> None:
+    gone = Watched("gone")
+    entry = liveness.watch(gone, 1.0, 2.0)
+    await trio.sleep(1.5)
+    liveness.forget(entry)
+    await trio.sleep(5.0)
+    assert len(gone.pings) == 1 and gone.ended == []
