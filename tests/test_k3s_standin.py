@@ -28,6 +28,7 @@ from kins_tunnel.testing.k3s_standin import (
     serve_k3s_standin,
 )
 from kins_tunnel.testing.support import wait_until
+from tests.e2e.kubectl_tools import run_kubectl
 
 KUBECTL = "/usr/bin/kubectl"
 needs_kubectl = pytest.mark.skipif(not os.path.exists(KUBECTL), reason="kubectl not installed")
@@ -65,15 +66,7 @@ users:
 
 async def kubectl(kubeconfig: Path, *args: str, limit: float = 30) -> tuple[int, bytes, bytes]:
     """Run real kubectl with its discovery cache kept inside the test's directory."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(kubeconfig.parent)}
-    with trio.fail_after(limit):
-        proc = await trio.run_process(
-            [KUBECTL, "--kubeconfig", str(kubeconfig), *args],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env=env,
-        )
+    proc = await run_kubectl(kubeconfig, *args, home=kubeconfig.parent, timeout=limit)
     return proc.returncode, proc.stdout, proc.stderr
 
 

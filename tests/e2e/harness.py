@@ -34,6 +34,11 @@ from kins_tunnel.testing.support import read_all as read_all
 from kins_tunnel.testing.support import read_head, wait_until
 
 SVC = "test-svc-kins.kins-system:443"
+# the fields every "CONNECT done" / "CONNECT refused" log line carries
+CONNECT_LOG_FIELDS = frozenset(
+    ("client", "replica", "principal", "target", "normalised", "unit", "node")
+    + ("status", "outcome", "sent", "received", "duration")
+)
 
 
 def make_certs(base: Path, nodes: tuple[tuple[str, str], ...] = (("test", "edge1"),)) -> Path:

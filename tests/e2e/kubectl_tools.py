@@ -38,6 +38,39 @@ def have_kubectl() -> bool:
     return os.path.exists(KUBECTL)
 
 
+def kubectl_environ(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without proxy variables or KUBECONFIG, with HOME (kubectl's
+    discovery cache) at `home`."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in ("https_proxy", "http_proxy", "no_proxy", "all_proxy", "kubeconfig")
+    }
+    env["HOME"] = str(home)
+    env.update(extra or {})
+    return env
+
+
+async def run_kubectl(
+    kubeconfig: Path,
+    *args: str,
+    home: Path,
+    stdin: bytes | None = None,
+    timeout: float = 60,
+    extra_env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run real kubectl with `kubeconfig` (see `kubectl_environ`), within `timeout`."""
+    with trio.fail_after(timeout):
+        return await trio.run_process(
+            [KUBECTL, "--kubeconfig", str(kubeconfig), *args],
+            stdin=stdin,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=kubectl_environ(home, extra_env),
+        )
+
+
 @dataclass
 class KubectlEnv:
     base: Path
@@ -47,14 +80,7 @@ class KubectlEnv:
     k3s_port: int
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k.lower() not in ("https_proxy", "http_proxy", "no_proxy", "all_proxy", "kubeconfig")
-        }
-        env["HOME"] = str(self.base / "home")
-        env.update(extra or {})
-        return env
+        return kubectl_environ(self.base / "home", extra)
 
     def argv(self, *args: str) -> list[str]:
         return [KUBECTL, "--kubeconfig", str(self.kubeconfig), *args]
@@ -70,15 +96,14 @@ class KubectlEnv:
         timeout: float = 60,
         extra_env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
-        with trio.fail_after(timeout):
-            return await trio.run_process(
-                self.argv(*args),
-                stdin=stdin,
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-                env=self.env(extra_env),
-            )
+        return await run_kubectl(
+            self.kubeconfig,
+            *args,
+            home=self.base / "home",
+            stdin=stdin,
+            timeout=timeout,
+            extra_env=extra_env,
+        )
 
 
 @contextlib.asynccontextmanager

@@ -35,7 +35,16 @@ from kins_tunnel.kubeconfig import rewrite_kubeconfig
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
 from kins_tunnel.testing.support import echo_roundtrip, http_get, metric_value
 from kins_tunnel.testing.support import wait_until as wait_for
-from tests.e2e.harness import SVC, connect, make_certs, serve_echo, tunnel_env, wait_routed
+from tests.e2e.harness import (
+    CONNECT_LOG_FIELDS,
+    SVC,
+    connect,
+    make_certs,
+    serve_echo,
+    tunnel_env,
+    wait_routed,
+)
+from tests.e2e.kubectl_tools import run_kubectl
 from tests.e2e.sshd import HAVE_SSH, USER, Sshd, throwaway_sshd
 from tests.test_aliases import TableResolver
 from tests.test_observability import json_log, samples
@@ -45,21 +54,7 @@ CURL = shutil.which("curl")
 ROOT = Path(__file__).resolve().parent.parent.parent
 EXAMPLE = ROOT / "examples" / "authz-multi-team.yaml"
 SVC_HOST = SVC.rsplit(":", 1)[0]
-AUDIT_FIELDS = {
-    "ts",
-    "client",
-    "replica",
-    "principal",
-    "target",
-    "normalised",
-    "unit",
-    "node",
-    "status",
-    "outcome",
-    "sent",
-    "received",
-    "duration",
-}
+AUDIT_FIELDS = {"ts", *CONNECT_LOG_FIELDS}
 
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl not installed")
@@ -98,25 +93,6 @@ def seed_kubeconfig(ca: Path | None = None, **cluster: Any) -> str:
             }
         )
     )
-
-
-async def kubectl(
-    kubeconfig: Path, *args: str, home: Path, timeout: float = 60
-) -> subprocess.CompletedProcess[bytes]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k.lower() not in ("https_proxy", "http_proxy", "no_proxy")
-    }
-    env["HOME"] = str(home)
-    with trio.fail_after(timeout):
-        return await trio.run_process(
-            [KUBECTL or "kubectl", "--kubeconfig", str(kubeconfig), *args],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env=env,
-        )
 
 
 async def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
@@ -159,7 +135,7 @@ async def test_kubectl_whose_server_is_a_cluster_ip(tmp_path: Path) -> None:
                     yaml.safe_load(kc.read_text())["clusters"][0]["cluster"]["server"]
                     == f"https://{ip}:443"
                 )
-                r = await kubectl(kc, "get", "pods", home=home)
+                r = await run_kubectl(kc, "get", "pods", home=home)
                 assert r.returncode == 0, r.stderr
                 assert b"test-server-kins" in r.stdout
             streams = metric_value(env.cloud.metrics, "kins_tunnel_streams_total")
@@ -168,7 +144,7 @@ async def test_kubectl_whose_server_is_a_cluster_ip(tmp_path: Path) -> None:
             kc.write_text(
                 rewrite_kubeconfig(seed, unit="test", proxy_url=proxy, service_ip="10.96.0.77")
             )
-            r = await kubectl(kc, "get", "pods", "--request-timeout=5s", home=home)
+            r = await run_kubectl(kc, "get", "pods", "--request-timeout=5s", home=home)
             assert r.returncode != 0
             assert b"Service Unavailable" in r.stderr, r.stderr
             assert (
@@ -237,7 +213,7 @@ async def test_kubectl_cluster_ip_through_an_https_proxy_needs_the_name_in_the_p
                     )
                 )
                 assert len(notes) == 1 and "tls-server-name" in notes[0]
-                r = await kubectl(kc, "get", "pods", "--request-timeout=5s", home=home)
+                r = await run_kubectl(kc, "get", "pods", "--request-timeout=5s", home=home)
                 if works:
                     assert r.returncode == 0, r.stderr
                     assert b"test-server-kins" in r.stdout
@@ -280,10 +256,10 @@ async def test_kubectl_through_an_https_proxy_get_and_watch(tmp_path: Path) -> N
             )
             cluster = yaml.safe_load(kc.read_text())["clusters"][0]["cluster"]
             assert "insecure-skip-tls-verify" not in cluster and cluster["proxy-url"] == url
-            r = await kubectl(kc, "get", "pods", home=home)
+            r = await run_kubectl(kc, "get", "pods", home=home)
             assert r.returncode == 0, r.stderr
             assert b"test-server-kins" in r.stdout and b"Running" in r.stdout
-            r = await kubectl(
+            r = await run_kubectl(
                 kc, "get", "pods", "--watch", "--request-timeout=4s", home=home, timeout=30
             )
             rows = [ln for ln in r.stdout.splitlines() if b"kins" in ln]
@@ -293,7 +269,7 @@ async def test_kubectl_through_an_https_proxy_get_and_watch(tmp_path: Path) -> N
             only_k3s.write_text(
                 rewrite_kubeconfig(seed_kubeconfig(k3s_ca), unit="test", proxy_url=url)
             )
-            r = await kubectl(only_k3s, "get", "pods", "--request-timeout=5s", home=home)
+            r = await run_kubectl(only_k3s, "get", "pods", "--request-timeout=5s", home=home)
             assert (
                 r.returncode != 0
                 and b"proxyconnect tcp: tls: failed to verify certificate" in r.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,25 +18,11 @@ from kins_tunnel.testing.k3s_standin import (
     serve_k3s_standin,
 )
 from tests.e2e.harness import SVC, tunnel_env
+from tests.e2e.kubectl_tools import run_kubectl
 from tests.e2e.sshd import HAVE_SSH, USER, throwaway_sshd
 
 KUBECTL = shutil.which("kubectl")
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
-
-
-async def kubectl(
-    kubeconfig: Path, *args: str, timeout: float = 60, home: Path
-) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "HOME": str(home)}
-    env.pop("HTTPS_PROXY", None), env.pop("https_proxy", None), env.pop("NO_PROXY", None)
-    with trio.fail_after(timeout):
-        return await trio.run_process(
-            [KUBECTL or "kubectl", "--kubeconfig", str(kubeconfig), *args],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env=env,
-        )
 
 
 async def test_kubectl_through_proxy_url(tmp_path: Path) -> None:
@@ -49,21 +34,21 @@ async def test_kubectl_through_proxy_url(tmp_path: Path) -> None:
             write_kubeconfig(kc, env.ports.proxy, ca)
             home = tmp_path / "home"
             home.mkdir()
-            r = await kubectl(kc, "version", "-o", "json", home=home)
+            r = await run_kubectl(kc, "version", "-o", "json", home=home)
             assert r.returncode == 0, r.stderr
             assert b"v1.30.6+k3s1" in r.stdout
-            r = await kubectl(kc, "get", "pods", home=home)
+            r = await run_kubectl(kc, "get", "pods", home=home)
             assert r.returncode == 0, r.stderr
             assert b"test-server-kins" in r.stdout and b"Running" in r.stdout
             # a watch stream: rows keep arriving through the tunnel until the client gives up
-            r = await kubectl(
+            r = await run_kubectl(
                 kc, "get", "pods", "--watch", "--request-timeout=4s", home=home, timeout=30
             )
             rows = [ln for ln in r.stdout.splitlines() if b"kins" in ln]
             assert len(rows) >= 5, r.stdout  # 3 listed + updates streamed during the watch
             # >= 50 MiB response compared byte for byte
             size = 50 * 1024 * 1024 + 12345
-            r = await kubectl(
+            r = await run_kubectl(
                 kc,
                 "get",
                 "--raw",
