@@ -18,10 +18,10 @@ from typing import Any
 
 from benchmarks.load import ProxyError, open_stream
 from benchmarks.procs import REPO, Cleanup, tail, tree, wait_port
+from kins_tunnel.testing.sshd import SSHD, ssh_client_options, write_sshd_files
 from kins_tunnel.testing.support import free_port
 
 KINDS = ("sink", "source", "echo")
-SSHD = "/usr/sbin/sshd"
 
 
 class PathUnavailable(Exception):
@@ -119,49 +119,16 @@ class SshR(Path_):
         self.cipher = cipher
         self.interactive = interactive
         d = self.dir = cleanup.tempdir("sshd")
-        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
-        for key in ("host_key", "user_key"):
-            subprocess.run(
-                [
-                    "ssh-keygen",
-                    "-q",
-                    "-t",
-                    "ed25519",
-                    "-N",
-                    "",
-                    "-C",
-                    f"bench-{key}",
-                    "-f",
-                    str(d / key),
-                ],
-                check=True,
-                stdin=subprocess.DEVNULL,
-            )
-        (d / "authorized_keys").write_bytes((d / "user_key.pub").read_bytes())
         self.port = free_port()
-        cfg = d / "sshd_config"
-        cfg.write_text(
-            "\n".join(
-                [
-                    f"ListenAddress 127.0.0.1:{self.port}",
-                    f"HostKey {d / 'host_key'}",
-                    f"PidFile {d / 'sshd.pid'}",
-                    f"AuthorizedKeysFile {d / 'authorized_keys'}",
-                    "PermitRootLogin yes",
-                    "PubkeyAuthentication yes",
-                    "PasswordAuthentication no",
-                    "KbdInteractiveAuthentication no",
-                    "UsePAM no",
-                    "StrictModes no",
-                    "AllowTcpForwarding yes",
-                    "GatewayPorts no",
-                    "X11Forwarding no",
-                    "PrintMotd no",
-                    "UseDNS no",
-                    "LogLevel INFO",
-                    "",
-                ]
-            )
+        cfg = write_sshd_files(
+            d,
+            self.port,
+            [
+                "AllowTcpForwarding yes",
+                "GatewayPorts no",
+                "X11Forwarding no",
+                "LogLevel INFO",
+            ],
         )
         self.sshd = cleanup.spawn("sshd", [SSHD, "-D", "-e", "-f", str(cfg)], d / "sshd.log")
         if not wait_port(self.port, 10.0, self.sshd):
@@ -188,20 +155,9 @@ class SshR(Path_):
     def _ssh_base(self, port: int) -> list[str]:
         argv = [
             "ssh",
-            "-F",
-            "/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "IdentitiesOnly=yes",
+            *ssh_client_options(self.dir),
             "-o",
             "ControlMaster=no",
-            "-i",
-            str(self.dir / "user_key"),
             "-p",
             str(port),
         ]

@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.procs import CLK_TCK, REPO, Cleanup, cpu_seconds, tail, tree, wait_port
+from kins_tunnel.testing.sshd import SSHD, ssh_client_options, write_sshd_files
 from kins_tunnel.testing.support import free_port
 
-SSHD = "/usr/sbin/sshd"
 PASSWORD = "bench-password"
 MiB = 1 << 20
 
@@ -103,35 +103,9 @@ def timed_scp(
 
 def start_sshd(cleanup: Cleanup) -> tuple[Path, int, int]:
     d = cleanup.tempdir("scp-sshd")
-    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-    for key in ("host_key", "user_key"):
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
-            check=True,
-            stdin=subprocess.DEVNULL,
-        )
-    (d / "authorized_keys").write_bytes((d / "user_key.pub").read_bytes())
     port = free_port()
-    (d / "sshd_config").write_text(
-        "\n".join(
-            [
-                f"ListenAddress 127.0.0.1:{port}",
-                f"HostKey {d / 'host_key'}",
-                f"PidFile {d / 'sshd.pid'}",
-                f"AuthorizedKeysFile {d / 'authorized_keys'}",
-                "PermitRootLogin yes",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "UsePAM no",
-                "StrictModes no",
-                "UseDNS no",
-                "PrintMotd no",
-                "Subsystem sftp internal-sftp",
-                "",
-            ]
-        )
-    )
-    sshd = cleanup.spawn("sshd", [SSHD, "-D", "-e", "-f", str(d / "sshd_config")], d / "sshd.log")
+    config = write_sshd_files(d, port, ["Subsystem sftp internal-sftp"])
+    sshd = cleanup.spawn("sshd", [SSHD, "-D", "-e", "-f", str(config)], d / "sshd.log")
     if not wait_port(port, 10.0, sshd):
         raise SystemExit(f"sshd did not listen: {tail(d / 'sshd.log')}")
     return d, port, sshd.pid
@@ -199,23 +173,8 @@ def start_tunnel(cleanup: Cleanup, sshd_port: int) -> int:
     raise SystemExit(f"the tunnel did not come up: {tail(d / 'cloud.log')} {tail(d / 'edge.log')}")
 
 
-def ssh_options(key: Path) -> list[str]:
-    return [
-        "-F",
-        "/dev/null",
-        "-i",
-        str(key),
-        "-o",
-        "IdentitiesOnly=yes",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "LogLevel=ERROR",
-    ]
+def ssh_options(sshd_dir: Path) -> list[str]:
+    return [*ssh_client_options(sshd_dir), "-o", "LogLevel=ERROR"]
 
 
 def make_file(path: Path, size: int) -> str:
@@ -248,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         src, dst = work / "src.bin", work / "dst.bin"
         print(f"writing {args.size_mib} MiB test file ...", flush=True)
         digest = make_file(src, size)
-        opts = ssh_options(sshd_dir / "user_key")
+        opts = ssh_options(sshd_dir)
         connect = shlex.join(
             [
                 sys.executable,

@@ -1,8 +1,7 @@
 """A throw-away OpenSSH server on 127.0.0.1 for tests that put a real sshd behind an edge.
 
-Own host key and user key in a temp dir, public-key login only, `sshd -D -e` killed on exit. The
-`ssh_options` are what a client needs to log in without asking anything (no known_hosts prompt, no
-agent, no user config).
+Its files come from `kins_tunnel.testing.sshd` (own keys, public-key login only); `sshd -D -e` is
+killed on exit. `ssh_options` are what a client needs to log in without asking anything.
 """
 
 from __future__ import annotations
@@ -15,11 +14,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from kins_tunnel.testing.sshd import SSHD, ssh_client_options, write_sshd_files
 from kins_tunnel.testing.support import free_port, wait_listening
 
-SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
 HAVE_SSH = (
-    SSHD is not None and shutil.which("ssh") is not None and shutil.which("ssh-keygen") is not None
+    os.path.exists(SSHD)
+    and shutil.which("ssh") is not None
+    and shutil.which("ssh-keygen") is not None
 )
 USER = os.environ.get("USER") or "root"
 
@@ -31,20 +32,7 @@ class Sshd:
     popen: subprocess.Popen[bytes]
 
     def ssh_options(self) -> list[str]:
-        return [
-            "-F",
-            "/dev/null",
-            "-i",
-            str(self.dir / "user"),
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            f"UserKnownHostsFile={self.dir / 'known_hosts'}",
-        ]
+        return ssh_client_options(self.dir, str(self.dir / "known_hosts"))
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -58,25 +46,11 @@ class Sshd:
 @contextlib.asynccontextmanager
 async def throwaway_sshd(base: Path) -> AsyncIterator[Sshd]:
     d = base / "ssh"
-    d.mkdir()
-    for key in ("host", "user"):
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
-            check=True,
-            stdin=subprocess.DEVNULL,
-        )
-    (d / "authorized_keys").write_text((d / "user.pub").read_text())
-    os.chmod(d / "authorized_keys", 0o600)
-    Path("/run/sshd").mkdir(exist_ok=True)
     port = free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nPidFile {d / 'sshd.pid'}\n"
-        f"AuthorizedKeysFile {d / 'authorized_keys'}\nUsePAM no\nStrictModes no\nPermitRootLogin yes\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUseDNS no\nSubsystem sftp internal-sftp\n"
-    )
+    config = write_sshd_files(d, port, ["Subsystem sftp internal-sftp"])
     with open(d / "sshd.log", "wb") as log:
         popen = subprocess.Popen(
-            [SSHD or "sshd", "-D", "-e", "-f", str(d / "sshd_config")],
+            [SSHD, "-D", "-e", "-f", str(config)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
