@@ -11,6 +11,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -306,3 +307,14 @@ def spawn(kind: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
         )
     finally:
         out.close()
+
+
+CURL = shutil.which("curl")
+
+
+async def run_curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+    """Run real curl (`-sS` and `args`) within `timeout`."""
+    with trio.fail_after(timeout):
+        return await trio.run_process(
+            [CURL or "curl", "-sS", *args], capture_stdout=True, capture_stderr=True, check=False
+        )

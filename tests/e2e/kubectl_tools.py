@@ -71,6 +71,19 @@ async def run_kubectl(
         )
 
 
+async def assert_get_and_watch(kubeconfig: Path, home: Path) -> None:
+    """`kubectl get pods` lists the stand-in's pods, and a watch keeps streaming rows until
+    kubectl gives up (3 listed + the updates the stand-in sends)."""
+    r = await run_kubectl(kubeconfig, "get", "pods", home=home)
+    assert r.returncode == 0, r.stderr
+    assert b"test-server-kins" in r.stdout and b"Running" in r.stdout
+    r = await run_kubectl(
+        kubeconfig, "get", "pods", "--watch", "--request-timeout=4s", home=home, timeout=30
+    )
+    rows = [ln for ln in r.stdout.splitlines() if b"kins" in ln]
+    assert len(rows) >= 5, r.stdout
+
+
 @dataclass
 class KubectlEnv:
     base: Path

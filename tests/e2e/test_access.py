@@ -37,20 +37,21 @@ from kins_tunnel.testing.support import echo_roundtrip, http_get, metric_value
 from kins_tunnel.testing.support import wait_until as wait_for
 from tests.e2e.harness import (
     CONNECT_LOG_FIELDS,
+    CURL,
     SVC,
     connect,
     make_certs,
+    run_curl,
     serve_echo,
     tunnel_env,
     wait_routed,
 )
-from tests.e2e.kubectl_tools import run_kubectl
+from tests.e2e.kubectl_tools import assert_get_and_watch, run_kubectl
 from tests.e2e.sshd import HAVE_SSH, USER, Sshd, throwaway_sshd
 from tests.test_aliases import TableResolver
 from tests.test_observability import json_log, samples
 
 KUBECTL = shutil.which("kubectl")
-CURL = shutil.which("curl")
 ROOT = Path(__file__).resolve().parent.parent.parent
 EXAMPLE = ROOT / "examples" / "authz-multi-team.yaml"
 SVC_HOST = SVC.rsplit(":", 1)[0]
@@ -93,13 +94,6 @@ def seed_kubeconfig(ca: Path | None = None, **cluster: Any) -> str:
             }
         )
     )
-
-
-async def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(timeout):
-        return await trio.run_process(
-            [CURL or "curl", "-sS", *args], capture_stdout=True, capture_stderr=True, check=False
-        )
 
 
 def metric(text: bytes, name: str, **labels: str) -> float:
@@ -256,14 +250,7 @@ async def test_kubectl_through_an_https_proxy_get_and_watch(tmp_path: Path) -> N
             )
             cluster = yaml.safe_load(kc.read_text())["clusters"][0]["cluster"]
             assert "insecure-skip-tls-verify" not in cluster and cluster["proxy-url"] == url
-            r = await run_kubectl(kc, "get", "pods", home=home)
-            assert r.returncode == 0, r.stderr
-            assert b"test-server-kins" in r.stdout and b"Running" in r.stdout
-            r = await run_kubectl(
-                kc, "get", "pods", "--watch", "--request-timeout=4s", home=home, timeout=30
-            )
-            rows = [ln for ln in r.stdout.splitlines() if b"kins" in ln]
-            assert len(rows) >= 5, r.stdout  # 3 listed + updates streamed during the watch
+            await assert_get_and_watch(kc, home)
             # the K3s CA alone does not verify the proxy's certificate
             only_k3s = tmp_path / "kc-k3s-ca-only"
             only_k3s.write_text(
@@ -312,7 +299,7 @@ async def test_curl_https_proxy_with_password_or_client_certificate(tmp_path: Pa
             },
         ) as env:
             proxy = f"https://127.0.0.1:{env.ports.proxy_tls}"
-            r = await curl(
+            r = await run_curl(
                 "--fail",
                 "--proxy",
                 proxy,
@@ -326,7 +313,7 @@ async def test_curl_https_proxy_with_password_or_client_certificate(tmp_path: Pa
             )
             assert r.returncode == 0, r.stderr
             assert b"k3s" in r.stdout
-            r = await curl(
+            r = await run_curl(
                 "--proxy",
                 proxy,
                 "--proxy-cacert",
@@ -356,14 +343,14 @@ async def test_curl_https_proxy_with_password_or_client_certificate(tmp_path: Pa
                 "--cacert",
                 str(k3s_ca),
             ]
-            r = await curl(
+            r = await run_curl(
                 "--fail", *base, "--proxy-cert", str(crt), "--proxy-key", str(key), target
             )
             assert r.returncode == 0, r.stderr
             assert b"k3s" in r.stdout
-            r = await curl(*base, target)  # no certificate: the TLS handshake fails
+            r = await run_curl(*base, target)  # no certificate: the TLS handshake fails
             assert r.returncode != 0
-            r = await curl(
+            r = await run_curl(
                 *base,
                 "--proxy-cert",
                 str(certs / "edge-edge1.crt"),

@@ -17,8 +17,8 @@ from kins_tunnel.testing.k3s_standin import (
     make_self_signed_server_context,
     serve_k3s_standin,
 )
-from tests.e2e.harness import SVC, tunnel_env
-from tests.e2e.kubectl_tools import run_kubectl
+from tests.e2e.harness import CURL, SVC, run_curl, tunnel_env
+from tests.e2e.kubectl_tools import assert_get_and_watch, run_kubectl
 from tests.e2e.sshd import HAVE_SSH, USER, throwaway_sshd
 
 KUBECTL = shutil.which("kubectl")
@@ -37,15 +37,7 @@ async def test_kubectl_through_proxy_url(tmp_path: Path) -> None:
             r = await run_kubectl(kc, "version", "-o", "json", home=home)
             assert r.returncode == 0, r.stderr
             assert b"v1.30.6+k3s1" in r.stdout
-            r = await run_kubectl(kc, "get", "pods", home=home)
-            assert r.returncode == 0, r.stderr
-            assert b"test-server-kins" in r.stdout and b"Running" in r.stdout
-            # a watch stream: rows keep arriving through the tunnel until the client gives up
-            r = await run_kubectl(
-                kc, "get", "pods", "--watch", "--request-timeout=4s", home=home, timeout=30
-            )
-            rows = [ln for ln in r.stdout.splitlines() if b"kins" in ln]
-            assert len(rows) >= 5, r.stdout  # 3 listed + updates streamed during the watch
+            await assert_get_and_watch(kc, home)
             # >= 50 MiB response compared byte for byte
             size = 50 * 1024 * 1024 + 12345
             r = await run_kubectl(
@@ -65,8 +57,7 @@ async def test_kubectl_through_proxy_url(tmp_path: Path) -> None:
 
 
 async def test_curl_https_through_the_tunnel(tmp_path: Path) -> None:
-    curl = shutil.which("curl")
-    if curl is None:
+    if CURL is None:
         pytest.skip("curl not installed")
     ctx, ca = make_self_signed_server_context(tmp_path)
     upload = tmp_path / "upload.bin"
@@ -76,62 +67,41 @@ async def test_curl_https_through_the_tunnel(tmp_path: Path) -> None:
         k3s = await n.start(serve_k3s_standin, ctx)
         async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{k3s}"}) as env:
             proxy = f"http://127.0.0.1:{env.ports.proxy}"
-            with trio.fail_after(30):
-                r = await trio.run_process(
-                    [
-                        curl,
-                        "-sS",
-                        "--fail",
-                        "--proxy",
-                        proxy,
-                        "--cacert",
-                        str(ca),
-                        "https://test-svc-kins.kins-system:443/version",
-                    ],
-                    capture_stdout=True,
-                    capture_stderr=True,
-                    check=False,
-                )
+            r = await run_curl(
+                "--fail",
+                "--proxy",
+                proxy,
+                "--cacert",
+                str(ca),
+                "https://test-svc-kins.kins-system:443/version",
+                timeout=30,
+            )
             assert r.returncode == 0, r.stderr
             assert b"k3s" in r.stdout
-            with trio.fail_after(60):
-                r = await trio.run_process(
-                    [
-                        curl,
-                        "-sS",
-                        "--fail",
-                        "--proxy",
-                        proxy,
-                        "--cacert",
-                        str(ca),
-                        "--data-binary",
-                        f"@{upload}",
-                        "https://test-svc-kins.kins-system:443/kins-standin/upload",
-                    ],
-                    capture_stdout=True,
-                    capture_stderr=True,
-                    check=False,
-                )
+            r = await run_curl(
+                "--fail",
+                "--proxy",
+                proxy,
+                "--cacert",
+                str(ca),
+                "--data-binary",
+                f"@{upload}",
+                "https://test-svc-kins.kins-system:443/kins-standin/upload",
+                timeout=60,
+            )
             assert r.returncode == 0, r.stderr
             assert hashlib.sha256(data).hexdigest().encode() in r.stdout
             # curl sees the proxy's own answers too
-            with trio.fail_after(30):
-                r = await trio.run_process(
-                    [
-                        curl,
-                        "-sS",
-                        "--proxy",
-                        proxy,
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{http_code}",
-                        "https://nowhere-svc-kins.kins-system:443/",
-                    ],
-                    capture_stdout=True,
-                    capture_stderr=True,
-                    check=False,
-                )
+            r = await run_curl(
+                "--proxy",
+                proxy,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "https://nowhere-svc-kins.kins-system:443/",
+                timeout=30,
+            )
             assert b"503" in r.stderr + r.stdout
         n.cancel_scope.cancel()
 
