@@ -228,6 +228,54 @@ SVC_PORTS = {"sink": 9001, "source": 9002, "echo": 9003}
 DEFAULT_KINS_CMD = [sys.executable, "-m", "kins_tunnel"]
 
 
+PY_RELAY = "py relay"
+
+
+class PyRelay(Path_):
+    """The reference floor: two `benchmarks.pyrelay` processes, one TLS connection per stream."""
+
+    name = PY_RELAY
+
+    def __init__(self, cleanup: Cleanup, targets: Targets) -> None:
+        d = cleanup.tempdir("pyrelay")
+        c = d / "certs"
+        for argv in (
+            ["certs", "init", "--dir", str(c)],
+            ["certs", "edge", "--dir", str(c), "--unit", UNIT, "--node", NODE],
+        ):
+            r = subprocess.run(
+                [*DEFAULT_KINS_CMD, *argv], capture_output=True, text=True, timeout=60
+            )
+            if r.returncode != 0:
+                raise PathUnavailable(f"certificates: {(r.stderr.strip() or 'failed')[-200:]}")
+        back_ports = {k: free_port() for k in KINDS}
+        front_ports = {k: free_port() for k in KINDS}
+        tls = {
+            "back": ["--cert", str(c / "cloud.crt"), "--key", str(c / "cloud.key")],
+            "front": ["--cert", str(c / f"edge-{NODE}.crt"), "--key", str(c / f"edge-{NODE}.key")],
+        }
+        procs = {}
+        for role, maps in (
+            ("back", {k: (back_ports[k], targets.ports[k]) for k in KINDS}),
+            ("front", {k: (front_ports[k], back_ports[k]) for k in KINDS}),
+        ):
+            argv = [sys.executable, "-m", "benchmarks.pyrelay", role, "--ca", str(c / "ca.crt")]
+            argv += tls[role]
+            for listen, to in maps.values():
+                argv += ["--map", f"{listen}:{to}"]
+            try:
+                procs[role], _ = cleanup.spawn_ready(f"pyrelay-{role}", argv, d / f"{role}.log")
+            except RuntimeError as exc:
+                raise PathUnavailable(str(exc)) from exc
+        self.endpoints = {k: endpoint(front_ports[k]) for k in KINDS}
+        self.cost_roots = [procs["back"].pid, procs["front"].pid]
+        self.cost_parts = {"server side": [procs["back"].pid], "client side": [procs["front"].pid]}
+        self.info = {
+            "description": "reference floor: the leanest Python TLS relay (benchmarks/pyrelay.py), "
+            "two processes, one mutual-TLS connection per stream, no tunnel features",
+        }
+
+
 def baseline_cmd(cleanup: Cleanup, ref: str) -> list[str]:
     """A command that runs the tunnel CLI of git revision `ref` of this repository (for an A/B
     of two revisions in one run): the package is exported from git into a temp dir."""

@@ -220,6 +220,8 @@ class Cleanup:
                 self.stop(proc)
             except Exception as exc:  # keep tearing down the rest
                 print(f"warning: stopping {_name}: {exc}", file=sys.stderr)
+            if proc.stdout is not None:  # the READY pipe of spawn_ready
+                proc.stdout.close()
         self.procs.clear()
         for f in self.logs:
             with contextlib.suppress(Exception):

@@ -25,7 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import scale as scale_bench
-from benchmarks.paths import Direct, Ours, Path_, PathUnavailable, SshR, Targets, baseline_cmd
+from benchmarks.paths import (
+    PY_RELAY,
+    Direct,
+    Ours,
+    Path_,
+    PathUnavailable,
+    PyRelay,
+    SshR,
+    Targets,
+    baseline_cmd,
+)
 from benchmarks.procs import REPO, Cleanup, cpu_seconds, minor_faults, rss_breakdown, rss_mib
 
 AXES = ["throughput", "rtt", "setup", "parallel", "fairness", "cost", "scale", "wan"]
@@ -198,6 +208,8 @@ class Bench:
                     ),
                 )
             )
+        if self.args.py_relay:
+            makers.append((PY_RELAY, lambda: PyRelay(self.cleanup, targets)))
         makers.append(
             ("ours", lambda: Ours(self.cleanup, targets, shlex.split(self.args.kins_cmd) or None))
         )
@@ -288,7 +300,9 @@ class Bench:
                 )
         if "setup" in want:
             for pth in order:
-                if self.skip("setup", pth.name):
+                # The reference relay makes a blocking TLS handshake per connection: not a
+                # setup rate anyone would ship, so it is not measured on this axis.
+                if pth.name == PY_RELAY or self.skip("setup", pth.name):
                     continue
                 self.record(
                     "setup",
@@ -596,6 +610,8 @@ def table_rows(
         d, o = vals.get("direct"), vals.get("ours")
         s = best_ssh(vals, better)
         ratio = f"{o / s:.2f}×" if o is not None and s else "—"
+        floor = vals.get(PY_RELAY)
+        floor_ratio = f"{o / floor:.2f}×" if o is not None and floor else "—"
         target = TARGET_TEXT[rule].format(f=factor) if rule else ""
         met = ""
         if rule:
@@ -610,7 +626,9 @@ def table_rows(
             elif rule == "ge_direct":
                 met = "n/a" if not d else (f"{'yes' if o >= factor * d else 'no'} ({o / d:.0%})")
         row = {"axis": label, **{n: fmt(vals.get(n), spec) for n in names}}
-        row.update({"ours/best ssh": ratio, "target": target, "met?": met})
+        row.update(
+            {"ours/best ssh": ratio, "ours/py relay": floor_ratio, "target": target, "met?": met}
+        )
         rows.append(row)
     if "scale" in axes and scale:
         n = int(scale["edges"])
@@ -654,6 +672,8 @@ def markdown(res: dict[str, Any]) -> str:
     m = res["machine"]
     names = res["names"]
     cols = ["axis", *names, "ours/best ssh", "target", "met?"]
+    if PY_RELAY in names:
+        cols.insert(cols.index("target"), "ours/py relay")
     lines = [
         f"# kins_tunnel benchmark — {m['date']}, commit {m.get('git_commit', '?')}",
         "",
@@ -672,6 +692,9 @@ def markdown(res: dict[str, Any]) -> str:
                 f"cipher {info.get('cipher_negotiated', '?')} "
                 f"(requested: {info.get('cipher_requested')}), kex {info.get('kex', '?')}."
             )
+            lines.append("")
+        elif info and name == PY_RELAY:
+            lines.append(f"{name}: {info.get('description')}.")
             lines.append("")
         elif info and name.startswith("ours@"):
             lines.append(f"{name}: the tunnel as of git revision {name[5:]} (A/B in the same run).")
@@ -792,6 +815,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="",
         help="command that runs the tunnel CLI (default: this Python's -m kins_tunnel), "
         "e.g. 'kins-tunnel' for the installed console script",
+    )
+    ap.add_argument(
+        "--no-py-relay",
+        dest="py_relay",
+        action="store_false",
+        help="leave out the reference floor (the leanest Python TLS relay, benchmarks/pyrelay.py)",
     )
     ap.add_argument(
         "--ssh-interactive",

@@ -1,0 +1,208 @@
+"""The leanest Python TLS relay we know how to write: a reference floor for the tunnel's figures.
+
+    python -m benchmarks.pyrelay front|back --ca CA --cert CRT --key KEY --map LISTEN:TO ...
+
+Two processes play the tunnel's topology without any of its features: **front** accepts plain TCP
+on each ``LISTEN`` port and, per connection, opens a mutual-TLS connection (TLS 1.3, the same
+certificates and Python ``ssl`` as the tunnel) to the **back**'s port ``TO``; **back** accepts those
+on its ``LISTEN`` ports and connects each to the target at ``TO``. One TLS connection per stream (no
+multiplexing, no flow control, no CONNECT, no limits or deadlines), one thread, one ``epoll`` set
+with persistent level-triggered registrations (no re-arming per wait), non-blocking
+``ssl.SSLSocket``s that OpenSSL reads and writes directly (no memory BIOs), half-close carried as
+a TLS ``close_notify``. What it measures is what Python itself costs on this path: the tunnel's
+columns are read against it as well as against ``ssh -R``. Not a product component; benchmark use
+only (it handles no errors beyond closing the connection that caused them).
+
+Prints ``READY <first listen port>`` once every port listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import select
+import socket
+import ssl
+import sys
+
+BUF = 256 * 1024
+_IN, _OUT = select.EPOLLIN, select.EPOLLOUT
+
+
+class Leg:
+    """One direction: bytes read from `src` and written to `dst`."""
+
+    __slots__ = ("src", "dst", "pending", "eof")
+
+    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+        self.src, self.dst = src, dst
+        self.pending: memoryview | None = None  # read but not yet taken by dst
+        self.eof = False  # src ended and dst was half-closed
+
+
+class Relay:
+    def __init__(self, role: str, ctx: ssl.SSLContext, maps: list[tuple[int, int]]) -> None:
+        self.role, self.ctx = role, ctx
+        self.ep = select.epoll()
+        self.listeners: dict[int, tuple[socket.socket, int]] = {}
+        self.reading: dict[int, Leg] = {}  # fd -> the leg that reads it
+        self.writing: dict[int, Leg] = {}  # fd -> the leg that writes it
+        self.masks: dict[int, int] = {}
+        self.buf = memoryview(bytearray(BUF))
+        for listen, to in maps:
+            ls = socket.socket()
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ls.bind(("127.0.0.1", listen))
+            ls.listen(128)
+            self.listeners[ls.fileno()] = (ls, to)
+            self.ep.register(ls.fileno(), _IN)
+
+    def accept(self, ls: socket.socket, to: int) -> None:
+        plain, _ = ls.accept()
+        other = socket.create_connection(("127.0.0.1", to))
+        for s in (plain, other):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.role == "front":  # plain client in, TLS out
+            other = self.ctx.wrap_socket(other)
+        else:
+            plain = self.ctx.wrap_socket(plain, server_side=True)
+        for s in (plain, other):
+            s.setblocking(False)
+        for leg in (Leg(plain, other), Leg(other, plain)):
+            self.reading[leg.src.fileno()] = leg
+            self.writing[leg.dst.fileno()] = leg
+        for s in (plain, other):
+            self.masks[s.fileno()] = _IN
+            self.ep.register(s.fileno(), _IN)
+
+    def interest(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        r, w = self.reading.get(fd), self.writing.get(fd)
+        mask = (_IN if r is not None and r.pending is None and not r.eof else 0) | (
+            _OUT if w is not None and w.pending is not None else 0
+        )
+        if mask != self.masks.get(fd):
+            self.masks[fd] = mask
+            self.ep.modify(fd, mask)
+
+    def write(self, leg: Leg) -> bool:
+        """Write leg.pending; True when all of it went."""
+        data = leg.pending
+        assert data is not None
+        while data:
+            try:
+                n = leg.dst.send(data)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                leg.pending = data
+                return False
+            data = data[n:]
+        leg.pending = None
+        return True
+
+    def pump(self, leg: Leg) -> None:
+        """One read from src per readiness event (level-triggered: epoll reports it again while
+        more waits, so a bulk leg takes turns with the others), plus what OpenSSL already holds
+        decrypted (epoll cannot see that); each batch is written on at once."""
+        first = True
+        while leg.pending is None and not leg.eof:
+            if not first and not (isinstance(leg.src, ssl.SSLSocket) and leg.src.pending()):
+                break
+            first = False
+            try:
+                n = leg.src.recv_into(self.buf)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except ssl.SSLZeroReturnError:
+                n = 0
+            if n == 0:
+                leg.eof = True
+                self.half_close(leg.dst)
+                break
+            leg.pending = self.buf[:n]
+            if not self.write(leg):
+                leg.pending = memoryview(bytes(leg.pending))  # the shared buffer is reused
+        self.interest(leg.src)
+        self.interest(leg.dst)
+        self.maybe_close(leg)
+
+    def half_close(self, sock: socket.socket) -> None:
+        if isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.unwrap()  # sends close_notify; the peer's arrives later (or never)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLError, OSError):
+                pass
+        else:
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def maybe_close(self, leg: Leg) -> None:
+        back = self.reading.get(leg.dst.fileno())
+        if back is None or not (leg.eof and back.eof):
+            return
+        for s in (leg.src, leg.dst):
+            fd = s.fileno()
+            self.ep.unregister(fd)
+            self.reading.pop(fd, None)
+            self.writing.pop(fd, None)
+            self.masks.pop(fd, None)
+            s.close()
+
+    def abort(self, fd: int) -> None:
+        leg = self.reading.get(fd) or self.writing.get(fd)
+        if leg is None:
+            return
+        leg.eof = True
+        back = self.reading.get(leg.dst.fileno())
+        if back is not None:
+            back.eof = True
+        self.maybe_close(leg)
+
+    def run(self) -> None:
+        while True:
+            for fd, ev in self.ep.poll():
+                if fd in self.listeners:
+                    self.accept(*self.listeners[fd])
+                    continue
+                try:
+                    if ev & _OUT and (w := self.writing.get(fd)) is not None and w.pending:
+                        if self.write(w):
+                            self.pump(w)  # its source may hold decrypted bytes already
+                        else:
+                            self.interest(w.dst)
+                    if ev & (_IN | select.EPOLLHUP | select.EPOLLERR):
+                        r = self.reading.get(fd)
+                        if r is not None:
+                            self.pump(r)
+                except OSError:
+                    self.abort(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("role", choices=["front", "back"])
+    ap.add_argument("--ca", required=True)
+    ap.add_argument("--cert", required=True)
+    ap.add_argument("--key", required=True)
+    ap.add_argument("--map", action="append", required=True, metavar="LISTEN:TO")
+    args = ap.parse_args(argv)
+    if args.role == "front":
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.ca)
+        ctx.check_hostname = False  # the chain is verified; names do not matter here
+    else:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=args.ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(args.cert, args.key)
+    maps = [(int(a), int(b)) for a, b in (m.split(":") for m in args.map)]
+    relay = Relay(args.role, ctx, maps)
+    print(f"READY {maps[0][0]}", flush=True)
+    try:
+        relay.run()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
