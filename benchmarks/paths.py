@@ -229,6 +229,7 @@ DEFAULT_KINS_CMD = [sys.executable, "-m", "kins_tunnel"]
 
 
 PY_RELAY = "py relay"
+PY_RELAY_TRIO = "py relay (trio)"
 
 
 class PyRelay(Path_):
@@ -236,7 +237,8 @@ class PyRelay(Path_):
 
     name = PY_RELAY
 
-    def __init__(self, cleanup: Cleanup, targets: Targets) -> None:
+    def __init__(self, cleanup: Cleanup, targets: Targets, loop: str = "epoll") -> None:
+        self.name = PY_RELAY if loop == "epoll" else PY_RELAY_TRIO
         d = cleanup.tempdir("pyrelay")
         c = d / "certs"
         for argv in (
@@ -260,7 +262,7 @@ class PyRelay(Path_):
             ("front", {k: (front_ports[k], back_ports[k]) for k in KINDS}),
         ):
             argv = [sys.executable, "-m", "benchmarks.pyrelay", role, "--ca", str(c / "ca.crt")]
-            argv += tls[role]
+            argv += [*tls[role], "--loop", loop]
             for listen, to in maps.values():
                 argv += ["--map", f"{listen}:{to}"]
             try:
@@ -272,7 +274,8 @@ class PyRelay(Path_):
         self.cost_parts = {"server side": [procs["back"].pid], "client side": [procs["front"].pid]}
         self.info = {
             "description": "reference floor: the leanest Python TLS relay (benchmarks/pyrelay.py), "
-            "two processes, one mutual-TLS connection per stream, no tunnel features",
+            "two processes, one mutual-TLS connection per stream, no tunnel features, "
+            + ("one epoll loop" if loop == "epoll" else "the same calls scheduled by trio"),
         }
 
 

@@ -1,6 +1,7 @@
 """The leanest Python TLS relay we know how to write: a reference floor for the tunnel's figures.
 
     python -m benchmarks.pyrelay front|back --ca CA --cert CRT --key KEY --map LISTEN:TO ...
+        [--loop epoll|trio]
 
 Two processes play the tunnel's topology without any of its features: **front** accepts plain TCP
 on each ``LISTEN`` port and, per connection, opens a mutual-TLS connection (TLS 1.3, the same
@@ -13,6 +14,10 @@ a TLS ``close_notify``. What it measures is what Python itself costs on this pat
 columns are read against it as well as against ``ssh -R``. Not a product component; benchmark use
 only (it handles no errors beyond closing the connection that caused them).
 
+``--loop trio`` runs the same calls under trio instead (a task per direction, ``wait_readable`` /
+``wait_writable`` only when a call would block, a checkpoint after every 256 KiB): the difference
+between the two is what trio's scheduling costs, before anything the tunnel itself does.
+
 Prints ``READY <first listen port>`` once every port listens.
 """
 
@@ -23,6 +28,8 @@ import select
 import socket
 import ssl
 import sys
+
+import trio
 
 BUF = 256 * 1024
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
@@ -39,6 +46,38 @@ class Leg:
         self.eof = False  # src ended and dst was half-closed
 
 
+def open_pair(
+    role: str, ctx: ssl.SSLContext, ls: socket.socket, to: int
+) -> tuple[socket.socket, socket.socket]:
+    """Accept a connection and open its other end (blocking, TLS handshake included); both are
+    returned non-blocking."""
+    plain, _ = ls.accept()
+    plain.setblocking(True)
+    other = socket.create_connection(("127.0.0.1", to))
+    for s in (plain, other):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if role == "front":  # plain client in, TLS out
+        other = ctx.wrap_socket(other)
+    else:
+        plain = ctx.wrap_socket(plain, server_side=True)
+    for s in (plain, other):
+        s.setblocking(False)
+    return plain, other
+
+
+def half_close(sock: socket.socket) -> None:
+    if isinstance(sock, ssl.SSLSocket):
+        try:
+            sock.unwrap()  # sends close_notify; the peer's arrives later (or never)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLError, OSError):
+            pass
+    else:
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
 class Relay:
     def __init__(self, role: str, ctx: ssl.SSLContext, maps: list[tuple[int, int]]) -> None:
         self.role, self.ctx = role, ctx
@@ -49,24 +88,12 @@ class Relay:
         self.masks: dict[int, int] = {}
         self.buf = memoryview(bytearray(BUF))
         for listen, to in maps:
-            ls = socket.socket()
-            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            ls.bind(("127.0.0.1", listen))
-            ls.listen(128)
+            ls = listener(listen)
             self.listeners[ls.fileno()] = (ls, to)
             self.ep.register(ls.fileno(), _IN)
 
     def accept(self, ls: socket.socket, to: int) -> None:
-        plain, _ = ls.accept()
-        other = socket.create_connection(("127.0.0.1", to))
-        for s in (plain, other):
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.role == "front":  # plain client in, TLS out
-            other = self.ctx.wrap_socket(other)
-        else:
-            plain = self.ctx.wrap_socket(plain, server_side=True)
-        for s in (plain, other):
-            s.setblocking(False)
+        plain, other = open_pair(self.role, self.ctx, ls, to)
         for leg in (Leg(plain, other), Leg(other, plain)):
             self.reading[leg.src.fileno()] = leg
             self.writing[leg.dst.fileno()] = leg
@@ -115,7 +142,7 @@ class Relay:
                 n = 0
             if n == 0:
                 leg.eof = True
-                self.half_close(leg.dst)
+                half_close(leg.dst)
                 break
             leg.pending = self.buf[:n]
             if not self.write(leg):
@@ -123,18 +150,6 @@ class Relay:
         self.interest(leg.src)
         self.interest(leg.dst)
         self.maybe_close(leg)
-
-    def half_close(self, sock: socket.socket) -> None:
-        if isinstance(sock, ssl.SSLSocket):
-            try:
-                sock.unwrap()  # sends close_notify; the peer's arrives later (or never)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLError, OSError):
-                pass
-        else:
-            try:
-                sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
 
     def maybe_close(self, leg: Leg) -> None:
         back = self.reading.get(leg.dst.fileno())
@@ -178,6 +193,75 @@ class Relay:
                     self.abort(fd)
 
 
+async def _trio_leg(leg: Leg) -> None:
+    """One direction under trio: the same calls, a wait for readiness only when one would block
+    (trio registers each wait anew: that, and its scheduler pass per wake-up, is what this
+    variant measures against the epoll one)."""
+    src, dst = leg.src, leg.dst
+    fd_in, fd_out = src.fileno(), dst.fileno()
+    buf = memoryview(bytearray(BUF))  # per leg: a send may wait while it holds the buffer
+    since_yield = 0  # an SSLSocket returns one record (16 KiB) per call
+    while True:
+        try:
+            n = src.recv_into(buf)
+        except (BlockingIOError, ssl.SSLWantReadError):
+            await trio.lowlevel.wait_readable(fd_in)
+            continue
+        except ssl.SSLZeroReturnError:
+            n = 0
+        if n == 0:
+            leg.eof = True
+            half_close(dst)
+            return
+        data = buf[:n]
+        while data:
+            try:
+                data = data[dst.send(data) :]
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                await trio.lowlevel.wait_writable(fd_out)
+        since_yield += n
+        if since_yield >= BUF:  # bulk: let the other legs run (as the tunnel's relay does)
+            since_yield = 0
+            await trio.lowlevel.checkpoint()
+
+
+async def _trio_serve(
+    role: str, ctx: ssl.SSLContext, listeners: list[tuple[socket.socket, int]]
+) -> None:
+    async def serve(plain: socket.socket, other: socket.socket) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_trio_leg, Leg(plain, other))
+                nursery.start_soon(_trio_leg, Leg(other, plain))
+        except* OSError:  # a reset or broken pipe ends this connection only
+            pass
+        finally:
+            plain.close()
+            other.close()
+
+    async def accept(ls: socket.socket, to: int) -> None:
+        ls.setblocking(False)
+        while True:
+            await trio.lowlevel.wait_readable(ls.fileno())
+            try:
+                plain, other = open_pair(role, ctx, ls, to)  # blocking, as in the epoll variant
+            except (BlockingIOError, OSError):
+                continue
+            nursery.start_soon(serve, plain, other)
+
+    async with trio.open_nursery() as nursery:
+        for ls, to in listeners:
+            nursery.start_soon(accept, ls, to)
+
+
+def listener(port: int) -> socket.socket:
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", port))
+    ls.listen(128)
+    return ls
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("role", choices=["front", "back"])
@@ -185,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cert", required=True)
     ap.add_argument("--key", required=True)
     ap.add_argument("--map", action="append", required=True, metavar="LISTEN:TO")
+    ap.add_argument("--loop", choices=["epoll", "trio"], default="epoll")
     args = ap.parse_args(argv)
     if args.role == "front":
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=args.ca)
@@ -195,10 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_cert_chain(args.cert, args.key)
     maps = [(int(a), int(b)) for a, b in (m.split(":") for m in args.map)]
-    relay = Relay(args.role, ctx, maps)
-    print(f"READY {maps[0][0]}", flush=True)
     try:
-        relay.run()
+        if args.loop == "epoll":
+            relay = Relay(args.role, ctx, maps)
+            print(f"READY {maps[0][0]}", flush=True)
+            relay.run()
+        else:
+            listeners = [(listener(listen), to) for listen, to in maps]
+            print(f"READY {maps[0][0]}", flush=True)
+            trio.run(_trio_serve, args.role, ctx, listeners)
     except KeyboardInterrupt:
         pass
     return 0

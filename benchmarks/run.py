@@ -27,6 +27,7 @@ from typing import Any
 from benchmarks import scale as scale_bench
 from benchmarks.paths import (
     PY_RELAY,
+    PY_RELAY_TRIO,
     Direct,
     Ours,
     Path_,
@@ -210,6 +211,8 @@ class Bench:
             )
         if self.args.py_relay:
             makers.append((PY_RELAY, lambda: PyRelay(self.cleanup, targets)))
+        if self.args.py_relay_trio:
+            makers.append((PY_RELAY_TRIO, lambda: PyRelay(self.cleanup, targets, loop="trio")))
         makers.append(
             ("ours", lambda: Ours(self.cleanup, targets, shlex.split(self.args.kins_cmd) or None))
         )
@@ -302,7 +305,7 @@ class Bench:
             for pth in order:
                 # The reference relay makes a blocking TLS handshake per connection: not a
                 # setup rate anyone would ship, so it is not measured on this axis.
-                if pth.name == PY_RELAY or self.skip("setup", pth.name):
+                if pth.name in (PY_RELAY, PY_RELAY_TRIO) or self.skip("setup", pth.name):
                     continue
                 self.record(
                     "setup",
@@ -693,7 +696,7 @@ def markdown(res: dict[str, Any]) -> str:
                 f"(requested: {info.get('cipher_requested')}), kex {info.get('kex', '?')}."
             )
             lines.append("")
-        elif info and name == PY_RELAY:
+        elif info and name in (PY_RELAY, PY_RELAY_TRIO):
             lines.append(f"{name}: {info.get('description')}.")
             lines.append("")
         elif info and name.startswith("ours@"):
@@ -821,6 +824,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         dest="py_relay",
         action="store_false",
         help="leave out the reference floor (the leanest Python TLS relay, benchmarks/pyrelay.py)",
+    )
+    ap.add_argument(
+        "--py-relay-trio",
+        action="store_true",
+        help="also run the reference relay's trio variant (what trio's scheduling costs)",
     )
     ap.add_argument(
         "--ssh-interactive",

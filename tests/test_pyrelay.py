@@ -14,11 +14,11 @@ from benchmarks.procs import Cleanup
 from benchmarks.run import fairness_once, run_client
 
 
-@pytest.fixture(scope="module")
-def relay() -> Iterator[PyRelay]:
+@pytest.fixture(scope="module", params=["epoll", "trio"])
+def relay(request: pytest.FixtureRequest) -> Iterator[PyRelay]:
     cleanup = Cleanup()
     try:
-        yield PyRelay(cleanup, Targets(cleanup))
+        yield PyRelay(cleanup, Targets(cleanup), loop=request.param)
     finally:
         cleanup.close()
 
