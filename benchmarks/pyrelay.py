@@ -32,6 +32,7 @@ import sys
 import trio
 
 BUF = 256 * 1024
+TLS_RECORD = 16 * 1024  # largest TLS plaintext record
 _IN, _OUT = select.EPOLLIN, select.EPOLLOUT
 
 
@@ -194,18 +195,23 @@ class Relay:
 
 
 async def _trio_leg(leg: Leg) -> None:
-    """One direction under trio: the same calls, a wait for readiness only when one would block
-    (trio registers each wait anew: that, and its scheduler pass per wake-up, is what this
-    variant measures against the epoll one)."""
+    """One direction under trio, with the fewest scheduler passes: after a short read (a small
+    message) it waits for readiness at once instead of reading again to find the socket empty
+    (an exception per message); after a full read or a full TLS record it reads on. Trio registers
+    each wait anew and makes a scheduler pass per wake-up: that is what this variant measures
+    against the epoll one."""
     src, dst = leg.src, leg.dst
     fd_in, fd_out = src.fileno(), dst.fileno()
     buf = memoryview(bytearray(BUF))  # per leg: a send may wait while it holds the buffer
-    since_yield = 0  # an SSLSocket returns one record (16 KiB) per call
+    since_yield = 0
+    wait = False
     while True:
+        if wait:
+            await trio.lowlevel.wait_readable(fd_in)
         try:
             n = src.recv_into(buf)
         except (BlockingIOError, ssl.SSLWantReadError):
-            await trio.lowlevel.wait_readable(fd_in)
+            wait = True
             continue
         except ssl.SSLZeroReturnError:
             n = 0
@@ -219,6 +225,10 @@ async def _trio_leg(leg: Leg) -> None:
                 data = data[dst.send(data) :]
             except (BlockingIOError, ssl.SSLWantWriteError):
                 await trio.lowlevel.wait_writable(fd_out)
+        # An SSLSocket returns at most one record (16 KiB) per call.
+        wait = not (
+            n == BUF or (isinstance(src, ssl.SSLSocket) and (n >= TLS_RECORD or src.pending()))
+        )
         since_yield += n
         if since_yield >= BUF:  # bulk: let the other legs run (as the tunnel's relay does)
             since_yield = 0
