@@ -209,10 +209,13 @@ class Bench:
                     ),
                 )
             )
-        if self.args.py_relay:
-            makers.append((PY_RELAY, lambda: PyRelay(self.cleanup, targets)))
-        if self.args.py_relay_trio:
-            makers.append((PY_RELAY_TRIO, lambda: PyRelay(self.cleanup, targets, loop="trio")))
+        for loop in self.args.py_relays:
+            makers.append(
+                (
+                    PY_RELAY if loop == "epoll" else PY_RELAY_TRIO,
+                    lambda lp=loop: PyRelay(self.cleanup, targets, loop=lp),
+                )
+            )
         makers.append(
             ("ours", lambda: Ours(self.cleanup, targets, shlex.split(self.args.kins_cmd) or None))
         )
@@ -820,15 +823,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "e.g. 'kins-tunnel' for the installed console script",
     )
     ap.add_argument(
-        "--no-py-relay",
-        dest="py_relay",
-        action="store_false",
-        help="leave out the reference floor (the leanest Python TLS relay, benchmarks/pyrelay.py)",
-    )
-    ap.add_argument(
-        "--py-relay-trio",
-        action="store_true",
-        help="also run the reference relay's trio variant (what trio's scheduling costs)",
+        "--py-relays",
+        default="epoll,trio",
+        help="reference floors side by side (benchmarks/pyrelay.py, the leanest Python TLS relay): "
+        "'epoll' (one epoll loop) and/or 'trio' (the same calls scheduled by trio); '' for none",
     )
     ap.add_argument(
         "--ssh-interactive",
@@ -837,6 +835,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "OpenSSH then sets TCP_NODELAY on its connection",
     )
     args = ap.parse_args(argv)
+    args.py_relays = [x.strip() for x in args.py_relays.split(",") if x.strip()]
+    if any(x not in ("epoll", "trio") for x in args.py_relays) or len(set(args.py_relays)) != len(
+        args.py_relays
+    ):
+        ap.error("--py-relays takes 'epoll' and/or 'trio', each once")
     ciphers = [args.ssh_cipher] if args.ssh_cipher else args.ssh_ciphers.split(",")
     args.ssh_ciphers = [c.strip() for c in ciphers if c.strip()]
     if len({ssh_path_name(c) for c in args.ssh_ciphers}) != len(args.ssh_ciphers):
