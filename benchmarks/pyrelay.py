@@ -1,4 +1,4 @@
-"""The leanest Python TLS relay we know how to write: a reference floor for the tunnel's figures.
+"""The leanest Python TLS relay: a reference floor for the tunnel's figures.
 
     python -m benchmarks.pyrelay front|back --ca CA --cert CRT --key KEY --map LISTEN:TO ...
         [--loop epoll|trio]
