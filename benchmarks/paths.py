@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from benchmarks.load import ProxyError, open_stream
@@ -228,6 +229,19 @@ SVC_PORTS = {"sink": 9001, "source": 9002, "echo": 9003}
 DEFAULT_KINS_CMD = [sys.executable, "-m", "kins_tunnel"]
 
 
+def issue_certs(kins: list[str], where: Path) -> Path:
+    """A CA, the cloud's certificate and edge NODE's (unit UNIT) in `where`, by the tunnel's CLI."""
+    for argv in (
+        ["certs", "init", "--dir", str(where)],
+        ["certs", "edge", "--dir", str(where), "--unit", UNIT, "--node", NODE],
+    ):
+        r = subprocess.run([*kins, *argv], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            msg = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            raise PathUnavailable(f"`kins-tunnel {' '.join(argv[:2])}` failed: {msg}")
+    return where
+
+
 PY_RELAY = "py relay"
 PY_RELAY_TRIO = "py relay (trio)"
 
@@ -240,16 +254,7 @@ class PyRelay(Path_):
     def __init__(self, cleanup: Cleanup, targets: Targets, loop: str = "epoll") -> None:
         self.name = PY_RELAY if loop == "epoll" else PY_RELAY_TRIO
         d = cleanup.tempdir("pyrelay")
-        c = d / "certs"
-        for argv in (
-            ["certs", "init", "--dir", str(c)],
-            ["certs", "edge", "--dir", str(c), "--unit", UNIT, "--node", NODE],
-        ):
-            r = subprocess.run(
-                [*DEFAULT_KINS_CMD, *argv], capture_output=True, text=True, timeout=60
-            )
-            if r.returncode != 0:
-                raise PathUnavailable(f"certificates: {(r.stderr.strip() or 'failed')[-200:]}")
+        c = issue_certs(DEFAULT_KINS_CMD, d / "certs")
         back_ports = {k: free_port() for k in KINDS}
         front_ports = {k: free_port() for k in KINDS}
         tls = {
@@ -322,15 +327,7 @@ class Ours(Path_):
             last = (r.stderr.strip().splitlines() or ["no output"])[-1]
             raise PathUnavailable(f"`{' '.join(kins('--help'))}` failed ({last})")
         d = self.dir = cleanup.tempdir("ours")
-        self.certs = d / "certs"
-        for argv in (
-            ["certs", "init", "--dir", str(self.certs)],
-            ["certs", "edge", "--dir", str(self.certs), "--unit", UNIT, "--node", NODE],
-        ):
-            r = subprocess.run(kins(*argv), capture_output=True, text=True, timeout=60)
-            if r.returncode != 0:
-                msg = (r.stderr.strip().splitlines() or ["no output"])[-1]
-                raise PathUnavailable(f"`kins-tunnel {' '.join(argv[:2])}` failed: {msg}")
+        self.certs = issue_certs(self.cmd, d / "certs")
         self.cloud, self.proxy_port, self.admin_port, tunnel_port = self._start_cloud("cloud")
         self.edge = self._start_edge("edge", tunnel_port, KINDS)
         self.endpoints = {k: endpoint(self.proxy_port, f"{SVC}:{SVC_PORTS[k]}") for k in KINDS}
