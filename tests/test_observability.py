@@ -13,8 +13,6 @@ import json
 import logging
 import socket
 import ssl
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,7 +27,14 @@ from kins_tunnel.cloud.server import Cloud, CloudPorts
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
 from kins_tunnel.logs import JSONFormatter
-from kins_tunnel.testing.support import echo_roundtrip, free_port, http_get, metric_value, read_all
+from kins_tunnel.testing.support import (
+    echo_roundtrip,
+    free_port,
+    http_get,
+    metric_value,
+    read_all,
+    run_kins_tunnel,
+)
 from kins_tunnel.testing.support import wait_until as wait_for
 from tests.e2e.harness import (
     SVC,
@@ -381,15 +386,6 @@ async def test_connect_logs_are_json_and_never_carry_credentials(tmp_path: Path)
 
 
 # ---------------------------------------------------------------- kins-tunnel status
-async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return await trio.run_process(
-        [sys.executable, "-m", "kins_tunnel", *args],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
-
-
 async def test_status_command_lists_connected_edges(tmp_path: Path) -> None:
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
@@ -402,7 +398,7 @@ async def test_status_command_lists_connected_edges(tmp_path: Path) -> None:
             async with s:
                 await echo_roundtrip(s, b"x" * 5000)
                 admin = f"http://127.0.0.1:{env.ports.admin}"
-                r = await run_cli("status", "--admin", admin)
+                r = await run_kins_tunnel("status", "--admin", admin)
                 assert r.returncode == 0, r.stderr
                 lines = r.stdout.decode().splitlines()
                 assert lines[-1].startswith(
@@ -435,17 +431,19 @@ async def test_status_command_lists_connected_edges(tmp_path: Path) -> None:
                 )  # the edge certificate: 825 days
                 assert e1[9].startswith("127.0.0.1:")
 
-                r = await run_cli("status", "--admin", admin, "--json")
+                r = await run_kins_tunnel("status", "--admin", admin, "--json")
                 doc = json.loads(r.stdout)
                 assert doc["replica"] == "cloud-a" and doc["ready"] is True
                 assert {e["node"]: e["streams"] for e in doc["edges"]} == {"edge1": 1, "edge2": 0}
 
-                r = await run_cli("status", "--admin", admin, "--admin", admin)  # several replicas
+                r = await run_kins_tunnel(
+                    "status", "--admin", admin, "--admin", admin
+                )  # several replicas
                 assert (
                     len(r.stdout.decode().splitlines()) == 5 + 2
                 )  # and each one's own certificate
         n.cancel_scope.cancel()
-    r = await run_cli("status", "--admin", f"http://127.0.0.1:{free_port()}")
+    r = await run_kins_tunnel("status", "--admin", f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 2 and b"Traceback" not in r.stderr
     assert r.stderr.decode().startswith("kins-tunnel: error: cannot read http://127.0.0.1:")
 

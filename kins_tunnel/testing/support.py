@@ -75,6 +75,18 @@ def kins_tunnel_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProc
     )
 
 
+async def run_kins_tunnel(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    """`kins_tunnel_cli` without blocking the trio run: stdout and stderr captured, never raises
+    for the exit status (callers assert it), `TooSlowError` after `timeout`."""
+    with trio.fail_after(timeout):
+        return await trio.run_process(
+            [sys.executable, "-m", "kins_tunnel", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+
+
 async def read_all(stream: trio.abc.ReceiveStream, limit: int = 1 << 31) -> bytes:
     """Everything until EOF (or `limit` bytes)."""
     out = bytearray()

@@ -34,6 +34,20 @@ class Sshd:
     def ssh_options(self) -> list[str]:
         return ssh_client_options(self.dir, str(self.dir / "known_hosts"))
 
+    def ssh_argv(self, proxy_cmd: str, command: str, node: str = "edge1", *opts: str) -> list[str]:
+        """`ssh` to `node` through `proxy_cmd` (a CONNECT ProxyCommand), running `command`."""
+        return [
+            "ssh",
+            *self.ssh_options(),
+            "-o",
+            f"ProxyCommand={proxy_cmd}",
+            *opts,
+            "-p",
+            "22",
+            f"{USER}@{node}",
+            command,
+        ]
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(

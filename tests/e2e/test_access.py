@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import yaml
 from kins_tunnel.certs import init_ca, issue_edge, issue_user
 from kins_tunnel.kubeconfig import rewrite_kubeconfig
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
-from kins_tunnel.testing.support import echo_roundtrip, http_get, metric_value
+from kins_tunnel.testing.support import echo_roundtrip, http_get, metric_value, run_kins_tunnel
 from kins_tunnel.testing.support import wait_until as wait_for
 from tests.e2e.harness import (
     CONNECT_LOG_FIELDS,
@@ -47,7 +46,7 @@ from tests.e2e.harness import (
     wait_routed,
 )
 from tests.e2e.kubectl_tools import assert_get_and_watch, run_kubectl
-from tests.e2e.sshd import HAVE_SSH, USER, Sshd, throwaway_sshd
+from tests.e2e.sshd import HAVE_SSH, Sshd, throwaway_sshd
 from tests.test_aliases import TableResolver
 from tests.test_observability import json_log, samples
 
@@ -569,18 +568,8 @@ async def test_certificate_expiry_metric_status_and_warning(tmp_path: Path) -> N
                 "edge1",
             ) and 9.9 * 86400 < left <= 10 * 86400 + 300
             assert 800 * 86400 < series["cloud"][1] <= 825 * 86400 + 300  # certs init: 825 days
-            r = await trio.run_process(
-                [
-                    sys.executable,
-                    "-m",
-                    "kins_tunnel",
-                    "status",
-                    "--admin",
-                    f"http://127.0.0.1:{env.ports.admin}",
-                ],
-                capture_stdout=True,
-                check=True,
-            )
+            r = await run_kins_tunnel("status", "--admin", f"http://127.0.0.1:{env.ports.admin}")
+            assert r.returncode == 0, r.stderr
             lines = r.stdout.decode().splitlines()
             header, row = lines[0].split(), lines[1].split()
             assert row[header.index("EXPIRES")] in ("9d!", "10d!")  # "!": within 30 days
@@ -601,18 +590,7 @@ async def ssh_via_proxy(
     proxy_cmd = f"socat - PROXY:127.0.0.1:%h:%p,proxyport={proxy_port},proxyauth={user_pw}"
     with trio.fail_after(30):
         return await trio.run_process(
-            [
-                "ssh",
-                *sshd.ssh_options(),
-                "-o",
-                f"ProxyCommand={proxy_cmd}",
-                "-o",
-                "ConnectTimeout=10",
-                "-p",
-                "22",
-                f"{USER}@{node}",
-                "echo on-call-was-here",
-            ],
+            sshd.ssh_argv(proxy_cmd, "echo on-call-was-here", node, "-o", "ConnectTimeout=10"),
             capture_stdout=True,
             capture_stderr=True,
             check=False,

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import trio
 
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
-from kins_tunnel.testing.support import free_port, http_get
+from kins_tunnel.testing.support import free_port, http_get, run_kins_tunnel
 from tests.e2e.faultkit import cloud_status, procs, wait_cloud_up, wait_edges, wait_until
 
 CURL = shutil.which("curl")
@@ -76,19 +75,10 @@ async def test_tls_proxy_rules_and_revocation_with_processes(tmp_path: Path) -> 
             code, out = await curl("carol:pw-carol", "a-edge1:10250")
             assert code != 0 and b"403" in out, out
             # status: the edge and its certificate's expiry, the cloud's own certificate
-            with trio.fail_after(30):
-                r = await trio.run_process(
-                    [
-                        sys.executable,
-                        "-m",
-                        "kins_tunnel",
-                        "status",
-                        "--admin",
-                        f"http://127.0.0.1:{cloud.admin}",
-                    ],
-                    capture_stdout=True,
-                    check=True,
-                )
+            r = await run_kins_tunnel(
+                "status", "--admin", f"http://127.0.0.1:{cloud.admin}", timeout=30
+            )
+            assert r.returncode == 0, r.stderr
             lines = r.stdout.decode().splitlines()
             header, row = lines[0].split(), lines[1].split()
             assert row[:2] == ["a", "a-edge1"] and row[header.index("EXPIRES")].endswith("d")

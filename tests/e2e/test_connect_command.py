@@ -99,16 +99,7 @@ async def ssh(
     sshd: Sshd, proxy_cmd: str, command: str, stdin: bytes = b"", timeout: float = 60, **env: str
 ) -> subprocess.CompletedProcess[bytes]:
     return await run(
-        [
-            "ssh",
-            *sshd.ssh_options(),
-            "-o",
-            f"ProxyCommand={proxy_cmd}",
-            "-p",
-            "22",
-            f"{USER}@edge1",
-            command,
-        ],
+        sshd.ssh_argv(proxy_cmd, command),
         stdin=stdin,
         timeout=timeout,
         **env,

@@ -25,7 +25,7 @@ from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.dial import code_for
 from kins_tunnel.proto import ErrorCode, MuxConfig
 from kins_tunnel.proto.frames import FrameType, open_result_frame, reset_frame
-from kins_tunnel.testing.support import http_get, read_all, wait_until
+from kins_tunnel.testing.support import http_get, read_all, run_kins_tunnel, wait_until
 from kins_tunnel.tls_contexts import client_ssl_context
 from tests.e2e.harness import (
     CONNECT_LOG_FIELDS,
@@ -456,23 +456,8 @@ async def test_dotted_node_names_get_certificates_and_routes(tmp_path: Path) -> 
     """Kubernetes node names are DNS subdomains: `certs edge --node node1.example.com` works and a
     CONNECT to `node1.example.com:22` reaches that node's edge."""
     certs = make_certs(tmp_path)
-    proc = await trio.run_process(
-        [
-            "python",
-            "-m",
-            "kins_tunnel",
-            "certs",
-            "edge",
-            "--dir",
-            str(certs),
-            "--unit",
-            "test",
-            "--node",
-            "node1.example.com",
-        ],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
+    proc = await run_kins_tunnel(
+        "certs", "edge", "--dir", str(certs), "--unit", "test", "--node", "node1.example.com"
     )
     assert proc.returncode == 0, proc.stderr
     async with trio.open_nursery() as n:

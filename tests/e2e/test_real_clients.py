@@ -19,7 +19,7 @@ from kins_tunnel.testing.k3s_standin import (
 )
 from tests.e2e.harness import CURL, SVC, run_curl, tunnel_env
 from tests.e2e.kubectl_tools import assert_get_and_watch, run_kubectl
-from tests.e2e.sshd import HAVE_SSH, USER, throwaway_sshd
+from tests.e2e.sshd import HAVE_SSH, throwaway_sshd
 
 KUBECTL = shutil.which("kubectl")
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
@@ -118,16 +118,9 @@ async def test_ssh_through_connect_proxycommand(tmp_path: Path) -> None:
         proxy_cmd = f"socat - PROXY:127.0.0.1:%h:%p,proxyport={env.ports.proxy}"
         with trio.fail_after(30):
             r = await trio.run_process(
-                [
-                    "ssh",
-                    *sshd.ssh_options(),
-                    "-o",
-                    f"ProxyCommand={proxy_cmd}",
-                    "-p",
-                    "22",
-                    f"{USER}@edge1",
-                    "echo through-the-tunnel; head -c 2000000 /dev/zero | wc -c",
-                ],
+                sshd.ssh_argv(
+                    proxy_cmd, "echo through-the-tunnel; head -c 2000000 /dev/zero | wc -c"
+                ),
                 capture_stdout=True,
                 capture_stderr=True,
                 check=False,
