@@ -28,6 +28,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 BUF = 256 * 1024
@@ -80,41 +81,51 @@ def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
         got += r
 
 
-def do_upload(ep: dict[str, Any], nbytes: int) -> dict[str, Any]:
-    chunk = memoryview(b"\xa5" * BUF)
-    sock = open_stream(ep)
-    with sock:
-        t0 = time.perf_counter()
-        left = nbytes
-        while left > 0:
-            n = min(left, BUF)
-            sock.sendall(chunk[:n])
-            left -= n
-        sock.shutdown(socket.SHUT_WR)
-        ack = bytearray(COUNT.size)
-        recv_exact_into(sock, memoryview(ack))
-        dt = time.perf_counter() - t0
+CHUNK = memoryview(b"\xa5" * BUF)
+
+
+def upload_to_sink(sock: socket.socket, nbytes: int) -> None:
+    """Send `nbytes`, half-close, and require the sink's count to be `nbytes`."""
+    left = nbytes
+    while left > 0:
+        n = min(left, BUF)
+        sock.sendall(CHUNK[:n])
+        left -= n
+    sock.shutdown(socket.SHUT_WR)
+    ack = bytearray(COUNT.size)
+    recv_exact_into(sock, memoryview(ack))
     (got,) = COUNT.unpack(ack)
     if got != nbytes:
         raise RuntimeError(f"sink counted {got} bytes, sent {nbytes}")
-    return {"bytes": nbytes, "seconds": dt, "MBps": nbytes / dt / 1e6}
+
+
+def download_from_source(sock: socket.socket, nbytes: int) -> None:
+    """Ask the source for `nbytes` and read exactly that many."""
+    buf = bytearray(BUF)
+    sock.sendall(COUNT.pack(nbytes))
+    got = 0
+    while got < nbytes:
+        r = sock.recv_into(buf)
+        if r == 0:
+            raise EOFError(f"source EOF after {got} of {nbytes} bytes")
+        got += r
+
+
+def do_upload(ep: dict[str, Any], nbytes: int) -> dict[str, Any]:
+    return _timed(ep, nbytes, upload_to_sink)
 
 
 def do_download(ep: dict[str, Any], nbytes: int) -> dict[str, Any]:
-    buf = bytearray(BUF)
-    sock = open_stream(ep)
-    with sock:
+    return _timed(ep, nbytes, download_from_source)
+
+
+def _timed(
+    ep: dict[str, Any], nbytes: int, transfer: Callable[[socket.socket, int], None]
+) -> dict[str, Any]:
+    with open_stream(ep) as sock:
         t0 = time.perf_counter()
-        sock.sendall(COUNT.pack(nbytes))
-        got = 0
-        while got < nbytes:
-            r = sock.recv_into(buf)
-            if r == 0:
-                raise EOFError(f"source EOF after {got} of {nbytes} bytes")
-            got += r
+        transfer(sock, nbytes)
         dt = time.perf_counter() - t0
-        if got != nbytes:
-            raise RuntimeError(f"received {got} bytes, asked for {nbytes}")
     return {"bytes": nbytes, "seconds": dt, "MBps": nbytes / dt / 1e6}
 
 
@@ -181,38 +192,14 @@ def do_parallel(
     ep: dict[str, Any], streams: int, nbytes: int, download: bool = False
 ) -> dict[str, Any]:
     socks = [open_stream(ep) for _ in range(streams)]
-    chunk = memoryview(b"\xa5" * BUF)
     barrier = threading.Barrier(streams + 1)
     ends: list[float] = [0.0] * streams
     errors: list[str] = []
 
-    def upload(i: int, sock: socket.socket) -> None:
-        left = nbytes
-        while left > 0:
-            n = min(left, BUF)
-            sock.sendall(chunk[:n])
-            left -= n
-        sock.shutdown(socket.SHUT_WR)
-        ack = bytearray(COUNT.size)
-        recv_exact_into(sock, memoryview(ack))
-        if COUNT.unpack(ack)[0] != nbytes:
-            errors.append(f"stream {i}: sink count mismatch")
-
-    def download_(i: int, sock: socket.socket) -> None:
-        buf = bytearray(BUF)
-        sock.sendall(COUNT.pack(nbytes))
-        got = 0
-        while got < nbytes:
-            r = sock.recv_into(buf)
-            if r == 0:
-                errors.append(f"stream {i}: source EOF after {got} of {nbytes} bytes")
-                return
-            got += r
-
     def worker(i: int, sock: socket.socket) -> None:
         try:
             barrier.wait()
-            (download_ if download else upload)(i, sock)
+            (download_from_source if download else upload_to_sink)(sock, nbytes)
             ends[i] = time.perf_counter()
         except Exception as exc:  # reported below, the run goes on
             errors.append(f"stream {i}: {exc!r}")

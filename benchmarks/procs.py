@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,32 +65,28 @@ def tree(roots: Iterable[int], exclude: Iterable[int] = ()) -> list[int]:
     return out
 
 
-def cpu_seconds(roots: Iterable[int], exclude: Iterable[int] = ()) -> float:
-    """user+sys CPU seconds of the live process trees under ``roots``."""
-    total = 0
+def _stat_fields(roots: Iterable[int], exclude: Iterable[int]) -> Iterator[list[str]]:
+    """The fields of /proc/PID/stat after the command name, for each live process of the trees
+    (so fields[0] is the state, stat field 3)."""
     for pid in tree(roots, exclude):
         try:
             with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+                yield f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        # After the ")": state is fields[0], so utime (stat field 14) is fields[11].
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+
+
+def cpu_seconds(roots: Iterable[int], exclude: Iterable[int] = ()) -> float:
+    """user+sys CPU seconds of the live process trees under ``roots``."""
+    # utime and stime are stat fields 14 and 15
+    ticks = sum(int(f[11]) + int(f[12]) for f in _stat_fields(roots, exclude))
+    return ticks / CLK_TCK
 
 
 def minor_faults(roots: Iterable[int], exclude: Iterable[int] = ()) -> int:
     """Minor page faults so far of the live process trees under ``roots`` (heap growth and
     shrinking show here: a process that maps fresh memory per batch faults per batch)."""
-    total = 0
-    for pid in tree(roots, exclude):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[7])  # minflt, stat field 10
-    return total
+    return sum(int(f[7]) for f in _stat_fields(roots, exclude))  # minflt, stat field 10
 
 
 def rss_mib(roots: Iterable[int], exclude: Iterable[int] = ()) -> float:
