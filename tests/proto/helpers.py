@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
 from kins_tunnel.proto.events import Event
 
@@ -83,3 +85,17 @@ def check_invariants(conn: Connection) -> None:
 
 def open_streams(conn: Connection) -> int:
     return conn.statistics().streams
+
+
+def pattern(key: str, start: int, n: int) -> bytes:
+    """`n` deterministic bytes from offset `start` of the endless stream named `key` (a stream id,
+    a direction): what a receiver got can be checked piece by piece, wherever a frame split it."""
+    block = hashlib.sha256(key.encode()).digest() * 16  # 512 bytes
+    out = bytearray()
+    pos = start
+    while len(out) < n:
+        i = pos % len(block)
+        take = min(len(block) - i, n - len(out))
+        out += block[i : i + take]
+        pos += take
+    return bytes(out)

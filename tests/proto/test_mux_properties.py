@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from hypothesis import HealthCheck, given, settings
@@ -26,7 +25,7 @@ from kins_tunnel.proto.events import (
 )
 from kins_tunnel.proto.flow import MIN_WINDOW
 from kins_tunnel.proto.frames import HEADER_SIZE
-from tests.proto.helpers import check_invariants
+from tests.proto.helpers import check_invariants, pattern
 
 # CI runs bounded example counts; KINS_FUZZ_SCALE=40 (for example) makes a long fuzzing run.
 SCALE = int(os.environ.get("KINS_FUZZ_SCALE", "1"))
@@ -40,20 +39,6 @@ CFG = MuxConfig(
     max_streams=8,
     max_frame=16 * 1024,
 )
-
-
-def pattern(sid: int, side: str, start: int, n: int) -> bytes:
-    """Deterministic bytes of one direction of one stream, from offset `start`."""
-    seed = hashlib.sha256(f"{sid}/{side}".encode()).digest()
-    block = seed * 8  # 256 bytes
-    out = bytearray()
-    pos = start
-    while len(out) < n:
-        i = pos % len(block)
-        take = min(len(block) - i, n - len(out))
-        out += block[i : i + take]
-        pos += take
-    return bytes(out)
 
 
 class World:
@@ -156,7 +141,7 @@ def test_random_interleavings_deliver_exact_bytes_in_order(data: st.DataObject) 
             fin = data.draw(st.booleans())
             start = w.sent.get((sid, side), 0)
             try:
-                took = c.send_data(sid, pattern(sid, side, start, n), end_stream=fin)
+                took = c.send_data(sid, pattern(f"{sid}/{side}", start, n), end_stream=fin)
             except LocalProtocolError:
                 continue  # stream reset by the peer meanwhile
             assert 0 <= took <= n
@@ -200,9 +185,9 @@ def test_random_interleavings_deliver_exact_bytes_in_order(data: st.DataObject) 
     for (sid, side), n in w.sent.items():
         got = bytes(w.received.get((sid, w.other(side)), b""))
         if sid in w.dead:
-            assert got == pattern(sid, side, 0, len(got))  # a prefix, in order
+            assert got == pattern(f"{sid}/{side}", 0, len(got))  # a prefix, in order
         else:
-            assert got == pattern(sid, side, 0, n)
+            assert got == pattern(f"{sid}/{side}", 0, n)
             if (sid, side) in w.fin_sent:
                 assert (sid, w.other(side)) in w.fin_seen
 

@@ -3,7 +3,6 @@ of sends, splits and batch limits; interactive frames do not wait behind bulk; c
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from hypothesis import HealthCheck, given, settings
@@ -13,25 +12,13 @@ from kins_tunnel.proto import Connection, ErrorCode, MuxConfig
 from kins_tunnel.proto.events import DataReceived, StreamEnded, StreamReset
 from kins_tunnel.proto.frames import HEADER_SIZE, FrameType, unpack_header
 from kins_tunnel.proto.output import QUANTUM
-from tests.proto.helpers import Pair, check_invariants
+from tests.proto.helpers import Pair, check_invariants, pattern
 
 SCALE = int(os.environ.get("KINS_FUZZ_SCALE", "1"))
 # Large windows: the scheduler, not the credit, decides what goes when.
 CFG = MuxConfig(
     initial_window=4 * 1024 * 1024, max_window=16 * 1024 * 1024, session_budget=256 * 1024 * 1024
 )
-
-
-def pattern(sid: int, start: int, n: int) -> bytes:
-    block = hashlib.sha256(str(sid).encode()).digest() * 16  # 512 bytes
-    out = bytearray()
-    pos = start
-    while len(out) < n:
-        i = pos % len(block)
-        take = min(len(block) - i, n - len(out))
-        out += block[i : i + take]
-        pos += take
-    return bytes(out)
 
 
 def open_streams(pair: Pair, count: int) -> list[int]:
@@ -117,7 +104,7 @@ def test_each_streams_bytes_arrive_whole_and_in_order_under_any_scheduling(
             )
             fin = data.draw(st.booleans())
             n = min(n, c.send_window(sid))
-            taken = c.send_data(sid, pattern(sid, sent[sid], n), end_stream=fin)
+            taken = c.send_data(sid, pattern(str(sid), sent[sid], n), end_stream=fin)
             assert taken == n
             sent[sid] += n
             if fin:
@@ -149,9 +136,9 @@ def test_each_streams_bytes_arrive_whole_and_in_order_under_any_scheduling(
     for sid in sids:
         if sid in reset:
             # a prefix, in order: what went out before the reset
-            assert bytes(got[sid]) == pattern(sid, 0, len(got[sid]))
+            assert bytes(got[sid]) == pattern(str(sid), 0, len(got[sid]))
             continue
-        assert bytes(got[sid]) == pattern(sid, 0, sent[sid]), sid
+        assert bytes(got[sid]) == pattern(str(sid), 0, sent[sid]), sid
         assert (sid in fin_seen) == (sid in fin_sent)
 
 
@@ -167,7 +154,7 @@ def test_an_interactive_frame_waits_for_at_most_one_turn_of_each_bulk_stream(
     c = pair.client
     for sid in bulk:
         n = data.draw(st.integers(QUANTUM, 3 * 1024 * 1024), label="bulk bytes")
-        assert c.send_data(sid, pattern(sid, 0, n)) == n
+        assert c.send_data(sid, pattern(str(sid), 0, n)) == n
     wire = bytearray()
     # Some bulk is already out; the queue still holds lots of it.
     c.write_output(wire.extend, data.draw(st.integers(1, 512 * 1024), label="first batch"))
@@ -197,7 +184,7 @@ def test_a_stream_alone_keeps_whole_frames() -> None:
     (sid,) = open_streams(pair, 1)
     c = pair.client
     n = 4 * 256 * 1024
-    c.send_data(sid, pattern(sid, 0, n))
+    c.send_data(sid, pattern(str(sid), 0, n))
     wire = bytearray()
     while c.pending_output():
         c.write_output(wire.extend, 256 * 1024)
@@ -210,7 +197,7 @@ def test_control_frames_go_before_queued_bulk() -> None:
     pair.handshake()
     (sid,) = open_streams(pair, 1)
     c = pair.client
-    c.send_data(sid, pattern(sid, 0, 1024 * 1024))
+    c.send_data(sid, pattern(str(sid), 0, 1024 * 1024))
     c.ping()
     wire = bytearray()
     c.write_output(wire.extend, 1)
@@ -222,8 +209,8 @@ def test_a_reset_drops_the_streams_queued_data_only() -> None:
     pair.handshake()
     a, b = open_streams(pair, 2)
     c = pair.client
-    c.send_data(a, pattern(a, 0, 300 * 1024))
-    c.send_data(b, pattern(b, 0, 300 * 1024))
+    c.send_data(a, pattern(str(a), 0, 300 * 1024))
+    c.send_data(b, pattern(str(b), 0, 300 * 1024))
     c.reset_stream(a, ErrorCode.CANCEL, "gone")
     wire = bytearray()
     while c.pending_output():
@@ -232,7 +219,7 @@ def test_a_reset_drops_the_streams_queued_data_only() -> None:
     assert data_sids == {b}
     events = pair.server.receive_data(bytes(wire))
     assert b"".join(e.data for e in events if isinstance(e, DataReceived)) == pattern(
-        b, 0, 300 * 1024
+        str(b), 0, 300 * 1024
     )
     assert any(isinstance(e, StreamReset) and e.stream_id == a for e in events)
     check_invariants(c)
