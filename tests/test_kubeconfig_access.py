@@ -137,12 +137,9 @@ def test_cli_writes_the_https_form(tmp_path: Path) -> None:
     (tmp_path / "in.conf").write_text(
         kubeconfig({"server": "https://127.0.0.1:6443", "insecure-skip-tls-verify": True})
     )
+    https_form = ("kubeconfig", "--unit", "test", "--proxy-url", HTTPS)
     r = kins_tunnel_cli(
-        "kubeconfig",
-        "--unit",
-        "test",
-        "--proxy-url",
-        HTTPS,
+        *https_form,
         "--proxy-ca",
         str(tmp_path / "tunnel" / "ca.crt"),
         "--server-ca",
@@ -159,14 +156,6 @@ def test_cli_writes_the_https_form(tmp_path: Path) -> None:
     assert out["server"] == "https://10.96.12.34:443" and out["proxy-url"] == HTTPS
     assert base64.b64decode(str(out["certificate-authority-data"])) == k3s + tunnel
     r = kins_tunnel_cli(
-        "kubeconfig",
-        "--unit",
-        "test",
-        "--proxy-url",
-        HTTPS,
-        "--proxy-ca",
-        str(tmp_path / "nope.crt"),
-        "-i",
-        str(tmp_path / "in.conf"),
+        *https_form, "--proxy-ca", str(tmp_path / "nope.crt"), "-i", str(tmp_path / "in.conf")
     )
     assert r.returncode == 2 and r.stderr.startswith("kins-tunnel: error: --proxy-ca: cannot read")

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -120,6 +120,9 @@ class EdgeProc(Proc):
     admin: int | None = None
 
 
+P = TypeVar("P", bound=Proc)
+
+
 @dataclass
 class Procs:
     base: Path
@@ -142,19 +145,18 @@ class Procs:
         )
         for k, v in over.items():
             doc[k] = {**doc[k], **v} if isinstance(v, dict) and isinstance(doc.get(k), dict) else v
-        p = CloudProc(
-            "cloud",
-            name,
-            write_yaml(self.base / f"{name}.yaml", doc),
-            self.base / f"{name}.log",
-            tunnel=tunnel,
-            proxy=proxy,
-            admin=admin,
+        return self._track(
+            CloudProc(
+                "cloud",
+                name,
+                write_yaml(self.base / f"{name}.yaml", doc),
+                self.base / f"{name}.log",
+                tunnel=tunnel,
+                proxy=proxy,
+                admin=admin,
+            ),
+            start,
         )
-        self.procs.append(p)
-        if start:
-            p.start()
-        return p
 
     def edge(
         self,
@@ -174,14 +176,20 @@ class Procs:
         doc = edge_dict(self.certs, [cloud_tunnel], services, node, **over)
         if admin_port is not None:
             doc["admin"] = {"listen": f"127.0.0.1:{admin_port}"}
-        p = EdgeProc(
-            "edge",
-            name,
-            write_yaml(self.base / f"{name}.yaml", doc),
-            self.base / f"{name}.log",
-            node=node,
-            admin=admin_port,
+        return self._track(
+            EdgeProc(
+                "edge",
+                name,
+                write_yaml(self.base / f"{name}.yaml", doc),
+                self.base / f"{name}.log",
+                node=node,
+                admin=admin_port,
+            ),
+            start,
         )
+
+    def _track(self, p: P, start: bool) -> P:
+        """Kill `p` with the rest at the end; start it now if `start`."""
         self.procs.append(p)
         if start:
             p.start()
