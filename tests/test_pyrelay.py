@@ -42,7 +42,8 @@ def test_echo_round_trips(relay: PyRelay) -> None:
     assert res["count"] == 200
 
 
-def test_parallel_streams_each_get_their_own_connection(relay: PyRelay) -> None:
+def test_parallel_streams_each_reach_the_sink_whole(relay: PyRelay) -> None:
+    # the client checks every stream's sink count and reports any mismatch as an error
     res = run_client(
         "parallel",
         relay.endpoints["sink"],
