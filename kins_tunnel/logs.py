@@ -3,6 +3,13 @@
 Call sites pass context as `extra={...}` (unit, node, stream, target, outcome, ...); the JSON
 formatter emits those keys as fields, the plain formatter appends them as key=value. Nothing
 secret is ever passed in (no tokens, no Proxy-Authorization).
+
+Many values come from peers (targets, advertised names, HELLO agents, GOAWAY reasons, user
+names), so neither format lets a value forge a line or a field: JSON escapes by construction
+(`ensure_ascii`), and the plain format writes the message with control and non-ASCII characters
+escaped, quotes any value that holds a space, a quote, ``=``, a backslash, a control or a
+non-ASCII character (as a JSON string literal), and indents every line of a traceback with
+``  | `` so that no text in an exception can start a line that looks like a record.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -41,15 +49,52 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+# Characters a plain log line shows escaped: controls (a newline would start a forged record),
+# DEL, and everything outside ASCII (bidirectional overrides and look-alikes).
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+_NEEDS_QUOTES = re.compile(r'[^\x21-\x7e]|["=\\]')
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return (
+        f"\\x{code:02x}"
+        if code < 0x100
+        else f"\\u{code:04x}"
+        if code < 0x10000
+        else f"\\U{code:08x}"
+    )
+
+
+def escape_text(text: str) -> str:
+    """`text` with control and non-ASCII characters as backslash escapes (one printable line)."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
+def plain_value(value: object) -> str:
+    """A field value for the plain format: bare if it is one printable ASCII token, else quoted."""
+    text = str(value)
+    if text and _NEEDS_QUOTES.search(text) is None:
+        return text
+    return json.dumps(text)
+
+
 class PlainFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = escape_text(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
         extra = _extras(record)
         if extra:
-            line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+            line += " " + " ".join(f"{k}={plain_value(v)}" for k, v in extra.items())
+        if record.exc_info:
+            trace = self.formatException(record.exc_info)
+            line += "".join("\n  | " + escape_text(t) for t in trace.splitlines())
+        if record.stack_info:
+            line += "".join("\n  | " + escape_text(t) for t in record.stack_info.splitlines())
         return line
 
 
