@@ -102,7 +102,8 @@ def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
         (base / "cloud.yaml").write_text(
             json.dumps(
                 {
-                    "tunnel": {"listen": f"127.0.0.1:{tport}"},
+                    # the simulated edges share one certificate, so one identity
+                    "tunnel": {"listen": f"127.0.0.1:{tport}", "max_tunnels_per_identity": edges},
                     "proxy": {"listen": f"127.0.0.1:{pport}"},
                     "admin": {"listen": f"127.0.0.1:{aport}"},
                     "log": {"level": "error"},

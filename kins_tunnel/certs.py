@@ -55,6 +55,8 @@ __all__ = [
     "cert_facts",
     "edge_identity_uri",
     "identity_from_der",
+    "reserved_node",
+    "ReservedName",
     "init_ca",
     "issue_edge",
     "issue_user",
@@ -92,6 +94,31 @@ _NAME_RULES = {  # pattern, what it is, the rule in words
 def _valid_name(what: str, value: object) -> bool:
     pattern, _kind, _rule = _NAME_RULES[what]
     return isinstance(value, str) and len(value) <= 253 and pattern.fullmatch(value) is not None
+
+
+UNIT_SERVICE_SUFFIX = "-svc-kins"  # `<unit>-svc-kins.kins-system`: a NodeUnit's K3s API service
+
+
+class ReservedName(ValueError):
+    """An edge identity whose node name would route like a service name (see `reserved_node`)."""
+
+
+def reserved_node(node: str) -> str | None:
+    """Why `node` may not be an edge's node name, or None if it may.
+
+    A node serves ``<node>:<port>``, routed after the same normalisation as a CONNECT target, so a
+    node name must never read as a service name: not one whose first label ends in ``-svc-kins``
+    (every DNS form of a NodeUnit's K3s service, ``<unit>-svc-kins.kins-system[.svc[.<domain>]]``,
+    starts so), and not one of the form ``<service>.<namespace>.svc[.<anything>]``, which
+    normalises to ``<service>.<namespace>``. Otherwise an edge of one unit could advertise a name
+    of another unit (or any service name) as its own node.
+    """
+    labels = node.lower().split(".")
+    if labels[0].endswith(UNIT_SERVICE_SUFFIX):
+        return f"a first label ending in {UNIT_SERVICE_SUFFIX!r} names a NodeUnit's K3s service"
+    if len(labels) >= 3 and labels[2] == "svc":
+        return "<service>.<namespace>.svc... is a service name"
+    return None
 
 
 _SKEW = dt.timedelta(minutes=5)  # backdate not_valid_before a little for clocks that lag
@@ -149,6 +176,9 @@ def identity_from_der(der: bytes) -> EdgeIdentity:
             raise ValueError(
                 f"identity URI {uris[0]!r}: {what} {value!r} is not {_NAME_RULES[what][1]}"
             )
+    why = reserved_node(node)
+    if why is not None:
+        raise ReservedName(f"identity URI {uris[0]!r}: node {node!r} is reserved: {why}")
     return EdgeIdentity(unit, node)
 
 
@@ -299,6 +329,12 @@ def issue_edge(
         if not _valid_name(what, value):
             _pattern, kind, rule = _NAME_RULES[what]
             raise UserError(f"{what} {value!r}: must be {kind} ({rule})")
+    why = reserved_node(node)
+    if why is not None:
+        raise UserError(
+            f"node {node!r} is reserved: {why}; an edge serves <node>:<port>, so its node name "
+            "must not read as a service name"
+        )
     ca_cert, ca_key = _load_ca(dir)
     crt_path, key_path = dir / f"edge-{node}.crt", dir / f"edge-{node}.key"
     subject = x509.Name(

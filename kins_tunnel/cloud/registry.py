@@ -5,10 +5,20 @@ and `<node>:<port>` for its own node; anything else it advertises is refused (lo
 Several tunnels may serve one name (several edges of a unit, several tunnels of one edge, e.g. a
 restarted edge whose old tunnel has not timed out yet): `pick` prefers usable tunnels with the
 fewest open streams and rotates among equals, skipping draining ones.
+
+Tenancy: a node name means one node of one unit. Node names that read as service names never get
+this far (`certs.reserved_node`, checked when the certificate is read), and `add` refuses a
+tunnel whose node is held, right now, by a tunnel of another unit (`NodeTaken`), so `<node>:<port>`
+and the authorization rules' `node:` never reach edges of two units. The check and the insert are
+one synchronous step, so two edges racing for one node cannot both win. Each edge identity holds
+at most `max_per_identity` tunnels: a new one displaces the oldest (returned by `add` for the
+caller to close), so a restarted edge whose old tunnel has not timed out yet is never locked out,
+and one certificate cannot pile up tunnels (and their metric series and log lines).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 from collections.abc import Callable, Iterator
@@ -52,25 +62,76 @@ class EdgeTunnel:
     cert: CertFacts | None = None  # serial and expiry of the edge's certificate
 
 
+class NodeTaken(Exception):
+    """The node of a new tunnel is held by a tunnel of another unit."""
+
+    def __init__(self, identity: EdgeIdentity, holder: str) -> None:
+        super().__init__(
+            f"node {identity.node!r} of unit {identity.unit!r} is held by an edge of unit "
+            f"{holder!r}: node names must be unique across the units of a cloud"
+        )
+        self.holder = holder
+
+
+MAX_REFUSALS_KEPT = 32  # recent refused tunnels shown in /status
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A tunnel the registry would not route (shown in /status)."""
+
+    at: float  # time.time()
+    unit: str
+    node: str
+    peer: str
+    reason: str  # a fixed label
+    detail: str
+
+
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, *, max_per_identity: int = 4) -> None:
         self._by_name: dict[str, list[EdgeTunnel]] = {}
         self._tunnels: dict[int, EdgeTunnel] = {}
+        self._node_units: dict[str, tuple[str, int]] = {}  # node -> (its unit, live tunnels)
         self._ids = itertools.count(1)
         self._rr = itertools.count()
+        self.max_per_identity = max_per_identity
         self.on_add: list[Callable[[EdgeTunnel], None]] = []  # called before the tunnel is routed
+        self.refusals: collections.deque[Refusal] = collections.deque(maxlen=MAX_REFUSALS_KEPT)
 
-    def add(self, tunnel: EdgeTunnel) -> None:
+    def add(self, tunnel: EdgeTunnel) -> list[EdgeTunnel]:
+        """Route `tunnel`; return the tunnels of the same identity it displaces (oldest first),
+        which are no longer routed and which the caller closes. `NodeTaken` if its node is held
+        by a tunnel of another unit (then nothing changes)."""
+        unit, node = tunnel.identity.unit, tunnel.identity.node
+        holder = self._node_units.get(node)
+        if holder is not None and holder[0] != unit:
+            raise NodeTaken(tunnel.identity, holder[0])
         for hook in self.on_add:
             hook(tunnel)
+        same = [t for t in self._tunnels.values() if t.identity == tunnel.identity]
+        displaced = same[: max(0, len(same) + 1 - self.max_per_identity)]
+        for old in displaced:
+            self.remove(old)
         tunnel.id = next(self._ids)
         self._tunnels[tunnel.id] = tunnel
+        self._node_units[node] = (unit, self._node_units.get(node, (unit, 0))[1] + 1)
         for name in tunnel.names:
             self._by_name.setdefault(name, []).append(tunnel)
+        return displaced
+
+    def refused(self, refusal: Refusal) -> None:
+        self.refusals.append(refusal)
 
     def remove(self, tunnel: EdgeTunnel) -> None:
         if self._tunnels.pop(tunnel.id, None) is None:
             return
+        node = tunnel.identity.node
+        unit, count = self._node_units[node]
+        if count > 1:
+            self._node_units[node] = (unit, count - 1)
+        else:
+            del self._node_units[node]
         for name in tunnel.names:
             lst = self._by_name.get(name, [])
             if tunnel in lst:

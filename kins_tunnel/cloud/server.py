@@ -8,6 +8,7 @@ it after `drain()`: listeners close first, every edge gets GOAWAY, streams finis
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -54,7 +55,7 @@ class Cloud:
     def __init__(self, cfg: CloudConfig, *, resolver: Resolver = dns_resolver) -> None:
         self.cfg = cfg
         self.replica = cfg.replica or socket.gethostname()
-        self.registry = Registry()
+        self.registry = Registry(max_per_identity=cfg.tunnel.max_tunnels_per_identity)
         self.metrics = Metrics("cloud", self._snapshot, replica=self.replica)
         self.tls = ReloadingContext(
             server_ssl_context, cfg.tls.ca, cfg.tls.cert, cfg.tls.key, what="tls"
@@ -211,6 +212,9 @@ class Cloud:
             "edges": edges,
             "certificates": self.expiry.status_entries(),
             "aliases": self.aliases.entries(),
+            "refused_tunnels": [  # the most recent, oldest first (bounded)
+                dataclasses.asdict(r) for r in self.registry.refusals
+            ],
         }
         for key, watched in (
             ("authz_file", self.authz and self.authz.file),

@@ -17,15 +17,16 @@ import functools
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 
 import trio
 
 from kins_tunnel import __version__
-from kins_tunnel.certs import EdgeIdentity, identity_from_der
+from kins_tunnel.certs import EdgeIdentity, ReservedName, identity_from_der
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.admission import Admission
-from kins_tunnel.cloud.registry import EdgeTunnel, Registry, allowed_name
+from kins_tunnel.cloud.registry import EdgeTunnel, NodeTaken, Refusal, Registry, allowed_name
 from kins_tunnel.config import CloudConfig
 from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
@@ -104,6 +105,16 @@ class TunnelServer:
                     "not_logged_before": self._refusal_log.take_suppressed(),
                 },
             )
+
+    def _refuse_tunnel(
+        self, session: Session, identity: EdgeIdentity, peer: str, reason: str, detail: str
+    ) -> None:
+        """An established tunnel the registry will not route: tell the edge why and close it."""
+        self.registry.refused(
+            Refusal(time.time(), identity.unit, identity.node, peer, reason, detail)
+        )
+        self._refuse(peer, reason, detail)
+        session.close(detail, ErrorCode.NOT_ALLOWED)
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
         t = self.cfg.tunnel
@@ -244,7 +255,27 @@ class TunnelServer:
                     },
                 )
             tunnel = EdgeTunnel(identity, session, frozenset(names), peer)
-            self.registry.add(tunnel)
+            try:
+                displaced = self.registry.add(tunnel)
+            except NodeTaken as exc:
+                self._refuse_tunnel(session, identity, peer, "node_taken", str(exc))
+                return
+            for old in displaced:
+                self.metrics.tunnels_displaced.inc()
+                log.warning(
+                    "edge tunnel displaced by a newer one of the same identity",
+                    extra={
+                        **labels,
+                        "peer": old.peer,
+                        "by": peer,
+                        "limit": self.registry.max_per_identity,
+                    },
+                )
+                old.session.close(
+                    "displaced by a newer tunnel of this edge identity "
+                    f"(tunnel.max_tunnels_per_identity {self.registry.max_per_identity})",
+                    ErrorCode.NO_ERROR,
+                )
             log.info(
                 "edge connected",
                 extra={
@@ -290,6 +321,8 @@ _HANDSHAKE_FAILURES = (  # text in the error -> label
 
 def _reason_label(exc: BaseException) -> str:
     """A short, bounded label for a refused handshake (the handshake_failures metric)."""
+    if isinstance(exc, ReservedName):
+        return "reserved_name"
     return failure_label(
         exc, _HANDSHAKE_FAILURES, verify_default="verify_failed", default="tls_error"
     )

@@ -297,7 +297,12 @@ async def test_twenty_edges_reconnect_spread_out_after_cloud_restart(
     certs = make_certs(tmp_path)
     tunnel_port = free_port()
     cfg = cloud_config_from_dict(
-        cloud_dict(certs, tunnel={"listen": f"127.0.0.1:{tunnel_port}"}), base_dir=tmp_path
+        # the 20 edges share one certificate (one identity): let each keep its tunnel
+        cloud_dict(
+            certs,
+            tunnel={"listen": f"127.0.0.1:{tunnel_port}", "max_tunnels_per_identity": count},
+        ),
+        base_dir=tmp_path,
     )
     edge_cfg = edge_config_from_dict(
         edge_dict(
