@@ -89,6 +89,9 @@ class ProxySettings:
     dial_timeout: float = 10.0  # seconds for the edge to answer an open (then 504)
     authz_file: Path | None = None  # per-principal rules; None: every authenticated client may pass
     tls: ProxyTLS | None = None
+    max_connections_per_principal: int = 512  # per user; per client address when anonymous (429)
+    max_stream_share: float = 0.25  # of one tunnel's streams that one principal may hold (429)
+    idle_timeout: float = 3600.0  # a relay with no bytes either way for this long is closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,7 @@ class TunnelListen:
     max_concurrent_handshakes: int = 256  # TLS handshakes running at once
     slow_handshake: float = 2.0  # a handshake slot held this long may go to a waiting newcomer
     revoked_file: Path | None = None  # revoked edge serials / unit/node identities
+    max_tunnels_per_identity: int = 4  # beyond: a new tunnel of an edge displaces its oldest
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +294,10 @@ def _proxy(sec: Section) -> ProxySettings:
                 "authz_file", "rules need principals: set proxy.auth or proxy.tls.client_ca too"
             )
         extra["authz_file"] = sec.path("authz_file")
-    return sec.build(ProxySettings, **extra)
+    settings = sec.build(ProxySettings, **extra)
+    if not settings.max_stream_share <= 1:
+        sec.fail("max_stream_share", "must be a fraction greater than 0 and at most 1")
+    return settings
 
 
 def _aliases(top: Section) -> Mapping[str, str]:

@@ -147,6 +147,20 @@ _COUNTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "Live edge tunnels closed because the edge was revoked",
         (),
     ),
+    (
+        "tunnels_displaced",
+        "tunnels_displaced",
+        "Edge tunnels closed because a newer one of the same identity went past "
+        "tunnel.max_tunnels_per_identity",
+        (),
+    ),
+    (
+        "proxy_limits",
+        "proxy_limits",
+        "CONNECTs refused (429/503) or relays closed by a proxy limit, by reason: connections, "
+        "principal, stream_share, idle_timeout",
+        ("reason",),
+    ),
     ("uplinks", "uplinks", "Uplink streams (edge to cloud-side target) opened", ()),
     (
         "uplink_refusals",
@@ -178,6 +192,8 @@ class Metrics:
     proxy_tls_failures: Counter
     alias_lookups: Counter
     revoked_closed: Counter
+    tunnels_displaced: Counter
+    proxy_limits: Counter
     uplinks: Counter
     uplink_refusals: Counter
     uplink_bytes: Counter

@@ -221,7 +221,8 @@ def test_unknown_key_names_path(tmp_path: Path) -> None:
         load_cloud_config(path)
     assert str(info.value) == (
         f"{path}: proxy.lsiten: unknown key (expected one of: listen, auth, max_connections, "
-        "header_timeout, max_request_bytes, dial_timeout, authz_file, tls)"
+        "header_timeout, max_request_bytes, dial_timeout, authz_file, tls, "
+        "max_connections_per_principal, max_stream_share, idle_timeout)"
     )
 
 

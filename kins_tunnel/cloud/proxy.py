@@ -25,6 +25,7 @@ import functools
 import logging
 import socket
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import h11
 import trio
@@ -33,7 +34,7 @@ from kins_tunnel.cloud.aliases import AliasTable, NoAlias
 from kins_tunnel.cloud.auth import REALM, Authenticator, Principal
 from kins_tunnel.cloud.authz import Authorizer
 from kins_tunnel.cloud.proxy_tls import TLSClientStream
-from kins_tunnel.cloud.registry import Registry
+from kins_tunnel.cloud.registry import EdgeTunnel, Registry
 from kins_tunnel.config import ProxySettings
 from kins_tunnel.errors import OpenFailed
 from kins_tunnel.httpanswer import ClientGone, ErrorAnswer, accept_connect, read_request, send_error
@@ -61,6 +62,7 @@ _ANSWER_FOR_CODE: dict[int, tuple[int, str]] = {
 }
 _RETRYABLE = {ErrorCode.GOING_AWAY, ErrorCode.STREAM_LIMIT}
 ClientStream = trio.SocketStream | TLSClientStream  # a client of the plain or the TLS listener
+_K = TypeVar("_K")
 
 
 @dataclass
@@ -74,6 +76,10 @@ class ProxyContext:
     listener_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     authz: Authorizer | None = None  # None: every authenticated client may reach every target
     aliases: AliasTable | None = None  # None: IP targets are routed as names (and find no edge)
+    # Fair shares: connections per principal key, and streams per (tunnel id, principal key).
+    # Entries exist only while counted (> 0), so their number is bounded by live connections.
+    by_principal: dict[str, int] = field(default_factory=dict)
+    held: dict[tuple[int, str], int] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,6 +131,13 @@ async def serve_proxy(
         on_listening=listening,
         task_status=task_status,
     )
+
+
+def _host(stream: ClientStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "?"
 
 
 def _peer(stream: ClientStream) -> str:
@@ -187,7 +200,10 @@ async def _serve(
     except OSError:
         pass
     if ctx.active > settings.max_connections:
-        raise ErrorAnswer(503, f"too many client connections (limit {settings.max_connections})")
+        ctx.metrics.proxy_limits.labels("connections").inc()
+        raise ErrorAnswer(
+            503, f"too many client connections (proxy.max_connections {settings.max_connections})"
+        )
     with trio.move_on_at(rec.started + settings.header_timeout) as scope:  # from accept
         request = await read_request(stream, conn)
     if scope.cancelled_caught:
@@ -210,6 +226,41 @@ async def _serve(
         if principal is None:
             raise ErrorAnswer(407, "proxy authentication required", [("Proxy-Authenticate", REALM)])
     rec.principal = principal.name if principal is not None else ""
+    # Who a fair share belongs to: the principal, or the client's address when anonymous.
+    key = f"principal:{principal.name}" if principal is not None else f"address:{_host(stream)}"
+    count = ctx.by_principal.get(key, 0)
+    if count >= settings.max_connections_per_principal:
+        ctx.metrics.proxy_limits.labels("principal").inc()
+        raise ErrorAnswer(
+            429,
+            "too many connections for this client (proxy.max_connections_per_principal "
+            f"{settings.max_connections_per_principal})",
+        )
+    ctx.by_principal[key] = count + 1
+    try:
+        await _route_and_relay(ctx, stream, conn, rec, request, principal, key)
+    finally:
+        _uncount(ctx.by_principal, key)
+
+
+def _uncount(table: dict[_K, int], key: _K) -> None:
+    left = table[key] - 1
+    if left:
+        table[key] = left
+    else:
+        del table[key]
+
+
+async def _route_and_relay(
+    ctx: ProxyContext,
+    stream: ClientStream,
+    conn: h11.Connection,
+    rec: ConnectRecord,
+    request: h11.Request,
+    principal: Principal | None,
+    key: str,
+) -> None:
+    settings = ctx.settings
     try:
         rec.name = normalise_target(rec.target)
     except ValueError as exc:
@@ -229,7 +280,8 @@ async def _serve(
             raise ErrorAnswer(
                 403, f"forbidden: {who} may not reach this target", detail=f"forbidden ({denied})"
             )
-    tunnel_stream = await _open(ctx, rec)
+    tunnel, tunnel_stream = await _open(ctx, rec, key)
+    share = (tunnel.id, key)
     # Tunnel open: answer 200 and become a byte pipe.
     try:
         rec.status, rec.stream = 200, tunnel_stream.stream_id
@@ -239,11 +291,19 @@ async def _serve(
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             rec.outcome = f"client went away: {exc}"
             return
-        result = await relay(stream, tunnel_stream)
+        result = await relay(
+            stream,
+            tunnel_stream,
+            idle_timeout=settings.idle_timeout,
+            activity=lambda: tunnel_stream.activity,
+        )
     finally:
+        _uncount(ctx.held, share)
         tunnel_stream.abort(
             ErrorCode.CANCEL, "client went away"
         )  # a no-op once the relay closed it
+    if result.idle:
+        ctx.metrics.proxy_limits.labels("idle_timeout").inc()
     rec.sent += result.a_to_b
     rec.received = result.b_to_a
     rec.outcome = result.error or "closed"
@@ -258,27 +318,47 @@ def _header(request: h11.Request, name: bytes) -> bytes | None:
     return None
 
 
-async def _open(ctx: ProxyContext, rec: ConnectRecord) -> TunnelStream:
+async def _open(ctx: ProxyContext, rec: ConnectRecord, key: str) -> tuple[EdgeTunnel, TunnelStream]:
     """Open a stream to `rec.name` on the best tunnel, trying another on retryable refusals; the
-    edge tried (or that served it) is recorded in `rec` (unit, node)."""
+    edge tried (or that served it) is recorded in `rec` (unit, node). A tunnel where the client
+    `key` already holds its share (`max_stream_share` of the tunnel's streams) is skipped; the
+    stream returned counts in `ctx.held` for (tunnel id, key) until the caller uncounts it."""
     t0 = trio.current_time()
     last: OpenFailed | None = None
-    tried = 0
+    tried = skipped = 0
+    share = ctx.settings.max_stream_share
     for tunnel in ctx.registry.candidates(rec.name):
         if tried == MAX_ATTEMPTS:
             break
+        if ctx.held.get((tunnel.id, key), 0) >= max(
+            1, int(share * tunnel.session.peer_max_streams)
+        ):
+            skipped += 1
+            continue
         tried += 1
         rec.unit, rec.node = tunnel.identity.unit, tunnel.identity.node
+        held = (tunnel.id, key)
+        ctx.held[held] = ctx.held.get(held, 0) + 1  # taken while the open is pending, too
         try:
             stream = await tunnel.session.open_stream(rec.name, ctx.settings.dial_timeout)
-        except OpenFailed as exc:
+        except BaseException as exc:
+            _uncount(ctx.held, held)
+            if not isinstance(exc, OpenFailed):
+                raise
             last = exc
             if exc.code in _RETRYABLE:
                 continue
             break
         ctx.metrics.streams.inc()
         ctx.metrics.dial_seconds.observe(trio.current_time() - t0)
-        return stream
+        return tunnel, stream
+    if skipped and last is None:
+        ctx.metrics.proxy_limits.labels("stream_share").inc()
+        raise ErrorAnswer(
+            429,
+            "this client holds its share of the edge's streams (proxy.max_stream_share "
+            f"{share:g}); close some first",
+        )
     if last is None or last.code in _RETRYABLE:
         ctx.metrics.dial_failures.labels("no_edge").inc()
         reason = "no connected edge serves this name" if last is None else "no edge available"

@@ -170,6 +170,11 @@ class Connection(FrameReceiver):
             queued_streams=self._data.queued_streams,
         )
 
+    @property
+    def peer_max_streams(self) -> int:
+        """The peer's limit on the streams we may have open at once (from its HELLO)."""
+        return self._peer.max_streams
+
     def is_live(self, stream_id: int) -> bool:
         """The stream is known and not yet forgotten (open, opening or half-closed)."""
         return stream_id in self._streams

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -32,6 +33,7 @@ class RelayResult:
     a_to_b: int = 0
     b_to_a: int = 0
     error: str | None = None
+    idle: bool = False  # ended by the idle timeout
 
 
 async def _pump_socket_to_tunnel(
@@ -103,8 +105,19 @@ async def _pump(
         await dst.send_eof()
 
 
-async def relay(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream) -> RelayResult:
-    """Copy a→b and b→a with half-close; close both at the end. Never raises for I/O errors."""
+async def relay(
+    a: trio.abc.HalfCloseableStream,
+    b: trio.abc.HalfCloseableStream,
+    *,
+    idle_timeout: float | None = None,
+    activity: Callable[[], int] | None = None,
+) -> RelayResult:
+    """Copy a→b and b→a with half-close; close both at the end. Never raises for I/O errors.
+
+    With `idle_timeout`, the relay is aborted (both ends reset, `result.idle` set) once
+    `activity()` (a counter bumped whenever bytes move, e.g. `TunnelStream.activity`) has not
+    changed for that long; it is sampled a few times per timeout, off the byte path, so the
+    relay ends between `idle_timeout` and 1.25 times it after the last byte."""
     result = RelayResult()
 
     async def run(
@@ -123,10 +136,27 @@ async def relay(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream
                 result.error = str(exc) or type(exc).__name__
             cancel.cancel()
 
+    async def watch_idle(limit: float, count: Callable[[], int], cancel: trio.CancelScope) -> None:
+        last, quiet_since = count(), trio.current_time()
+        while True:
+            await trio.sleep(limit / 4)
+            now = count()
+            if now != last:
+                last, quiet_since = now, trio.current_time()
+            elif trio.current_time() - quiet_since >= limit:
+                result.idle = True
+                result.error = f"idle: no bytes either way for {limit:g}s"
+                cancel.cancel()
+                return
+
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, a, b, True, nursery.cancel_scope)
-            nursery.start_soon(run, b, a, False, nursery.cancel_scope)
+        async with trio.open_nursery() as outer:
+            if idle_timeout is not None and activity is not None:
+                outer.start_soon(watch_idle, idle_timeout, activity, outer.cancel_scope)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run, a, b, True, nursery.cancel_scope)
+                nursery.start_soon(run, b, a, False, nursery.cancel_scope)
+            outer.cancel_scope.cancel()  # both directions are done: stop the watch
     finally:
         with trio.CancelScope(shield=True):
             for stream in (a, b):

@@ -224,6 +224,11 @@ class Session:
         return len(self._streams)
 
     @property
+    def peer_max_streams(self) -> int:
+        """How many streams the peer lets us hold open on this tunnel."""
+        return self.conn.peer_max_streams
+
+    @property
     def usable(self) -> bool:
         """Can carry new streams: handshake done, not closed, neither side draining."""
         return (

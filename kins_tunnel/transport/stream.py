@@ -87,6 +87,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._sink: int | None = None
         self._sink_busy = False
         self.direct_bytes = 0
+        self.activity = 0  # bumped when bytes move either way (read by relay idle timeouts)
 
     # Direct delivery: when a relay copies this stream into a TCP socket, the reader task writes
     # arriving bytes straight into that socket (non-blocking) instead of waking the relay task:
@@ -117,6 +118,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """Bytes (and/or the peer's FIN) arrived for this stream. `data` may be a view of the
         session's read buffer: what is queued is copied, what goes straight out is not."""
         if data:
+            self.activity += 1
             sink = self._sink
             if sink is not None and not self._recv and not self._sink_busy:
                 data = self._try_direct(sink, data)
@@ -201,6 +203,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         view = memoryview(data)
         pos = 0
         waited = False
+        self.activity += 1
         while True:
             if self._error is not None:
                 raise trio.BrokenResourceError(self._error)

@@ -71,7 +71,14 @@ async def test_thousand_concurrent_streams_of_one_mib_checksummed(tmp_path: Path
         digest = await n.start(serve_digest)
         blob = await n.start(serve_blob)
         with procs(tmp_path) as ps:
-            cloud = ps.cloud(proxy={"dial_timeout": 60.0})
+            # one client address opens all 1,000 streams: lift its fair-share limits
+            cloud = ps.cloud(
+                proxy={
+                    "dial_timeout": 60.0,
+                    "max_connections_per_principal": 2000,
+                    "max_stream_share": 1.0,
+                }
+            )
             edge = ps.edge(
                 cloud.tunnel,
                 {UP: f"127.0.0.1:{digest}", DOWN: f"127.0.0.1:{blob}"},
