@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter as _Tally
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -225,3 +226,27 @@ class Metrics:
 
     def render(self) -> tuple[int, str, bytes]:
         return 200, CONTENT_TYPE, generate_latest(self.registry)
+
+
+class _FileCounts(Protocol):
+    what: str  # the config key of the file: a bounded label, never peer data
+    failures: int
+
+
+class ReloadFailures(Collector):
+    """``kins_tunnel_reload_failures_total{file}``: re-reads of watched files (credentials, rules,
+    revocation list) that failed, read from the files' own counts at scrape time. Register it
+    with `Metrics.registry`; the label is the file's config key (e.g. ``proxy.auth.basic_file``)."""
+
+    def __init__(self, files: Callable[[], Iterable[_FileCounts]]) -> None:
+        self._files = files
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "kins_tunnel_reload_failures",
+            "Re-reads of a watched file that failed (bad line, unreadable, gone), by config key",
+            labels=["file"],
+        )
+        for f in self._files():
+            family.add_metric([f.what], f.failures)
+        yield family

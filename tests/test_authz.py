@@ -121,7 +121,10 @@ def test_no_rule_for_principal_and_empty_rules_deny() -> None:
 def test_classify() -> None:
     assert classify(A_SVC) == ("unit", "a", 443)
     assert classify("edge1:22") == ("node", "edge1", 22)
-    assert classify("example.com:443") is None
+    # node names are DNS subdomains (what `certs edge --node` takes): dotted names are nodes too
+    assert classify("edge1.site-a:22") == ("node", "edge1.site-a", 22)
+    assert classify("node1.example.com:443") == ("node", "node1.example.com", 443)
+    assert classify("a..b:443") is None and classify("-a.b:443") is None
     assert classify("[::1]:443") is None
     assert classify("10.0.0.1:443") is None
 
@@ -139,8 +142,9 @@ def test_classify() -> None:
         ),
         (
             b"rules:\n  - {principals: [a], allow: ['unit:a']}\n  - {principals: [b], allow: ['nod:edge1:22']}\n",
-            "rules[1].allow[0]: 'nod:edge1:22' is not unit:<unit>[:<port>] or node:<node>:<port> "
-            "(names are DNS labels; a name or port may be *)",
+            "line 3: rules[1].allow[0]: 'nod:edge1:22' is not unit:<unit>[:<port>] or "
+            "node:<node>:<port> (a unit is a DNS label, a node a DNS subdomain; a name or port "
+            "may be *)",
         ),
         (
             b"rules:\n  - {principals: [b], allow: ['node:edge1']}\n",
@@ -181,10 +185,55 @@ def test_classify() -> None:
     ],
 )
 def test_rule_file_errors_name_the_key_path(text: bytes, message: str) -> None:
+    """(And the line, where the key path exists in the file.)"""
     with pytest.raises(ValueError) as info:
         parse_rules(text)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_node_rules_take_dotted_node_names_port_after_the_last_colon() -> None:
+    rules = parse_rules(
+        b"rules:\n"
+        b"  - principals: [bob]\n"
+        b"    allow: ['node:edge1.site-a:22', 'node:n1.example.com:*', 'node:*:2222']\n"
+    )
+    assert rules.check(p("bob"), "edge1.site-a:22") is None
+    assert rules.check(p("bob"), "edge1.site-a:23") == NOT_ALLOWED
+    assert rules.check(p("bob"), "edge1:22") == NOT_ALLOWED  # another node
+    assert rules.check(p("bob"), "edge1.site-b:22") == NOT_ALLOWED
+    assert rules.check(p("bob"), "n1.example.com:6443") is None
+    assert rules.check(p("bob"), "x.y.z:2222") is None  # "*" covers dotted nodes too
+    assert rules.check(p("bob"), A_SVC.replace("443", "2222")) == NOT_ALLOWED  # a unit, not a node
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "node:edge1.:22",
+        "node:.edge1:22",
+        "node:Edge1.site:22",
+        "node:edge1.site-a",
+        "node::22",
+        "unit:a.b",
+        "unit:a.b:443",
+        "node:edge1.site-a:22:",
+        "node:edge1..a:22",
+    ],
+)
+def test_malformed_node_and_unit_entries_name_their_line(entry: str) -> None:
+    text = f"rules:\n  - principals: [b]\n    allow:\n      - unit:a\n      - '{entry}'\n"
+    with pytest.raises(ValueError) as info:
+        parse_rules(text.encode())
+    assert str(info.value).startswith(f"line 5: rules[0].allow[1]: {entry!r} is not")
+
+
+def test_errors_name_the_line_of_the_nearest_key() -> None:
+    text = b"groups:\n  ops: [carol]\nrules:\n  - principals: [alice]\n    allow: []\n"
+    with pytest.raises(ValueError, match=r"^line 5: rules\[0\]\.allow: expected a non-empty"):
+        parse_rules(text)
+    with pytest.raises(ValueError, match=r"^line 2: groups\.o p: a group name is"):
+        parse_rules(b"groups:\n  o p: []\nrules: []\n")
 
 
 def test_readme_example_is_valid_and_means_what_it_says() -> None:
@@ -215,8 +264,9 @@ def test_broken_file_at_start_is_a_one_line_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError) as info:
         Authorizer(f)
     assert str(info.value) == (
-        f"proxy.authz_file: {f}: rules[0].allow[0]: 'unit' is not unit:<unit>[:<port>] "
-        "or node:<node>:<port> (names are DNS labels; a name or port may be *)"
+        f"proxy.authz_file: {f}: line 2: rules[0].allow[0]: 'unit' is not unit:<unit>[:<port>] "
+        "or node:<node>:<port> (a unit is a DNS label, a node a DNS subdomain; a name or port "
+        "may be *)"
     )
     with pytest.raises(UserError, match="proxy.authz_file: cannot read"):
         Authorizer(tmp_path / "missing.yaml")

@@ -16,7 +16,9 @@ Allow entries:
 - ``unit:<unit>`` / ``unit:<unit>:<port>``: the unit's K3s API service
   ``<unit>-svc-kins.kins-system`` (at any port, or that one), including a ClusterIP alias of it
   (rules see the target after alias rewriting). It does **not** include the unit's nodes.
-- ``node:<node>:<port>``: a node's own name and port, e.g. its sshd at ``node:edge1:22``.
+- ``node:<node>:<port>``: a node's own name and port, e.g. its sshd at ``node:edge1:22``. A node
+  name is any name ``kins-tunnel certs edge --node`` takes (a DNS subdomain, e.g.
+  ``node:edge1.site-a:22``); the port is after the last ``:``.
 - ``*`` in place of a unit, node or port matches any.
 
 A principal may reach a target if some rule lists it (by name, through a group of the file or one
@@ -25,9 +27,10 @@ else is denied (an empty ``rules: []`` denies all); without ``proxy.authz_file``
 authenticated client may reach every target, as before.
 
 The file is validated as strictly as the config: unknown keys, wrong types, unknown groups and
-malformed entries are one-line errors naming the key path (``rules[1].allow[0]: ...``). It is
-re-read on change by a watcher task (`kins_tunnel.filewatch`); a broken new version keeps the
-previous rules and logs why. Checking a CONNECT only reads memory.
+malformed entries are one-line errors naming the line and the key path (``line 7:
+rules[1].allow[0]: ...``). It is re-read on change by a watcher task (`kins_tunnel.filewatch`); a
+broken new version keeps the previous rules, logs why and is counted and shown in ``/status``.
+Checking a CONNECT only reads memory.
 """
 
 from __future__ import annotations
@@ -39,15 +42,17 @@ from pathlib import Path
 
 import yaml
 
+from kins_tunnel.certs import _NAME_RULES
 from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.filewatch import WatchedFile
-from kins_tunnel.names import kind
+from kins_tunnel.names import is_ip_target, kind
 from kins_tunnel.yamlcheck import StrictLoader
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _UNIT_HOST = re.compile(rf"({_LABEL})-svc-kins\.kins-system")
-_NODE_HOST = re.compile(_LABEL)
-_ENTRY = re.compile(rf"(unit|node):({_LABEL}|\*)(?::([0-9]{{1,5}}|\*))?")
+_UNIT_NAME = re.compile(rf"{_LABEL}|\*")
+_PORT = re.compile(r"[0-9]{1,5}|\*")
+_PARENT = re.compile(r"(.+)(?:\.[^.\[]+|\[[0-9]+\])")  # a key path without its last step
 _GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 # Reasons a CONNECT is denied (metric label values and audit `reason` prefixes).
@@ -108,13 +113,55 @@ def classify(target: str) -> tuple[str, str, int] | None:
     m = _UNIT_HOST.fullmatch(host)
     if m is not None:
         return "unit", m.group(1), int(port_text)
-    if _NODE_HOST.fullmatch(host):
+    if _node_name(host) and not is_ip_target(target):
         return "node", host, int(port_text)
     return None
 
 
+def _node_name(name: str) -> bool:
+    """`name` is a node name as `kins-tunnel certs edge` takes it (a DNS subdomain)."""
+    return len(name) <= 253 and _NAME_RULES["node"][0].fullmatch(name) is not None
+
+
+def _key_lines(data: bytes) -> dict[str, int]:
+    """The line (1-based) of every key path of the YAML document (``rules[1].allow[0]``)."""
+    out: dict[str, int] = {}
+
+    def walk(node: yaml.Node, where: str) -> None:
+        out.setdefault(where, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                step = f"{where}.{key.value}" if where else str(key.value)
+                out.setdefault(step, key.start_mark.line + 1)
+                walk(value, step)
+        elif isinstance(node, yaml.SequenceNode):
+            for j, item in enumerate(node.value):
+                walk(item, f"{where}[{j}]")
+
+    root = yaml.compose(data.decode("utf-8"), Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
+    if root is not None:
+        walk(root, "")
+    return out
+
+
+def _with_line(data: bytes, message: str) -> str:
+    """`message` (``<key path>: <reason>``) with the line of that key path in front."""
+    where = message.partition(": ")[0]
+    try:
+        lines = _key_lines(data)
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return message
+    while where not in lines:
+        m = _PARENT.fullmatch(where)
+        if m is None:
+            return message
+        where = m.group(1)
+    return f"line {lines[where]}: {message}"
+
+
 def parse_rules(data: bytes) -> Rules:
-    """Parse and validate a rules file; `ValueError` with a one-line reason naming the key path."""
+    """Parse and validate a rules file; `ValueError` with a one-line reason naming the line and
+    the key path (``line 7: rules[1].allow[0]: ...``)."""
     try:
         doc = yaml.load(data.decode("utf-8"), Loader=StrictLoader)  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError as exc:
@@ -124,6 +171,13 @@ def parse_rules(data: bytes) -> Rules:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         line = f"line {mark.line + 1}: " if mark is not None else ""
         raise ValueError(f"{line}invalid YAML: {problem}") from None
+    try:
+        return _rules(doc)
+    except ValueError as exc:
+        raise ValueError(_with_line(data, str(exc))) from None
+
+
+def _rules(doc: object) -> Rules:
     if not isinstance(doc, dict):
         raise ValueError(f"top level: expected a mapping with 'rules', got {kind(doc)}")
     _known(doc, ("groups", "rules"), "")
@@ -178,16 +232,26 @@ def parse_rules(data: bytes) -> Rules:
 
 
 def _allow(text: str, where: str) -> Allow:
-    m = _ENTRY.fullmatch(text)
-    if m is None or (m.group(1) == "node" and m.group(3) is None):
+    what, _, rest = text.partition(":")
+    if what == "unit":
+        name, sep, port = rest.partition(":")
+        ok = _UNIT_NAME.fullmatch(name) is not None and (not sep or _PORT.fullmatch(port))
+    else:  # node:<node>:<port>, the port after the last ':'
+        name, sep, port = rest.rpartition(":")
+        ok = (
+            what == "node"
+            and bool(sep)
+            and (name == "*" or _node_name(name))
+            and _PORT.fullmatch(port) is not None
+        )
+    if not ok:
         raise ValueError(
             f"{where}: {text!r} is not unit:<unit>[:<port>] or node:<node>:<port> "
-            "(names are DNS labels; a name or port may be *)"
+            "(a unit is a DNS label, a node a DNS subdomain; a name or port may be *)"
         )
-    kind, name, port = m.groups()
-    if port not in (None, "*") and not 1 <= int(port) <= 65535:
+    if port not in ("", "*") and not 1 <= int(port) <= 65535:
         raise ValueError(f"{where}: {text!r}: port must be from 1 to 65535 or *")
-    return Allow(kind, name, None if port in (None, "*") else int(port))
+    return Allow(what, name, None if port in ("", "*") else int(port))
 
 
 def _strings(value: object, where: str) -> list[str]:

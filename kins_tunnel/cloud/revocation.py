@@ -2,19 +2,27 @@
 
 One entry per line; ``#`` starts a comment; blank lines are ignored::
 
-    # a certificate, by serial number in hex (as `openssl x509 -serial` prints it; ':' allowed)
+    # a certificate, by serial number in hex (':' allowed), or as `openssl x509 -serial -noout`
+    # prints it
     5F3A09C2D1E4B7A8
     5f:3a:09:c2:d1:e4:b7:a9
-    # an identity: every certificate of that unit and node, whatever its serial
+    serial=5F3A09C2D1E4B7AA
+    # an identity: every certificate of that unit and node, whatever its serial; a node name is
+    # any name `kins-tunnel certs edge --node` takes (a DNS subdomain)
     test/edge1
+    test/edge1.site-a
     # every node of a unit
     retired-unit/*
 
 A revoked edge's handshake is refused (counted as ``kins_tunnel_handshake_failures_total
 {reason="revoked"}``) and, when the file changes, its live tunnels are closed. The file is re-read
-off the event loop (`kins_tunnel.filewatch`); a broken new version keeps the previous list in use
-and logs why (a revocation list that cannot be read must not silently let everyone back in, nor
-cut every edge off).
+off the event loop (`kins_tunnel.filewatch`).
+
+The list fails closed. At start-up a bad line is an error (the cloud does not start). On a re-read,
+the entries that parse take effect even when another line does not: they are added to the list in
+use (so an entry that a bad version drops stays revoked until the file parses whole), the bad
+line is logged with its number and the failure counted and shown in ``/status``. A file that is
+gone or unreadable keeps the previous list.
 """
 
 from __future__ import annotations
@@ -24,12 +32,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kins_tunnel.certs import EdgeIdentity
-from kins_tunnel.filewatch import WatchedFile
+from kins_tunnel.certs import _NAME_RULES, EdgeIdentity
+from kins_tunnel.filewatch import PartialValue, WatchedFile
 
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_IDENTITY = re.compile(rf"({_LABEL})/({_LABEL}|\*)")
-_SERIAL = re.compile(r"(?:0x)?([0-9a-f]{1,2}(?::[0-9a-f]{1,2})+|[0-9a-f]{1,64})")
+_SERIAL = re.compile(
+    r"(?:serial=|0x)?([0-9a-f]{1,2}(?::[0-9a-f]{1,2})+|[0-9a-f]{1,64})", re.IGNORECASE
+)
+
+
+def _name(what: str, value: str) -> bool:
+    """`value` is a unit (node) name as `kins-tunnel certs edge` takes it."""
+    return len(value) <= 253 and _NAME_RULES[what][0].fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,38 +62,60 @@ class RevokedList:
     def __len__(self) -> int:
         return len(self.serials) + len(self.identities)
 
+    def __or__(self, other: RevokedList) -> RevokedList:
+        return RevokedList(self.serials | other.serials, self.identities | other.identities)
+
 
 def parse_revoked(data: bytes) -> RevokedList:
-    """Parse a revocation list; `ValueError` naming the line for anything that is not an entry."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not UTF-8 text ({exc.reason})") from None
+    """Parse a revocation list. A line that is not an entry raises `PartialValue` (a `ValueError`)
+    naming the first bad line and carrying the entries that did parse."""
     serials: set[int] = set()
     identities: set[tuple[str, str]] = set()
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+    bad: list[str] = []
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad.append(f"line {number}: not UTF-8 text ({exc.reason})")
+            continue
+        line = text.split("#", 1)[0].strip()
         if not line:
             continue
-        ident = _IDENTITY.fullmatch(line)
-        if ident is not None:
-            identities.add((ident.group(1), ident.group(2)))
+        unit, slash, node = line.partition("/")
+        if slash and _name("unit", unit) and (node == "*" or _name("node", node)):
+            identities.add((unit, node))
             continue
-        serial = _SERIAL.fullmatch(line.lower())
+        serial = _SERIAL.fullmatch(line)
         if serial is None:
             shown = line if len(line) <= 40 else line[:37] + "..."
-            raise ValueError(
+            bad.append(
                 f"line {number}: {shown!r} is neither a hex certificate serial nor <unit>/<node>"
             )
+            continue
         serials.add(int(serial.group(1).replace(":", ""), 16))
-    return RevokedList(frozenset(serials), frozenset(identities))
+    revoked = RevokedList(frozenset(serials), frozenset(identities))
+    if bad:
+        more = f" (and {len(bad) - 1} more bad lines)" if len(bad) > 1 else ""
+        raise PartialValue(revoked, bad[0] + more)
+    return revoked
 
 
 class Revocation:
     """The revocation list, kept current by `watch()` (run it in a nursery)."""
 
     def __init__(self, path: Path) -> None:
-        self.file = WatchedFile(path, parse_revoked, "tunnel.revoked_file")
+        self._loaded = False
+        self.file = WatchedFile(path, self._parse, "tunnel.revoked_file")
+        self._loaded = True
+
+    def _parse(self, data: bytes) -> RevokedList:
+        try:
+            return parse_revoked(data)
+        except PartialValue as exc:
+            if not self._loaded:  # at start-up: refuse to start
+                raise
+            # fail closed: what parses is added to what is in use (nothing is let back in)
+            raise PartialValue(self.file.value | exc.value, str(exc)) from None
 
     def reason(self, identity: EdgeIdentity, serial: int) -> str | None:
         return self.file.value.reason(identity, serial)
@@ -88,5 +123,6 @@ class Revocation:
     async def watch(
         self, on_change: Callable[[RevokedList], object], interval: float = 1.0
     ) -> None:
-        """Re-read the file every `interval` s; `on_change(list)` after each successful change."""
+        """Re-read the file every `interval` s; `on_change(list)` after each change applied (a
+        version with bad lines included: its good entries apply)."""
         await self.file.watch(interval, on_change)

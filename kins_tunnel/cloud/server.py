@@ -14,6 +14,7 @@ import json
 import logging
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -31,7 +32,8 @@ from kins_tunnel.cloud.revocation import Revocation, RevokedList
 from kins_tunnel.cloud.tunnel_server import TunnelServer
 from kins_tunnel.cloud.uplinks import UplinkServer
 from kins_tunnel.config import CloudConfig
-from kins_tunnel.metrics import Metrics
+from kins_tunnel.filewatch import WatchedFile
+from kins_tunnel.metrics import Metrics, ReloadFailures
 from kins_tunnel.tls_contexts import proxy_server_ssl_context, server_ssl_context
 
 log = logging.getLogger("kins_tunnel.cloud")
@@ -67,7 +69,7 @@ class Cloud:
             cfg.uplinks, cfg.uplink_dial_timeout, self.metrics, replica=self.replica
         )
         self.tunnels.on_edge_open = self.uplinks.on_open
-        auth = Authenticator(cfg.proxy.auth) if cfg.proxy.auth else None
+        self.auth = auth = Authenticator(cfg.proxy.auth) if cfg.proxy.auth else None
         self.authz = Authorizer(cfg.proxy.authz_file) if cfg.proxy.authz_file else None
         self.aliases = AliasTable(
             cfg.aliases,
@@ -110,7 +112,19 @@ class Cloud:
         self.expiry = CertificateExpiry(cert_files, self._edge_certs)
         self.metrics.registry.register(self.expiry.collector())
         self.registry.on_add.append(self._edge_added)
+        self.metrics.registry.register(ReloadFailures(self.watched_files))
         self.ready = False
+
+    def watched_files(self) -> list[WatchedFile[Any]]:
+        """Every file re-read while running: credentials, rules, revocation list."""
+        files: list[WatchedFile[Any]] = []
+        if self.auth is not None:
+            files.extend(self.auth.files)
+        if self.authz is not None:
+            files.append(self.authz.file)
+        if self.revocation is not None:
+            files.append(self.revocation.file)
+        return files
 
     def _revoked(self, identity: EdgeIdentity, der: bytes | None) -> str | None:
         """Why the edge with this verified certificate is revoked, or None (`tunnel.revoked_file`)."""
@@ -221,11 +235,9 @@ class Cloud:
             ("revoked_file", self.revocation and self.revocation.file),
         ):
             if watched:
-                doc[key] = {
-                    "path": str(watched.path),
-                    "reloads": watched.reloads,
-                    "failures": watched.failures,
-                }
+                doc[key] = watched.status()
+        # every watched file by its config key: re-reads, failures, the last error
+        doc["files"] = {f.what: f.status() for f in self.watched_files()}
         body = json.dumps(doc, indent=1).encode()
         return 200, "application/json", body
 
@@ -237,6 +249,8 @@ class Cloud:
                 nursery.start_soon(self.revocation.watch, self.close_revoked, FILE_CHECK_INTERVAL)
             if self.authz is not None:
                 nursery.start_soon(self.authz.watch, FILE_CHECK_INTERVAL)
+            if self.auth is not None:
+                nursery.start_soon(self.auth.watch, FILE_CHECK_INTERVAL)
             nursery.start_soon(self.expiry.run)
             nursery.start_soon(self.aliases.run, lambda: {t.identity.unit for t in self.registry})
             tunnel_port = await nursery.start(self.tunnels.serve)
