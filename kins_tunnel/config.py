@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kins_tunnel.names import Address, is_ip_target, kind
+from kins_tunnel.errors import UserError
+from kins_tunnel.names import Address, is_ip_target, is_loopback_host, kind
 from kins_tunnel.proto import LimitError, MuxConfig
 from kins_tunnel.transport.http_proxy import parse_proxy_url
 from kins_tunnel.yamlcheck import Section, read_yaml
@@ -92,6 +93,7 @@ class ProxySettings:
     max_connections_per_principal: int = 512  # per user; per client address when anonymous (429)
     max_stream_share: float = 0.25  # of one tunnel's streams that one principal may hold (429)
     idle_timeout: float = 3600.0  # a relay with no bytes either way for this long is closed
+    anonymous: bool = False  # true: unauthenticated clients on a non-loopback listener are intended
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,9 +199,47 @@ class EdgeConfig:
 
 
 def load_cloud_config(path: str | Path) -> CloudConfig:
-    """Read and validate a cloud config file; `UserError` on any problem."""
+    """Read and validate a cloud config file; `UserError` on any problem.
+
+    This is the start-up path, so it also applies the exposure rule (`check_exposure`): an
+    anonymous proxy listener reachable from other hosts is refused unless ``proxy.anonymous``.
+    """
     data, base_dir = read_yaml(path)
-    return cloud_config_from_dict(data, base_dir=base_dir, source=str(path))
+    cfg = cloud_config_from_dict(data, base_dir=base_dir, source=str(path))
+    check_exposure(cfg.proxy, source=str(path))
+    return cfg
+
+
+def check_exposure(proxy: ProxySettings, *, source: str = "cloud.yaml") -> None:
+    """Refuse a proxy listener that lets anyone in where that is not plainly intended.
+
+    Without ``proxy.auth`` (and without ``proxy.anonymous: true``): the plain listener must be on
+    loopback, and must be off altogether when ``proxy.tls.client_ca`` asks for client
+    certificates (it would let clients around them); the TLS listener without ``client_ca`` must
+    be on loopback. `UserError` naming the file, the listener's key and ``proxy.anonymous``.
+    """
+    if proxy.auth is not None or proxy.anonymous:
+        return
+    client_ca = proxy.tls is not None and proxy.tls.client_ca is not None
+    remedy = "set proxy.auth, or write proxy.anonymous: true if anonymous access is intended"
+    if proxy.listen is not None and client_ca:
+        raise UserError(
+            f"{source}: proxy.listen: {proxy.listen} takes clients without credentials, around "
+            "the client certificates proxy.tls.client_ca asks for: turn it off (listen: null), "
+            + remedy
+        )
+    if proxy.listen is not None and not is_loopback_host(proxy.listen.host):
+        raise UserError(
+            f"{source}: proxy.listen: {proxy.listen} is not a loopback address and the proxy has "
+            "no credentials, so anyone who reaches it reaches every edge: listen on loopback, "
+            + remedy
+        )
+    if proxy.tls is not None and not client_ca and not is_loopback_host(proxy.tls.listen.host):
+        raise UserError(
+            f"{source}: proxy.tls.listen: {proxy.tls.listen} is not a loopback address and the "
+            "proxy has no credentials, so anyone who reaches it reaches every edge: set "
+            "proxy.tls.client_ca, listen on loopback, " + remedy
+        )
 
 
 def load_edge_config(path: str | Path) -> EdgeConfig:
@@ -280,6 +320,8 @@ def _proxy(sec: Section) -> ProxySettings:
                 "required when the other of cert/key is set (neither: the cloud's tls.cert/tls.key)",
             )
         tls = t.build(ProxyTLS, **paths)
+    if auth is not None and sec.data.get("anonymous") is True:
+        sec.fail("anonymous", "true, but proxy.auth asks every client for credentials: remove one")
     extra: dict[str, Any] = {"auth": auth, "tls": tls}
     if sec.has("listen") and sec.data["listen"] is None:
         if tls is None:

@@ -20,7 +20,7 @@ import yaml
 
 from kins_tunnel.certs import init_ca, issue_edge
 from kins_tunnel.cloud.server import Cloud
-from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
+from kins_tunnel.config import check_exposure, cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
 from kins_tunnel.testing.k3s_standin import (
     iter_blob,
@@ -140,6 +140,7 @@ async def run_demo(
                     base_dir=base,
                     source="demo cloud",
                 )
+                check_exposure(cloud_cfg.proxy, source="demo cloud")  # loopback: anonymous is fine
                 cloud = Cloud(cloud_cfg)
                 ports = await nursery.start(cloud.run)
             except OSError:

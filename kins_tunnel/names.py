@@ -92,6 +92,17 @@ def is_ip_target(target: str) -> bool:
     return True
 
 
+def is_loopback_host(host: str) -> bool:
+    """True if a listener on `host` is reachable from this machine only: ``localhost``,
+    127.0.0.0/8 or ``::1``."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def kind(value: object) -> str:
     """How a YAML value looks, for error messages: `string 'x'`, `integer 3`, `list`, `null`."""
     names: dict[type, str] = {

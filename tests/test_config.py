@@ -30,7 +30,7 @@ from kins_tunnel.names import Address, normalise_target
 
 CLOUD_YAML = """\
 tunnel: {listen: "0.0.0.0:9000"}       # edges connect here
-proxy:  {listen: "0.0.0.0:8080"}       # HTTP CONNECT
+proxy:  {listen: "0.0.0.0:8080", anonymous: true}   # HTTP CONNECT, no credentials on purpose
 admin:  {listen: "127.0.0.1:9090"}
 tls: {ca: certs/ca.crt, cert: certs/cloud.crt, key: certs/cloud.key}
 """
@@ -215,14 +215,14 @@ def test_unknown_key_names_path(tmp_path: Path) -> None:
     path = write(
         tmp_path,
         "cloud.yaml",
-        CLOUD_YAML.replace('{listen: "0.0.0.0:8080"}', '{lsiten: "0.0.0.0:8080"}'),
+        CLOUD_YAML.replace('{listen: "0.0.0.0:8080"', '{lsiten: "0.0.0.0:8080"'),
     )
     with pytest.raises(UserError) as info:
         load_cloud_config(path)
     assert str(info.value) == (
         f"{path}: proxy.lsiten: unknown key (expected one of: listen, auth, max_connections, "
         "header_timeout, max_request_bytes, dial_timeout, authz_file, tls, "
-        "max_connections_per_principal, max_stream_share, idle_timeout)"
+        "max_connections_per_principal, max_stream_share, idle_timeout, anonymous)"
     )
 
 
@@ -411,6 +411,7 @@ def test_yaml_merge_keys_still_work(tmp_path: Path) -> None:
         "cloud.yaml",
         """\
         tls: {ca: a, cert: b, key: c}
+        proxy: {listen: "127.0.0.1:8080"}
         tunnel: {<<: {handshake_timeout: 7, drain_timeout: 8}, drain_timeout: 9}
         """,
     )

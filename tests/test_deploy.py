@@ -123,6 +123,7 @@ def test_kustomize_renders_offline() -> None:
             "ConfigMap",
             "DaemonSet",
             "Deployment",
+            "NetworkPolicy",
             "PodDisruptionBudget",
             "Service",
             "Service",
@@ -422,6 +423,51 @@ def test_script_refuses_bad_arguments(script_env: dict[str, str], args: tuple[st
     assert result.stdout == ""
 
 
+def test_proxy_auth_script_keeps_passwords_and_prints_the_secret(tmp_path: Path) -> None:
+    env = {**os.environ, "AUTH_DIR": str(tmp_path / "auth"), "PYTHON": sys.executable}
+
+    def run(*users: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(DEPLOY / "make-proxy-auth.sh"), *users],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    basic = tmp_path / "auth" / "basic"
+    first = run("alice", "bob.ops")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == [
+        "kubectl -n kube-system create secret generic tunnel-cloud-proxy-auth"
+        f" --from-file=basic={basic} --dry-run=client -o yaml | kubectl apply -f -"
+    ]
+    assert basic.stat().st_mode & 0o777 == 0o600
+    lines = basic.read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["alice", "bob.ops"]
+    passwords = [line.split(":", 1)[1] for line in lines]
+    assert len(set(passwords)) == 2 and all(
+        re.fullmatch(r"[A-Za-z0-9_-]{32}", p) for p in passwords
+    )
+    assert not any(p in first.stdout + first.stderr for p in passwords)  # only in the file
+
+    (tmp_path / "auth" / "authz.yaml").write_text("rules: []\n")
+    second = run("alice", "carol")
+    assert second.returncode == 0, second.stderr
+    assert basic.read_text().splitlines()[:2] == lines  # alice keeps her password
+    assert [line.split(":")[0] for line in basic.read_text().splitlines()] == [
+        "alice",
+        "bob.ops",
+        "carol",
+    ]
+    assert f"--from-file=authz.yaml={tmp_path / 'auth' / 'authz.yaml'}" in second.stdout
+
+    for bad in ("a:b", "-x", "a b", ""):
+        result = run(bad)
+        assert result.returncode != 0 and result.stdout == "", bad
+    assert run().returncode == 2
+
+
 def test_script_needs_the_ca(script_env: dict[str, str], tmp_path: Path) -> None:
     result = run_script({**script_env, "CERTS_DIR": str(tmp_path / "nowhere")}, "test", "edge1")
     assert result.returncode == 1
@@ -487,19 +533,117 @@ def test_pyproject_defines_the_console_script() -> None:
 def test_optional_files_named_in_comments_are_mounted() -> None:
     text = one("tunnel-cloud.yaml", "ConfigMap")["data"]["cloud.yaml"]
     found = dict(re.findall(r"#\s*(authz_file|revoked_file|auth): (.+)", text))
-    assert set(found) == {"authz_file", "revoked_file", "auth"}
-    basic = re.search(r"basic_file: ([^}\s]+)", found["auth"])
-    assert basic is not None
-    for path, source in (
-        (found["authz_file"], "tunnel-cloud-proxy-auth"),
-        (basic.group(1), "tunnel-cloud-proxy-auth"),
-        (found["revoked_file"], "tunnel-cloud-revoked"),
+    assert set(found) == {"authz_file", "revoked_file"}
+    for path, source, optional in (
+        (found["authz_file"], "tunnel-cloud-proxy-auth", False),  # the Secret of proxy.auth
+        (found["revoked_file"], "tunnel-cloud-revoked", True),  # pods start without it
     ):
         volume, _ = mounted_file(DEPLOYMENT, path.strip())
         ref = volume.get("secret", {}).get("secretName") or volume.get("configMap", {}).get("name")
         assert ref == source, path
         source_of = volume.get("secret") or volume.get("configMap")
-        assert source_of is not None and source_of["optional"] is True  # pods start without it
+        assert source_of is not None and source_of["optional"] is optional
+
+
+def test_proxy_ships_with_basic_auth_from_a_required_secret() -> None:
+    assert "anonymous" not in CLOUD["proxy"]
+    volume, key = mounted_file(DEPLOYMENT, CLOUD["proxy"]["auth"]["basic_file"])
+    assert volume["secret"]["secretName"] == "tunnel-cloud-proxy-auth"
+    assert volume["secret"]["optional"] is False  # no Secret, no pod: never an open proxy
+    assert key == "basic"  # the key make-proxy-auth.sh gives it
+
+
+def test_admin_port_is_on_no_service_and_only_open_to_prometheus() -> None:
+    c = container(DEPLOYMENT)
+    admin = port_of(CLOUD["admin"]["listen"])
+    pod = DEPLOYMENT["spec"]["template"]["spec"]
+    assert not pod.get("hostNetwork")  # 0.0.0.0 in the pod's own network: the pod IP
+    assert all("hostPort" not in p for p in c["ports"])
+    for svc in load("tunnel-cloud.yaml"):
+        if svc["kind"] == "Service":
+            targets = {resolve_port(c, p["targetPort"]) for p in svc["spec"]["ports"]}
+            assert admin not in targets, svc["metadata"]["name"]
+    policy = one("tunnel-cloud.yaml", "NetworkPolicy")
+    assert policy["spec"]["podSelector"] == DEPLOYMENT["spec"]["selector"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    open_to_all, admin_rules = set(), []
+    for rule in policy["spec"]["ingress"]:
+        ports = {resolve_port(c, p["port"]) for p in rule["ports"]}
+        if "from" not in rule:
+            open_to_all |= ports
+        elif admin in ports:
+            admin_rules.append(rule)
+    assert open_to_all == {8080, 8443, 9000}  # the proxy's NodePorts and the edges' port
+    (rule,) = admin_rules
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+
+
+def test_shipped_cloud_config_passes_the_start_up_check(tmp_path: Path) -> None:
+    """`load_cloud_config` (what `kins-tunnel cloud` runs) accepts the shipped file as it is, and
+    refuses it once its proxy.auth is removed."""
+    from kins_tunnel.config import load_cloud_config
+    from kins_tunnel.errors import UserError
+
+    text = one("tunnel-cloud.yaml", "ConfigMap")["data"]["cloud.yaml"]
+    path = tmp_path / "cloud.yaml"
+    path.write_text(text)
+    cfg = load_cloud_config(path)
+    assert cfg.proxy.auth is not None
+    assert str(cfg.proxy.auth.basic_file) == "/etc/kins-tunnel/auth/basic"
+    assert not cfg.proxy.anonymous
+    without = {**CLOUD, "proxy": {k: v for k, v in CLOUD["proxy"].items() if k != "auth"}}
+    path.write_text(yaml.safe_dump(without))
+    with pytest.raises(UserError, match=r"proxy\.listen: 0\.0\.0\.0:8080 .*proxy\.anonymous"):
+        load_cloud_config(path)
+
+
+async def test_shipped_cloud_config_starts_and_asks_for_credentials(tmp_path: Path) -> None:
+    """The shipped cloud.yaml with its /etc/kins-tunnel files made real (certificates, and the
+    Secret make-proxy-auth.sh writes) and its listeners moved to 127.0.0.1 port 0: the cloud
+    starts, and its proxy answers 407 without credentials and routes with them."""
+    import base64
+
+    import trio
+
+    from kins_tunnel.certs import init_ca
+    from kins_tunnel.cloud.server import Cloud
+    from kins_tunnel.config import load_cloud_config
+    from tests.e2e.harness import connect
+
+    etc = tmp_path / "etc"
+    init_ca(etc / "certs")
+    auth_env = {**os.environ, "AUTH_DIR": str(etc / "auth"), "PYTHON": sys.executable}
+    r = subprocess.run(
+        ["bash", str(DEPLOY / "make-proxy-auth.sh"), "ops"],
+        env=auth_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    user, password = (etc / "auth" / "basic").read_text().strip().split(":")
+    text = one("tunnel-cloud.yaml", "ConfigMap")["data"]["cloud.yaml"]
+    text = text.replace("/etc/kins-tunnel/", f"{etc}/")
+    text = re.sub(r'"0\.0\.0\.0:\d+"', '"127.0.0.1:0"', text)
+    text = text.replace("alias_discovery: {enabled: true", "alias_discovery: {enabled: false")
+    path = tmp_path / "cloud.yaml"
+    path.write_text(text)
+    cloud = Cloud(load_cloud_config(path))
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(cloud.run)
+        status, head, stream = await connect(ports.proxy, "test-svc-kins.kins-system:443")
+        await stream.aclose()
+        assert status == 407, head
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        status, head, stream = await connect(
+            ports.proxy,
+            "test-svc-kins.kins-system:443",
+            f"Proxy-Authorization: Basic {token}\r\n",
+        )
+        await stream.aclose()
+        assert status == 503, head  # authenticated; no edge is connected
+        nursery.cancel_scope.cancel()
 
 
 def test_image_build_recipe_leaves_the_test_doubles_out(tmp_path: Path) -> None:

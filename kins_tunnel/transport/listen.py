@@ -20,13 +20,12 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from kins_tunnel.errors import UserError
-from kins_tunnel.names import Address
+from kins_tunnel.names import Address, is_loopback_host
 from kins_tunnel.transport.isolation import ErrorReporter
 
 log = logging.getLogger("kins_tunnel.listen")
 
 LISTEN_BACKLOG = 4096
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 def open_listener_socket(host: str, port: int, what: str) -> trio.socket.SocketType:
@@ -107,7 +106,7 @@ async def serve_port(
 
 def warn_unauthenticated(what: str, host: str, port: int, remedy: str) -> None:
     """Warn that the listener `what` on a non-loopback address lets anyone reach every edge."""
-    if host not in LOOPBACK_HOSTS:
+    if not is_loopback_host(host):
         log.warning(
             "%s on %s:%d has NO authentication: anyone who can reach this port can reach every "
             "edge service (%s)",
