@@ -147,6 +147,12 @@ _COUNTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "Live edge tunnels closed because the edge was revoked",
         (),
     ),
+    (
+        "revoked_clients_closed",
+        "revoked_proxy_clients_closed",
+        "Live relays of proxy TLS clients closed because their certificate was revoked",
+        (),
+    ),
     ("uplinks", "uplinks", "Uplink streams (edge to cloud-side target) opened", ()),
     (
         "uplink_refusals",
@@ -178,6 +184,7 @@ class Metrics:
     proxy_tls_failures: Counter
     alias_lookups: Counter
     revoked_closed: Counter
+    revoked_clients_closed: Counter
     uplinks: Counter
     uplink_refusals: Counter
     uplink_bytes: Counter
