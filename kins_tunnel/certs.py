@@ -8,6 +8,14 @@ Layout of a certificate directory (``kins-tunnel certs init/edge --dir DIR``)::
     ca.crt    ca.key      the private CA (ECDSA P-256, self-signed, path length 0)
     cloud.crt cloud.key   the cloud's server certificate (serverAuth + clientAuth)
     edge-NODE.crt/.key    one client certificate per edge node (clientAuth only)
+    proxy-ca.crt/.key     the proxy CA (``--proxy-san``): signs only the proxy's TLS certificate,
+                          name-constrained (critical) to the proxy's names
+    proxy.crt proxy.key   the proxy listener's certificate (``proxy.tls``), from the proxy CA
+
+Why a second CA: client-go verifies an https proxy with the cluster's CA, so the kubeconfig's CA
+bundle holds the proxy's CA, which client-go then also trusts for K3s. A proxy CA constrained to
+the proxy's names (never a ``kins-system`` or ``*-svc-kins`` name) cannot vouch for any unit's K3s,
+and edges, which trust only ca.crt, never take a proxy certificate for the cloud.
 
 The files are written and read by `pemfiles` (atomic writes, key files 0600). All keys are ECDSA
 P-256 with SHA-256 signatures: one cloud accepts thousands of edges, and P-256 handshakes are an
@@ -60,11 +68,13 @@ __all__ = [
     "init_ca",
     "issue_edge",
     "issue_user",
+    "name_permitted",
 ]
 
 ALPN_PROTOCOL = "kins-tunnel/1"
 CLOUD_COMMON_NAME = "kins-tunnel-cloud"
 CA_COMMON_NAME = "kins-tunnel CA"
+PROXY_CA_COMMON_NAME = "kins-tunnel proxy CA"
 PROXY_COMMON_NAME = "kins-tunnel-proxy"
 SERVER_AUTH = ExtendedKeyUsageOID.SERVER_AUTH
 CLIENT_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH
@@ -237,46 +247,167 @@ def init_ca(
     With `proxy_sans` (possibly empty), DIR/proxy.{crt,key} is (re)issued too: the certificate of
     the CONNECT proxy's TLS listener (`proxy.tls`), serverAuth only, naming ``localhost``,
     ``127.0.0.1`` and each of `proxy_sans` (the names and addresses clients put in ``proxy-url``).
+    It is signed by the proxy CA, DIR/proxy-ca.{crt,key}, created on first use with a critical
+    NameConstraints extension permitting exactly those names (a wildcard ``*.d`` permits ``d``
+    and below, an IP its single address). A proxy name that is, or covers, a Kins service name
+    (``kins-system``, ``*-svc-kins``) is refused; a name the existing proxy CA does not permit is
+    refused with what to do (a new proxy CA means new kubeconfigs).
     """
     dir = Path(dir)
     sans = _cloud_sans(cloud_sans)
     psans = None if proxy_sans is None else _cloud_sans(proxy_sans, flag="--proxy-san")
+    if psans is not None:
+        _refuse_kins_names(psans)
     crt_path, key_path = dir / "ca.crt", dir / "ca.key"
     make_dir(dir)
     now = _utcnow()
     if crt_path.exists() or key_path.exists():
         ca_cert, ca_key = _load_ca(dir)
     else:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_COMMON_NAME)])
-        ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-        ca_cert = (
-            _builder(name, name, ca_key.public_key(), now, days)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_key_usage(cert_sign=True), critical=True)
-            .add_extension(ski, critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        ca_cert, ca_key = _new_ca(dir, "ca", CA_COMMON_NAME, now, days)
+    _issue_leaf(
+        ca_cert,
+        ca_key,
+        dir / "cloud.crt",
+        dir / "cloud.key",
+        now=now,
+        days=cloud_days,
+        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CLOUD_COMMON_NAME)]),
+        sans=sans,
+        usages=[SERVER_AUTH, CLIENT_AUTH],
+    )
+    if psans is None:
+        return
+    if (dir / "proxy-ca.crt").exists() or (dir / "proxy-ca.key").exists():
+        pca_cert, pca_key = _load_ca(dir, "proxy-ca", "proxy CA")
+        _check_permitted(dir / "proxy-ca.crt", pca_cert, psans)
+    else:
+        pca_cert, pca_key = _new_ca(
+            dir, "proxy-ca", PROXY_CA_COMMON_NAME, now, days, constraints=_constraints(psans)
+        )
+    _issue_leaf(
+        pca_cert,
+        pca_key,
+        dir / "proxy.crt",
+        dir / "proxy.key",
+        now=now,
+        days=cloud_days,
+        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, PROXY_COMMON_NAME)]),
+        sans=psans,
+        usages=[SERVER_AUTH],
+    )
+
+
+def _new_ca(
+    dir: Path,
+    stem: str,
+    common_name: str,
+    now: dt.datetime,
+    days: int,
+    *,
+    constraints: x509.NameConstraints | None = None,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Create and write DIR/STEM.{crt,key}: a self-signed CA, path length 0."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    builder = (
+        _builder(name, name, key.public_key(), now, days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+    )
+    if constraints is not None:
+        builder = builder.add_extension(constraints, critical=True)
+    cert = (
+        builder.add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    write_key(dir / f"{stem}.key", key)
+    write_cert(dir / f"{stem}.crt", cert)
+    return cert, key
+
+
+def _constraints(sans: Sequence[x509.GeneralName]) -> x509.NameConstraints:
+    """Permitted subtrees for exactly `sans`: ``*.d`` and ``d`` become ``d``, an IP its /32 or /128."""
+    permitted: list[x509.GeneralName] = []
+    for san in sans:
+        tree: x509.GeneralName
+        if isinstance(san, x509.IPAddress):
+            tree = x509.IPAddress(ipaddress.ip_network(san.value))
+        else:
+            tree = x509.DNSName(str(san.value).removeprefix("*."))
+        if tree not in permitted:
+            permitted.append(tree)
+    return x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=None)
+
+
+def _kins_name(name: str) -> bool:
+    """True if DNS name (or wildcard) `name` is or covers a Kins service name."""
+    labels = name.lower().rstrip(".").split(".")
+    return any(label == "kins-system" or label.endswith("-svc-kins") for label in labels)
+
+
+def _refuse_kins_names(sans: Sequence[x509.GeneralName]) -> None:
+    for san in sans:
+        if isinstance(san, x509.DNSName) and _kins_name(san.value):
+            raise UserError(
+                f"--proxy-san {san.value!r}: a Kins service name (kins-system, <unit>-svc-kins) "
+                "is never a proxy name: kubectl trusts the proxy CA for K3s too, so a proxy "
+                "certificate with it could pose as a unit's K3s API; name the proxy by the "
+                "address clients put in proxy-url"
             )
-            .sign(ca_key, hashes.SHA256())
-        )
-        write_key(key_path, ca_key)
-        write_cert(crt_path, ca_cert)
-    servers = [("cloud", CLOUD_COMMON_NAME, sans, [SERVER_AUTH, CLIENT_AUTH])]
-    if psans is not None:
-        servers.append(("proxy", PROXY_COMMON_NAME, psans, [SERVER_AUTH]))
-    for stem, common_name, names, usages in servers:
-        _issue_leaf(
-            ca_cert,
-            ca_key,
-            dir / f"{stem}.crt",
-            dir / f"{stem}.key",
-            now=now,
-            days=cloud_days,
-            subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]),
-            sans=names,
-            usages=usages,
-        )
+
+
+def name_permitted(constraints: x509.NameConstraints, name: str) -> bool:
+    """Whether a DNS name or IP literal `name` is allowed by `constraints` (RFC 5280 4.2.1.10:
+    a DNS subtree ``d`` allows ``d`` and every name below it; ``.d`` only names below it)."""
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    try:
+        ip = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        ip = None
+    host = name.lower().rstrip(".")
+
+    def within(tree: x509.GeneralName) -> bool | None:  # None: a tree of another kind
+        if isinstance(tree, x509.IPAddress) and ip is not None:
+            net = tree.value
+            return isinstance(net, ipaddress.IPv4Network | ipaddress.IPv6Network) and ip in net
+        if isinstance(tree, x509.DNSName) and ip is None:
+            base = tree.value.lower().rstrip(".")
+            if base.startswith("."):
+                return host.endswith(base)
+            return base == "" or host == base or host.endswith("." + base)
+        return None
+
+    excluded = [within(t) for t in constraints.excluded_subtrees or ()]
+    if any(excluded):
+        return False
+    permitted = [within(t) for t in constraints.permitted_subtrees or ()]
+    same_kind = [p for p in permitted if p is not None]
+    return any(same_kind) if same_kind else True
+
+
+def _check_permitted(path: Path, ca: x509.Certificate, sans: Sequence[x509.GeneralName]) -> None:
+    try:
+        constraints = ca.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        raise UserError(
+            f"proxy CA {path} is not name-constrained; remove {path.name} and "
+            f"{path.with_suffix('.key').name} to make a new one"
+        ) from None
+    for san in sans:
+        shown = str(san.value.removeprefix("*.") if isinstance(san, x509.DNSName) else san.value)
+        if not name_permitted(constraints, shown):
+            allowed = ", ".join(str(t.value) for t in constraints.permitted_subtrees or ())
+            raise UserError(
+                f"--proxy-san {str(san.value)!r}: the proxy CA {path} permits only {allowed}; "
+                f"to name the proxy differently, remove {path.name} and "
+                f"{path.with_suffix('.key').name}, run certs init again with every proxy name, "
+                "and rewrite the kubeconfigs with the new --proxy-ca"
+            )
 
 
 def issue_user(
@@ -462,10 +593,12 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _load_ca(dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    crt_path, key_path = dir / "ca.crt", dir / "ca.key"
-    cert = load_certs(crt_path, "CA certificate")[0]
-    key = load_key(key_path, "CA key")
+def _load_ca(
+    dir: Path, stem: str = "ca", what: str = "CA"
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    crt_path, key_path = dir / f"{stem}.crt", dir / f"{stem}.key"
+    cert = load_certs(crt_path, f"{what} certificate")[0]
+    key = load_key(key_path, f"{what} key")
     if cert.public_key() != key.public_key():
-        raise UserError(f"CA key: {key_path} does not belong to {crt_path}")
+        raise UserError(f"{what} key: {key_path} does not belong to {crt_path}")
     return cert, key

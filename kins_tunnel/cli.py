@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME_OR_IP",
         help="also issue DIR/proxy.{crt,key} for the proxy's TLS listener (proxy.tls), "
-        "naming what clients put in proxy-url; repeat it",
+        "naming what clients put in proxy-url, from the proxy CA DIR/proxy-ca.{crt,key} "
+        "(created on first use, name-constrained to these names); repeat it",
     )
     ce = certs.add_parser("edge", help="edge client certificate: DIR/edge-NODE.{crt,key}")
     ce.add_argument("--dir", required=True)
@@ -71,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
         "--proxy-ca",
         default=None,
         metavar="PEM",
-        help="CA of the proxy certificate (certs/ca.crt); needed with an https proxy URL",
+        help="the proxy CA (certs/proxy-ca.crt, name-constrained); needed with an https proxy "
+        "URL. Never the tunnel CA: kubectl trusts this CA for K3s too",
     )
     k.add_argument(
         "--server-ca",
@@ -283,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.certs_cmd == "init":
                 certs.init_ca(Path(args.dir), args.cloud_san, proxy_sans=args.proxy_san)
-                proxy = ", proxy.crt, proxy.key" if args.proxy_san is not None else ""
+                proxy = (
+                    ", proxy-ca.crt, proxy-ca.key, proxy.crt, proxy.key"
+                    if args.proxy_san is not None
+                    else ""
+                )
                 print(f"wrote {args.dir}/ca.crt, ca.key, cloud.crt, cloud.key{proxy}")
             elif args.certs_cmd == "user":
                 crt, key = certs.issue_user(Path(args.dir), args.name, args.group, days=args.days)

@@ -19,10 +19,13 @@ the K3s certificate against the IP.
 
 HTTPS proxy (``proxy-url: https://...``): client-go verifies the proxy's certificate with the
 cluster's own CA (``certificate-authority``), so the written CA is a bundle of the K3s CA and the
-tunnel CA that signed the proxy certificate (``--proxy-ca``). An insecure cluster
-(``insecure-skip-tls-verify``) would verify neither, so it needs the K3s CA (``--server-ca``),
-which replaces the insecure flag. client-go also checks the proxy against a cluster's
-``tls-server-name``; such a name must then be in the proxy certificate too (a note says so).
+proxy CA that signed the proxy certificate (``--proxy-ca``, certs/proxy-ca.crt). client-go trusts
+that bundle for K3s as well, so the proxy CA must be name-constrained and must not permit the
+name (or Service IP) the kubeconfig uses for K3s: an unconstrained CA (the tunnel CA, certs/ca.crt)
+is refused. An insecure cluster (``insecure-skip-tls-verify``) would verify neither, so it needs
+the K3s CA (``--server-ca``), which replaces the insecure flag. client-go also checks the proxy
+against a cluster's ``tls-server-name``, a K3s name no proxy certificate may carry: with a proxy
+CA, such a cluster is refused (without one, a note says so).
 
 This module owns the rewrite and its validation; errors are `UserError` with a one-line message.
 """
@@ -41,7 +44,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+from cryptography import x509
 
+from kins_tunnel.certs import name_permitted
 from kins_tunnel.errors import UserError
 
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -69,6 +74,38 @@ def _pem_certificates(data: bytes, what: str) -> bytes:
     if not blocks:
         raise UserError(f"{what} holds no PEM certificate")
     return b"".join(b.replace(b"\r\n", b"\n") + b"\n" for b in blocks)
+
+
+def _check_proxy_ca(pem: bytes, k3s_names: list[str]) -> None:
+    """`UserError` unless every certificate of `pem` is a CA whose critical name constraints keep
+    it from vouching for any of `k3s_names` (client-go trusts the proxy CA for K3s too)."""
+    for block in re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.S):
+        try:
+            cert = x509.load_pem_x509_certificate(block)
+        except ValueError:
+            raise UserError("--proxy-ca holds a PEM block that is not a certificate") from None
+        cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        who = (
+            f"--proxy-ca certificate {str(cn[0].value) if cn else cert.subject.rfc4514_string()!r}"
+        )
+        try:
+            ext = cert.extensions.get_extension_for_class(x509.NameConstraints)
+        except x509.ExtensionNotFound:
+            raise UserError(
+                f"{who} is not name-constrained: kubectl trusts it for K3s too, so any "
+                "certificate it signs could pose as this unit's K3s API; give the proxy CA "
+                "(certs/proxy-ca.crt, made by certs init --proxy-san), never the tunnel CA"
+            ) from None
+        if not ext.critical or not ext.value.permitted_subtrees:
+            raise UserError(
+                f"{who}: its name constraints must be critical and list permitted names"
+            )
+        for name in k3s_names:
+            if name_permitted(ext.value, name):
+                raise UserError(
+                    f"{who} permits {name!r}, the K3s server's name in this kubeconfig: a "
+                    "certificate it signs could pose as K3s; name the proxy otherwise"
+                )
 
 
 def _check_unit(unit: str) -> None:
@@ -218,8 +255,8 @@ def rewrite_kubeconfig(
     the server with a CA, the K3s serving certificate must name the service: see the module
     docstring. With `service_ip`, ``server`` is that address instead (the Service IP form).
 
-    With an https `proxy_url`, `proxy_ca` (PEM of the CA that signed the proxy certificate) makes the
-    cluster's CA the bundle of the K3s CA (`server_ca`, else the cluster's own
+    With an https `proxy_url`, `proxy_ca` (PEM of the name-constrained proxy CA that signed the
+    proxy certificate; see the module docstring) makes the cluster's CA the bundle of the K3s CA (`server_ca`, else the cluster's own
     ``certificate-authority(-data)``, read relative to `base_dir`) and `proxy_ca`;
     ``insecure-skip-tls-verify`` is dropped. `server_ca` alone replaces the CA (and the insecure
     flag) with an http proxy too. Advice that is not an error is appended to `notes`. Raises
@@ -231,15 +268,26 @@ def rewrite_kubeconfig(
     if https and proxy_ca is None and notes is not None:
         notes.append(
             "kubectl verifies an https proxy with the cluster's certificate-authority: give "
-            "--proxy-ca (the tunnel CA, certs/ca.crt) unless that CA signed the proxy certificate"
+            "--proxy-ca (the proxy CA, certs/proxy-ca.crt) unless that CA signed the proxy "
+            "certificate"
         )
     if not https and proxy_ca is not None:
         raise UserError("--proxy-ca is only for an https proxy URL")
     proxy_pem = None if proxy_ca is None else _pem_certificates(proxy_ca, "--proxy-ca")
     doc = _load(text)
     server = service_server(unit) if service_ip is None else ip_server(service_ip)
+    if proxy_pem is not None:
+        host = urlsplit(server).hostname or ""
+        _check_proxy_ca(proxy_pem, sorted({host, f"{unit}-svc-kins.kins-system"}))
     for entry in _chosen_clusters(doc):
         cluster, name = entry["cluster"], str(entry.get("name", ""))
+        if proxy_pem is not None and cluster.get("tls-server-name"):
+            raise UserError(
+                f"cluster {name!r} sets tls-server-name {cluster['tls-server-name']!r}: client-go "
+                "would check the https proxy's certificate against that K3s name, which no proxy "
+                "certificate may carry; remove tls-server-name (start K3s with --tls-san "
+                f"{unit}-svc-kins.kins-system) or use an http:// proxy URL"
+            )
         ca_data = None
         if proxy_pem is not None or server_ca is not None:
             bundle = _cluster_ca(cluster, base_dir, server_ca, name) + (proxy_pem or b"")
@@ -248,7 +296,7 @@ def rewrite_kubeconfig(
             notes.append(
                 f"cluster {name!r} sets tls-server-name {cluster['tls-server-name']!r}: client-go "
                 "checks the https proxy's certificate against that name too, so the proxy "
-                "certificate must carry it (certs init --proxy-san, e.g. '*.kins-system')"
+                "certificate would have to carry a K3s name; remove tls-server-name"
             )
         entry["cluster"] = _point_at_tunnel(cluster, server, proxy_url, ca_data)
     dumped: str = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 30)

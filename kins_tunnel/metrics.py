@@ -162,6 +162,12 @@ _COUNTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "principal, stream_share, idle_timeout",
         ("reason",),
     ),
+    (
+        "revoked_clients_closed",
+        "revoked_proxy_clients_closed",
+        "Live relays of proxy TLS clients closed because their certificate was revoked",
+        (),
+    ),
     ("uplinks", "uplinks", "Uplink streams (edge to cloud-side target) opened", ()),
     (
         "uplink_refusals",
@@ -195,6 +201,7 @@ class Metrics:
     revoked_closed: Counter
     tunnels_displaced: Counter
     proxy_limits: Counter
+    revoked_clients_closed: Counter
     uplinks: Counter
     uplink_refusals: Counter
     uplink_bytes: Counter

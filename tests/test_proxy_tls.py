@@ -23,7 +23,7 @@ from kins_tunnel.tls_contexts import proxy_server_ssl_context
 def client_context(
     certs: Path, cert: Path | None = None, key: Path | None = None
 ) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    ctx = ssl.create_default_context(cafile=str(certs / "proxy-ca.crt"))  # the proxy's own CA
     if cert is not None:
         ctx.load_cert_chain(cert, key)
     return ctx
@@ -161,15 +161,15 @@ def test_cli_issues_proxy_and_user_certificates(tmp_path: Path) -> None:
         "--dir",
         str(tmp_path),
         "--proxy-san",
-        "*.kins-system",
+        "*.proxy.example.com",
         "--proxy-san",
         "203.0.113.9",
     )
     assert r.returncode == 0, r.stderr
-    assert "proxy.crt, proxy.key" in r.stdout
+    assert "proxy-ca.crt, proxy-ca.key, proxy.crt, proxy.key" in r.stdout
     cert = x509.load_pem_x509_certificate((tmp_path / "proxy.crt").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "*.kins-system"}
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "*.proxy.example.com"}
     assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {
         "127.0.0.1",
         "203.0.113.9",
@@ -178,6 +178,9 @@ def test_cli_issues_proxy_and_user_certificates(tmp_path: Path) -> None:
         ExtendedKeyUsageOID.SERVER_AUTH
     ]
     assert stat.S_IMODE((tmp_path / "proxy.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "proxy-ca.key").stat().st_mode) == 0o600
+    r = kt("certs", "init", "--dir", str(tmp_path), "--proxy-san", "*.kins-system")
+    assert r.returncode == 2 and "--proxy-san '*.kins-system': a Kins service name" in r.stderr
     r = kt(
         "certs",
         "user",

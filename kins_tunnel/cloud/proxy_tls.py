@@ -13,6 +13,11 @@ does). A certificate that carries an edge identity (``spiffe://kins-tunnel/...``
 an edge's credential never authenticates a user. Without ``client_ca``, clients authenticate with
 Proxy-Authorization exactly as on the plain listener.
 
+Revocation (`revoked`, the cloud's ``tunnel.revoked_file``): a revoked client certificate is
+refused right after the handshake (the connection is closed before any request is read, counted
+as ``reason="revoked"``), and `close_revoked` ends the live relays of certificates revoked since
+(each connection runs its handler in its own cancel scope).
+
 Half-close: a TLS stream is closed as a whole, so a target's end of stream (FIN) is not passed to
 the client separately; the client's own protocol (TLS or HTTP inside) sees the end, and the
 connection closes when the relay ends.
@@ -61,6 +66,7 @@ class TLSClientStream(trio.abc.HalfCloseableStream):
         self.principal = principal
         self.accepted_at = accepted_at
         self.eof_sent = False
+        self.certificate: bytes | None = None  # the verified client certificate (DER), if any
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -129,7 +135,10 @@ _HANDSHAKE_FAILURES = (  # text in the error -> label
 def handshake_failure_label(exc: BaseException) -> str:
     """A short, bounded label for a failed proxy TLS handshake."""
     if isinstance(exc, ValueError):
-        return "edge_certificate" if "edge certificate" in str(exc) else "no_principal"
+        text = str(exc)
+        if text.startswith("revoked"):
+            return "revoked"
+        return "edge_certificate" if "edge certificate" in text else "no_principal"
     cause = exc.__cause__ or exc
     text = str(cause).lower().replace("_", " ")
     if "alert" in text and any(
@@ -159,7 +168,12 @@ class ProxyTLSListener:
     _: KW_ONLY
     authenticated: bool = True
     max_handshakes: int = 10000  # TLS handshakes in progress at once; beyond: closed
+    # why a verified client certificate (DER) is revoked, or None; None: nothing is revoked
+    revoked: Callable[[bytes], str | None] | None = None
+    on_revoked_close: Callable[[], object] | None = None  # a live relay closed by `close_revoked`
     handshaking: int = field(default=0, init=False)
+    # connections with a client certificate, past the handshake: each handler's cancel scope
+    live: dict[TLSClientStream, trio.CancelScope] = field(default_factory=dict, init=False)
     # cancelled to stop accepting (drain)
     listener_scope: trio.CancelScope = field(default_factory=trio.CancelScope, init=False)
 
@@ -220,6 +234,9 @@ class ProxyTLSListener:
                 if not der:
                     raise ValueError("no client certificate")
                 principal = principal_from_certificate(der)
+                reason = self.revoked(der) if self.revoked is not None else None
+                if reason is not None:
+                    raise ValueError(f"revoked: {reason}")
         except (
             trio.BrokenResourceError,
             trio.ClosedResourceError,
@@ -243,10 +260,36 @@ class ProxyTLSListener:
         finally:
             self.handshaking -= 1
         client_stream = TLSClientStream(ssl_stream, principal, accepted)
+        scope = trio.CancelScope()
+        if principal is not None:
+            client_stream.certificate = der
+            self.live[client_stream] = scope
         try:
-            await self.handler(client_stream)
+            with scope:
+                await self.handler(client_stream)
         finally:  # close_notify (bounded) rather than a bare TCP close after an error answer
+            self.live.pop(client_stream, None)
             await client_stream.aclose()
+
+    def close_revoked(self, revoked: Callable[[bytes], str | None]) -> int:
+        """End the connections whose client certificate `revoked` names; returns how many."""
+        closed = 0
+        for stream, scope in list(self.live.items()):
+            reason = None if stream.certificate is None else revoked(stream.certificate)
+            if reason is None or scope.cancel_called:
+                continue
+            log.warning(
+                "proxy client closed: revoked",
+                extra={
+                    "principal": stream.principal.name if stream.principal else "",
+                    "reason": reason,
+                },
+            )
+            scope.cancel()
+            if self.on_revoked_close is not None:
+                self.on_revoked_close()
+            closed += 1
+        return closed
 
 
 async def _lingering_close(tcp: trio.SocketStream) -> None:

@@ -13,9 +13,13 @@ One entry per line; ``#`` starts a comment; blank lines are ignored::
     test/edge1.site-a
     # every node of a unit
     retired-unit/*
+    # every client certificate (proxy.tls with client_ca) whose subject CN is this principal
+    client:carol
 
 A revoked edge's handshake is refused (counted as ``kins_tunnel_handshake_failures_total
-{reason="revoked"}``) and, when the file changes, its live tunnels are closed. The file is re-read
+{reason="revoked"}``) and, when the file changes, its live tunnels are closed. The same list
+covers client certificates of the proxy's TLS listener (`client_revoked`: by serial or by
+``client:<CN>``): their handshakes are refused and their live relays closed. The file is re-read
 off the event loop (`kins_tunnel.filewatch`).
 
 The list fails closed. At start-up a bad line is an error (the cloud does not start). On a re-read,
@@ -32,9 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kins_tunnel.certs import _NAME_RULES, EdgeIdentity
+from kins_tunnel.certs import _NAME_RULES, EdgeIdentity, cert_facts
 from kins_tunnel.filewatch import PartialValue, WatchedFile
 
+_CLIENT = re.compile(r"client:([^\s:]{1,64})")  # the principal rules of `proxy_tls`
 _SERIAL = re.compile(
     r"(?:serial=|0x)?([0-9a-f]{1,2}(?::[0-9a-f]{1,2})+|[0-9a-f]{1,64})", re.IGNORECASE
 )
@@ -49,6 +54,7 @@ def _name(what: str, value: str) -> bool:
 class RevokedList:
     serials: frozenset[int]
     identities: frozenset[tuple[str, str]]  # (unit, node); node "*" = the whole unit
+    clients: frozenset[str] = frozenset()  # subject CNs of proxy client certificates
 
     def reason(self, identity: EdgeIdentity, serial: int) -> str | None:
         """Why this edge certificate is revoked, or None."""
@@ -60,10 +66,27 @@ class RevokedList:
         return None
 
     def __len__(self) -> int:
-        return len(self.serials) + len(self.identities)
+        return len(self.serials) + len(self.identities) + len(self.clients)
 
     def __or__(self, other: RevokedList) -> RevokedList:
-        return RevokedList(self.serials | other.serials, self.identities | other.identities)
+        return RevokedList(
+            self.serials | other.serials,
+            self.identities | other.identities,
+            self.clients | other.clients,
+        )
+
+
+def client_revoked(revoked: RevokedList, der: bytes) -> str | None:
+    """Why this proxy client certificate (DER, verified) is revoked, or None."""
+    try:
+        facts = cert_facts(der)
+    except ValueError:
+        return "unreadable client certificate"
+    if facts.serial in revoked.serials:
+        return f"certificate serial {facts.serial:x} is revoked"
+    if facts.common_name in revoked.clients:
+        return f"client {facts.common_name} is revoked"
+    return None
 
 
 def parse_revoked(data: bytes) -> RevokedList:
@@ -71,6 +94,7 @@ def parse_revoked(data: bytes) -> RevokedList:
     naming the first bad line and carrying the entries that did parse."""
     serials: set[int] = set()
     identities: set[tuple[str, str]] = set()
+    clients: set[str] = set()
     bad: list[str] = []
     for number, raw in enumerate(data.splitlines(), 1):
         try:
@@ -81,6 +105,10 @@ def parse_revoked(data: bytes) -> RevokedList:
         line = text.split("#", 1)[0].strip()
         if not line:
             continue
+        client = _CLIENT.fullmatch(line)
+        if client is not None:
+            clients.add(client.group(1))
+            continue
         unit, slash, node = line.partition("/")
         if slash and _name("unit", unit) and (node == "*" or _name("node", node)):
             identities.add((unit, node))
@@ -89,11 +117,12 @@ def parse_revoked(data: bytes) -> RevokedList:
         if serial is None:
             shown = line if len(line) <= 40 else line[:37] + "..."
             bad.append(
-                f"line {number}: {shown!r} is neither a hex certificate serial nor <unit>/<node>"
+                f"line {number}: {shown!r} is neither a hex certificate serial nor <unit>/<node> "
+                "nor client:<name>"
             )
             continue
         serials.add(int(serial.group(1).replace(":", ""), 16))
-    revoked = RevokedList(frozenset(serials), frozenset(identities))
+    revoked = RevokedList(frozenset(serials), frozenset(identities), frozenset(clients))
     if bad:
         more = f" (and {len(bad) - 1} more bad lines)" if len(bad) > 1 else ""
         raise PartialValue(revoked, bad[0] + more)

@@ -28,7 +28,7 @@ from kins_tunnel.cloud.expiry import CertificateExpiry
 from kins_tunnel.cloud.proxy import ProxyContext, handle_client, serve_proxy
 from kins_tunnel.cloud.proxy_tls import ProxyTLSListener
 from kins_tunnel.cloud.registry import EdgeTunnel, Registry
-from kins_tunnel.cloud.revocation import Revocation, RevokedList
+from kins_tunnel.cloud.revocation import Revocation, RevokedList, client_revoked
 from kins_tunnel.cloud.tunnel_server import TunnelServer
 from kins_tunnel.cloud.uplinks import UplinkServer
 from kins_tunnel.config import CloudConfig
@@ -106,6 +106,8 @@ class Cloud:
                 lambda r: self.metrics.proxy_tls_failures.labels(r).inc(),
                 authenticated=auth is not None or pt.client_ca is not None,
                 max_handshakes=cfg.proxy.max_connections,
+                revoked=self._client_revoked if self.revocation is not None else None,
+                on_revoked_close=self.metrics.revoked_clients_closed.inc,
             )
             if pt.cert is not None:
                 cert_files["proxy"] = pt.cert
@@ -135,6 +137,10 @@ class Cloud:
         except ValueError:
             serial = -1
         return self.revocation.reason(identity, serial)
+
+    def _client_revoked(self, der: bytes) -> str | None:
+        """Why this proxy client certificate is revoked (`tunnel.revoked_file`), or None."""
+        return None if self.revocation is None else client_revoked(self.revocation.file.value, der)
 
     def _edge_added(self, tunnel: EdgeTunnel) -> None:
         der = tunnel.session.tls.peer_certificate_der()
@@ -192,6 +198,8 @@ class Cloud:
             self.metrics.revoked_closed.inc()
             t.session.close(f"revoked: {reason}")
             closed += 1
+        if self.proxy_tls is not None:  # and the relays of revoked proxy client certificates
+            closed += self.proxy_tls.close_revoked(functools.partial(client_revoked, revoked))
         return closed
 
     def _snapshot(self):  # type: ignore[no-untyped-def]

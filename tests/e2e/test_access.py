@@ -2,8 +2,8 @@
 
 - kubectl whose `server:` is a ClusterIP (discovered through an injected resolver, or a static
   alias); an unknown IP gets 503 and is never dialled.
-- kubectl with `proxy-url: https://...` (get, --watch) and the combined CA bundle that
-  `kins-tunnel kubeconfig` writes; curl `--proxy https://... --proxy-cacert`, with Basic
+- kubectl with `proxy-url: https://...` (get, --watch) and the combined CA bundle (K3s CA and
+  proxy CA) that `kins-tunnel kubeconfig` writes; a proxy-CA certificate posing as K3s refused; curl `--proxy https://... --proxy-cacert`, with Basic
   credentials or a client certificate.
 - The audit line of a 200, a 403, a 407 and a 503; 403 bodies; denials counted by reason.
 - Revocation closing a live tunnel; certificate expiry in metrics, status and the log.
@@ -20,6 +20,7 @@ import base64
 import json
 import os
 import shutil
+import ssl
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from tests.e2e.kubectl_tools import assert_get_and_watch, run_kubectl
 from tests.e2e.sshd import HAVE_SSH, Sshd, throwaway_sshd
 from tests.test_aliases import TableResolver
 from tests.test_observability import json_log, samples
+from tests.test_proxy_ca import forge
 
 KUBECTL = shutil.which("kubectl")
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -164,58 +166,43 @@ async def test_kubectl_whose_server_is_a_cluster_ip(tmp_path: Path) -> None:
 
 
 @needs_kubectl
-async def test_kubectl_cluster_ip_through_an_https_proxy_needs_the_name_in_the_proxy_certificate(
-    tmp_path: Path,
-) -> None:
-    """client-go checks the https proxy's certificate against the cluster's tls-server-name too."""
+async def test_a_proxy_ca_certificate_cannot_pose_as_k3s_for_kubectl(tmp_path: Path) -> None:
+    """kubectl trusts the proxy CA (for the https proxy) and the K3s CA: a certificate the proxy
+    CA signs for the unit's service name is refused as K3s (name constraints), while the same
+    kubeconfig reaches the real K3s through the proxy's own certificate."""
     ctx, k3s_ca = make_self_signed_server_context(tmp_path)
     certs = make_certs(tmp_path)
-    init_ca(
-        certs, proxy_sans=["*.kins-system"]
-    )  # certs/proxy.crt: localhost, 127.0.0.1, *.kins-system
-    dns = TableResolver({f"{SVC_HOST}.svc.cluster.local.": ["10.96.12.34"]})
+    init_ca(certs, proxy_sans=[])  # certs/proxy-ca.crt and proxy.crt: localhost, 127.0.0.1
+    forged = forge(certs, [SVC_HOST, f"{SVC_HOST}.svc"])
+    impostor = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    impostor.load_cert_chain(forged, certs / "forged.key")
     home = tmp_path / "home"
     home.mkdir()
-    seed = seed_kubeconfig(k3s_ca, **{"tls-server-name": SVC_HOST})
+    tls = {
+        "listen": "127.0.0.1:0",
+        "cert": str(certs / "proxy.crt"),
+        "key": str(certs / "proxy.key"),
+    }
     async with trio.open_nursery() as n:
-        k3s = await n.start(serve_k3s_standin, ctx)
-        for cert, works in (("cloud", False), ("proxy", True)):
-            tls = {
-                "listen": "127.0.0.1:0",
-                "cert": str(certs / f"{cert}.crt"),
-                "key": str(certs / f"{cert}.key"),
-            }
-            async with tunnel_env(
-                tmp_path,
-                {SVC: f"127.0.0.1:{k3s}"},
-                resolver=dns,
-                alias_discovery={"enabled": True},
-                proxy={"tls": tls},
-            ) as env:
-                await wait_for(lambda: "10.96.12.34:*" in env.cloud.aliases.entries())
-                notes: list[str] = []
-                kc = tmp_path / f"kc-{cert}"
+        for server_ctx, works in ((ctx, True), (impostor, False)):
+            k3s = await n.start(serve_k3s_standin, server_ctx)
+            async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{k3s}"}, proxy={"tls": tls}) as env:
+                kc = tmp_path / f"kc-{works}"
                 kc.write_text(
                     rewrite_kubeconfig(
-                        seed,
+                        seed_kubeconfig(k3s_ca),
                         unit="test",
                         proxy_url=f"https://127.0.0.1:{env.ports.proxy_tls}",
-                        proxy_ca=(certs / "ca.crt").read_bytes(),
-                        service_ip="10.96.12.34",
-                        notes=notes,
+                        proxy_ca=(certs / "proxy-ca.crt").read_bytes(),
                     )
                 )
-                assert len(notes) == 1 and "tls-server-name" in notes[0]
                 r = await run_kubectl(kc, "get", "pods", "--request-timeout=5s", home=home)
                 if works:
                     assert r.returncode == 0, r.stderr
                     assert b"test-server-kins" in r.stdout
                 else:
                     assert r.returncode != 0
-                    assert (
-                        f"x509: certificate is valid for localhost, not {SVC_HOST}".encode()
-                        in r.stderr
-                    ), r.stderr
+                    assert b"not authorized to sign for this name" in r.stderr, r.stderr
         n.cancel_scope.cancel()
 
 
@@ -228,22 +215,28 @@ async def test_kubectl_through_an_https_proxy_get_and_watch(tmp_path: Path) -> N
     home.mkdir()
     async with json_log() as buf, trio.open_nursery() as n:
         k3s = await n.start(serve_k3s_standin, ctx)
+        certs = make_certs(tmp_path)
+        init_ca(certs, proxy_sans=[])
         proxy_cfg = {
             "listen": None,
             "auth": {"basic_file": str(tmp_path / "basic")},
-            "tls": {"listen": "127.0.0.1:0"},
+            "tls": {
+                "listen": "127.0.0.1:0",
+                "cert": str(certs / "proxy.crt"),
+                "key": str(certs / "proxy.key"),
+            },
         }
         async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{k3s}"}, proxy=proxy_cfg) as env:
             assert env.ports.proxy == 0 and env.ports.proxy_tls > 0  # only the TLS listener
             url = f"https://ops:pa55%20word@127.0.0.1:{env.ports.proxy_tls}"
-            # the Kins kubeconfig (insecure) made verifying: K3s CA + tunnel CA
+            # the Kins kubeconfig (insecure) made verifying: K3s CA + proxy CA
             kc = tmp_path / "kubeconfig"
             kc.write_text(
                 rewrite_kubeconfig(
                     seed_kubeconfig(),
                     unit="test",
                     proxy_url=url,
-                    proxy_ca=(env.certs / "ca.crt").read_bytes(),
+                    proxy_ca=(env.certs / "proxy-ca.crt").read_bytes(),
                     server_ca=k3s_ca.read_bytes(),
                 )
             )
