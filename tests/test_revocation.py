@@ -37,7 +37,11 @@ def test_parse_serials_and_identities() -> None:
 @pytest.mark.parametrize(
     "text, message",
     [
-        (b"5f3a\nedge1\n", "line 2: 'edge1' is neither a hex certificate serial nor <unit>/<node>"),
+        (
+            b"5f3a\nedge1\n",
+            "line 2: 'edge1' is neither a hex certificate serial nor <unit>/<node> "
+            "nor client:<name>",
+        ),
         (b"Test/Edge1\n", "line 1: 'Test/Edge1' is neither"),
         (b"test/edge1/x\n", "line 1:"),
         (b"5f:3a:\n", "line 1:"),
@@ -90,7 +94,8 @@ async def test_reread_on_change_and_a_bad_line_fails_closed(tmp_path: Path) -> N
         assert rev.reason(e2, 7) == "edge identity test/edge2.site-a is revoked"
         assert rev.reason(E1, 7) is not None  # dropped by a broken version: still revoked
         assert rev.file.last_error == (
-            "line 1: 'not an entry' is neither a hex certificate serial nor <unit>/<node>"
+            "line 1: 'not an entry' is neither a hex certificate serial nor <unit>/<node> "
+            "nor client:<name>"
         )
         f.unlink()
         await wait_until(lambda: rev.file.failures == 2, 10, "a vanished file counted")
@@ -109,7 +114,7 @@ def test_a_bad_line_at_start_up_refuses_to_start(tmp_path: Path) -> None:
         Revocation(f)
     assert str(info.value) == (
         f"tunnel.revoked_file: {f}: line 3: 'serial=xyz' is neither a hex certificate serial "
-        "nor <unit>/<node>"
+        "nor <unit>/<node> nor client:<name>"
     )
 
 
@@ -149,7 +154,7 @@ def test_bad_lines_carry_the_entries_that_parse() -> None:
         parse_revoked(b"bad one\ntest/edge1.site-a\n\xff\nbad two\nserial=0B\n")
     assert str(info.value) == (
         "line 1: 'bad one' is neither a hex certificate serial nor <unit>/<node> "
-        "(and 2 more bad lines)"
+        "nor client:<name> (and 2 more bad lines)"
     )
     assert info.value.value == RevokedList(frozenset({0x0B}), frozenset({("test", "edge1.site-a")}))
 
@@ -184,3 +189,11 @@ def test_serial_as_openssl_prints_it_revokes_that_certificate(tmp_path: Path) ->
             f"certificate serial {facts.serial:x} is revoked"
         )
         assert revoked.reason(EdgeIdentity("test", "edge2"), other_serial) is None
+
+
+def test_client_lines_revoke_proxy_client_principals_and_survive_a_bad_line() -> None:
+    revoked = parse_revoked(b"client:carol\n  client:dave.ops  # left\n")
+    assert revoked.clients == frozenset({"carol", "dave.ops"})
+    with pytest.raises(PartialValue) as info:
+        parse_revoked(b"client:carol\nclient:\n")
+    assert info.value.value.clients == frozenset({"carol"})  # fail closed: carol stays revoked

@@ -151,7 +151,7 @@ async def test_a_revocation_list_with_a_bad_line_still_cuts_the_dotted_edge_off(
                 assert entry["failures"] == 1 and entry["failing"] is True
                 assert entry["last_error"] == (
                     "line 2: 'this is not an entry' is neither a hex certificate serial nor "
-                    "<unit>/<node>"
+                    "<unit>/<node> nor client:<name>"
                 )
             assert (
                 value(metrics, "kins_tunnel_reload_failures_total", file="tunnel.revoked_file") == 1
