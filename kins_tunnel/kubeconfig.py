@@ -48,6 +48,7 @@ from cryptography import x509
 
 from kins_tunnel.certs import name_permitted
 from kins_tunnel.errors import UserError
+from kins_tunnel.names import redact_url
 
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
@@ -118,7 +119,7 @@ def _check_unit(unit: str) -> None:
 
 
 def _check_proxy_url(proxy_url: str) -> None:
-    where = f"proxy URL {proxy_url!r}"
+    where = f"proxy URL {redact_url(proxy_url)!r}"
     try:
         parts = urlsplit(proxy_url)
         port = parts.port

@@ -82,6 +82,22 @@ def normalise_target(target: str) -> str:
     return f"{host}:{int(port)}"
 
 
+_URL_HEAD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)", re.S)
+
+
+def redact_url(text: object) -> str:
+    """`text` (a URL, or what was meant as one) for an error message or a log line: the password
+    of ``user:password@`` becomes ``***``, and a userinfo without ``:`` (a token) too."""
+    shown = text if isinstance(text, str) else repr(text)
+    m = _URL_HEAD.match(shown)
+    if m is None or "@" not in m.group(2):
+        return shown
+    userinfo, _, hostport = m.group(2).rpartition("@")
+    user, colon, _secret = userinfo.partition(":")
+    masked = f"{user}:***" if colon else "***"
+    return f"{m.group(1)}{masked}@{hostport}{shown[m.end() :]}"
+
+
 def is_ip_target(target: str) -> bool:
     """True if the normalised target `target` (host:port) names an IP address, not a name."""
     host = target.rpartition(":")[0].strip("[]")

@@ -31,6 +31,7 @@ import trio
 
 from kins_tunnel import __version__
 from kins_tunnel.errors import UserError
+from kins_tunnel.names import redact_url
 from kins_tunnel.transport.tls import TransportError
 
 MAX_HEAD = 16 * 1024  # answer status line + headers
@@ -79,32 +80,34 @@ def authority(host: str, port: int) -> str:
 def parse_proxy_url(
     text: str, *, schemes: tuple[str, ...] = ("http", "https"), userinfo: bool = True
 ) -> ProxyURL:
-    """Parse ``scheme://[user[:password]@]host:port[/]``; `ValueError` says what is wrong."""
+    """Parse ``scheme://[user[:password]@]host:port[/]``; `ValueError` says what is wrong (with
+    the URL's password shown as ``***``)."""
+    shown = redact_url(text)
     if not isinstance(text, str) or not text.isascii() or any(c.isspace() for c in text):
-        raise ValueError(f"{text!r}: not a URL like http://proxy:3128")
+        raise ValueError(f"{shown!r}: not a URL like http://proxy:3128")
     try:
         parts = urllib.parse.urlsplit(text)
     except ValueError as exc:  # e.g. a bracketed host that is not an IPv6 address
-        raise ValueError(f"{text!r}: {exc}") from None
+        raise ValueError(f"{shown!r}: {exc}") from None
     wanted = " or ".join(f"{s}://" for s in schemes)
     if parts.scheme not in schemes:
-        raise ValueError(f"{text!r}: the proxy URL must start with {wanted}")
+        raise ValueError(f"{shown!r}: the proxy URL must start with {wanted}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"{text!r}: a proxy URL has no path, query or fragment")
+        raise ValueError(f"{shown!r}: a proxy URL has no path, query or fragment")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535") from None
+        raise ValueError(f"{shown!r}: the port must be a number from 1 to 65535") from None
     host = parts.hostname or ""
     if not host:
-        raise ValueError(f"{text!r}: no host")
+        raise ValueError(f"{shown!r}: no host")
     if port is None or port == 0:
-        raise ValueError(f"{text!r}: give the proxy's port, as in {parts.scheme}://{host}:3128")
+        raise ValueError(f"{shown!r}: give the proxy's port, as in {parts.scheme}://{host}:3128")
     if "[" not in parts.netloc and any(c in "[]/\\%" for c in host):  # urlsplit checks [v6] itself
-        raise ValueError(f"{text!r}: bad host {host!r}")
+        raise ValueError(f"{shown!r}: bad host {host!r}")
     if (parts.username is not None or "@" in parts.netloc) and not userinfo:
         raise ValueError(
-            f"{text!r}: no credentials in the URL here (put them in proxy.credentials_file)"
+            f"{shown!r}: no credentials in the URL here (put them in proxy.credentials_file)"
         )
     user = None if parts.username is None else urllib.parse.unquote(parts.username)
     password = None if parts.password is None else urllib.parse.unquote(parts.password)
