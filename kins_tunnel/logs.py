@@ -14,6 +14,7 @@ non-ASCII character (as a JSON string literal), and indents every line of a trac
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -147,3 +148,31 @@ class LogBudget:
     def take_suppressed(self) -> int:
         n, self._suppressed = self._suppressed, 0
         return n
+
+
+class SourceBudget:
+    """Log lines of one kind per source address: at most `rate` a second for each source and
+    `total` a second for all of them, so that one noisy address cannot flood the log nor crowd
+    out the lines of the others. At most `max_sources` sources are tracked (the least recently
+    seen is forgotten). Lines held back are counted and reported with the next line allowed."""
+
+    def __init__(self, rate: int = 5, total: int = 50, max_sources: int = 4096) -> None:
+        self.rate = rate
+        self.max_sources = max_sources
+        self._total = LogBudget(total)
+        self._sources: collections.OrderedDict[str, LogBudget] = collections.OrderedDict()
+
+    def allow(self, source: str) -> bool:
+        budget = self._sources.pop(source, None)
+        if budget is None:
+            budget = LogBudget(self.rate)
+            while len(self._sources) >= self.max_sources:
+                self._sources.popitem(last=False)
+        self._sources[source] = budget  # most recently seen last
+        if not budget.allow():
+            self._total._suppressed += 1
+            return False
+        return self._total.allow()
+
+    def take_suppressed(self) -> int:
+        return self._total.take_suppressed()

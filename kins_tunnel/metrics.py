@@ -156,6 +156,13 @@ _COUNTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         (),
     ),
     (
+        "proxy_early_closes",
+        "proxy_early_closes",
+        "Proxy connections that ended before any request, by reason: closed (client left), "
+        "timeout (408), limit (503), bad_request, internal",
+        ("reason",),
+    ),
+    (
         "proxy_limits",
         "proxy_limits",
         "CONNECTs refused (429/503) or relays closed by a proxy limit, by reason: connections, "
@@ -201,6 +208,7 @@ class Metrics:
     revoked_closed: Counter
     tunnels_displaced: Counter
     proxy_limits: Counter
+    proxy_early_closes: Counter
     revoked_clients_closed: Counter
     uplinks: Counter
     uplink_refusals: Counter

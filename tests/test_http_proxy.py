@@ -178,7 +178,7 @@ def test_edge_proxy_from_file(tmp_path: Path) -> None:
         ),
         (
             {"url": "http://u:p@squid:3128"},
-            "proxy.url: 'http://u:p@squid:3128': no credentials in the URL here "
+            "proxy.url: 'http://u:***@squid:3128': no credentials in the URL here "
             "(put them in proxy.credentials_file)",
         ),
         (

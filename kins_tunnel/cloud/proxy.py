@@ -38,7 +38,7 @@ from kins_tunnel.cloud.registry import EdgeTunnel, Registry
 from kins_tunnel.config import ProxySettings
 from kins_tunnel.errors import OpenFailed
 from kins_tunnel.httpanswer import ClientGone, ErrorAnswer, accept_connect, read_request, send_error
-from kins_tunnel.logs import record_fields
+from kins_tunnel.logs import SourceBudget, record_fields
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import normalise_target
 from kins_tunnel.proto import ErrorCode, code_label
@@ -63,6 +63,8 @@ _ANSWER_FOR_CODE: dict[int, tuple[int, str]] = {
 _RETRYABLE = {ErrorCode.GOING_AWAY, ErrorCode.STREAM_LIMIT}
 ClientStream = trio.SocketStream | TLSClientStream  # a client of the plain or the TLS listener
 _K = TypeVar("_K")
+# why a connection ended before any request (kins_tunnel_proxy_early_closes_total)
+_EARLY = {CLIENT_GONE: "closed", 408: "timeout", 503: "limit", 500: "internal"}
 
 
 @dataclass
@@ -79,6 +81,8 @@ class ProxyContext:
     # Fair shares: connections per principal key, and streams per (tunnel id, principal key).
     # Entries exist only while counted (> 0), so their number is bounded by live connections.
     by_principal: dict[str, int] = field(default_factory=dict)
+    # log lines of connections that ended before a request (shared with the TLS listener)
+    early_log: SourceBudget = field(default_factory=SourceBudget)
     held: dict[tuple[int, str], int] = field(default_factory=dict)
 
 
@@ -101,8 +105,10 @@ class ConnectRecord:
     sent: int = 0  # bytes client -> edge
     received: int = 0  # bytes edge -> client
 
-    def emit(self) -> None:
-        fields = record_fields(self, rename={"name": "normalised", "via": "alias"})
+    def emit(self, not_logged_before: int = 0) -> None:
+        fields = record_fields(
+            self, rename={"name": "normalised", "via": "alias"}, not_logged_before=not_logged_before
+        )
         log.info("CONNECT done" if self.status == 200 else "CONNECT refused", extra=fields)
 
 
@@ -177,7 +183,13 @@ async def handle_client(ctx: ProxyContext, stream: ClientStream) -> None:
             rec.outcome = f"internal error: {type(exc).__name__}"
     finally:
         ctx.active -= 1
-        rec.emit()
+        if rec.target:
+            rec.emit()
+        else:  # no request: always counted, logged within a budget per source address
+            reason = _EARLY.get(rec.status, "bad_request")
+            ctx.metrics.proxy_early_closes.labels(reason).inc()
+            if ctx.early_log.allow(rec.client.rpartition(":")[0]):
+                rec.emit(not_logged_before=ctx.early_log.take_suppressed())
 
 
 def _subject(rec: ConnectRecord) -> str:

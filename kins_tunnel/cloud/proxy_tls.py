@@ -39,6 +39,7 @@ from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.config import ProxyTLS
 from kins_tunnel.httpanswer import send_and_linger
+from kins_tunnel.logs import SourceBudget
 from kins_tunnel.tls_contexts import failure_label
 from kins_tunnel.transport.isolation import ErrorReporter
 from kins_tunnel.transport.listen import serve_port, warn_unauthenticated
@@ -171,6 +172,8 @@ class ProxyTLSListener:
     # why a verified client certificate (DER) is revoked, or None; None: nothing is revoked
     revoked: Callable[[bytes], str | None] | None = None
     on_revoked_close: Callable[[], object] | None = None  # a live relay closed by `close_revoked`
+    # log lines of failed handshakes, per source address (the cloud shares the plain proxy's)
+    early_log: SourceBudget = field(default_factory=SourceBudget)
     handshaking: int = field(default=0, init=False)
     # connections with a client certificate, past the handshake: each handler's cancel scope
     live: dict[TLSClientStream, trio.CancelScope] = field(default_factory=dict, init=False)
@@ -210,14 +213,16 @@ class ProxyTLSListener:
         if self.handshaking >= self.max_handshakes:
             if self.on_failure is not None:
                 self.on_failure("too_many")
-            log.info(
-                "proxy TLS handshake refused",
-                extra={
-                    "client": client,
-                    "reason": "too_many",
-                    "detail": f"{self.max_handshakes} handshakes in progress",
-                },
-            )
+            if self.early_log.allow(client.rpartition(":")[0]):
+                log.info(
+                    "proxy TLS handshake refused",
+                    extra={
+                        "client": client,
+                        "reason": "too_many",
+                        "detail": f"{self.max_handshakes} handshakes in progress",
+                        "not_logged_before": self.early_log.take_suppressed(),
+                    },
+                )
             await trio.aclose_forcefully(tcp)
             return
         await (
@@ -247,14 +252,16 @@ class ProxyTLSListener:
             label = handshake_failure_label(exc)
             if self.on_failure is not None:
                 self.on_failure(label)
-            log.info(
-                "proxy TLS handshake failed",
-                extra={
-                    "client": client,
-                    "reason": label,
-                    "detail": str(exc.__cause__ or exc)[:200],
-                },
-            )
+            if self.early_log.allow(client.rpartition(":")[0]):  # always counted, logged in budget
+                log.info(
+                    "proxy TLS handshake failed",
+                    extra={
+                        "client": client,
+                        "reason": label,
+                        "detail": str(exc.__cause__ or exc)[:200],
+                        "not_logged_before": self.early_log.take_suppressed(),
+                    },
+                )
             await _lingering_close(tcp)
             return
         finally:

@@ -109,6 +109,7 @@ class Cloud:
                 revoked=self._client_revoked if self.revocation is not None else None,
                 on_revoked_close=self.metrics.revoked_clients_closed.inc,
             )
+            self.proxy_tls.early_log = self.proxy.early_log  # one budget per source for both
             if pt.cert is not None:
                 cert_files["proxy"] = pt.cert
         self.expiry = CertificateExpiry(cert_files, self._edge_certs)
