@@ -13,7 +13,9 @@ optional section given as ``null`` (``proxy:`` with nothing under it) takes its 
 edge's ``admin: null`` which disables the admin endpoint.
 
 The uplink keys (``uplinks`` on both sides, ``uplink_dial_timeout``, the edge's ``uplink_proxy``)
-are described in the README section "Uplinks"; their targets are normalised like CONNECT targets.
+are described in the README section "Uplinks"; their targets are kept as written (lower case,
+no trailing dot): the edge sends and the cloud dials that name, and only ``.svc`` and
+``.svc.<alias_discovery.cluster_domain>`` are shortened, for matching (`names.uplink_match_name`).
 
 Relative paths (``tls.*``, ``proxy.auth.*``, ``proxy.authz_file``, ``proxy.tls.*``,
 ``tunnel.revoked_file``, the edge's ``proxy.credentials_file``) are resolved against the config
@@ -30,7 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from kins_tunnel.errors import UserError
-from kins_tunnel.names import Address, is_ip_target, is_loopback_host, kind
+from kins_tunnel.names import (
+    Address,
+    dial_target,
+    is_ip_target,
+    is_loopback_host,
+    kind,
+    uplink_match_name,
+)
 from kins_tunnel.proto import LimitError, MuxConfig
 from kins_tunnel.transport.http_proxy import parse_proxy_url
 from kins_tunnel.yamlcheck import Section, read_yaml
@@ -141,7 +150,8 @@ class CloudConfig:
     # normalised "ip:port" -> normalised routing name (static ClusterIP aliases)
     aliases: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
     alias_discovery: AliasDiscovery = AliasDiscovery()
-    # unit name or "*" -> normalised "host:port" targets an edge of that unit may open (uplinks)
+    # unit name or "*" -> `names.uplink_match_name`s of the targets an edge of that unit may open
+    # (uplinks; shortened for .svc and .svc.<alias_discovery.cluster_domain> only)
     uplinks: Mapping[str, frozenset[str]] = field(
         default_factory=lambda: types.MappingProxyType({})
     )
@@ -187,7 +197,7 @@ class EdgeConfig:
     mux: MuxConfig = MuxConfig()
     log: LogSettings = LogSettings()
     proxy: SiteProxy | None = None  # None: connect to the cloud directly
-    # local listen address -> normalised cloud-side "host:port" (uplinks)
+    # local listen address -> cloud-side "host:port" as written (`names.dial_target`; uplinks)
     uplinks: Mapping[Address, str] = field(default_factory=lambda: types.MappingProxyType({}))
     uplink_dial_timeout: float = (
         10.0  # seconds for the cloud to answer an uplink open (its dial included)
@@ -257,8 +267,10 @@ def cloud_config_from_dict(
         tunnel=_tunnel(top.section("tunnel", TunnelListen)),
         proxy=_proxy(top.section("proxy", ProxySettings)),
         aliases=_aliases(top),
-        alias_discovery=_alias_discovery(top.section("alias_discovery", AliasDiscovery)),
-        uplinks=_cloud_uplinks(top),
+        alias_discovery=(
+            discovery := _alias_discovery(top.section("alias_discovery", AliasDiscovery))
+        ),
+        uplinks=_cloud_uplinks(top, discovery.cluster_domain),
         admin=top.section("admin", AdminSettings).build(AdminSettings, defaults=_CLOUD_ADMIN),
         mux=_mux(top.section("mux", MuxConfig)),
         log=_log(top.section("log", LogSettings)),
@@ -356,7 +368,9 @@ def _aliases(top: Section) -> Mapping[str, str]:
     return types.MappingProxyType(out)
 
 
-def _cloud_uplinks(top: Section) -> Mapping[str, frozenset[str]]:
+def _cloud_uplinks(top: Section, cluster_domain: str) -> Mapping[str, frozenset[str]]:
+    """unit -> the targets' `uplink_match_name`s: only ``.svc`` and ``.svc.<cluster_domain>``
+    are shortened, any other name is kept as written."""
     out: dict[str, frozenset[str]] = {}
     expected = 'unit (or "*") to a list of "host:port" targets'
     for key, value, where in top.entries("uplinks", expected):
@@ -369,7 +383,8 @@ def _cloud_uplinks(top: Section) -> Mapping[str, frozenset[str]]:
             top.fail(where, f'expected a non-empty list of "host:port" targets, got {kind(value)}')
         targets: set[str] = set()
         for i, item in enumerate(value):
-            target = top.target(f"{where}[{i}]", item)
+            top.target(f"{where}[{i}]", item)  # checks it; a str from here on
+            target = uplink_match_name(str(item), cluster_domain)
             if target in targets:
                 top.fail(f"{where}[{i}]", f"same target as another entry ({target})")
             targets.add(target)
@@ -383,9 +398,10 @@ def _edge_uplinks(top: Section) -> Mapping[Address, str]:
         if not isinstance(key, str):
             top.fail(where, 'a listen address must be a "host:port" string (quote it)')
         listen = top.address(where, key)
-        target = top.target(
+        top.target(
             where, value, expected='a cloud-side "host:port" string', error_prefix="bad target: "
         )
+        target = dial_target(str(value))  # sent as written: the cloud dials this name
         top.unique(out, listen, target, where, "listen address")
     return types.MappingProxyType(out)
 

@@ -1,6 +1,7 @@
 """Addresses and routing names: `Address` (``host:port`` of a listener or a dial target) and
-`normalise_target`, the one rule that turns a CONNECT target, a `services` key or an uplink target
-into the routing name the cloud and the edge compare (see docs/DESIGN.md, "Routing rule")."""
+`normalise_target`, the one rule that turns a CONNECT target or a `services` key into the routing
+name the cloud and the edge compare (see docs/DESIGN.md, "Routing rule"). Uplink targets are
+dialled as written (`dial_target`) and compared with the allowed list by `uplink_match_name`."""
 
 from __future__ import annotations
 
@@ -45,13 +46,9 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def normalise_target(target: str) -> str:
-    """The routing name of a CONNECT target or a ``services`` key; `ValueError` if malformed.
-
-    Lower-cases; ``<svc>.<ns>.svc`` and ``<svc>.<ns>.svc.<cluster domain>`` become
-    ``<svc>.<ns>``; drops a trailing dot and leading zeros of the port; IPv6 literals stay in
-    brackets (in their compressed form). The port is required and must be 1..65535.
-    """
+def _parse_target(target: str) -> tuple[str, int, bool]:
+    """(host, port, is_ipv6) of a ``host:port`` target, the host lower-cased without a trailing
+    dot and an IPv6 literal compressed (no brackets); `ValueError` with the reason."""
     if not isinstance(target, str) or not target.isascii():
         raise ValueError("target must be ASCII text")
     host, sep, port = target.lower().rpartition(":")
@@ -61,7 +58,7 @@ def normalise_target(target: str) -> str:
         raise ValueError(f"target {target!r}: port must be a number from 1 to 65535")
     if host.startswith("[") and host.endswith("]"):
         try:
-            return f"[{ipaddress.IPv6Address(host[1:-1]).compressed}]:{int(port)}"
+            return ipaddress.IPv6Address(host[1:-1]).compressed, int(port), True
         except ValueError:
             raise ValueError(f"target {target!r}: bad IPv6 address") from None
     if ":" in host:
@@ -77,9 +74,53 @@ def normalise_target(target: str) -> str:
             ipaddress.IPv4Address(host)
         except ValueError:
             raise ValueError(f"target {target!r}: bad IPv4 address") from None
+    return host, int(port), False
+
+
+def normalise_target(target: str) -> str:
+    """The routing name of a CONNECT target or a ``services`` key; `ValueError` if malformed.
+
+    Lower-cases; ``<svc>.<ns>.svc`` and ``<svc>.<ns>.svc.<cluster domain>`` become
+    ``<svc>.<ns>``; drops a trailing dot and leading zeros of the port; IPv6 literals stay in
+    brackets (in their compressed form). The port is required and must be 1..65535.
+    """
+    host, port, v6 = _parse_target(target)
+    if v6:
+        return f"[{host}]:{port}"
+    labels = host.split(".")
     if len(labels) >= 3 and labels[2] == "svc":
         host = f"{labels[0]}.{labels[1]}"
-    return f"{host}:{int(port)}"
+    return f"{host}:{port}"
+
+
+def dial_target(target: str) -> str:
+    """An uplink target as written, in canonical form: the name that is dialled.
+
+    Checks and canonicalises like `normalise_target` (lower case, no trailing dot, no leading
+    zeros in the port, IPv6 compressed in brackets) but never shortens the host:
+    ``mirror.eu.svc.example.com:443`` stays ``mirror.eu.svc.example.com:443``.
+    """
+    host, port, v6 = _parse_target(target)
+    return f"[{host}]:{port}" if v6 else f"{host}:{port}"
+
+
+def uplink_match_name(target: str, cluster_domain: str = "cluster.local") -> str:
+    """The name an uplink target is compared by with the cloud's allowed list.
+
+    `dial_target`, except that ``<svc>.<ns>.svc`` and ``<svc>.<ns>.svc.<cluster_domain>``
+    become ``<svc>.<ns>`` (so ``x.y.svc.cluster.local:443`` and ``x.y:443`` match each other);
+    any other ``.svc.`` name (``mirror.eu.svc.example.com``) is compared as written.
+    """
+    host, port, v6 = _parse_target(target)
+    if v6:
+        return f"[{host}]:{port}"
+    labels = host.split(".")
+    domain = cluster_domain.lower().strip(".")
+    if len(labels) >= 3 and labels[2] == "svc":
+        rest = ".".join(labels[3:])
+        if rest in ("", domain):
+            host = f"{labels[0]}.{labels[1]}"
+    return f"{host}:{port}"
 
 
 _URL_HEAD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)", re.S)

@@ -71,20 +71,49 @@ def test_cloud_uplinks_are_normalised_per_unit() -> None:
         cfg.uplinks["x"] = frozenset()  # type: ignore[index]
 
 
-def test_edge_uplinks_map_listeners_to_normalised_targets() -> None:
+def test_cloud_uplinks_shorten_only_svc_and_the_cluster_domain() -> None:
+    cfg = cloud(
+        uplinks={
+            "test": [
+                "mirror.eu.svc.example.com:443",
+                "a.b.svc:1",
+                "c.d.svc.cluster.local:2",
+                "e.f.svc.corp.internal:3",
+            ]
+        }
+    )
+    assert cfg.uplinks["test"] == frozenset(
+        {"mirror.eu.svc.example.com:443", "a.b:1", "c.d:2", "e.f.svc.corp.internal:3"}
+    )
+    cfg = cloud(
+        alias_discovery={"cluster_domain": "Corp.Internal."},
+        uplinks={"*": ["e.f.svc.corp.internal:3", "c.d.svc.cluster.local:2"]},
+    )
+    assert cfg.uplinks["*"] == frozenset({"e.f:3", "c.d.svc.cluster.local:2"})
+    # a name that only the old rule shortened is a target of its own, not a duplicate
+    assert cloud(uplinks={"test": ["x.y:443", "x.y.svc.example.com:443"]}).uplinks[
+        "test"
+    ] == frozenset({"x.y:443", "x.y.svc.example.com:443"})
+    with pytest.raises(UserError, match=r'uplinks."test"\[1\]: same target as another entry'):
+        cloud(uplinks={"test": ["x.y:443", "X.Y.svc:0443"]})
+
+
+def test_edge_uplinks_map_listeners_to_targets_as_written() -> None:
     cfg = edge(
         uplinks={
             "127.0.0.1:5000": "registry.kube-system.svc.cluster.local:5000",
             "[::1]:5001": "10.0.0.7:80",
             "0.0.0.0:0": "Mirror:1",
+            "127.0.0.1:5002": "Mirror.EU.svc.example.com.:0443",
         },
         uplink_proxy={"listen": "127.0.0.1:3129"},
         uplink_dial_timeout=3,
     )
     assert dict(cfg.uplinks) == {
-        Address("127.0.0.1", 5000): "registry.kube-system:5000",
+        Address("127.0.0.1", 5000): "registry.kube-system.svc.cluster.local:5000",
         Address("::1", 5001): "10.0.0.7:80",
         Address("0.0.0.0", 0): "mirror:1",
+        Address("127.0.0.1", 5002): "mirror.eu.svc.example.com:443",
     }
     assert cfg.uplink_proxy == UplinkProxy(Address("127.0.0.1", 3129))
     assert edge(uplink_proxy={}).uplink_proxy == UplinkProxy(Address("127.0.0.1", 3128))

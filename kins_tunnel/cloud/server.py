@@ -66,7 +66,11 @@ class Cloud:
         self.tunnels = TunnelServer(cfg, self.tls, self.registry, self.metrics)
         self.tunnels.revoked = self._revoked
         self.uplinks = UplinkServer(
-            cfg.uplinks, cfg.uplink_dial_timeout, self.metrics, replica=self.replica
+            cfg.uplinks,
+            cfg.uplink_dial_timeout,
+            self.metrics,
+            replica=self.replica,
+            cluster_domain=cfg.alias_discovery.cluster_domain,
         )
         self.tunnels.on_edge_open = self.uplinks.on_open
         self.auth = auth = Authenticator(cfg.proxy.auth) if cfg.proxy.auth else None

@@ -5,8 +5,10 @@ local listener to a cloud-side `host:port`. The cloud dials only what `uplinks` 
 allows for the edge's NodeUnit (the entries of the unit plus those of `"*"`); the unit comes from
 the edge's certificate, never from anything the edge says. By default nothing is allowed.
 
-Every open is untrusted input: the target is normalised (`normalise_target`) and compared with the
-allowed set before any socket is touched; a target that does not parse or is not allowed is
+Every open is untrusted input: the target is checked and canonicalised (`dial_target`) and its
+`uplink_match_name` (``.svc`` and ``.svc.<cluster_domain>`` shortened, nothing else) compared with
+the allowed set before any socket is touched; the name dialled is the target as written, so
+``mirror.eu.svc.example.com:443`` is never dialled as ``mirror.eu:443``; a target that does not parse or is not allowed is
 refused with NOT_ALLOWED. An allowed target is dialled within `uplink_dial_timeout` (all addresses
 the name resolves to together, `kins_tunnel.dial`); a failed dial is answered REFUSED, UNREACHABLE
 or TIMEOUT, as the edge's forwarder answers the cloud. Each accepted stream runs as a stream task
@@ -33,7 +35,7 @@ from kins_tunnel.dial import dial_first
 from kins_tunnel.errors import OpenFailed
 from kins_tunnel.logs import LogBudget, record_fields
 from kins_tunnel.metrics import Metrics
-from kins_tunnel.names import Address, normalise_target
+from kins_tunnel.names import Address, dial_target, uplink_match_name
 from kins_tunnel.proto import ErrorCode, LocalProtocolError, code_label
 from kins_tunnel.transport.relay import relay
 from kins_tunnel.transport.session import Session
@@ -61,7 +63,7 @@ class UplinkRecord:
     stream: int
     target: str  # as the edge sent it (escaped, cut)
     started: float
-    normalised: str = ""
+    normalised: str = ""  # the target in canonical form, as dialled (`dial_target`)
     status: str = ""  # "ok" once accepted, else the refusal's code label
     outcome: str = ""
     sent: int = 0  # bytes edge -> target
@@ -81,16 +83,19 @@ class UplinkServer:
         dial_timeout: float,
         metrics: Metrics,
         replica: str = "",
+        cluster_domain: str = "cluster.local",
     ) -> None:
         self.allowed = allowed
+        self.cluster_domain = cluster_domain
         self.dial_timeout = dial_timeout
         self.metrics = metrics
         self.replica = replica
         self._refusal_log = LogBudget(REFUSALS_LOGGED_PER_SECOND)
 
     def allows(self, unit: str, target: str) -> bool:
-        """May an edge of `unit` reach the normalised `target`?"""
-        return target in self.allowed.get(unit, ()) or target in self.allowed.get("*", ())
+        """May an edge of `unit` reach `target` (a valid target; compared by its match name)?"""
+        name = uplink_match_name(target, self.cluster_domain)
+        return name in self.allowed.get(unit, ()) or name in self.allowed.get("*", ())
 
     def on_open(
         self, identity: EdgeIdentity, peer: str, session: Session, stream_id: int, target: str
@@ -106,7 +111,7 @@ class UplinkServer:
             trio.current_time(),
         )
         try:
-            rec.normalised = normalise_target(target)
+            rec.normalised = dial_target(target)
         except ValueError:
             self._refuse(
                 session, rec, ErrorCode.NOT_ALLOWED, "not a host:port target", "bad_target"

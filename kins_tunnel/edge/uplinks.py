@@ -2,8 +2,9 @@
 
 `uplinks` in edge.yaml maps a local listen address to a cloud-side target, e.g.
 ``{"127.0.0.1:5000": "registry.kube-system:5000"}``: an offline edge cluster reaches a registry
-mirror in the cloud through the tunnel it already has. For each connection accepted there the edge
-opens a stream to the target on a usable tunnel (any cloud replica: fewest open streams first,
+mirror in the cloud through the tunnel it already has. The target is sent as written (lower
+case, no trailing dot: `names.dial_target`), never shortened: the cloud dials that very name. For
+each connection accepted there the edge opens a stream to the target on a usable tunnel (any cloud replica: fewest open streams first,
 rotating among equals); a tunnel that refuses with a retryable code (GOING_AWAY: that replica is
 draining; STREAM_LIMIT: it is full) or that dies while the open is under way is followed by
 another, up to `MAX_ATTEMPTS`. Then the bytes
@@ -40,7 +41,7 @@ from kins_tunnel.errors import OpenFailed, UserError
 from kins_tunnel.httpanswer import ClientGone, ErrorAnswer, accept_connect, read_request, send_error
 from kins_tunnel.logs import LogBudget, record_fields
 from kins_tunnel.metrics import Metrics
-from kins_tunnel.names import Address, normalise_target
+from kins_tunnel.names import Address, dial_target
 from kins_tunnel.proto import ErrorCode, code_label
 from kins_tunnel.transport.listen import open_listener_socket, serve_listener
 from kins_tunnel.transport.relay import abort, relay
@@ -222,7 +223,7 @@ class Uplinks:
         return usable
 
     async def open(self, target: str, rec: UplinkRecord) -> TunnelStream:
-        """A stream to the normalised `target` on a usable tunnel; `UplinkRefused` if none opens."""
+        """A stream to `target` (canonical, as written) on a usable tunnel; `UplinkRefused` if none opens."""
         last: OpenFailed | None = None
         gone = False  # the last tunnel tried was draining, full or died under the open
         for label, session in self._candidates()[:MAX_ATTEMPTS]:
@@ -323,7 +324,7 @@ class Uplinks:
         if request.method != b"CONNECT":
             raise ErrorAnswer(405, "only CONNECT is supported", [("Allow", "CONNECT")])
         try:
-            target = normalise_target(raw)
+            target = dial_target(raw)  # as written: the cloud dials this name
         except ValueError as exc:
             raise ErrorAnswer(400, f"bad target: {exc}") from None
         rec.target = target

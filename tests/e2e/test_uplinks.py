@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,10 @@ import pytest
 import trio
 import trio.testing
 
+from kins_tunnel.cloud import uplinks as cloud_uplinks
+from kins_tunnel.dial import dial_first
 from kins_tunnel.edge.agent import Edge
+from kins_tunnel.names import Address
 from kins_tunnel.proto import ErrorCode
 from kins_tunnel.proto.frames import FrameType, frame, open_frame
 from kins_tunnel.testing.support import http_get, wait_listening
@@ -648,4 +651,72 @@ async def test_a_draining_edge_stops_accepting_uplinks_and_lets_open_ones_finish
             m = await metrics_of(env.ports.admin)
             assert metric(m, "kins_tunnel_uplinks_total") == 1
             assert metric(m, "kins_tunnel_uplink_bytes_total", direction="up") == 6 + 16
+        n.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------- the name the cloud dials
+async def test_the_cloud_dials_an_uplink_target_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mirror.eu.svc.example.com:443` is dialled as written, never as `mirror.eu:443`; only
+    `.svc` and `.svc.<cluster_domain>` are shortened, and only to match the allowed list. DNS
+    cannot resolve these names here: the cloud's dialer records the addresses it is asked for
+    and connects to a local echo server instead."""
+    asked: list[list[str]] = []
+    async with trio.open_nursery() as n:
+        echo = await n.start(serve_echo)
+
+        async def recording_dial(
+            addrs: Sequence[Address], timeout: float
+        ) -> tuple[trio.SocketStream, Address]:
+            asked.append([str(a) for a in addrs])
+            return await dial_first((Address("127.0.0.1", echo),), timeout)
+
+        monkeypatch.setattr(cloud_uplinks, "dial_first", recording_dial)
+        allowed = [
+            "mirror.eu.svc.example.com:443",
+            "x.y:443",
+            "p.q.svc.cluster.local:443",
+            "mirror.ap:443",
+        ]
+        async with tunnel_env(tmp_path, uplinks={"test": allowed}) as env:
+            edge = await env.add_edge(
+                {SVC: f"127.0.0.1:{echo}"},
+                wait_for=SVC,
+                uplinks={
+                    "127.0.0.1:0": "mirror.eu.svc.example.com:443",
+                    "127.0.0.2:0": "X.Y.svc.cluster.local.:443",
+                    "127.0.0.3:0": "p.q:443",
+                    "127.0.0.4:0": "mirror.eu:443",  # not listed: another host
+                    "127.0.0.5:0": "mirror.ap.svc.example.com:443",  # nor is this one
+                },
+                uplink_proxy={"listen": "127.0.0.1:0"},
+            )
+            assert await echo_once(listener(edge, "127.0.0.1:0"), b"eu") == b"eu"
+            assert asked == [["mirror.eu.svc.example.com:443"]]
+            assert await echo_once(listener(edge, "127.0.0.2:0"), b"xy") == b"xy"
+            assert asked[-1] == ["x.y.svc.cluster.local:443"]  # matched x.y:443
+            assert await echo_once(listener(edge, "127.0.0.3:0"), b"pq") == b"pq"
+            assert asked[-1] == ["p.q:443"]  # matched p.q.svc.cluster.local:443
+            assert await refused_locally(listener(edge, "127.0.0.4:0")) == "reset"
+            assert await refused_locally(listener(edge, "127.0.0.5:0")) == "reset"
+            assert len(asked) == 3  # the refused ones were never dialled
+            # the edge's CONNECT proxy sends the target as written too
+            assert edge.uplinks.proxy_port
+            status, _head, s = await connect(
+                edge.uplinks.proxy_port, "Mirror.EU.svc.example.com:443"
+            )
+            async with s:
+                assert status == 200
+                await s.send_all(b"via proxy")
+                await s.send_eof()
+                assert await read_all(s) == b"via proxy"
+            assert asked[-1] == ["mirror.eu.svc.example.com:443"]
+            status, _head, s = await connect(edge.uplinks.proxy_port, "mirror.eu:443")
+            await s.aclose()
+            assert status == 403
+            assert len(asked) == 4
+            m = await metrics_of(env.ports.admin)
+            assert metric(m, "kins_tunnel_uplink_refusals_total", reason="not_allowed") == 3
+            assert metric(m, "kins_tunnel_uplinks_total") == 4
         n.cancel_scope.cancel()
