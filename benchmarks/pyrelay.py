@@ -213,6 +213,9 @@ async def _trio_leg(leg: Leg) -> None:
         except (BlockingIOError, ssl.SSLWantReadError):
             wait = True
             continue
+        except ssl.SSLWantWriteError:  # TLS needs to write first (the other leg owns that wait)
+            await trio.sleep(0.0005)
+            continue
         except ssl.SSLZeroReturnError:
             n = 0
         if n == 0:
@@ -225,6 +228,8 @@ async def _trio_leg(leg: Leg) -> None:
                 data = data[dst.send(data) :]
             except (BlockingIOError, ssl.SSLWantWriteError):
                 await trio.lowlevel.wait_writable(fd_out)
+            except ssl.SSLWantReadError:  # TLS needs to read first (the other leg owns that wait)
+                await trio.sleep(0.0005)
         # An SSLSocket returns at most one record (16 KiB) per call.
         wait = not (
             n == BUF or (isinstance(src, ssl.SSLSocket) and (n >= TLS_RECORD or src.pending()))
