@@ -13,8 +13,8 @@ import json
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -310,9 +310,16 @@ async def test_readyz_cloud_when_listening_edge_when_it_holds_a_tunnel(tmp_path:
 # ---------------------------------------------------------------- logs
 @asynccontextmanager
 async def json_log() -> AsyncIterator[io.StringIO]:
+    with captured_log(JSONFormatter()) as buf:
+        yield buf
+
+
+@contextmanager
+def captured_log(formatter: logging.Formatter) -> Iterator[io.StringIO]:
+    """Every kins_tunnel log record, at DEBUG and up, formatted by `formatter` into a buffer."""
     buf = io.StringIO()
     handler = logging.StreamHandler(buf)
-    handler.setFormatter(JSONFormatter())
+    handler.setFormatter(formatter)
     root = logging.getLogger("kins_tunnel")
     old_level = root.level
     root.addHandler(handler)

@@ -4,9 +4,7 @@ and a hand-driven edge over real TLS, the cloud's real log handler in the plain 
 from __future__ import annotations
 
 import io
-import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import trio
@@ -19,25 +17,13 @@ from kins_tunnel.testing.support import wait_until
 from tests.e2e.harness import tunnel_env
 from tests.e2e.rawpeer import RawPeer
 from tests.e2e.test_isolation import metrics_of, raw_edge_context
-from tests.test_observability import value
+from tests.test_observability import captured_log, value
 
 FORGED = "evil\n2026-12-07 00:00:00,000 INFO    kins_tunnel.cloud: edge connected unit=prod"
 
 
-@contextmanager
-def plain_log() -> Iterator[io.StringIO]:
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.setFormatter(PlainFormatter())
-    root = logging.getLogger("kins_tunnel")
-    old = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield buf
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old)
+def plain_log() -> AbstractContextManager[io.StringIO]:
+    return captured_log(PlainFormatter())
 
 
 async def test_a_hello_agent_and_names_with_newlines_cannot_forge_log_lines(tmp_path: Path) -> None:
