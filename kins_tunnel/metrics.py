@@ -12,6 +12,7 @@ that lost its edges stands out. On the edge `replica` is empty (a label Promethe
 
 from __future__ import annotations
 
+import time
 from collections import Counter as _Tally
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
@@ -264,4 +265,59 @@ class ReloadFailures(Collector):
         )
         for f in self._files():
             family.add_metric([f.what], f.failures)
+        yield family
+
+
+# ---------------------------------------------------------------- for the alerts (deploy/monitoring)
+class EdgesLastSeen(Collector):
+    """``kins_tunnel_edge_last_seen_timestamp_seconds{unit, node, replica}`` (cloud): when this
+    replica last had a tunnel of the edge identity, in Unix seconds: the scrape time while it has
+    one, else the time its last tunnel ended. Feeds the "edge gone" and "unit gone" alerts
+    (``time() - max by (unit, node) (...)``). One series per identity connected now or remembered
+    as gone (`registry.GoneEdges`: bounded in number and age); `unit` and `node` come from
+    verified certificates only."""
+
+    def __init__(
+        self,
+        identities: Callable[[], Iterable[tuple[str, str, float | None]]],
+        replica: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._identities = identities
+        self._replica = replica
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "kins_tunnel_edge_last_seen_timestamp_seconds",
+            "When this replica last had a tunnel of the edge (Unix seconds; now while it has one)",
+            labels=["unit", "node", "replica"],
+        )
+        now = self._clock()
+        for unit, node, at in self._identities():
+            family.add_metric([unit, node, self._replica], now if at is None else at)
+        yield family
+
+
+class _FileState(Protocol):
+    what: str  # the config key of the file: a bounded label, never peer data
+    failing: bool
+
+
+class ReloadFailing(Collector):
+    """``kins_tunnel_reload_failing{file}``: 1 while the version of a watched file on disk is not
+    (wholly) in use because its last re-read failed, else 0 (the "reload failed" alert holds
+    while a file stays broken, not only when the failure counter moves)."""
+
+    def __init__(self, files: Callable[[], Iterable[_FileState]]) -> None:
+        self._files = files
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "kins_tunnel_reload_failing",
+            "1 while the file on disk is not (wholly) in use: its last re-read failed",
+            labels=["file"],
+        )
+        for f in self._files():
+            family.add_metric([f.what], 1 if f.failing else 0)
         yield family
