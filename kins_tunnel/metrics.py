@@ -247,12 +247,15 @@ class Metrics:
 class _FileCounts(Protocol):
     what: str  # the config key of the file: a bounded label, never peer data
     failures: int
+    failing: bool  # the version on disk is not (wholly) in use: its last re-read failed
 
 
 class ReloadFailures(Collector):
     """``kins_tunnel_reload_failures_total{file}``: re-reads of watched files (credentials, rules,
-    revocation list) that failed, read from the files' own counts at scrape time. Register it
-    with `Metrics.registry`; the label is the file's config key (e.g. ``proxy.auth.basic_file``)."""
+    revocation list) that failed, read from the files' own counts at scrape time; and
+    ``kins_tunnel_reload_failing{file}``: 1 while the file's last re-read failed (so an alert
+    holds while a file stays broken, not only when the count moves). Register it with
+    `Metrics.registry`; the label is the file's config key (e.g. ``proxy.auth.basic_file``)."""
 
     def __init__(self, files: Callable[[], Iterable[_FileCounts]]) -> None:
         self._files = files
@@ -263,9 +266,15 @@ class ReloadFailures(Collector):
             "Re-reads of a watched file that failed (bad line, unreadable, gone), by config key",
             labels=["file"],
         )
+        failing = GaugeMetricFamily(
+            "kins_tunnel_reload_failing",
+            "1 while the file on disk is not (wholly) in use: its last re-read failed",
+            labels=["file"],
+        )
         for f in self._files():
             family.add_metric([f.what], f.failures)
-        yield family
+            failing.add_metric([f.what], 1 if f.failing else 0)
+        yield from (family, failing)
 
 
 # ---------------------------------------------------------------- for the alerts (deploy/monitoring)
@@ -296,28 +305,4 @@ class EdgesLastSeen(Collector):
         now = self._clock()
         for unit, node, at in self._identities():
             family.add_metric([unit, node, self._replica], now if at is None else at)
-        yield family
-
-
-class _FileState(Protocol):
-    what: str  # the config key of the file: a bounded label, never peer data
-    failing: bool
-
-
-class ReloadFailing(Collector):
-    """``kins_tunnel_reload_failing{file}``: 1 while the version of a watched file on disk is not
-    (wholly) in use because its last re-read failed, else 0 (the "reload failed" alert holds
-    while a file stays broken, not only when the failure counter moves)."""
-
-    def __init__(self, files: Callable[[], Iterable[_FileState]]) -> None:
-        self._files = files
-
-    def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(
-            "kins_tunnel_reload_failing",
-            "1 while the file on disk is not (wholly) in use: its last re-read failed",
-            labels=["file"],
-        )
-        for f in self._files():
-            family.add_metric([f.what], 1 if f.failing else 0)
         yield family
