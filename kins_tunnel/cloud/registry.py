@@ -19,7 +19,6 @@ Last seen: `GoneEdges` remembers when each identity lost its last tunnel on this
 `kins_tunnel_edge_last_seen_timestamp_seconds`, the "edge gone" and "unit gone" alerts). Its
 memory is bounded whatever the fleet does: at most `MAX_GONE_KEPT` identities, each for
 `GONE_KEPT_FOR` seconds, oldest forgotten first; identities come from verified certificates only.
-An identity whose tunnels were closed because it was revoked is forgotten, not remembered as gone.
 """
 
 from __future__ import annotations
@@ -67,7 +66,6 @@ class EdgeTunnel:
     connected_at: float = field(default_factory=trio.current_time)
     id: int = 0
     cert: CertFacts | None = None  # serial and expiry of the edge's certificate
-    forget: bool = False  # closed on purpose (revoked): not remembered as gone when it ends
 
 
 class NodeTaken(Exception):
@@ -122,7 +120,7 @@ class GoneEdges:
         self._trim()
 
     def back(self, unit: str, node: str) -> None:
-        """The identity has a tunnel again, or is to be forgotten."""
+        """The identity has a tunnel again."""
         self._gone.pop((unit, node), None)
 
     def items(self) -> list[tuple[str, str, float]]:
@@ -187,10 +185,7 @@ class Registry:
             self._node_units[node] = (unit, count - 1)
         else:
             del self._node_units[node]
-            if tunnel.forget:
-                self.gone.back(unit, node)
-            else:
-                self.gone.left(unit, node)
+            self.gone.left(unit, node)
         for name in tunnel.names:
             lst = self._by_name.get(name, [])
             if tunnel in lst:

@@ -169,7 +169,6 @@ class Cloud:
                     "reason": reason,
                 },
             )
-            tunnel.forget = True
             tunnel.session.close(f"revoked: {reason}")
         if tunnel.cert is not None:
             self.expiry.warn_if_expiring(
@@ -203,7 +202,6 @@ class Cloud:
                 },
             )
             self.metrics.revoked_closed.inc()
-            t.forget = True
             t.session.close(f"revoked: {reason}")
             closed += 1
         if self.proxy_tls is not None:  # and the relays of revoked proxy client certificates

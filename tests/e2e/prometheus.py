@@ -77,6 +77,16 @@ def rule_expressions() -> dict[str, str]:
     }
 
 
+def recorded_names() -> set[str]:
+    """The series the recording rules of rules.yaml write (no process exports them)."""
+    return {
+        rule["record"]
+        for group in load_rules()["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    }
+
+
 def dashboard_panels(doc: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     for panel in (doc or load_dashboard())["panels"]:
         yield panel
