@@ -94,7 +94,7 @@ class Refusal:
     detail: str
 
 
-MAX_GONE_KEPT = 100_000  # identities remembered as gone (about 200 bytes each)
+MAX_GONE_KEPT = 20_000  # identities remembered as gone (about 300 bytes each, with their names)
 GONE_KEPT_FOR = 7 * 86400.0  # seconds an identity is remembered after its last tunnel ended
 
 
