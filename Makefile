@@ -7,7 +7,8 @@ PIP := $(PYTHON) -m pip
 setup:
 	$(PIP) install -q -e '.[test]'
 
-# Debian packages some tests and benchmarks use as real peers (sshd, socat, haproxy, tinyproxy, rsync).
+# Debian packages some tests and benchmarks use as real peers (sshd, socat, haproxy, tinyproxy, rsync,
+# prometheus: promtool and a real Prometheus for deploy/monitoring).
 setup-system:
 	bash .ci/system-packages
 

@@ -12,6 +12,7 @@ that lost its edges stands out. On the edge `replica` is empty (a label Promethe
 
 from __future__ import annotations
 
+import time
 from collections import Counter as _Tally
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
@@ -246,12 +247,15 @@ class Metrics:
 class _FileCounts(Protocol):
     what: str  # the config key of the file: a bounded label, never peer data
     failures: int
+    failing: bool  # the version on disk is not (wholly) in use: its last re-read failed
 
 
 class ReloadFailures(Collector):
     """``kins_tunnel_reload_failures_total{file}``: re-reads of watched files (credentials, rules,
-    revocation list) that failed, read from the files' own counts at scrape time. Register it
-    with `Metrics.registry`; the label is the file's config key (e.g. ``proxy.auth.basic_file``)."""
+    revocation list) that failed, read from the files' own counts at scrape time; and
+    ``kins_tunnel_reload_failing{file}``: 1 while the file's last re-read failed (so an alert
+    holds while a file stays broken, not only when the count moves). Register it with
+    `Metrics.registry`; the label is the file's config key (e.g. ``proxy.auth.basic_file``)."""
 
     def __init__(self, files: Callable[[], Iterable[_FileCounts]]) -> None:
         self._files = files
@@ -262,6 +266,43 @@ class ReloadFailures(Collector):
             "Re-reads of a watched file that failed (bad line, unreadable, gone), by config key",
             labels=["file"],
         )
+        failing = GaugeMetricFamily(
+            "kins_tunnel_reload_failing",
+            "1 while the file on disk is not (wholly) in use: its last re-read failed",
+            labels=["file"],
+        )
         for f in self._files():
             family.add_metric([f.what], f.failures)
+            failing.add_metric([f.what], 1 if f.failing else 0)
+        yield from (family, failing)
+
+
+# ---------------------------------------------------------------- for the alerts (deploy/monitoring)
+class EdgesLastSeen(Collector):
+    """``kins_tunnel_edge_last_seen_timestamp_seconds{unit, node, replica}`` (cloud): when this
+    replica last had a tunnel of the edge identity, in Unix seconds: the scrape time while it has
+    one, else the time its last tunnel ended. Feeds the "edge gone" and "unit gone" alerts
+    (``time() - max by (unit, node) (...)``). One series per identity connected now or remembered
+    as gone (`registry.GoneEdges`: bounded in number and age); `unit` and `node` come from
+    verified certificates only."""
+
+    def __init__(
+        self,
+        identities: Callable[[], Iterable[tuple[str, str, float | None]]],
+        replica: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._identities = identities
+        self._replica = replica
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "kins_tunnel_edge_last_seen_timestamp_seconds",
+            "When this replica last had a tunnel of the edge (Unix seconds; now while it has one)",
+            labels=["unit", "node", "replica"],
+        )
+        now = self._clock()
+        for unit, node, at in self._identities():
+            family.add_metric([unit, node, self._replica], now if at is None else at)
         yield family

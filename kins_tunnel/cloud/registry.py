@@ -14,6 +14,11 @@ one synchronous step, so two edges racing for one node cannot both win. Each edg
 at most `max_per_identity` tunnels: a new one displaces the oldest (returned by `add` for the
 caller to close), so a restarted edge whose old tunnel has not timed out yet is never locked out,
 and one certificate cannot pile up tunnels (and their metric series and log lines).
+
+Last seen: `GoneEdges` remembers when each identity lost its last tunnel on this replica (for
+`kins_tunnel_edge_last_seen_timestamp_seconds`, the "edge gone" and "unit gone" alerts). Its
+memory is bounded whatever the fleet does: at most `MAX_GONE_KEPT` identities, each for
+`GONE_KEPT_FOR` seconds, oldest forgotten first; identities come from verified certificates only.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -88,6 +94,51 @@ class Refusal:
     detail: str
 
 
+MAX_GONE_KEPT = 20_000  # identities remembered as gone (about 300 bytes each, with their names)
+GONE_KEPT_FOR = 7 * 86400.0  # seconds an identity is remembered after its last tunnel ended
+
+
+class GoneEdges:
+    """When each edge identity (unit, node) lost its last tunnel on this replica (`clock()`
+    seconds, wall time): at most `max_kept` identities, each for `kept_for` seconds."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        max_kept: int = MAX_GONE_KEPT,
+        kept_for: float = GONE_KEPT_FOR,
+    ) -> None:
+        self._clock = clock
+        self._max_kept = max_kept
+        self._kept_for = kept_for
+        self._gone: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()
+
+    def left(self, unit: str, node: str) -> None:
+        """The identity's last tunnel ended now."""
+        self._gone.pop((unit, node), None)
+        self._gone[(unit, node)] = self._clock()
+        self._trim()
+
+    def back(self, unit: str, node: str) -> None:
+        """The identity has a tunnel again."""
+        self._gone.pop((unit, node), None)
+
+    def items(self) -> list[tuple[str, str, float]]:
+        """(unit, node, when its last tunnel ended) of every identity remembered as gone."""
+        self._trim()
+        return [(unit, node, at) for (unit, node), at in self._gone.items()]
+
+    def _trim(self) -> None:
+        oldest = self._clock() - self._kept_for
+        while self._gone and (
+            len(self._gone) > self._max_kept or next(iter(self._gone.values())) < oldest
+        ):
+            self._gone.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._gone)
+
+
 class Registry:
     def __init__(self, *, max_per_identity: int = 4) -> None:
         self._by_name: dict[str, list[EdgeTunnel]] = {}
@@ -98,6 +149,7 @@ class Registry:
         self.max_per_identity = max_per_identity
         self.on_add: list[Callable[[EdgeTunnel], None]] = []  # called before the tunnel is routed
         self.refusals: collections.deque[Refusal] = collections.deque(maxlen=MAX_REFUSALS_KEPT)
+        self.gone = GoneEdges()
 
     def add(self, tunnel: EdgeTunnel) -> list[EdgeTunnel]:
         """Route `tunnel`; return the tunnels of the same identity it displaces (oldest first),
@@ -116,6 +168,7 @@ class Registry:
         tunnel.id = next(self._ids)
         self._tunnels[tunnel.id] = tunnel
         self._node_units[node] = (unit, self._node_units.get(node, (unit, 0))[1] + 1)
+        self.gone.back(unit, node)
         for name in tunnel.names:
             self._by_name.setdefault(name, []).append(tunnel)
         return displaced
@@ -132,12 +185,20 @@ class Registry:
             self._node_units[node] = (unit, count - 1)
         else:
             del self._node_units[node]
+            self.gone.left(unit, node)
         for name in tunnel.names:
             lst = self._by_name.get(name, [])
             if tunnel in lst:
                 lst.remove(tunnel)
             if not lst:
                 self._by_name.pop(name, None)
+
+    def last_seen(self) -> Iterator[tuple[str, str, float | None]]:
+        """(unit, node, when) of every identity connected now (when: None, i.e. now) or
+        remembered as gone (when its last tunnel ended, wall time)."""
+        for node, (unit, _count) in self._node_units.items():
+            yield unit, node, None
+        yield from self.gone.items()
 
     def candidates(self, name: str) -> list[EdgeTunnel]:
         """Usable tunnels serving `name`, best first (fewest streams, rotating among equals)."""

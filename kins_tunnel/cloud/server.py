@@ -33,7 +33,7 @@ from kins_tunnel.cloud.tunnel_server import TunnelServer
 from kins_tunnel.cloud.uplinks import UplinkServer
 from kins_tunnel.config import CloudConfig
 from kins_tunnel.filewatch import WatchedFile
-from kins_tunnel.metrics import Metrics, ReloadFailures
+from kins_tunnel.metrics import EdgesLastSeen, Metrics, ReloadFailures
 from kins_tunnel.tls_contexts import proxy_server_ssl_context, server_ssl_context
 
 log = logging.getLogger("kins_tunnel.cloud")
@@ -120,6 +120,7 @@ class Cloud:
         self.metrics.registry.register(self.expiry.collector())
         self.registry.on_add.append(self._edge_added)
         self.metrics.registry.register(ReloadFailures(self.watched_files))
+        self.metrics.registry.register(EdgesLastSeen(self.registry.last_seen, self.replica))
         self.ready = False
 
     def watched_files(self) -> list[WatchedFile[Any]]:

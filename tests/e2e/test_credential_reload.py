@@ -79,6 +79,7 @@ async def test_a_bad_line_in_the_basic_file_keeps_the_credentials_in_use(tmp_pat
             key = "proxy.auth.basic_file"
             assert doc["files"][key]["failures"] == 0 and doc["files"][key]["last_error"] is None
             assert value(metrics, "kins_tunnel_reload_failures_total", file=key) == 0
+            assert value(metrics, "kins_tunnel_reload_failing", file=key) == 0
 
             # a new user, and a line with no ':' (a password pasted on its own line)
             replace(users, f"alice:pw-a\ncarol:pw-c\n{SECRET}\n")
@@ -95,6 +96,7 @@ async def test_a_bad_line_in_the_basic_file_keeps_the_credentials_in_use(tmp_pat
             assert entry["last_error"] == "line 3: no ':' (a line is user:password; not shown)"
             assert value(metrics, "kins_tunnel_reload_failures_total", file=key) == 1
             assert SECRET.encode() not in raw_status
+            assert value(metrics, "kins_tunnel_reload_failing", file=key) == 1
             # the previous contents stay: alice passes, carol (of the refused version) does not
             assert await status_of(port, SVC, basic("alice", "pw-a")) == 200
             assert await status_of(port, SVC, basic("carol", "pw-c")) == 407
@@ -110,6 +112,7 @@ async def test_a_bad_line_in_the_basic_file_keeps_the_credentials_in_use(tmp_pat
             doc, metrics = await admin(admin_port)
             assert doc["files"][key]["reloads"] == 1 and doc["files"][key]["failures"] == 1
             assert value(metrics, "kins_tunnel_reload_failures_total", file=key) == 1
+            assert value(metrics, "kins_tunnel_reload_failing", file=key) == 0
         n.cancel_scope.cancel()
     warnings = [
         json.loads(line) for line in log.getvalue().splitlines() if "line 3: no ':'" in line
