@@ -77,9 +77,7 @@ class ControlFrames:
         self.capabilities = caps & self._hello.capabilities
         self._state = ConnState.OPEN
         events.append(
-            HandshakeComplete(
-                version, self.capabilities, self._peer.names, agent, self._peer.time
-            )
+            HandshakeComplete(version, self.capabilities, self._peer.names, agent, self._peer.time)
         )
 
     def _on_open(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
