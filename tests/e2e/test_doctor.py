@@ -43,7 +43,7 @@ async def doctor(config: Path, *extra: str) -> tuple[int, dict[str, Any]]:
 def line(doc: dict[str, Any], check: str) -> dict[str, str]:
     found = [c for c in doc["checks"] if c["check"] == check]
     assert len(found) == 1, (check, [c["check"] for c in doc["checks"]])
-    return found[0]
+    return {k: str(v) for k, v in found[0].items()}
 
 
 def failed(doc: dict[str, Any]) -> list[str]:
