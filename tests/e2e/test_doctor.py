@@ -1,4 +1,5 @@
-"""`kins-tunnel doctor` as a process against real cloud and edge processes on 127.0.0.0/8.
+"""`kins-tunnel doctor` as a process against real cloud and edge processes on 127.0.0.0/8 (and,
+for clock skew, a stand-in cloud whose HELLO states a clock that is off).
 
 A working pair gives only ok lines and exit 0 (and the probe leaves the live edge's tunnel alone);
 each broken case gives FAIL on its own line with exit code 1 while the other checks still report;
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -16,10 +18,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import trio
 import yaml
 
 from kins_tunnel.certs import init_ca, issue_edge
+from kins_tunnel.proto import Hello, MuxConfig
+from kins_tunnel.proto.frames import FrameType, frame
+from kins_tunnel.proto.handshake import encode_hello
 from kins_tunnel.testing.support import free_port, run_kins_tunnel
+from kins_tunnel.tls_contexts import server_ssl_context
 from tests.e2e.faultkit import CloudProc, Procs, procs, wait_cloud_up, wait_edges
 from tests.e2e.harness import SVC, edge_dict, make_certs, write_yaml
 from tests.e2e.test_site_proxy import needs_tinyproxy, tinyproxy
@@ -370,3 +377,62 @@ async def test_text_output_is_one_line_per_check(tmp_path: Path) -> None:
     assert done.returncode == 1
     (only,) = done.stdout.decode().splitlines()
     assert only.startswith("FAIL  config: cannot read config") and "->" in only
+
+
+async def serve_skewed_cloud(
+    certs: Path, skew: float, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """A stand-in cloud on 127.0.0.1:0 with the real cloud certificate and mutual TLS, whose HELLO
+    states a clock `skew` seconds off this host's."""
+    context = server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key")
+
+    async def handle(tcp: trio.SocketStream) -> None:
+        tls = trio.SSLStream(tcp, context, server_side=True)
+        try:
+            with trio.fail_after(10):
+                await tls.do_handshake()
+                hello = Hello(agent="skewed-test-cloud", time=time.time() + skew)
+                await tls.send_all(frame(FrameType.HELLO, 0, encode_hello(hello, MuxConfig())))
+                while await tls.receive_some(4096):
+                    pass
+        except (trio.BrokenResourceError, trio.TooSlowError):
+            pass
+        finally:
+            await trio.aclose_forcefully(tls)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handle, listeners)
+
+
+async def test_clock_skew_is_measured_from_the_clouds_hello(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path)
+    with listening() as k3s:
+        async with trio.open_nursery() as nursery:
+            results = {}
+            for skew in (3600.0, -60.0, 0.0):
+                port = await nursery.start(serve_skewed_cloud, certs, skew)
+                cfg = write_yaml(
+                    tmp_path / "edge.yaml",
+                    edge_dict(certs, [port], {SVC: f"127.0.0.1:{k3s}"}),
+                )
+                results[skew] = (port, await doctor(cfg))
+            nursery.cancel_scope.cancel()
+
+    port, (code, doc) = results[3600.0]
+    clock = line(doc, f"cloud 127.0.0.1:{port} clock")
+    assert code == 1 and clock["status"] == "FAIL", clock
+    assert re.fullmatch(
+        r"this node's clock is 3600\.\ds behind the cloud's \(.*\)", clock["detail"]
+    )
+    assert "skewed-test-cloud" in line(doc, f"cloud 127.0.0.1:{port} TLS")["detail"]
+
+    port, (code, doc) = results[-60.0]
+    clock = line(doc, f"cloud 127.0.0.1:{port} clock")
+    assert code == 0 and clock["status"] == "warn", clock
+    assert re.fullmatch(
+        r"this node's clock is 60\.\ds ahead of the cloud's \(.*\)", clock["detail"]
+    )
+
+    port, (code, doc) = results[0.0]
+    assert code == 0 and line(doc, f"cloud 127.0.0.1:{port} clock")["status"] == "ok", doc
