@@ -13,7 +13,7 @@ from cryptography import x509
 
 from kins_tunnel.config import CloudConfig, check_exposure, cloud_config_from_dict
 from kins_tunnel.doctor.certificates import cert_names, chains_to, key_mode, validity
-from kins_tunnel.doctor.report import FAIL, OK, WARN, Check, known_sections, said
+from kins_tunnel.doctor.report import FAIL, OK, WARN, Check, load_config, said
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address
 from kins_tunnel.pemfiles import load_certs
@@ -24,14 +24,16 @@ from kins_tunnel.transport.listen import open_listener_socket
 async def cloud_checks(
     data: Mapping[str, object], base_dir: Path, source: str, timeout: float
 ) -> list[Check]:
-    try:
-        cfg = cloud_config_from_dict(
-            known_sections(data, "enrollment", CloudConfig), base_dir=base_dir, source=source
-        )
-        check_exposure(cfg.proxy, source=source)
-    except UserError as exc:
-        return [Check("config", FAIL, str(exc), "fix the key it names")]
-    checks = [Check("config", OK, f"{source} loads (cloud)")]
+
+    def build(doc: dict[str, object]) -> CloudConfig:
+        cfg = cloud_config_from_dict(doc, base_dir=base_dir, source=source)
+        check_exposure(cfg.proxy, source=source)  # as the cloud checks at start-up
+        return cfg
+
+    cfg, loaded = load_config(build, data, "enrollment", CloudConfig, f"{source} loads (cloud)")
+    if cfg is None:
+        return [loaded]
+    checks = [loaded]
     checks.extend(check_cloud_certificate(cfg))
     checks.extend(check_proxy_tls(cfg))
     checks.extend(check_cloud_files(cfg))

@@ -15,7 +15,7 @@ from kins_tunnel.certs import identity_from_der
 from kins_tunnel.config import EdgeConfig, edge_config_from_dict
 from kins_tunnel.doctor.certificates import chains_to, key_mode, validity
 from kins_tunnel.doctor.cloud_probe import clock_check, probe_cloud
-from kins_tunnel.doctor.report import FAIL, OK, WARN, Check, Probe, known_sections, run_all, said
+from kins_tunnel.doctor.report import FAIL, OK, WARN, Check, Probe, load_config, run_all, said
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address
 from kins_tunnel.pemfiles import load_certs
@@ -34,13 +34,16 @@ MAX_ADDRESSES = 8  # resolved addresses of one cloud name checked one by one
 async def edge_checks(
     data: Mapping[str, object], base_dir: Path, source: str, timeout: float
 ) -> list[Check]:
-    try:
-        cfg = edge_config_from_dict(
-            known_sections(data, "enroll", EdgeConfig), base_dir=base_dir, source=source
-        )
-    except UserError as exc:
-        return [Check("config", FAIL, str(exc), "fix the key it names")]
-    checks = [Check("config", OK, f"{source} loads (edge)")]
+    cfg, loaded = load_config(
+        functools.partial(edge_config_from_dict, base_dir=base_dir, source=source),
+        data,
+        "enroll",
+        EdgeConfig,
+        f"{source} loads (edge)",
+    )
+    if cfg is None:
+        return [loaded]
+    checks = [loaded]
     enrol = check_enrolment(data.get("enroll"), cfg, base_dir)
     checks.append(enrol)
     enrolling = not cfg.tls.cert.exists() and enrol.status == OK and "enroll" in data

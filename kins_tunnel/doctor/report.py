@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
+from kins_tunnel.errors import UserError
 from kins_tunnel.logs import escape_text
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 DEFAULT_TIMEOUT = 5.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,22 @@ async def run_all(probes: Sequence[tuple[str, Probe]], timeout: float) -> list[C
         for i, (label, probe) in enumerate(probes):
             nursery.start_soon(one, i, label, probe)
     return [c for slot in slots for c in slot]
+
+
+def load_config(
+    build: Callable[[dict[str, object]], T],
+    data: Mapping[str, object],
+    newer: str,
+    fields: object,
+    loaded: str,
+) -> tuple[T | None, Check]:
+    """`build(data)` (the config loader) and the config line: ok with `loaded`, or FAIL with the
+    loader's one-line error. Section `newer` is left out if this version does not know it."""
+    try:
+        cfg = build(known_sections(data, newer, fields))
+    except UserError as exc:
+        return None, Check("config", FAIL, str(exc), "fix the key it names")
+    return cfg, Check("config", OK, loaded)
 
 
 def known_sections(data: Mapping[str, object], key: str, fields: object) -> dict[str, object]:

@@ -9,9 +9,11 @@ each broken case gives FAIL on its own line with exit code 1 while the other che
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import re
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +30,7 @@ from kins_tunnel.proto.handshake import encode_hello
 from kins_tunnel.testing.support import free_port, run_kins_tunnel
 from kins_tunnel.tls_contexts import server_ssl_context
 from tests.e2e.faultkit import CloudProc, Procs, procs, wait_cloud_up, wait_edges
-from tests.e2e.harness import SVC, edge_dict, make_certs, write_yaml
+from tests.e2e.harness import SVC, edge_dict, make_certs, serve_loopback, write_yaml
 from tests.e2e.test_site_proxy import needs_tinyproxy, tinyproxy
 
 
@@ -379,39 +381,28 @@ async def test_text_output_is_one_line_per_check(tmp_path: Path) -> None:
     assert only.startswith("FAIL  config: cannot read config") and "->" in only
 
 
-async def serve_skewed_cloud(
-    certs: Path, skew: float, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """A stand-in cloud on 127.0.0.1:0 with the real cloud certificate and mutual TLS, whose HELLO
-    states a clock `skew` seconds off this host's."""
-    context = server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key")
-
-    async def handle(tcp: trio.SocketStream) -> None:
-        tls = trio.SSLStream(tcp, context, server_side=True)
-        try:
-            with trio.fail_after(10):
-                await tls.do_handshake()
-                hello = Hello(agent="skewed-test-cloud", time=time.time() + skew)
-                await tls.send_all(frame(FrameType.HELLO, 0, encode_hello(hello, MuxConfig())))
-                while await tls.receive_some(4096):
-                    pass
-        except (trio.BrokenResourceError, trio.TooSlowError):
+async def skewed_cloud(context: ssl.SSLContext, skew: float, tcp: trio.SocketStream) -> None:
+    """A stand-in cloud (the real cloud certificate, mutual TLS) whose HELLO states a clock `skew`
+    seconds off this host's; for `serve_loopback`."""
+    tls = trio.SSLStream(tcp, context, server_side=True)
+    with trio.move_on_after(10):
+        await tls.do_handshake()
+        hello = Hello(agent="skewed-test-cloud", time=time.time() + skew)
+        await tls.send_all(frame(FrameType.HELLO, 0, encode_hello(hello, MuxConfig())))
+        while await tls.receive_some(4096):
             pass
-        finally:
-            await trio.aclose_forcefully(tls)
-
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handle, listeners)
 
 
 async def test_clock_skew_is_measured_from_the_clouds_hello(tmp_path: Path) -> None:
     certs = make_certs(tmp_path)
+    context = server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key")
     with listening() as k3s:
         async with trio.open_nursery() as nursery:
             results = {}
             for skew in (3600.0, -60.0, 0.0):
-                port = await nursery.start(serve_skewed_cloud, certs, skew)
+                port = await nursery.start(
+                    serve_loopback, functools.partial(skewed_cloud, context, skew)
+                )
                 cfg = write_yaml(
                     tmp_path / "edge.yaml",
                     edge_dict(certs, [port], {SVC: f"127.0.0.1:{k3s}"}),
