@@ -57,7 +57,7 @@ def check_cloud_certificate(cfg: CloudConfig) -> list[Check]:
     leaf = chain[0]
     renew = "re-issue it (kins-tunnel certs init --dir certs keeps the CA) and update the Secret"
     out.append(validity("cloud certificate", leaf, renew))
-    out.append(chains_to("cloud certificate", leaf, chain[1:], cas, tls.ca, client=False))
+    out.append(chains_to("cloud certificate", leaf, chain[1:], cas, tls.ca))
     names = cert_names(leaf)
     local = {"localhost", "127.0.0.1", "::1"}
     if not set(names) - local:

@@ -8,6 +8,7 @@ import datetime as dt
 import math
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -21,6 +22,7 @@ from kins_tunnel.names import Address
 from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
 from kins_tunnel.proto.events import HandshakeComplete
 from kins_tunnel.tls_contexts import client_ssl_context
+from kins_tunnel.transport.tls import TransportError
 
 SKEW_WARN = 10.0  # seconds of clock skew worth a warning
 SKEW_FAIL = 300.0  # beyond: certificates issued "now" (backdated 5 min) are not yet valid here
@@ -39,55 +41,68 @@ class CloudProbe:
     agent: str = ""
 
 
+Reopen = Callable[[], Awaitable[trio.abc.Stream]]  # another connection to the same address
+
+
 async def probe_cloud(
-    stream: trio.SocketStream, cfg: EdgeConfig, addr: Address, timeout: float
+    stream: trio.abc.Stream, reopen: Reopen, cfg: EdgeConfig, addr: Address, timeout: float
 ) -> CloudProbe:
-    """TLS with the edge's own context and certificate, then the cloud's HELLO; owns `stream`."""
+    """TLS with the edge's own context and certificate, then the cloud's HELLO, within `timeout`;
+    owns `stream`. A failed verification is explained from a second, unverified handshake
+    (`reopen`), within `timeout` again."""
     sent = time.time()
     context = client_ssl_context(cfg.tls.ca, cfg.tls.cert, cfg.tls.key)
     tls = trio.SSLStream(stream, context, server_hostname=addr.host)
+    failure: trio.BrokenResourceError | None = None
     try:
-        with trio.move_on_after(timeout) as scope:
+        with trio.move_on_after(timeout):
             try:
                 await tls.do_handshake()
             except trio.BrokenResourceError as exc:
-                return await _verify_failure(exc, cfg, addr, timeout)
-            der = tls.getpeercert(binary_form=True)
-            not_before = (
-                None if der is None else x509.load_der_x509_certificate(der).not_valid_before_utc
-            )
-            try:
-                hello = await _read_hello(tls, cfg)
-            except trio.BrokenResourceError as exc:
-                return CloudProbe(_refusal(exc), not_before=not_before)
-            except RemoteProtocolError as exc:
-                return CloudProbe(
-                    Check("", FAIL, f"not a kins-tunnel cloud: {said(exc)}", "check the port")
-                )
-            received = time.time()
-            if hello is None:
-                return CloudProbe(_CLOSED_AFTER_HANDSHAKE, not_before=not_before)
-            agent = said(hello.agent)
-            detail = (
-                f"the cloud's certificate verifies against {cfg.tls.ca} and names {addr.host}; "
-                f"the cloud ({agent}) accepted this edge's certificate"
-            )
-            return CloudProbe(Check("", OK, detail), hello.time, sent, received, not_before, agent)
-        assert scope.cancelled_caught
-        return CloudProbe(
-            Check(
-                "",
-                FAIL,
-                f"no TLS answer within {timeout:g}s",
-                "is this the tunnel port (tunnel.listen), not the proxy or admin port?",
-            )
-        )
+                failure = exc
+            else:
+                return await _after_handshake(tls, cfg, addr, sent)
     finally:
         await trio.aclose_forcefully(tls)
+    if failure is not None:
+        return await _verify_failure(failure, cfg, addr, reopen, timeout)
+    return CloudProbe(
+        Check(
+            "",
+            FAIL,
+            f"no TLS answer within {timeout:g}s",
+            "is this the tunnel port (tunnel.listen), not the proxy or admin port?",
+        )
+    )
+
+
+async def _after_handshake(
+    tls: trio.SSLStream[trio.abc.Stream], cfg: EdgeConfig, addr: Address, sent: float
+) -> CloudProbe:
+    """The cloud's certificate verified: did the cloud accept ours (its HELLO), and its clock."""
+    der = tls.getpeercert(binary_form=True)
+    not_before = None if der is None else x509.load_der_x509_certificate(der).not_valid_before_utc
+    try:
+        hello = await _read_hello(tls, cfg)
+    except trio.BrokenResourceError as exc:
+        return CloudProbe(_refusal(exc), not_before=not_before)
+    except RemoteProtocolError as exc:
+        return CloudProbe(
+            Check("", FAIL, f"not a kins-tunnel cloud: {said(exc)}", "check the port")
+        )
+    received = time.time()
+    if hello is None:
+        return CloudProbe(_CLOSED_AFTER_HANDSHAKE, not_before=not_before)
+    agent = said(hello.agent)
+    detail = (
+        f"the cloud's certificate verifies against {cfg.tls.ca} and names {addr.host}; "
+        f"the cloud ({agent}) accepted this edge's certificate"
+    )
+    return CloudProbe(Check("", OK, detail), hello.time, sent, received, not_before, agent)
 
 
 async def _read_hello(
-    tls: trio.SSLStream[trio.SocketStream], cfg: EdgeConfig
+    tls: trio.SSLStream[trio.abc.Stream], cfg: EdgeConfig
 ) -> HandshakeComplete | None:
     """The cloud's HELLO (we never send ours: this probe never becomes a tunnel); None on EOF."""
     conn = Connection(Role.CLIENT, Hello(agent=f"kins-tunnel-doctor/{__version__}"), cfg.mux)
@@ -108,7 +123,7 @@ _VERIFY_CODES = {2, 18, 19, 20, 21}  # OpenSSL: issuer unknown, self-signed, ...
 
 
 async def _verify_failure(
-    exc: trio.BrokenResourceError, cfg: EdgeConfig, addr: Address, timeout: float
+    exc: trio.BrokenResourceError, cfg: EdgeConfig, addr: Address, reopen: Reopen, timeout: float
 ) -> CloudProbe:
     """The TLS handshake failed on our side or by the cloud's alert: say why in words."""
     cause = exc.__cause__
@@ -116,7 +131,7 @@ async def _verify_failure(
         return CloudProbe(_refusal(exc))
     code = cause.verify_code
     if code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
-        names = await _peer_names(cfg, addr, timeout)
+        names = await _peer_names(reopen, addr, timeout)
         return CloudProbe(
             Check(
                 "",
@@ -144,7 +159,7 @@ async def _verify_failure(
                 "the cloud's certificate is not yet valid here",
                 "this node's clock is behind (check NTP); see the clock line",
             ),
-            not_before=await _peer_not_before(cfg, addr, timeout),
+            not_before=await _peer_not_before(reopen, addr, timeout),
         )
     if code == 10:
         return CloudProbe(
@@ -227,15 +242,16 @@ def _refusal(exc: BaseException) -> Check:
     return Check("", FAIL, f"TLS failed: {said(text)}", "see the cloud's log")
 
 
-async def _peer_cert(cfg: EdgeConfig, addr: Address, timeout: float) -> x509.Certificate | None:
-    """The cloud's certificate, fetched without verifying it (to explain a failed verification)."""
+async def _peer_cert(reopen: Reopen, addr: Address, timeout: float) -> x509.Certificate | None:
+    """The cloud's certificate, fetched without verifying it (to explain a failed verification);
+    None if it cannot be had within `timeout`."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     with trio.move_on_after(timeout):
         try:
-            stream = await trio.open_tcp_stream(addr.host, addr.port)
-        except OSError:
+            stream = await reopen()
+        except (OSError, TransportError):
             return None
         tls = trio.SSLStream(stream, context, server_hostname=addr.host)
         try:
@@ -249,15 +265,15 @@ async def _peer_cert(cfg: EdgeConfig, addr: Address, timeout: float) -> x509.Cer
     return None
 
 
-async def _peer_names(cfg: EdgeConfig, addr: Address, timeout: float) -> str:
-    cert = await _peer_cert(cfg, addr, timeout)
+async def _peer_names(reopen: Reopen, addr: Address, timeout: float) -> str:
+    cert = await _peer_cert(reopen, addr, timeout)
     if cert is None:
         return "unknown: it could not be read"
     return ", ".join(said(n) for n in cert_names(cert)) or "nothing"
 
 
-async def _peer_not_before(cfg: EdgeConfig, addr: Address, timeout: float) -> dt.datetime | None:
-    cert = await _peer_cert(cfg, addr, timeout)
+async def _peer_not_before(reopen: Reopen, addr: Address, timeout: float) -> dt.datetime | None:
+    cert = await _peer_cert(reopen, addr, timeout)
     return None if cert is None else cert.not_valid_before_utc
 
 

@@ -70,7 +70,9 @@ async def edge_checks(
                     functools.partial(check_service, name, addr, cfg, timeout),
                 )
             )
-    checks.extend(await run_all(probes, timeout + 1.0))
+    # each step below has its own deadline; this one is a safety net: a cloud entry takes at
+    # most a name lookup (timeout) and, per address, connect + TLS + explanation (timeout/2 each)
+    checks.extend(await run_all(probes, 3 * timeout + 1.0))
     return checks
 
 
@@ -134,7 +136,7 @@ def check_edge_certificate(cfg: EdgeConfig, *, enrolling: bool) -> list[Check]:
     leaf = chain[0]
     out = [validity("edge certificate", leaf, "re-issue it (certs edge) or let it renew")]
     out.extend(key_mode("tls.key", tls.key))
-    out.append(chains_to("edge certificate", leaf, chain[1:], cas, tls.ca, client=True))
+    out.append(chains_to("edge certificate", leaf, chain[1:], cas, tls.ca))
     try:
         identity = identity_from_der(leaf.public_bytes(Encoding.DER))
     except ValueError as exc:
@@ -235,7 +237,7 @@ async def check_cloud(cfg: EdgeConfig, entry: str, timeout: float, skip_tls: str
             )
             for ip in ips[:MAX_ADDRESSES]
         ],
-        timeout + 0.5,
+        2 * timeout,  # a safety net: connect, TLS and its explanation take timeout/2 each
     )
     return out + results
 
@@ -273,7 +275,8 @@ async def _check_address(
         await trio.aclose_forcefully(stream)
         out.append(Check(f"{where} TLS", WARN, f"not checked: {skip_tls}"))
         return out
-    probe = await probe_cloud(stream, cfg, addr, timeout / 2)
+    reopen = functools.partial(opener, ip, addr.port)
+    probe = await probe_cloud(stream, reopen, cfg, addr, timeout / 2)
     out.append(Check(f"{where} TLS", probe.check.status, probe.check.detail, probe.check.fix))
     out.append(clock_check(f"{where} clock", probe))
     return out

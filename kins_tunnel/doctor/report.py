@@ -28,8 +28,9 @@ class Check:
     fix: str = ""  # what to do, in words ("" when nothing is to be done)
 
     def line(self) -> str:
+        """``<status>  <check>: <detail> -> <fix>``, one printable line whatever the texts hold."""
         fix = f" -> {self.fix}" if self.fix else ""
-        return f"{self.status:<4}  {self.check}: {self.detail}{fix}"
+        return escape_text(f"{self.status:<4}  {self.check}: {self.detail}{fix}")
 
     def as_dict(self) -> dict[str, str]:
         return {"check": self.check, "status": self.status, "detail": self.detail, "fix": self.fix}
