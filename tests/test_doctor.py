@@ -12,11 +12,14 @@ from pathlib import Path
 import trio
 import trio.testing
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from kins_tunnel.certs import init_ca, issue_edge
 from kins_tunnel.config import EdgeConfig, edge_config_from_dict
 from kins_tunnel.doctor import FAIL, OK, WARN, Check, Report, detect_role
-from kins_tunnel.doctor.certificates import validity
+from kins_tunnel.doctor.certificates import chains_to, validity
 from kins_tunnel.doctor.cloud_probe import CloudProbe, clock_check
 from kins_tunnel.doctor.edge import check_enrolment
 from kins_tunnel.doctor.report import known_sections, run_all
@@ -147,3 +150,46 @@ def test_enrolment_state(tmp_path: Path) -> None:
     (tmp_path / "edge.crt").write_text("present")
     assert check_enrolment(good, cfg, tmp_path).detail.startswith("enrolled (certificate present")
     assert check_enrolment("nonsense", cfg, tmp_path).status == FAIL
+
+
+def _cert(
+    subject: str,
+    issuer: x509.Certificate | None,
+    key: ec.EllipticCurvePrivateKey,
+    signer: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool = True,
+) -> x509.Certificate:
+    """`subject`'s certificate for `key`, signed by `signer` as `issuer` (None: self-signed)."""
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name if issuer is None else issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(signer, hashes.SHA256())
+    )
+
+
+def test_issuer_check_follows_the_intermediates_in_the_certificate_file(tmp_path: Path) -> None:
+    keys = {
+        n: ec.generate_private_key(ec.SECP256R1()) for n in ("root", "issuing", "leaf", "other")
+    }
+    root = _cert("root", None, keys["root"], keys["root"])
+    other = _cert("root", None, keys["other"], keys["other"])  # same name, another key
+    issuing = _cert("issuing", root, keys["issuing"], keys["root"])
+    leaf = _cert("leaf", issuing, keys["leaf"], keys["issuing"], ca=False)
+    ca = tmp_path / "ca.crt"
+    assert chains_to("edge certificate", leaf, [issuing], [root], ca).status == OK
+    assert chains_to("edge certificate", issuing, [], [other, root], ca).status == OK
+    missing = chains_to("edge certificate", leaf, [], [root], ca)  # the chain was not stored
+    assert missing.status == FAIL and "issued by CN=issuing" in missing.detail
+    forged = chains_to(
+        "edge certificate", leaf, [issuing], [other], ca
+    )  # the name alone is not enough
+    assert forged.status == FAIL and "issued by CN=root" in forged.detail
