@@ -72,8 +72,25 @@ async def edge_checks(
             )
     # each step below has its own deadline; this one is a safety net: a cloud entry takes at
     # most a name lookup (timeout) and, per address, connect + TLS + explanation (timeout/2 each)
-    checks.extend(await run_all(probes, 3 * timeout + 1.0))
-    return checks
+    return checks + _spare_addresses(cfg, await run_all(probes, 3 * timeout + 1.0))
+
+
+def _spare_addresses(cfg: EdgeConfig, checks: list[Check]) -> list[Check]:
+    """A service address that fails while another address of the same service accepts is a
+    warning: the edge tries a service's addresses in turn (an L5 unit's three K3s servers)."""
+    working = {
+        name
+        for name, addrs in cfg.services.items()
+        for addr in addrs
+        if any(c.check == f"service {name} -> {addr}" and c.status == OK for c in checks)
+    }
+    prefixes = tuple(f"service {name} -> " for name in working)
+    return [
+        Check(c.check, WARN, c.detail + " (another address of this service accepts)", c.fix)
+        if c.status == FAIL and c.check.startswith(prefixes)
+        else c
+        for c in checks
+    ]
 
 
 def check_enrolment(raw: object, cfg: EdgeConfig, base_dir: Path) -> Check:

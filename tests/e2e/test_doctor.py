@@ -120,7 +120,12 @@ async def test_network_failures_each_on_their_own_line(tmp_path: Path) -> None:
                 f"127.0.0.1:{closed}",  # cloud not listening
                 f"127.0.0.1:{cloud.tunnel}",  # the working one still checks out
             ],
-            {SVC: f"127.0.0.1:{ok_port}", "edge1:22": f"127.0.0.1:{refused_service}"},
+            {
+                SVC: f"127.0.0.1:{ok_port}",
+                "edge1:22": f"127.0.0.1:{refused_service}",
+                # one of two addresses down: the edge tries the other, so a warning
+                "edge1:80": [f"127.0.0.1:{refused_service}", f"127.0.0.1:{ok_port}"],
+            },
         )
         code, doc = await doctor(cfg)
         assert code == 1
@@ -141,6 +146,9 @@ async def test_network_failures_each_on_their_own_line(tmp_path: Path) -> None:
         assert "refused" in got["detail"].lower() and "start the service" in got["fix"]
         assert line(doc, f"cloud 127.0.0.1:{cloud.tunnel} TLS")["status"] == "ok"
         assert line(doc, f"service {SVC} -> 127.0.0.1:{ok_port}")["status"] == "ok"
+        spare = line(doc, f"service edge1:80 -> 127.0.0.1:{refused_service}")
+        assert spare["status"] == "warn" and "another address of this service" in spare["detail"]
+        assert line(doc, f"service edge1:80 -> 127.0.0.1:{ok_port}")["status"] == "ok"
 
 
 async def test_certificate_failures_name_the_cause(tmp_path: Path) -> None:
