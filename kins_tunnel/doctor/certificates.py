@@ -17,17 +17,17 @@ EXPIRY_FAIL = dt.timedelta(days=1)  # less time left: a failure
 MAX_CHAIN = 4  # intermediates followed from a leaf towards the CA
 
 
-def key_mode(what: str, path: Path) -> list[Check]:
-    """A warning when anyone on the host may read the private key (keys are written 0600;
-    the Secret volumes in deploy/ use 0440)."""
+def secret_mode(what: str, path: Path) -> list[Check]:
+    """A warning when anyone on the host may read a private key or another secret file (keys are
+    written 0600; the Secret volumes in deploy/ use 0440)."""
     try:
         mode = path.stat().st_mode & 0o777
     except OSError:
         return []  # unreadable keys are the loaders' failures
-    if mode & 0o007:
+    if mode & 0o004:
         return [
             Check(
-                what,
+                f"{what} mode",
                 WARN,
                 f"{path} is readable by every user of this host (mode {mode:04o})",
                 f"chmod 600 {path} (or defaultMode: 0440 on its Secret volume)",

@@ -11,12 +11,15 @@ from pathlib import Path
 import trio
 from cryptography import x509
 
+from kins_tunnel.cloud.auth import parse_basic, parse_bearer
+from kins_tunnel.cloud.authz import parse_rules
+from kins_tunnel.cloud.revocation import parse_revoked
 from kins_tunnel.config import CloudConfig, check_exposure, cloud_config_from_dict
-from kins_tunnel.doctor.certificates import cert_names, chains_to, key_mode, validity
+from kins_tunnel.doctor.certificates import cert_names, chains_to, secret_mode, validity
 from kins_tunnel.doctor.report import FAIL, OK, WARN, Check, load_config, said
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address
-from kins_tunnel.pemfiles import load_certs
+from kins_tunnel.pemfiles import load_certs, load_key
 from kins_tunnel.tls_contexts import proxy_server_ssl_context, server_ssl_context
 from kins_tunnel.transport.listen import open_listener_socket
 
@@ -53,7 +56,7 @@ def check_cloud_certificate(cfg: CloudConfig) -> list[Check]:
     except UserError as exc:
         return [Check("cloud certificate", FAIL, str(exc), "fix the file it names")]
     out = [ca_check("tls.ca", cas[0], tls.ca)]
-    out.extend(key_mode("tls.key", tls.key))
+    out.extend(secret_mode("tls.key", tls.key))
     leaf = chain[0]
     renew = "re-issue it (kins-tunnel certs init --dir certs keeps the CA) and update the Secret"
     out.append(validity("cloud certificate", leaf, renew))
@@ -105,7 +108,7 @@ def check_proxy_tls(cfg: CloudConfig) -> list[Check]:
     out = [Check("proxy TLS", OK, f"{cert} and its key load")]
     if pt.cert is not None:
         out.append(validity("proxy certificate", leaf, "re-issue it (certs init --proxy-san)"))
-        out.extend(key_mode("proxy.tls.key", key))
+        out.extend(secret_mode("proxy.tls.key", key))
     else:
         out.append(
             Check(
@@ -122,10 +125,6 @@ def check_proxy_tls(cfg: CloudConfig) -> list[Check]:
 
 def check_cloud_files(cfg: CloudConfig) -> list[Check]:
     """The credential, rules and revocation files parse (with the cloud's own parsers)."""
-    from kins_tunnel.cloud.auth import parse_basic, parse_bearer
-    from kins_tunnel.cloud.authz import parse_rules
-    from kins_tunnel.cloud.revocation import parse_revoked
-
     auth = cfg.proxy.auth
     files: list[tuple[str, Path | None, Callable[[bytes], object]]] = [
         ("proxy.auth.basic_file", auth.basic_file if auth else None, parse_basic),
@@ -145,6 +144,8 @@ def check_cloud_files(cfg: CloudConfig) -> list[Check]:
             out.append(Check(key, FAIL, f"{path}: {said(exc)}", "fix the line it names"))
         else:
             out.append(Check(key, OK, f"{path} parses"))
+            if parse is not parse_rules:  # passwords, tokens: secrets
+                out.extend(secret_mode(key, path))
     return out
 
 
@@ -172,8 +173,6 @@ def check_enrollment_files(raw: object, base_dir: Path) -> list[Check]:
         and isinstance(ca.get("cert"), str)
         and isinstance(ca.get("key"), str)
     ):
-        from kins_tunnel.pemfiles import load_key
-
         try:
             cert = load_certs(base_dir / ca["cert"], "enrollment.ca.cert")[0]
             key = load_key(base_dir / ca["key"], "enrollment.ca.key")
@@ -195,75 +194,65 @@ def check_enrollment_files(raw: object, base_dir: Path) -> list[Check]:
 
 
 async def check_listeners(cfg: CloudConfig, timeout: float) -> list[Check]:
-    """Each listen address can be bound, or is held by a running cloud that answers /readyz."""
+    """Each listen address can be bound; one in use is fine when a running cloud holds it, as
+    its admin /readyz shows (this config's admin address)."""
     listeners: list[tuple[str, Address]] = [("tunnel.listen", cfg.tunnel.listen)]
     if cfg.proxy.listen is not None:
         listeners.append(("proxy.listen", cfg.proxy.listen))
     if cfg.proxy.tls is not None:
         listeners.append(("proxy.tls.listen", cfg.proxy.tls.listen))
     listeners.append(("admin.listen", cfg.admin.listen))
-    in_use: list[str] = []
-    out: list[Check] = []
+    errors: dict[str, UserError | None] = {}  # key -> why it cannot be bound (None: in use)
     for key, addr in listeners:
         try:
             open_listener_socket(addr.host, addr.port, key).close()
         except UserError as exc:
             cause = exc.__cause__
-            if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
-                in_use.append(key)
-                out.append(Check(key, OK, f"{addr} is in use (a running cloud? see admin)"))
-            else:
-                out.append(Check(key, FAIL, str(exc), "use an address of this host"))
-        else:
+            in_use = isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE
+            errors[key] = None if in_use else exc
+    ready = await _readyz(cfg.admin.listen, timeout) if None in errors.values() else None
+    out = []
+    for key, addr in listeners:
+        if key not in errors:
             out.append(Check(key, OK, f"{addr} can be bound"))
-    if not in_use:
-        return out
-    ready = await _readyz(cfg.admin.listen, timeout)
-    if ready is None:
-        return [
-            Check(
-                c.check,
-                FAIL,
-                c.detail.replace("(a running cloud? see admin)", "by another program"),
-                "stop the other program or choose another port (no cloud admin /readyz "
-                f"answers at {cfg.admin.listen})",
+        elif (error := errors[key]) is not None:
+            out.append(Check(key, FAIL, str(error), "use an address of this host"))
+        elif ready is not None:
+            out.append(Check(key, OK, f"{addr} is in use by the running cloud"))
+        else:
+            out.append(
+                Check(
+                    key,
+                    FAIL,
+                    f"{addr} is in use by another program (no cloud admin /readyz answers at "
+                    f"{cfg.admin.listen})",
+                    "stop the other program or choose another port",
+                )
             )
-            if c.check in in_use
-            else c
-            for c in out
-        ]
-    status, body = ready
-    verdict = Check(
-        "running cloud",
-        OK if status == 200 else FAIL,
-        f"admin /readyz at {cfg.admin.listen} answers {status} {said(body.strip())}",
-        "" if status == 200 else "see the cloud's log",
-    )
-    return [
-        Check(
-            c.check,
-            c.status,
-            c.detail.replace("(a running cloud? see admin)", "by the running cloud"),
+    if ready is not None:
+        status, body = ready
+        out.append(
+            Check(
+                "running cloud",
+                OK if status == 200 else FAIL,
+                f"admin /readyz at {cfg.admin.listen} answers {status} {said(body.strip())}",
+                "" if status == 200 else "see the cloud's log",
+            )
         )
-        if c.check in in_use
-        else c
-        for c in out
-    ] + [verdict]
+    return out
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never $http_proxy
 
 
 async def _readyz(admin: Address, timeout: float) -> tuple[int, str] | None:
-    host = (
-        "127.0.0.1"
-        if admin.host in ("0.0.0.0", "")
-        else "::1"
-        if admin.host == "::"
-        else admin.host
-    )
-    url = f"http://{str(Address(host, admin.port))}/readyz"
+    """(status, start of the body) of GET /readyz at `admin`, None if nothing answers HTTP."""
+    wildcard = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+    url = f"http://{Address(wildcard.get(admin.host, admin.host), admin.port)}/readyz"
 
     def get() -> tuple[int, str] | None:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (http only)
+            with _NO_PROXY.open(url, timeout=timeout) as resp:
                 return resp.status, resp.read(200).decode("utf-8", "replace")
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read(200).decode("utf-8", "replace")

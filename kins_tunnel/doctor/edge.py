@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from kins_tunnel.certs import identity_from_der
 from kins_tunnel.config import EdgeConfig, edge_config_from_dict
-from kins_tunnel.doctor.certificates import chains_to, key_mode, validity
+from kins_tunnel.doctor.certificates import chains_to, secret_mode, validity
 from kins_tunnel.doctor.cloud_probe import clock_check, probe_cloud
 from kins_tunnel.doctor.report import FAIL, OK, WARN, Check, Probe, load_config, run_all, said
 from kins_tunnel.errors import UserError
@@ -46,6 +46,9 @@ async def edge_checks(
     checks = [loaded]
     enrol = check_enrolment(data.get("enroll"), cfg, base_dir)
     checks.append(enrol)
+    enroll = data.get("enroll")
+    if isinstance(enroll, Mapping) and isinstance(enroll.get("token_file"), str):
+        checks.extend(secret_mode("enroll.token_file", base_dir / enroll["token_file"]))
     enrolling = not cfg.tls.cert.exists() and enrol.status == OK and "enroll" in data
     checks.extend(check_edge_certificate(cfg, enrolling=enrolling))
     skip_tls = (
@@ -152,7 +155,7 @@ def check_edge_certificate(cfg: EdgeConfig, *, enrolling: bool) -> list[Check]:
         return [Check("edge certificate", FAIL, str(exc), "fix the file it names")]
     leaf = chain[0]
     out = [validity("edge certificate", leaf, "re-issue it (certs edge) or let it renew")]
-    out.extend(key_mode("tls.key", tls.key))
+    out.extend(secret_mode("tls.key", tls.key))
     out.append(chains_to("edge certificate", leaf, chain[1:], cas, tls.ca))
     try:
         identity = identity_from_der(leaf.public_bytes(Encoding.DER))

@@ -360,6 +360,7 @@ async def test_cloud_config_failures(tmp_path: Path) -> None:
         authz.write_text("rules:\n  - principals: [alice]\n    allow: [nonsense]\n")
         basic = tmp_path / "basic"
         basic.write_text("alice:secret\n")
+        basic.chmod(0o644)  # passwords every user of the host may read
         with socket.create_server(("127.0.0.1", 0)) as squatter:
             busy = squatter.getsockname()[1]
             doc0["proxy"] = {
@@ -374,6 +375,9 @@ async def test_cloud_config_failures(tmp_path: Path) -> None:
         assert sorted(failed(doc)) == ["proxy.authz_file", "tunnel.listen"], doc
         assert "in use by another program" in line(doc, "tunnel.listen")["detail"]
         assert line(doc, "proxy.auth.basic_file")["status"] == "ok"
+        mode = line(doc, "proxy.auth.basic_file mode")
+        assert mode["status"] == "warn" and "(mode 0644)" in mode["detail"], mode
+        assert f"chmod 600 {basic}" in mode["fix"]
 
         broken = write_yaml(tmp_path / "typo.yaml", {**doc0, "tunnel": {"lisen": "x"}})
         code, doc = await doctor(broken, "--role", "cloud")
