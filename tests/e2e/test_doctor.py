@@ -29,7 +29,7 @@ from kins_tunnel.proto.frames import FrameType, frame
 from kins_tunnel.proto.handshake import encode_hello
 from kins_tunnel.testing.support import free_port, run_kins_tunnel
 from kins_tunnel.tls_contexts import server_ssl_context
-from tests.e2e.faultkit import CloudProc, Procs, procs, wait_cloud_up, wait_edges
+from tests.e2e.faultkit import CloudProc, Procs, edges_of, procs, wait_cloud_up, wait_edges
 from tests.e2e.harness import SVC, edge_dict, make_certs, serve_loopback, write_yaml
 from tests.e2e.test_site_proxy import needs_tinyproxy, tinyproxy
 
@@ -79,6 +79,7 @@ async def test_working_pair_is_all_ok_and_the_probe_leaves_the_tunnel_alone(
         cloud = await up(ps)
         edge = ps.edge(cloud.tunnel, {SVC: f"127.0.0.1:{k3s}"}, admin=False)
         await wait_edges(cloud, 1)
+        (before,) = await edges_of(cloud)
         tunnel = f"127.0.0.1:{cloud.tunnel}"
 
         done = await run_kins_tunnel("doctor", "--config", str(edge.config))
@@ -96,7 +97,8 @@ async def test_working_pair_is_all_ok_and_the_probe_leaves_the_tunnel_alone(
         assert line(doc, f"service {SVC} -> 127.0.0.1:{k3s}")["status"] == "ok"
         assert line(doc, "edge identity")["detail"] == "unit test, node edge1"
 
-        await wait_edges(cloud, 1, timeout=3)  # the live tunnel was neither displaced nor doubled
+        (after,) = await edges_of(cloud)  # the live tunnel was neither displaced nor doubled
+        assert after["peer"] == before["peer"] and after["names"] == before["names"], after
 
         code, doc = await doctor(cloud.config)  # the cloud's own config, with the cloud running
         assert code == 0 and doc["role"] == "cloud", doc
