@@ -16,12 +16,19 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from kins_tunnel.certs import init_ca, issue_edge
+from kins_tunnel.certs import (
+    CLIENT_AUTH,
+    _issue_leaf,
+    _load_ca,
+    edge_identity_uri,
+    init_ca,
+    issue_edge,
+)
 from kins_tunnel.config import EdgeConfig, edge_config_from_dict
 from kins_tunnel.doctor import FAIL, OK, WARN, Check, Report, detect_role
 from kins_tunnel.doctor.certificates import chains_to, validity
 from kins_tunnel.doctor.cloud_probe import CloudProbe, clock_check
-from kins_tunnel.doctor.edge import check_enrolment
+from kins_tunnel.doctor.edge import check_edge_certificate, check_enrolment
 from kins_tunnel.doctor.report import known_sections, run_all
 
 ACCEPTED = Check("", OK, "accepted")
@@ -193,3 +200,34 @@ def test_issuer_check_follows_the_intermediates_in_the_certificate_file(tmp_path
         "edge certificate", leaf, [issuing], [other], ca
     )  # the name alone is not enough
     assert forged.status == FAIL and "issued by CN=root" in forged.detail
+
+
+def test_an_identity_the_cloud_would_refuse_is_a_failure(tmp_path: Path) -> None:
+    init_ca(tmp_path)
+    ca_cert, ca_key = _load_ca(tmp_path)
+    crt, key = tmp_path / "edge.crt", tmp_path / "edge.key"
+    uri = edge_identity_uri("test", "other-svc-kins")  # reads as unit "other"'s K3s service
+    _issue_leaf(
+        ca_cert,
+        ca_key,
+        crt,
+        key,
+        now=dt.datetime.now(dt.UTC),
+        days=30,
+        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other-svc-kins")]),
+        sans=[x509.UniformResourceIdentifier(uri)],
+        usages=[CLIENT_AUTH],
+    )
+    cfg = edge_config_from_dict(
+        {
+            "cloud": ["127.0.0.1:9000"],
+            "tls": {"ca": "ca.crt", "cert": "edge.crt", "key": "edge.key"},
+            "services": {"edge1:22": "127.0.0.1:22"},
+        },
+        base_dir=tmp_path,
+    )
+    checks = {c.check: c for c in check_edge_certificate(cfg, enrolling=False)}
+    assert checks["edge certificate validity"].status == OK
+    assert checks["edge certificate issuer"].status == OK
+    identity = checks["edge identity"]
+    assert identity.status == FAIL and "is reserved" in identity.detail, identity
