@@ -58,6 +58,10 @@ def test_a_line_per_check_with_its_fix_and_json_that_parses() -> None:
 def test_role_from_the_file_and_sections_this_version_does_not_know() -> None:
     assert detect_role({"cloud": ["a:1"], "services": {}}) == "edge"
     assert detect_role({"tunnel": {}, "tls": {}}) == "cloud"
+    assert detect_role({"clod": ["a:1"], "servces": {}, "reconnect": {}}) == "edge"  # typos
+    assert detect_role({"enrollment": {}, "tls": {}}) == "cloud"
+    assert detect_role({"tls": {}}, "/etc/kins-tunnel/edge.yaml") == "edge"
+    assert detect_role({"tls": {}}, "cloud.yaml") == "cloud"
     raw = {"cloud": ["a:1"], "enroll": {"token_file": "t"}}
     stripped = known_sections(raw, "enroll", EdgeConfig)
     assert "enroll" not in stripped and stripped["cloud"] == ["a:1"]

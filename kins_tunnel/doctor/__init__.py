@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
+from pathlib import Path
 
 import trio
 
+from kins_tunnel.config import CloudConfig, EdgeConfig
 from kins_tunnel.doctor.cloud import cloud_checks
 from kins_tunnel.doctor.edge import edge_checks
 from kins_tunnel.doctor.report import DEFAULT_TIMEOUT, FAIL, OK, WARN, Check, Report
@@ -62,9 +64,21 @@ __all__ = [
 ]
 
 
-def detect_role(data: Mapping[str, object]) -> str:
-    """ "edge" if the file has the edge's required keys (``cloud``, ``services``), else "cloud"."""
-    return "edge" if "cloud" in data or "services" in data else "cloud"
+_EDGE_ONLY = frozenset(set(EdgeConfig.__dataclass_fields__) - set(CloudConfig.__dataclass_fields__))
+_CLOUD_ONLY = frozenset(
+    set(CloudConfig.__dataclass_fields__) - set(EdgeConfig.__dataclass_fields__)
+)
+
+
+def detect_role(data: Mapping[str, object], path: str = "") -> str:
+    """ "edge" or "cloud": by the top-level keys only one of them has (``cloud``, ``services``,
+    ``enroll`` ... or ``tunnel``, ``aliases``, ``enrollment`` ...), else by the file name."""
+    keys = set(data)
+    edge = len(keys & (_EDGE_ONLY | {"enroll"}))
+    cloud = len(keys & (_CLOUD_ONLY | {"enrollment"}))
+    if edge != cloud:
+        return "edge" if edge > cloud else "cloud"
+    return "edge" if "edge" in Path(path).name.lower() else "cloud"
 
 
 async def run_doctor(
@@ -75,7 +89,7 @@ async def run_doctor(
         data, base_dir = read_yaml(path)
     except UserError as exc:
         return Report(role or "?", path, (Check("config", FAIL, str(exc), "fix the file"),))
-    role = role or detect_role(data)
+    role = role or detect_role(data, path)
     if role == "edge":
         checks = await edge_checks(data, base_dir, path, timeout)
     else:
