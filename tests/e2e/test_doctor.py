@@ -121,6 +121,7 @@ async def test_network_failures_each_on_their_own_line(tmp_path: Path) -> None:
                 "no-such-cloud.invalid:9000",
                 f"127.0.0.1:{closed}",  # cloud not listening
                 f"127.0.0.1:{cloud.tunnel}",  # the working one still checks out
+                f"127.0.0.1:{cloud.proxy}",  # the proxy's port, not the tunnel's
             ],
             {
                 SVC: f"127.0.0.1:{ok_port}",
@@ -136,6 +137,7 @@ async def test_network_failures_each_on_their_own_line(tmp_path: Path) -> None:
             [
                 "cloud no-such-cloud.invalid:9000 resolves",
                 f"cloud 127.0.0.1:{closed} reachable",
+                f"cloud 127.0.0.1:{cloud.proxy} TLS",
                 service,
             ]
         ), doc
@@ -144,6 +146,9 @@ async def test_network_failures_each_on_their_own_line(tmp_path: Path) -> None:
         )
         refused = line(doc, f"cloud 127.0.0.1:{closed} reachable")
         assert "refused" in refused["detail"].lower() and "nothing listens" in refused["fix"]
+        not_tls = line(doc, f"cloud 127.0.0.1:{cloud.proxy} TLS")
+        assert not_tls["detail"] == "the peer does not speak TLS", not_tls
+        assert "tunnel.listen" in not_tls["fix"]
         got = line(doc, service)
         assert "refused" in got["detail"].lower() and "start the service" in got["fix"]
         assert line(doc, f"cloud 127.0.0.1:{cloud.tunnel} TLS")["status"] == "ok"
