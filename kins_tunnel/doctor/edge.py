@@ -11,7 +11,8 @@ from pathlib import Path
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from kins_tunnel.certs import identity_from_der
+from kins_tunnel.certs import EdgeIdentity, identity_from_der
+from kins_tunnel.cloud.registry import allowed_name
 from kins_tunnel.config import EdgeConfig, edge_config_from_dict
 from kins_tunnel.doctor.certificates import chains_to, secret_mode, validity
 from kins_tunnel.doctor.cloud_probe import clock_check, probe_cloud
@@ -170,6 +171,25 @@ def check_edge_certificate(cfg: EdgeConfig, *, enrolling: bool) -> list[Check]:
         )
     else:
         out.append(Check("edge identity", OK, f"unit {identity.unit}, node {identity.node}"))
+        out.extend(check_routable(cfg, identity))
+    return out
+
+
+def check_routable(cfg: EdgeConfig, identity: EdgeIdentity) -> list[Check]:
+    """Each `services` name is one the cloud routes to this identity (`allowed_name`): the cloud
+    drops any other name the edge advertises, and that name is then never reachable."""
+    out = []
+    for name in cfg.services:
+        if allowed_name(identity, name) is None:
+            out.append(
+                Check(
+                    f"service {name} name",
+                    FAIL,
+                    f"the cloud does not route {name} to this edge: its certificate allows only "
+                    f"{identity.unit}-svc-kins.kins-system:<port> and {identity.node}:<port>",
+                    "rename the service, or use the certificate of the node that serves it",
+                )
+            )
     return out
 
 

@@ -128,6 +128,7 @@ async def test_network_failures_each_on_their_own_line(tmp_path: Path) -> None:
                 "edge1:22": f"127.0.0.1:{refused_service}",
                 # one of two addresses down: the edge tries the other, so a warning
                 "edge1:80": [f"127.0.0.1:{refused_service}", f"127.0.0.1:{ok_port}"],
+                "edge2:22": f"127.0.0.1:{ok_port}",  # another node's name: never routed here
             },
         )
         code, doc = await doctor(cfg)
@@ -139,6 +140,7 @@ async def test_network_failures_each_on_their_own_line(tmp_path: Path) -> None:
                 f"cloud 127.0.0.1:{closed} reachable",
                 f"cloud 127.0.0.1:{cloud.proxy} TLS",
                 service,
+                "service edge2:22 name",
             ]
         ), doc
         assert (
@@ -149,6 +151,9 @@ async def test_network_failures_each_on_their_own_line(tmp_path: Path) -> None:
         not_tls = line(doc, f"cloud 127.0.0.1:{cloud.proxy} TLS")
         assert not_tls["detail"] == "the peer does not speak TLS", not_tls
         assert "tunnel.listen" in not_tls["fix"]
+        other_node = line(doc, "service edge2:22 name")
+        assert "does not route edge2:22 to this edge" in other_node["detail"], other_node
+        assert "test-svc-kins.kins-system:<port> and edge1:<port>" in other_node["detail"]
         got = line(doc, service)
         assert "refused" in got["detail"].lower() and "start the service" in got["fix"]
         assert line(doc, f"cloud 127.0.0.1:{cloud.tunnel} TLS")["status"] == "ok"
