@@ -10,13 +10,16 @@ and never stops the others. A config that does not load is the only check after 
 else runs (there is nothing to check with).
 
 For an edge config: enrolment state; the edge certificate (loads with its key, valid and not near
-expiry, chains to ``tls.ca``, a legal identity); the site proxy (``proxy.url``) answers a
+expiry, chains to ``tls.ca``, a legal identity, every ``services`` name one the cloud routes to
+that identity); secret files not readable by every user; the site proxy (``proxy.url``) answers a
 CONNECT to the cloud; for every ``cloud:`` entry: the name resolves, each address accepts TCP
 (through the site proxy when there is one), and a real TLS handshake with the edge's own
 certificate verifies the cloud's certificate against ``tls.ca`` and the name in ``cloud:``; the
 probe then reads the cloud's HELLO, so a cloud that refuses this edge after the handshake (an
 untrusted CA, a revoked or illegal identity) is told apart from one that accepts it; clock skew
-from that HELLO; every ``services`` address accepts TCP.
+from that HELLO; every ``services`` address accepts TCP (a failing one is a warning when another
+address of the same service accepts); the edge's own listen addresses (admin, uplinks) as for the
+cloud below.
 
 The probe never sends its own HELLO: it never becomes a tunnel (it never displaces a live tunnel
 of the same identity, and nothing is routed to it). The cloud logs it as a tunnel whose handshake
@@ -33,7 +36,10 @@ clock is behind.
 For a cloud config: the config loads (including the exposure rule), the TLS files load and match,
 chain to ``tls.ca``, are not near expiry and name something edges can use; the proxy's TLS files;
 the credential, rules and revocation files parse; each listen address can be bound, or is in use
-by a running cloud whose admin ``/readyz`` answers.
+by the running cloud of this config, whose admin ``/readyz`` answers as kins-tunnel does.
+
+Layout: `report` (the records and how checks run), `certificates` (validity, chain, file modes),
+`edge` and `cloud_probe` (an edge config), `cloud` (a cloud config), `listeners` (both).
 """
 
 from __future__ import annotations

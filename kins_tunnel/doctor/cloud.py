@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import errno
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import trio
 from cryptography import x509
 
 from kins_tunnel.cloud.auth import parse_basic, parse_bearer
@@ -16,12 +12,11 @@ from kins_tunnel.cloud.authz import parse_rules
 from kins_tunnel.cloud.revocation import parse_revoked
 from kins_tunnel.config import CloudConfig, check_exposure, cloud_config_from_dict
 from kins_tunnel.doctor.certificates import cert_names, chains_to, secret_mode, validity
+from kins_tunnel.doctor.listeners import check_listeners
 from kins_tunnel.doctor.report import FAIL, OK, WARN, Check, load_config, said
 from kins_tunnel.errors import UserError
-from kins_tunnel.names import Address
 from kins_tunnel.pemfiles import load_certs, load_key
 from kins_tunnel.tls_contexts import proxy_server_ssl_context, server_ssl_context
-from kins_tunnel.transport.listen import open_listener_socket
 
 
 async def cloud_checks(
@@ -43,7 +38,13 @@ async def cloud_checks(
     enrollment = data.get("enrollment")
     if enrollment is not None:
         checks.extend(check_enrollment_files(enrollment, base_dir))
-    checks.extend(await check_listeners(cfg, timeout))
+    listeners = [("tunnel.listen", cfg.tunnel.listen)]
+    if cfg.proxy.listen is not None:
+        listeners.append(("proxy.listen", cfg.proxy.listen))
+    if cfg.proxy.tls is not None:
+        listeners.append(("proxy.tls.listen", cfg.proxy.tls.listen))
+    listeners.append(("admin.listen", cfg.admin.listen))
+    checks.extend(await check_listeners("cloud", listeners, cfg.admin.listen, timeout))
     return checks
 
 
@@ -191,74 +192,3 @@ def check_enrollment_files(raw: object, base_dir: Path) -> list[Check]:
             else:
                 out.append(ca_check("enrollment.ca", cert, base_dir / ca["cert"]))
     return out
-
-
-async def check_listeners(cfg: CloudConfig, timeout: float) -> list[Check]:
-    """Each listen address can be bound; one in use is fine when a running cloud holds it, as
-    its admin /readyz shows (this config's admin address)."""
-    listeners: list[tuple[str, Address]] = [("tunnel.listen", cfg.tunnel.listen)]
-    if cfg.proxy.listen is not None:
-        listeners.append(("proxy.listen", cfg.proxy.listen))
-    if cfg.proxy.tls is not None:
-        listeners.append(("proxy.tls.listen", cfg.proxy.tls.listen))
-    listeners.append(("admin.listen", cfg.admin.listen))
-    errors: dict[str, UserError | None] = {}  # key -> why it cannot be bound (None: in use)
-    for key, addr in listeners:
-        try:
-            open_listener_socket(addr.host, addr.port, key).close()
-        except UserError as exc:
-            cause = exc.__cause__
-            in_use = isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE
-            errors[key] = None if in_use else exc
-    ready = await _readyz(cfg.admin.listen, timeout) if None in errors.values() else None
-    out = []
-    for key, addr in listeners:
-        if key not in errors:
-            out.append(Check(key, OK, f"{addr} can be bound"))
-        elif (error := errors[key]) is not None:
-            out.append(Check(key, FAIL, str(error), "use an address of this host"))
-        elif ready is not None:
-            out.append(Check(key, OK, f"{addr} is in use by the running cloud"))
-        else:
-            out.append(
-                Check(
-                    key,
-                    FAIL,
-                    f"{addr} is in use by another program (no cloud admin /readyz answers at "
-                    f"{cfg.admin.listen})",
-                    "stop the other program or choose another port",
-                )
-            )
-    if ready is not None:
-        status, body = ready
-        out.append(
-            Check(
-                "running cloud",
-                OK if status == 200 else FAIL,
-                f"admin /readyz at {cfg.admin.listen} answers {status} {said(body.strip())}",
-                "" if status == 200 else "see the cloud's log",
-            )
-        )
-    return out
-
-
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never $http_proxy
-
-
-async def _readyz(admin: Address, timeout: float) -> tuple[int, str] | None:
-    """(status, start of the body) of GET /readyz at `admin`, None if nothing answers HTTP."""
-    wildcard = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
-    url = f"http://{Address(wildcard.get(admin.host, admin.host), admin.port)}/readyz"
-
-    def get() -> tuple[int, str] | None:
-        try:
-            with _NO_PROXY.open(url, timeout=timeout) as resp:
-                return resp.status, resp.read(200).decode("utf-8", "replace")
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read(200).decode("utf-8", "replace")
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
-
-    with trio.move_on_after(timeout + 1):
-        return await trio.to_thread.run_sync(get, abandon_on_cancel=True)
-    return None

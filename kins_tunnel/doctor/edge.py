@@ -16,6 +16,7 @@ from kins_tunnel.cloud.registry import allowed_name
 from kins_tunnel.config import EdgeConfig, edge_config_from_dict
 from kins_tunnel.doctor.certificates import chains_to, secret_mode, validity
 from kins_tunnel.doctor.cloud_probe import clock_check, probe_cloud
+from kins_tunnel.doctor.listeners import check_listeners
 from kins_tunnel.doctor.report import FAIL, OK, WARN, Check, Probe, load_config, run_all, said
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address
@@ -76,7 +77,14 @@ async def edge_checks(
             )
     # each step below has its own deadline; this one is a safety net: a cloud entry takes at
     # most a name lookup (timeout) and, per address, connect + TLS + explanation (timeout/2 each)
-    return checks + _spare_addresses(cfg, await run_all(probes, 3 * timeout + 1.0))
+    checks += _spare_addresses(cfg, await run_all(probes, 3 * timeout + 1.0))
+    listeners = [(f'uplinks."{listen}"', listen) for listen in cfg.uplinks]
+    if cfg.uplink_proxy is not None:
+        listeners.append(("uplink_proxy.listen", cfg.uplink_proxy.listen))
+    if cfg.admin is not None:
+        listeners.append(("admin.listen", cfg.admin.listen))
+    admin = None if cfg.admin is None else cfg.admin.listen
+    return checks + await check_listeners("edge", listeners, admin, timeout)
 
 
 def _spare_addresses(cfg: EdgeConfig, checks: list[Check]) -> list[Check]:

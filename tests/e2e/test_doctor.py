@@ -77,7 +77,7 @@ async def test_working_pair_is_all_ok_and_the_probe_leaves_the_tunnel_alone(
 ) -> None:
     with procs(tmp_path) as ps, listening() as k3s:
         cloud = await up(ps)
-        edge = ps.edge(cloud.tunnel, {SVC: f"127.0.0.1:{k3s}"}, admin=False)
+        edge = ps.edge(cloud.tunnel, {SVC: f"127.0.0.1:{k3s}"})
         await wait_edges(cloud, 1)
         (before,) = await edges_of(cloud)
         tunnel = f"127.0.0.1:{cloud.tunnel}"
@@ -96,6 +96,10 @@ async def test_working_pair_is_all_ok_and_the_probe_leaves_the_tunnel_alone(
         assert clock["status"] == "ok" and "of the cloud's clock" in clock["detail"], clock
         assert line(doc, f"service {SVC} -> 127.0.0.1:{k3s}")["status"] == "ok"
         assert line(doc, "edge identity")["detail"] == "unit test, node edge1"
+        assert line(doc, "admin.listen")["detail"].endswith("is in use by the running edge")
+        assert line(doc, "running edge")["detail"] == (
+            f"admin /readyz at 127.0.0.1:{edge.admin} answers 200 ready"
+        )
 
         (after,) = await edges_of(cloud)  # the live tunnel was neither displaced nor doubled
         assert after["peer"] == before["peer"] and after["names"] == before["names"], after
@@ -130,6 +134,7 @@ async def test_network_failures_each_on_their_own_line(tmp_path: Path) -> None:
                 "edge1:80": [f"127.0.0.1:{refused_service}", f"127.0.0.1:{ok_port}"],
                 "edge2:22": f"127.0.0.1:{ok_port}",  # another node's name: never routed here
             },
+            admin={"listen": f"127.0.0.1:{cloud.proxy}"},  # taken, by something that is no edge
         )
         code, doc = await doctor(cfg)
         assert code == 1
@@ -141,6 +146,7 @@ async def test_network_failures_each_on_their_own_line(tmp_path: Path) -> None:
                 f"cloud 127.0.0.1:{cloud.proxy} TLS",
                 service,
                 "service edge2:22 name",
+                "admin.listen",
             ]
         ), doc
         assert (
@@ -151,6 +157,8 @@ async def test_network_failures_each_on_their_own_line(tmp_path: Path) -> None:
         not_tls = line(doc, f"cloud 127.0.0.1:{cloud.proxy} TLS")
         assert not_tls["detail"] == "the peer does not speak TLS", not_tls
         assert "tunnel.listen" in not_tls["fix"]
+        taken = line(doc, "admin.listen")
+        assert "is in use by another program (no edge admin /readyz answers" in taken["detail"]
         other_node = line(doc, "service edge2:22 name")
         assert "does not route edge2:22 to this edge" in other_node["detail"], other_node
         assert "test-svc-kins.kins-system:<port> and edge1:<port>" in other_node["detail"]
