@@ -27,10 +27,10 @@ async def check_listeners(
             open_listener_socket(addr.host, addr.port, key).close()
         except UserError as exc:
             cause = exc.__cause__
-            in_use = isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE
-            errors[key] = None if in_use else exc
-    in_use = None in errors.values()
-    ready = await _readyz(admin, timeout) if in_use and admin is not None else None
+            taken = isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE
+            errors[key] = None if taken else exc
+    any_taken = None in errors.values()
+    ready = await _readyz(admin, timeout) if any_taken and admin is not None else None
     out = []
     for key, addr in listeners:
         if key not in errors:
