@@ -42,7 +42,7 @@ def listening() -> Iterator[int]:
 
 
 async def doctor(config: Path, *extra: str) -> tuple[int, dict[str, Any]]:
-    """Run `kins-tunnel doctor --json`; (exit code, {check: (status, detail, fix)}) and the raw doc."""
+    """Run `kins-tunnel doctor --json CONFIG EXTRA...`: (exit code, the parsed document)."""
     done = await run_kins_tunnel("doctor", "--config", str(config), "--json", *extra, timeout=60)
     doc = json.loads(done.stdout)
     assert doc["ok"] == (done.returncode == 0), doc
