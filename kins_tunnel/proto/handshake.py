@@ -2,9 +2,10 @@
 
 Both sides send HELLO at once: magic, the range of protocol versions spoken, then a JSON object
 (capabilities, names served, agent, and the receiver-side limits max_frame / max_streams /
-max_target_len; optionally ``time``, the sender's wall clock in Unix seconds when it sent the HELLO,
-which `kins-tunnel doctor` compares with its own to measure clock skew). The version used is the highest both speak; capabilities are the intersection;
-unknown JSON keys are ignored, so a later version can state more without breaking this one.
+max_target_len; optionally ``time``, the sender's wall clock in Unix seconds when it sent the
+HELLO, which `kins-tunnel doctor` compares with its own to measure clock skew). The version used
+is the highest both speak; capabilities are the intersection; unknown JSON keys are ignored, so a
+later version can state more without breaking this one.
 """
 
 from __future__ import annotations
