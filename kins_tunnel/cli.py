@@ -106,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
             help="CONNECT through a proxy, then relay stdin/stdout (for ssh's ProxyCommand)",
         )
     )
+    from kins_tunnel.doctor import add_arguments as add_doctor_arguments
+
+    add_doctor_arguments(
+        sub.add_parser("doctor", help="check an edge.yaml or a cloud.yaml: one line per check")
+    )
     return p
 
 
@@ -322,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
             from kins_tunnel.connect import main_connect
 
             return main_connect(args)
+        elif args.cmd == "doctor":
+            from kins_tunnel.doctor import main_doctor
+
+            return main_doctor(args)
         elif args.cmd == "status":
             _status(args.admin or ["http://127.0.0.1:9090"], args.json)
     except UserError as exc:

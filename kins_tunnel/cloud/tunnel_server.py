@@ -187,7 +187,8 @@ class TunnelServer:
         labels = {"unit": identity.unit, "node": identity.node}
         conn = Connection(
             Role.SERVER,
-            Hello(agent=f"kins-tunnel-cloud/{__version__}"),
+            # `time` lets an edge's `kins-tunnel doctor` measure clock skew (older peers ignore it)
+            Hello(agent=f"kins-tunnel-cloud/{__version__}", time=time.time()),
             self.cfg.mux,
             clock=trio.current_time,
         )

@@ -76,7 +76,9 @@ class ControlFrames:
         self.version = version
         self.capabilities = caps & self._hello.capabilities
         self._state = ConnState.OPEN
-        events.append(HandshakeComplete(version, self.capabilities, self._peer.names, agent))
+        events.append(
+            HandshakeComplete(version, self.capabilities, self._peer.names, agent, self._peer.time)
+        )
 
     def _on_open(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
         self._streams.claim_remote_id(sid)

@@ -30,6 +30,7 @@ class HandshakeComplete(Event):
     capabilities: frozenset[str]
     names: tuple[str, ...]
     agent: str
+    time: float | None = None  # the peer's wall clock (Unix seconds) in its HELLO, if stated
 
 
 @event

@@ -2,8 +2,10 @@
 
 Both sides send HELLO at once: magic, the range of protocol versions spoken, then a JSON object
 (capabilities, names served, agent, and the receiver-side limits max_frame / max_streams /
-max_target_len). The version used is the highest both speak; capabilities are the intersection;
-unknown JSON keys are ignored, so a later version can state more without breaking this one.
+max_target_len; optionally ``time``, the sender's wall clock in Unix seconds when it sent the
+HELLO, which `kins-tunnel doctor` compares with its own to measure clock skew). The version used
+is the highest both speak; capabilities are the intersection; unknown JSON keys are ignored, so a
+later version can state more without breaking this one.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class Hello:
     capabilities: frozenset[str] = CAPABILITIES
     min_version: int = MIN_SUPPORTED_VERSION
     max_version: int = PROTOCOL_VERSION
+    time: float | None = None  # the sender's wall clock (Unix seconds); None: not stated
 
 
 @dataclass(slots=True)
@@ -112,6 +115,7 @@ class PeerLimits:
     max_streams: int = 1
     max_target_len: int = 255
     names: tuple[str, ...] = ()
+    time: float | None = None  # the peer's wall clock when it sent HELLO, if it stated it
     goaway_last: int | None = None  # the peer sent GOAWAY: we may not open above this
 
 
@@ -124,6 +128,8 @@ def encode_hello(hello: Hello, config: MuxConfig) -> bytes:
         "max_streams": config.max_streams,
         "max_target_len": config.max_target_len,
     }
+    if hello.time is not None:
+        body["time"] = round(hello.time, 3)
     payload = (
         HELLO_PREFIX.pack(MAGIC, hello.min_version, hello.max_version)
         + json.dumps(body, separators=(",", ":")).encode()
@@ -186,5 +192,14 @@ def parse_hello(
         max_streams=max_streams,
         max_target_len=max_target,
         names=tuple(dict.fromkeys(names)),
+        time=_stated_time(info.get("time")),
     )
     return version, frozenset(caps), peer, agent[:MAX_AGENT_LEN]
+
+
+def _stated_time(value: object) -> float | None:
+    """A peer's ``time``: a finite number of Unix seconds, else (absent, malformed) None."""
+    if type(value) not in (int, float):
+        return None
+    seconds = float(value)  # type: ignore[arg-type]
+    return seconds if 0 <= seconds < 1e11 else None  # also refuses nan and inf

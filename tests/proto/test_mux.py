@@ -64,6 +64,24 @@ def test_capabilities_are_the_intersection() -> None:
     assert c.capabilities == s.capabilities == frozenset({"b"})
 
 
+def test_hello_time_is_reported_when_stated_and_ignored_when_malformed() -> None:
+    c = Connection(Role.CLIENT, Hello(time=1_800_000_000.1234))
+    s = Connection(Role.SERVER)
+    (hs,) = s.receive_data(c.data_to_send())
+    assert isinstance(hs, HandshakeComplete) and hs.time == 1_800_000_000.123
+    (plain,) = c.receive_data(s.data_to_send())  # a HELLO without `time`
+    assert isinstance(plain, HandshakeComplete) and plain.time is None
+    for bad in (b'"soon"', b"true", b"-5", b"1e300", b"NaN"):
+        body = (
+            b'{"capabilities":[],"names":[],"agent":"x","max_frame":16384,"max_streams":1,'
+            b'"time":' + bad + b"}"
+        )
+        prefix = bytes(Connection(Role.CLIENT).data_to_send()[9:17])  # magic and versions
+        raw = frame(FrameType.HELLO, 0, prefix + body)
+        (ev,) = Connection(Role.SERVER).receive_data(raw)
+        assert isinstance(ev, HandshakeComplete) and ev.time is None, bad
+
+
 def test_version_mismatch_is_a_clear_error_with_goaway() -> None:
     c = Connection(Role.CLIENT, Hello(min_version=2, max_version=3))
     s = Connection(Role.SERVER)
