@@ -93,6 +93,17 @@ def _failure_reason(exc: BaseException) -> str:
     return failure_label(exc, _SETUP_FAILURES, verify_default="verify_failed", default="protocol")
 
 
+def hello_failure_reason(session: Session) -> str:
+    """The handshake_failures reason of a tunnel whose HELLO exchange failed: `version` (no
+    protocol version in common), `timeout` (a silent cloud: no HELLO within handshake_timeout),
+    `protocol` (a malformed HELLO) or `refused` (the cloud ended the connection before its HELLO:
+    a revoked or refused identity, or a cloud shedding load; its own log says which)."""
+    failure = session.handshake_failure or "protocol"
+    if failure == "protocol" and not session.close_reason.startswith("protocol error"):
+        return "refused"
+    return failure
+
+
 def backoff_delay(
     attempt: int, initial: float, maximum: float, multiplier: float, rng: random.Random
 ) -> float:
@@ -260,10 +271,11 @@ class Edge:
                 try:
                     await self._one_tunnel(label, ip, port, server_name, keeper)
                 except (TransportError, RemoteProtocolError, trio.TooSlowError, OSError) as exc:
-                    self.metrics.handshake_failures.labels(_failure_reason(exc)).inc()
+                    reason = _failure_reason(exc)
+                    self.metrics.handshake_failures.labels(reason).inc()
                     log.warning(
                         "tunnel to cloud failed",
-                        extra={"cloud": label, "reason": str(exc) or "timeout"},
+                        extra={"cloud": label, "label": reason, "reason": str(exc) or "timeout"},
                     )
                 except Exception as exc:  # a bug: this tunnel ends, the edge reconnects as usual
                     self.metrics.report_internal_error("edge_tunnel", exc)
@@ -317,9 +329,18 @@ class Edge:
     ) -> None:
         cfg = self.cfg
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                functools.partial(session.serve, handshake_timeout=cfg.handshake_timeout)
-            )
+            try:
+                await nursery.start(
+                    functools.partial(session.serve, handshake_timeout=cfg.handshake_timeout)
+                )
+            except TransportError as exc:  # an ordinary refusal: counted and one warning line
+                reason = hello_failure_reason(session)
+                self.metrics.handshake_failures.labels(reason).inc()
+                log.warning(
+                    "tunnel to cloud failed",
+                    extra={"cloud": label, "label": reason, "reason": str(exc) or reason},
+                )
+                return
             self.sessions[label] = session
             self.cloud_certs[label] = cloud_cert
             if keeper is not None:

@@ -1,0 +1,90 @@
+"""The edge's HELLO exchange against clouds that misbehave (test doubles speaking real TLS with the
+cloud's certificate): each failure is counted under its own reason, logged as one warning line,
+and never reported as an internal error."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from kins_tunnel.config import edge_config_from_dict
+from kins_tunnel.edge.agent import Edge
+from kins_tunnel.proto.frames import HELLO_PREFIX, MAGIC, FrameType, frame
+from kins_tunnel.testing.support import metric_value, wait_until
+from kins_tunnel.tls_contexts import server_ssl_context
+from tests.e2e.harness import SVC, edge_dict, make_certs
+from tests.test_observability import json_log
+
+Behaviour = Callable[[trio.SSLStream[trio.SocketStream]], Awaitable[None]]
+
+
+async def silent(tls: trio.SSLStream[trio.SocketStream]) -> None:
+    await trio.sleep_forever()
+
+
+async def future_version(tls: trio.SSLStream[trio.SocketStream]) -> None:
+    body = b'{"max_frame": 16384, "max_streams": 4}'
+    await tls.send_all(frame(FrameType.HELLO, 0, HELLO_PREFIX.pack(MAGIC, 7, 9) + body))
+    await trio.sleep(5)
+
+
+async def garbage(tls: trio.SSLStream[trio.SocketStream]) -> None:
+    await tls.send_all(b"\xff" * 64)
+    await trio.sleep(5)
+
+
+async def serve_fake_cloud(
+    ctx: ssl.SSLContext,
+    behaviour: Behaviour,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    async def handler(tcp: trio.SocketStream) -> None:
+        tls = trio.SSLStream(tcp, ctx, server_side=True)
+        try:
+            await tls.do_handshake()
+            await behaviour(tls)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(tls)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handler, listeners)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "reason"),
+    [(silent, "timeout"), (future_version, "version"), (garbage, "protocol")],
+)
+async def test_a_failed_hello_is_counted_by_reason_not_as_an_internal_error(
+    tmp_path: Path, behaviour: Behaviour, reason: str
+) -> None:
+    certs = make_certs(tmp_path)
+    ctx = server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key")
+    async with json_log() as buf, trio.open_nursery() as n:
+        port = await n.start(serve_fake_cloud, ctx, behaviour)
+        doc = edge_dict(certs, [port], {SVC: "127.0.0.1:9"}, handshake_timeout=0.3)
+        doc["reconnect"] = {"initial": 0.01, "max": 0.05}
+        edge = Edge(edge_config_from_dict(doc, base_dir=tmp_path))
+        await n.start(edge.run)
+        await wait_until(
+            lambda: (
+                metric_value(edge.metrics, "kins_tunnel_handshake_failures_total", reason=reason)
+                >= 2
+            ),
+            10,
+            f"two set-ups failed with {reason}",
+        )
+        n.cancel_scope.cancel()
+    assert metric_value(edge.metrics, "kins_tunnel_internal_errors_total", where="edge_tunnel") == 0
+    lines = buf.getvalue().splitlines()
+    assert not [line for line in lines if '"level": "error"' in line]
+    assert any(
+        f'"label": "{reason}"' in line and "tunnel to cloud failed" in line for line in lines
+    )
