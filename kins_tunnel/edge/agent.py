@@ -34,10 +34,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import random
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,8 @@ class _Keeper:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     retired: bool = False
     session: Session | None = None
+    draining: Session | None = None  # the previous tunnel, finishing its streams after a GOAWAY
+    replaced_at: float = -math.inf  # when a GOAWAY last made this keeper dial again at once
 
 
 _SETUP_FAILURES = (  # text in the error -> label
@@ -91,6 +94,11 @@ def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, ProxyError):  # the site proxy refused or garbled its answer
         return "proxy"
     return failure_label(exc, _SETUP_FAILURES, verify_default="verify_failed", default="protocol")
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def hello_failure_reason(session: Session) -> str:
@@ -254,11 +262,15 @@ class Edge:
         nursery.start_soon(self._close_when_idle, keeper, session)
 
     async def _close_when_idle(self, keeper: _Keeper, session: Session) -> None:
+        await self._wait_idle(session)
+        session.close("cloud address left DNS")
+        keeper.scope.cancel()
+
+    async def _wait_idle(self, session: Session) -> None:
+        """Until `session` has no streams or is closed, for `drain_timeout` at the most."""
         with trio.move_on_after(self.cfg.drain_timeout):
             while session.statistics().streams and not session.closed.is_set():
                 await trio.sleep(0.1)
-        session.close("cloud address left DNS")
-        keeper.scope.cancel()
 
     async def _keeper(self, key: tuple[str, str, int], server_name: str, keeper: _Keeper) -> None:
         _entry, ip, port = key
@@ -266,25 +278,79 @@ class Edge:
         b = self.cfg.reconnect
         attempt = 0
         with keeper.scope:
-            while not self.draining and not keeper.retired:
-                started = trio.current_time()
-                try:
-                    await self._one_tunnel(label, ip, port, server_name, keeper)
-                except (TransportError, RemoteProtocolError, trio.TooSlowError, OSError) as exc:
-                    reason = _failure_reason(exc)
-                    self.metrics.handshake_failures.labels(reason).inc()
-                    log.warning(
-                        "tunnel to cloud failed",
-                        extra={"cloud": label, "label": reason, "reason": str(exc) or "timeout"},
-                    )
-                except Exception as exc:  # a bug: this tunnel ends, the edge reconnects as usual
-                    self.metrics.report_internal_error("edge_tunnel", exc)
-                if self.draining or keeper.retired:
-                    return
-                attempt = 0 if trio.current_time() - started >= b.stable_after else attempt + 1
-                delay = backoff_delay(attempt, b.initial, b.max, b.multiplier, self._rng)
-                log.info("reconnecting", extra={"cloud": label, "in_seconds": round(delay, 2)})
-                await trio.sleep(delay)
+            async with trio.open_nursery() as tunnels:  # a tunnel draining after GOAWAY lives here
+                while not self.draining and not keeper.retired:
+                    started = trio.current_time()
+                    at_once = await self._attempt(tunnels, label, ip, port, server_name, keeper)
+                    if self.draining or keeper.retired:
+                        return
+                    up = trio.current_time() - started
+                    attempt = 0 if up >= b.stable_after else attempt + 1
+                    now = trio.current_time()
+                    if at_once and now - keeper.replaced_at >= b.max:  # at most once per b.max
+                        keeper.replaced_at = now
+                        log.info(
+                            "cloud sent GOAWAY: dialling a replacement", extra={"cloud": label}
+                        )
+                        continue
+                    delay = backoff_delay(attempt, b.initial, b.max, b.multiplier, self._rng)
+                    log.info("reconnecting", extra={"cloud": label, "in_seconds": round(delay, 2)})
+                    await trio.sleep(delay)
+
+    async def _attempt(
+        self,
+        tunnels: trio.Nursery,
+        label: str,
+        ip: str,
+        port: int,
+        server_name: str,
+        keeper: _Keeper,
+    ) -> bool:
+        """One tunnel of a keeper, until it ends or the cloud sends GOAWAY (the tunnel then drains
+        on in `tunnels`). True after a GOAWAY (a replacement is due at once), False otherwise."""
+        try:
+            at_once: bool = await tunnels.start(
+                self._tunnel_until_goaway, label, ip, port, server_name, keeper
+            )
+            return at_once
+        except (TransportError, RemoteProtocolError, trio.TooSlowError, OSError) as exc:
+            reason = _failure_reason(exc)
+            self.metrics.handshake_failures.labels(reason).inc()
+            log.warning(
+                "tunnel to cloud failed",
+                extra={"cloud": label, "label": reason, "reason": str(exc) or "timeout"},
+            )
+        except Exception as exc:  # a bug: this tunnel ends, the edge reconnects as usual
+            self.metrics.report_internal_error("edge_tunnel", exc)
+        return False
+
+    async def _tunnel_until_goaway(
+        self,
+        label: str,
+        ip: str,
+        port: int,
+        server_name: str,
+        keeper: _Keeper,
+        *,
+        task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run one tunnel; `task_status.started(True)` on the cloud's GOAWAY (then the tunnel
+        drains on here) or `started(False)` once it is over. A failure before that is raised."""
+        handed_over = False
+
+        def on_goaway() -> None:
+            nonlocal handed_over
+            handed_over = True
+            task_status.started(True)
+
+        try:
+            await self._one_tunnel(label, ip, port, server_name, keeper, on_goaway=on_goaway)
+        except Exception as exc:
+            if not handed_over:
+                raise
+            self.metrics.report_internal_error("edge_tunnel", exc)  # a bug while draining
+        if not handed_over:
+            task_status.started(False)
 
     @property
     def context(self) -> ssl.SSLContext:
@@ -292,7 +358,14 @@ class Edge:
         return self.tls.context
 
     async def _one_tunnel(
-        self, label: str, ip: str, port: int, server_name: str, keeper: _Keeper | None = None
+        self,
+        label: str,
+        ip: str,
+        port: int,
+        server_name: str,
+        keeper: _Keeper | None = None,
+        *,
+        on_goaway: Callable[[], None] | None = None,
     ) -> None:
         cfg = self.cfg
         await self.tls.refresh()  # renewed certificate files apply from this tunnel on
@@ -317,7 +390,7 @@ class Edge:
             report=self.metrics.report_internal_error,
         )
         try:
-            await self._serve_session(session, label, cloud_cert, keeper)
+            await self._serve_session(session, label, cloud_cert, keeper, on_goaway)
         except* trio.ClosedResourceError:
             # Session.close() (ping timeout, a failed write, drain) closes the socket under the
             # session's own reader/writer, which then raise ClosedResourceError out of serve().
@@ -325,7 +398,12 @@ class Edge:
             log.debug("tunnel closed under its reader", extra={"cloud": label})
 
     async def _serve_session(
-        self, session: Session, label: str, cloud_cert: dict[str, object], keeper: _Keeper | None
+        self,
+        session: Session,
+        label: str,
+        cloud_cert: dict[str, object],
+        keeper: _Keeper | None,
+        on_goaway: Callable[[], None] | None = None,
     ) -> None:
         cfg = self.cfg
         async with trio.open_nursery() as nursery:
@@ -351,12 +429,41 @@ class Edge:
                 extra={"cloud": label, "unit": self.identity.unit, "node": self.identity.node},
             )
             try:
-                await session.closed.wait()
+                if keeper is None or on_goaway is None:
+                    await session.closed.wait()
+                else:
+                    await self._until_drained(session, label, keeper, on_goaway)
             finally:
                 if self.sessions.get(label) is session:
                     del self.sessions[label]
                     self.cloud_certs.pop(label, None)
                 log.info("tunnel down", extra={"cloud": label, "reason": session.close_reason})
+
+    async def _until_drained(
+        self, session: Session, label: str, keeper: _Keeper, on_goaway: Callable[[], None]
+    ) -> None:
+        """Until the tunnel is closed. On the cloud's GOAWAY, hand the keeper back at once (it dials
+        a replacement) and let the streams finish, closing the tunnel after `drain_timeout` at the
+        latest: a cloud that keeps a drained tunnel open must not hold the edge. A keeper has at
+        most one draining tunnel: an older one is closed when a newer one starts draining."""
+        async with trio.open_nursery() as watch:  # whichever comes first: closed or GOAWAY
+            for event in (session.closed, session.goaway_received):
+                watch.start_soon(_cancel_when_set, event, watch.cancel_scope)
+        if session.closed.is_set():
+            return
+        previous, keeper.draining = keeper.draining, session
+        if previous is not None:
+            previous.close("replaced by a newer tunnel while draining")
+        if self.sessions.get(label) is session:  # the replacement takes this label
+            del self.sessions[label]
+            self.cloud_certs.pop(label, None)
+        on_goaway()
+        try:
+            await self._wait_idle(session)
+            session.close("drained after the cloud's GOAWAY")
+        finally:
+            if keeper.draining is session:
+                keeper.draining = None
 
     async def drain(self) -> None:
         """GOAWAY on every tunnel, let streams finish (up to drain_timeout), then close."""

@@ -4,12 +4,26 @@ a flood at the edge's admin port leaves the tunnel up."""
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
-from kins_tunnel.testing.support import http_get
-from tests.e2e.faultkit import procs, wait_cloud_up, wait_until
-from tests.e2e.harness import SVC
+import trio
+
+from kins_tunnel.testing.linkrelay import LinkRelay
+from kins_tunnel.testing.support import echo_roundtrip, http_get
+from tests.e2e.faultkit import (
+    connect,
+    connect_status,
+    figure,
+    procs,
+    read_until_end,
+    wait_cloud_up,
+    wait_edges,
+    wait_until,
+)
+from tests.e2e.harness import SVC, serve_echo
 from tests.test_observability import samples, value
 
 EDGE_FAST: dict[str, Any] = {
@@ -52,3 +66,47 @@ async def test_a_revoked_edge_retries_with_a_warning_not_an_internal_error(
         text = edge.log.read_text()
         assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
         assert "tunnel to cloud failed" in text
+
+
+async def test_a_goaway_makes_the_edge_dial_a_replacement_at_once_and_close_the_old_tunnel(
+    tmp_path: Path,
+) -> None:
+    """One `cloud:` address (a NodePort in front of the replicas: a relay here) and a rolling
+    restart: replica A is told to stop (SIGTERM: GOAWAY, then it waits up to its 60 s drain for a
+    stream held open through it, answering pings all along) and the address now leads to B. The
+    edge must be on B at once, not after A's drain, and must close its tunnel to A after its own
+    drain_timeout (3 s) although A would keep it for 60 s."""
+    with procs(tmp_path) as ps:
+        a = ps.cloud("a", tunnel={"drain_timeout": 60.0, "ping_interval": 0.5})
+        b = ps.cloud("b")
+        async with trio.open_nursery() as n:
+            echo = await n.start(serve_echo)
+            relay = LinkRelay(a.tunnel)
+            await n.start(relay.serve)
+            await wait_cloud_up(a)
+            await wait_cloud_up(b)
+            ps.edge(
+                f"127.0.0.1:{relay.port}",
+                {SVC: f"127.0.0.1:{echo}"},
+                drain_timeout=3.0,
+                reconnect={"initial": 0.05, "max": 1.0},
+            )
+            await wait_edges(a, 1)
+            status, _, held = await connect(a.proxy, SVC)
+            assert status == 200
+            async with held:
+                await echo_roundtrip(held, b"before")
+                relay.upstream = b.tunnel  # the address leads to the new replica
+                a.signal(signal.SIGTERM)
+                t0 = time.monotonic()
+                await wait_edges(b, 1, timeout=10)
+                replaced = time.monotonic() - t0
+                figure("edge on the new replica after GOAWAY", replaced, "s")
+                assert replaced < 2.0, replaced
+                await echo_roundtrip(held, b"draining")  # the old tunnel still carries its stream
+                assert await connect_status(b.proxy, SVC) == 200
+                how, _ = await read_until_end(held, 10)
+                closed = time.monotonic() - t0
+            figure("draining tunnel closed by the edge after", closed, "s")
+            assert 2.5 <= closed < 6.0, (how, closed)
+            n.cancel_scope.cancel()
