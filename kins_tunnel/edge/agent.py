@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import random
+import resource
 import socket
 import ssl
 from collections.abc import Callable, Iterator
@@ -134,6 +135,39 @@ def _cert_summary(der: bytes | None) -> dict[str, object]:
     }
 
 
+OPEN_FILES_RESERVE = 64  # descriptors for logs, certificate files, DNS, the listening sockets
+
+
+def open_files_needed(cfg: EdgeConfig) -> int:
+    """Descriptors the edge may hold at once under its configured limits: per tunnel its socket and
+    one target socket per stream the cloud may open, plus every listener's connections."""
+    need = cfg.max_tunnels * (1 + cfg.mux.max_streams) + OPEN_FILES_RESERVE
+    if cfg.admin is not None:
+        need += cfg.admin.max_connections
+    need += sum(limits.max_connections for limits in cfg.uplink_limits.values())
+    if cfg.uplink_proxy is not None:
+        need += cfg.uplink_proxy.max_connections
+    return need
+
+
+def check_open_files(cfg: EdgeConfig) -> None:
+    """Make sure RLIMIT_NOFILE covers `open_files_needed`: raise the soft limit up to the hard one
+    if it must, else a one-line UserError naming the keys that set the need."""
+    need = open_files_needed(cfg)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return
+    raise UserError(
+        f"the open-file limit (RLIMIT_NOFILE: soft {soft}, hard {hard}) is below the {need} "
+        f"descriptors this configuration may need (max_tunnels {cfg.max_tunnels} x (1 + "
+        f"mux.max_streams {cfg.mux.max_streams}) + admin, uplink and uplink_proxy "
+        f"max_connections + {OPEN_FILES_RESERVE}): raise the limit (ulimit -n) or lower those keys"
+    )
+
+
 def own_identity(cert_path: str) -> EdgeIdentity:
     try:
         cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
@@ -160,6 +194,7 @@ class Edge:
         self.uplinks = Uplinks(cfg, self.metrics, lambda: list(self.sessions.items()))
         self._rng = rng or random.Random()
         self._keepers: dict[tuple[str, str, int], _Keeper] = {}
+        self._skipped: dict[str, int] = {}  # cloud entry -> addresses beyond max_tunnels
         self.cloud_certs: dict[str, dict[str, object]] = {}  # "address" -> serial/not_after seen
         self.draining = False
         self.connects = 0  # successful tunnel set-ups, for tests and status
@@ -197,10 +232,20 @@ class Edge:
     async def run(
         self, *, task_status: trio.TaskStatus[EdgePorts] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        check_open_files(self.cfg)
         async with trio.open_nursery() as nursery:
             admin_port = None
             if self.cfg.admin is not None:
-                admin_port = await nursery.start(serve_admin, self.cfg.admin.listen, self)
+                admin = self.cfg.admin
+                admin_port = await nursery.start(
+                    functools.partial(
+                        serve_admin,
+                        admin.listen,
+                        self,
+                        max_connections=admin.max_connections,
+                        idle_timeout=admin.idle_timeout,
+                    )
+                )
             if self.uplinks.enabled:
                 await nursery.start(self.uplinks.serve)
             log.info(
@@ -243,13 +288,31 @@ class Edge:
                     "cloud replica address vanished", extra={"cloud": entry, "address": key[1]}
                 )
                 self._retire(self._keepers.pop(key), nursery)
-            for key in sorted(wanted - set(self._keepers)):
+            new = sorted(wanted - set(self._keepers))
+            room = max(0, self.cfg.max_tunnels - len(self._keepers))
+            self._note_skipped(entry, new[room:])
+            for key in new[:room]:
                 keeper = _Keeper()
                 self._keepers[key] = keeper
                 nursery.start_soon(self._keeper, key, addr.host, keeper)
             await trio.sleep(
                 self.cfg.resolve_interval if ips else min(self.cfg.resolve_interval, 5.0)
             )
+
+    def _note_skipped(self, entry: str, skipped: list[tuple[str, str, int]]) -> None:
+        """Warn (when the number changes) about addresses left without a tunnel by max_tunnels."""
+        if len(skipped) != self._skipped.get(entry, 0):
+            self._skipped[entry] = len(skipped)
+            if skipped:
+                log.warning(
+                    "cloud addresses left without a tunnel: max_tunnels reached",
+                    extra={
+                        "cloud": entry,
+                        "max_tunnels": self.cfg.max_tunnels,
+                        "skipped": ",".join(k[1] for k in skipped[:8]),
+                        "count": len(skipped),
+                    },
+                )
 
     def _retire(self, keeper: _Keeper, nursery: trio.Nursery) -> None:
         """Stop reconnecting to an address; let its tunnel's streams finish, then close it."""

@@ -4,18 +4,23 @@ a flood at the edge's admin port leaves the tunnel up."""
 
 from __future__ import annotations
 
+import contextlib
+import resource
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
+import yaml
 
 from kins_tunnel.testing.linkrelay import LinkRelay
 from kins_tunnel.testing.support import echo_roundtrip, http_get
 from tests.e2e.faultkit import (
     connect,
     connect_status,
+    fd_count,
     figure,
     procs,
     read_until_end,
@@ -109,4 +114,60 @@ async def test_a_goaway_makes_the_edge_dial_a_replacement_at_once_and_close_the_
                 closed = time.monotonic() - t0
             figure("draining tunnel closed by the edge after", closed, "s")
             assert 2.5 <= closed < 6.0, (how, closed)
+            n.cancel_scope.cancel()
+
+
+async def test_a_flood_at_the_edge_admin_port_leaves_the_tunnel_working(tmp_path: Path) -> None:
+    """600 idle connections at the admin port of an edge whose open-file limit is 256: the admin
+    listener serves at most `admin.max_connections` of them and closes the rest at accept, so the
+    edge keeps descriptors to dial its targets and the tunnel carries CONNECTs all along."""
+    with procs(tmp_path) as ps:
+        cloud = ps.cloud()
+        async with trio.open_nursery() as n:
+            echo = await n.start(serve_echo)
+            await wait_cloud_up(cloud)
+            edge = ps.edge(
+                cloud.tunnel,
+                {SVC: f"127.0.0.1:{echo}"},
+                max_tunnels=1,
+                mux={"max_streams": 16},
+                start=False,
+                **EDGE_FAST,
+            )
+            assert edge.admin is not None
+            config = yaml.safe_load(edge.config.read_text())
+            config["admin"].update(max_connections=16, idle_timeout=2.0)
+            edge.config.write_text(yaml.safe_dump(config))
+            edge.start()
+            resource.prlimit(edge.pid, resource.RLIMIT_NOFILE, (256, 256))
+            await wait_edges(cloud, 1)
+            flood: list[socket.socket] = []
+            try:
+                for _ in range(600):
+                    s = socket.socket()
+                    s.setblocking(False)
+                    with contextlib.suppress(BlockingIOError):
+                        s.connect(("127.0.0.1", edge.admin))
+                    flood.append(s)
+                await trio.sleep(0.5)  # the edge accepts what it can
+                assert fd_count(edge.pid) < 200, fd_count(edge.pid)
+                for i in range(5):
+                    status, _, s = await connect(cloud.proxy, SVC)
+                    async with s:
+                        assert status == 200, i
+                        await echo_roundtrip(s, b"during the flood")
+            finally:
+                for s in flood:
+                    s.close()
+            m = await edge_metrics(edge.admin)
+            assert (
+                value(
+                    m,
+                    "kins_tunnel_listener_limits_total",
+                    listener="admin",
+                    reason="max_connections",
+                )
+                > 0
+            )
+            assert value(m, "kins_tunnel_internal_errors_total", where="admin") == 0
             n.cancel_scope.cancel()
