@@ -144,11 +144,11 @@ async def test_a_flood_at_the_edge_admin_port_leaves_the_tunnel_working(tmp_path
             flood: list[socket.socket] = []
             try:
                 for _ in range(600):
-                    s = socket.socket()
-                    s.setblocking(False)
+                    sock = socket.socket()
+                    sock.setblocking(False)
                     with contextlib.suppress(BlockingIOError):
-                        s.connect(("127.0.0.1", edge.admin))
-                    flood.append(s)
+                        sock.connect(("127.0.0.1", edge.admin))
+                    flood.append(sock)
                 await trio.sleep(0.5)  # the edge accepts what it can
                 assert fd_count(edge.pid) < 200, fd_count(edge.pid)
                 for i in range(5):
@@ -157,8 +157,8 @@ async def test_a_flood_at_the_edge_admin_port_leaves_the_tunnel_working(tmp_path
                         assert status == 200, i
                         await echo_roundtrip(s, b"during the flood")
             finally:
-                for s in flood:
-                    s.close()
+                for sock in flood:
+                    sock.close()
             m = await edge_metrics(edge.admin)
             assert (
                 value(
