@@ -4,6 +4,8 @@ and never reported as an internal error."""
 
 from __future__ import annotations
 
+import json
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,11 +15,20 @@ import trio
 
 from kins_tunnel.config import edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
-from kins_tunnel.proto.frames import HELLO_PREFIX, MAGIC, FrameType, frame
-from kins_tunnel.testing.support import metric_value, wait_until
+from kins_tunnel.logs import JSONFormatter, PlainFormatter
+from kins_tunnel.proto.frames import (
+    HELLO_PREFIX,
+    MAGIC,
+    FrameType,
+    frame,
+    goaway_frame,
+    open_frame,
+)
+from kins_tunnel.testing.support import free_port, metric_value, wait_until
 from kins_tunnel.tls_contexts import server_ssl_context
 from tests.e2e.harness import SVC, edge_dict, make_certs
-from tests.test_observability import json_log
+from tests.e2e.rawpeer import hello_frame
+from tests.test_observability import captured_log, json_log
 
 Behaviour = Callable[[trio.SSLStream[trio.SocketStream]], Awaitable[None]]
 
@@ -88,3 +99,60 @@ async def test_a_failed_hello_is_counted_by_reason_not_as_an_internal_error(
     assert any(
         f'"label": "{reason}"' in line and "tunnel to cloud failed" in line for line in lines
     )
+
+
+# ---------------------------------------------------------------- what the cloud sends, in the log
+WEIRD = "\x1b[31mred\n2026-01-01 00:00:00 ERROR forged line\u202e"
+
+
+async def hostile_opens(tls: trio.SSLStream[trio.SocketStream]) -> None:
+    """A cloud double: HELLO, 300 opens of a name the edge does not serve and 300 of a target it
+    serves whose port is closed (streams opened in a loop), then GOAWAY with a forged reason."""
+    await tls.send_all(hello_frame())
+    await trio.sleep(0.2)
+    for i in range(300):
+        await tls.send_all(open_frame(2 + 4 * i, 65536, f"{WEIRD}{i}:22".encode()))
+        await tls.send_all(open_frame(4 + 4 * i, 65536, SVC.encode()))
+    await tls.send_all(goaway_frame(0, 0, WEIRD))
+    await trio.sleep(30)
+
+
+@pytest.mark.parametrize("formatter", [PlainFormatter, JSONFormatter])
+async def test_opens_in_a_loop_are_counted_in_full_and_logged_within_a_budget_escaped(
+    tmp_path: Path, formatter: type[logging.Formatter]
+) -> None:
+    certs = make_certs(tmp_path)
+    ctx = server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key")
+    closed = free_port()
+    with captured_log(formatter()) as buf:
+        async with trio.open_nursery() as n:
+            port = await n.start(serve_fake_cloud, ctx, hostile_opens)
+            doc = edge_dict(certs, [port], {SVC: f"127.0.0.1:{closed}"})
+            edge = Edge(edge_config_from_dict(doc, base_dir=tmp_path))
+            t0 = trio.current_time()
+            await n.start(edge.run)
+
+            def failures(reason: str) -> float:
+                return metric_value(edge.metrics, "kins_tunnel_dial_failures_total", reason=reason)
+
+            await wait_until(
+                lambda: failures("not_allowed") == 300 and failures("refused") == 300,
+                20,
+                "every open counted",
+            )
+            await wait_until(lambda: "draining" in buf.getvalue(), 10, "GOAWAY logged")
+            elapsed = trio.current_time() - t0
+            n.cancel_scope.cancel()
+    text = buf.getvalue()
+    lines = text.splitlines()
+    refused = [ln for ln in lines if "open refused" in ln]
+    dials = [ln for ln in lines if "dial failed" in ln]
+    # 5 a second per target (each refused name is a target of its own), 20 a second in all
+    assert 1 <= len(refused) + len(dials) <= 20 * (elapsed + 1), (len(refused), len(dials))
+    assert 1 <= len(dials) <= 5 * (elapsed + 1), len(dials)
+    assert "not_logged_before" in text
+    for line in lines:  # every record one printable line: nothing forged, no terminal escapes
+        assert line.isascii() and line.isprintable(), line
+        assert not line.startswith("2026-01-01"), line
+        if formatter is JSONFormatter:
+            json.loads(line)
