@@ -18,9 +18,9 @@ from typing import Protocol
 import h11
 import trio
 
+from kins_tunnel.config import AdminSettings
 from kins_tunnel.httpanswer import error_answer
 from kins_tunnel.metrics import Metrics
-from kins_tunnel.names import Address
 from kins_tunnel.transport.listen import serve_port
 
 log = logging.getLogger("kins_tunnel.admin")
@@ -48,17 +48,16 @@ class Served(Protocol):
 
 
 async def serve_admin(
-    listen: Address,
+    settings: AdminSettings,
     served: Served,
     *,
-    max_connections: int | None = None,
-    idle_timeout: float = TIMEOUT,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve /healthz, /readyz (200, or 503 while `served.ready` is false), /metrics and /status
-    until cancelled; `task_status.started(port)` once listening. At most `max_connections` at
-    once (beyond: closed at accept); a connection gets `idle_timeout` seconds for its exchange.
-    Both are counted in `kins_tunnel_listener_limits_total{listener="admin"}`."""
+    on `settings.listen` until cancelled; `task_status.started(port)` once listening. At most
+    `settings.max_connections` at once (beyond: closed at accept); a connection gets
+    `settings.idle_timeout` seconds for its exchange. Both are counted in
+    `kins_tunnel_listener_limits_total{listener="admin"}`."""
     limits = served.metrics.listener_limits
     routes: dict[str, Route] = {
         "/healthz": lambda: text(200, "ok\n"),
@@ -67,17 +66,17 @@ async def serve_admin(
         "/status": served.status,
     }
     await serve_port(
-        listen,
+        settings.listen,
         "admin.listen",
         functools.partial(
             _handle,
             routes=routes,
-            timeout=idle_timeout,
+            timeout=settings.idle_timeout,
             on_timeout=limits.labels("admin", "idle_timeout").inc,
         ),
         where="admin",
         report=served.metrics.report_internal_error,
-        max_connections=max_connections,
+        max_connections=settings.max_connections,
         on_refused=limits.labels("admin", "max_connections").inc,
         task_status=task_status,
     )

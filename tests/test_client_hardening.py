@@ -7,7 +7,6 @@ another directory) and puts a password from a file or the environment into the p
 from __future__ import annotations
 
 import base64
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,30 +16,13 @@ import trio
 import yaml
 
 from kins_tunnel.testing.support import read_head
+from tests.e2e.test_connect_command import run
 from tests.test_kubeconfig import KUBECTL, SEED, needs_kubectl
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def env(**extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k != "KINS_TUNNEL_PROXY_PASSWORD"}
-    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), base.get("PYTHONPATH")]))
-    return {**base, **extra}
-
-
-async def kins(
-    *args: str, stdin: bytes = b"", cwd: Path = REPO, **extra: str
-) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(30):
-        return await trio.run_process(
-            [sys.executable, "-m", "kins_tunnel", *args],
-            stdin=stdin,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-            env=env(**extra),
-            cwd=cwd,
-        )
+async def kins(*args: str, stdin: bytes = b"", **extra: str) -> subprocess.CompletedProcess[bytes]:
+    """`python -m kins_tunnel ARGS` in the repository, without $KINS_TUNNEL_PROXY_PASSWORD."""
+    return await run([sys.executable, "-m", "kins_tunnel", *args], stdin, 30, **extra)
 
 
 async def serve_407(
@@ -174,20 +156,26 @@ async def test_kubeconfig_puts_a_password_from_a_file_or_the_environment_in_the_
 ) -> None:
     creds = tmp_path / "proxy-credentials"
     creds.write_text("ops:p@ss word\n")
-    done = await kins(
-        "kubeconfig", "--unit", "test", "--proxy-url", "http://127.0.0.1:8080",
-        "--proxy-credentials-file", str(creds), stdin=SEED.encode(),
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    url = yaml.safe_load(done.stdout)["clusters"][0]["cluster"]["proxy-url"]
-    assert url == "http://ops:p%40ss%20word@127.0.0.1:8080"
-    done = await kins(
-        "kubeconfig", "--unit", "test", "--proxy-url", "http://ops@127.0.0.1:8080",
-        stdin=SEED.encode(), KINS_TUNNEL_PROXY_PASSWORD="from-env",
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    url = yaml.safe_load(done.stdout)["clusters"][0]["cluster"]["proxy-url"]
-    assert url == "http://ops:from-env@127.0.0.1:8080"
+    for url, extra, env, written in (
+        (
+            "http://127.0.0.1:8080",
+            ("--proxy-credentials-file", str(creds)),
+            {},
+            "ops:p%40ss%20word",
+        ),
+        (
+            "http://ops@127.0.0.1:8080",
+            (),
+            {"KINS_TUNNEL_PROXY_PASSWORD": "from-env"},
+            "ops:from-env",
+        ),
+    ):
+        done = await kins(
+            "kubeconfig", "--unit", "test", "--proxy-url", url, *extra, stdin=SEED.encode(), **env
+        )
+        assert done.returncode == 0, done.stderr
+        cluster = yaml.safe_load(done.stdout)["clusters"][0]["cluster"]
+        assert cluster["proxy-url"] == f"http://{written}@127.0.0.1:8080"
     twice = await kins(
         "kubeconfig", "--unit", "test", "--proxy-url", "http://ops:x@127.0.0.1:8080",
         "--proxy-credentials-file", str(creds), stdin=SEED.encode(),

@@ -26,7 +26,7 @@ from kins_tunnel.proto.frames import (
 )
 from kins_tunnel.testing.support import free_port, metric_value, wait_until
 from kins_tunnel.tls_contexts import server_ssl_context
-from tests.e2e.harness import SVC, edge_dict, make_certs
+from tests.e2e.harness import SVC, edge_dict, make_certs, serve_loopback
 from tests.e2e.rawpeer import hello_frame
 from tests.test_observability import captured_log, json_log
 
@@ -56,17 +56,10 @@ async def serve_fake_cloud(
 ) -> None:
     async def handler(tcp: trio.SocketStream) -> None:
         tls = trio.SSLStream(tcp, ctx, server_side=True)
-        try:
-            await tls.do_handshake()
-            await behaviour(tls)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(tls)
+        await tls.do_handshake()
+        await behaviour(tls)
 
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(handler, listeners)
+    await serve_loopback(handler, task_status=task_status)
 
 
 @pytest.mark.parametrize(

@@ -236,16 +236,7 @@ class Edge:
         async with trio.open_nursery() as nursery:
             admin_port = None
             if self.cfg.admin is not None:
-                admin = self.cfg.admin
-                admin_port = await nursery.start(
-                    functools.partial(
-                        serve_admin,
-                        admin.listen,
-                        self,
-                        max_connections=admin.max_connections,
-                        idle_timeout=admin.idle_timeout,
-                    )
-                )
+                admin_port = await nursery.start(serve_admin, self.cfg.admin, self)
             if self.uplinks.enabled:
                 await nursery.start(self.uplinks.serve)
             log.info(
