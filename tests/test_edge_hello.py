@@ -149,3 +149,42 @@ async def test_opens_in_a_loop_are_counted_in_full_and_logged_within_a_budget_es
         assert not line.startswith("2026-01-01"), line
         if formatter is JSONFormatter:
             json.loads(line)
+
+
+async def test_a_cloud_that_sends_goaway_on_every_tunnel_gets_bounded_redials(
+    tmp_path: Path,
+) -> None:
+    """HELLO then GOAWAY at once, and the connection kept open: the edge redials (at once at most
+    once per reconnect.max, else after backoff) and holds at most two tunnels to the address, the
+    live one and one draining; the draining one it closes itself."""
+    certs = make_certs(tmp_path)
+    ctx = server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key")
+    open_now, most, total = [0], [0], [0]
+
+    async def goaway_at_once(tls: trio.SSLStream[trio.SocketStream]) -> None:
+        total[0] += 1
+        open_now[0] += 1
+        most[0] = max(most[0], open_now[0])
+        try:
+            await tls.send_all(hello_frame() + goaway_frame(0, 0, "draining"))
+            while await tls.receive_some(
+                65536
+            ):  # answer nothing; keep it open until the edge ends it
+                pass
+        finally:
+            open_now[0] -= 1
+
+    async with trio.open_nursery() as n:
+        port = await n.start(serve_fake_cloud, ctx, goaway_at_once)
+        doc = edge_dict(certs, [port], {SVC: "127.0.0.1:9"}, drain_timeout=30.0)
+        doc["reconnect"] = {"initial": 0.1, "max": 0.5}
+        edge = Edge(edge_config_from_dict(doc, base_dir=tmp_path))
+        await n.start(edge.run)
+        await trio.sleep(3)
+        n.cancel_scope.cancel()
+    print(f"\nGOAWAY loop: {total[0]} tunnels in 3 s, at most {most[0]} at once")
+    assert total[0] >= 3  # it did redial
+    assert most[0] <= 2, most[0]  # never more than the live tunnel and one draining
+    # at once at most every 0.5 s (6 in 3 s), otherwise backoff whose ceiling doubles from 0.1 s
+    assert total[0] <= 40, total[0]
+    assert metric_value(edge.metrics, "kins_tunnel_internal_errors_total", where="edge_tunnel") == 0
