@@ -17,6 +17,20 @@ An address that leaves DNS (a replica scaled away, or not ready) is retired gent
 stops reconnecting, the tunnel gets GOAWAY (the cloud opens nothing new on it) and is closed once
 its streams are done, or after `drain_timeout`.
 
+A GOAWAY from the cloud (a replica shutting down, maybe behind the one address of a NodePort)
+hands the keeper back at once: it dials a replacement straight away (at most once per
+`reconnect.max`; more often, the usual backoff applies) while the old tunnel finishes its streams
+and is closed when they are done or after the edge's own `drain_timeout`, whatever the cloud does.
+A keeper holds at most one such draining tunnel besides its live one.
+
+A failed HELLO exchange (the cloud closed the connection: revoked, refused or shed; no HELLO in
+time; a version in common missing; a malformed HELLO) is an ordinary refusal: counted under its
+reason in `handshake_failures_total` and logged as one warning, like a failed TLS set-up.
+
+Bounds: at most `max_tunnels` keepers whatever DNS answers (`memory_budget` holds that many
+tunnels' buffers: `config`), and at start-up the open-file limit must cover every tunnel's
+streams and every listener's `max_connections` (`check_open_files`).
+
 Through a site proxy (`proxy:`), each keeper's TCP connection is a CONNECT to the address through
 that proxy, inside the same `handshake_timeout` as the TLS handshake; a refusal by the proxy is a
 failed set-up like any other (reason `proxy`). A name that does not resolve on the edge is handed to
@@ -338,9 +352,8 @@ class Edge:
                     at_once = await self._attempt(tunnels, label, ip, port, server_name, keeper)
                     if self.draining or keeper.retired:
                         return
-                    up = trio.current_time() - started
-                    attempt = 0 if up >= b.stable_after else attempt + 1
                     now = trio.current_time()
+                    attempt = 0 if now - started >= b.stable_after else attempt + 1
                     if at_once and now - keeper.replaced_at >= b.max:  # at most once per b.max
                         keeper.replaced_at = now
                         log.info(
