@@ -130,3 +130,33 @@ def test_an_edge_whose_open_file_limit_is_too_low_refuses_to_start(tmp_path: Pat
     assert proc.returncode == 2, err
     assert len(err.strip().splitlines()) == 1, err
     assert "RLIMIT_NOFILE" in err and "max_tunnels" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"admin": {"max_connections": 0}}, "admin.max_connections: must be at least 1, got 0"),
+        ({"admin": {"idle_timeout": -1}}, "admin.idle_timeout: must be a finite number"),
+        ({"max_tunnels": True}, "max_tunnels: expected an integer, got boolean True"),
+        (
+            {"uplinks": {"127.0.0.1:5000": {"max_connections": 3}}},
+            'uplinks."127.0.0.1:5000".target: required',
+        ),
+        (
+            {"uplinks": {"127.0.0.1:5000": {"target": "r:1", "idle": 3}}},
+            'uplinks."127.0.0.1:5000".idle: unknown key (expected one of: target, '
+            "max_connections, idle_timeout)",
+        ),
+        (
+            {"uplinks": {"127.0.0.1:5000": {"target": "bad target"}}},
+            'uplinks."127.0.0.1:5000".target: bad target: ',
+        ),
+        ({"uplink_proxy": {"max_connections": 0}}, "uplink_proxy.max_connections: must be at"),
+    ],
+)
+def test_edge_limit_keys_are_checked(tmp_path: Path, over: dict[str, object], message: str) -> None:
+    certs = make_certs(tmp_path)
+    doc = edge_dict(certs, [9], {SVC: "127.0.0.1:9"}, **over)
+    with pytest.raises(UserError) as caught:
+        edge_config_from_dict(doc, base_dir=tmp_path)
+    assert str(caught.value).startswith(f"edge.yaml: {message}"), str(caught.value)
