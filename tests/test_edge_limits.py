@@ -9,6 +9,7 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -16,7 +17,7 @@ import trio
 from kins_tunnel.config import edge_config_from_dict
 from kins_tunnel.edge.agent import Edge, open_files_needed
 from kins_tunnel.errors import UserError
-from kins_tunnel.testing.support import metric_value, read_all
+from kins_tunnel.testing.support import metric_value, read_all, wait_until
 from tests.e2e.faultkit import read_until_end
 from tests.e2e.harness import SVC, edge_dict, make_certs, serve_echo, tunnel_env, write_yaml
 
@@ -52,7 +53,14 @@ async def test_an_uplink_listener_caps_its_connections_and_closes_idle_relays(
             for s in held:  # idle for 0.5 s: both relays closed (reset), and counted
                 async with s:
                     assert (await read_until_end(s, 5))[1] == 0
-            assert metric_value(edge.metrics, LIMITS, listener="uplink", reason="idle_timeout") == 2
+            await wait_until(
+                lambda: (
+                    metric_value(edge.metrics, LIMITS, listener="uplink", reason="idle_timeout")
+                    == 2
+                ),
+                5,
+                "both idle relays counted",
+            )
             # the proxy: one connection at a time
             proxy = edge.uplinks.proxy_port
             assert proxy is not None
@@ -154,7 +162,7 @@ def test_an_edge_whose_open_file_limit_is_too_low_refuses_to_start(tmp_path: Pat
         ({"uplink_proxy": {"max_connections": 0}}, "uplink_proxy.max_connections: must be at"),
     ],
 )
-def test_edge_limit_keys_are_checked(tmp_path: Path, over: dict[str, object], message: str) -> None:
+def test_edge_limit_keys_are_checked(tmp_path: Path, over: dict[str, Any], message: str) -> None:
     certs = make_certs(tmp_path)
     doc = edge_dict(certs, [9], {SVC: "127.0.0.1:9"}, **over)
     with pytest.raises(UserError) as caught:
