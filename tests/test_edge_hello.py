@@ -16,6 +16,7 @@ import trio
 from kins_tunnel.config import edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
 from kins_tunnel.logs import JSONFormatter, PlainFormatter
+from kins_tunnel.proto import ErrorCode
 from kins_tunnel.proto.frames import (
     HELLO_PREFIX,
     MAGIC,
@@ -23,11 +24,13 @@ from kins_tunnel.proto.frames import (
     frame,
     goaway_frame,
     open_frame,
+    open_result_frame,
 )
 from kins_tunnel.testing.support import free_port, metric_value, wait_until
 from kins_tunnel.tls_contexts import server_ssl_context
+from tests.e2e.faultkit import read_until_end
 from tests.e2e.harness import SVC, edge_dict, make_certs, serve_loopback
-from tests.e2e.rawpeer import hello_frame
+from tests.e2e.rawpeer import RawPeer, hello_frame
 from tests.test_observability import captured_log, json_log
 
 Behaviour = Callable[[trio.SSLStream[trio.SocketStream]], Awaitable[None]]
@@ -188,3 +191,41 @@ async def test_a_cloud_that_sends_goaway_on_every_tunnel_gets_bounded_redials(
     # at once at most every 0.5 s (6 in 3 s), otherwise backoff whose ceiling doubles from 0.1 s
     assert total[0] <= 40, total[0]
     assert metric_value(edge.metrics, "kins_tunnel_internal_errors_total", where="edge_tunnel") == 0
+
+
+async def refuses_uplinks(tls: trio.SSLStream[trio.SocketStream]) -> None:
+    """A cloud double that refuses every stream the edge opens, with a forged message."""
+    peer = RawPeer(tls)
+    await peer.send(hello_frame())
+    while (f := await peer.read_frame()) is not None:
+        ftype, _flags, sid, _payload = f
+        if ftype == FrameType.OPEN:
+            await peer.send(open_result_frame(sid, ErrorCode.NOT_ALLOWED, 0, WEIRD))
+
+
+@pytest.mark.parametrize("formatter", [PlainFormatter, JSONFormatter])
+async def test_an_uplink_refusal_message_from_the_cloud_is_logged_escaped(
+    tmp_path: Path, formatter: type[logging.Formatter]
+) -> None:
+    certs = make_certs(tmp_path)
+    ctx = server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key")
+    with captured_log(formatter()) as buf:
+        async with trio.open_nursery() as n:
+            port = await n.start(serve_fake_cloud, ctx, refuses_uplinks)
+            doc = edge_dict(
+                certs, [port], {SVC: "127.0.0.1:9"}, uplinks={"127.0.0.1:0": "registry:5000"}
+            )
+            edge = Edge(edge_config_from_dict(doc, base_dir=tmp_path))
+            await n.start(edge.run)
+            await wait_until(lambda: edge.ready, 10, "tunnel up")
+            async with await trio.open_tcp_stream(
+                "127.0.0.1", edge.uplinks.ports["127.0.0.1:0"]
+            ) as client:
+                assert (await read_until_end(client, 10))[1] == 0  # refused: reset, no byte
+            await wait_until(lambda: "uplink refused" in buf.getvalue(), 10, "refusal logged")
+            n.cancel_scope.cancel()
+    (line,) = [ln for ln in buf.getvalue().splitlines() if "uplink refused" in ln]
+    assert line.isascii() and line.isprintable(), line
+    assert "forged line" in line  # the message is there, escaped
+    if formatter is JSONFormatter:
+        assert WEIRD in json.loads(line)["outcome"]
