@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -52,11 +51,15 @@ async def garbage(tls: trio.SSLStream[trio.SocketStream]) -> None:
 
 
 async def serve_fake_cloud(
-    ctx: ssl.SSLContext,
+    certs: Path,
     behaviour: Behaviour,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """A cloud test double on 127.0.0.1:0: TLS with the cloud's certificate from `certs`, then
+    `behaviour` for each connection."""
+    ctx = server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key")
+
     async def handler(tcp: trio.SocketStream) -> None:
         tls = trio.SSLStream(tcp, ctx, server_side=True)
         await tls.do_handshake()
@@ -73,9 +76,8 @@ async def test_a_failed_hello_is_counted_by_reason_not_as_an_internal_error(
     tmp_path: Path, behaviour: Behaviour, reason: str
 ) -> None:
     certs = make_certs(tmp_path)
-    ctx = server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key")
     async with json_log() as buf, trio.open_nursery() as n:
-        port = await n.start(serve_fake_cloud, ctx, behaviour)
+        port = await n.start(serve_fake_cloud, certs, behaviour)
         doc = edge_dict(certs, [port], {SVC: "127.0.0.1:9"}, handshake_timeout=0.3)
         doc["reconnect"] = {"initial": 0.01, "max": 0.05}
         edge = Edge(edge_config_from_dict(doc, base_dir=tmp_path))
@@ -118,11 +120,10 @@ async def test_opens_in_a_loop_are_counted_in_full_and_logged_within_a_budget_es
     tmp_path: Path, formatter: type[logging.Formatter]
 ) -> None:
     certs = make_certs(tmp_path)
-    ctx = server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key")
     closed = free_port()
     with captured_log(formatter()) as buf:
         async with trio.open_nursery() as n:
-            port = await n.start(serve_fake_cloud, ctx, hostile_opens)
+            port = await n.start(serve_fake_cloud, certs, hostile_opens)
             doc = edge_dict(certs, [port], {SVC: f"127.0.0.1:{closed}"})
             edge = Edge(edge_config_from_dict(doc, base_dir=tmp_path))
             t0 = trio.current_time()
@@ -161,7 +162,6 @@ async def test_a_cloud_that_sends_goaway_on_every_tunnel_gets_bounded_redials(
     once per reconnect.max, else after backoff) and holds at most two tunnels to the address, the
     live one and one draining; the draining one it closes itself."""
     certs = make_certs(tmp_path)
-    ctx = server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key")
     open_now, most, total = [0], [0], [0]
 
     async def goaway_at_once(tls: trio.SSLStream[trio.SocketStream]) -> None:
@@ -178,7 +178,7 @@ async def test_a_cloud_that_sends_goaway_on_every_tunnel_gets_bounded_redials(
             open_now[0] -= 1
 
     async with trio.open_nursery() as n:
-        port = await n.start(serve_fake_cloud, ctx, goaway_at_once)
+        port = await n.start(serve_fake_cloud, certs, goaway_at_once)
         doc = edge_dict(certs, [port], {SVC: "127.0.0.1:9"}, drain_timeout=30.0)
         doc["reconnect"] = {"initial": 0.1, "max": 0.5}
         edge = Edge(edge_config_from_dict(doc, base_dir=tmp_path))
@@ -208,10 +208,9 @@ async def test_an_uplink_refusal_message_from_the_cloud_is_logged_escaped(
     tmp_path: Path, formatter: type[logging.Formatter]
 ) -> None:
     certs = make_certs(tmp_path)
-    ctx = server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key")
     with captured_log(formatter()) as buf:
         async with trio.open_nursery() as n:
-            port = await n.start(serve_fake_cloud, ctx, refuses_uplinks)
+            port = await n.start(serve_fake_cloud, certs, refuses_uplinks)
             doc = edge_dict(
                 certs, [port], {SVC: "127.0.0.1:9"}, uplinks={"127.0.0.1:0": "registry:5000"}
             )
