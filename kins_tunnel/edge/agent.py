@@ -111,6 +111,11 @@ def _failure_reason(exc: BaseException) -> str:
     return failure_label(exc, _SETUP_FAILURES, verify_default="verify_failed", default="protocol")
 
 
+def _label(ip: str, port: int) -> str:
+    """How a tunnel's cloud address is shown (status, logs, the `peer` label)."""
+    return f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}"
+
+
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
@@ -224,6 +229,11 @@ class Edge:
 
     def status(self) -> tuple[int, str, bytes]:
         now = trio.current_time()
+        draining = [  # tunnels finishing their streams after the cloud's GOAWAY
+            (_label(ip, port), k.draining)
+            for (_entry, ip, port), k in self._keepers.items()
+            if k.draining is not None
+        ]
         tunnels = [
             {
                 "cloud": a,
@@ -233,7 +243,7 @@ class Edge:
                 "draining": not s.usable,
                 **self.cloud_certs.get(a, {}),
             }
-            for a, s in self.sessions.items()
+            for a, s in [*self.sessions.items(), *draining]
         ]
         doc = {
             "unit": self.identity.unit,
@@ -342,7 +352,7 @@ class Edge:
 
     async def _keeper(self, key: tuple[str, str, int], server_name: str, keeper: _Keeper) -> None:
         _entry, ip, port = key
-        label = f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}"
+        label = _label(ip, port)
         b = self.cfg.reconnect
         attempt = 0
         with keeper.scope:

@@ -80,7 +80,7 @@ async def test_a_goaway_makes_the_edge_dial_a_replacement_at_once_and_close_the_
             await n.start(relay.serve)
             await fk.wait_cloud_up(a)
             await fk.wait_cloud_up(b)
-            ps.edge(
+            edge = ps.edge(
                 f"127.0.0.1:{relay.port}",
                 {SVC: f"127.0.0.1:{echo}"},
                 drain_timeout=3.0,
@@ -98,7 +98,11 @@ async def test_a_goaway_makes_the_edge_dial_a_replacement_at_once_and_close_the_
                 replaced = time.monotonic() - t0
                 fk.figure("edge on the new replica after GOAWAY", replaced, "s")
                 assert replaced < 2.0, replaced
-                await echo_roundtrip(held, b"draining")  # the old tunnel still carries its stream
+                await echo_roundtrip(held, b"draining")
+                tunnels = (await fk.edge_status(edge))["tunnels"]
+                assert sorted(t["draining"] for t in tunnels) == [False, True], (
+                    tunnels
+                )  # the old tunnel still carries its stream
                 assert await fk.connect_status(b.proxy, SVC) == 200
                 how, _ = await fk.read_until_end(held, 10)
                 closed = time.monotonic() - t0
