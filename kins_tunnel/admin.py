@@ -18,9 +18,9 @@ from typing import Protocol
 import h11
 import trio
 
+from kins_tunnel.config import AdminSettings
 from kins_tunnel.httpanswer import error_answer
 from kins_tunnel.metrics import Metrics
-from kins_tunnel.names import Address
 from kins_tunnel.transport.listen import serve_port
 
 log = logging.getLogger("kins_tunnel.admin")
@@ -38,7 +38,9 @@ def text(status: int, body: str) -> tuple[int, str, bytes]:
 class Served(Protocol):
     """What the admin endpoint reports on: a cloud or an edge."""
 
-    ready: bool
+    @property
+    def ready(self) -> bool: ...
+
     not_ready: str  # the /readyz body while not ready
     metrics: Metrics
 
@@ -46,13 +48,17 @@ class Served(Protocol):
 
 
 async def serve_admin(
-    listen: Address,
+    settings: AdminSettings,
     served: Served,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve /healthz, /readyz (200, or 503 while `served.ready` is false), /metrics and /status
-    until cancelled; `task_status.started(port)` once listening."""
+    on `settings.listen` until cancelled; `task_status.started(port)` once listening. At most
+    `settings.max_connections` at once (beyond: closed at accept); a connection gets
+    `settings.idle_timeout` seconds for its exchange. Both are counted in
+    `kins_tunnel_listener_limits_total{listener="admin"}`."""
+    limits = served.metrics.listener_limits
     routes: dict[str, Route] = {
         "/healthz": lambda: text(200, "ok\n"),
         "/readyz": lambda: text(200, "ready\n") if served.ready else text(503, served.not_ready),
@@ -60,11 +66,18 @@ async def serve_admin(
         "/status": served.status,
     }
     await serve_port(
-        listen,
+        settings.listen,
         "admin.listen",
-        functools.partial(_handle, routes=routes),
+        functools.partial(
+            _handle,
+            routes=routes,
+            timeout=settings.idle_timeout,
+            on_timeout=limits.labels("admin", "idle_timeout").inc,
+        ),
         where="admin",
         report=served.metrics.report_internal_error,
+        max_connections=settings.max_connections,
+        on_refused=limits.labels("admin", "max_connections").inc,
         task_status=task_status,
     )
 
@@ -85,9 +98,15 @@ def answer(
     return (*route(), [])
 
 
-async def _handle(stream: trio.SocketStream, *, routes: dict[str, Route]) -> None:
+async def _handle(
+    stream: trio.SocketStream,
+    *,
+    routes: dict[str, Route],
+    timeout: float = TIMEOUT,
+    on_timeout: Callable[[], object] = lambda: None,
+) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
-    with trio.move_on_after(TIMEOUT):
+    with trio.move_on_after(timeout) as scope:
         try:
             request = None
             while request is None:
@@ -117,3 +136,5 @@ async def _handle(stream: trio.SocketStream, *, routes: dict[str, Route]) -> Non
             await stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+    if scope.cancelled_caught:
+        on_timeout()

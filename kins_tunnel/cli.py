@@ -20,6 +20,7 @@ import trio
 
 from kins_tunnel import __version__
 from kins_tunnel.errors import UserError
+from kins_tunnel.names import redact_url
 
 log = logging.getLogger("kins_tunnel")
 
@@ -80,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PEM",
         help="K3s server CA; replaces the kubeconfig's CA or insecure-skip-tls-verify",
+    )
+    k.add_argument(
+        "--proxy-credentials-file",
+        default=None,
+        metavar="FILE",
+        help="proxy credentials (one line user:password) to put in the written proxy-url, so "
+        "that they are not on the command line; or a user in --proxy-url and the password in "
+        "$KINS_TUNNEL_PROXY_PASSWORD",
     )
     k.add_argument(
         "--service-ip",
@@ -194,7 +203,9 @@ def _status(admins: list[str], as_json: bool) -> None:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 docs.append(json.load(resp))
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise UserError(f"cannot read {url}: {getattr(exc, 'reason', exc)}") from exc
+            raise UserError(
+                f"cannot read {redact_url(url)}: {redact_url(str(getattr(exc, 'reason', exc)))}"
+            ) from exc
     if as_json:
         print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=1))
         return
@@ -322,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 proxy_ca=args.proxy_ca,
                 server_ca=args.server_ca,
                 service_ip=args.service_ip,
+                proxy_credentials_file=args.proxy_credentials_file,
             )
         elif args.cmd == "connect":
             from kins_tunnel.connect import main_connect

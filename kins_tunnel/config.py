@@ -42,6 +42,7 @@ from kins_tunnel.names import (
 )
 from kins_tunnel.proto import LimitError, MuxConfig
 from kins_tunnel.transport.http_proxy import parse_proxy_url
+from kins_tunnel.transport.writer import OUTPUT_HIGH_WATER
 from kins_tunnel.yamlcheck import Section, read_yaml
 
 KiB, MiB = 1024, 1024 * 1024
@@ -132,6 +133,8 @@ class AliasDiscovery:
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
     listen: Address
+    max_connections: int = 64  # beyond: a new connection is closed at once (counted)
+    idle_timeout: float = 10.0  # seconds from accept for a whole request and answer
 
 
 _CLOUD_ADMIN = AdminSettings(Address("127.0.0.1", 9090))
@@ -179,6 +182,17 @@ class UplinkProxy:
     """The edge's local HTTP CONNECT proxy into uplinks (`uplink_proxy`)."""
 
     listen: Address = Address("127.0.0.1", 3128)
+    max_connections: int = 256  # beyond: a new connection is closed at once (counted)
+    idle_timeout: float = 3600.0  # a relay with no bytes either way for this long is closed
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkListener:
+    """One entry of the edge's `uplinks` in its long form (the short form is the target alone)."""
+
+    target: str
+    max_connections: int = 256  # beyond: a new connection is closed at once (counted)
+    idle_timeout: float = 3600.0  # a relay with no bytes either way for this long is closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +217,18 @@ class EdgeConfig:
         10.0  # seconds for the cloud to answer an uplink open (its dial included)
     )
     uplink_proxy: UplinkProxy | None = None  # None: no local CONNECT proxy
+    # local listen address -> its limits (every key of `uplinks` has one)
+    uplink_limits: Mapping[Address, UplinkListener] = field(
+        default_factory=lambda: types.MappingProxyType({})
+    )
+    max_tunnels: int = 3  # keepers (tunnels to cloud addresses) at once, whatever DNS answers
+    memory_budget: int = 256 * MiB  # what all tunnels together may buffer (`tunnel_buffer_bound`)
+
+
+def tunnel_buffer_bound(mux: MuxConfig) -> int:
+    """Bytes one tunnel may hold whatever the traffic: received, unconsumed data
+    (``session_budget + 16 KiB x max_streams``) plus the queue of output that makes senders wait."""
+    return mux.session_budget + 16 * KiB * mux.max_streams + OUTPUT_HIGH_WATER
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -287,7 +313,8 @@ def edge_config_from_dict(
     admin = None
     if not (top.has("admin") and top.data["admin"] is None):  # `admin: null` disables it
         admin = top.section("admin", AdminSettings).build(AdminSettings, defaults=_EDGE_ADMIN)
-    return EdgeConfig(  # arguments run in order: a typo in a section beats a missing key
+    uplinks, uplink_limits = _edge_uplinks(top)
+    cfg = EdgeConfig(  # arguments run in order: a typo in a section beats a missing key
         reconnect=_backoff(top.section("reconnect", Backoff)),
         admin=admin,
         mux=_mux(top.section("mux", MuxConfig)),
@@ -295,13 +322,28 @@ def edge_config_from_dict(
         proxy=_site_proxy(top.section("proxy", SiteProxy))
         if top.data.get("proxy") is not None
         else None,
-        uplinks=_edge_uplinks(top),
+        uplinks=uplinks,
+        uplink_limits=uplink_limits,
         uplink_proxy=_uplink_proxy(top),
         **top.scalars(),
         cloud=_cloud_addresses(top),
         tls=_tls(top),
         services=_services(top),
     )
+    _check_memory_budget(cfg, top)
+    return cfg
+
+
+def _check_memory_budget(cfg: EdgeConfig, top: Section) -> None:
+    per_tunnel = tunnel_buffer_bound(cfg.mux)
+    if cfg.max_tunnels * per_tunnel > cfg.memory_budget:
+        top.fail(
+            "memory_budget",
+            f"{cfg.memory_budget} bytes is less than max_tunnels ({cfg.max_tunnels}) x "
+            f"{per_tunnel} bytes that one tunnel may buffer (mux.session_budget + 16 KiB x "
+            "mux.max_streams + 512 KiB of output): lower max_tunnels or those mux keys, or raise "
+            "memory_budget",
+        )
 
 
 def _tls(top: Section) -> TLSFiles:
@@ -392,18 +434,30 @@ def _cloud_uplinks(top: Section, cluster_domain: str) -> Mapping[str, frozenset[
     return types.MappingProxyType(out)
 
 
-def _edge_uplinks(top: Section) -> Mapping[Address, str]:
+def _edge_uplinks(
+    top: Section,
+) -> tuple[Mapping[Address, str], Mapping[Address, UplinkListener]]:
+    """`uplinks`: listen address -> target, and -> its limits. A value is the target, or a
+    mapping with `target`, `max_connections` and `idle_timeout`."""
     out: dict[Address, str] = {}
+    limits: dict[Address, UplinkListener] = {}
     for key, value, where in top.entries("uplinks", '"listen host:port": "cloud-side host:port"'):
         if not isinstance(key, str):
             top.fail(where, 'a listen address must be a "host:port" string (quote it)')
         listen = top.address(where, key)
+        entry = UplinkListener("")
+        if isinstance(value, Mapping):
+            sec = Section(top.source, top.base_dir, where, value, UplinkListener)
+            value = sec.required("target")
+            entry = sec.build(UplinkListener)
+            where = sec.where("target")
         top.target(
             where, value, expected='a cloud-side "host:port" string', error_prefix="bad target: "
         )
         target = dial_target(str(value))  # sent as written: the cloud dials this name
         top.unique(out, listen, target, where, "listen address")
-    return types.MappingProxyType(out)
+        limits[listen] = UplinkListener(target, entry.max_connections, entry.idle_timeout)
+    return types.MappingProxyType(out), types.MappingProxyType(limits)
 
 
 def _uplink_proxy(top: Section) -> UplinkProxy | None:

@@ -15,12 +15,14 @@ proxy stops the upload only: the download decides how the command ends.
 Credentials, sent as Basic: ``--proxy-user user:password``, or ``--proxy-user user`` with the
 password in ``$KINS_TUNNEL_PROXY_PASSWORD`` (not visible in ``ps``), or in the URL
 (``http://user:password@host:port``, percent-encoded; a URL user without password also takes the
-variable); ``--proxy-user`` wins over the URL. ``--proxy-token-file FILE`` sends the first line of
-FILE as a Bearer token. An ``https://`` proxy that asks for a client certificate (the cloud's
+variable), or ``--proxy-credentials-file FILE`` (one line ``user:password``, as the edge's
+``proxy.credentials_file``); ``--proxy-user`` and the file win over the URL. ``--proxy-token-file
+FILE`` sends the first line of FILE as a Bearer token. Error messages never show a password. An ``https://`` proxy that asks for a client certificate (the cloud's
 ``proxy.tls.client_ca``) gets ``--proxy-cert``/``--proxy-key``.
 
 Errors are one line on stderr (``kins-tunnel connect: ...``; a refusal shows the proxy's status,
-reason and the first line of a text/plain body). Exit codes: `Exit`.
+reason and the first line of a text/plain body). Exit codes: `Exit`. A HOST:PORT with a space, a
+control or a non-ASCII character is a usage error (exit 2): it could not go on a request line.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import trio
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address
 from kins_tunnel.transport.http_proxy import (
+    PASSWORD_ENV,
     ProxyError,
     ProxyRefused,
     ProxyURL,
@@ -52,10 +55,10 @@ from kins_tunnel.transport.http_proxy import (
     connect_error_text,
     http_connect,
     parse_proxy_url,
+    read_credentials_file,
 )
 from kins_tunnel.transport.tls_client import TLSClient
 
-PASSWORD_ENV = "KINS_TUNNEL_PROXY_PASSWORD"
 CHUNK = 256 * 1024
 PIPE_SIZE = 1024 * 1024  # the default limit for unprivileged processes (/proc/sys/fs/pipe-max-size)
 
@@ -91,6 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     auth.add_argument(
         "--proxy-token-file", metavar="FILE", help="send the first line of FILE as a Bearer token"
+    )
+    auth.add_argument(
+        "--proxy-credentials-file",
+        metavar="FILE",
+        help="Basic credentials from FILE: one line user:password (kept out of ps)",
     )
     p.add_argument(
         "--proxy-cacert",
@@ -132,6 +140,8 @@ class Plan:
 def plan_from_args(args: argparse.Namespace) -> Plan:
     """Check the arguments and read the credential files; `UserError` naming the option."""
     text = args.target
+    if any(not 0x21 <= ord(c) <= 0x7E for c in text):
+        raise UserError(f"HOST:PORT: {text!r} holds a space, a control or a non-ASCII character")
     host, _, port = text.rpartition(":")
     with contextlib.suppress(ValueError):  # ssh's %h is a bare IPv6 address: ::1:22
         text = f"[{ipaddress.IPv6Address(host)}]:{port}"
@@ -210,6 +220,15 @@ def _authorization(args: argparse.Namespace, proxy: ProxyURL) -> bytes | None:
                 f"--proxy-token-file: {args.proxy_token_file}: expected a token on the first line"
             )
         return bearer_authorization(token)
+    if args.proxy_credentials_file:
+        path = args.proxy_credentials_file
+        try:
+            user_bytes, password_bytes = read_credentials_file(Path(path))
+        except OSError as exc:
+            raise UserError(f"--proxy-credentials-file: {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise UserError(f"--proxy-credentials-file: {path}: {exc}") from None
+        return basic_authorization(user_bytes, password_bytes)
     if args.proxy_user is not None:
         user, sep, password = args.proxy_user.partition(":")
         where = "--proxy-user"

@@ -27,6 +27,17 @@ the K3s CA (``--server-ca``), which replaces the insecure flag. client-go also c
 against a cluster's ``tls-server-name``, a K3s name no proxy certificate may carry: with a proxy
 CA, such a cluster is refused (without one, a note says so).
 
+Insecure clusters: with an http proxy and no ``--server-ca``, ``insecure-skip-tls-verify: true``
+is kept (kubectl verifies nothing either way), and a warning says what it means.
+
+Relative file paths (a cluster's ``certificate-authority``, a user's ``client-certificate``,
+``client-key`` and ``tokenFile``) are made absolute against the input file's directory (the
+current directory for stdin), so the written kubeconfig works wherever it is put.
+
+Credentials: the proxy-url may carry ``user:password``; to keep the password out of ``ps``, give
+the URL with the user only and the password in ``$KINS_TUNNEL_PROXY_PASSWORD``, or no user and
+``--proxy-credentials-file`` (one line ``user:password``). Messages show a URL's password as ``***``.
+
 This module owns the rewrite and its validation; errors are `UserError` with a one-line message.
 """
 
@@ -41,7 +52,7 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
 from cryptography import x509
@@ -49,6 +60,7 @@ from cryptography import x509
 from kins_tunnel.certs import name_permitted
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import redact_url
+from kins_tunnel.transport.http_proxy import PASSWORD_ENV, read_credentials_file
 
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
@@ -198,6 +210,55 @@ def _point_at_tunnel(
     return out
 
 
+_CLUSTER_PATHS = ("certificate-authority",)
+_USER_PATHS = ("client-certificate", "client-key", "tokenFile")
+
+
+def _absolute_paths(doc: dict[str, Any], base_dir: Path) -> None:
+    """Make the relative file paths of every cluster and user absolute against `base_dir`."""
+    for section, inner, keys in (
+        ("clusters", "cluster", _CLUSTER_PATHS),
+        ("users", "user", _USER_PATHS),
+    ):
+        for entry in doc.get(section) or []:
+            fields = entry.get(inner) if isinstance(entry, dict) else None
+            if not isinstance(fields, dict):
+                continue
+            for key in keys:
+                value = fields.get(key)
+                if isinstance(value, str) and value and not value.startswith(("/", "~")):
+                    fields[key] = str(base_dir.resolve() / value)
+
+
+def with_password(proxy_url: str, credentials_file: str | None) -> str:
+    """`proxy_url` with the password put in: from `credentials_file` (``user:password``; the URL
+    must then have no user), else, for a URL with a user and no password, from
+    ``$KINS_TUNNEL_PROXY_PASSWORD`` when it is set. `UserError` naming the option."""
+    parts = urlsplit(proxy_url)
+    has_user = "@" in parts.netloc
+    if credentials_file is not None:
+        if has_user:
+            raise UserError(
+                "--proxy-credentials-file: the proxy URL carries credentials too: give them once"
+            )
+        try:
+            user, password = read_credentials_file(Path(credentials_file))
+        except OSError as exc:
+            raise UserError(
+                f"--proxy-credentials-file: {credentials_file}: {exc.strerror or exc}"
+            ) from None
+        except ValueError as exc:
+            raise UserError(f"--proxy-credentials-file: {credentials_file}: {exc}") from None
+        userinfo = f"{quote(user, safe='')}:{quote(password, safe='')}"
+    else:
+        secret = os.environ.get(PASSWORD_ENV)
+        if not has_user or parts.password is not None or secret is None:
+            return proxy_url
+        userinfo = f"{parts.netloc.rpartition('@')[0]}:{quote(secret, safe='')}"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, f"{userinfo}@{host}", parts.path, "", ""))
+
+
 def _cluster_ca(
     cluster: dict[str, Any], base_dir: Path, server_ca: bytes | None, name: str
 ) -> bytes:
@@ -246,6 +307,7 @@ def rewrite_kubeconfig(
     service_ip: str | None = None,
     base_dir: Path = Path("."),
     notes: list[str] | None = None,
+    warnings: list[str] | None = None,
 ) -> str:
     """Return the kubeconfig `text` rewritten to reach `unit`'s K3s cluster through the tunnel.
 
@@ -261,7 +323,8 @@ def rewrite_kubeconfig(
     ``certificate-authority(-data)``, read relative to `base_dir`) and `proxy_ca`;
     ``insecure-skip-tls-verify`` is dropped. `server_ca` alone replaces the CA (and the insecure
     flag) with an http proxy too. Advice that is not an error is appended to `notes`. Raises
-    `UserError` for a bad unit, proxy URL, CA or kubeconfig.
+    `UserError` for a bad unit, proxy URL, CA or kubeconfig. Relative paths are made absolute
+    against `base_dir`; a cluster left with ``insecure-skip-tls-verify`` adds to `warnings`.
     """
     _check_unit(unit)
     _check_proxy_url(proxy_url)
@@ -276,6 +339,7 @@ def rewrite_kubeconfig(
         raise UserError("--proxy-ca is only for an https proxy URL")
     proxy_pem = None if proxy_ca is None else _pem_certificates(proxy_ca, "--proxy-ca")
     doc = _load(text)
+    _absolute_paths(doc, base_dir)
     server = service_server(unit) if service_ip is None else ip_server(service_ip)
     if proxy_pem is not None:
         host = urlsplit(server).hostname or ""
@@ -300,6 +364,14 @@ def rewrite_kubeconfig(
                 "certificate would have to carry a K3s name; remove tls-server-name"
             )
         entry["cluster"] = _point_at_tunnel(cluster, server, proxy_url, ca_data)
+        if entry["cluster"].get("insecure-skip-tls-verify") and warnings is not None:
+            warnings.append(
+                f"cluster {name!r} keeps insecure-skip-tls-verify: kubectl will not check that it "
+                "talks to this unit's K3s, so whoever can answer for the name through the proxy "
+                "(a wrong route, a compromised edge or proxy) gets the kubeconfig's credentials; "
+                "give --server-ca (the K3s server CA, "
+                "/var/lib/rancher/k3s/server/tls/server-ca.crt) to verify it"
+            )
     dumped: str = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1 << 30)
     return dumped
 
@@ -348,6 +420,7 @@ def main_kubeconfig(
     proxy_ca: str | None = None,
     server_ca: str | None = None,
     service_ip: str | None = None,
+    proxy_credentials_file: str | None = None,
 ) -> int:
     """`kins-tunnel kubeconfig`: rewrite the kubeconfig at `input_path` into `output_path`.
 
@@ -356,17 +429,22 @@ def main_kubeconfig(
     as one line by the CLI) for anything the operator must fix; notes go to stderr.
     """
     notes: list[str] = []
+    warnings: list[str] = []
     base_dir = Path(".") if input_path in (None, "-") else Path(str(input_path)).parent
+    _check_proxy_url(proxy_url)  # before a password is put in
     result = rewrite_kubeconfig(
         _read(input_path),
         unit=unit,
-        proxy_url=proxy_url,
+        proxy_url=with_password(proxy_url, proxy_credentials_file),
         proxy_ca=_read_pem(proxy_ca, "--proxy-ca"),
         server_ca=_read_pem(server_ca, "--server-ca"),
         service_ip=service_ip,
         base_dir=base_dir,
         notes=notes,
+        warnings=warnings,
     )
+    for warning in warnings:
+        print(f"kins-tunnel: warning: {warning}", file=sys.stderr)
     for note in notes:
         print(f"kins-tunnel: note: {note}", file=sys.stderr)
     if output_path in (None, "-"):

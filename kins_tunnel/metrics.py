@@ -176,6 +176,13 @@ _COUNTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "Live relays of proxy TLS clients closed because their certificate was revoked",
         (),
     ),
+    (
+        "listener_limits",
+        "listener_limits",
+        "Connections ended by a listener's limit, by listener (admin, uplink, uplink_proxy) and "
+        "reason: max_connections (closed at accept), idle_timeout",
+        ("listener", "reason"),
+    ),
     ("uplinks", "uplinks", "Uplink streams (edge to cloud-side target) opened", ()),
     (
         "uplink_refusals",
@@ -211,6 +218,7 @@ class Metrics:
     proxy_limits: Counter
     proxy_early_closes: Counter
     revoked_clients_closed: Counter
+    listener_limits: Counter
     uplinks: Counter
     uplink_refusals: Counter
     uplink_bytes: Counter

@@ -235,7 +235,7 @@ def test_cloud_errors(data: dict[str, Any], message: str) -> None:
         ),
         (
             {"uplink_proxy": {"lsiten": "127.0.0.1:3128"}},
-            "uplink_proxy.lsiten: unknown key (expected one of: listen)",
+            "uplink_proxy.lsiten: unknown key (expected one of: listen, max_connections, idle_timeout)",
         ),
         ({"uplink_proxy": "127.0.0.1:3128"}, "uplink_proxy: expected a mapping, got string"),
         (

@@ -234,7 +234,10 @@ def test_edge_daemonset_runs_on_edge_nodes_in_the_host_network() -> None:
     c = container(DAEMONSET)
     assert c["args"] == ["edge", "--config", "/etc/kins-tunnel/edge.yaml"]
     assert port_of(EDGE["admin"]["listen"]) == 9091
-    assert EDGE["admin"]["listen"].startswith("0.0.0.0:")
+    # hostNetwork: 0.0.0.0 would be every address of the node, open to the whole site network
+    assert EDGE["admin"]["listen"].startswith("127.0.0.1:")
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["host"] == "127.0.0.1"
 
 
 def test_shared_edge_config_only_serves_unit_names() -> None:

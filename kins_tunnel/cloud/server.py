@@ -272,7 +272,7 @@ class Cloud:
             if self.cfg.proxy.listen is not None:
                 proxy_port = await nursery.start(serve_proxy, self.proxy)
             tls_port = 0 if self.proxy_tls is None else await nursery.start(self.proxy_tls.serve)
-            admin_port = await nursery.start(serve_admin, self.cfg.admin.listen, self)
+            admin_port = await nursery.start(serve_admin, self.cfg.admin, self)
             self.ready = True
             log.info(
                 "tunnel-cloud up",

@@ -17,6 +17,20 @@ An address that leaves DNS (a replica scaled away, or not ready) is retired gent
 stops reconnecting, the tunnel gets GOAWAY (the cloud opens nothing new on it) and is closed once
 its streams are done, or after `drain_timeout`.
 
+A GOAWAY from the cloud (a replica shutting down, maybe behind the one address of a NodePort)
+hands the keeper back at once: it dials a replacement straight away (at most once per
+`reconnect.max`; more often, the usual backoff applies) while the old tunnel finishes its streams
+and is closed when they are done or after the edge's own `drain_timeout`, whatever the cloud does.
+A keeper holds at most one such draining tunnel besides its live one.
+
+A failed HELLO exchange (the cloud closed the connection: revoked, refused or shed; no HELLO in
+time; a version in common missing; a malformed HELLO) is an ordinary refusal: counted under its
+reason in `handshake_failures_total` and logged as one warning, like a failed TLS set-up.
+
+Bounds: at most `max_tunnels` keepers whatever DNS answers (`memory_budget` holds that many
+tunnels' buffers: `config`), and at start-up the open-file limit must cover every tunnel's
+streams and every listener's `max_connections` (`check_open_files`).
+
 Through a site proxy (`proxy:`), each keeper's TCP connection is a CONNECT to the address through
 that proxy, inside the same `handshake_timeout` as the TLS handshake; a refusal by the proxy is a
 failed set-up like any other (reason `proxy`). A name that does not resolve on the edge is handed to
@@ -34,10 +48,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import random
+import resource
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +90,8 @@ class _Keeper:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     retired: bool = False
     session: Session | None = None
+    draining: Session | None = None  # the previous tunnel, finishing its streams after a GOAWAY
+    replaced_at: float = -math.inf  # when a GOAWAY last made this keeper dial again at once
 
 
 _SETUP_FAILURES = (  # text in the error -> label
@@ -91,6 +109,27 @@ def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, ProxyError):  # the site proxy refused or garbled its answer
         return "proxy"
     return failure_label(exc, _SETUP_FAILURES, verify_default="verify_failed", default="protocol")
+
+
+def _label(ip: str, port: int) -> str:
+    """How a tunnel's cloud address is shown (status, logs, the `peer` label)."""
+    return f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}"
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def hello_failure_reason(session: Session) -> str:
+    """The handshake_failures reason of a tunnel whose HELLO exchange failed: `version` (no
+    protocol version in common), `timeout` (a silent cloud: no HELLO within handshake_timeout),
+    `protocol` (a malformed HELLO) or `refused` (the cloud ended the connection before its HELLO:
+    a revoked or refused identity, or a cloud shedding load; its own log says which)."""
+    failure = session.handshake_failure or "protocol"
+    if failure == "protocol" and not session.close_reason.startswith("protocol error"):
+        return "refused"
+    return failure
 
 
 def backoff_delay(
@@ -113,6 +152,39 @@ def _cert_summary(der: bytes | None) -> dict[str, object]:
         "cloud_cert_serial": format(cert.serial_number, "x"),
         "cloud_cert_not_after": cert.not_valid_after_utc.isoformat(),
     }
+
+
+OPEN_FILES_RESERVE = 64  # descriptors for logs, certificate files, DNS, the listening sockets
+
+
+def open_files_needed(cfg: EdgeConfig) -> int:
+    """Descriptors the edge may hold at once under its configured limits: per tunnel its socket and
+    one target socket per stream the cloud may open, plus every listener's connections."""
+    need = cfg.max_tunnels * (1 + cfg.mux.max_streams) + OPEN_FILES_RESERVE
+    if cfg.admin is not None:
+        need += cfg.admin.max_connections
+    need += sum(limits.max_connections for limits in cfg.uplink_limits.values())
+    if cfg.uplink_proxy is not None:
+        need += cfg.uplink_proxy.max_connections
+    return need
+
+
+def check_open_files(cfg: EdgeConfig) -> None:
+    """Make sure RLIMIT_NOFILE covers `open_files_needed`: raise the soft limit up to the hard one
+    if it must, else a one-line UserError naming the keys that set the need."""
+    need = open_files_needed(cfg)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return
+    raise UserError(
+        f"the open-file limit (RLIMIT_NOFILE: soft {soft}, hard {hard}) is below the {need} "
+        f"descriptors this configuration may need (max_tunnels {cfg.max_tunnels} x (1 + "
+        f"mux.max_streams {cfg.mux.max_streams}) + admin, uplink and uplink_proxy "
+        f"max_connections + {OPEN_FILES_RESERVE}): raise the limit (ulimit -n) or lower those keys"
+    )
 
 
 def own_identity(cert_path: str) -> EdgeIdentity:
@@ -141,6 +213,7 @@ class Edge:
         self.uplinks = Uplinks(cfg, self.metrics, lambda: list(self.sessions.items()))
         self._rng = rng or random.Random()
         self._keepers: dict[tuple[str, str, int], _Keeper] = {}
+        self._skipped: dict[str, int] = {}  # cloud entry -> addresses beyond max_tunnels
         self.cloud_certs: dict[str, dict[str, object]] = {}  # "address" -> serial/not_after seen
         self.draining = False
         self.connects = 0  # successful tunnel set-ups, for tests and status
@@ -156,6 +229,11 @@ class Edge:
 
     def status(self) -> tuple[int, str, bytes]:
         now = trio.current_time()
+        draining = [  # tunnels finishing their streams after the cloud's GOAWAY
+            (_label(ip, port), k.draining)
+            for (_entry, ip, port), k in self._keepers.items()
+            if k.draining is not None
+        ]
         tunnels = [
             {
                 "cloud": a,
@@ -165,7 +243,7 @@ class Edge:
                 "draining": not s.usable,
                 **self.cloud_certs.get(a, {}),
             }
-            for a, s in self.sessions.items()
+            for a, s in [*self.sessions.items(), *draining]
         ]
         doc = {
             "unit": self.identity.unit,
@@ -178,10 +256,11 @@ class Edge:
     async def run(
         self, *, task_status: trio.TaskStatus[EdgePorts] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        check_open_files(self.cfg)
         async with trio.open_nursery() as nursery:
             admin_port = None
             if self.cfg.admin is not None:
-                admin_port = await nursery.start(serve_admin, self.cfg.admin.listen, self)
+                admin_port = await nursery.start(serve_admin, self.cfg.admin, self)
             if self.uplinks.enabled:
                 await nursery.start(self.uplinks.serve)
             log.info(
@@ -224,13 +303,31 @@ class Edge:
                     "cloud replica address vanished", extra={"cloud": entry, "address": key[1]}
                 )
                 self._retire(self._keepers.pop(key), nursery)
-            for key in sorted(wanted - set(self._keepers)):
+            new = sorted(wanted - set(self._keepers))
+            room = max(0, self.cfg.max_tunnels - len(self._keepers))
+            self._note_skipped(entry, new[room:])
+            for key in new[:room]:
                 keeper = _Keeper()
                 self._keepers[key] = keeper
                 nursery.start_soon(self._keeper, key, addr.host, keeper)
             await trio.sleep(
                 self.cfg.resolve_interval if ips else min(self.cfg.resolve_interval, 5.0)
             )
+
+    def _note_skipped(self, entry: str, skipped: list[tuple[str, str, int]]) -> None:
+        """Warn (when the number changes) about addresses left without a tunnel by max_tunnels."""
+        if len(skipped) != self._skipped.get(entry, 0):
+            self._skipped[entry] = len(skipped)
+            if skipped:
+                log.warning(
+                    "cloud addresses left without a tunnel: max_tunnels reached",
+                    extra={
+                        "cloud": entry,
+                        "max_tunnels": self.cfg.max_tunnels,
+                        "skipped": ",".join(k[1] for k in skipped[:8]),
+                        "count": len(skipped),
+                    },
+                )
 
     def _retire(self, keeper: _Keeper, nursery: trio.Nursery) -> None:
         """Stop reconnecting to an address; let its tunnel's streams finish, then close it."""
@@ -243,36 +340,94 @@ class Edge:
         nursery.start_soon(self._close_when_idle, keeper, session)
 
     async def _close_when_idle(self, keeper: _Keeper, session: Session) -> None:
-        with trio.move_on_after(self.cfg.drain_timeout):
-            while session.statistics().streams and not session.closed.is_set():
-                await trio.sleep(0.1)
+        await self._wait_idle(session)
         session.close("cloud address left DNS")
         keeper.scope.cancel()
 
+    async def _wait_idle(self, session: Session) -> None:
+        """Until `session` has no streams or is closed, for `drain_timeout` at the most."""
+        with trio.move_on_after(self.cfg.drain_timeout):
+            while session.statistics().streams and not session.closed.is_set():
+                await trio.sleep(0.1)
+
     async def _keeper(self, key: tuple[str, str, int], server_name: str, keeper: _Keeper) -> None:
         _entry, ip, port = key
-        label = f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}"
+        label = _label(ip, port)
         b = self.cfg.reconnect
         attempt = 0
         with keeper.scope:
-            while not self.draining and not keeper.retired:
-                started = trio.current_time()
-                try:
-                    await self._one_tunnel(label, ip, port, server_name, keeper)
-                except (TransportError, RemoteProtocolError, trio.TooSlowError, OSError) as exc:
-                    self.metrics.handshake_failures.labels(_failure_reason(exc)).inc()
-                    log.warning(
-                        "tunnel to cloud failed",
-                        extra={"cloud": label, "reason": str(exc) or "timeout"},
-                    )
-                except Exception as exc:  # a bug: this tunnel ends, the edge reconnects as usual
-                    self.metrics.report_internal_error("edge_tunnel", exc)
-                if self.draining or keeper.retired:
-                    return
-                attempt = 0 if trio.current_time() - started >= b.stable_after else attempt + 1
-                delay = backoff_delay(attempt, b.initial, b.max, b.multiplier, self._rng)
-                log.info("reconnecting", extra={"cloud": label, "in_seconds": round(delay, 2)})
-                await trio.sleep(delay)
+            async with trio.open_nursery() as tunnels:  # a tunnel draining after GOAWAY lives here
+                while not self.draining and not keeper.retired:
+                    started = trio.current_time()
+                    at_once = await self._attempt(tunnels, label, ip, port, server_name, keeper)
+                    if self.draining or keeper.retired:
+                        return
+                    now = trio.current_time()
+                    attempt = 0 if now - started >= b.stable_after else attempt + 1
+                    if at_once and now - keeper.replaced_at >= b.max:  # at most once per b.max
+                        keeper.replaced_at = now
+                        log.info(
+                            "cloud sent GOAWAY: dialling a replacement", extra={"cloud": label}
+                        )
+                        continue
+                    delay = backoff_delay(attempt, b.initial, b.max, b.multiplier, self._rng)
+                    log.info("reconnecting", extra={"cloud": label, "in_seconds": round(delay, 2)})
+                    await trio.sleep(delay)
+
+    async def _attempt(
+        self,
+        tunnels: trio.Nursery,
+        label: str,
+        ip: str,
+        port: int,
+        server_name: str,
+        keeper: _Keeper,
+    ) -> bool:
+        """One tunnel of a keeper, until it ends or the cloud sends GOAWAY (the tunnel then drains
+        on in `tunnels`). True after a GOAWAY (a replacement is due at once), False otherwise."""
+        try:
+            at_once: bool = await tunnels.start(
+                self._tunnel_until_goaway, label, ip, port, server_name, keeper
+            )
+            return at_once
+        except (TransportError, RemoteProtocolError, trio.TooSlowError, OSError) as exc:
+            reason = _failure_reason(exc)
+            self.metrics.handshake_failures.labels(reason).inc()
+            log.warning(
+                "tunnel to cloud failed",
+                extra={"cloud": label, "label": reason, "reason": str(exc) or "timeout"},
+            )
+        except Exception as exc:  # a bug: this tunnel ends, the edge reconnects as usual
+            self.metrics.report_internal_error("edge_tunnel", exc)
+        return False
+
+    async def _tunnel_until_goaway(
+        self,
+        label: str,
+        ip: str,
+        port: int,
+        server_name: str,
+        keeper: _Keeper,
+        *,
+        task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run one tunnel; `task_status.started(True)` on the cloud's GOAWAY (then the tunnel
+        drains on here) or `started(False)` once it is over. A failure before that is raised."""
+        handed_over = False
+
+        def on_goaway() -> None:
+            nonlocal handed_over
+            handed_over = True
+            task_status.started(True)
+
+        try:
+            await self._one_tunnel(label, ip, port, server_name, keeper, on_goaway=on_goaway)
+        except Exception as exc:
+            if not handed_over:
+                raise
+            self.metrics.report_internal_error("edge_tunnel", exc)  # a bug while draining
+        if not handed_over:
+            task_status.started(False)
 
     @property
     def context(self) -> ssl.SSLContext:
@@ -280,7 +435,14 @@ class Edge:
         return self.tls.context
 
     async def _one_tunnel(
-        self, label: str, ip: str, port: int, server_name: str, keeper: _Keeper | None = None
+        self,
+        label: str,
+        ip: str,
+        port: int,
+        server_name: str,
+        keeper: _Keeper | None = None,
+        *,
+        on_goaway: Callable[[], None] | None = None,
     ) -> None:
         cfg = self.cfg
         await self.tls.refresh()  # renewed certificate files apply from this tunnel on
@@ -305,7 +467,7 @@ class Edge:
             report=self.metrics.report_internal_error,
         )
         try:
-            await self._serve_session(session, label, cloud_cert, keeper)
+            await self._serve_session(session, label, cloud_cert, keeper, on_goaway)
         except* trio.ClosedResourceError:
             # Session.close() (ping timeout, a failed write, drain) closes the socket under the
             # session's own reader/writer, which then raise ClosedResourceError out of serve().
@@ -313,13 +475,27 @@ class Edge:
             log.debug("tunnel closed under its reader", extra={"cloud": label})
 
     async def _serve_session(
-        self, session: Session, label: str, cloud_cert: dict[str, object], keeper: _Keeper | None
+        self,
+        session: Session,
+        label: str,
+        cloud_cert: dict[str, object],
+        keeper: _Keeper | None,
+        on_goaway: Callable[[], None] | None = None,
     ) -> None:
         cfg = self.cfg
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                functools.partial(session.serve, handshake_timeout=cfg.handshake_timeout)
-            )
+            try:
+                await nursery.start(
+                    functools.partial(session.serve, handshake_timeout=cfg.handshake_timeout)
+                )
+            except TransportError as exc:  # an ordinary refusal: counted and one warning line
+                reason = hello_failure_reason(session)
+                self.metrics.handshake_failures.labels(reason).inc()
+                log.warning(
+                    "tunnel to cloud failed",
+                    extra={"cloud": label, "label": reason, "reason": str(exc) or reason},
+                )
+                return
             self.sessions[label] = session
             self.cloud_certs[label] = cloud_cert
             if keeper is not None:
@@ -330,12 +506,41 @@ class Edge:
                 extra={"cloud": label, "unit": self.identity.unit, "node": self.identity.node},
             )
             try:
-                await session.closed.wait()
+                if keeper is None or on_goaway is None:
+                    await session.closed.wait()
+                else:
+                    await self._until_drained(session, label, keeper, on_goaway)
             finally:
                 if self.sessions.get(label) is session:
                     del self.sessions[label]
                     self.cloud_certs.pop(label, None)
                 log.info("tunnel down", extra={"cloud": label, "reason": session.close_reason})
+
+    async def _until_drained(
+        self, session: Session, label: str, keeper: _Keeper, on_goaway: Callable[[], None]
+    ) -> None:
+        """Until the tunnel is closed. On the cloud's GOAWAY, hand the keeper back at once (it dials
+        a replacement) and let the streams finish, closing the tunnel after `drain_timeout` at the
+        latest: a cloud that keeps a drained tunnel open must not hold the edge. A keeper has at
+        most one draining tunnel: an older one is closed when a newer one starts draining."""
+        async with trio.open_nursery() as watch:  # whichever comes first: closed or GOAWAY
+            for event in (session.closed, session.goaway_received):
+                watch.start_soon(_cancel_when_set, event, watch.cancel_scope)
+        if session.closed.is_set():
+            return
+        previous, keeper.draining = keeper.draining, session
+        if previous is not None:
+            previous.close("replaced by a newer tunnel while draining")
+        if self.sessions.get(label) is session:  # the replacement takes this label
+            del self.sessions[label]
+            self.cloud_certs.pop(label, None)
+        on_goaway()
+        try:
+            await self._wait_idle(session)
+            session.close("drained after the cloud's GOAWAY")
+        finally:
+            if keeper.draining is session:
+                keeper.draining = None
 
     async def drain(self) -> None:
         """GOAWAY on every tunnel, let streams finish (up to drain_timeout), then close."""

@@ -5,6 +5,12 @@ list several addresses (e.g. the three K3s servers of an L5 unit): they are trie
 last one that worked first, within one overall `dial_timeout` (`kins_tunnel.dial`, which the
 cloud's uplink server shares). Failures map to wire codes the cloud turns into HTTP answers:
 refused → REFUSED (502), no route/DNS → UNREACHABLE (502), no answer in time → TIMEOUT (504).
+
+Refusals and failed dials are always counted (`kins_tunnel_dial_failures_total{reason}`) but
+logged within one budget (`logs.SourceBudget`, per target name and in all): streams opened in a
+loop at a stopped target must not fill a small edge disk. The next line logged says how many
+were held back (`not_logged_before`). Targets come from the cloud: logged cut to
+`MAX_LOGGED_TARGET` characters (and escaped, as every logged value).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import trio
 
 from kins_tunnel.dial import dial_first
 from kins_tunnel.errors import OpenFailed
-from kins_tunnel.logs import LogBudget
+from kins_tunnel.logs import SourceBudget
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import Address, normalise_target
 from kins_tunnel.proto import ErrorCode, LocalProtocolError, code_label
@@ -24,7 +30,8 @@ from kins_tunnel.transport.relay import relay
 from kins_tunnel.transport.session import Session
 
 log = logging.getLogger("kins_tunnel.edge.forwarder")
-REFUSALS_LOGGED_PER_SECOND = 20
+LOGGED_PER_TARGET_PER_SECOND = 5  # refusals and failed dials logged per target name
+LOGGED_PER_SECOND = 20  # ... and in all
 MAX_LOGGED_TARGET = 512
 
 
@@ -36,7 +43,7 @@ class Forwarder:
         self.dial_timeout = dial_timeout
         self.metrics = metrics
         self._preferred: dict[str, int] = {}  # service -> index of the address that last worked
-        self._refusal_log = LogBudget(REFUSALS_LOGGED_PER_SECOND)
+        self._log_budget = SourceBudget(LOGGED_PER_TARGET_PER_SECOND, LOGGED_PER_SECOND)
 
     def on_open(self, session: Session, stream_id: int, target: str) -> None:
         """Session callback for a StreamOpened: refuse at once or start dialling."""
@@ -47,20 +54,26 @@ class Forwarder:
         addrs = self.services.get(name) if name else None
         if not addrs:
             self.metrics.dial_failures.labels("not_allowed").inc()
-            if self._refusal_log.allow():  # a peer sending many such opens must not flood the log
-                log.warning(
-                    "open refused: not in services",
-                    extra={
-                        "target": target[:MAX_LOGGED_TARGET],
-                        "stream": stream_id,
-                        "not_logged_before": self._refusal_log.take_suppressed(),
-                    },
-                )
+            self._warn("open refused: not in services", target, stream_id)
             session.reject(
                 stream_id, ErrorCode.NOT_ALLOWED, f"{target} is not in this edge's services"
             )
             return
         session.start_stream_task(stream_id, self._dial_and_relay, session, stream_id, name, addrs)
+
+    def _warn(self, message: str, target: str, stream_id: int, **extra: object) -> None:
+        """A warning about one stream, within the budget of its target (the caller counts it)."""
+        shown = target[:MAX_LOGGED_TARGET]
+        if self._log_budget.allow(shown):  # a peer sending many such opens must not flood the log
+            log.warning(
+                message,
+                extra={
+                    "target": shown,
+                    "stream": stream_id,
+                    **extra,
+                    "not_logged_before": self._log_budget.take_suppressed(),
+                },
+            )
 
     async def dial(self, name: str, addrs: tuple[Address, ...]) -> trio.SocketStream:
         """Connect to the first address of `name` that answers, within `dial_timeout` in all."""
@@ -79,9 +92,7 @@ class Forwarder:
             self.metrics.dial_seconds.observe(trio.current_time() - t0)
         except OpenFailed as exc:
             self.metrics.dial_failures.labels(code_label(exc.code)).inc()
-            log.warning(
-                "dial failed", extra={"target": name, "stream": stream_id, "outcome": str(exc)}
-            )
+            self._warn("dial failed", name, stream_id, outcome=str(exc))
             session.reject(stream_id, exc.code, str(exc))
             return
         try:

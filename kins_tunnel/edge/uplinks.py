@@ -22,6 +22,12 @@ Every accepted connection is a failure-isolation boundary (`serve_listener`, `wh
 client, target, tunnel, status, outcome, bytes each way and duration; refusals are logged at most
 `REFUSALS_LOGGED_PER_SECOND` a second (all counted; the next line logged says how many were held
 back).
+
+Each listener is bounded: at most `max_connections` connections at once (an uplink's long form,
+`uplink_proxy.max_connections`; beyond, a new one is closed at accept), and a relay that moves no
+byte either way for `idle_timeout` is closed; both counted in
+`kins_tunnel_listener_limits_total{listener}`. Uplink listeners have no authentication: one on a
+non-loopback address is warned about at start-up.
 """
 
 from __future__ import annotations
@@ -43,7 +49,11 @@ from kins_tunnel.logs import LogBudget, record_fields
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import Address, dial_target
 from kins_tunnel.proto import ErrorCode, code_label
-from kins_tunnel.transport.listen import open_listener_socket, serve_listener
+from kins_tunnel.transport.listen import (
+    open_listener_socket,
+    serve_listener,
+    warn_unauthenticated,
+)
 from kins_tunnel.transport.relay import abort, relay
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.stream import TunnelStream
@@ -125,6 +135,7 @@ class Uplinks:
         sessions: Callable[[], Iterable[tuple[str, Session]]],
     ) -> None:
         self.targets = cfg.uplinks
+        self.limits = cfg.uplink_limits
         self.proxy = cfg.uplink_proxy
         self.open_timeout = cfg.uplink_dial_timeout
         self.metrics = metrics
@@ -177,20 +188,40 @@ class Uplinks:
             with self.listener_scope:
                 async with trio.open_nursery() as listeners:
                     report = self.metrics.report_internal_error
+                    refused = self.metrics.listener_limits.labels
                     for sock, listen, target in socks:
-                        self.ports[str(listen)] = sock.getsockname()[1]
+                        self.ports[str(listen)] = port = sock.getsockname()[1]
+                        limits = self.limits[listen]
+                        warn_unauthenticated(
+                            f'uplink listener uplinks."{listen}"',
+                            listen.host,
+                            port,
+                            "listen on loopback unless every host that reaches it may use it",
+                            reaches=target,
+                        )
                         listeners.start_soon(
                             functools.partial(
                                 serve_listener,
                                 trio.SocketListener(sock),
-                                functools.partial(self._forward, str(listen), target),
+                                functools.partial(
+                                    self._forward, str(listen), target, limits.idle_timeout
+                                ),
                                 where="uplink",
                                 report=report,
                                 handler_nursery=handlers,
+                                max_connections=limits.max_connections,
+                                on_refused=refused("uplink", "max_connections").inc,
                             )
                         )
-                    if proxy_sock is not None:
-                        self.proxy_port = proxy_sock.getsockname()[1]
+                    if proxy_sock is not None and self.proxy is not None:
+                        self.proxy_port = port = proxy_sock.getsockname()[1]
+                        warn_unauthenticated(
+                            "uplink_proxy",
+                            self.proxy.listen.host,
+                            port,
+                            "listen on loopback unless every host that reaches it may use it",
+                            reaches="every cloud-side target the cloud allows this unit",
+                        )
                         listeners.start_soon(
                             functools.partial(
                                 serve_listener,
@@ -199,6 +230,8 @@ class Uplinks:
                                 where="uplink_proxy",
                                 report=report,
                                 handler_nursery=handlers,
+                                max_connections=self.proxy.max_connections,
+                                on_refused=refused("uplink_proxy", "max_connections").inc,
                             )
                         )
                     log.info(
@@ -257,10 +290,19 @@ class Uplinks:
         rec.status, rec.outcome = exc.reason, str(exc)
 
     async def _relay(
-        self, rec: UplinkRecord, client: trio.SocketStream, stream: TunnelStream
+        self,
+        rec: UplinkRecord,
+        client: trio.SocketStream,
+        stream: TunnelStream,
+        listener: str,
+        idle_timeout: float | None,
     ) -> None:
         rec.status = "ok"
-        result = await relay(client, stream)
+        result = await relay(
+            client, stream, idle_timeout=idle_timeout, activity=lambda: stream.activity
+        )
+        if result.idle:
+            self.metrics.listener_limits.labels(listener, "idle_timeout").inc()
         rec.sent += result.a_to_b
         rec.received += result.b_to_a
         rec.outcome = result.error or "closed"
@@ -268,7 +310,9 @@ class Uplinks:
         self.metrics.uplink_bytes.labels("down").inc(result.b_to_a)
 
     # ------------------------------------------------------------------ uplinks: listener -> target
-    async def _forward(self, listen: str, target: str, client: trio.SocketStream) -> None:
+    async def _forward(
+        self, listen: str, target: str, idle_timeout: float, client: trio.SocketStream
+    ) -> None:
         rec = UplinkRecord(listen, _peer(client), trio.current_time(), target=target)
         try:
             _tune(client)
@@ -278,7 +322,7 @@ class Uplinks:
                 self._refused(rec, exc)
                 abort(client)  # a reset: the client sees an error, not an empty answer
                 return
-            await self._relay(rec, client, stream)
+            await self._relay(rec, client, stream, "uplink", idle_timeout)
         except Exception as exc:  # a bug: the listener's boundary reports it; this line says so
             rec.outcome = f"internal error: {type(exc).__name__}"
             raise
@@ -345,6 +389,7 @@ class Uplinks:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 rec.status, rec.outcome = "ok", f"client went away: {exc}"
                 return
-            await self._relay(rec, client, stream)
+            idle = self.proxy.idle_timeout if self.proxy is not None else None
+            await self._relay(rec, client, stream, "uplink_proxy", idle)
         finally:
             stream.abort(ErrorCode.CANCEL, "client went away")  # a no-op once the relay closed it

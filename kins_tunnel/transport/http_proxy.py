@@ -119,6 +119,10 @@ def basic_authorization(user: bytes, password: bytes) -> bytes:
     return b"Basic " + base64.b64encode(user + b":" + password)
 
 
+# the environment variable the client commands (connect, kubeconfig) take a proxy password from
+PASSWORD_ENV = "KINS_TUNNEL_PROXY_PASSWORD"
+
+
 def bearer_authorization(token: bytes) -> bytes:
     return b"Bearer " + token
 

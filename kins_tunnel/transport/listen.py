@@ -8,6 +8,10 @@ Every connection's handler runs behind a failure-isolation boundary: an exceptio
 bug, reported once (log with traceback, `kins_tunnel_internal_errors_total{where}`), and ends that
 connection only; the listener and every other connection go on. Accepting is `trio.serve_listeners`,
 which pauses on EMFILE/ENFILE/ENOMEM/ENOBUFS (out of descriptors or memory) and retries.
+
+A listener may be capped (`max_connections`): a connection accepted while that many are being
+served is closed at once, before any byte is read, and `on_refused()` counts it; so a flood at
+one port costs a bounded number of descriptors and tasks, whatever its size.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import functools
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -56,6 +61,28 @@ async def _isolated(
         await trio.aclose_forcefully(stream)
 
 
+@dataclass
+class _Cap:
+    limit: int
+    on_refused: Callable[[], object] | None
+    active: int = 0
+
+
+async def _capped(
+    cap: _Cap, serve: Callable[[trio.SocketStream], Awaitable[None]], stream: trio.SocketStream
+) -> None:
+    if cap.active >= cap.limit:
+        if cap.on_refused is not None:
+            cap.on_refused()
+        await trio.aclose_forcefully(stream)
+        return
+    cap.active += 1
+    try:
+        await serve(stream)
+    finally:
+        cap.active -= 1
+
+
 async def serve_listener(
     listener: trio.SocketListener,
     handler: Callable[[trio.SocketStream], Awaitable[object]],
@@ -63,14 +90,18 @@ async def serve_listener(
     where: str,
     report: ErrorReporter,
     handler_nursery: trio.Nursery | None = None,
+    max_connections: int | None = None,
+    on_refused: Callable[[], object] | None = None,
 ) -> None:
     """Run `handler(stream)` for every connection until cancelled, each behind an isolation
-    boundary named `where` (a fixed label: "proxy", "tunnel", "admin")."""
-    await trio.serve_listeners(
-        functools.partial(_isolated, handler, where, report),
-        [listener],
-        handler_nursery=handler_nursery,
+    boundary named `where` (a fixed label: "proxy", "tunnel", "admin"); with `max_connections`,
+    at most that many at once (beyond: closed at once, `on_refused()` called)."""
+    serve: Callable[[trio.SocketStream], Awaitable[None]] = functools.partial(
+        _isolated, handler, where, report
     )
+    if max_connections is not None:
+        serve = functools.partial(_capped, _Cap(max_connections, on_refused), serve)
+    await trio.serve_listeners(serve, [listener], handler_nursery=handler_nursery)
 
 
 async def serve_port(
@@ -82,6 +113,8 @@ async def serve_port(
     report: ErrorReporter,
     stop: trio.CancelScope | None = None,
     on_listening: Callable[[int], object] | None = None,
+    max_connections: int | None = None,
+    on_refused: Callable[[], object] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on `listen` (errors name the setting `what`) and serve it with `serve_listener`.
@@ -101,17 +134,21 @@ async def serve_port(
                 where=where,
                 report=report,
                 handler_nursery=nursery,
+                max_connections=max_connections,
+                on_refused=on_refused,
             )
 
 
-def warn_unauthenticated(what: str, host: str, port: int, remedy: str) -> None:
-    """Warn that the listener `what` on a non-loopback address lets anyone reach every edge."""
+def warn_unauthenticated(
+    what: str, host: str, port: int, remedy: str, reaches: str = "every edge service"
+) -> None:
+    """Warn that the listener `what` on a non-loopback address lets anyone reach `reaches`."""
     if not is_loopback_host(host):
         log.warning(
-            "%s on %s:%d has NO authentication: anyone who can reach this port can reach every "
-            "edge service (%s)",
+            "%s on %s:%d has NO authentication: anyone who can reach this port can reach %s (%s)",
             what,
             host,
             port,
+            reaches,
             remedy,
         )

@@ -89,6 +89,7 @@ class Session:
         "peer_names",
         "peer_agent",
         "draining",
+        "goaway_received",
         "rtt",
         "started_at",
         "stalls",
@@ -126,6 +127,7 @@ class Session:
         self.peer_names: tuple[str, ...] = ()
         self.peer_agent = ""
         self.draining = False  # the peer sent GOAWAY
+        self.goaway_received = trio.Event()  # set with `draining`
         self.rtt: float | None = None
         self.started_at = self._last_rx
         self.stalls = 0
@@ -454,6 +456,7 @@ class Session:
 
     def _on_goaway(self, e: ev.GoAwayReceived) -> None:
         self.draining = True
+        self.goaway_received.set()
         log.info("%s: peer is draining (%s)", self.label, e.reason or "no reason")
 
     def _on_terminated(self, e: ev.ConnectionTerminated) -> None:
