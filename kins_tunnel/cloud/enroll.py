@@ -206,6 +206,10 @@ class EnrollService:
                 raise Refused(400, "bad_request", "node and unit must be strings")
             m = TOKEN_RE.fullmatch(token)
             token_id = m.group(1) if m else ""
+            if token_id and token_id not in self.tokens.file.value:
+                await (
+                    self.tokens.file.check()
+                )  # created a moment ago: no need to wait for the watch
             try:
                 entry = self.tokens.check(token)
             except TokenRefused as exc:
