@@ -213,6 +213,13 @@ class CertFacts:
     not_after: dt.datetime  # aware, UTC
     common_name: str  # subject CN ("" if none)
     organizations: tuple[str, ...]  # subject O values
+    not_before: dt.datetime | None = None  # aware, UTC
+    authority_key_id: bytes | None = None  # of the issuer: tells an issuing CA's certificates
+    renewed_automatically: bool = False  # set by the cloud: issued by its issuing CA
+
+    @property
+    def lifetime(self) -> dt.timedelta | None:
+        return None if self.not_before is None else self.not_after - self.not_before
 
     @property
     def serial_hex(self) -> str:
@@ -236,7 +243,17 @@ def cert_facts(der: bytes) -> CertFacts:
         cert.not_valid_after_utc,
         cn[0] if cn else "",
         tuple(values(NameOID.ORGANIZATION_NAME)),
+        cert.not_valid_before_utc,
+        _authority_key_id(cert),
     )
+
+
+def _authority_key_id(cert: x509.Certificate) -> bytes | None:
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    return aki.key_identifier
 
 
 # --- issuing -------------------------------------------------------------------------------------
@@ -699,6 +716,16 @@ class IssuingCA:
 
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
+
+    @property
+    def key_id(self) -> bytes:
+        """The subject key identifier: the authority key identifier of what it signs."""
+        try:
+            return self.cert.extensions.get_extension_for_class(
+                x509.SubjectKeyIdentifier
+            ).value.digest
+        except x509.ExtensionNotFound:
+            return x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()).digest
 
     @property
     def chain_pem(self) -> bytes:

@@ -260,7 +260,7 @@ def _status(admins: list[str], as_json: bool) -> None:
                     str(e["streams"]),
                     _size(e["bytes_sent"]),
                     _size(e["bytes_received"]),
-                    _expires(e.get("cert_expiry_seconds")),
+                    _expires(e.get("cert_expiry_seconds"), e.get("cert_warn_seconds")),
                     e["peer"],
                 )
             )
@@ -276,14 +276,16 @@ def _status(admins: list[str], as_json: bool) -> None:
             )
 
 
-def _expires(seconds: object) -> str:
-    """Time left of a certificate, flagged when within 30 days: `812d`, `12d!`, `EXPIRED`."""
+def _expires(seconds: object, warn: object = None) -> str:
+    """Time left of a certificate, flagged when within `warn` seconds (default 30 days; less for
+    short-lived certificates, as the cloud says): `812d`, `12d!`, `EXPIRED`."""
     if not isinstance(seconds, (int, float)):
         return "-"
     if seconds <= 0:
         return "EXPIRED"
     text = f"{int(seconds // 86400)}d" if seconds >= 86400 else _dur(seconds)
-    return text + "!" if seconds < 30 * 86400 else text
+    within = warn if isinstance(warn, (int, float)) else 30 * 86400
+    return text + "!" if seconds < within else text
 
 
 def _dur(seconds: float) -> str:

@@ -184,6 +184,10 @@ class Cloud:
                 tunnel.cert = cert_facts(der)
             except ValueError:
                 tunnel.cert = None
+        issuing = self.enroll.issuing if self.enroll is not None else None
+        if tunnel.cert is not None and issuing is not None:
+            renewed = tunnel.cert.authority_key_id == issuing.key_id
+            tunnel.cert = dataclasses.replace(tunnel.cert, renewed_automatically=renewed)
         reason = self._revoked(
             tunnel.identity, der
         )  # the list may have changed during the handshake
@@ -206,6 +210,7 @@ class Cloud:
                 tunnel.identity.node,
                 tunnel.cert.serial,
                 tunnel.cert.not_after,
+                tunnel.cert.lifetime if tunnel.cert.renewed_automatically else None,
             )
         self.aliases.unit_connected(tunnel.identity.unit)
 
