@@ -234,6 +234,12 @@ def _status(admins: list[str], as_json: bool) -> None:
     if as_json:
         print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=1))
         return
+    edge_docs = [d for d in docs if isinstance(d, dict) and "tunnels" in d and "edges" not in d]
+    docs = [d for d in docs if d not in edge_docs]
+    for doc in edge_docs:  # an edge's own admin (port 9091): its tunnels and its certificate
+        _edge_status(doc)
+    if not docs:
+        return
     rows: list[tuple[str, ...]] = [
         (
             "UNIT",
@@ -274,6 +280,26 @@ def _status(admins: list[str], as_json: bool) -> None:
                 f"{doc.get('replica', '?')}: {c['cert']} certificate expires {_expires(c['expiry_seconds'])}"
                 f" ({c['not_after']}, serial {c['serial']})"
             )
+
+
+def _edge_status(doc: dict[str, object]) -> None:
+    tunnels = doc.get("tunnels")
+    count = len(tunnels) if isinstance(tunnels, list) else 0
+    print(f"edge {doc.get('unit') or '?'}/{doc.get('node') or '?'}: {count} tunnel(s) to the cloud")
+    cert = doc.get("certificate")
+    if not isinstance(cert, dict):
+        return
+    line = f"  certificate: {cert.get('enrollment', '?')}"
+    if "not_after" in cert:
+        line += (
+            f", expires {_expires(cert.get('expires_in_seconds'), 0)} ({cert['not_after']}),"
+            f" renewal due {cert.get('renew_at')}, renewed {cert.get('renewals', 0)} time(s)"
+        )
+    print(line)
+    if cert.get("warning"):
+        print(f"  WARNING: {cert['warning']}")
+    elif cert.get("last_error"):
+        print(f"  last error: {cert['last_error']}")
 
 
 def _expires(seconds: object, warn: object = None) -> str:

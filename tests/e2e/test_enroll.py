@@ -5,6 +5,7 @@ connection without a client certificate never reaches a tunnel session."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import ssl
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
 from kins_tunnel.edge.enroll import EnrolError, Enrolment
 from kins_tunnel.metrics import Metrics
-from kins_tunnel.testing.support import wait_until
+from kins_tunnel.testing.support import run_kins_tunnel, wait_until
 from kins_tunnel.tokens import create_token, parse_duration, read_tokens
 from tests.e2e.harness import cloud_dict, connect, echo_bytes, edge_dict, serve_loopback
 
@@ -382,4 +383,52 @@ async def test_a_revoked_identity_cannot_renew(tmp_path: Path) -> None:
         assert info.value.reason == "revoked" and "test/edge1 is revoked" in str(info.value)
         assert cfg.tls.cert.read_bytes() == before
         assert sample(cloud.metrics, "certificate_renewals", "revoked") == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_renewal_warns_in_log_status_and_kins_tunnel_status(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The edge enrols (12-second certificates), then the cloud loses its issuing CA: renewals are
+    refused, and as expiry nears the edge warns in its log, /status and `kins-tunnel status`."""
+    token = create_token(tmp_path / "tokens.yaml", "test", "edge1", HOUR, 1)
+    async with trio.open_nursery() as nursery:
+        cloud = make_cloud(tmp_path, enrollment={"lifetime_days": 12 / 86400})
+        ports = await nursery.start(cloud.run)
+        cfg = edge_cfg(tmp_path, ports.tunnel)
+        give_token(cfg, token)
+        first = Edge(cfg)
+        await nursery.start(first.run)
+        await wait_until(lambda: cloud.registry.serves("edge1:22"), 10, "enrolled")
+        nursery.cancel_scope.cancel()
+    cloud = make_cloud(tmp_path, ca=False, tunnel={"listen": f"127.0.0.1:{ports.tunnel}"})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cloud.run)
+        doc = edge_dict(tmp_path, [ports.tunnel], {"edge1:22": "127.0.0.1:9"})
+        doc.update(
+            tls={k: str(getattr(cfg.tls, k)) for k in ("ca", "cert", "key")},
+            admin={"listen": "127.0.0.1:0"},
+            enroll={"token_file": str(cfg.enroll.token_file), "ca_hash": cfg.enroll.ca_hash},
+        )
+        edge = Edge(edge_config_from_dict(doc, base_dir=tmp_path))
+        ports2 = await nursery.start(edge.run)
+        await wait_until(lambda: cloud.registry.serves("edge1:22"), 10, "reconnected")
+        assert edge.enrolment is not None
+        await wait_until(
+            lambda: "warning" in edge.enrolment.status(),  # type: ignore[union-attr]
+            15,
+            "renewal warning",
+        )
+        status = edge.enrolment.status()
+        assert "no_issuing_ca" in str(status["warning"]) and "expires in" in str(status["warning"])
+        assert sample(edge.metrics, "certificate_renewals", "no_issuing_ca") >= 1
+        assert sample(cloud.metrics, "certificate_renewals", "no_issuing_ca") >= 1
+        assert any(
+            r.getMessage() == "certificate renewal failed" and r.levelno == logging.WARNING
+            for r in caplog.records
+        )
+        r = await run_kins_tunnel("status", "--admin", f"http://127.0.0.1:{ports2.admin}")
+        out = r.stdout.decode()
+        assert r.returncode == 0 and "edge test/edge1: 1 tunnel(s)" in out, r
+        assert "WARNING: certificate expires in" in out and "no_issuing_ca" in out, out
         nursery.cancel_scope.cancel()
