@@ -303,12 +303,13 @@ def test_config_keys_and_their_errors(tmp_path: Path) -> None:
         {**cloud, "enrollment": {"tokens_file": "t.yaml", "lifetime_days": 0.5}}, base_dir=tmp_path
     )
     assert cfg2.enrollment is not None and cfg2.enrollment.ca is None
-    for bad, where in (
+    bad_cloud: tuple[tuple[dict[str, object], str], ...] = (
         ({"lifetime_days": 0.00001}, "enrollment.lifetime_days: must be between"),
         ({"lifetime_days": 900}, "enrollment.lifetime_days"),
         ({"ca": {"cert": "i.crt"}}, "enrollment.ca.key: required"),
         ({"max_failures_per_source": 0}, "enrollment.max_failures_per_source"),
-    ):
+    )
+    for bad, where in bad_cloud:
         with pytest.raises(UserError, match=where):
             cloud_config_from_dict(
                 {**cloud, "enrollment": {"tokens_file": "t.yaml", **bad}}, base_dir=tmp_path
