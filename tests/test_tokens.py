@@ -309,10 +309,10 @@ def test_config_keys_and_their_errors(tmp_path: Path) -> None:
         ({"ca": {"cert": "i.crt"}}, "enrollment.ca.key: required"),
         ({"max_failures_per_source": 0}, "enrollment.max_failures_per_source"),
     )
-    for bad, where in bad_cloud:
+    for change, where in bad_cloud:
         with pytest.raises(UserError, match=where):
             cloud_config_from_dict(
-                {**cloud, "enrollment": {"tokens_file": "t.yaml", **bad}}, base_dir=tmp_path
+                {**cloud, "enrollment": {"tokens_file": "t.yaml", **change}}, base_dir=tmp_path
             )
     with pytest.raises(UserError, match="enrollment.tokens_file: required"):
         cloud_config_from_dict({**cloud, "enrollment": {"lifetime_days": 1}}, base_dir=tmp_path)
