@@ -25,6 +25,7 @@ users (`kins_tunnel.certs` for TLS).
 """
 
 import dataclasses
+import os
 import re
 import types
 from collections.abc import Mapping
@@ -155,8 +156,9 @@ class EnrollSettings:
 
     token_file: Path
     ca_hash: str  # "sha256:<64 hex>" of the cloud CA's SubjectPublicKeyInfo
-    node: str | None = None  # None: the token must name the node
+    node: str | None = None  # None: the token must name the node (or node_env)
     unit: str | None = None  # set: a token of another unit is refused
+    node_env: str | None = None  # environment variable with the node name (DaemonSet: NODE_NAME)
     renew_at: float = 2 / 3  # share of the certificate's lifetime after which it is renewed
 
 
@@ -381,6 +383,17 @@ def _enroll(top: Section) -> EnrollSettings | None:
             'expected "sha256:<64 hex digits>", as kins-tunnel certs init or certs ca-hash prints',
         )
     names: dict[str, Any] = {}
+    env = sec.data.get("node_env")
+    if env is not None:
+        if not isinstance(env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
+            sec.fail("node_env", "expected the name of an environment variable, e.g. NODE_NAME")
+        if sec.data.get("node") is None:
+            value = os.environ.get(env)
+            if not value:
+                sec.fail("node_env", f"the environment variable {env} is not set or empty")
+            if not _NODE_RE.fullmatch(value):
+                sec.fail("node_env", f"{env}={value[:253]!r} is not a DNS subdomain (a node name)")
+            names["node"] = value
     for key, pattern, rule in (
         ("node", _NODE_RE, "a DNS subdomain (lower-case a-z, 0-9, '-' and '.')"),
         ("unit", _UNIT_RE, "a DNS label (lower-case a-z, 0-9 and '-')"),
@@ -388,9 +401,10 @@ def _enroll(top: Section) -> EnrollSettings | None:
         value = sec.data.get(key)
         if value is not None and (not isinstance(value, str) or not pattern.fullmatch(value)):
             sec.fail(key, f"expected {rule}, got {value!r}"[:200])
-        names[key] = value
+        if value is not None or key not in names:  # node from node_env unless node is written
+            names[key] = value
     settings = dataclasses.replace(
-        sec.build(EnrollSettings, token_file=sec.path("token_file"), **names),
+        sec.build(EnrollSettings, token_file=sec.path("token_file"), node_env=env, **names),
         ca_hash=ca_hash.strip().lower(),
     )
     if not 0 < settings.renew_at < 1:
