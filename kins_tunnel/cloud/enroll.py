@@ -73,6 +73,7 @@ log = logging.getLogger("kins_tunnel.cloud.enroll")
 
 RENEW_TARGET = "renew.kins-tunnel.invalid:1"  # a stream an edge opens to renew its certificate
 MAX_REQUESTS = 3  # on one enrolment connection: the CA bundle, then the enrolment (and a spare)
+MAX_EXCHANGES = 64  # enrolment connections answered at once; more are closed at once
 RENEW_TIMEOUT = 30.0  # seconds for a whole renewal exchange on its stream
 SERVER = "kins-tunnel-cloud"
 
@@ -146,6 +147,7 @@ class EnrollService:
             _check_chains(self.issuing, self.ca_bundle)
         self.lifetime = dt.timedelta(days=cfg.lifetime_days)
         self.limit = FailureLimit(cfg.max_failures_per_source)
+        self.exchanges = 0  # enrolment connections being answered now
         self._log_budget = SourceBudget()
         if not self.tokens.write_back:
             log.warning(
@@ -165,7 +167,18 @@ class EnrollService:
     # ------------------------------------------------------------------ enrolment
     async def serve_enrolment(self, tls: TLSSocket, peer: str) -> None:
         """Answer the HTTP exchange of one enrolment connection (the caller sets the deadline and
-        closes `tls`)."""
+        closes `tls`). Beyond `MAX_EXCHANGES` at once, the connection is closed unanswered
+        (counted as ``busy``): cert-less connections cannot pile up."""
+        if self.exchanges >= MAX_EXCHANGES:
+            self.metrics.enrollments.labels("busy").inc()
+            return
+        self.exchanges += 1
+        try:
+            await self._serve_enrolment(tls, peer)
+        finally:
+            self.exchanges -= 1
+
+    async def _serve_enrolment(self, tls: TLSSocket, peer: str) -> None:
 
         async def handler(
             method: str, target: str, body: dict[str, Any]

@@ -121,8 +121,11 @@ async def enrol_refused(cloud: Cloud, cfg: Any) -> EnrolError:
     return info.value
 
 
-async def test_each_refusal_has_its_message_and_metric(tmp_path: Path) -> None:
+async def test_each_refusal_has_its_message_and_metric(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     tokens = tmp_path / "tokens.yaml"
+    used_tokens: list[str] = ["abcdef.0123456789abcdef"]
     (tmp_path / "revoked").write_text("test/edge9\n")
     cloud = make_cloud(tmp_path, tunnel={"revoked_file": str(tmp_path / "revoked")})
     issue_edge(tmp_path / "certs", "other", "edge5")  # a node held by another unit
@@ -150,7 +153,9 @@ async def test_each_refusal_has_its_message_and_metric(tmp_path: Path) -> None:
             assert sample(cloud.metrics, "enrollments", want) == before + 1
 
         def new(node: str | None = None, ttl: dt.timedelta = HOUR, uses: int = 1, **kw: Any) -> str:
-            return create_token(tokens, "test", node, ttl, uses, **kw)
+            token = create_token(tokens, "test", node, ttl, uses, **kw)
+            used_tokens.append(token)
+            return token
 
         await case("abcdef.0123456789abcdef", "unknown_token", "unknown token")
         past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
@@ -173,6 +178,11 @@ async def test_each_refusal_has_its_message_and_metric(tmp_path: Path) -> None:
         await case(new(), "revoked", "test/edge9 is revoked", node="edge9")
         await case(new(), "no_node", "names no node", node=None)
         nursery.cancel_scope.cancel()
+    # refusals are logged on both sides, by token id, never with a token's secret
+    logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert "edge enrolment refused" in logged and "unknown_token" in logged  # 5 a second per source
+    secrets = [line.split(".")[1] for line in used_tokens]
+    assert secrets and not [s for s in secrets if s in logged]
 
 
 async def test_failed_tokens_are_rate_limited_per_source(tmp_path: Path) -> None:
