@@ -388,12 +388,14 @@ def _enroll(top: Section) -> EnrollSettings | None:
         if not isinstance(env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
             sec.fail("node_env", "expected the name of an environment variable, e.g. NODE_NAME")
         if sec.data.get("node") is None:
-            value = os.environ.get(env)
-            if not value:
+            from_env = os.environ.get(env)
+            if not from_env:
                 sec.fail("node_env", f"the environment variable {env} is not set or empty")
-            if not _NODE_RE.fullmatch(value):
-                sec.fail("node_env", f"{env}={value[:253]!r} is not a DNS subdomain (a node name)")
-            names["node"] = value
+            if not _NODE_RE.fullmatch(from_env):
+                sec.fail(
+                    "node_env", f"{env}={from_env[:253]!r} is not a DNS subdomain (a node name)"
+                )
+            names["node"] = from_env
     for key, pattern, rule in (
         ("node", _NODE_RE, "a DNS subdomain (lower-case a-z, 0-9, '-' and '.')"),
         ("unit", _UNIT_RE, "a DNS label (lower-case a-z, 0-9 and '-')"),

@@ -52,7 +52,7 @@ import yaml
 from kins_tunnel.certs import check_edge_names
 from kins_tunnel.errors import UserError
 from kins_tunnel.filewatch import WatchedFile
-from kins_tunnel.pemfiles import write_atomic
+from kins_tunnel.pemfiles import read_file, write_atomic
 from kins_tunnel.yamlcheck import StrictLoader
 
 TOKEN_RE = re.compile(r"([a-z0-9]{6})\.([a-z0-9]{16})")
@@ -178,7 +178,19 @@ def dump_tokens(entries: Mapping[str, TokenEntry]) -> bytes:
         }
     }
     head = "# kins-tunnel enrolment tokens (only hashes of the secrets are stored)\n"
-    return (head + yaml.safe_dump(doc, sort_keys=False)).encode()
+    return (head + str(yaml.safe_dump(doc, sort_keys=False))).encode()
+
+
+def read_tokens(path: Path, *, missing_ok: bool = False) -> dict[str, TokenEntry]:
+    """The entries of the tokens file at `path` (none if it is absent and `missing_ok`);
+    `UserError` naming the file if it cannot be read or does not parse."""
+    if missing_ok and not Path(path).exists():
+        return {}
+    data = read_file(Path(path), "tokens file")
+    try:
+        return parse_tokens(data)
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}") from None
 
 
 # --- the file, shared by the CLI and the cloud ---------------------------------------------------
@@ -197,21 +209,6 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-def read_tokens(path: Path, *, missing_ok: bool = False) -> dict[str, TokenEntry]:
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        if missing_ok:
-            return {}
-        raise UserError(f"tokens file {path} does not exist") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        return parse_tokens(data)
-    except ValueError as exc:
-        raise UserError(f"{path}: {exc}") from None
 
 
 def create_token(
