@@ -63,6 +63,7 @@ from kins_tunnel.pemfiles import load_certs, load_key, make_dir, write_cert, wri
 __all__ = [
     "ALPN_PROTOCOL",
     "ENROLL_ALPN",
+    "RENEW_TARGET",
     "CLOUD_COMMON_NAME",
     "CertFacts",
     "EdgeIdentity",
@@ -85,6 +86,9 @@ ALPN_PROTOCOL = "kins-tunnel/1"
 # Enrolment on the tunnel port: a connection that negotiates this protocol may come without a
 # client certificate, and can then only enrol (HTTP/1.1, see `cloud.enroll`).
 ENROLL_ALPN = "kins-enroll/1"
+# The stream target an edge opens on its tunnel to renew its certificate (answered by the cloud
+# before its uplinks map; `.invalid` can never name a real host).
+RENEW_TARGET = "renew.kins-tunnel.invalid:1"
 CLOUD_COMMON_NAME = "kins-tunnel-cloud"
 CA_COMMON_NAME = "kins-tunnel CA"
 PROXY_CA_COMMON_NAME = "kins-tunnel proxy CA"

@@ -22,7 +22,7 @@ as before (`cloud.tunnel_server`). On it the edge speaks HTTP/1.1 (h11, JSON bod
   the edge presents).
 
 **Renewal** runs over an established tunnel: the edge opens a stream to the reserved target
-`RENEW_TARGET` (handled here before the uplinks map is consulted) and POSTs a new CSR to
+`certs.RENEW_TARGET` (handled here before the uplinks map is consulted) and POSTs a new CSR to
 ``/v1/renew``. The identity is that of the tunnel's verified certificate, never anything in the
 request; a revoked identity or serial is refused.
 
@@ -71,7 +71,6 @@ from kins_tunnel.transport.tls import TLSSocket
 
 log = logging.getLogger("kins_tunnel.cloud.enroll")
 
-RENEW_TARGET = "renew.kins-tunnel.invalid:1"  # a stream an edge opens to renew its certificate
 MAX_REQUESTS = 3  # on one enrolment connection: the CA bundle, then the enrolment (and a spare)
 MAX_EXCHANGES = 64  # enrolment connections answered at once; more are closed at once
 RENEW_TIMEOUT = 30.0  # seconds for a whole renewal exchange on its stream

@@ -19,12 +19,12 @@ from typing import Any
 import trio
 
 from kins_tunnel.admin import serve_admin
-from kins_tunnel.certs import EdgeIdentity, cert_facts
+from kins_tunnel.certs import RENEW_TARGET, EdgeIdentity, cert_facts
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.aliases import AliasTable, Resolver, dns_resolver
 from kins_tunnel.cloud.auth import Authenticator
 from kins_tunnel.cloud.authz import Authorizer
-from kins_tunnel.cloud.enroll import RENEW_TARGET, EnrollService
+from kins_tunnel.cloud.enroll import EnrollService
 from kins_tunnel.cloud.expiry import CertificateExpiry
 from kins_tunnel.cloud.proxy import ProxyContext, handle_client, serve_proxy
 from kins_tunnel.cloud.proxy_tls import ProxyTLSListener
