@@ -211,6 +211,15 @@ async def test_without_issuing_ca_enrolment_is_refused_clearly(tmp_path: Path) -
         give_token(cfg, create_token(tmp_path / "tokens.yaml", "test", None, HOUR, 1))
         exc = await enrol_refused(cloud, cfg)
         assert exc.reason == "no_issuing_ca" and "enrollment.ca" in str(exc)
+        # a running edge keeps trying, says why in /status, counts it, and is not ready
+        edge = Edge(cfg)
+        await nursery.start(edge.run)
+        await wait_until(
+            lambda: sample(edge.metrics, "enrollments", "no_issuing_ca") >= 2, 10, "retries"
+        )
+        assert edge.enrolment is not None and not edge.ready
+        doc = edge.enrolment.status()
+        assert doc["enrollment"] == "enrolling" and "no_issuing_ca" in str(doc["last_error"])
         nursery.cancel_scope.cancel()
 
 
@@ -292,6 +301,23 @@ async def test_connections_without_a_certificate_never_reach_a_tunnel_session(
             b"GET /v1/ca HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         )
         assert got.startswith(b"HTTP/1.1 200 ") and b"BEGIN CERTIFICATE" in got, got
+        assert len(cloud.registry) == 0
+        # a certificate that is presented must still verify, enrolment or not
+        other = tmp_path / "other"
+        init_ca(other)
+        issue_edge(other, "test", "edge1")
+        ctx = raw_client_context(["kins-tunnel/1"])
+        ctx.load_cert_chain(other / "edge-edge1.crt", other / "edge-edge1.key")
+        tcp = await trio.open_tcp_stream("127.0.0.1", ports.tunnel)
+        stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")
+        with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+            await stream.do_handshake()
+            await stream.send_all(HELLO)
+            await stream.receive_some(100)
+        await trio.aclose_forcefully(stream)
+        await wait_until(
+            lambda: failures.labels("unknown_ca")._value.get() == 1, 5, "unknown CA refused"
+        )
         assert len(cloud.registry) == 0
         nursery.cancel_scope.cancel()
 
