@@ -246,6 +246,14 @@ def _write(
     write_atomic(settings_cert, b"".join(c.public_bytes(pem) for c in [cert, *chain]), 0o644)
 
 
+async def _store(*args: Any) -> None:
+    """`_write` in a worker thread; a file that cannot be written is an `EnrolError`."""
+    try:
+        await trio.to_thread.run_sync(_write, *args)
+    except UserError as exc:
+        raise EnrolError("files", f"cannot store the certificate: {exc}") from None
+
+
 def _refusal(status: int, doc: dict[str, Any]) -> EnrolError:
     reason = doc.get("reason")
     label = reason if isinstance(reason, str) and reason in CLOUD_REASONS else "refused"
@@ -288,13 +296,24 @@ class Enrolment:
         self.renew_failures = 0
         self._creds: Credentials | None = None
 
+    async def _attempt(self, attempt: Awaitable[Credentials], where: str) -> Credentials:
+        """A failure-isolation boundary around one attempt: a bug in it is reported and counted
+        (``internal``) and the attempt retried like any failure; the edge goes on."""
+        try:
+            return await attempt
+        except EnrolError:
+            raise
+        except Exception as exc:
+            self.metrics.report_internal_error(where, exc)
+            raise EnrolError("internal", f"internal error: {type(exc).__name__}") from None
+
     # ------------------------------------------------------------------ enrolment
     async def enrol_until_done(self, open_stream: OpenStream | None, delay: Delay) -> None:
         """Enrol, retrying every failure after `delay(failures)`, until the files are written."""
         failures = 0
         while True:
             try:
-                creds = await self.enrol_once(open_stream)
+                creds = await self._attempt(self.enrol_once(open_stream), "edge_enrolment")
             except EnrolError as exc:
                 self.metrics.enrollments.labels(exc.reason).inc()
                 self.last_error = f"{exc.reason}: {exc}"
@@ -372,9 +391,7 @@ class Enrolment:
             identity = identity_from_der(cert.public_bytes(serialization.Encoding.DER))
             if self.settings.node and identity.node != self.settings.node:
                 raise EnrolError("bad_answer", f"the cloud issued node {identity.node!r}")
-            await trio.to_thread.run_sync(
-                _write, self.cfg.tls.cert, self.cfg.tls.key, self.cfg.tls.ca, key, cert, chain, ca
-            )
+            await _store(self.cfg.tls.cert, self.cfg.tls.key, self.cfg.tls.ca, key, cert, chain, ca)
             return Credentials(identity, cert.not_valid_before_utc, cert.not_valid_after_utc)
         finally:
             await stream.aclose()
@@ -404,7 +421,7 @@ class Enrolment:
                 continue
             self.state = "renewing"
             try:
-                new = await self.renew_once(sessions())
+                new = await self._attempt(self.renew_once(sessions()), "edge_renewal")
             except EnrolError as exc:
                 self.metrics.renewals.labels(exc.reason).inc()
                 self.renew_failures += 1
@@ -445,7 +462,10 @@ class Enrolment:
         usable = [s for s in sessions if s.usable]
         if not usable:
             raise EnrolError("no_tunnel", "no tunnel to the cloud to renew over")
-        ca_file = load_certs(self.cfg.tls.ca, "tls.ca")
+        try:
+            ca_file = load_certs(self.cfg.tls.ca, "tls.ca")
+        except UserError as exc:
+            raise EnrolError("files", str(exc)) from None
         key = ec.generate_private_key(ec.SECP256R1())
         assert self._creds is not None
         try:
@@ -481,9 +501,7 @@ class Enrolment:
         identity = identity_from_der(cert.public_bytes(serialization.Encoding.DER))
         if identity != self._creds.identity:
             raise EnrolError("bad_answer", "the renewed certificate names another identity")
-        await trio.to_thread.run_sync(
-            _write, self.cfg.tls.cert, self.cfg.tls.key, None, key, cert, chain, None
-        )
+        await _store(self.cfg.tls.cert, self.cfg.tls.key, None, key, cert, chain, None)
         return Credentials(identity, cert.not_valid_before_utc, cert.not_valid_after_utc)
 
     def status(self) -> dict[str, object]:
