@@ -16,10 +16,9 @@ from cryptography import x509
 
 from kins_tunnel.demo import write_kubeconfig
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
-from kins_tunnel.testing.support import free_port, run_kins_tunnel
+from kins_tunnel.testing.support import run_kins_tunnel
 from kins_tunnel.tokens import TOKEN_RE
 from tests.e2e.faultkit import (
-    EdgeProc,
     cloud_status,
     edge_status,
     edges_of,
@@ -28,7 +27,7 @@ from tests.e2e.faultkit import (
     wait_edges,
     wait_until,
 )
-from tests.e2e.harness import SVC, write_yaml
+from tests.e2e.harness import SVC
 from tests.e2e.kubectl_tools import KUBECTL, have_kubectl, kubectl_environ, run_kubectl
 
 LIFETIME = 15.0  # seconds: renewed after about 10
@@ -69,14 +68,13 @@ async def test_edge_enrols_serves_kubectl_and_renews_during_a_watch(tmp_path: Pa
             edge_dir = tmp_path / "edge"
             edge_dir.mkdir()
             (edge_dir / "token").write_text(token + "\n")
-            admin = free_port()
-            config = write_yaml(
-                tmp_path / "edge1.yaml",
-                {
+            edge = ps.edge(
+                cloud.tunnel,
+                {},
+                doc={
                     "cloud": [f"127.0.0.1:{cloud.tunnel}"],
                     "tls": {"ca": "edge/ca.crt", "cert": "edge/tls.crt", "key": "edge/tls.key"},
                     "services": {SVC: f"127.0.0.1:{k3s}"},
-                    "admin": {"listen": f"127.0.0.1:{admin}"},
                     "reconnect": {"initial": 0.05, "max": 1.0},
                     "enroll": {
                         "token_file": "edge/token",
@@ -84,9 +82,6 @@ async def test_edge_enrols_serves_kubectl_and_renews_during_a_watch(tmp_path: Pa
                         "node": "edge1",
                     },
                 },
-            )
-            edge = ps._track(
-                EdgeProc("edge", "edge1", config, tmp_path / "edge1.log", admin=admin), True
             )
             await wait_edges(cloud, 1)
             assert "enrolled with a token" in edge.log.read_text()
