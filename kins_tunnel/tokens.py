@@ -323,6 +323,9 @@ class TokenStore:
                     raise TokenRefused("used_token", f"token {entry.id} has no uses left")
                 key = (entry.id, entry.secret_sha256)
                 self._used[key] = self._used.get(key, 0) + 1
+                if len(self._used) > MAX_TOKENS:  # forget tokens no longer in the file
+                    live = {(e.id, e.secret_sha256) for e in self.file.value.values()}
+                    self._used = {k: v for k, v in self._used.items() if k in live}
                 return
             await trio.to_thread.run_sync(self._consume_in_file, entry)
             await self.file.check()  # the new count is in use at once
