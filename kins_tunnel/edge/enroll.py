@@ -411,6 +411,12 @@ class Enrolment:
             creds = await trio.to_thread.run_sync(self._load)
             if creds is None:  # no valid certificate any more: nothing to renew with over a tunnel
                 self.state = "expired"
+                log.warning(
+                    "no valid certificate at tls.cert/tls.key (expired?): it cannot be renewed "
+                    "over a tunnel; a restart enrols again if enroll.token_file holds a valid "
+                    "token",
+                    extra={"cert": str(self.cfg.tls.cert), "last_error": self.last_error or ""},
+                )
                 await trio.sleep(delay(failures))
                 failures += 1
                 continue
