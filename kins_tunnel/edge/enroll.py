@@ -404,21 +404,25 @@ class Enrolment:
     def renew_at(self, creds: Credentials) -> dt.datetime:
         return creds.not_before + (creds.not_after - creds.not_before) * self.settings.renew_at
 
-    async def renew_forever(self, sessions: Callable[[], list[Session]], delay: Delay) -> None:
-        """Renew the certificate whenever `renew_at` of its lifetime has passed, forever."""
+    async def renew_forever(
+        self,
+        sessions: Callable[[], list[Session]],
+        delay: Delay,
+        open_stream: OpenStream | None = None,
+    ) -> None:
+        """Renew the certificate whenever `renew_at` of its lifetime has passed, forever; enrol
+        again (`enrol_until_done`) if it expired all the same."""
         failures = 0
         while True:
             creds = await trio.to_thread.run_sync(self._load)
-            if creds is None:  # no valid certificate any more: nothing to renew with over a tunnel
-                self.state = "expired"
+            if creds is None:  # expired unrenewed (or the files went bad): enrol again
+                self.state = "enrolling"
                 log.warning(
-                    "no valid certificate at tls.cert/tls.key (expired?): it cannot be renewed "
-                    "over a tunnel; a restart enrols again if enroll.token_file holds a valid "
-                    "token",
+                    "no valid certificate at tls.cert/tls.key (expired?): enrolling again with "
+                    "enroll.token_file",
                     extra={"cert": str(self.cfg.tls.cert), "last_error": self.last_error or ""},
                 )
-                await trio.sleep(delay(failures))
-                failures += 1
+                await self.enrol_until_done(open_stream, delay)
                 continue
             wait = (self.renew_at(creds) - dt.datetime.now(dt.UTC)).total_seconds()
             if wait > 0:

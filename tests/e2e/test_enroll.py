@@ -467,4 +467,9 @@ async def test_a_failing_renewal_warns_in_log_status_and_kins_tunnel_status(
         out = r.stdout.decode()
         assert r.returncode == 0 and "edge test/edge1: 1 tunnel(s)" in out, r
         assert "WARNING: certificate expires in" in out and "no_issuing_ca" in out, out
+        # once it has expired all the same, the edge tries to enrol again (refused here too)
+        await wait_until(
+            lambda: sample(edge.metrics, "enrollments", "no_issuing_ca") >= 1, 15, "re-enrolment"
+        )
+        assert edge.enrolment.status()["enrollment"] == "enrolling"
         nursery.cancel_scope.cancel()
