@@ -347,3 +347,28 @@ def test_enrollment_state_for_doctor(tmp_path: Path) -> None:
     )
     ok, text = enrollment_state(cfg)
     assert ok and text.startswith("enrolled (cert present, unit test, node edge1, expires ")
+
+
+def test_cloud_refuses_an_issuing_ca_that_its_tls_ca_did_not_sign(tmp_path: Path) -> None:
+    from kins_tunnel.cloud.server import Cloud
+
+    init_ca(tmp_path / "a", issuing_ca=True)
+    init_ca(tmp_path / "b", issuing_ca=True)
+    (tmp_path / "tokens.yaml").write_text("")
+    doc = {
+        "tls": {
+            k: str(tmp_path / "a" / f)
+            for k, f in (("ca", "ca.crt"), ("cert", "cloud.crt"), ("key", "cloud.key"))
+        },
+        "enrollment": {
+            "tokens_file": str(tmp_path / "tokens.yaml"),
+            "ca": {"cert": str(tmp_path / "b/issuing.crt"), "key": str(tmp_path / "b/issuing.key")},
+        },
+    }
+    with pytest.raises(
+        UserError, match="enrollment.ca.cert: the issuing CA is not signed by a CA in tls.ca"
+    ):
+        Cloud(cloud_config_from_dict(doc, base_dir=tmp_path))
+    doc["enrollment"]["tokens_file"] = str(tmp_path / "missing.yaml")  # type: ignore[index]
+    with pytest.raises(UserError, match="enrollment.tokens_file: cannot read"):
+        Cloud(cloud_config_from_dict(doc, base_dir=tmp_path))
