@@ -4,6 +4,7 @@ connection without a client certificate never reaches a tunnel session."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import ssl
@@ -17,13 +18,14 @@ from cryptography import x509
 from kins_tunnel.certs import ca_hash_of_file, init_ca, issue_edge
 from kins_tunnel.cloud.revocation import RevokedList
 from kins_tunnel.cloud.server import Cloud
-from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
+from kins_tunnel.config import SiteProxy, cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
 from kins_tunnel.edge.enroll import EnrolError, Enrolment
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.testing.support import run_kins_tunnel, wait_until
 from kins_tunnel.tokens import create_token, parse_duration, read_tokens
 from tests.e2e.harness import cloud_dict, connect, echo_bytes, edge_dict, serve_loopback
+from tests.e2e.test_site_proxy import needs_tinyproxy, tinyproxy
 
 HOUR = parse_duration("1h")
 
@@ -473,3 +475,20 @@ async def test_a_failing_renewal_warns_in_log_status_and_kins_tunnel_status(
         )
         assert edge.enrolment.status()["enrollment"] == "enrolling"
         nursery.cancel_scope.cancel()
+
+
+@needs_tinyproxy
+async def test_an_edge_behind_a_site_proxy_enrols_through_it(tmp_path: Path) -> None:
+    cloud = make_cloud(tmp_path)
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(cloud.run)
+        with tinyproxy(tmp_path, ports.tunnel) as proxy:
+            cfg = edge_cfg(tmp_path, ports.tunnel)
+            cfg = dataclasses.replace(cfg, proxy=SiteProxy(proxy.url))
+            give_token(cfg, create_token(tmp_path / "tokens.yaml", "test", "edge1", HOUR, 1))
+            edge = Edge(cfg)
+            await nursery.start(edge.run)
+            await wait_until(lambda: cloud.registry.serves("edge1:22"), 15, "enrolled via proxy")
+            # one CONNECT for the enrolment, one for the tunnel
+            assert proxy.connects(f"127.0.0.1:{ports.tunnel}") >= 2
+            nursery.cancel_scope.cancel()
