@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+from kins_tunnel.tokens import TOKEN_RE
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DRAIN_MARGIN = 10  # seconds between the drain deadline and SIGKILL
@@ -737,6 +739,9 @@ def test_enrolling_edge_keeps_its_key_on_the_node_and_reads_the_token_secret(
     # the token: a directory mount of the Secret (updates reach the pod)
     volume, key = mounted_file(ENROLLING, str(edge.enroll.token_file))
     assert volume["secret"]["secretName"] == "tunnel-edge-token" and key == "token"
+    secret = one("tunnel-edge-token.yaml", "Secret")
+    assert secret["metadata"]["name"] == "tunnel-edge-token" and set(secret["stringData"]) == {key}
+    assert not TOKEN_RE.fullmatch(secret["stringData"][key])  # a placeholder, never a token
     # key, certificate and pinned CA: written to a hostPath directory of the node itself
     pod = ENROLLING["spec"]["template"]["spec"]
     for path in (edge.tls.ca, edge.tls.cert, edge.tls.key):
