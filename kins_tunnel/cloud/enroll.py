@@ -47,6 +47,8 @@ import trio
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import Counter
 
 from kins_tunnel.certs import (
     EdgeIdentity,
@@ -178,7 +180,6 @@ class EnrollService:
             self.exchanges -= 1
 
     async def _serve_enrolment(self, tls: TLSSocket, peer: str) -> None:
-
         async def handler(
             method: str, target: str, body: dict[str, Any]
         ) -> tuple[int, dict[str, Any]]:
@@ -269,7 +270,9 @@ class EnrollService:
                 raise Refused(503, "tokens_file", f"cannot record the token's use: {exc}") from None
             cert = sign_edge_csr(self.issuing, public_key, identity, self.lifetime)
         except Refused as exc:
-            self._refused("enrollments", "edge enrolment refused", exc, peer, token=token_id)
+            self._refused(
+                self.metrics.enrollments, "edge enrolment refused", exc, peer, token=token_id
+            )
             return exc.status, {"error": str(exc), "reason": exc.reason}
         self.metrics.enrollments.labels("ok").inc()
         log.info(
@@ -295,7 +298,7 @@ class EnrollService:
             ) from None
         return EdgeIdentity(unit, node)
 
-    def _csr_key(self, csr: str, node: str | None) -> Any:
+    def _csr_key(self, csr: str, node: str | None) -> ec.EllipticCurvePublicKey:
         try:
             return csr_public_key(csr.encode("utf-8", "replace"), node)
         except ValueError as exc:
@@ -314,8 +317,10 @@ class EnrollService:
             "not_after": cert.not_valid_after_utc.isoformat(),
         }
 
-    def _refused(self, counter: str, message: str, exc: Refused, peer: str, **extra: str) -> None:
-        getattr(self.metrics, counter).labels(exc.reason).inc()
+    def _refused(
+        self, counter: Counter, message: str, exc: Refused, peer: str, **extra: str
+    ) -> None:
+        counter.labels(exc.reason).inc()
         if self._log_budget.allow(_host(peer)):
             log.warning(
                 message,
@@ -379,7 +384,9 @@ class EnrollService:
                 raise Refused(403, "revoked", why)
             cert = sign_edge_csr(self.issuing, public_key, identity, self.lifetime)
         except Refused as exc:
-            self._refused("renewals", "edge certificate renewal refused", exc, peer, **labels)
+            self._refused(
+                self.metrics.renewals, "edge certificate renewal refused", exc, peer, **labels
+            )
             return exc.status, {"error": str(exc), "reason": exc.reason}
         self.metrics.renewals.labels("ok").inc()
         log.info(
