@@ -11,16 +11,28 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+import h11
 import pytest
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 
-from kins_tunnel.certs import ca_hash_of_file, init_ca, issue_edge
+from kins_tunnel.certs import (
+    RENEW_TARGET,
+    EdgeIdentity,
+    ca_hash_of_file,
+    edge_csr,
+    identity_from_der,
+    init_ca,
+    issue_edge,
+)
 from kins_tunnel.cloud.revocation import RevokedList
 from kins_tunnel.cloud.server import Cloud
 from kins_tunnel.config import SiteProxy, cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
 from kins_tunnel.edge.enroll import EnrolError, Enrolment
+from kins_tunnel.jsonhttp import json_request
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.testing.support import run_kins_tunnel, wait_until
 from kins_tunnel.tokens import create_token, parse_duration, read_tokens
@@ -492,3 +504,37 @@ async def test_an_edge_behind_a_site_proxy_enrols_through_it(tmp_path: Path) -> 
             # one CONNECT for the enrolment, one for the tunnel
             assert proxy.connects(f"127.0.0.1:{ports.tunnel}") >= 2
             nursery.cancel_scope.cancel()
+
+
+async def test_renewal_is_for_the_tunnels_own_identity_only(tmp_path: Path) -> None:
+    cloud = make_cloud(tmp_path)
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(cloud.run)
+        cfg = edge_cfg(tmp_path, ports.tunnel)
+        give_token(cfg, create_token(tmp_path / "tokens.yaml", "test", "edge1", HOUR, 1))
+        edge = Edge(cfg)
+        await nursery.start(edge.run)
+        await wait_until(lambda: cloud.registry.serves("edge1:22"), 10, "routed")
+        (session,) = edge.sessions.values()
+
+        async def renew(node: str | None) -> tuple[int, dict[str, Any]]:
+            key = ec.generate_private_key(ec.SECP256R1())
+            stream = await session.open_stream(RENEW_TARGET, 5)
+            async with stream:
+                return await json_request(
+                    stream,
+                    h11.Connection(h11.CLIENT),
+                    "POST",
+                    "/v1/renew",
+                    {"csr": edge_csr(key, node).decode(), "unit": "other", "node": "edge2"},
+                    host="x",
+                )
+
+        status, doc = await renew("edge2")  # asks for another node: refused
+        assert (status, doc["reason"]) == (403, "identity_not_allowed"), doc
+        status, doc = await renew(None)  # whatever the body says, the tunnel's identity is used
+        assert status == 200, doc
+        cert = x509.load_pem_x509_certificate(doc["cert"].encode())
+        assert identity_from_der(cert.public_bytes(Encoding.DER)) == EdgeIdentity("test", "edge1")
+        assert sample(cloud.metrics, "certificate_renewals", "identity_not_allowed") == 1
+        nursery.cancel_scope.cancel()
