@@ -86,6 +86,16 @@ def give_token(cfg: Any, token: str) -> None:
     cfg.enroll.token_file.write_text(token + "\n")
 
 
+async def enrolled_edge(nursery: trio.Nursery, cloud: Cloud, base: Path, port: int) -> Edge:
+    """An edge of node edge1 that enrols with a fresh token, once the cloud routes it."""
+    cfg = edge_cfg(base, port)
+    give_token(cfg, create_token(base / "tokens.yaml", "test", "edge1", HOUR, 1))
+    edge = Edge(cfg)
+    await nursery.start(edge.run)
+    await wait_until(lambda: cloud.registry.serves("edge1:22"), 10, "enrolled edge routed")
+    return edge
+
+
 async def test_edge_enrols_with_a_token_and_restarts_from_its_files(tmp_path: Path) -> None:
     cloud = make_cloud(tmp_path)
     token = create_token(tmp_path / "tokens.yaml", "test", "edge1", HOUR, 1)
@@ -417,11 +427,8 @@ async def test_a_revoked_identity_cannot_renew(tmp_path: Path) -> None:
     cloud = make_cloud(tmp_path, tunnel={"revoked_file": str(revoked)})
     async with trio.open_nursery() as nursery:
         ports = await nursery.start(cloud.run)
-        cfg = edge_cfg(tmp_path, ports.tunnel)
-        give_token(cfg, create_token(tmp_path / "tokens.yaml", "test", "edge1", HOUR, 1))
-        edge = Edge(cfg)
-        await nursery.start(edge.run)
-        await wait_until(lambda: cloud.registry.serves("edge1:22"), 10, "routed")
+        edge = await enrolled_edge(nursery, cloud, tmp_path, ports.tunnel)
+        cfg = edge.cfg
         assert edge.enrolment is not None and cloud.revocation is not None
         edge.enrolment._load()
         # The identity is revoked in the list in use; the watcher has not closed the tunnel yet
@@ -510,11 +517,7 @@ async def test_renewal_is_for_the_tunnels_own_identity_only(tmp_path: Path) -> N
     cloud = make_cloud(tmp_path)
     async with trio.open_nursery() as nursery:
         ports = await nursery.start(cloud.run)
-        cfg = edge_cfg(tmp_path, ports.tunnel)
-        give_token(cfg, create_token(tmp_path / "tokens.yaml", "test", "edge1", HOUR, 1))
-        edge = Edge(cfg)
-        await nursery.start(edge.run)
-        await wait_until(lambda: cloud.registry.serves("edge1:22"), 10, "routed")
+        edge = await enrolled_edge(nursery, cloud, tmp_path, ports.tunnel)
         (session,) = edge.sessions.values()
 
         async def renew(node: str | None) -> tuple[int, dict[str, Any]]:
