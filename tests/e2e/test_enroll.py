@@ -27,6 +27,7 @@ from kins_tunnel.certs import (
     init_ca,
     issue_edge,
 )
+from kins_tunnel.cloud import enroll as cloud_enroll
 from kins_tunnel.cloud.revocation import RevokedList
 from kins_tunnel.cloud.server import Cloud
 from kins_tunnel.config import SiteProxy, cloud_config_from_dict, edge_config_from_dict
@@ -540,4 +541,20 @@ async def test_renewal_is_for_the_tunnels_own_identity_only(tmp_path: Path) -> N
         cert = x509.load_pem_x509_certificate(doc["cert"].encode())
         assert identity_from_der(cert.public_bytes(Encoding.DER)) == EdgeIdentity("test", "edge1")
         assert sample(cloud.metrics, "certificate_renewals", "identity_not_allowed") == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_enrolments_beyond_the_bound_are_closed_unanswered(tmp_path: Path) -> None:
+    cloud = make_cloud(tmp_path)
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(cloud.run)
+        cfg = edge_cfg(tmp_path, ports.tunnel)
+        give_token(cfg, create_token(tmp_path / "tokens.yaml", "test", "edge1", HOUR, 1))
+        assert cloud.enroll is not None
+        cloud.enroll.exchanges = cloud_enroll.MAX_EXCHANGES  # as if that many were running
+        exc = await enrol_refused(cloud, cfg)
+        assert exc.reason == "connect" and "closed the connection before answering" in str(exc)
+        assert sample(cloud.metrics, "enrollments", "busy") == 1
+        cloud.enroll.exchanges = 0
+        await Enrolment(cfg, Metrics("edge", lambda: ())).enrol_once(None)  # room again
         nursery.cancel_scope.cancel()
