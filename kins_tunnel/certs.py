@@ -11,6 +11,10 @@ Layout of a certificate directory (``kins-tunnel certs init/edge --dir DIR``)::
     proxy-ca.crt/.key     the proxy CA (``--proxy-san``): signs only the proxy's TLS certificate,
                           name-constrained (critical) to the proxy's names
     proxy.crt proxy.key   the proxy listener's certificate (``proxy.tls``), from the proxy CA
+    issuing.crt/.key      the issuing CA (``--issuing-ca``): an intermediate under ca.crt (path
+                          length 0, clientAuth only, name-constrained to ``spiffe://kins-tunnel``
+                          URIs) with which the cloud signs edge certificates at enrolment and
+                          renewal (`sign_edge_csr`), so ca.key never has to leave the operator
 
 Why a second CA: client-go verifies an https proxy with the cluster's CA, so the kubeconfig's CA
 bundle holds the proxy's CA, which client-go then also trusts for K3s. A proxy CA constrained to
@@ -41,6 +45,7 @@ naming the file or value; malformed peer certificates raise `ValueError`.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -48,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -57,6 +62,8 @@ from kins_tunnel.pemfiles import load_certs, load_key, make_dir, write_cert, wri
 
 __all__ = [
     "ALPN_PROTOCOL",
+    "ENROLL_ALPN",
+    "RENEW_TARGET",
     "CLOUD_COMMON_NAME",
     "CertFacts",
     "EdgeIdentity",
@@ -69,9 +76,19 @@ __all__ = [
     "issue_edge",
     "issue_user",
     "name_permitted",
+    "ca_hash",
+    "edge_csr",
+    "sign_edge_csr",
+    "IssuingCA",
 ]
 
 ALPN_PROTOCOL = "kins-tunnel/1"
+# Enrolment on the tunnel port: a connection that negotiates this protocol may come without a
+# client certificate, and can then only enrol (HTTP/1.1, see `cloud.enroll`).
+ENROLL_ALPN = "kins-enroll/1"
+# The stream target an edge opens on its tunnel to renew its certificate (answered by the cloud
+# before its uplinks map; `.invalid` can never name a real host).
+RENEW_TARGET = "renew.kins-tunnel.invalid:1"
 CLOUD_COMMON_NAME = "kins-tunnel-cloud"
 CA_COMMON_NAME = "kins-tunnel CA"
 PROXY_CA_COMMON_NAME = "kins-tunnel proxy CA"
@@ -200,6 +217,13 @@ class CertFacts:
     not_after: dt.datetime  # aware, UTC
     common_name: str  # subject CN ("" if none)
     organizations: tuple[str, ...]  # subject O values
+    not_before: dt.datetime | None = None  # aware, UTC
+    authority_key_id: bytes | None = None  # of the issuer: tells an issuing CA's certificates
+    renewed_automatically: bool = False  # set by the cloud: issued by its issuing CA
+
+    @property
+    def lifetime(self) -> dt.timedelta | None:
+        return None if self.not_before is None else self.not_after - self.not_before
 
     @property
     def serial_hex(self) -> str:
@@ -223,7 +247,17 @@ def cert_facts(der: bytes) -> CertFacts:
         cert.not_valid_after_utc,
         cn[0] if cn else "",
         tuple(values(NameOID.ORGANIZATION_NAME)),
+        cert.not_valid_before_utc,
+        _authority_key_id(cert),
     )
+
+
+def _authority_key_id(cert: x509.Certificate) -> bytes | None:
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except (x509.ExtensionNotFound, ValueError):
+        return None
+    return aki.key_identifier
 
 
 # --- issuing -------------------------------------------------------------------------------------
@@ -236,6 +270,7 @@ def init_ca(
     days: int = 3650,
     cloud_days: int = 825,
     proxy_sans: Sequence[str] | None = None,
+    issuing_ca: bool = False,
 ) -> None:
     """Create the CA in DIR (unless ca.crt and ca.key exist) and (re)issue DIR/cloud.{crt,key}.
 
@@ -252,6 +287,10 @@ def init_ca(
     and below, an IP its single address). A proxy name that is, or covers, a Kins service name
     (``kins-system``, ``*-svc-kins``) is refused; a name the existing proxy CA does not permit is
     refused with what to do (a new proxy CA means new kubeconfigs).
+
+    With `issuing_ca`, DIR/issuing.{crt,key} is created too (kept if present): see
+    `new_issuing_ca`. A new CA is then made with path length 1 (room for the issuing CA); an
+    existing CA of path length 0 cannot sign one, which is a `UserError` saying what to do.
     """
     dir = Path(dir)
     sans = _cloud_sans(cloud_sans)
@@ -264,7 +303,13 @@ def init_ca(
     if crt_path.exists() or key_path.exists():
         ca_cert, ca_key = _load_ca(dir)
     else:
-        ca_cert, ca_key = _new_ca(dir, "ca", CA_COMMON_NAME, now, days)
+        ca_cert, ca_key = _new_ca(
+            dir, "ca", CA_COMMON_NAME, now, days, path_length=1 if issuing_ca else 0
+        )
+    if issuing_ca and not (dir / "issuing.crt").exists() and not (dir / "issuing.key").exists():
+        new_issuing_ca(dir, ca_cert, ca_key, now, days)
+    elif issuing_ca:
+        _load_issuing(dir)  # present: it must load and belong to this CA
     _issue_leaf(
         ca_cert,
         ca_key,
@@ -306,14 +351,16 @@ def _new_ca(
     days: int,
     *,
     constraints: x509.NameConstraints | None = None,
+    path_length: int = 0,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """Create and write DIR/STEM.{crt,key}: a self-signed CA, path length 0."""
+    """Create and write DIR/STEM.{crt,key}: a self-signed CA, path length `path_length` (1 leaves
+    room for the issuing CA below it)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     builder = (
         _builder(name, name, key.public_key(), now, days)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(_key_usage(cert_sign=True), critical=True)
     )
     if constraints is not None:
@@ -456,24 +503,9 @@ def issue_edge(
     expired certificates).
     """
     dir = Path(dir)
-    for what, value in (("unit", unit), ("node", node)):
-        if not _valid_name(what, value):
-            _pattern, kind, rule = _NAME_RULES[what]
-            raise UserError(f"{what} {value!r}: must be {kind} ({rule})")
-    why = reserved_node(node)
-    if why is not None:
-        raise UserError(
-            f"node {node!r} is reserved: {why}; an edge serves <node>:<port>, so its node name "
-            "must not read as a service name"
-        )
+    check_edge_names(unit, node)
     ca_cert, ca_key = _load_ca(dir)
     crt_path, key_path = dir / f"edge-{node}.crt", dir / f"edge-{node}.key"
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
-            x509.NameAttribute(NameOID.COMMON_NAME, node),
-        ]
-    )
     _issue_leaf(
         ca_cert,
         ca_key,
@@ -481,11 +513,20 @@ def issue_edge(
         key_path,
         now=_now or _utcnow(),
         days=days,
-        subject=subject,
+        subject=_edge_subject(EdgeIdentity(unit, node)),
         sans=[x509.UniformResourceIdentifier(edge_identity_uri(unit, node))],
         usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
     )
     return crt_path, key_path
+
+
+def _edge_subject(identity: EdgeIdentity) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, identity.unit),
+            x509.NameAttribute(NameOID.COMMON_NAME, identity.node),
+        ]
+    )
 
 
 def _issue_leaf(
@@ -500,29 +541,55 @@ def _issue_leaf(
     sans: Sequence[x509.GeneralName],
     usages: Sequence[x509.ObjectIdentifier],
 ) -> None:
+    if days < 1:
+        raise UserError(f"validity of {days} days: must be at least 1")
     key = ec.generate_private_key(ec.SECP256R1())
+    cert = _sign_leaf(
+        ca_cert,
+        ca_key,
+        key.public_key(),
+        now=now,
+        lifetime=dt.timedelta(days=days),
+        subject=subject,
+        sans=sans,
+        usages=usages,
+    )
+    write_key(key_path, key)
+    write_cert(crt_path, cert)
+
+
+def _sign_leaf(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    now: dt.datetime,
+    lifetime: dt.timedelta,
+    subject: x509.Name,
+    sans: Sequence[x509.GeneralName],
+    usages: Sequence[x509.ObjectIdentifier],
+) -> x509.Certificate:
     # Never outlive the CA: a chain with a leaf expiring after its issuer confuses some verifiers.
-    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    not_after = min(now + lifetime, ca_cert.not_valid_after_utc)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    # A short-lived certificate is backdated by a tenth of its lifetime at most, so that the share
+    # of its lifetime after which it is renewed is counted from about when it was issued.
+    skew = min(_SKEW, lifetime / 10)
     builder = (
-        _builder(subject, ca_cert.subject, key.public_key(), now, days, not_after=not_after)
+        _builder(subject, ca_cert.subject, public_key, now, 1, not_after=not_after, skew=skew)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
     )
     if sans:  # a user certificate names its holder in the subject only
         builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-    cert = (
-        builder.add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
+    return (
+        builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
         )
         .sign(ca_key, hashes.SHA256())
     )
-    write_key(key_path, key)
-    write_cert(crt_path, cert)
 
 
 def _builder(
@@ -533,6 +600,7 @@ def _builder(
     days: int,
     *,
     not_after: dt.datetime | None = None,
+    skew: dt.timedelta = _SKEW,
 ) -> x509.CertificateBuilder:
     if days < 1:
         raise UserError(f"validity of {days} days: must be at least 1")
@@ -542,7 +610,7 @@ def _builder(
         .issuer_name(issuer)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _SKEW)
+        .not_valid_before(now - skew)
         .not_valid_after(not_after or now + dt.timedelta(days=days))
     )
 
@@ -584,6 +652,192 @@ def _cloud_sans(extra: Sequence[str], flag: str = "--cloud-san") -> list[x509.Ge
         if name not in sans:
             sans.append(name)
     return sans
+
+
+# --- the issuing CA: enrolment and renewal ------------------------------------------------------
+
+ISSUING_CA_COMMON_NAME = "kins-tunnel issuing CA"
+_IDENTITY_HOST = "kins-tunnel"  # the host part of every identity URI: the issuing CA's only name
+
+
+def new_issuing_ca(
+    dir: Path,
+    root_cert: x509.Certificate,
+    root_key: ec.EllipticCurvePrivateKey,
+    now: dt.datetime,
+    days: int,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """Create and write DIR/issuing.{crt,key}: an intermediate CA signed by the root.
+
+    Path length 0 (it signs leaves only), extended key usage clientAuth only (so nothing it signs
+    verifies as a server: not as the cloud to an edge), and critical NameConstraints permitting
+    only URIs on the host ``kins-tunnel``, i.e. edge identities ``spiffe://kins-tunnel/...``.
+    The root must allow an intermediate (path length 1 or more): `UserError` otherwise.
+    """
+    bc = root_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    if bc.path_length is not None and bc.path_length < 1:
+        raise UserError(
+            f"{dir / 'ca.crt'} was made with path length 0, so it cannot sign an issuing CA: "
+            "create a new CA for enrolment (certs init --issuing-ca with a new --dir) and give "
+            "edges its ca.crt, or keep issuing edge certificates with certs edge"
+        )
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUING_CA_COMMON_NAME)])
+    root_ski = root_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    not_after = min(now + dt.timedelta(days=days), root_cert.not_valid_after_utc)
+    constraints = x509.NameConstraints(
+        permitted_subtrees=[x509.UniformResourceIdentifier(_IDENTITY_HOST)],
+        excluded_subtrees=None,
+    )
+    cert = (
+        _builder(name, root_cert.subject, key.public_key(), now, days, not_after=not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([CLIENT_AUTH]), critical=False)
+        .add_extension(constraints, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski),
+            critical=False,
+        )
+        .sign(root_key, hashes.SHA256())
+    )
+    write_key(dir / "issuing.key", key)
+    write_cert(dir / "issuing.crt", cert)
+    return cert, key
+
+
+def _load_issuing(dir: Path) -> None:
+    root = load_certs(dir / "ca.crt", "CA certificate")[0]
+    issuing = load_issuing_ca(dir / "issuing.crt", dir / "issuing.key", "issuing CA")
+    if issuing.cert.issuer != root.subject:
+        raise UserError(f"issuing CA: {dir / 'issuing.crt'} is not signed by {dir / 'ca.crt'}")
+
+
+@dataclass(frozen=True, slots=True)
+class IssuingCA:
+    """The CA the cloud signs edge certificates with (`enrollment.ca`)."""
+
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @property
+    def key_id(self) -> bytes:
+        """The subject key identifier: the authority key identifier of what it signs."""
+        try:
+            return self.cert.extensions.get_extension_for_class(
+                x509.SubjectKeyIdentifier
+            ).value.digest
+        except x509.ExtensionNotFound:
+            return x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()).digest
+
+    @property
+    def chain_pem(self) -> bytes:
+        """The issuing CA's certificate (PEM): sent after an edge's certificate."""
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+
+def load_issuing_ca(cert: Path, key: Path, what: str = "enrollment.ca") -> IssuingCA:
+    """Load the issuing CA; `UserError` naming `what` if a file is missing, unreadable, not a CA,
+    or the key does not belong to the certificate."""
+    crt = load_certs(cert, f"{what}.cert")[0]
+    private = load_key(key, f"{what}.key")
+    if crt.public_key() != private.public_key():
+        raise UserError(f"{what}.key: {key} does not belong to {what}.cert {cert}")
+    try:
+        bc = crt.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is None or not bc.ca:
+        raise UserError(f"{what}.cert: {cert} is not a CA certificate")
+    return IssuingCA(crt, private)
+
+
+def ca_hash(cert: x509.Certificate) -> str:
+    """``sha256:<hex>`` of a CA's SubjectPublicKeyInfo (DER), as kubeadm's discovery hash."""
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(spki).hexdigest()
+
+
+def ca_hash_of_file(path: Path) -> str:
+    """`ca_hash` of the first certificate of PEM file `path` (`UserError` if unreadable)."""
+    return ca_hash(load_certs(Path(path), "CA certificate")[0])
+
+
+def check_edge_names(unit: str, node: str) -> None:
+    """`UserError` if unit or node is not a legal name, or the node name is reserved."""
+    for what, value in (("unit", unit), ("node", node)):
+        if not _valid_name(what, value):
+            _pattern, kind, rule = _NAME_RULES[what]
+            raise UserError(f"{what} {value!r}: must be {kind} ({rule})")
+    why = reserved_node(node)
+    if why is not None:
+        raise UserError(
+            f"node {node!r} is reserved: {why}; an edge serves <node>:<port>, so its node name "
+            "must not read as a service name"
+        )
+
+
+def edge_csr(key: ec.EllipticCurvePrivateKey, node: str | None) -> bytes:
+    """A PEM certificate request for `node` (subject CN; None: an empty subject, the token names
+    the node), signed with `key` (proof of possession). The cloud decides the identity: the
+    request only says which node it asks for."""
+    names = [] if node is None else [x509.NameAttribute(NameOID.COMMON_NAME, node)]
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name(names))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+MAX_CSR_BYTES = 8192
+
+
+def csr_public_key(pem: bytes, node: str | None) -> ec.EllipticCurvePublicKey:
+    """The public key of a PEM certificate request, after checking it: it parses, its signature
+    verifies (the requester holds the key), its key is ECDSA P-256, and its subject CN, if any,
+    is `node`. `ValueError` with a one-line reason otherwise (the request is untrusted input)."""
+    if len(pem) > MAX_CSR_BYTES:
+        raise ValueError(f"certificate request larger than {MAX_CSR_BYTES} bytes")
+    try:
+        csr = x509.load_pem_x509_csr(pem)
+    except ValueError:
+        raise ValueError("not a PEM certificate request") from None
+    if not csr.is_signature_valid:
+        raise ValueError("the certificate request's signature does not verify")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ValueError("the certificate request's key must be ECDSA P-256")
+    names = [str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if node is not None and names and names != [node]:
+        raise ValueError(f"the certificate request names node {names[0]!r}, not {node!r}")
+    return key
+
+
+def sign_edge_csr(
+    ca: IssuingCA,
+    public_key: ec.EllipticCurvePublicKey,
+    identity: EdgeIdentity,
+    lifetime: dt.timedelta,
+    *,
+    now: dt.datetime | None = None,
+) -> x509.Certificate:
+    """An edge certificate for `identity` and `public_key` (from `csr_public_key`), signed by the
+    issuing CA, valid for `lifetime` (never beyond the CA itself). The caller has checked the
+    identity (`check_edge_names`, the token, tenancy, revocation)."""
+    return _sign_leaf(
+        ca.cert,
+        ca.key,
+        public_key,
+        now=now or _utcnow(),
+        lifetime=lifetime,
+        subject=_edge_subject(identity),
+        sans=[x509.UniformResourceIdentifier(identity.uri)],
+        usages=[CLIENT_AUTH],
+    )
 
 
 # --- files ---------------------------------------------------------------------------------------

@@ -48,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
         "naming what clients put in proxy-url, from the proxy CA DIR/proxy-ca.{crt,key} "
         "(created on first use, name-constrained to these names); repeat it",
     )
+    ci.add_argument(
+        "--issuing-ca",
+        action="store_true",
+        help="also create DIR/issuing.{crt,key}: the CA the cloud signs enrolled edges with "
+        "(enrollment.ca), and print the CA hash edges pin (enroll.ca_hash)",
+    )
+    ch = certs.add_parser("ca-hash", help="print the CA hash edges pin (enroll.ca_hash)")
+    ch.add_argument("--dir", required=True)
     ce = certs.add_parser("edge", help="edge client certificate: DIR/edge-NODE.{crt,key}")
     ce.add_argument("--dir", required=True)
     ce.add_argument("--unit", required=True)
@@ -59,6 +67,19 @@ def _parser() -> argparse.ArgumentParser:
     cu.add_argument("--name", required=True, help="the principal (subject CN)")
     cu.add_argument("--group", action="append", default=[], help="a group (subject O); repeat it")
     cu.add_argument("--days", type=int, default=365)
+    tok = sub.add_parser("token", help="enrolment tokens (enrollment.tokens_file)").add_subparsers(
+        dest="token_cmd", required=True
+    )
+    tc = tok.add_parser("create", help="create a token; prints it alone on stdout")
+    tc.add_argument("--unit", required=True)
+    tc.add_argument("--node", default=None, help="enrol this node only (default: any node)")
+    tc.add_argument("--ttl", default="24h", help="validity, e.g. 30m, 24h, 7d (default 24h)")
+    tc.add_argument("--uses", type=int, default=1, help="enrolments it allows (default 1)")
+    tl = tok.add_parser("list", help="list tokens (ids, bindings, expiry, uses; never secrets)")
+    td = tok.add_parser("delete", help="delete a token by its id")
+    td.add_argument("id")
+    for t in (tc, tl, td):
+        t.add_argument("--tokens-file", required=True)
     for name in ("cloud", "edge"):
         sp = sub.add_parser(name, help=f"run tunnel-{name}")
         sp.add_argument("--config", required=True)
@@ -195,6 +216,26 @@ def _run_demo(proxy_port: int) -> None:
     trio.run(main)
 
 
+def _token(args: argparse.Namespace) -> None:
+    from kins_tunnel import tokens
+
+    path = Path(args.tokens_file)
+    if args.token_cmd == "create":
+        ttl = tokens.parse_duration(args.ttl)
+        print(tokens.create_token(path, args.unit, args.node, ttl, args.uses))
+    elif args.token_cmd == "delete":
+        tokens.delete_token(path, args.id)
+        print(f"deleted token {args.id}", file=sys.stderr)
+    else:
+        _table(tokens.token_rows(path))
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
 def _status(admins: list[str], as_json: bool) -> None:
     docs = []
     for admin in admins:
@@ -209,7 +250,13 @@ def _status(admins: list[str], as_json: bool) -> None:
     if as_json:
         print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=1))
         return
-    rows = [
+    edge_docs = [d for d in docs if isinstance(d, dict) and "tunnels" in d and "edges" not in d]
+    docs = [d for d in docs if d not in edge_docs]
+    for doc in edge_docs:  # an edge's own admin (port 9091): its tunnels and its certificate
+        _edge_status(doc)
+    if not docs:
+        return
+    rows: list[tuple[str, ...]] = [
         (
             "UNIT",
             "NODE",
@@ -235,13 +282,11 @@ def _status(admins: list[str], as_json: bool) -> None:
                     str(e["streams"]),
                     _size(e["bytes_sent"]),
                     _size(e["bytes_received"]),
-                    _expires(e.get("cert_expiry_seconds")),
+                    _expires(e.get("cert_expiry_seconds"), e.get("cert_warn_seconds")),
                     e["peer"],
                 )
             )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    _table(rows)
     if len(rows) == 1:
         names = ", ".join(str(d.get("replica", "?")) for d in docs)
         print(f"(no edges connected to replica {names})")
@@ -253,14 +298,36 @@ def _status(admins: list[str], as_json: bool) -> None:
             )
 
 
-def _expires(seconds: object) -> str:
-    """Time left of a certificate, flagged when within 30 days: `812d`, `12d!`, `EXPIRED`."""
+def _edge_status(doc: dict[str, object]) -> None:
+    tunnels = doc.get("tunnels")
+    count = len(tunnels) if isinstance(tunnels, list) else 0
+    print(f"edge {doc.get('unit') or '?'}/{doc.get('node') or '?'}: {count} tunnel(s) to the cloud")
+    cert = doc.get("certificate")
+    if not isinstance(cert, dict):
+        return
+    line = f"  certificate: {cert.get('enrollment', '?')}"
+    if "not_after" in cert:
+        line += (
+            f", expires {_expires(cert.get('expires_in_seconds'), 0)} ({cert['not_after']}),"
+            f" renewal due {cert.get('renew_at')}, renewed {cert.get('renewals', 0)} time(s)"
+        )
+    print(line)
+    if cert.get("warning"):
+        print(f"  WARNING: {cert['warning']}")
+    elif cert.get("last_error"):
+        print(f"  last error: {cert['last_error']}")
+
+
+def _expires(seconds: object, warn: object = None) -> str:
+    """Time left of a certificate, flagged when within `warn` seconds (default 30 days; less for
+    short-lived certificates, as the cloud says): `812d`, `12d!`, `EXPIRED`."""
     if not isinstance(seconds, (int, float)):
         return "-"
     if seconds <= 0:
         return "EXPIRED"
     text = f"{int(seconds // 86400)}d" if seconds >= 86400 else _dur(seconds)
-    return text + "!" if seconds < 30 * 86400 else text
+    within = warn if isinstance(warn, (int, float)) else 30 * 86400
+    return text + "!" if seconds < within else text
 
 
 def _dur(seconds: float) -> str:
@@ -300,13 +367,25 @@ def main(argv: list[str] | None = None) -> int:
             from kins_tunnel import certs
 
             if args.certs_cmd == "init":
-                certs.init_ca(Path(args.dir), args.cloud_san, proxy_sans=args.proxy_san)
+                certs.init_ca(
+                    Path(args.dir),
+                    args.cloud_san,
+                    proxy_sans=args.proxy_san,
+                    issuing_ca=args.issuing_ca,
+                )
                 proxy = (
                     ", proxy-ca.crt, proxy-ca.key, proxy.crt, proxy.key"
                     if args.proxy_san is not None
                     else ""
                 )
-                print(f"wrote {args.dir}/ca.crt, ca.key, cloud.crt, cloud.key{proxy}")
+                issuing = ", issuing.crt, issuing.key" if args.issuing_ca else ""
+                print(f"wrote {args.dir}/ca.crt, ca.key, cloud.crt, cloud.key{proxy}{issuing}")
+                if args.issuing_ca:
+                    print(
+                        f"CA hash (enroll.ca_hash): {certs.ca_hash_of_file(Path(args.dir) / 'ca.crt')}"
+                    )
+            elif args.certs_cmd == "ca-hash":
+                print(certs.ca_hash_of_file(Path(args.dir) / "ca.crt"))
             elif args.certs_cmd == "user":
                 crt, key = certs.issue_user(Path(args.dir), args.name, args.group, days=args.days)
                 print(
@@ -316,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 crt, key = certs.issue_edge(Path(args.dir), args.unit, args.node)
                 print(f"wrote {crt} and {key} (unit {args.unit}, node {args.node})")
+        elif args.cmd == "token":
+            _token(args)
         elif args.cmd == "cloud":
             _run_cloud(args.config)
         elif args.cmd == "edge":

@@ -24,6 +24,8 @@ module only resolves paths; reading those files, and reporting them unreadable, 
 users (`kins_tunnel.certs` for TLS).
 """
 
+import dataclasses
+import os
 import re
 import types
 from collections.abc import Mapping
@@ -52,6 +54,9 @@ _LABEL_RE = re.compile(r"[a-z0-9-]{1,63}")
 _UNIT_RE = re.compile(
     r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 )  # a NodeUnit name, as in certificates
+_NODE_RE = re.compile(  # a node name, as in certificates (a DNS subdomain)
+    r"(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+)
 
 
 # --- the dataclasses -----------------------------------------------------------------------------
@@ -131,6 +136,38 @@ class AliasDiscovery:
 
 
 @dataclass(frozen=True, slots=True)
+class IssuingCAFiles:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentSettings:
+    """The cloud's enrolment of edges with tokens (`enrollment`; `cloud.enroll`)."""
+
+    tokens_file: Path
+    ca: IssuingCAFiles | None = None  # None: enrolment answers a refusal (no issuing CA)
+    lifetime_days: float = 30.0  # edge certificates issued and renewed; fractions allowed
+    max_failures_per_source: int = 10  # failed tokens per source address and minute; then 429
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollSettings:
+    """The edge's enrolment and renewal (`enroll`; `edge.enroll`)."""
+
+    token_file: Path
+    ca_hash: str  # "sha256:<64 hex>" of the cloud CA's SubjectPublicKeyInfo
+    node: str | None = None  # None: the token must name the node (or node_env)
+    unit: str | None = None  # set: a token of another unit is refused
+    node_env: str | None = None  # environment variable with the node name (DaemonSet: NODE_NAME)
+    renew_at: float = 2 / 3  # share of the certificate's lifetime after which it is renewed
+
+
+MIN_LIFETIME_SECONDS = 10.0  # enrollment.lifetime_days: shorter cannot renew in time
+MAX_LIFETIME_DAYS = 825.0
+
+
+@dataclass(frozen=True, slots=True)
 class AdminSettings:
     listen: Address
     max_connections: int = 64  # beyond: a new connection is closed at once (counted)
@@ -159,6 +196,7 @@ class CloudConfig:
         default_factory=lambda: types.MappingProxyType({})
     )
     uplink_dial_timeout: float = 5.0  # seconds to connect an uplink target (all its addresses)
+    enrollment: EnrollmentSettings | None = None  # None: no enrolment on the tunnel port
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +261,7 @@ class EdgeConfig:
     )
     max_tunnels: int = 3  # keepers (tunnels to cloud addresses) at once, whatever DNS answers
     memory_budget: int = 256 * MiB  # what all tunnels together may buffer (`tunnel_buffer_bound`)
+    enroll: EnrollSettings | None = None  # set: enrol with a token when tls.cert is missing
 
 
 def tunnel_buffer_bound(mux: MuxConfig) -> int:
@@ -300,6 +339,7 @@ def cloud_config_from_dict(
         admin=top.section("admin", AdminSettings).build(AdminSettings, defaults=_CLOUD_ADMIN),
         mux=_mux(top.section("mux", MuxConfig)),
         log=_log(top.section("log", LogSettings)),
+        enrollment=_enrollment(top),
         **top.scalars(),
         tls=_tls(top),
     )
@@ -325,6 +365,7 @@ def edge_config_from_dict(
         uplinks=uplinks,
         uplink_limits=uplink_limits,
         uplink_proxy=_uplink_proxy(top),
+        enroll=_enroll(top),
         **top.scalars(),
         cloud=_cloud_addresses(top),
         tls=_tls(top),
@@ -350,6 +391,71 @@ def _tls(top: Section) -> TLSFiles:
     top.required("tls")
     sec = top.section("tls", TLSFiles)
     return TLSFiles(ca=sec.path("ca"), cert=sec.path("cert"), key=sec.path("key"))
+
+
+def _enrollment(top: Section) -> EnrollmentSettings | None:
+    if top.data.get("enrollment") is None:
+        return None
+    sec = top.section("enrollment", EnrollmentSettings)
+    ca = None
+    if sec.data.get("ca") is not None:
+        c = sec.section("ca", IssuingCAFiles)
+        ca = IssuingCAFiles(c.path("cert"), c.path("key"))
+    settings = sec.build(EnrollmentSettings, tokens_file=sec.path("tokens_file"), ca=ca)
+    if not MIN_LIFETIME_SECONDS <= settings.lifetime_days * 86400 <= MAX_LIFETIME_DAYS * 86400:
+        sec.fail(
+            "lifetime_days",
+            f"must be between {MIN_LIFETIME_SECONDS:g} seconds ({MIN_LIFETIME_SECONDS / 86400:.6f}) "
+            f"and {MAX_LIFETIME_DAYS:g} days",
+        )
+    return settings
+
+
+_CA_HASH_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _enroll(top: Section) -> EnrollSettings | None:
+    if top.data.get("enroll") is None:
+        return None
+    sec = top.section("enroll", EnrollSettings)
+    ca_hash = sec.required("ca_hash")
+    if not isinstance(ca_hash, str) or not _CA_HASH_RE.fullmatch(ca_hash.strip().lower()):
+        sec.fail(
+            "ca_hash",
+            'expected "sha256:<64 hex digits>", as kins-tunnel certs init or certs ca-hash prints',
+        )
+    names: dict[str, Any] = {}
+    env = sec.data.get("node_env")
+    if env is not None:
+        if not isinstance(env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
+            sec.fail("node_env", "expected the name of an environment variable, e.g. NODE_NAME")
+        if sec.data.get("node") is None:
+            from_env = os.environ.get(env)
+            if not from_env:
+                sec.fail("node_env", f"the environment variable {env} is not set or empty")
+            if not _NODE_RE.fullmatch(from_env):
+                sec.fail(
+                    "node_env", f"{env}={from_env[:253]!r} is not a DNS subdomain (a node name)"
+                )
+            names["node"] = from_env
+    for key, pattern, rule in (
+        ("node", _NODE_RE, "a DNS subdomain (lower-case a-z, 0-9, '-' and '.')"),
+        ("unit", _UNIT_RE, "a DNS label (lower-case a-z, 0-9 and '-')"),
+    ):
+        value = sec.data.get(key)
+        if value is not None and (not isinstance(value, str) or not pattern.fullmatch(value)):
+            sec.fail(key, f"expected {rule}, got {value!r}"[:200])
+        if value is not None or key not in names:  # node from node_env unless node is written
+            names[key] = value
+    settings = dataclasses.replace(
+        sec.build(EnrollSettings, token_file=sec.path("token_file"), node_env=env, **names),
+        ca_hash=ca_hash.strip().lower(),
+    )
+    if not 0 < settings.renew_at < 1:
+        sec.fail(
+            "renew_at", f"must be a share of the lifetime between 0 and 1, got {settings.renew_at}"
+        )
+    return settings
 
 
 def _tunnel(sec: Section) -> TunnelListen:

@@ -1,8 +1,10 @@
 """`kins-tunnel demo`: cloud, one edge and a K3s-API stand-in, all on loopback, with a kubeconfig.
 
-Everything lives in a fresh temporary directory (its own CA and certificates). The edge (unit
-`test`, node `edge1`) serves `test-svc-kins.kins-system:443` → the stand-in; kubectl reaches it
-through the cloud's CONNECT proxy, exactly as in a real Kins set-up. `demo_examples` is the list
+Everything lives in a fresh temporary directory (its own CA, issuing CA and cloud certificate).
+The edge (unit `test`, node `edge1`) starts without a certificate: it enrols with a one-use token
+and the CA hash, as ``kins-tunnel token create`` and ``certs init --issuing-ca`` make them, and
+renews its certificate over the tunnel. It serves `test-svc-kins.kins-system:443` → the stand-in;
+kubectl reaches it through the cloud's CONNECT proxy, exactly as in a real Kins set-up. `demo_examples` is the list
 of commands the demo prints (tests run the non-interactive ones as printed).
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import trio
 import yaml
 
-from kins_tunnel.certs import init_ca, issue_edge
+from kins_tunnel.certs import ca_hash_of_file, init_ca
 from kins_tunnel.cloud.server import Cloud
 from kins_tunnel.config import check_exposure, cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
@@ -27,6 +29,7 @@ from kins_tunnel.testing.k3s_standin import (
     make_self_signed_server_context,
     serve_k3s_standin,
 )
+from kins_tunnel.tokens import create_token, parse_duration
 
 log = logging.getLogger("kins_tunnel.demo")
 
@@ -116,8 +119,14 @@ async def run_demo(
     base = Path(tempfile.mkdtemp(prefix="kins-tunnel-demo-")) if workdir is None else workdir
     try:
         certs = base / "certs"
-        init_ca(certs)
-        issue_edge(certs, "test", "edge1")
+        init_ca(certs, issuing_ca=True)
+        ca_hash = ca_hash_of_file(certs / "ca.crt")
+        tokens = base / "tokens.yaml"
+        token = create_token(tokens, "test", "edge1", parse_duration("1h"), 1)
+        edge_dir = base / "edge"
+        edge_dir.mkdir(exist_ok=True)
+        (edge_dir / "token").write_text(token + "\n")
+        (edge_dir / "token").chmod(0o600)
         k3s_ctx, k3s_ca = make_self_signed_server_context(base)
         tls = {
             "ca": str(certs / "ca.crt"),
@@ -136,6 +145,13 @@ async def run_demo(
                         "proxy": {"listen": f"127.0.0.1:{proxy_port}"},
                         "admin": {"listen": "127.0.0.1:0"},
                         "tls": tls,
+                        "enrollment": {
+                            "tokens_file": str(tokens),
+                            "ca": {
+                                "cert": str(certs / "issuing.crt"),
+                                "key": str(certs / "issuing.key"),
+                            },
+                        },
                     },
                     base_dir=base,
                     source="demo cloud",
@@ -148,10 +164,16 @@ async def run_demo(
             edge_cfg = edge_config_from_dict(
                 {
                     "cloud": [f"127.0.0.1:{ports.tunnel}"],
+                    # nothing but a token and the CA hash: the files below are written at enrolment
                     "tls": {
-                        "ca": str(certs / "ca.crt"),
-                        "cert": str(certs / "edge-edge1.crt"),
-                        "key": str(certs / "edge-edge1.key"),
+                        "ca": str(edge_dir / "ca.crt"),
+                        "cert": str(edge_dir / "tls.crt"),
+                        "key": str(edge_dir / "tls.key"),
+                    },
+                    "enroll": {
+                        "token_file": str(edge_dir / "token"),
+                        "ca_hash": ca_hash,
+                        "node": "edge1",
                     },
                     "services": {"test-svc-kins.kins-system:443": f"127.0.0.1:{k3s_port}"},
                     "admin": None,
@@ -164,6 +186,8 @@ async def run_demo(
             with trio.fail_after(10):
                 while not cloud.registry.serves("test-svc-kins.kins-system:443"):
                     await trio.sleep(0.02)
+            assert edge.enrolment is not None
+            not_after = edge.enrolment.status().get("not_after", "?")
             kubeconfig = base / "kubeconfig"
             write_kubeconfig(kubeconfig, ports.proxy, k3s_ca)
             sample = base / "upgrade.bin"
@@ -178,6 +202,9 @@ async def run_demo(
 kins-tunnel demo is running (all on 127.0.0.1; files in {base}):
   tunnel-cloud   edges on :{ports.tunnel}, CONNECT proxy on :{ports.proxy}, admin on :{ports.admin}
   tunnel-edge    unit "test", node "edge1", serving test-svc-kins.kins-system:443
+                 enrolled with token {token.split(".")[0]} and CA hash {ca_hash[:19]}...: its key
+                 was made on the edge, its certificate (until {not_after}) signed by the
+                 cloud's issuing CA; it renews itself over the tunnel
   K3s stand-in   :{k3s_port} (a test double of the K3s API, reached only through the tunnel;
                  exec runs only echo, cat, sha256sum, test and tar, inside {base / "sandbox"})
 

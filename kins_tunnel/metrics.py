@@ -185,6 +185,18 @@ _COUNTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ),
     ("uplinks", "uplinks", "Uplink streams (edge to cloud-side target) opened", ()),
     (
+        "enrollments",
+        "enrollments",
+        "Enrolments with a token, by result: ok or the refusal's reason (a fixed label)",
+        ("result",),
+    ),
+    (
+        "renewals",
+        "certificate_renewals",
+        "Edge certificate renewals over the tunnel, by result: ok or the failure's reason",
+        ("result",),
+    ),
+    (
         "uplink_refusals",
         "uplink_refusals",
         "Uplinks refused or failed before any byte moved, by reason (a bounded label)",
@@ -220,6 +232,8 @@ class Metrics:
     revoked_clients_closed: Counter
     listener_limits: Counter
     uplinks: Counter
+    enrollments: Counter
+    renewals: Counter
     uplink_refusals: Counter
     uplink_bytes: Counter
 

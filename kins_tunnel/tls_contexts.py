@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from kins_tunnel.certs import ALPN_PROTOCOL
+from kins_tunnel.certs import ALPN_PROTOCOL, ENROLL_ALPN
 from kins_tunnel.errors import UserError
 from kins_tunnel.pemfiles import load_certs, load_key
 
@@ -34,17 +34,36 @@ CIPHERS = ":".join(
 )
 
 
-def server_ssl_context(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+def server_ssl_context(ca: Path, cert: Path, key: Path, *, enroll: bool = False) -> ssl.SSLContext:
     """The cloud's context for the edge listener: mutual TLS 1.2+, trusting only `ca`.
 
-    Raises `UserError` naming the file (``tls.ca``, ``tls.cert`` or ``tls.key``) that is missing,
-    unreadable, not PEM, or does not match.
+    With `enroll` (the cloud has an ``enrollment`` section), the context also offers
+    `ENROLL_ALPN` and lets a client come without a certificate (a certificate it does present must
+    still verify): the tunnel server then refuses every such connection except an enrolment
+    (`cloud.tunnel_server`). Raises `UserError` naming the file (``tls.ca``, ``tls.cert`` or
+    ``tls.key``) that is missing, unreadable, not PEM, or does not match.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_mode = ssl.CERT_OPTIONAL if enroll else ssl.CERT_REQUIRED
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
     ctx.num_tickets = 0  # edges never resume a session: no TLS 1.3 tickets (1.5 KiB each connect)
     _configure(ctx, ca, cert, key)
+    if enroll:
+        ctx.set_alpn_protocols([ALPN_PROTOCOL, ENROLL_ALPN])
+    return ctx
+
+
+def enroll_client_ssl_context() -> ssl.SSLContext:
+    """The edge's context for enrolment: TLS 1.2+ offering only `ENROLL_ALPN`, no certificate,
+    and no verification by OpenSSL: the edge verifies the cloud's certificate itself against the
+    CA it pinned (`edge.enroll`), before it sends anything secret."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    ctx.set_ciphers(CIPHERS)
+    ctx.set_alpn_protocols([ENROLL_ALPN])
     return ctx
 
 

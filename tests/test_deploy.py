@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
+from kins_tunnel.tokens import TOKEN_RE
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DRAIN_MARGIN = 10  # seconds between the drain deadline and SIGKILL
@@ -77,7 +79,13 @@ CLOUD = embedded("cloud.yaml", "tunnel-cloud.yaml")
 EDGE = embedded("edge.yaml", "tunnel-edge.yaml")
 DEPLOYMENT = one("tunnel-cloud.yaml", "Deployment")
 DAEMONSET = one("tunnel-edge.yaml", "DaemonSet")
-WORKLOADS = [pytest.param(DEPLOYMENT, id="tunnel-cloud"), pytest.param(DAEMONSET, id="tunnel-edge")]
+ENROLLING = one("tunnel-edge-enroll.yaml", "DaemonSet")
+EDGE_ENROLL = embedded("edge.yaml", "tunnel-edge-enroll.yaml")
+WORKLOADS = [
+    pytest.param(DEPLOYMENT, id="tunnel-cloud"),
+    pytest.param(DAEMONSET, id="tunnel-edge"),
+    pytest.param(ENROLLING, id="tunnel-edge-enroll"),
+]
 
 
 # --- every manifest --------------------------------------------------------------------------------
@@ -711,3 +719,66 @@ def test_image_build_recipe_leaves_the_test_doubles_out(tmp_path: Path) -> None:
     assert proc.stdout.startswith(str(installed[0])), proc.stdout
     assert proc.returncode == 2, proc.stderr
     assert "kins_tunnel.testing" in proc.stderr and "make demo" in proc.stderr
+
+
+# --- tunnel-edge-enroll.yaml: edges that enrol with a token ----------------------------------------
+
+
+def test_enrolling_edge_keeps_its_key_on_the_node_and_reads_the_token_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kins_tunnel.config import edge_config_from_dict
+
+    monkeypatch.setenv("NODE_NAME", "edge7")
+    edge = edge_config_from_dict(
+        EDGE_ENROLL,
+        base_dir=Path("/etc/kins-tunnel"),
+        source="deploy/tunnel-edge-enroll.yaml: edge.yaml",
+    )
+    assert edge.enroll is not None and edge.enroll.node == "edge7"  # from spec.nodeName
+    assert edge.enroll.node_env == "NODE_NAME"
+    env = {e["name"]: e for e in container(ENROLLING)["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    # the token: a directory mount of the Secret (updates reach the pod)
+    volume, key = mounted_file(ENROLLING, str(edge.enroll.token_file))
+    assert volume["secret"]["secretName"] == "tunnel-edge-token" and key == "token"
+    secret = one("tunnel-edge-token.yaml", "Secret")
+    assert secret["metadata"]["name"] == "tunnel-edge-token" and set(secret["stringData"]) == {key}
+    assert not TOKEN_RE.fullmatch(secret["stringData"][key])  # a placeholder, never a token
+    # key, certificate and pinned CA: written to a hostPath directory of the node itself
+    pod = ENROLLING["spec"]["template"]["spec"]
+    for path in (edge.tls.ca, edge.tls.cert, edge.tls.key):
+        volume, _key = mounted_file(ENROLLING, str(path))
+        assert volume["hostPath"] == {"path": "/var/lib/kins-tunnel", "type": "DirectoryOrCreate"}
+    mount = [m for m in container(ENROLLING)["volumeMounts"] if m["name"] == "state"]
+    assert mount and not mount[0].get("readOnly")
+    # made the tunnel user's (0700) by an init container that may only chown
+    (init,) = pod["initContainers"]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert init["securityContext"]["allowPrivilegeEscalation"] is False
+    assert "chmod 0700" in init["command"][-1] and "chown 65532:65532" in init["command"][-1]
+    # the shipped hash is a placeholder to replace (README): it can never match a real CA
+    assert edge.enroll.ca_hash == "sha256:" + "0" * 64
+    assert "certs ca-hash" in (DEPLOY / "tunnel-edge-enroll.yaml").read_text()
+    # the rest is the shipped DaemonSet's: same selector, network, probes and services
+    assert pod["nodeSelector"] == DAEMONSET["spec"]["template"]["spec"]["nodeSelector"]
+    assert pod["hostNetwork"] is True and EDGE_ENROLL["services"] == EDGE["services"]
+
+
+def test_cloud_enrollment_block_loads_once_uncommented() -> None:
+    from kins_tunnel.config import cloud_config_from_dict
+
+    text = one("tunnel-cloud.yaml", "ConfigMap")["data"]["cloud.yaml"]
+    lines = text.splitlines()
+    start = lines.index("# enrollment:")
+    block = [ln.replace("# ", "", 1) for ln in lines[start : start + 4]]
+    assert block[0] == "enrollment:" and all(ln.startswith("  ") for ln in block[1:])
+    doc = yaml.safe_load("\n".join(block))
+    cloud = cloud_config_from_dict(
+        {**CLOUD, **doc}, base_dir=Path("/etc/kins-tunnel"), source="cloud.yaml"
+    )
+    assert cloud.enrollment is not None and cloud.enrollment.ca is not None
+    for path in (cloud.enrollment.tokens_file, cloud.enrollment.ca.cert, cloud.enrollment.ca.key):
+        volume, _key = mounted_file(DEPLOYMENT, str(path))
+        assert volume["secret"]["secretName"] == "tunnel-cloud-enrollment"
+        assert volume["secret"]["optional"] is True  # the cloud starts without it until enabled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from pathlib import Path
@@ -9,10 +10,19 @@ from pathlib import Path
 import pytest
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client import CollectorRegistry, generate_latest
 
-from kins_tunnel.certs import CertFacts, cert_facts, init_ca, issue_edge
+from kins_tunnel.certs import (
+    CertFacts,
+    EdgeIdentity,
+    cert_facts,
+    init_ca,
+    issue_edge,
+    load_issuing_ca,
+    sign_edge_csr,
+)
 from kins_tunnel.cloud.expiry import CertificateExpiry, parse_cert_file
 from kins_tunnel.testing.support import wait_until
 
@@ -100,3 +110,29 @@ async def test_rotated_cloud_certificate_is_picked_up(tmp_path: Path) -> None:
 def test_parse_cert_file_rejects_non_pem() -> None:
     with pytest.raises(ValueError, match="not a PEM certificate"):
         parse_cert_file(b"hello")
+
+
+def test_renewed_certificates_are_flagged_within_a_quarter_of_their_lifetime(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An edge certificate from the issuing CA (30 days, renewed after 20) is not flagged when it
+    is fresh, only once less than a quarter of its lifetime is left (its renewal failed)."""
+    init_ca(tmp_path, issuing_ca=True)
+    issuing = load_issuing_ca(tmp_path / "issuing.crt", tmp_path / "issuing.key")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = sign_edge_csr(
+        issuing, key.public_key(), EdgeIdentity("test", "edge1"), dt.timedelta(days=30)
+    )
+    facts = dataclasses.replace(
+        cert_facts(cert.public_bytes(Encoding.DER)), renewed_automatically=True
+    )
+    assert facts.authority_key_id == issuing.key_id
+    clock = [dt.datetime.now(dt.UTC).timestamp()]
+    expiry = CertificateExpiry({}, lambda: [("test", "edge1", facts)], clock=lambda: clock[0])
+    with caplog.at_level(logging.WARNING, logger="kins_tunnel.certs"):
+        expiry.check_all()
+        assert not caplog.records
+        assert expiry.edge_status(facts)["cert_warn_seconds"] == round(30 * 86400 / 4 + 75)
+        clock[0] += 23 * 86400  # 7 days left: its renewal (due after 20 days) did not happen
+        expiry.check_all()
+    assert [r.getMessage()[:37] for r in caplog.records] == ["edge certificate expires in 7.0 days"]

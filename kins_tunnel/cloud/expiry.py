@@ -4,9 +4,12 @@
   certificate's notAfter (negative once expired). ``cert`` is ``cloud`` (``tls.cert``),
   ``proxy`` (``proxy.tls.cert``, when it is a file of its own) or ``edge`` (one series per
   connected edge certificate, with its unit and node). Computed at scrape time.
-- A warning is logged when a certificate is within `WARN_WITHIN` (30 days) of expiry: for an edge
-  when it connects, and for every certificate by the periodic check (`run`), at most once a day
-  per certificate.
+- A warning is logged when a certificate is within `WARN_WITHIN` (30 days) of expiry; an edge
+  certificate from the issuing CA (renewed automatically), within a quarter of its lifetime if
+  that is less (`warn_within`: a 30-day one is renewed when a third is left, so only one whose
+  renewal failed is flagged): for an edge when
+  it connects, and for every certificate by the periodic check (`run`), at most once a day per
+  certificate.
 - `status_entries()` feeds `/status` and ``kins-tunnel status``.
 
 The cloud's certificate files are re-read when they change (rotation), off the event loop.
@@ -47,6 +50,15 @@ def parse_cert_file(data: bytes) -> FileCert:
     except (ValueError, IndexError):
         raise ValueError("not a PEM certificate") from None
     return FileCert(cert.serial_number, cert.not_valid_after_utc)
+
+
+def warn_within(lifetime: dt.timedelta | None) -> dt.timedelta:
+    """How close to its expiry a certificate of this lifetime is flagged."""
+    return WARN_WITHIN if lifetime is None else min(WARN_WITHIN, lifetime / 4)
+
+
+def _renewal_lifetime(facts: CertFacts) -> dt.timedelta | None:
+    return facts.lifetime if facts.renewed_automatically else None
 
 
 EdgeCerts = Callable[[], Iterable[tuple[str, str, CertFacts]]]  # (unit, node, facts) per tunnel
@@ -91,14 +103,22 @@ class CertificateExpiry:
             "cert_serial": facts.serial_hex,
             "cert_not_after": _iso(facts.not_after),
             "cert_expiry_seconds": round(self._seconds_left(facts.not_after)),
+            "cert_warn_seconds": round(warn_within(_renewal_lifetime(facts)).total_seconds()),
         }
 
     def warn_if_expiring(
-        self, role: str, unit: str, node: str, serial: int, not_after: dt.datetime
+        self,
+        role: str,
+        unit: str,
+        node: str,
+        serial: int,
+        not_after: dt.datetime,
+        lifetime: dt.timedelta | None = None,
     ) -> bool:
-        """Log a warning if this certificate is within 30 days of expiry (once a day); True if so."""
+        """Log a warning if this certificate is within `warn_within` of expiry (once a day);
+        True if so."""
         left = self._seconds_left(not_after)
-        if left > WARN_WITHIN.total_seconds():
+        if left > warn_within(lifetime).total_seconds():
             return False
         key = (role, unit, node, serial)
         now = self._clock()
@@ -113,8 +133,10 @@ class CertificateExpiry:
         return True
 
     def check_all(self) -> None:
+        lifetimes = {("edge", u, n, f.serial): _renewal_lifetime(f) for u, n, f in self._edges()}
         for role, unit, node, serial, not_after in self.series():
-            self.warn_if_expiring(role, unit, node, serial, not_after)
+            lifetime = lifetimes.get((role, unit, node, serial))
+            self.warn_if_expiring(role, unit, node, serial, not_after, lifetime)
         live = {(r, u, n, s) for r, u, n, s, _ in self.series()}
         self._warned = {k: v for k, v in self._warned.items() if k in live}
 

@@ -209,6 +209,11 @@ class Registry:
             tunnels.sort(key=lambda t: t.session.stream_count)
         return tunnels
 
+    def node_holder(self, node: str) -> str | None:
+        """The unit whose edge holds `node` on this replica right now, or None."""
+        holder = self._node_units.get(node)
+        return None if holder is None else holder[0]
+
     def serves(self, name: str) -> bool:
         return bool(self._by_name.get(name))
 

@@ -19,11 +19,12 @@ from typing import Any
 import trio
 
 from kins_tunnel.admin import serve_admin
-from kins_tunnel.certs import EdgeIdentity, cert_facts
+from kins_tunnel.certs import RENEW_TARGET, EdgeIdentity, cert_facts
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.aliases import AliasTable, Resolver, dns_resolver
 from kins_tunnel.cloud.auth import Authenticator
 from kins_tunnel.cloud.authz import Authorizer
+from kins_tunnel.cloud.enroll import EnrollService
 from kins_tunnel.cloud.expiry import CertificateExpiry
 from kins_tunnel.cloud.proxy import ProxyContext, handle_client, serve_proxy
 from kins_tunnel.cloud.proxy_tls import ProxyTLSListener
@@ -35,6 +36,7 @@ from kins_tunnel.config import CloudConfig
 from kins_tunnel.filewatch import WatchedFile
 from kins_tunnel.metrics import EdgesLastSeen, Metrics, ReloadFailures
 from kins_tunnel.tls_contexts import proxy_server_ssl_context, server_ssl_context
+from kins_tunnel.transport.session import Session
 
 log = logging.getLogger("kins_tunnel.cloud")
 
@@ -60,11 +62,25 @@ class Cloud:
         self.registry = Registry(max_per_identity=cfg.tunnel.max_tunnels_per_identity)
         self.metrics = Metrics("cloud", self._snapshot, replica=self.replica)
         self.tls = ReloadingContext(
-            server_ssl_context, cfg.tls.ca, cfg.tls.cert, cfg.tls.key, what="tls"
+            functools.partial(server_ssl_context, enroll=cfg.enrollment is not None),
+            cfg.tls.ca,
+            cfg.tls.cert,
+            cfg.tls.key,
+            what="tls",
         )
         self.revocation = Revocation(cfg.tunnel.revoked_file) if cfg.tunnel.revoked_file else None
         self.tunnels = TunnelServer(cfg, self.tls, self.registry, self.metrics)
         self.tunnels.revoked = self._revoked
+        self.enroll: EnrollService | None = None
+        if cfg.enrollment is not None:
+            self.enroll = EnrollService(
+                cfg.enrollment,
+                cfg.tls.ca,
+                self.registry,
+                self.metrics,
+                lambda identity, serial: self._revoked_serial(identity, serial),
+            )
+            self.tunnels.enrol = self.enroll.serve_enrolment
         self.uplinks = UplinkServer(
             cfg.uplinks,
             cfg.uplink_dial_timeout,
@@ -72,7 +88,7 @@ class Cloud:
             replica=self.replica,
             cluster_domain=cfg.alias_discovery.cluster_domain,
         )
-        self.tunnels.on_edge_open = self.uplinks.on_open
+        self.tunnels.on_edge_open = self._on_edge_open
         self.auth = auth = Authenticator(cfg.proxy.auth) if cfg.proxy.auth else None
         self.authz = Authorizer(cfg.proxy.authz_file) if cfg.proxy.authz_file else None
         self.aliases = AliasTable(
@@ -132,7 +148,21 @@ class Cloud:
             files.append(self.authz.file)
         if self.revocation is not None:
             files.append(self.revocation.file)
+        if self.enroll is not None:
+            files.append(self.enroll.tokens.file)
         return files
+
+    def _on_edge_open(
+        self, identity: EdgeIdentity, peer: str, session: Session, stream_id: int, target: str
+    ) -> None:
+        """A stream the edge opened: a certificate renewal (reserved target), else an uplink."""
+        if target == RENEW_TARGET and self.enroll is not None:
+            self.enroll.on_renew_open(identity, peer, session, stream_id)
+        else:
+            self.uplinks.on_open(identity, peer, session, stream_id, target)
+
+    def _revoked_serial(self, identity: EdgeIdentity, serial: int) -> str | None:
+        return None if self.revocation is None else self.revocation.reason(identity, serial)
 
     def _revoked(self, identity: EdgeIdentity, der: bytes | None) -> str | None:
         """Why the edge with this verified certificate is revoked, or None (`tunnel.revoked_file`)."""
@@ -155,6 +185,10 @@ class Cloud:
                 tunnel.cert = cert_facts(der)
             except ValueError:
                 tunnel.cert = None
+        issuing = self.enroll.issuing if self.enroll is not None else None
+        if tunnel.cert is not None and issuing is not None:
+            renewed = tunnel.cert.authority_key_id == issuing.key_id
+            tunnel.cert = dataclasses.replace(tunnel.cert, renewed_automatically=renewed)
         reason = self._revoked(
             tunnel.identity, der
         )  # the list may have changed during the handshake
@@ -177,6 +211,7 @@ class Cloud:
                 tunnel.identity.node,
                 tunnel.cert.serial,
                 tunnel.cert.not_after,
+                tunnel.cert.lifetime if tunnel.cert.renewed_automatically else None,
             )
         self.aliases.unit_connected(tunnel.identity.unit)
 
@@ -250,6 +285,8 @@ class Cloud:
         ):
             if watched:
                 doc[key] = watched.status()
+        if self.enroll is not None:
+            doc["enrollment"] = self.enroll.status()
         # every watched file by its config key: re-reads, failures, the last error
         doc["files"] = {f.what: f.status() for f in self.watched_files()}
         body = json.dumps(doc, indent=1).encode()
@@ -265,6 +302,8 @@ class Cloud:
                 nursery.start_soon(self.authz.watch, FILE_CHECK_INTERVAL)
             if self.auth is not None:
                 nursery.start_soon(self.auth.watch, FILE_CHECK_INTERVAL)
+            if self.enroll is not None:
+                nursery.start_soon(self.enroll.tokens.file.watch, FILE_CHECK_INTERVAL)
             nursery.start_soon(self.expiry.run)
             nursery.start_soon(self.aliases.run, lambda: {t.identity.unit for t in self.registry})
             tunnel_port = await nursery.start(self.tunnels.serve)

@@ -7,6 +7,11 @@ so neither an idle flood nor a reconnect storm locks real edges out. The edge's 
 only from its certificate; the names it advertises are filtered by the routing rule, and refused
 names are logged with the reason.
 
+Enrolment (`cloud.enroll`): with an ``enrollment`` section the listener lets a client come without
+a certificate; a connection that negotiated `ENROLL_ALPN` is handed to `enrol` (and can do nothing
+else), every other one still needs a verified certificate, as before, or it is refused
+(``no_certificate``) before any tunnel session exists.
+
 Certificate rotation: the server context comes from a `ReloadingContext`, checked on accept at
 most once a second; renewed files apply to new handshakes, live tunnels keep theirs.
 """
@@ -18,12 +23,12 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from kins_tunnel import __version__
-from kins_tunnel.certs import EdgeIdentity, ReservedName, identity_from_der
+from kins_tunnel.certs import ENROLL_ALPN, EdgeIdentity, ReservedName, identity_from_der
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.admission import Admission
 from kins_tunnel.cloud.registry import EdgeTunnel, NodeTaken, Refusal, Registry, allowed_name
@@ -67,6 +72,8 @@ class TunnelServer:
         )
         # answers streams an edge opens (uplinks): (identity, peer, session, stream id, target); None: refused
         self.on_edge_open: Callable[[EdgeIdentity, str, Session, int, str], None] | None = None
+        # answers an enrolment connection (TLS done, ALPN ENROLL_ALPN): (tls, peer); None: none
+        self.enrol: Callable[[TLSSocket, str], Awaitable[None]] | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         self._listener_scope = trio.CancelScope()
@@ -127,6 +134,7 @@ class TunnelServer:
         ticket = self.admission.arrive(deadline)
         tls: TLSSocket | None = None
         identity: EdgeIdentity | None = None
+        enrolling = False
         try:
             with ticket.scope:
                 with trio.move_on_after(t.first_byte_timeout) as first:
@@ -147,11 +155,19 @@ class TunnelServer:
                     socket.socket(fileno=tcp.socket.detach()), self.context, server_side=True
                 )
                 identity = await self._tls_handshake(tls)
+                enrolling = identity is None
         except (TransportError, ValueError) as exc:
             self._refuse(peer, _reason_label(exc), str(exc))
             return
         finally:
             self.admission.leave(ticket)
+        if enrolling and tls is not None and self.enrol is not None:
+            try:
+                with trio.move_on_at(deadline):  # the same deadline from accept as a tunnel
+                    await self.enrol(tls, peer)
+            finally:
+                tls.close()
+            return
         if identity is None or tls is None:  # the ticket's scope ended it: deadline or shed
             reason = ticket.reason or "timeout"
             self._refuse(
@@ -169,9 +185,12 @@ class TunnelServer:
             return
         await self._run_tunnel(tls, identity, peer, deadline)
 
-    async def _tls_handshake(self, tls: TLSSocket) -> EdgeIdentity:
+    async def _tls_handshake(self, tls: TLSSocket) -> EdgeIdentity | None:
+        """The verified edge identity; None for an enrolment connection (nothing else)."""
         try:
             await tls.do_handshake()
+            if self.enrol is not None and tls.alpn_protocol() == ENROLL_ALPN:
+                return None
             der = tls.peer_certificate_der()
             if der is None:
                 raise TransportError("no client certificate")

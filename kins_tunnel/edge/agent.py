@@ -37,7 +37,9 @@ failed set-up like any other (reason `proxy`). A name that does not resolve on t
 the proxy as it is (one keeper for the name), until it resolves locally.
 
 Certificates: the client context is rebuilt before a (re)connect when the CA, certificate or key
-file changed, so renewed files are used by the next tunnel; live tunnels are left alone.
+file changed, so renewed files are used by the next tunnel; live tunnels are left alone. With
+``enroll`` (`edge.enroll`), an edge without a usable certificate enrols with its token before its
+first tunnel, and renews its certificate over a tunnel when it is due.
 
 Uplinks (`uplinks`, `uplink_proxy`; see `edge.uplinks`) open streams the other way, on whichever
 of these tunnels is usable; on drain their listeners stop accepting and open ones finish.
@@ -66,6 +68,7 @@ from kins_tunnel.admin import serve_admin
 from kins_tunnel.certs import EdgeIdentity, identity_from_der
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.config import EdgeConfig
+from kins_tunnel.edge.enroll import Enrolment
 from kins_tunnel.edge.forwarder import Forwarder
 from kins_tunnel.edge.uplinks import Uplinks
 from kins_tunnel.errors import UserError
@@ -200,12 +203,14 @@ class Edge:
 
     def __init__(self, cfg: EdgeConfig, *, rng: random.Random | None = None) -> None:
         self.cfg = cfg
-        self.identity = own_identity(str(cfg.tls.cert))
-        self.tls = ReloadingContext(
-            client_ssl_context, cfg.tls.ca, cfg.tls.cert, cfg.tls.key, what="tls", min_interval=0.0
-        )
         self.sessions: dict[str, Session] = {}  # "address" -> live session
         self.metrics = Metrics("edge", self._snapshot)
+        # With `enroll`: until enrolled (`run`), no certificate; the node is the configured one.
+        self.enrolment = None if cfg.enroll is None else Enrolment(cfg, self.metrics)
+        self.identity: EdgeIdentity | None = None
+        self._tls: ReloadingContext | None = None
+        if self.enrolment is None or self.enrolment.state == "enrolled":
+            self._load_credentials()
         self.forwarder = Forwarder(cfg.services, cfg.dial_timeout, self.metrics)
         self.proxy = (
             None if cfg.proxy is None else ProxyDialer(cfg.proxy.url, cfg.proxy.credentials_file)
@@ -219,9 +224,33 @@ class Edge:
         self.connects = 0  # successful tunnel set-ups, for tests and status
         self.admin_port: int | None = None  # the bound admin port, once running
 
+    def _load_credentials(self) -> None:
+        self.identity = own_identity(str(self.cfg.tls.cert))
+        self._tls = ReloadingContext(
+            client_ssl_context,
+            self.cfg.tls.ca,
+            self.cfg.tls.cert,
+            self.cfg.tls.key,
+            what="tls",
+            min_interval=0.0,
+        )
+
+    @property
+    def tls(self) -> ReloadingContext:
+        """The client context's files (only once the edge has its certificate)."""
+        assert self._tls is not None, "no certificate yet (enrolling)"
+        return self._tls
+
+    @property
+    def _who(self) -> EdgeIdentity:
+        """The edge's identity; before enrolment, the configured node of no unit yet."""
+        if self.identity is not None:
+            return self.identity
+        return EdgeIdentity("", self.cfg.enroll.node or "" if self.cfg.enroll else "")
+
     def _snapshot(self) -> Iterator[tuple[dict[str, str], Session]]:
         for addr, s in list(self.sessions.items()):
-            yield {"unit": self.identity.unit, "node": self.identity.node, "peer": addr}, s
+            yield {"unit": self._who.unit, "node": self._who.node, "peer": addr}, s
 
     @property
     def ready(self) -> bool:
@@ -245,12 +274,14 @@ class Edge:
             }
             for a, s in [*self.sessions.items(), *draining]
         ]
-        doc = {
-            "unit": self.identity.unit,
-            "node": self.identity.node,
+        doc: dict[str, object] = {
+            "unit": self._who.unit,
+            "node": self._who.node,
             "tunnels": tunnels,
             "uplinks": self.uplinks.status(),
         }
+        if self.enrolment is not None:
+            doc["certificate"] = self.enrolment.status()
         return 200, "application/json", json.dumps(doc, indent=1).encode()
 
     async def run(
@@ -263,18 +294,33 @@ class Edge:
                 admin_port = await nursery.start(serve_admin, self.cfg.admin, self)
             if self.uplinks.enabled:
                 await nursery.start(self.uplinks.serve)
+            self.admin_port = admin_port
+            task_status.started(EdgePorts(admin_port))
+            if self._tls is None and self.enrolment is not None:
+                await self.enrolment.enrol_until_done(
+                    None if self.proxy is None else self.proxy.open, self._backoff
+                )
+                self._load_credentials()
+            if self.enrolment is not None:
+                nursery.start_soon(
+                    self.enrolment.renew_forever,
+                    lambda: list(self.sessions.values()),
+                    self._backoff,
+                )
             log.info(
                 "tunnel-edge up",
                 extra={
-                    "unit": self.identity.unit,
-                    "node": self.identity.node,
+                    "unit": self._who.unit,
+                    "node": self._who.node,
                     "services": ",".join(self.cfg.services),
                 },
             )
-            self.admin_port = admin_port
-            task_status.started(EdgePorts(admin_port))
             for entry in self.cfg.cloud:
                 nursery.start_soon(self._resolver, entry, nursery)
+
+    def _backoff(self, attempt: int) -> float:
+        b = self.cfg.reconnect
+        return backoff_delay(attempt, b.initial, b.max, b.multiplier, self._rng)
 
     async def _resolver(self, entry: str, nursery: trio.Nursery) -> None:
         addr = Address.parse(entry, min_port=1)
@@ -503,7 +549,7 @@ class Edge:
             self.connects += 1
             log.info(
                 "tunnel up",
-                extra={"cloud": label, "unit": self.identity.unit, "node": self.identity.node},
+                extra={"cloud": label, "unit": self._who.unit, "node": self._who.node},
             )
             try:
                 if keeper is None or on_goaway is None:

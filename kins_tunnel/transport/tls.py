@@ -162,6 +162,10 @@ class TLSSocket:
         """The peer's certificate (DER) as of the handshake; still there after `close()`."""
         return self._peer_der
 
+    def alpn_protocol(self) -> str | None:
+        """The application protocol negotiated in the handshake (ALPN), if any."""
+        return self._obj.selected_alpn_protocol()
+
     # ------------------------------------------------------------------ handshake
     async def do_handshake(self) -> None:
         """Run the TLS handshake; the caller sets the deadline.

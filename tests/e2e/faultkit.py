@@ -168,12 +168,16 @@ class Procs:
         name: str | None = None,
         admin: bool = True,
         start: bool = True,
+        doc: dict[str, Any] | None = None,
         **over: Any,
     ) -> EdgeProc:
-        make_certs(self.base, ((unit, node),))
+        """An edge process; `doc` replaces the config made from the other arguments (its admin
+        listener is still set here)."""
         name = name or node
         admin_port = free_port() if admin else None
-        doc = edge_dict(self.certs, [cloud_tunnel], services, node, **over)
+        if doc is None:
+            make_certs(self.base, ((unit, node),))
+            doc = edge_dict(self.certs, [cloud_tunnel], services, node, **over)
         if admin_port is not None:
             doc["admin"] = {"listen": f"127.0.0.1:{admin_port}"}
         return self._track(
