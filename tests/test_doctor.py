@@ -255,7 +255,7 @@ def test_enrollment_of_a_cloud_config(tmp_path: Path) -> None:
     assert [c.status for c in good.values()] == [OK, OK, OK], good
     assert list(good) == ["enrollment.tokens_file", "enrollment.ca", "enrollment.ca validity"]
     detail = good["enrollment.tokens_file"].detail
-    assert "2 tokens, 1 unexpired with uses left (uses counted in the file)" in detail
+    assert "tokens: 2, unexpired with uses left: 1 (uses counted in the file)" in detail
 
     tokens.write_text("tokens:\n  abcdef: {unit: test}\n")
     broken = check(settings())["enrollment.tokens_file"]

@@ -182,8 +182,8 @@ def check_enrollment(settings: EnrollmentSettings, ca_bundle: Path) -> list[Chec
             Check(
                 "enrollment.tokens_file",
                 OK,
-                f"{settings.tokens_file} parses: {len(store.file.value)} tokens, {usable} unexpired "
-                f"with uses left (uses counted {where})",
+                f"{settings.tokens_file} parses; tokens: {len(store.file.value)}, unexpired with "
+                f"uses left: {usable} (uses counted {where})",
             )
         )
     files = settings.ca
