@@ -1,19 +1,22 @@
 """The pure parts of `kins-tunnel doctor`: how a report is made and printed, how checks run
 (isolated, each within its deadline), clock skew from a probe, certificate validity thresholds,
-the enrolment state read from the raw `enroll:` section. The checks against real processes are in
+the enrolment line from the loaded `enroll`, the `enrollment` checks of a cloud config. The checks against real processes are in
 tests/e2e/test_doctor.py."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 from pathlib import Path
 
 import trio
 import trio.testing
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from cryptography.x509.oid import NameOID
 
 from kins_tunnel.certs import (
@@ -24,12 +27,17 @@ from kins_tunnel.certs import (
     init_ca,
     issue_edge,
 )
-from kins_tunnel.config import EdgeConfig, edge_config_from_dict
-from kins_tunnel.doctor import FAIL, OK, WARN, Check, Report, detect_role
+from kins_tunnel.cloud.expiry import warn_within
+from kins_tunnel.config import EnrollmentSettings, cloud_config_from_dict, edge_config_from_dict
+from kins_tunnel.doctor import FAIL, OK, WARN, Check, Report, detect_role, run_doctor
 from kins_tunnel.doctor.certificates import chains_to, validity
+from kins_tunnel.doctor.cloud import check_enrollment
 from kins_tunnel.doctor.cloud_probe import CloudProbe, clock_check
 from kins_tunnel.doctor.edge import check_edge_certificate, check_enrolment
-from kins_tunnel.doctor.report import known_sections, run_all
+from kins_tunnel.doctor.report import run_all
+from kins_tunnel.edge.enroll import enrollment_state
+from kins_tunnel.tokens import create_token
+from tests.e2e.harness import cloud_dict
 
 ACCEPTED = Check("", OK, "accepted")
 
@@ -55,17 +63,65 @@ def test_a_line_per_check_with_its_fix_and_json_that_parses() -> None:
     assert not Report("cloud", "c.yaml", (Check("x", WARN, "w"),)).failed
 
 
-def test_role_from_the_file_and_sections_this_version_does_not_know() -> None:
+def test_role_from_the_file() -> None:
     assert detect_role({"cloud": ["a:1"], "services": {}}) == "edge"
     assert detect_role({"tunnel": {}, "tls": {}}) == "cloud"
     assert detect_role({"clod": ["a:1"], "servces": {}, "reconnect": {}}) == "edge"  # typos
     assert detect_role({"enrollment": {}, "tls": {}}) == "cloud"
+    assert detect_role({"enroll": {}, "tls": {}}) == "edge"
     assert detect_role({"tls": {}}, "/etc/kins-tunnel/edge.yaml") == "edge"
     assert detect_role({"tls": {}}, "cloud.yaml") == "cloud"
-    raw = {"cloud": ["a:1"], "enroll": {"token_file": "t"}}
-    stripped = known_sections(raw, "enroll", EdgeConfig)
-    assert "enroll" not in stripped and stripped["cloud"] == ["a:1"]
-    assert known_sections(raw, "cloud", EdgeConfig) == raw  # a key the config knows stays
+
+
+def lines(report: Report) -> dict[str, Check]:
+    return {c.check: c for c in report.checks}
+
+
+async def test_enroll_is_loaded_and_checked_with_the_config(tmp_path: Path) -> None:
+    """`enroll:` goes through the config loader (a bad ca_hash is the loader's error naming the
+    key) and the enrolment line is the edge's own `enrollment_state`."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused at once
+    port = closed.getsockname()[1]
+    doc = {
+        "cloud": [f"127.0.0.1:{port}"],
+        "tls": {"ca": "ca.crt", "cert": "node/tls.crt", "key": "node/tls.key"},
+        "services": {"edge1:22": f"127.0.0.1:{port}"},
+        "admin": None,
+        "enroll": {"token_file": "token", "ca_hash": "sha256:" + "0F" * 32},
+    }
+    path = tmp_path / "edge.yaml"
+    with closed:
+        path.write_text(yaml.safe_dump(doc))
+        report = await run_doctor(str(path), timeout=2.0)
+        got = lines(report)
+        assert report.role == "edge" and got["config"].status == OK, report.text()
+        assert got["enrolment"].status == FAIL
+        assert got["enrolment"].detail.startswith(
+            f"token file missing: enroll.token_file {tmp_path}/token"
+        )
+
+        (tmp_path / "token").write_text("abcdef.0123456789abcdef\n")
+        (tmp_path / "token").chmod(0o600)
+        report = await run_doctor(str(path), timeout=2.0)
+        got = lines(report)
+        assert got["enrolment"] == Check(
+            "enrolment", OK, f"will enrol with token abcdef from {tmp_path}/token (ca_hash pinned)"
+        )
+        assert "enroll.token_file mode" not in got
+        assert got["edge certificate"].detail.startswith("none usable yet")
+        assert got[f"cloud 127.0.0.1:{port} reachable"].status == FAIL  # the rest goes on
+
+        (tmp_path / "token").chmod(0o644)
+        got = lines(await run_doctor(str(path), timeout=2.0))
+        assert got["enroll.token_file mode"].status == WARN
+
+        path.write_text(
+            yaml.safe_dump({**doc, "enroll": {"token_file": "token", "ca_hash": "md5:00"}})
+        )
+        report = await run_doctor(str(path), timeout=2.0)
+        assert [c.check for c in report.checks] == ["config"]  # nothing to check with
+        assert report.failed and "enroll.ca_hash" in report.checks[0].detail
 
 
 async def test_checks_are_isolated_and_bounded(virtual_clock: trio.testing.MockClock) -> None:
@@ -125,8 +181,7 @@ def test_validity_thresholds(tmp_path: Path) -> None:
     cases = {
         "fresh": (cert("fresh", 825, now), OK),
         "ten-of-825": (cert("ten-of-825", 825, now - dt.timedelta(days=815)), WARN),
-        "ten-of-30": (cert("ten-of-30", 30, now - dt.timedelta(days=20)), OK),  # renewal's time
-        "five-of-30": (cert("five-of-30", 30, now - dt.timedelta(days=25)), WARN),  # overdue
+        "ten-of-30": (cert("ten-of-30", 30, now - dt.timedelta(days=20)), WARN),  # not renewed
         "hours": (cert("hours", 1, now - dt.timedelta(hours=12)), FAIL),
         "expired": (cert("expired", 1, now - dt.timedelta(days=3)), FAIL),
         "future": (cert("future", 30, now + dt.timedelta(days=1)), FAIL),
@@ -137,30 +192,106 @@ def test_validity_thresholds(tmp_path: Path) -> None:
     assert "expired" in validity("x", cases["expired"][0], "").detail
     assert "clock is behind" in validity("x", cases["future"][0], "").fix
 
+    # a certificate the edge renews itself (enroll): flagged only once that renewal is overdue,
+    # by the rule of the cloud's log and /status (a quarter of its lifetime, at most 14 days)
+    ten, five = cases["ten-of-30"][0], cert("five-of-30", 30, now - dt.timedelta(days=25))
+    assert validity("x", ten, "", renew_at=2 / 3).status == OK  # renewal due, not overdue
+    overdue = validity("x", five, "", renew_at=2 / 3)
+    assert overdue.status == WARN and "automatic renewal is overdue" in overdue.detail
+    # an edge that renews later (renew_at 0.9: with three days left) is not overdue at five
+    assert validity("x", five, "", renew_at=0.9).status == OK
+    long = cases["ten-of-825"][0]  # a quarter of 825 days is more than the 14-day ceiling
+    assert validity("x", long, "", renew_at=2 / 3).status == WARN
+    day = dt.timedelta(days=1)
+    assert warn_within(30 * day) == 7.5 * day  # the cloud's call: the same rule
+    assert warn_within(30 * day, 14 * day, 0.9) == 3 * day
+    assert warn_within(None, 14 * day, 0.9) == 14 * day
 
-def test_enrolment_state(tmp_path: Path) -> None:
-    cfg = edge_config_from_dict(
-        {
-            "cloud": ["127.0.0.1:9000"],
-            "tls": {"ca": "ca.crt", "cert": "edge.crt", "key": "edge.key"},
-            "services": {"edge1:22": "127.0.0.1:22"},
-        },
-        base_dir=tmp_path,
+
+def test_enrolment_line_is_the_edges_own_state(tmp_path: Path) -> None:
+    base = {
+        "cloud": ["127.0.0.1:9000"],
+        "tls": {"ca": "ca.crt", "cert": "edge.crt", "key": "edge.key"},
+        "services": {"edge1:22": "127.0.0.1:22"},
+    }
+    plain = edge_config_from_dict(base, base_dir=tmp_path)
+    assert check_enrolment(plain).detail.startswith("not configured")
+    enroll = {"token_file": "token", "ca_hash": "sha256:" + "0f" * 32}
+    cfg = edge_config_from_dict({**base, "enroll": enroll}, base_dir=tmp_path)
+    (tmp_path / "token").write_text("not a token\n")
+    bad = check_enrolment(cfg)
+    assert bad.status == FAIL and "does not hold a token" in bad.detail
+    assert "token create" in bad.fix
+    init_ca(tmp_path / "certs")
+    crt, key = issue_edge(tmp_path / "certs", "test", "edge1")
+    (tmp_path / "edge.crt").write_bytes(crt.read_bytes())
+    (tmp_path / "edge.key").write_bytes(key.read_bytes())
+    ok, state = enrollment_state(cfg)
+    assert ok and check_enrolment(cfg) == Check("enrolment", OK, state)
+    assert state.startswith("enrolled (cert present, unit test, node edge1, expires ")
+
+
+def test_enrollment_of_a_cloud_config(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    init_ca(certs, issuing_ca=True)
+    tokens = tmp_path / "tokens.yaml"
+
+    def settings(**ca: str) -> EnrollmentSettings:
+        files = {"cert": str(certs / "issuing.crt"), "key": str(certs / "issuing.key"), **ca}
+        doc = cloud_dict(certs, enrollment={"tokens_file": str(tokens), "ca": files})
+        cfg = cloud_config_from_dict(doc, base_dir=tmp_path).enrollment
+        assert cfg is not None
+        return cfg
+
+    def check(s: EnrollmentSettings) -> dict[str, Check]:
+        return {c.check: c for c in check_enrollment(s, certs / "ca.crt")}
+
+    missing = check(settings())["enrollment.tokens_file"]
+    assert missing.status == FAIL and "cannot read" in missing.detail  # the cloud would not start
+    create_token(tokens, "test", "edge1", dt.timedelta(hours=1), 1)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+    create_token(tokens, "test", None, dt.timedelta(hours=1), 1, now=past)  # expired
+    good = check(settings())
+    assert [c.status for c in good.values()] == [OK, OK, OK], good
+    assert list(good) == ["enrollment.tokens_file", "enrollment.ca", "enrollment.ca validity"]
+    detail = good["enrollment.tokens_file"].detail
+    assert "tokens: 2, unexpired with uses left: 1 (uses counted in the file)" in detail
+
+    tokens.write_text("tokens:\n  abcdef: {unit: test}\n")
+    broken = check(settings())["enrollment.tokens_file"]
+    assert broken.status == FAIL and "token abcdef" in broken.detail, broken
+
+    tokens.write_text("")
+    other = tmp_path / "other"
+    init_ca(other, issuing_ca=True)
+    wrong_key = check(settings(key=str(other / "issuing.key")))["enrollment.ca"]
+    assert wrong_key.status == FAIL and "does not belong to" in wrong_key.detail
+    foreign = check(settings(cert=str(other / "issuing.crt"), key=str(other / "issuing.key")))
+    assert "not signed by a CA in tls.ca" in foreign["enrollment.ca"].detail
+    not_ca = check(settings(cert=str(certs / "cloud.crt"), key=str(certs / "cloud.key")))
+    assert "is not a CA certificate" in not_ca["enrollment.ca"].detail
+
+    # an intermediate without path length 0 works, but its key could make further CAs
+    root, root_key = _load_ca(certs)
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "loose.crt").write_bytes(
+        _cert("loose", root, key, root_key).public_bytes(Encoding.PEM)
     )
-    good = {"token_file": "token", "ca_hash": "sha256:" + "0f" * 32}
-    assert check_enrolment(None, cfg, tmp_path).status == OK
-    missing = check_enrolment(good, cfg, tmp_path)
-    assert missing.status == FAIL and missing.detail.startswith("token file missing")
-    (tmp_path / "token").write_text("\n")
-    assert "is empty" in check_enrolment(good, cfg, tmp_path).detail
-    (tmp_path / "token").write_text("abc.def\n")
-    will = check_enrolment(good, cfg, tmp_path)
-    assert will.status == OK and will.detail.startswith(f"will enrol with token {tmp_path}/token")
-    bad_hash = check_enrolment({**good, "ca_hash": "md5:00"}, cfg, tmp_path)
-    assert bad_hash.status == FAIL and "enroll.ca_hash" in bad_hash.detail
-    (tmp_path / "edge.crt").write_text("present")
-    assert check_enrolment(good, cfg, tmp_path).detail.startswith("enrolled (certificate present")
-    assert check_enrolment("nonsense", cfg, tmp_path).status == FAIL
+    (tmp_path / "loose.key").write_bytes(
+        key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    )
+    (tmp_path / "loose.key").chmod(0o644)
+    loose = check(settings(cert=str(tmp_path / "loose.crt"), key=str(tmp_path / "loose.key")))
+    assert loose["enrollment.ca"].status == OK
+    assert loose["enrollment.ca path length"].status == WARN
+    assert loose["enrollment.ca path length"].detail.startswith("unlimited")
+    assert loose["enrollment.ca.key mode"].status == WARN
+
+    doc = cloud_dict(certs, enrollment={"tokens_file": str(tokens)})
+    bare = cloud_config_from_dict(doc, base_dir=tmp_path).enrollment
+    assert bare is not None
+    no_ca = check(bare)["enrollment.ca"]
+    assert no_ca.status == WARN and "no_issuing_ca" in no_ca.detail
 
 
 def _cert(

@@ -145,7 +145,7 @@ class EnrollService:
         self.issuing: IssuingCA | None = None
         if cfg.ca is not None:
             self.issuing = load_issuing_ca(cfg.ca.cert, cfg.ca.key)
-            _check_chains(self.issuing, self.ca_bundle)
+            check_chains(self.issuing, self.ca_bundle)
         self.lifetime = dt.timedelta(days=cfg.lifetime_days)
         self.limit = FailureLimit(cfg.max_failures_per_source)
         self.exchanges = 0  # enrolment connections being answered now
@@ -401,7 +401,7 @@ class EnrollService:
         return 200, self._issued(cert, identity)
 
 
-def _check_chains(issuing: IssuingCA, bundle: Path) -> None:
+def check_chains(issuing: IssuingCA, bundle: Path) -> None:
     """The issuing CA must be signed by a CA of ``tls.ca``: otherwise the cloud would refuse the
     certificates it issues. `UserError` naming ``enrollment.ca.cert``."""
     for ca in load_certs(bundle, "tls.ca"):

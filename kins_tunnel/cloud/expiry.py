@@ -52,9 +52,23 @@ def parse_cert_file(data: bytes) -> FileCert:
     return FileCert(cert.serial_number, cert.not_valid_after_utc)
 
 
-def warn_within(lifetime: dt.timedelta | None) -> dt.timedelta:
-    """How close to its expiry a certificate of this lifetime is flagged."""
-    return WARN_WITHIN if lifetime is None else min(WARN_WITHIN, lifetime / 4)
+RENEWAL_WARN_SHARE = 0.25  # of a renewed certificate's lifetime: the edge renews with a third left
+
+
+def warn_within(
+    lifetime: dt.timedelta | None,
+    within: dt.timedelta = WARN_WITHIN,
+    renew_at: float | None = None,
+) -> dt.timedelta:
+    """How close to its expiry a certificate is flagged: `within`; one renewed automatically
+    (`lifetime` given: an edge certificate from the issuing CA) only once its renewal is overdue,
+    with less than a quarter of its lifetime left, or less than the edge's ``enroll.renew_at``
+    leaves if that is later (known to ``kins-tunnel doctor``, not to the cloud). One rule for the
+    cloud's log, ``/status`` and ``kins-tunnel doctor``."""
+    if lifetime is None:
+        return within
+    share = RENEWAL_WARN_SHARE if renew_at is None else min(RENEWAL_WARN_SHARE, 1 - renew_at)
+    return min(within, lifetime * share)
 
 
 def _renewal_lifetime(facts: CertFacts) -> dt.timedelta | None:

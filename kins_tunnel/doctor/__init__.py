@@ -9,9 +9,10 @@ their order; an exception or a missed deadline in one check becomes that check's
 and never stops the others. A config that does not load is the only check after which nothing
 else runs (there is nothing to check with).
 
-For an edge config: enrolment state; the edge certificate (loads with its key, valid and not near
-expiry, chains to ``tls.ca``, a legal identity, every ``services`` name one the cloud routes to
-that identity); secret files not readable by every user; the site proxy (``proxy.url``) answers a
+For an edge config: enrolment state (`edge.enroll.enrollment_state`); the edge certificate (loads
+with its key, valid and not near expiry (for one the edge renews: `cloud.expiry.warn_within`),
+chains to ``tls.ca``, a legal identity, every ``services`` name one the cloud routes to that
+identity); secret files not readable by every user; the site proxy (``proxy.url``) answers a
 CONNECT to the cloud; for every ``cloud:`` entry: the name resolves, each address accepts TCP
 (through the site proxy when there is one), and a real TLS handshake with the edge's own
 certificate verifies the cloud's certificate against ``tls.ca`` and the name in ``cloud:``; the
@@ -35,7 +36,9 @@ clock is behind.
 
 For a cloud config: the config loads (including the exposure rule), the TLS files load and match,
 chain to ``tls.ca``, are not near expiry and name something edges can use; the proxy's TLS files;
-the credential, rules and revocation files parse; each listen address can be bound, or is in use
+the credential, rules and revocation files parse; ``enrollment``: the tokens file parses and
+the issuing CA passes the cloud's start-up checks (and has path length 0, not near expiry); each
+listen address can be bound, or is in use
 by the running cloud of this config, whose admin ``/readyz`` answers as kins-tunnel does.
 
 Layout: `report` (the records and how checks run), `certificates` (validity, chain, file modes),

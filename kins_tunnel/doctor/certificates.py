@@ -10,9 +10,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from kins_tunnel.cloud.expiry import warn_within
 from kins_tunnel.doctor.report import FAIL, OK, WARN, Check, said
 
-EXPIRY_WARN_DAYS = 14  # less time left: a warning (a quarter of its life, if that is shorter)
+EXPIRY_WARN_DAYS = 14  # less time left: a warning (see `validity` for renewed certificates)
 EXPIRY_FAIL = dt.timedelta(days=1)  # less time left: a failure
 MAX_CHAIN = 4  # intermediates followed from a leaf towards the CA
 
@@ -36,8 +37,12 @@ def secret_mode(what: str, path: Path) -> list[Check]:
     return []
 
 
-def validity(what: str, cert: x509.Certificate, fix: str) -> Check:
-    """Valid now and not within `EXPIRY_WARN_DAYS` of its end."""
+def validity(
+    what: str, cert: x509.Certificate, fix: str, *, renew_at: float | None = None
+) -> Check:
+    """Valid now and not near its end: within `EXPIRY_WARN_DAYS`, or, for a certificate the edge
+    renews itself (`renew_at`: ``enroll.renew_at``), only once that renewal is overdue
+    (`cloud.expiry.warn_within`, the rule of the cloud's log and ``/status``)."""
     now = dt.datetime.now(dt.UTC)
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
     name = f"{what} validity"
@@ -55,12 +60,20 @@ def validity(what: str, cert: x509.Certificate, fix: str) -> Check:
     shown = f"expires {end:%Y-%m-%dT%H:%M:%SZ}, in {ago(left)}"
     if left < EXPIRY_FAIL:
         return Check(name, FAIL, shown + " (less than a day)", fix)
-    # a short-lived certificate (enrolment) is renewed with a third of its life left: warn only
-    # when that renewal is overdue, and never later than EXPIRY_WARN_DAYS before the end
-    warn = min(dt.timedelta(days=EXPIRY_WARN_DAYS), (end - start) / 4)
+    ceiling = dt.timedelta(days=EXPIRY_WARN_DAYS)
+    if renew_at is None:
+        if left < ceiling:
+            return Check(name, WARN, shown + f" (less than {ago(ceiling)}): renew it soon", fix)
+        return Check(name, OK, shown)
+    warn = warn_within(end - start, ceiling, renew_at)
     if left < warn:
-        return Check(name, WARN, shown + f" (less than {ago(warn)}): renew it soon", fix)
-    return Check(name, OK, shown)
+        return Check(
+            name,
+            WARN,
+            shown + f" (less than {ago(warn)}): its automatic renewal is overdue",
+            "see the edge's log and its /status certificate.warning (renewal over the tunnel)",
+        )
+    return Check(name, OK, shown + f" (renewed automatically from {renew_at:.0%} of its lifetime)")
 
 
 def ago(delta: dt.timedelta) -> str:
@@ -84,9 +97,9 @@ def chains_to(
     name = f"{what} issuer"
     current, pool = leaf, list(intermediates)
     for _ in range(MAX_CHAIN):
-        if any(_issued_by(current, ca) for ca in cas):
+        if any(issued_by(current, ca) for ca in cas):
             return Check(name, OK, f"signed by the CA in {ca_path}")
-        parent = next((c for c in pool if _issued_by(current, c)), None)
+        parent = next((c for c in pool if issued_by(current, c)), None)
         if parent is None:
             break
         pool.remove(parent)
@@ -100,7 +113,8 @@ def chains_to(
     )
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+def issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """`cert` carries `issuer`'s signature."""
     try:
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from cryptography import x509
 
+from kins_tunnel.certs import load_issuing_ca
 from kins_tunnel.cloud.auth import parse_basic, parse_bearer
 from kins_tunnel.cloud.authz import parse_rules
+from kins_tunnel.cloud.enroll import check_chains
 from kins_tunnel.cloud.revocation import parse_revoked
-from kins_tunnel.config import CloudConfig, check_exposure, cloud_config_from_dict
+from kins_tunnel.config import (
+    CloudConfig,
+    EnrollmentSettings,
+    check_exposure,
+    cloud_config_from_dict,
+)
 from kins_tunnel.doctor.certificates import cert_names, chains_to, secret_mode, validity
 from kins_tunnel.doctor.listeners import check_listeners
 from kins_tunnel.doctor.report import FAIL, OK, WARN, Check, load_config, said
 from kins_tunnel.errors import UserError
-from kins_tunnel.pemfiles import load_certs, load_key
+from kins_tunnel.pemfiles import load_certs
 from kins_tunnel.tls_contexts import proxy_server_ssl_context, server_ssl_context
+from kins_tunnel.tokens import TokenStore
 
 
 async def cloud_checks(
@@ -28,16 +37,15 @@ async def cloud_checks(
         check_exposure(cfg.proxy, source=source)  # as the cloud checks at start-up
         return cfg
 
-    cfg, loaded = load_config(build, data, "enrollment", CloudConfig, f"{source} loads (cloud)")
+    cfg, loaded = load_config(build, data, f"{source} loads (cloud)")
     if cfg is None:
         return [loaded]
     checks = [loaded]
     checks.extend(check_cloud_certificate(cfg))
     checks.extend(check_proxy_tls(cfg))
     checks.extend(check_cloud_files(cfg))
-    enrollment = data.get("enrollment")
-    if enrollment is not None:
-        checks.extend(check_enrollment_files(enrollment, base_dir))
+    if cfg.enrollment is not None:
+        checks.extend(check_enrollment(cfg.enrollment, cfg.tls.ca))
     listeners = [("tunnel.listen", cfg.tunnel.listen)]
     if cfg.proxy.listen is not None:
         listeners.append(("proxy.listen", cfg.proxy.listen))
@@ -150,45 +158,69 @@ def check_cloud_files(cfg: CloudConfig) -> list[Check]:
     return out
 
 
-def check_enrollment_files(raw: object, base_dir: Path) -> list[Check]:
-    """The `enrollment:` section, read as written: its files exist and the CA pair matches."""
-    if not isinstance(raw, Mapping):
-        return [Check("enrollment", FAIL, "enrollment: is not a mapping", "see the README")]
+def check_enrollment(settings: EnrollmentSettings, ca_bundle: Path) -> list[Check]:
+    """`enrollment`: the tokens file parses (the cloud's `TokenStore`); the issuing CA loads with
+    its key, is a CA and chains to ``tls.ca`` (the cloud's start-up checks), has path length 0
+    and is not near expiry."""
     out = []
-    tokens = raw.get("tokens_file")
-    if isinstance(tokens, str):
-        path = base_dir / tokens
+    try:
+        store = TokenStore(settings.tokens_file)
+    except UserError as exc:
         out.append(
-            Check("enrollment.tokens_file", OK, f"{path} exists")
-            if path.exists()
-            else Check(
+            Check(
                 "enrollment.tokens_file",
-                WARN,
-                f"{path} does not exist yet",
-                "kins-tunnel token create --tokens-file ... writes it",
+                FAIL,
+                str(exc),
+                "kins-tunnel token create --tokens-file FILE writes it (an empty file will do)",
             )
         )
-    ca = raw.get("ca")
-    if (
-        isinstance(ca, Mapping)
-        and isinstance(ca.get("cert"), str)
-        and isinstance(ca.get("key"), str)
-    ):
-        try:
-            cert = load_certs(base_dir / ca["cert"], "enrollment.ca.cert")[0]
-            key = load_key(base_dir / ca["key"], "enrollment.ca.key")
-        except UserError as exc:
-            out.append(Check("enrollment.ca", FAIL, str(exc), "fix the file it names"))
-        else:
-            if cert.public_key() != key.public_key():
-                out.append(
-                    Check(
-                        "enrollment.ca",
-                        FAIL,
-                        "the key does not belong to the certificate",
-                        "point cert and key at one pair (certs/issuing.crt, issuing.key)",
-                    )
-                )
-            else:
-                out.append(ca_check("enrollment.ca", cert, base_dir / ca["cert"]))
+    else:
+        now = dt.datetime.now(dt.UTC)
+        usable = sum(1 for e in store.file.value.values() if e.expires > now and e.uses > 0)
+        where = "in the file" if store.write_back else "in memory only (the file is read-only)"
+        out.append(
+            Check(
+                "enrollment.tokens_file",
+                OK,
+                f"{settings.tokens_file} parses; tokens: {len(store.file.value)}, unexpired with "
+                f"uses left: {usable} (uses counted {where})",
+            )
+        )
+    files = settings.ca
+    if files is None:
+        out.append(
+            Check(
+                "enrollment.ca",
+                WARN,
+                "not set: every enrolment and renewal is refused (no_issuing_ca)",
+                "run kins-tunnel certs init --issuing-ca and set enrollment.ca.cert/key to "
+                "issuing.crt and issuing.key",
+            )
+        )
+        return out
+    try:
+        issuing = load_issuing_ca(files.cert, files.key)
+        check_chains(issuing, ca_bundle)
+    except UserError as exc:
+        return [*out, Check("enrollment.ca", FAIL, str(exc), "fix the file it names")]
+    out.append(Check("enrollment.ca", OK, f"{files.cert} loads with its key and chains to tls.ca"))
+    out.extend(secret_mode("enrollment.ca.key", files.key))
+    constraints = issuing.cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    if constraints.path_length != 0:
+        out.append(
+            Check(
+                "enrollment.ca path length",
+                WARN,
+                f"{constraints.path_length if constraints.path_length is not None else 'unlimited'}"
+                ": a copy of its key on the cloud could make further CAs",
+                "make it with kins-tunnel certs init --issuing-ca (path length 0)",
+            )
+        )
+    out.append(
+        validity(
+            "enrollment.ca",
+            issuing.cert,
+            "make a new one with kins-tunnel certs init --issuing-ca in the directory of the CA",
+        )
+    )
     return out

@@ -14,10 +14,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from kins_tunnel.certs import EdgeIdentity, identity_from_der
 from kins_tunnel.cloud.registry import allowed_name
 from kins_tunnel.config import EdgeConfig, edge_config_from_dict
-from kins_tunnel.doctor.certificates import chains_to, secret_mode, validity
+from kins_tunnel.doctor.certificates import chains_to, issued_by, secret_mode, validity
 from kins_tunnel.doctor.cloud_probe import clock_check, probe_cloud
 from kins_tunnel.doctor.listeners import check_listeners
 from kins_tunnel.doctor.report import FAIL, OK, WARN, Check, Probe, load_config, run_all, said
+from kins_tunnel.edge.enroll import current_credentials, enrollment_state
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address
 from kins_tunnel.pemfiles import load_certs
@@ -39,19 +40,16 @@ async def edge_checks(
     cfg, loaded = load_config(
         functools.partial(edge_config_from_dict, base_dir=base_dir, source=source),
         data,
-        "enroll",
-        EdgeConfig,
         f"{source} loads (edge)",
     )
     if cfg is None:
         return [loaded]
     checks = [loaded]
-    enrol = check_enrolment(data.get("enroll"), cfg, base_dir)
+    enrol = check_enrolment(cfg)
     checks.append(enrol)
-    enroll = data.get("enroll")
-    if isinstance(enroll, Mapping) and isinstance(enroll.get("token_file"), str):
-        checks.extend(secret_mode("enroll.token_file", base_dir / enroll["token_file"]))
-    enrolling = not cfg.tls.cert.exists() and enrol.status == OK and "enroll" in data
+    if cfg.enroll is not None:
+        checks.extend(secret_mode("enroll.token_file", cfg.enroll.token_file))
+    enrolling = cfg.enroll is not None and enrol.status == OK and current_credentials(cfg) is None
     checks.extend(check_edge_certificate(cfg, enrolling=enrolling))
     skip_tls = (
         "no edge certificate yet (enrolment makes it)"
@@ -105,57 +103,36 @@ def _spare_addresses(cfg: EdgeConfig, checks: list[Check]) -> list[Check]:
     ]
 
 
-def check_enrolment(raw: object, cfg: EdgeConfig, base_dir: Path) -> Check:
-    """The `enroll:` section, read from the file as written: enrolled, will enrol, or cannot."""
+def check_enrolment(cfg: EdgeConfig) -> Check:
+    """Where the edge stands with `enroll` (`edge.enroll.enrollment_state`, the edge's own view):
+    enrolled, will enrol, or cannot."""
     name = "enrolment"
-    if raw is None:
+    if cfg.enroll is None:
         return Check(name, OK, "not configured (tls.cert and tls.key are made with certs edge)")
-    if not isinstance(raw, Mapping):
-        return Check(name, FAIL, "enroll: is not a mapping", "write enroll: {token_file: ...}")
-    if cfg.tls.cert.exists():
-        return Check(name, OK, f"enrolled (certificate present: {cfg.tls.cert})")
-    problems = []
-    token_file = raw.get("token_file")
-    ca_hash = raw.get("ca_hash")
-    if not isinstance(ca_hash, str) or not _is_ca_hash(ca_hash):
-        problems.append(
-            ('enroll.ca_hash is not "sha256:<64 hex digits>"', "copy it from certs init")
-        )
-    if not isinstance(token_file, str) or not token_file:
-        problems.append(("enroll.token_file is not set", "set it to the file holding the token"))
-        token_path = None
-    else:
-        token_path = base_dir / token_file
-        try:
-            token = token_path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or "not readable text"
-            problems.append(
-                (
-                    f"token file missing: {token_path} ({reason})",
-                    "create a token with kins-tunnel token create and store it there",
-                )
-            )
-        else:
-            if not token:
-                problems.append((f"token file {token_path} is empty", "store the token in it"))
-    if problems:
-        return Check(
-            name, FAIL, "; ".join(p for p, _ in problems), "; ".join(f for _, f in problems)
-        )
-    return Check(name, OK, f"will enrol with token {token_path} (no certificate yet)")
-
-
-def _is_ca_hash(text: str) -> bool:
-    algo, _, digest = text.partition(":")
-    return algo == "sha256" and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+    ok, state = enrollment_state(cfg)
+    if ok:
+        return Check(name, OK, state)
+    return Check(
+        name,
+        FAIL,
+        state,
+        "store the token kins-tunnel token create printed in enroll.token_file (or, if the "
+        "edge was enrolled, restore tls.cert and tls.key)",
+    )
 
 
 def check_edge_certificate(cfg: EdgeConfig, *, enrolling: bool) -> list[Check]:
     """tls.cert with tls.key and tls.ca: loads, valid, chains to tls.ca, a legal identity."""
     tls = cfg.tls
     if enrolling:
-        return [Check("edge certificate", OK, "none yet: enrolment writes tls.cert and tls.key")]
+        return [
+            Check(
+                "edge certificate",
+                OK,
+                "none usable yet (missing, expired or not its key's): enrolment writes tls.cert "
+                "and tls.key",
+            )
+        ]
     try:
         client_ssl_context(tls.ca, tls.cert, tls.key)  # the edge's own loader and its messages
         chain = load_certs(tls.cert, "tls.cert")
@@ -163,7 +140,15 @@ def check_edge_certificate(cfg: EdgeConfig, *, enrolling: bool) -> list[Check]:
     except UserError as exc:
         return [Check("edge certificate", FAIL, str(exc), "fix the file it names")]
     leaf = chain[0]
-    out = [validity("edge certificate", leaf, "re-issue it (certs edge) or let it renew")]
+    renews = cfg.enroll is not None and any(issued_by(leaf, c) for c in chain[1:])
+    out = [
+        validity(
+            "edge certificate",
+            leaf,
+            "re-issue it (certs edge) or let it renew",
+            renew_at=cfg.enroll.renew_at if renews and cfg.enroll is not None else None,
+        )
+    ]
     out.extend(secret_mode("tls.key", tls.key))
     out.append(chains_to("edge certificate", leaf, chain[1:], cas, tls.ca))
     try:

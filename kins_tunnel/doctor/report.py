@@ -93,25 +93,12 @@ async def run_all(probes: Sequence[tuple[str, Probe]], timeout: float) -> list[C
 
 
 def load_config(
-    build: Callable[[dict[str, object]], T],
-    data: Mapping[str, object],
-    newer: str,
-    fields: object,
-    loaded: str,
+    build: Callable[[dict[str, object]], T], data: Mapping[str, object], loaded: str
 ) -> tuple[T | None, Check]:
     """`build(data)` (the config loader) and the config line: ok with `loaded`, or FAIL with the
-    loader's one-line error. Section `newer` is left out if this version does not know it."""
+    loader's one-line error."""
     try:
-        cfg = build(known_sections(data, newer, fields))
+        cfg = build(dict(data))
     except UserError as exc:
         return None, Check("config", FAIL, str(exc), "fix the key it names")
     return cfg, Check("config", OK, loaded)
-
-
-def known_sections(data: Mapping[str, object], key: str, fields: object) -> dict[str, object]:
-    """`data` without `key` when this version's config does not know that section yet (so a
-    config written for a newer version still gets every other check)."""
-    out = dict(data)
-    if key not in getattr(fields, "__dataclass_fields__", {}):
-        out.pop(key, None)
-    return out

@@ -31,6 +31,7 @@ from kins_tunnel.testing.support import free_port, run_kins_tunnel
 from kins_tunnel.tls_contexts import server_ssl_context
 from tests.e2e.faultkit import CloudProc, Procs, edges_of, procs, wait_cloud_up, wait_edges
 from tests.e2e.harness import SVC, edge_dict, make_certs, serve_loopback, write_yaml
+from tests.e2e.test_enroll import cloud_doc, edge_doc, edge_with_token, enrolled_edge, make_cloud
 from tests.e2e.test_site_proxy import needs_tinyproxy, tinyproxy
 
 
@@ -247,7 +248,7 @@ async def test_edge_certificate_expiry(tmp_path: Path) -> None:
             ("expired", 1, now - dt.timedelta(days=2)),
             ("last-hours", 1, now - dt.timedelta(hours=12)),  # 12 hours left
             ("ten-days", 825, now - dt.timedelta(days=815)),  # 10 of 825 days left
-            ("renewal-due", 30, now - dt.timedelta(days=20)),  # 10 of 30: renewal is not late yet
+            ("thirty-days", 30, now - dt.timedelta(days=20)),  # 10 of 30, and no enroll: manual
         ):
             issue_edge(certs, "test", node, days=days, _now=issued)
             tls = {
@@ -275,8 +276,11 @@ async def test_edge_certificate_expiry(tmp_path: Path) -> None:
         warn = line(doc, "edge certificate validity")
         assert warn["status"] == "warn" and "renew it soon" in warn["detail"], warn
 
-        code, doc = results["renewal-due"]  # automatic renewal runs with a third of 30 days left
-        assert code == 0 and line(doc, "edge certificate validity")["status"] == "ok", doc
+        # nothing renews a certificate of an edge without enroll, however long it was issued
+        # for (an enrolled edge's one: tests/test_doctor.py::test_validity_thresholds)
+        code, doc = results["thirty-days"]
+        warn = line(doc, "edge certificate validity")
+        assert code == 0 and warn["status"] == "warn" and "renew it soon" in warn["detail"], doc
 
 
 async def test_site_proxy_down_and_up(tmp_path: Path) -> None:
@@ -331,45 +335,56 @@ async def test_a_silent_cloud_costs_the_deadline_only(tmp_path: Path) -> None:
         assert took < 10, took  # interpreter start-up included
 
 
-async def test_enrolment_state_from_the_raw_section(tmp_path: Path) -> None:
-    with procs(tmp_path) as ps, listening() as k3s:
-        cloud = await up(ps)
-        ca_hash = "sha256:" + "ab" * 32
-        target = f"127.0.0.1:{cloud.tunnel}"
-        fresh = {
-            "ca": str(ps.certs / "ca.crt"),
-            "cert": str(tmp_path / "node" / "edge.crt"),  # not there yet
-            "key": str(tmp_path / "node" / "edge.key"),
-        }
-        missing = edge_yaml(
-            ps,
-            "missing",
-            [target],
-            {SVC: f"127.0.0.1:{k3s}"},
-            tls=fresh,
-            enroll={"token_file": "token", "ca_hash": ca_hash, "node": "edge1"},
-        )
-        code, doc = await doctor(missing)
-        assert code == 1
-        got = line(doc, "enrolment")
-        assert got["status"] == "FAIL" and got["detail"].startswith("token file missing"), got
+async def test_enrolment_before_and_after_a_real_enrolment(tmp_path: Path) -> None:
+    """An edge config with only a token file and the CA hash "will enrol"; after a real
+    enrolment against a cloud with `enrollment:` the same config is enrolled and all ok, and the
+    cloud's config passes its enrolment checks."""
+    cloud = make_cloud(tmp_path)
+    cloud_yaml = write_yaml(tmp_path / "cloud.yaml", cloud_doc(tmp_path))
+    with listening() as k3s:
+        async with trio.open_nursery() as nursery:
+            ports = await nursery.start(cloud.run)
+            target = f"127.0.0.1:{ports.tunnel}"
+            doc = edge_doc(tmp_path, ports.tunnel)
+            config = write_yaml(
+                tmp_path / "edge.yaml", {**doc, "services": {"edge1:22": f"127.0.0.1:{k3s}"}}
+            )
+            code, report = await doctor(config)
+            got = line(report, "enrolment")
+            assert code == 1 and got["status"] == "FAIL", report
+            assert got["detail"].startswith("token file missing: enroll.token_file"), got
 
-        (tmp_path / "token").write_text("abcdef.0123456789abcdef\n")
-        code, doc = await doctor(missing)
-        assert code == 0, doc
-        assert line(doc, "enrolment")["detail"].startswith(f"will enrol with token {tmp_path}")
-        assert "no edge certificate yet" in line(doc, f"cloud {target} TLS")["detail"]
+            cfg = edge_with_token(tmp_path, ports.tunnel)
+            token_id = cfg.enroll.token_file.read_text()[:6]
+            code, report = await doctor(config)
+            assert code == 0, report
+            assert line(report, "enrolment")["detail"] == (
+                f"will enrol with token {token_id} from {cfg.enroll.token_file} (ca_hash pinned)"
+            )
+            assert line(report, "edge certificate")["detail"].startswith("none usable yet")
+            tls = line(report, f"cloud {target} TLS")
+            assert tls["status"] == "warn" and "no edge certificate yet" in tls["detail"]
 
-        enrolled = edge_yaml(
-            ps,
-            "enrolled",
-            [target],
-            {SVC: f"127.0.0.1:{k3s}"},
-            enroll={"token_file": "token", "ca_hash": ca_hash},
-        )
-        code, doc = await doctor(enrolled)
-        assert code == 0, doc
-        assert line(doc, "enrolment")["detail"].startswith("enrolled (certificate present")
+            await enrolled_edge(nursery, cloud, tmp_path, ports.tunnel, cfg)
+            code, report = await doctor(config)
+            assert code == 0 and report["ok"], report
+            assert [c for c in report["checks"] if c["status"] != "ok"] == []
+            enrolled = line(report, "enrolment")["detail"]
+            assert enrolled.startswith("enrolled (cert present, unit test, node edge1, expires ")
+            validity = line(report, "edge certificate validity")["detail"]
+            assert validity.endswith("(renewed automatically from 67% of its lifetime)")
+            assert line(report, "edge identity")["detail"] == "unit test, node edge1"
+            assert (
+                "accepted this edge's certificate" in line(report, f"cloud {target} TLS")["detail"]
+            )
+
+            code, report = await doctor(cloud_yaml)
+            assert code == 0, report
+            tokens = line(report, "enrollment.tokens_file")
+            assert "tokens: 1, unexpired with uses left: 0" in tokens["detail"], tokens  # used
+            assert line(report, "enrollment.ca")["status"] == "ok"
+            assert line(report, "enrollment.ca validity")["status"] == "ok"
+            nursery.cancel_scope.cancel()
 
 
 async def test_cloud_config_failures(tmp_path: Path) -> None:

@@ -47,7 +47,9 @@ def sample(metrics: Metrics, name: str, result: str) -> float:
     return metrics.registry.get_sample_value(f"kins_tunnel_{name}_total", {"result": result}) or 0
 
 
-def make_cloud(base: Path, *, ca: bool = True, **over: Any) -> Cloud:
+def cloud_doc(base: Path, *, ca: bool = True, **over: Any) -> dict[str, Any]:
+    """A cloud config (as written in cloud.yaml) with `enrollment`: CA and issuing CA in
+    BASE/certs, tokens in BASE/tokens.yaml."""
     certs = base / "certs"
     if not (certs / "ca.crt").exists():
         init_ca(certs, issuing_ca=True)
@@ -58,12 +60,16 @@ def make_cloud(base: Path, *, ca: bool = True, **over: Any) -> Cloud:
     if ca:
         enrollment["ca"] = {"cert": str(certs / "issuing.crt"), "key": str(certs / "issuing.key")}
     enrollment.update(over.pop("enrollment", {}))
-    cfg = cloud_config_from_dict(cloud_dict(certs, enrollment=enrollment, **over), base_dir=base)
-    return Cloud(cfg)
+    return cloud_dict(certs, enrollment=enrollment, **over)
 
 
-def edge_cfg(base: Path, port: int, *, node: str | None = "edge1", **enroll: Any) -> Any:
-    """An edge config with only a token file and the CA hash (no certificate yet)."""
+def make_cloud(base: Path, *, ca: bool = True, **over: Any) -> Cloud:
+    return Cloud(cloud_config_from_dict(cloud_doc(base, ca=ca, **over), base_dir=base))
+
+
+def edge_doc(base: Path, port: int, *, node: str | None = "edge1", **enroll: Any) -> dict[str, Any]:
+    """An edge config (as written in edge.yaml) with only a token file and the CA hash (no
+    certificate yet)."""
     d = base / f"edge-{node or 'any'}"
     settings = {
         "token_file": str(d / "token"),
@@ -71,7 +77,7 @@ def edge_cfg(base: Path, port: int, *, node: str | None = "edge1", **enroll: Any
         **({"node": node} if node else {}),
         **enroll,
     }
-    doc = {
+    return {
         "cloud": [f"127.0.0.1:{port}"],
         "tls": {"ca": str(d / "ca.crt"), "cert": str(d / "tls.crt"), "key": str(d / "tls.key")},
         "services": {f"{node or 'edge1'}:22": "127.0.0.1:9"},
@@ -79,19 +85,33 @@ def edge_cfg(base: Path, port: int, *, node: str | None = "edge1", **enroll: Any
         "reconnect": {"initial": 0.05, "max": 0.5},
         "enroll": settings,
     }
-    return edge_config_from_dict(doc, base_dir=base)
+
+
+def edge_cfg(base: Path, port: int, *, node: str | None = "edge1", **enroll: Any) -> Any:
+    """`edge_doc`, loaded."""
+    return edge_config_from_dict(edge_doc(base, port, node=node, **enroll), base_dir=base)
 
 
 def give_token(cfg: Any, token: str) -> None:
+    """Store `token` in the edge's token file, readable by its owner only (as deployed)."""
     cfg.enroll.token_file.parent.mkdir(parents=True, exist_ok=True)
     cfg.enroll.token_file.write_text(token + "\n")
+    cfg.enroll.token_file.chmod(0o600)
 
 
-async def enrolled_edge(nursery: trio.Nursery, cloud: Cloud, base: Path, port: int) -> Edge:
-    """An edge of node edge1 that enrols with a fresh token, once the cloud routes it."""
+def edge_with_token(base: Path, port: int) -> Any:
+    """The config of node edge1 (`edge_cfg`) with a fresh token in its token file."""
     cfg = edge_cfg(base, port)
     give_token(cfg, create_token(base / "tokens.yaml", "test", "edge1", HOUR, 1))
-    edge = Edge(cfg)
+    return cfg
+
+
+async def enrolled_edge(
+    nursery: trio.Nursery, cloud: Cloud, base: Path, port: int, cfg: Any = None
+) -> Edge:
+    """An edge of node edge1 (`cfg`, by default `edge_with_token`) that enrols with its token,
+    once the cloud routes it."""
+    edge = Edge(cfg or edge_with_token(base, port))
     await nursery.start(edge.run)
     await wait_until(lambda: cloud.registry.serves("edge1:22"), 10, "enrolled edge routed")
     return edge
