@@ -10,12 +10,14 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import trio
 import yaml
 
+from kins_tunnel.cli import main as cli_main
 from kins_tunnel.demo import SAMPLE_BYTES, run_demo
 from kins_tunnel.testing.support import kins_tunnel_cli
 
@@ -100,6 +102,18 @@ def test_unreadable_certificate_is_one_line(tmp_path: Path) -> None:
     )
     r = kt("edge", "--config", str(cfg))
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_demo_without_the_standin_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The image leaves out kins_tunnel.testing: `demo` says so in one line (exit 2), and the check
+    is for that package, not for any ImportError."""
+    monkeypatch.setitem(sys.modules, "kins_tunnel.testing", None)  # as if not installed
+    assert cli_main(["demo", "--proxy-port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kins-tunnel: error: the demo needs kins_tunnel.testing")
+    assert err.count("\n") == 1
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
