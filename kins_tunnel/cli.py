@@ -22,6 +22,7 @@ import trio
 from kins_tunnel import __version__
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import redact_url
+from kins_tunnel.transport.errors import SetupError
 
 log = logging.getLogger("kins_tunnel")
 
@@ -349,9 +350,15 @@ def _size(n: int) -> str:
     return f"{n:.1f}TiB"
 
 
-def _first_user_error(group: BaseExceptionGroup[BaseException]) -> UserError | None:
+# what the operator can fix: printed as one line, exit 2 (the transport's SetupError names a setting)
+_ONE_LINE_ERRORS = (UserError, SetupError)
+
+
+def _first_user_error(
+    group: BaseExceptionGroup[BaseException],
+) -> UserError | SetupError | None:
     for exc in group.exceptions:
-        if isinstance(exc, UserError):
+        if isinstance(exc, _ONE_LINE_ERRORS):
             return exc
         if isinstance(exc, BaseExceptionGroup):
             found = _first_user_error(exc)
@@ -426,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             return main_doctor(args)
         elif args.cmd == "status":
             _status(args.admin or ["http://127.0.0.1:9090"], args.json)
-    except UserError as exc:
+    except _ONE_LINE_ERRORS as exc:
         print(f"kins-tunnel: error: {exc}", file=sys.stderr)
         return 2
     except BaseExceptionGroup as group:  # raised from inside trio.run's nurseries

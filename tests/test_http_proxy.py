@@ -12,6 +12,7 @@ import pytest
 
 from kins_tunnel.config import SiteProxy, edge_config_from_dict, load_edge_config
 from kins_tunnel.errors import UserError
+from kins_tunnel.transport.errors import SetupError
 from kins_tunnel.transport.http_proxy import (
     ProxyDialer,
     ProxyURL,
@@ -120,12 +121,12 @@ def test_bad_credentials_file(tmp_path: Path, content: bytes) -> None:
 
 def test_dialer_checks_the_credentials_file_at_start(tmp_path: Path) -> None:
     with pytest.raises(
-        UserError, match=r"^proxy\.credentials_file: .*/missing: No such file or directory$"
+        SetupError, match=r"^proxy\.credentials_file: .*/missing: No such file or directory$"
     ):
         ProxyDialer("http://p:1", tmp_path / "missing")
     (tmp_path / "c").write_text("secret-without-colon\n")
     with pytest.raises(
-        UserError, match=r"^proxy\.credentials_file: .*/c: expected one line user:password$"
+        SetupError, match=r"^proxy\.credentials_file: .*/c: expected one line user:password$"
     ) as info:
         ProxyDialer("http://p:1", tmp_path / "c")
     assert "secret" not in str(info.value).replace(str(tmp_path), "")

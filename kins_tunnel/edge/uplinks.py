@@ -43,12 +43,13 @@ import h11
 import trio
 
 from kins_tunnel.config import EdgeConfig
-from kins_tunnel.errors import OpenFailed, UserError
+from kins_tunnel.errors import OpenFailed
 from kins_tunnel.httpanswer import ClientGone, ErrorAnswer, accept_connect, read_request, send_error
 from kins_tunnel.logs import LogBudget, record_fields
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import Address, dial_target
 from kins_tunnel.proto import ErrorCode, code_label
+from kins_tunnel.transport.errors import SetupError
 from kins_tunnel.transport.listen import (
     open_listener_socket,
     serve_listener,
@@ -163,7 +164,7 @@ class Uplinks:
         return out
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on every uplink address (a one-line UserError naming the key if one cannot be
+        """Listen on every uplink address (a one-line SetupError naming the key if one cannot be
         bound), `task_status.started()`, then serve until cancelled."""
         socks: list[tuple[trio.socket.SocketType, Address, str]] = []
         proxy_sock: trio.socket.SocketType | None = None
@@ -180,7 +181,7 @@ class Uplinks:
                 proxy_sock = open_listener_socket(
                     self.proxy.listen.host, self.proxy.listen.port, "uplink_proxy.listen"
                 )
-        except UserError:
+        except SetupError:
             for sock, _listen, _target in socks:
                 sock.close()
             raise

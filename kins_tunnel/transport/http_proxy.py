@@ -30,9 +30,8 @@ import h11
 import trio
 
 from kins_tunnel import __version__
-from kins_tunnel.errors import UserError
 from kins_tunnel.names import redact_url
-from kins_tunnel.transport.tls import TransportError
+from kins_tunnel.transport.errors import SetupError, TransportError
 
 MAX_HEAD = 16 * 1024  # answer status line + headers
 MAX_BODY = 4 * 1024  # bytes of an error body read for the message
@@ -261,7 +260,7 @@ class _Answer:
 class ProxyDialer:
     """Opens TCP streams through a plain-http CONNECT proxy (the edge's `proxy:` setting).
 
-    The credentials file is read once here (an unreadable or malformed file is a `UserError` at
+    The credentials file is read once here (an unreadable or malformed file is a `SetupError` at
     start-up) and again before every CONNECT, so a changed password is used by the next attempt.
     """
 
@@ -272,7 +271,7 @@ class ProxyDialer:
             try:
                 read_credentials_file(credentials_file)
             except (OSError, ValueError) as exc:
-                raise UserError(
+                raise SetupError(
                     f"proxy.credentials_file: {credentials_file}: "
                     f"{getattr(exc, 'strerror', None) or exc}"
                 ) from None
