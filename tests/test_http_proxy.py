@@ -12,12 +12,11 @@ import pytest
 
 from kins_tunnel.config import SiteProxy, edge_config_from_dict, load_edge_config
 from kins_tunnel.errors import UserError
+from kins_tunnel.proxy_url import ProxyURL, parse_proxy_url
 from kins_tunnel.transport.errors import SetupError
 from kins_tunnel.transport.http_proxy import (
     ProxyDialer,
-    ProxyURL,
     basic_authorization,
-    parse_proxy_url,
     read_credentials_file,
 )
 
