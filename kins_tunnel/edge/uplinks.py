@@ -52,6 +52,7 @@ from kins_tunnel.proto import ErrorCode, code_label
 from kins_tunnel.transport.errors import SetupError
 from kins_tunnel.transport.listen import (
     open_listener_socket,
+    peer_authority,
     serve_listener,
     warn_unauthenticated,
 )
@@ -108,14 +109,6 @@ class UplinkRecord:
         fields["status"] = self.status or "cancel"
         fields["outcome"] = self.outcome or "ended"
         log.info("uplink done" if self.status == "ok" else "uplink refused", extra=fields)
-
-
-def _peer(stream: trio.SocketStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:
-        return "?"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _tune(stream: trio.SocketStream) -> None:
@@ -314,7 +307,9 @@ class Uplinks:
     async def _forward(
         self, listen: str, target: str, idle_timeout: float, client: trio.SocketStream
     ) -> None:
-        rec = UplinkRecord(listen, _peer(client), trio.current_time(), target=target)
+        rec = UplinkRecord(
+            listen, peer_authority(client.socket), trio.current_time(), target=target
+        )
         try:
             _tune(client)
             try:
@@ -333,7 +328,9 @@ class Uplinks:
     # ------------------------------------------------------------------ uplink_proxy: CONNECT
     async def _proxy_client(self, client: trio.SocketStream) -> None:
         assert self.proxy is not None
-        rec = UplinkRecord(str(self.proxy.listen), _peer(client), trio.current_time())
+        rec = UplinkRecord(
+            str(self.proxy.listen), peer_authority(client.socket), trio.current_time()
+        )
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=PROXY_MAX_REQUEST)
         try:
             _tune(client)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import trio
 
-from kins_tunnel.names import Address, is_loopback_host
+from kins_tunnel.names import Address, authority, is_loopback_host
 from kins_tunnel.transport.errors import SetupError
 from kins_tunnel.transport.isolation import ErrorReporter
 
@@ -45,6 +45,17 @@ def open_listener_socket(host: str, port: int, what: str) -> trio.socket.SocketT
         sock.close()
         raise SetupError(f"{what}: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     return trio.socket.from_stdlib_socket(sock)
+
+
+def peer_authority(sock: trio.socket.SocketType) -> str:
+    """The peer of a connected socket as ``host:port`` (``[v6]:port``), or ``?`` once it is gone.
+
+    A value from the network: escaped in logs, never a metric label."""
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?"
+    return authority(host, port)
 
 
 async def _isolated(
