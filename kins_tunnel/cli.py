@@ -371,10 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "certs":
-            from kins_tunnel import certs
+            from kins_tunnel.certs.directory import init_ca, issue_edge, issue_user
+            from kins_tunnel.certs.issuing import ca_hash_of_file
 
             if args.certs_cmd == "init":
-                certs.init_ca(
+                init_ca(
                     Path(args.dir),
                     args.cloud_san,
                     proxy_sans=args.proxy_san,
@@ -388,19 +389,17 @@ def main(argv: list[str] | None = None) -> int:
                 issuing = ", issuing.crt, issuing.key" if args.issuing_ca else ""
                 print(f"wrote {args.dir}/ca.crt, ca.key, cloud.crt, cloud.key{proxy}{issuing}")
                 if args.issuing_ca:
-                    print(
-                        f"CA hash (enroll.ca_hash): {certs.ca_hash_of_file(Path(args.dir) / 'ca.crt')}"
-                    )
+                    print(f"CA hash (enroll.ca_hash): {ca_hash_of_file(Path(args.dir) / 'ca.crt')}")
             elif args.certs_cmd == "ca-hash":
-                print(certs.ca_hash_of_file(Path(args.dir) / "ca.crt"))
+                print(ca_hash_of_file(Path(args.dir) / "ca.crt"))
             elif args.certs_cmd == "user":
-                crt, key = certs.issue_user(Path(args.dir), args.name, args.group, days=args.days)
+                crt, key = issue_user(Path(args.dir), args.name, args.group, days=args.days)
                 print(
                     f"wrote {crt} and {key} (principal {args.name}"
                     + (f", groups {','.join(args.group)})" if args.group else ")")
                 )
             else:
-                crt, key = certs.issue_edge(Path(args.dir), args.unit, args.node)
+                crt, key = issue_edge(Path(args.dir), args.unit, args.node)
                 print(f"wrote {crt} and {key} (unit {args.unit}, node {args.node})")
         elif args.cmd == "token":
             _token(args)

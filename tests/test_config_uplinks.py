@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kins_tunnel.certs import init_ca, issue_edge
+from kins_tunnel.certs.directory import init_ca, issue_edge
 from kins_tunnel.config import (
     CloudConfig,
     EdgeConfig,

@@ -617,7 +617,7 @@ async def test_shipped_cloud_config_starts_and_asks_for_credentials(tmp_path: Pa
 
     import trio
 
-    from kins_tunnel.certs import init_ca
+    from kins_tunnel.certs.directory import init_ca
     from kins_tunnel.cloud.server import Cloud
     from kins_tunnel.config import load_cloud_config
     from tests.e2e.harness import connect

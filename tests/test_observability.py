@@ -22,7 +22,7 @@ import trio
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from kins_tunnel.certs import init_ca, issue_edge
+from kins_tunnel.certs.directory import init_ca, issue_edge
 from kins_tunnel.cloud.server import Cloud, CloudPorts
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge

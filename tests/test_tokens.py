@@ -17,12 +17,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kins_tunnel.certs import (
-    EdgeIdentity,
+from kins_tunnel.certs.directory import init_ca
+from kins_tunnel.certs.identity import EdgeIdentity
+from kins_tunnel.certs.issuing import (
     ca_hash_of_file,
     csr_public_key,
     edge_csr,
-    init_ca,
     load_issuing_ca,
     sign_edge_csr,
 )

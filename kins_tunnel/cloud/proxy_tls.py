@@ -34,7 +34,7 @@ from typing import Any
 import trio
 from cryptography import x509
 
-from kins_tunnel.certs import cert_facts
+from kins_tunnel.certs.identity import cert_facts
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.config import ProxyTLS

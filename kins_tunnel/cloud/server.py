@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from kins_tunnel.admin import serve_admin
-from kins_tunnel.certs import RENEW_TARGET, EdgeIdentity, cert_facts
+from kins_tunnel.certs.identity import RENEW_TARGET, EdgeIdentity, cert_facts
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.aliases import AliasTable, Resolver, dns_resolver
 from kins_tunnel.cloud.auth import Authenticator

@@ -11,7 +11,7 @@ from pathlib import Path
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from kins_tunnel.certs import EdgeIdentity, identity_from_der
+from kins_tunnel.certs.identity import EdgeIdentity, identity_from_der
 from kins_tunnel.cloud.registry import allowed_name
 from kins_tunnel.config import EdgeConfig, edge_config_from_dict
 from kins_tunnel.doctor.certificates import chains_to, issued_by, secret_mode, validity

@@ -52,7 +52,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from kins_tunnel.certs import RENEW_TARGET, EdgeIdentity, ca_hash, edge_csr, identity_from_der
+from kins_tunnel.certs.identity import RENEW_TARGET, EdgeIdentity, identity_from_der
+from kins_tunnel.certs.issuing import ca_hash, edge_csr
 from kins_tunnel.config import EdgeConfig, EnrollSettings
 from kins_tunnel.errors import OpenFailed, UserError
 from kins_tunnel.jsonhttp import ExchangeError, TLSSocketStream, json_request

@@ -23,7 +23,7 @@ from typing import Any
 import trio
 import yaml
 
-from kins_tunnel.certs import init_ca, issue_edge
+from kins_tunnel.certs.directory import init_ca, issue_edge
 from kins_tunnel.cloud.aliases import Resolver
 from kins_tunnel.cloud.server import Cloud, CloudPorts
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict

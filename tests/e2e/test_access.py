@@ -30,7 +30,7 @@ import trio
 import trio.testing
 import yaml
 
-from kins_tunnel.certs import init_ca, issue_edge, issue_user
+from kins_tunnel.certs.directory import init_ca, issue_edge, issue_user
 from kins_tunnel.kubeconfig import rewrite_kubeconfig
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
 from kins_tunnel.testing.support import echo_roundtrip, http_get, metric_value, run_kins_tunnel

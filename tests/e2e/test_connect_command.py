@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import trio
 
-from kins_tunnel.certs import issue_user
+from kins_tunnel.certs.directory import issue_user
 from kins_tunnel.testing.support import read_head, wait_listening
 from tests.e2e.faultkit import procs, wait_cloud_up, wait_edges
 from tests.e2e.harness import (

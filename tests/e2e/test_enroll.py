@@ -18,15 +18,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from kins_tunnel.certs import (
-    RENEW_TARGET,
-    EdgeIdentity,
-    ca_hash_of_file,
-    edge_csr,
-    identity_from_der,
-    init_ca,
-    issue_edge,
-)
+from kins_tunnel.certs.directory import init_ca, issue_edge
+from kins_tunnel.certs.identity import RENEW_TARGET, EdgeIdentity, identity_from_der
+from kins_tunnel.certs.issuing import ca_hash_of_file, edge_csr
 from kins_tunnel.cloud import enroll as cloud_enroll
 from kins_tunnel.cloud.revocation import RevokedList
 from kins_tunnel.cloud.server import Cloud

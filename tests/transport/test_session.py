@@ -12,7 +12,7 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from kins_tunnel.certs import init_ca, issue_edge
+from kins_tunnel.certs.directory import init_ca, issue_edge
 from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
 from kins_tunnel.testing.support import wait_until
 from kins_tunnel.tls_contexts import client_ssl_context, server_ssl_context

@@ -13,7 +13,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from kins_tunnel.certs import init_ca, issue_edge
+from kins_tunnel.certs.directory import init_ca, issue_edge
 from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.stream import TunnelStream
