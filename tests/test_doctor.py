@@ -30,7 +30,7 @@ from kins_tunnel.doctor.cloud import check_enrollment
 from kins_tunnel.doctor.cloud_probe import CloudProbe, clock_check
 from kins_tunnel.doctor.edge import check_edge_certificate, check_enrolment
 from kins_tunnel.doctor.report import run_all
-from kins_tunnel.edge.enroll import enrollment_state
+from kins_tunnel.edge.credentials import enrollment_state
 from kins_tunnel.tokens import create_token
 from tests.e2e.harness import cloud_dict
 

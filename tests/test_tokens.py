@@ -28,7 +28,7 @@ from kins_tunnel.certs.issuing import (
 )
 from kins_tunnel.cloud.enroll import FailureLimit
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
-from kins_tunnel.edge.enroll import enrollment_state
+from kins_tunnel.edge.credentials import enrollment_state
 from kins_tunnel.errors import UserError
 from kins_tunnel.tokens import (
     TOKEN_RE,

@@ -18,7 +18,7 @@ from kins_tunnel.doctor.certificates import chains_to, issued_by, secret_mode, v
 from kins_tunnel.doctor.cloud_probe import clock_check, probe_cloud
 from kins_tunnel.doctor.listeners import check_listeners
 from kins_tunnel.doctor.report import FAIL, OK, WARN, Check, Probe, load_config, run_all, said
-from kins_tunnel.edge.enroll import current_credentials, enrollment_state
+from kins_tunnel.edge.credentials import current_credentials, enrollment_state
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address
 from kins_tunnel.pemfiles import load_certs

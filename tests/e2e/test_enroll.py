@@ -26,7 +26,8 @@ from kins_tunnel.cloud.revocation import RevokedList
 from kins_tunnel.cloud.server import Cloud
 from kins_tunnel.config import SiteProxy, cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
-from kins_tunnel.edge.enroll import EnrolError, Enrolment
+from kins_tunnel.edge.enroll import Enrolment
+from kins_tunnel.edge.enroll_checks import EnrolError
 from kins_tunnel.jsonhttp import json_request
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.testing.support import run_kins_tunnel, wait_until
