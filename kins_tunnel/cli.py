@@ -237,6 +237,10 @@ def _table(rows: list[tuple[str, ...]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+# the columns of `kins-tunnel status` for a cloud, in order
+_STATUS_COLUMNS = tuple("UNIT NODE REPLICA UPTIME RTT STREAMS SENT RECEIVED EXPIRES PEER".split())
+
+
 def _status(admins: list[str], as_json: bool) -> None:
     docs = []
     for admin in admins:
@@ -257,20 +261,7 @@ def _status(admins: list[str], as_json: bool) -> None:
         _edge_status(doc)
     if not docs:
         return
-    rows: list[tuple[str, ...]] = [
-        (
-            "UNIT",
-            "NODE",
-            "REPLICA",
-            "UPTIME",
-            "RTT",
-            "STREAMS",
-            "SENT",
-            "RECEIVED",
-            "EXPIRES",
-            "PEER",
-        )
-    ]
+    rows: list[tuple[str, ...]] = [_STATUS_COLUMNS]
     for doc in docs:
         for e in sorted(doc.get("edges", []), key=lambda e: (e["unit"], e["node"], e["replica"])):
             rows.append(

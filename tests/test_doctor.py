@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from kins_tunnel.certs.directory import init_ca, issue_edge
 from kins_tunnel.certs.identity import edge_identity_uri
-from kins_tunnel.certs.signing import CLIENT_AUTH, issue_leaf, load_ca
+from kins_tunnel.certs.signing import CLIENT_AUTH, Leaf, issue_leaf, load_ca, named
 from kins_tunnel.cloud.expiry import warn_within
 from kins_tunnel.config import EnrollmentSettings, cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.doctor import FAIL, OK, WARN, Check, Report, detect_role, run_doctor
@@ -334,20 +334,9 @@ def test_issuer_check_follows_the_intermediates_in_the_certificate_file(tmp_path
 
 def test_an_identity_the_cloud_would_refuse_is_a_failure(tmp_path: Path) -> None:
     init_ca(tmp_path)
-    ca_cert, ca_key = load_ca(tmp_path)
-    crt, key = tmp_path / "edge.crt", tmp_path / "edge.key"
     uri = edge_identity_uri("test", "other-svc-kins")  # reads as unit "other"'s K3s service
-    issue_leaf(
-        ca_cert,
-        ca_key,
-        crt,
-        key,
-        now=dt.datetime.now(dt.UTC),
-        days=30,
-        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other-svc-kins")]),
-        sans=[x509.UniformResourceIdentifier(uri)],
-        usages=[CLIENT_AUTH],
-    )
+    leaf = Leaf(named("other-svc-kins"), [x509.UniformResourceIdentifier(uri)], [CLIENT_AUTH])
+    crt, key = issue_leaf(load_ca(tmp_path), tmp_path / "edge", leaf, dt.datetime.now(dt.UTC), 30)
     cfg = edge_config_from_dict(
         {
             "cloud": ["127.0.0.1:9000"],

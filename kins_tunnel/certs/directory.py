@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from kins_tunnel.certs.identity import (
     DNS_LABEL_RE,
@@ -28,9 +28,11 @@ from kins_tunnel.certs.proxy_ca import check_permitted, proxy_constraints, refus
 from kins_tunnel.certs.signing import (
     CLIENT_AUTH,
     SERVER_AUTH,
+    Leaf,
     edge_subject,
     issue_leaf,
     load_ca,
+    named,
     new_ca,
     utcnow,
 )
@@ -91,17 +93,8 @@ def init_ca(
         new_issuing_ca(dir, ca_cert, ca_key, now, days)
     elif issuing_ca:
         check_issuing_ca(dir)  # present: it must load and belong to this CA
-    issue_leaf(
-        ca_cert,
-        ca_key,
-        dir / "cloud.crt",
-        dir / "cloud.key",
-        now=now,
-        days=cloud_days,
-        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CLOUD_COMMON_NAME)]),
-        sans=sans,
-        usages=[SERVER_AUTH, CLIENT_AUTH],
-    )
+    cloud = Leaf(named(CLOUD_COMMON_NAME), sans, [SERVER_AUTH, CLIENT_AUTH])
+    issue_leaf((ca_cert, ca_key), dir / "cloud", cloud, now, cloud_days)
     if psans is None:
         return
     if (dir / "proxy-ca.crt").exists() or (dir / "proxy-ca.key").exists():
@@ -111,17 +104,8 @@ def init_ca(
         pca_cert, pca_key = new_ca(
             dir, "proxy-ca", PROXY_CA_COMMON_NAME, now, days, constraints=proxy_constraints(psans)
         )
-    issue_leaf(
-        pca_cert,
-        pca_key,
-        dir / "proxy.crt",
-        dir / "proxy.key",
-        now=now,
-        days=cloud_days,
-        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, PROXY_COMMON_NAME)]),
-        sans=psans,
-        usages=[SERVER_AUTH],
-    )
+    proxy = Leaf(named(PROXY_COMMON_NAME), psans, [SERVER_AUTH])
+    issue_leaf((pca_cert, pca_key), dir / "proxy", proxy, now, cloud_days)
 
 
 def issue_user(
@@ -138,26 +122,14 @@ def issue_user(
     for group in groups:
         if not _USER_RE.fullmatch(group or ""):
             raise UserError(f"group {group!r}: 1 to 64 of letters, digits, '.', '_', '@' and '-'")
-    ca_cert, ca_key = load_ca(dir)
-    crt_path, key_path = dir / f"user-{name}.crt", dir / f"user-{name}.key"
     subject = x509.Name(
         [
             *(x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups),
             x509.NameAttribute(NameOID.COMMON_NAME, name),
         ]
     )
-    issue_leaf(
-        ca_cert,
-        ca_key,
-        crt_path,
-        key_path,
-        now=utcnow(),
-        days=days,
-        subject=subject,
-        sans=[],
-        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
-    )
-    return crt_path, key_path
+    user = Leaf(subject, [], [CLIENT_AUTH])  # no SAN: the subject names the principal
+    return issue_leaf(load_ca(dir), dir / f"user-{name}", user, utcnow(), days)
 
 
 def issue_edge(
@@ -171,20 +143,9 @@ def issue_edge(
     """
     dir = Path(dir)
     check_edge_names(unit, node)
-    ca_cert, ca_key = load_ca(dir)
-    crt_path, key_path = dir / f"edge-{node}.crt", dir / f"edge-{node}.key"
-    issue_leaf(
-        ca_cert,
-        ca_key,
-        crt_path,
-        key_path,
-        now=_now or utcnow(),
-        days=days,
-        subject=edge_subject(EdgeIdentity(unit, node)),
-        sans=[x509.UniformResourceIdentifier(edge_identity_uri(unit, node))],
-        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
-    )
-    return crt_path, key_path
+    uri = x509.UniformResourceIdentifier(edge_identity_uri(unit, node))
+    edge = Leaf(edge_subject(EdgeIdentity(unit, node)), [uri], [CLIENT_AUTH])
+    return issue_leaf(load_ca(dir), dir / f"edge-{node}", edge, _now or utcnow(), days)
 
 
 def _cloud_sans(extra: Sequence[str], flag: str = "--cloud-san") -> list[x509.GeneralName]:

@@ -25,6 +25,7 @@ from kins_tunnel.certs.signing import (
     cert_builder,
     edge_subject,
     key_usage,
+    named,
     sign_leaf,
     utcnow,
 )
@@ -57,7 +58,7 @@ def new_issuing_ca(
             "edges its ca.crt, or keep issuing edge certificates with certs edge"
         )
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ISSUING_CA_COMMON_NAME)])
+    name = named(ISSUING_CA_COMMON_NAME)
     root_ski = root_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     not_after = min(now + dt.timedelta(days=days), root_cert.not_valid_after_utc)
     constraints = x509.NameConstraints(

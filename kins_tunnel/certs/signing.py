@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -41,7 +42,7 @@ def new_ca(
     """Create and write DIR/STEM.{crt,key}: a self-signed CA, path length `path_length` (1 leaves
     room for the issuing CA below it)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    name = named(common_name)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     builder = (
         cert_builder(name, name, key.public_key(), now, days)
@@ -71,33 +72,42 @@ def edge_subject(identity: EdgeIdentity) -> x509.Name:
     )
 
 
-def issue_leaf(
-    ca_cert: x509.Certificate,
-    ca_key: ec.EllipticCurvePrivateKey,
-    crt_path: Path,
-    key_path: Path,
-    *,
-    now: dt.datetime,
-    days: int,
-    subject: x509.Name,
-    sans: Sequence[x509.GeneralName],
-    usages: Sequence[x509.ObjectIdentifier],
-) -> None:
+CA = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]  # a CA's certificate and key
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """What a leaf certificate says: its subject, its SANs and its extended key usages."""
+
+    subject: x509.Name
+    sans: Sequence[x509.GeneralName]
+    usages: Sequence[x509.ObjectIdentifier]
+
+
+def named(common_name: str) -> x509.Name:
+    """A subject of one CN."""
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def issue_leaf(ca: CA, stem: Path, leaf: Leaf, now: dt.datetime, days: int) -> tuple[Path, Path]:
+    """Make a key and a certificate for it signed by `ca`, valid `days` from `now`; write
+    STEM.crt and STEM.key (0600) and return those paths."""
     if days < 1:
         raise UserError(f"validity of {days} days: must be at least 1")
     key = ec.generate_private_key(ec.SECP256R1())
     cert = sign_leaf(
-        ca_cert,
-        ca_key,
+        *ca,
         key.public_key(),
         now=now,
         lifetime=dt.timedelta(days=days),
-        subject=subject,
-        sans=sans,
-        usages=usages,
+        subject=leaf.subject,
+        sans=leaf.sans,
+        usages=leaf.usages,
     )
+    crt_path, key_path = stem.with_name(stem.name + ".crt"), stem.with_name(stem.name + ".key")
     write_key(key_path, key)
     write_cert(crt_path, cert)
+    return crt_path, key_path
 
 
 def sign_leaf(

@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kins_tunnel.certs.directory import init_ca, issue_edge
 from kins_tunnel.certs.identity import edge_identity_uri, reserved_node
-from kins_tunnel.certs.signing import issue_leaf, load_ca, utcnow
+from kins_tunnel.certs.signing import Leaf, issue_leaf, load_ca, utcnow
 from kins_tunnel.cloud.server import Cloud
 from kins_tunnel.config import edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
@@ -49,25 +49,15 @@ def marker(text: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
 def forge_edge_cert(certs: Path, unit: str, node: str, name: str) -> tuple[Path, Path]:
     """An edge certificate for (unit, node) signed by the tunnel CA, issued without the checks of
     `certs edge` (as an old release, or another tool, could have issued it)."""
-    ca_cert, ca_key = load_ca(certs)
-    crt, key = certs / f"forged-{name}.crt", certs / f"forged-{name}.key"
-    issue_leaf(
-        ca_cert,
-        ca_key,
-        crt,
-        key,
-        now=utcnow(),
-        days=30,
-        subject=x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
-                x509.NameAttribute(NameOID.COMMON_NAME, node[:64]),
-            ]
-        ),
-        sans=[x509.UniformResourceIdentifier(edge_identity_uri(unit, node))],
-        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
+            x509.NameAttribute(NameOID.COMMON_NAME, node[:64]),
+        ]
     )
-    return crt, key
+    uri = x509.UniformResourceIdentifier(edge_identity_uri(unit, node))
+    forged = Leaf(subject, [uri], [ExtendedKeyUsageOID.CLIENT_AUTH])
+    return issue_leaf(load_ca(certs), certs / f"forged-{name}", forged, utcnow(), 30)
 
 
 async def raw_edge(
