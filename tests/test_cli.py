@@ -6,7 +6,6 @@ import functools
 import hashlib
 import os
 import shlex
-import shutil
 import socket
 import stat
 import subprocess
@@ -20,6 +19,7 @@ import yaml
 from kins_tunnel.cli import main as cli_main
 from kins_tunnel.demo import SAMPLE_BYTES, run_demo
 from kins_tunnel.testing.support import kins_tunnel_cli
+from tests.clients import needs_curl, needs_kubectl
 
 
 def kt(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -116,7 +116,7 @@ def test_demo_without_the_standin_is_one_line(
     assert err.count("\n") == 1
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@needs_kubectl
 async def test_demo_serves_kubectl(tmp_path: Path) -> None:
     async with trio.open_nursery() as n:
         kubeconfig = await n.start(functools.partial(run_demo, tmp_path, 0, quiet=True))
@@ -134,10 +134,8 @@ async def test_demo_serves_kubectl(tmp_path: Path) -> None:
         n.cancel_scope.cancel()
 
 
-@pytest.mark.skipif(
-    shutil.which("kubectl") is None or shutil.which("curl") is None,
-    reason="kubectl and curl needed",
-)
+@needs_kubectl
+@needs_curl
 async def test_demo_examples_work_as_printed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

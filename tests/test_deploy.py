@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from kins_tunnel.tokens import TOKEN_RE
+from tests.clients import needs_kubectl
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -115,7 +116,7 @@ def test_kustomization_lists_the_manifests_in_one_namespace() -> None:
         assert container(workload)["image"].split(":")[0] in images
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@needs_kubectl
 def test_kustomize_renders_offline() -> None:
     out = subprocess.run(
         ["kubectl", "kustomize", str(DEPLOY)],
