@@ -19,7 +19,8 @@ from pathlib import Path
 
 import trio
 
-from kins_tunnel.certs import ca_hash_of_file, init_ca
+from kins_tunnel.certs.directory import init_ca
+from kins_tunnel.certs.issuing import ca_hash_of_file
 from kins_tunnel.cloud.server import Cloud
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge

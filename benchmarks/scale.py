@@ -26,7 +26,7 @@ from pathlib import Path
 import trio
 import trio.lowlevel
 
-from kins_tunnel.certs import init_ca, issue_edge
+from kins_tunnel.certs.directory import init_ca, issue_edge
 from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
 from kins_tunnel.testing.support import free_port, rss_kib
 from kins_tunnel.tls_contexts import client_ssl_context

@@ -7,6 +7,7 @@ no tracebacks. SIGTERM/SIGINT make cloud and edge drain before exiting.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import signal
@@ -21,6 +22,7 @@ import trio
 from kins_tunnel import __version__
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import redact_url
+from kins_tunnel.transport.errors import SetupError
 
 log = logging.getLogger("kins_tunnel")
 
@@ -191,16 +193,15 @@ def _run_edge(path: str) -> None:
 def _run_demo(proxy_port: int) -> None:
     from kins_tunnel.config import LogSettings
 
-    try:
-        from kins_tunnel.demo import run_demo
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not exc.name.startswith("kins_tunnel.testing"):
-            raise
+    if (
+        importlib.util.find_spec("kins_tunnel.testing") is None
+    ):  # demo.py's stand-in: not in the image
         raise UserError(
             "the demo needs kins_tunnel.testing (its K3s API stand-in), which this "
             "installation leaves out (the container image does); run it from a "
             "source checkout: make demo"
-        ) from None
+        )
+    from kins_tunnel.demo import run_demo
     from kins_tunnel.logs import setup_logging
 
     setup_logging(LogSettings(level="warning"))
@@ -236,6 +237,10 @@ def _table(rows: list[tuple[str, ...]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+# the columns of `kins-tunnel status` for a cloud, in order
+_STATUS_COLUMNS = tuple("UNIT NODE REPLICA UPTIME RTT STREAMS SENT RECEIVED EXPIRES PEER".split())
+
+
 def _status(admins: list[str], as_json: bool) -> None:
     docs = []
     for admin in admins:
@@ -256,20 +261,7 @@ def _status(admins: list[str], as_json: bool) -> None:
         _edge_status(doc)
     if not docs:
         return
-    rows: list[tuple[str, ...]] = [
-        (
-            "UNIT",
-            "NODE",
-            "REPLICA",
-            "UPTIME",
-            "RTT",
-            "STREAMS",
-            "SENT",
-            "RECEIVED",
-            "EXPIRES",
-            "PEER",
-        )
-    ]
+    rows: list[tuple[str, ...]] = [_STATUS_COLUMNS]
     for doc in docs:
         for e in sorted(doc.get("edges", []), key=lambda e: (e["unit"], e["node"], e["replica"])):
             rows.append(
@@ -349,9 +341,15 @@ def _size(n: int) -> str:
     return f"{n:.1f}TiB"
 
 
-def _first_user_error(group: BaseExceptionGroup[BaseException]) -> UserError | None:
+# what the operator can fix: printed as one line, exit 2 (the transport's SetupError names a setting)
+_ONE_LINE_ERRORS = (UserError, SetupError)
+
+
+def _first_user_error(
+    group: BaseExceptionGroup[BaseException],
+) -> UserError | SetupError | None:
     for exc in group.exceptions:
-        if isinstance(exc, UserError):
+        if isinstance(exc, _ONE_LINE_ERRORS):
             return exc
         if isinstance(exc, BaseExceptionGroup):
             found = _first_user_error(exc)
@@ -364,10 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "certs":
-            from kins_tunnel import certs
+            from kins_tunnel.certs.directory import init_ca, issue_edge, issue_user
+            from kins_tunnel.certs.issuing import ca_hash_of_file
 
             if args.certs_cmd == "init":
-                certs.init_ca(
+                init_ca(
                     Path(args.dir),
                     args.cloud_san,
                     proxy_sans=args.proxy_san,
@@ -381,19 +380,17 @@ def main(argv: list[str] | None = None) -> int:
                 issuing = ", issuing.crt, issuing.key" if args.issuing_ca else ""
                 print(f"wrote {args.dir}/ca.crt, ca.key, cloud.crt, cloud.key{proxy}{issuing}")
                 if args.issuing_ca:
-                    print(
-                        f"CA hash (enroll.ca_hash): {certs.ca_hash_of_file(Path(args.dir) / 'ca.crt')}"
-                    )
+                    print(f"CA hash (enroll.ca_hash): {ca_hash_of_file(Path(args.dir) / 'ca.crt')}")
             elif args.certs_cmd == "ca-hash":
-                print(certs.ca_hash_of_file(Path(args.dir) / "ca.crt"))
+                print(ca_hash_of_file(Path(args.dir) / "ca.crt"))
             elif args.certs_cmd == "user":
-                crt, key = certs.issue_user(Path(args.dir), args.name, args.group, days=args.days)
+                crt, key = issue_user(Path(args.dir), args.name, args.group, days=args.days)
                 print(
                     f"wrote {crt} and {key} (principal {args.name}"
                     + (f", groups {','.join(args.group)})" if args.group else ")")
                 )
             else:
-                crt, key = certs.issue_edge(Path(args.dir), args.unit, args.node)
+                crt, key = issue_edge(Path(args.dir), args.unit, args.node)
                 print(f"wrote {crt} and {key} (unit {args.unit}, node {args.node})")
         elif args.cmd == "token":
             _token(args)
@@ -426,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             return main_doctor(args)
         elif args.cmd == "status":
             _status(args.admin or ["http://127.0.0.1:9090"], args.json)
-    except UserError as exc:
+    except _ONE_LINE_ERRORS as exc:
         print(f"kins-tunnel: error: {exc}", file=sys.stderr)
         return 2
     except BaseExceptionGroup as group:  # raised from inside trio.run's nurseries

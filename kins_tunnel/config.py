@@ -43,7 +43,7 @@ from kins_tunnel.names import (
     uplink_match_name,
 )
 from kins_tunnel.proto import LimitError, MuxConfig
-from kins_tunnel.transport.http_proxy import parse_proxy_url
+from kins_tunnel.proxy_url import parse_proxy_url
 from kins_tunnel.transport.writer import OUTPUT_HIGH_WATER
 from kins_tunnel.yamlcheck import Section, read_yaml
 

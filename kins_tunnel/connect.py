@@ -43,18 +43,16 @@ from pathlib import Path
 import trio
 
 from kins_tunnel.errors import UserError
-from kins_tunnel.names import Address
+from kins_tunnel.names import Address, authority
+from kins_tunnel.proxy_url import ProxyURL, parse_proxy_url
 from kins_tunnel.transport.http_proxy import (
     PASSWORD_ENV,
     ProxyError,
     ProxyRefused,
-    ProxyURL,
-    authority,
     basic_authorization,
     bearer_authorization,
     connect_error_text,
     http_connect,
-    parse_proxy_url,
     read_credentials_file,
 )
 from kins_tunnel.transport.tls_client import TLSClient

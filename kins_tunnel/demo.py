@@ -6,6 +6,11 @@ and the CA hash, as ``kins-tunnel token create`` and ``certs init --issuing-ca``
 renews its certificate over the tunnel. It serves `test-svc-kins.kins-system:443` → the stand-in;
 kubectl reaches it through the cloud's CONNECT proxy, exactly as in a real Kins set-up. `demo_examples` is the list
 of commands the demo prints (tests run the non-interactive ones as printed).
+
+Dependency: the demo runs the K3s API stand-in of `kins_tunnel.testing`, a test double that the
+container image leaves out on purpose. That package is a plain, required dependency of this module; the
+CLI's `demo` command checks that it is installed before it imports this module, so an import error
+from anywhere else is never mistaken for its absence.
 """
 
 from __future__ import annotations
@@ -20,15 +25,14 @@ from pathlib import Path
 import trio
 import yaml
 
-from kins_tunnel.certs import ca_hash_of_file, init_ca
+from kins_tunnel.certs.directory import init_ca
+from kins_tunnel.certs.issuing import ca_hash_of_file
 from kins_tunnel.cloud.server import Cloud
 from kins_tunnel.config import check_exposure, cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
-from kins_tunnel.testing.k3s_standin import (
-    iter_blob,
-    make_self_signed_server_context,
-    serve_k3s_standin,
-)
+from kins_tunnel.testing.blob import iter_blob
+from kins_tunnel.testing.k3s_standin import serve_k3s_standin
+from kins_tunnel.testing.selfsigned import make_self_signed_server_context
 from kins_tunnel.tokens import create_token, parse_duration
 
 log = logging.getLogger("kins_tunnel.demo")

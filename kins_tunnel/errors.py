@@ -4,7 +4,9 @@
   CLI prints its message as one line and exits non-zero, without a traceback.
 - `OpenFailed`: a stream could not be opened (the peer refused it, the target refused or could not
   be reached, or no answer in time); `code` is the wire code that says which.
-- `TransportError` (`kins_tunnel.transport.tls`): the tunnel's TLS connection failed.
+- `TransportError` and `SetupError` (`kins_tunnel.transport.errors`): a connection failed; a
+  transport resource (a listen address, a proxy credentials file) could not be set up. The CLI
+  reports a `SetupError` as it reports a `UserError`.
 - Protocol violations are the core's own `LocalProtocolError` / `RemoteProtocolError`.
 """
 

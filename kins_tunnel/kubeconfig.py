@@ -57,7 +57,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import yaml
 from cryptography import x509
 
-from kins_tunnel.certs import name_permitted
+from kins_tunnel.certs.proxy_ca import name_permitted
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import redact_url
 from kins_tunnel.transport.http_proxy import PASSWORD_ENV, read_credentials_file

@@ -23,9 +23,29 @@ from prometheus_client.registry import Collector
 
 from kins_tunnel import __version__
 from kins_tunnel.transport.isolation import log_internal_error
-from kins_tunnel.transport.session import Session
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class TunnelStatistics(Protocol):
+    """What the collector reads of a tunnel's `statistics()` record (`SessionStatistics`)."""
+
+    @property
+    def streams(self) -> int: ...
+    @property
+    def bytes_sent(self) -> int: ...
+    @property
+    def bytes_received(self) -> int: ...
+    @property
+    def rtt(self) -> float | None: ...
+    @property
+    def stalls(self) -> int: ...
+
+
+class Tunnel(Protocol):
+    """A live tunnel as metrics see it: anything with a `statistics()` record (a `Session`)."""
+
+    def statistics(self) -> TunnelStatistics: ...
 
 
 # Gauges and counters per tunnel, read from `SessionStatistics` at scrape time: family, name, help,
@@ -57,7 +77,7 @@ _PER_TUNNEL: tuple[tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str
 class _LiveCollector(Collector):
     def __init__(
         self,
-        snapshot: Callable[[], Iterable[tuple[dict[str, str], Session]]],
+        snapshot: Callable[[], Iterable[tuple[dict[str, str], Tunnel]]],
         role: str,
         replica: str,
     ) -> None:
@@ -240,7 +260,7 @@ class Metrics:
     def __init__(
         self,
         role: str,
-        snapshot: Callable[[], Iterable[tuple[dict[str, str], Session]]],
+        snapshot: Callable[[], Iterable[tuple[dict[str, str], Tunnel]]],
         replica: str = "",
     ) -> None:
         self.registry = r = CollectorRegistry()

@@ -126,6 +126,11 @@ def uplink_match_name(target: str, cluster_domain: str = "cluster.local") -> str
 _URL_HEAD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)", re.S)
 
 
+def authority(host: str, port: int) -> str:
+    """``host:port``, with brackets around an IPv6 literal (a CONNECT target, a Host header)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def redact_url(text: object) -> str:
     """`text` (a URL, or what was meant as one) for an error message or a log line: the password
     of ``user:password@`` becomes ``***``, and a userinfo without ``:`` (a token) too."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 from cryptography.hazmat.primitives import serialization
 
-from kins_tunnel.certs import ALPN_PROTOCOL, ENROLL_ALPN
+from kins_tunnel.certs.identity import ALPN_PROTOCOL, ENROLL_ALPN
 from kins_tunnel.errors import UserError
 from kins_tunnel.pemfiles import load_certs, load_key
 

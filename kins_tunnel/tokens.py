@@ -49,7 +49,7 @@ from pathlib import Path
 import trio
 import yaml
 
-from kins_tunnel.certs import check_edge_names
+from kins_tunnel.certs.identity import check_edge_names
 from kins_tunnel.errors import UserError
 from kins_tunnel.filewatch import WatchedFile
 from kins_tunnel.pemfiles import read_file, write_atomic

@@ -14,8 +14,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kins_tunnel import certs, pemfiles, tls_contexts
-from kins_tunnel.certs import EdgeIdentity, identity_from_der, init_ca, issue_edge
+from kins_tunnel import pemfiles, tls_contexts
+from kins_tunnel.certs.directory import init_ca, issue_edge
+from kins_tunnel.certs.identity import ALPN_PROTOCOL, EdgeIdentity, identity_from_der
 from kins_tunnel.errors import UserError
 
 
@@ -331,7 +332,7 @@ async def handshake(
     async def run_server() -> None:
         try:
             await s_stream.do_handshake()
-            assert s_stream.selected_alpn_protocol() == certs.ALPN_PROTOCOL
+            assert s_stream.selected_alpn_protocol() == ALPN_PROTOCOL
             results["server"] = identity_from_der(s_stream.getpeercert(binary_form=True))
             await s_stream.send_all(b"ok")
         except trio.BrokenResourceError as exc:

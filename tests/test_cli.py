@@ -6,18 +6,20 @@ import functools
 import hashlib
 import os
 import shlex
-import shutil
 import socket
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import trio
 import yaml
 
+from kins_tunnel.cli import main as cli_main
 from kins_tunnel.demo import SAMPLE_BYTES, run_demo
 from kins_tunnel.testing.support import kins_tunnel_cli
+from tests.clients import needs_curl, needs_kubectl
 
 
 def kt(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -102,7 +104,19 @@ def test_unreadable_certificate_is_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_demo_without_the_standin_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The image leaves out kins_tunnel.testing: `demo` says so in one line (exit 2), and the check
+    is for that package, not for any ImportError."""
+    monkeypatch.setitem(sys.modules, "kins_tunnel.testing", None)  # as if not installed
+    assert cli_main(["demo", "--proxy-port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kins-tunnel: error: the demo needs kins_tunnel.testing")
+    assert err.count("\n") == 1
+
+
+@needs_kubectl
 async def test_demo_serves_kubectl(tmp_path: Path) -> None:
     async with trio.open_nursery() as n:
         kubeconfig = await n.start(functools.partial(run_demo, tmp_path, 0, quiet=True))
@@ -120,10 +134,8 @@ async def test_demo_serves_kubectl(tmp_path: Path) -> None:
         n.cancel_scope.cancel()
 
 
-@pytest.mark.skipif(
-    shutil.which("kubectl") is None or shutil.which("curl") is None,
-    reason="kubectl and curl needed",
-)
+@needs_kubectl
+@needs_curl
 async def test_demo_examples_work_as_printed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

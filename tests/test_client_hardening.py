@@ -16,8 +16,9 @@ import trio
 import yaml
 
 from kins_tunnel.testing.support import read_head
+from tests.clients import KUBECTL, needs_kubectl
 from tests.e2e.test_connect_command import run
-from tests.test_kubeconfig import KUBECTL, SEED, needs_kubectl
+from tests.test_kubeconfig import SEED
 
 
 async def kins(*args: str, stdin: bytes = b"", **extra: str) -> subprocess.CompletedProcess[bytes]:

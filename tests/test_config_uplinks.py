@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import yaml
 
-from kins_tunnel.certs import init_ca, issue_edge
 from kins_tunnel.config import (
     CloudConfig,
     EdgeConfig,
@@ -24,6 +23,7 @@ from kins_tunnel.config import (
 )
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address
+from tests.e2e.harness import make_certs
 
 TLS = {"ca": "ca.crt", "cert": "c.crt", "key": "c.key"}
 BASE = Path("/etc/kins")
@@ -250,9 +250,7 @@ def test_edge_errors(data: dict[str, Any], message: str) -> None:
 
 @pytest.mark.parametrize("key", ["uplinks", "uplink_proxy"])
 def test_an_uplink_listener_that_cannot_listen_is_one_line(tmp_path: Path, key: str) -> None:
-    certs = tmp_path / "certs"
-    init_ca(certs)
-    issue_edge(certs, "test", "edge1")
+    make_certs(tmp_path)  # certs/ca.crt, cloud.crt, edge-edge1.crt: the files the config names
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from kins_tunnel.tokens import TOKEN_RE
+from tests.clients import needs_kubectl
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -115,7 +116,7 @@ def test_kustomization_lists_the_manifests_in_one_namespace() -> None:
         assert container(workload)["image"].split(":")[0] in images
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@needs_kubectl
 def test_kustomize_renders_offline() -> None:
     out = subprocess.run(
         ["kubectl", "kustomize", str(DEPLOY)],
@@ -617,7 +618,7 @@ async def test_shipped_cloud_config_starts_and_asks_for_credentials(tmp_path: Pa
 
     import trio
 
-    from kins_tunnel.certs import init_ca
+    from kins_tunnel.certs.directory import init_ca
     from kins_tunnel.cloud.server import Cloud
     from kins_tunnel.config import load_cloud_config
     from tests.e2e.harness import connect

@@ -19,14 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from cryptography.x509.oid import NameOID
 
-from kins_tunnel.certs import (
-    CLIENT_AUTH,
-    _issue_leaf,
-    _load_ca,
-    edge_identity_uri,
-    init_ca,
-    issue_edge,
-)
+from kins_tunnel.certs.directory import init_ca, issue_edge
+from kins_tunnel.certs.identity import edge_identity_uri
+from kins_tunnel.certs.signing import CLIENT_AUTH, Leaf, issue_leaf, load_ca, named
 from kins_tunnel.cloud.expiry import warn_within
 from kins_tunnel.config import EnrollmentSettings, cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.doctor import FAIL, OK, WARN, Check, Report, detect_role, run_doctor
@@ -35,7 +30,7 @@ from kins_tunnel.doctor.cloud import check_enrollment
 from kins_tunnel.doctor.cloud_probe import CloudProbe, clock_check
 from kins_tunnel.doctor.edge import check_edge_certificate, check_enrolment
 from kins_tunnel.doctor.report import run_all
-from kins_tunnel.edge.enroll import enrollment_state
+from kins_tunnel.edge.credentials import enrollment_state
 from kins_tunnel.tokens import create_token
 from tests.e2e.harness import cloud_dict
 
@@ -272,7 +267,7 @@ def test_enrollment_of_a_cloud_config(tmp_path: Path) -> None:
     assert "is not a CA certificate" in not_ca["enrollment.ca"].detail
 
     # an intermediate without path length 0 works, but its key could make further CAs
-    root, root_key = _load_ca(certs)
+    root, root_key = load_ca(certs)
     key = ec.generate_private_key(ec.SECP256R1())
     (tmp_path / "loose.crt").write_bytes(
         _cert("loose", root, key, root_key).public_bytes(Encoding.PEM)
@@ -339,20 +334,9 @@ def test_issuer_check_follows_the_intermediates_in_the_certificate_file(tmp_path
 
 def test_an_identity_the_cloud_would_refuse_is_a_failure(tmp_path: Path) -> None:
     init_ca(tmp_path)
-    ca_cert, ca_key = _load_ca(tmp_path)
-    crt, key = tmp_path / "edge.crt", tmp_path / "edge.key"
     uri = edge_identity_uri("test", "other-svc-kins")  # reads as unit "other"'s K3s service
-    _issue_leaf(
-        ca_cert,
-        ca_key,
-        crt,
-        key,
-        now=dt.datetime.now(dt.UTC),
-        days=30,
-        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other-svc-kins")]),
-        sans=[x509.UniformResourceIdentifier(uri)],
-        usages=[CLIENT_AUTH],
-    )
+    leaf = Leaf(named("other-svc-kins"), [x509.UniformResourceIdentifier(uri)], [CLIENT_AUTH])
+    crt, key = issue_leaf(load_ca(tmp_path), tmp_path / "edge", leaf, dt.datetime.now(dt.UTC), 30)
     cfg = edge_config_from_dict(
         {
             "cloud": ["127.0.0.1:9000"],

@@ -14,15 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client import CollectorRegistry, generate_latest
 
-from kins_tunnel.certs import (
-    CertFacts,
-    EdgeIdentity,
-    cert_facts,
-    init_ca,
-    issue_edge,
-    load_issuing_ca,
-    sign_edge_csr,
-)
+from kins_tunnel.certs.directory import init_ca, issue_edge
+from kins_tunnel.certs.identity import CertFacts, EdgeIdentity, cert_facts
+from kins_tunnel.certs.issuing import load_issuing_ca, sign_edge_csr
 from kins_tunnel.cloud.expiry import CertificateExpiry, parse_cert_file
 from kins_tunnel.testing.support import wait_until
 

@@ -12,11 +12,11 @@ import pytest
 
 from kins_tunnel.config import SiteProxy, edge_config_from_dict, load_edge_config
 from kins_tunnel.errors import UserError
+from kins_tunnel.proxy_url import ProxyURL, parse_proxy_url
+from kins_tunnel.transport.errors import SetupError
 from kins_tunnel.transport.http_proxy import (
     ProxyDialer,
-    ProxyURL,
     basic_authorization,
-    parse_proxy_url,
     read_credentials_file,
 )
 
@@ -120,12 +120,12 @@ def test_bad_credentials_file(tmp_path: Path, content: bytes) -> None:
 
 def test_dialer_checks_the_credentials_file_at_start(tmp_path: Path) -> None:
     with pytest.raises(
-        UserError, match=r"^proxy\.credentials_file: .*/missing: No such file or directory$"
+        SetupError, match=r"^proxy\.credentials_file: .*/missing: No such file or directory$"
     ):
         ProxyDialer("http://p:1", tmp_path / "missing")
     (tmp_path / "c").write_text("secret-without-colon\n")
     with pytest.raises(
-        UserError, match=r"^proxy\.credentials_file: .*/c: expected one line user:password$"
+        SetupError, match=r"^proxy\.credentials_file: .*/c: expected one line user:password$"
     ) as info:
         ProxyDialer("http://p:1", tmp_path / "c")
     assert "secret" not in str(info.value).replace(str(tmp_path), "")

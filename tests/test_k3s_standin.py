@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import shutil
 import ssl
 import time
 from pathlib import Path
@@ -28,11 +26,8 @@ from kins_tunnel.testing.k3s_standin import (
     serve_k3s_standin,
 )
 from kins_tunnel.testing.support import wait_until
+from tests.clients import needs_curl, needs_kubectl
 from tests.e2e.kubectl_tools import run_kubectl
-
-KUBECTL = "/usr/bin/kubectl"
-needs_kubectl = pytest.mark.skipif(not os.path.exists(KUBECTL), reason="kubectl not installed")
-needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 
 
 @pytest.fixture

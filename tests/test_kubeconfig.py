@@ -17,9 +17,8 @@ import yaml
 from kins_tunnel.errors import UserError
 from kins_tunnel.kubeconfig import main_kubeconfig, rewrite_kubeconfig
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
+from tests.clients import KUBECTL, needs_kubectl
 
-KUBECTL = "/usr/bin/kubectl"
-needs_kubectl = pytest.mark.skipif(not os.path.exists(KUBECTL), reason="kubectl not installed")
 PROXY = "http://tunnel-cloud.kube-system:8080"
 
 # The kubeconfig.conf of the test-cm-kins configmap, as in SuperEdge's Kins walkthrough.

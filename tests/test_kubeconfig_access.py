@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kins_tunnel.certs import init_ca
+from kins_tunnel.certs.directory import init_ca
 from kins_tunnel.errors import UserError
 from kins_tunnel.kubeconfig import rewrite_kubeconfig
 from kins_tunnel.testing.support import kins_tunnel_cli

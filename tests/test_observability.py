@@ -22,7 +22,7 @@ import trio
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from kins_tunnel.certs import init_ca, issue_edge
+from kins_tunnel.certs.directory import init_ca, issue_edge
 from kins_tunnel.cloud.server import Cloud, CloudPorts
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
@@ -466,9 +466,12 @@ def file_serial(path: Path) -> int:
 
 
 async def test_renewed_certificates_apply_to_new_tunnels_and_keep_streams(tmp_path: Path) -> None:
+    watch_time = [0.0]  # the clock of the cloud's certificate watcher, moved by the test
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
-        async with tunnel_env(tmp_path, {SVC: f"127.0.0.1:{echo}"}) as env:
+        async with tunnel_env(
+            tmp_path, {SVC: f"127.0.0.1:{echo}"}, watch_clock=lambda: watch_time[0]
+        ) as env:
             certs = env.certs
             (edge1,) = env.edges
             old_cloud = file_serial(certs / "cloud.crt")
@@ -488,9 +491,9 @@ async def test_renewed_certificates_apply_to_new_tunnels_and_keep_streams(tmp_pa
                     file_serial(certs / "edge-edge1.crt"),
                 )
                 assert new_cloud != old_cloud
-                # the cloud looks at the files at most once a second, when a handshake comes (the
-                # stimulus: a second of the wall clock, the one the certificate watcher reads)
-                await trio.sleep(1.1)
+                # the cloud looks at the files at most once a second, when a handshake comes: a
+                # second passes on the watcher's clock
+                watch_time[0] += 1.0
                 edge2 = await env.add_edge(
                     {"edge2:22": f"127.0.0.1:{echo}"}, node="edge2", wait_for="edge2:22"
                 )

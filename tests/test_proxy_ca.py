@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from kins_tunnel.certs import init_ca, name_permitted
+from kins_tunnel.certs.directory import init_ca
+from kins_tunnel.certs.proxy_ca import name_permitted
 from kins_tunnel.config import edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
 from kins_tunnel.errors import UserError

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from kins_tunnel.certs import init_ca, issue_edge, issue_user
+from kins_tunnel.certs.directory import init_ca, issue_edge, issue_user
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.cloud.proxy_tls import ProxyTLSListener, TLSClientStream

@@ -9,8 +9,8 @@ import pytest
 
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import redact_url
+from kins_tunnel.proxy_url import parse_proxy_url
 from kins_tunnel.testing.support import kins_tunnel_cli
-from kins_tunnel.transport.http_proxy import parse_proxy_url
 
 SECRET = "s3cr3t-Pa55"
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from kins_tunnel.certs import EdgeIdentity, cert_facts, init_ca, issue_edge
+from kins_tunnel.certs.directory import init_ca, issue_edge
+from kins_tunnel.certs.identity import EdgeIdentity, cert_facts
 from kins_tunnel.cloud.revocation import Revocation, RevokedList, parse_revoked
 from kins_tunnel.errors import UserError
 from kins_tunnel.filewatch import PartialValue

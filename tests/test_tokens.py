@@ -17,18 +17,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kins_tunnel.certs import (
-    EdgeIdentity,
+from kins_tunnel.certs.directory import init_ca
+from kins_tunnel.certs.identity import EdgeIdentity
+from kins_tunnel.certs.issuing import (
     ca_hash_of_file,
     csr_public_key,
     edge_csr,
-    init_ca,
     load_issuing_ca,
     sign_edge_csr,
 )
 from kins_tunnel.cloud.enroll import FailureLimit
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
-from kins_tunnel.edge.enroll import enrollment_state
+from kins_tunnel.edge.credentials import enrollment_state
 from kins_tunnel.errors import UserError
 from kins_tunnel.tokens import (
     TOKEN_RE,

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import yaml
 
-from kins_tunnel.certs import _NAME_RULES
+from kins_tunnel.certs.identity import _NAME_RULES
 from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.filewatch import WatchedFile
 from kins_tunnel.names import is_ip_target, kind

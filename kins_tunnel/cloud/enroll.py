@@ -50,15 +50,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import Counter
 
-from kins_tunnel.certs import (
-    EdgeIdentity,
-    IssuingCA,
-    cert_facts,
-    check_edge_names,
-    csr_public_key,
-    load_issuing_ca,
-    sign_edge_csr,
-)
+from kins_tunnel.certs.identity import EdgeIdentity, cert_facts, check_edge_names
+from kins_tunnel.certs.issuing import IssuingCA, csr_public_key, load_issuing_ca, sign_edge_csr
 from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.config import EnrollmentSettings
 from kins_tunnel.errors import UserError

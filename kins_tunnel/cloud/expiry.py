@@ -29,7 +29,7 @@ from cryptography import x509
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kins_tunnel.certs import CertFacts
+from kins_tunnel.certs.identity import CertFacts
 from kins_tunnel.filewatch import WatchedFile
 
 log = logging.getLogger("kins_tunnel.certs")

@@ -42,7 +42,7 @@ from kins_tunnel.logs import SourceBudget, record_fields
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import normalise_target
 from kins_tunnel.proto import ErrorCode, code_label
-from kins_tunnel.transport.listen import serve_port, warn_unauthenticated
+from kins_tunnel.transport.listen import peer_authority, serve_port, warn_unauthenticated
 from kins_tunnel.transport.relay import relay
 from kins_tunnel.transport.stream import TunnelStream
 
@@ -146,20 +146,12 @@ def _host(stream: ClientStream) -> str:
         return "?"
 
 
-def _peer(stream: ClientStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:
-        return "?"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 async def handle_client(ctx: ProxyContext, stream: ClientStream) -> None:
     """One client connection: one CONNECT. A failure-isolation boundary: a bug in here answers 500
     (if no answer went out yet), ends this connection only, and still logs the CONNECT line."""
     accepted = getattr(stream, "accepted_at", None)  # a TLS client: accepted before its handshake
     rec = ConnectRecord(
-        client=_peer(stream),
+        client=peer_authority(stream.socket),
         replica=ctx.replica,
         started=trio.current_time() if accepted is None else accepted,
     )

@@ -34,7 +34,7 @@ from typing import Any
 import trio
 from cryptography import x509
 
-from kins_tunnel.certs import cert_facts
+from kins_tunnel.certs.identity import cert_facts
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.config import ProxyTLS
@@ -42,7 +42,7 @@ from kins_tunnel.httpanswer import send_and_linger
 from kins_tunnel.logs import SourceBudget
 from kins_tunnel.tls_contexts import failure_label
 from kins_tunnel.transport.isolation import ErrorReporter
-from kins_tunnel.transport.listen import serve_port, warn_unauthenticated
+from kins_tunnel.transport.listen import peer_authority, serve_port, warn_unauthenticated
 
 log = logging.getLogger("kins_tunnel.cloud.proxy")
 CLOSE_TIMEOUT = 2.0  # seconds to send close_notify before the socket is simply closed
@@ -205,11 +205,7 @@ class ProxyTLSListener:
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
         accepted = trio.current_time()
-        try:
-            host, port = tcp.socket.getpeername()[:2]
-            client = f"{host}:{port}"
-        except OSError:
-            client = "?"
+        client = peer_authority(tcp.socket)
         if self.handshaking >= self.max_handshakes:
             if self.on_failure is not None:
                 self.on_failure("too_many")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from kins_tunnel.certs import CertFacts, EdgeIdentity
+from kins_tunnel.certs.identity import CertFacts, EdgeIdentity
 from kins_tunnel.names import normalise_target
 from kins_tunnel.transport.session import Session
 

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kins_tunnel.certs import _NAME_RULES, EdgeIdentity, cert_facts
+from kins_tunnel.certs.identity import _NAME_RULES, EdgeIdentity, cert_facts
 from kins_tunnel.filewatch import PartialValue, WatchedFile
 
 _CLIENT = re.compile(r"client:([^\s:]{1,64})")  # the principal rules of `proxy_tls`

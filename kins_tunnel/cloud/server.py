@@ -13,13 +13,15 @@ import functools
 import json
 import logging
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from kins_tunnel.admin import serve_admin
-from kins_tunnel.certs import RENEW_TARGET, EdgeIdentity, cert_facts
+from kins_tunnel.certs.identity import RENEW_TARGET, EdgeIdentity, cert_facts
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.aliases import AliasTable, Resolver, dns_resolver
 from kins_tunnel.cloud.auth import Authenticator
@@ -56,7 +58,14 @@ FILE_CHECK_INTERVAL = 1.0
 class Cloud:
     not_ready = "not ready\n"  # the admin /readyz body while not ready
 
-    def __init__(self, cfg: CloudConfig, *, resolver: Resolver = dns_resolver) -> None:
+    def __init__(
+        self,
+        cfg: CloudConfig,
+        *,
+        resolver: Resolver = dns_resolver,
+        watch_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`watch_clock` paces the certificate watchers (one look at the files a second)."""
         self.cfg = cfg
         self.replica = cfg.replica or socket.gethostname()
         self.registry = Registry(max_per_identity=cfg.tunnel.max_tunnels_per_identity)
@@ -67,6 +76,7 @@ class Cloud:
             cfg.tls.cert,
             cfg.tls.key,
             what="tls",
+            clock=watch_clock,
         )
         self.revocation = Revocation(cfg.tunnel.revoked_file) if cfg.tunnel.revoked_file else None
         self.tunnels = TunnelServer(cfg, self.tls, self.registry, self.metrics)
@@ -116,6 +126,7 @@ class Cloud:
                 pt.cert or cfg.tls.cert,
                 pt.key or cfg.tls.key,
                 what="proxy.tls",
+                clock=watch_clock,
             )
             self.proxy_tls = ProxyTLSListener(
                 pt,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import trio
 
-from kins_tunnel.certs import EdgeIdentity
+from kins_tunnel.certs.identity import EdgeIdentity
 from kins_tunnel.dial import dial_first
 from kins_tunnel.errors import OpenFailed
 from kins_tunnel.logs import LogBudget, record_fields

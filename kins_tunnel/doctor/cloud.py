@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from kins_tunnel.certs import load_issuing_ca
+from kins_tunnel.certs.issuing import load_issuing_ca
 from kins_tunnel.cloud.auth import parse_basic, parse_bearer
 from kins_tunnel.cloud.authz import parse_rules
 from kins_tunnel.cloud.enroll import check_chains

@@ -11,25 +11,25 @@ from pathlib import Path
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from kins_tunnel.certs import EdgeIdentity, identity_from_der
+from kins_tunnel.certs.identity import EdgeIdentity, identity_from_der
 from kins_tunnel.cloud.registry import allowed_name
 from kins_tunnel.config import EdgeConfig, edge_config_from_dict
 from kins_tunnel.doctor.certificates import chains_to, issued_by, secret_mode, validity
 from kins_tunnel.doctor.cloud_probe import clock_check, probe_cloud
 from kins_tunnel.doctor.listeners import check_listeners
 from kins_tunnel.doctor.report import FAIL, OK, WARN, Check, Probe, load_config, run_all, said
-from kins_tunnel.edge.enroll import current_credentials, enrollment_state
+from kins_tunnel.edge.credentials import current_credentials, enrollment_state
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address
 from kins_tunnel.pemfiles import load_certs
 from kins_tunnel.tls_contexts import client_ssl_context
+from kins_tunnel.transport.errors import SetupError, TransportError
 from kins_tunnel.transport.http_proxy import (
     ProxyDialer,
     ProxyError,
     ProxyRefused,
     connect_error_text,
 )
-from kins_tunnel.transport.tls import TransportError
 
 MAX_ADDRESSES = 8  # resolved addresses of one cloud name checked one by one
 
@@ -193,7 +193,7 @@ async def check_site_proxy(cfg: EdgeConfig, timeout: float) -> list[Check]:
     target = Address.parse(cfg.cloud[0])
     try:
         dialer = ProxyDialer(cfg.proxy.url, cfg.proxy.credentials_file)
-    except UserError as exc:
+    except SetupError as exc:
         return [Check(name, FAIL, str(exc), "fix proxy.credentials_file (one line user:password)")]
     shown = dialer.url.authority
     with trio.move_on_after(timeout):
@@ -283,7 +283,7 @@ async def _check_address(
     if cfg.proxy is not None:
         try:
             dialer = ProxyDialer(cfg.proxy.url, cfg.proxy.credentials_file)
-        except UserError as exc:
+        except SetupError as exc:
             return [Check(f"{where} reachable", FAIL, str(exc), "see the site proxy line")]
     opener = trio.open_tcp_stream if dialer is None else dialer.open
     try:

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import trio
 
 from kins_tunnel.doctor.report import FAIL, OK, Check, said
-from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address
+from kins_tunnel.transport.errors import SetupError
 from kins_tunnel.transport.listen import open_listener_socket
 
 
@@ -21,11 +21,11 @@ async def check_listeners(
 ) -> list[Check]:
     """Each listen address (config key, address) can be bound; one in use is fine when the
     running `who` ("cloud", "edge") of this config holds it, as its admin /readyz shows."""
-    errors: dict[str, UserError | None] = {}  # key -> why it cannot be bound (None: in use)
+    errors: dict[str, SetupError | None] = {}  # key -> why it cannot be bound (None: in use)
     for key, addr in listeners:
         try:
             open_listener_socket(addr.host, addr.port, key).close()
-        except UserError as exc:
+        except SetupError as exc:
             cause = exc.__cause__
             taken = isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE
             errors[key] = None if taken else exc

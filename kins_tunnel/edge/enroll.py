@@ -31,252 +31,60 @@ Failures are retried with backoff, counted in ``kins_tunnel_certificate_renewals
 and logged as warnings with the time left; `/status` carries a ``warning`` while a due renewal has
 not succeeded.
 
-`enrollment_state` says in one line where an edge config stands (for ``kins-tunnel doctor``).
+The checks of what the cloud sends are in `enroll_checks`, the credential files in `credentials`
+(with `enrollment_state`, where an edge config stands in one line, for ``kins-tunnel doctor``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import h11
 import trio
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from kins_tunnel.certs import RENEW_TARGET, EdgeIdentity, ca_hash, edge_csr, identity_from_der
-from kins_tunnel.config import EdgeConfig, EnrollSettings
+from kins_tunnel.certs.identity import RENEW_TARGET, identity_from_der
+from kins_tunnel.certs.issuing import edge_csr
+from kins_tunnel.config import EdgeConfig
+from kins_tunnel.edge.credentials import Credentials, current_credentials, write_credentials
+from kins_tunnel.edge.enroll_checks import (
+    EnrolError,
+    issued_certificate,
+    pinned_ca,
+    read_token,
+    refusal,
+    verify_cloud,
+)
 from kins_tunnel.errors import OpenFailed, UserError
 from kins_tunnel.jsonhttp import ExchangeError, TLSSocketStream, json_request
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import Address
-from kins_tunnel.pemfiles import load_certs, load_key, make_dir, write_atomic
+from kins_tunnel.pemfiles import load_certs
 from kins_tunnel.tls_contexts import enroll_client_ssl_context
-from kins_tunnel.tokens import TOKEN_RE
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.tls import TransportError, connect_tls
 
 log = logging.getLogger("kins_tunnel.edge.enroll")
 
+
 OpenStream = Callable[[str, int], Awaitable[trio.SocketStream]]
 Delay = Callable[[int], float]  # consecutive failures -> seconds to wait
 
-# reasons the cloud gives that the edge counts under their own label; anything else: "refused"
-CLOUD_REASONS = frozenset(
-    {
-        "bad_request",
-        "bad_token",
-        "unknown_token",
-        "expired_token",
-        "used_token",
-        "wrong_unit",
-        "identity_not_allowed",
-        "no_node",
-        "bad_node",
-        "reserved_name",
-        "bad_csr",
-        "revoked",
-        "node_taken",
-        "rate_limited",
-        "no_issuing_ca",
-        "tokens_file",
-    }
-)
-MAX_SHOWN = 300  # characters of the cloud's message kept for the log
 RENEW_OPEN_TIMEOUT = 10.0
 RENEW_TIMEOUT = 30.0
 MIN_RENEW_SPACING = 1.0  # seconds between two renewals at least
 
 
-class EnrolError(Exception):
-    """Enrolment or renewal failed: `reason` is a fixed label, the message says why."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class Credentials:
-    identity: EdgeIdentity
-    not_before: dt.datetime
-    not_after: dt.datetime
-
-
-def current_credentials(cfg: EdgeConfig) -> Credentials | None:
-    """The edge's certificate and key if they load together and the certificate is valid now;
-    None if they are missing, do not match, or have expired (then the edge enrols)."""
-    try:
-        cert = load_certs(cfg.tls.cert, "tls.cert")[0]
-        key = load_key(cfg.tls.key, "tls.key")
-    except UserError:
-        return None
-    if cert.public_key() != key.public_key():
-        return None
-    try:
-        identity = identity_from_der(cert.public_bytes(serialization.Encoding.DER))
-    except ValueError:
-        return None
-    now = dt.datetime.now(dt.UTC)
-    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
-        return None
-    return Credentials(identity, cert.not_valid_before_utc, cert.not_valid_after_utc)
-
-
-def enrollment_state(cfg: EdgeConfig) -> tuple[bool, str]:
-    """(ok, one line) on the enrolment of an edge config, e.g. ``(True, "enrolled (cert present,
-    expires 2027-01-06T10:00:00+00:00)")``, ``(True, "will enrol with token /etc/...")``,
-    ``(False, "token file missing: ...")``."""
-    creds = current_credentials(cfg)
-    if creds is not None:
-        return True, (
-            f"enrolled (cert present, unit {creds.identity.unit}, node {creds.identity.node}, "
-            f"expires {creds.not_after.isoformat()})"
-        )
-    if cfg.enroll is None:
-        return False, f"no usable certificate at tls.cert {cfg.tls.cert} and no enroll section"
-    path = cfg.enroll.token_file
-    try:
-        token = path.read_text().strip()
-    except OSError as exc:
-        return False, f"token file missing: enroll.token_file {path}: {exc.strerror or exc}"
-    if TOKEN_RE.fullmatch(token) is None:
-        return False, f"enroll.token_file {path} does not hold a token (<id>.<secret>)"
-    return True, f"will enrol with token {token.split('.')[0]} from {path} (ca_hash pinned)"
-
-
-# --- checks on what the cloud sends ---------------------------------------------------------------
-
-
-def pinned_ca(bundle: object, want: str) -> x509.Certificate:
-    """The certificate of PEM `bundle` whose public-key hash is `want`; `EnrolError` otherwise."""
-    if not isinstance(bundle, str):
-        raise EnrolError("bad_answer", "the cloud's CA answer has no PEM bundle")
-    try:
-        certs = x509.load_pem_x509_certificates(bundle.encode())
-    except ValueError:
-        raise EnrolError("bad_answer", "the cloud's CA bundle is not PEM") from None
-    seen = []
-    for cert in certs:
-        got = ca_hash(cert)
-        if got == want:
-            return cert
-        seen.append(got)
-    raise EnrolError(
-        "ca_hash_mismatch",
-        f"no CA the cloud sent matches enroll.ca_hash {want} (it sent {', '.join(seen[:3])}): "
-        "refusing this cloud (a wrong hash, or not the cloud you meant)",
-    )
-
-
-def verify_cloud(der: bytes | None, ca: x509.Certificate, host: str) -> None:
-    """The cloud's TLS certificate chains to `ca` and names `host`; `EnrolError` otherwise."""
-    if der is None:
-        raise EnrolError("cloud_not_verified", "the cloud presented no certificate")
-    try:
-        leaf = x509.load_der_x509_certificate(der)
-        subject: x509.DNSName | x509.IPAddress
-        try:
-            subject = x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
-        except ValueError:
-            subject = x509.DNSName(host)
-        verifier = PolicyBuilder().store(Store([ca])).build_server_verifier(subject)
-        verifier.verify(leaf, [])
-    except (VerificationError, ValueError) as exc:
-        raise EnrolError(
-            "cloud_not_verified",
-            f"the cloud's certificate does not verify with the pinned CA for {host!r}: "
-            f"{str(exc)[:MAX_SHOWN]}",
-        ) from None
-
-
-def _issued(
-    doc: dict[str, Any], key: ec.EllipticCurvePrivateKey, ca: x509.Certificate
-) -> tuple[x509.Certificate, list[x509.Certificate]]:
-    """The certificate and chain of an answer, checked: our key, an edge identity, and a chain
-    that leads to `ca`. `EnrolError("bad_answer")` otherwise."""
-    cert_pem, chain_pem = doc.get("cert"), doc.get("chain")
-    if not isinstance(cert_pem, str) or not isinstance(chain_pem, str):
-        raise EnrolError("bad_answer", "the cloud's answer has no certificate")
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem.encode())
-        chain = x509.load_pem_x509_certificates(chain_pem.encode())
-        identity_from_der(cert.public_bytes(serialization.Encoding.DER))
-        if cert.public_key() != key.public_key():
-            raise ValueError("the certificate is not for the key this edge made")
-        issuer = cert
-        for parent in [*chain, ca]:
-            issuer.verify_directly_issued_by(parent)
-            issuer = parent
-            if parent == ca:
-                break
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        raise EnrolError("bad_answer", f"the issued certificate does not check: {exc}") from None
-    return cert, [c for c in chain if c != ca]
-
-
-def _write(
-    settings_cert: Path,
-    settings_key: Path,
-    settings_ca: Path | None,
-    key: ec.EllipticCurvePrivateKey,
-    cert: x509.Certificate,
-    chain: list[x509.Certificate],
-    ca: x509.Certificate | None,
-) -> None:
-    """CA, key, then certificate + chain: each atomically, the certificate last."""
-    pem = serialization.Encoding.PEM
-    for path in (settings_cert, settings_key, *((settings_ca,) if settings_ca else ())):
-        make_dir(path.parent)
-    if settings_ca is not None and ca is not None:
-        write_atomic(settings_ca, ca.public_bytes(pem), 0o644)
-    write_atomic(
-        settings_key,
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-        0o600,
-    )
-    write_atomic(settings_cert, b"".join(c.public_bytes(pem) for c in [cert, *chain]), 0o644)
-
-
 async def _store(*args: Any) -> None:
-    """`_write` in a worker thread; a file that cannot be written is an `EnrolError`."""
+    """`write_credentials` in a worker thread; a file that cannot be written is an `EnrolError`."""
     try:
-        await trio.to_thread.run_sync(_write, *args)
+        await trio.to_thread.run_sync(write_credentials, *args)
     except UserError as exc:
         raise EnrolError("files", f"cannot store the certificate: {exc}") from None
-
-
-def _refusal(status: int, doc: dict[str, Any]) -> EnrolError:
-    reason = doc.get("reason")
-    label = reason if isinstance(reason, str) and reason in CLOUD_REASONS else "refused"
-    error = doc.get("error")
-    shown = error if isinstance(error, str) else f"HTTP {status}"
-    shown = shown if shown.isascii() and shown.isprintable() else ascii(shown)[1:-1]
-    return EnrolError(label, f"the cloud refused (HTTP {status}): {shown[:MAX_SHOWN]}")
-
-
-def _read_token(settings: EnrollSettings) -> str:
-    try:
-        token = settings.token_file.read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EnrolError(
-            "token_file", f"cannot read enroll.token_file {settings.token_file}: {exc}"
-        ) from None
-    if TOKEN_RE.fullmatch(token) is None:
-        raise EnrolError(
-            "token_file",
-            f"enroll.token_file {settings.token_file} does not hold a token (<id>.<secret>, "
-            "as kins-tunnel token create prints)",
-        )
-    return token
 
 
 # --- the edge's enrolment and renewal -------------------------------------------------------------
@@ -340,7 +148,7 @@ class Enrolment:
 
     async def enrol_once(self, open_stream: OpenStream | None) -> Credentials:
         """One enrolment over the first address of ``cloud:`` that answers; `EnrolError`."""
-        token = _read_token(self.settings)
+        token = read_token(self.settings)
         last: EnrolError | None = None
         for entry in self.cfg.cloud:
             addr = Address.parse(entry, min_port=1)
@@ -374,7 +182,7 @@ class Enrolment:
             conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=16384)
             status, doc = await json_request(stream, conn, "GET", "/v1/ca", None, host=host)
             if status != 200:
-                raise _refusal(status, doc)
+                raise refusal(status, doc)
             ca = pinned_ca(doc.get("ca"), self.settings.ca_hash)
             verify_cloud(tls.peer_certificate_der(), ca, host.strip("[]"))
             key = ec.generate_private_key(ec.SECP256R1())
@@ -386,8 +194,8 @@ class Enrolment:
             }
             status, doc = await json_request(stream, conn, "POST", "/v1/enroll", body, host=host)
             if status != 200:
-                raise _refusal(status, doc)
-            cert, chain = _issued(doc, key, ca)
+                raise refusal(status, doc)
+            cert, chain = issued_certificate(doc, key, ca)
             identity = identity_from_der(cert.public_bytes(serialization.Encoding.DER))
             if self.settings.node and identity.node != self.settings.node:
                 raise EnrolError("bad_answer", f"the cloud issued node {identity.node!r}")
@@ -498,11 +306,11 @@ class Enrolment:
         finally:
             await trio.aclose_forcefully(stream)
         if status != 200:
-            raise _refusal(status, doc)
+            raise refusal(status, doc)
         last: EnrolError | None = None
         for ca in ca_file:
             try:
-                cert, chain = _issued(doc, key, ca)
+                cert, chain = issued_certificate(doc, key, ca)
                 break
             except EnrolError as exc:
                 last = exc

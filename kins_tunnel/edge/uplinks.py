@@ -43,14 +43,16 @@ import h11
 import trio
 
 from kins_tunnel.config import EdgeConfig
-from kins_tunnel.errors import OpenFailed, UserError
+from kins_tunnel.errors import OpenFailed
 from kins_tunnel.httpanswer import ClientGone, ErrorAnswer, accept_connect, read_request, send_error
 from kins_tunnel.logs import LogBudget, record_fields
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import Address, dial_target
 from kins_tunnel.proto import ErrorCode, code_label
+from kins_tunnel.transport.errors import SetupError
 from kins_tunnel.transport.listen import (
     open_listener_socket,
+    peer_authority,
     serve_listener,
     warn_unauthenticated,
 )
@@ -109,14 +111,6 @@ class UplinkRecord:
         log.info("uplink done" if self.status == "ok" else "uplink refused", extra=fields)
 
 
-def _peer(stream: trio.SocketStream) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-    except OSError:
-        return "?"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _tune(stream: trio.SocketStream) -> None:
     try:
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -163,7 +157,7 @@ class Uplinks:
         return out
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on every uplink address (a one-line UserError naming the key if one cannot be
+        """Listen on every uplink address (a one-line SetupError naming the key if one cannot be
         bound), `task_status.started()`, then serve until cancelled."""
         socks: list[tuple[trio.socket.SocketType, Address, str]] = []
         proxy_sock: trio.socket.SocketType | None = None
@@ -180,7 +174,7 @@ class Uplinks:
                 proxy_sock = open_listener_socket(
                     self.proxy.listen.host, self.proxy.listen.port, "uplink_proxy.listen"
                 )
-        except UserError:
+        except SetupError:
             for sock, _listen, _target in socks:
                 sock.close()
             raise
@@ -313,7 +307,9 @@ class Uplinks:
     async def _forward(
         self, listen: str, target: str, idle_timeout: float, client: trio.SocketStream
     ) -> None:
-        rec = UplinkRecord(listen, _peer(client), trio.current_time(), target=target)
+        rec = UplinkRecord(
+            listen, peer_authority(client.socket), trio.current_time(), target=target
+        )
         try:
             _tune(client)
             try:
@@ -332,7 +328,9 @@ class Uplinks:
     # ------------------------------------------------------------------ uplink_proxy: CONNECT
     async def _proxy_client(self, client: trio.SocketStream) -> None:
         assert self.proxy is not None
-        rec = UplinkRecord(str(self.proxy.listen), _peer(client), trio.current_time())
+        rec = UplinkRecord(
+            str(self.proxy.listen), peer_authority(client.socket), trio.current_time()
+        )
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=PROXY_MAX_REQUEST)
         try:
             _tune(client)

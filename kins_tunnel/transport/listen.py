@@ -1,4 +1,4 @@
-"""Listening sockets: open one (or a one-line UserError), and serve it with one task per connection.
+"""Listening sockets: open one (or a one-line SetupError), and serve it with one task per connection.
 
 `serve_port` is the whole life of a listening port: bind (`open_listener_socket`), report the port,
 serve every connection (`serve_listener`) until cancelled or until its `stop` scope is cancelled;
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import trio
 
-from kins_tunnel.errors import UserError
-from kins_tunnel.names import Address, is_loopback_host
+from kins_tunnel.names import Address, authority, is_loopback_host
+from kins_tunnel.transport.errors import SetupError
 from kins_tunnel.transport.isolation import ErrorReporter
 
 log = logging.getLogger("kins_tunnel.listen")
@@ -34,7 +34,7 @@ LISTEN_BACKLOG = 4096
 
 
 def open_listener_socket(host: str, port: int, what: str) -> trio.socket.SocketType:
-    """A bound, listening trio socket, or UserError naming `what` ("tunnel.listen") and the reason."""
+    """A bound, listening trio socket, or SetupError naming `what` ("tunnel.listen") and the reason."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -43,8 +43,19 @@ def open_listener_socket(host: str, port: int, what: str) -> trio.socket.SocketT
         sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
-        raise UserError(f"{what}: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        raise SetupError(f"{what}: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     return trio.socket.from_stdlib_socket(sock)
+
+
+def peer_authority(sock: trio.socket.SocketType) -> str:
+    """The peer of a connected socket as ``host:port`` (``[v6]:port``), or ``?`` once it is gone.
+
+    A value from the network: escaped in logs, never a metric label."""
+    try:
+        host, port = sock.getpeername()[:2]
+    except OSError:
+        return "?"
+    return authority(host, port)
 
 
 async def _isolated(

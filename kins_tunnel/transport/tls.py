@@ -42,6 +42,7 @@ from typing import Any
 import trio
 
 from kins_tunnel.transport.buffers import RunBuffer
+from kins_tunnel.transport.errors import TransportError as TransportError  # its callers' name
 
 READ_BATCH = 1024 * 1024  # plaintext bytes the session gathers per wake-up
 RAW_READ = 256 * 1024  # ciphertext bytes per read system call
@@ -50,10 +51,6 @@ NOTSENT_LOWAT = 128 * 1024  # unsent bytes the kernel may hold for us (see "Late
 HANDSHAKE_PIECE = 256  # ciphertext bytes handed to OpenSSL at a time during the handshake
 
 _RAW_BUFFER = RunBuffer("kins_tunnel_tls_raw_buffer", RAW_READ)
-
-
-class TransportError(Exception):
-    """The tunnel's TLS connection failed (reset, EOF mid-record, TLS alert, ...)."""
 
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters

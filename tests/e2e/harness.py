@@ -11,7 +11,6 @@ import contextlib
 import functools
 import hashlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 import trio
 import yaml
 
-from kins_tunnel.certs import init_ca, issue_edge
+from kins_tunnel.certs.directory import init_ca, issue_edge
 from kins_tunnel.cloud.aliases import Resolver
 from kins_tunnel.cloud.server import Cloud, CloudPorts
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
@@ -33,6 +32,7 @@ from kins_tunnel.testing.support import (
 )
 from kins_tunnel.testing.support import read_all as read_all
 from kins_tunnel.testing.support import read_head, wait_until
+from tests.clients import CURL
 
 SVC = "test-svc-kins.kins-system:443"
 # the fields every "CONNECT done" / "CONNECT refused" log line carries
@@ -135,13 +135,20 @@ async def tunnel_env(
     services: Mapping[str, Any] | None = None,
     *,
     resolver: Resolver | None = None,
+    watch_clock: Callable[[], float] | None = None,
     **cloud_over: Any,
 ) -> AsyncIterator[TunnelEnv]:
     """A cloud (config: `cloud_dict` with `cloud_over`) and, with `services`, one edge serving them.
-    `resolver` replaces DNS for ClusterIP alias discovery."""
+    `resolver` replaces DNS for ClusterIP alias discovery; `watch_clock` the clock of the cloud's
+    certificate watchers."""
     certs = make_certs(base)
     cfg = cloud_config_from_dict(cloud_dict(certs, **cloud_over), base_dir=base)
-    cloud = Cloud(cfg) if resolver is None else Cloud(cfg, resolver=resolver)
+    options: dict[str, Any] = {}
+    if resolver is not None:
+        options["resolver"] = resolver
+    if watch_clock is not None:
+        options["watch_clock"] = watch_clock
+    cloud = Cloud(cfg, **options)
     async with trio.open_nursery() as nursery:
         ports = await nursery.start(cloud.run)
         env = TunnelEnv(base, certs, cloud, ports, nursery=nursery)
@@ -309,12 +316,9 @@ def spawn(kind: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
         out.close()
 
 
-CURL = shutil.which("curl")
-
-
 async def run_curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
     """Run real curl (`-sS` and `args`) within `timeout`."""
     with trio.fail_after(timeout):
         return await trio.run_process(
-            [CURL or "curl", "-sS", *args], capture_stdout=True, capture_stderr=True, check=False
+            [CURL, "-sS", *args], capture_stdout=True, capture_stderr=True, check=False
         )

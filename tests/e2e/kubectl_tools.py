@@ -15,7 +15,6 @@ import functools
 import os
 import pty
 import re
-import shutil
 import struct
 import subprocess
 import termios
@@ -28,14 +27,10 @@ import trio
 
 from kins_tunnel.demo import write_kubeconfig
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
+from tests.clients import KUBECTL
 from tests.e2e.harness import SVC, TunnelEnv, tunnel_env
 
-KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 POD = "test-server-kins-7d9f8b6c5-x2x4k"  # the stand-in's first pod (unit "test")
-
-
-def have_kubectl() -> bool:
-    return os.path.exists(KUBECTL)
 
 
 def kubectl_environ(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -30,14 +30,14 @@ import trio
 import trio.testing
 import yaml
 
-from kins_tunnel.certs import init_ca, issue_edge, issue_user
+from kins_tunnel.certs.directory import init_ca, issue_edge, issue_user
 from kins_tunnel.kubeconfig import rewrite_kubeconfig
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
 from kins_tunnel.testing.support import echo_roundtrip, http_get, metric_value, run_kins_tunnel
 from kins_tunnel.testing.support import wait_until as wait_for
+from tests.clients import needs_curl, needs_kubectl
 from tests.e2e.harness import (
     CONNECT_LOG_FIELDS,
-    CURL,
     SVC,
     connect,
     make_certs,
@@ -52,14 +52,10 @@ from tests.test_aliases import TableResolver
 from tests.test_observability import json_log, samples
 from tests.test_proxy_ca import forge
 
-KUBECTL = shutil.which("kubectl")
 ROOT = Path(__file__).resolve().parent.parent.parent
 EXAMPLE = ROOT / "examples" / "authz-multi-team.yaml"
 SVC_HOST = SVC.rsplit(":", 1)[0]
 AUDIT_FIELDS = {"ts", *CONNECT_LOG_FIELDS}
-
-needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
-needs_curl = pytest.mark.skipif(CURL is None, reason="curl not installed")
 
 
 def connect_lines(buf: Any) -> list[dict[str, Any]]:

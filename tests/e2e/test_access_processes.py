@@ -6,22 +6,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
-import pytest
 import trio
 
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
 from kins_tunnel.testing.support import free_port, http_get, run_kins_tunnel
+from tests.clients import CURL, needs_curl
 from tests.e2e.faultkit import cloud_status, procs, wait_cloud_up, wait_edges, wait_until
 
-CURL = shutil.which("curl")
 EXAMPLE = Path(__file__).resolve().parent.parent.parent / "examples" / "authz-multi-team.yaml"
 A_SVC = "a-svc-kins.kins-system:443"
 
 
-@pytest.mark.skipif(CURL is None, reason="curl not installed")
+@needs_curl
 async def test_tls_proxy_rules_and_revocation_with_processes(tmp_path: Path) -> None:
     ctx, k3s_ca = make_self_signed_server_context(tmp_path, unit="a")
     (tmp_path / "basic").write_text("alice:pw-alice\ncarol:pw-carol\n")
@@ -49,7 +47,7 @@ async def test_tls_proxy_rules_and_revocation_with_processes(tmp_path: Path) -> 
                 with trio.fail_after(30):
                     r = await trio.run_process(
                         [
-                            CURL or "curl",
+                            CURL,
                             "-sS",
                             "--fail",
                             "--proxy",

@@ -19,7 +19,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kins_tunnel.certs import init_ca, issue_edge
+from kins_tunnel.certs.directory import init_ca, issue_edge
 from kins_tunnel.testing.support import read_all, wait_until
 from kins_tunnel.tls_contexts import client_ssl_context
 from tests.e2e.faultkit import connect, figure

@@ -12,7 +12,7 @@ from pathlib import Path
 import trio
 from cryptography import x509
 
-from kins_tunnel.certs import init_ca, issue_user
+from kins_tunnel.certs.directory import init_ca, issue_user
 from kins_tunnel.testing.support import echo_roundtrip, metric_value, read_head, wait_until
 from tests.e2e.harness import SVC, make_certs, serve_echo, tunnel_env
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import trio
 
-from kins_tunnel.certs import issue_user
+from kins_tunnel.certs.directory import issue_user
 from kins_tunnel.testing.support import read_head, wait_listening
 from tests.e2e.faultkit import procs, wait_cloud_up, wait_edges
 from tests.e2e.harness import (
@@ -104,14 +104,6 @@ async def ssh(
         timeout=timeout,
         **env,
     )
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- through the real cloud

@@ -23,7 +23,7 @@ from typing import Any
 import trio
 import yaml
 
-from kins_tunnel.certs import init_ca, issue_edge
+from kins_tunnel.certs.directory import init_ca, issue_edge
 from kins_tunnel.proto import Hello, MuxConfig
 from kins_tunnel.proto.frames import FrameType, frame
 from kins_tunnel.proto.handshake import encode_hello

@@ -18,21 +18,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from kins_tunnel.certs import (
-    RENEW_TARGET,
-    EdgeIdentity,
-    ca_hash_of_file,
-    edge_csr,
-    identity_from_der,
-    init_ca,
-    issue_edge,
-)
+from kins_tunnel.certs.directory import init_ca, issue_edge
+from kins_tunnel.certs.identity import RENEW_TARGET, EdgeIdentity, identity_from_der
+from kins_tunnel.certs.issuing import ca_hash_of_file, edge_csr
 from kins_tunnel.cloud import enroll as cloud_enroll
 from kins_tunnel.cloud.revocation import RevokedList
 from kins_tunnel.cloud.server import Cloud
 from kins_tunnel.config import SiteProxy, cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
-from kins_tunnel.edge.enroll import EnrolError, Enrolment
+from kins_tunnel.edge.enroll import Enrolment
+from kins_tunnel.edge.enroll_checks import EnrolError
 from kins_tunnel.jsonhttp import json_request
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.testing.support import run_kins_tunnel, wait_until

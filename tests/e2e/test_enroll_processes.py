@@ -10,7 +10,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
 import trio
 from cryptography import x509
 
@@ -18,6 +17,7 @@ from kins_tunnel.demo import write_kubeconfig
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
 from kins_tunnel.testing.support import run_kins_tunnel
 from kins_tunnel.tokens import TOKEN_RE
+from tests.clients import KUBECTL, needs_kubectl
 from tests.e2e.faultkit import (
     cloud_status,
     edge_status,
@@ -28,7 +28,7 @@ from tests.e2e.faultkit import (
     wait_until,
 )
 from tests.e2e.harness import SVC
-from tests.e2e.kubectl_tools import KUBECTL, have_kubectl, kubectl_environ, run_kubectl
+from tests.e2e.kubectl_tools import kubectl_environ, run_kubectl
 
 LIFETIME = 15.0  # seconds: renewed after about 10
 
@@ -37,7 +37,7 @@ def serial_of(path: Path) -> str:
     return format(x509.load_pem_x509_certificate(path.read_bytes()).serial_number, "x")
 
 
-@pytest.mark.skipif(not have_kubectl(), reason="kubectl not installed")
+@needs_kubectl
 async def test_edge_enrols_serves_kubectl_and_renews_during_a_watch(tmp_path: Path) -> None:
     certs, tokens, home = tmp_path / "certs", tmp_path / "tokens.yaml", tmp_path / "home"
     home.mkdir()

@@ -10,13 +10,13 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-import pytest
 import trio
 
 from kins_tunnel.demo import write_kubeconfig
 from kins_tunnel.testing.k3s_standin import make_self_signed_server_context, serve_k3s_standin
+from tests.clients import needs_kubectl
 from tests.e2e.harness import SVC, connect, echo_bytes, serve_loopback, tunnel_env
-from tests.e2e.kubectl_tools import have_kubectl, run_kubectl
+from tests.e2e.kubectl_tools import run_kubectl
 from tests.e2e.test_isolation import metrics_of
 from tests.test_observability import value
 
@@ -56,7 +56,7 @@ async def flood(
     return answers
 
 
-@pytest.mark.skipif(not have_kubectl(), reason="needs kubectl")
+@needs_kubectl
 async def test_a_user_holding_1100_idle_connects_leaves_room_for_another_users_kubectl(
     tmp_path: Path,
 ) -> None:

@@ -20,7 +20,7 @@ import pytest
 import trio
 import trio.testing
 
-from kins_tunnel.certs import issue_edge
+from kins_tunnel.certs.directory import issue_edge
 from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.dial import code_for
 from kins_tunnel.proto import ErrorCode, MuxConfig
@@ -360,14 +360,11 @@ def test_a_frozen_peer_is_dropped_after_ping_timeout_not_later(tmp_path: Path) -
     """A peer that completes the handshake and then sends nothing is dropped `ping_timeout` after
     its last byte, whatever `ping_interval` (virtual clock: exact, and fast). It used to take up to
     ping_timeout + ping_interval (28.6-29.2 s with the defaults)."""
-    from kins_tunnel.certs import init_ca
     from kins_tunnel.proto import Connection, Hello, Role
     from kins_tunnel.transport.session import Session
     from tests.transport.test_session import tls_pair
 
-    certs = tmp_path / "certs"
-    init_ca(certs)
-    issue_edge(certs, "test", "edge1")
+    certs = make_certs(tmp_path)
 
     async def main() -> float:
         stls, ctls = await tls_pair(certs)

@@ -17,12 +17,12 @@ from kins_tunnel.testing.k3s_standin import (
     make_self_signed_server_context,
     serve_k3s_standin,
 )
-from tests.e2e.harness import CURL, SVC, run_curl, tunnel_env
+from tests.clients import needs_curl, needs_kubectl
+from tests.e2e.harness import SVC, run_curl, tunnel_env
 from tests.e2e.kubectl_tools import assert_get_and_watch, run_kubectl
 from tests.e2e.sshd import HAVE_SSH, throwaway_sshd
 
-KUBECTL = shutil.which("kubectl")
-pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl not installed")
+pytestmark = needs_kubectl
 
 
 async def test_kubectl_through_proxy_url(tmp_path: Path) -> None:
@@ -56,9 +56,8 @@ async def test_kubectl_through_proxy_url(tmp_path: Path) -> None:
         n.cancel_scope.cancel()
 
 
+@needs_curl
 async def test_curl_https_through_the_tunnel(tmp_path: Path) -> None:
-    if CURL is None:
-        pytest.skip("curl not installed")
     ctx, ca = make_self_signed_server_context(tmp_path)
     upload = tmp_path / "upload.bin"
     data = os.urandom(5 * 1024 * 1024)

@@ -17,18 +17,18 @@ import pytest
 import trio
 
 from kins_tunnel.testing.k3s_standin import iter_blob
+from tests.clients import needs_kubectl, sha256_file
 from tests.e2e.faultkit import figure
 from tests.e2e.harness import SVC, connect, serve_loopback, tunnel_env
 from tests.e2e.kubectl_tools import (
     POD,
-    have_kubectl,
     kubectl_env,
     percentile,
     port_forward,
     pty_kubectl,
 )
 
-pytestmark = pytest.mark.skipif(not have_kubectl(), reason="kubectl not installed")
+pytestmark = needs_kubectl
 
 
 async def test_exec_echo_and_exit_codes(tmp_path: Path) -> None:
@@ -119,14 +119,6 @@ def write_blob(path: Path, size: int, seed: int) -> str:
         for chunk in iter_blob(size, seed, chunk_size=4 << 20):
             digest.update(chunk)
             f.write(chunk)
-    return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            digest.update(chunk)
     return digest.hexdigest()
 
 

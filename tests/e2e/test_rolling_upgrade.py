@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import trio
 
 from kins_tunnel.demo import write_kubeconfig
@@ -32,11 +31,11 @@ from kins_tunnel.testing.k3s_standin import (
     serve_k3s_standin,
 )
 from kins_tunnel.testing.support import free_port, wait_until
+from tests.clients import KUBECTL, needs_kubectl
 from tests.e2e.faultkit import figure
 from tests.e2e.harness import SVC, tunnel_env
-from tests.e2e.kubectl_tools import KUBECTL, have_kubectl
 
-pytestmark = pytest.mark.skipif(not have_kubectl(), reason="kubectl not installed")
+pytestmark = needs_kubectl
 
 SERVERS = 3
 GET_LOOPS = 2

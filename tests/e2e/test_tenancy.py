@@ -21,8 +21,9 @@ import trio
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kins_tunnel import certs as certs_mod
-from kins_tunnel.certs import edge_identity_uri, issue_edge, reserved_node
+from kins_tunnel.certs.directory import init_ca, issue_edge
+from kins_tunnel.certs.identity import edge_identity_uri, reserved_node
+from kins_tunnel.certs.signing import Leaf, issue_leaf, load_ca, utcnow
 from kins_tunnel.cloud.server import Cloud
 from kins_tunnel.config import edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
@@ -48,25 +49,15 @@ def marker(text: bytes) -> Callable[[trio.SocketStream], Awaitable[None]]:
 def forge_edge_cert(certs: Path, unit: str, node: str, name: str) -> tuple[Path, Path]:
     """An edge certificate for (unit, node) signed by the tunnel CA, issued without the checks of
     `certs edge` (as an old release, or another tool, could have issued it)."""
-    ca_cert, ca_key = certs_mod._load_ca(certs)
-    crt, key = certs / f"forged-{name}.crt", certs / f"forged-{name}.key"
-    certs_mod._issue_leaf(
-        ca_cert,
-        ca_key,
-        crt,
-        key,
-        now=certs_mod._utcnow(),
-        days=30,
-        subject=x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
-                x509.NameAttribute(NameOID.COMMON_NAME, node[:64]),
-            ]
-        ),
-        sans=[x509.UniformResourceIdentifier(edge_identity_uri(unit, node))],
-        usages=[ExtendedKeyUsageOID.CLIENT_AUTH],
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
+            x509.NameAttribute(NameOID.COMMON_NAME, node[:64]),
+        ]
     )
-    return crt, key
+    uri = x509.UniformResourceIdentifier(edge_identity_uri(unit, node))
+    forged = Leaf(subject, [uri], [ExtendedKeyUsageOID.CLIENT_AUTH])
+    return issue_leaf(load_ca(certs), certs / f"forged-{name}", forged, utcnow(), 30)
 
 
 async def raw_edge(
@@ -115,7 +106,7 @@ async def status_doc(cloud_admin: int) -> dict[str, Any]:
     ],
 )
 def test_certs_edge_refuses_a_node_name_that_reads_as_a_service(tmp_path: Path, node: str) -> None:
-    certs_mod.init_ca(tmp_path)
+    init_ca(tmp_path)
     with pytest.raises(UserError, match="reserved"):
         issue_edge(tmp_path, "b", node)
     assert not (tmp_path / f"edge-{node}.crt").exists()
@@ -126,7 +117,7 @@ def test_dotted_node_names_that_are_not_service_names_stay_allowed(
     tmp_path: Path, node: str
 ) -> None:
     assert reserved_node(node) is None
-    certs_mod.init_ca(tmp_path)
+    init_ca(tmp_path)
     issue_edge(tmp_path, "b", node)
 
 

@@ -36,6 +36,7 @@ from kins_tunnel.names import Address
 from kins_tunnel.proto import ErrorCode
 from kins_tunnel.proto.frames import FrameType, frame, open_frame
 from kins_tunnel.testing.support import http_get, wait_listening
+from tests.clients import CURL, needs_curl, sha256_file
 from tests.e2e.faultkit import (
     CloudProc,
     connect,
@@ -60,7 +61,6 @@ from tests.e2e.harness import (
 from tests.e2e.test_isolation import metrics_of, raw_edge
 from tests.test_observability import samples
 
-CURL = "/usr/bin/curl"
 BLOB_MIB = 200
 
 
@@ -141,14 +141,7 @@ async def http_server(directory: Path) -> AsyncIterator[int]:
         proc.wait()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
+@needs_curl
 async def test_a_client_on_the_edge_downloads_200_mib_from_the_cloud_through_an_uplink(
     tmp_path: Path,
 ) -> None:
@@ -338,6 +331,7 @@ async def raw_answer(addr: tuple[str, int], request: bytes) -> bytes:
             return await read_all(s)
 
 
+@needs_curl
 async def test_the_uplink_proxy_speaks_connect_and_the_cloud_decides(tmp_path: Path) -> None:
     served = tmp_path / "www"
     served.mkdir()

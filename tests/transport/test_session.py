@@ -12,13 +12,12 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from kins_tunnel.certs import init_ca, issue_edge
 from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
-from kins_tunnel.testing.support import wait_until
 from kins_tunnel.tls_contexts import client_ssl_context, server_ssl_context
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.stream import TunnelStream
 from kins_tunnel.transport.tls import TLSSocket
+from tests.e2e.harness import make_certs
 
 
 async def tls_pair(certs: Path) -> tuple[TLSSocket, TLSSocket]:
@@ -45,15 +44,17 @@ async def tls_pair(certs: Path) -> tuple[TLSSocket, TLSSocket]:
     return server, client
 
 
-@asynccontextmanager
-async def session_pair(
-    tmp: Path, on_open: Callable[[Session, int, str], None], cfg: MuxConfig = MuxConfig()
-) -> AsyncIterator[tuple[Session, Session]]:
-    certs = tmp / "certs"
-    init_ca(certs)
-    issue_edge(certs, "test", "edge1")
+async def start_session_pair(
+    nursery: trio.Nursery,
+    certs: Path,
+    on_open: Callable[[Session, int, str], None],
+    cfg: MuxConfig = MuxConfig(),
+) -> tuple[Session, Session]:
+    """A cloud and an edge session over loopback TLS (certificates from `make_certs`), served in
+    `nursery`, returned once both handshakes are done. The edge serves ``x:1`` and answers opens
+    with `on_open`; the ping interval is far beyond any test, so nothing but the data path wakes
+    anyone up. The caller closes both."""
     stls, ctls = await tls_pair(certs)
-    # ping_interval far beyond the test: nothing but the data path may wake anyone up
     cloud = Session(
         stls, Connection(Role.SERVER, Hello(), cfg), ping_interval=1000, ping_timeout=2000
     )
@@ -64,12 +65,21 @@ async def session_pair(
         ping_interval=1000,
         ping_timeout=2000,
     )
+    nursery.start_soon(functools.partial(cloud.serve, handshake_timeout=5))
+    nursery.start_soon(functools.partial(edge.serve, handshake_timeout=5))
+    with trio.fail_after(5):
+        await cloud.handshake_done.wait()
+        await edge.handshake_done.wait()
+    return cloud, edge
+
+
+@asynccontextmanager
+async def session_pair(
+    tmp: Path, on_open: Callable[[Session, int, str], None], cfg: MuxConfig = MuxConfig()
+) -> AsyncIterator[tuple[Session, Session]]:
+    certs = make_certs(tmp)
     async with trio.open_nursery() as n:
-        n.start_soon(functools.partial(cloud.serve, handshake_timeout=5))
-        n.start_soon(functools.partial(edge.serve, handshake_timeout=5))
-        with trio.fail_after(5):
-            await cloud.handshake_done.wait()
-            await edge.handshake_done.wait()
+        cloud, edge = await start_session_pair(n, certs, on_open, cfg)
         yield cloud, edge
         cloud.close("test over")
         edge.close("test over")
@@ -218,7 +228,8 @@ async def test_senders_parked_on_a_full_queue_wake_when_the_writer_drains_it() -
         await trio.testing.wait_all_tasks_blocked()
         assert len(done) < len(streams)  # some are parked on the full queue
         tls.unblock()
-        await wait_until(lambda: len(done) == len(streams), 5, "every sender done")
+        await trio.testing.wait_all_tasks_blocked()  # all in memory: nothing else can wake anyone
+        assert len(done) == len(streams)  # a lost wake-up would leave a sender parked for good
         n.cancel_scope.cancel()
     assert tls.held_last  # the path that used to lose the wake-up was taken
     assert tls.sent >= 4 * 256 * 1024
@@ -228,10 +239,7 @@ async def test_waiting_on_a_closed_tunnel_socket_is_a_transport_error(tmp_path: 
     """A session task closed the socket; another must get TransportError, not trio's fd -1 crash."""
     from kins_tunnel.transport.tls import TransportError
 
-    certs = tmp_path / "certs"
-    init_ca(certs)
-    issue_edge(certs, "test", "edge1")
-    server, client = await tls_pair(certs)
+    server, client = await tls_pair(make_certs(tmp_path))
     server.close()
     for wait in (server.wait_readable, server.wait_writable):
         try:

@@ -4,7 +4,6 @@ of tunnel streams of two real sessions over loopback TLS (checkpoints, ValueErro
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,11 +12,11 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from kins_tunnel.certs import init_ca, issue_edge
-from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
+from kins_tunnel.proto import MuxConfig
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.stream import TunnelStream
-from tests.transport.test_session import tls_pair
+from tests.e2e.harness import make_certs
+from tests.transport.test_session import start_session_pair
 
 SMALL = MuxConfig(initial_window=16 * 1024, max_window=16 * 1024, session_budget=1 << 20)
 
@@ -25,35 +24,20 @@ SMALL = MuxConfig(initial_window=16 * 1024, max_window=16 * 1024, session_budget
 @asynccontextmanager
 async def stream_factory(tmp: Path) -> AsyncIterator[tuple[object, object]]:
     """(stream_maker, clogged_stream_maker) for trio's checks; every session closes at the end."""
-    certs = tmp / "certs"
-    init_ca(certs)
-    issue_edge(certs, "test", "edge1")
+    certs = make_certs(tmp)
     sessions: list[Session] = []
 
     async with trio.open_nursery() as nursery:
 
         async def pair(cfg: MuxConfig) -> tuple[TunnelStream, TunnelStream]:
-            server, client = await tls_pair(certs)
             accepted: trio.MemorySendChannel[TunnelStream]
             accepted, got = trio.open_memory_channel[TunnelStream](1)
 
             def on_open(session: Session, sid: int, target: str) -> None:
                 accepted.send_nowait(session.accept(sid))
 
-            cloud = Session(
-                server, Connection(Role.SERVER, Hello(), cfg), ping_interval=1000, ping_timeout=2000
-            )
-            edge = Session(
-                client,
-                Connection(Role.CLIENT, Hello(), cfg),
-                on_open=on_open,
-                ping_interval=1000,
-                ping_timeout=2000,
-            )
+            cloud, edge = await start_session_pair(nursery, certs, on_open, cfg)
             sessions.extend((cloud, edge))
-            nursery.start_soon(functools.partial(cloud.serve, handshake_timeout=5))
-            nursery.start_soon(functools.partial(edge.serve, handshake_timeout=5))
-            await cloud.handshake_done.wait()
             opened = await cloud.open_stream("x:1", timeout=5)
             return opened, await got.receive()
 

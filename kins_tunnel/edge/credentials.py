@@ -1,0 +1,89 @@
+"""The edge's credential files: whether they hold a usable certificate (`current_credentials`,
+`enrollment_state` for ``kins-tunnel doctor``) and writing new ones (`write_credentials`).
+"""
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from kins_tunnel.certs.identity import EdgeIdentity, identity_from_der
+from kins_tunnel.config import EdgeConfig
+from kins_tunnel.errors import UserError
+from kins_tunnel.pemfiles import load_certs, load_key, make_dir, write_atomic
+from kins_tunnel.tokens import TOKEN_RE
+
+
+@dataclass(frozen=True)
+class Credentials:
+    identity: EdgeIdentity
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+
+def current_credentials(cfg: EdgeConfig) -> Credentials | None:
+    """The edge's certificate and key if they load together and the certificate is valid now;
+    None if they are missing, do not match, or have expired (then the edge enrols)."""
+    try:
+        cert = load_certs(cfg.tls.cert, "tls.cert")[0]
+        key = load_key(cfg.tls.key, "tls.key")
+    except UserError:
+        return None
+    if cert.public_key() != key.public_key():
+        return None
+    try:
+        identity = identity_from_der(cert.public_bytes(serialization.Encoding.DER))
+    except ValueError:
+        return None
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+        return None
+    return Credentials(identity, cert.not_valid_before_utc, cert.not_valid_after_utc)
+
+
+def enrollment_state(cfg: EdgeConfig) -> tuple[bool, str]:
+    """(ok, one line) on the enrolment of an edge config, e.g. ``(True, "enrolled (cert present,
+    expires 2027-01-06T10:00:00+00:00)")``, ``(True, "will enrol with token /etc/...")``,
+    ``(False, "token file missing: ...")``."""
+    creds = current_credentials(cfg)
+    if creds is not None:
+        return True, (
+            f"enrolled (cert present, unit {creds.identity.unit}, node {creds.identity.node}, "
+            f"expires {creds.not_after.isoformat()})"
+        )
+    if cfg.enroll is None:
+        return False, f"no usable certificate at tls.cert {cfg.tls.cert} and no enroll section"
+    path = cfg.enroll.token_file
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        return False, f"token file missing: enroll.token_file {path}: {exc.strerror or exc}"
+    if TOKEN_RE.fullmatch(token) is None:
+        return False, f"enroll.token_file {path} does not hold a token (<id>.<secret>)"
+    return True, f"will enrol with token {token.split('.')[0]} from {path} (ca_hash pinned)"
+
+
+def write_credentials(
+    settings_cert: Path,
+    settings_key: Path,
+    settings_ca: Path | None,
+    key: ec.EllipticCurvePrivateKey,
+    cert: x509.Certificate,
+    chain: list[x509.Certificate],
+    ca: x509.Certificate | None,
+) -> None:
+    """CA, key, then certificate + chain: each atomically, the certificate last."""
+    pem = serialization.Encoding.PEM
+    for path in (settings_cert, settings_key, *((settings_ca,) if settings_ca else ())):
+        make_dir(path.parent)
+    if settings_ca is not None and ca is not None:
+        write_atomic(settings_ca, ca.public_bytes(pem), 0o644)
+    write_atomic(
+        settings_key,
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        0o600,
+    )
+    write_atomic(settings_cert, b"".join(c.public_bytes(pem) for c in [cert, *chain]), 0o644)

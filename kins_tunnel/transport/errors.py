@@ -1,0 +1,20 @@
+"""The transport's error vocabulary: the few types that leave `kins_tunnel.transport`.
+
+- `TransportError`: a connection failed (reset, EOF mid-record, TLS alert, a proxy that gave no
+  tunnel, ...). Socket and OpenSSL errors are translated into it once, at the boundary, with the
+  original as `__cause__`.
+- `SetupError`: a transport resource could not be set up from its settings (a listen address that
+  cannot be bound, an unreadable proxy credentials file). Its message is one line that starts with
+  the name of the setting; the layer that owns the settings (the CLI, `doctor`) decides how to
+  report it. The transport knows nothing of CLI errors.
+"""
+
+from __future__ import annotations
+
+
+class TransportError(Exception):
+    """The tunnel's TLS connection failed (reset, EOF mid-record, TLS alert, ...)."""
+
+
+class SetupError(Exception):
+    """A transport resource could not be set up; the one-line message names the setting."""
