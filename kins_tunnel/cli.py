@@ -205,6 +205,7 @@ def _status(admins: list[str], as_json: bool) -> None:
             "RECEIVED",
             "EXPIRES",
             "PEER",
+            "QDELAY",
         )
     ]
     for doc in docs:
@@ -221,6 +222,7 @@ def _status(admins: list[str], as_json: bool) -> None:
                     _size(e["bytes_received"]),
                     _expires(e.get("cert_expiry_seconds")),
                     e["peer"],
+                    _qdelay(e),
                 )
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -235,6 +237,14 @@ def _status(admins: list[str], as_json: bool) -> None:
                 f"{doc.get('replica', '?')}: {c['cert']} certificate expires {_expires(c['expiry_seconds'])}"
                 f" ({c['not_after']}, serial {c['serial']})"
             )
+
+
+def _qdelay(edge: dict[str, object]) -> str:
+    """The queueing delay the cloud's direction of a tunnel adds, `*` when bulk is paced."""
+    ms = edge.get("queue_delay_ms")
+    if not isinstance(ms, (int, float)):
+        return "-"
+    return f"{ms:.1f}ms" + ("*" if edge.get("pacing") == "engaged" else "")
 
 
 def _expires(seconds: object) -> str:

@@ -70,7 +70,7 @@ class PacerStatistics:
     """A snapshot for metrics and status; delays in seconds, rates in bytes/s."""
 
     engaged: bool
-    base_delay: float | None  # the windowed minimum, relative to the first sample (clock offset)
+    base_rtt: float | None  # the windowed minimum round trip of the stamps (the path's own)
     queueing_delay: float | None
     rate: float | None  # the paced rate while engaged
     bottleneck: float | None  # the estimated link rate
@@ -259,7 +259,7 @@ class DelayPacer:
     def statistics(self) -> PacerStatistics:
         return PacerStatistics(
             engaged=self.engaged,
-            base_delay=self.base_delay,
+            base_rtt=self.base_rtt,
             queueing_delay=self._qdelay,
             rate=self.rate if self.engaged else None,
             bottleneck=self.bottleneck,

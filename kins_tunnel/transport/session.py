@@ -65,6 +65,26 @@ class SessionStatistics:
     buffered: int
     output_queued: int
     stalls: int  # times a sender waited for peer credit or socket space
+    # pacing of our sending direction (see `proto.pacer`); None: not measured / not paced
+    base_rtt: float | None = None  # minimum round trip of the delay stamps
+    queueing_delay: float | None = None  # what our direction's queues add now
+    paced_rate: float | None = None  # bytes/s bulk data may go at (None: not paced)
+    paced_held: int = 0  # bytes of bulk data waiting for the pacer's credit
+    pacing: str = "off"  # "off" (configured, or the peer lacks it), "measuring", "engaged"
+
+    def qos_status(self) -> dict[str, object]:
+        """The pacing fields of a `/status` tunnel entry."""
+        return {
+            "pacing": self.pacing,
+            "queue_delay_ms": _ms(self.queueing_delay),
+            "base_rtt_ms": _ms(self.base_rtt),
+            "paced_rate_bps": None if self.paced_rate is None else round(self.paced_rate * 8),
+            "paced_held_bytes": self.paced_held,
+        }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
 
 
 class Session:
@@ -208,6 +228,7 @@ class Session:
 
     def statistics(self) -> SessionStatistics:
         st = self.conn.statistics()
+        p = st.pacer
         return SessionStatistics(
             streams=len(self._streams),
             bytes_sent=st.bytes_sent,
@@ -216,6 +237,17 @@ class Session:
             buffered=st.buffered,
             output_queued=self.conn.pending_output() + self.tls.pending,
             stalls=self.stalls,
+            base_rtt=None if p is None else p.base_rtt,
+            queueing_delay=None if p is None else p.queueing_delay,
+            paced_rate=None if p is None else p.rate,
+            paced_held=st.held,
+            pacing=(
+                "off"
+                if p is None or (not p.engaged and "delay" not in self.conn.capabilities)
+                else "engaged"
+                if p.engaged
+                else "measuring"
+            ),
         )
 
     @property
