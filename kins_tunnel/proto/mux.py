@@ -262,6 +262,10 @@ class Connection(FrameReceiver):
     def pacer(self) -> DelayPacer | None:
         return self._pacer
 
+    def is_bulk(self, stream_id: int) -> bool:
+        """The stream has DATA queued and counts as bulk (paced while the pacer is engaged)."""
+        return self._data.is_bulk(stream_id)
+
     def _send_hello(self) -> None:
         self._out += frame(FrameType.HELLO, 0, encode_hello(self._hello, self.config))
 
