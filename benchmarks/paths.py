@@ -51,23 +51,37 @@ class Targets:
 def start_relay(
     cleanup: Cleanup, name: str, upstream_port: int, delay_ms: float, rate_mbit: float
 ) -> int:
+    return relay_proc(cleanup, name, upstream_port, delay_ms, rate_mbit)[1]
+
+
+def relay_proc(
+    cleanup: Cleanup,
+    name: str,
+    upstream_port: int,
+    delay_ms: float,
+    rate_mbit: float,
+    queue_kib: int | None = None,
+    sock_kib: int | None = None,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A `linkrelay` process (and its port): optionally a bottleneck queue of `queue_kib` and
+    socket buffers of `sock_kib` on the relay itself."""
     d = cleanup.tempdir(name)
-    _, port = cleanup.spawn_ready(
-        name,
-        [
-            sys.executable,
-            "-m",
-            "kins_tunnel.testing.linkrelay",
-            "--upstream",
-            f"127.0.0.1:{upstream_port}",
-            "--delay-ms",
-            str(delay_ms),
-            "--rate-mbit",
-            str(rate_mbit),
-        ],
-        d / "relay.log",
-    )
-    return port
+    argv = [
+        sys.executable,
+        "-m",
+        "kins_tunnel.testing.linkrelay",
+        "--upstream",
+        f"127.0.0.1:{upstream_port}",
+        "--delay-ms",
+        str(delay_ms),
+        "--rate-mbit",
+        str(rate_mbit),
+    ]
+    if queue_kib is not None:
+        argv += ["--buffer-kib", str(queue_kib)]
+    if sock_kib is not None:
+        argv += ["--sock-buffer-kib", str(sock_kib)]
+    return cleanup.spawn_ready(name, argv, d / "relay.log")
 
 
 class Path_:
@@ -219,6 +233,26 @@ class SshR(Path_):
         self.cost_exclude = (set(tree(self.cost_roots)) - before) | {wan.pid}
         return endpoint(fport)
 
+    def wan_qos_endpoints(
+        self,
+        delay_ms: float,
+        rate_mbit: float,
+        queue_kib: int,
+        sock_kib: int,
+        ports: dict[str, int],
+    ) -> tuple[dict[str, dict[str, Any]], list[subprocess.Popen[bytes]]]:
+        """ssh -R through a shaped link to sshd, forwarding every target kind (`ports` override
+        the shared targets'); the endpoints and the processes to stop afterwards."""
+        relay, rport = relay_proc(
+            self.cleanup, "relay-qos-ssh", self.port, delay_ms, rate_mbit, queue_kib, sock_kib
+        )
+        to = {**self.targets.ports, **ports}
+        fports = {k: free_port() for k in KINDS}
+        wan = self._ssh_forward(
+            "ssh-R-qos", rport, [f"127.0.0.1:{fports[k]}:127.0.0.1:{to[k]}" for k in KINDS]
+        )
+        return {k: endpoint(fports[k]) for k in KINDS}, [wan, relay]
+
 
 UNIT = "bench"
 NODE = "edge1"
@@ -369,9 +403,14 @@ class Ours(Path_):
         return proc, proxy_port, admin_port, tunnel_port
 
     def _start_edge(
-        self, name: str, cloud_port: int, kinds: tuple[str, ...]
+        self,
+        name: str,
+        cloud_port: int,
+        kinds: tuple[str, ...],
+        ports: dict[str, int] | None = None,
     ) -> subprocess.Popen[bytes]:
         c = self.certs
+        to = ports or self.targets.ports
         cfg = self.dir / f"{name}.yaml"
         cfg.write_text(
             json.dumps(
@@ -382,9 +421,7 @@ class Ours(Path_):
                         "cert": str(c / f"edge-{NODE}.crt"),
                         "key": str(c / f"edge-{NODE}.key"),
                     },
-                    "services": {
-                        f"{SVC}:{SVC_PORTS[k]}": f"127.0.0.1:{self.targets.ports[k]}" for k in kinds
-                    },
+                    "services": {f"{SVC}:{SVC_PORTS[k]}": f"127.0.0.1:{to[k]}" for k in kinds},
                     # The edge has its own admin listener (default 127.0.0.1:9091); two edges run
                     # at once here (main and WAN), so give each a free port.
                     "admin": {"listen": f"127.0.0.1:{free_port()}"},
@@ -448,6 +485,25 @@ class Ours(Path_):
         self._wait_ready_wan(cloud, edge, admin_port, ep)
         self.wan_roots = [cloud.pid, edge.pid]
         return ep
+
+    def wan_qos_endpoints(
+        self,
+        delay_ms: float,
+        rate_mbit: float,
+        queue_kib: int,
+        sock_kib: int,
+        ports: dict[str, int],
+    ) -> tuple[dict[str, dict[str, Any]], list[subprocess.Popen[bytes]]]:
+        """Another cloud + edge pair, the edge through a shaped link, serving every target kind
+        (`ports` override the shared targets'); the endpoints and the processes to stop."""
+        cloud, proxy_port, admin_port, tunnel_port = self._start_cloud("cloud-qos")
+        relay, rport = relay_proc(
+            self.cleanup, "relay-qos-ours", tunnel_port, delay_ms, rate_mbit, queue_kib, sock_kib
+        )
+        edge = self._start_edge("edge-qos", rport, KINDS, {**self.targets.ports, **ports})
+        eps = {k: endpoint(proxy_port, f"{SVC}:{SVC_PORTS[k]}") for k in KINDS}
+        self._wait_ready(cloud, edge, admin_port, eps["echo"], timeout=40)
+        return eps, [edge, relay, cloud]
 
     def _wait_ready_wan(
         self,

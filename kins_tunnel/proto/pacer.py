@@ -33,9 +33,10 @@ at twice the target, and the old maximum ages out of the `BTL_WINDOW`). The pace
 once the queueing delay has stayed below a quarter of the target for `DISENGAGE_AFTER` seconds.
 A configured `max_rate` caps the rate and engages pacing from the start.
 
-The rate is spent as a token bucket (`credit` / `spent`): a burst of at most `burst` bytes
-(`BURST_TIME` of the rate, at least `MIN_BURST`), so a paced sender never dumps more than a few
-milliseconds of the link at once. Only *bulk* data is paced (see `output` for the
+The rate is spent as a token bucket (`credit` / `spent`): the sender writes again once
+`SEND_TIME` (2 ms) of the rate has accrued, so the link sees small, even bursts; the bucket holds up
+to `BURST_TIME` (20 ms) of the rate, so a wake-up that comes late (a busy machine) loses no
+credit, at the price of one burst of that size after a pause. Only *bulk* data is paced (see `output` for the
 classification); the connection never holds control frames or interactive streams.
 
 Sans-IO: every method takes `now` from the caller's clock; nothing here sleeps or reads a clock.
@@ -59,8 +60,9 @@ MIN_PROBE = 0.05
 DRAIN_RTTS = 2.0  # an excess queue is drained over about this many round trips
 MIN_GAIN = 0.5
 MIN_RATE = 16 * 1024.0  # bytes/s: a paced bulk stream always moves
-BURST_TIME = 0.004  # seconds of the rate a burst may hold (at most a quarter of the target)
-MIN_BURST = 4 * 1024  # bytes: one burst may always hold this much
+BURST_TIME = 0.02  # seconds of the rate the bucket holds: a late wake-up loses no credit
+SEND_TIME = 0.002  # seconds of the rate the sender waits for before it writes again
+MIN_BURST = 4 * 1024  # bytes: a burst may always hold this much
 DEFAULT_TARGET = 0.025
 MIN_TARGET = 0.005
 
@@ -165,7 +167,7 @@ class DelayPacer:
             btl.popleft()
         if rate is None or rate <= 0:
             return
-        if backlogged and (self._qdelay or 0.0) > self.effective_target:
+        if backlogged and (self._qdelay or 0.0) > 2 * self.effective_target:
             btl.clear()  # a standing queue: what arrives is exactly what the link carries
         if backlogged or not btl or rate > self.bottleneck:  # type: ignore[operator]
             while btl and btl[-1][1] <= rate:  # a monotone queue: the front is the maximum
@@ -226,8 +228,7 @@ class DelayPacer:
     # ------------------------------------------------------------------ spending
     @property
     def burst(self) -> float:
-        span = min(BURST_TIME, self.effective_target / 4)
-        return max(float(MIN_BURST), (self.rate or 0.0) * span)
+        return max(float(MIN_BURST), (self.rate or 0.0) * BURST_TIME)
 
     def credit(self, now: float) -> int | None:
         """Bulk bytes that may go now (None: not paced, anything may go)."""
@@ -245,12 +246,13 @@ class DelayPacer:
         if self.engaged:
             self._tokens -= n
 
-    def next_send_at(self, now: float, want: int = MIN_BURST) -> float | None:
-        """When `want` bytes of credit (at most a burst) will be there; None if not paced."""
+    def next_send_at(self, now: float) -> float | None:
+        """When the next piece of credit (`SEND_TIME` of the rate, at least `MIN_BURST` bytes)
+        will be there; None if not paced."""
         rate = self.rate
         if not self.engaged or rate is None:
             return None
-        need = min(float(want), self.burst) - self._tokens
+        need = max(float(MIN_BURST), rate * SEND_TIME) - self._tokens
         if need <= 0:
             return now
         last = self._last_fill if self._last_fill is not None else now

@@ -104,8 +104,9 @@ class SessionWriter:
                 while not tls.flush():
                     await tls.wait_writable()
                 wakeup = self._wakeup = trio.Event()
-                self._timed = False
+                self._timed = True  # this task decides below when it writes held data again
                 self.kick()  # sets `wakeup` if the socket filled up again
+                self._timed = False
                 due = None if wakeup.is_set() else self._conn.paced_until()
                 if due is None:
                     await wakeup.wait()
