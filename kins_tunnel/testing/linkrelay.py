@@ -41,8 +41,13 @@ def _rst_on_close(stream: trio.SocketStream) -> None:
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
+SLACK = 0.005  # seconds a late write may catch up on (a busy machine must not slow the link)
+
+
 class _Pacer:
-    """Token bucket with a burst of one chunk: the next write may start at `next_at`."""
+    """Token bucket with a burst of one piece: the next write may start at `next_at`. A write
+    that starts late (the relay's process was not scheduled in time) keeps the schedule when it is
+    at most `SLACK` late, so the link carries its rate on a busy machine too."""
 
     def __init__(self, rate: float | None) -> None:
         self.rate = rate
@@ -52,7 +57,7 @@ class _Pacer:
         if self.rate is None:
             return
         now = trio.current_time()
-        start = max(now, self.next_at)
+        start = max(now - SLACK, self.next_at)
         if start > now:
             await trio.sleep_until(start)
         self.next_at = start + n / self.rate
