@@ -411,6 +411,7 @@ class Ours(Path_):
     ) -> subprocess.Popen[bytes]:
         c = self.certs
         to = ports or self.targets.ports
+        edge_admin = self.edge_admin = free_port()
         cfg = self.dir / f"{name}.yaml"
         cfg.write_text(
             json.dumps(
@@ -424,7 +425,7 @@ class Ours(Path_):
                     "services": {f"{SVC}:{SVC_PORTS[k]}": f"127.0.0.1:{to[k]}" for k in kinds},
                     # The edge has its own admin listener (default 127.0.0.1:9091); two edges run
                     # at once here (main and WAN), so give each a free port.
-                    "admin": {"listen": f"127.0.0.1:{free_port()}"},
+                    "admin": {"listen": f"127.0.0.1:{edge_admin}"},
                 },
                 indent=2,
             )
@@ -503,6 +504,7 @@ class Ours(Path_):
         edge = self._start_edge("edge-qos", rport, KINDS, {**self.targets.ports, **ports})
         eps = {k: endpoint(proxy_port, f"{SVC}:{SVC_PORTS[k]}") for k in KINDS}
         self._wait_ready(cloud, edge, admin_port, eps["echo"], timeout=40)
+        self.qos_admin = {"cloud": admin_port, "edge": self.edge_admin}
         return eps, [edge, relay, cloud]
 
     def _wait_ready_wan(

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.load import COUNT, PING, open_stream
@@ -226,15 +227,45 @@ def _rate(series: list[list[float]], t0: float, t1: float) -> float | None:
     return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
 
+def pacing_status(admin: dict[str, int]) -> dict[str, Any]:
+    """The pacing fields of each side's `/status` (ours only): state, queueing delay, rate."""
+    out: dict[str, Any] = {}
+    for side, port in admin.items():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as resp:
+                doc = json.load(resp)
+        except (OSError, ValueError) as exc:
+            out[side] = {"error": str(exc)}
+            continue
+        (tunnel,) = doc.get("tunnels") or doc.get("edges") or [{}]
+        out[side] = {
+            k: tunnel.get(k) for k in ("pacing", "queue_delay_ms", "paced_rate_bps", "base_rtt_ms")
+        }
+    return out
+
+
 def phase(
-    eps: dict[str, dict[str, Any]], down: bool, up: bool, seconds: float, warm: float
+    eps: dict[str, dict[str, Any]],
+    down: bool,
+    up: bool,
+    seconds: float,
+    warm: float,
+    admin: dict[str, int] | None = None,
 ) -> dict[str, Any]:
+    """One phase; with `admin` (ours), the sides' pacing status near its end is kept too."""
     jobs: dict[str, tuple[dict[str, Any], float]] = {"pings": (eps["echo"], seconds)}
     if down:
         jobs["download"] = (eps["source"], seconds + 0.5)
     if up:
         jobs["upload"] = (eps["sink"], seconds + 0.5)
+    status: dict[str, Any] = {}
+    timer = None
+    if admin:
+        timer = threading.Timer(seconds - 1.0, lambda: status.update(pacing_status(admin)))
+        timer.start()
     res = _run_workers(jobs)
+    if timer is not None:
+        timer.join()
     errors = [r["error"] for r in res.values() if "error" in r]
     if errors:
         return {"error": "; ".join(errors)}
@@ -249,6 +280,8 @@ def phase(
         "pings": len(rtts),
         "window_s": t1 - t0,
     }
+    if status:
+        out["pacing"] = status
     for name in ("download", "upload"):
         if name in res:
             rate = _rate(res[name]["series"], t0, t1)
@@ -309,7 +342,14 @@ def measure(bench: Bench) -> dict[str, Any]:
                         ("up", False, True, seconds),
                         ("both", True, True, seconds),
                     ):
-                        r = phase(eps, down, up, secs, 1.0 if ph == "idle" else warm)
+                        r = phase(
+                            eps,
+                            down,
+                            up,
+                            secs,
+                            1.0 if ph == "idle" else warm,
+                            getattr(pth, "qos_admin", None) if name == "ours" else None,
+                        )
                         samples.setdefault(ph, []).append(r)
                         bench.log(f"  round {rnd + 1} {ph:<4} {_brief(r)}")
             finally:
@@ -329,6 +369,8 @@ def _brief(r: dict[str, Any]) -> str:
         for k in ("download_MBps", "upload_MBps")
         if r.get(k) is not None
     ]
+    for side, st in r.get("pacing", {}).items():
+        parts.append(f"{side} {st.get('pacing')} qd {st.get('queue_delay_ms')} ms")
     return ", ".join(parts)
 
 
