@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,23 +49,27 @@ class Targets:
             self.ports[kind] = port
 
 
+@dataclass(frozen=True)
+class Link:
+    """A link as `linkrelay` plays it: one-way delay, rate, and optionally the bottleneck queue
+    and the relay's own socket buffers."""
+
+    delay_ms: float
+    rate_mbit: float
+    queue_kib: int | None = None
+    sock_kib: int | None = None
+
+
 def start_relay(
     cleanup: Cleanup, name: str, upstream_port: int, delay_ms: float, rate_mbit: float
 ) -> int:
-    return relay_proc(cleanup, name, upstream_port, delay_ms, rate_mbit)[1]
+    return relay_proc(cleanup, name, upstream_port, Link(delay_ms, rate_mbit))[1]
 
 
 def relay_proc(
-    cleanup: Cleanup,
-    name: str,
-    upstream_port: int,
-    delay_ms: float,
-    rate_mbit: float,
-    queue_kib: int | None = None,
-    sock_kib: int | None = None,
+    cleanup: Cleanup, name: str, upstream_port: int, link: Link
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """A `linkrelay` process (and its port): optionally a bottleneck queue of `queue_kib` and
-    socket buffers of `sock_kib` on the relay itself."""
+    """A `linkrelay` process playing `link` in front of `upstream_port`, and its port."""
     d = cleanup.tempdir(name)
     argv = [
         sys.executable,
@@ -73,14 +78,14 @@ def relay_proc(
         "--upstream",
         f"127.0.0.1:{upstream_port}",
         "--delay-ms",
-        str(delay_ms),
+        str(link.delay_ms),
         "--rate-mbit",
-        str(rate_mbit),
+        str(link.rate_mbit),
     ]
-    if queue_kib is not None:
-        argv += ["--buffer-kib", str(queue_kib)]
-    if sock_kib is not None:
-        argv += ["--sock-buffer-kib", str(sock_kib)]
+    if link.queue_kib is not None:
+        argv += ["--buffer-kib", str(link.queue_kib)]
+    if link.sock_kib is not None:
+        argv += ["--sock-buffer-kib", str(link.sock_kib)]
     return cleanup.spawn_ready(name, argv, d / "relay.log")
 
 
@@ -234,18 +239,11 @@ class SshR(Path_):
         return endpoint(fport)
 
     def wan_qos_endpoints(
-        self,
-        delay_ms: float,
-        rate_mbit: float,
-        queue_kib: int,
-        sock_kib: int,
-        ports: dict[str, int],
+        self, link: Link, ports: dict[str, int]
     ) -> tuple[dict[str, dict[str, Any]], list[subprocess.Popen[bytes]]]:
         """ssh -R through a shaped link to sshd, forwarding every target kind (`ports` override
         the shared targets'); the endpoints and the processes to stop afterwards."""
-        relay, rport = relay_proc(
-            self.cleanup, "relay-qos-ssh", self.port, delay_ms, rate_mbit, queue_kib, sock_kib
-        )
+        relay, rport = relay_proc(self.cleanup, "relay-qos-ssh", self.port, link)
         to = {**self.targets.ports, **ports}
         fports = {k: free_port() for k in KINDS}
         wan = self._ssh_forward(
@@ -488,19 +486,12 @@ class Ours(Path_):
         return ep
 
     def wan_qos_endpoints(
-        self,
-        delay_ms: float,
-        rate_mbit: float,
-        queue_kib: int,
-        sock_kib: int,
-        ports: dict[str, int],
+        self, link: Link, ports: dict[str, int]
     ) -> tuple[dict[str, dict[str, Any]], list[subprocess.Popen[bytes]]]:
         """Another cloud + edge pair, the edge through a shaped link, serving every target kind
         (`ports` override the shared targets'); the endpoints and the processes to stop."""
         cloud, proxy_port, admin_port, tunnel_port = self._start_cloud("cloud-qos")
-        relay, rport = relay_proc(
-            self.cleanup, "relay-qos-ours", tunnel_port, delay_ms, rate_mbit, queue_kib, sock_kib
-        )
+        relay, rport = relay_proc(self.cleanup, "relay-qos-ours", tunnel_port, link)
         edge = self._start_edge("edge-qos", rport, KINDS, {**self.targets.ports, **ports})
         eps = {k: endpoint(proxy_port, f"{SVC}:{SVC_PORTS[k]}") for k in KINDS}
         self._wait_ready(cloud, edge, admin_port, eps["echo"], timeout=40)

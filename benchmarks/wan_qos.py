@@ -295,7 +295,12 @@ def phase(
 def measure(bench: Bench) -> dict[str, Any]:
     """Every profile, each path in turn (never at once: they would share the CPU), rounds as
     the run's; the links and the WAN variants of the paths are torn down after each profile."""
-    from benchmarks.paths import Ours, PathUnavailable, SshR  # noqa: PLC0415  (no cycle at import)
+    from benchmarks.paths import (  # noqa: PLC0415  (no cycle at import)
+        Link,
+        Ours,
+        PathUnavailable,
+        SshR,
+    )
 
     cleanup = bench.cleanup
     d = cleanup.tempdir("wan-qos")
@@ -323,13 +328,8 @@ def measure(bench: Bench) -> dict[str, Any]:
                 continue
             bench.log(f"wan_qos: {prof['name']}: {name}")
             try:
-                eps, procs = pth.wan_qos_endpoints(
-                    prof["delay_ms"],
-                    prof["rate_mbit"],
-                    prof["queue_kib"],
-                    RELAY_SOCK_KIB,
-                    {"sink": sink_port},
-                )
+                link = Link(prof["delay_ms"], prof["rate_mbit"], prof["queue_kib"], RELAY_SOCK_KIB)
+                eps, procs = pth.wan_qos_endpoints(link, {"sink": sink_port})
             except (PathUnavailable, RuntimeError) as exc:
                 entry["paths"][name] = {"error": str(exc)}
                 continue
