@@ -16,7 +16,8 @@ sender thus gets, per answer,
 - a **delivery rate**: bytes received over the receiver's clock, over at least `RATE_SPAN`
   seconds. Its maximum over `BTL_WINDOW` seconds estimates the bottleneck's rate (samples taken
   while nothing was held are only accepted when they raise it: a quiet sender measures itself,
-  not the link).
+  not the link; and when bulk data waits again after a pause, the old maximum holds for another
+  window while the new transfer ramps up).
 
 While the queueing delay stays at or below the target nothing is paced (`credit` returns None):
 on a fast path (loopback, LAN) pacing never engages. Once the queueing delay has stayed above the
@@ -101,6 +102,7 @@ class DelayPacer:
         self._qdelay: float | None = None
         self._rx: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_SAMPLES)
         self._btl: collections.deque[tuple[float, float]] = collections.deque()  # (time, rate)
+        self._backlogged = False
         self._above_since: float | None = None
         self._calm_since: float | None = None
         self._tokens = float(MIN_BURST)
@@ -163,6 +165,11 @@ class DelayPacer:
             rate = (rx_bytes - rx[0][1]) / (rx_time - rx[0][0])
         rx.append((rx_time, rx_bytes))
         btl = self._btl
+        if backlogged and not self._backlogged and btl:
+            # bulk data waits again after a pause: what the link carried before still holds
+            # until samples of the new transfer (which start low, while it ramps up) replace it
+            btl[0] = (now, btl[0][1])
+        self._backlogged = backlogged
         while btl and btl[0][0] < now - BTL_WINDOW and (backlogged or len(btl) > 1):
             btl.popleft()
         if rate is None or rate <= 0:

@@ -180,3 +180,20 @@ def test_wire_values_wrap_and_clock_offsets_cancel() -> None:
         probe.answered(t, echo, clock_us(t - 0.015 + queue + offset), received, True)
     assert pacer.queueing_delay == pytest.approx(0.05, abs=2e-6)
     assert pacer.base_rtt == pytest.approx(0.03, abs=1e-5)
+
+
+def test_a_transfer_resuming_after_a_pause_starts_at_the_links_rate() -> None:
+    """Pacing stays engaged through a 3 s pause; the next transfer must not start from the
+    trickle its first (ramping) delivery samples show."""
+    rate, delay, queue = PROFILES[0]
+    link = Link(rate=rate, delay=delay, queue=queue)
+
+    def step(lk: Link) -> None:
+        if lk.now < 5.0:
+            keep_busy(lk, 1)
+        elif lk.now >= 8.0:
+            keep_busy(lk, 3)
+
+    link.run(10.0, step)
+    assert link.pacer.engagements == 1  # engaged all along
+    assert link.delivered(8.3, 9.3, 3) >= 0.8 * rate
