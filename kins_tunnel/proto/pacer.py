@@ -170,8 +170,8 @@ class DelayPacer:
             # until samples of the new transfer (which start low, while it ramps up) replace it
             btl[0] = (now, btl[0][1])
         self._backlogged = backlogged
-        while btl and btl[0][0] < now - BTL_WINDOW and (backlogged or len(btl) > 1):
-            btl.popleft()
+        while backlogged and btl and btl[0][0] < now - BTL_WINDOW:
+            btl.popleft()  # (only while the link is in use: a pause keeps the last maximum)
         if rate is None or rate <= 0:
             return
         if backlogged and (self._qdelay or 0.0) > 2 * self.effective_target:
