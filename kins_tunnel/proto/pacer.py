@@ -16,8 +16,9 @@ sender thus gets, per answer,
 - a **delivery rate**: bytes received over the receiver's clock, over at least `RATE_SPAN`
   seconds. Its maximum over `BTL_WINDOW` seconds estimates the bottleneck's rate (samples taken
   while nothing was held are only accepted when they raise it: a quiet sender measures itself,
-  not the link; and when bulk data waits again after a pause, the old maximum holds for another
-  window while the new transfer ramps up).
+  not the link; and when bulk data waits again after a pause, or feedback resumes after a gap, the
+  old maximum holds for another window while the new transfer ramps up: a stalled process or a
+  burst of late samples never collapses the estimate).
 
 While the queueing delay stays at or below the target nothing is paced (`credit` returns None):
 on a fast path (loopback, LAN) pacing never engages. Once the queueing delay has stayed above the
@@ -29,8 +30,9 @@ queue), the pacer engages and the rate of bulk data becomes
 with a gain of 1 + PROBE (1.25) on an empty queue, 1 at the target and down to 0.5 at twice the
 target. Steady state is therefore a queue of about the target, the link filled (the delivery rate
 is what the link carries, the probing gain finds more when it frees up: after the link's rate
-doubles the estimate grows by up to 25 % per feedback round; after it halves the gain drops to 0.5
-at twice the target, and the old maximum ages out of the `BTL_WINDOW`). The pacer lets go again
+doubles the estimate grows by up to 25 % per feedback round; after it halves the gain drops
+towards 0.5 and the old maximum ages out of the `BTL_WINDOW`, so the excess queue is gone within
+about two seconds). The pacer lets go again
 once the queueing delay has stayed below a quarter of the target for `DISENGAGE_AFTER` seconds.
 A configured `max_rate` caps the rate and engages pacing from the start.
 
@@ -56,6 +58,7 @@ DISENGAGE_AFTER = 5.0  # seconds below target/4 before pacing lets go (no max_ra
 RATE_SPAN = 0.05  # seconds of receiver time a delivery-rate sample spans, at least
 RATE_SAMPLES = 64  # feedback points kept for the delivery rate
 BTL_WINDOW = 1.0  # seconds the bottleneck estimate (max delivery rate) remembers a sample
+FEEDBACK_GAP = 0.2  # seconds without feedback (or two base round trips) that count as a pause
 PROBE = 0.25  # extra gain on an empty queue (at most; less on long round trips)
 MIN_PROBE = 0.05
 DRAIN_RTTS = 2.0  # an excess queue is drained over about this many round trips
@@ -103,6 +106,7 @@ class DelayPacer:
         self._rx: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_SAMPLES)
         self._btl: collections.deque[tuple[float, float]] = collections.deque()  # (time, rate)
         self._backlogged = False
+        self._last_feedback = float("-inf")
         self._above_since: float | None = None
         self._calm_since: float | None = None
         self._tokens = float(MIN_BURST)
@@ -165,17 +169,18 @@ class DelayPacer:
             rate = (rx_bytes - rx[0][1]) / (rx_time - rx[0][0])
         rx.append((rx_time, rx_bytes))
         btl = self._btl
-        if backlogged and not self._backlogged and btl:
-            # bulk data waits again after a pause: what the link carried before still holds
-            # until samples of the new transfer (which start low, while it ramps up) replace it
+        gap = now - self._last_feedback > max(FEEDBACK_GAP, 2 * (self.base_rtt or 0.0))
+        if backlogged and (gap or not self._backlogged) and btl:
+            # bulk data waits again after a pause, or feedback resumes after a gap (a stall of
+            # either process, say): what the link carried before still holds until samples of
+            # the new transfer (which start low, while it ramps up) replace it
             btl[0] = (now, btl[0][1])
         self._backlogged = backlogged
+        self._last_feedback = now
         while backlogged and btl and btl[0][0] < now - BTL_WINDOW:
             btl.popleft()  # (only while the link is in use: a pause keeps the last maximum)
         if rate is None or rate <= 0:
             return
-        if backlogged and (self._qdelay or 0.0) > 2 * self.effective_target:
-            btl.clear()  # a standing queue: what arrives is exactly what the link carries
         if backlogged or not btl or rate > self.bottleneck:  # type: ignore[operator]
             while btl and btl[-1][1] <= rate:  # a monotone queue: the front is the maximum
                 btl.pop()

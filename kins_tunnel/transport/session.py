@@ -80,6 +80,7 @@ class SessionStatistics:
             "base_rtt_ms": _ms(self.base_rtt),
             "paced_rate_bps": None if self.paced_rate is None else round(self.paced_rate * 8),
             "paced_held_bytes": self.paced_held,
+            "output_queued_bytes": self.output_queued,
         }
 
 

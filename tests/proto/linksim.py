@@ -56,6 +56,7 @@ class Link:
         default_factory=collections.deque
     )
     _rx_bytes: int = 0
+    frozen_until: float = 0.0  # the receiving process does not run before this (a stall)
 
     def __post_init__(self) -> None:
         self.data = DataQueues(lambda: self.now)
@@ -109,7 +110,7 @@ class Link:
                     self._flight[-1] = (self.now + self.delay, 0, int(stamp), sent_at)
 
     def _receive(self) -> None:
-        while self._flight and self._flight[0][0] <= self.now:
+        while self.now >= self.frozen_until and self._flight and self._flight[0][0] <= self.now:
             at, sid, n, sent_at = self._flight.popleft()
             if sid == 0:  # a stamp: answer it (n is the stamp)
                 self.stamp_delays.append((at, at - sent_at - self.delay))

@@ -66,9 +66,10 @@ def test_the_rate_follows_the_link_when_it_halves_or_doubles(factor: float) -> N
     assert percentile(qd, 0.99) <= 2 * target
     assert link.delivered(13.0, 20.0) >= 0.85 * rate * factor * 7.0
     # a halving overfills the queue until the delay shows it (a round trip plus the queue's own
-    # delay); the excess is gone within a second
+    # delay) and the old rate ages out of the estimate (`BTL_WINDOW`); the excess is gone within
+    # two seconds
     late = [at for at, d in link.stamp_delays if at >= 10.0 and d > 2 * target]
-    assert not late or max(late) < 11.0
+    assert not late or max(late) < 12.0
 
 
 def test_two_bulk_streams_share_the_paced_rate_fairly() -> None:
@@ -197,3 +198,20 @@ def test_a_transfer_resuming_after_a_pause_starts_at_the_links_rate() -> None:
     link.run(10.0, step)
     assert link.pacer.engagements == 1  # engaged all along
     assert link.delivered(8.3, 9.3, 3) >= 0.8 * rate
+
+
+def test_a_stall_of_the_receiver_does_not_collapse_the_rate() -> None:
+    """The receiving process is not scheduled for 1.5 s (a busy machine): then the stamps it
+    answers all at once show a huge delay and the deliveries come in a burst after a gap; the
+    link is full again soon, at the delay target."""
+    rate, delay, queue = PROFILES[0]
+    link = Link(rate=rate, delay=delay, queue=queue)
+
+    def step(lk: Link) -> None:
+        keep_busy(lk, 1)
+
+    link.run(8.0, step)
+    link.frozen_until = 9.5
+    link.run(12.0, step)
+    assert link.delivered(10.5, 11.5) >= 0.8 * rate
+    assert percentile(link.queueing_delays(11.0, 12.0), 0.5) <= 1.25 * link.pacer.effective_target
