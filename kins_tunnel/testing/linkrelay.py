@@ -6,7 +6,8 @@ stops reading, so TCP back-pressure reaches the sender), leave it at `rate` byte
 pieces of about a millisecond of the rate, and are written `delay` seconds later. With
 `sock_buffer`, the relay's own sockets get send and receive buffers of that size, so that the
 kernel adds little queue of its own and the configured queue is the one the sender meets (with
-default buffers, autotuning adds megabytes of hidden queue). Byte order and half-close are kept;
+default buffers, autotuning adds megabytes of hidden queue), and segments of an Ethernet path's
+size. Byte order and half-close are kept;
 a failure on either side resets both.
 
 The link can also fail: `stop(up=..., down=...)` stops a direction (nothing is read from its source,
@@ -34,6 +35,7 @@ import trio
 CHUNK = 64 * 1024
 PIECE_TIME = 0.001  # seconds of the rate one write carries (at least MIN_PIECE bytes)
 MIN_PIECE = 1500
+ETHERNET_MSS = 1448  # bytes of payload per segment on a 1500-byte MTU path (with timestamps)
 
 
 def _rst_on_close(stream: trio.SocketStream) -> None:
@@ -129,9 +131,15 @@ class LinkRelay:
                 sock.close()
 
     def _small_buffers(self, sock: trio.socket.SocketType) -> None:
+        """Small socket buffers, and segments of a real network's size: with loopback's 64 KiB
+        segments a receive buffer this small could never open its window by a whole segment,
+        and the sender would crawl on zero-window probes (a few KiB per 200 ms) after the
+        relay's queue had been full once."""
         if self.sock_buffer is not None:
             for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 sock.setsockopt(socket.SOL_SOCKET, opt, self.sock_buffer)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, ETHERNET_MSS)
 
     async def _open_direction(self, direction: str) -> None:
         while True:
