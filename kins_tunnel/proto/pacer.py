@@ -47,7 +47,6 @@ Sans-IO: every method takes `now` from the caller's clock; nothing here sleeps o
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
 
 BASE_BUCKET = 10.0  # seconds per bucket of the base delay's windowed minimum
@@ -100,11 +99,12 @@ class DelayPacer:
         self.engagements = 0
         self._origin: float | None = None  # the first delay sample: values are kept relative
         # (bucket, minimum delay, minimum round trip)
-        self._base: collections.deque[tuple[int, float, float]] = collections.deque()
-        self._recent: collections.deque[float] = collections.deque(maxlen=CURRENT_FILTER)
+        # short lists, not deques: an empty deque costs ~600 bytes, and every tunnel has a pacer
+        self._base: list[tuple[int, float, float]] = []
         self._qdelay: float | None = None
-        self._rx: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_SAMPLES)
-        self._btl: collections.deque[tuple[float, float]] = collections.deque()  # (time, rate)
+        self._recent: list[float] = []  # the last CURRENT_FILTER delays
+        self._rx: list[tuple[float, int]] = []  # (receiver time, bytes), at most RATE_SAMPLES
+        self._btl: list[tuple[float, float]] = []  # (time, rate), rates decreasing
         self._backlogged = False
         self._last_feedback = float("-inf")
         self._above_since: float | None = None
@@ -154,8 +154,11 @@ class DelayPacer:
         else:
             base.append((bucket, d, rtt))
             while base and base[0][0] <= bucket - BASE_BUCKETS:
-                base.popleft()
-        self._recent.append(d)
+                del base[0]
+        recent = self._recent
+        recent.append(d)
+        if len(recent) > CURRENT_FILTER:
+            del recent[0]
         qd = self._qdelay = max(min(self._recent) - min(m for _, m, _ in base), 0.0)
         self._delivery(now, rx_time, rx_bytes, backlogged)
         self._update(now, qd)
@@ -163,11 +166,13 @@ class DelayPacer:
     def _delivery(self, now: float, rx_time: float, rx_bytes: int, backlogged: bool) -> None:
         rx = self._rx
         while len(rx) > 1 and rx_time - rx[1][0] >= 4 * RATE_SPAN:
-            rx.popleft()  # keep one point older than the span: a sample spans RATE_SPAN..4x
+            del rx[0]  # keep one point older than the span: a sample spans RATE_SPAN..4x
         rate = None
         if rx and rx_time - rx[0][0] >= RATE_SPAN:
             rate = (rx_bytes - rx[0][1]) / (rx_time - rx[0][0])
         rx.append((rx_time, rx_bytes))
+        if len(rx) > RATE_SAMPLES:
+            del rx[0]
         btl = self._btl
         gap = now - self._last_feedback > max(FEEDBACK_GAP, 2 * (self.base_rtt or 0.0))
         if backlogged and (gap or not self._backlogged) and btl:
@@ -178,7 +183,7 @@ class DelayPacer:
         self._backlogged = backlogged
         self._last_feedback = now
         while backlogged and btl and btl[0][0] < now - BTL_WINDOW:
-            btl.popleft()  # (only while the link is in use: a pause keeps the last maximum)
+            del btl[0]  # (only while the link is in use: a pause keeps the last maximum)
         if rate is None or rate <= 0:
             return
         if backlogged or not btl or rate > self.bottleneck:  # type: ignore[operator]
