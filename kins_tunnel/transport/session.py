@@ -71,6 +71,7 @@ class SessionStatistics:
     paced_rate: float | None = None  # bytes/s bulk data may go at (None: not paced)
     paced_held: int = 0  # bytes of bulk data waiting for the pacer's credit
     pacing: str = "off"  # "off" (configured, or the peer lacks it), "measuring", "engaged"
+    pacing_engagements: int = 0  # times pacing engaged on this tunnel
 
     def qos_status(self) -> dict[str, object]:
         """The pacing fields of a `/status` tunnel entry."""
@@ -81,6 +82,7 @@ class SessionStatistics:
             "paced_rate_bps": None if self.paced_rate is None else round(self.paced_rate * 8),
             "paced_held_bytes": self.paced_held,
             "output_queued_bytes": self.output_queued,
+            "pacing_engagements": self.pacing_engagements,
         }
 
 
@@ -242,6 +244,7 @@ class Session:
             queueing_delay=None if p is None else p.queueing_delay,
             paced_rate=None if p is None else p.rate,
             paced_held=st.held,
+            pacing_engagements=0 if p is None else p.engagements,
             pacing=(
                 "off"
                 if p is None or (not p.engaged and "delay" not in self.conn.capabilities)

@@ -140,7 +140,7 @@ async def test_bulk_is_paced_and_pings_are_not_held_through_a_thin_link(tmp_path
         assert st.queueing_delay is not None and st.base_rtt is not None
         doc = json.loads(run.edge.status()[2])
         (tunnel,) = doc["tunnels"]
-        assert tunnel["pacing"] == "engaged"
+        assert tunnel["pacing"] == "engaged" and tunnel["pacing_engagements"] >= 1
         assert isinstance(tunnel["queue_delay_ms"], float)
         assert tunnel["paced_rate_bps"] > 0
         metrics = run.edge.metrics.render()[2].decode()
@@ -159,7 +159,7 @@ async def test_pacing_off_never_holds_anything(tmp_path: Path) -> None:
     async def check(run: ThinLinkRun) -> None:
         assert run.seen["engaged"] == run.seen["held"] == 0
         st = run.session.statistics()
-        assert st.pacing == "off" and st.paced_rate is None
+        assert st.pacing == "off" and st.paced_rate is None and st.pacing_engagements == 0
         # the control: without pacing the link's queue fills (a quarter second at 8 Mbit/s)
         assert run.rtts[len(run.rtts) // 2] > 0.1
 
@@ -211,4 +211,39 @@ async def test_a_units_max_rate_caps_bulk_towards_its_edges(tmp_path: Path) -> N
             assert st.pacing == "engaged" and st.paced_rate == cap
             assert 0.5 * cap <= rate <= 1.15 * cap, rate
             figure("capped upload (4 Mbit/s cap)", rate * 8 / 1e6, "Mbit/s")
+        targets.cancel_scope.cancel()
+
+
+async def test_pacing_never_engages_on_loopback(tmp_path: Path) -> None:
+    """A fast path: 64 MiB each way on loopback (cloud, edge, targets and client in this one
+    process, so the CPU is the bottleneck, not a link): no queue builds, pacing never engages."""
+    total = 64 * 1024 * 1024
+    sunk = [0]
+
+    async def sink(stream: trio.SocketStream) -> None:
+        await drain(stream, sunk)
+
+    async with trio.open_nursery() as targets:
+        source = await targets.start(serve_loopback, endless)
+        sink_port = await targets.start(serve_loopback, sink)
+        services = {SOURCE: f"127.0.0.1:{source}", SVC: f"127.0.0.1:{sink_port}"}
+        async with tunnel_env(tmp_path, services) as env:
+            (edge,) = env.edges
+            (tunnel,) = list(env.cloud.registry)
+            status, _, down = await connect(env.ports.proxy, SOURCE)
+            assert status == 200
+            status, _, up = await connect(env.ports.proxy, SVC)
+            assert status == 200
+            got = 0
+            block = bytes(256 * KiB)
+            with trio.fail_after(120):
+                async with down, up:
+                    while got < total:
+                        got += len(await down.receive_some(256 * KiB))
+                    for _ in range(total // len(block)):
+                        await up.send_all(block)
+            (session,) = edge.sessions.values()
+            for side in (session.statistics(), tunnel.session.statistics()):
+                assert side.pacing == "measuring" and side.pacing_engagements == 0
+                assert side.queueing_delay is not None  # measured all along
         targets.cancel_scope.cancel()
