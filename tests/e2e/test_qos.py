@@ -6,8 +6,10 @@ and metrics show it. And: `qos.enabled: false` never paces; a unit's `max_rate` 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from kins_tunnel.transport.session import Session
 from tests.e2e.faultkit import figure
 from tests.e2e.harness import (
     SVC,
+    TunnelEnv,
     connect,
     echo_bytes,
     edge_dict,
@@ -30,6 +33,7 @@ from tests.e2e.harness import (
     wait_routed,
 )
 
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
 SOURCE = "edge1:8080"  # the node name: a name this edge may serve
 KiB = 1024
 
@@ -39,6 +43,30 @@ async def endless(stream: trio.SocketStream) -> None:
     block = bytes(64 * KiB)
     while True:
         await stream.send_all(block)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    tmp_path: Path, source: Handler, svc: Handler, **cloud_over: Any
+) -> AsyncIterator[TunnelEnv]:
+    """A cloud (with `cloud_over`) and an edge on loopback serving SOURCE and SVC by the two
+    handlers."""
+    async with trio.open_nursery() as targets:
+        ports = [await targets.start(serve_loopback, handler) for handler in (source, svc)]
+        services = {SOURCE: f"127.0.0.1:{ports[0]}", SVC: f"127.0.0.1:{ports[1]}"}
+        async with tunnel_env(tmp_path, services, **cloud_over) as env:
+            yield env
+        targets.cancel_scope.cancel()
+
+
+async def open_both(proxy: int) -> tuple[trio.SocketStream, trio.SocketStream]:
+    """CONNECTs to SOURCE, then SVC (in this order: the edge's stream ids follow it)."""
+    streams = []
+    for target in (SOURCE, SVC):
+        status, _, stream = await connect(proxy, target)
+        assert status == 200
+        streams.append(stream)
+    return streams[0], streams[1]
 
 
 async def drain(stream: trio.SocketStream, counted: list[int]) -> None:
@@ -88,10 +116,7 @@ async def thin_link_run(
             await wait_until(lambda: bool(edge.sessions), 10, "the edge's session")
             (session,) = edge.sessions.values()
 
-            status, _, bulk = await connect(env.ports.proxy, SOURCE)
-            assert status == 200
-            status, _, ping = await connect(env.ports.proxy, SVC)
-            assert status == 200
+            bulk, ping = await open_both(env.ports.proxy)
             got = [0]
             seen = {"engaged": 0, "held": 0, "ping_bulk": 0, "bulk_bulk": 0}
             rtts: list[float] = []
@@ -171,47 +196,36 @@ async def test_a_units_max_rate_caps_bulk_towards_its_edges(tmp_path: Path) -> N
     anywhere) is held to the cap, counted at the sink; a ping stream beside it is not."""
     cap = 4e6 / 8  # 4 Mbit/s
     sunk = [0]
+    sink = functools.partial(drain, counted=sunk)
+    async with serving(
+        tmp_path, sink, echo_bytes, qos={"units": {"test": {"max_rate": "4Mbit"}}}
+    ) as env:
+        (tunnel,) = list(env.cloud.registry)
+        up, ping = await open_both(env.ports.proxy)
+        async with up, ping, trio.open_nursery() as n:
 
-    async def sink(stream: trio.SocketStream) -> None:
-        await drain(stream, sunk)
+            async def upload() -> None:
+                block = bytes(64 * KiB)
+                while True:
+                    await up.send_all(block)
 
-    async with trio.open_nursery() as targets:
-        sink_port = await targets.start(serve_loopback, sink)
-        echo = await targets.start(serve_loopback, echo_bytes)
-        services = {SOURCE: f"127.0.0.1:{sink_port}", SVC: f"127.0.0.1:{echo}"}
-        async with tunnel_env(
-            tmp_path, services, qos={"units": {"test": {"max_rate": "4Mbit"}}}
-        ) as env:
-            (tunnel,) = list(env.cloud.registry)
-            status, _, up = await connect(env.ports.proxy, SOURCE)
-            assert status == 200
-            status, _, ping = await connect(env.ports.proxy, SVC)
-            assert status == 200
-            async with up, ping, trio.open_nursery() as n:
-
-                async def upload() -> None:
-                    block = bytes(64 * KiB)
-                    while True:
-                        await up.send_all(block)
-
-                n.start_soon(upload)
-                await trio.sleep(1.0)
-                start, t0 = sunk[0], trio.current_time()
-                with trio.fail_after(10):
-                    for i in range(20):  # pings pass beside the capped upload
-                        await ping.send_all(b"%08d" % i)
-                        echoed = b""
-                        while len(echoed) < 8:
-                            echoed += await ping.receive_some(8 - len(echoed))
-                        assert echoed == b"%08d" % i
-                        await trio.sleep(0.1)
-                rate = (sunk[0] - start) / (trio.current_time() - t0)
-                st = tunnel.session.statistics()
-                n.cancel_scope.cancel()
-            assert st.pacing == "engaged" and st.paced_rate == cap
-            assert 0.5 * cap <= rate <= 1.15 * cap, rate
-            figure("capped upload (4 Mbit/s cap)", rate * 8 / 1e6, "Mbit/s")
-        targets.cancel_scope.cancel()
+            n.start_soon(upload)
+            await trio.sleep(1.0)
+            start, t0 = sunk[0], trio.current_time()
+            with trio.fail_after(10):
+                for i in range(20):  # pings pass beside the capped upload
+                    await ping.send_all(b"%08d" % i)
+                    echoed = b""
+                    while len(echoed) < 8:
+                        echoed += await ping.receive_some(8 - len(echoed))
+                    assert echoed == b"%08d" % i
+                    await trio.sleep(0.1)
+            rate = (sunk[0] - start) / (trio.current_time() - t0)
+            st = tunnel.session.statistics()
+            n.cancel_scope.cancel()
+        assert st.pacing == "engaged" and st.paced_rate == cap
+        assert 0.5 * cap <= rate <= 1.15 * cap, rate
+        figure("capped upload (4 Mbit/s cap)", rate * 8 / 1e6, "Mbit/s")
 
 
 async def test_pacing_never_engages_on_loopback(tmp_path: Path) -> None:
@@ -219,31 +233,20 @@ async def test_pacing_never_engages_on_loopback(tmp_path: Path) -> None:
     process, so the CPU is the bottleneck, not a link): no queue builds, pacing never engages."""
     total = 64 * 1024 * 1024
     sunk = [0]
-
-    async def sink(stream: trio.SocketStream) -> None:
-        await drain(stream, sunk)
-
-    async with trio.open_nursery() as targets:
-        source = await targets.start(serve_loopback, endless)
-        sink_port = await targets.start(serve_loopback, sink)
-        services = {SOURCE: f"127.0.0.1:{source}", SVC: f"127.0.0.1:{sink_port}"}
-        async with tunnel_env(tmp_path, services) as env:
-            (edge,) = env.edges
-            (tunnel,) = list(env.cloud.registry)
-            status, _, down = await connect(env.ports.proxy, SOURCE)
-            assert status == 200
-            status, _, up = await connect(env.ports.proxy, SVC)
-            assert status == 200
-            got = 0
-            block = bytes(256 * KiB)
-            with trio.fail_after(120):
-                async with down, up:
-                    while got < total:
-                        got += len(await down.receive_some(256 * KiB))
-                    for _ in range(total // len(block)):
-                        await up.send_all(block)
-            (session,) = edge.sessions.values()
-            for side in (session.statistics(), tunnel.session.statistics()):
-                assert side.pacing == "measuring" and side.pacing_engagements == 0
-                assert side.queueing_delay is not None  # measured all along
-        targets.cancel_scope.cancel()
+    sink = functools.partial(drain, counted=sunk)
+    async with serving(tmp_path, endless, sink) as env:
+        (edge,) = env.edges
+        (tunnel,) = list(env.cloud.registry)
+        down, up = await open_both(env.ports.proxy)
+        got = 0
+        block = bytes(256 * KiB)
+        with trio.fail_after(120):
+            async with down, up:
+                while got < total:
+                    got += len(await down.receive_some(256 * KiB))
+                for _ in range(total // len(block)):
+                    await up.send_all(block)
+        (session,) = edge.sessions.values()
+        for side in (session.statistics(), tunnel.session.statistics()):
+            assert side.pacing == "measuring" and side.pacing_engagements == 0
+            assert side.queueing_delay is not None  # measured all along
