@@ -27,20 +27,24 @@ queue), the pacer engages and the rate of bulk data becomes
 
     rate = bottleneck × gain(queueing delay)
 
-with a gain of 1 + PROBE (1.25) on an empty queue, 1 at the target and down to 0.5 at twice the
-target. Steady state is therefore a queue of about the target, the link filled (the delivery rate
-is what the link carries, the probing gain finds more when it frees up: after the link's rate
-doubles the estimate grows by up to 25 % per feedback round; after it halves the gain drops
-towards 0.5 and the old maximum ages out of the `BTL_WINDOW`, so the excess queue is gone within
-about two seconds). The pacer lets go again
-once the queueing delay has stayed below a quarter of the target for `DISENGAGE_AFTER` seconds.
-A configured `max_rate` caps the rate and engages pacing from the start.
+with a gain of up to 1 + PROBE (1.25) on an empty queue (less on long round trips: about one
+target's worth of queue per round trip), 1 at the target, and above it a drain of the excess over
+`DRAIN_RTTS` round trips (at least `MIN_GAIN`). Steady state is therefore a queue of about the
+target, the link filled (the delivery rate is what the link carries, and the probing gain finds
+more when it frees up: after the link's rate doubles the estimate grows by up to 25 % per
+feedback round; after it halves the gain drops towards 0.5 and the old maximum ages out of the
+`BTL_WINDOW`, so the excess queue is gone within about two seconds). The target is the configured
+one, or a quarter of the base round trip when that is less (at least `MIN_TARGET`). The pacer
+lets go again once the queueing delay has stayed below a quarter of the target for
+`DISENGAGE_AFTER` seconds. A configured `max_rate` caps the rate and engages pacing from the
+start.
 
 The rate is spent as a token bucket (`credit` / `spent`): the sender writes again once
-`SEND_TIME` (2 ms) of the rate has accrued, so the link sees small, even bursts; the bucket holds up
-to `BURST_TIME` (20 ms) of the rate, so a wake-up that comes late (a busy machine) loses no
-credit, at the price of one burst of that size after a pause. Only *bulk* data is paced (see `output` for the
-classification); the connection never holds control frames or interactive streams.
+`SEND_TIME` (2 ms) of the rate has accrued, so the link sees small, even bursts; the bucket holds
+up to `BURST_TIME` (20 ms) of the rate, so a wake-up that comes late (a busy machine) loses no
+credit, at the price of one burst of that size after a pause. Only *bulk* data is paced (see
+`output` for the classification); the connection never holds control frames or interactive
+streams.
 
 Sans-IO: every method takes `now` from the caller's clock; nothing here sleeps or reads a clock.
 """
