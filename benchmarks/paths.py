@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,26 +49,44 @@ class Targets:
             self.ports[kind] = port
 
 
+@dataclass(frozen=True)
+class Link:
+    """A link as `linkrelay` plays it: one-way delay, rate, and optionally the bottleneck queue
+    and the relay's own socket buffers."""
+
+    delay_ms: float
+    rate_mbit: float
+    queue_kib: int | None = None
+    sock_kib: int | None = None
+
+
 def start_relay(
     cleanup: Cleanup, name: str, upstream_port: int, delay_ms: float, rate_mbit: float
 ) -> int:
+    return relay_proc(cleanup, name, upstream_port, Link(delay_ms, rate_mbit))[1]
+
+
+def relay_proc(
+    cleanup: Cleanup, name: str, upstream_port: int, link: Link
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A `linkrelay` process playing `link` in front of `upstream_port`, and its port."""
     d = cleanup.tempdir(name)
-    _, port = cleanup.spawn_ready(
-        name,
-        [
-            sys.executable,
-            "-m",
-            "kins_tunnel.testing.linkrelay",
-            "--upstream",
-            f"127.0.0.1:{upstream_port}",
-            "--delay-ms",
-            str(delay_ms),
-            "--rate-mbit",
-            str(rate_mbit),
-        ],
-        d / "relay.log",
-    )
-    return port
+    argv = [
+        sys.executable,
+        "-m",
+        "kins_tunnel.testing.linkrelay",
+        "--upstream",
+        f"127.0.0.1:{upstream_port}",
+        "--delay-ms",
+        str(link.delay_ms),
+        "--rate-mbit",
+        str(link.rate_mbit),
+    ]
+    if link.queue_kib is not None:
+        argv += ["--buffer-kib", str(link.queue_kib)]
+    if link.sock_kib is not None:
+        argv += ["--sock-buffer-kib", str(link.sock_kib)]
+    return cleanup.spawn_ready(name, argv, d / "relay.log")
 
 
 class Path_:
@@ -219,6 +238,19 @@ class SshR(Path_):
         self.cost_exclude = (set(tree(self.cost_roots)) - before) | {wan.pid}
         return endpoint(fport)
 
+    def wan_qos_endpoints(
+        self, link: Link, ports: dict[str, int]
+    ) -> tuple[dict[str, dict[str, Any]], list[subprocess.Popen[bytes]]]:
+        """ssh -R through a shaped link to sshd, forwarding every target kind (`ports` override
+        the shared targets'); the endpoints and the processes to stop afterwards."""
+        relay, rport = relay_proc(self.cleanup, "relay-qos-ssh", self.port, link)
+        to = {**self.targets.ports, **ports}
+        fports = {k: free_port() for k in KINDS}
+        wan = self._ssh_forward(
+            "ssh-R-qos", rport, [f"127.0.0.1:{fports[k]}:127.0.0.1:{to[k]}" for k in KINDS]
+        )
+        return {k: endpoint(fports[k]) for k in KINDS}, [wan, relay]
+
 
 UNIT = "bench"
 NODE = "edge1"
@@ -369,9 +401,15 @@ class Ours(Path_):
         return proc, proxy_port, admin_port, tunnel_port
 
     def _start_edge(
-        self, name: str, cloud_port: int, kinds: tuple[str, ...]
+        self,
+        name: str,
+        cloud_port: int,
+        kinds: tuple[str, ...],
+        ports: dict[str, int] | None = None,
     ) -> subprocess.Popen[bytes]:
         c = self.certs
+        to = ports or self.targets.ports
+        edge_admin = self.edge_admin = free_port()
         cfg = self.dir / f"{name}.yaml"
         cfg.write_text(
             json.dumps(
@@ -382,12 +420,10 @@ class Ours(Path_):
                         "cert": str(c / f"edge-{NODE}.crt"),
                         "key": str(c / f"edge-{NODE}.key"),
                     },
-                    "services": {
-                        f"{SVC}:{SVC_PORTS[k]}": f"127.0.0.1:{self.targets.ports[k]}" for k in kinds
-                    },
+                    "services": {f"{SVC}:{SVC_PORTS[k]}": f"127.0.0.1:{to[k]}" for k in kinds},
                     # The edge has its own admin listener (default 127.0.0.1:9091); two edges run
                     # at once here (main and WAN), so give each a free port.
-                    "admin": {"listen": f"127.0.0.1:{free_port()}"},
+                    "admin": {"listen": f"127.0.0.1:{edge_admin}"},
                 },
                 indent=2,
             )
@@ -448,6 +484,19 @@ class Ours(Path_):
         self._wait_ready_wan(cloud, edge, admin_port, ep)
         self.wan_roots = [cloud.pid, edge.pid]
         return ep
+
+    def wan_qos_endpoints(
+        self, link: Link, ports: dict[str, int]
+    ) -> tuple[dict[str, dict[str, Any]], list[subprocess.Popen[bytes]]]:
+        """Another cloud + edge pair, the edge through a shaped link, serving every target kind
+        (`ports` override the shared targets'); the endpoints and the processes to stop."""
+        cloud, proxy_port, admin_port, tunnel_port = self._start_cloud("cloud-qos")
+        relay, rport = relay_proc(self.cleanup, "relay-qos-ours", tunnel_port, link)
+        edge = self._start_edge("edge-qos", rport, KINDS, {**self.targets.ports, **ports})
+        eps = {k: endpoint(proxy_port, f"{SVC}:{SVC_PORTS[k]}") for k in KINDS}
+        self._wait_ready(cloud, edge, admin_port, eps["echo"], timeout=40)
+        self.qos_admin = {"cloud": admin_port, "edge": self.edge_admin}
+        return eps, [edge, relay, cloud]
 
     def _wait_ready_wan(
         self,

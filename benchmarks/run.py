@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import scale as scale_bench
+from benchmarks import wan_qos
 from benchmarks.paths import (
     PY_RELAY,
     PY_RELAY_TRIO,
@@ -39,7 +40,7 @@ from benchmarks.paths import (
 )
 from benchmarks.procs import REPO, Cleanup, cpu_seconds, minor_faults, rss_breakdown, rss_mib
 
-AXES = ["throughput", "rtt", "setup", "parallel", "fairness", "cost", "scale", "wan"]
+AXES = ["throughput", "rtt", "setup", "parallel", "fairness", "cost", "scale", "wan", "wan_qos"]
 MiB = 1 << 20
 DEFAULT_SSH_CIPHERS = "default,aes128-gcm@openssh.com"
 
@@ -170,6 +171,7 @@ class Bench:
         self.rss_parts: dict[str, dict[str, float]] = {}
         self.broken: set[tuple[str, str]] = set()
         self.rss_detail: dict[str, list[dict[str, object]]] = {}
+        self.wan_qos: dict[str, Any] | None = None
 
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -399,6 +401,8 @@ class Bench:
                 self.rss_parts[pth.name] = {
                     k: rss_mib(r, pth.cost_exclude) for k, r in pth.cost_parts.items()
                 }
+        if "wan_qos" in self.axes:  # its own links and tunnels, one path at a time
+            self.wan_qos = wan_qos.measure(self)
         if "scale" in self.axes:
             # Last, on its own: one more cloud process and the simulated edges would disturb
             # every other axis. ssh -R and direct have no counterpart (no edge tunnels).
@@ -489,6 +493,7 @@ class Bench:
             "rss_per_process": self.rss_detail,
             "table": table_rows(summ, self.axes, self.skipped, self.names, self.scale),
             "scale": self.scale,
+            "wan_qos": self.wan_qos,
             "samples": self.samples,
         }
 
@@ -744,6 +749,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append("Errors:")
         lines += errors[:30]
         lines.append("")
+    if res.get("wan_qos"):
+        lines += wan_qos.markdown(res["wan_qos"])
     return "\n".join(lines)
 
 
@@ -834,7 +841,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run the ssh -R client with a TTY session (ssh -tt ... sleep) instead of -N; "
         "OpenSSH then sets TCP_NODELAY on its connection",
     )
+    ap.add_argument(
+        "--wan-qos-profile",
+        default="",
+        help="wan_qos: only the link profiles whose name contains this (e.g. '20 Mbit')",
+    )
+    ap.add_argument(
+        "--wan-qos-paths",
+        default="ours,ssh -R",
+        help="wan_qos: the paths measured, comma-separated (default 'ours,ssh -R')",
+    )
     args = ap.parse_args(argv)
+    args.wan_qos_paths = [x.strip() for x in args.wan_qos_paths.split(",") if x.strip()]
     args.py_relays = [x.strip() for x in args.py_relays.split(",") if x.strip()]
     if any(x not in ("epoll", "trio") for x in args.py_relays) or len(set(args.py_relays)) != len(
         args.py_relays

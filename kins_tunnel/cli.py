@@ -238,7 +238,9 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 
 
 # the columns of `kins-tunnel status` for a cloud, in order
-_STATUS_COLUMNS = tuple("UNIT NODE REPLICA UPTIME RTT STREAMS SENT RECEIVED EXPIRES PEER".split())
+_STATUS_COLUMNS = tuple(
+    "UNIT NODE REPLICA UPTIME RTT STREAMS SENT RECEIVED EXPIRES PEER QDELAY".split()
+)
 
 
 def _status(admins: list[str], as_json: bool) -> None:
@@ -276,6 +278,7 @@ def _status(admins: list[str], as_json: bool) -> None:
                     _size(e["bytes_received"]),
                     _expires(e.get("cert_expiry_seconds"), e.get("cert_warn_seconds")),
                     e["peer"],
+                    _qdelay(e),
                 )
             )
     _table(rows)
@@ -288,6 +291,14 @@ def _status(admins: list[str], as_json: bool) -> None:
                 f"{doc.get('replica', '?')}: {c['cert']} certificate expires {_expires(c['expiry_seconds'])}"
                 f" ({c['not_after']}, serial {c['serial']})"
             )
+
+
+def _qdelay(edge: dict[str, object]) -> str:
+    """The queueing delay the cloud's direction of a tunnel adds, `*` when bulk is paced."""
+    ms = edge.get("queue_delay_ms")
+    if not isinstance(ms, (int, float)):
+        return "-"
+    return f"{ms:.1f}ms" + ("*" if edge.get("pacing") == "engaged" else "")
 
 
 def _edge_status(doc: dict[str, object]) -> None:

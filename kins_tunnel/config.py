@@ -43,7 +43,9 @@ from kins_tunnel.names import (
     uplink_match_name,
 )
 from kins_tunnel.proto import LimitError, MuxConfig
+from kins_tunnel.proto.pacer import DEFAULT_TARGET, PacingConfig
 from kins_tunnel.proxy_url import parse_proxy_url
+from kins_tunnel.quantities import parse_duration, parse_rate
 from kins_tunnel.transport.writer import OUTPUT_HIGH_WATER
 from kins_tunnel.yamlcheck import Section, read_yaml
 
@@ -174,6 +176,43 @@ class AdminSettings:
     idle_timeout: float = 10.0  # seconds from accept for a whole request and answer
 
 
+@dataclass(frozen=True, slots=True)
+class QosUnit:
+    """The cloud's `qos.units.<unit>`: the pacing of each tunnel of that unit (towards the edge)."""
+
+    max_rate: float | None = None  # bytes/s of bulk data; None: the cloud's qos.max_rate
+    target_delay: float | None = None  # None: the cloud's qos.target_delay
+
+
+@dataclass(frozen=True, slots=True)
+class QosSettings:
+    """`qos:` (README "Interactive first on thin links"): delay-based pacing of bulk streams on
+    the side's sending direction of each tunnel, and an optional hard cap on their rate."""
+
+    enabled: bool = True
+    target_delay: float = DEFAULT_TARGET  # seconds of queueing the pacer lets bulk data add
+    max_rate: float | None = None  # bytes/s of bulk data per tunnel; None: no cap
+    units: Mapping[str, QosUnit] = field(default_factory=lambda: types.MappingProxyType({}))
+
+    def pacing(self, unit: str | None = None) -> PacingConfig:
+        """The pacer settings of one tunnel (of `unit`, on the cloud)."""
+        per = self.units.get(unit) if unit is not None else None
+        return PacingConfig(
+            enabled=self.enabled,
+            target_delay=per.target_delay if per and per.target_delay else self.target_delay,
+            max_rate=per.max_rate if per and per.max_rate else self.max_rate,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeQos:
+    """The edge's `qos:` (no `units`: the edge is one unit)."""
+
+    enabled: bool = True
+    target_delay: float = DEFAULT_TARGET
+    max_rate: float | None = None
+
+
 _CLOUD_ADMIN = AdminSettings(Address("127.0.0.1", 9090))
 _EDGE_ADMIN = AdminSettings(Address("127.0.0.1", 9091))
 
@@ -185,6 +224,7 @@ class CloudConfig:
     proxy: ProxySettings = ProxySettings()
     admin: AdminSettings = _CLOUD_ADMIN
     mux: MuxConfig = MuxConfig()
+    qos: QosSettings = QosSettings()
     log: LogSettings = LogSettings()
     replica: str = ""  # name of this replica; empty means the host name
     # normalised "ip:port" -> normalised routing name (static ClusterIP aliases)
@@ -247,6 +287,7 @@ class EdgeConfig:
     reconnect: Backoff = Backoff()
     admin: AdminSettings | None = _EDGE_ADMIN  # None: disabled
     mux: MuxConfig = MuxConfig()
+    qos: QosSettings = QosSettings()  # `units` stays empty on the edge
     log: LogSettings = LogSettings()
     proxy: SiteProxy | None = None  # None: connect to the cloud directly
     # local listen address -> cloud-side "host:port" as written (`names.dial_target`; uplinks)
@@ -338,6 +379,7 @@ def cloud_config_from_dict(
         uplinks=_cloud_uplinks(top, discovery.cluster_domain),
         admin=top.section("admin", AdminSettings).build(AdminSettings, defaults=_CLOUD_ADMIN),
         mux=_mux(top.section("mux", MuxConfig)),
+        qos=_qos(top.section("qos", QosSettings)),
         log=_log(top.section("log", LogSettings)),
         enrollment=_enrollment(top),
         **top.scalars(),
@@ -358,6 +400,7 @@ def edge_config_from_dict(
         reconnect=_backoff(top.section("reconnect", Backoff)),
         admin=admin,
         mux=_mux(top.section("mux", MuxConfig)),
+        qos=_qos(top.section("qos", EdgeQos)),
         log=_log(top.section("log", LogSettings)),
         proxy=_site_proxy(top.section("proxy", SiteProxy))
         if top.data.get("proxy") is not None
@@ -596,6 +639,47 @@ def _mux(sec: Section) -> MuxConfig:
         return sec.build(MuxConfig)
     except LimitError as exc:
         sec.fail(exc.key, str(exc))
+
+
+MIN_TARGET_DELAY, MAX_TARGET_DELAY = 0.001, 5.0
+
+
+def _qos_values(sec: Section) -> tuple[float | None, float | None]:
+    """(target_delay, max_rate) of a `qos` section or unit entry, when given."""
+    out: list[float | None] = []
+    for key, parse in (("target_delay", parse_duration), ("max_rate", parse_rate)):
+        value = None
+        if sec.data.get(key) is not None:
+            try:
+                value = parse(sec.data[key])
+            except ValueError as exc:
+                sec.fail(key, str(exc))
+        if key == "target_delay" and value is not None:
+            if not MIN_TARGET_DELAY <= value <= MAX_TARGET_DELAY:
+                sec.fail(key, f"must be between 1ms and 5s, got {sec.data[key]!r}")
+        out.append(value)
+    return out[0], out[1]
+
+
+def _qos(sec: Section) -> QosSettings:
+    """`qos:` of either side (the edge's has no `units`: its Section refuses the key)."""
+    enabled = sec.data.get("enabled", True)
+    if type(enabled) is not bool:
+        sec.fail("enabled", f"expected true or false, got {kind(enabled)}")
+    target, max_rate = _qos_values(sec)
+    units: dict[str, QosUnit] = {}
+    for key, value, where in sec.entries("units", "unit names to {max_rate, target_delay}"):
+        if not isinstance(key, str) or not _UNIT_RE.fullmatch(key):
+            sec.fail(where, "a key must be a NodeUnit name (a DNS label: lower-case a-z, 0-9, '-')")
+        unit = Section(sec.source, sec.base_dir, sec.where(where), value, QosUnit)
+        unit_target, unit_rate = _qos_values(unit)
+        units[key] = QosUnit(max_rate=unit_rate, target_delay=unit_target)
+    return QosSettings(
+        enabled=enabled,
+        target_delay=target if target is not None else DEFAULT_TARGET,
+        max_rate=max_rate,
+        units=types.MappingProxyType(units),
+    )
 
 
 def _log(sec: Section) -> LogSettings:

@@ -66,6 +66,30 @@ _PER_TUNNEL: tuple[tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str
     ),
     (GaugeMetricFamily, "kins_tunnel_tunnel_rtt_seconds", "Last measured tunnel round trip", "rtt"),
     (
+        GaugeMetricFamily,
+        "kins_tunnel_qos_base_rtt_seconds",
+        "Base round trip of the tunnel's delay stamps (windowed minimum; the path without queues)",
+        "base_rtt",
+    ),
+    (
+        GaugeMetricFamily,
+        "kins_tunnel_qos_queueing_delay_seconds",
+        "Queueing delay this side's sending direction adds (one-way, over the base delay)",
+        "queueing_delay",
+    ),
+    (
+        GaugeMetricFamily,
+        "kins_tunnel_qos_paced_rate_bytes",
+        "Bytes per second bulk streams may send while pacing is engaged",
+        "paced_rate",
+    ),
+    (
+        GaugeMetricFamily,
+        "kins_tunnel_qos_held_bytes",
+        "Bytes of bulk streams waiting for the pacer's credit",
+        "paced_held",
+    ),
+    (
         CounterMetricFamily,
         "kins_tunnel_flow_control_stalls",
         "Times a sender on this tunnel waited for peer credit or socket space",

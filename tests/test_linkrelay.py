@@ -14,7 +14,8 @@ from tests.e2e.harness import serve_echo
 async def test_delay_rate_order_and_half_close(virtual_clock: trio.testing.MockClock) -> None:
     async with trio.open_nursery() as n:
         echo = await n.start(serve_echo)
-        relay = LinkRelay(echo, delay=0.025, rate=1_000_000)  # 25 ms each way, 1 MB/s
+        # 25 ms each way, 1 MB/s; whole chunks per write (each write is a jump of the clock)
+        relay = LinkRelay(echo, delay=0.025, rate=1_000_000, piece=CHUNK)
         port = await n.start(relay.serve)
         s = await trio.open_tcp_stream("127.0.0.1", port)
         async with s:

@@ -423,6 +423,7 @@ async def test_status_command_lists_connected_edges(tmp_path: Path) -> None:
                     "RECEIVED",
                     "EXPIRES",
                     "PEER",
+                    "QDELAY",
                 ]
                 by_node = {row[1]: row for row in rows[1:]}
                 assert set(by_node) == {"edge1", "edge2"}
@@ -437,6 +438,8 @@ async def test_status_command_lists_connected_edges(tmp_path: Path) -> None:
                     e1[8].endswith("d") and int(e1[8][:-1]) > 800
                 )  # the edge certificate: 825 days
                 assert e1[9].startswith("127.0.0.1:")
+                # the queueing delay the cloud's direction adds: measured once data flowed
+                assert e1[10] == "-" or (e1[10].endswith("ms") and float(e1[10][:-2]) >= 0)
 
                 r = await run_kins_tunnel("status", "--admin", admin, "--json")
                 doc = json.loads(r.stdout)

@@ -276,6 +276,7 @@ class Cloud:
                     "bytes_received": st.bytes_received,
                     "names": sorted(t.names),
                     "draining": t.session.draining,
+                    **st.qos_status(),
                     **(self.expiry.edge_status(t.cert) if t.cert is not None else {}),
                 }
             )

@@ -210,6 +210,7 @@ class TunnelServer:
             Hello(agent=f"kins-tunnel-cloud/{__version__}", time=time.time()),
             self.cfg.mux,
             clock=trio.current_time,
+            pacing=self.cfg.qos.pacing(identity.unit),
         )
         on_open = (
             None

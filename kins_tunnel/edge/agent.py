@@ -268,8 +268,9 @@ class Edge:
                 "cloud": a,
                 "uptime": round(now - s.started_at, 1),
                 "rtt_ms": None if s.rtt is None else round(s.rtt * 1000, 3),
-                "streams": s.statistics().streams,
+                "streams": (st := s.statistics()).streams,
                 "draining": not s.usable,
+                **st.qos_status(),
                 **self.cloud_certs.get(a, {}),
             }
             for a, s in [*self.sessions.items(), *draining]
@@ -502,7 +503,9 @@ class Edge:
             )
         cloud_cert = _cert_summary(tls.peer_certificate_der())
         hello = Hello(names=tuple(cfg.services), agent=f"kins-tunnel-edge/{__version__}")
-        conn = Connection(Role.CLIENT, hello, cfg.mux, clock=trio.current_time)
+        conn = Connection(
+            Role.CLIENT, hello, cfg.mux, clock=trio.current_time, pacing=cfg.qos.pacing()
+        )
         session = Session(
             tls,
             conn,

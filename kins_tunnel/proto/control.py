@@ -29,17 +29,21 @@ from kins_tunnel.proto.frames import (
     PING_SIZE,
     U32,
     U32x2,
+    U32x3,
     decode_text,
+    delay_answer_frame,
     goaway_frame,
     open_result_frame,
     ping_frame,
 )
 from kins_tunnel.proto.handshake import Hello, MuxConfig, PeerLimits, parse_hello
 from kins_tunnel.proto.output import DataQueues
+from kins_tunnel.proto.pacer import DelayPacer, DelayProbe, clock_us
 from kins_tunnel.proto.rtt import RttEstimator
 from kins_tunnel.proto.streams import StreamInput, StreamState, StreamTable
 
 MAX_PENDING_PONGS = 16
+MAX_PENDING_DELAY_ANSWERS = 16  # beyond, stamps go unanswered until our output moves
 
 
 class ConnState(enum.Enum):
@@ -62,6 +66,10 @@ class ControlFrames:
     _out: bytearray
     _data: DataQueues
     _pending_pongs: int
+    _pending_delay_answers: int
+    _probe: DelayProbe | None
+    _pacer: DelayPacer | None
+    bytes_received: int
     _rtt: RttEstimator
     _goaway_sent: int | None
 
@@ -75,6 +83,8 @@ class ControlFrames:
         version, caps, self._peer, agent = parse_hello(body, self._hello, self.config)
         self.version = version
         self.capabilities = caps & self._hello.capabilities
+        if "delay" in self.capabilities and self._pacer is not None:
+            self._probe = DelayProbe(self._pacer)
         self._state = ConnState.OPEN
         events.append(
             HandshakeComplete(version, self.capabilities, self._peer.names, agent, self._peer.time)
@@ -163,6 +173,23 @@ class ControlFrames:
         if self._pending_pongs > MAX_PENDING_PONGS:
             raise RemoteProtocolError("PING flood", ErrorCode.ENHANCE_YOUR_CALM)
         self._out += ping_frame(payload, ack=True)
+
+    def _on_delay(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
+        if sid != 0 or len(body) != (U32x3.size if flags & FLAG_ACK else U32.size):
+            raise RemoteProtocolError("malformed DELAY")
+        now = self._now()
+        if now is None:
+            return
+        if flags & FLAG_ACK:
+            if self._probe is not None:
+                echo, received_at, received = U32x3.unpack_from(body)
+                self._probe.answered(now, echo, received_at, received, self._data.held > 0)
+            return
+        if self._pending_delay_answers >= MAX_PENDING_DELAY_ANSWERS:
+            return
+        self._pending_delay_answers += 1
+        (stamp,) = U32.unpack_from(body)
+        self._out += delay_answer_frame(stamp, clock_us(now), self.bytes_received & 0xFFFFFFFF)
 
     def _on_goaway(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
         if sid != 0 or len(body) < 8:

@@ -17,6 +17,9 @@ Stream 0 is the connection itself (HELLO, PING, GOAWAY). Payload layouts (big-en
     RESET        error code u32, message (UTF-8)
     PING         8 opaque bytes; flag ACK marks the answer
     GOAWAY       last processed stream id u32, error code u32, reason (UTF-8)
+    DELAY        (capability "delay") the sender's clock in µs mod 2**32, u32; flag ACK marks
+                 the answer: the stamp echoed u32, the receiver's clock at receipt u32 (µs mod
+                 2**32), DATA payload bytes it has received mod 2**32 u32 (see `pacer`)
 
 Frames of an unknown type are skipped (after their length is checked), so later versions can add
 frame types that older peers ignore.
@@ -32,6 +35,7 @@ HEADER_SIZE = 9
 MAGIC = b"KTUN"
 U32 = struct.Struct(">I")
 U32x2 = struct.Struct(">II")
+U32x3 = struct.Struct(">III")
 HELLO_PREFIX = struct.Struct(">4sHH")
 
 MAX_PAYLOAD_LIMIT = (1 << 24) - 1
@@ -50,6 +54,7 @@ class FrameType(enum.IntEnum):
     RESET = 5
     PING = 6
     GOAWAY = 7
+    DELAY = 8
 
 
 FLAG_FIN = 0x1
@@ -111,3 +116,11 @@ def ping_frame(payload: bytes, ack: bool = False) -> bytes:
 
 def goaway_frame(last_stream_id: int, code: int, reason: str = "") -> bytes:
     return frame(FrameType.GOAWAY, 0, U32x2.pack(last_stream_id, int(code)) + encode_text(reason))
+
+
+def delay_stamp_frame(stamp: int) -> bytes:
+    return frame(FrameType.DELAY, 0, U32.pack(stamp))
+
+
+def delay_answer_frame(echo: int, received_at: int, received: int) -> bytes:
+    return frame(FrameType.DELAY, 0, U32x3.pack(echo, received_at, received), FLAG_ACK)

@@ -26,7 +26,7 @@ from kins_tunnel.proto.frames import (
 
 PROTOCOL_VERSION = 1
 MIN_SUPPORTED_VERSION = 1
-CAPABILITIES = frozenset({"names", "goaway-reason", "window-growth"})
+CAPABILITIES = frozenset({"names", "goaway-reason", "window-growth", "delay"})
 
 
 class Role(enum.Enum):

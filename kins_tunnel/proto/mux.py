@@ -48,6 +48,7 @@ from kins_tunnel.proto.flow import Budget, ReceiveWindow, credit_due, credit_to_
 from kins_tunnel.proto.frames import (
     PING_SIZE,
     FrameType,
+    delay_stamp_frame,
     frame,
     goaway_frame,
     open_frame,
@@ -64,6 +65,7 @@ from kins_tunnel.proto.handshake import (
     encode_hello,
 )
 from kins_tunnel.proto.output import DataQueues
+from kins_tunnel.proto.pacer import DelayPacer, DelayProbe, PacerStatistics, PacingConfig
 from kins_tunnel.proto.receive import FrameReceiver
 from kins_tunnel.proto.rtt import RttEstimator
 from kins_tunnel.proto.streams import Stream, StreamInput, StreamState, StreamTable
@@ -85,6 +87,8 @@ class Statistics:
     peer_max_streams: int = 0  # the peer's limit on streams we open
     input_buffered: int = 0  # bytes of a partial header or control frame waiting for the rest
     queued_streams: int = 0  # streams with DATA queued for the peer
+    pacer: PacerStatistics | None = None  # None: pacing off (configured, or no clock)
+    held: int = 0  # bytes of bulk DATA waiting for the pacer's credit
 
 
 class Connection(FrameReceiver):
@@ -97,6 +101,7 @@ class Connection(FrameReceiver):
         config: MuxConfig = MuxConfig(),
         *,
         clock: Callable[[], float] | None = None,
+        pacing: PacingConfig = PacingConfig(),
     ) -> None:
         self.role = role
         self.config = config
@@ -112,8 +117,16 @@ class Connection(FrameReceiver):
         self._rx_fin = False  # it carries FIN
         self._rx_copy = True  # DataReceived carries a copy (else a view of the input)
         self._out = bytearray()  # control frames: they go before any DATA
-        self._data = DataQueues()  # DATA frames, per stream, written in turns
+        self._data = DataQueues(clock)  # DATA frames, per stream, written in turns
         self._pending_pongs = 0
+        self._pending_delay_answers = 0
+        # bulk pacing (see `pacer`): needs a clock; stamps go once the peer has "delay"
+        self._pacer = (
+            DelayPacer(pacing.target_delay, pacing.max_rate)
+            if pacing.enabled and clock is not None
+            else None
+        )
+        self._probe: DelayProbe | None = None
         self._rtt = RttEstimator()
         self._goaway_sent: int | None = None
         self.version: int | None = None
@@ -168,6 +181,8 @@ class Connection(FrameReceiver):
             peer_max_streams=self._peer.max_streams,
             input_buffered=len(self._inbuf),
             queued_streams=self._data.queued_streams,
+            pacer=self._pacer.statistics() if self._pacer is not None else None,
+            held=self._data.held if self._pacer is not None and self._pacer.engaged else 0,
         )
 
     @property
@@ -200,18 +215,56 @@ class Connection(FrameReceiver):
         """
         handed = 0
         out = self._out
+        data = self._data
+        pacer = self._pacer
+        now = 0.0
+        if pacer is not None and data:
+            now = self._clock()  # type: ignore[misc]  # a pacer exists only with a clock
+            if self._probe is not None:
+                stamp = self._probe.stamp_due(now)
+                if stamp is not None:
+                    out += delay_stamp_frame(stamp)
         if out:
             with memoryview(out) as view:
                 write(view)
             handed = len(out)
             del out[:]
             self._pending_pongs = 0
-        if self._data and handed < limit:
-            handed += self._data.write(write, limit - handed)
+            self._pending_delay_answers = 0
+        if data and handed < limit:
+            if pacer is None or not pacer.engaged:
+                data.held = 0
+                handed += data.write(write, limit - handed)
+            else:
+                credit = pacer.credit(now)
+                n, paced = data.write_paced(write, limit - handed, credit or 0)
+                pacer.spent(paced)
+                handed += n
         return handed
+
+    def paced_until(self) -> float | None:
+        """When the pacer lets held bulk DATA go next (the transport's timer), or None if
+        nothing is held."""
+        pacer = self._pacer
+        if pacer is None or not pacer.engaged or not self._data.held:
+            return None
+        return pacer.next_send_at(self._clock())  # type: ignore[misc]
+
+    def unpaced_output(self) -> int:
+        """Queued bytes not held by the pacer: what the socket will take (back-pressure)."""
+        held = self._data.held if self._pacer is not None and self._pacer.engaged else 0
+        return max(len(self._out) + self._data.pending - held, 0)
 
     def pending_output(self) -> int:
         return len(self._out) + self._data.pending
+
+    @property
+    def pacer(self) -> DelayPacer | None:
+        return self._pacer
+
+    def is_bulk(self, stream_id: int) -> bool:
+        """The stream has DATA queued and counts as bulk (paced while the pacer is engaged)."""
+        return self._data.is_bulk(stream_id)
 
     def _send_hello(self) -> None:
         self._out += frame(FrameType.HELLO, 0, encode_hello(self._hello, self.config))

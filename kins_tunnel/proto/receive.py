@@ -23,7 +23,6 @@ class FrameReceiver(ControlFrames):
     """Input framing, on top of the control frames' handlers; `mux.Connection` sets these
     attributes."""
 
-    bytes_received: int
     _inbuf: bytearray  # a partial header, or a control frame still missing bytes
     _rx_sid: int  # the DATA frame whose body is arriving
     _rx_left: int  # bytes of its body still to come
@@ -39,6 +38,7 @@ class FrameReceiver(ControlFrames):
         FrameType.RESET: ControlFrames._on_reset,
         FrameType.PING: ControlFrames._on_ping,
         FrameType.GOAWAY: ControlFrames._on_goaway,
+        FrameType.DELAY: ControlFrames._on_delay,
     }
 
     def receive_data(

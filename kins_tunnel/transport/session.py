@@ -65,6 +65,29 @@ class SessionStatistics:
     buffered: int
     output_queued: int
     stalls: int  # times a sender waited for peer credit or socket space
+    # pacing of our sending direction (see `proto.pacer`); None: not measured / not paced
+    base_rtt: float | None = None  # minimum round trip of the delay stamps
+    queueing_delay: float | None = None  # what our direction's queues add now
+    paced_rate: float | None = None  # bytes/s bulk data may go at (None: not paced)
+    paced_held: int = 0  # bytes of bulk data waiting for the pacer's credit
+    pacing: str = "off"  # "off" (configured, or the peer lacks it), "measuring", "engaged"
+    pacing_engagements: int = 0  # times pacing engaged on this tunnel
+
+    def qos_status(self) -> dict[str, object]:
+        """The pacing fields of a `/status` tunnel entry."""
+        return {
+            "pacing": self.pacing,
+            "queue_delay_ms": _ms(self.queueing_delay),
+            "base_rtt_ms": _ms(self.base_rtt),
+            "paced_rate_bps": None if self.paced_rate is None else round(self.paced_rate * 8),
+            "paced_held_bytes": self.paced_held,
+            "output_queued_bytes": self.output_queued,
+            "pacing_engagements": self.pacing_engagements,
+        }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
 
 
 class Session:
@@ -210,6 +233,7 @@ class Session:
 
     def statistics(self) -> SessionStatistics:
         st = self.conn.statistics()
+        p = st.pacer
         return SessionStatistics(
             streams=len(self._streams),
             bytes_sent=st.bytes_sent,
@@ -218,6 +242,18 @@ class Session:
             buffered=st.buffered,
             output_queued=self.conn.pending_output() + self.tls.pending,
             stalls=self.stalls,
+            base_rtt=None if p is None else p.base_rtt,
+            queueing_delay=None if p is None else p.queueing_delay,
+            paced_rate=None if p is None else p.rate,
+            paced_held=st.held,
+            pacing_engagements=0 if p is None else p.engagements,
+            pacing=(
+                "off"
+                if p is None or (not p.engaged and "delay" not in self.conn.capabilities)
+                else "engaged"
+                if p.engaged
+                else "measuring"
+            ),
         )
 
     @property

@@ -8,6 +8,11 @@ records, one system call; `Connection.write_output` hands them over without a co
 allocation). The writer task is started the first time the socket is full: an idle tunnel never
 has one. Senders wait (`wait_space`) while more than `OUTPUT_HIGH_WATER` bytes are queued: TCP's
 back-pressure reaches them, memory stays bounded.
+
+Pacing (see `proto.pacer`): when the connection holds bulk DATA for its pacer's credit, `kick`
+starts the writer task if needed and the writer sleeps until `Connection.paced_until()`, then
+writes again. Held bulk data does not count towards the high-water mark (the peer's credit bounds
+it), so a sender of an interactive stream never waits behind it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,17 @@ OUTPUT_HIGH_WATER = 512 * 1024
 class SessionWriter:
     """Moves one session's protocol output to its socket. `fail(reason)` ends the session."""
 
-    __slots__ = ("_conn", "_tls", "_closed", "_fail", "_nursery", "_wakeup", "_started", "_lot")
+    __slots__ = (
+        "_conn",
+        "_tls",
+        "_closed",
+        "_fail",
+        "_nursery",
+        "_wakeup",
+        "_started",
+        "_lot",
+        "_timed",
+    )
 
     def __init__(
         self, conn: Connection, tls: TLSSocket, closed: trio.Event, fail: Callable[[str], None]
@@ -39,6 +54,7 @@ class SessionWriter:
         self._wakeup: trio.Event | None = None  # made by the writer task, once it runs
         self._started = False
         self._lot: trio.lowlevel.ParkingLot | None = None  # made for the first waiting sender
+        self._timed = False  # the writer task sleeps until the pacer's next credit
 
     def start(self, nursery: trio.Nursery) -> None:
         """From now on a writer task may be started in `nursery` (the session's)."""
@@ -67,7 +83,9 @@ class SessionWriter:
             except TransportError as exc:
                 self._fail(str(exc))
                 return
-        if lot and conn.pending_output() <= OUTPUT_HIGH_WATER:
+            if not self._timed and conn.paced_until() is not None:
+                self._wake_writer()  # bulk DATA is held: the writer sleeps until its credit
+        if lot and conn.unpaced_output() <= OUTPUT_HIGH_WATER:
             lot.unpark_all()
 
     def _wake_writer(self) -> None:
@@ -86,8 +104,16 @@ class SessionWriter:
                 while not tls.flush():
                     await tls.wait_writable()
                 wakeup = self._wakeup = trio.Event()
+                self._timed = True  # this task decides below when it writes held data again
                 self.kick()  # sets `wakeup` if the socket filled up again
-                await wakeup.wait()
+                self._timed = False
+                due = None if wakeup.is_set() else self._conn.paced_until()
+                if due is None:
+                    await wakeup.wait()
+                else:
+                    self._timed = True
+                    with trio.move_on_at(due):
+                        await wakeup.wait()
         except (TransportError, trio.ClosedResourceError) as exc:
             # ClosedResourceError: another task closed the session under our wait
             self._fail(str(exc) or "session closed")
@@ -95,7 +121,7 @@ class SessionWriter:
     @property
     def full(self) -> bool:
         """More than the high-water mark is queued for the socket: senders should wait."""
-        return self._conn.pending_output() > OUTPUT_HIGH_WATER
+        return self._conn.unpaced_output() > OUTPUT_HIGH_WATER
 
     async def wait_space(self) -> None:
         """Block while too much output is queued (TCP back-pressure) and the session lives."""
