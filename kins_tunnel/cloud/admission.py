@@ -20,14 +20,25 @@ front end keeps working under an idle flood:
   ClientHello) is given to a newcomer whose first byte has arrived, when all slots are busy.
 
 Every refusal has a short, fixed reason label for `kins_tunnel_handshake_failures_total`.
+
+**When to come back.** A connection shed before its TLS handshake is told when to try again
+(`transport.refusal`): `retry_after()` is the time the handshakes pending now need at the rate
+handshakes have been completing (a decaying average over `RATE_WINDOW` seconds), at least
+`MIN_RETRY_AFTER`, so shed edges return once the queue in front of them has gone, not at once
+and not after their whole backoff.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass, field
 
 import trio
+
+RATE_WINDOW = 2.0  # seconds over which the handshake rate is averaged
+MIN_RETRY_AFTER = 1.0  # the least wait a shed connection is told
+MAX_RETRY_AFTER = 60.0  # and the most (an edge caps it at its own reconnect.max too)
 
 
 @dataclass(eq=False)
@@ -53,6 +64,8 @@ class Admission:
         self._holders: collections.OrderedDict[Ticket, float] = collections.OrderedDict()
         self._lot = trio.lowlevel.ParkingLot()
         self.shed_count = 0
+        self._rate = 0.0  # handshakes completed per second, decaying over RATE_WINDOW
+        self._rate_at = 0.0  # when _rate was last updated
 
     def arrive(self, deadline: float) -> Ticket:
         """Register a new connection (shedding the oldest pending one if there are too many)."""
@@ -89,6 +102,20 @@ class Admission:
     def release(self, ticket: Ticket) -> None:
         if self._holders.pop(ticket, None) is not None:
             self._lot.unpark()
+
+    def completed(self) -> None:
+        """A handshake succeeded (feeds the rate behind `retry_after`)."""
+        now = trio.current_time()
+        self._rate = self._rate_now(now) + 1 / RATE_WINDOW
+        self._rate_at = now
+
+    def _rate_now(self, now: float) -> float:
+        return self._rate * math.exp(-(now - self._rate_at) / RATE_WINDOW)
+
+    def retry_after(self) -> float:
+        """Seconds a connection shed now should wait: the pending queue at the recent rate."""
+        rate = max(self._rate_now(trio.current_time()), 1.0)
+        return min(max(len(self._pending) / rate, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
 
     @property
     def pending(self) -> int:

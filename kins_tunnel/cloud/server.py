@@ -60,7 +60,11 @@ class Cloud:
         self.registry = Registry(max_per_identity=cfg.tunnel.max_tunnels_per_identity)
         self.metrics = Metrics("cloud", self._snapshot, replica=self.replica)
         self.tls = ReloadingContext(
-            server_ssl_context, cfg.tls.ca, cfg.tls.cert, cfg.tls.key, what="tls"
+            functools.partial(server_ssl_context, session_lifetime=cfg.tunnel.session_lifetime),
+            cfg.tls.ca,
+            cfg.tls.cert,
+            cfg.tls.key,
+            what="tls",
         )
         self.revocation = Revocation(cfg.tunnel.revoked_file) if cfg.tunnel.revoked_file else None
         self.tunnels = TunnelServer(cfg, self.tls, self.registry, self.metrics)

@@ -51,6 +51,7 @@ from kins_tunnel.certs import EdgeIdentity, identity_from_der
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.config import EdgeConfig
 from kins_tunnel.edge.forwarder import Forwarder
+from kins_tunnel.edge.reconnect import ReconnectPolicy
 from kins_tunnel.edge.uplinks import Uplinks
 from kins_tunnel.errors import UserError
 from kins_tunnel.metrics import Metrics
@@ -59,7 +60,7 @@ from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
 from kins_tunnel.tls_contexts import client_ssl_context, failure_label
 from kins_tunnel.transport.http_proxy import ProxyDialer, ProxyError
 from kins_tunnel.transport.session import Session
-from kins_tunnel.transport.tls import TransportError, connect_tls
+from kins_tunnel.transport.tls import Refused, TransportError, connect_tls
 
 log = logging.getLogger("kins_tunnel.edge")
 
@@ -74,6 +75,9 @@ class _Keeper:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     retired: bool = False
     session: Session | None = None
+    # the cloud's session ticket and the context it belongs to: the next dial resumes with it
+    tls_session: tuple[ssl.SSLContext, ssl.SSLSession] | None = None
+    retry_after: float | None = None  # the cloud's hint in its refusal of the last tunnel
 
 
 _SETUP_FAILURES = (  # text in the error -> label
@@ -91,14 +95,6 @@ def _failure_reason(exc: BaseException) -> str:
     if isinstance(exc, ProxyError):  # the site proxy refused or garbled its answer
         return "proxy"
     return failure_label(exc, _SETUP_FAILURES, verify_default="verify_failed", default="protocol")
-
-
-def backoff_delay(
-    attempt: int, initial: float, maximum: float, multiplier: float, rng: random.Random
-) -> float:
-    """Full-jitter exponential backoff for the `attempt`-th consecutive failure (0-based)."""
-    ceiling = min(maximum, initial * (multiplier ** min(attempt, 64)))
-    return rng.uniform(0, ceiling)
 
 
 def _cert_summary(der: bytes | None) -> dict[str, object]:
@@ -252,14 +248,16 @@ class Edge:
     async def _keeper(self, key: tuple[str, str, int], server_name: str, keeper: _Keeper) -> None:
         _entry, ip, port = key
         label = f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}"
-        b = self.cfg.reconnect
-        attempt = 0
+        policy = ReconnectPolicy(self.cfg.reconnect, self._rng)
         with keeper.scope:
             while not self.draining and not keeper.retired:
                 started = trio.current_time()
+                keeper.retry_after = None
                 try:
                     await self._one_tunnel(label, ip, port, server_name, keeper)
                 except (TransportError, RemoteProtocolError, trio.TooSlowError, OSError) as exc:
+                    if isinstance(exc, Refused):
+                        keeper.retry_after = exc.retry_after
                     self.metrics.handshake_failures.labels(_failure_reason(exc)).inc()
                     log.warning(
                         "tunnel to cloud failed",
@@ -269,8 +267,7 @@ class Edge:
                     self.metrics.report_internal_error("edge_tunnel", exc)
                 if self.draining or keeper.retired:
                     return
-                attempt = 0 if trio.current_time() - started >= b.stable_after else attempt + 1
-                delay = backoff_delay(attempt, b.initial, b.max, b.multiplier, self._rng)
+                delay = policy.next_delay(trio.current_time() - started, keeper.retry_after)
                 log.info("reconnecting", extra={"cloud": label, "in_seconds": round(delay, 2)})
                 await trio.sleep(delay)
 
@@ -284,14 +281,19 @@ class Edge:
     ) -> None:
         cfg = self.cfg
         await self.tls.refresh()  # renewed certificate files apply from this tunnel on
+        context = self.context
+        ticket = None if keeper is None else keeper.tls_session
         with trio.fail_after(cfg.handshake_timeout):
             tls = await connect_tls(
                 ip,
                 port,
-                self.context,
+                context,
                 server_hostname=server_name,
                 open_stream=None if self.proxy is None else self.proxy.open,
+                # a ticket of an older context (renewed certificate) is not offered
+                session=ticket[1] if ticket is not None and ticket[0] is context else None,
             )
+        self.metrics.tls_handshakes.labels("resumed" if tls.session_reused else "full").inc()
         cloud_cert = _cert_summary(tls.peer_certificate_der())
         hello = Hello(names=tuple(cfg.services), agent=f"kins-tunnel-edge/{__version__}")
         conn = Connection(Role.CLIENT, hello, cfg.mux, clock=trio.current_time)
@@ -311,6 +313,10 @@ class Edge:
             # session's own reader/writer, which then raise ClosedResourceError out of serve().
             # The tunnel is over either way: reconnect as usual instead of crashing the edge.
             log.debug("tunnel closed under its reader", extra={"cloud": label})
+        finally:
+            issued = tls.session  # the cloud's ticket came right after its handshake
+            if keeper is not None and issued is not None and issued.has_ticket:
+                keeper.tls_session = (context, issued)
 
     async def _serve_session(
         self, session: Session, label: str, cloud_cert: dict[str, object], keeper: _Keeper | None
