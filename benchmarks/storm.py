@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import math
 import os
@@ -56,6 +57,7 @@ PROBE_EVERY = 20  # every 20th edge pings the cloud once up
 PROBE_INTERVAL = 0.25  # seconds between a probe's pings
 PING_TIMEOUT = 20.0  # the cloud's default tunnel.ping_timeout: a ping unanswered this long failed
 HANDSHAKE_TIMEOUT = 10.0  # the edge's default handshake_timeout
+RAMP_RATE = 400.0  # edges per second coming up at first (the storm itself has no ramp)
 # The edges' policy: tunnel-edge's defaults, except `stable_after` (60 s) shortened so that the
 # run need not hold the fleet for a minute before the kill; the tunnels are older than it then.
 BACKOFF = Backoff(stable_after=5.0)
@@ -72,7 +74,9 @@ class _Record:
     hints: list[float]
     rtts: list[tuple[float, float]]  # (when, rtt) of probe pings
     lost_pings: list[float]  # ages of pings never answered when their tunnel ended
+    last_up: dict[int, float]  # edge -> when its tunnel now up came up
     connected: int = 0
+    storm: bool = False  # the cloud has been killed: probes ping from now on
 
 
 async def _read(tls: TLSSocket, buf: memoryview) -> int:
@@ -116,15 +120,18 @@ async def _tunnel(edge: int, tls: TLSSocket, rec: _Record, probe: bool, resumed:
                 counted = True
                 rec.connected += 1
                 rec.ups.append((edge, time.monotonic(), resumed))
+                rec.last_up[edge] = time.monotonic()
                 if probe:
                     next_ping = time.monotonic() + random.uniform(0, PROBE_INTERVAL)
             if time.monotonic() >= next_ping:
-                sent[conn.ping()] = time.monotonic()
+                if rec.storm:  # idle cost is measured before the kill: no probe pings then
+                    sent[conn.ping()] = time.monotonic()
                 next_ping += PROBE_INTERVAL
             await _send(tls, conn)
     finally:
         if counted:
             rec.connected -= 1
+            rec.last_up.pop(edge, None)
             rec.downs.append((edge, time.monotonic()))
         now = time.monotonic()
         rec.lost_pings.extend(now - t for t in sent.values())
@@ -175,20 +182,24 @@ async def _edge(
 async def _worker(args: dict[str, object]) -> None:
     certs = Path(str(args["certs"]))
     ctx = client_ssl_context(certs / "ca.crt", certs / "edge-edge1.crt", certs / "edge-edge1.key")
-    rec = _Record([], [], collections.Counter(), [], [], [])
+    rec = _Record([], [], collections.Counter(), [], [], [], {})
     status, stop, out = (Path(str(args[k])) for k in ("status", "stop", "out"))
+    since = Path(str(args["since"]))  # the parent writes the kill time there
     first, n = int(str(args["first"])), int(str(args["n"]))
     port = int(str(args["port"]))
     rng = random.Random(first)
     with trio.move_on_after(float(str(args["budget"]))):
         async with trio.open_nursery() as nursery:
+            ramp = float(str(args["ramp"]))  # a fleet comes up over time, not in one instant
             for i in range(first, first + n):
                 nursery.start_soon(_edge, i, port, ctx, rec, rng)
-                if i % 64 == 63:
-                    await trio.lowlevel.checkpoint()
+                await trio.sleep(ramp / n)
             while not stop.exists():
-                status.write_text(str(rec.connected))
-                await trio.sleep(0.1)
+                t = float(since.read_text() or "inf") if since.exists() else math.inf
+                rec.storm = t < math.inf
+                back = sum(1 for when in rec.last_up.values() if when > t)
+                status.write_text(f"{rec.connected} {back}")
+                await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
     out.write_text(
         json.dumps(
@@ -269,6 +280,7 @@ def run_storm(
             first = 0
             for i, n in enumerate(per):
                 f = {k: base / f"w{i}.{k}" for k in ("status", "stop", "out")}
+                f["since"] = base / "since"
                 files.append(f)
                 args = {
                     "port": tport,
@@ -276,6 +288,7 @@ def run_storm(
                     "n": n,
                     "certs": str(certs),
                     "budget": budget,
+                    "ramp": edges / RAMP_RATE,
                     **{k: str(v) for k, v in f.items()},
                 }
                 first += n
@@ -287,12 +300,13 @@ def run_storm(
                 )
                 procs.append(worker_procs[-1])
 
-            def connected() -> int:
+            def connected(back: bool = False) -> int:
+                """Edges up now (`back`: up now and since the kill)."""
                 total = 0
                 for f in files:
                     try:
-                        total += int(f["status"].read_text() or 0)
-                    except (OSError, ValueError):
+                        total += int(f["status"].read_text().split()[1 if back else 0])
+                    except (OSError, ValueError, IndexError):
                         pass
                 return total
 
@@ -303,7 +317,7 @@ def run_storm(
             t_all = _wait(lambda: connected() >= edges, left() * 0.4, "initial connect", 0.1)
             initial_s = t_all - t0
             # idle: settle (longer than stable_after), then RSS and CPU over idle_window
-            time.sleep(max(BACKOFF.stable_after + 1 - initial_s, 2.0))
+            time.sleep(max(BACKOFF.stable_after + 1, 5.0))
             cpu0, w0 = _cpu_seconds(cloud.pid), time.monotonic()
             time.sleep(idle_window)
             idle_cpu = (_cpu_seconds(cloud.pid) - cpu0) / (time.monotonic() - w0)
@@ -313,12 +327,13 @@ def run_storm(
             cloud.send_signal(signal.SIGKILL)
             cloud.wait()
             t_kill = time.monotonic()
+            (base / "since").write_text(repr(t_kill))
             cloud = cloud_process(base, certs, tport, aport, edges, wait=False, tunnel=extra)
             procs.append(cloud)
             t_listen = _wait(lambda: _listening(tport), 30, "restart", 0.002)
             cpu_restart = _cpu_seconds(cloud.pid)
             rss_restart = rss_kib(cloud.pid)
-            t_back = _wait(lambda: connected() >= edges, max(left() - 40, 10), "storm", 0.02)
+            t_back = _wait(lambda: connected(True) >= edges, max(left() - 40, 10), "storm", 0.02)
             cpu_storm = _cpu_seconds(cloud.pid) - cpu_restart
             rss_back = rss_kib(cloud.pid)
             time.sleep(2)
@@ -338,7 +353,9 @@ def run_storm(
                 "edges leaving",
                 0.5,
             )
-            time.sleep(1)
+            # connections the edges left while pending end within the handshake timeout
+            with contextlib.suppress(RuntimeError):
+                _wait(lambda: _fds(cloud.pid) <= base_fds, HANDSHAKE_TIMEOUT + 5, "fds", 0.5)
             after_fds, after_tasks = (
                 _fds(cloud.pid),
                 metric_values(scrape(aport), "kins_tunnel_tasks"),

@@ -24,8 +24,9 @@ Every refusal has a short, fixed reason label for `kins_tunnel_handshake_failure
 **When to come back.** A connection shed before its TLS handshake is told when to try again
 (`transport.refusal`): `retry_after()` is the time the handshakes pending now need at the rate
 handshakes have been completing (a decaying average over `RATE_WINDOW` seconds), at least
-`MIN_RETRY_AFTER`, so shed edges return once the queue in front of them has gone, not at once
-and not after their whole backoff.
+`MIN_RETRY_AFTER` (and a rate of at least `max_concurrent / slow_handshake`, the slowest turnover
+of the slots), so shed edges return once the queue in front of them has gone, not at once and not
+after their whole backoff.
 """
 
 from __future__ import annotations
@@ -114,7 +115,9 @@ class Admission:
 
     def retry_after(self) -> float:
         """Seconds a connection shed now should wait: the pending queue at the recent rate."""
-        rate = max(self._rate_now(trio.current_time()), 1.0)
+        # before any rate is known, assume the slowest turnover the slots allow
+        floor = self.max_concurrent / self.slow_handshake
+        rate = max(self._rate_now(trio.current_time()), floor, 1.0)
         return min(max(len(self._pending) / rate, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
 
     @property

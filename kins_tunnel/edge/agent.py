@@ -81,6 +81,7 @@ class _Keeper:
 
 
 _SETUP_FAILURES = (  # text in the error -> label
+    ("shed by the cloud", "shed"),  # transport.tls.Refused: the cloud said when to come back
     ("cannot connect", "connect"),
     ("certificate verify failed", "verify_failed"),
     ("hostname mismatch", "verify_failed"),
