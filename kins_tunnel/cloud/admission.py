@@ -21,23 +21,23 @@ front end keeps working under an idle flood:
 
 Every refusal has a short, fixed reason label for `kins_tunnel_handshake_failures_total`.
 
-**When to come back.** A connection shed before its TLS handshake is told when to try again
-(`transport.refusal`): `retry_after()` is the time the handshakes pending now need at the rate
-handshakes have been completing (a decaying average over `RATE_WINDOW` seconds), at least
-`MIN_RETRY_AFTER` (and a rate of at least `max_concurrent / slow_handshake`, the slowest turnover
-of the slots), so shed edges return once the queue in front of them has gone, not at once and not
-after their whole backoff.
+**When to come back.** A connection refused before its TLS handshake ("shed", or a deadline
+missed while queued) is told when to try again (`transport.refusal`): `retry_after()` is
+the time the connections waiting now need at the recent rate (completions over the last
+`RATE_WINDOW` seconds; before any, `max_concurrent / slow_handshake`, the slowest turnover of the
+slots), at least `MIN_RETRY_AFTER`; so refused edges come back once the queue in front of them has
+gone, not at once and not after their whole backoff.
 """
 
 from __future__ import annotations
 
 import collections
-import math
 from dataclasses import dataclass, field
 
 import trio
 
-RATE_WINDOW = 2.0  # seconds over which the handshake rate is averaged
+RATE_WINDOW = 1.0  # seconds over which the handshake rate is measured
+RATE_BUCKETS = 10  # of RATE_WINDOW / RATE_BUCKETS seconds each
 MIN_RETRY_AFTER = 1.0  # the least wait a shed connection is told
 MAX_RETRY_AFTER = 60.0  # and the most (an edge caps it at its own reconnect.max too)
 
@@ -61,12 +61,13 @@ class Admission:
         self.max_pending = max_pending
         self.max_concurrent = max_concurrent
         self.slow_handshake = slow_handshake
+        self._waiting = 0  # connections in acquire(), waiting for a slot
         self._pending: collections.OrderedDict[Ticket, None] = collections.OrderedDict()
         self._holders: collections.OrderedDict[Ticket, float] = collections.OrderedDict()
         self._lot = trio.lowlevel.ParkingLot()
         self.shed_count = 0
-        self._rate = 0.0  # handshakes completed per second, decaying over RATE_WINDOW
-        self._rate_at = 0.0  # when _rate was last updated
+        # completions per bucket of the last RATE_WINDOW: (bucket number, count)
+        self._done: collections.deque[list[int]] = collections.deque(maxlen=RATE_BUCKETS)
 
     def arrive(self, deadline: float) -> Ticket:
         """Register a new connection (shedding the oldest pending one if there are too many)."""
@@ -86,6 +87,14 @@ class Admission:
 
     async def acquire(self, ticket: Ticket) -> None:
         """Wait for a handshake slot (displacing a holder slower than `slow_handshake`)."""
+        self._waiting += 1
+        try:
+            await self._wait_for_slot()
+        finally:
+            self._waiting -= 1
+        self._holders[ticket] = trio.current_time()
+
+    async def _wait_for_slot(self) -> None:
         while len(self._holders) >= self.max_concurrent:
             oldest, since = next(iter(self._holders.items()))
             overdue = since + self.slow_handshake - trio.current_time()
@@ -98,27 +107,30 @@ class Admission:
                 await self._lot.park()
         else:
             await trio.lowlevel.checkpoint()
-        self._holders[ticket] = trio.current_time()
 
     def release(self, ticket: Ticket) -> None:
         if self._holders.pop(ticket, None) is not None:
             self._lot.unpark()
 
     def completed(self) -> None:
-        """A handshake succeeded (feeds the rate behind `retry_after`)."""
-        now = trio.current_time()
-        self._rate = self._rate_now(now) + 1 / RATE_WINDOW
-        self._rate_at = now
+        """A handshake succeeded (feeds `rate`)."""
+        bucket = int(trio.current_time() * RATE_BUCKETS / RATE_WINDOW)
+        if self._done and self._done[-1][0] == bucket:
+            self._done[-1][1] += 1
+        else:
+            self._done.append([bucket, 1])
 
-    def _rate_now(self, now: float) -> float:
-        return self._rate * math.exp(-(now - self._rate_at) / RATE_WINDOW)
+    def rate(self) -> float:
+        """Handshakes completed per second over the last `RATE_WINDOW` (never below the slowest
+        turnover of the slots, `max_concurrent / slow_handshake`)."""
+        oldest = int(trio.current_time() * RATE_BUCKETS / RATE_WINDOW) - RATE_BUCKETS + 1
+        done = sum(n for bucket, n in self._done if bucket >= oldest)
+        return max(done / RATE_WINDOW, self.max_concurrent / self.slow_handshake, 1.0)
 
     def retry_after(self) -> float:
-        """Seconds a connection shed now should wait: the pending queue at the recent rate."""
-        # before any rate is known, assume the slowest turnover the slots allow
-        floor = self.max_concurrent / self.slow_handshake
-        rate = max(self._rate_now(trio.current_time()), floor, 1.0)
-        return min(max(len(self._pending) / rate, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
+        """Seconds a connection refused now should wait: the queue ahead of it at `rate`."""
+        wait = (self._waiting + len(self._holders)) / self.rate()
+        return min(max(wait, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
 
     @property
     def pending(self) -> int:
