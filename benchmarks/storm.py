@@ -6,8 +6,9 @@ Simulated edges (worker processes, this file's `worker` mode; the open-file limi
 per process) dial with the real pieces of tunnel-edge: its reconnect policy
 (`edge.reconnect.ReconnectPolicy`: full-jitter backoff, reset after `stable_after`, the cloud's
 retry-after hint), its TLS client (`transport.tls.connect_tls`, resuming with the cloud's session
-ticket) and the protocol state machine (`proto.Connection`); then they idle, answering the cloud's
-pings. Every 20th edge is a probe: once up, it pings the cloud every `PROBE_INTERVAL`.
+ticket) and the protocol state machine (`proto.Connection`); then they idle, pinging the cloud every
+10 s as tunnel-edge does and answering its pings. Every 20th edge is a probe: during the storm, once
+up again, it pings every `PROBE_INTERVAL`.
 
 Timeline: the replica starts, all N edges connect; after a settle time the replica's idle cost is
 measured (RSS and CPU over `idle_window`); the replica is SIGKILLed and started again at once (as a
@@ -55,6 +56,7 @@ from kins_tunnel.transport.tls import Refused, TLSSocket, TransportError, connec
 
 PROBE_EVERY = 20  # every 20th edge pings the cloud once up
 PROBE_INTERVAL = 0.25  # seconds between a probe's pings
+EDGE_PING_INTERVAL = 10.0  # every edge pings the cloud this often (tunnel-edge's ping_interval)
 PING_TIMEOUT = 20.0  # the cloud's default tunnel.ping_timeout: a ping unanswered this long failed
 HANDSHAKE_TIMEOUT = 10.0  # the edge's default handshake_timeout
 RAMP_RATE = 400.0  # edges per second coming up at first (the storm itself has no ramp)
@@ -114,19 +116,18 @@ async def _tunnel(edge: int, tls: TLSSocket, rec: _Record, probe: bool, resumed:
             if n is not None:
                 for event in conn.receive_data(buf[:n]):
                     if isinstance(event, PongReceived) and event.rtt is not None:
-                        sent.pop(event.payload, None)
-                        rec.rtts.append((time.monotonic(), event.rtt))
+                        if sent.pop(event.payload, None) is not None and probe and rec.storm:
+                            rec.rtts.append((time.monotonic(), event.rtt))
             if not counted and conn.is_open:
                 counted = True
                 rec.connected += 1
                 rec.ups.append((edge, time.monotonic(), resumed))
                 rec.last_up[edge] = time.monotonic()
-                if probe:
-                    next_ping = time.monotonic() + random.uniform(0, PROBE_INTERVAL)
+                next_ping = time.monotonic() + random.uniform(0, EDGE_PING_INTERVAL)
             if time.monotonic() >= next_ping:
-                if rec.storm:  # idle cost is measured before the kill: no probe pings then
-                    sent[conn.ping()] = time.monotonic()
-                next_ping += PROBE_INTERVAL
+                sent[conn.ping()] = time.monotonic()
+                # a probe pings often once the storm is on (idle cost is measured before it)
+                next_ping += PROBE_INTERVAL if probe and rec.storm else EDGE_PING_INTERVAL
             await _send(tls, conn)
     finally:
         if counted:
@@ -353,9 +354,14 @@ def run_storm(
                 "edges leaving",
                 0.5,
             )
+
             # connections the edges left while pending end within the handshake timeout
+            def settled() -> bool:
+                tasks = metric_values(scrape(aport), "kins_tunnel_tasks").get("", 0)
+                return _fds(cloud.pid) <= base_fds and tasks <= base_tasks.get("", 0)
+
             with contextlib.suppress(RuntimeError):
-                _wait(lambda: _fds(cloud.pid) <= base_fds, HANDSHAKE_TIMEOUT + 5, "fds", 0.5)
+                _wait(settled, HANDSHAKE_TIMEOUT + 5, "fds and tasks back", 0.5)
             after_fds, after_tasks = (
                 _fds(cloud.pid),
                 metric_values(scrape(aport), "kins_tunnel_tasks"),

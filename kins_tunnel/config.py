@@ -114,7 +114,7 @@ class TunnelListen:
     drain_timeout: float = 30.0
     first_byte_timeout: float = 3.0  # a new connection that sends nothing for this long is closed
     max_pending_handshakes: int = 1024  # beyond this, a new connection sheds the oldest pending one
-    max_concurrent_handshakes: int = 256  # TLS handshakes running at once
+    max_concurrent_handshakes: int = 64  # TLS handshakes running at once
     slow_handshake: float = 2.0  # a handshake slot held this long may go to a waiting newcomer
     revoked_file: Path | None = None  # revoked edge serials / unit/node identities
     max_tunnels_per_identity: int = 4  # beyond: a new tunnel of an edge displaces its oldest

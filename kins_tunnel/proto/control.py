@@ -62,6 +62,7 @@ class ControlFrames:
     _out: bytearray
     _data: DataQueues
     _pending_pongs: int
+    peer_pings: int
     _rtt: RttEstimator
     _goaway_sent: int | None
 
@@ -158,6 +159,7 @@ class ControlFrames:
             events.append(PongReceived(payload, self._rtt.answered(payload, self._now())))
             return
         self._pending_pongs += 1
+        self.peer_pings += 1
         if self._pending_pongs > MAX_PENDING_PONGS:
             raise RemoteProtocolError("PING flood", ErrorCode.ENHANCE_YOUR_CALM)
         self._out += ping_frame(payload, ack=True)

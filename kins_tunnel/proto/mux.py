@@ -114,6 +114,7 @@ class Connection(FrameReceiver):
         self._out = bytearray()  # control frames: they go before any DATA
         self._data = DataQueues()  # DATA frames, per stream, written in turns
         self._pending_pongs = 0
+        self.peer_pings = 0  # PINGs the peer sent (answered): it is checking the tunnel too
         self._rtt = RttEstimator()
         self._goaway_sent: int | None = None
         self.version: int | None = None
