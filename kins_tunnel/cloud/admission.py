@@ -21,12 +21,15 @@ front end keeps working under an idle flood:
 
 Every refusal has a short, fixed reason label for `kins_tunnel_handshake_failures_total`.
 
-**When to come back.** A connection refused before its TLS handshake ("shed", or a deadline
-missed while queued) is told when to try again (`transport.refusal`): `retry_after()` is
-the time the connections waiting now need at the recent rate (completions over the last
-`RATE_WINDOW` seconds; before any, `max_concurrent / slow_handshake`, the slowest turnover of the
-slots), at least `MIN_RETRY_AFTER`; so refused edges come back once the queue in front of them has
-gone, not at once and not after their whole backoff.
+**A queue no longer than it is worth.** A connection that has waited half of `handshake_timeout`
+for a slot is refused (reason "queued") before its edge gives up on it: the edge is told when to
+come back instead of timing out (a timeout would count as a failure and lengthen its backoff).
+
+**When to come back.** A connection refused before its TLS handshake ("shed", "queued", or its
+deadline missed) is told when to try again (`transport.refusal`): `retry_after()` is the time the
+connections waiting now need at the rate the replica has shown it can complete handshakes (`rate`),
+at least `MIN_RETRY_AFTER`; so refused edges come back once the queue in front of them has gone,
+not at once and not after their whole backoff.
 """
 
 from __future__ import annotations
@@ -36,8 +39,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-RATE_WINDOW = 1.0  # seconds over which the handshake rate is measured
-RATE_BUCKETS = 10  # of RATE_WINDOW / RATE_BUCKETS seconds each
+RATE_WINDOW = 5  # seconds of one-second counts of completed handshakes kept
 MIN_RETRY_AFTER = 1.0  # the least wait a shed connection is told
 MAX_RETRY_AFTER = 60.0  # and the most (an edge caps it at its own reconnect.max too)
 
@@ -66,8 +68,8 @@ class Admission:
         self._holders: collections.OrderedDict[Ticket, float] = collections.OrderedDict()
         self._lot = trio.lowlevel.ParkingLot()
         self.shed_count = 0
-        # completions per bucket of the last RATE_WINDOW: (bucket number, count)
-        self._done: collections.deque[list[int]] = collections.deque(maxlen=RATE_BUCKETS)
+        # completed handshakes per second of the last RATE_WINDOW: [second, count]
+        self._done: collections.deque[list[int]] = collections.deque(maxlen=RATE_WINDOW + 1)
 
     def arrive(self, deadline: float) -> Ticket:
         """Register a new connection (shedding the oldest pending one if there are too many)."""
@@ -114,18 +116,20 @@ class Admission:
 
     def completed(self) -> None:
         """A handshake succeeded (feeds `rate`)."""
-        bucket = int(trio.current_time() * RATE_BUCKETS / RATE_WINDOW)
+        bucket = int(trio.current_time())
         if self._done and self._done[-1][0] == bucket:
             self._done[-1][1] += 1
         else:
             self._done.append([bucket, 1])
 
     def rate(self) -> float:
-        """Handshakes completed per second over the last `RATE_WINDOW` (never below the slowest
-        turnover of the slots, `max_concurrent / slow_handshake`)."""
-        oldest = int(trio.current_time() * RATE_BUCKETS / RATE_WINDOW) - RATE_BUCKETS + 1
-        done = sum(n for bucket, n in self._done if bucket >= oldest)
-        return max(done / RATE_WINDOW, self.max_concurrent / self.slow_handshake, 1.0)
+        """Handshakes per second the replica has shown it can complete: the best second of the
+        last `RATE_WINDOW` (never below the slowest turnover of the slots, `max_concurrent /
+        slow_handshake`). An estimate on the high side: a refused edge that comes back a little
+        early costs a cheap refusal, one that comes back late costs its time."""
+        oldest = int(trio.current_time()) - RATE_WINDOW
+        best = max((n for second, n in self._done if second >= oldest), default=0)
+        return max(float(best), self.max_concurrent / self.slow_handshake, 1.0)
 
     def retry_after(self) -> float:
         """Seconds a connection refused now should wait: the queue ahead of it at `rate`."""

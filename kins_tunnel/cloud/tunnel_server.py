@@ -142,7 +142,11 @@ class TunnelServer:
                         f"no data within first_byte_timeout ({t.first_byte_timeout:g}s)",
                     )
                     return
-                await self.admission.acquire(ticket)
+                with trio.move_on_at(ticket.accepted + t.handshake_timeout / 2) as queued:
+                    await self.admission.acquire(ticket)
+                if queued.cancelled_caught:  # refused (with a hint) before the edge gives up
+                    ticket.shed("queued")
+                    await trio.lowlevel.checkpoint()  # the ticket's scope ends it here
                 if self.tls is not None:
                     await (
                         self.tls.refresh()
@@ -347,6 +351,7 @@ REFUSALS_LOGGED_PER_SECOND = 20  # beyond: counted in the metric, summarised in 
 
 
 _SHED_DETAIL = {
+    "queued": "shed: no handshake slot within half of tunnel.handshake_timeout",
     "shed": "shed: too many pending handshakes (tunnel.max_pending_handshakes)",
     "slow": "shed: handshake slower than tunnel.slow_handshake while others waited",
 }
