@@ -212,6 +212,7 @@ async def _worker(args: dict[str, object]) -> None:
                 "rtts": rec.rtts,
                 "lost_pings": rec.lost_pings,
                 "rss_kib": rss_kib(),
+                "cpu_s": time.process_time(),
             }
         )
     )
@@ -462,6 +463,8 @@ def _figures(
         "handshakes_per_s_mean": round(len(waits) / storm, 1),
         "handshakes_per_s_best_second": max(buckets.values()) if buckets else 0,
         "cloud_cpu_ms_per_handshake": round(cpu_storm * 1000 / max(len(waits), 1), 3),
+        "cloud_cpu_s_during_storm": round(cpu_storm, 1),
+        "edge_workers_cpu_s_whole_run": round(sum(r["cpu_s"] for r in recs), 1),
         "cloud_tls_handshakes": kinds,
         "cloud_refusals": failures,
         "edge_failures": dict(edge_failures),

@@ -27,7 +27,7 @@ come back instead of timing out (a timeout would count as a failure and lengthen
 
 **When to come back.** A connection refused before its TLS handshake ("shed", "queued", or its
 deadline missed) is told when to try again (`transport.refusal`): `retry_after()` is the time the
-connections waiting now need at the rate the replica has shown it can complete handshakes (`rate`),
+connections waiting now need at the rate the replica has been completing handshakes (`rate`),
 at least `MIN_RETRY_AFTER`; so refused edges come back once the queue in front of them has gone,
 not at once and not after their whole backoff.
 """
@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-RATE_WINDOW = 5  # seconds of one-second counts of completed handshakes kept
+RATE_SAMPLES = 256  # completion times kept to measure the handshake rate
+MIN_RATE_SAMPLES = 16  # fewer: the rate is not known yet
 MIN_RETRY_AFTER = 1.0  # the least wait a shed connection is told
 MAX_RETRY_AFTER = 60.0  # and the most (an edge caps it at its own reconnect.max too)
 
@@ -68,8 +69,7 @@ class Admission:
         self._holders: collections.OrderedDict[Ticket, float] = collections.OrderedDict()
         self._lot = trio.lowlevel.ParkingLot()
         self.shed_count = 0
-        # completed handshakes per second of the last RATE_WINDOW: [second, count]
-        self._done: collections.deque[list[int]] = collections.deque(maxlen=RATE_WINDOW + 1)
+        self._done: collections.deque[float] = collections.deque(maxlen=RATE_SAMPLES)
 
     def arrive(self, deadline: float) -> Ticket:
         """Register a new connection (shedding the oldest pending one if there are too many)."""
@@ -116,20 +116,17 @@ class Admission:
 
     def completed(self) -> None:
         """A handshake succeeded (feeds `rate`)."""
-        bucket = int(trio.current_time())
-        if self._done and self._done[-1][0] == bucket:
-            self._done[-1][1] += 1
-        else:
-            self._done.append([bucket, 1])
+        self._done.append(trio.current_time())
 
     def rate(self) -> float:
-        """Handshakes per second the replica has shown it can complete: the best second of the
-        last `RATE_WINDOW` (never below the slowest turnover of the slots, `max_concurrent /
-        slow_handshake`). An estimate on the high side: a refused edge that comes back a little
-        early costs a cheap refusal, one that comes back late costs its time."""
-        oldest = int(trio.current_time()) - RATE_WINDOW
-        best = max((n for second, n in self._done if second >= oldest), default=0)
-        return max(float(best), self.max_concurrent / self.slow_handshake, 1.0)
+        """Handshakes per second over the last `RATE_SAMPLES` completions (a fraction of a second
+        in a storm; never below the slowest turnover of the slots, `max_concurrent /
+        slow_handshake`, which is also the rate until `MIN_RATE_SAMPLES` have completed)."""
+        floor = max(self.max_concurrent / self.slow_handshake, 1.0)
+        if len(self._done) < MIN_RATE_SAMPLES:
+            return floor
+        span = max(trio.current_time() - self._done[0], 1e-3)
+        return max(len(self._done) / span, floor)
 
     def retry_after(self) -> float:
         """Seconds a connection refused now should wait: the queue ahead of it at `rate`."""

@@ -38,6 +38,7 @@ from kins_tunnel.tls_contexts import failure_label
 from kins_tunnel.transport.listen import serve_port
 from kins_tunnel.transport.refusal import encode_refusal
 from kins_tunnel.transport.session import Session
+from kins_tunnel.transport.tcpinfo import peer_state
 from kins_tunnel.transport.tls import TLSSocket, TransportError
 
 log = logging.getLogger("kins_tunnel.cloud.tunnel")
@@ -144,9 +145,15 @@ class TunnelServer:
                     return
                 with trio.move_on_at(ticket.accepted + t.handshake_timeout / 2) as queued:
                     await self.admission.acquire(ticket)
-                if queued.cancelled_caught:  # refused (with a hint) before the edge gives up
+                # The edge's own deadline runs from its connect, listen backlog included: a
+                # ClientHello that has waited half the timeout is refused with a hint (the edge
+                # will not wait for the whole handshake), and a peer gone meanwhile is not served.
+                gone, waited = peer_state(tcp.socket)
+                if gone:
+                    ticket.shed("gone")
+                elif queued.cancelled_caught or waited > t.handshake_timeout / 2:
                     ticket.shed("queued")
-                    await trio.lowlevel.checkpoint()  # the ticket's scope ends it here
+                await trio.lowlevel.checkpoint()  # a shed ticket's scope ends it here
                 if self.tls is not None:
                     await (
                         self.tls.refresh()
@@ -352,6 +359,7 @@ REFUSALS_LOGGED_PER_SECOND = 20  # beyond: counted in the metric, summarised in 
 
 _SHED_DETAIL = {
     "queued": "shed: no handshake slot within half of tunnel.handshake_timeout",
+    "gone": "the peer closed before its handshake could start",
     "shed": "shed: too many pending handshakes (tunnel.max_pending_handshakes)",
     "slow": "shed: handshake slower than tunnel.slow_handshake while others waited",
 }
