@@ -57,6 +57,7 @@ from kins_tunnel.transport.tls import Refused, TLSSocket, TransportError, connec
 PROBE_EVERY = 20  # every 20th edge pings the cloud once up
 PROBE_INTERVAL = 0.25  # seconds between a probe's pings
 EDGE_PING_INTERVAL = 10.0  # every edge pings the cloud this often (tunnel-edge's ping_interval)
+RTT_WINDOW_MIN = 3.0  # RTTs count from listening until all are back, and for at least this long
 PING_TIMEOUT = 20.0  # the cloud's default tunnel.ping_timeout: a ping unanswered this long failed
 HANDSHAKE_TIMEOUT = 10.0  # the edge's default handshake_timeout
 RAMP_RATE = 400.0  # edges per second coming up at first (the storm itself has no ramp)
@@ -123,7 +124,8 @@ async def _tunnel(edge: int, tls: TLSSocket, rec: _Record, probe: bool, resumed:
                 rec.connected += 1
                 rec.ups.append((edge, time.monotonic(), resumed))
                 rec.last_up[edge] = time.monotonic()
-                next_ping = time.monotonic() + random.uniform(0, EDGE_PING_INTERVAL)
+                every = PROBE_INTERVAL if probe and rec.storm else EDGE_PING_INTERVAL
+                next_ping = time.monotonic() + random.uniform(0, every)
             if time.monotonic() >= next_ping:
                 sent[conn.ping()] = time.monotonic()
                 # a probe pings often once the storm is on (idle cost is measured before it)
@@ -229,6 +231,17 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _fd_kinds(pid: int) -> list[str]:
+    """What the process's descriptors are (socket/pipe/file...), for a leak report."""
+    out = []
+    for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}").split(":")[0])
+        except OSError:
+            pass
+    return out
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -257,7 +270,7 @@ def run_storm(
     tickets: bool = True,
     idle_window: float = 20.0,
     budget: float = 290.0,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Run the whole storm once (see the module docstring); returns the figures."""
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kins-storm-") as tmp:
@@ -266,7 +279,7 @@ def run_storm(
         init_ca(certs)
         issue_edge(certs, "scale", "edge1")
         tport, aport = free_port(), free_port()
-        extra: dict[str, object] = {} if tickets else {"session_lifetime": 0}
+        extra: dict[str, object] = {} if tickets else {"session_tickets": False}
         procs: list[subprocess.Popen[bytes]] = []
         try:
             cloud = cloud_process(base, certs, tport, aport, edges, tunnel=extra)
@@ -276,6 +289,7 @@ def run_storm(
                 _fds(cloud.pid),
                 metric_values(scrape(aport), "kins_tunnel_tasks"),
             )
+            base_kinds = _fd_kinds(cloud.pid)
             per = [edges // workers + (1 if i < edges % workers else 0) for i in range(workers)]
             files = []
             worker_procs = []
@@ -338,7 +352,7 @@ def run_storm(
             t_back = _wait(lambda: connected(True) >= edges, max(left() - 40, 10), "storm", 0.02)
             cpu_storm = _cpu_seconds(cloud.pid) - cpu_restart
             rss_back = rss_kib(cloud.pid)
-            time.sleep(2)
+            time.sleep(max(2.0, t_listen + RTT_WINDOW_MIN - time.monotonic()))
             text = scrape(aport)
             failures = metric_values(text, "kins_tunnel_handshake_failures_total", "reason")
             kinds = metric_values(text, "kins_tunnel_tunnel_tls_handshakes_total", "kind")
@@ -359,10 +373,12 @@ def run_storm(
             # connections the edges left while pending end within the handshake timeout
             def settled() -> bool:
                 tasks = metric_values(scrape(aport), "kins_tunnel_tasks").get("", 0)
-                return _fds(cloud.pid) <= base_fds and tasks <= base_tasks.get("", 0)
+                # + 1: the liveness timer, one system task started with the first tunnel
+                return _fds(cloud.pid) <= base_fds and tasks <= base_tasks.get("", 0) + 1
 
             with contextlib.suppress(RuntimeError):
                 _wait(settled, HANDSHAKE_TIMEOUT + 5, "fds and tasks back", 0.5)
+            after_kinds = _fd_kinds(cloud.pid)
             after_fds, after_tasks = (
                 _fds(cloud.pid),
                 metric_values(scrape(aport), "kins_tunnel_tasks"),
@@ -391,6 +407,9 @@ def run_storm(
         kinds=kinds,
         base=(base_fds, base_tasks.get("", 0)),
         after=(after_fds, after_tasks.get("", 0)),
+        fds_extra=sorted(
+            (collections.Counter(after_kinds) - collections.Counter(base_kinds)).elements()
+        ),
         load=load,
         tickets=tickets,
         workers=workers,
@@ -416,11 +435,13 @@ def _figures(
     kinds: dict[str, float],
     base: tuple[int, float],
     after: tuple[int, float],
+    fds_extra: list[str],
     load: tuple[float, float, float],
     tickets: bool,
     workers: int,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     back: dict[int, tuple[float, bool]] = {}  # edge -> first up after the kill
+    rtt_until = max(t_back, t_listen + RTT_WINDOW_MIN)
     dropped = 0
     rtts: list[float] = []
     lost: list[float] = []
@@ -432,7 +453,7 @@ def _figures(
                 back[edge] = (when, resumed)
         edge_failures.update(rec["failures"])
         hints.extend(rec["hints"])
-        rtts.extend(r for when, r in rec["rtts"] if t_listen <= when <= t_back)
+        rtts.extend(r for when, r in rec["rtts"] if t_listen <= when <= rtt_until)
         lost.extend(rec["lost_pings"])
     for rec in recs:
         for edge, when in rec["downs"]:
@@ -488,6 +509,7 @@ def _figures(
             "fds_after": after[0],
             "tasks_baseline": base[1],
             "tasks_after": after[1],
+            "fds_extra": fds_extra,
         },
     }
 

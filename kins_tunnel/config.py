@@ -118,8 +118,8 @@ class TunnelListen:
     slow_handshake: float = 2.0  # a handshake slot held this long may go to a waiting newcomer
     revoked_file: Path | None = None  # revoked edge serials / unit/node identities
     max_tunnels_per_identity: int = 4  # beyond: a new tunnel of an edge displaces its oldest
-    # seconds a TLS 1.3 session ticket lets a returning edge resume (at most 7 days); 0: no tickets
-    session_lifetime: float = 604800.0
+    session_tickets: bool = True  # TLS 1.3 session tickets: a returning edge resumes its session
+    session_lifetime: float = 604800.0  # seconds a ticket is good for (at most 7 days)
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,8 +315,8 @@ def _tls(top: Section) -> TLSFiles:
 def _tunnel(sec: Section) -> TunnelListen:
     revoked = sec.path("revoked_file") if sec.has("revoked_file") else None
     tunnel = sec.build(TunnelListen, revoked_file=revoked)
-    if not 0 <= tunnel.session_lifetime <= 604800:
-        sec.fail("session_lifetime", "must be between 0 (no session tickets) and 604800 (7 days)")
+    if tunnel.session_lifetime > 604800:
+        sec.fail("session_lifetime", "must be at most 604800 (7 days, the limit of TLS 1.3)")
     return tunnel
 
 

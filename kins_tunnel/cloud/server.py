@@ -60,7 +60,10 @@ class Cloud:
         self.registry = Registry(max_per_identity=cfg.tunnel.max_tunnels_per_identity)
         self.metrics = Metrics("cloud", self._snapshot, replica=self.replica)
         self.tls = ReloadingContext(
-            functools.partial(server_ssl_context, session_lifetime=cfg.tunnel.session_lifetime),
+            functools.partial(
+                server_ssl_context,
+                session_lifetime=cfg.tunnel.session_lifetime if cfg.tunnel.session_tickets else 0,
+            ),
             cfg.tls.ca,
             cfg.tls.cert,
             cfg.tls.key,
