@@ -100,6 +100,15 @@ def metric_values(text: str, name: str, label: str | None = None) -> dict[str, f
     return out
 
 
+def fleet_certs(base: Path) -> Path:
+    """BASE/certs: a CA, the cloud's certificate and the one edge certificate (unit "scale", node
+    "edge1") that every simulated edge presents."""
+    certs = base / "certs"
+    init_ca(certs)
+    issue_edge(certs, "scale", "edge1")
+    return certs
+
+
 def cloud_process(
     base: Path,
     certs: Path,
@@ -156,9 +165,7 @@ def cloud_process(
 def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="kins-scale-") as tmp:
         base = Path(tmp)
-        certs = base / "certs"
-        init_ca(certs)
-        issue_edge(certs, "scale", "edge1")
+        certs = fleet_certs(base)
         tport, aport = free_port(), free_port()
         procs: list[subprocess.Popen[bytes]] = []
         try:

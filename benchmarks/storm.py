@@ -44,8 +44,7 @@ from typing import Any
 import trio
 import trio.lowlevel
 
-from benchmarks.scale import cloud_process, metric_values, scrape
-from kins_tunnel.certs import init_ca, issue_edge
+from benchmarks.scale import cloud_process, fleet_certs, metric_values, scrape
 from kins_tunnel.config import Backoff
 from kins_tunnel.edge.reconnect import ReconnectPolicy
 from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
@@ -275,9 +274,7 @@ def run_storm(
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kins-storm-") as tmp:
         base = Path(tmp)
-        certs = base / "certs"
-        init_ca(certs)
-        issue_edge(certs, "scale", "edge1")
+        certs = fleet_certs(base)
         tport, aport = free_port(), free_port()
         extra: dict[str, object] = {} if tickets else {"session_tickets": False}
         procs: list[subprocess.Popen[bytes]] = []
