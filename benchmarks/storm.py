@@ -327,7 +327,7 @@ def run_storm(
                 return budget - (time.monotonic() - t_start)
 
             t0 = time.monotonic()
-            t_all = _wait(lambda: connected() >= edges, left() * 0.4, "initial connect", 0.1)
+            t_all = _wait(lambda: connected() >= edges, left() * 0.55, "initial connect", 0.1)
             initial_s = t_all - t0
             # idle: settle (longer than stable_after), then RSS and CPU over idle_window
             time.sleep(max(BACKOFF.stable_after + 1, 5.0))
