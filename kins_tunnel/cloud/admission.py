@@ -27,9 +27,9 @@ come back instead of timing out (a timeout would count as a failure and lengthen
 
 **When to come back.** A connection refused before its TLS handshake ("shed", "queued", or its
 deadline missed) is told when to try again (`transport.refusal`): `retry_after()` is the time the
-connections waiting now need at the rate the replica has been completing handshakes (`rate`),
-at least `MIN_RETRY_AFTER`; so refused edges come back once the queue in front of them has gone,
-not at once and not after their whole backoff.
+connections waiting now need at the rate the replica has been completing handshakes (`rate`, on
+the high side), at least `MIN_RETRY_AFTER`; so refused edges come back once the queue in front of
+them has gone, not at once and not after their whole backoff.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import trio
 
 RATE_SAMPLES = 256  # completion times kept to measure the handshake rate
-MIN_RATE_SAMPLES = 16  # fewer: the rate is not known yet
+RECENT_SAMPLES = 64  # the rate is the higher of these last completions' and all those kept
+ASSUMED_HANDSHAKE = 0.1  # seconds a slot takes per handshake, until RECENT_SAMPLES have completed
 MIN_RETRY_AFTER = 1.0  # the least wait a shed connection is told
 MAX_RETRY_AFTER = 60.0  # and the most (an edge caps it at its own reconnect.max too)
 
@@ -94,7 +95,14 @@ class Admission:
             await self._wait_for_slot()
         finally:
             self._waiting -= 1
+        # Claimed before the checkpoint: connections that became readable in the same batch
+        # must not all see a free slot and all take it.
         self._holders[ticket] = trio.current_time()
+        try:
+            await trio.lowlevel.checkpoint()
+        except BaseException:
+            self.release(ticket)
+            raise
 
     async def _wait_for_slot(self) -> None:
         while len(self._holders) >= self.max_concurrent:
@@ -107,8 +115,6 @@ class Admission:
                 break
             with trio.move_on_after(overdue):
                 await self._lot.park()
-        else:
-            await trio.lowlevel.checkpoint()
 
     def release(self, ticket: Ticket) -> None:
         if self._holders.pop(ticket, None) is not None:
@@ -119,14 +125,17 @@ class Admission:
         self._done.append(trio.current_time())
 
     def rate(self) -> float:
-        """Handshakes per second over the last `RATE_SAMPLES` completions (a fraction of a second
-        in a storm; never below the slowest turnover of the slots, `max_concurrent /
-        slow_handshake`, which is also the rate until `MIN_RATE_SAMPLES` have completed)."""
-        floor = max(self.max_concurrent / self.slow_handshake, 1.0)
-        if len(self._done) < MIN_RATE_SAMPLES:
-            return floor
-        span = max(trio.current_time() - self._done[0], 1e-3)
-        return max(len(self._done) / span, floor)
+        """Handshakes per second: the higher of the rates over the last `RECENT_SAMPLES` and the
+        last `RATE_SAMPLES` completions (up to now, so a stall lowers it); before
+        `RECENT_SAMPLES` have completed, `max_concurrent / ASSUMED_HANDSHAKE`. On the high side
+        by design: an edge told to come back too early costs one more cheap refusal, one told
+        too late waits for nothing."""
+        done = self._done
+        if len(done) < RECENT_SAMPLES:
+            return max(self.max_concurrent / ASSUMED_HANDSHAKE, 1.0)
+        now = trio.current_time()
+        recent = RECENT_SAMPLES / max(now - done[-RECENT_SAMPLES], 1e-3)
+        return max(recent, len(done) / max(now - done[0], 1e-3), 1.0)
 
     def retry_after(self) -> float:
         """Seconds a connection refused now should wait: the queue ahead of it at `rate`."""
