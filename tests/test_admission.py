@@ -42,9 +42,9 @@ async def test_the_hint_is_the_queue_ahead_at_the_rate(
         a.completed()
     tickets = [a.arrive(trio.current_time() + 60) for _ in range(364)]
     async with trio.open_nursery() as n:
-        for t in tickets:
+        for t in tickets:  # one at a time: 64 take a slot, 300 wait
             n.start_soon(a.acquire, t)
-        await trio.testing.wait_all_tasks_blocked()  # 64 hold a slot, 300 wait
+            await trio.testing.wait_all_tasks_blocked()
         assert a.busy_slots == 64
         assert 3.5 <= a.retry_after() <= 3.7  # 364 ahead at 100/s
         await trio.sleep(1000)

@@ -95,14 +95,7 @@ class Admission:
             await self._wait_for_slot()
         finally:
             self._waiting -= 1
-        # Claimed before the checkpoint: connections that became readable in the same batch
-        # must not all see a free slot and all take it.
         self._holders[ticket] = trio.current_time()
-        try:
-            await trio.lowlevel.checkpoint()
-        except BaseException:
-            self.release(ticket)
-            raise
 
     async def _wait_for_slot(self) -> None:
         while len(self._holders) >= self.max_concurrent:
@@ -115,6 +108,8 @@ class Admission:
                 break
             with trio.move_on_after(overdue):
                 await self._lot.park()
+        else:
+            await trio.lowlevel.checkpoint()
 
     def release(self, ticket: Ticket) -> None:
         if self._holders.pop(ticket, None) is not None:
