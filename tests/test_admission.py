@@ -47,10 +47,6 @@ async def test_the_hint_is_the_queue_ahead_at_the_rate(
             await trio.testing.wait_all_tasks_blocked()
         assert a.busy_slots == 64
         assert 3.5 <= a.retry_after() <= 3.7  # 364 ahead at 100/s
-        # the next ones refused at the same moment get the following appointments, 1/rate apart
-        later = [a.retry_after() for _ in range(100)]
-        assert all(0.009 <= b - x <= 0.011 for x, b in zip(later, later[1:], strict=False))
-        assert 4.5 <= later[-1] <= 4.7
         await trio.sleep(1000)
         assert a.retry_after() == MAX_RETRY_AFTER  # stalled for long: capped
         n.cancel_scope.cancel()

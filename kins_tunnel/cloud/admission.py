@@ -26,11 +26,10 @@ for a slot is refused (reason "queued") before its edge gives up on it: the edge
 come back instead of timing out (a timeout would count as a failure and lengthen its backoff).
 
 **When to come back.** A connection refused before its TLS handshake ("shed", "queued", or its
-deadline missed) is told when to try again (`transport.refusal`): `retry_after()` gives each refused
-connection its own appointment, after the connections waiting now (at the rate the replica has been
-completing handshakes, `rate`) and one `1 / rate` after the appointment given before, at least
-`MIN_RETRY_AFTER` ahead; so refused edges come back spread at the rate they can be served, once
-the queue in front of them has gone: not at once, and not after their whole backoff.
+deadline missed) is told when to try again (`transport.refusal`): `retry_after()` is the time the
+connections waiting now need at the rate the replica has been completing handshakes (`rate`, on
+the high side), at least `MIN_RETRY_AFTER`; so refused edges come back once the queue in front of
+them has gone, not at once and not after their whole backoff.
 """
 
 from __future__ import annotations
@@ -72,7 +71,6 @@ class Admission:
         self._lot = trio.lowlevel.ParkingLot()
         self.shed_count = 0
         self._done: collections.deque[float] = collections.deque(maxlen=RATE_SAMPLES)
-        self._booked = 0.0  # the latest appointment given to a refused connection
 
     def arrive(self, deadline: float) -> Ticket:
         """Register a new connection (shedding the oldest pending one if there are too many)."""
@@ -135,13 +133,9 @@ class Admission:
         return max(recent, len(done) / max(now - done[0], 1e-3), 1.0)
 
     def retry_after(self) -> float:
-        """Seconds a connection refused now should wait: its appointment, after the queue ahead
-        of it and after the connections refused before it (see the module docstring)."""
-        now = trio.current_time()
-        rate = self.rate()
-        at = max(now + (self._waiting + len(self._holders)) / rate, self._booked)
-        self._booked = min(at, now + MAX_RETRY_AFTER) + 1 / rate
-        return min(max(at - now, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
+        """Seconds a connection refused now should wait: the queue ahead of it at `rate`."""
+        wait = (self._waiting + len(self._holders)) / self.rate()
+        return min(max(wait, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
 
     @property
     def pending(self) -> int:

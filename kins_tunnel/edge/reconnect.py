@@ -9,9 +9,8 @@ once spreads out instead of stampeding, and the cap keeps an absent cloud cheap.
 stayed up `stable_after` seconds resets `n` (its end is news, not a repeated failure).
 
 A replica that is too busy to take a tunnel may say when to come back (`retry_after`, seconds, in
-its refusal; the cloud spreads its hints at the rate it can serve). The next wait honours the hint,
-with a little jitter so that edges given the same hint (by different replicas, or by an older
-cloud) do not return at the same moment: `uniform(hint, hint * (1 + HINT_JITTER))`. The
+its refusal). The next wait then honours the hint, with jitter so that the edges it refused at the
+same moment do not all return at the same moment: `uniform(hint, hint * (1 + HINT_JITTER))`. The
 hint replaces the backoff for that one wait (a shed is the cloud's decision, not a failure of this
 edge: the failure count is not raised by it), and is capped at `max`, whatever the peer says.
 """
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 
 from kins_tunnel.config import Backoff
 
-HINT_JITTER = 0.2  # a hinted wait is uniform(hint, hint * (1 + HINT_JITTER))
+HINT_JITTER = 0.5  # a hinted wait is uniform(hint, hint * (1 + HINT_JITTER))
 
 
 def backoff_delay(

@@ -190,7 +190,7 @@ async def test_a_connection_shed_before_tls_is_told_when_to_come_back(tmp_path: 
 
 async def test_the_edge_waits_as_long_as_the_shedding_cloud_says(tmp_path: Path) -> None:
     """A stand-in cloud sheds every connection with a 1 s hint; the edge's backoff alone would
-    retry within milliseconds (initial 0.01 s): its attempts come 1 to 1.2 s apart."""
+    retry within milliseconds (initial 0.01 s): its attempts come 1 to 1.5 s apart."""
     certs = make_certs(tmp_path)
     arrivals: list[float] = []
 
@@ -211,5 +211,5 @@ async def test_the_edge_waits_as_long_as_the_shedding_cloud_says(tmp_path: Path)
         await wait_until(lambda: len(arrivals) >= 4, 10, "four attempts")
         n.cancel_scope.cancel()
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
-    assert all(0.95 <= g <= 1.2 + 0.3 for g in gaps), gaps
+    assert all(0.95 <= g <= 1.5 + 0.3 for g in gaps), gaps
     assert _count(edge, "kins_tunnel_handshake_failures_total", reason="shed") >= 3
