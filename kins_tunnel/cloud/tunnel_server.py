@@ -343,7 +343,10 @@ def _outside_validity(der: bytes | None) -> str | None:
     """Why a resumed session's certificate is no longer acceptable (expired or not yet valid)."""
     if der is None:
         return "no certificate in the resumed session"
-    cert = x509.load_der_x509_certificate(der)
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return "unreadable certificate in the resumed session"
     now = dt.datetime.now(dt.UTC)
     if now > cert.not_valid_after_utc:
         return "certificate expired since its session ticket was issued"
