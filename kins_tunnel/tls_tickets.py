@@ -30,6 +30,7 @@ import ctypes
 import hashlib
 import logging
 import ssl
+import sys
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -77,6 +78,8 @@ def _libssl() -> ctypes.CDLL | None:
 def _ssl_ctx_pointer(ctx: ssl.SSLContext, lib: ctypes.CDLL) -> int | None:
     """The `SSL_CTX *` behind `ctx` (CPython keeps it right after the object header), or None
     when what is there does not answer with the context's own options."""
+    if sys.implementation.name != "cpython":  # the layout below is CPython's `PySSLContext`
+        return None
     ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
     if not ptr:
         return None
