@@ -213,3 +213,22 @@ async def test_the_edge_waits_as_long_as_the_shedding_cloud_says(tmp_path: Path)
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
     assert all(0.95 <= g <= 1.5 + 0.3 for g in gaps), gaps
     assert _count(edge, "kins_tunnel_handshake_failures_total", reason="shed") >= 3
+
+
+async def test_without_session_tickets_every_handshake_is_full(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path)
+    clouds = await _restarts(tmp_path, certs, 2, session_tickets=False)
+    for cloud in clouds:
+        assert _handshakes(cloud, "full") == 1 and _handshakes(cloud, "resumed") == 0
+
+
+def test_session_lifetime_is_bounded_by_tls13(tmp_path: Path) -> None:
+    import pytest
+
+    from kins_tunnel.errors import UserError
+
+    certs = make_certs(tmp_path)
+    with pytest.raises(UserError, match="tunnel.session_lifetime: must be at most 604800"):
+        cloud_config_from_dict(
+            cloud_dict(certs, tunnel={"session_lifetime": 604801}), base_dir=tmp_path
+        )
