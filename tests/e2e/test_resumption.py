@@ -9,12 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from kins_tunnel.certs import init_ca, issue_edge
 from kins_tunnel.cloud.server import Cloud
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
+from kins_tunnel.errors import UserError
 from kins_tunnel.pemfiles import load_key
 from kins_tunnel.testing.support import free_port, wait_until
 from kins_tunnel.tls_tickets import derive_ticket_key
@@ -223,10 +225,6 @@ async def test_without_session_tickets_every_handshake_is_full(tmp_path: Path) -
 
 
 def test_session_lifetime_is_bounded_by_tls13(tmp_path: Path) -> None:
-    import pytest
-
-    from kins_tunnel.errors import UserError
-
     certs = make_certs(tmp_path)
     with pytest.raises(UserError, match="tunnel.session_lifetime: must be at most 604800"):
         cloud_config_from_dict(
