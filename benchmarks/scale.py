@@ -85,60 +85,92 @@ async def _worker(port: int, n: int, certs: Path, node: str, hold: float, report
         nursery.cancel_scope.cancel()
 
 
-def _metric(admin: int, name: str) -> float:
+def scrape(admin: int) -> str:
+    """The cloud's /metrics text."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=30) as r:
-        text = r.read().decode()
-    m = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+        return str(r.read().decode())
+
+
+def metric_values(text: str, name: str, label: str | None = None) -> dict[str, float]:
+    """Samples of metric `name` in `text`, keyed by the value of `label` ("" without one)."""
+    out: dict[str, float] = {}
+    for m in re.finditer(rf"^{name}(?:{{([^}}]*)}})? ([0-9.e+-]+)$", text, re.M):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+        out[labels.get(label, "") if label else ""] = float(m.group(2))
+    return out
+
+
+def fleet_certs(base: Path) -> Path:
+    """BASE/certs: a CA, the cloud's certificate and the one edge certificate (unit "scale", node
+    "edge1") that every simulated edge presents."""
+    certs = base / "certs"
+    init_ca(certs)
+    issue_edge(certs, "scale", "edge1")
+    return certs
+
+
+def cloud_process(
+    base: Path,
+    certs: Path,
+    tport: int,
+    aport: int,
+    edges: int,
+    *,
+    wait: bool = True,
+    tunnel: dict[str, object] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a tunnel-cloud for `edges` simulated edges (one identity) on ports `tport` (tunnel)
+    and `aport` (admin); `tunnel` adds keys to its `tunnel:` section. With `wait`, returns once
+    it is ready (/readyz)."""
+    config = base / "cloud.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                # the simulated edges share one certificate, so one identity
+                "tunnel": {
+                    "listen": f"127.0.0.1:{tport}",
+                    "max_tunnels_per_identity": edges,
+                    **(tunnel or {}),
+                },
+                "proxy": {"listen": f"127.0.0.1:{free_port()}"},
+                "admin": {"listen": f"127.0.0.1:{aport}"},
+                "log": {"level": "error"},
+                "tls": {
+                    "ca": str(certs / "ca.crt"),
+                    "cert": str(certs / "cloud.crt"),
+                    "key": str(certs / "cloud.key"),
+                },
+            }
+        )
+    )
+    cloud = subprocess.Popen(
+        [sys.executable, "-m", "kins_tunnel", "cloud", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while wait:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{aport}/readyz", timeout=1).read()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                cloud.kill()
+                cloud.wait()
+                raise RuntimeError("cloud did not start") from None
+            time.sleep(0.1)
+    return cloud
 
 
 def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="kins-scale-") as tmp:
         base = Path(tmp)
-        certs = base / "certs"
-        init_ca(certs)
-        issue_edge(certs, "scale", "edge1")
-        tport, pport, aport = free_port(), free_port(), free_port()
-        (base / "cloud.yaml").write_text(
-            json.dumps(
-                {
-                    # the simulated edges share one certificate, so one identity
-                    "tunnel": {"listen": f"127.0.0.1:{tport}", "max_tunnels_per_identity": edges},
-                    "proxy": {"listen": f"127.0.0.1:{pport}"},
-                    "admin": {"listen": f"127.0.0.1:{aport}"},
-                    "log": {"level": "error"},
-                    "tls": {
-                        "ca": str(certs / "ca.crt"),
-                        "cert": str(certs / "cloud.crt"),
-                        "key": str(certs / "cloud.key"),
-                    },
-                }
-            )
-        )
+        certs = fleet_certs(base)
+        tport, aport = free_port(), free_port()
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            cloud = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "kins_tunnel",
-                    "cloud",
-                    "--config",
-                    str(base / "cloud.yaml"),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            cloud = cloud_process(base, certs, tport, aport, edges)
             procs.append(cloud)
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{aport}/readyz", timeout=1).read()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("cloud did not start") from None
-                    time.sleep(0.1)
             rss_before = rss_kib(cloud.pid) / 1024
             per = [edges // workers + (1 if i < edges % workers else 0) for i in range(workers)]
             t0 = time.monotonic()
@@ -175,7 +207,7 @@ def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
                 time.sleep(0.1)
             accept_s = time.monotonic() - t0
             time.sleep(2)
-            seen = _metric(aport, "kins_tunnel_tunnels")
+            seen = metric_values(scrape(aport), "kins_tunnel_tunnels").get("", 0.0)
             rss = rss_kib(cloud.pid) / 1024
             return {
                 "edges": seen,
@@ -201,6 +233,11 @@ def main() -> None:
             float(sys.argv[5]),
         )
         trio.run(_worker, port, n, certs, "edge1", hold, Path(sys.argv[6]))
+        return
+    if "--storm" in sys.argv[1:]:  # the reconnect storm (benchmarks.storm)
+        from benchmarks.storm import main as storm_main
+
+        storm_main()
         return
     # SIGTERM (e.g. from `timeout`) unwinds through run()'s clean-up like Ctrl-C does
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

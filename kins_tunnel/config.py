@@ -122,10 +122,12 @@ class TunnelListen:
     drain_timeout: float = 30.0
     first_byte_timeout: float = 3.0  # a new connection that sends nothing for this long is closed
     max_pending_handshakes: int = 1024  # beyond this, a new connection sheds the oldest pending one
-    max_concurrent_handshakes: int = 256  # TLS handshakes running at once
+    max_concurrent_handshakes: int = 64  # TLS handshakes running at once
     slow_handshake: float = 2.0  # a handshake slot held this long may go to a waiting newcomer
     revoked_file: Path | None = None  # revoked edge serials / unit/node identities
     max_tunnels_per_identity: int = 4  # beyond: a new tunnel of an edge displaces its oldest
+    session_tickets: bool = True  # TLS 1.3 session tickets: a returning edge resumes its session
+    session_lifetime: float = 604800.0  # seconds a ticket is good for (at most 7 days)
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,7 +505,10 @@ def _enroll(top: Section) -> EnrollSettings | None:
 
 def _tunnel(sec: Section) -> TunnelListen:
     revoked = sec.path("revoked_file") if sec.has("revoked_file") else None
-    return sec.build(TunnelListen, revoked_file=revoked)
+    tunnel = sec.build(TunnelListen, revoked_file=revoked)
+    if tunnel.session_lifetime > 604800:
+        sec.fail("session_lifetime", "must be at most 604800 (7 days, the limit of TLS 1.3)")
+    return tunnel
 
 
 def _proxy(sec: Section) -> ProxySettings:

@@ -17,6 +17,7 @@ from collections import Counter as _Tally
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
+import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -98,6 +99,22 @@ _PER_TUNNEL: tuple[tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str
 )
 
 
+def _count_tasks() -> int:
+    """The trio tasks of this run (0 outside one): the root task and all it started."""
+    try:
+        todo = [trio.lowlevel.current_root_task()]
+    except RuntimeError:
+        return 0
+    count = 0
+    while todo:
+        task = todo.pop()
+        if task is None:
+            continue
+        count += 1
+        todo.extend(t for n in task.child_nurseries for t in n.child_tasks)
+    return count
+
+
 class _LiveCollector(Collector):
     def __init__(
         self,
@@ -137,7 +154,11 @@ class _LiveCollector(Collector):
         )
         for unit, n in sorted(units.items()):
             per_unit.add_metric([unit, self._replica], n)
-        yield from (total, per_unit)
+        tasks = GaugeMetricFamily(
+            "kins_tunnel_tasks", "Tasks alive in this process (a leak shows as growth)"
+        )
+        tasks.add_metric([], _count_tasks())
+        yield from (total, per_unit, tasks)
         yield from (family for family, _ in per_tunnel)
         if self._replica:
             info = GaugeMetricFamily(
@@ -252,6 +273,13 @@ _COUNTERS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
         "Bytes relayed on uplinks: up (edge to target) or down (target to edge)",
         ("direction",),
     ),
+    (
+        "tls_handshakes",
+        "tunnel_tls_handshakes",
+        "Tunnel TLS handshakes completed, by kind: full (certificates exchanged) or resumed "
+        "(a session ticket)",
+        ("kind",),
+    ),
 )
 _DIAL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -280,6 +308,7 @@ class Metrics:
     renewals: Counter
     uplink_refusals: Counter
     uplink_bytes: Counter
+    tls_handshakes: Counter
 
     def __init__(
         self,

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from kins_tunnel.certs.identity import ALPN_PROTOCOL, ENROLL_ALPN
 from kins_tunnel.errors import UserError
 from kins_tunnel.pemfiles import load_certs, load_key
+from kins_tunnel.tls_tickets import enable_tickets
 
 # TLS 1.2 suites, forward secret and AEAD only; ECDSA first because every key we issue is ECDSA.
 # TLS 1.3 suites are configured separately by OpenSSL and its defaults are already AEAD-only.
@@ -34,20 +35,26 @@ CIPHERS = ":".join(
 )
 
 
-def server_ssl_context(ca: Path, cert: Path, key: Path, *, enroll: bool = False) -> ssl.SSLContext:
+def server_ssl_context(
+    ca: Path, cert: Path, key: Path, *, enroll: bool = False, session_lifetime: float = 0.0
+) -> ssl.SSLContext:
     """The cloud's context for the edge listener: mutual TLS 1.2+, trusting only `ca`.
 
     With `enroll` (the cloud has an ``enrollment`` section), the context also offers
     `ENROLL_ALPN` and lets a client come without a certificate (a certificate it does present must
     still verify): the tunnel server then refuses every such connection except an enrolment
-    (`cloud.tunnel_server`). Raises `UserError` naming the file (``tls.ca``, ``tls.cert`` or
-    ``tls.key``) that is missing, unreadable, not PEM, or does not match.
+    (`cloud.tunnel_server`). With `session_lifetime` > 0, one TLS 1.3 session ticket per handshake
+    lets a returning edge resume (`tls_tickets`); 0: no tickets. Raises `UserError` naming the
+    file (``tls.ca``, ``tls.cert`` or ``tls.key``) that is missing, unreadable, not PEM, or does
+    not match.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.verify_mode = ssl.CERT_OPTIONAL if enroll else ssl.CERT_REQUIRED
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
-    ctx.num_tickets = 0  # edges never resume a session: no TLS 1.3 tickets (1.5 KiB each connect)
+    ctx.num_tickets = 0
     _configure(ctx, ca, cert, key)
+    if session_lifetime > 0:
+        enable_tickets(ctx, Path(ca), Path(key), session_lifetime)
     if enroll:
         ctx.set_alpn_protocols([ALPN_PROTOCOL, ENROLL_ALPN])
     return ctx

@@ -20,6 +20,16 @@ front end keeps working under an idle flood:
   ClientHello) is given to a newcomer whose first byte has arrived, when all slots are busy.
 
 Every refusal has a short, fixed reason label for `kins_tunnel_handshake_failures_total`.
+
+**A queue no longer than it is worth.** A connection that has waited half of `handshake_timeout`
+for a slot is refused (reason "queued") before its edge gives up on it: the edge is told when to
+come back instead of timing out (a timeout would count as a failure and lengthen its backoff).
+
+**When to come back.** A connection refused before its TLS handshake ("shed", "queued", or its
+deadline missed) is told when to try again (`transport.refusal`): `retry_after()` is the time the
+connections waiting now need at the rate the replica has been completing handshakes (`rate`, on
+the high side), at least `MIN_RETRY_AFTER`; so refused edges come back once the queue in front of
+them has gone, not at once and not after their whole backoff.
 """
 
 from __future__ import annotations
@@ -28,6 +38,12 @@ import collections
 from dataclasses import dataclass, field
 
 import trio
+
+RATE_SAMPLES = 256  # completion times kept to measure the handshake rate
+RECENT_SAMPLES = 64  # the rate is the higher of these last completions' and all those kept
+ASSUMED_HANDSHAKE = 0.1  # seconds a slot takes per handshake, until RECENT_SAMPLES have completed
+MIN_RETRY_AFTER = 1.0  # the least wait a shed connection is told
+MAX_RETRY_AFTER = 60.0  # and the most (an edge caps it at its own reconnect.max too)
 
 
 @dataclass(eq=False)
@@ -49,10 +65,12 @@ class Admission:
         self.max_pending = max_pending
         self.max_concurrent = max_concurrent
         self.slow_handshake = slow_handshake
+        self._waiting = 0  # connections in acquire(), waiting for a slot
         self._pending: collections.OrderedDict[Ticket, None] = collections.OrderedDict()
         self._holders: collections.OrderedDict[Ticket, float] = collections.OrderedDict()
         self._lot = trio.lowlevel.ParkingLot()
         self.shed_count = 0
+        self._done: collections.deque[float] = collections.deque(maxlen=RATE_SAMPLES)
 
     def arrive(self, deadline: float) -> Ticket:
         """Register a new connection (shedding the oldest pending one if there are too many)."""
@@ -72,6 +90,14 @@ class Admission:
 
     async def acquire(self, ticket: Ticket) -> None:
         """Wait for a handshake slot (displacing a holder slower than `slow_handshake`)."""
+        self._waiting += 1
+        try:
+            await self._wait_for_slot()
+        finally:
+            self._waiting -= 1
+        self._holders[ticket] = trio.current_time()
+
+    async def _wait_for_slot(self) -> None:
         while len(self._holders) >= self.max_concurrent:
             oldest, since = next(iter(self._holders.items()))
             overdue = since + self.slow_handshake - trio.current_time()
@@ -84,11 +110,32 @@ class Admission:
                 await self._lot.park()
         else:
             await trio.lowlevel.checkpoint()
-        self._holders[ticket] = trio.current_time()
 
     def release(self, ticket: Ticket) -> None:
         if self._holders.pop(ticket, None) is not None:
             self._lot.unpark()
+
+    def completed(self) -> None:
+        """A handshake succeeded (feeds `rate`)."""
+        self._done.append(trio.current_time())
+
+    def rate(self) -> float:
+        """Handshakes per second: the higher of the rates over the last `RECENT_SAMPLES` and the
+        last `RATE_SAMPLES` completions (up to now, so a stall lowers it); before
+        `RECENT_SAMPLES` have completed, `max_concurrent / ASSUMED_HANDSHAKE`. On the high side
+        by design: an edge told to come back too early costs one more cheap refusal, one told
+        too late waits for nothing."""
+        done = self._done
+        if len(done) < RECENT_SAMPLES:
+            return max(self.max_concurrent / ASSUMED_HANDSHAKE, 1.0)
+        now = trio.current_time()
+        recent = RECENT_SAMPLES / max(now - done[-RECENT_SAMPLES], 1e-3)
+        return max(recent, len(done) / max(now - done[0], 1e-3), 1.0)
+
+    def retry_after(self) -> float:
+        """Seconds a connection refused now should wait: the queue ahead of it at `rate`."""
+        wait = (self._waiting + len(self._holders)) / self.rate()
+        return min(max(wait, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
 
     @property
     def pending(self) -> int:

@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
@@ -139,9 +140,23 @@ class GoneEdges:
         return len(self._gone)
 
 
+_K = TypeVar("_K")
+
+
+def _unindex(index: dict[_K, dict[int, EdgeTunnel]], key: _K, tunnel_id: int) -> None:
+    entries = index.get(key)
+    if entries is not None:
+        entries.pop(tunnel_id, None)
+        if not entries:
+            del index[key]
+
+
 class Registry:
     def __init__(self, *, max_per_identity: int = 4) -> None:
-        self._by_name: dict[str, list[EdgeTunnel]] = {}
+        # every index maps to tunnels by id, oldest first: adding and removing are O(1) whatever
+        # the number of tunnels (a replica takes thousands of edges back after a restart)
+        self._by_name: dict[str, dict[int, EdgeTunnel]] = {}
+        self._by_identity: dict[EdgeIdentity, dict[int, EdgeTunnel]] = {}
         self._tunnels: dict[int, EdgeTunnel] = {}
         self._node_units: dict[str, tuple[str, int]] = {}  # node -> (its unit, live tunnels)
         self._ids = itertools.count(1)
@@ -161,16 +176,18 @@ class Registry:
             raise NodeTaken(tunnel.identity, holder[0])
         for hook in self.on_add:
             hook(tunnel)
-        same = [t for t in self._tunnels.values() if t.identity == tunnel.identity]
-        displaced = same[: max(0, len(same) + 1 - self.max_per_identity)]
+        same = self._by_identity.get(tunnel.identity, {})
+        excess = len(same) + 1 - self.max_per_identity
+        displaced = list(itertools.islice(same.values(), max(0, excess)))
         for old in displaced:
             self.remove(old)
         tunnel.id = next(self._ids)
         self._tunnels[tunnel.id] = tunnel
+        self._by_identity.setdefault(tunnel.identity, {})[tunnel.id] = tunnel
         self._node_units[node] = (unit, self._node_units.get(node, (unit, 0))[1] + 1)
         self.gone.back(unit, node)
         for name in tunnel.names:
-            self._by_name.setdefault(name, []).append(tunnel)
+            self._by_name.setdefault(name, {})[tunnel.id] = tunnel
         return displaced
 
     def refused(self, refusal: Refusal) -> None:
@@ -186,12 +203,9 @@ class Registry:
         else:
             del self._node_units[node]
             self.gone.left(unit, node)
+        _unindex(self._by_identity, tunnel.identity, tunnel.id)
         for name in tunnel.names:
-            lst = self._by_name.get(name, [])
-            if tunnel in lst:
-                lst.remove(tunnel)
-            if not lst:
-                self._by_name.pop(name, None)
+            _unindex(self._by_name, name, tunnel.id)
 
     def last_seen(self) -> Iterator[tuple[str, str, float | None]]:
         """(unit, node, when) of every identity connected now (when: None, i.e. now) or
@@ -202,7 +216,7 @@ class Registry:
 
     def candidates(self, name: str) -> list[EdgeTunnel]:
         """Usable tunnels serving `name`, best first (fewest streams, rotating among equals)."""
-        tunnels = [t for t in self._by_name.get(name, ()) if t.session.usable]
+        tunnels = [t for t in self._by_name.get(name, {}).values() if t.session.usable]
         if len(tunnels) > 1:
             k = next(self._rr) % len(tunnels)
             tunnels = tunnels[k:] + tunnels[:k]

@@ -71,7 +71,11 @@ class Cloud:
         self.registry = Registry(max_per_identity=cfg.tunnel.max_tunnels_per_identity)
         self.metrics = Metrics("cloud", self._snapshot, replica=self.replica)
         self.tls = ReloadingContext(
-            functools.partial(server_ssl_context, enroll=cfg.enrollment is not None),
+            functools.partial(
+                server_ssl_context,
+                enroll=cfg.enrollment is not None,
+                session_lifetime=cfg.tunnel.session_lifetime if cfg.tunnel.session_tickets else 0,
+            ),
             cfg.tls.ca,
             cfg.tls.cert,
             cfg.tls.key,

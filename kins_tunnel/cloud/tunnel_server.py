@@ -18,14 +18,17 @@ most once a second; renewed files apply to new handshakes, live tunnels keep the
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
+import os
 import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 
 import trio
+from cryptography import x509
 
 from kins_tunnel import __version__
 from kins_tunnel.certs import ENROLL_ALPN, EdgeIdentity, ReservedName, identity_from_der
@@ -38,7 +41,9 @@ from kins_tunnel.metrics import Metrics
 from kins_tunnel.proto import Connection, ErrorCode, Hello, Role
 from kins_tunnel.tls_contexts import failure_label
 from kins_tunnel.transport.listen import serve_port
+from kins_tunnel.transport.refusal import encode_refusal
 from kins_tunnel.transport.session import Session
+from kins_tunnel.transport.tcpinfo import peer_state
 from kins_tunnel.transport.tls import TLSSocket, TransportError
 
 log = logging.getLogger("kins_tunnel.cloud.tunnel")
@@ -146,7 +151,17 @@ class TunnelServer:
                         f"no data within first_byte_timeout ({t.first_byte_timeout:g}s)",
                     )
                     return
-                await self.admission.acquire(ticket)
+                with trio.move_on_at(ticket.accepted + t.handshake_timeout / 2) as queued:
+                    await self.admission.acquire(ticket)
+                # The edge's own deadline runs from its connect, listen backlog included: a
+                # ClientHello that has waited half the timeout is refused with a hint (the edge
+                # will not wait for the whole handshake), and a peer gone meanwhile is not served.
+                gone, waited = peer_state(tcp.socket)
+                if gone:
+                    ticket.shed("gone")
+                elif queued.cancelled_caught or waited > t.handshake_timeout / 2:
+                    ticket.shed("queued")
+                await trio.lowlevel.checkpoint()  # a shed ticket's scope ends it here
                 if self.tls is not None:
                     await (
                         self.tls.refresh()
@@ -170,6 +185,8 @@ class TunnelServer:
             return
         if identity is None or tls is None:  # the ticket's scope ended it: deadline or shed
             reason = ticket.reason or "timeout"
+            if tls is None:  # no TLS yet: tell the edge when to come back
+                _send_refusal(tcp, self.admission.retry_after())
             self._refuse(
                 peer,
                 reason,
@@ -178,10 +195,20 @@ class TunnelServer:
                 ),
             )
             return
-        revoked = self.revoked(identity, tls.peer_certificate_der())
+        self.admission.completed()
+        resumed = tls.session_reused
+        self.metrics.tls_handshakes.labels("resumed" if resumed else "full").inc()
+        der = tls.peer_certificate_der()
+        revoked = self.revoked(identity, der)
         if revoked is not None:
             tls.close()
             self._refuse(peer, "revoked", f"{identity.unit}/{identity.node}: {revoked}")
+            return
+        # a resumed session's certificate was verified when its ticket was issued: check its dates
+        stale = _outside_validity(der) if resumed else None
+        if stale is not None:
+            tls.close()
+            self._refuse(peer, "expired", f"{identity.unit}/{identity.node}: {stale}")
             return
         await self._run_tunnel(tls, identity, peer, deadline)
 
@@ -316,12 +343,47 @@ class TunnelServer:
                 )
 
 
+def _send_refusal(tcp: trio.SocketStream, retry_after: float) -> None:
+    """Write the refusal with its hint to a connection shed before TLS (never blocks; a socket
+    that does not take it is closed all the same). What the edge sent is read first, so that the
+    close is a FIN and not a reset that could discard the refusal on the edge's side."""
+    fd = tcp.socket.fileno()
+    try:
+        for _ in range(4):  # a ClientHello is a few hundred bytes; anything more is not an edge's
+            if not os.read(fd, 16384):
+                break
+    except OSError:  # nothing more to read (would block), or the peer is gone
+        pass
+    try:
+        os.write(fd, encode_refusal(retry_after))
+    except OSError:
+        pass
+
+
+def _outside_validity(der: bytes | None) -> str | None:
+    """Why a resumed session's certificate is no longer acceptable (expired or not yet valid)."""
+    if der is None:
+        return "no certificate in the resumed session"
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return "unreadable certificate in the resumed session"
+    now = dt.datetime.now(dt.UTC)
+    if now > cert.not_valid_after_utc:
+        return "certificate expired since its session ticket was issued"
+    if now < cert.not_valid_before_utc:
+        return "certificate not yet valid"
+    return None
+
+
 MAX_NAMES_LOGGED = 5  # refused names shown in the one log line of a tunnel
 MAX_LOGGED_CHARS = 1024
 REFUSALS_LOGGED_PER_SECOND = 20  # beyond: counted in the metric, summarised in the next line
 
 
 _SHED_DETAIL = {
+    "queued": "shed: no handshake slot within half of tunnel.handshake_timeout",
+    "gone": "the peer closed before its handshake could start",
     "shed": "shed: too many pending handshakes (tunnel.max_pending_handshakes)",
     "slow": "shed: handshake slower than tunnel.slow_handshake while others waited",
 }

@@ -70,6 +70,7 @@ from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.config import EdgeConfig
 from kins_tunnel.edge.enroll import Enrolment
 from kins_tunnel.edge.forwarder import Forwarder
+from kins_tunnel.edge.reconnect import ReconnectPolicy, backoff_delay
 from kins_tunnel.edge.uplinks import Uplinks
 from kins_tunnel.errors import UserError
 from kins_tunnel.metrics import Metrics
@@ -78,7 +79,7 @@ from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
 from kins_tunnel.tls_contexts import client_ssl_context, failure_label
 from kins_tunnel.transport.http_proxy import ProxyDialer, ProxyError
 from kins_tunnel.transport.session import Session
-from kins_tunnel.transport.tls import TransportError, connect_tls
+from kins_tunnel.transport.tls import Refused, TransportError, connect_tls
 
 log = logging.getLogger("kins_tunnel.edge")
 
@@ -95,9 +96,13 @@ class _Keeper:
     session: Session | None = None
     draining: Session | None = None  # the previous tunnel, finishing its streams after a GOAWAY
     replaced_at: float = -math.inf  # when a GOAWAY last made this keeper dial again at once
+    # the cloud's session ticket and the context it belongs to: the next dial resumes with it
+    tls_session: tuple[ssl.SSLContext, ssl.SSLSession] | None = None
+    retry_after: float | None = None  # the cloud's hint in its refusal of the last tunnel
 
 
 _SETUP_FAILURES = (  # text in the error -> label
+    ("shed by the cloud", "shed"),  # transport.tls.Refused: the cloud said when to come back
     ("cannot connect", "connect"),
     ("certificate verify failed", "verify_failed"),
     ("hostname mismatch", "verify_failed"),
@@ -133,14 +138,6 @@ def hello_failure_reason(session: Session) -> str:
     if failure == "protocol" and not session.close_reason.startswith("protocol error"):
         return "refused"
     return failure
-
-
-def backoff_delay(
-    attempt: int, initial: float, maximum: float, multiplier: float, rng: random.Random
-) -> float:
-    """Full-jitter exponential backoff for the `attempt`-th consecutive failure (0-based)."""
-    ceiling = min(maximum, initial * (multiplier ** min(attempt, 64)))
-    return rng.uniform(0, ceiling)
 
 
 def _cert_summary(der: bytes | None) -> dict[str, object]:
@@ -401,23 +398,23 @@ class Edge:
         _entry, ip, port = key
         label = _label(ip, port)
         b = self.cfg.reconnect
-        attempt = 0
+        policy = ReconnectPolicy(b, self._rng)
         with keeper.scope:
             async with trio.open_nursery() as tunnels:  # a tunnel draining after GOAWAY lives here
                 while not self.draining and not keeper.retired:
                     started = trio.current_time()
+                    keeper.retry_after = None
                     at_once = await self._attempt(tunnels, label, ip, port, server_name, keeper)
                     if self.draining or keeper.retired:
                         return
                     now = trio.current_time()
-                    attempt = 0 if now - started >= b.stable_after else attempt + 1
                     if at_once and now - keeper.replaced_at >= b.max:  # at most once per b.max
                         keeper.replaced_at = now
                         log.info(
                             "cloud sent GOAWAY: dialling a replacement", extra={"cloud": label}
                         )
                         continue
-                    delay = backoff_delay(attempt, b.initial, b.max, b.multiplier, self._rng)
+                    delay = policy.next_delay(now - started, keeper.retry_after)
                     log.info("reconnecting", extra={"cloud": label, "in_seconds": round(delay, 2)})
                     await trio.sleep(delay)
 
@@ -438,6 +435,8 @@ class Edge:
             )
             return at_once
         except (TransportError, RemoteProtocolError, trio.TooSlowError, OSError) as exc:
+            if isinstance(exc, Refused):
+                keeper.retry_after = exc.retry_after
             reason = _failure_reason(exc)
             self.metrics.handshake_failures.labels(reason).inc()
             log.warning(
@@ -493,14 +492,19 @@ class Edge:
     ) -> None:
         cfg = self.cfg
         await self.tls.refresh()  # renewed certificate files apply from this tunnel on
+        context = self.context
+        ticket = None if keeper is None else keeper.tls_session
         with trio.fail_after(cfg.handshake_timeout):
             tls = await connect_tls(
                 ip,
                 port,
-                self.context,
+                context,
                 server_hostname=server_name,
                 open_stream=None if self.proxy is None else self.proxy.open,
+                # a ticket of an older context (renewed certificate) is not offered
+                session=ticket[1] if ticket is not None and ticket[0] is context else None,
             )
+        self.metrics.tls_handshakes.labels("resumed" if tls.session_reused else "full").inc()
         cloud_cert = _cert_summary(tls.peer_certificate_der())
         hello = Hello(names=tuple(cfg.services), agent=f"kins-tunnel-edge/{__version__}")
         conn = Connection(
@@ -522,6 +526,10 @@ class Edge:
             # session's own reader/writer, which then raise ClosedResourceError out of serve().
             # The tunnel is over either way: reconnect as usual instead of crashing the edge.
             log.debug("tunnel closed under its reader", extra={"cloud": label})
+        finally:
+            issued = tls.session  # the cloud's ticket came right after its handshake
+            if keeper is not None and issued is not None and issued.has_ticket:
+                keeper.tls_session = (context, issued)
 
     async def _serve_session(
         self,

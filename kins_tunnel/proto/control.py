@@ -70,6 +70,7 @@ class ControlFrames:
     _probe: DelayProbe | None
     _pacer: DelayPacer | None
     bytes_received: int
+    peer_pings: int
     _rtt: RttEstimator
     _goaway_sent: int | None
 
@@ -170,6 +171,7 @@ class ControlFrames:
             events.append(PongReceived(payload, self._rtt.answered(payload, self._now())))
             return
         self._pending_pongs += 1
+        self.peer_pings += 1
         if self._pending_pongs > MAX_PENDING_PONGS:
             raise RemoteProtocolError("PING flood", ErrorCode.ENHANCE_YOUR_CALM)
         self._out += ping_frame(payload, ack=True)

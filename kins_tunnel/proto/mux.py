@@ -127,6 +127,7 @@ class Connection(FrameReceiver):
             else None
         )
         self._probe: DelayProbe | None = None
+        self.peer_pings = 0  # PINGs the peer sent (answered): it is checking the tunnel too
         self._rtt = RttEstimator()
         self._goaway_sent: int | None = None
         self.version: int | None = None

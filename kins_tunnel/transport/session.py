@@ -12,8 +12,9 @@ Theory of operation
   latency path) and otherwise leaves the rest to a writer task, started the first time the socket
   is full. Senders wait while too much is queued: TCP's back-pressure reaches them.
 - **Liveness** (`liveness`, one timer for every session of the trio run): a ping every
-  `ping_interval`; when nothing at all has arrived for `ping_timeout` the session is dead and every
-  stream on it breaks at once.
+  `ping_interval` (skipped on an idle tunnel whose peer pinged us meanwhile, but for every
+  `RTT_REFRESH`-th: see `ping`); when nothing at all has arrived for `ping_timeout` the session is
+  dead and every stream on it breaks at once.
 - **Memory of an idle tunnel**: one task (the reader, waiting for the socket), a few small objects
   (handlers in class-level tables, the writer's parts made when first needed), the TLS state.
 - **Streams** (`TunnelStream`) are `trio.abc.HalfCloseableStream`s: `send_eof` sends FIN,
@@ -54,6 +55,7 @@ log = logging.getLogger("kins_tunnel.session")
 # what it keeps (partial frames), DATA events are views of the buffer and a stream copies what it
 # queues (`deliver`); nothing awaits between the fill and the end of the dispatch.
 _READ_BUFFER = RunBuffer("kins_tunnel_read_buffer", READ_BATCH)
+RTT_REFRESH = 6  # an idle tunnel the peer pings still sends every 6th ping of its own (RTT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,8 @@ class Session:
         "_ping_interval",
         "_ping_timeout",
         "_liveness",
+        "_peer_pings_seen",
+        "_pings_skipped",
         "_streams",
         "_opens",
         "output",
@@ -140,6 +144,8 @@ class Session:
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._liveness: liveness.Entry | None = None
+        self._peer_pings_seen = 0  # conn.peer_pings at our last ping time
+        self._pings_skipped = 0  # our pings skipped in a row (see `ping`)
         self._streams: dict[int, TunnelStream] = {}
         self._opens = PendingOpens()
         self._last_rx = trio.current_time()
@@ -530,11 +536,25 @@ class Session:
         return self._last_rx
 
     def ping(self) -> None:
-        """Send a PING (the answer updates `rtt`); a bug here ends this tunnel only."""
+        """Send a PING (the answer updates `rtt`); a bug here ends this tunnel only.
+
+        An idle tunnel (no stream) whose peer pinged us since our last ping time is known to be
+        alive both ways (its PING came, our PONG went): our own PING is skipped, except every
+        `RTT_REFRESH`-th time, to keep `rtt` fresh. Two peers doing this share one ping round per
+        interval instead of two; the silence that ends a session (`ping_timeout`) is unchanged.
+        """
         try:
-            if self.conn.is_open:
-                self.conn.ping()
-                self.output.kick()
+            conn = self.conn
+            if not conn.is_open:
+                return
+            heard = conn.peer_pings != self._peer_pings_seen
+            self._peer_pings_seen = conn.peer_pings
+            if heard and not self._streams and self._pings_skipped < RTT_REFRESH - 1:
+                self._pings_skipped += 1
+                return
+            self._pings_skipped = 0
+            conn.ping()
+            self.output.kick()
         except Exception as exc:
             self._report("session", exc)
             self.close(f"internal error: {type(exc).__name__}", ErrorCode.INTERNAL_ERROR)

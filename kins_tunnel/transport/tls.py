@@ -43,6 +43,7 @@ import trio
 
 from kins_tunnel.transport.buffers import RunBuffer
 from kins_tunnel.transport.errors import TransportError as TransportError  # its callers' name
+from kins_tunnel.transport.refusal import parse_refusal
 
 READ_BATCH = 1024 * 1024  # plaintext bytes the session gathers per wake-up
 RAW_READ = 256 * 1024  # ciphertext bytes per read system call
@@ -51,6 +52,14 @@ NOTSENT_LOWAT = 128 * 1024  # unsent bytes the kernel may hold for us (see "Late
 HANDSHAKE_PIECE = 256  # ciphertext bytes handed to OpenSSL at a time during the handshake
 
 _RAW_BUFFER = RunBuffer("kins_tunnel_tls_raw_buffer", RAW_READ)
+
+
+class Refused(TransportError):
+    """The cloud shed this connection before TLS and said when to come back (`transport.refusal`)."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"shed by the cloud before TLS (retry after {retry_after:g}s)")
+        self.retry_after = retry_after
 
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
@@ -137,7 +146,10 @@ class TLSSocket:
         *,
         server_side: bool,
         server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
     ) -> TLSSocket:
+        """Take over `sock`; a client resumes `session` (a ticket of an earlier connection made
+        with the same `context`) when the server accepts it, else runs a full handshake."""
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -148,7 +160,11 @@ class TLSSocket:
                 pass
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         obj = context.wrap_bio(
-            incoming, outgoing, server_side=server_side, server_hostname=server_hostname
+            incoming,
+            outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            session=session,
         )
         return cls(sock, obj, incoming, outgoing)
 
@@ -163,6 +179,17 @@ class TLSSocket:
         """The application protocol negotiated in the handshake (ALPN), if any."""
         return self._obj.selected_alpn_protocol()
 
+    @property
+    def session(self) -> ssl.SSLSession | None:
+        """The TLS session to resume the next connection with (client side; in TLS 1.3 known
+        once the server's ticket has been read, after the handshake)."""
+        return self._obj.session
+
+    @property
+    def session_reused(self) -> bool:
+        """The handshake resumed an earlier session (no certificate exchange this time)."""
+        return self._obj.session_reused
+
     # ------------------------------------------------------------------ handshake
     async def do_handshake(self) -> None:
         """Run the TLS handshake; the caller sets the deadline.
@@ -172,6 +199,7 @@ class TLSSocket:
         life (about 1 KiB per idle tunnel); fed in pieces it stays at a piece.
         """
         rest: memoryview | None = None  # read from the socket, not yet handed to OpenSSL
+        first = not self._obj.server_side  # a client's first read may be the cloud's refusal
         while True:
             try:
                 self._obj.do_handshake()
@@ -184,6 +212,11 @@ class TLSSocket:
                         rest = None
                         await trio.lowlevel.checkpoint()
                         continue
+                    if first:
+                        first = False
+                        hint = parse_refusal(rest)
+                        if hint is not None:
+                            raise Refused(hint) from None
                 # nothing awaits while `rest` (a view of the shared raw buffer) is in use
                 self._in.write(rest[:HANDSHAKE_PIECE])
                 rest = rest[HANDSHAKE_PIECE:] if len(rest) > HANDSHAKE_PIECE else None
@@ -365,17 +398,22 @@ async def connect_tls(
     *,
     server_hostname: str,
     open_stream: Callable[[str, int], Awaitable[trio.SocketStream]] | None = None,
+    session: ssl.SSLSession | None = None,
 ) -> TLSSocket:
     """TCP connect (trio, happy-eyeballs over every address) then wrap; the caller sets deadlines.
 
-    `open_stream(host, port)` replaces the direct TCP connect (the edge's site proxy)."""
+    `open_stream(host, port)` replaces the direct TCP connect (the edge's site proxy); `session`
+    is offered for resumption (see `TLSSocket.wrap`). Raises `TransportError` (`Refused` when the
+    cloud shed the connection with a retry-after hint)."""
     try:
         stream = await (open_stream or trio.open_tcp_stream)(host, port)
     except OSError as exc:
         raise TransportError(f"cannot connect to {host}:{port}: {_describe(exc)}") from exc
     fd = stream.socket.detach()
     sock = socket.socket(fileno=fd)
-    tls = TLSSocket.wrap(sock, context, server_side=False, server_hostname=server_hostname)
+    tls = TLSSocket.wrap(
+        sock, context, server_side=False, server_hostname=server_hostname, session=session
+    )
     try:
         await tls.do_handshake()
     except BaseException:

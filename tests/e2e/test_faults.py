@@ -19,7 +19,8 @@ import trio.testing
 
 from kins_tunnel.cloud.server import Cloud
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
-from kins_tunnel.edge.agent import Edge, backoff_delay
+from kins_tunnel.edge.agent import Edge
+from kins_tunnel.edge.reconnect import backoff_delay
 from kins_tunnel.testing.support import free_port, http_get, read_all, rss_kib
 from tests.e2e.faultkit import (
     CloudProc,

@@ -14,7 +14,7 @@ import trio.testing
 
 from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
 from kins_tunnel.tls_contexts import client_ssl_context, server_ssl_context
-from kins_tunnel.transport.session import Session
+from kins_tunnel.transport.session import RTT_REFRESH, Session
 from kins_tunnel.transport.stream import TunnelStream
 from kins_tunnel.transport.tls import TLSSocket
 from tests.e2e.harness import make_certs
@@ -249,3 +249,31 @@ async def test_waiting_on_a_closed_tunnel_socket_is_a_transport_error(tmp_path: 
         else:
             raise AssertionError("waiting on a closed socket returned")
     client.close()
+
+
+async def test_an_idle_tunnel_pinged_by_its_peer_skips_its_own_pings(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """Both ends ping every second: on an idle tunnel they share one ping round per second (plus
+    every `RTT_REFRESH`-th ping of each, for its RTT) instead of two, and neither times out."""
+    certs = make_certs(tmp_path)
+    stls, ctls = await tls_pair(certs)
+    now = trio.current_time
+    cloud_conn = Connection(Role.SERVER, Hello(), clock=now)
+    edge_conn = Connection(Role.CLIENT, Hello(names=("x:1",)), clock=now)
+    cloud = Session(stls, cloud_conn, ping_interval=1, ping_timeout=2.5)
+    edge = Session(ctls, edge_conn, ping_interval=1, ping_timeout=2.5)
+    async with trio.open_nursery() as n:
+        n.start_soon(functools.partial(cloud.serve, handshake_timeout=5))
+        n.start_soon(functools.partial(edge.serve, handshake_timeout=5))
+        await cloud.handshake_done.wait()
+        await edge.handshake_done.wait()
+        await trio.sleep(60.2)
+        assert not cloud.closed.is_set() and not edge.closed.is_set()
+        by_cloud, by_edge = edge.conn.peer_pings, cloud.conn.peer_pings
+        cloud.close("test over")
+        edge.close("test over")
+    # 60 intervals: one side pings each time, the other every RTT_REFRESH-th (the first PING
+    # at the handshake is counted too); both pinging would be 120
+    assert 60 <= by_cloud + by_edge <= 60 + 60 // RTT_REFRESH + 4, (by_cloud, by_edge)
+    assert cloud.rtt is not None and edge.rtt is not None

@@ -1,0 +1,540 @@
+"""Reconnect storm: N edges on one tunnel-cloud replica that is killed and restarted.
+
+    python -m benchmarks.scale --storm [--edges 5000] [--workers 4] [--no-tickets]
+
+Simulated edges (worker processes, this file's `worker` mode; the open-file limit here is 20,000
+per process) dial with the real pieces of tunnel-edge: its reconnect policy
+(`edge.reconnect.ReconnectPolicy`: full-jitter backoff, reset after `stable_after`, the cloud's
+retry-after hint), its TLS client (`transport.tls.connect_tls`, resuming with the cloud's session
+ticket) and the protocol state machine (`proto.Connection`); then they idle, pinging the cloud every
+10 s as tunnel-edge does and answering its pings. Every 20th edge is a probe: during the storm, once
+up again, it pings every `PROBE_INTERVAL`.
+
+Timeline: the replica starts, all N edges connect; after a settle time the replica's idle cost is
+measured (RSS and CPU over `idle_window`); the replica is SIGKILLed and started again at once (as a
+supervisor would); the time it starts listening is `t_listen`. Reported, from `t_listen`: the time
+until 50 %, 99 % and 100 % of the edges are back, the handshakes per second the replica sustained
+(mean over the storm, and the best second), its CPU per handshake, sheds/timeouts (the replica's
+`handshake_failures` and what the edges saw), the slowest edge's wait (from the kill), and the ping
+RTT of tunnels already back while the storm goes on (p50/p99/max, and pings that went unanswered
+longer than the ping timeout). Then every edge leaves, and the replica's descriptors and tasks are
+compared with its baseline (leaks). The whole run is bounded by `budget` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.lowlevel
+
+from benchmarks.scale import cloud_process, fleet_certs, metric_values, scrape
+from kins_tunnel.config import Backoff
+from kins_tunnel.edge.reconnect import ReconnectPolicy
+from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
+from kins_tunnel.proto.events import PongReceived
+from kins_tunnel.testing.support import free_port, rss_kib
+from kins_tunnel.tls_contexts import client_ssl_context
+from kins_tunnel.transport.tls import Refused, TLSSocket, TransportError, connect_tls
+
+PROBE_EVERY = 20  # every 20th edge pings the cloud once up
+PROBE_INTERVAL = 0.25  # seconds between a probe's pings
+EDGE_PING_INTERVAL = 10.0  # every edge pings the cloud this often (tunnel-edge's ping_interval)
+RTT_WINDOW_MIN = 3.0  # RTTs count from listening until all are back, and for at least this long
+PING_TIMEOUT = 20.0  # the cloud's default tunnel.ping_timeout: a ping unanswered this long failed
+HANDSHAKE_TIMEOUT = 10.0  # the edge's default handshake_timeout
+RAMP_RATE = 400.0  # edges per second coming up at first (the storm itself has no ramp)
+# The edges' policy: tunnel-edge's defaults, except `stable_after` (60 s) shortened so that the
+# run need not hold the fleet for a minute before the kill; the tunnels are older than it then.
+BACKOFF = Backoff(stable_after=5.0)
+
+
+# ----------------------------------------------------------------------------- worker (edges)
+@dataclass
+class _Record:
+    """What one worker saw (monotonic times, comparable across processes)."""
+
+    ups: list[tuple[int, float, bool]]  # (edge, when, resumed)
+    downs: list[tuple[int, float]]  # (edge, when) established tunnels that ended
+    failures: collections.Counter[str]
+    hints: list[float]
+    rtts: list[tuple[float, float]]  # (when, rtt) of probe pings
+    lost_pings: list[float]  # ages of pings never answered when their tunnel ended
+    last_up: dict[int, float]  # edge -> when its tunnel now up came up
+    connected: int = 0
+    storm: bool = False  # the cloud has been killed: probes ping from now on
+
+
+async def _read(tls: TLSSocket, buf: memoryview) -> int:
+    while True:
+        got = tls.receive_into(buf)
+        if got is not None:
+            return got
+        await tls.wait_readable()
+
+
+async def _send(tls: TLSSocket, conn: Connection) -> None:
+    out = conn.data_to_send()
+    if out and not tls.send_chunk(out):
+        while not tls.flush():
+            await tls.wait_writable()
+
+
+async def _tunnel(edge: int, tls: TLSSocket, rec: _Record, probe: bool, resumed: bool) -> None:
+    """Run one tunnel (HELLO both ways, then answer pings; a probe also pings every
+    `PROBE_INTERVAL`) until the cloud ends it."""
+    hello = Hello(names=("scale-svc-kins.kins-system:443",))
+    conn = Connection(Role.CLIENT, hello, clock=time.monotonic)
+    buf = memoryview(bytearray(65536))
+    await _send(tls, conn)
+    counted = False
+    sent: dict[bytes, float] = {}
+    next_ping = math.inf
+    try:
+        while True:
+            n = None
+            with trio.move_on_at(trio.current_time() + next_ping - time.monotonic()):
+                n = await _read(tls, buf)
+            if n == 0:
+                return
+            if n is not None:
+                for event in conn.receive_data(buf[:n]):
+                    if isinstance(event, PongReceived) and event.rtt is not None:
+                        if sent.pop(event.payload, None) is not None and probe and rec.storm:
+                            rec.rtts.append((time.monotonic(), event.rtt))
+            if not counted and conn.is_open:
+                counted = True
+                rec.connected += 1
+                rec.ups.append((edge, time.monotonic(), resumed))
+                rec.last_up[edge] = time.monotonic()
+                every = PROBE_INTERVAL if probe and rec.storm else EDGE_PING_INTERVAL
+                next_ping = time.monotonic() + random.uniform(0, every)
+            if time.monotonic() >= next_ping:
+                sent[conn.ping()] = time.monotonic()
+                # a probe pings often once the storm is on (idle cost is measured before it)
+                next_ping += PROBE_INTERVAL if probe and rec.storm else EDGE_PING_INTERVAL
+            await _send(tls, conn)
+    finally:
+        if counted:
+            rec.connected -= 1
+            rec.last_up.pop(edge, None)
+            rec.downs.append((edge, time.monotonic()))
+        now = time.monotonic()
+        rec.lost_pings.extend(now - t for t in sent.values())
+
+
+def _failure_kind(exc: BaseException) -> str:
+    text = str(exc).lower()
+    if "cannot connect" in text:
+        return "connect_refused"
+    if "handshake" in text:
+        return "tls_cut"
+    return "closed"
+
+
+async def _edge(
+    edge: int, port: int, ctx: ssl.SSLContext, rec: _Record, rng: random.Random
+) -> None:
+    """One simulated edge, for ever: dial, run the tunnel, wait as the real policy says."""
+    policy = ReconnectPolicy(BACKOFF, rng)
+    ticket = None
+    probe = edge % PROBE_EVERY == 0
+    while True:
+        started = time.monotonic()
+        hint = None
+        tls = None
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                tls = await connect_tls(
+                    "127.0.0.1", port, ctx, server_hostname="localhost", session=ticket
+                )
+            await _tunnel(edge, tls, rec, probe, tls.session_reused)
+        except Refused as exc:
+            hint = exc.retry_after
+            rec.hints.append(hint)
+            rec.failures["shed_with_hint"] += 1
+        except trio.TooSlowError:
+            rec.failures["timeout"] += 1
+        except (TransportError, RemoteProtocolError, OSError, trio.BrokenResourceError) as exc:
+            rec.failures[_failure_kind(exc)] += 1
+        finally:
+            if tls is not None:
+                if tls.session is not None and tls.session.has_ticket:
+                    ticket = tls.session
+                tls.close()
+        await trio.sleep(policy.next_delay(time.monotonic() - started, hint))
+
+
+async def _worker(args: dict[str, object]) -> None:
+    certs = Path(str(args["certs"]))
+    ctx = client_ssl_context(certs / "ca.crt", certs / "edge-edge1.crt", certs / "edge-edge1.key")
+    rec = _Record([], [], collections.Counter(), [], [], [], {})
+    status, stop, out = (Path(str(args[k])) for k in ("status", "stop", "out"))
+    since = Path(str(args["since"]))  # the parent writes the kill time there
+    first, n = int(str(args["first"])), int(str(args["n"]))
+    port = int(str(args["port"]))
+    rng = random.Random(first)
+    with trio.move_on_after(float(str(args["budget"]))):
+        async with trio.open_nursery() as nursery:
+            ramp = float(str(args["ramp"]))  # a fleet comes up over time, not in one instant
+            for i in range(first, first + n):
+                nursery.start_soon(_edge, i, port, ctx, rec, rng)
+                await trio.sleep(ramp / n)
+            while not stop.exists():
+                t = float(since.read_text() or "inf") if since.exists() else math.inf
+                rec.storm = t < math.inf
+                back = sum(1 for when in rec.last_up.values() if when > t)
+                status.write_text(f"{rec.connected} {back}")
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    out.write_text(
+        json.dumps(
+            {
+                "ups": rec.ups,
+                "downs": rec.downs,
+                "failures": rec.failures,
+                "hints": rec.hints,
+                "rtts": rec.rtts,
+                "lost_pings": rec.lost_pings,
+                "rss_kib": rss_kib(),
+                "cpu_s": time.process_time(),
+            }
+        )
+    )
+
+
+# ----------------------------------------------------------------------------- parent
+def _listening(port: int) -> bool:
+    """Is something listening on 127.0.0.1:`port`? (read from /proc: no connection made)"""
+    needle = f"0100007F:{port:04X} 00000000:0000 0A"
+    return any(needle in Path(p).read_text() for p in ("/proc/net/tcp",))
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _fd_kinds(pid: int) -> list[str]:
+    """What the process's descriptors are (socket/pipe/file...), for a leak report."""
+    out = []
+    for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}").split(":")[0])
+        except OSError:
+            pass
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * len(values)) - 1))]
+
+
+def _wait(cond: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {timeout:g}s")
+        time.sleep(step)
+    return time.monotonic()
+
+
+def run_storm(
+    edges: int,
+    workers: int,
+    *,
+    tickets: bool = True,
+    idle_window: float = 20.0,
+    budget: float = 290.0,
+) -> dict[str, Any]:
+    """Run the whole storm once (see the module docstring); returns the figures."""
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="kins-storm-") as tmp:
+        base = Path(tmp)
+        certs = fleet_certs(base)
+        tport, aport = free_port(), free_port()
+        extra: dict[str, object] = {} if tickets else {"session_tickets": False}
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            cloud = cloud_process(base, certs, tport, aport, edges, tunnel=extra)
+            procs.append(cloud)
+            rss_base = rss_kib(cloud.pid)
+            base_fds, base_tasks = (
+                _fds(cloud.pid),
+                metric_values(scrape(aport), "kins_tunnel_tasks"),
+            )
+            base_kinds = _fd_kinds(cloud.pid)
+            per = [edges // workers + (1 if i < edges % workers else 0) for i in range(workers)]
+            files = []
+            worker_procs = []
+            first = 0
+            for i, n in enumerate(per):
+                f = {k: base / f"w{i}.{k}" for k in ("status", "stop", "out")}
+                f["since"] = base / "since"
+                files.append(f)
+                args = {
+                    "port": tport,
+                    "first": first,
+                    "n": n,
+                    "certs": str(certs),
+                    "budget": budget,
+                    "ramp": edges / RAMP_RATE,
+                    **{k: str(v) for k, v in f.items()},
+                }
+                first += n
+                worker_procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "benchmarks.storm", "worker", json.dumps(args)],
+                        stdout=subprocess.DEVNULL,
+                    )
+                )
+                procs.append(worker_procs[-1])
+
+            def connected(back: bool = False) -> int:
+                """Edges up now (`back`: up now and since the kill)."""
+                total = 0
+                for f in files:
+                    try:
+                        total += int(f["status"].read_text().split()[1 if back else 0])
+                    except (OSError, ValueError, IndexError):
+                        pass
+                return total
+
+            def left() -> float:
+                return budget - (time.monotonic() - t_start)
+
+            t0 = time.monotonic()
+            t_all = _wait(lambda: connected() >= edges, left() * 0.55, "initial connect", 0.1)
+            initial_s = t_all - t0
+            # idle: settle (longer than stable_after), then RSS and CPU over idle_window
+            time.sleep(max(BACKOFF.stable_after + 1, 5.0))
+            cpu0, w0 = _cpu_seconds(cloud.pid), time.monotonic()
+            time.sleep(idle_window)
+            idle_cpu = (_cpu_seconds(cloud.pid) - cpu0) / (time.monotonic() - w0)
+            rss_idle = rss_kib(cloud.pid)
+            load = os.getloadavg()
+            # the storm
+            cloud.send_signal(signal.SIGKILL)
+            cloud.wait()
+            t_kill = time.monotonic()
+            (base / "since").write_text(repr(t_kill))
+            cloud = cloud_process(base, certs, tport, aport, edges, wait=False, tunnel=extra)
+            procs.append(cloud)
+            t_listen = _wait(lambda: _listening(tport), 30, "restart", 0.002)
+            cpu_restart = _cpu_seconds(cloud.pid)
+            rss_restart = rss_kib(cloud.pid)
+            t_back = _wait(lambda: connected(True) >= edges, max(left() - 40, 10), "storm", 0.02)
+            cpu_storm = _cpu_seconds(cloud.pid) - cpu_restart
+            rss_back = rss_kib(cloud.pid)
+            time.sleep(max(2.0, t_listen + RTT_WINDOW_MIN - time.monotonic()))
+            text = scrape(aport)
+            failures = metric_values(text, "kins_tunnel_handshake_failures_total", "reason")
+            kinds = metric_values(text, "kins_tunnel_tunnel_tls_handshakes_total", "kind")
+            # everyone leaves: descriptors and tasks must come back to the baseline
+            for f in files:
+                f["stop"].write_text("")
+            for p in worker_procs:
+                p.wait(timeout=60)
+            _wait(
+                lambda: (
+                    metric_values(scrape(aport), "kins_tunnel_tunnels", "role").get("cloud", 1) == 0
+                ),
+                30,
+                "edges leaving",
+                0.5,
+            )
+
+            # connections the edges left while pending end within the handshake timeout
+            def settled() -> bool:
+                tasks = metric_values(scrape(aport), "kins_tunnel_tasks").get("", 0)
+                # + 1: the liveness timer, one system task started with the first tunnel
+                return _fds(cloud.pid) <= base_fds and tasks <= base_tasks.get("", 0) + 1
+
+            with contextlib.suppress(RuntimeError):
+                _wait(settled, HANDSHAKE_TIMEOUT + 5, "fds and tasks back", 0.5)
+            after_kinds = _fd_kinds(cloud.pid)
+            after_fds, after_tasks = (
+                _fds(cloud.pid),
+                metric_values(scrape(aport), "kins_tunnel_tasks"),
+            )
+            recs = [json.loads(f["out"].read_text()) for f in files]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGKILL)
+                p.wait()
+    return _figures(
+        edges=edges,
+        recs=recs,
+        t_kill=t_kill,
+        t_listen=t_listen,
+        t_back=t_back,
+        initial_s=initial_s,
+        idle_cpu=idle_cpu,
+        idle_window=idle_window,
+        rss_base=rss_base,
+        rss_idle=rss_idle,
+        rss_restart=rss_restart,
+        rss_back=rss_back,
+        cpu_storm=cpu_storm,
+        failures=failures,
+        kinds=kinds,
+        base=(base_fds, base_tasks.get("", 0)),
+        after=(after_fds, after_tasks.get("", 0)),
+        fds_extra=sorted(
+            (collections.Counter(after_kinds) - collections.Counter(base_kinds)).elements()
+        ),
+        load=load,
+        tickets=tickets,
+        workers=workers,
+    )
+
+
+def _figures(
+    *,
+    edges: int,
+    recs: list[dict[str, Any]],
+    t_kill: float,
+    t_listen: float,
+    t_back: float,
+    initial_s: float,
+    idle_cpu: float,
+    idle_window: float,
+    rss_base: int,
+    rss_idle: int,
+    rss_restart: int,
+    rss_back: int,
+    cpu_storm: float,
+    failures: dict[str, float],
+    kinds: dict[str, float],
+    base: tuple[int, float],
+    after: tuple[int, float],
+    fds_extra: list[str],
+    load: tuple[float, float, float],
+    tickets: bool,
+    workers: int,
+) -> dict[str, Any]:
+    back: dict[int, tuple[float, bool]] = {}  # edge -> first up after the kill
+    rtt_until = max(t_back, t_listen + RTT_WINDOW_MIN)
+    dropped = 0
+    rtts: list[float] = []
+    lost: list[float] = []
+    edge_failures: collections.Counter[str] = collections.Counter()
+    hints: list[float] = []
+    for rec in recs:
+        for edge, when, resumed in rec["ups"]:
+            if when > t_kill and edge not in back:
+                back[edge] = (when, resumed)
+        edge_failures.update(rec["failures"])
+        hints.extend(rec["hints"])
+        rtts.extend(r for when, r in rec["rtts"] if t_listen <= when <= rtt_until)
+        lost.extend(rec["lost_pings"])
+    for rec in recs:
+        for edge, when in rec["downs"]:
+            if edge in back and back[edge][0] < when < t_back:
+                dropped += 1
+    waits = sorted(when - t_listen for when, _ in back.values())
+    buckets = collections.Counter(int(w) for w in waits)
+    storm = max(waits[-1], 1e-3) if waits else float("nan")
+    return {
+        "edges": edges,
+        "workers": workers,
+        "session_tickets": tickets,
+        "loadavg_at_kill": [round(x, 2) for x in load],
+        "initial_connect_s": round(initial_s, 1),
+        "idle": {
+            "cloud_rss_mib": round(rss_idle / 1024, 1),
+            "kib_per_edge": round((rss_idle - rss_base) / edges, 1),
+            "cloud_cpu_pct_of_core": round(idle_cpu * 100, 2),
+            "window_s": idle_window,
+        },
+        "restart_to_listen_s": round(t_listen - t_kill, 2),
+        "back": len(back),
+        "back_50pct_s": round(_pct(waits, 0.50), 2),
+        "back_99pct_s": round(_pct(waits, 0.99), 2),
+        "back_100pct_s": round(_pct(waits, 1.0), 2),
+        "slowest_wait_from_kill_s": round(waits[-1] + (t_listen - t_kill), 2) if waits else None,
+        "resumed": sum(1 for _, r in back.values() if r),
+        "handshakes_per_s_mean": round(len(waits) / storm, 1),
+        "handshakes_per_s_best_second": max(buckets.values()) if buckets else 0,
+        "cloud_cpu_ms_per_handshake": round(cpu_storm * 1000 / max(len(waits), 1), 3),
+        "cloud_cpu_s_during_storm": round(cpu_storm, 1),
+        "edge_workers_cpu_s_whole_run": round(sum(r["cpu_s"] for r in recs), 1),
+        "cloud_tls_handshakes": kinds,
+        "cloud_refusals": failures,
+        "edge_failures": dict(edge_failures),
+        "retry_after_hints": {
+            "count": len(hints),
+            "median_s": round(_pct(hints, 0.5), 2) if hints else None,
+            "max_s": max(hints) if hints else None,
+        },
+        "rtt_during_storm_ms": {
+            "samples": len(rtts),
+            "p50": round(_pct(rtts, 0.5) * 1000, 1) if rtts else None,
+            "p99": round(_pct(rtts, 0.99) * 1000, 1) if rtts else None,
+            "max": round(max(rtts) * 1000, 1) if rtts else None,
+        },
+        "pings_unanswered_over_timeout": sum(1 for a in lost if a > PING_TIMEOUT),
+        "tunnels_dropped_during_storm": dropped,
+        "cloud_rss_after_storm_mib": round(rss_back / 1024, 1),
+        "kib_per_edge_after_storm": round((rss_back - rss_restart) / edges, 1),
+        "leaks": {
+            "fds_baseline": base[0],
+            "fds_after": after[0],
+            "tasks_baseline": base[1],
+            "tasks_after": after[1],
+            "fds_extra": fds_extra,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "worker":
+        trio.run(_worker, json.loads(argv[1]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--storm", action="store_true")
+    ap.add_argument("--edges", type=int, default=5_000)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--no-tickets", action="store_true", help="cloud without session tickets")
+    ap.add_argument("--idle-window", type=float, default=20.0)
+    ap.add_argument("--budget", type=float, default=290.0, help="seconds for the whole run")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    result = run_storm(
+        args.edges,
+        args.workers,
+        tickets=not args.no_tickets,
+        idle_window=args.idle_window,
+        budget=args.budget,
+    )
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,32 @@
+"""The reconnect-storm benchmark (`benchmarks.storm`) at a tiny N: it runs end to end (real cloud
+processes, one killed and restarted; simulated edges in a worker process) and its figures are
+sane. The figures themselves are measured by `python -m benchmarks.scale --storm`."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.storm import run_storm
+
+
+@pytest.mark.slow
+def test_the_storm_harness_at_20_edges_reports_sane_figures() -> None:
+    r = run_storm(20, 1, idle_window=2.0, budget=90.0)
+    assert r["edges"] == 20 and r["back"] == 20
+    assert r["resumed"] == 20  # every edge came back with its session ticket
+    assert r["cloud_tls_handshakes"] == {"resumed": 20.0}
+    # the restarted replica must be listening before anyone is back, and everyone back in order
+    assert 0 < r["restart_to_listen_s"] < 30
+    assert 0 <= r["back_50pct_s"] <= r["back_99pct_s"] <= r["back_100pct_s"] < 30
+    assert r["slowest_wait_from_kill_s"] >= r["back_100pct_s"]
+    assert r["handshakes_per_s_best_second"] >= 1
+    assert r["tunnels_dropped_during_storm"] == 0
+    assert r["pings_unanswered_over_timeout"] == 0
+    rtt = r["rtt_during_storm_ms"]
+    assert rtt["samples"] > 0 and 0 <= rtt["p50"] <= rtt["p99"] <= rtt["max"] < 20_000
+    idle = r["idle"]
+    assert 0 < idle["kib_per_edge"] < 1024 and 0 <= idle["cloud_cpu_pct_of_core"] < 100
+    leaks = r["leaks"]
+    assert leaks["fds_after"] == leaks["fds_baseline"]
+    # the liveness timer is one system task per process, started with its first tunnel
+    assert leaks["tasks_after"] <= leaks["tasks_baseline"] + 1
