@@ -58,7 +58,7 @@ def operator_rule_groups() -> list[dict[str, Any]]:
 def test_promtool_checks_the_rule_file() -> None:
     done = promtool("check", "rules", "rules.yaml")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 10 rules found" in done.stdout, done.stdout
+    assert "SUCCESS: 12 rules found" in done.stdout, done.stdout
 
 
 @needs_promtool
@@ -111,6 +111,8 @@ def test_every_alert_the_issue_names_exists_and_is_tested() -> None:
         "KinsTunnelHandshakesShed",
         "KinsTunnelReloadFailed",
         "KinsTunnelReplicaFewerEdges",
+        "KinsTunnelRenewalsFailing",
+        "KinsTunnelQueueingDelayHigh",
     }
     tests = yaml.safe_load((MONITORING / "tests.yaml").read_text())
     tested = {
@@ -178,8 +180,21 @@ def test_dashboard_is_well_formed() -> None:
     for needed in ("per nodeunit", "per replica", "connect answers", "dial latency", "bytes"):
         assert needed in titles, needed
     assert "round trip" in titles
-    # No QoS queueing-delay row: those metrics do not exist yet (see README, Alerts and dashboard).
-    assert "queue" not in titles
+    for needed in ("full vs resumed", "tasks", "enrolments", "renewals", "paced rate", "held"):
+        assert needed in titles, needed
+    rows = [p["title"] for p in dashboard_panels(doc) if p["type"] == "row"]
+    assert "Queueing delay (QoS)" in rows
+    exprs = " ".join(dashboard_expressions().values())
+    for family in (
+        "kins_tunnel_tunnel_tls_handshakes_total",
+        "kins_tunnel_tasks",
+        "kins_tunnel_enrollments_total",
+        "kins_tunnel_certificate_renewals_total",
+        "kins_tunnel_qos_queueing_delay_seconds",
+        "kins_tunnel_qos_paced_rate_bytes",
+        "kins_tunnel_qos_held_bytes",
+    ):
+        assert family in exprs, family
 
 
 # ---------------------------------------------------------------- what the cloud exports for them

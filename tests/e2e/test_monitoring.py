@@ -164,6 +164,8 @@ async def scrape_and_alert(prom: int, cloud: CloudProc, edge: EdgeProc) -> None:
         "Edge tunnels per replica / A",
         "CONNECT answers by status / A",
         "Tunnel round trip (ping), slowest 10 edges / A",
+        "Tunnel TLS handshakes: full vs resumed / A",
+        "Tasks per replica / A",
         "variable replica",
         "variable unit",
     ):

@@ -7,7 +7,10 @@ the queue has room for (TCP's back-pressure), so without pacing the queue fills 
 `STAMP_INTERVAL` while DATA is queued a stamp goes through the same queue; the receiver answers it
 with its own clock (offset by `CLOCK_OFFSET`: the pacer must not depend on synchronised clocks)
 and its count of DATA bytes, and the answer comes back after `delay` on an uncongested reverse
-path, exactly as `mux` feeds `DelayProbe.answered`.
+path, exactly as `mux` feeds `DelayProbe.answered`. A stall of the receiving process
+(`frozen_until`) is what a real one is: what arrives meanwhile waits in its socket's buffer
+(`receive_buffer`; once that is full the link stops, TCP's back-pressure), and when it runs again
+it reads all of it and answers the stamps with its clock of that moment.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class Link:
     )
     _rx_bytes: int = 0
     frozen_until: float = 0.0  # the receiving process does not run before this (a stall)
+    receive_buffer: int = 256 * 1024  # bytes the receiver's socket holds unread (back-pressure)
+    _unread: int = 0  # bytes arrived while the receiver was stalled
 
     def __post_init__(self) -> None:
         self.data = DataQueues(lambda: self.now)
@@ -96,7 +101,7 @@ class Link:
     # ---------------------------------------------------------------- link and receiver
     def _serve(self, dt: float) -> None:
         budget = self.rate * dt
-        while self._q and budget > 0:
+        while self._q and budget > 0 and self._unread < self.receive_buffer:
             head = self._q[0]
             take = min(head[0], budget)
             head[0] -= take
@@ -110,8 +115,14 @@ class Link:
                     self._flight[-1] = (self.now + self.delay, 0, int(stamp), sent_at)
 
     def _receive(self) -> None:
+        if self.now < self.frozen_until:  # stalled: what arrives fills the socket's buffer
+            self._unread = sum(n for at, sid, n, _ in self._flight if at <= self.now and sid)
+        else:
+            self._unread = 0
         while self.now >= self.frozen_until and self._flight and self._flight[0][0] <= self.now:
             at, sid, n, sent_at = self._flight.popleft()
+            if at < self.frozen_until:  # held by the stall: read (and answered) only now
+                at = self.now
             if sid == 0:  # a stamp: answer it (n is the stamp)
                 self.stamp_delays.append((at, at - sent_at - self.delay))
                 rx_clock = clock_us(at + CLOCK_OFFSET)

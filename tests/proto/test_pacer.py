@@ -201,17 +201,30 @@ def test_a_transfer_resuming_after_a_pause_starts_at_the_links_rate() -> None:
 
 
 def test_a_stall_of_the_receiver_does_not_collapse_the_rate() -> None:
-    """The receiving process is not scheduled for 1.5 s (a busy machine): then the stamps it
-    answers all at once show a huge delay and the deliveries come in a burst after a gap; the
-    link is full again soon, at the delay target."""
+    """The receiving process is not scheduled for 1.5 s (a busy machine). Its socket buffer fills
+    and the link stops (back-pressure); when it runs again it reads the buffer and answers the
+    stamps at once, with its clock of that moment: a huge delay sample, and a delivery sample of
+    a buffer's worth over 1.5 s (a trickle). A gap in feedback counts as a pause, so the
+    bottleneck estimate from before the stall holds and the paced rate goes no lower than the
+    drain's gain on it; treated as an ordinary sample, the trickle replaced the estimate (the
+    rate fell to about a twentieth of the link's and the link ran part-empty after the stall).
+    Then the link is full again, at the delay target."""
     rate, delay, queue = PROFILES[0]
     link = Link(rate=rate, delay=delay, queue=queue)
+    after: list[tuple[float, float]] = []  # (paced rate, bottleneck estimate) after the stall
 
     def step(lk: Link) -> None:
         keep_busy(lk, 1)
+        if 9.5 <= lk.now < 10.5:
+            after.append((lk.pacer.rate or 0.0, lk.pacer.bottleneck or 0.0))
 
     link.run(8.0, step)
     link.frozen_until = 9.5
     link.run(12.0, step)
+    assert link.delivered(8.2, 9.5) <= link.receive_buffer + queue  # the stall stopped the link
+    assert after and link.pacer.engagements == 1
+    assert min(r for r, _ in after) >= 0.45 * rate  # the drain's gain (0.5) at most
+    assert min(b for _, b in after) >= 0.9 * rate
+    assert link.delivered(9.6, 9.8) >= 0.9 * rate * 0.2
     assert link.delivered(10.5, 11.5) >= 0.8 * rate
     assert percentile(link.queueing_delays(11.0, 12.0), 0.5) <= 1.25 * link.pacer.effective_target
