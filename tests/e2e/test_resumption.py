@@ -1,6 +1,8 @@
 """Reconnect storms, end to end on real TLS: a returning edge resumes its session (TLS 1.3 ticket)
 and its identity, revocation and certificate dates are still checked; a shed connection is told
-when to come back, and the edge waits that long (with jitter)."""
+when to come back, and the edge waits that long (with jitter). The ticket key comes from
+`tunnel.session_ticket_key_file` (shared across restarts) or is random per cloud process, never
+from the cloud's TLS key."""
 
 from __future__ import annotations
 
@@ -17,9 +19,8 @@ from kins_tunnel.cloud.server import Cloud
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.agent import Edge
 from kins_tunnel.errors import UserError
-from kins_tunnel.pemfiles import load_key
 from kins_tunnel.testing.support import free_port, wait_until
-from kins_tunnel.tls_tickets import derive_ticket_key
+from kins_tunnel.tls_tickets import derive_ticket_key, write_secret
 from kins_tunnel.transport.refusal import encode_refusal, parse_refusal
 from tests.e2e.harness import cloud_dict, edge_dict, make_certs
 
@@ -47,8 +48,13 @@ async def _restarts(
     **tunnel: Any,
 ) -> list[Cloud]:
     """One real edge; a cloud started `runs` times on the same port (each start a restart), each
-    run lasting until the edge's tunnel is up or the cloud refused it. `before_run(i)` runs first."""
+    run lasting until the edge's tunnel is up or the cloud refused it. `before_run(i)` runs first.
+    Every cloud reads the same `tunnel.session_ticket_key_file` unless `tunnel` says otherwise."""
     port = free_port()
+    if "session_ticket_key_file" not in tunnel:
+        tunnel["session_ticket_key_file"] = str(_ticket_key_file(tmp_path))
+    elif tunnel["session_ticket_key_file"] is None:
+        del tunnel["session_ticket_key_file"]
 
     def cloud_cfg() -> Any:
         over = {"listen": f"127.0.0.1:{port}", **tunnel}
@@ -82,21 +88,37 @@ async def _restarts(
     return clouds
 
 
+def _ticket_key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "ticket.key"
+    if not path.exists():
+        write_secret(path)
+    return path
+
+
 async def test_a_returning_edge_resumes_across_cloud_restarts(tmp_path: Path) -> None:
     certs = make_certs(tmp_path)
     first, *restarted = await _restarts(tmp_path, certs, 3)
     assert _handshakes(first, "full") == 1 and _handshakes(first, "resumed") == 0
-    for cloud in restarted:  # a new cloud each time: the ticket key survives restarts
+    for cloud in restarted:  # a new cloud each time: the shared key file survives restarts
         assert _handshakes(cloud, "resumed") == 1 and _handshakes(cloud, "full") == 0
+
+
+async def test_without_a_ticket_key_file_a_restart_means_a_full_handshake(tmp_path: Path) -> None:
+    """No key file: each cloud process draws its own ticket key, so the edge's ticket from the
+    previous process is refused and it makes a full handshake (and gets in)."""
+    certs = make_certs(tmp_path)
+    clouds = await _restarts(tmp_path, certs, 3, session_ticket_key_file=None)
+    for cloud in clouds:
+        assert _handshakes(cloud, "full") == 1 and _handshakes(cloud, "resumed") == 0
 
 
 async def test_identity_on_a_resumed_session_comes_from_the_certificate(tmp_path: Path) -> None:
     certs = make_certs(tmp_path, (("test", "edge1"),))
     identities: list[tuple[str, str, bool]] = []
     port = free_port()
-    cfg = cloud_config_from_dict(
-        cloud_dict(certs, tunnel={"listen": f"127.0.0.1:{port}"}), base_dir=tmp_path
-    )
+    over = {"listen": f"127.0.0.1:{port}", "session_ticket_key_file": "ticket.key"}
+    write_secret(tmp_path / "ticket.key")
+    cfg = cloud_config_from_dict(cloud_dict(certs, tunnel=over), base_dir=tmp_path)
     edge_cfg = edge_dict(
         certs, [port], {SVC: "127.0.0.1:1"}, reconnect={"initial": 0.05, "max": 0.2}
     )
@@ -160,11 +182,12 @@ async def test_an_edge_whose_certificate_expired_since_its_ticket_cannot_resume(
 def test_the_ticket_key_changes_with_the_trusted_cas(tmp_path: Path) -> None:
     """A ticket issued while another CA bundle was trusted does not decrypt any more."""
     certs = make_certs(tmp_path)
-    key = load_key(certs / "cloud.key", "tls.key")
+    secret = bytes(range(32))
     ca = (certs / "ca.crt").read_bytes()
-    assert derive_ticket_key(key, ca) == derive_ticket_key(key, ca)
-    assert derive_ticket_key(key, ca) != derive_ticket_key(key, ca + b"\n")
-    assert len(derive_ticket_key(key, ca)) == 80
+    assert derive_ticket_key(secret, ca) == derive_ticket_key(secret, ca)
+    assert derive_ticket_key(secret, ca) != derive_ticket_key(secret, ca + b"\n")
+    assert derive_ticket_key(secret, ca) != derive_ticket_key(bytes(32), ca)
+    assert len(derive_ticket_key(secret, ca)) == 80
 
 
 async def test_a_connection_shed_before_tls_is_told_when_to_come_back(tmp_path: Path) -> None:
