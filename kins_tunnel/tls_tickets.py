@@ -84,13 +84,10 @@ def derive_ticket_key(secret: bytes, ca_pem: bytes) -> bytes:
 def read_secret(path: Path) -> bytes:
     """The secret of a ticket key file: one line of 64 to 256 hex digits. UserError naming
     ``tunnel.session_ticket_key_file`` otherwise; a warning when others may read the file."""
-    data = read_file(path, KEY_FILE)
-    match = _SECRET_RE.fullmatch(data)
-    if match is None:
-        raise UserError(
-            f"{KEY_FILE}: {path} is not one line of 64 to 256 hex digits "
-            "(kins-tunnel certs ticket-key --out FILE writes one)"
-        )
+    try:
+        secret = parse_secret(read_file(path, KEY_FILE))
+    except ValueError as exc:
+        raise UserError(f"{KEY_FILE}: {path} {exc}") from None
     try:
         mode = os.stat(path).st_mode
     except OSError:
@@ -100,6 +97,17 @@ def read_secret(path: Path) -> bytes:
             "%s: %s is readable by every user: whoever reads it can forge session tickets",
             KEY_FILE,
             path,
+        )
+    return secret
+
+
+def parse_secret(data: bytes) -> bytes:
+    """The secret in the contents of a ticket key file (ValueError saying what is wrong)."""
+    match = _SECRET_RE.fullmatch(data)
+    if match is None:
+        raise ValueError(
+            "is not one line of 64 to 256 hex digits "
+            "(kins-tunnel certs ticket-key --out FILE writes one)"
         )
     return bytes.fromhex(match.group(1).decode())
 
