@@ -7,6 +7,7 @@ from the cloud's TLS key."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,47 @@ async def test_without_a_ticket_key_file_a_restart_means_a_full_handshake(tmp_pa
     clouds = await _restarts(tmp_path, certs, 3, session_ticket_key_file=None)
     for cloud in clouds:
         assert _handshakes(cloud, "full") == 1 and _handshakes(cloud, "resumed") == 0
+
+
+async def test_without_a_key_file_a_dropped_tunnel_resumes_on_the_same_process(
+    tmp_path: Path,
+) -> None:
+    """No key file: the edge's tunnel is cut (a relay between edge and cloud drops every
+    connection); the edge comes back to the same cloud process and resumes its session."""
+    certs = make_certs(tmp_path)
+    cloud = Cloud(cloud_config_from_dict(cloud_dict(certs), base_dir=tmp_path))
+    assert cloud.cfg.tunnel.session_ticket_key_file is None
+    async with trio.open_nursery() as n:
+        ports = await n.start(cloud.run)
+        live: list[trio.CancelScope] = []
+
+        async def relay(down: trio.SocketStream) -> None:
+            async with down, await trio.open_tcp_stream("127.0.0.1", ports.tunnel) as up:
+                with trio.CancelScope() as scope:
+                    live.append(scope)
+                    async with trio.open_nursery() as pair:
+
+                        async def pump(a: trio.SocketStream, b: trio.SocketStream) -> None:
+                            while data := await a.receive_some(65536):
+                                await b.send_all(data)
+                            pair.cancel_scope.cancel()
+
+                        pair.start_soon(pump, down, up)
+                        pair.start_soon(pump, up, down)
+
+        (listener,) = await n.start(functools.partial(trio.serve_tcp, relay, 0, host="127.0.0.1"))
+        relay_port = listener.socket.getsockname()[1]
+        edge_cfg = edge_dict(certs, [relay_port], {SVC: "127.0.0.1:1"})
+        edge = Edge(edge_config_from_dict(edge_cfg, base_dir=tmp_path))
+        await n.start(edge.run)
+        await wait_until(lambda: len(cloud.registry) == 1, 10, "edge in")
+        await trio.sleep(0.3)  # the edge has read the cloud's ticket
+        for scope in live:  # the network drops the tunnel; the cloud process stays
+            scope.cancel()
+        await wait_until(lambda: _handshakes(cloud, "resumed") == 1, 10, "the edge resumed")
+        await wait_until(lambda: len(cloud.registry) == 1, 10, "edge back in")
+        assert _handshakes(cloud, "full") == 1
+        n.cancel_scope.cancel()
 
 
 async def test_identity_on_a_resumed_session_comes_from_the_certificate(tmp_path: Path) -> None:
