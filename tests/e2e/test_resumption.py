@@ -113,45 +113,81 @@ async def test_without_a_ticket_key_file_a_restart_means_a_full_handshake(tmp_pa
         assert _handshakes(cloud, "full") == 1 and _handshakes(cloud, "resumed") == 0
 
 
-async def test_without_a_key_file_a_dropped_tunnel_resumes_on_the_same_process(
-    tmp_path: Path,
-) -> None:
-    """No key file: the edge's tunnel is cut (a relay between edge and cloud drops every
-    connection); the edge comes back to the same cloud process and resumes its session."""
+async def _cuttable_relay(nursery: trio.Nursery, port: int) -> tuple[int, Callable[[], None]]:
+    """A TCP relay to 127.0.0.1:`port` on a port of its own, and a function that drops every
+    connection it carries (the network cutting the tunnel, the cloud process staying up)."""
+    live: list[trio.CancelScope] = []
+
+    async def relay(down: trio.SocketStream) -> None:
+        async with down, await trio.open_tcp_stream("127.0.0.1", port) as up:
+            with trio.CancelScope() as scope:
+                live.append(scope)
+                async with trio.open_nursery() as pair:
+
+                    async def pump(a: trio.SocketStream, b: trio.SocketStream) -> None:
+                        while data := await a.receive_some(65536):
+                            await b.send_all(data)
+                        pair.cancel_scope.cancel()
+
+                    pair.start_soon(pump, down, up)
+                    pair.start_soon(pump, up, down)
+
+    def cut() -> None:
+        for scope in live:
+            scope.cancel()
+
+    (listener,) = await nursery.start(functools.partial(trio.serve_tcp, relay, 0, host="127.0.0.1"))
+    return listener.socket.getsockname()[1], cut
+
+
+async def _cut_and_come_back(tmp_path: Path, tunnel: dict[str, Any], between: Any) -> Cloud:
+    """One cloud process, one edge through a cuttable relay: the edge connects (and gets its
+    ticket), `between(cloud)` runs, the tunnel is cut, and the edge comes back to the same cloud."""
     certs = make_certs(tmp_path)
-    cloud = Cloud(cloud_config_from_dict(cloud_dict(certs), base_dir=tmp_path))
-    assert cloud.cfg.tunnel.session_ticket_key_file is None
+    cloud = Cloud(cloud_config_from_dict(cloud_dict(certs, tunnel=tunnel), base_dir=tmp_path))
     async with trio.open_nursery() as n:
         ports = await n.start(cloud.run)
-        live: list[trio.CancelScope] = []
-
-        async def relay(down: trio.SocketStream) -> None:
-            async with down, await trio.open_tcp_stream("127.0.0.1", ports.tunnel) as up:
-                with trio.CancelScope() as scope:
-                    live.append(scope)
-                    async with trio.open_nursery() as pair:
-
-                        async def pump(a: trio.SocketStream, b: trio.SocketStream) -> None:
-                            while data := await a.receive_some(65536):
-                                await b.send_all(data)
-                            pair.cancel_scope.cancel()
-
-                        pair.start_soon(pump, down, up)
-                        pair.start_soon(pump, up, down)
-
-        (listener,) = await n.start(functools.partial(trio.serve_tcp, relay, 0, host="127.0.0.1"))
-        relay_port = listener.socket.getsockname()[1]
+        relay_port, cut = await _cuttable_relay(n, ports.tunnel)
         edge_cfg = edge_dict(certs, [relay_port], {SVC: "127.0.0.1:1"})
         edge = Edge(edge_config_from_dict(edge_cfg, base_dir=tmp_path))
         await n.start(edge.run)
         await wait_until(lambda: len(cloud.registry) == 1, 10, "edge in")
         await trio.sleep(0.3)  # the edge has read the cloud's ticket
-        for scope in live:  # the network drops the tunnel; the cloud process stays
-            scope.cancel()
-        await wait_until(lambda: _handshakes(cloud, "resumed") == 1, 10, "the edge resumed")
+        await between(cloud)
+        cut()
+        await wait_until(
+            lambda: _handshakes(cloud, "full") + _handshakes(cloud, "resumed") == 2,
+            10,
+            "the edge's second handshake",
+        )
         await wait_until(lambda: len(cloud.registry) == 1, 10, "edge back in")
-        assert _handshakes(cloud, "full") == 1
         n.cancel_scope.cancel()
+    return cloud
+
+
+async def test_without_a_key_file_a_dropped_tunnel_resumes_on_the_same_process(
+    tmp_path: Path,
+) -> None:
+    async def nothing(cloud: Cloud) -> None:
+        assert cloud.cfg.tunnel.session_ticket_key_file is None
+
+    cloud = await _cut_and_come_back(tmp_path, {}, nothing)
+    assert _handshakes(cloud, "full") == 1 and _handshakes(cloud, "resumed") == 1
+
+
+async def test_a_rotated_key_file_is_re_read_and_ends_the_old_tickets(tmp_path: Path) -> None:
+    """The running cloud re-reads a new ticket key file (as it does its certificates, before a
+    new handshake, at most once a second): an edge holding a ticket under the old key makes a full
+    handshake."""
+    key_file = _ticket_key_file(tmp_path)
+
+    async def rotate(cloud: Cloud) -> None:
+        write_secret(key_file)
+        await trio.sleep(1.1)  # past the watcher's one look a second
+
+    cloud = await _cut_and_come_back(tmp_path, {"session_ticket_key_file": str(key_file)}, rotate)
+    assert _handshakes(cloud, "full") == 2 and _handshakes(cloud, "resumed") == 0
+    assert cloud.tls.reloads == 1
 
 
 async def test_identity_on_a_resumed_session_comes_from_the_certificate(tmp_path: Path) -> None:
