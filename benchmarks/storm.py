@@ -6,7 +6,8 @@ Simulated edges (worker processes, this file's `worker` mode; the open-file limi
 per process) dial with the real pieces of tunnel-edge: its reconnect policy
 (`edge.reconnect.ReconnectPolicy`: full-jitter backoff, reset after `stable_after`, the cloud's
 retry-after hint), its TLS client (`transport.tls.connect_tls`, resuming with the cloud's session
-ticket) and the protocol state machine (`proto.Connection`); then they idle, pinging the cloud every
+ticket; the cloud reads a `tunnel.session_ticket_key_file`, so its restart keeps the ticket key)
+and the protocol state machine (`proto.Connection`); then they idle, pinging the cloud every
 10 s as tunnel-edge does and answering its pings. Every 20th edge is a probe: during the storm, once
 up again, it pings every `PROBE_INTERVAL`.
 
@@ -51,6 +52,7 @@ from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
 from kins_tunnel.proto.events import PongReceived
 from kins_tunnel.testing.support import free_port, rss_kib
 from kins_tunnel.tls_contexts import client_ssl_context
+from kins_tunnel.tls_tickets import write_secret
 from kins_tunnel.transport.tls import Refused, TLSSocket, TransportError, connect_tls
 
 PROBE_EVERY = 20  # every 20th edge pings the cloud once up
@@ -276,7 +278,12 @@ def run_storm(
         base = Path(tmp)
         certs = fleet_certs(base)
         tport, aport = free_port(), free_port()
-        extra: dict[str, object] = {} if tickets else {"session_tickets": False}
+        # the restarted cloud must read the same ticket key to resume the fleet's sessions
+        key_file = base / "ticket.key"
+        write_secret(key_file)
+        extra: dict[str, object] = (
+            {"session_ticket_key_file": str(key_file)} if tickets else {"session_tickets": False}
+        )
         procs: list[subprocess.Popen[bytes]] = []
         try:
             cloud = cloud_process(base, certs, tport, aport, edges, tunnel=extra)

@@ -53,21 +53,25 @@ class ReloadingContext:
         key: Path,
         *,
         what: str,
+        extra: tuple[Path, ...] = (),
         min_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`build(ca, cert, key)`; `ca` may be None (e.g. no client CA), and is passed on as such."""
+        """`build(ca, cert, key)`; `ca` may be None (e.g. no client CA), and is passed on as such.
+        A change of one of the `extra` files (which `build` reads itself, e.g. the session ticket
+        key file) rebuilds the context too."""
         self._build = build
-        self._paths: tuple[Path | None, Path, Path] = (
+        self._files: tuple[Path | None, Path, Path] = (
             None if ca is None else Path(ca),
             Path(cert),
             Path(key),
         )
+        self._paths: tuple[Path | None, ...] = (*self._files, *map(Path, extra))
         self._what = what
         self._min_interval = min_interval
         self._clock = clock
         self._stamp = _stamp(self._paths)
-        self._context = build(*self._paths)  # UserError at start-up: a clear one-line error
+        self._context = build(*self._files)  # UserError at start-up: a clear one-line error
         self._checked = clock()
         self.reloads = 0  # successful reloads, for status and tests
 
@@ -95,7 +99,7 @@ class ReloadingContext:
 
     def _rebuild(self, stamp: Stamp) -> bool:
         try:
-            context = self._build(*self._paths)
+            context = self._build(*self._files)
         except (UserError, ssl.SSLError, OSError) as exc:
             log.warning(
                 "%s: renewed certificate files do not load yet, keeping the previous ones: %s",

@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         help="also create DIR/issuing.{crt,key}: the CA the cloud signs enrolled edges with "
         "(enrollment.ca), and print the CA hash edges pin (enroll.ca_hash)",
     )
+    tk = certs.add_parser(
+        "ticket-key",
+        help="write a random session ticket secret (tunnel.session_ticket_key_file), mode 0600",
+    )
+    tk.add_argument("--out", required=True, metavar="FILE")
     ch = certs.add_parser("ca-hash", help="print the CA hash edges pin (enroll.ca_hash)")
     ch.add_argument("--dir", required=True)
     ce = certs.add_parser("edge", help="edge client certificate: DIR/edge-NODE.{crt,key}")
@@ -392,6 +397,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {args.dir}/ca.crt, ca.key, cloud.crt, cloud.key{proxy}{issuing}")
                 if args.issuing_ca:
                     print(f"CA hash (enroll.ca_hash): {ca_hash_of_file(Path(args.dir) / 'ca.crt')}")
+            elif args.certs_cmd == "ticket-key":
+                from kins_tunnel.tls_tickets import write_secret
+
+                write_secret(Path(args.out))
+                print(
+                    f"wrote {args.out} (tunnel.session_ticket_key_file; share it with the cloud only)"
+                )
             elif args.certs_cmd == "ca-hash":
                 print(ca_hash_of_file(Path(args.dir) / "ca.crt"))
             elif args.certs_cmd == "user":

@@ -128,6 +128,7 @@ class TunnelListen:
     max_tunnels_per_identity: int = 4  # beyond: a new tunnel of an edge displaces its oldest
     session_tickets: bool = True  # TLS 1.3 session tickets: a returning edge resumes its session
     session_lifetime: float = 604800.0  # seconds a ticket is good for (at most 7 days)
+    session_ticket_key_file: Path | None = None  # shared ticket secret; None: random per process
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,7 +506,8 @@ def _enroll(top: Section) -> EnrollSettings | None:
 
 def _tunnel(sec: Section) -> TunnelListen:
     revoked = sec.path("revoked_file") if sec.has("revoked_file") else None
-    tunnel = sec.build(TunnelListen, revoked_file=revoked)
+    ticket_key = sec.path("session_ticket_key_file") if sec.has("session_ticket_key_file") else None
+    tunnel = sec.build(TunnelListen, revoked_file=revoked, session_ticket_key_file=ticket_key)
     if tunnel.session_lifetime > 604800:
         sec.fail("session_lifetime", "must be at most 604800 (7 days, the limit of TLS 1.3)")
     return tunnel

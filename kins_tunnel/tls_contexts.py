@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from kins_tunnel.certs.identity import ALPN_PROTOCOL, ENROLL_ALPN
 from kins_tunnel.errors import UserError
 from kins_tunnel.pemfiles import load_certs, load_key
-from kins_tunnel.tls_tickets import enable_tickets
+from kins_tunnel.tls_tickets import TicketKeys, enable_tickets
 
 # TLS 1.2 suites, forward secret and AEAD only; ECDSA first because every key we issue is ECDSA.
 # TLS 1.3 suites are configured separately by OpenSSL and its defaults are already AEAD-only.
@@ -36,7 +36,13 @@ CIPHERS = ":".join(
 
 
 def server_ssl_context(
-    ca: Path, cert: Path, key: Path, *, enroll: bool = False, session_lifetime: float = 0.0
+    ca: Path,
+    cert: Path,
+    key: Path,
+    *,
+    enroll: bool = False,
+    session_lifetime: float = 0.0,
+    ticket_keys: TicketKeys | None = None,
 ) -> ssl.SSLContext:
     """The cloud's context for the edge listener: mutual TLS 1.2+, trusting only `ca`.
 
@@ -44,9 +50,10 @@ def server_ssl_context(
     `ENROLL_ALPN` and lets a client come without a certificate (a certificate it does present must
     still verify): the tunnel server then refuses every such connection except an enrolment
     (`cloud.tunnel_server`). With `session_lifetime` > 0, one TLS 1.3 session ticket per handshake
-    lets a returning edge resume (`tls_tickets`); 0: no tickets. Raises `UserError` naming the
-    file (``tls.ca``, ``tls.cert`` or ``tls.key``) that is missing, unreadable, not PEM, or does
-    not match.
+    lets a returning edge resume (`tls_tickets`), its key from `ticket_keys` (None: a random one
+    for this context only); 0: no tickets. Raises `UserError` naming the file (``tls.ca``,
+    ``tls.cert``, ``tls.key`` or ``tunnel.session_ticket_key_file``) that is missing, unreadable,
+    not PEM, or does not match.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.verify_mode = ssl.CERT_OPTIONAL if enroll else ssl.CERT_REQUIRED
@@ -54,7 +61,8 @@ def server_ssl_context(
     ctx.num_tickets = 0
     _configure(ctx, ca, cert, key)
     if session_lifetime > 0:
-        enable_tickets(ctx, Path(ca), Path(key), session_lifetime)
+        keys = TicketKeys(None) if ticket_keys is None else ticket_keys
+        enable_tickets(ctx, Path(ca), keys, session_lifetime)
     if enroll:
         ctx.set_alpn_protocols([ALPN_PROTOCOL, ENROLL_ALPN])
     return ctx

@@ -565,6 +565,20 @@ def test_proxy_ships_with_basic_auth_from_a_required_secret() -> None:
     assert key == "basic"  # the key make-proxy-auth.sh gives it
 
 
+def test_session_ticket_key_ships_from_its_own_required_secret() -> None:
+    """The replicas share a dedicated ticket key (never the cloud's TLS key), from a Secret of its
+    own that the pods cannot start without, mounted as a directory so a rotation reaches them."""
+    path = CLOUD["tunnel"]["session_ticket_key_file"]
+    volume, key = mounted_file(DEPLOYMENT, path)
+    assert volume["secret"]["secretName"] == "tunnel-cloud-ticket-key"
+    assert volume["secret"]["optional"] is False
+    assert key == "ticket.key"
+    assert volume["secret"]["defaultMode"] & 0o007 == 0  # not world-readable in the pod
+    assert "items" not in volume["secret"]
+    certs_volume, _ = mounted_file(DEPLOYMENT, CLOUD["tls"]["key"])
+    assert certs_volume["secret"]["secretName"] != "tunnel-cloud-ticket-key"
+
+
 def test_admin_port_is_on_no_service_and_only_open_to_prometheus() -> None:
     c = container(DEPLOYMENT)
     admin = port_of(CLOUD["admin"]["listen"])
@@ -611,9 +625,10 @@ def test_shipped_cloud_config_passes_the_start_up_check(tmp_path: Path) -> None:
 
 
 async def test_shipped_cloud_config_starts_and_asks_for_credentials(tmp_path: Path) -> None:
-    """The shipped cloud.yaml with its /etc/kins-tunnel files made real (certificates, and the
-    Secret make-proxy-auth.sh writes) and its listeners moved to 127.0.0.1 port 0: the cloud
-    starts, and its proxy answers 407 without credentials and routes with them."""
+    """The shipped cloud.yaml with its /etc/kins-tunnel files made real (certificates, the
+    Secret make-proxy-auth.sh writes, the ticket key `certs ticket-key` writes) and its listeners
+    moved to 127.0.0.1 port 0: the cloud starts with session tickets on, and its proxy answers 407
+    without credentials and routes with them. Without the ticket key it does not start."""
     import base64
 
     import trio
@@ -621,6 +636,7 @@ async def test_shipped_cloud_config_starts_and_asks_for_credentials(tmp_path: Pa
     from kins_tunnel.certs.directory import init_ca
     from kins_tunnel.cloud.server import Cloud
     from kins_tunnel.config import load_cloud_config
+    from kins_tunnel.errors import UserError
     from tests.e2e.harness import connect
 
     etc = tmp_path / "etc"
@@ -635,6 +651,16 @@ async def test_shipped_cloud_config_starts_and_asks_for_credentials(tmp_path: Pa
     )
     assert r.returncode == 0, r.stderr
     user, password = (etc / "auth" / "basic").read_text().strip().split(":")
+    ticket_key = etc / "tickets" / "ticket.key"
+    ticket_key.parent.mkdir()
+    r = subprocess.run(
+        [sys.executable, "-m", "kins_tunnel", "certs", "ticket-key", "--out", str(ticket_key)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert ticket_key.stat().st_mode & 0o777 == 0o600
     text = one("tunnel-cloud.yaml", "ConfigMap")["data"]["cloud.yaml"]
     text = text.replace("/etc/kins-tunnel/", f"{etc}/")
     text = re.sub(r'"0\.0\.0\.0:\d+"', '"127.0.0.1:0"', text)
@@ -642,6 +668,7 @@ async def test_shipped_cloud_config_starts_and_asks_for_credentials(tmp_path: Pa
     path = tmp_path / "cloud.yaml"
     path.write_text(text)
     cloud = Cloud(load_cloud_config(path))
+    assert cloud.tls.context.num_tickets == 1  # tickets on, keyed from the shipped key file
     async with trio.open_nursery() as nursery:
         ports = await nursery.start(cloud.run)
         status, head, stream = await connect(ports.proxy, "test-svc-kins.kins-system:443")
@@ -656,6 +683,9 @@ async def test_shipped_cloud_config_starts_and_asks_for_credentials(tmp_path: Pa
         await stream.aclose()
         assert status == 503, head  # authenticated; no edge is connected
         nursery.cancel_scope.cancel()
+    ticket_key.unlink()
+    with pytest.raises(UserError, match=r"^tunnel\.session_ticket_key_file: cannot read"):
+        Cloud(load_cloud_config(path))
 
 
 def test_image_build_recipe_leaves_the_test_doubles_out(tmp_path: Path) -> None:

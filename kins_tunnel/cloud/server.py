@@ -38,6 +38,7 @@ from kins_tunnel.config import CloudConfig
 from kins_tunnel.filewatch import WatchedFile
 from kins_tunnel.metrics import EdgesLastSeen, Metrics, ReloadFailures
 from kins_tunnel.tls_contexts import proxy_server_ssl_context, server_ssl_context
+from kins_tunnel.tls_tickets import TicketKeys
 from kins_tunnel.transport.session import Session
 
 log = logging.getLogger("kins_tunnel.cloud")
@@ -70,16 +71,20 @@ class Cloud:
         self.replica = cfg.replica or socket.gethostname()
         self.registry = Registry(max_per_identity=cfg.tunnel.max_tunnels_per_identity)
         self.metrics = Metrics("cloud", self._snapshot, replica=self.replica)
+        ticket_file = cfg.tunnel.session_ticket_key_file if cfg.tunnel.session_tickets else None
+        ticket_files = () if ticket_file is None else (ticket_file,)
         self.tls = ReloadingContext(
             functools.partial(
                 server_ssl_context,
                 enroll=cfg.enrollment is not None,
                 session_lifetime=cfg.tunnel.session_lifetime if cfg.tunnel.session_tickets else 0,
+                ticket_keys=TicketKeys(cfg.tunnel.session_ticket_key_file),
             ),
             cfg.tls.ca,
             cfg.tls.cert,
             cfg.tls.key,
             what="tls",
+            extra=ticket_files,
             clock=watch_clock,
         )
         self.revocation = Revocation(cfg.tunnel.revoked_file) if cfg.tunnel.revoked_file else None

@@ -25,6 +25,7 @@ from kins_tunnel.doctor.report import FAIL, OK, WARN, Check, load_config, said
 from kins_tunnel.errors import UserError
 from kins_tunnel.pemfiles import load_certs
 from kins_tunnel.tls_contexts import proxy_server_ssl_context, server_ssl_context
+from kins_tunnel.tls_tickets import parse_secret
 from kins_tunnel.tokens import TokenStore
 
 
@@ -140,6 +141,7 @@ def check_cloud_files(cfg: CloudConfig) -> list[Check]:
         ("proxy.auth.bearer_file", auth.bearer_file if auth else None, parse_bearer),
         ("proxy.authz_file", cfg.proxy.authz_file, parse_rules),
         ("tunnel.revoked_file", cfg.tunnel.revoked_file, parse_revoked),
+        ("tunnel.session_ticket_key_file", cfg.tunnel.session_ticket_key_file, parse_secret),
     ]
     out = []
     for key, path, parse in files:

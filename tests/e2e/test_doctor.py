@@ -396,6 +396,8 @@ async def test_cloud_config_failures(tmp_path: Path) -> None:
         basic = tmp_path / "basic"
         basic.write_text("alice:secret\n")
         basic.chmod(0o644)  # passwords every user of the host may read
+        ticket_key = tmp_path / "ticket.key"
+        ticket_key.write_text("not a hex secret\n")
         with socket.create_server(("127.0.0.1", 0)) as squatter:
             busy = squatter.getsockname()[1]
             doc0["proxy"] = {
@@ -403,11 +405,19 @@ async def test_cloud_config_failures(tmp_path: Path) -> None:
                 "auth": {"basic_file": str(basic)},
                 "authz_file": str(authz),
             }
-            doc0["tunnel"] = {"listen": f"127.0.0.1:{busy}"}
+            doc0["tunnel"] = {
+                "listen": f"127.0.0.1:{busy}",
+                "session_ticket_key_file": str(ticket_key),
+            }
             cfg = write_yaml(tmp_path / "bad-cloud.yaml", doc0)
             code, doc = await doctor(cfg)
         assert code == 1 and doc["role"] == "cloud"
-        assert sorted(failed(doc)) == ["proxy.authz_file", "tunnel.listen"], doc
+        assert sorted(failed(doc)) == [
+            "proxy.authz_file",
+            "tunnel.listen",
+            "tunnel.session_ticket_key_file",
+        ], doc
+        assert "64 to 256 hex digits" in line(doc, "tunnel.session_ticket_key_file")["detail"]
         assert "in use by another program" in line(doc, "tunnel.listen")["detail"]
         assert line(doc, "proxy.auth.basic_file")["status"] == "ok"
         mode = line(doc, "proxy.auth.basic_file mode")
