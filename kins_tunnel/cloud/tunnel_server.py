@@ -40,7 +40,7 @@ from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.proto import Connection, ErrorCode, Hello, Role
 from kins_tunnel.tls_contexts import failure_label
-from kins_tunnel.transport.listen import serve_port
+from kins_tunnel.transport.listen import peer_authority, serve_port
 from kins_tunnel.transport.refusal import encode_refusal
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.tcpinfo import peer_state
@@ -131,11 +131,7 @@ class TunnelServer:
     async def _handle(self, tcp: trio.SocketStream) -> None:
         t = self.cfg.tunnel
         deadline = trio.current_time() + t.handshake_timeout  # from accept, queueing included
-        try:
-            host, port = tcp.socket.getpeername()[:2]
-            peer = f"{host}:{port}"
-        except OSError:
-            peer = "?"
+        peer = peer_authority(tcp.socket)
         ticket = self.admission.arrive(deadline)
         tls: TLSSocket | None = None
         identity: EdgeIdentity | None = None

@@ -384,15 +384,9 @@ class Edge:
         nursery.start_soon(self._close_when_idle, keeper, session)
 
     async def _close_when_idle(self, keeper: _Keeper, session: Session) -> None:
-        await self._wait_idle(session)
+        await session.wait_idle(trio.current_time() + self.cfg.drain_timeout)
         session.close("cloud address left DNS")
         keeper.scope.cancel()
-
-    async def _wait_idle(self, session: Session) -> None:
-        """Until `session` has no streams or is closed, for `drain_timeout` at the most."""
-        with trio.move_on_after(self.cfg.drain_timeout):
-            while session.statistics().streams and not session.closed.is_set():
-                await trio.sleep(0.1)
 
     async def _keeper(self, key: tuple[str, str, int], server_name: str, keeper: _Keeper) -> None:
         _entry, ip, port = key
@@ -593,7 +587,7 @@ class Edge:
             self.cloud_certs.pop(label, None)
         on_goaway()
         try:
-            await self._wait_idle(session)
+            await session.wait_idle(trio.current_time() + self.cfg.drain_timeout)
             session.close("drained after the cloud's GOAWAY")
         finally:
             if keeper.draining is session:
@@ -605,8 +599,8 @@ class Edge:
         self.uplinks.listener_scope.cancel()  # no new uplink connections; open ones go on
         for s in self.sessions.values():
             s.goaway("tunnel-edge shutting down")
-        with trio.move_on_after(self.cfg.drain_timeout):
-            while any(s.statistics().streams for s in self.sessions.values()):
-                await trio.sleep(0.1)
+        deadline = trio.current_time() + self.cfg.drain_timeout
+        for s in list(self.sessions.values()):
+            await s.wait_idle(deadline)
         for s in list(self.sessions.values()):
             s.close("tunnel-edge shut down")

@@ -123,6 +123,7 @@ class Session:
         "handshake_failure",
         "_nursery",
         "_task_status",
+        "_idle",
     )
 
     def __init__(
@@ -163,6 +164,7 @@ class Session:
         self.handshake_failure: str | None = None  # a short label when the HELLO exchange failed
         self._nursery: trio.Nursery | None = None
         self._task_status: trio.TaskStatus[None] | None = None  # until the handshake is done
+        self._idle: trio.Event | None = None  # made by `wait_idle`, set when the last stream leaves
 
     # ------------------------------------------------------------------ lifecycle
     async def serve(
@@ -215,6 +217,7 @@ class Session:
         for stream in list(self._streams.values()):
             stream.broken(f"tunnel closed: {self.close_reason}")
         self._streams.clear()
+        self._stream_left()
         self._opens.close_all()
         self.output.wake_senders()
         if self._liveness is not None:
@@ -261,6 +264,22 @@ class Session:
                 else "measuring"
             ),
         )
+
+    async def wait_idle(self, deadline: float) -> bool:
+        """Wait until the session holds no stream or is closed, or until `deadline` (trio clock).
+        True if it is idle or closed; False if the deadline came first."""
+        with trio.move_on_at(deadline):
+            while self._streams and not self.closed.is_set():
+                if self._idle is None:
+                    self._idle = trio.Event()
+                await self._idle.wait()
+        return not self._streams or self.closed.is_set()
+
+    def _stream_left(self) -> None:
+        """A stream left `_streams`: wake `wait_idle` if it was the last one."""
+        if self._idle is not None and not self._streams:
+            self._idle.set()
+            self._idle = None
 
     @property
     def stream_count(self) -> int:
@@ -344,6 +363,7 @@ class Session:
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
             stream.broken(f"internal error: {type(exc).__name__}", ErrorCode.INTERNAL_ERROR)
+            self._stream_left()
         self._opens.fail(stream_id)
         try:
             if self.conn.is_pending_remote(stream_id):
@@ -378,7 +398,8 @@ class Session:
         self.output.kick()
 
     def detach(self, stream_id: int) -> None:
-        self._streams.pop(stream_id, None)
+        if self._streams.pop(stream_id, None) is not None:
+            self._stream_left()
         self.conn.release(stream_id)
 
     # ------------------------------------------------------------------ reader
@@ -484,6 +505,7 @@ class Session:
         s = self._streams.pop(e.stream_id, None)
         if s is not None:
             s.broken(f"reset by peer: {e.message or code_text(e.code)}", e.code)
+            self._stream_left()
         if e.stream_id in self._opens:
             self._opens.answer(ev.OpenResult(e.stream_id, e.code, e.message), None)
 
