@@ -75,11 +75,13 @@ from kins_tunnel.edge.uplinks import Uplinks
 from kins_tunnel.errors import UserError
 from kins_tunnel.metrics import Metrics
 from kins_tunnel.names import Address
-from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
+from kins_tunnel.proto import Hello, RemoteProtocolError, Role
 from kins_tunnel.tls_contexts import client_ssl_context, failure_label
+from kins_tunnel.transport.errors import HandshakeFailed
 from kins_tunnel.transport.http_proxy import ProxyDialer, ProxyError
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.tls import Refused, TransportError, connect_tls
+from kins_tunnel.transport.tunnel import TunnelSide
 
 log = logging.getLogger("kins_tunnel.edge")
 
@@ -127,17 +129,6 @@ def _label(ip: str, port: int) -> str:
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
-
-
-def hello_failure_reason(session: Session) -> str:
-    """The handshake_failures reason of a tunnel whose HELLO exchange failed: `version` (no
-    protocol version in common), `timeout` (a silent cloud: no HELLO within handshake_timeout),
-    `protocol` (a malformed HELLO) or `refused` (the cloud ended the connection before its HELLO:
-    a revoked or refused identity, or a cloud shedding load; its own log says which)."""
-    failure = session.handshake_failure or "protocol"
-    if failure == "protocol" and not session.close_reason.startswith("protocol error"):
-        return "refused"
-    return failure
 
 
 def _cert_summary(der: bytes | None) -> dict[str, object]:
@@ -209,6 +200,13 @@ class Edge:
         if self.enrolment is None or self.enrolment.state == "enrolled":
             self._load_credentials()
         self.forwarder = Forwarder(cfg.services, cfg.dial_timeout, self.metrics)
+        self.side = TunnelSide(
+            Role.CLIENT,
+            cfg.mux,
+            cfg.ping_interval,
+            cfg.ping_timeout,
+            self.metrics.report_internal_error,
+        )
         self.proxy = (
             None if cfg.proxy is None else ProxyDialer(cfg.proxy.url, cfg.proxy.credentials_file)
         )
@@ -500,72 +498,61 @@ class Edge:
             )
         self.metrics.tls_handshakes.labels("resumed" if tls.session_reused else "full").inc()
         cloud_cert = _cert_summary(tls.peer_certificate_der())
-        hello = Hello(names=tuple(cfg.services), agent=f"kins-tunnel-edge/{__version__}")
-        conn = Connection(
-            Role.CLIENT, hello, cfg.mux, clock=trio.current_time, pacing=cfg.qos.pacing()
-        )
-        session = Session(
-            tls,
-            conn,
-            on_open=self.forwarder.on_open,
-            ping_interval=cfg.ping_interval,
-            ping_timeout=cfg.ping_timeout,
-            label=f"cloud {label}",
-            report=self.metrics.report_internal_error,
-        )
         try:
-            await self._serve_session(session, label, cloud_cert, keeper, on_goaway)
-        except* trio.ClosedResourceError:
-            # Session.close() (ping timeout, a failed write, drain) closes the socket under the
-            # session's own reader/writer, which then raise ClosedResourceError out of serve().
-            # The tunnel is over either way: reconnect as usual instead of crashing the edge.
-            log.debug("tunnel closed under its reader", extra={"cloud": label})
+            await self.side.run(
+                tls,
+                Hello(names=tuple(cfg.services), agent=f"kins-tunnel-edge/{__version__}"),
+                label=f"cloud {label}",
+                handshake_timeout=cfg.handshake_timeout,
+                on_open=self.forwarder.on_open,
+                pacing=cfg.qos.pacing(),
+                while_up=functools.partial(
+                    self._while_up,
+                    label=label,
+                    cloud_cert=cloud_cert,
+                    keeper=keeper,
+                    on_goaway=on_goaway,
+                ),
+            )
+        except HandshakeFailed as exc:  # an ordinary refusal: counted and one warning line
+            self.metrics.handshake_failures.labels(exc.reason).inc()
+            log.warning(
+                "tunnel to cloud failed",
+                extra={"cloud": label, "label": exc.reason, "reason": str(exc) or exc.reason},
+            )
         finally:
             issued = tls.session  # the cloud's ticket came right after its handshake
             if keeper is not None and issued is not None and issued.has_ticket:
                 keeper.tls_session = (context, issued)
 
-    async def _serve_session(
+    async def _while_up(
         self,
         session: Session,
+        *,
         label: str,
         cloud_cert: dict[str, object],
         keeper: _Keeper | None,
         on_goaway: Callable[[], None] | None = None,
     ) -> None:
-        cfg = self.cfg
-        async with trio.open_nursery() as nursery:
-            try:
-                await nursery.start(
-                    functools.partial(session.serve, handshake_timeout=cfg.handshake_timeout)
-                )
-            except TransportError as exc:  # an ordinary refusal: counted and one warning line
-                reason = hello_failure_reason(session)
-                self.metrics.handshake_failures.labels(reason).inc()
-                log.warning(
-                    "tunnel to cloud failed",
-                    extra={"cloud": label, "label": reason, "reason": str(exc) or reason},
-                )
-                return
-            self.sessions[label] = session
-            self.cloud_certs[label] = cloud_cert
-            if keeper is not None:
-                keeper.session = session
-            self.connects += 1
-            log.info(
-                "tunnel up",
-                extra={"cloud": label, "unit": self._who.unit, "node": self._who.node},
-            )
-            try:
-                if keeper is None or on_goaway is None:
-                    await session.closed.wait()
-                else:
-                    await self._until_drained(session, label, keeper, on_goaway)
-            finally:
-                if self.sessions.get(label) is session:
-                    del self.sessions[label]
-                    self.cloud_certs.pop(label, None)
-                log.info("tunnel down", extra={"cloud": label, "reason": session.close_reason})
+        self.sessions[label] = session
+        self.cloud_certs[label] = cloud_cert
+        if keeper is not None:
+            keeper.session = session
+        self.connects += 1
+        log.info(
+            "tunnel up",
+            extra={"cloud": label, "unit": self._who.unit, "node": self._who.node},
+        )
+        try:
+            if keeper is None or on_goaway is None:
+                await session.closed.wait()
+            else:
+                await self._until_drained(session, label, keeper, on_goaway)
+        finally:
+            if self.sessions.get(label) is session:
+                del self.sessions[label]
+                self.cloud_certs.pop(label, None)
+            log.info("tunnel down", extra={"cloud": label, "reason": session.close_reason})
 
     async def _until_drained(
         self, session: Session, label: str, keeper: _Keeper, on_goaway: Callable[[], None]

@@ -282,15 +282,16 @@ async def test_an_idle_tunnel_pinged_by_its_peer_skips_its_own_pings(
 async def test_wait_idle_returns_when_the_last_stream_leaves(tmp_path: Path) -> None:
     """`wait_idle` wakes when the last stream goes (no poll), and gives up at its deadline."""
     accepted: list[TunnelStream] = []
+    opened = trio.Event()
 
     def on_open(session: Session, sid: int, target: str) -> None:
         accepted.append(session.accept(sid))
+        opened.set()
 
     async with session_pair(tmp_path, on_open) as (cloud, edge):
         stream = await cloud.open_stream("x:1", timeout=5)
         with trio.fail_after(5):
-            while not accepted:
-                await trio.sleep(0)
+            await opened.wait()
         assert not await edge.wait_idle(trio.current_time() + 0.05)  # a stream is still open
         done = trio.Event()
 
