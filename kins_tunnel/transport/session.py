@@ -1,4 +1,5 @@
-"""One tunnel session: a `proto.Connection` driven over a `TLSSocket`, streams as trio streams.
+"""One tunnel session: a `proto.Connection` driven over a `ByteTransport` (a `TLSSocket` in the
+product, `testing.memory_transport` in tests), streams as trio streams.
 
 Theory of operation
 -------------------
@@ -42,12 +43,13 @@ from kins_tunnel.proto import (
 from kins_tunnel.proto import events as ev
 from kins_tunnel.transport import liveness
 from kins_tunnel.transport.buffers import RunBuffer
+from kins_tunnel.transport.byte_transport import ByteTransport
 from kins_tunnel.transport.errors import HandshakeFailed
 from kins_tunnel.transport.isolation import ErrorReporter, log_internal_error
 from kins_tunnel.transport.opening import PendingOpens
 from kins_tunnel.transport.statistics import SessionStatistics
 from kins_tunnel.transport.stream import TunnelStream
-from kins_tunnel.transport.tls import READ_BATCH, TLSSocket, TransportError
+from kins_tunnel.transport.tls import READ_BATCH, TransportError
 from kins_tunnel.transport.writer import SessionWriter
 
 log = logging.getLogger("kins_tunnel.session")
@@ -120,7 +122,7 @@ class Session:
 
     def __init__(
         self,
-        tls: TLSSocket,
+        tls: ByteTransport,
         conn: Connection,
         *,
         on_open: Callable[[Session, int, str], None] | None = None,
