@@ -28,7 +28,6 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
 
 import trio
 
@@ -38,12 +37,12 @@ from kins_tunnel.proto import (
     ErrorCode,
     LocalProtocolError,
     RemoteProtocolError,
-    code_text,
 )
 from kins_tunnel.proto import events as ev
 from kins_tunnel.transport import liveness
 from kins_tunnel.transport.buffers import RunBuffer
 from kins_tunnel.transport.byte_transport import ByteTransport
+from kins_tunnel.transport.dispatch import HANDLERS
 from kins_tunnel.transport.errors import HandshakeFailed
 from kins_tunnel.transport.isolation import ErrorReporter, log_internal_error
 from kins_tunnel.transport.opening import PendingOpens
@@ -254,28 +253,8 @@ class Session:
         self.output.kick()
 
     def statistics(self) -> SessionStatistics:
-        st = self.conn.statistics()
-        p = st.pacer
-        return SessionStatistics(
-            streams=len(self._streams),
-            bytes_sent=st.bytes_sent,
-            bytes_received=st.bytes_received,
-            rtt=self.rtt,
-            buffered=st.buffered,
-            output_queued=self.conn.pending_output() + self.tls.pending,
-            stalls=self.stalls,
-            base_rtt=None if p is None else p.base_rtt,
-            queueing_delay=None if p is None else p.queueing_delay,
-            paced_rate=None if p is None else p.rate,
-            paced_held=st.held,
-            pacing_engagements=0 if p is None else p.engagements,
-            pacing=(
-                "off"
-                if p is None or (not p.engaged and "delay" not in self.conn.capabilities)
-                else "engaged"
-                if p.engaged
-                else "measuring"
-            ),
+        return SessionStatistics.of(
+            self.conn, len(self._streams), self.rtt, self.tls.pending, self.stalls
         )
 
     async def wait_idle(self, deadline: float) -> bool:
@@ -417,7 +396,7 @@ class Session:
         view = _READ_BUFFER.get()
         tls = self.tls
         conn = self.conn
-        handlers = self._HANDLERS
+        handlers = HANDLERS
         now = trio.lowlevel.current_clock().current_time
         try:
             while True:
@@ -468,82 +447,6 @@ class Session:
             raise exc
         self._report("stream", exc)
         self._fail_stream(sid, exc)
-
-    def _on_data(self, e: ev.DataReceived) -> None:
-        s = self._streams.get(e.stream_id)
-        if s is not None:
-            s.deliver(e.data, False)
-        else:  # closed by the application: like TCP, data after close aborts the stream
-            self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "stream closed")
-
-    def _on_window(self, e: ev.WindowUpdated) -> None:
-        s = self._streams.get(e.stream_id)
-        if s is not None:
-            s.credit_arrived()
-
-    def _on_end(self, e: ev.StreamEnded) -> None:
-        s = self._streams.get(e.stream_id)
-        if s is not None:
-            s.deliver(b"", True)
-
-    def _on_stream_opened(self, e: ev.StreamOpened) -> None:
-        if self._on_open is None:
-            self.conn.reject_stream(
-                e.stream_id, ErrorCode.NOT_ALLOWED, "this side accepts no streams"
-            )
-        else:
-            self._on_open(self, e.stream_id, e.target)
-
-    def _on_open_result(self, e: ev.OpenResult) -> None:
-        if e.stream_id not in self._opens:
-            if e.ok:
-                self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "open abandoned")
-            return
-        stream = None
-        if e.ok:
-            # Register the stream now, before the opener runs: data (or FIN) the target
-            # sends first may follow in this very batch and must land in the stream.
-            stream = self._streams[e.stream_id] = TunnelStream(self, e.stream_id)
-        self._opens.answer(e, stream)
-
-    def _on_reset(self, e: ev.StreamReset) -> None:
-        s = self._streams.pop(e.stream_id, None)
-        if s is not None:
-            s.broken(f"reset by peer: {e.message or code_text(e.code)}", e.code)
-            self._stream_left()
-        if e.stream_id in self._opens:
-            self._opens.answer(ev.OpenResult(e.stream_id, e.code, e.message), None)
-
-    def _on_pong(self, e: ev.PongReceived) -> None:
-        if e.rtt is not None:
-            self.rtt = e.rtt
-
-    def _on_handshake(self, e: ev.HandshakeComplete) -> None:
-        self.peer_names = e.names
-        self.peer_agent = e.agent
-        self.handshake_done.set()
-
-    def _on_goaway(self, e: ev.GoAwayReceived) -> None:
-        self.draining = True
-        self.goaway_received.set()
-        log.info("%s: peer is draining (%s)", self.label, e.reason or "no reason")
-
-    def _on_terminated(self, e: ev.ConnectionTerminated) -> None:
-        self.close_reason = e.reason
-
-    # event type -> handler: one lookup per event on the reader's path
-    _HANDLERS: ClassVar[dict[type[ev.Event], Callable[[Session, Any], None]]] = {
-        ev.DataReceived: _on_data,
-        ev.WindowUpdated: _on_window,
-        ev.StreamEnded: _on_end,
-        ev.StreamOpened: _on_stream_opened,
-        ev.OpenResult: _on_open_result,
-        ev.StreamReset: _on_reset,
-        ev.PongReceived: _on_pong,
-        ev.HandshakeComplete: _on_handshake,
-        ev.GoAwayReceived: _on_goaway,
-        ev.ConnectionTerminated: _on_terminated,
-    }
 
     # ------------------------------------------------------------------ output (see `writer`)
     @property

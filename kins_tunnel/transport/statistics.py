@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kins_tunnel.proto import Connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +26,35 @@ class SessionStatistics:
     paced_held: int = 0  # bytes of bulk data waiting for the pacer's credit
     pacing: str = "off"  # "off" (configured, or the peer lacks it), "measuring", "engaged"
     pacing_engagements: int = 0  # times pacing engaged on this tunnel
+
+    @classmethod
+    def of(
+        cls, conn: Connection, streams: int, rtt: float | None, transport_pending: int, stalls: int
+    ) -> SessionStatistics:
+        """The record of a session over `conn` (`transport_pending`: bytes its transport holds)."""
+        st = conn.statistics()
+        p = st.pacer
+        return cls(
+            streams=streams,
+            bytes_sent=st.bytes_sent,
+            bytes_received=st.bytes_received,
+            rtt=rtt,
+            buffered=st.buffered,
+            output_queued=conn.pending_output() + transport_pending,
+            stalls=stalls,
+            base_rtt=None if p is None else p.base_rtt,
+            queueing_delay=None if p is None else p.queueing_delay,
+            paced_rate=None if p is None else p.rate,
+            paced_held=st.held,
+            pacing_engagements=0 if p is None else p.engagements,
+            pacing=(
+                "off"
+                if p is None or (not p.engaged and "delay" not in conn.capabilities)
+                else "engaged"
+                if p.engaged
+                else "measuring"
+            ),
+        )
 
     def qos_status(self) -> dict[str, object]:
         """The pacing fields of a `/status` tunnel entry."""
