@@ -28,8 +28,7 @@ time; a version in common missing; a malformed HELLO) is an ordinary refusal: co
 reason in `handshake_failures_total` and logged as one warning, like a failed TLS set-up.
 
 Bounds: at most `max_tunnels` keepers whatever DNS answers (`memory_budget` holds that many
-tunnels' buffers: `config`), and at start-up the open-file limit must cover every tunnel's
-streams and every listener's `max_connections` (`check_open_files`).
+tunnels' buffers: `config`); descriptors: `edge.resources`.
 
 Through a site proxy (`proxy:`), each keeper's TCP connection is a CONNECT to the address through
 that proxy, inside the same `handshake_timeout` as the TLS handshake; a refusal by the proxy is a
@@ -52,33 +51,32 @@ import json
 import logging
 import math
 import random
-import resource
 import socket
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from kins_tunnel import __version__
 from kins_tunnel.admin import serve_admin
-from kins_tunnel.certs import EdgeIdentity, identity_from_der
+from kins_tunnel.certs import EdgeIdentity
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.config import EdgeConfig
+from kins_tunnel.edge.credentials import own_identity
 from kins_tunnel.edge.enroll import Enrolment
 from kins_tunnel.edge.forwarder import Forwarder
 from kins_tunnel.edge.reconnect import ReconnectPolicy, backoff_delay
+from kins_tunnel.edge.resources import check_open_files
+from kins_tunnel.edge.setup_failures import cert_summary, failure_reason
+from kins_tunnel.edge.status import status_document
 from kins_tunnel.edge.uplinks import Uplinks
-from kins_tunnel.errors import UserError
 from kins_tunnel.metrics import Metrics
-from kins_tunnel.names import Address
+from kins_tunnel.names import Address, authority
 from kins_tunnel.proto import Hello, RemoteProtocolError, Role
-from kins_tunnel.tls_contexts import client_ssl_context, failure_label
+from kins_tunnel.tls_contexts import client_ssl_context
 from kins_tunnel.transport.errors import HandshakeFailed
-from kins_tunnel.transport.http_proxy import ProxyDialer, ProxyError
+from kins_tunnel.transport.http_proxy import ProxyDialer
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.tls import Refused, TransportError, connect_tls
 from kins_tunnel.transport.tunnel import TunnelSide
@@ -103,87 +101,9 @@ class _Keeper:
     retry_after: float | None = None  # the cloud's hint in its refusal of the last tunnel
 
 
-_SETUP_FAILURES = (  # text in the error -> label
-    ("shed by the cloud", "shed"),  # transport.tls.Refused: the cloud said when to come back
-    ("cannot connect", "connect"),
-    ("certificate verify failed", "verify_failed"),
-    ("hostname mismatch", "verify_failed"),
-    ("unknown ca", "unknown_ca"),
-    ("certificate", "tls_error"),
-    ("tls handshake", "tls_error"),
-)
-
-
-def _failure_reason(exc: BaseException) -> str:
-    """A short label for a failed tunnel set-up (the edge's handshake_failures metric)."""
-    if isinstance(exc, ProxyError):  # the site proxy refused or garbled its answer
-        return "proxy"
-    return failure_label(exc, _SETUP_FAILURES, verify_default="verify_failed", default="protocol")
-
-
-def _label(ip: str, port: int) -> str:
-    """How a tunnel's cloud address is shown (status, logs, the `peer` label)."""
-    return f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}"
-
-
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
-
-
-def _cert_summary(der: bytes | None) -> dict[str, object]:
-    """What the edge shows in /status about the cloud certificate it validated."""
-    if der is None:
-        return {}
-    try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError:
-        return {}
-    return {
-        "cloud_cert_serial": format(cert.serial_number, "x"),
-        "cloud_cert_not_after": cert.not_valid_after_utc.isoformat(),
-    }
-
-
-OPEN_FILES_RESERVE = 64  # descriptors for logs, certificate files, DNS, the listening sockets
-
-
-def open_files_needed(cfg: EdgeConfig) -> int:
-    """Descriptors the edge may hold at once under its configured limits: per tunnel its socket and
-    one target socket per stream the cloud may open, plus every listener's connections."""
-    need = cfg.max_tunnels * (1 + cfg.mux.max_streams) + OPEN_FILES_RESERVE
-    if cfg.admin is not None:
-        need += cfg.admin.max_connections
-    need += sum(limits.max_connections for limits in cfg.uplink_limits.values())
-    if cfg.uplink_proxy is not None:
-        need += cfg.uplink_proxy.max_connections
-    return need
-
-
-def check_open_files(cfg: EdgeConfig) -> None:
-    """Make sure RLIMIT_NOFILE covers `open_files_needed`: raise the soft limit up to the hard one
-    if it must, else a one-line UserError naming the keys that set the need."""
-    need = open_files_needed(cfg)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= need:
-        return
-    if hard == resource.RLIM_INFINITY or hard >= need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-        return
-    raise UserError(
-        f"the open-file limit (RLIMIT_NOFILE: soft {soft}, hard {hard}) is below the {need} "
-        f"descriptors this configuration may need (max_tunnels {cfg.max_tunnels} x (1 + "
-        f"mux.max_streams {cfg.mux.max_streams}) + admin, uplink and uplink_proxy "
-        f"max_connections + {OPEN_FILES_RESERVE}): raise the limit (ulimit -n) or lower those keys"
-    )
-
-
-def own_identity(cert_path: str) -> EdgeIdentity:
-    try:
-        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
-        return identity_from_der(cert.public_bytes(Encoding.DER))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"tls.cert: {cert_path}: not an edge certificate ({exc})") from exc
 
 
 class Edge:
@@ -252,32 +172,18 @@ class Edge:
         return any(s.usable for s in self.sessions.values())
 
     def status(self) -> tuple[int, str, bytes]:
-        now = trio.current_time()
         draining = [  # tunnels finishing their streams after the cloud's GOAWAY
-            (_label(ip, port), k.draining)
+            (authority(ip, port), k.draining)
             for (_entry, ip, port), k in self._keepers.items()
             if k.draining is not None
         ]
-        tunnels = [
-            {
-                "cloud": a,
-                "uptime": round(now - s.started_at, 1),
-                "rtt_ms": None if s.rtt is None else round(s.rtt * 1000, 3),
-                "streams": (st := s.statistics()).streams,
-                "draining": not s.usable,
-                **st.qos_status(),
-                **self.cloud_certs.get(a, {}),
-            }
-            for a, s in [*self.sessions.items(), *draining]
-        ]
-        doc: dict[str, object] = {
-            "unit": self._who.unit,
-            "node": self._who.node,
-            "tunnels": tunnels,
-            "uplinks": self.uplinks.status(),
-        }
-        if self.enrolment is not None:
-            doc["certificate"] = self.enrolment.status()
+        doc = status_document(
+            self._who,
+            [*self.sessions.items(), *draining],
+            self.cloud_certs,
+            self.uplinks.status(),
+            None if self.enrolment is None else self.enrolment.status(),
+        )
         return 200, "application/json", json.dumps(doc, indent=1).encode()
 
     async def run(
@@ -388,7 +294,7 @@ class Edge:
 
     async def _keeper(self, key: tuple[str, str, int], server_name: str, keeper: _Keeper) -> None:
         _entry, ip, port = key
-        label = _label(ip, port)
+        label = authority(ip, port)
         b = self.cfg.reconnect
         policy = ReconnectPolicy(b, self._rng)
         with keeper.scope:
@@ -429,7 +335,7 @@ class Edge:
         except (TransportError, RemoteProtocolError, trio.TooSlowError, OSError) as exc:
             if isinstance(exc, Refused):
                 keeper.retry_after = exc.retry_after
-            reason = _failure_reason(exc)
+            reason = failure_reason(exc)
             self.metrics.handshake_failures.labels(reason).inc()
             log.warning(
                 "tunnel to cloud failed",
@@ -497,7 +403,7 @@ class Edge:
                 session=ticket[1] if ticket is not None and ticket[0] is context else None,
             )
         self.metrics.tls_handshakes.labels("resumed" if tls.session_reused else "full").inc()
-        cloud_cert = _cert_summary(tls.peer_certificate_der())
+        cloud_cert = cert_summary(tls.peer_certificate_der())
         try:
             await self.side.run(
                 tls,
