@@ -184,3 +184,10 @@ def kind(value: object) -> str:
         )
     shown = "" if value is None else " " + repr(value)
     return names[type(value)] + (shown if len(shown) <= 41 else shown[:38] + "...")
+
+
+# Names as in certificates: a NodeUnit (a DNS label) and a node (a DNS subdomain).
+UNIT_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # a NodeUnit name, as in certificates
+NODE_RE = re.compile(  # a node name, as in certificates (a DNS subdomain)
+    r"(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+)
