@@ -29,7 +29,6 @@ same one-line errors: `config_enroll` (`enrollment`, `enroll`), `config_uplinks`
 (`proto.handshake.validate_setting`).
 """
 
-import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from kins_tunnel.config_uplinks import (
 )
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import (
+    LABEL_RE,
     Address,
     is_ip_target,
     is_loopback_host,
@@ -64,8 +64,6 @@ from kins_tunnel.yamlcheck import Section, read_yaml
 
 KiB, MiB = 1024, 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_PORT_RE = re.compile(r"[0-9]{1,5}")
-_LABEL_RE = re.compile(r"[a-z0-9-]{1,63}")
 
 
 # --- the dataclasses -----------------------------------------------------------------------------
@@ -422,7 +420,7 @@ def _aliases(top: Section) -> Mapping[str, str]:
 def _alias_discovery(sec: Section) -> AliasDiscovery:
     d = sec.build(AliasDiscovery)
     domain = d.cluster_domain.lower().strip(".")
-    if not domain or not all(_LABEL_RE.fullmatch(label) for label in domain.split(".")):
+    if not domain or not all(LABEL_RE.fullmatch(label) for label in domain.split(".")):
         sec.fail("cluster_domain", f"{d.cluster_domain!r} is not a DNS domain")
     return AliasDiscovery(d.enabled, domain, d.interval)
 
