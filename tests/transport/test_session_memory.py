@@ -224,3 +224,19 @@ async def test_tunnel_streams_over_memory_pass_trios_half_closeable_stream_check
             await trio.testing.check_half_closeable_stream(maker, clogged)
         for session in sessions:
             session.close("test over")
+
+
+async def test_a_stream_delivers_into_one_socket_at_a_time() -> None:
+    """The direct-delivery descriptor has one lender: a second relay claiming the stream is a bug
+    caught where it happens, not a byte stream split between two sockets."""
+    send, got = trio.open_memory_channel[TunnelStream](1)
+    async with memory_pair(accept_into(send)) as (cloud, _edge, _a, _b):
+        stream = await cloud.open_stream("x:1", timeout=5)
+        await got.receive()
+        stream.set_direct_sink(10)
+        stream.set_direct_sink(10)  # the same owner again: fine
+        with pytest.raises(trio.BusyResourceError):
+            stream.set_direct_sink(11)
+        stream.set_direct_sink(None)
+        stream.set_direct_sink(11)  # released: another owner may take it
+        stream.set_direct_sink(None)
