@@ -35,6 +35,7 @@ from kins_tunnel.certs import ENROLL_ALPN, EdgeIdentity, ReservedName, identity_
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.admission import Admission
 from kins_tunnel.cloud.registry import EdgeTunnel, NodeTaken, Refusal, Registry, allowed_name
+from kins_tunnel.cloud.tls_failures import CLIENT_CERTIFICATE, NOT_TLS
 from kins_tunnel.config import CloudConfig
 from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
@@ -362,17 +363,13 @@ _SHED_DETAIL = {
     "slow": "shed: handshake slower than tunnel.slow_handshake while others waited",
 }
 
+_NO_IDENTITY = (("kins uri", "no_identity"), ("identity", "no_identity"))
 _HANDSHAKE_FAILURES = (  # text in the error -> label
-    ("certificate required", "no_certificate"),
-    ("no client certificate", "no_certificate"),
-    ("peer did not return a certificate", "no_certificate"),
-    ("unknown ca", "unknown_ca"),
-    ("certificate verify failed", "verify_failed"),
-    ("expired", "expired"),
-    ("wrong version", "not_tls"),
-    ("http request", "not_tls"),
-    ("kins uri", "no_identity"),
-    ("identity", "no_identity"),
+    CLIENT_CERTIFICATE
+    + (("no client certificate", "no_certificate"), ("certificate verify failed", "verify_failed"))
+    + (("expired", "expired"),)
+    + NOT_TLS
+    + _NO_IDENTITY
 )
 
 

@@ -130,13 +130,9 @@ class Session:
         label: str = "",
         report: ErrorReporter = log_internal_error,
     ) -> None:
-        self.tls = tls
-        self.conn = conn
-        self.label = label
-        self._on_open = on_open
-        self._report = report
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
+        self.tls, self.conn, self.label = tls, conn, label
+        self._on_open, self._report = on_open, report
+        self._ping_interval, self._ping_timeout = ping_interval, ping_timeout
         self._liveness: liveness.Entry | None = None
         self._peer_pings_seen = 0  # conn.peer_pings at our last ping time
         self._pings_skipped = 0  # our pings skipped in a row (see `ping`)
