@@ -22,43 +22,48 @@ Relative paths (``tls.*``, ``proxy.auth.*``, ``proxy.authz_file``, ``proxy.tls.*
 file's directory. This
 module only resolves paths; reading those files, and reporting them unreadable, is the job of their
 users (`kins_tunnel.certs` for TLS).
+
+Sections with rules of their own are read in their own modules, with the same `Section` and the
+same one-line errors: `config_enroll` (`enrollment`, `enroll`), `config_uplinks` (`uplinks`,
+`uplink_proxy`) and `config_qos` (`qos`). Every `mux` limit is checked once, by the protocol core
+(`proto.handshake.validate_setting`).
 """
 
-import dataclasses
-import os
-import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kins_tunnel.config_enroll import (
+    EnrollmentSettings,
+    EnrollSettings,
+    enroll_section,
+    enrollment_section,
+)
+from kins_tunnel.config_qos import EdgeQos, QosSettings, qos_section
+from kins_tunnel.config_uplinks import (
+    UplinkListener,
+    UplinkProxy,
+    cloud_uplinks,
+    edge_uplinks,
+    uplink_proxy,
+)
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import (
+    LABEL_RE,
     Address,
-    dial_target,
     is_ip_target,
     is_loopback_host,
     kind,
-    uplink_match_name,
 )
 from kins_tunnel.proto import LimitError, MuxConfig
-from kins_tunnel.proto.pacer import DEFAULT_TARGET, PacingConfig
 from kins_tunnel.proxy_url import parse_proxy_url
-from kins_tunnel.quantities import parse_duration, parse_rate
 from kins_tunnel.transport.writer import OUTPUT_HIGH_WATER
 from kins_tunnel.yamlcheck import Section, read_yaml
 
 KiB, MiB = 1024, 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_PORT_RE = re.compile(r"[0-9]{1,5}")
-_LABEL_RE = re.compile(r"[a-z0-9-]{1,63}")
-_UNIT_RE = re.compile(
-    r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-)  # a NodeUnit name, as in certificates
-_NODE_RE = re.compile(  # a node name, as in certificates (a DNS subdomain)
-    r"(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
-)
 
 
 # --- the dataclasses -----------------------------------------------------------------------------
@@ -141,79 +146,10 @@ class AliasDiscovery:
 
 
 @dataclass(frozen=True, slots=True)
-class IssuingCAFiles:
-    cert: Path
-    key: Path
-
-
-@dataclass(frozen=True, slots=True)
-class EnrollmentSettings:
-    """The cloud's enrolment of edges with tokens (`enrollment`; `cloud.enroll`)."""
-
-    tokens_file: Path
-    ca: IssuingCAFiles | None = None  # None: enrolment answers a refusal (no issuing CA)
-    lifetime_days: float = 30.0  # edge certificates issued and renewed; fractions allowed
-    max_failures_per_source: int = 10  # failed tokens per source address and minute; then 429
-
-
-@dataclass(frozen=True, slots=True)
-class EnrollSettings:
-    """The edge's enrolment and renewal (`enroll`; `edge.enroll`)."""
-
-    token_file: Path
-    ca_hash: str  # "sha256:<64 hex>" of the cloud CA's SubjectPublicKeyInfo
-    node: str | None = None  # None: the token must name the node (or node_env)
-    unit: str | None = None  # set: a token of another unit is refused
-    node_env: str | None = None  # environment variable with the node name (DaemonSet: NODE_NAME)
-    renew_at: float = 2 / 3  # share of the certificate's lifetime after which it is renewed
-
-
-MIN_LIFETIME_SECONDS = 10.0  # enrollment.lifetime_days: shorter cannot renew in time
-MAX_LIFETIME_DAYS = 825.0
-
-
-@dataclass(frozen=True, slots=True)
 class AdminSettings:
     listen: Address
     max_connections: int = 64  # beyond: a new connection is closed at once (counted)
     idle_timeout: float = 10.0  # seconds from accept for a whole request and answer
-
-
-@dataclass(frozen=True, slots=True)
-class QosUnit:
-    """The cloud's `qos.units.<unit>`: the pacing of each tunnel of that unit (towards the edge)."""
-
-    max_rate: float | None = None  # bytes/s of bulk data; None: the cloud's qos.max_rate
-    target_delay: float | None = None  # None: the cloud's qos.target_delay
-
-
-@dataclass(frozen=True, slots=True)
-class QosSettings:
-    """`qos:` (README "Interactive first on thin links"): delay-based pacing of bulk streams on
-    the side's sending direction of each tunnel, and an optional hard cap on their rate."""
-
-    enabled: bool = True
-    target_delay: float = DEFAULT_TARGET  # seconds of queueing the pacer lets bulk data add
-    max_rate: float | None = None  # bytes/s of bulk data per tunnel; None: no cap
-    units: Mapping[str, QosUnit] = field(default_factory=lambda: types.MappingProxyType({}))
-
-    def pacing(self, unit: str | None = None) -> PacingConfig:
-        """The pacer settings of one tunnel (of `unit`, on the cloud)."""
-        per = self.units.get(unit) if unit is not None else None
-        return PacingConfig(
-            enabled=self.enabled,
-            target_delay=per.target_delay if per and per.target_delay else self.target_delay,
-            max_rate=per.max_rate if per and per.max_rate else self.max_rate,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class EdgeQos:
-    """The edge's `qos:` (no `units`: the edge is one unit)."""
-
-    enabled: bool = True
-    target_delay: float = DEFAULT_TARGET
-    max_rate: float | None = None
 
 
 _CLOUD_ADMIN = AdminSettings(Address("127.0.0.1", 9090))
@@ -256,24 +192,6 @@ class SiteProxy:
 
     url: str  # "http://host:port", checked
     credentials_file: Path | None = None  # one line "user:password"
-
-
-@dataclass(frozen=True, slots=True)
-class UplinkProxy:
-    """The edge's local HTTP CONNECT proxy into uplinks (`uplink_proxy`)."""
-
-    listen: Address = Address("127.0.0.1", 3128)
-    max_connections: int = 256  # beyond: a new connection is closed at once (counted)
-    idle_timeout: float = 3600.0  # a relay with no bytes either way for this long is closed
-
-
-@dataclass(frozen=True, slots=True)
-class UplinkListener:
-    """One entry of the edge's `uplinks` in its long form (the short form is the target alone)."""
-
-    target: str
-    max_connections: int = 256  # beyond: a new connection is closed at once (counted)
-    idle_timeout: float = 3600.0  # a relay with no bytes either way for this long is closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,12 +297,12 @@ def cloud_config_from_dict(
         alias_discovery=(
             discovery := _alias_discovery(top.section("alias_discovery", AliasDiscovery))
         ),
-        uplinks=_cloud_uplinks(top, discovery.cluster_domain),
+        uplinks=cloud_uplinks(top, discovery.cluster_domain),
         admin=top.section("admin", AdminSettings).build(AdminSettings, defaults=_CLOUD_ADMIN),
         mux=_mux(top.section("mux", MuxConfig)),
-        qos=_qos(top.section("qos", QosSettings)),
+        qos=qos_section(top.section("qos", QosSettings)),
         log=_log(top.section("log", LogSettings)),
-        enrollment=_enrollment(top),
+        enrollment=enrollment_section(top),
         **top.scalars(),
         tls=_tls(top),
     )
@@ -398,20 +316,20 @@ def edge_config_from_dict(
     admin = None
     if not (top.has("admin") and top.data["admin"] is None):  # `admin: null` disables it
         admin = top.section("admin", AdminSettings).build(AdminSettings, defaults=_EDGE_ADMIN)
-    uplinks, uplink_limits = _edge_uplinks(top)
+    uplinks, uplink_limits = edge_uplinks(top)
     cfg = EdgeConfig(  # arguments run in order: a typo in a section beats a missing key
         reconnect=_backoff(top.section("reconnect", Backoff)),
         admin=admin,
         mux=_mux(top.section("mux", MuxConfig)),
-        qos=_qos(top.section("qos", EdgeQos)),
+        qos=qos_section(top.section("qos", EdgeQos)),
         log=_log(top.section("log", LogSettings)),
         proxy=_site_proxy(top.section("proxy", SiteProxy))
         if top.data.get("proxy") is not None
         else None,
         uplinks=uplinks,
         uplink_limits=uplink_limits,
-        uplink_proxy=_uplink_proxy(top),
-        enroll=_enroll(top),
+        uplink_proxy=uplink_proxy(top),
+        enroll=enroll_section(top),
         **top.scalars(),
         cloud=_cloud_addresses(top),
         tls=_tls(top),
@@ -437,71 +355,6 @@ def _tls(top: Section) -> TLSFiles:
     top.required("tls")
     sec = top.section("tls", TLSFiles)
     return TLSFiles(ca=sec.path("ca"), cert=sec.path("cert"), key=sec.path("key"))
-
-
-def _enrollment(top: Section) -> EnrollmentSettings | None:
-    if top.data.get("enrollment") is None:
-        return None
-    sec = top.section("enrollment", EnrollmentSettings)
-    ca = None
-    if sec.data.get("ca") is not None:
-        c = sec.section("ca", IssuingCAFiles)
-        ca = IssuingCAFiles(c.path("cert"), c.path("key"))
-    settings = sec.build(EnrollmentSettings, tokens_file=sec.path("tokens_file"), ca=ca)
-    if not MIN_LIFETIME_SECONDS <= settings.lifetime_days * 86400 <= MAX_LIFETIME_DAYS * 86400:
-        sec.fail(
-            "lifetime_days",
-            f"must be between {MIN_LIFETIME_SECONDS:g} seconds ({MIN_LIFETIME_SECONDS / 86400:.6f}) "
-            f"and {MAX_LIFETIME_DAYS:g} days",
-        )
-    return settings
-
-
-_CA_HASH_RE = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-def _enroll(top: Section) -> EnrollSettings | None:
-    if top.data.get("enroll") is None:
-        return None
-    sec = top.section("enroll", EnrollSettings)
-    ca_hash = sec.required("ca_hash")
-    if not isinstance(ca_hash, str) or not _CA_HASH_RE.fullmatch(ca_hash.strip().lower()):
-        sec.fail(
-            "ca_hash",
-            'expected "sha256:<64 hex digits>", as kins-tunnel certs init or certs ca-hash prints',
-        )
-    names: dict[str, Any] = {}
-    env = sec.data.get("node_env")
-    if env is not None:
-        if not isinstance(env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", env):
-            sec.fail("node_env", "expected the name of an environment variable, e.g. NODE_NAME")
-        if sec.data.get("node") is None:
-            from_env = os.environ.get(env)
-            if not from_env:
-                sec.fail("node_env", f"the environment variable {env} is not set or empty")
-            if not _NODE_RE.fullmatch(from_env):
-                sec.fail(
-                    "node_env", f"{env}={from_env[:253]!r} is not a DNS subdomain (a node name)"
-                )
-            names["node"] = from_env
-    for key, pattern, rule in (
-        ("node", _NODE_RE, "a DNS subdomain (lower-case a-z, 0-9, '-' and '.')"),
-        ("unit", _UNIT_RE, "a DNS label (lower-case a-z, 0-9 and '-')"),
-    ):
-        value = sec.data.get(key)
-        if value is not None and (not isinstance(value, str) or not pattern.fullmatch(value)):
-            sec.fail(key, f"expected {rule}, got {value!r}"[:200])
-        if value is not None or key not in names:  # node from node_env unless node is written
-            names[key] = value
-    settings = dataclasses.replace(
-        sec.build(EnrollSettings, token_file=sec.path("token_file"), node_env=env, **names),
-        ca_hash=ca_hash.strip().lower(),
-    )
-    if not 0 < settings.renew_at < 1:
-        sec.fail(
-            "renew_at", f"must be a share of the lifetime between 0 and 1, got {settings.renew_at}"
-        )
-    return settings
 
 
 def _tunnel(sec: Section) -> TunnelListen:
@@ -566,66 +419,10 @@ def _aliases(top: Section) -> Mapping[str, str]:
     return types.MappingProxyType(out)
 
 
-def _cloud_uplinks(top: Section, cluster_domain: str) -> Mapping[str, frozenset[str]]:
-    """unit -> the targets' `uplink_match_name`s: only ``.svc`` and ``.svc.<cluster_domain>``
-    are shortened, any other name is kept as written."""
-    out: dict[str, frozenset[str]] = {}
-    expected = 'unit (or "*") to a list of "host:port" targets'
-    for key, value, where in top.entries("uplinks", expected):
-        if not isinstance(key, str) or not (key == "*" or _UNIT_RE.fullmatch(key)):
-            top.fail(
-                where,
-                "a key must be a NodeUnit name (a DNS label: lower-case a-z, 0-9 and '-') or \"*\"",
-            )
-        if not isinstance(value, list) or not value:
-            top.fail(where, f'expected a non-empty list of "host:port" targets, got {kind(value)}')
-        targets: set[str] = set()
-        for i, item in enumerate(value):
-            top.target(f"{where}[{i}]", item)  # checks it; a str from here on
-            target = uplink_match_name(str(item), cluster_domain)
-            if target in targets:
-                top.fail(f"{where}[{i}]", f"same target as another entry ({target})")
-            targets.add(target)
-        out[key] = frozenset(targets)
-    return types.MappingProxyType(out)
-
-
-def _edge_uplinks(
-    top: Section,
-) -> tuple[Mapping[Address, str], Mapping[Address, UplinkListener]]:
-    """`uplinks`: listen address -> target, and -> its limits. A value is the target, or a
-    mapping with `target`, `max_connections` and `idle_timeout`."""
-    out: dict[Address, str] = {}
-    limits: dict[Address, UplinkListener] = {}
-    for key, value, where in top.entries("uplinks", '"listen host:port": "cloud-side host:port"'):
-        if not isinstance(key, str):
-            top.fail(where, 'a listen address must be a "host:port" string (quote it)')
-        listen = top.address(where, key)
-        entry = UplinkListener("")
-        if isinstance(value, Mapping):
-            sec = Section(top.source, top.base_dir, where, value, UplinkListener)
-            value = sec.required("target")
-            entry = sec.build(UplinkListener)
-            where = sec.where("target")
-        top.target(
-            where, value, expected='a cloud-side "host:port" string', error_prefix="bad target: "
-        )
-        target = dial_target(str(value))  # sent as written: the cloud dials this name
-        top.unique(out, listen, target, where, "listen address")
-        limits[listen] = UplinkListener(target, entry.max_connections, entry.idle_timeout)
-    return types.MappingProxyType(out), types.MappingProxyType(limits)
-
-
-def _uplink_proxy(top: Section) -> UplinkProxy | None:
-    if top.data.get("uplink_proxy") is None:  # absent or null: off
-        return None
-    return top.section("uplink_proxy", UplinkProxy).build(UplinkProxy)
-
-
 def _alias_discovery(sec: Section) -> AliasDiscovery:
     d = sec.build(AliasDiscovery)
     domain = d.cluster_domain.lower().strip(".")
-    if not domain or not all(_LABEL_RE.fullmatch(label) for label in domain.split(".")):
+    if not domain or not all(LABEL_RE.fullmatch(label) for label in domain.split(".")):
         sec.fail("cluster_domain", f"{d.cluster_domain!r} is not a DNS domain")
     return AliasDiscovery(d.enabled, domain, d.interval)
 
@@ -646,47 +443,6 @@ def _mux(sec: Section) -> MuxConfig:
         return sec.build(MuxConfig)
     except LimitError as exc:
         sec.fail(exc.key, str(exc))
-
-
-MIN_TARGET_DELAY, MAX_TARGET_DELAY = 0.001, 5.0
-
-
-def _qos_values(sec: Section) -> tuple[float | None, float | None]:
-    """(target_delay, max_rate) of a `qos` section or unit entry, when given."""
-    out: list[float | None] = []
-    for key, parse in (("target_delay", parse_duration), ("max_rate", parse_rate)):
-        value = None
-        if sec.data.get(key) is not None:
-            try:
-                value = parse(sec.data[key])
-            except ValueError as exc:
-                sec.fail(key, str(exc))
-        if key == "target_delay" and value is not None:
-            if not MIN_TARGET_DELAY <= value <= MAX_TARGET_DELAY:
-                sec.fail(key, f"must be between 1ms and 5s, got {sec.data[key]!r}")
-        out.append(value)
-    return out[0], out[1]
-
-
-def _qos(sec: Section) -> QosSettings:
-    """`qos:` of either side (the edge's has no `units`: its Section refuses the key)."""
-    enabled = sec.data.get("enabled", True)
-    if type(enabled) is not bool:
-        sec.fail("enabled", f"expected true or false, got {kind(enabled)}")
-    target, max_rate = _qos_values(sec)
-    units: dict[str, QosUnit] = {}
-    for key, value, where in sec.entries("units", "unit names to {max_rate, target_delay}"):
-        if not isinstance(key, str) or not _UNIT_RE.fullmatch(key):
-            sec.fail(where, "a key must be a NodeUnit name (a DNS label: lower-case a-z, 0-9, '-')")
-        unit = Section(sec.source, sec.base_dir, sec.where(where), value, QosUnit)
-        unit_target, unit_rate = _qos_values(unit)
-        units[key] = QosUnit(max_rate=unit_rate, target_delay=unit_target)
-    return QosSettings(
-        enabled=enabled,
-        target_delay=target if target is not None else DEFAULT_TARGET,
-        max_rate=max_rate,
-        units=types.MappingProxyType(units),
-    )
 
 
 def _log(sec: Section) -> LogSettings:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 _PORT_RE = re.compile(r"[0-9]{1,5}")
-_LABEL_RE = re.compile(r"[a-z0-9-]{1,63}")
+LABEL_RE = re.compile(r"[a-z0-9-]{1,63}")  # one DNS label
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +67,7 @@ def _parse_target(target: str) -> tuple[str, int, bool]:
     if not host or len(host) > 253:
         raise ValueError(f"target {target!r}: host must be 1 to 253 characters")
     labels = host.split(".")
-    if not all(_LABEL_RE.fullmatch(label) for label in labels):
+    if not all(LABEL_RE.fullmatch(label) for label in labels):
         raise ValueError(f"target {target!r}: host may only hold a-z, 0-9, '-' and '.'")
     if all(label.isdigit() for label in labels):
         try:
@@ -184,3 +184,10 @@ def kind(value: object) -> str:
         )
     shown = "" if value is None else " " + repr(value)
     return names[type(value)] + (shown if len(shown) <= 41 else shown[:38] + "...")
+
+
+# Names as in certificates: a NodeUnit (a DNS label) and a node (a DNS subdomain).
+UNIT_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # a NodeUnit name, as in certificates
+NODE_RE = re.compile(  # a node name, as in certificates (a DNS subdomain)
+    r"(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
+)

@@ -82,7 +82,7 @@ class Section:
                 self.fail(f.name, f"expected {_TYPE_NAMES[ftype]}, got {kind(value)}")
             if ftype is float and not (math.isfinite(value) and value > 0):
                 self.fail(f.name, f"must be a finite number greater than 0, got {value}")
-            if ftype is int and value < 1:
+            if ftype is int and value < 1 and not getattr(self.cls, "VALIDATES_BOUNDS", False):
                 self.fail(f.name, f"must be at least 1, got {value}")
             out[f.name] = value
         return out

@@ -16,11 +16,11 @@ import yaml
 from kins_tunnel.config import (
     CloudConfig,
     EdgeConfig,
-    UplinkProxy,
     cloud_config_from_dict,
     edge_config_from_dict,
     load_edge_config,
 )
+from kins_tunnel.config_uplinks import UplinkProxy
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address
 from tests.e2e.harness import make_certs

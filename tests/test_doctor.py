@@ -23,7 +23,8 @@ from kins_tunnel.certs.directory import init_ca, issue_edge
 from kins_tunnel.certs.identity import edge_identity_uri
 from kins_tunnel.certs.signing import CLIENT_AUTH, Leaf, issue_leaf, load_ca, named
 from kins_tunnel.cloud.expiry import warn_within
-from kins_tunnel.config import EnrollmentSettings, cloud_config_from_dict, edge_config_from_dict
+from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
+from kins_tunnel.config_enroll import EnrollmentSettings
 from kins_tunnel.doctor import FAIL, OK, WARN, Check, Report, detect_role, run_doctor
 from kins_tunnel.doctor.certificates import chains_to, validity
 from kins_tunnel.doctor.cloud import check_enrollment

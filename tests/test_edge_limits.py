@@ -15,7 +15,8 @@ import pytest
 import trio
 
 from kins_tunnel.config import edge_config_from_dict
-from kins_tunnel.edge.agent import Edge, open_files_needed
+from kins_tunnel.edge.agent import Edge
+from kins_tunnel.edge.resources import open_files_needed
 from kins_tunnel.errors import UserError
 from kins_tunnel.testing.support import metric_value, read_all, wait_until
 from tests.e2e.faultkit import read_until_end

@@ -53,7 +53,7 @@ from prometheus_client import Counter
 from kins_tunnel.certs.identity import EdgeIdentity, cert_facts, check_edge_names
 from kins_tunnel.certs.issuing import IssuingCA, csr_public_key, load_issuing_ca, sign_edge_csr
 from kins_tunnel.cloud.registry import Registry
-from kins_tunnel.config import EnrollmentSettings
+from kins_tunnel.config_enroll import EnrollmentSettings
 from kins_tunnel.errors import UserError
 from kins_tunnel.jsonhttp import TLSSocketStream, serve_json
 from kins_tunnel.logs import SourceBudget

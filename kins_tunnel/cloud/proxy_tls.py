@@ -37,6 +37,7 @@ from cryptography import x509
 from kins_tunnel.certs.identity import cert_facts
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.auth import Principal
+from kins_tunnel.cloud.tls_failures import CLIENT_CERTIFICATE, NOT_TLS
 from kins_tunnel.config import ProxyTLS
 from kins_tunnel.httpanswer import send_and_linger
 from kins_tunnel.logs import SourceBudget
@@ -121,13 +122,10 @@ def principal_from_certificate(der: bytes) -> Principal:
 
 
 _HANDSHAKE_FAILURES = (  # text in the error -> label
-    ("certificate required", "no_certificate"),
-    ("peer did not return", "no_certificate"),
-    ("unknown ca", "unknown_ca"),
+    *CLIENT_CERTIFICATE,
     ("expired", "expired"),
-    ("http request", "not_tls"),
+    *NOT_TLS,
     ("proxy request", "not_tls"),
-    ("wrong version", "not_tls"),
     ("unsupported protocol", "old_tls"),
     ("no shared cipher", "no_shared_cipher"),
 )

@@ -355,8 +355,8 @@ class Cloud:
             self.proxy_tls.listener_scope.cancel()
         for t in self.registry:
             t.session.goaway("tunnel-cloud shutting down")
-        with trio.move_on_after(self.cfg.tunnel.drain_timeout):
-            while any(t.session.statistics().streams for t in self.registry):
-                await trio.sleep(0.1)
+        deadline = trio.current_time() + self.cfg.tunnel.drain_timeout
+        for t in list(self.registry):
+            await t.session.wait_idle(deadline)
         for t in self.registry:
             t.session.close("tunnel-cloud shut down")

@@ -35,16 +35,19 @@ from kins_tunnel.certs import ENROLL_ALPN, EdgeIdentity, ReservedName, identity_
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.admission import Admission
 from kins_tunnel.cloud.registry import EdgeTunnel, NodeTaken, Refusal, Registry, allowed_name
+from kins_tunnel.cloud.tls_failures import CLIENT_CERTIFICATE, NOT_TLS
 from kins_tunnel.config import CloudConfig
 from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
-from kins_tunnel.proto import Connection, ErrorCode, Hello, Role
+from kins_tunnel.proto import ErrorCode, Hello, Role
 from kins_tunnel.tls_contexts import failure_label
-from kins_tunnel.transport.listen import serve_port
+from kins_tunnel.transport.errors import HandshakeFailed
+from kins_tunnel.transport.listen import peer_authority, serve_port
 from kins_tunnel.transport.refusal import encode_refusal
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.tcpinfo import peer_state
 from kins_tunnel.transport.tls import TLSSocket, TransportError
+from kins_tunnel.transport.tunnel import TunnelSide
 
 log = logging.getLogger("kins_tunnel.cloud.tunnel")
 
@@ -63,6 +66,9 @@ class TunnelServer:
         self.registry = registry
         self.metrics = metrics
         t = cfg.tunnel
+        self.side = TunnelSide(
+            Role.SERVER, cfg.mux, t.ping_interval, t.ping_timeout, metrics.report_internal_error
+        )
         self.admission = Admission(
             max_pending=t.max_pending_handshakes,
             max_concurrent=t.max_concurrent_handshakes,
@@ -131,11 +137,7 @@ class TunnelServer:
     async def _handle(self, tcp: trio.SocketStream) -> None:
         t = self.cfg.tunnel
         deadline = trio.current_time() + t.handshake_timeout  # from accept, queueing included
-        try:
-            host, port = tcp.socket.getpeername()[:2]
-            peer = f"{host}:{port}"
-        except OSError:
-            peer = "?"
+        peer = peer_authority(tcp.socket)
         ticket = self.admission.arrive(deadline)
         tls: TLSSocket | None = None
         identity: EdgeIdentity | None = None
@@ -229,118 +231,91 @@ class TunnelServer:
     async def _run_tunnel(
         self, tls: TLSSocket, identity: EdgeIdentity, peer: str, deadline: float
     ) -> None:
-        t = self.cfg.tunnel
         labels = {"unit": identity.unit, "node": identity.node}
-        conn = Connection(
-            Role.SERVER,
-            # `time` lets an edge's `kins-tunnel doctor` measure clock skew (older peers ignore it)
-            Hello(agent=f"kins-tunnel-cloud/{__version__}", time=time.time()),
-            self.cfg.mux,
-            clock=trio.current_time,
-            pacing=self.cfg.qos.pacing(identity.unit),
-        )
         on_open = (
             None
             if self.on_edge_open is None
             else functools.partial(self.on_edge_open, identity, peer)
         )
-        session = Session(
-            tls,
-            conn,
-            on_open=on_open,
-            ping_interval=t.ping_interval,
-            ping_timeout=t.ping_timeout,
-            label=f"{identity.unit}/{identity.node}@{peer}",
-            report=self.metrics.report_internal_error,
-        )
         try:
-            await self._serve_session(
-                session, identity, labels, peer, max(deadline - trio.current_time(), 0.0)
+            await self.side.run(
+                tls,
+                # `time` lets an edge's `kins-tunnel doctor` measure clock skew (older peers ignore it)
+                Hello(agent=f"kins-tunnel-cloud/{__version__}", time=time.time()),
+                label=f"{identity.unit}/{identity.node}@{peer}",
+                handshake_timeout=max(deadline - trio.current_time(), 0.0),
+                on_open=on_open,
+                pacing=self.cfg.qos.pacing(identity.unit),
+                while_up=functools.partial(
+                    self._while_up, identity=identity, labels=labels, peer=peer
+                ),
             )
-        except* trio.ClosedResourceError:
-            # Session.close() (drain, ping timeout, a failed write) closes the socket under the
-            # session's own reader/writer, which then raise ClosedResourceError out of serve().
-            # The tunnel is over either way; it must not take the listener down with it.
-            log.debug("edge tunnel closed under its reader", extra={**labels, "peer": peer})
-        finally:
-            session.close("tunnel handler ended", ErrorCode.NO_ERROR)
+        except HandshakeFailed as exc:
+            self.metrics.handshake_failures.labels(exc.reason).inc()
+            log.warning(
+                "edge tunnel handshake failed",
+                extra={**labels, "peer": peer, "reason": str(exc)},
+            )
 
-    async def _serve_session(
-        self,
-        session: Session,
-        identity: EdgeIdentity,
-        labels: dict[str, str],
-        peer: str,
-        time_left: float,
+    async def _while_up(
+        self, session: Session, *, identity: EdgeIdentity, labels: dict[str, str], peer: str
     ) -> None:
-        async with trio.open_nursery() as nursery:
-            try:
-                await nursery.start(functools.partial(session.serve, handshake_timeout=time_left))
-            except TransportError as exc:
-                self.metrics.handshake_failures.labels(
-                    session.handshake_failure or "protocol"
-                ).inc()
-                log.warning(
-                    "edge tunnel handshake failed",
-                    extra={**labels, "peer": peer, "reason": str(exc)},
-                )
-                return
-            names, refused = [], []
-            for name in session.peer_names:
-                ok = allowed_name(identity, name)
-                if ok is None:
-                    refused.append(name)
-                else:
-                    names.append(ok)
-            if refused:  # one line per tunnel, however many names a peer sends
-                log.warning(
-                    "edge advertised names outside its unit/node: not routed",
-                    extra={
-                        **labels,
-                        "peer": peer,
-                        "count": len(refused),
-                        "advertised": ",".join(refused[:MAX_NAMES_LOGGED])[:MAX_LOGGED_CHARS],
-                    },
-                )
-            tunnel = EdgeTunnel(identity, session, frozenset(names), peer)
-            try:
-                displaced = self.registry.add(tunnel)
-            except NodeTaken as exc:
-                self._refuse_tunnel(session, identity, peer, "node_taken", str(exc))
-                return
-            for old in displaced:
-                self.metrics.tunnels_displaced.inc()
-                log.warning(
-                    "edge tunnel displaced by a newer one of the same identity",
-                    extra={
-                        **labels,
-                        "peer": old.peer,
-                        "by": peer,
-                        "limit": self.registry.max_per_identity,
-                    },
-                )
-                old.session.close(
-                    "displaced by a newer tunnel of this edge identity "
-                    f"(tunnel.max_tunnels_per_identity {self.registry.max_per_identity})",
-                    ErrorCode.NO_ERROR,
-                )
-            log.info(
-                "edge connected",
+        names, refused = [], []
+        for name in session.peer_names:
+            ok = allowed_name(identity, name)
+            if ok is None:
+                refused.append(name)
+            else:
+                names.append(ok)
+        if refused:  # one line per tunnel, however many names a peer sends
+            log.warning(
+                "edge advertised names outside its unit/node: not routed",
                 extra={
                     **labels,
                     "peer": peer,
-                    "names": ",".join(sorted(names)),
-                    "agent": session.peer_agent,
+                    "count": len(refused),
+                    "advertised": ",".join(refused[:MAX_NAMES_LOGGED])[:MAX_LOGGED_CHARS],
                 },
             )
-            try:
-                await session.closed.wait()
-            finally:
-                self.registry.remove(tunnel)
-                log.info(
-                    "edge disconnected",
-                    extra={**labels, "peer": peer, "reason": session.close_reason},
-                )
+        tunnel = EdgeTunnel(identity, session, frozenset(names), peer)
+        try:
+            displaced = self.registry.add(tunnel)
+        except NodeTaken as exc:
+            self._refuse_tunnel(session, identity, peer, "node_taken", str(exc))
+            return
+        for old in displaced:
+            self.metrics.tunnels_displaced.inc()
+            log.warning(
+                "edge tunnel displaced by a newer one of the same identity",
+                extra={
+                    **labels,
+                    "peer": old.peer,
+                    "by": peer,
+                    "limit": self.registry.max_per_identity,
+                },
+            )
+            old.session.close(
+                "displaced by a newer tunnel of this edge identity "
+                f"(tunnel.max_tunnels_per_identity {self.registry.max_per_identity})",
+                ErrorCode.NO_ERROR,
+            )
+        log.info(
+            "edge connected",
+            extra={
+                **labels,
+                "peer": peer,
+                "names": ",".join(sorted(names)),
+                "agent": session.peer_agent,
+            },
+        )
+        try:
+            await session.closed.wait()
+        finally:
+            self.registry.remove(tunnel)
+            log.info(
+                "edge disconnected",
+                extra={**labels, "peer": peer, "reason": session.close_reason},
+            )
 
 
 def _send_refusal(tcp: trio.SocketStream, retry_after: float) -> None:
@@ -388,17 +363,13 @@ _SHED_DETAIL = {
     "slow": "shed: handshake slower than tunnel.slow_handshake while others waited",
 }
 
+_NO_IDENTITY = (("kins uri", "no_identity"), ("identity", "no_identity"))
 _HANDSHAKE_FAILURES = (  # text in the error -> label
-    ("certificate required", "no_certificate"),
-    ("no client certificate", "no_certificate"),
-    ("peer did not return a certificate", "no_certificate"),
-    ("unknown ca", "unknown_ca"),
-    ("certificate verify failed", "verify_failed"),
-    ("expired", "expired"),
-    ("wrong version", "not_tls"),
-    ("http request", "not_tls"),
-    ("kins uri", "no_identity"),
-    ("identity", "no_identity"),
+    CLIENT_CERTIFICATE
+    + (("no client certificate", "no_certificate"), ("certificate verify failed", "verify_failed"))
+    + (("expired", "expired"),)
+    + NOT_TLS
+    + _NO_IDENTITY
 )
 
 

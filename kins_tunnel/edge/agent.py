@@ -28,8 +28,7 @@ time; a version in common missing; a malformed HELLO) is an ordinary refusal: co
 reason in `handshake_failures_total` and logged as one warning, like a failed TLS set-up.
 
 Bounds: at most `max_tunnels` keepers whatever DNS answers (`memory_budget` holds that many
-tunnels' buffers: `config`), and at start-up the open-file limit must cover every tunnel's
-streams and every listener's `max_connections` (`check_open_files`).
+tunnels' buffers: `config`); descriptors: `edge.resources`.
 
 Through a site proxy (`proxy:`), each keeper's TCP connection is a CONNECT to the address through
 that proxy, inside the same `handshake_timeout` as the TLS handshake; a refusal by the proxy is a
@@ -52,34 +51,35 @@ import json
 import logging
 import math
 import random
-import resource
 import socket
 import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from kins_tunnel import __version__
 from kins_tunnel.admin import serve_admin
-from kins_tunnel.certs import EdgeIdentity, identity_from_der
+from kins_tunnel.certs import EdgeIdentity
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.config import EdgeConfig
+from kins_tunnel.edge.credentials import own_identity
 from kins_tunnel.edge.enroll import Enrolment
 from kins_tunnel.edge.forwarder import Forwarder
 from kins_tunnel.edge.reconnect import ReconnectPolicy, backoff_delay
+from kins_tunnel.edge.resources import check_open_files
+from kins_tunnel.edge.setup_failures import cert_summary, failure_reason
+from kins_tunnel.edge.status import status_document
 from kins_tunnel.edge.uplinks import Uplinks
-from kins_tunnel.errors import UserError
 from kins_tunnel.metrics import Metrics
-from kins_tunnel.names import Address
-from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
-from kins_tunnel.tls_contexts import client_ssl_context, failure_label
-from kins_tunnel.transport.http_proxy import ProxyDialer, ProxyError
+from kins_tunnel.names import Address, authority
+from kins_tunnel.proto import Hello, RemoteProtocolError, Role
+from kins_tunnel.tls_contexts import client_ssl_context
+from kins_tunnel.transport.errors import HandshakeFailed
+from kins_tunnel.transport.http_proxy import ProxyDialer
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.tls import Refused, TransportError, connect_tls
+from kins_tunnel.transport.tunnel import TunnelSide
 
 log = logging.getLogger("kins_tunnel.edge")
 
@@ -101,98 +101,9 @@ class _Keeper:
     retry_after: float | None = None  # the cloud's hint in its refusal of the last tunnel
 
 
-_SETUP_FAILURES = (  # text in the error -> label
-    ("shed by the cloud", "shed"),  # transport.tls.Refused: the cloud said when to come back
-    ("cannot connect", "connect"),
-    ("certificate verify failed", "verify_failed"),
-    ("hostname mismatch", "verify_failed"),
-    ("unknown ca", "unknown_ca"),
-    ("certificate", "tls_error"),
-    ("tls handshake", "tls_error"),
-)
-
-
-def _failure_reason(exc: BaseException) -> str:
-    """A short label for a failed tunnel set-up (the edge's handshake_failures metric)."""
-    if isinstance(exc, ProxyError):  # the site proxy refused or garbled its answer
-        return "proxy"
-    return failure_label(exc, _SETUP_FAILURES, verify_default="verify_failed", default="protocol")
-
-
-def _label(ip: str, port: int) -> str:
-    """How a tunnel's cloud address is shown (status, logs, the `peer` label)."""
-    return f"{ip}:{port}" if ":" not in ip else f"[{ip}]:{port}"
-
-
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
-
-
-def hello_failure_reason(session: Session) -> str:
-    """The handshake_failures reason of a tunnel whose HELLO exchange failed: `version` (no
-    protocol version in common), `timeout` (a silent cloud: no HELLO within handshake_timeout),
-    `protocol` (a malformed HELLO) or `refused` (the cloud ended the connection before its HELLO:
-    a revoked or refused identity, or a cloud shedding load; its own log says which)."""
-    failure = session.handshake_failure or "protocol"
-    if failure == "protocol" and not session.close_reason.startswith("protocol error"):
-        return "refused"
-    return failure
-
-
-def _cert_summary(der: bytes | None) -> dict[str, object]:
-    """What the edge shows in /status about the cloud certificate it validated."""
-    if der is None:
-        return {}
-    try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError:
-        return {}
-    return {
-        "cloud_cert_serial": format(cert.serial_number, "x"),
-        "cloud_cert_not_after": cert.not_valid_after_utc.isoformat(),
-    }
-
-
-OPEN_FILES_RESERVE = 64  # descriptors for logs, certificate files, DNS, the listening sockets
-
-
-def open_files_needed(cfg: EdgeConfig) -> int:
-    """Descriptors the edge may hold at once under its configured limits: per tunnel its socket and
-    one target socket per stream the cloud may open, plus every listener's connections."""
-    need = cfg.max_tunnels * (1 + cfg.mux.max_streams) + OPEN_FILES_RESERVE
-    if cfg.admin is not None:
-        need += cfg.admin.max_connections
-    need += sum(limits.max_connections for limits in cfg.uplink_limits.values())
-    if cfg.uplink_proxy is not None:
-        need += cfg.uplink_proxy.max_connections
-    return need
-
-
-def check_open_files(cfg: EdgeConfig) -> None:
-    """Make sure RLIMIT_NOFILE covers `open_files_needed`: raise the soft limit up to the hard one
-    if it must, else a one-line UserError naming the keys that set the need."""
-    need = open_files_needed(cfg)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= need:
-        return
-    if hard == resource.RLIM_INFINITY or hard >= need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-        return
-    raise UserError(
-        f"the open-file limit (RLIMIT_NOFILE: soft {soft}, hard {hard}) is below the {need} "
-        f"descriptors this configuration may need (max_tunnels {cfg.max_tunnels} x (1 + "
-        f"mux.max_streams {cfg.mux.max_streams}) + admin, uplink and uplink_proxy "
-        f"max_connections + {OPEN_FILES_RESERVE}): raise the limit (ulimit -n) or lower those keys"
-    )
-
-
-def own_identity(cert_path: str) -> EdgeIdentity:
-    try:
-        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
-        return identity_from_der(cert.public_bytes(Encoding.DER))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"tls.cert: {cert_path}: not an edge certificate ({exc})") from exc
 
 
 class Edge:
@@ -209,6 +120,13 @@ class Edge:
         if self.enrolment is None or self.enrolment.state == "enrolled":
             self._load_credentials()
         self.forwarder = Forwarder(cfg.services, cfg.dial_timeout, self.metrics)
+        self.side = TunnelSide(
+            Role.CLIENT,
+            cfg.mux,
+            cfg.ping_interval,
+            cfg.ping_timeout,
+            self.metrics.report_internal_error,
+        )
         self.proxy = (
             None if cfg.proxy is None else ProxyDialer(cfg.proxy.url, cfg.proxy.credentials_file)
         )
@@ -254,32 +172,18 @@ class Edge:
         return any(s.usable for s in self.sessions.values())
 
     def status(self) -> tuple[int, str, bytes]:
-        now = trio.current_time()
         draining = [  # tunnels finishing their streams after the cloud's GOAWAY
-            (_label(ip, port), k.draining)
+            (authority(ip, port), k.draining)
             for (_entry, ip, port), k in self._keepers.items()
             if k.draining is not None
         ]
-        tunnels = [
-            {
-                "cloud": a,
-                "uptime": round(now - s.started_at, 1),
-                "rtt_ms": None if s.rtt is None else round(s.rtt * 1000, 3),
-                "streams": (st := s.statistics()).streams,
-                "draining": not s.usable,
-                **st.qos_status(),
-                **self.cloud_certs.get(a, {}),
-            }
-            for a, s in [*self.sessions.items(), *draining]
-        ]
-        doc: dict[str, object] = {
-            "unit": self._who.unit,
-            "node": self._who.node,
-            "tunnels": tunnels,
-            "uplinks": self.uplinks.status(),
-        }
-        if self.enrolment is not None:
-            doc["certificate"] = self.enrolment.status()
+        doc = status_document(
+            self._who,
+            [*self.sessions.items(), *draining],
+            self.cloud_certs,
+            self.uplinks.status(),
+            None if self.enrolment is None else self.enrolment.status(),
+        )
         return 200, "application/json", json.dumps(doc, indent=1).encode()
 
     async def run(
@@ -384,19 +288,13 @@ class Edge:
         nursery.start_soon(self._close_when_idle, keeper, session)
 
     async def _close_when_idle(self, keeper: _Keeper, session: Session) -> None:
-        await self._wait_idle(session)
+        await session.wait_idle(trio.current_time() + self.cfg.drain_timeout)
         session.close("cloud address left DNS")
         keeper.scope.cancel()
 
-    async def _wait_idle(self, session: Session) -> None:
-        """Until `session` has no streams or is closed, for `drain_timeout` at the most."""
-        with trio.move_on_after(self.cfg.drain_timeout):
-            while session.statistics().streams and not session.closed.is_set():
-                await trio.sleep(0.1)
-
     async def _keeper(self, key: tuple[str, str, int], server_name: str, keeper: _Keeper) -> None:
         _entry, ip, port = key
-        label = _label(ip, port)
+        label = authority(ip, port)
         b = self.cfg.reconnect
         policy = ReconnectPolicy(b, self._rng)
         with keeper.scope:
@@ -437,7 +335,7 @@ class Edge:
         except (TransportError, RemoteProtocolError, trio.TooSlowError, OSError) as exc:
             if isinstance(exc, Refused):
                 keeper.retry_after = exc.retry_after
-            reason = _failure_reason(exc)
+            reason = failure_reason(exc)
             self.metrics.handshake_failures.labels(reason).inc()
             log.warning(
                 "tunnel to cloud failed",
@@ -505,73 +403,62 @@ class Edge:
                 session=ticket[1] if ticket is not None and ticket[0] is context else None,
             )
         self.metrics.tls_handshakes.labels("resumed" if tls.session_reused else "full").inc()
-        cloud_cert = _cert_summary(tls.peer_certificate_der())
-        hello = Hello(names=tuple(cfg.services), agent=f"kins-tunnel-edge/{__version__}")
-        conn = Connection(
-            Role.CLIENT, hello, cfg.mux, clock=trio.current_time, pacing=cfg.qos.pacing()
-        )
-        session = Session(
-            tls,
-            conn,
-            on_open=self.forwarder.on_open,
-            ping_interval=cfg.ping_interval,
-            ping_timeout=cfg.ping_timeout,
-            label=f"cloud {label}",
-            report=self.metrics.report_internal_error,
-        )
+        cloud_cert = cert_summary(tls.peer_certificate_der())
         try:
-            await self._serve_session(session, label, cloud_cert, keeper, on_goaway)
-        except* trio.ClosedResourceError:
-            # Session.close() (ping timeout, a failed write, drain) closes the socket under the
-            # session's own reader/writer, which then raise ClosedResourceError out of serve().
-            # The tunnel is over either way: reconnect as usual instead of crashing the edge.
-            log.debug("tunnel closed under its reader", extra={"cloud": label})
+            await self.side.run(
+                tls,
+                Hello(names=tuple(cfg.services), agent=f"kins-tunnel-edge/{__version__}"),
+                label=f"cloud {label}",
+                handshake_timeout=cfg.handshake_timeout,
+                on_open=self.forwarder.on_open,
+                pacing=cfg.qos.pacing(),
+                while_up=functools.partial(
+                    self._while_up,
+                    label=label,
+                    cloud_cert=cloud_cert,
+                    keeper=keeper,
+                    on_goaway=on_goaway,
+                ),
+            )
+        except HandshakeFailed as exc:  # an ordinary refusal: counted and one warning line
+            self.metrics.handshake_failures.labels(exc.reason).inc()
+            log.warning(
+                "tunnel to cloud failed",
+                extra={"cloud": label, "label": exc.reason, "reason": str(exc) or exc.reason},
+            )
         finally:
             issued = tls.session  # the cloud's ticket came right after its handshake
             if keeper is not None and issued is not None and issued.has_ticket:
                 keeper.tls_session = (context, issued)
 
-    async def _serve_session(
+    async def _while_up(
         self,
         session: Session,
+        *,
         label: str,
         cloud_cert: dict[str, object],
         keeper: _Keeper | None,
         on_goaway: Callable[[], None] | None = None,
     ) -> None:
-        cfg = self.cfg
-        async with trio.open_nursery() as nursery:
-            try:
-                await nursery.start(
-                    functools.partial(session.serve, handshake_timeout=cfg.handshake_timeout)
-                )
-            except TransportError as exc:  # an ordinary refusal: counted and one warning line
-                reason = hello_failure_reason(session)
-                self.metrics.handshake_failures.labels(reason).inc()
-                log.warning(
-                    "tunnel to cloud failed",
-                    extra={"cloud": label, "label": reason, "reason": str(exc) or reason},
-                )
-                return
-            self.sessions[label] = session
-            self.cloud_certs[label] = cloud_cert
-            if keeper is not None:
-                keeper.session = session
-            self.connects += 1
-            log.info(
-                "tunnel up",
-                extra={"cloud": label, "unit": self._who.unit, "node": self._who.node},
-            )
-            try:
-                if keeper is None or on_goaway is None:
-                    await session.closed.wait()
-                else:
-                    await self._until_drained(session, label, keeper, on_goaway)
-            finally:
-                if self.sessions.get(label) is session:
-                    del self.sessions[label]
-                    self.cloud_certs.pop(label, None)
-                log.info("tunnel down", extra={"cloud": label, "reason": session.close_reason})
+        self.sessions[label] = session
+        self.cloud_certs[label] = cloud_cert
+        if keeper is not None:
+            keeper.session = session
+        self.connects += 1
+        log.info(
+            "tunnel up",
+            extra={"cloud": label, "unit": self._who.unit, "node": self._who.node},
+        )
+        try:
+            if keeper is None or on_goaway is None:
+                await session.closed.wait()
+            else:
+                await self._until_drained(session, label, keeper, on_goaway)
+        finally:
+            if self.sessions.get(label) is session:
+                del self.sessions[label]
+                self.cloud_certs.pop(label, None)
+            log.info("tunnel down", extra={"cloud": label, "reason": session.close_reason})
 
     async def _until_drained(
         self, session: Session, label: str, keeper: _Keeper, on_goaway: Callable[[], None]
@@ -593,7 +480,7 @@ class Edge:
             self.cloud_certs.pop(label, None)
         on_goaway()
         try:
-            await self._wait_idle(session)
+            await session.wait_idle(trio.current_time() + self.cfg.drain_timeout)
             session.close("drained after the cloud's GOAWAY")
         finally:
             if keeper.draining is session:
@@ -605,8 +492,8 @@ class Edge:
         self.uplinks.listener_scope.cancel()  # no new uplink connections; open ones go on
         for s in self.sessions.values():
             s.goaway("tunnel-edge shutting down")
-        with trio.move_on_after(self.cfg.drain_timeout):
-            while any(s.statistics().streams for s in self.sessions.values()):
-                await trio.sleep(0.1)
+        deadline = trio.current_time() + self.cfg.drain_timeout
+        for s in list(self.sessions.values()):
+            await s.wait_idle(deadline)
         for s in list(self.sessions.values()):
             s.close("tunnel-edge shut down")

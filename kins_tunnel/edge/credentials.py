@@ -9,6 +9,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from kins_tunnel.certs.identity import EdgeIdentity, identity_from_der
 from kins_tunnel.config import EdgeConfig
@@ -87,3 +88,11 @@ def write_credentials(
         0o600,
     )
     write_atomic(settings_cert, b"".join(c.public_bytes(pem) for c in [cert, *chain]), 0o644)
+
+
+def own_identity(cert_path: str) -> EdgeIdentity:
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+        return identity_from_der(cert.public_bytes(Encoding.DER))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"tls.cert: {cert_path}: not an edge certificate ({exc})") from exc

@@ -18,7 +18,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from kins_tunnel.certs.identity import identity_from_der
 from kins_tunnel.certs.issuing import ca_hash
-from kins_tunnel.config import EnrollSettings
+from kins_tunnel.config_enroll import EnrollSettings
 from kins_tunnel.tokens import TOKEN_RE
 
 # reasons the cloud gives that the edge counts under their own label; anything else: "refused"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import dataclass
+from typing import ClassVar
 
 from kins_tunnel.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from kins_tunnel.proto.flow import MIN_WINDOW
@@ -68,31 +69,42 @@ class MuxConfig:
     max_target_len: int = 512
     max_names: int = 256
 
+    # yamlcheck leaves the ranges of these fields to `validate_setting` (no generic "at least 1")
+    VALIDATES_BOUNDS: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
-        for key, low, high in (
-            ("initial_window", (MIN_WINDOW, "16384 (16 KiB)"), MAX_WINDOW_VALUE),
-            (
-                "max_window",
-                (self.initial_window, f"initial_window ({self.initial_window})"),
-                MAX_WINDOW_VALUE,
-            ),
-            (
-                "session_budget",
-                (self.initial_window, f"initial_window ({self.initial_window})"),
-                MAX_SESSION_BUDGET,
-            ),
-            ("max_streams", (1, "1"), MAX_STREAMS_LIMIT),
-            ("max_frame", (MIN_FRAME, "16384 (16 KiB)"), MAX_PAYLOAD_LIMIT),
-            ("max_target_len", (1, "1"), MAX_TARGET_LEN_LIMIT),
-            ("max_names", (0, "0"), MAX_NAMES_LIMIT),
-        ):
-            value = getattr(self, key)
-            if type(value) is not int:
-                raise LimitError(key, f"must be an integer, got {value!r}")
-            if value < low[0]:
-                raise LimitError(key, f"must be at least {low[1]}, got {value}")
-            if value > high:
-                raise LimitError(key, f"must be at most {high}, got {value}")
+        for key in _BOUNDS:
+            validate_setting(key, getattr(self, key), self)
+
+
+# key -> (lowest value and how it reads, highest value): one entry per limit. `None` as the lowest
+# value means "initial_window": the windows of one config are checked against each other.
+_BOUNDS: dict[str, tuple[int | None, str, int]] = {
+    "initial_window": (MIN_WINDOW, "16384 (16 KiB)", MAX_WINDOW_VALUE),
+    "max_window": (None, "initial_window", MAX_WINDOW_VALUE),
+    "session_budget": (None, "initial_window", MAX_SESSION_BUDGET),
+    "max_streams": (1, "1", MAX_STREAMS_LIMIT),
+    "max_frame": (MIN_FRAME, "16384 (16 KiB)", MAX_PAYLOAD_LIMIT),
+    "max_target_len": (1, "1", MAX_TARGET_LEN_LIMIT),
+    "max_names": (0, "0", MAX_NAMES_LIMIT),
+}
+
+
+def validate_setting(key: str, value: object, config: MuxConfig | None = None) -> int:
+    """The one check of a limit, wherever it comes from: a config file (`mux:`), a `MuxConfig`
+    built in code, or the peer's HELLO (`max_frame`, `max_streams`, `max_target_len`), as h2's
+    `_validate_setting`. Returns the value; raises `LimitError` naming `key`."""
+    low, low_text, high = _BOUNDS[key]
+    if low is None:
+        low = config.initial_window if config is not None else MIN_WINDOW
+        low_text = f"initial_window ({low})"
+    if type(value) is not int:
+        raise LimitError(key, f"must be an integer, got {value!r}")
+    if value < low:
+        raise LimitError(key, f"must be at least {low_text}, got {value}")
+    if value > high:
+        raise LimitError(key, f"must be at most {high}, got {value}")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,16 +189,19 @@ def parse_hello(
         raise RemoteProtocolError("malformed HELLO body")
     if len(names) > config.max_names:
         raise RemoteProtocolError(f"peer advertises {len(names)} names, limit {config.max_names}")
-    if (
-        not (MIN_FRAME <= max_frame <= MAX_PAYLOAD_LIMIT)
-        or not 1 <= max_streams <= (1 << 31)
-        or not 1 <= max_target <= MAX_TARGET_LEN_LIMIT
-    ):
+    try:
+        for key, value in (
+            ("max_frame", max_frame),
+            ("max_streams", max_streams),
+            ("max_target_len", max_target),
+        ):
+            validate_setting(key, value)
+    except LimitError as exc:
         raise RemoteProtocolError(
             f"HELLO limits out of range (max_frame {max_frame}, max_streams {max_streams}, "
-            f"max_target_len {max_target})",
+            f"max_target_len {max_target}): {exc.key} {exc}",
             ErrorCode.PROTOCOL_ERROR,
-        )
+        ) from None
     peer = PeerLimits(
         max_frame=max_frame,
         max_streams=max_streams,

@@ -1,4 +1,5 @@
-"""One tunnel session: a `proto.Connection` driven over a `TLSSocket`, streams as trio streams.
+"""One tunnel session: a `proto.Connection` driven over a `ByteTransport` (a `TLSSocket` in the
+product, `testing.memory_transport` in tests), streams as trio streams.
 
 Theory of operation
 -------------------
@@ -24,10 +25,9 @@ Theory of operation
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
 
 import trio
 
@@ -37,15 +37,18 @@ from kins_tunnel.proto import (
     ErrorCode,
     LocalProtocolError,
     RemoteProtocolError,
-    code_text,
 )
 from kins_tunnel.proto import events as ev
 from kins_tunnel.transport import liveness
 from kins_tunnel.transport.buffers import RunBuffer
+from kins_tunnel.transport.byte_transport import ByteTransport
+from kins_tunnel.transport.dispatch import HANDLERS
+from kins_tunnel.transport.errors import HandshakeFailed
 from kins_tunnel.transport.isolation import ErrorReporter, log_internal_error
 from kins_tunnel.transport.opening import PendingOpens
+from kins_tunnel.transport.statistics import SessionStatistics
 from kins_tunnel.transport.stream import TunnelStream
-from kins_tunnel.transport.tls import READ_BATCH, TLSSocket, TransportError
+from kins_tunnel.transport.tls import READ_BATCH, TransportError
 from kins_tunnel.transport.writer import SessionWriter
 
 log = logging.getLogger("kins_tunnel.session")
@@ -58,38 +61,28 @@ _READ_BUFFER = RunBuffer("kins_tunnel_read_buffer", READ_BATCH)
 RTT_REFRESH = 6  # an idle tunnel the peer pings still sends every 6th ping of its own (RTT)
 
 
-@dataclass(frozen=True, slots=True)
-class SessionStatistics:
-    streams: int
-    bytes_sent: int
-    bytes_received: int
-    rtt: float | None
-    buffered: int
-    output_queued: int
-    stalls: int  # times a sender waited for peer credit or socket space
-    # pacing of our sending direction (see `proto.pacer`); None: not measured / not paced
-    base_rtt: float | None = None  # minimum round trip of the delay stamps
-    queueing_delay: float | None = None  # what our direction's queues add now
-    paced_rate: float | None = None  # bytes/s bulk data may go at (None: not paced)
-    paced_held: int = 0  # bytes of bulk data waiting for the pacer's credit
-    pacing: str = "off"  # "off" (configured, or the peer lacks it), "measuring", "engaged"
-    pacing_engagements: int = 0  # times pacing engaged on this tunnel
+class SessionState(enum.Enum):
+    """Where a session is in its life (as trio's `SSLStream` has its state)."""
 
-    def qos_status(self) -> dict[str, object]:
-        """The pacing fields of a `/status` tunnel entry."""
-        return {
-            "pacing": self.pacing,
-            "queue_delay_ms": _ms(self.queueing_delay),
-            "base_rtt_ms": _ms(self.base_rtt),
-            "paced_rate_bps": None if self.paced_rate is None else round(self.paced_rate * 8),
-            "paced_held_bytes": self.paced_held,
-            "output_queued_bytes": self.output_queued,
-            "pacing_engagements": self.pacing_engagements,
-        }
+    NEW = "new"  # built, `serve()` not called yet
+    HANDSHAKING = "handshaking"  # our HELLO is out; the peer's has not been dispatched
+    OPEN = "open"  # streams may be opened (unless either side is draining: `usable`)
+    CLOSED = "closed"  # over (`close_reason` says why); every stream is broken
 
 
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
+def hello_failure_reason(error: BaseException | None, timed_out: bool) -> str:
+    """The one mapping of a failed HELLO exchange to its `handshake_failures` reason, on both
+    sides: `version` (no protocol version in common), `protocol` (a malformed HELLO or frame
+    from the peer), `timeout` (no HELLO within the handshake's time), `internal` (a bug here,
+    reported as an internal error) or `refused` (the peer ended the connection first: a cloud
+    refusing a revoked or refused identity, or shedding load; its own log says which)."""
+    if isinstance(error, RemoteProtocolError):
+        return "version" if error.code == ErrorCode.VERSION_MISMATCH else "protocol"
+    if error is not None and not isinstance(error, TransportError):
+        return "internal"
+    if timed_out:
+        return "timeout"
+    return "refused"
 
 
 class Session:
@@ -120,14 +113,15 @@ class Session:
         "rtt",
         "started_at",
         "stalls",
-        "handshake_failure",
+        "state",
+        "_error",
         "_nursery",
-        "_task_status",
+        "_idle",
     )
 
     def __init__(
         self,
-        tls: TLSSocket,
+        tls: ByteTransport,
         conn: Connection,
         *,
         on_open: Callable[[Session, int, str], None] | None = None,
@@ -136,13 +130,9 @@ class Session:
         label: str = "",
         report: ErrorReporter = log_internal_error,
     ) -> None:
-        self.tls = tls
-        self.conn = conn
-        self.label = label
-        self._on_open = on_open
-        self._report = report
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
+        self.tls, self.conn, self.label = tls, conn, label
+        self._on_open, self._report = on_open, report
+        self._ping_interval, self._ping_timeout = ping_interval, ping_timeout
         self._liveness: liveness.Entry | None = None
         self._peer_pings_seen = 0  # conn.peer_pings at our last ping time
         self._pings_skipped = 0  # our pings skipped in a row (see `ping`)
@@ -160,9 +150,10 @@ class Session:
         self.rtt: float | None = None
         self.started_at = self._last_rx
         self.stalls = 0
-        self.handshake_failure: str | None = None  # a short label when the HELLO exchange failed
+        self.state = SessionState.NEW
+        self._error: BaseException | None = None  # what ended the session, if it failed
         self._nursery: trio.Nursery | None = None
-        self._task_status: trio.TaskStatus[None] | None = None  # until the handshake is done
+        self._idle: trio.Event | None = None  # made by `wait_idle`, set when the last stream leaves
 
     # ------------------------------------------------------------------ lifecycle
     async def serve(
@@ -171,50 +162,70 @@ class Session:
         handshake_timeout: float = 10.0,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Exchange HELLOs (within `handshake_timeout`), then run until the tunnel ends.
+        """Run the session: `handshake()`, then `task_status.started()`, then read until the
+        tunnel ends. The calling task is the session's reader; the session's other tasks (the
+        writer, `start_stream_task`) run in a nursery of its own.
 
-        `task_status.started()` is called once the handshake is complete. Raises TransportError or
-        RemoteProtocolError if the handshake fails; afterwards failures just end the session.
-        The calling task is the session's reader.
+        Raises `HandshakeFailed` if the HELLO exchange fails, and nothing else (but
+        cancellation): once the session is open, whatever ends it (the peer, the network, a ping
+        timeout, `close()`, a bug in one of its tasks, reported) just makes `serve` return, with
+        `close_reason` saying why. The session is closed when `serve` is over.
         """
+        failure: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self.output.start(nursery)
-                self._task_status = task_status
-                self.output.kick()  # our HELLO
-                with trio.move_on_after(handshake_timeout):
-                    await self._reader()  # returns once the handshake is complete
-                if self._task_status is None and not self.closed.is_set():
-                    await self._reader()  # outside the handshake's scope: it costs memory
-                if self._task_status is not None:  # the handshake did not complete
-                    if self.handshake_failure is None:
-                        self.handshake_failure = (
-                            "timeout" if not self.closed.is_set() else "protocol"
-                        )
-                    self._shutdown(self.close_reason or "tunnel handshake timed out")
+                await self.handshake(handshake_timeout)
+                task_status.started()
+                await self._reader(handshaking=False)
                 nursery.cancel_scope.cancel()
+        except* HandshakeFailed as group:
+            failure = group.exceptions[0]
+        except* (TransportError, trio.ClosedResourceError, trio.BrokenResourceError) as group:
+            self._shutdown(self.close_reason or str(group.exceptions[0]) or "session closed")
+        except* Exception as group:  # a bug in one of the session's tasks: this tunnel ends
+            for exc in group.exceptions:
+                self._report("session", exc)
+            self._shutdown(f"internal error: {type(group.exceptions[0]).__name__}")
         finally:
             self._shutdown(self.close_reason or "session ended")
-        if self._task_status is not None:
-            self._task_status = None
-            raise TransportError(self.close_reason)
+        if failure is not None:
+            raise failure
 
-    def _handshake_complete(self) -> None:
-        """The HELLOs are exchanged and the batch that completed them is dispatched."""
-        task_status, self._task_status = self._task_status, None
-        assert task_status is not None
-        self.conn.ping()  # first RTT sample right away: it sizes the windows
-        self._liveness = liveness.watch(self, self._ping_interval, self._ping_timeout)
-        task_status.started()
+    async def handshake(self, timeout: float) -> None:
+        """Send our HELLO and read until the peer's has come and the batch that brought it is
+        dispatched (`state` goes from NEW through HANDSHAKING to OPEN), within `timeout` seconds.
+
+        Raises `HandshakeFailed` (its `reason` from `hello_failure_reason`), the session then
+        closed. `serve()` calls this first, in the session's nursery; a caller that wants the two
+        phases apart starts `serve` with `nursery.start`, which returns once this is done.
+        """
+        if self.state is not SessionState.NEW:
+            raise RuntimeError(f"handshake() on a session in state {self.state.name}")
+        self.state = SessionState.HANDSHAKING
+        self.output.kick()  # our HELLO
+        with trio.move_on_after(timeout) as scope:
+            await self._reader(handshaking=True)  # returns once the handshake is complete
+        if self.state is SessionState.HANDSHAKING and self.handshake_done.is_set():
+            self.state = SessionState.OPEN
+            self.conn.ping()  # first RTT sample right away: it sizes the windows
+            self.output.kick()
+            self._liveness = liveness.watch(self, self._ping_interval, self._ping_timeout)
+            return
+        reason = hello_failure_reason(self._error, scope.cancelled_caught)
+        self._shutdown(self.close_reason or "tunnel handshake timed out")
+        raise HandshakeFailed(reason, self.close_reason)
 
     def _shutdown(self, reason: str) -> None:
         if not self.close_reason:
             self.close_reason = reason
+        self.state = SessionState.CLOSED
         self.closed.set()
         for stream in list(self._streams.values()):
             stream.broken(f"tunnel closed: {self.close_reason}")
         self._streams.clear()
+        self._stream_left()
         self._opens.close_all()
         self.output.wake_senders()
         if self._liveness is not None:
@@ -238,29 +249,25 @@ class Session:
         self.output.kick()
 
     def statistics(self) -> SessionStatistics:
-        st = self.conn.statistics()
-        p = st.pacer
-        return SessionStatistics(
-            streams=len(self._streams),
-            bytes_sent=st.bytes_sent,
-            bytes_received=st.bytes_received,
-            rtt=self.rtt,
-            buffered=st.buffered,
-            output_queued=self.conn.pending_output() + self.tls.pending,
-            stalls=self.stalls,
-            base_rtt=None if p is None else p.base_rtt,
-            queueing_delay=None if p is None else p.queueing_delay,
-            paced_rate=None if p is None else p.rate,
-            paced_held=st.held,
-            pacing_engagements=0 if p is None else p.engagements,
-            pacing=(
-                "off"
-                if p is None or (not p.engaged and "delay" not in self.conn.capabilities)
-                else "engaged"
-                if p.engaged
-                else "measuring"
-            ),
+        return SessionStatistics.of(
+            self.conn, len(self._streams), self.rtt, self.tls.pending, self.stalls
         )
+
+    async def wait_idle(self, deadline: float) -> bool:
+        """Wait until the session holds no stream or is closed, or until `deadline` (trio clock).
+        True if it is idle or closed; False if the deadline came first."""
+        with trio.move_on_at(deadline):
+            while self._streams and not self.closed.is_set():
+                if self._idle is None:
+                    self._idle = trio.Event()
+                await self._idle.wait()
+        return not self._streams or self.closed.is_set()
+
+    def _stream_left(self) -> None:
+        """A stream left `_streams`: wake `wait_idle` if it was the last one."""
+        if self._idle is not None and not self._streams:
+            self._idle.set()
+            self._idle = None
 
     @property
     def stream_count(self) -> int:
@@ -275,12 +282,7 @@ class Session:
     @property
     def usable(self) -> bool:
         """Can carry new streams: handshake done, not closed, neither side draining."""
-        return (
-            self.handshake_done.is_set()
-            and not self.closed.is_set()
-            and not self.draining
-            and not self.conn.going_away
-        )
+        return self.state is SessionState.OPEN and not self.draining and not self.conn.going_away
 
     # ------------------------------------------------------------------ streams
     async def open_stream(self, target: str, timeout: float) -> TunnelStream:
@@ -344,6 +346,7 @@ class Session:
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
             stream.broken(f"internal error: {type(exc).__name__}", ErrorCode.INTERNAL_ERROR)
+            self._stream_left()
         self._opens.fail(stream_id)
         try:
             if self.conn.is_pending_remote(stream_id):
@@ -378,17 +381,18 @@ class Session:
         self.output.kick()
 
     def detach(self, stream_id: int) -> None:
-        self._streams.pop(stream_id, None)
+        if self._streams.pop(stream_id, None) is not None:
+            self._stream_left()
         self.conn.release(stream_id)
 
     # ------------------------------------------------------------------ reader
-    async def _reader(self) -> None:
-        """Read, decode and dispatch until the session ends (or, during the handshake, until it
-        is complete)."""
+    async def _reader(self, *, handshaking: bool) -> None:
+        """Read, decode and dispatch until the session ends (`handshaking`: or until the peer's
+        HELLO is dispatched). Failures end the session (`_error` keeps what it was)."""
         view = _READ_BUFFER.get()
         tls = self.tls
         conn = self.conn
-        handlers = self._HANDLERS
+        handlers = HANDLERS
         now = trio.lowlevel.current_clock().current_time
         try:
             while True:
@@ -403,10 +407,7 @@ class Session:
                 try:
                     events = conn.receive_data(view[:n] if n else b"", copy=False)
                 except RemoteProtocolError as exc:
-                    if not self.handshake_done.is_set():
-                        self.handshake_failure = (
-                            "version" if exc.code == ErrorCode.VERSION_MISMATCH else "protocol"
-                        )
+                    self._error = exc
                     self.output.kick()
                     self._shutdown(f"protocol error from peer: {exc}")
                     return
@@ -419,18 +420,18 @@ class Session:
                     self.output.kick()
                     self._shutdown(self.close_reason or "peer closed the tunnel")
                     return
-                if self._task_status is not None and self.handshake_done.is_set():
-                    self._handshake_complete()
-                    self.output.kick()
-                    return  # serve() goes on reading outside the handshake's deadline
                 self.output.kick()
+                if handshaking and self.handshake_done.is_set():
+                    return  # serve() goes on reading outside the handshake's deadline
                 if n == len(view):  # a full batch: more is waiting; let the other tasks run first
                     await trio.lowlevel.checkpoint()
         except TransportError as exc:
+            self._error = exc
             self._shutdown(str(exc))
         except trio.ClosedResourceError:  # another task closed the session under our wait
             self._shutdown(self.close_reason or "session closed")
         except Exception as exc:  # a bug: it ends this tunnel only, never the process
+            self._error = exc
             self._report("session", exc)
             self.close(f"internal error: {type(exc).__name__}", ErrorCode.INTERNAL_ERROR)
 
@@ -442,81 +443,6 @@ class Session:
             raise exc
         self._report("stream", exc)
         self._fail_stream(sid, exc)
-
-    def _on_data(self, e: ev.DataReceived) -> None:
-        s = self._streams.get(e.stream_id)
-        if s is not None:
-            s.deliver(e.data, False)
-        else:  # closed by the application: like TCP, data after close aborts the stream
-            self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "stream closed")
-
-    def _on_window(self, e: ev.WindowUpdated) -> None:
-        s = self._streams.get(e.stream_id)
-        if s is not None:
-            s.credit_arrived()
-
-    def _on_end(self, e: ev.StreamEnded) -> None:
-        s = self._streams.get(e.stream_id)
-        if s is not None:
-            s.deliver(b"", True)
-
-    def _on_stream_opened(self, e: ev.StreamOpened) -> None:
-        if self._on_open is None:
-            self.conn.reject_stream(
-                e.stream_id, ErrorCode.NOT_ALLOWED, "this side accepts no streams"
-            )
-        else:
-            self._on_open(self, e.stream_id, e.target)
-
-    def _on_open_result(self, e: ev.OpenResult) -> None:
-        if e.stream_id not in self._opens:
-            if e.ok:
-                self.conn.reset_stream(e.stream_id, ErrorCode.CANCEL, "open abandoned")
-            return
-        stream = None
-        if e.ok:
-            # Register the stream now, before the opener runs: data (or FIN) the target
-            # sends first may follow in this very batch and must land in the stream.
-            stream = self._streams[e.stream_id] = TunnelStream(self, e.stream_id)
-        self._opens.answer(e, stream)
-
-    def _on_reset(self, e: ev.StreamReset) -> None:
-        s = self._streams.pop(e.stream_id, None)
-        if s is not None:
-            s.broken(f"reset by peer: {e.message or code_text(e.code)}", e.code)
-        if e.stream_id in self._opens:
-            self._opens.answer(ev.OpenResult(e.stream_id, e.code, e.message), None)
-
-    def _on_pong(self, e: ev.PongReceived) -> None:
-        if e.rtt is not None:
-            self.rtt = e.rtt
-
-    def _on_handshake(self, e: ev.HandshakeComplete) -> None:
-        self.peer_names = e.names
-        self.peer_agent = e.agent
-        self.handshake_done.set()
-
-    def _on_goaway(self, e: ev.GoAwayReceived) -> None:
-        self.draining = True
-        self.goaway_received.set()
-        log.info("%s: peer is draining (%s)", self.label, e.reason or "no reason")
-
-    def _on_terminated(self, e: ev.ConnectionTerminated) -> None:
-        self.close_reason = e.reason
-
-    # event type -> handler: one lookup per event on the reader's path
-    _HANDLERS: ClassVar[dict[type[ev.Event], Callable[[Session, Any], None]]] = {
-        ev.DataReceived: _on_data,
-        ev.WindowUpdated: _on_window,
-        ev.StreamEnded: _on_end,
-        ev.StreamOpened: _on_stream_opened,
-        ev.OpenResult: _on_open_result,
-        ev.StreamReset: _on_reset,
-        ev.PongReceived: _on_pong,
-        ev.HandshakeComplete: _on_handshake,
-        ev.GoAwayReceived: _on_goaway,
-        ev.ConnectionTerminated: _on_terminated,
-    }
 
     # ------------------------------------------------------------------ output (see `writer`)
     @property

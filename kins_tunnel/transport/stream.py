@@ -94,7 +94,14 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     # one task switch less per hop on the latency path. Only while nothing is queued and the
     # relay holds no bytes of its own, so order is kept; what the socket does not take is
     # queued for the relay as usual.
+    # Ownership (docs/DESIGN.md "Transport objects and who owns what"): the relay task owns the
+    # socket `fd`; it lends it to the reader task from `set_direct_sink(fd)` to
+    # `set_direct_sink(None)` (which it calls before it closes the socket), and the reader writes
+    # to it only while the relay holds no bytes of this stream (`sink_idle`). One lender at a time:
+    # a second `set_direct_sink` of another descriptor is a bug and raises BusyResourceError.
     def set_direct_sink(self, fd: int | None) -> None:
+        if fd is not None and self._sink is not None and self._sink != fd:
+            raise trio.BusyResourceError("this stream already delivers into another socket")
         self._sink = fd
         self._sink_busy = False
 

@@ -22,7 +22,8 @@ from collections.abc import Callable
 import trio
 
 from kins_tunnel.proto import Connection
-from kins_tunnel.transport.tls import TLSSocket, TransportError
+from kins_tunnel.transport.byte_transport import ByteTransport
+from kins_tunnel.transport.errors import TransportError
 
 WRITE_BATCH = 256 * 1024  # plaintext bytes encrypted and written per system call (at most)
 OUTPUT_HIGH_WATER = 512 * 1024
@@ -44,7 +45,7 @@ class SessionWriter:
     )
 
     def __init__(
-        self, conn: Connection, tls: TLSSocket, closed: trio.Event, fail: Callable[[str], None]
+        self, conn: Connection, tls: ByteTransport, closed: trio.Event, fail: Callable[[str], None]
     ) -> None:
         self._conn = conn
         self._tls = tls

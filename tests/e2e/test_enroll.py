@@ -108,7 +108,10 @@ async def enrolled_edge(
     once the cloud routes it."""
     edge = Edge(cfg or edge_with_token(base, port))
     await nursery.start(edge.run)
-    await wait_until(lambda: cloud.registry.serves("edge1:22"), 10, "enrolled edge routed")
+    # both ends: the cloud may route the tunnel a moment before the edge has dispatched its HELLO
+    await wait_until(
+        lambda: cloud.registry.serves("edge1:22") and edge.ready, 10, "enrolled edge routed"
+    )
     return edge
 
 

@@ -277,3 +277,33 @@ async def test_an_idle_tunnel_pinged_by_its_peer_skips_its_own_pings(
     # at the handshake is counted too); both pinging would be 120
     assert 60 <= by_cloud + by_edge <= 60 + 60 // RTT_REFRESH + 4, (by_cloud, by_edge)
     assert cloud.rtt is not None and edge.rtt is not None
+
+
+async def test_wait_idle_returns_when_the_last_stream_leaves(tmp_path: Path) -> None:
+    """`wait_idle` wakes when the last stream goes (no poll), and gives up at its deadline."""
+    accepted: list[TunnelStream] = []
+    opened = trio.Event()
+
+    def on_open(session: Session, sid: int, target: str) -> None:
+        accepted.append(session.accept(sid))
+        opened.set()
+
+    async with session_pair(tmp_path, on_open) as (cloud, edge):
+        stream = await cloud.open_stream("x:1", timeout=5)
+        with trio.fail_after(5):
+            await opened.wait()
+        assert not await edge.wait_idle(trio.current_time() + 0.05)  # a stream is still open
+        done = trio.Event()
+
+        async def waiter() -> None:
+            assert await edge.wait_idle(trio.current_time() + 5)
+            done.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not done.is_set()
+            await accepted[0].aclose()
+            await stream.aclose()
+        assert done.is_set()
+        assert edge.stream_count == 0
