@@ -254,14 +254,19 @@ class Session:
         )
 
     async def wait_idle(self, deadline: float) -> bool:
-        """Wait until the session holds no stream or is closed, or until `deadline` (trio clock).
+        """Wait until the session holds no stream and its output is in the socket (the last
+        streams' final DATA and FIN included), or it is closed, or until `deadline` (trio clock).
         True if it is idle or closed; False if the deadline came first."""
         with trio.move_on_at(deadline):
             while self._streams and not self.closed.is_set():
                 if self._idle is None:
                     self._idle = trio.Event()
                 await self._idle.wait()
-        return not self._streams or self.closed.is_set()
+            self.output.kick()
+            await self.output.wait_flushed()
+        return self.closed.is_set() or not (
+            self._streams or self.conn.pending_output() or self.tls.pending
+        )
 
     def _stream_left(self) -> None:
         """A stream left `_streams`: wake `wait_idle` if it was the last one."""

@@ -158,12 +158,12 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed")
             while not self._recv:
+                if self._eof:  # the peer's FIN came: all it sent is here, whatever came after
+                    await trio.lowlevel.checkpoint()
+                    return b""
                 if self._error is not None:
                     await trio.lowlevel.checkpoint()
                     raise trio.BrokenResourceError(self._error)
-                if self._eof:
-                    await trio.lowlevel.checkpoint()
-                    return b""
                 await self._recv_lot.park()
                 if self._closed:
                     raise trio.ClosedResourceError("stream was closed")

@@ -41,6 +41,7 @@ class SessionWriter:
         "_wakeup",
         "_started",
         "_lot",
+        "_flush_lot",
         "_timed",
     )
 
@@ -55,6 +56,7 @@ class SessionWriter:
         self._wakeup: trio.Event | None = None  # made by the writer task, once it runs
         self._started = False
         self._lot: trio.lowlevel.ParkingLot | None = None  # made for the first waiting sender
+        self._flush_lot: trio.lowlevel.ParkingLot | None = None  # made by `wait_flushed`
         self._timed = False  # the writer task sleeps until the pacer's next credit
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -73,6 +75,8 @@ class SessionWriter:
         if not conn.pending_output() and not tls.pending:  # nothing to write (the common case)
             if lot:
                 lot.unpark_all()
+            if self._flush_lot:
+                self._flush_lot.unpark_all()
             return
         if not self._closed.is_set():
             try:
@@ -88,6 +92,8 @@ class SessionWriter:
                 self._wake_writer()  # bulk DATA is held: the writer sleeps until its credit
         if lot and conn.unpaced_output() <= OUTPUT_HIGH_WATER:
             lot.unpark_all()
+        if self._flush_lot and not conn.pending_output() and not tls.pending:
+            self._flush_lot.unpark_all()
 
     def _wake_writer(self) -> None:
         if self._wakeup is not None:
@@ -131,7 +137,17 @@ class SessionWriter:
                 self._lot = trio.lowlevel.ParkingLot()
             await self._lot.park()
 
+    async def wait_flushed(self) -> None:
+        """Block until every byte of protocol output (paced data included) is in the socket, or
+        the session is closed. The caller sets the deadline."""
+        while (self._conn.pending_output() or self._tls.pending) and not self._closed.is_set():
+            if self._flush_lot is None:
+                self._flush_lot = trio.lowlevel.ParkingLot()
+            await self._flush_lot.park()
+
     def wake_senders(self) -> None:
         """The session is over: every waiting sender goes on (and finds it closed)."""
         if self._lot is not None:
             self._lot.unpark_all()
+        if self._flush_lot is not None:
+            self._flush_lot.unpark_all()

@@ -240,3 +240,26 @@ async def test_a_stream_delivers_into_one_socket_at_a_time() -> None:
         stream.set_direct_sink(None)
         stream.set_direct_sink(11)  # released: another owner may take it
         stream.set_direct_sink(None)
+
+
+async def test_a_stream_whose_fin_arrived_reads_to_its_end_after_the_tunnel_closes() -> None:
+    """A drained peer may close the tunnel as soon as its last stream is done: what that stream
+    delivered before its FIN is still read in full, then a clean EOF (not a broken stream)."""
+    send, got = trio.open_memory_channel[TunnelStream](1)
+    async with memory_pair(accept_into(send)) as (cloud, edge, _a, _b):
+        mine = await cloud.open_stream("x:1", timeout=5)
+        theirs = await got.receive()
+        await mine.send_eof()
+        assert await theirs.receive_some() == b""
+        await theirs.send_all(b"last words")
+        await theirs.send_eof()
+        await theirs.aclose()
+        assert await edge.wait_idle(trio.current_time() + 5)  # FIN flushed, then:
+        edge.close("tunnel-edge shut down")
+        with trio.fail_after(5):
+            await cloud.closed.wait()
+        received = bytearray()
+        while chunk := await mine.receive_some():
+            received += chunk
+        assert received == b"last words"
+        await mine.aclose()
