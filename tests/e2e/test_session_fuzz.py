@@ -7,6 +7,10 @@
   It also opens streams itself (uplinks), well-formed or not: to targets its unit may reach (an
   echo server, a port where nothing listens), to other units' targets, random names and bytes; the
   cloud is configured with uplinks, so allowed opens are dialled and relayed among the garbage.
+- Both send DELAY frames (the "delay" capability is in their HELLO): stamps, and answers with
+  wrapping or standing clocks, byte counts of any size, floods of answers with ever lower
+  delivery rates; the cloud's pacers are watched meanwhile (finite, non-negative figures, held
+  bytes within the session budget).
 - The mirror: a hostile cloud with a valid certificate does the same to a real edge, opening
   streams to the edge's real services among the garbage.
 
@@ -22,6 +26,7 @@ configured session budget.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -33,11 +38,14 @@ import trio
 from kins_tunnel.proto.frames import (
     HEADER,
     FrameType,
+    delay_answer_frame,
+    delay_stamp_frame,
     frame,
     open_frame,
     open_result_frame,
     window_frame,
 )
+from kins_tunnel.proto.pacer import PacerStatistics
 from kins_tunnel.testing.support import self_rss, wait_until
 from kins_tunnel.tls_contexts import server_ssl_context
 from tests.e2e.harness import (
@@ -84,9 +92,31 @@ def legit_frames(rng: random.Random, sids: list[int], opener: bool) -> bytes:
             )
         elif roll < 0.8:
             out += window_frame(sid, rng.randrange(1, 65536))
-        else:
+        elif roll < 0.9:
             out += frame(FrameType.PING, 0, rng.randbytes(8))
+        else:
+            out += delay_frames(rng)
     return out
+
+
+def u32_shape(rng: random.Random) -> int:
+    return rng.choice([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, rng.randrange(1 << 32)])
+
+
+def delay_frames(rng: random.Random) -> bytes:
+    """DELAY frames (capability "delay", in every HELLO here): stamps, and answers whether or not
+    a stamp went, with clocks that wrap, stand still or jump, byte counts of any size, and
+    sometimes a flood of answers with ever lower delivery rates."""
+    if rng.random() < 0.3:
+        return delay_stamp_frame(u32_shape(rng))
+    if rng.random() < 0.2:
+        at, got = rng.randrange(1 << 32), rng.randrange(1 << 32)
+        out = bytearray()
+        for i in range(rng.randrange(10, 400)):
+            at, got = at + 60_000, got + max(1_000_000 - 900 * i, 1)
+            out += delay_answer_frame(0, at & 0xFFFFFFFF, got & 0xFFFFFFFF)
+        return bytes(out)
+    return delay_answer_frame(u32_shape(rng), u32_shape(rng), u32_shape(rng))
 
 
 def r_sid(rng: random.Random, sids: list[int]) -> int:
@@ -116,6 +146,16 @@ def uplink_open(rng: random.Random, sid: int, targets: tuple[bytes, ...]) -> byt
         ]
     )
     return open_frame(sid, rng.choice([16384, 262144]), name)
+
+
+def check_pacer(st: PacerStatistics | None, held: int) -> None:
+    """A pacer fed hostile DELAY answers: finite, non-negative figures; held bytes bounded by
+    the session budget."""
+    assert 0 <= held <= BUDGET, held
+    if st is None:
+        return
+    for value in (st.rate, st.bottleneck, st.base_rtt, st.queueing_delay):
+        assert value is None or (math.isfinite(value) and value >= 0), st
 
 
 async def hostile_session(
@@ -243,6 +283,20 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
                 seen = await hostile_session(peer, r, opener=False, open_targets=targets)
             done["frames"] += seen["frames_out"]
 
+        paced = {"looks": 0, "with_samples": 0}
+
+        async def watch_pacers() -> None:
+            """The pacers of the hostile tunnels stay sane under their DELAY answers."""
+            while True:
+                for tunnel in env.cloud.registry:
+                    st = tunnel.session.conn.statistics()
+                    paced["looks"] += 1
+                    check_pacer(st.pacer, st.held)
+                    if st.pacer is not None and st.pacer.samples:
+                        paced["with_samples"] += 1
+                await trio.sleep(0.005)
+
+        env.nursery.start_soon(watch_pacers)
         with trio.fail_after(max(120, total * 0.5)):
             left = [total]
 
@@ -277,6 +331,7 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
         assert up.get("refused", 0) > 0, up
         assert done["sessions"] == total
         assert done["refused"] == 0  # a valid certificate is always let in
+        assert paced["with_samples"] > 0, paced  # DELAY answers reached the pacers
         assert not m.get("kins_tunnel_internal_errors_total"), m.get(
             "kins_tunnel_internal_errors_total"
         )
