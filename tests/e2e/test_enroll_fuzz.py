@@ -87,7 +87,21 @@ def csr_corpus() -> dict[str, str]:
         "ca_ext": _csr(p256, cn, (x509.BasicConstraints(ca=True, path_length=None),)),
         "spiffe_other": _csr(p256, cn, (spiffe,)),
         "unit_attr": _csr(p256, cn + [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "other")]),
+        "unknown_curve": unknown_curve(edge_csr(p256, GOOD_NODE).decode()),
     }
+
+
+P256_OID = bytes.fromhex("06082a8648ce3d030107")  # 1.2.840.10045.3.1.7, prime256v1
+
+
+def unknown_curve(pem: str) -> str:
+    """The request with its key's curve changed to one no library knows (same length). Found
+    by the renewal fuzzing: such a key was an internal error (UnsupportedAlgorithm), not 400."""
+    lines = pem.strip().splitlines()
+    der = base64.b64decode("".join(lines[1:-1]))
+    assert der.count(P256_OID) == 1
+    der = der.replace(P256_OID, P256_OID[:-1] + b"\x09")
+    return f"{lines[0]}\n{base64.b64encode(der).decode()}\n{lines[-1]}\n"
 
 
 def mutated_csr(rng: random.Random, pem: str) -> str:
@@ -511,6 +525,7 @@ async def test_hostile_renewals_over_the_tunnel_never_take_the_cloud_down(tmp_pa
     async with enrol_env(tmp_path) as (env, counts, _real):
         cloud = env.cloud
         hostile = await env.add_edge({"fuzz1:22": "127.0.0.1:9"}, "fuzz1", "fuzz", "fuzz1:22")
+        await wait_until(lambda: len(hostile.sessions) == 1, 10, "the fuzzing edge's tunnel")
         (session,) = hostile.sessions.values()
         issued: list[EdgeIdentity] = []
         done = {"streams": 0, "answers": 0}
@@ -528,6 +543,11 @@ async def test_hostile_renewals_over_the_tunnel_never_take_the_cloud_down(tmp_pa
             if statuses(answer)[:1] == [200]:
                 issued.append(issued_identity(json.loads(rest)))
 
+        stream = await session.open_stream(RENEW_TARGET, 5)
+        async with stream:
+            body = json.dumps({"csr": csrs["unknown_curve"]}).encode()
+            answer = await play(stream, [(request("POST", "/v1/renew", body), 0)], 2)
+        assert statuses(answer) == [400] and b"bad_csr" in answer, answer
         await run_pool(total, one, rng)
         await wait_until(
             lambda: all(s.stream_count == 0 for s in hostile.sessions.values()),
