@@ -37,6 +37,7 @@ from kins_tunnel.edge.agent import Edge
 from kins_tunnel.tokens import create_token
 from tests.e2e.rawpeer import mutate
 from tests.e2e.test_enroll import HOUR, edge_doc, give_token
+from tests.e2e.test_enroll_fuzz import unknown_curve
 from tests.e2e.test_session_fuzz import SEED, sessions
 
 HOST = "127.0.0.1"
@@ -102,8 +103,8 @@ class FakeCloud:
         self.token_seen = {"trusted": 0, "untrusted": 0}
         self.kinds: dict[str, int] = {}
 
-    def bundle(self, which: Path) -> bytes:
-        return json.dumps({"ca": (which / "ca.crt").read_text()}).encode()
+    def bundle(self, which: Path, extra: str = "") -> bytes:
+        return json.dumps({"ca": extra + (which / "ca.crt").read_text()}).encode()
 
     async def handle(self, tcp: trio.SocketStream) -> None:
         self.accepted += 1
@@ -120,7 +121,10 @@ class FakeCloud:
                 await self._request(tls, conn, got)
                 ca_roll = r.random()
                 if ca_roll < 0.6:
-                    kind, answer = "ca_ok", http(200, self.bundle(self.certs))
+                    # the pinned CA, sometimes after a certificate whose key is on a curve no
+                    # library knows
+                    extra = r.choice(["", "", unknown_curve((self.other / "ca.crt").read_text())])
+                    kind, answer = "ca_ok", http(200, self.bundle(self.certs, extra))
                 elif ca_roll < 0.75:
                     kind, answer = "ca_other", http(200, self.bundle(self.other))
                 else:
@@ -186,6 +190,7 @@ class FakeCloud:
 
         chain = self.issuing.chain_pem.decode()
         good = issued(self.issuing, key, EdgeIdentity("test", "edge1"), chain)
+        good_doc = json.loads(good[good.index(b"{") :])
         shapes: list[Callable[[], bytes]] = [
             lambda: issued(self.issuing, key, EdgeIdentity("test", "edge2"), chain),
             lambda: issued(self.issuing, key, EdgeIdentity("other", "edge2"), chain),
@@ -199,6 +204,12 @@ class FakeCloud:
             lambda: issued(self.other_issuing, key, EdgeIdentity("test", "edge1"), chain),
             lambda: http(200, json.dumps({"cert": "-----BEGIN CERTIFICATE-----\nAAAA"}).encode()),
             lambda: http(200, json.dumps({"cert": 5, "chain": []}).encode()),
+            lambda: http(
+                200, json.dumps({"cert": unknown_curve(good_doc["cert"]), "chain": chain}).encode()
+            ),
+            lambda: http(
+                200, json.dumps({"cert": good_doc["cert"], "chain": unknown_curve(chain)}).encode()
+            ),
             lambda: mutate(r, good),
             lambda: http(
                 200,

@@ -95,8 +95,9 @@ P256_OID = bytes.fromhex("06082a8648ce3d030107")  # 1.2.840.10045.3.1.7, prime25
 
 
 def unknown_curve(pem: str) -> str:
-    """The request with its key's curve changed to one no library knows (same length). Found
-    by the renewal fuzzing: such a key was an internal error (UnsupportedAlgorithm), not 400."""
+    """A PEM request or certificate with its P-256 key's curve changed to one no library knows
+    (same length). Found by the renewal fuzzing: such a request was an internal error
+    (UnsupportedAlgorithm), not a 400."""
     lines = pem.strip().splitlines()
     der = base64.b64decode("".join(lines[1:-1]))
     assert der.count(P256_OID) == 1
