@@ -6,7 +6,8 @@
   the cloud opens towards it (a CONNECT to its name runs alongside), to a real in-process cloud.
   It also opens streams itself (uplinks), well-formed or not: to targets its unit may reach (an
   echo server, a port where nothing listens), to other units' targets, random names and bytes; the
-  cloud is configured with uplinks, so allowed opens are dialled and relayed among the garbage.
+  cloud is configured with uplinks, so allowed opens are dialled and relayed among the garbage,
+  and with enrolment, so opens of the reserved renewal target reach its renewal handler.
 - Both send DELAY frames (the "delay" capability is in their HELLO): stamps, and answers with
   wrapping or standing clocks, byte counts of any size, floods of answers with ever lower
   delivery rates; the cloud's pacers are watched meanwhile (finite, non-negative figures, held
@@ -32,9 +33,12 @@ import random
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from kins_tunnel.certs.directory import init_ca
+from kins_tunnel.certs.identity import RENEW_TARGET
 from kins_tunnel.proto.frames import (
     HEADER,
     FrameType,
@@ -221,8 +225,18 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
     uplinks = {"fuzz": [up_echo, closed], "test": ["127.0.0.1:9"], "*": ["localhost:1"]}
     targets = tuple(
         t.encode()
-        for t in (up_echo, closed, "127.0.0.1:9", "localhost:1", f"LOCALHOST.:{closed[10:]}")
+        for t in (
+            up_echo,
+            closed,
+            "127.0.0.1:9",
+            "localhost:1",
+            f"LOCALHOST.:{closed[10:]}",
+            RENEW_TARGET,  # the cloud renews certificates (below): its renewal streams too
+        )
     )
+    certs = tmp_path / "certs"
+    init_ca(certs, issuing_ca=True)
+    (tmp_path / "tokens.yaml").write_text("")
     async with watched_env(
         tmp_path,
         mux={"session_budget": BUDGET, "max_streams": 16},
@@ -230,6 +244,10 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
         tunnel={"handshake_timeout": 5.0},
         uplinks=uplinks,
         uplink_dial_timeout=0.5,
+        enrollment={
+            "tokens_file": str(tmp_path / "tokens.yaml"),
+            "ca": {"cert": str(certs / "issuing.crt"), "key": str(certs / "issuing.key")},
+        },
     ) as (env, counts):
         assert env.nursery is not None
         env.nursery.start_soon(
@@ -284,6 +302,15 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
             done["frames"] += seen["frames_out"]
 
         paced = {"looks": 0, "with_samples": 0}
+        enroll, renew_opens = env.cloud.enroll, [0]
+        assert enroll is not None
+        on_renew_open = enroll.on_renew_open
+
+        def count_renew_open(*args: Any) -> None:
+            renew_opens[0] += 1
+            on_renew_open(*args)
+
+        setattr(enroll, "on_renew_open", count_renew_open)  # noqa: B010 (a counting wrapper)
 
         async def watch_pacers() -> None:
             """The pacers of the hostile tunnels stay sane under their DELAY answers."""
@@ -320,7 +347,7 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
         print(
             f"\nFIGURE cloud under hostile edges: {done['sessions']} sessions, {done['frames']} frame writes, "
             f"{done['connects']} CONNECTs to the hostile edge, {done['refused']} TLS set-ups refused, "
-            f"{uplinks_opened:.0f} uplinks opened, uplink refusals {up}, "
+            f"{uplinks_opened:.0f} uplinks opened, uplink refusals {up}, {renew_opens[0]} renewal streams, "
             f"{counts['ok']} healthy echoes, "
             f"RSS +{grown / 2**20:.1f} MiB"
         )
@@ -329,6 +356,7 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
             uplinks_opened > 0 and up.get("not_allowed", 0) > 0 and up.get("bad_target", 0) > 0
         ), (uplinks_opened, up)
         assert up.get("refused", 0) > 0, up
+        assert renew_opens[0] > 0  # renewal streams among the garbage
         assert done["sessions"] == total
         assert done["refused"] == 0  # a valid certificate is always let in
         assert paced["with_samples"] > 0, paced  # DELAY answers reached the pacers
