@@ -37,6 +37,7 @@ from kins_tunnel.transport.tls import Refused, TransportError, connect_tls
 from tests.e2e.harness import make_certs, tunnel_env
 from tests.e2e.rawpeer import mutate
 from tests.e2e.test_session_fuzz import SEED, sessions
+from tests.proto.test_mux_properties import SCALE
 
 MAX_WAIT = 0.3  # reconnect.max of the edges here
 
@@ -45,7 +46,7 @@ def sane(hint: float | None) -> bool:
     return hint is None or (math.isfinite(hint) and 0 <= hint <= MAX_HINT)
 
 
-@settings(max_examples=500, deadline=None, database=None)
+@settings(max_examples=500 * SCALE, deadline=None, database=None)
 @given(st.binary(max_size=200))
 def test_any_bytes_are_no_hint_or_a_sane_one(data: bytes) -> None:
     assert sane(parse_refusal(data))
@@ -53,7 +54,7 @@ def test_any_bytes_are_no_hint_or_a_sane_one(data: bytes) -> None:
     assert sane(parse_refusal(memoryview(ALERT + HINT_PREFIX + data)[: len(data) // 2 + 24]))
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=300 * SCALE, deadline=None, database=None)
 @given(
     st.one_of(
         st.floats(allow_nan=True, allow_infinity=True), st.integers(-(10**30), 10**30).map(float)
@@ -66,7 +67,7 @@ def test_what_the_cloud_writes_round_trips(value: float, tail: bytes) -> None:
     assert abs(hint - (min(value, MAX_HINT) if value > 0 else 0.0)) <= 0.05
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=300 * SCALE, deadline=None, database=None)
 @given(st.text(max_size=30), st.randoms(use_true_random=False))
 def test_mutated_hint_lines_are_no_hint_or_a_sane_one(line: str, rng: random.Random) -> None:
     wire = ALERT + HINT_PREFIX + line.encode("utf-8", "replace") + b"\n"

@@ -21,6 +21,7 @@ from kins_tunnel.proto.pacer import (
     DelayPacer,
     DelayProbe,
 )
+from tests.proto.test_mux_properties import SCALE
 
 U32 = st.one_of(
     st.integers(0, 0xFFFFFFFF), st.sampled_from([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF])
@@ -53,7 +54,7 @@ def check(pacer: DelayPacer, now: float) -> None:
     assert len(pacer._btl) <= BTL_SAMPLES, len(pacer._btl)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     start=st.one_of(st.just(0.0), st.floats(0, 1e6)),
     target=st.sampled_from([0.001, 0.025, 1.0]),
