@@ -71,6 +71,8 @@ def _decode(body: bytes) -> dict[str, Any]:
         doc = json.loads(body) if body else {}
     except (ValueError, UnicodeDecodeError):
         raise ValueError("the body is not JSON") from None
+    except RecursionError:  # "[[[[..." within MAX_BODY: json's decoder recurses per level
+        raise ValueError("the body is JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise ValueError("the body is not a JSON object")
     return doc

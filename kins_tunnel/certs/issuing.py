@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -168,9 +169,12 @@ def csr_public_key(pem: bytes, node: str | None) -> ec.EllipticCurvePublicKey:
         csr = x509.load_pem_x509_csr(pem)
     except ValueError:
         raise ValueError("not a PEM certificate request") from None
-    if not csr.is_signature_valid:
-        raise ValueError("the certificate request's signature does not verify")
-    key = csr.public_key()
+    try:
+        if not csr.is_signature_valid:
+            raise ValueError("the certificate request's signature does not verify")
+        key = csr.public_key()
+    except UnsupportedAlgorithm:  # a key type, curve or signature algorithm unknown here
+        raise ValueError("the certificate request's key must be ECDSA P-256") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise ValueError("the certificate request's key must be ECDSA P-256")
     names = [str(a.value) for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]

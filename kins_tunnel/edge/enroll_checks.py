@@ -11,7 +11,7 @@ import ipaddress
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
@@ -63,7 +63,10 @@ def pinned_ca(bundle: object, want: str) -> x509.Certificate:
         raise EnrolError("bad_answer", "the cloud's CA bundle is not PEM") from None
     seen = []
     for cert in certs:
-        got = ca_hash(cert)
+        try:
+            got = ca_hash(cert)
+        except (ValueError, UnsupportedAlgorithm):  # a key this library cannot read: not ours
+            continue
         if got == want:
             return cert
         seen.append(got)
@@ -87,7 +90,7 @@ def verify_cloud(der: bytes | None, ca: x509.Certificate, host: str) -> None:
             subject = x509.DNSName(host)
         verifier = PolicyBuilder().store(Store([ca])).build_server_verifier(subject)
         verifier.verify(leaf, [])
-    except (VerificationError, ValueError) as exc:
+    except (VerificationError, ValueError, UnsupportedAlgorithm) as exc:
         raise EnrolError(
             "cloud_not_verified",
             f"the cloud's certificate does not verify with the pinned CA for {host!r}: "
@@ -115,7 +118,7 @@ def issued_certificate(
             issuer = parent
             if parent == ca:
                 break
-    except (ValueError, TypeError, InvalidSignature) as exc:
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
         raise EnrolError("bad_answer", f"the issued certificate does not check: {exc}") from None
     return cert, [c for c in chain if c != ca]
 

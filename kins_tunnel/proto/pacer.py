@@ -61,6 +61,9 @@ DISENGAGE_AFTER = 5.0  # seconds below target/4 before pacing lets go (no max_ra
 RATE_SPAN = 0.05  # seconds of receiver time a delivery-rate sample spans, at least
 RATE_SAMPLES = 64  # feedback points kept for the delivery rate
 BTL_WINDOW = 1.0  # seconds the bottleneck estimate (max delivery rate) remembers a sample
+# samples the bottleneck's monotone queue keeps: more than the answers to a window's stamps
+# (STAMP_INTERVAL), so only a peer that answers more often than it is asked reaches the bound
+BTL_SAMPLES = 256
 FEEDBACK_GAP = 0.2  # seconds without feedback (or two base round trips) that count as a pause
 PROBE = 0.25  # extra gain on an empty queue (at most; less on long round trips)
 MIN_PROBE = 0.05
@@ -127,7 +130,7 @@ class DelayPacer:
 
     @property
     def bottleneck(self) -> float | None:
-        return max(r for _, r in self._btl) if self._btl else None
+        return self._btl[0][1] if self._btl else None  # a monotone queue: the front is the max
 
     @property
     def base_rtt(self) -> float | None:
@@ -194,6 +197,11 @@ class DelayPacer:
             while btl and btl[-1][1] <= rate:  # a monotone queue: the front is the maximum
                 btl.pop()
             btl.append((now, rate))
+            if len(btl) > BTL_SAMPLES:
+                # answers come as often as the peer likes: merge the two oldest candidates
+                # behind the front (the higher rate, held until the later one's time)
+                btl[1] = (btl[2][0], btl[1][1])
+                del btl[2]
 
     @property
     def effective_target(self) -> float:

@@ -28,7 +28,7 @@ _MAX_LINE = 32  # bytes after the prefix, newline included
 
 def encode_refusal(retry_after: float) -> bytes:
     """The bytes the cloud writes to a connection it sheds: alert, then the hint line."""
-    value = min(max(retry_after, 0.0), MAX_HINT)
+    value = min(retry_after, MAX_HINT) if retry_after > 0 else 0.0  # not "-0.0" or "nan"
     return ALERT + HINT_PREFIX + f"{value:.1f}\n".encode()
 
 

@@ -6,7 +6,12 @@
   the cloud opens towards it (a CONNECT to its name runs alongside), to a real in-process cloud.
   It also opens streams itself (uplinks), well-formed or not: to targets its unit may reach (an
   echo server, a port where nothing listens), to other units' targets, random names and bytes; the
-  cloud is configured with uplinks, so allowed opens are dialled and relayed among the garbage.
+  cloud is configured with uplinks, so allowed opens are dialled and relayed among the garbage,
+  and with enrolment, so opens of the reserved renewal target reach its renewal handler.
+- Both send DELAY frames (the "delay" capability is in their HELLO): stamps, and answers with
+  wrapping or standing clocks, byte counts of any size, floods of answers with ever lower
+  delivery rates; the cloud's pacers are watched meanwhile (finite, non-negative figures, held
+  bytes within the session budget).
 - The mirror: a hostile cloud with a valid certificate does the same to a real edge, opening
   streams to the edge's real services among the garbage.
 
@@ -22,22 +27,29 @@ configured session budget.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from kins_tunnel.certs.directory import init_ca
+from kins_tunnel.certs.identity import RENEW_TARGET
 from kins_tunnel.proto.frames import (
     HEADER,
     FrameType,
+    delay_answer_frame,
+    delay_stamp_frame,
     frame,
     open_frame,
     open_result_frame,
     window_frame,
 )
+from kins_tunnel.proto.pacer import PacerStatistics
 from kins_tunnel.testing.support import self_rss, wait_until
 from kins_tunnel.tls_contexts import server_ssl_context
 from tests.e2e.harness import (
@@ -84,9 +96,31 @@ def legit_frames(rng: random.Random, sids: list[int], opener: bool) -> bytes:
             )
         elif roll < 0.8:
             out += window_frame(sid, rng.randrange(1, 65536))
-        else:
+        elif roll < 0.9:
             out += frame(FrameType.PING, 0, rng.randbytes(8))
+        else:
+            out += delay_frames(rng)
     return out
+
+
+def u32_shape(rng: random.Random) -> int:
+    return rng.choice([0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, rng.randrange(1 << 32)])
+
+
+def delay_frames(rng: random.Random) -> bytes:
+    """DELAY frames (capability "delay", in every HELLO here): stamps, and answers whether or not
+    a stamp went, with clocks that wrap, stand still or jump, byte counts of any size, and
+    sometimes a flood of answers with ever lower delivery rates."""
+    if rng.random() < 0.3:
+        return delay_stamp_frame(u32_shape(rng))
+    if rng.random() < 0.2:
+        at, got = rng.randrange(1 << 32), rng.randrange(1 << 32)
+        out = bytearray()
+        for i in range(rng.randrange(10, 400)):
+            at, got = at + 60_000, got + max(1_000_000 - 900 * i, 1)
+            out += delay_answer_frame(0, at & 0xFFFFFFFF, got & 0xFFFFFFFF)
+        return bytes(out)
+    return delay_answer_frame(u32_shape(rng), u32_shape(rng), u32_shape(rng))
 
 
 def r_sid(rng: random.Random, sids: list[int]) -> int:
@@ -116,6 +150,16 @@ def uplink_open(rng: random.Random, sid: int, targets: tuple[bytes, ...]) -> byt
         ]
     )
     return open_frame(sid, rng.choice([16384, 262144]), name)
+
+
+def check_pacer(st: PacerStatistics | None, held: int) -> None:
+    """A pacer fed hostile DELAY answers: finite, non-negative figures; held bytes bounded by
+    the session budget."""
+    assert 0 <= held <= BUDGET, held
+    if st is None:
+        return
+    for value in (st.rate, st.bottleneck, st.base_rtt, st.queueing_delay):
+        assert value is None or (math.isfinite(value) and value >= 0), st
 
 
 async def hostile_session(
@@ -181,8 +225,18 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
     uplinks = {"fuzz": [up_echo, closed], "test": ["127.0.0.1:9"], "*": ["localhost:1"]}
     targets = tuple(
         t.encode()
-        for t in (up_echo, closed, "127.0.0.1:9", "localhost:1", f"LOCALHOST.:{closed[10:]}")
+        for t in (
+            up_echo,
+            closed,
+            "127.0.0.1:9",
+            "localhost:1",
+            f"LOCALHOST.:{closed[10:]}",
+            RENEW_TARGET,  # the cloud renews certificates (below): its renewal streams too
+        )
     )
+    certs = tmp_path / "certs"
+    init_ca(certs, issuing_ca=True)
+    (tmp_path / "tokens.yaml").write_text("")
     async with watched_env(
         tmp_path,
         mux={"session_budget": BUDGET, "max_streams": 16},
@@ -190,6 +244,10 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
         tunnel={"handshake_timeout": 5.0},
         uplinks=uplinks,
         uplink_dial_timeout=0.5,
+        enrollment={
+            "tokens_file": str(tmp_path / "tokens.yaml"),
+            "ca": {"cert": str(certs / "issuing.crt"), "key": str(certs / "issuing.key")},
+        },
     ) as (env, counts):
         assert env.nursery is not None
         env.nursery.start_soon(
@@ -243,6 +301,29 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
                 seen = await hostile_session(peer, r, opener=False, open_targets=targets)
             done["frames"] += seen["frames_out"]
 
+        paced = {"looks": 0, "with_samples": 0}
+        enroll, renew_opens = env.cloud.enroll, [0]
+        assert enroll is not None
+        on_renew_open = enroll.on_renew_open
+
+        def count_renew_open(*args: Any) -> None:
+            renew_opens[0] += 1
+            on_renew_open(*args)
+
+        setattr(enroll, "on_renew_open", count_renew_open)  # noqa: B010 (a counting wrapper)
+
+        async def watch_pacers() -> None:
+            """The pacers of the hostile tunnels stay sane under their DELAY answers."""
+            while True:
+                for tunnel in env.cloud.registry:
+                    st = tunnel.session.conn.statistics()
+                    paced["looks"] += 1
+                    check_pacer(st.pacer, st.held)
+                    if st.pacer is not None and st.pacer.samples:
+                        paced["with_samples"] += 1
+                await trio.sleep(0.005)
+
+        env.nursery.start_soon(watch_pacers)
         with trio.fail_after(max(120, total * 0.5)):
             left = [total]
 
@@ -266,7 +347,7 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
         print(
             f"\nFIGURE cloud under hostile edges: {done['sessions']} sessions, {done['frames']} frame writes, "
             f"{done['connects']} CONNECTs to the hostile edge, {done['refused']} TLS set-ups refused, "
-            f"{uplinks_opened:.0f} uplinks opened, uplink refusals {up}, "
+            f"{uplinks_opened:.0f} uplinks opened, uplink refusals {up}, {renew_opens[0]} renewal streams, "
             f"{counts['ok']} healthy echoes, "
             f"RSS +{grown / 2**20:.1f} MiB"
         )
@@ -275,8 +356,10 @@ async def test_hostile_edges_never_take_the_cloud_down(tmp_path: Path) -> None:
             uplinks_opened > 0 and up.get("not_allowed", 0) > 0 and up.get("bad_target", 0) > 0
         ), (uplinks_opened, up)
         assert up.get("refused", 0) > 0, up
+        assert renew_opens[0] > 0  # renewal streams among the garbage
         assert done["sessions"] == total
         assert done["refused"] == 0  # a valid certificate is always let in
+        assert paced["with_samples"] > 0, paced  # DELAY answers reached the pacers
         assert not m.get("kins_tunnel_internal_errors_total"), m.get(
             "kins_tunnel_internal_errors_total"
         )
