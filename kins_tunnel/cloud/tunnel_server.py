@@ -48,6 +48,10 @@ from kins_tunnel.transport.tls import TLSSocket, TransportError
 
 log = logging.getLogger("kins_tunnel.cloud.tunnel")
 
+# connections accepted per wake-up of the tunnel port (a reconnect storm is not left in the listen
+# backlog while handshakes run; admission bounds what they may cost once accepted)
+ACCEPT_BURST = 256
+
 
 class TunnelServer:
     def __init__(
@@ -90,6 +94,7 @@ class TunnelServer:
             report=self.metrics.report_internal_error,
             stop=self._listener_scope,
             on_listening=lambda port: self.listening.set(),
+            accept_burst=ACCEPT_BURST,
             task_status=task_status,
         )
 
