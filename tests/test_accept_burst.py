@@ -61,7 +61,7 @@ async def _rounds_to_accept(accept_burst: int | None) -> int:
                     handler,
                     where="test",
                     report=_report,
-                    accept_burst=accept_burst,
+                    accept_burst=None if accept_burst is None else lambda: accept_burst,
                 )
             )
             with trio.fail_after(30):

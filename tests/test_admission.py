@@ -11,6 +11,7 @@ from kins_tunnel.cloud.admission import (
     MAX_RETRY_AFTER,
     MIN_RETRY_AFTER,
     RECENT_SAMPLES,
+    REFUSAL_WINDOW,
     Admission,
 )
 
@@ -50,3 +51,45 @@ async def test_the_hint_is_the_queue_ahead_at_the_rate(
         await trio.sleep(1000)
         assert a.retry_after() == MAX_RETRY_AFTER  # stalled for long: capped
         n.cancel_scope.cancel()
+
+
+async def test_the_tunnel_port_takes_a_burst_only_while_the_pending_set_has_room(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    a = Admission(max_pending=100, max_concurrent=8, slow_handshake=2.0)
+    room = a.room_for(64)
+    assert room() == 64  # empty: a whole burst
+    tickets = [a.arrive(trio.current_time() + 10) for _ in range(60)]
+    assert room() == 40  # what is left
+    tickets += [a.arrive(trio.current_time() + 10) for _ in range(40)]
+    assert room() == 1  # full: one at a time, each newcomer shedding the oldest
+    newest = a.arrive(trio.current_time() + 10)
+    assert tickets[0].reason == "shed" and a.pending == 100
+    for t in [*tickets, newest]:
+        a.leave(t)
+    assert room() == 64
+
+
+async def test_hints_grow_with_recent_refusals_so_a_large_fleet_spreads_out_in_one_round(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    a = _admission()
+    for _ in range(256):  # 500 per second measured
+        await trio.sleep(0.002)
+        a.completed()
+    # 2,000 edges refused within 0.4 s while the replica goes on at 500/s, nothing queued: each
+    # is told to come back after the ones refused before it, so the hints cover the time the
+    # replica needs for all of them
+    hints = []
+    for i in range(2000):
+        hints.append(a.refusal_hint())
+        await trio.sleep(0.0002)
+        if i % 10 == 9:
+            a.completed()
+    assert hints[0] == MIN_RETRY_AFTER
+    assert 3.8 <= hints[-1] <= 4.2  # 1,999 ahead at 500/s
+    assert 1.8 <= hints[1000] <= 2.2  # evenly spread: no bunching at the minimum
+    # refusals older than REFUSAL_WINDOW no longer count (their edges have come back or will)
+    await trio.sleep(REFUSAL_WINDOW + 0.01)
+    a.completed()  # the replica is still completing handshakes (no stall)
+    assert a.retry_after() == MIN_RETRY_AFTER

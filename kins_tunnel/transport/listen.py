@@ -11,8 +11,10 @@ which pauses on EMFILE/ENFILE/ENOMEM/ENOBUFS (out of descriptors or memory) and 
 
 `trio.serve_listeners` takes one connection per scheduling round: with hundreds of tasks runnable
 (a reconnect storm's handshakes), connections wait in the kernel's listen backlog, their peers'
-deadlines running. A listener given `accept_burst` instead accepts, at each wake-up, every
-connection the backlog holds (up to that many) before yielding, and pauses on the same errors.
+deadlines running. A listener given `accept_burst` (a function: how many may be taken now, at
+least one) instead accepts, at each wake-up, the connections the backlog holds, up to that many,
+before yielding, and pauses on the same errors. The function lets its owner take only what it
+has room for: the rest waits in the backlog, which costs the process nothing.
 
 A listener may be capped (`max_connections`): a connection accepted while that many are being
 served is closed at once, before any byte is read, and `on_refused()` counts it; so a flood at
@@ -137,10 +139,11 @@ async def accept_bursts(
     listener: trio.SocketListener,
     serve: Callable[[trio.SocketStream], Awaitable[object]],
     nursery: trio.Nursery,
-    burst: int,
+    burst: Callable[[], int],
 ) -> None:
     """Start `serve(stream)` in `nursery` for every connection until cancelled: at each wake-up,
-    accept up to `burst` connections (until the backlog is empty) before yielding. Closes the
+    accept up to `burst()` connections (at least one; fewer if the backlog empties) before
+    yielding. Closes the
     listener when it returns (as `trio.serve_listeners`)."""
     sock = listener.socket
     raw = socket.fromfd(sock.fileno(), sock.family, sock.type)  # a duplicate, closed below
@@ -149,7 +152,7 @@ async def accept_bursts(
         try:
             while True:
                 await trio.lowlevel.wait_readable(sock)
-                for _ in range(burst):
+                for _ in range(max(burst(), 1)):
                     try:
                         stream = _accept_now(raw)
                     except OSError as exc:
@@ -174,12 +177,12 @@ async def serve_listener(
     handler_nursery: trio.Nursery | None = None,
     max_connections: int | None = None,
     on_refused: Callable[[], object] | None = None,
-    accept_burst: int | None = None,
+    accept_burst: Callable[[], int] | None = None,
 ) -> None:
     """Run `handler(stream)` for every connection until cancelled, each behind an isolation
     boundary named `where` (a fixed label: "proxy", "tunnel", "admin"); with `max_connections`,
     at most that many at once (beyond: closed at once, `on_refused()` called); with
-    `accept_burst`, up to that many accepted per wake-up (`accept_bursts`)."""
+    `accept_burst`, up to `accept_burst()` accepted per wake-up (`accept_bursts`)."""
     serve: Callable[[trio.SocketStream], Awaitable[None]] = functools.partial(
         _isolated, handler, where, report
     )
@@ -206,7 +209,7 @@ async def serve_port(
     on_listening: Callable[[int], object] | None = None,
     max_connections: int | None = None,
     on_refused: Callable[[], object] | None = None,
-    accept_burst: int | None = None,
+    accept_burst: Callable[[], int] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on `listen` (errors name the setting `what`) and serve it with `serve_listener`.
