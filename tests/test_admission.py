@@ -93,3 +93,26 @@ async def test_hints_grow_with_recent_refusals_so_a_large_fleet_spreads_out_in_o
     await trio.sleep(REFUSAL_WINDOW + 0.01)
     a.completed()  # the replica is still completing handshakes (no stall)
     assert a.retry_after() == MIN_RETRY_AFTER
+
+
+async def test_a_connection_behind_a_queue_it_cannot_get_through_is_refused_at_once(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    a = _admission()
+    for _ in range(256):  # 100 per second measured
+        await trio.sleep(0.01)
+        a.completed()
+    tickets = [a.arrive(trio.current_time() + 10) for _ in range(64 + 400)]
+    async with trio.open_nursery() as n:
+        for t in tickets:  # one at a time: 64 take a slot, 400 wait
+            n.start_soon(a.acquire, t)
+            await trio.testing.wait_all_tasks_blocked()
+        assert a.busy_slots == 64 and not any(t.reason for t in tickets)
+        # these arrive behind 400 (4 s at ~100/s): the cut is 5 s after accept, so ~100 more fit
+        late = [a.arrive(trio.current_time() + 10) for _ in range(150)]
+        for t in late:
+            n.start_soon(a.acquire, t)
+            await trio.testing.wait_all_tasks_blocked()
+        assert [t.reason for t in late[:100]] == [None] * 100
+        assert [t.reason for t in late[110:]] == ["queued"] * 40  # rate ~102/s
+        n.cancel_scope.cancel()

@@ -24,6 +24,9 @@ Every refusal has a short, fixed reason label for `kins_tunnel_handshake_failure
 **A queue no longer than it is worth.** A connection that has waited half of `handshake_timeout`
 for a slot is refused (reason "queued") before its edge gives up on it: the edge is told when to
 come back instead of timing out (a timeout would count as a failure and lengthen its backoff).
+A connection that arrives behind a queue it cannot get through by then (the connections waiting
+for a slot, at `rate`) is refused so at once: in a reconnect storm a refusal with a hint costs
+far less than a connection held until it is refused late or its edge gives up.
 
 **When to come back.** A connection refused before its TLS handshake ("shed", "queued", or its
 deadline missed) is told when to try again (`transport.refusal`): `retry_after()` is the time the
@@ -98,7 +101,14 @@ class Admission:
         self.release(ticket)
 
     async def acquire(self, ticket: Ticket) -> None:
-        """Wait for a handshake slot (displacing a holder slower than `slow_handshake`)."""
+        """Wait for a handshake slot (displacing a holder slower than `slow_handshake`); a ticket
+        behind a queue longer than half of what is left of its set-up time is shed ("queued")."""
+        if len(self._holders) >= self.max_concurrent and self._waiting:
+            now = trio.current_time()
+            cut = ticket.accepted + (ticket.scope.deadline - ticket.accepted) / 2
+            if now + self._waiting / self.rate() > cut:
+                ticket.shed("queued")
+                await trio.lowlevel.checkpoint()  # the ticket's scope ends the caller here
         self._waiting += 1
         try:
             await self._wait_for_slot()
