@@ -20,6 +20,13 @@ def _admission() -> Admission:
     return Admission(max_pending=10_000, max_concurrent=64, slow_handshake=2.0)
 
 
+async def _complete(a: Admission, n: int, *, per_second: float) -> None:
+    """`n` handshakes completing at `per_second` (the rate `a` then measures)."""
+    for _ in range(n):
+        await trio.sleep(1 / per_second)
+        a.completed()
+
+
 async def test_the_rate_is_assumed_until_measured_then_follows_completions(
     virtual_clock: trio.testing.MockClock,
 ) -> None:
@@ -74,9 +81,7 @@ async def test_hints_grow_with_recent_refusals_so_a_large_fleet_spreads_out_in_o
     virtual_clock: trio.testing.MockClock,
 ) -> None:
     a = _admission()
-    for _ in range(256):  # 500 per second measured
-        await trio.sleep(0.002)
-        a.completed()
+    await _complete(a, 256, per_second=500)
     # 2,000 edges refused within 0.4 s while the replica goes on at 500/s, nothing queued: each
     # is told to come back after the ones refused before it, so the hints cover the time the
     # replica needs for all of them
@@ -99,9 +104,7 @@ async def test_a_connection_behind_a_queue_it_cannot_get_through_is_refused_at_o
     virtual_clock: trio.testing.MockClock,
 ) -> None:
     a = _admission()
-    for _ in range(256):  # 100 per second measured
-        await trio.sleep(0.01)
-        a.completed()
+    await _complete(a, 256, per_second=100)
     tickets = [a.arrive(trio.current_time() + 10) for _ in range(64 + 400)]
     async with trio.open_nursery() as n:
         for t in tickets:  # one at a time: 64 take a slot, 400 wait
