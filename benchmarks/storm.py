@@ -198,6 +198,8 @@ async def _worker(args: dict[str, object]) -> None:
             for i in range(first, first + n):
                 nursery.start_soon(_edge, i, port, ctx, rec, rng)
                 await trio.sleep(ramp / n)
+                if i % 100 == 0:  # progress during the ramp too (it may outlast the budget)
+                    status.write_text(f"{rec.connected} 0")
             while not stop.exists():
                 t = float(since.read_text() or "inf") if since.exists() else math.inf
                 rec.storm = t < math.inf
