@@ -198,6 +198,8 @@ async def _worker(args: dict[str, object]) -> None:
             for i in range(first, first + n):
                 nursery.start_soon(_edge, i, port, ctx, rec, rng)
                 await trio.sleep(ramp / n)
+                if i % 100 == 0:  # progress during the ramp too (it may outlast the budget)
+                    status.write_text(f"{rec.connected} 0")
             while not stop.exists():
                 t = float(since.read_text() or "inf") if since.exists() else math.inf
                 rec.storm = t < math.inf
@@ -255,11 +257,18 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * len(values)) - 1))]
 
 
-def _wait(cond: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
+def _wait(
+    cond: Callable[[], bool],
+    timeout: float,
+    what: str,
+    step: float = 0.05,
+    progress: Callable[[], str] | None = None,
+) -> float:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not within {timeout:g}s")
+            got = f" ({progress()})" if progress is not None else ""
+            raise RuntimeError(f"{what}: not within {timeout:g}s{got}")
         time.sleep(step)
     return time.monotonic()
 
@@ -334,7 +343,13 @@ def run_storm(
                 return budget - (time.monotonic() - t_start)
 
             t0 = time.monotonic()
-            t_all = _wait(lambda: connected() >= edges, left() * 0.55, "initial connect", 0.1)
+            t_all = _wait(
+                lambda: connected() >= edges,
+                left() * 0.55,
+                "initial connect",
+                0.1,
+                lambda: f"{connected()} of {edges} connected",
+            )
             initial_s = t_all - t0
             # idle: settle (longer than stable_after), then RSS and CPU over idle_window
             time.sleep(max(BACKOFF.stable_after + 1, 5.0))
@@ -343,6 +358,12 @@ def run_storm(
             idle_cpu = (_cpu_seconds(cloud.pid) - cpu0) / (time.monotonic() - w0)
             rss_idle = rss_kib(cloud.pid)
             load = os.getloadavg()
+            print(  # reached even if the storm does not complete within the budget
+                f"initial connect {initial_s:.1f} s; idle: {(rss_idle - rss_base) / edges:.1f} KiB"
+                f" per edge, cloud CPU {idle_cpu * 100:.2f} % of a core; load {load}",
+                file=sys.stderr,
+                flush=True,
+            )
             # the storm
             cloud.send_signal(signal.SIGKILL)
             cloud.wait()
@@ -353,7 +374,16 @@ def run_storm(
             t_listen = _wait(lambda: _listening(tport), 30, "restart", 0.002)
             cpu_restart = _cpu_seconds(cloud.pid)
             rss_restart = rss_kib(cloud.pid)
-            t_back = _wait(lambda: connected(True) >= edges, max(left() - 40, 10), "storm", 0.02)
+            t_back = _wait(
+                lambda: connected(True) >= edges,
+                max(left() - 40, 10),
+                "storm",
+                0.02,
+                lambda: (
+                    f"{connected(True)} of {edges} back, "
+                    f"{time.monotonic() - t_listen:.0f} s after listening"
+                ),
+            )
             cpu_storm = _cpu_seconds(cloud.pid) - cpu_restart
             rss_back = rss_kib(cloud.pid)
             time.sleep(max(2.0, t_listen + RTT_WINDOW_MIN - time.monotonic()))

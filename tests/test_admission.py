@@ -11,12 +11,20 @@ from kins_tunnel.cloud.admission import (
     MAX_RETRY_AFTER,
     MIN_RETRY_AFTER,
     RECENT_SAMPLES,
+    REFUSAL_WINDOW,
     Admission,
 )
 
 
 def _admission() -> Admission:
     return Admission(max_pending=10_000, max_concurrent=64, slow_handshake=2.0)
+
+
+async def _complete(a: Admission, n: int, *, per_second: float) -> None:
+    """`n` handshakes completing at `per_second` (the rate `a` then measures)."""
+    for _ in range(n):
+        await trio.sleep(1 / per_second)
+        a.completed()
 
 
 async def test_the_rate_is_assumed_until_measured_then_follows_completions(
@@ -49,4 +57,65 @@ async def test_the_hint_is_the_queue_ahead_at_the_rate(
         assert 3.5 <= a.retry_after() <= 3.7  # 364 ahead at 100/s
         await trio.sleep(1000)
         assert a.retry_after() == MAX_RETRY_AFTER  # stalled for long: capped
+        n.cancel_scope.cancel()
+
+
+async def test_the_tunnel_port_takes_a_burst_only_while_the_pending_set_has_room(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    a = Admission(max_pending=100, max_concurrent=8, slow_handshake=2.0)
+    room = a.room_for(64)
+    assert room() == 64  # empty: a whole burst
+    tickets = [a.arrive(trio.current_time() + 10) for _ in range(60)]
+    assert room() == 40  # what is left
+    tickets += [a.arrive(trio.current_time() + 10) for _ in range(40)]
+    assert room() == 1  # full: one at a time, each newcomer shedding the oldest
+    newest = a.arrive(trio.current_time() + 10)
+    assert tickets[0].reason == "shed" and a.pending == 100
+    for t in [*tickets, newest]:
+        a.leave(t)
+    assert room() == 64
+
+
+async def test_hints_grow_with_recent_refusals_so_a_large_fleet_spreads_out_in_one_round(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    a = _admission()
+    await _complete(a, 256, per_second=500)
+    # 2,000 edges refused within 0.4 s while the replica goes on at 500/s, nothing queued: each
+    # is told to come back after the ones refused before it, so the hints cover the time the
+    # replica needs for all of them
+    hints = []
+    for i in range(2000):
+        hints.append(a.refusal_hint())
+        await trio.sleep(0.0002)
+        if i % 10 == 9:
+            a.completed()
+    assert hints[0] == MIN_RETRY_AFTER
+    assert 3.8 <= hints[-1] <= 4.2  # 1,999 ahead at 500/s
+    assert 1.8 <= hints[1000] <= 2.2  # evenly spread: no bunching at the minimum
+    # refusals older than REFUSAL_WINDOW no longer count (their edges have come back or will)
+    await trio.sleep(REFUSAL_WINDOW + 0.01)
+    a.completed()  # the replica is still completing handshakes (no stall)
+    assert a.retry_after() == MIN_RETRY_AFTER
+
+
+async def test_a_connection_behind_a_queue_it_cannot_get_through_is_refused_at_once(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    a = _admission()
+    await _complete(a, 256, per_second=100)
+    tickets = [a.arrive(trio.current_time() + 10) for _ in range(64 + 400)]
+    async with trio.open_nursery() as n:
+        for t in tickets:  # one at a time: 64 take a slot, 400 wait
+            n.start_soon(a.acquire, t)
+            await trio.testing.wait_all_tasks_blocked()
+        assert a.busy_slots == 64 and not any(t.reason for t in tickets)
+        # these arrive behind 400 (4 s at ~100/s): the cut is 5 s after accept, so ~100 more fit
+        late = [a.arrive(trio.current_time() + 10) for _ in range(150)]
+        for t in late:
+            n.start_soon(a.acquire, t)
+            await trio.testing.wait_all_tasks_blocked()
+        assert [t.reason for t in late[:100]] == [None] * 100
+        assert [t.reason for t in late[110:]] == ["queued"] * 40  # rate ~102/s
         n.cancel_scope.cancel()

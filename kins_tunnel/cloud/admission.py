@@ -24,17 +24,26 @@ Every refusal has a short, fixed reason label for `kins_tunnel_handshake_failure
 **A queue no longer than it is worth.** A connection that has waited half of `handshake_timeout`
 for a slot is refused (reason "queued") before its edge gives up on it: the edge is told when to
 come back instead of timing out (a timeout would count as a failure and lengthen its backoff).
+A connection that arrives behind a queue it cannot get through by then (the connections waiting
+for a slot, at `rate`) is refused so at once: in a reconnect storm a refusal with a hint costs
+far less than a connection held until it is refused late or its edge gives up.
 
 **When to come back.** A connection refused before its TLS handshake ("shed", "queued", or its
 deadline missed) is told when to try again (`transport.refusal`): `retry_after()` is the time the
 connections waiting now need at the rate the replica has been completing handshakes (`rate`, on
 the high side), at least `MIN_RETRY_AFTER`; so refused edges come back once the queue in front of
-them has gone, not at once and not after their whole backoff.
+them has gone, not at once and not after their whole backoff. The edges refused in the last
+`REFUSAL_WINDOW` count as queued too (`refusal_hint` records each refusal): they are coming back,
+and an edge refused after them should come back after them. So when a large fleet arrives at
+once, the hints grow with the refusals and spread it out in one round, instead of every refused
+edge being told the same short wait and refused again (refusals becoming the load). The record
+is bounded (`MAX_REFUSALS_KEPT`), as everything here.
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -44,6 +53,8 @@ RECENT_SAMPLES = 64  # the rate is the higher of these last completions' and all
 ASSUMED_HANDSHAKE = 0.1  # seconds a slot takes per handshake, until RECENT_SAMPLES have completed
 MIN_RETRY_AFTER = 1.0  # the least wait a shed connection is told
 MAX_RETRY_AFTER = 60.0  # and the most (an edge caps it at its own reconnect.max too)
+REFUSAL_WINDOW = 2.0  # seconds: the refusals this recent count in the queue ahead of a new one
+MAX_REFUSALS_KEPT = 16384  # at most this many refusal times kept (about 0.5 MiB)
 
 
 @dataclass(eq=False)
@@ -71,6 +82,7 @@ class Admission:
         self._lot = trio.lowlevel.ParkingLot()
         self.shed_count = 0
         self._done: collections.deque[float] = collections.deque(maxlen=RATE_SAMPLES)
+        self._refused: collections.deque[float] = collections.deque(maxlen=MAX_REFUSALS_KEPT)
 
     def arrive(self, deadline: float) -> Ticket:
         """Register a new connection (shedding the oldest pending one if there are too many)."""
@@ -89,7 +101,14 @@ class Admission:
         self.release(ticket)
 
     async def acquire(self, ticket: Ticket) -> None:
-        """Wait for a handshake slot (displacing a holder slower than `slow_handshake`)."""
+        """Wait for a handshake slot (displacing a holder slower than `slow_handshake`); a ticket
+        behind a queue longer than half of what is left of its set-up time is shed ("queued")."""
+        if len(self._holders) >= self.max_concurrent and self._waiting:
+            now = trio.current_time()
+            cut = ticket.accepted + (ticket.scope.deadline - ticket.accepted) / 2
+            if now + self._waiting / self.rate() > cut:
+                ticket.shed("queued")
+                await trio.lowlevel.checkpoint()  # the ticket's scope ends the caller here
         self._waiting += 1
         try:
             await self._wait_for_slot()
@@ -133,9 +152,27 @@ class Admission:
         return max(recent, len(done) / max(now - done[0], 1e-3), 1.0)
 
     def retry_after(self) -> float:
-        """Seconds a connection refused now should wait: the queue ahead of it at `rate`."""
-        wait = (self._waiting + len(self._holders)) / self.rate()
+        """Seconds a connection refused now should wait: the queue ahead of it (waiting for a slot,
+        holding one, and refused within `REFUSAL_WINDOW`) at `rate`."""
+        horizon = trio.current_time() - REFUSAL_WINDOW
+        refused = self._refused
+        while refused and refused[0] < horizon:
+            refused.popleft()
+        wait = (self._waiting + len(self._holders) + len(refused)) / self.rate()
         return min(max(wait, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
+
+    def refusal_hint(self) -> float:
+        """`retry_after` for a connection refused now, which is recorded as refused."""
+        hint = self.retry_after()
+        self._refused.append(trio.current_time())
+        return hint
+
+    def room_for(self, burst: int) -> Callable[[], int]:
+        """How many connections the tunnel port may accept now (`listen.accept_bursts`): up to
+        `burst` while the pending set has room, one per wake-up once it is full (a newcomer then
+        sheds the oldest pending connection, so a flood of silent ones cannot lock edges out; the
+        rest wait in the listen backlog instead of shedding each other)."""
+        return lambda: max(1, min(burst, self.max_pending - len(self._pending)))
 
     @property
     def pending(self) -> int:

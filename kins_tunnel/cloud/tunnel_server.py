@@ -51,6 +51,10 @@ from kins_tunnel.transport.tunnel import TunnelSide
 
 log = logging.getLogger("kins_tunnel.cloud.tunnel")
 
+# connections accepted per wake-up of the tunnel port, at most (a reconnect storm is not left in the
+# listen backlog while handshakes run); fewer when admission's pending set is nearly full
+ACCEPT_BURST = 128
+
 
 class TunnelServer:
     def __init__(
@@ -96,6 +100,7 @@ class TunnelServer:
             report=self.metrics.report_internal_error,
             stop=self._listener_scope,
             on_listening=lambda port: self.listening.set(),
+            accept_burst=self.admission.room_for(ACCEPT_BURST),
             task_status=task_status,
         )
 
@@ -188,7 +193,7 @@ class TunnelServer:
         if identity is None or tls is None:  # the ticket's scope ended it: deadline or shed
             reason = ticket.reason or "timeout"
             if tls is None:  # no TLS yet: tell the edge when to come back
-                _send_refusal(tcp, self.admission.retry_after())
+                _send_refusal(tcp, self.admission.refusal_hint())
             self._refuse(
                 peer,
                 reason,
