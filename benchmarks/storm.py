@@ -493,6 +493,9 @@ def _figures(
         for edge, when in rec["downs"]:
             if edge in back and back[edge][0] < when < t_back:
                 dropped += 1
+    # t_listen is when a 2 ms poll of /proc saw the socket listen: on a busy machine an edge may
+    # get in before the poll runs, so the first edge back bounds it (never later than that)
+    t_listen = min([t_listen, *(when for when, _ in back.values())])
     waits = sorted(when - t_listen for when, _ in back.values())
     buckets = collections.Counter(int(w) for w in waits)
     storm = max(waits[-1], 1e-3) if waits else float("nan")

@@ -27,6 +27,8 @@ def test_the_storm_harness_at_20_edges_reports_sane_figures() -> None:
     idle = r["idle"]
     assert 0 < idle["kib_per_edge"] < 1024 and 0 <= idle["cloud_cpu_pct_of_core"] < 100
     leaks = r["leaks"]
-    assert leaks["fds_after"] == leaks["fds_baseline"]
+    # the baseline is the first cloud process's, the count after is the restarted one's (the
+    # first was killed): a fresh process may hold one descriptor fewer, never one more
+    assert leaks["fds_after"] <= leaks["fds_baseline"]
     # the liveness timer is one system task per process, started with its first tunnel
     assert leaks["tasks_after"] <= leaks["tasks_baseline"] + 1
