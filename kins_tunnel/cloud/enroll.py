@@ -68,6 +68,7 @@ log = logging.getLogger("kins_tunnel.cloud.enroll")
 
 MAX_REQUESTS = 3  # on one enrolment connection: the CA bundle, then the enrolment (and a spare)
 MAX_EXCHANGES = 64  # enrolment connections answered at once; more are closed at once
+MAX_EXCHANGES_PER_SOURCE = 8  # of those, from one client address: no source holds them all
 RENEW_TIMEOUT = 30.0  # seconds for a whole renewal exchange on its stream
 SERVER = "kins-tunnel-cloud"
 
@@ -142,6 +143,7 @@ class EnrollService:
         self.lifetime = dt.timedelta(days=cfg.lifetime_days)
         self.limit = FailureLimit(cfg.max_failures_per_source)
         self.exchanges = 0  # enrolment connections being answered now
+        self.exchanges_by_source: dict[str, int] = {}  # of those, per client address
         self._log_budget = SourceBudget()
         if not self.tokens.write_back:
             log.warning(
@@ -161,16 +163,25 @@ class EnrollService:
     # ------------------------------------------------------------------ enrolment
     async def serve_enrolment(self, tls: TLSSocket, peer: str) -> None:
         """Answer the HTTP exchange of one enrolment connection (the caller sets the deadline and
-        closes `tls`). Beyond `MAX_EXCHANGES` at once, the connection is closed unanswered
-        (counted as ``busy``): cert-less connections cannot pile up."""
-        if self.exchanges >= MAX_EXCHANGES:
+        closes `tls`). Beyond `MAX_EXCHANGES` at once, or `MAX_EXCHANGES_PER_SOURCE` from one
+        client address, the connection is closed unanswered (counted as ``busy``): cert-less
+        connections cannot pile up, and no single source holds every slot."""
+        source = _host(peer)
+        held = self.exchanges_by_source.get(source, 0)
+        if self.exchanges >= MAX_EXCHANGES or held >= MAX_EXCHANGES_PER_SOURCE:
             self.metrics.enrollments.labels("busy").inc()
             return
         self.exchanges += 1
+        self.exchanges_by_source[source] = held + 1
         try:
             await self._serve_enrolment(tls, peer)
         finally:
             self.exchanges -= 1
+            left = self.exchanges_by_source[source] - 1
+            if left:
+                self.exchanges_by_source[source] = left
+            else:
+                del self.exchanges_by_source[source]
 
     async def _serve_enrolment(self, tls: TLSSocket, peer: str) -> None:
         async def handler(

@@ -574,5 +574,12 @@ async def test_enrolments_beyond_the_bound_are_closed_unanswered(tmp_path: Path)
         assert exc.reason == "connect" and "closed the connection before answering" in str(exc)
         assert sample(cloud.metrics, "enrollments", "busy") == 1
         cloud.enroll.exchanges = 0
+        # one client address holds at most its share of the slots, whatever room is left
+        cloud.enroll.exchanges_by_source["127.0.0.1"] = cloud_enroll.MAX_EXCHANGES_PER_SOURCE
+        exc = await enrol_refused(cloud, cfg)
+        assert exc.reason == "connect" and "closed the connection before answering" in str(exc)
+        assert sample(cloud.metrics, "enrollments", "busy") == 2
+        del cloud.enroll.exchanges_by_source["127.0.0.1"]
         await Enrolment(cfg, Metrics("edge", lambda: ())).enrol_once(None)  # room again
+        assert cloud.enroll.exchanges == 0 and cloud.enroll.exchanges_by_source == {}
         nursery.cancel_scope.cancel()
