@@ -4,12 +4,14 @@ listen backlog is taken in a few scheduling rounds even when hundreds of tasks a
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 
 import pytest
 import trio
 
-from kins_tunnel.transport.listen import open_listener_socket, serve_listener
+from kins_tunnel.transport.listen import _accept_now, open_listener_socket, serve_listener
 
 CONNECTIONS = 300
 BUSY_TASKS = 200  # runnable at every round, as handshakes are in a reconnect storm
@@ -92,3 +94,23 @@ async def test_one_per_round_without_bursts() -> None:
 @pytest.mark.parametrize("burst", [1, 64])
 async def test_every_connection_is_served_whatever_the_burst(burst: int) -> None:
     assert await _rounds_to_accept(burst) >= CONNECTIONS // burst
+
+
+class _FailingAccept:
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def accept(self) -> tuple[object, object]:
+        raise OSError(self.code, os.strerror(self.code))
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.ECONNRESET, errno.ETIMEDOUT])
+def test_a_connection_lost_or_firewalled_mid_accept_is_skipped(code: int) -> None:
+    # a firewall-refused (EPERM) or reset connection is that connection's failure: the burst
+    # loop skips it instead of ending the tunnel listener
+    assert _accept_now(_FailingAccept(code)) is None  # type: ignore[arg-type]
+
+
+def test_the_process_running_out_of_descriptors_is_still_raised() -> None:
+    with pytest.raises(OSError):
+        _accept_now(_FailingAccept(errno.EMFILE))  # type: ignore[arg-type]

@@ -39,10 +39,17 @@ from kins_tunnel.transport.isolation import ErrorReporter
 log = logging.getLogger("kins_tunnel.listen")
 
 LISTEN_BACKLOG = 4096
-# accept() errors that are one connection's (it went before it was taken): skip it
+# accept() errors that are one connection's (it went before it was taken, or a firewall rule
+# refused it: EPERM on Linux): skip it (the same set trio.serve_listeners skips)
 _LOST_CONNECTION_ERRNOS = {
     getattr(errno, name)
     for name in (
+        "EPERM",
+        "ECONNRESET",
+        "ETIMEDOUT",
+        "ENOSR",
+        "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT",
         "ECONNABORTED",
         "EPROTO",
         "ENETDOWN",
