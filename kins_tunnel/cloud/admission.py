@@ -179,5 +179,10 @@ class Admission:
         return len(self._pending)
 
     @property
+    def recent_refusals(self) -> int:
+        """Refusals recorded by `refusal_hint` (those within `REFUSAL_WINDOW` count in hints)."""
+        return len(self._refused)
+
+    @property
     def busy_slots(self) -> int:
         return len(self._holders)

@@ -147,6 +147,7 @@ class TunnelServer:
         tls: TLSSocket | None = None
         identity: EdgeIdentity | None = None
         enrolling = False
+        spoke = False  # sent a first byte: an edge that will read the refusal's hint
         try:
             with ticket.scope:
                 with trio.move_on_after(t.first_byte_timeout) as first:
@@ -158,6 +159,7 @@ class TunnelServer:
                         f"no data within first_byte_timeout ({t.first_byte_timeout:g}s)",
                     )
                     return
+                spoke = True
                 with trio.move_on_at(ticket.accepted + t.handshake_timeout / 2) as queued:
                     await self.admission.acquire(ticket)
                 # The edge's own deadline runs from its connect, listen backlog included: a
@@ -193,7 +195,10 @@ class TunnelServer:
         if identity is None or tls is None:  # the ticket's scope ended it: deadline or shed
             reason = ticket.reason or "timeout"
             if tls is None:  # no TLS yet: tell the edge when to come back
-                _send_refusal(tcp, self.admission.refusal_hint())
+                # only a connection that spoke counts as an edge coming back (a flood of silent
+                # sockets shed from the pending set must not lengthen every edge's hint)
+                hint = self.admission.refusal_hint() if spoke else self.admission.retry_after()
+                _send_refusal(tcp, hint)
             self._refuse(
                 peer,
                 reason,
