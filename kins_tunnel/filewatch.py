@@ -53,13 +53,18 @@ class WatchedFile(Generic[T]):
     """`value` is `parse(contents)` of the last version of `path` that parsed.
 
     `parse` raises `ValueError` with a one-line reason (naming the key path or line) for bad
-    contents. `what` names the setting in messages, e.g. ``proxy.authz_file``.
+    contents. `what` names the setting in messages, e.g. ``proxy.authz_file``. With
+    `parse_in_thread`, re-reads are parsed in a worker thread (for a large file whose parse would
+    hold the event loop; `parse` must then not touch event-loop state).
     """
 
-    def __init__(self, path: Path, parse: Callable[[bytes], T], what: str) -> None:
+    def __init__(
+        self, path: Path, parse: Callable[[bytes], T], what: str, *, parse_in_thread: bool = False
+    ) -> None:
         self.path = Path(path)
         self.what = what
         self._parse = parse
+        self._parse_in_thread = parse_in_thread
         self._stamp = file_stamp(self.path)
         self._failed_stamp: Stamp | object = _NEVER
         self.reloads = 0  # successful re-reads after start-up
@@ -96,7 +101,10 @@ class WatchedFile(Generic[T]):
             reason = f"cannot read it: {exc.strerror or exc}"
         else:
             try:
-                value = self._parse(data)
+                if self._parse_in_thread:
+                    value = await trio.to_thread.run_sync(self._parse, data)
+                else:
+                    value = self._parse(data)
             except PartialValue as exc:
                 self._stamp, self._failed_stamp, self.value = stamp, _NEVER, exc.value
                 self.reloads += 1

@@ -287,8 +287,8 @@ class TokenStore:
 
     def __init__(self, path: Path) -> None:
         self.file: WatchedFile[dict[str, TokenEntry]] = WatchedFile(
-            Path(path), parse_tokens, "enrollment.tokens_file"
-        )
+            Path(path), parse_tokens, "enrollment.tokens_file", parse_in_thread=True
+        )  # up to MAX_TOKENS entries of YAML: seconds of parsing, re-read after each enrolment
         self.path = Path(path)
         self.write_back = os.access(self.path, os.W_OK) and os.access(self.path.parent, os.W_OK)
         self._used: dict[tuple[str, str], int] = {}  # in-memory uses when the file is read-only

@@ -372,3 +372,41 @@ def test_cloud_refuses_an_issuing_ca_that_its_tls_ca_did_not_sign(tmp_path: Path
     doc["enrollment"]["tokens_file"] = str(tmp_path / "missing.yaml")  # type: ignore[index]
     with pytest.raises(UserError, match="enrollment.tokens_file: cannot read"):
         Cloud(cloud_config_from_dict(doc, base_dir=tmp_path))
+
+
+def test_taking_a_use_does_not_stall_the_event_loop_on_a_large_tokens_file(tmp_path: Path) -> None:
+    """Each enrolment rewrites the tokens file, then re-reads it: parsing a large file (up to
+    MAX_TOKENS entries of YAML) must not run on the event loop, or every tunnel waits."""
+    from kins_tunnel.tokens import TokenEntry, TokenStore, dump_tokens, secret_hash
+
+    when = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    entries = {
+        f"{i:06d}": TokenEntry(f"{i:06d}", secret_hash("x" * 16), "test", f"n{i}", when, 1)
+        for i in range(5000)
+    }
+    path = tmp_path / "tokens.yaml"
+    path.write_bytes(dump_tokens(entries))
+    store = TokenStore(path)
+    assert store.write_back
+    gaps: list[float] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def tick() -> None:
+                last = trio.current_time()
+                while True:
+                    await trio.sleep(0.01)
+                    now = trio.current_time()
+                    gaps.append(now - last)
+                    last = now
+
+            nursery.start_soon(tick)
+            await trio.sleep(0.05)
+            await store.consume(store.file.value["000007"])
+            await trio.sleep(0.05)  # the ticker records the gap that spans the consume
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert store.file.value["000007"].uses == 0  # the new count is in use
+    assert max(gaps) < 0.5, f"the event loop stalled {max(gaps):.2f}s"
