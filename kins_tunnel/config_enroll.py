@@ -27,6 +27,7 @@ class EnrollmentSettings:
     ca: IssuingCAFiles | None = None  # None: enrolment answers a refusal (no issuing CA)
     lifetime_days: float = 30.0  # edge certificates issued and renewed; fractions allowed
     max_failures_per_source: int = 10  # failed tokens per source address and minute; then 429
+    max_renewals_per_hour: int = 6  # renewals one edge identity may ask for an hour; then 429
 
 
 @dataclass(frozen=True, slots=True)

@@ -150,10 +150,16 @@ async def json_request(
 
 
 async def serve_json(
-    stream: trio.abc.Stream, handler: Handler, *, max_requests: int, server: str
+    stream: trio.abc.Stream,
+    handler: Handler,
+    *,
+    max_requests: int,
+    server: str,
+    on_bad_request: Callable[[int, str], None] | None = None,
 ) -> None:
     """Answer up to `max_requests` requests on `stream` with `handler(method, target, body)`;
-    a malformed request gets a 4xx JSON answer and ends the exchange. The caller closes."""
+    a malformed request gets a 4xx JSON answer and ends the exchange, after
+    `on_bad_request(status, sentence)` (to count and log it). The caller closes."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=READ_SIZE)
     for _ in range(max_requests):
         try:
@@ -164,10 +170,14 @@ async def serve_json(
             return
         except ErrorAnswer as exc:
             status, doc = exc.status, {"error": exc.reason, "reason": "bad_request"}
+            if on_bad_request is not None:
+                on_bad_request(status, exc.reason)
             await _answer(stream, conn, status, doc, server, close=True)
             return
         except (ExchangeError, ValueError, h11.ProtocolError) as exc:
             doc = {"error": f"bad request: {str(exc)[:100]}", "reason": "bad_request"}
+            if on_bad_request is not None:
+                on_bad_request(400, doc["error"])
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 await _answer(stream, conn, 400, doc, server, close=True)
             return

@@ -26,7 +26,7 @@ from kins_tunnel.certs.issuing import (
     load_issuing_ca,
     sign_edge_csr,
 )
-from kins_tunnel.cloud.enroll import FailureLimit
+from kins_tunnel.cloud.enroll import RateLimit
 from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
 from kins_tunnel.edge.credentials import enrollment_state
 from kins_tunnel.errors import UserError
@@ -197,20 +197,25 @@ async def test_concurrent_uses_never_exceed_the_count(tmp_path: Path) -> None:
     assert read_tokens(tokens)[entry.id].uses == 0
 
 
-def test_failure_limit_per_source() -> None:
+def test_rate_limit_per_key() -> None:
     now = [0.0]
-    limit = FailureLimit(3, max_sources=2, clock=lambda: now[0])
+    limit = RateLimit(3, max_keys=2, clock=lambda: now[0])
     for _ in range(3):
         assert limit.retry_after("10.0.0.1") is None
-        limit.failed("10.0.0.1")
+        limit.take("10.0.0.1")
     wait = limit.retry_after("10.0.0.1")
     assert wait is not None and 19 < wait <= 20
     assert limit.retry_after("10.0.0.2") is None  # another address is not held back
     now[0] += 20
     assert limit.retry_after("10.0.0.1") is None  # refilled: one more try
-    limit.failed("10.0.0.2")
-    limit.failed("10.0.0.3")  # a third address: the least recently seen is forgotten
+    limit.take("10.0.0.2")
+    limit.take("10.0.0.3")  # a third address: the least recently seen is forgotten
     assert len(limit._buckets) == 2
+    hourly = RateLimit(6, 3600.0, clock=lambda: now[0])  # renewals: 6 an hour, one per 10 min
+    for _ in range(6):
+        hourly.take("test/edge1")
+    wait = hourly.retry_after("test/edge1")
+    assert wait is not None and 599 < wait <= 600
 
 
 def test_issuing_ca_is_constrained_to_edge_identities(tmp_path: Path) -> None:

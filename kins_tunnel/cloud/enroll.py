@@ -24,12 +24,16 @@ as before (`cloud.tunnel_server`). On it the edge speaks HTTP/1.1 (h11, JSON bod
 **Renewal** runs over an established tunnel: the edge opens a stream to the reserved target
 `certs.RENEW_TARGET` (handled here before the uplinks map is consulted) and POSTs a new CSR to
 ``/v1/renew``. The identity is that of the tunnel's verified certificate, never anything in the
-request; a revoked identity or serial is refused.
+request; a revoked identity or serial is refused. An identity may renew at most
+``enrollment.max_renewals_per_hour`` times an hour (its own `RateLimit` bucket): an edge renews
+once in a certificate's lifetime, so more is a loop or a stolen key, and each renewal costs a
+signature; beyond it the edge gets 429 with the seconds to wait.
 
 Every refusal answers a JSON ``{"error": <sentence>, "reason": <label>}`` with a fitting status,
 is counted in ``kins_tunnel_enrollments_total{result}`` / ``kins_tunnel_certificate_renewals_total
 {result}`` (fixed labels) and logged (budgeted per source address) without the token's secret.
-Failed tokens are limited per source address (`FailureLimit`): beyond
+A malformed request (not HTTP, not JSON, an unknown path) is answered 400/404 and counted as
+``bad_request``. Failed tokens are limited per source address (a `RateLimit`): beyond
 ``enrollment.max_failures_per_source`` a minute, the address gets 429 without a token check.
 """
 
@@ -85,34 +89,41 @@ class Refused(Exception):
 _TOKEN_STATUS = {"bad_token": 400, "unknown_token": 403, "expired_token": 403, "used_token": 403}
 
 
-class FailureLimit:
-    """Failed tokens per source address: a bucket of `per_minute` failures, refilled evenly over
-    a minute; at most `max_sources` addresses are remembered (the least recently seen forgotten)."""
+class RateLimit:
+    """Events per key (a source address, an identity): a bucket of `count` events, refilled evenly
+    over `period` seconds; at most `max_keys` keys are remembered (the least recently seen
+    forgotten, which only ever gives a forgotten key a full bucket)."""
 
     def __init__(
-        self, per_minute: int, max_sources: int = 4096, clock: Callable[[], float] = time.monotonic
+        self,
+        count: int,
+        period: float = 60.0,
+        max_keys: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.per_minute = per_minute
-        self.max_sources = max_sources
+        self.count = count
+        self.period = period
+        self.max_keys = max_keys
         self._clock = clock
         self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
 
-    def _level(self, source: str) -> float:
-        level, at = self._buckets.get(source, (float(self.per_minute), self._clock()))
+    def _level(self, key: str) -> float:
+        level, at = self._buckets.get(key, (float(self.count), self._clock()))
         now = self._clock()
-        return min(float(self.per_minute), level + (now - at) * self.per_minute / 60.0)
+        return min(float(self.count), level + (now - at) * self.count / self.period)
 
-    def retry_after(self, source: str) -> float | None:
-        """Seconds until `source` may try again, or None if it may now."""
-        level = self._level(source)
-        return None if level >= 1 else (1 - level) * 60.0 / self.per_minute
+    def retry_after(self, key: str) -> float | None:
+        """Seconds until `key` may have another event, or None if it may now."""
+        level = self._level(key)
+        return None if level >= 1 else (1 - level) * self.period / self.count
 
-    def failed(self, source: str) -> None:
-        level = self._level(source) - 1
-        self._buckets.pop(source, None)
-        while len(self._buckets) >= self.max_sources:
+    def take(self, key: str) -> None:
+        """One event of `key` (the bucket may go below zero: the wait grows with each one)."""
+        level = self._level(key) - 1
+        self._buckets.pop(key, None)
+        while len(self._buckets) >= self.max_keys:
             self._buckets.popitem(last=False)
-        self._buckets[source] = (level, self._clock())
+        self._buckets[key] = (level, self._clock())
 
 
 def _host(peer: str) -> str:
@@ -141,7 +152,8 @@ class EnrollService:
             self.issuing = load_issuing_ca(cfg.ca.cert, cfg.ca.key)
             check_chains(self.issuing, self.ca_bundle)
         self.lifetime = dt.timedelta(days=cfg.lifetime_days)
-        self.limit = FailureLimit(cfg.max_failures_per_source)
+        self.limit = RateLimit(cfg.max_failures_per_source)  # failed tokens per source address
+        self.renewal_limit = RateLimit(cfg.max_renewals_per_hour, 3600.0)  # per identity
         self.exchanges = 0  # enrolment connections being answered now
         self.exchanges_by_source: dict[str, int] = {}  # of those, per client address
         self._log_budget = SourceBudget()
@@ -192,9 +204,20 @@ class EnrollService:
                 return 200, {"ca": pem.decode("ascii", "replace")}
             if (method, target) == ("POST", "/v1/enroll"):
                 return await self._enrol(body, peer)
+            bad_request(404, "no such enrolment endpoint")
             return 404, {"error": "no such enrolment endpoint", "reason": "bad_request"}
 
-        await serve_json(TLSSocketStream(tls), handler, max_requests=MAX_REQUESTS, server=SERVER)
+        def bad_request(status: int, why: str) -> None:
+            exc = Refused(status, "bad_request", why)
+            self._refused(self.metrics.enrollments, "edge enrolment refused", exc, peer)
+
+        await serve_json(
+            TLSSocketStream(tls),
+            handler,
+            max_requests=MAX_REQUESTS,
+            server=SERVER,
+            on_bad_request=bad_request,
+        )
 
     async def _enrol(self, body: dict[str, Any], peer: str) -> tuple[int, dict[str, Any]]:
         token_id = ""
@@ -230,7 +253,7 @@ class EnrollService:
             try:
                 entry = self.tokens.check(token)
             except TokenRefused as exc:
-                self.limit.failed(_host(peer))
+                self.limit.take(_host(peer))
                 raise Refused(_TOKEN_STATUS.get(exc.reason, 403), exc.reason, str(exc)) from None
             if unit is not None and unit != entry.unit:
                 raise Refused(
@@ -356,11 +379,21 @@ class EnrollService:
             method: str, target: str, body: dict[str, Any]
         ) -> tuple[int, dict[str, Any]]:
             if (method, target) != ("POST", "/v1/renew"):
+                bad_request(404, "no such renewal endpoint")
                 return 404, {"error": "no such renewal endpoint", "reason": "bad_request"}
             return await self._renew(body, identity, peer, session)
 
+        def bad_request(status: int, why: str) -> None:
+            exc = Refused(status, "bad_request", why)
+            labels = {"unit": identity.unit, "node": identity.node}
+            self._refused(
+                self.metrics.renewals, "edge certificate renewal refused", exc, peer, **labels
+            )
+
         with trio.move_on_after(RENEW_TIMEOUT):
-            await serve_json(stream, handler, max_requests=1, server=SERVER)
+            await serve_json(
+                stream, handler, max_requests=1, server=SERVER, on_bad_request=bad_request
+            )
         await trio.aclose_forcefully(stream)
 
     async def _renew(
@@ -374,10 +407,20 @@ class EnrollService:
                     "no_issuing_ca",
                     "this cloud has no issuing CA (enrollment.ca in cloud.yaml)",
                 )
+            key = f"{identity.unit}/{identity.node}"
+            wait = self.renewal_limit.retry_after(key)
+            if wait is not None:
+                raise Refused(
+                    429,
+                    "rate_limited",
+                    f"too many renewals for this identity: retry in {wait:.0f}s "
+                    "(enrollment.max_renewals_per_hour)",
+                )
             csr = body.get("csr")
             if not isinstance(csr, str):
                 raise Refused(400, "bad_request", "the request needs a csr (a string)")
             public_key = self._csr_key(csr, identity.node)
+            self.renewal_limit.take(key)  # a well-formed request, whatever the answer
             der = session.tls.peer_certificate_der()
             try:
                 serial = cert_facts(der).serial if der is not None else -1

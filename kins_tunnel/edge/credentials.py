@@ -1,8 +1,16 @@
 """The edge's credential files: whether they hold a usable certificate (`current_credentials`,
 `enrollment_state` for ``kins-tunnel doctor``) and writing new ones (`write_credentials`).
+
+A new key and certificate are first written beside the files in use (``<file>.next``, each
+atomically and synced), then renamed into place, the key first. A process that dies between the
+two renames leaves a new key beside an old certificate; `finish_interrupted_write` (run when the
+edge starts) completes the step from the ``.next`` files it left, so the pair in use always
+matches and the edge never falls back to a token it has already used.
 """
 
 import datetime as dt
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +24,8 @@ from kins_tunnel.config import EdgeConfig
 from kins_tunnel.errors import UserError
 from kins_tunnel.pemfiles import load_certs, load_key, make_dir, write_atomic
 from kins_tunnel.tokens import TOKEN_RE
+
+log = logging.getLogger("kins_tunnel.edge.credentials")
 
 
 @dataclass(frozen=True)
@@ -76,18 +86,86 @@ def write_credentials(
     chain: list[x509.Certificate],
     ca: x509.Certificate | None,
 ) -> None:
-    """CA, key, then certificate + chain: each atomically, the certificate last."""
+    """CA, then key and certificate + chain as ``.next`` files, renamed into place key first."""
     pem = serialization.Encoding.PEM
     for path in (settings_cert, settings_key, *((settings_ca,) if settings_ca else ())):
         make_dir(path.parent)
     if settings_ca is not None and ca is not None:
         write_atomic(settings_ca, ca.public_bytes(pem), 0o644)
     write_atomic(
-        settings_key,
+        pending(settings_key),
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
         0o600,
     )
-    write_atomic(settings_cert, b"".join(c.public_bytes(pem) for c in [cert, *chain]), 0o644)
+    write_atomic(
+        pending(settings_cert), b"".join(c.public_bytes(pem) for c in [cert, *chain]), 0o644
+    )
+    _promote(settings_cert, settings_key)
+
+
+def pending(path: Path) -> Path:
+    """Where a new credential file waits before it is renamed over `path`."""
+    return path.with_name(path.name + ".next")
+
+
+def _promote(cert_path: Path, key_path: Path) -> None:
+    try:
+        if pending(key_path).exists():
+            os.replace(pending(key_path), key_path)
+        os.replace(pending(cert_path), cert_path)
+    except OSError as exc:
+        raise UserError(f"cannot rename {cert_path}: {exc.strerror or exc}") from None
+    for directory in {cert_path.parent, key_path.parent}:
+        _sync_dir(directory)
+
+
+def _sync_dir(directory: Path) -> None:
+    """Make the renames in `directory` durable (best effort: not every file system can)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _key_of(path: Path) -> object | None:
+    try:
+        return load_key(path, "key").public_key()
+    except UserError:
+        return None
+
+
+def _cert_key_of(path: Path) -> object | None:
+    try:
+        return load_certs(path, "certificate")[0].public_key()
+    except UserError:
+        return None
+
+
+def finish_interrupted_write(cert_path: Path, key_path: Path) -> str | None:
+    """Complete a `write_credentials` that stopped part-way; what was done, or None.
+
+    A pending certificate whose key is the pending key (or, once that was renamed, the key in
+    use) is put in place; pending files that belong to nothing are removed."""
+    cert_next, key_next = pending(cert_path), pending(key_path)
+    if not cert_next.exists() and not key_next.exists():
+        return None
+    new_cert = _cert_key_of(cert_next) if cert_next.exists() else None
+    owner = key_next if key_next.exists() else key_path
+    if new_cert is not None and new_cert == _key_of(owner):
+        _promote(cert_path, key_path)
+        done = f"completed an interrupted certificate write ({cert_path})"
+    else:
+        for leftover in (cert_next, key_next):
+            leftover.unlink(missing_ok=True)
+        done = f"removed the unfinished new credential files beside {cert_path}"
+    log.warning("%s", done)
+    return done
 
 
 def own_identity(cert_path: str) -> EdgeIdentity:

@@ -50,7 +50,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from kins_tunnel.certs.identity import RENEW_TARGET, identity_from_der
 from kins_tunnel.certs.issuing import edge_csr
 from kins_tunnel.config import EdgeConfig
-from kins_tunnel.edge.credentials import Credentials, current_credentials, write_credentials
+from kins_tunnel.edge.credentials import (
+    Credentials,
+    current_credentials,
+    finish_interrupted_write,
+    write_credentials,
+)
 from kins_tunnel.edge.enroll_checks import (
     EnrolError,
     issued_certificate,
@@ -98,6 +103,10 @@ class Enrolment:
         self.cfg = cfg
         self.settings = cfg.enroll
         self.metrics = metrics
+        try:
+            finish_interrupted_write(cfg.tls.cert, cfg.tls.key)
+        except (UserError, OSError) as exc:  # the files in use are still read as they are
+            log.warning("cannot finish an interrupted certificate write: %s", exc)
         self.state = "enrolled" if current_credentials(cfg) is not None else "enrolling"
         self.last_error: str | None = None
         self.renewals = 0

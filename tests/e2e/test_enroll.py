@@ -590,3 +590,72 @@ async def test_enrolments_beyond_the_bound_are_closed_unanswered(tmp_path: Path)
             "enrolment slot given back",
         )
         nursery.cancel_scope.cancel()
+
+
+async def test_renewals_are_limited_per_identity(tmp_path: Path) -> None:
+    cloud = make_cloud(tmp_path, enrollment={"max_renewals_per_hour": 2})
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(cloud.run)
+        edge = await enrolled_edge(nursery, cloud, tmp_path, ports.tunnel)
+        (session,) = edge.sessions.values()
+
+        async def renew(csr: object) -> tuple[int, dict[str, Any]]:
+            stream = await session.open_stream(RENEW_TARGET, 5)
+            async with stream:
+                return await json_request(
+                    stream, h11.Connection(h11.CLIENT), "POST", "/v1/renew", {"csr": csr}, host="x"
+                )
+
+        good = edge_csr(ec.generate_private_key(ec.SECP256R1()), "edge1").decode()
+        assert (await renew(17))[0] == 400  # malformed: answered, not counted against the limit
+        for _ in range(2):
+            status, doc = await renew(good)
+            assert status == 200, doc
+        status, doc = await renew(good)
+        assert (status, doc["reason"]) == (429, "rate_limited"), doc
+        assert "enrollment.max_renewals_per_hour" in doc["error"]
+        wait = float(doc["error"].split("retry in ")[1].split("s")[0])
+        assert 1700 <= wait <= 1800, doc  # 2 an hour: one comes back every 30 minutes
+        assert sample(cloud.metrics, "certificate_renewals", "ok") == 2
+        assert sample(cloud.metrics, "certificate_renewals", "rate_limited") == 1
+        assert sample(cloud.metrics, "certificate_renewals", "bad_request") == 1
+        # another identity has its own allowance
+        assert cloud.enroll is not None
+        assert cloud.enroll.renewal_limit.retry_after("test/edge2") is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_malformed_enrolment_and_renewal_requests_are_counted(tmp_path: Path) -> None:
+    cloud = make_cloud(tmp_path)
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(cloud.run)
+        edge = await enrolled_edge(nursery, cloud, tmp_path, ports.tunnel)
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "certs" / "ca.crt"))
+        ctx.check_hostname = False
+        ctx.set_alpn_protocols(["kins-enroll/1"])
+        answers = []
+        for raw in (
+            b"POST /v1/enroll HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{nope",  # not JSON
+            b"GET /v1/nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",  # no such path
+            b"NOT HTTP AT ALL\r\n\r\n",
+        ):
+            tcp = await trio.open_tcp_stream("127.0.0.1", ports.tunnel)
+            async with trio.SSLStream(tcp, ctx, server_hostname="x", https_compatible=True) as tls:
+                with trio.fail_after(5):
+                    await tls.send_all(raw)
+                    answer = b""
+                    while chunk := await tls.receive_some(4096):
+                        answer += chunk
+                answers.append(answer.split(b" ", 2)[1])
+        assert answers == [b"400", b"404", b"400"], answers
+        assert sample(cloud.metrics, "enrollments", "bad_request") == 3
+        # over the tunnel: a request to another path of the renewal target
+        (session,) = edge.sessions.values()
+        stream = await session.open_stream(RENEW_TARGET, 5)
+        async with stream:
+            status, doc = await json_request(
+                stream, h11.Connection(h11.CLIENT), "POST", "/v1/other", {}, host="x"
+            )
+        assert (status, doc["reason"]) == (404, "bad_request")
+        assert sample(cloud.metrics, "certificate_renewals", "bad_request") == 1
+        nursery.cancel_scope.cancel()

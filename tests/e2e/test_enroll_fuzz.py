@@ -354,7 +354,8 @@ def check_answer(answer: bytes, allow_200: bool) -> None:
 # ---------------------------------------------------------------- environment
 @contextlib.asynccontextmanager
 async def enrol_env(tmp_path: Path) -> AsyncIterator[tuple[TunnelEnv, dict[str, int], str]]:
-    """`watched_env` with enrolment (an issuing CA, a failure limit a fuzzer does not reach) and
+    """`watched_env` with enrolment (an issuing CA, failure and renewal limits a fuzzer does not
+    reach, so that every request goes as far as its contents let it) and
     one real token for node GOOD_NODE with 3 uses."""
     init_ca(tmp_path / "certs", issuing_ca=True)
     tokens = tmp_path / "tokens.yaml"
@@ -367,6 +368,7 @@ async def enrol_env(tmp_path: Path) -> AsyncIterator[tuple[TunnelEnv, dict[str, 
             "tokens_file": str(tokens),
             "ca": {"cert": str(certs / "issuing.crt"), "key": str(certs / "issuing.key")},
             "max_failures_per_source": 1_000_000,
+            "max_renewals_per_hour": 1_000_000,
         },
     ) as (env, counts):
         real = create_token(tokens, "test", GOOD_NODE, HOUR, 3)
