@@ -165,6 +165,22 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def source_key(host: str) -> str:
+    """Who a per-source share or limit belongs to, for a client address `host`: an IPv4 address
+    as it is, an IPv6 address by its /64 (one subscriber's usual allocation, in which a client
+    can pick a fresh address for every connection), an IPv4-mapped IPv6 address as its IPv4.
+    Anything else (a name, ``?``) as given."""
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
 def kind(value: object) -> str:
     """How a YAML value looks, for error messages: `string 'x'`, `integer 3`, `list`, `null`."""
     names: dict[type, str] = {

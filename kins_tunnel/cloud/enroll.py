@@ -62,6 +62,7 @@ from kins_tunnel.errors import UserError
 from kins_tunnel.jsonhttp import TLSSocketStream, serve_json
 from kins_tunnel.logs import SourceBudget
 from kins_tunnel.metrics import Metrics
+from kins_tunnel.names import source_key
 from kins_tunnel.pemfiles import load_certs, read_file
 from kins_tunnel.proto import LocalProtocolError
 from kins_tunnel.tokens import TOKEN_RE, TokenRefused, TokenStore
@@ -127,7 +128,9 @@ class RateLimit:
 
 
 def _host(peer: str) -> str:
-    return peer.rsplit(":", 1)[0]
+    """The share and limit key of a ``host:port`` peer (`names.source_key`: an IPv6 client by
+    its /64)."""
+    return source_key(peer.rsplit(":", 1)[0])
 
 
 class EnrollService:

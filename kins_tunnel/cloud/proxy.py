@@ -40,7 +40,7 @@ from kins_tunnel.errors import OpenFailed
 from kins_tunnel.httpanswer import ClientGone, ErrorAnswer, accept_connect, read_request, send_error
 from kins_tunnel.logs import SourceBudget, record_fields
 from kins_tunnel.metrics import Metrics
-from kins_tunnel.names import normalise_target
+from kins_tunnel.names import normalise_target, source_key
 from kins_tunnel.proto import ErrorCode, code_label
 from kins_tunnel.transport.listen import peer_authority, serve_port, warn_unauthenticated
 from kins_tunnel.transport.relay import relay
@@ -140,8 +140,9 @@ async def serve_proxy(
 
 
 def _host(stream: ClientStream) -> str:
+    """The anonymous client's share key (`names.source_key`: an IPv6 client by its /64)."""
     try:
-        return str(stream.socket.getpeername()[0])
+        return source_key(str(stream.socket.getpeername()[0]))
     except OSError:
         return "?"
 
