@@ -53,6 +53,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kins_tunnel.proto import ownership
 from kins_tunnel.proto.control import ConnState, ControlFrames
 from kins_tunnel.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from kins_tunnel.proto.events import ConnectionTerminated, Event
@@ -278,9 +279,10 @@ class Connection:
         """Hand about `limit` queued bytes to `write`; returns the count handed over.
 
         `write` gets views of buffers this connection reuses: they are valid only until it returns
-        (the `write_output` contract, see `output`). Control frames go first, whole; then DATA in
-        turns across streams (see `output`). The transport's path: nothing is copied or allocated
-        per batch.
+        (it copies or sends them: the zero-copy contract of docs/DESIGN.md "Transport objects and
+        who owns what", checked in debug mode by `ownership`). Control frames go first, whole;
+        then DATA in turns across streams (see `output`). The transport's path: nothing is copied
+        or allocated per batch.
         """
         handed = 0
         control = self._control
@@ -299,6 +301,8 @@ class Connection:
             with memoryview(out) as view:
                 write(view)
             handed = len(out)
+            if ownership.CHECKS:
+                ownership.expect_unshared(out, "control frames")
             del out[:]
             control.pending_pongs = 0
             control.pending_delay_answers = 0

@@ -73,6 +73,22 @@ async def _pump_socket_to_tunnel(
     await dst.send_eof()
 
 
+async def _pump_tunnel_to_socket(
+    src: TunnelStream, dst: trio.SocketStream, result: RelayResult, forward: bool
+) -> None:
+    """The tunnel-to-socket direction: `TunnelStream.copy_to_socket`, which lends the socket to
+    the session's reader task for direct delivery (the rules live there)."""
+    try:
+        await src.copy_to_socket(dst, RELAY_CHUNK)
+    finally:
+        total = src.copied_bytes + src.direct_bytes
+        if forward:
+            result.a_to_b += total
+        else:
+            result.b_to_a += total
+    await dst.send_eof()
+
+
 async def _pump(
     src: trio.abc.Stream,
     dst: trio.abc.HalfCloseableStream | trio.abc.Stream,
@@ -80,10 +96,6 @@ async def _pump(
     forward: bool,
 ) -> None:
     total = 0
-    direct: TunnelStream | None = None
-    if isinstance(src, TunnelStream) and isinstance(dst, trio.SocketStream):
-        direct = src
-        direct.set_direct_sink(dst.socket.fileno())
     try:
         while True:
             data = await src.receive_some(RELAY_CHUNK)
@@ -91,12 +103,7 @@ async def _pump(
                 break
             await dst.send_all(data)
             total += len(data)
-            if direct is not None:
-                direct.sink_idle()
     finally:
-        if direct is not None:
-            direct.set_direct_sink(None)  # before dst's fd can be closed
-            total += direct.direct_bytes
         if forward:
             result.a_to_b += total
         else:
@@ -129,6 +136,8 @@ async def relay(
         try:
             if isinstance(src, trio.SocketStream) and isinstance(dst, TunnelStream):
                 await _pump_socket_to_tunnel(src, dst, result, forward)
+            elif isinstance(src, TunnelStream) and isinstance(dst, trio.SocketStream):
+                await _pump_tunnel_to_socket(src, dst, result, forward)
             else:
                 await _pump(src, dst, result, forward)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
