@@ -4,9 +4,12 @@ Each direction runs in its own task: read from one side, write to the other; at 
 the other side (`send_eof`) and stop. The socket-to-tunnel direction reads into a buffer shared by
 every relay of the trio run (`readv`, no allocation per read): `TunnelStream.send_all` takes what
 it is given into the protocol core before it first waits (copying any rest it must keep), so the
-buffer is free again when the next relay reads. The relay ends when both directions ended cleanly, or as soon
-as either fails (reset, broken socket), in which case the other direction is cancelled. Both
-streams are closed on the way out, whatever happened. Returns the bytes moved each way.
+buffer is free again when the next relay reads. The tunnel-to-socket direction is
+`TunnelStream.copy_to_socket`, which lends the socket to the session's reader task for direct
+delivery (both rules: docs/DESIGN.md, "Transport objects and who owns what"). The relay ends when
+both directions ended cleanly, or as soon as either fails (reset, broken socket), in which case
+the other direction is cancelled. Both streams are closed on the way out, whatever happened.
+Returns the bytes moved each way.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ as `close()` on a TCP socket) and an abort (RESET) otherwise.
 
 The stream talks to its session only through the narrow `StreamIO` interface below: the session
 owns the protocol state; this object only queues received bytes and parks the tasks that wait.
+Relayed into a TCP socket (`copy_to_socket`), it lets the session's reader task write arriving
+bytes straight into that socket; this module alone coordinates the two writers (see "Direct
+delivery" below, and docs/DESIGN.md "Transport objects and who owns what").
 """
 
 from __future__ import annotations
