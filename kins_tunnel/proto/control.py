@@ -97,13 +97,10 @@ class ControlFrames:
         pacer: DelayPacer | None,
         rx: FrameReceiver,
     ) -> None:
-        self._config = config
-        self._hello = hello
-        self._clock = clock
-        self._streams = streams
-        self._data = data
-        self._pacer = pacer
-        self._rx = rx  # DELAY answers report the DATA bytes it has taken
+        self._config, self._hello, self._clock = config, hello, clock
+        # the other parts of the connection: those it works on, and the receiver whose count of
+        # DATA bytes DELAY answers report
+        self._streams, self._data, self._pacer, self._rx = streams, data, pacer, rx
         self.state = ConnState.HANDSHAKE
         self.peer = PeerLimits()  # what the peer's HELLO (and GOAWAY) said
         self.version: int | None = None

@@ -9,33 +9,18 @@ from collections.abc import Callable
 
 import pytest
 
-from kins_tunnel.proto import MuxConfig, ownership
+from kins_tunnel.proto import ownership
 from kins_tunnel.proto.events import DataReceived
 from kins_tunnel.proto.frames import FrameType, unpack_header
 from kins_tunnel.proto.output import QUANTUM
 from tests.proto.helpers import Pair
-
-BIG = MuxConfig(
-    max_frame=256 * 1024,
-    initial_window=4 * 1024 * 1024,
-    max_window=16 * 1024 * 1024,
-    session_budget=64 * 1024 * 1024,
-)
-TARGET = "test-svc-kins.kins-system:443"
+from tests.proto.test_mux_scheduling import CFG, open_streams
 
 
 def open_pair(streams: int) -> tuple[Pair, list[int]]:
-    pair = Pair(BIG, BIG)
+    pair = Pair(CFG, CFG)
     pair.handshake()
-    sids = []
-    for _ in range(streams):
-        sid = pair.client.open_stream(TARGET)
-        pair.deliver("client")
-        pair.server.accept_stream(sid)
-        pair.deliver("server")
-        sids.append(sid)
-    pair.take("client")
-    pair.take("server")
+    sids = open_streams(pair, streams)
     pair.client.data_to_send()  # no control frame ahead of the DATA the tests queue
     return pair, sids
 
