@@ -266,9 +266,11 @@ class ControlFrames:
         self.close_all()
 
 
+ControlHandler = Callable[[ControlFrames, int, int, memoryview, list[Event]], None]
+
 # control frame type -> handler (called by `receive.FrameReceiver` with the `ControlFrames` as
 # first argument: one table for every connection, no bound methods per instance)
-CONTROL_HANDLERS: dict[int, Callable[[ControlFrames, int, int, memoryview, list[Event]], None]] = {
+CONTROL_HANDLERS: dict[int, ControlHandler] = {
     FrameType.HELLO: ControlFrames._on_hello,
     FrameType.OPEN: ControlFrames._on_open,
     FrameType.OPEN_RESULT: ControlFrames._on_open_result,

@@ -38,10 +38,10 @@ handed, when they are made, the other parts they use:
   handler per control frame type (`CONTROL_HANDLERS`, a table shared by every connection);
 - `pacer.DelayPacer`: the bulk pacer, when pacing is on and there is a clock.
 
-The handshake is `handshake`; byte layouts are `frames`. A stream
-is opened by OPEN (which grants the acceptor its first window) and answered by OPEN_RESULT (which
-grants the opener its first window, or refuses with an error code). Each direction ends
-independently with FIN (always reported as `StreamEnded`); RESET aborts both.
+The handshake is `handshake`; byte layouts are `frames`. A stream is opened by OPEN (which grants
+the acceptor its first window) and answered by OPEN_RESULT (which grants the opener its first
+window, or refuses with an error code). Each direction ends independently with FIN (always
+reported as `StreamEnded`); RESET aborts both.
 
 Time: the core has no clock. The transport passes one (`trio.current_time`), so tests can drive
 pings, RTT and window growth with a fake clock; without one, RTTs are unknown and windows grow on
