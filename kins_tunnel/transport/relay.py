@@ -38,6 +38,13 @@ class RelayResult:
     error: str | None = None
     idle: bool = False  # ended by the idle timeout
 
+    def moved(self, forward: bool, n: int) -> None:
+        """`n` bytes went a to b (`forward`) or b to a."""
+        if forward:
+            self.a_to_b += n
+        else:
+            self.b_to_a += n
+
 
 async def _pump_socket_to_tunnel(
     src: trio.SocketStream, dst: TunnelStream, result: RelayResult, forward: bool
@@ -69,10 +76,7 @@ async def _pump_socket_to_tunnel(
             if n == RELAY_CHUNK:  # bulk: more is probably waiting; let others run first
                 await trio.lowlevel.checkpoint()
     finally:
-        if forward:
-            result.a_to_b += total
-        else:
-            result.b_to_a += total
+        result.moved(forward, total)
     await dst.send_eof()
 
 
@@ -84,11 +88,7 @@ async def _pump_tunnel_to_socket(
     try:
         await src.copy_to_socket(dst, RELAY_CHUNK)
     finally:
-        total = src.copied_bytes + src.direct_bytes
-        if forward:
-            result.a_to_b += total
-        else:
-            result.b_to_a += total
+        result.moved(forward, src.copied_bytes + src.direct_bytes)
     await dst.send_eof()
 
 
@@ -107,10 +107,7 @@ async def _pump(
             await dst.send_all(data)
             total += len(data)
     finally:
-        if forward:
-            result.a_to_b += total
-        else:
-            result.b_to_a += total
+        result.moved(forward, total)
     if isinstance(dst, trio.abc.HalfCloseableStream):
         await dst.send_eof()
 
