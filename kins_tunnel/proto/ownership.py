@@ -17,7 +17,7 @@ each check costs one test of a module flag:
 
 A check that fails raises `OwnershipError` (a bug here, never the peer's doing) and records it,
 so that a test fails even when an isolation boundary catches the error and the tunnel goes on
-(`take_violations`).
+(`take_violations`; in a process the tests started, the internal-error log line names it).
 """
 
 from __future__ import annotations
