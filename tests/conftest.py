@@ -1,5 +1,7 @@
-"""Shared fixtures: a leak check around every test (open file descriptors back to baseline), trio's
-virtual clock for in-process tests of our timers; and the order in which the test files are handed to the workers (long files first)."""
+"""Shared fixtures: a leak check around every test (open file descriptors back to baseline), the
+ownership checks on (`kins_tunnel.proto.ownership`: in this process and in the processes tests
+start) with a test failing on any violation, trio's virtual clock for in-process tests of our
+timers; and the order in which the test files are handed to the workers (long files first)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,12 @@ from collections.abc import Iterator
 
 import pytest
 import trio.testing
+
+os.environ["KINS_TUNNEL_OWNERSHIP_CHECKS"] = "1"  # before any kins_tunnel import reads it
+
+from kins_tunnel.proto import ownership  # noqa: E402  (after the switch above)
+
+ownership.CHECKS = True  # also if a plugin imported kins_tunnel first
 
 
 def _fds() -> set[str]:
@@ -66,6 +74,17 @@ def no_leaked_fds() -> Iterator[None]:
         gc.collect()
         time.sleep(0.02)
     pytest.fail(f"leaked file descriptors: {sorted(leaked)}")
+
+
+@pytest.fixture(autouse=True)
+def no_ownership_violations() -> Iterator[None]:
+    """Fail a test during which an ownership check fired, even if an isolation boundary caught
+    the error and the tunnel went on (a test that breaks a rule on purpose takes its own)."""
+    ownership.take_violations()
+    yield
+    broken = ownership.take_violations()
+    if broken:
+        pytest.fail(f"ownership contract broken: {broken}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -23,14 +23,25 @@ Handshake: both sides send HELLO at once (magic, version range, a JSON object wi
 the names the side serves, its agent string and limits). The version is the highest both support;
 capabilities are the intersection. No other frame may come before HELLO.
 
-The input is framed in `receive` (`FrameReceiver`), which dispatches frames by type through a
-class-level table (`_HANDLERS`; control frames are handled in `control`); types this version does
-not know are skipped after their length check, so later versions can add frame types. Each stream
-follows the state machine of `streams` (an explicit state and a transition table); the handshake
-is `handshake`; window policy is `flow`; RTT estimation is `rtt`; byte layouts are `frames`. A stream
-is opened by OPEN (which grants the acceptor its first window) and answered by OPEN_RESULT (which
-grants the opener its first window, or refuses with an error code). Each direction ends
-independently with FIN (always reported as `StreamEnded`); RESET aborts both.
+Composition (as h2 composes its state machine, frame buffer and window manager): `Connection` is
+a facade that holds the commands and the output, over parts that each own their state and are
+handed, when they are made, the other parts they use:
+
+- `streams.StreamTable` (with the session `flow.Budget`): every live stream and its state
+  machine (an explicit state and a transition table) and windows (policy in `flow`);
+- `output.DataQueues`: the DATA waiting for the peer, per stream, written in turns;
+- `receive.FrameReceiver`: input framing; DATA bodies stream into the stream table, control
+  frames go whole to the `ControlFrames` handed to it per call; types this version does not know
+  are skipped after their length check, so later versions can add frame types;
+- `control.ControlFrames`: the connection's phase (`ConnState`), what the peer's HELLO and
+  GOAWAY said, the RTT estimator (`rtt`), the delay probe, the queue of control frames, and one
+  handler per control frame type (`CONTROL_HANDLERS`, a table shared by every connection);
+- `pacer.DelayPacer`: the bulk pacer, when pacing is on and there is a clock.
+
+The handshake is `handshake`; byte layouts are `frames`. A stream is opened by OPEN (which grants
+the acceptor its first window) and answered by OPEN_RESULT (which grants the opener its first
+window, or refuses with an error code). Each direction ends independently with FIN (always
+reported as `StreamEnded`); RESET aborts both.
 
 Time: the core has no clock. The transport passes one (`trio.current_time`), so tests can drive
 pings, RTT and window growth with a fake clock; without one, RTTs are unknown and windows grow on
@@ -42,32 +53,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kins_tunnel.proto.control import ConnState
-from kins_tunnel.proto.errors import ErrorCode, LocalProtocolError
+from kins_tunnel.proto import ownership
+from kins_tunnel.proto.control import ConnState, ControlFrames
+from kins_tunnel.proto.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from kins_tunnel.proto.events import ConnectionTerminated, Event
 from kins_tunnel.proto.flow import Budget, ReceiveWindow, credit_due, credit_to_return
 from kins_tunnel.proto.frames import (
     PING_SIZE,
     FrameType,
     delay_stamp_frame,
     frame,
-    goaway_frame,
     open_frame,
     open_result_frame,
     ping_frame,
     reset_frame,
     window_frame,
 )
-from kins_tunnel.proto.handshake import (
-    Hello,
-    MuxConfig,
-    PeerLimits,
-    Role,
-    encode_hello,
-)
+from kins_tunnel.proto.handshake import Hello, MuxConfig, Role, encode_hello
 from kins_tunnel.proto.output import DataQueues
-from kins_tunnel.proto.pacer import DelayPacer, DelayProbe, PacerStatistics, PacingConfig
+from kins_tunnel.proto.pacer import DelayPacer, PacerStatistics, PacingConfig
 from kins_tunnel.proto.receive import FrameReceiver
-from kins_tunnel.proto.rtt import RttEstimator
 from kins_tunnel.proto.streams import Stream, StreamInput, StreamState, StreamTable
 
 
@@ -91,8 +96,26 @@ class Statistics:
     held: int = 0  # bytes of bulk DATA waiting for the pacer's credit
 
 
-class Connection(FrameReceiver):
-    """One end of a tunnel. Not thread-safe; owns no socket."""
+class Connection:
+    """One end of a tunnel. Not thread-safe; owns no socket.
+
+    A facade over the parts it is composed of (see the module): the stream table, the DATA
+    queues, the frame receiver, the control frames and the pacer. The commands and the output
+    are here; each part owns its own state.
+    """
+
+    __slots__ = (
+        "role",
+        "config",
+        "_clock",
+        "_budget",
+        "_streams",
+        "_data",
+        "_pacer",
+        "_rx",
+        "_control",
+        "bytes_sent",
+    )
 
     def __init__(
         self,
@@ -106,60 +129,75 @@ class Connection(FrameReceiver):
         self.role = role
         self.config = config
         self._clock = clock
-        self._state = ConnState.HANDSHAKE
-        self._hello = hello
-        self._peer = PeerLimits()
         self._budget = Budget(config.session_budget)
         self._streams = StreamTable(role, self._budget)
-        self._inbuf = bytearray()  # a partial header, or a control frame still missing bytes
-        self._rx_sid = 0  # the DATA frame whose body is arriving
-        self._rx_left = 0  # bytes of its body still to come
-        self._rx_fin = False  # it carries FIN
-        self._rx_copy = True  # DataReceived carries a copy (else a view of the input)
-        self._out = bytearray()  # control frames: they go before any DATA
         self._data = DataQueues(clock)  # DATA frames, per stream, written in turns
-        self._pending_pongs = 0
-        self._pending_delay_answers = 0
         # bulk pacing (see `pacer`): needs a clock; stamps go once the peer has "delay"
         self._pacer = (
             DelayPacer(pacing.target_delay, pacing.max_rate)
             if pacing.enabled and clock is not None
             else None
         )
-        self._probe: DelayProbe | None = None
-        self.peer_pings = 0  # PINGs the peer sent (answered): it is checking the tunnel too
-        self._rtt = RttEstimator()
-        self._goaway_sent: int | None = None
-        self.version: int | None = None
-        self.capabilities: frozenset[str] = frozenset()
+        self._rx = FrameReceiver(self._streams, config.max_frame)
+        self._control = ControlFrames(
+            config,
+            hello,
+            clock,
+            streams=self._streams,
+            data=self._data,
+            pacer=self._pacer,
+            rx=self._rx,
+        )
         self.bytes_sent = 0
-        self.bytes_received = 0
-        self._send_hello()
+        self._control.out += frame(FrameType.HELLO, 0, encode_hello(hello, config))
 
     # ------------------------------------------------------------------ queries
     @property
     def srtt(self) -> float | None:
-        return self._rtt.srtt
+        return self._control.rtt.srtt
 
     @property
     def min_rtt(self) -> float | None:
-        return self._rtt.min_rtt
+        return self._control.rtt.min_rtt
 
     @property
     def is_open(self) -> bool:
-        return self._state is ConnState.OPEN
+        return self._control.state is ConnState.OPEN
+
+    @property
+    def closed(self) -> bool:
+        return self._control.state is ConnState.CLOSED
+
+    @property
+    def version(self) -> int | None:
+        """The protocol version both sides speak (None before the peer's HELLO)."""
+        return self._control.version
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """The capabilities both sides have (empty before the peer's HELLO)."""
+        return self._control.capabilities
+
+    @property
+    def peer_pings(self) -> int:
+        """PINGs the peer sent (answered): it is checking the tunnel too."""
+        return self._control.peer_pings
+
+    @property
+    def bytes_received(self) -> int:
+        return self._rx.bytes_received
 
     @property
     def peer_names(self) -> tuple[str, ...]:
-        return self._peer.names
+        return self._control.peer.names
 
     @property
     def peer_going_away(self) -> bool:
-        return self._peer.goaway_last is not None
+        return self._control.peer.goaway_last is not None
 
     @property
     def going_away(self) -> bool:
-        return self._goaway_sent is not None
+        return self._control.goaway_sent is not None
 
     def send_window(self, stream_id: int) -> int:
         """Bytes we may send on the stream now (0 if unknown or closed for sending)."""
@@ -169,18 +207,19 @@ class Connection(FrameReceiver):
         return s.send_credit
 
     def statistics(self) -> Statistics:
+        peer = self._control.peer
         return Statistics(
             streams=len(self._streams),
             buffered=sum(s.recv.buffered for s in self._streams),
             granted=self._budget.granted,
             bytes_sent=self.bytes_sent,
-            bytes_received=self.bytes_received,
+            bytes_received=self._rx.bytes_received,
             srtt=self.srtt,
-            peer_names=self._peer.names,
+            peer_names=peer.names,
             local_open=self._streams.local_open,
             remote_open=self._streams.remote_open,
-            peer_max_streams=self._peer.max_streams,
-            input_buffered=len(self._inbuf),
+            peer_max_streams=peer.max_streams,
+            input_buffered=self._rx.buffered,
             queued_streams=self._data.queued_streams,
             pacer=self._pacer.statistics() if self._pacer is not None else None,
             held=self._data.held if self._pacer is not None and self._pacer.engaged else 0,
@@ -189,49 +228,84 @@ class Connection(FrameReceiver):
     @property
     def peer_max_streams(self) -> int:
         """The peer's limit on the streams we may have open at once (from its HELLO)."""
-        return self._peer.max_streams
+        return self._control.peer.max_streams
 
     def is_live(self, stream_id: int) -> bool:
         """The stream is known and not yet forgotten (open, opening or half-closed)."""
         return stream_id in self._streams
 
+    # ------------------------------------------------------------------ input
+    def receive_data(
+        self, data: bytes | bytearray | memoryview, *, copy: bool = True
+    ) -> list[Event]:
+        """Parse bytes from the peer into events. `b""` means EOF.
+
+        With `copy=False`, each `DataReceived.data` is a memoryview of `data` instead of a copy:
+        the caller must copy what it keeps before it reuses `data` (the transport writes most
+        received bytes straight into a socket, so it copies only what it queues).
+
+        Raises RemoteProtocolError (with a GOAWAY queued) when the peer broke the protocol.
+        """
+        control = self._control
+        if control.state is ConnState.CLOSED:
+            return []
+        events: list[Event] = []
+        if not data:
+            control.close_all()
+            events.append(ConnectionTerminated(ErrorCode.NO_ERROR, "peer closed the connection"))
+            return events
+        with memoryview(data) as view:
+            try:
+                self._rx.receive(view, copy, control, events)
+            except RemoteProtocolError as exc:
+                control.fail(exc)
+                raise
+        return events
+
     # ------------------------------------------------------------------ output
     def data_to_send(self) -> bytearray:
         """Everything queued for the peer, in order; the caller owns the returned buffer."""
-        out = self._out
+        control = self._control
+        out = control.out
         if self._data:
             self._data.take_all(out)
         if not out:
             return out
-        self._out = bytearray()
-        self._pending_pongs = 0
+        control.out = bytearray()
+        control.pending_pongs = 0
         return out
 
     def write_output(self, write: Callable[[memoryview], object], limit: int) -> int:
-        """Hand about `limit` queued bytes to `write` (which must copy or send them before it
-        returns: the views are of buffers this connection reuses); returns the count handed over.
+        """Hand about `limit` queued bytes to `write`; returns the count handed over.
 
-        Control frames go first, whole; then DATA in turns across streams (see `output`). The
-        transport's path: nothing is copied or allocated per batch.
+        `write` gets views of buffers this connection reuses: they are valid only until it returns
+        (it copies or sends them: the zero-copy contract of docs/DESIGN.md "Transport objects and
+        who owns what", checked in debug mode by `ownership`). Control frames go first, whole;
+        then DATA in turns across streams (see `output`). The transport's path: nothing is copied
+        or allocated per batch.
         """
         handed = 0
-        out = self._out
+        control = self._control
+        out = control.out
         data = self._data
         pacer = self._pacer
         now = 0.0
         if pacer is not None and data:
             now = self._clock()  # type: ignore[misc]  # a pacer exists only with a clock
-            if self._probe is not None:
-                stamp = self._probe.stamp_due(now)
+            probe = control.probe
+            if probe is not None:
+                stamp = probe.stamp_due(now)
                 if stamp is not None:
                     out += delay_stamp_frame(stamp)
         if out:
             with memoryview(out) as view:
                 write(view)
             handed = len(out)
+            if ownership.CHECKS:
+                ownership.expect_unshared(out, "control frames")
             del out[:]
-            self._pending_pongs = 0
-            self._pending_delay_answers = 0
+            control.pending_pongs = 0
+            control.pending_delay_answers = 0
         if data and handed < limit:
             if pacer is None or not pacer.engaged:
                 data.held = 0
@@ -254,10 +328,10 @@ class Connection(FrameReceiver):
     def unpaced_output(self) -> int:
         """Queued bytes not held by the pacer: what the socket will take (back-pressure)."""
         held = self._data.held if self._pacer is not None and self._pacer.engaged else 0
-        return max(len(self._out) + self._data.pending - held, 0)
+        return max(len(self._control.out) + self._data.pending - held, 0)
 
     def pending_output(self) -> int:
-        return len(self._out) + self._data.pending
+        return len(self._control.out) + self._data.pending
 
     @property
     def pacer(self) -> DelayPacer | None:
@@ -267,31 +341,31 @@ class Connection(FrameReceiver):
         """The stream has DATA queued and counts as bulk (paced while the pacer is engaged)."""
         return self._data.is_bulk(stream_id)
 
-    def _send_hello(self) -> None:
-        self._out += frame(FrameType.HELLO, 0, encode_hello(self._hello, self.config))
-
     # ------------------------------------------------------------------ commands
-    def _require_open(self) -> None:
-        if self._state is not ConnState.OPEN:
-            raise LocalProtocolError(f"connection is not open (state {self._state.name})")
+    def _require_open(self) -> ControlFrames:
+        control = self._control
+        if control.state is not ConnState.OPEN:
+            raise LocalProtocolError(f"connection is not open (state {control.state.name})")
+        return control
 
     def open_stream(self, target: str) -> int:
         """Ask the peer to open a stream to `target`; returns its id. Answer: an OpenResult event."""
-        self._require_open()
-        if self._peer.goaway_last is not None:
+        control = self._require_open()
+        peer = control.peer
+        if peer.goaway_last is not None:
             raise LocalProtocolError("peer is going away", ErrorCode.GOING_AWAY)
-        if self._goaway_sent is not None:
+        if control.goaway_sent is not None:
             raise LocalProtocolError("we are going away", ErrorCode.GOING_AWAY)
-        if self._streams.local_open >= self._peer.max_streams:
+        if self._streams.local_open >= peer.max_streams:
             raise LocalProtocolError("peer's stream limit reached", ErrorCode.STREAM_LIMIT)
         raw = target.encode("utf-8")
-        if not raw or len(raw) > self._peer.max_target_len:
+        if not raw or len(raw) > peer.max_target_len:
             raise LocalProtocolError("target name empty or too long")
         grant = self._budget.initial_grant(self.config.initial_window)
         sid = self._streams.open_local(
-            ReceiveWindow(grant, grant, last_return=self._now()), target
+            ReceiveWindow(grant, grant, last_return=control.now()), target
         ).stream_id
-        self._out += open_frame(sid, grant, raw)
+        control.out += open_frame(sid, grant, raw)
         return sid
 
     def accept_stream(self, stream_id: int) -> None:
@@ -299,16 +373,17 @@ class Connection(FrameReceiver):
         s = self._pending_remote(stream_id)
         s.transition(StreamInput.SEND_ACCEPT)
         grant = self._budget.initial_grant(self.config.initial_window)
-        s.recv = ReceiveWindow(grant, grant, last_return=self._now())
-        self._out += open_result_frame(stream_id, ErrorCode.NO_ERROR, grant)
+        control = self._control
+        s.recv = ReceiveWindow(grant, grant, last_return=control.now())
+        control.out += open_result_frame(stream_id, ErrorCode.NO_ERROR, grant)
 
     def reject_stream(self, stream_id: int, code: ErrorCode | int, message: str = "") -> None:
         """Answer a StreamOpened with an error code; the stream is gone."""
         if code == ErrorCode.NO_ERROR:
             raise LocalProtocolError("reject_stream needs an error code")
         self._pending_remote(stream_id).transition(StreamInput.SEND_REJECT)
-        self._out += open_result_frame(stream_id, code, 0, message)
-        self._forget(stream_id)
+        self._control.out += open_result_frame(stream_id, code, 0, message)
+        self._streams.forget(stream_id)
 
     def is_pending_remote(self, stream_id: int) -> bool:
         """The peer opened the stream and it waits for accept_stream/reject_stream."""
@@ -337,7 +412,7 @@ class Connection(FrameReceiver):
         n = min(total, s.send_credit)
         fin = end_stream and n == total
         if n or fin:
-            self._data.add(stream_id, data, n, self._peer.max_frame, fin)
+            self._data.add(stream_id, data, n, self._control.peer.max_frame, fin)
         s.send_credit -= n
         self.bytes_sent += n
         if fin:
@@ -353,11 +428,12 @@ class Connection(FrameReceiver):
         self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL, message: str = ""
     ) -> None:
         """Abort the stream both ways. Unknown or finished streams are ignored (a race, not a bug)."""
-        if stream_id not in self._streams or self._state is ConnState.CLOSED:
+        control = self._control
+        if stream_id not in self._streams or control.state is ConnState.CLOSED:
             return
         self._data.purge(stream_id)  # its queued DATA is void now
-        self._out += reset_frame(stream_id, code, message)
-        self._forget(stream_id)
+        control.out += reset_frame(stream_id, code, message)
+        self._streams.forget(stream_id)
 
     def consumed(self, stream_id: int, n: int) -> None:
         """The application took `n` bytes of the stream's received data: return credit (batched)."""
@@ -375,35 +451,42 @@ class Connection(FrameReceiver):
             return
         if not credit_due(w):  # the common case for small reads: no clock, no RTT needed
             return
+        control = self._control
         inc = credit_to_return(
             w,
             budget=self._budget,
             max_window=self.config.max_window,
-            now=self._now(),
-            rtt=self.min_rtt,
+            now=control.now(),
+            rtt=control.rtt.min_rtt,
         )
         if inc:
-            self._out += window_frame(stream_id, inc)
+            control.out += window_frame(stream_id, inc)
+
+    def release(self, stream_id: int) -> None:
+        """The application is done with a finished stream (both FINs seen): drop its state."""
+        s = self._streams.get(stream_id)
+        if s is not None and s.state is StreamState.CLOSED:
+            self._streams.forget(stream_id)
 
     def ping(self, payload: bytes | None = None) -> bytes:
         """Queue a PING; the PongReceived event reports the round trip. Returns the payload used."""
-        self._require_open()
+        control = self._require_open()
         if payload is None:
-            payload = self._rtt.next_payload()
+            payload = control.rtt.next_payload()
         if len(payload) != PING_SIZE:
             raise LocalProtocolError("ping payload must be 8 bytes")
-        self._rtt.sent(payload, self._now())
-        self._out += ping_frame(payload)
+        control.rtt.sent(payload, control.now())
+        control.out += ping_frame(payload)
         return payload
 
     def goaway(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Tell the peer we are draining: we open nothing new and refuse its new streams."""
-        if self._state is ConnState.CLOSED or self._goaway_sent is not None:
+        control = self._control
+        if control.state is ConnState.CLOSED or control.goaway_sent is not None:
             return
-        self._goaway_sent = self._streams.highest_remote_id
-        self._out += goaway_frame(self._goaway_sent, code, reason)
+        control.send_goaway(code, reason)
 
     def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Send GOAWAY (if not yet sent) and forget every stream."""
         self.goaway(code, reason)
-        self._close_all()
+        self._control.close_all()

@@ -12,9 +12,11 @@ order and each run of them is contiguous.
 data): while more than one stream waits, a turn is at most `QUANTUM` bytes. A frame larger than
 the quantum is split where it lies, without a copy: its header is rewritten for the part that goes
 now, and a new header for the rest is written over the last bytes of that part (already handed
-over, and copied by the transport). So a 64-byte frame of an interactive stream waits for at most
-one quantum of each other stream's data in this queue, never for a whole bulk backlog, and a
-stream's small frame never overtakes its own earlier ones. With one stream alone, whole frames go
+over: the `write` callback keeps no view past its return, the zero-copy contract of
+docs/DESIGN.md "Transport objects and who owns what", checked in debug mode by `ownership`). So a
+64-byte frame of an interactive stream waits for at most one quantum of each other stream's data
+in this queue, never for a whole bulk backlog, and a stream's small frame never overtakes its own
+earlier ones. With one stream alone, whole frames go
 out as built (no splitting, no extra headers).
 
 Pacing (see `pacer`): while the connection's pacer is engaged, `write_paced` serves the
@@ -37,6 +39,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 
+from kins_tunnel.proto import ownership
 from kins_tunnel.proto.frames import FLAG_FIN, HEADER, HEADER_SIZE, FrameType
 
 QUANTUM = 64 * 1024  # bytes of one stream per turn while other streams wait
@@ -159,7 +162,8 @@ class DataQueues:
 
     def write(self, write: Callable[[memoryview], object], limit: int) -> int:
         """Hand queued frames to `write` in turns until about `limit` bytes went (a frame of a
-        stream alone may overshoot it). Returns the bytes handed over."""
+        stream alone may overshoot it). Returns the bytes handed over. `write` gets views valid
+        only until it returns (see the module)."""
         if self._ready is None:
             return 0
         return self._serve(self._ready, write, limit, False)
@@ -218,25 +222,26 @@ class DataQueues:
                 if stop - off + size > quantum and (stop > off or cut):
                     break
                 stop += size
-            with memoryview(buf) as view:
-                if stop > off:
-                    with view[off:stop] as run:
-                        write(run)
-                    handed += stop - off
-                    off = stop
-                else:  # the head frame alone is larger than a turn while others wait: split it
-                    word, flags, fsid = unpack(buf, off)
-                    length = word >> 8
-                    part = quantum - HEADER_SIZE
-                    HEADER.pack_into(
-                        buf, off, (part << 8) | FrameType.DATA, flags & ~FLAG_FIN, fsid
-                    )
-                    with view[off : off + HEADER_SIZE + part] as piece:
-                        write(piece)
-                    handed += HEADER_SIZE + part
-                    self.pending += HEADER_SIZE  # the rest needs a header of its own
-                    off += part  # the rest's header goes over the part's last (handed) bytes
-                    HEADER.pack_into(buf, off, ((length - part) << 8) | FrameType.DATA, flags, fsid)
+            if stop > off:
+                with memoryview(buf) as view, view[off:stop] as run:
+                    write(run)
+                handed += stop - off
+                off = stop
+                if ownership.CHECKS:
+                    ownership.expect_unshared(buf, "DATA queue")
+            else:  # the head frame alone is larger than a turn while others wait: split it
+                word, flags, fsid = unpack(buf, off)
+                length = word >> 8
+                part = quantum - HEADER_SIZE
+                HEADER.pack_into(buf, off, (part << 8) | FrameType.DATA, flags & ~FLAG_FIN, fsid)
+                with memoryview(buf) as view, view[off : off + HEADER_SIZE + part] as piece:
+                    write(piece)
+                handed += HEADER_SIZE + part
+                self.pending += HEADER_SIZE  # the rest needs a header of its own
+                off += part  # the rest's header goes over the part's last (handed) bytes
+                if ownership.CHECKS:
+                    ownership.expect_unshared(buf, "DATA queue (split frame)")
+                HEADER.pack_into(buf, off, ((length - part) << 8) | FrameType.DATA, flags, fsid)
             if off >= end:
                 del queues[sid]
                 ready.popleft()

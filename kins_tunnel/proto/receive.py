@@ -1,80 +1,79 @@
 """The input side of the multiplexer: bytes from the peer into events.
 
-`FrameReceiver` is the part of `mux.Connection` that frames the input: it checks each frame's
-length right after its 9-byte header, streams DATA bodies through as they arrive (`DataReceived`
-per piece, a copy or a view of the input), buffers only a partial header or control frame, and
-dispatches control frames by type to the handlers of `control` through a class-level table.
-`Connection` owns the state it shares, declared below.
+`FrameReceiver` is one of the parts `mux.Connection` is composed of (see `mux`): it frames the
+input. It checks each frame's length right after its 9-byte header, streams DATA bodies through
+as they arrive (`DataReceived` per piece, a copy or a view of the input) into the stream table it
+was given, buffers only a partial header or control frame, and hands each control frame whole to
+the handlers of `control` (`CONTROL_HANDLERS`, called with the `ControlFrames` passed to
+`receive`, which also says the connection's phase). It owns the partial input (`_inbuf`), the
+state of the DATA body under way and the count of DATA bytes received.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ClassVar
-
-from kins_tunnel.proto.control import ConnState, ControlFrames
+from kins_tunnel.proto.control import CONTROL_HANDLERS, ConnState, ControlFrames
 from kins_tunnel.proto.errors import ErrorCode, RemoteProtocolError
-from kins_tunnel.proto.events import ConnectionTerminated, DataReceived, Event, StreamEnded
+from kins_tunnel.proto.events import DataReceived, Event, StreamEnded
 from kins_tunnel.proto.frames import FLAG_FIN, HEADER, HEADER_SIZE, MAX_CONTROL_PAYLOAD, FrameType
-from kins_tunnel.proto.streams import StreamInput, StreamState
+from kins_tunnel.proto.streams import StreamInput, StreamState, StreamTable
+
+_DATA = FrameType.DATA
+_HELLO = FrameType.HELLO
+_OPEN = ConnState.OPEN
+_HANDSHAKE = ConnState.HANDSHAKE
+_CLOSED = ConnState.CLOSED
 
 
-class FrameReceiver(ControlFrames):
-    """Input framing, on top of the control frames' handlers; `mux.Connection` sets these
-    attributes."""
+class FrameReceiver:
+    """Input framing of one connection (see the module)."""
 
-    _inbuf: bytearray  # a partial header, or a control frame still missing bytes
-    _rx_sid: int  # the DATA frame whose body is arriving
-    _rx_left: int  # bytes of its body still to come
-    _rx_fin: bool  # it carries FIN
-    _rx_copy: bool  # DataReceived carries a copy (else a view of the input)
+    __slots__ = (
+        "_streams",
+        "_max_frame",
+        "_inbuf",
+        "_sid",
+        "_left",
+        "_fin",
+        "_copy",
+        "bytes_received",
+    )
 
-    # control frame type -> handler (in `control`); DATA is parsed inline
-    _HANDLERS: ClassVar[dict[int, Callable[[Any, int, int, memoryview, list[Event]], None]]] = {
-        FrameType.HELLO: ControlFrames._on_hello,
-        FrameType.OPEN: ControlFrames._on_open,
-        FrameType.OPEN_RESULT: ControlFrames._on_open_result,
-        FrameType.WINDOW: ControlFrames._on_window,
-        FrameType.RESET: ControlFrames._on_reset,
-        FrameType.PING: ControlFrames._on_ping,
-        FrameType.GOAWAY: ControlFrames._on_goaway,
-        FrameType.DELAY: ControlFrames._on_delay,
-    }
+    def __init__(self, streams: StreamTable, max_frame: int) -> None:
+        self._streams = streams
+        self._max_frame = max_frame  # our limit on a DATA frame's body
+        self._inbuf = bytearray()  # a partial header, or a control frame still missing bytes
+        self._sid = 0  # the DATA frame whose body is arriving
+        self._left = 0  # bytes of its body still to come
+        self._fin = False  # it carries FIN
+        self._copy = True  # DataReceived carries a copy (else a view of the input)
+        self.bytes_received = 0  # DATA payload bytes, all streams
 
-    def receive_data(
-        self, data: bytes | bytearray | memoryview, *, copy: bool = True
-    ) -> list[Event]:
-        """Parse bytes from the peer into events. `b""` means EOF.
+    @property
+    def buffered(self) -> int:
+        """Bytes of a partial header or control frame waiting for the rest."""
+        return len(self._inbuf)
 
-        With `copy=False`, each `DataReceived.data` is a memoryview of `data` instead of a copy:
-        the caller must copy what it keeps before it reuses `data` (the transport writes most
-        received bytes straight into a socket, so it copies only what it queues).
+    def receive(
+        self, view: memoryview, copy: bool, control: ControlFrames, events: list[Event]
+    ) -> None:
+        """Frame `view` (not empty), appending what it carried to `events`; control frames go to
+        `control`'s handlers. Stops at the frame that closed the connection.
 
-        Raises RemoteProtocolError (with a GOAWAY queued) when the peer broke the protocol.
-        """
-        if self._state is ConnState.CLOSED:
-            return []
-        self._rx_copy = copy
-        events: list[Event] = []
-        if not data:
-            self._close_all()
-            events.append(ConnectionTerminated(ErrorCode.NO_ERROR, "peer closed the connection"))
-            return events
-        with memoryview(data) as view:
-            try:
-                pos = self._complete_inbuf(view, events) if self._inbuf else 0
-                if pos < len(view) and not self.closed:
-                    pos = self._parse(view, pos, events)
-                    if pos < len(view) and not self.closed:
-                        self._inbuf += view[pos:]  # a partial header or control frame: small
-            except RemoteProtocolError as exc:
-                self._inbuf = bytearray()
-                self._rx_left = 0
-                self._fail(exc)
-                raise
-        return events
+        Raises RemoteProtocolError when the peer broke the protocol; the partial input is dropped
+        then (the caller fails the connection)."""
+        self._copy = copy
+        try:
+            pos = self._complete_inbuf(view, control, events) if self._inbuf else 0
+            if pos < len(view) and control.state is not _CLOSED:
+                pos = self._parse(view, pos, control, events)
+                if pos < len(view) and control.state is not _CLOSED:
+                    self._inbuf += view[pos:]  # a partial header or control frame: small
+        except RemoteProtocolError:
+            self._inbuf = bytearray()
+            self._left = 0
+            raise
 
-    def _complete_inbuf(self, view: memoryview, events: list[Event]) -> int:
+    def _complete_inbuf(self, view: memoryview, control: ControlFrames, events: list[Event]) -> int:
         """Add to the buffered partial unit only the bytes it lacks; process it once complete.
         Returns the bytes of `view` used."""
         ib = self._inbuf
@@ -87,23 +86,24 @@ class FrameReceiver(ControlFrames):
         word: int = HEADER.unpack_from(ib)[0]
         length, ftype = word >> 8, word & 0xFF
         self._check_length(length, ftype)
-        if ftype != FrameType.DATA:  # a control frame is processed whole
+        if ftype != _DATA:  # a control frame is processed whole
             take = min(HEADER_SIZE + length - len(ib), len(view) - used)
             ib += view[used : used + take]
             used += take
             if len(ib) < HEADER_SIZE + length:
                 return used
         with memoryview(ib) as unit:
-            done = self._parse(unit, 0, events)  # a DATA header alone starts its body's streaming
+            # a DATA header alone starts its body's streaming
+            done = self._parse(unit, 0, control, events)
         assert done == len(ib)
         self._inbuf = bytearray()
         return used
 
     def _check_length(self, length: int, ftype: int) -> None:
-        if ftype == FrameType.DATA:
-            if length > self.config.max_frame:
+        if ftype == _DATA:
+            if length > self._max_frame:
                 raise RemoteProtocolError(
-                    f"DATA frame of {length} bytes exceeds max_frame {self.config.max_frame}",
+                    f"DATA frame of {length} bytes exceeds max_frame {self._max_frame}",
                     ErrorCode.FRAME_SIZE_ERROR,
                 )
         elif length > MAX_CONTROL_PAYLOAD:
@@ -111,23 +111,25 @@ class FrameReceiver(ControlFrames):
                 f"frame type {ftype} of {length} bytes is too large", ErrorCode.FRAME_SIZE_ERROR
             )
 
-    def _parse(self, view: memoryview, pos: int, events: list[Event]) -> int:
+    def _parse(
+        self, view: memoryview, pos: int, control: ControlFrames, events: list[Event]
+    ) -> int:
         end = len(view)
-        if self._rx_left:  # the rest of a DATA body that began in an earlier call
-            take = min(self._rx_left, end - pos)
+        if self._left:  # the rest of a DATA body that began in an earlier call
+            take = min(self._left, end - pos)
             self._data_piece(view[pos : pos + take], events)
             pos += take
         unpack = HEADER.unpack_from
-        handlers = self._HANDLERS
-        max_data = self.config.max_frame
+        handlers = CONTROL_HANDLERS
+        max_data = self._max_frame
         while end - pos >= HEADER_SIZE:
             word, flags, sid = unpack(view, pos)
             length = word >> 8
             ftype = word & 0xFF
-            if ftype == FrameType.DATA:
+            if ftype == _DATA:
                 if length > max_data:
                     self._check_length(length, ftype)
-                if self._state is not ConnState.OPEN:
+                if control.state is not _OPEN:
                     raise RemoteProtocolError(f"frame type {ftype} before HELLO")
                 pos += HEADER_SIZE
                 take = min(length, end - pos)
@@ -141,12 +143,12 @@ class FrameReceiver(ControlFrames):
                 break
             body = view[pos + HEADER_SIZE : pos + HEADER_SIZE + length]
             pos += HEADER_SIZE + length
-            if self._state is ConnState.HANDSHAKE and ftype != FrameType.HELLO:
+            if control.state is _HANDSHAKE and ftype != _HELLO:
                 raise RemoteProtocolError(f"frame type {ftype} before HELLO")
             handler = handlers.get(ftype)
             if handler is not None:  # unknown frame types are skipped
-                handler(self, sid, flags, body, events)
-            if self._state is ConnState.CLOSED:
+                handler(control, sid, flags, body, events)
+            if control.state is _CLOSED:
                 break
         return pos
 
@@ -168,15 +170,15 @@ class FrameReceiver(ControlFrames):
                     f"stream {sid}: {length} bytes exceed the {s.recv.credit} bytes of credit",
                     ErrorCode.FLOW_CONTROL_ERROR,
                 )
-        self._rx_sid = sid
-        self._rx_left = length
-        self._rx_fin = bool(flags & FLAG_FIN)
+        self._sid = sid
+        self._left = length
+        self._fin = bool(flags & FLAG_FIN)
 
     def _data_piece(self, piece: memoryview, events: list[Event]) -> None:
         """The next bytes of the DATA body under way (credit was checked for all of it)."""
-        sid = self._rx_sid
+        sid = self._sid
         n = len(piece)
-        self._rx_left -= n
+        self._left -= n
         s = self._streams.get(sid)
         if s is None:
             return  # reset (by either side) meanwhile: the rest of the body is void
@@ -185,8 +187,8 @@ class FrameReceiver(ControlFrames):
             w.credit -= n
             w.buffered += n
             self.bytes_received += n
-            events.append(DataReceived(sid, piece.tobytes() if self._rx_copy else piece))
-        if not self._rx_left and self._rx_fin:
+            events.append(DataReceived(sid, piece.tobytes() if self._copy else piece))
+        if not self._left and self._fin:
             s.transition(StreamInput.RECV_FIN)
             events.append(StreamEnded(sid))
             self._streams.forget_if_done(s)

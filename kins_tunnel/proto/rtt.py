@@ -8,6 +8,8 @@ MAX_OUTSTANDING = 64
 
 
 class RttEstimator:
+    __slots__ = ("srtt", "min_rtt", "_samples", "_sent", "_seq")
+
     def __init__(self) -> None:
         self.srtt: float | None = None
         self.min_rtt: float | None = None

@@ -128,6 +128,16 @@ class Stream:
 
 
 class StreamTable:
+    __slots__ = (
+        "_client",
+        "_budget",
+        "_streams",
+        "next_local_id",
+        "highest_remote_id",
+        "local_open",
+        "remote_open",
+    )
+
     def __init__(self, role: Role, budget: Budget) -> None:
         self._client = role is Role.CLIENT
         self._budget = budget

@@ -3,7 +3,8 @@
 A buffer that is filled and emptied without an await in between (a read batch handed to the
 protocol core, ciphertext handed to the TLS object, a relay's chunk handed to a stream) needs no
 owner: one per trio run serves every tunnel and every relay of it, so 10,000 idle tunnels do not
-cost 10,000 buffers. Each user documents its own copy contract.
+cost 10,000 buffers. Who may hold a view of each, and until when, is the zero-copy contract of
+docs/DESIGN.md ("Transport objects and who owns what").
 """
 
 from __future__ import annotations

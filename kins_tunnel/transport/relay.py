@@ -4,9 +4,12 @@ Each direction runs in its own task: read from one side, write to the other; at 
 the other side (`send_eof`) and stop. The socket-to-tunnel direction reads into a buffer shared by
 every relay of the trio run (`readv`, no allocation per read): `TunnelStream.send_all` takes what
 it is given into the protocol core before it first waits (copying any rest it must keep), so the
-buffer is free again when the next relay reads. The relay ends when both directions ended cleanly, or as soon
-as either fails (reset, broken socket), in which case the other direction is cancelled. Both
-streams are closed on the way out, whatever happened. Returns the bytes moved each way.
+buffer is free again when the next relay reads. The tunnel-to-socket direction is
+`TunnelStream.copy_to_socket`, which lends the socket to the session's reader task for direct
+delivery (both rules: docs/DESIGN.md, "Transport objects and who owns what"). The relay ends when
+both directions ended cleanly, or as soon as either fails (reset, broken socket), in which case
+the other direction is cancelled. Both streams are closed on the way out, whatever happened.
+Returns the bytes moved each way.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ class RelayResult:
     b_to_a: int = 0
     error: str | None = None
     idle: bool = False  # ended by the idle timeout
+
+    def moved(self, forward: bool, n: int) -> None:
+        """`n` bytes went a to b (`forward`) or b to a."""
+        if forward:
+            self.a_to_b += n
+        else:
+            self.b_to_a += n
 
 
 async def _pump_socket_to_tunnel(
@@ -66,10 +76,19 @@ async def _pump_socket_to_tunnel(
             if n == RELAY_CHUNK:  # bulk: more is probably waiting; let others run first
                 await trio.lowlevel.checkpoint()
     finally:
-        if forward:
-            result.a_to_b += total
-        else:
-            result.b_to_a += total
+        result.moved(forward, total)
+    await dst.send_eof()
+
+
+async def _pump_tunnel_to_socket(
+    src: TunnelStream, dst: trio.SocketStream, result: RelayResult, forward: bool
+) -> None:
+    """The tunnel-to-socket direction: `TunnelStream.copy_to_socket`, which lends the socket to
+    the session's reader task for direct delivery (the rules live there)."""
+    try:
+        await src.copy_to_socket(dst, RELAY_CHUNK)
+    finally:
+        result.moved(forward, src.copied_bytes + src.direct_bytes)
     await dst.send_eof()
 
 
@@ -80,10 +99,6 @@ async def _pump(
     forward: bool,
 ) -> None:
     total = 0
-    direct: TunnelStream | None = None
-    if isinstance(src, TunnelStream) and isinstance(dst, trio.SocketStream):
-        direct = src
-        direct.set_direct_sink(dst.socket.fileno())
     try:
         while True:
             data = await src.receive_some(RELAY_CHUNK)
@@ -91,16 +106,8 @@ async def _pump(
                 break
             await dst.send_all(data)
             total += len(data)
-            if direct is not None:
-                direct.sink_idle()
     finally:
-        if direct is not None:
-            direct.set_direct_sink(None)  # before dst's fd can be closed
-            total += direct.direct_bytes
-        if forward:
-            result.a_to_b += total
-        else:
-            result.b_to_a += total
+        result.moved(forward, total)
     if isinstance(dst, trio.abc.HalfCloseableStream):
         await dst.send_eof()
 
@@ -129,6 +136,8 @@ async def relay(
         try:
             if isinstance(src, trio.SocketStream) and isinstance(dst, TunnelStream):
                 await _pump_socket_to_tunnel(src, dst, result, forward)
+            elif isinstance(src, TunnelStream) and isinstance(dst, trio.SocketStream):
+                await _pump_tunnel_to_socket(src, dst, result, forward)
             else:
                 await _pump(src, dst, result, forward)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

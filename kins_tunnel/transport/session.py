@@ -54,9 +54,10 @@ from kins_tunnel.transport.writer import SessionWriter
 log = logging.getLogger("kins_tunnel.session")
 
 
-# One read buffer for every session of the trio run. Copy contract: `receive_data(copy=False)` copies
-# what it keeps (partial frames), DATA events are views of the buffer and a stream copies what it
-# queues (`deliver`); nothing awaits between the fill and the end of the dispatch.
+# One read buffer for every session of the trio run. Copy contract (docs/DESIGN.md, "Transport
+# objects and who owns what"): `receive_data(copy=False)` copies what it keeps (partial frames),
+# DATA events are views of the buffer and a stream copies what it queues (`deliver`); nothing
+# awaits between the fill and the end of the dispatch.
 _READ_BUFFER = RunBuffer("kins_tunnel_read_buffer", READ_BATCH)
 RTT_REFRESH = 6  # an idle tunnel the peer pings still sends every 6th ping of its own (RTT)
 

@@ -11,6 +11,9 @@ as `close()` on a TCP socket) and an abort (RESET) otherwise.
 
 The stream talks to its session only through the narrow `StreamIO` interface below: the session
 owns the protocol state; this object only queues received bytes and parks the tasks that wait.
+Relayed into a TCP socket (`copy_to_socket`), it lets the session's reader task write arriving
+bytes straight into that socket; this module alone coordinates the two writers (see "Direct
+delivery" below, and docs/DESIGN.md "Transport objects and who owns what").
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from __future__ import annotations
 import collections
 import operator
 import os
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
 
-from kins_tunnel.proto import ErrorCode, LocalProtocolError
+from kins_tunnel.proto import ErrorCode, LocalProtocolError, ownership
 
 
 class StreamIO(Protocol):
@@ -50,18 +54,22 @@ class StreamIO(Protocol):
     async def wait_output_space(self) -> None: ...
 
 
-class _OneAtATime:
-    """Raises BusyResourceError when a second task enters while one is inside."""
+class ConflictDetector:
+    """Raises `error(message)` when a second holder enters while one is inside, as the one trio's
+    `SocketStream` has for `send_all` (trio's own is private)."""
 
-    __slots__ = ("_held", "_message")
+    __slots__ = ("_held", "_message", "_error")
 
-    def __init__(self, message: str) -> None:
+    def __init__(
+        self, message: str, error: Callable[[str], Exception] = trio.BusyResourceError
+    ) -> None:
         self._held = False
         self._message = message
+        self._error = error
 
     def __enter__(self) -> None:
         if self._held:
-            raise trio.BusyResourceError(self._message)
+            raise self._error(self._message)
         self._held = True
 
     def __exit__(self, *exc: object) -> None:
@@ -82,35 +90,71 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._sent_eof = False
         self._recv_lot = trio.lowlevel.ParkingLot()
         self._send_lot = trio.lowlevel.ParkingLot()
-        self._send_conflict = _OneAtATime("another task is sending on this stream")
-        self._recv_conflict = _OneAtATime("another task is receiving from this stream")
-        self._sink: int | None = None
-        self._sink_busy = False
-        self.direct_bytes = 0
+        self._send_conflict = ConflictDetector("another task is sending on this stream")
+        self._recv_conflict = ConflictDetector("another task is receiving from this stream")
+        self._sink: int | None = None  # a relay's socket lent for direct delivery
+        self._sink_busy = False  # the relay holds bytes of this stream: no direct write now
+        self._sink_writes: ConflictDetector | None = None  # both writers of `_sink` (debug mode)
+        self.direct_bytes = 0  # written into the lent socket by the reader task
+        self.copied_bytes = 0  # written into it by `copy_to_socket` (the relay task)
         self.activity = 0  # bumped when bytes move either way (read by relay idle timeouts)
 
-    # Direct delivery: when a relay copies this stream into a TCP socket, the reader task writes
-    # arriving bytes straight into that socket (non-blocking) instead of waking the relay task:
-    # one task switch less per hop on the latency path. Only while nothing is queued and the
-    # relay holds no bytes of its own, so order is kept; what the socket does not take is
-    # queued for the relay as usual.
-    # Ownership (docs/DESIGN.md "Transport objects and who owns what"): the relay task owns the
-    # socket `fd`; it lends it to the reader task from `set_direct_sink(fd)` to
-    # `set_direct_sink(None)` (which it calls before it closes the socket), and the reader writes
-    # to it only while the relay holds no bytes of this stream (`sink_idle`). One lender at a time:
-    # a second `set_direct_sink` of another descriptor is a bug and raises BusyResourceError.
+    # Direct delivery: when a relay copies this stream into a TCP socket (`copy_to_socket`), the
+    # reader task writes arriving bytes straight into that socket (non-blocking) instead of waking
+    # the relay task: one task switch less per hop on the latency path. Only while nothing is
+    # queued and the relay holds no bytes of its own (`_sink_busy`), so order is kept; what the
+    # socket does not take is queued for the relay as usual. This module is the only one that
+    # knows: the rules are those of the "relayed TCP socket" row of docs/DESIGN.md "Transport
+    # objects and who owns what", checked in debug mode (`ownership.CHECKS`) by a conflict
+    # detector that both writers enter for each write.
     def set_direct_sink(self, fd: int | None) -> None:
+        """Lend the socket `fd` to the reader task (None: take it back, before it is closed).
+        One lender at a time: another descriptor while one is lent raises BusyResourceError."""
         if fd is not None and self._sink is not None and self._sink != fd:
             raise trio.BusyResourceError("this stream already delivers into another socket")
+        if fd is None or fd != self._sink:
+            self._sink_writes = (
+                ConflictDetector(
+                    "two writers at once on a relay's socket: a direct write while the relay "
+                    "writes",
+                    ownership.violation,
+                )
+                if fd is not None and ownership.CHECKS
+                else None
+            )
         self._sink = fd
         self._sink_busy = False
 
-    def sink_idle(self) -> None:
-        self._sink_busy = False
+    async def copy_to_socket(self, dst: trio.SocketStream, chunk: int) -> None:
+        """The relay's tunnel-to-socket direction: copy what arrives on this stream into `dst`
+        until the peer's FIN, `chunk` bytes at most per write. `direct_bytes + copied_bytes` is
+        what went, also when this raises (as `receive_some` and `dst.send_all` do).
+
+        The socket is lent to the reader task for direct delivery while this runs, and taken back
+        before it returns or raises (the caller may close `dst` then)."""
+        self.set_direct_sink(dst.socket.fileno())
+        try:
+            while True:
+                data = await self.receive_some(chunk)  # the relay holds bytes now: `_sink_busy`
+                if not data:
+                    return
+                writes = self._sink_writes
+                if writes is None:
+                    await dst.send_all(data)
+                else:
+                    with writes:  # debug mode: a direct write now would cut into ours
+                        await dst.send_all(data)
+                self.copied_bytes += len(data)
+                self._sink_busy = False  # ours are in the socket: direct writes may go on
+        finally:
+            self.set_direct_sink(None)
 
     def _try_direct(self, sink: int, data: bytes | memoryview) -> bytes | memoryview:
         try:
-            n = os.write(sink, data)
+            if self._sink_writes is None:
+                n = os.write(sink, data)
+            else:
+                n = self._checked_write(self._sink_writes, sink, data)
         except BlockingIOError:
             return data
         except OSError:
@@ -119,6 +163,15 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self.direct_bytes += n
         self._io.consumed(self.stream_id, n)
         return data[n:]
+
+    def _checked_write(self, writes: ConflictDetector, sink: int, data: bytes | memoryview) -> int:
+        """A direct write in debug mode: the relay holds no bytes and is not writing."""
+        if self._sink_busy:
+            raise ownership.violation(
+                "direct write into a relay's socket while the relay holds bytes of the stream"
+            )
+        with writes:
+            return os.write(sink, data)
 
     # ------------------------------------------------------------------ called by the session
     def deliver(self, data: bytes | memoryview, end: bool) -> None:
@@ -170,9 +223,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint_if_cancelled()
             data = self._recv.popleft()
             if self._sink is not None:
-                self._sink_busy = (
-                    True  # the relay holds bytes now: no direct writes until sink_idle()
-                )
+                self._sink_busy = True  # the relay holds bytes now: no direct writes (see above)
             if max_bytes is not None and len(data) > max_bytes:
                 self._recv.appendleft(data[max_bytes:])
                 data = data[:max_bytes]

@@ -219,6 +219,13 @@ def procs(base: Path) -> Iterator[Procs]:
     finally:
         ps.kill_all()
         _WATCHED.difference_update(ps.procs)
+    # the processes ran with the ownership checks on (tests/conftest.py): a violation is logged as
+    # an internal error there, and fails the test here
+    for p in ps.procs:
+        with contextlib.suppress(OSError):
+            assert "OwnershipError" not in p.log.read_text(errors="replace"), (
+                f"{p.name} broke the ownership contract:\n{p.tail(60)}"
+            )
 
 
 def fd_count(pid: int) -> int:
