@@ -167,17 +167,23 @@ def cert_builder(
     )
 
 
+_UNUSED_KEY_USAGES = (
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "encipher_only",
+    "decipher_only",
+)
+
+
 def key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    """A CA signs certificates and CRLs; a leaf signs (ECDSA) and nothing else."""
     return x509.KeyUsage(
         digital_signature=not cert_sign,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
         key_cert_sign=cert_sign,
         crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
+        **dict.fromkeys(_UNUSED_KEY_USAGES, False),
     )
 
 

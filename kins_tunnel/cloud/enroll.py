@@ -144,11 +144,8 @@ class EnrollService:
         metrics: Metrics,
         revoked: Revoked,
     ) -> None:
-        self.cfg = cfg
+        self.cfg, self.registry, self.metrics, self.revoked = cfg, registry, metrics, revoked
         self.ca_bundle = Path(ca_bundle)
-        self.registry = registry
-        self.metrics = metrics
-        self.revoked = revoked
         self.tokens = TokenStore(cfg.tokens_file)
         self.issuing: IssuingCA | None = None
         if cfg.ca is not None:
