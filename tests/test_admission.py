@@ -119,3 +119,43 @@ async def test_a_connection_behind_a_queue_it_cannot_get_through_is_refused_at_o
         assert [t.reason for t in late[:100]] == [None] * 100
         assert [t.reason for t in late[110:]] == ["queued"] * 40  # rate ~102/s
         n.cancel_scope.cancel()
+
+
+async def test_never_more_handshakes_at_once_than_slots_even_when_all_arrive_in_one_round(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """Connections reaching `acquire` in the same scheduling round used to all find the slot
+    free (checked before the checkpoint) and all take it: 200 handshakes at once for 64 slots."""
+    a = _admission()
+    tickets = [a.arrive(trio.current_time() + 60) for _ in range(200)]
+    most = 0
+    async with trio.open_nursery() as n:
+        for t in tickets:  # all started before any runs: one scheduling round
+            n.start_soon(a.acquire, t)
+        for _ in range(50):
+            await trio.lowlevel.checkpoint()
+            most = max(most, a.busy_slots)
+        await trio.testing.wait_all_tasks_blocked()
+        assert a.busy_slots == 64 and most == 64
+        # each release lets exactly one more in
+        holders = [t for t in tickets if t in a._holders]
+        for t in holders[:10]:
+            a.leave(t)
+        await trio.testing.wait_all_tasks_blocked()
+        assert a.busy_slots == 64
+        n.cancel_scope.cancel()
+
+
+async def test_a_slot_held_longer_than_slow_handshake_goes_to_a_waiter(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    a = Admission(max_pending=100, max_concurrent=2, slow_handshake=2.0)
+    stuck = [a.arrive(trio.current_time() + 60) for _ in range(2)]
+    for t in stuck:
+        await a.acquire(t)
+    newcomer = a.arrive(trio.current_time() + 60)
+    t0 = trio.current_time()
+    await a.acquire(newcomer)
+    assert trio.current_time() - t0 == 2.0  # exactly when the oldest holder became slow
+    assert stuck[0].reason == "slow" and stuck[1].reason is None
+    assert a.busy_slots == 2

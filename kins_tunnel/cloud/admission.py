@@ -114,9 +114,13 @@ class Admission:
             await self._wait_for_slot()
         finally:
             self._waiting -= 1
+        # no checkpoint between the check in _wait_for_slot and this: never more than
+        # max_concurrent holders, however many connections reach this in one scheduling round
         self._holders[ticket] = trio.current_time()
 
     async def _wait_for_slot(self) -> None:
+        """Return (without a checkpoint after the check) once a slot is free for the caller."""
+        await trio.lowlevel.checkpoint()  # a schedule point first, whether or not it must wait
         while len(self._holders) >= self.max_concurrent:
             oldest, since = next(iter(self._holders.items()))
             overdue = since + self.slow_handshake - trio.current_time()
@@ -124,11 +128,9 @@ class Admission:
                 del self._holders[oldest]
                 oldest.shed("slow")
                 self.shed_count += 1
-                break
+                return
             with trio.move_on_after(overdue):
                 await self._lot.park()
-        else:
-            await trio.lowlevel.checkpoint()
 
     def release(self, ticket: Ticket) -> None:
         if self._holders.pop(ticket, None) is not None:

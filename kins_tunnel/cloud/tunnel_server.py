@@ -160,6 +160,9 @@ class TunnelServer:
                     )
                     return
                 spoke = True
+                # a handshake slot is for a connection whose ClientHello is in: one that sends
+                # part of a record and stalls waits here (pending, shed first), not in a slot
+                hello = await read_first_record(tcp.socket)
                 with trio.move_on_at(ticket.accepted + t.handshake_timeout / 2) as queued:
                     await self.admission.acquire(ticket)
                 # The edge's own deadline runs from its connect, listen backlog included: a
@@ -178,7 +181,7 @@ class TunnelServer:
                 tls = TLSSocket.wrap(
                     socket.socket(fileno=tcp.socket.detach()), self.context, server_side=True
                 )
-                identity = await self._tls_handshake(tls)
+                identity = await self._tls_handshake(tls, hello)
                 enrolling = identity is None
         except (TransportError, ValueError) as exc:
             self._refuse(peer, _reason_label(exc), str(exc))
@@ -224,10 +227,10 @@ class TunnelServer:
             return
         await self._run_tunnel(tls, identity, peer, deadline)
 
-    async def _tls_handshake(self, tls: TLSSocket) -> EdgeIdentity | None:
+    async def _tls_handshake(self, tls: TLSSocket, received: bytes) -> EdgeIdentity | None:
         """The verified edge identity; None for an enrolment connection (nothing else)."""
         try:
-            await tls.do_handshake()
+            await tls.do_handshake(received)
             if self.enrol is not None and tls.alpn_protocol() == ENROLL_ALPN:
                 return None
             der = tls.peer_certificate_der()
@@ -326,6 +329,35 @@ class TunnelServer:
                 "edge disconnected",
                 extra={**labels, "peer": peer, "reason": session.close_reason},
             )
+
+
+TLS_HANDSHAKE_RECORD = 22  # a TLS record's content type: handshake (a ClientHello's)
+MAX_FIRST_RECORD = 5 + 16384  # a TLS record's header and its largest plaintext body
+
+
+async def read_first_record(sock: trio.socket.SocketType) -> bytes:
+    """What the peer sent, read until its first TLS record is whole (a ClientHello), at most
+    `MAX_FIRST_RECORD` bytes; returned early at EOF or when the bytes are not a TLS handshake
+    record (OpenSSL then refuses them). The caller's deadline bounds the wait. Not a checkpoint
+    when the record is already there (the tunnel port's next step, admission, is one)."""
+    fd = sock.fileno()
+    got = b""
+    while True:
+        try:
+            data = os.read(fd, MAX_FIRST_RECORD - len(got))
+        except (BlockingIOError, InterruptedError):
+            await trio.lowlevel.wait_readable(sock)
+            continue
+        except OSError:  # the peer is gone: OpenSSL sees EOF
+            data = b""
+        got += data
+        if (
+            not data
+            or got[0] != TLS_HANDSHAKE_RECORD
+            or len(got) >= MAX_FIRST_RECORD
+            or (len(got) >= 5 and len(got) >= 5 + int.from_bytes(got[3:5], "big"))
+        ):
+            return got
 
 
 def _send_refusal(tcp: trio.SocketStream, retry_after: float) -> None:
