@@ -10,9 +10,11 @@ from kins_tunnel.cloud.admission import (
     ASSUMED_HANDSHAKE,
     MAX_RETRY_AFTER,
     MIN_RETRY_AFTER,
+    RATE_SAMPLES,
     RECENT_SAMPLES,
     REFUSAL_WINDOW,
     Admission,
+    Ticket,
 )
 
 
@@ -20,11 +22,20 @@ def _admission() -> Admission:
     return Admission(max_pending=10_000, max_concurrent=64, slow_handshake=2.0)
 
 
+async def _hold(a: Admission) -> Ticket:
+    """A connection holding a handshake slot (the replica busy: its service-rate clock runs)."""
+    ticket = a.arrive(trio.current_time() + 3600)
+    await a.acquire(ticket)
+    return ticket
+
+
 async def _complete(a: Admission, n: int, *, per_second: float) -> None:
-    """`n` handshakes completing at `per_second` (the rate `a` then measures)."""
+    """`n` handshakes completing at `per_second` with a slot held (the rate `a` then measures)."""
+    busy = await _hold(a)
     for _ in range(n):
         await trio.sleep(1 / per_second)
         a.completed()
+    a.leave(busy)
 
 
 async def test_the_rate_is_assumed_until_measured_then_follows_completions(
@@ -32,12 +43,33 @@ async def test_the_rate_is_assumed_until_measured_then_follows_completions(
 ) -> None:
     a = _admission()
     assert a.rate() == 64 / ASSUMED_HANDSHAKE  # nothing measured yet: on the high side
+    await _hold(a)
     for _ in range(RECENT_SAMPLES * 2):  # 500 per second
         await trio.sleep(0.002)
         a.completed()
     assert 480 <= a.rate() <= 520
-    await trio.sleep(10)  # a stall lowers it
+    await trio.sleep(10)  # a stall (a slot held, nothing completing) lowers it
     assert a.rate() < 20
+
+
+async def test_time_with_no_handshake_to_do_does_not_lower_the_rate(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """The service rate: a replica whose refused edges are away, as told, has nothing to do;
+    that must not read as a slow replica (longer hints, a longer idle, a stalled storm)."""
+    a = _admission()
+    await _complete(a, RATE_SAMPLES, per_second=500)
+    assert 480 <= a.rate() <= 520
+    await trio.sleep(30)  # no slot held: nothing to serve
+    assert 480 <= a.rate() <= 520
+    await _complete(a, RECENT_SAMPLES, per_second=500)  # busy again, as fast
+    assert 480 <= a.rate() <= 520
+    busy = (RATE_SAMPLES + RECENT_SAMPLES) / 500
+    assert busy - 0.01 <= a.busy_time() <= busy + 0.01
+    # 2,000 refused edges in the window are told the time they need at that rate, not 60 s
+    for _ in range(2000):
+        a.refusal_hint()
+    assert 3.8 <= a.retry_after() <= 4.2
 
 
 async def test_the_hint_is_the_queue_ahead_at_the_rate(
@@ -45,9 +77,7 @@ async def test_the_hint_is_the_queue_ahead_at_the_rate(
 ) -> None:
     a = _admission()
     assert a.retry_after() == MIN_RETRY_AFTER  # nothing queued
-    for _ in range(256):  # 100 per second
-        await trio.sleep(0.01)
-        a.completed()
+    await _complete(a, 256, per_second=100)
     tickets = [a.arrive(trio.current_time() + 60) for _ in range(364)]
     async with trio.open_nursery() as n:
         for t in tickets:  # one at a time: 64 take a slot, 300 wait
@@ -82,6 +112,7 @@ async def test_hints_grow_with_recent_refusals_so_a_large_fleet_spreads_out_in_o
 ) -> None:
     a = _admission()
     await _complete(a, 256, per_second=500)
+    await _hold(a)  # the replica busy throughout
     # 2,000 edges refused within 0.4 s while the replica goes on at 500/s, nothing queued: each
     # is told to come back after the ones refused before it, so the hints cover the time the
     # replica needs for all of them

@@ -30,14 +30,22 @@ far less than a connection held until it is refused late or its edge gives up.
 
 **When to come back.** A connection refused before its TLS handshake ("shed", "queued", or its
 deadline missed) is told when to try again (`transport.refusal`): `retry_after()` is the time the
-connections waiting now need at the rate the replica has been completing handshakes (`rate`, on
-the high side), at least `MIN_RETRY_AFTER`; so refused edges come back once the queue in front of
+connections waiting now need at the rate the replica completes handshakes while it has handshakes
+to do (`rate`, its service rate, on the high side), at least `MIN_RETRY_AFTER`; so refused edges come back once the queue in front of
 them has gone, not at once and not after their whole backoff. The edges refused in the last
 `REFUSAL_WINDOW` count as queued too (`refusal_hint` records each refusal): they are coming back,
 and an edge refused after them should come back after them. So when a large fleet arrives at
 once, the hints grow with the refusals and spread it out in one round, instead of every refused
 edge being told the same short wait and refused again (refusals becoming the load). The record
 is bounded (`MAX_REFUSALS_KEPT`), as everything here.
+
+**The service rate, not the wall-clock rate.** `rate` counts time only while a handshake slot is
+held (`busy_time`): the time the replica spends with nothing to do (its refused edges away, as
+told) does not lower it. Measured over wall-clock time it did: hints sent a large fleet away, the
+replica idled, the rate it measured fell, the next hints were longer still (up to the cap), and a
+19,000-edge storm stalled at a few handshakes a second. So a hint is never longer than the queue
+the replica knows of (waiting, in a slot, refused recently) needs at the rate it has shown it
+can serve.
 """
 
 from __future__ import annotations
@@ -81,7 +89,10 @@ class Admission:
         self._holders: collections.OrderedDict[Ticket, float] = collections.OrderedDict()
         self._lot = trio.lowlevel.ParkingLot()
         self.shed_count = 0
+        # busy_time() at each completion (the service rate's samples)
         self._done: collections.deque[float] = collections.deque(maxlen=RATE_SAMPLES)
+        self._busy = 0.0  # seconds with a slot held, up to _busy_since
+        self._busy_since = 0.0  # when the slots last went from none to some held
         self._refused: collections.deque[float] = collections.deque(maxlen=MAX_REFUSALS_KEPT)
 
     def arrive(self, deadline: float) -> Ticket:
@@ -116,7 +127,10 @@ class Admission:
             self._waiting -= 1
         # no checkpoint between the check in _wait_for_slot and this: never more than
         # max_concurrent holders, however many connections reach this in one scheduling round
-        self._holders[ticket] = trio.current_time()
+        now = trio.current_time()
+        if not self._holders:
+            self._busy_since = now
+        self._holders[ticket] = now
 
     async def _wait_for_slot(self) -> None:
         """Return (without a checkpoint after the check) once a slot is free for the caller."""
@@ -125,7 +139,9 @@ class Admission:
             oldest, since = next(iter(self._holders.items()))
             overdue = since + self.slow_handshake - trio.current_time()
             if overdue <= 0:
-                del self._holders[oldest]
+                del self._holders[oldest]  # the caller takes its slot at once
+                if not self._holders:  # (one slot only) close the busy period it ends
+                    self._busy += trio.current_time() - self._busy_since
                 oldest.shed("slow")
                 self.shed_count += 1
                 return
@@ -134,22 +150,31 @@ class Admission:
 
     def release(self, ticket: Ticket) -> None:
         if self._holders.pop(ticket, None) is not None:
+            if not self._holders:
+                self._busy += trio.current_time() - self._busy_since
             self._lot.unpark()
+
+    def busy_time(self) -> float:
+        """Seconds during which at least one handshake slot was held (the service rate's clock)."""
+        if self._holders:
+            return self._busy + trio.current_time() - self._busy_since
+        return self._busy
 
     def completed(self) -> None:
         """A handshake succeeded (feeds `rate`)."""
-        self._done.append(trio.current_time())
+        self._done.append(self.busy_time())
 
     def rate(self) -> float:
-        """Handshakes per second: the higher of the rates over the last `RECENT_SAMPLES` and the
-        last `RATE_SAMPLES` completions (up to now, so a stall lowers it); before
-        `RECENT_SAMPLES` have completed, `max_concurrent / ASSUMED_HANDSHAKE`. On the high side
-        by design: an edge told to come back too early costs one more cheap refusal, one told
-        too late waits for nothing."""
+        """Handshakes per second of busy time (`busy_time`): the higher of the rates over the
+        last `RECENT_SAMPLES` and the last `RATE_SAMPLES` completions (up to now, so a stall with
+        slots held lowers it; time with none held does not); before `RECENT_SAMPLES` have
+        completed, `max_concurrent / ASSUMED_HANDSHAKE`. On the high side by design: an edge told
+        to come back too early costs one more cheap refusal, one told too late waits for
+        nothing."""
         done = self._done
         if len(done) < RECENT_SAMPLES:
             return max(self.max_concurrent / ASSUMED_HANDSHAKE, 1.0)
-        now = trio.current_time()
+        now = self.busy_time()
         recent = RECENT_SAMPLES / max(now - done[-RECENT_SAMPLES], 1e-3)
         return max(recent, len(done) / max(now - done[0], 1e-3), 1.0)
 
