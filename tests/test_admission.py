@@ -190,3 +190,23 @@ async def test_a_slot_held_longer_than_slow_handshake_goes_to_a_waiter(
     assert trio.current_time() - t0 == 2.0  # exactly when the oldest holder became slow
     assert stuck[0].reason == "slow" and stuck[1].reason is None
     assert a.busy_slots == 2
+
+
+async def test_a_full_pending_set_sheds_silent_connections_first_then_refuses_the_newcomer(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """A flood (no ClientHello) is shed oldest first; in a storm (every pending connection has
+    its ClientHello in) the newcomer is refused instead of the head of the queue."""
+    a = Admission(max_pending=4, max_concurrent=1, slow_handshake=2.0)
+    tickets = [a.arrive(trio.current_time() + 10) for _ in range(4)]
+    a.spoke(tickets[0])  # the oldest has its ClientHello in; the three after it are silent
+    newcomer = a.arrive(trio.current_time() + 10)
+    assert [t.reason for t in tickets] == [None, "shed", None, None]  # oldest *silent* one
+    assert newcomer.reason is None and a.pending == 4
+    for t in [tickets[2], tickets[3], newcomer]:
+        a.spoke(t)
+    late = a.arrive(trio.current_time() + 10)  # every pending one has spoken: the late one goes
+    assert late.reason == "shed" and a.pending == 4
+    assert [t.reason for t in [tickets[0], tickets[2], tickets[3], newcomer]] == [None] * 4
+    a.leave(late)  # a refused newcomer leaves like any other
+    assert a.pending == 4 and a.shed_count == 2

@@ -11,9 +11,13 @@ front end keeps working under an idle flood:
   byte, waiting for a handshake slot, TLS, HELLO) happens within `handshake_timeout` of accept.
 - **First byte first.** A connection holds nothing but its socket until its first byte (the TLS
   ClientHello) arrives, and must send it within `first_byte_timeout`; a silent one is closed.
-- **Bounded pending set, oldest shed.** At most `max_pending_handshakes` connections may be
+- **Bounded pending set, silent shed first.** At most `max_pending_handshakes` connections may be
   between accept and the end of their TLS handshake; a new arrival beyond that sheds the oldest
-  (the one most likely silent or stalled, and the closest to its deadline anyway).
+  one whose ClientHello is not in yet (`spoke`: silent or stalled, and the closest to its deadline
+  anyway). When every pending connection has its ClientHello in (a reconnect storm, not a
+  flood), the newcomer is the one refused, at once and with a hint: shedding the oldest would
+  throw away the head of the queue, the edge about to be served, and the work already done for
+  it, for one that would wait the longest.
 - **Bounded CPU work, slow holders displaced.** Handshakes run at most `max_concurrent_handshakes`
   at a time (so in a reconnect storm some finish instead of all crawling into their deadlines). A
   slot held longer than `slow_handshake` (a real handshake needs one round trip after the
@@ -86,6 +90,7 @@ class Admission:
         self.slow_handshake = slow_handshake
         self._waiting = 0  # connections in acquire(), waiting for a slot
         self._pending: collections.OrderedDict[Ticket, None] = collections.OrderedDict()
+        self._silent: collections.OrderedDict[Ticket, None] = collections.OrderedDict()  # no hello
         self._holders: collections.OrderedDict[Ticket, float] = collections.OrderedDict()
         self._lot = trio.lowlevel.ParkingLot()
         self.shed_count = 0
@@ -96,19 +101,31 @@ class Admission:
         self._refused: collections.deque[float] = collections.deque(maxlen=MAX_REFUSALS_KEPT)
 
     def arrive(self, deadline: float) -> Ticket:
-        """Register a new connection (shedding the oldest pending one if there are too many)."""
+        """Register a new connection. With the pending set full, the oldest connection without
+        its ClientHello is shed; if every one has it, the newcomer is (returned shed)."""
         ticket = Ticket(trio.current_time())
         ticket.scope.deadline = deadline
         while len(self._pending) >= self.max_pending:
-            oldest, _ = self._pending.popitem(last=False)
+            if not self._silent:
+                ticket.shed("shed")
+                self.shed_count += 1
+                return ticket
+            oldest, _ = self._silent.popitem(last=False)
+            del self._pending[oldest]
             oldest.shed("shed")
             self.shed_count += 1
         self._pending[ticket] = None
+        self._silent[ticket] = None
         return ticket
+
+    def spoke(self, ticket: Ticket) -> None:
+        """The connection's ClientHello is in: it is shed after every silent one."""
+        self._silent.pop(ticket, None)
 
     def leave(self, ticket: Ticket) -> None:
         """The connection's set-up is over (success or not): forget it, free its slot."""
         self._pending.pop(ticket, None)
+        self._silent.pop(ticket, None)
         self.release(ticket)
 
     async def acquire(self, ticket: Ticket) -> None:

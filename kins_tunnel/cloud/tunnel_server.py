@@ -147,7 +147,7 @@ class TunnelServer:
         tls: TLSSocket | None = None
         identity: EdgeIdentity | None = None
         enrolling = False
-        spoke = False  # sent a first byte: an edge that will read the refusal's hint
+        spoke = False  # sent a whole ClientHello record: an edge that will read the hint
         try:
             with ticket.scope:
                 with trio.move_on_after(t.first_byte_timeout) as first:
@@ -159,10 +159,11 @@ class TunnelServer:
                         f"no data within first_byte_timeout ({t.first_byte_timeout:g}s)",
                     )
                     return
-                spoke = True
                 # a handshake slot is for a connection whose ClientHello is in: one that sends
                 # part of a record and stalls waits here (pending, shed first), not in a slot
                 hello = await read_first_record(tcp.socket)
+                spoke = True
+                self.admission.spoke(ticket)
                 with trio.move_on_at(ticket.accepted + t.handshake_timeout / 2) as queued:
                     await self.admission.acquire(ticket)
                 # The edge's own deadline runs from its connect, listen backlog included: a
@@ -200,6 +201,8 @@ class TunnelServer:
             if tls is None:  # no TLS yet: tell the edge when to come back
                 # only a connection that spoke counts as an edge coming back (a flood of silent
                 # sockets shed from the pending set must not lengthen every edge's hint)
+                # (a connection refused on arrival, the pending set full, may have spoken too)
+                spoke = _drain(tcp) or spoke
                 hint = self.admission.refusal_hint() if spoke else self.admission.retry_after()
                 _send_refusal(tcp, hint)
             self._refuse(
@@ -360,17 +363,25 @@ async def read_first_record(sock: trio.socket.SocketType) -> bytes:
             return got
 
 
-def _send_refusal(tcp: trio.SocketStream, retry_after: float) -> None:
-    """Write the refusal with its hint to a connection shed before TLS (never blocks; a socket
-    that does not take it is closed all the same). What the edge sent is read first, so that the
-    close is a FIN and not a reset that could discard the refusal on the edge's side."""
+def _drain(tcp: trio.SocketStream) -> bool:
+    """Read (and drop) what a connection about to be refused has sent, so that the close is a FIN
+    and not a reset that could discard the refusal on the edge's side. True if it sent bytes."""
     fd = tcp.socket.fileno()
+    got = False
     try:
         for _ in range(4):  # a ClientHello is a few hundred bytes; anything more is not an edge's
             if not os.read(fd, 16384):
                 break
+            got = True
     except OSError:  # nothing more to read (would block), or the peer is gone
         pass
+    return got
+
+
+def _send_refusal(tcp: trio.SocketStream, retry_after: float) -> None:
+    """Write the refusal with its hint to a connection shed before TLS, once `_drain`ed (never
+    blocks; a socket that does not take it is closed all the same)."""
+    fd = tcp.socket.fileno()
     try:
         os.write(fd, encode_refusal(retry_after))
     except OSError:
