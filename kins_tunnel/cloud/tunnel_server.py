@@ -28,10 +28,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 import trio
-from cryptography import x509
 
 from kins_tunnel import __version__
 from kins_tunnel.certs import ENROLL_ALPN, EdgeIdentity, ReservedName, identity_from_der
+from kins_tunnel.certs.identity import CertFacts, cert_facts, load_der
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.admission import Admission
 from kins_tunnel.cloud.registry import EdgeTunnel, NodeTaken, Refusal, Registry, allowed_name
@@ -146,6 +146,7 @@ class TunnelServer:
         ticket = self.admission.arrive(deadline)
         tls: TLSSocket | None = None
         identity: EdgeIdentity | None = None
+        facts: CertFacts | None = None
         enrolling = False
         spoke = False  # sent a whole ClientHello record: an edge that will read the hint
         try:
@@ -182,8 +183,10 @@ class TunnelServer:
                 tls = TLSSocket.wrap(
                     socket.socket(fileno=tcp.socket.detach()), self.context, server_side=True
                 )
-                identity = await self._tls_handshake(tls, hello)
-                enrolling = identity is None
+                verified = await self._tls_handshake(tls, hello)
+                enrolling = verified is None
+                if verified is not None:
+                    identity, facts = verified
         except (TransportError, ValueError) as exc:
             self._refuse(peer, _reason_label(exc), str(exc))
             return
@@ -196,7 +199,7 @@ class TunnelServer:
             finally:
                 tls.close()
             return
-        if identity is None or tls is None:  # the ticket's scope ended it: deadline or shed
+        if identity is None or facts is None or tls is None:  # deadline or shed: scope ended it
             reason = ticket.reason or "timeout"
             if tls is None:  # no TLS yet: tell the edge when to come back
                 # only a connection that spoke counts as an edge coming back (a flood of silent
@@ -223,15 +226,18 @@ class TunnelServer:
             self._refuse(peer, "revoked", f"{identity.unit}/{identity.node}: {revoked}")
             return
         # a resumed session's certificate was verified when its ticket was issued: check its dates
-        stale = _outside_validity(der) if resumed else None
+        stale = _outside_validity(facts) if resumed else None
         if stale is not None:
             tls.close()
             self._refuse(peer, "expired", f"{identity.unit}/{identity.node}: {stale}")
             return
-        await self._run_tunnel(tls, identity, peer, deadline)
+        await self._run_tunnel(tls, identity, facts, peer, deadline)
 
-    async def _tls_handshake(self, tls: TLSSocket, received: bytes) -> EdgeIdentity | None:
-        """The verified edge identity; None for an enrolment connection (nothing else)."""
+    async def _tls_handshake(
+        self, tls: TLSSocket, received: bytes
+    ) -> tuple[EdgeIdentity, CertFacts] | None:
+        """The verified edge identity and its certificate's facts (the certificate loaded once);
+        None for an enrolment connection (nothing else)."""
         try:
             await tls.do_handshake(received)
             if self.enrol is not None and tls.alpn_protocol() == ENROLL_ALPN:
@@ -239,13 +245,14 @@ class TunnelServer:
             der = tls.peer_certificate_der()
             if der is None:
                 raise TransportError("no client certificate")
-            return identity_from_der(der)
+            cert = load_der(der)
+            return identity_from_der(cert), cert_facts(cert)
         except BaseException:
             tls.close()
             raise
 
     async def _run_tunnel(
-        self, tls: TLSSocket, identity: EdgeIdentity, peer: str, deadline: float
+        self, tls: TLSSocket, identity: EdgeIdentity, facts: CertFacts, peer: str, deadline: float
     ) -> None:
         labels = {"unit": identity.unit, "node": identity.node}
         on_open = (
@@ -263,7 +270,7 @@ class TunnelServer:
                 on_open=on_open,
                 pacing=self.cfg.qos.pacing(identity.unit),
                 while_up=functools.partial(
-                    self._while_up, identity=identity, labels=labels, peer=peer
+                    self._while_up, identity=identity, facts=facts, labels=labels, peer=peer
                 ),
             )
         except HandshakeFailed as exc:
@@ -274,7 +281,13 @@ class TunnelServer:
             )
 
     async def _while_up(
-        self, session: Session, *, identity: EdgeIdentity, labels: dict[str, str], peer: str
+        self,
+        session: Session,
+        *,
+        identity: EdgeIdentity,
+        facts: CertFacts,
+        labels: dict[str, str],
+        peer: str,
     ) -> None:
         names, refused = [], []
         for name in session.peer_names:
@@ -293,7 +306,7 @@ class TunnelServer:
                     "advertised": ",".join(refused[:MAX_NAMES_LOGGED])[:MAX_LOGGED_CHARS],
                 },
             )
-        tunnel = EdgeTunnel(identity, session, frozenset(names), peer)
+        tunnel = EdgeTunnel(identity, session, frozenset(names), peer, cert=facts)
         try:
             displaced = self.registry.add(tunnel)
         except NodeTaken as exc:
@@ -388,18 +401,12 @@ def _send_refusal(tcp: trio.SocketStream, retry_after: float) -> None:
         pass
 
 
-def _outside_validity(der: bytes | None) -> str | None:
+def _outside_validity(facts: CertFacts) -> str | None:
     """Why a resumed session's certificate is no longer acceptable (expired or not yet valid)."""
-    if der is None:
-        return "no certificate in the resumed session"
-    try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError:
-        return "unreadable certificate in the resumed session"
     now = dt.datetime.now(dt.UTC)
-    if now > cert.not_valid_after_utc:
+    if now > facts.not_after:
         return "certificate expired since its session ticket was issued"
-    if now < cert.not_valid_before_utc:
+    if facts.not_before is not None and now < facts.not_before:
         return "certificate not yet valid"
     return None
 
