@@ -151,18 +151,16 @@ class TunnelServer:
         spoke = False  # sent a whole ClientHello record: an edge that will read the hint
         try:
             with ticket.scope:
-                with trio.move_on_after(t.first_byte_timeout) as first:
-                    await trio.lowlevel.wait_readable(tcp.socket)
-                if first.cancelled_caught:
+                # a handshake slot is for a connection whose ClientHello is in: one that sends
+                # part of a record and stalls waits here (pending, shed first), not in a slot
+                hello = await read_first_record(tcp.socket, t.first_byte_timeout)
+                if hello is None:
                     self._refuse(
                         peer,
                         "idle",
                         f"no data within first_byte_timeout ({t.first_byte_timeout:g}s)",
                     )
                     return
-                # a handshake slot is for a connection whose ClientHello is in: one that sends
-                # part of a record and stalls waits here (pending, shed first), not in a slot
-                hello = await read_first_record(tcp.socket)
                 spoke = True
                 self.admission.spoke(ticket)
                 with trio.move_on_at(ticket.accepted + t.handshake_timeout / 2) as queued:
@@ -175,7 +173,8 @@ class TunnelServer:
                     ticket.shed("gone")
                 elif queued.cancelled_caught or waited > t.handshake_timeout / 2:
                     ticket.shed("queued")
-                await trio.lowlevel.checkpoint()  # a shed ticket's scope ends it here
+                if ticket.reason is not None:
+                    await trio.lowlevel.checkpoint()  # a shed ticket's scope ends it here
                 if self.tls is not None:
                     await (
                         self.tls.refresh()
@@ -351,19 +350,30 @@ TLS_HANDSHAKE_RECORD = 22  # a TLS record's content type: handshake (a ClientHel
 MAX_FIRST_RECORD = 5 + 16384  # a TLS record's header and its largest plaintext body
 
 
-async def read_first_record(sock: trio.socket.SocketType) -> bytes:
+async def read_first_record(
+    sock: trio.socket.SocketType, first_byte_timeout: float
+) -> bytes | None:
     """What the peer sent, read until its first TLS record is whole (a ClientHello), at most
     `MAX_FIRST_RECORD` bytes; returned early at EOF or when the bytes are not a TLS handshake
-    record (OpenSSL then refuses them). The caller's deadline bounds the wait. Not a checkpoint
-    when the record is already there (the tunnel port's next step, admission, is one)."""
+    record (OpenSSL then refuses them). None: not one byte within `first_byte_timeout`. The
+    caller's deadline bounds the rest.
+
+    A connection taken from the listen backlog usually has its ClientHello in already: it is
+    read at once, without waiting for the socket (no cancel scope, no poller registration, no
+    task switch: this is not a checkpoint then; the tunnel port's next step, admission, is)."""
     fd = sock.fileno()
     got = b""
     while True:
         try:
             data = os.read(fd, MAX_FIRST_RECORD - len(got))
         except (BlockingIOError, InterruptedError):
-            await trio.lowlevel.wait_readable(sock)
-            continue
+            if got:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            with trio.move_on_after(first_byte_timeout):
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            return None
         except OSError:  # the peer is gone: OpenSSL sees EOF
             data = b""
         got += data
