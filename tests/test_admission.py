@@ -210,3 +210,21 @@ async def test_a_full_pending_set_sheds_silent_connections_first_then_refuses_th
     assert [t.reason for t in [tickets[0], tickets[2], tickets[3], newcomer]] == [None] * 4
     a.leave(late)  # a refused newcomer leaves like any other
     assert a.pending == 4 and a.shed_count == 2
+
+
+async def test_handshakes_that_end_together_do_not_read_as_thousands_a_second(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """64 handshakes completing in one scheduling round every 0.2 s is 320 a second: the rate is
+    measured over a window of time, not over the last 64 completions (which read as 64,000 a
+    second and gave every refused edge the 1 s minimum, refused again on its return)."""
+    a = _admission()
+    await _hold(a)
+    for _ in range(10):
+        await trio.sleep(0.2)
+        for _ in range(64):
+            a.completed()
+    assert 300 <= a.rate() <= 450  # the window's 320/s, or 256 kept over 0.6 s
+    for _ in range(1000):
+        a.refusal_hint()
+    assert 2.2 <= a.retry_after() <= 3.4  # 1,000 refused ahead (+1 in a slot) at that rate

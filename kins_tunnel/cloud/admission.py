@@ -61,7 +61,9 @@ from dataclasses import dataclass, field
 import trio
 
 RATE_SAMPLES = 256  # completion times kept to measure the handshake rate
-RECENT_SAMPLES = 64  # the rate is the higher of these last completions' and all those kept
+RECENT_SAMPLES = 64  # completions before the rate is measured rather than assumed
+RATE_WINDOW = 1.0  # seconds of busy time: the rate is the higher of this window's and all kept
+MAX_WINDOW_SAMPLES = 8192  # completions counted in RATE_WINDOW, at most
 ASSUMED_HANDSHAKE = 0.1  # seconds a slot takes per handshake, until RECENT_SAMPLES have completed
 MIN_RETRY_AFTER = 1.0  # the least wait a shed connection is told
 MAX_RETRY_AFTER = 60.0  # and the most (an edge caps it at its own reconnect.max too)
@@ -96,6 +98,8 @@ class Admission:
         self.shed_count = 0
         # busy_time() at each completion (the service rate's samples)
         self._done: collections.deque[float] = collections.deque(maxlen=RATE_SAMPLES)
+        # busy_time() of the completions within RATE_WINDOW of busy time
+        self._window: collections.deque[float] = collections.deque(maxlen=MAX_WINDOW_SAMPLES)
         self._busy = 0.0  # seconds with a slot held, up to _busy_since
         self._busy_since = 0.0  # when the slots last went from none to some held
         self._refused: collections.deque[float] = collections.deque(maxlen=MAX_REFUSALS_KEPT)
@@ -179,21 +183,29 @@ class Admission:
 
     def completed(self) -> None:
         """A handshake succeeded (feeds `rate`)."""
-        self._done.append(self.busy_time())
+        now = self.busy_time()
+        self._done.append(now)
+        self._window.append(now)
 
     def rate(self) -> float:
-        """Handshakes per second of busy time (`busy_time`): the higher of the rates over the
-        last `RECENT_SAMPLES` and the last `RATE_SAMPLES` completions (up to now, so a stall with
-        slots held lowers it; time with none held does not); before `RECENT_SAMPLES` have
+        """Handshakes per second of busy time (`busy_time`): the higher of the rate over the last
+        `RATE_WINDOW` and over the last `RATE_SAMPLES` completions (both up to now, so a stall
+        with slots held lowers it; time with none held does not); before `RECENT_SAMPLES` have
         completed, `max_concurrent / ASSUMED_HANDSHAKE`. On the high side by design: an edge told
         to come back too early costs one more cheap refusal, one told too late waits for
-        nothing."""
+        nothing. A window of time, not of the last few completions: handshakes that run together
+        end together, and 64 completions in one scheduling round read as thousands a second
+        (hints of the 1 s minimum, and the edges refused again on their return)."""
         done = self._done
         if len(done) < RECENT_SAMPLES:
             return max(self.max_concurrent / ASSUMED_HANDSHAKE, 1.0)
         now = self.busy_time()
-        recent = RECENT_SAMPLES / max(now - done[-RECENT_SAMPLES], 1e-3)
-        return max(recent, len(done) / max(now - done[0], 1e-3), 1.0)
+        window = self._window
+        while window and window[0] < now - RATE_WINDOW:
+            window.popleft()
+        kept = len(done) / max(now - done[0], 1e-3)
+        recent = len(window) / RATE_WINDOW if now >= RATE_WINDOW else 0.0
+        return max(recent, kept, 1.0)
 
     def retry_after(self) -> float:
         """Seconds a connection refused now should wait: the queue ahead of it (waiting for a slot,
