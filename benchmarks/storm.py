@@ -291,6 +291,7 @@ def run_storm(
     budget: float = 290.0,
     nice: int = 0,
     profile: Path | None = None,
+    tunnel: dict[str, object] | None = None,
 ) -> dict[str, Any]:
     """Run the whole storm once (see the module docstring); returns the figures."""
     t_start = time.monotonic()
@@ -304,6 +305,7 @@ def run_storm(
         extra: dict[str, object] = (
             {"session_ticket_key_file": str(key_file)} if tickets else {"session_tickets": False}
         )
+        extra.update(tunnel or {})  # the cloud's `tunnel:` settings under test
         procs: list[subprocess.Popen[bytes]] = []
         try:
             cloud = cloud_process(base, certs, tport, aport, edges, tunnel=extra)
@@ -466,6 +468,7 @@ def run_storm(
         tickets=tickets,
         workers=workers,
         nice=nice,
+        tunnel=tunnel or {},
     )
 
 
@@ -502,6 +505,7 @@ def _figures(
     tickets: bool,
     workers: int,
     nice: int,
+    tunnel: dict[str, object],
 ) -> dict[str, Any]:
     back: dict[int, tuple[float, bool]] = {}  # edge -> first up after the kill
     rtt_until = max(t_back, t_listen + RTT_WINDOW_MIN)
@@ -533,6 +537,7 @@ def _figures(
         "workers": workers,
         "session_tickets": tickets,
         "edge_nice": nice,
+        "cloud_tunnel_settings": tunnel,
         "loadavg_at_kill": [round(x, 2) for x in load],
         "initial_connect_s": round(initial_s, 1),
         "idle": {
@@ -550,6 +555,7 @@ def _figures(
         "resumed": sum(1 for _, r in back.values() if r),
         "handshakes_per_s_mean": round(len(waits) / storm, 1),
         "handshakes_per_s_best_second": max(buckets.values()) if buckets else 0,
+        "back_per_second": [buckets.get(i, 0) for i in range(int(storm) + 1)] if waits else [],
         "cloud_cpu_ms_per_handshake": round(cpu_storm * 1000 / max(len(waits), 1), 3),
         "cloud_cpu_s_during_storm": round(cpu_storm, 1),
         "edge_workers_cpu_s_whole_run": round(sum(r["cpu_s"] for r in recs), 1),
@@ -597,6 +603,9 @@ def main(argv: list[str] | None = None) -> None:
         "--nice", type=int, default=0, help="the edge workers' CPU priority (os.nice increment)"
     )
     ap.add_argument("--profile", type=Path, help="py-spy the restarted replica into this file")
+    ap.add_argument(
+        "--max-concurrent-handshakes", type=int, help="the cloud's tunnel.max_concurrent_handshakes"
+    )
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run_storm(
@@ -607,6 +616,11 @@ def main(argv: list[str] | None = None) -> None:
         budget=args.budget,
         nice=args.nice,
         profile=args.profile,
+        tunnel=(
+            {"max_concurrent_handshakes": args.max_concurrent_handshakes}
+            if args.max_concurrent_handshakes
+            else None
+        ),
     )
     print(json.dumps(result, indent=1))
 

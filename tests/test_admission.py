@@ -10,6 +10,7 @@ from kins_tunnel.cloud.admission import (
     ASSUMED_HANDSHAKE,
     MAX_RETRY_AFTER,
     MIN_RETRY_AFTER,
+    PEAK_MEMORY,
     RATE_SAMPLES,
     RECENT_SAMPLES,
     REFUSAL_WINDOW,
@@ -228,3 +229,22 @@ async def test_handshakes_that_end_together_do_not_read_as_thousands_a_second(
     for _ in range(1000):
         a.refusal_hint()
     assert 2.2 <= a.retry_after() <= 3.4  # 1,000 refused ahead (+1 in a slot) at that rate
+
+
+async def test_a_short_stall_on_slow_peers_does_not_send_the_fleet_away_for_the_cap(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """Slots held by peers slow to answer for 3 s, nothing completing: the replica is still the
+    one that served 500 a second, and 1,000 refused edges are told about 2 s, not 60 s."""
+    a = _admission()
+    await _hold(a)
+    for _ in range(1000):  # 500 per second for 2 s
+        await trio.sleep(0.002)
+        a.completed()
+    assert 480 <= a.rate() <= 520
+    await trio.sleep(3)  # a stall shorter than PEAK_MEMORY
+    for _ in range(1000):
+        a.refusal_hint()
+    assert 1.8 <= a.retry_after() <= 2.2
+    await trio.sleep(PEAK_MEMORY)  # a stall that lasts: the rate falls, as before
+    assert a.rate() < 60

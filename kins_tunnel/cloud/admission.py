@@ -64,6 +64,7 @@ RATE_SAMPLES = 256  # completion times kept to measure the handshake rate
 RECENT_SAMPLES = 64  # completions before the rate is measured rather than assumed
 RATE_WINDOW = 1.0  # seconds of busy time: the rate is the higher of this window's and all kept
 MAX_WINDOW_SAMPLES = 8192  # completions counted in RATE_WINDOW, at most
+PEAK_MEMORY = 5.0  # seconds of busy time the best RATE_WINDOW's rate is remembered
 ASSUMED_HANDSHAKE = 0.1  # seconds a slot takes per handshake, until RECENT_SAMPLES have completed
 MIN_RETRY_AFTER = 1.0  # the least wait a shed connection is told
 MAX_RETRY_AFTER = 60.0  # and the most (an edge caps it at its own reconnect.max too)
@@ -100,6 +101,8 @@ class Admission:
         self._done: collections.deque[float] = collections.deque(maxlen=RATE_SAMPLES)
         # busy_time() of the completions within RATE_WINDOW of busy time
         self._window: collections.deque[float] = collections.deque(maxlen=MAX_WINDOW_SAMPLES)
+        self._peak = 0.0  # the best RATE_WINDOW rate seen within PEAK_MEMORY
+        self._peak_at = 0.0  # busy_time() it was seen at
         self._busy = 0.0  # seconds with a slot held, up to _busy_since
         self._busy_since = 0.0  # when the slots last went from none to some held
         self._refused: collections.deque[float] = collections.deque(maxlen=MAX_REFUSALS_KEPT)
@@ -195,7 +198,10 @@ class Admission:
         to come back too early costs one more cheap refusal, one told too late waits for
         nothing. A window of time, not of the last few completions: handshakes that run together
         end together, and 64 completions in one scheduling round read as thousands a second
-        (hints of the 1 s minimum, and the edges refused again on their return)."""
+        (hints of the 1 s minimum, and the edges refused again on their return). The best
+        window's rate counts for `PEAK_MEMORY` seconds of busy time: a few seconds in which the
+        slots wait on slow peers (edges busy with their own handshakes) do not turn into hints
+        at the cap, which kept edges away for 30 s while the replica could have served them."""
         done = self._done
         if len(done) < RECENT_SAMPLES:
             return max(self.max_concurrent / ASSUMED_HANDSHAKE, 1.0)
@@ -205,7 +211,9 @@ class Admission:
             window.popleft()
         kept = len(done) / max(now - done[0], 1e-3)
         recent = len(window) / RATE_WINDOW if now >= RATE_WINDOW else 0.0
-        return max(recent, kept, 1.0)
+        if recent >= self._peak or now - self._peak_at > PEAK_MEMORY:
+            self._peak, self._peak_at = recent, now
+        return max(recent, kept, self._peak, 1.0)
 
     def retry_after(self) -> float:
         """Seconds a connection refused now should wait: the queue ahead of it (waiting for a slot,
