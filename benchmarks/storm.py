@@ -1,6 +1,7 @@
 """Reconnect storm: N edges on one tunnel-cloud replica that is killed and restarted.
 
-    python -m benchmarks.scale --storm [--edges 5000] [--workers 4] [--no-tickets]
+    python -m benchmarks.scale --storm [--edges 5000] [--workers 4] [--no-tickets] [--nice 10]
+        [--profile storm.txt]
 
 Simulated edges (worker processes, this file's `worker` mode; the open-file limit here is 20,000
 per process) dial with the real pieces of tunnel-edge: its reconnect policy
@@ -20,6 +21,12 @@ until 50 %, 99 % and 100 % of the edges are back, the handshakes per second the 
 RTT of tunnels already back while the storm goes on (p50/p99/max, and pings that went unanswered
 longer than the ping timeout). Then every edge leaves, and the replica's descriptors and tasks are
 compared with its baseline (leaks). The whole run is bounded by `budget` seconds.
+
+The simulated edges share the machine's cores with the replica, unlike a real fleet (every edge
+its own machine). `--nice N` runs the edge workers at a lower CPU priority (`os.nice(N)` in each),
+so the replica gets the core a dedicated machine would give it and the edges the rest; a result
+says which (`edge_nice`). `--profile FILE` records the restarted replica with py-spy from listening
+until all edges are back (collapsed stacks, `py-spy record --format raw`).
 """
 
 from __future__ import annotations
@@ -191,6 +198,8 @@ async def _worker(args: dict[str, object]) -> None:
     since = Path(str(args["since"]))  # the parent writes the kill time there
     first, n = int(str(args["first"])), int(str(args["n"]))
     port = int(str(args["port"]))
+    if int(str(args.get("nice", 0))):  # the replica gets the core a dedicated machine gives it
+        os.nice(int(str(args["nice"])))
     rng = random.Random(first)
     with trio.move_on_after(float(str(args["budget"]))):
         async with trio.open_nursery() as nursery:
@@ -280,6 +289,9 @@ def run_storm(
     tickets: bool = True,
     idle_window: float = 20.0,
     budget: float = 290.0,
+    nice: int = 0,
+    profile: Path | None = None,
+    tunnel: dict[str, object] | None = None,
 ) -> dict[str, Any]:
     """Run the whole storm once (see the module docstring); returns the figures."""
     t_start = time.monotonic()
@@ -293,6 +305,7 @@ def run_storm(
         extra: dict[str, object] = (
             {"session_ticket_key_file": str(key_file)} if tickets else {"session_tickets": False}
         )
+        extra.update(tunnel or {})  # the cloud's `tunnel:` settings under test
         procs: list[subprocess.Popen[bytes]] = []
         try:
             cloud = cloud_process(base, certs, tport, aport, edges, tunnel=extra)
@@ -318,6 +331,7 @@ def run_storm(
                     "certs": str(certs),
                     "budget": budget,
                     "ramp": edges / RAMP_RATE,
+                    "nice": nice,
                     **{k: str(v) for k, v in f.items()},
                 }
                 first += n
@@ -374,6 +388,8 @@ def run_storm(
             t_listen = _wait(lambda: _listening(tport), 30, "restart", 0.002)
             cpu_restart = _cpu_seconds(cloud.pid)
             rss_restart = rss_kib(cloud.pid)
+            if profile is not None:
+                procs.append(_profiler(cloud.pid, profile))
             t_back = _wait(
                 lambda: connected(True) >= edges,
                 max(left() - 40, 10),
@@ -381,11 +397,15 @@ def run_storm(
                 0.02,
                 lambda: (
                     f"{connected(True)} of {edges} back, "
-                    f"{time.monotonic() - t_listen:.0f} s after listening"
+                    f"{time.monotonic() - t_listen:.0f} s after listening; cloud refusals "
+                    f"{metric_values(scrape(aport), 'kins_tunnel_handshake_failures_total', 'reason')}"
                 ),
             )
             cpu_storm = _cpu_seconds(cloud.pid) - cpu_restart
             rss_back = rss_kib(cloud.pid)
+            if profile is not None:  # SIGINT: py-spy writes what it recorded, then exits
+                procs[-1].send_signal(signal.SIGINT)
+                procs[-1].wait(timeout=30)
             time.sleep(max(2.0, t_listen + RTT_WINDOW_MIN - time.monotonic()))
             text = scrape(aport)
             failures = metric_values(text, "kins_tunnel_handshake_failures_total", "reason")
@@ -447,6 +467,17 @@ def run_storm(
         load=load,
         tickets=tickets,
         workers=workers,
+        nice=nice,
+        tunnel=tunnel or {},
+    )
+
+
+def _profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy recording `pid` into `out` (collapsed stacks) until it gets SIGINT."""
+    return subprocess.Popen(
+        ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--output", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -473,6 +504,8 @@ def _figures(
     load: tuple[float, float, float],
     tickets: bool,
     workers: int,
+    nice: int,
+    tunnel: dict[str, object],
 ) -> dict[str, Any]:
     back: dict[int, tuple[float, bool]] = {}  # edge -> first up after the kill
     rtt_until = max(t_back, t_listen + RTT_WINDOW_MIN)
@@ -503,6 +536,8 @@ def _figures(
         "edges": edges,
         "workers": workers,
         "session_tickets": tickets,
+        "edge_nice": nice,
+        "cloud_tunnel_settings": tunnel,
         "loadavg_at_kill": [round(x, 2) for x in load],
         "initial_connect_s": round(initial_s, 1),
         "idle": {
@@ -520,6 +555,7 @@ def _figures(
         "resumed": sum(1 for _, r in back.values() if r),
         "handshakes_per_s_mean": round(len(waits) / storm, 1),
         "handshakes_per_s_best_second": max(buckets.values()) if buckets else 0,
+        "back_per_second": [buckets.get(i, 0) for i in range(int(storm) + 1)] if waits else [],
         "cloud_cpu_ms_per_handshake": round(cpu_storm * 1000 / max(len(waits), 1), 3),
         "cloud_cpu_s_during_storm": round(cpu_storm, 1),
         "edge_workers_cpu_s_whole_run": round(sum(r["cpu_s"] for r in recs), 1),
@@ -563,6 +599,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-tickets", action="store_true", help="cloud without session tickets")
     ap.add_argument("--idle-window", type=float, default=20.0)
     ap.add_argument("--budget", type=float, default=290.0, help="seconds for the whole run")
+    ap.add_argument(
+        "--nice", type=int, default=0, help="the edge workers' CPU priority (os.nice increment)"
+    )
+    ap.add_argument("--profile", type=Path, help="py-spy the restarted replica into this file")
+    ap.add_argument(
+        "--max-concurrent-handshakes", type=int, help="the cloud's tunnel.max_concurrent_handshakes"
+    )
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run_storm(
@@ -571,6 +614,13 @@ def main(argv: list[str] | None = None) -> None:
         tickets=not args.no_tickets,
         idle_window=args.idle_window,
         budget=args.budget,
+        nice=args.nice,
+        profile=args.profile,
+        tunnel=(
+            {"max_concurrent_handshakes": args.max_concurrent_handshakes}
+            if args.max_concurrent_handshakes
+            else None
+        ),
     )
     print(json.dumps(result, indent=1))
 

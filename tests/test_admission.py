@@ -10,9 +10,12 @@ from kins_tunnel.cloud.admission import (
     ASSUMED_HANDSHAKE,
     MAX_RETRY_AFTER,
     MIN_RETRY_AFTER,
+    PEAK_MEMORY,
+    RATE_SAMPLES,
     RECENT_SAMPLES,
     REFUSAL_WINDOW,
     Admission,
+    Ticket,
 )
 
 
@@ -20,11 +23,20 @@ def _admission() -> Admission:
     return Admission(max_pending=10_000, max_concurrent=64, slow_handshake=2.0)
 
 
+async def _hold(a: Admission) -> Ticket:
+    """A connection holding a handshake slot (the replica busy: its service-rate clock runs)."""
+    ticket = a.arrive(trio.current_time() + 3600)
+    await a.acquire(ticket)
+    return ticket
+
+
 async def _complete(a: Admission, n: int, *, per_second: float) -> None:
-    """`n` handshakes completing at `per_second` (the rate `a` then measures)."""
+    """`n` handshakes completing at `per_second` with a slot held (the rate `a` then measures)."""
+    busy = await _hold(a)
     for _ in range(n):
         await trio.sleep(1 / per_second)
         a.completed()
+    a.leave(busy)
 
 
 async def test_the_rate_is_assumed_until_measured_then_follows_completions(
@@ -32,12 +44,33 @@ async def test_the_rate_is_assumed_until_measured_then_follows_completions(
 ) -> None:
     a = _admission()
     assert a.rate() == 64 / ASSUMED_HANDSHAKE  # nothing measured yet: on the high side
+    await _hold(a)
     for _ in range(RECENT_SAMPLES * 2):  # 500 per second
         await trio.sleep(0.002)
         a.completed()
     assert 480 <= a.rate() <= 520
-    await trio.sleep(10)  # a stall lowers it
+    await trio.sleep(10)  # a stall (a slot held, nothing completing) lowers it
     assert a.rate() < 20
+
+
+async def test_time_with_no_handshake_to_do_does_not_lower_the_rate(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """The service rate: a replica whose refused edges are away, as told, has nothing to do;
+    that must not read as a slow replica (longer hints, a longer idle, a stalled storm)."""
+    a = _admission()
+    await _complete(a, RATE_SAMPLES, per_second=500)
+    assert 480 <= a.rate() <= 520
+    await trio.sleep(30)  # no slot held: nothing to serve
+    assert 480 <= a.rate() <= 520
+    await _complete(a, RECENT_SAMPLES, per_second=500)  # busy again, as fast
+    assert 480 <= a.rate() <= 520
+    busy = (RATE_SAMPLES + RECENT_SAMPLES) / 500
+    assert busy - 0.01 <= a.busy_time() <= busy + 0.01
+    # 2,000 refused edges in the window are told the time they need at that rate, not 60 s
+    for _ in range(2000):
+        a.refusal_hint()
+    assert 3.8 <= a.retry_after() <= 4.2
 
 
 async def test_the_hint_is_the_queue_ahead_at_the_rate(
@@ -45,9 +78,7 @@ async def test_the_hint_is_the_queue_ahead_at_the_rate(
 ) -> None:
     a = _admission()
     assert a.retry_after() == MIN_RETRY_AFTER  # nothing queued
-    for _ in range(256):  # 100 per second
-        await trio.sleep(0.01)
-        a.completed()
+    await _complete(a, 256, per_second=100)
     tickets = [a.arrive(trio.current_time() + 60) for _ in range(364)]
     async with trio.open_nursery() as n:
         for t in tickets:  # one at a time: 64 take a slot, 300 wait
@@ -82,6 +113,7 @@ async def test_hints_grow_with_recent_refusals_so_a_large_fleet_spreads_out_in_o
 ) -> None:
     a = _admission()
     await _complete(a, 256, per_second=500)
+    await _hold(a)  # the replica busy throughout
     # 2,000 edges refused within 0.4 s while the replica goes on at 500/s, nothing queued: each
     # is told to come back after the ones refused before it, so the hints cover the time the
     # replica needs for all of them
@@ -119,3 +151,100 @@ async def test_a_connection_behind_a_queue_it_cannot_get_through_is_refused_at_o
         assert [t.reason for t in late[:100]] == [None] * 100
         assert [t.reason for t in late[110:]] == ["queued"] * 40  # rate ~102/s
         n.cancel_scope.cancel()
+
+
+async def test_never_more_handshakes_at_once_than_slots_even_when_all_arrive_in_one_round(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """Connections reaching `acquire` in the same scheduling round used to all find the slot
+    free (checked before the checkpoint) and all take it: 200 handshakes at once for 64 slots."""
+    a = _admission()
+    tickets = [a.arrive(trio.current_time() + 60) for _ in range(200)]
+    most = 0
+    async with trio.open_nursery() as n:
+        for t in tickets:  # all started before any runs: one scheduling round
+            n.start_soon(a.acquire, t)
+        for _ in range(50):
+            await trio.lowlevel.checkpoint()
+            most = max(most, a.busy_slots)
+        await trio.testing.wait_all_tasks_blocked()
+        assert a.busy_slots == 64 and most == 64
+        # each release lets exactly one more in
+        holders = [t for t in tickets if t in a._holders]
+        for t in holders[:10]:
+            a.leave(t)
+        await trio.testing.wait_all_tasks_blocked()
+        assert a.busy_slots == 64
+        n.cancel_scope.cancel()
+
+
+async def test_a_slot_held_longer_than_slow_handshake_goes_to_a_waiter(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    a = Admission(max_pending=100, max_concurrent=2, slow_handshake=2.0)
+    stuck = [a.arrive(trio.current_time() + 60) for _ in range(2)]
+    for t in stuck:
+        await a.acquire(t)
+    newcomer = a.arrive(trio.current_time() + 60)
+    t0 = trio.current_time()
+    await a.acquire(newcomer)
+    assert trio.current_time() - t0 == 2.0  # exactly when the oldest holder became slow
+    assert stuck[0].reason == "slow" and stuck[1].reason is None
+    assert a.busy_slots == 2
+
+
+async def test_a_full_pending_set_sheds_silent_connections_first_then_refuses_the_newcomer(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """A flood (no ClientHello) is shed oldest first; in a storm (every pending connection has
+    its ClientHello in) the newcomer is refused instead of the head of the queue."""
+    a = Admission(max_pending=4, max_concurrent=1, slow_handshake=2.0)
+    tickets = [a.arrive(trio.current_time() + 10) for _ in range(4)]
+    a.spoke(tickets[0])  # the oldest has its ClientHello in; the three after it are silent
+    newcomer = a.arrive(trio.current_time() + 10)
+    assert [t.reason for t in tickets] == [None, "shed", None, None]  # oldest *silent* one
+    assert newcomer.reason is None and a.pending == 4
+    for t in [tickets[2], tickets[3], newcomer]:
+        a.spoke(t)
+    late = a.arrive(trio.current_time() + 10)  # every pending one has spoken: the late one goes
+    assert late.reason == "shed" and a.pending == 4
+    assert [t.reason for t in [tickets[0], tickets[2], tickets[3], newcomer]] == [None] * 4
+    a.leave(late)  # a refused newcomer leaves like any other
+    assert a.pending == 4 and a.shed_count == 2
+
+
+async def test_handshakes_that_end_together_do_not_read_as_thousands_a_second(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """64 handshakes completing in one scheduling round every 0.2 s is 320 a second: the rate is
+    measured over a window of time, not over the last 64 completions (which read as 64,000 a
+    second and gave every refused edge the 1 s minimum, refused again on its return)."""
+    a = _admission()
+    await _hold(a)
+    for _ in range(10):
+        await trio.sleep(0.2)
+        for _ in range(64):
+            a.completed()
+    assert 300 <= a.rate() <= 450  # the window's 320/s, or 256 kept over 0.6 s
+    for _ in range(1000):
+        a.refusal_hint()
+    assert 2.2 <= a.retry_after() <= 3.4  # 1,000 refused ahead (+1 in a slot) at that rate
+
+
+async def test_a_short_stall_on_slow_peers_does_not_send_the_fleet_away_for_the_cap(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """Slots held by peers slow to answer for 3 s, nothing completing: the replica is still the
+    one that served 500 a second, and 1,000 refused edges are told about 2 s, not 60 s."""
+    a = _admission()
+    await _hold(a)
+    for _ in range(1000):  # 500 per second for 2 s
+        await trio.sleep(0.002)
+        a.completed()
+    assert 480 <= a.rate() <= 520
+    await trio.sleep(3)  # a stall shorter than PEAK_MEMORY
+    for _ in range(1000):
+        a.refusal_hint()
+    assert 1.8 <= a.retry_after() <= 2.2
+    await trio.sleep(PEAK_MEMORY)  # a stall that lasts: the rate falls, as before
+    assert a.rate() < 60

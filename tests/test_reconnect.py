@@ -9,7 +9,7 @@ import random
 import pytest
 
 from kins_tunnel.config import Backoff
-from kins_tunnel.edge.reconnect import HINT_JITTER, ReconnectPolicy
+from kins_tunnel.edge.reconnect import HINT_JITTER, MAX_HINT_JITTER, ReconnectPolicy
 from kins_tunnel.transport.refusal import ALERT, encode_refusal, parse_refusal
 
 B = Backoff(initial=0.5, max=30.0, multiplier=2.0, stable_after=60.0)
@@ -38,6 +38,15 @@ def test_the_hint_replaces_the_backoff_with_jitter_and_does_not_count_as_a_failu
     assert policy.attempt == 5  # a shed is the cloud's decision, not this edge's failure
     # capped at reconnect.max whatever the cloud says
     assert all(30.0 == policy.next_delay(0.01, retry_after=1000.0) for _ in range(20))
+
+
+def test_a_long_hint_is_not_stretched_by_more_than_the_jitter_cap() -> None:
+    """The cloud spreads its hints over the time its queue needs: an edge told 20 s comes back
+    within 20-22 s (it used to be 20-30 s: up to 10 s longer than the cloud asked)."""
+    policy = ReconnectPolicy(B, random.Random(11))
+    delays = [policy.next_delay(0.01, retry_after=20.0) for _ in range(500)]
+    assert all(20.0 <= d <= 20.0 + MAX_HINT_JITTER for d in delays)
+    assert max(delays) - min(delays) > 0.8 * MAX_HINT_JITTER  # still spread
 
 
 @pytest.mark.parametrize("hint", [math.nan, math.inf, -1.0, True])

@@ -104,17 +104,26 @@ def edge_identity_uri(unit: str, node: str) -> str:
     return f"{_URI_PREFIX}unit/{unit}/node/{node}"
 
 
-def identity_from_der(der: bytes) -> EdgeIdentity:
-    """Extract the edge identity from a DER certificate (e.g. ``getpeercert(binary_form=True)``).
+def load_der(der: bytes | x509.Certificate) -> x509.Certificate:
+    """The certificate in `der` (one already loaded as it is); `ValueError` if it is not one.
+    A caller that needs several facts of one certificate loads it once and passes it on."""
+    if isinstance(der, x509.Certificate):
+        return der
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise ValueError(f"not a DER certificate: {exc}") from None
+
+
+def identity_from_der(der: bytes | x509.Certificate) -> EdgeIdentity:
+    """Extract the edge identity from a DER certificate (e.g. ``getpeercert(binary_form=True)``)
+    or a loaded one (`load_der`).
 
     The certificate must carry exactly one ``spiffe://kins-tunnel/...`` URI SAN of the form
     documented above, with valid labels; other URI SANs are ignored. Raises `ValueError` otherwise.
     The caller is responsible for having verified the chain (the TLS handshake does that).
     """
-    try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError as exc:
-        raise ValueError(f"not a DER certificate: {exc}") from None
+    cert = load_der(der)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -166,12 +175,10 @@ class CertFacts:
         return format(self.serial, "x")
 
 
-def cert_facts(der: bytes) -> CertFacts:
-    """Serial, expiry and subject names of a DER certificate; `ValueError` if it is not one."""
-    try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError as exc:
-        raise ValueError(f"not a DER certificate: {exc}") from None
+def cert_facts(der: bytes | x509.Certificate) -> CertFacts:
+    """Serial, expiry and subject names of a DER (or loaded) certificate; `ValueError` if it is
+    not one."""
+    cert = load_der(der)
     subject = cert.subject
 
     def values(oid: x509.ObjectIdentifier) -> list[str]:

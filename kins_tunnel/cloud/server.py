@@ -200,7 +200,7 @@ class Cloud:
 
     def _edge_added(self, tunnel: EdgeTunnel) -> None:
         der = tunnel.session.tls.peer_certificate_der()
-        if der is not None:
+        if tunnel.cert is None and der is not None:  # the tunnel port gives its facts
             try:
                 tunnel.cert = cert_facts(der)
             except ValueError:

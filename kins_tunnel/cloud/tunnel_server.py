@@ -28,10 +28,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 import trio
-from cryptography import x509
 
 from kins_tunnel import __version__
 from kins_tunnel.certs import ENROLL_ALPN, EdgeIdentity, ReservedName, identity_from_der
+from kins_tunnel.certs.identity import CertFacts, cert_facts, load_der
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.admission import Admission
 from kins_tunnel.cloud.registry import EdgeTunnel, NodeTaken, Refusal, Registry, allowed_name
@@ -146,13 +146,15 @@ class TunnelServer:
         ticket = self.admission.arrive(deadline)
         tls: TLSSocket | None = None
         identity: EdgeIdentity | None = None
+        facts: CertFacts | None = None
         enrolling = False
-        spoke = False  # sent a first byte: an edge that will read the refusal's hint
+        spoke = False  # sent a whole ClientHello record: an edge that will read the hint
         try:
             with ticket.scope:
-                with trio.move_on_after(t.first_byte_timeout) as first:
-                    await trio.lowlevel.wait_readable(tcp.socket)
-                if first.cancelled_caught:
+                # a handshake slot is for a connection whose ClientHello is in: one that sends
+                # part of a record and stalls waits here (pending, shed first), not in a slot
+                hello = await read_first_record(tcp.socket, t.first_byte_timeout)
+                if hello is None:
                     self._refuse(
                         peer,
                         "idle",
@@ -160,6 +162,7 @@ class TunnelServer:
                     )
                     return
                 spoke = True
+                self.admission.spoke(ticket)
                 with trio.move_on_at(ticket.accepted + t.handshake_timeout / 2) as queued:
                     await self.admission.acquire(ticket)
                 # The edge's own deadline runs from its connect, listen backlog included: a
@@ -170,7 +173,8 @@ class TunnelServer:
                     ticket.shed("gone")
                 elif queued.cancelled_caught or waited > t.handshake_timeout / 2:
                     ticket.shed("queued")
-                await trio.lowlevel.checkpoint()  # a shed ticket's scope ends it here
+                if ticket.reason is not None:
+                    await trio.lowlevel.checkpoint()  # a shed ticket's scope ends it here
                 if self.tls is not None:
                     await (
                         self.tls.refresh()
@@ -178,8 +182,10 @@ class TunnelServer:
                 tls = TLSSocket.wrap(
                     socket.socket(fileno=tcp.socket.detach()), self.context, server_side=True
                 )
-                identity = await self._tls_handshake(tls)
-                enrolling = identity is None
+                verified = await self._tls_handshake(tls, hello)
+                enrolling = verified is None
+                if verified is not None:
+                    identity, facts = verified
         except (TransportError, ValueError) as exc:
             self._refuse(peer, _reason_label(exc), str(exc))
             return
@@ -192,11 +198,13 @@ class TunnelServer:
             finally:
                 tls.close()
             return
-        if identity is None or tls is None:  # the ticket's scope ended it: deadline or shed
+        if identity is None or facts is None or tls is None:  # deadline or shed: scope ended it
             reason = ticket.reason or "timeout"
             if tls is None:  # no TLS yet: tell the edge when to come back
                 # only a connection that spoke counts as an edge coming back (a flood of silent
                 # sockets shed from the pending set must not lengthen every edge's hint)
+                # (a connection refused on arrival, the pending set full, may have spoken too)
+                spoke = _drain(tcp) or spoke
                 hint = self.admission.refusal_hint() if spoke else self.admission.retry_after()
                 _send_refusal(tcp, hint)
             self._refuse(
@@ -217,29 +225,33 @@ class TunnelServer:
             self._refuse(peer, "revoked", f"{identity.unit}/{identity.node}: {revoked}")
             return
         # a resumed session's certificate was verified when its ticket was issued: check its dates
-        stale = _outside_validity(der) if resumed else None
+        stale = _outside_validity(facts) if resumed else None
         if stale is not None:
             tls.close()
             self._refuse(peer, "expired", f"{identity.unit}/{identity.node}: {stale}")
             return
-        await self._run_tunnel(tls, identity, peer, deadline)
+        await self._run_tunnel(tls, identity, facts, peer, deadline)
 
-    async def _tls_handshake(self, tls: TLSSocket) -> EdgeIdentity | None:
-        """The verified edge identity; None for an enrolment connection (nothing else)."""
+    async def _tls_handshake(
+        self, tls: TLSSocket, received: bytes
+    ) -> tuple[EdgeIdentity, CertFacts] | None:
+        """The verified edge identity and its certificate's facts (the certificate loaded once);
+        None for an enrolment connection (nothing else)."""
         try:
-            await tls.do_handshake()
+            await tls.do_handshake(received)
             if self.enrol is not None and tls.alpn_protocol() == ENROLL_ALPN:
                 return None
             der = tls.peer_certificate_der()
             if der is None:
                 raise TransportError("no client certificate")
-            return identity_from_der(der)
+            cert = load_der(der)
+            return identity_from_der(cert), cert_facts(cert)
         except BaseException:
             tls.close()
             raise
 
     async def _run_tunnel(
-        self, tls: TLSSocket, identity: EdgeIdentity, peer: str, deadline: float
+        self, tls: TLSSocket, identity: EdgeIdentity, facts: CertFacts, peer: str, deadline: float
     ) -> None:
         labels = {"unit": identity.unit, "node": identity.node}
         on_open = (
@@ -257,7 +269,7 @@ class TunnelServer:
                 on_open=on_open,
                 pacing=self.cfg.qos.pacing(identity.unit),
                 while_up=functools.partial(
-                    self._while_up, identity=identity, labels=labels, peer=peer
+                    self._while_up, identity=identity, facts=facts, labels=labels, peer=peer
                 ),
             )
         except HandshakeFailed as exc:
@@ -268,7 +280,13 @@ class TunnelServer:
             )
 
     async def _while_up(
-        self, session: Session, *, identity: EdgeIdentity, labels: dict[str, str], peer: str
+        self,
+        session: Session,
+        *,
+        identity: EdgeIdentity,
+        facts: CertFacts,
+        labels: dict[str, str],
+        peer: str,
     ) -> None:
         names, refused = [], []
         for name in session.peer_names:
@@ -287,7 +305,7 @@ class TunnelServer:
                     "advertised": ",".join(refused[:MAX_NAMES_LOGGED])[:MAX_LOGGED_CHARS],
                 },
             )
-        tunnel = EdgeTunnel(identity, session, frozenset(names), peer)
+        tunnel = EdgeTunnel(identity, session, frozenset(names), peer, cert=facts)
         try:
             displaced = self.registry.add(tunnel)
         except NodeTaken as exc:
@@ -328,35 +346,77 @@ class TunnelServer:
             )
 
 
-def _send_refusal(tcp: trio.SocketStream, retry_after: float) -> None:
-    """Write the refusal with its hint to a connection shed before TLS (never blocks; a socket
-    that does not take it is closed all the same). What the edge sent is read first, so that the
-    close is a FIN and not a reset that could discard the refusal on the edge's side."""
+TLS_HANDSHAKE_RECORD = 22  # a TLS record's content type: handshake (a ClientHello's)
+MAX_FIRST_RECORD = 5 + 16384  # a TLS record's header and its largest plaintext body
+
+
+async def read_first_record(
+    sock: trio.socket.SocketType, first_byte_timeout: float
+) -> bytes | None:
+    """What the peer sent, read until its first TLS record is whole (a ClientHello), at most
+    `MAX_FIRST_RECORD` bytes; returned early at EOF or when the bytes are not a TLS handshake
+    record (OpenSSL then refuses them). None: not one byte within `first_byte_timeout`. The
+    caller's deadline bounds the rest.
+
+    A connection taken from the listen backlog usually has its ClientHello in already: it is
+    read at once, without waiting for the socket (no cancel scope, no poller registration, no
+    task switch: this is not a checkpoint then; the tunnel port's next step, admission, is)."""
+    fd = sock.fileno()
+    got = b""
+    while True:
+        try:
+            data = os.read(fd, MAX_FIRST_RECORD - len(got))
+        except (BlockingIOError, InterruptedError):
+            if got:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            with trio.move_on_after(first_byte_timeout):
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            return None
+        except OSError:  # the peer is gone: OpenSSL sees EOF
+            data = b""
+        got += data
+        if (
+            not data
+            or got[0] != TLS_HANDSHAKE_RECORD
+            or len(got) >= MAX_FIRST_RECORD
+            or (len(got) >= 5 and len(got) >= 5 + int.from_bytes(got[3:5], "big"))
+        ):
+            return got
+
+
+def _drain(tcp: trio.SocketStream) -> bool:
+    """Read (and drop) what a connection about to be refused has sent, so that the close is a FIN
+    and not a reset that could discard the refusal on the edge's side. True if it sent bytes."""
     fd = tcp.socket.fileno()
+    got = False
     try:
         for _ in range(4):  # a ClientHello is a few hundred bytes; anything more is not an edge's
             if not os.read(fd, 16384):
                 break
+            got = True
     except OSError:  # nothing more to read (would block), or the peer is gone
         pass
+    return got
+
+
+def _send_refusal(tcp: trio.SocketStream, retry_after: float) -> None:
+    """Write the refusal with its hint to a connection shed before TLS, once `_drain`ed (never
+    blocks; a socket that does not take it is closed all the same)."""
+    fd = tcp.socket.fileno()
     try:
         os.write(fd, encode_refusal(retry_after))
     except OSError:
         pass
 
 
-def _outside_validity(der: bytes | None) -> str | None:
+def _outside_validity(facts: CertFacts) -> str | None:
     """Why a resumed session's certificate is no longer acceptable (expired or not yet valid)."""
-    if der is None:
-        return "no certificate in the resumed session"
-    try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError:
-        return "unreadable certificate in the resumed session"
     now = dt.datetime.now(dt.UTC)
-    if now > cert.not_valid_after_utc:
+    if now > facts.not_after:
         return "certificate expired since its session ticket was issued"
-    if now < cert.not_valid_before_utc:
+    if facts.not_before is not None and now < facts.not_before:
         return "certificate not yet valid"
     return None
 

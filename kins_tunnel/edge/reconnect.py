@@ -10,8 +10,11 @@ stayed up `stable_after` seconds resets `n` (its end is news, not a repeated fai
 
 A replica that is too busy to take a tunnel may say when to come back (`retry_after`, seconds, in
 its refusal). The next wait then honours the hint, with jitter so that the edges it refused at the
-same moment do not all return at the same moment: `uniform(hint, hint * (1 + HINT_JITTER))`. The
-hint replaces the backoff for that one wait (a shed is the cloud's decision, not a failure of this
+same moment do not all return at the same moment: `uniform(hint, hint + jitter)`, the jitter
+`HINT_JITTER` of the hint but at most `MAX_HINT_JITTER` seconds (the cloud already spreads the
+hints of the edges it refuses over the time its queue needs, one after another; a jitter
+proportional to a long hint, 10 s on 20, would only keep an edge away longer than the cloud
+asked). The hint replaces the backoff for that one wait (a shed is the cloud's decision, not a failure of this
 edge: the failure count is not raised by it), and is capped at `max`, whatever the peer says.
 """
 
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 
 from kins_tunnel.config import Backoff
 
-HINT_JITTER = 0.5  # a hinted wait is uniform(hint, hint * (1 + HINT_JITTER))
+HINT_JITTER = 0.5  # a hinted wait is uniform(hint, hint + min(hint * HINT_JITTER, MAX_HINT_JITTER))
+MAX_HINT_JITTER = 2.0  # seconds
 
 
 def backoff_delay(
@@ -50,7 +54,8 @@ class ReconnectPolicy:
         if hint is not None:
             if up_for >= b.stable_after:
                 self.attempt = 0
-            return self.rng.uniform(hint, min(b.max, hint * (1 + HINT_JITTER)))
+            jitter = min(hint * HINT_JITTER, MAX_HINT_JITTER)
+            return self.rng.uniform(hint, min(b.max, hint + jitter))
         self.attempt = 0 if up_for >= b.stable_after else self.attempt + 1
         return backoff_delay(self.attempt, b.initial, b.max, b.multiplier, self.rng)
 

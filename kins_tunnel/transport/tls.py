@@ -191,14 +191,17 @@ class TLSSocket:
         return self._obj.session_reused
 
     # ------------------------------------------------------------------ handshake
-    async def do_handshake(self) -> None:
-        """Run the TLS handshake; the caller sets the deadline.
+    async def do_handshake(self, received: bytes = b"") -> None:
+        """Run the TLS handshake; the caller sets the deadline. `received`: what the peer has
+        already sent, read off the socket by the caller (the tunnel port reads a ClientHello's
+        record whole before the handshake may take a slot).
 
         The peer's flight goes to OpenSSL `HANDSHAKE_PIECE` bytes at a time: a memory BIO never
         shrinks, so fed whole it would keep the size of the largest flight for the connection's
         life (about 1 KiB per idle tunnel); fed in pieces it stays at a piece.
         """
-        rest: memoryview | None = None  # read from the socket, not yet handed to OpenSSL
+        # read from the socket, not yet handed to OpenSSL
+        rest: memoryview | None = memoryview(received) if received else None
         first = not self._obj.server_side  # a client's first read may be the cloud's refusal
         while True:
             try:
