@@ -1,7 +1,9 @@
 """Liveness of tunnels: one timer per trio run pings every session and ends the silent ones.
 
-A session is pinged every `interval` and ends `timeout` after the last byte it received
-(`last_rx`), to the scheduler's precision, whatever the interval. A sleeping task per session
+A session is asked to ping every `interval` (or when its `ping()` said to ask again) and ends
+`timeout` after the last byte it received (`last_rx`), to the scheduler's precision, whatever the
+interval. Whether a ping goes out is the session's policy (`Session.ping`: an idle tunnel pings
+only after a silence). A sleeping task per session
 would cost every idle tunnel a task, a coroutine chain and a cancel scope (about 3 KiB, measured
 with tracemalloc); instead one system task per trio run keeps a heap of entries (due time, the
 session and its ping schedule) and, when one is due, pings the session (`ping()`) or ends it
@@ -32,7 +34,9 @@ class Watched(Protocol):
     def last_rx(self) -> float:
         """Clock time of the last byte received."""
 
-    def ping(self) -> None: ...
+    def ping(self) -> float | None:
+        """Ping now, or not; returns when to be asked next (clock time; None: `interval` from
+        now)."""
 
     def timed_out(self, idle: float) -> None:
         """Nothing arrived for `idle` seconds (at least the timeout): end the session."""
@@ -61,8 +65,8 @@ class Entry:
             watched.timed_out(now - watched.last_rx)
             return False
         if now >= self.next_ping:
-            self.next_ping = now + self.interval
-            watched.ping()
+            again = watched.ping()
+            self.next_ping = again if again is not None and again > now else now + self.interval
         self.due = min(self.next_ping, deadline)
         return True
 
