@@ -23,10 +23,11 @@ class Watched:
         self.pings: list[float] = []
         self.ended: list[float] = []
 
-    def ping(self) -> None:
+    def ping(self) -> float | None:
         self.pings.append(trio.current_time())
         if self.broken:
             raise RuntimeError(f"bug in {self.name}'s ping")
+        return None
 
     def timed_out(self, idle: float) -> None:
         self.ended.append(idle)
@@ -74,3 +75,29 @@ async def test_a_forgotten_entry_is_never_run_again(virtual_clock: trio.testing.
     liveness.forget(entry)
     await trio.sleep(5.0)
     assert len(gone.pings) == 1 and gone.ended == []
+
+
+class Deferring(Watched):
+    """A session whose ping policy says when it wants to be asked again."""
+
+    def __init__(self, name: str, again: list[float | None]) -> None:
+        super().__init__(name)
+        self.again = again
+
+    def ping(self) -> float | None:
+        super().ping()
+        step = self.again.pop(0) if self.again else None
+        return None if step is None else trio.current_time() + step
+
+
+async def test_a_session_is_asked_again_when_its_ping_says(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """`ping()` returning a time moves the next ask there (later or earlier than the interval);
+    None, or a time already past, means one interval from now."""
+    t0 = trio.current_time()
+    w = Deferring("deferring", [2.5, 0.25, None, -1.0])
+    w.last_rx = t0 + 1000  # never times out here
+    liveness.watch(w, 1.0, 5.0)
+    await trio.sleep(6.0)
+    assert [round(t - t0, 6) for t in w.pings] == [1.0, 3.5, 3.75, 4.75, 5.75]
