@@ -306,11 +306,11 @@ class ScriptedPeer:
 
 @asynccontextmanager
 async def session_and_peer(
-    role: Role, interval: float, timeout: float
+    role: Role, interval: float, timeout: float, on_open: OnOpen | None = None
 ) -> AsyncIterator[tuple[Session, ScriptedPeer]]:
     """A session of `role` (pinging per `interval` / `timeout`) facing a `ScriptedPeer`."""
     a, b = memory_transport_pair()
-    session = make_session(a, role, ping_interval=interval, ping_timeout=timeout)
+    session = make_session(a, role, on_open, ping_interval=interval, ping_timeout=timeout)
     peer = ScriptedPeer(b, Role.SERVER if role is Role.CLIENT else Role.CLIENT)
     async with trio.open_nursery() as n:
         n.start_soon(peer.serve)
@@ -391,10 +391,14 @@ async def test_a_tunnel_holding_a_stream_pings_every_interval_though_its_peer_ta
 ) -> None:
     """While a stream is open the edge pings every interval (its RTT sizes the windows), even
     though the cloud's pings keep the tunnel from ever being silent."""
-    async with session_and_peer(Role.CLIENT, interval=1.0, timeout=2.0) as (edge, cloud):
+    streams: list[TunnelStream] = []
+
+    def on_open(session: Session, sid: int, target: str) -> None:
+        streams.append(session.accept(sid))
+
+    async with session_and_peer(Role.CLIENT, 1.0, 2.0, on_open) as (edge, cloud):
         sid = cloud.conn.open_stream("x:1")
         cloud._send()
-        edge._on_open = lambda s, stream_id, target: s.accept(stream_id) and None
         await trio.sleep(0.01)
         assert edge.stream_count == 1 and sid
         before = cloud.pinged
