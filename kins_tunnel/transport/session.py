@@ -191,7 +191,8 @@ class Session:
                 self.output.start(nursery)
                 await self.handshake(handshake_timeout)
                 task_status.started()
-                await self._reader(handshaking=False)
+                if not self.closed.is_set():  # whoever we told may have closed it at once
+                    await self._reader(handshaking=False)
                 nursery.cancel_scope.cancel()
         except* HandshakeFailed as group:
             failure = group.exceptions[0]
