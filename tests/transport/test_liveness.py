@@ -101,3 +101,26 @@ async def test_a_session_is_asked_again_when_its_ping_says(
     liveness.watch(w, 1.0, 5.0)
     await trio.sleep(6.0)
     assert [round(t - t0, 6) for t in w.pings] == [1.0, 3.5, 3.75, 4.75, 5.75]
+
+
+async def test_entries_due_close_together_are_run_in_one_wake_up(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """The timer wakes on a grid (`TICK`, an eighth of the interval for short ones): sessions
+    due at slightly different times are pinged at the same instant, never early and at most one
+    tick late."""
+    tick = min(liveness.TICK, 1.0 / 8)
+    watched = []
+    for i in range(5):
+        await trio.sleep(0.01)
+        w = Watched(f"w{i}")
+        w.last_rx = trio.current_time() + 1000  # never times out here
+        watched.append((trio.current_time() + 1.0, w))
+        liveness.watch(w, 1.0, 5.0)
+    await trio.sleep(1.5)
+    firsts = {w.pings[0] for _, w in watched}
+    assert len(firsts) == 1, firsts
+    (at,) = firsts
+    for due, _ in watched:
+        assert due <= at < due + tick
+    assert liveness.wake_time(10.01, 10.0) == 10.25 and liveness.wake_time(10.0, 10.0) == 10.0
