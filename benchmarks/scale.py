@@ -1,21 +1,27 @@
 """Scale axis: one tunnel-cloud process holding N idle edge tunnels (default 10,000).
 
-    python -m benchmarks.scale [--edges 10000] [--workers 4]
+    python -m benchmarks.scale [--edges 10000] [--workers 4] [--settle 15] [--idle-window 30]
 
-Edges are simulated by a lightweight client (this file, `worker` mode): real TCP, real mutual TLS
-with an edge certificate, the real protocol handshake (HELLO both ways, `kins_tunnel.proto`), and
-then idle, answering the cloud's pings. They are spread over several worker processes (the
-open-file limit here is 20,000 per process). Reported: time until the cloud reports all N tunnels
-(from its /metrics), the cloud's RSS then (VmRSS from /proc), and RSS per tunnel.
+Edges are simulated (this file, `worker` mode) with tunnel-edge's own pieces: its TLS client
+(`transport.tls.connect_tls`, mutual TLS with an edge certificate) and its tunnel
+(`transport.tunnel.TunnelSide`: the `Session`, its ping policy and liveness, tunnel-edge's
+default `ping_interval` and `ping_timeout`), idle once up. They are spread over several worker
+processes (the open-file limit here is 20,000 per process). Reported: time until all N tunnels
+are up, the cloud's RSS then and after the idle window (VmRSS from /proc, per tunnel above the
+cloud's own before any edge), the cloud's CPU over the idle window (after `settle` seconds, so
+that every tunnel's ping rhythm is in its steady state) and the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import random
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,56 +33,86 @@ import trio
 import trio.lowlevel
 
 from kins_tunnel.certs.directory import init_ca, issue_edge
-from kins_tunnel.proto import Connection, Hello, RemoteProtocolError, Role
+from kins_tunnel.config import EdgeConfig
+from kins_tunnel.proto import Hello, MuxConfig, Role
 from kins_tunnel.testing.support import free_port, rss_kib
 from kins_tunnel.tls_contexts import client_ssl_context
+from kins_tunnel.transport import liveness
+from kins_tunnel.transport.errors import HandshakeFailed
+from kins_tunnel.transport.session import Session
+from kins_tunnel.transport.tls import TransportError, connect_tls
+from kins_tunnel.transport.tunnel import TunnelSide
 
 
-async def _one_edge(port: int, ctx: object, connected: list[int], stop: trio.Event) -> None:
-    """One simulated edge: connect, handshake, idle answering pings; reconnect if dropped."""
-    import random
+@dataclasses.dataclass(frozen=True)
+class _EdgeDefaults:
+    """tunnel-edge's defaults for what a simulated edge uses."""
+
+    ping_interval: float
+    ping_timeout: float
+    handshake_timeout: float
+
+
+RAMP_RATE = 400.0  # edges per second coming up, over all workers (as in `benchmarks.storm`)
+_EDGE = _EdgeDefaults(
+    **{
+        f.name: float(f.default)  # type: ignore[arg-type]
+        for f in dataclasses.fields(EdgeConfig)
+        if f.name in ("ping_interval", "ping_timeout", "handshake_timeout")
+    }
+)
+
+
+async def _one_edge(port: int, ctx: ssl.SSLContext, connected: list[int], stop: trio.Event) -> None:
+    """One simulated edge: tunnel-edge's TLS client and tunnel (`TunnelSide` with the edge's
+    defaults: its `Session`, ping policy and liveness), idle until dropped; then dial again."""
+    side = TunnelSide(
+        Role.CLIENT, MuxConfig(), _EDGE.ping_interval, _EDGE.ping_timeout, lambda *_: None
+    )
+    hello = Hello(names=("scale-svc-kins.kins-system:443",))
+
+    async def up(session: Session) -> None:
+        connected[0] += 1
+        try:
+            await session.closed.wait()
+        finally:
+            connected[0] -= 1
 
     while not stop.is_set():
-        counted = False
         try:
-            tcp = await trio.open_tcp_stream("127.0.0.1", port)
-            stream = trio.SSLStream(tcp, ctx, server_hostname="localhost")  # type: ignore[arg-type]
-            conn = Connection(Role.CLIENT, Hello(names=("scale-svc-kins.kins-system:443",)))
-            try:
-                await stream.send_all(bytes(conn.data_to_send()))
-                while not stop.is_set():
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        break
-                    conn.receive_data(data)
-                    if not counted and conn.is_open:
-                        connected[0] += 1
-                        counted = True
-                    out = conn.data_to_send()
-                    if out:
-                        await stream.send_all(bytes(out))
-            finally:
-                await trio.aclose_forcefully(stream)
-        except (trio.BrokenResourceError, OSError, RemoteProtocolError):
+            with trio.fail_after(_EDGE.handshake_timeout):
+                tls = await connect_tls("127.0.0.1", port, ctx, server_hostname="localhost")
+            await side.run(
+                tls,
+                hello,
+                label="scale",
+                handshake_timeout=_EDGE.handshake_timeout,
+                while_up=up,
+            )
+        except (TransportError, HandshakeFailed, trio.TooSlowError):
             pass
-        if counted:
-            connected[0] -= 1
         connected[1] += 1  # attempts that ended (refused, timed out, dropped)
         await trio.sleep(random.uniform(0.1, 1.0))
 
 
-async def _worker(port: int, n: int, certs: Path, node: str, hold: float, report: Path) -> None:
+async def _worker(
+    port: int, n: int, workers: int, certs: Path, node: str, hold: float, report: Path
+) -> None:
     ctx = client_ssl_context(
         certs / "ca.crt", certs / f"edge-{node}.crt", certs / f"edge-{node}.key"
     )
+    # Each simulated edge pings on its own time, as an edge on a machine of its own does: this
+    # process's liveness timer would otherwise send thousands of edges' pings together, on its
+    # grid (`liveness.TICK`, the same instants in every worker), and the cloud would read them in
+    # batches far cheaper than a real fleet's pings.
+    liveness.TICK = 0.001
     connected = [0, 0]  # tunnels up now, attempts that ended
     stop = trio.Event()
 
     async with trio.open_nursery() as nursery:
-        for i in range(n):
+        for _ in range(n):  # a fleet comes up over time (the storm benchmark's ramp)
             nursery.start_soon(_one_edge, port, ctx, connected, stop)
-            if i % 64 == 63:
-                await trio.lowlevel.checkpoint()
+            await trio.sleep(workers / RAMP_RATE)
         with trio.move_on_after(hold):
             while True:
                 report.write_text(f"{connected[0]} {connected[1]}")
@@ -162,14 +198,30 @@ def cloud_process(
     return cloud
 
 
-def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
+def run(
+    edges: int,
+    workers: int,
+    *,
+    settle: float = 25.0,
+    idle_window: float = 30.0,
+    timeout: float = 600,
+) -> dict[str, float]:
+    """Connect `edges` simulated edges, let them idle `settle` seconds, then measure the cloud's
+    CPU over `idle_window` seconds and its RSS per edge (above its own before any edge)."""
+    from benchmarks.storm import _cpu_seconds  # storm imports this module
+
     with tempfile.TemporaryDirectory(prefix="kins-scale-") as tmp:
         base = Path(tmp)
         certs = fleet_certs(base)
         tport, aport = free_port(), free_port()
         procs: list[subprocess.Popen[bytes]] = []
         try:
-            cloud = cloud_process(base, certs, tport, aport, edges)
+            # every simulated edge presents the same identity: room for each one's tunnel and for
+            # the stale ones of edges that gave up a slow handshake the cloud still completed
+            # (until their ping timeout), so that no tunnel displaces another
+            cloud = cloud_process(
+                base, certs, tport, aport, edges, tunnel={"max_tunnels_per_identity": 2 * edges}
+            )
             procs.append(cloud)
             rss_before = rss_kib(cloud.pid) / 1024
             per = [edges // workers + (1 if i < edges % workers else 0) for i in range(workers)]
@@ -188,6 +240,7 @@ def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
                             str(certs),
                             str(timeout),
                             str(report),
+                            str(len(per)),
                         ],
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
@@ -207,15 +260,43 @@ def run(edges: int, workers: int, timeout: float = 600) -> dict[str, float]:
                 time.sleep(0.1)
             accept_s = time.monotonic() - t0
             time.sleep(2)
-            seen = metric_values(scrape(aport), "kins_tunnel_tunnels").get("", 0.0)
+            before = scrape(
+                aport
+            )  # (a scrape of 10,000 tunnels costs the cloud CPU: not in the window)
+            seen = metric_values(before, "kins_tunnel_tunnels").get("", 0.0)
             rss = rss_kib(cloud.pid) / 1024
+            # idle: every tunnel's ping rhythm in its steady state, then CPU over the window
+            time.sleep(settle)
+            cpu0, w0 = _cpu_seconds(cloud.pid), time.monotonic()
+            time.sleep(idle_window)
+            idle_cpu = (_cpu_seconds(cloud.pid) - cpu0) / (time.monotonic() - w0)
+            rss_idle = rss_kib(cloud.pid) / 1024
+            load = os.getloadavg()
+            after = scrape(aport)
+            still = metric_values(after, "kins_tunnel_tunnels").get("", 0.0)
+
+            def during(name: str) -> float:  # what a counter did while settling and in the window
+                return sum(metric_values(after, name).values()) - sum(
+                    metric_values(before, name).values()
+                )
+
             return {
                 "edges": seen,
+                "edges_after_idle": still,
                 "handshakes_retried": retries,
                 "accept_seconds": round(accept_s, 1),
-                "cloud_rss_mib": round(rss, 1),
                 "cloud_rss_before_mib": round(rss_before, 1),
+                "cloud_rss_mib": round(rss, 1),
                 "kib_per_tunnel": round((rss - rss_before) * 1024 / max(seen, 1), 1),
+                "cloud_rss_idle_mib": round(rss_idle, 1),
+                "kib_per_tunnel_idle": round((rss_idle - rss_before) * 1024 / max(still, 1), 1),
+                "idle_cloud_cpu_pct_of_core": round(idle_cpu * 100, 2),
+                "idle_window_s": idle_window,
+                # churn would be measured as idle cost: there should be none
+                "tls_handshakes_while_idle": during("kins_tunnel_tunnel_tls_handshakes_total"),
+                "displaced_while_idle": during("kins_tunnel_tunnels_displaced_total"),
+                "loadavg_1m": round(load[0], 2),
+                "loadavg_5m": round(load[1], 2),
             }
         finally:
             for p in procs:
@@ -232,7 +313,8 @@ def main() -> None:
             Path(sys.argv[4]),
             float(sys.argv[5]),
         )
-        trio.run(_worker, port, n, certs, "edge1", hold, Path(sys.argv[6]))
+        workers = int(sys.argv[7])
+        trio.run(_worker, port, n, workers, certs, "edge1", hold, Path(sys.argv[6]))
         return
     if "--storm" in sys.argv[1:]:  # the reconnect storm (benchmarks.storm)
         from benchmarks.storm import main as storm_main
@@ -244,8 +326,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--edges", type=int, default=10_000)
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--settle", type=float, default=25.0, help="seconds idle before the CPU window")
+    ap.add_argument("--idle-window", type=float, default=30.0, help="seconds of idle CPU measured")
     args = ap.parse_args()
-    print(json.dumps(run(args.edges, args.workers)))
+    print(
+        json.dumps(run(args.edges, args.workers, settle=args.settle, idle_window=args.idle_window))
+    )
 
 
 if __name__ == "__main__":

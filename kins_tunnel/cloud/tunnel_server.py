@@ -260,7 +260,7 @@ class TunnelServer:
             else functools.partial(self.on_edge_open, identity, peer)
         )
         try:
-            await self.side.run(
+            await self.side.serve(  # the tunnel in this task: its reader (idle costs one task)
                 tls,
                 # `time` lets an edge's `kins-tunnel doctor` measure clock skew (older peers ignore it)
                 Hello(agent=f"kins-tunnel-cloud/{__version__}", time=time.time()),
@@ -268,8 +268,8 @@ class TunnelServer:
                 handshake_timeout=max(deadline - trio.current_time(), 0.0),
                 on_open=on_open,
                 pacing=self.cfg.qos.pacing(identity.unit),
-                while_up=functools.partial(
-                    self._while_up, identity=identity, facts=facts, labels=labels, peer=peer
+                on_up=functools.partial(
+                    self._tunnel_up, identity=identity, facts=facts, labels=labels, peer=peer
                 ),
             )
         except HandshakeFailed as exc:
@@ -279,7 +279,7 @@ class TunnelServer:
                 extra={**labels, "peer": peer, "reason": str(exc)},
             )
 
-    async def _while_up(
+    def _tunnel_up(
         self,
         session: Session,
         *,
@@ -287,7 +287,9 @@ class TunnelServer:
         facts: CertFacts,
         labels: dict[str, str],
         peer: str,
-    ) -> None:
+    ) -> Callable[[], None] | None:
+        """The tunnel is open: route its names (displacing this identity's oldest tunnels beyond
+        the limit). Returns what to do when it is over (None: it was refused)."""
         names, refused = [], []
         for name in session.peer_names:
             ok = allowed_name(identity, name)
@@ -310,7 +312,7 @@ class TunnelServer:
             displaced = self.registry.add(tunnel)
         except NodeTaken as exc:
             self._refuse_tunnel(session, identity, peer, "node_taken", str(exc))
-            return
+            return None
         for old in displaced:
             self.metrics.tunnels_displaced.inc()
             log.warning(
@@ -336,14 +338,15 @@ class TunnelServer:
                 "agent": session.peer_agent,
             },
         )
-        try:
-            await session.closed.wait()
-        finally:
+
+        def down() -> None:
             self.registry.remove(tunnel)
             log.info(
                 "edge disconnected",
                 extra={**labels, "peer": peer, "reason": session.close_reason},
             )
+
+        return down
 
 
 TLS_HANDSHAKE_RECORD = 22  # a TLS record's content type: handshake (a ClientHello's)

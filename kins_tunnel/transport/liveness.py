@@ -1,14 +1,20 @@
 """Liveness of tunnels: one timer per trio run pings every session and ends the silent ones.
 
-A session is pinged every `interval` and ends `timeout` after the last byte it received
-(`last_rx`), to the scheduler's precision, whatever the interval. A sleeping task per session
+A session is asked to ping every `interval` (or when its `ping()` said to ask again) and ends
+`timeout` after the last byte it received (`last_rx`), to the scheduler's precision, whatever the
+interval. Whether a ping goes out is the session's policy (`Session.ping`: an idle tunnel pings
+only after a silence). A sleeping task per session
 would cost every idle tunnel a task, a coroutine chain and a cancel scope (about 3 KiB, measured
 with tracemalloc); instead one system task per trio run keeps a heap of entries (due time, the
 session and its ping schedule) and, when one is due, pings the session (`ping()`) or ends it
 (`timed_out(idle)`).
 
 A session's due time only moves later as bytes arrive, so receiving costs no heap operation: an
-entry that comes up early is pushed again with its new time. A closed session's entry is voided at
+entry that comes up early is pushed again with its new time. The timer wakes only on a grid of `TICK` seconds
+(finer for short intervals: an eighth of the interval), running every entry due by then: with
+thousands of idle tunnels, each due at its own time, one wake-up then serves hundreds of entries
+instead of one (every wake-up of the process costs far more than an entry); a ping or a timeout
+comes at most one tick late. A closed session's entry is voided at
 once (`forget`), so the heap never keeps a dead session alive.
 
 `ping` and `timed_out` must not raise: they are the session's failure-isolation boundary (a bug
@@ -20,11 +26,20 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from typing import Protocol
 
 import trio
 
 from kins_tunnel.transport.isolation import log_internal_error
+
+TICK = 0.25  # seconds: the grid the timer wakes on (see the module docstring)
+
+
+def wake_time(due: float, interval: float) -> float:
+    """When the timer wakes for an entry due at `due`: the next point of its grid."""
+    tick = min(TICK, interval / 8)
+    return math.ceil(due / tick) * tick
 
 
 class Watched(Protocol):
@@ -32,7 +47,9 @@ class Watched(Protocol):
     def last_rx(self) -> float:
         """Clock time of the last byte received."""
 
-    def ping(self) -> None: ...
+    def ping(self) -> float | None:
+        """Ping now, or not; returns when to be asked next (clock time; None: `interval` from
+        now)."""
 
     def timed_out(self, idle: float) -> None:
         """Nothing arrived for `idle` seconds (at least the timeout): end the session."""
@@ -61,8 +78,8 @@ class Entry:
             watched.timed_out(now - watched.last_rx)
             return False
         if now >= self.next_ping:
-            self.next_ping = now + self.interval
-            watched.ping()
+            again = watched.ping()
+            self.next_ping = again if again is not None and again > now else now + self.interval
         self.due = min(self.next_ping, deadline)
         return True
 
@@ -85,7 +102,7 @@ class _Timer:
         heap = self._heap
         while True:
             if heap:
-                with trio.move_on_at(heap[0].due):
+                with trio.move_on_at(wake_time(heap[0].due, heap[0].interval)):
                     await self._wakeup.wait()
             else:
                 await self._wakeup.wait()

@@ -12,10 +12,12 @@ Theory of operation
   calls `output.kick()`, which writes at once if the socket takes it (no task switch on the
   latency path) and otherwise leaves the rest to a writer task, started the first time the socket
   is full. Senders wait while too much is queued: TCP's back-pressure reaches them.
-- **Liveness** (`liveness`, one timer for every session of the trio run): a ping every
-  `ping_interval` (skipped on an idle tunnel whose peer pinged us meanwhile, but for every
-  `RTT_REFRESH`-th: see `ping`); when nothing at all has arrived for `ping_timeout` the session is
-  dead and every stream on it breaks at once.
+- **Liveness** (`liveness`, one timer for every session of the trio run): a tunnel holding streams
+  pings every `ping_interval`; an idle one only after a silence (nothing received for
+  `ping_interval` on the edge, half an interval more on the cloud, so the edge's ping comes first
+  and the cloud only answers), and every `RTT_REFRESH` intervals for its RTT: see `ping`. When
+  nothing at all has arrived for `ping_timeout` the session is dead and every stream on it breaks
+  at once.
 - **Memory of an idle tunnel**: one task (the reader, waiting for the socket), a few small objects
   (handlers in class-level tables, the writer's parts made when first needed), the TLS state.
 - **Streams** (`TunnelStream`) are `trio.abc.HalfCloseableStream`s: `send_eof` sends FIN,
@@ -37,6 +39,7 @@ from kins_tunnel.proto import (
     ErrorCode,
     LocalProtocolError,
     RemoteProtocolError,
+    Role,
 )
 from kins_tunnel.proto import events as ev
 from kins_tunnel.transport import liveness
@@ -59,7 +62,17 @@ log = logging.getLogger("kins_tunnel.session")
 # DATA events are views of the buffer and a stream copies what it queues (`deliver`); nothing
 # awaits between the fill and the end of the dispatch.
 _READ_BUFFER = RunBuffer("kins_tunnel_read_buffer", READ_BATCH)
-RTT_REFRESH = 6  # an idle tunnel the peer pings still sends every 6th ping of its own (RTT)
+RTT_REFRESH = 6  # an idle tunnel still pings at least every 6 intervals (its RTT stays fresh)
+
+
+def quiet_after(role: Role, interval: float, timeout: float) -> float:
+    """How long an idle tunnel stays silent before this side pings it: `interval` on the edge
+    (the client); on the cloud half an interval more (so that the edge's ping, due after one
+    interval, arrives first), but leaving the answer at least half the time between the interval
+    and the timeout."""
+    if role is Role.CLIENT:
+        return interval
+    return interval + max(0.0, min(interval, timeout - interval)) / 2
 
 
 class SessionState(enum.Enum):
@@ -97,9 +110,9 @@ class Session:
         "_report",
         "_ping_interval",
         "_ping_timeout",
+        "_quiet_after",
         "_liveness",
-        "_peer_pings_seen",
-        "_pings_skipped",
+        "_pinged_at",
         "_streams",
         "_opens",
         "output",
@@ -134,9 +147,9 @@ class Session:
         self.tls, self.conn, self.label = tls, conn, label
         self._on_open, self._report = on_open, report
         self._ping_interval, self._ping_timeout = ping_interval, ping_timeout
+        self._quiet_after = quiet_after(conn.role, ping_interval, ping_timeout)
         self._liveness: liveness.Entry | None = None
-        self._peer_pings_seen = 0  # conn.peer_pings at our last ping time
-        self._pings_skipped = 0  # our pings skipped in a row (see `ping`)
+        self._pinged_at = 0.0  # clock time of our last PING
         self._streams: dict[int, TunnelStream] = {}
         self._opens = PendingOpens()
         self._last_rx = trio.current_time()
@@ -179,7 +192,8 @@ class Session:
                 self.output.start(nursery)
                 await self.handshake(handshake_timeout)
                 task_status.started()
-                await self._reader(handshaking=False)
+                if not self.closed.is_set():  # whoever we told may have closed it at once
+                    await self._reader(handshaking=False)
                 nursery.cancel_scope.cancel()
         except* HandshakeFailed as group:
             failure = group.exceptions[0]
@@ -211,6 +225,7 @@ class Session:
         if self.state is SessionState.HANDSHAKING and self.handshake_done.is_set():
             self.state = SessionState.OPEN
             self.conn.ping()  # first RTT sample right away: it sizes the windows
+            self._pinged_at = trio.current_time()
             self.output.kick()
             self._liveness = liveness.watch(self, self._ping_interval, self._ping_timeout)
             return
@@ -467,29 +482,39 @@ class Session:
     def last_rx(self) -> float:
         return self._last_rx
 
-    def ping(self) -> None:
-        """Send a PING (the answer updates `rtt`); a bug here ends this tunnel only.
+    def ping(self) -> float | None:
+        """Send a PING (the answer updates `rtt`) if one is due now; returns when to be asked
+        again (`liveness.Watched.ping`). A bug here ends this tunnel only.
 
-        An idle tunnel (no stream) whose peer pinged us since our last ping time is known to be
-        alive both ways (its PING came, our PONG went): our own PING is skipped, except every
-        `RTT_REFRESH`-th time, to keep `rtt` fresh. Two peers doing this share one ping round per
-        interval instead of two; the silence that ends a session (`ping_timeout`) is unchanged.
+        A tunnel holding streams pings every `ping_interval` (its RTT sizes the windows). An idle
+        one pings only when nothing has arrived for `quiet_after` (a silence the peer's ping or
+        data would have broken: the path is proven alive without ours) and, for its RTT, when its
+        own last ping is `RTT_REFRESH` intervals old. The edge's silence is one interval and the
+        cloud's half an interval longer, so on an idle tunnel the edge pings every interval and
+        the cloud only answers, but for its RTT ping every `RTT_REFRESH` intervals. The silence
+        that ends a session (`ping_timeout`) is unchanged.
         """
         try:
             conn = self.conn
             if not conn.is_open:
-                return
-            heard = conn.peer_pings != self._peer_pings_seen
-            self._peer_pings_seen = conn.peer_pings
-            if heard and not self._streams and self._pings_skipped < RTT_REFRESH - 1:
-                self._pings_skipped += 1
-                return
-            self._pings_skipped = 0
+                return None
+            now = trio.current_time()
+            if self._streams:
+                due = self._pinged_at + self._ping_interval
+            else:
+                due = min(
+                    self._last_rx + self._quiet_after,
+                    self._pinged_at + RTT_REFRESH * self._ping_interval,
+                )
+            if now < due:
+                return due
             conn.ping()
+            self._pinged_at = now
             self.output.kick()
         except Exception as exc:
             self._report("session", exc)
             self.close(f"internal error: {type(exc).__name__}", ErrorCode.INTERNAL_ERROR)
+        return None
 
     def timed_out(self, idle: float) -> None:
         self.close(f"no traffic from peer for {idle:.1f}s (ping timeout)", ErrorCode.NO_ERROR)

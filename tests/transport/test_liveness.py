@@ -23,10 +23,11 @@ class Watched:
         self.pings: list[float] = []
         self.ended: list[float] = []
 
-    def ping(self) -> None:
+    def ping(self) -> float | None:
         self.pings.append(trio.current_time())
         if self.broken:
             raise RuntimeError(f"bug in {self.name}'s ping")
+        return None
 
     def timed_out(self, idle: float) -> None:
         self.ended.append(idle)
@@ -74,3 +75,52 @@ async def test_a_forgotten_entry_is_never_run_again(virtual_clock: trio.testing.
     liveness.forget(entry)
     await trio.sleep(5.0)
     assert len(gone.pings) == 1 and gone.ended == []
+
+
+class Deferring(Watched):
+    """A session whose ping policy says when it wants to be asked again."""
+
+    def __init__(self, name: str, again: list[float | None]) -> None:
+        super().__init__(name)
+        self.again = again
+
+    def ping(self) -> float | None:
+        super().ping()
+        step = self.again.pop(0) if self.again else None
+        return None if step is None else trio.current_time() + step
+
+
+async def test_a_session_is_asked_again_when_its_ping_says(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """`ping()` returning a time moves the next ask there (later or earlier than the interval);
+    None, or a time already past, means one interval from now."""
+    t0 = trio.current_time()
+    w = Deferring("deferring", [2.5, 0.25, None, -1.0])
+    w.last_rx = t0 + 1000  # never times out here
+    liveness.watch(w, 1.0, 5.0)
+    await trio.sleep(6.0)
+    assert [round(t - t0, 6) for t in w.pings] == [1.0, 3.5, 3.75, 4.75, 5.75]
+
+
+async def test_entries_due_close_together_are_run_in_one_wake_up(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """The timer wakes on a grid (`TICK`, an eighth of the interval for short ones): sessions
+    due at slightly different times are pinged at the same instant, never early and at most one
+    tick late."""
+    tick = min(liveness.TICK, 1.0 / 8)
+    watched = []
+    for i in range(5):
+        await trio.sleep(0.01)
+        w = Watched(f"w{i}")
+        w.last_rx = trio.current_time() + 1000  # never times out here
+        watched.append((trio.current_time() + 1.0, w))
+        liveness.watch(w, 1.0, 5.0)
+    await trio.sleep(1.5)
+    firsts = {w.pings[0] for _, w in watched}
+    assert len(firsts) == 1, firsts
+    (at,) = firsts
+    for due, _ in watched:
+        assert due <= at < due + tick
+    assert liveness.wake_time(10.01, 10.0) == 10.25 and liveness.wake_time(10.0, 10.0) == 10.0

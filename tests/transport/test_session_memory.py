@@ -16,7 +16,7 @@ from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
 from kins_tunnel.proto.frames import HELLO_PREFIX, MAGIC, FrameType, frame
 from kins_tunnel.testing.memory_transport import MemoryTransport, memory_transport_pair
 from kins_tunnel.transport.errors import HandshakeFailed
-from kins_tunnel.transport.session import Session, SessionState
+from kins_tunnel.transport.session import RTT_REFRESH, Session, SessionState, quiet_after
 from kins_tunnel.transport.stream import TunnelStream
 
 OnOpen = Callable[[Session, int, str], None]
@@ -263,3 +263,146 @@ async def test_a_stream_whose_fin_arrived_reads_to_its_end_after_the_tunnel_clos
             received += chunk
         assert received == b"last words"
         await mine.aclose()
+
+
+# ---------------------------------------------------------------------------- ping policy
+class ScriptedPeer:
+    """The other end as a bare `proto.Connection`: answers every PING, and pings only when the
+    test says so (`ping`). `pinged` counts the PINGs it received from the session."""
+
+    def __init__(self, transport: MemoryTransport, role: Role) -> None:
+        self.transport = transport
+        hello = Hello(names=("x:1",)) if role is Role.CLIENT else Hello()
+        self.conn = Connection(role, hello, MuxConfig(), clock=trio.current_time)
+        self.open = trio.Event()
+
+    @property
+    def pinged(self) -> int:
+        return self.conn.peer_pings
+
+    def ping(self) -> None:
+        self.conn.ping()
+        self._send()
+
+    def _send(self) -> None:
+        out = self.conn.data_to_send()
+        if out:
+            self.transport.send_chunk(out)
+
+    async def serve(self) -> None:
+        buf = memoryview(bytearray(65536))
+        self._send()  # HELLO
+        while True:
+            await self.transport.wait_readable()
+            n = self.transport.receive_into(buf)
+            if n == 0:
+                return
+            if n:
+                self.conn.receive_data(bytes(buf[:n]))
+                self._send()
+                if self.conn.is_open:
+                    self.open.set()
+
+
+@asynccontextmanager
+async def session_and_peer(
+    role: Role, interval: float, timeout: float, on_open: OnOpen | None = None
+) -> AsyncIterator[tuple[Session, ScriptedPeer]]:
+    """A session of `role` (pinging per `interval` / `timeout`) facing a `ScriptedPeer`."""
+    a, b = memory_transport_pair()
+    session = make_session(a, role, on_open, ping_interval=interval, ping_timeout=timeout)
+    peer = ScriptedPeer(b, Role.SERVER if role is Role.CLIENT else Role.CLIENT)
+    async with trio.open_nursery() as n:
+        n.start_soon(peer.serve)
+        await n.start(functools.partial(session.serve, handshake_timeout=5))
+        with trio.fail_after(5):
+            await peer.open.wait()
+        yield session, peer
+        session.close("test over")
+        n.cancel_scope.cancel()
+
+
+async def test_an_edge_whose_cloud_pinged_once_then_went_quiet_pings_and_stays_up(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """The cloud's PING right after the handshake, then only answers (an idle cloud): the edge
+    pings after each silence of one interval and the tunnel lives. A policy that skipped the
+    edge's ping because the cloud had pinged, while the cloud skipped its own because the edge
+    had, left both silent for two intervals, the timeout (every idle tunnel dropped)."""
+    async with session_and_peer(Role.CLIENT, interval=1.0, timeout=2.0) as (edge, cloud):
+        cloud.ping()
+        await trio.sleep(20.5)
+        assert not edge.closed.is_set(), edge.close_reason
+        # one PING at the handshake, then one per interval of silence (each answered at once)
+        assert 20 <= cloud.pinged <= 21, cloud.pinged
+        assert edge.rtt is not None
+
+
+async def test_an_idle_cloud_answers_the_edge_and_pings_only_for_its_rtt(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """An edge pings the idle tunnel every interval: the cloud sends no ping of its own but its
+    RTT ping every `RTT_REFRESH` intervals; it never times out."""
+    async with session_and_peer(Role.SERVER, interval=1.0, timeout=2.0) as (cloud, edge):
+        for _ in range(60):
+            await trio.sleep(1.0)
+            edge.ping()
+        await trio.sleep(0.5)
+        assert not cloud.closed.is_set(), cloud.close_reason
+        # the handshake's PING, then one every RTT_REFRESH intervals (6, 12, ... 60)
+        assert edge.pinged == 1 + 60 // RTT_REFRESH, edge.pinged
+        assert cloud.rtt is not None
+
+
+async def test_an_idle_cloud_pings_after_half_an_interval_more_of_silence(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """An edge that never pings (only answers): the cloud pings after 1.5 intervals of silence
+    (the timeout allowing), so the tunnel lives; `quiet_after` says how long each side waits."""
+    assert quiet_after(Role.CLIENT, 10, 20) == 10
+    assert quiet_after(Role.SERVER, 10, 20) == 15
+    assert quiet_after(Role.SERVER, 10, 12) == 11  # half the time between interval and timeout
+    assert quiet_after(Role.SERVER, 10, 10) == 10
+    async with session_and_peer(Role.SERVER, interval=1.0, timeout=2.0) as (cloud, edge):
+        t0 = trio.current_time()
+        await trio.sleep(15.2)
+        assert not cloud.closed.is_set(), cloud.close_reason
+        assert edge.pinged == 1 + 10, edge.pinged  # at 0, then at 1.5, 3.0, ... 15.0
+        assert round(trio.current_time() - t0, 1) == 15.2
+
+
+async def test_an_idle_tunnel_whose_peer_stops_answering_ends_at_the_timeout(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """The path goes silent (a cable cut): the session pings after one interval and ends
+    `ping_timeout` after the last byte it received, as before."""
+    async with session_and_peer(Role.CLIENT, interval=1.0, timeout=2.5) as (edge, cloud):
+        t0 = trio.current_time()
+        cloud.transport.cut()
+        with trio.fail_after(10):
+            await edge.closed.wait()
+        assert round(trio.current_time() - t0, 3) == 2.5
+        assert "ping timeout" in edge.close_reason
+        assert cloud.pinged == 3  # at the handshake, then once per interval of silence
+
+
+async def test_a_tunnel_holding_a_stream_pings_every_interval_though_its_peer_talks(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """While a stream is open the edge pings every interval (its RTT sizes the windows), even
+    though the cloud's pings keep the tunnel from ever being silent."""
+    streams: list[TunnelStream] = []
+
+    def on_open(session: Session, sid: int, target: str) -> None:
+        streams.append(session.accept(sid))
+
+    async with session_and_peer(Role.CLIENT, 1.0, 2.0, on_open) as (edge, cloud):
+        sid = cloud.conn.open_stream("x:1")
+        cloud._send()
+        await trio.sleep(0.01)
+        assert edge.stream_count == 1 and sid
+        before = cloud.pinged
+        for _ in range(10):
+            await trio.sleep(0.5)
+            cloud.ping()
+        assert cloud.pinged - before == 5, (before, cloud.pinged)
