@@ -532,6 +532,15 @@ async def test_an_edge_behind_a_site_proxy_enrols_through_it(tmp_path: Path) -> 
             nursery.cancel_scope.cancel()
 
 
+async def renew_request(
+    session: Any, body: dict[str, Any], path: str = "/v1/renew"
+) -> tuple[int, dict[str, Any]]:
+    """One request on a new stream of `session` to the reserved renewal target."""
+    stream = await session.open_stream(RENEW_TARGET, 5)
+    async with stream:
+        return await json_request(stream, h11.Connection(h11.CLIENT), "POST", path, body, host="x")
+
+
 async def test_renewal_is_for_the_tunnels_own_identity_only(tmp_path: Path) -> None:
     cloud = make_cloud(tmp_path)
     async with trio.open_nursery() as nursery:
@@ -541,16 +550,8 @@ async def test_renewal_is_for_the_tunnels_own_identity_only(tmp_path: Path) -> N
 
         async def renew(node: str | None) -> tuple[int, dict[str, Any]]:
             key = ec.generate_private_key(ec.SECP256R1())
-            stream = await session.open_stream(RENEW_TARGET, 5)
-            async with stream:
-                return await json_request(
-                    stream,
-                    h11.Connection(h11.CLIENT),
-                    "POST",
-                    "/v1/renew",
-                    {"csr": edge_csr(key, node).decode(), "unit": "other", "node": "edge2"},
-                    host="x",
-                )
+            csr = edge_csr(key, node).decode()
+            return await renew_request(session, {"csr": csr, "unit": "other", "node": "edge2"})
 
         status, doc = await renew("edge2")  # asks for another node: refused
         assert (status, doc["reason"]) == (403, "identity_not_allowed"), doc
@@ -600,11 +601,7 @@ async def test_renewals_are_limited_per_identity(tmp_path: Path) -> None:
         (session,) = edge.sessions.values()
 
         async def renew(csr: object) -> tuple[int, dict[str, Any]]:
-            stream = await session.open_stream(RENEW_TARGET, 5)
-            async with stream:
-                return await json_request(
-                    stream, h11.Connection(h11.CLIENT), "POST", "/v1/renew", {"csr": csr}, host="x"
-                )
+            return await renew_request(session, {"csr": csr})
 
         good = edge_csr(ec.generate_private_key(ec.SECP256R1()), "edge1").decode()
         assert (await renew(17))[0] == 400  # malformed: answered, not counted against the limit
@@ -651,11 +648,7 @@ async def test_malformed_enrolment_and_renewal_requests_are_counted(tmp_path: Pa
         assert sample(cloud.metrics, "enrollments", "bad_request") == 3
         # over the tunnel: a request to another path of the renewal target
         (session,) = edge.sessions.values()
-        stream = await session.open_stream(RENEW_TARGET, 5)
-        async with stream:
-            status, doc = await json_request(
-                stream, h11.Connection(h11.CLIENT), "POST", "/v1/other", {}, host="x"
-            )
+        status, doc = await renew_request(session, {}, "/v1/other")
         assert (status, doc["reason"]) == (404, "bad_request")
         assert sample(cloud.metrics, "certificate_renewals", "bad_request") == 1
         nursery.cancel_scope.cancel()
