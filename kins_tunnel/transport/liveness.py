@@ -37,9 +37,13 @@ TICK = 0.25  # seconds: the grid the timer wakes on (see the module docstring)
 
 
 def wake_time(due: float, interval: float) -> float:
-    """When the timer wakes for an entry due at `due`: the next point of its grid."""
+    """When the timer wakes for an entry due at `due`: the next point of its grid (`due` itself
+    when that is beyond the grid's reach: a setting of 1e308 seconds must not end the timer)."""
     tick = min(TICK, interval / 8)
-    return math.ceil(due / tick) * tick
+    slot = due / tick if tick > 0 else math.inf
+    if not math.isfinite(slot):
+        return due
+    return math.ceil(slot) * tick
 
 
 class Watched(Protocol):

@@ -124,3 +124,18 @@ async def test_entries_due_close_together_are_run_in_one_wake_up(
     for due, _ in watched:
         assert due <= at < due + tick
     assert liveness.wake_time(10.01, 10.0) == 10.25 and liveness.wake_time(10.0, 10.0) == 10.0
+
+
+async def test_absurd_settings_do_not_end_the_timer(virtual_clock: trio.testing.MockClock) -> None:
+    # a ping interval or timeout of about 1e308 s (finite, so a config file can state it) made the
+    # grid's arithmetic overflow in the timer task, which would end the whole trio run
+    assert liveness.wake_time(1e308, 1e308) == 1e308
+    assert liveness.wake_time(5.0, 1e-307) == 5.0
+    t0 = trio.current_time()
+    absurd = Watched("absurd")
+    normal = Watched("normal")
+    liveness.watch(absurd, 1e308, 1.7e308)
+    liveness.watch(normal, 1.0, 3.5)
+    await trio.sleep(2.25)
+    assert [round(t - t0, 6) for t in normal.pings] == [1.0, 2.0]
+    assert absurd.pings == [] and absurd.ended == []
