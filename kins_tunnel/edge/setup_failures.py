@@ -1,6 +1,6 @@
 """How the edge names what it learnt while setting a tunnel up: the label of a failed set-up (the
 `handshake_failures` metric; a failed HELLO exchange is named by the session itself:
-`transport.session.hello_failure_reason`) and the cloud certificate it validated (/status)."""
+`transport.session_state.hello_failure_reason`) and the cloud certificate it validated (/status)."""
 
 from cryptography import x509
 

@@ -4,7 +4,7 @@
   tunnel, ...). Socket and OpenSSL errors are translated into it once, at the boundary, with the
   original as `__cause__`.
 - `HandshakeFailed(TransportError)`: a tunnel's HELLO exchange failed; `reason` is its one label
-  (`version`, `protocol`, `timeout`, `refused`, `internal`: see `session.hello_failure_reason`).
+  (`version`, `protocol`, `timeout`, `refused`, `internal`: see `session_state.hello_failure_reason`).
   The only exception `Session.serve` raises.
 - `SetupError`: a transport resource could not be set up from its settings (a listen address that
   cannot be bound, an unreadable proxy credentials file). Its message is one line that starts with

@@ -15,7 +15,8 @@ Theory of operation
 - **Liveness** (`liveness`, one timer for every session of the trio run): a tunnel holding streams
   pings every `ping_interval`; an idle one only after a silence (nothing received for
   `ping_interval` on the edge, half an interval more on the cloud, so the edge's ping comes first
-  and the cloud only answers), and every `RTT_REFRESH` intervals for its RTT: see `ping`. When
+  and the cloud only answers), and every `RTT_REFRESH` intervals for its RTT: see
+  `ping_policy`. When
   nothing at all has arrived for `ping_timeout` the session is dead and every stream on it breaks
   at once.
 - **Memory of an idle tunnel**: one task (the reader, waiting for the socket), a few small objects
@@ -27,7 +28,6 @@ Theory of operation
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -39,7 +39,6 @@ from kins_tunnel.proto import (
     ErrorCode,
     LocalProtocolError,
     RemoteProtocolError,
-    Role,
 )
 from kins_tunnel.proto import events as ev
 from kins_tunnel.transport import liveness
@@ -49,6 +48,8 @@ from kins_tunnel.transport.dispatch import HANDLERS
 from kins_tunnel.transport.errors import HandshakeFailed
 from kins_tunnel.transport.isolation import ErrorReporter, log_internal_error
 from kins_tunnel.transport.opening import PendingOpens
+from kins_tunnel.transport.ping_policy import RTT_REFRESH, ping_due, quiet_after
+from kins_tunnel.transport.session_state import SessionState, hello_failure_reason
 from kins_tunnel.transport.statistics import SessionStatistics
 from kins_tunnel.transport.stream import TunnelStream
 from kins_tunnel.transport.tls import READ_BATCH, TransportError
@@ -56,47 +57,14 @@ from kins_tunnel.transport.writer import SessionWriter
 
 log = logging.getLogger("kins_tunnel.session")
 
+__all__ = ["RTT_REFRESH", "Session", "SessionState", "hello_failure_reason", "quiet_after"]
+
 
 # One read buffer for every session of the trio run. Copy contract (docs/DESIGN.md, "Transport
 # objects and who owns what"): `receive_data(copy=False)` copies what it keeps (partial frames),
 # DATA events are views of the buffer and a stream copies what it queues (`deliver`); nothing
 # awaits between the fill and the end of the dispatch.
 _READ_BUFFER = RunBuffer("kins_tunnel_read_buffer", READ_BATCH)
-RTT_REFRESH = 6  # an idle tunnel still pings at least every 6 intervals (its RTT stays fresh)
-
-
-def quiet_after(role: Role, interval: float, timeout: float) -> float:
-    """How long an idle tunnel stays silent before this side pings it: `interval` on the edge
-    (the client); on the cloud half an interval more (so that the edge's ping, due after one
-    interval, arrives first), but leaving the answer at least half the time between the interval
-    and the timeout."""
-    if role is Role.CLIENT:
-        return interval
-    return interval + max(0.0, min(interval, timeout - interval)) / 2
-
-
-class SessionState(enum.Enum):
-    """Where a session is in its life (as trio's `SSLStream` has its state)."""
-
-    NEW = "new"  # built, `serve()` not called yet
-    HANDSHAKING = "handshaking"  # our HELLO is out; the peer's has not been dispatched
-    OPEN = "open"  # streams may be opened (unless either side is draining: `usable`)
-    CLOSED = "closed"  # over (`close_reason` says why); every stream is broken
-
-
-def hello_failure_reason(error: BaseException | None, timed_out: bool) -> str:
-    """The one mapping of a failed HELLO exchange to its `handshake_failures` reason, on both
-    sides: `version` (no protocol version in common), `protocol` (a malformed HELLO or frame
-    from the peer), `timeout` (no HELLO within the handshake's time), `internal` (a bug here,
-    reported as an internal error) or `refused` (the peer ended the connection first: a cloud
-    refusing a revoked or refused identity, or shedding load; its own log says which)."""
-    if isinstance(error, RemoteProtocolError):
-        return "version" if error.code == ErrorCode.VERSION_MISMATCH else "protocol"
-    if error is not None and not isinstance(error, TransportError):
-        return "internal"
-    if timed_out:
-        return "timeout"
-    return "refused"
 
 
 class Session:
@@ -483,29 +451,20 @@ class Session:
         return self._last_rx
 
     def ping(self) -> float | None:
-        """Send a PING (the answer updates `rtt`) if one is due now; returns when to be asked
-        again (`liveness.Watched.ping`). A bug here ends this tunnel only.
-
-        A tunnel holding streams pings every `ping_interval` (its RTT sizes the windows). An idle
-        one pings only when nothing has arrived for `quiet_after` (a silence the peer's ping or
-        data would have broken: the path is proven alive without ours) and, for its RTT, when its
-        own last ping is `RTT_REFRESH` intervals old. The edge's silence is one interval and the
-        cloud's half an interval longer, so on an idle tunnel the edge pings every interval and
-        the cloud only answers, but for its RTT ping every `RTT_REFRESH` intervals. The silence
-        that ends a session (`ping_timeout`) is unchanged.
-        """
+        """Send a PING (the answer updates `rtt`) if one is due now by `ping_policy`; returns
+        when to be asked again (`liveness.Watched.ping`). A bug here ends this tunnel only."""
         try:
             conn = self.conn
             if not conn.is_open:
                 return None
             now = trio.current_time()
-            if self._streams:
-                due = self._pinged_at + self._ping_interval
-            else:
-                due = min(
-                    self._last_rx + self._quiet_after,
-                    self._pinged_at + RTT_REFRESH * self._ping_interval,
-                )
+            due = ping_due(
+                busy=bool(self._streams),
+                last_rx=self._last_rx,
+                pinged_at=self._pinged_at,
+                interval=self._ping_interval,
+                quiet=self._quiet_after,
+            )
             if now < due:
                 return due
             conn.ping()
