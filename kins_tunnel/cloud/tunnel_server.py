@@ -313,31 +313,6 @@ class TunnelServer:
         except NodeTaken as exc:
             self._refuse_tunnel(session, identity, peer, "node_taken", str(exc))
             return None
-        for old in displaced:
-            self.metrics.tunnels_displaced.inc()
-            log.warning(
-                "edge tunnel displaced by a newer one of the same identity",
-                extra={
-                    **labels,
-                    "peer": old.peer,
-                    "by": peer,
-                    "limit": self.registry.max_per_identity,
-                },
-            )
-            old.session.close(
-                "displaced by a newer tunnel of this edge identity "
-                f"(tunnel.max_tunnels_per_identity {self.registry.max_per_identity})",
-                ErrorCode.NO_ERROR,
-            )
-        log.info(
-            "edge connected",
-            extra={
-                **labels,
-                "peer": peer,
-                "names": ",".join(sorted(names)),
-                "agent": session.peer_agent,
-            },
-        )
 
         def down() -> None:
             self.registry.remove(tunnel)
@@ -346,6 +321,35 @@ class TunnelServer:
                 extra={**labels, "peer": peer, "reason": session.close_reason},
             )
 
+        try:  # routed now: whatever fails from here must take the route back
+            for old in displaced:
+                self.metrics.tunnels_displaced.inc()
+                log.warning(
+                    "edge tunnel displaced by a newer one of the same identity",
+                    extra={
+                        **labels,
+                        "peer": old.peer,
+                        "by": peer,
+                        "limit": self.registry.max_per_identity,
+                    },
+                )
+                old.session.close(
+                    "displaced by a newer tunnel of this edge identity "
+                    f"(tunnel.max_tunnels_per_identity {self.registry.max_per_identity})",
+                    ErrorCode.NO_ERROR,
+                )
+            log.info(
+                "edge connected",
+                extra={
+                    **labels,
+                    "peer": peer,
+                    "names": ",".join(sorted(names)),
+                    "agent": session.peer_agent,
+                },
+            )
+        except BaseException:
+            down()
+            raise
         return down
 
 

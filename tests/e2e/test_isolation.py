@@ -21,6 +21,7 @@ import trio
 import trio.testing
 
 from kins_tunnel.certs.directory import issue_edge
+from kins_tunnel.cloud import tunnel_server
 from kins_tunnel.cloud.registry import Registry
 from kins_tunnel.dial import code_for
 from kins_tunnel.proto import ErrorCode, MuxConfig
@@ -563,3 +564,29 @@ async def test_random_bytes_on_the_admin_port(tmp_path: Path) -> None:
             assert answer == b"" or answer.startswith(b"HTTP/1.1 "), answer[:80]
         status, body = await http_get(port, "/healthz")
         assert (status, body) == (200, b"ok\n")
+
+
+async def test_a_bug_after_a_tunnel_is_routed_leaves_no_stale_route(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the cloud between routing a tunnel and finishing its set-up (injected into the
+    "edge connected" log line, once) ends that tunnel and takes its route back: the edge's next
+    tunnel is the only one the registry holds, and it serves."""
+    from kins_tunnel.cloud import tunnel_server
+
+    real_info = tunnel_server.log.info
+    injected = [0]
+
+    def info(msg: str, *args: object, **kwargs: object) -> None:
+        if msg == "edge connected" and not injected[0]:
+            injected[0] += 1
+            raise RuntimeError("injected set-up bug")
+        real_info(msg, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tunnel_server.log, "info", info)
+    async with watched_env(tmp_path) as (env, counts):
+        await wait_until(lambda: injected[0] == 1, 10, "the injected bug")
+        before = counts["ok"]
+        await wait_until(lambda: counts["ok"] >= before + 2, 10, "two more echo round trips")
+        tunnels = list(env.cloud.registry)
+        assert len(tunnels) == 1 and not tunnels[0].session.is_closed, tunnels
