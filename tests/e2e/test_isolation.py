@@ -572,8 +572,6 @@ async def test_a_bug_after_a_tunnel_is_routed_leaves_no_stale_route(
     """A bug in the cloud between routing a tunnel and finishing its set-up (injected into the
     "edge connected" log line, once) ends that tunnel and takes its route back: the edge's next
     tunnel is the only one the registry holds, and it serves."""
-    from kins_tunnel.cloud import tunnel_server
-
     real_info = tunnel_server.log.info
     injected = [0]
 
