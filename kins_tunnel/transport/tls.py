@@ -240,6 +240,8 @@ class TLSSocket:
         At EOF the incoming BIO is told and an empty view is returned."""
         if self._eof:
             return None
+        if self._closed:  # its number may belong to another connection by now (see `close`)
+            raise TransportError("tunnel socket closed")
         raw = self._raw
         if raw is None:
             raw = self._raw = _raw_buffer()
@@ -342,6 +344,8 @@ class TLSSocket:
         True: everything went out. False: ciphertext is left; `flush()` once the socket is writable.
         Either way the chunk itself is done with (it may be reused at once).
         """
+        if self._closed:
+            raise TransportError("tunnel socket closed")
         try:
             self._ssl.write(chunk)
         except (ssl.SSLError, OSError, ValueError) as exc:
@@ -350,6 +354,8 @@ class TLSSocket:
 
     def flush(self) -> bool:
         """Write pending ciphertext without blocking. True: nothing is left."""
+        if self._closed:
+            raise TransportError("tunnel socket closed")
         while True:
             pending = self._pending
             if pending is None:
@@ -370,6 +376,10 @@ class TLSSocket:
             self._pending = None
 
     def close(self) -> None:
+        """Release the socket. From here on nothing touches its descriptor number, which the
+        kernel hands to the next socket opened (a client or edge accepted in the same scheduling
+        round): a reader woken before the close, a writer kicked after it, get `TransportError`
+        instead of another connection's bytes, or of putting ciphertext into it."""
         if self._closed:
             return
         self._closed = True
