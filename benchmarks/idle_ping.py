@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+import trio.lowlevel
 
 from benchmarks.procs import CLK_TCK
 from benchmarks.scale import cloud_process, fleet_certs
@@ -95,7 +96,9 @@ async def _tunnel(
     PONGs until it ends. The caller sets the deadline of the start."""
     buf = memoryview(bytearray(65536))
     tls = await connect_tls("127.0.0.1", port, ctx, server_hostname="localhost")
-    conn = Connection(Role.CLIENT, Hello(names=("idle-ping.kins-system:443",)), clock=time.monotonic)
+    conn = Connection(
+        Role.CLIENT, Hello(names=("idle-ping.kins-system:443",)), clock=time.monotonic
+    )
     started = False
     try:
         _flush(tls, conn)
@@ -154,7 +157,7 @@ async def drive(
             async with trio.open_nursery() as connecting:
                 for _ in range(tunnels):
                     connecting.start_soon(_connect, nursery, port, ctx, counts, limit)
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
         connect_s = time.monotonic() - t0
 
         async def pinger() -> None:

@@ -41,6 +41,7 @@ from kins_tunnel.proto import (
     RemoteProtocolError,
 )
 from kins_tunnel.proto import events as ev
+from kins_tunnel.proto.frames import PING_FRAME_SIZE
 from kins_tunnel.transport import liveness
 from kins_tunnel.transport.buffers import RunBuffer
 from kins_tunnel.transport.byte_transport import ByteTransport
@@ -381,6 +382,7 @@ class Session:
         view = _READ_BUFFER.get()
         tls = self.tls
         conn = self.conn
+        output = self.output
         handlers = HANDLERS
         now = trio.lowlevel.current_clock().current_time
         try:
@@ -393,6 +395,11 @@ class Session:
                     await tls.wait_readable()
                     continue
                 self._last_rx = now()
+                if n == PING_FRAME_SIZE and not handshaking and output.idle:
+                    pong = conn.answer_lone_ping(view[:n])
+                    if pong is not None:  # an idle tunnel's PING: answered at once, no events
+                        output.send_direct(pong)
+                        continue
                 try:
                     events = conn.receive_data(view[:n] if n else b"", copy=False)
                 except RemoteProtocolError as exc:
