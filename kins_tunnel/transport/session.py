@@ -7,7 +7,9 @@ Theory of operation
   into a buffer shared by every session of the trio run, feeds it to the protocol core and
   dispatches the events. It never waits on any stream: received data goes into the stream's queue
   (or straight into the relay's socket), which flow control bounds to the window we granted;
-  waiting tasks are woken.
+  waiting tasks are woken. A read that is one PING and nothing else (an idle tunnel's whole
+  traffic) is answered at once when no output is queued (`Connection.answer_lone_ping`,
+  `SessionWriter.send_direct`): no events, no queue, one write.
 - **Writes** (`writer.SessionWriter`, the session's `output`): whoever produces protocol output
   calls `output.kick()`, which writes at once if the socket takes it (no task switch on the
   latency path) and otherwise leaves the rest to a writer task, started the first time the socket
