@@ -1,7 +1,7 @@
 """Idle-ping axis: tunnel-cloud's CPU per ping answered on an idle tunnel.
 
     python -m benchmarks.idle_ping [--tunnels 1000] [--rate 500] [--windows 5] [--window 4]
-        [--warmup 4] [--profile cloud.txt]
+        [--warmup 4] [--profile cloud.txt] [--server cloud|session|bare]
 
 What an idle fleet costs a replica is almost all pings: every idle edge pings after
 `ping_interval` of silence and the cloud answers (and pings each idle tunnel once every
@@ -22,6 +22,13 @@ What an idle fleet costs a replica is almost all pings: every idle edge pings af
   the idle CPU that implies at 10,000 edges (7/6 of a ping per edge per 10 s:
   `benchmarks/README.md`), the pings unanswered at the end, and the load average.
 
+`--server` says what answers (the same driver and measure for each): `cloud` (the default) the
+real tunnel-cloud; `session` the cloud's tunnel code alone (`TunnelSide.serve`: `Session`,
+`TLSSocket`, the liveness timer, tunnel-cloud's ping defaults) in a trio process of its own,
+without the rest of tunnel-cloud; `bare` the floor under it: per connection a trio task that
+reads (`TLSSocket.receive_into`) and answers each PING with its PONG, with no session, protocol
+dispatch or timer (what trio, OpenSSL and the kernel cost per wake-up).
+
 The spacing matters: the rate is low enough (2 ms apart at 500/s) that the cloud sleeps between
 two pings, so each one is a wake-up of the process, as in a real fleet where every edge pings on
 its own clock. `--profile FILE` records the cloud with py-spy during the windows
@@ -37,6 +44,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import ssl
 import statistics
 import subprocess
@@ -49,17 +57,21 @@ from pathlib import Path
 import trio
 import trio.lowlevel
 
-from benchmarks.procs import CLK_TCK
+from benchmarks.procs import CLK_TCK, wait_port
 from benchmarks.scale import cloud_process, fleet_certs
-from kins_tunnel.proto import Connection, Hello, Role
+from kins_tunnel.config import TunnelListen
+from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
 from kins_tunnel.proto.events import PongReceived
 from kins_tunnel.testing.support import free_port
-from kins_tunnel.tls_contexts import client_ssl_context
-from kins_tunnel.transport.tls import TLSSocket, TransportError, connect_tls
+from kins_tunnel.tls_contexts import client_ssl_context, server_ssl_context
+from kins_tunnel.transport.errors import HandshakeFailed
+from kins_tunnel.transport.tls import READ_BATCH, TLSSocket, TransportError, connect_tls
+from kins_tunnel.transport.tunnel import TunnelSide
 
 CONNECT_TIMEOUT = 10.0  # seconds for one tunnel's TLS and HELLO exchange
 CONNECT_BUDGET = 60.0  # seconds for all of them
 CONCURRENT_CONNECTS = 32
+CONNECT_LIMIT = 9_000  # tunnels at most: this process holds one descriptor each (limit 20,000)
 EDGES_AT_SCALE = 10_000  # the fleet the target is stated for
 PINGS_PER_EDGE_PER_S = 7 / 6 / 10.0  # an edge's ping each 10 s, the cloud's own each 60 s
 
@@ -217,17 +229,105 @@ async def drive(
     }
 
 
+# ----------------------------------------------------------------------------- other servers
+async def _bare_tunnel(sock: socket.socket, ctx: ssl.SSLContext) -> None:
+    """The floor under the cloud's tunnel code: TLS (`TLSSocket`), the HELLO exchange, then per
+    wake-up one read and, for a PING, its PONG written back; no session, no liveness timer."""
+    tls = TLSSocket.wrap(sock, ctx, server_side=True)
+    buf = memoryview(bytearray(READ_BATCH))
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            await tls.do_handshake()
+            conn = Connection(Role.SERVER, Hello())
+            _flush(tls, conn)
+            while not conn.is_open:
+                n = tls.receive_into(buf)
+                if n is None:
+                    await tls.wait_readable()
+                    continue
+                if n == 0:
+                    return
+                conn.receive_data(buf[:n])
+            _flush(tls, conn)
+        while True:
+            await tls.wait_readable()
+            n = tls.receive_into(buf)
+            if n == 0:
+                return
+            if n is not None and (pong := conn.answer_lone_ping(buf[:n])) is not None:
+                tls.send_chunk(pong)
+    except TransportError:
+        return
+    finally:
+        tls.close()
+
+
+async def _serve(kind: str, port: int, certs: Path) -> None:
+    """Tunnels of `kind` on 127.0.0.1:`port`: `session` runs the cloud's own tunnel
+    (`TunnelSide.serve` with tunnel-cloud's ping defaults) without the rest of tunnel-cloud;
+    `bare` runs `_bare_tunnel`. Until killed."""
+    ctx = server_ssl_context(certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key")
+    defaults = TunnelListen()  # tunnel-cloud's `tunnel:` section as shipped
+    side = TunnelSide(
+        Role.SERVER, MuxConfig(), defaults.ping_interval, defaults.ping_timeout, lambda *_: None
+    )
+
+    async def one(sock: socket.socket) -> None:
+        if kind == "bare":
+            await _bare_tunnel(sock, ctx)
+            return
+        tls = TLSSocket.wrap(sock, ctx, server_side=True)
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                await tls.do_handshake()
+            await side.serve(
+                tls,
+                Hello(),
+                label="idle-ping",
+                handshake_timeout=CONNECT_TIMEOUT,
+                on_up=lambda _: None,
+            )
+        except (TransportError, HandshakeFailed, trio.TooSlowError):
+            pass
+        finally:
+            tls.close()
+
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", port))
+    listener.listen(1024)
+    async with trio.open_nursery() as nursery:
+        while True:
+            accepted, _ = await listener.accept()
+            nursery.start_soon(one, socket.socket(fileno=accepted.detach()))
+
+
+def _server_process(kind: str, base: Path, certs: Path, port: int) -> subprocess.Popen[bytes]:
+    """The server under test, in a process of its own, listening on `port` when this returns."""
+    if kind == "cloud":
+        return cloud_process(base, certs, port, free_port(), 2 * CONNECT_LIMIT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.idle_ping", "serve", kind, str(port), str(certs)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    if not wait_port(port, 20, proc):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the {kind} server did not start")
+    return proc
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="kins-idle-ping-") as tmp:
         base = Path(tmp)
         certs = fleet_certs(base)
-        tport, aport = free_port(), free_port()
-        cloud = cloud_process(base, certs, tport, aport, 2 * args.tunnels)
+        tport = free_port()
+        server = _server_process(args.server, base, certs, tport)
         try:
-            return trio.run(
+            return {"server": args.server} | trio.run(
                 lambda: drive(
                     tport,
-                    cloud.pid,
+                    server.pid,
                     certs,
                     tunnels=args.tunnels,
                     rate=args.rate,
@@ -238,11 +338,15 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 )
             )
         finally:
-            cloud.send_signal(signal.SIGKILL)
-            cloud.wait()
+            server.send_signal(signal.SIGKILL)
+            server.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        trio.run(_serve, argv[1], int(argv[2]), Path(argv[3]))
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--tunnels", type=int, default=1000)
@@ -250,8 +354,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=float, default=4.0, help="seconds pinging before measuring")
     ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--window", type=float, default=4.0, help="seconds per window")
-    ap.add_argument("--profile", type=Path, default=None, help="py-spy the cloud into FILE")
-    print(json.dumps(run(ap.parse_args(argv))))
+    ap.add_argument("--profile", type=Path, default=None, help="py-spy the server into FILE")
+    ap.add_argument(
+        "--server",
+        choices=("cloud", "session", "bare"),
+        default="cloud",
+        help="what answers: tunnel-cloud, its tunnel code alone, or TLS alone (see the module)",
+    )
+    args = ap.parse_args(argv)
+    if args.tunnels > CONNECT_LIMIT:
+        ap.error(f"--tunnels: at most {CONNECT_LIMIT} (the open-file limit)")
+    print(json.dumps(run(args)))
 
 
 if __name__ == "__main__":
