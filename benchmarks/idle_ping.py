@@ -230,11 +230,11 @@ async def drive(
 
 
 # ----------------------------------------------------------------------------- other servers
-async def _bare_tunnel(sock: socket.socket, ctx: ssl.SSLContext) -> None:
+async def _bare_tunnel(sock: socket.socket, ctx: ssl.SSLContext, buf: memoryview) -> None:
     """The floor under the cloud's tunnel code: TLS (`TLSSocket`), the HELLO exchange, then per
-    wake-up one read and, for a PING, its PONG written back; no session, no liveness timer."""
+    wake-up one read and, for a PING, its PONG written back; no session, no liveness timer.
+    `buf`: the read buffer every connection shares (as sessions share theirs)."""
     tls = TLSSocket.wrap(sock, ctx, server_side=True)
-    buf = memoryview(bytearray(READ_BATCH))
     try:
         with trio.fail_after(CONNECT_TIMEOUT):
             await tls.do_handshake()
@@ -272,9 +272,11 @@ async def _serve(kind: str, port: int, certs: Path) -> None:
         Role.SERVER, MuxConfig(), defaults.ping_interval, defaults.ping_timeout, lambda *_: None
     )
 
+    shared = memoryview(bytearray(READ_BATCH))
+
     async def one(sock: socket.socket) -> None:
         if kind == "bare":
-            await _bare_tunnel(sock, ctx)
+            await _bare_tunnel(sock, ctx, shared)
             return
         tls = TLSSocket.wrap(sock, ctx, server_side=True)
         try:
