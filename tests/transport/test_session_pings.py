@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
+import trio.testing
 
 from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
 from kins_tunnel.proto.events import DataReceived, Event, PongReceived, StreamOpened
