@@ -71,6 +71,7 @@ from kins_tunnel.transport.tunnel import TunnelSide
 CONNECT_TIMEOUT = 10.0  # seconds for one tunnel's TLS and HELLO exchange
 CONNECT_BUDGET = 60.0  # seconds for all of them
 CONCURRENT_CONNECTS = 32
+CONNECT_ATTEMPTS = 3
 CONNECT_LIMIT = 9_000  # tunnels at most: this process holds one descriptor each (limit 20,000)
 EDGES_AT_SCALE = 10_000  # the fleet the target is stated for
 PINGS_PER_EDGE_PER_S = 7 / 6 / 10.0  # an edge's ping each 10 s, the cloud's own each 60 s
@@ -81,6 +82,7 @@ class _Counts:
     sent: int = 0
     answered: int = 0
     dropped: int = 0  # tunnels the cloud ended
+    retried: int = 0  # connects tried again after a refusal or a timeout
     tunnels: list[tuple[TLSSocket, Connection]] = field(default_factory=list)
 
 
@@ -137,9 +139,19 @@ async def _tunnel(
 async def _connect(
     nursery: trio.Nursery, port: int, ctx: ssl.SSLContext, counts: _Counts, limit: trio.Semaphore
 ) -> None:
-    async with limit:
-        with trio.fail_after(CONNECT_TIMEOUT):
-            await nursery.start(_tunnel, port, ctx, counts)
+    """Open one tunnel (started in `nursery`), trying again after a refusal (the cloud sheds
+    handshakes beyond its bound) up to `CONNECT_ATTEMPTS` times."""
+    for attempt in range(CONNECT_ATTEMPTS):
+        try:
+            async with limit:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    await nursery.start(_tunnel, port, ctx, counts)
+            return
+        except (TransportError, trio.TooSlowError):
+            if attempt == CONNECT_ATTEMPTS - 1:
+                raise
+            counts.retried += 1
+            await trio.sleep(0.5)
 
 
 async def drive(
@@ -222,6 +234,7 @@ async def drive(
         # a ping still in flight when the run stopped counts here too: a handful at most
         "pings_unanswered_at_end": unanswered,
         "tunnels_dropped": counts.dropped,
+        "connects_retried": counts.retried,
         "implied_idle_cpu_pct_at_10k": round(
             median * 1e-6 * EDGES_AT_SCALE * PINGS_PER_EDGE_PER_S * 100, 2
         ),
