@@ -32,7 +32,10 @@ dispatch or timer (what trio, OpenSSL and the kernel cost per wake-up).
 The spacing matters: the rate is low enough (2 ms apart at 500/s) that the cloud sleeps between
 two pings, so each one is a wake-up of the process, as in a real fleet where every edge pings on
 its own clock. `--profile FILE` records the cloud with py-spy during the windows
-(`py-spy record --rate 1000 --format raw`, collapsed stacks).
+(`py-spy record --rate 1000 --format raw`, collapsed stacks; on this machine py-spy counts the
+waits in `epoll_wait` and the time the process is preempted inside `write` as busy, so compare its
+Python frames with each other only; `perf record -g -p PID` gives the true split between the
+interpreter, OpenSSL and the kernel).
 
 Bounded: every connect and handshake has a deadline and the whole run ends after warm-up and
 windows (plus at most 60 s to connect); the cloud is killed at the end whatever happens.
