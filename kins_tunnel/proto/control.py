@@ -33,6 +33,7 @@ from kins_tunnel.proto.frames import (
     FLAG_ACK,
     MAX_WINDOW_VALUE,
     PING_SIZE,
+    PONG_HEADER,
     U32,
     FrameType,
     U32x2,
@@ -41,7 +42,6 @@ from kins_tunnel.proto.frames import (
     delay_answer_frame,
     goaway_frame,
     open_result_frame,
-    ping_frame,
 )
 from kins_tunnel.proto.handshake import Hello, MuxConfig, PeerLimits, parse_hello
 from kins_tunnel.proto.output import DataQueues
@@ -216,7 +216,8 @@ class ControlFrames:
         self.peer_pings += 1
         if self.pending_pongs > MAX_PENDING_PONGS:
             raise RemoteProtocolError("PING flood", ErrorCode.ENHANCE_YOUR_CALM)
-        self.out += ping_frame(payload, ack=True)
+        self.out += PONG_HEADER
+        self.out += payload
 
     def _on_delay(self, sid: int, flags: int, body: memoryview, events: list[Event]) -> None:
         if sid != 0 or len(body) != (U32x3.size if flags & FLAG_ACK else U32.size):

@@ -114,6 +114,12 @@ def ping_frame(payload: bytes, ack: bool = False) -> bytes:
     return frame(FrameType.PING, 0, payload, FLAG_ACK if ack else 0)
 
 
+# A PING and its answer are the whole traffic of an idle tunnel: their headers, made once.
+PING_HEADER = pack_header(PING_SIZE, FrameType.PING, 0, 0)
+PONG_HEADER = pack_header(PING_SIZE, FrameType.PING, FLAG_ACK, 0)
+PING_FRAME_SIZE = HEADER_SIZE + PING_SIZE
+
+
 def goaway_frame(last_stream_id: int, code: int, reason: str = "") -> bytes:
     return frame(FrameType.GOAWAY, 0, U32x2.pack(last_stream_id, int(code)) + encode_text(reason))
 

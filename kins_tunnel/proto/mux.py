@@ -59,7 +59,11 @@ from kins_tunnel.proto.errors import ErrorCode, LocalProtocolError, RemoteProtoc
 from kins_tunnel.proto.events import ConnectionTerminated, Event
 from kins_tunnel.proto.flow import Budget, ReceiveWindow, credit_due, credit_to_return
 from kins_tunnel.proto.frames import (
+    HEADER_SIZE,
+    PING_FRAME_SIZE,
+    PING_HEADER,
     PING_SIZE,
+    PONG_HEADER,
     FrameType,
     delay_stamp_frame,
     frame,
@@ -261,6 +265,26 @@ class Connection:
                 control.fail(exc)
                 raise
         return events
+
+    def answer_lone_ping(self, data: bytes | bytearray | memoryview) -> bytes | None:
+        """The idle tunnel's path: if `data` is exactly one PING (not an answer) that begins
+        between frames on an open connection, count it as `receive_data` would and return its
+        PONG for the caller to send at once, ahead of nothing (it checks that nothing is queued:
+        `pending_output()`); no event, no queue. None: `data` is anything else and nothing was
+        done (give it to `receive_data`).
+
+        The PONG is the caller's to send: it is not queued here, so it does not count towards the
+        bound on queued answers (a peer that does not read fills the socket, and then the caller's
+        queue is no longer empty and its PINGs take `receive_data`'s path)."""
+        if (
+            len(data) != PING_FRAME_SIZE
+            or self._control.state is not ConnState.OPEN
+            or not self._rx.between_frames
+            or data[:HEADER_SIZE] != PING_HEADER
+        ):
+            return None
+        self._control.peer_pings += 1
+        return PONG_HEADER + data[HEADER_SIZE:]
 
     # ------------------------------------------------------------------ output
     def data_to_send(self) -> bytearray:

@@ -53,6 +53,11 @@ class FrameReceiver:
         """Bytes of a partial header or control frame waiting for the rest."""
         return len(self._inbuf)
 
+    @property
+    def between_frames(self) -> bool:
+        """The next byte from the peer starts a frame (no partial unit, no DATA body under way)."""
+        return not self._inbuf and not self._left
+
     def receive(
         self, view: memoryview, copy: bool, control: ControlFrames, events: list[Event]
     ) -> None:

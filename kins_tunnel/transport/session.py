@@ -7,7 +7,9 @@ Theory of operation
   into a buffer shared by every session of the trio run, feeds it to the protocol core and
   dispatches the events. It never waits on any stream: received data goes into the stream's queue
   (or straight into the relay's socket), which flow control bounds to the window we granted;
-  waiting tasks are woken.
+  waiting tasks are woken. A read that is one PING and nothing else (an idle tunnel's whole
+  traffic) is answered at once when no output is queued (`Connection.answer_lone_ping`,
+  `SessionWriter.send_direct`): no events, no queue, one write.
 - **Writes** (`writer.SessionWriter`, the session's `output`): whoever produces protocol output
   calls `output.kick()`, which writes at once if the socket takes it (no task switch on the
   latency path) and otherwise leaves the rest to a writer task, started the first time the socket
@@ -41,6 +43,7 @@ from kins_tunnel.proto import (
     RemoteProtocolError,
 )
 from kins_tunnel.proto import events as ev
+from kins_tunnel.proto.frames import PING_FRAME_SIZE
 from kins_tunnel.transport import liveness
 from kins_tunnel.transport.buffers import RunBuffer
 from kins_tunnel.transport.byte_transport import ByteTransport
@@ -381,6 +384,7 @@ class Session:
         view = _READ_BUFFER.get()
         tls = self.tls
         conn = self.conn
+        output = self.output
         handlers = HANDLERS
         now = trio.lowlevel.current_clock().current_time
         try:
@@ -393,6 +397,11 @@ class Session:
                     await tls.wait_readable()
                     continue
                 self._last_rx = now()
+                if n == PING_FRAME_SIZE and not handshaking and output.idle:
+                    pong = conn.answer_lone_ping(view[:n])
+                    if pong is not None:  # an idle tunnel's PING: answered at once, no events
+                        output.send_direct(pong)
+                        continue
                 try:
                     events = conn.receive_data(view[:n] if n else b"", copy=False)
                 except RemoteProtocolError as exc:

@@ -95,6 +95,24 @@ class SessionWriter:
         if self._flush_lot and not conn.pending_output() and not tls.pending:
             self._flush_lot.unpark_all()
 
+    @property
+    def idle(self) -> bool:
+        """Nothing is queued or in flight ahead of a new frame, and the session is open: a frame
+        given to `send_direct` now goes out in order."""
+        return (
+            not self._tls.pending and not self._conn.pending_output() and not self._closed.is_set()
+        )
+
+    def send_direct(self, frame: bytes) -> None:
+        """Send one small control frame of the protocol core past its queue (a PONG from
+        `Connection.answer_lone_ping`: the idle tunnel's path), while `idle`. What the socket
+        does not take waits for the writer task as any output does."""
+        try:
+            if not self._tls.send_chunk(frame):
+                self._wake_writer()  # the socket is full: the writer waits for it
+        except TransportError as exc:
+            self._fail(str(exc))
+
     def _wake_writer(self) -> None:
         if self._wakeup is not None:
             self._wakeup.set()
