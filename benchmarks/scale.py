@@ -154,10 +154,12 @@ def cloud_process(
     *,
     wait: bool = True,
     tunnel: dict[str, object] | None = None,
+    command: tuple[str, ...] = ("-m", "kins_tunnel", "cloud"),
 ) -> subprocess.Popen[bytes]:
     """Start a tunnel-cloud for `edges` simulated edges (one identity) on ports `tport` (tunnel)
-    and `aport` (admin); `tunnel` adds keys to its `tunnel:` section. With `wait`, returns once
-    it is ready (/readyz)."""
+    and `aport` (admin); `tunnel` adds keys to its `tunnel:` section; `command`: the Python
+    arguments that run it, given `--config FILE`. With `wait`, returns once it is ready
+    (/readyz)."""
     config = base / "cloud.yaml"
     config.write_text(
         json.dumps(
@@ -180,7 +182,7 @@ def cloud_process(
         )
     )
     cloud = subprocess.Popen(
-        [sys.executable, "-m", "kins_tunnel", "cloud", "--config", str(config)],
+        [sys.executable, *command, "--config", str(config)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -196,6 +198,51 @@ def cloud_process(
                 raise RuntimeError("cloud did not start") from None
             time.sleep(0.1)
     return cloud
+
+
+def start_workers(
+    base: Path, certs: Path, tport: int, edges: int, workers: int, hold: float
+) -> tuple[list[subprocess.Popen[bytes]], list[Path]]:
+    """Start `edges` simulated edges in `workers` processes (this module's `worker` mode), each
+    holding its tunnels up to `hold` seconds; returns the processes and the files where each
+    reports its counts (see `wait_up`)."""
+    per = [edges // workers + (1 if i < edges % workers else 0) for i in range(workers)]
+    reports = [base / f"worker-{i}.count" for i in range(len(per))]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.scale",
+                "worker",
+                str(tport),
+                str(n),
+                str(certs),
+                str(hold),
+                str(report),
+                str(len(per)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for n, report in zip(per, reports, strict=True)
+    ]
+    return procs, reports
+
+
+def wait_up(reports: list[Path], edges: int, deadline: float) -> tuple[int, int]:
+    """Wait until the workers report `edges` tunnels up, or until `deadline` (monotonic);
+    returns (tunnels up, attempts that ended: refused, timed out or dropped)."""
+    done = retries = 0
+    while time.monotonic() < deadline:
+        counts = [r.read_text().split() for r in reports if r.exists()]
+        counts = [c for c in counts if len(c) == 2]
+        done = sum(int(c[0]) for c in counts)
+        retries = sum(int(c[1]) for c in counts)
+        if done >= edges:
+            break
+        time.sleep(0.1)
+    return done, retries
 
 
 def run(
@@ -224,40 +271,13 @@ def run(
             )
             procs.append(cloud)
             rss_before = rss_kib(cloud.pid) / 1024
-            per = [edges // workers + (1 if i < edges % workers else 0) for i in range(workers)]
             t0 = time.monotonic()
-            reports = [base / f"worker-{i}.count" for i in range(len(per))]
-            for n, report in zip(per, reports, strict=True):
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "benchmarks.scale",
-                            "worker",
-                            str(tport),
-                            str(n),
-                            str(certs),
-                            str(timeout),
-                            str(report),
-                            str(len(per)),
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                )
+            workers_, reports = start_workers(base, certs, tport, edges, workers, timeout)
+            procs += workers_
             # The workers count completed protocol handshakes (the cloud answered HELLO, so it
             # holds the session); scraping the cloud's per-tunnel metrics while it accepts would
             # cost it more than the handshakes, so it is asked once, at the end.
-            done = retries = 0
-            while time.monotonic() - t0 < timeout:
-                counts = [r.read_text().split() for r in reports if r.exists()]
-                counts = [c for c in counts if len(c) == 2]
-                done = sum(int(c[0]) for c in counts)
-                retries = sum(int(c[1]) for c in counts)
-                if done >= edges:
-                    break
-                time.sleep(0.1)
+            _done, retries = wait_up(reports, edges, t0 + timeout)
             accept_s = time.monotonic() - t0
             time.sleep(2)
             before = scrape(
