@@ -1,6 +1,7 @@
 """Where an idle tunnel's memory goes on the cloud: RSS, Python objects and OpenSSL, per tunnel.
 
     python -m benchmarks.idlemem [--edges 2000] [--workers 4] [--settle 5] [--trace] [--top 25]
+    python -m benchmarks.idlemem --openssl    # OpenSSL's share alone, in-process (`openssl_costs`)
 
 One tunnel-cloud process (the real `Cloud` of `kins-tunnel cloud`, with its config and its
 listeners; this module's `cloud` mode only adds a SIGUSR1 handler that writes a report) and N
@@ -32,11 +33,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import ctypes
 import gc
 import json
 import os
 import signal
+import ssl
 import sys
 import tempfile
 import time
@@ -55,6 +58,8 @@ from benchmarks.scale import (
     wait_up,
 )
 from kins_tunnel.testing.support import free_port, rss_kib
+from kins_tunnel.tls_contexts import client_ssl_context, server_ssl_context
+from kins_tunnel.transport.tls import HANDSHAKE_PIECE
 
 FRAMES = 12  # traceback depth kept by tracemalloc (`by_caller` looks through it)
 PYMALLOC_MAX = 512  # blocks up to this size come from pymalloc's arenas, larger ones from malloc
@@ -216,6 +221,80 @@ def figures(
     return res
 
 
+def _pump(src: ssl.MemoryBIO, dst: ssl.MemoryBIO) -> None:
+    """What one side wrote to the other, handed over as `TLSSocket.do_handshake` does (in
+    `HANDSHAKE_PIECE`s)."""
+    data = src.read()
+    for i in range(0, len(data), HANDSHAKE_PIECE):
+        dst.write(data[i : i + HANDSHAKE_PIECE])
+
+
+def _drain(obj: ssl.SSLObject) -> None:
+    """Decrypt whatever `obj` has been given."""
+    try:
+        while obj.read(1 << 20):
+            pass
+    except ssl.SSLWantReadError:
+        pass
+
+
+def openssl_costs(n: int = 300) -> dict[str, float]:
+    """OpenSSL's memory per server connection (the cloud's side of a tunnel), in this process:
+    glibc's heap in use (`mallinfo2`) over `n` connections on memory BIOs, divided by `n`, KiB.
+    Each case: a bare server object (before any handshake); after a full and after a resumed
+    mutual-TLS handshake (with the cloud's own contexts) and a ping's worth of records each way;
+    and after a full handshake then one batch of 250,000 bytes sent or received, as a tunnel that
+    once carried a bulk transfer has (`TLSSocket` moves up to 256 KiB per call through its BIOs)."""
+    with tempfile.TemporaryDirectory(prefix="kins-idlemem-") as tmp:
+        certs = fleet_certs(Path(tmp))
+        server = server_ssl_context(
+            certs / "ca.crt", certs / "cloud.crt", certs / "cloud.key", session_lifetime=3600
+        )
+        client = client_ssl_context(
+            certs / "ca.crt", certs / "edge-edge1.crt", certs / "edge-edge1.key"
+        )
+
+        def connection(case: str, ticket: ssl.SSLSession | None) -> object:
+            s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+            s = server.wrap_bio(s_in, s_out, server_side=True)
+            if case == "bare":
+                return s, s_in, s_out
+            c = client.wrap_bio(c_in, c_out, server_hostname="localhost", session=ticket)
+            for _ in range(4):
+                for side in (c, s):
+                    with contextlib.suppress(ssl.SSLWantReadError):
+                        side.do_handshake()
+                _pump(c_out, s_in)
+                _pump(s_out, c_in)
+            _drain(c)  # the ticket
+            for src, dst, dst_in, src_out in ((c, s, s_in, c_out), (s, c, c_in, s_out)):
+                src.write(b"p" * 40)
+                dst_in.write(src_out.read())
+                _drain(dst)
+            if case == "sent 250 KB":
+                s.write(b"x" * 250_000)
+                s_out.read()
+            elif case == "received 250 KB":
+                c.write(b"x" * 250_000)
+                s_in.write(c_out.read())
+                _drain(s)
+            if case == "first":
+                return c.session
+            return s, s_in, s_out
+
+        ticket = connection("first", None)
+        assert isinstance(ticket, ssl.SSLSession)
+        out: dict[str, float] = {}
+        for case in ("bare", "full", "resumed", "sent 250 KB", "received 250 KB"):
+            gc.collect()
+            before = mallinfo()["in_use"]
+            kept = [connection(case, ticket if case == "resumed" else None) for _ in range(n)]
+            gc.collect()
+            out[case] = round((mallinfo()["in_use"] - before) / n / 1024, 2)
+            del kept
+        return out
+
+
 def run(
     edges: int,
     workers: int,
@@ -291,7 +370,13 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=5.0, help="seconds idle before the report")
     ap.add_argument("--trace", action="store_true", help="tracemalloc: Python bytes by line")
     ap.add_argument("--top", type=int, default=25, help="lines and types listed")
+    ap.add_argument(
+        "--openssl", action="store_true", help="OpenSSL's memory per connection, in-process"
+    )
     args = ap.parse_args()
+    if args.openssl:
+        print(json.dumps(openssl_costs(), indent=1))
+        return
     res = run(args.edges, args.workers, settle=args.settle, trace=args.trace, top=args.top)
     print(json.dumps(res, indent=1))
 
