@@ -31,7 +31,6 @@ hold, not garbage waiting for the collector.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import ctypes
@@ -51,7 +50,9 @@ import trio
 
 from benchmarks.scale import (
     cloud_process,
+    fleet_arguments,
     fleet_certs,
+    kill_all,
     metric_values,
     scrape,
     start_workers,
@@ -351,10 +352,7 @@ def run(
             }
             return res
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGKILL)
-            for p in procs:
-                p.wait()
+            kill_all(procs)
 
 
 def main() -> None:
@@ -363,11 +361,7 @@ def main() -> None:
             tracemalloc.start(FRAMES)
         trio.run(_serve, sys.argv[5], Path(sys.argv[2]))
         return
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--edges", type=int, default=2000)
-    ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--settle", type=float, default=5.0, help="seconds idle before the report")
+    ap = fleet_arguments(__doc__, 2000, 5.0, "seconds idle before the report")
     ap.add_argument("--trace", action="store_true", help="tracemalloc: Python bytes by line")
     ap.add_argument("--top", type=int, default=25, help="lines and types listed")
     ap.add_argument(

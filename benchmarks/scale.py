@@ -230,6 +230,14 @@ def start_workers(
     return procs, reports
 
 
+def kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGKILL every process of a run (the cloud, the workers) and reap them."""
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+
+
 def wait_up(reports: list[Path], edges: int, deadline: float) -> tuple[int, int]:
     """Wait until the workers report `edges` tunnels up, or until `deadline` (monotonic);
     returns (tunnels up, attempts that ended: refused, timed out or dropped)."""
@@ -319,10 +327,21 @@ def run(
                 "loadavg_5m": round(load[1], 2),
             }
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGKILL)
-            for p in procs:
-                p.wait()
+            kill_all(procs)
+
+
+def fleet_arguments(
+    doc: str | None, edges: int, settle: float, settle_help: str
+) -> argparse.ArgumentParser:
+    """The command line of a fleet benchmark (`--edges`, `--workers`, `--settle`), described by
+    the first line of `doc`; SIGTERM (e.g. from `timeout`) then unwinds through the run's
+    clean-up like Ctrl-C does."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    ap.add_argument("--edges", type=int, default=edges)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--settle", type=float, default=settle, help=settle_help)
+    return ap
 
 
 def main() -> None:
@@ -341,12 +360,7 @@ def main() -> None:
 
         storm_main()
         return
-    # SIGTERM (e.g. from `timeout`) unwinds through run()'s clean-up like Ctrl-C does
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--edges", type=int, default=10_000)
-    ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--settle", type=float, default=25.0, help="seconds idle before the CPU window")
+    ap = fleet_arguments(__doc__, 10_000, 25.0, "seconds idle before the CPU window")
     ap.add_argument("--idle-window", type=float, default=30.0, help="seconds of idle CPU measured")
     args = ap.parse_args()
     print(
