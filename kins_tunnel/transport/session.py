@@ -21,6 +21,8 @@ Theory of operation
   at once.
 - **Memory of an idle tunnel**: one task (the reader, waiting for the socket), a few small objects
   (handlers in class-level tables, the writer's parts made when first needed), the TLS state.
+  `handshake_done` and `goaway_received` are made when first asked for, the connection's bulk
+  pacer with its first DATA (`benchmarks/idlemem.py` measures what is left).
 - **Streams** (`TunnelStream`) are `trio.abc.HalfCloseableStream`s: `send_eof` sends FIN,
   `receive_some` returns b"" after the peer's FIN, and a RESET surfaces as `BrokenResourceError`.
   Credit goes back to the peer when `receive_some` hands bytes to the application.
