@@ -154,10 +154,12 @@ def cloud_process(
     *,
     wait: bool = True,
     tunnel: dict[str, object] | None = None,
+    command: tuple[str, ...] = ("-m", "kins_tunnel", "cloud"),
 ) -> subprocess.Popen[bytes]:
     """Start a tunnel-cloud for `edges` simulated edges (one identity) on ports `tport` (tunnel)
-    and `aport` (admin); `tunnel` adds keys to its `tunnel:` section. With `wait`, returns once
-    it is ready (/readyz)."""
+    and `aport` (admin); `tunnel` adds keys to its `tunnel:` section; `command`: the Python
+    arguments that run it, given `--config FILE`. With `wait`, returns once it is ready
+    (/readyz)."""
     config = base / "cloud.yaml"
     config.write_text(
         json.dumps(
@@ -180,7 +182,7 @@ def cloud_process(
         )
     )
     cloud = subprocess.Popen(
-        [sys.executable, "-m", "kins_tunnel", "cloud", "--config", str(config)],
+        [sys.executable, *command, "--config", str(config)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -196,6 +198,59 @@ def cloud_process(
                 raise RuntimeError("cloud did not start") from None
             time.sleep(0.1)
     return cloud
+
+
+def start_workers(
+    base: Path, certs: Path, tport: int, edges: int, workers: int, hold: float
+) -> tuple[list[subprocess.Popen[bytes]], list[Path]]:
+    """Start `edges` simulated edges in `workers` processes (this module's `worker` mode), each
+    holding its tunnels up to `hold` seconds; returns the processes and the files where each
+    reports its counts (see `wait_up`)."""
+    per = [edges // workers + (1 if i < edges % workers else 0) for i in range(workers)]
+    reports = [base / f"worker-{i}.count" for i in range(len(per))]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.scale",
+                "worker",
+                str(tport),
+                str(n),
+                str(certs),
+                str(hold),
+                str(report),
+                str(len(per)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for n, report in zip(per, reports, strict=True)
+    ]
+    return procs, reports
+
+
+def kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGKILL every process of a run (the cloud, the workers) and reap them."""
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+
+
+def wait_up(reports: list[Path], edges: int, deadline: float) -> tuple[int, int]:
+    """Wait until the workers report `edges` tunnels up, or until `deadline` (monotonic);
+    returns (tunnels up, attempts that ended: refused, timed out or dropped)."""
+    done = retries = 0
+    while time.monotonic() < deadline:
+        counts = [r.read_text().split() for r in reports if r.exists()]
+        counts = [c for c in counts if len(c) == 2]
+        done = sum(int(c[0]) for c in counts)
+        retries = sum(int(c[1]) for c in counts)
+        if done >= edges:
+            break
+        time.sleep(0.1)
+    return done, retries
 
 
 def run(
@@ -224,40 +279,13 @@ def run(
             )
             procs.append(cloud)
             rss_before = rss_kib(cloud.pid) / 1024
-            per = [edges // workers + (1 if i < edges % workers else 0) for i in range(workers)]
             t0 = time.monotonic()
-            reports = [base / f"worker-{i}.count" for i in range(len(per))]
-            for n, report in zip(per, reports, strict=True):
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "benchmarks.scale",
-                            "worker",
-                            str(tport),
-                            str(n),
-                            str(certs),
-                            str(timeout),
-                            str(report),
-                            str(len(per)),
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                )
+            workers_, reports = start_workers(base, certs, tport, edges, workers, timeout)
+            procs += workers_
             # The workers count completed protocol handshakes (the cloud answered HELLO, so it
             # holds the session); scraping the cloud's per-tunnel metrics while it accepts would
             # cost it more than the handshakes, so it is asked once, at the end.
-            done = retries = 0
-            while time.monotonic() - t0 < timeout:
-                counts = [r.read_text().split() for r in reports if r.exists()]
-                counts = [c for c in counts if len(c) == 2]
-                done = sum(int(c[0]) for c in counts)
-                retries = sum(int(c[1]) for c in counts)
-                if done >= edges:
-                    break
-                time.sleep(0.1)
+            _done, retries = wait_up(reports, edges, t0 + timeout)
             accept_s = time.monotonic() - t0
             time.sleep(2)
             before = scrape(
@@ -299,10 +327,21 @@ def run(
                 "loadavg_5m": round(load[1], 2),
             }
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGKILL)
-            for p in procs:
-                p.wait()
+            kill_all(procs)
+
+
+def fleet_arguments(
+    doc: str | None, edges: int, settle: float, settle_help: str
+) -> argparse.ArgumentParser:
+    """The command line of a fleet benchmark (`--edges`, `--workers`, `--settle`), described by
+    the first line of `doc`; SIGTERM (e.g. from `timeout`) then unwinds through the run's
+    clean-up like Ctrl-C does."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    ap.add_argument("--edges", type=int, default=edges)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--settle", type=float, default=settle, help=settle_help)
+    return ap
 
 
 def main() -> None:
@@ -321,12 +360,7 @@ def main() -> None:
 
         storm_main()
         return
-    # SIGTERM (e.g. from `timeout`) unwinds through run()'s clean-up like Ctrl-C does
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--edges", type=int, default=10_000)
-    ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--settle", type=float, default=25.0, help="seconds idle before the CPU window")
+    ap = fleet_arguments(__doc__, 10_000, 25.0, "seconds idle before the CPU window")
     ap.add_argument("--idle-window", type=float, default=30.0, help="seconds of idle CPU measured")
     args = ap.parse_args()
     print(

@@ -78,6 +78,7 @@ class TunnelServer:
             max_concurrent=t.max_concurrent_handshakes,
             slow_handshake=t.slow_handshake,
         )
+        self._agent = f"kins-tunnel-cloud/{__version__}"  # our HELLO's agent, one string
         self.listening = trio.Event()
         self._listener_scope: trio.CancelScope | None = None
         self._refusal_log = LogBudget(REFUSALS_LOGGED_PER_SECOND)
@@ -230,6 +231,9 @@ class TunnelServer:
             tls.close()
             self._refuse(peer, "expired", f"{identity.unit}/{identity.node}: {stale}")
             return
+        # this frame lasts as long as the tunnel: let go of what only the set-up needed (the
+        # ClientHello, the admission ticket and its scopes, the certificate's bytes)
+        del hello, queued, ticket, verified, der
         await self._run_tunnel(tls, identity, facts, peer, deadline)
 
     async def _tls_handshake(
@@ -253,40 +257,28 @@ class TunnelServer:
     async def _run_tunnel(
         self, tls: TLSSocket, identity: EdgeIdentity, facts: CertFacts, peer: str, deadline: float
     ) -> None:
-        labels = {"unit": identity.unit, "node": identity.node}
-        on_open = (
-            None
-            if self.on_edge_open is None
-            else functools.partial(self.on_edge_open, identity, peer)
-        )
         try:
             await self.side.serve(  # the tunnel in this task: its reader (idle costs one task)
                 tls,
                 # `time` lets an edge's `kins-tunnel doctor` measure clock skew (older peers ignore it)
-                Hello(agent=f"kins-tunnel-cloud/{__version__}", time=time.time()),
+                Hello(agent=self._agent, time=time.time()),
                 label=f"{identity.unit}/{identity.node}@{peer}",
                 handshake_timeout=max(deadline - trio.current_time(), 0.0),
-                on_open=on_open,
+                on_open=None
+                if self.on_edge_open is None
+                else functools.partial(self.on_edge_open, identity, peer),
                 pacing=self.cfg.qos.pacing(identity.unit),
-                on_up=functools.partial(
-                    self._tunnel_up, identity=identity, facts=facts, labels=labels, peer=peer
-                ),
+                on_up=functools.partial(self._tunnel_up, identity=identity, facts=facts, peer=peer),
             )
         except HandshakeFailed as exc:
             self.metrics.handshake_failures.labels(exc.reason).inc()
             log.warning(
                 "edge tunnel handshake failed",
-                extra={**labels, "peer": peer, "reason": str(exc)},
+                extra={**_labels(identity), "peer": peer, "reason": str(exc)},
             )
 
     def _tunnel_up(
-        self,
-        session: Session,
-        *,
-        identity: EdgeIdentity,
-        facts: CertFacts,
-        labels: dict[str, str],
-        peer: str,
+        self, session: Session, *, identity: EdgeIdentity, facts: CertFacts, peer: str
     ) -> Callable[[], None] | None:
         """The tunnel is open: route its names (displacing this identity's oldest tunnels beyond
         the limit). Returns what to do when it is over (None: it was refused)."""
@@ -301,33 +293,27 @@ class TunnelServer:
             log.warning(
                 "edge advertised names outside its unit/node: not routed",
                 extra={
-                    **labels,
+                    **_labels(identity),
                     "peer": peer,
                     "count": len(refused),
                     "advertised": ",".join(refused[:MAX_NAMES_LOGGED])[:MAX_LOGGED_CHARS],
                 },
             )
-        tunnel = EdgeTunnel(identity, session, frozenset(names), peer, cert=facts)
+        tunnel = EdgeTunnel(identity, session, tuple(dict.fromkeys(names)), peer, cert=facts)
         try:
             displaced = self.registry.add(tunnel)
         except NodeTaken as exc:
             self._refuse_tunnel(session, identity, peer, "node_taken", str(exc))
             return None
-
-        def down() -> None:
-            self.registry.remove(tunnel)
-            log.info(
-                "edge disconnected",
-                extra={**labels, "peer": peer, "reason": session.close_reason},
-            )
-
+        # what the tunnel's end does, held for the tunnel's life: one small object, no closure
+        down = functools.partial(self._tunnel_down, tunnel)
         try:  # routed now: whatever fails from here must take the route back
             for old in displaced:
                 self.metrics.tunnels_displaced.inc()
                 log.warning(
                     "edge tunnel displaced by a newer one of the same identity",
                     extra={
-                        **labels,
+                        **_labels(identity),
                         "peer": old.peer,
                         "by": peer,
                         "limit": self.registry.max_per_identity,
@@ -341,7 +327,7 @@ class TunnelServer:
             log.info(
                 "edge connected",
                 extra={
-                    **labels,
+                    **_labels(identity),
                     "peer": peer,
                     "names": ",".join(sorted(names)),
                     "agent": session.peer_agent,
@@ -351,6 +337,23 @@ class TunnelServer:
             down()
             raise
         return down
+
+    def _tunnel_down(self, tunnel: EdgeTunnel) -> None:
+        """A routed tunnel is over: take its route back."""
+        self.registry.remove(tunnel)
+        log.info(
+            "edge disconnected",
+            extra={
+                **_labels(tunnel.identity),
+                "peer": tunnel.peer,
+                "reason": tunnel.session.close_reason,
+            },
+        )
+
+
+def _labels(identity: EdgeIdentity) -> dict[str, str]:
+    """The log fields that name an edge."""
+    return {"unit": identity.unit, "node": identity.node}
 
 
 TLS_HANDSHAKE_RECORD = 22  # a TLS record's content type: handshake (a ClientHello's)

@@ -94,13 +94,13 @@ class ControlFrames:
         *,
         streams: StreamTable,
         data: DataQueues,
-        pacer: DelayPacer | None,
         rx: FrameReceiver,
     ) -> None:
         self._config, self._hello, self._clock = config, hello, clock
         # the other parts of the connection: those it works on, and the receiver whose count of
         # DATA bytes DELAY answers report
-        self._streams, self._data, self._pacer, self._rx = streams, data, pacer, rx
+        self._streams, self._data, self._rx = streams, data, rx
+        self._pacer: DelayPacer | None = None  # made with the connection's first DATA (`paced`)
         self.state = ConnState.HANDSHAKE
         self.peer = PeerLimits()  # what the peer's HELLO (and GOAWAY) said
         self.version: int | None = None
@@ -112,6 +112,12 @@ class ControlFrames:
         self.out = bytearray()  # control frames: they go before any DATA
         self.pending_pongs = 0  # PONGs in `out` (a peer cannot make us queue without reading)
         self.pending_delay_answers = 0
+
+    def paced(self, pacer: DelayPacer) -> None:
+        """The connection made its pacer: probe the path with it once the peer has "delay"."""
+        self._pacer = pacer
+        if "delay" in self.capabilities:
+            self.probe = DelayProbe(pacer)
 
     def now(self) -> float | None:
         return self._clock() if self._clock is not None else None

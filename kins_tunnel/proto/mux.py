@@ -36,7 +36,8 @@ handed, when they are made, the other parts they use:
 - `control.ControlFrames`: the connection's phase (`ConnState`), what the peer's HELLO and
   GOAWAY said, the RTT estimator (`rtt`), the delay probe, the queue of control frames, and one
   handler per control frame type (`CONTROL_HANDLERS`, a table shared by every connection);
-- `pacer.DelayPacer`: the bulk pacer, when pacing is on and there is a clock.
+- `pacer.DelayPacer`: the bulk pacer, when pacing is on and there is a clock (made with the
+  first DATA to write: an idle tunnel has none).
 
 The handshake is `handshake`; byte layouts are `frames`. A stream is opened by OPEN (which grants
 the acceptor its first window) and answered by OPEN_RESULT (which grants the opener its first
@@ -75,7 +76,7 @@ from kins_tunnel.proto.frames import (
 )
 from kins_tunnel.proto.handshake import Hello, MuxConfig, Role, encode_hello
 from kins_tunnel.proto.output import DataQueues
-from kins_tunnel.proto.pacer import DelayPacer, PacerStatistics, PacingConfig
+from kins_tunnel.proto.pacer import DelayPacer, PacerStatistics, PacingConfig, check_pacing
 from kins_tunnel.proto.receive import FrameReceiver
 from kins_tunnel.proto.streams import Stream, StreamInput, StreamState, StreamTable
 
@@ -115,6 +116,7 @@ class Connection:
         "_budget",
         "_streams",
         "_data",
+        "_pacing",
         "_pacer",
         "_rx",
         "_control",
@@ -136,12 +138,12 @@ class Connection:
         self._budget = Budget(config.session_budget)
         self._streams = StreamTable(role, self._budget)
         self._data = DataQueues(clock)  # DATA frames, per stream, written in turns
-        # bulk pacing (see `pacer`): needs a clock; stamps go once the peer has "delay"
-        self._pacer = (
-            DelayPacer(pacing.target_delay, pacing.max_rate)
-            if pacing.enabled and clock is not None
-            else None
-        )
+        # bulk pacing (see `pacer`): needs a clock; stamps go once the peer has "delay". The
+        # pacer is made with the first DATA to write (`_paced`): an idle tunnel has none.
+        self._pacing = pacing if pacing.enabled and clock is not None else None
+        self._pacer: DelayPacer | None = None
+        if self._pacing is not None:
+            check_pacing(pacing.target_delay, pacing.max_rate)  # refused now, not at the DATA
         self._rx = FrameReceiver(self._streams, config.max_frame)
         self._control = ControlFrames(
             config,
@@ -149,7 +151,6 @@ class Connection:
             clock,
             streams=self._streams,
             data=self._data,
-            pacer=self._pacer,
             rx=self._rx,
         )
         self.bytes_sent = 0
@@ -212,6 +213,9 @@ class Connection:
 
     def statistics(self) -> Statistics:
         peer = self._control.peer
+        pacing, pacer = self._pacing, self._pacer
+        if pacer is None and pacing is not None:  # none made yet (no DATA): what it would say
+            pacer = DelayPacer(pacing.target_delay, pacing.max_rate)
         return Statistics(
             streams=len(self._streams),
             buffered=sum(s.recv.buffered for s in self._streams),
@@ -225,7 +229,7 @@ class Connection:
             peer_max_streams=peer.max_streams,
             input_buffered=self._rx.buffered,
             queued_streams=self._data.queued_streams,
-            pacer=self._pacer.statistics() if self._pacer is not None else None,
+            pacer=pacer.statistics() if pacer is not None else None,
             held=self._data.held if self._pacer is not None and self._pacer.engaged else 0,
         )
 
@@ -313,6 +317,8 @@ class Connection:
         out = control.out
         data = self._data
         pacer = self._pacer
+        if pacer is None and data and self._pacing is not None:
+            pacer = self._paced()
         now = 0.0
         if pacer is not None and data:
             now = self._clock()  # type: ignore[misc]  # a pacer exists only with a clock
@@ -359,7 +365,19 @@ class Connection:
 
     @property
     def pacer(self) -> DelayPacer | None:
-        return self._pacer
+        """The bulk pacer (None: pacing off, configured so or no clock)."""
+        return None if self._pacing is None else self._paced()
+
+    def _paced(self) -> DelayPacer:
+        """The pacer, made now if it is not yet (pacing is on); its probe too, once the peer has
+        "delay"."""
+        pacer = self._pacer
+        if pacer is None:
+            pacing = self._pacing
+            assert pacing is not None
+            pacer = self._pacer = DelayPacer(pacing.target_delay, pacing.max_rate)
+            self._control.paced(pacer)
+        return pacer
 
     def is_bulk(self, stream_id: int) -> bool:
         """The stream has DATA queued and counts as bulk (paced while the pacer is engaged)."""

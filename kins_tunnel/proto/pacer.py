@@ -90,14 +90,19 @@ class PacerStatistics:
     engagements: int
 
 
+def check_pacing(target: float, max_rate: float | None) -> None:
+    """ValueError unless `target` and `max_rate` (when given) are positive."""
+    if not target > 0:
+        raise ValueError(f"target must be positive, got {target!r}")
+    if max_rate is not None and not max_rate > 0:
+        raise ValueError(f"max_rate must be positive, got {max_rate!r}")
+
+
 class DelayPacer:
     """The rate at which bulk data may go, from one-way delay and delivery feedback."""
 
     def __init__(self, target: float = DEFAULT_TARGET, max_rate: float | None = None) -> None:
-        if not target > 0:
-            raise ValueError(f"target must be positive, got {target!r}")
-        if max_rate is not None and not max_rate > 0:
-            raise ValueError(f"max_rate must be positive, got {max_rate!r}")
+        check_pacing(target, max_rate)
         self.target = target
         self.max_rate = max_rate
         self.engaged = max_rate is not None

@@ -29,6 +29,8 @@ class RttEstimator:
     def answered(self, payload: bytes, now: float | None) -> float | None:
         """The round trip of the ping with `payload` (None if unknown or no clock)."""
         sent = self._sent.pop(payload, None)
+        if not self._sent:  # an emptied dict keeps its table: an idle tunnel's is let go
+            self._sent = {}
         if sent is None or now is None:
             return None
         rtt = max(now - sent, 0.0)

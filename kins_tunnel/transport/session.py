@@ -23,6 +23,8 @@ Theory of operation
   at once.
 - **Memory of an idle tunnel**: one task (the reader, waiting for the socket), a few small objects
   (handlers in class-level tables, the writer's parts made when first needed), the TLS state.
+  `handshake_done` and `goaway_received` are made when first asked for, the connection's bulk
+  pacer with its first DATA (`benchmarks/idlemem.py` measures what is left).
 - **Streams** (`TunnelStream`) are `trio.abc.HalfCloseableStream`s: `send_eof` sends FIN,
   `receive_some` returns b"" after the peer's FIN, and a RESET surfaces as `BrokenResourceError`.
   Credit goes back to the peer when `receive_some` hands bytes to the application.
@@ -88,13 +90,13 @@ class Session:
         "_opens",
         "output",
         "_last_rx",
-        "handshake_done",
+        "_handshake_done",
         "closed",
         "close_reason",
         "peer_names",
         "peer_agent",
         "draining",
-        "goaway_received",
+        "_goaway_received",
         "rtt",
         "started_at",
         "stalls",
@@ -124,14 +126,14 @@ class Session:
         self._streams: dict[int, TunnelStream] = {}
         self._opens = PendingOpens()
         self._last_rx = trio.current_time()
-        self.handshake_done = trio.Event()
+        self._handshake_done: trio.Event | None = None  # see `handshake_done`
         self.closed = trio.Event()
         self.output = SessionWriter(conn, tls, self.closed, self._shutdown)
         self.close_reason = ""
         self.peer_names: tuple[str, ...] = ()
         self.peer_agent = ""
         self.draining = False  # the peer sent GOAWAY
-        self.goaway_received = trio.Event()  # set with `draining`
+        self._goaway_received: trio.Event | None = None  # see `goaway_received`
         self.rtt: float | None = None
         self.started_at = self._last_rx
         self.stalls = 0
@@ -195,6 +197,7 @@ class Session:
             await self._reader(handshaking=True)  # returns once the handshake is complete
         if self.state is SessionState.HANDSHAKING and self.handshake_done.is_set():
             self.state = SessionState.OPEN
+            self._handshake_done = None  # set for good: made again, set, if asked for
             self.conn.ping()  # first RTT sample right away: it sizes the windows
             self._pinged_at = trio.current_time()
             self.output.kick()
@@ -203,6 +206,27 @@ class Session:
         reason = hello_failure_reason(self._error, scope.cancelled_caught)
         self._shutdown(self.close_reason or "tunnel handshake timed out")
         raise HandshakeFailed(reason, self.close_reason)
+
+    @property
+    def handshake_done(self) -> trio.Event:
+        """Set once the peer's HELLO has been dispatched. An idle tunnel keeps no Event it never
+        waits on: this one is made when first asked for and let go once the session is open."""
+        done = self._handshake_done
+        if done is None:
+            done = self._handshake_done = trio.Event()
+            if self.conn.version is not None:  # the peer's HELLO is in
+                done.set()
+        return done
+
+    @property
+    def goaway_received(self) -> trio.Event:
+        """Set with `draining` (made when first asked for, like `handshake_done`)."""
+        event = self._goaway_received
+        if event is None:
+            event = self._goaway_received = trio.Event()
+            if self.draining:
+                event.set()
+        return event
 
     def _shutdown(self, reason: str) -> None:
         if not self.close_reason:

@@ -109,7 +109,7 @@ class TLSSocket:
         "_short",
         "_held",
         "_closed",
-        "_peer_der",
+        "_handshaken",
         "_raw",
         "drained",
     )
@@ -134,7 +134,7 @@ class TLSSocket:
         self._short = False  # the last read from the socket was short
         self._held = False  # OpenSSL may hold decrypted bytes of a record (the last view filled up)
         self._closed = False
-        self._peer_der: bytes | None = None
+        self._handshaken = False  # the TLS handshake is done (the peer's certificate is known)
         self._raw: memoryview | None = None  # the run's raw buffer, looked up once
         self.drained = False  # the last receive_into emptied the socket as far as we can tell
 
@@ -172,8 +172,11 @@ class TLSSocket:
         return self._fd
 
     def peer_certificate_der(self) -> bytes | None:
-        """The peer's certificate (DER) as of the handshake; still there after `close()`."""
-        return self._peer_der
+        """The peer's certificate (DER) as of the handshake; still there after `close()`.
+
+        Encoded from OpenSSL's copy at each call (well under a microsecond), not kept: an idle
+        tunnel would hold its bytes for its whole life."""
+        return self._obj.getpeercert(binary_form=True) if self._handshaken else None
 
     def alpn_protocol(self) -> str | None:
         """The application protocol negotiated in the handshake (ALPN), if any."""
@@ -231,7 +234,7 @@ class TLSSocket:
                 raise TransportError(f"TLS handshake failed: {_describe(exc)}") from exc
             if rest is not None:  # what followed the handshake (the peer's first data)
                 self._in.write(rest)
-            self._peer_der = self._obj.getpeercert(binary_form=True)
+            self._handshaken = True
             await self._flush_all()
             return
 

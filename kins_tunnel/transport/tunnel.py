@@ -93,6 +93,8 @@ class TunnelSide:
         """
         session = self._session(tls, hello, label, on_open, pacing)
         up = _OnUp(session, on_up)
+        # this frame lasts as long as the tunnel: the session holds what it needs of these
+        del tls, hello, on_open, pacing, on_up
         try:
             await session.serve(handshake_timeout=handshake_timeout, task_status=up)
         finally:
@@ -128,8 +130,11 @@ class _OnUp:
     def __init__(
         self, session: Session, on_up: Callable[[Session], Callable[[], None] | None]
     ) -> None:
-        self.session, self.on_up = session, on_up
+        self.session = session
+        self.on_up: Callable[[Session], Callable[[], None] | None] | None = on_up
         self.down: Callable[[], None] | None = None
 
     def started(self, value: object = None) -> None:
-        self.down = self.on_up(self.session)
+        on_up, self.on_up = self.on_up, None  # called once: what it holds goes with it
+        if on_up is not None:
+            self.down = on_up(self.session)

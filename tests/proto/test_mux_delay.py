@@ -114,3 +114,32 @@ def test_answers_nobody_asked_for_are_harmless() -> None:
     pair.client.receive_data(delay_answer_frame(0xFFFFFFFF, 0, 0xFFFFFFFF) * 3)
     pacer = pair.client.pacer
     assert pacer is not None and not pacer.engaged
+
+
+def test_an_idle_connection_has_no_pacer_until_its_first_data_and_then_paces_as_before() -> None:
+    pair = Pair()
+    pair.handshake()
+    c = pair.client
+    for _ in range(3):  # idle: pings back and forth
+        pair.clock.now += 10.0
+        c.ping()
+        pair.pump()
+    assert c._pacer is None and c._control.probe is None  # an idle tunnel holds neither
+    st = c.statistics().pacer  # reported as a fresh pacer would be, without making one
+    assert st is not None and st.samples == 0 and not st.engaged
+    assert c._pacer is None
+    (sid,) = open_streams(pair, 1)
+    pair.clock.now += 1.5 * STAMP_INTERVAL
+    c.send_data(sid, b"x" * 1000)
+    wire = bytearray()
+    c.write_output(wire.extend, 1 << 20)
+    assert c._pacer is not None and c._control.probe is not None
+    assert len(delay_frames(bytes(wire))) == 1  # the first DATA carries its stamp, as before
+    pair.server.receive_data(bytes(wire))
+    c.receive_data(bytes(pair.server.data_to_send()))
+    assert c._pacer.samples == 1
+
+
+def test_a_bad_pacing_setting_is_refused_when_the_connection_is_made() -> None:
+    with pytest.raises(ValueError, match="max_rate"):
+        Connection(Role.CLIENT, Hello(), clock=lambda: 0.0, pacing=PacingConfig(max_rate=0.0))

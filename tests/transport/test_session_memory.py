@@ -406,3 +406,24 @@ async def test_a_tunnel_holding_a_stream_pings_every_interval_though_its_peer_ta
             await trio.sleep(0.5)
             cloud.ping()
         assert cloud.pinged - before == 5, (before, cloud.pinged)
+
+
+async def test_an_open_session_holds_no_event_until_one_is_asked_for() -> None:
+    a, b = memory_transport_pair()
+    cloud, edge = make_session(a, Role.SERVER), make_session(b, Role.CLIENT)
+    async with trio.open_nursery() as n:
+        n.start_soon(functools.partial(edge.serve, handshake_timeout=5))
+        await n.start(functools.partial(cloud.serve, handshake_timeout=5))
+        await trio.testing.wait_all_tasks_blocked()
+        for session in (cloud, edge):
+            assert session.state is SessionState.OPEN
+            assert session._handshake_done is None and session._goaway_received is None
+        assert cloud.handshake_done.is_set()  # asked for after the handshake: made, and set
+        waiting = cloud.goaway_received  # asked for before the GOAWAY: set when it comes
+        assert not waiting.is_set()
+        edge.goaway("test draining")
+        with trio.fail_after(5):
+            await waiting.wait()
+        assert cloud.draining and cloud.goaway_received is waiting
+        cloud.close("test over")
+        edge.close("test over")
