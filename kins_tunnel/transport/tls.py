@@ -191,10 +191,15 @@ class TLSSocket:
         return self._obj.session_reused
 
     # ------------------------------------------------------------------ handshake
-    async def do_handshake(self, received: bytes = b"") -> None:
+    async def do_handshake(
+        self, received: bytes = b"", *, waiting_for_peer: Callable[[], None] | None = None
+    ) -> None:
         """Run the TLS handshake; the caller sets the deadline. `received`: what the peer has
         already sent, read off the socket by the caller (the tunnel port reads a ClientHello's
-        record whole before the handshake may take a slot).
+        record whole before the handshake may take a slot). `waiting_for_peer` is called each
+        time OpenSSL has produced all it can and the handshake is about to wait for the peer's
+        next flight (before the flight just produced is flushed): the tunnel port gives its
+        handshake slot back then, so a slot covers CPU work, not the peer's round trip.
 
         The peer's flight goes to OpenSSL `HANDSHAKE_PIECE` bytes at a time: a memory BIO never
         shrinks, so fed whole it would keep the size of the largest flight for the connection's
@@ -208,6 +213,8 @@ class TLSSocket:
                 self._obj.do_handshake()
             except ssl.SSLWantReadError:
                 if rest is None:
+                    if waiting_for_peer is not None:
+                        waiting_for_peer()
                     await self._flush_all()
                     await self.wait_readable()
                     rest = self._read_raw()
