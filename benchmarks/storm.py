@@ -29,8 +29,8 @@ says which (`edge_nice`). `--profile FILE` records the restarted replica with py
 until all edges are back (collapsed stacks, `py-spy record --format raw`).
 
 `--rtt SECONDS` puts a link with that round trip between the edges and the replica: a relay
-process (`kins_tunnel.testing.linkrelay`, half the RTT each way, accepting in bursts) that the
-edges dial instead of the replica, as a real fleet's edges sit 50-300 ms away. The relay stays up
+process (`benchmarks.delayrelay`: half the RTT each way, one epoll loop) that the edges dial
+instead of the replica, as a real fleet's edges sit 50-300 ms away. The relay stays up
 across the replica's restart (an edge dialling while the replica is down reaches the relay, which
 finds nothing upstream and resets the connection: a failed dial, as without it). Its CPU is
 reported (`relay_cpu_s`): it shares the cores with the replica and the edges.
@@ -495,9 +495,8 @@ RELAY_READY_TIMEOUT = 10.0  # seconds for the relay process to listen
 def _relay(upstream: int, rtt: float) -> tuple[subprocess.Popen[bytes], int]:
     """A relay process playing a link of round trip `rtt` in front of `upstream`, and its port."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kins_tunnel.testing.linkrelay", "--upstream"]
-        + [f"127.0.0.1:{upstream}", "--delay-ms", f"{rtt * 500:g}", "--rate-mbit", "1000"]
-        + ["--burst", "256"],
+        [sys.executable, "-m", "benchmarks.delayrelay", "--upstream", str(upstream)]
+        + ["--delay-ms", f"{rtt * 500:g}"],
         stdout=subprocess.PIPE,
     )
     assert proc.stdout is not None

@@ -16,7 +16,7 @@ connections are held without dialling upstream, like SYNs into a black hole. `he
 connection opened before (their endpoints would see RSTs) and forwards again.
 
     python -m kins_tunnel.testing.linkrelay --upstream 127.0.0.1:PORT [--delay-ms 25] [--rate-mbit 100]
-        [--buffer-kib 4096] [--sock-buffer-kib 32] [--burst 256]
+        [--buffer-kib 4096] [--sock-buffer-kib 32]
 
 runs one as a process and prints ``READY <port>`` once listening.
 """
@@ -31,8 +31,6 @@ import struct
 import sys
 
 import trio
-
-from kins_tunnel.transport.listen import LISTEN_BACKLOG, accept_bursts
 
 CHUNK = 64 * 1024
 PIECE_TIME = 0.001  # seconds of the rate one write carries (at least MIN_PIECE bytes)
@@ -116,29 +114,18 @@ class LinkRelay:
         self.down.set()
 
     async def serve(
-        self,
-        *,
-        port: int = 0,
-        burst: int | None = None,
-        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+        self, *, port: int = 0, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Relay every connection to `upstream`. `burst`: accept up to that many connections per
-        wake-up from a listen backlog of `LISTEN_BACKLOG` (a fleet dialling at once, as the
-        tunnel port does), instead of one per scheduling round from a backlog of 128."""
         sock = trio.socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._small_buffers(sock)  # accepted sockets inherit them (and the window scale they imply)
         await sock.bind(("127.0.0.1", port))
-        sock.listen(128 if burst is None else LISTEN_BACKLOG)
-        listener = trio.SocketListener(sock)
-        self.port = listener.socket.getsockname()[1]
+        sock.listen(128)
+        listeners = [trio.SocketListener(sock)]
+        self.port = listeners[0].socket.getsockname()[1]
         task_status.started(self.port)
         try:
-            if burst is None:
-                await trio.serve_listeners(self._handle, [listener])
-            else:
-                async with trio.open_nursery() as nursery:
-                    await accept_bursts(listener, self._handle, nursery, lambda: burst)
+            await trio.serve_listeners(self._handle, listeners)
         finally:
             for sock in self._socks:
                 sock.close()
@@ -269,9 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--sock-buffer-kib", type=int, default=0, help="the relay's socket buffers (0: default)"
     )
-    ap.add_argument(
-        "--burst", type=int, default=0, help="connections accepted per wake-up (0: one at a time)"
-    )
     args = ap.parse_args(argv)
     host, _, port = args.upstream.rpartition(":")
     relay = LinkRelay(
@@ -286,9 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> None:
         async with trio.open_nursery() as n:
             bound = await n.start(
-                lambda task_status: relay.serve(
-                    port=args.port, burst=args.burst or None, task_status=task_status
-                )
+                lambda task_status: relay.serve(port=args.port, task_status=task_status)
             )
             print(f"READY {bound}", flush=True)
 
