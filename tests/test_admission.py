@@ -332,3 +332,37 @@ async def test_a_short_stall_on_slow_peers_does_not_send_the_fleet_away_for_the_
     assert 2.8 <= a.retry_after() <= 3.2  # 1 s, then 1,000 booked at 500/s
     await trio.sleep(PEAK_MEMORY)  # a stall that lasts: the rate falls, as before
     assert a.rate() < 60
+
+
+async def test_an_answered_connection_finishes_before_new_clienthellos_take_a_slot(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """Finishing a handshake (the edge's answer in) takes a slot again, before connections still
+    waiting for their first turn: the work done for it is not wasted behind later arrivals."""
+    a = Admission(max_pending=100, max_concurrent=1, slow_handshake=60.0)
+    answered, holder, newcomer = (a.arrive(trio.current_time() + 60) for _ in range(3))
+    await a.acquire(answered)
+    a.answering(answered)  # its server flight is out: the slot is free again
+    await a.acquire(holder)
+    order: list[str] = []
+
+    async def first_turn() -> None:
+        await a.acquire(newcomer)
+        order.append("newcomer")
+
+    async def finish() -> None:
+        await a.resume(answered)
+        order.append("answered")
+        a.leave(answered)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(first_turn)  # waiting first
+        await trio.testing.wait_all_tasks_blocked()
+        n.start_soon(finish)  # its edge's answer comes in after
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == [] and a.busy_slots == 1
+        a.leave(holder)
+        await trio.testing.wait_all_tasks_blocked()
+    assert order == ["answered", "newcomer"]
+    a.leave(newcomer)
+    assert a.busy_slots == 0 and a.pending == 0 and a.underway == 0

@@ -28,12 +28,13 @@ front end keeps working under an idle flood:
   `max_concurrent_handshakes / RTT` handshakes a second (320 at 200 ms) however idle its CPU.
   The wait for the edge's answer is outside any slot but inside the pending set (bounded, shed
   "slow" first, above) and under the one deadline. Finishing the handshake (the edge's Finished,
-  and for a full handshake its certificate and signature) takes no slot again: it is one step of
-  CPU with no wait in it (run when the edge's bytes are in, so it cannot crawl beside others), a
-  bounded amount per connection (a MAC, or two signature checks; a HelloRetryRequest at most
-  once per connection in TLS 1.3), owed only to connections that got through a slot, so its
-  total rate is bounded by the slots'; and making a connection that has had its server flight
-  queue again behind new ClientHellos would waste that work and let later arrivals overtake it.
+  and for a full handshake its certificate chain and signature: two signature checks, as much
+  CPU as the server's own flight) takes a slot again (`resume`), before any connection still
+  waiting for its first turn: so every step of OpenSSL's work for a connection runs in a slot
+  (also a second ClientHello after a HelloRetryRequest), the slots bound how much handshake work
+  one scheduling round can hold (what live tunnels' pings wait behind), and a connection that
+  has had its server flight never queues behind later arrivals (its work wasted, the queue
+  reordered).
 - **Slow holders displaced.** Handshake slots are strict (never more holders than slots, however
   many connections arrive in one scheduling round); a slot held longer than `slow_handshake`
   (now only a stuck write or a stalled step: holding one no longer waits on the peer) is given to
@@ -121,6 +122,8 @@ class Admission:
         self._answering: collections.OrderedDict[Ticket, float] = collections.OrderedDict()
         self._holders: collections.OrderedDict[Ticket, float] = collections.OrderedDict()
         self._lot = trio.lowlevel.ParkingLot()
+        self._resume_lot = trio.lowlevel.ParkingLot()  # answered connections: served first
+        self._resuming = 0  # connections in resume(), waiting for a slot
         self.shed_count = 0
         self.booked = 0  # refusals booked in the appointment book (edges coming back)
         self.next_free = 0.0  # the appointment book's cursor (trio time)
@@ -218,10 +221,33 @@ class Admission:
         # max_concurrent holders, however many connections reach this in one scheduling round
         self._holders[ticket] = trio.current_time()
 
-    async def _wait_for_slot(self) -> None:
-        """Return (without a checkpoint after the check) once a slot is free for the caller."""
+    async def resume(self, ticket: Ticket) -> None:
+        """The edge's answer to the server's flight is in: wait for a slot to finish the handshake
+        with, before any connection still waiting for its first turn (its first part is done;
+        it must not queue behind later arrivals)."""
+        self._answering.pop(ticket, None)
+        self._resuming += 1
+        try:
+            await self._wait_for_slot(resuming=True)
+        except BaseException:
+            self._resuming -= 1
+            self._lot.unpark()  # a slot kept for this one goes to a first turn instead
+            raise
+        self._resuming -= 1
+        self._holders[ticket] = trio.current_time()
+
+    async def _wait_for_slot(self, *, resuming: bool = False) -> None:
+        """Return (without a checkpoint after the check) once a slot is free for the caller. A
+        first turn also leaves free slots to the answered connections waiting (`resume`)."""
         await trio.lowlevel.checkpoint()  # a schedule point first, whether or not it must wait
-        while len(self._holders) >= self.max_concurrent:
+        lot = self._resume_lot if resuming else self._lot
+        while True:
+            held = len(self._holders)
+            if held + (0 if resuming else self._resuming) < self.max_concurrent:
+                return
+            if held < self.max_concurrent:  # the free slots are kept for answered connections
+                await lot.park()
+                continue
             oldest, since = next(iter(self._holders.items()))
             overdue = since + self.slow_handshake - trio.current_time()
             if overdue <= 0:
@@ -230,11 +256,14 @@ class Admission:
                 self.shed_count += 1
                 return
             with trio.move_on_after(overdue):
-                await self._lot.park()
+                await lot.park()
 
     def release(self, ticket: Ticket) -> None:
         if self._holders.pop(ticket, None) is not None:
-            self._lot.unpark()
+            if self._resume_lot:
+                self._resume_lot.unpark()
+            else:
+                self._lot.unpark()
 
     def busy_time(self) -> float:
         """Seconds during which at least one connection with its ClientHello in was pending

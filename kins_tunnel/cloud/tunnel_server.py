@@ -184,9 +184,13 @@ class TunnelServer:
                     socket.socket(fileno=tcp.socket.detach()), self.context, server_side=True
                 )
                 # the slot goes back once the server's flight is written: the edge's answer is
-                # awaited in the pending set, under the same deadline (see `admission`)
+                # awaited in the pending set, under the same deadline, and finished with a slot
+                # again, before new ClientHellos (see `admission`)
                 verified = await self._tls_handshake(
-                    tls, hello, functools.partial(self.admission.answering, ticket)
+                    tls,
+                    hello,
+                    functools.partial(self.admission.answering, ticket),
+                    functools.partial(self.admission.resume, ticket),
                 )
                 enrolling = verified is None
                 if verified is not None:
@@ -238,13 +242,19 @@ class TunnelServer:
         await self._run_tunnel(tls, identity, facts, peer, deadline)
 
     async def _tls_handshake(
-        self, tls: TLSSocket, received: bytes, waiting_for_peer: Callable[[], None]
+        self,
+        tls: TLSSocket,
+        received: bytes,
+        waiting_for_peer: Callable[[], None],
+        peer_answered: Callable[[], Awaitable[None]],
     ) -> tuple[EdgeIdentity, CertFacts] | None:
         """The verified edge identity and its certificate's facts (the certificate loaded once);
-        None for an enrolment connection (nothing else). `waiting_for_peer`: see
-        `TLSSocket.do_handshake`."""
+        None for an enrolment connection (nothing else). `waiting_for_peer`, `peer_answered`:
+        see `TLSSocket.do_handshake`."""
         try:
-            await tls.do_handshake(received, waiting_for_peer=waiting_for_peer)
+            await tls.do_handshake(
+                received, waiting_for_peer=waiting_for_peer, peer_answered=peer_answered
+            )
             if self.enrol is not None and tls.alpn_protocol() == ENROLL_ALPN:
                 return None
             der = tls.peer_certificate_der()
