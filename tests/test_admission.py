@@ -181,7 +181,7 @@ async def test_a_slot_covers_the_servers_work_not_the_wait_for_the_edges_answer(
     tickets = [a.arrive(trio.current_time() + 10) for _ in range(10)]
     for t in tickets:  # each takes a slot, writes its flight and gives the slot back
         await a.acquire(t)
-        a.answering(t)
+        await a.answering(t)
     assert a.busy_slots == 0 and a.pending == 10 and a.underway == 10
     assert a.answering_count == 10
     t0 = a.busy_time()
@@ -205,7 +205,7 @@ async def test_a_full_pending_set_sheds_an_edge_slow_to_answer_before_refusing_t
     tickets = [a.arrive(trio.current_time() + 10) for _ in range(3)]
     for t in tickets:
         await a.acquire(t)
-        a.answering(t)
+        await a.answering(t)
         await trio.sleep(0.5)
     early = a.arrive(trio.current_time() + 10)  # the oldest has waited 1.5 s: in time
     assert early.reason == "shed" and [t.reason for t in tickets] == [None] * 3
@@ -342,7 +342,7 @@ async def test_an_answered_connection_finishes_before_new_clienthellos_take_a_sl
     a = Admission(max_pending=100, max_concurrent=1, slow_handshake=60.0)
     answered, holder, newcomer = (a.arrive(trio.current_time() + 60) for _ in range(3))
     await a.acquire(answered)
-    a.answering(answered)  # its server flight is out: the slot is free again
+    await a.answering(answered)  # its server flight is out: the slot is free again
     await a.acquire(holder)
     order: list[str] = []
 

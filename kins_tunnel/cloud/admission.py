@@ -31,10 +31,12 @@ front end keeps working under an idle flood:
   and for a full handshake its certificate chain and signature: two signature checks, as much
   CPU as the server's own flight) takes a slot again (`resume`), before any connection still
   waiting for its first turn: so every step of OpenSSL's work for a connection runs in a slot
-  (also a second ClientHello after a HelloRetryRequest), the slots bound how much handshake work
-  one scheduling round can hold (what live tunnels' pings wait behind), and a connection that
-  has had its server flight never queues behind later arrivals (its work wasted, the queue
-  reordered).
+  (also a second ClientHello after a HelloRetryRequest), and a connection that has had its
+  server flight never queues behind later arrivals (its work wasted, the queue reordered). A
+  step keeps its slot for one scheduling round after its work (`step_done`): the steps are
+  synchronous, so a slot given back at once would bound nothing, and a storm's thousands of
+  ready handshakes would all run in one round while live tunnels' pings waited behind them;
+  held for a round, at most `max_concurrent_handshakes` steps run per round.
 - **Slow holders displaced.** Handshake slots are strict (never more holders than slots, however
   many connections arrive in one scheduling round); a slot held longer than `slow_handshake`
   (now only a stuck write or a stalled step: holding one no longer waits on the peer) is given to
@@ -170,13 +172,22 @@ class Admission:
             del self._silent[ticket]
             self._underway_changed(+1)
 
-    def answering(self, ticket: Ticket) -> None:
-        """The server's flight is written: the slot goes back; the connection waits for its edge's
-        answer in the pending set (shed "slow" first when the set is full and it is late)."""
+    async def answering(self, ticket: Ticket) -> None:
+        """The server's flight is written: after one scheduling round (`step_done`) the slot goes
+        back; the connection waits for its edge's answer in the pending set (shed "slow" first
+        when the set is full and it is late)."""
+        await self.step_done()
         self.release(ticket)
         if ticket in self._pending:
             self._answering.pop(ticket, None)
             self._answering[ticket] = trio.current_time()
+
+    @staticmethod
+    async def step_done() -> None:
+        """End a step of handshake work with its slot still held: one schedule point (shielded:
+        the caller's deadline acts at its next wait), so that one scheduling round runs at most
+        `max_concurrent` steps and the live tunnels' tasks run between them."""
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     def leave(self, ticket: Ticket) -> None:
         """The connection's set-up is over (success or not): forget it, free its slot."""

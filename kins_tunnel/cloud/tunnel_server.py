@@ -192,6 +192,7 @@ class TunnelServer:
                     functools.partial(self.admission.answering, ticket),
                     functools.partial(self.admission.resume, ticket),
                 )
+                await self.admission.step_done()  # the last step, with its slot (`admission`)
                 enrolling = verified is None
                 if verified is not None:
                     identity, facts = verified
@@ -245,7 +246,7 @@ class TunnelServer:
         self,
         tls: TLSSocket,
         received: bytes,
-        waiting_for_peer: Callable[[], None],
+        waiting_for_peer: Callable[[], Awaitable[None]],
         peer_answered: Callable[[], Awaitable[None]],
     ) -> tuple[EdgeIdentity, CertFacts] | None:
         """The verified edge identity and its certificate's facts (the certificate loaded once);

@@ -195,17 +195,16 @@ class TLSSocket:
         self,
         received: bytes = b"",
         *,
-        waiting_for_peer: Callable[[], None] | None = None,
+        waiting_for_peer: Callable[[], Awaitable[None]] | None = None,
         peer_answered: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Run the TLS handshake; the caller sets the deadline. `received`: what the peer has
         already sent, read off the socket by the caller (the tunnel port reads a ClientHello's
-        record whole before the handshake may take a slot). `waiting_for_peer` is called each
-        time OpenSSL has produced all it can and the handshake is about to wait for the peer's
-        next flight (before the flight just produced is flushed), and `peer_answered` awaited
-        once the socket is readable again, before its bytes are read: the tunnel port gives its
-        handshake slot back and takes one again then, so a slot covers CPU work, not the peer's
-        round trip.
+        record whole before the handshake may take a slot). `waiting_for_peer` is awaited each
+        time OpenSSL has produced all it can, its flight is written, and the handshake is about
+        to wait for the peer's next flight; `peer_answered` once the socket is readable again,
+        before its bytes are read: the tunnel port gives its handshake slot back and takes one
+        again then, so a slot covers CPU work, not the peer's round trip.
 
         The peer's flight goes to OpenSSL `HANDSHAKE_PIECE` bytes at a time: a memory BIO never
         shrinks, so fed whole it would keep the size of the largest flight for the connection's
@@ -219,9 +218,9 @@ class TLSSocket:
                 self._obj.do_handshake()
             except ssl.SSLWantReadError:
                 if rest is None:
-                    if waiting_for_peer is not None:
-                        waiting_for_peer()
                     await self._flush_all()
+                    if waiting_for_peer is not None:
+                        await waiting_for_peer()
                     await self.wait_readable()
                     if peer_answered is not None:
                         await peer_answered()
