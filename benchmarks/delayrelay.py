@@ -84,12 +84,11 @@ class DelayRelay:
                 continue
             there, back = Leg(client, up), Leg(up, client)
             there.peer, back.peer = back, there
-            for leg in (there, back):
-                self.reading[leg.src.fileno()] = leg
-                self.writing[leg.dst.fileno()] = leg
-            for s in (client, up):
-                self.masks[s.fileno()] = _IN
-                self.ep.register(s.fileno(), _IN)
+            for leg in (there, back):  # each socket is the source of one leg
+                fd = leg.src.fileno()
+                self.reading[fd], self.writing[leg.dst.fileno()] = leg, leg
+                self.masks[fd] = _IN
+                self.ep.register(fd, _IN)
 
     def _reset(self, sock: socket.socket) -> None:
         with contextlib.suppress(OSError):
