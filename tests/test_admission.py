@@ -109,6 +109,29 @@ async def test_the_tunnel_port_takes_a_burst_only_while_the_pending_set_has_room
     assert room() == 64
 
 
+async def test_a_full_pending_set_of_edges_takes_whole_bursts_to_refuse_with_appointments(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """Full, with every pending connection spoken and none slow to answer, a newcomer sheds no
+    one: it is refused at once with an appointment, so the port takes whole bursts from the
+    backlog (where the edges waited for their own deadline) instead of one per wake-up."""
+    a = Admission(max_pending=10, max_concurrent=2, slow_handshake=2.0)
+    room = a.room_for(64)
+    tickets = [a.arrive(trio.current_time() + 10) for _ in range(10)]
+    assert room() == 1  # full with silent connections: one at a time
+    for t in tickets:
+        a.spoke(t)
+    assert room() == 64  # every newcomer would be refused at once
+    late = [a.arrive(trio.current_time() + 10) for _ in range(64)]
+    assert all(t.reason == "shed" for t in late) and a.pending == 10
+    await a.acquire(tickets[0])
+    await a.answering(tickets[0])
+    await trio.sleep(2.0)  # its edge has not answered for slow_handshake: a newcomer sheds it
+    assert room() == 1
+    newcomer = a.arrive(trio.current_time() + 10)
+    assert tickets[0].reason == "slow" and newcomer.reason is None
+
+
 async def test_hints_are_appointments_so_a_large_fleet_spreads_out_in_one_round(
     virtual_clock: trio.testing.MockClock,
 ) -> None:

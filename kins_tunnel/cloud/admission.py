@@ -148,10 +148,7 @@ class Admission:
             if self._silent:
                 oldest = next(iter(self._silent))
                 reason = "shed"
-            elif (
-                self._answering
-                and next(iter(self._answering.values())) + self.slow_handshake <= ticket.accepted
-            ):
+            elif self._slow_answering():
                 oldest = next(iter(self._answering))
                 reason = "slow"
             else:
@@ -336,10 +333,27 @@ class Admission:
 
     def room_for(self, burst: int) -> Callable[[], int]:
         """How many connections the tunnel port may accept now (`listen.accept_bursts`): up to
-        `burst` while the pending set has room, one per wake-up once it is full (a newcomer then
-        sheds the oldest pending connection, so a flood of silent ones cannot lock edges out; the
-        rest wait in the listen backlog instead of shedding each other)."""
-        return lambda: max(1, min(burst, self.max_pending - len(self._pending)))
+        `burst` while the pending set has room, one per wake-up once it is full and a newcomer
+        would shed a pending connection (a silent one, or one slow to answer: so a flood of
+        silent ones cannot lock edges out, and the rest wait in the listen backlog instead of
+        shedding each other). Full with neither, a whole burst again: every newcomer is then
+        refused at once with an appointment, instead of waiting in the backlog until its edge's
+        deadline (a storm's edges timed out there)."""
+
+        def room() -> int:
+            free = self.max_pending - len(self._pending)
+            if free <= 0 and not self._silent and not self._slow_answering():
+                return burst
+            return max(1, min(burst, free))
+
+        return room
+
+    def _slow_answering(self) -> bool:
+        """A connection has had the server's flight for `slow_handshake` without answering."""
+        if not self._answering:
+            return False
+        since = next(iter(self._answering.values()))
+        return since + self.slow_handshake <= trio.current_time()
 
     @property
     def pending(self) -> int:
