@@ -290,7 +290,8 @@ class Admission:
         """Handshakes per second of busy time (`busy_time`): the higher of the rate over the last
         `RATE_WINDOW` and over the last `RATE_SAMPLES` completions (both up to now, so a stall
         with handshakes underway lowers it; time with none does not); before `RECENT_SAMPLES`
-        have completed, `max_concurrent / ASSUMED_HANDSHAKE`. On the high side by design: an
+        have completed, `max_concurrent / ASSUMED_HANDSHAKE`, and at least that until
+        `RATE_SAMPLES` have. On the high side by design: an
         edge told to come back too early costs one more cheap refusal, one told too late waits
         for nothing. A window of time, not of the last few completions: handshakes that run
         together end together, and 64 completions in one scheduling round read as thousands a
@@ -298,8 +299,9 @@ class Admission:
         seconds in which the pending connections wait on slow peers do not turn into hints at
         the cap."""
         done = self._done
+        assumed = max(self.max_concurrent / ASSUMED_HANDSHAKE, 1.0)
         if len(done) < RECENT_SAMPLES:
-            return max(self.max_concurrent / ASSUMED_HANDSHAKE, 1.0)
+            return assumed
         now = self.busy_time()
         window = self._window
         while window and window[0] < now - RATE_WINDOW:
@@ -308,7 +310,11 @@ class Admission:
         recent = len(window) / RATE_WINDOW if now >= RATE_WINDOW else 0.0
         if recent >= self._peak or now - self._peak_at > PEAK_MEMORY:
             self._peak, self._peak_at = recent, now
-        return max(recent, kept, self._peak, 1.0)
+        measured = max(recent, kept, self._peak, 1.0)
+        # the first completions of a storm measure the pipeline filling (a round trip, edges
+        # busy with their own ClientHellos), not what the replica can do: hints from them sent
+        # a whole storm away for 9 s while the replica served 400 a second
+        return measured if len(done) >= RATE_SAMPLES else max(measured, assumed)
 
     def _appointment(self, now: float, rate: float) -> float:
         """The next free appointment (trio time): after the book's cursor, after the handshakes
