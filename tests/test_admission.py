@@ -11,7 +11,6 @@ from kins_tunnel.cloud.admission import (
     MAX_RETRY_AFTER,
     MIN_RETRY_AFTER,
     PEAK_MEMORY,
-    RATE_SAMPLES,
     RECENT_SAMPLES,
     Admission,
     Ticket,
@@ -51,8 +50,14 @@ async def test_the_rate_is_assumed_until_measured_then_follows_completions(
         a.completed()
     # a storm's first completions measure its pipeline filling: the assumed rate stays a floor
     assert a.rate() == 64 / ASSUMED_HANDSHAKE
-    for _ in range(RATE_SAMPLES - RECENT_SAMPLES * 2):
-        await trio.sleep(0.002)
+    clock = trio.lowlevel.current_clock()
+    assert isinstance(clock, trio.testing.MockClock)
+    for _ in range(300 - RECENT_SAMPLES * 2):  # past RATE_SAMPLES, not FILL_TIME (0.6 s busy)
+        clock.jump(0.002)
+        a.completed()
+    assert a.rate() == 64 / ASSUMED_HANDSHAKE
+    for _ in range(1000 - 300):  # past FILL_TIME (2 s busy): measured
+        clock.jump(0.002)
         a.completed()
     assert 480 <= a.rate() <= 520
     await trio.sleep(20)  # a stall (a slot held, nothing completing) lowers it
@@ -65,13 +70,13 @@ async def test_time_with_no_handshake_to_do_does_not_lower_the_rate(
     """The service rate: a replica whose refused edges are away, as told, has nothing to do;
     that must not read as a slow replica (longer hints, a longer idle, a stalled storm)."""
     a = _admission()
-    await _complete(a, RATE_SAMPLES, per_second=500)
+    await _complete(a, 1000, per_second=500)
     assert 480 <= a.rate() <= 520
     await trio.sleep(30)  # no slot held: nothing to serve
     assert 480 <= a.rate() <= 520
     await _complete(a, RECENT_SAMPLES, per_second=500)  # busy again, as fast
     assert 480 <= a.rate() <= 520
-    busy = (RATE_SAMPLES + RECENT_SAMPLES) / 500
+    busy = (1000 + RECENT_SAMPLES) / 500
     assert busy - 0.01 <= a.busy_time() <= busy + 0.01
     # 2,000 refused edges are booked at that rate (after the minimum wait), not told 60 s
     for _ in range(2000):
@@ -141,7 +146,7 @@ async def test_hints_are_appointments_so_a_large_fleet_spreads_out_in_one_round(
     virtual_clock: trio.testing.MockClock,
 ) -> None:
     a = _admission()
-    await _complete(a, 256, per_second=500)
+    await _complete(a, 1000, per_second=500)
     await _hold(a)  # the replica busy throughout
     # 2,000 edges refused within 0.4 s while the replica goes on at 500/s: each is booked one
     # handshake after the one refused before it, from the minimum wait on
@@ -333,7 +338,7 @@ async def test_handshakes_that_end_together_do_not_read_as_thousands_a_second(
     second and gave every refused edge the 1 s minimum, refused again on its return)."""
     a = _admission()
     await _hold(a)
-    for _ in range(10):
+    for _ in range(15):  # 3 s: past FILL_TIME
         await trio.sleep(0.2)
         for _ in range(64):
             a.completed()

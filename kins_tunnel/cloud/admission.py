@@ -94,6 +94,7 @@ RATE_WINDOW = 1.0  # seconds of busy time: the rate is the higher of this window
 MAX_WINDOW_SAMPLES = 8192  # completions counted in RATE_WINDOW, at most
 PEAK_MEMORY = 5.0  # seconds of busy time the best RATE_WINDOW's rate is remembered
 ASSUMED_HANDSHAKE = 0.1  # the rate assumed until measured: max_concurrent / this, per second
+FILL_TIME = 2.0  # seconds of busy time during which the assumed rate is a floor (a storm's start)
 MIN_RETRY_AFTER = 1.0  # the least wait a shed connection is told
 MAX_RETRY_AFTER = 60.0  # and the most (an edge caps it at its own reconnect.max too)
 
@@ -291,7 +292,7 @@ class Admission:
         `RATE_WINDOW` and over the last `RATE_SAMPLES` completions (both up to now, so a stall
         with handshakes underway lowers it; time with none does not); before `RECENT_SAMPLES`
         have completed, `max_concurrent / ASSUMED_HANDSHAKE`, and at least that until
-        `RATE_SAMPLES` have. On the high side by design: an
+        `RATE_SAMPLES` have and `FILL_TIME` of busy time has passed. On the high side by design: an
         edge told to come back too early costs one more cheap refusal, one told too late waits
         for nothing. A window of time, not of the last few completions: handshakes that run
         together end together, and 64 completions in one scheduling round read as thousands a
@@ -314,7 +315,8 @@ class Admission:
         # the first completions of a storm measure the pipeline filling (a round trip, edges
         # busy with their own ClientHellos), not what the replica can do: hints from them sent
         # a whole storm away for 9 s while the replica served 400 a second
-        return measured if len(done) >= RATE_SAMPLES else max(measured, assumed)
+        filling = len(done) < RATE_SAMPLES or now < FILL_TIME
+        return max(measured, assumed) if filling else measured
 
     def _appointment(self, now: float, rate: float) -> float:
         """The next free appointment (trio time): after the book's cursor, after the handshakes
