@@ -20,7 +20,9 @@ front end keeps working under an idle flood:
   When every pending connection has its ClientHello in and is being served or answering in time
   (a reconnect storm, not a flood), the newcomer is the one refused, at once and with a hint:
   shedding the oldest would throw away the head of the queue, the edge about to be served, and
-  the work already done for it, for one that would wait the longest.
+  the work already done for it, for one that would wait the longest. The tunnel port then takes
+  whole bursts from its listen backlog again (`room_for`): each newcomer costs an accept and a
+  refusal with an appointment, where it used to wait in the backlog until its edge's deadline.
 - **A slot bounds CPU work, not the peer's round trip.** A handshake slot
   (`max_concurrent_handshakes`) is taken once the ClientHello is whole and given back as soon as
   the server's flight (ServerHello to Finished) is written (`answering`), not when the edge's
@@ -75,9 +77,12 @@ a large fleet away, the replica idled, the rate fell, the next hints were longer
 it: slots are now held for CPU work only, and completions per slot-second would read as several
 times what the replica can do (refusals, HELLO exchange and sessions share the same core). The
 rate is the higher of the last `RATE_WINDOW` of busy time and the last `RATE_SAMPLES`
-completions, and the best window counts for `PEAK_MEMORY` seconds of busy time: on the high side
-by design (an edge told to come back too early costs one more cheap refusal; one told too late
-leaves the replica idle while it waits).
+completions, and the best window counts for `PEAK_MEMORY` seconds of busy time; during a storm's
+first `FILL_TIME` of busy time (and `RATE_SAMPLES` completions) the assumed rate is a floor, as
+those seconds measure the pipeline filling (round trips, edges busy with their own ClientHellos),
+not the replica: hints from them left it idle for seconds. On the high side by design (an edge
+told to come back too early costs one more cheap refusal; one told too late leaves the replica
+idle while it waits).
 """
 
 from __future__ import annotations
