@@ -503,6 +503,7 @@ def _relay(upstream: int, rtt: float) -> tuple[subprocess.Popen[bytes], int]:
     try:
         ready, _, _ = select.select([proc.stdout], [], [], RELAY_READY_TIMEOUT)
         line = proc.stdout.readline().decode() if ready else ""
+        proc.stdout.close()  # the relay prints nothing after READY
         if not line.startswith("READY "):
             raise RuntimeError(f"relay not listening within {RELAY_READY_TIMEOUT:g}s: {line!r}")
     except BaseException:
