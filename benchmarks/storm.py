@@ -1,7 +1,7 @@
 """Reconnect storm: N edges on one tunnel-cloud replica that is killed and restarted.
 
     python -m benchmarks.scale --storm [--edges 5000] [--workers 4] [--no-tickets] [--nice 10]
-        [--profile storm.txt]
+        [--profile storm.txt] [--rtt 0.1]
 
 Simulated edges (worker processes, this file's `worker` mode; the open-file limit here is 20,000
 per process) dial with the real pieces of tunnel-edge: its reconnect policy
@@ -27,6 +27,13 @@ its own machine). `--nice N` runs the edge workers at a lower CPU priority (`os.
 so the replica gets the core a dedicated machine would give it and the edges the rest; a result
 says which (`edge_nice`). `--profile FILE` records the restarted replica with py-spy from listening
 until all edges are back (collapsed stacks, `py-spy record --format raw`).
+
+`--rtt SECONDS` puts a link with that round trip between the edges and the replica: a relay
+process (`benchmarks.delayrelay`: half the RTT each way, one epoll loop) that the edges dial
+instead of the replica, as a real fleet's edges sit 50-300 ms away. The relay stays up
+across the replica's restart (an edge dialling while the replica is down reaches the relay, which
+finds nothing upstream and resets the connection: a failed dial, as without it). Its CPU is
+reported (`relay_cpu_s`): it shares the cores with the replica and the edges.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import json
 import math
 import os
 import random
+import select
 import signal
 import ssl
 import subprocess
@@ -292,6 +300,7 @@ def run_storm(
     nice: int = 0,
     profile: Path | None = None,
     tunnel: dict[str, object] | None = None,
+    rtt: float = 0.0,
 ) -> dict[str, Any]:
     """Run the whole storm once (see the module docstring); returns the figures."""
     t_start = time.monotonic()
@@ -310,6 +319,11 @@ def run_storm(
         try:
             cloud = cloud_process(base, certs, tport, aport, edges, tunnel=extra)
             procs.append(cloud)
+            relay = _relay(tport, rtt) if rtt > 0 else None
+            eport = tport
+            if relay is not None:
+                procs.append(relay[0])
+                eport = relay[1]
             rss_base = rss_kib(cloud.pid)
             base_fds, base_tasks = (
                 _fds(cloud.pid),
@@ -325,7 +339,7 @@ def run_storm(
                 f["since"] = base / "since"
                 files.append(f)
                 args = {
-                    "port": tport,
+                    "port": eport,
                     "first": first,
                     "n": n,
                     "certs": str(certs),
@@ -438,6 +452,7 @@ def run_storm(
                 metric_values(scrape(aport), "kins_tunnel_tasks"),
             )
             recs = [json.loads(f["out"].read_text()) for f in files]
+            relay_cpu = _cpu_seconds(relay[0].pid) if relay is not None else 0.0
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -469,7 +484,33 @@ def run_storm(
         workers=workers,
         nice=nice,
         tunnel=tunnel or {},
+        rtt=rtt,
+        relay_cpu=relay_cpu,
     )
+
+
+RELAY_READY_TIMEOUT = 10.0  # seconds for the relay process to listen
+
+
+def _relay(upstream: int, rtt: float) -> tuple[subprocess.Popen[bytes], int]:
+    """A relay process playing a link of round trip `rtt` in front of `upstream`, and its port."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.delayrelay", "--upstream", str(upstream)]
+        + ["--delay-ms", f"{rtt * 500:g}"],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], RELAY_READY_TIMEOUT)
+        line = proc.stdout.readline().decode() if ready else ""
+        proc.stdout.close()  # the relay prints nothing after READY
+        if not line.startswith("READY "):
+            raise RuntimeError(f"relay not listening within {RELAY_READY_TIMEOUT:g}s: {line!r}")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, int(line.split()[1])
 
 
 def _profiler(pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -506,6 +547,8 @@ def _figures(
     workers: int,
     nice: int,
     tunnel: dict[str, object],
+    rtt: float,
+    relay_cpu: float,
 ) -> dict[str, Any]:
     back: dict[int, tuple[float, bool]] = {}  # edge -> first up after the kill
     rtt_until = max(t_back, t_listen + RTT_WINDOW_MIN)
@@ -538,6 +581,8 @@ def _figures(
         "session_tickets": tickets,
         "edge_nice": nice,
         "cloud_tunnel_settings": tunnel,
+        "rtt_s": rtt,
+        "relay_cpu_s": round(relay_cpu, 1),
         "loadavg_at_kill": [round(x, 2) for x in load],
         "initial_connect_s": round(initial_s, 1),
         "idle": {
@@ -606,6 +651,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--max-concurrent-handshakes", type=int, help="the cloud's tunnel.max_concurrent_handshakes"
     )
+    ap.add_argument(
+        "--rtt",
+        type=float,
+        default=0.0,
+        help="seconds of round trip between the edges and the replica (a relay process)",
+    )
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run_storm(
@@ -621,6 +672,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.max_concurrent_handshakes
             else None
         ),
+        rtt=args.rtt,
     )
     print(json.dumps(result, indent=1))
 

@@ -8,20 +8,41 @@ whether an attacker opens thousands or a fleet of edges reconnects at once. The 
 front end keeps working under an idle flood:
 
 - **One deadline from accept.** Everything up to an established tunnel (waiting for the first
-  byte, waiting for a handshake slot, TLS, HELLO) happens within `handshake_timeout` of accept.
+  byte, waiting for a handshake slot, TLS, the edge's answer to the server's flight, HELLO)
+  happens within `handshake_timeout` of accept.
 - **First byte first.** A connection holds nothing but its socket until its first byte (the TLS
   ClientHello) arrives, and must send it within `first_byte_timeout`; a silent one is closed.
 - **Bounded pending set, silent shed first.** At most `max_pending_handshakes` connections may be
   between accept and the end of their TLS handshake; a new arrival beyond that sheds the oldest
   one whose ClientHello is not in yet (`spoke`: silent or stalled, and the closest to its deadline
-  anyway). When every pending connection has its ClientHello in (a reconnect storm, not a
-  flood), the newcomer is the one refused, at once and with a hint: shedding the oldest would
-  throw away the head of the queue, the edge about to be served, and the work already done for
-  it, for one that would wait the longest.
-- **Bounded CPU work, slow holders displaced.** Handshakes run at most `max_concurrent_handshakes`
-  at a time (so in a reconnect storm some finish instead of all crawling into their deadlines). A
-  slot held longer than `slow_handshake` (a real handshake needs one round trip after the
-  ClientHello) is given to a newcomer whose first byte has arrived, when all slots are busy.
+  anyway), else the oldest that has had the server's flight for longer than `slow_handshake`
+  without answering it (`answering`: a real edge answers within one round trip; reason "slow").
+  When every pending connection has its ClientHello in and is being served or answering in time
+  (a reconnect storm, not a flood), the newcomer is the one refused, at once and with a hint:
+  shedding the oldest would throw away the head of the queue, the edge about to be served, and
+  the work already done for it, for one that would wait the longest. The tunnel port then takes
+  whole bursts from its listen backlog again (`room_for`): each newcomer costs an accept and a
+  refusal with an appointment, where it used to wait in the backlog until its edge's deadline.
+- **A slot bounds CPU work, not the peer's round trip.** A handshake slot
+  (`max_concurrent_handshakes`) is taken once the ClientHello is whole and given back as soon as
+  the server's flight (ServerHello to Finished) is written (`answering`), not when the edge's
+  second flight arrives: a slot held across a round trip capped a replica at
+  `max_concurrent_handshakes / RTT` handshakes a second (320 at 200 ms) however idle its CPU.
+  The wait for the edge's answer is outside any slot but inside the pending set (bounded, shed
+  "slow" first, above) and under the one deadline. Finishing the handshake (the edge's Finished,
+  and for a full handshake its certificate chain and signature: two signature checks, as much
+  CPU as the server's own flight) takes a slot again (`resume`), before any connection still
+  waiting for its first turn: so every step of OpenSSL's work for a connection runs in a slot
+  (also a second ClientHello after a HelloRetryRequest), and a connection that has had its
+  server flight never queues behind later arrivals (its work wasted, the queue reordered). A
+  step keeps its slot for one scheduling round after its work (`step_done`): the steps are
+  synchronous, so a slot given back at once would bound nothing, and a storm's thousands of
+  ready handshakes would all run in one round while live tunnels' pings waited behind them;
+  held for a round, at most `max_concurrent_handshakes` steps run per round.
+- **Slow holders displaced.** Handshake slots are strict (never more holders than slots, however
+  many connections arrive in one scheduling round); a slot held longer than `slow_handshake`
+  (now only a stuck write or a stalled step: holding one no longer waits on the peer) is given to
+  a newcomer whose first byte has arrived, when all slots are busy.
 
 Every refusal has a short, fixed reason label for `kins_tunnel_handshake_failures_total`.
 
@@ -32,24 +53,36 @@ A connection that arrives behind a queue it cannot get through by then (the conn
 for a slot, at `rate`) is refused so at once: in a reconnect storm a refusal with a hint costs
 far less than a connection held until it is refused late or its edge gives up.
 
-**When to come back.** A connection refused before its TLS handshake ("shed", "queued", or its
-deadline missed) is told when to try again (`transport.refusal`): `retry_after()` is the time the
-connections waiting now need at the rate the replica completes handshakes while it has handshakes
-to do (`rate`, its service rate, on the high side), at least `MIN_RETRY_AFTER`; so refused edges come back once the queue in front of
-them has gone, not at once and not after their whole backoff. The edges refused in the last
-`REFUSAL_WINDOW` count as queued too (`refusal_hint` records each refusal): they are coming back,
-and an edge refused after them should come back after them. So when a large fleet arrives at
-once, the hints grow with the refusals and spread it out in one round, instead of every refused
-edge being told the same short wait and refused again (refusals becoming the load). The record
-is bounded (`MAX_REFUSALS_KEPT`), as everything here.
+**When to come back: an appointment book.** A connection refused before its TLS handshake
+("shed", "queued", or its deadline missed) is told when to try again (`transport.refusal`). Each
+refusal of a connection that spoke (an edge that will read the hint: `refusal_hint`) is an
+appointment: the later of the book's cursor (`next_free`), the time the handshakes underway now
+need at `rate`, and `MIN_RETRY_AFTER` from now; the cursor then moves on by `1 / rate`. So the
+edges refused in a storm come back one after another at the rate the replica serves, in the
+order they were refused (an edge refused later is never told a shorter wait than one refused
+before it, which a window of recent refusals did once the older ones dropped out of it), and the
+replica is neither idle while they wait nor flooded when they return. An edge refused again on
+its return goes to the end of the book, which holds only the edges that are away: its length is
+their number at `rate`. The book is one number (bounded memory); a hint is at most
+`MAX_RETRY_AFTER`, and the cursor never runs further ahead than that. A connection shed silent
+is told the book's current wait without booking (a flood of silent sockets must not lengthen
+every edge's hint).
 
-**The service rate, not the wall-clock rate.** `rate` counts time only while a handshake slot is
-held (`busy_time`): the time the replica spends with nothing to do (its refused edges away, as
-told) does not lower it. Measured over wall-clock time it did: hints sent a large fleet away, the
-replica idled, the rate it measured fell, the next hints were longer still (up to the cap), and a
-19,000-edge storm stalled at a few handshakes a second. So a hint is never longer than the queue
-the replica knows of (waiting, in a slot, refused recently) needs at the rate it has shown it
-can serve.
+**The service rate: completions per time with handshakes underway.** `rate` counts time only
+while at least one connection with its ClientHello in is pending (waiting for a slot, in one, or
+answering: `busy_time`), and counts successful handshakes in it. Time with nothing to do (the
+refused edges away, as told) does not lower it: measured over wall-clock time it did, hints sent
+a large fleet away, the replica idled, the rate fell, the next hints were longer still, and a
+19,000-edge storm stalled at a few handshakes a second. Time a slot is held no longer measures
+it: slots are now held for CPU work only, and completions per slot-second would read as several
+times what the replica can do (refusals, HELLO exchange and sessions share the same core). The
+rate is the higher of the last `RATE_WINDOW` of busy time and the last `RATE_SAMPLES`
+completions, and the best window counts for `PEAK_MEMORY` seconds of busy time; during a storm's
+first `FILL_TIME` of busy time (and `RATE_SAMPLES` completions) the assumed rate is a floor, as
+those seconds measure the pipeline filling (round trips, edges busy with their own ClientHellos),
+not the replica: hints from them left it idle for seconds. On the high side by design (an edge
+told to come back too early costs one more cheap refusal; one told too late leaves the replica
+idle while it waits).
 """
 
 from __future__ import annotations
@@ -65,11 +98,10 @@ RECENT_SAMPLES = 64  # completions before the rate is measured rather than assum
 RATE_WINDOW = 1.0  # seconds of busy time: the rate is the higher of this window's and all kept
 MAX_WINDOW_SAMPLES = 8192  # completions counted in RATE_WINDOW, at most
 PEAK_MEMORY = 5.0  # seconds of busy time the best RATE_WINDOW's rate is remembered
-ASSUMED_HANDSHAKE = 0.1  # seconds a slot takes per handshake, until RECENT_SAMPLES have completed
+ASSUMED_HANDSHAKE = 0.1  # the rate assumed until measured: max_concurrent / this, per second
+FILL_TIME = 2.0  # seconds of busy time during which the assumed rate is a floor (a storm's start)
 MIN_RETRY_AFTER = 1.0  # the least wait a shed connection is told
 MAX_RETRY_AFTER = 60.0  # and the most (an edge caps it at its own reconnect.max too)
-REFUSAL_WINDOW = 2.0  # seconds: the refusals this recent count in the queue ahead of a new one
-MAX_REFUSALS_KEPT = 16384  # at most this many refusal times kept (about 0.5 MiB)
 
 
 @dataclass(eq=False)
@@ -94,50 +126,100 @@ class Admission:
         self._waiting = 0  # connections in acquire(), waiting for a slot
         self._pending: collections.OrderedDict[Ticket, None] = collections.OrderedDict()
         self._silent: collections.OrderedDict[Ticket, None] = collections.OrderedDict()  # no hello
+        # had the server's flight, waiting for the edge's answer: ticket -> since when
+        self._answering: collections.OrderedDict[Ticket, float] = collections.OrderedDict()
         self._holders: collections.OrderedDict[Ticket, float] = collections.OrderedDict()
         self._lot = trio.lowlevel.ParkingLot()
+        self._resume_lot = trio.lowlevel.ParkingLot()  # answered connections: served first
+        self._resuming = 0  # connections in resume(), waiting for a slot
         self.shed_count = 0
+        self.booked = 0  # refusals booked in the appointment book (edges coming back)
+        self.next_free = 0.0  # the appointment book's cursor (trio time)
         # busy_time() at each completion (the service rate's samples)
         self._done: collections.deque[float] = collections.deque(maxlen=RATE_SAMPLES)
         # busy_time() of the completions within RATE_WINDOW of busy time
         self._window: collections.deque[float] = collections.deque(maxlen=MAX_WINDOW_SAMPLES)
         self._peak = 0.0  # the best RATE_WINDOW rate seen within PEAK_MEMORY
         self._peak_at = 0.0  # busy_time() it was seen at
-        self._busy = 0.0  # seconds with a slot held, up to _busy_since
-        self._busy_since = 0.0  # when the slots last went from none to some held
-        self._refused: collections.deque[float] = collections.deque(maxlen=MAX_REFUSALS_KEPT)
+        self._busy = 0.0  # seconds with handshakes underway, up to _busy_since
+        self._busy_since = 0.0  # when handshakes last went from none to some underway
 
     def arrive(self, deadline: float) -> Ticket:
         """Register a new connection. With the pending set full, the oldest connection without
-        its ClientHello is shed; if every one has it, the newcomer is (returned shed)."""
+        its ClientHello is shed, else the oldest answering for longer than `slow_handshake`; if
+        there is none, the newcomer is (returned shed)."""
         ticket = Ticket(trio.current_time())
         ticket.scope.deadline = deadline
         while len(self._pending) >= self.max_pending:
-            if not self._silent:
+            if self._silent:
+                oldest = next(iter(self._silent))
+                reason = "shed"
+            elif self._slow_answering():
+                oldest = next(iter(self._answering))
+                reason = "slow"
+            else:
                 ticket.shed("shed")
                 self.shed_count += 1
                 return ticket
-            oldest, _ = self._silent.popitem(last=False)
-            del self._pending[oldest]
-            oldest.shed("shed")
+            self._forget(oldest)
+            oldest.shed(reason)
             self.shed_count += 1
         self._pending[ticket] = None
         self._silent[ticket] = None
         return ticket
 
     def spoke(self, ticket: Ticket) -> None:
-        """The connection's ClientHello is in: it is shed after every silent one."""
-        self._silent.pop(ticket, None)
+        """The connection's ClientHello is in: it is shed after every silent one, and the
+        replica has a handshake underway (its service-rate clock runs)."""
+        if ticket in self._silent:
+            del self._silent[ticket]
+            self._underway_changed(+1)
+
+    async def answering(self, ticket: Ticket) -> None:
+        """The server's flight is written: after one scheduling round (`step_done`) the slot goes
+        back; the connection waits for its edge's answer in the pending set (shed "slow" first
+        when the set is full and it is late)."""
+        await self.step_done()
+        self.release(ticket)
+        if ticket in self._pending:
+            self._answering.pop(ticket, None)
+            self._answering[ticket] = trio.current_time()
+
+    @staticmethod
+    async def step_done() -> None:
+        """End a step of handshake work with its slot still held: one schedule point (shielded:
+        the caller's deadline acts at its next wait), so that one scheduling round runs at most
+        `max_concurrent` steps and the live tunnels' tasks run between them."""
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     def leave(self, ticket: Ticket) -> None:
         """The connection's set-up is over (success or not): forget it, free its slot."""
-        self._pending.pop(ticket, None)
-        self._silent.pop(ticket, None)
+        self._forget(ticket)
         self.release(ticket)
+
+    def _forget(self, ticket: Ticket) -> None:
+        if ticket in self._pending:
+            had_spoken = ticket not in self._silent
+            del self._pending[ticket]
+            self._silent.pop(ticket, None)
+            self._answering.pop(ticket, None)
+            if had_spoken:
+                self._underway_changed(-1)
+
+    def _underway_changed(self, by: int) -> None:
+        """Start or stop the busy clock as handshakes underway go from none to some and back
+        (called after the change: `underway` is the new count)."""
+        underway = self.underway
+        if by > 0 and underway == 1:
+            self._busy_since = trio.current_time()
+        elif by < 0 and underway == 0:
+            self._busy += trio.current_time() - self._busy_since
 
     async def acquire(self, ticket: Ticket) -> None:
         """Wait for a handshake slot (displacing a holder slower than `slow_handshake`); a ticket
-        behind a queue longer than half of what is left of its set-up time is shed ("queued")."""
+        behind a queue longer than half of what is left of its set-up time is shed ("queued").
+        A connection asking for a slot has its ClientHello in (`spoke`)."""
+        self.spoke(ticket)
         if len(self._holders) >= self.max_concurrent and self._waiting:
             now = trio.current_time()
             cut = ticket.accepted + (ticket.scope.deadline - ticket.accepted) / 2
@@ -151,36 +233,56 @@ class Admission:
             self._waiting -= 1
         # no checkpoint between the check in _wait_for_slot and this: never more than
         # max_concurrent holders, however many connections reach this in one scheduling round
-        now = trio.current_time()
-        if not self._holders:
-            self._busy_since = now
-        self._holders[ticket] = now
+        self._holders[ticket] = trio.current_time()
 
-    async def _wait_for_slot(self) -> None:
-        """Return (without a checkpoint after the check) once a slot is free for the caller."""
+    async def resume(self, ticket: Ticket) -> None:
+        """The edge's answer to the server's flight is in: wait for a slot to finish the handshake
+        with, before any connection still waiting for its first turn (its first part is done;
+        it must not queue behind later arrivals)."""
+        self._answering.pop(ticket, None)
+        self._resuming += 1
+        try:
+            await self._wait_for_slot(resuming=True)
+        except BaseException:
+            self._resuming -= 1
+            self._lot.unpark()  # a slot kept for this one goes to a first turn instead
+            raise
+        self._resuming -= 1
+        self._holders[ticket] = trio.current_time()
+
+    async def _wait_for_slot(self, *, resuming: bool = False) -> None:
+        """Return (without a checkpoint after the check) once a slot is free for the caller. A
+        first turn also leaves free slots to the answered connections waiting (`resume`)."""
         await trio.lowlevel.checkpoint()  # a schedule point first, whether or not it must wait
-        while len(self._holders) >= self.max_concurrent:
+        lot = self._resume_lot if resuming else self._lot
+        while True:
+            held = len(self._holders)
+            if held + (0 if resuming else self._resuming) < self.max_concurrent:
+                return
+            if held < self.max_concurrent:  # the free slots are kept for answered connections
+                await lot.park()
+                continue
             oldest, since = next(iter(self._holders.items()))
             overdue = since + self.slow_handshake - trio.current_time()
             if overdue <= 0:
                 del self._holders[oldest]  # the caller takes its slot at once
-                if not self._holders:  # (one slot only) close the busy period it ends
-                    self._busy += trio.current_time() - self._busy_since
                 oldest.shed("slow")
                 self.shed_count += 1
                 return
             with trio.move_on_after(overdue):
-                await self._lot.park()
+                await lot.park()
 
     def release(self, ticket: Ticket) -> None:
         if self._holders.pop(ticket, None) is not None:
-            if not self._holders:
-                self._busy += trio.current_time() - self._busy_since
-            self._lot.unpark()
+            if self._resume_lot:
+                self._resume_lot.unpark()
+            else:
+                self._lot.unpark()
 
     def busy_time(self) -> float:
-        """Seconds during which at least one handshake slot was held (the service rate's clock)."""
-        if self._holders:
+        """Seconds during which at least one connection with its ClientHello in was pending
+        (the service rate's clock)."""
+        if self.underway:
             return self._busy + trio.current_time() - self._busy_since
         return self._busy
 
@@ -193,18 +295,19 @@ class Admission:
     def rate(self) -> float:
         """Handshakes per second of busy time (`busy_time`): the higher of the rate over the last
         `RATE_WINDOW` and over the last `RATE_SAMPLES` completions (both up to now, so a stall
-        with slots held lowers it; time with none held does not); before `RECENT_SAMPLES` have
-        completed, `max_concurrent / ASSUMED_HANDSHAKE`. On the high side by design: an edge told
-        to come back too early costs one more cheap refusal, one told too late waits for
-        nothing. A window of time, not of the last few completions: handshakes that run together
-        end together, and 64 completions in one scheduling round read as thousands a second
-        (hints of the 1 s minimum, and the edges refused again on their return). The best
-        window's rate counts for `PEAK_MEMORY` seconds of busy time: a few seconds in which the
-        slots wait on slow peers (edges busy with their own handshakes) do not turn into hints
-        at the cap, which kept edges away for 30 s while the replica could have served them."""
+        with handshakes underway lowers it; time with none does not); before `RECENT_SAMPLES`
+        have completed, `max_concurrent / ASSUMED_HANDSHAKE`, and at least that until
+        `RATE_SAMPLES` have and `FILL_TIME` of busy time has passed. On the high side by design: an
+        edge told to come back too early costs one more cheap refusal, one told too late waits
+        for nothing. A window of time, not of the last few completions: handshakes that run
+        together end together, and 64 completions in one scheduling round read as thousands a
+        second. The best window's rate counts for `PEAK_MEMORY` seconds of busy time: a few
+        seconds in which the pending connections wait on slow peers do not turn into hints at
+        the cap."""
         done = self._done
+        assumed = max(self.max_concurrent / ASSUMED_HANDSHAKE, 1.0)
         if len(done) < RECENT_SAMPLES:
-            return max(self.max_concurrent / ASSUMED_HANDSHAKE, 1.0)
+            return assumed
         now = self.busy_time()
         window = self._window
         while window and window[0] < now - RATE_WINDOW:
@@ -213,39 +316,70 @@ class Admission:
         recent = len(window) / RATE_WINDOW if now >= RATE_WINDOW else 0.0
         if recent >= self._peak or now - self._peak_at > PEAK_MEMORY:
             self._peak, self._peak_at = recent, now
-        return max(recent, kept, self._peak, 1.0)
+        measured = max(recent, kept, self._peak, 1.0)
+        # the first completions of a storm measure the pipeline filling (a round trip, edges
+        # busy with their own ClientHellos), not what the replica can do: hints from them sent
+        # a whole storm away for 9 s while the replica served 400 a second
+        filling = len(done) < RATE_SAMPLES or now < FILL_TIME
+        return max(measured, assumed) if filling else measured
+
+    def _appointment(self, now: float, rate: float) -> float:
+        """The next free appointment (trio time): after the book's cursor, after the handshakes
+        underway at `rate`, and at least `MIN_RETRY_AFTER` from now."""
+        return max(self.next_free, now + self.underway / rate, now + MIN_RETRY_AFTER)
 
     def retry_after(self) -> float:
-        """Seconds a connection refused now should wait: the queue ahead of it (waiting for a slot,
-        holding one, and refused within `REFUSAL_WINDOW`) at `rate`."""
-        horizon = trio.current_time() - REFUSAL_WINDOW
-        refused = self._refused
-        while refused and refused[0] < horizon:
-            refused.popleft()
-        wait = (self._waiting + len(self._holders) + len(refused)) / self.rate()
-        return min(max(wait, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
+        """Seconds a connection refused now should wait, without booking it (see the module
+        docstring): the next free appointment, at most `MAX_RETRY_AFTER`."""
+        now = trio.current_time()
+        return min(self._appointment(now, self.rate()) - now, MAX_RETRY_AFTER)
 
     def refusal_hint(self) -> float:
-        """`retry_after` for a connection refused now, which is recorded as refused."""
-        hint = self.retry_after()
-        self._refused.append(trio.current_time())
-        return hint
+        """`retry_after` for a connection refused now, booked: the cursor moves on by one
+        handshake at `rate` (never further than `MAX_RETRY_AFTER` ahead)."""
+        now = trio.current_time()
+        rate = self.rate()
+        at = min(self._appointment(now, rate), now + MAX_RETRY_AFTER)
+        self.next_free = at + 1 / rate
+        self.booked += 1
+        return at - now
 
     def room_for(self, burst: int) -> Callable[[], int]:
         """How many connections the tunnel port may accept now (`listen.accept_bursts`): up to
-        `burst` while the pending set has room, one per wake-up once it is full (a newcomer then
-        sheds the oldest pending connection, so a flood of silent ones cannot lock edges out; the
-        rest wait in the listen backlog instead of shedding each other)."""
-        return lambda: max(1, min(burst, self.max_pending - len(self._pending)))
+        `burst` while the pending set has room, one per wake-up once it is full and a newcomer
+        would shed a pending connection (a silent one, or one slow to answer: so a flood of
+        silent ones cannot lock edges out, and the rest wait in the listen backlog instead of
+        shedding each other). Full with neither, a whole burst again: every newcomer is then
+        refused at once with an appointment, instead of waiting in the backlog until its edge's
+        deadline (a storm's edges timed out there)."""
+
+        def room() -> int:
+            free = self.max_pending - len(self._pending)
+            if free <= 0 and not self._silent and not self._slow_answering():
+                return burst
+            return max(1, min(burst, free))
+
+        return room
+
+    def _slow_answering(self) -> bool:
+        """A connection has had the server's flight for `slow_handshake` without answering."""
+        if not self._answering:
+            return False
+        since = next(iter(self._answering.values()))
+        return since + self.slow_handshake <= trio.current_time()
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
     @property
-    def recent_refusals(self) -> int:
-        """Refusals recorded by `refusal_hint` (those within `REFUSAL_WINDOW` count in hints)."""
-        return len(self._refused)
+    def underway(self) -> int:
+        """Pending connections with their ClientHello in (waiting for a slot, in one, answering)."""
+        return len(self._pending) - len(self._silent)
+
+    @property
+    def answering_count(self) -> int:
+        return len(self._answering)
 
     @property
     def busy_slots(self) -> int:

@@ -3,9 +3,10 @@
 Admission (see `admission`): one deadline from accept (`handshake_timeout`) covers everything up
 to an established tunnel; the first byte must come within `first_byte_timeout`; pending and
 concurrent handshakes are bounded, the oldest pending shed first and slow handshakes displaced,
-so neither an idle flood nor a reconnect storm locks real edges out. The edge's unit and node come
-only from its certificate; the names it advertises are filtered by the routing rule, and refused
-names are logged with the reason.
+so neither an idle flood nor a reconnect storm locks real edges out. A handshake slot covers the
+server's work up to its flight, not the wait for the edge's answer (a round trip). The edge's
+unit and node come only from its certificate; the names it advertises are filtered by the routing
+rule, and refused names are logged with the reason.
 
 Enrolment (`cloud.enroll`): with an ``enrollment`` section the listener lets a client come without
 a certificate; a connection that negotiated `ENROLL_ALPN` is handed to `enrol` (and can do nothing
@@ -183,7 +184,16 @@ class TunnelServer:
                 tls = TLSSocket.wrap(
                     socket.socket(fileno=tcp.socket.detach()), self.context, server_side=True
                 )
-                verified = await self._tls_handshake(tls, hello)
+                # the slot goes back once the server's flight is written: the edge's answer is
+                # awaited in the pending set, under the same deadline, and finished with a slot
+                # again, before new ClientHellos (see `admission`)
+                verified = await self._tls_handshake(
+                    tls,
+                    hello,
+                    functools.partial(self.admission.answering, ticket),
+                    functools.partial(self.admission.resume, ticket),
+                )
+                await self.admission.step_done()  # the last step, with its slot (`admission`)
                 enrolling = verified is None
                 if verified is not None:
                     identity, facts = verified
@@ -237,12 +247,19 @@ class TunnelServer:
         await self._run_tunnel(tls, identity, facts, peer, deadline)
 
     async def _tls_handshake(
-        self, tls: TLSSocket, received: bytes
+        self,
+        tls: TLSSocket,
+        received: bytes,
+        waiting_for_peer: Callable[[], Awaitable[None]],
+        peer_answered: Callable[[], Awaitable[None]],
     ) -> tuple[EdgeIdentity, CertFacts] | None:
         """The verified edge identity and its certificate's facts (the certificate loaded once);
-        None for an enrolment connection (nothing else)."""
+        None for an enrolment connection (nothing else). `waiting_for_peer`, `peer_answered`:
+        see `TLSSocket.do_handshake`."""
         try:
-            await tls.do_handshake(received)
+            await tls.do_handshake(
+                received, waiting_for_peer=waiting_for_peer, peer_answered=peer_answered
+            )
             if self.enrol is not None and tls.alpn_protocol() == ENROLL_ALPN:
                 return None
             der = tls.peer_certificate_der()

@@ -194,10 +194,20 @@ class TLSSocket:
         return self._obj.session_reused
 
     # ------------------------------------------------------------------ handshake
-    async def do_handshake(self, received: bytes = b"") -> None:
+    async def do_handshake(
+        self,
+        received: bytes = b"",
+        *,
+        waiting_for_peer: Callable[[], Awaitable[None]] | None = None,
+        peer_answered: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         """Run the TLS handshake; the caller sets the deadline. `received`: what the peer has
         already sent, read off the socket by the caller (the tunnel port reads a ClientHello's
-        record whole before the handshake may take a slot).
+        record whole before the handshake may take a slot). `waiting_for_peer` is awaited each
+        time OpenSSL has produced all it can, its flight is written, and the handshake is about
+        to wait for the peer's next flight; `peer_answered` once the socket is readable again,
+        before its bytes are read: the tunnel port gives its handshake slot back and takes one
+        again then, so a slot covers CPU work, not the peer's round trip.
 
         The peer's flight goes to OpenSSL `HANDSHAKE_PIECE` bytes at a time: a memory BIO never
         shrinks, so fed whole it would keep the size of the largest flight for the connection's
@@ -212,7 +222,11 @@ class TLSSocket:
             except ssl.SSLWantReadError:
                 if rest is None:
                     await self._flush_all()
+                    if waiting_for_peer is not None:
+                        await waiting_for_peer()
                     await self.wait_readable()
+                    if peer_answered is not None:
+                        await peer_answered()
                     rest = self._read_raw()
                     if not rest:  # a spurious wake-up (wait again), or EOF (OpenSSL says so)
                         rest = None

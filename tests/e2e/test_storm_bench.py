@@ -32,3 +32,16 @@ def test_the_storm_harness_at_20_edges_reports_sane_figures() -> None:
     assert leaks["fds_after"] <= leaks["fds_baseline"]
     # the liveness timer is one system task per process, started with its first tunnel
     assert leaks["tasks_after"] <= leaks["tasks_baseline"] + 1
+
+
+@pytest.mark.slow
+def test_the_storm_harness_through_a_link_with_a_round_trip() -> None:
+    """`--rtt`: the edges dial a relay (`benchmarks.delayrelay`) that adds the round trip, which
+    stays up across the replica's restart; the probes' pings see the round trip."""
+    r = run_storm(20, 1, idle_window=2.0, budget=90.0, rtt=0.1)
+    assert r["rtt_s"] == 0.1 and r["back"] == 20 and r["resumed"] == 20
+    assert r["tunnels_dropped_during_storm"] == 0
+    rtt = r["rtt_during_storm_ms"]
+    assert rtt["samples"] > 0 and 100 <= rtt["p50"] <= rtt["max"] < 20_000
+    assert r["relay_cpu_s"] >= 0
+    assert r["leaks"]["fds_after"] <= r["leaks"]["fds_baseline"]
