@@ -12,15 +12,22 @@ front end keeps working under an idle flood:
   happens within `handshake_timeout` of accept.
 - **First byte first.** A connection holds nothing but its socket until its first byte (the TLS
   ClientHello) arrives, and must send it within `first_byte_timeout`; a silent one is closed.
-- **Bounded pending set, silent shed first.** At most `max_pending_handshakes` connections may be
-  between accept and the end of their TLS handshake; a new arrival beyond that sheds the oldest
-  one whose ClientHello is not in yet (`spoke`: silent or stalled, and the closest to its deadline
-  anyway), else the oldest that has had the server's flight for longer than `slow_handshake`
-  without answering it (`answering`: a real edge answers within one round trip; reason "slow").
+- **Bounded pending set, silent shed first, the fattest source pays.** At most
+  `max_pending_handshakes` connections may be between accept and the end of their TLS
+  handshake; a new arrival beyond that sheds one whose ClientHello is not in yet (`spoke`:
+  silent or stalled, and the closest to its deadline anyway), else one that has had the server's
+  flight for longer than `slow_handshake` without answering it (`answering`: a real edge answers
+  within one round trip; reason "slow"): the oldest such of the source address that holds the
+  most pending connections (`names.source_key`: an IPv6 peer by its /64), or the oldest of all.
   When every pending connection has its ClientHello in and is being served or answering in time
-  (a reconnect storm, not a flood), the newcomer is the one refused, at once and with a hint:
-  shedding the oldest would throw away the head of the queue, the edge about to be served, and
-  the work already done for it, for one that would wait the longest. The tunnel port then takes
+  (a reconnect storm, not a flood), the newcomer is the one refused, at once and with a hint
+  (shedding the oldest would throw away the head of the queue, the edge about to be served, and
+  the work already done for it, for one that would wait the longest); unless another source
+  holds more pending connections than the newcomer's would with it: then that source's newest
+  connection not in a slot is shed instead. So one address, however many connections it opens
+  and stalls, keeps at most an even share of the pending set once others need room, while a site
+  whose edges all come from one NAT address may use the whole set when nobody else does (a
+  longest-queue drop, as fair queueing does with buffers: no share to configure). The tunnel port then takes
   whole bursts from its listen backlog again (`room_for`): each newcomer costs an accept and a
   refusal with an appointment, where it used to wait in the backlog until its edge's deadline.
 - **A slot bounds CPU work, not the peer's round trip.** A handshake slot
@@ -88,7 +95,7 @@ idle while it waits).
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -109,6 +116,7 @@ class Ticket:
     """One connection on its way in. `scope` bounds all of its set-up; `shed` cancels it."""
 
     accepted: float
+    source: str = ""  # the peer's `names.source_key`: whose share of the pending set it uses
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     reason: str | None = None  # why it was shed ("shed", "slow"), None if not
 
@@ -129,7 +137,8 @@ class Admission:
         # had the server's flight, waiting for the edge's answer: ticket -> since when
         self._answering: collections.OrderedDict[Ticket, float] = collections.OrderedDict()
         self._holders: collections.OrderedDict[Ticket, float] = collections.OrderedDict()
-        self._lot = trio.lowlevel.ParkingLot()
+        self._sources = _Sources()  # the pending set per source address
+        self._first = _FairLots()  # connections waiting for their first turn, per source
         self._resume_lot = trio.lowlevel.ParkingLot()  # answered connections: served first
         self._resuming = 0  # connections in resume(), waiting for a slot
         self.shed_count = 0
@@ -144,29 +153,51 @@ class Admission:
         self._busy = 0.0  # seconds with handshakes underway, up to _busy_since
         self._busy_since = 0.0  # when handshakes last went from none to some underway
 
-    def arrive(self, deadline: float) -> Ticket:
-        """Register a new connection. With the pending set full, the oldest connection without
-        its ClientHello is shed, else the oldest answering for longer than `slow_handshake`; if
-        there is none, the newcomer is (returned shed)."""
-        ticket = Ticket(trio.current_time())
+    def arrive(self, deadline: float, source: str = "") -> Ticket:
+        """Register a new connection from `source` (its `names.source_key`). With the pending set
+        full, one is shed to make room, or the newcomer is (returned shed): see the module's
+        text, "the fattest source pays"."""
+        ticket = Ticket(trio.current_time(), source)
         ticket.scope.deadline = deadline
         while len(self._pending) >= self.max_pending:
-            if self._silent:
-                oldest = next(iter(self._silent))
-                reason = "shed"
-            elif self._slow_answering():
-                oldest = next(iter(self._answering))
-                reason = "slow"
-            else:
+            victim = self._victim(source, ticket.accepted)
+            if victim is None:
                 ticket.shed("shed")
                 self.shed_count += 1
                 return ticket
+            oldest, reason = victim
             self._forget(oldest)
             oldest.shed(reason)
             self.shed_count += 1
         self._pending[ticket] = None
         self._silent[ticket] = None
+        self._sources.add(ticket)
         return ticket
+
+    def _victim(self, source: str, now: float) -> tuple[Ticket, str] | None:
+        """Whom a newcomer from `source` sheds from the full pending set, and why; None: the
+        newcomer. Silent connections first, then slow answerers (each: the fattest source's
+        oldest, else the oldest of all); with neither, a source fatter than the newcomer's loses
+        its newest connection not in a slot."""
+        sources = self._sources
+        fattest = sources.fattest_other_than(source)
+        payer = source if fattest is None else fattest
+        victim = sources.oldest_in(payer, self._silent)
+        if victim is None and self._silent:
+            victim = next(iter(self._silent))
+        if victim is not None:
+            return victim, "shed"
+        late = now - self.slow_handshake  # answering since before this is slow
+        victim = sources.oldest_in(payer, self._answering)
+        if victim is None or self._answering[victim] > late:
+            victim = next(iter(self._answering), None)
+        if victim is not None and self._answering[victim] <= late:
+            return victim, "slow"
+        if fattest is not None:
+            victim = sources.newest_outside(fattest, self._holders)
+            if victim is not None:
+                return victim, "shed"
+        return None
 
     def spoke(self, ticket: Ticket) -> None:
         """The connection's ClientHello is in: it is shed after every silent one, and the
@@ -201,6 +232,7 @@ class Admission:
         if ticket in self._pending:
             had_spoken = ticket not in self._silent
             del self._pending[ticket]
+            self._sources.remove(ticket)
             self._silent.pop(ticket, None)
             self._answering.pop(ticket, None)
             if had_spoken:
@@ -223,14 +255,15 @@ class Admission:
         if len(self._holders) >= self.max_concurrent and self._waiting:
             now = trio.current_time()
             cut = ticket.accepted + (ticket.scope.deadline - ticket.accepted) / 2
-            if now + self._waiting / self.rate() > cut:
+            if now + self._first.ahead(ticket.source, self._waiting) / self.rate() > cut:
                 ticket.shed("queued")
                 await trio.lowlevel.checkpoint()  # the ticket's scope ends the caller here
         self._waiting += 1
         try:
-            await self._wait_for_slot()
+            await self._wait_for_slot(source=ticket.source)
         finally:
             self._waiting -= 1
+            self._first.tidy(ticket.source)
         # no checkpoint between the check in _wait_for_slot and this: never more than
         # max_concurrent holders, however many connections reach this in one scheduling round
         self._holders[ticket] = trio.current_time()
@@ -245,16 +278,17 @@ class Admission:
             await self._wait_for_slot(resuming=True)
         except BaseException:
             self._resuming -= 1
-            self._lot.unpark()  # a slot kept for this one goes to a first turn instead
+            self._first.unpark()  # a slot kept for this one goes to a first turn instead
             raise
         self._resuming -= 1
         self._holders[ticket] = trio.current_time()
 
-    async def _wait_for_slot(self, *, resuming: bool = False) -> None:
+    async def _wait_for_slot(self, *, resuming: bool = False, source: str = "") -> None:
         """Return (without a checkpoint after the check) once a slot is free for the caller. A
-        first turn also leaves free slots to the answered connections waiting (`resume`)."""
+        first turn also leaves free slots to the answered connections waiting (`resume`), and
+        waits in its source's line (`_FairLots`: source addresses take turns)."""
         await trio.lowlevel.checkpoint()  # a schedule point first, whether or not it must wait
-        lot = self._resume_lot if resuming else self._lot
+        lot = self._resume_lot if resuming else self._first.lot(source)
         while True:
             held = len(self._holders)
             if held + (0 if resuming else self._resuming) < self.max_concurrent:
@@ -277,7 +311,7 @@ class Admission:
             if self._resume_lot:
                 self._resume_lot.unpark()
             else:
-                self._lot.unpark()
+                self._first.unpark()
 
     def busy_time(self) -> float:
         """Seconds during which at least one connection with its ClientHello in was pending
@@ -384,3 +418,107 @@ class Admission:
     @property
     def busy_slots(self) -> int:
         return len(self._holders)
+
+
+class _Sources:
+    """The pending set per source address, and which source holds the most (O(1): counts move
+    by one, so the largest is tracked through buckets of sources by count)."""
+
+    __slots__ = ("_tickets", "_buckets", "_max")
+
+    def __init__(self) -> None:
+        # source -> its pending tickets, oldest first
+        self._tickets: dict[str, collections.OrderedDict[Ticket, None]] = {}
+        self._buckets: dict[int, dict[str, None]] = {}  # count -> the sources holding that many
+        self._max = 0
+
+    def _move(self, source: str, before: int, after: int) -> None:
+        if before:
+            bucket = self._buckets[before]
+            del bucket[source]
+            if not bucket:
+                del self._buckets[before]
+                if self._max == before and after < before:
+                    self._max = after
+        if after:
+            self._buckets.setdefault(after, {})[source] = None
+            self._max = max(self._max, after)
+
+    def add(self, ticket: Ticket) -> None:
+        tickets = self._tickets.setdefault(ticket.source, collections.OrderedDict())
+        tickets[ticket] = None
+        self._move(ticket.source, len(tickets) - 1, len(tickets))
+
+    def remove(self, ticket: Ticket) -> None:
+        tickets = self._tickets[ticket.source]
+        del tickets[ticket]
+        self._move(ticket.source, len(tickets) + 1, len(tickets))
+        if not tickets:
+            del self._tickets[ticket.source]
+
+    def fattest_other_than(self, source: str) -> str | None:
+        """A source holding more pending connections than `source` would with one more (ties
+        go against `source`); None if there is none."""
+        own = len(self._tickets.get(source, ()))
+        if own + 1 >= self._max:
+            return None
+        return next(iter(self._buckets[self._max]))  # `source` is not in it: own < max
+
+    def oldest_in(self, source: str, among: Mapping[Ticket, object]) -> Ticket | None:
+        """`source`'s oldest pending connection that is in `among`."""
+        for ticket in self._tickets.get(source, ()):
+            if ticket in among:
+                return ticket
+        return None
+
+    def newest_outside(self, source: str, among: Mapping[Ticket, object]) -> Ticket | None:
+        """`source`'s newest pending connection that is not in `among` (e.g. not in a slot)."""
+        for ticket in reversed(self._tickets.get(source, {})):
+            if ticket not in among:
+                return ticket
+        return None
+
+
+class _FairLots:
+    """Connections waiting for their first handshake turn, in one line per source address, the
+    lines served in turn (round robin): a source with a thousand connections waiting gets one
+    turn in each round, like a source with one. Lines with nobody left in them are dropped
+    (`tidy`), so this holds no more than the connections waiting."""
+
+    __slots__ = ("_lots", "_turns")
+
+    def __init__(self) -> None:
+        self._lots: dict[str, trio.lowlevel.ParkingLot] = {}
+        self._turns: collections.OrderedDict[str, None] = collections.OrderedDict()  # next first
+
+    def lot(self, source: str) -> trio.lowlevel.ParkingLot:
+        lot = self._lots.get(source)
+        if lot is None:
+            lot = self._lots[source] = trio.lowlevel.ParkingLot()
+            self._turns[source] = None
+        return lot
+
+    def tidy(self, source: str) -> None:
+        """A connection of `source` stopped waiting: drop its line if nobody is left in it."""
+        lot = self._lots.get(source)
+        if lot is not None and not lot:
+            del self._lots[source]
+            self._turns.pop(source, None)
+
+    def unpark(self) -> None:
+        """Wake the first connection of the line whose turn it is; that line goes to the back."""
+        turns = self._turns
+        for _ in range(len(turns)):  # a line just emptied (its last one woken) goes round too
+            source = next(iter(turns))
+            turns.move_to_end(source)
+            lot = self._lots[source]
+            if lot:
+                lot.unpark()
+                return
+
+    def ahead(self, source: str, waiting: int) -> int:
+        """About how many connections a newcomer of `source` waits behind: its line's, and as
+        many of each other line's as turns go by before its own (at most `waiting`, everyone)."""
+        own = len(self._lots[source]) if source in self._lots else 0
+        others = len(self._lots) - (source in self._lots)
+        return min(waiting, own + others * (own + 1))

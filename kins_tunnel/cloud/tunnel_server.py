@@ -40,6 +40,7 @@ from kins_tunnel.cloud.tls_failures import CLIENT_CERTIFICATE, NOT_TLS
 from kins_tunnel.config import CloudConfig
 from kins_tunnel.logs import LogBudget
 from kins_tunnel.metrics import Metrics
+from kins_tunnel.names import source_key
 from kins_tunnel.proto import ErrorCode, Hello, Role
 from kins_tunnel.tls_contexts import failure_label
 from kins_tunnel.transport.errors import HandshakeFailed
@@ -145,7 +146,8 @@ class TunnelServer:
         t = self.cfg.tunnel
         deadline = trio.current_time() + t.handshake_timeout  # from accept, queueing included
         peer = peer_authority(tcp.socket)
-        ticket = self.admission.arrive(deadline)
+        # whose share of the pending set this uses (an IPv6 peer by its /64)
+        ticket = self.admission.arrive(deadline, source_key(peer.rpartition(":")[0]))
         tls: TLSSocket | None = None
         identity: EdgeIdentity | None = None
         facts: CertFacts | None = None
