@@ -1,0 +1,123 @@
+"""What a `TLSSocket` keeps after bulk traffic: OpenSSL's memory BIOs never shrink, so whatever
+goes through them at once stays allocated for the connection's life. A tunnel that once carried
+a large transfer must cost about what an idle one does (memory is bounded by configuration, never
+by traffic). Measured in the C heap (glibc's `mallinfo2`), where OpenSSL's state lives, over real
+TLS connections on loopback."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from benchmarks.idlemem import mallinfo
+from kins_tunnel.transport.tls import READ_BATCH, TLSSocket, TransportError
+from tests.e2e.harness import make_certs
+from tests.transport.test_session import tls_pair
+
+PAIRS = 24
+BULK = 4 * 1024 * 1024  # bytes each way per connection
+# what the session's writer hands over (`writer.WRITE_BATCH` and more), and smaller pieces
+CHUNKS = (256 * 1024, 300_000, 1000, 65_537, 16 * 1024)
+BOUND_KIB = 80  # what one end may keep after bulk traffic, over what a handshake-only end keeps
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not mallinfo(), reason="needs glibc's mallinfo2"
+)
+
+
+async def send_bulk(tls: TLSSocket, data: bytes) -> None:
+    """`data` through `send_chunk` in chunks of the sizes of `CHUNKS`, as the session's writer
+    does (wait writable, `flush`, never offer the same plaintext twice)."""
+    view = memoryview(data)
+    sent = i = 0
+    while sent < len(view):
+        size = CHUNKS[i % len(CHUNKS)]
+        i += 1
+        done = tls.send_chunk(view[sent : sent + size])
+        sent += min(size, len(view) - sent)
+        while not done:
+            await tls.wait_writable()
+            done = tls.flush()
+
+
+async def receive_bulk(tls: TLSSocket, view: memoryview, size: int) -> str:
+    """Read `size` bytes as the session's reader does (a `READ_BATCH` view per call, wait only
+    when nothing is ready or the socket was drained); their SHA-256."""
+    digest = hashlib.sha256()
+    got = 0
+    while got < size:
+        if tls.drained:
+            tls.drained = False
+            await tls.wait_readable()
+        n = tls.receive_into(view)
+        if n is None:
+            await tls.wait_readable()
+            continue
+        if n == 0:
+            raise TransportError(f"EOF after {got} of {size} bytes")
+        digest.update(view[:n])
+        got += n
+    return digest.hexdigest()
+
+
+async def exchange(
+    server: TLSSocket, client: TLSSocket, views: tuple[memoryview, memoryview]
+) -> None:
+    """`BULK` bytes each way at once; both arrive intact."""
+    up, down = os.urandom(BULK), os.urandom(BULK)
+    digests: dict[str, str] = {}
+
+    async def receive(name: str, tls: TLSSocket, view: memoryview) -> None:
+        digests[name] = await receive_bulk(tls, view, BULK)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            n.start_soon(send_bulk, client, up)
+            n.start_soon(send_bulk, server, down)
+            n.start_soon(receive, "up", server, views[0])
+            n.start_soon(receive, "down", client, views[1])
+    assert digests == {
+        "up": hashlib.sha256(up).hexdigest(),
+        "down": hashlib.sha256(down).hexdigest(),
+    }
+    assert server.pending == client.pending == 0
+
+
+def heap_in_use() -> int:
+    gc.collect()
+    return mallinfo()["in_use"]
+
+
+async def test_a_connection_that_carried_bulk_traffic_keeps_what_an_idle_one_keeps(
+    tmp_path: Path,
+) -> None:
+    certs = make_certs(tmp_path)
+    views = (memoryview(bytearray(READ_BATCH)), memoryview(bytearray(READ_BATCH)))
+    warm = await tls_pair(certs)  # the run's shared buffers, the session cache: made once
+    await exchange(*warm, views)
+    for tls in warm:
+        tls.close()
+    del warm
+
+    before = heap_in_use()
+    idle = [await tls_pair(certs) for _ in range(PAIRS)]
+    handshaken = heap_in_use()
+    busy = []
+    for _ in range(PAIRS):
+        pair = await tls_pair(certs)
+        await exchange(*pair, views)
+        busy.append(pair)
+    after = heap_in_use()
+
+    idle_kib = (handshaken - before) / (2 * PAIRS) / 1024
+    busy_kib = (after - handshaken) / (2 * PAIRS) / 1024
+    for tls in [t for pair in idle + busy for t in pair]:
+        tls.close()
+    print(f"per end: handshake only {idle_kib:.1f} KiB, after bulk {busy_kib:.1f} KiB")
+    assert busy_kib - idle_kib < BOUND_KIB, (idle_kib, busy_kib)
