@@ -8,25 +8,37 @@ and two `read`s per record (header, then body). Here OpenSSL runs on two memory 
 moves ciphertext between them and the kernel socket itself, with trio only telling it when the
 socket is ready:
 
-- **Reading** (`receive_into`): one `readv` of up to `RAW_READ` (256 KiB, about 16 records) into a
-  scratch buffer shared by every connection of the trio run, straight into the incoming BIO; then
-  `SSL_read` record by record (the SSL object is called directly, not through `ssl.SSLObject`'s
-  wrapper) into the caller's buffer, until it is full or the socket has nothing more: one wake-up,
-  up to the caller's batch of plaintext, one system call per 256 KiB of ciphertext.
-- **Writing** (`send_chunk`): `SSL_write` encrypts a whole batch into the outgoing BIO (several TLS
-  records), then one `write` puts as much of it into the socket as the kernel takes. What the
-  kernel did not take stays here as ciphertext (`flush()` goes on with it once the socket is
-  writable); the caller never has to offer the same plaintext again, and at most one batch of
-  ciphertext is held per connection.
-
+- **Reading** (`receive_into`): one `readv` of up to `RAW_READ` (256 KiB, about 16 records; no
+  more than the caller's view has room for) into a scratch buffer shared by every connection of
+  the trio run; its bytes go to the incoming BIO `READ_PIECE` at a time, the next piece once
+  OpenSSL has taken the last, and `SSL_read` decrypts record by record (the SSL object is called
+  directly, not through `ssl.SSLObject`'s wrapper) into the caller's buffer, until it is full or
+  the socket has nothing more: one wake-up, up to the caller's batch of plaintext, one system call
+  per 256 KiB of ciphertext.
+- **Writing** (`send_chunk`): `SSL_write` encrypts a batch `WRITE_PIECE` (one TLS record) at a
+  time, each piece's ciphertext taken out of the outgoing BIO at once, then one `writev` puts as
+  much of the pieces into the socket as the kernel takes. What the kernel did not take stays here
+  as ciphertext (`flush()` goes on with it once the socket is writable); the caller never has to
+  offer the same plaintext again, and at most one batch of ciphertext is held per connection,
+  released once sent.
+- **Memory**: a memory BIO never gives back what it once held (its buffer grows to 4/3 of the
+  most it held, and stays). Fed a whole read or a whole batch at once, a connection that once
+  carried a bulk transfer kept 325-350 KiB per direction for its life, about nine times an idle
+  tunnel. Fed in pieces, each BIO holds at most a piece, or, when the caller's view fills up in
+  the middle of a read, what is left of that read: as no read asks for more than the view has room
+  for, that is at most the rest of one record (a view with less than `MIN_READ` of room left is
+  handed back without a read; the caller comes back with an empty one). So a connection keeps
+  about 20 KiB per BIO whatever it carried (`tests/transport/test_tls_memory.py`), and the
+  Python-side ciphertext of a batch is freed once sent.
 - **Latency under load**: `TCP_NOTSENT_LOWAT` keeps at most `NOTSENT_LOWAT` unsent bytes in the
   kernel's send buffer (not a limit on bytes in flight, so long fat links are not slowed): the rest
   stays in the session's per-stream queues, where an interactive stream's frame can still go
   before queued bulk (see `proto.output`), instead of behind megabytes the kernel already holds.
 
 The scratch buffer can be shared because nothing awaits between filling it and handing its bytes to
-the incoming BIO (which copies them). Errors from the socket or OpenSSL become `TransportError` once,
-here. An abrupt EOF (no close_notify) is an EOF, as with `suppress_ragged_eofs`.
+the incoming BIO (which copies them): what is left of a read when the caller's view is full goes
+to the incoming BIO before `receive_into` returns. Errors from the socket or OpenSSL become
+`TransportError` once, here. An abrupt EOF (no close_notify) is an EOF, as with `suppress_ragged_eofs`.
 """
 
 from __future__ import annotations

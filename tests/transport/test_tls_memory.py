@@ -16,7 +16,13 @@ import pytest
 import trio
 
 from benchmarks.idlemem import mallinfo
-from kins_tunnel.transport.tls import READ_BATCH, TLSSocket, TransportError
+from kins_tunnel.transport.tls import (
+    MIN_READ,
+    READ_BATCH,
+    READ_PIECE,
+    TLSSocket,
+    TransportError,
+)
 from tests.e2e.harness import make_certs
 from tests.transport.test_session import tls_pair
 
@@ -25,6 +31,7 @@ BULK = 4 * 1024 * 1024  # bytes each way per connection
 # what the session's writer hands over (`writer.WRITE_BATCH` and more), and smaller pieces
 CHUNKS = (256 * 1024, 300_000, 1000, 65_537, 16 * 1024)
 BOUND_KIB = 80  # what one end may keep after bulk traffic, over what a handshake-only end keeps
+RECORD = 16 * 1024 + 256 + 5  # the largest TLS record on the wire
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or not mallinfo(), reason="needs glibc's mallinfo2"
@@ -121,3 +128,37 @@ async def test_a_connection_that_carried_bulk_traffic_keeps_what_an_idle_one_kee
         tls.close()
     print(f"per end: handshake only {idle_kib:.1f} KiB, after bulk {busy_kib:.1f} KiB")
     assert busy_kib - idle_kib < BOUND_KIB, (idle_kib, busy_kib)
+
+
+async def test_views_of_any_size_get_every_byte_and_the_incoming_bio_stays_small(
+    tmp_path: Path,
+) -> None:
+    """Views that fill up in the middle of a read (the rest of it goes to OpenSSL), views smaller
+    than a record or than `MIN_READ`: the bytes arrive in order, and OpenSSL's incoming BIO never
+    holds more than a piece, a record and a minimal read."""
+    server, client = await tls_pair(make_certs(tmp_path))
+    data = os.urandom(BULK)
+    buf = memoryview(bytearray(READ_BATCH))
+    sizes = (1, 1000, 20_000, 300_000, READ_BATCH, 5000)
+    received = bytearray()
+    most = 0
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            n.start_soon(send_bulk, client, data)
+            i = 0
+            while len(received) < BULK:
+                if server.drained:
+                    server.drained = False
+                    await server.wait_readable()
+                got = server.receive_into(buf[: sizes[i % len(sizes)]])
+                most = max(most, server._in.pending)
+                if got is None:
+                    await server.wait_readable()
+                    continue
+                assert got, "EOF"
+                received += buf[:got]
+                i += 1
+    assert received == data
+    assert most <= READ_PIECE + RECORD + MIN_READ, most
+    server.close()
+    client.close()
