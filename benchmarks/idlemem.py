@@ -239,6 +239,26 @@ def _drain(obj: ssl.SSLObject) -> None:
         pass
 
 
+def handshaken(
+    server: ssl.SSLContext, client: ssl.SSLContext, ticket: ssl.SSLSession | None = None
+) -> tuple[
+    ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO
+]:
+    """A server and a client on memory BIOs (each with its incoming and outgoing BIO), after the
+    handshake (the client resuming `ticket` if given) and the client's reading of its ticket."""
+    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    c = client.wrap_bio(c_in, c_out, server_hostname="localhost", session=ticket)
+    for _ in range(4):
+        for side in (c, s):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        _pump(c_out, s_in)
+        _pump(s_out, c_in)
+    _drain(c)  # the ticket
+    return s, s_in, s_out, c, c_in, c_out
+
+
 def openssl_costs(n: int = 300) -> dict[str, float]:
     """OpenSSL's memory per server connection (the cloud's side of a tunnel), in this process:
     glibc's heap in use (`mallinfo2`) over `n` connections on memory BIOs, divided by `n`, KiB.
@@ -258,18 +278,10 @@ def openssl_costs(n: int = 300) -> dict[str, float]:
         )
 
         def connection(case: str, ticket: ssl.SSLSession | None) -> object:
-            s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
-            s = server.wrap_bio(s_in, s_out, server_side=True)
             if case == "bare":
-                return s, s_in, s_out
-            c = client.wrap_bio(c_in, c_out, server_hostname="localhost", session=ticket)
-            for _ in range(4):
-                for side in (c, s):
-                    with contextlib.suppress(ssl.SSLWantReadError):
-                        side.do_handshake()
-                _pump(c_out, s_in)
-                _pump(s_out, c_in)
-            _drain(c)  # the ticket
+                s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+                return server.wrap_bio(s_in, s_out, server_side=True), s_in, s_out
+            s, s_in, s_out, c, c_in, c_out = handshaken(server, client, ticket)
             for src, dst, dst_in, src_out in ((c, s, s_in, c_out), (s, c, c_in, s_out)):
                 src.write(b"p" * 40)
                 dst_in.write(src_out.read())

@@ -10,11 +10,12 @@ socket is ready:
 
 - **Reading** (`receive_into`): one `readv` of up to `RAW_READ` (256 KiB, about 16 records; no
   more than the caller's view has room for) into a scratch buffer shared by every connection of
-  the trio run; its bytes go to the incoming BIO `READ_PIECE` at a time, the next piece once
-  OpenSSL has taken the last, and `SSL_read` decrypts record by record (the SSL object is called
-  directly, not through `ssl.SSLObject`'s wrapper) into the caller's buffer, until it is full or
-  the socket has nothing more: one wake-up, up to the caller's batch of plaintext, one system call
-  per 256 KiB of ciphertext.
+  the trio run; its bytes go to the incoming BIO as OpenSSL takes them, topping it up to
+  `READ_PIECE` (the largest TLS record) whenever it holds less, so that every `SSL_read` finds a
+  whole record (no `SSL_WANT_READ` exception before the read's end); `SSL_read` decrypts record
+  by record (the SSL object is called directly, not through `ssl.SSLObject`'s wrapper) into the
+  caller's buffer, until it is full or the socket has nothing more: one wake-up, up to the
+  caller's batch of plaintext, one system call per 256 KiB of ciphertext.
 - **Writing** (`send_chunk`): `SSL_write` encrypts a batch `WRITE_PIECE` (one TLS record) at a
   time, each piece's ciphertext taken out of the outgoing BIO at once, then one `writev` puts as
   much of the pieces into the socket as the kernel takes. What the kernel did not take stays here
@@ -24,12 +25,13 @@ socket is ready:
 - **Memory**: a memory BIO never gives back what it once held (its buffer grows to 4/3 of the
   most it held, and stays). Fed a whole read or a whole batch at once, a connection that once
   carried a bulk transfer kept 325-350 KiB per direction for its life, about nine times an idle
-  tunnel. Fed in pieces, each BIO holds at most a piece, or, when the caller's view fills up in
+  tunnel. Fed in pieces, each BIO holds at most a record, or, when the caller's view fills up in
   the middle of a read, what is left of that read: as no read asks for more than the view has room
   for, that is at most the rest of one record (a view with less than `MIN_READ` of room left is
   handed back without a read; the caller comes back with an empty one). So a connection keeps
-  about 20 KiB per BIO whatever it carried (`tests/transport/test_tls_memory.py`), and the
-  Python-side ciphertext of a batch is freed once sent.
+  about 22 KiB per BIO whatever it carried (`tests/transport/test_tls_memory.py`), and the
+  Python-side ciphertext of a batch is freed once sent. The pieces cost 2-5 % of the time
+  OpenSSL spends on a batch (`benchmarks.bio_pieces`), nothing the data path can measure.
 - **Latency under load**: `TCP_NOTSENT_LOWAT` keeps at most `NOTSENT_LOWAT` unsent bytes in the
   kernel's send buffer (not a limit on bytes in flight, so long fat links are not slowed): the rest
   stays in the session's per-stream queues, where an interactive stream's frame can still go
@@ -62,7 +64,7 @@ RAW_READ = 256 * 1024  # ciphertext bytes per read system call
 NOTSENT_LOWAT = 128 * 1024  # unsent bytes the kernel may hold for us (see "Latency" above)
 
 HANDSHAKE_PIECE = 256  # ciphertext bytes handed to OpenSSL at a time during the handshake
-READ_PIECE = 16 * 1024  # ciphertext bytes handed to OpenSSL at a time (see "Memory" above)
+READ_PIECE = 16 * 1024 + 256 + 5  # the largest TLS record: what the incoming BIO is topped up to
 WRITE_PIECE = 16 * 1024  # plaintext bytes encrypted per `SSL_write`: one full TLS record
 MIN_READ = 16 * 1024  # no read system call for less room than this (unless the view is empty)
 WRITEV_MAX = 64  # pieces per `writev` (the kernel's limit is 1,024)
@@ -304,8 +306,9 @@ class TLSSocket:
         Returns the byte count (0 means EOF), or None when nothing was ready (wait readable).
         A small message costs one read system call and one `SSL_read`, no exception: the socket
         is read first when nothing is buffered, and the loop stops as soon as a short read has
-        been decrypted completely. What one read brought goes to OpenSSL `READ_PIECE` bytes at a
-        time, each once OpenSSL has taken the one before (see "Memory" in the module docstring).
+        been decrypted completely. What one read brought goes to OpenSSL as it takes it: the
+        incoming BIO is topped up to `READ_PIECE` (a whole record) whenever it holds less (see
+        "Memory" in the module docstring).
         """
         n = 0
         size = len(view)
@@ -316,14 +319,22 @@ class TLSSocket:
         rest: memoryview | None = None  # read by this call, not yet handed to OpenSSL
         try:
             while n < size:
-                if rest is None and not incoming.pending and not self._held and not self._eof:
+                if rest is not None:
+                    held = incoming.pending
+                    if held < READ_PIECE:  # topped up to a whole record: no SSL_read runs short
+                        take = READ_PIECE - held
+                        if take < len(rest):
+                            incoming.write(rest[:take])
+                            rest = rest[take:]
+                        else:
+                            if rest:  # (empty at EOF)
+                                incoming.write(rest)
+                            rest = None
+                elif not incoming.pending and not self._held and not self._eof:
                     rest, short = self._read_some(size - n, n, short)
                     if rest is None:
                         break
-                if rest is not None and not incoming.pending:  # OpenSSL took the last piece
-                    if rest:  # (empty at EOF)
-                        incoming.write(rest[:READ_PIECE])
-                    rest = rest[READ_PIECE:] if len(rest) > READ_PIECE else None
+                    continue
                 self._held = False
                 try:
                     got = read(size - n, view[n:])
