@@ -52,19 +52,25 @@ async def send_bulk(tls: TLSSocket, data: bytes) -> None:
             done = tls.flush()
 
 
-async def receive_bulk(tls: TLSSocket, view: memoryview, size: int) -> str:
-    """Read `size` bytes as the session's reader does (a `READ_BATCH` view per call, wait only
-    when nothing is ready or the socket was drained); their SHA-256."""
-    digest = hashlib.sha256()
-    got = 0
-    while got < size:
+async def receive_some(tls: TLSSocket, view: memoryview) -> int:
+    """One `receive_into` as the session's reader makes it: after waiting if the last call
+    drained the socket, and while nothing is ready. The byte count (0: EOF)."""
+    while True:
         if tls.drained:
             tls.drained = False
             await tls.wait_readable()
         n = tls.receive_into(view)
-        if n is None:
-            await tls.wait_readable()
-            continue
+        if n is not None:
+            return n
+        await tls.wait_readable()
+
+
+async def receive_bulk(tls: TLSSocket, view: memoryview, size: int) -> str:
+    """Read `size` bytes into a `READ_BATCH` view per call; their SHA-256."""
+    digest = hashlib.sha256()
+    got = 0
+    while got < size:
+        n = await receive_some(tls, view)
         if n == 0:
             raise TransportError(f"EOF after {got} of {size} bytes")
         digest.update(view[:n])
@@ -141,23 +147,19 @@ async def test_views_of_any_size_get_every_byte_and_the_incoming_bio_stays_small
     sizes = (1, 1000, 20_000, 300_000, READ_BATCH, 5000)
     received = bytearray()
     most = 0
-    with trio.fail_after(60):
-        async with trio.open_nursery() as n:
-            n.start_soon(send_bulk, client, data)
-            i = 0
-            while len(received) < BULK:
-                if server.drained:
-                    server.drained = False
-                    await server.wait_readable()
-                got = server.receive_into(buf[: sizes[i % len(sizes)]])
-                most = max(most, server._in.pending)
-                if got is None:
-                    await server.wait_readable()
-                    continue
-                assert got, "EOF"
-                received += buf[:got]
-                i += 1
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as n:
+                n.start_soon(send_bulk, client, data)
+                i = 0
+                while len(received) < BULK:
+                    got = await receive_some(server, buf[: sizes[i % len(sizes)]])
+                    most = max(most, server._in.pending)
+                    assert got, "EOF"
+                    received += buf[:got]
+                    i += 1
+    finally:
+        server.close()
+        client.close()
     assert received == data
     assert most <= READ_PIECE + MIN_READ, most
-    server.close()
-    client.close()
