@@ -40,7 +40,8 @@ socket is ready:
 The scratch buffer can be shared because nothing awaits between filling it and handing its bytes to
 the incoming BIO (which copies them): what is left of a read when the caller's view is full goes
 to the incoming BIO before `receive_into` returns. Errors from the socket or OpenSSL become
-`TransportError` once, here. An abrupt EOF (no close_notify) is an EOF, as with `suppress_ragged_eofs`.
+`TransportError` once, here. An abrupt EOF (no close_notify) is an EOF, as with
+`suppress_ragged_eofs`.
 """
 
 from __future__ import annotations
@@ -227,7 +228,10 @@ class TLSSocket:
 
         The peer's flight goes to OpenSSL `HANDSHAKE_PIECE` bytes at a time: a memory BIO never
         shrinks, so fed whole it would keep the size of the largest flight for the connection's
-        life (about 1 KiB per idle tunnel); fed in pieces it stays at a piece.
+        life (about 1 KiB per idle tunnel); fed in pieces it stays at a piece. A read takes no more
+        than a record (`READ_PIECE`): what follows the peer's Finished in it (its first data) goes
+        to the incoming BIO whole, and a peer sending bulk right behind its Finished must not make
+        that a batch.
         """
         # read from the socket, not yet handed to OpenSSL
         rest: memoryview | None = memoryview(received) if received else None
@@ -243,7 +247,7 @@ class TLSSocket:
                     await self.wait_readable()
                     if peer_answered is not None:
                         await peer_answered()
-                    rest = self._read_raw()
+                    rest = self._read_raw(READ_PIECE)  # what follows Finished goes in whole
                     if not rest:  # a spurious wake-up (wait again), or EOF (OpenSSL says so)
                         rest = None
                         await trio.lowlevel.checkpoint()

@@ -6,6 +6,7 @@ TLS connections on loopback."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import os
@@ -24,7 +25,7 @@ from kins_tunnel.transport.tls import (
     TransportError,
 )
 from tests.e2e.harness import make_certs
-from tests.transport.test_session import tls_pair
+from tests.transport.test_session import tls_pair, unshaken_pair
 
 PAIRS = 24
 BULK = 4 * 1024 * 1024  # bytes each way per connection
@@ -163,3 +164,47 @@ async def test_views_of_any_size_get_every_byte_and_the_incoming_bio_stays_small
         client.close()
     assert received == data
     assert most <= READ_PIECE + MIN_READ, most
+
+
+async def test_bulk_right_behind_the_handshake_does_not_grow_the_incoming_bio(
+    tmp_path: Path,
+) -> None:
+    """A client that sends a batch at once behind its Finished: the server's last handshake read
+    has both, and what follows the handshake goes to OpenSSL whole, so that read is bounded."""
+    certs = make_certs(tmp_path)
+    server, client = unshaken_pair(certs)
+    sent = trio.Event()
+    answers = 0
+
+    async def after_the_clients_data() -> None:  # the server's handshake reads only then
+        nonlocal answers
+        answers += 1
+        if answers == 2:  # the client's second flight (its certificate, Finished) is due
+            await sent.wait()
+            await trio.sleep(0.05)  # on loopback, in the socket by then
+
+    async def client_side() -> None:
+        await client.do_handshake()
+        assert client.send_chunk(os.urandom(200_000)) or client.pending
+        sent.set()
+        while not client.flush():
+            await client.wait_writable()
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                n.start_soon(client_side)
+                n.start_soon(
+                    functools.partial(server.do_handshake, peer_answered=after_the_clients_data)
+                )
+        assert answers >= 2
+        assert server._in.pending <= READ_PIECE, server._in.pending
+        got = 0
+        view = memoryview(bytearray(READ_BATCH))
+        with trio.fail_after(10):
+            while got < 200_000:
+                got += await receive_some(server, view)
+        assert got == 200_000
+    finally:
+        server.close()
+        client.close()
