@@ -30,7 +30,7 @@ socket is ready:
   for, that is at most the rest of one record (a view with less than `MIN_READ` of room left is
   handed back without a read; the caller comes back with an empty one). So a connection keeps
   about 22 KiB per BIO whatever it carried (`tests/transport/test_tls_memory.py`), and the
-  Python-side ciphertext of a batch is freed once sent. The pieces cost 2-5 % of the time
+  Python-side ciphertext of a batch is freed once sent. The pieces cost 2-4 % of the time
   OpenSSL spends on a batch (`benchmarks.bio_pieces`), nothing the data path can measure.
 - **Latency under load**: `TCP_NOTSENT_LOWAT` keeps at most `NOTSENT_LOWAT` unsent bytes in the
   kernel's send buffer (not a limit on bytes in flight, so long fat links are not slowed): the rest
