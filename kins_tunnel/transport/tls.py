@@ -8,25 +8,40 @@ and two `read`s per record (header, then body). Here OpenSSL runs on two memory 
 moves ciphertext between them and the kernel socket itself, with trio only telling it when the
 socket is ready:
 
-- **Reading** (`receive_into`): one `readv` of up to `RAW_READ` (256 KiB, about 16 records) into a
-  scratch buffer shared by every connection of the trio run, straight into the incoming BIO; then
-  `SSL_read` record by record (the SSL object is called directly, not through `ssl.SSLObject`'s
-  wrapper) into the caller's buffer, until it is full or the socket has nothing more: one wake-up,
-  up to the caller's batch of plaintext, one system call per 256 KiB of ciphertext.
-- **Writing** (`send_chunk`): `SSL_write` encrypts a whole batch into the outgoing BIO (several TLS
-  records), then one `write` puts as much of it into the socket as the kernel takes. What the
-  kernel did not take stays here as ciphertext (`flush()` goes on with it once the socket is
-  writable); the caller never has to offer the same plaintext again, and at most one batch of
-  ciphertext is held per connection.
-
+- **Reading** (`receive_into`): one `readv` of up to `RAW_READ` (256 KiB, about 16 records; no
+  more than the caller's view has room for) into a scratch buffer shared by every connection of
+  the trio run; its bytes go to the incoming BIO as OpenSSL takes them, topping it up to
+  `READ_PIECE` (the largest TLS record) whenever it holds less, so that every `SSL_read` finds a
+  whole record (no `SSL_WANT_READ` exception before the read's end); `SSL_read` decrypts record
+  by record (the SSL object is called directly, not through `ssl.SSLObject`'s wrapper) into the
+  caller's buffer, until it is full or the socket has nothing more: one wake-up, up to the
+  caller's batch of plaintext, one system call per 256 KiB of ciphertext.
+- **Writing** (`send_chunk`): `SSL_write` encrypts a batch `WRITE_PIECE` (one TLS record) at a
+  time, each piece's ciphertext taken out of the outgoing BIO at once, then one `writev` puts as
+  much of the pieces into the socket as the kernel takes. What the kernel did not take stays here
+  as ciphertext (`flush()` goes on with it once the socket is writable); the caller never has to
+  offer the same plaintext again, and at most one batch of ciphertext is held per connection,
+  released once sent.
+- **Memory**: a memory BIO never gives back what it once held (its buffer grows to 4/3 of the
+  most it held, and stays). Fed a whole read or a whole batch at once, a connection that once
+  carried a bulk transfer kept 325-350 KiB per direction for its life, about nine times an idle
+  tunnel. Fed in pieces, each BIO holds at most a record, or, when the caller's view fills up in
+  the middle of a read, what is left of that read: as no read asks for more than the view has room
+  for, that is at most the rest of one record (a view with less than `MIN_READ` of room left is
+  handed back without a read; the caller comes back with an empty one). So a connection keeps
+  about 22 KiB per BIO whatever it carried (`tests/transport/test_tls_memory.py`), and the
+  Python-side ciphertext of a batch is freed once sent. The pieces cost 2-4 % of the time
+  OpenSSL spends on a batch (`benchmarks.bio_pieces`), nothing the data path can measure.
 - **Latency under load**: `TCP_NOTSENT_LOWAT` keeps at most `NOTSENT_LOWAT` unsent bytes in the
   kernel's send buffer (not a limit on bytes in flight, so long fat links are not slowed): the rest
   stays in the session's per-stream queues, where an interactive stream's frame can still go
   before queued bulk (see `proto.output`), instead of behind megabytes the kernel already holds.
 
 The scratch buffer can be shared because nothing awaits between filling it and handing its bytes to
-the incoming BIO (which copies them). Errors from the socket or OpenSSL become `TransportError` once,
-here. An abrupt EOF (no close_notify) is an EOF, as with `suppress_ragged_eofs`.
+the incoming BIO (which copies them): what is left of a read when the caller's view is full goes
+to the incoming BIO before `receive_into` returns. Errors from the socket or OpenSSL become
+`TransportError` once, here. An abrupt EOF (no close_notify) is an EOF, as with
+`suppress_ragged_eofs`.
 """
 
 from __future__ import annotations
@@ -50,6 +65,10 @@ RAW_READ = 256 * 1024  # ciphertext bytes per read system call
 NOTSENT_LOWAT = 128 * 1024  # unsent bytes the kernel may hold for us (see "Latency" above)
 
 HANDSHAKE_PIECE = 256  # ciphertext bytes handed to OpenSSL at a time during the handshake
+READ_PIECE = 16 * 1024 + 256 + 5  # the largest TLS record: what the incoming BIO is topped up to
+WRITE_PIECE = 16 * 1024  # plaintext bytes encrypted per `SSL_write`: one full TLS record
+MIN_READ = 16 * 1024  # no read system call for less room than this (unless the view is empty)
+WRITEV_MAX = 64  # pieces per `writev` (the kernel's limit is 1,024)
 
 _RAW_BUFFER = RunBuffer("kins_tunnel_tls_raw_buffer", RAW_READ)
 
@@ -106,7 +125,6 @@ class TLSSocket:
         "_out",
         "_pending",
         "_eof",
-        "_short",
         "_held",
         "_closed",
         "_handshaken",
@@ -129,9 +147,8 @@ class TLSSocket:
         self._ssl: Any = getattr(obj, "_sslobj", obj)
         self._in = incoming
         self._out = outgoing
-        self._pending: memoryview | None = None  # ciphertext the kernel has not taken yet
+        self._pending: list[bytes | memoryview] | None = None  # ciphertext the kernel has not taken
         self._eof = False  # the socket said EOF; the incoming BIO knows
-        self._short = False  # the last read from the socket was short
         self._held = False  # OpenSSL may hold decrypted bytes of a record (the last view filled up)
         self._closed = False
         self._handshaken = False  # the TLS handshake is done (the peer's certificate is known)
@@ -211,7 +228,10 @@ class TLSSocket:
 
         The peer's flight goes to OpenSSL `HANDSHAKE_PIECE` bytes at a time: a memory BIO never
         shrinks, so fed whole it would keep the size of the largest flight for the connection's
-        life (about 1 KiB per idle tunnel); fed in pieces it stays at a piece.
+        life (about 1 KiB per idle tunnel); fed in pieces it stays at a piece. A read takes no more
+        than a record (`READ_PIECE`): what follows the peer's Finished in it (its first data) goes
+        to the incoming BIO whole, and a peer sending bulk right behind its Finished must not make
+        that a batch.
         """
         # read from the socket, not yet handed to OpenSSL
         rest: memoryview | None = memoryview(received) if received else None
@@ -227,7 +247,7 @@ class TLSSocket:
                     await self.wait_readable()
                     if peer_answered is not None:
                         await peer_answered()
-                    rest = self._read_raw()
+                    rest = self._read_raw(READ_PIECE)  # what follows Finished goes in whole
                     if not rest:  # a spurious wake-up (wait again), or EOF (OpenSSL says so)
                         rest = None
                         await trio.lowlevel.checkpoint()
@@ -252,9 +272,9 @@ class TLSSocket:
             await self._flush_all()
             return
 
-    def _read_raw(self) -> memoryview | None:
-        """One read from the socket (a view of the shared raw buffer); None: nothing there.
-        At EOF the incoming BIO is told and an empty view is returned."""
+    def _read_raw(self, limit: int = RAW_READ) -> memoryview | None:
+        """One read of up to `limit` bytes from the socket (a view of the shared raw buffer);
+        None: nothing there. At EOF the incoming BIO is told and an empty view is returned."""
         if self._eof:
             return None
         if self._closed:  # its number may belong to another connection by now (see `close`)
@@ -263,7 +283,7 @@ class TLSSocket:
         if raw is None:
             raw = self._raw = _raw_buffer()
         try:
-            n = os.readv(self._fd, (raw,))
+            n = os.readv(self._fd, (raw[:limit],))
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
@@ -284,23 +304,15 @@ class TLSSocket:
             pass
 
     # ------------------------------------------------------------------ reading
-    def _fill(self) -> bool:
-        """One read from the socket into the incoming BIO. False: nothing there (would block)."""
-        raw = self._read_raw()
-        if raw is None:
-            return False
-        if raw:
-            self._in.write(raw)
-            self._short = len(raw) < RAW_READ  # a short read: the socket is (almost surely) empty
-        return True
-
     def receive_into(self, view: memoryview) -> int | None:
         """Decrypt as many records as are ready into `view`, without blocking.
 
         Returns the byte count (0 means EOF), or None when nothing was ready (wait readable).
         A small message costs one read system call and one `SSL_read`, no exception: the socket
         is read first when nothing is buffered, and the loop stops as soon as a short read has
-        been decrypted completely.
+        been decrypted completely. What one read brought goes to OpenSSL as it takes it: the
+        incoming BIO is topped up to `READ_PIECE` (a whole record) whenever it holds less (see
+        "Memory" in the module docstring).
         """
         n = 0
         size = len(view)
@@ -308,27 +320,41 @@ class TLSSocket:
         incoming = self._in
         self.drained = False
         short = False  # this call already emptied the socket
+        rest: memoryview | None = None  # read by this call, not yet handed to OpenSSL
         try:
             while n < size:
-                if not incoming.pending and not self._held and not self._eof:
-                    if short or not self._fill():
-                        self.drained = True
+                if rest is not None:
+                    held = incoming.pending
+                    if held < READ_PIECE:  # topped up to a whole record: no SSL_read runs short
+                        take = READ_PIECE - held
+                        if take < len(rest):
+                            incoming.write(rest[:take])
+                            rest = rest[take:]
+                        else:
+                            if rest:  # (empty at EOF)
+                                incoming.write(rest)
+                            rest = None
+                elif not incoming.pending and not self._held and not self._eof:
+                    rest, short = self._read_some(size - n, n, short)
+                    if rest is None:
                         break
-                    short = self._short
+                    continue
                 self._held = False
                 try:
                     got = read(size - n, view[n:])
                 except ssl.SSLWantReadError:  # a record is still incomplete
-                    if short or not self._fill():
-                        self.drained = True
-                        break
-                    short = self._short
+                    if rest is None:
+                        rest, short = self._read_some(size - n, n, short)
+                        if rest is None:
+                            break
                     continue
                 if got == 0:
                     return n if n else 0
                 n += got
             else:
                 self._held = True  # the view is full: OpenSSL may hold the rest of a record
+            if rest is not None:  # the view filled up: at most about a record is left (see above)
+                incoming.write(rest)
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
             return n if n else 0  # close_notify, or an abrupt EOF: the end either way
         except (ssl.SSLError, OSError) as exc:
@@ -338,6 +364,25 @@ class TLSSocket:
         if self._out.pending:  # reading can produce output (TLS 1.3 key update): send it along
             self._flush_quietly()
         return n if n else None
+
+    def _read_some(self, room: int, n: int, short: bool) -> tuple[memoryview | None, bool]:
+        """One read from the socket for `receive_into`, of at most `room` bytes (the view's free
+        space) unless the view is still empty: (the ciphertext, whether the read was short).
+        None: nothing to read now (`drained` says whether the socket is empty), or too little
+        room left to be worth a system call (the caller comes back with an empty view). At EOF
+        the incoming BIO is told and an empty view is returned."""
+        if short:  # this call already emptied the socket
+            self.drained = True
+            return None, short
+        if room < MIN_READ:
+            if n:
+                return None, short
+            room = MIN_READ
+        raw = self._read_raw(min(room, RAW_READ))
+        if raw is None:
+            self.drained = True
+            return None, short
+        return raw, len(raw) < min(room, RAW_READ)
 
     async def wait_readable(self) -> None:
         if self._closed:  # closed by another task of the session: never hand trio fd -1
@@ -353,18 +398,35 @@ class TLSSocket:
     @property
     def pending(self) -> int:
         """Ciphertext bytes waiting for the socket."""
-        return (len(self._pending) if self._pending is not None else 0) + self._out.pending
+        pending = self._pending
+        return (sum(map(len, pending)) if pending is not None else 0) + self._out.pending
 
     def send_chunk(self, chunk: memoryview | bytes | bytearray) -> bool:
         """Encrypt the whole chunk and write as much as the socket takes.
 
         True: everything went out. False: ciphertext is left; `flush()` once the socket is writable.
-        Either way the chunk itself is done with (it may be reused at once).
+        Either way the chunk itself is done with (it may be reused at once). The chunk is
+        encrypted `WRITE_PIECE` bytes at a time, each piece's records taken out of the outgoing
+        BIO at once, and the pieces go to the socket in one `writev`.
         """
         if self._closed:
             raise TransportError("tunnel socket closed")
+        write = self._ssl.write
+        out = self._out
         try:
-            self._ssl.write(chunk)
+            if len(chunk) <= WRITE_PIECE:
+                write(chunk)
+                if self._pending is None:  # the common case: one piece, nothing queued
+                    return self._write_all([out.read()])
+            else:
+                view = memoryview(chunk)
+                pieces: list[bytes | memoryview] = []
+                for i in range(0, len(view), WRITE_PIECE):
+                    write(view[i : i + WRITE_PIECE])
+                    pieces.append(out.read())
+                if self._pending is None:
+                    return self._write_all(pieces)
+                self._pending += pieces
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise TransportError(f"tunnel write failed: {_describe(exc)}") from exc
         return self.flush()
@@ -373,24 +435,44 @@ class TLSSocket:
         """Write pending ciphertext without blocking. True: nothing is left."""
         if self._closed:
             raise TransportError("tunnel socket closed")
-        while True:
-            pending = self._pending
+        pending = self._pending
+        if self._out.pending:  # records made outside `send_chunk` (handshake, key update)
             if pending is None:
-                if not self._out.pending:
-                    return True
-                pending = memoryview(self._out.read())
+                pending = []
+            pending.append(self._out.read())
+        if pending is None:
+            return True
+        self._pending = None
+        return self._write_all(pending)
+
+    def _write_all(self, pieces: list[bytes | memoryview]) -> bool:
+        """Write `pieces` (ciphertext, in order) as far as the socket takes them; what it does not
+        take becomes `_pending`. True: everything went out."""
+        while pieces:
+            batch = pieces if len(pieces) <= WRITEV_MAX else pieces[:WRITEV_MAX]
             try:
-                n = os.write(self._fd, pending)
+                n = os.writev(self._fd, batch) if len(batch) > 1 else os.write(self._fd, batch[0])
             except (BlockingIOError, InterruptedError):
-                self._pending = pending
+                self._pending = pieces
                 return False
             except OSError as exc:
                 self._pending = None
                 raise TransportError(f"tunnel write failed: {_describe(exc)}") from exc
-            if n < len(pending):
-                self._pending = pending[n:]
-                return False  # the socket buffer is full: wait until it is writable
-            self._pending = None
+            whole = 0  # pieces that went out whole
+            for piece in batch:
+                if n < len(piece):
+                    break
+                n -= len(piece)
+                whole += 1
+            if whole == len(pieces):
+                return True
+            del pieces[:whole]
+            if n or whole < len(batch):  # the socket buffer is full: wait until it is writable
+                if n:
+                    pieces[0] = memoryview(pieces[0])[n:]
+                self._pending = pieces
+                return False
+        return True
 
     def close(self) -> None:
         """Release the socket. From here on nothing touches its descriptor number, which the

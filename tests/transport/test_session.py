@@ -20,7 +20,8 @@ from kins_tunnel.transport.tls import TLSSocket
 from tests.e2e.harness import make_certs
 
 
-async def tls_pair(certs: Path) -> tuple[TLSSocket, TLSSocket]:
+def unshaken_pair(certs: Path) -> tuple[TLSSocket, TLSSocket]:
+    """A server and a client `TLSSocket` over loopback TCP, before their handshakes."""
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
@@ -38,6 +39,11 @@ async def tls_pair(certs: Path) -> tuple[TLSSocket, TLSSocket]:
         server_side=False,
         server_hostname="localhost",
     )
+    return server, client
+
+
+async def tls_pair(certs: Path) -> tuple[TLSSocket, TLSSocket]:
+    server, client = unshaken_pair(certs)
     async with trio.open_nursery() as n:
         n.start_soon(server.do_handshake)
         n.start_soon(client.do_handshake)
