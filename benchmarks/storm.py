@@ -400,12 +400,13 @@ def run_storm(
             cloud = cloud_process(base, certs, tport, aport, edges, wait=False, tunnel=extra)
             procs.append(cloud)
             t_listen = _wait(lambda: _listening(tport), 30, "restart", 0.002)
+            trace = _CpuTrace(t_listen, cloud.pid, [w.pid for w in worker_procs])
             cpu_restart = _cpu_seconds(cloud.pid)
             rss_restart = rss_kib(cloud.pid)
             if profile is not None:
                 procs.append(_profiler(cloud.pid, profile))
             t_back = _wait(
-                lambda: connected(True) >= edges,
+                lambda: trace.sample() and connected(True) >= edges,
                 max(left() - 40, 10),
                 "storm",
                 0.02,
@@ -486,7 +487,38 @@ def run_storm(
         tunnel=tunnel or {},
         rtt=rtt,
         relay_cpu=relay_cpu,
+        cpu_trace=trace.per_second(),
     )
+
+
+class _CpuTrace:
+    """The CPU the replica and the edge workers used in each second after listening (% of one
+    core), sampled while the storm is waited for: it shows who the machine's cores worked for
+    (the simulated edges share them with the replica)."""
+
+    def __init__(self, t0: float, cloud: int, workers: list[int]) -> None:
+        self.t0, self.cloud, self.workers = t0, cloud, workers
+        self.samples: list[tuple[float, float, float]] = [self._now()]
+
+    def _now(self) -> tuple[float, float, float]:
+        edge_cpu = 0.0
+        for pid in self.workers:
+            with contextlib.suppress(OSError):
+                edge_cpu += _cpu_seconds(pid)
+        return time.monotonic(), _cpu_seconds(self.cloud), edge_cpu
+
+    def sample(self) -> bool:
+        """Record one sample if a second has passed since the last (always True: a condition)."""
+        if time.monotonic() - self.samples[-1][0] >= 1.0:
+            self.samples.append(self._now())
+        return True
+
+    def per_second(self) -> dict[str, list[float]]:
+        pairs = list(zip(self.samples, self.samples[1:], strict=False))
+        return {
+            "cloud": [round(100 * (b[1] - a[1]) / (b[0] - a[0])) for a, b in pairs],
+            "edge_workers": [round(100 * (b[2] - a[2]) / (b[0] - a[0])) for a, b in pairs],
+        }
 
 
 RELAY_READY_TIMEOUT = 10.0  # seconds for the relay process to listen
@@ -549,6 +581,7 @@ def _figures(
     tunnel: dict[str, object],
     rtt: float,
     relay_cpu: float,
+    cpu_trace: dict[str, list[float]],
 ) -> dict[str, Any]:
     back: dict[int, tuple[float, bool]] = {}  # edge -> first up after the kill
     rtt_until = max(t_back, t_listen + RTT_WINDOW_MIN)
@@ -601,6 +634,8 @@ def _figures(
         "handshakes_per_s_mean": round(len(waits) / storm, 1),
         "handshakes_per_s_best_second": max(buckets.values()) if buckets else 0,
         "back_per_second": [buckets.get(i, 0) for i in range(int(storm) + 1)] if waits else [],
+        # % of one core in each second after listening (the simulated edges share the cores)
+        "cpu_pct_per_second": cpu_trace,
         "cloud_cpu_ms_per_handshake": round(cpu_storm * 1000 / max(len(waits), 1), 3),
         "cloud_cpu_s_during_storm": round(cpu_storm, 1),
         "edge_workers_cpu_s_whole_run": round(sum(r["cpu_s"] for r in recs), 1),

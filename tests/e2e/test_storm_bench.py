@@ -20,6 +20,9 @@ def test_the_storm_harness_at_20_edges_reports_sane_figures() -> None:
     assert 0 <= r["back_50pct_s"] <= r["back_99pct_s"] <= r["back_100pct_s"] < 30
     assert r["slowest_wait_from_kill_s"] >= r["back_100pct_s"]
     assert r["handshakes_per_s_best_second"] >= 1
+    cpu = r["cpu_pct_per_second"]  # who the cores worked for, second by second
+    assert len(cpu["cloud"]) == len(cpu["edge_workers"])
+    assert all(0 <= x <= 250 for x in cpu["cloud"] + cpu["edge_workers"])
     assert r["tunnels_dropped_during_storm"] == 0
     assert r["pings_unanswered_over_timeout"] == 0
     rtt = r["rtt_during_storm_ms"]
