@@ -1,6 +1,7 @@
 """Reconnect storm: N edges on one tunnel-cloud replica that is killed and restarted.
 
     python -m benchmarks.scale --storm [--edges 5000] [--workers 4] [--no-tickets] [--nice 10]
+        [--pin]
         [--profile storm.txt] [--rtt 0.1]
 
 Simulated edges (worker processes, this file's `worker` mode; the open-file limit here is 20,000
@@ -25,7 +26,9 @@ compared with its baseline (leaks). The whole run is bounded by `budget` seconds
 The simulated edges share the machine's cores with the replica, unlike a real fleet (every edge
 its own machine). `--nice N` runs the edge workers at a lower CPU priority (`os.nice(N)` in each),
 so the replica gets the core a dedicated machine would give it and the edges the rest; a result
-says which (`edge_nice`). `--profile FILE` records the restarted replica with py-spy from listening
+says which (`edge_nice`). `--pin` instead gives the replica a core of its own: the replica
+(both processes) runs on CPU 0 only, the edge workers and this harness on the others
+(`os.sched_setaffinity`; a result says `pinned`). `--profile FILE` records the restarted replica with py-spy from listening
 until all edges are back (collapsed stacks, `py-spy record --format raw`).
 
 `--rtt SECONDS` puts a link with that round trip between the edges and the replica: a relay
@@ -301,9 +304,20 @@ def run_storm(
     profile: Path | None = None,
     tunnel: dict[str, object] | None = None,
     rtt: float = 0.0,
+    pin: bool = False,
 ) -> dict[str, Any]:
     """Run the whole storm once (see the module docstring); returns the figures."""
     t_start = time.monotonic()
+    cores = sorted(os.sched_getaffinity(0))
+    if pin and len(cores) < 2:
+        raise RuntimeError("--pin needs at least two CPUs")
+    others = set(cores[1:])
+
+    def place(pid: int, replica: bool) -> None:
+        if pin:
+            os.sched_setaffinity(pid, {cores[0]} if replica else others)
+
+    place(0, False)  # this harness runs beside the edges, not on the replica's core
     with tempfile.TemporaryDirectory(prefix="kins-storm-") as tmp:
         base = Path(tmp)
         certs = fleet_certs(base)
@@ -318,8 +332,11 @@ def run_storm(
         procs: list[subprocess.Popen[bytes]] = []
         try:
             cloud = cloud_process(base, certs, tport, aport, edges, tunnel=extra)
+            place(cloud.pid, True)
             procs.append(cloud)
             relay = _relay(tport, rtt) if rtt > 0 else None
+            if relay is not None:
+                place(relay[0].pid, False)
             eport = tport
             if relay is not None:
                 procs.append(relay[0])
@@ -355,6 +372,7 @@ def run_storm(
                         stdout=subprocess.DEVNULL,
                     )
                 )
+                place(worker_procs[-1].pid, False)
                 procs.append(worker_procs[-1])
 
             def connected(back: bool = False) -> int:
@@ -398,6 +416,7 @@ def run_storm(
             t_kill = time.monotonic()
             (base / "since").write_text(repr(t_kill))
             cloud = cloud_process(base, certs, tport, aport, edges, wait=False, tunnel=extra)
+            place(cloud.pid, True)
             procs.append(cloud)
             t_listen = _wait(lambda: _listening(tport), 30, "restart", 0.002)
             trace = _CpuTrace(t_listen, cloud.pid, [w.pid for w in worker_procs])
@@ -488,6 +507,7 @@ def run_storm(
         rtt=rtt,
         relay_cpu=relay_cpu,
         cpu_trace=trace.per_second(),
+        pinned=pin,
     )
 
 
@@ -582,6 +602,7 @@ def _figures(
     rtt: float,
     relay_cpu: float,
     cpu_trace: dict[str, list[float]],
+    pinned: bool = False,
 ) -> dict[str, Any]:
     back: dict[int, tuple[float, bool]] = {}  # edge -> first up after the kill
     rtt_until = max(t_back, t_listen + RTT_WINDOW_MIN)
@@ -613,6 +634,7 @@ def _figures(
         "workers": workers,
         "session_tickets": tickets,
         "edge_nice": nice,
+        "pinned": pinned,  # the replica alone on CPU 0, everything else on the others
         "cloud_tunnel_settings": tunnel,
         "rtt_s": rtt,
         "relay_cpu_s": round(relay_cpu, 1),
@@ -682,6 +704,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--nice", type=int, default=0, help="the edge workers' CPU priority (os.nice increment)"
     )
+    ap.add_argument(
+        "--pin", action="store_true", help="the replica alone on CPU 0, the edges on the others"
+    )
     ap.add_argument("--profile", type=Path, help="py-spy the restarted replica into this file")
     ap.add_argument(
         "--max-concurrent-handshakes", type=int, help="the cloud's tunnel.max_concurrent_handshakes"
@@ -708,6 +733,7 @@ def main(argv: list[str] | None = None) -> None:
             else None
         ),
         rtt=args.rtt,
+        pin=args.pin,
     )
     print(json.dumps(result, indent=1))
 

@@ -4,6 +4,8 @@ sane. The figures themselves are measured by `python -m benchmarks.scale --storm
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from benchmarks.storm import run_storm
@@ -48,3 +50,17 @@ def test_the_storm_harness_through_a_link_with_a_round_trip() -> None:
     assert rtt["samples"] > 0 and 100 <= rtt["p50"] <= rtt["max"] < 20_000
     assert r["relay_cpu_s"] >= 0
     assert r["leaks"]["fds_after"] <= r["leaks"]["fds_baseline"]
+
+
+@pytest.mark.slow
+def test_the_storm_harness_can_give_the_replica_a_core_of_its_own() -> None:
+    """`--pin`: the replica on CPU 0 alone, the edges and the harness on the others."""
+    before = os.sched_getaffinity(0)
+    if len(before) < 2:
+        pytest.skip("pinning needs two CPUs")
+    try:
+        r = run_storm(20, 1, idle_window=1.0, budget=90.0, pin=True)
+    finally:
+        os.sched_setaffinity(0, before)  # the harness pinned this process beside the edges
+    assert r["pinned"] is True and r["back"] == 20 and r["resumed"] == 20
+    assert r["tunnels_dropped_during_storm"] == 0
