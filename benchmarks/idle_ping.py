@@ -11,7 +11,7 @@ What an idle fleet costs a replica is almost all pings: every idle edge pings af
   127.0.0.1, the same `TunnelSide`/`Session`/`TLSSocket` stack it runs in production) holds
   `--tunnels` idle tunnels;
 - this process (a separate one: the cloud's CPU is its own) opens them with tunnel-edge's TLS
-  client (`transport.tls.connect_tls`) and the protocol core (`proto.Connection`), answers the
+  client (`transport.tls_dial.connect_tls`) and the protocol core (`proto.Connection`), answers the
   cloud's pings, and sends PINGs at a fixed aggregate `--rate`, one tunnel after the other, evenly
   spaced (each tunnel pings every `tunnels / rate` seconds, so the cloud never pings of its own
   but for the RTT refresh, as on an idle fleet where the edges ping first);
@@ -68,7 +68,8 @@ from kins_tunnel.proto.events import PongReceived
 from kins_tunnel.testing.support import free_port
 from kins_tunnel.tls_contexts import client_ssl_context, server_ssl_context
 from kins_tunnel.transport.errors import HandshakeFailed
-from kins_tunnel.transport.tls import READ_BATCH, TLSSocket, TransportError, connect_tls
+from kins_tunnel.transport.tls import READ_BATCH, TLSSocket, TransportError
+from kins_tunnel.transport.tls_dial import connect_tls
 from kins_tunnel.transport.tunnel import TunnelSide
 
 CONNECT_TIMEOUT = 10.0  # seconds for one tunnel's TLS and HELLO exchange

@@ -3,7 +3,7 @@
     python -m benchmarks.scale [--edges 10000] [--workers 4] [--settle 15] [--idle-window 30]
 
 Edges are simulated (this file, `worker` mode) with tunnel-edge's own pieces: its TLS client
-(`transport.tls.connect_tls`, mutual TLS with an edge certificate) and its tunnel
+(`transport.tls_dial.connect_tls`, mutual TLS with an edge certificate) and its tunnel
 (`transport.tunnel.TunnelSide`: the `Session`, its ping policy and liveness, tunnel-edge's
 default `ping_interval` and `ping_timeout`), idle once up. They are spread over several worker
 processes (the open-file limit here is 20,000 per process). Reported: time until all N tunnels
@@ -40,7 +40,8 @@ from kins_tunnel.tls_contexts import client_ssl_context
 from kins_tunnel.transport import liveness
 from kins_tunnel.transport.errors import HandshakeFailed
 from kins_tunnel.transport.session import Session
-from kins_tunnel.transport.tls import TransportError, connect_tls
+from kins_tunnel.transport.tls import TransportError
+from kins_tunnel.transport.tls_dial import connect_tls
 from kins_tunnel.transport.tunnel import TunnelSide
 
 

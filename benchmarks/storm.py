@@ -7,7 +7,7 @@
 Simulated edges (worker processes, this file's `worker` mode; the open-file limit here is 20,000
 per process) dial with the real pieces of tunnel-edge: its reconnect policy
 (`edge.reconnect.ReconnectPolicy`: full-jitter backoff, reset after `stable_after`, the cloud's
-retry-after hint), its TLS client (`transport.tls.connect_tls`, resuming with the cloud's session
+retry-after hint), its TLS client (`transport.tls_dial.connect_tls`, resuming with the cloud's session
 ticket; the cloud reads a `tunnel.session_ticket_key_file`, so its restart keeps the ticket key)
 and the protocol state machine (`proto.Connection`); then they idle, pinging the cloud every
 10 s as tunnel-edge does and answering its pings. Every 20th edge is a probe: during the storm, once
@@ -71,7 +71,8 @@ from kins_tunnel.proto.events import PongReceived
 from kins_tunnel.testing.support import free_port, rss_kib
 from kins_tunnel.tls_contexts import client_ssl_context
 from kins_tunnel.tls_tickets import write_secret
-from kins_tunnel.transport.tls import Refused, TLSSocket, TransportError, connect_tls
+from kins_tunnel.transport.tls import Refused, TLSSocket, TransportError
+from kins_tunnel.transport.tls_dial import connect_tls
 
 PROBE_EVERY = 20  # every 20th edge pings the cloud once up
 PROBE_INTERVAL = 0.25  # seconds between a probe's pings

@@ -78,7 +78,8 @@ from kins_tunnel.tls_contexts import client_ssl_context
 from kins_tunnel.transport.errors import HandshakeFailed
 from kins_tunnel.transport.http_proxy import ProxyDialer
 from kins_tunnel.transport.session import Session
-from kins_tunnel.transport.tls import Refused, TransportError, connect_tls
+from kins_tunnel.transport.tls import Refused, TransportError
+from kins_tunnel.transport.tls_dial import connect_tls
 from kins_tunnel.transport.tunnel import TunnelSide
 
 log = logging.getLogger("kins_tunnel.edge")

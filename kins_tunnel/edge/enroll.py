@@ -71,7 +71,8 @@ from kins_tunnel.names import Address
 from kins_tunnel.pemfiles import load_certs
 from kins_tunnel.tls_contexts import enroll_client_ssl_context
 from kins_tunnel.transport.session import Session
-from kins_tunnel.transport.tls import TransportError, connect_tls
+from kins_tunnel.transport.tls import TransportError
+from kins_tunnel.transport.tls_dial import connect_tls
 
 log = logging.getLogger("kins_tunnel.edge.enroll")
 

@@ -46,16 +46,15 @@ to the incoming BIO before `receive_into` returns. Errors from the socket or Ope
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import ssl
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
+from kins_tunnel.transport.allocator import tune_allocator
 from kins_tunnel.transport.buffers import RunBuffer
 from kins_tunnel.transport.errors import TransportError as TransportError  # its callers' name
 from kins_tunnel.transport.refusal import parse_refusal
@@ -79,32 +78,6 @@ class Refused(TransportError):
     def __init__(self, retry_after: float) -> None:
         super().__init__(f"shed by the cloud before TLS (retry after {retry_after:g}s)")
         self.retry_after = retry_after
-
-
-_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
-_M_MMAP_THRESHOLD = -3
-_allocator_tuned = False
-
-
-def tune_allocator() -> None:
-    """Stop heap churn: keep batch-sized buffers (up to 4 MiB) in the heap instead of fresh mmaps,
-    and do not give the heap back to the kernel unless 16 MiB at its top are free.
-
-    With glibc's defaults, every batch-sized `bytes` (a TLS write batch, a received DATA piece)
-    costs page faults: it is mapped and unmapped, or the heap shrinks and grows again around it
-    (tens of thousands of minor faults per GB, and two identical processes differing by up to 25 %
-    in CPU). Process-wide and idempotent; a no-op where the C library has no `mallopt`.
-    """
-    global _allocator_tuned
-    if _allocator_tuned or not sys.platform.startswith("linux"):
-        return
-    _allocator_tuned = True
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        return
-    mallopt(_M_MMAP_THRESHOLD, 4 * 1024 * 1024)
-    mallopt(_M_TRIM_THRESHOLD, 16 * 1024 * 1024)
 
 
 def _raw_buffer() -> memoryview:
@@ -265,7 +238,7 @@ class TLSSocket:
                 continue
             except (ssl.SSLError, OSError) as exc:
                 self._flush_quietly()  # the alert tells the peer why
-                raise TransportError(f"TLS handshake failed: {_describe(exc)}") from exc
+                raise TransportError(f"TLS handshake failed: {describe_error(exc)}") from exc
             if rest is not None:  # what followed the handshake (the peer's first data)
                 self._in.write(rest)
             self._handshaken = True
@@ -287,7 +260,7 @@ class TLSSocket:
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as exc:
-            raise TransportError(f"tunnel read failed: {_describe(exc)}") from exc
+            raise TransportError(f"tunnel read failed: {describe_error(exc)}") from exc
         if n == 0:
             self._eof = True
             self._in.write_eof()
@@ -360,7 +333,7 @@ class TLSSocket:
         except (ssl.SSLError, OSError) as exc:
             if n:
                 return n  # hand over what we have; the error shows again on the next call
-            raise TransportError(f"tunnel read failed: {_describe(exc)}") from exc
+            raise TransportError(f"tunnel read failed: {describe_error(exc)}") from exc
         if self._out.pending:  # reading can produce output (TLS 1.3 key update): send it along
             self._flush_quietly()
         return n if n else None
@@ -428,7 +401,7 @@ class TLSSocket:
                     return self._write_all(pieces)
                 self._pending += pieces
         except (ssl.SSLError, OSError, ValueError) as exc:
-            raise TransportError(f"tunnel write failed: {_describe(exc)}") from exc
+            raise TransportError(f"tunnel write failed: {describe_error(exc)}") from exc
         return self.flush()
 
     def flush(self) -> bool:
@@ -457,7 +430,7 @@ class TLSSocket:
                 return False
             except OSError as exc:
                 self._pending = None
-                raise TransportError(f"tunnel write failed: {_describe(exc)}") from exc
+                raise TransportError(f"tunnel write failed: {describe_error(exc)}") from exc
             whole = 0  # pieces that went out whole
             for piece in batch:
                 if n < len(piece):
@@ -493,7 +466,7 @@ class TLSSocket:
             pass
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f"{exc.reason}: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
@@ -501,34 +474,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return exc.strerror or type(exc).__name__
     return str(exc)
-
-
-async def connect_tls(
-    host: str,
-    port: int,
-    context: ssl.SSLContext,
-    *,
-    server_hostname: str,
-    open_stream: Callable[[str, int], Awaitable[trio.SocketStream]] | None = None,
-    session: ssl.SSLSession | None = None,
-) -> TLSSocket:
-    """TCP connect (trio, happy-eyeballs over every address) then wrap; the caller sets deadlines.
-
-    `open_stream(host, port)` replaces the direct TCP connect (the edge's site proxy); `session`
-    is offered for resumption (see `TLSSocket.wrap`). Raises `TransportError` (`Refused` when the
-    cloud shed the connection with a retry-after hint)."""
-    try:
-        stream = await (open_stream or trio.open_tcp_stream)(host, port)
-    except OSError as exc:
-        raise TransportError(f"cannot connect to {host}:{port}: {_describe(exc)}") from exc
-    fd = stream.socket.detach()
-    sock = socket.socket(fileno=fd)
-    tls = TLSSocket.wrap(
-        sock, context, server_side=False, server_hostname=server_hostname, session=session
-    )
-    try:
-        await tls.do_handshake()
-    except BaseException:
-        tls.close()
-        raise
-    return tls

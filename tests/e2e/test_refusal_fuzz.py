@@ -33,7 +33,8 @@ from kins_tunnel.transport.refusal import (
     encode_refusal,
     parse_refusal,
 )
-from kins_tunnel.transport.tls import Refused, TransportError, connect_tls
+from kins_tunnel.transport.tls import Refused, TransportError
+from kins_tunnel.transport.tls_dial import connect_tls
 from tests.e2e.harness import make_certs, tunnel_env
 from tests.e2e.rawpeer import mutate
 from tests.e2e.test_session_fuzz import SEED, sessions
