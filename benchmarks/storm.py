@@ -117,9 +117,15 @@ async def _send(tls: TLSSocket, conn: Connection) -> None:
             await tls.wait_writable()
 
 
-async def _tunnel(edge: int, tls: TLSSocket, rec: _Record, probe: bool, resumed: bool) -> None:
+async def _tunnel(
+    edge: int, tls: TLSSocket, rec: _Record, probe: bool, tickets: dict[int, ssl.SSLSession]
+) -> None:
     """Run one tunnel (HELLO both ways, then answer pings; a probe also pings every
-    `PROBE_INTERVAL`) until the cloud ends it."""
+    `PROBE_INTERVAL`) until the cloud ends it. A tunnel that did not resume leaves the ticket the
+    cloud issued in `tickets` once up (tunnel-edge keeps one ticket per cloud the same way; taken
+    when the tunnel comes up, not when it ends, so that the 5,000 edges' copies of their tickets do
+    not all run on the replica's cores at the moment it is killed)."""
+    resumed = tls.session_reused
     hello = Hello(names=("scale-svc-kins.kins-system:443",))
     conn = Connection(Role.CLIENT, hello, clock=time.monotonic)
     buf = memoryview(bytearray(65536))
@@ -144,6 +150,10 @@ async def _tunnel(edge: int, tls: TLSSocket, rec: _Record, probe: bool, resumed:
                 rec.connected += 1
                 rec.ups.append((edge, time.monotonic(), resumed))
                 rec.last_up[edge] = time.monotonic()
+                if not resumed:  # the ticket came before the cloud's HELLO
+                    issued = tls.session
+                    if issued is not None and issued.has_ticket:
+                        tickets[edge] = issued
                 every = PROBE_INTERVAL if probe and rec.storm else EDGE_PING_INTERVAL
                 next_ping = time.monotonic() + random.uniform(0, every)
             if time.monotonic() >= next_ping:
@@ -174,7 +184,7 @@ async def _edge(
 ) -> None:
     """One simulated edge, for ever: dial, run the tunnel, wait as the real policy says."""
     policy = ReconnectPolicy(BACKOFF, rng)
-    ticket = None
+    tickets: dict[int, ssl.SSLSession] = {}
     probe = edge % PROBE_EVERY == 0
     while True:
         started = time.monotonic()
@@ -183,9 +193,9 @@ async def _edge(
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 tls = await connect_tls(
-                    "127.0.0.1", port, ctx, server_hostname="localhost", session=ticket
+                    "127.0.0.1", port, ctx, server_hostname="localhost", session=tickets.get(edge)
                 )
-            await _tunnel(edge, tls, rec, probe, tls.session_reused)
+            await _tunnel(edge, tls, rec, probe, tickets)
         except Refused as exc:
             hint = exc.retry_after
             rec.hints.append(hint)
@@ -196,8 +206,6 @@ async def _edge(
             rec.failures[_failure_kind(exc)] += 1
         finally:
             if tls is not None:
-                if tls.session is not None and tls.session.has_ticket:
-                    ticket = tls.session
                 tls.close()
         await trio.sleep(policy.next_delay(time.monotonic() - started, hint))
 
