@@ -51,6 +51,7 @@ class _EdgeDefaults:
 
     ping_interval: float
     ping_timeout: float
+    idle_ping_interval: float
     handshake_timeout: float
 
 
@@ -59,7 +60,7 @@ _EDGE = _EdgeDefaults(
     **{
         f.name: float(f.default)  # type: ignore[arg-type]
         for f in dataclasses.fields(EdgeConfig)
-        if f.name in ("ping_interval", "ping_timeout", "handshake_timeout")
+        if f.name in ("ping_interval", "ping_timeout", "idle_ping_interval", "handshake_timeout")
     }
 )
 
@@ -68,7 +69,12 @@ async def _one_edge(port: int, ctx: ssl.SSLContext, connected: list[int], stop: 
     """One simulated edge: tunnel-edge's TLS client and tunnel (`TunnelSide` with the edge's
     defaults: its `Session`, ping policy and liveness), idle until dropped; then dial again."""
     side = TunnelSide(
-        Role.CLIENT, MuxConfig(), _EDGE.ping_interval, _EDGE.ping_timeout, lambda *_: None
+        Role.CLIENT,
+        MuxConfig(),
+        _EDGE.ping_interval,
+        _EDGE.ping_timeout,
+        lambda *_: None,
+        idle_ping_interval=_EDGE.idle_ping_interval,
     )
     hello = Hello(names=("scale-svc-kins.kins-system:443",))
 
