@@ -19,7 +19,7 @@ What an idle fleet costs a replica is almost all pings: every idle edge pings af
   (utime + stime from /proc/<pid>/stat, read by this process at the window's edges, so it does
   not depend on what else runs on the machine) divided by the PONGs this process received in the
   window. Reported: the median and range over the windows, in µs of cloud CPU per ping answered,
-  the idle CPU that implies at 10,000 edges (7/6 of a ping per edge per 10 s:
+  the idle CPU that implies at 10,000 edges (7/6 of a ping per edge per `idle_ping_interval`, 60 s:
   `benchmarks/README.md`), the pings unanswered at the end, and the load average.
 
 `--server` says what answers (the same driver and measure for each): `cloud` (the default) the
@@ -78,7 +78,8 @@ CONCURRENT_CONNECTS = 32
 CONNECT_ATTEMPTS = 3
 CONNECT_LIMIT = 9_000  # tunnels at most: this process holds one descriptor each (limit 20,000)
 EDGES_AT_SCALE = 10_000  # the fleet the target is stated for
-PINGS_PER_EDGE_PER_S = 7 / 6 / 10.0  # an edge's ping each 10 s, the cloud's own each 60 s
+# an idle edge's ping each idle_ping_interval (60 s), the cloud's own each RTT_REFRESH (6) of them
+PINGS_PER_EDGE_PER_S = 7 / 6 / 60.0
 
 
 @dataclass

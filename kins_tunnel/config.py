@@ -134,6 +134,7 @@ class TunnelListen:
     session_tickets: bool = True  # TLS 1.3 session tickets: a returning edge resumes its session
     session_lifetime: float = 604800.0  # seconds a ticket is good for (at most 7 days)
     session_ticket_key_file: Path | None = None  # shared ticket secret; None: random per process
+    idle_ping_interval: float = 60.0  # an idle tunnel's PINGs; the kernel's keepalive watches it
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +225,7 @@ class EdgeConfig:
     max_tunnels: int = 3  # keepers (tunnels to cloud addresses) at once, whatever DNS answers
     memory_budget: int = 256 * MiB  # what all tunnels together may buffer (`tunnel_buffer_bound`)
     enroll: EnrollSettings | None = None  # set: enrol with a token when tls.cert is missing
+    idle_ping_interval: float = 60.0  # an idle tunnel's PINGs; the kernel's keepalive watches it
 
 
 def tunnel_buffer_bound(mux: MuxConfig) -> int:
@@ -336,7 +338,18 @@ def edge_config_from_dict(
         services=_services(top),
     )
     _check_memory_budget(cfg, top)
+    check_idle_ping(top, cfg.ping_interval, cfg.idle_ping_interval)
     return cfg
+
+
+def check_idle_ping(sec: Section, interval: float, idle_interval: float) -> None:
+    """An idle tunnel pings no more often than a busy one (`transport.ping_policy`)."""
+    if idle_interval < interval:
+        sec.fail(
+            "idle_ping_interval",
+            f"{idle_interval:g} is less than ping_interval ({interval:g}): an idle tunnel is "
+            "pinged at most as often as a busy one (set them equal for the same PINGs)",
+        )
 
 
 def _check_memory_budget(cfg: EdgeConfig, top: Section) -> None:
@@ -361,6 +374,7 @@ def _tunnel(sec: Section) -> TunnelListen:
     revoked = sec.path("revoked_file") if sec.has("revoked_file") else None
     ticket_key = sec.path("session_ticket_key_file") if sec.has("session_ticket_key_file") else None
     tunnel = sec.build(TunnelListen, revoked_file=revoked, session_ticket_key_file=ticket_key)
+    check_idle_ping(sec, tunnel.ping_interval, tunnel.idle_ping_interval)
     if tunnel.session_lifetime > 604800:
         sec.fail("session_lifetime", "must be at most 604800 (7 days, the limit of TLS 1.3)")
     return tunnel

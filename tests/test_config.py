@@ -557,3 +557,20 @@ def test_normalise_target_only_raises_value_error(text: str) -> None:
 def test_cluster_domain_is_stripped(text: str) -> None:
     svc, ns = text.lower().split(".")[:2]
     assert normalise_target(text) == f"{svc}.{ns}:{int(text.rpartition(':')[2])}"
+
+
+def test_idle_ping_interval_defaults_to_a_minute_and_is_never_shorter_than_the_busy_one() -> None:
+    assert cloud().tunnel.idle_ping_interval == 60.0
+    assert edge().idle_ping_interval == 60.0
+    assert (
+        cloud(tunnel={"ping_interval": 5, "idle_ping_interval": 5}).tunnel.idle_ping_interval == 5
+    )
+    with pytest.raises(
+        UserError, match=r"tunnel\.idle_ping_interval: 5 is less than ping_interval"
+    ):
+        cloud(tunnel={"ping_interval": 10, "idle_ping_interval": 5})
+    with pytest.raises(UserError, match=r"idle_ping_interval: 2 is less than ping_interval \(10\)"):
+        edge(idle_ping_interval=2)
+    for bad in (0, -1, "soon", float("nan")):
+        with pytest.raises(UserError, match="idle_ping_interval"):
+            edge(idle_ping_interval=bad)

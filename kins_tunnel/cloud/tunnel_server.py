@@ -73,7 +73,12 @@ class TunnelServer:
         self.metrics = metrics
         t = cfg.tunnel
         self.side = TunnelSide(
-            Role.SERVER, cfg.mux, t.ping_interval, t.ping_timeout, metrics.report_internal_error
+            Role.SERVER,
+            cfg.mux,
+            t.ping_interval,
+            t.ping_timeout,
+            metrics.report_internal_error,
+            idle_ping_interval=t.idle_ping_interval,
         )
         self.admission = Admission(
             max_pending=t.max_pending_handshakes,

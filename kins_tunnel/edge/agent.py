@@ -127,6 +127,7 @@ class Edge:
             cfg.ping_interval,
             cfg.ping_timeout,
             self.metrics.report_internal_error,
+            idle_ping_interval=cfg.idle_ping_interval,
         )
         self.proxy = (
             None if cfg.proxy is None else ProxyDialer(cfg.proxy.url, cfg.proxy.credentials_file)

@@ -1,16 +1,19 @@
 """Liveness of tunnels: one timer per trio run pings every session and ends the silent ones.
 
-A session is asked to ping every `interval` (or when its `ping()` said to ask again) and ends
-`timeout` after the last byte it received (`last_rx`), to the scheduler's precision, whatever the
-interval. Whether a ping goes out is the session's policy (`Session.ping`: an idle tunnel pings
-only after a silence). A sleeping task per session
+A session is asked to ping every `interval` (or when its `ping()` said to ask again) and ends at
+its `deadline()` (`timeout` after the last byte it received, in the session's policy), to the
+scheduler's precision, whatever the interval. Whether a ping goes out and when silence is fatal is
+the session's policy (`Session.ping`, `Session.deadline`: an idle tunnel pings only after a
+silence, see `ping_policy`). A sleeping task per session
 would cost every idle tunnel a task, a coroutine chain and a cancel scope (about 3 KiB, measured
 with tracemalloc); instead one system task per trio run keeps a heap of entries (due time, the
 session and its ping schedule) and, when one is due, pings the session (`ping()`) or ends it
 (`timed_out(idle)`).
 
 A session's due time only moves later as bytes arrive, so receiving costs no heap operation: an
-entry that comes up early is pushed again with its new time. The timer wakes only on a grid of `TICK` seconds
+entry that comes up early is pushed again with its new time. A session whose schedule moves
+earlier (an idle tunnel that takes a stream: it pings every `interval` from then on) voids its
+entry and is watched again (`forget`, `watch` with `first_ping`). The timer wakes only on a grid of `TICK` seconds
 (finer for short intervals: an eighth of the interval), running every entry due by then: with
 thousands of idle tunnels, each due at its own time, one wake-up then serves hundreds of entries
 instead of one (every wake-up of the process costs far more than an entry); a ping or a timeout
@@ -51,6 +54,10 @@ class Watched(Protocol):
     def last_rx(self) -> float:
         """Clock time of the last byte received."""
 
+    def deadline(self) -> float:
+        """Clock time at which the session is dead if nothing more arrives (it only moves later
+        as bytes arrive, or earlier when the session is watched again)."""
+
     def ping(self) -> float | None:
         """Ping now, or not; returns when to be asked next (clock time; None: `interval` from
         now)."""
@@ -62,14 +69,13 @@ class Watched(Protocol):
 class Entry:
     """A session's place in the timer's heap; `watched` is None once it is forgotten."""
 
-    __slots__ = ("due", "seq", "watched", "interval", "timeout", "next_ping")
+    __slots__ = ("due", "seq", "watched", "interval", "next_ping")
 
-    def __init__(self, watched: Watched, interval: float, timeout: float, now: float) -> None:
+    def __init__(self, watched: Watched, interval: float, next_ping: float) -> None:
         self.watched: Watched | None = watched
         self.interval = max(interval, 0.01)
-        self.timeout = timeout
-        self.next_ping = now + self.interval
-        self.due = min(self.next_ping, watched.last_rx + timeout)
+        self.next_ping = next_ping
+        self.due = min(self.next_ping, watched.deadline())
         self.seq = 0
 
     def __lt__(self, other: Entry) -> bool:
@@ -77,7 +83,7 @@ class Entry:
 
     def run(self, watched: Watched, now: float) -> bool:
         """Do what is due at `now`; False: the session timed out (forget the entry)."""
-        deadline = watched.last_rx + self.timeout
+        deadline = watched.deadline()
         if now >= deadline:
             watched.timed_out(now - watched.last_rx)
             return False
@@ -129,15 +135,19 @@ class _Timer:
 _TIMER: trio.lowlevel.RunVar[_Timer] = trio.lowlevel.RunVar("kins_tunnel_liveness")
 
 
-def watch(watched: Watched, interval: float, timeout: float) -> Entry:
-    """Ping `watched` every `interval` from now on; end it `timeout` after its last byte."""
+def watch(watched: Watched, interval: float, *, first_ping: float | None = None) -> Entry:
+    """Ask `watched` to ping at `first_ping` (clock time; None: `interval` from now), then on the
+    schedule its `ping()` returns; end it at its `deadline()`."""
     try:
         timer = _TIMER.get()
     except LookupError:
         timer = _Timer()
         _TIMER.set(timer)
         trio.lowlevel.spawn_system_task(timer.run, name="kins_tunnel liveness timer")
-    entry = Entry(watched, interval, timeout, trio.current_time())
+    now = trio.current_time()
+    entry = Entry(
+        watched, interval, now + max(interval, 0.01) if first_ping is None else first_ping
+    )
     timer.add(entry)
     return entry
 

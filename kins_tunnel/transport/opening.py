@@ -39,6 +39,9 @@ class PendingOpens:
     def __contains__(self, stream_id: int) -> bool:
         return stream_id in self._waiting
 
+    def __len__(self) -> int:
+        return len(self._waiting)
+
     async def wait(self, stream_id: int, timeout: float, opener: Opener) -> TunnelStream:
         """Wait for the answer to our OPEN of `stream_id` (sent just before); OpenFailed on
         refusal, after `timeout`, or when the tunnel ends."""

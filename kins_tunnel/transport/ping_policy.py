@@ -1,39 +1,65 @@
-"""When a tunnel pings: the policy `Session.ping` applies each time the liveness timer
-(`transport.liveness`) asks it.
+"""When a tunnel pings, and when its silence means it is dead: the policy `Session.ping` and
+`Session.deadline` apply each time the liveness timer (`transport.liveness`) asks.
 
-A tunnel holding streams pings every `ping_interval` (its RTT sizes the flow-control windows). An
-idle one pings only when nothing has arrived for `quiet_after` (a silence the peer's ping or data
-would have broken: the path is proven alive without ours) and, for its RTT, when its own last
-ping is `RTT_REFRESH` intervals old. The edge's silence is one interval and the cloud's half an
-interval longer, so on an idle tunnel the edge pings every interval and the cloud only answers,
-but for its RTT pings every `RTT_REFRESH` intervals. The silence that ends a session
-(`ping_timeout`) is not this module's: the timer ends a session silent for that long whatever
-this says.
+A busy tunnel (holding streams, or waiting for the answer to an OPEN it sent) pings every
+`ping_interval` (its RTT sizes the flow-control windows) and is dead when nothing has arrived for
+`ping_timeout`, counted from when it became busy if that is later: a tunnel that idled a minute
+is not dead the moment it sends an OPEN, but a peer that answers neither the OPEN nor the PINGs
+that now follow it is dropped `ping_timeout` later, as on a busy tunnel (so a hung edge stops
+getting the unit's streams within `ping_timeout` of the first one sent to it).
+
+An idle tunnel is watched by the kernel: both sides tune TCP keepalive to the ping settings
+(`keepalive`: a probe after `ping_interval` of silence, the connection reset when nothing answers
+for `ping_timeout`), so a peer or a path that dies is still noticed within `ping_timeout`, without
+waking either process. The tunnel's own PINGs then only prove what the kernel cannot see: a peer
+process that hangs while its kernel still answers, or a middlebox that ends TCP on its own (a site
+proxy) and answers the probes itself. So an idle tunnel pings only after `idle_ping_interval` of
+silence on the edge, and on the cloud half of the busy margin later (so that the edge's ping comes
+first and the cloud only answers); the cloud still pings every `RTT_REFRESH` idle intervals for
+its RTT. An idle tunnel is dead when nothing has arrived for the idle interval plus the busy
+margin (`idle_timeout`: `ping_timeout + idle_ping_interval - ping_interval`). With
+`idle_ping_interval` equal to `ping_interval` an idle tunnel pings and times out as a busy one.
 """
 
 from __future__ import annotations
 
 from kins_tunnel.proto import Role
 
-RTT_REFRESH = 6  # an idle tunnel still pings at least every 6 intervals (its RTT stays fresh)
+RTT_REFRESH = 6  # the cloud still pings an idle tunnel every 6 idle intervals (its RTT stays fresh)
 
 
-def quiet_after(role: Role, interval: float, timeout: float) -> float:
-    """How long an idle tunnel stays silent before this side pings it: `interval` on the edge
-    (the client); on the cloud half an interval more (so that the edge's ping, due after one
-    interval, arrives first), but leaving the answer at least half the time between the interval
-    and the timeout."""
+def quiet_after(role: Role, interval: float, timeout: float, idle_interval: float) -> float:
+    """How long an idle tunnel stays silent before this side pings it: `idle_interval` on the
+    edge (the client); on the cloud half the margin between `interval` and `timeout` more (so
+    that the edge's ping arrives first), at most half an interval."""
     if role is Role.CLIENT:
-        return interval
-    return interval + max(0.0, min(interval, timeout - interval)) / 2
+        return idle_interval
+    return idle_interval + max(0.0, min(interval, timeout - interval)) / 2
+
+
+def idle_timeout(interval: float, timeout: float, idle_interval: float) -> float:
+    """Seconds of silence after which an idle tunnel is dead: the peer's idle ping is due after
+    `idle_interval` and gets the same margin as a busy tunnel's (`timeout - interval`)."""
+    return timeout + max(0.0, idle_interval - interval)
 
 
 def ping_due(
-    *, busy: bool, last_rx: float, pinged_at: float, interval: float, quiet: float
+    *, busy: bool, last_rx: float, pinged_at: float, interval: float, quiet: float, idle: float
 ) -> float:
     """Clock time at which this side pings next: `busy` (streams open) every `interval` from its
     last PING (`pinged_at`); idle, after `quiet` seconds without a byte from the peer (`last_rx`)
-    or `RTT_REFRESH` intervals after its last PING, whichever comes first."""
+    or `RTT_REFRESH` idle intervals (`idle`) after its last PING, whichever comes first."""
     if busy:
         return pinged_at + interval
-    return min(last_rx + quiet, pinged_at + RTT_REFRESH * interval)
+    return min(last_rx + quiet, pinged_at + RTT_REFRESH * idle)
+
+
+def deadline(
+    *, busy: bool, last_rx: float, busy_since: float, timeout: float, idle_after: float
+) -> float:
+    """Clock time at which the tunnel is dead if nothing more arrives: busy, `timeout` after its
+    last byte (`last_rx`) or after it became busy (`busy_since`), whichever is later; idle,
+    `idle_after` (`idle_timeout`) after its last byte."""
+    if busy:
+        return max(last_rx, busy_since) + timeout
+    return last_rx + idle_after

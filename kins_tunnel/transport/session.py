@@ -15,12 +15,13 @@ Theory of operation
   latency path) and otherwise leaves the rest to a writer task, started the first time the socket
   is full. Senders wait while too much is queued: TCP's back-pressure reaches them.
 - **Liveness** (`liveness`, one timer for every session of the trio run): a tunnel holding streams
-  pings every `ping_interval`; an idle one only after a silence (nothing received for
-  `ping_interval` on the edge, half an interval more on the cloud, so the edge's ping comes first
-  and the cloud only answers), and every `RTT_REFRESH` intervals for its RTT: see
-  `ping_policy`. When
-  nothing at all has arrived for `ping_timeout` the session is dead and every stream on it breaks
-  at once.
+  pings every `ping_interval` and is dead when nothing at all has arrived for `ping_timeout`
+  (every stream on it then breaks at once). An idle one is watched by the kernel (TCP keepalive
+  tuned to the same interval and timeout, `keepalive`) and pings only after `idle_ping_interval`
+  of silence (on the edge; half the busy margin more on the cloud, so the edge's ping comes first
+  and the cloud only answers), the cloud every `RTT_REFRESH` idle intervals for its RTT; it is
+  dead after the idle interval plus the busy margin of silence: see `ping_policy`. A tunnel that
+  takes its first stream is watched again on the busy schedule at once.
 - **Memory of an idle tunnel**: one task (the reader, waiting for the socket), a few small objects
   (handlers in class-level tables, the writer's parts made when first needed), the TLS state.
   `handshake_done` and `goaway_received` are made when first asked for, the connection's bulk
@@ -53,7 +54,13 @@ from kins_tunnel.transport.dispatch import HANDLERS
 from kins_tunnel.transport.errors import HandshakeFailed
 from kins_tunnel.transport.isolation import ErrorReporter, log_internal_error
 from kins_tunnel.transport.opening import PendingOpens
-from kins_tunnel.transport.ping_policy import RTT_REFRESH, ping_due, quiet_after
+from kins_tunnel.transport.ping_policy import (
+    RTT_REFRESH,
+    deadline,
+    idle_timeout,
+    ping_due,
+    quiet_after,
+)
 from kins_tunnel.transport.session_state import SessionState, hello_failure_reason
 from kins_tunnel.transport.statistics import SessionStatistics
 from kins_tunnel.transport.stream import TunnelStream
@@ -83,7 +90,10 @@ class Session:
         "_report",
         "_ping_interval",
         "_ping_timeout",
+        "_idle_ping_interval",
+        "_idle_timeout",
         "_quiet_after",
+        "_busy_since",
         "_liveness",
         "_pinged_at",
         "_streams",
@@ -114,13 +124,18 @@ class Session:
         on_open: Callable[[Session, int, str], None] | None = None,
         ping_interval: float = 10.0,
         ping_timeout: float = 20.0,
+        idle_ping_interval: float | None = None,
         label: str = "",
         report: ErrorReporter = log_internal_error,
     ) -> None:
         self.tls, self.conn, self.label = tls, conn, label
         self._on_open, self._report = on_open, report
         self._ping_interval, self._ping_timeout = ping_interval, ping_timeout
-        self._quiet_after = quiet_after(conn.role, ping_interval, ping_timeout)
+        idle = ping_interval if idle_ping_interval is None else idle_ping_interval
+        self._idle_ping_interval = idle
+        self._idle_timeout = idle_timeout(ping_interval, ping_timeout, idle)
+        self._quiet_after = quiet_after(conn.role, ping_interval, ping_timeout, idle)
+        self._busy_since = 0.0  # clock time it last went from idle to busy (`_going_busy`)
         self._liveness: liveness.Entry | None = None
         self._pinged_at = 0.0  # clock time of our last PING
         self._streams: dict[int, TunnelStream] = {}
@@ -201,7 +216,7 @@ class Session:
             self.conn.ping()  # first RTT sample right away: it sizes the windows
             self._pinged_at = trio.current_time()
             self.output.kick()
-            self._liveness = liveness.watch(self, self._ping_interval, self._ping_timeout)
+            self._liveness = liveness.watch(self, self._ping_interval)
             return
         reason = hello_failure_reason(self._error, scope.cancelled_caught)
         self._shutdown(self.close_reason or "tunnel handshake timed out")
@@ -309,6 +324,7 @@ class Session:
             sid = self.conn.open_stream(target)
         except LocalProtocolError as exc:
             raise OpenFailed(exc.code, str(exc)) from None
+        self._going_busy()
         self.output.kick()
         return await self._opens.wait(sid, timeout, self)
 
@@ -322,6 +338,7 @@ class Session:
         """Accept a stream the peer opened (after `on_open`), returning it."""
         self.conn.accept_stream(stream_id)
         stream = TunnelStream(self, stream_id)
+        self._going_busy()
         self._streams[stream_id] = stream
         self.output.kick()
         return stream
@@ -483,6 +500,29 @@ class Session:
     def last_rx(self) -> float:
         return self._last_rx
 
+    def deadline(self) -> float:
+        """Clock time at which this tunnel is dead if nothing more arrives (`ping_policy`)."""
+        return deadline(
+            busy=bool(self._streams) or bool(self._opens),
+            last_rx=self._last_rx,
+            busy_since=self._busy_since,
+            timeout=self._ping_timeout,
+            idle_after=self._idle_timeout,
+        )
+
+    def _going_busy(self) -> None:
+        """A stream or an OPEN is about to be added: an idle tunnel goes on the busy schedule (a
+        PING every `ping_interval`, dead after `ping_timeout` of silence) at once."""
+        if self._streams or self._opens:
+            return  # busy already
+        now = trio.current_time()
+        self._busy_since = now
+        entry = self._liveness
+        if entry is not None and entry.due > now + self._ping_interval:  # the idle schedule
+            liveness.forget(entry)
+            first = max(now, self._pinged_at + self._ping_interval)
+            self._liveness = liveness.watch(self, self._ping_interval, first_ping=first)
+
     def ping(self) -> float | None:
         """Send a PING (the answer updates `rtt`) if one is due now by `ping_policy`; returns
         when to be asked again (`liveness.Watched.ping`). A bug here ends this tunnel only."""
@@ -492,11 +532,12 @@ class Session:
                 return None
             now = trio.current_time()
             due = ping_due(
-                busy=bool(self._streams),
+                busy=bool(self._streams) or bool(self._opens),
                 last_rx=self._last_rx,
                 pinged_at=self._pinged_at,
                 interval=self._ping_interval,
                 quiet=self._quiet_after,
+                idle=self._idle_ping_interval,
             )
             if now < due:
                 return due

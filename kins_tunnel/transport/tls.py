@@ -54,6 +54,7 @@ from typing import Any
 
 import trio
 
+from kins_tunnel.transport import keepalive
 from kins_tunnel.transport.allocator import tune_allocator
 from kins_tunnel.transport.buffers import RunBuffer
 from kins_tunnel.transport.errors import TransportError as TransportError  # its callers' name
@@ -160,6 +161,11 @@ class TLSSocket:
 
     def fileno(self) -> int:
         return self._fd
+
+    def tune_keepalive(self, interval: float, timeout: float) -> None:
+        """Let the kernel watch this connection while it idles (`keepalive.tune`)."""
+        if not self._closed:
+            keepalive.tune(self._sock, interval, timeout)
 
     def peer_certificate_der(self) -> bytes | None:
         """The peer's certificate (DER) as of the handshake; still there after `close()`.

@@ -37,6 +37,7 @@ class TunnelSide:
     ping_interval: float
     ping_timeout: float
     report: ErrorReporter
+    idle_ping_interval: float = 60.0  # an idle tunnel's PINGs (the kernel watches it: `keepalive`)
 
     async def run(
         self,
@@ -111,12 +112,14 @@ class TunnelSide:
         pacing: PacingConfig,
     ) -> Session:
         conn = Connection(self.role, hello, self.mux, clock=trio.current_time, pacing=pacing)
+        tls.tune_keepalive(self.ping_interval, self.ping_timeout)
         return Session(
             tls,
             conn,
             on_open=on_open,
             ping_interval=self.ping_interval,
             ping_timeout=self.ping_timeout,
+            idle_ping_interval=self.idle_ping_interval,
             label=label,
             report=self.report,
         )

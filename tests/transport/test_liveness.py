@@ -20,6 +20,7 @@ class Watched:
         self.name = name
         self.broken = broken
         self.last_rx = trio.current_time()
+        self.timeout = 3.5
         self.pings: list[float] = []
         self.ended: list[float] = []
 
@@ -29,8 +30,17 @@ class Watched:
             raise RuntimeError(f"bug in {self.name}'s ping")
         return None
 
+    def deadline(self) -> float:
+        return self.last_rx + self.timeout
+
     def timed_out(self, idle: float) -> None:
         self.ended.append(idle)
+
+
+def watch(watched: Watched, interval: float, timeout: float) -> liveness.Entry:
+    """Watch `watched`, which ends `timeout` after its last byte."""
+    watched.timeout = timeout
+    return liveness.watch(watched, interval)
 
 
 async def test_pings_on_schedule_and_ends_exactly_at_the_timeout(
@@ -39,8 +49,8 @@ async def test_pings_on_schedule_and_ends_exactly_at_the_timeout(
     t0 = trio.current_time()
     quiet = Watched("quiet")
     talking = Watched("talking")
-    liveness.watch(quiet, 1.0, 3.5)
-    liveness.watch(talking, 1.0, 3.5)
+    watch(quiet, 1.0, 3.5)
+    watch(talking, 1.0, 3.5)
     for _ in range(6):  # bytes arrive from `talking` every 0.5 s
         await trio.sleep(0.5)
         talking.last_rx = trio.current_time()
@@ -58,8 +68,8 @@ async def test_a_bug_in_one_ping_ends_that_entry_only(
     t0 = trio.current_time()
     broken = Watched("broken", broken=True)
     healthy = Watched("healthy")
-    liveness.watch(broken, 1.0, 100.0)
-    liveness.watch(healthy, 1.0, 100.0)
+    watch(broken, 1.0, 100.0)
+    watch(healthy, 1.0, 100.0)
     with caplog.at_level(logging.ERROR):
         await trio.sleep(3.5)
     assert len(broken.pings) == 1  # its entry is dropped after the bug
@@ -70,7 +80,7 @@ async def test_a_bug_in_one_ping_ends_that_entry_only(
 
 async def test_a_forgotten_entry_is_never_run_again(virtual_clock: trio.testing.MockClock) -> None:
     gone = Watched("gone")
-    entry = liveness.watch(gone, 1.0, 2.0)
+    entry = watch(gone, 1.0, 2.0)
     await trio.sleep(1.5)
     liveness.forget(entry)
     await trio.sleep(5.0)
@@ -98,7 +108,7 @@ async def test_a_session_is_asked_again_when_its_ping_says(
     t0 = trio.current_time()
     w = Deferring("deferring", [2.5, 0.25, None, -1.0])
     w.last_rx = t0 + 1000  # never times out here
-    liveness.watch(w, 1.0, 5.0)
+    watch(w, 1.0, 5.0)
     await trio.sleep(6.0)
     assert [round(t - t0, 6) for t in w.pings] == [1.0, 3.5, 3.75, 4.75, 5.75]
 
@@ -116,7 +126,7 @@ async def test_entries_due_close_together_are_run_in_one_wake_up(
         w = Watched(f"w{i}")
         w.last_rx = trio.current_time() + 1000  # never times out here
         watched.append((trio.current_time() + 1.0, w))
-        liveness.watch(w, 1.0, 5.0)
+        watch(w, 1.0, 5.0)
     await trio.sleep(1.5)
     firsts = {w.pings[0] for _, w in watched}
     assert len(firsts) == 1, firsts
@@ -134,8 +144,8 @@ async def test_absurd_settings_do_not_end_the_timer(virtual_clock: trio.testing.
     t0 = trio.current_time()
     absurd = Watched("absurd")
     normal = Watched("normal")
-    liveness.watch(absurd, 1e308, 1.7e308)
-    liveness.watch(normal, 1.0, 3.5)
+    watch(absurd, 1e308, 1.7e308)
+    watch(normal, 1.0, 3.5)
     await trio.sleep(2.25)
     assert [round(t - t0, 6) for t in normal.pings] == [1.0, 2.0]
     assert absurd.pings == [] and absurd.ended == []

@@ -359,10 +359,12 @@ async def test_an_idle_cloud_pings_after_half_an_interval_more_of_silence(
 ) -> None:
     """An edge that never pings (only answers): the cloud pings after 1.5 intervals of silence
     (the timeout allowing), so the tunnel lives; `quiet_after` says how long each side waits."""
-    assert quiet_after(Role.CLIENT, 10, 20) == 10
-    assert quiet_after(Role.SERVER, 10, 20) == 15
-    assert quiet_after(Role.SERVER, 10, 12) == 11  # half the time between interval and timeout
-    assert quiet_after(Role.SERVER, 10, 10) == 10
+    assert quiet_after(Role.CLIENT, 10, 20, 10) == 10
+    assert quiet_after(Role.SERVER, 10, 20, 10) == 15
+    assert quiet_after(Role.SERVER, 10, 12, 10) == 11  # half the time between interval and timeout
+    assert quiet_after(Role.SERVER, 10, 10, 10) == 10
+    assert quiet_after(Role.CLIENT, 10, 20, 60) == 60  # idle: the edge after the idle interval
+    assert quiet_after(Role.SERVER, 10, 20, 60) == 65  # the cloud half the busy margin later
     async with session_and_peer(Role.SERVER, interval=1.0, timeout=2.0) as (cloud, edge):
         t0 = trio.current_time()
         await trio.sleep(15.2)

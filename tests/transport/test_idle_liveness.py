@@ -1,0 +1,217 @@
+"""Liveness of an idle tunnel (`ping_policy`, `Session.deadline`): with `idle_ping_interval` longer
+than `ping_interval`, an idle tunnel pings only after the idle interval of silence and dies only
+after the idle timeout, while a tunnel holding streams keeps the busy schedule, also right after it
+takes its first stream. Over an in-memory transport on the virtual clock, so every bound is exact.
+(What watches an idle tunnel in between, the kernel's keepalive, is tested over real sockets in
+`test_keepalive.py`.)"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+import trio.testing
+
+from kins_tunnel.errors import OpenFailed
+from kins_tunnel.proto import Connection, ErrorCode, Hello, MuxConfig, Role
+from kins_tunnel.proto.events import StreamOpened
+from kins_tunnel.testing.memory_transport import MemoryTransport, memory_transport_pair
+from kins_tunnel.transport.ping_policy import RTT_REFRESH, deadline, idle_timeout, ping_due
+from kins_tunnel.transport.session import Session
+
+INTERVAL, TIMEOUT, IDLE = 1.0, 2.0, 6.0  # idle timeout: 2 + (6 - 1) = 7 s
+
+
+class Peer:
+    """The other end as a bare `proto.Connection`: answers PINGs and accepts every stream until
+    `silent` (then it reads and says nothing, as a hung process whose kernel still ACKs)."""
+
+    def __init__(self, transport: MemoryTransport, role: Role) -> None:
+        self.transport = transport
+        hello = Hello(names=("x:1",)) if role is Role.CLIENT else Hello()
+        self.conn = Connection(role, hello, MuxConfig(), clock=trio.current_time)
+        self.open = trio.Event()
+        self.silent = False
+        self.ping_times: list[float] = []  # when each PING of the session arrived
+
+    def _send(self) -> None:
+        out = self.conn.data_to_send()
+        if out and not self.silent:
+            self.transport.send_chunk(out)
+
+    async def serve(self) -> None:
+        buf = memoryview(bytearray(65536))
+        self._send()  # HELLO
+        while True:
+            await self.transport.wait_readable()
+            n = self.transport.receive_into(buf)
+            if n == 0:
+                return
+            if not n:
+                continue
+            before = self.conn.peer_pings
+            for event in self.conn.receive_data(bytes(buf[:n])):
+                if isinstance(event, StreamOpened):
+                    self.conn.accept_stream(event.stream_id)
+            self.ping_times += [trio.current_time()] * (self.conn.peer_pings - before)
+            if self.conn.is_open:
+                self.open.set()
+            self._send()
+
+
+@asynccontextmanager
+async def idle_session(role: Role) -> AsyncIterator[tuple[Session, Peer]]:
+    a, b = memory_transport_pair()
+    hello = Hello(names=("x:1",)) if role is Role.CLIENT else Hello()
+    session = Session(
+        a,
+        Connection(role, hello, MuxConfig(), clock=trio.current_time),
+        ping_interval=INTERVAL,
+        ping_timeout=TIMEOUT,
+        idle_ping_interval=IDLE,
+    )
+    peer = Peer(b, Role.SERVER if role is Role.CLIENT else Role.CLIENT)
+    async with trio.open_nursery() as n:
+        n.start_soon(peer.serve)
+        await n.start(functools.partial(session.serve, handshake_timeout=5))
+        with trio.fail_after(5):
+            await peer.open.wait()
+        yield session, peer
+        session.close("test over")
+        n.cancel_scope.cancel()
+
+
+def _gaps(times: list[float]) -> list[float]:
+    return [round(b - a, 3) for a, b in zip(times, times[1:], strict=False)]
+
+
+def test_policy_figures() -> None:
+    assert idle_timeout(10, 20, 60) == 70
+    assert idle_timeout(10, 20, 10) == 20  # equal intervals: the busy timeout, as before
+    assert ping_due(busy=True, last_rx=5, pinged_at=3, interval=10, quiet=60, idle=60) == 13
+    assert ping_due(busy=False, last_rx=5, pinged_at=3, interval=10, quiet=60, idle=60) == 65
+    assert ping_due(busy=False, last_rx=500, pinged_at=3, interval=10, quiet=60, idle=60) == (
+        3 + RTT_REFRESH * 60
+    )
+    # busy: from the last byte or from when it became busy, whichever is later
+    assert deadline(busy=True, last_rx=100, busy_since=150, timeout=20, idle_after=70) == 170
+    assert deadline(busy=True, last_rx=160, busy_since=150, timeout=20, idle_after=70) == 180
+    assert deadline(busy=False, last_rx=100, busy_since=150, timeout=20, idle_after=70) == 170
+
+
+async def test_an_idle_edge_pings_every_idle_interval_and_outlives_the_busy_timeout(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """Idle for 60 s with a peer that only answers: the edge pings after each 6 s of silence
+    (not every second), and the tunnel lives though it is silent far longer than `ping_timeout`."""
+    async with idle_session(Role.CLIENT) as (edge, cloud):
+        t0 = trio.current_time()
+        await trio.sleep(60.5)
+        assert not edge.closed.is_set(), edge.close_reason
+        gaps = _gaps(cloud.ping_times)
+        assert cloud.ping_times[0] - t0 < 0.01  # the handshake's PING (first RTT)
+        assert len(cloud.ping_times) == 1 + 10, gaps  # then at 6, 12, ... 60
+        assert all(5.99 <= gap <= 6.3 for gap in gaps), gaps
+
+
+async def test_an_idle_cloud_waits_longer_than_the_edge_before_pinging(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """A peer that never pings: the idle cloud pings after 6.5 s of silence (the idle interval
+    and half the busy margin), so that a live edge's ping, due after 6 s, comes first."""
+    async with idle_session(Role.SERVER) as (cloud, edge):
+        await trio.sleep(40)
+        assert not cloud.closed.is_set(), cloud.close_reason
+        gaps = _gaps(edge.ping_times)
+        assert gaps and all(6.49 <= gap <= 6.8 for gap in gaps), gaps
+
+
+async def test_a_hung_idle_peer_is_dropped_at_the_idle_timeout(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """The peer stops answering (its kernel would still ACK keepalive probes): the idle tunnel
+    ends when nothing has arrived for the idle timeout, 7 s, not at `ping_timeout`."""
+    async with idle_session(Role.CLIENT) as (edge, cloud):
+        await trio.sleep(0.5)  # the handshake's PONG is in
+        cloud.silent = True
+        last = edge.last_rx
+        await trio.sleep(6.0)
+        assert not edge.closed.is_set(), edge.close_reason  # 3x ping_timeout, alive
+        with trio.fail_after(1.0):
+            await edge.closed.wait()
+        assert 7.0 <= trio.current_time() - last <= 7.3
+        assert "ping timeout" in edge.close_reason
+
+
+async def test_a_tunnel_taking_its_first_stream_goes_on_the_busy_schedule_at_once(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """Idle for 5 s (no byte for 5 s: past `ping_timeout`), then a stream opens: the tunnel is not
+    dropped for the old silence, pings within a busy interval, and once the peer goes silent it
+    is dropped `ping_timeout` after its last byte, not after the idle timeout."""
+    async with idle_session(Role.SERVER) as (cloud, edge):
+        await trio.sleep(5.0)
+        n_pings = len(edge.ping_times)
+        with trio.fail_after(1):
+            stream = await cloud.open_stream("x:1", timeout=1)
+        opened = trio.current_time()
+        await trio.sleep(2.5)
+        assert not cloud.closed.is_set(), cloud.close_reason
+        assert len(edge.ping_times) >= n_pings + 2, edge.ping_times  # every interval now
+        assert edge.ping_times[n_pings] - opened <= INTERVAL + 0.3
+        edge.silent = True
+        last = cloud.last_rx
+        with trio.fail_after(TIMEOUT + 1):
+            await cloud.closed.wait()
+        assert TIMEOUT <= trio.current_time() - last <= TIMEOUT + 0.3
+        del stream
+
+
+async def test_a_stream_that_leaves_gives_the_tunnel_back_its_idle_schedule(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """Busy, then idle again: the PINGs go back to one per idle interval (and a half)."""
+    async with idle_session(Role.SERVER) as (cloud, edge):
+        with trio.fail_after(1):
+            stream = await cloud.open_stream("x:1", timeout=1)
+        await trio.sleep(3.2)
+        assert len(edge.ping_times) >= 4, edge.ping_times  # the handshake's, then every second
+        edge.conn.reset_stream(stream.stream_id, ErrorCode.CANCEL, "done")
+        edge._send()
+        await trio.sleep(0.5)
+        assert not cloud._streams
+        start = len(edge.ping_times)
+        await trio.sleep(26.5)
+        assert not cloud.closed.is_set(), cloud.close_reason
+        assert len(edge.ping_times) - start == 4, edge.ping_times  # every 6.5 s, not every 1 s
+
+
+async def test_a_hung_peer_sent_an_open_after_a_long_idle_is_dropped_a_ping_timeout_later(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """Idle for 5 s, then the peer hangs (its kernel would still answer keepalive probes) and an
+    OPEN is sent to it: the tunnel is not dropped for the old silence, pings at once, and is
+    dropped `ping_timeout` after the OPEN (not after the 7 s idle timeout), so the cloud stops
+    routing streams to a hung edge."""
+    async with idle_session(Role.SERVER) as (cloud, edge):
+        await trio.sleep(5.0)
+        edge.silent = True
+        n_pings = len(edge.ping_times)
+        sent = trio.current_time()
+        async with trio.open_nursery() as n:
+
+            async def open_it() -> None:
+                with contextlib.suppress(OpenFailed):
+                    await cloud.open_stream("x:1", timeout=30)
+
+            n.start_soon(open_it)
+            await trio.sleep(0.5)
+            assert not cloud.closed.is_set(), cloud.close_reason
+            with trio.fail_after(TIMEOUT + 1):
+                await cloud.closed.wait()
+        assert TIMEOUT <= trio.current_time() - sent <= TIMEOUT + 0.3
+        assert len(edge.ping_times) >= n_pings + 1  # it pinged the hung peer at once
+        assert edge.ping_times[n_pings] - sent <= 0.3
