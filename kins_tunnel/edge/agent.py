@@ -127,7 +127,11 @@ class Edge:
             cfg.ping_interval,
             cfg.ping_timeout,
             self.metrics.report_internal_error,
-            idle_ping_interval=cfg.idle_ping_interval,
+            # behind a site proxy keepalive probes reach the proxy, not the cloud: idle tunnels
+            # ping as busy ones (their HELLO says so, and the cloud times their silence by it)
+            idle_ping_interval=cfg.ping_interval
+            if cfg.proxy is not None
+            else cfg.idle_ping_interval,
         )
         self.proxy = (
             None if cfg.proxy is None else ProxyDialer(cfg.proxy.url, cfg.proxy.credentials_file)

@@ -117,6 +117,8 @@ class Hello:
     min_version: int = MIN_SUPPORTED_VERSION
     max_version: int = PROTOCOL_VERSION
     time: float | None = None  # the sender's wall clock (Unix seconds); None: not stated
+    # seconds of silence after which the sender pings an idle tunnel; None: not stated
+    idle_ping: float | None = None
 
 
 @dataclass(slots=True)
@@ -128,6 +130,7 @@ class PeerLimits:
     max_target_len: int = 255
     names: tuple[str, ...] = ()
     time: float | None = None  # the peer's wall clock when it sent HELLO, if it stated it
+    idle_ping: float | None = None  # the peer pings an idle tunnel after this silence, if stated
     goaway_last: int | None = None  # the peer sent GOAWAY: we may not open above this
 
 
@@ -142,6 +145,8 @@ def encode_hello(hello: Hello, config: MuxConfig) -> bytes:
     }
     if hello.time is not None:
         body["time"] = round(hello.time, 3)
+    if hello.idle_ping is not None:
+        body["idle_ping"] = round(hello.idle_ping, 3)
     payload = (
         HELLO_PREFIX.pack(MAGIC, hello.min_version, hello.max_version)
         + json.dumps(body, separators=(",", ":")).encode()
@@ -208,8 +213,18 @@ def parse_hello(
         max_target_len=max_target,
         names=tuple(dict.fromkeys(names)),
         time=_stated_time(info.get("time")),
+        idle_ping=_stated_interval(info.get("idle_ping")),
     )
     return version, frozenset(caps), peer, agent[:MAX_AGENT_LEN]
+
+
+def _stated_interval(value: object) -> float | None:
+    """A peer's ``idle_ping``: a finite number of seconds in (0, 1e9], else (absent, malformed)
+    None (the peer is then assumed to ping as this side does)."""
+    if type(value) not in (int, float):
+        return None
+    seconds = float(value)  # type: ignore[arg-type]
+    return seconds if 0 < seconds <= 1e9 else None  # also refuses nan and inf
 
 
 def _stated_time(value: object) -> float | None:

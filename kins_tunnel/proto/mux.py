@@ -197,6 +197,11 @@ class Connection:
         return self._control.peer.names
 
     @property
+    def peer_idle_ping(self) -> float | None:
+        """Seconds of silence after which the peer pings an idle tunnel, if its HELLO said."""
+        return self._control.peer.idle_ping
+
+    @property
     def peer_going_away(self) -> bool:
         return self._control.peer.goaway_last is not None
 

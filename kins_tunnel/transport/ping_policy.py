@@ -16,9 +16,12 @@ process that hangs while its kernel still answers, or a middlebox that ends TCP 
 proxy) and answers the probes itself. So an idle tunnel pings only after `idle_ping_interval` of
 silence on the edge, and on the cloud half of the busy margin later (so that the edge's ping comes
 first and the cloud only answers); the cloud still pings every `RTT_REFRESH` idle intervals for
-its RTT. An idle tunnel is dead when nothing has arrived for the idle interval plus the busy
-margin (`idle_timeout`: `ping_timeout + idle_ping_interval - ping_interval`). With
-`idle_ping_interval` equal to `ping_interval` an idle tunnel pings and times out as a busy one.
+its RTT. Each side states its silence before it pings in its HELLO (`idle_ping`). An idle tunnel
+is dead when nothing has arrived for the shorter of the two silences plus the busy margin
+(`idle_timeout`: with the defaults, `ping_timeout + idle_ping_interval - ping_interval`, 70 s).
+With `idle_ping_interval` equal to `ping_interval` an idle tunnel pings and times out as a busy
+one; tunnel-edge does so on its own behind a site proxy (the proxy's kernel would answer the
+probes), and the cloud, told by its HELLO, drops such an edge as soon.
 """
 
 from __future__ import annotations
@@ -37,10 +40,15 @@ def quiet_after(role: Role, interval: float, timeout: float, idle_interval: floa
     return idle_interval + max(0.0, min(interval, timeout - interval)) / 2
 
 
-def idle_timeout(interval: float, timeout: float, idle_interval: float) -> float:
-    """Seconds of silence after which an idle tunnel is dead: the peer's idle ping is due after
-    `idle_interval` and gets the same margin as a busy tunnel's (`timeout - interval`)."""
-    return timeout + max(0.0, idle_interval - interval)
+def idle_timeout(interval: float, timeout: float, quiet: float, peer_quiet: float | None) -> float:
+    """Seconds of silence after which an idle tunnel is dead: something from the peer is due
+    after the shorter of its own silence before it pings (`peer_quiet`, from its HELLO; when not
+    stated, assumed to be `quiet`) and ours (`quiet`: it answers our ping), and gets the same
+    margin as on a busy tunnel (`timeout - interval`). A peer that pings its idle tunnels often
+    (an edge behind a site proxy, where keepalive cannot reach the cloud) is so dropped as soon
+    after a silence as on a busy tunnel."""
+    due = quiet if peer_quiet is None else min(quiet, peer_quiet)
+    return due + max(0.0, timeout - interval)
 
 
 def ping_due(

@@ -14,6 +14,7 @@ task and one nursery instead of two of each (about 5 KiB per tunnel, measured wi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
 from kins_tunnel.proto.pacer import PacingConfig
 from kins_tunnel.transport.errors import HandshakeFailed
 from kins_tunnel.transport.isolation import ErrorReporter
+from kins_tunnel.transport.ping_policy import quiet_after
 from kins_tunnel.transport.session import Session
 from kins_tunnel.transport.tls import TLSSocket
 
@@ -111,6 +113,10 @@ class TunnelSide:
         on_open: Callable[[Session, int, str], None] | None,
         pacing: PacingConfig,
     ) -> Session:
+        quiet = quiet_after(
+            self.role, self.ping_interval, self.ping_timeout, self.idle_ping_interval
+        )
+        hello = dataclasses.replace(hello, idle_ping=quiet)  # the peer times its silence by it
         conn = Connection(self.role, hello, self.mux, clock=trio.current_time, pacing=pacing)
         tls.tune_keepalive(self.ping_interval, self.ping_timeout)
         return Session(

@@ -82,6 +82,26 @@ def test_hello_time_is_reported_when_stated_and_ignored_when_malformed() -> None
         assert isinstance(ev, HandshakeComplete) and ev.time is None, bad
 
 
+def test_hello_idle_ping_is_kept_when_stated_and_ignored_when_malformed() -> None:
+    """How long the peer stays silent before pinging an idle tunnel (`ping_policy`): a number of
+    seconds, or nothing (an older peer, or a malformed value: never a protocol error)."""
+    c = Connection(Role.CLIENT, Hello(idle_ping=60.00049))
+    s = Connection(Role.SERVER)
+    s.receive_data(c.data_to_send())
+    assert s.peer_idle_ping == 60.0
+    c.receive_data(s.data_to_send())  # a HELLO without `idle_ping`
+    assert c.peer_idle_ping is None
+    for bad in (b'"soon"', b"true", b"0", b"-5", b"1e300", b"NaN", b"[1]"):
+        body = (
+            b'{"capabilities":[],"names":[],"agent":"x","max_frame":16384,"max_streams":1,'
+            b'"idle_ping":' + bad + b"}"
+        )
+        prefix = bytes(Connection(Role.CLIENT).data_to_send()[9:17])  # magic and versions
+        peer = Connection(Role.SERVER)
+        (ev,) = peer.receive_data(frame(FrameType.HELLO, 0, prefix + body))
+        assert isinstance(ev, HandshakeComplete) and peer.peer_idle_ping is None, bad
+
+
 def test_version_mismatch_is_a_clear_error_with_goaway() -> None:
     c = Connection(Role.CLIENT, Hello(min_version=2, max_version=3))
     s = Connection(Role.SERVER)

@@ -29,9 +29,10 @@ class Peer:
     """The other end as a bare `proto.Connection`: answers PINGs and accepts every stream until
     `silent` (then it reads and says nothing, as a hung process whose kernel still ACKs)."""
 
-    def __init__(self, transport: MemoryTransport, role: Role) -> None:
+    def __init__(self, transport: MemoryTransport, role: Role, idle_ping: float | None) -> None:
         self.transport = transport
-        hello = Hello(names=("x:1",)) if role is Role.CLIENT else Hello()
+        names = ("x:1",) if role is Role.CLIENT else ()
+        hello = Hello(names=names, idle_ping=idle_ping)
         self.conn = Connection(role, hello, MuxConfig(), clock=trio.current_time)
         self.open = trio.Event()
         self.silent = False
@@ -63,7 +64,11 @@ class Peer:
 
 
 @asynccontextmanager
-async def idle_session(role: Role) -> AsyncIterator[tuple[Session, Peer]]:
+async def idle_session(
+    role: Role, peer_idle_ping: float | None = None
+) -> AsyncIterator[tuple[Session, Peer]]:
+    """A session with the test's ping settings facing a `Peer` whose HELLO states
+    `peer_idle_ping` (None: says nothing, as an older peer)."""
     a, b = memory_transport_pair()
     hello = Hello(names=("x:1",)) if role is Role.CLIENT else Hello()
     session = Session(
@@ -73,7 +78,7 @@ async def idle_session(role: Role) -> AsyncIterator[tuple[Session, Peer]]:
         ping_timeout=TIMEOUT,
         idle_ping_interval=IDLE,
     )
-    peer = Peer(b, Role.SERVER if role is Role.CLIENT else Role.CLIENT)
+    peer = Peer(b, Role.SERVER if role is Role.CLIENT else Role.CLIENT, peer_idle_ping)
     async with trio.open_nursery() as n:
         n.start_soon(peer.serve)
         await n.start(functools.partial(session.serve, handshake_timeout=5))
@@ -89,8 +94,10 @@ def _gaps(times: list[float]) -> list[float]:
 
 
 def test_policy_figures() -> None:
-    assert idle_timeout(10, 20, 60) == 70
-    assert idle_timeout(10, 20, 10) == 20  # equal intervals: the busy timeout, as before
+    assert idle_timeout(10, 20, 60, None) == 70  # the edge; a peer that did not say
+    assert idle_timeout(10, 20, 65, 60) == 70  # the cloud: the edge pings first
+    assert idle_timeout(10, 20, 10, None) == 20  # equal intervals: the busy timeout, as before
+    assert idle_timeout(0.5, 2, 30.75, 0.5) == 2.0  # an edge that pings its idle tunnel often
     assert ping_due(busy=True, last_rx=5, pinged_at=3, interval=10, quiet=60, idle=60) == 13
     assert ping_due(busy=False, last_rx=5, pinged_at=3, interval=10, quiet=60, idle=60) == 65
     assert ping_due(busy=False, last_rx=500, pinged_at=3, interval=10, quiet=60, idle=60) == (
@@ -215,3 +222,18 @@ async def test_a_hung_peer_sent_an_open_after_a_long_idle_is_dropped_a_ping_time
         assert TIMEOUT <= trio.current_time() - sent <= TIMEOUT + 0.3
         assert len(edge.ping_times) >= n_pings + 1  # it pinged the hung peer at once
         assert edge.ping_times[n_pings] - sent <= 0.3
+
+
+async def test_a_peer_that_pings_its_idle_tunnel_often_is_dropped_as_soon_as_a_busy_one(
+    virtual_clock: trio.testing.MockClock,
+) -> None:
+    """An edge behind a site proxy pings its idle tunnel every second and says so in its HELLO
+    (`idle_ping` 1): when it goes silent (a frozen proxy, whose kernel answers keepalive probes
+    for it) the cloud drops the idle tunnel `ping_timeout` after its last byte, not after 7.5 s."""
+    async with idle_session(Role.SERVER, peer_idle_ping=INTERVAL) as (cloud, edge):
+        await trio.sleep(0.5)
+        edge.silent = True
+        last = cloud.last_rx
+        with trio.fail_after(TIMEOUT + 1):
+            await cloud.closed.wait()
+        assert TIMEOUT <= trio.current_time() - last <= TIMEOUT + 0.3
