@@ -40,15 +40,15 @@ def quiet_after(role: Role, interval: float, timeout: float, idle_interval: floa
     return idle_interval + max(0.0, min(interval, timeout - interval)) / 2
 
 
-def idle_timeout(interval: float, timeout: float, quiet: float, peer_quiet: float | None) -> float:
+def idle_timeout(interval: float, timeout: float, quiet: float, peer_quiet: float) -> float:
     """Seconds of silence after which an idle tunnel is dead: something from the peer is due
-    after the shorter of its own silence before it pings (`peer_quiet`, from its HELLO; when not
-    stated, assumed to be `quiet`) and ours (`quiet`: it answers our ping), and gets the same
-    margin as on a busy tunnel (`timeout - interval`). A peer that pings its idle tunnels often
-    (an edge behind a site proxy, where keepalive cannot reach the cloud) is so dropped as soon
-    after a silence as on a busy tunnel."""
-    due = quiet if peer_quiet is None else min(quiet, peer_quiet)
-    return due + max(0.0, timeout - interval)
+    after the shorter of its own silence before it pings (`peer_quiet`: what its HELLO stated,
+    else this side's `idle_ping_interval`, the edge's silence with the same settings) and ours
+    (`quiet`: it answers our ping), and gets the same margin as on a busy tunnel
+    (`timeout - interval`). A peer that pings its idle tunnels often (an edge behind a site
+    proxy, where keepalive cannot reach the cloud) is so dropped as soon after a silence as on a
+    busy tunnel."""
+    return min(quiet, peer_quiet) + max(0.0, timeout - interval)
 
 
 def ping_due(

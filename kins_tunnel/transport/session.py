@@ -135,7 +135,7 @@ class Session:
         self._idle_ping_interval = idle
         self._quiet_after = quiet_after(conn.role, ping_interval, ping_timeout, idle)
         # made again once the peer's HELLO says how long it stays silent (`handshake`)
-        self._idle_timeout = idle_timeout(ping_interval, ping_timeout, self._quiet_after, None)
+        self._idle_timeout = idle_timeout(ping_interval, ping_timeout, self._quiet_after, idle)
         self._busy_since = 0.0  # clock time it last went from idle to busy (`_going_busy`)
         self._liveness: liveness.Entry | None = None
         self._pinged_at = 0.0  # clock time of our last PING
@@ -214,11 +214,12 @@ class Session:
         if self.state is SessionState.HANDSHAKING and self.handshake_done.is_set():
             self.state = SessionState.OPEN
             self._handshake_done = None  # set for good: made again, set, if asked for
+            peer_quiet = self.conn.peer_idle_ping
             self._idle_timeout = idle_timeout(
                 self._ping_interval,
                 self._ping_timeout,
                 self._quiet_after,
-                self.conn.peer_idle_ping,
+                self._idle_ping_interval if peer_quiet is None else peer_quiet,
             )
             self.conn.ping()  # first RTT sample right away: it sizes the windows
             self._pinged_at = trio.current_time()

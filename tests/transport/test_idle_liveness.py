@@ -94,9 +94,9 @@ def _gaps(times: list[float]) -> list[float]:
 
 
 def test_policy_figures() -> None:
-    assert idle_timeout(10, 20, 60, None) == 70  # the edge; a peer that did not say
-    assert idle_timeout(10, 20, 65, 60) == 70  # the cloud: the edge pings first
-    assert idle_timeout(10, 20, 10, None) == 20  # equal intervals: the busy timeout, as before
+    assert idle_timeout(10, 20, 60, 65) == 70  # the edge: it pings first
+    assert idle_timeout(10, 20, 65, 60) == 70  # the cloud
+    assert idle_timeout(10, 20, 15, 10) == 20  # equal intervals: the busy timeout, as before
     assert idle_timeout(0.5, 2, 30.75, 0.5) == 2.0  # an edge that pings its idle tunnel often
     assert ping_due(busy=True, last_rx=5, pinged_at=3, interval=10, quiet=60, idle=60) == 13
     assert ping_due(busy=False, last_rx=5, pinged_at=3, interval=10, quiet=60, idle=60) == 65
