@@ -8,85 +8,26 @@ takes its first stream. Over an in-memory transport on the virtual clock, so eve
 from __future__ import annotations
 
 import contextlib
-import functools
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 import trio
 import trio.testing
 
 from kins_tunnel.errors import OpenFailed
-from kins_tunnel.proto import Connection, ErrorCode, Hello, MuxConfig, Role
-from kins_tunnel.proto.events import StreamOpened
-from kins_tunnel.testing.memory_transport import MemoryTransport, memory_transport_pair
+from kins_tunnel.proto import ErrorCode, Role
 from kins_tunnel.transport.ping_policy import RTT_REFRESH, deadline, idle_timeout, ping_due
 from kins_tunnel.transport.session import Session
+from tests.transport.test_session_memory import ScriptedPeer, session_and_peer
 
 INTERVAL, TIMEOUT, IDLE = 1.0, 2.0, 6.0  # idle timeout: 2 + (6 - 1) = 7 s
 
 
-class Peer:
-    """The other end as a bare `proto.Connection`: answers PINGs and accepts every stream until
-    `silent` (then it reads and says nothing, as a hung process whose kernel still ACKs)."""
-
-    def __init__(self, transport: MemoryTransport, role: Role, idle_ping: float | None) -> None:
-        self.transport = transport
-        names = ("x:1",) if role is Role.CLIENT else ()
-        hello = Hello(names=names, idle_ping=idle_ping)
-        self.conn = Connection(role, hello, MuxConfig(), clock=trio.current_time)
-        self.open = trio.Event()
-        self.silent = False
-        self.ping_times: list[float] = []  # when each PING of the session arrived
-
-    def _send(self) -> None:
-        out = self.conn.data_to_send()
-        if out and not self.silent:
-            self.transport.send_chunk(out)
-
-    async def serve(self) -> None:
-        buf = memoryview(bytearray(65536))
-        self._send()  # HELLO
-        while True:
-            await self.transport.wait_readable()
-            n = self.transport.receive_into(buf)
-            if n == 0:
-                return
-            if not n:
-                continue
-            before = self.conn.peer_pings
-            for event in self.conn.receive_data(bytes(buf[:n])):
-                if isinstance(event, StreamOpened):
-                    self.conn.accept_stream(event.stream_id)
-            self.ping_times += [trio.current_time()] * (self.conn.peer_pings - before)
-            if self.conn.is_open:
-                self.open.set()
-            self._send()
-
-
-@asynccontextmanager
-async def idle_session(
+def idle_session(
     role: Role, peer_idle_ping: float | None = None
-) -> AsyncIterator[tuple[Session, Peer]]:
-    """A session with the test's ping settings facing a `Peer` whose HELLO states
+) -> AbstractAsyncContextManager[tuple[Session, ScriptedPeer]]:
+    """A session with this file's ping settings facing a `ScriptedPeer` whose HELLO states
     `peer_idle_ping` (None: says nothing, as an older peer)."""
-    a, b = memory_transport_pair()
-    hello = Hello(names=("x:1",)) if role is Role.CLIENT else Hello()
-    session = Session(
-        a,
-        Connection(role, hello, MuxConfig(), clock=trio.current_time),
-        ping_interval=INTERVAL,
-        ping_timeout=TIMEOUT,
-        idle_ping_interval=IDLE,
-    )
-    peer = Peer(b, Role.SERVER if role is Role.CLIENT else Role.CLIENT, peer_idle_ping)
-    async with trio.open_nursery() as n:
-        n.start_soon(peer.serve)
-        await n.start(functools.partial(session.serve, handshake_timeout=5))
-        with trio.fail_after(5):
-            await peer.open.wait()
-        yield session, peer
-        session.close("test over")
-        n.cancel_scope.cancel()
+    return session_and_peer(role, INTERVAL, TIMEOUT, idle=IDLE, peer_idle_ping=peer_idle_ping)
 
 
 def _gaps(times: list[float]) -> list[float]:

@@ -13,6 +13,7 @@ import trio.testing
 
 from kins_tunnel.errors import OpenFailed
 from kins_tunnel.proto import Connection, Hello, MuxConfig, Role
+from kins_tunnel.proto.events import StreamOpened
 from kins_tunnel.proto.frames import HELLO_PREFIX, MAGIC, FrameType, frame
 from kins_tunnel.testing.memory_transport import MemoryTransport, memory_transport_pair
 from kins_tunnel.transport.errors import HandshakeFailed
@@ -33,6 +34,7 @@ def make_session(
         on_open=on_open,
         ping_interval=timers.get("ping_interval", 1000),
         ping_timeout=timers.get("ping_timeout", 2000),
+        idle_ping_interval=timers.get("idle_ping_interval"),
     )
 
 
@@ -267,14 +269,21 @@ async def test_a_stream_whose_fin_arrived_reads_to_its_end_after_the_tunnel_clos
 
 # ---------------------------------------------------------------------------- ping policy
 class ScriptedPeer:
-    """The other end as a bare `proto.Connection`: answers every PING, and pings only when the
-    test says so (`ping`). `pinged` counts the PINGs it received from the session."""
+    """The other end as a bare `proto.Connection`: answers every PING and accepts every stream,
+    and pings only when the test says so (`ping`), until `silent` (then it reads and says
+    nothing, as a hung process whose kernel still ACKs). `pinged` counts the PINGs it received
+    from the session, `ping_times` when each came; its HELLO states `idle_ping` if given."""
 
-    def __init__(self, transport: MemoryTransport, role: Role) -> None:
+    def __init__(
+        self, transport: MemoryTransport, role: Role, idle_ping: float | None = None
+    ) -> None:
         self.transport = transport
-        hello = Hello(names=("x:1",)) if role is Role.CLIENT else Hello()
+        names = ("x:1",) if role is Role.CLIENT else ()
+        hello = Hello(names=names, idle_ping=idle_ping)
         self.conn = Connection(role, hello, MuxConfig(), clock=trio.current_time)
         self.open = trio.Event()
+        self.silent = False
+        self.ping_times: list[float] = []
 
     @property
     def pinged(self) -> int:
@@ -286,7 +295,7 @@ class ScriptedPeer:
 
     def _send(self) -> None:
         out = self.conn.data_to_send()
-        if out:
+        if out and not self.silent:
             self.transport.send_chunk(out)
 
     async def serve(self) -> None:
@@ -297,21 +306,36 @@ class ScriptedPeer:
             n = self.transport.receive_into(buf)
             if n == 0:
                 return
-            if n:
-                self.conn.receive_data(bytes(buf[:n]))
-                self._send()
-                if self.conn.is_open:
-                    self.open.set()
+            if not n:
+                continue
+            before = self.conn.peer_pings
+            for event in self.conn.receive_data(bytes(buf[:n])):
+                if isinstance(event, StreamOpened):
+                    self.conn.accept_stream(event.stream_id)
+            self.ping_times += [trio.current_time()] * (self.conn.peer_pings - before)
+            self._send()
+            if self.conn.is_open:
+                self.open.set()
 
 
 @asynccontextmanager
 async def session_and_peer(
-    role: Role, interval: float, timeout: float, on_open: OnOpen | None = None
+    role: Role,
+    interval: float,
+    timeout: float,
+    on_open: OnOpen | None = None,
+    *,
+    idle: float | None = None,
+    peer_idle_ping: float | None = None,
 ) -> AsyncIterator[tuple[Session, ScriptedPeer]]:
-    """A session of `role` (pinging per `interval` / `timeout`) facing a `ScriptedPeer`."""
+    """A session of `role` (pinging per `interval` / `timeout`, an idle tunnel per `idle`: None,
+    the interval) facing a `ScriptedPeer` whose HELLO states `peer_idle_ping`."""
     a, b = memory_transport_pair()
-    session = make_session(a, role, on_open, ping_interval=interval, ping_timeout=timeout)
-    peer = ScriptedPeer(b, Role.SERVER if role is Role.CLIENT else Role.CLIENT)
+    timers = {"ping_interval": interval, "ping_timeout": timeout}
+    if idle is not None:
+        timers["idle_ping_interval"] = idle
+    session = make_session(a, role, on_open, **timers)
+    peer = ScriptedPeer(b, Role.SERVER if role is Role.CLIENT else Role.CLIENT, peer_idle_ping)
     async with trio.open_nursery() as n:
         n.start_soon(peer.serve)
         await n.start(functools.partial(session.serve, handshake_timeout=5))
