@@ -47,20 +47,14 @@ from kins_tunnel.proto import (
 )
 from kins_tunnel.proto import events as ev
 from kins_tunnel.proto.frames import PING_FRAME_SIZE
-from kins_tunnel.transport import liveness
 from kins_tunnel.transport.buffers import RunBuffer
 from kins_tunnel.transport.byte_transport import ByteTransport
 from kins_tunnel.transport.dispatch import HANDLERS
 from kins_tunnel.transport.errors import HandshakeFailed
 from kins_tunnel.transport.isolation import ErrorReporter, log_internal_error
 from kins_tunnel.transport.opening import PendingOpens
-from kins_tunnel.transport.ping_policy import (
-    RTT_REFRESH,
-    deadline,
-    idle_timeout,
-    ping_due,
-    quiet_after,
-)
+from kins_tunnel.transport.ping_policy import RTT_REFRESH, quiet_after
+from kins_tunnel.transport.session_liveness import SessionLiveness
 from kins_tunnel.transport.session_state import SessionState, hello_failure_reason
 from kins_tunnel.transport.statistics import SessionStatistics
 from kins_tunnel.transport.stream import TunnelStream
@@ -79,7 +73,7 @@ __all__ = ["RTT_REFRESH", "Session", "SessionState", "hello_failure_reason", "qu
 _READ_BUFFER = RunBuffer("kins_tunnel_read_buffer", READ_BATCH)
 
 
-class Session:
+class Session(SessionLiveness):
     """A live tunnel. Run `serve()` in a nursery; it returns when the tunnel is over."""
 
     __slots__ = (
@@ -88,14 +82,6 @@ class Session:
         "label",
         "_on_open",
         "_report",
-        "_ping_interval",
-        "_ping_timeout",
-        "_idle_ping_interval",
-        "_idle_timeout",
-        "_quiet_after",
-        "_busy_since",
-        "_liveness",
-        "_pinged_at",
         "_streams",
         "_opens",
         "output",
@@ -130,15 +116,8 @@ class Session:
     ) -> None:
         self.tls, self.conn, self.label = tls, conn, label
         self._on_open, self._report = on_open, report
-        self._ping_interval, self._ping_timeout = ping_interval, ping_timeout
         idle = ping_interval if idle_ping_interval is None else idle_ping_interval
-        self._idle_ping_interval = idle
-        self._quiet_after = quiet_after(conn.role, ping_interval, ping_timeout, idle)
-        # made again once the peer's HELLO says how long it stays silent (`handshake`)
-        self._idle_timeout = idle_timeout(ping_interval, ping_timeout, self._quiet_after, idle)
-        self._busy_since = 0.0  # clock time it last went from idle to busy (`_going_busy`)
-        self._liveness: liveness.Entry | None = None
-        self._pinged_at = 0.0  # clock time of our last PING
+        self._init_liveness(conn.role, ping_interval, ping_timeout, idle)
         self._streams: dict[int, TunnelStream] = {}
         self._opens = PendingOpens()
         self._last_rx = trio.current_time()
@@ -214,17 +193,7 @@ class Session:
         if self.state is SessionState.HANDSHAKING and self.handshake_done.is_set():
             self.state = SessionState.OPEN
             self._handshake_done = None  # set for good: made again, set, if asked for
-            peer_quiet = self.conn.peer_idle_ping
-            self._idle_timeout = idle_timeout(
-                self._ping_interval,
-                self._ping_timeout,
-                self._quiet_after,
-                self._idle_ping_interval if peer_quiet is None else peer_quiet,
-            )
-            self.conn.ping()  # first RTT sample right away: it sizes the windows
-            self._pinged_at = trio.current_time()
-            self.output.kick()
-            self._liveness = liveness.watch(self, self._ping_interval)
+            self._watch()
             return
         reason = hello_failure_reason(self._error, scope.cancelled_caught)
         self._shutdown(self.close_reason or "tunnel handshake timed out")
@@ -262,9 +231,7 @@ class Session:
         self._stream_left()
         self._opens.close_all()
         self.output.wake_senders()
-        if self._liveness is not None:
-            liveness.forget(self._liveness)
-            self._liveness = None
+        self._unwatch()
         self.tls.close()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
@@ -502,60 +469,3 @@ class Session:
         if self.output.full:
             self.stalls += 1
             await self.output.wait_space()
-
-    # ------------------------------------------------------------------ liveness (see `liveness`)
-    @property
-    def last_rx(self) -> float:
-        return self._last_rx
-
-    def deadline(self) -> float:
-        """Clock time at which this tunnel is dead if nothing more arrives (`ping_policy`)."""
-        return deadline(
-            busy=bool(self._streams) or bool(self._opens),
-            last_rx=self._last_rx,
-            busy_since=self._busy_since,
-            timeout=self._ping_timeout,
-            idle_after=self._idle_timeout,
-        )
-
-    def _going_busy(self) -> None:
-        """A stream or an OPEN is about to be added: an idle tunnel goes on the busy schedule (a
-        PING every `ping_interval`, dead after `ping_timeout` of silence) at once."""
-        if self._streams or self._opens:
-            return  # busy already
-        now = trio.current_time()
-        self._busy_since = now
-        entry = self._liveness
-        if entry is not None and entry.due > now + self._ping_interval:  # the idle schedule
-            liveness.forget(entry)
-            first = max(now, self._pinged_at + self._ping_interval)
-            self._liveness = liveness.watch(self, self._ping_interval, first_ping=first)
-
-    def ping(self) -> float | None:
-        """Send a PING (the answer updates `rtt`) if one is due now by `ping_policy`; returns
-        when to be asked again (`liveness.Watched.ping`). A bug here ends this tunnel only."""
-        try:
-            conn = self.conn
-            if not conn.is_open:
-                return None
-            now = trio.current_time()
-            due = ping_due(
-                busy=bool(self._streams) or bool(self._opens),
-                last_rx=self._last_rx,
-                pinged_at=self._pinged_at,
-                interval=self._ping_interval,
-                quiet=self._quiet_after,
-                idle=self._idle_ping_interval,
-            )
-            if now < due:
-                return due
-            conn.ping()
-            self._pinged_at = now
-            self.output.kick()
-        except Exception as exc:
-            self._report("session", exc)
-            self.close(f"internal error: {type(exc).__name__}", ErrorCode.INTERNAL_ERROR)
-        return None
-
-    def timed_out(self, idle: float) -> None:
-        self.close(f"no traffic from peer for {idle:.1f}s (ping timeout)", ErrorCode.NO_ERROR)
