@@ -207,7 +207,8 @@ async def _edge(
         finally:
             if tls is not None:
                 tls.close()
-        await trio.sleep(policy.next_delay(time.monotonic() - started, hint))
+        now = time.monotonic()
+        await trio.sleep(policy.next_delay(now - started, hint, now=now))
 
 
 async def _worker(args: dict[str, object]) -> None:
