@@ -342,6 +342,55 @@ async def test_twenty_edges_reconnect_spread_out_after_cloud_restart(
     assert max(windows) <= count // 2  # ...not a stampede
 
 
+async def test_edges_return_to_a_restarted_cloud_within_the_outage(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """In-process, on the virtual clock: edges whose tunnels were stable lose their cloud for 3 s
+    and fail fast meanwhile (their backoff alone would reach 6.4-12.8 s); each wait is capped by
+    the outage's age, so every edge is back within 3 s of the cloud listening again."""
+    count, outage = 20, 3.0
+    certs = make_certs(tmp_path)
+    tunnel_port = free_port()
+    cfg = cloud_config_from_dict(
+        cloud_dict(
+            certs,
+            tunnel={"listen": f"127.0.0.1:{tunnel_port}", "max_tunnels_per_identity": count},
+        ),
+        base_dir=tmp_path,
+    )
+    reconnect = {"initial": 0.2, "max": 30.0, "stable_after": 1.0}
+    edge_cfg = edge_config_from_dict(
+        edge_dict(certs, [tunnel_port], {SVC: "127.0.0.1:1"}, reconnect=reconnect),
+        base_dir=tmp_path,
+    )
+    async with trio.open_nursery() as n:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as cn:
+                cloud = Cloud(cfg)
+                await cn.start(cloud.run)
+                edges = [Edge(edge_cfg, rng=random.Random(i)) for i in range(count)]
+                for e in edges:
+                    await n.start(e.run)
+                await wait_until(lambda: len(cloud.registry) == count, 10, "every edge connected")
+                await trio.sleep(2.0)  # the tunnels are stable (up longer than stable_after)
+                cn.cancel_scope.cancel()
+            await wait_until(
+                lambda: not any(e.sessions for e in edges), 5, "every edge lost its tunnel"
+            )
+            await trio.sleep(outage)  # edges dial and are refused at once, many times each
+            async with trio.open_nursery() as cn:
+                cloud = Cloud(cfg)
+                restart = trio.current_time()
+                await cn.start(cloud.run)
+                await wait_until(lambda: len(cloud.registry) == count, 40, "every edge back")
+                times = sorted(t.connected_at - restart for t in cloud.registry)
+                cn.cancel_scope.cancel()
+        n.cancel_scope.cancel()
+    figure("20 edges after a 3 s outage: back after restart (s)", str([round(t, 2) for t in times]))
+    assert times[-1] <= outage + 0.2, times  # a wait drawn at age a is at most a
+    assert times[-1] - times[0] >= 0.5  # still spread out
+
+
 # ---------------------------------------------------------------- 4. partition
 @pytest.mark.parametrize("cut", ["both", "edge_to_cloud", "cloud_to_edge"])
 async def test_partition_detected_on_both_sides_and_heals(tmp_path: Path, cut: str) -> None:
