@@ -6,8 +6,8 @@
 
 Simulated edges (worker processes, this file's `worker` mode; the open-file limit here is 20,000
 per process) dial with the real pieces of tunnel-edge: its reconnect policy
-(`edge.reconnect.ReconnectPolicy`: full-jitter backoff, reset after `stable_after`, the cloud's
-retry-after hint), its TLS client (`transport.tls_dial.connect_tls`, resuming with the cloud's session
+(`edge.reconnect.ReconnectPolicy`: full-jitter backoff, reset after `stable_after` and capped by
+the outage's age after it, the cloud's retry-after hint), its TLS client (`transport.tls_dial.connect_tls`, resuming with the cloud's session
 ticket; the cloud reads a `tunnel.session_ticket_key_file`, so its restart keeps the ticket key)
 and the protocol state machine (`proto.Connection`); then they idle, pinging the cloud every
 10 s as tunnel-edge does and answering its pings. Every 20th edge is a probe: during the storm, once
@@ -207,7 +207,8 @@ async def _edge(
         finally:
             if tls is not None:
                 tls.close()
-        await trio.sleep(policy.next_delay(time.monotonic() - started, hint))
+        now = time.monotonic()
+        await trio.sleep(policy.next_delay(now - started, hint, now=now))
 
 
 async def _worker(args: dict[str, object]) -> None:

@@ -10,8 +10,9 @@ have theirs cancelled). TLS always verifies the configured name, whatever addres
 A keeper connects, runs the session until it ends, and reconnects with full-jitter exponential
 backoff (`sleep = uniform(0, min(max, initial * multiplier**attempt))`): the first retries are
 fast, a fleet restarted at once spreads out instead of stampeding, and the cap keeps an absent
-cloud cheap. A tunnel that stayed up `stable_after` seconds resets the backoff. Nothing here ever
-exits because the cloud is away.
+cloud cheap. A tunnel that stayed up `stable_after` seconds resets the backoff, and from its end
+on no wait is longer than the edge has been without it (`edge.reconnect`: an edge returns to a
+restarted replica soon after it listens again). Nothing here ever exits because the cloud is away.
 
 An address that leaves DNS (a replica scaled away, or not ready) is retired gently: its keeper
 stops reconnecting, the tunnel gets GOAWAY (the cloud opens nothing new on it) and is closed once
@@ -318,7 +319,7 @@ class Edge:
                             "cloud sent GOAWAY: dialling a replacement", extra={"cloud": label}
                         )
                         continue
-                    delay = policy.next_delay(now - started, keeper.retry_after)
+                    delay = policy.next_delay(now - started, keeper.retry_after, now=now)
                     log.info("reconnecting", extra={"cloud": label, "in_seconds": round(delay, 2)})
                     await trio.sleep(delay)
 

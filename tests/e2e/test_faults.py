@@ -289,16 +289,17 @@ def test_backoff_is_full_jitter_over_the_ceiling() -> None:
     assert sum(abs(x - y) for x, y in pairs) > 1.0
 
 
-async def test_twenty_edges_reconnect_spread_out_after_cloud_restart(
-    tmp_path: Path, virtual_clock: trio.testing.MockClock
-) -> None:
-    """In-process, on the virtual clock: the back-off delays (and the 3 s outage) are exact and
-    cost no real time."""
-    count = 20
+async def _restart_under_edges(
+    tmp_path: Path, count: int, reconnect: dict[str, float], *, up: float, outage: float
+) -> list[float]:
+    """`count` edges (one identity, `reconnect` settings) hold tunnels to an in-process cloud
+    for `up` seconds; the cloud goes away (every tunnel drops at once) and comes back on the same
+    port `outage` seconds after the edges saw it go. Returns when each edge was back, in seconds
+    after the new cloud started, sorted."""
     certs = make_certs(tmp_path)
     tunnel_port = free_port()
     cfg = cloud_config_from_dict(
-        # the 20 edges share one certificate (one identity): let each keep its tunnel
+        # the edges share one certificate (one identity): let each keep its tunnel
         cloud_dict(
             certs,
             tunnel={"listen": f"127.0.0.1:{tunnel_port}", "max_tunnels_per_identity": count},
@@ -306,13 +307,11 @@ async def test_twenty_edges_reconnect_spread_out_after_cloud_restart(
         base_dir=tmp_path,
     )
     edge_cfg = edge_config_from_dict(
-        edge_dict(
-            certs, [tunnel_port], {SVC: "127.0.0.1:1"}, reconnect={"initial": 0.2, "max": 2.0}
-        ),
+        edge_dict(certs, [tunnel_port], {SVC: "127.0.0.1:1"}, reconnect=reconnect),
         base_dir=tmp_path,
     )
     async with trio.open_nursery() as n:
-        with trio.fail_after(40):
+        with trio.fail_after(60):
             async with trio.open_nursery() as cn:
                 cloud = Cloud(cfg)
                 await cn.start(cloud.run)
@@ -320,19 +319,32 @@ async def test_twenty_edges_reconnect_spread_out_after_cloud_restart(
                 for e in edges:
                     await n.start(e.run)
                 await wait_until(lambda: len(cloud.registry) == count, 10, "every edge connected")
+                await trio.sleep(up)
                 cn.cancel_scope.cancel()  # the cloud goes away: every tunnel drops at once
             await wait_until(
                 lambda: not any(e.sessions for e in edges), 5, "every edge lost its tunnel"
             )
-            await trio.sleep(3.0)  # edges retry (and fail) for a while: their backoff grows
+            await trio.sleep(outage)  # edges retry (and are refused at once) meanwhile
             async with trio.open_nursery() as cn:
                 cloud = Cloud(cfg)
                 restart = trio.current_time()
                 await cn.start(cloud.run)
-                await wait_until(lambda: len(cloud.registry) == count, 10, "every edge back")
+                await wait_until(lambda: len(cloud.registry) == count, 40, "every edge back")
                 times = sorted(t.connected_at - restart for t in cloud.registry)
                 cn.cancel_scope.cancel()
         n.cancel_scope.cancel()
+    return times
+
+
+async def test_twenty_edges_reconnect_spread_out_after_cloud_restart(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """In-process, on the virtual clock: the back-off delays (and the 3 s outage) are exact and
+    cost no real time."""
+    count = 20
+    times = await _restart_under_edges(
+        tmp_path, count, {"initial": 0.2, "max": 2.0}, up=0.0, outage=3.0
+    )
     windows = [sum(1 for t in times if lo <= t < lo + 0.1) for lo in times]
     figure("20 edges: reconnect times after cloud restart (s)", str([round(t, 2) for t in times]))
     figure("20 edges: most reconnects within one 100 ms window", max(windows))
@@ -340,6 +352,21 @@ async def test_twenty_edges_reconnect_spread_out_after_cloud_restart(
     assert times[-1] <= 2.0 + 0.1, times
     assert times[-1] - times[0] >= 0.5  # spread out...
     assert max(windows) <= count // 2  # ...not a stampede
+
+
+async def test_edges_return_to_a_restarted_cloud_within_the_outage(
+    tmp_path: Path, virtual_clock: trio.testing.MockClock
+) -> None:
+    """In-process, on the virtual clock: edges whose tunnels were stable (up 2 s, longer than
+    `stable_after`) lose their cloud for 3 s and fail fast meanwhile (their backoff alone would
+    reach 6.4-12.8 s); each wait is capped by the outage's age, so every edge is back within 3 s
+    of the cloud listening again."""
+    outage = 3.0
+    reconnect = {"initial": 0.2, "max": 30.0, "stable_after": 1.0}
+    times = await _restart_under_edges(tmp_path, 20, reconnect, up=2.0, outage=outage)
+    figure("20 edges after a 3 s outage: back after restart (s)", str([round(t, 2) for t in times]))
+    assert times[-1] <= outage + 0.2, times  # a wait drawn at age a is at most a
+    assert times[-1] - times[0] >= 0.5  # still spread out
 
 
 # ---------------------------------------------------------------- 4. partition
