@@ -10,7 +10,7 @@ per process) dial with the real pieces of tunnel-edge: its reconnect policy
 the outage's age after it, the cloud's retry-after hint), its TLS client (`transport.tls_dial.connect_tls`, resuming with the cloud's session
 ticket; the cloud reads a `tunnel.session_ticket_key_file`, so its restart keeps the ticket key)
 and the protocol state machine (`proto.Connection`); then they idle, pinging the cloud every
-10 s as tunnel-edge does and answering its pings. Every 20th edge is a probe: during the storm, once
+`idle_ping_interval` (60 s) as tunnel-edge does on an idle tunnel and answering its pings. Every 20th edge is a probe: during the storm, once
 up again, it pings every `PROBE_INTERVAL`.
 
 Timeline: the replica starts, all N edges connect; after a settle time the replica's idle cost is
@@ -63,6 +63,7 @@ from typing import Any
 import trio
 import trio.lowlevel
 
+from benchmarks.scale import _EDGE as EDGE_DEFAULTS
 from benchmarks.scale import cloud_process, fleet_certs, metric_values, scrape
 from kins_tunnel.config import Backoff
 from kins_tunnel.edge.reconnect import ReconnectPolicy
@@ -76,7 +77,9 @@ from kins_tunnel.transport.tls_dial import connect_tls
 
 PROBE_EVERY = 20  # every 20th edge pings the cloud once up
 PROBE_INTERVAL = 0.25  # seconds between a probe's pings
-EDGE_PING_INTERVAL = 10.0  # every edge pings the cloud this often (tunnel-edge's ping_interval)
+# an idle edge pings the cloud this often (tunnel-edge's idle_ping_interval; the kernel's keepalive
+# watches the tunnel in between)
+EDGE_PING_INTERVAL = EDGE_DEFAULTS.idle_ping_interval
 RTT_WINDOW_MIN = 3.0  # RTTs count from listening until all are back, and for at least this long
 PING_TIMEOUT = 20.0  # the cloud's default tunnel.ping_timeout: a ping unanswered this long failed
 HANDSHAKE_TIMEOUT = 10.0  # the edge's default handshake_timeout
