@@ -25,7 +25,7 @@ users (`kins_tunnel.certs` for TLS).
 
 Sections with rules of their own are read in their own modules, with the same `Section` and the
 same one-line errors: `config_enroll` (`enrollment`, `enroll`), `config_uplinks` (`uplinks`,
-`uplink_proxy`) and `config_qos` (`qos`). Every `mux` limit is checked once, by the protocol core
+`uplink_proxy`), `config_proxy` (`proxy`) and `config_qos` (`qos`). Every `mux` limit is checked once, by the protocol core
 (`proto.handshake.validate_setting`).
 """
 
@@ -33,7 +33,6 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from kins_tunnel.config_enroll import (
     EnrollmentSettings,
@@ -41,6 +40,7 @@ from kins_tunnel.config_enroll import (
     enroll_section,
     enrollment_section,
 )
+from kins_tunnel.config_proxy import ProxySettings, check_exposure, proxy_section
 from kins_tunnel.config_qos import EdgeQos, QosSettings, qos_section
 from kins_tunnel.config_uplinks import (
     UplinkListener,
@@ -49,12 +49,10 @@ from kins_tunnel.config_uplinks import (
     edge_uplinks,
     uplink_proxy,
 )
-from kins_tunnel.errors import UserError
 from kins_tunnel.names import (
     LABEL_RE,
     Address,
     is_ip_target,
-    is_loopback_host,
     kind,
 )
 from kins_tunnel.proto import LimitError, MuxConfig
@@ -84,38 +82,6 @@ MuxSettings = MuxConfig
 class LogSettings:
     level: str = "info"
     json: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyAuth:
-    basic_file: Path | None = None  # lines "user:password"
-    bearer_file: Path | None = None  # one token per line
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyTLS:
-    """The TLS listener of the CONNECT proxy (`proxy.tls`)."""
-
-    listen: Address = Address("0.0.0.0", 8443)
-    cert: Path | None = None  # None: the cloud's own tls.cert / tls.key
-    key: Path | None = None
-    client_ca: Path | None = None  # set: client certificates required, subject = principal
-
-
-@dataclass(frozen=True, slots=True)
-class ProxySettings:
-    listen: Address | None = Address("0.0.0.0", 8080)  # None (`listen: null`): no plain listener
-    auth: ProxyAuth | None = None
-    max_connections: int = 10000
-    header_timeout: float = 10.0  # seconds to receive the whole CONNECT request
-    max_request_bytes: int = 16384  # request line + headers
-    dial_timeout: float = 10.0  # seconds for the edge to answer an open (then 504)
-    authz_file: Path | None = None  # per-principal rules; None: every authenticated client may pass
-    tls: ProxyTLS | None = None
-    max_connections_per_principal: int = 512  # per user; per client address when anonymous (429)
-    max_stream_share: float = 0.25  # of one tunnel's streams that one principal may hold (429)
-    idle_timeout: float = 3600.0  # a relay with no bytes either way for this long is closed
-    anonymous: bool = False  # true: unauthenticated clients on a non-loopback listener are intended
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,38 +215,6 @@ def load_cloud_config(path: str | Path) -> CloudConfig:
     return cfg
 
 
-def check_exposure(proxy: ProxySettings, *, source: str = "cloud.yaml") -> None:
-    """Refuse a proxy listener that lets anyone in where that is not plainly intended.
-
-    Without ``proxy.auth`` (and without ``proxy.anonymous: true``): the plain listener must be on
-    loopback, and must be off altogether when ``proxy.tls.client_ca`` asks for client
-    certificates (it would let clients around them); the TLS listener without ``client_ca`` must
-    be on loopback. `UserError` naming the file, the listener's key and ``proxy.anonymous``.
-    """
-    if proxy.auth is not None or proxy.anonymous:
-        return
-    client_ca = proxy.tls is not None and proxy.tls.client_ca is not None
-    remedy = "set proxy.auth, or write proxy.anonymous: true if anonymous access is intended"
-    if proxy.listen is not None and client_ca:
-        raise UserError(
-            f"{source}: proxy.listen: {proxy.listen} takes clients without credentials, around "
-            "the client certificates proxy.tls.client_ca asks for: turn it off (listen: null), "
-            + remedy
-        )
-    if proxy.listen is not None and not is_loopback_host(proxy.listen.host):
-        raise UserError(
-            f"{source}: proxy.listen: {proxy.listen} is not a loopback address and the proxy has "
-            "no credentials, so anyone who reaches it reaches every edge: listen on loopback, "
-            + remedy
-        )
-    if proxy.tls is not None and not client_ca and not is_loopback_host(proxy.tls.listen.host):
-        raise UserError(
-            f"{source}: proxy.tls.listen: {proxy.tls.listen} is not a loopback address and the "
-            "proxy has no credentials, so anyone who reaches it reaches every edge: set "
-            "proxy.tls.client_ca, listen on loopback, " + remedy
-        )
-
-
 def load_edge_config(path: str | Path) -> EdgeConfig:
     """Read and validate an edge config file; `UserError` on any problem."""
     data, base_dir = read_yaml(path)
@@ -294,7 +228,7 @@ def cloud_config_from_dict(
     top = Section(source, Path(base_dir), "", data, CloudConfig)
     return CloudConfig(  # arguments run in order: a typo in a section beats a missing `tls`
         tunnel=_tunnel(top.section("tunnel", TunnelListen)),
-        proxy=_proxy(top.section("proxy", ProxySettings)),
+        proxy=proxy_section(top.section("proxy", ProxySettings)),
         aliases=_aliases(top),
         alias_discovery=(
             discovery := _alias_discovery(top.section("alias_discovery", AliasDiscovery))
@@ -378,45 +312,6 @@ def _tunnel(sec: Section) -> TunnelListen:
     if tunnel.session_lifetime > 604800:
         sec.fail("session_lifetime", "must be at most 604800 (7 days, the limit of TLS 1.3)")
     return tunnel
-
-
-def _proxy(sec: Section) -> ProxySettings:
-    auth = None
-    if sec.has("auth"):
-        a = sec.section("auth", ProxyAuth)
-        if not (a.has("basic_file") or a.has("bearer_file")):
-            a.fail("", "set basic_file, bearer_file or both")
-        auth = ProxyAuth(*(a.path(k) if a.has(k) else None for k in ("basic_file", "bearer_file")))
-    tls = None
-    if sec.has("tls"):
-        t = sec.section("tls", ProxyTLS)
-        paths = {k: t.path(k) if t.has(k) else None for k in ("cert", "key", "client_ca")}
-        if (paths["cert"] is None) != (paths["key"] is None):
-            t.fail(
-                "cert" if paths["cert"] is None else "key",
-                "required when the other of cert/key is set (neither: the cloud's tls.cert/tls.key)",
-            )
-        tls = t.build(ProxyTLS, **paths)
-    if auth is not None and sec.data.get("anonymous") is True:
-        sec.fail("anonymous", "true, but proxy.auth asks every client for credentials: remove one")
-    extra: dict[str, Any] = {"auth": auth, "tls": tls}
-    if sec.has("listen") and sec.data["listen"] is None:
-        if tls is None:
-            sec.fail(
-                "listen",
-                "null turns the plain listener off, but there is no proxy.tls listener either",
-            )
-        extra["listen"] = None
-    if sec.has("authz_file"):
-        if auth is None and (tls is None or tls.client_ca is None):
-            sec.fail(
-                "authz_file", "rules need principals: set proxy.auth or proxy.tls.client_ca too"
-            )
-        extra["authz_file"] = sec.path("authz_file")
-    settings = sec.build(ProxySettings, **extra)
-    if not settings.max_stream_share <= 1:
-        sec.fail("max_stream_share", "must be a fraction greater than 0 and at most 1")
-    return settings
 
 
 def _aliases(top: Section) -> Mapping[str, str]:

@@ -28,7 +28,8 @@ import yaml
 from kins_tunnel.certs.directory import init_ca
 from kins_tunnel.certs.issuing import ca_hash_of_file
 from kins_tunnel.cloud.server import Cloud
-from kins_tunnel.config import check_exposure, cloud_config_from_dict, edge_config_from_dict
+from kins_tunnel.config import cloud_config_from_dict, edge_config_from_dict
+from kins_tunnel.config_proxy import check_exposure
 from kins_tunnel.edge.agent import Edge
 from kins_tunnel.testing.blob import iter_blob
 from kins_tunnel.testing.k3s_standin import serve_k3s_standin

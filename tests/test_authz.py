@@ -13,7 +13,7 @@ import trio
 
 from kins_tunnel.cloud.auth import Authenticator, Principal, token_name
 from kins_tunnel.cloud.authz import NO_RULE, NOT_ALLOWED, Authorizer, classify, parse_rules
-from kins_tunnel.config import ProxyAuth
+from kins_tunnel.config_proxy import ProxyAuth
 from kins_tunnel.errors import UserError
 from kins_tunnel.filewatch import WatchedFile
 from kins_tunnel.testing.support import wait_until

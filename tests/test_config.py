@@ -16,8 +16,6 @@ from kins_tunnel.config import (
     EdgeConfig,
     LogSettings,
     MuxSettings,
-    ProxyAuth,
-    ProxySettings,
     TLSFiles,
     TunnelListen,
     cloud_config_from_dict,
@@ -25,6 +23,7 @@ from kins_tunnel.config import (
     load_cloud_config,
     load_edge_config,
 )
+from kins_tunnel.config_proxy import ProxyAuth, ProxySettings
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address, normalise_target
 

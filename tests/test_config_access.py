@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from kins_tunnel.config import AliasDiscovery, CloudConfig, ProxyTLS, cloud_config_from_dict
+from kins_tunnel.config import AliasDiscovery, CloudConfig, cloud_config_from_dict
+from kins_tunnel.config_proxy import ProxyTLS
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address, is_ip_target
 

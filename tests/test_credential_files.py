@@ -17,7 +17,7 @@ from kins_tunnel.cloud.auth import (
     parse_bearer,
     token_name,
 )
-from kins_tunnel.config import ProxyAuth
+from kins_tunnel.config_proxy import ProxyAuth
 from kins_tunnel.errors import UserError
 
 SECRET = "s3cr3t-Zq9"

@@ -13,7 +13,7 @@ from kins_tunnel.certs.directory import init_ca, issue_edge, issue_user
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.cloud.proxy_tls import ProxyTLSListener, TLSClientStream
-from kins_tunnel.config import ProxyTLS
+from kins_tunnel.config_proxy import ProxyTLS
 from kins_tunnel.errors import UserError
 from kins_tunnel.names import Address
 from kins_tunnel.testing.support import kins_tunnel_cli, wait_until

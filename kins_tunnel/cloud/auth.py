@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import trio
 
-from kins_tunnel.config import ProxyAuth
+from kins_tunnel.config_proxy import ProxyAuth
 from kins_tunnel.filewatch import WatchedFile
 
 log = logging.getLogger("kins_tunnel.cloud.auth")

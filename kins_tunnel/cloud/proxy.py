@@ -35,7 +35,7 @@ from kins_tunnel.cloud.auth import REALM, Authenticator, Principal
 from kins_tunnel.cloud.authz import Authorizer
 from kins_tunnel.cloud.proxy_tls import TLSClientStream
 from kins_tunnel.cloud.registry import EdgeTunnel, Registry
-from kins_tunnel.config import ProxySettings
+from kins_tunnel.config_proxy import ProxySettings
 from kins_tunnel.errors import OpenFailed
 from kins_tunnel.httpanswer import ClientGone, ErrorAnswer, accept_connect, read_request, send_error
 from kins_tunnel.logs import SourceBudget, record_fields

@@ -38,7 +38,7 @@ from kins_tunnel.certs.identity import cert_facts
 from kins_tunnel.certwatch import ReloadingContext
 from kins_tunnel.cloud.auth import Principal
 from kins_tunnel.cloud.tls_failures import CLIENT_CERTIFICATE, NOT_TLS
-from kins_tunnel.config import ProxyTLS
+from kins_tunnel.config_proxy import ProxyTLS
 from kins_tunnel.httpanswer import send_and_linger
 from kins_tunnel.logs import SourceBudget
 from kins_tunnel.tls_contexts import failure_label

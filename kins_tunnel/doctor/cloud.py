@@ -13,12 +13,9 @@ from kins_tunnel.cloud.auth import parse_basic, parse_bearer
 from kins_tunnel.cloud.authz import parse_rules
 from kins_tunnel.cloud.enroll import check_chains
 from kins_tunnel.cloud.revocation import parse_revoked
-from kins_tunnel.config import (
-    CloudConfig,
-    check_exposure,
-    cloud_config_from_dict,
-)
+from kins_tunnel.config import CloudConfig, cloud_config_from_dict
 from kins_tunnel.config_enroll import EnrollmentSettings
+from kins_tunnel.config_proxy import check_exposure
 from kins_tunnel.doctor.certificates import cert_names, chains_to, secret_mode, validity
 from kins_tunnel.doctor.listeners import check_listeners
 from kins_tunnel.doctor.report import FAIL, OK, WARN, Check, load_config, said
