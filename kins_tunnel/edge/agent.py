@@ -50,12 +50,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import random
 import socket
 import ssl
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
@@ -67,6 +66,7 @@ from kins_tunnel.config import EdgeConfig
 from kins_tunnel.edge.credentials import own_identity
 from kins_tunnel.edge.enroll import Enrolment
 from kins_tunnel.edge.forwarder import Forwarder
+from kins_tunnel.edge.keeper import Keeper
 from kins_tunnel.edge.reconnect import ReconnectPolicy, backoff_delay
 from kins_tunnel.edge.resources import check_open_files
 from kins_tunnel.edge.setup_failures import cert_summary, failure_reason
@@ -89,18 +89,6 @@ log = logging.getLogger("kins_tunnel.edge")
 @dataclass(frozen=True)
 class EdgePorts:
     admin: int | None
-
-
-@dataclass(eq=False)
-class _Keeper:
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    retired: bool = False
-    session: Session | None = None
-    draining: Session | None = None  # the previous tunnel, finishing its streams after a GOAWAY
-    replaced_at: float = -math.inf  # when a GOAWAY last made this keeper dial again at once
-    # the cloud's session ticket and the context it belongs to: the next dial resumes with it
-    tls_session: tuple[ssl.SSLContext, ssl.SSLSession] | None = None
-    retry_after: float | None = None  # the cloud's hint in its refusal of the last tunnel
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
@@ -139,7 +127,7 @@ class Edge:
         )
         self.uplinks = Uplinks(cfg, self.metrics, lambda: list(self.sessions.items()))
         self._rng = rng or random.Random()
-        self._keepers: dict[tuple[str, str, int], _Keeper] = {}
+        self._keepers: dict[tuple[str, str, int], Keeper] = {}
         self._skipped: dict[str, int] = {}  # cloud entry -> addresses beyond max_tunnels
         self.cloud_certs: dict[str, dict[str, object]] = {}  # "address" -> serial/not_after seen
         self.draining = False
@@ -262,7 +250,7 @@ class Edge:
             room = max(0, self.cfg.max_tunnels - len(self._keepers))
             self._note_skipped(entry, new[room:])
             for key in new[:room]:
-                keeper = _Keeper()
+                keeper = Keeper()
                 self._keepers[key] = keeper
                 nursery.start_soon(self._keeper, key, addr.host, keeper)
             await trio.sleep(
@@ -284,7 +272,7 @@ class Edge:
                     },
                 )
 
-    def _retire(self, keeper: _Keeper, nursery: trio.Nursery) -> None:
+    def _retire(self, keeper: Keeper, nursery: trio.Nursery) -> None:
         """Stop reconnecting to an address; let its tunnel's streams finish, then close it."""
         keeper.retired = True
         session = keeper.session
@@ -294,12 +282,12 @@ class Edge:
         session.goaway("cloud address left DNS")
         nursery.start_soon(self._close_when_idle, keeper, session)
 
-    async def _close_when_idle(self, keeper: _Keeper, session: Session) -> None:
+    async def _close_when_idle(self, keeper: Keeper, session: Session) -> None:
         await session.wait_idle(trio.current_time() + self.cfg.drain_timeout)
         session.close("cloud address left DNS")
         keeper.scope.cancel()
 
-    async def _keeper(self, key: tuple[str, str, int], server_name: str, keeper: _Keeper) -> None:
+    async def _keeper(self, key: tuple[str, str, int], server_name: str, keeper: Keeper) -> None:
         _entry, ip, port = key
         label = authority(ip, port)
         b = self.cfg.reconnect
@@ -330,7 +318,7 @@ class Edge:
         ip: str,
         port: int,
         server_name: str,
-        keeper: _Keeper,
+        keeper: Keeper,
     ) -> bool:
         """One tunnel of a keeper, until it ends or the cloud sends GOAWAY (the tunnel then drains
         on in `tunnels`). True after a GOAWAY (a replacement is due at once), False otherwise."""
@@ -358,7 +346,7 @@ class Edge:
         ip: str,
         port: int,
         server_name: str,
-        keeper: _Keeper,
+        keeper: Keeper,
         *,
         task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -391,14 +379,13 @@ class Edge:
         ip: str,
         port: int,
         server_name: str,
-        keeper: _Keeper | None = None,
+        keeper: Keeper | None = None,
         *,
         on_goaway: Callable[[], None] | None = None,
     ) -> None:
         cfg = self.cfg
         await self.tls.refresh()  # renewed certificate files apply from this tunnel on
         context = self.context
-        ticket = None if keeper is None else keeper.tls_session
         with trio.fail_after(cfg.handshake_timeout):
             tls = await connect_tls(
                 ip,
@@ -406,8 +393,7 @@ class Edge:
                 context,
                 server_hostname=server_name,
                 open_stream=None if self.proxy is None else self.proxy.open,
-                # a ticket of an older context (renewed certificate) is not offered
-                session=ticket[1] if ticket is not None and ticket[0] is context else None,
+                session=None if keeper is None else keeper.ticket_for(context),
             )
         self.metrics.tls_handshakes.labels("resumed" if tls.session_reused else "full").inc()
         cloud_cert = cert_summary(tls.peer_certificate_der())
@@ -434,11 +420,8 @@ class Edge:
                 extra={"cloud": label, "label": exc.reason, "reason": str(exc) or exc.reason},
             )
         finally:
-            # the cloud's ticket came right after its handshake; a resumed tunnel keeps the ticket
-            # it offered (still valid: reading a TLS 1.3 session copies it, about 0.1 ms of CPU)
-            issued = None if tls.session_reused else tls.session
-            if keeper is not None and issued is not None and issued.has_ticket:
-                keeper.tls_session = (context, issued)
+            if keeper is not None:
+                keeper.keep_ticket(context, tls)
 
     async def _while_up(
         self,
@@ -446,7 +429,7 @@ class Edge:
         *,
         label: str,
         cloud_cert: dict[str, object],
-        keeper: _Keeper | None,
+        keeper: Keeper | None,
         on_goaway: Callable[[], None] | None = None,
     ) -> None:
         self.sessions[label] = session
@@ -470,7 +453,7 @@ class Edge:
             log.info("tunnel down", extra={"cloud": label, "reason": session.close_reason})
 
     async def _until_drained(
-        self, session: Session, label: str, keeper: _Keeper, on_goaway: Callable[[], None]
+        self, session: Session, label: str, keeper: Keeper, on_goaway: Callable[[], None]
     ) -> None:
         """Until the tunnel is closed. On the cloud's GOAWAY, hand the keeper back at once (it dials
         a replacement) and let the streams finish, closing the tunnel after `drain_timeout` at the
